@@ -1,0 +1,80 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+let package = Package(
+    name: "dysco-migrate",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "dysco-migrate", targets: ["dysco-migrate"]),
+        .library(name: "DyscoDataplane", targets: ["DyscoDataplane"]),
+        .library(name: "ConntrackState", targets: ["ConntrackState"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
+        .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
+    ],
+    targets: [
+        // C shims: one small system-library target per C library.
+        .systemLibrary(
+            name: "CNetfilterQueue",
+            pkgConfig: "libnetfilter_queue",
+            providers: [.apt(["libnetfilter-queue-dev", "libmnl-dev"])]
+        ),
+        .systemLibrary(
+            name: "CConntrack",
+            pkgConfig: "libnetfilter_conntrack",
+            providers: [.apt(["libnetfilter-conntrack-dev", "libmnl-dev"])]
+        ),
+        .systemLibrary(name: "CLinux"),
+
+        // errno-carrying syscall helper, network-namespace entry, child processes.
+        .target(
+            name: "DyscoSystem",
+            dependencies: [
+                "CLinux",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .target(
+            name: "DyscoDataplane",
+            dependencies: [
+                "CNetfilterQueue", "CLinux", "DyscoSystem",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ]
+        ),
+        .target(
+            name: "ConntrackState",
+            dependencies: [
+                "CConntrack", "DyscoSystem",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .target(
+            name: "DyscoLab",
+            dependencies: [
+                "DyscoSystem", "DyscoDataplane",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
+            ]
+        ),
+        .executableTarget(
+            name: "dysco-migrate",
+            dependencies: [
+                "DyscoDataplane", "ConntrackState", "DyscoLab", "DyscoSystem",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .testTarget(name: "DyscoDataplaneTests", dependencies: ["DyscoDataplane"]),
+        .testTarget(name: "ConntrackStateTests", dependencies: ["ConntrackState"]),
+        .testTarget(
+            name: "IntegrationTests",
+            dependencies: ["DyscoLab", "DyscoDataplane", "ConntrackState", "DyscoSystem"]
+        ),
+    ],
+    swiftLanguageModes: [.v6]
+)

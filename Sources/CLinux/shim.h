@@ -1,0 +1,34 @@
+#ifndef DYSCO_CLINUX_SHIM_H
+#define DYSCO_CLINUX_SHIM_H
+#define _GNU_SOURCE 1
+#include <sched.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
+
+/* setns(2) and unshare(2) need _GNU_SOURCE; wrapped so Swift sees them whatever the importer's defines. */
+static inline int dysco_setns(int fd, int nstype) { return setns(fd, nstype); }
+static inline int dysco_clone_newnet(void) { return CLONE_NEWNET; }
+
+/* errno is a macro (thread-local lvalue); read it through a function. */
+static inline int dysco_errno(void) { return errno; }
+static inline void dysco_set_errno(int value) { errno = value; }
+
+/* Coarse monotonic clock in nanoseconds (vDSO, no syscall): the per-packet clock. */
+static inline unsigned long long dysco_monotonic_coarse_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (unsigned long long)ts.tv_sec * 1000000000ull + (unsigned long long)ts.tv_nsec;
+}
+static inline unsigned long long dysco_monotonic_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (unsigned long long)ts.tv_sec * 1000000000ull + (unsigned long long)ts.tv_nsec;
+}
+#endif

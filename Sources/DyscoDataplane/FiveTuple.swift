@@ -1,0 +1,41 @@
+/// A TCP/IPv4 connection identifier as it appears in one packet's header (protocol is always TCP here).
+public struct FiveTuple: Hashable, Sendable, CustomStringConvertible, Codable {
+    public var srcAddr: IPv4Address
+    public var dstAddr: IPv4Address
+    public var srcPort: UInt16
+    public var dstPort: UInt16
+
+    public init(srcAddr: IPv4Address, srcPort: UInt16, dstAddr: IPv4Address, dstPort: UInt16) {
+        self.srcAddr = srcAddr
+        self.dstAddr = dstAddr
+        self.srcPort = srcPort
+        self.dstPort = dstPort
+    }
+
+    /// The same connection seen from the other direction.
+    public var reversed: FiveTuple {
+        FiveTuple(srcAddr: dstAddr, srcPort: dstPort, dstAddr: srcAddr, dstPort: srcPort)
+    }
+
+    public var description: String { "\(srcAddr):\(srcPort)->\(dstAddr):\(dstPort)" }
+
+    enum CodingKeys: String, CodingKey {
+        case src, sport, dst, dport
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        srcAddr = try c.decode(IPv4Address.self, forKey: .src)
+        srcPort = try c.decode(UInt16.self, forKey: .sport)
+        dstAddr = try c.decode(IPv4Address.self, forKey: .dst)
+        dstPort = try c.decode(UInt16.self, forKey: .dport)
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(srcAddr, forKey: .src)
+        try c.encode(srcPort, forKey: .sport)
+        try c.encode(dstAddr, forKey: .dst)
+        try c.encode(dstPort, forKey: .dport)
+    }
+}

@@ -1,0 +1,143 @@
+import Foundation
+
+/// An inclusive port range, written "80", "8000-8080" or "any".
+public struct PortRange: Hashable, Sendable, CustomStringConvertible, Codable {
+    public var lower: UInt16
+    public var upper: UInt16
+
+    public static let any = PortRange(lower: 0, upper: .max)
+
+    public init(lower: UInt16, upper: UInt16) {
+        self.lower = lower
+        self.upper = upper
+    }
+
+    public init?(_ text: some StringProtocol) {
+        if text == "any" { self = .any; return }
+        let parts = text.split(separator: "-", omittingEmptySubsequences: false)
+        guard (1...2).contains(parts.count), let lo = UInt16(parts[0]), let hi = UInt16(parts[parts.count - 1]),
+              lo <= hi else { return nil }
+        lower = lo
+        upper = hi
+    }
+
+    public func contains(_ port: UInt16) -> Bool { lower <= port && port <= upper }
+
+    public var description: String {
+        self == .any ? "any" : lower == upper ? "\(lower)" : "\(lower)-\(upper)"
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.singleValueContainer()
+        if let number = try? container.decode(UInt16.self) {
+            self.init(lower: number, upper: number)
+            return
+        }
+        let text = try container.decode(String.self)
+        guard let parsed = PortRange(text) else {
+            throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath,
+                                                    debugDescription: "'\(text)' is not a port or port range"))
+        }
+        self = parsed
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.singleValueContainer()
+        try container.encode(description)
+    }
+}
+
+/// A predicate on a session's 5-tuple (TCP only). Absent fields match anything; a list of port ranges
+/// matches if any range does.
+public struct SessionPredicate: Hashable, Sendable, Codable {
+    public var src: IPv4Prefix?
+    public var dst: IPv4Prefix?
+    public var sport: [PortRange]?
+    public var dport: [PortRange]?
+
+    public init(src: IPv4Prefix? = nil, dst: IPv4Prefix? = nil, sport: [PortRange]? = nil, dport: [PortRange]? = nil) {
+        self.src = src
+        self.dst = dst
+        self.sport = sport
+        self.dport = dport
+    }
+
+    public func matches(_ tuple: FiveTuple) -> Bool {
+        if let src, !src.contains(tuple.srcAddr) { return false }
+        if let dst, !dst.contains(tuple.dstAddr) { return false }
+        if let sport, !sport.contains(where: { $0.contains(tuple.srcPort) }) { return false }
+        if let dport, !dport.contains(where: { $0.contains(tuple.dstPort) }) { return false }
+        return true
+    }
+}
+
+/// A service-chaining policy (paper §2.2): predicate → ordered list of middlebox addresses.
+public struct Policy: Hashable, Sendable, Codable {
+    public var name: String
+    public var match: SessionPredicate
+    public var chain: [IPv4Address]
+
+    public init(name: String, match: SessionPredicate, chain: [IPv4Address]) {
+        self.name = name
+        self.match = match
+        self.chain = chain
+    }
+}
+
+/// The agent's configuration file (JSON). See docs/ARCHITECTURE.md, "Agent configuration".
+public struct AgentConfig: Sendable, Codable, Equatable {
+    public static let currentVersion = 1
+
+    public var version: Int
+    /// Policies in order; the first whose predicate matches a new outbound SYN decides its chain.
+    public var policies: [Policy]
+
+    public init(version: Int = AgentConfig.currentVersion, policies: [Policy] = []) {
+        self.version = version
+        self.policies = policies
+    }
+
+    public enum ValidationError: Error, CustomStringConvertible {
+        case unsupportedVersion(Int)
+        case emptyChain(policy: String)
+        case chainTooLong(policy: String, length: Int)
+        case duplicateHop(policy: String, address: IPv4Address)
+
+        public var description: String {
+            switch self {
+            case .unsupportedVersion(let v):
+                "config version \(v) is not supported (this agent reads version \(AgentConfig.currentVersion))"
+            case .emptyChain(let p): "policy '\(p)': chain is empty (list at least one middlebox address)"
+            case .chainTooLong(let p, let n):
+                "policy '\(p)': chain has \(n) middleboxes, at most \(DyscoSynPayload.maxAddresses - 1) are allowed"
+            case .duplicateHop(let p, let a): "policy '\(p)': middlebox \(a) appears twice in the chain"
+            }
+        }
+    }
+
+    public func validate() throws {
+        guard version == Self.currentVersion else { throw ValidationError.unsupportedVersion(version) }
+        for policy in policies {
+            guard !policy.chain.isEmpty else { throw ValidationError.emptyChain(policy: policy.name) }
+            guard policy.chain.count < DyscoSynPayload.maxAddresses else {
+                throw ValidationError.chainTooLong(policy: policy.name, length: policy.chain.count)
+            }
+            var seen = Set<IPv4Address>()
+            for hop in policy.chain where !seen.insert(hop).inserted {
+                throw ValidationError.duplicateHop(policy: policy.name, address: hop)
+            }
+        }
+    }
+
+    /// Reads and validates a config file; errors name the file and the problem.
+    public static func load(path: String) throws -> AgentConfig {
+        let data = try Data(contentsOf: URL(fileURLWithPath: path))
+        let config = try JSONDecoder().decode(AgentConfig.self, from: data)
+        try config.validate()
+        return config
+    }
+
+    public func policy(for tuple: FiveTuple) -> Policy? {
+        policies.first { $0.match.matches(tuple) }
+    }
+}

@@ -1,0 +1,14 @@
+import ArgumentParser
+
+@main
+struct DyscoMigrate: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "dysco-migrate",
+        abstract: "Steer live TCP sessions through service chains and replace middleboxes under them (Dysco).",
+        discussion: """
+            Run `dysco-migrate agent` on every host of a chain (inside its network namespace). The other \
+            commands talk to agents, to the kernel, or build a test lab of network namespaces.
+            """,
+        subcommands: [AgentCommand.self, SessionsCommand.self, StateCommand.self, LabCommand.self]
+    )
+}
