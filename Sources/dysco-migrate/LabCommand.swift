@@ -1,6 +1,215 @@
 import ArgumentParser
+import DyscoLab
+import Foundation
+import Logging
 
-// Placeholder: replaced by the lab work (issue 2, item 4).
+/// `dysco-migrate lab up|down|status`: a test lab of network namespaces (see `DyscoLab.Lab`).
 struct LabCommand: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "lab", abstract: "Build and tear down a test lab.")
+    static let configuration = CommandConfiguration(
+        commandName: "lab",
+        abstract: "Build, inspect and tear down a test lab of network namespaces.",
+        discussion: """
+            A lab NAME is a set of network namespaces on one L2 segment (a bridge in NAME-sw):
+
+              NAME-client<i>   10.A.B.(10+i)    i = 1...20
+              NAME-<mb>        10.A.B.(100+i)   the middleboxes, in the order given (fw1 = .101, fw2 = .102)
+              NAME-server<i>   10.A.B.(200+i)   i = 1...20
+
+            (default subnet 10.77.0.0/24; every address is on-link). Each host runs a Dysco agent; each \
+            middlebox runs an unmodified iptables firewall (FORWARD policy DROP; INVALID dropped; \
+            ESTABLISHED,RELATED accepted; NEW TCP SYNs inside the subnet accepted); each server runs iperf3 \
+            (5201) and HTTP servers on 80 and 8080. Clients steer sessions to the servers' policy ports \
+            (default 80,5201) through the chain (default: the first middlebox). Files, logs and lab.json live \
+            in /run/dysco-migrate/labs/NAME/. Nothing outside the lab's own namespaces is touched.
+            """,
+        subcommands: [Up.self, Down.self, Status.self]
+    )
+}
+
+/// Options every lab subcommand shares.
+struct LabLoggingOptions: ParsableArguments {
+    @Flag(name: .long, help: "Log every step (debug level).")
+    var verbose = false
+
+    func logger() -> Logger {
+        var logger = Logger(label: "dysco-migrate.lab")
+        logger.logLevel = verbose ? .debug : .info
+        return logger
+    }
+}
+
+private func printJSON<T: Encodable>(_ value: T) throws {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+    encoder.dateEncodingStrategy = .iso8601
+    print(String(decoding: try encoder.encode(value), as: UTF8.self))
+}
+
+private func commaList(_ text: String) -> [String] {
+    text.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+}
+
+extension LabCommand {
+    struct Up: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "up",
+            abstract: "Build a lab and start its agents, firewalls and servers.",
+            discussion: """
+                Refuses if a lab of that name exists (remove it with `lab down`). If a step fails, whatever \
+                was made is removed again and the error is reported. The agents and servers keep running \
+                after this command returns.
+
+                Examples:
+                  dysco-migrate lab up --name demo
+                  dysco-migrate lab up --name t1 --clients 2 --middleboxes fw1,fw2 --chain fw1,fw2
+                  dysco-migrate lab up --name base --no-agents --route-via fw1     (kernel-forwarding baseline)
+                """
+        )
+
+        @Option(help: "Lab name: prefix of every namespace (letters, digits, '-'; at most 12 characters).")
+        var name: String
+
+        @Option(help: "Number of client hosts (1...20), addresses .11, .12, ...")
+        var clients = 1
+
+        @Option(help: "Number of server hosts (1...20), addresses .201, .202, ...")
+        var servers = 1
+
+        @Option(help: "Middlebox host names, comma-separated ([a-z][a-z0-9]{0,7}), addresses .101, .102, ... in this order.")
+        var middleboxes = LabSpec.defaultMiddleboxes.joined(separator: ",")
+
+        @Option(help: "Middleboxes of the client→server policy chain, in order, or 'none'. Default: the first middlebox.")
+        var chain: String?
+
+        @Option(help: "The lab's subnet: a 10.A.B.0/24 prefix.")
+        var subnet = LabSpec.defaultSubnet
+
+        @Option(help: "Destination ports the policy steers through the chain, comma-separated.")
+        var policyPorts = LabSpec.defaultPolicyPorts.map(String.init).joined(separator: ",")
+
+        @Flag(help: "Start no agents (a plain kernel-forwarding baseline).")
+        var noAgents = false
+
+        @Option(name: .customLong("agent-arg"), parsing: .unconditionalSingleValue,
+                help: "An argument passed to every agent (repeatable), e.g. --agent-arg=--no-fastpath.")
+        var agentArguments: [String] = []
+
+        @Option(help: "The dysco-migrate executable the agents run (default: this one).")
+        var agentBinary: String?
+
+        @Option(help: "Directory the HTTP servers serve (default: /run/dysco-migrate/labs/NAME/www).")
+        var httpRoot: String?
+
+        @Option(name: .customLong("route-via"),
+                help: "Only with --no-agents: route client↔server traffic through this middlebox (static /32 routes).")
+        var routeVia: String?
+
+        @Flag(help: "Start no iperf3/HTTP servers.")
+        var noServices = false
+
+        @Flag(help: "Print the lab's state (lab.json) as JSON when it is ready.")
+        var json = false
+
+        @OptionGroup var logging: LabLoggingOptions
+
+        var spec: LabSpec {
+            get throws {
+                var ports: [UInt16] = []
+                for text in commaList(policyPorts) {
+                    guard let port = UInt16(text), port > 0 else {
+                        throw ValidationError("--policy-ports: '\(text)' is not a port number (1...65535)")
+                    }
+                    ports.append(port)
+                }
+                let chainList: [String]? = chain.map { $0 == "none" ? [] : commaList($0) }
+                return LabSpec(name: name, clients: clients, servers: servers, middleboxes: commaList(middleboxes),
+                               chain: chainList, subnet: subnet, policyPorts: ports, agents: !noAgents,
+                               agentArguments: agentArguments, agentBinary: agentBinary, httpRoot: httpRoot,
+                               routeViaMiddlebox: routeVia, services: !noServices)
+            }
+        }
+
+        func validate() throws {
+            do { try spec.validate() } catch let error as LabError { throw ValidationError(error.description) }
+        }
+
+        func run() async throws {
+            let lab = try Lab.up(try spec, logger: logging.logger())
+            if json {
+                try printJSON(lab.state)
+                return
+            }
+            print("lab \(lab.name) is up (\(lab.subnet)); chain: \(lab.chain.isEmpty ? "none" : lab.chain.joined(separator: " → "))")
+            for h in lab.hosts {
+                print("  \(h.name.padding(toLength: 10, withPad: " ", startingAt: 0))\(h.address.description.padding(toLength: 16, withPad: " ", startingAt: 0))ip netns exec \(h.namespace) ...")
+            }
+            print("files: \(lab.directory)   remove with: dysco-migrate lab down --name \(lab.name)")
+        }
+    }
+
+    struct Down: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "down",
+            abstract: "Remove a lab: stop its processes, delete its namespaces and files.",
+            discussion: """
+                Works after a crash too, from lab.json. If lab.json is lost, NAME-sw, NAME-client<N> and \
+                NAME-server<N> are removed, and other NAME-<x> namespaces (middleboxes) only with --force. \
+                Removing a lab that does not exist is not an error.
+                """
+        )
+
+        @Option(help: "The lab to remove.")
+        var name: String
+
+        @Flag(help: "Without lab.json, also remove NAME-<x> namespaces that may be the lab's middleboxes.")
+        var force = false
+
+        @Flag(help: "Print what was removed as JSON.")
+        var json = false
+
+        @OptionGroup var logging: LabLoggingOptions
+
+        func validate() throws {
+            guard LabSpec.isValidLabName(name) else { throw ValidationError("'\(name)' is not a valid lab name") }
+        }
+
+        func run() async throws {
+            let report = try Lab.down(name: name, force: force, logger: logging.logger())
+            if json { try printJSON(report); return }
+            if !report.existed {
+                print("lab \(name): nothing to remove")
+            } else {
+                print("lab \(name) removed: \(report.removedNamespaces.count) namespaces, "
+                      + "\(report.stoppedProcesses) processes stopped")
+            }
+        }
+    }
+
+    struct Status: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "status",
+            abstract: "Show labs: hosts, addresses, agents alive, firewall counters."
+        )
+
+        @Option(help: "Only this lab (default: every lab under /run/dysco-migrate/labs).")
+        var name: String?
+
+        @Flag(help: "Print JSON (an array of labs) for scripts.")
+        var json = false
+
+        func validate() throws {
+            if let name, !LabSpec.isValidLabName(name) { throw ValidationError("'\(name)' is not a valid lab name") }
+        }
+
+        func run() async throws {
+            let labs = LabStatus.collect(name: name)
+            if json { try printJSON(labs); return }
+            if labs.isEmpty {
+                print(name.map { "no lab '\($0)'" } ?? "no labs")
+                if name != nil { throw ExitCode(1) }
+                return
+            }
+            print(labs.map(\.text).joined(separator: "\n\n"))
+        }
+    }
 }

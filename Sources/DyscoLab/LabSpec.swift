@@ -1,0 +1,231 @@
+import DyscoDataplane
+import Foundation
+
+/// What a lab host is for.
+public enum LabRole: String, Codable, Sendable, CaseIterable {
+    case client, middlebox, server
+}
+
+/// One host of a lab: a network namespace with one interface, `eth0`, on the lab's segment.
+public struct LabHost: Codable, Sendable, Hashable {
+    /// Short name inside the lab: `client1`, `fw1`, `server2`, ...
+    public var name: String
+    /// The network namespace: `LAB-NAME`, e.g. `demo-client1`.
+    public var namespace: String
+    public var role: LabRole
+    public var address: IPv4Address
+    /// The host's interface (always `eth0`).
+    public var interface: String
+    /// The veth peer in the switch namespace (named after the host).
+    public var switchPort: String
+
+    public init(name: String, namespace: String, role: LabRole, address: IPv4Address,
+                interface: String = "eth0", switchPort: String? = nil) {
+        self.name = name
+        self.namespace = namespace
+        self.role = role
+        self.address = address
+        self.interface = interface
+        self.switchPort = switchPort ?? name
+    }
+}
+
+/// The description of a lab to build (see ``Lab`` for the layout and the address plan).
+public struct LabSpec: Sendable, Codable, Equatable {
+    public static let defaultSubnet = "10.77.0.0/24"
+    public static let defaultPolicyPorts: [UInt16] = [80, 5201]
+    public static let defaultMiddleboxes = ["fw1", "fw2"]
+    public static let maxNameLength = 12
+    public static let hostCountRange = 1...20
+    public static let maxMiddleboxes = 20
+
+    /// Prefix of every namespace of the lab: letters, digits and '-', at most 12 characters.
+    public var name: String
+    public var clients: Int
+    public var servers: Int
+    /// Middlebox host names, in address order (.101, .102, ...).
+    public var middleboxes: [String]
+    /// The chain of the default client→server policy, by middlebox name. nil: the first middlebox (if any);
+    /// empty: no policy at all.
+    public var chain: [String]?
+    /// A 10.A.B.0/24 prefix.
+    public var subnet: String
+    /// Destination ports the default policy steers through the chain.
+    public var policyPorts: [UInt16]
+    /// Start a Dysco agent on every host. false: a plain kernel-forwarding baseline.
+    public var agents: Bool
+    /// Extra arguments passed to every `dysco-migrate agent`.
+    public var agentArguments: [String]
+    /// The `dysco-migrate` executable for agents; nil: the running executable (/proc/self/exe).
+    public var agentBinary: String?
+    /// Directory the port-80/8080 HTTP servers serve; nil: the lab directory's `www/`.
+    public var httpRoot: String?
+    /// Only without agents: route client↔server traffic through this middlebox with static /32 routes, so a
+    /// baseline crosses the same middlebox and firewall.
+    public var routeViaMiddlebox: String?
+    /// Start iperf3 and the HTTP servers on every server host.
+    public var services: Bool
+
+    public init(name: String, clients: Int = 1, servers: Int = 1, middleboxes: [String] = LabSpec.defaultMiddleboxes,
+                chain: [String]? = nil, subnet: String = LabSpec.defaultSubnet,
+                policyPorts: [UInt16] = LabSpec.defaultPolicyPorts, agents: Bool = true,
+                agentArguments: [String] = [], agentBinary: String? = nil, httpRoot: String? = nil,
+                routeViaMiddlebox: String? = nil, services: Bool = true) {
+        self.name = name
+        self.clients = clients
+        self.servers = servers
+        self.middleboxes = middleboxes
+        self.chain = chain
+        self.subnet = subnet
+        self.policyPorts = policyPorts
+        self.agents = agents
+        self.agentArguments = agentArguments
+        self.agentBinary = agentBinary
+        self.httpRoot = httpRoot
+        self.routeViaMiddlebox = routeViaMiddlebox
+        self.services = services
+    }
+
+    /// The chain actually used: `chain`, or the first middlebox by default.
+    public var effectiveChain: [String] {
+        chain ?? Array(middleboxes.prefix(1))
+    }
+
+    public static func isValidLabName(_ name: String) -> Bool {
+        guard (1...maxNameLength).contains(name.count), let first = name.first, first.isASCII,
+              first.isLetter || first.isNumber, name.last != "-", !name.contains("--") else { return false }
+        return name.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-") }
+    }
+
+    public static func isValidMiddleboxName(_ name: String) -> Bool {
+        guard (1...8).contains(name.count), let first = name.first, ("a"..."z").contains(first) else { return false }
+        guard name.allSatisfy({ ("a"..."z").contains($0) || ("0"..."9").contains($0) }) else { return false }
+        return !isReservedHostName(name)
+    }
+
+    /// `sw` and `client<digits>` / `server<digits>` are taken by the lab itself.
+    static func isReservedHostName(_ name: String) -> Bool {
+        if name == "sw" { return true }
+        for prefix in ["client", "server"] where name.hasPrefix(prefix) {
+            let rest = name.dropFirst(prefix.count)
+            if rest.isEmpty || rest.allSatisfy(\.isNumber) { return true }
+        }
+        return false
+    }
+
+    /// Parses a lab subnet: exactly `10.A.B.0/24`.
+    public static func parseSubnet(_ text: String) throws(LabError) -> IPv4Prefix {
+        guard let prefix = IPv4Prefix(text), text.contains("/"), prefix.length == 24,
+              prefix.address.value >> 24 == 10, IPv4Address(text.split(separator: "/")[0]) == prefix.address else {
+            throw .invalidSpec("subnet '\(text)' is not allowed: a lab uses a 10.A.B.0/24 prefix (e.g. 10.77.0.0/24); "
+                               + "other ranges could clash with the machine's own networks")
+        }
+        return prefix
+    }
+
+    /// Checks everything that can be checked without touching the system.
+    public func validate() throws(LabError) {
+        guard Self.isValidLabName(name) else {
+            throw .invalidSpec("lab name '\(name)' is not valid: use 1–\(Self.maxNameLength) letters, digits or '-' "
+                               + "(not leading/trailing, no '--'); it prefixes every namespace name")
+        }
+        guard Self.hostCountRange.contains(clients) else {
+            throw .invalidSpec("--clients \(clients): must be between 1 and 20")
+        }
+        guard Self.hostCountRange.contains(servers) else {
+            throw .invalidSpec("--servers \(servers): must be between 1 and 20")
+        }
+        guard middleboxes.count <= Self.maxMiddleboxes else {
+            throw .invalidSpec("at most \(Self.maxMiddleboxes) middleboxes")
+        }
+        var seen = Set<String>()
+        for mb in middleboxes {
+            guard Self.isValidMiddleboxName(mb) else {
+                throw .invalidSpec("middlebox name '\(mb)' is not valid: use [a-z][a-z0-9]{0,7}, "
+                                   + "not 'sw', 'clientN' or 'serverN'")
+            }
+            guard seen.insert(mb).inserted else { throw .invalidSpec("middlebox '\(mb)' is listed twice") }
+        }
+        var inChain = Set<String>()
+        for hop in effectiveChain {
+            guard seen.contains(hop) else {
+                throw .invalidSpec("chain member '\(hop)' is not one of the middleboxes (\(middleboxes.joined(separator: ",")))")
+            }
+            guard inChain.insert(hop).inserted else { throw .invalidSpec("chain lists '\(hop)' twice") }
+        }
+        _ = try Self.parseSubnet(subnet)
+        if !effectiveChain.isEmpty {
+            guard !policyPorts.isEmpty else { throw .invalidSpec("the policy needs at least one port") }
+            guard !policyPorts.contains(0) else { throw .invalidSpec("port 0 is not a valid policy port") }
+        }
+        if let via = routeViaMiddlebox {
+            guard !agents else {
+                throw .invalidSpec("routing via a middlebox is only for labs without agents (the agents steer sessions)")
+            }
+            guard seen.contains(via) else { throw .invalidSpec("route-via middlebox '\(via)' is not one of the middleboxes") }
+        }
+        if let agentBinary, agents, agentBinary.isEmpty { throw .invalidSpec("agent binary path is empty") }
+    }
+
+    /// The address plan (validates first).
+    public func plan() throws(LabError) -> LabPlan {
+        try validate()
+        return LabPlan(spec: self, subnet: try Self.parseSubnet(subnet))
+    }
+}
+
+/// Hosts and addresses of a lab: clients .10+i, middleboxes .100+i (in the order given), servers .200+i.
+public struct LabPlan: Sendable, Equatable {
+    public var name: String
+    public var subnet: IPv4Prefix
+    public var switchNamespace: String
+    public var hosts: [LabHost]
+    /// Middlebox names of the default chain.
+    public var chain: [String]
+
+    public init(spec: LabSpec, subnet: IPv4Prefix) {
+        name = spec.name
+        self.subnet = subnet
+        switchNamespace = "\(spec.name)-sw"
+        func host(_ hostName: String, _ role: LabRole, _ octet: Int) -> LabHost {
+            LabHost(name: hostName, namespace: "\(spec.name)-\(hostName)", role: role,
+                    address: IPv4Address(subnet.address.value | UInt32(octet)))
+        }
+        var hosts: [LabHost] = []
+        for i in 1...max(1, spec.clients) { hosts.append(host("client\(i)", .client, 10 + i)) }
+        for (i, mb) in spec.middleboxes.enumerated() { hosts.append(host(mb, .middlebox, 101 + i)) }
+        for i in 1...max(1, spec.servers) { hosts.append(host("server\(i)", .server, 200 + i)) }
+        self.hosts = hosts
+        chain = spec.effectiveChain
+    }
+
+    public func host(_ name: String) -> LabHost? { hosts.first { $0.name == name } }
+    public var namespaces: [String] { [switchNamespace] + hosts.map(\.namespace) }
+    public func hosts(_ role: LabRole) -> [LabHost] { hosts.filter { $0.role == role } }
+}
+
+public enum LabError: Error, CustomStringConvertible, Sendable {
+    case invalidSpec(String)
+    case exists(String)
+    case notFound(String)
+    case unknownHost(lab: String, host: String)
+    case setupFailed(String)
+    case agentFailed(host: String, reason: String, logTail: String)
+    case serviceFailed(host: String, service: String, reason: String, logTail: String)
+    case needsForce(String)
+
+    public var description: String {
+        switch self {
+        case .invalidSpec(let m): return m
+        case .exists(let m): return m
+        case .notFound(let m): return m
+        case .unknownHost(let lab, let host): return "lab '\(lab)' has no host '\(host)'"
+        case .setupFailed(let m): return m
+        case .agentFailed(let host, let reason, let tail):
+            return "agent on \(host) \(reason)" + (tail.isEmpty ? " (its log is empty)" : "; last log lines:\n\(tail)")
+        case .serviceFailed(let host, let service, let reason, let tail):
+            return "\(service) on \(host) \(reason)" + (tail.isEmpty ? "" : "; last log lines:\n\(tail)")
+        case .needsForce(let m): return m
+        }
+    }
+}

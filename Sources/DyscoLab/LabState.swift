@@ -1,0 +1,83 @@
+import DyscoDataplane
+import Foundation
+
+/// Where labs keep their files: `/run/dysco-migrate/labs/NAME/` (lab.json, agent configs and logs, www/).
+public enum LabPaths {
+    public static var labsDirectory: String { "\(AgentControlPaths.runDirectory)/labs" }
+    public static func directory(_ lab: String) -> String { "\(labsDirectory)/\(lab)" }
+    public static func stateFile(_ lab: String) -> String { "\(directory(lab))/lab.json" }
+    public static func agentConfig(_ lab: String, host: String) -> String { "\(directory(lab))/\(host).agent.json" }
+    public static func agentLog(_ lab: String, host: String) -> String { "\(directory(lab))/\(host).agent.log" }
+    public static func serviceLog(_ lab: String, host: String, service: String) -> String {
+        "\(directory(lab))/\(host).\(service).log"
+    }
+    public static func defaultHTTPRoot(_ lab: String) -> String { "\(directory(lab))/www" }
+
+    /// Names of the labs that have a directory (lab.json may be missing after a crash).
+    public static func existingLabs() -> [String] {
+        ((try? FileManager.default.contentsOfDirectory(atPath: labsDirectory)) ?? [])
+            .filter { LabSpec.isValidLabName($0) }.sorted()
+    }
+}
+
+/// A process the lab started (agent, iperf3, HTTP server, or one started through ``Lab/spawn(_:_:logPath:)``).
+public struct LabProcessRecord: Codable, Sendable, Hashable {
+    public enum Kind: String, Codable, Sendable { case agent, iperf3, http, httpAlt = "http-alt", custom }
+    public var host: String
+    public var kind: Kind
+    public var pid: Int32
+    public var command: [String]
+    public var log: String?
+}
+
+/// The lab's state file, `lab.json`: written before anything is created and updated as things are made, so
+/// that `lab down` can remove a lab whose creator crashed.
+public struct LabState: Codable, Sendable {
+    public enum Phase: String, Codable, Sendable { case creating, ready, failed }
+    public static let currentVersion = 1
+
+    public var version: Int
+    public var name: String
+    public var phase: Phase
+    public var createdAt: Date
+    public var subnet: IPv4Prefix
+    public var switchNamespace: String
+    public var hosts: [LabHost]
+    /// Middlebox names of the default policy's chain (empty: no policy).
+    public var chain: [String]
+    public var policyPorts: [UInt16]
+    public var agents: Bool
+    public var agentBinary: String?
+    public var agentArguments: [String]
+    public var routeViaMiddlebox: String?
+    public var httpRoot: String
+    public var processes: [LabProcessRecord]
+
+    public var namespaces: [String] { [switchNamespace] + hosts.map(\.namespace) }
+
+    public func host(_ name: String) -> LabHost? { hosts.first { $0.name == name } }
+
+    public static func load(name: String) throws -> LabState {
+        let data = try Data(contentsOf: URL(fileURLWithPath: LabPaths.stateFile(name)))
+        return try decoder.decode(LabState.self, from: data)
+    }
+
+    /// Writes lab.json atomically (a crash never leaves half a file).
+    public func save() throws {
+        let data = try Self.encoder.encode(self)
+        try data.write(to: URL(fileURLWithPath: LabPaths.stateFile(name)), options: .atomic)
+    }
+
+    static var encoder: JSONEncoder {
+        let e = JSONEncoder()
+        e.outputFormatting = [.prettyPrinted, .sortedKeys]
+        e.dateEncodingStrategy = .iso8601
+        return e
+    }
+
+    static var decoder: JSONDecoder {
+        let d = JSONDecoder()
+        d.dateDecodingStrategy = .iso8601
+        return d
+    }
+}
