@@ -1,6 +1,5 @@
 #ifndef DYSCO_CLINUX_SHIM_H
 #define DYSCO_CLINUX_SHIM_H
-#define _GNU_SOURCE 1
 #include <sched.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -12,9 +11,11 @@
 #include <netinet/in.h>
 #include <arpa/inet.h>
 
-/* setns(2) and unshare(2) need _GNU_SOURCE; wrapped so Swift sees them whatever the importer's defines. */
+/* setns(2) is declared only under _GNU_SOURCE, which must not leak into this module (it changes struct
+   layouts that other C modules import without it): declare it here. CLONE_NEWNET is 0x40000000. */
+extern int setns(int fd, int nstype);
 static inline int dysco_setns(int fd, int nstype) { return setns(fd, nstype); }
-static inline int dysco_clone_newnet(void) { return CLONE_NEWNET; }
+static inline int dysco_clone_newnet(void) { return 0x40000000; }
 
 /* errno is a macro (thread-local lvalue); read it through a function. */
 static inline int dysco_errno(void) { return errno; }

@@ -60,7 +60,7 @@ public enum Command {
         process.arguments = argv
         process.standardInput = FileHandle.nullDevice
         if let logPath {
-            FileManager.default.createFile(atPath: logPath, contents: nil)
+            _ = FileManager.default.createFile(atPath: logPath, contents: nil)
             let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
             process.standardOutput = handle
             process.standardError = handle

@@ -45,3 +45,20 @@ public enum NetworkNamespace {
             && name.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || "-_.".contains($0)) }
     }
 }
+
+extension NetworkNamespace {
+    /// Replaces the process with `ip netns exec NAME <this executable> arguments[1...]`, so that every thread
+    /// and child of the new image lives in the namespace (setns(2) alone moves only the calling thread).
+    public static func reexec(into name: String, arguments: [String]) throws -> Never {
+        guard exists(name) else {
+            throw SystemCallError(operation: "enter network namespace '\(name)' (no \(directory)/\(name))", errno: ENOENT)
+        }
+        let executable = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"))
+            ?? arguments.first ?? "dysco-migrate"
+        let argv = ["ip", "netns", "exec", name, executable] + arguments.dropFirst()
+        var cArgs = argv.map { strdup($0) }
+        cArgs.append(nil)
+        execvp("ip", cArgs)
+        throw SystemCallError(operation: "execvp(ip netns exec \(name))", errno: dysco_errno())
+    }
+}

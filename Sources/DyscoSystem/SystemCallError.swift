@@ -1,4 +1,5 @@
 import CLinux
+import Glibc
 
 /// A failed C call: which operation, and the `errno` read right after it returned.
 ///

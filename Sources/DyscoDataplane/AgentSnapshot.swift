@@ -1,0 +1,54 @@
+/// What `dysco-migrate sessions` shows: the agent, its counters and every session it knows.
+public struct AgentSnapshot: Codable, Sendable {
+    public struct Session: Codable, Sendable {
+        public var id: UInt64
+        public var role: SessionTable.Role
+        /// The session as applications and middleboxes see it (client → server).
+        public var session: FiveTuple
+        /// Subsession from the left neighbour to this host (nil at the left end).
+        public var left: FiveTuple?
+        /// Subsession from this host to the right neighbour (nil at the right end, or not yet sent).
+        public var right: FiveTuple?
+        /// Hops still to be told to the right neighbour (middlebox before its SYN leaves).
+        public var remaining: [IPv4Address]
+        /// "syn-sent", "established", "closing"
+        public var state: String
+        /// "slow" (NFQUEUE) — the kernel fast path arrives with its own issue.
+        public var path: String
+        public var packets: UInt64
+        public var bytes: UInt64
+        public var idleSeconds: Double
+        public var ageSeconds: Double
+    }
+
+    public var netns: String?
+    public var pid: Int32
+    public var queue: UInt16
+    public var uptimeSeconds: Double
+    public var counters: DataplaneCounters
+    public var sessions: [Session]
+
+    public init(netns: String?, pid: Int32, queue: UInt16, uptimeSeconds: Double, counters: DataplaneCounters,
+                sessions: [Session]) {
+        self.netns = netns
+        self.pid = pid
+        self.queue = queue
+        self.uptimeSeconds = uptimeSeconds
+        self.counters = counters
+        self.sessions = sessions
+    }
+}
+
+extension PacketProcessor {
+    /// The table as a snapshot, sessions ordered by id.
+    public func snapshotSessions(now: UInt64) -> [AgentSnapshot.Session] {
+        table.records.values.sorted { $0.id < $1.id }.map { record in
+            let state = record.closeDeadline != nil ? "closing"
+                : (record.right != nil && !record.rightEstablished) ? "syn-sent" : "established"
+            return AgentSnapshot.Session(
+                id: record.id, role: record.role, session: record.session, left: record.left, right: record.right,
+                remaining: record.remaining, state: state, path: "slow", packets: record.packets, bytes: record.bytes,
+                idleSeconds: Double(now &- record.lastActivity) / 1e9, ageSeconds: Double(now &- record.createdAt) / 1e9)
+        }
+    }
+}

@@ -1,0 +1,116 @@
+import Foundation
+import NIOCore
+import NIOPosix
+
+/// The agent's local control channel: a Unix stream socket (``AgentControlPaths``) speaking one JSON
+/// request line and one JSON response per connection.
+public enum ControlRequest: String, Codable, Sendable {
+    case sessions
+}
+
+public struct ControlError: Error, CustomStringConvertible {
+    public var message: String
+    public var description: String { message }
+}
+
+/// Serves control requests on a Unix socket with SwiftNIO.
+public final class ControlServer: Sendable {
+    private let group: MultiThreadedEventLoopGroup
+    private let channel: Channel
+    public let path: String
+
+    /// Binds `path` (replacing a stale socket file) and answers each request with `respond`.
+    public init(path: String, respond: @escaping @Sendable (ControlRequest) -> Data) throws {
+        self.path = path
+        try FileManager.default.createDirectory(atPath: (path as NSString).deletingLastPathComponent,
+                                                withIntermediateDirectories: true)
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        do {
+            channel = try ServerBootstrap(group: group)
+                .childChannelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(RequestHandler(respond: respond))
+                    }
+                }
+                .bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true)
+                .wait()
+        } catch {
+            try? group.syncShutdownGracefully()
+            throw error
+        }
+        self.group = group
+    }
+
+    public func close() {
+        try? channel.close().wait()
+        try? group.syncShutdownGracefully()
+        try? FileManager.default.removeItem(atPath: path)
+    }
+
+    private final class RequestHandler: ChannelInboundHandler, @unchecked Sendable {
+        typealias InboundIn = ByteBuffer
+        typealias OutboundOut = ByteBuffer
+        private let respond: @Sendable (ControlRequest) -> Data
+        private var pending = ByteBuffer()
+
+        init(respond: @escaping @Sendable (ControlRequest) -> Data) { self.respond = respond }
+
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            var chunk = unwrapInboundIn(data)
+            pending.writeBuffer(&chunk)
+            guard let newline = pending.readableBytesView.firstIndex(of: UInt8(ascii: "\n")) else {
+                if pending.readableBytes > 4096 { context.close(promise: nil) }
+                return
+            }
+            let line = pending.readableBytesView[pending.readerIndex..<newline]
+            var reply: Data
+            if let request = try? JSONDecoder().decode(ControlRequest.self, from: Data(line)) {
+                reply = respond(request)
+            } else {
+                reply = Data(#"{"error":"unknown request"}"#.utf8)
+            }
+            reply.append(UInt8(ascii: "\n"))
+            let out = context.channel.allocator.buffer(bytes: reply)
+            let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
+            context.writeAndFlush(wrapOutboundOut(out)).whenComplete { _ in bound.value.close(promise: nil) }
+        }
+    }
+}
+
+/// Sends one request to an agent's control socket and returns the response bytes.
+public enum ControlClient {
+    public static func request(_ request: ControlRequest, path: String) async throws -> Data {
+        guard FileManager.default.fileExists(atPath: path) else {
+            throw ControlError(message: "no agent control socket at \(path): is `dysco-migrate agent` running in that namespace?")
+        }
+        let collector = ResponseCollector()
+        let channel: Channel
+        do {
+            channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+                .channelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(collector)
+                    }
+                }
+                .connect(unixDomainSocketPath: path).get()
+        } catch {
+            throw ControlError(message: "cannot connect to the agent at \(path): \(error) (a stale socket of a stopped agent?)")
+        }
+        var line = try JSONEncoder().encode(request)
+        line.append(UInt8(ascii: "\n"))
+        try await channel.writeAndFlush(channel.allocator.buffer(bytes: line)).get()
+        try await channel.closeFuture.get()
+        return collector.received
+    }
+
+    private final class ResponseCollector: ChannelInboundHandler, @unchecked Sendable {
+        typealias InboundIn = ByteBuffer
+        // Touched only on the channel's event loop, read after closeFuture completes.
+        var received = Data()
+
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            var buffer = unwrapInboundIn(data)
+            if let bytes = buffer.readBytes(length: buffer.readableBytes) { received.append(contentsOf: bytes) }
+        }
+    }
+}

@@ -1,0 +1,190 @@
+import CLinux
+import DyscoSystem
+import Foundation
+import Logging
+import Synchronization
+
+/// The NFQUEUE slow path of one host: binds the queue, installs the rules, runs the packet thread and the
+/// expiry timer around a ``PacketProcessor`` (the state machine; this class is its thin shell), and answers
+/// control requests. One agent per network namespace.
+public final class DataplaneAgent: @unchecked Sendable {
+    public struct Options: Sendable {
+        public var queue: UInt16 = 7
+        public var portRange: ClosedRange<UInt16> = 10000...29999
+        public var settings = PacketProcessor.Settings()
+        public var queueMaxLength: UInt32 = 8192
+        public var controlSocketPath: String
+        public var netns: String?
+
+        public init(netns: String?, controlSocketPath: String? = nil) {
+            self.netns = netns
+            self.controlSocketPath = controlSocketPath ?? AgentControlPaths.socketPath(netns: netns)
+        }
+    }
+
+    /// Packets up to this size are copied to a scratch buffer with room for the Dysco trailer; larger ones
+    /// (never a SYN) are rewritten in place in the receive buffer.
+    static let smallPacketLimit = 1024
+    static let scratchCapacity = 2048
+
+    public let options: Options
+    private let logger: Logger
+    private let processor: Mutex<PacketProcessor>
+    // Confined to the packet thread once `start()` returns (init and deinit run before/after it).
+    private let queueSocket: NetfilterQueueSocket
+    private let rules: QueueRules
+    private let startedAt = dysco_monotonic_ns()
+    private let stopping = Atomic<Bool>(false)
+    private let packetThreadDone = DispatchSemaphore(value: 0)
+    private var timer: DispatchSourceTimer?
+    private var control: ControlServer?
+
+    /// Binds the queue and installs the rules. Throws a clear error when the queue cannot be bound (another
+    /// agent holds it, or no CAP_NET_ADMIN) — and then installs nothing.
+    public init(config: AgentConfig, options: Options, logger: Logger) throws {
+        self.options = options
+        self.logger = logger
+        processor = Mutex(PacketProcessor(config: config, portRange: options.portRange, settings: options.settings))
+        do {
+            queueSocket = try NetfilterQueueSocket(queue: options.queue, maxLength: options.queueMaxLength)
+        } catch let error as SystemCallError {
+            let hint = switch error.errno {
+            case EBUSY: " (another process, perhaps another agent, is bound to queue \(options.queue); use --queue)"
+            case EPERM: " (needs root / CAP_NET_ADMIN in this namespace)"
+            default: ""
+            }
+            throw ControlError(message: "cannot bind NFQUEUE \(options.queue): \(error)\(hint)")
+        }
+        rules = QueueRules(queue: options.queue)
+        try rules.install(logger: logger)
+    }
+
+    /// Starts the packet thread, the expiry timer and the control socket.
+    public func start() throws {
+        let thread = Thread { [self] in
+            packetLoop()
+            packetThreadDone.signal()
+        }
+        thread.name = "dysco-nfqueue"
+        thread.stackSize = 1 << 20
+        thread.start()
+
+        let timer = DispatchSource.makeTimerSource(queue: DispatchQueue(label: "dysco-expiry"))
+        timer.schedule(deadline: .now() + 1, repeating: 1)
+        timer.setEventHandler { [self] in
+            let events = processor.withLock { state in
+                state.expire(now: dysco_monotonic_coarse_ns())
+                return state.takeEvents()
+            }
+            log(events)
+        }
+        timer.resume()
+        self.timer = timer
+        control = try ControlServer(path: options.controlSocketPath) { [self] request in
+            switch request {
+            case .sessions: (try? JSONEncoder().encode(snapshot())) ?? Data()
+            }
+        }
+        logger.info("agent ready", metadata: [
+            "queue.number": "\(options.queue)", "agent.netns": "\(options.netns ?? "host")",
+            "agent.control": "\(options.controlSocketPath)",
+        ])
+    }
+
+    /// Removes the rules first (packets pass untouched from then on), then stops the threads.
+    public func stop() {
+        guard !stopping.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        do { try QueueRules.remove(logger: logger) } catch {
+            logger.error("could not remove NFQUEUE rules", metadata: ["error": "\(error)"])
+        }
+        timer?.cancel()
+        control?.close()
+        _ = packetThreadDone.wait(timeout: .now() + 2)
+        logger.info("agent stopped")
+    }
+
+    public func snapshot() -> AgentSnapshot {
+        let now = dysco_monotonic_coarse_ns()
+        return processor.withLock { state in
+            AgentSnapshot(netns: options.netns, pid: getpid(), queue: options.queue,
+                          uptimeSeconds: Double(dysco_monotonic_ns() - startedAt) / 1e9, counters: state.counters,
+                          sessions: state.snapshotSessions(now: now))
+        }
+    }
+
+    // MARK: - Packet thread
+
+    private func packetLoop() {
+        let scratch = UnsafeMutableRawPointer.allocate(byteCount: Self.scratchCapacity, alignment: 16)
+        defer { scratch.deallocate() }
+        while !stopping.load(ordering: .relaxed) {
+            do {
+                let open = try queueSocket.receive { packet in try handle(&packet, scratch: scratch) }
+                if !open { break }
+            } catch {
+                if stopping.load(ordering: .relaxed) { break }
+                logger.error("nfqueue error", metadata: ["error": "\(error)"])
+            }
+        }
+    }
+
+    @inline(__always)
+    private func handle(_ packet: inout NetfilterQueueSocket.Packet, scratch: UnsafeMutableRawPointer) throws {
+        guard let payload = packet.payload, packet.length > 0 else {
+            try queueSocket.verdict(id: packet.id, accept: true)
+            return
+        }
+        let hook: HookPoint = packet.hook == .preRouting ? .ingress : .egress
+        let checksum: ChecksumState = packet.checksumNotReady ? .partial : .complete
+        let small = packet.length <= Self.smallPacketLimit
+        let base = small ? scratch : payload
+        if small { scratch.copyMemory(from: payload, byteCount: packet.length) }
+        let capacity = small ? Self.scratchCapacity : packet.length
+        let count = packet.length
+        let now = dysco_monotonic_coarse_ns()
+        let (verdict, events) = processor.withLock { state in
+            let verdict = state.process(base, count: count, capacity: capacity, hook: hook, checksum: checksum, now: now)
+            return (verdict, state.takeEvents())
+        }
+        switch verdict {
+        case .accept:
+            try queueSocket.verdict(id: packet.id, accept: true)
+        case .acceptModified(let length):
+            try queueSocket.verdict(id: packet.id, accept: true, packet: UnsafeRawBufferPointer(start: base, count: length))
+        case .drop:
+            try queueSocket.verdict(id: packet.id, accept: false)
+        }
+        if !events.isEmpty { log(events) }
+    }
+
+    private func log(_ events: [DataplaneEvent]) {
+        for event in events {
+            switch event {
+            case .sessionCreated(let record):
+                logger.info("session created", metadata: [
+                    "session.id": "\(record.id)", "session.role": "\(record.role.rawValue)",
+                    "session.tuple": "\(record.session)", "subsession.left": "\(record.left.map { "\($0)" } ?? "-")",
+                    "subsession.right": "\(record.right.map { "\($0)" } ?? "-")",
+                ])
+            case .sessionRemoved(let record, let reason):
+                logger.info("session removed", metadata: [
+                    "session.id": "\(record.id)", "session.tuple": "\(record.session)", "session.reason": "\(reason)",
+                    "session.packets": "\(record.packets)",
+                ])
+            case .malformedDyscoSyn(let tuple, let error):
+                logger.warning("dropped malformed Dysco SYN", metadata: ["packet.tuple": "\(tuple)", "error": "\(error)"])
+            case .rejected(let tuple, let reason):
+                logger.warning("dropped SYN", metadata: ["packet.tuple": "\(tuple)", "reason": "\(reason)"])
+            }
+        }
+    }
+}
+
+extension PacketProcessor {
+    /// Hands the pending events to the caller; free when there are none.
+    mutating func takeEvents() -> [DataplaneEvent] {
+        guard !events.isEmpty else { return [] }
+        defer { events.removeAll(keepingCapacity: true) }
+        return events
+    }
+}

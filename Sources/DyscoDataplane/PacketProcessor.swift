@@ -1,0 +1,287 @@
+/// Where in Netfilter a packet was queued.
+public enum HookPoint: Sendable {
+    /// raw PREROUTING: before conntrack; subsession → session.
+    case ingress
+    /// mangle OUTPUT (local packets) or mangle POSTROUTING (forwarded ones): session → subsession.
+    case egress
+}
+
+/// What to do with a queued packet.
+public enum Verdict: Equatable, Sendable {
+    /// Accept as it came.
+    case accept
+    /// Accept with the first `length` bytes of the buffer (the rewritten packet).
+    case acceptModified(length: Int)
+    case drop
+}
+
+/// Counters an operator reads with `sessions --json` (and tests assert on).
+public struct DataplaneCounters: Sendable, Codable, Equatable {
+    public var packets: UInt64 = 0
+    public var translatedIngress: UInt64 = 0
+    public var translatedEgress: UInt64 = 0
+    /// Packets that belong to no session and were accepted untouched (non-TCP is not even queued).
+    public var passedThrough: UInt64 = 0
+    /// Packets whose IPv4/TCP headers do not parse (accepted untouched: the kernel judges them).
+    public var malformedPackets: UInt64 = 0
+    /// SYNs whose Dysco trailer has the magic but does not decode (dropped).
+    public var malformedDyscoSyn: UInt64 = 0
+    /// Dysco SYNs or policy SYNs whose tuples collide with a live session (dropped; TCP retries).
+    public var collisions: UInt64 = 0
+    /// Policy SYNs dropped because the subsession port range is exhausted.
+    public var portsExhausted: UInt64 = 0
+    /// SYNs that could not grow by the trailer (no room in the buffer) — dropped.
+    public var oversizedSyn: UInt64 = 0
+    public var sessionsCreated: UInt64 = 0
+    public var sessionsRemoved: UInt64 = 0
+    /// Packets handed back with a full TCP checksum recomputed (CHECKSUM_PARTIAL or length change).
+    public var fullChecksums: UInt64 = 0
+
+    public init() {}
+}
+
+/// Something the shell should log (kept out of the per-packet path's lock).
+public enum DataplaneEvent: Sendable {
+    case sessionCreated(SessionTable.Record)
+    case sessionRemoved(SessionTable.Record, reason: String)
+    case malformedDyscoSyn(FiveTuple, DyscoSynPayload.DecodeError)
+    case rejected(FiveTuple, reason: String)
+}
+
+/// The per-packet logic of the slow path: a pure state machine over the session table. It is given a
+/// queued packet's bytes, rewrites them in place and returns the verdict. No I/O, no clocks, no locks:
+/// the NFQUEUE shell (``NetfilterQueueAgent``) owns it behind a mutex.
+public struct PacketProcessor: Sendable {
+    public struct Settings: Sendable {
+        public var idleTimeout: UInt64 = 600 * 1_000_000_000
+        /// How long a session's translations outlive its close (last ACK, retransmitted FINs).
+        public var closeLinger: UInt64 = 10 * 1_000_000_000
+        public var resetLinger: UInt64 = 1 * 1_000_000_000
+        public init() {}
+    }
+
+    public var table: SessionTable
+    public var config: AgentConfig
+    public var settings: Settings
+    public var counters = DataplaneCounters()
+    public var events: [DataplaneEvent] = []
+
+    public init(config: AgentConfig, portRange: ClosedRange<UInt16>, settings: Settings = Settings()) {
+        self.config = config
+        self.settings = settings
+        table = SessionTable(portRange: portRange)
+        events.reserveCapacity(16)
+    }
+
+    /// Processes one packet. `capacity` is how many bytes the buffer can hold (a SYN may grow by the
+    /// Dysco trailer); `count` how many it holds.
+    public mutating func process(_ base: UnsafeMutableRawPointer, count: Int, capacity: Int, hook: HookPoint,
+                                 checksum: ChecksumState, now: UInt64) -> Verdict {
+        counters.packets &+= 1
+        guard case .success(var packet) = IPv4TCPPacket.parse(base, count: count) else {
+            counters.malformedPackets &+= 1
+            return .accept
+        }
+        let key = packet.tuple
+        let flags = packet.tcp.flags
+        let isInitialSyn = flags.contains(.syn) && !flags.contains(.ack)
+        switch hook {
+        case .ingress:
+            if let translation = table.ingress[key] {
+                if isInitialSyn, isClosing(translation.id) {
+                    table.remove(translation.id)
+                    return ingressNewSyn(&packet, key: key, checksum: checksum, now: now)
+                }
+                var mode = checksum
+                if isInitialSyn, hasTrailer(packet) {
+                    // A retransmitted Dysco SYN: strip the trailer again.
+                    guard case .success(let (_, length)) = decodeTrailer(packet) else {
+                        counters.malformedDyscoSyn &+= 1
+                        return .drop
+                    }
+                    packet.truncate(to: packet.length - length)
+                    mode = .partial
+                }
+                track(translation, flags: flags, length: packet.length, now: now)
+                packet.rewrite(to: translation.target, checksum: mode)
+                if mode == .partial { counters.fullChecksums &+= 1 }
+                counters.translatedIngress &+= 1
+                return .acceptModified(length: packet.length)
+            }
+            if isInitialSyn, hasTrailer(packet) {
+                return ingressNewSyn(&packet, key: key, checksum: checksum, now: now)
+            }
+        case .egress:
+            if let translation = table.egress[key] {
+                if isInitialSyn, isClosing(translation.id) {
+                    table.remove(translation.id)
+                    return egressNewSyn(&packet, key: key, capacity: capacity, now: now) ?? pass()
+                }
+                track(translation, flags: flags, length: packet.length, now: now)
+                counters.translatedEgress &+= 1
+                if isInitialSyn, translation.direction == .forward, let record = table.records[translation.id],
+                   !record.rightEstablished {
+                    // SYN retransmission before the SYN-ACK: the trailer must travel again.
+                    return sendSyn(&packet, record: record, capacity: capacity)
+                }
+                packet.rewrite(to: translation.target, checksum: checksum)
+                if checksum == .partial { counters.fullChecksums &+= 1 }
+                return .acceptModified(length: packet.length)
+            }
+            if isInitialSyn, let verdict = egressNewSyn(&packet, key: key, capacity: capacity, now: now) {
+                return verdict
+            }
+        }
+        return pass()
+    }
+
+    // MARK: - SYN handling (paper §2.1)
+
+    /// A Dysco SYN from the left: record the session, strip the trailer, deliver the session header.
+    private mutating func ingressNewSyn(_ packet: inout IPv4TCPPacket, key: FiveTuple, checksum: ChecksumState,
+                                        now: UInt64) -> Verdict {
+        let decoded: (DyscoSynPayload, Int)
+        switch decodeTrailer(packet) {
+        case .success(let value): decoded = value
+        case .failure(let error):
+            counters.malformedDyscoSyn &+= 1
+            events.append(.malformedDyscoSyn(key, error))
+            return .drop
+        }
+        let (payload, trailerLength) = decoded
+        if let existing = table.bySession[payload.session], isClosing(existing) { table.remove(existing) }
+        let id: SessionTable.SessionID
+        do {
+            id = try table.insertFromLeft(session: payload.session, left: key, remaining: payload.remaining, now: now)
+        } catch {
+            counters.collisions &+= 1
+            events.append(.rejected(key, reason: "\(error)"))
+            return .drop
+        }
+        counters.sessionsCreated &+= 1
+        if let record = table.records[id] { events.append(.sessionCreated(record)) }
+        packet.truncate(to: packet.length - trailerLength)
+        packet.rewrite(to: payload.session, checksum: .partial)
+        counters.fullChecksums &+= 1
+        counters.translatedIngress &+= 1
+        table.update(id) { $0.packets += 1; $0.bytes += UInt64(packet.length) }
+        return .acceptModified(length: packet.length)
+    }
+
+    /// A SYN leaving with no translation: either a middlebox's pending session (its Dysco SYN came in
+    /// earlier) or a local SYN that matches a policy. Nil: not ours.
+    private mutating func egressNewSyn(_ packet: inout IPv4TCPPacket, key: FiveTuple, capacity: Int,
+                                       now: UInt64) -> Verdict? {
+        if let id = table.bySession[key], let record = table.records[id], record.role == .middlebox,
+           record.right == nil, let next = record.remaining.first, let local = record.left?.dstAddr {
+            do {
+                try table.openRight(id, local: local, next: next)
+                table.update(id) { $0.remaining.removeFirst() }
+            } catch {
+                countInsertError(error, key: key)
+                return .drop
+            }
+            guard let updated = table.records[id] else { return .drop }
+            counters.translatedEgress &+= 1
+            return sendSyn(&packet, record: updated, capacity: capacity)
+        }
+        guard let policy = config.policy(for: key) else { return nil }
+        let id: SessionTable.SessionID
+        do {
+            id = try table.insertLeftEnd(session: key, hops: policy.chain + [key.dstAddr], now: now)
+        } catch {
+            countInsertError(error, key: key)
+            return .drop
+        }
+        guard let record = table.records[id] else { return .drop }
+        counters.sessionsCreated &+= 1
+        events.append(.sessionCreated(record))
+        counters.translatedEgress &+= 1
+        return sendSyn(&packet, record: record, capacity: capacity)
+    }
+
+    /// Rewrites a SYN to the record's right subsession and appends the Dysco trailer.
+    private mutating func sendSyn(_ packet: inout IPv4TCPPacket, record: SessionTable.Record, capacity: Int) -> Verdict {
+        guard let right = record.right else { return .drop }
+        let trailer = DyscoSynPayload(session: record.session, remaining: record.remaining)
+        guard packet.length + trailer.encodedLength <= capacity, packet.length + trailer.encodedLength <= 0xffff else {
+            counters.oversizedSyn &+= 1
+            return .drop
+        }
+        withUnsafeTemporaryAllocation(byteCount: trailer.encodedLength, alignment: 1) { scratch in
+            trailer.encode(into: scratch)
+            packet.append(UnsafeRawBufferPointer(scratch))
+        }
+        packet.rewrite(to: right, checksum: .partial)
+        counters.fullChecksums &+= 1
+        return .acceptModified(length: packet.length)
+    }
+
+    // MARK: - Teardown (FIN both ways, RST) and expiry
+
+    private mutating func track(_ translation: SessionTable.Translation, flags: TCPFlags, length: Int, now: UInt64) {
+        let settings = settings
+        table.update(translation.id) { record in
+            record.lastActivity = now
+            record.packets &+= 1
+            record.bytes &+= UInt64(length)
+            if translation.fromRight, flags.contains(.syn), flags.contains(.ack) { record.rightEstablished = true }
+            if flags.contains(.rst) {
+                record.reset = true
+                record.closeDeadline = min(record.closeDeadline ?? .max, now &+ settings.resetLinger)
+            } else if flags.contains(.fin) {
+                if translation.direction == .forward { record.finForward = true } else { record.finReverse = true }
+                if record.finForward, record.finReverse, record.closeDeadline == nil {
+                    record.closeDeadline = now &+ settings.closeLinger
+                }
+            }
+        }
+    }
+
+    /// A session that is closing (or reset) when a fresh SYN with its tuple arrives: the tuple is reused.
+    private func isClosing(_ id: SessionTable.SessionID) -> Bool {
+        guard let record = table.records[id] else { return false }
+        return record.closeDeadline != nil
+    }
+
+    /// Removes sessions past their close linger or idle timeout; returns how many.
+    @discardableResult
+    public mutating func expire(now: UInt64) -> Int {
+        let due = table.expired(now: now, idleTimeout: settings.idleTimeout)
+        for id in due {
+            guard let record = table.records[id] else { continue }
+            table.remove(id)
+            counters.sessionsRemoved &+= 1
+            let reason = record.reset ? "reset" : record.closeDeadline != nil ? "closed" : "idle"
+            events.append(.sessionRemoved(record, reason: reason))
+        }
+        return due.count
+    }
+
+    // MARK: - Helpers
+
+    private mutating func pass() -> Verdict {
+        counters.passedThrough &+= 1
+        return .accept
+    }
+
+    private mutating func countInsertError(_ error: SessionTable.InsertError, key: FiveTuple) {
+        switch error {
+        case .collision: counters.collisions &+= 1
+        case .portsExhausted: counters.portsExhausted &+= 1
+        }
+        events.append(.rejected(key, reason: "\(error)"))
+    }
+
+    private func payload(_ packet: IPv4TCPPacket) -> UnsafeRawBufferPointer {
+        UnsafeRawBufferPointer(start: packet.ip.base + packet.payloadOffset, count: packet.payloadLength)
+    }
+
+    private func hasTrailer(_ packet: IPv4TCPPacket) -> Bool {
+        DyscoSynPayload.hasTrailer(payload(packet))
+    }
+
+    private func decodeTrailer(_ packet: IPv4TCPPacket) -> Result<(DyscoSynPayload, Int), DyscoSynPayload.DecodeError> {
+        Result { () throws(DyscoSynPayload.DecodeError) in try DyscoSynPayload.decode(trailerOf: payload(packet)) }
+    }
+}

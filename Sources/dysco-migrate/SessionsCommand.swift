@@ -1,0 +1,58 @@
+import ArgumentParser
+import DyscoDataplane
+import DyscoSystem
+import Foundation
+
+struct SessionsCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "sessions",
+        abstract: "List the sessions of the agent in this (or another) network namespace.",
+        discussion: """
+            Shows each session's tuple as applications see it, its left and right subsession tuples as they \
+            travel on the wire, its state and which data path carries it, then the agent's packet counters.
+            """
+    )
+
+    @Option(help: "Ask the agent of this named network namespace (default: the current one).")
+    var netns: String?
+
+    @Option(help: "Control socket path (overrides --netns).")
+    var socket: String?
+
+    @Flag(help: "Print JSON (the agent's full snapshot) instead of a table.")
+    var json = false
+
+    func run() async throws {
+        let path = socket ?? AgentControlPaths.socketPath(netns: netns ?? NetworkNamespace.currentName())
+        let data = try await ControlClient.request(.sessions, path: path)
+        if json {
+            FileHandle.standardOutput.write(data)
+            return
+        }
+        let snapshot = try JSONDecoder().decode(AgentSnapshot.self, from: data)
+        print(Self.render(snapshot))
+    }
+
+    static func render(_ snapshot: AgentSnapshot) -> String {
+        var lines = ["agent pid \(snapshot.pid) netns \(snapshot.netns ?? "host") queue \(snapshot.queue), "
+            + "up \(Int(snapshot.uptimeSeconds)) s, \(snapshot.sessions.count) session(s)"]
+        if !snapshot.sessions.isEmpty {
+            let header = ["ID", "ROLE", "SESSION", "LEFT SUBSESSION", "RIGHT SUBSESSION", "STATE", "PATH", "PACKETS"]
+            let rows = snapshot.sessions.map { s in
+                ["\(s.id)", s.role.rawValue, "\(s.session)", s.left.map { "\($0)" } ?? "-",
+                 s.right.map { "\($0)" } ?? "-", s.state, s.path, "\(s.packets)"]
+            }
+            let widths = header.indices.map { i in ([header[i]] + rows.map { $0[i] }).map(\.count).max() ?? 0 }
+            for row in [header] + rows {
+                lines.append(zip(row, widths).map { $0.padding(toLength: $1, withPad: " ", startingAt: 0) }
+                    .joined(separator: "  "))
+            }
+        }
+        let c = snapshot.counters
+        lines.append("packets \(c.packets): ingress translated \(c.translatedIngress), egress translated "
+            + "\(c.translatedEgress), passed \(c.passedThrough), malformed \(c.malformedPackets), malformed Dysco "
+            + "SYN \(c.malformedDyscoSyn), collisions \(c.collisions); sessions created \(c.sessionsCreated), "
+            + "removed \(c.sessionsRemoved)")
+        return lines.joined(separator: "\n")
+    }
+}
