@@ -393,7 +393,7 @@ public final class Lab: @unchecked Sendable {
     private func startAgents(binary: String, arguments: [String]) throws {
         let s = state
         let encoder = JSONEncoder()
-        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
         for h in s.hosts {
             let config = Self.agentConfig(for: h, in: s)
             try config.validate()

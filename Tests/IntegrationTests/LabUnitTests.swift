@@ -1,0 +1,208 @@
+import DyscoDataplane
+@testable import DyscoLab
+import Foundation
+import Testing
+
+/// The lab's pure parts: address plan, spec validation, iptables counter parsing (no root needed).
+@Suite struct LabUnitTests {
+    @Test func addressPlan() throws {
+        let spec = LabSpec(name: "u1", clients: 2, servers: 3, middleboxes: ["fw1", "ids", "fw2"],
+                           subnet: "10.9.8.0/24")
+        let plan = try spec.plan()
+        #expect(plan.switchNamespace == "u1-sw")
+        #expect(plan.hosts.map(\.name) == ["client1", "client2", "fw1", "ids", "fw2", "server1", "server2", "server3"])
+        #expect(plan.hosts.map(\.address.description) == [
+            "10.9.8.11", "10.9.8.12", "10.9.8.101", "10.9.8.102", "10.9.8.103", "10.9.8.201", "10.9.8.202", "10.9.8.203",
+        ])
+        #expect(plan.host("ids")?.namespace == "u1-ids")
+        #expect(plan.host("ids")?.role == .middlebox)
+        #expect(plan.host("client2")?.switchPort == "client2")
+        #expect(plan.host("server3")?.interface == "eth0")
+        #expect(plan.chain == ["fw1"])
+        #expect(plan.namespaces.first == "u1-sw")
+        #expect(plan.namespaces.count == 9)
+        // Limits: 20 clients → .30, 20 servers → .220.
+        let big = try LabSpec(name: "u2", clients: 20, servers: 20).plan()
+        #expect(big.host("client20")?.address.description == "10.77.0.30")
+        #expect(big.host("server20")?.address.description == "10.77.0.220")
+    }
+
+    @Test func chainChoices() throws {
+        #expect(try LabSpec(name: "u", chain: ["fw2", "fw1"]).plan().chain == ["fw2", "fw1"])
+        #expect(try LabSpec(name: "u", chain: []).plan().chain == [])
+        #expect(try LabSpec(name: "u", middleboxes: []).plan().chain == [])
+    }
+
+    @Test(arguments: ["10.77.0.0/24", "10.0.0.0/24", "10.255.1.0/24"])
+    func acceptedSubnets(_ text: String) throws {
+        let prefix = try LabSpec.parseSubnet(text)
+        #expect(prefix.description == text)
+    }
+
+    @Test(arguments: ["192.168.1.0/24", "172.16.0.0/24", "10.1.0.0/16", "10.1.2.5/24", "10.1.2.0", "garbage", "10.1.2.0/25"])
+    func rejectedSubnets(_ text: String) {
+        #expect(throws: LabError.self) { try LabSpec.parseSubnet(text) }
+        #expect(throws: LabError.self) { try LabSpec(name: "u", subnet: text).validate() }
+    }
+
+    @Test func nameValidation() {
+        for good in ["demo", "lt1", "a", "abc-def", "A1-b2", "twelve-chars"] {
+            #expect(LabSpec.isValidLabName(good), "\(good)")
+        }
+        for bad in ["", "thirteenchars", "-a", "a-", "a--b", "a_b", "a.b", "a b", "ü"] {
+            #expect(!LabSpec.isValidLabName(bad), "\(bad)")
+        }
+        for good in ["fw1", "ids", "nat", "a", "fw12345z"] { #expect(LabSpec.isValidMiddleboxName(good), "\(good)") }
+        for bad in ["", "1fw", "Fw1", "fw-1", "toolongxx", "sw", "client1", "server12", "client", "server"] {
+            #expect(!LabSpec.isValidMiddleboxName(bad), "\(bad)")
+        }
+        // Names that merely start like the reserved ones are fine.
+        #expect(LabSpec.isValidMiddleboxName("clientx"))
+    }
+
+    @Test func specValidation() throws {
+        try LabSpec(name: "ok").validate()
+        try LabSpec(name: "ok", agents: false, routeViaMiddlebox: "fw1").validate()
+        let bad: [LabSpec] = [
+            LabSpec(name: "bad_name"),
+            LabSpec(name: "x", clients: 0),
+            LabSpec(name: "x", clients: 21),
+            LabSpec(name: "x", servers: 0),
+            LabSpec(name: "x", servers: 21),
+            LabSpec(name: "x", middleboxes: ["fw1", "fw1"]),
+            LabSpec(name: "x", middleboxes: ["FW1"]),
+            LabSpec(name: "x", middleboxes: ["fw1"], chain: ["fw2"]),
+            LabSpec(name: "x", middleboxes: ["fw1", "fw2"], chain: ["fw1", "fw1"]),
+            LabSpec(name: "x", policyPorts: []),
+            LabSpec(name: "x", policyPorts: [0]),
+            LabSpec(name: "x", agents: true, routeViaMiddlebox: "fw1"),
+            LabSpec(name: "x", agents: false, routeViaMiddlebox: "fw9"),
+            LabSpec(name: "x", middleboxes: (1...21).map { "m\($0)" }),
+        ]
+        for spec in bad {
+            #expect(throws: LabError.self, "\(spec)") { try spec.validate() }
+        }
+        // No policy needs no ports.
+        try LabSpec(name: "x", chain: [], policyPorts: []).validate()
+    }
+
+    @Test func agentConfigs() throws {
+        let spec = LabSpec(name: "u3", clients: 1, servers: 2, middleboxes: ["fw1", "fw2"], chain: ["fw1", "fw2"],
+                           subnet: "10.5.5.0/24", policyPorts: [80, 443])
+        let plan = try spec.plan()
+        let state = LabState(version: 1, name: "u3", phase: .ready, createdAt: Date(), subnet: plan.subnet,
+                             switchNamespace: plan.switchNamespace, hosts: plan.hosts, chain: plan.chain,
+                             policyPorts: spec.policyPorts, agents: true, agentBinary: "/bin/true",
+                             agentArguments: [], routeViaMiddlebox: nil, httpRoot: "/tmp", processes: [])
+        let client = Lab.agentConfig(for: plan.host("client1")!, in: state)
+        try client.validate()
+        #expect(client.policies.count == 2)
+        #expect(client.policies[0].chain.map(\.description) == ["10.5.5.101", "10.5.5.102"])
+        #expect(client.policies[0].match.dst?.description == "10.5.5.201/32")
+        #expect(client.policies[1].match.dst?.description == "10.5.5.202/32")
+        #expect(client.policies[0].match.src?.description == "10.5.5.0/24")
+        #expect(client.policies[0].match.dport == [PortRange(lower: 80, upper: 80), PortRange(lower: 443, upper: 443)])
+        let tuple = FiveTuple(srcAddr: IPv4Address("10.5.5.11")!, srcPort: 40000,
+                              dstAddr: IPv4Address("10.5.5.202")!, dstPort: 443)
+        #expect(client.policy(for: tuple)?.name == "lab-default-server2")
+        #expect(client.policy(for: FiveTuple(srcAddr: tuple.srcAddr, srcPort: 1, dstAddr: tuple.dstAddr, dstPort: 8080)) == nil)
+        #expect(Lab.agentConfig(for: plan.host("fw1")!, in: state).policies.isEmpty)
+        #expect(Lab.agentConfig(for: plan.host("server1")!, in: state).policies.isEmpty)
+        var noChain = state
+        noChain.chain = []
+        #expect(Lab.agentConfig(for: plan.host("client1")!, in: noChain).policies.isEmpty)
+        // The JSON round-trips through the agent's own loader format.
+        let data = try JSONEncoder().encode(client)
+        #expect(try JSONDecoder().decode(AgentConfig.self, from: data) == client)
+    }
+
+    /// Real output of iptables 1.8.9 (nf_tables) for the lab's rules, without comments.
+    static let plainOutput = """
+        Chain FORWARD (policy DROP 7 packets, 420 bytes)
+            pkts      bytes target     prot opt in     out     source               destination
+               3      156 DROP       0    --  *      *       0.0.0.0/0            0.0.0.0/0            ctstate INVALID
+           57049 2717394034 ACCEPT     0    --  *      *       0.0.0.0/0            0.0.0.0/0            ctstate RELATED,ESTABLISHED
+               4      240 ACCEPT     6    --  *      *       10.77.0.0/24         10.77.0.0/24         tcp flags:0x17/0x02 ctstate NEW
+        """
+
+    @Test func parsesPlainCounters() throws {
+        let c = try FirewallCounters.parse(Self.plainOutput)
+        #expect(c.policy == "DROP")
+        #expect(c.policyDropped == PacketCounter(packets: 7, bytes: 420))
+        #expect(c.invalidDropped == PacketCounter(packets: 3, bytes: 156))
+        #expect(c.establishedAccepted == PacketCounter(packets: 57049, bytes: 2_717_394_034))
+        #expect(c.newAccepted == PacketCounter(packets: 4, bytes: 240))
+        #expect(c.rules.count == 3)
+        #expect(c.totalDropped == 10)
+    }
+
+    @Test func parsesCommentedCountersInAnyOrder() throws {
+        let output = """
+            Chain FORWARD (policy ACCEPT 1 packets, 60 bytes)
+                pkts      bytes target     prot opt in     out     source               destination
+                   9      900 ACCEPT     6    --  *      *       10.1.0.0/24          10.1.0.0/24          tcp flags:0x17/0x02 ctstate NEW /* dysco-lab:new-syn */
+                   2      100 LOG        0    --  *      *       0.0.0.0/0            0.0.0.0/0            LOG flags 0 level 4
+                   5      500 ACCEPT     0    --  *      *       0.0.0.0/0            0.0.0.0/0            ctstate RELATED,ESTABLISHED /* dysco-lab:established */
+                   1       52 DROP       0    --  *      *       0.0.0.0/0            0.0.0.0/0            ctstate INVALID /* dysco-lab:invalid */
+            """
+        let c = try FirewallCounters.parse(output)
+        #expect(c.policy == "ACCEPT")
+        #expect(c.policyDropped.packets == 1)
+        #expect(c.newAccepted == PacketCounter(packets: 9, bytes: 900))
+        #expect(c.establishedAccepted == PacketCounter(packets: 5, bytes: 500))
+        #expect(c.invalidDropped == PacketCounter(packets: 1, bytes: 52))
+        #expect(c.rules.count == 4)
+        #expect(c.rules[1].target == "LOG")
+        #expect(c.totalDropped == 1) // policy ACCEPT: its counter is not drops
+    }
+
+    @Test func rejectsOutputWithoutChainHeader() {
+        #expect(throws: FirewallCounters.ParseError.self) { try FirewallCounters.parse("iptables: No chain/target/match by that name.") }
+    }
+
+    @Test func installCommandsMatchTheDesign() {
+        let cmds = FirewallCounters.installCommands(subnet: "10.7.0.0/24")
+        #expect(cmds.count == 4)
+        #expect(cmds[0] == ["-t", "filter", "-P", "FORWARD", "DROP"])
+        #expect(cmds[1].contains("INVALID") && cmds[1].last == "DROP")
+        #expect(cmds[2].contains("ESTABLISHED,RELATED") && cmds[2].last == "ACCEPT")
+        #expect(cmds[3].contains("--syn") && cmds[3].contains("NEW") && cmds[3].filter { $0 == "10.7.0.0/24" }.count == 2)
+    }
+
+    @Test func fallbackNamespaceSelection() {
+        let existing = ["lab-sw", "lab-client1", "lab-client12", "lab-server3", "lab-fw1", "lab-ids",
+                        "lab-clientx", "lab-other-thing", "lab2-client1", "lab-sw2", "lab-client", "lab-Fw1", "lab-fw2"]
+        let (certain, uncertain) = LabDownReport.fallbackNamespaces(
+            lab: "lab", existing: existing, claimedByOtherLabs: ["lab-fw2"])
+        #expect(certain == ["lab-sw", "lab-client1", "lab-client12", "lab-server3"])
+        #expect(uncertain == ["lab-fw1", "lab-ids", "lab-clientx", "lab-sw2"])
+    }
+
+    @Test func listeningPortsFromProcNet() {
+        let text = """
+              sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+               0: C9004D0A:0050 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0
+               1: C9004D0A:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 2 1 0 100 0 0 10 0
+               2: C9004D0A:1451 0B004D0A:A0F2 01 00000000:00000000 00:00000000 00000000     0        0 3 1 0 20 4 30 10 -1
+            """
+        #expect(ProcessInspector.parseListeningPorts(text) == [80, 8080])
+    }
+
+    @Test func stateRoundTrips() throws {
+        let plan = try LabSpec(name: "u4").plan()
+        let state = LabState(version: 1, name: "u4", phase: .creating, createdAt: Date(timeIntervalSince1970: 1_800_000_000),
+                             subnet: plan.subnet, switchNamespace: plan.switchNamespace, hosts: plan.hosts,
+                             chain: plan.chain, policyPorts: [80], agents: false, agentBinary: nil, agentArguments: ["-v"],
+                             routeViaMiddlebox: "fw1", httpRoot: "/x",
+                             processes: [LabProcessRecord(host: "server1", kind: .httpAlt, pid: 42, command: ["a"], log: nil)])
+        let data = try LabState.encoder.encode(state)
+        let text = String(decoding: data, as: UTF8.self)
+        #expect(text.contains("\"http-alt\""))
+        #expect(text.contains("\"10.77.0.0/24\""))
+        let back = try LabState.decoder.decode(LabState.self, from: data)
+        #expect(back.hosts == state.hosts)
+        #expect(back.processes == state.processes)
+        #expect(back.createdAt == state.createdAt)
+        #expect(back.namespaces == plan.namespaces)
+    }
+}
