@@ -1,0 +1,106 @@
+import DyscoDataplane
+
+/// Builds IPv4/TCP packets for tests, with checksums from the naive reference below.
+struct PacketBuilder {
+    var tuple: FiveTuple
+    var flags: TCPFlags = [.ack]
+    var seq: UInt32 = 1000
+    var ack: UInt32 = 2000
+    var options: [UInt8] = []
+    var payload: [UInt8] = []
+    var ttl: UInt8 = 64
+
+    func build() -> [UInt8] {
+        precondition(options.count % 4 == 0)
+        let tcpLength = 20 + options.count
+        let total = 20 + tcpLength + payload.count
+        var b = [UInt8](repeating: 0, count: total)
+        b[0] = 0x45
+        put16(&b, 2, UInt16(total))
+        put16(&b, 4, 0x1234)
+        put16(&b, 6, 0x4000)  // DF
+        b[8] = ttl
+        b[9] = 6
+        put32(&b, 12, tuple.srcAddr.value)
+        put32(&b, 16, tuple.dstAddr.value)
+        put16(&b, 10, Reference.checksum(Array(b[0..<20])))
+        put16(&b, 20, tuple.srcPort)
+        put16(&b, 22, tuple.dstPort)
+        put32(&b, 24, seq)
+        put32(&b, 28, ack)
+        b[32] = UInt8(tcpLength / 4) << 4
+        b[33] = flags.rawValue
+        put16(&b, 34, 64240)
+        b.replaceSubrange(40..<40 + options.count, with: options)
+        b.replaceSubrange(20 + tcpLength..<total, with: payload)
+        put16(&b, 36, Reference.tcpChecksum(b))
+        return b
+    }
+}
+
+func put16(_ b: inout [UInt8], _ at: Int, _ v: UInt16) {
+    b[at] = UInt8(v >> 8)
+    b[at + 1] = UInt8(v & 0xff)
+}
+
+func put32(_ b: inout [UInt8], _ at: Int, _ v: UInt32) {
+    put16(&b, at, UInt16(v >> 16))
+    put16(&b, at + 2, UInt16(v & 0xffff))
+}
+
+func get16(_ b: [UInt8], _ at: Int) -> UInt16 { UInt16(b[at]) << 8 | UInt16(b[at + 1]) }
+
+/// RFC 1071 done the slow, obvious way: big-endian 16-bit words, summed with end-around carry.
+enum Reference {
+    static func sum(_ bytes: [UInt8]) -> UInt32 {
+        var s: UInt32 = 0
+        var i = 0
+        while i + 1 < bytes.count {
+            s += UInt32(bytes[i]) << 8 | UInt32(bytes[i + 1])
+            i += 2
+        }
+        if i < bytes.count { s += UInt32(bytes[i]) << 8 }
+        while s > 0xffff { s = (s & 0xffff) + (s >> 16) }
+        return s
+    }
+
+    static func checksum(_ bytes: [UInt8]) -> UInt16 { ~UInt16(sum(bytes)) }
+
+    /// The TCP checksum of an IPv4 packet, computed with its checksum field taken as zero.
+    static func tcpChecksum(_ packet: [UInt8]) -> UInt16 {
+        let ihl = Int(packet[0] & 0x0f) * 4
+        let total = Int(get16(packet, 2))
+        var segment = Array(packet[ihl..<total])
+        segment[16] = 0
+        segment[17] = 0
+        let pseudo = Array(packet[12..<20]) + [0, 6, UInt8((total - ihl) >> 8), UInt8((total - ihl) & 0xff)]
+        return checksum(pseudo + segment)
+    }
+
+    static func ipChecksumValid(_ packet: [UInt8]) -> Bool {
+        sum(Array(packet[0..<Int(packet[0] & 0x0f) * 4])) == 0xffff
+    }
+
+    static func tcpChecksumValid(_ packet: [UInt8]) -> Bool {
+        let ihl = Int(packet[0] & 0x0f) * 4
+        return tcpChecksum(packet) == get16(packet, ihl + 16)
+    }
+}
+
+extension FiveTuple {
+    static func t(_ src: String, _ sport: UInt16, _ dst: String, _ dport: UInt16) -> FiveTuple {
+        FiveTuple(srcAddr: IPv4Address(src)!, srcPort: sport, dstAddr: IPv4Address(dst)!, dstPort: dport)
+    }
+}
+
+/// Deterministic pseudo-random numbers for reproducible "random packet" tests.
+struct SplitMix64: RandomNumberGenerator {
+    var state: UInt64
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
