@@ -104,8 +104,7 @@ public final class Lab: @unchecked Sendable {
     }
 
     /// Starts a long-running command inside `host`'s namespace; it is recorded in lab.json (so `lab down`
-    /// stops it) and its output goes to `logPath` (default: the lab directory's `<host>.custom-<pid>.log`
-    /// is not known before the start, so nil discards it).
+    /// stops it) and its output goes to `logPath` (nil: discarded). Its signal mask is empty (see ``CleanSpawn``).
     @discardableResult
     public func spawn(_ host: String, _ args: [String], logPath: String? = nil) throws -> Process {
         let h = try requireHost(host)
@@ -221,7 +220,7 @@ public final class Lab: @unchecked Sendable {
         }
         var agentBinary: String?
         if spec.agents {
-            let binary = try spec.agentBinary ?? fm.destinationOfSymbolicLink(atPath: "/proc/self/exe")
+            let binary = try spec.agentBinary ?? defaultAgentBinary()
             guard fm.isExecutableFile(atPath: binary) else {
                 throw LabError.invalidSpec("agent binary '\(binary)' is not an executable file")
             }
@@ -265,6 +264,24 @@ public final class Lab: @unchecked Sendable {
             throw error
         }
         return lab
+    }
+
+    /// The `dysco-migrate` the agents run when the spec names none: `$DYSCO_BIN`; else the running executable if
+    /// it is `dysco-migrate`; else a `dysco-migrate` beside the running executable or in one of its parent
+    /// directories (a test bundle inside the build directory).
+    public static func defaultAgentBinary() throws -> String {
+        let fm = FileManager.default
+        if let env = ProcessInfo.processInfo.environment["DYSCO_BIN"], !env.isEmpty { return env }
+        let exe = try fm.destinationOfSymbolicLink(atPath: "/proc/self/exe")
+        if URL(fileURLWithPath: exe).lastPathComponent == "dysco-migrate" { return exe }
+        var dir = URL(fileURLWithPath: exe).deletingLastPathComponent()
+        for _ in 0..<4 {
+            let candidate = dir.appendingPathComponent("dysco-migrate").path
+            if fm.isExecutableFile(atPath: candidate) { return candidate }
+            dir = dir.deletingLastPathComponent()
+        }
+        throw LabError.invalidSpec("no dysco-migrate binary for the agents: \(exe) is not one and none is beside it; "
+                                   + "set LabSpec.agentBinary or $DYSCO_BIN")
     }
 
     /// Opens a lab built earlier (for example by `dysco-migrate lab up`) from its lab.json.

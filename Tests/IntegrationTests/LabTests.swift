@@ -322,4 +322,37 @@ import Glibc
         let again = try Command.run([bin, "lab", "down", "--name", "lt6"])
         #expect(again.stdout.contains("nothing to remove"))
     }
+
+    /// The real agents (the default binary lookup finds the built `dysco-migrate`): policy ports go through fw1,
+    /// other ports go direct; an agent restart keeps the lab usable.
+    @Test func realAgentsSteerPolicyPortsThroughTheChain() throws {
+        try Self.clean("lt7")
+        let lab = try Lab.up(LabSpec(name: "lt7", subnet: "10.77.7.0/24", agentBinary: try Self.dyscoBinary()),
+                             logger: Self.logger)
+        do {
+            #expect(lab.hosts.allSatisfy { lab.agentIsAlive($0.name) })
+            let server = lab.address(of: "server1")
+            let page = try lab.exec("client1", ["curl", "-sS", "-m", "5", "http://\(server)/index.html"]).stdout
+            #expect(page.contains("dysco lab lt7"))
+            let afterPolicyPort = try lab.firewallCounters("fw1")
+            #expect(afterPolicyPort.newAccepted.packets == 1)
+            #expect(afterPolicyPort.establishedAccepted.packets > 4)
+            #expect(try lab.firewallCounters("fw2").newAccepted.packets == 0)
+            // 8080 is not a policy port: straight to the server, fw1 sees nothing new.
+            let alt = try lab.exec("client1", ["curl", "-sS", "-m", "5", "http://\(server):8080/index.html"]).stdout
+            #expect(alt.contains("dysco lab lt7"))
+            #expect(try lab.firewallCounters("fw1").newAccepted == afterPolicyPort.newAccepted)
+            // Restart the client's agent; new sessions are steered again.
+            try lab.restartAgent("client1")
+            #expect(lab.agentIsAlive("client1"))
+            let again = try lab.exec("client1", ["curl", "-sS", "-m", "5", "http://\(server)/index.html"]).stdout
+            #expect(again.contains("dysco lab lt7"))
+            #expect(try lab.firewallCounters("fw1").newAccepted.packets == 2)
+        } catch {
+            _ = try? lab.down()
+            throw error
+        }
+        try lab.down()
+        #expect(Self.namespaces(of: "lt7").isEmpty)
+    }
 }
