@@ -104,11 +104,11 @@ public final class Lab: @unchecked Sendable {
     }
 
     /// Starts a long-running command inside `host`'s namespace; it is recorded in lab.json (so `lab down`
-    /// stops it) and its output goes to `logPath` (nil: discarded). Its signal mask is empty (see ``CleanSpawn``).
+    /// stops it) and its output goes to `logPath` (nil: discarded). Its signal mask is empty (see ``Command/spawn(_:netns:logPath:)``).
     @discardableResult
     public func spawn(_ host: String, _ args: [String], logPath: String? = nil) throws -> Process {
         let h = try requireHost(host)
-        let process = try CleanSpawn.spawn(args, netns: h.namespace, logPath: logPath)
+        let process = try Command.spawn(args, netns: h.namespace, logPath: logPath)
         record(process, LabProcessRecord(host: h.name, kind: .custom, pid: process.processIdentifier,
                                          command: args, log: logPath))
         return process
@@ -178,7 +178,7 @@ public final class Lab: @unchecked Sendable {
         unlink(AgentControlPaths.socketPath(netns: h.namespace))
         let args = [binary, "agent", "--config", LabPaths.agentConfig(name, host: h.name)] + arguments
         let log = LabPaths.agentLog(name, host: h.name)
-        let process = try CleanSpawn.spawn(args, netns: h.namespace, logPath: log)
+        let process = try Command.spawn(args, netns: h.namespace, logPath: log)
         logger.debug("agent started", metadata: ["lab.host": "\(h.name)", "lab.pid": "\(process.processIdentifier)"])
         record(process, LabProcessRecord(host: h.name, kind: .agent, pid: process.processIdentifier,
                                          command: args, log: log))
@@ -368,7 +368,7 @@ public final class Lab: @unchecked Sendable {
             ]
             for (kind, port, args) in services {
                 let log = LabPaths.serviceLog(name, host: h.name, service: kind.rawValue)
-                let process = try CleanSpawn.spawn(args, netns: h.namespace, logPath: log)
+                let process = try Command.spawn(args, netns: h.namespace, logPath: log)
                 record(process, LabProcessRecord(host: h.name, kind: kind, pid: process.processIdentifier,
                                                  command: args, log: log))
                 pending.append((h, kind.rawValue, port, process))
@@ -648,33 +648,4 @@ public enum ProcessInspector {
         return text.split(separator: "\n", omittingEmptySubsequences: false).suffix(lines + 1)
             .joined(separator: "\n").trimmingCharacters(in: .whitespacesAndNewlines)
     }
-}
-
-/// Starts a long-running child through ``Command/spawn(_:netns:logPath:)`` from a fresh thread whose signal
-/// mask is empty. Foundation's `Process` on Linux hands the calling thread's signal mask to the child
-/// (swift-corelibs-foundation issue 4772); Dispatch and Swift-concurrency worker threads block nearly every
-/// signal, so a child started from one of them could not be stopped with SIGTERM (seen here: iperf3 and
-/// python3 ignored `lab down`'s SIGTERM). The child still gets its own process group (Foundation sets
-/// POSIX_SPAWN_SETPGROUP), so a Ctrl-C aimed at the command that built the lab does not reach it.
-public enum CleanSpawn {
-    public static func spawn(_ arguments: [String], netns: String? = nil, logPath: String? = nil) throws -> Process {
-        let box = SpawnBox()
-        let done = DispatchSemaphore(value: 0)
-        let thread = Thread {
-            var empty = sigset_t()
-            sigemptyset(&empty)
-            pthread_sigmask(SIG_SETMASK, &empty, nil)
-            box.result = Result { try Command.spawn(arguments, netns: netns, logPath: logPath) }
-            done.signal()
-        }
-        thread.start()
-        done.wait()
-        guard let result = box.result else { throw LabError.setupFailed("spawn thread produced no result") }
-        return try result.get()
-    }
-}
-
-/// Written by the spawn thread before it signals the semaphore, read after `wait()`: the semaphore orders them.
-private final class SpawnBox: @unchecked Sendable {
-    var result: Result<Process, any Error>?
 }

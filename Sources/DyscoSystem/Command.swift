@@ -53,7 +53,26 @@ public enum Command {
     }
 
     /// Starts a long-running child (an agent, a server) with its output sent to `logPath` (or discarded).
+    ///
+    /// Foundation's `Process` on Linux hands the child the calling thread's signal mask, and Swift
+    /// concurrency and Dispatch worker threads block nearly every signal, SIGTERM included: a child started
+    /// from one would ignore `kill`. So the child is started from a fresh thread with an empty mask.
     public static func spawn(_ arguments: [String], netns: String? = nil, logPath: String? = nil) throws -> Process {
+        let box = SpawnBox()
+        let done = DispatchSemaphore(value: 0)
+        let thread = Thread {
+            var empty = sigset_t()
+            sigemptyset(&empty)
+            pthread_sigmask(SIG_SETMASK, &empty, nil)
+            box.result = Result { try spawnFromCurrentThread(arguments, netns: netns, logPath: logPath) }
+            done.signal()
+        }
+        thread.start()
+        done.wait()
+        return try box.result!.get()
+    }
+
+    private static func spawnFromCurrentThread(_ arguments: [String], netns: String? = nil, logPath: String? = nil) throws -> Process {
         let argv = netns.map { ["ip", "netns", "exec", $0] + arguments } ?? arguments
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
@@ -76,4 +95,9 @@ public enum Command {
 /// Written by one reader thread, read after `DispatchGroup.wait()`; the group orders the accesses.
 private final class DataBox: @unchecked Sendable {
     var data = Data()
+}
+
+/// Written by the spawn thread before it signals the semaphore, read after `wait()`: the semaphore orders them.
+private final class SpawnBox: @unchecked Sendable {
+    var result: Result<Process, any Error>?
 }

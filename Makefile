@@ -1,0 +1,23 @@
+# dysco-migrate — the two commands a fresh machine needs are `make demo` and `make test` (see README.md).
+SWIFT ?= swift
+BIN := $(CURDIR)/.build/release/dysco-migrate
+
+.PHONY: setup release demo test unit bench clean-labs
+
+setup:            ## install every system package the project needs (idempotent, apt-get)
+	bash scripts/setup.sh
+
+release: setup    ## the optimized binary the agents, the demo and the integration tests run
+	$(SWIFT) build -c release --product dysco-migrate
+
+demo: release     ## build a lab, download 50 MB through client → fw1 → server, show the firewall's view, tear down
+	DYSCO_BIN=$(BIN) bash scripts/demo.sh
+
+test: release     ## every test: unit (no root) and integration (root, network namespaces)
+	DYSCO_BIN=$(BIN) $(SWIFT) test
+
+unit:             ## only the tests that need no root
+	$(SWIFT) test --filter 'DyscoDataplaneTests|ConntrackStateTests|LabUnitTests'
+
+bench: release    ## data-plane benchmark: kernel forwarding vs the Dysco chain, same invocation
+	$(BIN) bench dataplane
