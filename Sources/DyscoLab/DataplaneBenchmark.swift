@@ -1,0 +1,188 @@
+import DyscoSystem
+import Foundation
+import Logging
+
+/// The data-plane benchmark: the same lab topology (client1 → fw1 → server1, fw1 a conntrack firewall)
+/// measured with plain kernel forwarding and with the Dysco chain, one after the other in one invocation,
+/// plus the C NFQUEUE reference (shared/bench/chain-nfqueue-ref.sh) run alongside. Prints figures and
+/// ratios; asserts nothing.
+public struct DataplaneBenchmark {
+    public struct Options: Sendable {
+        public var seconds = 4
+        public var connections = 1000
+        public var agentBinary: String?
+        public var agentArguments: [String] = []
+        public var referenceScript: String?
+        public var chain = ["fw1"]
+        public init() {}
+    }
+
+    public struct Run: Codable, Sendable {
+        public var label: String
+        public var goodput1FlowGbps: Double
+        public var goodput8FlowsGbps: Double
+        public var connect: ConnectLatencyResult
+        public var sessionsPerSecond: Double
+    }
+
+    public struct Report: Codable, Sendable {
+        public var seconds: Int
+        public var middleboxes: Int
+        public var kernel: Run
+        public var dysco: Run
+        /// The C NFQUEUE chain reference: its own kernel baseline and chain goodput (nil if not run).
+        public var referenceKernelGbps: Double?
+        public var referenceChainGbps: Double?
+        public var ratio1Flow: Double { dysco.goodput1FlowGbps / max(kernel.goodput1FlowGbps, 1e-9) }
+        public var ratio8Flows: Double { dysco.goodput8FlowsGbps / max(kernel.goodput8FlowsGbps, 1e-9) }
+        public var referenceRatio: Double? {
+            guard let k = referenceKernelGbps, let c = referenceChainGbps, k > 0 else { return nil }
+            return c / k
+        }
+        /// Our chain's ratio to kernel forwarding over the C reference's ratio to its kernel forwarding.
+        public var versusCReference: Double? { referenceRatio.map { ratio1Flow / max($0, 1e-9) } }
+        public var connectOverheadPerMiddleboxMicroseconds: Double {
+            (dysco.connect.p50Microseconds - kernel.connect.p50Microseconds) / Double(max(middleboxes, 1))
+        }
+
+        enum CodingKeys: String, CodingKey {
+            case seconds, middleboxes, kernel, dysco, referenceKernelGbps, referenceChainGbps
+            case ratio1Flow, ratio8Flows, referenceRatio, versusCReference, connectOverheadPerMiddleboxMicroseconds
+        }
+
+        public func encode(to encoder: any Encoder) throws {
+            var c = encoder.container(keyedBy: CodingKeys.self)
+            try c.encode(seconds, forKey: .seconds)
+            try c.encode(middleboxes, forKey: .middleboxes)
+            try c.encode(kernel, forKey: .kernel)
+            try c.encode(dysco, forKey: .dysco)
+            try c.encodeIfPresent(referenceKernelGbps, forKey: .referenceKernelGbps)
+            try c.encodeIfPresent(referenceChainGbps, forKey: .referenceChainGbps)
+            try c.encode(ratio1Flow, forKey: .ratio1Flow)
+            try c.encode(ratio8Flows, forKey: .ratio8Flows)
+            try c.encodeIfPresent(referenceRatio, forKey: .referenceRatio)
+            try c.encodeIfPresent(versusCReference, forKey: .versusCReference)
+            try c.encode(connectOverheadPerMiddleboxMicroseconds, forKey: .connectOverheadPerMiddleboxMicroseconds)
+        }
+
+        public init(from decoder: any Decoder) throws {
+            let c = try decoder.container(keyedBy: CodingKeys.self)
+            seconds = try c.decode(Int.self, forKey: .seconds)
+            middleboxes = try c.decode(Int.self, forKey: .middleboxes)
+            kernel = try c.decode(Run.self, forKey: .kernel)
+            dysco = try c.decode(Run.self, forKey: .dysco)
+            referenceKernelGbps = try c.decodeIfPresent(Double.self, forKey: .referenceKernelGbps)
+            referenceChainGbps = try c.decodeIfPresent(Double.self, forKey: .referenceChainGbps)
+        }
+
+        init(seconds: Int, middleboxes: Int, kernel: Run, dysco: Run, referenceKernelGbps: Double?,
+             referenceChainGbps: Double?) {
+            self.seconds = seconds
+            self.middleboxes = middleboxes
+            self.kernel = kernel
+            self.dysco = dysco
+            self.referenceKernelGbps = referenceKernelGbps
+            self.referenceChainGbps = referenceChainGbps
+        }
+    }
+
+    public var options: Options
+    public var logger: Logger
+    /// Where `bench sink` listens on server1 for the connect() measurement (in the lab policy's ports).
+    public static let sinkPort: UInt16 = 9000
+
+    public init(options: Options, logger: Logger) {
+        self.options = options
+        self.logger = logger
+    }
+
+    public func run() throws -> Report {
+        let binary = try options.agentBinary ?? Lab.defaultAgentBinary()
+        let middleboxes = (1...max(options.chain.count, 1)).map { "fw\($0)" }
+        var kernelSpec = LabSpec(name: "bench-k", middleboxes: middleboxes, subnet: "10.79.1.0/24", agents: false,
+                                 agentBinary: binary, routeViaMiddlebox: middleboxes[0])
+        kernelSpec.chain = []
+        logger.info("measuring kernel forwarding (no agents, routes via fw1)")
+        let kernel = try measure(kernelSpec, label: "kernel forwarding")
+        let dyscoSpec = LabSpec(name: "bench-d", middleboxes: middleboxes, chain: options.chain, subnet: "10.79.2.0/24",
+                                policyPorts: LabSpec.defaultPolicyPorts + [Self.sinkPort],
+                                agentArguments: options.agentArguments, agentBinary: binary)
+        logger.info("measuring the Dysco chain", metadata: ["bench.chain": "\(options.chain)"])
+        let dysco = try measure(dyscoSpec, label: "dysco chain")
+        var refKernel: Double?, refChain: Double?
+        if let script = options.referenceScript {
+            logger.info("running the C NFQUEUE reference", metadata: ["bench.script": "\(script)"])
+            (refKernel, refChain) = runReference(script)
+        }
+        let kernelMiddleboxes = options.chain.count
+        return Report(seconds: options.seconds, middleboxes: kernelMiddleboxes, kernel: kernel, dysco: dysco,
+                      referenceKernelGbps: refKernel, referenceChainGbps: refChain)
+    }
+
+    private func measure(_ spec: LabSpec, label: String) throws -> Run {
+        try Lab.down(name: spec.name, force: true, logger: logger)
+        let lab = try Lab.up(spec, logger: logger)
+        defer { _ = try? lab.down() }
+        let server = lab.address(of: "server1").description
+        let g1 = try iperf(lab, server: server, flows: 1)
+        let g8 = try iperf(lab, server: server, flows: 8)
+        let binary = try options.agentBinary ?? Lab.defaultAgentBinary()
+        try lab.spawn("server1", [binary, "bench", "sink", "--address", server, "--port", "\(Self.sinkPort)"])
+        usleep(300_000)
+        let started = Date()
+        let out = try lab.exec("client1", [binary, "bench", "connect", "--address", server, "--port", "\(Self.sinkPort)",
+                                           "--count", "\(options.connections)"])
+        let elapsed = Date().timeIntervalSince(started)
+        let connect = try JSONDecoder().decode(ConnectLatencyResult.self, from: Data(out.stdout.utf8))
+        return Run(label: label, goodput1FlowGbps: g1, goodput8FlowsGbps: g8, connect: connect,
+                   sessionsPerSecond: Double(connect.count - connect.failures) / max(elapsed, 1e-9))
+    }
+
+    private func iperf(_ lab: Lab, server: String, flows: Int) throws -> Double {
+        let out = try lab.exec("client1", ["iperf3", "-c", server, "-t", "\(options.seconds)", "-P", "\(flows)", "-J"])
+        guard let json = try JSONSerialization.jsonObject(with: Data(out.stdout.utf8)) as? [String: Any],
+              let end = json["end"] as? [String: Any], let received = end["sum_received"] as? [String: Any],
+              let bps = received["bits_per_second"] as? Double else {
+            throw LabError.setupFailed("iperf3 gave no result: \(out.stdout.prefix(300))")
+        }
+        return bps / 1e9
+    }
+
+    private func runReference(_ script: String) -> (Double?, Double?) {
+        guard let result = try? Command.run(["bash", script, "\(options.seconds)"], check: false) else { return (nil, nil) }
+        var values: [String: Double] = [:]
+        for field in result.stdout.split(whereSeparator: { $0 == " " || $0 == "\n" }) {
+            let parts = field.split(separator: "=")
+            if parts.count == 2, let value = Double(parts[1]) { values[String(parts[0])] = value }
+        }
+        return (values["kernel_forward_gbps"], values["c_nfqueue_chain_gbps"])
+    }
+}
+
+extension DataplaneBenchmark.Report {
+    public var text: String {
+        func f(_ v: Double) -> String { String(format: "%.2f", v) }
+        func us(_ v: Double) -> String { String(format: "%.0f", v) }
+        var lines = [
+            "data plane: client1 → \(middleboxes) middlebox(es) → server1, conntrack firewall on each, \(seconds) s per iperf3 run",
+            "                         1 flow Gbit/s  8 flows Gbit/s  connect p50 µs  p99 µs  sessions/s",
+        ]
+        for run in [kernel, dysco] {
+            lines.append(run.label.padding(toLength: 25, withPad: " ", startingAt: 0)
+                + f(run.goodput1FlowGbps).padding(toLength: 15, withPad: " ", startingAt: 0)
+                + f(run.goodput8FlowsGbps).padding(toLength: 16, withPad: " ", startingAt: 0)
+                + us(run.connect.p50Microseconds).padding(toLength: 16, withPad: " ", startingAt: 0)
+                + us(run.connect.p99Microseconds).padding(toLength: 8, withPad: " ", startingAt: 0)
+                + String(format: "%.0f", run.sessionsPerSecond))
+        }
+        lines.append("ratio to kernel forwarding: 1 flow \(f(ratio1Flow)), 8 flows \(f(ratio8Flows))")
+        if let k = referenceKernelGbps, let c = referenceChainGbps, let r = referenceRatio, let v = versusCReference {
+            lines.append("C NFQUEUE chain reference: kernel \(f(k)) Gbit/s, chain \(f(c)) Gbit/s, ratio \(f(r))")
+            lines.append("dysco 1-flow ratio / C reference ratio: \(f(v)) (target ≥ 0.75)")
+        } else {
+            lines.append("C NFQUEUE reference: not run (pass --reference PATH to shared/bench/chain-nfqueue-ref.sh)")
+        }
+        lines.append("connect overhead per middlebox (p50): \(us(connectOverheadPerMiddleboxMicroseconds)) µs (target < 200)")
+        return lines.joined(separator: "\n")
+    }
+}
