@@ -27,6 +27,11 @@ let package = Package(
             pkgConfig: "libnetfilter_conntrack",
             providers: [.apt(["libnetfilter-conntrack-dev", "libmnl-dev"])]
         ),
+        .systemLibrary(
+            name: "CNftables",
+            pkgConfig: "libnftables",
+            providers: [.apt(["libnftables-dev"])]
+        ),
         .systemLibrary(name: "CLinux"),
 
         // errno-carrying syscall helper, network-namespace entry, child processes.
@@ -40,7 +45,7 @@ let package = Package(
         .target(
             name: "DyscoDataplane",
             dependencies: [
-                "CNetfilterQueue", "CLinux", "DyscoSystem",
+                "CNetfilterQueue", "CNftables", "CLinux", "DyscoSystem",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),

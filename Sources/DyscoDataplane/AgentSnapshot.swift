@@ -13,8 +13,8 @@ public struct AgentSnapshot: Codable, Sendable {
         public var remaining: [IPv4Address]
         /// "syn-sent", "established", "closing"
         public var state: String
-        /// "slow" (NFQUEUE) — the kernel fast path arrives with its own issue.
-        public var path: String
+        /// slow (NFQUEUE), pending (being handed to the kernel), kernel (nftables), held (taken back).
+        public var path: SessionTable.DataPath
         public var packets: UInt64
         public var bytes: UInt64
         public var idleSeconds: Double
@@ -24,15 +24,18 @@ public struct AgentSnapshot: Codable, Sendable {
     public var netns: String?
     public var pid: Int32
     public var queue: UInt16
+    /// Whether the agent mirrors established sessions into the kernel (false with --no-fastpath).
+    public var fastPath: Bool
     public var uptimeSeconds: Double
     public var counters: DataplaneCounters
     public var sessions: [Session]
 
-    public init(netns: String?, pid: Int32, queue: UInt16, uptimeSeconds: Double, counters: DataplaneCounters,
-                sessions: [Session]) {
+    public init(netns: String?, pid: Int32, queue: UInt16, fastPath: Bool, uptimeSeconds: Double,
+                counters: DataplaneCounters, sessions: [Session]) {
         self.netns = netns
         self.pid = pid
         self.queue = queue
+        self.fastPath = fastPath
         self.uptimeSeconds = uptimeSeconds
         self.counters = counters
         self.sessions = sessions
@@ -47,7 +50,7 @@ extension PacketProcessor {
                 : (record.right != nil && !record.rightEstablished) ? "syn-sent" : "established"
             return AgentSnapshot.Session(
                 id: record.id, role: record.role, session: record.session, left: record.left, right: record.right,
-                remaining: record.remaining, state: state, path: "slow", packets: record.packets, bytes: record.bytes,
+                remaining: record.remaining, state: state, path: record.path, packets: record.packets, bytes: record.bytes,
                 idleSeconds: Double(now &- record.lastActivity) / 1e9, ageSeconds: Double(now &- record.createdAt) / 1e9)
         }
     }

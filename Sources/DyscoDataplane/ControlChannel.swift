@@ -4,8 +4,29 @@ import NIOPosix
 
 /// The agent's local control channel: a Unix stream socket (``AgentControlPaths``) speaking one JSON
 /// request line and one JSON response per connection.
-public enum ControlRequest: String, Codable, Sendable {
-    case sessions
+public struct ControlRequest: Codable, Sendable {
+    public enum Command: String, Codable, Sendable {
+        /// The agent's snapshot (``AgentSnapshot``).
+        case sessions
+        /// Take `sessions` back to the slow path; answered once the kernel no longer carries them.
+        case hold
+        /// Return held `sessions` to the fast path.
+        case release
+    }
+
+    public var command: Command
+    public var sessions: [UInt64]?
+
+    public init(_ command: Command, sessions: [UInt64]? = nil) {
+        self.command = command
+        self.sessions = sessions
+    }
+}
+
+/// The answer to hold/release: the sessions it applied to.
+public struct ControlPathReply: Codable, Sendable {
+    public var sessions: [UInt64]
+    public init(sessions: [UInt64]) { self.sessions = sessions }
 }
 
 public struct ControlError: Error, CustomStringConvertible {

@@ -15,6 +15,10 @@ public final class DataplaneAgent: @unchecked Sendable {
         public var queueMaxLength: UInt32 = 8192
         public var controlSocketPath: String
         public var netns: String?
+        /// Mirror established sessions into nftables (``FastPathWorker``); false: NFQUEUE only.
+        public var fastPath = true
+        /// How often kernel counters are read for idle expiry of kernel-carried sessions.
+        public var counterPollSeconds = 5
 
         public init(netns: String?, controlSocketPath: String? = nil) {
             self.netns = netns
@@ -38,13 +42,16 @@ public final class DataplaneAgent: @unchecked Sendable {
     private let packetThreadDone = DispatchSemaphore(value: 0)
     private var timer: DispatchSourceTimer?
     private var control: ControlServer?
+    private var fastPath: FastPathWorker?
 
     /// Binds the queue and installs the rules. Throws a clear error when the queue cannot be bound (another
     /// agent holds it, or no CAP_NET_ADMIN) — and then installs nothing.
     public init(config: AgentConfig, options: Options, logger: Logger) throws {
         self.options = options
         self.logger = logger
-        processor = Mutex(PacketProcessor(config: config, portRange: options.portRange, settings: options.settings))
+        var settings = options.settings
+        settings.fastPath = options.fastPath
+        processor = Mutex(PacketProcessor(config: config, portRange: options.portRange, settings: settings))
         do {
             queueSocket = try NetfilterQueueSocket(queue: options.queue, maxLength: options.queueMaxLength)
         } catch let error as SystemCallError {
@@ -56,6 +63,14 @@ public final class DataplaneAgent: @unchecked Sendable {
             throw ControlError(message: "cannot bind NFQUEUE \(options.queue): \(error)\(hint)")
         }
         rules = QueueRules(queue: options.queue)
+        if options.fastPath {
+            fastPath = try FastPathWorker(logger: logger) { [weak self] outcome in
+                self?.processor.withLock { state in
+                    state.fastPathInstalled(outcome.installed)
+                    state.fastPathFailed(outcome.failed)
+                }
+            }
+        }
         try rules.install(logger: logger)
     }
 
@@ -71,18 +86,29 @@ public final class DataplaneAgent: @unchecked Sendable {
 
         let timer = DispatchSource.makeTimerSource(queue: DispatchQueue(label: "dysco-expiry"))
         timer.schedule(deadline: .now() + 1, repeating: 1)
+        var ticks = 0
         timer.setEventHandler { [self] in
-            let events = processor.withLock { state in
-                state.expire(now: dysco_monotonic_coarse_ns())
-                return state.takeEvents()
+            ticks += 1
+            let now = dysco_monotonic_coarse_ns()
+            if let fastPath, ticks % max(options.counterPollSeconds, 1) == 0 {
+                let active = fastPath.activeSessions()
+                processor.withLock { $0.kernelActivity(active, now: now) }
             }
+            let (events, actions) = processor.withLock { state in
+                state.expire(now: now)
+                return (state.takeEvents(), state.takeFastPathActions())
+            }
+            fastPath?.submit(actions)
             log(events)
         }
         timer.resume()
         self.timer = timer
         control = try ControlServer(path: options.controlSocketPath) { [self] request in
-            switch request {
+            switch request.command {
             case .sessions: (try? JSONEncoder().encode(snapshot())) ?? Data()
+            case .hold: (try? JSONEncoder().encode(ControlPathReply(sessions: hold(request.sessions ?? [])))) ?? Data()
+            case .release:
+                (try? JSONEncoder().encode(ControlPathReply(sessions: release(request.sessions ?? [])))) ?? Data()
             }
         }
         logger.info("agent ready", metadata: [
@@ -99,14 +125,32 @@ public final class DataplaneAgent: @unchecked Sendable {
         }
         timer?.cancel()
         control?.close()
+        fastPath?.shutdown()
         _ = packetThreadDone.wait(timeout: .now() + 2)
         logger.info("agent stopped")
+    }
+
+    /// Takes sessions back to the slow path; returns once the kernel no longer rewrites them, so every later
+    /// packet of theirs reaches this agent (atomic per session: one nftables transaction).
+    public func hold(_ ids: [SessionTable.SessionID]) -> [SessionTable.SessionID] {
+        let (held, actions) = processor.withLock { state in (state.hold(ids), state.takeFastPathActions()) }
+        fastPath?.submit(actions)
+        fastPath?.flush()
+        return held
+    }
+
+    /// Returns held sessions to the fast path (installed before this returns).
+    public func release(_ ids: [SessionTable.SessionID]) -> [SessionTable.SessionID] {
+        let (released, actions) = processor.withLock { state in (state.release(ids), state.takeFastPathActions()) }
+        fastPath?.submit(actions)
+        fastPath?.flush()
+        return released
     }
 
     public func snapshot() -> AgentSnapshot {
         let now = dysco_monotonic_coarse_ns()
         return processor.withLock { state in
-            AgentSnapshot(netns: options.netns, pid: getpid(), queue: options.queue,
+            AgentSnapshot(netns: options.netns, pid: getpid(), queue: options.queue, fastPath: options.fastPath,
                           uptimeSeconds: Double(dysco_monotonic_ns() - startedAt) / 1e9, counters: state.counters,
                           sessions: state.snapshotSessions(now: now))
         }
@@ -142,9 +186,9 @@ public final class DataplaneAgent: @unchecked Sendable {
         let capacity = small ? Self.scratchCapacity : packet.length
         let count = packet.length
         let now = dysco_monotonic_coarse_ns()
-        let (verdict, events) = processor.withLock { state in
+        let (verdict, events, actions) = processor.withLock { state in
             let verdict = state.process(base, count: count, capacity: capacity, hook: hook, checksum: checksum, now: now)
-            return (verdict, state.takeEvents())
+            return (verdict, state.takeEvents(), state.takeFastPathActions())
         }
         switch verdict {
         case .accept:
@@ -154,6 +198,7 @@ public final class DataplaneAgent: @unchecked Sendable {
         case .drop:
             try queueSocket.verdict(id: packet.id, accept: false)
         }
+        if !actions.isEmpty { fastPath?.submit(actions) }
         if !events.isEmpty { log(events) }
     }
 

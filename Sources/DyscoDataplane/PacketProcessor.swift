@@ -40,6 +40,12 @@ public struct DataplaneCounters: Sendable, Codable, Equatable {
     public init() {}
 }
 
+/// Work for the fast-path worker: put a session's translations into the kernel, or take them out.
+public enum FastPathAction: Sendable, Equatable {
+    case install(SessionTable.SessionID, [FastPathScript.Translation])
+    case remove(SessionTable.SessionID, [FastPathScript.Translation])
+}
+
 /// Something the shell should log (kept out of the per-packet path's lock).
 public enum DataplaneEvent: Sendable {
     case sessionCreated(SessionTable.Record)
@@ -57,6 +63,8 @@ public struct PacketProcessor: Sendable {
         /// How long a session's translations outlive its close (last ACK, retransmitted FINs).
         public var closeLinger: UInt64 = 10 * 1_000_000_000
         public var resetLinger: UInt64 = 1 * 1_000_000_000
+        /// Mirror established sessions into the kernel (nftables); false keeps everything in NFQUEUE.
+        public var fastPath = false
         public init() {}
     }
 
@@ -65,12 +73,15 @@ public struct PacketProcessor: Sendable {
     public var settings: Settings
     public var counters = DataplaneCounters()
     public var events: [DataplaneEvent] = []
+    /// Fast-path work produced by the last calls, taken by the shell (``takeFastPathActions()``).
+    public var fastPathActions: [FastPathAction] = []
 
     public init(config: AgentConfig, portRange: ClosedRange<UInt16>, settings: Settings = Settings()) {
         self.config = config
         self.settings = settings
         table = SessionTable(portRange: portRange)
         events.reserveCapacity(16)
+        fastPathActions.reserveCapacity(16)
     }
 
     /// Processes one packet. `capacity` is how many bytes the buffer can hold (a SYN may grow by the
@@ -89,7 +100,7 @@ public struct PacketProcessor: Sendable {
         case .ingress:
             if let translation = table.ingress[key] {
                 if isInitialSyn, isClosing(translation.id) {
-                    table.remove(translation.id)
+                    removeSession(translation.id, reason: "reused")
                     return ingressNewSyn(&packet, key: key, checksum: checksum, now: now)
                 }
                 var mode = checksum
@@ -114,7 +125,7 @@ public struct PacketProcessor: Sendable {
         case .egress:
             if let translation = table.egress[key] {
                 if isInitialSyn, isClosing(translation.id) {
-                    table.remove(translation.id)
+                    removeSession(translation.id, reason: "reused")
                     return egressNewSyn(&packet, key: key, capacity: capacity, now: now) ?? pass()
                 }
                 track(translation, flags: flags, length: packet.length, now: now)
@@ -149,7 +160,7 @@ public struct PacketProcessor: Sendable {
             return .drop
         }
         let (payload, trailerLength) = decoded
-        if let existing = table.bySession[payload.session], isClosing(existing) { table.remove(existing) }
+        if let existing = table.bySession[payload.session], isClosing(existing) { removeSession(existing, reason: "reused") }
         let id: SessionTable.SessionID
         do {
             id = try table.insertFromLeft(session: payload.session, left: key, remaining: payload.remaining, now: now)
@@ -221,7 +232,18 @@ public struct PacketProcessor: Sendable {
 
     private mutating func track(_ translation: SessionTable.Translation, flags: TCPFlags, length: Int, now: UInt64) {
         let settings = settings
+        var install: [FastPathScript.Translation]?
         table.update(translation.id) { record in
+            defer {
+                // The handshake is complete through this agent once a plain segment goes forward with every
+                // subsession of the record established: from then on the kernel can carry the session.
+                if settings.fastPath, record.path == .slow, !record.fastPathFailed, record.closeDeadline == nil,
+                   translation.direction == .forward, flags.isDisjoint(with: [.syn, .fin, .rst]),
+                   record.right == nil || record.rightEstablished {
+                    record.path = .pending
+                    install = record.fastPathTranslations
+                }
+            }
             record.lastActivity = now
             record.packets &+= 1
             record.bytes &+= UInt64(length)
@@ -236,6 +258,7 @@ public struct PacketProcessor: Sendable {
                 }
             }
         }
+        if let install { fastPathActions.append(.install(translation.id, install)) }
     }
 
     /// A session that is closing (or reset) when a fresh SYN with its tuple arrives: the tuple is reused.
@@ -250,12 +273,78 @@ public struct PacketProcessor: Sendable {
         let due = table.expired(now: now, idleTimeout: settings.idleTimeout)
         for id in due {
             guard let record = table.records[id] else { continue }
-            table.remove(id)
-            counters.sessionsRemoved &+= 1
-            let reason = record.reset ? "reset" : record.closeDeadline != nil ? "closed" : "idle"
-            events.append(.sessionRemoved(record, reason: reason))
+            removeSession(id, reason: record.reset ? "reset" : record.closeDeadline != nil ? "closed" : "idle")
         }
         return due.count
+    }
+
+    /// Removes a session from the table and, if the kernel has (or is getting) it, from the kernel.
+    private mutating func removeSession(_ id: SessionTable.SessionID, reason: String) {
+        guard let record = table.records[id] else { return }
+        table.remove(id)
+        if record.path == .pending || record.path == .kernel {
+            fastPathActions.append(.remove(id, record.fastPathTranslations))
+        }
+        counters.sessionsRemoved &+= 1
+        events.append(.sessionRemoved(record, reason: reason))
+    }
+
+    // MARK: - Fast path bookkeeping (the worker reports back; migration holds and releases)
+
+    /// The kernel now carries these sessions (unless they were held or removed meanwhile).
+    public mutating func fastPathInstalled(_ ids: [SessionTable.SessionID]) {
+        for id in ids { table.update(id) { if $0.path == .pending { $0.path = .kernel } } }
+    }
+
+    /// The kernel refused these sessions: they stay on the slow path for good.
+    public mutating func fastPathFailed(_ ids: [SessionTable.SessionID]) {
+        for id in ids {
+            table.update(id) { record in
+                if record.path == .pending { record.path = .slow }
+                record.fastPathFailed = true
+            }
+        }
+    }
+
+    /// Kernel counters show packets for these sessions: they are not idle.
+    public mutating func kernelActivity(_ ids: [SessionTable.SessionID], now: UInt64) {
+        for id in ids { table.update(id) { $0.lastActivity = max($0.lastActivity, now) } }
+    }
+
+    /// Takes sessions back to the slow path (paper §3: a migrating session's packets must reach its agent).
+    /// Returns the ids now held; the caller must apply ``fastPathActions`` before relying on it.
+    public mutating func hold(_ ids: [SessionTable.SessionID]) -> [SessionTable.SessionID] {
+        var held: [SessionTable.SessionID] = []
+        for id in ids {
+            guard let record = table.records[id] else { continue }
+            if record.path == .pending || record.path == .kernel {
+                fastPathActions.append(.remove(id, record.fastPathTranslations))
+            }
+            table.update(id) { $0.path = .held }
+            held.append(id)
+        }
+        return held
+    }
+
+    /// Returns held sessions to the fast path (their current translations; a migration may have changed them).
+    public mutating func release(_ ids: [SessionTable.SessionID]) -> [SessionTable.SessionID] {
+        var released: [SessionTable.SessionID] = []
+        for id in ids {
+            guard let record = table.records[id], record.path == .held else { continue }
+            let eligible = settings.fastPath && !record.fastPathFailed && record.closeDeadline == nil
+                && (record.right == nil || record.rightEstablished)
+            table.update(id) { $0.path = eligible ? .pending : .slow }
+            if eligible { fastPathActions.append(.install(id, record.fastPathTranslations)) }
+            released.append(id)
+        }
+        return released
+    }
+
+    /// Hands the pending fast-path work to the caller; free when there is none.
+    public mutating func takeFastPathActions() -> [FastPathAction] {
+        guard !fastPathActions.isEmpty else { return [] }
+        defer { fastPathActions.removeAll(keepingCapacity: true) }
+        return fastPathActions
     }
 
     // MARK: - Helpers

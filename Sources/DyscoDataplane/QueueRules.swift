@@ -9,6 +9,9 @@ import Logging
 /// | mangle | DYSCO-OUT     | OUTPUT         | TCP not to `lo`: egress of local packets      |
 /// | mangle | DYSCO-FWD-OUT | POSTROUTING    | TCP with a non-local source: forwarded egress |
 ///
+/// Each chain first RETURNs packets carrying its hook's fast-path mark bit (``FastPathScript``): the kernel
+/// already rewrote them, so no packet takes both paths.
+///
 /// Every rule uses `--queue-bypass`: while no agent listens, packets pass untouched instead of being
 /// dropped. Installed atomically with one `iptables-restore --noflush`; removal deletes our jumps and
 /// chains and nothing else, and is idempotent (the agent runs it at start too, to clear a crashed
@@ -25,22 +28,32 @@ public struct QueueRules: Sendable {
     /// The iptables-restore input that installs the rules.
     public var restoreScript: String {
         let target = "-j NFQUEUE --queue-num \(queue) --queue-bypass"
+        let ingressSkip = Self.markMatch(FastPathScript.ingressMark)
+        let egressSkip = Self.markMatch(FastPathScript.egressMark)
         return """
             *raw
             :\(Self.ingressChain) - [0:0]
+            -A \(Self.ingressChain) -m mark --mark \(ingressSkip) -j RETURN
             -A \(Self.ingressChain) -p tcp ! -i lo \(target)
             -I PREROUTING 1 -j \(Self.ingressChain)
             COMMIT
             *mangle
             :\(Self.egressChain) - [0:0]
             :\(Self.forwardEgressChain) - [0:0]
+            -A \(Self.egressChain) -m mark --mark \(egressSkip) -j RETURN
             -A \(Self.egressChain) -p tcp ! -o lo \(target)
+            -A \(Self.forwardEgressChain) -m mark --mark \(egressSkip) -j RETURN
             -A \(Self.forwardEgressChain) -p tcp -m addrtype ! --src-type LOCAL \(target)
             -I OUTPUT 1 -j \(Self.egressChain)
             -I POSTROUTING 1 -j \(Self.forwardEgressChain)
             COMMIT
 
             """
+    }
+
+    static func markMatch(_ bit: UInt32) -> String {
+        let hex = "0x" + String(bit, radix: 16)
+        return "\(hex)/\(hex)"
     }
 
     public func install(logger: Logger) throws {

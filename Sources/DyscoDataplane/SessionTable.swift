@@ -26,6 +26,18 @@ public struct SessionTable: Sendable {
         case rightEnd = "right-end"
     }
 
+    /// Which data path carries a session's established packets (docs/ARCHITECTURE.md, "Kernel fast path").
+    public enum DataPath: String, Sendable, Codable {
+        /// NFQUEUE, this agent (handshake not complete, fast path off, or it failed).
+        case slow
+        /// Handed to the fast-path worker; still the slow path until the kernel has it.
+        case pending
+        /// nftables rewrites it; only SYN/FIN/RST reach the agent.
+        case kernel
+        /// Taken back to the slow path on request (migration) until released.
+        case held
+    }
+
     /// Direction of a packet relative to the session: forward = client→server.
     public enum Direction: Sendable { case forward, reverse }
 
@@ -50,6 +62,9 @@ public struct SessionTable: Sendable {
         public var allocatedPort: UInt16?
         public var packets: UInt64 = 0
         public var bytes: UInt64 = 0
+        public var path: DataPath = .slow
+        /// The kernel refused this session's translations once: it stays on the slow path.
+        public var fastPathFailed = false
     }
 
     /// A map entry: which session, where to rewrite to, and which way the packet goes.

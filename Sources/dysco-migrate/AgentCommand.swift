@@ -57,6 +57,12 @@ struct AgentCommand: AsyncParsableCommand {
     @Option(help: "Control socket path (default /run/dysco-migrate/agent-<netns>.sock).")
     var controlSocket: String?
 
+    @Flag(help: "Keep every packet in NFQUEUE: no kernel fast path (debugging, comparison).")
+    var noFastpath = false
+
+    @Option(help: "Seconds a closed session's translations linger (last ACK, retransmitted FINs).")
+    var closeLinger: Double = 10
+
     @OptionGroup var logging: LoggingOptions
 
     func validate() throws {
@@ -64,6 +70,7 @@ struct AgentCommand: AsyncParsableCommand {
             throw ValidationError("--port-range must be LOW-HIGH with 1 <= LOW <= HIGH <= 65535, got '\(portRange)'")
         }
         guard idleTimeout > 0 else { throw ValidationError("--idle-timeout must be positive") }
+        guard closeLinger >= 0, closeLinger <= 600 else { throw ValidationError("--close-linger must be 0...600 s") }
         if let netns, !NetworkNamespace.isValidName(netns) {
             throw ValidationError("--netns '\(netns)' is not a valid namespace name")
         }
@@ -93,6 +100,8 @@ struct AgentCommand: AsyncParsableCommand {
         options.queue = queue
         options.portRange = parsedPortRange!
         options.settings.idleTimeout = UInt64(idleTimeout) * 1_000_000_000
+        options.settings.closeLinger = UInt64(closeLinger * 1e9)
+        options.fastPath = !noFastpath
         let agent = try DataplaneAgent(config: agentConfig, options: options, logger: logger)
         do { try agent.start() } catch {
             agent.stop()

@@ -24,7 +24,7 @@ struct SessionsCommand: AsyncParsableCommand {
 
     func run() async throws {
         let path = socket ?? AgentControlPaths.socketPath(netns: netns ?? NetworkNamespace.currentName())
-        let data = try await ControlClient.request(.sessions, path: path)
+        let data = try await ControlClient.request(ControlRequest(.sessions), path: path)
         if json {
             FileHandle.standardOutput.write(data)
             return
@@ -35,12 +35,13 @@ struct SessionsCommand: AsyncParsableCommand {
 
     static func render(_ snapshot: AgentSnapshot) -> String {
         var lines = ["agent pid \(snapshot.pid) netns \(snapshot.netns ?? "host") queue \(snapshot.queue), "
+            + "fast path \(snapshot.fastPath ? "on" : "off"), "
             + "up \(Int(snapshot.uptimeSeconds)) s, \(snapshot.sessions.count) session(s)"]
         if !snapshot.sessions.isEmpty {
             let header = ["ID", "ROLE", "SESSION", "LEFT SUBSESSION", "RIGHT SUBSESSION", "STATE", "PATH", "PACKETS"]
             let rows = snapshot.sessions.map { s in
                 ["\(s.id)", s.role.rawValue, "\(s.session)", s.left.map { "\($0)" } ?? "-",
-                 s.right.map { "\($0)" } ?? "-", s.state, s.path, "\(s.packets)"]
+                 s.right.map { "\($0)" } ?? "-", s.state, s.path.rawValue, "\(s.packets)"]
             }
             let widths = header.indices.map { i in ([header[i]] + rows.map { $0[i] }).map(\.count).max() ?? 0 }
             for row in [header] + rows {

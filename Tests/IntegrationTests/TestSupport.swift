@@ -36,7 +36,7 @@ enum TestSupport {
 
     /// The agent snapshot of `host` (its `sessions --json`).
     static func snapshot(_ lab: Lab, _ host: String) async throws -> AgentSnapshot {
-        let data = try await ControlClient.request(.sessions, path: AgentControlPaths.socketPath(netns: lab.namespace(of: host)))
+        let data = try await ControlClient.request(ControlRequest(.sessions), path: AgentControlPaths.socketPath(netns: lab.namespace(of: host)))
         return try JSONDecoder().decode(AgentSnapshot.self, from: data)
     }
 

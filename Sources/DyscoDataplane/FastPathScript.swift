@@ -1,0 +1,108 @@
+/// The nftables ruleset of the kernel fast path, as text for libnftables (docs/ARCHITECTURE.md, "Kernel fast
+/// path"). Pure: generated from session-table translations, unit-tested without root.
+///
+/// ```
+/// table ip dysco {
+///   map ingress { type ipv4_addr . inet_service . ipv4_addr . inet_service : verdict; }
+///   map egress  { type ipv4_addr . inet_service . ipv4_addr . inet_service : verdict; }
+///   chain pre  { type filter hook prerouting priority -310; ... vmap @ingress }   # before conntrack and DYSCO-IN
+///   chain out  { type route hook output priority -160; ... vmap @egress }         # local egress, re-routed
+///   chain post { type filter hook postrouting priority -160; ... vmap @egress }   # forwarded egress
+///   chain s<id>_<k> { counter; tcp flags & (fin|syn|rst) != 0 return; <rewrite>; meta mark set mark | BIT }
+/// }
+/// ```
+/// A packet the kernel rewrote carries a mark bit (ingress or egress); the iptables NFQUEUE rules skip packets
+/// with their hook's bit, so no packet takes both paths. SYN, FIN and RST `return` before any rewrite: they
+/// reach the agent, which keeps the handshake, the trailer and teardown in one place.
+public enum FastPathScript {
+    public static let table = "dysco"
+    /// Set by the kernel at ingress (raw-PREROUTING queue rule skips it) and at egress (OUTPUT/POSTROUTING).
+    public static let ingressMark: UInt32 = 0x1000_0000
+    public static let egressMark: UInt32 = 0x2000_0000
+
+    /// One translation of one session: key tuple → target tuple at a hook.
+    public struct Translation: Equatable, Sendable {
+        public enum Hook: String, Sendable { case ingress, egress }
+        public var hook: Hook
+        public var key: FiveTuple
+        public var target: FiveTuple
+        public init(hook: Hook, key: FiveTuple, target: FiveTuple) {
+            self.hook = hook
+            self.key = key
+            self.target = target
+        }
+    }
+
+    /// Replaces the table with an empty one in one transaction (a crashed agent's leftovers go with it).
+    public static var reset: String {
+        """
+        add table ip \(table)
+        delete table ip \(table)
+        table ip \(table) {
+          map ingress { type ipv4_addr . inet_service . ipv4_addr . inet_service : verdict; }
+          map egress { type ipv4_addr . inet_service . ipv4_addr . inet_service : verdict; }
+          chain pre { type filter hook prerouting priority -310; policy accept; ip protocol tcp ip saddr . tcp sport . ip daddr . tcp dport vmap @ingress; }
+          chain out { type route hook output priority -160; policy accept; ip protocol tcp ip saddr . tcp sport . ip daddr . tcp dport vmap @egress; }
+          chain post { type filter hook postrouting priority -160; policy accept; ip protocol tcp ip saddr . tcp sport . ip daddr . tcp dport vmap @egress; }
+        }
+
+        """
+    }
+
+    public static var destroy: String { "add table ip \(table)\ndelete table ip \(table)\n" }
+
+    static func chainName(session: UInt64, index: Int) -> String { "s\(session)_\(index)" }
+
+    /// Parses a per-session chain name back to its session id.
+    public static func session(ofChain name: String) -> UInt64? {
+        guard name.hasPrefix("s"), let underscore = name.firstIndex(of: "_") else { return nil }
+        return UInt64(name[name.index(after: name.startIndex)..<underscore])
+    }
+
+    static func element(_ t: FiveTuple) -> String { "\(t.srcAddr) . \(t.srcPort) . \(t.dstAddr) . \(t.dstPort)" }
+
+    /// Commands that put one session's translations into the kernel.
+    public static func install(session: UInt64, _ translations: [Translation]) -> String {
+        var lines: [String] = []
+        for (index, t) in translations.enumerated() {
+            let chain = chainName(session: session, index: index)
+            var rewrite: [String] = []
+            if t.key.srcAddr != t.target.srcAddr { rewrite.append("ip saddr set \(t.target.srcAddr)") }
+            if t.key.dstAddr != t.target.dstAddr { rewrite.append("ip daddr set \(t.target.dstAddr)") }
+            if t.key.srcPort != t.target.srcPort { rewrite.append("tcp sport set \(t.target.srcPort)") }
+            if t.key.dstPort != t.target.dstPort { rewrite.append("tcp dport set \(t.target.dstPort)") }
+            let mark = t.hook == .ingress ? ingressMark : egressMark
+            lines.append("add chain ip \(table) \(chain)")
+            lines.append("add rule ip \(table) \(chain) counter tcp flags & (fin | syn | rst) != 0 return")
+            lines.append("add rule ip \(table) \(chain) \((rewrite + ["meta mark set mark | 0x\(String(mark, radix: 16))"]).joined(separator: " "))")
+            lines.append("add element ip \(table) \(t.hook.rawValue) { \(element(t.key)) : jump \(chain) }")
+        }
+        return lines.joined(separator: "\n") + "\n"
+    }
+
+    /// Commands that take one session's translations out of the kernel (its next packets reach the agent).
+    public static func remove(session: UInt64, _ translations: [Translation]) -> String {
+        var lines: [String] = []
+        for (index, t) in translations.enumerated() {
+            lines.append("delete element ip \(table) \(t.hook.rawValue) { \(element(t.key)) }")
+            lines.append("delete chain ip \(table) \(chainName(session: session, index: index))")
+        }
+        return lines.joined(separator: "\n") + "\n"
+    }
+}
+
+extension SessionTable.Record {
+    /// The record's translations for the fast path, in a fixed order (chain names depend on it).
+    public var fastPathTranslations: [FastPathScript.Translation] {
+        var result: [FastPathScript.Translation] = []
+        if let left {
+            result.append(.init(hook: .ingress, key: left, target: session))
+            result.append(.init(hook: .egress, key: session.reversed, target: left.reversed))
+        }
+        if let right {
+            result.append(.init(hook: .egress, key: session, target: right))
+            result.append(.init(hook: .ingress, key: right.reversed, target: session.reversed))
+        }
+        return result
+    }
+}

@@ -1,0 +1,126 @@
+import CLinux
+import Foundation
+import Logging
+import Synchronization
+
+/// Applies ``FastPathAction``s to the kernel on its own serial queue, so the packet thread never waits for
+/// netlink: actions queue up while one transaction runs and go together in the next (batched). Also polls the
+/// per-session counters so that idle expiry sees kernel-carried traffic.
+final class FastPathWorker: @unchecked Sendable {
+    struct Outcome: Sendable {
+        var installed: [SessionTable.SessionID] = []
+        var failed: [SessionTable.SessionID] = []
+    }
+
+    private let queue = DispatchQueue(label: "dysco-fastpath")
+    // Used only on `queue`.
+    private let nft: NftablesContext
+    private let logger: Logger
+    private let pending = Mutex<[FastPathAction]>([])
+    private var lastCounters: [SessionTable.SessionID: UInt64] = [:]
+    private let report: @Sendable (Outcome) -> Void
+
+    /// Replaces whatever table a predecessor left and creates an empty one.
+    init(logger: Logger, report: @escaping @Sendable (Outcome) -> Void) throws {
+        self.logger = logger
+        self.report = report
+        nft = try NftablesContext()
+        try nft.run(FastPathScript.reset, operation: "create table ip \(FastPathScript.table)")
+    }
+
+    /// Queues actions; they are applied soon, in order, batched with whatever else is waiting.
+    func submit(_ actions: [FastPathAction]) {
+        guard !actions.isEmpty else { return }
+        let first = pending.withLock { queued in
+            defer { queued.append(contentsOf: actions) }
+            return queued.isEmpty
+        }
+        if first { queue.async { self.drain() } }
+    }
+
+    /// Applies everything queued so far and returns once the kernel has it (hold/release wait on this).
+    func flush() {
+        queue.sync { drain() }
+    }
+
+    /// Deletes the table (agent exit).
+    func shutdown() {
+        queue.sync {
+            drain()
+            do { try nft.run(FastPathScript.destroy, operation: "delete table") } catch {
+                logger.error("could not delete the fast-path table", metadata: ["error": "\(error)"])
+            }
+        }
+    }
+
+    private func drain() {
+        let actions = pending.withLock { queued in
+            defer { queued.removeAll() }
+            return queued
+        }
+        guard !actions.isEmpty else { return }
+        var outcome = Outcome()
+        let script = actions.map(Self.script).joined()
+        do {
+            try nft.run(script, operation: "apply \(actions.count) change(s)")
+            outcome.installed = actions.compactMap { if case .install(let id, _) = $0 { id } else { nil } }
+        } catch {
+            // One bad session must not keep the others out: apply them one by one.
+            for action in actions {
+                do {
+                    try nft.run(Self.script(action), operation: "apply one change")
+                    if case .install(let id, _) = action { outcome.installed.append(id) }
+                } catch {
+                    if case .install(let id, _) = action { outcome.failed.append(id) }
+                    logger.warning("fast path refused a change", metadata: ["session.id": "\(Self.id(action))",
+                                                                         "error": "\(error)"])
+                }
+            }
+        }
+        report(outcome)
+    }
+
+    private static func script(_ action: FastPathAction) -> String {
+        switch action {
+        case .install(let id, let translations): FastPathScript.install(session: id, translations)
+        case .remove(let id, let translations): FastPathScript.remove(session: id, translations)
+        }
+    }
+
+    private static func id(_ action: FastPathAction) -> SessionTable.SessionID {
+        switch action {
+        case .install(let id, _), .remove(let id, _): id
+        }
+    }
+
+    /// Sessions whose kernel counters moved since the last call.
+    func activeSessions() -> [SessionTable.SessionID] {
+        queue.sync {
+            guard let data = try? nft.json("list table ip \(FastPathScript.table)") else { return [] }
+            let totals = FastPathCounters.packetsBySession(json: data)
+            defer { lastCounters = totals }
+            return totals.compactMap { id, packets in packets != lastCounters[id] ? id : nil }
+        }
+    }
+}
+
+/// Reads per-session packet counters out of `nft -j list table` output.
+enum FastPathCounters {
+    static func packetsBySession(json: Data) -> [SessionTable.SessionID: UInt64] {
+        guard let root = try? JSONSerialization.jsonObject(with: json) as? [String: Any],
+              let objects = root["nftables"] as? [[String: Any]] else { return [:] }
+        var totals: [SessionTable.SessionID: UInt64] = [:]
+        for object in objects {
+            guard let rule = object["rule"] as? [String: Any], let chain = rule["chain"] as? String,
+                  let id = FastPathScript.session(ofChain: chain), let exprs = rule["expr"] as? [[String: Any]] else {
+                continue
+            }
+            for expr in exprs {
+                if let counter = expr["counter"] as? [String: Any], let packets = counter["packets"] as? NSNumber {
+                    totals[id, default: 0] += packets.uint64Value
+                }
+            }
+        }
+        return totals
+    }
+}

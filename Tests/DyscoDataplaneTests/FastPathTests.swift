@@ -1,0 +1,113 @@
+import DyscoDataplane
+import Foundation
+import Testing
+
+@Suite("Kernel fast path: when sessions move to nftables, and the script that puts them there")
+struct FastPathTests {
+    let client = IPv4Address("10.77.0.10")!, fw1 = IPv4Address("10.77.0.101")!, server = IPv4Address("10.77.0.201")!
+    var session: FiveTuple { FiveTuple(srcAddr: client, srcPort: 40000, dstAddr: server, dstPort: 80) }
+
+    func harness() -> ChainHarness {
+        let policy = Policy(name: "web", match: SessionPredicate(dport: [PortRange("80")!]), chain: [fw1])
+        var settings = PacketProcessor.Settings()
+        settings.fastPath = true
+        let h = ChainHarness()
+        h.hosts["client"] = PacketProcessor(config: AgentConfig(policies: [policy]), portRange: 10000...10999, settings: settings)
+        h.hosts["fw1"] = PacketProcessor(config: AgentConfig(), portRange: 20000...20999, settings: settings)
+        h.hosts["server"] = PacketProcessor(config: AgentConfig(), portRange: 30000...30999, settings: settings)
+        return h
+    }
+
+    func handshake(_ h: ChainHarness) throws {
+        _ = try #require(h.send(PacketBuilder(tuple: session, flags: [.syn]).build(), along: ["client", "fw1", "server"]))
+        _ = try #require(h.send(PacketBuilder(tuple: session.reversed, flags: [.syn, .ack]).build(), along: ["server", "fw1", "client"]))
+    }
+
+    @Test("no install before the handshake completes; the third ACK hands every host's translations to the kernel")
+    func installAfterHandshake() throws {
+        let h = harness()
+        try handshake(h)
+        for host in ["client", "fw1", "server"] {
+            #expect(h.hosts[host]!.fastPathActions.isEmpty, "\(host): SYN and SYN-ACK stay on the slow path")
+        }
+        _ = try #require(h.send(PacketBuilder(tuple: session, flags: [.ack]).build(), along: ["client", "fw1", "server"]))
+        let fw = try #require(h.hosts["fw1"]!.table.records.values.first)
+        #expect(fw.path == .pending)
+        let actions = h.hosts["fw1"]!.takeFastPathActions()
+        #expect(actions == [.install(fw.id, fw.fastPathTranslations)])
+        #expect(fw.fastPathTranslations.count == 4, "a middlebox has both subsessions: 2 ingress + 2 egress")
+        #expect(h.hosts["client"]!.takeFastPathActions().count == 1)
+        #expect(h.hosts["server"]!.takeFastPathActions().count == 1)
+        h.hosts["fw1"]!.fastPathInstalled([fw.id])
+        #expect(h.hosts["fw1"]!.table.records[fw.id]?.path == .kernel)
+    }
+
+    @Test("hold takes a kernel session back (remove action), release installs it again; removal cleans the kernel")
+    func holdRelease() throws {
+        let h = harness()
+        try handshake(h)
+        _ = try #require(h.send(PacketBuilder(tuple: session, flags: [.ack]).build(), along: ["client", "fw1", "server"]))
+        var fw = h.hosts["fw1"]!
+        let id = try #require(fw.table.records.keys.first)
+        _ = fw.takeFastPathActions()
+        fw.fastPathInstalled([id])
+        #expect(fw.hold([id, 999]) == [id])
+        #expect(fw.table.records[id]?.path == .held)
+        #expect(fw.takeFastPathActions() == [.remove(id, fw.table.records[id]!.fastPathTranslations)])
+        fw.fastPathInstalled([id])
+        #expect(fw.table.records[id]?.path == .held, "a late install report does not undo a hold")
+        #expect(fw.release([id]) == [id])
+        #expect(fw.table.records[id]?.path == .pending)
+        #expect(fw.takeFastPathActions().count == 1)
+        fw.fastPathInstalled([id])
+        // Teardown: RST, then expiry removes it from the kernel too.
+        h.hosts["fw1"] = fw
+        _ = try #require(h.send(PacketBuilder(tuple: session, flags: [.rst]).build(), along: ["client", "fw1", "server"]))
+        fw = h.hosts["fw1"]!
+        #expect(fw.expire(now: h.now + fw.settings.resetLinger) == 1)
+        #expect(fw.takeFastPathActions().count == 1)
+        #expect(fw.table.count == 0)
+    }
+
+    @Test("a session the kernel refused stays on the slow path and is not retried")
+    func failure() throws {
+        let h = harness()
+        try handshake(h)
+        _ = try #require(h.send(PacketBuilder(tuple: session, flags: [.ack]).build(), along: ["client", "fw1", "server"]))
+        var fw = h.hosts["fw1"]!
+        let id = try #require(fw.table.records.keys.first)
+        _ = fw.takeFastPathActions()
+        fw.fastPathFailed([id])
+        #expect(fw.table.records[id]?.path == .slow)
+        h.hosts["fw1"] = fw
+        _ = try #require(h.send(PacketBuilder(tuple: session, flags: [.ack]).build(), along: ["client", "fw1", "server"]))
+        #expect(h.hosts["fw1"]!.fastPathActions.isEmpty)
+    }
+
+    @Test("fast path off: nothing is ever handed to the kernel")
+    func disabled() throws {
+        let h = ChainHarness()
+        let policy = Policy(name: "web", match: SessionPredicate(dport: [PortRange("80")!]), chain: [fw1])
+        h.hosts["client"] = PacketProcessor(config: AgentConfig(policies: [policy]), portRange: 10000...10999)
+        h.hosts["fw1"] = PacketProcessor(config: AgentConfig(), portRange: 20000...20999)
+        h.hosts["server"] = PacketProcessor(config: AgentConfig(), portRange: 30000...30999)
+        try handshake(h)
+        _ = try #require(h.send(PacketBuilder(tuple: session, flags: [.ack]).build(), along: ["client", "fw1", "server"]))
+        #expect(h.hosts.values.allSatisfy { $0.fastPathActions.isEmpty })
+    }
+
+    @Test("the script rewrites only changed fields, lets SYN/FIN/RST through to the agent, and marks the packet")
+    func script() {
+        let l = FiveTuple.t("10.77.0.10", 10000, "10.77.0.101", 80)
+        let text = FastPathScript.install(session: 7, [.init(hook: .ingress, key: l, target: session)])
+        #expect(text.contains("add chain ip dysco s7_0"))
+        #expect(text.contains("tcp flags & (fin | syn | rst) != 0 return"))
+        #expect(text.contains("ip daddr set 10.77.0.201 tcp sport set 40000 meta mark set mark | 0x10000000"))
+        #expect(!text.contains("ip saddr set"), "source address unchanged: not rewritten")
+        #expect(text.contains("add element ip dysco ingress { 10.77.0.10 . 10000 . 10.77.0.101 . 80 : jump s7_0 }"))
+        let removal = FastPathScript.remove(session: 7, [.init(hook: .ingress, key: l, target: session)])
+        #expect(removal == "delete element ip dysco ingress { 10.77.0.10 . 10000 . 10.77.0.101 . 80 }\ndelete chain ip dysco s7_0\n")
+        #expect(FastPathScript.session(ofChain: "s7_3") == 7)
+        #expect(FastPathScript.session(ofChain: "pre") == nil)
+    }
+}

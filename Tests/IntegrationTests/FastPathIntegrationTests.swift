@@ -1,0 +1,151 @@
+import DyscoDataplane
+import DyscoLab
+import DyscoSystem
+import Foundation
+import Testing
+
+/// The kernel fast path on real namespaces (needs root). Labs `fpN`, subnets 10.78.1N.0/24. The data-plane
+/// tests (DataplaneTests) run with the fast path on as well: it is the agent's default.
+@Suite struct FastPathIntegrationTests {
+    func withLab(_ spec: LabSpec, _ body: (Lab) async throws -> Void) async throws {
+        let lab = try TestSupport.freshLab(spec)
+        do { try await body(lab) } catch {
+            _ = try? lab.down()
+            throw error
+        }
+        _ = try lab.down()
+    }
+
+    /// Elements of the fast-path maps and per-session chains in `host`.
+    func kernelState(_ lab: Lab, _ host: String) throws -> (elements: Int, sessionChains: Int) {
+        let json = try lab.exec(host, ["nft", "-j", "list", "table", "ip", FastPathScript.table]).stdout
+        let root = try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any]
+        var elements = 0, chains = 0
+        for object in root?["nftables"] as? [[String: Any]] ?? [] {
+            if let map = object["map"] as? [String: Any] { elements += (map["elem"] as? [Any])?.count ?? 0 }
+            if let chain = object["chain"] as? [String: Any], let name = chain["name"] as? String,
+               FastPathScript.session(ofChain: name) != nil { chains += 1 }
+        }
+        return (elements, chains)
+    }
+
+    func download(_ lab: Lab, megabytes: Int, rate: String? = nil) throws -> (target: String, process: Process?) {
+        let source = "\(lab.httpRoot)/blob"
+        if !FileManager.default.fileExists(atPath: source) { try TestSupport.makeRandomFile(source, megabytes: megabytes) }
+        let target = "\(lab.directory)/blob.\(UUID().uuidString.prefix(6))"
+        var args = ["curl", "-sS", "--fail", "-m", "60", "-o", target]
+        if let rate { args += ["--limit-rate", rate] }
+        args.append("http://\(lab.address(of: "server1"))/blob")
+        if rate != nil { return (target, try lab.spawn("client1", args)) }
+        try lab.exec("client1", args)
+        return (target, nil)
+    }
+
+    @Test("after the handshake a bulk transfer's packets stay in the kernel; the firewall still sees the session")
+    func bulkStaysInKernel() async throws {
+        try await withLab(LabSpec(name: "fp1", middleboxes: ["fw1"], subnet: "10.78.11.0/24",
+                                  agentArguments: DataplaneTests.keepClosedSessions)) { lab in
+            let (target, _) = try download(lab, megabytes: 64)
+            #expect(try TestSupport.sha256(target) == TestSupport.sha256("\(lab.httpRoot)/blob"))
+            for host in ["client1", "fw1", "server1"] {
+                let snapshot = try await TestSupport.snapshot(lab, host)
+                #expect(snapshot.fastPath)
+                // 64 MiB is > 40,000 full-size segments (and their ACKs); the agent saw the handshake and the close.
+                #expect(snapshot.counters.packets < 100, "\(host): \(snapshot.counters.packets) packets reached the queue")
+                #expect(snapshot.sessions.allSatisfy { $0.path == .kernel }, "\(host): \(snapshot.sessions.map(\.path))")
+            }
+            #expect(try kernelState(lab, "fw1").elements == 4)
+            #expect(try lab.conntrackTCP("fw1").contains("src=\(lab.address(of: "client1")) dst=\(lab.address(of: "server1"))"))
+            #expect(try lab.firewallCounters("fw1").establishedAccepted.packets > 500, "GSO: up to 64 KiB per packet")
+        }
+    }
+
+    @Test("a live session taken back to the slow path and returned mid-transfer stays byte-exact")
+    func holdAndReleaseMidTransfer() async throws {
+        try await withLab(LabSpec(name: "fp2", middleboxes: ["fw1"], subnet: "10.78.12.0/24")) { lab in
+            let (target, process) = try download(lab, megabytes: 48, rate: "6M")
+            let curl = try #require(process)
+            let hosts = ["client1", "fw1", "server1"]
+            // Wait until every host carries the session in the kernel.
+            var ids: [String: UInt64] = [:]
+            for _ in 0..<50 where ids.count < 3 {
+                usleep(100_000)
+                for host in hosts {
+                    if let s = try await TestSupport.snapshot(lab, host).sessions.first, s.path == .kernel { ids[host] = s.id }
+                }
+            }
+            #expect(ids.count == 3, "every host moved the session to the kernel: \(ids)")
+            let before = try await TestSupport.snapshot(lab, "fw1").counters.packets
+            for host in hosts {
+                let reply = try await ControlClient.request(ControlRequest(.hold, sessions: [ids[host] ?? 0]),
+                                                            path: AgentControlPaths.socketPath(netns: lab.namespace(of: host)))
+                #expect(try JSONDecoder().decode(ControlPathReply.self, from: reply).sessions == [ids[host] ?? 0])
+            }
+            #expect(try kernelState(lab, "fw1").elements == 0, "held: nothing left in the kernel")
+            usleep(700_000)
+            let held = try await TestSupport.snapshot(lab, "fw1")
+            #expect(held.sessions.first?.path == .held)
+            #expect(held.counters.packets > before + 500, "held: the transfer's packets reach the agent")
+            // Release through the CLI.
+            let bin = try TestSupport.dyscoBinary()
+            for host in hosts {
+                try Command.run([bin, "path", "release", "\(ids[host] ?? 0)", "--netns", lab.namespace(of: host)])
+            }
+            #expect(try kernelState(lab, "fw1").elements == 4)
+            curl.waitUntilExit()
+            #expect(curl.terminationStatus == 0)
+            #expect(try TestSupport.sha256(target) == TestSupport.sha256("\(lab.httpRoot)/blob"))
+            #expect(try lab.firewallCounters("fw1").invalidDropped.packets == 0)
+        }
+    }
+
+    @Test("1,000 sessions set up and torn down leave the maps empty")
+    func thousandSessions() async throws {
+        var spec = LabSpec(name: "fp3", middleboxes: ["fw1"], subnet: "10.78.13.0/24",
+                           policyPorts: [80, DataplaneBenchmark.sinkPort], agentArguments: ["--close-linger", "0.5"])
+        spec.services = false
+        try await withLab(spec) { lab in
+            let bin = try TestSupport.dyscoBinary()
+            let server = lab.address(of: "server1").description
+            try lab.spawn("server1", [bin, "bench", "sink", "--address", server, "--port", "\(DataplaneBenchmark.sinkPort)"])
+            usleep(300_000)
+            let out = try lab.exec("client1", [bin, "bench", "connect", "--address", server, "--port",
+                                               "\(DataplaneBenchmark.sinkPort)", "--count", "1000"])
+            let result = try JSONDecoder().decode(ConnectLatencyResult.self, from: Data(out.stdout.utf8))
+            #expect(result.failures == 0)
+            #expect(try await TestSupport.snapshot(lab, "fw1").counters.sessionsCreated >= 1000)
+            // Linger 0.5 s, expiry runs every second.
+            var remaining = -1
+            for _ in 0..<40 {
+                usleep(250_000)
+                remaining = try ["client1", "fw1", "server1"].map { try kernelState(lab, $0).elements + kernelState(lab, $0).sessionChains }.reduce(0, +)
+                if remaining == 0 { break }
+            }
+            #expect(remaining == 0, "map elements and session chains left in the kernel")
+            for host in ["client1", "fw1", "server1"] {
+                #expect(try await TestSupport.snapshot(lab, host).sessions.isEmpty, "\(host) forgot every session")
+            }
+        }
+    }
+
+    @Test("agent killed with -9 and restarted: its stale kernel elements are cleared and new sessions work")
+    func killAndRestart() async throws {
+        try await withLab(LabSpec(name: "fp4", middleboxes: ["fw1"], subnet: "10.78.14.0/24",
+                                  agentArguments: DataplaneTests.keepClosedSessions)) { lab in
+            let (first, _) = try download(lab, megabytes: 8)
+            #expect(try TestSupport.sha256(first) == TestSupport.sha256("\(lab.httpRoot)/blob"))
+            // The closed session lingers (120 s here) in the kernel: still there when the agent dies.
+            #expect(try kernelState(lab, "fw1").elements > 0)
+            try lab.killAgent("fw1", signal: SIGKILL)
+            #expect(try kernelState(lab, "fw1").elements > 0, "kill -9 leaves the elements behind")
+            try lab.restartAgent("fw1")
+            #expect(try kernelState(lab, "fw1") == (0, 0), "the restarted agent replaced the table")
+            let (second, _) = try download(lab, megabytes: 8)
+            #expect(try TestSupport.sha256(second) == TestSupport.sha256("\(lab.httpRoot)/blob"))
+            #expect(try await TestSupport.snapshot(lab, "fw1").sessions.contains { $0.path == .kernel })
+            // A clean stop removes the table.
+            try lab.killAgent("fw1", signal: SIGTERM)
+            #expect(try lab.exec("fw1", ["nft", "list", "table", "ip", FastPathScript.table], check: false).status != 0)
+        }
+    }
+}
