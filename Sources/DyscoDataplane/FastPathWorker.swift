@@ -28,15 +28,20 @@ final class FastPathWorker: @unchecked Sendable {
         try nft.run(FastPathScript.reset, operation: "create table ip \(FastPathScript.table)")
     }
 
-    /// Queues actions; they are applied soon, in order, batched with whatever else is waiting.
+    /// How long the first queued action waits for others to join its transaction.
+    static let batchDelay: DispatchTimeInterval = .milliseconds(2)
+
+    /// Queues actions; they are applied within ``batchDelay``, in order, in one transaction with whatever
+    /// else is waiting.
     func submit(_ actions: [FastPathAction]) {
         guard !actions.isEmpty else { return }
         let first = pending.withLock { queued in
             defer { queued.append(contentsOf: actions) }
             return queued.isEmpty
         }
-        if first { queue.async { self.drain() } }
+        if first { queue.asyncAfter(deadline: .now() + Self.batchDelay) { self.drain() } }
     }
+
 
     /// Applies everything queued so far and returns once the kernel has it (hold/release wait on this).
     func flush() {
@@ -54,10 +59,10 @@ final class FastPathWorker: @unchecked Sendable {
     }
 
     private func drain() {
-        let actions = pending.withLock { queued in
+        let actions = FastPathAction.coalesce(pending.withLock { queued in
             defer { queued.removeAll() }
             return queued
-        }
+        })
         guard !actions.isEmpty else { return }
         var outcome = Outcome()
         let script = actions.map(Self.script).joined()

@@ -44,6 +44,22 @@ public struct DataplaneCounters: Sendable, Codable, Equatable {
 public enum FastPathAction: Sendable, Equatable {
     case install(SessionTable.SessionID, [FastPathScript.Translation])
     case remove(SessionTable.SessionID, [FastPathScript.Translation])
+
+    /// Drops an install that a later remove of the same session undoes within one batch (a session that
+    /// closed before the kernel got it never reaches the kernel). A remove followed by an install (a hold
+    /// released) is kept: order matters there.
+    public static func coalesce(_ actions: [FastPathAction]) -> [FastPathAction] {
+        var cancelled = Set<Int>()
+        var openInstall: [SessionTable.SessionID: Int] = [:]
+        for (index, action) in actions.enumerated() {
+            switch action {
+            case .install(let id, _): openInstall[id] = index
+            case .remove(let id, _):
+                if let install = openInstall.removeValue(forKey: id) { cancelled.formUnion([install, index]) }
+            }
+        }
+        return actions.enumerated().filter { !cancelled.contains($0.offset) }.map(\.element)
+    }
 }
 
 /// Something the shell should log (kept out of the per-packet path's lock).

@@ -9,7 +9,7 @@ import Logging
 /// | mangle | DYSCO-OUT     | OUTPUT         | TCP not to `lo`: egress of local packets      |
 /// | mangle | DYSCO-FWD-OUT | POSTROUTING    | TCP with a non-local source: forwarded egress |
 ///
-/// Each chain first RETURNs packets carrying its hook's fast-path mark bit (``FastPathScript``): the kernel
+/// Each queue rule skips packets carrying its hook's fast-path mark bit (``FastPathScript``): the kernel
 /// already rewrote them, so no packet takes both paths.
 ///
 /// Every rule uses `--queue-bypass`: while no agent listens, packets pass untouched instead of being
@@ -33,17 +33,14 @@ public struct QueueRules: Sendable {
         return """
             *raw
             :\(Self.ingressChain) - [0:0]
-            -A \(Self.ingressChain) -m mark --mark \(ingressSkip) -j RETURN
-            -A \(Self.ingressChain) -p tcp ! -i lo \(target)
+            -A \(Self.ingressChain) -p tcp ! -i lo -m mark ! --mark \(ingressSkip) \(target)
             -I PREROUTING 1 -j \(Self.ingressChain)
             COMMIT
             *mangle
             :\(Self.egressChain) - [0:0]
             :\(Self.forwardEgressChain) - [0:0]
-            -A \(Self.egressChain) -m mark --mark \(egressSkip) -j RETURN
-            -A \(Self.egressChain) -p tcp ! -o lo \(target)
-            -A \(Self.forwardEgressChain) -m mark --mark \(egressSkip) -j RETURN
-            -A \(Self.forwardEgressChain) -p tcp -m addrtype ! --src-type LOCAL \(target)
+            -A \(Self.egressChain) -p tcp ! -o lo -m mark ! --mark \(egressSkip) \(target)
+            -A \(Self.forwardEgressChain) -p tcp -m mark ! --mark \(egressSkip) -m addrtype ! --src-type LOCAL \(target)
             -I OUTPUT 1 -j \(Self.egressChain)
             -I POSTROUTING 1 -j \(Self.forwardEgressChain)
             COMMIT

@@ -12,6 +12,8 @@ public struct DataplaneBenchmark {
         public var connections = 1000
         public var agentBinary: String?
         public var agentArguments: [String] = []
+        /// Also measure the chain with --no-fastpath (everything in NFQUEUE).
+        public var includeSlowPath = true
         public var referenceScript: String?
         public var chain = ["fw1"]
         public init() {}
@@ -29,25 +31,37 @@ public struct DataplaneBenchmark {
         public var seconds: Int
         public var middleboxes: Int
         public var kernel: Run
+        /// The chain with the kernel fast path (the agent's default).
         public var dysco: Run
+        /// The chain with --no-fastpath: every packet through NFQUEUE.
+        public var slowPath: Run?
         /// The C NFQUEUE chain reference: its own kernel baseline and chain goodput (nil if not run).
         public var referenceKernelGbps: Double?
         public var referenceChainGbps: Double?
         public var ratio1Flow: Double { dysco.goodput1FlowGbps / max(kernel.goodput1FlowGbps, 1e-9) }
         public var ratio8Flows: Double { dysco.goodput8FlowsGbps / max(kernel.goodput8FlowsGbps, 1e-9) }
+        public var slowRatio1Flow: Double? { slowPath.map { $0.goodput1FlowGbps / max(kernel.goodput1FlowGbps, 1e-9) } }
+        public var slowRatio8Flows: Double? { slowPath.map { $0.goodput8FlowsGbps / max(kernel.goodput8FlowsGbps, 1e-9) } }
         public var referenceRatio: Double? {
             guard let k = referenceKernelGbps, let c = referenceChainGbps, k > 0 else { return nil }
             return c / k
         }
-        /// Our chain's ratio to kernel forwarding over the C reference's ratio to its kernel forwarding.
-        public var versusCReference: Double? { referenceRatio.map { ratio1Flow / max($0, 1e-9) } }
+        /// The NFQUEUE-only chain's ratio to kernel forwarding over the C reference's (same work in C).
+        public var slowVersusCReference: Double? {
+            guard let r = referenceRatio, let s = slowRatio1Flow else { return nil }
+            return s / max(r, 1e-9)
+        }
+        public var slowConnectOverheadPerMiddleboxMicroseconds: Double? {
+            slowPath.map { ($0.connect.p50Microseconds - kernel.connect.p50Microseconds) / Double(max(middleboxes, 1)) }
+        }
         public var connectOverheadPerMiddleboxMicroseconds: Double {
             (dysco.connect.p50Microseconds - kernel.connect.p50Microseconds) / Double(max(middleboxes, 1))
         }
 
         enum CodingKeys: String, CodingKey {
-            case seconds, middleboxes, kernel, dysco, referenceKernelGbps, referenceChainGbps
-            case ratio1Flow, ratio8Flows, referenceRatio, versusCReference, connectOverheadPerMiddleboxMicroseconds
+            case seconds, middleboxes, kernel, dysco, slowPath, referenceKernelGbps, referenceChainGbps
+            case ratio1Flow, ratio8Flows, slowRatio1Flow, slowRatio8Flows, referenceRatio, slowVersusCReference
+            case connectOverheadPerMiddleboxMicroseconds, slowConnectOverheadPerMiddleboxMicroseconds
         }
 
         public func encode(to encoder: any Encoder) throws {
@@ -56,13 +70,18 @@ public struct DataplaneBenchmark {
             try c.encode(middleboxes, forKey: .middleboxes)
             try c.encode(kernel, forKey: .kernel)
             try c.encode(dysco, forKey: .dysco)
+            try c.encodeIfPresent(slowPath, forKey: .slowPath)
             try c.encodeIfPresent(referenceKernelGbps, forKey: .referenceKernelGbps)
             try c.encodeIfPresent(referenceChainGbps, forKey: .referenceChainGbps)
             try c.encode(ratio1Flow, forKey: .ratio1Flow)
             try c.encode(ratio8Flows, forKey: .ratio8Flows)
+            try c.encodeIfPresent(slowRatio1Flow, forKey: .slowRatio1Flow)
+            try c.encodeIfPresent(slowRatio8Flows, forKey: .slowRatio8Flows)
             try c.encodeIfPresent(referenceRatio, forKey: .referenceRatio)
-            try c.encodeIfPresent(versusCReference, forKey: .versusCReference)
+            try c.encodeIfPresent(slowVersusCReference, forKey: .slowVersusCReference)
             try c.encode(connectOverheadPerMiddleboxMicroseconds, forKey: .connectOverheadPerMiddleboxMicroseconds)
+            try c.encodeIfPresent(slowConnectOverheadPerMiddleboxMicroseconds,
+                                  forKey: .slowConnectOverheadPerMiddleboxMicroseconds)
         }
 
         public init(from decoder: any Decoder) throws {
@@ -71,16 +90,18 @@ public struct DataplaneBenchmark {
             middleboxes = try c.decode(Int.self, forKey: .middleboxes)
             kernel = try c.decode(Run.self, forKey: .kernel)
             dysco = try c.decode(Run.self, forKey: .dysco)
+            slowPath = try c.decodeIfPresent(Run.self, forKey: .slowPath)
             referenceKernelGbps = try c.decodeIfPresent(Double.self, forKey: .referenceKernelGbps)
             referenceChainGbps = try c.decodeIfPresent(Double.self, forKey: .referenceChainGbps)
         }
 
-        init(seconds: Int, middleboxes: Int, kernel: Run, dysco: Run, referenceKernelGbps: Double?,
+        init(seconds: Int, middleboxes: Int, kernel: Run, dysco: Run, slowPath: Run?, referenceKernelGbps: Double?,
              referenceChainGbps: Double?) {
             self.seconds = seconds
             self.middleboxes = middleboxes
             self.kernel = kernel
             self.dysco = dysco
+            self.slowPath = slowPath
             self.referenceKernelGbps = referenceKernelGbps
             self.referenceChainGbps = referenceChainGbps
         }
@@ -107,8 +128,17 @@ public struct DataplaneBenchmark {
         let dyscoSpec = LabSpec(name: "bench-d", middleboxes: middleboxes, chain: options.chain, subnet: "10.79.2.0/24",
                                 policyPorts: LabSpec.defaultPolicyPorts + [Self.sinkPort],
                                 agentArguments: options.agentArguments, agentBinary: binary)
-        logger.info("measuring the Dysco chain", metadata: ["bench.chain": "\(options.chain)"])
-        let dysco = try measure(dyscoSpec, label: "dysco chain")
+        logger.info("measuring the Dysco chain (kernel fast path)", metadata: ["bench.chain": "\(options.chain)"])
+        let dysco = try measure(dyscoSpec, label: "dysco, fast path")
+        var slowPath: Run?
+        if options.includeSlowPath {
+            var slowSpec = dyscoSpec
+            slowSpec.name = "bench-s"
+            slowSpec.subnet = "10.79.3.0/24"
+            slowSpec.agentArguments += ["--no-fastpath"]
+            logger.info("measuring the Dysco chain (--no-fastpath: NFQUEUE only)")
+            slowPath = try measure(slowSpec, label: "dysco, NFQUEUE only")
+        }
         var refKernel: Double?, refChain: Double?
         if let script = options.referenceScript {
             logger.info("running the C NFQUEUE reference", metadata: ["bench.script": "\(script)"])
@@ -116,7 +146,7 @@ public struct DataplaneBenchmark {
         }
         let kernelMiddleboxes = options.chain.count
         return Report(seconds: options.seconds, middleboxes: kernelMiddleboxes, kernel: kernel, dysco: dysco,
-                      referenceKernelGbps: refKernel, referenceChainGbps: refChain)
+                      slowPath: slowPath, referenceKernelGbps: refKernel, referenceChainGbps: refChain)
     }
 
     private func measure(_ spec: LabSpec, label: String) throws -> Run {
@@ -167,7 +197,7 @@ extension DataplaneBenchmark.Report {
             "data plane: client1 → \(middleboxes) middlebox(es) → server1, conntrack firewall on each, \(seconds) s per iperf3 run",
             "                         1 flow Gbit/s  8 flows Gbit/s  connect p50 µs  p99 µs  sessions/s",
         ]
-        for run in [kernel, dysco] {
+        for run in [kernel, dysco] + (slowPath.map { [$0] } ?? []) {
             lines.append(run.label.padding(toLength: 25, withPad: " ", startingAt: 0)
                 + f(run.goodput1FlowGbps).padding(toLength: 15, withPad: " ", startingAt: 0)
                 + f(run.goodput8FlowsGbps).padding(toLength: 16, withPad: " ", startingAt: 0)
@@ -175,14 +205,19 @@ extension DataplaneBenchmark.Report {
                 + us(run.connect.p99Microseconds).padding(toLength: 8, withPad: " ", startingAt: 0)
                 + String(format: "%.0f", run.sessionsPerSecond))
         }
-        lines.append("ratio to kernel forwarding: 1 flow \(f(ratio1Flow)), 8 flows \(f(ratio8Flows))")
-        if let k = referenceKernelGbps, let c = referenceChainGbps, let r = referenceRatio, let v = versusCReference {
+        lines.append("fast path / kernel forwarding: 1 flow \(f(ratio1Flow)), 8 flows \(f(ratio8Flows)) (target ≥ 0.90)")
+        lines.append("fast path connect overhead per middlebox (p50): \(us(connectOverheadPerMiddleboxMicroseconds)) µs (target < 300)")
+        if let s1 = slowRatio1Flow, let s8 = slowRatio8Flows, let o = slowConnectOverheadPerMiddleboxMicroseconds {
+            lines.append("NFQUEUE only / kernel forwarding: 1 flow \(f(s1)), 8 flows \(f(s8)); connect overhead per middlebox (p50) \(us(o)) µs (target < 200)")
+        }
+        if let k = referenceKernelGbps, let c = referenceChainGbps, let r = referenceRatio {
             lines.append("C NFQUEUE chain reference: kernel \(f(k)) Gbit/s, chain \(f(c)) Gbit/s, ratio \(f(r))")
-            lines.append("dysco 1-flow ratio / C reference ratio: \(f(v)) (target ≥ 0.75)")
+            if let v = slowVersusCReference {
+                lines.append("NFQUEUE-only 1-flow ratio / C reference ratio: \(f(v)) (target ≥ 0.75)")
+            }
         } else {
             lines.append("C NFQUEUE reference: not run (pass --reference PATH to shared/bench/chain-nfqueue-ref.sh)")
         }
-        lines.append("connect overhead per middlebox (p50): \(us(connectOverheadPerMiddleboxMicroseconds)) µs (target < 200)")
         return lines.joined(separator: "\n")
     }
 }

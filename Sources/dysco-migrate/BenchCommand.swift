@@ -14,8 +14,9 @@ struct BenchCommand: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Kernel forwarding vs the Dysco chain on the same lab topology, in one invocation.",
             discussion: """
-                Builds lab bench-k (no agents, client→server routed through fw1) and lab bench-d (agents, \
-                policy chain through the middleboxes), one after the other, each with an iptables conntrack \
+                Builds lab bench-k (no agents, client→server routed through fw1), lab bench-d (agents with the \
+                kernel fast path, policy chain through the middleboxes) and lab bench-s (agents with \
+                --no-fastpath), one after the other, each with an iptables conntrack \
                 firewall on the middleboxes, and measures iperf3 goodput with 1 and 8 flows and connect() \
                 latency over --connections connections. Then runs the C NFQUEUE reference script (if found) \
                 and prints the ratios. Needs root; removes its labs.
@@ -29,6 +30,7 @@ struct BenchCommand: AsyncParsableCommand {
         var reference: String?
         @Option(help: "Extra argument for every agent (repeatable).") var agentArg: [String] = []
         @Flag(help: "Print the report as JSON.") var json = false
+        @Flag(help: "Skip the --no-fastpath (NFQUEUE only) run.") var noSlowPath = false
 
         func validate() throws {
             guard (1...2).contains(middleboxes) else { throw ValidationError("--middleboxes must be 1 or 2") }
@@ -43,6 +45,7 @@ struct BenchCommand: AsyncParsableCommand {
             options.connections = connections
             options.chain = (1...middleboxes).map { "fw\($0)" }
             options.agentArguments = agentArg
+            options.includeSlowPath = !noSlowPath
             let defaultReference = FileManager.default.currentDirectoryPath + "/../shared/bench/chain-nfqueue-ref.sh"
             switch reference {
             case "none": options.referenceScript = nil

@@ -111,3 +111,15 @@ struct FastPathTests {
         #expect(FastPathScript.session(ofChain: "pre") == nil)
     }
 }
+
+@Suite("Fast-path batching")
+struct FastPathBatchingTests {
+    @Test("install then remove of one session in a batch cancel out; remove then install (hold, release) stays")
+    func coalesce() {
+        let a = FastPathAction.install(1, []), b = FastPathAction.remove(1, [])
+        let c = FastPathAction.install(2, []), d = FastPathAction.remove(3, []), e = FastPathAction.install(3, [])
+        #expect(FastPathAction.coalesce([a, c, b]) == [c])
+        #expect(FastPathAction.coalesce([d, e]) == [d, e])
+        #expect(FastPathAction.coalesce([a, b, a]) == [a])
+    }
+}

@@ -85,7 +85,7 @@ import Testing
             usleep(700_000)
             let held = try await TestSupport.snapshot(lab, "fw1")
             #expect(held.sessions.first?.path == .held)
-            #expect(held.counters.packets > before + 500, "held: the transfer's packets reach the agent")
+            #expect(held.counters.packets > before + 50, "held: the transfer's packets reach the agent")
             // Release through the CLI.
             let bin = try TestSupport.dyscoBinary()
             for host in hosts {
