@@ -1,5 +1,28 @@
+/// A value written in JSON as its text form ("10.1.2.3", "10.0.0.0/8", "8000-8080").
+public protocol TextCodable: Codable, CustomStringConvertible {
+    init?(parsing text: String)
+    /// What the text must be, for the error message ("an IPv4 address").
+    static var textKind: String { get }
+}
+
+extension TextCodable {
+    public init(from decoder: any Decoder) throws {
+        let text = try decoder.singleValueContainer().decode(String.self)
+        guard let parsed = Self(parsing: text) else {
+            throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath,
+                                                    debugDescription: "'\(text)' is not \(Self.textKind)"))
+        }
+        self = parsed
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.singleValueContainer()
+        try container.encode(description)
+    }
+}
+
 /// An IPv4 address, held in host byte order.
-public struct IPv4Address: Hashable, Comparable, Sendable, CustomStringConvertible, Codable {
+public struct IPv4Address: Hashable, Comparable, Sendable, TextCodable {
     public var value: UInt32
 
     public init(_ value: UInt32) { self.value = value }
@@ -26,23 +49,12 @@ public struct IPv4Address: Hashable, Comparable, Sendable, CustomStringConvertib
 
     public static func < (lhs: Self, rhs: Self) -> Bool { lhs.value < rhs.value }
 
-    public init(from decoder: any Decoder) throws {
-        let text = try decoder.singleValueContainer().decode(String.self)
-        guard let parsed = IPv4Address(text) else {
-            throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath,
-                                                    debugDescription: "'\(text)' is not an IPv4 address"))
-        }
-        self = parsed
-    }
-
-    public func encode(to encoder: any Encoder) throws {
-        var container = encoder.singleValueContainer()
-        try container.encode(description)
-    }
+    public init?(parsing text: String) { self.init(text) }
+    public static let textKind = "an IPv4 address"
 }
 
 /// An IPv4 prefix such as 10.1.0.0/24.
-public struct IPv4Prefix: Hashable, Sendable, CustomStringConvertible, Codable {
+public struct IPv4Prefix: Hashable, Sendable, TextCodable {
     public var address: IPv4Address
     public var length: Int
 
@@ -63,17 +75,6 @@ public struct IPv4Prefix: Hashable, Sendable, CustomStringConvertible, Codable {
 
     public var description: String { "\(address)/\(length)" }
 
-    public init(from decoder: any Decoder) throws {
-        let text = try decoder.singleValueContainer().decode(String.self)
-        guard let parsed = IPv4Prefix(text) else {
-            throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath,
-                                                    debugDescription: "'\(text)' is not an IPv4 prefix"))
-        }
-        self = parsed
-    }
-
-    public func encode(to encoder: any Encoder) throws {
-        var container = encoder.singleValueContainer()
-        try container.encode(description)
-    }
+    public init?(parsing text: String) { self.init(text) }
+    public static let textKind = "an IPv4 prefix"
 }

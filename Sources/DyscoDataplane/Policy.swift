@@ -1,7 +1,7 @@
 import Foundation
 
 /// An inclusive port range, written "80", "8000-8080" or "any".
-public struct PortRange: Hashable, Sendable, CustomStringConvertible, Codable {
+public struct PortRange: Hashable, Sendable, TextCodable {
     public var lower: UInt16
     public var upper: UInt16
 
@@ -27,23 +27,21 @@ public struct PortRange: Hashable, Sendable, CustomStringConvertible, Codable {
         self == .any ? "any" : lower == upper ? "\(lower)" : "\(lower)-\(upper)"
     }
 
-    public init(from decoder: any Decoder) throws {
-        let container = try decoder.singleValueContainer()
-        if let number = try? container.decode(UInt16.self) {
-            self.init(lower: number, upper: number)
-            return
-        }
-        let text = try container.decode(String.self)
-        guard let parsed = PortRange(text) else {
-            throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath,
-                                                    debugDescription: "'\(text)' is not a port or port range"))
-        }
-        self = parsed
-    }
+    public init?(parsing text: String) { self.init(text) }
+    public static let textKind = "a port or port range"
 
-    public func encode(to encoder: any Encoder) throws {
-        var container = encoder.singleValueContainer()
-        try container.encode(description)
+    /// Also accepts a bare JSON number (80).
+    public init(from decoder: any Decoder) throws {
+        if let number = try? decoder.singleValueContainer().decode(UInt16.self) {
+            self.init(lower: number, upper: number)
+        } else {
+            let text = try decoder.singleValueContainer().decode(String.self)
+            guard let parsed = PortRange(parsing: text) else {
+                throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath,
+                                                        debugDescription: "'\(text)' is not \(Self.textKind)"))
+            }
+            self = parsed
+        }
     }
 }
 

@@ -6,20 +6,8 @@ import Testing
 
 /// `dysco-migrate state …` as an operator runs it: under `ip netns exec` and with `--netns`.
 @Suite struct ConntrackCLITests {
-    /// The built CLI: $DYSCO_BIN, else next to the test bundle (.build/<config>/dysco-migrate).
-    static func binary() throws -> String {
-        if let path = ProcessInfo.processInfo.environment["DYSCO_BIN"] { return path }
-        var directory = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
-        for _ in 0..<4 {
-            let candidate = directory.appendingPathComponent("dysco-migrate").path
-            if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
-            directory.deleteLastPathComponent()
-        }
-        throw ConntrackLabError("dysco-migrate not found next to \(CommandLine.arguments[0]); set DYSCO_BIN")
-    }
-
     @Test func exportAndImportThroughTheCLI() throws {
-        let bin = try Self.binary()
+        let bin = try TestSupport.dyscoBinary()
         let prefix = "ctC"
         ConntrackLab.removeNamespaces(prefix: prefix)
         defer { ConntrackLab.removeNamespaces(prefix: prefix) }

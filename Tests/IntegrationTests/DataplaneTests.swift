@@ -10,18 +10,6 @@ import Testing
     /// Closed sessions stay listed long enough to be inspected after the transfer, however loaded the machine.
     static let keepClosedSessions = ["--close-linger", "120"]
 
-    /// Runs `body` with a lab that is always torn down.
-    func withLab(_ spec: LabSpec, _ body: (Lab) async throws -> Void) async throws {
-        let lab = try TestSupport.freshLab(spec)
-        do {
-            try await body(lab)
-        } catch {
-            _ = try? lab.down()
-            throw error
-        }
-        _ = try lab.down()
-    }
-
     /// Sniffs TCP packets on `host`'s eth0 (AF_PACKET: what is on the wire) while `during` runs; returns
     /// "src sport dst dport" lines for packets touching `port` on either side.
     func sniff(_ lab: Lab, on host: String, port: UInt16, count: Int, during: () throws -> Void) throws -> [String] {
@@ -54,7 +42,7 @@ import Testing
 
     @Test("(a) 64 MiB HTTP download client→fw1→server: byte-exact, fw1 tracks the session, the wire carries subsessions")
     func httpThroughFirewall() async throws {
-        try await withLab(LabSpec(name: "dp1", middleboxes: ["fw1"], subnet: "10.78.1.0/24",
+        try await TestSupport.withLab(LabSpec(name: "dp1", middleboxes: ["fw1"], subnet: "10.78.1.0/24",
                                   agentArguments: Self.keepClosedSessions)) { lab in
             try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 64)
             let client = lab.address(of: "client1"), fw1 = lab.address(of: "fw1"), server = lab.address(of: "server1")
@@ -97,7 +85,7 @@ import Testing
 
     @Test("(b) a chain of two middleboxes: both firewalls see the session, the download is byte-exact")
     func twoMiddleboxes() async throws {
-        try await withLab(LabSpec(name: "dp2", middleboxes: ["fw1", "fw2"], chain: ["fw1", "fw2"],
+        try await TestSupport.withLab(LabSpec(name: "dp2", middleboxes: ["fw1", "fw2"], chain: ["fw1", "fw2"],
                                   subnet: "10.78.2.0/24", agentArguments: Self.keepClosedSessions)) { lab in
             try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 16)
             let client = lab.address(of: "client1"), server = lab.address(of: "server1")
@@ -117,7 +105,7 @@ import Testing
 
     @Test("(c) 100 concurrent sessions through fw1, each byte-exact")
     func hundredSessions() async throws {
-        try await withLab(LabSpec(name: "dp3", middleboxes: ["fw1"], subnet: "10.78.3.0/24")) { lab in
+        try await TestSupport.withLab(LabSpec(name: "dp3", middleboxes: ["fw1"], subnet: "10.78.3.0/24")) { lab in
             try TestSupport.makeRandomFile("\(lab.httpRoot)/small", megabytes: 1)
             let server = lab.address(of: "server1")
             var args = ["curl", "-sS", "--fail", "-m", "90", "--parallel", "--parallel-immediate", "--parallel-max", "100"]
@@ -137,7 +125,7 @@ import Testing
 
     @Test("(d) traffic outside the policy is left alone: no session, no rewriting, it does not cross fw1")
     func outsidePolicy() async throws {
-        try await withLab(LabSpec(name: "dp4", middleboxes: ["fw1"], subnet: "10.78.4.0/24")) { lab in
+        try await TestSupport.withLab(LabSpec(name: "dp4", middleboxes: ["fw1"], subnet: "10.78.4.0/24")) { lab in
             try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 4)
             let server = lab.address(of: "server1"), client = lab.address(of: "client1")
             let target = "\(lab.directory)/blob.client"

@@ -7,15 +7,6 @@ import Testing
 /// The kernel fast path on real namespaces (needs root). Labs `fpN`, subnets 10.78.1N.0/24. The data-plane
 /// tests (DataplaneTests) run with the fast path on as well: it is the agent's default.
 @Suite struct FastPathIntegrationTests {
-    func withLab(_ spec: LabSpec, _ body: (Lab) async throws -> Void) async throws {
-        let lab = try TestSupport.freshLab(spec)
-        do { try await body(lab) } catch {
-            _ = try? lab.down()
-            throw error
-        }
-        _ = try lab.down()
-    }
-
     /// Elements of the fast-path maps and per-session chains in `host`.
     func kernelState(_ lab: Lab, _ host: String) throws -> (elements: Int, sessionChains: Int) {
         let json = try lab.exec(host, ["nft", "-j", "list", "table", "ip", FastPathScript.table]).stdout
@@ -43,7 +34,7 @@ import Testing
 
     @Test("after the handshake a bulk transfer's packets stay in the kernel; the firewall still sees the session")
     func bulkStaysInKernel() async throws {
-        try await withLab(LabSpec(name: "fp1", middleboxes: ["fw1"], subnet: "10.78.11.0/24",
+        try await TestSupport.withLab(LabSpec(name: "fp1", middleboxes: ["fw1"], subnet: "10.78.11.0/24",
                                   agentArguments: DataplaneTests.keepClosedSessions)) { lab in
             let (target, _) = try download(lab, megabytes: 64)
             #expect(try TestSupport.sha256(target) == TestSupport.sha256("\(lab.httpRoot)/blob"))
@@ -62,7 +53,7 @@ import Testing
 
     @Test("a live session taken back to the slow path and returned mid-transfer stays byte-exact")
     func holdAndReleaseMidTransfer() async throws {
-        try await withLab(LabSpec(name: "fp2", middleboxes: ["fw1"], subnet: "10.78.12.0/24")) { lab in
+        try await TestSupport.withLab(LabSpec(name: "fp2", middleboxes: ["fw1"], subnet: "10.78.12.0/24")) { lab in
             let (target, process) = try download(lab, megabytes: 48, rate: "6M")
             let curl = try #require(process)
             let hosts = ["client1", "fw1", "server1"]
@@ -104,7 +95,7 @@ import Testing
         var spec = LabSpec(name: "fp3", middleboxes: ["fw1"], subnet: "10.78.13.0/24",
                            policyPorts: [80, DataplaneBenchmark.sinkPort], agentArguments: ["--close-linger", "0.5"])
         spec.services = false
-        try await withLab(spec) { lab in
+        try await TestSupport.withLab(spec) { lab in
             let bin = try TestSupport.dyscoBinary()
             let server = lab.address(of: "server1").description
             try lab.spawn("server1", [bin, "bench", "sink", "--address", server, "--port", "\(DataplaneBenchmark.sinkPort)"])
@@ -130,7 +121,7 @@ import Testing
 
     @Test("agent killed with -9 and restarted: its stale kernel elements are cleared and new sessions work")
     func killAndRestart() async throws {
-        try await withLab(LabSpec(name: "fp4", middleboxes: ["fw1"], subnet: "10.78.14.0/24",
+        try await TestSupport.withLab(LabSpec(name: "fp4", middleboxes: ["fw1"], subnet: "10.78.14.0/24",
                                   agentArguments: DataplaneTests.keepClosedSessions)) { lab in
             let (first, _) = try download(lab, megabytes: 8)
             #expect(try TestSupport.sha256(first) == TestSupport.sha256("\(lab.httpRoot)/blob"))

@@ -281,20 +281,8 @@ import Glibc
         #expect(!FileManager.default.fileExists(atPath: LabPaths.directory("lt5")))
     }
 
-    /// The binary: $DYSCO_BIN, or `dysco-migrate` next to the test bundle (or a parent of it).
-    static func dyscoBinary() throws -> String {
-        if let path = ProcessInfo.processInfo.environment["DYSCO_BIN"] { return path }
-        var dir = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
-        for _ in 0..<4 {
-            let candidate = dir.appendingPathComponent("dysco-migrate").path
-            if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
-            dir = dir.deletingLastPathComponent()
-        }
-        throw LabError.notFound("dysco-migrate binary not found near \(CommandLine.arguments[0]); set DYSCO_BIN")
-    }
-
     @Test func commandLine() throws {
-        let bin = try Self.dyscoBinary()
+        let bin = try TestSupport.dyscoBinary()
         try Self.clean("lt6")
         let up = try Command.run([bin, "lab", "up", "--name", "lt6", "--no-agents", "--middleboxes", "fw1",
                                   "--subnet", "10.77.6.0/24", "--route-via", "fw1", "--json"])
@@ -327,7 +315,7 @@ import Glibc
     /// other ports go direct; an agent restart keeps the lab usable.
     @Test func realAgentsSteerPolicyPortsThroughTheChain() throws {
         try Self.clean("lt7")
-        let lab = try Lab.up(LabSpec(name: "lt7", subnet: "10.77.7.0/24", agentBinary: try Self.dyscoBinary()),
+        let lab = try Lab.up(LabSpec(name: "lt7", subnet: "10.77.7.0/24", agentBinary: try TestSupport.dyscoBinary()),
                              logger: Self.logger)
         do {
             #expect(lab.hosts.allSatisfy { lab.agentIsAlive($0.name) })

@@ -12,16 +12,20 @@ enum TestSupport {
         return logger
     }()
 
-    /// The CLI under test: $DYSCO_BIN, else `dysco-migrate` next to the test bundle (or a parent of it).
-    static func dyscoBinary() throws -> String {
-        if let path = ProcessInfo.processInfo.environment["DYSCO_BIN"], !path.isEmpty { return path }
-        var dir = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
-        for _ in 0..<4 {
-            let candidate = dir.appendingPathComponent("dysco-migrate").path
-            if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
-            dir = dir.deletingLastPathComponent()
+    /// The CLI under test: $DYSCO_BIN, else `dysco-migrate` next to the test bundle (or a parent of it) —
+    /// the lookup the lab itself uses for its agents.
+    static func dyscoBinary() throws -> String { try Lab.defaultAgentBinary() }
+
+    /// Runs `body` with a fresh lab that is torn down afterwards, also when `body` fails.
+    static func withLab(_ spec: LabSpec, _ body: (Lab) async throws -> Void) async throws {
+        let lab = try freshLab(spec)
+        do {
+            try await body(lab)
+        } catch {
+            _ = try? lab.down()
+            throw error
         }
-        throw LabError.notFound("dysco-migrate binary not found near \(CommandLine.arguments[0]); set DYSCO_BIN")
+        _ = try lab.down()
     }
 
     /// Writes `megabytes` MiB of random bytes to `path`.

@@ -1,0 +1,51 @@
+import DyscoDataplane
+import Foundation
+import Testing
+
+@Suite("Agent configuration and policies (paper §2.2: predicate → middlebox list)")
+struct PolicyTests {
+    func decode(_ json: String) throws -> AgentConfig {
+        try JSONDecoder().decode(AgentConfig.self, from: Data(json.utf8))
+    }
+
+    @Test("a config round-trips and its first matching policy decides the chain")
+    func matching() throws {
+        let config = try decode("""
+            {"version": 1, "policies": [
+              {"name": "web", "match": {"src": "10.77.0.0/24", "dst": "10.77.0.201/32", "dport": [80, "8000-8080"]},
+               "chain": ["10.77.0.101", "10.77.0.102"]},
+              {"name": "any", "match": {}, "chain": ["10.77.0.103"]}]}
+            """)
+        try config.validate()
+        let web = FiveTuple.t("10.77.0.10", 40000, "10.77.0.201", 8042)
+        #expect(config.policy(for: web)?.name == "web")
+        #expect(config.policy(for: web)?.chain == [IPv4Address("10.77.0.101")!, IPv4Address("10.77.0.102")!])
+        #expect(config.policy(for: .t("10.77.0.10", 40000, "10.77.0.201", 22))?.name == "any")
+        #expect(config.policy(for: .t("10.9.0.10", 40000, "10.77.0.201", 80))?.name == "any")
+        let again = try JSONDecoder().decode(AgentConfig.self, from: JSONEncoder().encode(config))
+        #expect(again == config)
+    }
+
+    @Test("bad configs are refused with the reason", arguments: [
+        (#"{"version": 2, "policies": []}"#, "version 2"),
+        (#"{"version": 1, "policies": [{"name": "p", "match": {}, "chain": []}]}"#, "chain is empty"),
+        (#"{"version": 1, "policies": [{"name": "p", "match": {}, "chain": ["10.0.0.1", "10.0.0.1"]}]}"#, "appears twice"),
+    ])
+    func invalid(json: String, reason: String) throws {
+        let config = try decode(json)
+        #expect(throws: AgentConfig.ValidationError.self) { try config.validate() }
+        do { try config.validate() } catch { #expect("\(error)".contains(reason)) }
+    }
+
+    @Test("malformed addresses, prefixes and port ranges fail to decode, naming the value")
+    func malformed() {
+        for json in [#"{"version":1,"policies":[{"name":"p","match":{"dst":"10.0.0.300/32"},"chain":["10.0.0.1"]}]}"#,
+                     #"{"version":1,"policies":[{"name":"p","match":{"dport":["90-80"]},"chain":["10.0.0.1"]}]}"#,
+                     #"{"version":1,"policies":[{"name":"p","match":{},"chain":["fw1"]}]}"#] {
+            #expect(throws: DecodingError.self) { try decode(json) }
+        }
+        #expect(IPv4Prefix("10.1.2.3/24")?.description == "10.1.2.0/24")
+        #expect(IPv4Address("1.2.3") == nil && IPv4Address("01.2.3.4444") == nil)
+        #expect(PortRange("any") == .any && PortRange("5-4") == nil)
+    }
+}
