@@ -59,7 +59,8 @@ private func expectCompletes(_ lab: ConntrackLab, _ curl: Process, sha: String, 
     #expect(elapsed < remaining + 6, "took \(elapsed) s after the switch for \(remaining) s of data\(lab.diagnostics())")
     #expect(try lab.sha256(lab.downloadPath) == sha, "downloaded file differs")
     let counters = try lab.dropCounters(lab.fwB)
-    #expect(counters.invalid >= 0 && counters.invalid <= 5, "fwB dropped \(counters.invalid) INVALID packets")
+    // A few segments in flight at the switch may fall outside the window fwB learns from the next packets.
+    #expect(counters.invalid <= 16, "fwB dropped \(counters.invalid) INVALID packets")
     // fwB really carried the rest of the session (not some leftover path through fwA): count its bytes.
     let established = try Command.run(["iptables", "-w", "-L", "FORWARD", "-v", "-x", "-n"], netns: lab.fwB).stdout
         .split(separator: "\n").first { $0.contains("RELATED,ESTABLISHED") || $0.contains("ESTABLISHED,RELATED") }

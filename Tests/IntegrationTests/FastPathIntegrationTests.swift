@@ -53,19 +53,26 @@ import Testing
 
     @Test("a live session taken back to the slow path and returned mid-transfer stays byte-exact")
     func holdAndReleaseMidTransfer() async throws {
-        try await TestSupport.withLab(LabSpec(name: "fp2", middleboxes: ["fw1"], subnet: "10.78.12.0/24")) { lab in
-            let (target, process) = try download(lab, megabytes: 48, rate: "6M")
+        try await TestSupport.withLab(LabSpec(name: "fp2", middleboxes: ["fw1"], subnet: "10.78.12.0/24",
+                                  agentArguments: DataplaneTests.keepClosedSessions)) { lab in
+            let (target, process) = try download(lab, megabytes: 96, rate: "4M")
             let curl = try #require(process)
             let hosts = ["client1", "fw1", "server1"]
             // Wait until every host carries the session in the kernel.
             var ids: [String: UInt64] = [:]
-            for _ in 0..<50 where ids.count < 3 {
+            var paths: [String: String] = [:]
+            let deadline = Date().addingTimeInterval(15)
+            while ids.count < 3, Date() < deadline {
                 usleep(100_000)
                 for host in hosts {
-                    if let s = try await TestSupport.snapshot(lab, host).sessions.first, s.path == .kernel { ids[host] = s.id }
+                    let s = try await TestSupport.snapshot(lab, host).sessions.first
+                    paths[host] = s.map { "\($0.path)" } ?? "none"
+                    if let s, s.path == .kernel { ids[host] = s.id }
                 }
             }
-            #expect(ids.count == 3, "every host moved the session to the kernel: \(ids)")
+            try #require(ids.count == 3, "every host moved the session to the kernel: \(paths)")
+            // (A 96 MiB transfer at 4 MiB/s lasts 24 s: time enough on a loaded 2-core machine.)
+            let t0 = Date()
             let before = try await TestSupport.snapshot(lab, "fw1").counters.packets
             for host in hosts {
                 let reply = try await ControlClient.request(ControlRequest(.hold, sessions: [ids[host] ?? 0]),
@@ -73,16 +80,24 @@ import Testing
                 #expect(try JSONDecoder().decode(ControlPathReply.self, from: reply).sessions == [ids[host] ?? 0])
             }
             #expect(try kernelState(lab, "fw1").elements == 0, "held: nothing left in the kernel")
-            usleep(700_000)
-            let held = try await TestSupport.snapshot(lab, "fw1")
+            // While held, the transfer's packets reach the agent (the rate-limited transfer sends in bursts).
+            var held = try await TestSupport.snapshot(lab, "fw1")
+            let heldDeadline = Date().addingTimeInterval(5)
+            while held.counters.packets < before + 20, Date() < heldDeadline {
+                usleep(100_000)
+                held = try await TestSupport.snapshot(lab, "fw1")
+            }
             #expect(held.sessions.first?.path == .held)
-            #expect(held.counters.packets > before + 50, "held: the transfer's packets reach the agent")
+            #expect(held.counters.packets >= before + 20,
+                    "held: the transfer's packets reach the agent (\(Date().timeIntervalSince(t0)) s after kernel; \(held.sessions.first.map { "\($0.state) age \($0.ageSeconds)" } ?? "-"))")
             // Release through the CLI.
             let bin = try TestSupport.dyscoBinary()
             for host in hosts {
                 try Command.run([bin, "path", "release", "\(ids[host] ?? 0)", "--netns", lab.namespace(of: host)])
             }
-            #expect(try kernelState(lab, "fw1").elements == 4)
+            let released = try kernelState(lab, "fw1")
+            let after = try await TestSupport.snapshot(lab, "fw1")
+            #expect(released.elements == 4, "released: \(released), fw1 session: \(String(describing: after.sessions.first))")
             curl.waitUntilExit()
             #expect(curl.terminationStatus == 0)
             #expect(try TestSupport.sha256(target) == TestSupport.sha256("\(lab.httpRoot)/blob"))
@@ -133,7 +148,12 @@ import Testing
             #expect(try kernelState(lab, "fw1") == (0, 0), "the restarted agent replaced the table")
             let (second, _) = try download(lab, megabytes: 8)
             #expect(try TestSupport.sha256(second) == TestSupport.sha256("\(lab.httpRoot)/blob"))
-            #expect(try await TestSupport.snapshot(lab, "fw1").sessions.contains { $0.path == .kernel })
+            var inKernel = false
+            for _ in 0..<30 where !inKernel {
+                inKernel = try await TestSupport.snapshot(lab, "fw1").sessions.contains { $0.path == .kernel }
+                if !inKernel { usleep(100_000) }
+            }
+            #expect(inKernel, "the restarted agent hands new sessions to the kernel again")
             // A clean stop removes the table.
             try lab.killAgent("fw1", signal: SIGTERM)
             #expect(try lab.exec("fw1", ["nft", "list", "table", "ip", FastPathScript.table], check: false).status != 0)
