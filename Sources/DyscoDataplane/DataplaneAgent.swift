@@ -17,6 +17,8 @@ public final class DataplaneAgent: @unchecked Sendable {
         public var netns: String?
         /// Mirror established sessions into nftables (``FastPathWorker``); false: NFQUEUE only.
         public var fastPath = true
+        /// Re-route locally sent packets the fast path rewrote: nil = only if this namespace has gateway routes.
+        public var fastPathReroute: Bool?
         /// How often kernel counters are read for idle expiry of kernel-carried sessions.
         public var counterPollSeconds = 5
 
@@ -64,7 +66,10 @@ public final class DataplaneAgent: @unchecked Sendable {
         }
         rules = QueueRules(queue: options.queue)
         if options.fastPath {
-            fastPath = try FastPathWorker(logger: logger) { [weak self] outcome in
+            let reroute = options.fastPathReroute ?? RouteTable.hasGatewayRoutes(
+                procNetRoute: (try? String(contentsOfFile: "/proc/net/route", encoding: .utf8)) ?? "")
+            logger.info("kernel fast path on", metadata: ["fastpath.reroute": "\(reroute)"])
+            fastPath = try FastPathWorker(reroute: reroute, logger: logger) { [weak self] outcome in
                 self?.processor.withLock { state in
                     state.fastPathInstalled(outcome.installed)
                     state.fastPathFailed(outcome.failed)

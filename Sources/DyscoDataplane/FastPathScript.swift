@@ -6,7 +6,7 @@
 ///   map ingress { type ipv4_addr . inet_service . ipv4_addr . inet_service : verdict; }
 ///   map egress  { type ipv4_addr . inet_service . ipv4_addr . inet_service : verdict; }
 ///   chain pre  { type filter hook prerouting priority -310; ... vmap @ingress }   # before conntrack and DYSCO-IN
-///   chain out  { type route hook output priority -160; ... vmap @egress }         # local egress, re-routed
+///   chain out  { type route|filter hook output priority -160; ... vmap @egress }  # local egress
 ///   chain post { type filter hook postrouting priority -160; ... vmap @egress }   # forwarded egress
 ///   chain s<id>_<k> { counter; tcp flags & (fin|syn|rst) != 0 return; <rewrite>; meta mark set mark | BIT }
 /// }
@@ -34,7 +34,12 @@ public enum FastPathScript {
     }
 
     /// Replaces the table with an empty one in one transaction (a crashed agent's leftovers go with it).
-    public static var reset: String {
+    ///
+    /// `reroute`: local egress runs in a `route` chain, so the kernel re-routes a packet whose destination
+    /// the rewrite changed (needed when a next hop lies behind a gateway; it costs a route lookup per packet).
+    /// Without it, a `filter` chain: right whenever every destination is on-link, where the neighbour is
+    /// resolved from the rewritten address (DESIGN §2).
+    public static func reset(reroute: Bool) -> String {
         """
         add table ip \(table)
         delete table ip \(table)
@@ -42,7 +47,7 @@ public enum FastPathScript {
           map ingress { type ipv4_addr . inet_service . ipv4_addr . inet_service : verdict; }
           map egress { type ipv4_addr . inet_service . ipv4_addr . inet_service : verdict; }
           chain pre { type filter hook prerouting priority -310; policy accept; ip protocol tcp ip saddr . tcp sport . ip daddr . tcp dport vmap @ingress; }
-          chain out { type route hook output priority -160; policy accept; ip protocol tcp ip saddr . tcp sport . ip daddr . tcp dport vmap @egress; }
+          chain out { type \(reroute ? "route" : "filter") hook output priority -160; policy accept; ip protocol tcp ip saddr . tcp sport . ip daddr . tcp dport vmap @egress; }
           chain post { type filter hook postrouting priority -160; policy accept; ip protocol tcp ip saddr . tcp sport . ip daddr . tcp dport vmap @egress; }
         }
 
@@ -104,5 +109,20 @@ extension SessionTable.Record {
             result.append(.init(hook: .ingress, key: right.reversed, target: session.reversed))
         }
         return result
+    }
+}
+
+/// Whether this namespace routes anything through a gateway (IPv4 main table, `/proc/net/route`). Without
+/// such routes every destination is on-link and the fast path's local egress needs no re-routing.
+public enum RouteTable {
+    /// RTF_GATEWAY in the Flags column of /proc/net/route.
+    static let gatewayFlag: UInt32 = 0x0002
+
+    public static func hasGatewayRoutes(procNetRoute text: String) -> Bool {
+        text.split(separator: "\n").dropFirst().contains { line in
+            let fields = line.split(whereSeparator: { $0 == " " || $0 == "\t" })
+            guard fields.count > 3, let flags = UInt32(fields[3], radix: 16) else { return false }
+            return flags & gatewayFlag != 0
+        }
     }
 }

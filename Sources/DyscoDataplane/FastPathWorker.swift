@@ -21,11 +21,11 @@ final class FastPathWorker: @unchecked Sendable {
     private let report: @Sendable (Outcome) -> Void
 
     /// Replaces whatever table a predecessor left and creates an empty one.
-    init(logger: Logger, report: @escaping @Sendable (Outcome) -> Void) throws {
+    init(reroute: Bool, logger: Logger, report: @escaping @Sendable (Outcome) -> Void) throws {
         self.logger = logger
         self.report = report
         nft = try NftablesContext()
-        try nft.run(FastPathScript.reset, operation: "create table ip \(FastPathScript.table)")
+        try nft.run(FastPathScript.reset(reroute: reroute), operation: "create table ip \(FastPathScript.table)")
     }
 
     /// How long the first queued action waits for others to join its transaction.

@@ -60,6 +60,14 @@ struct AgentCommand: AsyncParsableCommand {
     @Flag(help: "Keep every packet in NFQUEUE: no kernel fast path (debugging, comparison).")
     var noFastpath = false
 
+    enum Reroute: String, ExpressibleByArgument, CaseIterable { case auto, always, never }
+
+    @Option(help: ArgumentHelp("""
+        Re-route local packets the fast path rewrote (auto: only when this namespace has routes via a gateway; \
+        on-link next hops need no re-routing, which saves a route lookup per packet).
+        """, valueName: "auto|always|never"))
+    var fastpathReroute: Reroute = .auto
+
     @Option(help: "Seconds a closed session's translations linger (last ACK, retransmitted FINs).")
     var closeLinger: Double = 10
 
@@ -102,6 +110,11 @@ struct AgentCommand: AsyncParsableCommand {
         options.settings.idleTimeout = UInt64(idleTimeout) * 1_000_000_000
         options.settings.closeLinger = UInt64(closeLinger * 1e9)
         options.fastPath = !noFastpath
+        options.fastPathReroute = switch fastpathReroute {
+        case .auto: nil
+        case .always: true
+        case .never: false
+        }
         let agent = try DataplaneAgent(config: agentConfig, options: options, logger: logger)
         do { try agent.start() } catch {
             agent.stop()

@@ -123,3 +123,23 @@ struct FastPathBatchingTests {
         #expect(FastPathAction.coalesce([a, b, a]) == [a])
     }
 }
+
+@Suite("Route table inspection for the fast path's local egress")
+struct RouteTableTests {
+    let header = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
+
+    @Test("on-link routes only: no re-routing needed; a gateway route (RTF_GATEWAY) needs it")
+    func gateways() {
+        let onLink = header + "eth0\t00004D0A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"
+        #expect(!RouteTable.hasGatewayRoutes(procNetRoute: onLink))
+        let viaGateway = onLink + "eth0\t00000000\t01004D0A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n"
+        #expect(RouteTable.hasGatewayRoutes(procNetRoute: viaGateway))
+        #expect(!RouteTable.hasGatewayRoutes(procNetRoute: ""))
+    }
+
+    @Test("the reset script picks the output chain type")
+    func resetScript() {
+        #expect(FastPathScript.reset(reroute: true).contains("chain out { type route hook output"))
+        #expect(FastPathScript.reset(reroute: false).contains("chain out { type filter hook output"))
+    }
+}

@@ -32,10 +32,13 @@ import Testing
         return (target, nil)
     }
 
-    @Test("after the handshake a bulk transfer's packets stay in the kernel; the firewall still sees the session")
-    func bulkStaysInKernel() async throws {
-        try await TestSupport.withLab(LabSpec(name: "fp1", middleboxes: ["fw1"], subnet: "10.78.11.0/24",
-                                  agentArguments: DataplaneTests.keepClosedSessions)) { lab in
+    @Test("after the handshake a bulk transfer's packets stay in the kernel; the firewall still sees the session",
+          arguments: [("fp1", "auto"), ("fp5", "always")])
+    func bulkStaysInKernel(lab name: String, reroute: String) async throws {
+        // auto: the lab is on-link, so local egress runs in a filter chain; always: in a route chain.
+        let subnet = name == "fp1" ? "10.78.11.0/24" : "10.78.15.0/24"
+        try await TestSupport.withLab(LabSpec(name: name, middleboxes: ["fw1"], subnet: subnet,
+                                  agentArguments: DataplaneTests.keepClosedSessions + ["--fastpath-reroute", reroute])) { lab in
             let (target, _) = try download(lab, megabytes: 64)
             #expect(try TestSupport.sha256(target) == TestSupport.sha256("\(lab.httpRoot)/blob"))
             for host in ["client1", "fw1", "server1"] {
