@@ -110,8 +110,8 @@ final class FastPathWorker: @unchecked Sendable {
 }
 
 /// Reads per-session packet counters out of `nft -j list table` output.
-enum FastPathCounters {
-    static func packetsBySession(json: Data) -> [SessionTable.SessionID: UInt64] {
+public enum FastPathCounters {
+    public static func packetsBySession(json: Data) -> [SessionTable.SessionID: UInt64] {
         guard let root = try? JSONSerialization.jsonObject(with: json) as? [String: Any],
               let objects = root["nftables"] as? [[String: Any]] else { return [:] }
         var totals: [SessionTable.SessionID: UInt64] = [:]

@@ -143,3 +143,23 @@ struct RouteTableTests {
         #expect(FastPathScript.reset(reroute: false).contains("chain out { type filter hook output"))
     }
 }
+
+@Suite("Kernel counters for idle expiry")
+struct FastPathCounterTests {
+    @Test("per-session packet counters are summed from `nft -j list table` output; base chains are ignored")
+    func parse() {
+        let json = """
+            {"nftables": [{"metainfo": {"version": "1.0.6"}},
+              {"rule": {"family": "ip", "table": "dysco", "chain": "pre", "handle": 6, "expr": [{"vmap": {}}]}},
+              {"rule": {"family": "ip", "table": "dysco", "chain": "s7_0", "handle": 10,
+                        "expr": [{"counter": {"packets": 120, "bytes": 9000}}, {"return": null}]}},
+              {"rule": {"family": "ip", "table": "dysco", "chain": "s7_1", "handle": 12,
+                        "expr": [{"counter": {"packets": 3, "bytes": 180}}, {"return": null}]}},
+              {"rule": {"family": "ip", "table": "dysco", "chain": "s9_0", "handle": 14,
+                        "expr": [{"counter": {"packets": 0, "bytes": 0}}]}}]}
+            """
+        let totals = FastPathCounters.packetsBySession(json: Data(json.utf8))
+        #expect(totals == [7: 123, 9: 0])
+        #expect(FastPathCounters.packetsBySession(json: Data("not json".utf8)).isEmpty)
+    }
+}
