@@ -154,6 +154,7 @@ public struct DataplaneBenchmark {
         let lab = try Lab.up(spec, logger: logger)
         defer { _ = try? lab.down() }
         let server = lab.address(of: "server1").description
+        if !spec.agents, options.chain.count > 1 { try routeThroughChain(lab) }
         let g1 = try iperf(lab, server: server, flows: 1)
         let g8 = try iperf(lab, server: server, flows: 8)
         let binary = try options.agentBinary ?? Lab.defaultAgentBinary()
@@ -166,6 +167,18 @@ public struct DataplaneBenchmark {
         let connect = try JSONDecoder().decode(ConnectLatencyResult.self, from: Data(out.stdout.utf8))
         return Run(label: label, goodput1FlowGbps: g1, goodput8FlowsGbps: g8, connect: connect,
                    sessionsPerSecond: Double(connect.count - connect.failures) / max(elapsed, 1e-9))
+    }
+
+    /// The kernel baseline crosses the same middleboxes as the chain: client → fw1 → fw2 → … → server and back
+    /// (the lab's own routes only go through the first one).
+    private func routeThroughChain(_ lab: Lab) throws {
+        let hops = options.chain.map { lab.address(of: $0).description }
+        let client = lab.address(of: "client1").description, server = lab.address(of: "server1").description
+        for (index, hop) in options.chain.enumerated() {
+            if index + 1 < hops.count { try lab.exec(hop, ["ip", "route", "replace", "\(server)/32", "via", hops[index + 1]]) }
+            if index > 0 { try lab.exec(hop, ["ip", "route", "replace", "\(client)/32", "via", hops[index - 1]]) }
+        }
+        try lab.exec("server1", ["ip", "route", "replace", "\(client)/32", "via", hops[hops.count - 1]])
     }
 
     private func iperf(_ lab: Lab, server: String, flows: Int) throws -> Double {
