@@ -36,6 +36,8 @@ public struct DataplaneCounters: Sendable, Codable, Equatable {
     public var sessionsRemoved: UInt64 = 0
     /// Packets handed back with a full TCP checksum recomputed (CHECKSUM_PARTIAL or length change).
     public var fullChecksums: UInt64 = 0
+    /// Sessions the kernel fast path took over (each hand-over counts, also after a release).
+    public var fastPathInstalls: UInt64 = 0
 
     public init() {}
 }
@@ -81,6 +83,10 @@ public struct PacketProcessor: Sendable {
         public var resetLinger: UInt64 = 1 * 1_000_000_000
         /// Mirror established sessions into the kernel (nftables); false keeps everything in NFQUEUE.
         public var fastPath = false
+        /// Packets a session must have carried through this agent before it is handed to the kernel: short
+        /// exchanges (connect, a request, close) finish on the slow path instead of costing two nftables
+        /// transactions; a bulk transfer reaches the threshold within its first round trips.
+        public var fastPathAfterPackets: UInt64 = 8
         public init() {}
     }
 
@@ -252,8 +258,10 @@ public struct PacketProcessor: Sendable {
         table.update(translation.id) { record in
             defer {
                 // The handshake is complete through this agent once a plain segment goes forward with every
-                // subsession of the record established: from then on the kernel can carry the session.
+                // subsession of the record established: from then on the kernel can carry the session (once
+                // it has carried `fastPathAfterPackets` packets).
                 if settings.fastPath, record.path == .slow, !record.fastPathFailed, record.closeDeadline == nil,
+                   record.packets >= settings.fastPathAfterPackets,
                    translation.direction == .forward, flags.isDisjoint(with: [.syn, .fin, .rst]),
                    record.right == nil || record.rightEstablished {
                     record.path = .pending
@@ -309,7 +317,10 @@ public struct PacketProcessor: Sendable {
 
     /// The kernel now carries these sessions (unless they were held or removed meanwhile).
     public mutating func fastPathInstalled(_ ids: [SessionTable.SessionID]) {
-        for id in ids { table.update(id) { if $0.path == .pending { $0.path = .kernel } } }
+        for id in ids {
+            table.update(id) { if $0.path == .pending { $0.path = .kernel } }
+            counters.fastPathInstalls &+= 1
+        }
     }
 
     /// The kernel refused these sessions: they stay on the slow path for good.

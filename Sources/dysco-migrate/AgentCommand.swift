@@ -68,6 +68,9 @@ struct AgentCommand: AsyncParsableCommand {
         """, valueName: "auto|always|never"))
     var fastpathReroute: Reroute = .auto
 
+    @Option(help: "Packets a session carries through the agent before the kernel takes it over (short exchanges stay).")
+    var fastpathAfter: UInt64 = 8
+
     @Option(help: "Seconds a closed session's translations linger (last ACK, retransmitted FINs).")
     var closeLinger: Double = 10
 
@@ -110,6 +113,7 @@ struct AgentCommand: AsyncParsableCommand {
         options.settings.idleTimeout = UInt64(idleTimeout) * 1_000_000_000
         options.settings.closeLinger = UInt64(closeLinger * 1e9)
         options.fastPath = !noFastpath
+        options.settings.fastPathAfterPackets = fastpathAfter
         options.fastPathReroute = switch fastpathReroute {
         case .auto: nil
         case .always: true

@@ -11,6 +11,7 @@ struct FastPathTests {
         let policy = Policy(name: "web", match: SessionPredicate(dport: [PortRange("80")!]), chain: [fw1])
         var settings = PacketProcessor.Settings()
         settings.fastPath = true
+        settings.fastPathAfterPackets = 0
         let h = ChainHarness()
         h.hosts["client"] = PacketProcessor(config: AgentConfig(policies: [policy]), portRange: 10000...10999, settings: settings)
         h.hosts["fw1"] = PacketProcessor(config: AgentConfig(), portRange: 20000...20999, settings: settings)
@@ -82,6 +83,19 @@ struct FastPathTests {
         h.hosts["fw1"] = fw
         _ = try #require(h.send(PacketBuilder(tuple: session, flags: [.ack]).build(), along: ["client", "fw1", "server"]))
         #expect(h.hosts["fw1"]!.fastPathActions.isEmpty)
+    }
+
+    @Test("with a packet threshold, a short exchange stays on the slow path and a longer one moves")
+    func threshold() throws {
+        let h = harness()
+        for host in ["client", "fw1", "server"] { h.hosts[host]!.settings.fastPathAfterPackets = 8 }
+        try handshake(h)
+        _ = try #require(h.send(PacketBuilder(tuple: session, flags: [.ack]).build(), along: ["client", "fw1", "server"]))
+        #expect(h.hosts["fw1"]!.fastPathActions.isEmpty, "3 packets: not yet")
+        for _ in 0..<5 {
+            _ = try #require(h.send(PacketBuilder(tuple: session, flags: [.ack], payload: [1]).build(), along: ["client", "fw1", "server"]))
+        }
+        #expect(h.hosts["fw1"]!.fastPathActions.count == 1, "8 packets: handed to the kernel")
     }
 
     @Test("fast path off: nothing is ever handed to the kernel")

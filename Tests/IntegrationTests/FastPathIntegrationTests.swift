@@ -45,7 +45,7 @@ import Testing
                 let snapshot = try await TestSupport.snapshot(lab, host)
                 #expect(snapshot.fastPath)
                 // 64 MiB is > 40,000 full-size segments (and their ACKs); the agent saw the handshake and the close.
-                #expect(snapshot.counters.packets < 100, "\(host): \(snapshot.counters.packets) packets reached the queue")
+                #expect(snapshot.counters.packets < 300, "\(host): \(snapshot.counters.packets) packets reached the queue")
                 #expect(snapshot.sessions.allSatisfy { $0.path == .kernel }, "\(host): \(snapshot.sessions.map(\.path))")
             }
             #expect(try kernelState(lab, "fw1").elements == 4)
@@ -69,7 +69,7 @@ import Testing
                 usleep(100_000)
                 for host in hosts {
                     let s = try await TestSupport.snapshot(lab, host).sessions.first
-                    paths[host] = s.map { "\($0.path)" } ?? "none"
+                    paths[host] = (paths[host] ?? "") + " " + (s.map { "\($0.path)@\(String(format: "%.1f", $0.ageSeconds))" } ?? "none")
                     if let s, s.path == .kernel { ids[host] = s.id }
                 }
             }
@@ -111,7 +111,9 @@ import Testing
     @Test("1,000 sessions set up and torn down leave the maps empty")
     func thousandSessions() async throws {
         var spec = LabSpec(name: "fp3", middleboxes: ["fw1"], subnet: "10.78.13.0/24",
-                           policyPorts: [80, DataplaneBenchmark.sinkPort], agentArguments: ["--close-linger", "0.5"])
+                           policyPorts: [80, DataplaneBenchmark.sinkPort],
+                           // Every session goes to the kernel at its third ACK (no packet threshold).
+                           agentArguments: ["--close-linger", "0.5", "--fastpath-after", "0"])
         spec.services = false
         try await TestSupport.withLab(spec) { lab in
             let bin = try TestSupport.dyscoBinary()
@@ -122,7 +124,9 @@ import Testing
                                                "\(DataplaneBenchmark.sinkPort)", "--count", "1000"])
             let result = try JSONDecoder().decode(ConnectLatencyResult.self, from: Data(out.stdout.utf8))
             #expect(result.failures == 0)
-            #expect(try await TestSupport.snapshot(lab, "fw1").counters.sessionsCreated >= 1000)
+            let fw1 = try await TestSupport.snapshot(lab, "fw1")
+            #expect(fw1.counters.sessionsCreated >= 1000)
+            #expect(fw1.counters.fastPathInstalls >= 500, "sessions did reach the kernel: \(fw1.counters.fastPathInstalls)")
             // Linger 0.5 s, expiry runs every second.
             var remaining = -1
             for _ in 0..<40 {
