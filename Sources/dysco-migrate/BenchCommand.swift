@@ -24,6 +24,7 @@ struct BenchCommand: AsyncParsableCommand {
         )
 
         @Option(help: "Seconds per iperf3 run.") var seconds = 4
+        @Option(help: "iperf3 runs per goodput figure (the median is reported).") var repeats = 3
         @Option(help: "connect() calls for the latency percentiles.") var connections = 1000
         @Option(help: "Middleboxes in the chain (1 or 2).") var middleboxes = 1
         @Option(help: "C reference script (default: ../shared/bench/chain-nfqueue-ref.sh if present; 'none' to skip).")
@@ -34,7 +35,9 @@ struct BenchCommand: AsyncParsableCommand {
 
         func validate() throws {
             guard (1...2).contains(middleboxes) else { throw ValidationError("--middleboxes must be 1 or 2") }
-            guard seconds > 0, connections > 0 else { throw ValidationError("--seconds and --connections must be positive") }
+            guard seconds > 0, connections > 0, repeats > 0 else {
+                throw ValidationError("--seconds, --repeats and --connections must be positive")
+            }
         }
 
         func run() async throws {
@@ -42,6 +45,7 @@ struct BenchCommand: AsyncParsableCommand {
             logger.logLevel = .info
             var options = DataplaneBenchmark.Options()
             options.seconds = seconds
+            options.repeats = repeats
             options.connections = connections
             options.chain = (1...middleboxes).map { "fw\($0)" }
             options.agentArguments = agentArg
