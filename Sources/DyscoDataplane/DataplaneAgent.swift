@@ -211,13 +211,15 @@ public final class DataplaneAgent: @unchecked Sendable {
         for event in events {
             switch event {
             case .sessionCreated(let record):
-                logger.info("session created", metadata: [
+                // Per-session events are debug: at info, formatting and writing them would sit between a
+                // SYN's verdict and the SYN-ACK on a busy agent (connect latency).
+                logger.debug("session created", metadata: [
                     "session.id": "\(record.id)", "session.role": "\(record.role.rawValue)",
                     "session.tuple": "\(record.session)", "subsession.left": "\(record.left.map { "\($0)" } ?? "-")",
                     "subsession.right": "\(record.right.map { "\($0)" } ?? "-")",
                 ])
             case .sessionRemoved(let record, let reason):
-                logger.info("session removed", metadata: [
+                logger.debug("session removed", metadata: [
                     "session.id": "\(record.id)", "session.tuple": "\(record.session)", "session.reason": "\(reason)",
                     "session.packets": "\(record.packets)",
                 ])
