@@ -255,8 +255,15 @@ public struct PacketProcessor: Sendable {
     private mutating func track(_ translation: SessionTable.Translation, flags: TCPFlags, length: Int, now: UInt64) {
         let settings = settings
         var install: [FastPathScript.Translation]?
+        var uninstall: [FastPathScript.Translation]?
         table.update(translation.id) { record in
             defer {
+                // A closed session leaves the kernel at once (its last ACKs and retransmitted FINs are few and
+                // the slow path still translates them during the linger): the kernel holds live sessions only.
+                if record.closeDeadline != nil, record.path == .pending || record.path == .kernel {
+                    record.path = .slow
+                    uninstall = record.fastPathTranslations
+                }
                 // The handshake is complete through this agent once a plain segment goes forward with every
                 // subsession of the record established: from then on the kernel can carry the session (once
                 // it has carried `fastPathAfterPackets` packets).
@@ -283,6 +290,7 @@ public struct PacketProcessor: Sendable {
             }
         }
         if let install { fastPathActions.append(.install(translation.id, install)) }
+        if let uninstall { fastPathActions.append(.remove(translation.id, uninstall)) }
     }
 
     /// A session that is closing (or reset) when a fresh SYN with its tuple arrives: the tuple is reused.
