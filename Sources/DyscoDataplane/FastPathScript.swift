@@ -8,11 +8,11 @@
 ///   chain pre  { type filter hook prerouting priority -310; ... vmap @ingress }   # before conntrack and DYSCO-IN
 ///   chain out  { type route|filter hook output priority -160; ... vmap @egress }  # local egress
 ///   chain post { type filter hook postrouting priority -160; ... vmap @egress }   # forwarded egress
-///   chain s<id>_<k> { counter; tcp flags & (fin|syn|rst) != 0 return; <rewrite>; meta mark set mark | BIT }
+///   chain s<id>_<k> { tcp flags & (fin|syn|rst) == 0 counter <rewrite> meta mark set mark | BIT }
 /// }
 /// ```
 /// A packet the kernel rewrote carries a mark bit (ingress or egress); the iptables NFQUEUE rules skip packets
-/// with their hook's bit, so no packet takes both paths. SYN, FIN and RST `return` before any rewrite: they
+/// with their hook's bit, so no packet takes both paths. SYN, FIN and RST match nothing and leave unmarked: they
 /// reach the agent, which keeps the handshake, the trailer and teardown in one place.
 public enum FastPathScript {
     public static let table = "dysco"
@@ -77,9 +77,11 @@ public enum FastPathScript {
             if t.key.srcPort != t.target.srcPort { rewrite.append("tcp sport set \(t.target.srcPort)") }
             if t.key.dstPort != t.target.dstPort { rewrite.append("tcp dport set \(t.target.dstPort)") }
             let mark = t.hook == .ingress ? ingressMark : egressMark
+            // One rule: SYN/FIN/RST match nothing here and fall off the chain unmarked, to the agent.
+            let statements = ["tcp flags & (fin | syn | rst) == 0", "counter"] + rewrite
+                + ["meta mark set mark | 0x\(String(mark, radix: 16))"]
             lines.append("add chain ip \(table) \(chain)")
-            lines.append("add rule ip \(table) \(chain) counter tcp flags & (fin | syn | rst) != 0 return")
-            lines.append("add rule ip \(table) \(chain) \((rewrite + ["meta mark set mark | 0x\(String(mark, radix: 16))"]).joined(separator: " "))")
+            lines.append("add rule ip \(table) \(chain) \(statements.joined(separator: " "))")
             lines.append("add element ip \(table) \(t.hook.rawValue) { \(element(t.key)) : jump \(chain) }")
         }
         return lines.joined(separator: "\n") + "\n"
