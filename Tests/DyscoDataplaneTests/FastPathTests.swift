@@ -24,6 +24,16 @@ struct FastPathTests {
         _ = try #require(h.send(PacketBuilder(tuple: session.reversed, flags: [.syn, .ack]).build(), along: ["server", "fw1", "client"]))
     }
 
+    /// Handshake plus the third ACK through the chain; fw1's processor with its install action taken.
+    func pendingAtFirewall(_ h: ChainHarness) throws -> (PacketProcessor, SessionTable.SessionID) {
+        try handshake(h)
+        _ = try #require(h.send(PacketBuilder(tuple: session, flags: [.ack]).build(), along: ["client", "fw1", "server"]))
+        var fw = h.hosts["fw1"]!
+        let id = try #require(fw.table.records.keys.first)
+        _ = fw.takeFastPathActions()
+        return (fw, id)
+    }
+
     @Test("no install before the handshake completes; the third ACK hands every host's translations to the kernel")
     func installAfterHandshake() throws {
         let h = harness()
@@ -46,11 +56,7 @@ struct FastPathTests {
     @Test("hold takes a kernel session back (remove action), release installs it again; removal cleans the kernel")
     func holdRelease() throws {
         let h = harness()
-        try handshake(h)
-        _ = try #require(h.send(PacketBuilder(tuple: session, flags: [.ack]).build(), along: ["client", "fw1", "server"]))
-        var fw = h.hosts["fw1"]!
-        let id = try #require(fw.table.records.keys.first)
-        _ = fw.takeFastPathActions()
+        var (fw, id) = try pendingAtFirewall(h)
         fw.fastPathInstalled([id])
         #expect(fw.hold([id, 999]) == [id])
         #expect(fw.table.records[id]?.path == .held)
@@ -73,11 +79,7 @@ struct FastPathTests {
     @Test("a session the kernel refused stays on the slow path and is not retried")
     func failure() throws {
         let h = harness()
-        try handshake(h)
-        _ = try #require(h.send(PacketBuilder(tuple: session, flags: [.ack]).build(), along: ["client", "fw1", "server"]))
-        var fw = h.hosts["fw1"]!
-        let id = try #require(fw.table.records.keys.first)
-        _ = fw.takeFastPathActions()
+        var (fw, id) = try pendingAtFirewall(h)
         fw.fastPathFailed([id])
         #expect(fw.table.records[id]?.path == .slow)
         h.hosts["fw1"] = fw
