@@ -50,6 +50,11 @@ private func transferAndSwitch(_ lab: ConntrackLab, importState: Bool, snat: Boo
 /// The transfer must end byte-exact, soon after the switch, with (almost) no INVALID drops on fwB.
 private func expectCompletes(_ lab: ConntrackLab, _ curl: Process, sha: String, _ migration: Migration) throws {
     let remaining = Double((blobMiB << 20) - migration.bytesAtSwitch) / Double(rate << 20)
+    // fwB's tracker learns each direction's window edges from the first packets it sees (ctnetlink cannot carry
+    // them): the server's first burst after the resume may be judged INVALID until the client's first ACK has
+    // crossed fwB. That is one round trip; after it, a correct import leaves nothing for fwB to drop.
+    Thread.sleep(forTimeInterval: 2)
+    let settled = try lab.dropCounters(lab.fwB).invalid
     let finished = lab.wait(curl, timeout: remaining + 25)
     let elapsed = Date().timeIntervalSince(migration.switchedAt)
     #expect(finished, "transfer still running \(elapsed) s after the switch (\(lab.downloadedBytes()) bytes)\(lab.diagnostics())")
@@ -59,8 +64,9 @@ private func expectCompletes(_ lab: ConntrackLab, _ curl: Process, sha: String, 
     #expect(elapsed < remaining + 6, "took \(elapsed) s after the switch for \(remaining) s of data\(lab.diagnostics())")
     #expect(try lab.sha256(lab.downloadPath) == sha, "downloaded file differs")
     let counters = try lab.dropCounters(lab.fwB)
-    // A few segments in flight at the switch may fall outside the window fwB learns from the next packets.
-    #expect(counters.invalid <= 16, "fwB dropped \(counters.invalid) INVALID packets")
+    // At most one burst (a congestion window of GSO segments) before the first ACK; none once fwB has seen both ways.
+    #expect(settled <= 64, "fwB dropped \(settled) INVALID packets in the first 2 s after the switch")
+    #expect(counters.invalid == settled, "fwB went on dropping INVALID packets: \(settled) -> \(counters.invalid)")
     // fwB really carried the rest of the session (not some leftover path through fwA): count its bytes.
     let established = try Command.run(["iptables", "-w", "-L", "FORWARD", "-v", "-x", "-n"], netns: lab.fwB).stdout
         .split(separator: "\n").first { $0.contains("RELATED,ESTABLISHED") || $0.contains("ESTABLISHED,RELATED") }
