@@ -18,7 +18,7 @@ struct PathCommand: AsyncParsableCommand {
 
     @Argument(help: "hold or release.") var action: Action
     @Argument(help: "Session ids.") var ids: [UInt64]
-    @Option(help: "The agent of this named network namespace (default: the current one).") var netns: String?
+    @OptionGroup var agent: AgentAddressOptions
     @Flag(help: "Print JSON.") var json = false
 
     func validate() throws {
@@ -26,9 +26,8 @@ struct PathCommand: AsyncParsableCommand {
     }
 
     func run() async throws {
-        let path = AgentControlPaths.socketPath(netns: netns ?? NetworkNamespace.currentName())
         let command: ControlRequest.Command = action == .hold ? .hold : .release
-        let data = try await ControlClient.request(ControlRequest(command, sessions: ids), path: path)
+        let data = try await ControlClient.request(ControlRequest(command, sessions: ids), path: agent.socketPath)
         let reply = try JSONDecoder().decode(ControlPathReply.self, from: data)
         if json {
             FileHandle.standardOutput.write(data)

@@ -3,6 +3,17 @@ import DyscoDataplane
 import DyscoSystem
 import Foundation
 
+/// Which agent a client command talks to: the one of a named network namespace, or a socket path.
+struct AgentAddressOptions: ParsableArguments {
+    @Option(help: "Ask the agent of this named network namespace (default: the current one).")
+    var netns: String?
+
+    @Option(help: "Control socket path (overrides --netns).")
+    var socket: String?
+
+    var socketPath: String { socket ?? AgentControlPaths.socketPath(netns: netns ?? NetworkNamespace.currentName()) }
+}
+
 struct SessionsCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "sessions",
@@ -13,18 +24,13 @@ struct SessionsCommand: AsyncParsableCommand {
             """
     )
 
-    @Option(help: "Ask the agent of this named network namespace (default: the current one).")
-    var netns: String?
-
-    @Option(help: "Control socket path (overrides --netns).")
-    var socket: String?
+    @OptionGroup var agent: AgentAddressOptions
 
     @Flag(help: "Print JSON (the agent's full snapshot) instead of a table.")
     var json = false
 
     func run() async throws {
-        let path = socket ?? AgentControlPaths.socketPath(netns: netns ?? NetworkNamespace.currentName())
-        let data = try await ControlClient.request(ControlRequest(.sessions), path: path)
+        let data = try await ControlClient.request(ControlRequest(.sessions), path: agent.socketPath)
         if json {
             FileHandle.standardOutput.write(data)
             return
