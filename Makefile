@@ -19,7 +19,7 @@ test: release     ## every test: unit (no root) and integration (root, network n
 	DYSCO_BIN=$(BIN) $(SWIFT) test --no-parallel
 
 unit:             ## only the tests that need no root
-	$(SWIFT) test --filter 'DyscoDataplaneTests|ConntrackStateTests|LabUnitTests'
+	$(SWIFT) test --filter 'DyscoCoreTests|MigrationCoordinatorTests|ConntrackStateTests|LabUnitTests'
 
 bench: release    ## data-plane benchmark: kernel forwarding vs the Dysco chain, same invocation
 	$(BIN) bench dataplane

@@ -6,7 +6,8 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "dysco-migrate", targets: ["dysco-migrate"]),
-        .library(name: "DyscoDataplane", targets: ["DyscoDataplane"]),
+        .library(name: "DyscoCore", targets: ["DyscoCore"]),
+        .library(name: "DyscoAgent", targets: ["DyscoAgent"]),
         .library(name: "ConntrackState", targets: ["ConntrackState"]),
     ],
     dependencies: [
@@ -14,6 +15,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
     ],
     targets: [
         // C shims: one small system-library target per C library.
@@ -42,9 +44,23 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // Pure logic: packet views, checksums, trailer and control-message codecs, session table,
+        // PacketProcessor, fast-path script, trust (HMAC). No I/O, testable without root.
         .target(
-            name: "DyscoDataplane",
+            name: "DyscoCore",
             dependencies: [
+                .product(name: "Crypto", package: "swift-crypto"),
+            ]
+        ),
+        // The reconfiguration protocol (paper §3) as pure state machines over DyscoCore.
+        .target(name: "MigrationCoordinator", dependencies: ["DyscoCore"]),
+        // Per-session bounded buffers of the anchors (pure).
+        .target(name: "AnchorBuffer", dependencies: ["DyscoCore"]),
+        // The Linux edge: NFQUEUE socket, nftables worker, queue rules, control channels, the agent shell.
+        .target(
+            name: "DyscoAgent",
+            dependencies: [
+                "DyscoCore", "MigrationCoordinator", "AnchorBuffer", "ConntrackState",
                 "CNetfilterQueue", "CNftables", "CLinux", "DyscoSystem",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -61,7 +77,7 @@ let package = Package(
         .target(
             name: "DyscoLab",
             dependencies: [
-                "DyscoSystem", "DyscoDataplane",
+                "DyscoSystem", "DyscoCore", "DyscoAgent",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ]
@@ -69,16 +85,17 @@ let package = Package(
         .executableTarget(
             name: "dysco-migrate",
             dependencies: [
-                "DyscoDataplane", "ConntrackState", "DyscoLab", "DyscoSystem",
+                "DyscoCore", "DyscoAgent", "ConntrackState", "DyscoLab", "DyscoSystem",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
-        .testTarget(name: "DyscoDataplaneTests", dependencies: ["DyscoDataplane"]),
+        .testTarget(name: "DyscoCoreTests", dependencies: ["DyscoCore"]),
+        .testTarget(name: "MigrationCoordinatorTests", dependencies: ["MigrationCoordinator", "AnchorBuffer", "DyscoCore"]),
         .testTarget(name: "ConntrackStateTests", dependencies: ["ConntrackState"]),
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["DyscoLab", "DyscoDataplane", "ConntrackState", "DyscoSystem"]
+            dependencies: ["DyscoLab", "DyscoCore", "DyscoAgent", "ConntrackState", "DyscoSystem"]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -1,4 +1,5 @@
-import DyscoDataplane
+import DyscoCore
+import DyscoAgent
 import Foundation
 
 /// Where labs keep their files: `/run/dysco-migrate/labs/NAME/` (lab.json, agent configs and logs, www/).

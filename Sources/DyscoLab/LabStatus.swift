@@ -1,4 +1,5 @@
-import DyscoDataplane
+import DyscoCore
+import DyscoAgent
 import DyscoSystem
 import Foundation
 

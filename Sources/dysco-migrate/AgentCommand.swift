@@ -1,5 +1,6 @@
 import ArgumentParser
-import DyscoDataplane
+import DyscoCore
+import DyscoAgent
 import DyscoSystem
 import Foundation
 import Logging

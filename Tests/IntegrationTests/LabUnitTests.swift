@@ -1,4 +1,5 @@
-import DyscoDataplane
+import DyscoCore
+import DyscoAgent
 @testable import DyscoLab
 import Foundation
 import Testing

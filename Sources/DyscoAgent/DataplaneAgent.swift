@@ -1,3 +1,4 @@
+import DyscoCore
 import CLinux
 import DyscoSystem
 import Foundation
@@ -232,11 +233,3 @@ public final class DataplaneAgent: @unchecked Sendable {
     }
 }
 
-extension PacketProcessor {
-    /// Hands the pending events to the caller; free when there are none.
-    mutating func takeEvents() -> [DataplaneEvent] {
-        guard !events.isEmpty else { return [] }
-        defer { events.removeAll(keepingCapacity: true) }
-        return events
-    }
-}

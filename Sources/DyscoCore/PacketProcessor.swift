@@ -409,3 +409,12 @@ public struct PacketProcessor: Sendable {
         Result { () throws(DyscoSynPayload.DecodeError) in try DyscoSynPayload.decode(trailerOf: payload(packet)) }
     }
 }
+
+extension PacketProcessor {
+    /// Hands the pending events to the caller; free when there are none.
+    public mutating func takeEvents() -> [DataplaneEvent] {
+        guard !events.isEmpty else { return [] }
+        defer { events.removeAll(keepingCapacity: true) }
+        return events
+    }
+}

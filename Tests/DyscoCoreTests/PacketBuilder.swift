@@ -1,4 +1,4 @@
-import DyscoDataplane
+import DyscoCore
 
 /// Builds IPv4/TCP packets for tests, with checksums from the naive reference below.
 struct PacketBuilder {

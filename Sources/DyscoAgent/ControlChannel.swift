@@ -1,3 +1,4 @@
+import DyscoCore
 import Foundation
 import NIOCore
 import NIOPosix

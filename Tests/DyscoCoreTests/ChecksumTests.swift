@@ -1,4 +1,4 @@
-import DyscoDataplane
+import DyscoCore
 import Testing
 
 @Suite("Internet checksum (RFC 1071, RFC 1624)")

@@ -1,4 +1,4 @@
-import DyscoDataplane
+import DyscoCore
 import Testing
 
 /// Passes packets through PacketProcessors as the hosts of a chain would (no kernel involved).

@@ -1,3 +1,4 @@
+import DyscoCore
 import CNetfilterQueue
 import DyscoSystem
 import Glibc

@@ -1,3 +1,4 @@
+import DyscoCore
 import CNftables
 import DyscoSystem
 import Foundation

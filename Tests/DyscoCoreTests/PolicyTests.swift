@@ -1,4 +1,4 @@
-import DyscoDataplane
+import DyscoCore
 import Foundation
 import Testing
 

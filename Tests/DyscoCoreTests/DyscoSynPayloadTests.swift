@@ -1,4 +1,4 @@
-import DyscoDataplane
+import DyscoCore
 import Testing
 
 @Suite("Dysco SYN trailer codec (paper §2.1: session 5-tuple and address list in the SYN payload)")

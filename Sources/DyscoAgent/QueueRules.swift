@@ -1,3 +1,4 @@
+import DyscoCore
 import DyscoSystem
 import Logging
 

@@ -1,0 +1,1 @@
+// Per-session anchor buffers (see docs/ARCHITECTURE.md, "Anchor buffering").

@@ -1,0 +1,1 @@
+// The reconfiguration protocol of paper §3 (see docs/ARCHITECTURE.md, "Reconfiguration").
