@@ -41,12 +41,39 @@ public struct SessionTable: Sendable {
     /// Direction of a packet relative to the session: forward = client→server.
     public enum Direction: Sendable { case forward, reverse }
 
+    /// Which side of this host a subsession is on.
+    public enum Side: String, Sendable, Codable { case left, right }
+
+    /// One subsession (paper §2.1) on one side of this host, tagged with the path it belongs to: path 0 is the
+    /// one the session was set up on; each reconfiguration (§3) that replaces this side's path adds one.
+    public struct Subsession: Sendable, Equatable {
+        public var tuple: FiveTuple
+        /// Port this agent allocated for it (the subsessions it opened to its right), returned when it goes.
+        public var allocatedPort: UInt16?
+        public var path: UInt8
+    }
+
+    /// A side's subsessions: `active` carries this host's egress; during a reconfiguration `other` is the
+    /// second path (§3.5: "both old and new paths exist"). Ingress is accepted on both.
+    public struct Link: Sendable, Equatable {
+        public fileprivate(set) var active: Subsession
+        public fileprivate(set) var other: Subsession?
+        var all: [Subsession] { [active] + (other.map { [$0] } ?? []) }
+    }
+
     public struct Record: Sendable {
         public let id: SessionID
         public let role: Role
         public let session: FiveTuple
-        public var left: FiveTuple?
-        public var right: FiveTuple?
+        /// Chain-wide session id and nonce (trailer v2, control messages; paper §2.3).
+        public let identity: SessionIdentity
+        /// The subsessions: only ``SessionTable`` changes them (the maps are derived from them).
+        public fileprivate(set) var leftLink: Link?
+        public fileprivate(set) var rightLink: Link?
+        /// Subsession from the left neighbour to this host on the active path (nil at the left end).
+        public var left: FiveTuple? { leftLink?.active.tuple }
+        /// Subsession from this host to the right neighbour on the active path (nil at the right end).
+        public var right: FiveTuple? { rightLink?.active.tuple }
         /// Hops after the right neighbour, carried in the SYN we send (middlebox: until it is sent).
         public var remaining: [IPv4Address]
         /// The right subsession saw its SYN-ACK: stop appending the Dysco trailer to SYNs.
@@ -58,13 +85,19 @@ public struct SessionTable: Sendable {
         public var closeDeadline: UInt64?
         public let createdAt: UInt64
         public var lastActivity: UInt64
-        /// Port this agent allocated for the right subsession, returned at removal.
-        public var allocatedPort: UInt16?
         public var packets: UInt64 = 0
         public var bytes: UInt64 = 0
         public var path: DataPath = .slow
         /// The kernel refused this session's translations once: it stays on the slow path.
         public var fastPathFailed = false
+        /// Data-plane state of a reconfiguration this host anchors (nil otherwise).
+        public var migration: AnchorState?
+
+        public func link(_ side: Side) -> Link? { side == .left ? leftLink : rightLink }
+        /// The left neighbour's address (nil at the left end).
+        public var leftNeighbour: IPv4Address? { left?.srcAddr }
+        /// The right neighbour's address (nil at the right end, or before the right subsession exists).
+        public var rightNeighbour: IPv4Address? { right?.dstAddr }
     }
 
     /// A map entry: which session, where to rewrite to, and which way the packet goes.
@@ -74,6 +107,8 @@ public struct SessionTable: Sendable {
         public let direction: Direction
         /// True for ingress rev(R): packets from the right neighbour on our right subsession.
         public let fromRight: Bool
+        /// The path of the subsession this key belongs to (``Subsession/path``).
+        public let path: UInt8
     }
 
     public private(set) var records: [SessionID: Record] = [:]
@@ -81,6 +116,8 @@ public struct SessionTable: Sendable {
     public private(set) var egress: [FiveTuple: Translation] = [:]
     /// Session tuple → id, for matching a middlebox's egress SYN with the ingress SYN that created it.
     public private(set) var bySession: [FiveTuple: SessionID] = [:]
+    /// Chain id (``SessionIdentity/chainID``) → id, for control messages.
+    public private(set) var byChain: [UInt64: SessionID] = [:]
     public var ports: PortAllocator
     private var nextID: SessionID = 1
 
@@ -96,76 +133,183 @@ public struct SessionTable: Sendable {
         case portsExhausted
     }
 
+    // MARK: - The derived maps (the only code that writes them)
+
+    /// Every key a record owns: ingress from each subsession of each side (both paths), egress towards each
+    /// side's active subsession (docs/ARCHITECTURE.md, "Session table").
+    private static func keys(of record: Record) -> (ingress: [(FiveTuple, Translation)], egress: [(FiveTuple, Translation)]) {
+        var ingress: [(FiveTuple, Translation)] = []
+        var egress: [(FiveTuple, Translation)] = []
+        let s = record.session
+        if let link = record.leftLink {
+            for sub in link.all {
+                ingress.append((sub.tuple, Translation(id: record.id, target: s, direction: .forward, fromRight: false,
+                                                       path: sub.path)))
+            }
+            egress.append((s.reversed, Translation(id: record.id, target: link.active.tuple.reversed, direction: .reverse,
+                                                   fromRight: false, path: link.active.path)))
+        }
+        if let link = record.rightLink {
+            for sub in link.all {
+                ingress.append((sub.tuple.reversed, Translation(id: record.id, target: s.reversed, direction: .reverse,
+                                                                fromRight: true, path: sub.path)))
+            }
+            egress.append((s, Translation(id: record.id, target: link.active.tuple, direction: .forward, fromRight: false,
+                                          path: link.active.path)))
+        }
+        return (ingress, egress)
+    }
+
+    /// Replaces `old`'s keys by `new`'s (either may be nil), after checking that no key of `new` belongs to
+    /// another session. The record is stored as `new`.
+    private mutating func store(_ new: Record?, replacing old: Record?) throws(InsertError) {
+        let newKeys = new.map(Self.keys) ?? (ingress: [], egress: [])
+        if let new {
+            for (key, _) in newKeys.ingress where ingress[key].map({ $0.id != new.id }) ?? false { throw .collision(key) }
+            for (key, _) in newKeys.egress where egress[key].map({ $0.id != new.id }) ?? false { throw .collision(key) }
+            if let other = bySession[new.session], other != new.id { throw .collision(new.session) }
+        }
+        if let old {
+            let oldKeys = Self.keys(of: old)
+            for (key, t) in oldKeys.ingress where ingress[key]?.id == t.id { ingress.removeValue(forKey: key) }
+            for (key, t) in oldKeys.egress where egress[key]?.id == t.id { egress.removeValue(forKey: key) }
+        }
+        guard let new else { return }
+        for (key, t) in newKeys.ingress { ingress[key] = t }
+        for (key, t) in newKeys.egress { egress[key] = t }
+        records[new.id] = new
+        bySession[new.session] = new.id
+        byChain[new.identity.chainID] = new.id
+    }
+
+    // MARK: - Inserting sessions (paper §2.1)
+
     /// Inserts a session whose left subsession arrived in a Dysco SYN (middlebox or right end).
     public mutating func insertFromLeft(session: FiveTuple, left: FiveTuple, remaining: [IPv4Address],
-                                        now: UInt64) throws(InsertError) -> SessionID {
+                                        identity: SessionIdentity = .random(), now: UInt64) throws(InsertError) -> SessionID {
         let role: Role = remaining.isEmpty ? .rightEnd : .middlebox
-        for key in [left] where ingress[key] != nil { throw .collision(key) }
-        if egress[session.reversed] != nil { throw .collision(session.reversed) }
         if bySession[session] != nil { throw .collision(session) }
-        let id = takeID()
-        records[id] = Record(id: id, role: role, session: session, left: left, right: nil, remaining: remaining,
-                             createdAt: now, lastActivity: now)
-        ingress[left] = Translation(id: id, target: session, direction: .forward, fromRight: false)
-        egress[session.reversed] = Translation(id: id, target: left.reversed, direction: .reverse, fromRight: false)
-        bySession[session] = id
-        return id
+        if byChain[identity.chainID] != nil { throw .collision(session) }
+        var record = Record(id: nextID, role: role, session: session, identity: identity, remaining: remaining,
+                            createdAt: now, lastActivity: now)
+        record.leftLink = Link(active: Subsession(tuple: left, allocatedPort: nil, path: 0))
+        try store(record, replacing: nil)
+        nextID += 1
+        return record.id
     }
 
     /// Starts a chain here: a local SYN matched a policy; `hops` = middleboxes then the session's right end.
-    public mutating func insertLeftEnd(session: FiveTuple, hops: [IPv4Address], now: UInt64) throws(InsertError)
-        -> SessionID {
+    public mutating func insertLeftEnd(session: FiveTuple, hops: [IPv4Address], identity: SessionIdentity = .random(),
+                                       now: UInt64) throws(InsertError) -> SessionID {
         precondition(!hops.isEmpty)
-        if egress[session] != nil || bySession[session] != nil { throw .collision(session) }
-        let id = takeID()
-        records[id] = Record(id: id, role: .leftEnd, session: session, left: nil, right: nil,
-                             remaining: Array(hops.dropFirst()), createdAt: now, lastActivity: now)
-        bySession[session] = id
+        if bySession[session] != nil || egress[session] != nil { throw .collision(session) }
+        if byChain[identity.chainID] != nil { throw .collision(session) }
+        let record = Record(id: nextID, role: .leftEnd, session: session, identity: identity,
+                            remaining: Array(hops.dropFirst()), createdAt: now, lastActivity: now)
+        try store(record, replacing: nil)
+        nextID += 1
         do {
-            try openRight(id, local: session.srcAddr, next: hops[0])
+            try openRight(record.id, local: session.srcAddr, next: hops[0])
         } catch {
-            remove(id)
+            remove(record.id)
             throw error
         }
-        return id
+        return record.id
     }
 
     /// Creates the right subsession of `id` from `local` to `next` with a freshly allocated port, and its
     /// two translations. The remaining list then holds what the next hop must learn.
     public mutating func openRight(_ id: SessionID, local: IPv4Address, next: IPv4Address) throws(InsertError) {
-        guard var record = records[id], record.right == nil else { return }
-        guard let port = ports.allocate() else { throw .portsExhausted }
-        let right = FiveTuple(srcAddr: local, srcPort: port, dstAddr: next, dstPort: record.session.dstPort)
-        if ingress[right.reversed] != nil || egress[record.session] != nil {
-            ports.release(port)
-            throw .collision(right.reversed)
+        guard let old = records[id], old.rightLink == nil else { return }
+        let sub = try allocateSubsession(for: old, local: local, next: next, path: 0)
+        var new = old
+        new.rightLink = Link(active: sub)
+        do { try store(new, replacing: old) } catch {
+            ports.release(sub.allocatedPort!)
+            throw error
         }
-        record.right = right
-        record.allocatedPort = port
-        records[id] = record
-        egress[record.session] = Translation(id: id, target: right, direction: .forward, fromRight: false)
-        ingress[right.reversed] = Translation(id: id, target: record.session.reversed, direction: .reverse,
-                                              fromRight: true)
     }
 
-    /// Removes a session, its translations and its port.
+    // MARK: - A second path on one side (paper §3.1, §3.5)
+
+    /// Opens a new-path subsession to the right (this host is the left anchor of a reconfiguration): a
+    /// fresh port from this host to `next`. Returns it; the active path is unchanged until ``promote(_:_:)``.
+    @discardableResult
+    public mutating func openOtherRight(_ id: SessionID, local: IPv4Address, next: IPv4Address) throws(InsertError)
+        -> Subsession {
+        guard let old = records[id], let link = old.rightLink else { throw .collision(records[id]?.session ?? .zero) }
+        if let existing = link.other, existing.tuple.dstAddr == next { return existing }
+        let sub = try allocateSubsession(for: old, local: local, next: next, path: link.active.path &+ 1)
+        var new = old
+        if let stale = link.other, let port = stale.allocatedPort { ports.release(port) }
+        new.rightLink?.other = sub
+        do { try store(new, replacing: old) } catch {
+            ports.release(sub.allocatedPort!)
+            throw error
+        }
+        return sub
+    }
+
+    /// Adds a new-path subsession from the left (this host is the right anchor): `tuple` as the left
+    /// neighbour on the new path chose it.
+    @discardableResult
+    public mutating func addOtherLeft(_ id: SessionID, tuple: FiveTuple) throws(InsertError) -> Subsession {
+        guard let old = records[id], let link = old.leftLink else { throw .collision(tuple) }
+        if let existing = link.other, existing.tuple == tuple { return existing }
+        let sub = Subsession(tuple: tuple, allocatedPort: nil, path: link.active.path &+ 1)
+        var new = old
+        new.leftLink?.other = sub
+        try store(new, replacing: old)
+        return sub
+    }
+
+    /// Swaps a side's paths: egress now uses the other subsession (the old one still takes ingress).
+    public mutating func promote(_ id: SessionID, _ side: Side) {
+        guard let old = records[id], let link = old.link(side), let other = link.other else { return }
+        var new = old
+        let swapped = Link(active: other, other: link.active)
+        if side == .left { new.leftLink = swapped } else { new.rightLink = swapped }
+        try? store(new, replacing: old)  // same keys, other targets: cannot collide
+    }
+
+    /// Removes a side's other subsession (the old path after teardown, or the new one after a cancel) and
+    /// frees its port.
+    public mutating func dropOther(_ id: SessionID, _ side: Side) {
+        guard let old = records[id], let link = old.link(side), let other = link.other else { return }
+        var new = old
+        if side == .left { new.leftLink?.other = nil } else { new.rightLink?.other = nil }
+        try? store(new, replacing: old)  // fewer keys: cannot collide
+        if let port = other.allocatedPort { ports.release(port) }
+    }
+
+    private mutating func allocateSubsession(for record: Record, local: IPv4Address, next: IPv4Address,
+                                             path: UInt8) throws(InsertError) -> Subsession {
+        guard let port = ports.allocate() else { throw .portsExhausted }
+        let tuple = FiveTuple(srcAddr: local, srcPort: port, dstAddr: next, dstPort: record.session.dstPort)
+        if let t = ingress[tuple.reversed], t.id != record.id {
+            ports.release(port)
+            throw .collision(tuple.reversed)
+        }
+        return Subsession(tuple: tuple, allocatedPort: port, path: path)
+    }
+
+    // MARK: - Removal and other fields
+
+    /// Removes a session, its translations and its ports.
     public mutating func remove(_ id: SessionID) {
         guard let record = records.removeValue(forKey: id) else { return }
-        if let left = record.left {
-            ingress.removeValue(forKey: left)
-            egress.removeValue(forKey: record.session.reversed)
-        }
-        if let right = record.right {
-            egress.removeValue(forKey: record.session)
-            ingress.removeValue(forKey: right.reversed)
-        }
+        try? store(nil, replacing: record)
         if bySession[record.session] == id { bySession.removeValue(forKey: record.session) }
-        if let port = record.allocatedPort { ports.release(port) }
+        if byChain[record.identity.chainID] == id { byChain.removeValue(forKey: record.identity.chainID) }
+        for link in [record.leftLink, record.rightLink].compactMap({ $0 }) {
+            for sub in link.all { if let port = sub.allocatedPort { ports.release(port) } }
+        }
     }
 
+    /// Changes a record's other fields (the subsessions, and so the maps, only change through the methods above).
     public mutating func update(_ id: SessionID, _ body: (inout Record) -> Void) {
         guard var record = records[id] else { return }
-        body(&record)
+        body(&record)  // cannot touch leftLink/rightLink: they are fileprivate(set)
         records[id] = record
     }
 
@@ -173,13 +317,14 @@ public struct SessionTable: Sendable {
     public func expired(now: UInt64, idleTimeout: UInt64) -> [SessionID] {
         records.values.compactMap { record in
             if let deadline = record.closeDeadline, deadline <= now { return record.id }
-            if now >= record.lastActivity, now - record.lastActivity >= idleTimeout { return record.id }
+            if record.migration == nil, now >= record.lastActivity, now - record.lastActivity >= idleTimeout {
+                return record.id
+            }
             return nil
         }
     }
+}
 
-    private mutating func takeID() -> SessionID {
-        defer { nextID += 1 }
-        return nextID
-    }
+extension FiveTuple {
+    static let zero = FiveTuple(srcAddr: IPv4Address(0), srcPort: 0, dstAddr: IPv4Address(0), dstPort: 0)
 }

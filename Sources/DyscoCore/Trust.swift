@@ -1,0 +1,146 @@
+import Crypto
+import Foundation
+
+/// The key every agent of one deployment shares (paper §2.3: service chains extend only to trusted hosts).
+/// A Dysco SYN trailer (version 2) and every control message carry an HMAC-SHA256 under this key, truncated
+/// to ``TrustGroup/macLength`` bytes.
+///
+/// Key file format: the key as hexadecimal text (at least 32 hex digits = 16 bytes; whitespace and a trailing
+/// newline ignored), as `dysco-migrate lab up` writes it and as `openssl rand -hex 32` prints it.
+public struct TrustKey: Sendable, Equatable {
+    public let bytes: [UInt8]
+
+    public static let minimumBytes = 16
+
+    public enum LoadError: Error, CustomStringConvertible, Equatable {
+        case unreadable(path: String, reason: String)
+        case notHex(path: String)
+        case tooShort(path: String, bytes: Int)
+
+        public var description: String {
+            switch self {
+            case .unreadable(let p, let r): "cannot read trust key \(p): \(r)"
+            case .notHex(let p): "trust key \(p) is not hexadecimal text (expected e.g. the output of `openssl rand -hex 32`)"
+            case .tooShort(let p, let n):
+                "trust key \(p) has \(n) bytes; at least \(TrustKey.minimumBytes) (\(2 * TrustKey.minimumBytes) hex digits) are needed"
+            }
+        }
+    }
+
+    public init(bytes: [UInt8]) {
+        precondition(bytes.count >= Self.minimumBytes, "a trust key has at least \(Self.minimumBytes) bytes")
+        self.bytes = bytes
+    }
+
+    /// Parses hex text (see the type's documentation); nil if it is not hex or too short.
+    public init?(hex text: String) {
+        let digits = text.filter { !$0.isWhitespace }
+        guard digits.count % 2 == 0, digits.count >= 2 * Self.minimumBytes else { return nil }
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(digits.count / 2)
+        var index = digits.startIndex
+        while index < digits.endIndex {
+            let next = digits.index(index, offsetBy: 2)
+            guard let byte = UInt8(digits[index..<next], radix: 16) else { return nil }
+            bytes.append(byte)
+            index = next
+        }
+        self.bytes = bytes
+    }
+
+    public static func load(path: String) throws(LoadError) -> TrustKey {
+        let text: String
+        do { text = try String(contentsOfFile: path, encoding: .utf8) } catch {
+            throw .unreadable(path: path, reason: "\(error.localizedDescription)")
+        }
+        let digits = text.filter { !$0.isWhitespace }
+        guard !digits.isEmpty, digits.allSatisfy(\.isHexDigit), digits.count % 2 == 0 else { throw .notHex(path: path) }
+        guard let key = TrustKey(hex: digits) else { throw .tooShort(path: path, bytes: digits.count / 2) }
+        return key
+    }
+
+    /// A fresh random 32-byte key as hex text (what `lab up` writes).
+    public static func generateHex() -> String {
+        var generator = SystemRandomNumberGenerator()
+        return (0..<32).map { _ in String(format: "%02x", UInt8.random(in: .min ... .max, using: &generator)) }.joined()
+    }
+
+    public var hex: String { bytes.map { String(format: "%02x", $0) }.joined() }
+}
+
+/// The keys an agent accepts: the current one (used to sign) and, during a rotation, the previous one
+/// (accepted, never used to sign). Rotation: start every agent with `--trust-key NEW --trust-key-previous OLD`,
+/// then, once all run the new key, drop the previous one.
+public struct TrustGroup: Sendable {
+    public static let macLength = 16
+
+    // Kept as bytes (SymmetricKey is not Sendable in swift-crypto 3); a key is built per MAC, which is cheap.
+    private let current: [UInt8]
+    private let previous: [UInt8]?
+
+    public init(current: TrustKey, previous: TrustKey? = nil) {
+        self.current = current.bytes
+        self.previous = previous?.bytes
+    }
+
+    /// HMAC-SHA256 under the current key over the concatenation of `parts`, truncated to ``macLength``.
+    public func mac(_ parts: UnsafeRawBufferPointer...) -> [UInt8] {
+        Self.mac(key: current, parts)
+    }
+
+    /// Whether `tag` (``macLength`` bytes) is the MAC of `parts` under the current or the previous key.
+    /// Constant time per key.
+    public func verify(_ tag: UnsafeRawBufferPointer, _ parts: UnsafeRawBufferPointer...) -> Bool {
+        guard tag.count == Self.macLength else { return false }
+        if Self.equal(Self.mac(key: current, parts), tag) { return true }
+        if let previous, Self.equal(Self.mac(key: previous, parts), tag) { return true }
+        return false
+    }
+
+    private static func mac(key: [UInt8], _ parts: [UnsafeRawBufferPointer]) -> [UInt8] {
+        var hmac = HMAC<SHA256>(key: SymmetricKey(data: key))
+        for part in parts { hmac.update(data: part) }
+        return Array(hmac.finalize().prefix(macLength))
+    }
+
+    private static func equal(_ a: [UInt8], _ b: UnsafeRawBufferPointer) -> Bool {
+        guard a.count == b.count else { return false }
+        var diff: UInt8 = 0
+        for i in 0..<a.count { diff |= a[i] ^ b[i] }
+        return diff == 0
+    }
+}
+
+/// Addresses a session, a trailer or a control message may never name as a hop (paper §2.3; DESIGN §9):
+/// unspecified (0.0.0.0/8), loopback (127/8), link-local (169.254/16), multicast (224/4), reserved and the
+/// limited broadcast (240/4, 255.255.255.255).
+extension IPv4Address {
+    public var isForbiddenHop: Bool {
+        let first = value >> 24
+        if first == 0 || first == 127 || first >= 224 { return true }
+        if value >> 16 == 0xA9FE { return true }
+        return false
+    }
+}
+
+/// The chain-wide identity of a session (paper §2.3: "an initial exchange of nonces, with nonces included in
+/// all control packets"): fixed by the left end when it sends the first SYN, carried in trailer v2 to every
+/// agent of the chain, and in every control message about the session.
+public struct SessionIdentity: Hashable, Sendable, Codable, CustomStringConvertible {
+    /// Names the session in control messages (random, 64 bits).
+    public var chainID: UInt64
+    /// A second random 64-bit value that a control message must repeat to be accepted.
+    public var nonce: UInt64
+
+    public init(chainID: UInt64, nonce: UInt64) {
+        self.chainID = chainID
+        self.nonce = nonce
+    }
+
+    public static func random() -> SessionIdentity {
+        var generator = SystemRandomNumberGenerator()
+        return SessionIdentity(chainID: generator.next() | 1, nonce: generator.next())
+    }
+
+    public var description: String { String(chainID, radix: 16) }
+}
