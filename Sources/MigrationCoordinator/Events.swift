@@ -1,0 +1,119 @@
+import DyscoCore
+
+/// What the agent shell knows about one session at this host, handed to the coordinator with every event
+/// (the coordinator keeps no copy of the session table).
+public struct SessionContext: Sendable, Equatable {
+    public var identity: SessionIdentity
+    public var session: FiveTuple
+    /// This host's address on the session's subsessions.
+    public var me: IPv4Address
+    /// Left neighbour on the active path (nil at the left end).
+    public var leftNeighbour: IPv4Address?
+    /// Right neighbour on the active path (nil at the right end).
+    public var rightNeighbour: IPv4Address?
+
+    public init(identity: SessionIdentity, session: FiveTuple, me: IPv4Address, leftNeighbour: IPv4Address?,
+                rightNeighbour: IPv4Address?) {
+        self.identity = identity
+        self.session = session
+        self.me = me
+        self.leftNeighbour = leftNeighbour
+        self.rightNeighbour = rightNeighbour
+    }
+}
+
+/// The roles an agent plays in one reconfiguration (each has its own timers).
+public enum Role: String, Sendable, Hashable, Codable {
+    case controller, leftAnchor, rightAnchor, oldBox, newBox
+}
+
+/// A timer of one role of one session's reconfiguration.
+public struct TimerKey: Hashable, Sendable {
+    public enum Kind: Sendable, Hashable { case retransmit, deadline }
+    public var chainID: UInt64
+    public var role: Role
+    public var kind: Kind
+    public init(chainID: UInt64, role: Role, kind: Kind) {
+        self.chainID = chainID
+        self.role = role
+        self.kind = kind
+    }
+}
+
+/// Where the reconfiguration of a session stands at its left anchor; the order is the protocol's.
+public enum MigrationStep: String, Sendable, Codable, CaseIterable {
+    case lock, newPath = "new-path", drain, state, release, teardown
+}
+
+/// Inputs to ``MigrationCoordinator/handle(_:now:)``.
+public enum Event: Sendable {
+    /// A local request (`replace`, through the control socket of this agent): ask `leftAnchor` to move the
+    /// session to `trigger.newPath`. This agent becomes the controller of that reconfiguration.
+    case replaceRequested(SessionContext, trigger: Trigger, leftAnchor: IPv4Address, requestID: UInt32)
+    /// A control message that passed every wire check (ControlMessage.decode), from `from`. `context` is the
+    /// session it names at this host, if this host knows it.
+    case message(ControlMessage, from: IPv4Address, context: SessionContext?)
+    case timer(TimerKey)
+    /// The data plane: everything this anchor sent on the old path is acknowledged (or nothing moved in the
+    /// quiet interval), see AnchorState.
+    case drained(chainID: UInt64)
+    /// The data plane: a packet of the session arrived on the new path before this anchor released.
+    case newPathPacket(chainID: UInt64)
+    /// The data plane: a session's anchor buffer is full (documented bound): the reconfiguration is cancelled.
+    case bufferFull(chainID: UInt64)
+    /// Result of ``Action/openPath``, ``Action/addPath`` or ``Action/createSession``: the new-path subsession
+    /// (from this host to the right, or from the left to this host), or why it could not be made.
+    case pathOpened(chainID: UInt64, subsession: FiveTuple)
+    case pathRefused(chainID: UInt64, reason: String)
+    /// Result of ``Action/exportState`` (the conntrack document, JSON) / ``Action/importState``.
+    case stateExported(chainID: UInt64, requestID: UInt32, Result<[UInt8], StepFailure>, micros: UInt32)
+    case stateImported(chainID: UInt64, requestID: UInt32, Result<Void, StepFailure>, micros: UInt32)
+}
+
+/// Why a step failed, in words an operator reads.
+public struct StepFailure: Error, Sendable, Equatable, CustomStringConvertible {
+    public var message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { message }
+}
+
+/// What the shell must do, in order.
+public enum Action: Sendable, Equatable {
+    case send(ControlMessage, to: IPv4Address)
+    case setTimer(TimerKey, afterNanoseconds: UInt64)
+    case cancelTimer(TimerKey)
+    /// Take the session off the kernel fast path (its packets reach this agent) and start anchor tracking for
+    /// a segment on `side` (AnchorState).
+    case hold(chainID: UInt64, side: SessionTable.Side, stateful: Bool)
+    /// Set the anchor's data-plane phase (AnchorState.Phase).
+    case setPhase(chainID: UInt64, AnchorState.Phase)
+    case setDelta(chainID: UInt64, Int32)
+    /// Left anchor: open a new-path subsession from this host to `next` (answer: pathOpened / pathRefused).
+    case openPath(chainID: UInt64, next: IPv4Address)
+    /// Right anchor: accept `subsession` from the left as the new path (answer: pathOpened / pathRefused).
+    case addPath(chainID: UInt64, subsession: FiveTuple)
+    /// New middlebox: create the session with `left` from the new path, and its right subsession to `next`
+    /// (answer: pathOpened with the right subsession / pathRefused).
+    case createSession(SessionIdentity, session: FiveTuple, left: FiveTuple, next: IPv4Address)
+    /// The right subsession of a session this host created from a new-path SYN saw its SYN-ACK.
+    case markEstablished(chainID: UInt64)
+    /// Egress of `side` switches to the new path.
+    case promote(chainID: UInt64)
+    /// Send a window-opening probe on the new path (a pure ACK with the local side's current numbers).
+    case sendProbe(chainID: UInt64)
+    /// Issue the buffered packets, in order, with the translations now in force.
+    case releaseBuffer(chainID: UInt64)
+    /// Success: the old path's subsession on the anchor's side goes (its port freed), tracking ends, the
+    /// session returns to the fast path on the new path.
+    case finishAnchor(chainID: UInt64)
+    /// Cancel: the new path's subsession goes, egress back on the old path, the buffer is released there,
+    /// tracking ends, the session returns to the fast path.
+    case cancelAnchor(chainID: UInt64)
+    /// This host leaves the session (old box after teardown, new box after a cancel): record, kernel entries,
+    /// and, with `deleteConntrack`, the firewall's conntrack entry of the session.
+    case removeSession(chainID: UInt64, deleteConntrack: Bool)
+    case exportState(chainID: UInt64, requestID: UInt32, session: FiveTuple)
+    case importState(chainID: UInt64, requestID: UInt32, document: [UInt8])
+    /// A reconfiguration this agent controls has ended (the `replace` caller is waiting for it).
+    case report(chainID: UInt64, requestID: UInt32, TriggerResult)
+}
