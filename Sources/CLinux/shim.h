@@ -10,6 +10,8 @@
 #include <sys/stat.h>
 #include <netinet/in.h>
 #include <arpa/inet.h>
+#include <poll.h>
+#include <sys/eventfd.h>
 
 /* setns(2) is declared only under _GNU_SOURCE, which must not leak into this module (it changes struct
    layouts that other C modules import without it): declare it here. CLONE_NEWNET is 0x40000000. */
@@ -32,4 +34,10 @@ static inline unsigned long long dysco_monotonic_ns(void) {
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (unsigned long long)ts.tv_sec * 1000000000ull + (unsigned long long)ts.tv_nsec;
 }
+/* The packet thread's wake-up: an eventfd (non-blocking, close-on-exec). */
+static inline int dysco_eventfd(void) { return eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC); }
+
+/* A raw IPv4 socket that sends whole packets we built (IP_HDRINCL implied by IPPROTO_RAW). */
+static inline int dysco_raw_ipv4_socket(void) { return socket(AF_INET, SOCK_RAW | SOCK_CLOEXEC, IPPROTO_RAW); }
+static inline int dysco_so_mark(void) { return SO_MARK; }
 #endif

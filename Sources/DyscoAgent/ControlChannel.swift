@@ -13,14 +13,18 @@ public struct ControlRequest: Codable, Sendable {
         case hold
         /// Return held `sessions` to the fast path.
         case release
+        /// Move this (old) box's sessions matching `replace` to new boxes (paper §3); answered when all ended.
+        case replace
     }
 
     public var command: Command
     public var sessions: [UInt64]?
+    public var replace: ReplaceRequest?
 
-    public init(_ command: Command, sessions: [UInt64]? = nil) {
+    public init(_ command: Command, sessions: [UInt64]? = nil, replace: ReplaceRequest? = nil) {
         self.command = command
         self.sessions = sessions
+        self.replace = replace
     }
 }
 
@@ -42,7 +46,7 @@ public final class ControlServer: Sendable {
     public let path: String
 
     /// Binds `path` (replacing a stale socket file) and answers each request with `respond`.
-    public init(path: String, respond: @escaping @Sendable (ControlRequest) -> Data) throws {
+    public init(path: String, respond: @escaping @Sendable (ControlRequest) async -> Data) throws {
         self.path = path
         try FileManager.default.createDirectory(atPath: (path as NSString).deletingLastPathComponent,
                                                 withIntermediateDirectories: true)
@@ -72,10 +76,10 @@ public final class ControlServer: Sendable {
     private final class RequestHandler: ChannelInboundHandler, @unchecked Sendable {
         typealias InboundIn = ByteBuffer
         typealias OutboundOut = ByteBuffer
-        private let respond: @Sendable (ControlRequest) -> Data
+        private let respond: @Sendable (ControlRequest) async -> Data
         private var pending = ByteBuffer()
 
-        init(respond: @escaping @Sendable (ControlRequest) -> Data) { self.respond = respond }
+        init(respond: @escaping @Sendable (ControlRequest) async -> Data) { self.respond = respond }
 
         func channelRead(context: ChannelHandlerContext, data: NIOAny) {
             var chunk = unwrapInboundIn(data)
@@ -85,16 +89,21 @@ public final class ControlServer: Sendable {
                 return
             }
             let line = pending.readableBytesView[pending.readerIndex..<newline]
-            var reply: Data
-            if let request = try? JSONDecoder().decode(ControlRequest.self, from: Data(line)) {
-                reply = respond(request)
-            } else {
-                reply = Data(#"{"error":"unknown request"}"#.utf8)
+            let request = try? JSONDecoder().decode(ControlRequest.self, from: Data(line))
+            let promise = context.eventLoop.makePromise(of: Data.self)
+            let respond = respond
+            promise.completeWithTask {
+                guard let request else { return Data(#"{"error":"unknown request"}"#.utf8) }
+                return await respond(request)
             }
-            reply.append(UInt8(ascii: "\n"))
-            let out = context.channel.allocator.buffer(bytes: reply)
             let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
-            context.writeAndFlush(wrapOutboundOut(out)).whenComplete { _ in bound.value.close(promise: nil) }
+            promise.futureResult.whenSuccess { reply in
+                var reply = reply
+                reply.append(UInt8(ascii: "\n"))
+                let context = bound.value
+                let out = context.channel.allocator.buffer(bytes: reply)
+                context.writeAndFlush(NIOAny(out)).whenComplete { _ in bound.value.close(promise: nil) }
+            }
         }
     }
 }

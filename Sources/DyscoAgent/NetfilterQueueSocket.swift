@@ -22,6 +22,8 @@ public final class NetfilterQueueSocket {
     }
 
     public let queue: UInt16
+    /// The netlink socket, for poll(2) (the packet thread waits on it and on its wake-up eventfd).
+    public var fileDescriptor: Int32 { fd }
     private let nl: OpaquePointer
     private let portID: UInt32
     private let fd: Int32
@@ -45,11 +47,6 @@ public final class NetfilterQueueSocket {
                 try sysCall("setsockopt(SO_RCVBUF)") {
                     setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
                 }
-            }
-            // Wake up twice a second so that a stopping agent's packet thread notices.
-            var timeout = timeval(tv_sec: 0, tv_usec: 500_000)
-            try sysCall("setsockopt(SO_RCVTIMEO)") {
-                setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
             }
             var one: Int32 = 1
             try sysCall("setsockopt(NETLINK_NO_ENOBUFS)") {
@@ -86,13 +83,14 @@ public final class NetfilterQueueSocket {
         try sysCall(operation) { dysco_mnl_check_ack(receiveBuffer, n, 0, portID) }
     }
 
-    /// Blocks (at most 0.5 s) for the next netlink datagram and calls `body` for each packet message in it. Returns false
-    /// once the socket was shut down.
+    /// Reads the next netlink datagram if one is waiting (never blocks: the packet thread polls first) and
+    /// calls `body` for each packet message in it. Returns false when nothing was waiting.
     public func receive(_ body: (inout Packet) throws -> Void) throws -> Bool {
-        let n = recv(fd, receiveBuffer, receiveCapacity, 0)
+        let n = recv(fd, receiveBuffer, receiveCapacity, Int32(MSG_DONTWAIT))
         if n < 0 {
             let code = errno
-            if code == ENOBUFS || code == EINTR || code == EAGAIN { return true }
+            if code == EAGAIN || code == EWOULDBLOCK { return false }
+            if code == ENOBUFS || code == EINTR { return true }
             throw SystemCallError(operation: "recv(nfqueue \(queue))", errno: code)
         }
         if n == 0 { return false }

@@ -116,6 +116,21 @@ public struct TCPHeaderView {
         setPort(port, at: Offset.destinationPort, updateChecksum: updateChecksum)
     }
 
+    public func setSequenceNumber(_ value: UInt32, updateChecksum: Bool = true) {
+        setWord(value, at: Offset.sequence, updateChecksum: updateChecksum)
+    }
+
+    public func setAcknowledgmentNumber(_ value: UInt32, updateChecksum: Bool = true) {
+        setWord(value, at: Offset.acknowledgment, updateChecksum: updateChecksum)
+    }
+
+    private func setWord(_ value: UInt32, at offset: Int, updateChecksum: Bool) {
+        let old = base.loadUnaligned(fromByteOffset: offset, as: UInt32.self)
+        let new = value.bigEndian
+        base.storeBytes(of: new, toByteOffset: offset, as: UInt32.self)
+        if updateChecksum { rawChecksum = InternetChecksum.update(rawChecksum, old: old, new: new) }
+    }
+
     /// Folds a changed IPv4 address of the pseudo-header into the TCP checksum (raw values).
     func updateChecksumForAddress(oldRaw: UInt32, newRaw: UInt32) {
         rawChecksum = InternetChecksum.update(rawChecksum, old: oldRaw, new: newRaw)
@@ -232,5 +247,38 @@ public struct IPv4TCPPacket {
         (ip.base + length).copyMemory(from: bytes.baseAddress!, byteCount: bytes.count)
         length += bytes.count
         ip.setTotalLength(length)
+    }
+}
+
+extension IPv4TCPPacket {
+    public static let pureAckLength = 40
+
+    /// Writes a pure ACK (20-byte IPv4 header with DF, TTL 64; 20-byte TCP header, no options) with full
+    /// checksums into `buffer` (at least ``pureAckLength`` bytes). Anchors send these as window-opening probes.
+    public static func buildPureAck(into buffer: UnsafeMutableRawPointer, tuple: FiveTuple, seq: UInt32, ack: UInt32,
+                                    window: UInt16) -> IPv4TCPPacket {
+        buffer.initializeMemory(as: UInt8.self, repeating: 0, count: pureAckLength)
+        func put16(_ offset: Int, _ value: UInt16) { buffer.storeBytes(of: value.bigEndian, toByteOffset: offset, as: UInt16.self) }
+        func put32(_ offset: Int, _ value: UInt32) { buffer.storeBytes(of: value.bigEndian, toByteOffset: offset, as: UInt32.self) }
+        buffer.storeBytes(of: 0x45, toByteOffset: 0, as: UInt8.self)
+        put16(2, UInt16(pureAckLength))
+        put16(6, 0x4000)
+        buffer.storeBytes(of: 64, toByteOffset: 8, as: UInt8.self)
+        buffer.storeBytes(of: IPv4HeaderView.protocolTCP, toByteOffset: 9, as: UInt8.self)
+        put32(12, tuple.srcAddr.value)
+        put32(16, tuple.dstAddr.value)
+        put16(20, tuple.srcPort)
+        put16(22, tuple.dstPort)
+        put32(24, seq)
+        put32(28, ack)
+        buffer.storeBytes(of: 0x50, toByteOffset: 32, as: UInt8.self)
+        buffer.storeBytes(of: TCPFlags.ack.rawValue, toByteOffset: 33, as: UInt8.self)
+        put16(34, window)
+        guard case .success(let packet) = IPv4TCPPacket.parse(buffer, count: pureAckLength) else {
+            preconditionFailure("a pure ACK we built does not parse")
+        }
+        packet.ip.recomputeChecksum()
+        packet.recomputeTCPChecksum()
+        return packet
     }
 }

@@ -139,3 +139,40 @@ public struct AgentConfig: Sendable, Codable, Equatable {
         policies.first { $0.match.matches(tuple) }
     }
 }
+
+extension SessionPredicate {
+    /// Parses a filter written like `state export --match`, with every field optional and prefixes or ranges
+    /// allowed: `src=10.77.0.11,dst=10.77.0.0/24,sport=40000-40100,dport=80`; "" or "all" matches every session.
+    public init(filter text: String) throws(PolicyFilterError) {
+        self.init()
+        let trimmed = text.trimmingCharacters(in: .whitespaces)
+        if trimmed.isEmpty || trimmed == "all" { return }
+        for item in trimmed.split(whereSeparator: { $0 == "," || $0 == " " }) {
+            let pair = item.split(separator: "=", maxSplits: 1).map(String.init)
+            guard pair.count == 2, !pair[1].isEmpty else { throw PolicyFilterError(filter: text, reason: "\"\(item)\" is not key=value") }
+            switch pair[0] {
+            case "src", "dst":
+                let value = IPv4Prefix(pair[1])
+                guard let prefix = value else {
+                    throw PolicyFilterError(filter: text, reason: "\(pair[0])=\(pair[1]) is not an IPv4 address or prefix")
+                }
+                if pair[0] == "src" { src = prefix } else { dst = prefix }
+            case "sport", "dport":
+                guard let range = PortRange(pair[1]) else {
+                    throw PolicyFilterError(filter: text, reason: "\(pair[0])=\(pair[1]) is not a port or LOW-HIGH range")
+                }
+                if pair[0] == "sport" { sport = [range] } else { dport = [range] }
+            case "proto":
+                guard pair[1] == "tcp" else { throw PolicyFilterError(filter: text, reason: "only proto=tcp sessions exist") }
+            default:
+                throw PolicyFilterError(filter: text, reason: "unknown key \"\(pair[0])\" (known: src, dst, sport, dport, proto)")
+            }
+        }
+    }
+}
+
+public struct PolicyFilterError: Error, CustomStringConvertible, Equatable {
+    public var filter: String
+    public var reason: String
+    public var description: String { "--match \"\(filter)\": \(reason)" }
+}

@@ -1,1 +1,0 @@
-// Per-session anchor buffers (see docs/ARCHITECTURE.md, "Anchor buffering").

@@ -1,0 +1,113 @@
+import CLinux
+import DyscoCore
+import DyscoSystem
+import Foundation
+import NIOCore
+import NIOPosix
+
+/// The agents' UDP control channel (paper §3.3; wire format in docs/CONTROL-PROTOCOL.md): one socket on
+/// ``ControlMessage/port`` in this namespace, SwiftNIO. Received datagrams go to `receive` with the sender's
+/// address; `send` writes one datagram to another agent's control port.
+final class ControlPlane: Sendable {
+    private let group: MultiThreadedEventLoopGroup
+    private let channel: Channel
+    let port: UInt16
+
+    init(port: UInt16, receive: @escaping @Sendable ([UInt8], IPv4Address) -> Void) throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        do {
+            channel = try DatagramBootstrap(group: group)
+                .channelOption(.socketOption(.so_reuseaddr), value: 1)
+                .channelOption(.socketOption(.so_rcvbuf), value: 4 << 20)
+                .channelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(Inbound(receive: receive))
+                    }
+                }
+                .bind(host: "0.0.0.0", port: Int(port))
+                .wait()
+        } catch {
+            try? group.syncShutdownGracefully()
+            throw ControlError(message: "cannot bind the control port udp/\(port): \(error)")
+        }
+        self.group = group
+        self.port = port
+    }
+
+    func send(_ bytes: [UInt8], to address: IPv4Address) {
+        guard let remote = try? SocketAddress(ipAddress: address.description, port: Int(port)) else { return }
+        let buffer = channel.allocator.buffer(bytes: bytes)
+        channel.writeAndFlush(AddressedEnvelope(remoteAddress: remote, data: buffer), promise: nil)
+    }
+
+    func close() {
+        try? channel.close().wait()
+        try? group.syncShutdownGracefully()
+    }
+
+    private final class Inbound: ChannelInboundHandler, Sendable {
+        typealias InboundIn = AddressedEnvelope<ByteBuffer>
+        let receive: @Sendable ([UInt8], IPv4Address) -> Void
+        init(receive: @escaping @Sendable ([UInt8], IPv4Address) -> Void) { self.receive = receive }
+
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            let envelope = unwrapInboundIn(data)
+            guard let text = envelope.remoteAddress.ipAddress, let from = IPv4Address(text) else { return }
+            var buffer = envelope.data
+            receive(buffer.readBytes(length: buffer.readableBytes) ?? [], from)
+        }
+    }
+}
+
+/// Sends packets the agent built itself (the anchors' window-opening probes) through a raw IPv4 socket. The
+/// packets carry the egress fast-path mark, so this host's NFQUEUE egress rules let them pass untouched.
+final class RawPacketSender: Sendable {
+    private let fd: Int32
+
+    init() throws {
+        fd = try sysCall("socket(AF_INET, SOCK_RAW, IPPROTO_RAW)") { dysco_raw_ipv4_socket() }
+        var mark = FastPathScript.egressMark
+        do {
+            try sysCall("setsockopt(SO_MARK)") {
+                setsockopt(fd, SOL_SOCKET, dysco_so_mark(), &mark, socklen_t(MemoryLayout<UInt32>.size))
+            }
+        } catch {
+            close(fd)
+            throw error
+        }
+    }
+
+    deinit { close(fd) }
+
+    /// Sends a whole IPv4 packet (header included) to its destination address.
+    func send(_ packet: UnsafeRawBufferPointer, to destination: IPv4Address) throws {
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = destination.value.bigEndian
+        let sent = withUnsafePointer(to: &address) { pointer in
+            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                sendto(fd, packet.baseAddress, packet.count, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+            }
+        }
+        if sent < 0 { throw SystemCallError(operation: "sendto(raw probe to \(destination))", errno: errno) }
+    }
+}
+
+/// The packet thread's wake-up (eventfd): other threads post work and signal; the packet thread polls the
+/// queue socket and this descriptor together, so work runs within microseconds on an idle queue too.
+final class Wakeup: Sendable {
+    let fd: Int32
+
+    init() throws { fd = try sysCall("eventfd") { dysco_eventfd() } }
+    deinit { close(fd) }
+
+    func signal() {
+        var one: UInt64 = 1
+        _ = write(fd, &one, 8)
+    }
+
+    func drain() {
+        var value: UInt64 = 0
+        _ = read(fd, &value, 8)
+    }
+}

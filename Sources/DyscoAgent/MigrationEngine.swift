@@ -1,0 +1,406 @@
+import CLinux
+import ConntrackState
+import DyscoCore
+import DyscoSystem
+import Foundation
+import Logging
+import MigrationCoordinator
+import Synchronization
+
+/// The thin shell around ``MigrationCoordinator``: decodes and checks control messages, feeds events in, and
+/// performs the actions that come out (UDP sends, timers, data-plane operations on the ``PacketProcessor``,
+/// buffer release on the packet thread, conntrack export/import). Results of actions go back in as events,
+/// in order, before the next outside event.
+final class MigrationEngine: @unchecked Sendable {
+    struct Settings: Sendable {
+        var controlPort: UInt16 = ControlMessage.port
+        /// The quiet rule of the drain (AnchorState): no packet for this long means nothing is in flight.
+        var quietNanoseconds: UInt64 = 20_000_000
+        /// This box accepts migrated firewall state (`--accept-state`); false refuses every import.
+        var acceptState = true
+    }
+
+    private let trust: TrustGroup
+    private let logger: Logger
+    private let settings: Settings
+    private unowned let agent: DataplaneAgent
+    private let coordinator: Mutex<MigrationCoordinator>
+    /// Serializes event handling (one event and the events its actions produce at a time).
+    private let loop = DispatchQueue(label: "dysco-migration")
+    private let conntrackQueue = DispatchQueue(label: "dysco-conntrack")
+    private var conntrack: ConntrackTable?  // used on conntrackQueue only
+    private var control: ControlPlane?
+    private let probes: RawPacketSender
+    private let timers = Mutex<[TimerKey: UInt64]>([:])
+    private let timerGeneration = Atomic<UInt64>(0)
+    private let reports = Mutex<[UInt64: CheckedContinuation<TriggerResult, Never>]>([:])
+    let counters = Mutex<[String: UInt64]>([:])
+
+    init(agent: DataplaneAgent, trust: TrustGroup, settings: Settings, logger: Logger) throws {
+        self.agent = agent
+        self.trust = trust
+        self.settings = settings
+        self.logger = logger
+        coordinator = Mutex(MigrationCoordinator())
+        probes = try RawPacketSender()
+    }
+
+    func start() throws {
+        let loop = loop
+        control = try ControlPlane(port: settings.controlPort) { [weak self] bytes, from in
+            guard let engine = self else { return }
+            loop.async { engine.receive(bytes, from: from) }
+        }
+    }
+
+    func stop() {
+        control?.close()
+        loop.sync {}
+    }
+
+    private func count(_ name: String) {
+        counters.withLock { $0[name, default: 0] += 1 }
+    }
+
+    // MARK: - Inputs
+
+    private func receive(_ bytes: [UInt8], from: IPv4Address) {
+        let message: ControlMessage
+        do {
+            message = try ControlMessage.decode(bytes, trust: trust)
+        } catch {
+            count("dropped.\(error.counterName)")
+            logger.debug("dropped control message", metadata: ["control.from": "\(from)", "control.error": "\(error)"])
+            return
+        }
+        guard !from.isForbiddenHop else { count("dropped.forbidden-address"); return }
+        let context = sessionContext(message.identity.chainID)
+        if let context {
+            guard context.identity.nonce == message.identity.nonce else { count("dropped.wrong-nonce"); return }
+            guard context.session == message.session else { count("dropped.wrong-session"); return }
+        } else {
+            switch message.body {
+            case .newPathSyn, .newPathCancel, .triggerResult, .statePut, .stateInstalled, .newPathCancelAck: break
+            default:
+                count("dropped.unknown-session")
+                return
+            }
+        }
+        count("received.\(message.body.type)")
+        dispatch(.message(message, from: from, context: context))
+    }
+
+    /// The data plane's observations (from the packet thread and the timer).
+    func anchorEvents(_ events: [AnchorEvent]) {
+        guard !events.isEmpty else { return }
+        loop.async { [self] in
+            for event in events {
+                switch event {
+                case .drained(let chainID): dispatch(.drained(chainID: chainID))
+                case .newPathPacket(let chainID): dispatch(.newPathPacket(chainID: chainID))
+                }
+            }
+        }
+    }
+
+    func bufferFull(_ chainID: UInt64) {
+        loop.async { [self] in dispatch(.bufferFull(chainID: chainID)) }
+    }
+
+    var quietNanoseconds: UInt64 { settings.quietNanoseconds }
+
+    /// `replace` at this agent (the old box): asks each session's left anchor to move it, waits for all.
+    func replace(_ request: ReplaceRequest) async -> ReplaceReport {
+        let started = ContinuousClock.now
+        let candidates = agent.processor.withLock { state in
+            state.table.records.values.filter { record in
+                record.role == .middlebox && record.closeDeadline == nil && record.migration == nil
+                    && request.predicate.matches(record.session)
+            }.sorted { $0.id < $1.id }.prefix(request.limit ?? .max)
+        }
+        let results = await withTaskGroup(of: ReplaceReport.Session.self) { group in
+            for record in candidates {
+                group.addTask { await self.replace(record, request) }
+            }
+            var results: [ReplaceReport.Session] = []
+            for await result in group { results.append(result) }
+            return results
+        }
+        let elapsed = ContinuousClock.now - started
+        return ReplaceReport(sessions: results.sorted { $0.session.description < $1.session.description },
+                             matched: candidates.count,
+                             elapsedMicroseconds: UInt64(elapsed.components.seconds) * 1_000_000
+                                + UInt64(elapsed.components.attoseconds / 1_000_000_000_000))
+    }
+
+    private func replace(_ record: SessionTable.Record, _ request: ReplaceRequest) async -> ReplaceReport.Session {
+        let chainID = record.identity.chainID
+        guard let left = record.leftNeighbour, let right = record.rightNeighbour, let me = record.left?.dstAddr else {
+            return .init(record.session, chainID: chainID, TriggerResult(outcome: .refused, reason: "the session has no complete path here",
+                                                                        failedStep: "lock", phaseMicroseconds: []))
+        }
+        let trigger = Trigger(newPath: request.newBoxes + [right], oldBox: me, stateful: request.stateful,
+                              deadlineMilliseconds: request.deadlineMilliseconds)
+        let context = SessionContext(identity: record.identity, session: record.session, me: me, leftNeighbour: left,
+                                     rightNeighbour: right)
+        let requestID = UInt32.random(in: 1 ... .max)
+        let result = await withCheckedContinuation { continuation in
+            reports.withLock { $0[chainID] = continuation }
+            loop.async { [self] in
+                dispatch(.replaceRequested(context, trigger: trigger, leftAnchor: left, requestID: requestID))
+            }
+        }
+        return .init(record.session, chainID: chainID, result)
+    }
+
+    // MARK: - The loop: an event, then the events its actions produce
+
+    private func dispatch(_ first: Event) {
+        var queue = [first]
+        while !queue.isEmpty {
+            let event = queue.removeFirst()
+            let now = dysco_monotonic_ns()
+            let actions = coordinator.withLock { $0.handle(event, now: now) }
+            for action in actions {
+                if let followUp = perform(action) { queue.append(followUp) }
+            }
+        }
+    }
+
+    private func sessionContext(_ chainID: UInt64) -> SessionContext? {
+        agent.processor.withLock { state in
+            guard let (record, me) = state.context(chainID: chainID) else { return nil }
+            return SessionContext(identity: record.identity, session: record.session, me: me,
+                                  leftNeighbour: record.leftNeighbour, rightNeighbour: record.rightNeighbour)
+        }
+    }
+
+    private func perform(_ action: Action) -> Event? {
+        let now = dysco_monotonic_ns()
+        switch action {
+        case .send(let message, let to):
+            count("sent.\(message.body.type)")
+            control?.send(message.encode(trust: trust), to: to)
+        case .setTimer(let key, let after):
+            let generation = timerGeneration.add(1, ordering: .relaxed).newValue
+            timers.withLock { $0[key] = generation }
+            loop.asyncAfter(deadline: .now() + .nanoseconds(Int(min(after, UInt64(Int.max))))) { [self] in
+                guard timers.withLock({ $0[key] == generation ? $0.removeValue(forKey: key) : nil }) != nil else { return }
+                dispatch(.timer(key))
+            }
+        case .cancelTimer(let key):
+            timers.withLock { _ = $0.removeValue(forKey: key) }
+        case .hold(let chainID, let side, let stateful):
+            agent.applyFastPath { $0.anchorHold(chainID: chainID, side: side, stateful: stateful, now: now) }
+        case .setPhase(let chainID, let phase):
+            let events = agent.processor.withLock { state in
+                state.anchorSetPhase(chainID: chainID, phase, now: dysco_monotonic_coarse_ns())
+                return state.takeAnchorEvents()
+            }
+            anchorEvents(events)
+        case .setDelta(let chainID, let delta):
+            agent.processor.withLock { $0.anchorSetDelta(chainID: chainID, delta) }
+        case .openPath(let chainID, let next):
+            return pathEvent(chainID, agent.processor.withLock { $0.openPath(chainID: chainID, next: next) })
+        case .addPath(let chainID, let subsession):
+            return pathEvent(chainID, agent.processor.withLock { $0.addPath(chainID: chainID, subsession: subsession) })
+        case .createSession(let identity, let session, let left, let next):
+            return pathEvent(identity.chainID, agent.processor.withLock {
+                $0.createFromNewPath(identity: identity, session: session, left: left, next: next, now: dysco_monotonic_coarse_ns())
+            })
+        case .markEstablished(let chainID):
+            agent.processor.withLock { $0.markEstablished(chainID: chainID) }
+        case .promote(let chainID):
+            agent.processor.withLock { $0.anchorPromote(chainID: chainID) }
+        case .sendProbe(let chainID):
+            sendProbe(chainID)
+        case .releaseBuffer(let chainID):
+            agent.releaseBuffer(chainID)
+        case .finishAnchor(let chainID):
+            agent.applyFastPath { $0.anchorFinish(chainID: chainID) }
+        case .cancelAnchor(let chainID):
+            agent.applyFastPath { $0.anchorCancel(chainID: chainID) }
+            agent.releaseBuffer(chainID)
+        case .removeSession(let chainID, let deleteConntrack):
+            let session = agent.processor.withLock { $0.context(chainID: chainID)?.0.session }
+            agent.applyFastPath { $0.leave(chainID: chainID, reason: "left the path (reconfiguration)") }
+            if deleteConntrack, let session { deleteState(session) }
+        case .exportState(let chainID, let requestID, let session):
+            exportState(chainID: chainID, requestID: requestID, session: session)
+        case .importState(let chainID, let requestID, let document):
+            importState(chainID: chainID, requestID: requestID, document: document)
+        case .report(let chainID, _, let result):
+            count("migrations.\(result.outcome)")
+            let continuation = reports.withLock { $0.removeValue(forKey: chainID) }
+            continuation?.resume(returning: result)
+        }
+        return nil
+    }
+
+    private func pathEvent(_ chainID: UInt64, _ result: Result<FiveTuple, SessionTable.InsertError>) -> Event {
+        switch result {
+        case .success(let tuple): .pathOpened(chainID: chainID, subsession: tuple)
+        case .failure(let error): .pathRefused(chainID: chainID, reason: "\(error)")
+        }
+    }
+
+    private func sendProbe(_ chainID: UInt64) {
+        withUnsafeTemporaryAllocation(byteCount: IPv4TCPPacket.pureAckLength, alignment: 16) { buffer in
+            let base = buffer.baseAddress!
+            guard let length = agent.processor.withLock({ $0.anchorProbe(chainID: chainID, into: base) }) else {
+                count("probes.unknown-numbers")
+                return
+            }
+            let destination = IPv4Address(UInt32(bigEndian: base.loadUnaligned(fromByteOffset: 16, as: UInt32.self)))
+            do {
+                try probes.send(UnsafeRawBufferPointer(start: base, count: length), to: destination)
+                count("probes.sent")
+            } catch {
+                count("probes.failed")
+                logger.warning("probe not sent", metadata: ["session.chain": "\(String(chainID, radix: 16))", "error": "\(error)"])
+            }
+        }
+    }
+
+    // MARK: - Conntrack (the firewall's state; ConntrackState, libnetfilter_conntrack)
+
+    private func table() throws -> ConntrackTable {
+        if let conntrack { return conntrack }
+        let opened = try ConntrackTable(namespace: .current, logger: logger)
+        conntrack = opened
+        return opened
+    }
+
+    private static func flowKey(_ session: FiveTuple) -> FlowKey {
+        func address(_ a: IPv4Address) -> IPAddress {
+            .v4(UInt8(a.value >> 24), UInt8(a.value >> 16 & 0xff), UInt8(a.value >> 8 & 0xff), UInt8(a.value & 0xff))
+        }
+        return FlowKey(src: address(session.srcAddr), sport: session.srcPort, dst: address(session.dstAddr),
+                       dport: session.dstPort)
+    }
+
+    private func exportState(chainID: UInt64, requestID: UInt32, session: FiveTuple) {
+        conntrackQueue.async { [self] in
+            let started = dysco_monotonic_ns()
+            let result: Result<[UInt8], StepFailure>
+            do {
+                let export = try table().export(.flows([Self.flowKey(session)]), host: ConntrackTable.hostLabel(namespace: .current))
+                if export.document.entries.isEmpty {
+                    result = .failure(StepFailure("no conntrack entry for \(session) at the old box"))
+                } else {
+                    result = .success([UInt8](try export.document.encoded(pretty: false)))
+                }
+            } catch {
+                result = .failure(StepFailure("conntrack export: \(error)"))
+            }
+            let micros = UInt32(clamping: (dysco_monotonic_ns() - started) / 1000)
+            loop.async { [self] in dispatch(.stateExported(chainID: chainID, requestID: requestID, result, micros: micros)) }
+        }
+    }
+
+    private func importState(chainID: UInt64, requestID: UInt32, document bytes: [UInt8]) {
+        conntrackQueue.async { [self] in
+            let started = dysco_monotonic_ns()
+            let result: Result<Void, StepFailure>
+            if !settings.acceptState {
+                result = .failure(StepFailure("this box does not accept migrated state (agent --accept-state no)"))
+            } else {
+                do {
+                    let document = try StateDocument.decode(Data(bytes))
+                    let report = try table().importDocument(document, options: ImportOptions(existing: .replace))
+                    if report.succeeded, report.created + report.replaced == document.entries.count {
+                        result = .success(())
+                    } else {
+                        result = .failure(StepFailure(report.summary))
+                    }
+                } catch {
+                    result = .failure(StepFailure("\(error)"))
+                }
+            }
+            let micros = UInt32(clamping: (dysco_monotonic_ns() - started) / 1000)
+            loop.async { [self] in dispatch(.stateImported(chainID: chainID, requestID: requestID, result, micros: micros)) }
+        }
+    }
+
+    private func deleteState(_ session: FiveTuple) {
+        conntrackQueue.async { [self] in
+            _ = try? table().delete([Self.flowKey(session)])
+        }
+    }
+
+    // MARK: - Inspection
+
+    func migrationRoles(_ chainID: UInt64) -> [Role] { coordinator.withLock { $0.role(of: chainID) } }
+}
+
+/// What `replace` asks of the old box's agent (control socket).
+public struct ReplaceRequest: Codable, Sendable {
+    /// Which of this box's sessions: a predicate on the session tuple (empty: all).
+    public var predicate: SessionPredicate
+    /// The new middleboxes, in order (the right anchor is each session's right neighbour).
+    public var newBoxes: [IPv4Address]
+    public var stateful: Bool
+    public var deadlineMilliseconds: UInt32
+    /// At most this many sessions (nil: all that match).
+    public var limit: Int?
+
+    public init(predicate: SessionPredicate, newBoxes: [IPv4Address], stateful: Bool, deadlineMilliseconds: UInt32,
+                limit: Int? = nil) {
+        self.predicate = predicate
+        self.newBoxes = newBoxes
+        self.stateful = stateful
+        self.deadlineMilliseconds = deadlineMilliseconds
+        self.limit = limit
+    }
+}
+
+/// What `replace` reports: per session the outcome and the latency of each phase.
+public struct ReplaceReport: Codable, Sendable {
+    public struct Phases: Codable, Sendable, Equatable {
+        /// Microseconds each phase took (lock, new path, drain, state = export + transfer + import, release,
+        /// teardown), the boxes' own export and import times, and the transfer (state − export − import).
+        public var lock, newPath, drain, state, release, teardown: UInt32
+        public var export, transfer, `import`: UInt32
+        /// Trigger at the left anchor → release: the migration's latency.
+        public var total: UInt32
+        /// The paper's measure (§5.3): new-path SYN sent → new path first used.
+        public var paper: UInt32
+
+        init?(_ raw: [UInt32]) {
+            guard raw.count >= 9 else { return nil }
+            func delta(_ i: Int) -> UInt32 { i == 0 ? raw[0] : raw[i] &- min(raw[i], raw[i - 1]) }
+            lock = delta(0); newPath = delta(1); drain = delta(2); state = delta(3)
+            release = raw[4] >= raw[3] ? raw[4] - raw[3] : 0
+            teardown = raw[5] &- min(raw[5], max(raw[4], raw[3]))
+            export = raw[6]; `import` = raw[7]
+            transfer = state &- min(state, export &+ `import`)
+            total = raw[4]
+            paper = raw[8]
+        }
+    }
+
+    public struct Session: Codable, Sendable {
+        public var session: FiveTuple
+        public var chainID: String
+        /// moved, cancelled or refused.
+        public var result: String
+        public var reason: String
+        public var failedStep: String
+        public var phases: Phases?
+
+        init(_ session: FiveTuple, chainID: UInt64, _ result: TriggerResult) {
+            self.session = session
+            self.chainID = String(chainID, radix: 16)
+            self.result = "\(result.outcome)"
+            reason = result.reason
+            failedStep = result.failedStep
+            phases = Phases(result.phaseMicroseconds)
+        }
+    }
+
+    public var sessions: [Session]
+    public var matched: Int
+    public var elapsedMicroseconds: UInt64
+
+    public var allMoved: Bool { sessions.allSatisfy { $0.result == "moved" } }
+}

@@ -1,0 +1,605 @@
+// MARK: - Types
+
+public enum ControlMessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible {
+    case trigger = 1, triggerResult = 2
+    case requestLock = 10, ackLock = 11, nackLock = 12, cancelLock = 13, ackCancel = 14
+    case newPathSyn = 20, newPathSynAck = 21, newPathCancel = 22, newPathCancelAck = 23
+    case drainStart = 30, drained = 31
+    case stateRequest = 40, statePut = 41, stateInstalled = 42
+    case oldPathFin = 50, oldPathFinAck = 51
+
+    public var description: String {
+        switch self {
+        case .trigger: "trigger"
+        case .triggerResult: "triggerResult"
+        case .requestLock: "requestLock"
+        case .ackLock: "ackLock"
+        case .nackLock: "nackLock"
+        case .cancelLock: "cancelLock"
+        case .ackCancel: "ackCancel"
+        case .newPathSyn: "newPathSyn"
+        case .newPathSynAck: "newPathSynAck"
+        case .newPathCancel: "newPathCancel"
+        case .newPathCancelAck: "newPathCancelAck"
+        case .drainStart: "drainStart"
+        case .drained: "drained"
+        case .stateRequest: "stateRequest"
+        case .statePut: "statePut"
+        case .stateInstalled: "stateInstalled"
+        case .oldPathFin: "oldPathFin"
+        case .oldPathFinAck: "oldPathFinAck"
+        }
+    }
+}
+
+/// Why a lock request was refused (paper §3.2).
+public enum NackReason: UInt8, Sendable, Equatable, CustomStringConvertible {
+    /// The segment is locked or lock-pending for another request (§3.2).
+    case contention = 1
+    case unknownSession = 2
+    case notOnPath = 3
+    case busy = 4
+
+    public var description: String {
+        switch self {
+        case .contention: "contention"
+        case .unknownSession: "unknown-session"
+        case .notOnPath: "not-on-path"
+        case .busy: "busy"
+        }
+    }
+}
+
+/// Asks a left anchor to replace the segment between it and the right anchor by a new path.
+public struct Trigger: Sendable, Equatable {
+    /// [new middleboxes..., right anchor], 1...15 addresses.
+    public var newPath: [IPv4Address]
+    /// The middlebox being replaced (whose state moves when `stateful`).
+    public var oldBox: IPv4Address
+    public var stateful: Bool
+    public var deadlineMilliseconds: UInt32
+
+    public init(newPath: [IPv4Address], oldBox: IPv4Address, stateful: Bool, deadlineMilliseconds: UInt32) {
+        self.newPath = newPath
+        self.oldBox = oldBox
+        self.stateful = stateful
+        self.deadlineMilliseconds = deadlineMilliseconds
+    }
+}
+
+/// What a left anchor reports back for one trigger.
+public struct TriggerResult: Sendable, Equatable {
+    public enum Outcome: UInt8, Sendable { case moved = 0, cancelled = 1, refused = 2 }
+
+    public var outcome: Outcome
+    /// At most 200 bytes of UTF-8; "" when moved.
+    public var reason: String
+    /// e.g. "lock", "new-path", "drain", "state", "release"; "" when moved; at most 32 bytes of UTF-8.
+    public var failedStep: String
+    /// Microseconds from the trigger's arrival at the left anchor to the end of each phase, in order; at most 16.
+    public var phaseMicroseconds: [UInt32]
+
+    public init(outcome: Outcome, reason: String = "", failedStep: String = "", phaseMicroseconds: [UInt32] = []) {
+        self.outcome = outcome
+        self.reason = reason
+        self.failedStep = failedStep
+        self.phaseMicroseconds = phaseMicroseconds
+    }
+}
+
+public enum ControlBody: Sendable, Equatable {
+    case trigger(Trigger)
+    case triggerResult(TriggerResult)
+    case requestLock(rightDelta: Int32)
+    case ackLock(leftDelta: Int32, rightDelta: Int32)
+    case nackLock(reason: NackReason)
+    /// UTF-8, at most 200 bytes.
+    case cancelLock(reason: String)
+    case ackCancel
+    /// remaining: 0...15 addresses.
+    case newPathSyn(subsession: FiveTuple, remaining: [IPv4Address])
+    case newPathSynAck(subsession: FiveTuple)
+    case newPathCancel
+    case newPathCancelAck
+    case drainStart(stateful: Bool)
+    case drained
+    case stateRequest(newBox: IPv4Address)
+    /// A JSON state document (docs/STATE-FORMAT.md), at most 60,000 bytes, carried opaquely.
+    case statePut(document: [UInt8])
+    /// reason: at most 200 bytes.
+    case stateInstalled(ok: Bool, reason: String)
+    case oldPathFin
+    case oldPathFinAck
+
+    /// Limits of the body fields (decode rejects anything beyond them; encode truncates strings to them).
+    public static let maxReasonBytes = 200
+    public static let maxFailedStepBytes = 32
+    public static let maxPhases = 16
+    /// `Trigger.newPath` holds 1...15 addresses, `newPathSyn`'s `remaining` 0...15.
+    public static let maxPathAddresses = 15
+    public static let maxDocumentBytes = 60_000
+
+    public var type: ControlMessageType {
+        switch self {
+        case .trigger: .trigger
+        case .triggerResult: .triggerResult
+        case .requestLock: .requestLock
+        case .ackLock: .ackLock
+        case .nackLock: .nackLock
+        case .cancelLock: .cancelLock
+        case .ackCancel: .ackCancel
+        case .newPathSyn: .newPathSyn
+        case .newPathSynAck: .newPathSynAck
+        case .newPathCancel: .newPathCancel
+        case .newPathCancelAck: .newPathCancelAck
+        case .drainStart: .drainStart
+        case .drained: .drained
+        case .stateRequest: .stateRequest
+        case .statePut: .statePut
+        case .stateInstalled: .stateInstalled
+        case .oldPathFin: .oldPathFin
+        case .oldPathFinAck: .oldPathFinAck
+        }
+    }
+}
+
+public enum ControlMessageError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// Shorter than header + MAC.
+    case truncated(length: Int)
+    case tooLong(length: Int)
+    case badMagic
+    case unsupportedVersion(UInt8)
+    case unknownType(UInt8)
+    /// `declared` = 48 + bodyLength + 16, `actual` = the datagram's length.
+    case lengthMismatch(declared: Int, actual: Int)
+    case badMAC
+    /// The body does not have the layout of its type (or the header's session has a zero port).
+    case badBody(ControlMessageType, String)
+    /// Loopback, multicast, broadcast, unspecified or link-local anywhere in the message.
+    case forbiddenAddress(IPv4Address)
+    /// chainID == 0.
+    case zeroIdentity
+
+    /// A short stable name for counters.
+    public var counterName: String {
+        switch self {
+        case .truncated: "truncated"
+        case .tooLong: "too-long"
+        case .badMagic: "bad-magic"
+        case .unsupportedVersion: "bad-version"
+        case .unknownType: "unknown-type"
+        case .lengthMismatch: "bad-length"
+        case .badMAC: "bad-mac"
+        case .badBody: "bad-body"
+        case .forbiddenAddress: "forbidden-address"
+        case .zeroIdentity: "zero-identity"
+        }
+    }
+
+    /// Every counter name, in validation order.
+    public static let counterNames = ["truncated", "too-long", "bad-magic", "bad-version", "unknown-type",
+                                      "bad-length", "bad-mac", "zero-identity", "forbidden-address", "bad-body"]
+
+    public var description: String {
+        switch self {
+        case .truncated(let n):
+            "control message: \(n) bytes, shorter than header and MAC (\(ControlMessage.headerLength + TrustGroup.macLength))"
+        case .tooLong(let n): "control message: \(n) bytes, longer than \(ControlMessage.maxLength)"
+        case .badMagic: "control message: bad magic"
+        case .unsupportedVersion(let v): "control message: unsupported version \(v)"
+        case .unknownType(let t): "control message: unknown type \(t)"
+        case .lengthMismatch(let d, let a): "control message: header declares \(d) bytes, datagram has \(a)"
+        case .badMAC: "control message: MAC does not verify under the current or previous trust key"
+        case .badBody(let t, let why): "control message \(t): \(why)"
+        case .forbiddenAddress(let a): "control message: forbidden address \(a)"
+        case .zeroIdentity: "control message: chain ID is zero"
+        }
+    }
+}
+
+// MARK: - Message
+
+/// The agents' UDP control messages (paper §3.3: "we implement control signals as UDP packets, rather than
+/// introducing extra data into the TCP byte stream"): the reconfiguration protocol's requestLock / ackLock /
+/// nackLock / cancelLock handshake (§3.2, §3.4), the new-path SYN handshake (§3.3), its cancellation (§3.6),
+/// draining and state transfer (§3.5) and the old path's FIN handshake (§3.3, §3.5), plus the trigger that starts
+/// a reconfiguration at a left anchor and the result it reports.
+///
+/// A pure codec: no I/O. Wire format (all integers big-endian; the full tables are in docs/CONTROL-PROTOCOL.md):
+///
+/// ```
+///   offset  size  field
+///   0       4     magic "DYCM" (0x4459434D)
+///   4       1     version (1)
+///   5       1     type (ControlMessageType)
+///   6       2     bodyLength
+///   8       8     chainID
+///   16      8     nonce
+///   24      4     requestID
+///   28      4     session source address
+///   32      4     session destination address
+///   36      2     session source port
+///   38      2     session destination port
+///   40      4     left anchor
+///   44      4     right anchor
+///   48      n     body (bodyLength bytes, layout by type)
+///   48+n    16    MAC: HMAC-SHA256 (TrustGroup, current key) over bytes 0..<48+n, truncated to 16 bytes
+/// ```
+///
+/// Rule: a message that fails any check is dropped, counted by ``ControlMessageError/counterName`` and changes
+/// nothing. The MAC is checked before anything of the body is read, and before the header's identity and
+/// addresses are looked at.
+public struct ControlMessage: Sendable, Equatable {
+    public static let magic: UInt32 = 0x4459_434D  // "DYCM"
+    public static let version: UInt8 = 1
+    public static let headerLength = 48
+    /// One UDP datagram (65,535 − 8 UDP − 20 IPv4).
+    public static let maxLength = 65_507
+    /// The agents' control port (UDP).
+    public static let port: UInt16 = 7411
+
+    /// chainID + nonce.
+    public var identity: SessionIdentity
+    /// One reconfiguration attempt, chosen by its left anchor.
+    public var requestID: UInt32
+    /// The session as the endpoints see it.
+    public var session: FiveTuple
+    public var leftAnchor: IPv4Address
+    public var rightAnchor: IPv4Address
+    public var body: ControlBody
+
+    public init(identity: SessionIdentity, requestID: UInt32, session: FiveTuple,
+                leftAnchor: IPv4Address, rightAnchor: IPv4Address, body: ControlBody) {
+        self.identity = identity
+        self.requestID = requestID
+        self.session = session
+        self.leftAnchor = leftAnchor
+        self.rightAnchor = rightAnchor
+        self.body = body
+    }
+
+    /// Why ``encode(trust:)`` would refuse this message (a list count or the state document beyond its limit),
+    /// or nil. Over-long strings are not a problem: encode truncates them at a UTF-8 scalar boundary. Addresses
+    /// and identities are not checked here (the receiver's decode does).
+    public var encodingProblem: String? {
+        switch body {
+        case .trigger(let t):
+            guard (1...ControlBody.maxPathAddresses).contains(t.newPath.count) else {
+                return "trigger: newPath has \(t.newPath.count) addresses (1...\(ControlBody.maxPathAddresses))"
+            }
+        case .triggerResult(let r):
+            guard r.phaseMicroseconds.count <= ControlBody.maxPhases else {
+                return "triggerResult: \(r.phaseMicroseconds.count) phases (at most \(ControlBody.maxPhases))"
+            }
+        case .newPathSyn(_, let remaining):
+            guard remaining.count <= ControlBody.maxPathAddresses else {
+                return "newPathSyn: \(remaining.count) remaining addresses (at most \(ControlBody.maxPathAddresses))"
+            }
+        case .statePut(let document):
+            guard document.count <= ControlBody.maxDocumentBytes else {
+                return "statePut: document of \(document.count) bytes (at most \(ControlBody.maxDocumentBytes))"
+            }
+        default: break
+        }
+        return nil
+    }
+
+    /// Encodes and signs (HMAC under trust.current, appended). Strings longer than their limit are truncated at a
+    /// UTF-8 scalar boundary; a list or document beyond its limit is a programmer error (check
+    /// ``encodingProblem`` first when the size is not known to fit).
+    public func encode(trust: TrustGroup) -> [UInt8] {
+        if let problem = encodingProblem { preconditionFailure("ControlMessage.encode: \(problem)") }
+        var out = ControlWriter()
+        out.reserve(Self.headerLength + 64 + TrustGroup.macLength)
+        out.u32(Self.magic)
+        out.u8(Self.version)
+        out.u8(body.type.rawValue)
+        out.u16(0)  // bodyLength, patched below
+        out.u64(identity.chainID)
+        out.u64(identity.nonce)
+        out.u32(requestID)
+        out.tupleHeader(session)
+        out.u32(leftAnchor.value)
+        out.u32(rightAnchor.value)
+        precondition(out.bytes.count == Self.headerLength)
+        encodeBody(into: &out)
+        let bodyLength = out.bytes.count - Self.headerLength
+        out.bytes[6] = UInt8(bodyLength >> 8)
+        out.bytes[7] = UInt8(truncatingIfNeeded: bodyLength)
+        let tag = out.bytes.withUnsafeBytes { trust.mac($0) }
+        out.bytes.append(contentsOf: tag)
+        return out.bytes
+    }
+
+    private func encodeBody(into out: inout ControlWriter) {
+        switch body {
+        case .trigger(let t):
+            out.u32(t.deadlineMilliseconds)
+            out.u32(t.oldBox.value)
+            out.bool(t.stateful)
+            out.addresses(t.newPath)
+        case .triggerResult(let r):
+            out.u8(r.outcome.rawValue)
+            out.string(r.reason, max: ControlBody.maxReasonBytes)
+            out.string(r.failedStep, max: ControlBody.maxFailedStepBytes)
+            out.u8(UInt8(r.phaseMicroseconds.count))
+            for phase in r.phaseMicroseconds { out.u32(phase) }
+        case .requestLock(let rightDelta):
+            out.u32(UInt32(bitPattern: rightDelta))
+        case .ackLock(let leftDelta, let rightDelta):
+            out.u32(UInt32(bitPattern: leftDelta))
+            out.u32(UInt32(bitPattern: rightDelta))
+        case .nackLock(let reason):
+            out.u8(reason.rawValue)
+        case .cancelLock(let reason):
+            out.string(reason, max: ControlBody.maxReasonBytes)
+        case .newPathSyn(let subsession, let remaining):
+            out.tupleHeader(subsession)
+            out.addresses(remaining)
+        case .newPathSynAck(let subsession):
+            out.tupleHeader(subsession)
+        case .drainStart(let stateful):
+            out.bool(stateful)
+        case .stateRequest(let newBox):
+            out.u32(newBox.value)
+        case .statePut(let document):
+            out.u16(UInt16(document.count))
+            out.bytes.append(contentsOf: document)
+        case .stateInstalled(let ok, let reason):
+            out.bool(ok)
+            out.string(reason, max: ControlBody.maxReasonBytes)
+        case .ackCancel, .newPathCancel, .newPathCancelAck, .drained, .oldPathFin, .oldPathFinAck:
+            break
+        }
+    }
+
+    /// Validates everything and decodes. Order (the first failing check is the error):
+    /// length ≥ 64 (`truncated`), length ≤ 65,507 (`tooLong`), magic, version, type, 48 + bodyLength + 16 ==
+    /// length (`lengthMismatch`), MAC under the current or previous key (`badMAC`), chainID ≠ 0
+    /// (`zeroIdentity`), header addresses (`forbiddenAddress`), header session ports ≠ 0 (`badBody`), body
+    /// layout (`badBody`), body addresses (`forbiddenAddress`). Nothing past the fixed framing fields is read
+    /// before the MAC verifies.
+    public static func decode(_ bytes: UnsafeRawBufferPointer, trust: TrustGroup) throws(ControlMessageError) -> ControlMessage {
+        let length = bytes.count
+        guard length >= headerLength + TrustGroup.macLength else { throw .truncated(length: length) }
+        guard length <= maxLength else { throw .tooLong(length: length) }
+        guard cmReadBE32(bytes, 0) == magic else { throw .badMagic }
+        guard bytes[4] == version else { throw .unsupportedVersion(bytes[4]) }
+        guard let type = ControlMessageType(rawValue: bytes[5]) else { throw .unknownType(bytes[5]) }
+        let bodyLength = Int(cmReadBE16(bytes, 6))
+        let declared = headerLength + bodyLength + TrustGroup.macLength
+        guard declared == length else { throw .lengthMismatch(declared: declared, actual: length) }
+
+        let signed = UnsafeRawBufferPointer(rebasing: bytes[0..<(headerLength + bodyLength)])
+        let tag = UnsafeRawBufferPointer(rebasing: bytes[(headerLength + bodyLength)...])
+        guard trust.verify(tag, signed) else { throw .badMAC }
+
+        // Authenticated from here on.
+        let identity = SessionIdentity(chainID: cmReadBE64(bytes, 8), nonce: cmReadBE64(bytes, 16))
+        guard identity.chainID != 0 else { throw .zeroIdentity }
+        let requestID = cmReadBE32(bytes, 24)
+        let session = cmReadTuple(bytes, 28)
+        let leftAnchor = IPv4Address(cmReadBE32(bytes, 40))
+        let rightAnchor = IPv4Address(cmReadBE32(bytes, 44))
+        for address in [session.srcAddr, session.dstAddr, leftAnchor, rightAnchor] where address.isForbiddenHop {
+            throw .forbiddenAddress(address)
+        }
+        guard session.srcPort != 0, session.dstPort != 0 else { throw .badBody(type, "header session has port 0") }
+
+        var reader = ControlReader(bytes: UnsafeRawBufferPointer(rebasing: bytes[headerLength..<(headerLength + bodyLength)]),
+                                   type: type)
+        let body = try decodeBody(type, &reader)
+        guard reader.atEnd else { throw .badBody(type, "\(reader.remaining) trailing bytes") }
+        for address in body.addresses where address.isForbiddenHop { throw .forbiddenAddress(address) }
+
+        return ControlMessage(identity: identity, requestID: requestID, session: session,
+                              leftAnchor: leftAnchor, rightAnchor: rightAnchor, body: body)
+    }
+
+    /// Convenience: ``decode(_:trust:)-(UnsafeRawBufferPointer,_)`` over an array.
+    public static func decode(_ bytes: [UInt8], trust: TrustGroup) throws(ControlMessageError) -> ControlMessage {
+        let result = bytes.withUnsafeBytes { raw in
+            Result { () throws(ControlMessageError) in try decode(raw, trust: trust) }
+        }
+        return try result.get()
+    }
+
+    private static func decodeBody(_ type: ControlMessageType, _ r: inout ControlReader) throws(ControlMessageError) -> ControlBody {
+        switch type {
+        case .trigger:
+            let deadline = try r.u32("deadline")
+            let oldBox = IPv4Address(try r.u32("oldBox"))
+            let stateful = try r.bool("stateful")
+            let newPath = try r.addresses("newPath", 1...ControlBody.maxPathAddresses)
+            return .trigger(Trigger(newPath: newPath, oldBox: oldBox, stateful: stateful, deadlineMilliseconds: deadline))
+        case .triggerResult:
+            let raw = try r.u8("outcome")
+            guard let outcome = TriggerResult.Outcome(rawValue: raw) else { throw r.fail("outcome \(raw) is not 0, 1 or 2") }
+            let reason = try r.string("reason", max: ControlBody.maxReasonBytes)
+            let failedStep = try r.string("failedStep", max: ControlBody.maxFailedStepBytes)
+            let count = Int(try r.u8("phase count"))
+            guard count <= ControlBody.maxPhases else { throw r.fail("\(count) phases (at most \(ControlBody.maxPhases))") }
+            var phases: [UInt32] = []
+            phases.reserveCapacity(count)
+            for _ in 0..<count { phases.append(try r.u32("phase")) }
+            return .triggerResult(TriggerResult(outcome: outcome, reason: reason, failedStep: failedStep,
+                                                phaseMicroseconds: phases))
+        case .requestLock:
+            return .requestLock(rightDelta: Int32(bitPattern: try r.u32("rightDelta")))
+        case .ackLock:
+            let left = Int32(bitPattern: try r.u32("leftDelta"))
+            let right = Int32(bitPattern: try r.u32("rightDelta"))
+            return .ackLock(leftDelta: left, rightDelta: right)
+        case .nackLock:
+            let raw = try r.u8("reason")
+            guard let reason = NackReason(rawValue: raw) else { throw r.fail("nack reason \(raw) is not 1...4") }
+            return .nackLock(reason: reason)
+        case .cancelLock:
+            return .cancelLock(reason: try r.string("reason", max: ControlBody.maxReasonBytes))
+        case .ackCancel: return .ackCancel
+        case .newPathSyn:
+            let subsession = try r.tuple("subsession")
+            let remaining = try r.addresses("remaining", 0...ControlBody.maxPathAddresses)
+            return .newPathSyn(subsession: subsession, remaining: remaining)
+        case .newPathSynAck:
+            return .newPathSynAck(subsession: try r.tuple("subsession"))
+        case .newPathCancel: return .newPathCancel
+        case .newPathCancelAck: return .newPathCancelAck
+        case .drainStart:
+            return .drainStart(stateful: try r.bool("stateful"))
+        case .drained: return .drained
+        case .stateRequest:
+            return .stateRequest(newBox: IPv4Address(try r.u32("newBox")))
+        case .statePut:
+            let count = Int(try r.u16("document length"))
+            guard count <= ControlBody.maxDocumentBytes else {
+                throw r.fail("document of \(count) bytes (at most \(ControlBody.maxDocumentBytes))")
+            }
+            return .statePut(document: try r.raw("document", count))
+        case .stateInstalled:
+            let ok = try r.bool("ok")
+            let reason = try r.string("reason", max: ControlBody.maxReasonBytes)
+            return .stateInstalled(ok: ok, reason: reason)
+        case .oldPathFin: return .oldPathFin
+        case .oldPathFinAck: return .oldPathFinAck
+        }
+    }
+}
+
+extension ControlBody {
+    /// Every address the body names (checked against ``IPv4Address/isForbiddenHop`` on decode).
+    fileprivate var addresses: [IPv4Address] {
+        switch self {
+        case .trigger(let t): [t.oldBox] + t.newPath
+        case .newPathSyn(let s, let remaining): [s.srcAddr, s.dstAddr] + remaining
+        case .newPathSynAck(let s): [s.srcAddr, s.dstAddr]
+        case .stateRequest(let box): [box]
+        default: []
+        }
+    }
+}
+
+// MARK: - Private helpers (big-endian)
+
+private struct ControlWriter {
+    var bytes: [UInt8] = []
+
+    mutating func reserve(_ n: Int) { bytes.reserveCapacity(n) }
+    mutating func u8(_ v: UInt8) { bytes.append(v) }
+    mutating func u16(_ v: UInt16) {
+        bytes.append(UInt8(v >> 8))
+        bytes.append(UInt8(truncatingIfNeeded: v))
+    }
+    mutating func u32(_ v: UInt32) {
+        u16(UInt16(v >> 16))
+        u16(UInt16(truncatingIfNeeded: v))
+    }
+    mutating func u64(_ v: UInt64) {
+        u32(UInt32(v >> 32))
+        u32(UInt32(truncatingIfNeeded: v))
+    }
+    mutating func bool(_ v: Bool) { bytes.append(v ? 1 : 0) }
+    /// srcAddr, dstAddr, srcPort, dstPort (the header's order).
+    mutating func tupleHeader(_ t: FiveTuple) {
+        u32(t.srcAddr.value)
+        u32(t.dstAddr.value)
+        u16(t.srcPort)
+        u16(t.dstPort)
+    }
+    /// u8 count, then the addresses.
+    mutating func addresses(_ list: [IPv4Address]) {
+        u8(UInt8(list.count))
+        for a in list { u32(a.value) }
+    }
+    /// u8 length, then the UTF-8 bytes, truncated to `max` at a scalar boundary.
+    mutating func string(_ s: String, max: Int) {
+        var utf8 = Array(s.utf8)
+        if utf8.count > max {
+            var cut = max
+            while cut > 0, utf8[cut] & 0xC0 == 0x80 { cut -= 1 }
+            utf8.removeSubrange(cut...)
+        }
+        u8(UInt8(utf8.count))
+        bytes.append(contentsOf: utf8)
+    }
+}
+
+private struct ControlReader {
+    let bytes: UnsafeRawBufferPointer
+    let type: ControlMessageType
+    var offset = 0
+
+    init(bytes: UnsafeRawBufferPointer, type: ControlMessageType) {
+        self.bytes = bytes
+        self.type = type
+    }
+
+    var remaining: Int { bytes.count - offset }
+    var atEnd: Bool { offset == bytes.count }
+
+    func fail(_ why: String) -> ControlMessageError { .badBody(type, why) }
+
+    private mutating func need(_ n: Int, _ field: String) throws(ControlMessageError) -> Int {
+        guard remaining >= n else { throw fail("body ends inside \(field)") }
+        defer { offset += n }
+        return offset
+    }
+
+    mutating func u8(_ field: String) throws(ControlMessageError) -> UInt8 {
+        bytes[try need(1, field)]
+    }
+    mutating func u16(_ field: String) throws(ControlMessageError) -> UInt16 {
+        cmReadBE16(bytes, try need(2, field))
+    }
+    mutating func u32(_ field: String) throws(ControlMessageError) -> UInt32 {
+        cmReadBE32(bytes, try need(4, field))
+    }
+    mutating func bool(_ field: String) throws(ControlMessageError) -> Bool {
+        switch try u8(field) {
+        case 0: return false
+        case 1: return true
+        case let v: throw fail("\(field) is \(v), not 0 or 1")
+        }
+    }
+    mutating func raw(_ field: String, _ n: Int) throws(ControlMessageError) -> [UInt8] {
+        let at = try need(n, field)
+        return Array(bytes[at..<(at + n)])
+    }
+    mutating func string(_ field: String, max: Int) throws(ControlMessageError) -> String {
+        let n = Int(try u8("\(field) length"))
+        guard n <= max else { throw fail("\(field) of \(n) bytes (at most \(max))") }
+        let at = try need(n, field)
+        guard let s = String(validating: UnsafeRawBufferPointer(rebasing: bytes[at..<(at + n)]), as: UTF8.self) else {
+            throw fail("\(field) is not valid UTF-8")
+        }
+        return s
+    }
+    mutating func tuple(_ field: String) throws(ControlMessageError) -> FiveTuple {
+        let t = cmReadTuple(bytes, try need(12, field))
+        guard t.srcPort != 0, t.dstPort != 0 else { throw fail("\(field) has port 0") }
+        return t
+    }
+    mutating func addresses(_ field: String, _ allowed: ClosedRange<Int>) throws(ControlMessageError) -> [IPv4Address] {
+        let n = Int(try u8("\(field) count"))
+        guard allowed.contains(n) else { throw fail("\(field) has \(n) addresses (\(allowed.lowerBound)...\(allowed.upperBound))") }
+        var list: [IPv4Address] = []
+        list.reserveCapacity(n)
+        for _ in 0..<n { list.append(IPv4Address(try u32(field))) }
+        return list
+    }
+}
+
+@inline(__always) private func cmReadBE16(_ b: UnsafeRawBufferPointer, _ at: Int) -> UInt16 {
+    UInt16(b[at]) << 8 | UInt16(b[at + 1])
+}
+@inline(__always) private func cmReadBE32(_ b: UnsafeRawBufferPointer, _ at: Int) -> UInt32 {
+    UInt32(cmReadBE16(b, at)) << 16 | UInt32(cmReadBE16(b, at + 2))
+}
+@inline(__always) private func cmReadBE64(_ b: UnsafeRawBufferPointer, _ at: Int) -> UInt64 {
+    UInt64(cmReadBE32(b, at)) << 32 | UInt64(cmReadBE32(b, at + 4))
+}
+/// srcAddr(4) dstAddr(4) srcPort(2) dstPort(2).
+@inline(__always) private func cmReadTuple(_ b: UnsafeRawBufferPointer, _ at: Int) -> FiveTuple {
+    FiveTuple(srcAddr: IPv4Address(cmReadBE32(b, at)), srcPort: cmReadBE16(b, at + 8),
+              dstAddr: IPv4Address(cmReadBE32(b, at + 4)), dstPort: cmReadBE16(b, at + 10))
+}

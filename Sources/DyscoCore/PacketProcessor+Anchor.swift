@@ -1,0 +1,240 @@
+/// What an anchor's data plane tells the reconfiguration protocol (MigrationCoordinator events).
+public enum AnchorEvent: Sendable, Equatable {
+    /// Everything this anchor sent on the old path is acknowledged (§3.5 oldSentAcked = oldSent), or the
+    /// session was quiet for the quiet interval (nothing can be in flight on a LAN after it).
+    case drained(chainID: UInt64)
+    /// A packet of the session arrived on the new path before this anchor released (a probe, or data).
+    case newPathPacket(chainID: UInt64)
+}
+
+/// The anchor's per-packet rules during a reconfiguration (paper §3.5) and the table operations the
+/// reconfiguration protocol asks for. The rules themselves are ``AnchorState``'s.
+extension PacketProcessor {
+    public enum AnchorDecision: Equatable { case hold, target(FiveTuple) }
+
+    /// The subsession of the anchor's side that is the old path and the one that is the new path.
+    private func paths(_ record: SessionTable.Record, _ m: AnchorState) -> (old: SessionTable.Subsession?, new: SessionTable.Subsession?) {
+        guard let link = record.link(m.side) else { return (nil, nil) }
+        return m.promoted ? (link.other, link.active) : (link.active, link.other)
+    }
+
+    /// The tuple a packet leaving towards the segment carries on subsession `sub`.
+    private func egressTuple(_ sub: SessionTable.Subsession, side: SessionTable.Side) -> FiveTuple {
+        side == .right ? sub.tuple : sub.tuple.reversed
+    }
+
+    /// A packet leaving towards the segment (left anchor: forward; right anchor: reverse).
+    mutating func anchorEgress(_ packet: inout IPv4TCPPacket, translation: SessionTable.Translation, flags: TCPFlags,
+                               now: UInt64) -> AnchorDecision {
+        guard let record = table.records[translation.id], var m = record.migration,
+              (m.side == .right) == (translation.direction == .forward) else { return .target(translation.target) }
+        if flags.contains(.syn) || flags.contains(.rst) { return .target(translation.target) }
+        let seq = packet.tcp.sequenceNumber
+        let length = UInt32(packet.payloadLength) + (flags.contains(.fin) ? 1 : 0)
+        let choice = m.egressPath(seq: seq, length: length)
+        m.noteEgress(seq: seq, length: length, ack: flags.contains(.ack) ? packet.tcp.acknowledgmentNumber : nil,
+                     window: packet.tcp.window, choice: choice, now: now)
+        let (old, new) = paths(record, m)
+        var decision = AnchorDecision.target(translation.target)
+        switch choice {
+        case .hold: decision = .hold
+        case .old: if let old { decision = .target(egressTuple(old, side: m.side)) }
+        case .new:
+            if let new {
+                decision = .target(egressTuple(new, side: m.side))
+                // §3.4: going out on the new path, the delta is subtracted from the acknowledgment number.
+                if m.delta != 0, flags.contains(.ack) {
+                    packet.tcp.setAcknowledgmentNumber(packet.tcp.acknowledgmentNumber &- UInt32(bitPattern: m.delta))
+                }
+            }
+        }
+        store(m, for: record, now: now)
+        return decision
+    }
+
+    /// A packet arriving from the segment (left anchor: from the right; right anchor: from the left). Returns
+    /// `.drop` for a probe this anchor keeps from its endpoint.
+    mutating func anchorIngress(_ packet: inout IPv4TCPPacket, translation: SessionTable.Translation, flags: TCPFlags,
+                                now: UInt64) -> Verdict? {
+        guard let record = table.records[translation.id], var m = record.migration,
+              (m.side == .right) == translation.fromRight else { return nil }
+        let (old, _) = paths(record, m)
+        let onNewPath = translation.path != old?.path
+        let seq = packet.tcp.sequenceNumber
+        let length = UInt32(packet.payloadLength) + (flags.contains(.fin) ? 1 : 0)
+        m.noteIngress(seq: seq, length: length, ack: flags.contains(.ack) ? packet.tcp.acknowledgmentNumber : nil,
+                      onNewPath: onNewPath, now: now)
+        var verdict: Verdict?
+        if onNewPath {
+            if m.phase != .released {
+                anchorEvents.append(.newPathPacket(chainID: record.identity.chainID))
+                if length == 0, flags.isDisjoint(with: [.syn, .rst]) {
+                    // A window-opening probe from the other anchor: it taught the new firewall; the endpoint
+                    // must not see it (docs/ARCHITECTURE.md, "After the import").
+                    counters.probesReceived &+= 1
+                    verdict = .drop
+                }
+            }
+            // §3.4: coming in from the new path, the delta is added to the sequence number.
+            if verdict == nil, m.delta != 0 {
+                packet.tcp.setSequenceNumber(seq &+ UInt32(bitPattern: m.delta))
+            }
+        }
+        store(m, for: record, now: now)
+        return verdict
+    }
+
+    private mutating func store(_ m: AnchorState, for record: SessionTable.Record, now: UInt64) {
+        var m = m
+        if !m.drainedReported, m.phase == .buffering || (m.phase == .released && !m.stateful), m.sentDrained {
+            m.drainedReported = true
+            anchorEvents.append(.drained(chainID: record.identity.chainID))
+        }
+        table.update(record.id) { $0.migration = m }
+    }
+
+    // MARK: - Operations of the reconfiguration protocol (the shell calls them for MigrationCoordinator's actions)
+
+    /// The session as the coordinator needs it (nil: unknown here).
+    /// Stops holding a session's new data (its buffer is full): from now on it goes on the old path, and the
+    /// shell reports `bufferFull`, which cancels the reconfiguration.
+    public mutating func anchorStopHolding(chainID: UInt64) {
+        guard let id = id(chainID) else { return }
+        table.update(id) { $0.migration?.phase = .locked }
+    }
+
+    public func context(chainID: UInt64) -> (SessionTable.Record, me: IPv4Address)? {
+        guard let id = table.byChain[chainID], let record = table.records[id] else { return nil }
+        let me = record.left?.dstAddr ?? record.right?.srcAddr ?? record.session.srcAddr
+        return (record, me)
+    }
+
+    private func id(_ chainID: UInt64) -> SessionTable.SessionID? { table.byChain[chainID] }
+
+    /// Starts anchor tracking and takes the session off the kernel fast path (apply ``fastPathActions``).
+    public mutating func anchorHold(chainID: UInt64, side: SessionTable.Side, stateful: Bool, now: UInt64) {
+        guard let id = id(chainID), let record = table.records[id] else { return }
+        if record.migration == nil { anchoring += 1 }
+        table.update(id) { $0.migration = AnchorState(side: side, stateful: stateful, now: now) }
+        _ = hold([id])
+    }
+
+    public mutating func anchorSetPhase(chainID: UInt64, _ phase: AnchorState.Phase, now: UInt64) {
+        guard let id = id(chainID), let record = table.records[id], var m = record.migration else { return }
+        if phase == .released, m.phase == .locked { m.stateful = false }
+        if phase == .buffering { m.stateful = true }
+        m.enter(phase)
+        m.lastPacketAt = now
+        store(m, for: record, now: now)
+    }
+
+    public mutating func anchorSetDelta(chainID: UInt64, _ delta: Int32) {
+        guard let id = id(chainID) else { return }
+        table.update(id) { $0.migration?.delta = delta }
+    }
+
+    /// Egress switches to the new path.
+    public mutating func anchorPromote(chainID: UInt64) {
+        guard let id = id(chainID), let m = table.records[id]?.migration, !m.promoted else { return }
+        table.promote(id, m.side)
+        table.update(id) { $0.migration?.promoted = true }
+    }
+
+    /// A window-opening probe for the new path: a pure ACK with the local side's numbers, towards the segment
+    /// on the new subsession (at most ``IPv4TCPPacket/pureAckLength`` bytes written). Nil when this anchor has
+    /// not seen enough of the session to know them (documented: such a session's migration falls back on
+    /// the deadline).
+    public func anchorProbe(chainID: UInt64, into buffer: UnsafeMutableRawPointer) -> Int? {
+        guard let id = id(chainID), let record = table.records[id], let m = record.migration,
+              let new = paths(record, m).new else { return nil }
+        guard let seq = m.sentEnd ?? m.cutoff ?? m.peerAcked, let ack = m.lastAck ?? m.oldRcvd else { return nil }
+        let packet = IPv4TCPPacket.buildPureAck(into: buffer, tuple: egressTuple(new, side: m.side), seq: seq,
+                                                ack: ack &- UInt32(bitPattern: m.delta), window: m.lastWindow ?? 0xffff)
+        return packet.length
+    }
+
+    /// Success: the old path's subsession goes, tracking ends, the session may return to the fast path.
+    public mutating func anchorFinish(chainID: UInt64) {
+        guard let id = id(chainID), let m = table.records[id]?.migration else { return }
+        if m.promoted { table.dropOther(id, m.side) }
+        endTracking(id)
+    }
+
+    /// Cancel: back on the old path, the new path's subsession goes, tracking ends (the shell then releases
+    /// the buffer, which this processor now translates onto the old path).
+    public mutating func anchorCancel(chainID: UInt64) {
+        guard let id = id(chainID), let m = table.records[id]?.migration else { return }
+        if m.promoted { table.promote(id, m.side) }
+        table.dropOther(id, m.side)
+        endTracking(id)
+    }
+
+    private mutating func endTracking(_ id: SessionTable.SessionID) {
+        table.update(id) { $0.migration = nil }
+        anchoring = max(0, anchoring - 1)
+        _ = release([id])
+    }
+
+    /// Left anchor: a new-path subsession from this host to `next`.
+    public mutating func openPath(chainID: UInt64, next: IPv4Address) -> Result<FiveTuple, SessionTable.InsertError> {
+        guard let (record, me) = context(chainID: chainID) else { return .failure(.collision(.zero)) }
+        return Result { () throws(SessionTable.InsertError) in try table.openOtherRight(record.id, local: me, next: next).tuple }
+    }
+
+    /// Right anchor: the new path's last subsession, from the left.
+    public mutating func addPath(chainID: UInt64, subsession: FiveTuple) -> Result<FiveTuple, SessionTable.InsertError> {
+        guard let id = id(chainID) else { return .failure(.collision(subsession)) }
+        return Result { () throws(SessionTable.InsertError) in try table.addOtherLeft(id, tuple: subsession).tuple }
+    }
+
+    /// New box: the session from a new-path SYN (no TCP SYN crosses this host: paper §3.3), with its right
+    /// subsession to `next`. Returns the right subsession.
+    public mutating func createFromNewPath(identity: SessionIdentity, session: FiveTuple, left: FiveTuple,
+                                           next: IPv4Address, now: UInt64) -> Result<FiveTuple, SessionTable.InsertError> {
+        Result { () throws(SessionTable.InsertError) in
+            let id = try table.insertFromLeft(session: session, left: left, remaining: [next], identity: identity, now: now)
+            do throws(SessionTable.InsertError) {
+                try table.openRight(id, local: left.dstAddr, next: next)
+            } catch {
+                table.remove(id)
+                throw error
+            }
+            table.update(id) { $0.remaining.removeAll() }
+            counters.sessionsCreated &+= 1
+            guard let right = table.records[id]?.right else { throw .portsExhausted }
+            return right
+        }
+    }
+
+    public mutating func markEstablished(chainID: UInt64) {
+        guard let id = id(chainID) else { return }
+        table.update(id) { $0.rightEstablished = true }
+    }
+
+    /// This host leaves the session (its record, kernel entries and ports).
+    public mutating func leave(chainID: UInt64, reason: String) {
+        guard let id = id(chainID) else { return }
+        if table.records[id]?.migration != nil { anchoring = max(0, anchoring - 1) }
+        removeSession(id, reason: reason)
+    }
+
+    /// Anchors whose session was quiet for `quiet` nanoseconds while draining: drained (nothing can be in
+    /// flight any more). Called by the shell's timer.
+    public mutating func checkQuietAnchors(now: UInt64, quiet: UInt64) {
+        guard anchoring > 0 else { return }
+        for record in table.records.values {
+            guard var m = record.migration, !m.drainedReported,
+                  m.phase == .buffering || (m.phase == .released && !m.stateful),
+                  now >= m.lastPacketAt, now - m.lastPacketAt >= quiet else { continue }
+            m.drainedReported = true
+            anchorEvents.append(.drained(chainID: record.identity.chainID))
+            table.update(record.id) { $0.migration = m }
+        }
+    }
+
+    public mutating func takeAnchorEvents() -> [AnchorEvent] {
+        guard !anchorEvents.isEmpty else { return [] }
+        defer { anchorEvents.removeAll(keepingCapacity: true) }
+        return anchorEvents
+    }
+}

@@ -1,0 +1,163 @@
+import ArgumentParser
+import DyscoAgent
+import DyscoCore
+import DyscoLab
+import DyscoSystem
+import Foundation
+import Logging
+
+/// Where a command that acts on a middlebox finds it: this host, a named namespace, or a lab host.
+struct MiddleboxPlacementOptions: ParsableArguments {
+    @Option(help: "The old box's agent is in this named network namespace (default: the current one).")
+    var netns: String?
+
+    @Option(help: "A lab built with `dysco-migrate lab up`: --old/--new may then be its host names (fw1, fw2).")
+    var lab: String?
+
+    @Option(help: "Control socket path of the old box's agent (overrides --netns and --lab).")
+    var socket: String?
+
+    /// Resolves a host name (with --lab) or an address.
+    func address(_ text: String, lab: Lab?) throws -> IPv4Address {
+        if let address = IPv4Address(text) { return address }
+        guard let lab else { throw ValidationError("'\(text)' is not an IPv4 address (host names need --lab NAME)") }
+        guard let host = lab.findHost(text) else {
+            throw ValidationError("lab '\(lab.name)' has no host '\(text)' (hosts: \(lab.hosts.map(\.name).joined(separator: ", ")))")
+        }
+        return host.address
+    }
+
+    func openLab() throws -> Lab? {
+        guard let lab else { return nil }
+        var logger = Logger(label: "dysco.replace")
+        logger.logLevel = .warning
+        return try Lab.attach(name: lab, logger: logger)
+    }
+
+    /// The control socket of the agent on the box `old`.
+    func socketPath(old: String, lab: Lab?) throws -> String {
+        if let socket { return socket }
+        if let lab, IPv4Address(old) == nil {
+            guard let host = lab.findHost(old) else { throw ValidationError("lab '\(lab.name)' has no host '\(old)'") }
+            return AgentControlPaths.socketPath(netns: host.namespace)
+        }
+        if let lab, let address = IPv4Address(old), let host = lab.hosts.first(where: { $0.address == address }) {
+            return AgentControlPaths.socketPath(netns: host.namespace)
+        }
+        return AgentControlPaths.socketPath(netns: netns ?? NetworkNamespace.currentName())
+    }
+}
+
+struct ReplaceCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "replace",
+        abstract: "Move live sessions from one middlebox to another, with the firewall's state (paper §3).",
+        discussion: """
+            Asks the old box's agent for its sessions (matching --match), which triggers each session's left \
+            anchor (the old box's left neighbour). Per session the agents lock the segment, set up the new path \
+            through --new, drain the old path (the anchors hold new data meanwhile), move the firewall's \
+            conntrack entry from the old box to the new one, release the held data on the new path and tear the \
+            old path down. A step that fails or runs past --deadline cancels that session's migration: it \
+            stays on the old box, unharmed, and the report says which step failed and why.
+
+            With --stateless no state moves and no data is held: new data takes the new path at once and the \
+            old path carries retransmissions until it is drained (the two-path rules of §3.5); only for boxes \
+            that keep no per-session state.
+
+            Run it on the old box's host, or name its agent with --netns, --lab (host names allowed) or --socket.
+            Exit status: 0 when every matched session moved; 1 when any did not (they stay on the old box).
+            Examples:
+              dysco-migrate replace --lab demo --old fw1 --new fw2
+              dysco-migrate replace --netns demo-fw1 --old 10.77.0.101 --new 10.77.0.102 --match dport=80 --json
+            """
+    )
+
+    @Option(help: "The middlebox to replace (its address, or a lab host name with --lab).")
+    var old: String
+
+    @Option(help: ArgumentHelp("The new middlebox(es), in path order, comma-separated.", valueName: "addr|host[,...]"))
+    var new: String
+
+    @Option(help: "Only sessions matching this filter: src=, dst= (address or prefix), sport=, dport= (port or range).")
+    var match: String = ""
+
+    @Flag(help: "No state transfer, no buffering: the two-path rules only (boxes without per-session state).")
+    var stateless = false
+
+    @Option(help: "Milliseconds a session's migration may take before it is cancelled (it then stays on the old box).")
+    var deadline: UInt32 = 3000
+
+    @Flag(help: "Print the report as JSON.")
+    var json = false
+
+    @OptionGroup var placement: MiddleboxPlacementOptions
+
+    func validate() throws {
+        guard (1...600_000).contains(deadline) else { throw ValidationError("--deadline must be 1...600000 ms") }
+        guard !new.isEmpty else { throw ValidationError("--new names at least one middlebox") }
+        do { _ = try SessionPredicate(filter: match) } catch { throw ValidationError("\(error)") }
+        if let netns = placement.netns, !NetworkNamespace.isValidName(netns) {
+            throw ValidationError("--netns '\(netns)' is not a valid namespace name")
+        }
+    }
+
+    func run() async throws {
+        let lab = try placement.openLab()
+        let oldAddress = try placement.address(old, lab: lab)
+        let newBoxes = try new.split(separator: ",").map { try placement.address(String($0), lab: lab) }
+        guard !newBoxes.contains(oldAddress) else { throw ValidationError("--new must not contain the old box \(oldAddress)") }
+        let path = try placement.socketPath(old: old, lab: lab)
+        // The agent at that socket must be the old box.
+        let snapshot = try JSONDecoder().decode(AgentSnapshot.self,
+                                                from: try await ControlClient.request(ControlRequest(.sessions), path: path))
+        if let other = snapshot.sessions.first(where: { $0.role == .middlebox && $0.left?.dstAddr != oldAddress }) {
+            throw ValidationError("the agent at \(path) is \(other.left?.dstAddr.description ?? "?"), not the old box \(oldAddress)")
+        }
+        let request = ReplaceRequest(predicate: try SessionPredicate(filter: match), newBoxes: newBoxes, stateful: !stateless,
+                                     deadlineMilliseconds: deadline)
+        let data = try await ControlClient.request(ControlRequest(.replace, replace: request), path: path)
+        guard let report = try? JSONDecoder().decode(ReplaceReport.self, from: data) else {
+            throw ValidationError("the agent answered: \(String(decoding: data, as: UTF8.self))")
+        }
+        if json {
+            FileHandle.standardOutput.write(data)
+        } else {
+            print(Self.render(report, old: oldAddress, new: newBoxes, stateful: !stateless))
+        }
+        if !report.allMoved { throw ExitCode(1) }
+    }
+
+    static func render(_ report: ReplaceReport, old: IPv4Address, new: [IPv4Address], stateful: Bool) -> String {
+        var lines = ["replace \(old) → \(new.map(\.description).joined(separator: ",")) (\(stateful ? "stateful" : "stateless")): "
+                     + "\(report.matched) session(s) matched"]
+        guard !report.sessions.isEmpty else { return (lines + ["no session of this box matched; nothing to do"]).joined(separator: "\n") }
+        let header = ["session", "result", "lock", "new-path", "drain", "export", "transfer", "import", "release", "teardown", "total", "paper"]
+        var rows = [header]
+        for s in report.sessions {
+            if let p = s.phases, s.result == "moved" {
+                rows.append([s.session.description, s.result] + [p.lock, p.newPath, p.drain, p.export, p.transfer, p.import,
+                                                                 p.release, p.teardown, p.total, p.paper].map(Self.micros))
+            } else {
+                rows.append([s.session.description, "\(s.result) at \(s.failedStep): \(s.reason)"])
+            }
+        }
+        let widths = (0..<header.count).map { i in rows.filter { $0.count == header.count }.map { $0[i].count }.max() ?? 0 }
+        for row in rows {
+            lines.append(row.count == header.count
+                ? zip(row, widths).map { $0.padding(toLength: $1, withPad: " ", startingAt: 0) }.joined(separator: "  ")
+                : row.joined(separator: "  "))
+        }
+        let moved = report.sessions.filter { $0.result == "moved" }
+        let totals = moved.compactMap { $0.phases?.total }.sorted()
+        var summary = "\(moved.count)/\(report.sessions.count) moved in \(micros(UInt32(clamping: report.elapsedMicroseconds)))"
+        if !totals.isEmpty {
+            summary += "; per session p50 \(micros(totals[totals.count / 2])), max \(micros(totals.last!))"
+        }
+        lines.append(summary)
+        return lines.joined(separator: "\n")
+    }
+
+    static func micros(_ value: UInt32) -> String {
+        value >= 10_000 ? String(format: "%.1fms", Double(value) / 1000) : "\(value)µs"
+    }
+}
