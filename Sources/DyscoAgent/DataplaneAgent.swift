@@ -1,3 +1,4 @@
+import AnchorBuffer
 import DyscoCore
 import CLinux
 import DyscoSystem
@@ -22,9 +23,19 @@ public final class DataplaneAgent: @unchecked Sendable {
         public var fastPathReroute: Bool?
         /// How often kernel counters are read for idle expiry of kernel-carried sessions.
         public var counterPollSeconds = 5
+        /// The UDP port of the agents' control protocol (docs/CONTROL-PROTOCOL.md).
+        public var controlPort: UInt16 = ControlMessage.port
+        /// Bounds of the anchor buffer (docs/ARCHITECTURE.md, "Anchor buffering").
+        public var bufferLimits = AnchorBuffer<HeldPacket>.Limits()
+        /// Accept migrated firewall state (a new box of a stateful replacement); false refuses every import.
+        public var acceptState = true
+        /// The deployment's trust keys (paper §2.3): Dysco SYN trailers are signed with the current key and
+        /// accepted under the current or previous one. Required: there is no unauthenticated mode.
+        public var trust: TrustGroup
 
-        public init(netns: String?, controlSocketPath: String? = nil) {
+        public init(netns: String?, controlSocketPath: String? = nil, trust: TrustGroup) {
             self.netns = netns
+            self.trust = trust
             self.controlSocketPath = controlSocketPath ?? AgentControlPaths.socketPath(netns: netns)
         }
     }
@@ -36,7 +47,7 @@ public final class DataplaneAgent: @unchecked Sendable {
 
     public let options: Options
     private let logger: Logger
-    private let processor: Mutex<PacketProcessor>
+    let processor: Mutex<PacketProcessor>
     // Confined to the packet thread once `start()` returns (init and deinit run before/after it).
     private let queueSocket: NetfilterQueueSocket
     private let rules: QueueRules
@@ -46,6 +57,13 @@ public final class DataplaneAgent: @unchecked Sendable {
     private var timer: DispatchSourceTimer?
     private var control: ControlServer?
     private var fastPath: FastPathWorker?
+    private var migration: MigrationEngine?
+    private let wakeup: Wakeup
+    /// Work for the packet thread (buffer releases), posted by other threads; see ``Wakeup``.
+    private let packetWork = Mutex<[UInt64]>([])
+    // Confined to the packet thread.
+    private var buffer: AnchorBuffer<HeldPacket>
+    private var quietTimer: DispatchSourceTimer?
 
     /// Binds the queue and installs the rules. Throws a clear error when the queue cannot be bound (another
     /// agent holds it, or no CAP_NET_ADMIN) — and then installs nothing.
@@ -54,7 +72,8 @@ public final class DataplaneAgent: @unchecked Sendable {
         self.logger = logger
         var settings = options.settings
         settings.fastPath = options.fastPath
-        processor = Mutex(PacketProcessor(config: config, portRange: options.portRange, settings: settings))
+        processor = Mutex(PacketProcessor(config: config, portRange: options.portRange, trust: options.trust,
+                                          settings: settings))
         do {
             queueSocket = try NetfilterQueueSocket(queue: options.queue, maxLength: options.queueMaxLength)
         } catch let error as SystemCallError {
@@ -66,6 +85,8 @@ public final class DataplaneAgent: @unchecked Sendable {
             throw ControlError(message: "cannot bind NFQUEUE \(options.queue): \(error)\(hint)")
         }
         rules = QueueRules(queue: options.queue)
+        wakeup = try Wakeup()
+        buffer = AnchorBuffer(limits: options.bufferLimits)
         if options.fastPath {
             let reroute = options.fastPathReroute ?? RouteTable.hasGatewayRoutes(
                 procNetRoute: (try? String(contentsOfFile: "/proc/net/route", encoding: .utf8)) ?? "")
@@ -109,12 +130,36 @@ public final class DataplaneAgent: @unchecked Sendable {
         }
         timer.resume()
         self.timer = timer
+        let engine = try MigrationEngine(agent: self, trust: options.trust,
+                                         settings: .init(controlPort: options.controlPort, acceptState: options.acceptState),
+                                         logger: logger)
+        try engine.start()
+        migration = engine
+        // The drain's quiet rule needs a finer clock than the expiry timer; it costs one compare when no
+        // session is being reconfigured.
+        let quietTimer = DispatchSource.makeTimerSource(queue: DispatchQueue(label: "dysco-quiet"))
+        quietTimer.schedule(deadline: .now() + .milliseconds(5), repeating: .milliseconds(5))
+        quietTimer.setEventHandler { [self] in
+            let now = dysco_monotonic_coarse_ns()
+            let events = processor.withLock { state -> [AnchorEvent] in
+                guard state.anchoring > 0 else { return [] }
+                state.checkQuietAnchors(now: now, quiet: engine.quietNanoseconds)
+                return state.takeAnchorEvents()
+            }
+            engine.anchorEvents(events)
+        }
+        quietTimer.resume()
+        self.quietTimer = quietTimer
         control = try ControlServer(path: options.controlSocketPath) { [self] request in
             switch request.command {
-            case .sessions: (try? JSONEncoder().encode(snapshot())) ?? Data()
-            case .hold: (try? JSONEncoder().encode(ControlPathReply(sessions: hold(request.sessions ?? [])))) ?? Data()
+            case .sessions: return (try? JSONEncoder().encode(snapshot())) ?? Data()
+            case .hold: return (try? JSONEncoder().encode(ControlPathReply(sessions: hold(request.sessions ?? [])))) ?? Data()
             case .release:
-                (try? JSONEncoder().encode(ControlPathReply(sessions: release(request.sessions ?? [])))) ?? Data()
+                return (try? JSONEncoder().encode(ControlPathReply(sessions: release(request.sessions ?? [])))) ?? Data()
+            case .replace:
+                guard let replace = request.replace else { return Data(#"{"error":"replace without its parameters"}"#.utf8) }
+                let report = await engine.replace(replace)
+                return (try? JSONEncoder().encode(report)) ?? Data()
             }
         }
         logger.info("agent ready", metadata: [
@@ -130,7 +175,10 @@ public final class DataplaneAgent: @unchecked Sendable {
             logger.error("could not remove NFQUEUE rules", metadata: ["error": "\(error)"])
         }
         timer?.cancel()
+        quietTimer?.cancel()
         control?.close()
+        migration?.stop()
+        wakeup.signal()
         fastPath?.shutdown()
         _ = packetThreadDone.wait(timeout: .now() + 2)
         logger.info("agent stopped")
@@ -153,13 +201,33 @@ public final class DataplaneAgent: @unchecked Sendable {
         return released
     }
 
+    /// Runs a data-plane operation and applies its fast-path work before returning (so a session taken off
+    /// the kernel is off it when this returns).
+    func applyFastPath(_ body: (inout PacketProcessor) -> Void) {
+        let actions = processor.withLock { state in
+            body(&state)
+            return state.takeFastPathActions()
+        }
+        guard !actions.isEmpty else { return }
+        fastPath?.submit(actions)
+        fastPath?.flush()
+    }
+
+    /// Issues a session's held packets, in order, with the translations now in force (packet thread).
+    func releaseBuffer(_ chainID: UInt64) {
+        packetWork.withLock { $0.append(chainID) }
+        wakeup.signal()
+    }
+
     public func snapshot() -> AgentSnapshot {
         let now = dysco_monotonic_coarse_ns()
-        return processor.withLock { state in
+        var snapshot = processor.withLock { state in
             AgentSnapshot(netns: options.netns, pid: getpid(), queue: options.queue, fastPath: options.fastPath,
                           uptimeSeconds: Double(dysco_monotonic_ns() - startedAt) / 1e9, counters: state.counters,
                           sessions: state.snapshotSessions(now: now))
         }
+        snapshot.control = migration?.counters.withLock { $0 } ?? [:]
+        return snapshot
     }
 
     // MARK: - Packet thread
@@ -167,13 +235,67 @@ public final class DataplaneAgent: @unchecked Sendable {
     private func packetLoop() {
         let scratch = UnsafeMutableRawPointer.allocate(byteCount: Self.scratchCapacity, alignment: 16)
         defer { scratch.deallocate() }
+        var fds = [pollfd(fd: queueSocket.fileDescriptor, events: Int16(POLLIN), revents: 0),
+                   pollfd(fd: wakeup.fd, events: Int16(POLLIN), revents: 0)]
         while !stopping.load(ordering: .relaxed) {
-            do {
-                let open = try queueSocket.receive { packet in try handle(&packet, scratch: scratch) }
-                if !open { break }
-            } catch {
-                if stopping.load(ordering: .relaxed) { break }
-                logger.error("nfqueue error", metadata: ["error": "\(error)"])
+            // Block until a packet or posted work (eventfd) arrives: no receive timeout, no polling delay.
+            let ready = poll(&fds, 2, -1)
+            if ready < 0 { continue }
+            if fds[1].revents != 0 {
+                wakeup.drain()
+                runPacketWork(scratch: scratch)
+            }
+            guard fds[0].revents != 0 else { continue }
+            // Read what is waiting (bounded, so posted work is not starved under load).
+            for _ in 0..<64 {
+                do {
+                    if try !queueSocket.receive({ packet in try handle(&packet, scratch: scratch) }) { break }
+                } catch {
+                    if stopping.load(ordering: .relaxed) { break }
+                    logger.error("nfqueue error", metadata: ["error": "\(error)"])
+                    break
+                }
+            }
+            if !packetWork.withLock({ $0.isEmpty }) { runPacketWork(scratch: scratch) }
+        }
+    }
+
+    /// Releases the buffers other threads asked for: each held packet goes through the processor again (now
+    /// translated for the path in force) and gets its verdict, in the order it came.
+    private func runPacketWork(scratch: UnsafeMutableRawPointer) {
+        let chains = packetWork.withLock { work in
+            defer { work.removeAll() }
+            return work
+        }
+        for chainID in chains {
+            for held in buffer.take(session: chainID) {
+                var bytes = held.bytes
+                let (verdict, events, actions, anchorEvents) = bytes.withUnsafeMutableBytes { raw in
+                    processor.withLock { state in
+                        let verdict = state.process(raw.baseAddress!, count: raw.count, capacity: raw.count, hook: held.hook,
+                                                    checksum: held.checksum, now: dysco_monotonic_coarse_ns())
+                        return (verdict, state.takeEvents(), state.takeFastPathActions(), state.takeAnchorEvents())
+                    }
+                }
+                do {
+                    switch verdict {
+                    case .acceptModified(let length):
+                        try bytes.withUnsafeBytes { raw in
+                            try queueSocket.verdict(id: held.id, accept: true,
+                                                    packet: UnsafeRawBufferPointer(rebasing: raw[0..<length]))
+                        }
+                    case .accept, .hold:
+                        // Not held twice: a session released is no longer buffering.
+                        try queueSocket.verdict(id: held.id, accept: true)
+                    case .drop:
+                        try queueSocket.verdict(id: held.id, accept: false)
+                    }
+                } catch {
+                    logger.error("verdict for a released packet failed", metadata: ["error": "\(error)"])
+                }
+                if !actions.isEmpty { fastPath?.submit(actions) }
+                if !events.isEmpty { log(events) }
+                migration?.anchorEvents(anchorEvents)
             }
         }
     }
@@ -192,9 +314,9 @@ public final class DataplaneAgent: @unchecked Sendable {
         let capacity = small ? Self.scratchCapacity : packet.length
         let count = packet.length
         let now = dysco_monotonic_coarse_ns()
-        let (verdict, events, actions) = processor.withLock { state in
+        let (verdict, events, actions, anchorEvents) = processor.withLock { state in
             let verdict = state.process(base, count: count, capacity: capacity, hook: hook, checksum: checksum, now: now)
-            return (verdict, state.takeEvents(), state.takeFastPathActions())
+            return (verdict, state.takeEvents(), state.takeFastPathActions(), state.takeAnchorEvents())
         }
         switch verdict {
         case .accept:
@@ -203,7 +325,26 @@ public final class DataplaneAgent: @unchecked Sendable {
             try queueSocket.verdict(id: packet.id, accept: true, packet: UnsafeRawBufferPointer(start: base, count: length))
         case .drop:
             try queueSocket.verdict(id: packet.id, accept: false)
+        case .hold(let chainID):
+            // A migrating session's new data: keep the kernel's packet (no verdict) and a copy of its bytes.
+            let held = HeldPacket(id: packet.id, bytes: [UInt8](UnsafeRawBufferPointer(start: base, count: count)),
+                                  hook: hook, checksum: checksum)
+            if !buffer.append(held, size: count, session: chainID) {
+                // Full (documented bound): this packet and the rest go on the old path; the reconfiguration
+                // is cancelled, which releases the buffer there too.
+                let (again, _) = processor.withLock { state in
+                    state.anchorStopHolding(chainID: chainID)
+                    return (state.process(base, count: count, capacity: capacity, hook: hook, checksum: checksum, now: now), ())
+                }
+                if case .acceptModified(let length) = again {
+                    try queueSocket.verdict(id: packet.id, accept: true, packet: UnsafeRawBufferPointer(start: base, count: length))
+                } else {
+                    try queueSocket.verdict(id: packet.id, accept: true)
+                }
+                migration?.bufferFull(chainID)
+            }
         }
+        if !anchorEvents.isEmpty { migration?.anchorEvents(anchorEvents) }
         if !actions.isEmpty { fastPath?.submit(actions) }
         if !events.isEmpty { log(events) }
     }
@@ -226,6 +367,8 @@ public final class DataplaneAgent: @unchecked Sendable {
                 ])
             case .malformedDyscoSyn(let tuple, let error):
                 logger.warning("dropped malformed Dysco SYN", metadata: ["packet.tuple": "\(tuple)", "error": "\(error)"])
+            case .untrustedDyscoSyn(let tuple, let error):
+                logger.warning("dropped untrusted Dysco SYN", metadata: ["packet.tuple": "\(tuple)", "error": "\(error)"])
             case .rejected(let tuple, let reason):
                 logger.warning("dropped SYN", metadata: ["packet.tuple": "\(tuple)", "reason": "\(reason)"])
             }
@@ -233,3 +376,11 @@ public final class DataplaneAgent: @unchecked Sendable {
     }
 }
 
+
+/// A packet an anchor holds: its NFQUEUE id (no verdict yet) and its bytes as they came (untranslated).
+public struct HeldPacket: Sendable {
+    var id: UInt32
+    var bytes: [UInt8]
+    var hook: HookPoint
+    var checksum: ChecksumState
+}

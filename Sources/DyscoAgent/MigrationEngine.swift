@@ -161,6 +161,10 @@ final class MigrationEngine: @unchecked Sendable {
             let event = queue.removeFirst()
             let now = dysco_monotonic_ns()
             let actions = coordinator.withLock { $0.handle(event, now: now) }
+            if logger.logLevel <= .debug {
+                logger.debug("migration event", metadata: ["migration.event": "\(String(describing: event).prefix(300))",
+                                                           "migration.actions": "\(actions.map { String(describing: $0).prefix(160) })"])
+            }
             for action in actions {
                 if let followUp = perform(action) { queue.append(followUp) }
             }
@@ -192,12 +196,15 @@ final class MigrationEngine: @unchecked Sendable {
             timers.withLock { _ = $0.removeValue(forKey: key) }
         case .hold(let chainID, let side, let stateful):
             agent.applyFastPath { $0.anchorHold(chainID: chainID, side: side, stateful: stateful, now: now) }
+            elicit(chainID)
         case .setPhase(let chainID, let phase):
-            let events = agent.processor.withLock { state in
+            let (events, needsNumbers) = agent.processor.withLock { state in
                 state.anchorSetPhase(chainID: chainID, phase, now: dysco_monotonic_coarse_ns())
-                return state.takeAnchorEvents()
+                return (state.takeAnchorEvents(), state.anchorNeedsNumbers(chainID: chainID))
             }
             anchorEvents(events)
+            if needsNumbers, phase == .buffering || phase == .released { elicit(chainID) }
+            if phase == .buffering || phase == .released { poke(chainID, remaining: Self.pokes) }
         case .setDelta(let chainID, let delta):
             agent.processor.withLock { $0.anchorSetDelta(chainID: chainID, delta) }
         case .openPath(let chainID, let next):
@@ -242,6 +249,43 @@ final class MigrationEngine: @unchecked Sendable {
         case .success(let tuple): .pathOpened(chainID: chainID, subsession: tuple)
         case .failure(let error): .pathRefused(chainID: chainID, reason: "\(error)")
         }
+    }
+
+    /// Makes the local endpoint announce its numbers (``PacketProcessor/anchorElicit(chainID:into:)``).
+    private func elicit(_ chainID: UInt64) {
+        withUnsafeTemporaryAllocation(byteCount: IPv4TCPPacket.maxBuiltLength, alignment: 16) { buffer in
+            let base = buffer.baseAddress!
+            guard let (length, destination) = agent.processor.withLock({ $0.anchorElicit(chainID: chainID, into: base) }) else { return }
+            do {
+                try probes.send(UnsafeRawBufferPointer(start: base, count: length), to: destination)
+                count("elicits.sent")
+            } catch {
+                count("elicits.failed")
+            }
+        }
+    }
+
+    static let pokes = 50
+    static let pokeInterval: DispatchTimeInterval = .microseconds(1000)
+
+    /// Keeps the far endpoint acknowledging until this anchor's old path is drained
+    /// (``PacketProcessor/anchorPoke(chainID:into:)``): one poke on entering the drain, then one per
+    /// ``pokeInterval`` while not drained, at most `remaining` in all.
+    private func poke(_ chainID: UInt64, remaining: Int) {
+        guard remaining > 0 else { return }
+        let again = withUnsafeTemporaryAllocation(byteCount: IPv4TCPPacket.maxBuiltLength, alignment: 16) { buffer -> Bool in
+            let base = buffer.baseAddress!
+            switch agent.processor.withLock({ $0.anchorPoke(chainID: chainID, into: base) }) {
+            case .stop: return false
+            case .unknownNumbers: return true
+            case .sent(let length, let destination, let drained):
+                try? probes.send(UnsafeRawBufferPointer(start: base, count: length), to: destination)
+                count("pokes.sent")
+                return !drained
+            }
+        }
+        guard again else { return }
+        loop.asyncAfter(deadline: .now() + Self.pokeInterval) { [self] in poke(chainID, remaining: remaining - 1) }
     }
 
     private func sendProbe(_ chainID: UInt64) {

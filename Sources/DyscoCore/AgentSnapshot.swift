@@ -19,6 +19,10 @@ public struct AgentSnapshot: Codable, Sendable {
         public var bytes: UInt64
         public var idleSeconds: Double
         public var ageSeconds: Double
+        /// During a reconfiguration this host anchors: its phase (locked, buffering, probing, released) and
+        /// which paths the session uses (old, new, both).
+        public var migration: String?
+        public var paths: String?
     }
 
     public var netns: String?
@@ -28,6 +32,9 @@ public struct AgentSnapshot: Codable, Sendable {
     public var fastPath: Bool
     public var uptimeSeconds: Double
     public var counters: DataplaneCounters
+    /// The control protocol's counters: messages sent and received by type, dropped by reason
+    /// (`dropped.<reason>`), migrations by result, probes.
+    public var control: [String: UInt64]
     public var sessions: [Session]
 
     public init(netns: String?, pid: Int32, queue: UInt16, fastPath: Bool, uptimeSeconds: Double,
@@ -38,6 +45,7 @@ public struct AgentSnapshot: Codable, Sendable {
         self.fastPath = fastPath
         self.uptimeSeconds = uptimeSeconds
         self.counters = counters
+        self.control = [:]
         self.sessions = sessions
     }
 }
@@ -51,7 +59,11 @@ extension PacketProcessor {
             return AgentSnapshot.Session(
                 id: record.id, role: record.role, session: record.session, left: record.left, right: record.right,
                 remaining: record.remaining, state: state, path: record.path, packets: record.packets, bytes: record.bytes,
-                idleSeconds: Double(now &- record.lastActivity) / 1e9, ageSeconds: Double(now &- record.createdAt) / 1e9)
+                idleSeconds: Double(now &- record.lastActivity) / 1e9, ageSeconds: Double(now &- record.createdAt) / 1e9,
+                migration: record.migration.map { $0.phase.rawValue },
+                paths: record.migration.map { m in
+                    m.phase == .released && !m.stateful ? "both" : m.promoted ? "new" : "old"
+                })
         }
     }
 }

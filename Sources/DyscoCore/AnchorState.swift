@@ -36,6 +36,11 @@ public struct AnchorState: Sendable, Equatable {
     public var peerAcked: UInt32?
     /// Highest seq + length received from the segment on the old path: oldRcvd (§3.5).
     public var oldRcvd: UInt32?
+    /// Highest seq + length of any segment (pure ACKs too) received from the segment on the old path: once
+    /// drained, the far side's next sequence number, i.e. the local side's acknowledgment number.
+    public var peerSeqEnd: UInt32?
+    /// The far side's latest raw window field (old path).
+    public var peerWindow: UInt16?
     /// Lowest sequence number of data received on the new path: firstNewRcvd (§3.5).
     public var firstNewRcvd: UInt32?
     /// Last time a packet of the session crossed this anchor (either way), for the quiet rule.
@@ -113,13 +118,16 @@ public struct AnchorState: Sendable, Equatable {
     }
 
     /// Records an incoming segment from the segment side.
-    public mutating func noteIngress(seq: UInt32, length: UInt32, ack: UInt32?, onNewPath: Bool, now: UInt64) {
+    public mutating func noteIngress(seq: UInt32, length: UInt32, ack: UInt32?, window: UInt16? = nil, onNewPath: Bool,
+                                     now: UInt64) {
         lastPacketAt = now
         if onNewPath {
             if length > 0 { firstNewRcvd = firstNewRcvd.map { Self.seqLE($0, seq) ? $0 : seq } ?? seq }
         } else {
             if let ack { peerAcked = Self.seqMax(peerAcked, ack) }
             if length > 0 { oldRcvd = Self.seqMax(oldRcvd, seq &+ length) }
+            peerSeqEnd = Self.seqMax(peerSeqEnd, seq &+ length)
+            if let window { peerWindow = window }
         }
     }
 
@@ -127,6 +135,15 @@ public struct AnchorState: Sendable, Equatable {
     public mutating func enter(_ phase: Phase) {
         if phase != .locked, self.phase == .locked, cutoff == nil { cutoff = sentEnd }
         self.phase = phase
+    }
+
+    /// The numbers of a window-opening probe from the local side (after the drain): its next sequence number
+    /// and its acknowledgment number. What the local side sent wins; failing that (a silent endpoint), the far
+    /// side's view, which is the same once the old path is empty: what it acknowledged is our next sequence
+    /// number, its next sequence number is what we acknowledge.
+    public var probeNumbers: (seq: UInt32, ack: UInt32)? {
+        guard let seq = sentEnd ?? cutoff ?? peerAcked, let ack = lastAck ?? peerSeqEnd ?? oldRcvd else { return nil }
+        return (seq, ack)
     }
 
     /// a ≤ b in sequence space (RFC 793 modular comparison).

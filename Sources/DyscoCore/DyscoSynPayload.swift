@@ -1,37 +1,57 @@
-/// What an agent appends to the payload of a chained SYN (paper §2.1): the session 5-tuple and the
-/// addresses of the hops still to come. Our own format, version 1, all integers big-endian:
+/// What an agent appends to the payload of a chained SYN (paper §2.1, §2.3): the session's chain-wide
+/// identity, the session 5-tuple, the addresses of the hops still to come and a MAC that proves an agent of
+/// the trust group wrote it for exactly this packet's tuple. Our own format, version 2, big-endian:
 ///
 /// ```
 ///   offset  size  field
-///   0       1     version (1)
+///   0       1     version (2)
 ///   1       1     address family (4 = IPv4)
 ///   2       1     n: number of remaining addresses (0...16)
 ///   3       1     reserved, 0
-///   4       4     session source address
-///   8       4     session destination address
-///   12      2     session source port
-///   14      2     session destination port
-///   16      4n    remaining hop addresses, next hop first; the last one is the session's right end
-///   16+4n   2     block length = 22 + 4n (this trailer included)
-///   18+4n   4     magic "DYSC" (0x44595343)
+///   4       8     chain id   (SessionIdentity.chainID, fixed by the left end; never 0)
+///   12      8     nonce      (SessionIdentity.nonce, fixed by the left end)
+///   20      4     session source address
+///   24      4     session destination address
+///   28      2     session source port
+///   30      2     session destination port
+///   32      4n    remaining hop addresses, next hop first; the last one is the session's right end
+///   32+4n   16    MAC = TrustGroup.mac(bytes 0 ..< 32+4n, packet tuple)
+///   48+4n   2     block length = 54 + 4n (this trailer included)
+///   50+4n   4     magic "DYSC" (0x44595343)
 /// ```
+///
+/// The MAC (HMAC-SHA256 under the deployment's key, truncated to 16 bytes, ``TrustGroup``) covers bytes
+/// 0 ..< 32+4n followed by the 12 bytes of the packet's own subsession tuple as on the wire — source address,
+/// destination address, source port, destination port, big-endian — so a trailer cannot be replayed on
+/// another tuple. The receiver accepts the current and, during a rotation, the previous key.
 ///
 /// The block is a *trailer*: it ends the SYN's payload, so a receiver finds it from the end (whatever data a
 /// TCP Fast Open SYN carries before it stays untouched) and strips exactly `block length` bytes.
-/// Decoding rule: no magic at the end → not a Dysco SYN (left alone). Magic present but anything else wrong →
-/// ``DecodeError`` → the agent counts and drops the packet (docs/ARCHITECTURE.md, "Malformed input").
+///
+/// Decoding rule: no magic at the end → not a Dysco SYN (left alone). Magic present: only the block length
+/// and the version byte are read before the MAC is verified; version 1 (the unauthenticated format:
+/// `version(1)=1 family n reserved | session(12) | n × address | length = 22+4n | magic`) is refused with
+/// ``DecodeError/versionOneRefused``. After a valid MAC: family, count, reserved byte, chain id ≠ 0, ports ≠ 0,
+/// and no session address or remaining hop for which ``IPv4Address/isForbiddenHop`` (loopback, multicast,
+/// broadcast, 0/8, link-local). Any ``DecodeError`` → the agent counts and drops the packet
+/// (docs/ARCHITECTURE.md, "Malformed input").
 public struct DyscoSynPayload: Equatable, Sendable {
-    public static let version: UInt8 = 1
+    public static let version: UInt8 = 2
     public static let familyIPv4: UInt8 = 4
     public static let magic: UInt32 = 0x4459_5343
-    public static let fixedLength = 22
+    /// Bytes of a trailer with no addresses: header 4, identity 16, session 12, MAC 16, length 2, magic 4.
+    public static let fixedLength = 54
     public static let maxAddresses = 16
     public static var maxLength: Int { fixedLength + 4 * maxAddresses }
+    /// Offset of the first hop address (the end of the fixed signed part).
+    static let addressesOffset = 32
 
+    public var identity: SessionIdentity
     public var session: FiveTuple
     public var remaining: [IPv4Address]
 
-    public init(session: FiveTuple, remaining: [IPv4Address]) {
+    public init(identity: SessionIdentity, session: FiveTuple, remaining: [IPv4Address]) {
+        self.identity = identity
         self.session = session
         self.remaining = remaining
     }
@@ -40,22 +60,37 @@ public struct DyscoSynPayload: Equatable, Sendable {
 
     public enum DecodeError: Error, Equatable, Sendable, CustomStringConvertible {
         case tooShort(available: Int)
+        case noMagic
         case badLength(declared: Int, addresses: Int)
+        /// A version-1 trailer (unauthenticated): refused (paper §2.3).
+        case versionOneRefused
         case unsupportedVersion(UInt8)
+        /// The MAC is not valid under the current or previous key for this trailer on this packet's tuple.
+        case badMAC
         case unsupportedFamily(UInt8)
         case tooManyAddresses(Int)
         case reservedNotZero
+        /// A session port is zero.
         case zeroAddress
+        /// The chain id is zero.
+        case zeroIdentity
+        /// A session address or remaining hop is loopback, multicast, broadcast, 0/8 or link-local.
+        case forbiddenAddress(IPv4Address)
 
         public var description: String {
             switch self {
             case .tooShort(let n): "Dysco trailer: only \(n) bytes of payload"
+            case .noMagic: "Dysco trailer: no magic at the end of the payload"
             case .badLength(let d, let n): "Dysco trailer: declared length \(d) does not fit \(n) addresses"
+            case .versionOneRefused: "Dysco trailer: version 1 (unauthenticated) refused; agents must send version 2"
             case .unsupportedVersion(let v): "Dysco trailer: unsupported version \(v)"
+            case .badMAC: "Dysco trailer: MAC invalid (wrong trust key, altered, or replayed on another tuple)"
             case .unsupportedFamily(let f): "Dysco trailer: unsupported address family \(f)"
             case .tooManyAddresses(let n): "Dysco trailer: \(n) addresses (at most \(DyscoSynPayload.maxAddresses))"
             case .reservedNotZero: "Dysco trailer: reserved byte is not zero"
-            case .zeroAddress: "Dysco trailer: an address or port is zero"
+            case .zeroAddress: "Dysco trailer: a session port is zero"
+            case .zeroIdentity: "Dysco trailer: chain id is zero"
+            case .forbiddenAddress(let a): "Dysco trailer: forbidden address \(a) (loopback, multicast, broadcast, unspecified or link-local)"
             }
         }
     }
@@ -65,57 +100,94 @@ public struct DyscoSynPayload: Equatable, Sendable {
         payload.count >= 4 && readBE32(payload, payload.count - 4) == magic
     }
 
-    /// Decodes the trailer at the end of `payload`. Returns the payload and the trailer's total length.
-    public static func decode(trailerOf payload: UnsafeRawBufferPointer) throws(DecodeError) -> (DyscoSynPayload, Int) {
-        guard payload.count >= fixedLength else { throw .tooShort(available: payload.count) }
+    /// Decodes and authenticates the trailer at the end of `payload`, which arrived in a packet with `tuple`
+    /// (as on the wire). Returns the trailer and its total length.
+    public static func decode(trailerOf payload: UnsafeRawBufferPointer, tuple: FiveTuple,
+                              trust: TrustGroup) throws(DecodeError) -> (DyscoSynPayload, Int) {
         let end = payload.count
+        guard end >= 6 else { throw .tooShort(available: end) }
+        guard readBE32(payload, end - 4) == magic else { throw .noMagic }
         let declared = Int(readBE16(payload, end - 6))
-        guard declared >= fixedLength, declared <= end, (declared - fixedLength) % 4 == 0 else {
+        guard declared >= 6, declared <= end else { throw .badLength(declared: declared, addresses: -1) }
+        let start = end - declared
+        let version = payload[start]
+        if version == 1 { throw .versionOneRefused }
+        guard version == Self.version else { throw .unsupportedVersion(version) }
+        guard declared >= fixedLength, declared <= maxLength, (declared - fixedLength) % 4 == 0 else {
             throw .badLength(declared: declared, addresses: -1)
         }
-        let start = end - declared
-        let version = payload[start], family = payload[start + 1], count = Int(payload[start + 2])
-        guard version == Self.version else { throw .unsupportedVersion(version) }
+        let signedLength = declared - 22  // everything before MAC, length and magic
+        let count = (signedLength - addressesOffset) / 4
+        // Nothing beyond the length and the version is trusted before this.
+        let signed = UnsafeRawBufferPointer(rebasing: payload[start..<start + signedLength])
+        let tag = UnsafeRawBufferPointer(rebasing: payload[start + signedLength..<start + signedLength + TrustGroup.macLength])
+        let valid = withTupleBytes(tuple) { tupleBytes in trust.verify(tag, signed, tupleBytes) }
+        guard valid else { throw .badMAC }
+
+        let family = payload[start + 1], declaredCount = Int(payload[start + 2])
         guard family == familyIPv4 else { throw .unsupportedFamily(family) }
-        guard count <= maxAddresses else { throw .tooManyAddresses(count) }
-        guard declared == fixedLength + 4 * count else { throw .badLength(declared: declared, addresses: count) }
+        guard declaredCount <= maxAddresses else { throw .tooManyAddresses(declaredCount) }
+        guard declaredCount == count else { throw .badLength(declared: declared, addresses: declaredCount) }
         guard payload[start + 3] == 0 else { throw .reservedNotZero }
-        let session = FiveTuple(srcAddr: IPv4Address(readBE32(payload, start + 4)), srcPort: readBE16(payload, start + 12),
-                                dstAddr: IPv4Address(readBE32(payload, start + 8)), dstPort: readBE16(payload, start + 14))
-        guard session.srcAddr.value != 0, session.dstAddr.value != 0, session.srcPort != 0, session.dstPort != 0 else {
-            throw .zeroAddress
+        let identity = SessionIdentity(chainID: readBE64(payload, start + 4), nonce: readBE64(payload, start + 12))
+        guard identity.chainID != 0 else { throw .zeroIdentity }
+        let session = FiveTuple(srcAddr: IPv4Address(readBE32(payload, start + 20)), srcPort: readBE16(payload, start + 28),
+                                dstAddr: IPv4Address(readBE32(payload, start + 24)), dstPort: readBE16(payload, start + 30))
+        guard session.srcPort != 0, session.dstPort != 0 else { throw .zeroAddress }
+        for address in [session.srcAddr, session.dstAddr] where address.isForbiddenHop {
+            throw .forbiddenAddress(address)
         }
         var remaining: [IPv4Address] = []
         remaining.reserveCapacity(count)
         for i in 0..<count {
-            let address = IPv4Address(readBE32(payload, start + 16 + 4 * i))
-            guard address.value != 0 else { throw .zeroAddress }
+            let address = IPv4Address(readBE32(payload, start + addressesOffset + 4 * i))
+            guard !address.isForbiddenHop else { throw .forbiddenAddress(address) }
             remaining.append(address)
         }
-        return (DyscoSynPayload(session: session, remaining: remaining), declared)
+        return (DyscoSynPayload(identity: identity, session: session, remaining: remaining), declared)
     }
 
-    /// Writes the encoded trailer into `buffer` (which must hold ``encodedLength`` bytes).
-    public func encode(into buffer: UnsafeMutableRawBufferPointer) {
+    /// Writes the encoded trailer, signed for a packet with `tuple` under the current key of `trust`, into
+    /// `buffer` (which must hold ``encodedLength`` bytes). Encoding checks nothing but the address count: a
+    /// receiver refuses what it must not trust.
+    public func encode(into buffer: UnsafeMutableRawBufferPointer, tuple: FiveTuple, trust: TrustGroup) {
         precondition(buffer.count >= encodedLength && remaining.count <= Self.maxAddresses)
         buffer[0] = Self.version
         buffer[1] = Self.familyIPv4
         buffer[2] = UInt8(remaining.count)
         buffer[3] = 0
-        writeBE32(buffer, 4, session.srcAddr.value)
-        writeBE32(buffer, 8, session.dstAddr.value)
-        writeBE16(buffer, 12, session.srcPort)
-        writeBE16(buffer, 14, session.dstPort)
-        for (i, address) in remaining.enumerated() { writeBE32(buffer, 16 + 4 * i, address.value) }
+        writeBE64(buffer, 4, identity.chainID)
+        writeBE64(buffer, 12, identity.nonce)
+        writeBE32(buffer, 20, session.srcAddr.value)
+        writeBE32(buffer, 24, session.dstAddr.value)
+        writeBE16(buffer, 28, session.srcPort)
+        writeBE16(buffer, 30, session.dstPort)
+        for (i, address) in remaining.enumerated() { writeBE32(buffer, Self.addressesOffset + 4 * i, address.value) }
+        let signedLength = Self.addressesOffset + 4 * remaining.count
+        let mac = Self.withTupleBytes(tuple) { tupleBytes in
+            trust.mac(UnsafeRawBufferPointer(rebasing: buffer[0..<signedLength]), tupleBytes)
+        }
+        for (i, byte) in mac.enumerated() { buffer[signedLength + i] = byte }
         let end = encodedLength
         writeBE16(buffer, end - 6, UInt16(end))
         writeBE32(buffer, end - 4, Self.magic)
     }
 
-    public func encoded() -> [UInt8] {
+    public func encoded(tuple: FiveTuple, trust: TrustGroup) -> [UInt8] {
         [UInt8](unsafeUninitializedCapacity: encodedLength) { buffer, count in
-            encode(into: UnsafeMutableRawBufferPointer(buffer))
+            encode(into: UnsafeMutableRawBufferPointer(buffer), tuple: tuple, trust: trust)
             count = encodedLength
+        }
+    }
+
+    /// The 12 bytes the MAC covers after the trailer: src addr, dst addr, src port, dst port, big-endian.
+    static func withTupleBytes<R>(_ tuple: FiveTuple, _ body: (UnsafeRawBufferPointer) -> R) -> R {
+        withUnsafeTemporaryAllocation(byteCount: 12, alignment: 1) { raw in
+            writeBE32(raw, 0, tuple.srcAddr.value)
+            writeBE32(raw, 4, tuple.dstAddr.value)
+            writeBE16(raw, 8, tuple.srcPort)
+            writeBE16(raw, 10, tuple.dstPort)
+            return body(UnsafeRawBufferPointer(raw))
         }
     }
 }
@@ -126,6 +198,9 @@ public struct DyscoSynPayload: Equatable, Sendable {
 @inline(__always) private func readBE32(_ b: UnsafeRawBufferPointer, _ at: Int) -> UInt32 {
     UInt32(readBE16(b, at)) << 16 | UInt32(readBE16(b, at + 2))
 }
+@inline(__always) private func readBE64(_ b: UnsafeRawBufferPointer, _ at: Int) -> UInt64 {
+    UInt64(readBE32(b, at)) << 32 | UInt64(readBE32(b, at + 4))
+}
 @inline(__always) private func writeBE16(_ b: UnsafeMutableRawBufferPointer, _ at: Int, _ v: UInt16) {
     b[at] = UInt8(v >> 8)
     b[at + 1] = UInt8(truncatingIfNeeded: v)
@@ -133,4 +208,8 @@ public struct DyscoSynPayload: Equatable, Sendable {
 @inline(__always) private func writeBE32(_ b: UnsafeMutableRawBufferPointer, _ at: Int, _ v: UInt32) {
     writeBE16(b, at, UInt16(v >> 16))
     writeBE16(b, at + 2, UInt16(truncatingIfNeeded: v))
+}
+@inline(__always) private func writeBE64(_ b: UnsafeMutableRawBufferPointer, _ at: Int, _ v: UInt64) {
+    writeBE32(b, at, UInt32(v >> 32))
+    writeBE32(b, at + 4, UInt32(truncatingIfNeeded: v))
 }

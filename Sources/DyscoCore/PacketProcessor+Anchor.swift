@@ -63,7 +63,7 @@ extension PacketProcessor {
         let seq = packet.tcp.sequenceNumber
         let length = UInt32(packet.payloadLength) + (flags.contains(.fin) ? 1 : 0)
         m.noteIngress(seq: seq, length: length, ack: flags.contains(.ack) ? packet.tcp.acknowledgmentNumber : nil,
-                      onNewPath: onNewPath, now: now)
+                      window: packet.tcp.window, onNewPath: onNewPath, now: now)
         var verdict: Verdict?
         if onNewPath {
             if m.phase != .released {
@@ -147,10 +147,65 @@ extension PacketProcessor {
     public func anchorProbe(chainID: UInt64, into buffer: UnsafeMutableRawPointer) -> Int? {
         guard let id = id(chainID), let record = table.records[id], let m = record.migration,
               let new = paths(record, m).new else { return nil }
-        guard let seq = m.sentEnd ?? m.cutoff ?? m.peerAcked, let ack = m.lastAck ?? m.oldRcvd else { return nil }
+        guard let (seq, ack) = m.probeNumbers else { return nil }
         let packet = IPv4TCPPacket.buildPureAck(into: buffer, tuple: egressTuple(new, side: m.side), seq: seq,
                                                 ack: ack &- UInt32(bitPattern: m.delta), window: m.lastWindow ?? 0xffff)
         return packet.length
+    }
+
+    /// A SYN towards the anchor's own endpoint side, as if from the far end of the session, which makes that
+    /// endpoint's TCP answer at once with an ACK carrying its current sequence, acknowledgment and window
+    /// (RFC 5961 §4.2 challenge ACK; Linux rate-limits them to one per 500 ms per socket). The anchor learns
+    /// the numbers the drain and the probes need without waiting for the endpoint to send (an idle or
+    /// window-limited session). At an end host it is delivered locally; at a middlebox anchor it travels the
+    /// adjacent subsession to the endpoint's side. Returns the packet's length and destination.
+    public func anchorElicit(chainID: UInt64, into buffer: UnsafeMutableRawPointer) -> (Int, IPv4Address)? {
+        guard let id = id(chainID), let record = table.records[id], let m = record.migration else { return nil }
+        let tuple: FiveTuple
+        switch (m.side, record.role) {
+        case (.right, .leftEnd): tuple = record.session.reversed
+        case (.right, _):
+            guard let left = record.left else { return nil }
+            tuple = left.reversed
+        case (.left, .rightEnd): tuple = record.session
+        case (.left, _):
+            guard let right = record.right else { return nil }
+            tuple = right
+        }
+        if let peerSeqEnd = m.peerSeqEnd, let peerAcked = m.peerAcked {
+            // Knowing the far side's numbers: a keep-alive (one byte just below what the endpoint has received,
+            // RFC 1122 §4.2.3.6). The endpoint discards the old byte and acknowledges at once, without the
+            // rate limit Linux puts on challenge ACKs.
+            let packet = IPv4TCPPacket.buildPureAck(into: buffer, tuple: tuple, seq: peerSeqEnd &- 1, ack: peerAcked,
+                                                    window: m.peerWindow ?? 0xffff, payloadByte: true)
+            return (packet.length, tuple.dstAddr)
+        }
+        let packet = IPv4TCPPacket.buildPureAck(into: buffer, tuple: tuple, seq: 0, ack: 0, window: 0, flags: .syn)
+        return (packet.length, tuple.dstAddr)
+    }
+
+    public enum PokeResult: Equatable, Sendable { case stop, unknownNumbers, sent(length: Int, to: IPv4Address, drained: Bool) }
+
+    /// While draining: a keep-alive towards the far endpoint along the old path (one byte just below what it
+    /// acknowledged; RFC 1122 §4.2.3.6). It makes the far endpoint acknowledge at once everything it has
+    /// received instead of after its delayed-ACK timer (up to 40 ms on Linux), so the drain ends one round trip
+    /// after the last old-path byte; and it carries this side's numbers past the other anchor, which learns
+    /// them even when this endpoint is silent. The shell sends one on entering the drain and more while this
+    /// side is not drained.
+    public func anchorPoke(chainID: UInt64, into buffer: UnsafeMutableRawPointer) -> PokeResult {
+        guard let id = id(chainID), let record = table.records[id], let m = record.migration,
+              m.phase == .buffering || (m.phase == .released && !m.stateful), let old = paths(record, m).old else { return .stop }
+        guard let peerAcked = m.peerAcked, let ack = m.lastAck ?? m.peerSeqEnd else { return .unknownNumbers }
+        let tuple = egressTuple(old, side: m.side)
+        let packet = IPv4TCPPacket.buildPureAck(into: buffer, tuple: tuple, seq: peerAcked &- 1, ack: ack,
+                                                window: m.lastWindow ?? 0xffff, payloadByte: true)
+        return .sent(length: packet.length, to: tuple.dstAddr, drained: m.drainedReported)
+    }
+
+    /// Whether the anchor still lacks the local side's next sequence number (it then elicits it again).
+    public func anchorNeedsNumbers(chainID: UInt64) -> Bool {
+        guard let id = id(chainID), let m = table.records[id]?.migration else { return false }
+        return m.sentEnd == nil && m.cutoff == nil
     }
 
     /// Success: the old path's subsession goes, tracking ends, the session may return to the fast path.

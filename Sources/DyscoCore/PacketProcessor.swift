@@ -13,6 +13,10 @@ public enum Verdict: Equatable, Sendable {
     /// Accept with the first `length` bytes of the buffer (the rewritten packet).
     case acceptModified(length: Int)
     case drop
+    /// Keep the packet: no verdict now (an anchor buffers a migrating session's new data, AnchorBuffer). The
+    /// shell keeps a copy of the bytes as they are (untranslated) and gives them back to ``process`` at release.
+    /// `chainID` names the session (its buffer).
+    case hold(chainID: UInt64)
 }
 
 /// Counters an operator reads with `sessions --json` (and tests assert on).
@@ -24,8 +28,16 @@ public struct DataplaneCounters: Sendable, Codable, Equatable {
     public var passedThrough: UInt64 = 0
     /// Packets whose IPv4/TCP headers do not parse (accepted untouched: the kernel judges them).
     public var malformedPackets: UInt64 = 0
-    /// SYNs whose Dysco trailer has the magic but does not decode (dropped).
+    /// SYNs whose Dysco trailer has the magic but does not decode for another reason than the three below
+    /// (dropped).
     public var malformedDyscoSyn: UInt64 = 0
+    /// SYNs with a version-1 (unauthenticated) Dysco trailer (dropped; paper §2.3).
+    public var trailerVersionOneRefused: UInt64 = 0
+    /// SYNs whose Dysco trailer's MAC is invalid: wrong key, altered, or replayed on another tuple (dropped).
+    public var trailerBadMAC: UInt64 = 0
+    /// SYNs whose authenticated trailer names a loopback, multicast, broadcast, unspecified or link-local
+    /// address as session address or hop (dropped).
+    public var trailerForbiddenAddress: UInt64 = 0
     /// Dysco SYNs or policy SYNs whose tuples collide with a live session (dropped; TCP retries).
     public var collisions: UInt64 = 0
     /// Policy SYNs dropped because the subsession port range is exhausted.
@@ -38,6 +50,10 @@ public struct DataplaneCounters: Sendable, Codable, Equatable {
     public var fullChecksums: UInt64 = 0
     /// Sessions the kernel fast path took over (each hand-over counts, also after a release).
     public var fastPathInstalls: UInt64 = 0
+    /// Packets an anchor held while a stateful reconfiguration drained the old path (released later, in order).
+    public var anchorHeld: UInt64 = 0
+    /// Window-opening probes an anchor received on a new path and kept from its endpoint.
+    public var probesReceived: UInt64 = 0
 
     public init() {}
 }
@@ -69,6 +85,8 @@ public enum DataplaneEvent: Sendable {
     case sessionCreated(SessionTable.Record)
     case sessionRemoved(SessionTable.Record, reason: String)
     case malformedDyscoSyn(FiveTuple, DyscoSynPayload.DecodeError)
+    /// A Dysco SYN refused for trust (paper §2.3): version 1, bad MAC, or a forbidden address.
+    case untrustedDyscoSyn(FiveTuple, DyscoSynPayload.DecodeError)
     case rejected(FiveTuple, reason: String)
 }
 
@@ -97,9 +115,17 @@ public struct PacketProcessor: Sendable {
     public var events: [DataplaneEvent] = []
     /// Fast-path work produced by the last calls, taken by the shell (``takeFastPathActions()``).
     public var fastPathActions: [FastPathAction] = []
+    /// What anchors observed for the reconfiguration protocol, taken by the shell (``takeAnchorEvents()``).
+    public var anchorEvents: [AnchorEvent] = []
+    /// Sessions with anchor state (``SessionTable/Record/migration``); zero keeps the per-packet cost at one compare.
+    public internal(set) var anchoring = 0
 
-    public init(config: AgentConfig, portRange: ClosedRange<UInt16>, settings: Settings = Settings()) {
+    /// The deployment's keys: Dysco SYN trailers are signed with the current one and accepted under either.
+    public let trust: TrustGroup
+
+    public init(config: AgentConfig, portRange: ClosedRange<UInt16>, trust: TrustGroup, settings: Settings = Settings()) {
         self.config = config
+        self.trust = trust
         self.settings = settings
         table = SessionTable(portRange: portRange)
         events.reserveCapacity(16)
@@ -127,13 +153,27 @@ public struct PacketProcessor: Sendable {
                 }
                 var mode = checksum
                 if isInitialSyn, hasTrailer(packet) {
-                    // A retransmitted Dysco SYN: strip the trailer again.
-                    guard case .success(let (_, length)) = decodeTrailer(packet) else {
-                        counters.malformedDyscoSyn &+= 1
+                    // A retransmitted Dysco SYN: authenticated like the first one, and it must repeat the
+                    // session and identity this subsession was created with; then strip the trailer again.
+                    let decoded: (DyscoSynPayload, Int)
+                    switch decodeTrailer(packet, tuple: key) {
+                    case .success(let value): decoded = value
+                    case .failure(let error):
+                        countTrailerError(error, key: key)
                         return .drop
                     }
-                    packet.truncate(to: packet.length - length)
+                    guard let record = table.records[translation.id], decoded.0.session == record.session,
+                          decoded.0.identity == record.identity else {
+                        counters.collisions &+= 1
+                        events.append(.rejected(key, reason: "retransmitted Dysco SYN names another session"))
+                        return .drop
+                    }
+                    packet.truncate(to: packet.length - decoded.1)
                     mode = .partial
+                }
+                if anchoring > 0, table.records[translation.id]?.migration != nil,
+                   anchorIngress(&packet, translation: translation, flags: flags, now: now) == .drop {
+                    return .drop
                 }
                 track(translation, flags: flags, length: packet.length, now: now)
                 packet.rewrite(to: translation.target, checksum: mode)
@@ -150,6 +190,15 @@ public struct PacketProcessor: Sendable {
                     removeSession(translation.id, reason: "reused")
                     return egressNewSyn(&packet, key: key, capacity: capacity, now: now) ?? pass()
                 }
+                var target = translation.target
+                if anchoring > 0, table.records[translation.id]?.migration != nil {
+                    switch anchorEgress(&packet, translation: translation, flags: flags, now: now) {
+                    case .hold:
+                        counters.anchorHeld &+= 1
+                        return .hold(chainID: table.records[translation.id]!.identity.chainID)
+                    case .target(let t): target = t
+                    }
+                }
                 track(translation, flags: flags, length: packet.length, now: now)
                 counters.translatedEgress &+= 1
                 if isInitialSyn, translation.direction == .forward, let record = table.records[translation.id],
@@ -157,7 +206,7 @@ public struct PacketProcessor: Sendable {
                     // SYN retransmission before the SYN-ACK: the trailer must travel again.
                     return sendSyn(&packet, record: record, capacity: capacity)
                 }
-                packet.rewrite(to: translation.target, checksum: checksum)
+                packet.rewrite(to: target, checksum: checksum)
                 if checksum == .partial { counters.fullChecksums &+= 1 }
                 return .acceptModified(length: packet.length)
             }
@@ -174,18 +223,18 @@ public struct PacketProcessor: Sendable {
     private mutating func ingressNewSyn(_ packet: inout IPv4TCPPacket, key: FiveTuple, checksum: ChecksumState,
                                         now: UInt64) -> Verdict {
         let decoded: (DyscoSynPayload, Int)
-        switch decodeTrailer(packet) {
+        switch decodeTrailer(packet, tuple: key) {
         case .success(let value): decoded = value
         case .failure(let error):
-            counters.malformedDyscoSyn &+= 1
-            events.append(.malformedDyscoSyn(key, error))
+            countTrailerError(error, key: key)
             return .drop
         }
         let (payload, trailerLength) = decoded
         if let existing = table.bySession[payload.session], isClosing(existing) { removeSession(existing, reason: "reused") }
         let id: SessionTable.SessionID
         do {
-            id = try table.insertFromLeft(session: payload.session, left: key, remaining: payload.remaining, now: now)
+            id = try table.insertFromLeft(session: payload.session, left: key, remaining: payload.remaining,
+                                          identity: payload.identity, now: now)
         } catch {
             counters.collisions &+= 1
             events.append(.rejected(key, reason: "\(error)"))
@@ -221,7 +270,8 @@ public struct PacketProcessor: Sendable {
         guard let policy = config.policy(for: key) else { return nil }
         let id: SessionTable.SessionID
         do {
-            id = try table.insertLeftEnd(session: key, hops: policy.chain + [key.dstAddr], now: now)
+            // The left end fixes the chain-wide identity (paper §2.3); every later agent learns it from the trailer.
+            id = try table.insertLeftEnd(session: key, hops: policy.chain + [key.dstAddr], identity: .random(), now: now)
         } catch {
             countInsertError(error, key: key)
             return .drop
@@ -233,16 +283,17 @@ public struct PacketProcessor: Sendable {
         return sendSyn(&packet, record: record, capacity: capacity)
     }
 
-    /// Rewrites a SYN to the record's right subsession and appends the Dysco trailer.
+    /// Rewrites a SYN to the record's right subsession and appends the Dysco trailer (v2: the record's
+    /// identity, signed for the right subsession's tuple).
     private mutating func sendSyn(_ packet: inout IPv4TCPPacket, record: SessionTable.Record, capacity: Int) -> Verdict {
         guard let right = record.right else { return .drop }
-        let trailer = DyscoSynPayload(session: record.session, remaining: record.remaining)
+        let trailer = DyscoSynPayload(identity: record.identity, session: record.session, remaining: record.remaining)
         guard packet.length + trailer.encodedLength <= capacity, packet.length + trailer.encodedLength <= 0xffff else {
             counters.oversizedSyn &+= 1
             return .drop
         }
         withUnsafeTemporaryAllocation(byteCount: trailer.encodedLength, alignment: 1) { scratch in
-            trailer.encode(into: scratch)
+            trailer.encode(into: scratch, tuple: right, trust: trust)
             packet.append(UnsafeRawBufferPointer(scratch))
         }
         packet.rewrite(to: right, checksum: .partial)
@@ -311,7 +362,7 @@ public struct PacketProcessor: Sendable {
     }
 
     /// Removes a session from the table and, if the kernel has (or is getting) it, from the kernel.
-    private mutating func removeSession(_ id: SessionTable.SessionID, reason: String) {
+    mutating func removeSession(_ id: SessionTable.SessionID, reason: String) {
         guard let record = table.records[id] else { return }
         table.remove(id)
         if record.path == .pending || record.path == .kernel {
@@ -405,8 +456,27 @@ public struct PacketProcessor: Sendable {
         DyscoSynPayload.hasTrailer(payload(packet))
     }
 
-    private func decodeTrailer(_ packet: IPv4TCPPacket) -> Result<(DyscoSynPayload, Int), DyscoSynPayload.DecodeError> {
-        Result { () throws(DyscoSynPayload.DecodeError) in try DyscoSynPayload.decode(trailerOf: payload(packet)) }
+    /// Decodes and authenticates the packet's trailer; `tuple` is the packet's tuple as it arrived.
+    private func decodeTrailer(_ packet: IPv4TCPPacket, tuple: FiveTuple)
+        -> Result<(DyscoSynPayload, Int), DyscoSynPayload.DecodeError> {
+        Result { () throws(DyscoSynPayload.DecodeError) in
+            try DyscoSynPayload.decode(trailerOf: payload(packet), tuple: tuple, trust: trust)
+        }
+    }
+
+    /// Counts a Dysco SYN refused for its trailer (the caller drops it): trust failures in their own
+    /// counters, everything else in `malformedDyscoSyn`.
+    private mutating func countTrailerError(_ error: DyscoSynPayload.DecodeError, key: FiveTuple) {
+        switch error {
+        case .versionOneRefused: counters.trailerVersionOneRefused &+= 1
+        case .badMAC: counters.trailerBadMAC &+= 1
+        case .forbiddenAddress: counters.trailerForbiddenAddress &+= 1
+        default:
+            counters.malformedDyscoSyn &+= 1
+            events.append(.malformedDyscoSyn(key, error))
+            return
+        }
+        events.append(.untrustedDyscoSyn(key, error))
     }
 }
 

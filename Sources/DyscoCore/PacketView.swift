@@ -252,16 +252,18 @@ public struct IPv4TCPPacket {
 
 extension IPv4TCPPacket {
     public static let pureAckLength = 40
+    public static let maxBuiltLength = 41
 
     /// Writes a pure ACK (20-byte IPv4 header with DF, TTL 64; 20-byte TCP header, no options) with full
     /// checksums into `buffer` (at least ``pureAckLength`` bytes). Anchors send these as window-opening probes.
     public static func buildPureAck(into buffer: UnsafeMutableRawPointer, tuple: FiveTuple, seq: UInt32, ack: UInt32,
-                                    window: UInt16) -> IPv4TCPPacket {
-        buffer.initializeMemory(as: UInt8.self, repeating: 0, count: pureAckLength)
+                                    window: UInt16, flags: TCPFlags = .ack, payloadByte: Bool = false) -> IPv4TCPPacket {
+        let length = pureAckLength + (payloadByte ? 1 : 0)
+        buffer.initializeMemory(as: UInt8.self, repeating: 0, count: length)
         func put16(_ offset: Int, _ value: UInt16) { buffer.storeBytes(of: value.bigEndian, toByteOffset: offset, as: UInt16.self) }
         func put32(_ offset: Int, _ value: UInt32) { buffer.storeBytes(of: value.bigEndian, toByteOffset: offset, as: UInt32.self) }
         buffer.storeBytes(of: 0x45, toByteOffset: 0, as: UInt8.self)
-        put16(2, UInt16(pureAckLength))
+        put16(2, UInt16(length))
         put16(6, 0x4000)
         buffer.storeBytes(of: 64, toByteOffset: 8, as: UInt8.self)
         buffer.storeBytes(of: IPv4HeaderView.protocolTCP, toByteOffset: 9, as: UInt8.self)
@@ -272,9 +274,9 @@ extension IPv4TCPPacket {
         put32(24, seq)
         put32(28, ack)
         buffer.storeBytes(of: 0x50, toByteOffset: 32, as: UInt8.self)
-        buffer.storeBytes(of: TCPFlags.ack.rawValue, toByteOffset: 33, as: UInt8.self)
+        buffer.storeBytes(of: flags.rawValue, toByteOffset: 33, as: UInt8.self)
         put16(34, window)
-        guard case .success(let packet) = IPv4TCPPacket.parse(buffer, count: pureAckLength) else {
+        guard case .success(let packet) = IPv4TCPPacket.parse(buffer, count: length) else {
             preconditionFailure("a pure ACK we built does not parse")
         }
         packet.ip.recomputeChecksum()

@@ -21,7 +21,8 @@ public struct FirewallRule: Codable, Sendable, Hashable {
     public var text: String
 }
 
-/// Counters of a lab middlebox's firewall (filter FORWARD). The lab installs, in this order:
+/// Counters of a lab middlebox's firewall (filter FORWARD). For the ``FirewallProfile/strict`` profile the lab
+/// installs, in this order:
 ///
 ///     -P FORWARD DROP
 ///     -A FORWARD -m conntrack --ctstate INVALID -j DROP                                  (invalidDropped)
@@ -30,23 +31,60 @@ public struct FirewallRule: Codable, Sendable, Hashable {
 ///
 /// Everything else (e.g. a mid-stream packet of a session the firewall has no state for, which conntrack
 /// picks up as NEW, or any non-TCP packet) ends at the policy (policyDropped).
+///
+/// For the ``FirewallProfile/open`` profile (a stateless box) it installs
+///
+///     -P FORWARD ACCEPT
+///     -A FORWARD -j ACCEPT                                                               (openAccepted)
+///
+/// with no conntrack match, so nothing in that namespace uses conntrack; the other counters stay 0 there.
 public struct FirewallCounters: Codable, Sendable, Hashable {
     public var policy: String
     public var policyDropped: PacketCounter
     public var invalidDropped: PacketCounter
     public var establishedAccepted: PacketCounter
     public var newAccepted: PacketCounter
+    /// The open profile's single counting rule (every forwarded packet).
+    public var openAccepted: PacketCounter
     public var rules: [FirewallRule]
 
     public init(policy: String = "ACCEPT", policyDropped: PacketCounter = .init(),
                 invalidDropped: PacketCounter = .init(), establishedAccepted: PacketCounter = .init(),
-                newAccepted: PacketCounter = .init(), rules: [FirewallRule] = []) {
+                newAccepted: PacketCounter = .init(), openAccepted: PacketCounter = .init(), rules: [FirewallRule] = []) {
         self.policy = policy
         self.policyDropped = policyDropped
         self.invalidDropped = invalidDropped
         self.establishedAccepted = establishedAccepted
         self.newAccepted = newAccepted
+        self.openAccepted = openAccepted
         self.rules = rules
+    }
+
+    private enum CodingKeys: String, CodingKey {
+        case policy, policyDropped, invalidDropped, establishedAccepted, newAccepted, openAccepted, rules
+    }
+
+    /// Decodes older JSON without `openAccepted` too.
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        policy = try c.decode(String.self, forKey: .policy)
+        policyDropped = try c.decode(PacketCounter.self, forKey: .policyDropped)
+        invalidDropped = try c.decode(PacketCounter.self, forKey: .invalidDropped)
+        establishedAccepted = try c.decode(PacketCounter.self, forKey: .establishedAccepted)
+        newAccepted = try c.decode(PacketCounter.self, forKey: .newAccepted)
+        openAccepted = try c.decodeIfPresent(PacketCounter.self, forKey: .openAccepted) ?? .init()
+        rules = try c.decode([FirewallRule].self, forKey: .rules)
+    }
+
+    /// The profile these rules look like: ``FirewallProfile/open`` if the open rule is there, else
+    /// ``FirewallProfile/strict`` if the conntrack rules are, else nil (someone changed the chain).
+    public var profile: FirewallProfile? {
+        if rules.contains(where: { $0.text.contains(Self.openComment) }) { return .open }
+        if policy == "DROP" && rules.contains(where: { $0.text.contains(Self.establishedComment) || $0.text.contains("ctstate") }) {
+            return .strict
+        }
+        if policy == "ACCEPT" && rules.count == 1 && rules[0].target == "ACCEPT" { return .open }
+        return nil
     }
 
     /// Every packet dropped by the firewall (INVALID rule plus policy, when the policy is DROP).
@@ -67,9 +105,11 @@ public struct FirewallCounters: Codable, Sendable, Hashable {
     static let invalidComment = "dysco-lab:invalid"
     static let establishedComment = "dysco-lab:established"
     static let newComment = "dysco-lab:new-syn"
+    static let openComment = "dysco-lab:open"
 
-    /// Parses `iptables -w -L FORWARD -v -x -n`. Rules are recognized by the lab's comments, or failing that
-    /// by their conntrack match (`ctstate INVALID`, `ctstate RELATED,ESTABLISHED`, `ctstate NEW`).
+    /// Parses `iptables -w -L FORWARD -v -x -n` for either profile. Rules are recognized by the lab's comments,
+    /// or failing that by their conntrack match (`ctstate INVALID`, `ctstate RELATED,ESTABLISHED`, `ctstate NEW`);
+    /// an ACCEPT rule without any match (the open profile's, without its comment) counts as openAccepted.
     public static func parse(_ output: String) throws -> FirewallCounters {
         var result = FirewallCounters()
         var sawHeader = false
@@ -104,13 +144,34 @@ public struct FirewallCounters: Codable, Sendable, Hashable {
                 result.establishedAccepted = rule.counter
             } else if text.contains(newComment) || (rule.target == "ACCEPT" && ctstate() == "NEW") {
                 result.newAccepted = rule.counter
+            } else if text.contains(openComment) || (rule.target == "ACCEPT" && isMatchAll(words)) {
+                result.openAccepted = rule.counter
             }
         }
         guard sawHeader else { throw ParseError.noChainHeader(output) }
         return result
     }
 
-    /// The iptables commands (arguments after `iptables -w`) that install the lab firewall for `subnet`.
+    /// `0 -- * * 0.0.0.0/0 0.0.0.0/0` (protocol all, any interface, any address, nothing else): a rule that
+    /// matches every packet. iptables-legacy prints the protocol as `all`, iptables-nft as `0`.
+    static func isMatchAll(_ words: [String]) -> Bool {
+        words.count == 6 && ["0", "all"].contains(words[0]) && words[1] == "--" && words[2] == "*" && words[3] == "*"
+            && words[4] == "0.0.0.0/0" && words[5] == "0.0.0.0/0"
+    }
+
+    /// The iptables commands (arguments after `iptables -w`) that install the lab firewall of `profile` for `subnet`.
+    public static func installCommands(subnet: String, profile: FirewallProfile) -> [[String]] {
+        switch profile {
+        case .strict: installCommands(subnet: subnet)
+        case .open:
+            [
+                ["-t", "filter", "-P", "FORWARD", "ACCEPT"],
+                ["-t", "filter", "-A", "FORWARD", "-m", "comment", "--comment", openComment, "-j", "ACCEPT"],
+            ]
+        }
+    }
+
+    /// The iptables commands (arguments after `iptables -w`) that install the strict lab firewall for `subnet`.
     public static func installCommands(subnet: String) -> [[String]] {
         [
             ["-t", "filter", "-P", "FORWARD", "DROP"],

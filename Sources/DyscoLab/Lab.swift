@@ -14,6 +14,7 @@ import Glibc
 ///
 ///     NAME-sw          switch: Linux bridge br0; one port per host, named after the host (client1, fw1, ...)
 ///     NAME-client<i>   eth0 = 10.77.0.(10+i)    i = 1...20
+///     NAME-attacker<i> eth0 = 10.77.0.(50+i)    i = 1...20 (spec.attackers, default none)
 ///     NAME-<mb>        eth0 = 10.77.0.(100+i)   middleboxes in the order given (fw1 = .101, fw2 = .102)
 ///     NAME-server<i>   eth0 = 10.77.0.(200+i)   i = 1...20
 ///
@@ -23,9 +24,11 @@ import Glibc
 ///
 /// Every host: `lo` up, IPv6 off, ICMP redirects neither sent nor accepted, rp_filter off (Dysco rewrites
 /// addresses, which a strict reverse-path filter would drop). Middleboxes also forward (`ip_forward=1`) and run
-/// the firewall described in ``FirewallCounters``.
+/// the firewall of their ``FirewallProfile`` (described in ``FirewallCounters``). Attackers are plain hosts on the
+/// segment: no agent, no firewall, no forwarding.
 ///
-/// Agents (`spec.agents`): every host gets `dysco-migrate agent --config NAME/<host>.agent.json`; clients carry
+/// Agents (`spec.agents`): every host but the attackers gets `dysco-migrate agent --config NAME/<host>.agent.json
+/// --trust-key NAME/trust.key` (a fresh key per lab, see ``trustKeyPath``); clients carry
 /// one policy per server (`lab-default-serverN`: src = subnet, dst = server/32, dport = policy ports, chain =
 /// the chain's middlebox addresses), other hosts an empty policy list. An agent is ready when its control socket
 /// (``AgentControlPaths/socketPath(netns:)``) appears. Without agents, `routeViaMiddlebox` adds static /32 routes
@@ -56,6 +59,12 @@ public final class Lab: @unchecked Sendable {
     public static let iperfPort: UInt16 = 5201
     public static let httpPort: UInt16 = 80
     public static let httpAltPort: UInt16 = 8080
+
+    /// Pass `--trust-key <lab dir>/trust.key` to every agent (the key is written either way). The agent requires
+    /// the option; false only serves an agent binary older than it. Read when a lab is built: the choice is
+    /// recorded in lab.json (``LabState/trustKeyPath``) and restarts follow it. A `--trust-key` among the spec's
+    /// agent arguments replaces the lab's.
+    nonisolated(unsafe) public static var passTrustKey = true
 
     /// Python's threading HTTP file server with a listen backlog of 1024 (`python3 -m http.server` listens
     /// with 5, which drops SYNs, and so adds seconds of retransmission, once 100 clients connect at once).
@@ -88,6 +97,11 @@ public final class Lab: @unchecked Sendable {
     public var httpRoot: String { state.httpRoot }
     /// Middlebox names of the default chain, in order.
     public var chain: [String] { state.chain }
+    /// The lab's trust key file (hex text, mode 0600), written by ``up(_:logger:)`` before any agent starts.
+    public var trustKeyPath: String { LabPaths.trustKey(name) }
+
+    /// The firewall profile of middlebox `mb` (as built).
+    public func firewallProfile(of mb: String) -> FirewallProfile { state.firewallProfile(of: mb) }
 
     public func hosts(_ role: LabRole) -> [LabHost] { hosts.filter { $0.role == role } }
 
@@ -139,6 +153,35 @@ public final class Lab: @unchecked Sendable {
         try exec(mb, ["iptables", "-w", "-t", "filter", "-Z", "FORWARD"])
     }
 
+    /// Absolute values of kernel SNMP/netstat counters in `host`'s namespace (`nstat -a -s -z NAME...`), e.g.
+    /// `TcpRetransSegs`. `-a` prints absolute values and `-s` writes no history, so every call returns the
+    /// namespace's own kernel counter; the history file nstat would otherwise share between namespaces is pointed
+    /// into the lab directory anyway. A counter the kernel does not have is missing from the result.
+    public func kernelCounters(_ host: String, _ names: [String]) throws -> [String: UInt64] {
+        let history = "\(directory)/nstat-\(host).history"
+        let out = try exec(host, ["env", "NSTAT_HISTORY=\(history)", "nstat", "-a", "-s", "-z"] + names).stdout
+        return Self.parseNstat(out)
+    }
+
+    /// `TcpRetransSegs` of `host`: TCP segments its kernel retransmitted since the namespace was made.
+    public func tcpRetransmissions(_ host: String) throws -> UInt64 {
+        guard let value = try kernelCounters(host, ["TcpRetransSegs"])["TcpRetransSegs"] else {
+            throw LabError.setupFailed("nstat in \(host) printed no TcpRetransSegs")
+        }
+        return value
+    }
+
+    /// Parses nstat output (`#kernel`, then `NAME  VALUE  RATE` lines).
+    static func parseNstat(_ output: String) -> [String: UInt64] {
+        var result: [String: UInt64] = [:]
+        for line in output.split(separator: "\n") where !line.hasPrefix("#") {
+            let fields = line.split(whereSeparator: \.isWhitespace)
+            guard fields.count >= 2, let value = UInt64(fields[1]) else { continue }
+            result[String(fields[0])] = value
+        }
+        return result
+    }
+
     /// `conntrack -L -p tcp` in `host` (its tracked TCP connections, as text).
     public func conntrackTCP(_ host: String) throws -> String {
         try exec(host, ["conntrack", "-L", "-p", "tcp"], check: false).stdout
@@ -183,6 +226,7 @@ public final class Lab: @unchecked Sendable {
         }
         let s = state
         guard let binary = s.agentBinary else { throw LabError.notFound("lab '\(name)' was built without agents") }
+        guard h.role != .attacker else { throw LabError.notFound("attacker \(host) runs no agent") }
         let process = try startAgent(h, binary: binary, arguments: s.agentArguments)
         try waitAgentReady(h, process: process, pid: process.processIdentifier)
     }
@@ -190,13 +234,37 @@ public final class Lab: @unchecked Sendable {
     private func startAgent(_ h: LabHost, binary: String, arguments: [String]) throws -> Process {
         // A socket left by a killed agent would look like readiness: remove it first (it is this lab's own).
         unlink(AgentControlPaths.socketPath(netns: h.namespace))
-        let args = [binary, "agent", "--config", LabPaths.agentConfig(name, host: h.name)] + arguments
+        let args = [binary, "agent", "--config", LabPaths.agentConfig(name, host: h.name)]
+            + Self.trustKeyArguments(state.trustKeyPath, overriddenBy: arguments) + arguments
         let log = LabPaths.agentLog(name, host: h.name)
         let process = try Command.spawn(args, netns: h.namespace, logPath: log)
         logger.debug("agent started", metadata: ["lab.host": "\(h.name)", "lab.pid": "\(process.processIdentifier)"])
         record(process, LabProcessRecord(host: h.name, kind: .agent, pid: process.processIdentifier,
                                          command: args, log: log))
         return process
+    }
+
+    /// `--trust-key PATH` before the spec's agent arguments, unless there is no key to pass or those arguments
+    /// carry their own `--trust-key` (argument-parser takes an option's last occurrence, so theirs would win
+    /// anyway; leaving ours out keeps the command line unambiguous).
+    static func trustKeyArguments(_ path: String?, overriddenBy arguments: [String]) -> [String] {
+        guard let path else { return [] }
+        if arguments.contains(where: { $0 == "--trust-key" || $0.hasPrefix("--trust-key=") }) { return [] }
+        return ["--trust-key", path]
+    }
+
+    /// Writes a fresh key (``TrustKey/generateHex()``) to `path`, mode 0600, refusing to follow or reuse a file.
+    static func writeTrustKey(_ path: String) throws {
+        let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
+        guard fd >= 0 else {
+            throw LabError.setupFailed("cannot create trust key \(path): \(String(cString: strerror(errno)))")
+        }
+        defer { close(fd) }
+        let bytes = Array((TrustKey.generateHex() + "\n").utf8)
+        let written = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        guard written == bytes.count, fchmod(fd, 0o600) == 0 else {
+            throw LabError.setupFailed("cannot write trust key \(path): \(String(cString: strerror(errno)))")
+        }
     }
 
     private func waitAgentReady(_ h: LabHost, process: Process?, pid: Int32) throws {
@@ -262,10 +330,13 @@ public final class Lab: @unchecked Sendable {
             subnet: plan.subnet, switchNamespace: plan.switchNamespace, hosts: plan.hosts, chain: plan.chain,
             policyPorts: spec.policyPorts, agents: spec.agents, agentBinary: agentBinary,
             agentArguments: spec.agentArguments, routeViaMiddlebox: spec.routeViaMiddlebox,
-            httpRoot: spec.httpRoot ?? LabPaths.defaultHTTPRoot(spec.name), processes: [])
+            httpRoot: spec.httpRoot ?? LabPaths.defaultHTTPRoot(spec.name), processes: [],
+            firewallProfiles: spec.effectiveFirewallProfiles,
+            trustKeyPath: spec.agents && passTrustKey ? LabPaths.trustKey(spec.name) : nil)
         let lab = Lab(state: state, logger: logger)
         do {
             try state.save()
+            try writeTrustKey(LabPaths.trustKey(spec.name))
             try lab.build(spec: spec)
         } catch {
             lab.logger.error("lab up failed; removing what was made", metadata: ["lab.error": "\(error)"])
@@ -330,6 +401,7 @@ public final class Lab: @unchecked Sendable {
                             "net.ipv4.conf.\(scope).rp_filter=0"]
             }
             if h.role == .middlebox { sysctls.append("net.ipv4.ip_forward=1") }
+            if h.role == .attacker { sysctls.append("net.ipv4.ip_forward=0") }
             try Command.run(["sysctl", "-q", "-w"] + sysctls, netns: h.namespace)
             try ipBatch(h.namespace, [
                 "link set lo up",
@@ -339,7 +411,7 @@ public final class Lab: @unchecked Sendable {
         }
         // Firewalls.
         for h in s.hosts where h.role == .middlebox {
-            for rule in FirewallCounters.installCommands(subnet: s.subnet.description) {
+            for rule in FirewallCounters.installCommands(subnet: s.subnet.description, profile: s.firewallProfile(of: h.name)) {
                 try Command.run(["iptables", "-w"] + rule, netns: h.namespace)
             }
         }
@@ -423,7 +495,8 @@ public final class Lab: @unchecked Sendable {
         let s = state
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
-        for h in s.hosts {
+        let agentHosts = s.hosts.filter { $0.role != .attacker }
+        for h in agentHosts {
             let config = Self.agentConfig(for: h, in: s)
             try config.validate()
             try encoder.encode(config).write(to: URL(fileURLWithPath: LabPaths.agentConfig(name, host: h.name)),
@@ -431,7 +504,7 @@ public final class Lab: @unchecked Sendable {
         }
         // Start all, then wait for all: the agents come up in parallel.
         var started: [(LabHost, Process)] = []
-        for h in s.hosts { started.append((h, try startAgent(h, binary: binary, arguments: arguments))) }
+        for h in agentHosts { started.append((h, try startAgent(h, binary: binary, arguments: arguments))) }
         for (h, process) in started { try waitAgentReady(h, process: process, pid: process.processIdentifier) }
         logger.info("agents ready", metadata: ["lab.agents": "\(started.count)"])
     }
@@ -481,8 +554,8 @@ public final class Lab: @unchecked Sendable {
 
     /// Removes lab `name`: stops every process in its namespaces (SIGTERM, SIGKILL after 3 s), deletes the
     /// namespaces (which destroys their veths and the bridge) and the lab directory, and the agents' control
-    /// sockets. Works from lab.json; if that is lost, from the namespace names: `NAME-sw`, `NAME-client<digits>`
-    /// and `NAME-server<digits>` always, other `NAME-<x>` (middleboxes) only with `force`, as nothing else
+    /// sockets. Works from lab.json; if that is lost, from the namespace names: `NAME-sw`, `NAME-client<digits>`,
+    /// `NAME-server<digits>` and `NAME-attacker<digits>` always, other `NAME-<x>` (middleboxes) only with `force`, as nothing else
     /// proves they belong to this lab. A lab that does not exist is not an error (the report says so).
     @discardableResult
     public static func down(name: String, force: Bool = false, logger: Logger) throws -> LabDownReport {
@@ -580,7 +653,7 @@ public struct LabDownReport: Codable, Sendable {
     public init(name: String) { self.name = name }
 
     /// Namespaces that look like lab `lab`'s when its lab.json is lost: `certain` ones (`LAB-sw`,
-    /// `LAB-client<digits>`, `LAB-server<digits>`) and `uncertain` ones (`LAB-<x>`, x = [a-z][a-z0-9]{0,7},
+    /// `LAB-client<digits>`, `LAB-server<digits>`, `LAB-attacker<digits>`) and `uncertain` ones (`LAB-<x>`, x = [a-z][a-z0-9]{0,7},
     /// possibly middleboxes), leaving out any that another lab's lab.json names.
     public static func fallbackNamespaces(lab: String, existing: [String], claimedByOtherLabs: Set<String>)
         -> (certain: [String], uncertain: [String]) {
@@ -588,7 +661,7 @@ public struct LabDownReport: Codable, Sendable {
         let prefix = "\(lab)-"
         for ns in existing where ns.hasPrefix(prefix) && !claimedByOtherLabs.contains(ns) {
             let rest = String(ns.dropFirst(prefix.count))
-            if rest == "sw" || numbered(rest, "client") || numbered(rest, "server") {
+            if rest == "sw" || numbered(rest, "client") || numbered(rest, "server") || numbered(rest, "attacker") {
                 certain.append(ns)
             } else if LabSpec.isValidMiddleboxName(rest) {
                 uncertain.append(ns)

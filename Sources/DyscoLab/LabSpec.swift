@@ -4,6 +4,39 @@ import Foundation
 /// What a lab host is for.
 public enum LabRole: String, Codable, Sendable, CaseIterable {
     case client, middlebox, server
+    /// An off-path host (`attackerN`): on the segment, but no agent, no firewall, no forwarding.
+    case attacker
+}
+
+/// The firewall a lab middlebox runs (see ``FirewallCounters`` for the rules).
+public enum FirewallProfile: String, Codable, Sendable, CaseIterable, CustomStringConvertible {
+    /// A stateful firewall: FORWARD policy DROP, INVALID dropped, ESTABLISHED,RELATED accepted, NEW only for SYNs.
+    case strict
+    /// A stateless box: FORWARD policy ACCEPT with one counting rule and no conntrack match, so conntrack is
+    /// not used at all in that namespace.
+    case open
+
+    public var description: String { rawValue }
+
+    /// Parses `fw2=strict,fw3=open` (the `lab up --firewall` syntax). Empty text: no profiles.
+    public static func parseAssignments(_ text: String) throws(LabError) -> [String: FirewallProfile] {
+        var result: [String: FirewallProfile] = [:]
+        for item in text.split(separator: ",").map({ $0.trimmingCharacters(in: .whitespaces) }) where !item.isEmpty {
+            let parts = item.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+                .map { $0.trimmingCharacters(in: .whitespaces) }
+            guard parts.count == 2, !parts[0].isEmpty else {
+                throw .invalidSpec("--firewall: '\(item)' is not MIDDLEBOX=PROFILE (e.g. fw2=open)")
+            }
+            guard let profile = FirewallProfile(rawValue: parts[1]) else {
+                throw .invalidSpec("--firewall: '\(parts[1])' is not a firewall profile "
+                                   + "(\(allCases.map(\.rawValue).joined(separator: ", ")))")
+            }
+            guard result.updateValue(profile, forKey: parts[0]) == nil else {
+                throw .invalidSpec("--firewall: middlebox '\(parts[0])' is given twice")
+            }
+        }
+        return result
+    }
 }
 
 /// One host of a lab: a network namespace with one interface, `eth0`, on the lab's segment.
@@ -38,6 +71,7 @@ public struct LabSpec: Sendable, Codable, Equatable {
     public static let maxNameLength = 12
     public static let hostCountRange = 1...20
     public static let maxMiddleboxes = 20
+    public static let attackerCountRange = 0...20
 
     /// Prefix of every namespace of the lab: letters, digits and '-', at most 12 characters.
     public var name: String
@@ -65,12 +99,17 @@ public struct LabSpec: Sendable, Codable, Equatable {
     public var routeViaMiddlebox: String?
     /// Start iperf3 and the HTTP servers on every server host.
     public var services: Bool
+    /// Firewall profile by middlebox name; a middlebox not listed runs ``FirewallProfile/strict``.
+    public var firewallProfiles: [String: FirewallProfile]
+    /// Number of attacker hosts (`attacker1`... at .51, .52, ...): no agent, no firewall (0...20).
+    public var attackers: Int
 
     public init(name: String, clients: Int = 1, servers: Int = 1, middleboxes: [String] = LabSpec.defaultMiddleboxes,
                 chain: [String]? = nil, subnet: String = LabSpec.defaultSubnet,
                 policyPorts: [UInt16] = LabSpec.defaultPolicyPorts, agents: Bool = true,
                 agentArguments: [String] = [], agentBinary: String? = nil, httpRoot: String? = nil,
-                routeViaMiddlebox: String? = nil, services: Bool = true) {
+                routeViaMiddlebox: String? = nil, services: Bool = true,
+                firewallProfiles: [String: FirewallProfile] = [:], attackers: Int = 0) {
         self.name = name
         self.clients = clients
         self.servers = servers
@@ -84,6 +123,16 @@ public struct LabSpec: Sendable, Codable, Equatable {
         self.httpRoot = httpRoot
         self.routeViaMiddlebox = routeViaMiddlebox
         self.services = services
+        self.firewallProfiles = firewallProfiles
+        self.attackers = attackers
+    }
+
+    /// The firewall profile of middlebox `mb` (``FirewallProfile/strict`` unless `firewallProfiles` says otherwise).
+    public func firewallProfile(of mb: String) -> FirewallProfile { firewallProfiles[mb] ?? .strict }
+
+    /// The profile of every middlebox, defaults filled in.
+    public var effectiveFirewallProfiles: [String: FirewallProfile] {
+        Dictionary(uniqueKeysWithValues: middleboxes.map { ($0, firewallProfile(of: $0)) })
     }
 
     /// The chain actually used: `chain`, or the first middlebox by default.
@@ -103,10 +152,10 @@ public struct LabSpec: Sendable, Codable, Equatable {
         return !isReservedHostName(name)
     }
 
-    /// `sw` and `client<digits>` / `server<digits>` are taken by the lab itself.
+    /// `sw` and `client<digits>` / `server<digits>` / `attacker<digits>` are taken by the lab itself.
     static func isReservedHostName(_ name: String) -> Bool {
         if name == "sw" { return true }
-        for prefix in ["client", "server"] where name.hasPrefix(prefix) {
+        for prefix in ["client", "server", "attacker"] where name.hasPrefix(prefix) {
             let rest = name.dropFirst(prefix.count)
             if rest.isEmpty || rest.allSatisfy(\.isNumber) { return true }
         }
@@ -135,6 +184,9 @@ public struct LabSpec: Sendable, Codable, Equatable {
         guard Self.hostCountRange.contains(servers) else {
             throw .invalidSpec("--servers \(servers): must be between 1 and 20")
         }
+        guard Self.attackerCountRange.contains(attackers) else {
+            throw .invalidSpec("--attackers \(attackers): must be between 0 and 20")
+        }
         guard middleboxes.count <= Self.maxMiddleboxes else {
             throw .invalidSpec("at most \(Self.maxMiddleboxes) middleboxes")
         }
@@ -142,7 +194,7 @@ public struct LabSpec: Sendable, Codable, Equatable {
         for mb in middleboxes {
             guard Self.isValidMiddleboxName(mb) else {
                 throw .invalidSpec("middlebox name '\(mb)' is not valid: use [a-z][a-z0-9]{0,7}, "
-                                   + "not 'sw', 'clientN' or 'serverN'")
+                                   + "not 'sw', 'clientN', 'serverN' or 'attackerN'")
             }
             guard seen.insert(mb).inserted else { throw .invalidSpec("middlebox '\(mb)' is listed twice") }
         }
@@ -152,6 +204,10 @@ public struct LabSpec: Sendable, Codable, Equatable {
                 throw .invalidSpec("chain member '\(hop)' is not one of the middleboxes (\(middleboxes.joined(separator: ",")))")
             }
             guard inChain.insert(hop).inserted else { throw .invalidSpec("chain lists '\(hop)' twice") }
+        }
+        for mb in firewallProfiles.keys.sorted() where !seen.contains(mb) {
+            throw .invalidSpec("firewall profile for '\(mb)', which is not one of the middleboxes "
+                               + "(\(middleboxes.joined(separator: ",")))")
         }
         _ = try Self.parseSubnet(subnet)
         if !effectiveChain.isEmpty {
@@ -174,7 +230,8 @@ public struct LabSpec: Sendable, Codable, Equatable {
     }
 }
 
-/// Hosts and addresses of a lab: clients .10+i, middleboxes .100+i (in the order given), servers .200+i.
+/// Hosts and addresses of a lab: clients .10+i, attackers .50+i, middleboxes .100+i (in the order given),
+/// servers .200+i.
 public struct LabPlan: Sendable, Equatable {
     public var name: String
     public var subnet: IPv4Prefix
@@ -193,6 +250,9 @@ public struct LabPlan: Sendable, Equatable {
         }
         var hosts: [LabHost] = []
         for i in 1...max(1, spec.clients) { hosts.append(host("client\(i)", .client, 10 + i)) }
+        for i in stride(from: 1, through: min(spec.attackers, LabSpec.attackerCountRange.upperBound), by: 1) {
+            hosts.append(host("attacker\(i)", .attacker, 50 + i))
+        }
         for (i, mb) in spec.middleboxes.enumerated() { hosts.append(host(mb, .middlebox, 101 + i)) }
         for i in 1...max(1, spec.servers) { hosts.append(host("server\(i)", .server, 200 + i)) }
         self.hosts = hosts

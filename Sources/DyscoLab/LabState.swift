@@ -13,6 +13,8 @@ public enum LabPaths {
         "\(directory(lab))/\(host).\(service).log"
     }
     public static func defaultHTTPRoot(_ lab: String) -> String { "\(directory(lab))/www" }
+    /// The lab's trust key (hex text, mode 0600), which every agent gets with `--trust-key`.
+    public static func trustKey(_ lab: String) -> String { "\(directory(lab))/trust.key" }
 
     /// Names of the labs that have a directory (lab.json may be missing after a crash).
     public static func existingLabs() -> [String] {
@@ -53,6 +55,13 @@ public struct LabState: Codable, Sendable {
     public var routeViaMiddlebox: String?
     public var httpRoot: String
     public var processes: [LabProcessRecord]
+    /// Firewall profile of every middlebox (absent in lab.json files of older versions: all strict).
+    public var firewallProfiles: [String: FirewallProfile] = [:]
+    /// The trust key file passed to the agents with `--trust-key` (nil: none was passed).
+    public var trustKeyPath: String? = nil
+
+    /// The firewall profile of middlebox `mb`.
+    public func firewallProfile(of mb: String) -> FirewallProfile { firewallProfiles[mb] ?? .strict }
 
     public var namespaces: [String] { [switchNamespace] + hosts.map(\.namespace) }
 
@@ -76,9 +85,38 @@ public struct LabState: Codable, Sendable {
         return e
     }
 
+    private enum CodingKeys: String, CodingKey {
+        case version, name, phase, createdAt, subnet, switchNamespace, hosts, chain, policyPorts, agents, agentBinary,
+             agentArguments, routeViaMiddlebox, httpRoot, processes, firewallProfiles, trustKeyPath
+    }
+
     static var decoder: JSONDecoder {
         let d = JSONDecoder()
         d.dateDecodingStrategy = .iso8601
         return d
+    }
+}
+
+extension LabState {
+    /// Decodes lab.json; fields added after version 1 (`firewallProfiles`, `trustKeyPath`) may be absent.
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        self.init(version: try c.decode(Int.self, forKey: .version),
+                  name: try c.decode(String.self, forKey: .name),
+                  phase: try c.decode(Phase.self, forKey: .phase),
+                  createdAt: try c.decode(Date.self, forKey: .createdAt),
+                  subnet: try c.decode(IPv4Prefix.self, forKey: .subnet),
+                  switchNamespace: try c.decode(String.self, forKey: .switchNamespace),
+                  hosts: try c.decode([LabHost].self, forKey: .hosts),
+                  chain: try c.decode([String].self, forKey: .chain),
+                  policyPorts: try c.decode([UInt16].self, forKey: .policyPorts),
+                  agents: try c.decode(Bool.self, forKey: .agents),
+                  agentBinary: try c.decodeIfPresent(String.self, forKey: .agentBinary),
+                  agentArguments: try c.decode([String].self, forKey: .agentArguments),
+                  routeViaMiddlebox: try c.decodeIfPresent(String.self, forKey: .routeViaMiddlebox),
+                  httpRoot: try c.decode(String.self, forKey: .httpRoot),
+                  processes: try c.decode([LabProcessRecord].self, forKey: .processes),
+                  firewallProfiles: try c.decodeIfPresent([String: FirewallProfile].self, forKey: .firewallProfiles) ?? [:],
+                  trustKeyPath: try c.decodeIfPresent(String.self, forKey: .trustKeyPath))
     }
 }

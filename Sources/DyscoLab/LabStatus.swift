@@ -15,6 +15,8 @@ public struct LabStatus: Codable, Sendable {
         public var agentAlive: Bool?
         /// Services (iperf3, http, ...) with pid and whether they run.
         public var services: [Service]
+        /// The firewall profile the lab built this middlebox with (nil for other roles).
+        public var firewallProfile: FirewallProfile?
         public var firewall: FirewallCounters?
     }
 
@@ -31,6 +33,8 @@ public struct LabStatus: Codable, Sendable {
     public var subnet: IPv4Prefix?
     public var chain: [String]
     public var agents: Bool?
+    /// The trust key file the agents were started with (nil: none, or unknown).
+    public var trustKeyPath: String?
     public var hosts: [Host]
     public var problem: String?
 
@@ -43,7 +47,7 @@ public struct LabStatus: Codable, Sendable {
             let state: LabState
             do { state = try LabState.load(name: lab) } catch {
                 return LabStatus(name: lab, phase: "broken", directory: dir, subnet: nil, chain: [], agents: nil,
-                                 hosts: [], problem: "cannot read lab.json (\(error)); `lab down --name \(lab)` removes it")
+                                 trustKeyPath: nil, hosts: [], problem: "cannot read lab.json (\(error)); `lab down --name \(lab)` removes it")
             }
             let hosts = state.hosts.map { h -> Host in
                 let exists = NetworkNamespace.exists(h.namespace)
@@ -61,11 +65,13 @@ public struct LabStatus: Codable, Sendable {
                 return Host(name: h.name, namespace: h.namespace, role: h.role, address: h.address,
                             namespaceExists: exists, agentPid: agent?.pid,
                             agentAlive: agent.map { exists && ProcessInspector.isAlive(pid: $0.pid, namespace: h.namespace) },
-                            services: services, firewall: firewall)
+                            services: services,
+                            firewallProfile: h.role == .middlebox ? state.firewallProfile(of: h.name) : nil,
+                            firewall: firewall)
             }
             let missing = hosts.filter { !$0.namespaceExists }.map(\.namespace)
             return LabStatus(name: lab, phase: state.phase.rawValue, directory: dir, subnet: state.subnet,
-                             chain: state.chain, agents: state.agents, hosts: hosts,
+                             chain: state.chain, agents: state.agents, trustKeyPath: state.trustKeyPath, hosts: hosts,
                              problem: missing.isEmpty ? nil : "missing namespaces: \(missing.joined(separator: ", "))")
         }
     }
@@ -76,13 +82,16 @@ public struct LabStatus: Codable, Sendable {
         let chainText = chain.isEmpty ? "none" : chain.joined(separator: " → ")
         lines.append("lab \(name): \(phase), subnet \(subnet?.description ?? "?"), chain \(chainText), "
                      + "agents \(agents.map { $0 ? "on" : "off" } ?? "?")")
+        if let trustKeyPath { lines.append("  trust key: \(trustKeyPath)") }
         if let problem { lines.append("  ! \(problem)") }
         for h in hosts {
             var line = "  \(h.name.padding(toLength: 10, withPad: " ", startingAt: 0))"
                 + "\(h.role.rawValue.padding(toLength: 10, withPad: " ", startingAt: 0))"
                 + "\(h.address.description.padding(toLength: 16, withPad: " ", startingAt: 0))"
                 + "\(h.namespace.padding(toLength: 22, withPad: " ", startingAt: 0))"
-            if !h.namespaceExists { line += "namespace missing" } else if let alive = h.agentAlive {
+            if !h.namespaceExists { line += "namespace missing" } else if h.role == .attacker {
+                line += "attacker (no agent)"
+            } else if let alive = h.agentAlive {
                 line += "agent \(h.agentPid.map(String.init) ?? "-") \(alive ? "running" : "DEAD")"
             } else {
                 line += "no agent"
@@ -92,9 +101,17 @@ public struct LabStatus: Codable, Sendable {
             }
             lines.append(line)
             if let fw = h.firewall {
-                lines.append("      firewall: NEW SYN accepted \(fw.newAccepted), ESTABLISHED accepted "
-                             + "\(fw.establishedAccepted), INVALID dropped \(fw.invalidDropped), "
-                             + "policy \(fw.policy) \(fw.policyDropped)")
+                switch h.firewallProfile ?? fw.profile ?? .strict {
+                case .strict:
+                    lines.append("      firewall strict: NEW SYN accepted \(fw.newAccepted), ESTABLISHED accepted "
+                                 + "\(fw.establishedAccepted), INVALID dropped \(fw.invalidDropped), "
+                                 + "policy \(fw.policy) \(fw.policyDropped)")
+                case .open:
+                    lines.append("      firewall open (stateless, no conntrack): forwarded \(fw.openAccepted), "
+                                 + "policy \(fw.policy) \(fw.policyDropped)")
+                }
+            } else if let profile = h.firewallProfile {
+                lines.append("      firewall \(profile): counters unavailable")
             }
         }
         return lines.joined(separator: "\n")

@@ -25,6 +25,9 @@ public struct MigrationCoordinator: Sendable {
         public var maxTries = 7
         /// How long the controller waits for the left anchor's result beyond the deadline.
         public var controllerGrace: UInt64 = 2_000_000_000
+        /// How long a new box keeps its part of a reconfiguration (for retransmitted newPathSyn / statePut)
+        /// before forgetting it: nothing tells a new box that the reconfiguration ended well.
+        public var newBoxLinger: UInt64 = 60_000_000_000
         public init() {}
     }
 
@@ -38,6 +41,9 @@ public struct MigrationCoordinator: Sendable {
     private var controllers: [UInt64: Controller] = [:]
     /// Results of finished reconfigurations this agent led, for duplicate triggers (bounded).
     private var finished: [UInt64: (UInt32, TriggerResult)] = [:]
+    /// Requests that ended here (cancelled, or the old path torn down), per session (bounded): a late or
+    /// duplicated requestLock of one of them must not lock the segment again for nobody.
+    private var ended: [UInt64: Set<UInt32>] = [:]
 
     public init(settings: Settings = Settings()) { self.settings = settings }
 
@@ -397,6 +403,7 @@ public struct MigrationCoordinator: Sendable {
                                              _ out: inout [Action]) {
         let chainID = m.identity.chainID
         guard let left = context.leftNeighbour else { return }
+        if ended[chainID]?.contains(m.requestID) == true { return }  // a stale copy: its left anchor is done with it
         if m.rightAnchor == context.me {
             // The right anchor: nothing to lock to its right; it takes part from now on (§3.1).
             if rightAnchors[chainID] == nil || rightAnchors[chainID]!.requestID != m.requestID {
@@ -478,6 +485,7 @@ public struct MigrationCoordinator: Sendable {
     private mutating func receiveCancelLock(_ m: ControlMessage, from: IPv4Address, context: SessionContext,
                                             _ out: inout [Action]) {
         let chainID = m.identity.chainID
+        endRequest(chainID, m.requestID)
         if m.rightAnchor == context.me {
             if let r = rightAnchors[chainID], r.requestID == m.requestID {
                 rightAnchors[chainID] = nil
@@ -494,8 +502,10 @@ public struct MigrationCoordinator: Sendable {
             return
         }
         guard lock.owner == m.requestID else {
-            // The request never reached this agent.
-            out.append(.send(m.answer(.ackCancel), to: from))
+            // The request never reached this agent, or its cancel passed here already and was lost further
+            // right: pass it on, only the right anchor's ackCancel shows that every agent has it (§3.6).
+            if let right = context.rightNeighbour { out.append(.send(m, to: right)) }
+            else { out.append(.send(m.answer(.ackCancel), to: from)) }
             return
         }
         let outcome = lock.release(m.requestID)
@@ -514,7 +524,7 @@ public struct MigrationCoordinator: Sendable {
         if m.leftAnchor == context.me, leftAnchors[chainID]?.requestID == m.requestID {
             leftAnchors[chainID]!.cancelAcked = true
             leftAnchorCancelProgress(chainID, now: now, &out)
-        } else if let left = context.leftNeighbour {
+        } else if m.leftAnchor != context.me, let left = context.leftNeighbour {
             out.append(.send(m, to: left))
         }
     }
@@ -522,6 +532,11 @@ public struct MigrationCoordinator: Sendable {
     private func lockMessage(_ m: ControlMessage, _ request: LockRequest, body: ControlBody) -> ControlMessage {
         ControlMessage(identity: m.identity, requestID: request.requestID, session: m.session,
                        leftAnchor: request.leftAnchor, rightAnchor: request.rightAnchor, body: body)
+    }
+
+    private mutating func endRequest(_ chainID: UInt64, _ requestID: UInt32) {
+        if ended.count > 4096 { ended.removeAll(keepingCapacity: true) }
+        ended[chainID, default: []].insert(requestID)
     }
 
     private mutating func cleanupLock(_ chainID: UInt64) {
@@ -602,6 +617,7 @@ public struct MigrationCoordinator: Sendable {
         guard context == nil else { return }  // this host is already on the session's path
         newBoxes[chainID] = NewBox(requestID: m.requestID, left: subsession, right: nil, next: remaining[0],
                                    remaining: remaining, message: m)
+        out.append(.setTimer(TimerKey(chainID: chainID, role: .newBox, kind: .deadline), afterNanoseconds: settings.newBoxLinger))
         out.append(.createSession(m.identity, session: m.session, left: subsession, next: remaining[0]))
     }
 
@@ -692,6 +708,7 @@ public struct MigrationCoordinator: Sendable {
                                             _ out: inout [Action]) {
         let chainID = m.identity.chainID
         if m.rightAnchor == context.me {
+            endRequest(chainID, m.requestID)
             if var r = rightAnchors[chainID], r.requestID == m.requestID {
                 if !r.released {
                     // Our probe's answer was lost, but the left anchor has released: so do we.
@@ -723,8 +740,9 @@ public struct MigrationCoordinator: Sendable {
                                                             phaseMicroseconds: result(done, now: now)), &out)
             return
         }
-        // An agent of the old path between the anchors: it leaves the session (its lock goes with it).
-        guard let left = context.leftNeighbour else { return }
+        // An agent of the old path between the anchors: it leaves the session (its lock goes with it). Not the
+        // left anchor itself (a duplicate after it finished): it stays on the session's (new) path.
+        guard m.leftAnchor != context.me, let left = context.leftNeighbour else { return }
         locks[chainID] = nil
         oldBoxes[chainID] = nil
         out.append(.removeSession(chainID: chainID, deleteConntrack: true))
@@ -878,6 +896,8 @@ public struct MigrationCoordinator: Sendable {
     private mutating func timerFired(_ key: TimerKey, now: UInt64, _ out: inout [Action]) {
         let chainID = key.chainID
         switch (key.role, key.kind) {
+        case (.newBox, _):
+            newBoxes[chainID] = nil  // the session itself stays (it is on the new path, or expires by idleness)
         case (.controller, _):
             guard var c = controllers[chainID] else { return }
             if now >= c.giveUpAt {

@@ -36,12 +36,36 @@ struct AgentCommand: AsyncParsableCommand {
             Omitted match fields match anything. A host that only relays or terminates needs no policies \
             (omit --config).
 
+            Trust (paper §2.3): every agent of a deployment shares one key, --trust-key FILE (hex text, at \
+            least 32 hex digits; make one with `openssl rand -hex 32 > FILE`, mode 0600; `dysco-migrate lab up` \
+            writes one per lab). Dysco SYN trailers (version 2) carry an HMAC under it over the trailer and the \
+            packet's tuple; a SYN whose trailer is version 1, has an invalid MAC or names a loopback, multicast, \
+            broadcast, unspecified or link-local address is dropped and counted (trailerVersionOneRefused, \
+            trailerBadMAC, trailerForbiddenAddress in `sessions --json`).
+
+            Key rotation: an agent signs with --trust-key and accepts both --trust-key and \
+            --trust-key-previous. (1) Give every agent the new key as --trust-key-previous NEW (keeping \
+            --trust-key OLD), one at a time: all still sign with OLD, and each now also accepts NEW. (2) Then \
+            restart each with --trust-key NEW --trust-key-previous OLD: it signs with NEW, which every agent \
+            accepts after step 1, and still accepts OLD from agents not yet switched. (3) Once all sign with \
+            NEW, drop --trust-key-previous. No SYN is refused at any step.
+
             Inspect it with `dysco-migrate sessions` (same namespace) or `dysco-migrate sessions --netns NAME`.
             """
     )
 
     @Option(help: "Policy file (JSON, see above). Without it the agent starts no chains of its own.")
     var config: String?
+
+    @Option(help: ArgumentHelp(
+        "The deployment's shared key (required): hex text, e.g. `openssl rand -hex 32 > FILE`. Signs and verifies Dysco SYNs.",
+        valueName: "file"))
+    var trustKey: String?
+
+    @Option(help: ArgumentHelp(
+        "A second accepted key, never used to sign: the other key of a rotation (see \"Key rotation\" above).",
+        valueName: "file"))
+    var trustKeyPrevious: String?
 
     @Option(help: "NFQUEUE number (per network namespace).")
     var queue: UInt16 = 7
@@ -75,6 +99,15 @@ struct AgentCommand: AsyncParsableCommand {
     @Option(help: "Seconds a closed session's translations linger (last ACK, retransmitted FINs).")
     var closeLinger: Double = 10
 
+    @Option(help: "UDP port of the agents' control protocol (the same on every agent; docs/CONTROL-PROTOCOL.md).")
+    var controlPort: UInt16 = ControlMessage.port
+
+    enum YesNo: String, ExpressibleByArgument, CaseIterable { case yes, no }
+
+    @Option(help: ArgumentHelp("Accept firewall state migrated to this box by `replace` (no: every import is refused and such migrations are cancelled).",
+                               valueName: "yes|no"))
+    var acceptState: YesNo = .yes
+
     @OptionGroup var logging: LoggingOptions
 
     func validate() throws {
@@ -86,6 +119,26 @@ struct AgentCommand: AsyncParsableCommand {
         if let netns, !NetworkNamespace.isValidName(netns) {
             throw ValidationError("--netns '\(netns)' is not a valid namespace name")
         }
+        _ = try loadTrust()  // a missing or bad key is a usage error, reported before anything starts
+    }
+
+    /// Loads --trust-key and --trust-key-previous; a missing or bad file is an error naming its flag.
+    func loadTrust() throws -> TrustGroup {
+        func load(_ path: String, flag: String) throws -> TrustKey {
+            do throws(TrustKey.LoadError) { return try TrustKey.load(path: path) } catch {
+                let hint = if case .notHex = error { "" } else { " (make a key with `openssl rand -hex 32 > FILE`)" }
+                throw ValidationError("\(flag): \(error)\(hint)")
+            }
+        }
+        guard let trustKey else {
+            throw ValidationError("""
+                --trust-key FILE is required: every agent of a deployment shares one key (paper §2.3). Make one \
+                with `openssl rand -hex 32 > FILE && chmod 600 FILE` and give the same file to every agent.
+                """)
+        }
+        let current = try load(trustKey, flag: "--trust-key")
+        let previous = try trustKeyPrevious.map { try load($0, flag: "--trust-key-previous") }
+        return TrustGroup(current: current, previous: previous)
     }
 
     var parsedPortRange: ClosedRange<UInt16>? {
@@ -100,6 +153,7 @@ struct AgentCommand: AsyncParsableCommand {
             try NetworkNamespace.reexec(into: netns, arguments: CommandLine.arguments.removingOption("--netns"))
         }
         let logger = logging.makeLogger("dysco.agent")
+        let trust = try loadTrust()
         let agentConfig: AgentConfig
         if let config {
             do { agentConfig = try AgentConfig.load(path: config) } catch {
@@ -108,8 +162,11 @@ struct AgentCommand: AsyncParsableCommand {
         } else {
             agentConfig = AgentConfig()
         }
-        var options = DataplaneAgent.Options(netns: NetworkNamespace.currentName(), controlSocketPath: controlSocket)
+        var options = DataplaneAgent.Options(netns: NetworkNamespace.currentName(), controlSocketPath: controlSocket,
+                                             trust: trust)
         options.queue = queue
+        options.controlPort = controlPort
+        options.acceptState = acceptState == .yes
         options.portRange = parsedPortRange!
         options.settings.idleTimeout = UInt64(idleTimeout) * 1_000_000_000
         options.settings.closeLinger = UInt64(closeLinger * 1e9)

@@ -12,12 +12,15 @@ struct LabCommand: AsyncParsableCommand {
             A lab NAME is a set of network namespaces on one L2 segment (a bridge in NAME-sw):
 
               NAME-client<i>   10.A.B.(10+i)    i = 1...20
+              NAME-attacker<i> 10.A.B.(50+i)    i = 1...20 (--attackers; no agent, no firewall)
               NAME-<mb>        10.A.B.(100+i)   the middleboxes, in the order given (fw1 = .101, fw2 = .102)
               NAME-server<i>   10.A.B.(200+i)   i = 1...20
 
-            (default subnet 10.77.0.0/24; every address is on-link). Each host runs a Dysco agent; each \
-            middlebox runs an unmodified iptables firewall (FORWARD policy DROP; INVALID dropped; \
-            ESTABLISHED,RELATED accepted; NEW TCP SYNs inside the subnet accepted); each server runs iperf3 \
+            (default subnet 10.77.0.0/24; every address is on-link). Each host but the attackers runs a Dysco \
+            agent, all with the lab's own trust key (NAME/trust.key); each middlebox runs an unmodified iptables \
+            firewall, by default the strict profile (FORWARD policy DROP; INVALID dropped; ESTABLISHED,RELATED \
+            accepted; NEW TCP SYNs inside the subnet accepted), or the open one (a stateless box: policy ACCEPT, \
+            one counting rule, no conntrack); each server runs iperf3 \
             (5201) and HTTP servers on 80 and 8080. Clients steer sessions to the servers' policy ports \
             (default 80,5201) through the chain (default: the first middlebox). Files, logs and lab.json live \
             in /run/dysco-migrate/labs/NAME/. Nothing outside the lab's own namespaces is touched.
@@ -62,6 +65,8 @@ extension LabCommand {
                 Examples:
                   dysco-migrate lab up --name demo
                   dysco-migrate lab up --name t1 --clients 2 --middleboxes fw1,fw2 --chain fw1,fw2
+                  dysco-migrate lab up --name t2 --middleboxes fw1,fw2,fw3 --chain fw1,fw3 --firewall fw3=open
+                  dysco-migrate lab up --name t3 --attackers 1      (attacker1 at .51: no agent, no firewall)
                   dysco-migrate lab up --name base --no-agents --route-via fw1     (kernel-forwarding baseline)
                 """
         )
@@ -80,6 +85,13 @@ extension LabCommand {
 
         @Option(help: "Middleboxes of the client→server policy chain, in order, or 'none'. Default: the first middlebox.")
         var chain: String?
+
+        @Option(name: .customLong("firewall"),
+                help: "Firewall profiles, MIDDLEBOX=PROFILE comma-separated, e.g. fw2=strict,fw3=open (strict: stateful, the default; open: stateless, no conntrack).")
+        var firewall: String?
+
+        @Option(help: "Number of attacker hosts (0...20), addresses .51, .52, ...: no agent, no firewall.")
+        var attackers = 0
 
         @Option(help: "The lab's subnet: a 10.A.B.0/24 prefix.")
         var subnet = LabSpec.defaultSubnet
@@ -122,10 +134,15 @@ extension LabCommand {
                     ports.append(port)
                 }
                 let chainList: [String]? = chain.map { $0 == "none" ? [] : commaList($0) }
+                let profiles: [String: FirewallProfile]
+                do { profiles = try FirewallProfile.parseAssignments(firewall ?? "") } catch {
+                    throw ValidationError(error.description)
+                }
                 return LabSpec(name: name, clients: clients, servers: servers, middleboxes: commaList(middleboxes),
                                chain: chainList, subnet: subnet, policyPorts: ports, agents: !noAgents,
                                agentArguments: agentArguments, agentBinary: agentBinary, httpRoot: httpRoot,
-                               routeViaMiddlebox: routeVia, services: !noServices)
+                               routeViaMiddlebox: routeVia, services: !noServices, firewallProfiles: profiles,
+                               attackers: attackers)
             }
         }
 
@@ -141,8 +158,11 @@ extension LabCommand {
             }
             print("lab \(lab.name) is up (\(lab.subnet)); chain: \(lab.chain.isEmpty ? "none" : lab.chain.joined(separator: " → "))")
             for h in lab.hosts {
-                print("  \(h.name.padding(toLength: 10, withPad: " ", startingAt: 0))\(h.address.description.padding(toLength: 16, withPad: " ", startingAt: 0))ip netns exec \(h.namespace) ...")
+                let note = h.role == .middlebox ? "   firewall \(lab.firewallProfile(of: h.name))"
+                    : h.role == .attacker ? "   attacker (no agent)" : ""
+                print("  \(h.name.padding(toLength: 10, withPad: " ", startingAt: 0))\(h.address.description.padding(toLength: 16, withPad: " ", startingAt: 0))ip netns exec \(h.namespace) ...\(note)")
             }
+            if let key = lab.state.trustKeyPath { print("trust key: \(key)") }
             print("files: \(lab.directory)   remove with: dysco-migrate lab down --name \(lab.name)")
         }
     }

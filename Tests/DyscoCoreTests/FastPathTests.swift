@@ -13,9 +13,9 @@ struct FastPathTests {
         settings.fastPath = true
         settings.fastPathAfterPackets = 0
         let h = ChainHarness()
-        h.hosts["client"] = PacketProcessor(config: AgentConfig(policies: [policy]), portRange: 10000...10999, settings: settings)
-        h.hosts["fw1"] = PacketProcessor(config: AgentConfig(), portRange: 20000...20999, settings: settings)
-        h.hosts["server"] = PacketProcessor(config: AgentConfig(), portRange: 30000...30999, settings: settings)
+        h.hosts["client"] = PacketProcessor(config: AgentConfig(policies: [policy]), portRange: 10000...10999, trust: TestKeys.group, settings: settings)
+        h.hosts["fw1"] = PacketProcessor(config: AgentConfig(), portRange: 20000...20999, trust: TestKeys.group, settings: settings)
+        h.hosts["server"] = PacketProcessor(config: AgentConfig(), portRange: 30000...30999, trust: TestKeys.group, settings: settings)
         return h
     }
 
@@ -104,9 +104,9 @@ struct FastPathTests {
     func disabled() throws {
         let h = ChainHarness()
         let policy = Policy(name: "web", match: SessionPredicate(dport: [PortRange("80")!]), chain: [fw1])
-        h.hosts["client"] = PacketProcessor(config: AgentConfig(policies: [policy]), portRange: 10000...10999)
-        h.hosts["fw1"] = PacketProcessor(config: AgentConfig(), portRange: 20000...20999)
-        h.hosts["server"] = PacketProcessor(config: AgentConfig(), portRange: 30000...30999)
+        h.hosts["client"] = PacketProcessor(config: AgentConfig(policies: [policy]), portRange: 10000...10999, trust: TestKeys.group)
+        h.hosts["fw1"] = PacketProcessor(config: AgentConfig(), portRange: 20000...20999, trust: TestKeys.group)
+        h.hosts["server"] = PacketProcessor(config: AgentConfig(), portRange: 30000...30999, trust: TestKeys.group)
         try handshake(h)
         _ = try #require(h.send(PacketBuilder(tuple: session, flags: [.ack]).build(), along: ["client", "fw1", "server"]))
         #expect(h.hosts.values.allSatisfy { $0.fastPathActions.isEmpty })

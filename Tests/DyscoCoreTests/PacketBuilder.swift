@@ -104,3 +104,38 @@ struct SplitMix64: RandomNumberGenerator {
         return z ^ (z >> 31)
     }
 }
+
+/// Trust keys for tests (paper §2.3): `group` is what the test agents share; `other` an attacker's key.
+enum TestKeys {
+    static let current = TrustKey(hex: "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff")!
+    static let previous = TrustKey(hex: "ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100")!
+    static let attacker = TrustKey(hex: "0badc0de0badc0de0badc0de0badc0de0badc0de0badc0de0badc0de0badc0de")!
+    /// The deployment's group: signs and accepts `current` only.
+    static let group = TrustGroup(current: current)
+    static let wrong = TrustGroup(current: attacker)
+}
+
+extension PacketBuilder {
+    /// A SYN on `tuple` whose payload is `leading` followed by a v2 Dysco trailer signed with `trust` for
+    /// `signedFor` (default: the packet's own tuple).
+    static func dyscoSyn(tuple: FiveTuple, session: FiveTuple, remaining: [IPv4Address],
+                         identity: SessionIdentity = SessionIdentity(chainID: 0x1234_5678_9abc_def1, nonce: 42),
+                         trust: TrustGroup = TestKeys.group, signedFor: FiveTuple? = nil,
+                         leading: [UInt8] = []) -> [UInt8] {
+        let trailer = DyscoSynPayload(identity: identity, session: session, remaining: remaining)
+            .encoded(tuple: signedFor ?? tuple, trust: trust)
+        return PacketBuilder(tuple: tuple, flags: [.syn], payload: leading + trailer).build()
+    }
+}
+
+/// The version-1 trailer (unauthenticated, no longer sent), built by hand as an old agent or a forger would.
+func versionOneTrailer(session: FiveTuple, remaining: [IPv4Address]) -> [UInt8] {
+    var b: [UInt8] = [1, 4, UInt8(remaining.count), 0]
+    b += be32(session.srcAddr.value) + be32(session.dstAddr.value) + be16(session.srcPort) + be16(session.dstPort)
+    for address in remaining { b += be32(address.value) }
+    b += be16(UInt16(22 + 4 * remaining.count)) + [0x44, 0x59, 0x53, 0x43]
+    return b
+}
+
+func be16(_ v: UInt16) -> [UInt8] { [UInt8(v >> 8), UInt8(v & 0xff)] }
+func be32(_ v: UInt32) -> [UInt8] { be16(UInt16(v >> 16)) + be16(UInt16(v & 0xffff)) }

@@ -16,7 +16,7 @@ final class ChainHarness {
         switch verdict {
         case .accept: return (verdict, bytes)
         case .acceptModified(let length): return (verdict, Array(buffer[0..<length]))
-        case .drop: return (verdict, [])
+        case .drop, .hold: return (verdict, [])
         }
     }
 
@@ -26,16 +26,26 @@ final class ChainHarness {
         for (index, host) in path.enumerated() {
             if index > 0 {
                 let (verdict, out) = run(host, packet, .ingress)
-                guard verdict != .drop else { return nil }
+                guard verdict.delivers else { return nil }
                 packet = out
             }
             if index < path.count - 1 {
                 let (verdict, out) = run(host, packet, .egress)
-                guard verdict != .drop else { return nil }
+                guard verdict.delivers else { return nil }
                 packet = out
             }
         }
         return packet
+    }
+}
+
+extension Verdict {
+    /// The packet goes on now (accepted, possibly rewritten); not dropped or held.
+    var delivers: Bool {
+        switch self {
+        case .accept, .acceptModified: true
+        case .drop, .hold: false
+        }
     }
 }
 
@@ -55,20 +65,32 @@ func payload(of bytes: [UInt8]) -> [UInt8] {
     }
 }
 
+/// Why the trailer of the SYN `bytes` does not decode for `tuple` under `trust` (nil: it decodes).
+func trailerError(_ bytes: [UInt8], tuple: FiveTuple, trust: TrustGroup = TestKeys.group) -> DyscoSynPayload.DecodeError? {
+    payload(of: bytes).withUnsafeBytes { raw in
+        do throws(DyscoSynPayload.DecodeError) {
+            _ = try DyscoSynPayload.decode(trailerOf: raw, tuple: tuple, trust: trust)
+            return nil
+        } catch { return error }
+    }
+}
+
 @Suite("Packet processor: a chain of agents in memory (paper §2.1)")
 struct PacketProcessorTests {
     let client = IPv4Address("10.77.0.10")!, fw1 = IPv4Address("10.77.0.101")!
     let fw2 = IPv4Address("10.77.0.102")!, server = IPv4Address("10.77.0.201")!
     var session: FiveTuple { FiveTuple(srcAddr: client, srcPort: 40000, dstAddr: server, dstPort: 80) }
 
-    func harness(chain: [IPv4Address]) -> ChainHarness {
+    /// Every host shares ``TestKeys/group`` unless `trust` names another group for it.
+    func harness(chain: [IPv4Address], trust: [String: TrustGroup] = [:]) -> ChainHarness {
         let policy = Policy(name: "web", match: SessionPredicate(dst: IPv4Prefix("10.77.0.201/32"), dport: [PortRange("80")!]),
                             chain: chain)
         let h = ChainHarness()
-        h.hosts["client"] = PacketProcessor(config: AgentConfig(policies: [policy]), portRange: 10000...10999)
-        h.hosts["fw1"] = PacketProcessor(config: AgentConfig(), portRange: 20000...20999)
-        h.hosts["fw2"] = PacketProcessor(config: AgentConfig(), portRange: 30000...30999)
-        h.hosts["server"] = PacketProcessor(config: AgentConfig(), portRange: 40000...40999)
+        func keys(_ host: String) -> TrustGroup { trust[host] ?? TestKeys.group }
+        h.hosts["client"] = PacketProcessor(config: AgentConfig(policies: [policy]), portRange: 10000...10999, trust: keys("client"))
+        h.hosts["fw1"] = PacketProcessor(config: AgentConfig(), portRange: 20000...20999, trust: keys("fw1"))
+        h.hosts["fw2"] = PacketProcessor(config: AgentConfig(), portRange: 30000...30999, trust: keys("fw2"))
+        h.hosts["server"] = PacketProcessor(config: AgentConfig(), portRange: 40000...40999, trust: keys("server"))
         return h
     }
 
@@ -82,9 +104,12 @@ struct PacketProcessorTests {
         #expect(v1 != .drop)
         let wire1 = tuple(of: onWire1)
         #expect(wire1.srcAddr == client && wire1.dstAddr == fw1 && wire1.srcPort != session.srcPort)
-        let trailer = try payload(of: onWire1).withUnsafeBytes { raw in try DyscoSynPayload.decode(trailerOf: raw) }.0
+        let trailer = try payload(of: onWire1).withUnsafeBytes { raw in
+            try DyscoSynPayload.decode(trailerOf: raw, tuple: wire1, trust: TestKeys.group)
+        }.0
         #expect(trailer.session == session)
         #expect(trailer.remaining == [fw2, server])
+        #expect(trailer.identity == h.hosts["client"]!.table.records.values.first?.identity)
         #expect(Reference.tcpChecksumValid(onWire1) && Reference.ipChecksumValid(onWire1))
 
         // fw1 ingress: the firewall must see the session tuple and no payload.
@@ -94,6 +119,12 @@ struct PacketProcessorTests {
         #expect(Reference.tcpChecksumValid(atFw1))
         let (_, onWire2) = h.run("fw1", atFw1, .egress)
         #expect(tuple(of: onWire2).srcAddr == fw1 && tuple(of: onWire2).dstAddr == fw2)
+        // fw1 re-signs the trailer for its right subsession's tuple (not the one it received).
+        let relayed = try payload(of: onWire2).withUnsafeBytes { raw in
+            try DyscoSynPayload.decode(trailerOf: raw, tuple: tuple(of: onWire2), trust: TestKeys.group)
+        }.0
+        #expect(relayed.identity == trailer.identity && relayed.remaining == [server])
+        #expect(trailerError(onWire2, tuple: wire1) == .badMAC)
         let (_, atFw2) = h.run("fw2", onWire2, .ingress)
         #expect(tuple(of: atFw2) == session)
         let (_, onWire3) = h.run("fw2", atFw2, .egress)
@@ -107,6 +138,9 @@ struct PacketProcessorTests {
         #expect(back == synAck)
         #expect(h.hosts.values.allSatisfy { $0.table.count == 1 })
         #expect(h.hosts["fw1"]!.table.records.values.first?.rightEstablished == true)
+        // One chain-wide identity, fixed by the left end (paper §2.3).
+        #expect(Set(h.hosts.values.compactMap { $0.table.records.values.first?.identity }) == [trailer.identity])
+        #expect(trailer.identity.chainID != 0)
     }
 
     @Test("data both ways after the handshake arrives byte-exact with valid checksums")
@@ -149,12 +183,15 @@ struct PacketProcessorTests {
     @Test("a malformed Dysco trailer is counted and the SYN dropped (documented rule)")
     func malformedTrailer() {
         let h = harness(chain: [fw1])
-        var trailer = DyscoSynPayload(session: session, remaining: [server]).encoded()
+        let wire = FiveTuple.t("10.77.0.10", 10000, "10.77.0.101", 80)
+        var trailer = DyscoSynPayload(identity: .random(), session: session, remaining: [server])
+            .encoded(tuple: wire, trust: TestKeys.group)
         trailer[0] = 99  // unknown version
-        let bad = PacketBuilder(tuple: .t("10.77.0.10", 10000, "10.77.0.101", 80), flags: [.syn], payload: trailer).build()
+        let bad = PacketBuilder(tuple: wire, flags: [.syn], payload: trailer).build()
         let (verdict, _) = h.run("fw1", bad, .ingress)
         #expect(verdict == .drop)
         #expect(h.hosts["fw1"]!.counters.malformedDyscoSyn == 1)
+        #expect(h.hosts["fw1"]!.counters.trailerBadMAC == 0 && h.hosts["fw1"]!.counters.trailerVersionOneRefused == 0)
         #expect(h.hosts["fw1"]!.table.count == 0)
     }
 
@@ -215,5 +252,149 @@ struct PacketProcessorTests {
         let rights = h.hosts["client"]!.table.records.values.compactMap(\.right)
         #expect(Set(rights.map(\.srcPort)).count == 100)
         #expect(h.hosts["server"]!.table.count == 100)
+    }
+}
+
+@Suite("Packet processor: trust (paper §2.3) — forged, replayed, old and hostile trailers create nothing")
+struct PacketProcessorTrustTests {
+    let client = IPv4Address("10.77.0.10")!, fw1 = IPv4Address("10.77.0.101")!
+    let server = IPv4Address("10.77.0.201")!
+    var session: FiveTuple { FiveTuple(srcAddr: client, srcPort: 40000, dstAddr: server, dstPort: 80) }
+    /// What a host on the segment sends to fw1 (its own port; any tuple would do).
+    let attack = FiveTuple.t("10.77.0.51", 10000, "10.77.0.101", 80)
+
+    func fw1(_ trust: TrustGroup = TestKeys.group) -> PacketProcessor {
+        PacketProcessor(config: AgentConfig(), portRange: 20000...20999, trust: trust)
+    }
+
+    /// Runs `bytes` through ingress then (if it survived) egress of `host`; returns both verdicts.
+    func relay(_ host: inout PacketProcessor, _ bytes: [UInt8]) -> (Verdict, Verdict?) {
+        var buffer = bytes + [UInt8](repeating: 0, count: 256)
+        let capacity = buffer.count
+        let ingress = buffer.withUnsafeMutableBytes { raw in
+            host.process(raw.baseAddress!, count: bytes.count, capacity: capacity, hook: .ingress, checksum: .complete, now: 1)
+        }
+        guard case .acceptModified(let length) = ingress else { return (ingress, nil) }
+        let egress = buffer.withUnsafeMutableBytes { raw in
+            host.process(raw.baseAddress!, count: length, capacity: capacity, hook: .egress, checksum: .complete, now: 1)
+        }
+        return (ingress, egress)
+    }
+
+    func expectNothingCreated(_ p: PacketProcessor, sourceLocation: SourceLocation = #_sourceLocation) {
+        #expect(p.table.count == 0, sourceLocation: sourceLocation)
+        #expect(p.table.ingress.isEmpty && p.table.egress.isEmpty, sourceLocation: sourceLocation)
+        #expect(p.counters.sessionsCreated == 0 && p.counters.translatedIngress == 0, sourceLocation: sourceLocation)
+        #expect(p.table.ports.inUse == 0, sourceLocation: sourceLocation)
+    }
+
+    @Test("a trailer signed with another key is dropped at the middlebox, counted in trailerBadMAC")
+    func forged() {
+        var p = fw1()
+        let syn = PacketBuilder.dyscoSyn(tuple: attack, session: session, remaining: [server], trust: TestKeys.wrong)
+        #expect(relay(&p, syn).0 == .drop)
+        #expect(p.counters.trailerBadMAC == 1)
+        #expect(p.counters.malformedDyscoSyn == 0)
+        expectNothingCreated(p)
+        let events = p.takeEvents()
+        #expect(events.count == 1)
+        if case .untrustedDyscoSyn(let t, let error) = events.first {
+            #expect(t == attack && error == .badMAC)
+        } else {
+            Issue.record("expected an untrustedDyscoSyn event, got \(events)")
+        }
+    }
+
+    @Test("a valid trailer replayed on another tuple is dropped (trailerBadMAC)")
+    func replayed() {
+        var p = fw1()
+        let other = FiveTuple(srcAddr: attack.srcAddr, srcPort: attack.srcPort + 1, dstAddr: attack.dstAddr, dstPort: 80)
+        let syn = PacketBuilder.dyscoSyn(tuple: attack, session: session, remaining: [server], signedFor: other)
+        #expect(relay(&p, syn).0 == .drop)
+        #expect(p.counters.trailerBadMAC == 1)
+        expectNothingCreated(p)
+    }
+
+    @Test("a version-1 trailer is dropped, counted in trailerVersionOneRefused")
+    func versionOne() {
+        var p = fw1()
+        let syn = PacketBuilder(tuple: attack, flags: [.syn], payload: versionOneTrailer(session: session, remaining: [server])).build()
+        #expect(relay(&p, syn).0 == .drop)
+        #expect(p.counters.trailerVersionOneRefused == 1)
+        #expect(p.counters.malformedDyscoSyn == 0 && p.counters.trailerBadMAC == 0)
+        expectNothingCreated(p)
+    }
+
+    @Test("a correctly signed trailer naming a forbidden next hop or session address is dropped",
+          arguments: ["127.0.0.1", "224.0.0.1", "255.255.255.255", "0.0.0.0"])
+    func forbiddenHop(text: String) {
+        let bad = IPv4Address(text)!
+        var p = fw1()
+        #expect(relay(&p, PacketBuilder.dyscoSyn(tuple: attack, session: session, remaining: [bad])).0 == .drop)
+        #expect(relay(&p, PacketBuilder.dyscoSyn(tuple: attack, session: session, remaining: [bad, server])).0 == .drop)
+        let toBad = FiveTuple(srcAddr: client, srcPort: 40000, dstAddr: bad, dstPort: 80)
+        #expect(relay(&p, PacketBuilder.dyscoSyn(tuple: attack, session: toBad, remaining: [])).0 == .drop)
+        #expect(p.counters.trailerForbiddenAddress == 3)
+        expectNothingCreated(p)
+    }
+
+    @Test("a correctly signed trailer with a zero chain id is malformed (dropped, malformedDyscoSyn)")
+    func zeroIdentity() {
+        var p = fw1()
+        let syn = PacketBuilder.dyscoSyn(tuple: attack, session: session, remaining: [server],
+                                         identity: SessionIdentity(chainID: 0, nonce: 5))
+        #expect(relay(&p, syn).0 == .drop)
+        #expect(p.counters.malformedDyscoSyn == 1)
+        expectNothingCreated(p)
+    }
+
+    @Test("a valid trailer is relayed with its identity; a retransmission is verified too")
+    func retransmission() throws {
+        var p = fw1()
+        let identity = SessionIdentity(chainID: 77, nonce: 78)
+        let syn = PacketBuilder.dyscoSyn(tuple: attack, session: session, remaining: [server], identity: identity)
+        let (ingress, egress) = relay(&p, syn)
+        #expect(ingress != .drop && egress != .drop)
+        #expect(p.table.records.values.first?.identity == identity)
+        #expect(relay(&p, syn).0 != .drop, "the same SYN again (retransmission) passes")
+        // Retransmissions on the same left tuple with a forged, a v1 or a hostile trailer are dropped.
+        let forged = PacketBuilder.dyscoSyn(tuple: attack, session: session, remaining: [server], identity: identity,
+                                            trust: TestKeys.wrong)
+        #expect(relay(&p, forged).0 == .drop)
+        #expect(p.counters.trailerBadMAC == 1)
+        let v1 = PacketBuilder(tuple: attack, flags: [.syn], payload: versionOneTrailer(session: session, remaining: [server])).build()
+        #expect(relay(&p, v1).0 == .drop)
+        #expect(p.counters.trailerVersionOneRefused == 1)
+        let hostile = PacketBuilder.dyscoSyn(tuple: attack, session: session, remaining: [IPv4Address("127.0.0.1")!],
+                                             identity: identity)
+        #expect(relay(&p, hostile).0 == .drop)
+        #expect(p.counters.trailerForbiddenAddress == 1)
+        // Signed, but for another session or identity than this subsession's: refused.
+        let other = PacketBuilder.dyscoSyn(tuple: attack, session: session, remaining: [server],
+                                           identity: SessionIdentity(chainID: 99, nonce: 1))
+        #expect(relay(&p, other).0 == .drop)
+        #expect(p.table.count == 1 && p.counters.sessionsCreated == 1)
+        #expect(p.table.records.values.first?.identity == identity)
+    }
+
+    @Test("rotation: a chain where agents hold different current keys works while each accepts the other's")
+    func rotation() throws {
+        let old = TestKeys.current, new = TestKeys.previous
+        let tests = PacketProcessorTests()
+        // Mid-rotation: the client signs with NEW; fw1 still signs with OLD but accepts NEW; the server
+        // signs with NEW and accepts OLD.
+        let mixed = tests.harness(chain: [fw1], trust: [
+            "client": TrustGroup(current: new, previous: old), "fw1": TrustGroup(current: old, previous: new),
+            "server": TrustGroup(current: new, previous: old),
+        ])
+        let syn = PacketBuilder(tuple: session, flags: [.syn]).build()
+        #expect(mixed.send(syn, along: ["client", "fw1", "server"]) == syn)
+        #expect(["client", "fw1", "server"].allSatisfy { mixed.hosts[$0]!.table.count == 1 })
+
+        // Without the previous key configured, the same mix is refused at the first agent holding only OLD.
+        let unprepared = tests.harness(chain: [fw1], trust: ["client": TrustGroup(current: new), "fw1": TrustGroup(current: old)])
+        #expect(unprepared.send(syn, along: ["client", "fw1", "server"]) == nil)
+        #expect(unprepared.hosts["fw1"]!.counters.trailerBadMAC == 1)
+        #expect(unprepared.hosts["fw1"]!.table.count == 0)
     }
 }

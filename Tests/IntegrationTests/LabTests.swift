@@ -10,7 +10,7 @@ import Glibc
 #endif
 
 /// Builds real labs (needs root): namespaces, bridge, firewall, services, teardown, crash recovery.
-/// Each test uses its own lab name (lt1...lt6) and subnet; the suite runs serially (2 cores, shared lock).
+/// Each test uses its own lab name (lt1...lt10) and subnet; the suite runs serially (2 cores, shared lock).
 @Suite(.serialized) struct LabTests {
     static let logger: Logger = {
         var l = Logger(label: "lab-tests")
@@ -242,6 +242,15 @@ import Glibc
             let log = try String(contentsOfFile: LabPaths.agentLog("lt4", host: "fw1"), encoding: .utf8)
             #expect(log.contains("lt4-fw1") && log.contains("--no-fastpath"))
             #expect(lab.agentRecord("client1")?.command.contains("--config") == true)
+            // The lab's trust key: written for every lab, passed (before the spec's arguments) when enabled.
+            #expect(FileManager.default.fileExists(atPath: lab.trustKeyPath))
+            let command = try #require(lab.agentRecord("fw1")?.command)
+            #expect(Lab.passTrustKey)
+            #expect(lab.state.trustKeyPath == lab.trustKeyPath)
+            let at = try #require(command.firstIndex(of: "--trust-key"))
+            #expect(command[at + 1] == lab.trustKeyPath)
+            #expect(at < command.firstIndex(of: "--no-fastpath")!)
+            #expect(log.contains(lab.trustKeyPath))
 
             // A crash, then a restart.
             let first = try #require(lab.agentRecord("client1")?.pid)
@@ -343,5 +352,210 @@ import Glibc
         }
         try lab.down()
         #expect(Self.namespaces(of: "lt7").isEmpty)
+    }
+
+    /// `lab.trustKeyPath`: hex text that loads as a 32-byte ``TrustKey``, mode 0600, fresh per lab.
+    static func checkTrustKey(_ lab: Lab) throws -> TrustKey {
+        var st = stat()
+        #expect(stat(lab.trustKeyPath, &st) == 0)
+        #expect(st.st_mode & 0o777 == 0o600, "mode \(String(st.st_mode & 0o777, radix: 8))")
+        let key = try TrustKey.load(path: lab.trustKeyPath)
+        #expect(key.bytes.count == 32)
+        return key
+    }
+
+    /// A chain that skips a middlebox: `--middleboxes fw1,fw2,fw3 --chain fw1,fw3` with the real agents carries a
+    /// 16 MiB HTTP download byte-exact through fw1 and fw3; fw2, on the same segment, sees none of it.
+    @Test func chainOfFirstAndThirdMiddlebox() throws {
+        try Self.clean("lt8")
+        let spec = LabSpec(name: "lt8", middleboxes: ["fw1", "fw2", "fw3"], chain: ["fw1", "fw3"],
+                           subnet: "10.77.8.0/24", agentBinary: try TestSupport.dyscoBinary())
+        let lab = try Lab.up(spec, logger: Self.logger)
+        do {
+            #expect(lab.chain == ["fw1", "fw3"])
+            #expect(lab.hosts(.middlebox).map(\.name) == ["fw1", "fw2", "fw3"])
+            #expect(lab.hosts.allSatisfy { lab.agentIsAlive($0.name) })
+            let key = try Self.checkTrustKey(lab)
+            #expect(lab.state.trustKeyPath == lab.trustKeyPath)
+            for h in lab.hosts { #expect(lab.agentRecord(h.name)?.command.contains(lab.trustKeyPath) == true) }
+            let config = try AgentConfig.load(path: LabPaths.agentConfig("lt8", host: "client1"))
+            #expect(config.policies.first?.chain == [lab.address(of: "fw1"), lab.address(of: "fw3")])
+
+            let retransBefore = try (TestSupport.tcpRetransmissions(lab, "client1"),
+                                     TestSupport.tcpRetransmissions(lab, "server1"))
+            try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 16)
+            let client = lab.address(of: "client1"), server = lab.address(of: "server1")
+            let target = "\(lab.directory)/blob.client"
+            try lab.exec("client1", ["curl", "-sS", "--fail", "-m", "60", "-o", target, "http://\(server)/blob"])
+            #expect(try TestSupport.sha256(target) == TestSupport.sha256("\(lab.httpRoot)/blob"))
+
+            for fw in ["fw1", "fw3"] {
+                let counters = try lab.firewallCounters(fw)
+                #expect(counters.newAccepted.packets >= 1, "\(fw)")
+                #expect(counters.establishedAccepted.packets > 100, "\(fw): \(counters.establishedAccepted)")
+                #expect(try TestSupport.invalidDrops(lab, fw) == 0, "\(fw)")
+                #expect(try lab.conntrackTCP(fw).contains("src=\(client) dst=\(server)"), "\(fw) tracks the session")
+            }
+            let fw2 = try lab.firewallCounters("fw2")
+            #expect(fw2.establishedAccepted.packets == 0, "fw2 is not in the chain: \(fw2)")
+            #expect(fw2.newAccepted.packets == 0 && fw2.totalDropped == 0)
+            #expect(!(try lab.conntrackTCP("fw2")).contains("dport=80"))
+
+            let retransAfter = try (TestSupport.tcpRetransmissions(lab, "client1"),
+                                    TestSupport.tcpRetransmissions(lab, "server1"))
+            #expect(retransAfter.0 >= retransBefore.0 && retransAfter.1 >= retransBefore.1)
+
+            // A restarted agent keeps the lab's key (the file is the same; the command line names it again).
+            try lab.restartAgent("fw3")
+            #expect(try TrustKey.load(path: lab.trustKeyPath) == key)
+            #expect(lab.agentRecord("fw3")?.command.contains(lab.trustKeyPath) == true)
+        } catch {
+            _ = try? lab.down()
+            throw error
+        }
+        try lab.down()
+        #expect(Self.namespaces(of: "lt8").isEmpty)
+    }
+
+    /// `lab up --firewall fw2=open --attackers 1` (no agents, routed via the open fw2): the open box forwards
+    /// statelessly without conntrack; the strict fw1 drops an INVALID packet; attacker1 reaches the server
+    /// directly with scapy; nstat's TcpRetransSegs is the namespace's own absolute, growing counter.
+    @Test func firewallProfilesAttackersAndCounters() throws {
+        let bin = try TestSupport.dyscoBinary()
+        try Self.clean("lt9")
+        let up = try Command.run([bin, "lab", "up", "--name", "lt9", "--no-agents", "--middleboxes", "fw1,fw2",
+                                  "--firewall", "fw2=open", "--attackers", "1", "--route-via", "fw2",
+                                  "--subnet", "10.77.9.0/24", "--json"])
+        defer { _ = try? Command.run([bin, "lab", "down", "--name", "lt9"], check: false) }
+        let state = try LabState.decoder.decode(LabState.self, from: Data(up.stdout.utf8))
+        #expect(state.firewallProfiles == ["fw1": .strict, "fw2": .open])
+        #expect(state.hosts.map(\.name) == ["client1", "attacker1", "fw1", "fw2", "server1"])
+        #expect(state.host("attacker1")?.role == .attacker)
+        #expect(state.host("attacker1")?.address.description == "10.77.9.51")
+        let lab = try Lab.attach(name: "lt9", logger: Self.logger)
+        #expect(lab.hosts(.attacker).map(\.name) == ["attacker1"])
+        #expect(lab.firewallProfile(of: "fw2") == .open && lab.firewallProfile(of: "fw1") == .strict)
+        _ = try Self.checkTrustKey(lab)
+        #expect(state.trustKeyPath == nil, "no agents, no key passed")
+
+        // The open box: policy ACCEPT, one counting rule, no conntrack; traffic through it works.
+        let server = lab.address(of: "server1")
+        let openBefore = try lab.firewallCounters("fw2")
+        #expect(openBefore.policy == "ACCEPT" && openBefore.rules.count == 1 && openBefore.profile == .open)
+        let page = try lab.exec("client1", ["curl", "-sS", "-m", "5", "http://\(server)/index.html"]).stdout
+        #expect(page.contains("dysco lab lt9"))
+        let openAfter = try lab.firewallCounters("fw2")
+        #expect(openAfter.openAccepted.packets >= openBefore.openAccepted.packets + 8, "\(openAfter)")
+        #expect(try lab.conntrackTCP("fw2").isEmpty, "an open box tracks nothing")
+        #expect(try lab.firewallCounters("fw1").profile == .strict)
+
+        // lab status shows the profiles.
+        let statuses = try JSONDecoder().decode([LabStatus].self, from: Data(
+            try Command.run([bin, "lab", "status", "--name", "lt9", "--json"]).stdout.utf8))
+        let hosts = try #require(statuses.first).hosts
+        #expect(hosts.first { $0.name == "fw2" }?.firewallProfile == .open)
+        #expect(hosts.first { $0.name == "fw1" }?.firewallProfile == .strict)
+        #expect(hosts.first { $0.name == "fw2" }?.firewall?.openAccepted.packets ?? 0 >= openAfter.openAccepted.packets)
+        #expect(hosts.first { $0.name == "attacker1" }?.firewallProfile == nil)
+        let text = try Command.run([bin, "lab", "status", "--name", "lt9"]).stdout
+        #expect(text.contains("firewall open") && text.contains("firewall strict") && text.contains("attacker1"), "\(text)")
+
+        // The attacker: no agent, no forwarding, but on the segment: a scapy SYN gets the server's SYN-ACK.
+        #expect(!lab.state.processes.contains { $0.host == "attacker1" })
+        #expect(try lab.exec("attacker1", ["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.hasPrefix("0"))
+        let reply = try TestSupport.scapy(lab, on: "attacker1", """
+            r = sr1(IP(dst="\(server)")/TCP(sport=40001, dport=80, flags="S", seq=1000), timeout=3)
+            print(r[TCP].flags if r is not None and TCP in r else "none")
+            """)
+        #expect(reply.trimmingCharacters(in: .whitespacesAndNewlines) == "SA")
+
+        // A SYN+FIN (conntrack: INVALID) sent through each middlebox: the strict one drops it, the open one forwards.
+        func sendSynFin(via mb: String) throws {
+            _ = try TestSupport.scapy(lab, on: "attacker1", """
+                mac = getmacbyip("\(lab.address(of: mb))")
+                sendp(Ether(dst=mac)/IP(src="\(lab.address(of: "attacker1"))", dst="\(server)")
+                      /TCP(sport=40002, dport=8080, flags="SF"), iface="eth0")
+                """)
+        }
+        let invalidBefore = try TestSupport.invalidDrops(lab, "fw1")
+        try sendSynFin(via: "fw1")
+        var invalidAfter = try TestSupport.invalidDrops(lab, "fw1")
+        for _ in 0..<20 where invalidAfter == invalidBefore {
+            usleep(50_000)
+            invalidAfter = try TestSupport.invalidDrops(lab, "fw1")
+        }
+        #expect(invalidAfter == invalidBefore + 1)
+        let forwardedBefore = try lab.firewallCounters("fw2").openAccepted.packets
+        try sendSynFin(via: "fw2")
+        var forwardedAfter = try lab.firewallCounters("fw2").openAccepted.packets
+        for _ in 0..<20 where forwardedAfter == forwardedBefore {
+            usleep(50_000)
+            forwardedAfter = try lab.firewallCounters("fw2").openAccepted.packets
+        }
+        #expect(forwardedAfter >= forwardedBefore + 1)
+        #expect(try TestSupport.invalidDrops(lab, "fw2") == 0)
+
+        // TcpRetransSegs: a number, the same on two idle reads (no history turns it into a delta), equal to the
+        // namespace's /proc/net/snmp, and growing by the SYN retransmissions of a connect the server ignores.
+        func snmpRetrans(_ host: String) throws -> UInt64? {
+            let lines = try lab.exec(host, ["cat", "/proc/net/snmp"]).stdout.split(separator: "\n").filter { $0.hasPrefix("Tcp:") }
+            guard lines.count == 2 else { return nil }
+            let names = lines[0].split(separator: " "), values = lines[1].split(separator: " ")
+            return names.firstIndex(of: "RetransSegs").flatMap { UInt64(values[$0]) }
+        }
+        let r0 = try TestSupport.tcpRetransmissions(lab, "client1")
+        let r1 = try TestSupport.tcpRetransmissions(lab, "client1")
+        #expect(r1 == r0)
+        #expect(try snmpRetrans("client1") == r1)
+        try lab.exec("server1", ["iptables", "-w", "-A", "INPUT", "-p", "tcp", "--dport", "9999", "-j", "DROP"])
+        #expect(try Self.tcpProbe(lab, from: "client1", to: server, port: 9999) == "timeout")
+        let r2 = try TestSupport.tcpRetransmissions(lab, "client1")
+        #expect(r2 >= r1 + 1, "a SYN retransmission: \(r1) → \(r2)")
+        #expect(try TestSupport.tcpRetransmissions(lab, "client1") >= r2)
+        #expect(try snmpRetrans("client1") ?? 0 >= r2)
+        // Other namespaces have their own counters: the attacker retransmitted nothing.
+        #expect(try TestSupport.tcpRetransmissions(lab, "attacker1") == 0)
+
+        let down = try Command.run([bin, "lab", "down", "--name", "lt9"])
+        #expect(down.stdout.contains("removed"))
+        #expect(Self.namespaces(of: "lt9").isEmpty)
+    }
+
+    /// A test's own `--trust-key` replaces the lab's; attackers get no agent (fake agents).
+    @Test func trustKeyOverrideAndAttackersWithoutAgents() throws {
+        try Self.clean("lt10")
+        let binary = try Self.fakeAgent()
+        let custom = NSTemporaryDirectory() + "lab-lt10-\(getpid()).key"
+        try Data((TrustKey.generateHex() + "\n").utf8).write(to: URL(fileURLWithPath: custom))
+        defer { unlink(custom) }
+        let spec = LabSpec(name: "lt10", middleboxes: ["fw1"], subnet: "10.77.10.0/24",
+                           agentArguments: ["--trust-key", custom], agentBinary: binary, services: false, attackers: 2)
+        let lab = try Lab.up(spec, logger: Self.logger)
+        do {
+            #expect(lab.hosts(.attacker).map(\.address.description) == ["10.77.10.51", "10.77.10.52"])
+            for h in lab.hosts where h.role != .attacker {
+                #expect(lab.agentIsAlive(h.name), "\(h.name)")
+                let command = try #require(lab.agentRecord(h.name)?.command)
+                #expect(command.filter { $0 == "--trust-key" }.count == 1)
+                #expect(command[command.firstIndex(of: "--trust-key")! + 1] == custom)
+            }
+            for h in lab.hosts(.attacker) {
+                #expect(lab.agentRecord(h.name) == nil)
+                #expect(!FileManager.default.fileExists(atPath: LabPaths.agentConfig("lt10", host: h.name)))
+                #expect(!FileManager.default.fileExists(atPath: AgentControlPaths.socketPath(netns: h.namespace)))
+                #expect(throws: LabError.self) { try lab.restartAgent(h.name) }
+            }
+            // Attackers are on the segment (the server answers on a closed port with a RST).
+            #expect(try Self.tcpProbe(lab, from: "attacker2", to: lab.address(of: "server1"), port: 9) == "refused")
+            _ = try Self.checkTrustKey(lab)
+            let status = try #require(LabStatus.collect(name: "lt10").first)
+            #expect(status.hosts.filter { $0.role == .attacker }.allSatisfy { $0.agentAlive == nil })
+            #expect(status.text.contains("attacker (no agent)"))
+        } catch {
+            _ = try? lab.down()
+            throw error
+        }
+        try lab.down()
+        #expect(Self.namespaces(of: "lt10").isEmpty)
     }
 }

@@ -3,6 +3,9 @@ import DyscoAgent
 @testable import DyscoLab
 import Foundation
 import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The lab's pure parts: address plan, spec validation, iptables counter parsing (no root needed).
 @Suite struct LabUnitTests {
@@ -205,5 +208,168 @@ import Testing
         #expect(back.processes == state.processes)
         #expect(back.createdAt == state.createdAt)
         #expect(back.namespaces == plan.namespaces)
+    }
+
+    // MARK: - Firewall profiles, attackers, trust key, nstat
+
+    @Test func firewallProfileAssignments() throws {
+        #expect(try FirewallProfile.parseAssignments("fw2=strict,fw3=open") == ["fw2": .strict, "fw3": .open])
+        #expect(try FirewallProfile.parseAssignments(" fw1 = open , ") == ["fw1": .open])
+        #expect(try FirewallProfile.parseAssignments("").isEmpty)
+        for bad in ["fw1", "fw1=", "=open", "fw1=stateless", "fw1=open,fw1=strict", "fw1=OPEN"] {
+            #expect(throws: LabError.self, "\(bad)") { try FirewallProfile.parseAssignments(bad) }
+        }
+        // Codable as the raw string.
+        let json = String(decoding: try JSONEncoder().encode(["fw3": FirewallProfile.open]), as: UTF8.self)
+        #expect(json == #"{"fw3":"open"}"#)
+        #expect(try JSONDecoder().decode(FirewallProfile.self, from: Data(#""strict""#.utf8)) == .strict)
+        #expect(FirewallProfile.allCases.map(\.rawValue) == ["strict", "open"])
+    }
+
+    @Test func firewallProfilesInTheSpec() throws {
+        let spec = LabSpec(name: "u5", middleboxes: ["fw1", "fw2", "fw3"], chain: ["fw1", "fw3"],
+                           firewallProfiles: ["fw3": .open])
+        try spec.validate()
+        #expect(spec.firewallProfile(of: "fw1") == .strict)
+        #expect(spec.firewallProfile(of: "fw3") == .open)
+        #expect(spec.effectiveFirewallProfiles == ["fw1": .strict, "fw2": .strict, "fw3": .open])
+        #expect(try spec.plan().chain == ["fw1", "fw3"])
+        #expect(LabSpec(name: "u5").effectiveFirewallProfiles == ["fw1": .strict, "fw2": .strict])
+        // A profile for a host that is not a middlebox.
+        #expect(throws: LabError.self) { try LabSpec(name: "u5", firewallProfiles: ["fw9": .open]).validate() }
+        #expect(throws: LabError.self) { try LabSpec(name: "u5", firewallProfiles: ["client1": .open]).validate() }
+    }
+
+    @Test func openProfileCommands() {
+        let open = FirewallCounters.installCommands(subnet: "10.7.0.0/24", profile: .open)
+        #expect(open.count == 2)
+        #expect(open[0] == ["-t", "filter", "-P", "FORWARD", "ACCEPT"])
+        #expect(open[1].last == "ACCEPT" && open[1].contains("-A"))
+        #expect(!open.joined().contains { $0.contains("conntrack") || $0.contains("ctstate") }, "no conntrack on an open box")
+        #expect(FirewallCounters.installCommands(subnet: "10.7.0.0/24", profile: .strict)
+                == FirewallCounters.installCommands(subnet: "10.7.0.0/24"))
+    }
+
+    /// Real output of iptables 1.8.9 (nf_tables) for the open profile's rule, with and without its comment.
+    @Test func parsesOpenCounters() throws {
+        let output = """
+            Chain FORWARD (policy ACCEPT 0 packets, 0 bytes)
+                pkts      bytes target     prot opt in     out     source               destination
+                1234  5678901 ACCEPT     0    --  *      *       0.0.0.0/0            0.0.0.0/0            /* dysco-lab:open */
+            """
+        let c = try FirewallCounters.parse(output)
+        #expect(c.policy == "ACCEPT")
+        #expect(c.openAccepted == PacketCounter(packets: 1234, bytes: 5_678_901))
+        #expect(c.establishedAccepted.packets == 0 && c.newAccepted.packets == 0 && c.invalidDropped.packets == 0)
+        #expect(c.totalDropped == 0)
+        #expect(c.profile == .open)
+        let plain = try FirewallCounters.parse("""
+            Chain FORWARD (policy ACCEPT 0 packets, 0 bytes)
+                pkts      bytes target     prot opt in     out     source               destination
+                   7      700 ACCEPT     0    --  *      *       0.0.0.0/0            0.0.0.0/0
+            """)
+        #expect(plain.openAccepted.packets == 7)
+        #expect(plain.profile == .open)
+        // The strict output is recognized as strict and has no open counter.
+        let strict = try FirewallCounters.parse(Self.plainOutput)
+        #expect(strict.profile == .strict)
+        #expect(strict.openAccepted.packets == 0)
+        // JSON without openAccepted (an older `lab status --json`) still decodes.
+        var json = try JSONSerialization.jsonObject(with: JSONEncoder().encode(strict)) as! [String: Any]
+        json["openAccepted"] = nil
+        let back = try JSONDecoder().decode(FirewallCounters.self, from: JSONSerialization.data(withJSONObject: json))
+        #expect(back == strict)
+    }
+
+    @Test func attackerHosts() throws {
+        let spec = LabSpec(name: "u6", clients: 2, servers: 1, middleboxes: ["fw1"], subnet: "10.9.7.0/24", attackers: 2)
+        let plan = try spec.plan()
+        #expect(plan.hosts.map(\.name) == ["client1", "client2", "attacker1", "attacker2", "fw1", "server1"])
+        #expect(plan.host("attacker1")?.address.description == "10.9.7.51")
+        #expect(plan.host("attacker2")?.address.description == "10.9.7.52")
+        #expect(plan.host("attacker2")?.role == .attacker)
+        #expect(plan.host("attacker1")?.namespace == "u6-attacker1")
+        #expect(plan.hosts(.attacker).map(\.name) == ["attacker1", "attacker2"])
+        #expect(plan.namespaces.count == 7)
+        #expect(try LabSpec(name: "u6").plan().hosts(.attacker).isEmpty)
+        // 20 attackers end at .70, below the middleboxes.
+        #expect(try LabSpec(name: "u6", attackers: 20).plan().host("attacker20")?.address.description == "10.77.0.70")
+        for bad in [LabSpec(name: "u6", attackers: -1), LabSpec(name: "u6", attackers: 21)] {
+            #expect(throws: LabError.self) { try bad.validate() }
+        }
+        // "attacker" and "attackerN" are the lab's own names.
+        #expect(!LabSpec.isValidMiddleboxName("attacker"))
+        #expect(LabSpec.isValidMiddleboxName("attackx"))
+        // Attackers get no policy (and run no agent).
+        let state = LabState(version: 1, name: "u6", phase: .ready, createdAt: Date(), subnet: plan.subnet,
+                             switchNamespace: plan.switchNamespace, hosts: plan.hosts, chain: plan.chain,
+                             policyPorts: [80], agents: true, agentBinary: "/bin/true", agentArguments: [],
+                             routeViaMiddlebox: nil, httpRoot: "/tmp", processes: [])
+        #expect(Lab.agentConfig(for: plan.host("attacker1")!, in: state).policies.isEmpty)
+        #expect(Lab.agentConfig(for: plan.host("client1")!, in: state).policies.count == 1)
+        // Without lab.json, attacker namespaces are surely the lab's.
+        let (certain, uncertain) = LabDownReport.fallbackNamespaces(
+            lab: "u6", existing: ["u6-attacker1", "u6-attacker12", "u6-attacker", "u6-attackerx"], claimedByOtherLabs: [])
+        #expect(certain == ["u6-attacker1", "u6-attacker12"])
+        #expect(uncertain.isEmpty)
+    }
+
+    @Test func trustKeyArguments() {
+        #expect(Lab.trustKeyArguments("/run/k", overriddenBy: []) == ["--trust-key", "/run/k"])
+        #expect(Lab.trustKeyArguments("/run/k", overriddenBy: ["--no-fastpath"]) == ["--trust-key", "/run/k"])
+        #expect(Lab.trustKeyArguments(nil, overriddenBy: []) == [])
+        #expect(Lab.trustKeyArguments("/run/k", overriddenBy: ["--trust-key", "/x"]) == [])
+        #expect(Lab.trustKeyArguments("/run/k", overriddenBy: ["--trust-key=/x"]) == [])
+        #expect(LabPaths.trustKey("demo") == LabPaths.directory("demo") + "/trust.key")
+        #expect(Lab.passTrustKey)
+    }
+
+    @Test func writesTrustKeys() throws {
+        let path = NSTemporaryDirectory() + "lab-unit-trust-\(getpid()).key"
+        unlink(path)
+        defer { unlink(path) }
+        try Lab.writeTrustKey(path)
+        let attributes = try FileManager.default.attributesOfItem(atPath: path)
+        #expect((attributes[.posixPermissions] as? NSNumber)?.intValue == 0o600)
+        let key = try TrustKey.load(path: path)
+        #expect(key.bytes.count == 32)
+        // Never overwrites.
+        #expect(throws: LabError.self) { try Lab.writeTrustKey(path) }
+        #expect(try TrustKey.load(path: path) == key)
+    }
+
+    @Test func parsesNstat() {
+        let output = """
+            #kernel
+            TcpRetransSegs                  17                 0.0
+            TcpActiveOpens                  0                  0.0
+            """
+        #expect(Lab.parseNstat(output) == ["TcpRetransSegs": 17, "TcpActiveOpens": 0])
+        #expect(Lab.parseNstat("#kernel\n").isEmpty)
+    }
+
+    @Test func stateWithProfilesAndOlderStateFiles() throws {
+        let plan = try LabSpec(name: "u7", attackers: 1).plan()
+        let state = LabState(version: 1, name: "u7", phase: .ready, createdAt: Date(timeIntervalSince1970: 1_800_000_000),
+                             subnet: plan.subnet, switchNamespace: plan.switchNamespace, hosts: plan.hosts,
+                             chain: plan.chain, policyPorts: [80], agents: true, agentBinary: "/bin/true",
+                             agentArguments: [], routeViaMiddlebox: nil, httpRoot: "/x", processes: [],
+                             firewallProfiles: ["fw1": .strict, "fw2": .open], trustKeyPath: "/run/k")
+        let data = try LabState.encoder.encode(state)
+        let text = String(decoding: data, as: UTF8.self)
+        #expect(text.contains(#""fw2" : "open""#))
+        #expect(text.contains(#""role" : "attacker""#))
+        let back = try LabState.decoder.decode(LabState.self, from: data)
+        #expect(back.firewallProfiles == state.firewallProfiles)
+        #expect(back.firewallProfile(of: "fw2") == .open)
+        #expect(back.trustKeyPath == "/run/k")
+        #expect(back.hosts == state.hosts)
+        // A lab.json written before profiles and trust keys existed.
+        var json = try JSONSerialization.jsonObject(with: data) as! [String: Any]
+        json["firewallProfiles"] = nil
+        json["trustKeyPath"] = nil
+        let old = try LabState.decoder.decode(LabState.self, from: JSONSerialization.data(withJSONObject: json))
+        #expect(old.firewallProfiles.isEmpty && old.firewallProfile(of: "fw2") == .strict)
+        #expect(old.trustKeyPath == nil)
     }
 }

@@ -45,6 +45,35 @@ enum TestSupport {
         return try JSONDecoder().decode(AgentSnapshot.self, from: data)
     }
 
+    /// The Python that has scapy: Debian's `/usr/bin/python3` (python3-scapy, see scripts/setup.sh), not
+    /// whatever `python3` comes first on PATH (a pyenv shim, say).
+    static var scapyPython: String {
+        FileManager.default.isExecutableFile(atPath: "/usr/bin/python3") ? "/usr/bin/python3" : "python3"
+    }
+
+    /// Runs `script` with `python3 -c` in `host`'s namespace after `from scapy.all import *` and `conf.verb = 0`;
+    /// returns its stdout. Throws (with stderr) if it exits non-zero.
+    static func scapy(_ lab: Lab, on host: String, _ script: String) throws -> String {
+        let prelude = """
+            import logging
+            logging.getLogger("scapy.runtime").setLevel(logging.ERROR)
+            from scapy.all import *
+            conf.verb = 0
+
+            """
+        return try lab.exec(host, [scapyPython, "-c", prelude + script]).stdout
+    }
+
+    /// TCP segments `host`'s kernel retransmitted (absolute `TcpRetransSegs` of its namespace, from nstat).
+    static func tcpRetransmissions(_ lab: Lab, _ host: String) throws -> UInt64 {
+        try lab.tcpRetransmissions(host)
+    }
+
+    /// Packets middlebox `mb`'s firewall dropped as conntrack INVALID (0 on an open, stateless box).
+    static func invalidDrops(_ lab: Lab, _ mb: String) throws -> UInt64 {
+        try lab.firewallCounters(mb).invalidDropped.packets
+    }
+
     /// Removes a lab an interrupted earlier run may have left.
     static func freshLab(_ spec: LabSpec) throws -> Lab {
         try Lab.down(name: spec.name, force: true, logger: logger)

@@ -1,0 +1,134 @@
+import DyscoCore
+@testable import MigrationCoordinator
+import Testing
+
+private let w = IPv4Address(10, 0, 0, 1)
+private let x = IPv4Address(10, 0, 0, 2)
+private let y = IPv4Address(10, 0, 0, 4)
+private let z = IPv4Address(10, 0, 0, 9)
+
+@Suite("SegmentLock (paper §3.2: contention over segments)")
+struct SegmentLockTests {
+    let a = LockRequest(requestID: 1, leftAnchor: x, rightAnchor: z)
+    let b = LockRequest(requestID: 2, leftAnchor: w, rightAnchor: y, rightDelta: 5)
+    let c = LockRequest(requestID: 3, leftAnchor: w, rightAnchor: z)
+
+    @Test("unlocked → lockPending on a request → locked on its ackLock → unlocked on release")
+    func lifecycle() {
+        var lock = SegmentLock()
+        #expect(lock.isUnlocked && lock.owner == nil)
+        #expect(lock.request(a) == .forward(a))
+        #expect(lock.state == .lockPending(a, held: nil))
+        #expect(lock.owner == 1 && !lock.isUnlocked)
+        #expect(lock.acknowledged(1) == .init(matched: true, refuse: nil, forward: nil))
+        #expect(lock.state == .locked(a))
+        #expect(lock.owner == 1)
+        #expect(lock.release(1) == .init(matched: true, refuse: nil, forward: nil))
+        #expect(lock.isUnlocked)
+    }
+
+    @Test("a duplicate request is forwarded again while pending and acknowledged again once locked; nothing changes")
+    func duplicates() {
+        var lock = SegmentLock()
+        _ = lock.request(a)
+        #expect(lock.request(a) == .forwardDuplicate(a))
+        #expect(lock.state == .lockPending(a, held: nil))
+        _ = lock.acknowledged(1)
+        #expect(lock.request(a) == .ackAgain(a))
+        #expect(lock.state == .locked(a))
+        // A duplicate ackLock matches and changes nothing.
+        #expect(lock.acknowledged(1).matched)
+        #expect(lock.state == .locked(a))
+    }
+
+    @Test("a request meeting lockPending is held, and refused when the pending one is acknowledged")
+    func heldThenRefused() {
+        var lock = SegmentLock()
+        _ = lock.request(a)
+        #expect(lock.request(b) == .held)
+        #expect(lock.state == .lockPending(a, held: b))
+        // The held request retransmitted: still held, nothing changes.
+        #expect(lock.request(b) == .held)
+        #expect(lock.state == .lockPending(a, held: b))
+        let outcome = lock.acknowledged(1)
+        #expect(outcome == .init(matched: true, refuse: b, forward: nil))
+        #expect(lock.state == .locked(a))
+    }
+
+    @Test("a request meeting lockPending is held, and forwarded (now pending) when the pending one is refused")
+    func heldThenForwarded() {
+        var lock = SegmentLock()
+        _ = lock.request(a)
+        _ = lock.request(b)
+        let outcome = lock.refused(1)
+        #expect(outcome == .init(matched: true, refuse: nil, forward: b))
+        #expect(lock.state == .lockPending(b, held: nil))
+        #expect(lock.owner == 2)
+        // The forwarded request keeps its accumulated delta (§3.4).
+        #expect(outcome.forward?.rightDelta == 5)
+        #expect(lock.acknowledged(2).matched)
+        #expect(lock.state == .locked(b))
+    }
+
+    @Test("a request meeting locked is refused at once; the lock stays")
+    func lockedRefuses() {
+        var lock = SegmentLock()
+        _ = lock.request(a)
+        _ = lock.acknowledged(1)
+        #expect(lock.request(b) == .refuse(b))
+        #expect(lock.state == .locked(a))
+    }
+
+    @Test("at most one request is held: a third one is refused")
+    func thirdRefused() {
+        var lock = SegmentLock()
+        _ = lock.request(a)
+        _ = lock.request(b)
+        #expect(lock.request(c) == .refuse(c))
+        #expect(lock.state == .lockPending(a, held: b))
+    }
+
+    @Test("withdraw forgets a held request only")
+    func withdraw() {
+        var lock = SegmentLock()
+        let nothingHeld = lock.withdraw(2)
+        #expect(!nothingHeld)
+        _ = lock.request(a)
+        _ = lock.request(b)
+        let pendingOne = lock.withdraw(1)  // the pending one is not withdrawn: it is released
+        #expect(!pendingOne)
+        let heldOne = lock.withdraw(2)
+        #expect(heldOne)
+        #expect(lock.state == .lockPending(a, held: nil))
+        let again = lock.withdraw(2)
+        #expect(!again)
+        // After the withdraw, refusing the pending request unlocks (nothing held is forwarded).
+        #expect(lock.refused(1) == .init(matched: true, refuse: nil, forward: nil))
+        #expect(lock.isUnlocked)
+    }
+
+    @Test("answers for another request do not match and change nothing")
+    func unmatchedAnswers() {
+        var lock = SegmentLock()
+        #expect(!lock.acknowledged(1).matched)
+        #expect(!lock.refused(1).matched)
+        #expect(lock.isUnlocked)
+        _ = lock.request(a)
+        _ = lock.request(b)
+        #expect(!lock.acknowledged(2).matched)  // the held one was never forwarded
+        #expect(!lock.refused(2).matched)
+        #expect(lock.state == .lockPending(a, held: b))
+        _ = lock.acknowledged(1)
+        #expect(!lock.release(2).matched)
+        #expect(lock.state == .locked(a))
+    }
+
+    @Test("a refused pending request with nothing held unlocks; a new request is then forwarded")
+    func refusedUnlocks() {
+        var lock = SegmentLock()
+        _ = lock.request(a)
+        #expect(lock.refused(1).matched)
+        #expect(lock.isUnlocked)
+        #expect(lock.request(b) == .forward(b))
+    }
+}
