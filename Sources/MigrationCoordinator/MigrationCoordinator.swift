@@ -474,7 +474,9 @@ public struct MigrationCoordinator: Sendable {
             out.append(.cancelAnchor(chainID: chainID))
             let l = leftAnchors[chainID]!
             finishLeftAnchor(chainID, result: TriggerResult(
-                outcome: .refused, reason: "lock refused (\(reason)): another reconfiguration holds part of the segment (§3.2)",
+                outcome: .refused, reason: reason == .contention
+                    ? "lock refused (\(reason)): another reconfiguration holds part of the segment (§3.2)"
+                    : "lock refused (\(reason)) on the old path (§3.2)",
                 failedStep: MigrationStep.lock.rawValue, phaseMicroseconds: result(l, now: now)), &out)
         } else if let left = context.leftNeighbour {
             out.append(.send(m, to: left))

@@ -159,6 +159,28 @@ struct AnchorStateTests {
         #expect(m.egressPath(seq: 7000, length: 10) == .new)
     }
 
+    @Test("probe numbers: the local side's own numbers first, else the far side's view of them")
+    func probeNumbers() {
+        var m = AnchorState(side: .right, stateful: true, now: 0)
+        #expect(m.probeNumbers == nil)
+        // A silent local side: what the far side acknowledged and sent stands in.
+        m.noteIngress(seq: 5000, length: 100, ack: 1200, window: 300, onNewPath: false, now: 1)
+        #expect(m.probeNumbers?.seq == 1200 && m.probeNumbers?.ack == 5100)
+        #expect(m.peerWindow == 300)
+        // Once the local side has spoken, its numbers win.
+        m.noteEgress(seq: 1200, length: 50, ack: 5100, window: 9, choice: .old, now: 2)
+        #expect(m.probeNumbers?.seq == 1250 && m.probeNumbers?.ack == 5100)
+        // Pure ACKs from the far side advance its sequence end too (not oldRcvd).
+        var n = AnchorState(side: .left, stateful: true, now: 0)
+        n.noteIngress(seq: 77, length: 0, ack: 10, onNewPath: false, now: 1)
+        #expect(n.oldRcvd == nil && n.peerSeqEnd == 77)
+        #expect(n.probeNumbers?.seq == 10 && n.probeNumbers?.ack == 77)
+        // New-path packets do not count.
+        var o = AnchorState(side: .left, stateful: true, now: 0)
+        o.noteIngress(seq: 1, length: 10, ack: 2, onNewPath: true, now: 1)
+        #expect(o.probeNumbers == nil)
+    }
+
     @Test("seqLE is modular: comparisons across 2^32")
     func seqLE() {
         #expect(AnchorState.seqLE(5, 5))

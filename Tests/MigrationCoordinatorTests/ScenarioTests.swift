@@ -212,7 +212,7 @@ struct LossyScenarioTests {
 
     @Test("200 seeded runs: each moves, or is cancelled cleanly; nothing is left locked", arguments: [true, false])
     func lossyRuns(stateful: Bool) {
-        var moved = 0, cancelled = 0
+        var moved = 0, cancelled = 0, teardownUnanswered = 0
         var failures: [(UInt64, [String], Trace)] = []
         for seed in UInt64(1)...200 {
             let h = replacementHarness(Self.lossy(seed: seed))
@@ -220,7 +220,9 @@ struct LossyScenarioTests {
             let run = h.run()
             var problems = endStateProblems(h, run, id)
             switch run.reports[id]?.result.outcome {
-            case .moved: moved += 1
+            case .moved:
+                moved += 1
+                if !run.reports[id]!.result.reason.isEmpty { teardownUnanswered += 1 }
             case .cancelled: cancelled += 1
             case .refused: problems.append("refused: \(run.reports[id]!.result.reason)")
             case nil: break
@@ -230,7 +232,7 @@ struct LossyScenarioTests {
         #expect(failures.isEmpty, "\(failures.count) runs: first seed \(failures.first?.0 ?? 0): \(failures.first?.1 ?? [])\n\(failures.first?.2.description ?? "")")
         #expect(moved + cancelled == 200)
         #expect(moved >= 190, "success rate \(moved)/200 (stateful: \(stateful))")
-        print("lossy (stateful: \(stateful)): \(moved)/200 moved, \(cancelled) cancelled cleanly")
+        print("lossy (stateful: \(stateful)): \(moved)/200 moved (\(teardownUnanswered) of them with the teardown unanswered), \(cancelled) cancelled cleanly")
     }
 
     @Test("a short deadline under loss: every run that does not move is cancelled cleanly (cancelAnchor at both anchors)",
@@ -359,6 +361,57 @@ struct ContentionScenarioTests {
         #expect(failures.isEmpty, "\(failures.count) runs: seed \(failures.first?.0 ?? 0): \(failures.first?.1 ?? "")\n\(failures.first?.2.description ?? "")")
         #expect(tally.keys.contains { $0.hasPrefix("A moved") } && tally.keys.contains { $0.hasPrefix("B moved") }, "\(tally)")
         print("§3.2 figure, 500 seeds: \(tally.sorted { $0.value > $1.value })")
+    }
+}
+
+@Suite("Reconfiguration harness: contention under loss, duplication and reordering (paper §3.2, §3.6)")
+struct LossyContentionScenarioTests {
+    @Test("§3.2 figure with 30 % loss, duplicates and reordering, 500 seeds: exactly one moves, nothing left locked")
+    func overlappingSegmentsUnderLoss() {
+        var failures: [(UInt64, String, Trace)] = []
+        var tally: [String: Int] = [:]
+        for seed in UInt64(1)...500 {
+            let h = Harness(chain: [Host.client, Host.fw1, Host.fw3, Host.server], others: [Host.fw2, Host.fw4],
+                            config: LossyScenarioTests.lossy(seed: 50_000 + seed))
+            var rng = SeededRNG(seed: seed &* 104_729)
+            let stateful = seed % 2 == 1
+            let a = h.replace(at: Host.fw1, leftAnchor: Host.client, newPath: [Host.fw2, Host.fw3], oldBox: Host.fw1,
+                              stateful: stateful, deadlineMilliseconds: 10_000,
+                              after: UInt64.random(in: 0...50_000_000, using: &rng))
+            let b = h.replace(at: Host.fw3, leftAnchor: Host.fw1, newPath: [Host.fw4, Host.server], oldBox: Host.fw3,
+                              stateful: stateful, deadlineMilliseconds: 10_000,
+                              after: UInt64.random(in: 0...50_000_000, using: &rng))
+            let run = h.run()
+            guard let ra = run.reports[a]?.result, let rb = run.reports[b]?.result, !run.exhausted else {
+                failures.append((seed, "no result for both", run.trace))
+                continue
+            }
+            let moved = [ra, rb].filter { $0.outcome == .moved }.count
+            if moved != 1 || !h.allIdle || !h.allUnlocked {
+                failures.append((seed, "A \(Describe.result(ra)); B \(Describe.result(rb)); \(h.busy)", run.trace))
+            }
+            tally["\(ra.outcome == .moved ? "A" : "B") moved, other \((ra.outcome == .moved ? rb : ra).outcome)", default: 0] += 1
+        }
+        #expect(failures.isEmpty, "\(failures.count) runs: seed \(failures.first?.0 ?? 0): \(failures.first?.1 ?? "")\n\(failures.first?.2.description ?? "")")
+        print("§3.2 figure under loss, 500 seeds: \(tally.sorted { $0.value > $1.value })")
+    }
+
+    @Test("every control message delivered twice: the §3.2 figure's B (fw1 is the left anchor) moves and fw1 stays")
+    func duplicatesAtMiddleboxLeftAnchor() throws {
+        for seed in UInt64(1)...50 {
+            var config = Harness.Config()
+            config.seed = seed
+            config.duplicate = 1.0
+            let h = Harness(chain: [Host.client, Host.fw1, Host.fw3, Host.server], others: [Host.fw4], config: config)
+            let b = h.replace(at: Host.fw3, leftAnchor: Host.fw1, newPath: [Host.fw4, Host.server], oldBox: Host.fw3,
+                              stateful: seed % 2 == 0)
+            let run = h.run()
+            #expect(run.reports[b]?.result.outcome == .moved, "seed \(seed)")
+            #expect(!h[Host.fw1].did("removeSession"), "seed \(seed): the left anchor left the session")
+            #expect(h[Host.fw1].context?.rightNeighbour == Host.fw4 && h[Host.fw3].context == nil, "seed \(seed)")
+            #expect(!h[Host.client].did("removeSession") && h[Host.client].actions.isEmpty, "seed \(seed)")
+            #expect(h.allIdle && h.allUnlocked, "seed \(seed): \(h.busy)")
+        }
     }
 }
 
