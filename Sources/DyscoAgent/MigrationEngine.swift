@@ -33,7 +33,9 @@ final class MigrationEngine: @unchecked Sendable {
     private let probes: RawPacketSender
     private let timers = Mutex<[TimerKey: UInt64]>([:])
     private let timerGeneration = Atomic<UInt64>(0)
-    private let reports = Mutex<[UInt64: CheckedContinuation<TriggerResult, Never>]>([:])
+    /// The `replace` callers waiting, by (chain id, request id).
+    private struct ReportKey: Hashable { var chainID: UInt64; var requestID: UInt32 }
+    private let reports = Mutex<[ReportKey: CheckedContinuation<TriggerResult, Never>]>([:])
     let counters = Mutex<[String: UInt64]>([:])
 
     init(agent: DataplaneAgent, trust: TrustGroup, settings: Settings, logger: Logger) throws {
@@ -145,7 +147,7 @@ final class MigrationEngine: @unchecked Sendable {
                                      rightNeighbour: right)
         let requestID = UInt32.random(in: 1 ... .max)
         let result = await withCheckedContinuation { continuation in
-            reports.withLock { $0[chainID] = continuation }
+            reports.withLock { $0[ReportKey(chainID: chainID, requestID: requestID)] = continuation }
             loop.async { [self] in
                 dispatch(.replaceRequested(context, trigger: trigger, leftAnchor: left, requestID: requestID))
             }
@@ -223,22 +225,25 @@ final class MigrationEngine: @unchecked Sendable {
             sendProbe(chainID)
         case .releaseBuffer(let chainID):
             agent.releaseBuffer(chainID)
+            unclamp(chainID)
         case .finishAnchor(let chainID):
+            unclamp(chainID)
             agent.applyFastPath { $0.anchorFinish(chainID: chainID) }
         case .cancelAnchor(let chainID):
+            unclamp(chainID)
             agent.applyFastPath { $0.anchorCancel(chainID: chainID) }
             agent.releaseBuffer(chainID)
         case .removeSession(let chainID, let deleteConntrack):
             let session = agent.processor.withLock { $0.context(chainID: chainID)?.0.session }
-            agent.applyFastPath { $0.leave(chainID: chainID, reason: "left the path (reconfiguration)") }
+            agent.applyFastPath { $0.leave(chainID: chainID, reason: "left the path (reconfiguration)", now: dysco_monotonic_coarse_ns()) }
             if deleteConntrack, let session { deleteState(session) }
         case .exportState(let chainID, let requestID, let session):
             exportState(chainID: chainID, requestID: requestID, session: session)
         case .importState(let chainID, let requestID, let document):
             importState(chainID: chainID, requestID: requestID, document: document)
-        case .report(let chainID, _, let result):
+        case .report(let chainID, let requestID, let result):
             count("migrations.\(result.outcome)")
-            let continuation = reports.withLock { $0.removeValue(forKey: chainID) }
+            let continuation = reports.withLock { $0.removeValue(forKey: ReportKey(chainID: chainID, requestID: requestID)) }
             continuation?.resume(returning: result)
         }
         return nil
@@ -265,6 +270,21 @@ final class MigrationEngine: @unchecked Sendable {
         }
     }
 
+    /// Ends the anchor's zero-window clamp: the local endpoint gets a window update with the far side's real
+    /// window (``PacketProcessor/anchorUnclamp(chainID:into:)``).
+    private func unclamp(_ chainID: UInt64) {
+        withUnsafeTemporaryAllocation(byteCount: IPv4TCPPacket.maxBuiltLength, alignment: 16) { buffer in
+            let base = buffer.baseAddress!
+            guard let (length, destination) = agent.processor.withLock({ $0.anchorUnclamp(chainID: chainID, into: base) }) else { return }
+            do {
+                try probes.send(UnsafeRawBufferPointer(start: base, count: length), to: destination)
+                count("window-updates.sent")
+            } catch {
+                count("window-updates.failed")
+            }
+        }
+    }
+
     static let pokes = 50
     static let pokeInterval: DispatchTimeInterval = .microseconds(1000)
 
@@ -281,6 +301,10 @@ final class MigrationEngine: @unchecked Sendable {
             case .sent(let length, let destination, let drained):
                 try? probes.send(UnsafeRawBufferPointer(start: base, count: length), to: destination)
                 count("pokes.sent")
+                if remaining == Self.pokes - 10 {
+                    let state = agent.processor.withLock { $0.context(chainID: chainID)?.0.migration }
+                    logger.debug("anchor still draining after 10 pokes", metadata: ["anchor.state": "\(state.map { "\($0)" } ?? "-")"])
+                }
                 return !drained
             }
         }

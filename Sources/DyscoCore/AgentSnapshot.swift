@@ -23,6 +23,8 @@ public struct AgentSnapshot: Codable, Sendable {
         /// which paths the session uses (old, new, both).
         public var migration: String?
         public var paths: String?
+        /// The chain-wide session id (hex) that control messages name (the nonce is not shown).
+        public var chainID: String?
     }
 
     public var netns: String?
@@ -63,7 +65,7 @@ extension PacketProcessor {
                 migration: record.migration.map { $0.phase.rawValue },
                 paths: record.migration.map { m in
                     m.phase == .released && !m.stateful ? "both" : m.promoted ? "new" : "old"
-                })
+                }, chainID: String(record.identity.chainID, radix: 16))
         }
     }
 }

@@ -39,14 +39,22 @@ public struct AnchorState: Sendable, Equatable {
     /// Highest seq + length of any segment (pure ACKs too) received from the segment on the old path: once
     /// drained, the far side's next sequence number, i.e. the local side's acknowledgment number.
     public var peerSeqEnd: UInt32?
-    /// The far side's latest raw window field (old path).
+    /// The far side's latest raw window field.
     public var peerWindow: UInt16?
+    /// The far side's numbers on the new path after the release.
+    public var latestPeerAcked: UInt32?
+    public var latestPeerSeqEnd: UInt32?
     /// Lowest sequence number of data received on the new path: firstNewRcvd (§3.5).
     public var firstNewRcvd: UInt32?
     /// Last time a packet of the session crossed this anchor (either way), for the quiet rule.
     public var lastPacketAt: UInt64
     /// The drained event was emitted (once per reconfiguration).
     public var drainedReported = false
+    /// Zero-window clamp (docs/ARCHITECTURE.md, "Anchor buffering"): from the lock until the release or the
+    /// cancel, packets from the segment reach the local endpoint with window 0, so it sends no new data that
+    /// would wait in the buffer (long enough, a sender's tail-loss probe would retransmit it). The real
+    /// window is restored by a window update at the end. The paper clamps to 64 KiB (§5.3).
+    public var clampWindow = true
     /// Sequence-number delta (§3.4) this anchor applies to new-path packets: added to the sequence number of
     /// packets coming in from the new path, subtracted from the acknowledgment number of packets going out on it.
     public var delta: Int32 = 0
@@ -123,6 +131,12 @@ public struct AnchorState: Sendable, Equatable {
         lastPacketAt = now
         if onNewPath {
             if length > 0 { firstNewRcvd = firstNewRcvd.map { Self.seqLE($0, seq) ? $0 : seq } ?? seq }
+            // After the release the far side's numbers move on the new path (the window update needs them).
+            if phase == .released {
+                if let ack { latestPeerAcked = Self.seqMax(latestPeerAcked, ack) }
+                latestPeerSeqEnd = Self.seqMax(latestPeerSeqEnd, seq &+ length)
+                if let window { peerWindow = window }
+            }
         } else {
             if let ack { peerAcked = Self.seqMax(peerAcked, ack) }
             if length > 0 { oldRcvd = Self.seqMax(oldRcvd, seq &+ length) }

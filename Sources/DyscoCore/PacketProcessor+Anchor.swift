@@ -65,6 +65,9 @@ extension PacketProcessor {
         m.noteIngress(seq: seq, length: length, ack: flags.contains(.ack) ? packet.tcp.acknowledgmentNumber : nil,
                       window: packet.tcp.window, onNewPath: onNewPath, now: now)
         var verdict: Verdict?
+        if m.clampWindow, flags.isDisjoint(with: [.syn, .rst]), packet.tcp.window != 0 {
+            packet.tcp.setWindow(0)
+        }
         if onNewPath {
             if m.phase != .released {
                 anchorEvents.append(.newPathPacket(chainID: record.identity.chainID))
@@ -208,6 +211,24 @@ extension PacketProcessor {
         return m.sentEnd == nil && m.cutoff == nil
     }
 
+    /// Ends the zero-window clamp and builds the window update that reopens the local endpoint's send window:
+    /// a pure ACK as from the far side with its latest numbers and real window, towards the local endpoint
+    /// (like ``anchorElicit(chainID:into:)``'s packet). Nil if there is nothing to reopen or nothing known.
+    public mutating func anchorUnclamp(chainID: UInt64, into buffer: UnsafeMutableRawPointer) -> (Int, IPv4Address)? {
+        guard let id = id(chainID), var m = table.records[id]?.migration, m.clampWindow else { return nil }
+        m.clampWindow = false
+        table.update(id) { $0.migration = m }
+        guard let (_, destination) = anchorElicit(chainID: chainID, into: buffer) else { return nil }
+        let seq = AnchorState.seqMax(m.latestPeerSeqEnd, m.peerSeqEnd ?? 0)
+        let ack = AnchorState.seqMax(m.latestPeerAcked, m.peerAcked ?? 0)
+        guard m.peerSeqEnd != nil || m.latestPeerSeqEnd != nil, m.peerAcked != nil || m.latestPeerAcked != nil,
+              let window = m.peerWindow else { return nil }
+        guard case .success(let elicit) = IPv4TCPPacket.parse(buffer, count: IPv4TCPPacket.pureAckLength) else { return nil }
+        let tuple = elicit.tuple
+        let packet = IPv4TCPPacket.buildPureAck(into: buffer, tuple: tuple, seq: seq, ack: ack, window: window)
+        return (packet.length, destination)
+    }
+
     /// Success: the old path's subsession goes, tracking ends, the session may return to the fast path.
     public mutating func anchorFinish(chainID: UInt64) {
         guard let id = id(chainID), let m = table.records[id]?.migration else { return }
@@ -267,8 +288,10 @@ extension PacketProcessor {
     }
 
     /// This host leaves the session (its record, kernel entries and ports).
-    public mutating func leave(chainID: UInt64, reason: String) {
-        guard let id = id(chainID) else { return }
+    public mutating func leave(chainID: UInt64, reason: String, now: UInt64) {
+        guard let id = id(chainID), let record = table.records[id] else { return }
+        let until = now &+ settings.closeLinger
+        for key in table.ingressKeys(of: record) { departed[key] = until }
         if table.records[id]?.migration != nil { anchoring = max(0, anchoring - 1) }
         removeSession(id, reason: reason)
     }

@@ -52,6 +52,8 @@ public struct DataplaneCounters: Sendable, Codable, Equatable {
     public var fastPathInstalls: UInt64 = 0
     /// Packets an anchor held while a stateful reconfiguration drained the old path (released later, in order).
     public var anchorHeld: UInt64 = 0
+    /// Late packets for a session this host left in a reconfiguration (dropped, see ``PacketProcessor/departed``).
+    public var droppedAfterLeaving: UInt64 = 0
     /// Window-opening probes an anchor received on a new path and kept from its endpoint.
     public var probesReceived: UInt64 = 0
 
@@ -117,6 +119,8 @@ public struct PacketProcessor: Sendable {
     public var fastPathActions: [FastPathAction] = []
     /// What anchors observed for the reconfiguration protocol, taken by the shell (``takeAnchorEvents()``).
     public var anchorEvents: [AnchorEvent] = []
+    /// Ingress keys of sessions this host left in a reconfiguration, until when late packets on them are dropped.
+    public internal(set) var departed: [FiveTuple: UInt64] = [:]
     /// Sessions with anchor state (``SessionTable/Record/migration``); zero keeps the per-packet cost at one compare.
     public internal(set) var anchoring = 0
 
@@ -183,6 +187,12 @@ public struct PacketProcessor: Sendable {
             }
             if isInitialSyn, hasTrailer(packet) {
                 return ingressNewSyn(&packet, key: key, checksum: checksum, now: now)
+            }
+            if !departed.isEmpty, departed[key] != nil {
+                // A late packet of a session this host left in a reconfiguration: dropped (the sender's anchor
+                // uses the new path), never handed to the local stack, which would answer it with a reset.
+                counters.droppedAfterLeaving &+= 1
+                return .drop
             }
         case .egress:
             if let translation = table.egress[key] {
@@ -353,6 +363,7 @@ public struct PacketProcessor: Sendable {
     /// Removes sessions past their close linger or idle timeout; returns how many.
     @discardableResult
     public mutating func expire(now: UInt64) -> Int {
+        if !departed.isEmpty { departed = departed.filter { $0.value > now } }
         let due = table.expired(now: now, idleTimeout: settings.idleTimeout)
         for id in due {
             guard let record = table.records[id] else { continue }

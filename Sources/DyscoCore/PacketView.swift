@@ -116,6 +116,13 @@ public struct TCPHeaderView {
         setPort(port, at: Offset.destinationPort, updateChecksum: updateChecksum)
     }
 
+    public func setWindow(_ value: UInt16, updateChecksum: Bool = true) {
+        let old = base.loadUnaligned(fromByteOffset: Offset.window, as: UInt16.self)
+        let new = value.bigEndian
+        base.storeBytes(of: new, toByteOffset: Offset.window, as: UInt16.self)
+        if updateChecksum { rawChecksum = InternetChecksum.update(rawChecksum, old: old, new: new) }
+    }
+
     public func setSequenceNumber(_ value: UInt32, updateChecksum: Bool = true) {
         setWord(value, at: Offset.sequence, updateChecksum: updateChecksum)
     }

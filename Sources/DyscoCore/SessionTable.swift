@@ -182,6 +182,9 @@ public struct SessionTable: Sendable {
         byChain[new.identity.chainID] = new.id
     }
 
+    /// The ingress keys a record owns (both paths).
+    public func ingressKeys(of record: Record) -> [FiveTuple] { Self.keys(of: record).ingress.map(\.0) }
+
     // MARK: - Inserting sessions (paper §2.1)
 
     /// Inserts a session whose left subsession arrived in a Dysco SYN (middlebox or right end).

@@ -215,7 +215,8 @@ public final class Lab: @unchecked Sendable {
 
     /// Stops `host`'s agent (SIGTERM, then SIGKILL after 3 s) if it runs, and starts a new one with the same
     /// configuration; returns once the new one is ready.
-    public func restartAgent(_ host: String) throws {
+    /// `extraArguments` are added to this start only (e.g. `--accept-state no`).
+    public func restartAgent(_ host: String, extraArguments: [String] = []) throws {
         let h = try requireHost(host)
         if let record = agentRecord(host), ProcessInspector.isAlive(pid: record.pid, namespace: h.namespace) {
             kill(record.pid, SIGTERM)
@@ -227,7 +228,7 @@ public final class Lab: @unchecked Sendable {
         let s = state
         guard let binary = s.agentBinary else { throw LabError.notFound("lab '\(name)' was built without agents") }
         guard h.role != .attacker else { throw LabError.notFound("attacker \(host) runs no agent") }
-        let process = try startAgent(h, binary: binary, arguments: s.agentArguments)
+        let process = try startAgent(h, binary: binary, arguments: s.agentArguments + extraArguments)
         try waitAgentReady(h, process: process, pid: process.processIdentifier)
     }
 

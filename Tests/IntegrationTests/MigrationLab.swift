@@ -1,0 +1,127 @@
+import DyscoAgent
+import DyscoCore
+import DyscoLab
+import DyscoSystem
+import Foundation
+
+/// What the `replace` integration tests share: a sender-paced HTTP server (so sessions are mid-transfer when
+/// they migrate, and the receiver never overruns: a clean baseline of zero retransmissions), parallel
+/// downloads with sha256 checks, the `replace` CLI, and the "no byte lost" counters.
+enum MigrationLab {
+    /// The paced server's port (added to the lab's policy ports, so the chain carries it).
+    static let pacedPort: UInt16 = 8090
+
+    static func spec(_ name: String, subnet: String, middleboxes: [String] = ["fw1", "fw2"], chain: [String]? = nil,
+                     agentArguments: [String] = [], firewallProfiles: [String: FirewallProfile] = [:],
+                     attackers: Int = 0) -> LabSpec {
+        LabSpec(name: name, middleboxes: middleboxes, chain: chain, subnet: subnet,
+                policyPorts: [80, pacedPort], agentArguments: ["--close-linger", "60"] + agentArguments,
+                firewallProfiles: firewallProfiles, attackers: attackers)
+    }
+
+    /// Serves `root` on `port`, each response paced at `bytesPerSecond` by the sender (threaded).
+    static let pacedServer = """
+        import http.server, os, socketserver, sys, time
+        root, addr, port, rate = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                path = os.path.join(root, self.path.lstrip('/'))
+                size = os.path.getsize(path)
+                self.send_response(200)
+                self.send_header('Content-Length', str(size))
+                self.end_headers()
+                start, sent = time.monotonic(), 0
+                with open(path, 'rb') as f:
+                    while True:
+                        chunk = f.read(32768)
+                        if not chunk: break
+                        self.wfile.write(chunk)
+                        sent += len(chunk)
+                        ahead = sent / rate - (time.monotonic() - start)
+                        if ahead > 0: time.sleep(ahead)
+            def log_message(self, *args): pass
+        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+            daemon_threads = True
+            request_queue_size = 1024
+        Server((addr, port), Handler).serve_forever()
+        """
+
+    static func startPacedServer(_ lab: Lab, megabytesPerSecond: Double) throws {
+        let server = lab.address(of: "server1")
+        try lab.spawn("server1", ["/usr/bin/python3", "-c", pacedServer, lab.httpRoot, "\(server)", "\(pacedPort)",
+                                  "\(megabytesPerSecond * 1_048_576)"], logPath: "\(lab.directory)/paced.log")
+        let deadline = Date().addingTimeInterval(10)
+        while Date() < deadline {
+            if (try? lab.exec("client1", ["curl", "-sS", "-o", "/dev/null", "--max-time", "2",
+                                          "http://\(server):\(pacedPort)/index.html"], check: true)) != nil { return }
+            usleep(100_000)
+        }
+        throw LabError.setupFailed("paced server did not answer")
+    }
+
+    /// `count` parallel downloads of `file` from the paced server, running in the background.
+    final class Downloads: @unchecked Sendable {
+        let process: Process
+        let outputs: [String]
+        init(_ lab: Lab, file: String, count: Int, timeout: Int = 120) throws {
+            let server = lab.address(of: "server1")
+            var args = ["curl", "-sS", "--fail", "-m", "\(timeout)", "--parallel", "--parallel-immediate",
+                        "--parallel-max", "\(count)"]
+            var outputs: [String] = []
+            for i in 0..<count {
+                let out = "\(lab.directory)/dl\(i).out"
+                outputs.append(out)
+                args += ["-o", out, "http://\(server):\(pacedPort)/\(file)"]
+            }
+            self.outputs = outputs
+            process = try lab.spawn("client1", args, logPath: "\(lab.directory)/curl.log")
+        }
+
+        /// Waits for curl; true if it exited 0.
+        func wait() -> Bool {
+            process.waitUntilExit()
+            return process.terminationStatus == 0
+        }
+    }
+
+    /// Sessions of `host`'s agent whose destination port is the paced server's.
+    static func pacedSessions(_ lab: Lab, _ host: String) async throws -> [AgentSnapshot.Session] {
+        try await TestSupport.snapshot(lab, host).sessions.filter { $0.session.dstPort == pacedPort && $0.state == "established" }
+    }
+
+    /// Waits until fw1 carries `count` established paced sessions that have moved data.
+    static func waitForSessions(_ lab: Lab, on host: String, count: Int, timeout: TimeInterval = 20) async throws {
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            if try await pacedSessions(lab, host).count >= count { return }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        throw LabError.setupFailed("fewer than \(count) sessions through \(host) after \(timeout) s")
+    }
+
+    struct ReplaceRun {
+        var report: ReplaceReport?
+        var status: Int32
+        var stdout: String
+        var stderr: String
+    }
+
+    /// Runs `dysco-migrate replace --lab … --json` (the CLI, as an operator would).
+    static func replace(_ lab: Lab, old: String, new: String, extra: [String] = []) throws -> ReplaceRun {
+        let result = try Command.run([try TestSupport.dyscoBinary(), "replace", "--lab", lab.name, "--old", old, "--new", new,
+                                      "--json"] + extra, check: false)
+        let report = try? JSONDecoder().decode(ReplaceReport.self, from: Data(result.stdout.utf8))
+        return ReplaceRun(report: report, status: result.status, stdout: result.stdout, stderr: result.stderr)
+    }
+
+    /// The endpoints' retransmission counters (client1, server1).
+    static func retransmissions(_ lab: Lab) throws -> UInt64 {
+        try TestSupport.tcpRetransmissions(lab, "client1") + TestSupport.tcpRetransmissions(lab, "server1")
+    }
+
+    /// Every download equals the served file.
+    static func allIntact(_ outputs: [String], original: String) throws -> [String] {
+        let expected = try TestSupport.sha256(original)
+        return try outputs.filter { try TestSupport.sha256($0) != expected }
+    }
+}
