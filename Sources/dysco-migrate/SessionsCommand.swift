@@ -45,10 +45,14 @@ struct SessionsCommand: AsyncParsableCommand {
             + "fast path \(snapshot.fastPath ? "on" : "off"), "
             + "up \(Int(snapshot.uptimeSeconds)) s, \(snapshot.sessions.count) session(s)"]
         if !snapshot.sessions.isEmpty {
-            let header = ["ID", "ROLE", "SESSION", "LEFT SUBSESSION", "RIGHT SUBSESSION", "STATE", "PATH", "PACKETS"]
-            let rows = snapshot.sessions.map { s in
-                ["\(s.id)", s.role.rawValue, "\(s.session)", s.left.map { "\($0)" } ?? "-",
-                 s.right.map { "\($0)" } ?? "-", s.state, s.path.rawValue, "\(s.packets)"]
+            let header = ["ID", "ROLE", "SESSION", "LEFT SUBSESSION", "RIGHT SUBSESSION", "STATE", "PATH", "MIGRATION",
+                          "PACKETS"]
+            let rows = snapshot.sessions.map { s -> [String] in
+                let left: String = s.left.map { "\($0)" } ?? "-"
+                let right: String = s.right.map { "\($0)" } ?? "-"
+                let migration: String = s.migration.map { "\($0) (\(s.paths ?? "old"))" } ?? "-"
+                return ["\(s.id)", s.role.rawValue, "\(s.session)", left, right, s.state, s.path.rawValue, migration,
+                        "\(s.packets)"]
             }
             let widths = header.indices.map { i in ([header[i]] + rows.map { $0[i] }).map(\.count).max() ?? 0 }
             for row in [header] + rows {
@@ -61,6 +65,14 @@ struct SessionsCommand: AsyncParsableCommand {
             + "\(c.translatedEgress), passed \(c.passedThrough), malformed \(c.malformedPackets), malformed Dysco "
             + "SYN \(c.malformedDyscoSyn), collisions \(c.collisions); sessions created \(c.sessionsCreated), "
             + "removed \(c.sessionsRemoved)")
+        lines.append("trust: trailer v1 refused \(c.trailerVersionOneRefused), bad MAC \(c.trailerBadMAC), forbidden address "
+            + "\(c.trailerForbiddenAddress); anchors: held \(c.anchorHeld), probes received \(c.probesReceived), "
+            + "late after leaving \(c.droppedAfterLeaving)")
+        if !snapshot.control.isEmpty {
+            let dropped = snapshot.control.filter { $0.key.hasPrefix("dropped.") }.sorted { $0.key < $1.key }
+            let migrations = snapshot.control.filter { $0.key.hasPrefix("migrations.") }.sorted { $0.key < $1.key }
+            lines.append("control: " + (migrations + dropped).map { "\($0.key) \($0.value)" }.joined(separator: ", "))
+        }
         return lines.joined(separator: "\n")
     }
 }
