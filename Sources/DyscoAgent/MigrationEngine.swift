@@ -256,33 +256,35 @@ final class MigrationEngine: @unchecked Sendable {
         }
     }
 
-    /// Makes the local endpoint announce its numbers (``PacketProcessor/anchorElicit(chainID:into:)``).
-    private func elicit(_ chainID: UInt64) {
+    /// Builds a packet with the processor (under its lock) and sends it through the raw socket, counting
+    /// `<name>.sent` / `<name>.failed` / `<name>.unknown-numbers`.
+    private func sendBuilt(_ name: String, _ chainID: UInt64,
+                           _ build: (inout PacketProcessor, UnsafeMutableRawPointer) -> (Int, IPv4Address)?) {
         withUnsafeTemporaryAllocation(byteCount: IPv4TCPPacket.maxBuiltLength, alignment: 16) { buffer in
             let base = buffer.baseAddress!
-            guard let (length, destination) = agent.processor.withLock({ $0.anchorElicit(chainID: chainID, into: base) }) else { return }
+            guard let (length, destination) = agent.processor.withLock({ build(&$0, base) }) else {
+                count("\(name).unknown-numbers")
+                return
+            }
             do {
                 try probes.send(UnsafeRawBufferPointer(start: base, count: length), to: destination)
-                count("elicits.sent")
+                count("\(name).sent")
             } catch {
-                count("elicits.failed")
+                count("\(name).failed")
+                logger.warning("\(name) not sent", metadata: ["session.chain": "\(String(chainID, radix: 16))", "error": "\(error)"])
             }
         }
+    }
+
+    /// Makes the local endpoint announce its numbers (``PacketProcessor/anchorElicit(chainID:into:)``).
+    private func elicit(_ chainID: UInt64) {
+        sendBuilt("elicits", chainID) { $0.anchorElicit(chainID: chainID, into: $1) }
     }
 
     /// Ends the anchor's zero-window clamp: the local endpoint gets a window update with the far side's real
     /// window (``PacketProcessor/anchorUnclamp(chainID:into:)``).
     private func unclamp(_ chainID: UInt64) {
-        withUnsafeTemporaryAllocation(byteCount: IPv4TCPPacket.maxBuiltLength, alignment: 16) { buffer in
-            let base = buffer.baseAddress!
-            guard let (length, destination) = agent.processor.withLock({ $0.anchorUnclamp(chainID: chainID, into: base) }) else { return }
-            do {
-                try probes.send(UnsafeRawBufferPointer(start: base, count: length), to: destination)
-                count("window-updates.sent")
-            } catch {
-                count("window-updates.failed")
-            }
-        }
+        sendBuilt("window-updates", chainID) { $0.anchorUnclamp(chainID: chainID, into: $1) }
     }
 
     static let pokes = 50
@@ -312,20 +314,11 @@ final class MigrationEngine: @unchecked Sendable {
         loop.asyncAfter(deadline: .now() + Self.pokeInterval) { [self] in poke(chainID, remaining: remaining - 1) }
     }
 
+    /// A window-opening probe on the new path (``PacketProcessor/anchorProbe(chainID:into:)``).
     private func sendProbe(_ chainID: UInt64) {
-        withUnsafeTemporaryAllocation(byteCount: IPv4TCPPacket.pureAckLength, alignment: 16) { buffer in
-            let base = buffer.baseAddress!
-            guard let length = agent.processor.withLock({ $0.anchorProbe(chainID: chainID, into: base) }) else {
-                count("probes.unknown-numbers")
-                return
-            }
-            let destination = IPv4Address(UInt32(bigEndian: base.loadUnaligned(fromByteOffset: 16, as: UInt32.self)))
-            do {
-                try probes.send(UnsafeRawBufferPointer(start: base, count: length), to: destination)
-                count("probes.sent")
-            } catch {
-                count("probes.failed")
-                logger.warning("probe not sent", metadata: ["session.chain": "\(String(chainID, radix: 16))", "error": "\(error)"])
+        sendBuilt("probes", chainID) { state, base in
+            state.anchorProbe(chainID: chainID, into: base).map { length in
+                (length, IPv4Address(UInt32(bigEndian: base.loadUnaligned(fromByteOffset: 16, as: UInt32.self))))
             }
         }
     }

@@ -159,13 +159,7 @@ public struct PacketProcessor: Sendable {
                 if isInitialSyn, hasTrailer(packet) {
                     // A retransmitted Dysco SYN: authenticated like the first one, and it must repeat the
                     // session and identity this subsession was created with; then strip the trailer again.
-                    let decoded: (DyscoSynPayload, Int)
-                    switch decodeTrailer(packet, tuple: key) {
-                    case .success(let value): decoded = value
-                    case .failure(let error):
-                        countTrailerError(error, key: key)
-                        return .drop
-                    }
+                    guard let decoded = verifiedTrailer(packet, key: key) else { return .drop }
                     guard let record = table.records[translation.id], decoded.0.session == record.session,
                           decoded.0.identity == record.identity else {
                         counters.collisions &+= 1
@@ -229,17 +223,20 @@ public struct PacketProcessor: Sendable {
 
     // MARK: - SYN handling (paper §2.1)
 
+    /// The packet's trailer if it decodes and authenticates; otherwise counted (by reason) and nil (drop it).
+    private mutating func verifiedTrailer(_ packet: IPv4TCPPacket, key: FiveTuple) -> (DyscoSynPayload, Int)? {
+        switch decodeTrailer(packet, tuple: key) {
+        case .success(let value): return value
+        case .failure(let error):
+            countTrailerError(error, key: key)
+            return nil
+        }
+    }
+
     /// A Dysco SYN from the left: record the session, strip the trailer, deliver the session header.
     private mutating func ingressNewSyn(_ packet: inout IPv4TCPPacket, key: FiveTuple, checksum: ChecksumState,
                                         now: UInt64) -> Verdict {
-        let decoded: (DyscoSynPayload, Int)
-        switch decodeTrailer(packet, tuple: key) {
-        case .success(let value): decoded = value
-        case .failure(let error):
-            countTrailerError(error, key: key)
-            return .drop
-        }
-        let (payload, trailerLength) = decoded
+        guard let (payload, trailerLength) = verifiedTrailer(packet, key: key) else { return .drop }
         if let existing = table.bySession[payload.session], isClosing(existing) { removeSession(existing, reason: "reused") }
         let id: SessionTable.SessionID
         do {
