@@ -28,6 +28,9 @@ public struct MigrationCoordinator: Sendable {
         /// How long a new box keeps its part of a reconfiguration (for retransmitted newPathSyn / statePut)
         /// before forgetting it: nothing tells a new box that the reconfiguration ended well.
         public var newBoxLinger: UInt64 = 60_000_000_000
+        /// A right anchor whose left anchor falls silent (crashed, partitioned) gives up after this long without
+        /// a message of the reconfiguration: it goes back to the old path (and reopens its endpoint's window).
+        public var rightAnchorSilence: UInt64 = 10_000_000_000
         public init() {}
     }
 
@@ -107,6 +110,11 @@ public struct MigrationCoordinator: Sendable {
     private mutating func receive(_ m: ControlMessage, from: IPv4Address, context: SessionContext?, now: UInt64,
                                   _ out: inout [Action]) {
         let chainID = m.identity.chainID
+        if let r = rightAnchors[chainID], r.requestID == m.requestID {
+            // The left anchor is alive: the right anchor's silence timer starts again.
+            out.append(.setTimer(TimerKey(chainID: chainID, role: .rightAnchor, kind: .deadline),
+                                 afterNanoseconds: settings.rightAnchorSilence))
+        }
         switch m.body {
         case .trigger(let trigger):
             receiveTrigger(m, trigger: trigger, from: from, context: context, now: now, &out)
@@ -416,6 +424,8 @@ public struct MigrationCoordinator: Sendable {
                 rightAnchors[chainID] = RightAnchor(requestID: m.requestID, identity: m.identity, session: m.session,
                                                     leftAnchor: m.leftAnchor, rightAnchor: context.me)
                 out.append(.hold(chainID: chainID, side: .left, stateful: true))
+                out.append(.setTimer(TimerKey(chainID: chainID, role: .rightAnchor, kind: .deadline),
+                                     afterNanoseconds: settings.rightAnchorSilence))
                 if rightDelta != 0 { out.append(.setDelta(chainID: chainID, rightDelta)) }
             }
             out.append(.send(m.answer(.ackLock(leftDelta: 0, rightDelta: rightDelta)), to: left))
@@ -491,6 +501,7 @@ public struct MigrationCoordinator: Sendable {
         if m.rightAnchor == context.me {
             if let r = rightAnchors[chainID], r.requestID == m.requestID {
                 rightAnchors[chainID] = nil
+                out.append(.cancelTimer(TimerKey(chainID: chainID, role: .rightAnchor, kind: .deadline)))
                 out.append(.cancelAnchor(chainID: chainID))
             }
             out.append(.send(m.answer(.ackCancel), to: from))
@@ -720,6 +731,7 @@ public struct MigrationCoordinator: Sendable {
                     out.append(.releaseBuffer(chainID: chainID))
                 }
                 rightAnchors[chainID] = nil
+                out.append(.cancelTimer(TimerKey(chainID: chainID, role: .rightAnchor, kind: .deadline)))
                 out.append(.finishAnchor(chainID: chainID))
             }
             out.append(.send(m.answer(.oldPathFinAck), to: from))
@@ -900,6 +912,14 @@ public struct MigrationCoordinator: Sendable {
         switch (key.role, key.kind) {
         case (.newBox, _):
             newBoxes[chainID] = nil  // the session itself stays (it is on the new path, or expires by idleness)
+        case (.rightAnchor, _):
+            guard let r = rightAnchors[chainID] else { return }
+            if r.released {
+                out.append(.finishAnchor(chainID: chainID))  // data already flows on the new path
+            } else {
+                out.append(.cancelAnchor(chainID: chainID))
+            }
+            rightAnchors[chainID] = nil
         case (.controller, _):
             guard var c = controllers[chainID] else { return }
             if now >= c.giveUpAt {
