@@ -23,3 +23,6 @@ unit:             ## only the tests that need no root
 
 bench: release    ## data-plane benchmark: kernel forwarding vs the Dysco chain, same invocation
 	$(BIN) bench dataplane
+
+bench-replace: release  ## replace benchmark: 100 live paced sessions fw1 → fw2, stateful then stateless, vs the prototype-style state transfer
+	$(BIN) bench replace --both

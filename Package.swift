@@ -60,7 +60,7 @@ let package = Package(
         .target(
             name: "DyscoAgent",
             dependencies: [
-                "DyscoCore", "MigrationCoordinator", "AnchorBuffer", "ConntrackState",
+                "DyscoCore", "MigrationCoordinator", "AnchorBuffer",
                 "CNetfilterQueue", "CNftables", "CLinux", "DyscoSystem",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -70,7 +70,7 @@ let package = Package(
         .target(
             name: "ConntrackState",
             dependencies: [
-                "CConntrack", "DyscoSystem",
+                "CConntrack", "DyscoSystem", "DyscoCore",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),

@@ -29,6 +29,8 @@ public final class DataplaneAgent: @unchecked Sendable {
         public var bufferLimits = AnchorBuffer<HeldPacket>.Limits()
         /// Accept migrated firewall state (a new box of a stateful replacement); false refuses every import.
         public var acceptState = true
+        /// The firewall's per-session state for stateful migrations (the CLI gives ConntrackStateStore).
+        public var stateStore: (any FirewallStateStore)?
         /// The deployment's trust keys (paper §2.3): Dysco SYN trailers are signed with the current key and
         /// accepted under the current or previous one. Required: there is no unauthenticated mode.
         public var trust: TrustGroup
@@ -61,6 +63,7 @@ public final class DataplaneAgent: @unchecked Sendable {
     private let wakeup: Wakeup
     /// Work for the packet thread (buffer releases), posted by other threads; see ``Wakeup``.
     private let packetWork = Mutex<[UInt64]>([])
+    private let workPosted = Atomic<Bool>(false)
     // Confined to the packet thread.
     private var buffer: AnchorBuffer<HeldPacket>
     private var quietTimer: DispatchSourceTimer?
@@ -131,7 +134,8 @@ public final class DataplaneAgent: @unchecked Sendable {
         timer.resume()
         self.timer = timer
         let engine = try MigrationEngine(agent: self, trust: options.trust,
-                                         settings: .init(controlPort: options.controlPort, acceptState: options.acceptState),
+                                         settings: .init(controlPort: options.controlPort, acceptState: options.acceptState,
+                                                        stateStore: options.stateStore),
                                          logger: logger)
         try engine.start()
         migration = engine
@@ -216,6 +220,7 @@ public final class DataplaneAgent: @unchecked Sendable {
     /// Issues a session's held packets, in order, with the translations now in force (packet thread).
     func releaseBuffer(_ chainID: UInt64) {
         packetWork.withLock { $0.append(chainID) }
+        workPosted.store(true, ordering: .releasing)
         wakeup.signal()
     }
 
@@ -249,7 +254,11 @@ public final class DataplaneAgent: @unchecked Sendable {
             // Read what is waiting (bounded, so posted work is not starved under load).
             for _ in 0..<64 {
                 do {
-                    if try !queueSocket.receive({ packet in try handle(&packet, scratch: scratch) }) { break }
+                    if try !queueSocket.receive({ packet in
+                        // Posted releases first: a released session's held packets go before its later ones.
+                        if workPosted.load(ordering: .relaxed) { runPacketWork(scratch: scratch) }
+                        try handle(&packet, scratch: scratch)
+                    }) { break }
                 } catch {
                     if stopping.load(ordering: .relaxed) { break }
                     logger.error("nfqueue error", metadata: ["error": "\(error)"])
@@ -263,11 +272,14 @@ public final class DataplaneAgent: @unchecked Sendable {
     /// Releases the buffers other threads asked for: each held packet goes through the processor again (now
     /// translated for the path in force) and gets its verdict, in the order it came.
     private func runPacketWork(scratch: UnsafeMutableRawPointer) {
+        workPosted.store(false, ordering: .relaxed)
         let chains = packetWork.withLock { work in
             defer { work.removeAll() }
             return work
         }
         for chainID in chains {
+            // On the packet thread, so no packet of the queue is handled between these two steps.
+            processor.withLock { $0.endRelease(chainID: chainID) }
             for held in buffer.take(session: chainID) {
                 var bytes = held.bytes
                 let (verdict, events, actions, anchorEvents) = bytes.withUnsafeMutableBytes { raw in

@@ -1,5 +1,4 @@
 import CLinux
-import ConntrackState
 import DyscoCore
 import DyscoSystem
 import Foundation
@@ -18,6 +17,8 @@ final class MigrationEngine: @unchecked Sendable {
         var quietNanoseconds: UInt64 = 20_000_000
         /// This box accepts migrated firewall state (`--accept-state`); false refuses every import.
         var acceptState = true
+        /// The firewall's per-session state (nil: this agent cannot take part in stateful migrations as a box).
+        var stateStore: (any FirewallStateStore)?
     }
 
     private let trust: TrustGroup
@@ -28,7 +29,6 @@ final class MigrationEngine: @unchecked Sendable {
     /// Serializes event handling (one event and the events its actions produce at a time).
     private let loop = DispatchQueue(label: "dysco-migration")
     private let conntrackQueue = DispatchQueue(label: "dysco-conntrack")
-    private var conntrack: ConntrackTable?  // used on conntrackQueue only
     private var control: ControlPlane?
     private let probes: RawPacketSender
     private let timers = Mutex<[TimerKey: UInt64]>([:])
@@ -323,36 +323,18 @@ final class MigrationEngine: @unchecked Sendable {
         }
     }
 
-    // MARK: - Conntrack (the firewall's state; ConntrackState, libnetfilter_conntrack)
-
-    private func table() throws -> ConntrackTable {
-        if let conntrack { return conntrack }
-        let opened = try ConntrackTable(namespace: .current, logger: logger)
-        conntrack = opened
-        return opened
-    }
-
-    private static func flowKey(_ session: FiveTuple) -> FlowKey {
-        func address(_ a: IPv4Address) -> IPAddress {
-            .v4(UInt8(a.value >> 24), UInt8(a.value >> 16 & 0xff), UInt8(a.value >> 8 & 0xff), UInt8(a.value & 0xff))
-        }
-        return FlowKey(src: address(session.srcAddr), sport: session.srcPort, dst: address(session.dstAddr),
-                       dport: session.dstPort)
-    }
+    // MARK: - The firewall's state (FirewallStateStore: conntrack via ConntrackState in the product)
 
     private func exportState(chainID: UInt64, requestID: UInt32, session: FiveTuple) {
         conntrackQueue.async { [self] in
             let started = dysco_monotonic_ns()
             let result: Result<[UInt8], StepFailure>
-            do {
-                let export = try table().export(.flows([Self.flowKey(session)]), host: ConntrackTable.hostLabel(namespace: .current))
-                if export.document.entries.isEmpty {
-                    result = .failure(StepFailure("no conntrack entry for \(session) at the old box"))
-                } else {
-                    result = .success([UInt8](try export.document.encoded(pretty: false)))
+            if let store = settings.stateStore {
+                do { result = .success(try store.exportState(session: session)) } catch {
+                    result = .failure(StepFailure("\(error)"))
                 }
-            } catch {
-                result = .failure(StepFailure("conntrack export: \(error)"))
+            } else {
+                result = .failure(StepFailure("this agent has no firewall state store"))
             }
             let micros = UInt32(clamping: (dysco_monotonic_ns() - started) / 1000)
             loop.async { [self] in dispatch(.stateExported(chainID: chainID, requestID: requestID, result, micros: micros)) }
@@ -365,18 +347,12 @@ final class MigrationEngine: @unchecked Sendable {
             let result: Result<Void, StepFailure>
             if !settings.acceptState {
                 result = .failure(StepFailure("this box does not accept migrated state (agent --accept-state no)"))
-            } else {
-                do {
-                    let document = try StateDocument.decode(Data(bytes))
-                    let report = try table().importDocument(document, options: ImportOptions(existing: .replace))
-                    if report.succeeded, report.created + report.replaced == document.entries.count {
-                        result = .success(())
-                    } else {
-                        result = .failure(StepFailure(report.summary))
-                    }
-                } catch {
+            } else if let store = settings.stateStore {
+                do { try store.importState(bytes); result = .success(()) } catch {
                     result = .failure(StepFailure("\(error)"))
                 }
+            } else {
+                result = .failure(StepFailure("this agent has no firewall state store"))
             }
             let micros = UInt32(clamping: (dysco_monotonic_ns() - started) / 1000)
             loop.async { [self] in dispatch(.stateImported(chainID: chainID, requestID: requestID, result, micros: micros)) }
@@ -384,9 +360,8 @@ final class MigrationEngine: @unchecked Sendable {
     }
 
     private func deleteState(_ session: FiveTuple) {
-        conntrackQueue.async { [self] in
-            _ = try? table().delete([Self.flowKey(session)])
-        }
+        guard let store = settings.stateStore else { return }
+        conntrackQueue.async { store.deleteState(session: session) }
     }
 
     // MARK: - Inspection

@@ -124,6 +124,7 @@ extension PacketProcessor {
 
     public mutating func anchorSetPhase(chainID: UInt64, _ phase: AnchorState.Phase, now: UInt64) {
         guard let id = id(chainID), let record = table.records[id], var m = record.migration else { return }
+        if phase == .released, m.phase == .buffering || m.phase == .probing { releasing[chainID] = m.side }
         if phase == .released, m.phase == .locked { m.stateful = false }
         if phase == .buffering { m.stateful = true }
         m.enter(phase)
@@ -240,6 +241,7 @@ extension PacketProcessor {
     /// the buffer, which this processor now translates onto the old path).
     public mutating func anchorCancel(chainID: UInt64) {
         guard let id = id(chainID), let m = table.records[id]?.migration else { return }
+        releasing[chainID] = m.side
         if m.promoted { table.promote(id, m.side) }
         table.dropOther(id, m.side)
         endTracking(id)
@@ -308,6 +310,12 @@ extension PacketProcessor {
             anchorEvents.append(.drained(chainID: record.identity.chainID))
             table.update(record.id) { $0.migration = m }
         }
+    }
+
+    /// The shell starts releasing a session's held packets (on the packet thread): later packets are no longer
+    /// held behind them.
+    public mutating func endRelease(chainID: UInt64) {
+        releasing.removeValue(forKey: chainID)
     }
 
     public mutating func takeAnchorEvents() -> [AnchorEvent] {

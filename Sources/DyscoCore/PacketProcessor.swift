@@ -121,6 +121,10 @@ public struct PacketProcessor: Sendable {
     public var anchorEvents: [AnchorEvent] = []
     /// Ingress keys of sessions this host left in a reconfiguration, until when late packets on them are dropped.
     public internal(set) var departed: [FiveTuple: UInt64] = [:]
+    /// Sessions whose held packets the shell is about to release (chain id → the segment's side): until it
+    /// has (``endRelease(chainID:)``, on the packet thread), their later packets towards the segment are held
+    /// too, so that none overtakes a held one.
+    public internal(set) var releasing: [UInt64: SessionTable.Side] = [:]
     /// Sessions with anchor state (``SessionTable/Record/migration``); zero keeps the per-packet cost at one compare.
     public internal(set) var anchoring = 0
 
@@ -195,6 +199,13 @@ public struct PacketProcessor: Sendable {
                     return egressNewSyn(&packet, key: key, capacity: capacity, now: now) ?? pass()
                 }
                 var target = translation.target
+                if !releasing.isEmpty, let record = table.records[translation.id],
+                   let side = releasing[record.identity.chainID], (side == .right) == (translation.direction == .forward),
+                   flags.isDisjoint(with: [.syn, .rst]) {
+                    // The session's held packets are about to be released: later ones wait behind them (FIFO).
+                    counters.anchorHeld &+= 1
+                    return .hold(chainID: record.identity.chainID)
+                }
                 if anchoring > 0, table.records[translation.id]?.migration != nil {
                     switch anchorEgress(&packet, translation: translation, flags: flags, now: now) {
                     case .hold:

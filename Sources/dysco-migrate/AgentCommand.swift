@@ -1,4 +1,5 @@
 import ArgumentParser
+import ConntrackState
 import DyscoCore
 import DyscoAgent
 import DyscoSystem
@@ -167,6 +168,7 @@ struct AgentCommand: AsyncParsableCommand {
         options.queue = queue
         options.controlPort = controlPort
         options.acceptState = acceptState == .yes
+        options.stateStore = ConntrackStateStore(logger: logger)
         options.portRange = parsedPortRange!
         options.settings.idleTimeout = UInt64(idleTimeout) * 1_000_000_000
         options.settings.closeLinger = UInt64(closeLinger * 1e9)

@@ -7,7 +7,7 @@ struct BenchCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
         abstract: "Benchmarks that print figures (and assert nothing).",
-        subcommands: [Dataplane.self, Connect.self, Sink.self]
+        subcommands: [Dataplane.self, Replace.self, Connect.self, Sink.self]
     )
 
     struct Dataplane: AsyncParsableCommand {
@@ -57,6 +57,77 @@ struct BenchCommand: AsyncParsableCommand {
             case nil: options.referenceScript = FileManager.default.fileExists(atPath: defaultReference) ? defaultReference : nil
             }
             let report = try DataplaneBenchmark(options: options, logger: logger).run()
+            if json {
+                let encoder = JSONEncoder()
+                encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+                print(String(decoding: try encoder.encode(report), as: UTF8.self))
+            } else {
+                print(report.text)
+            }
+        }
+    }
+
+    struct Replace: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Moves N live sessions fw1 → fw2 with `replace` and prints per-phase latency percentiles.",
+            discussion: """
+                Builds lab bench-rp (stateful: fw2 a strict conntrack firewall, 10.79.90.0/24) or bench-rps \
+                (--stateless: fw2 open, 10.79.91.0/24) with one client per 25 sessions, starts --sessions \
+                sender-paced downloads (--megabytes each at --rate MiB/s), waits until fw1 carries them all, asks \
+                fw1's agent to replace fw1 with fw2 for all of them and prints: sessions moved, per-session total, \
+                paper measure and phase latencies (p50/p90/p99/max), the batch's time and rate, the endpoints' TCP \
+                retransmissions and fw2's INVALID drops during the window, and whether every download arrived \
+                byte-exact (sha256). Then runs the prototype-style state transfer reference \
+                (../shared/bench/state-transfer-prototype-ref.sh, looked up relative to the current directory and \
+                to the binary's repository) and prints the ratios. --both runs stateful, then stateless. Needs \
+                root; removes its labs (also on error or Ctrl-C).
+                """
+        )
+
+        @Option(help: "Live sessions to move.") var sessions = 100
+        @Flag(help: "Stateless replacement only (fw2 open, no state moves).") var stateless = false
+        @Flag(help: "Stateful, then stateless, in one invocation (two labs one after the other).") var both = false
+        @Option(help: "MiB per download (with --rate: how long each session stays mid-transfer).") var megabytes = 12
+        @Option(help: "Pace of each download, MiB/s.") var rate = 1.0
+        @Option(help: "Per-session migration deadline, ms (as `replace --deadline`).") var deadline: UInt32 = 3000
+        @Option(help: "Sessions per client host (one client per this many sessions, at most 20 clients).")
+        var sessionsPerClient = 25
+        @Option(help: "Reference script (default: ../shared/bench/state-transfer-prototype-ref.sh if found; 'none' to skip).")
+        var reference: String?
+        @Option(help: "Extra argument for every agent (repeatable).") var agentArg: [String] = []
+        @Flag(help: "Print the report as JSON.") var json = false
+
+        func validate() throws {
+            guard (1...2000).contains(sessions) else { throw ValidationError("--sessions must be 1...2000") }
+            guard megabytes > 0, rate > 0 else { throw ValidationError("--megabytes and --rate must be positive") }
+            guard !(stateless && both) else { throw ValidationError("--stateless and --both exclude each other") }
+            guard sessionsPerClient > 0 else { throw ValidationError("--sessions-per-client must be positive") }
+            guard (1...600_000).contains(deadline) else { throw ValidationError("--deadline must be 1...600000 ms") }
+        }
+
+        func run() async throws {
+            var logger = Logger(label: "dysco-migrate.bench")
+            logger.logLevel = .info
+            var options = ReplaceBenchmark.Options()
+            options.sessions = sessions
+            options.megabytes = megabytes
+            options.rateMiBps = rate
+            options.modes = both ? [.stateful, .stateless] : stateless ? [.stateless] : [.stateful]
+            options.deadlineMilliseconds = deadline
+            options.sessionsPerClient = sessionsPerClient
+            options.agentArguments = agentArg
+            switch reference {
+            case "none":
+                options.referenceScript = nil
+                options.referenceMissing = "skipped (--reference none)"
+            case .some(let path):
+                options.referenceScript = path
+            case nil:
+                let (found, tried) = ReplaceBenchmark.findReferenceScript()
+                options.referenceScript = found
+                if found == nil { options.referenceMissing = "not found (looked for \(tried.joined(separator: ", ")))" }
+            }
+            let report = try await ReplaceBenchmark(options: options, logger: logger).run()
             if json {
                 let encoder = JSONEncoder()
                 encoder.outputFormatting = [.prettyPrinted, .sortedKeys]

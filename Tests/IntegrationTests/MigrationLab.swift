@@ -19,44 +19,9 @@ enum MigrationLab {
                 firewallProfiles: firewallProfiles, attackers: attackers)
     }
 
-    /// Serves `root` on `port`, each response paced at `bytesPerSecond` by the sender (threaded).
-    static let pacedServer = """
-        import http.server, os, socketserver, sys, time
-        root, addr, port, rate = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                path = os.path.join(root, self.path.lstrip('/'))
-                size = os.path.getsize(path)
-                self.send_response(200)
-                self.send_header('Content-Length', str(size))
-                self.end_headers()
-                start, sent = time.monotonic(), 0
-                with open(path, 'rb') as f:
-                    while True:
-                        chunk = f.read(32768)
-                        if not chunk: break
-                        self.wfile.write(chunk)
-                        sent += len(chunk)
-                        ahead = sent / rate - (time.monotonic() - start)
-                        if ahead > 0: time.sleep(ahead)
-            def log_message(self, *args): pass
-        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
-            daemon_threads = True
-            request_queue_size = 1024
-        Server((addr, port), Handler).serve_forever()
-        """
-
+    /// The sender-paced server (``PacedHTTPServer`` in DyscoLab, shared with `bench replace`) on server1.
     static func startPacedServer(_ lab: Lab, megabytesPerSecond: Double) throws {
-        let server = lab.address(of: "server1")
-        try lab.spawn("server1", ["/usr/bin/python3", "-c", pacedServer, lab.httpRoot, "\(server)", "\(pacedPort)",
-                                  "\(megabytesPerSecond * 1_048_576)"], logPath: "\(lab.directory)/paced.log")
-        let deadline = Date().addingTimeInterval(10)
-        while Date() < deadline {
-            if (try? lab.exec("client1", ["curl", "-sS", "-o", "/dev/null", "--max-time", "2",
-                                          "http://\(server):\(pacedPort)/index.html"], check: true)) != nil { return }
-            usleep(100_000)
-        }
-        throw LabError.setupFailed("paced server did not answer")
+        try PacedHTTPServer.start(lab, port: pacedPort, bytesPerSecond: megabytesPerSecond * 1_048_576)
     }
 
     /// `count` parallel downloads of `file` from the paced server, running in the background.

@@ -1,0 +1,65 @@
+import DyscoCore
+import Foundation
+import Logging
+
+/// The agent's firewall state for migrations: conntrack entries of this namespace, by session tuple
+/// (``FirewallStateStore``). Not thread-safe: the agent uses it from one serial queue.
+public final class ConntrackStateStore: FirewallStateStore, @unchecked Sendable {
+    private let logger: Logger
+    private var handle: ConntrackTable?
+
+    public init(logger: Logger) { self.logger = logger }
+
+    private func table() throws(FirewallStateError) -> ConntrackTable {
+        if let handle { return handle }
+        do {
+            let opened = try ConntrackTable(namespace: .current, logger: logger)
+            handle = opened
+            return opened
+        } catch {
+            throw FirewallStateError("cannot open conntrack: \(error)")
+        }
+    }
+
+    static func flowKey(_ session: FiveTuple) -> FlowKey {
+        func address(_ a: IPv4Address) -> IPAddress {
+            .v4(UInt8(a.value >> 24), UInt8(a.value >> 16 & 0xff), UInt8(a.value >> 8 & 0xff), UInt8(a.value & 0xff))
+        }
+        return FlowKey(src: address(session.srcAddr), sport: session.srcPort, dst: address(session.dstAddr),
+                       dport: session.dstPort)
+    }
+
+    public func exportState(session: FiveTuple) throws(FirewallStateError) -> [UInt8] {
+        let table = try table()
+        do {
+            let export = try table.export(.flows([Self.flowKey(session)]), host: ConntrackTable.hostLabel(namespace: .current))
+            guard !export.document.entries.isEmpty else {
+                throw FirewallStateError("no conntrack entry for \(session) at the old box")
+            }
+            return [UInt8](try export.document.encoded(pretty: false))
+        } catch let error as FirewallStateError {
+            throw error
+        } catch {
+            throw FirewallStateError("conntrack export: \(error)")
+        }
+    }
+
+    public func importState(_ bytes: [UInt8]) throws(FirewallStateError) {
+        let table = try table()
+        do {
+            let document = try StateDocument.decode(Data(bytes))
+            let report = try table.importDocument(document, options: ImportOptions(existing: .replace))
+            guard report.succeeded, report.created + report.replaced == document.entries.count else {
+                throw FirewallStateError(report.summary)
+            }
+        } catch let error as FirewallStateError {
+            throw error
+        } catch {
+            throw FirewallStateError("\(error)")
+        }
+    }
+
+    public func deleteState(session: FiveTuple) {
+        _ = try? table().delete([Self.flowKey(session)])
+    }
+}
