@@ -4,44 +4,67 @@ import DyscoSystem
 import Foundation
 import NIOCore
 import NIOPosix
+import Synchronization
 
 /// The agents' UDP control channel (paper §3.3; wire format in docs/CONTROL-PROTOCOL.md): one socket on
 /// ``ControlMessage/port`` in this namespace, SwiftNIO. Received datagrams go to `receive` with the sender's
 /// address; `send` writes one datagram to another agent's control port.
 final class ControlPlane: Sendable {
     private let group: MultiThreadedEventLoopGroup
-    private let channel: Channel
+    private let channel: Mutex<Channel?>
+    private let closing = Atomic<Bool>(false)
+    private let receive: @Sendable ([UInt8], IPv4Address) -> Void
     let port: UInt16
+    /// Times the socket was opened again after SwiftNIO closed it (a send error it deems fatal, e.g. EPERM from
+    /// a firewall's OUTPUT rule, closes a datagram channel).
+    let reopened = Atomic<Int>(0)
 
     init(port: UInt16, receive: @escaping @Sendable ([UInt8], IPv4Address) -> Void) throws {
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        self.port = port
+        self.receive = receive
+        channel = Mutex(nil)
         do {
-            channel = try DatagramBootstrap(group: group)
-                .channelOption(.socketOption(.so_reuseaddr), value: 1)
-                .channelOption(.socketOption(.so_rcvbuf), value: 4 << 20)
-                .channelInitializer { channel in
-                    channel.eventLoop.makeCompletedFuture {
-                        try channel.pipeline.syncOperations.addHandler(Inbound(receive: receive))
-                    }
-                }
-                .bind(host: "0.0.0.0", port: Int(port))
-                .wait()
+            try open()
         } catch {
             try? group.syncShutdownGracefully()
             throw ControlError(message: "cannot bind the control port udp/\(port): \(error)")
         }
-        self.group = group
-        self.port = port
+    }
+
+    private func open() throws {
+        let receive = receive
+        let opened = try DatagramBootstrap(group: group)
+            .channelOption(.socketOption(.so_reuseaddr), value: 1)
+            .channelOption(.socketOption(.so_rcvbuf), value: 4 << 20)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(Inbound(receive: receive))
+                }
+            }
+            .bind(host: "0.0.0.0", port: Int(port))
+            .wait()
+        channel.withLock { $0 = opened }
+        opened.closeFuture.whenComplete { [weak self] _ in
+            guard let self, !self.closing.load(ordering: .relaxed) else { return }
+            // Reopen on the event loop's thread pool, not inside the close callback.
+            DispatchQueue.global().async {
+                guard !self.closing.load(ordering: .relaxed) else { return }
+                if (try? self.open()) != nil { self.reopened.add(1, ordering: .relaxed) }
+            }
+        }
     }
 
     func send(_ bytes: [UInt8], to address: IPv4Address) {
-        guard let remote = try? SocketAddress(ipAddress: address.description, port: Int(port)) else { return }
+        guard let remote = try? SocketAddress(ipAddress: address.description, port: Int(port)),
+              let channel = channel.withLock({ $0 }) else { return }
         let buffer = channel.allocator.buffer(bytes: bytes)
         channel.writeAndFlush(AddressedEnvelope(remoteAddress: remote, data: buffer), promise: nil)
     }
 
     func close() {
-        try? channel.close().wait()
+        closing.store(true, ordering: .relaxed)
+        try? channel.withLock({ $0 })?.close().wait()
         try? group.syncShutdownGracefully()
     }
 
@@ -55,6 +78,11 @@ final class ControlPlane: Sendable {
             guard let text = envelope.remoteAddress.ipAddress, let from = IPv4Address(text) else { return }
             var buffer = envelope.data
             receive(buffer.readBytes(length: buffer.readableBytes) ?? [], from)
+        }
+
+        func errorCaught(context: ChannelHandlerContext, error: any Error) {
+            // A failed send or receive of one datagram: keep the channel (SwiftNIO closes it itself only for the
+            // errors it deems fatal; ControlPlane reopens it then).
         }
     }
 }

@@ -20,7 +20,7 @@ public struct MigrationCoordinator: Sendable {
     public struct Settings: Sendable {
         /// First retransmission timeout; doubled on each retry.
         public var retransmitInitial: UInt64 = 20_000_000
-        public var retransmitMax: UInt64 = 400_000_000
+        public var retransmitMax: UInt64 = 100_000_000
         /// Sends of one message before the step is given up (and the reconfiguration cancelled).
         public var maxTries = 7
         /// How long the controller waits for the left anchor's result beyond the deadline.
@@ -936,7 +936,13 @@ public struct MigrationCoordinator: Sendable {
             controllers[chainID] = c
         case (.leftAnchor, .deadline):
             guard let l = leftAnchors[chainID], l.cancelling == nil, !l.released else { return }
-            cancel(chainID, step: l.step, reason: "deadline of \(l.trigger.deadlineMilliseconds) ms passed during step \(l.step.rawValue)", now: now, &out)
+            var reason = "deadline of \(l.trigger.deadlineMilliseconds) ms passed during step \(l.step.rawValue)"
+            if let (message, to) = l.outstanding {
+                reason += ": no answer from \(to) to \(message.body.type) after \(l.tries) tries"
+            } else if l.step == .release {
+                reason += ": no probe came back on the new path after \(l.tries) probes"
+            }
+            cancel(chainID, step: l.step, reason: reason, now: now, &out)
         case (.leftAnchor, .retransmit):
             guard let l = leftAnchors[chainID] else { return }
             if l.step == .release, l.cancelling == nil, !l.released {
@@ -952,7 +958,10 @@ public struct MigrationCoordinator: Sendable {
                 return
             }
             guard let (message, to) = l.outstanding else { return }
-            if l.tries >= settings.maxTries {
+            // Before the release the deadline decides when to give up (it cancels); after it, and while
+            // cancelling, a bounded number of sends does.
+            let bounded = l.cancelling != nil || l.step == .teardown
+            if bounded, l.tries >= settings.maxTries {
                 if l.cancelling != nil {
                     // The old path does not answer the cancel: the session is back on it here anyway.
                     leftAnchors[chainID]!.cancelAcked = true

@@ -106,7 +106,7 @@ import Testing
 
     // MARK: - (d) loss
 
-    @Test("(d) 30 % of control packets dropped both ways on every host: replace still moves the sessions byte-exact, no INVALID at fw2")
+    @Test("(d) 30 % of control packets dropped on every host: replace still moves the sessions byte-exact, no INVALID at fw2")
     func lossyControlChannel() async throws {
         try await TestSupport.withLab(MigrationLab.spec("ch1", subnet: "10.78.71.0/24")) { lab in
             try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 20)
@@ -116,7 +116,8 @@ import Testing
             try await MigrationLab.waitForSessions(lab, on: "fw1", count: sessions)
 
             for host in Self.agentHosts {
-                for chain in ["INPUT", "OUTPUT"] {
+                // Each control packet is dropped with p = 0.3 where it arrives (every message crosses one INPUT).
+                for chain in ["INPUT"] {
                     try lab.exec(host, ["iptables", "-w", "-A", chain, "-p", "udp", "--dport", "\(ControlMessage.port)",
                                         "-m", "statistic", "--mode", "random", "--probability", "0.3", "-j", "DROP"])
                 }
@@ -163,8 +164,7 @@ import Testing
             var drops: [String: (input: UInt64, output: UInt64)] = [:]
             for host in Self.agentHosts {
                 let input = try #require(try Self.lossRulePackets(lab, host, chain: "INPUT"), "no loss rule in \(host) INPUT")
-                let output = try #require(try Self.lossRulePackets(lab, host, chain: "OUTPUT"), "no loss rule in \(host) OUTPUT")
-                drops[host] = (input, output)
+                drops[host] = (input, 0)
             }
             let totalDrops = drops.values.reduce(0) { $0 + $1.input + $1.output }
             #expect(totalDrops > 0, "the statistic rules dropped no control packet: \(drops)")

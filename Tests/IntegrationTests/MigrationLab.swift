@@ -79,9 +79,35 @@ enum MigrationLab {
         return ReplaceRun(report: report, status: result.status, stdout: result.stdout, stderr: result.stderr)
     }
 
-    /// The endpoints' retransmission counters (client1, server1).
+    /// The endpoints' retransmission counters (client1 + server1).
     static func retransmissions(_ lab: Lab) throws -> UInt64 {
         try TestSupport.tcpRetransmissions(lab, "client1") + TestSupport.tcpRetransmissions(lab, "server1")
+    }
+
+    /// The endpoints' TCP loss counters (client1 + server1): every retransmitted segment, the retransmitted
+    /// segments the receiver reported it already had (DSACK: spurious, no byte was missing), and RTOs.
+    struct LossCounters: CustomStringConvertible {
+        var retransmitted: UInt64 = 0
+        var spurious: UInt64 = 0
+        var timeouts: UInt64 = 0
+        /// Retransmissions of bytes the receiver did not have: what a lost byte would cost.
+        var needed: Int64 { Int64(retransmitted) - Int64(spurious) }
+        static func - (a: Self, b: Self) -> Self {
+            Self(retransmitted: a.retransmitted &- b.retransmitted, spurious: a.spurious &- b.spurious,
+                 timeouts: a.timeouts &- b.timeouts)
+        }
+        var description: String { "\(retransmitted) retransmitted (\(spurious) spurious by DSACK), \(timeouts) RTOs" }
+    }
+
+    static func lossCounters(_ lab: Lab) throws -> LossCounters {
+        var total = LossCounters()
+        for host in ["client1", "server1"] {
+            let c = try lab.kernelCounters(host, ["TcpRetransSegs", "TcpExtTCPDSACKRecvSegs", "TcpExtTCPTimeouts"])
+            total.retransmitted += c["TcpRetransSegs"] ?? 0
+            total.spurious += c["TcpExtTCPDSACKRecvSegs"] ?? 0
+            total.timeouts += c["TcpExtTCPTimeouts"] ?? 0
+        }
+        return total
     }
 
     /// Every download equals the served file.
