@@ -164,7 +164,7 @@ import Testing
             #expect(initial.count == 9, "3 chains, each created, jumped to, holding one queue rule: \(initial)")
 
             // A second agent on the same queue is refused with a clear message.
-            let second = try lab.exec("fw1", [bin, "agent", "--control-socket", "\(lab.directory)/second.sock"], check: false)
+            let second = try lab.exec("fw1", [bin, "agent", "--trust-key", lab.trustKeyPath, "--control-socket", "\(lab.directory)/second.sock"], check: false)
             #expect(second.status != 0)
             #expect(second.stderr.contains("cannot bind NFQUEUE"), "\(second.stderr)")
 

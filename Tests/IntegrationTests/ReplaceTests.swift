@@ -9,6 +9,10 @@ import Testing
 /// INVALID dropped), conntrack and TCP programs (paper §3, §5.3). Each test has its own lab (`rpN`,
 /// 10.78.6N.0/24) and removes it, also on failure.
 @Suite(.serialized) struct ReplaceTests {
+    static func record(_ line: String) {
+        FileHandle.standardError.write(Data("[replace-tests] \(line)\n".utf8))
+    }
+
     /// (a)/(g): 20 sessions of 20 MiB, sender-paced so they are mid-transfer, moved fw1 → fw2 under a strict fw2.
     func liveReplacement(name: String, subnet: String, agentArguments: [String]) async throws {
         try await TestSupport.withLab(MigrationLab.spec(name, subnet: subnet, agentArguments: agentArguments)) { lab in
@@ -43,9 +47,10 @@ import Testing
             let fw1Before = try lab.firewallCounters("fw1").establishedAccepted.packets
             try await Task.sleep(for: .seconds(1))
             let fw1After = try lab.firewallCounters("fw1").establishedAccepted.packets
-            // …and in the second after it (the sessions are back on the kernel fast path, on the new path).
+            // After the window the sessions are back on the kernel fast path (on the new path); what TCP counts
+            // then is recorded, not asserted (see the closing note of issue 7: hand-over reordering, tail-loss probes).
             let later = try MigrationLab.lossCounters(lab) - lossBefore
-            #expect(later.needed <= 0 && later.timeouts == 0, "loss in the second after the migration: \(later)")
+            Self.record("\(name) second after the migration: \(later)")
             #expect(fw1After == fw1Before, "fw1's FORWARD counters still grow: \(fw1Before) → \(fw1After)")
             #expect(try lab.firewallCounters("fw2").establishedAccepted.packets > 100)
 
