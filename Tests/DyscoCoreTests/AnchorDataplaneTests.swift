@@ -1,0 +1,145 @@
+import DyscoCore
+import Testing
+
+/// The anchor's per-packet rules in PacketProcessor during a reconfiguration (paper §3.4, §3.5), on a left end
+/// whose old path goes through fw1 and whose new path through fw2.
+@Suite("Anchor data plane (paper §3.4 deltas, §3.5 two paths, stateful holding)")
+struct AnchorDataplaneTests {
+    static let session = FiveTuple.t("10.0.0.1", 40000, "10.0.0.9", 80)
+    static let fw1 = IPv4Address("10.0.0.2")!, fw2 = IPv4Address("10.0.0.3")!, server = IPv4Address("10.0.0.9")!
+
+    struct Setup {
+        var processor: PacketProcessor
+        var chainID: UInt64
+        var old: FiveTuple
+        var new: FiveTuple
+    }
+
+    /// A left end with its session held for a reconfiguration and a new path opened to fw2.
+    static func setup(stateful: Bool) throws -> Setup {
+        var p = PacketProcessor(config: AgentConfig(), portRange: 10000...10100, trust: TestKeys.group)
+        let id = try p.table.insertLeftEnd(session: session, hops: [fw1, server], now: 0)
+        p.table.update(id) { $0.rightEstablished = true }
+        let chainID = try #require(p.table.records[id]).identity.chainID
+        let old = try #require(p.table.records[id]?.right)
+        p.anchorHold(chainID: chainID, side: .right, stateful: stateful, now: 0)
+        let new = try p.openPath(chainID: chainID, next: fw2).get()
+        return Setup(processor: p, chainID: chainID, old: old, new: new)
+    }
+
+    /// Runs one packet through the processor; returns the verdict and the bytes as they leave.
+    static func run(_ p: inout PacketProcessor, _ builder: PacketBuilder, hook: HookPoint) -> (Verdict, [UInt8]) {
+        var bytes = builder.build() + [UInt8](repeating: 0, count: 64)
+        let count = bytes.count - 64
+        let verdict = bytes.withUnsafeMutableBytes { raw in
+            p.process(raw.baseAddress!, count: count, capacity: raw.count, hook: hook, checksum: .complete, now: 1)
+        }
+        if case .acceptModified(let length) = verdict { return (verdict, Array(bytes[0..<length])) }
+        return (verdict, Array(bytes[0..<count]))
+    }
+
+    static func tuple(_ bytes: [UInt8]) -> FiveTuple {
+        FiveTuple(srcAddr: IPv4Address(UInt32(get16(bytes, 12)) << 16 | UInt32(get16(bytes, 14))), srcPort: get16(bytes, 20),
+                  dstAddr: IPv4Address(UInt32(get16(bytes, 16)) << 16 | UInt32(get16(bytes, 18))), dstPort: get16(bytes, 22))
+    }
+
+    static func seq(_ b: [UInt8]) -> UInt32 { UInt32(get16(b, 24)) << 16 | UInt32(get16(b, 26)) }
+    static func ack(_ b: [UInt8]) -> UInt32 { UInt32(get16(b, 28)) << 16 | UInt32(get16(b, 30)) }
+    static func window(_ b: [UInt8]) -> UInt16 { get16(b, 34) }
+
+    @Test("§3.4: with a non-zero delta, packets in from the new path get delta added to seq, packets out lose it from ack")
+    func deltaOnTheNewPath() throws {
+        var s = try Self.setup(stateful: false)
+        s.processor.anchorSetDelta(chainID: s.chainID, 100)
+        s.processor.anchorPromote(chainID: s.chainID)
+        s.processor.anchorSetPhase(chainID: s.chainID, .released, now: 1)
+
+        let (outVerdict, out) = Self.run(&s.processor, PacketBuilder(tuple: Self.session, seq: 5000, ack: 9000,
+                                                                     payload: [1, 2, 3]), hook: .egress)
+        guard case .acceptModified = outVerdict else { Issue.record("egress verdict \(outVerdict)"); return }
+        #expect(Self.tuple(out) == s.new, "new data goes on the new path")
+        #expect(Self.ack(out) == 8900, "out: ack − delta")
+        #expect(Reference.tcpChecksumValid(out))
+
+        let (inVerdict, inBytes) = Self.run(&s.processor, PacketBuilder(tuple: s.new.reversed, seq: 7000, ack: 5003,
+                                                                       payload: [9]), hook: .ingress)
+        guard case .acceptModified = inVerdict else { Issue.record("ingress verdict \(inVerdict)"); return }
+        #expect(Self.tuple(inBytes) == Self.session.reversed)
+        #expect(Self.seq(inBytes) == 7100, "in: seq + delta")
+        #expect(Reference.tcpChecksumValid(inBytes))
+    }
+
+    @Test("§3.5 stateful: while buffering, new data is held, retransmissions and pure ACKs keep the old path")
+    func statefulHolding() throws {
+        var s = try Self.setup(stateful: true)
+        // The client's packets before the drain fix the cutoff (oldSent).
+        _ = Self.run(&s.processor, PacketBuilder(tuple: Self.session, seq: 1000, ack: 50, payload: [UInt8](repeating: 7, count: 100)),
+                     hook: .egress)
+        s.processor.anchorSetPhase(chainID: s.chainID, .buffering, now: 2)
+        let (newData, _) = Self.run(&s.processor, PacketBuilder(tuple: Self.session, seq: 1100, ack: 50, payload: [1, 2]),
+                                    hook: .egress)
+        #expect(newData == .hold(chainID: s.chainID), "new data waits in the anchor buffer")
+        let (retransmission, r) = Self.run(&s.processor, PacketBuilder(tuple: Self.session, seq: 1000, ack: 50,
+                                                                      payload: [UInt8](repeating: 7, count: 100)), hook: .egress)
+        guard case .acceptModified = retransmission else { Issue.record("\(retransmission)"); return }
+        #expect(Self.tuple(r) == s.old, "a retransmission below the cutoff stays on the old path")
+        let (pureAck, a) = Self.run(&s.processor, PacketBuilder(tuple: Self.session, seq: 1102, ack: 60), hook: .egress)
+        guard case .acceptModified = pureAck else { Issue.record("\(pureAck)"); return }
+        #expect(Self.tuple(a) == s.old)
+
+        // The far side acknowledges everything sent on the old path: drained (oldSentAcked = oldSent).
+        _ = s.processor.takeAnchorEvents()
+        let (fromServer, f) = Self.run(&s.processor, PacketBuilder(tuple: s.old.reversed, seq: 60, ack: 1100), hook: .ingress)
+        guard case .acceptModified = fromServer else { Issue.record("\(fromServer)"); return }
+        #expect(s.processor.takeAnchorEvents() == [.drained(chainID: s.chainID)])
+        #expect(Self.window(f) == 0, "the zero-window clamp keeps the endpoint from sending new data meanwhile")
+
+        // After the release (state installed, egress promoted) the held packet goes on the new path.
+        s.processor.anchorPromote(chainID: s.chainID)
+        s.processor.anchorSetPhase(chainID: s.chainID, .released, now: 3)
+        let (held, _) = Self.run(&s.processor, PacketBuilder(tuple: Self.session, seq: 1100, ack: 50, payload: [1, 2]),
+                                 hook: .egress)
+        #expect(held == .hold(chainID: s.chainID), "until the shell releases the buffer, later packets queue behind it")
+        s.processor.endRelease(chainID: s.chainID)
+        let (released, n) = Self.run(&s.processor, PacketBuilder(tuple: Self.session, seq: 1100, ack: 50, payload: [1, 2]),
+                                     hook: .egress)
+        guard case .acceptModified = released else { Issue.record("\(released)"); return }
+        #expect(Self.tuple(n) == s.new)
+    }
+
+    @Test("a probe on the new path before the release is kept from the endpoint; the probe we send carries our numbers")
+    func probes() throws {
+        var s = try Self.setup(stateful: true)
+        _ = Self.run(&s.processor, PacketBuilder(tuple: Self.session, seq: 1000, ack: 50), hook: .egress)
+        s.processor.anchorSetPhase(chainID: s.chainID, .buffering, now: 2)
+        s.processor.anchorPromote(chainID: s.chainID)
+        s.processor.anchorSetPhase(chainID: s.chainID, .probing, now: 3)
+        _ = s.processor.takeAnchorEvents()
+        let (verdict, _) = Self.run(&s.processor, PacketBuilder(tuple: s.new.reversed, seq: 50, ack: 1000), hook: .ingress)
+        #expect(verdict == .drop)
+        #expect(s.processor.takeAnchorEvents() == [.newPathPacket(chainID: s.chainID)])
+        #expect(s.processor.counters.probesReceived == 1)
+
+        var buffer = [UInt8](repeating: 0, count: IPv4TCPPacket.maxBuiltLength)
+        let length = try #require(buffer.withUnsafeMutableBytes { s.processor.anchorProbe(chainID: s.chainID, into: $0.baseAddress!) })
+        let probe = Array(buffer[0..<length])
+        #expect(Self.tuple(probe) == s.new)
+        #expect(Self.seq(probe) == 1000 && Self.ack(probe) == 50)
+        #expect(Reference.ipChecksumValid(probe) && Reference.tcpChecksumValid(probe))
+    }
+
+    @Test("cancel (§3.6): egress back on the old path, the new subsession and its port gone")
+    func cancel() throws {
+        var s = try Self.setup(stateful: true)
+        let portsBefore = s.processor.table.ports.inUse
+        s.processor.anchorPromote(chainID: s.chainID)
+        s.processor.anchorCancel(chainID: s.chainID)
+        s.processor.endRelease(chainID: s.chainID)
+        #expect(s.processor.table.ports.inUse == portsBefore - 1)
+        #expect(s.processor.table.ingress[s.new.reversed] == nil)
+        let (verdict, out) = Self.run(&s.processor, PacketBuilder(tuple: Self.session, seq: 1, ack: 1, payload: [1]), hook: .egress)
+        guard case .acceptModified = verdict else { Issue.record("\(verdict)"); return }
+        #expect(Self.tuple(out) == s.old)
+        #expect(s.processor.anchoring == 0)
+    }
+}
