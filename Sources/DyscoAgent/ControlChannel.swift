@@ -15,16 +15,55 @@ public struct ControlRequest: Codable, Sendable {
         case release
         /// Move this (old) box's sessions matching `replace` to new boxes (paper §3); answered when all ended.
         case replace
+        /// Show, reload (the config file) or change the cordons of the agent's policy (``PolicyRequest``).
+        case policy
     }
 
     public var command: Command
     public var sessions: [UInt64]?
     public var replace: ReplaceRequest?
+    public var policy: PolicyRequest?
 
-    public init(_ command: Command, sessions: [UInt64]? = nil, replace: ReplaceRequest? = nil) {
+    public init(_ command: Command, sessions: [UInt64]? = nil, replace: ReplaceRequest? = nil, policy: PolicyRequest? = nil) {
         self.command = command
         self.sessions = sessions
         self.replace = replace
+        self.policy = policy
+    }
+}
+
+/// `dysco-migrate policy …` and `drain`'s cordon, at one agent.
+public struct PolicyRequest: Codable, Sendable {
+    public enum Action: String, Codable, Sendable { case show, reload, cordon, uncordon }
+    public var action: Action
+    /// The box to cordon or uncordon.
+    public var address: IPv4Address?
+    /// cordon: where new sessions go instead.
+    public var replacements: [IPv4Address]?
+
+    public init(_ action: Action, address: IPv4Address? = nil, replacements: [IPv4Address]? = nil) {
+        self.action = action
+        self.address = address
+        self.replacements = replacements
+    }
+}
+
+/// The agent's policy as it stands (answer to every ``PolicyRequest``); `error` set when the request failed
+/// (nothing changed then).
+public struct PolicyReply: Codable, Sendable {
+    public var configPath: String?
+    public var config: AgentConfig
+    public var cordons: [Cordons.Cordon]
+    /// Times the config file was loaded since the agent started (1 = only at start).
+    public var loads: Int
+    public var error: String?
+
+    public init(configPath: String?, config: AgentConfig, cordons: [Cordons.Cordon], loads: Int, error: String? = nil) {
+        self.configPath = configPath
+        self.config = config
+        self.cordons = cordons
+        self.loads = loads
+        self.error = error
     }
 }
 
@@ -41,6 +80,8 @@ public struct ControlError: Error, CustomStringConvertible {
 
 /// Serves control requests on a Unix socket with SwiftNIO.
 public final class ControlServer: Sendable {
+    /// A request line longer than this closes the connection (a `drain` batch names up to ~10,000 chain ids).
+    public static let maxRequestBytes = 4 << 20
     private let group: MultiThreadedEventLoopGroup
     private let channel: Channel
     public let path: String
@@ -85,7 +126,7 @@ public final class ControlServer: Sendable {
             var chunk = unwrapInboundIn(data)
             pending.writeBuffer(&chunk)
             guard let newline = pending.readableBytesView.firstIndex(of: UInt8(ascii: "\n")) else {
-                if pending.readableBytes > 4096 { context.close(promise: nil) }
+                if pending.readableBytes > ControlServer.maxRequestBytes { context.close(promise: nil) }
                 return
             }
             let line = pending.readableBytesView[pending.readerIndex..<newline]

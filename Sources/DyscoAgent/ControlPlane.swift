@@ -37,6 +37,8 @@ final class ControlPlane: Sendable {
         let opened = try DatagramBootstrap(group: group)
             .channelOption(.socketOption(.so_reuseaddr), value: 1)
             .channelOption(.socketOption(.so_rcvbuf), value: 4 << 20)
+            // SwiftNIO reads datagrams into 2,048-byte buffers by default: bundles and state documents are longer.
+            .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: ControlMessage.maxLength))
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(Inbound(receive: receive))

@@ -34,6 +34,8 @@ public final class DataplaneAgent: @unchecked Sendable {
         /// The deployment's trust keys (paper §2.3): Dysco SYN trailers are signed with the current key and
         /// accepted under the current or previous one. Required: there is no unauthenticated mode.
         public var trust: TrustGroup
+        /// The policy file the config came from (`policy reload` and SIGHUP read it again); nil: none.
+        public var configPath: String?
 
         public init(netns: String?, controlSocketPath: String? = nil, trust: TrustGroup) {
             self.netns = netns
@@ -94,7 +96,8 @@ public final class DataplaneAgent: @unchecked Sendable {
             let reroute = options.fastPathReroute ?? RouteTable.hasGatewayRoutes(
                 procNetRoute: (try? String(contentsOfFile: "/proc/net/route", encoding: .utf8)) ?? "")
             logger.info("kernel fast path on", metadata: ["fastpath.reroute": "\(reroute)"])
-            fastPath = try FastPathWorker(reroute: reroute, logger: logger) { [weak self] outcome in
+            let wakeup = wakeup
+            fastPath = try FastPathWorker(reroute: reroute, logger: logger, nudge: { wakeup.signal() }) { [weak self] outcome in
                 self?.processor.withLock { state in
                     state.fastPathInstalled(outcome.installed)
                     state.fastPathFailed(outcome.failed)
@@ -160,6 +163,9 @@ public final class DataplaneAgent: @unchecked Sendable {
             case .hold: return (try? JSONEncoder().encode(ControlPathReply(sessions: hold(request.sessions ?? [])))) ?? Data()
             case .release:
                 return (try? JSONEncoder().encode(ControlPathReply(sessions: release(request.sessions ?? [])))) ?? Data()
+            case .policy:
+                guard let policy = request.policy else { return Data(#"{"error":"policy without its parameters"}"#.utf8) }
+                return (try? JSONEncoder().encode(self.policy(policy))) ?? Data()
             case .replace:
                 guard let replace = request.replace else { return Data(#"{"error":"replace without its parameters"}"#.utf8) }
                 let report = await engine.replace(replace)
@@ -188,6 +194,61 @@ public final class DataplaneAgent: @unchecked Sendable {
         logger.info("agent stopped")
     }
 
+    // MARK: - Policy at run time
+
+    private let configLoads = Atomic<Int>(1)
+
+    /// Shows, reloads or changes the cordons of the policy; an error leaves everything as it was.
+    public func policy(_ request: PolicyRequest) -> PolicyReply {
+        var failure: String?
+        switch request.action {
+        case .show: break
+        case .reload:
+            failure = reloadConfig()
+        case .cordon:
+            if let address = request.address {
+                failure = processor.withLock { state -> String? in
+                    do throws(Cordons.CordonError) {
+                        try state.cordons.cordon(address, replacements: request.replacements ?? [])
+                        return nil
+                    } catch { return "\(error)" }
+                }
+                if failure == nil {
+                    logger.notice("cordoned", metadata: ["cordon.address": "\(address)",
+                                                         "cordon.replacements": "\(request.replacements ?? [])"])
+                }
+            } else {
+                failure = "cordon: which box? (address missing)"
+            }
+        case .uncordon:
+            if let address = request.address {
+                if !processor.withLock({ $0.cordons.uncordon(address) }) { failure = "\(address) is not cordoned" }
+            } else {
+                failure = "uncordon: which box? (address missing)"
+            }
+        }
+        let (config, cordons) = processor.withLock { ($0.config, $0.cordons.cordons) }
+        return PolicyReply(configPath: options.configPath, config: config, cordons: cordons,
+                           loads: configLoads.load(ordering: .relaxed), error: failure)
+    }
+
+    /// Reads the config file again (SIGHUP, `policy reload`): new sessions follow it, existing ones keep their
+    /// chains, cordons stay. Returns the error (the old config stays in force) or nil.
+    @discardableResult
+    public func reloadConfig() -> String? {
+        guard let path = options.configPath else { return "this agent was started without --config: nothing to reload" }
+        do {
+            let config = try AgentConfig.load(path: path)
+            processor.withLock { $0.config = config }
+            configLoads.add(1, ordering: .relaxed)
+            logger.notice("config reloaded", metadata: ["config.path": "\(path)", "config.policies": "\(config.policies.count)"])
+            return nil
+        } catch {
+            logger.error("config reload failed; the previous config stays", metadata: ["config.path": "\(path)", "error": "\(error)"])
+            return "cannot reload \(path): \(error) (the previous config stays in force)"
+        }
+    }
+
     /// Takes sessions back to the slow path; returns once the kernel no longer rewrites them, so every later
     /// packet of theirs reaches this agent (atomic per session: one nftables transaction).
     public func hold(_ ids: [SessionTable.SessionID]) -> [SessionTable.SessionID] {
@@ -206,16 +267,20 @@ public final class DataplaneAgent: @unchecked Sendable {
     }
 
     /// Runs a data-plane operation and applies its fast-path work before returning (so a session taken off
-    /// the kernel is off it when this returns).
-    func applyFastPath(_ body: (inout PacketProcessor) -> Void) {
+    /// the kernel is off it when this returns). With `flush: false` the work is queued and ``flushFastPath()``
+    /// (or the worker's batch delay) applies it: the migration engine flushes once per batch.
+    func applyFastPath(flush: Bool = true, _ body: (inout PacketProcessor) -> Void) {
         let actions = processor.withLock { state in
             body(&state)
             return state.takeFastPathActions()
         }
         guard !actions.isEmpty else { return }
         fastPath?.submit(actions)
-        fastPath?.flush()
+        if flush { fastPath?.flush() }
     }
+
+    /// Applies every queued fast-path change and returns once the kernel has them.
+    func flushFastPath() { fastPath?.flush() }
 
     /// Issues a session's held packets, in order, with the translations now in force (packet thread).
     func releaseBuffer(_ chainID: UInt64) {
@@ -243,29 +308,36 @@ public final class DataplaneAgent: @unchecked Sendable {
         var fds = [pollfd(fd: queueSocket.fileDescriptor, events: Int16(POLLIN), revents: 0),
                    pollfd(fd: wakeup.fd, events: Int16(POLLIN), revents: 0)]
         while !stopping.load(ordering: .relaxed) {
-            // Block until a packet or posted work (eventfd) arrives: no receive timeout, no polling delay.
-            let ready = poll(&fds, 2, -1)
+            // Block until a packet or posted work (eventfd) arrives, or a fast-path commit is due.
+            let ready = poll(&fds, 2, fastPath?.pollTimeout(now: dysco_monotonic_ns()) ?? -1)
             if ready < 0 { continue }
             if fds[1].revents != 0 {
                 wakeup.drain()
                 runPacketWork(scratch: scratch)
             }
-            guard fds[0].revents != 0 else { continue }
             // Read what is waiting (bounded, so posted work is not starved under load).
-            for _ in 0..<64 {
-                do {
-                    if try !queueSocket.receive({ packet in
-                        // Posted releases first: a released session's held packets go before its later ones.
-                        if workPosted.load(ordering: .relaxed) { runPacketWork(scratch: scratch) }
-                        try handle(&packet, scratch: scratch)
-                    }) { break }
-                } catch {
-                    if stopping.load(ordering: .relaxed) { break }
-                    logger.error("nfqueue error", metadata: ["error": "\(error)"])
-                    break
+            var queueEmpty = fds[0].revents == 0
+            if !queueEmpty {
+                for _ in 0..<64 {
+                    do {
+                        if try !queueSocket.receive({ packet in
+                            // Posted releases first: a released session's held packets go before its later ones.
+                            if workPosted.load(ordering: .relaxed) { runPacketWork(scratch: scratch) }
+                            try handle(&packet, scratch: scratch)
+                        }) {
+                            queueEmpty = true
+                            break
+                        }
+                    } catch {
+                        if stopping.load(ordering: .relaxed) { break }
+                        logger.error("nfqueue error", metadata: ["error": "\(error)"])
+                        break
+                    }
                 }
             }
             if !packetWork.withLock({ $0.isEmpty }) { runPacketWork(scratch: scratch) }
+            // Fast-path changes go to the kernel here, with no packet of ours left in the queue (FastPathWorker).
+            fastPath?.commitIfDue(queueEmpty: queueEmpty, now: dysco_monotonic_ns())
         }
     }
 

@@ -4,9 +4,10 @@ import Foundation
 import Logging
 import Synchronization
 
-/// Applies ``FastPathAction``s to the kernel on its own serial queue, so the packet thread never waits for
-/// netlink: actions queue up while one transaction runs and go together in the next (batched). Also polls the
-/// per-session counters so that idle expiry sees kernel-carried traffic.
+/// Applies ``FastPathAction``s to the kernel: actions queue up and go together in one transaction (batched),
+/// committed by the packet thread when the NFQUEUE socket is empty (see ``submit(_:)``), serialized with
+/// everything else on the worker's queue. Also polls the per-session counters so that idle expiry sees
+/// kernel-carried traffic.
 final class FastPathWorker: @unchecked Sendable {
     struct Outcome: Sendable {
         var installed: [SessionTable.SessionID] = []
@@ -17,36 +18,103 @@ final class FastPathWorker: @unchecked Sendable {
     // Used only on `queue`.
     private let nft: NftablesContext
     private let logger: Logger
-    private let pending = Mutex<[FastPathAction]>([])
     private var lastCounters: [SessionTable.SessionID: UInt64] = [:]
     private let report: @Sendable (Outcome) -> Void
 
     /// Replaces whatever table a predecessor left and creates an empty one.
-    init(reroute: Bool, logger: Logger, report: @escaping @Sendable (Outcome) -> Void) throws {
+    init(reroute: Bool, logger: Logger, nudge: (@Sendable () -> Void)? = nil,
+         report: @escaping @Sendable (Outcome) -> Void) throws {
         self.logger = logger
         self.report = report
+        self.nudge = nudge
         nft = try NftablesContext()
         try nft.run(FastPathScript.reset(reroute: reroute), operation: "create table ip \(FastPathScript.table)")
     }
 
     /// How long the first queued action waits for others to join its transaction.
-    static let batchDelay: DispatchTimeInterval = .milliseconds(2)
+    static let batchDelayNanoseconds: UInt64 = 2_000_000
+    /// Under load the queue may never be empty: changes are committed after this long anyway.
+    static let maxDelayNanoseconds: UInt64 = 20_000_000
+    /// A waiting `flush()` is committed after this long even if the queue is not empty.
+    static let flushUnderLoadNanoseconds: UInt64 = 5_000_000
+    /// A `flush()` the packet thread has not served in this long is committed by the caller.
+    static let flushWaitNanoseconds: UInt64 = 20_000_000
 
-    /// Queues actions; they are applied within ``batchDelay``, in order, in one transaction with whatever
-    /// else is waiting.
+    /// Pending changes and the commit generations (under `pending`'s lock).
+    private struct Queue {
+        var actions: [FastPathAction] = []
+        var since: UInt64 = 0
+        var submitted: UInt64 = 0
+        var committedThrough: UInt64 = 0
+        var flushWanted = false
+    }
+    private let state = Mutex(Queue())
+    private let committed = NSCondition()
+    /// Wakes the packet thread (set by the agent); nil: commits run on the worker's queue after the batch delay.
+    private let nudge: (@Sendable () -> Void)?
+
+    /// Queues actions. They are committed, in order, in one transaction with whatever else is waiting, by the
+    /// packet thread at its next quiet point (``commitIfDue(queueEmpty:now:)``): when the NFQUEUE socket is
+    /// empty, so that no packet of a session going to the kernel is still waiting in the queue when the kernel
+    /// starts carrying the later ones (which would reorder them on the wire: the receiver then reports a gap
+    /// and the sender retransmits).
     func submit(_ actions: [FastPathAction]) {
         guard !actions.isEmpty else { return }
-        let first = pending.withLock { queued in
-            defer { queued.append(contentsOf: actions) }
-            return queued.isEmpty
+        let first = state.withLock { q in
+            defer {
+                q.actions.append(contentsOf: actions)
+                q.submitted &+= 1
+            }
+            if q.actions.isEmpty { q.since = dysco_monotonic_ns() }
+            return q.actions.isEmpty
         }
-        if first { queue.asyncAfter(deadline: .now() + Self.batchDelay) { self.drain() } }
+        guard first else { return }
+        if let nudge { nudge() } else {
+            queue.asyncAfter(deadline: .now() + .nanoseconds(Int(Self.batchDelayNanoseconds))) { self.drain() }
+        }
     }
 
+    /// The packet thread, between reads: commits what is queued if it is due. `queueEmpty`: the last read found
+    /// the socket empty (the quiet point).
+    func commitIfDue(queueEmpty: Bool, now: UInt64) {
+        let due = state.withLock { q -> Bool in
+            guard !q.actions.isEmpty else { return false }
+            let age = now &- q.since
+            if queueEmpty { return q.flushWanted || age >= Self.batchDelayNanoseconds }
+            // A waiting flush (a hold: no reordering risk in taking sessions off the kernel) waits less.
+            return age >= (q.flushWanted ? Self.flushUnderLoadNanoseconds : Self.maxDelayNanoseconds)
+        }
+        if due { queue.sync { drain() } }
+    }
 
-    /// Applies everything queued so far and returns once the kernel has it (hold/release wait on this).
+    /// Milliseconds the packet thread may sleep in poll before a commit is due (-1: none pending).
+    func pollTimeout(now: UInt64) -> Int32 {
+        state.withLock { q in
+            guard !q.actions.isEmpty else { return -1 }
+            if q.flushWanted { return 0 }
+            let due = q.since &+ Self.batchDelayNanoseconds
+            return due <= now ? 0 : Int32((due - now + 999_999) / 1_000_000)
+        }
+    }
+
+    /// Applies everything queued so far and returns once the kernel has it (hold/release wait on this): the
+    /// packet thread commits it at its next quiet point; if it has not within ``flushWaitNanoseconds`` (load,
+    /// or the thread is gone), the caller commits.
     func flush() {
-        queue.sync { drain() }
+        let target = state.withLock { q -> UInt64? in
+            guard q.committedThrough < q.submitted else { return nil }
+            q.flushWanted = true
+            return q.submitted
+        }
+        guard let target else { return }
+        if let nudge {
+            nudge()
+            let deadline = Date().addingTimeInterval(Double(Self.flushWaitNanoseconds) / 1e9)
+            committed.lock()
+            while state.withLock({ $0.committedThrough }) < target, committed.wait(until: deadline) {}
+            committed.unlock()
+        }
+        if state.withLock({ $0.committedThrough }) < target { queue.sync { drain() } }
     }
 
     /// Deletes the table (agent exit).
@@ -60,10 +128,20 @@ final class FastPathWorker: @unchecked Sendable {
     }
 
     private func drain() {
-        let actions = FastPathAction.coalesce(pending.withLock { queued in
-            defer { queued.removeAll() }
-            return queued
-        })
+        let (taken, generation) = state.withLock { q in
+            defer {
+                q.actions.removeAll()
+                q.flushWanted = false
+            }
+            return (q.actions, q.submitted)
+        }
+        defer {
+            state.withLock { $0.committedThrough = max($0.committedThrough, generation) }
+            committed.lock()
+            committed.broadcast()
+            committed.unlock()
+        }
+        let actions = FastPathAction.coalesce(taken)
         guard !actions.isEmpty else { return }
         var outcome = Outcome()
         let script = actions.map(Self.script).joined()

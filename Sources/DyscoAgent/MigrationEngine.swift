@@ -35,7 +35,7 @@ final class MigrationEngine: @unchecked Sendable {
     private let timerGeneration = Atomic<UInt64>(0)
     /// The `replace` callers waiting, by (chain id, request id).
     private struct ReportKey: Hashable { var chainID: UInt64; var requestID: UInt32 }
-    private let reports = Mutex<[ReportKey: CheckedContinuation<TriggerResult, Never>]>([:])
+    private let reports = Mutex<[ReportKey: AsyncStream<TriggerResult>.Continuation]>([:])
     let counters = Mutex<[String: UInt64]>([:])
 
     init(agent: DataplaneAgent, trust: TrustGroup, settings: Settings, logger: Logger) throws {
@@ -66,68 +66,112 @@ final class MigrationEngine: @unchecked Sendable {
 
     // MARK: - Inputs
 
+    /// One datagram: every message it carries (ControlMessage.frames) is checked on its own, and those that
+    /// pass are handled in one turn (see ``dispatch(_:)``).
     private func receive(_ bytes: [UInt8], from: IPv4Address) {
-        let message: ControlMessage
-        do {
-            message = try ControlMessage.decode(bytes, trust: trust)
-        } catch {
-            count("dropped.\(error.counterName)")
-            logger.debug("dropped control message", metadata: ["control.from": "\(from)", "control.error": "\(error)"])
-            return
-        }
         guard !from.isForbiddenHop else { count("dropped.forbidden-address"); return }
+        var events: [Event] = []
+        for decoded in ControlMessage.decodeAll(bytes, trust: trust) {
+            switch decoded {
+            case .failure(let error):
+                count("dropped.\(error.counterName)")
+                logger.debug("dropped control message", metadata: ["control.from": "\(from)", "control.error": "\(error)"])
+            case .success(let message):
+                if let event = accept(message, from: from) { events.append(event) }
+            }
+        }
+        if events.count > 1 { count("received.bundles") }
+        dispatch(events)
+    }
+
+    /// The engine's checks of a decoded message against its record of the session (nonce, tuple).
+    private func accept(_ message: ControlMessage, from: IPv4Address) -> Event? {
         let context = sessionContext(message.identity.chainID)
         if let context {
-            guard context.identity.nonce == message.identity.nonce else { count("dropped.wrong-nonce"); return }
-            guard context.session == message.session else { count("dropped.wrong-session"); return }
+            guard context.identity.nonce == message.identity.nonce else { count("dropped.wrong-nonce"); return nil }
+            guard context.session == message.session else { count("dropped.wrong-session"); return nil }
         } else {
             switch message.body {
             case .newPathSyn, .newPathCancel, .triggerResult, .statePut, .stateInstalled, .newPathCancelAck: break
             default:
                 count("dropped.unknown-session")
-                return
+                return nil
             }
         }
         count("received.\(message.body.type)")
-        dispatch(.message(message, from: from, context: context))
+        return .message(message, from: from, context: context)
     }
 
     /// The data plane's observations (from the packet thread and the timer).
     func anchorEvents(_ events: [AnchorEvent]) {
         guard !events.isEmpty else { return }
         loop.async { [self] in
-            for event in events {
+            dispatch(events.map { event in
                 switch event {
-                case .drained(let chainID): dispatch(.drained(chainID: chainID))
-                case .newPathPacket(let chainID): dispatch(.newPathPacket(chainID: chainID))
+                case .drained(let chainID): .drained(chainID: chainID)
+                case .newPathPacket(let chainID): .newPathPacket(chainID: chainID)
                 }
-            }
+            })
         }
     }
 
     func bufferFull(_ chainID: UInt64) {
-        loop.async { [self] in dispatch(.bufferFull(chainID: chainID)) }
+        loop.async { [self] in dispatch([.bufferFull(chainID: chainID)]) }
     }
 
     var quietNanoseconds: UInt64 { settings.quietNanoseconds }
 
     /// `replace` at this agent (the old box): asks each session's left anchor to move it, waits for all.
+    /// The triggers go out in one turn, so sessions that share a left anchor travel in one datagram and the
+    /// hops handle them as a batch (see ``dispatch(_:)``).
     func replace(_ request: ReplaceRequest) async -> ReplaceReport {
         let started = ContinuousClock.now
         let candidates = agent.processor.withLock { state in
             state.table.records.values.filter { record in
                 record.role == .middlebox && record.closeDeadline == nil && record.migration == nil
                     && request.predicate.matches(record.session)
+                    && (request.chains.map { $0.contains(record.identity.chainID) } ?? true)
             }.sorted { $0.id < $1.id }.prefix(request.limit ?? .max)
         }
-        let results = await withTaskGroup(of: ReplaceReport.Session.self) { group in
-            for record in candidates {
-                group.addTask { await self.replace(record, request) }
+        var results: [ReplaceReport.Session] = []
+        var triggers: [(SessionTable.Record, Event, ReportKey)] = []
+        for record in candidates {
+            let chainID = record.identity.chainID
+            guard let left = record.leftNeighbour, let right = record.rightNeighbour, let me = record.left?.dstAddr else {
+                results.append(.init(record.session, chainID: chainID,
+                                     TriggerResult(outcome: .refused, reason: "the session has no complete path here",
+                                                   failedStep: "lock", phaseMicroseconds: [])))
+                continue
             }
-            var results: [ReplaceReport.Session] = []
-            for await result in group { results.append(result) }
-            return results
+            let trigger = Trigger(newPath: request.newBoxes + [right], oldBox: me, stateful: request.stateful,
+                                  deadlineMilliseconds: request.deadlineMilliseconds)
+            let context = SessionContext(identity: record.identity, session: record.session, me: me,
+                                         leftNeighbour: left, rightNeighbour: right)
+            let requestID = UInt32.random(in: 1 ... .max)
+            triggers.append((record, .replaceRequested(context, trigger: trigger, leftAnchor: left, requestID: requestID),
+                             ReportKey(chainID: chainID, requestID: requestID)))
         }
+        let moved = await withTaskGroup(of: ReplaceReport.Session.self) { group in
+            let registered = triggers.map { (record, _, key) in
+                let (stream, continuation) = AsyncStream.makeStream(of: TriggerResult.self)
+                reports.withLock { $0[key] = continuation }
+                return (record, stream)
+            }
+            let events = triggers.map(\.1)
+            loop.async { [self] in dispatch(events) }
+            for (record, stream) in registered {
+                group.addTask {
+                    var iterator = stream.makeAsyncIterator()
+                    let result = await iterator.next()
+                        ?? TriggerResult(outcome: .cancelled, reason: "the agent stopped", failedStep: "lock")
+                    return .init(record.session, chainID: record.identity.chainID, result)
+                }
+            }
+            var collected: [ReplaceReport.Session] = []
+            for await result in group { collected.append(result) }
+            return collected
+        }
+        results += moved
         let elapsed = ContinuousClock.now - started
         return ReplaceReport(sessions: results.sorted { $0.session.description < $1.session.description },
                              matched: candidates.count,
@@ -135,32 +179,27 @@ final class MigrationEngine: @unchecked Sendable {
                                 + UInt64(elapsed.components.attoseconds / 1_000_000_000_000))
     }
 
-    private func replace(_ record: SessionTable.Record, _ request: ReplaceRequest) async -> ReplaceReport.Session {
-        let chainID = record.identity.chainID
-        guard let left = record.leftNeighbour, let right = record.rightNeighbour, let me = record.left?.dstAddr else {
-            return .init(record.session, chainID: chainID, TriggerResult(outcome: .refused, reason: "the session has no complete path here",
-                                                                        failedStep: "lock", phaseMicroseconds: []))
-        }
-        let trigger = Trigger(newPath: request.newBoxes + [right], oldBox: me, stateful: request.stateful,
-                              deadlineMilliseconds: request.deadlineMilliseconds)
-        let context = SessionContext(identity: record.identity, session: record.session, me: me, leftNeighbour: left,
-                                     rightNeighbour: right)
-        let requestID = UInt32.random(in: 1 ... .max)
-        let result = await withCheckedContinuation { continuation in
-            reports.withLock { $0[ReportKey(chainID: chainID, requestID: requestID)] = continuation }
-            loop.async { [self] in
-                dispatch(.replaceRequested(context, trigger: trigger, leftAnchor: left, requestID: requestID))
-            }
-        }
-        return .init(record.session, chainID: chainID, result)
+    // MARK: - The loop: a turn is a batch of events and the events their actions produce
+
+    /// What a turn collects to do once at its end (touched only on `loop`).
+    private struct Turn {
+        /// The fast path changed (anchor holds): one nftables flush for the whole batch.
+        var fastPathDirty = false
+        /// Anchors that took their session off the fast path this turn: they elicit numbers after the flush.
+        var held: [UInt64] = []
+        /// Encoded messages by destination, in order: sent after the flush, bundled.
+        var outbox: [(IPv4Address, [UInt8])] = []
     }
+    private var turn = Turn()
 
-    // MARK: - The loop: an event, then the events its actions produce
-
-    private func dispatch(_ first: Event) {
-        var queue = [first]
-        while !queue.isEmpty {
-            let event = queue.removeFirst()
+    /// Handles `events` and the events their actions produce, in order, as one batch: fast-path changes are
+    /// flushed to the kernel once, then every message goes out, those to the same agent bundled in as few
+    /// datagrams as fit (``ControlMessage/bundle(_:limit:)``). Sends wait for the flush, so an ackLock never
+    /// leaves before its hold is in the kernel (the rule of the lock step, §3.2). Runs on `loop` only.
+    private func dispatch(_ events: [Event]) {
+        guard !events.isEmpty else { return }
+        var queue = events[...]
+        while let event = queue.popFirst() {
             let now = dysco_monotonic_ns()
             let actions = coordinator.withLock { $0.handle(event, now: now) }
             if logger.logLevel <= .debug {
@@ -170,6 +209,26 @@ final class MigrationEngine: @unchecked Sendable {
             for action in actions {
                 if let followUp = perform(action) { queue.append(followUp) }
             }
+        }
+        endTurn()
+    }
+
+    private func endTurn() {
+        let done = turn
+        turn = Turn()
+        if done.fastPathDirty { agent.flushFastPath() }
+        for chainID in done.held { elicit(chainID) }
+        guard !done.outbox.isEmpty else { return }
+        var order: [IPv4Address] = []
+        var byDestination: [IPv4Address: [[UInt8]]] = [:]
+        for (to, bytes) in done.outbox {
+            if byDestination[to] == nil { order.append(to) }
+            byDestination[to, default: []].append(bytes)
+        }
+        for to in order {
+            let datagrams = ControlMessage.bundle(byDestination[to]!)
+            if datagrams.count < byDestination[to]!.count { count("sent.bundles") }
+            for datagram in datagrams { control?.send(datagram, to: to) }
         }
     }
 
@@ -186,19 +245,20 @@ final class MigrationEngine: @unchecked Sendable {
         switch action {
         case .send(let message, let to):
             count("sent.\(message.body.type)")
-            control?.send(message.encode(trust: trust), to: to)
+            turn.outbox.append((to, message.encode(trust: trust)))
         case .setTimer(let key, let after):
             let generation = timerGeneration.add(1, ordering: .relaxed).newValue
             timers.withLock { $0[key] = generation }
             loop.asyncAfter(deadline: .now() + .nanoseconds(Int(min(after, UInt64(Int.max))))) { [self] in
                 guard timers.withLock({ $0[key] == generation ? $0.removeValue(forKey: key) : nil }) != nil else { return }
-                dispatch(.timer(key))
+                dispatch([.timer(key)])
             }
         case .cancelTimer(let key):
             timers.withLock { _ = $0.removeValue(forKey: key) }
         case .hold(let chainID, let side, let stateful):
-            agent.applyFastPath { $0.anchorHold(chainID: chainID, side: side, stateful: stateful, now: now) }
-            elicit(chainID)
+            agent.applyFastPath(flush: false) { $0.anchorHold(chainID: chainID, side: side, stateful: stateful, now: now) }
+            turn.fastPathDirty = true
+            turn.held.append(chainID)
         case .setPhase(let chainID, let phase):
             let (events, needsNumbers) = agent.processor.withLock { state in
                 state.anchorSetPhase(chainID: chainID, phase, now: dysco_monotonic_coarse_ns())
@@ -228,14 +288,19 @@ final class MigrationEngine: @unchecked Sendable {
             unclamp(chainID)
         case .finishAnchor(let chainID):
             unclamp(chainID)
-            agent.applyFastPath { $0.anchorFinish(chainID: chainID) }
+            agent.applyFastPath(flush: false) { $0.anchorFinish(chainID: chainID) }
+            turn.fastPathDirty = true
         case .cancelAnchor(let chainID):
             unclamp(chainID)
-            agent.applyFastPath { $0.anchorCancel(chainID: chainID) }
+            agent.applyFastPath(flush: false) { $0.anchorCancel(chainID: chainID) }
+            turn.fastPathDirty = true
             agent.releaseBuffer(chainID)
         case .removeSession(let chainID, let deleteConntrack):
             let session = agent.processor.withLock { $0.context(chainID: chainID)?.0.session }
-            agent.applyFastPath { $0.leave(chainID: chainID, reason: "left the path (reconfiguration)", now: dysco_monotonic_coarse_ns()) }
+            agent.applyFastPath(flush: false) {
+                $0.leave(chainID: chainID, reason: "left the path (reconfiguration)", now: dysco_monotonic_coarse_ns())
+            }
+            turn.fastPathDirty = true
             if deleteConntrack, let session { deleteState(session) }
         case .exportState(let chainID, let requestID, let session):
             exportState(chainID: chainID, requestID: requestID, session: session)
@@ -244,7 +309,8 @@ final class MigrationEngine: @unchecked Sendable {
         case .report(let chainID, let requestID, let result):
             count("migrations.\(result.outcome)")
             let continuation = reports.withLock { $0.removeValue(forKey: ReportKey(chainID: chainID, requestID: requestID)) }
-            continuation?.resume(returning: result)
+            continuation?.yield(result)
+            continuation?.finish()
         }
         return nil
     }
@@ -325,9 +391,44 @@ final class MigrationEngine: @unchecked Sendable {
 
     // MARK: - The firewall's state (FirewallStateStore: conntrack via ConntrackState in the product)
 
+    /// Exports and imports are group-committed: requests that arrive while the conntrack queue is busy wait
+    /// and then run as one job, whose results come back to the loop as one turn (one bundle of statePut /
+    /// stateInstalled messages per peer).
+    private enum StateJob {
+        case export(chainID: UInt64, requestID: UInt32, session: FiveTuple)
+        case `import`(chainID: UInt64, requestID: UInt32, document: [UInt8])
+    }
+    private let stateJobs = Mutex<[StateJob]>([])
+
     private func exportState(chainID: UInt64, requestID: UInt32, session: FiveTuple) {
+        enqueue(.export(chainID: chainID, requestID: requestID, session: session))
+    }
+
+    private func importState(chainID: UInt64, requestID: UInt32, document bytes: [UInt8]) {
+        enqueue(.import(chainID: chainID, requestID: requestID, document: bytes))
+    }
+
+    private func enqueue(_ job: StateJob) {
+        let first = stateJobs.withLock { jobs in
+            defer { jobs.append(job) }
+            return jobs.isEmpty
+        }
+        guard first else { return }
         conntrackQueue.async { [self] in
-            let started = dysco_monotonic_ns()
+            let jobs = stateJobs.withLock { jobs in
+                defer { jobs.removeAll() }
+                return jobs
+            }
+            let results = jobs.map(run)
+            loop.async { [self] in dispatch(results) }
+        }
+    }
+
+    private func run(_ job: StateJob) -> Event {
+        let started = dysco_monotonic_ns()
+        func micros() -> UInt32 { UInt32(clamping: (dysco_monotonic_ns() - started) / 1000) }
+        switch job {
+        case .export(let chainID, let requestID, let session):
             let result: Result<[UInt8], StepFailure>
             if let store = settings.stateStore {
                 do { result = .success(try store.exportState(session: session)) } catch {
@@ -336,14 +437,8 @@ final class MigrationEngine: @unchecked Sendable {
             } else {
                 result = .failure(StepFailure("this agent has no firewall state store"))
             }
-            let micros = UInt32(clamping: (dysco_monotonic_ns() - started) / 1000)
-            loop.async { [self] in dispatch(.stateExported(chainID: chainID, requestID: requestID, result, micros: micros)) }
-        }
-    }
-
-    private func importState(chainID: UInt64, requestID: UInt32, document bytes: [UInt8]) {
-        conntrackQueue.async { [self] in
-            let started = dysco_monotonic_ns()
+            return .stateExported(chainID: chainID, requestID: requestID, result, micros: micros())
+        case .import(let chainID, let requestID, let bytes):
             let result: Result<Void, StepFailure>
             if !settings.acceptState {
                 result = .failure(StepFailure("this box does not accept migrated state (agent --accept-state no)"))
@@ -354,8 +449,7 @@ final class MigrationEngine: @unchecked Sendable {
             } else {
                 result = .failure(StepFailure("this agent has no firewall state store"))
             }
-            let micros = UInt32(clamping: (dysco_monotonic_ns() - started) / 1000)
-            loop.async { [self] in dispatch(.stateImported(chainID: chainID, requestID: requestID, result, micros: micros)) }
+            return .stateImported(chainID: chainID, requestID: requestID, result, micros: micros())
         }
     }
 
@@ -379,9 +473,12 @@ public struct ReplaceRequest: Codable, Sendable {
     public var deadlineMilliseconds: UInt32
     /// At most this many sessions (nil: all that match).
     public var limit: Int?
+    /// Only these sessions, by chain id (nil: every session the predicate matches). `drain` names its batches so.
+    public var chains: Set<UInt64>?
 
     public init(predicate: SessionPredicate, newBoxes: [IPv4Address], stateful: Bool, deadlineMilliseconds: UInt32,
-                limit: Int? = nil) {
+                limit: Int? = nil, chains: Set<UInt64>? = nil) {
+        self.chains = chains
         self.predicate = predicate
         self.newBoxes = newBoxes
         self.stateful = stateful

@@ -603,3 +603,70 @@ private struct ControlReader {
     FiveTuple(srcAddr: IPv4Address(cmReadBE32(b, at)), srcPort: cmReadBE16(b, at + 8),
               dstAddr: IPv4Address(cmReadBE32(b, at + 4)), dstPort: cmReadBE16(b, at + 10))
 }
+
+// MARK: - Bundles: several messages in one datagram
+
+extension ControlMessage {
+    /// Datagrams the agents write carry at most this many bytes of concatenated messages (a single message
+    /// longer than this, a large `statePut`, goes alone). About 11 Ethernet fragments: a lost fragment loses the
+    /// bundle, which the left anchor's retransmission covers.
+    public static let bundleBytes = 16_384
+
+    /// Splits a datagram into the messages it carries back to back (each then checked on its own by
+    /// ``decode(_:trust:)-(UnsafeRawBufferPointer,_)``). Rule: at each offset, if at least 8 bytes remain and
+    /// they start with the magic, the frame is 48 + bodyLength + 16 bytes when that fits in what remains;
+    /// otherwise the rest of the datagram is one last frame (which decode then refuses: `truncated`,
+    /// `bad-magic` or `bad-length`). A datagram of one message is one frame. A forged length can only spoil the
+    /// rest of its own datagram: each frame's MAC is still checked.
+    public static func frames(in count: Int, readingHeader header: (Int) -> (magic: UInt32, bodyLength: Int)?) -> [Range<Int>] {
+        var frames: [Range<Int>] = []
+        var offset = 0
+        while offset < count {
+            let remaining = count - offset
+            if remaining >= 8, let h = header(offset), h.magic == magic {
+                let length = headerLength + h.bodyLength + TrustGroup.macLength
+                if length <= remaining {
+                    frames.append(offset..<(offset + length))
+                    offset += length
+                    continue
+                }
+            }
+            frames.append(offset..<count)
+            break
+        }
+        return frames
+    }
+
+    /// ``frames(in:readingHeader:)`` over bytes.
+    public static func frames(in bytes: UnsafeRawBufferPointer) -> [Range<Int>] {
+        frames(in: bytes.count) { offset in
+            (cmReadBE32(bytes, offset), Int(cmReadBE16(bytes, offset + 6)))
+        }
+    }
+
+    /// Decodes every message of a datagram: each frame's result, in order.
+    public static func decodeAll(_ bytes: [UInt8], trust: TrustGroup) -> [Result<ControlMessage, ControlMessageError>] {
+        bytes.withUnsafeBytes { raw in
+            frames(in: raw).map { range in
+                Result { () throws(ControlMessageError) in
+                    try decode(UnsafeRawBufferPointer(rebasing: raw[range]), trust: trust)
+                }
+            }
+        }
+    }
+
+    /// Packs encoded messages (in order) into as few datagrams as fit in `limit` bytes each.
+    public static func bundle(_ encoded: [[UInt8]], limit: Int = bundleBytes) -> [[UInt8]] {
+        var datagrams: [[UInt8]] = []
+        var current: [UInt8] = []
+        for message in encoded {
+            if !current.isEmpty, current.count + message.count > limit {
+                datagrams.append(current)
+                current = []
+            }
+            current.append(contentsOf: message)
+        }
+        if !current.isEmpty { datagrams.append(current) }
+        return datagrams
+    }
+}

@@ -112,6 +112,8 @@ public struct PacketProcessor: Sendable {
 
     public var table: SessionTable
     public var config: AgentConfig
+    /// Boxes new chains avoid (``Cordons``).
+    public var cordons = Cordons()
     public var settings: Settings
     public var counters = DataplaneCounters()
     public var events: [DataplaneEvent] = []
@@ -289,7 +291,8 @@ public struct PacketProcessor: Sendable {
         let id: SessionTable.SessionID
         do {
             // The left end fixes the chain-wide identity (paper §2.3); every later agent learns it from the trailer.
-            id = try table.insertLeftEnd(session: key, hops: policy.chain + [key.dstAddr], identity: .random(), now: now)
+            id = try table.insertLeftEnd(session: key, hops: cordons.apply(policy.chain) + [key.dstAddr],
+                                         identity: .random(), now: now)
         } catch {
             countInsertError(error, key: key)
             return .drop

@@ -176,3 +176,73 @@ public struct PolicyFilterError: Error, CustomStringConvertible, Equatable {
     public var reason: String
     public var description: String { "--match \"\(filter)\": \(reason)" }
 }
+
+/// Middleboxes new sessions stop choosing (`drain` cordons a box before moving its sessions, as `kubectl
+/// cordon` does a node): in the chain of a new session each cordoned hop is replaced by one of its
+/// replacements, taken in turn (round robin), skipping any already in the chain. Sessions that exist are not
+/// touched. Runtime state of the agent: a config reload keeps it; `policy uncordon` ends it.
+public struct Cordons: Sendable, Codable, Equatable {
+    public struct Cordon: Sendable, Codable, Equatable {
+        public var address: IPv4Address
+        /// At least one; new chains use them in turn.
+        public var replacements: [IPv4Address]
+        public init(address: IPv4Address, replacements: [IPv4Address]) {
+            self.address = address
+            self.replacements = replacements
+        }
+    }
+
+    public private(set) var cordons: [Cordon] = []
+    /// How many new chains took a replacement (the round robin's position).
+    public private(set) var replaced: UInt64 = 0
+
+    public init() {}
+
+    public enum CordonError: Error, Equatable, CustomStringConvertible {
+        case noReplacement(IPv4Address)
+        case replacementIsCordoned(IPv4Address)
+        case replacesItself(IPv4Address)
+
+        public var description: String {
+            switch self {
+            case .noReplacement(let a): "cordon \(a): name at least one replacement (new sessions need a box to go through)"
+            case .replacementIsCordoned(let a): "replacement \(a) is cordoned itself"
+            case .replacesItself(let a): "cordon \(a): a box cannot replace itself"
+            }
+        }
+    }
+
+    /// Cordons `address` (again: its replacements are updated).
+    public mutating func cordon(_ address: IPv4Address, replacements: [IPv4Address]) throws(CordonError) {
+        guard !replacements.isEmpty else { throw .noReplacement(address) }
+        guard !replacements.contains(address) else { throw .replacesItself(address) }
+        if let cordoned = replacements.first(where: { isCordoned($0) }) { throw .replacementIsCordoned(cordoned) }
+        if cordons.contains(where: { $0.replacements.contains(address) }) { throw .replacementIsCordoned(address) }
+        cordons.removeAll { $0.address == address }
+        cordons.append(Cordon(address: address, replacements: replacements))
+    }
+
+    /// Ends a cordon; false if `address` was not cordoned.
+    @discardableResult
+    public mutating func uncordon(_ address: IPv4Address) -> Bool {
+        let before = cordons.count
+        cordons.removeAll { $0.address == address }
+        return cordons.count != before
+    }
+
+    public func isCordoned(_ address: IPv4Address) -> Bool { cordons.contains { $0.address == address } }
+
+    /// The chain a new session takes: `chain` with each cordoned hop replaced (see the type's rule).
+    public mutating func apply(_ chain: [IPv4Address]) -> [IPv4Address] {
+        guard !cordons.isEmpty else { return chain }
+        var result = chain
+        for (i, hop) in chain.enumerated() {
+            guard let cordon = cordons.first(where: { $0.address == hop }) else { continue }
+            let usable = cordon.replacements.filter { !result.contains($0) }
+            guard !usable.isEmpty else { continue }  // every replacement is on the chain already: keep the hop
+            result[i] = usable[Int(replaced % UInt64(usable.count))]
+            replaced &+= 1
+        }
+        return result
+    }
+}

@@ -51,6 +51,11 @@ struct AgentCommand: AsyncParsableCommand {
             accepts after step 1, and still accepts OLD from agents not yet switched. (3) Once all sign with \
             NEW, drop --trust-key-previous. No SYN is refused at any step.
 
+            Policy at run time: SIGHUP (or `dysco-migrate policy reload`) reads --config again; new sessions \
+            follow it, existing ones keep their chains; a file that does not load leaves the old policy in force. \
+            `dysco-migrate policy cordon ADDR --to ADDR[,...]` makes new sessions avoid a box (what `drain` does \
+            first); `policy show` prints both.
+
             Inspect it with `dysco-migrate sessions` (same namespace) or `dysco-migrate sessions --netns NAME`.
             """
     )
@@ -166,6 +171,7 @@ struct AgentCommand: AsyncParsableCommand {
         var options = DataplaneAgent.Options(netns: NetworkNamespace.currentName(), controlSocketPath: controlSocket,
                                              trust: trust)
         options.queue = queue
+        options.configPath = config.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
         options.controlPort = controlPort
         options.acceptState = acceptState == .yes
         options.stateStore = ConntrackStateStore(logger: logger)
@@ -184,6 +190,7 @@ struct AgentCommand: AsyncParsableCommand {
             agent.stop()
             throw error
         }
+        Signals.onHangup { agent.reloadConfig() }
         let signal = await Signals.waitForTermination()
         logger.info("stopping", metadata: ["signal": "\(signal)"])
         agent.stop()

@@ -19,6 +19,15 @@ enum Signals {
         }
     }
 
+    /// Calls `handler` on each SIGHUP (the agent's config reload), for the process lifetime.
+    static func onHangup(_ handler: @escaping @Sendable () -> Void) {
+        signal(SIGHUP, SIG_IGN)
+        let source = DispatchSource.makeSignalSource(signal: SIGHUP, queue: DispatchQueue(label: "dysco-sighup"))
+        source.setEventHandler(handler: handler)
+        source.resume()
+        Retained.sources.append(source)
+    }
+
     /// Keeps signal sources alive for the process lifetime; touched only on the signal queue's setup path.
     private enum Retained {
         nonisolated(unsafe) static var sources: [any DispatchSourceSignal] = []

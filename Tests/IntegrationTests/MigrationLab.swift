@@ -13,8 +13,8 @@ enum MigrationLab {
 
     static func spec(_ name: String, subnet: String, middleboxes: [String] = ["fw1", "fw2"], chain: [String]? = nil,
                      agentArguments: [String] = [], firewallProfiles: [String: FirewallProfile] = [:],
-                     attackers: Int = 0) -> LabSpec {
-        LabSpec(name: name, middleboxes: middleboxes, chain: chain, subnet: subnet,
+                     attackers: Int = 0, clients: Int = 1) -> LabSpec {
+        LabSpec(name: name, clients: clients, middleboxes: middleboxes, chain: chain, subnet: subnet,
                 policyPorts: [80, pacedPort], agentArguments: ["--close-linger", "60"] + agentArguments,
                 firewallProfiles: firewallProfiles, attackers: attackers)
     }
@@ -37,27 +37,37 @@ enum MigrationLab {
     }
 
     /// `count` parallel downloads of `file` from the paced server, running in the background.
+    /// With several `clients`, the downloads are spread over them (one curl each, `count` in all).
     final class Downloads: @unchecked Sendable {
-        let process: Process
+        let processes: [Process]
         let outputs: [String]
-        init(_ lab: Lab, file: String, count: Int, timeout: Int = 120) throws {
+        init(_ lab: Lab, file: String, count: Int, timeout: Int = 120, clients: [String] = ["client1"]) throws {
             let server = lab.address(of: "server1")
-            var args = ["curl", "-sS", "--fail", "-m", "\(timeout)", "--parallel", "--parallel-immediate",
-                        "--parallel-max", "\(count)"]
             var outputs: [String] = []
-            for i in 0..<count {
-                let out = "\(lab.directory)/dl\(i).out"
-                outputs.append(out)
-                args += ["-o", out, "http://\(server):\(pacedPort)/\(file)"]
+            var processes: [Process] = []
+            for (c, client) in clients.enumerated() {
+                let mine = Array(stride(from: c, to: count, by: clients.count))
+                guard !mine.isEmpty else { continue }
+                var args = ["curl", "-sS", "--fail", "-m", "\(timeout)", "--parallel", "--parallel-immediate",
+                            "--parallel-max", "\(mine.count)"]
+                for i in mine {
+                    let out = "\(lab.directory)/dl\(i).out"
+                    outputs.append(out)
+                    args += ["-o", out, "http://\(server):\(pacedPort)/\(file)"]
+                }
+                let log = c == 0 ? "\(lab.directory)/curl.log" : "\(lab.directory)/curl-\(client).log"
+                processes.append(try lab.spawn(client, args, logPath: log))
             }
             self.outputs = outputs
-            process = try lab.spawn("client1", args, logPath: "\(lab.directory)/curl.log")
+            self.processes = processes
         }
 
-        /// Waits for curl; true if it exited 0.
+        /// Waits for every curl; true if all exited 0.
         func wait() -> Bool {
-            process.waitUntilExit()
-            return process.terminationStatus == 0
+            processes.allSatisfy { process in
+                process.waitUntilExit()
+                return process.terminationStatus == 0
+            }
         }
     }
 
@@ -96,7 +106,7 @@ enum MigrationLab {
         try TestSupport.tcpRetransmissions(lab, "client1") + TestSupport.tcpRetransmissions(lab, "server1")
     }
 
-    /// The endpoints' TCP loss counters (client1 + server1): every retransmitted segment, the retransmitted
+    /// The endpoints' TCP loss counters (every client + server1): every retransmitted segment, the retransmitted
     /// segments the receiver reported it already had (DSACK: spurious, no byte was missing), and RTOs.
     struct LossCounters: CustomStringConvertible {
         var retransmitted: UInt64 = 0
@@ -118,7 +128,7 @@ enum MigrationLab {
 
     static func lossCounters(_ lab: Lab) throws -> LossCounters {
         var total = LossCounters()
-        for host in ["client1", "server1"] {
+        for host in lab.hosts(.client).map(\.name) + ["server1"] {
             let c = try lab.kernelCounters(host, ["TcpRetransSegs", "TcpExtTCPDSACKRecvSegs", "TcpExtTCPTimeouts",
                                                   "TcpExtTCPLossProbes", "TcpExtTCPFastRetrans", "TcpExtTCPSlowStartRetrans",
                                                   "TcpExtTCPSACKReorder", "TcpExtTCPOFOQueue", "TcpExtTCPRcvQDrop"])

@@ -1,0 +1,178 @@
+import DyscoAgent
+import DyscoCore
+import DyscoLab
+import DyscoSystem
+import Foundation
+import Testing
+
+/// `drain` on real namespaces, agents, strict iptables firewalls, conntrack and curl (issue 8, tests (a)–(c)).
+/// Each test has its own lab (`drN`, 10.79.4N.0/24) and removes it, also on failure.
+@Suite(.serialized) struct DrainTests {
+    static func record(_ line: String) {
+        FileHandle.standardError.write(Data("[drain-tests] \(line)\n".utf8))
+    }
+
+    struct DrainRun {
+        var summary: Drain.Summary?
+        var status: Int32
+        var stdout: String
+        var stderr: String
+    }
+
+    /// `dysco-migrate drain --lab … --json` (the CLI, as an operator would).
+    static func drain(_ lab: Lab, old: String, to: String, extra: [String] = []) throws -> DrainRun {
+        let result = try Command.run([try TestSupport.dyscoBinary(), "drain", "--lab", lab.name, "--old", old, "--to", to,
+                                      "--json"] + extra, check: false)
+        let summary = try? JSONDecoder().decode(Drain.Summary.self, from: Data(result.stdout.utf8))
+        return DrainRun(summary: summary, status: result.status, stdout: result.stdout, stderr: result.stderr)
+    }
+
+    static func policy(_ lab: Lab, _ host: String) throws -> PolicyReply {
+        let result = try Command.run([try TestSupport.dyscoBinary(), "policy", "show", "--netns", lab.namespace(of: host), "--json"])
+        return try JSONDecoder().decode(PolicyReply.self, from: Data(result.stdout.utf8))
+    }
+
+    @Test("(a) drain fw1 --to fw2 with 100 live sessions from 4 clients: fw1 ends empty and silent, all byte-exact, new sessions take fw2")
+    func drainHundred() async throws {
+        let clients = 4
+        try await TestSupport.withLab(MigrationLab.spec("dr1", subnet: "10.79.41.0/24", clients: clients)) { lab in
+            // 100 sessions at 256 KiB/s each (25 MiB/s through fw1). At 1 MiB/s each the agents' queues are never
+            // empty, so fast-path hand-overs reorder some packets (the closing note of issue 8 has the figures).
+            try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 4)
+            try MigrationLab.startPacedServer(lab, megabytesPerSecond: 0.25)
+            let sessions = 100
+            let downloads = try MigrationLab.Downloads(lab, file: "blob", count: sessions, timeout: 90,
+                                                       clients: (1...clients).map { "client\($0)" })
+            try await MigrationLab.waitForSessions(lab, on: "fw1", count: sessions, timeout: 40)
+            try await Task.sleep(for: .seconds(1))
+
+            let lossBefore = try MigrationLab.lossCounters(lab)
+            let invalidBefore = try TestSupport.invalidDrops(lab, "fw2")
+            let run = try Self.drain(lab, old: "fw1", to: "fw2")
+            let window = try MigrationLab.lossCounters(lab) - lossBefore
+            Self.record("dr1 loss during the drain: \(window)")
+            let summary = try #require(run.summary, "drain printed no summary: \(run.stdout) \(run.stderr)")
+            Self.record("dr1 drained \(summary.moved) in \(summary.elapsedMicroseconds) µs, \(summary.batches) batches")
+            #expect(run.status == 0, "drain exit status \(run.status): \(run.stdout) \(run.stderr)")
+            #expect(summary.total == sessions && summary.moved == sessions && summary.failures.isEmpty,
+                    "\(summary.failures.map { "\($0.session) \($0.failedStep): \($0.reason)" })")
+            #expect(summary.movedByTarget == ["\(lab.address(of: "fw2"))": sessions])
+            #expect(summary.remaining == 0 && summary.succeeded)
+            // Cordoned at the left ends (the clients) and the right end's agent (server1): 5 agents.
+            #expect(summary.cordons.count == clients + 1 && summary.cordons.allSatisfy { $0.error == nil }, "\(summary.cordons)")
+
+            // fw1's agent carries nothing, and its firewall forwards nothing more.
+            let fw1 = try await TestSupport.snapshot(lab, "fw1")
+            #expect(fw1.sessions.filter { $0.state != "closing" }.isEmpty, "fw1 still has \(fw1.sessions.map(\.session))")
+            #expect(try await MigrationLab.pacedSessions(lab, "fw2").count == sessions)
+            let fw1Before = try lab.firewallCounters("fw1").establishedAccepted.packets
+            try await Task.sleep(for: .seconds(1))
+            #expect(try lab.firewallCounters("fw1").establishedAccepted.packets == fw1Before, "fw1's FORWARD counters still grow")
+
+            // A new session, started after the drain, goes through fw2 (the cordon): fw1's counters stay still.
+            let policy = try Self.policy(lab, "client2")
+            #expect(policy.cordons == [Cordons.Cordon(address: lab.address(of: "fw1"), replacements: [lab.address(of: "fw2")])])
+            let fw1NewBefore = try lab.firewallCounters("fw1").newAccepted.packets
+            let fw2NewBefore = try lab.firewallCounters("fw2").newAccepted.packets
+            try lab.exec("client2", ["curl", "-sS", "--fail", "-m", "10", "-o", "/dev/null",
+                                     "http://\(lab.address(of: "server1"))/index.html"])
+            #expect(try lab.firewallCounters("fw1").newAccepted.packets == fw1NewBefore, "a new session went through fw1")
+            #expect(try lab.firewallCounters("fw2").newAccepted.packets > fw2NewBefore, "the new session did not go through fw2")
+
+            #expect(downloads.wait(), "curl failed")
+            #expect(try MigrationLab.allIntact(downloads.outputs, original: "\(lab.httpRoot)/blob").isEmpty)
+            #expect(try TestSupport.invalidDrops(lab, "fw2") == invalidBefore, "INVALID drops at fw2")
+            #expect(window.needed <= 0 && window.timeouts == 0, "loss during the drain: \(window)")
+        }
+    }
+
+    @Test("(b) drain to two targets spreads the sessions; --dry-run changes nothing; --concurrency 1 moves one at a time")
+    func drainTwoTargets() async throws {
+        let spec = MigrationLab.spec("dr2", subnet: "10.79.42.0/24", middleboxes: ["fw1", "fw2", "fw3"], chain: ["fw1"])
+        try await TestSupport.withLab(spec) { lab in
+            try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 8)
+            try MigrationLab.startPacedServer(lab, megabytesPerSecond: 1)
+            let sessions = 12
+            let downloads = try MigrationLab.Downloads(lab, file: "blob", count: sessions, timeout: 60)
+            try await MigrationLab.waitForSessions(lab, on: "fw1", count: sessions)
+
+            let dry = try Self.drain(lab, old: "fw1", to: "fw2,fw3", extra: ["--dry-run"])
+            let plan = try #require(dry.summary?.plan, "dry run: \(dry.stdout) \(dry.stderr)")
+            #expect(dry.status == 0)
+            #expect(plan.count == sessions)
+            #expect(plan.filter { $0.target == "\(lab.address(of: "fw2"))" }.count == sessions / 2)
+            #expect(plan.filter { $0.target == "\(lab.address(of: "fw3"))" }.count == sessions / 2)
+            #expect(dry.summary?.moved == 0)
+            #expect(try await MigrationLab.pacedSessions(lab, "fw1").count == sessions, "--dry-run moved sessions")
+            #expect(try Self.policy(lab, "client1").cordons.isEmpty, "--dry-run cordoned")
+
+            let run = try Self.drain(lab, old: "fw1", to: "fw2,fw3", extra: ["--concurrency", "1"])
+            let summary = try #require(run.summary, "drain: \(run.stdout) \(run.stderr)")
+            #expect(run.status == 0, "\(run.stdout) \(run.stderr)")
+            #expect(summary.moved == sessions && summary.batches == sessions, "one session per batch with --concurrency 1")
+            #expect(summary.movedByTarget["\(lab.address(of: "fw2"))"] == sessions / 2)
+            #expect(summary.movedByTarget["\(lab.address(of: "fw3"))"] == sessions / 2)
+            #expect(try await MigrationLab.pacedSessions(lab, "fw2").count == sessions / 2)
+            #expect(try await MigrationLab.pacedSessions(lab, "fw3").count == sessions / 2)
+            #expect(try await MigrationLab.pacedSessions(lab, "fw1").isEmpty)
+
+            // Running it again is safe: nothing left, exit 0.
+            let again = try Self.drain(lab, old: "fw1", to: "fw2,fw3")
+            #expect(again.status == 0 && again.summary?.total == 0 && again.summary?.remaining == 0, "\(again.stdout)")
+
+            #expect(downloads.wait(), "curl failed")
+            #expect(try MigrationLab.allIntact(downloads.outputs, original: "\(lab.httpRoot)/blob").isEmpty)
+        }
+    }
+
+    @Test("(c) fw2's agent stopped mid-drain: the sessions not moved stay on fw1 intact and are named, exit 1; a second run finishes")
+    func drainWithTargetStopped() async throws {
+        try await TestSupport.withLab(MigrationLab.spec("dr3", subnet: "10.79.43.0/24")) { lab in
+            try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 12)
+            try MigrationLab.startPacedServer(lab, megabytesPerSecond: 1)
+            let sessions = 24
+            let downloads = try MigrationLab.Downloads(lab, file: "blob", count: sessions, timeout: 90)
+            try await MigrationLab.waitForSessions(lab, on: "fw1", count: sessions)
+
+            // One session at a time, so the stop falls mid-drain; a short deadline so the rest fail quickly.
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: try TestSupport.dyscoBinary())
+            process.arguments = ["drain", "--lab", lab.name, "--old", "fw1", "--to", "fw2", "--concurrency", "1",
+                                 "--deadline", "400", "--json"]
+            let out = Pipe()
+            process.standardOutput = out
+            process.standardError = FileHandle(forWritingAtPath: "/dev/null")
+            try process.run()
+            let deadline = Date().addingTimeInterval(30)
+            while try await MigrationLab.pacedSessions(lab, "fw2").count < 4, Date() < deadline {
+                try await Task.sleep(for: .milliseconds(20))
+            }
+            let agent = try #require(lab.agentRecord("fw2"))
+            kill(agent.pid, SIGSTOP)
+            let data = out.fileHandleForReading.readDataToEndOfFile()
+            process.waitUntilExit()
+            let summary = try #require(try? JSONDecoder().decode(Drain.Summary.self, from: data),
+                                       "drain: \(String(decoding: data, as: UTF8.self))")
+            Self.record("dr3 first run: moved \(summary.moved), failed \(summary.failures.count), remaining \(summary.remaining)")
+            #expect(process.terminationStatus == 1)
+            #expect(summary.moved >= 4 && summary.moved < sessions)
+            #expect(!summary.failures.isEmpty && summary.failures.count + summary.moved == sessions)
+            #expect(summary.remaining == summary.failures.count)
+            // The ones not moved are still on fw1, unharmed, and the summary names each of them.
+            let onFW1 = try await MigrationLab.pacedSessions(lab, "fw1").map(\.session)
+            #expect(Set(onFW1) == Set(summary.failures.map(\.session)))
+            #expect(summary.failures.allSatisfy { !$0.reason.isEmpty })
+
+            kill(agent.pid, SIGCONT)
+            try await Task.sleep(for: .seconds(2))
+            let second = try Self.drain(lab, old: "fw1", to: "fw2")
+            Self.record("dr3 second run: \(second.summary.map { "moved \($0.moved), failed \($0.failures.count)" } ?? second.stdout)")
+            #expect(second.status == 0, "\(second.stdout) \(second.stderr)")
+            #expect(second.summary?.moved == summary.failures.count)
+            #expect(try await MigrationLab.pacedSessions(lab, "fw1").isEmpty)
+
+            #expect(downloads.wait(), "curl failed")
+            #expect(try MigrationLab.allIntact(downloads.outputs, original: "\(lab.httpRoot)/blob").isEmpty)
+        }
+    }
+}
