@@ -8,7 +8,13 @@ public final class ConntrackStateStore: FirewallStateStore, @unchecked Sendable 
     private let logger: Logger
     private var handle: ConntrackTable?
 
-    public init(logger: Logger) { self.logger = logger }
+    /// Per-migration import/export lines ("import done") are below the agent's default level: a drain of
+    /// 10,000 sessions would log 10,000 of them.
+    public init(logger: Logger) {
+        var quiet = logger
+        quiet.logLevel = max(logger.logLevel, .notice)
+        self.logger = quiet
+    }
 
     private func table() throws(FirewallStateError) -> ConntrackTable {
         if let handle { return handle }

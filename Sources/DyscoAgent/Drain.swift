@@ -138,7 +138,13 @@ public struct Drain: Sendable {
             for (target, n) in outcome.moved { movedByTarget[target, default: 0] += n }
             if outcome.interrupted { interrupted = true; break }
         }
-        let (left, unmovable) = try await look()
+        // Sessions still finishing their migration (teardown) leave the old box within moments: wait for them.
+        var (left, unmovable) = try await look()
+        let settle = ContinuousClock.now + .seconds(10)
+        while !options.dryRun, !unmovable.isEmpty, ContinuousClock.now < settle {
+            try await Task.sleep(for: .milliseconds(200))
+            (left, unmovable) = try await look()
+        }
         let remaining = left.count + unmovable.count
         let moved = movedByTarget.values.reduce(0, +)
         let seconds = elapsed()

@@ -355,12 +355,23 @@ final class MigrationEngine: @unchecked Sendable {
 
     static let pokes = 50
     static let pokeInterval: DispatchTimeInterval = .microseconds(1000)
+    /// All sessions together are poked at most this often per second: a batch of 1,000 draining sessions
+    /// pokes each every 50 ms, not every millisecond (which would swamp the loop that answers their messages).
+    static let pokesPerSecond = 20_000
+    /// Sessions with a poke chain running.
+    private let poking = Atomic<Int>(0)
+
+    private var pokeInterval: DispatchTimeInterval {
+        let sessions = max(1, poking.load(ordering: .relaxed))
+        return .microseconds(max(1000, sessions * 1_000_000 / Self.pokesPerSecond))
+    }
 
     /// Keeps the far endpoint acknowledging until this anchor's old path is drained
     /// (``PacketProcessor/anchorPoke(chainID:into:)``): one poke on entering the drain, then one per
     /// ``pokeInterval`` while not drained, at most `remaining` in all.
     private func poke(_ chainID: UInt64, remaining: Int) {
-        guard remaining > 0 else { return }
+        if remaining == Self.pokes { poking.add(1, ordering: .relaxed) }
+        guard remaining > 0 else { poking.subtract(1, ordering: .relaxed); return }
         let again = withUnsafeTemporaryAllocation(byteCount: IPv4TCPPacket.maxBuiltLength, alignment: 16) { buffer -> Bool in
             let base = buffer.baseAddress!
             switch agent.processor.withLock({ $0.anchorPoke(chainID: chainID, into: base) }) {
@@ -376,8 +387,8 @@ final class MigrationEngine: @unchecked Sendable {
                 return !drained
             }
         }
-        guard again else { return }
-        loop.asyncAfter(deadline: .now() + Self.pokeInterval) { [self] in poke(chainID, remaining: remaining - 1) }
+        guard again else { poking.subtract(1, ordering: .relaxed); return }
+        loop.asyncAfter(deadline: .now() + pokeInterval) { [self] in poke(chainID, remaining: remaining - 1) }
     }
 
     /// A window-opening probe on the new path (``PacketProcessor/anchorProbe(chainID:into:)``).

@@ -21,6 +21,11 @@ public struct MigrationCoordinator: Sendable {
         /// First retransmission timeout; doubled on each retry.
         public var retransmitInitial: UInt64 = 20_000_000
         public var retransmitMax: UInt64 = 100_000_000
+        /// Before any answer was timed, each reconfiguration under way here adds this to the first timeout
+        /// (``RetransmitClock``).
+        public var retransmitPerActive: UInt64 = 500_000
+        /// No timeout is longer than this.
+        public var retransmitCeiling: UInt64 = 2_000_000_000
         /// Sends of one message before the step is given up (and the reconfiguration cancelled).
         public var maxTries = 7
         /// How long the controller waits for the left anchor's result beyond the deadline.
@@ -38,6 +43,8 @@ public struct MigrationCoordinator: Sendable {
     /// The lock of this agent's right subsession, per session (chain id).
     public private(set) var locks: [UInt64: SegmentLock] = [:]
     private var leftAnchors: [UInt64: LeftAnchor] = [:]
+    /// Round-trip times of the left anchor's messages (one estimator for all its peers: they share the load).
+    public private(set) var clock = RetransmitClock()
     private var rightAnchors: [UInt64: RightAnchor] = [:]
     private var oldBoxes: [UInt64: OldBox] = [:]
     private var newBoxes: [UInt64: NewBox] = [:]
@@ -180,6 +187,7 @@ public struct MigrationCoordinator: Sendable {
         var tries = 1
         var delay: UInt64
         var giveUpAt: UInt64
+        var deadline: UInt64
     }
 
     private mutating func startController(_ context: SessionContext, trigger: Trigger, leftAnchor: IPv4Address,
@@ -196,11 +204,12 @@ public struct MigrationCoordinator: Sendable {
                                      leftAnchor: leftAnchor, rightAnchor: trigger.newPath.last ?? leftAnchor,
                                      body: .trigger(trigger))
         let giveUp = now &+ UInt64(trigger.deadlineMilliseconds) * 1_000_000 &+ settings.controllerGrace
+        let first = 2 * clock.timeout(settings, active: controllers.count + 1)
         controllers[chainID] = Controller(requestID: requestID, message: message, leftAnchor: leftAnchor,
-                                          delay: settings.retransmitInitial * 2, giveUpAt: giveUp)
+                                          delay: first * 2, giveUpAt: giveUp,
+                                          deadline: UInt64(trigger.deadlineMilliseconds) * 1_000_000)
         out.append(.send(message, to: leftAnchor))
-        out.append(.setTimer(TimerKey(chainID: chainID, role: .controller, kind: .retransmit),
-                             afterNanoseconds: settings.retransmitInitial * 2))
+        out.append(.setTimer(TimerKey(chainID: chainID, role: .controller, kind: .retransmit), afterNanoseconds: first))
     }
 
     // MARK: - Left anchor
@@ -220,6 +229,8 @@ public struct MigrationCoordinator: Sendable {
         var outstanding: (ControlMessage, IPv4Address)?
         var tries = 0
         var delay: UInt64 = 0
+        /// When the outstanding message was first sent (for the RTT sample of its answer, Karn's rule).
+        var sentAt: UInt64 = 0
         var newSubsession: FiveTuple?
         var selfDrained = false
         var peerDrained = false
@@ -277,21 +288,30 @@ public struct MigrationCoordinator: Sendable {
         out.append(.hold(chainID: chainID, side: .right, stateful: trigger.stateful))
         out.append(.setTimer(TimerKey(chainID: chainID, role: .leftAnchor, kind: .deadline),
                              afterNanoseconds: UInt64(trigger.deadlineMilliseconds) * 1_000_000))
-        sendOutstanding(chainID, fresh: true, &out)
+        sendOutstanding(chainID, fresh: true, now: now, &out)
     }
 
     /// Sends (or re-sends) the left anchor's outstanding message and arms the retransmission timer.
-    private mutating func sendOutstanding(_ chainID: UInt64, fresh: Bool, _ out: inout [Action]) {
+    private mutating func sendOutstanding(_ chainID: UInt64, fresh: Bool, now: UInt64, _ out: inout [Action]) {
         guard var l = leftAnchors[chainID], let (message, to) = l.outstanding else { return }
         if fresh {
             l.tries = 0
-            l.delay = settings.retransmitInitial
+            l.delay = clock.timeout(settings, active: leftAnchors.count)
+            l.sentAt = now
         }
         l.tries += 1
         out.append(.send(message, to: to))
         out.append(.setTimer(TimerKey(chainID: chainID, role: .leftAnchor, kind: .retransmit), afterNanoseconds: l.delay))
-        l.delay = min(l.delay * 2, settings.retransmitMax)
+        l.delay = clock.backoff(l.delay, settings, active: leftAnchors.count)
         leftAnchors[chainID] = l
+    }
+
+    /// The answer to the left anchor's outstanding message arrived: an RTT sample if it was sent once.
+    private mutating func answered(_ chainID: UInt64, now: UInt64, _ out: inout [Action]) {
+        if let l = leftAnchors[chainID], l.outstanding != nil, l.tries == 1, now > l.sentAt {
+            clock.sample(now - l.sentAt)
+        }
+        out.append(.cancelTimer(TimerKey(chainID: chainID, role: .leftAnchor, kind: .retransmit)))
     }
 
     private mutating func mark(_ chainID: UInt64, now: UInt64) {
@@ -302,12 +322,12 @@ public struct MigrationCoordinator: Sendable {
 
     private mutating func leftAnchorLocked(_ chainID: UInt64, leftDelta: Int32, now: UInt64, _ out: inout [Action]) {
         guard var l = leftAnchors[chainID], l.step == .lock, l.cancelling == nil else { return }
+        answered(chainID, now: now, &out)
         mark(chainID, now: now)
         l = leftAnchors[chainID]!
         l.step = .newPath
         l.outstanding = nil
         leftAnchors[chainID] = l
-        out.append(.cancelTimer(TimerKey(chainID: chainID, role: .leftAnchor, kind: .retransmit)))
         if leftDelta != 0 { out.append(.setDelta(chainID: chainID, leftDelta)) }
         out.append(.openPath(chainID: chainID, next: l.trigger.newPath[0]))
     }
@@ -316,12 +336,13 @@ public struct MigrationCoordinator: Sendable {
         guard var l = leftAnchors[chainID], l.step == .drain, l.cancelling == nil, l.selfDrained, l.peerDrained else { return }
         mark(chainID, now: now)
         l = leftAnchors[chainID]!
+        // No RTT sample: the drain's answer waits for the data, not the network.
         out.append(.cancelTimer(TimerKey(chainID: chainID, role: .leftAnchor, kind: .retransmit)))
         if l.trigger.stateful {
             l.step = .state
             l.outstanding = (l.message(.stateRequest(newBox: l.trigger.newPath[0])), l.trigger.oldBox)
             leftAnchors[chainID] = l
-            sendOutstanding(chainID, fresh: true, &out)
+            sendOutstanding(chainID, fresh: true, now: now, &out)
         } else {
             // Stateless: both directions drained: the old path is no longer needed (§3.5).
             l.phaseEnds.append(l.phaseEnds.last ?? 0)  // no state step: as the drain
@@ -352,7 +373,7 @@ public struct MigrationCoordinator: Sendable {
         l.outstanding = (l.message(.oldPathFin), l.oldRight)
         leftAnchors[chainID] = l
         out.append(.cancelTimer(TimerKey(chainID: chainID, role: .leftAnchor, kind: .deadline)))
-        sendOutstanding(chainID, fresh: true, &out)
+        sendOutstanding(chainID, fresh: true, now: now, &out)
     }
 
     private mutating func finishLeftAnchor(_ chainID: UInt64, result: TriggerResult, _ out: inout [Action]) {
@@ -394,7 +415,7 @@ public struct MigrationCoordinator: Sendable {
         for hop in l.newMiddleboxes where step != .lock {
             out.append(.send(l.message(.newPathCancel), to: hop))
         }
-        sendOutstanding(chainID, fresh: true, &out)
+        sendOutstanding(chainID, fresh: true, now: now, &out)
     }
 
     private mutating func leftAnchorCancelProgress(_ chainID: UInt64, now: UInt64, _ out: inout [Action]) {
@@ -577,7 +598,7 @@ public struct MigrationCoordinator: Sendable {
             l.outstanding = (l.message(.newPathSyn(subsession: subsession, remaining: Array(l.trigger.newPath.dropFirst()))),
                              l.trigger.newPath[0])
             leftAnchors[chainID] = l
-            sendOutstanding(chainID, fresh: true, &out)
+            sendOutstanding(chainID, fresh: true, now: now, &out)
         } else if var n = newBoxes[chainID], n.right == nil {
             n.right = subsession
             newBoxes[chainID] = n
@@ -640,6 +661,7 @@ public struct MigrationCoordinator: Sendable {
         if var l = leftAnchors[chainID], l.requestID == m.requestID {
             guard l.step == .newPath, l.cancelling == nil, let mine = l.newSubsession else { return }
             _ = mine
+            answered(chainID, now: now, &out)
             mark(chainID, now: now)
             l = leftAnchors[chainID]!
             l.step = .drain
@@ -653,7 +675,7 @@ public struct MigrationCoordinator: Sendable {
                 out.append(.promote(chainID: chainID))
                 out.append(.setPhase(chainID: chainID, .released))
             }
-            sendOutstanding(chainID, fresh: true, &out)
+            sendOutstanding(chainID, fresh: true, now: now, &out)
         } else if let n = newBoxes[chainID], n.requestID == m.requestID, subsession == n.right {
             out.append(.markEstablished(chainID: chainID))
             out.append(.send(m.answer(.newPathSynAck(subsession: n.left)), to: n.left.srcAddr))
@@ -865,7 +887,7 @@ public struct MigrationCoordinator: Sendable {
         l.exportMicros = exportMicros ?? 0
         l.importMicros = importMicros ?? 0
         leftAnchors[chainID] = l
-        out.append(.cancelTimer(TimerKey(chainID: chainID, role: .leftAnchor, kind: .retransmit)))
+        answered(chainID, now: now, &out)
         guard ok else {
             cancel(chainID, step: .state, reason: text.isEmpty ? "state transfer failed" : text, now: now, &out)
             return
@@ -881,9 +903,10 @@ public struct MigrationCoordinator: Sendable {
         out.append(.promote(chainID: chainID))
         out.append(.setPhase(chainID: chainID, .probing))
         out.append(.sendProbe(chainID: chainID))
-        out.append(.setTimer(TimerKey(chainID: chainID, role: .leftAnchor, kind: .retransmit), afterNanoseconds: settings.retransmitInitial))
+        let first = clock.timeout(settings, active: leftAnchors.count)
+        out.append(.setTimer(TimerKey(chainID: chainID, role: .leftAnchor, kind: .retransmit), afterNanoseconds: first))
         leftAnchors[chainID]!.tries = 1
-        leftAnchors[chainID]!.delay = settings.retransmitInitial * 2
+        leftAnchors[chainID]!.delay = clock.backoff(first, settings, active: leftAnchors.count)
     }
 
     /// The stateInstalled reason carries the boxes' step durations: "export=N import=M;text".
@@ -932,7 +955,9 @@ public struct MigrationCoordinator: Sendable {
             c.tries += 1
             out.append(.send(c.message, to: c.leftAnchor))
             out.append(.setTimer(key, afterNanoseconds: c.delay))
-            c.delay = min(c.delay * 2, settings.retransmitMax)
+            // The left anchor answers only with the result: while it works, the trigger goes again at most
+            // about four times per deadline.
+            c.delay = min(c.delay * 2, max(settings.retransmitMax, c.deadline / 4))
             controllers[chainID] = c
         case (.leftAnchor, .deadline):
             guard let l = leftAnchors[chainID], l.cancelling == nil, !l.released else { return }
@@ -954,7 +979,7 @@ public struct MigrationCoordinator: Sendable {
                 out.append(.sendProbe(chainID: chainID))
                 out.append(.setTimer(key, afterNanoseconds: l.delay))
                 leftAnchors[chainID]!.tries += 1
-                leftAnchors[chainID]!.delay = min(l.delay * 2, settings.retransmitMax)
+                leftAnchors[chainID]!.delay = clock.backoff(l.delay, settings, active: leftAnchors.count)
                 return
             }
             guard let (message, to) = l.outstanding else { return }
@@ -978,7 +1003,7 @@ public struct MigrationCoordinator: Sendable {
                 }
                 return
             }
-            sendOutstanding(chainID, fresh: false, &out)
+            sendOutstanding(chainID, fresh: false, now: now, &out)
         default:
             break
         }

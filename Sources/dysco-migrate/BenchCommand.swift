@@ -7,7 +7,7 @@ struct BenchCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
         abstract: "Benchmarks that print figures (and assert nothing).",
-        subcommands: [Dataplane.self, Replace.self, Connect.self, Sink.self]
+        subcommands: [Dataplane.self, Replace.self, DrainBench.self, Connect.self, Sink.self]
     )
 
     struct Dataplane: AsyncParsableCommand {

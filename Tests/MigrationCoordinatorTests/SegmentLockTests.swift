@@ -132,3 +132,39 @@ struct SegmentLockTests {
         #expect(lock.request(b) == .forward(b))
     }
 }
+
+@Suite("Retransmission timeout (RFC 6298 estimator, Karn's rule; the left anchor's retransmission, §3.6 control loss)")
+struct RetransmitClockTests {
+    let settings = MigrationCoordinator.Settings()
+
+    @Test("before any sample the first timeout grows with the reconfigurations under way, up to the ceiling")
+    func initialScalesWithLoad() {
+        let clock = RetransmitClock()
+        #expect(clock.timeout(settings, active: 1) == settings.retransmitInitial)
+        #expect(clock.timeout(settings, active: 101) == settings.retransmitInitial + 100 * settings.retransmitPerActive)
+        #expect(clock.timeout(settings, active: 1_000_000) == settings.retransmitCeiling)
+    }
+
+    @Test("samples set SRTT and RTTVAR as RFC 6298 §2 does; the timeout is SRTT + 4·RTTVAR, never below the floor")
+    func estimator() {
+        var clock = RetransmitClock()
+        clock.sample(200_000_000)
+        #expect(clock.smoothed == 200_000_000 && clock.variation == 100_000_000)
+        #expect(clock.timeout(settings, active: 1000) == 600_000_000)  // load no longer matters once measured
+        clock.sample(100_000_000)
+        #expect(clock.smoothed == (7 * 200_000_000 + 100_000_000) / 8)
+        #expect(clock.variation == (3 * 100_000_000 + 100_000_000) / 4)
+        var fast = RetransmitClock()
+        for _ in 0..<20 { fast.sample(100_000) }
+        #expect(fast.timeout(settings, active: 1) == settings.retransmitInitial)
+    }
+
+    @Test("backoff doubles up to the larger of retransmitMax and four first timeouts")
+    func backoff() {
+        let clock = RetransmitClock()
+        #expect(clock.backoff(20_000_000, settings, active: 1) == 40_000_000)
+        #expect(clock.backoff(80_000_000, settings, active: 1) == settings.retransmitMax)
+        let loaded = clock.timeout(settings, active: 1001)
+        #expect(clock.backoff(loaded * 8, settings, active: 1001) == 4 * loaded)
+    }
+}
