@@ -19,6 +19,9 @@ final class FastPathWorker: @unchecked Sendable {
     private let logger: Logger
     private let pending = Mutex<[FastPathAction]>([])
     private var lastCounters: [SessionTable.SessionID: UInt64] = [:]
+    /// Packets the kernel rewrote, summed from the per-session counters at each poll (``activeSessions()``): what a
+    /// session carried between its last poll and its removal from the kernel is not counted.
+    let kernelPackets = Atomic<UInt64>(0)
     private let report: @Sendable (Outcome) -> Void
 
     /// Replaces whatever table a predecessor left and creates an empty one.
@@ -105,6 +108,13 @@ final class FastPathWorker: @unchecked Sendable {
             guard let data = try? nft.json("list table ip \(FastPathScript.table)") else { return [] }
             let totals = FastPathCounters.packetsBySession(json: data)
             defer { lastCounters = totals }
+            var moved: UInt64 = 0
+            for (id, packets) in totals {
+                // A session's chain made anew (released after a hold) starts again from zero.
+                let last = lastCounters[id] ?? 0
+                moved &+= packets >= last ? packets - last : packets
+            }
+            kernelPackets.add(moved, ordering: .relaxed)
             return totals.compactMap { id, packets in packets != lastCounters[id] ? id : nil }
         }
     }
