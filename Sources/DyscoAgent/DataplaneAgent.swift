@@ -112,15 +112,10 @@ public final class DataplaneAgent: @unchecked Sendable {
         try rules.install(logger: logger)
     }
 
-    /// Starts the metrics endpoint (first: a port in use fails before anything runs), the packet thread, the
-    /// expiry timer and the control socket.
+    /// Starts the packet thread, the expiry timer, the migration engine, the metrics endpoint (before the control
+    /// socket, whose appearance tells that the agent is ready: a metrics port in use fails the start) and the
+    /// control socket.
     public func start() throws {
-        if let endpoint = options.metrics, let metrics {
-            metricsServer = try MetricsServer(endpoint: endpoint, logger: logger) { [weak self] in
-                guard let self else { return [] }
-                return metrics.render(self.metricsReadings())
-            }
-        }
         let thread = Thread { [self] in
             packetLoop()
             packetThreadDone.signal()
@@ -169,6 +164,12 @@ public final class DataplaneAgent: @unchecked Sendable {
         }
         quietTimer.resume()
         self.quietTimer = quietTimer
+        if let endpoint = options.metrics, let metrics {
+            metricsServer = try MetricsServer(endpoint: endpoint, logger: logger) { [weak self] in
+                guard let self else { return [] }
+                return metrics.render(self.metricsReadings())
+            }
+        }
         control = try ControlServer(path: options.controlSocketPath) { [self] request in
             switch request.command {
             case .sessions: return (try? JSONEncoder().encode(snapshot())) ?? Data()
@@ -254,6 +255,7 @@ public final class DataplaneAgent: @unchecked Sendable {
     /// What a scrape reads: the processor's counters and counts (a short hold of the packet lock, no session
     /// walk), the control counters, the kernel's packet total and the buffer's occupancy.
     func metricsReadings() -> AgentMetricCatalog.Readings {
+        fastPath?.sampleKernelPackets()
         let (counters, sessions, anchoring) = processor.withLock { ($0.counters, $0.table.records.count, $0.anchoring) }
         return AgentMetricCatalog.Readings(
             counters: counters, sessions: sessions, anchoring: anchoring,

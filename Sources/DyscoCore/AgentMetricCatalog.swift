@@ -59,7 +59,7 @@ public enum AgentMetricCatalog {
 
     public static let families: [Family] = [
         Family(name: packets, kind: .counter,
-               help: "Packets by path (slow: NFQUEUE, verdict of the agent; fast: rewritten by the kernel, read from nftables counters at each poll) and verdict.",
+               help: "Packets by path (slow: NFQUEUE, the agent's verdict; fast: rewritten by the kernel, from its per-session counters) and verdict; a forwarded packet counts at ingress and at egress.",
                labelNames: ["path", "verdict"]),
         Family(name: synDropped, kind: .counter, help: "SYNs the slow path dropped, by reason.", labelNames: ["reason"]),
         Family(name: malformedPackets, kind: .counter, help: "Queued packets whose IPv4/TCP headers do not parse (accepted untouched).",
