@@ -190,7 +190,8 @@ struct PrometheusText {
 }
 
 /// Test (e) of issue 8: `agent --metrics` serves the Prometheus text format in its namespace, and a `replace`
-/// moves the migration counters and the phase-latency histograms. Labs `mxN`, 10.79.N.0/24.
+/// moves the migration counters and the phase-latency histograms (a cancelled one counts as cancelled). Labs
+/// `mxN`, 10.79.N.0/24.
 @Suite(.serialized) struct MetricsTests {
     static let port = 9464
 
@@ -311,6 +312,55 @@ struct PrometheusText {
             let fw2 = try Self.metrics(lab, "fw2")
             #expect(fw2.value("dysco_sessions") ?? 0 >= moved)
             #expect((fw2.value("dysco_sessions_created_total") ?? 0) - (before["fw2"]?.value("dysco_sessions_created_total") ?? 0) >= moved)
+
+            #expect(downloads.wait(), "curl failed")
+            #expect(try MigrationLab.allIntact(downloads.outputs, original: "\(lab.httpRoot)/blob").isEmpty)
+        }
+    }
+
+    @Test("a cancelled migration counts as cancelled at the controller and the left anchor and adds no phase latency; a bad control datagram counts as dropped")
+    func cancelledMigrationAndDrops() async throws {
+        let spec = MigrationLab.spec("mx3", subnet: "10.79.3.0/24", agentArguments: ["--metrics", "127.0.0.1:\(Self.port)"])
+        try await TestSupport.withLab(spec) { lab in
+            try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 8)
+            try MigrationLab.startPacedServer(lab, megabytesPerSecond: 2)
+            // fw2 refuses migrated state: the stateful migrations are cancelled at the state step.
+            try lab.restartAgent("fw2", extraArguments: ["--accept-state", "no"])
+            let sessions = 3
+            let downloads = try MigrationLab.Downloads(lab, file: "blob", count: sessions)
+            try await MigrationLab.waitForSessions(lab, on: "fw1", count: sessions)
+
+            // A datagram too short to be a control message, from client1 to fw1's control port.
+            let truncatedBefore = try Self.metrics(lab, "fw1").value("dysco_control_dropped_total", ["reason": "truncated"])
+            #expect(truncatedBefore == 0)
+            _ = try lab.exec("client1", ["python3", "-c", """
+                import socket
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                s.sendto(b"hello", ("\(lab.address(of: "fw1"))", \(ControlMessage.port)))
+                """])
+            var truncated = 0.0
+            for _ in 0..<20 where truncated == 0 {
+                try await Task.sleep(for: .milliseconds(100))
+                truncated = try Self.metrics(lab, "fw1").value("dysco_control_dropped_total", ["reason": "truncated"]) ?? 0
+            }
+            #expect(truncated == 1)
+
+            let run = try MigrationLab.replace(lab, old: "fw1", new: "fw2")
+            let report = try #require(run.report, "\(run.stdout) \(run.stderr)")
+            #expect(run.status != 0)
+            #expect(report.sessions.count == sessions && report.sessions.allSatisfy { $0.result == "cancelled" },
+                    "\(report.sessions.map { "\($0.result) \($0.failedStep)" })")
+            let cancelled = Double(report.sessions.filter { $0.result == "cancelled" }.count)
+            let fw1 = try Self.metrics(lab, "fw1")
+            #expect(fw1.value("dysco_migrations_total", ["role": "controller", "result": "cancelled"]) == cancelled)
+            #expect(fw1.value("dysco_migrations_total", ["role": "controller", "result": "success"]) == 0)
+            for phase in AgentMetricCatalog.phases {
+                #expect(fw1.value("dysco_migration_phase_duration_seconds_count", ["phase": phase]) == 0, "phase \(phase)")
+            }
+            let client = try Self.metrics(lab, "client1")
+            #expect(client.value("dysco_migrations_total", ["role": "left_anchor", "result": "cancelled"]) == cancelled)
+            #expect(client.value("dysco_anchor_buffer_packets") == 0)
+            #expect(try Self.metrics(lab, "fw2").value("dysco_migrations_total", ["role": "controller", "result": "cancelled"]) == 0)
 
             #expect(downloads.wait(), "curl failed")
             #expect(try MigrationLab.allIntact(downloads.outputs, original: "\(lab.httpRoot)/blob").isEmpty)
