@@ -31,6 +31,8 @@ public final class DataplaneAgent: @unchecked Sendable {
         public var acceptState = true
         /// The firewall's per-session state for stateful migrations (the CLI gives ConntrackStateStore).
         public var stateStore: (any FirewallStateStore)?
+        /// Serve Prometheus metrics at http://ENDPOINT/metrics in this namespace (nil: no metrics, no listener).
+        public var metrics: MetricsEndpoint?
         /// The deployment's trust keys (paper §2.3): Dysco SYN trailers are signed with the current key and
         /// accepted under the current or previous one. Required: there is no unauthenticated mode.
         public var trust: TrustGroup
@@ -69,6 +71,11 @@ public final class DataplaneAgent: @unchecked Sendable {
     // Confined to the packet thread.
     private var buffer: AnchorBuffer<HeldPacket>
     private var quietTimer: DispatchSourceTimer?
+    /// Copies of the buffer's totals, written by the packet thread when it appends or releases, read by scrapes.
+    private let bufferOccupancy = BufferOccupancy()
+    /// The Prometheus metrics and their HTTP endpoint (nil without `--metrics`).
+    private let metrics: AgentMetrics?
+    private var metricsServer: MetricsServer?
 
     /// Binds the queue and installs the rules. Throws a clear error when the queue cannot be bound (another
     /// agent holds it, or no CAP_NET_ADMIN) — and then installs nothing.
@@ -92,6 +99,7 @@ public final class DataplaneAgent: @unchecked Sendable {
         rules = QueueRules(queue: options.queue)
         wakeup = try Wakeup()
         buffer = AnchorBuffer(limits: options.bufferLimits)
+        metrics = options.metrics.map { _ in AgentMetrics(logger: logger) }
         if options.fastPath {
             let reroute = options.fastPathReroute ?? RouteTable.hasGatewayRoutes(
                 procNetRoute: (try? String(contentsOfFile: "/proc/net/route", encoding: .utf8)) ?? "")
@@ -107,7 +115,9 @@ public final class DataplaneAgent: @unchecked Sendable {
         try rules.install(logger: logger)
     }
 
-    /// Starts the packet thread, the expiry timer and the control socket.
+    /// Starts the packet thread, the expiry timer, the migration engine, the metrics endpoint (before the control
+    /// socket, whose appearance tells that the agent is ready: a metrics port in use fails the start) and the
+    /// control socket.
     public func start() throws {
         let thread = Thread { [self] in
             packetLoop()
@@ -139,7 +149,7 @@ public final class DataplaneAgent: @unchecked Sendable {
         let engine = try MigrationEngine(agent: self, trust: options.trust,
                                          settings: .init(controlPort: options.controlPort, acceptState: options.acceptState,
                                                         stateStore: options.stateStore),
-                                         logger: logger)
+                                         metrics: metrics, logger: logger)
         try engine.start()
         migration = engine
         // The drain's quiet rule needs a finer clock than the expiry timer; it costs one compare when no
@@ -157,6 +167,12 @@ public final class DataplaneAgent: @unchecked Sendable {
         }
         quietTimer.resume()
         self.quietTimer = quietTimer
+        if let endpoint = options.metrics, let metrics {
+            metricsServer = try MetricsServer(endpoint: endpoint, logger: logger) { [weak self] in
+                guard let self else { return [] }
+                return metrics.render(self.metricsReadings())
+            }
+        }
         control = try ControlServer(path: options.controlSocketPath) { [self] request in
             switch request.command {
             case .sessions: return (try? JSONEncoder().encode(snapshot())) ?? Data()
@@ -187,6 +203,7 @@ public final class DataplaneAgent: @unchecked Sendable {
         timer?.cancel()
         quietTimer?.cancel()
         control?.close()
+        metricsServer?.close()
         migration?.stop()
         wakeup.signal()
         fastPath?.shutdown()
@@ -300,6 +317,21 @@ public final class DataplaneAgent: @unchecked Sendable {
         return snapshot
     }
 
+    /// What a scrape reads: the processor's counters and counts (a short hold of the packet lock, no session
+    /// walk), the control counters, the kernel's packet total and the buffer's occupancy.
+    func metricsReadings() -> AgentMetricCatalog.Readings {
+        fastPath?.sampleKernelPackets()
+        let (counters, sessions, anchoring) = processor.withLock { ($0.counters, $0.table.records.count, $0.anchoring) }
+        return AgentMetricCatalog.Readings(
+            counters: counters, sessions: sessions, anchoring: anchoring,
+            control: migration?.counters.withLock { $0 } ?? [:],
+            fastPathPackets: fastPath?.kernelPackets.load(ordering: .relaxed) ?? 0,
+            bufferPackets: bufferOccupancy.packets.load(ordering: .relaxed),
+            bufferBytes: bufferOccupancy.bytes.load(ordering: .relaxed),
+            bufferRefused: bufferOccupancy.refused.load(ordering: .relaxed),
+            uptimeSeconds: Double(dysco_monotonic_ns() - startedAt) / 1e9)
+    }
+
     // MARK: - Packet thread
 
     private func packetLoop() {
@@ -352,12 +384,15 @@ public final class DataplaneAgent: @unchecked Sendable {
         for chainID in chains {
             // On the packet thread, so no packet of the queue is handled between these two steps.
             processor.withLock { $0.endRelease(chainID: chainID) }
-            for held in buffer.take(session: chainID) {
+            let released = buffer.take(session: chainID)
+            publishBufferOccupancy()
+            for held in released {
                 var bytes = held.bytes
                 let (verdict, events, actions, anchorEvents) = bytes.withUnsafeMutableBytes { raw in
                     processor.withLock { state in
                         let verdict = state.process(raw.baseAddress!, count: raw.count, capacity: raw.count, hook: held.hook,
                                                     checksum: held.checksum, now: dysco_monotonic_coarse_ns())
+                        state.counters.count(verdict)
                         return (verdict, state.takeEvents(), state.takeFastPathActions(), state.takeAnchorEvents())
                     }
                 }
@@ -400,6 +435,7 @@ public final class DataplaneAgent: @unchecked Sendable {
         let now = dysco_monotonic_coarse_ns()
         let (verdict, events, actions, anchorEvents) = processor.withLock { state in
             let verdict = state.process(base, count: count, capacity: capacity, hook: hook, checksum: checksum, now: now)
+            state.counters.count(verdict)
             return (verdict, state.takeEvents(), state.takeFastPathActions(), state.takeAnchorEvents())
         }
         switch verdict {
@@ -413,12 +449,16 @@ public final class DataplaneAgent: @unchecked Sendable {
             // A migrating session's new data: keep the kernel's packet (no verdict) and a copy of its bytes.
             let held = HeldPacket(id: packet.id, bytes: [UInt8](UnsafeRawBufferPointer(start: base, count: count)),
                                   hook: hook, checksum: checksum)
-            if !buffer.append(held, size: count, session: chainID) {
+            let appended = buffer.append(held, size: count, session: chainID)
+            publishBufferOccupancy()
+            if !appended {
                 // Full (documented bound): this packet and the rest go on the old path; the reconfiguration
                 // is cancelled, which releases the buffer there too.
                 let (again, _) = processor.withLock { state in
                     state.anchorStopHolding(chainID: chainID)
-                    return (state.process(base, count: count, capacity: capacity, hook: hook, checksum: checksum, now: now), ())
+                    let verdict = state.process(base, count: count, capacity: capacity, hook: hook, checksum: checksum, now: now)
+                    state.counters.count(verdict)
+                    return (verdict, ())
                 }
                 if case .acceptModified(let length) = again {
                     try queueSocket.verdict(id: packet.id, accept: true, packet: UnsafeRawBufferPointer(start: base, count: length))
@@ -431,6 +471,13 @@ public final class DataplaneAgent: @unchecked Sendable {
         if !anchorEvents.isEmpty { migration?.anchorEvents(anchorEvents) }
         if !actions.isEmpty { fastPath?.submit(actions) }
         if !events.isEmpty { log(events) }
+    }
+
+    /// The anchor buffer's occupancy for the metrics (the buffer is the packet thread's; readers get these copies).
+    private func publishBufferOccupancy() {
+        bufferOccupancy.packets.store(buffer.totalPackets, ordering: .relaxed)
+        bufferOccupancy.bytes.store(buffer.totalBytes, ordering: .relaxed)
+        bufferOccupancy.refused.store(buffer.refused, ordering: .relaxed)
     }
 
     private func log(_ events: [DataplaneEvent]) {
@@ -460,6 +507,13 @@ public final class DataplaneAgent: @unchecked Sendable {
     }
 }
 
+
+/// The anchor buffer's totals as the packet thread last published them.
+final class BufferOccupancy: Sendable {
+    let packets = Atomic<Int>(0)
+    let bytes = Atomic<Int>(0)
+    let refused = Atomic<UInt64>(0)
+}
 
 /// A packet an anchor holds: its NFQUEUE id (no verdict yet) and its bytes as they came (untranslated).
 public struct HeldPacket: Sendable {

@@ -19,6 +19,12 @@ final class FastPathWorker: @unchecked Sendable {
     private let nft: NftablesContext
     private let logger: Logger
     private var lastCounters: [SessionTable.SessionID: UInt64] = [:]
+    /// Packets the kernel rewrote, summed from the per-session counters at each poll (``activeSessions()``, and
+    /// ``sampleKernelPackets()`` at each metrics scrape): what a session carried between the last poll and its
+    /// removal from the kernel is not counted.
+    let kernelPackets = Atomic<UInt64>(0)
+    /// The per-session counters ``kernelPackets`` was last summed from (used only on `queue`).
+    private var packetBaseline: [SessionTable.SessionID: UInt64] = [:]
     private let report: @Sendable (Outcome) -> Void
 
     /// Replaces whatever table a predecessor left and creates an empty one.
@@ -177,12 +183,32 @@ final class FastPathWorker: @unchecked Sendable {
         }
     }
 
+    /// Reads the kernel's counters now and adds what they moved to ``kernelPackets`` (a metrics scrape).
+    func sampleKernelPackets() {
+        queue.sync {
+            guard let data = try? nft.json("list table ip \(FastPathScript.table)") else { return }
+            accumulate(FastPathCounters.packetsBySession(json: data))
+        }
+    }
+
+    private func accumulate(_ totals: [SessionTable.SessionID: UInt64]) {
+        var moved: UInt64 = 0
+        for (id, packets) in totals {
+            // A session's chain made anew (released after a hold) starts again from zero.
+            let last = packetBaseline[id] ?? 0
+            moved &+= packets >= last ? packets - last : packets
+        }
+        packetBaseline = totals
+        kernelPackets.add(moved, ordering: .relaxed)
+    }
+
     /// Sessions whose kernel counters moved since the last call.
     func activeSessions() -> [SessionTable.SessionID] {
         queue.sync {
             guard let data = try? nft.json("list table ip \(FastPathScript.table)") else { return [] }
             let totals = FastPathCounters.packetsBySession(json: data)
             defer { lastCounters = totals }
+            accumulate(totals)
             return totals.compactMap { id, packets in packets != lastCounters[id] ? id : nil }
         }
     }

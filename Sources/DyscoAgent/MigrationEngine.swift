@@ -37,9 +37,12 @@ final class MigrationEngine: @unchecked Sendable {
     private struct ReportKey: Hashable { var chainID: UInt64; var requestID: UInt32 }
     private let reports = Mutex<[ReportKey: AsyncStream<TriggerResult>.Continuation]>([:])
     let counters = Mutex<[String: UInt64]>([:])
+    /// Migration results and phase latencies for `--metrics` (nil without).
+    private let metrics: AgentMetrics?
 
-    init(agent: DataplaneAgent, trust: TrustGroup, settings: Settings, logger: Logger) throws {
+    init(agent: DataplaneAgent, trust: TrustGroup, settings: Settings, metrics: AgentMetrics? = nil, logger: Logger) throws {
         self.agent = agent
+        self.metrics = metrics
         self.trust = trust
         self.settings = settings
         self.logger = logger
@@ -138,6 +141,7 @@ final class MigrationEngine: @unchecked Sendable {
         for record in candidates {
             let chainID = record.identity.chainID
             guard let left = record.leftNeighbour, let right = record.rightNeighbour, let me = record.left?.dstAddr else {
+                metrics?.controllerRefused()
                 results.append(.init(record.session, chainID: chainID,
                                      TriggerResult(outcome: .refused, reason: "the session has no complete path here",
                                                    failedStep: "lock", phaseMicroseconds: [])))
@@ -245,6 +249,9 @@ final class MigrationEngine: @unchecked Sendable {
         switch action {
         case .send(let message, let to):
             count("sent.\(message.body.type)")
+            if let metrics, case .triggerResult(let result) = message.body {
+                metrics.leftAnchorFinished(chainID: message.identity.chainID, requestID: message.requestID, result)
+            }
             turn.outbox.append((to, message.encode(trust: trust)))
         case .setTimer(let key, let after):
             let generation = timerGeneration.add(1, ordering: .relaxed).newValue
@@ -308,6 +315,7 @@ final class MigrationEngine: @unchecked Sendable {
             importState(chainID: chainID, requestID: requestID, document: document)
         case .report(let chainID, let requestID, let result):
             count("migrations.\(result.outcome)")
+            metrics?.controllerFinished(result)
             let continuation = reports.withLock { $0.removeValue(forKey: ReportKey(chainID: chainID, requestID: requestID)) }
             continuation?.yield(result)
             continuation?.finish()

@@ -56,8 +56,23 @@ public struct DataplaneCounters: Sendable, Codable, Equatable {
     public var droppedAfterLeaving: UInt64 = 0
     /// Window-opening probes an anchor received on a new path and kept from its endpoint.
     public var probesReceived: UInt64 = 0
+    /// The slow path's verdicts (``count(_:)``, by the NFQUEUE shell under the lock it already holds): accepted as
+    /// they came, accepted rewritten, dropped, held by an anchor (a held packet counts again when it is released).
+    public var verdictAccept: UInt64 = 0
+    public var verdictAcceptModified: UInt64 = 0
+    public var verdictDrop: UInt64 = 0
+    public var verdictHold: UInt64 = 0
 
     public init() {}
+
+    public mutating func count(_ verdict: Verdict) {
+        switch verdict {
+        case .accept: verdictAccept &+= 1
+        case .acceptModified: verdictAcceptModified &+= 1
+        case .drop: verdictDrop &+= 1
+        case .hold: verdictHold &+= 1
+        }
+    }
 }
 
 /// Work for the fast-path worker: put a session's translations into the kernel, or take them out.

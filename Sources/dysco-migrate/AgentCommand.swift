@@ -57,6 +57,10 @@ struct AgentCommand: AsyncParsableCommand {
             first); `policy show` prints both.
 
             Inspect it with `dysco-migrate sessions` (same namespace) or `dysco-migrate sessions --netns NAME`.
+
+            Metrics: --metrics 127.0.0.1:9464 serves Prometheus metrics at http://127.0.0.1:9464/metrics in the \
+            agent's namespace (dysco_packets_total, dysco_sessions, dysco_migrations_total, \
+            dysco_migration_phase_duration_seconds, dysco_control_messages_total, …; README.md "Metrics").
             """
     )
 
@@ -114,6 +118,12 @@ struct AgentCommand: AsyncParsableCommand {
                                valueName: "yes|no"))
     var acceptState: YesNo = .yes
 
+    @Option(help: ArgumentHelp("""
+        Serve Prometheus metrics at http://ADDR:PORT/metrics in the agent's namespace (off by default; \
+        0.0.0.0 listens on every address). Names and labels: README.md, "Metrics".
+        """, valueName: "addr:port"))
+    var metrics: String?
+
     @OptionGroup var logging: LoggingOptions
 
     func validate() throws {
@@ -125,6 +135,7 @@ struct AgentCommand: AsyncParsableCommand {
         if let netns, !NetworkNamespace.isValidName(netns) {
             throw ValidationError("--netns '\(netns)' is not a valid namespace name")
         }
+        _ = try parsedMetrics()
         _ = try loadTrust()  // a missing or bad key is a usage error, reported before anything starts
     }
 
@@ -145,6 +156,14 @@ struct AgentCommand: AsyncParsableCommand {
         let current = try load(trustKey, flag: "--trust-key")
         let previous = try trustKeyPrevious.map { try load($0, flag: "--trust-key-previous") }
         return TrustGroup(current: current, previous: previous)
+    }
+
+    /// --metrics as an endpoint (nil without it); a bad value is a usage error naming the flag.
+    func parsedMetrics() throws -> MetricsEndpoint? {
+        guard let metrics else { return nil }
+        do throws(MetricsEndpoint.ParseError) { return try MetricsEndpoint.parse(metrics) } catch {
+            throw ValidationError("--metrics: \(error)")
+        }
     }
 
     var parsedPortRange: ClosedRange<UInt16>? {
@@ -174,6 +193,7 @@ struct AgentCommand: AsyncParsableCommand {
         options.configPath = config.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
         options.controlPort = controlPort
         options.acceptState = acceptState == .yes
+        options.metrics = try parsedMetrics()
         options.stateStore = ConntrackStateStore(logger: logger)
         options.portRange = parsedPortRange!
         options.settings.idleTimeout = UInt64(idleTimeout) * 1_000_000_000
