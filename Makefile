@@ -2,7 +2,7 @@
 SWIFT ?= swift
 BIN := $(CURDIR)/.build/release/dysco-migrate
 
-.PHONY: setup release demo test unit bench clean-labs
+.PHONY: setup release demo test unit bench bench-replace bench-drain clean-labs
 
 setup:            ## install every system package the project needs (idempotent, apt-get)
 	bash scripts/setup.sh
@@ -26,3 +26,7 @@ bench: release    ## data-plane benchmark: kernel forwarding vs the Dysco chain,
 
 bench-replace: release  ## replace benchmark: 100 live paced sessions fw1 → fw2, stateful then stateless, vs the prototype-style state transfer
 	$(BIN) bench replace --both
+
+bench-drain: release  ## drain benchmark: 1,000 then 10,000 live sessions drained fw1 → fw2 (batched), every stream byte checked
+	$(BIN) bench drain --sessions 1000
+	$(BIN) bench drain --sessions 10000

@@ -82,7 +82,11 @@ import Testing
             for _ in range(3): add("bad-magic", noise(64, 200))                  # malformed: random bytes
             for _ in range(2): add("truncated", noise(1, 63))                    # random, shorter than header + MAC
             add("truncated", good[:47]); add("truncated", good[:63])             # a valid message cut
-            add("bad-length", good[:-1]); add("bad-length", good + b"\\0")       # cut by one, one byte too many
+            add("bad-length", good[:-1])                                         # cut by one
+            # One byte too many: a bundle (docs/CONTROL-PROTOCOL.md) of the valid message, for a session nobody
+            # knows, and a 1-byte tail: each dropped for its own reason.
+            out.append(good + b"\\0")
+            for kind in ("unknown-session", "truncated"): counts["dropped." + kind] = counts.get("dropped." + kind, 0) + 1
             add("bad-version", msg(10, chain, 1, session, anchors, BODY[10], version=0))
             add("bad-version", msg(10, chain, 1, session, anchors, BODY[10], version=2))
             add("unknown-type", msg(0, chain, 1, session, anchors))
