@@ -116,17 +116,7 @@ struct BenchCommand: AsyncParsableCommand {
             options.deadlineMilliseconds = deadline
             options.sessionsPerClient = sessionsPerClient
             options.agentArguments = agentArg
-            switch reference {
-            case "none":
-                options.referenceScript = nil
-                options.referenceMissing = "skipped (--reference none)"
-            case .some(let path):
-                options.referenceScript = path
-            case nil:
-                let (found, tried) = ReplaceBenchmark.findReferenceScript()
-                options.referenceScript = found
-                if found == nil { options.referenceMissing = "not found (looked for \(tried.joined(separator: ", ")))" }
-            }
+            (options.referenceScript, options.referenceMissing) = BenchCommand.referenceScript(reference)
             let report = try await ReplaceBenchmark(options: options, logger: logger).run()
             if json {
                 let encoder = JSONEncoder()
@@ -135,6 +125,17 @@ struct BenchCommand: AsyncParsableCommand {
             } else {
                 print(report.text)
             }
+        }
+    }
+
+    /// The state transfer reference script of `--reference` (a path, 'none', or nil: looked up), or why there is none.
+    static func referenceScript(_ reference: String?) -> (script: String?, missing: String?) {
+        switch reference {
+        case "none": return (nil, "skipped (--reference none)")
+        case .some(let path): return (path, nil)
+        case nil:
+            let (found, tried) = ReplaceBenchmark.findReferenceScript()
+            return (found, found == nil ? "not found (looked for \(tried.joined(separator: ", ")))" : nil)
         }
     }
 
