@@ -155,13 +155,8 @@ public struct MeasureBenchmark: Sendable {
         let binary = try options.agentBinary ?? Lab.defaultAgentBinary()
         var runs: [Run] = []
         for mode in options.modes { runs.append(try await measure(mode, binary: binary)) }
-        var reference: StateTransferReference?
-        var note = options.referenceMissing
-        if let script = options.referenceScript {
-            logger.info("running the prototype-style state transfer reference", metadata: ["measure.script": "\(script)"])
-            reference = StateTransferReference.run(script, sessions: options.sessions(inBundle: Self.migratedBundle))
-            if reference == nil { note = "the reference script \(script) printed no result" }
-        }
+        let (reference, note) = StateTransferReference.run(options.referenceScript, sessions: options.sessions(inBundle: Self.migratedBundle),
+                                                           missing: options.referenceMissing, logger: logger)
         let ratios = runs.map { run in
             reference?.ratios(mode: run.mode, latency: run.latency, moved: run.moved, batchMicroseconds: run.batchMicroseconds)
                 ?? ReplaceBenchmark.Ratios(mode: run.mode)
@@ -170,33 +165,19 @@ public struct MeasureBenchmark: Sendable {
                                 seconds: options.seconds, bytesPerSession: options.bytesPerSession,
                                 deadlineMilliseconds: options.deadlineMilliseconds)
         return Report(settings: settings, runs: runs, reference: reference,
-                      referenceNote: reference == nil ? (note ?? "not run") : nil, ratios: ratios, files: [:])
+                      referenceNote: note, ratios: ratios, files: [:])
     }
 
     // MARK: - One lab
 
     public func spec(_ mode: Mode, binary: String?) -> LabSpec {
-        LabSpec(name: options.labName, clients: options.bundles, middleboxes: ["fw1", "fw2"], chain: ["fw1"],
-                subnet: options.subnet, policyPorts: [Self.port], agentArguments: options.agentArguments,
-                agentBinary: binary, firewallProfiles: mode == .stateless ? ["fw2": .open] : [:])
+        .replacement(name: options.labName, clients: options.bundles, subnet: options.subnet, mode: mode,
+                     agentArguments: options.agentArguments, agentBinary: binary)
     }
 
     private func measure(_ mode: Mode, binary: String) async throws -> Run {
-        let spec = spec(mode, binary: binary)
-        try Lab.down(name: spec.name, force: true, logger: logger)
-        logger.info("building lab", metadata: ["measure.lab": "\(spec.name)", "measure.mode": "\(mode)",
-                                               "measure.bundles": "\(spec.clients)"])
-        let guardToken = SignalTeardown.arm(lab: spec.name, logger: logger)
-        defer { SignalTeardown.disarm(guardToken) }
-        let lab = try Lab.up(spec, logger: logger)
-        do {
-            let run = try await measure(mode, lab: lab, binary: binary)
-            _ = try lab.down()
-            return run
-        } catch {
-            logger.error("measure failed; removing the lab", metadata: ["measure.error": "\(error)"])
-            _ = try? lab.down()
-            throw error
+        try await Lab.withBenchmarkLab(spec(mode, binary: binary), logger: logger) { lab in
+            try await measure(mode, lab: lab, binary: binary)
         }
     }
 

@@ -2,6 +2,7 @@ import DyscoAgent
 import DyscoSystem
 import Foundation
 import Histogram
+import Logging
 
 // What `bench replace` and `measure` share: percentiles, per-phase latency statistics of a `replace` report,
 // the endpoints' TCP loss counters, the prototype-style reference and its ratios, the lookup of files of the
@@ -167,6 +168,39 @@ extension Lab {
     }
 }
 
+extension LabSpec {
+    /// The replacement benchmarks' lab: `clients` clients → fw1 → server1 on the paced port, fw2 beside fw1;
+    /// fw2 strict for a stateful run, open for a stateless one.
+    static func replacement(name: String, clients: Int, subnet: String, mode: ReplaceBenchmark.Mode,
+                            agentArguments: [String], agentBinary: String?) -> LabSpec {
+        LabSpec(name: name, clients: clients, middleboxes: ["fw1", "fw2"], chain: ["fw1"], subnet: subnet,
+                policyPorts: [ReplaceBenchmark.pacedPort], agentArguments: agentArguments, agentBinary: agentBinary,
+                firewallProfiles: mode == .stateless ? ["fw2": .open] : [:])
+    }
+}
+
+extension Lab {
+    /// A benchmark's own lab: removes a leftover of the same name, builds `spec`, runs `body` and removes the lab
+    /// again, also when `body` fails or on Ctrl-C (SIGINT/SIGTERM).
+    static func withBenchmarkLab<T>(_ spec: LabSpec, logger: Logger, _ body: (Lab) async throws -> T) async throws -> T {
+        try Lab.down(name: spec.name, force: true, logger: logger)
+        logger.info("building lab", metadata: ["bench.lab": "\(spec.name)", "bench.clients": "\(spec.clients)",
+                                               "bench.fw2": "\(spec.firewallProfile(of: "fw2"))"])
+        let guardToken = SignalTeardown.arm(lab: spec.name, logger: logger)
+        defer { SignalTeardown.disarm(guardToken) }
+        let lab = try Lab.up(spec, logger: logger)
+        do {
+            let result = try await body(lab)
+            _ = try lab.down()
+            return result
+        } catch {
+            logger.error("benchmark failed; removing the lab", metadata: ["bench.error": "\(error)"])
+            _ = try? lab.down()
+            throw error
+        }
+    }
+}
+
 /// One session's firewall state moved the original prototype's way (shared/bench/state-transfer-prototype-ref.sh).
 public struct StateTransferReference: Codable, Sendable {
     public var script: String
@@ -192,6 +226,15 @@ public struct StateTransferReference: Codable, Sendable {
         return Self(script: script, sessions: Int(values["prototype_style_sessions"] ?? Double(sessions)),
                     moved: Int(values["moved"] ?? 0), exportMillisecondsPerSession: values["export_ms_per_session"] ?? 0,
                     importMillisecondsPerSession: values["import_ms_per_session"] ?? 0, totalMillisecondsPerSession: total)
+    }
+
+    /// Runs `script` (if given) as a benchmark's reference: the result, or why there is none (`missing` when
+    /// no script was given).
+    public static func run(_ script: String?, sessions: Int, missing: String?, logger: Logger) -> (Self?, String?) {
+        guard let script else { return (nil, missing ?? "not run") }
+        logger.info("running the prototype-style state transfer reference", metadata: ["bench.script": "\(script)"])
+        guard let reference = run(script, sessions: sessions) else { return (nil, "the reference script \(script) printed no result") }
+        return (reference, nil)
     }
 
     /// Where the script is: `../shared/bench/NAME` relative to the current directory, then relative to the

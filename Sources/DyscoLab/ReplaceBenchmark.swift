@@ -203,18 +203,13 @@ public struct ReplaceBenchmark: Sendable {
         for mode in options.modes {
             runs.append(try await measure(mode, binary: binary))
         }
-        var reference: Reference?
-        var note = options.referenceMissing
-        if let script = options.referenceScript {
-            logger.info("running the prototype-style state transfer reference", metadata: ["bench.script": "\(script)"])
-            reference = StateTransferReference.run(script, sessions: options.sessions)
-            if reference == nil { note = "the reference script \(script) printed no result" }
-        }
+        let (reference, note) = StateTransferReference.run(options.referenceScript, sessions: options.sessions,
+                                                           missing: options.referenceMissing, logger: logger)
         let ratios = runs.map { run in
             reference?.ratios(mode: run.mode, latency: MigrationLatency(total: run.total, paper: run.paper, phases: run.phases),
                               moved: run.moved, batchMicroseconds: run.batchElapsedMicroseconds) ?? Ratios(mode: run.mode)
         }
-        return Report(runs: runs, reference: reference, referenceNote: reference == nil ? (note ?? "not run") : nil, ratios: ratios)
+        return Report(runs: runs, reference: reference, referenceNote: note, ratios: ratios)
     }
 
     // MARK: - One lab
@@ -223,27 +218,13 @@ public struct ReplaceBenchmark: Sendable {
         let clients = min(max(1, (options.sessions + options.sessionsPerClient - 1) / options.sessionsPerClient),
                           LabSpec.hostCountRange.upperBound)
         let (name, subnet) = mode == .stateful ? ("bench-rp", "10.79.90.0/24") : ("bench-rps", "10.79.91.0/24")
-        return LabSpec(name: name, clients: clients, middleboxes: ["fw1", "fw2"], chain: ["fw1"], subnet: subnet,
-                       policyPorts: [Self.pacedPort], agentArguments: options.agentArguments, agentBinary: binary,
-                       firewallProfiles: mode == .stateless ? ["fw2": .open] : [:])
+        return .replacement(name: name, clients: clients, subnet: subnet, mode: mode, agentArguments: options.agentArguments,
+                            agentBinary: binary)
     }
 
     private func measure(_ mode: Mode, binary: String) async throws -> Run {
-        let spec = spec(mode, binary: binary)
-        try Lab.down(name: spec.name, force: true, logger: logger)
-        logger.info("building lab", metadata: ["bench.lab": "\(spec.name)", "bench.mode": "\(mode)",
-                                               "bench.clients": "\(spec.clients)"])
-        let guardToken = SignalTeardown.arm(lab: spec.name, logger: logger)
-        defer { SignalTeardown.disarm(guardToken) }
-        let lab = try Lab.up(spec, logger: logger)
-        do {
-            let run = try await measure(mode, lab: lab)
-            _ = try lab.down()
-            return run
-        } catch {
-            logger.error("benchmark failed; removing the lab", metadata: ["bench.error": "\(error)"])
-            _ = try? lab.down()
-            throw error
+        try await Lab.withBenchmarkLab(spec(mode, binary: binary), logger: logger) { lab in
+            try await measure(mode, lab: lab)
         }
     }
 
