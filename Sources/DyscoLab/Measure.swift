@@ -312,16 +312,17 @@ final class FileSizeSampler: Sendable {
     func start() {
         guard !running.exchange(true, ordering: .relaxed) else { return }
         let thread = Thread { [self] in
-            var tick = 0
             while !stopped.load(ordering: .relaxed) {
-                let now = elapsed()
+                // Stamped at the middle of the pass over the files (a pass the scheduler interrupts would otherwise
+                // look like a burst), and after a stall the next sample waits for the next tick instead of catching up.
+                let before = elapsed()
                 let sizes = paths.map { path -> Int64 in
                     var info = stat()
                     return stat(path, &info) == 0 ? Int64(info.st_size) : 0
                 }
-                collected.withLock { $0.append(Goodput.Sample(seconds: now, bytes: sizes)) }
-                tick += 1
-                let next = Double(tick) * interval
+                let after = elapsed()
+                collected.withLock { $0.append(Goodput.Sample(seconds: (before + after) / 2, bytes: sizes)) }
+                let next = ((after / interval).rounded(.down) + 1) * interval
                 let pause = next - elapsed()
                 if pause > 0 { usleep(UInt32(pause * 1_000_000)) }
             }

@@ -89,6 +89,18 @@ extension MeasureBenchmark {
 }
 
 extension MeasureBenchmark.Report {
+    /// What went wrong in the runs (a session of the bundle that did not move, a download that is not
+    /// byte-exact or failed, a reset): empty when nothing did.
+    public var problems: [String] {
+        runs.flatMap { run -> [String] in
+            var found: [String] = []
+            if run.moved < run.migratedSessions { found.append("\(run.mode): \(run.migratedSessions - run.moved) of \(run.migratedSessions) sessions did not move") }
+            if run.downloadsIntact < run.sessions { found.append("\(run.mode): \(run.sessions - run.downloadsIntact) downloads not byte-exact") }
+            if run.sessionsReset > 0 { found.append("\(run.mode): \(run.sessionsReset) sessions reset") }
+            return found
+        }
+    }
+
     public var text: String {
         func ms(_ us: UInt64) -> String { String(format: "%.2f", Double(us) / 1000) }
         func f(_ v: Double) -> String { String(format: "%.2f", v) }
@@ -110,7 +122,11 @@ extension MeasureBenchmark.Report {
             let rate = run.batchMicroseconds > 0 ? Double(run.moved) / (Double(run.batchMicroseconds) / 1e6) : 0
             lines.append("batch: \(ms(run.batchMicroseconds)) ms (agent), \(ms(run.requestMicroseconds)) ms (replace command); "
                          + String(format: "%.1f", rate) + " sessions/s")
-            lines += run.latency.table(stateless: run.mode == .stateless)
+            if run.moved > 0 {
+                lines += run.latency.table(stateless: run.mode == .stateless)
+            } else {
+                lines.append("no session of the bundle moved: no latency figures (see \"sessions not moved\" below)")
+            }
             lines.append("goodput per bundle, MiB/s (\(Int(run.binSeconds * 1000)) ms bins at the receiver; before "
                          + String(format: "%.1f–%.1f s, after %.1f–%.1f s", run.timeline.steadyFrom, run.timeline.windowStart,
                                   run.timeline.windowEnd, run.timeline.steadyUntil) + ")")

@@ -33,7 +33,8 @@ struct MeasureCommand: AsyncParsableCommand {
             bundle) and, rendered by scripts/plot-measure.py with matplotlib (python3-matplotlib, installed by \
             `make setup`), latency-cdf.png (stateful vs stateless), phases.png (per-phase breakdown) and \
             goodput.png (goodput time series with the migration marked). Needs root; removes its labs, also on \
-            error or Ctrl-C.
+            error or Ctrl-C. Exit status 1 (after writing every file) when a session of the bundle did not move, \
+            a download is not byte-exact or a session was reset.
 
             Examples:
               dysco-migrate measure --both
@@ -108,6 +109,10 @@ struct MeasureCommand: AsyncParsableCommand {
             print()
         } else {
             print(report.text)
+        }
+        if !report.problems.isEmpty {
+            FileHandle.standardError.write(Data("measure: \(report.problems.joined(separator: "; "))\n".utf8))
+            throw ExitCode(1)
         }
     }
 
