@@ -66,7 +66,15 @@ import Testing
             #expect(run.downloadsIntact == run.sessions && run.downloadsFailed == 0, "\(run.mode): \(run.downloadProblems)")
             #expect(run.bytesChecked == Int64(run.sessions) * report.settings.bytesPerSession)
             #expect(run.sessionsReset == 0, "\(run.mode): \(run.sessionsReset) resets")
-            #expect(run.retransmissionsDuring == 0 && run.lossDuring.timeouts == 0, "\(run.mode) window: \(run.lossDuring)")
+            // In the window: no byte lost (every retransmission one the receiver reports by DSACK it already had)
+            // and no RTO. Zero retransmissions outright wherever the run's baseline (the seconds before the window,
+            // same traffic, no migration) had none: on a loaded 2-core machine scheduling stalls make the paced
+            // senders retransmit spuriously with no migration at all, and that baseline is then not zero either.
+            #expect(run.lossDuring.needed <= 0 && run.lossDuring.timeouts == 0, "\(run.mode) window: \(run.lossDuring)")
+            if run.lossBefore.retransmitted == 0 {
+                #expect(run.retransmissionsDuring == 0, "\(run.mode) window, clean baseline: \(run.lossDuring)")
+            }
+            Self.record("\(run.mode): window \(run.lossDuring); baseline before it \(run.lossBefore.retransmitted) retransmitted")
             #expect(run.fw2InvalidDuring == 0 && run.fw2PolicyDroppedDuring == 0,
                     "\(run.mode): fw2 INVALID \(run.fw2InvalidDuring), policy \(run.fw2PolicyDroppedDuring)")
             // Recorded, not asserted: TCP outside the window (fast-path hand-over reordering, see issue 7's note).
