@@ -52,7 +52,9 @@ extension MeasureBenchmark {
 
     /// `python3 -c 'import matplotlib'` works (the plots need it): nil, or what is wrong and how to fix it.
     public static func plottingProblem(python: String = PacedHTTPServer.python) -> String? {
-        guard let result = try? Command.run([python, "-c", "import matplotlib"], check: false) else {
+        let absentPath = python.hasPrefix("/") && !FileManager.default.isExecutableFile(atPath: python)
+        guard !absentPath, let result = try? Command.run([python, "-c", "import matplotlib"], check: false),
+              result.status != 127 else {
             return "python3 is missing: the plots need python3 with matplotlib (`apt-get install python3-matplotlib`, "
                 + "or `make setup`); --no-plots skips them"
         }

@@ -104,4 +104,11 @@ import Testing
         #expect(latency.phases["import"]?.p50 == 9 && latency.phases.count == MigrationLatency.phaseOrder.count)
         #expect(latency.table(stateless: false).count == 12)
     }
+
+    @Test func plottingProblemsNameTheFix() throws {
+        let missing = try #require(MeasureBenchmark.plottingProblem(python: "/nonexistent/python3"))
+        #expect(missing.contains("python3 is missing") && missing.contains("python3-matplotlib") && missing.contains("--no-plots"))
+        let noModule = try #require(MeasureBenchmark.plottingProblem(python: "/bin/false"))
+        #expect(noModule.contains("has no matplotlib") && noModule.contains("python3-matplotlib"))
+    }
 }
