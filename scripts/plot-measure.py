@@ -26,6 +26,12 @@ PHASES = ["lock", "newPath", "drain", "state", "export", "transfer", "import", "
 PHASE_LABELS = {"newPath": "new path", "paper": "paper\n(SYN→used)", "total": "total"}
 
 
+def save(fig, directory, name):
+    fig.tight_layout()
+    fig.savefig(os.path.join(directory, name))
+    plt.close(fig)
+
+
 def rows(directory, name):
     with open(os.path.join(directory, name), newline="") as handle:
         return list(csv.DictReader(handle))
@@ -49,9 +55,7 @@ def latency_cdf(directory):
     ax.set_xlim(left=0)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(os.path.join(directory, "latency-cdf.png"))
-    plt.close(fig)
+    save(fig, directory, "latency-cdf.png")
 
 
 def phases(directory):
@@ -82,9 +86,7 @@ def phases(directory):
     ax.set_ylabel("latency (ms)")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(os.path.join(directory, "phases.png"))
-    plt.close(fig)
+    save(fig, directory, "phases.png")
 
 
 def goodput(directory):
@@ -122,9 +124,7 @@ def goodput(directory):
         ax.grid(True, alpha=0.3)
         ax.legend(loc="lower left", fontsize="small")
     axes[-1, 0].set_xlabel("time since the downloads started (s)")
-    fig.tight_layout()
-    fig.savefig(os.path.join(directory, "goodput.png"))
-    plt.close(fig)
+    save(fig, directory, "goodput.png")
 
 
 def main():
