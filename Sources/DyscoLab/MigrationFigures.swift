@@ -191,9 +191,11 @@ extension Lab {
         let lab = try Lab.up(spec, logger: logger)
         do {
             let result = try await body(lab)
+            SignalTeardown.standAsideIfInterrupted()
             _ = try lab.down()
             return result
         } catch {
+            SignalTeardown.standAsideIfInterrupted()
             logger.error("benchmark failed; removing the lab", metadata: ["bench.error": "\(error)"])
             _ = try? lab.down()
             throw error

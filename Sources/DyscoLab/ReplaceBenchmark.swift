@@ -460,6 +460,14 @@ enum SignalTeardown {
     private static let counter = Atomic<Int>(0)
     nonisolated(unsafe) private static var sources: [any DispatchSourceSignal] = []
     private static let installed = Mutex(false)
+    /// Set when a signal arrived: the handler owns the teardown from then on.
+    private static let interrupted = Atomic<Bool>(false)
+
+    /// After a signal, parks the calling thread until the handler has removed the lab and exited, so that the
+    /// benchmark's own error path does not remove the same lab at the same time.
+    static func standAsideIfInterrupted() {
+        while interrupted.load(ordering: .acquiring) { sleep(1) }
+    }
 
     static func arm(lab: String, logger: Logger) -> Int {
         let token = counter.add(1, ordering: .relaxed).newValue
@@ -472,6 +480,7 @@ enum SignalTeardown {
                     signal(number, SIG_IGN)
                     let source = DispatchSource.makeSignalSource(signal: number, queue: queue)
                     source.setEventHandler {
+                        interrupted.store(true, ordering: .releasing)
                         if let (_, lab, logger) = current.withLock({ $0 }) {
                             logger.warning("interrupted: removing the benchmark lab", metadata: ["bench.lab": "\(lab)"])
                             _ = try? Lab.down(name: lab, force: true, logger: logger)
