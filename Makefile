@@ -2,7 +2,7 @@
 SWIFT ?= swift
 BIN := $(CURDIR)/.build/release/dysco-migrate
 
-.PHONY: setup release demo test unit bench bench-replace bench-drain clean-labs
+.PHONY: setup release demo test unit bench bench-replace bench-drain measure clean-labs
 
 setup:            ## install every system package the project needs (idempotent, apt-get)
 	bash scripts/setup.sh
@@ -10,7 +10,7 @@ setup:            ## install every system package the project needs (idempotent,
 release: setup    ## the optimized binary the agents, the demo and the integration tests run
 	$(SWIFT) build -c release --product dysco-migrate
 
-demo: release     ## build a lab, download 50 MB through client → fw1 → server, show the firewall's view, tear down
+demo: release     ## a 50 MB download through client → fw1 → server; replace fw1 → fw2 halfway; phases, fw2's conntrack entry, sha256; tear down
 	DYSCO_BIN=$(BIN) bash scripts/demo.sh
 
 # --no-parallel: the integration tests block on child processes; in parallel on a 2-core machine they starve
@@ -19,7 +19,7 @@ test: release     ## every test: unit (no root) and integration (root, network n
 	DYSCO_BIN=$(BIN) $(SWIFT) test --no-parallel
 
 unit:             ## only the tests that need no root
-	$(SWIFT) test --filter 'DyscoCoreTests|MigrationCoordinatorTests|ConntrackStateTests|LabUnitTests'
+	$(SWIFT) test --filter 'DyscoCoreTests|MigrationCoordinatorTests|ConntrackStateTests|LabUnitTests|MeasureUnitTests'
 
 bench: release    ## data-plane benchmark: kernel forwarding vs the Dysco chain, same invocation
 	$(BIN) bench dataplane
@@ -30,3 +30,6 @@ bench-replace: release  ## replace benchmark: 100 live paced sessions fw1 → fw
 bench-drain: release  ## drain benchmark: 1,000 then 10,000 live sessions drained fw1 → fw2 (batched), every stream byte checked
 	$(BIN) bench drain --sessions 1000
 	$(BIN) bench drain --sessions 10000
+
+measure: release  ## 20 live sessions in 2 bundles, one moved fw1 → fw2 mid-run, stateful and stateless: latency, goodput, plots (MEASURE_ARGS=...)
+	$(BIN) measure --both $(MEASURE_ARGS)

@@ -2,7 +2,6 @@ import DyscoAgent
 import DyscoCore
 import DyscoSystem
 import Foundation
-import Histogram
 import Logging
 import Synchronization
 
@@ -58,7 +57,7 @@ public enum PacedHTTPServer {
     }
 
     /// Debian's python3 (the one the setup installs), else whatever `python3` is on PATH.
-    static var python: String {
+    public static var python: String {
         FileManager.default.isExecutableFile(atPath: "/usr/bin/python3") ? "/usr/bin/python3" : "python3"
     }
 }
@@ -97,27 +96,8 @@ public struct ReplaceBenchmark: Sendable {
         public init() {}
     }
 
-    /// Percentiles of one latency, microseconds (HdrHistogram, 3 significant digits).
-    public struct Percentiles: Codable, Sendable {
-        public var count: Int
-        public var p50: UInt64
-        public var p90: UInt64
-        public var p99: UInt64
-        public var max: UInt64
-        public var mean: Double
-
-        init(_ values: [UInt32]) {
-            var histogram = Histogram<UInt64>(highestTrackableValue: 3_600_000_000, numberOfSignificantValueDigits: .three)
-            for value in values { _ = histogram.record(UInt64(value)) }
-            count = values.count
-            let empty = values.isEmpty
-            p50 = empty ? 0 : histogram.valueAtPercentile(50)
-            p90 = empty ? 0 : histogram.valueAtPercentile(90)
-            p99 = empty ? 0 : histogram.valueAtPercentile(99)
-            max = empty ? 0 : histogram.maxRecorded
-            mean = empty ? 0 : histogram.mean
-        }
-    }
+    public typealias Percentiles = DyscoLab.Percentiles
+    public typealias Reference = StateTransferReference
 
     /// A session that did not move: its tuple, result, step and reason (as the agent reported).
     public struct Failure: Codable, Sendable {
@@ -125,6 +105,21 @@ public struct ReplaceBenchmark: Sendable {
         public var result: String
         public var failedStep: String
         public var reason: String
+
+        init(_ session: ReplaceReport.Session) {
+            self.session = session.session.description
+            result = session.result
+            failedStep = session.failedStep
+            reason = session.reason
+        }
+
+        /// The report's lines for the sessions that did not move, grouped by what happened.
+        static func lines(_ failures: [Failure]) -> [String] {
+            guard !failures.isEmpty else { return [] }
+            var grouped: [String: Int] = [:]
+            for f in failures { grouped["\(f.result) at \(f.failedStep): \(f.reason)", default: 0] += 1 }
+            return ["sessions not moved:"] + grouped.sorted { $0.value > $1.value }.map { "  \($0.value)× \($0.key)" }
+        }
     }
 
     public struct Run: Codable, Sendable {
@@ -172,15 +167,6 @@ public struct ReplaceBenchmark: Sendable {
         public var agentCounters: [String: [String: UInt64]]
     }
 
-    public struct Reference: Codable, Sendable {
-        public var script: String
-        public var sessions: Int
-        public var moved: Int
-        public var exportMillisecondsPerSession: Double
-        public var importMillisecondsPerSession: Double
-        public var totalMillisecondsPerSession: Double
-    }
-
     /// The prototype's per-session state move over ours.
     public struct Ratios: Codable, Sendable {
         public var mode: Mode
@@ -201,8 +187,7 @@ public struct ReplaceBenchmark: Sendable {
     }
 
     public static let pacedPort: UInt16 = 8090
-    public static let referenceScriptName = "state-transfer-prototype-ref.sh"
-    static let phaseOrder = ["lock", "newPath", "drain", "state", "export", "transfer", "import", "release", "teardown"]
+    public static let referenceScriptName = StateTransferReference.scriptName
 
     public var options: Options
     public var logger: Logger
@@ -218,23 +203,13 @@ public struct ReplaceBenchmark: Sendable {
         for mode in options.modes {
             runs.append(try await measure(mode, binary: binary))
         }
-        var reference: Reference?
-        var note = options.referenceMissing
-        if let script = options.referenceScript {
-            logger.info("running the prototype-style state transfer reference", metadata: ["bench.script": "\(script)"])
-            reference = runReference(script)
-            if reference == nil { note = "the reference script \(script) printed no result" }
+        let (reference, note) = StateTransferReference.run(options.referenceScript, sessions: options.sessions,
+                                                           missing: options.referenceMissing, logger: logger)
+        let ratios = runs.map { run in
+            reference?.ratios(mode: run.mode, latency: MigrationLatency(total: run.total, paper: run.paper, phases: run.phases),
+                              moved: run.moved, batchMicroseconds: run.batchElapsedMicroseconds) ?? Ratios(mode: run.mode)
         }
-        let ratios = runs.map { run -> Ratios in
-            guard let reference else { return Ratios(mode: run.mode) }
-            let proto = reference.totalMillisecondsPerSession * 1000
-            func over(_ ours: Double) -> Double? { ours > 0 ? proto / ours : nil }
-            let state = run.phases["state"]?.p50 ?? 0
-            return Ratios(mode: run.mode, overTotalP50: run.moved > 0 ? over(Double(run.total.p50)) : nil,
-                          overStateP50: run.mode == .stateful && run.moved > 0 ? over(Double(state)) : nil,
-                          overBatchPerSession: run.moved > 0 ? over(Double(run.batchElapsedMicroseconds) / Double(run.moved)) : nil)
-        }
-        return Report(runs: runs, reference: reference, referenceNote: reference == nil ? (note ?? "not run") : nil, ratios: ratios)
+        return Report(runs: runs, reference: reference, referenceNote: note, ratios: ratios)
     }
 
     // MARK: - One lab
@@ -243,27 +218,13 @@ public struct ReplaceBenchmark: Sendable {
         let clients = min(max(1, (options.sessions + options.sessionsPerClient - 1) / options.sessionsPerClient),
                           LabSpec.hostCountRange.upperBound)
         let (name, subnet) = mode == .stateful ? ("bench-rp", "10.79.90.0/24") : ("bench-rps", "10.79.91.0/24")
-        return LabSpec(name: name, clients: clients, middleboxes: ["fw1", "fw2"], chain: ["fw1"], subnet: subnet,
-                       policyPorts: [Self.pacedPort], agentArguments: options.agentArguments, agentBinary: binary,
-                       firewallProfiles: mode == .stateless ? ["fw2": .open] : [:])
+        return .replacement(name: name, clients: clients, subnet: subnet, mode: mode, agentArguments: options.agentArguments,
+                            agentBinary: binary)
     }
 
     private func measure(_ mode: Mode, binary: String) async throws -> Run {
-        let spec = spec(mode, binary: binary)
-        try Lab.down(name: spec.name, force: true, logger: logger)
-        logger.info("building lab", metadata: ["bench.lab": "\(spec.name)", "bench.mode": "\(mode)",
-                                               "bench.clients": "\(spec.clients)"])
-        let guardToken = SignalTeardown.arm(lab: spec.name, logger: logger)
-        defer { SignalTeardown.disarm(guardToken) }
-        let lab = try Lab.up(spec, logger: logger)
-        do {
-            let run = try await measure(mode, lab: lab)
-            _ = try lab.down()
-            return run
-        } catch {
-            logger.error("benchmark failed; removing the lab", metadata: ["bench.error": "\(error)"])
-            _ = try? lab.down()
-            throw error
+        try await Lab.withBenchmarkLab(spec(mode, binary: binary), logger: logger) { lab in
+            try await measure(mode, lab: lab)
         }
     }
 
@@ -281,7 +242,7 @@ public struct ReplaceBenchmark: Sendable {
         let downloads = try PacedDownloads(lab, clients: clients, port: Self.pacedPort, file: file, count: options.sessions,
                                       timeout: Int(transferSeconds) + 60)
         logger.info("downloads started; waiting until fw1 carries them", metadata: ["bench.sessions": "\(options.sessions)"])
-        try await waitForSessions(lab, on: "fw1", count: options.sessions, downloads: downloads, timeout: 30)
+        try await Self.waitForSessions(lab, on: "fw1", count: options.sessions, downloads: downloads, timeout: 30)
         try await Task.sleep(for: .milliseconds(500))
 
         // The window: the replace request of all sessions, with the counters read right before and after.
@@ -302,52 +263,29 @@ public struct ReplaceBenchmark: Sendable {
         guard let report = try? JSONDecoder().decode(ReplaceReport.self, from: data) else {
             throw LabError.setupFailed("fw1's agent answered the replace with: \(String(decoding: data.prefix(500), as: UTF8.self))")
         }
-        let fw1After = try await pacedSessions(lab, "fw1").count
-        let fw2After = try await pacedSessions(lab, "fw2").count
+        let fw1After = try await Self.pacedSessions(lab, "fw1").count
+        let fw2After = try await Self.pacedSessions(lab, "fw2").count
 
         logger.info("waiting for the downloads to finish", metadata: ["bench.moved": "\(report.sessions.filter { $0.result == "moved" }.count)"])
         let finished = await downloads.wait(timeout: transferSeconds + 70)
         let retransEnd = try retransmissions(lab, endpoints)
         let fw2End = try lab.firewallCounters("fw2")
-        var problems: [String] = []
-        if !finished { problems.append("the downloads did not all finish in time (\(downloads.finishedCount())/\(options.sessions))") }
-        var intact = 0
-        for (index, result) in downloads.results().enumerated() {
-            switch result {
-            case (nil, _): problems.append("s\(index): not finished")
-            case (let status?, _) where status != 0: problems.append("s\(index): curl status \(status)")
-            case (_, let digest) where digest != expected: problems.append("s\(index): sha256 mismatch")
-            default: intact += 1
-            }
-        }
+        let (intact, problems) = downloads.check(expected: expected, finished: finished)
         if !problems.isEmpty {
             let log = clients.map { ProcessInspector.tail(of: downloads.logPath($0), lines: 5) }.joined(separator: "\n")
             logger.warning("downloads with problems", metadata: ["bench.problems": "\(problems.prefix(10))", "bench.curl": "\(log)"])
         }
-        var agentCounters: [String: [String: UInt64]] = [:]
-        for host in ["fw1", "fw2", "client1", "server1"] {
-            guard let snapshot = try? await Self.snapshot(lab, host) else { continue }
-            let picked = snapshot.control.filter { $0.key.hasPrefix("dropped.") || (host == "fw1" && $0.key.hasPrefix("migrations.")) }
-            if !picked.isEmpty { agentCounters[host] = picked }
-        }
+        let agentCounters = await Self.agentCounters(lab)
 
         let moved = report.sessions.filter { $0.result == "moved" }
-        let phases = moved.compactMap(\.phases)
-        func column(_ key: KeyPath<ReplaceReport.Phases, UInt32>) -> Percentiles { Percentiles(phases.map { $0[keyPath: key] }) }
-        let byPhase: [String: Percentiles] = [
-            "lock": column(\.lock), "newPath": column(\.newPath), "drain": column(\.drain), "state": column(\.state),
-            "export": column(\.export), "transfer": column(\.transfer), "import": column(\.import),
-            "release": column(\.release), "teardown": column(\.teardown),
-        ]
+        let latency = MigrationLatency(moved.compactMap(\.phases))
         let batch = report.elapsedMicroseconds
         return Run(
             mode: mode, lab: lab.name, clients: clients.count, fw2Profile: lab.firewallProfile(of: "fw2").rawValue,
             sessions: options.sessions, megabytes: options.megabytes, rateMiBps: options.rateMiBps,
             matched: report.matched, moved: moved.count,
-            failures: report.sessions.filter { $0.result != "moved" }.map {
-                Failure(session: $0.session.description, result: $0.result, failedStep: $0.failedStep, reason: $0.reason)
-            },
-            total: column(\.total), paper: column(\.paper), phases: byPhase,
+            failures: report.sessions.filter { $0.result != "moved" }.map(Failure.init),
+            total: latency.total, paper: latency.paper, phases: latency.phases,
             batchElapsedMicroseconds: batch, requestMicroseconds: Self.micros(requestTime),
             sessionsPerSecond: batch > 0 ? Double(moved.count) / (Double(batch) / 1e6) : 0,
             retransmissionsBefore: retransBefore &- retransStart, retransmissionsDuring: retransDuring &- retransBefore,
@@ -364,23 +302,34 @@ public struct ReplaceBenchmark: Sendable {
         try hosts.reduce(0) { $0 + (try lab.tcpRetransmissions($1)) }
     }
 
+    /// The agents' `dropped.*` control counters and fw1's `migrations.*` (product diagnostics).
+    static func agentCounters(_ lab: Lab) async -> [String: [String: UInt64]] {
+        var agentCounters: [String: [String: UInt64]] = [:]
+        for host in ["fw1", "fw2", "client1", "server1"] {
+            guard let snapshot = try? await Self.snapshot(lab, host) else { continue }
+            let picked = snapshot.control.filter { $0.key.hasPrefix("dropped.") || (host == "fw1" && $0.key.hasPrefix("migrations.")) }
+            if !picked.isEmpty { agentCounters[host] = picked }
+        }
+        return agentCounters
+    }
+
     static func snapshot(_ lab: Lab, _ host: String) async throws -> AgentSnapshot {
         let data = try await ControlClient.request(ControlRequest(.sessions), path: AgentControlPaths.socketPath(netns: lab.namespace(of: host)))
         return try JSONDecoder().decode(AgentSnapshot.self, from: data)
     }
 
     /// Established middlebox sessions of `host`'s agent to the paced server.
-    private func pacedSessions(_ lab: Lab, _ host: String) async throws -> [AgentSnapshot.Session] {
-        try await Self.snapshot(lab, host).sessions.filter {
+    static func pacedSessions(_ lab: Lab, _ host: String) async throws -> [AgentSnapshot.Session] {
+        try await snapshot(lab, host).sessions.filter {
             $0.role == .middlebox && $0.session.dstPort == Self.pacedPort && $0.state == "established"
         }
     }
 
-    private func waitForSessions(_ lab: Lab, on host: String, count: Int, downloads: PacedDownloads, timeout: TimeInterval) async throws {
+    static func waitForSessions(_ lab: Lab, on host: String, count: Int, downloads: PacedDownloads, timeout: TimeInterval) async throws {
         let deadline = Date().addingTimeInterval(timeout)
         var seen = 0
         while Date() < deadline {
-            seen = try await pacedSessions(lab, host).count
+            seen = try await Self.pacedSessions(lab, host).count
             if seen >= count { return }
             if downloads.finishedCount() > 0 {
                 throw LabError.setupFailed("a download ended before fw1 carried all \(count) sessions (\(seen) so far); "
@@ -399,47 +348,17 @@ public struct ReplaceBenchmark: Sendable {
         UInt64(max(0, duration.components.seconds)) * 1_000_000 + UInt64(max(0, duration.components.attoseconds) / 1_000_000_000_000)
     }
 
-    // MARK: - The reference
-
-    /// Runs the prototype-style state transfer reference for as many sessions as the benchmark moves.
-    private func runReference(_ script: String) -> Reference? {
-        guard let result = try? Command.run(["bash", script, "\(options.sessions)"], check: false), result.status == 0 else {
-            return nil
-        }
-        var values: [String: Double] = [:]
-        for field in result.stdout.split(whereSeparator: { $0 == " " || $0 == "\n" }) {
-            let parts = field.split(separator: "=")
-            if parts.count == 2, let value = Double(parts[1]) { values[String(parts[0])] = value }
-        }
-        guard let total = values["total_ms_per_session"] else { return nil }
-        return Reference(script: script, sessions: Int(values["prototype_style_sessions"] ?? Double(options.sessions)),
-                         moved: Int(values["moved"] ?? 0), exportMillisecondsPerSession: values["export_ms_per_session"] ?? 0,
-                         importMillisecondsPerSession: values["import_ms_per_session"] ?? 0, totalMillisecondsPerSession: total)
-    }
-
-    /// Where the reference script is: `../shared/bench/NAME` relative to the current directory, then relative
-    /// to the repository the running binary was built in (the first parent of it with a Package.swift).
+    /// Where the reference script is (see ``StateTransferReference/find(_:currentDirectory:)``).
     public static func findReferenceScript(_ name: String = referenceScriptName,
                                            currentDirectory: String = FileManager.default.currentDirectoryPath) -> (String?, [String]) {
-        var candidates = ["\(currentDirectory)/../shared/bench/\(name)"]
-        if let exe = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe") {
-            var dir = URL(fileURLWithPath: exe).deletingLastPathComponent()
-            while dir.path != "/" {
-                if FileManager.default.fileExists(atPath: dir.appendingPathComponent("Package.swift").path) {
-                    candidates.append(dir.deletingLastPathComponent().appendingPathComponent("shared/bench/\(name)").path)
-                    break
-                }
-                dir = dir.deletingLastPathComponent()
-            }
-        }
-        let found = candidates.first { FileManager.default.fileExists(atPath: $0) }
-        return (found.map { URL(fileURLWithPath: $0).standardizedFileURL.path }, candidates)
+        StateTransferReference.find(name, currentDirectory: currentDirectory)
     }
 }
 
 /// N downloads spread over the lab's clients (session i on client i mod K): per session one `curl` piped into
-/// `sha256sum`, so every byte is checked without storing the files. Session i writes `sI.sha` and then `sI.rc`
-/// (curl's exit status) into the download directory when it ends.
+/// `sha256sum`, so every byte is checked without storing the files; or, with `toFiles`, written to `sI.out` (whose
+/// growing size shows the session's progress: `measure`'s goodput) and hashed when complete. Session i writes
+/// `sI.sha` and then `sI.rc` (curl's exit status) into the download directory when it ends.
 final class PacedDownloads: @unchecked Sendable {
     let directory: String
     let count: Int
@@ -455,7 +374,20 @@ final class PacedDownloads: @unchecked Sendable {
         wait
         """
 
-    init(_ lab: Lab, clients: [String], port: UInt16, file: String, count: Int, timeout: Int) throws {
+    static let fileScript = """
+        url=$1; dir=$2; timeout=$3; shift 3
+        for i in "$@"; do
+          ( curl -sS --fail -m "$timeout" -o "$dir/s$i.out" "$url"; rc=$?
+            sha256sum "$dir/s$i.out" | cut -d' ' -f1 > "$dir/s$i.sha"
+            echo "$rc" > "$dir/s$i.rc.tmp" && mv "$dir/s$i.rc.tmp" "$dir/s$i.rc" ) &
+        done
+        wait
+        """
+
+    /// Where session `i` writes what it receives (with `toFiles`).
+    func outputPath(_ i: Int) -> String { "\(directory)/s\(i).out" }
+
+    init(_ lab: Lab, clients: [String], port: UInt16, file: String, count: Int, timeout: Int, toFiles: Bool = false) throws {
         labDirectory = lab.directory
         directory = "\(lab.directory)/downloads"
         self.count = count
@@ -465,7 +397,7 @@ final class PacedDownloads: @unchecked Sendable {
         for (k, client) in clients.enumerated() {
             let mine = stride(from: k, to: count, by: clients.count).map(String.init)
             guard !mine.isEmpty else { continue }
-            processes.append(try lab.spawn(client, ["bash", "-c", Self.script, "bash", url, directory, "\(timeout)"] + mine,
+            processes.append(try lab.spawn(client, ["bash", "-c", toFiles ? Self.fileScript : Self.script, "bash", url, directory, "\(timeout)"] + mine,
                                            logPath: "\(lab.directory)/curl-\(client).log"))
         }
         self.processes = processes
@@ -487,6 +419,28 @@ final class PacedDownloads: @unchecked Sendable {
         return true
     }
 
+    /// Downloads that ended with curl status 0 and the `expected` sha256, and what went wrong with the others
+    /// ("sN: curl status X" / "sN: sha256 mismatch" / "sN: not finished").
+    func check(expected: String, finished: Bool) -> (intact: Int, problems: [String]) {
+        var problems: [String] = []
+        if !finished { problems.append("the downloads did not all finish in time (\(finishedCount())/\(count))") }
+        var intact = 0
+        for (index, result) in results().enumerated() {
+            switch result {
+            case (nil, _): problems.append("s\(index): not finished")
+            case (let status?, _) where status != 0: problems.append("s\(index): curl status \(status)")
+            case (_, let digest) where digest != expected: problems.append("s\(index): sha256 mismatch")
+            default: intact += 1
+            }
+        }
+        return (intact, problems)
+    }
+
+    /// The report's line for download problems (none when there are none).
+    static func problemLines(_ problems: [String]) -> [String] {
+        problems.isEmpty ? [] : ["  download problems: " + problems.prefix(10).joined(separator: "; ") + (problems.count > 10 ? "; …" : "")]
+    }
+
     /// Per session: curl's exit status and the sha256 of what it received (nil: not finished).
     func results() -> [(Int?, String?)] {
         (0..<count).map { i in
@@ -506,6 +460,14 @@ enum SignalTeardown {
     private static let counter = Atomic<Int>(0)
     nonisolated(unsafe) private static var sources: [any DispatchSourceSignal] = []
     private static let installed = Mutex(false)
+    /// Set when a signal arrived: the handler owns the teardown from then on.
+    private static let interrupted = Atomic<Bool>(false)
+
+    /// After a signal, parks the calling thread until the handler has removed the lab and exited, so that the
+    /// benchmark's own error path does not remove the same lab at the same time.
+    static func standAsideIfInterrupted() {
+        while interrupted.load(ordering: .acquiring) { sleep(1) }
+    }
 
     static func arm(lab: String, logger: Logger) -> Int {
         let token = counter.add(1, ordering: .relaxed).newValue
@@ -518,6 +480,7 @@ enum SignalTeardown {
                     signal(number, SIG_IGN)
                     let source = DispatchSource.makeSignalSource(signal: number, queue: queue)
                     source.setEventHandler {
+                        interrupted.store(true, ordering: .releasing)
                         if let (_, lab, logger) = current.withLock({ $0 }) {
                             logger.warning("interrupted: removing the benchmark lab", metadata: ["bench.lab": "\(lab)"])
                             _ = try? Lab.down(name: lab, force: true, logger: logger)
@@ -540,14 +503,6 @@ enum SignalTeardown {
 extension ReplaceBenchmark.Report {
     public var text: String {
         func ms(_ us: UInt64) -> String { String(format: "%.2f", Double(us) / 1000) }
-        func msD(_ us: Double) -> String { String(format: "%.2f", us / 1000) }
-        func cell(_ s: String, _ width: Int) -> String {
-            s.count >= width ? s + " " : String(repeating: " ", count: width - s.count) + s
-        }
-        let labels = ["total": "total (trigger → release)", "paper": "paper (§5.3: new-path SYN → used)",
-                      "lock": "lock", "newPath": "new path", "drain": "drain", "state": "state (export+transfer+import)",
-                      "export": "  export (fw1)", "transfer": "  transfer", "import": "  import (fw2)",
-                      "release": "release", "teardown": "teardown (after release)"]
         var lines: [String] = []
         for run in runs {
             let perClient = (run.sessions + run.clients - 1) / run.clients
@@ -558,19 +513,7 @@ extension ReplaceBenchmark.Report {
                          + "\(run.fw1SessionsAfter), fw2 \(run.fw2SessionsAfter)")
             lines.append("batch: \(ms(run.batchElapsedMicroseconds)) ms (agent), \(ms(run.requestMicroseconds)) ms (request round trip); "
                          + String(format: "%.1f", run.sessionsPerSecond) + " sessions/s")
-            lines.append("per session, ms".padding(toLength: 34, withPad: " ", startingAt: 0)
-                         + cell("p50", 9) + cell("p90", 9) + cell("p99", 9) + cell("max", 9) + cell("mean", 9))
-            var skipped: [String] = []
-            for key in ["total", "paper"] + ReplaceBenchmark.phaseOrder {
-                guard let p = key == "total" ? run.total : key == "paper" ? run.paper : run.phases[key] else { continue }
-                if run.mode == .stateless, p.max == 0, ["state", "export", "transfer", "import", "release"].contains(key) {
-                    skipped.append(labels[key]?.trimmingCharacters(in: .whitespaces) ?? key)
-                    continue
-                }
-                lines.append((labels[key] ?? key).padding(toLength: 34, withPad: " ", startingAt: 0)
-                             + cell(ms(p.p50), 9) + cell(ms(p.p90), 9) + cell(ms(p.p99), 9) + cell(ms(p.max), 9) + cell(msD(p.mean), 9))
-            }
-            if !skipped.isEmpty { lines.append("(stateless: no state moves and nothing is held; 0 for \(skipped.joined(separator: ", ")))") }
+            lines += MigrationLatency(total: run.total, paper: run.paper, phases: run.phases).table(stateless: run.mode == .stateless)
             lines.append("TCP retransmissions (clients + server1): during the window \(run.retransmissionsDuring); "
                          + "before it \(run.retransmissionsBefore), after it \(run.retransmissionsAfter)")
             let invalid = run.fw2Profile == "open" ? "n/a (open fw2 has no conntrack)" : "\(run.fw2InvalidDuring) (after: \(run.fw2InvalidAfter))"
@@ -578,35 +521,14 @@ extension ReplaceBenchmark.Report {
                          + "(after: \(run.fw2PolicyDroppedAfter))")
             lines.append("downloads byte-exact (sha256): \(run.downloadsIntact)/\(run.sessions); finished before the window "
                          + "closed: \(run.finishedBeforeWindowEnd)")
-            if !run.downloadProblems.isEmpty {
-                lines.append("  download problems: " + run.downloadProblems.prefix(10).joined(separator: "; ")
-                             + (run.downloadProblems.count > 10 ? "; …" : ""))
-            }
-            if !run.failures.isEmpty {
-                var grouped: [String: Int] = [:]
-                for f in run.failures { grouped["\(f.result) at \(f.failedStep): \(f.reason)", default: 0] += 1 }
-                lines.append("sessions not moved:")
-                for (text, count) in grouped.sorted(by: { $0.value > $1.value }) { lines.append("  \(count)× \(text)") }
-            }
+            lines += PacedDownloads.problemLines(run.downloadProblems) + ReplaceBenchmark.Failure.lines(run.failures)
             let diagnostics = run.agentCounters.sorted { $0.key < $1.key }.map { host, counters in
                 "\(host) " + counters.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
             }
             if !diagnostics.isEmpty { lines.append("agent counters: " + diagnostics.joined(separator: "; ")) }
             lines.append("")
         }
-        if let reference {
-            lines.append("reference (prototype-style: iptables-save + conntrack -L, iptables-restore + conntrack -I, per session; "
-                         + "\(reference.sessions) sessions, \(reference.moved) moved): "
-                         + String(format: "%.2f ms per session (export %.2f, import %.2f)", reference.totalMillisecondsPerSession,
-                                  reference.exportMillisecondsPerSession, reference.importMillisecondsPerSession))
-            func x(_ v: Double?) -> String { v.map { String(format: $0 < 10 ? "%.2f×" : "%.1f×", $0) } ?? "n/a" }
-            for r in ratios {
-                lines.append("prototype state move ÷ ours (\(r.mode)): ÷ per-session total p50 \(x(r.overTotalP50)), "
-                             + "÷ state phase p50 \(x(r.overStateP50)), ÷ batch time per session \(x(r.overBatchPerSession))")
-            }
-        } else {
-            lines.append("reference: \(referenceNote ?? "not run"); no ratio")
-        }
+        lines += StateTransferReference.text(reference, note: referenceNote, ratios: ratios)
         return lines.joined(separator: "\n")
     }
 }

@@ -7,7 +7,7 @@ struct BenchCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
         abstract: "Benchmarks that print figures (and assert nothing).",
-        subcommands: [Dataplane.self, Replace.self, DrainBench.self, Connect.self, Sink.self]
+        subcommands: [Dataplane.self, Replace.self, DrainBench.self, Connect.self, Sink.self, PacedServer.self]
     )
 
     struct Dataplane: AsyncParsableCommand {
@@ -116,17 +116,7 @@ struct BenchCommand: AsyncParsableCommand {
             options.deadlineMilliseconds = deadline
             options.sessionsPerClient = sessionsPerClient
             options.agentArguments = agentArg
-            switch reference {
-            case "none":
-                options.referenceScript = nil
-                options.referenceMissing = "skipped (--reference none)"
-            case .some(let path):
-                options.referenceScript = path
-            case nil:
-                let (found, tried) = ReplaceBenchmark.findReferenceScript()
-                options.referenceScript = found
-                if found == nil { options.referenceMissing = "not found (looked for \(tried.joined(separator: ", ")))" }
-            }
+            (options.referenceScript, options.referenceMissing) = BenchCommand.referenceScript(reference)
             let report = try await ReplaceBenchmark(options: options, logger: logger).run()
             if json {
                 let encoder = JSONEncoder()
@@ -135,6 +125,17 @@ struct BenchCommand: AsyncParsableCommand {
             } else {
                 print(report.text)
             }
+        }
+    }
+
+    /// The state transfer reference script of `--reference` (a path, 'none', or nil: looked up), or why there is none.
+    static func referenceScript(_ reference: String?) -> (script: String?, missing: String?) {
+        switch reference {
+        case "none": return (nil, "skipped (--reference none)")
+        case .some(let path): return (path, nil)
+        case nil:
+            let (found, tried) = ReplaceBenchmark.findReferenceScript()
+            return (found, found == nil ? "not found (looked for \(tried.joined(separator: ", ")))" : nil)
         }
     }
 
@@ -163,5 +164,33 @@ struct BenchCommand: AsyncParsableCommand {
         @Option(help: "TCP port.") var port: UInt16
 
         func run() async throws { try AcceptSink.run(address: address, port: port) }
+    }
+
+    struct PacedServer: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "paced-server",
+            abstract: "Start the sender-paced HTTP server (the one `bench replace` and `measure` use) on a lab host.",
+            discussion: """
+                Serves the lab's HTTP root on --port, each response written no faster than --rate MiB/s, so a \
+                download stays mid-transfer for size ÷ rate seconds (the demo swaps the firewall under one). \
+                Returns once the server answers; `lab down` stops it. The port must be one of the lab's policy \
+                ports for the chain to carry it (lab up --policy-ports 80,5201,8090).
+                """
+        )
+
+        @Option(help: "The lab.") var lab: String
+        @Option(help: "The lab host to run it on.") var host = "server1"
+        @Option(help: "TCP port.") var port: UInt16 = 8090
+        @Option(help: "Pace of each response, MiB/s.") var rate = 5.0
+
+        func run() async throws {
+            guard rate > 0 else { throw ValidationError("--rate must be positive") }
+            var logger = Logger(label: "dysco-migrate.bench")
+            logger.logLevel = .warning
+            let lab = try Lab.attach(name: lab, logger: logger)
+            let process = try PacedHTTPServer.start(lab, on: host, port: port, bytesPerSecond: rate * 1_048_576,
+                                                    probeFrom: lab.hosts(.client).first?.name ?? "client1")
+            print("paced HTTP server on \(host) (\(lab.address(of: host)):\(port)), \(rate) MiB/s per response, pid \(process.processIdentifier)")
+        }
     }
 }

@@ -9,6 +9,6 @@ struct DyscoMigrate: AsyncParsableCommand {
             Run `dysco-migrate agent` on every host of a chain (inside its network namespace). The other \
             commands talk to agents, to the kernel, or build a test lab of network namespaces.
             """,
-        subcommands: [AgentCommand.self, ReplaceCommand.self, DrainCommand.self, PolicyCommand.self, SessionsCommand.self, StateCommand.self, LabCommand.self, BenchCommand.self, PathCommand.self]
+        subcommands: [AgentCommand.self, ReplaceCommand.self, DrainCommand.self, PolicyCommand.self, MeasureCommand.self, SessionsCommand.self, StateCommand.self, LabCommand.self, BenchCommand.self, PathCommand.self]
     )
 }

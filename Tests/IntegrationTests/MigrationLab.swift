@@ -19,17 +19,10 @@ enum MigrationLab {
                 firewallProfiles: firewallProfiles, attackers: attackers)
     }
 
-    /// The sender-paced server (``PacedHTTPServer`` in DyscoLab, shared with `bench replace`) on server1.
-    /// Immediate ACKs at the endpoints (`quickack` on their subnet route): a paced, application-limited sender
-    /// then never waits on a delayed ACK for a chunk's tail, which its tail-loss probe (≈ 2 RTT) would answer
-    /// with a spurious retransmission whatever the path does (scripts/retrans-probe.sh). The baseline is then
-    /// zero retransmissions, and any retransmission in a test is the path's.
-    static func quickAck(_ lab: Lab) throws {
-        for host in lab.hosts where host.role == .client || host.role == .server {
-            try lab.exec(host.name, ["ip", "route", "change", lab.subnet.description, "dev", host.interface,
-                                     "proto", "kernel", "scope", "link", "src", host.address.description, "quickack", "1"])
-        }
-    }
+    /// The sender-paced server (``PacedHTTPServer`` in DyscoLab, shared with `bench replace`) on server1, with
+    /// immediate ACKs at the endpoints (``Lab/enableQuickAck()``): the baseline is then zero retransmissions,
+    /// and any retransmission in a test is the path's.
+    static func quickAck(_ lab: Lab) throws { try lab.enableQuickAck() }
 
     static func startPacedServer(_ lab: Lab, megabytesPerSecond: Double) throws {
         try quickAck(lab)
@@ -106,38 +99,11 @@ enum MigrationLab {
         try TestSupport.tcpRetransmissions(lab, "client1") + TestSupport.tcpRetransmissions(lab, "server1")
     }
 
-    /// The endpoints' TCP loss counters (every client + server1): every retransmitted segment, the retransmitted
-    /// segments the receiver reported it already had (DSACK: spurious, no byte was missing), and RTOs.
-    struct LossCounters: CustomStringConvertible {
-        var retransmitted: UInt64 = 0
-        var spurious: UInt64 = 0
-        var timeouts: UInt64 = 0
-        /// By host and counter, for the failure message.
-        var detail: [String: UInt64] = [:]
-        /// Retransmissions of bytes the receiver did not have: what a lost byte would cost.
-        var needed: Int64 { Int64(retransmitted) - Int64(spurious) }
-        static func - (a: Self, b: Self) -> Self {
-            Self(retransmitted: a.retransmitted &- b.retransmitted, spurious: a.spurious &- b.spurious,
-                 timeouts: a.timeouts &- b.timeouts,
-                 detail: a.detail.merging(b.detail) { x, y in x &- y }.filter { $0.value != 0 })
-        }
-        var description: String {
-            "\(retransmitted) retransmitted (\(spurious) spurious by DSACK), \(timeouts) RTOs; \(detail.sorted { $0.key < $1.key })"
-        }
-    }
+    /// The endpoints' TCP loss counters (every client + server1), shared with `measure` (``TCPLossCounters``).
+    typealias LossCounters = TCPLossCounters
 
     static func lossCounters(_ lab: Lab) throws -> LossCounters {
-        var total = LossCounters()
-        for host in lab.hosts(.client).map(\.name) + ["server1"] {
-            let c = try lab.kernelCounters(host, ["TcpRetransSegs", "TcpExtTCPDSACKRecvSegs", "TcpExtTCPTimeouts",
-                                                  "TcpExtTCPLossProbes", "TcpExtTCPFastRetrans", "TcpExtTCPSlowStartRetrans",
-                                                  "TcpExtTCPSACKReorder", "TcpExtTCPOFOQueue", "TcpExtTCPRcvQDrop"])
-            for (name, value) in c { total.detail["\(host).\(name)"] = value }
-            total.retransmitted += c["TcpRetransSegs"] ?? 0
-            total.spurious += c["TcpExtTCPDSACKRecvSegs"] ?? 0
-            total.timeouts += c["TcpExtTCPTimeouts"] ?? 0
-        }
-        return total
+        try lab.tcpLossCounters(lab.hosts(.client).map(\.name) + ["server1"])
     }
 
     /// Every download equals the served file.

@@ -1,0 +1,341 @@
+import DyscoAgent
+import DyscoCore
+import DyscoSystem
+import Foundation
+import Glibc
+import Logging
+import Synchronization
+
+/// `measure` (paper §5.3, Figs. 13 and 15): builds its own lab (clients client1…clientK → fw1 → server1, fw2
+/// beside), runs N long-lived sender-paced downloads in K bundles (bundle k = the sessions of client k+1), and
+/// halfway through moves bundle 1 (client1's sessions) fw1 → fw2 with the `replace` CLI
+/// (`--match src=CLIENT1`) while the other bundles stay on fw1. Goodput is measured at the receiving side: the
+/// size of each growing download file, sampled every 100 ms. Reports per-session latency percentiles of the
+/// whole migration, of the paper's measure and of every phase; goodput per bundle before / during / after the
+/// migration; the endpoints' TCP retransmissions, resets and fw2's INVALID drops in the migration window; the
+/// sha256 of every download. With both modes, stateful then stateless, each in a fresh lab (the same name and
+/// subnet, one after the other). The prototype-style state transfer reference runs in the same invocation.
+/// Writes report.json, latency.csv, phases.csv and goodput.csv; scripts/plot-measure.py renders the PNGs.
+public struct MeasureBenchmark: Sendable {
+    public typealias Mode = ReplaceBenchmark.Mode
+
+    public struct Options: Sendable {
+        public var sessions = 20
+        public var bundles = 2
+        /// Pace of each session, MiB/s.
+        public var rateMiBps = 2.0
+        /// How long each session transfers (its size is rate × seconds); the migration starts halfway.
+        public var seconds = 8.0
+        public var modes: [Mode] = [.stateful]
+        public var deadlineMilliseconds: UInt32 = 3000
+        public var labName = "measure"
+        public var subnet = "10.79.94.0/24"
+        public var referenceScript: String?
+        public var referenceMissing: String?
+        public var agentBinary: String?
+        public var agentArguments: [String] = []
+        public init() {}
+
+        /// Sessions of bundle `b` (session i belongs to bundle i mod K).
+        public func sessions(inBundle b: Int) -> Int { (0..<sessions).filter { $0 % bundles == b }.count }
+        /// Bytes of each download: rate × seconds, rounded up to 64 KiB.
+        public var bytesPerSession: Int64 {
+            let chunks = Int64((rateMiBps * seconds * 16).rounded(.up))
+            return max(1, chunks) * 65_536
+        }
+    }
+
+    public struct Bundle: Codable, Sendable {
+        public var index: Int
+        public var host: String
+        public var address: String
+        public var sessions: Int
+        public var migrated: Bool
+    }
+
+    public struct BundleGoodput: Codable, Sendable {
+        public var bundle: Int
+        public var host: String
+        public var migrated: Bool
+        /// Sessions × rate.
+        public var pacedMiBps: Double
+        public var goodput: Goodput.PhaseMeans
+    }
+
+    /// One session of the migrated bundle as `replace` reported it.
+    public struct SessionLatency: Codable, Sendable {
+        public var session: String
+        public var bundle: Int
+        public var result: String
+        public var failedStep: String
+        public var reason: String
+        public var phases: ReplaceReport.Phases?
+    }
+
+    public struct Run: Codable, Sendable {
+        public var mode: Mode
+        public var lab: String
+        public var subnet: String
+        public var fw2Profile: String
+        public var sessions: Int
+        public var bundles: [Bundle]
+        public var migratedBundle: Int
+        /// Sessions of the migrated bundle (what the latency counts should be).
+        public var migratedSessions: Int
+        /// The `replace` run: the command line, its exit status.
+        public var replaceCommand: String
+        public var replaceExitStatus: Int32
+        public var matched: Int
+        public var moved: Int
+        public var failures: [ReplaceBenchmark.Failure]
+        public var latency: MigrationLatency
+        public var perSession: [SessionLatency]
+        public var batchMicroseconds: UInt64
+        public var requestMicroseconds: UInt64
+        public var timeline: Goodput.Timeline
+        public var binSeconds: Double
+        public var goodput: [BundleGoodput]
+        public var bins: [Goodput.Bin]
+        /// The endpoints' (every client and server1) TCP loss counters: downloads' start → window, the window
+        /// (the replace command), window → downloads' end.
+        public var lossBefore: TCPLossCounters
+        public var lossDuring: TCPLossCounters
+        public var lossAfter: TCPLossCounters
+        public var retransmissionsDuring: UInt64
+        /// fw2's firewall in the window and after it (INVALID is always 0 on an open fw2: no conntrack).
+        public var fw2InvalidDuring: UInt64
+        public var fw2InvalidAfter: UInt64
+        public var fw2PolicyDroppedDuring: UInt64
+        public var fw2PolicyDroppedAfter: UInt64
+        /// Established paced sessions each middlebox carries right after the window.
+        public var fw1SessionsAfter: Int
+        public var fw2SessionsAfter: Int
+        /// Resets of established connections at the endpoints during the whole run (TcpEstabResets).
+        public var sessionsReset: UInt64
+        public var downloadsIntact: Int
+        public var downloadsFailed: Int
+        /// Bytes of the downloads that arrived byte-exact (sha256 of the served file).
+        public var bytesChecked: Int64
+        public var downloadProblems: [String]
+        public var agentCounters: [String: [String: UInt64]]
+    }
+
+    public struct Settings: Codable, Sendable {
+        public var sessions: Int
+        public var bundles: Int
+        public var rateMiBps: Double
+        public var seconds: Double
+        public var bytesPerSession: Int64
+        public var deadlineMilliseconds: UInt32
+    }
+
+    public struct Report: Codable, Sendable {
+        public var settings: Settings
+        public var runs: [Run]
+        public var reference: StateTransferReference?
+        public var referenceNote: String?
+        public var ratios: [ReplaceBenchmark.Ratios]
+        /// Output files by kind (report, latency, phases, goodput, latencyCDF, phasesPlot, goodputPlot).
+        public var files: [String: String]
+    }
+
+    public static let port = ReplaceBenchmark.pacedPort
+    public static let binSeconds = 0.1
+    public static let migratedBundle = 0
+
+    public var options: Options
+    public var logger: Logger
+
+    public init(options: Options, logger: Logger) {
+        self.options = options
+        self.logger = logger
+    }
+
+    public func run() async throws -> Report {
+        let binary = try options.agentBinary ?? Lab.defaultAgentBinary()
+        var runs: [Run] = []
+        for mode in options.modes { runs.append(try await measure(mode, binary: binary)) }
+        let (reference, note) = StateTransferReference.run(options.referenceScript, sessions: options.sessions(inBundle: Self.migratedBundle),
+                                                           missing: options.referenceMissing, logger: logger)
+        let ratios = runs.map { run in
+            reference?.ratios(mode: run.mode, latency: run.latency, moved: run.moved, batchMicroseconds: run.batchMicroseconds)
+                ?? ReplaceBenchmark.Ratios(mode: run.mode)
+        }
+        let settings = Settings(sessions: options.sessions, bundles: options.bundles, rateMiBps: options.rateMiBps,
+                                seconds: options.seconds, bytesPerSession: options.bytesPerSession,
+                                deadlineMilliseconds: options.deadlineMilliseconds)
+        return Report(settings: settings, runs: runs, reference: reference,
+                      referenceNote: note, ratios: ratios, files: [:])
+    }
+
+    // MARK: - One lab
+
+    public func spec(_ mode: Mode, binary: String?) -> LabSpec {
+        .replacement(name: options.labName, clients: options.bundles, subnet: options.subnet, mode: mode,
+                     agentArguments: options.agentArguments, agentBinary: binary)
+    }
+
+    private func measure(_ mode: Mode, binary: String) async throws -> Run {
+        try await Lab.withBenchmarkLab(spec(mode, binary: binary), logger: logger) { lab in
+            try await measure(mode, lab: lab, binary: binary)
+        }
+    }
+
+    private func measure(_ mode: Mode, lab: Lab, binary: String) async throws -> Run {
+        let clients = lab.hosts(.client)
+        let endpoints = clients.map(\.name) + ["server1"]
+        let file = "blob"
+        let original = "\(lab.httpRoot)/\(file)"
+        let size = options.bytesPerSession
+        try Command.run(["dd", "if=/dev/urandom", "of=\(original)", "bs=65536", "count=\(size / 65_536)", "status=none"])
+        let expected = try ReplaceBenchmark.sha256(original)
+        try lab.enableQuickAck()
+        try PacedHTTPServer.start(lab, port: Self.port, bytesPerSecond: options.rateMiBps * 1_048_576,
+                                  probeFrom: clients[0].name)
+
+        let bundleOf = (0..<options.sessions).map { $0 % clients.count }
+        let loss0 = try lab.tcpLossCounters(endpoints)
+        let downloads = try PacedDownloads(lab, clients: clients.map(\.name), port: Self.port, file: file,
+                                           count: options.sessions, timeout: Int(options.seconds) + 60, toFiles: true)
+        let sampler = FileSizeSampler(paths: (0..<options.sessions).map(downloads.outputPath), interval: Self.binSeconds)
+        sampler.start()
+        defer { sampler.stop() }
+        logger.info("downloads started; waiting until fw1 carries them", metadata: ["measure.sessions": "\(options.sessions)"])
+        try await ReplaceBenchmark.waitForSessions(lab, on: "fw1", count: options.sessions, downloads: downloads, timeout: 30)
+        let steadyFrom = sampler.elapsed() + 0.2
+        let migrateAt = max(options.seconds / 2, steadyFrom + 0.5)
+        let wait = migrateAt - sampler.elapsed()
+        if wait > 0 { try await Task.sleep(for: .milliseconds(Int(wait * 1000))) }
+
+        // The window: the replace command, with the counters read right before and after it.
+        let migrated = clients[Self.migratedBundle]
+        var arguments = [binary, "replace", "--lab", lab.name, "--old", "fw1", "--new", "fw2",
+                         "--match", "src=\(migrated.address)", "--deadline", "\(options.deadlineMilliseconds)", "--json"]
+        if mode == .stateless { arguments.append("--stateless") }
+        let lossBefore = try lab.tcpLossCounters(endpoints)
+        let fw2Before = try lab.firewallCounters("fw2")
+        logger.info("replacing fw1 with fw2 for one bundle", metadata: ["measure.mode": "\(mode)", "measure.bundle": "\(migrated.name)"])
+        let windowStart = sampler.elapsed()
+        let started = ContinuousClock.now
+        let result = try Command.run(arguments, check: false)
+        let requestTime = ContinuousClock.now - started
+        let windowEnd = sampler.elapsed()
+        let fw2During = try lab.firewallCounters("fw2")
+        let lossDuring = try lab.tcpLossCounters(endpoints)
+        guard let report = try? JSONDecoder().decode(ReplaceReport.self, from: Data(result.stdout.utf8)) else {
+            throw LabError.setupFailed("`\(arguments.joined(separator: " "))` exited \(result.status) without a report: "
+                                       + "\(result.stdout.prefix(500)) \(result.stderr.prefix(500))")
+        }
+        let fw1After = try await ReplaceBenchmark.pacedSessions(lab, "fw1").count
+        let fw2After = try await ReplaceBenchmark.pacedSessions(lab, "fw2").count
+
+        logger.info("waiting for the downloads to finish", metadata: ["measure.moved": "\(report.sessions.filter { $0.result == "moved" }.count)"])
+        let finished = await downloads.wait(timeout: options.seconds + 70)
+        sampler.stop()
+        let lossEnd = try lab.tcpLossCounters(endpoints)
+        let fw2End = try lab.firewallCounters("fw2")
+        let (intact, problems) = downloads.check(expected: expected, finished: finished)
+        let failed = downloads.results().filter { $0.0.map { $0 != 0 } ?? true }.count
+        if !problems.isEmpty {
+            let log = clients.map { ProcessInspector.tail(of: downloads.logPath($0.name), lines: 5) }.joined(separator: "\n")
+            logger.warning("downloads with problems", metadata: ["measure.problems": "\(problems.prefix(10))", "measure.curl": "\(log)"])
+        }
+        let agentCounters = await ReplaceBenchmark.agentCounters(lab)
+
+        let samples = sampler.samples()
+        let bins = Goodput.bins(samples, bundleOf: bundleOf, bundles: clients.count)
+        let timeline = Goodput.Timeline(steadyFrom: steadyFrom, windowStart: windowStart, windowEnd: windowEnd,
+                                        steadyUntil: Goodput.firstCompletion(samples, complete: size) ?? samples.last?.seconds ?? windowEnd)
+        let bundles = clients.enumerated().map { b, host in
+            Bundle(index: b, host: host.name, address: host.address.description,
+                   sessions: options.sessions(inBundle: b), migrated: b == Self.migratedBundle)
+        }
+        let goodput = bundles.map { bundle in
+            BundleGoodput(bundle: bundle.index, host: bundle.host, migrated: bundle.migrated,
+                          pacedMiBps: Double(bundle.sessions) * options.rateMiBps,
+                          goodput: Goodput.means(bins, bundle: bundle.index, timeline: timeline))
+        }
+        let moved = report.sessions.filter { $0.result == "moved" }
+        let perSession = report.sessions.map { s in
+            SessionLatency(session: s.session.description,
+                           bundle: clients.firstIndex { $0.address == s.session.srcAddr } ?? -1,
+                           result: s.result, failedStep: s.failedStep, reason: s.reason, phases: s.phases)
+        }
+        let intactBytes = downloads.results().enumerated().reduce(Int64(0)) { sum, item in
+            item.element.0 == 0 && item.element.1 == expected ? sum + size : sum
+        }
+        let lossDuringWindow = lossDuring - lossBefore
+        return Run(
+            mode: mode, lab: lab.name, subnet: lab.subnet.description, fw2Profile: lab.firewallProfile(of: "fw2").rawValue,
+            sessions: options.sessions, bundles: bundles, migratedBundle: Self.migratedBundle,
+            migratedSessions: options.sessions(inBundle: Self.migratedBundle),
+            replaceCommand: (["dysco-migrate"] + arguments.dropFirst()).joined(separator: " "), replaceExitStatus: result.status,
+            matched: report.matched, moved: moved.count,
+            failures: report.sessions.filter { $0.result != "moved" }.map(ReplaceBenchmark.Failure.init),
+            latency: MigrationLatency(moved.compactMap(\.phases)), perSession: perSession,
+            batchMicroseconds: report.elapsedMicroseconds, requestMicroseconds: ReplaceBenchmark.micros(requestTime),
+            timeline: timeline, binSeconds: Self.binSeconds, goodput: goodput, bins: bins,
+            lossBefore: lossBefore - loss0, lossDuring: lossDuringWindow, lossAfter: lossEnd - lossDuring,
+            retransmissionsDuring: lossDuringWindow.retransmitted,
+            fw2InvalidDuring: fw2During.invalidDropped.packets &- fw2Before.invalidDropped.packets,
+            fw2InvalidAfter: fw2End.invalidDropped.packets &- fw2During.invalidDropped.packets,
+            fw2PolicyDroppedDuring: fw2During.policyDropped.packets &- fw2Before.policyDropped.packets,
+            fw2PolicyDroppedAfter: fw2End.policyDropped.packets &- fw2During.policyDropped.packets,
+            fw1SessionsAfter: fw1After, fw2SessionsAfter: fw2After,
+            sessionsReset: (lossEnd - loss0).establishedResets, downloadsIntact: intact, downloadsFailed: failed,
+            bytesChecked: intactBytes, downloadProblems: problems, agentCounters: agentCounters)
+    }
+}
+
+/// Samples the sizes of files every `interval` seconds on its own thread (not on Swift concurrency's small
+/// cooperative pool, which the benchmark's waits share), from `start()` until `stop()`. A missing file is 0 bytes.
+final class FileSizeSampler: Sendable {
+    private let paths: [String]
+    private let interval: Double
+    private let origin = ContinuousClock.now
+    private let running = Atomic<Bool>(false)
+    private let stopped = Atomic<Bool>(false)
+    private let collected = Mutex<[Goodput.Sample]>([])
+    private let done = DispatchSemaphore(value: 0)
+
+    init(paths: [String], interval: Double) {
+        self.paths = paths
+        self.interval = interval
+    }
+
+    /// Seconds since the sampler was made.
+    func elapsed() -> Double {
+        let d = ContinuousClock.now - origin
+        return Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18
+    }
+
+    func start() {
+        guard !running.exchange(true, ordering: .relaxed) else { return }
+        let thread = Thread { [self] in
+            while !stopped.load(ordering: .relaxed) {
+                // Stamped at the middle of the pass over the files (a pass the scheduler interrupts would otherwise
+                // look like a burst), and after a stall the next sample waits for the next tick instead of catching up.
+                let before = elapsed()
+                let sizes = paths.map { path -> Int64 in
+                    var info = stat()
+                    return stat(path, &info) == 0 ? Int64(info.st_size) : 0
+                }
+                let after = elapsed()
+                collected.withLock { $0.append(Goodput.Sample(seconds: (before + after) / 2, bytes: sizes)) }
+                let next = ((after / interval).rounded(.down) + 1) * interval
+                let pause = next - elapsed()
+                if pause > 0 { usleep(UInt32(pause * 1_000_000)) }
+            }
+            done.signal()
+        }
+        thread.start()
+    }
+
+    /// Stops sampling (after one last sample); idempotent.
+    func stop() {
+        guard running.load(ordering: .relaxed), !stopped.exchange(true, ordering: .relaxed) else { return }
+        done.wait()
+    }
+
+    func samples() -> [Goodput.Sample] { collected.withLock { $0 } }
+}

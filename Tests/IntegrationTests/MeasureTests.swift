@@ -1,0 +1,104 @@
+import DyscoAgent
+import DyscoLab
+import DyscoSystem
+import Foundation
+import Testing
+
+/// (d) of issue 8: `dysco-migrate measure --sessions 20 --both` through the built binary ($DYSCO_BIN), in its
+/// own lab `ms1` on 10.79.20.0/24 (the command builds and removes it; stateful, then stateless).
+@Suite(.serialized) struct MeasureTests {
+    static func record(_ line: String) {
+        FileHandle.standardError.write(Data("[measure-tests] \(line)\n".utf8))
+    }
+
+    /// Width and height from a PNG's signature and IHDR chunk (nil: not a PNG).
+    static func pngSize(_ data: Data) -> (width: UInt32, height: UInt32)? {
+        let bytes = [UInt8](data.prefix(24))
+        guard bytes.count == 24, bytes[0..<8] == [0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A][...],
+              bytes[12..<16] == Array("IHDR".utf8)[...] else { return nil }
+        func be(_ i: Int) -> UInt32 { bytes[i..<i + 4].reduce(0) { $0 << 8 | UInt32($1) } }
+        return (be(16), be(20))
+    }
+
+    @Test("(d) measure --sessions 20 --both writes report.json, the CSVs and three PNG plots; latency counts equal the bundle's sessions; no reset, retransmission or INVALID in the window")
+    func measureBoth() throws {
+        let output = "/tmp/ms1-measure-\(getpid())"
+        try? FileManager.default.removeItem(atPath: output)
+        defer { try? FileManager.default.removeItem(atPath: output) }
+        let result = try Command.run([try TestSupport.dyscoBinary(), "measure", "--sessions", "20", "--both", "--output", output,
+                                      "--lab-name", "ms1", "--subnet", "10.79.20.0/24", "--json"], check: false)
+        defer { _ = try? Lab.down(name: "ms1", force: true, logger: TestSupport.logger) }
+        #expect(result.status == 0, "measure exited \(result.status): \(result.stderr.suffix(2000))")
+        let reportData = try Data(contentsOf: URL(fileURLWithPath: "\(output)/report.json"))
+        let report = try JSONDecoder().decode(MeasureBenchmark.Report.self, from: reportData)
+        // --json prints the same report.
+        let printed = try JSONDecoder().decode(MeasureBenchmark.Report.self, from: Data(result.stdout.utf8))
+        #expect(printed.runs.count == report.runs.count)
+
+        for name in ["report.json", "latency.csv", "phases.csv", "goodput.csv"] {
+            let size = (try FileManager.default.attributesOfItem(atPath: "\(output)/\(name)")[.size] as? Int) ?? 0
+            #expect(size > 0, "\(name) is empty or missing")
+        }
+        for name in ["latency-cdf.png", "phases.png", "goodput.png"] {
+            let data = try Data(contentsOf: URL(fileURLWithPath: "\(output)/\(name)"))
+            let size = try #require(Self.pngSize(data), "\(name) is not a PNG")
+            #expect(size.width >= 400 && size.height >= 300, "\(name): \(size.width)×\(size.height)")
+            #expect(data.count > 10_000, "\(name): only \(data.count) bytes")
+            #expect(report.files.values.contains("\(URL(fileURLWithPath: output).standardizedFileURL.path)/\(name)"))
+        }
+
+        #expect(report.runs.map(\.mode) == [.stateful, .stateless])
+        #expect(report.reference != nil, "reference: \(report.referenceNote ?? "")")
+        for run in report.runs {
+            let bundleSessions = run.bundles.first { $0.migrated }?.sessions
+            #expect(run.migratedSessions == 10 && bundleSessions == 10, "\(run.mode): \(run.bundles)")
+            #expect(run.matched == run.migratedSessions && run.moved == run.migratedSessions,
+                    "\(run.mode): matched \(run.matched), moved \(run.moved): \(run.failures.map { "\($0.failedStep): \($0.reason)" })")
+            #expect(run.replaceExitStatus == 0)
+            #expect(run.latency.total.count == run.migratedSessions && run.latency.paper.count == run.migratedSessions)
+            for (phase, p) in run.latency.phases { #expect(p.count == run.migratedSessions, "\(run.mode) \(phase): \(p.count)") }
+            #expect(run.latency.total.p50 > 0 && run.latency.total.max >= run.latency.total.p99)
+            #expect(run.perSession.allSatisfy { $0.bundle == run.migratedBundle })
+            // After the window fw2 carries the migrated bundle and fw1 the rest.
+            #expect(run.fw2SessionsAfter == run.migratedSessions && run.fw1SessionsAfter == run.sessions - run.migratedSessions)
+
+            // Byte-exact, nothing reset, nothing lost or dropped in the migration window.
+            #expect(run.downloadsIntact == run.sessions && run.downloadsFailed == 0, "\(run.mode): \(run.downloadProblems)")
+            #expect(run.bytesChecked == Int64(run.sessions) * report.settings.bytesPerSession)
+            #expect(run.sessionsReset == 0, "\(run.mode): \(run.sessionsReset) resets")
+            // In the window: no byte lost (every retransmission one the receiver reports by DSACK it already had)
+            // and no RTO. Zero retransmissions outright wherever the run's baseline (the seconds before the window,
+            // same traffic, no migration) had none: on a loaded 2-core machine scheduling stalls make the paced
+            // senders retransmit spuriously with no migration at all, and that baseline is then not zero either.
+            #expect(run.lossDuring.needed <= 0 && run.lossDuring.timeouts == 0, "\(run.mode) window: \(run.lossDuring)")
+            if run.lossBefore.retransmitted == 0 {
+                #expect(run.retransmissionsDuring == 0, "\(run.mode) window, clean baseline: \(run.lossDuring)")
+            }
+            Self.record("\(run.mode): window \(run.lossDuring); baseline before it \(run.lossBefore.retransmitted) retransmitted")
+            #expect(run.fw2InvalidDuring == 0 && run.fw2PolicyDroppedDuring == 0,
+                    "\(run.mode): fw2 INVALID \(run.fw2InvalidDuring), policy \(run.fw2PolicyDroppedDuring)")
+            // Recorded, not asserted: TCP outside the window (fast-path hand-over reordering, see issue 7's note).
+            Self.record("\(run.mode): latency p50 \(run.latency.total.p50) µs p99 \(run.latency.total.p99) µs; "
+                        + "after the window \(run.lossAfter); fw2 INVALID after \(run.fw2InvalidAfter)")
+
+            // The goodput measure itself: before the migration every bundle gets its paced rate (±25 %).
+            #expect(!run.bins.isEmpty)
+            for g in run.goodput {
+                #expect(g.goodput.binsBefore >= 10 && g.goodput.binsDuring >= 1 && g.goodput.binsAfter >= 10, "\(run.mode) \(g.host): \(g.goodput)")
+                #expect(abs(g.goodput.before - g.pacedMiBps) <= 0.25 * g.pacedMiBps, "\(run.mode) \(g.host): \(g.goodput)")
+            }
+        }
+
+        // The CSVs: one latency row per session of the migrated bundle and mode, phases for both modes.
+        let latency = try String(contentsOfFile: "\(output)/latency.csv", encoding: .utf8).split(separator: "\n")
+        #expect(latency.first?.hasPrefix("mode,session,bundle,host,result,total_us,paper_us,lock_us") == true)
+        #expect(latency.count == 1 + report.runs.map(\.migratedSessions).reduce(0, +))
+        let phases = try String(contentsOfFile: "\(output)/phases.csv", encoding: .utf8)
+        #expect(phases.contains("\nstateful,state,10,") && phases.contains("\nstateless,total,10,"))
+        let goodput = try String(contentsOfFile: "\(output)/goodput.csv", encoding: .utf8).split(separator: "\n")
+        #expect(goodput.count == 1 + report.runs.map { $0.bins.count * $0.bundles.count }.reduce(0, +))
+        #expect(goodput.contains { $0.contains(",during,") })
+        #expect(!LabPaths.existingLabs().contains("ms1"), "measure left its lab behind")
+        #expect(!(try Command.run(["ip", "netns", "list"]).stdout.contains("ms1-")), "measure left namespaces behind")
+    }
+}
