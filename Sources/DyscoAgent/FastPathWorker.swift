@@ -41,10 +41,6 @@ final class FastPathWorker: @unchecked Sendable {
     static let batchDelayNanoseconds: UInt64 = 2_000_000
     /// Under load the queue may never be empty: changes are committed after this long anyway.
     static let maxDelayNanoseconds: UInt64 = 20_000_000
-    /// A waiting `flush()` is committed after this long even if the queue is not empty.
-    static let flushUnderLoadNanoseconds: UInt64 = 5_000_000
-    /// A `flush()` the packet thread has not served in this long is committed by the caller.
-    static let flushWaitNanoseconds: UInt64 = 20_000_000
 
     /// Pending changes and the commit generations (under `pending`'s lock).
     private struct Queue {
@@ -52,10 +48,8 @@ final class FastPathWorker: @unchecked Sendable {
         var since: UInt64 = 0
         var submitted: UInt64 = 0
         var committedThrough: UInt64 = 0
-        var flushWanted = false
     }
     private let state = Mutex(Queue())
-    private let committed = NSCondition()
     /// Wakes the packet thread (set by the agent); nil: commits run on the worker's queue after the batch delay.
     private let nudge: (@Sendable () -> Void)?
 
@@ -86,9 +80,7 @@ final class FastPathWorker: @unchecked Sendable {
         let due = state.withLock { q -> Bool in
             guard !q.actions.isEmpty else { return false }
             let age = now &- q.since
-            if queueEmpty { return q.flushWanted || age >= Self.batchDelayNanoseconds }
-            // A waiting flush (a hold: no reordering risk in taking sessions off the kernel) waits less.
-            return age >= (q.flushWanted ? Self.flushUnderLoadNanoseconds : Self.maxDelayNanoseconds)
+            return age >= (queueEmpty ? Self.batchDelayNanoseconds : Self.maxDelayNanoseconds)
         }
         if due { queue.sync { drain() } }
     }
@@ -97,30 +89,17 @@ final class FastPathWorker: @unchecked Sendable {
     func pollTimeout(now: UInt64) -> Int32 {
         state.withLock { q in
             guard !q.actions.isEmpty else { return -1 }
-            if q.flushWanted { return 0 }
             let due = q.since &+ Self.batchDelayNanoseconds
             return due <= now ? 0 : Int32((due - now + 999_999) / 1_000_000)
         }
     }
 
-    /// Applies everything queued so far and returns once the kernel has it (hold/release wait on this): the
-    /// packet thread commits it at its next quiet point; if it has not within ``flushWaitNanoseconds`` (load,
-    /// or the thread is gone), the caller commits.
+    /// Applies everything queued so far and returns once the kernel has it (hold/release wait on this). The
+    /// caller commits at once: what waits is a hold, taking sessions off the kernel, which reorders nothing;
+    /// installs that happen to be queued go with it.
     func flush() {
-        let target = state.withLock { q -> UInt64? in
-            guard q.committedThrough < q.submitted else { return nil }
-            q.flushWanted = true
-            return q.submitted
-        }
-        guard let target else { return }
-        if let nudge {
-            nudge()
-            let deadline = Date().addingTimeInterval(Double(Self.flushWaitNanoseconds) / 1e9)
-            committed.lock()
-            while state.withLock({ $0.committedThrough }) < target, committed.wait(until: deadline) {}
-            committed.unlock()
-        }
-        if state.withLock({ $0.committedThrough }) < target { queue.sync { drain() } }
+        let needed = state.withLock { $0.committedThrough < $0.submitted }
+        if needed { queue.sync { drain() } }
     }
 
     /// Deletes the table (agent exit).
@@ -135,18 +114,10 @@ final class FastPathWorker: @unchecked Sendable {
 
     private func drain() {
         let (taken, generation) = state.withLock { q in
-            defer {
-                q.actions.removeAll()
-                q.flushWanted = false
-            }
+            defer { q.actions.removeAll() }
             return (q.actions, q.submitted)
         }
-        defer {
-            state.withLock { $0.committedThrough = max($0.committedThrough, generation) }
-            committed.lock()
-            committed.broadcast()
-            committed.unlock()
-        }
+        defer { state.withLock { $0.committedThrough = max($0.committedThrough, generation) } }
         let actions = FastPathAction.coalesce(taken)
         guard !actions.isEmpty else { return }
         var outcome = Outcome()

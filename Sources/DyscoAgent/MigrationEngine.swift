@@ -67,6 +67,10 @@ final class MigrationEngine: @unchecked Sendable {
         counters.withLock { $0[name, default: 0] += 1 }
     }
 
+    private func add(_ name: String, _ value: UInt64) {
+        counters.withLock { $0[name, default: 0] += value }
+    }
+
     // MARK: - Inputs
 
     /// One datagram: every message it carries (ControlMessage.frames) is checked on its own, and those that
@@ -187,7 +191,8 @@ final class MigrationEngine: @unchecked Sendable {
 
     /// What a turn collects to do once at its end (touched only on `loop`).
     private struct Turn {
-        /// The fast path changed (anchor holds): one nftables flush for the whole batch.
+        /// Anchors took sessions off the kernel: one nftables commit for the whole batch, before any message
+        /// goes (other fast-path changes wait for the packet thread's quiet point, FastPathWorker).
         var fastPathDirty = false
         /// Anchors that took their session off the fast path this turn: they elicit numbers after the flush.
         var held: [UInt64] = []
@@ -202,6 +207,8 @@ final class MigrationEngine: @unchecked Sendable {
     /// leaves before its hold is in the kernel (the rule of the lock step, §3.2). Runs on `loop` only.
     private func dispatch(_ events: [Event]) {
         guard !events.isEmpty else { return }
+        let turnStarted = dysco_monotonic_ns()
+        defer { add("turns.micros", (dysco_monotonic_ns() - turnStarted) / 1000); add("turns", 1) }
         var queue = events[...]
         while let event = queue.popFirst() {
             let now = dysco_monotonic_ns()
@@ -220,7 +227,11 @@ final class MigrationEngine: @unchecked Sendable {
     private func endTurn() {
         let done = turn
         turn = Turn()
-        if done.fastPathDirty { agent.flushFastPath() }
+        if done.fastPathDirty {
+            let flushStarted = dysco_monotonic_ns()
+            agent.flushFastPath()
+            add("turns.flush.micros", (dysco_monotonic_ns() - flushStarted) / 1000)
+        }
         for chainID in done.held { elicit(chainID) }
         guard !done.outbox.isEmpty else { return }
         var order: [IPv4Address] = []
@@ -295,19 +306,17 @@ final class MigrationEngine: @unchecked Sendable {
             unclamp(chainID)
         case .finishAnchor(let chainID):
             unclamp(chainID)
+            // Back to the kernel on the new path: committed at the packet thread's quiet point (no wait here).
             agent.applyFastPath(flush: false) { $0.anchorFinish(chainID: chainID) }
-            turn.fastPathDirty = true
         case .cancelAnchor(let chainID):
             unclamp(chainID)
             agent.applyFastPath(flush: false) { $0.anchorCancel(chainID: chainID) }
-            turn.fastPathDirty = true
             agent.releaseBuffer(chainID)
         case .removeSession(let chainID, let deleteConntrack):
             let session = agent.processor.withLock { $0.context(chainID: chainID)?.0.session }
             agent.applyFastPath(flush: false) {
                 $0.leave(chainID: chainID, reason: "left the path (reconfiguration)", now: dysco_monotonic_coarse_ns())
             }
-            turn.fastPathDirty = true
             if deleteConntrack, let session { deleteState(session) }
         case .exportState(let chainID, let requestID, let session):
             exportState(chainID: chainID, requestID: requestID, session: session)
@@ -438,7 +447,11 @@ final class MigrationEngine: @unchecked Sendable {
                 defer { jobs.removeAll() }
                 return jobs
             }
+            let jobStarted = dysco_monotonic_ns()
             let results = jobs.map(run)
+            add("state-jobs", 1)
+            add("state-jobs.items", UInt64(jobs.count))
+            add("state-jobs.micros", (dysco_monotonic_ns() - jobStarted) / 1000)
             loop.async { [self] in dispatch(results) }
         }
     }
