@@ -7,6 +7,9 @@ import Logging
 public final class ConntrackStateStore: FirewallStateStore, @unchecked Sendable {
     private let logger: Logger
     private var handle: ConntrackTable?
+    /// The documents' "host" (hostname/netns), found once: Foundation's hostName resolves the name (DNS), and
+    /// the namespace's name is looked up in /run/netns — milliseconds per export otherwise.
+    private lazy var hostLabel = ConntrackTable.hostLabel(namespace: .current)
 
     /// Per-migration import/export lines ("import done") are below the agent's default level: a drain of
     /// 10,000 sessions would log 10,000 of them.
@@ -38,7 +41,7 @@ public final class ConntrackStateStore: FirewallStateStore, @unchecked Sendable 
     public func exportState(session: FiveTuple) throws(FirewallStateError) -> [UInt8] {
         let table = try table()
         do {
-            let export = try table.export(.flows([Self.flowKey(session)]), host: ConntrackTable.hostLabel(namespace: .current))
+            let export = try table.export(.flows([Self.flowKey(session)]), host: hostLabel)
             guard !export.document.entries.isEmpty else {
                 throw FirewallStateError("no conntrack entry for \(session) at the old box")
             }
