@@ -219,12 +219,14 @@ extension PacketProcessor {
         guard let id = id(chainID), var m = table.records[id]?.migration, m.clampWindow else { return nil }
         m.clampWindow = false
         table.update(id) { $0.migration = m }
-        guard let (_, destination) = anchorElicit(chainID: chainID, into: buffer) else { return nil }
+        // The elicit's packet gives the tuple towards the local endpoint (a keep-alive carries one byte more
+        // than a pure ACK: parse it with its own length).
+        guard let (built, destination) = anchorElicit(chainID: chainID, into: buffer) else { return nil }
         let seq = AnchorState.seqMax(m.latestPeerSeqEnd, m.peerSeqEnd ?? 0)
         let ack = AnchorState.seqMax(m.latestPeerAcked, m.peerAcked ?? 0)
         guard m.peerSeqEnd != nil || m.latestPeerSeqEnd != nil, m.peerAcked != nil || m.latestPeerAcked != nil,
               let window = m.peerWindow else { return nil }
-        guard case .success(let elicit) = IPv4TCPPacket.parse(buffer, count: IPv4TCPPacket.pureAckLength) else { return nil }
+        guard case .success(let elicit) = IPv4TCPPacket.parse(buffer, count: built) else { return nil }
         let tuple = elicit.tuple
         let packet = IPv4TCPPacket.buildPureAck(into: buffer, tuple: tuple, seq: seq, ack: ack, window: window)
         return (packet.length, destination)

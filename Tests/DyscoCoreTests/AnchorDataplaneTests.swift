@@ -107,6 +107,27 @@ struct AnchorDataplaneTests {
         #expect(Self.tuple(n) == s.new)
     }
 
+    @Test("the release's window update reopens the endpoint's window with the far side's numbers and real window (once)")
+    func windowUpdate() throws {
+        var s = try Self.setup(stateful: true)
+        // Both directions seen: the far side's numbers and window are known, so the elicit is a keep-alive
+        // (one byte longer than a pure ACK) — the update must still be built from it.
+        _ = Self.run(&s.processor, PacketBuilder(tuple: Self.session, seq: 1000, ack: 50, payload: [1]), hook: .egress)
+        _ = Self.run(&s.processor, PacketBuilder(tuple: s.old.reversed, seq: 50, ack: 1001, payload: [2], window: 777), hook: .ingress)
+        var buffer = [UInt8](repeating: 0, count: IPv4TCPPacket.maxBuiltLength)
+        let built = buffer.withUnsafeMutableBytes { s.processor.anchorUnclamp(chainID: s.chainID, into: $0.baseAddress!) }
+        let (length, destination) = try #require(built, "no window update built")
+        let update = Array(buffer[0..<length])
+        #expect(destination == Self.session.srcAddr, "towards the local endpoint")
+        #expect(Self.tuple(update) == Self.session.reversed, "as from the far side, in the session's own tuple")
+        #expect(Self.window(update) == 777, "the far side's real window, not the clamp's 0")
+        #expect(Self.seq(update) == 51 && Self.ack(update) == 1001, "the far side's latest numbers")
+        #expect(Reference.tcpChecksumValid(update))
+        // The clamp is over: a second call has nothing to reopen.
+        let again = buffer.withUnsafeMutableBytes { s.processor.anchorUnclamp(chainID: s.chainID, into: $0.baseAddress!) }
+        #expect(again == nil)
+    }
+
     @Test("a probe on the new path before the release is kept from the endpoint; the probe we send carries our numbers")
     func probes() throws {
         var s = try Self.setup(stateful: true)

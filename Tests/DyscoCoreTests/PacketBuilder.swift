@@ -9,6 +9,7 @@ struct PacketBuilder {
     var options: [UInt8] = []
     var payload: [UInt8] = []
     var ttl: UInt8 = 64
+    var window: UInt16 = 64240
 
     func build() -> [UInt8] {
         precondition(options.count % 4 == 0)
@@ -30,7 +31,7 @@ struct PacketBuilder {
         put32(&b, 28, ack)
         b[32] = UInt8(tcpLength / 4) << 4
         b[33] = flags.rawValue
-        put16(&b, 34, 64240)
+        put16(&b, 34, window)
         b.replaceSubrange(40..<40 + options.count, with: options)
         b.replaceSubrange(20 + tcpLength..<total, with: payload)
         put16(&b, 36, Reference.tcpChecksum(b))
