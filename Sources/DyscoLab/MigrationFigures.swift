@@ -125,6 +125,18 @@ public struct TCPLossCounters: Codable, Sendable, Equatable, CustomStringConvert
     /// Retransmissions of bytes the receiver did not have: what a lost byte would cost.
     public var needed: Int64 { Int64(retransmitted) - Int64(spurious) }
 
+    /// Tail-loss probes sent (RFC 8985): a sender whose ACKs come late probes with its last segment. Right
+    /// after a release the path runs through busy agents' slow paths for a moment, so a sender that resumes at
+    /// once (the window update) may probe once although nothing was lost; Linux then ignores the receiver's
+    /// DSACK for it as "dubious" (TcpExtTCPDSACKIgnoredDubious), so `spurious` does not cover it.
+    public var lossProbes: UInt64 { detail.filter { $0.key.hasSuffix(".TcpExtTCPLossProbes") }.values.reduce(0, +) }
+
+    /// The migration rule of the tests: no RTO, no reset, at most one tail-loss probe per migrated session, and
+    /// no other retransmission the receivers did not report as a duplicate.
+    public func noByteLost(sessions: Int) -> Bool {
+        timeouts == 0 && establishedResets == 0 && lossProbes <= UInt64(sessions) && needed - Int64(lossProbes) <= 0
+    }
+
     public static func - (a: Self, b: Self) -> Self {
         var d = Self()
         d.retransmitted = a.retransmitted &- b.retransmitted
