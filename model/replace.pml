@@ -184,7 +184,11 @@ end:
   :: atomic { nempty(rtx) && egress != E_HOLD -> rtx?i; if :: egress == E_OLD -> dLAOB!i :: else -> dLANB!i fi }
   :: atomic { aLA?i -> if :: i > oldAcked -> oldAcked = i :: else fi }
   /* ---- data plane: everything sent on the old path is acknowledged (AnchorState.sentDrained) */
+#ifdef MUT_NO_DRAIN
+  :: atomic { (st == LA_DRAIN || st == LA_DRAIN_PEER) ->       /* does not wait for the old path's ACKs */
+#else
   :: atomic { (st == LA_DRAIN || st == LA_DRAIN_PEER) && oldAcked >= oldSent ->
+#endif
        if
        :: st == LA_DRAIN -> TR(LA_DRAIN, drained, LA_DRAIN_SELF)
        :: st == LA_DRAIN_PEER ->
@@ -195,6 +199,7 @@ end:
 #endif
        fi }
   /* ---- retransmission (20 ms doubling to 100 ms): here when the system is quiet and a loss is unanswered */
+#ifndef MUT_NO_RETX
   :: atomic { timeout && owed > 0 && st != LA_MOVED && st != LA_REFUSED && st != LA_CANCELLED ->
        owed--;
        if
@@ -209,6 +214,7 @@ end:
 #endif
        fi;
        laSt = st }
+#endif
   /* ---- the deadline passes before the release (3 s by default): cancel */
   :: atomic { DEADLINE && !deadlineFired && st >= LA_LOCK && st <= LA_RELEASE ->
        deadlineFired = true; CANCEL_FROM(deadline); laSt = st }
@@ -259,7 +265,12 @@ end:
        :: st == LA_RELEASE ->
             TR(LA_RELEASE, newPathPacket, LA_TEARDOWN);
             dLANB!PROBE;
-            egress = E_NEW; do :: held < written -> dLANB!held; held++ :: else -> break od;
+            egress = E_NEW;
+#ifdef MUT_RELEASE_REVERSED
+            i = written; do :: i > held -> i--; dLANB!i :: else -> break od; held = written;
+#else
+            do :: held < written -> dLANB!held; held++ :: else -> break od;
+#endif
             out = oldPathFin; SEND(cOB, oldPathFin, 0)
        :: else -> skip
        fi;
@@ -483,7 +494,7 @@ init {
   /* The end of every run: nobody can move, and no loss is left unanswered by the left anchor. */
   (timeout && (owed == 0 || laSt == LA_MOVED || laSt == LA_REFUSED || laSt == LA_CANCELLED));
   /* no deadlock: the reconfiguration ended */
-  assert(laSt == LA_MOVED || laSt == LA_CANCELLED);
+  assert(laSt == LA_MOVED || laSt == LA_CANCELLED || laSt == LA_REFUSED);
   /* every byte written is delivered, once (DELIVER), in order */
   assert(written == N && rcvNext == N);
   if
