@@ -47,6 +47,7 @@ mtype = { requestLock, ackLock, nackLock, cancelLock, ackCancel, newPathSyn, new
           newPathCancelAck, drainStart, drained, stateRequest, statePut, stateInstalled, oldPathFin, oldPathFinAck };
 
 /* role states (values shared by all roles: names are prefixed by the role) */
+#define LA_IDLE 13
 #define LA_LOCK 1
 #define LA_NEWPATH 2
 #define LA_DRAIN 3
@@ -67,6 +68,7 @@ mtype = { requestLock, ackLock, nackLock, cancelLock, ackCancel, newPathSyn, new
 #define OB_EXPORTED 5
 #define OB_GONE 6
 #define OB_ANSWERED 7
+#define OB_ENDED 8
 
 #define NB_IDLE 1
 #define NB_CREATED 2
@@ -148,11 +150,12 @@ inline CANCEL() {
   fi;
   egress = E_OLD; cancelledBack = true;
 #endif
-  SEND(cNB, newPathCancel, 0);
+  if :: !cancelAtLock -> SEND(cNB, newPathCancel, 0) :: else fi;   /* new boxes exist from the new-path step on */
   out = cancelLock; SEND(cOB, cancelLock, 0)
 }
 
 #define CANCEL_FROM(ev) \
+  cancelAtLock = (st == LA_LOCK); \
   if \
   :: st == LA_LOCK -> TR(LA_LOCK, ev, LA_CANCEL) \
   :: st == LA_NEWPATH -> TR(LA_NEWPATH, ev, LA_CANCEL) \
@@ -166,11 +169,12 @@ inline CANCEL() {
 
 proctype LeftAnchor() {
   mtype t; byte a;
-  byte st = LA_LOCK;
+  byte st = LA_IDLE;
   byte oldSent, oldAcked, held;   /* held: bytes [held, written) wait in the anchor buffer */
   byte out = requestLock;         /* the outstanding message (OUT_PROBE: the probe) */
   byte i;
-  SEND(cOB, requestLock, 0);
+  bool cancelAtLock;
+  atomic { TR(LA_IDLE, trigger, LA_LOCK); SEND(cOB, requestLock, 0) }
 end:
   do
   /* ---- the endpoint writes a byte; egress per phase (§3.5 two-path rules, stateful hold) */
@@ -190,12 +194,12 @@ end:
   :: atomic { (st == LA_DRAIN || st == LA_DRAIN_PEER) && oldAcked >= oldSent ->
 #endif
        if
-       :: st == LA_DRAIN -> TR(LA_DRAIN, drained, LA_DRAIN_SELF)
+       :: st == LA_DRAIN -> TR(LA_DRAIN, dataDrained, LA_DRAIN_SELF)
        :: st == LA_DRAIN_PEER ->
 #if STATEFUL
-            TR(LA_DRAIN_PEER, drained, LA_STATE); out = stateRequest; SEND(cOB, stateRequest, 0)
+            TR(LA_DRAIN_PEER, dataDrained, LA_STATE); out = stateRequest; SEND(cOB, stateRequest, 0)
 #else
-            TR(LA_DRAIN_PEER, drained, LA_TEARDOWN); out = oldPathFin; SEND(cOB, oldPathFin, 0)
+            TR(LA_DRAIN_PEER, dataDrained, LA_TEARDOWN); out = oldPathFin; SEND(cOB, oldPathFin, 0)
 #endif
        fi }
   /* ---- retransmission (20 ms doubling to 100 ms): here when the system is quiet and a loss is unanswered */
@@ -205,7 +209,7 @@ end:
        if
        :: st == LA_TEARDOWN && !obInSession ->
             /* the old box left, its oldPathFinAck was lost: after maxTries sends, moved (teardown unanswered) */
-            TR(LA_TEARDOWN, retransmitLimit, LA_MOVED); laLocked = false
+            TR(LA_TEARDOWN, retransmit, LA_MOVED); laLocked = false
        :: else ->
 #ifdef MUT_GIVEUP
             if :: st < LA_RELEASE -> CANCEL_FROM(retransmit) :: else -> RESEND() fi
@@ -247,9 +251,9 @@ end:
             TR(LA_DRAIN_SELF, drained, LA_TEARDOWN); out = oldPathFin; SEND(cOB, oldPathFin, 0)
 #endif
        :: t == stateInstalled && st == LA_STATE && a ->
-            TR(LA_STATE, stateInstalled, LA_RELEASE);
+            TR(LA_STATE, stateInstalled.ok, LA_RELEASE);
             out = OUT_PROBE; dLANB!PROBE          /* promote, setPhase(probing), sendProbe */
-       :: t == stateInstalled && st == LA_STATE && !a -> TR(LA_STATE, stateInstalled, LA_CANCEL); CANCEL()
+       :: t == stateInstalled && st == LA_STATE && !a -> TR(LA_STATE, stateInstalled.refused, LA_CANCEL); CANCEL()
        :: t == oldPathFinAck && st == LA_TEARDOWN ->
             TR(LA_TEARDOWN, oldPathFinAck, LA_MOVED); laLocked = false
 #ifdef MUT_KEEP_LOCK
@@ -295,24 +299,25 @@ end:
        /* ---- from the left */
        :: t == requestLock && st == OB_UNLOCKED && !ended -> TR(OB_UNLOCKED, requestLock, OB_PENDING); SEND(cRA, requestLock, 0)
        :: t == requestLock && st == OB_PENDING -> SEND(cRA, requestLock, 0)      /* forwardDuplicate */
-       :: t == requestLock && st != OB_UNLOCKED && st != OB_PENDING && st != OB_GONE -> SEND(cLA, ackLock, 0) /* ackAgain */
-       :: t == cancelLock && st != OB_UNLOCKED && st != OB_GONE ->
+       :: t == requestLock && st != OB_UNLOCKED && st != OB_PENDING && st != OB_ENDED && st != OB_GONE -> SEND(cLA, ackLock, 0) /* ackAgain */
+       :: t == cancelLock && st != OB_UNLOCKED && st != OB_ENDED && st != OB_GONE ->
             ended = true;
 #ifndef MUT_CANCEL_KEEPS_LOCK
             if
-            :: st == OB_PENDING -> TR(OB_PENDING, cancelLock, OB_UNLOCKED)
-            :: st == OB_LOCKED -> TR(OB_LOCKED, cancelLock, OB_UNLOCKED)
-            :: st == OB_EXPORTING -> TR(OB_EXPORTING, cancelLock, OB_UNLOCKED)
-            :: st == OB_EXPORTED -> TR(OB_EXPORTED, cancelLock, OB_UNLOCKED)
-            :: st == OB_ANSWERED -> TR(OB_ANSWERED, cancelLock, OB_UNLOCKED)
+            :: st == OB_PENDING -> TR(OB_PENDING, cancelLock, OB_ENDED)
+            :: st == OB_LOCKED -> TR(OB_LOCKED, cancelLock, OB_ENDED)
+            :: st == OB_EXPORTING -> TR(OB_EXPORTING, cancelLock, OB_ENDED)
+            :: st == OB_EXPORTED -> TR(OB_EXPORTED, cancelLock, OB_ENDED)
+            :: st == OB_ANSWERED -> TR(OB_ANSWERED, cancelLock, OB_ENDED)
             fi;
 #endif
             SEND(cRA, cancelLock, 0)
-       :: t == cancelLock && (st == OB_UNLOCKED || st == OB_GONE) -> ended = true; SEND(cRA, cancelLock, 0)
+       :: t == cancelLock && st == OB_UNLOCKED -> TR(OB_UNLOCKED, cancelLock, OB_ENDED); ended = true; SEND(cRA, cancelLock, 0)
+       :: t == cancelLock && (st == OB_ENDED || st == OB_GONE) -> SEND(cRA, cancelLock, 0)
        :: t == stateRequest && st == OB_LOCKED -> TR(OB_LOCKED, stateRequest, OB_EXPORTING)
        :: t == stateRequest && st == OB_EXPORTED -> SEND(cNB, statePut, 0)     /* a retransmission: put again */
        :: t == stateRequest && st == OB_ANSWERED -> SEND(cLA, stateInstalled, installedOk)
-       :: t == stateRequest && st == OB_UNLOCKED -> SEND(cLA, stateInstalled, 0)
+       :: t == stateRequest && (st == OB_UNLOCKED || st == OB_ENDED) -> SEND(cLA, stateInstalled, 0)
        :: t == oldPathFin && st != OB_GONE -> SEND(cRA, oldPathFin, 0)
        :: t == oldPathFin && st == OB_GONE -> owed++      /* the box left: dropped (unknown session) */
        /* ---- from the right (answers travel back along the old path) */
@@ -334,8 +339,13 @@ end:
        fi;
        obSt = st }
   /* ---- the export (conntrack) completes */
-  :: atomic { st == OB_EXPORTING -> TR(OB_EXPORTING, stateExported, OB_EXPORTED); stateExported = true;
-       SEND(cNB, statePut, 0); obSt = st }
+  :: atomic { st == OB_EXPORTING ->
+       if
+       :: TR(OB_EXPORTING, stateExported.ok, OB_EXPORTED); stateExported = true; SEND(cNB, statePut, 0)
+       :: FAIL_IMPORT -> importRefused = true;     /* the export fails (a state transfer failure, as a refused import) */
+            TR(OB_EXPORTING, stateExported.failed, OB_ANSWERED); installedOk = false; SEND(cLA, stateInstalled, 0)
+       fi;
+       obSt = st }
   od
 }
 
@@ -381,8 +391,8 @@ end:
   /* ---- the import completes, or the new box refuses it */
   :: atomic { st == NB_IMPORTING ->
        if
-       :: TR(NB_IMPORTING, stateImported, NB_INSTALLED); SEND(cOB, stateInstalled, 1)
-       :: FAIL_IMPORT -> importRefused = true; TR(NB_IMPORTING, stateImported, NB_REFUSED); SEND(cOB, stateInstalled, 0)
+       :: TR(NB_IMPORTING, stateImported.ok, NB_INSTALLED); SEND(cOB, stateInstalled, 1)
+       :: FAIL_IMPORT -> importRefused = true; TR(NB_IMPORTING, stateImported.refused, NB_REFUSED); SEND(cOB, stateInstalled, 0)
        fi;
        nbSt = st }
   od
@@ -467,6 +477,7 @@ end:
             :: st == RA_PATH -> TR(RA_PATH, cancelLock, RA_CANCELLED)
             :: st == RA_DRAIN -> TR(RA_DRAIN, cancelLock, RA_CANCELLED)
             :: st == RA_PROBING -> TR(RA_PROBING, cancelLock, RA_CANCELLED)
+            :: st == RA_IDLE -> TR(RA_IDLE, cancelLock, RA_CANCELLED)      /* it never heard the lock: answer anyway */
             :: else -> skip
             fi;
             if :: st == RA_CANCELLED -> raHolding = false; raOnNew = false :: else fi;
@@ -504,7 +515,7 @@ init {
        assert(!laLocked && egress == E_NEW && nbInSession)
   :: laSt == LA_CANCELLED ->
        /* after cancel: the session is on the old path and unlocked */
-       assert(egress == E_OLD && !laLocked && obInSession && obSt == OB_UNLOCKED);
+       assert(egress == E_OLD && !laLocked && obInSession && (obSt == OB_UNLOCKED || obSt == OB_ENDED));
        assert(!raHolding && !raOnNew);
        /* newPathCancel is sent once (not retransmitted): only its loss leaves the new box an orphan session,
           which is on no path and expires by idleness */
