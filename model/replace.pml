@@ -520,6 +520,7 @@ init {
        /* newPathCancel is sent once (not retransmitted): only its loss leaves the new box an orphan session,
           which is on no path and expires by idleness */
        assert(!nbInSession || loss < LOSS)
+  :: laSt == LA_REFUSED -> skip          /* a single request is never refused: the next assertion says so */
   fi;
   /* no unnecessary failure: with a live new path, an accepted import and no deadline, it succeeds */
   assert(pathFailed || importRefused || deadlineFired || laSt == LA_MOVED)
