@@ -339,6 +339,19 @@ struct TraceCheckerTests {
         #expect(checker.lockChangeAllowed(from: "PENDING", event: "ackLock", to: "LOCKED") != nil)
     }
 
+    @Test("a table that lost one of the model's transitions, or invented one, no longer matches the model")
+    func tableModelMismatch() throws {
+        let text = try ModelFiles.text("transitions.tsv")
+        let model = PromelaTransitions.extract(try ModelFiles.text("replace.pml"))
+            .union(PromelaTransitions.extract(try ModelFiles.text("lock.pml")))
+        let lines = text.components(separatedBy: "\n")
+        let i = try #require(lines.firstIndex { $0.hasPrefix("OB\tLOCKED\tstateRequest\tEXPORTING") })
+        let dropped = try TransitionTable.parse((lines[..<i] + lines[(i + 1)...]).joined(separator: "\n"))
+        #expect(model.subtracting(dropped.modelEdges) == [Edge(role: "OB", from: "LOCKED", event: "stateRequest", to: "EXPORTING")])
+        let invented = try TransitionTable.parse(text + "RA\tDONE\trequestLock\tLOCKED\thold,send:ackLock\ttr\n")
+        #expect(invented.modelEdges.subtracting(model) == [Edge(role: "RA", from: "DONE", event: "requestLock", to: "LOCKED")])
+    }
+
     @Test("a table with a malformed row is refused")
     func malformedTable() {
         #expect(throws: TransitionTable.ParseError.self) { try TransitionTable.parse("LA\tIDLE\ttrigger\tLOCK\n") }
