@@ -128,6 +128,9 @@ enum PromelaTransitions {
 struct AbstractStep: Sendable, Equatable, CustomStringConvertible {
     var agent: String
     var role: String
+    /// The request a control message names; nil for timers and data-plane events (the checker gives those to the
+    /// role's request that is under way at the agent).
+    var request: UInt32? = nil
     var event: String
     var actions: [String]
     /// The implementation's own view of the left anchor's step after the event (MigrationCoordinator.leftAnchorStep),
@@ -135,7 +138,7 @@ struct AbstractStep: Sendable, Equatable, CustomStringConvertible {
     var reportedStep: String?
 
     var description: String {
-        "\(agent)/\(role): \(event) -> [\(actions.joined(separator: ","))]" + (reportedStep.map { " (step \($0))" } ?? "")
+        "\(agent)/\(role)\(request.map { "#\($0)" } ?? ""): \(event) -> [\(actions.joined(separator: ","))]" + (reportedStep.map { " (step \($0))" } ?? "")
     }
 }
 
@@ -158,17 +161,37 @@ struct TraceChecker: Sendable {
         "IDLE": "none", "LOCK": "lock", "NEWPATH": "new-path", "DRAIN": "drain", "DRAIN_SELF": "drain", "DRAIN_PEER": "drain",
         "STATE": "state", "RELEASE": "release", "TEARDOWN": "teardown", "MOVED": "none", "REFUSED": "none", "CANCELLED": "none",
     ]
+    /// States per agent/role#request.
     private(set) var states: [String: String] = [:]
+    /// The requests seen per agent/role, in order.
+    private var requests: [String: [UInt32]] = [:]
+    static let terminal: Set<String> = ["MOVED", "REFUSED", "CANCELLED", "GONE", "DONE", "LINGERED"]
     /// Rows used so far (by line).
     private(set) var used: Set<Int> = []
 
     init(table: TransitionTable) { self.table = table }
 
-    func state(agent: String, role: String) -> String { states["\(agent)/\(role)"] ?? Self.initial[role] ?? "?" }
+    /// The state of `role` at `agent` for `request` (nil: the request under way there, else the last one seen).
+    func state(agent: String, role: String, request: UInt32? = nil) -> String {
+        states[key(agent, role, request ?? resolve(agent, role))] ?? Self.initial[role] ?? "?"
+    }
+
+    private func key(_ agent: String, _ role: String, _ request: UInt32?) -> String { "\(agent)/\(role)#\(request.map(String.init) ?? "-")" }
+
+    private func resolve(_ agent: String, _ role: String) -> UInt32? {
+        let seen = requests["\(agent)/\(role)"] ?? []
+        let active = seen.last { r in
+            let st = states[key(agent, role, r)] ?? Self.initial[role] ?? "?"
+            return st != Self.initial[role] && !Self.terminal.contains(st)
+        }
+        return active ?? seen.last
+    }
 
     mutating func step(_ s: AbstractStep, index: Int) -> Divergence? {
-        let key = "\(s.agent)/\(s.role)"
-        let current = state(agent: s.agent, role: s.role)
+        let request = s.request ?? resolve(s.agent, s.role)
+        if let r = s.request, !(requests["\(s.agent)/\(s.role)"] ?? []).contains(r) { requests["\(s.agent)/\(s.role)", default: []].append(r) }
+        let key = key(s.agent, s.role, request)
+        let current = states[key] ?? Self.initial[s.role] ?? "?"
         let candidates = table.candidates(role: s.role, state: current, event: s.event)
         guard !candidates.isEmpty else {
             return Divergence(index: index, step: s, state: current, reason: "no transition of \(s.role) in \(current) on \(s.event)")
