@@ -525,3 +525,9 @@ init {
   /* no unnecessary failure: with a live new path, an accepted import and no deadline, it succeeds */
   assert(pathFailed || importRefused || deadlineFired || laSt == LA_MOVED)
 }
+
+/* LTL (pan -a -N <name>; model/verify.sh runs both in the replace-ltl configuration) */
+/* once cancelled, the left anchor stays on the old path, unlocked */
+ltl cancelledStaysOld { [] ((laSt == LA_CANCELLED) -> [] (egress == E_OLD && !laLocked)) }
+/* once moved, the left anchor sends on the new path and holds no lock, for good */
+ltl movedStaysNew { [] ((laSt == LA_MOVED) -> [] (egress == E_NEW && !laLocked)) }

@@ -24,27 +24,32 @@ CONFIGS=(
   "replace-stateful|replace.pml|-DSTATEFUL=1 -DLOSS=1 -DDUP=1 -DREORDER=1 -DDEADLINE=1 -DFAIL_IMPORT=1|safety|drain, export, import, probes, release, teardown; refused import; deadline"
   "replace-stateless|replace.pml|-DSTATEFUL=0 -DLOSS=1 -DDUP=1 -DREORDER=1 -DDEADLINE=1|safety|§3.5 two-path rules, drain, teardown; deadline"
   "replace-newpath-fails|replace.pml|-DSTATEFUL=1 -DLOSS=1 -DDUP=1 -DREORDER=1 -DFAIL_PATH=1 -DDEADLINE=1|safety|the new path cannot be opened / the new box is down: cancel"
+  "replace-ltl-cancel|replace.pml|-DSTATEFUL=1 -DLOSS=1 -DDUP=1 -DREORDER=0 -DDEADLINE=1 -DFAIL_IMPORT=1|ltl:cancelledStaysOld|LTL: once cancelled, on the old path and unlocked for good"
+  "replace-ltl-moved|replace.pml|-DSTATEFUL=0 -DLOSS=1 -DDUP=1 -DREORDER=0 -DDEADLINE=1|ltl:movedStaysNew|LTL: once moved, on the new path and unlocked for good"
   "replace-two-losses|replace.pml|-DSTATEFUL=1 -DLOSS=2 -DDUP=1 -DREORDER=1|safety|two control losses, no fault: it must succeed (no unnecessary failure)"
 )
 
-# name | model | spin defines | the property it must break | what pan must report (extended regex on its first error)
+# name | model | spin defines | pan mode | the property it must break | what pan must report (extended regex on its first error)
 MUTANTS=(
-  "MUT_LOCKED_ACKS|lock.pml|-DMUT_LOCKED_ACKS -DLOSS=0 -DDUP=0 -DREORDER=0 -DCANCEL=0|exactly one winner|lk\[x\]==3"
-  "MUT_HELD_FORGOTTEN|lock.pml|-DMUT_HELD_FORGOTTEN -DLOSS=0 -DDUP=0 -DREORDER=0 -DCANCEL=1|no deadlock (the held request)|result\[[12]\]==2"
-  "MUT_CANCEL_KEEPS_LOCK(lock)|lock.pml|-DMUT_CANCEL_KEEPS_LOCK -DLOSS=0 -DDUP=0 -DREORDER=0 -DCANCEL=1|after cancel: unlocked|lk\[0\]==1"
-  "MUT_KEEP_LOCK(lock)|lock.pml|-DMUT_KEEP_LOCK -DLOSS=0 -DDUP=0 -DREORDER=0 -DCANCEL=0|after success: every lock released|lk\[0\]==1"
-  "IMPL_FORGETS_REFUSED|lock.pml|-DIMPL_FORGETS_REFUSED -DLOSS=1 -DDUP=1 -DREORDER=1 -DCANCEL=1|no deadlock (a refused request's duplicate, docs/VERIFICATION.md)|lk\[0\]==1|result\[[12]\]==2"
-  "MUT_EARLY_DATA|replace.pml|-DMUT_EARLY_DATA -DSTATEFUL=1 -DLOSS=0 -DDUP=0 -DREORDER=0|no data on the new path before the state is installed|i==255"
-  "MUT_RELEASE_REVERSED|replace.pml|-DMUT_RELEASE_REVERSED -DSTATEFUL=1 -DLOSS=0 -DDUP=0 -DREORDER=0|every byte delivered once, in order|==rcvNext\)"
-  "MUT_NO_DRAIN|replace.pml|-DMUT_NO_DRAIN -DSTATEFUL=0 -DLOSS=0 -DDUP=0 -DREORDER=0|every byte delivered (teardown before the drain)|rcvNext==2"
-  "MUT_NO_DELTA|replace.pml|-DMUT_NO_DELTA -DSTATEFUL=0 -DLOSS=0 -DDUP=0 -DREORDER=0|sequence numbers (§3.4 delta on the new path)|got\[|i>=1"
-  "MUT_STAY_NEW|replace.pml|-DMUT_STAY_NEW -DSTATEFUL=1 -DLOSS=0 -DDUP=0 -DREORDER=0 -DDEADLINE=1|after cancel: on the old path|egress==0"
-  "MUT_CANCEL_KEEPS_LOCK(replace)|replace.pml|-DMUT_CANCEL_KEEPS_LOCK -DSTATEFUL=1 -DLOSS=0 -DDUP=0 -DREORDER=0 -DFAIL_IMPORT=1|after cancel: unlocked|obSt==1"
-  "MUT_KEEP_LOCK(replace)|replace.pml|-DMUT_KEEP_LOCK -DSTATEFUL=0 -DLOSS=0 -DDUP=0 -DREORDER=0|after success: torn down, every lock released|laLocked"
-  "MUT_NO_RETX|replace.pml|-DMUT_NO_RETX -DSTATEFUL=1 -DLOSS=1 -DDUP=0 -DREORDER=0|no deadlock (retransmission)|invalid end state"
-  "MUT_GIVEUP|replace.pml|-DMUT_GIVEUP -DSTATEFUL=1 -DLOSS=1 -DDUP=0 -DREORDER=0|no unnecessary failure (loss)|deadlineFired"
-  "MUT_NACK_DUPLICATE|replace.pml|-DMUT_NACK_DUPLICATE -DSTATEFUL=0 -DLOSS=0 -DDUP=1 -DREORDER=1|no unnecessary failure (duplicates)|deadlineFired"
-)
+  "MUT_LOCKED_ACKS|lock.pml|-DMUT_LOCKED_ACKS -DLOSS=0 -DDUP=0 -DREORDER=0 -DCANCEL=0|safety|exactly one winner|lk\[x\]==3"
+  "MUT_HELD_FORGOTTEN|lock.pml|-DMUT_HELD_FORGOTTEN -DLOSS=0 -DDUP=0 -DREORDER=0 -DCANCEL=1|safety|no deadlock (the held request)|result\[[12]\]==2"
+  "MUT_CANCEL_KEEPS_LOCK(lock)|lock.pml|-DMUT_CANCEL_KEEPS_LOCK -DLOSS=0 -DDUP=0 -DREORDER=0 -DCANCEL=1|safety|after cancel: unlocked|lk\[0\]==1"
+  "MUT_KEEP_LOCK(lock)|lock.pml|-DMUT_KEEP_LOCK -DLOSS=0 -DDUP=0 -DREORDER=0 -DCANCEL=0|safety|after success: every lock released|lk\[0\]==1"
+  "IMPL_FORGETS_REFUSED|lock.pml|-DIMPL_FORGETS_REFUSED -DLOSS=1 -DDUP=1 -DREORDER=1 -DCANCEL=1|safety|no deadlock (a refused request's duplicate, docs/VERIFICATION.md)|lk\[0\]==1|result\[[12]\]==2"
+  "MUT_EARLY_DATA|replace.pml|-DMUT_EARLY_DATA -DSTATEFUL=1 -DLOSS=0 -DDUP=0 -DREORDER=0|safety|no data on the new path before the state is installed|i==255"
+  "MUT_RELEASE_REVERSED|replace.pml|-DMUT_RELEASE_REVERSED -DSTATEFUL=1 -DLOSS=0 -DDUP=0 -DREORDER=0|safety|every byte delivered once, in order|==rcvNext\)"
+  "MUT_NO_DRAIN|replace.pml|-DMUT_NO_DRAIN -DSTATEFUL=0 -DLOSS=0 -DDUP=0 -DREORDER=0|safety|every byte delivered (teardown before the drain)|rcvNext==2"
+  "MUT_NO_DELTA|replace.pml|-DMUT_NO_DELTA -DSTATEFUL=0 -DLOSS=0 -DDUP=0 -DREORDER=0|safety|sequence numbers (§3.4 delta on the new path)|got\[|i>=1"
+  "MUT_STAY_NEW|replace.pml|-DMUT_STAY_NEW -DSTATEFUL=1 -DLOSS=0 -DDUP=0 -DREORDER=0 -DDEADLINE=1|safety|after cancel: on the old path|egress==0"
+  "MUT_CANCEL_KEEPS_LOCK(replace)|replace.pml|-DMUT_CANCEL_KEEPS_LOCK -DSTATEFUL=1 -DLOSS=0 -DDUP=0 -DREORDER=0 -DFAIL_IMPORT=1|safety|after cancel: unlocked|obSt==1"
+  "MUT_KEEP_LOCK(replace)|replace.pml|-DMUT_KEEP_LOCK -DSTATEFUL=0 -DLOSS=0 -DDUP=0 -DREORDER=0|safety|after success: torn down, every lock released|laLocked"
+  "MUT_NO_RETX|replace.pml|-DMUT_NO_RETX -DSTATEFUL=1 -DLOSS=1 -DDUP=0 -DREORDER=0|safety|no deadlock (retransmission)|invalid end state"
+  "MUT_GIVEUP|replace.pml|-DMUT_GIVEUP -DSTATEFUL=1 -DLOSS=1 -DDUP=0 -DREORDER=0|safety|no unnecessary failure (loss)|deadlineFired"
+  "MUT_NACK_DUPLICATE|replace.pml|-DMUT_NACK_DUPLICATE -DSTATEFUL=0 -DLOSS=0 -DDUP=1 -DREORDER=1|safety|no unnecessary failure (duplicates)|deadlineFired"
+
+  "MUT_LOCKED_ACKS(ltl)|lock.pml|-DMUT_LOCKED_ACKS -DLTL_ONLY -DLOSS=0 -DDUP=0 -DREORDER=0 -DCANCEL=0|ltl:mutex|exactly one winner (LTL mutex)|result\\[1\\]==6\\)\\)&&"
+  "MUT_STAY_NEW(ltl)|replace.pml|-DMUT_STAY_NEW -DSTATEFUL=1 -DLOSS=0 -DDUP=0 -DREORDER=0 -DDEADLINE=1|ltl:cancelledStaysOld|after cancel: on the old path (LTL)|laSt==12\)\)\)&&"
+  "MUT_KEEP_LOCK(ltl)|replace.pml|-DMUT_KEEP_LOCK -DSTATEFUL=0 -DLOSS=0 -DDUP=0 -DREORDER=0|ltl:movedStaysNew|after success: every lock released (LTL)|laSt==10\)\)\)&&")
 
 # run <dir> <model> <defines> <mode>: leaves pan's output in <dir>/pan.out, the time in <dir>/time
 run() {
@@ -90,10 +95,10 @@ done
 echo "== mutants (each must be rejected)"
 printf '%-30s %10s %8s  %s\n' mutant states "time(s)" "result"
 for m in "${MUTANTS[@]}"; do
-  IFS='|' read -r name model defines property expect <<<"$m"
+  IFS='|' read -r name model defines mode property expect <<<"$m"
   [ -n "$FILTER" ] && [[ "$name" != *"$FILTER"* ]] && continue
   dir="$WORK/mutant-${name//[()]/_}"
-  run "$dir" "$model" "$defines" safety
+  run "$dir" "$model" "$defines" "$mode"
   errs=$(errors_of "$dir")
   if [ "${errs:-0}" -ge 1 ] 2>/dev/null && why_of "$dir" | grep -qE "$expect"; then
     result="rejected: $(why_of "$dir")"
