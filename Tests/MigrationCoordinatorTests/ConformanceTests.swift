@@ -179,6 +179,7 @@ struct ConformanceTests {
         let onlyModel = model.subtracting(table.modelEdges).sorted(), onlyTable = table.modelEdges.subtracting(model).sorted()
         #expect(onlyModel.isEmpty, "in the model, not in the table: \(onlyModel)")
         #expect(onlyTable.isEmpty, "in the table (tr), not in the model: \(onlyTable)")
+        print("conformance: \(model.count) model transitions = \(table.modelEdges.count) tr edges of the table (\(table.rows.count) rows)")
     }
 
     @Test("the extraction leaves mutants out and keeps both STATEFUL branches")
