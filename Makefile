@@ -2,7 +2,7 @@
 SWIFT ?= swift
 BIN := $(CURDIR)/.build/release/dysco-migrate
 
-.PHONY: setup release demo test unit bench bench-replace bench-drain measure clean-labs
+.PHONY: setup release demo test unit verify bench bench-replace bench-drain measure clean-labs
 
 setup:            ## install every system package the project needs (idempotent, apt-get)
 	bash scripts/setup.sh
@@ -20,6 +20,9 @@ test: release     ## every test: unit (no root) and integration (root, network n
 
 unit:             ## only the tests that need no root
 	$(SWIFT) test --filter 'DyscoCoreTests|MigrationCoordinatorTests|ConntrackStateTests|LabUnitTests|MeasureUnitTests'
+
+verify: setup     ## model-check the reconfiguration protocol with Spin (model/, docs/VERIFICATION.md): configurations and mutants
+	bash model/verify.sh
 
 bench: release    ## data-plane benchmark: kernel forwarding vs the Dysco chain, same invocation
 	$(BIN) bench dataplane

@@ -6,6 +6,7 @@ PACKAGES=(
   libnetfilter-queue-dev libnetfilter-conntrack-dev libnfnetlink-dev libmnl-dev
   libnftables-dev libnftnl-dev nftables
   iptables conntrack iproute2 iperf3 curl python3 python3-scapy python3-matplotlib procps iputils-ping
+  spin gcc
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

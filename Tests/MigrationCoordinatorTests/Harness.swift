@@ -198,6 +198,18 @@ enum Describe {
     }
 }
 
+/// One coordinator step as the harness saw it: the event, the actions, and the agent's lock of the session
+/// before and after (SegmentLock is public state) and its left-anchor step after (nil if it leads none).
+struct HarnessStep {
+    var time: UInt64
+    var agent: IPv4Address
+    var event: Event
+    var actions: [Action]
+    var lockBefore: SegmentLock?
+    var lockAfter: SegmentLock?
+    var leftAnchorStep: MigrationStep?
+}
+
 // MARK: - Harness
 
 final class Harness {
@@ -290,6 +302,8 @@ final class Harness {
     private var seq: UInt64 = 0
     private(set) var now: UInt64 = 0
     private(set) var trace = Trace()
+    /// Every coordinator step of the run, structured (ConformanceTests replays them against model/transitions.tsv).
+    private(set) var steps: [HarnessStep] = []
     private var events = 0
     private var dropped = 0
     private var duplicated = 0
@@ -450,7 +464,11 @@ final class Harness {
         var queue = [first]
         while !queue.isEmpty {
             let event = queue.removeFirst()
+            let lockBefore = agent.coordinator.locks[TestSession.chainID]
             let actions = agent.coordinator.handle(event, now: now)
+            steps.append(HarnessStep(time: now, agent: agent.address, event: event, actions: actions, lockBefore: lockBefore,
+                                     lockAfter: agent.coordinator.locks[TestSession.chainID],
+                                     leftAnchorStep: agent.coordinator.leftAnchorStep(TestSession.chainID)))
             trace.entries.append(TraceEntry(time: now, agent: agent.name, event: Describe.event(event),
                                             actions: actions.map(Describe.action)))
             agent.actions.append(contentsOf: actions)

@@ -1,0 +1,533 @@
+/*
+ * dysco-migrate: one reconfiguration of one session (paper §3.1, §3.4-§3.6), written for Spin.
+ *
+ * Old path  : LA -> OB -> RA          (left anchor, old box, right anchor)
+ * New path  : LA -> NB -> RA          (NB: the new middlebox)
+ * Data      : the left endpoint writes N bytes (abstract sequence numbers 0..N-1); the old box adds a delta
+ *             of D bytes (§3.4), so the right endpoint expects wire numbers D..N+D-1.
+ * Control   : every hop loses (budget LOSS), duplicates (DUP) and reorders (REORDER) control messages; only
+ *             the left anchor retransmits (on a timeout, while a loss is unanswered), as MigrationCoordinator.
+ * Faults    : FAIL_PATH (the new path cannot be opened / the new box is down), FAIL_IMPORT (the new box
+ *             refuses the state), DEADLINE (the left anchor's deadline may pass at any moment before release).
+ *
+ * Transitions of the roles are written TR(FROM, event, TO): the same rows as model/transitions.tsv (the
+ * conformance test extracts them from this file and compares). Mutants: -DMUT_<name> (see model/verify.sh).
+ */
+
+#ifndef STATEFUL
+#define STATEFUL 1
+#endif
+#ifndef LOSS
+#define LOSS 1
+#endif
+#ifndef DUP
+#define DUP 1
+#endif
+#ifndef REORDER
+#define REORDER 1
+#endif
+#ifndef FAIL_PATH
+#define FAIL_PATH 0
+#endif
+#ifndef FAIL_IMPORT
+#define FAIL_IMPORT 0
+#endif
+#ifndef DEADLINE
+#define DEADLINE 0
+#endif
+#define N 2
+#define D 1
+#define CAP 6
+#define PROBE 255
+#define OUT_PROBE 99
+
+#define TR(f, e, t) assert(st == f); st = t
+
+mtype = { requestLock, ackLock, nackLock, cancelLock, ackCancel, newPathSyn, newPathSynAck, newPathCancel,
+          newPathCancelAck, drainStart, drained, stateRequest, statePut, stateInstalled, oldPathFin, oldPathFinAck };
+
+/* role states (values shared by all roles: names are prefixed by the role) */
+#define LA_IDLE 13
+#define LA_LOCK 1
+#define LA_NEWPATH 2
+#define LA_DRAIN 3
+#define LA_DRAIN_SELF 4
+#define LA_DRAIN_PEER 5
+#define LA_STATE 6
+#define LA_RELEASE 7
+#define LA_TEARDOWN 8
+#define LA_CANCEL 9
+#define LA_MOVED 10
+#define LA_REFUSED 11
+#define LA_CANCELLED 12
+
+#define OB_UNLOCKED 1
+#define OB_PENDING 2
+#define OB_LOCKED 3
+#define OB_EXPORTING 4
+#define OB_EXPORTED 5
+#define OB_GONE 6
+#define OB_ANSWERED 7
+#define OB_ENDED 8
+
+#define NB_IDLE 1
+#define NB_CREATED 2
+#define NB_ESTABLISHED 3
+#define NB_IMPORTING 4
+#define NB_INSTALLED 5
+#define NB_REFUSED 6
+#define NB_GONE 7
+
+#define RA_IDLE 1
+#define RA_LOCKED 2
+#define RA_PATH 3
+#define RA_DRAIN 4
+#define RA_PROBING 5
+#define RA_RELEASED 6
+#define RA_DONE 7
+#define RA_CANCELLED 8
+
+/* egress of the left anchor's data plane */
+#define E_OLD 0
+#define E_HOLD 1
+#define E_NEW 2
+
+chan cLA = [CAP] of { mtype, byte };
+chan cOB = [CAP] of { mtype, byte };
+chan cNB = [CAP] of { mtype, byte };
+chan cRA = [CAP] of { mtype, byte };
+/* data plane, lossless FIFO per hop; PROBE is a window-opening probe (a pure ACK on the new path) */
+chan dLAOB = [N] of { byte };
+chan dOBRA = [N] of { byte };
+chan dLANB = [N + 4] of { byte };
+chan dNBRA = [N + 4] of { byte };
+chan dRANB = [2] of { byte };
+chan dNBLA = [2] of { byte };
+chan aLA = [N] of { byte };       /* cumulative ACKs of the old path, right endpoint -> left anchor */
+chan rtx = [N] of { byte };       /* bytes TCP must retransmit (dropped by a new path that a cancel removed) */
+
+byte loss = LOSS, dup = DUP, reord = REORDER;
+byte owed;                        /* control losses not yet answered by a retransmission */
+bool deadlineFired, pathFailed, importRefused;
+/* observed state, for the properties */
+byte laSt = LA_LOCK, obSt = OB_UNLOCKED, nbSt = NB_IDLE, raSt = RA_IDLE;
+byte egress = E_OLD;
+bool laLocked = true;             /* the left anchor's own right lock, taken at the trigger */
+bool raOnNew, raHolding, obInSession = true, nbInSession;
+byte written;
+bool got[N];
+byte rcvNext;
+bool stateExported, cancelledBack;
+
+inline SEND(ch, t, a) {
+  if
+  :: loss > 0 -> loss--; owed++
+  :: ch!t, a
+  :: dup > 0 -> dup--; ch!t, a; ch!t, a
+  fi
+}
+
+/* a receiver may take a later message first (budget REORDER) */
+inline REORDERING(ch) {
+  reord > 0 && len(ch) > 1 -> reord--; ch?t, a; ch!t, a
+}
+
+inline RESEND() {
+  if
+  :: out == OUT_PROBE -> dLANB!PROBE
+  :: out == newPathSyn -> SEND(cNB, newPathSyn, 0)
+  :: out == drainStart -> SEND(cRA, drainStart, STATEFUL)
+  :: else -> SEND(cOB, out, 0)
+  fi
+}
+
+/* cancelAnchor: back on the old path at once (held bytes go there); newPathCancel; cancelLock along the old path */
+inline CANCEL() {
+#ifndef MUT_STAY_NEW
+  if
+  :: egress == E_HOLD -> do :: held < written -> dLAOB!held; held++; oldSent = held :: else -> break od
+  :: else
+  fi;
+  egress = E_OLD; cancelledBack = true;
+#endif
+  if :: !cancelAtLock -> SEND(cNB, newPathCancel, 0) :: else fi;   /* new boxes exist from the new-path step on */
+  out = cancelLock; SEND(cOB, cancelLock, 0)
+}
+
+#define CANCEL_FROM(ev) \
+  cancelAtLock = (st == LA_LOCK); \
+  if \
+  :: st == LA_LOCK -> TR(LA_LOCK, ev, LA_CANCEL) \
+  :: st == LA_NEWPATH -> TR(LA_NEWPATH, ev, LA_CANCEL) \
+  :: st == LA_DRAIN -> TR(LA_DRAIN, ev, LA_CANCEL) \
+  :: st == LA_DRAIN_SELF -> TR(LA_DRAIN_SELF, ev, LA_CANCEL) \
+  :: st == LA_DRAIN_PEER -> TR(LA_DRAIN_PEER, ev, LA_CANCEL) \
+  :: st == LA_STATE -> TR(LA_STATE, ev, LA_CANCEL) \
+  :: st == LA_RELEASE -> TR(LA_RELEASE, ev, LA_CANCEL) \
+  fi; \
+  CANCEL()
+
+proctype LeftAnchor() {
+  mtype t; byte a;
+  byte st = LA_IDLE;
+  byte oldSent, oldAcked, held;   /* held: bytes [held, written) wait in the anchor buffer */
+  byte out = requestLock;         /* the outstanding message (OUT_PROBE: the probe) */
+  byte i;
+  bool cancelAtLock;
+  atomic { TR(LA_IDLE, trigger, LA_LOCK); SEND(cOB, requestLock, 0) }
+end:
+  do
+  /* ---- the endpoint writes a byte; egress per phase (§3.5 two-path rules, stateful hold) */
+  :: atomic { written < N ->
+       if
+       :: egress == E_OLD -> dLAOB!written; oldSent = written + 1
+       :: egress == E_NEW -> dLANB!written
+       :: egress == E_HOLD -> skip
+       fi;
+       written++ }
+  :: atomic { nempty(rtx) && egress != E_HOLD -> rtx?i; if :: egress == E_OLD -> dLAOB!i :: else -> dLANB!i fi }
+  :: atomic { aLA?i -> if :: i > oldAcked -> oldAcked = i :: else fi }
+  /* ---- data plane: everything sent on the old path is acknowledged (AnchorState.sentDrained) */
+#ifdef MUT_NO_DRAIN
+  :: atomic { (st == LA_DRAIN || st == LA_DRAIN_PEER) ->       /* does not wait for the old path's ACKs */
+#else
+  :: atomic { (st == LA_DRAIN || st == LA_DRAIN_PEER) && oldAcked >= oldSent ->
+#endif
+       if
+       :: st == LA_DRAIN -> TR(LA_DRAIN, dataDrained, LA_DRAIN_SELF)
+       :: st == LA_DRAIN_PEER ->
+#if STATEFUL
+            TR(LA_DRAIN_PEER, dataDrained, LA_STATE); out = stateRequest; SEND(cOB, stateRequest, 0)
+#else
+            TR(LA_DRAIN_PEER, dataDrained, LA_TEARDOWN); out = oldPathFin; SEND(cOB, oldPathFin, 0)
+#endif
+       fi }
+  /* ---- retransmission (20 ms doubling to 100 ms): here when the system is quiet and a loss is unanswered */
+#ifndef MUT_NO_RETX
+  :: atomic { timeout && owed > 0 && st != LA_MOVED && st != LA_REFUSED && st != LA_CANCELLED ->
+       owed--;
+       if
+       :: st == LA_TEARDOWN && !obInSession ->
+            /* the old box left, its oldPathFinAck was lost: after maxTries sends, moved (teardown unanswered) */
+            TR(LA_TEARDOWN, retransmit, LA_MOVED); laLocked = false
+       :: else ->
+#ifdef MUT_GIVEUP
+            if :: st < LA_RELEASE -> CANCEL_FROM(retransmit) :: else -> RESEND() fi
+#else
+            RESEND()
+#endif
+       fi;
+       laSt = st }
+#endif
+  /* ---- the deadline passes before the release (3 s by default): cancel */
+  :: atomic { DEADLINE && !deadlineFired && st >= LA_LOCK && st <= LA_RELEASE ->
+       deadlineFired = true; CANCEL_FROM(deadline); laSt = st }
+  /* ---- control messages */
+  :: atomic { REORDERING(cLA) }
+  :: atomic { cLA?t, a ->
+       if
+       :: t == ackLock && st == LA_LOCK ->
+            if
+            :: FAIL_PATH -> pathFailed = true; TR(LA_LOCK, ackLock, LA_NEWPATH); TR(LA_NEWPATH, pathRefused, LA_CANCEL); CANCEL()
+            :: else -> TR(LA_LOCK, ackLock, LA_NEWPATH); out = newPathSyn; SEND(cNB, newPathSyn, 0)
+            fi
+       :: t == nackLock && st == LA_LOCK -> TR(LA_LOCK, nackLock, LA_REFUSED); laLocked = false
+       :: t == newPathSynAck && st == LA_NEWPATH ->
+            TR(LA_NEWPATH, newPathSynAck, LA_DRAIN);
+#if STATEFUL
+            egress = E_HOLD; held = written;
+#ifdef MUT_EARLY_DATA
+            egress = E_NEW;
+#endif
+#else
+            egress = E_NEW;               /* promote: new bytes on the new path, old ones stay on the old */
+#endif
+            out = drainStart; SEND(cRA, drainStart, STATEFUL)
+       :: t == drained && st == LA_DRAIN -> TR(LA_DRAIN, drained, LA_DRAIN_PEER)
+       :: t == drained && st == LA_DRAIN_SELF ->
+#if STATEFUL
+            TR(LA_DRAIN_SELF, drained, LA_STATE); out = stateRequest; SEND(cOB, stateRequest, 0)
+#else
+            TR(LA_DRAIN_SELF, drained, LA_TEARDOWN); out = oldPathFin; SEND(cOB, oldPathFin, 0)
+#endif
+       :: t == stateInstalled && st == LA_STATE && a ->
+            TR(LA_STATE, stateInstalled.ok, LA_RELEASE);
+            out = OUT_PROBE; dLANB!PROBE          /* promote, setPhase(probing), sendProbe */
+       :: t == stateInstalled && st == LA_STATE && !a -> TR(LA_STATE, stateInstalled.refused, LA_CANCEL); CANCEL()
+       :: t == oldPathFinAck && st == LA_TEARDOWN ->
+            TR(LA_TEARDOWN, oldPathFinAck, LA_MOVED); laLocked = false
+#ifdef MUT_KEEP_LOCK
+            ; laLocked = true
+#endif
+       :: t == ackCancel && st == LA_CANCEL -> TR(LA_CANCEL, ackCancel, LA_CANCELLED); laLocked = false
+       :: else -> skip                 /* a duplicate or a late answer: nothing changes */
+       fi;
+       laSt = st }
+  /* ---- the right anchor's probe came back on the new path: last probe, release the buffer, teardown */
+  :: atomic { dNBLA?i ->
+       if
+       :: st == LA_RELEASE ->
+            TR(LA_RELEASE, newPathPacket, LA_TEARDOWN);
+            dLANB!PROBE;
+            egress = E_NEW;
+#ifdef MUT_RELEASE_REVERSED
+            i = written; do :: i > held -> i--; dLANB!i :: else -> break od; held = written;
+#else
+            do :: held < written -> dLANB!held; held++ :: else -> break od;
+#endif
+            out = oldPathFin; SEND(cOB, oldPathFin, 0)
+       :: else -> skip
+       fi;
+       laSt = st }
+  od
+}
+
+proctype OldBox() {
+  mtype t; byte a; byte i;
+  byte st = OB_UNLOCKED;
+  bool ended, installedOk;
+end:
+  do
+  :: atomic { dLAOB?i ->
+       if
+       :: obInSession -> assert(!(STATEFUL && stateExported && !cancelledBack)); dOBRA!i + D  /* the exported state is final */
+       :: else -> skip                  /* left the session: a byte still on the old path is lost */
+       fi }
+  :: atomic { REORDERING(cOB) }
+  :: atomic { cOB?t, a ->
+       if
+       /* ---- from the left */
+       :: t == requestLock && st == OB_UNLOCKED && !ended -> TR(OB_UNLOCKED, requestLock, OB_PENDING); SEND(cRA, requestLock, 0)
+       :: t == requestLock && st == OB_PENDING -> SEND(cRA, requestLock, 0)      /* forwardDuplicate */
+       :: t == requestLock && st != OB_UNLOCKED && st != OB_PENDING && st != OB_ENDED && st != OB_GONE -> SEND(cLA, ackLock, 0) /* ackAgain */
+       :: t == cancelLock && st != OB_UNLOCKED && st != OB_ENDED && st != OB_GONE ->
+            ended = true;
+#ifndef MUT_CANCEL_KEEPS_LOCK
+            if
+            :: st == OB_PENDING -> TR(OB_PENDING, cancelLock, OB_ENDED)
+            :: st == OB_LOCKED -> TR(OB_LOCKED, cancelLock, OB_ENDED)
+            :: st == OB_EXPORTING -> TR(OB_EXPORTING, cancelLock, OB_ENDED)
+            :: st == OB_EXPORTED -> TR(OB_EXPORTED, cancelLock, OB_ENDED)
+            :: st == OB_ANSWERED -> TR(OB_ANSWERED, cancelLock, OB_ENDED)
+            fi;
+#endif
+            SEND(cRA, cancelLock, 0)
+       :: t == cancelLock && st == OB_UNLOCKED -> TR(OB_UNLOCKED, cancelLock, OB_ENDED); ended = true; SEND(cRA, cancelLock, 0)
+       :: t == cancelLock && (st == OB_ENDED || st == OB_GONE) -> SEND(cRA, cancelLock, 0)
+       :: t == stateRequest && st == OB_LOCKED -> TR(OB_LOCKED, stateRequest, OB_EXPORTING)
+       :: t == stateRequest && st == OB_EXPORTED -> SEND(cNB, statePut, 0)     /* a retransmission: put again */
+       :: t == stateRequest && st == OB_ANSWERED -> SEND(cLA, stateInstalled, installedOk)
+       :: t == stateRequest && (st == OB_UNLOCKED || st == OB_ENDED) -> SEND(cLA, stateInstalled, 0)
+       :: t == oldPathFin && st != OB_GONE -> SEND(cRA, oldPathFin, 0)
+       :: t == oldPathFin && st == OB_GONE -> owed++      /* the box left: dropped (unknown session) */
+       /* ---- from the right (answers travel back along the old path) */
+       :: t == ackLock && st == OB_PENDING -> TR(OB_PENDING, ackLock, OB_LOCKED); SEND(cLA, ackLock, 0)
+       :: t == nackLock && st == OB_PENDING -> TR(OB_PENDING, nackLock, OB_UNLOCKED); SEND(cLA, nackLock, 0)
+       :: t == ackCancel -> SEND(cLA, ackCancel, 0)
+       :: t == oldPathFinAck && st != OB_GONE ->
+            if
+            :: st == OB_LOCKED -> TR(OB_LOCKED, oldPathFinAck, OB_GONE)
+            :: st == OB_EXPORTED -> TR(OB_EXPORTED, oldPathFinAck, OB_GONE)
+            :: st == OB_ANSWERED -> TR(OB_ANSWERED, oldPathFinAck, OB_GONE)
+            :: else -> assert(false)     /* teardown of a segment this box did not lock */
+            fi;
+            obInSession = false; SEND(cLA, oldPathFinAck, 0)
+       /* ---- from the new box: the import's outcome, passed to the left anchor */
+       :: t == stateInstalled && st == OB_EXPORTED -> TR(OB_EXPORTED, stateInstalled, OB_ANSWERED); installedOk = a; SEND(cLA, stateInstalled, a)
+       :: t == stateInstalled && st == OB_ANSWERED -> installedOk = a; SEND(cLA, stateInstalled, a)
+       :: else -> skip
+       fi;
+       obSt = st }
+  /* ---- the export (conntrack) completes */
+  :: atomic { st == OB_EXPORTING ->
+       if
+       :: TR(OB_EXPORTING, stateExported.ok, OB_EXPORTED); stateExported = true; SEND(cNB, statePut, 0)
+       :: FAIL_IMPORT -> importRefused = true;     /* the export fails (a state transfer failure, as a refused import) */
+            TR(OB_EXPORTING, stateExported.failed, OB_ANSWERED); installedOk = false; SEND(cLA, stateInstalled, 0)
+       fi;
+       obSt = st }
+  od
+}
+
+proctype NewBox() {
+  mtype t; byte a; byte i;
+  byte st = NB_IDLE;
+  bool down = false;
+  if :: FAIL_PATH -> down = true :: else fi;
+end:
+  do
+  :: atomic { dLANB?i ->
+       if
+       :: st == NB_GONE || st == NB_IDLE || st == NB_REFUSED -> if :: i != PROBE -> rtx!i :: else fi  /* TCP resends it */
+       :: else ->
+            assert(i == PROBE || !STATEFUL || st == NB_INSTALLED);  /* no data before the state is installed */
+            dNBRA!i
+       fi }
+  :: atomic { dRANB?i -> if :: st != NB_GONE -> dNBLA!i :: else fi }
+  :: atomic { REORDERING(cNB) }
+  :: atomic { cNB?t, a ->
+       if
+       :: down -> owed++                 /* the new box is down: as lost */
+       :: t == newPathSyn && st == NB_IDLE -> TR(NB_IDLE, newPathSyn, NB_CREATED); nbInSession = true; SEND(cRA, newPathSyn, 0)
+       :: t == newPathSyn && st != NB_IDLE && st != NB_GONE -> SEND(cRA, newPathSyn, 0)
+       :: t == newPathSynAck && st == NB_CREATED -> TR(NB_CREATED, newPathSynAck, NB_ESTABLISHED); SEND(cLA, newPathSynAck, 0)
+       :: t == newPathSynAck && st != NB_IDLE && st != NB_CREATED && st != NB_GONE -> SEND(cLA, newPathSynAck, 0)
+       :: t == statePut && st == NB_ESTABLISHED -> TR(NB_ESTABLISHED, statePut, NB_IMPORTING)
+       :: t == statePut && st == NB_INSTALLED -> SEND(cOB, stateInstalled, 1)
+       :: t == statePut && st == NB_REFUSED -> SEND(cOB, stateInstalled, 0)
+       :: t == newPathCancel && st != NB_GONE ->
+            if
+            :: st == NB_IDLE -> TR(NB_IDLE, newPathCancel, NB_GONE)
+            :: st == NB_CREATED -> TR(NB_CREATED, newPathCancel, NB_GONE)
+            :: st == NB_ESTABLISHED -> TR(NB_ESTABLISHED, newPathCancel, NB_GONE)
+            :: st == NB_IMPORTING -> TR(NB_IMPORTING, newPathCancel, NB_GONE)
+            :: st == NB_INSTALLED -> TR(NB_INSTALLED, newPathCancel, NB_GONE)
+            :: st == NB_REFUSED -> TR(NB_REFUSED, newPathCancel, NB_GONE)
+            fi;
+            nbInSession = false
+       :: else -> skip
+       fi;
+       nbSt = st }
+  /* ---- the import completes, or the new box refuses it */
+  :: atomic { st == NB_IMPORTING ->
+       if
+       :: TR(NB_IMPORTING, stateImported.ok, NB_INSTALLED); SEND(cOB, stateInstalled, 1)
+       :: FAIL_IMPORT -> importRefused = true; TR(NB_IMPORTING, stateImported.refused, NB_REFUSED); SEND(cOB, stateInstalled, 0)
+       fi;
+       nbSt = st }
+  od
+}
+
+/* The right endpoint's TCP: takes wire numbers, checks them, reassembles. */
+inline DELIVER(seq) {
+  assert(seq >= D && seq < N + D);       /* the sequence numbers the endpoint sees are right (§3.4) */
+  assert(!got[seq - D]);                 /* each byte once */
+#if STATEFUL
+  assert(seq - D == rcvNext);            /* stateful: in order on the wire too (drain, hold, release) */
+#endif
+  got[seq - D] = true;
+  do :: rcvNext < N && got[rcvNext] -> rcvNext++ :: else -> break od
+}
+
+proctype RightAnchor() {
+  mtype t; byte a; byte i;
+  byte st = RA_IDLE;
+  bool ended, drainedHere;
+end:
+  do
+  :: atomic { dOBRA?i ->
+       if
+       :: st != RA_DONE -> DELIVER(i); aLA!rcvNext
+       :: else -> skip                  /* the old subsession is gone */
+       fi }
+  :: atomic { dNBRA?i ->
+       if
+       :: i == PROBE ->
+            if
+            :: st == RA_DRAIN && STATEFUL -> TR(RA_DRAIN, newPathPacket, RA_PROBING); raOnNew = true; dRANB!PROBE
+            :: st == RA_PROBING -> TR(RA_PROBING, newPathPacket, RA_RELEASED)
+            :: else -> skip
+            fi
+       :: i != PROBE && st == RA_CANCELLED -> rtx!i   /* the new subsession is gone: TCP resends it */
+       :: else ->
+            if
+            :: st == RA_PROBING -> TR(RA_PROBING, newPathPacket, RA_RELEASED)
+            :: else -> skip
+            fi;
+#ifdef MUT_NO_DELTA
+            DELIVER(i)
+#else
+            DELIVER(i + D)                /* §3.4: in from the new path: add the delta to the sequence number */
+#endif
+       fi;
+       raSt = st }
+  :: atomic { (st == RA_DRAIN || st == RA_PROBING || st == RA_RELEASED) && !drainedHere -> drainedHere = true;
+       SEND(cLA, drained, 0) }
+  /* ---- 10 s without a word from the left anchor (it gave up): back on the old path, or done if released */
+  :: atomic { timeout && owed == 0 && (laSt == LA_MOVED || laSt == LA_CANCELLED) && st >= RA_LOCKED && st <= RA_RELEASED ->
+       if
+       :: st == RA_RELEASED -> TR(RA_RELEASED, silence, RA_DONE); raHolding = false
+       :: st == RA_LOCKED -> TR(RA_LOCKED, silence, RA_CANCELLED); raHolding = false; raOnNew = false
+       :: st == RA_PATH -> TR(RA_PATH, silence, RA_CANCELLED); raHolding = false; raOnNew = false
+       :: st == RA_DRAIN -> TR(RA_DRAIN, silence, RA_CANCELLED); raHolding = false; raOnNew = false
+       :: st == RA_PROBING -> TR(RA_PROBING, silence, RA_CANCELLED); raHolding = false; raOnNew = false
+       fi;
+       raSt = st }
+  :: atomic { REORDERING(cRA) }
+  :: atomic { cRA?t, a ->
+       if
+       :: t == requestLock && st == RA_IDLE && !ended ->
+            TR(RA_IDLE, requestLock, RA_LOCKED); raHolding = true; SEND(cOB, ackLock, 0)
+       :: t == requestLock && st != RA_IDLE && st != RA_CANCELLED && st != RA_DONE ->
+#ifdef MUT_NACK_DUPLICATE
+            SEND(cOB, nackLock, 0)
+#else
+            SEND(cOB, ackLock, 0)
+#endif
+       :: t == newPathSyn && st == RA_LOCKED -> TR(RA_LOCKED, newPathSyn, RA_PATH); SEND(cNB, newPathSynAck, 0)
+       :: t == newPathSyn && st == RA_PATH -> SEND(cNB, newPathSynAck, 0)
+       :: t == drainStart && st == RA_PATH ->
+            TR(RA_PATH, drainStart, RA_DRAIN);
+            if :: !STATEFUL -> raOnNew = true :: else fi
+       :: t == drainStart && (st == RA_DRAIN || st == RA_PROBING || st == RA_RELEASED) && drainedHere -> SEND(cLA, drained, 0)
+       :: t == cancelLock ->
+            ended = true;
+            if
+            :: st == RA_LOCKED -> TR(RA_LOCKED, cancelLock, RA_CANCELLED)
+            :: st == RA_PATH -> TR(RA_PATH, cancelLock, RA_CANCELLED)
+            :: st == RA_DRAIN -> TR(RA_DRAIN, cancelLock, RA_CANCELLED)
+            :: st == RA_PROBING -> TR(RA_PROBING, cancelLock, RA_CANCELLED)
+            :: st == RA_IDLE -> TR(RA_IDLE, cancelLock, RA_CANCELLED)      /* it never heard the lock: answer anyway */
+            :: else -> skip
+            fi;
+            if :: st == RA_CANCELLED -> raHolding = false; raOnNew = false :: else fi;
+            SEND(cOB, ackCancel, 0)
+       :: t == oldPathFin ->
+            ended = true;
+            if
+            :: st == RA_DRAIN -> TR(RA_DRAIN, oldPathFin, RA_DONE)         /* stateless */
+            :: st == RA_PROBING -> TR(RA_PROBING, oldPathFin, RA_DONE)     /* our probe's answer was lost */
+            :: st == RA_RELEASED -> TR(RA_RELEASED, oldPathFin, RA_DONE)
+            :: else -> skip
+            fi;
+            if :: st == RA_DONE -> raHolding = false; raOnNew = true :: else fi;
+            SEND(cOB, oldPathFinAck, 0)
+       :: else -> skip
+       fi;
+       raSt = st }
+  od
+}
+
+init {
+  atomic {
+    run LeftAnchor(); run OldBox(); run NewBox(); run RightAnchor()
+  }
+  /* The end of every run: nobody can move, and no loss is left unanswered by the left anchor. */
+  (timeout && (owed == 0 || laSt == LA_MOVED || laSt == LA_REFUSED || laSt == LA_CANCELLED));
+  /* no deadlock: the reconfiguration ended */
+  assert(laSt == LA_MOVED || laSt == LA_CANCELLED || laSt == LA_REFUSED);
+  /* every byte written is delivered, once (DELIVER), in order */
+  assert(written == N && rcvNext == N);
+  if
+  :: laSt == LA_MOVED ->
+       /* after success: the old path is torn down, every lock released, data on the new path */
+       assert(obSt == OB_GONE && !obInSession && raSt == RA_DONE && raOnNew && !raHolding);
+       assert(!laLocked && egress == E_NEW && nbInSession)
+  :: laSt == LA_CANCELLED ->
+       /* after cancel: the session is on the old path and unlocked */
+       assert(egress == E_OLD && !laLocked && obInSession && (obSt == OB_UNLOCKED || obSt == OB_ENDED));
+       assert(!raHolding && !raOnNew);
+       /* newPathCancel is sent once (not retransmitted): only its loss leaves the new box an orphan session,
+          which is on no path and expires by idleness */
+       assert(!nbInSession || loss < LOSS)
+  :: laSt == LA_REFUSED -> skip          /* a single request is never refused: the next assertion says so */
+  fi;
+  /* no unnecessary failure: with a live new path, an accepted import and no deadline, it succeeds */
+  assert(pathFailed || importRefused || deadlineFired || laSt == LA_MOVED)
+}
+
+/* LTL (pan -a -N <name>; model/verify.sh runs both in the replace-ltl configuration) */
+/* once cancelled, the left anchor stays on the old path, unlocked */
+ltl cancelledStaysOld { [] ((laSt == LA_CANCELLED) -> [] (egress == E_OLD && !laLocked)) }
+/* once moved, the left anchor sends on the new path and holds no lock, for good */
+ltl movedStaysNew { [] ((laSt == LA_MOVED) -> [] (egress == E_NEW && !laLocked)) }
