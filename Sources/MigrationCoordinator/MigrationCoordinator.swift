@@ -54,6 +54,10 @@ public struct MigrationCoordinator: Sendable {
     /// Requests that ended here (cancelled, or the old path torn down), per session (bounded): a late or
     /// duplicated requestLock of one of them must not lock the segment again for nobody.
     private var ended: [UInt64: Set<UInt32>] = [:]
+    /// Requests refused here or further right (nackLock), per session (bounded): a late duplicate of one is
+    /// refused again instead of locking the segment for a left anchor that has given up (found by the Spin
+    /// model, docs/VERIFICATION.md).
+    private var refusedRequests: [UInt64: Set<UInt32>] = [:]
 
     public init(settings: Settings = Settings()) { self.settings = settings }
 
@@ -433,6 +437,10 @@ public struct MigrationCoordinator: Sendable {
         let chainID = m.identity.chainID
         guard let left = context.leftNeighbour else { return }
         if ended[chainID]?.contains(m.requestID) == true { return }  // a stale copy: its left anchor is done with it
+        if refusedRequests[chainID]?.contains(m.requestID) == true {
+            out.append(.send(m.answer(.nackLock(reason: .contention)), to: left))  // refused before: again
+            return
+        }
         if m.rightAnchor == context.me {
             // The right anchor: nothing to lock to its right; it takes part from now on (§3.1).
             if rightAnchors[chainID] == nil || rightAnchors[chainID]!.requestID != m.requestID {
@@ -469,6 +477,7 @@ public struct MigrationCoordinator: Sendable {
         case .held:
             break
         case .refuse:
+            rememberRefusal(chainID, m.requestID)
             out.append(.send(m.answer(.nackLock(reason: .contention)), to: left))
         }
     }
@@ -481,6 +490,7 @@ public struct MigrationCoordinator: Sendable {
         locks[chainID] = lock
         guard outcome.matched else { return }
         if let refused = outcome.refuse, let left = context.leftNeighbour {
+            rememberRefusal(chainID, refused.requestID)
             out.append(.send(lockMessage(m, refused, body: .nackLock(reason: .contention)), to: left))
         }
         if m.leftAnchor == context.me, leftAnchors[chainID]?.requestID == m.requestID {
@@ -497,6 +507,7 @@ public struct MigrationCoordinator: Sendable {
         let outcome = lock.refused(m.requestID)
         locks[chainID] = lock
         guard outcome.matched else { return }
+        rememberRefusal(chainID, m.requestID)
         if let forward = outcome.forward, let right = context.rightNeighbour {
             out.append(.send(lockMessage(m, forward, body: .requestLock(rightDelta: forward.rightDelta)), to: right))
         }
@@ -566,6 +577,11 @@ public struct MigrationCoordinator: Sendable {
     private func lockMessage(_ m: ControlMessage, _ request: LockRequest, body: ControlBody) -> ControlMessage {
         ControlMessage(identity: m.identity, requestID: request.requestID, session: m.session,
                        leftAnchor: request.leftAnchor, rightAnchor: request.rightAnchor, body: body)
+    }
+
+    private mutating func rememberRefusal(_ chainID: UInt64, _ requestID: UInt32) {
+        if refusedRequests.count > 4096 { refusedRequests.removeAll(keepingCapacity: true) }
+        refusedRequests[chainID, default: []].insert(requestID)
     }
 
     private mutating func endRequest(_ chainID: UInt64, _ requestID: UInt32) {

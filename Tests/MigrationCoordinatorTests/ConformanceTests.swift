@@ -375,7 +375,7 @@ struct TraceCheckerTests {
     }
 }
 
-@Suite("Findings of the Spin model in MigrationCoordinator (docs/VERIFICATION.md)")
+@Suite("Findings of the Spin model in MigrationCoordinator, fixed (docs/VERIFICATION.md)")
 struct ModelFindingTests {
     /// fw1 between client and fw3 (the §3.2 figure's X): request 1 locks fw1 → fw3, request 2 is refused there;
     /// request 1 is cancelled (fw1 unlocks); then a late duplicate of request 2's requestLock arrives.
@@ -396,13 +396,11 @@ struct ModelFindingTests {
         #expect(from(Host.client, message(2, .requestLock(rightDelta: 0))) == ["send:nackLock"])  // refused: locked
         _ = from(Host.client, message(1, .cancelLock(reason: "deadline")))
         #expect(fw1.locks[TestSession.chainID]?.isUnlocked ?? true)
-        // The duplicate of the refused request 2. The model (and §3.2) wants it refused again; the implementation
-        // forgets refusals and locks the subsession pending for a request whose left anchor has finished: if this
-        // copy or its answer is lost, nobody retransmits and the segment stays locked.
+        // The duplicate of the refused request 2. The model (and §3.2) wants it refused again: before the fix the
+        // implementation forgot refusals and locked the subsession pending for a request whose left anchor had
+        // finished (if that copy or its answer was lost, nobody retransmitted and the segment stayed locked).
         let late = from(Host.client, message(2, .requestLock(rightDelta: 0)))
-        withKnownIssue("MigrationCoordinator remembers only cancelled and torn-down requests, not refused ones") {
-            #expect(late == ["send:nackLock"])
-            #expect(fw1.locks[TestSession.chainID]?.isUnlocked ?? true)
-        }
+        #expect(late == ["send:nackLock"])
+        #expect(fw1.locks[TestSession.chainID]?.isUnlocked ?? true)
     }
 }
