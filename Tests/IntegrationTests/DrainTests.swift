@@ -12,19 +12,9 @@ import Testing
         FileHandle.standardError.write(Data("[drain-tests] \(line)\n".utf8))
     }
 
-    struct DrainRun {
-        var summary: Drain.Summary?
-        var status: Int32
-        var stdout: String
-        var stderr: String
-    }
-
     /// `dysco-migrate drain --lab … --json` (the CLI, as an operator would).
-    static func drain(_ lab: Lab, old: String, to: String, extra: [String] = []) throws -> DrainRun {
-        let result = try Command.run([try TestSupport.dyscoBinary(), "drain", "--lab", lab.name, "--old", old, "--to", to,
-                                      "--json"] + extra, check: false)
-        let summary = try? JSONDecoder().decode(Drain.Summary.self, from: Data(result.stdout.utf8))
-        return DrainRun(summary: summary, status: result.status, stdout: result.stdout, stderr: result.stderr)
+    static func drain(_ lab: Lab, old: String, to: String, extra: [String] = []) throws -> MigrationLab.CLIRun<Drain.Summary> {
+        try MigrationLab.CLIRun(["drain", "--lab", lab.name, "--old", old, "--to", to] + extra)
     }
 
     static func policy(_ lab: Lab, _ host: String) throws -> PolicyReply {
@@ -51,7 +41,7 @@ import Testing
             let run = try Self.drain(lab, old: "fw1", to: "fw2")
             let window = try MigrationLab.lossCounters(lab) - lossBefore
             Self.record("dr1 loss during the drain: \(window)")
-            let summary = try #require(run.summary, "drain printed no summary: \(run.stdout) \(run.stderr)")
+            let summary = try #require(run.report, "drain printed no summary: \(run.stdout) \(run.stderr)")
             Self.record("dr1 drained \(summary.moved) in \(summary.elapsedMicroseconds) µs, \(summary.batches) batches")
             #expect(run.status == 0, "drain exit status \(run.status): \(run.stdout) \(run.stderr)")
             #expect(summary.total == sessions && summary.moved == sessions && summary.failures.isEmpty,
@@ -97,17 +87,17 @@ import Testing
             try await MigrationLab.waitForSessions(lab, on: "fw1", count: sessions)
 
             let dry = try Self.drain(lab, old: "fw1", to: "fw2,fw3", extra: ["--dry-run"])
-            let plan = try #require(dry.summary?.plan, "dry run: \(dry.stdout) \(dry.stderr)")
+            let plan = try #require(dry.report?.plan, "dry run: \(dry.stdout) \(dry.stderr)")
             #expect(dry.status == 0)
             #expect(plan.count == sessions)
             #expect(plan.filter { $0.target == "\(lab.address(of: "fw2"))" }.count == sessions / 2)
             #expect(plan.filter { $0.target == "\(lab.address(of: "fw3"))" }.count == sessions / 2)
-            #expect(dry.summary?.moved == 0)
+            #expect(dry.report?.moved == 0)
             #expect(try await MigrationLab.pacedSessions(lab, "fw1").count == sessions, "--dry-run moved sessions")
             #expect(try Self.policy(lab, "client1").cordons.isEmpty, "--dry-run cordoned")
 
             let run = try Self.drain(lab, old: "fw1", to: "fw2,fw3", extra: ["--concurrency", "1"])
-            let summary = try #require(run.summary, "drain: \(run.stdout) \(run.stderr)")
+            let summary = try #require(run.report, "drain: \(run.stdout) \(run.stderr)")
             #expect(run.status == 0, "\(run.stdout) \(run.stderr)")
             #expect(summary.moved == sessions && summary.batches == sessions, "one session per batch with --concurrency 1")
             #expect(summary.movedByTarget["\(lab.address(of: "fw2"))"] == sessions / 2)
@@ -118,7 +108,7 @@ import Testing
 
             // Running it again is safe: nothing left, exit 0.
             let again = try Self.drain(lab, old: "fw1", to: "fw2,fw3")
-            #expect(again.status == 0 && again.summary?.total == 0 && again.summary?.remaining == 0, "\(again.stdout)")
+            #expect(again.status == 0 && again.report?.total == 0 && again.report?.remaining == 0, "\(again.stdout)")
 
             #expect(downloads.wait(), "curl failed")
             #expect(try MigrationLab.allIntact(downloads.outputs, original: "\(lab.httpRoot)/blob").isEmpty)
@@ -166,9 +156,9 @@ import Testing
             kill(agent.pid, SIGCONT)
             try await Task.sleep(for: .seconds(2))
             let second = try Self.drain(lab, old: "fw1", to: "fw2")
-            Self.record("dr3 second run: \(second.summary.map { "moved \($0.moved), failed \($0.failures.count)" } ?? second.stdout)")
+            Self.record("dr3 second run: \(second.report.map { "moved \($0.moved), failed \($0.failures.count)" } ?? second.stdout)")
             #expect(second.status == 0, "\(second.stdout) \(second.stderr)")
-            #expect(second.summary?.moved == summary.failures.count)
+            #expect(second.report?.moved == summary.failures.count)
             #expect(try await MigrationLab.pacedSessions(lab, "fw1").isEmpty)
 
             #expect(downloads.wait(), "curl failed")

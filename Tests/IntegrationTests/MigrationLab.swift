@@ -79,19 +79,26 @@ enum MigrationLab {
         throw LabError.setupFailed("fewer than \(count) sessions through \(host) after \(timeout) s")
     }
 
-    struct ReplaceRun {
-        var report: ReplaceReport?
+    /// A CLI command run as an operator would, with its `--json` report decoded (nil if it printed none).
+    struct CLIRun<Report: Decodable & Sendable>: Sendable {
+        var report: Report?
         var status: Int32
         var stdout: String
         var stderr: String
-    }
 
-    /// Runs `dysco-migrate replace --lab … --json` (the CLI, as an operator would).
+        init(_ arguments: [String]) throws {
+            let result = try Command.run([try TestSupport.dyscoBinary()] + arguments + ["--json"], check: false)
+            report = try? JSONDecoder().decode(Report.self, from: Data(result.stdout.utf8))
+            status = result.status
+            stdout = result.stdout
+            stderr = result.stderr
+        }
+    }
+    typealias ReplaceRun = CLIRun<ReplaceReport>
+
+    /// Runs `dysco-migrate replace --lab … --json`.
     static func replace(_ lab: Lab, old: String, new: String, extra: [String] = []) throws -> ReplaceRun {
-        let result = try Command.run([try TestSupport.dyscoBinary(), "replace", "--lab", lab.name, "--old", old, "--new", new,
-                                      "--json"] + extra, check: false)
-        let report = try? JSONDecoder().decode(ReplaceReport.self, from: Data(result.stdout.utf8))
-        return ReplaceRun(report: report, status: result.status, stdout: result.stdout, stderr: result.stderr)
+        try ReplaceRun(["replace", "--lab", lab.name, "--old", old, "--new", new] + extra)
     }
 
     /// The endpoints' retransmission counters (client1 + server1).

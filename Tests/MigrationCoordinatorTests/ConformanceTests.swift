@@ -95,28 +95,7 @@ enum Abstraction {
 }
 
 extension ControlMessage {
-    static func typeName(_ body: ControlBody) -> String {
-        switch body {
-        case .trigger: "trigger"
-        case .triggerResult: "triggerResult"
-        case .requestLock: "requestLock"
-        case .ackLock: "ackLock"
-        case .nackLock: "nackLock"
-        case .cancelLock: "cancelLock"
-        case .ackCancel: "ackCancel"
-        case .newPathSyn: "newPathSyn"
-        case .newPathSynAck: "newPathSynAck"
-        case .newPathCancel: "newPathCancel"
-        case .newPathCancelAck: "newPathCancelAck"
-        case .drainStart: "drainStart"
-        case .drained: "drained"
-        case .stateRequest: "stateRequest"
-        case .statePut: "statePut"
-        case .stateInstalled: "stateInstalled"
-        case .oldPathFin: "oldPathFin"
-        case .oldPathFinAck: "oldPathFinAck"
-        }
-    }
+    static func typeName(_ body: ControlBody) -> String { body.type.description }
 }
 
 /// One run of the single-reconfiguration scenario (client → fw1 → server; fw2 replaces fw1; fw1 controls).
