@@ -275,28 +275,29 @@ public final class DataplaneAgent: @unchecked Sendable {
         return held
     }
 
-    /// Returns held sessions to the fast path (installed before this returns).
+    /// Returns held sessions to the fast path (`path release`: installed before this returns, whatever the
+    /// queue holds at that moment).
     public func release(_ ids: [SessionTable.SessionID]) -> [SessionTable.SessionID] {
         let (released, actions) = processor.withLock { state in (state.release(ids), state.takeFastPathActions()) }
         fastPath?.submit(actions)
-        fastPath?.flush()
+        fastPath?.commitAll()
         return released
     }
 
-    /// Runs a data-plane operation and applies its fast-path work before returning (so a session taken off
-    /// the kernel is off it when this returns). With `flush: false` the work is queued and ``flushFastPath()``
-    /// (or the worker's batch delay) applies it: the migration engine flushes once per batch.
-    func applyFastPath(flush: Bool = true, _ body: (inout PacketProcessor) -> Void) {
+    /// Runs a data-plane operation and queues its fast-path work: installs go at the packet thread's quiet
+    /// point; ``flushFastPath()`` commits the removals (a hold) at once. The migration engine flushes once per
+    /// batch.
+    func applyFastPath(_ body: (inout PacketProcessor) -> Void) {
         let actions = processor.withLock { state in
             body(&state)
             return state.takeFastPathActions()
         }
         guard !actions.isEmpty else { return }
         fastPath?.submit(actions)
-        if flush { fastPath?.flush() }
     }
 
-    /// Applies every queued fast-path change and returns once the kernel has them.
+    /// Commits every queued removal from the kernel (and what else queued for those sessions) and returns once
+    /// the kernel has them (``FastPathWorker/flush()``).
     func flushFastPath() { fastPath?.flush() }
 
     /// Issues a session's held packets, in order, with the translations now in force (packet thread).

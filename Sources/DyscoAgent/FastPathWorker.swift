@@ -39,15 +39,14 @@ final class FastPathWorker: @unchecked Sendable {
 
     /// How long the first queued action waits for others to join its transaction.
     static let batchDelayNanoseconds: UInt64 = 2_000_000
-    /// Under load the queue may never be empty: changes are committed after this long anyway.
-    static let maxDelayNanoseconds: UInt64 = 20_000_000
+    /// Under load the queue may never be empty: changes are committed after this long anyway. Long enough that
+    /// a busy agent usually catches up first (a forced commit may reorder the packets still queued).
+    static let maxDelayNanoseconds: UInt64 = 250_000_000
 
     /// Pending changes and the commit generations (under `pending`'s lock).
     private struct Queue {
         var actions: [FastPathAction] = []
         var since: UInt64 = 0
-        var submitted: UInt64 = 0
-        var committedThrough: UInt64 = 0
     }
     private let state = Mutex(Queue())
     /// Wakes the packet thread (set by the agent); nil: commits run on the worker's queue after the batch delay.
@@ -61,10 +60,7 @@ final class FastPathWorker: @unchecked Sendable {
     func submit(_ actions: [FastPathAction]) {
         guard !actions.isEmpty else { return }
         let first = state.withLock { q in
-            defer {
-                q.actions.append(contentsOf: actions)
-                q.submitted &+= 1
-            }
+            defer { q.actions.append(contentsOf: actions) }
             if q.actions.isEmpty { q.since = dysco_monotonic_ns() }
             return q.actions.isEmpty
         }
@@ -94,12 +90,16 @@ final class FastPathWorker: @unchecked Sendable {
         }
     }
 
-    /// Applies everything queued so far and returns once the kernel has it (hold/release wait on this). The
-    /// caller commits at once: what waits is a hold, taking sessions off the kernel, which reorders nothing;
-    /// installs that happen to be queued go with it.
+    /// Takes sessions off the kernel now (hold and `path hold` wait on this): the queued changes of every
+    /// session with a removal among them are committed at once by the caller; changes that only put sessions
+    /// into the kernel stay for the packet thread's quiet point (``FastPathAction/splitForFlush(_:)``).
     func flush() {
-        let needed = state.withLock { $0.committedThrough < $0.submitted }
-        if needed { queue.sync { drain() } }
+        queue.sync { drain(onlyRemovals: true) }
+    }
+
+    /// Commits everything queued now (`path release`, which promises the kernel has the session on return).
+    func commitAll() {
+        queue.sync { drain() }
     }
 
     /// Deletes the table (agent exit).
@@ -112,12 +112,16 @@ final class FastPathWorker: @unchecked Sendable {
         }
     }
 
-    private func drain() {
-        let (taken, generation) = state.withLock { q in
-            defer { q.actions.removeAll() }
-            return (q.actions, q.submitted)
+    private func drain(onlyRemovals: Bool = false) {
+        let taken = state.withLock { q in
+            guard onlyRemovals else {
+                defer { q.actions.removeAll() }
+                return q.actions
+            }
+            let (now, later) = FastPathAction.splitForFlush(q.actions)
+            q.actions = later
+            return now
         }
-        defer { state.withLock { $0.committedThrough = max($0.committedThrough, generation) } }
         let actions = FastPathAction.coalesce(taken)
         guard !actions.isEmpty else { return }
         var outcome = Outcome()

@@ -274,7 +274,7 @@ final class MigrationEngine: @unchecked Sendable {
         case .cancelTimer(let key):
             timers.withLock { _ = $0.removeValue(forKey: key) }
         case .hold(let chainID, let side, let stateful):
-            agent.applyFastPath(flush: false) { $0.anchorHold(chainID: chainID, side: side, stateful: stateful, now: now) }
+            agent.applyFastPath { $0.anchorHold(chainID: chainID, side: side, stateful: stateful, now: now) }
             turn.fastPathDirty = true
             turn.held.append(chainID)
         case .setPhase(let chainID, let phase):
@@ -307,14 +307,14 @@ final class MigrationEngine: @unchecked Sendable {
         case .finishAnchor(let chainID):
             unclamp(chainID)
             // Back to the kernel on the new path: committed at the packet thread's quiet point (no wait here).
-            agent.applyFastPath(flush: false) { $0.anchorFinish(chainID: chainID) }
+            agent.applyFastPath { $0.anchorFinish(chainID: chainID) }
         case .cancelAnchor(let chainID):
             unclamp(chainID)
-            agent.applyFastPath(flush: false) { $0.anchorCancel(chainID: chainID) }
+            agent.applyFastPath { $0.anchorCancel(chainID: chainID) }
             agent.releaseBuffer(chainID)
         case .removeSession(let chainID, let deleteConntrack):
             let session = agent.processor.withLock { $0.context(chainID: chainID)?.0.session }
-            agent.applyFastPath(flush: false) {
+            agent.applyFastPath {
                 $0.leave(chainID: chainID, reason: "left the path (reconfiguration)", now: dysco_monotonic_coarse_ns())
             }
             if deleteConntrack, let session { deleteState(session) }

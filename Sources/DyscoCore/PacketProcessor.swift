@@ -95,6 +95,26 @@ public enum FastPathAction: Sendable, Equatable {
         }
         return actions.enumerated().filter { !cancelled.contains($0.offset) }.map(\.element)
     }
+
+    public var session: SessionTable.SessionID {
+        switch self {
+        case .install(let id, _), .remove(let id, _): id
+        }
+    }
+
+    /// Splits queued actions for a flush (a hold waiting): every action of a session that has a remove among
+    /// them goes now, in order (taking a session off the kernel reorders nothing, and its earlier install goes
+    /// with it, so each session's order is kept); the sessions that only go *to* the kernel wait for the packet
+    /// thread's quiet point, where the hand-over cannot reorder their packets.
+    public static func splitForFlush(_ actions: [FastPathAction]) -> (now: [FastPathAction], later: [FastPathAction]) {
+        var removing = Set<SessionTable.SessionID>()
+        for case .remove(let id, _) in actions { removing.insert(id) }
+        var now: [FastPathAction] = [], later: [FastPathAction] = []
+        for action in actions {
+            if removing.contains(action.session) { now.append(action) } else { later.append(action) }
+        }
+        return (now, later)
+    }
 }
 
 /// Something the shell should log (kept out of the per-packet path's lock).

@@ -178,3 +178,19 @@ struct FastPathCounterTests {
         #expect(FastPathCounters.packetsBySession(json: Data("not json".utf8)).isEmpty)
     }
 }
+
+@Suite("Fast-path flush: removals now, installs at the quiet point")
+struct FastPathFlushSplitTests {
+    static let t = FastPathScript.Translation(hook: .egress, key: .t("10.0.0.1", 1, "10.0.0.2", 2), target: .t("10.0.0.1", 3, "10.0.0.3", 4))
+
+    @Test("a session with a removal goes now with all its queued actions, in order; install-only sessions wait")
+    func split() {
+        let actions: [FastPathAction] = [.install(1, [Self.t]), .install(2, [Self.t]), .remove(1, [Self.t]),
+                                         .remove(3, [Self.t]), .install(3, [Self.t]), .install(4, [Self.t])]
+        let (now, later) = FastPathAction.splitForFlush(actions)
+        #expect(now == [.install(1, [Self.t]), .remove(1, [Self.t]), .remove(3, [Self.t]), .install(3, [Self.t])])
+        #expect(later == [.install(2, [Self.t]), .install(4, [Self.t])])
+        // What goes now coalesces as before: session 1's install and removal cancel out; 3's hold-then-release stays.
+        #expect(FastPathAction.coalesce(now) == [.remove(3, [Self.t]), .install(3, [Self.t])])
+    }
+}
