@@ -76,7 +76,7 @@ public struct DrainBenchmark: Sendable {
             options.sessions / clientNames.count + (i < options.sessions % clientNames.count ? 1 : 0)
         }
         // Long enough to set up, drain and finish: the server closes every stream after this.
-        let holdSeconds = 20 + options.sessions / 400
+        let holdSeconds = 30 + options.sessions / 40
         let server = try TrickleTraffic.startServer(lab, port: Self.port, seconds: holdSeconds)
         defer { server.terminate() }
         var clientProcesses: [(Process, String)] = []
@@ -87,7 +87,7 @@ public struct DrainBenchmark: Sendable {
         }
         logger.info("waiting for the sessions on fw1", metadata: ["bench.sessions": "\(options.sessions)"])
         let socket = AgentControlPaths.socketPath(netns: lab.namespace(of: "fw1"))
-        let deadline = Date().addingTimeInterval(Double(30 + options.sessions / 200))
+        let deadline = Date().addingTimeInterval(Double(30 + options.sessions / 40))
         while true {
             let data = try await ControlClient.request(ControlRequest(.sessions), path: socket)
             let snapshot = try JSONDecoder().decode(AgentSnapshot.self, from: data)
@@ -96,7 +96,8 @@ public struct DrainBenchmark: Sendable {
             guard Date() < deadline else {
                 throw LabError.setupFailed("only \(established) of \(options.sessions) sessions through fw1")
             }
-            try await Task.sleep(for: .milliseconds(500))
+            // A snapshot of 10,000 sessions is large: look every few seconds.
+            try await Task.sleep(for: .seconds(options.sessions > 2000 ? 5 : 1))
         }
         try await Task.sleep(for: .seconds(1))
 
