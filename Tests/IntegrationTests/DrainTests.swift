@@ -72,7 +72,7 @@ import Testing
             #expect(downloads.wait(), "curl failed")
             #expect(try MigrationLab.allIntact(downloads.outputs, original: "\(lab.httpRoot)/blob").isEmpty)
             #expect(try TestSupport.invalidDrops(lab, "fw2") == invalidBefore, "INVALID drops at fw2")
-            #expect(window.noByteLost(sessions: sessions), "loss during the drain: \(window)")
+            #expect(window.noByteLost, "loss during the drain: \(window)")
         }
     }
 

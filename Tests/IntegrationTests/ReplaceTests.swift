@@ -63,7 +63,7 @@ import Testing
             // No byte lost: no retransmission of a byte the receiver lacked, no RTO (a spurious retransmission, which
             // the receiver reports as a duplicate, comes from scheduling stalls of a loaded 2-core machine: it was
             // 0 in unloaded runs; the window's raw figure is in the message).
-            #expect(window.noByteLost(sessions: sessions), "loss during the migration window: \(window)")
+            #expect(window.noByteLost, "loss during the migration window: \(window)")
 
             let policyDropped = try lab.firewallCounters("fw2").policyDropped.packets
             #expect(policyDropped == 0, "fw2 dropped \(policyDropped) packets by policy")
@@ -214,7 +214,7 @@ import Testing
             #expect(try MigrationLab.allIntact(downloads.outputs, original: "\(lab.httpRoot)/blob").isEmpty)
             #expect(try TestSupport.invalidDrops(lab, "fw2") == 0)
             #expect(try TestSupport.invalidDrops(lab, "fw3") == 0)
-            #expect(window.noByteLost(sessions: sessions), "loss during the migration window: \(window)")
+            #expect(window.noByteLost, "loss during the migration window: \(window)")
         }
     }
 }
