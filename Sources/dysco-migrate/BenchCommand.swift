@@ -10,6 +10,13 @@ struct BenchCommand: AsyncParsableCommand {
         subcommands: [Dataplane.self, Replace.self, DrainBench.self, Connect.self, Sink.self, PacedServer.self]
     )
 
+    /// The benchmarks' logger: progress at info level on stderr.
+    static func logger() -> Logger {
+        var logger = Logger(label: "dysco-migrate.bench")
+        logger.logLevel = .info
+        return logger
+    }
+
     struct Dataplane: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Kernel forwarding vs the Dysco chain on the same lab topology, in one invocation.",
@@ -41,8 +48,7 @@ struct BenchCommand: AsyncParsableCommand {
         }
 
         func run() async throws {
-            var logger = Logger(label: "dysco-migrate.bench")
-            logger.logLevel = .info
+            let logger = BenchCommand.logger()
             var options = DataplaneBenchmark.Options()
             options.seconds = seconds
             options.repeats = repeats
@@ -106,8 +112,7 @@ struct BenchCommand: AsyncParsableCommand {
         }
 
         func run() async throws {
-            var logger = Logger(label: "dysco-migrate.bench")
-            logger.logLevel = .info
+            let logger = BenchCommand.logger()
             var options = ReplaceBenchmark.Options()
             options.sessions = sessions
             options.megabytes = megabytes

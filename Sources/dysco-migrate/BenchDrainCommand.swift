@@ -28,8 +28,7 @@ extension BenchCommand {
         }
 
         func run() async throws {
-            var logger = Logger(label: "dysco-migrate.bench")
-            logger.logLevel = .info
+            let logger = BenchCommand.logger()
             var options = DrainBenchmark.Options()
             options.sessions = sessions
             options.sessionsPerClient = sessionsPerClient
