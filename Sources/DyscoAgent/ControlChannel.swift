@@ -23,12 +23,19 @@ public struct ControlRequest: Codable, Sendable {
     public var sessions: [UInt64]?
     public var replace: ReplaceRequest?
     public var policy: PolicyRequest?
+    /// `sessions`: the page after this session id (nil: from the first), at most `limit` sessions (the agent
+    /// caps it at ``AgentSnapshot/pageLimit``).
+    public var after: UInt64?
+    public var limit: Int?
 
-    public init(_ command: Command, sessions: [UInt64]? = nil, replace: ReplaceRequest? = nil, policy: PolicyRequest? = nil) {
+    public init(_ command: Command, sessions: [UInt64]? = nil, replace: ReplaceRequest? = nil, policy: PolicyRequest? = nil,
+                after: UInt64? = nil, limit: Int? = nil) {
         self.command = command
         self.sessions = sessions
         self.replace = replace
         self.policy = policy
+        self.after = after
+        self.limit = limit
     }
 }
 
@@ -153,6 +160,10 @@ public final class ControlServer: Sendable {
 public enum ControlClient {
     public static func request(_ request: ControlRequest, path: String) async throws -> Data {
         guard FileManager.default.fileExists(atPath: path) else {
+            let directory = (path as NSString).deletingLastPathComponent
+            if access(directory, X_OK) != 0, errno == EACCES {
+                throw ControlError(message: "cannot look for the agent's control socket in \(directory): permission denied (run this command as root)")
+            }
             throw ControlError(message: "no agent control socket at \(path): is `dysco-migrate agent` running in that namespace?")
         }
         let collector = ResponseCollector()
@@ -166,13 +177,47 @@ public enum ControlClient {
                 }
                 .connect(unixDomainSocketPath: path).get()
         } catch {
-            throw ControlError(message: "cannot connect to the agent at \(path): \(error) (a stale socket of a stopped agent?)")
+            throw ControlError(message: "cannot connect to the agent at \(path): \(error)\(connectHint(errno: (error as? IOError)?.errnoCode))")
         }
         var line = try JSONEncoder().encode(request)
         line.append(UInt8(ascii: "\n"))
         try await channel.writeAndFlush(channel.allocator.buffer(bytes: line)).get()
         try await channel.closeFuture.get()
         return collector.received
+    }
+
+    /// The agent's whole snapshot, page by page (each page is one request; the agent holds its packet lock for
+    /// one page only). `limit` stops after that many sessions. A session created or removed between two pages
+    /// may be missed or listed once more; the counters are those of the last page.
+    public static func snapshot(path: String, after: UInt64? = nil, limit: Int = .max) async throws -> AgentSnapshot {
+        var cursor = after
+        var sessions: [AgentSnapshot.Session] = []
+        while true {
+            let want = min(limit - sessions.count, AgentSnapshot.pageLimit)
+            let data = try await request(ControlRequest(.sessions, after: cursor, limit: want), path: path)
+            var page: AgentSnapshot
+            do { page = try JSONDecoder().decode(AgentSnapshot.self, from: data) } catch {
+                throw ControlError(message: "the agent at \(path) answered: \(String(decoding: data.prefix(300), as: UTF8.self))")
+            }
+            sessions += page.sessions
+            guard let next = page.next, sessions.count < limit, !page.sessions.isEmpty else {
+                page.sessions = sessions
+                page.next = sessions.count < limit ? nil : page.next
+                return page
+            }
+            cursor = next
+        }
+    }
+
+    /// What a failed connect most likely means, from its errno: only a refused connection is a stale socket.
+    public static func connectHint(errno: Int32?) -> String {
+        switch errno {
+        case ECONNREFUSED: " (nothing listens there: a stale socket of a stopped agent; start the agent again)"
+        case EACCES, EPERM: " (permission denied: the control socket is root's; run this command as root)"
+        case ENOENT: " (the socket went away: the agent stopped)"
+        case EAGAIN: " (the agent is not accepting connections: it is overloaded or stuck)"
+        default: ""
+        }
     }
 
     private final class ResponseCollector: ChannelInboundHandler, @unchecked Sendable {

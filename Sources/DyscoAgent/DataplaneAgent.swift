@@ -53,6 +53,7 @@ public final class DataplaneAgent: @unchecked Sendable {
 
     public let options: Options
     private let logger: Logger
+    private let logLimiter = Mutex(LogRateLimiter())
     let processor: Mutex<PacketProcessor>
     // Confined to the packet thread once `start()` returns (init and deinit run before/after it).
     private let queueSocket: NetfilterQueueSocket
@@ -143,6 +144,7 @@ public final class DataplaneAgent: @unchecked Sendable {
             }
             fastPath?.submit(actions)
             log(events)
+            reportSuppressedLogs()
         }
         timer.resume()
         self.timer = timer
@@ -175,7 +177,8 @@ public final class DataplaneAgent: @unchecked Sendable {
         }
         control = try ControlServer(path: options.controlSocketPath) { [self] request in
             switch request.command {
-            case .sessions: return (try? JSONEncoder().encode(snapshot())) ?? Data()
+            case .sessions:
+                return (try? JSONEncoder().encode(snapshot(after: request.after, limit: request.limit))) ?? Data()
             case .hold: return (try? JSONEncoder().encode(ControlPathReply(sessions: hold(request.sessions ?? [])))) ?? Data()
             case .release:
                 return (try? JSONEncoder().encode(ControlPathReply(sessions: release(request.sessions ?? [])))) ?? Data()
@@ -307,12 +310,18 @@ public final class DataplaneAgent: @unchecked Sendable {
         wakeup.signal()
     }
 
-    public func snapshot() -> AgentSnapshot {
+    /// One page of the agent's snapshot (``AgentSnapshot/pageLimit`` sessions at most, ids after `after`).
+    public func snapshot(after: UInt64? = nil, limit: Int? = nil) -> AgentSnapshot {
         let now = dysco_monotonic_coarse_ns()
+        let limit = min(limit ?? AgentSnapshot.pageLimit, AgentSnapshot.pageLimit)
         var snapshot = processor.withLock { state in
-            AgentSnapshot(netns: options.netns, pid: getpid(), queue: options.queue, fastPath: options.fastPath,
-                          uptimeSeconds: Double(dysco_monotonic_ns() - startedAt) / 1e9, counters: state.counters,
-                          sessions: state.snapshotSessions(now: now))
+            let page = state.snapshotSessions(now: now, after: after, limit: limit)
+            var snapshot = AgentSnapshot(netns: options.netns, pid: getpid(), queue: options.queue, fastPath: options.fastPath,
+                                         uptimeSeconds: Double(dysco_monotonic_ns() - startedAt) / 1e9,
+                                         counters: state.counters, sessions: page.sessions)
+            snapshot.total = state.table.records.count
+            snapshot.next = page.more ? page.sessions.last?.id : nil
+            return snapshot
         }
         snapshot.control = migration?.counters.withLock { $0 } ?? [:]
         return snapshot
@@ -498,12 +507,29 @@ public final class DataplaneAgent: @unchecked Sendable {
                     "session.packets": "\(record.packets)",
                 ])
             case .malformedDyscoSyn(let tuple, let error):
-                logger.warning("dropped malformed Dysco SYN", metadata: ["packet.tuple": "\(tuple)", "error": "\(error)"])
+                warnLimited("dropped malformed Dysco SYN", ["packet.tuple": "\(tuple)", "error": "\(error)"])
             case .untrustedDyscoSyn(let tuple, let error):
-                logger.warning("dropped untrusted Dysco SYN", metadata: ["packet.tuple": "\(tuple)", "error": "\(error)"])
+                warnLimited("dropped untrusted Dysco SYN", ["packet.tuple": "\(tuple)", "error": "\(error)"])
             case .rejected(let tuple, let reason):
-                logger.warning("dropped SYN", metadata: ["packet.tuple": "\(tuple)", "reason": "\(reason)"])
+                warnLimited("dropped SYN", ["packet.tuple": "\(tuple)", "reason": "\(reason)"])
             }
+        }
+    }
+
+    /// A warning anyone on the segment can trigger: rate-limited per message (``LogRateLimiter``), the lines
+    /// left out counted in `log.suppressed` of the next one (or in a line of their own once the window ends).
+    private func warnLimited(_ message: Logger.Message, _ metadata: Logger.Metadata) {
+        let decision = logLimiter.withLock { $0.admit(message.description, now: dysco_monotonic_coarse_ns()) }
+        guard case .log(let suppressed) = decision else { return }
+        var metadata = metadata
+        if suppressed > 0 { metadata["log.suppressed"] = "\(suppressed)" }
+        logger.warning(message, metadata: metadata)
+    }
+
+    /// Lines suppressed in windows that ended without another line of their kind (the expiry timer calls it).
+    private func reportSuppressedLogs() {
+        for report in logLimiter.withLock({ $0.takeReports(now: dysco_monotonic_coarse_ns()) }) {
+            logger.warning("log lines suppressed", metadata: ["log.message": "\(report.kind)", "log.suppressed": "\(report.suppressed)"])
         }
     }
 }

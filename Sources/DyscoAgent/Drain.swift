@@ -171,11 +171,7 @@ public struct Drain: Sendable {
 
     /// The old box's sessions: those that can move now, and the live ones that cannot (no complete path yet).
     private func look() async throws -> ([DrainPlan.Candidate], [FiveTuple]) {
-        let data = try await ControlClient.request(ControlRequest(.sessions), path: options.oldSocket)
-        let snapshot: AgentSnapshot
-        do { snapshot = try JSONDecoder().decode(AgentSnapshot.self, from: data) } catch {
-            throw ControlError(message: "the agent at \(options.oldSocket) answered: \(String(decoding: data.prefix(300), as: UTF8.self))")
-        }
+        let snapshot = try await ControlClient.snapshot(path: options.oldSocket)
         var movable: [DrainPlan.Candidate] = []
         var stuck: [FiveTuple] = []
         for s in snapshot.sessions where s.role == .middlebox && s.state != "closing" {

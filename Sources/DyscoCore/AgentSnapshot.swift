@@ -37,7 +37,16 @@ public struct AgentSnapshot: Codable, Sendable {
     /// The control protocol's counters: messages sent and received by type, dropped by reason
     /// (`dropped.<reason>`), migrations by result, probes.
     public var control: [String: UInt64]
+    /// One page of the table (ids ascending): the agent answers at most ``pageLimit`` sessions per request.
     public var sessions: [Session]
+    /// Sessions in the table when the page was taken (all pages together list about this many).
+    public var total: Int?
+    /// Ask for the next page with `after` = this id; nil when this page is the last.
+    public var next: UInt64?
+
+    /// Most sessions one `sessions` reply carries (a request may ask for fewer): building a page holds the
+    /// packet lock for one pass over the table's ids plus this many rows, whatever the table's size.
+    public static let pageLimit = 2_000
 
     public init(netns: String?, pid: Int32, queue: UInt16, fastPath: Bool, uptimeSeconds: Double,
                 counters: DataplaneCounters, sessions: [Session]) {
@@ -53,19 +62,42 @@ public struct AgentSnapshot: Codable, Sendable {
 }
 
 extension PacketProcessor {
-    /// The table as a snapshot, sessions ordered by id.
-    public func snapshotSessions(now: UInt64) -> [AgentSnapshot.Session] {
-        table.records.values.sorted { $0.id < $1.id }.map { record in
-            let state = record.closeDeadline != nil ? "closing"
-                : (record.right != nil && !record.rightEstablished) ? "syn-sent" : "established"
-            return AgentSnapshot.Session(
-                id: record.id, role: record.role, session: record.session, left: record.left, right: record.right,
-                remaining: record.remaining, state: state, path: record.path, packets: record.packets, bytes: record.bytes,
-                idleSeconds: Double(now &- record.lastActivity) / 1e9, ageSeconds: Double(now &- record.createdAt) / 1e9,
-                migration: record.migration.map { $0.phase.rawValue },
-                paths: record.migration.map { m in
-                    m.phase == .released && !m.stateful ? "both" : m.promoted ? "new" : "old"
-                }, chainID: String(record.identity.chainID, radix: 16))
+    /// One page of the table as a snapshot: sessions with an id greater than `after`, ascending, at most
+    /// `limit`; `more` when sessions are left after the page. One pass over the ids, keeping the lowest
+    /// `limit` (sorted and cut whenever twice that many are kept): O(n log limit), rows built only for the page.
+    public func snapshotSessions(now: UInt64, after: UInt64? = nil, limit: Int = AgentSnapshot.pageLimit)
+        -> (sessions: [AgentSnapshot.Session], more: Bool) {
+        let limit = max(1, limit)
+        var kept: [SessionTable.SessionID] = []
+        var more = false
+        kept.reserveCapacity(min(table.records.count, 2 * limit))
+        for id in table.records.keys where after.map({ id > $0 }) ?? true {
+            kept.append(id)
+            if kept.count >= 2 * limit {
+                kept.sort()
+                kept.removeLast(kept.count - limit)
+                more = true
+            }
         }
+        kept.sort()
+        if kept.count > limit {
+            kept.removeLast(kept.count - limit)
+            more = true
+        }
+        return (kept.compactMap { table.records[$0].map { Self.row($0, now: now) } }, more)
+    }
+
+    /// What `sessions` shows of one record.
+    static func row(_ record: SessionTable.Record, now: UInt64) -> AgentSnapshot.Session {
+        let state = record.closeDeadline != nil ? "closing"
+            : (record.right != nil && !record.rightEstablished) ? "syn-sent" : "established"
+        return AgentSnapshot.Session(
+            id: record.id, role: record.role, session: record.session, left: record.left, right: record.right,
+            remaining: record.remaining, state: state, path: record.path, packets: record.packets, bytes: record.bytes,
+            idleSeconds: Double(now &- record.lastActivity) / 1e9, ageSeconds: Double(now &- record.createdAt) / 1e9,
+            migration: record.migration.map { $0.phase.rawValue },
+            paths: record.migration.map { m in
+                m.phase == .released && !m.stateful ? "both" : m.promoted ? "new" : "old"
+            }, chainID: String(record.identity.chainID, radix: 16))
     }
 }

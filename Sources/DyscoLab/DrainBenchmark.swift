@@ -89,8 +89,7 @@ public struct DrainBenchmark: Sendable {
         let socket = AgentControlPaths.socketPath(netns: lab.namespace(of: "fw1"))
         let deadline = Date().addingTimeInterval(Double(30 + options.sessions / 40))
         while true {
-            let data = try await ControlClient.request(ControlRequest(.sessions), path: socket)
-            let snapshot = try JSONDecoder().decode(AgentSnapshot.self, from: data)
+            let snapshot = try await ControlClient.snapshot(path: socket)
             let established = snapshot.sessions.filter { $0.state == "established" && $0.session.dstPort == Self.port }.count
             if established >= options.sessions { break }
             guard Date() < deadline else {

@@ -314,8 +314,7 @@ public struct ReplaceBenchmark: Sendable {
     }
 
     static func snapshot(_ lab: Lab, _ host: String) async throws -> AgentSnapshot {
-        let data = try await ControlClient.request(ControlRequest(.sessions), path: AgentControlPaths.socketPath(netns: lab.namespace(of: host)))
-        return try JSONDecoder().decode(AgentSnapshot.self, from: data)
+        try await ControlClient.snapshot(path: AgentControlPaths.socketPath(netns: lab.namespace(of: host)))
     }
 
     /// Established middlebox sessions of `host`'s agent to the paced server.

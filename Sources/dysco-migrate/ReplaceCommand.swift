@@ -108,8 +108,8 @@ struct ReplaceCommand: AsyncParsableCommand {
         guard !newBoxes.contains(oldAddress) else { throw ValidationError("--new must not contain the old box \(oldAddress)") }
         let path = try placement.socketPath(old: old, lab: lab)
         // The agent at that socket must be the old box.
-        let snapshot = try JSONDecoder().decode(AgentSnapshot.self,
-                                                from: try await ControlClient.request(ControlRequest(.sessions), path: path))
+        // One page is enough to see which box answers.
+        let snapshot = try await ControlClient.snapshot(path: path, limit: 200)
         if let other = snapshot.sessions.first(where: { $0.role == .middlebox && $0.left?.dstAddr != oldAddress }) {
             throw ValidationError("the agent at \(path) is \(other.left?.dstAddr.description ?? "?"), not the old box \(oldAddress)")
         }

@@ -30,20 +30,35 @@ struct SessionsCommand: AsyncParsableCommand {
     @Flag(help: "Print JSON (the agent's full snapshot) instead of a table.")
     var json = false
 
+    @Option(help: "Show at most this many sessions (the first, by id).")
+    var limit: Int?
+
+    @Option(help: "Start after this session id (with --limit: page through a large table).")
+    var after: UInt64?
+
+    func validate() throws {
+        if let limit, limit < 1 { throw ValidationError("--limit must be at least 1") }
+    }
+
     func run() async throws {
-        let data = try await ControlClient.request(ControlRequest(.sessions), path: agent.socketPath)
+        // The agent answers in pages (AgentSnapshot.pageLimit sessions each); this fetches them in turn.
+        let snapshot = try await ControlClient.snapshot(path: agent.socketPath, after: after, limit: limit ?? .max)
         if json {
-            FileHandle.standardOutput.write(data)
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.sortedKeys]
+            FileHandle.standardOutput.write(try encoder.encode(snapshot))
+            FileHandle.standardOutput.write(Data("\n".utf8))
             return
         }
-        let snapshot = try JSONDecoder().decode(AgentSnapshot.self, from: data)
         print(Self.render(snapshot))
     }
 
     static func render(_ snapshot: AgentSnapshot) -> String {
         var lines = ["agent pid \(snapshot.pid) netns \(snapshot.netns ?? "host") queue \(snapshot.queue), "
             + "fast path \(snapshot.fastPath ? "on" : "off"), "
-            + "up \(Int(snapshot.uptimeSeconds)) s, \(snapshot.sessions.count) session(s)"]
+            + "up \(Int(snapshot.uptimeSeconds)) s, \(snapshot.sessions.count) session(s)"
+            + (snapshot.total.map { $0 != snapshot.sessions.count ? " shown of \($0)" : "" } ?? "")
+            + (snapshot.next.map { " (more: --after \($0))" } ?? "")]
         if !snapshot.sessions.isEmpty {
             let header = ["ID", "ROLE", "SESSION", "LEFT SUBSESSION", "RIGHT SUBSESSION", "STATE", "PATH", "MIGRATION",
                           "PACKETS"]

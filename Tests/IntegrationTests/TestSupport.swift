@@ -41,8 +41,7 @@ enum TestSupport {
 
     /// The agent snapshot of `host` (its `sessions --json`).
     static func snapshot(_ lab: Lab, _ host: String) async throws -> AgentSnapshot {
-        let data = try await ControlClient.request(ControlRequest(.sessions), path: AgentControlPaths.socketPath(netns: lab.namespace(of: host)))
-        return try JSONDecoder().decode(AgentSnapshot.self, from: data)
+        try await ControlClient.snapshot(path: AgentControlPaths.socketPath(netns: lab.namespace(of: host)))
     }
 
     /// The Python that has scapy: Debian's `/usr/bin/python3` (python3-scapy, see scripts/setup.sh), not

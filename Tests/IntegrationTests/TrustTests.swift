@@ -67,7 +67,7 @@ import Testing
 
         /// Packets seen, as "src sport dst dport flags" lines.
         func stop() throws -> [Packet] {
-            FileManager.default.createFile(atPath: out + ".stop", contents: nil)
+            _ = FileManager.default.createFile(atPath: out + ".stop", contents: nil)
             process.waitUntilExit()
             return try String(contentsOfFile: out, encoding: .utf8).split(separator: "\n").compactMap(Packet.init)
         }
