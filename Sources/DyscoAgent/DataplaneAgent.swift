@@ -187,6 +187,9 @@ public final class DataplaneAgent: @unchecked Sendable {
                 return (try? JSONEncoder().encode(self.policy(policy))) ?? Data()
             case .replace:
                 guard let replace = request.replace else { return Data(#"{"error":"replace without its parameters"}"#.utf8) }
+                if let problem = replace.problem {
+                    return (try? JSONEncoder().encode(["error": problem])) ?? Data()
+                }
                 let report = await engine.replace(replace)
                 return (try? JSONEncoder().encode(report)) ?? Data()
             }

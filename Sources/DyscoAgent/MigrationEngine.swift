@@ -508,6 +508,16 @@ public struct ReplaceRequest: Codable, Sendable {
     /// Only these sessions, by chain id (nil: every session the predicate matches). `drain` names its batches so.
     public var chains: Set<UInt64>?
 
+    /// Why an agent refuses this request before doing anything (nil: it is fine): no new box, or a new box
+    /// that no packet may be sent through (``IPv4Address/isForbiddenHop``).
+    public var problem: String? {
+        if newBoxes.isEmpty { return "replace: name at least one new box" }
+        if let bad = newBoxes.first(where: \.isForbiddenHop) {
+            return "replace: \(bad) cannot be a box (loopback, multicast, broadcast, unspecified or link-local)"
+        }
+        return nil
+    }
+
     public init(predicate: SessionPredicate, newBoxes: [IPv4Address], stateful: Bool, deadlineMilliseconds: UInt32,
                 limit: Int? = nil, chains: Set<UInt64>? = nil) {
         self.chains = chains

@@ -100,6 +100,7 @@ public struct AgentConfig: Sendable, Codable, Equatable {
         case emptyChain(policy: String)
         case chainTooLong(policy: String, length: Int)
         case duplicateHop(policy: String, address: IPv4Address)
+        case forbiddenHop(policy: String, address: IPv4Address)
 
         public var description: String {
             switch self {
@@ -109,6 +110,8 @@ public struct AgentConfig: Sendable, Codable, Equatable {
             case .chainTooLong(let p, let n):
                 "policy '\(p)': chain has \(n) middleboxes, at most \(DyscoSynPayload.maxAddresses - 1) are allowed"
             case .duplicateHop(let p, let a): "policy '\(p)': middlebox \(a) appears twice in the chain"
+            case .forbiddenHop(let p, let a):
+                "policy '\(p)': \(a) cannot be a middlebox (loopback, multicast, broadcast, unspecified or link-local)"
             }
         }
     }
@@ -119,6 +122,9 @@ public struct AgentConfig: Sendable, Codable, Equatable {
             guard !policy.chain.isEmpty else { throw ValidationError.emptyChain(policy: policy.name) }
             guard policy.chain.count < DyscoSynPayload.maxAddresses else {
                 throw ValidationError.chainTooLong(policy: policy.name, length: policy.chain.count)
+            }
+            if let hop = policy.chain.first(where: \.isForbiddenHop) {
+                throw ValidationError.forbiddenHop(policy: policy.name, address: hop)
             }
             var seen = Set<IPv4Address>()
             for hop in policy.chain where !seen.insert(hop).inserted {
@@ -202,12 +208,14 @@ public struct Cordons: Sendable, Codable, Equatable {
         case noReplacement(IPv4Address)
         case replacementIsCordoned(IPv4Address)
         case replacesItself(IPv4Address)
+        case forbiddenAddress(IPv4Address)
 
         public var description: String {
             switch self {
             case .noReplacement(let a): "cordon \(a): name at least one replacement (new sessions need a box to go through)"
             case .replacementIsCordoned(let a): "replacement \(a) is cordoned itself"
             case .replacesItself(let a): "cordon \(a): a box cannot replace itself"
+            case .forbiddenAddress(let a): "\(a) cannot be a box (loopback, multicast, broadcast, unspecified or link-local)"
             }
         }
     }
@@ -215,6 +223,7 @@ public struct Cordons: Sendable, Codable, Equatable {
     /// Cordons `address` (again: its replacements are updated).
     public mutating func cordon(_ address: IPv4Address, replacements: [IPv4Address]) throws(CordonError) {
         guard !replacements.isEmpty else { throw .noReplacement(address) }
+        if let bad = ([address] + replacements).first(where: \.isForbiddenHop) { throw .forbiddenAddress(bad) }
         guard !replacements.contains(address) else { throw .replacesItself(address) }
         if let cordoned = replacements.first(where: { isCordoned($0) }) { throw .replacementIsCordoned(cordoned) }
         if cordons.contains(where: { $0.replacements.contains(address) }) { throw .replacementIsCordoned(address) }

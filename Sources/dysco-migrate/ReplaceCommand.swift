@@ -107,14 +107,14 @@ struct ReplaceCommand: AsyncParsableCommand {
         let newBoxes = try new.split(separator: ",").map { try placement.address(String($0), lab: lab) }
         guard !newBoxes.contains(oldAddress) else { throw ValidationError("--new must not contain the old box \(oldAddress)") }
         let path = try placement.socketPath(old: old, lab: lab)
-        // The agent at that socket must be the old box.
-        // One page is enough to see which box answers.
+        // The agent at that socket must be the old box (one page is enough to see which box answers).
         let snapshot = try await ControlClient.snapshot(path: path, limit: 200)
         if let other = snapshot.sessions.first(where: { $0.role == .middlebox && $0.left?.dstAddr != oldAddress }) {
             throw ValidationError("the agent at \(path) is \(other.left?.dstAddr.description ?? "?"), not the old box \(oldAddress)")
         }
         let request = ReplaceRequest(predicate: try SessionPredicate(filter: match), newBoxes: newBoxes, stateful: !stateless,
                                      deadlineMilliseconds: deadline)
+        if let problem = request.problem { throw ValidationError(problem) }
         let data = try await ControlClient.request(ControlRequest(.replace, replace: request), path: path)
         guard let report = try? JSONDecoder().decode(ReplaceReport.self, from: data) else {
             throw ValidationError("the agent answered: \(String(decoding: data, as: UTF8.self))")

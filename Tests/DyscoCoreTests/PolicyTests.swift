@@ -30,11 +30,25 @@ struct PolicyTests {
         (#"{"version": 2, "policies": []}"#, "version 2"),
         (#"{"version": 1, "policies": [{"name": "p", "match": {}, "chain": []}]}"#, "chain is empty"),
         (#"{"version": 1, "policies": [{"name": "p", "match": {}, "chain": ["10.0.0.1", "10.0.0.1"]}]}"#, "appears twice"),
+        (#"{"version": 1, "policies": [{"name": "p", "match": {}, "chain": ["10.0.0.1", "127.0.0.1"]}]}"#, "127.0.0.1 cannot be a middlebox"),
+        (#"{"version": 1, "policies": [{"name": "p", "match": {}, "chain": ["224.0.0.1"]}]}"#, "224.0.0.1 cannot be a middlebox"),
+        (#"{"version": 1, "policies": [{"name": "p", "match": {}, "chain": ["255.255.255.255"]}]}"#, "cannot be a middlebox"),
     ])
     func invalid(json: String, reason: String) throws {
         let config = try decode(json)
         #expect(throws: AgentConfig.ValidationError.self) { try config.validate() }
         do { try config.validate() } catch { #expect("\(error)".contains(reason)) }
+    }
+
+    @Test("a cordon naming loopback, multicast, broadcast or unspecified addresses is refused (issue 9)",
+          arguments: ["127.0.0.1", "224.0.0.1", "255.255.255.255", "0.0.0.0"])
+    func forbiddenCordon(text: String) throws {
+        let bad = try #require(IPv4Address(text))
+        let box = try #require(IPv4Address("10.77.0.101"))
+        var cordons = Cordons()
+        #expect(throws: Cordons.CordonError.forbiddenAddress(bad)) { try cordons.cordon(box, replacements: [bad]) }
+        #expect(throws: Cordons.CordonError.forbiddenAddress(bad)) { try cordons.cordon(bad, replacements: [box]) }
+        #expect(cordons.cordons.isEmpty)
     }
 
     @Test("malformed addresses, prefixes and port ranges fail to decode, naming the value")
