@@ -130,6 +130,8 @@ public final class DataplaneAgent: @unchecked Sendable {
         let timer = DispatchSource.makeTimerSource(queue: DispatchQueue(label: "dysco-expiry"))
         timer.schedule(deadline: .now() + 1, repeating: 1)
         var ticks = 0
+        var lastTrimTick = -10
+        var trimPending = false
         timer.setEventHandler { [self] in
             ticks += 1
             let now = dysco_monotonic_coarse_ns()
@@ -137,12 +139,23 @@ public final class DataplaneAgent: @unchecked Sendable {
                 let active = fastPath.activeSessions()
                 processor.withLock { $0.kernelActivity(active, now: now) }
             }
-            let (events, actions) = processor.withLock { state in
+            let (events, actions, compacted) = processor.withLock { state in
                 state.expire(now: now)
-                return (state.takeEvents(), state.takeFastPathActions())
+                return (state.takeEvents(), state.takeFastPathActions(), state.takeCompacted())
             }
             fastPath?.submit(actions)
             log(events)
+            // The table shrank after a flood: give the freed heap back to the OS (glibc keeps it otherwise), at
+            // most every 10 s (malloc_trim walks every arena), outside the packet lock.
+            if compacted || (ticks - lastTrimTick >= 10 && trimPending) {
+                if ticks - lastTrimTick >= 10 {
+                    _ = dysco_malloc_trim()
+                    lastTrimTick = ticks
+                    trimPending = false
+                } else {
+                    trimPending = true
+                }
+            }
         }
         timer.resume()
         self.timer = timer
