@@ -82,6 +82,8 @@ public final class DataplaneAgent: @unchecked Sendable {
     public init(config: AgentConfig, options: Options, logger: Logger) throws {
         self.options = options
         self.logger = logger
+        // Memory freed after a flood must go back to the OS (docs/ARCHITECTURE.md, "Floods and table bounds").
+        dysco_malloc_fixed_thresholds()
         var settings = options.settings
         settings.fastPath = options.fastPath
         processor = Mutex(PacketProcessor(config: config, portRange: options.portRange, trust: options.trust,
@@ -149,7 +151,9 @@ public final class DataplaneAgent: @unchecked Sendable {
             // most every 10 s (malloc_trim walks every arena), outside the packet lock.
             if compacted || (ticks - lastTrimTick >= 10 && trimPending) {
                 if ticks - lastTrimTick >= 10 {
-                    _ = dysco_malloc_trim()
+                    let released = dysco_malloc_trim()
+                    logger.info("session table compacted, freed memory returned to the OS",
+                                metadata: ["memory.released": "\(released != 0)"])
                     lastTrimTick = ticks
                     trimPending = false
                 } else {

@@ -352,7 +352,7 @@ public struct SessionTable: Sendable {
     /// Rebuilds the dictionaries when they are mostly empty (a flood's records expired): a Swift dictionary
     /// keeps its capacity after removals. True if it did (the shell may then give memory back to the OS).
     @discardableResult
-    public mutating func compactIfSparse(minimumCapacity: Int = 4096) -> Bool {
+    public mutating func compactIfSparse(minimumCapacity: Int = 1024) -> Bool {
         guard records.capacity >= minimumCapacity, records.count * 8 <= records.capacity else { return false }
         func rebuilt<K, V>(_ d: [K: V]) -> [K: V] {
             var copy = [K: V](minimumCapacity: d.count)

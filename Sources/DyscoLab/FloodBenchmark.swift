@@ -19,7 +19,7 @@ public enum SynFlood {
 
     static let script = """
         import errno, os, random, socket, struct, sys, time
-        src, dst, dport, count, kind = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+        src, dst, dport, count, kind, rate = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], float(sys.argv[6])
         s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
         sa, da = socket.inet_aton(src), socket.inet_aton(dst)
@@ -40,6 +40,9 @@ public enum SynFlood {
         ports = list(range(1024, 65536)); rnd.shuffle(ports)
         sent = dropped = 0; t0 = time.time()
         for i in range(count):
+            if rate > 0 and i % 100 == 0:
+                ahead = t0 + i / rate - time.time()
+                if ahead > 0: time.sleep(ahead)
             tcp = struct.pack("!HHIIBBHHH", ports[i % len(ports)], dport, rnd.getrandbits(32), 0, 5 << 4, 2, 64240, 0, 0) + payload
             c = (~fold(pseudo + sum16(tcp))) & 0xffff
             pkt = iph + tcp[:16] + struct.pack("!H", c) + tcp[18:]
@@ -53,11 +56,12 @@ public enum SynFlood {
         print(sent, dropped, time.time() - t0)
         """
 
-    /// Starts `count` SYNs from `host` (source: its address) to `dst:dport` in the background.
+    /// Starts `count` SYNs from `host` (source: its address) to `dst:dport` in the background, at most `rate` per
+    /// second (0: as fast as Python sends).
     public static func start(_ lab: Lab, from host: String, to dst: IPv4Address, dport: UInt16, count: Int,
-                             kind: Kind, output: String) throws -> Process {
+                             kind: Kind, rate: Double = 0, output: String) throws -> Process {
         try lab.spawn(host, ["python3", "-c", script, "\(lab.address(of: host))", "\(dst)", "\(dport)", "\(count)",
-                             kind.rawValue], logPath: output)
+                             kind.rawValue, "\(rate)"], logPath: output)
     }
 
     /// What a finished flood process printed: SYNs handed to the kernel, SYNs a local hook dropped, seconds.
@@ -111,6 +115,8 @@ public struct FloodBenchmark: Sendable {
         public var syns = 100_000
         /// The agents' --syn-timeout (s).
         public var synTimeout = 10.0
+        /// SYNs per second of each of the two flood processes (0: as fast as they go).
+        public var rate = 0.0
         public var agentArguments: [String] = []
         public var agentBinary: String?
         public init() {}
@@ -139,6 +145,10 @@ public struct FloodBenchmark: Sendable {
         public var trailerBadMAC: Int
         public var synTimeouts: Int
         public var secondsUntilExpired: Double
+        /// fw1's records before the flood.
+        public var recordsBefore: Int
+        /// fw1's agent VmRSS (KiB) once a second from the flood's start to the "after" reading.
+        public var rssSeries: [Int]
 
         public var text: String {
             """
@@ -153,6 +163,7 @@ public struct FloodBenchmark: Sendable {
             fw1 refused: per-source cap \(sourceCapRefused), session cap \(sessionCapRefused), bad trailer MAC \(trailerBadMAC)
             legitimate connections (client1 → server1:80): during the flood \(legitDuringSucceeded)/\(legitDuringAttempts), \
             after \(legitAfterSucceeded)/\(legitAfterAttempts)
+            fw1 agent RSS every second (MiB): \(rssSeries.map { String(format: "%.1f", Double($0) / 1024) }.joined(separator: " "))
             """
         }
     }
@@ -183,7 +194,8 @@ public struct FloodBenchmark: Sendable {
         defer { SignalTeardown.disarm(guardToken) }
         let lab = try Lab.up(spec, logger: logger)
         do {
-            let report = try Self.flood(lab, syns: options.syns, synTimeout: options.synTimeout, logger: logger)
+            let report = try Self.flood(lab, syns: options.syns, synTimeout: options.synTimeout, rate: options.rate,
+                                        logger: logger)
             _ = try lab.down()
             return report
         } catch {
@@ -193,21 +205,23 @@ public struct FloodBenchmark: Sendable {
     }
 
     /// Floods `lab` (built from ``spec(name:subnet:synTimeout:agentArguments:agentBinary:)``) and measures.
-    public static func flood(_ lab: Lab, syns: Int, synTimeout: Double, logger: Logger) throws -> Report {
+    public static func flood(_ lab: Lab, syns: Int, synTimeout: Double, rate: Double = 0, logger: Logger) throws -> Report {
         guard let pid = lab.agentRecord("fw1")?.pid else { throw LabError.notFound("fw1's agent") }
         try SynFlood.silenceResets(lab, "client2")
-        // Warm-up: a few legitimate connections, so that the baseline includes what any session allocates once.
+        // Warm-up: legitimate connections, metrics scrapes and a fast-path counter poll (every 5 s), so that the
+        // baseline includes what the agent allocates once (libnftables, the HTTP server, the registry).
         for _ in 0..<10 { _ = SynFlood.connects(lab, from: "client1") }
-        Thread.sleep(forTimeInterval: 2)
-        guard let before = SynFlood.rssKiB(pid: pid) else { throw LabError.notFound("fw1's agent process \(pid)") }
+        _ = SynFlood.metrics(lab, "fw1", port: metricsPort)
+        Thread.sleep(forTimeInterval: 11)  // past the warm-up's close linger (10 s) and a counter poll (5 s)
         let baseRecords = Int(SynFlood.metrics(lab, "fw1", port: metricsPort)[AgentMetricCatalog.sessions] ?? 0)
+        guard let before = SynFlood.rssKiB(pid: pid) else { throw LabError.notFound("fw1's agent process \(pid)") }
         logger.info("flood starting", metadata: ["flood.syns": "\(syns)", "fw1.rss_kib": "\(before)"])
 
         let samples = Samples(rss: before)
         let sampler = Thread {
             var tick = 0
             while !samples.stopped {
-                if let rss = SynFlood.rssKiB(pid: pid) { samples.record(rss: rss) }
+                if let rss = SynFlood.rssKiB(pid: pid) { samples.record(rss: rss, series: tick % 10 == 0) }
                 if tick % 5 == 0, let n = SynFlood.metrics(lab, "fw1", port: metricsPort)[AgentMetricCatalog.sessions] {
                     samples.record(records: Int(n))
                 }
@@ -218,9 +232,9 @@ public struct FloodBenchmark: Sendable {
         sampler.start()
         let plainOut = "\(lab.directory)/flood-plain.out", forgedOut = "\(lab.directory)/flood-forged.out"
         let plain = try SynFlood.start(lab, from: "client2", to: lab.address(of: "server1"), dport: 80, count: syns - syns / 2,
-                                       kind: .plain, output: plainOut)
+                                       kind: .plain, rate: rate, output: plainOut)
         let forged = try SynFlood.start(lab, from: "client2", to: lab.address(of: "fw1"), dport: 80, count: syns / 2,
-                                        kind: .dysco, output: forgedOut)
+                                        kind: .dysco, rate: rate, output: forgedOut)
         // Legitimate connections while the flood runs (each with TCP's own SYN retries).
         var during = (attempts: 0, ok: 0)
         repeat {
@@ -263,7 +277,8 @@ public struct FloodBenchmark: Sendable {
             legitAfterAttempts: legitAfter.attempts, legitAfterSucceeded: legitAfter.ok,
             sourceCapRefused: counter("\(syn){reason=\"source_cap\"}"), sessionCapRefused: counter("\(syn){reason=\"session_cap\"}"),
             trailerBadMAC: counter("\(syn){reason=\"trailer_bad_mac\"}"),
-            synTimeouts: counter(AgentMetricCatalog.synTimeouts), secondsUntilExpired: expiredAfter)
+            synTimeouts: counter(AgentMetricCatalog.synTimeouts), secondsUntilExpired: expiredAfter,
+            recordsBefore: baseRecords, rssSeries: samples.series)
     }
 
     /// The sampler's readings (another thread writes them).
@@ -273,7 +288,14 @@ public struct FloodBenchmark: Sendable {
         private var _peakRecords = 0
         private var _stopped = false
         init(rss: Int) { _peakRSS = rss }
-        func record(rss: Int) { lock.withLock { _peakRSS = max(_peakRSS, rss) } }
+        private var _series: [Int] = []
+        func record(rss: Int, series: Bool) {
+            lock.withLock {
+                _peakRSS = max(_peakRSS, rss)
+                if series { _series.append(rss) }
+            }
+        }
+        var series: [Int] { lock.withLock { _series } }
         func record(records: Int) { lock.withLock { _peakRecords = max(_peakRecords, records) } }
         func stop() { lock.withLock { _stopped = true } }
         var stopped: Bool { lock.withLock { _stopped } }

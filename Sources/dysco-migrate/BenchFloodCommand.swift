@@ -23,6 +23,7 @@ extension BenchCommand {
         @Option(help: "SYNs in all from client2 (half plain via its agent, half forged Dysco SYNs at fw1).")
         var syns = 100_000
         @Option(help: "The agents' --syn-timeout, seconds.") var synTimeout = 10.0
+        @Option(help: "SYNs per second of each of the two flood processes (0: as fast as Python sends).") var rate = 0.0
         @Option(help: "Extra argument for every agent (repeatable), e.g. --agent-arg=--max-sessions-per-source=4096.")
         var agentArg: [String] = []
         @Flag(help: "Print the report as JSON.") var json = false
@@ -30,12 +31,14 @@ extension BenchCommand {
         func validate() throws {
             guard (2...1_000_000).contains(syns) else { throw ValidationError("--syns must be 2...1000000") }
             guard synTimeout > 0, synTimeout <= 600 else { throw ValidationError("--syn-timeout must be in (0, 600] s") }
+            guard rate >= 0 else { throw ValidationError("--rate must be 0 (unlimited) or positive") }
         }
 
         func run() async throws {
             var options = FloodBenchmark.Options()
             options.syns = syns
             options.synTimeout = synTimeout
+            options.rate = rate
             options.agentArguments = agentArg
             let report = try FloodBenchmark(options: options, logger: BenchCommand.logger()).run()
             if json {
