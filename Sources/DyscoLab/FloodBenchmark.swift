@@ -100,6 +100,16 @@ public enum SynFlood {
         return out
     }
 
+    /// Packets the kernel dropped because `host`'s NFQUEUE was full (queue_dropped + user_dropped of
+    /// /proc/net/netfilter/nfnetlink_queue: the agent never saw them).
+    public static func queueDropped(_ lab: Lab, _ host: String) -> Int {
+        guard let text = try? lab.exec(host, ["cat", "/proc/net/netfilter/nfnetlink_queue"], check: false).stdout else { return 0 }
+        return text.split(separator: "\n").reduce(0) { sum, line in
+            let f = line.split(separator: " ", omittingEmptySubsequences: true)
+            return f.count >= 7 ? sum + (Int(f[5]) ?? 0) + (Int(f[6]) ?? 0) : sum
+        }
+    }
+
     /// One HTTP request from `client` to server1:80 (true if it got a response).
     public static func connects(_ lab: Lab, from client: String, timeout: Int = 20) -> Bool {
         let url = "http://\(lab.address(of: "server1")):80/"
@@ -147,12 +157,16 @@ public struct FloodBenchmark: Sendable {
         public var secondsUntilExpired: Double
         /// fw1's records before the flood.
         public var recordsBefore: Int
+        /// Flood SYNs fw1's agent judged (records created + refused by a cap + forged trailers refused), and
+        /// packets fw1's kernel dropped with its NFQUEUE full (the agent never saw them).
+        public var judgedAtFw1: Int
+        public var queueDroppedAtFw1: Int
         /// fw1's agent VmRSS (KiB) once a second from the flood's start to the "after" reading.
         public var rssSeries: [Int]
 
         public var text: String {
             """
-            SYN flood on fw1: \(plainSent) plain SYNs from client2 (via its agent; \(droppedAtSender) dropped there) + \
+            SYN flood on fw1: \(plainSent) plain SYNs from client2 (via its agent; \(droppedAtSender) refused synchronously there) + \
             \(forgedSent) forged Dysco SYNs from client2 in \(String(format: "%.1f", floodSeconds)) s \
             (\(Int(synsPerSecond)) SYN/s)
             fw1 agent RSS: before \(rssBeforeKiB / 1024) MiB (\(rssBeforeKiB) KiB), peak \(rssPeakKiB / 1024) MiB \
@@ -160,6 +174,7 @@ public struct FloodBenchmark: Sendable {
             (\(String(format: "%+.1f", Double(rssAfterKiB - rssBeforeKiB) * 100 / Double(max(rssBeforeKiB, 1)))) % vs before)
             fw1 records: peak \(peakRecords), after \(recordsAfter) (expired \(String(format: "%.1f", secondsUntilExpired)) s \
             after the flood; syn timeouts \(synTimeouts))
+            fw1 judged \(judgedAtFw1) flood SYNs; its kernel dropped \(queueDroppedAtFw1) packets with the NFQUEUE full
             fw1 refused: per-source cap \(sourceCapRefused), session cap \(sessionCapRefused), bad trailer MAC \(trailerBadMAC)
             legitimate connections (client1 → server1:80): during the flood \(legitDuringSucceeded)/\(legitDuringAttempts), \
             after \(legitAfterSucceeded)/\(legitAfterAttempts)
@@ -215,6 +230,8 @@ public struct FloodBenchmark: Sendable {
         Thread.sleep(forTimeInterval: 11)  // past the warm-up's close linger (10 s) and a counter poll (5 s)
         let baseRecords = Int(SynFlood.metrics(lab, "fw1", port: metricsPort)[AgentMetricCatalog.sessions] ?? 0)
         guard let before = SynFlood.rssKiB(pid: pid) else { throw LabError.notFound("fw1's agent process \(pid)") }
+        let createdBefore = Int(SynFlood.metrics(lab, "fw1", port: metricsPort)[AgentMetricCatalog.sessionsCreated] ?? 0)
+        let queueDroppedBefore = SynFlood.queueDropped(lab, "fw1")
         logger.info("flood starting", metadata: ["flood.syns": "\(syns)", "fw1.rss_kib": "\(before)"])
 
         let samples = Samples(rss: before)
@@ -269,6 +286,7 @@ public struct FloodBenchmark: Sendable {
         let m = SynFlood.metrics(lab, "fw1", port: metricsPort)
         func counter(_ series: String) -> Int { Int(m[series] ?? 0) }
         let syn = AgentMetricCatalog.synDropped
+        let legitDuringAndAfter = during.attempts + legitAfter.attempts
         return Report(
             plainSent: p.sent + p.dropped, forgedSent: f.sent + f.dropped, droppedAtSender: p.dropped,
             floodSeconds: seconds, synsPerSecond: Double(p.sent + p.dropped + f.sent + f.dropped) / seconds,
@@ -278,7 +296,12 @@ public struct FloodBenchmark: Sendable {
             sourceCapRefused: counter("\(syn){reason=\"source_cap\"}"), sessionCapRefused: counter("\(syn){reason=\"session_cap\"}"),
             trailerBadMAC: counter("\(syn){reason=\"trailer_bad_mac\"}"),
             synTimeouts: counter(AgentMetricCatalog.synTimeouts), secondsUntilExpired: expiredAfter,
-            recordsBefore: baseRecords, rssSeries: samples.series)
+            recordsBefore: baseRecords,
+            judgedAtFw1: counter(AgentMetricCatalog.sessionsCreated) - createdBefore - legitDuringAndAfter
+                + counter("\(syn){reason=\"source_cap\"}") + counter("\(syn){reason=\"session_cap\"}")
+                + counter("\(syn){reason=\"trailer_bad_mac\"}"),
+            queueDroppedAtFw1: SynFlood.queueDropped(lab, "fw1") - queueDroppedBefore,
+            rssSeries: samples.series)
     }
 
     /// The sampler's readings (another thread writes them).
