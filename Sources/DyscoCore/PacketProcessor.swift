@@ -423,7 +423,7 @@ public struct PacketProcessor: Sendable {
                 // subsession of the record established: from then on the kernel can carry the session (once
                 // it has carried `fastPathAfterPackets` packets).
                 if settings.fastPath, record.path == .slow, !record.fastPathFailed, record.closeDeadline == nil,
-                   !record.resetSeen, record.packets >= settings.fastPathAfterPackets,
+                   !record.resetSeen, now >= record.fastPathNotBefore, record.packets >= settings.fastPathAfterPackets,
                    translation.direction == .forward, flags.isDisjoint(with: [.syn, .fin, .rst]),
                    record.right == nil || record.rightEstablished {
                     record.path = .pending
@@ -454,6 +454,7 @@ public struct PacketProcessor: Sendable {
                     ack: flags.contains(.ack) ? packet.tcp.acknowledgmentNumber : nil) == .exact
                 let confirmed = hook == .egress || exact
                 record.resetSeen = true
+                record.fastPathNotBefore = now &+ settings.resetLinger
                 if confirmed {
                     record.reset = true
                     record.closeDeadline = min(record.closeDeadline ?? .max, now &+ settings.resetLinger)

@@ -91,6 +91,10 @@ public struct SessionTable: Sendable {
         public var synAckSeen = false
         /// Per-direction sequence numbers the slow path saw (RFC 5961 §3 checks of an RST).
         public var sequence = SequenceTracking()
+        /// After an RST the session stays on the slow path until then (one reset linger): its tracking is fresh,
+        /// so an RST spray is judged (and mostly dropped) per packet instead of costing two nftables
+        /// transactions per RST.
+        public var fastPathNotBefore: UInt64 = 0
         /// Set when the session is over (both FINs or a confirmed RST): removed once this deadline passes.
         public var closeDeadline: UInt64?
         public let createdAt: UInt64
