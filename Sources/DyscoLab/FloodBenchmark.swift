@@ -194,10 +194,10 @@ public struct FloodBenchmark: Sendable {
 
     /// The lab the benchmark (and the test, under its own name and subnet) floods.
     public static func spec(name: String, subnet: String, synTimeout: Double, agentArguments: [String] = [],
-                            agentBinary: String? = nil) -> LabSpec {
+                            agentBinary: String? = nil, attackers: Int = 0) -> LabSpec {
         LabSpec(name: name, clients: 2, middleboxes: ["fw1"], subnet: subnet, policyPorts: [80],
                 agentArguments: ["--syn-timeout", "\(synTimeout)", "--metrics", "127.0.0.1:\(metricsPort)"] + agentArguments,
-                agentBinary: agentBinary)
+                agentBinary: agentBinary, attackers: attackers)
     }
 
     public func run() throws -> Report {

@@ -116,7 +116,8 @@ import Testing
     func synFlood() async throws {
         let cap = 2000
         let spec = FloodBenchmark.spec(name: "at-flood", subnet: "10.79.82.0/24", synTimeout: 5,
-                                       agentArguments: ["--port-range", "10000-12999", "--max-sessions-per-source", "\(cap)"])
+                                       agentArguments: ["--port-range", "10000-12999", "--max-sessions-per-source", "\(cap)"],
+                                       attackers: 1)
         try await TestSupport.withLab(spec) { lab in
             let report = try FloodBenchmark.flood(lab, syns: 30_000, synTimeout: 5, rate: 20_000, logger: TestSupport.logger)
             print(report.text)
@@ -132,6 +133,21 @@ import Testing
             #expect(report.recordsAfter <= report.recordsBefore + 2)
             #expect(Double(report.rssAfterKiB) <= Double(report.rssBeforeKiB) * 1.2,
                     "RSS back within 20 %: before \(report.rssBeforeKiB) KiB, peak \(report.rssPeakKiB), after \(report.rssAfterKiB)")
+
+            // An off-path host without an agent or the key: plain SYNs at fw1 and at server1 match no session and
+            // no policy and create nothing there (forged trailers: refused above, and in TrustTests).
+            let port = FloodBenchmark.metricsPort
+            func created(_ host: String) -> Double { SynFlood.metrics(lab, host, port: port)[AgentMetricCatalog.sessionsCreated] ?? -1 }
+            let createdBefore = (fw1: created("fw1"), server: created("server1"))
+            #expect(createdBefore.fw1 > 0 && createdBefore.server > 0, "the metrics answered")
+            for target in ["fw1", "server1"] {
+                let p = try SynFlood.start(lab, from: "attacker1", to: lab.address(of: target), dport: 80, count: 2000, kind: .plain,
+                                           rate: 5000, output: "\(lab.directory)/offpath-\(target).out")
+                p.waitUntilExit()
+                #expect(SynFlood.result("\(lab.directory)/offpath-\(target).out")?.sent == 2000)
+            }
+            #expect(created("fw1") == createdBefore.fw1 && created("server1") == createdBefore.server,
+                    "off-path plain SYNs created no session")
         }
     }
 }
