@@ -12,6 +12,7 @@
 #include <arpa/inet.h>
 #include <poll.h>
 #include <sys/eventfd.h>
+#include <malloc.h>
 
 /* setns(2) is declared only under _GNU_SOURCE, which must not leak into this module (it changes struct
    layouts that other C modules import without it): declare it here. CLONE_NEWNET is 0x40000000. */
@@ -40,4 +41,13 @@ static inline int dysco_eventfd(void) { return eventfd(0, EFD_NONBLOCK | EFD_CLO
 /* A raw IPv4 socket that sends whole packets we built (IP_HDRINCL implied by IPPROTO_RAW). */
 static inline int dysco_raw_ipv4_socket(void) { return socket(AF_INET, SOCK_RAW | SOCK_CLOEXEC, IPPROTO_RAW); }
 static inline int dysco_so_mark(void) { return SO_MARK; }
+/* Fixed malloc thresholds (glibc): without them, freeing one large block (a big dictionary's storage, mmapped)
+   raises the mmap threshold to its size and the trim threshold to twice that, after which the tops of the
+   threads' arenas are never given back (malloc_trim does not trim a non-main arena's top). */
+static inline void dysco_malloc_fixed_thresholds(void) {
+    mallopt(M_MMAP_THRESHOLD, 256 * 1024);
+    mallopt(M_TRIM_THRESHOLD, 1024 * 1024);
+}
+/* Gives freed heap memory back to the OS (every arena; glibc). Returns 1 if some was released. */
+static inline int dysco_malloc_trim(void) { return malloc_trim(0); }
 #endif

@@ -83,6 +83,8 @@ public final class DataplaneAgent: @unchecked Sendable {
     public init(config: AgentConfig, options: Options, logger: Logger) throws {
         self.options = options
         self.logger = logger
+        // Memory freed after a flood must go back to the OS (docs/ARCHITECTURE.md, "Floods and table bounds").
+        dysco_malloc_fixed_thresholds()
         var settings = options.settings
         settings.fastPath = options.fastPath
         processor = Mutex(PacketProcessor(config: config, portRange: options.portRange, trust: options.trust,
@@ -131,6 +133,8 @@ public final class DataplaneAgent: @unchecked Sendable {
         let timer = DispatchSource.makeTimerSource(queue: DispatchQueue(label: "dysco-expiry"))
         timer.schedule(deadline: .now() + 1, repeating: 1)
         var ticks = 0
+        var lastTrimTick = -10
+        var trimPending = false
         timer.setEventHandler { [self] in
             ticks += 1
             let now = dysco_monotonic_coarse_ns()
@@ -138,13 +142,26 @@ public final class DataplaneAgent: @unchecked Sendable {
                 let active = fastPath.activeSessions()
                 processor.withLock { $0.kernelActivity(active, now: now) }
             }
-            let (events, actions) = processor.withLock { state in
+            let (events, actions, compacted) = processor.withLock { state in
                 state.expire(now: now)
-                return (state.takeEvents(), state.takeFastPathActions())
+                return (state.takeEvents(), state.takeFastPathActions(), state.takeCompacted())
             }
             fastPath?.submit(actions)
             log(events)
             reportSuppressedLogs()
+            // The table shrank after a flood: give the freed heap back to the OS (glibc keeps it otherwise), at
+            // most every 10 s (malloc_trim walks every arena), outside the packet lock.
+            if compacted || (ticks - lastTrimTick >= 10 && trimPending) {
+                if ticks - lastTrimTick >= 10 {
+                    let released = dysco_malloc_trim()
+                    logger.info("session table compacted, freed memory returned to the OS",
+                                metadata: ["memory.released": "\(released != 0)"])
+                    lastTrimTick = ticks
+                    trimPending = false
+                } else {
+                    trimPending = true
+                }
+            }
         }
         timer.resume()
         self.timer = timer

@@ -56,6 +56,8 @@ public enum AgentMetricCatalog {
     public static let bufferBytes = "dysco_anchor_buffer_bytes"
     public static let bufferRefused = "dysco_anchor_buffer_refused_total"
     public static let uptime = "dysco_agent_uptime_seconds"
+    public static let resets = "dysco_resets_total"
+    public static let synTimeouts = "dysco_sessions_syn_timeout_total"
 
     public static let families: [Family] = [
         Family(name: packets, kind: .counter,
@@ -89,6 +91,11 @@ public enum AgentMetricCatalog {
         Family(name: bufferRefused, kind: .counter, help: "Packets the anchor buffer refused (full: the migration is cancelled).",
                labelNames: []),
         Family(name: uptime, kind: .gauge, help: "Seconds since the agent started.", labelNames: []),
+        Family(name: resets, kind: .counter,
+               help: "RSTs on a session's tuples, by outcome (RFC 5961 §3): out_of_window (dropped), provisional (passed, the endpoint judges), confirmed (left this host or exact: the session goes unless refuted), refuted (a later packet proved it false).",
+               labelNames: ["outcome"]),
+        Family(name: synTimeouts, kind: .counter, help: "SYN-only sessions (handshake never completed) removed after --syn-timeout.",
+               labelNames: []),
     ]
 
     public static func family(_ name: String) -> Family? { families.first { $0.name == name } }
@@ -200,6 +207,8 @@ public enum AgentMetricCatalog {
             Sample(synDropped, [Label("reason", "collision")], n(c.collisions)),
             Sample(synDropped, [Label("reason", "ports_exhausted")], n(c.portsExhausted)),
             Sample(synDropped, [Label("reason", "oversized")], n(c.oversizedSyn)),
+            Sample(synDropped, [Label("reason", "session_cap")], n(c.sessionCapRefused)),
+            Sample(synDropped, [Label("reason", "source_cap")], n(c.sourceCapRefused)),
             Sample(malformedPackets, [], n(c.malformedPackets)),
             Sample(sessions, [], Double(r.sessions)),
             Sample(sessionsAnchoring, [], Double(r.anchoring)),
@@ -211,6 +220,11 @@ public enum AgentMetricCatalog {
             Sample(bufferBytes, [], Double(r.bufferBytes)),
             Sample(bufferRefused, [], n(r.bufferRefused)),
             Sample(uptime, [], r.uptimeSeconds),
+            Sample(resets, [Label("outcome", "out_of_window")], n(c.resetsOutOfWindow)),
+            Sample(resets, [Label("outcome", "provisional")], n(c.resetsProvisional)),
+            Sample(resets, [Label("outcome", "confirmed")], n(c.resetsConfirmed)),
+            Sample(resets, [Label("outcome", "refuted")], n(c.resetsRefuted)),
+            Sample(synTimeouts, [], n(c.synTimeouts)),
         ]
         var control: [String: UInt64] = [:]
         for type in ControlMessageType.allCases {

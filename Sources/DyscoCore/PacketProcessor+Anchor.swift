@@ -279,7 +279,8 @@ extension PacketProcessor {
                 table.remove(id)
                 throw error
             }
-            table.update(id) { $0.remaining.removeAll() }
+            // No TCP handshake crosses a new box (§3.3): the session is established already.
+            table.update(id) { $0.remaining.removeAll(); $0.established = true }
             counters.sessionsCreated &+= 1
             guard let right = table.records[id]?.right else { throw .portsExhausted }
             return right
@@ -288,7 +289,7 @@ extension PacketProcessor {
 
     public mutating func markEstablished(chainID: UInt64) {
         guard let id = id(chainID) else { return }
-        table.update(id) { $0.rightEstablished = true }
+        table.update(id) { $0.rightEstablished = true; $0.established = true }
     }
 
     /// This host leaves the session (its record, kernel entries and ports).

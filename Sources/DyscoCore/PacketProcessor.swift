@@ -62,6 +62,21 @@ public struct DataplaneCounters: Sendable, Codable, Equatable {
     public var verdictAcceptModified: UInt64 = 0
     public var verdictDrop: UInt64 = 0
     public var verdictHold: UInt64 = 0
+    /// RSTs judged as RFC 5961 §3 prescribes (docs/ARCHITECTURE.md, "Forged resets"): dropped as provably
+    /// outside the receiver's window; passed on provisionally (the endpoint and the firewall judge; the session
+    /// leaves the kernel fast path); confirmed (seen leaving this host, or exact by tracking: the session goes
+    /// after the reset linger unless refuted); refuted (a later packet crossed: the RST was false, the session
+    /// carries on).
+    public var resetsOutOfWindow: UInt64 = 0
+    public var resetsProvisional: UInt64 = 0
+    public var resetsConfirmed: UInt64 = 0
+    public var resetsRefuted: UInt64 = 0
+    /// SYNs refused because the table holds `--max-sessions` records, or the session's source address
+    /// `--max-sessions-per-source` (dropped; TCP retries).
+    public var sessionCapRefused: UInt64 = 0
+    public var sourceCapRefused: UInt64 = 0
+    /// SYN-only records (handshake never completed) removed after `--syn-timeout`.
+    public var synTimeouts: UInt64 = 0
 
     public init() {}
 
@@ -142,6 +157,14 @@ public struct PacketProcessor: Sendable {
         /// exchanges (connect, a request, close) finish on the slow path instead of costing two nftables
         /// transactions; a bulk transfer reaches the threshold within its first round trips.
         public var fastPathAfterPackets: UInt64 = 8
+        /// A record whose handshake has not completed (SYN-only) goes this long after it was created
+        /// (conntrack's SYN_SENT timeout, 120 s, is the reference).
+        public var synTimeout: UInt64 = 120 * 1_000_000_000
+        /// At most this many records in the table; a SYN that would create one more is dropped and counted.
+        public var maxSessions = 131_072
+        /// At most this many records per session source address (the client), for sessions that arrive from
+        /// the left (middlebox, right end): one flooding host cannot take every subsession port.
+        public var maxSessionsPerSource = 8_192
         public init() {}
     }
 
@@ -164,6 +187,9 @@ public struct PacketProcessor: Sendable {
     public internal(set) var releasing: [UInt64: SessionTable.Side] = [:]
     /// Sessions with anchor state (``SessionTable/Record/migration``); zero keeps the per-packet cost at one compare.
     public internal(set) var anchoring = 0
+    /// The table's dictionaries were rebuilt smaller since the shell last looked (``takeCompacted()``): a good
+    /// moment to give freed memory back to the OS.
+    public internal(set) var compacted = false
 
     /// The deployment's keys: Dysco SYN trailers are signed with the current one and accepted under either.
     public let trust: TrustGroup
@@ -203,6 +229,12 @@ public struct PacketProcessor: Sendable {
                     guard let decoded = verifiedTrailer(packet, key: key) else { return .drop }
                     guard let record = table.records[translation.id], decoded.0.session == record.session,
                           decoded.0.identity == record.identity else {
+                        if table.records[translation.id]?.resetSeen == true {
+                            // An RST crossed the session, and an authenticated SYN of a new session uses its tuple:
+                            // the left neighbour's agent has started over, so the RST was genuine.
+                            removeSession(translation.id, reason: "reused")
+                            return ingressNewSyn(&packet, key: key, checksum: checksum, now: now)
+                        }
                         counters.collisions &+= 1
                         events.append(.rejected(key, reason: "retransmitted Dysco SYN names another session"))
                         return .drop
@@ -210,11 +242,12 @@ public struct PacketProcessor: Sendable {
                     packet.truncate(to: packet.length - decoded.1)
                     mode = .partial
                 }
+                if flags.contains(.rst), resetOutsideWindow(packet, translation: translation) { return .drop }
                 if anchoring > 0, table.records[translation.id]?.migration != nil,
                    anchorIngress(&packet, translation: translation, flags: flags, now: now) == .drop {
                     return .drop
                 }
-                track(translation, flags: flags, length: packet.length, now: now)
+                track(translation, packet: packet, hook: .ingress, now: now)
                 packet.rewrite(to: translation.target, checksum: mode)
                 if mode == .partial { counters.fullChecksums &+= 1 }
                 counters.translatedIngress &+= 1
@@ -231,7 +264,8 @@ public struct PacketProcessor: Sendable {
             }
         case .egress:
             if let translation = table.egress[key] {
-                if isInitialSyn, isClosing(translation.id) {
+                // A local (or already verified) SYN on the tuple of a closing session, or of one an RST crossed.
+                if isInitialSyn, isClosing(translation.id) || table.records[translation.id]?.resetSeen == true {
                     removeSession(translation.id, reason: "reused")
                     return egressNewSyn(&packet, key: key, capacity: capacity, now: now) ?? pass()
                 }
@@ -251,7 +285,7 @@ public struct PacketProcessor: Sendable {
                     case .target(let t): target = t
                     }
                 }
-                track(translation, flags: flags, length: packet.length, now: now)
+                track(translation, packet: packet, hook: .egress, now: now)
                 counters.translatedEgress &+= 1
                 if isInitialSyn, translation.direction == .forward, let record = table.records[translation.id],
                    !record.rightEstablished {
@@ -285,7 +319,11 @@ public struct PacketProcessor: Sendable {
     private mutating func ingressNewSyn(_ packet: inout IPv4TCPPacket, key: FiveTuple, checksum: ChecksumState,
                                         now: UInt64) -> Verdict {
         guard let (payload, trailerLength) = verifiedTrailer(packet, key: key) else { return .drop }
-        if let existing = table.bySession[payload.session], isClosing(existing) { removeSession(existing, reason: "reused") }
+        // The session tuple of a closing session, or of one an RST crossed, reused by an authenticated SYN.
+        if let existing = table.bySession[payload.session], isClosing(existing) || table.records[existing]?.resetSeen == true {
+            removeSession(existing, reason: "reused")
+        }
+        guard admits(source: payload.session.srcAddr) else { return .drop }
         let id: SessionTable.SessionID
         do {
             id = try table.insertFromLeft(session: payload.session, left: key, remaining: payload.remaining,
@@ -302,6 +340,7 @@ public struct PacketProcessor: Sendable {
         counters.fullChecksums &+= 1
         counters.translatedIngress &+= 1
         table.update(id) { $0.packets += 1; $0.bytes += UInt64(packet.length) }
+        observeSyn(id, packet)
         return .acceptModified(length: packet.length)
     }
 
@@ -323,6 +362,7 @@ public struct PacketProcessor: Sendable {
             return sendSyn(&packet, record: updated, capacity: capacity)
         }
         guard let policy = config.policy(for: key) else { return nil }
+        guard admits(source: nil) else { return .drop }
         let id: SessionTable.SessionID
         do {
             // The left end fixes the chain-wide identity (paper §2.3); every later agent learns it from the trailer.
@@ -333,6 +373,7 @@ public struct PacketProcessor: Sendable {
             return .drop
         }
         guard let record = table.records[id] else { return .drop }
+        observeSyn(id, packet)
         counters.sessionsCreated &+= 1
         events.append(.sessionCreated(record))
         counters.translatedEgress &+= 1
@@ -359,15 +400,22 @@ public struct PacketProcessor: Sendable {
 
     // MARK: - Teardown (FIN both ways, RST) and expiry
 
-    private mutating func track(_ translation: SessionTable.Translation, flags: TCPFlags, length: Int, now: UInt64) {
+    /// Updates the record for one translated packet: counters, activity, handshake, sequence tracking,
+    /// teardown (FIN both ways; an RST as docs/ARCHITECTURE.md "Forged resets" describes) and the fast path.
+    private mutating func track(_ translation: SessionTable.Translation, packet: IPv4TCPPacket, hook: HookPoint,
+                                now: UInt64) {
         let settings = settings
+        let flags = packet.tcp.flags
+        let length = packet.length
         var install: [FastPathScript.Translation]?
         var uninstall: [FastPathScript.Translation]?
+        var resetOutcome: (confirmed: Bool, refuted: Bool)?
         table.update(translation.id) { record in
             defer {
-                // A closed session leaves the kernel at once (its last ACKs and retransmitted FINs are few and
-                // the slow path still translates them during the linger): the kernel holds live sessions only.
-                if record.closeDeadline != nil, record.path == .pending || record.path == .kernel {
+                // A closed session, or one an RST crossed, leaves the kernel at once (its last ACKs and
+                // retransmitted FINs are few and the slow path still translates them during the linger; after an
+                // RST the agent must see the packets that prove it false): the kernel holds live sessions only.
+                if record.closeDeadline != nil || record.resetSeen, record.path == .pending || record.path == .kernel {
                     record.path = .slow
                     uninstall = record.fastPathTranslations
                 }
@@ -375,29 +423,107 @@ public struct PacketProcessor: Sendable {
                 // subsession of the record established: from then on the kernel can carry the session (once
                 // it has carried `fastPathAfterPackets` packets).
                 if settings.fastPath, record.path == .slow, !record.fastPathFailed, record.closeDeadline == nil,
-                   record.packets >= settings.fastPathAfterPackets,
+                   !record.resetSeen, now >= record.fastPathNotBefore, record.packets >= settings.fastPathAfterPackets,
                    translation.direction == .forward, flags.isDisjoint(with: [.syn, .fin, .rst]),
                    record.right == nil || record.rightEstablished {
                     record.path = .pending
+                    record.sequence.invalidate()
                     install = record.fastPathTranslations
                 }
             }
-            record.lastActivity = now
             record.packets &+= 1
             record.bytes &+= UInt64(length)
             if translation.fromRight, flags.contains(.syn), flags.contains(.ack) { record.rightEstablished = true }
+            if translation.direction == .reverse, flags.contains(.syn), flags.contains(.ack) { record.synAckSeen = true }
+            if translation.direction == .forward, flags.contains(.ack), !flags.contains(.syn), record.synAckSeen {
+                record.established = true
+            }
+            if record.path != .pending, record.path != .kernel {
+                let tcp = packet.tcp
+                record.sequence.observe(translation.direction, seq: tcp.sequenceNumber,
+                                        ack: flags.contains(.ack) ? tcp.acknowledgmentNumber : nil, window: tcp.window,
+                                        flags: flags, payloadLength: packet.payloadLength,
+                                        windowScale: flags.contains(.syn) ? tcp.windowScaleOption : nil)
+            }
             if flags.contains(.rst) {
-                record.reset = true
-                record.closeDeadline = min(record.closeDeadline ?? .max, now &+ settings.resetLinger)
-            } else if flags.contains(.fin) {
+                // RFC 5961 §3: an RST that passed the window check (resetOutsideWindow) is only provisional. It is
+                // genuine when it leaves this host (the local stack sent it, or the firewall let it through) or
+                // is exact by fresh tracking; only then can it remove the session, and a later packet still wins.
+                let exact = hook == .ingress && record.sequence.judge(
+                    translation.direction, seq: packet.tcp.sequenceNumber,
+                    ack: flags.contains(.ack) ? packet.tcp.acknowledgmentNumber : nil) == .exact
+                let confirmed = hook == .egress || exact
+                record.resetSeen = true
+                record.fastPathNotBefore = now &+ settings.resetLinger
+                if confirmed {
+                    record.reset = true
+                    record.closeDeadline = min(record.closeDeadline ?? .max, now &+ settings.resetLinger)
+                    record.lastActivity = now
+                }
+                resetOutcome = (confirmed, false)
+                return
+            }
+            record.lastActivity = now
+            if record.resetSeen {
+                // A packet after the RST: the RST was false (a challenge ACK, more data); the session carries on.
+                record.resetSeen = false
+                if record.reset {
+                    record.reset = false
+                    record.closeDeadline = record.finForward && record.finReverse ? now &+ settings.closeLinger : nil
+                }
+                resetOutcome = (false, true)
+            }
+            if flags.contains(.fin) {
                 if translation.direction == .forward { record.finForward = true } else { record.finReverse = true }
                 if record.finForward, record.finReverse, record.closeDeadline == nil {
                     record.closeDeadline = now &+ settings.closeLinger
                 }
             }
         }
+        if let resetOutcome {
+            if resetOutcome.refuted { counters.resetsRefuted &+= 1 }
+            else if resetOutcome.confirmed { counters.resetsConfirmed &+= 1 }
+            else { counters.resetsProvisional &+= 1 }
+        }
         if let install { fastPathActions.append(.install(translation.id, install)) }
         if let uninstall { fastPathActions.append(.remove(translation.id, uninstall)) }
+    }
+
+    /// The SYN that created a record: its sequence number and window scale start the tracking.
+    private mutating func observeSyn(_ id: SessionTable.SessionID, _ packet: IPv4TCPPacket) {
+        let tcp = packet.tcp
+        table.update(id) {
+            $0.sequence.observe(.forward, seq: tcp.sequenceNumber, ack: nil, window: tcp.window, flags: tcp.flags,
+                                payloadLength: packet.payloadLength, windowScale: tcp.windowScaleOption)
+        }
+    }
+
+    /// An RST arriving on a session's tuple whose sequence number is provably outside the receiver's window by
+    /// the agent's fresh tracking (RFC 5961 §3.2: "silently drop the segment"): counted, and true (drop it).
+    private mutating func resetOutsideWindow(_ packet: IPv4TCPPacket, translation: SessionTable.Translation) -> Bool {
+        guard let record = table.records[translation.id], record.path != .pending, record.path != .kernel else {
+            return false
+        }
+        let flags = packet.tcp.flags
+        let judgement = record.sequence.judge(translation.direction, seq: packet.tcp.sequenceNumber,
+                                              ack: flags.contains(.ack) ? packet.tcp.acknowledgmentNumber : nil)
+        guard judgement == .outside else { return false }
+        counters.resetsOutOfWindow &+= 1
+        return true
+    }
+
+    /// Whether the table may take one more session (from `source`, for a session that arrived from the left);
+    /// counted when not.
+    private mutating func admits(source: IPv4Address?) -> Bool {
+        if table.count >= settings.maxSessions {
+            counters.sessionCapRefused &+= 1
+            return false
+        }
+        if let source, table.sessions(from: source) >= settings.maxSessionsPerSource {
+            counters.sourceCapRefused &+= 1
+            return false
+        }
+        return true
     }
 
     /// A session that is closing (or reset) when a fresh SYN with its tuple arrives: the tuple is reused.
@@ -410,11 +536,15 @@ public struct PacketProcessor: Sendable {
     @discardableResult
     public mutating func expire(now: UInt64) -> Int {
         if !departed.isEmpty { departed = departed.filter { $0.value > now } }
-        let due = table.expired(now: now, idleTimeout: settings.idleTimeout)
+        let due = table.expired(now: now, idleTimeout: settings.idleTimeout, synTimeout: settings.synTimeout)
         for id in due {
             guard let record = table.records[id] else { continue }
-            removeSession(id, reason: record.reset ? "reset" : record.closeDeadline != nil ? "closed" : "idle")
+            let synOnly = record.closeDeadline == nil && !record.established
+            if synOnly { counters.synTimeouts &+= 1 }
+            removeSession(id, reason: record.reset ? "reset" : record.closeDeadline != nil ? "closed"
+                          : synOnly ? "syn-timeout" : "idle")
         }
+        if !due.isEmpty, table.compactIfSparse() { compacted = true }
         return due.count
     }
 
@@ -486,8 +616,14 @@ public struct PacketProcessor: Sendable {
     /// Hands the pending fast-path work to the caller; free when there is none.
     public mutating func takeFastPathActions() -> [FastPathAction] {
         guard !fastPathActions.isEmpty else { return [] }
-        defer { fastPathActions.removeAll(keepingCapacity: true) }
+        defer { fastPathActions.removeAll(keepingCapacity: fastPathActions.capacity <= 1024) }
         return fastPathActions
+    }
+
+    /// Whether the table was compacted since the last call.
+    public mutating func takeCompacted() -> Bool {
+        defer { compacted = false }
+        return compacted
     }
 
     // MARK: - Helpers
@@ -541,7 +677,8 @@ extension PacketProcessor {
     /// Hands the pending events to the caller; free when there are none.
     public mutating func takeEvents() -> [DataplaneEvent] {
         guard !events.isEmpty else { return [] }
-        defer { events.removeAll(keepingCapacity: true) }
+        // A flood's expiry can queue 100,000 events: do not keep that capacity (memory must come back).
+        defer { events.removeAll(keepingCapacity: events.capacity <= 1024) }
         return events
     }
 }

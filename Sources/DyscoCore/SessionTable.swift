@@ -80,8 +80,22 @@ public struct SessionTable: Sendable {
         public var rightEstablished = false
         public var finForward = false
         public var finReverse = false
+        /// An RST confirmed genuine (seen leaving this host, or exact by tracking): the session goes at
+        /// `closeDeadline` unless a later packet proves the RST false (docs/ARCHITECTURE.md, "Forged resets").
         public var reset = false
-        /// Set when the session is over (both FINs or an RST): removed once this deadline passes.
+        /// An RST passed and no later packet has crossed yet: provisional until one does (the RST was false).
+        public var resetSeen = false
+        /// The three-way handshake completed through this agent (a SYN-ACK back, then an ACK forward); until
+        /// then the record is SYN-only and expires after ``PacketProcessor/Settings/synTimeout``.
+        public var established = false
+        public var synAckSeen = false
+        /// Per-direction sequence numbers the slow path saw (RFC 5961 §3 checks of an RST).
+        public var sequence = SequenceTracking()
+        /// After an RST the session stays on the slow path until then (one reset linger): its tracking is fresh,
+        /// so an RST spray is judged (and mostly dropped) per packet instead of costing two nftables
+        /// transactions per RST.
+        public var fastPathNotBefore: UInt64 = 0
+        /// Set when the session is over (both FINs or a confirmed RST): removed once this deadline passes.
         public var closeDeadline: UInt64?
         public let createdAt: UInt64
         public var lastActivity: UInt64
@@ -118,6 +132,8 @@ public struct SessionTable: Sendable {
     public private(set) var bySession: [FiveTuple: SessionID] = [:]
     /// Chain id (``SessionIdentity/chainID``) → id, for control messages.
     public private(set) var byChain: [UInt64: SessionID] = [:]
+    /// Sessions per session source address (the client), for the per-source cap.
+    public private(set) var bySource: [IPv4Address: Int] = [:]
     public var ports: PortAllocator
     private var nextID: SessionID = 1
 
@@ -175,6 +191,7 @@ public struct SessionTable: Sendable {
             for (key, t) in oldKeys.egress where egress[key]?.id == t.id { egress.removeValue(forKey: key) }
         }
         guard let new else { return }
+        if old == nil { bySource[new.session.srcAddr, default: 0] += 1 }
         for (key, t) in newKeys.ingress { ingress[key] = t }
         for (key, t) in newKeys.egress { egress[key] = t }
         records[new.id] = new
@@ -304,6 +321,9 @@ public struct SessionTable: Sendable {
         try? store(nil, replacing: record)
         if bySession[record.session] == id { bySession.removeValue(forKey: record.session) }
         if byChain[record.identity.chainID] == id { byChain.removeValue(forKey: record.identity.chainID) }
+        if let n = bySource[record.session.srcAddr] {
+            if n <= 1 { bySource.removeValue(forKey: record.session.srcAddr) } else { bySource[record.session.srcAddr] = n - 1 }
+        }
         for link in [record.leftLink, record.rightLink].compactMap({ $0 }) {
             for sub in link.all { if let port = sub.allocatedPort { ports.release(port) } }
         }
@@ -316,15 +336,40 @@ public struct SessionTable: Sendable {
         records[id] = record
     }
 
-    /// Sessions due for removal at `now`: closed past their linger deadline, or idle for `idleTimeout`.
-    public func expired(now: UInt64, idleTimeout: UInt64) -> [SessionID] {
+    /// Sessions due for removal at `now`: closed past their linger deadline, idle for `idleTimeout`, or still
+    /// SYN-only (handshake not complete) `synTimeout` after they were created.
+    public func expired(now: UInt64, idleTimeout: UInt64, synTimeout: UInt64 = .max) -> [SessionID] {
         records.values.compactMap { record in
             if let deadline = record.closeDeadline, deadline <= now { return record.id }
-            if record.migration == nil, now >= record.lastActivity, now - record.lastActivity >= idleTimeout {
-                return record.id
-            }
+            guard record.migration == nil else { return nil }
+            if now >= record.lastActivity, now - record.lastActivity >= idleTimeout { return record.id }
+            // SYN-only: from its creation (a SYN-ACK the server retransmits to a flooder that never answers does
+            // not keep it; a client's retransmitted SYN carries the trailer and creates it again).
+            if !record.established, now >= record.createdAt, now - record.createdAt >= synTimeout { return record.id }
             return nil
         }
+    }
+
+    /// Sessions whose source (client) address is `source`.
+    public func sessions(from source: IPv4Address) -> Int { bySource[source] ?? 0 }
+
+    /// Rebuilds the dictionaries when they are mostly empty (a flood's records expired): a Swift dictionary
+    /// keeps its capacity after removals. True if it did (the shell may then give memory back to the OS).
+    @discardableResult
+    public mutating func compactIfSparse(minimumCapacity: Int = 1024) -> Bool {
+        guard records.capacity >= minimumCapacity, records.count * 8 <= records.capacity else { return false }
+        func rebuilt<K, V>(_ d: [K: V]) -> [K: V] {
+            var copy = [K: V](minimumCapacity: d.count)
+            for (k, v) in d { copy[k] = v }
+            return copy
+        }
+        records = rebuilt(records)
+        ingress = rebuilt(ingress)
+        egress = rebuilt(egress)
+        bySession = rebuilt(bySession)
+        byChain = rebuilt(byChain)
+        bySource = rebuilt(bySource)
+        return true
     }
 }
 

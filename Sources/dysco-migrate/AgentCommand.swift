@@ -86,6 +86,26 @@ struct AgentCommand: AsyncParsableCommand {
     @Option(help: "Seconds without packets after which a session is forgotten.")
     var idleTimeout: Int = 600
 
+    @Option(help: ArgumentHelp("""
+        Seconds after its first SYN at which a session whose handshake never completed (SYN-only) is forgotten \
+        (conntrack's SYN_SENT timeout, 120 s, is the reference). Keeps a SYN flood's records from staying for \
+        --idle-timeout.
+        """, valueName: "seconds"))
+    var synTimeout: Double = 120
+
+    @Option(help: ArgumentHelp("""
+        At most this many sessions in the agent's table; a SYN that would create one more is dropped (TCP \
+        retries) and counted (sessionCapRefused in `sessions --json`, dysco_syn_dropped_total{reason="session_cap"}).
+        """, valueName: "n"))
+    var maxSessions: Int = 131_072
+
+    @Option(help: ArgumentHelp("""
+        At most this many sessions per client (session source) address among those arriving from other agents \
+        (middlebox, right end), so that one flooding host cannot take every subsession port of --port-range \
+        (sourceCapRefused, reason="source_cap").
+        """, valueName: "n"))
+    var maxSessionsPerSource: Int = 8_192
+
     @Option(help: "Enter this named network namespace (`ip netns`) first, as `ip netns exec` would.")
     var netns: String?
 
@@ -131,6 +151,9 @@ struct AgentCommand: AsyncParsableCommand {
             throw ValidationError("--port-range must be LOW-HIGH with 1 <= LOW <= HIGH <= 65535, got '\(portRange)'")
         }
         guard idleTimeout > 0 else { throw ValidationError("--idle-timeout must be positive") }
+        guard synTimeout > 0, synTimeout <= 3600 else { throw ValidationError("--syn-timeout must be in (0, 3600] s") }
+        guard maxSessions > 0 else { throw ValidationError("--max-sessions must be positive") }
+        guard maxSessionsPerSource > 0 else { throw ValidationError("--max-sessions-per-source must be positive") }
         guard closeLinger >= 0, closeLinger <= 600 else { throw ValidationError("--close-linger must be 0...600 s") }
         if let netns, !NetworkNamespace.isValidName(netns) {
             throw ValidationError("--netns '\(netns)' is not a valid namespace name")
@@ -198,6 +221,9 @@ struct AgentCommand: AsyncParsableCommand {
         options.portRange = parsedPortRange!
         options.settings.idleTimeout = UInt64(idleTimeout) * 1_000_000_000
         options.settings.closeLinger = UInt64(closeLinger * 1e9)
+        options.settings.synTimeout = UInt64(synTimeout * 1e9)
+        options.settings.maxSessions = maxSessions
+        options.settings.maxSessionsPerSource = maxSessionsPerSource
         options.fastPath = !noFastpath
         options.settings.fastPathAfterPackets = fastpathAfter
         options.fastPathReroute = switch fastpathReroute {

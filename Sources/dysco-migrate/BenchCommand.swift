@@ -7,7 +7,7 @@ struct BenchCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
         abstract: "Benchmarks that print figures (and assert nothing).",
-        subcommands: [Dataplane.self, Replace.self, DrainBench.self, Connect.self, Sink.self, PacedServer.self]
+        subcommands: [Dataplane.self, Replace.self, DrainBench.self, FloodBench.self, Connect.self, Sink.self, PacedServer.self]
     )
 
     /// The benchmarks' logger: progress at info level on stderr.

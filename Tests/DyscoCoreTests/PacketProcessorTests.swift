@@ -225,6 +225,9 @@ struct PacketProcessorTests {
 
         let idle = harness(chain: [fw1])
         _ = try #require(idle.send(PacketBuilder(tuple: session, flags: [.syn]).build(), along: ["client", "fw1", "server"]))
+        // Established (a SYN-only record would go after the SYN timeout: BoundsTests).
+        _ = try #require(idle.send(PacketBuilder(tuple: session.reversed, flags: [.syn, .ack]).build(), along: ["server", "fw1", "client"]))
+        _ = try #require(idle.send(PacketBuilder(tuple: session, flags: [.ack]).build(), along: ["client", "fw1", "server"]))
         let timeout = idle.hosts["client"]!.settings.idleTimeout
         #expect(idle.hosts["client"]!.expire(now: idle.now + timeout - 1) == 0)
         #expect(idle.hosts["client"]!.expire(now: idle.now + timeout) == 1)
