@@ -11,7 +11,7 @@ public struct AgentSnapshot: Codable, Sendable {
         public var right: FiveTuple?
         /// Hops still to be told to the right neighbour (middlebox before its SYN leaves).
         public var remaining: [IPv4Address]
-        /// "syn-sent", "established", "closing"
+        /// "opening" (SYN-only: the handshake has not completed through this agent), "established", "closing"
         public var state: String
         /// slow (NFQUEUE), pending (being handed to the kernel), kernel (nftables), held (taken back).
         public var path: SessionTable.DataPath
@@ -90,7 +90,7 @@ extension PacketProcessor {
     /// What `sessions` shows of one record.
     static func row(_ record: SessionTable.Record, now: UInt64) -> AgentSnapshot.Session {
         let state = record.closeDeadline != nil ? "closing"
-            : (record.right != nil && !record.rightEstablished) ? "syn-sent" : "established"
+            : record.established ? "established" : "opening"
         return AgentSnapshot.Session(
             id: record.id, role: record.role, session: record.session, left: record.left, right: record.right,
             remaining: record.remaining, state: state, path: record.path, packets: record.packets, bytes: record.bytes,

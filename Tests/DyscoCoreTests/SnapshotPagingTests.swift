@@ -45,4 +45,15 @@ struct SnapshotPagingTests {
         #expect(exact.sessions.count == 10 && !exact.more, "a full last page is not followed by an empty one")
         #expect(p.snapshotSessions(now: 0, limit: 0).sessions.count == 1, "a limit below 1 is taken as 1")
     }
+
+    @Test("a SYN-only session shows as opening, not established (issue 9, item 5)")
+    func openingState() throws {
+        var p = try Self.processor(sessions: 2)
+        let ids = p.table.records.keys.sorted()
+        p.table.update(ids[1]) { $0.established = true }
+        let rows = p.snapshotSessions(now: 0).sessions
+        #expect(rows.map(\.state) == ["opening", "established"])
+        p.table.update(ids[0]) { $0.closeDeadline = 1 }
+        #expect(p.snapshotSessions(now: 0).sessions.first?.state == "closing")
+    }
 }
