@@ -26,6 +26,8 @@ public final class ConntrackStateStore: FirewallStateStore, @unchecked Sendable 
         quiet.logLevel = max(logger.logLevel, .notice)
         self.logger = quiet
         self.namespace = namespace
+        var limits = limits
+        limits.maxBytesOption = "--state-max-bytes"
         reader = StateDocumentReader(limits: limits, endpoints: EndpointPolicy(rule: endpoints, option: "--state-only-local"))
     }
 
@@ -81,7 +83,9 @@ public final class ConntrackStateStore: FirewallStateStore, @unchecked Sendable 
         do { document = try reader.read(.bytes(bytes)) } catch {
             logger.warning("state document refused", metadata: ["conntrack.problems": "\(error.count)",
                                                                  "conntrack.first": "\(error.issues.first.map(String.init(describing:)) ?? "")"])
-            throw FirewallStateError("\(error)")
+            // Short: the reason travels back in stateInstalled (at most 200 bytes with the phase times).
+            throw FirewallStateError("state document refused, nothing imported: "
+                + (error.issues.first.map(String.init(describing:)) ?? "?") + (error.count > 1 ? " (+\(error.count - 1) more)" : ""))
         }
         let table = try table()
         let report = table.importDocument(document, options: ImportOptions(existing: .replace))

@@ -51,6 +51,8 @@ public struct StateDocumentLimits: Hashable, Sendable {
     public var maxKeysPerObject: Int = 64
     /// Problems listed in a refusal; the others are counted.
     public var maxIssues: Int = 100
+    /// The option that sets `maxBytes`, named in refusals (`--max-bytes`, the agent's `--state-max-bytes`).
+    public var maxBytesOption = "--max-bytes"
 
     /// 128 MiB: about 400,000 compact or 160,000 pretty-printed entries.
     public static let defaultMaxBytes = 128 * 1024 * 1024
@@ -78,11 +80,13 @@ struct JSONByteStream {
     private let pull: () throws -> [UInt8]
     let maxBytes: Int
     let maxCaptureBytes: Int
+    let maxBytesOption: String
     /// While true, every consumed byte is appended to `captured`.
     var capturing = false
     var captured: [UInt8] = []
 
-    init(maxBytes: Int, maxCaptureBytes: Int, pull: @escaping () throws -> [UInt8]) {
+    init(maxBytes: Int, maxCaptureBytes: Int, maxBytesOption: String, pull: @escaping () throws -> [UInt8]) {
+        self.maxBytesOption = maxBytesOption
         self.maxBytes = maxBytes
         self.maxCaptureBytes = maxCaptureBytes
         self.pull = pull
@@ -120,7 +124,7 @@ struct JSONByteStream {
         offset += 1
         if offset > maxBytes {
             throw JSONScanError(path: JSONPath(), offset: offset, message:
-                "document larger than the limit of \(maxBytes) bytes (--max-bytes): refused at byte \(offset), nothing imported",
+                "document larger than the limit of \(maxBytes) bytes (\(maxBytesOption)): refused at byte \(offset), nothing imported",
                 scope: .document)
         }
     }
@@ -320,6 +324,7 @@ struct JSONStreamScanner {
         let start = stream.offset
         var bytes: [UInt8] = []
         var pendingHighSurrogate = false
+        var high: UInt32 = 0
         func tooLong(_ scanner: JSONStreamScanner) -> JSONScanError {
             scanner.fail("string longer than \(scanner.limits.maxStringBytes) bytes (starts at byte \(start))")
         }
@@ -343,8 +348,9 @@ struct JSONStreamScanner {
                     let isHigh = (0xd800...0xdbff).contains(value), isLow = (0xdc00...0xdfff).contains(value)
                     if pendingHighSurrogate != isLow { throw fail("lone UTF-16 surrogate escape in string at byte \(start)") }
                     pendingHighSurrogate = isHigh
-                    if keep, !isHigh, !isLow, let scalar = Unicode.Scalar(value) { bytes.append(contentsOf: Array(String(scalar).utf8)) }
-                    // Surrogate pairs are kept only by JSONDecoder (entries); top-level strings do not need them.
+                    if isHigh { high = UInt32(value) - 0xd800; continue }
+                    let code = isLow ? 0x10000 + high << 10 + (UInt32(value) - 0xdc00) : UInt32(value)
+                    if keep, let scalar = Unicode.Scalar(code) { bytes.append(contentsOf: Array(String(scalar).utf8)) }
                     continue
                 }
                 if pendingHighSurrogate { throw fail("lone UTF-16 surrogate escape in string at byte \(start)") }

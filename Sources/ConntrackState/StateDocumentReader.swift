@@ -58,7 +58,7 @@ public struct StateDocumentReader: Sendable {
         let pull: () throws -> [UInt8]
         switch source {
         case let .bytes(bytes):
-            if bytes.count > limits.maxBytes { collector.tooLarge(bytes.count, limits.maxBytes); throw collector.error() }
+            if bytes.count > limits.maxBytes { collector.tooLarge(bytes.count, limits); throw collector.error() }
             var done = false
             pull = {
                 defer { done = true }
@@ -68,7 +68,7 @@ public struct StateDocumentReader: Sendable {
             let handle: FileHandle
             do {
                 let size = (try FileManager.default.attributesOfItem(atPath: path)[.size] as? NSNumber)?.intValue ?? 0
-                if size > limits.maxBytes { collector.tooLarge(size, limits.maxBytes); throw collector.error() }
+                if size > limits.maxBytes { collector.tooLarge(size, limits); throw collector.error() }
                 handle = try FileHandle(forReadingFrom: URL(fileURLWithPath: path))
             } catch let error as StateValidationError {
                 throw error
@@ -82,7 +82,8 @@ public struct StateDocumentReader: Sendable {
         }
         var pass = DocumentPass(reader: self, keep: keep, collector: collector)
         var scanner = JSONStreamScanner(
-            stream: JSONByteStream(maxBytes: limits.maxBytes, maxCaptureBytes: limits.maxEntryBytes, pull: pull),
+            stream: JSONByteStream(maxBytes: limits.maxBytes, maxCaptureBytes: limits.maxEntryBytes,
+                                   maxBytesOption: limits.maxBytesOption, pull: pull),
             limits: limits, integerRule: Self.integerRule)
         do {
             try pass.run(&scanner)
@@ -146,8 +147,9 @@ struct IssueCollector {
         add(ValidationIssue(index: index, entry: entry, path: path, reason: reason))
     }
 
-    mutating func tooLarge(_ size: Int, _ limit: Int) {
-        add(path: "$", reason: "document of \(size) bytes is larger than the limit of \(limit) bytes (--max-bytes); nothing was parsed")
+    mutating func tooLarge(_ size: Int, _ limits: StateDocumentLimits) {
+        add(path: "$", reason: "document of \(size) bytes is larger than the limit of \(limits.maxBytes) bytes (\(limits.maxBytesOption)); "
+            + "nothing was parsed")
     }
 
     var isEmpty: Bool { issues.isEmpty }
@@ -191,6 +193,7 @@ private struct DocumentPass {
             let kind = try scanner.skipValue()
             collector.add(path: "$", reason: "expected an object, found \(kind.rawValue)")
             try scanner.end()
+            fatal = true
             return
         }
         try scanner.object { scanner, key in
