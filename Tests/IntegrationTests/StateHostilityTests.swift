@@ -111,8 +111,8 @@ import Testing
             try store.importState(Array(try Self.compact(StateDocument(host: "h", entries: [loopback[5]])).utf8))
             Issue.record("the agent's store imported a loopback entry")
         } catch {
-            #expect(error.message.contains("$.entries[0].orig.src: 127.0.0.1 is loopback (--state-only-local)"), "\(error)")
-            #expect(error.message.contains("nothing imported"), "\(error)")
+            #expect("\(error)".contains("$.entries[0].orig.src: 127.0.0.1 is loopback (--state-only-local)"), "\(error)")
+            #expect("\(error)".contains("nothing imported"), "\(error)")
         }
         #expect(try Self.labEntries(lab.fwB).isEmpty && Self.labEntries(lab.fwB, net: "127.").isEmpty)
 
