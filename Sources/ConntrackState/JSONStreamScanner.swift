@@ -178,13 +178,18 @@ struct JSONStreamScanner {
         JSONScanError(path: JSONPath(path), offset: offset ?? stream.offset, message: message)
     }
 
+    /// A grammar or encoding error (as opposed to a limit): "malformed JSON: …".
+    func malformed(_ message: String, at offset: Int? = nil) -> JSONScanError {
+        fail("malformed JSON: " + message, at: offset)
+    }
+
     /// "unexpected end of document at byte N (truncated?)" or "unexpected 'x' at byte N".
     mutating func unexpected(_ byte: UInt8?, expecting: String) -> JSONScanError {
         guard let byte else {
-            return fail("unexpected end of document at byte \(stream.offset), expected \(expecting) (truncated?)")
+            return malformed("unexpected end of document at byte \(stream.offset), expected \(expecting) (truncated?)")
         }
         let shown = (0x21...0x7e).contains(byte) ? "'\(Character(Unicode.Scalar(byte)))'" : String(format: "byte 0x%02x", byte)
-        return fail("unexpected \(shown) at byte \(stream.offset), expected \(expecting)")
+        return malformed("unexpected \(shown) at byte \(stream.offset), expected \(expecting)")
     }
 
     mutating func skipWhitespace() throws {
@@ -208,14 +213,14 @@ struct JSONStreamScanner {
     /// The start of the document: refuses a byte order mark with its own message.
     mutating func begin() throws {
         if try stream.peek() == 0xef {
-            throw fail("the document starts with a UTF-8 byte order mark (not allowed in JSON, RFC 8259 §8.1)", at: 0)
+            throw malformed("the document starts with a UTF-8 byte order mark (not allowed in JSON, RFC 8259 §8.1)", at: 0)
         }
     }
 
     /// After the top-level value: only whitespace may follow.
     mutating func end() throws {
         let byte = try peekToken()
-        if byte != nil { throw fail("trailing data after the document at byte \(stream.offset)") }
+        if byte != nil { throw malformed("trailing data after the document at byte \(stream.offset)") }
     }
 
     var depth = 0
@@ -256,7 +261,7 @@ struct JSONStreamScanner {
             let byte = try stream.peek()
             guard byte == expected else {
                 if byte == nil { throw unexpected(nil, expecting: "\"\(word)\"") }
-                throw fail("invalid literal at byte \(start), expected \(word)")
+                throw malformed("invalid literal at byte \(start), expected \(word)")
             }
             try stream.advance()
         }
@@ -333,7 +338,7 @@ struct JSONStreamScanner {
             if byte != UInt8(ascii: "\""), stream.offset - start > limits.maxStringBytes { throw tooLong(self) }
             switch byte {
             case UInt8(ascii: "\""):
-                if pendingHighSurrogate { throw fail("lone UTF-16 surrogate escape in string at byte \(start)") }
+                if pendingHighSurrogate { throw malformed("lone UTF-16 surrogate escape in string at byte \(start)") }
                 return keep ? String(decoding: bytes, as: UTF8.self) : nil
             case UInt8(ascii: "\\"):
                 guard let escape = try stream.next() else { throw unexpected(nil, expecting: "an escape") }
@@ -341,19 +346,19 @@ struct JSONStreamScanner {
                     var value: UInt16 = 0
                     for _ in 0..<4 {
                         guard let hex = try stream.next(), let digit = Self.hexValue(hex) else {
-                            throw fail("bad \\u escape at byte \(stream.offset - 1)")
+                            throw malformed("bad \\u escape at byte \(stream.offset - 1)")
                         }
                         value = value << 4 | UInt16(digit)
                     }
                     let isHigh = (0xd800...0xdbff).contains(value), isLow = (0xdc00...0xdfff).contains(value)
-                    if pendingHighSurrogate != isLow { throw fail("lone UTF-16 surrogate escape in string at byte \(start)") }
+                    if pendingHighSurrogate != isLow { throw malformed("lone UTF-16 surrogate escape in string at byte \(start)") }
                     pendingHighSurrogate = isHigh
                     if isHigh { high = UInt32(value) - 0xd800; continue }
                     let code = isLow ? 0x10000 + high << 10 + (UInt32(value) - 0xdc00) : UInt32(value)
                     if keep, let scalar = Unicode.Scalar(code) { bytes.append(contentsOf: Array(String(scalar).utf8)) }
                     continue
                 }
-                if pendingHighSurrogate { throw fail("lone UTF-16 surrogate escape in string at byte \(start)") }
+                if pendingHighSurrogate { throw malformed("lone UTF-16 surrogate escape in string at byte \(start)") }
                 let mapped: UInt8
                 switch escape {
                 case UInt8(ascii: "\""): mapped = 0x22
@@ -364,16 +369,16 @@ struct JSONStreamScanner {
                 case UInt8(ascii: "n"): mapped = 0x0a
                 case UInt8(ascii: "r"): mapped = 0x0d
                 case UInt8(ascii: "t"): mapped = 0x09
-                default: throw fail("bad escape at byte \(stream.offset - 1)")
+                default: throw malformed("bad escape at byte \(stream.offset - 1)")
                 }
                 if keep { bytes.append(mapped) }
             case 0x00..<0x20:
-                throw fail(String(format: "unescaped control character 0x%02x in string at byte %d", byte, stream.offset - 1))
+                throw malformed(String(format: "unescaped control character 0x%02x in string at byte %d", byte, stream.offset - 1))
             case 0x80...:
-                if pendingHighSurrogate { throw fail("lone UTF-16 surrogate escape in string at byte \(start)") }
+                if pendingHighSurrogate { throw malformed("lone UTF-16 surrogate escape in string at byte \(start)") }
                 try utf8Sequence(first: byte, keep: keep, into: &bytes)
             default:
-                if pendingHighSurrogate { throw fail("lone UTF-16 surrogate escape in string at byte \(start)") }
+                if pendingHighSurrogate { throw malformed("lone UTF-16 surrogate escape in string at byte \(start)") }
                 if keep { bytes.append(byte) }
             }
         }
@@ -392,13 +397,13 @@ struct JSONStreamScanner {
         case 0xf0: count = 3; low = 0x90
         case 0xf1...0xf3: count = 3
         case 0xf4: count = 3; high = 0x8f
-        default: throw fail("invalid UTF-8 at byte \(at)")
+        default: throw malformed("invalid UTF-8 at byte \(at)")
         }
         if keep { bytes.append(first) }
         for position in 0..<count {
             guard let byte = try stream.next() else { throw unexpected(nil, expecting: "the rest of a UTF-8 sequence") }
             let range = position == 0 ? low...high : 0x80...0xbf
-            guard range.contains(byte) else { throw fail("invalid UTF-8 at byte \(at)") }
+            guard range.contains(byte) else { throw malformed("invalid UTF-8 at byte \(at)") }
             if keep { bytes.append(byte) }
         }
     }
@@ -442,7 +447,7 @@ struct JSONStreamScanner {
         if first == 0x30 {
             _ = try take(&self)
             if let next = try stream.peek(), (0x30...0x39).contains(next) {
-                throw fail("number with a leading zero at byte \(start)")
+                throw malformed("number with a leading zero at byte \(start)")
             }
         } else {
             _ = try digits(&self)

@@ -314,7 +314,7 @@ private struct DocumentPass {
             }
             if let version, !StateDocument.supportedVersions.contains(Int(version)) {
                 let supported = StateDocument.supportedVersions
-                header.add(path: "$.version", reason: "unsupported version \(version) (this build reads \(supported.lowerBound)...\(supported.upperBound))")
+                header.add(path: "$.version", reason: "unsupported state document version \(version) (this build reads \(supported.lowerBound)...\(supported.upperBound))")
             } else if !versionSeen {
                 header.add(path: "$.version", reason: "missing")
             }

@@ -125,10 +125,11 @@ struct BenchCommand: AsyncParsableCommand {
                     let measurement = try JSONDecoder().decode(StateValidateBenchmark.Measurement.self, from: Data(output.utf8))
                     results.append(measurement)
                     if !json {
-                        print(String(format: "%9d  %5.0f  %-12@  %-5@  %7.2f  %12.1f  (%.0f)", count,
-                                     Double(measurement.bytes) / 1_048_576, mode as NSString,
-                                     (measurement.valid ? "yes" : "NO") as NSString, measurement.seconds,
-                                     Double(measurement.maxRSSKiB) / 1024, Double(measurement.maxRSSKiB) * 1024 / Double(count)))
+                        let method = mode.padding(toLength: 12, withPad: " ", startingAt: 0)
+                        let valid = (measurement.valid ? "yes" : "NO").padding(toLength: 5, withPad: " ", startingAt: 0)
+                        print(String(format: "%9d  %5.0f  ", count, Double(measurement.bytes) / 1_048_576) + method + "  " + valid
+                            + String(format: "  %7.2f  %12.1f  (%.0f)", measurement.seconds, Double(measurement.maxRSSKiB) / 1024,
+                                     Double(measurement.maxRSSKiB) * 1024 / Double(count)))
                     }
                 }
             }

@@ -129,9 +129,9 @@ private func text(_ error: StateValidationError?) -> String {
     @Test func strictJSON() throws {
         let good = try documentText(1)
         let bom = refusal([0xef, 0xbb, 0xbf] + Array(good.utf8))
-        #expect(text(bom) == "$: the document starts with a UTF-8 byte order mark (not allowed in JSON, RFC 8259 §8.1)")
-        #expect(text(refusal(good + " x")).hasPrefix("$: trailing data after the document at byte \(good.utf8.count + 1)"))
-        #expect(text(refusal(good + "{}")).hasPrefix("$: trailing data"))
+        #expect(text(bom) == "$: malformed JSON: the document starts with a UTF-8 byte order mark (not allowed in JSON, RFC 8259 §8.1)")
+        #expect(text(refusal(good + " x")).hasPrefix("$: malformed JSON: trailing data after the document at byte \(good.utf8.count + 1)"))
+        #expect(text(refusal(good + "{}")).hasPrefix("$: malformed JSON: trailing data"))
     }
 
     @Test func whitespaceAfterTheDocumentIsFine() throws {
@@ -141,14 +141,14 @@ private func text(_ error: StateValidationError?) -> String {
     @Test func syntaxErrorsAreRefusedWithThePath() throws {
         let good = try documentText(1)
         let cases: [(String, String, String)] = [
-            ("\"mark\":0", "\"mark\":00", "$.entries[0].mark: number with a leading zero"),
-            ("\"mark\":0", "\"mark\":+1", "$.entries[0].mark: unexpected '+'"),
-            ("\"mark\":0", "\"mark\":tru", "$.entries[0].mark: invalid literal"),
-            ("\"mark\":0,", "\"mark\":0,,", "$.entries[0]: unexpected ','"),
-            ("\"proto\":\"tcp\"", "\"proto\":\"t\\qp\"", "$.entries[0].proto: bad escape"),
-            ("\"proto\":\"tcp\"", "\"proto\":\"tc\np\"", "$.entries[0].proto: unescaped control character 0x0a"),
-            ("\"proto\":\"tcp\"", "\"proto\":\"\\ud800\"", "$.entries[0].proto: lone UTF-16 surrogate"),
-            ("\"proto\":\"tcp\"", "\"proto\":\"\\udc00x\"", "$.entries[0].proto: lone UTF-16 surrogate"),
+            ("\"mark\":0", "\"mark\":00", "$.entries[0].mark: malformed JSON: number with a leading zero"),
+            ("\"mark\":0", "\"mark\":+1", "$.entries[0].mark: malformed JSON: unexpected '+'"),
+            ("\"mark\":0", "\"mark\":tru", "$.entries[0].mark: malformed JSON: invalid literal"),
+            ("\"mark\":0,", "\"mark\":0,,", "$.entries[0]: malformed JSON: unexpected ','"),
+            ("\"proto\":\"tcp\"", "\"proto\":\"t\\qp\"", "$.entries[0].proto: malformed JSON: bad escape"),
+            ("\"proto\":\"tcp\"", "\"proto\":\"tc\np\"", "$.entries[0].proto: malformed JSON: unescaped control character 0x0a"),
+            ("\"proto\":\"tcp\"", "\"proto\":\"\\ud800\"", "$.entries[0].proto: malformed JSON: lone UTF-16 surrogate"),
+            ("\"proto\":\"tcp\"", "\"proto\":\"\\udc00x\"", "$.entries[0].proto: malformed JSON: lone UTF-16 surrogate"),
         ]
         for (find, replace, expected) in cases {
             let range = try #require(good.range(of: find), "\(find)")
@@ -159,7 +159,7 @@ private func text(_ error: StateValidationError?) -> String {
         for bad: [UInt8] in [[0x80], [0xc0, 0xaf], [0xed, 0xa0, 0x80], [0xe2, 0x82]] {
             let prefix = Array(#"{"schema":"dysco-conntrack-state","host":""#.utf8)
             let error = refusal(prefix + bad + Array(#"","version":1}"#.utf8))
-            #expect(text(error).hasPrefix("$.host: invalid UTF-8 at byte \(prefix.count)"), "\(bad): \(text(error))")
+            #expect(text(error).hasPrefix("$.host: malformed JSON: invalid UTF-8 at byte \(prefix.count)"), "\(bad): \(text(error))")
         }
         // Valid multi-byte UTF-8 and escapes pass.
         let host = "fw-ü-€-😀-\\u00fc-\\ud83d\\ude00"
@@ -199,7 +199,7 @@ private func text(_ error: StateValidationError?) -> String {
     @Test func schemaAndVersionComeFirstWhereverTheyAre() throws {
         // Sorted keys put "entries" first: an unknown version still wins over the entries' problems.
         let v2 = #"{"entries":[{"new":"shape"}],"exported_at":"2026-01-01T00:00:00Z","host":"h","schema":"dysco-conntrack-state","version":2}"#
-        #expect(text(refusal(v2)) == "$.version: unsupported version 2 (this build reads 1...1)")
+        #expect(text(refusal(v2)) == "$.version: unsupported state document version 2 (this build reads 1...1)")
         let other = #"{"entries":[{"new":"shape"}],"schema":"iptables-save","version":1}"#
         #expect(text(refusal(other)).hasPrefix("$.schema: \"iptables-save\" is not \"dysco-conntrack-state\""))
     }

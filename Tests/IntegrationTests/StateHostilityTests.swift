@@ -70,7 +70,7 @@ import Testing
         let marker = try #require(good.range(of: "\"sport\":20009"))
         let cut = good.utf8.distance(from: good.utf8.startIndex, to: marker.upperBound) - 2
         try refused("truncated", String(good.utf8.prefix(cut))!,
-                    expect: ["$.entries[10].orig: unexpected end of document at byte \(cut)", "(truncated?)"])
+                    expect: ["$.entries[10].orig: malformed JSON: unexpected end of document at byte \(cut)", "(truncated?)"])
 
         // 2. An out-of-range port at a known path (entry 17); the other 20 entries are valid.
         var marked = entries
