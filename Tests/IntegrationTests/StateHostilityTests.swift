@@ -42,7 +42,12 @@ import Testing
         try lab.startServer()
         let curl = try lab.startDownload(rate: "500k", maxTime: 60)
         try lab.waitForDownload(atLeast: 200_000, timeout: 20)
-        let session = try lab.clientSession()
+        var found: FlowKey?
+        for _ in 0..<50 where found == nil {
+            found = try? lab.clientSession()
+            if found == nil { Thread.sleep(forTimeInterval: 0.1) }
+        }
+        let session = try #require(found, "no client session (curl running: \(curl.isRunning)): \(lab.diagnostics())")
 
         // The real session's entry, exported from fwA, amid 20 valid padding entries (the real one at index 3).
         let export = try Command.run([Self.bin, "state", "export", "--netns", lab.fwA, "--compact", "--match",
