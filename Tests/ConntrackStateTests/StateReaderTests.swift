@@ -1,5 +1,6 @@
 @testable import ConntrackState
 import Foundation
+import Logging
 import Testing
 
 /// A valid compact document of `count` entries (10.79.70.x → 10.79.71.1), as text.
@@ -299,5 +300,28 @@ private func text(_ error: StateValidationError?) -> String {
         let v6a = FlowKey(src: IPAddress("fd00::1")!, sport: 1, dst: IPAddress("fd00::2")!, dport: 2)
         let v6b = FlowKey(src: IPAddress("fd00::2")!, sport: 1, dst: IPAddress("fd00::1")!, dport: 2)
         #expect(PackedFlowKey(v6a) != PackedFlowKey(v6b))
+    }
+
+    /// The agent's store refuses before it opens a conntrack handle: these run without root and without a table.
+    @Test func theAgentsStoreRefusesBeforeTouchingTheKernel() throws {
+        let store = ConntrackStateStore(logger: Logger(label: "sd.unit"))
+        let big = Array(try documentText(200).utf8)
+        #expect(big.count > 60_000)
+        #expect(throws: (any Error).self) { try store.importState(big) }
+        do { try store.importState(big) } catch {
+            #expect("\(error)".contains("$: document of \(big.count) bytes is larger than the limit of 60000 bytes (--state-max-bytes)"),
+                    "\(error)")
+        }
+        var loopback = ConntrackBenchmark.syntheticEntry(0, base: 79)
+        loopback.orig.dst = IPAddress("127.0.0.53")!
+        loopback.reply = loopback.orig.inverted
+        let text = Array(String(decoding: try StateDocument(host: "h", entries: [loopback]).encoded(pretty: false), as: UTF8.self).utf8)
+        do {
+            try store.importState(text)
+            Issue.record("the store imported a loopback entry")
+        } catch {
+            #expect("\(error)" == "state document refused, nothing imported: $.entries[0].orig.dst: 127.0.0.53 is loopback "
+                + "(--state-only-local) — entry #0 (tcp src=10.79.0.1 dst=127.0.0.53 sport=1024 dport=80) (+1 more)", "\(error)")
+        }
     }
 }
