@@ -299,7 +299,11 @@ private func text(_ error: StateValidationError?) -> String {
         #expect(PackedFlowKey(a.key) != PackedFlowKey(zoned.key))
         let v6a = FlowKey(src: IPAddress("fd00::1")!, sport: 1, dst: IPAddress("fd00::2")!, dport: 2)
         let v6b = FlowKey(src: IPAddress("fd00::2")!, sport: 1, dst: IPAddress("fd00::1")!, dport: 2)
-        #expect(PackedFlowKey(v6a) != PackedFlowKey(v6b))
+        #expect(PackedFlowKey(v6a) == nil)
+        var seen = SeenKeys()
+        #expect(seen.insert(a.key, at: 0) == nil && seen.insert(v6a, at: 1) == nil && seen.insert(v6b, at: 2) == nil)
+        #expect(seen.insert(b.key, at: 3) == nil && seen.insert(zoned.key, at: 4) == nil)
+        #expect(seen.insert(a.key, at: 5) == 0 && seen.insert(v6a, at: 6) == 1 && seen.insert(zoned.key, at: 7) == 4)
     }
 
     /// The agent's store refuses before it opens a conntrack handle: these run without root and without a table.
