@@ -21,7 +21,7 @@ public struct ValidatedStateDocument: Sendable {
 /// ``ConntrackEntry/validationFindings()``), the endpoint rule (``EndpointPolicy``) and duplicates. Every
 /// problem is reported with its JSON path (``StateValidationError``), several at once up to a cap.
 ///
-/// Memory: one entry's bytes, the path, 16–40 bytes per entry for the duplicate check and, when the entries are
+/// Memory: one entry's bytes, the path, ~20 bytes a slot (≈ 60 per entry at a resize) for the duplicate check and, when the entries are
 /// kept for an import, the decoded entries (not the JSON tree).
 public struct StateDocumentReader: Sendable {
     public var limits: StateDocumentLimits
