@@ -1,3 +1,4 @@
+import Glibc
 import Foundation
 import Logging
 
@@ -127,4 +128,92 @@ public enum ConntrackBenchmark {
 public struct BenchmarkError: Error, CustomStringConvertible {
     public var message: String
     public var description: String { message }
+}
+
+/// `dysco-migrate bench state-validate`: peak memory and time to validate large documents, streaming
+/// (``StateDocumentReader``) against the whole-document decode (``StateDocument/decode(_:)`` + `validate()`).
+/// Each measurement runs in its own child process so that each peak RSS is its own.
+public enum StateValidateBenchmark {
+    public enum Mode: String, Sendable, CaseIterable {
+        /// Data(contentsOf:) + JSONDecoder over the whole document + validate(): the old path.
+        case whole
+        /// The streaming reader, validating only (what `state validate` does).
+        case stream
+        /// The streaming reader keeping the decoded entries (what `state import` holds before its first write).
+        case streamKeep = "stream-keep"
+    }
+
+    public struct Measurement: Codable, Sendable {
+        public var mode: String
+        public var entries: Int
+        public var bytes: Int
+        public var seconds: Double
+        /// getrusage(RUSAGE_SELF).ru_maxrss of the process that validated, in KiB.
+        public var maxRSSKiB: Int
+        public var valid: Bool
+    }
+
+    /// Writes a document of `count` synthetic entries to `path` (compact, as the agents send them), streamed:
+    /// 1,000 entries at a time. Returns the size in bytes.
+    @discardableResult
+    public static func generate(path: String, count: Int) throws -> Int {
+        guard FileManager.default.createFile(atPath: path, contents: nil) else {
+            throw BenchmarkError(message: "cannot create \(path)")
+        }
+        let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: path))
+        defer { try? handle.close() }
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        var size = 0
+        func write(_ data: Data) throws {
+            try handle.write(contentsOf: data)
+            size += data.count
+        }
+        try write(Data(#"{"entries":["#.utf8))
+        var batch = Data()
+        for index in 0..<count {
+            if index > 0 { batch.append(0x2c) }
+            batch.append(try encoder.encode(ConntrackBenchmark.syntheticEntry(index)))
+            if batch.count > 1 << 20 {
+                try write(batch)
+                batch.removeAll(keepingCapacity: true)
+            }
+        }
+        try write(batch)
+        try write(Data(#"],"exported_at":"2026-01-01T00:00:00.000Z","host":"bench","schema":"dysco-conntrack-state","version":1}"#.utf8))
+        return size
+    }
+
+    /// One measurement in this process (the child's side).
+    public static func measure(_ mode: Mode, path: String) -> Measurement {
+        let clock = ContinuousClock()
+        let start = clock.now
+        var entries = 0
+        var valid = true
+        switch mode {
+        case .whole:
+            do {
+                let document = try StateDocument.decode(try Data(contentsOf: URL(fileURLWithPath: path)))
+                try document.validate()
+                entries = document.entries.count
+            } catch {
+                valid = false
+            }
+        case .stream, .streamKeep:
+            let reader = StateDocumentReader(limits: StateDocumentLimits(maxBytes: Int.max))
+            do {
+                let document = mode == .stream ? try reader.validate(.file(path)) : try reader.read(.file(path))
+                entries = document.entryCount
+            } catch {
+                valid = false
+            }
+        }
+        let elapsed = clock.now - start
+        var usage = rusage()
+        getrusage(__rusage_who_t(RUSAGE_SELF.rawValue), &usage)
+        let bytes = ((try? FileManager.default.attributesOfItem(atPath: path)[.size]) as? NSNumber)?.intValue ?? 0
+        return Measurement(mode: mode.rawValue, entries: entries, bytes: bytes,
+                           seconds: Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18,
+                           maxRSSKiB: usage.ru_maxrss, valid: valid)
+    }
 }

@@ -11,18 +11,33 @@ public final class ConntrackStateStore: FirewallStateStore, @unchecked Sendable 
     /// the namespace's name is looked up in /run/netns — milliseconds per export otherwise.
     private lazy var hostLabel = ConntrackTable.hostLabel(namespace: .current)
 
+    private let namespace: NamespaceSelection
+    /// How received documents are read: limits and the endpoint rule (agent `--state-max-bytes`,
+    /// `--state-only-local`).
+    private var reader: StateDocumentReader
+    /// This host's addresses and routes for `.routes`, re-read at most once a second.
+    private var local: (addresses: LocalAddresses, readAt: ContinuousClock.Instant)?
+
     /// Per-migration import/export lines ("import done") are below the agent's default level: a drain of
     /// 10,000 sessions would log 10,000 of them.
-    public init(logger: Logger) {
+    public init(logger: Logger, limits: StateDocumentLimits = StateDocumentLimits(maxBytes: ControlBody.maxDocumentBytes),
+                endpoints: EndpointPolicy.Rule = .basic, namespace: NamespaceSelection = .current) {
         var quiet = logger
         quiet.logLevel = max(logger.logLevel, .notice)
         self.logger = quiet
+        self.namespace = namespace
+        var limits = limits
+        limits.maxBytesOption = "--state-max-bytes"
+        reader = StateDocumentReader(limits: limits, endpoints: EndpointPolicy(rule: endpoints, option: "--state-only-local"))
     }
+
+    /// The largest document a statePut carries (docs/CONTROL-PROTOCOL.md): the agent's default limit.
+    public static let defaultMaxBytes = ControlBody.maxDocumentBytes
 
     private func table() throws(FirewallStateError) -> ConntrackTable {
         if let handle { return handle }
         do {
-            let opened = try ConntrackTable(namespace: .current, logger: logger)
+            let opened = try ConntrackTable(namespace: namespace, logger: logger)
             handle = opened
             return opened
         } catch {
@@ -54,17 +69,28 @@ public final class ConntrackStateStore: FirewallStateStore, @unchecked Sendable 
     }
 
     public func importState(_ bytes: [UInt8]) throws(FirewallStateError) {
-        let table = try table()
-        do {
-            let document = try StateDocument.decode(Data(bytes))
-            let report = try table.importDocument(document, options: ImportOptions(existing: .replace))
-            guard report.succeeded, report.created + report.replaced == document.entries.count else {
-                throw FirewallStateError(report.summary)
+        if reader.endpoints.rule == .routes {
+            let clock = ContinuousClock()
+            if local == nil || clock.now - local!.readAt > .seconds(1) {
+                do { local = (try LocalAddresses.read(in: namespace), clock.now) } catch {
+                    throw FirewallStateError("cannot read this host's addresses and routes: \(error)")
+                }
             }
-        } catch let error as FirewallStateError {
-            throw error
-        } catch {
-            throw FirewallStateError("\(error)")
+            reader.endpoints.local = local?.addresses
+        }
+        // Validated as a whole before the handle is even opened: a refused document writes nothing.
+        let document: ValidatedStateDocument
+        do { document = try reader.read(.bytes(bytes)) } catch {
+            logger.warning("state document refused", metadata: ["conntrack.problems": "\(error.count)",
+                                                                 "conntrack.first": "\(error.issues.first.map(String.init(describing:)) ?? "")"])
+            // Short: the reason travels back in stateInstalled (at most 200 bytes with the phase times).
+            throw FirewallStateError("state document refused, nothing imported: "
+                + (error.issues.first.map(String.init(describing:)) ?? "?") + (error.count > 1 ? " (+\(error.count - 1) more)" : ""))
+        }
+        let table = try table()
+        let report = table.importDocument(document, options: ImportOptions(existing: .replace))
+        guard report.succeeded, report.created + report.replaced == document.entryCount else {
+            throw FirewallStateError(report.summary)
         }
     }
 

@@ -159,11 +159,23 @@ extension ConntrackTable {
     public func importDocument(_ document: StateDocument, options: ImportOptions = ImportOptions(),
                                deletingFrom source: ConntrackTable? = nil) throws(StateValidationError) -> ImportReport {
         try document.validate()
+        return importEntries(document.entries, options: options, deletingFrom: source)
+    }
+
+    /// Imports a document that ``StateDocumentReader`` validated as a whole (the entries it kept): the reader,
+    /// not this call, refused anything wrong, so nothing here reaches the kernel unless all of it validated.
+    public func importDocument(_ document: ValidatedStateDocument, options: ImportOptions = ImportOptions(),
+                               deletingFrom source: ConntrackTable? = nil) -> ImportReport {
+        importEntries(document.entries, options: options, deletingFrom: source)
+    }
+
+    private func importEntries(_ entries: [ConntrackEntry], options: ImportOptions,
+                               deletingFrom source: ConntrackTable?) -> ImportReport {
         let clock = ContinuousClock()
         let start = clock.now
         var results: [ImportResult] = []
-        results.reserveCapacity(document.entries.count)
-        for (index, entry) in document.entries.enumerated() {
+        results.reserveCapacity(entries.count)
+        for (index, entry) in entries.enumerated() {
             let outcome = importEntry(entry, options: options)
             if case let .failed(error) = outcome {
                 logger.error("import failed", metadata: ["conntrack.entry": "\(entry)", "conntrack.index": "\(index)",

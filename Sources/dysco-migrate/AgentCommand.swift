@@ -139,6 +139,19 @@ struct AgentCommand: AsyncParsableCommand {
     var acceptState: YesNo = .yes
 
     @Option(help: ArgumentHelp("""
+        Refuse a migrated state document larger than this many bytes, before parsing (default and most useful \
+        maximum: 60000, the largest document a statePut carries).
+        """, valueName: "bytes"))
+    var stateMaxBytes: Int = ConntrackStateStore.defaultMaxBytes
+
+    @Option(help: ArgumentHelp("""
+        Endpoint rule for migrated state: basic (default) refuses entries naming a loopback, multicast, broadcast, \
+        unspecified or link-local address; routes also requires one endpoint of each entry to be an address of \
+        this host or on one of its routes (not the default route); off keeps only the format's checks.
+        """, valueName: "off|basic|routes"))
+    var stateOnlyLocal: EndpointPolicy.Rule = .basic
+
+    @Option(help: ArgumentHelp("""
         Serve Prometheus metrics at http://ADDR:PORT/metrics in the agent's namespace (off by default; \
         0.0.0.0 listens on every address). Names and labels: README.md, "Metrics".
         """, valueName: "addr:port"))
@@ -150,6 +163,7 @@ struct AgentCommand: AsyncParsableCommand {
         guard parsedPortRange != nil else {
             throw ValidationError("--port-range must be LOW-HIGH with 1 <= LOW <= HIGH <= 65535, got '\(portRange)'")
         }
+        guard stateMaxBytes > 0 else { throw ValidationError("--state-max-bytes must be positive") }
         guard idleTimeout > 0 else { throw ValidationError("--idle-timeout must be positive") }
         guard synTimeout > 0, synTimeout <= 3600 else { throw ValidationError("--syn-timeout must be in (0, 3600] s") }
         guard maxSessions > 0 else { throw ValidationError("--max-sessions must be positive") }
@@ -217,7 +231,8 @@ struct AgentCommand: AsyncParsableCommand {
         options.controlPort = controlPort
         options.acceptState = acceptState == .yes
         options.metrics = try parsedMetrics()
-        options.stateStore = ConntrackStateStore(logger: logger)
+        options.stateStore = ConntrackStateStore(logger: logger, limits: StateDocumentLimits(maxBytes: stateMaxBytes),
+                                                 endpoints: stateOnlyLocal)
         options.portRange = parsedPortRange!
         options.settings.idleTimeout = UInt64(idleTimeout) * 1_000_000_000
         options.settings.closeLinger = UInt64(closeLinger * 1e9)

@@ -1,5 +1,7 @@
 import ArgumentParser
+import ConntrackState
 import DyscoLab
+import DyscoSystem
 import Foundation
 import Logging
 
@@ -7,7 +9,8 @@ struct BenchCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
         abstract: "Benchmarks that print figures (and assert nothing).",
-        subcommands: [Dataplane.self, Replace.self, DrainBench.self, FloodBench.self, Connect.self, Sink.self, PacedServer.self]
+        subcommands: [Dataplane.self, Replace.self, DrainBench.self, FloodBench.self, StateValidate.self, Connect.self, Sink.self,
+                      PacedServer.self]
     )
 
     /// The benchmarks' logger: progress at info level on stderr.
@@ -69,6 +72,72 @@ struct BenchCommand: AsyncParsableCommand {
                 print(String(decoding: try encoder.encode(report), as: UTF8.self))
             } else {
                 print(report.text)
+            }
+        }
+    }
+
+    struct StateValidate: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "state-validate",
+            abstract: "Peak memory and time to validate state documents: streaming reader vs whole-document decode.",
+            discussion: """
+                For each --entries count, writes a compact document of synthetic entries to a temporary file \
+                (streamed, deleted afterwards) and validates it in a child process per method, so each peak RSS \
+                (getrusage ru_maxrss) is that method's alone: whole (the old path: read the file, JSONDecoder over \
+                the whole document, validate), stream (StateDocumentReader, validating only: `state validate`) and \
+                stream-keep (the reader keeping the decoded entries, as `state import` does before its first \
+                write). No limit is applied here. Needs no root.
+                """
+        )
+
+        @Option(parsing: .upToNextOption, help: "Document sizes, in entries.") var entries: [Int] = [10_000, 100_000, 1_000_000]
+        @Option(help: "Methods to run (whole, stream, stream-keep).") var modes: [String] = StateValidateBenchmark.Mode.allCases.map(\.rawValue)
+        @Option(help: "Directory for the temporary documents.") var directory: String = NSTemporaryDirectory()
+        @Flag(help: "Print the measurements as JSON.") var json = false
+        @Option(help: .hidden) var child: String?
+        @Option(help: .hidden) var file: String?
+
+        func validate() throws {
+            guard !entries.isEmpty, entries.allSatisfy({ $0 > 0 && $0 <= 16_000_000 }) else {
+                throw ValidationError("--entries must be 1...16000000")
+            }
+            for mode in modes where StateValidateBenchmark.Mode(rawValue: mode) == nil {
+                throw ValidationError("unknown mode '\(mode)' (whole, stream, stream-keep)")
+            }
+        }
+
+        func run() throws {
+            if let child, let file, let mode = StateValidateBenchmark.Mode(rawValue: child) {
+                let measurement = StateValidateBenchmark.measure(mode, path: file)
+                print(String(decoding: try JSONEncoder().encode(measurement), as: UTF8.self))
+                return
+            }
+            let binary = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")
+            var results: [StateValidateBenchmark.Measurement] = []
+            if !json {
+                print("entries    MiB  method        valid  seconds  peak RSS MiB  (bytes/entry of RSS)")
+            }
+            for count in entries {
+                let path = (directory as NSString).appendingPathComponent("dysco-state-bench-\(getpid())-\(count).json")
+                defer { try? FileManager.default.removeItem(atPath: path) }
+                try StateValidateBenchmark.generate(path: path, count: count)
+                for mode in modes {
+                    let output = try Command.run([binary, "bench", "state-validate", "--child", mode, "--file", path]).stdout
+                    let measurement = try JSONDecoder().decode(StateValidateBenchmark.Measurement.self, from: Data(output.utf8))
+                    results.append(measurement)
+                    if !json {
+                        let method = mode.padding(toLength: 12, withPad: " ", startingAt: 0)
+                        let valid = (measurement.valid ? "yes" : "NO").padding(toLength: 5, withPad: " ", startingAt: 0)
+                        print(String(format: "%9d  %5.0f  ", count, Double(measurement.bytes) / 1_048_576) + method + "  " + valid
+                            + String(format: "  %7.2f  %12.1f  (%.0f)", measurement.seconds, Double(measurement.maxRSSKiB) / 1024,
+                                     Double(measurement.maxRSSKiB) * 1024 / Double(count)))
+                    }
+                }
+            }
+            if json {
+                let encoder = JSONEncoder()
+                encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+                print(String(decoding: try encoder.encode(results), as: UTF8.self))
             }
         }
     }

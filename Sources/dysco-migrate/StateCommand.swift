@@ -12,7 +12,7 @@ struct StateCommand: AsyncParsableCommand {
             Works inside a network namespace: run it under `ip netns exec NAME`, or pass --netns NAME. \
             Needs CAP_NET_ADMIN (root).
             """,
-        subcommands: [StateExportCommand.self, StateImportCommand.self, StateBenchCommand.self]
+        subcommands: [StateExportCommand.self, StateImportCommand.self, StateValidateCommand.self, StateBenchCommand.self]
     )
 }
 
@@ -29,6 +29,42 @@ struct StateCommonOptions: ParsableArguments {
         var logger = Logger(label: "dysco-migrate.state", factory: { StreamLogHandler.standardError(label: $0) })
         logger.logLevel = verbose ? .debug : .warning
         return logger
+    }
+}
+
+extension EndpointPolicy.Rule: ExpressibleByArgument {}
+
+/// How `import` and `validate` read a document: the size limit and the endpoint rule.
+struct StateReadOptions: ParsableArguments {
+    @Option(name: .long, help: ArgumentHelp("""
+        Refuse documents larger than this many bytes, before parsing (default 128 MiB, about 400,000 compact \
+        entries). 0: no limit.
+        """, valueName: "bytes"))
+    var maxBytes: Int = StateDocumentLimits.defaultMaxBytes
+
+    @Option(name: .long, help: ArgumentHelp("""
+        basic: refuse entries naming a loopback, multicast, broadcast, unspecified or link-local address. \
+        routes: also require one endpoint of each entry to be an address of this host or on one of its routes \
+        (not the default route), read in the namespace of --netns. off (default): the format's checks only.
+        """, valueName: "off|basic|routes"))
+    var onlyLocal: EndpointPolicy.Rule = .off
+
+    func validate() throws {
+        guard maxBytes >= 0 else { throw ValidationError("--max-bytes must be 0 (no limit) or positive") }
+    }
+
+    func reader(namespace: NamespaceSelection) throws -> StateDocumentReader {
+        var policy = EndpointPolicy(rule: onlyLocal, option: "--only-local")
+        if onlyLocal == .routes {
+            do { policy.local = try LocalAddresses.read(in: namespace) } catch {
+                throw ValidationError("--only-local routes: cannot read the addresses and routes of the \(namespace): \(error)")
+            }
+        }
+        return StateDocumentReader(limits: StateDocumentLimits(maxBytes: maxBytes == 0 ? Int.max : maxBytes), endpoints: policy)
+    }
+
+    static func source(_ file: String) -> StateDocumentReader.Source {
+        file == "-" ? .handle(FileHandle.standardInput) : .file(file)
     }
 }
 
@@ -83,8 +119,10 @@ struct StateImportCommand: ParsableCommand {
         commandName: "import",
         abstract: "Import conntrack entries from JSON (keeps strict TCP window tracking).",
         discussion: """
-            The whole document is checked before the first write. Prints a summary; exits non-zero when any \
-            entry failed (each failure is listed with its entry and the kernel's reason).
+            The whole document is read and checked before the first write, as `state validate` does (size limit \
+            before parsing, strict JSON, every entry, --only-local); a refused document imports nothing and every \
+            problem is listed with its JSON path. Prints a summary; exits non-zero when any entry failed (each \
+            failure is listed with its entry and the kernel's reason).
             """
     )
 
@@ -99,24 +137,77 @@ struct StateImportCommand: ParsableCommand {
     @Option(name: .long, help: "After importing, delete the imported entries from this namespace's table (the source firewall).")
     var deleteOnSource: String?
 
+    @OptionGroup var read: StateReadOptions
+
     @Argument(help: "The state document (JSON); - for stdin.")
     var file: String = "-"
 
     func run() throws {
-        let data: Data
-        if file == "-" {
-            data = FileHandle.standardInput.readDataToEndOfFile()
-        } else {
-            data = try Data(contentsOf: URL(fileURLWithPath: file))
-        }
-        let document = try StateDocument.decode(data)
+        let document = try read.reader(namespace: common.namespace).read(StateReadOptions.source(file))
         let logger = common.logger()
         let table = try ConntrackTable(namespace: common.namespace, logger: logger)
         let source = try deleteOnSource.map { try ConntrackTable(namespace: .named($0), logger: logger) }
-        let report = try table.importDocument(
+        let report = table.importDocument(
             document, options: ImportOptions(existing: replace ? .replace : .skip, liberal: liberal), deletingFrom: source)
         print(report.summary)
         if !report.succeeded { throw ExitCode(1) }
+    }
+}
+
+struct StateValidateCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "validate",
+        abstract: "Check a state document as import would, without touching any table.",
+        discussion: """
+            Streams the document (memory for one entry, not the document) and applies every check of import: \
+            the size limit, strict JSON (UTF-8, no BOM, nesting, string length, duplicate keys, nothing after the \
+            document), the header, each entry's fields and ranges, --only-local and duplicate tuples. Each \
+            problem is printed with its JSON path, e.g. `$.entries[17].orig.sport: 70000 is out of range \
+            (0–65535)`. Exit 0 when valid, 1 when refused. --json prints {"valid", "entries", "bytes", \
+            "problems", "issues": [{"path", "reason", "index", "entry"}]}.
+            """
+    )
+
+    @OptionGroup var read: StateReadOptions
+
+    @Option(name: .long, help: "Namespace whose addresses and routes --only-local routes uses (default: the current one).")
+    var netns: String?
+
+    @Flag(name: .long, help: "Print the result as JSON.")
+    var json = false
+
+    @Argument(help: "The state document (JSON); - for stdin.")
+    var file: String = "-"
+
+    struct Output: Encodable {
+        struct Issue: Encodable { var path: String; var reason: String; var index: Int?; var entry: String? }
+        var valid: Bool
+        var entries: Int?
+        var bytes: Int?
+        var problems: Int
+        var issues: [Issue]
+    }
+
+    func run() throws {
+        let reader = try read.reader(namespace: netns.map(NamespaceSelection.named) ?? .current)
+        let output: Output
+        do {
+            let result = try reader.validate(StateReadOptions.source(file))
+            output = Output(valid: true, entries: result.entryCount, bytes: result.byteCount, problems: 0, issues: [])
+        } catch {
+            output = Output(valid: false, problems: error.count, issues: error.issues.map {
+                .init(path: $0.path, reason: $0.reason, index: $0.index, entry: $0.entry.isEmpty ? nil : $0.entry)
+            })
+            if !json { FileHandle.standardError.write(Data("\(error)\n".utf8)) }
+        }
+        if json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+            FileHandle.standardOutput.write(try encoder.encode(output) + Data("\n".utf8))
+        } else if output.valid {
+            print("valid: \(output.entries ?? 0) entries, \(output.bytes ?? 0) bytes")
+        }
+        if !output.valid { throw ExitCode(1) }
     }
 }
 

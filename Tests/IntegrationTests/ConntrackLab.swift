@@ -14,6 +14,7 @@ import Logging
 final class ConntrackLab {
     let prefix: String
     let left: Int  // third octet of the client subnet; the server subnet is left + 1
+    let net: String  // the first two octets ("10.201")
     let workDir: URL
     var processes: [Process] = []
 
@@ -24,12 +25,12 @@ final class ConntrackLab {
     var sw: String { "\(prefix)-sw" }
     var namespaces: [String] { [cli, srv, fwA, fwB, sw] }
 
-    var clientIP: String { "10.201.\(left).10" }
-    var serverIP: String { "10.201.\(left + 1).10" }
+    var clientIP: String { "\(net).\(left).10" }
+    var serverIP: String { "\(net).\(left + 1).10" }
     /// SNAT address of the NAT test: routed by the server toward whichever firewall carries the session.
-    var natIP: String { "10.201.\(left + 1).100" }
-    func fwLeftIP(_ fw: String) -> String { "10.201.\(left).\(fw == fwA ? 1 : 2)" }
-    func fwRightIP(_ fw: String) -> String { "10.201.\(left + 1).\(fw == fwA ? 1 : 2)" }
+    var natIP: String { "\(net).\(left + 1).100" }
+    func fwLeftIP(_ fw: String) -> String { "\(net).\(left).\(fw == fwA ? 1 : 2)" }
+    func fwRightIP(_ fw: String) -> String { "\(net).\(left + 1).\(fw == fwA ? 1 : 2)" }
 
     let logger: Logger = {
         var logger = Logger(label: "conntrack.test")
@@ -37,9 +38,10 @@ final class ConntrackLab {
         return logger
     }()
 
-    init(prefix: String, left: Int, snat: Bool = false) throws {
+    init(prefix: String, left: Int, net: String = "10.201", snat: Bool = false) throws {
         self.prefix = prefix
         self.left = left
+        self.net = net
         workDir = URL(fileURLWithPath: NSTemporaryDirectory()).appendingPathComponent("\(prefix)-\(getpid())")
         Self.removeNamespaces(prefix: prefix)
         do {
@@ -87,7 +89,7 @@ final class ConntrackLab {
             for rule in rules { try Command.run(["iptables", "-w"] + rule, netns: fw) }
             if snat {
                 // Both firewalls can SNAT to the shared address (fwB needs its nat table for imported NAT entries).
-                try Command.run(["iptables", "-w", "-t", "nat", "-A", "POSTROUTING", "-o", "eth1", "-s", "10.201.\(left).0/24",
+                try Command.run(["iptables", "-w", "-t", "nat", "-A", "POSTROUTING", "-o", "eth1", "-s", "\(net).\(left).0/24",
                                  "-j", "SNAT", "--to-source", natIP], netns: fw)
             }
         }
