@@ -56,6 +56,10 @@ public struct DataplaneCounters: Sendable, Codable, Equatable {
     public var droppedAfterLeaving: UInt64 = 0
     /// Window-opening probes an anchor received on a new path and kept from its endpoint.
     public var probesReceived: UInt64 = 0
+    /// FINs and RSTs the kernel rewrote and queued for the agent's teardown bookkeeping (accepted unchanged).
+    public var kernelObserved: UInt64 = 0
+    /// Sessions read back from the state file at start (a restarted agent).
+    public var sessionsRestored: UInt64 = 0
     /// The slow path's verdicts (``count(_:)``, by the NFQUEUE shell under the lock it already holds): accepted as
     /// they came, accepted rewritten, dropped, held by an anchor (a held packet counts again when it is released).
     public var verdictAccept: UInt64 = 0
@@ -359,7 +363,7 @@ public struct PacketProcessor: Sendable {
 
     // MARK: - Teardown (FIN both ways, RST) and expiry
 
-    private mutating func track(_ translation: SessionTable.Translation, flags: TCPFlags, length: Int, now: UInt64) {
+    mutating func track(_ translation: SessionTable.Translation, flags: TCPFlags, length: Int, now: UInt64) {
         let settings = settings
         var install: [FastPathScript.Translation]?
         var uninstall: [FastPathScript.Translation]?
