@@ -164,16 +164,8 @@ public final class DataplaneAgent: @unchecked Sendable {
             let (result, carried, owned) = processor.withLock { state in
                 let result = SessionStateFile.restore(contents, into: &state.table, now: now)
                 state.counters.sessionsRestored = UInt64(result.restored.count)
-                var carried: [(SessionTable.SessionID, [FastPathScript.Translation])] = []
-                for id in result.restored {
-                    guard let record = state.table.records[id] else { continue }
-                    // In the kernel before: back in it (current rule format). Otherwise the slow path, from
-                    // which the usual hand-over may take it again.
-                    if state.settings.fastPath, inKernel.contains(id), record.closeDeadline == nil, !record.fastPathFailed {
-                        state.table.update(id) { $0.path = .kernel }
-                        carried.append((id, record.fastPathTranslations))
-                    }
-                }
+                let carried = SessionStateFile.reconcile(result.restored, table: &state.table, inKernel: inKernel,
+                                                         fastPath: state.settings.fastPath)
                 return (result, carried, ownership.update(result.restored, table: state.table).add)
             }
             restoreReport.restored = result.restored.count

@@ -118,6 +118,26 @@ public enum SessionStateFile {
         return bytes
     }
 
+    /// The kernel side of a restart: a restored session whose chains the kernel still has goes back to the kernel
+    /// (path `kernel`, its translations in the current rule format, returned for the rebuilt table) unless it is
+    /// closing or the fast path is off or refused it; every other one stays on the slow path (the usual hand-over
+    /// may take it again). Chains of sessions without a record are not returned: the rebuild drops them.
+    public static func reconcile(_ restored: [SessionTable.SessionID], table: inout SessionTable,
+                                 inKernel: Set<SessionTable.SessionID>, fastPath: Bool)
+        -> [(SessionTable.SessionID, [FastPathScript.Translation])] {
+        var carried: [(SessionTable.SessionID, [FastPathScript.Translation])] = []
+        for id in restored {
+            guard let record = table.records[id] else { continue }
+            if fastPath, inKernel.contains(id), record.closeDeadline == nil, !record.fastPathFailed {
+                table.update(id) { $0.path = .kernel }
+                carried.append((id, record.fastPathTranslations))
+            } else {
+                table.update(id) { $0.path = .slow }
+            }
+        }
+        return carried
+    }
+
     /// What putting a file's records back into a table did.
     public struct RestoreResult: Sendable, Equatable {
         public var restored: [SessionTable.SessionID] = []
