@@ -98,7 +98,11 @@ public final class DataplaneAgent: @unchecked Sendable {
         public var refused = 0
         public var badLines = 0
         public var readSeconds = 0.0
+        /// Of which: the kernel table's JSON listing.
+        public var listSeconds = 0.0
         public var kernelSeconds = 0.0
+        /// The kernel table was kept as it was (only the owned keys set again); false: rebuilt.
+        public var tableKept = false
         public var rulesSeconds = 0.0
         /// Why the start was fresh although a state file existed (nil: restored, or nothing to restore).
         public var freshReason: String?
@@ -144,6 +148,9 @@ public final class DataplaneAgent: @unchecked Sendable {
         let rulesStart = dysco_monotonic_ns()
         try rules.install(logger: logger)
         restoreReport.rulesSeconds = Double(dysco_monotonic_ns() - rulesStart) / 1e9
+        if restoreReport.restored > 0 {
+            logger.notice("queue rules in place", metadata: ["state.rules_seconds": "\(restoreReport.rulesSeconds)"])
+        }
     }
 
     /// Reads the state file and, if the kernel table is there too, puts the sessions back and rebuilds the table
@@ -157,10 +164,12 @@ public final class DataplaneAgent: @unchecked Sendable {
         if options.fresh { unlink(path) }
         let readStart = dysco_monotonic_ns()
         let contents = try StateJournal.read(path: path)
+        let listStart = dysco_monotonic_ns()
         let listing = contents == nil ? nil : worker.listing()
+        restoreReport.listSeconds = Double(dysco_monotonic_ns() - listStart) / 1e9
         let now = dysco_monotonic_coarse_ns()
         if let contents, let listing {
-            let inKernel = FastPathListing.sessions(json: listing)
+            let inKernel = listing.sessions
             let (result, carried, owned) = processor.withLock { state in
                 let result = SessionStateFile.restore(contents, into: &state.table, now: now)
                 state.counters.sessionsRestored = UInt64(result.restored.count)
@@ -174,13 +183,21 @@ public final class DataplaneAgent: @unchecked Sendable {
             restoreReport.kernel = carried.count
             restoreReport.readSeconds = Double(dysco_monotonic_ns() - readStart) / 1e9
             let kernelStart = dysco_monotonic_ns()
-            try worker.rebuild(sessions: carried, owned: owned)
+            // The common case (a crash or an upgrade of the same format): the kernel has exactly these sessions and
+            // keeps them untouched. Anything else (stray chains, closed sessions, an older format) is rebuilt.
+            restoreReport.tableKept = listing.matches(carried)
+            if restoreReport.tableKept {
+                try worker.keep(owned: owned)
+            } else {
+                try worker.rebuild(sessions: carried, owned: owned)
+            }
             restoreReport.kernelSeconds = Double(dysco_monotonic_ns() - kernelStart) / 1e9
             logger.notice("sessions restored", metadata: [
                 "state.file": "\(path)", "state.sessions": "\(result.restored.count)",
                 "state.kernel": "\(carried.count)", "state.refused": "\(result.refused.count)",
                 "state.bad_lines": "\(contents.badLines)", "state.first_error": "\(contents.firstError ?? "-")",
-                "state.read_seconds": "\(restoreReport.readSeconds)", "state.kernel_seconds": "\(restoreReport.kernelSeconds)",
+                "state.read_seconds": "\(restoreReport.readSeconds)", "state.list_seconds": "\(restoreReport.listSeconds)",
+                "state.kernel_seconds": "\(restoreReport.kernelSeconds)", "state.table_kept": "\(restoreReport.tableKept)",
             ])
         } else {
             if contents != nil {
@@ -656,8 +673,11 @@ extension DataplaneAgent {
     /// Removes what a stopped agent left for its successor (`agent --purge`): the NFQUEUE rules, the kernel table
     /// and the state file; the sessions they carried are then lost. Refused while an agent holds `queue`.
     public static func purge(queue: UInt16, logger: Logger, stateFile: String) throws -> PurgeReport {
-        do { _ = try NetfilterQueueSocket(queue: queue) } catch let error as SystemCallError where error.errno == EBUSY {
-            throw ControlError(message: "an agent is running on queue \(queue) in this namespace: stop it first (SIGTERM)")
+        // Root gets EPERM (not EBUSY) for a queue another socket has bound.
+        do { _ = try NetfilterQueueSocket(queue: queue) } catch let error as SystemCallError
+            where error.errno == EBUSY || error.errno == EPERM {
+            throw ControlError(message: "an agent is running on queue \(queue) in this namespace (binding it: \(error)); "
+                               + "stop it first (SIGTERM)")
         }
         var report = PurgeReport()
         report.rules = QueueRules.present()

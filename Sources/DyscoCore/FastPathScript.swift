@@ -79,6 +79,11 @@ public enum FastPathScript {
             + own(ingress: ownedIngress, egress: ownedEgress)
     }
 
+    /// Sets the owned keys anew, in one transaction (a restarted agent whose kernel table is as it left it).
+    public static func replaceOwned(ingress: [FiveTuple], egress: [FiveTuple]) -> String {
+        "flush set ip \(table) owned_in\nflush set ip \(table) owned_out\n" + own(ingress: ingress, egress: egress)
+    }
+
     /// Adds keys to the owned sets (a key already there is no error).
     public static func own(ingress: [FiveTuple], egress: [FiveTuple]) -> String {
         elements("add", ingress: ingress, egress: egress)

@@ -81,18 +81,50 @@ public struct KernelOwnership: Sendable, Equatable {
     }
 }
 
-/// Reads which sessions have chains in a listing of the fast-path table (`nft -j list table ip dysco`).
-public enum FastPathListing {
-    public static func sessions(json: Data) -> Set<SessionTable.SessionID> {
+/// What a restarted agent reads of the kernel: which chains and sets the fast-path table has (`nft -j list chains
+/// ip`, `nft -j list sets ip`: names only, cheap however many sessions the table carries).
+public struct FastPathListing: Sendable, Equatable {
+    public var chains: Set<String> = []
+    public var sets: Set<String> = []
+    public init(chains: Set<String> = [], sets: Set<String> = []) {
+        self.chains = chains
+        self.sets = sets
+    }
+
+    /// Parses the two listings (objects of other tables are ignored).
+    public init(chainsJSON: Data, setsJSON: Data) {
+        chains = Self.names("chain", chainsJSON)
+        sets = Self.names("set", setsJSON)
+    }
+
+    private static func names(_ kind: String, _ json: Data) -> Set<String> {
         guard let root = try? JSONSerialization.jsonObject(with: json) as? [String: Any],
               let objects = root["nftables"] as? [[String: Any]] else { return [] }
-        var ids = Set<SessionTable.SessionID>()
-        for object in objects {
-            if let chain = object["chain"] as? [String: Any], let name = chain["name"] as? String,
-               let id = FastPathScript.session(ofChain: name) {
-                ids.insert(id)
-            }
+        return Set(objects.compactMap { object in
+            guard let item = object[kind] as? [String: Any], item["table"] as? String == FastPathScript.table else { return nil }
+            return item["name"] as? String
+        })
+    }
+
+    /// Whether a `nft -j list tables ip` listing has the fast-path table.
+    public static func hasTable(json: Data) -> Bool {
+        guard let root = try? JSONSerialization.jsonObject(with: json) as? [String: Any],
+              let objects = root["nftables"] as? [[String: Any]] else { return false }
+        return objects.contains { ($0["table"] as? [String: Any])?["name"] as? String == FastPathScript.table }
+    }
+
+    /// Sessions with chains in the table.
+    public var sessions: Set<SessionTable.SessionID> { Set(chains.compactMap(FastPathScript.session(ofChain:))) }
+
+    /// The kernel already holds exactly `carried` in the current format (the owned sets exist, every session chain
+    /// is one of theirs and each of theirs is there): the table can stay as it is, only the owned keys are set
+    /// again. Otherwise it is rebuilt (``FastPathScript/rebuild(reroute:sessions:ownedIngress:ownedEgress:)``).
+    public func matches(_ carried: [(SessionTable.SessionID, [FastPathScript.Translation])]) -> Bool {
+        guard sets.isSuperset(of: ["owned_in", "owned_out"]) else { return false }
+        var expected = Set<String>()
+        for (id, translations) in carried {
+            for index in translations.indices { expected.insert(FastPathScript.chainName(session: id, index: index)) }
         }
-        return ids
+        return chains.filter { FastPathScript.session(ofChain: $0) != nil } == expected
     }
 }

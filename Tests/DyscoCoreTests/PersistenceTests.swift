@@ -142,11 +142,22 @@ struct PersistenceTests {
         #expect(table.records[ids[0]]!.path == .kernel && table.records[ids[1]]!.path == .slow && table.records[ids[2]]!.path == .slow)
         var off = h.hosts["fw1"]!.table
         #expect(SessionStateFile.reconcile(ids, table: &off, inKernel: Set(ids), fastPath: false).isEmpty)
-        // The kernel's listing names sessions by chain.
-        let listing = #"{"nftables":[{"metainfo":{}},{"chain":{"family":"ip","table":"dysco","name":"pre"}},"#
+        // The kernel's listing names sessions by chain (other tables' chains do not count).
+        let chains = #"{"nftables":[{"metainfo":{}},{"chain":{"family":"ip","table":"dysco","name":"pre"}},"#
             + #"{"chain":{"family":"ip","table":"dysco","name":"s12_0"}},{"chain":{"family":"ip","table":"dysco","name":"s12_1"}},"#
-            + #"{"chain":{"family":"ip","table":"dysco","name":"s3_0"}}]}"#
-        #expect(FastPathListing.sessions(json: Data(listing.utf8)) == [12, 3])
+            + #"{"chain":{"family":"ip","table":"filter","name":"s5_0"}},{"chain":{"family":"ip","table":"dysco","name":"s3_0"}}]}"#
+        let sets = #"{"nftables":[{"set":{"family":"ip","table":"dysco","name":"owned_in"}},{"set":{"family":"ip","table":"dysco","name":"owned_out"}}]}"#
+        let listing = FastPathListing(chainsJSON: Data(chains.utf8), setsJSON: Data(sets.utf8))
+        #expect(listing.sessions == [12, 3])
+        #expect(FastPathListing.hasTable(json: Data(#"{"nftables":[{"table":{"family":"ip","name":"dysco","handle":3}}]}"#.utf8)))
+        #expect(!FastPathListing.hasTable(json: Data(#"{"nftables":[{"table":{"family":"ip","name":"filter"}}]}"#.utf8)))
+        // The table is kept as it is only when it holds exactly the carried sessions' chains, in the current format.
+        let two = [FastPathScript.Translation](carried[0].1.prefix(2))
+        #expect(FastPathListing(chains: ["pre", "s12_0", "s12_1"], sets: ["owned_in", "owned_out"]).matches([(12, two)]))
+        #expect(!FastPathListing(chains: ["pre", "s12_0", "s12_1", "s3_0"], sets: ["owned_in", "owned_out"]).matches([(12, two)]),
+                "a stray chain: rebuilt")
+        #expect(!FastPathListing(chains: ["s12_0"], sets: ["owned_in", "owned_out"]).matches([(12, two)]), "a chain missing: rebuilt")
+        #expect(!FastPathListing(chains: ["s12_0", "s12_1"], sets: []).matches([(12, two)]), "an older format: rebuilt")
     }
 
     @Test("owned keys: none during the handshake (a SYN costs the kernel nothing), all once it is done, none after removal")
