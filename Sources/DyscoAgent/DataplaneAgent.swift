@@ -239,7 +239,7 @@ public final class DataplaneAgent: @unchecked Sendable {
         timer.setEventHandler { [self] in
             ticks += 1
             let now = dysco_monotonic_coarse_ns()
-            if let fastPath, ticks % max(options.counterPollSeconds, 1) == 0 {
+            if let fastPath, options.fastPath, ticks % max(options.counterPollSeconds, 1) == 0 {
                 let active = fastPath.activeSessions()
                 processor.withLock { $0.kernelActivity(active, now: now) }
             }
@@ -445,7 +445,7 @@ public final class DataplaneAgent: @unchecked Sendable {
     /// What a scrape reads: the processor's counters and counts (a short hold of the packet lock, no session
     /// walk), the control counters, the kernel's packet total and the buffer's occupancy.
     func metricsReadings() -> AgentMetricCatalog.Readings {
-        fastPath?.sampleKernelPackets()
+        if options.fastPath { fastPath?.sampleKernelPackets() }
         let (counters, sessions, anchoring) = processor.withLock { ($0.counters, $0.table.records.count, $0.anchoring) }
         return AgentMetricCatalog.Readings(
             counters: counters, sessions: sessions, anchoring: anchoring,
