@@ -8,12 +8,14 @@
 ///   chain pre  { type filter hook prerouting priority -310; ... vmap @ingress }   # before conntrack and DYSCO-IN
 ///   chain out  { type route|filter hook output priority -160; ... vmap @egress }  # local egress
 ///   chain post { type filter hook postrouting priority -160; ... vmap @egress }   # forwarded egress
-///   chain s<id>_<k> { tcp flags & (fin|syn|rst) == 0 counter <rewrite> meta mark set mark | BIT }
+///   chain s<id>_<k> { tcp flags & (fin|syn|rst) == 0 counter <rewrite> meta mark set mark | BIT
+///                     tcp flags & (fin|rst) != 0 tcp flags & syn == 0 <rewrite> meta mark set mark | BIT | OBSERVE }
 /// }
 /// ```
 /// A packet the kernel rewrote carries a mark bit (ingress or egress); the iptables NFQUEUE rules skip packets
-/// with their hook's bit, so no packet takes both paths. SYN, FIN and RST match nothing and leave unmarked: they
-/// reach the agent, which keeps the handshake, the trailer and teardown in one place.
+/// with their hook's bit, so no packet takes both paths. SYNs match nothing and leave unmarked: they reach the
+/// agent (handshake, trailer). FIN and RST are rewritten and marked to be observed: the agent does its teardown
+/// bookkeeping for them, and with no agent they still leave rewritten (docs/ARCHITECTURE.md, "Agent crash and restart").
 public enum FastPathScript {
     public static let table = "dysco"
     /// Set by the kernel at ingress (raw-PREROUTING queue rule skips it) and at egress (OUTPUT/POSTROUTING).
@@ -135,7 +137,8 @@ public enum FastPathScript {
             // SYNs match neither and fall off the chain unmarked, to the agent (trailer, handshake).
             let statements = ["tcp flags & (fin | syn | rst) == 0", "counter"] + rewrite
                 + ["meta mark set mark | 0x\(String(mark, radix: 16))"]
-            let teardown = ["tcp flags & syn == 0"] + rewrite + ["meta mark set mark | 0x\(String(observe, radix: 16))"]
+            // Rule 1 has no verdict, so a data packet goes on to rule 2: its match must exclude data.
+            let teardown = ["tcp flags & (fin | rst) != 0", "tcp flags & syn == 0"] + rewrite + ["meta mark set mark | 0x\(String(observe, radix: 16))"]
             lines.append("add chain ip \(table) \(chain)")
             lines.append("add rule ip \(table) \(chain) \(statements.joined(separator: " "))")
             lines.append("add rule ip \(table) \(chain) \(teardown.joined(separator: " "))")
