@@ -25,6 +25,7 @@ struct dysco_nfq_packet {
     uint32_t id;
     uint8_t hook;
     uint32_t skb_info;      /* NFQA_SKB_* flags, 0 when absent */
+    uint32_t mark;          /* NFQA_MARK, 0 when absent */
     unsigned char *payload; /* points into the receive buffer; NULL when absent */
     uint32_t payload_len;
 };
@@ -37,6 +38,7 @@ static inline int dysco_nfq_parse(const struct nlmsghdr *nlh, struct dysco_nfq_p
     out->id = ntohl(ph->packet_id);
     out->hook = ph->hook;
     out->skb_info = attr[NFQA_SKB_INFO] ? ntohl(mnl_attr_get_u32(attr[NFQA_SKB_INFO])) : 0;
+    out->mark = attr[NFQA_MARK] ? ntohl(mnl_attr_get_u32(attr[NFQA_MARK])) : 0;
     if (attr[NFQA_PAYLOAD]) {
         out->payload = mnl_attr_get_payload(attr[NFQA_PAYLOAD]);
         out->payload_len = mnl_attr_get_payload_len(attr[NFQA_PAYLOAD]);

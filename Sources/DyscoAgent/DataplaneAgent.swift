@@ -38,11 +38,19 @@ public final class DataplaneAgent: @unchecked Sendable {
         public var trust: TrustGroup
         /// The policy file the config came from (`policy reload` and SIGHUP read it again); nil: none.
         public var configPath: String?
+        /// The session table's journal (docs/ARCHITECTURE.md, "Agent crash and restart"); nil: nothing persists
+        /// and a stop always removes everything.
+        public var stateFile: String?
+        /// Discard the state file and the kernel table at start (a restart then loses every session).
+        public var fresh = false
+        /// Remove the rules, the kernel table and the state file at exit even with live sessions.
+        public var cleanupOnExit = false
 
         public init(netns: String?, controlSocketPath: String? = nil, trust: TrustGroup) {
             self.netns = netns
             self.trust = trust
             self.controlSocketPath = controlSocketPath ?? AgentControlPaths.socketPath(netns: netns)
+            stateFile = AgentControlPaths.statePath(socketPath: self.controlSocketPath)
         }
     }
 
@@ -77,6 +85,29 @@ public final class DataplaneAgent: @unchecked Sendable {
     /// The Prometheus metrics and their HTTP endpoint (nil without `--metrics`).
     private let metrics: AgentMetrics?
     private var metricsServer: MetricsServer?
+    /// The state file (nil without ``Options/stateFile``); used under the processor's lock.
+    private var journal: StateJournal?
+    /// The keys the kernel fails closed for; used under the processor's lock.
+    private var ownership = KernelOwnership()
+    /// What the start restored (for the log and `bench restore`).
+    public private(set) var restoreReport = RestoreReport()
+
+    /// How a start went: from the state file and the kernel table, or empty.
+    public struct RestoreReport: Sendable, Codable {
+        public var restored = 0
+        public var kernel = 0
+        public var refused = 0
+        public var badLines = 0
+        public var readSeconds = 0.0
+        /// Of which: the kernel table's JSON listing.
+        public var listSeconds = 0.0
+        public var kernelSeconds = 0.0
+        /// The kernel table was kept as it was (only the owned keys set again); false: rebuilt.
+        public var tableKept = false
+        public var rulesSeconds = 0.0
+        /// Why the start was fresh although a state file existed (nil: restored, or nothing to restore).
+        public var freshReason: String?
+    }
 
     /// Binds the queue and installs the rules. Throws a clear error when the queue cannot be bound (another
     /// agent holds it, or no CAP_NET_ADMIN) — and then installs nothing.
@@ -103,19 +134,94 @@ public final class DataplaneAgent: @unchecked Sendable {
         wakeup = try Wakeup()
         buffer = AnchorBuffer(limits: options.bufferLimits)
         metrics = options.metrics.map { _ in AgentMetrics(logger: logger) }
-        if options.fastPath {
-            let reroute = options.fastPathReroute ?? RouteTable.hasGatewayRoutes(
-                procNetRoute: (try? String(contentsOfFile: "/proc/net/route", encoding: .utf8)) ?? "")
-            logger.info("kernel fast path on", metadata: ["fastpath.reroute": "\(reroute)"])
-            let wakeup = wakeup
-            fastPath = try FastPathWorker(reroute: reroute, logger: logger, nudge: { wakeup.signal() }) { [weak self] outcome in
-                self?.processor.withLock { state in
-                    state.fastPathInstalled(outcome.installed)
-                    state.fastPathFailed(outcome.failed)
-                }
+        // The nftables table exists with the fast path off too: its owned sets make known sessions fail closed
+        // while no agent runs.
+        let reroute = options.fastPathReroute ?? RouteTable.hasGatewayRoutes(
+            procNetRoute: (try? String(contentsOfFile: "/proc/net/route", encoding: .utf8)) ?? "")
+        if options.fastPath { logger.info("kernel fast path on", metadata: ["fastpath.reroute": "\(reroute)"]) }
+        let wakeup = wakeup
+        let worker = try FastPathWorker(reroute: reroute, logger: logger, nudge: { wakeup.signal() }) { [weak self] outcome in
+            self?.processor.withLock { state in
+                state.fastPathInstalled(outcome.installed)
+                state.fastPathFailed(outcome.failed)
             }
         }
+        fastPath = worker
+        try restoreOrReset(worker)
+        let rulesStart = dysco_monotonic_ns()
         try rules.install(logger: logger)
+        restoreReport.rulesSeconds = Double(dysco_monotonic_ns() - rulesStart) / 1e9
+        if restoreReport.restored > 0 {
+            logger.notice("queue rules in place", metadata: ["state.rules_seconds": "\(restoreReport.rulesSeconds)"])
+        }
+    }
+
+    /// Reads the state file and, if the kernel table is there too, puts the sessions back and rebuilds the table
+    /// with the ones it carried (one transaction); otherwise starts with an empty table. Then the journal starts
+    /// anew with a snapshot (docs/ARCHITECTURE.md, "Agent crash and restart").
+    private func restoreOrReset(_ worker: FastPathWorker) throws {
+        guard let path = options.stateFile else {
+            try worker.reset()
+            return
+        }
+        if options.fresh { unlink(path) }
+        let readStart = dysco_monotonic_ns()
+        let contents = try StateJournal.read(path: path)
+        let listStart = dysco_monotonic_ns()
+        let listing = contents == nil ? nil : worker.listing()
+        restoreReport.listSeconds = Double(dysco_monotonic_ns() - listStart) / 1e9
+        let now = dysco_monotonic_coarse_ns()
+        if let contents, let listing {
+            let inKernel = listing.sessions
+            let (result, carried, owned) = processor.withLock { state in
+                let result = SessionStateFile.restore(contents, into: &state.table, now: now)
+                state.counters.sessionsRestored = UInt64(result.restored.count)
+                let carried = SessionStateFile.reconcile(result.restored, table: &state.table, inKernel: inKernel,
+                                                         fastPath: state.settings.fastPath)
+                return (result, carried, ownership.update(result.restored, table: state.table).add)
+            }
+            restoreReport.restored = result.restored.count
+            restoreReport.refused = result.refused.count
+            restoreReport.badLines = contents.badLines
+            restoreReport.kernel = carried.count
+            restoreReport.readSeconds = Double(dysco_monotonic_ns() - readStart) / 1e9
+            let kernelStart = dysco_monotonic_ns()
+            // The common case (a crash or an upgrade of the same format): the kernel has exactly these sessions and
+            // keeps them untouched. Anything else (stray chains, closed sessions, an older format) is rebuilt.
+            restoreReport.tableKept = listing.matches(carried)
+            if restoreReport.tableKept {
+                try worker.keep(owned: owned)
+            } else {
+                try worker.rebuild(sessions: carried, owned: owned)
+            }
+            restoreReport.kernelSeconds = Double(dysco_monotonic_ns() - kernelStart) / 1e9
+            logger.notice("sessions restored", metadata: [
+                "state.file": "\(path)", "state.sessions": "\(result.restored.count)",
+                "state.kernel": "\(carried.count)", "state.refused": "\(result.refused.count)",
+                "state.bad_lines": "\(contents.badLines)", "state.first_error": "\(contents.firstError ?? "-")",
+                "state.read_seconds": "\(restoreReport.readSeconds)", "state.list_seconds": "\(restoreReport.listSeconds)",
+                "state.kernel_seconds": "\(restoreReport.kernelSeconds)", "state.table_kept": "\(restoreReport.tableKept)",
+            ])
+        } else {
+            if contents != nil {
+                restoreReport.freshReason = "no kernel table (rebooted, or removed): the state file is stale"
+                logger.warning("state file without a kernel table: starting empty", metadata: ["state.file": "\(path)"])
+            }
+            try worker.reset()
+        }
+        try processor.withLock { state in
+            journal = try StateJournal(path: path, table: state.table)
+            state.table.changed = []
+        }
+    }
+
+    /// Under the processor's lock: writes the records changed since the last call to the state file and returns
+    /// the owned-key changes for the fast-path worker (nil when nothing changed).
+    private func persist(_ state: inout PacketProcessor) -> (add: KernelOwnership.Keys, remove: KernelOwnership.Keys)? {
+        guard let changed = state.table.changed, !changed.isEmpty else { return nil }
+        state.table.changed = []
+        journal?.record(changed, table: state.table)
+        return ownership.update(changed, table: state.table)
     }
 
     /// Starts the packet thread, the expiry timer, the migration engine, the metrics endpoint (before the control
@@ -138,15 +244,15 @@ public final class DataplaneAgent: @unchecked Sendable {
         timer.setEventHandler { [self] in
             ticks += 1
             let now = dysco_monotonic_coarse_ns()
-            if let fastPath, ticks % max(options.counterPollSeconds, 1) == 0 {
+            if let fastPath, options.fastPath, ticks % max(options.counterPollSeconds, 1) == 0 {
                 let active = fastPath.activeSessions()
                 processor.withLock { $0.kernelActivity(active, now: now) }
             }
-            let (events, actions, compacted) = processor.withLock { state in
+            let (events, actions, compacted, owned) = processor.withLock { state in
                 state.expire(now: now)
-                return (state.takeEvents(), state.takeFastPathActions(), state.takeCompacted())
+                return (state.takeEvents(), state.takeFastPathActions(), state.takeCompacted(), persist(&state))
             }
-            fastPath?.submit(actions)
+            fastPath?.submit(actions, ownership: owned)
             log(events)
             reportSuppressedLogs()
             // The table shrank after a flood: give the freed heap back to the OS (glibc keeps it otherwise), at
@@ -217,11 +323,20 @@ public final class DataplaneAgent: @unchecked Sendable {
         ])
     }
 
-    /// Removes the rules first (packets pass untouched from then on), then stops the threads.
+    /// A planned stop (SIGTERM, SIGINT). With live sessions and a state file (and no ``Options/cleanupOnExit``),
+    /// the rules, the kernel table and the state file stay, so that the next agent started with the same command
+    /// line takes over every session (an upgrade). Otherwise the rules go first (packets pass untouched from then
+    /// on), then the threads stop and the table and the state file go.
     public func stop() {
         guard !stopping.exchange(true, ordering: .acquiringAndReleasing) else { return }
-        do { try QueueRules.remove(logger: logger) } catch {
-            logger.error("could not remove NFQUEUE rules", metadata: ["error": "\(error)"])
+        let live = processor.withLock { state in
+            state.table.records.values.contains { $0.closeDeadline == nil }
+        }
+        let keep = live && journal != nil && !options.cleanupOnExit
+        if !keep {
+            do { try QueueRules.remove(logger: logger) } catch {
+                logger.error("could not remove NFQUEUE rules", metadata: ["error": "\(error)"])
+            }
         }
         timer?.cancel()
         quietTimer?.cancel()
@@ -229,9 +344,17 @@ public final class DataplaneAgent: @unchecked Sendable {
         metricsServer?.close()
         migration?.stop()
         wakeup.signal()
-        fastPath?.shutdown()
         _ = packetThreadDone.wait(timeout: .now() + 2)
-        logger.info("agent stopped")
+        let owned = processor.withLock { persist(&$0) }
+        if let owned { fastPath?.submit([], ownership: owned) }
+        fastPath?.shutdown(keep: keep)
+        if keep {
+            logger.notice("agent stopped; its sessions stay in the kernel and the state file for the next agent",
+                          metadata: ["state.file": "\(journal?.path ?? "-")"])
+        } else {
+            processor.withLock { _ in journal?.remove() }
+            logger.info("agent stopped")
+        }
     }
 
     // MARK: - Policy at run time
@@ -292,8 +415,8 @@ public final class DataplaneAgent: @unchecked Sendable {
     /// Takes sessions back to the slow path; returns once the kernel no longer rewrites them, so every later
     /// packet of theirs reaches this agent (atomic per session: one nftables transaction).
     public func hold(_ ids: [SessionTable.SessionID]) -> [SessionTable.SessionID] {
-        let (held, actions) = processor.withLock { state in (state.hold(ids), state.takeFastPathActions()) }
-        fastPath?.submit(actions)
+        let (held, actions, owned) = processor.withLock { state in (state.hold(ids), state.takeFastPathActions(), persist(&state)) }
+        fastPath?.submit(actions, ownership: owned)
         fastPath?.flush()
         return held
     }
@@ -301,8 +424,10 @@ public final class DataplaneAgent: @unchecked Sendable {
     /// Returns held sessions to the fast path (`path release`: installed before this returns, whatever the
     /// queue holds at that moment).
     public func release(_ ids: [SessionTable.SessionID]) -> [SessionTable.SessionID] {
-        let (released, actions) = processor.withLock { state in (state.release(ids), state.takeFastPathActions()) }
-        fastPath?.submit(actions)
+        let (released, actions, owned) = processor.withLock { state in
+            (state.release(ids), state.takeFastPathActions(), persist(&state))
+        }
+        fastPath?.submit(actions, ownership: owned)
         fastPath?.commitAll()
         return released
     }
@@ -311,12 +436,11 @@ public final class DataplaneAgent: @unchecked Sendable {
     /// point; ``flushFastPath()`` commits the removals (a hold) at once. The migration engine flushes once per
     /// batch.
     func applyFastPath(_ body: (inout PacketProcessor) -> Void) {
-        let actions = processor.withLock { state in
+        let (actions, owned) = processor.withLock { state in
             body(&state)
-            return state.takeFastPathActions()
+            return (state.takeFastPathActions(), persist(&state))
         }
-        guard !actions.isEmpty else { return }
-        fastPath?.submit(actions)
+        fastPath?.submit(actions, ownership: owned)
     }
 
     /// Commits every queued removal from the kernel (and what else queued for those sessions) and returns once
@@ -350,7 +474,7 @@ public final class DataplaneAgent: @unchecked Sendable {
     /// What a scrape reads: the processor's counters and counts (a short hold of the packet lock, no session
     /// walk), the control counters, the kernel's packet total and the buffer's occupancy.
     func metricsReadings() -> AgentMetricCatalog.Readings {
-        fastPath?.sampleKernelPackets()
+        if options.fastPath { fastPath?.sampleKernelPackets() }
         let (counters, sessions, anchoring) = processor.withLock { ($0.counters, $0.table.records.count, $0.anchoring) }
         return AgentMetricCatalog.Readings(
             counters: counters, sessions: sessions, anchoring: anchoring,
@@ -418,12 +542,13 @@ public final class DataplaneAgent: @unchecked Sendable {
             publishBufferOccupancy()
             for held in released {
                 var bytes = held.bytes
-                let (verdict, events, actions, anchorEvents) = bytes.withUnsafeMutableBytes { raw in
+                let (verdict, events, actions, anchorEvents, owned) = bytes.withUnsafeMutableBytes { raw in
                     processor.withLock { state in
                         let verdict = state.process(raw.baseAddress!, count: raw.count, capacity: raw.count, hook: held.hook,
                                                     checksum: held.checksum, now: dysco_monotonic_coarse_ns())
                         state.counters.count(verdict)
-                        return (verdict, state.takeEvents(), state.takeFastPathActions(), state.takeAnchorEvents())
+                        return (verdict, state.takeEvents(), state.takeFastPathActions(), state.takeAnchorEvents(),
+                                persist(&state))
                     }
                 }
                 do {
@@ -442,7 +567,7 @@ public final class DataplaneAgent: @unchecked Sendable {
                 } catch {
                     logger.error("verdict for a released packet failed", metadata: ["error": "\(error)"])
                 }
-                if !actions.isEmpty { fastPath?.submit(actions) }
+                fastPath?.submit(actions, ownership: owned)
                 if !events.isEmpty { log(events) }
                 migration?.anchorEvents(anchorEvents)
             }
@@ -463,10 +588,23 @@ public final class DataplaneAgent: @unchecked Sendable {
         let capacity = small ? Self.scratchCapacity : packet.length
         let count = packet.length
         let now = dysco_monotonic_coarse_ns()
-        let (verdict, events, actions, anchorEvents) = processor.withLock { state in
+        if packet.mark & (FastPathScript.observeIngressMark | FastPathScript.observeEgressMark) != 0 {
+            // A FIN/RST the kernel rewrote: bookkeeping only, accepted as it is (already translated).
+            let (events, actions, owned) = processor.withLock { state in
+                state.observe(base, count: count, hook: hook, now: now)
+                state.counters.count(.accept)
+                return (state.takeEvents(), state.takeFastPathActions(), persist(&state))
+            }
+            try queueSocket.verdict(id: packet.id, accept: true)
+            fastPath?.submit(actions, ownership: owned)
+            if !events.isEmpty { log(events) }
+            return
+        }
+        // The state file gets this packet's changes (a new session, a FIN) before its verdict.
+        let (verdict, events, actions, anchorEvents, owned) = processor.withLock { state in
             let verdict = state.process(base, count: count, capacity: capacity, hook: hook, checksum: checksum, now: now)
             state.counters.count(verdict)
-            return (verdict, state.takeEvents(), state.takeFastPathActions(), state.takeAnchorEvents())
+            return (verdict, state.takeEvents(), state.takeFastPathActions(), state.takeAnchorEvents(), persist(&state))
         }
         switch verdict {
         case .accept:
@@ -499,7 +637,7 @@ public final class DataplaneAgent: @unchecked Sendable {
             }
         }
         if !anchorEvents.isEmpty { migration?.anchorEvents(anchorEvents) }
-        if !actions.isEmpty { fastPath?.submit(actions) }
+        fastPath?.submit(actions, ownership: owned)
         if !events.isEmpty { log(events) }
     }
 
@@ -568,4 +706,33 @@ public struct HeldPacket: Sendable {
     var bytes: [UInt8]
     var hook: HookPoint
     var checksum: ChecksumState
+}
+
+extension DataplaneAgent {
+    /// What ``purge(queue:logger:stateFile:)`` removed.
+    public struct PurgeReport: Sendable, Codable {
+        public var rules = false
+        public var table = false
+        public var stateFile = false
+    }
+
+    /// Removes what a stopped agent left for its successor (`agent --purge`): the NFQUEUE rules, the kernel table
+    /// and the state file; the sessions they carried are then lost. Refused while an agent holds `queue`.
+    public static func purge(queue: UInt16, logger: Logger, stateFile: String) throws -> PurgeReport {
+        // Root gets EPERM (not EBUSY) for a queue another socket has bound.
+        do { _ = try NetfilterQueueSocket(queue: queue) } catch let error as SystemCallError
+            where error.errno == EBUSY || error.errno == EPERM {
+            throw ControlError(message: "an agent is running on queue \(queue) in this namespace (binding it: \(error)); "
+                               + "stop it first (SIGTERM)")
+        }
+        var report = PurgeReport()
+        report.rules = QueueRules.present()
+        try QueueRules.remove(logger: logger)
+        let nft = try NftablesContext()
+        report.table = (try? nft.json("list table ip \(FastPathScript.table)")) != nil
+        try nft.run(FastPathScript.destroy, operation: "delete table")
+        report.stateFile = unlink(stateFile) == 0
+        unlink(stateFile + ".tmp")
+        return report
+    }
 }

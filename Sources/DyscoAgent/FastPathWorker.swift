@@ -27,14 +27,66 @@ final class FastPathWorker: @unchecked Sendable {
     private var packetBaseline: [SessionTable.SessionID: UInt64] = [:]
     private let report: @Sendable (Outcome) -> Void
 
-    /// Replaces whatever table a predecessor left and creates an empty one.
+    private let reroute: Bool
+    /// The owned keys the kernel has (used only on `queue`): changes are computed against them, so the worker
+    /// deletes only elements it added.
+    private var kernelOwnedIngress = Set<FiveTuple>()
+    private var kernelOwnedEgress = Set<FiveTuple>()
+
+    /// Opens libnftables; the table is left as it is until ``reset()`` or ``rebuild(sessions:owned:)``.
     init(reroute: Bool, logger: Logger, nudge: (@Sendable () -> Void)? = nil,
          report: @escaping @Sendable (Outcome) -> Void) throws {
         self.logger = logger
         self.report = report
         self.nudge = nudge
+        self.reroute = reroute
         nft = try NftablesContext()
-        try nft.run(FastPathScript.reset(reroute: reroute), operation: "create table ip \(FastPathScript.table)")
+    }
+
+    /// The table's chains and sets (names only), nil when there is no table.
+    func listing() -> FastPathListing? {
+        queue.sync {
+            // `list tables` and `list sets` fill libnftables' whole cache (0.27 s with 1,000 sessions); chain names and
+            // one base chain are cheap.
+            guard let chains = try? nft.json("list chains ip") else { return nil }
+            var listing = FastPathListing(chainsJSON: chains, setsJSON: Data())
+            guard listing.chains.contains("pre") else { return nil }
+            if let pre = try? nft.run("list chain ip \(FastPathScript.table) pre", operation: "list chain pre"),
+               pre.contains("@owned_in") {
+                listing.sets = ["owned_in", "owned_out"]  // the current format's base chains use both
+            }
+            return listing
+        }
+    }
+
+    /// A restarted agent whose table is as it left it (``FastPathListing/matches(_:)``): only the owned keys are set
+    /// again (one transaction); the sessions' chains and elements stay, so nothing changes for their packets.
+    func keep(owned: KernelOwnership.Keys) throws {
+        try queue.sync {
+            try nft.run(FastPathScript.replaceOwned(ingress: owned.ingress, egress: owned.egress), operation: "set the owned keys")
+            kernelOwnedIngress = Set(owned.ingress)
+            kernelOwnedEgress = Set(owned.egress)
+        }
+    }
+
+    /// Replaces whatever table a predecessor left with an empty one.
+    func reset() throws {
+        try queue.sync {
+            try nft.run(FastPathScript.reset(reroute: reroute), operation: "create table ip \(FastPathScript.table)")
+            kernelOwnedIngress = []
+            kernelOwnedEgress = []
+        }
+    }
+
+    /// A restarted agent: replaces the table, in one transaction, with one carrying `sessions` and the owned keys.
+    func rebuild(sessions: [(SessionTable.SessionID, [FastPathScript.Translation])], owned: KernelOwnership.Keys) throws {
+        try queue.sync {
+            try nft.run(FastPathScript.rebuild(reroute: reroute, sessions: sessions, ownedIngress: owned.ingress,
+                                               ownedEgress: owned.egress),
+                        operation: "rebuild table ip \(FastPathScript.table) with \(sessions.count) session(s)")
+            kernelOwnedIngress = Set(owned.ingress)
+            kernelOwnedEgress = Set(owned.egress)
+        }
     }
 
     /// How long the first queued action waits for others to join its transaction.
@@ -48,6 +100,9 @@ final class FastPathWorker: @unchecked Sendable {
     private struct Queue {
         var actions: [FastPathAction] = []
         var since: UInt64 = 0
+        /// Ownership changes in order (``KernelOwnership/update(_:table:)``): each removes, then adds.
+        var ownership: [(add: KernelOwnership.Keys, remove: KernelOwnership.Keys)] = []
+        var isEmpty: Bool { actions.isEmpty && ownership.isEmpty }
     }
     private let state = Mutex(Queue())
     /// Wakes the packet thread (set by the agent); nil: commits run on the worker's queue after the batch delay.
@@ -58,12 +113,16 @@ final class FastPathWorker: @unchecked Sendable {
     /// empty, so that no packet of a session going to the kernel is still waiting in the queue when the kernel
     /// starts carrying the later ones (which would reorder them on the wire: the receiver then reports a gap
     /// and the sender retransmits).
-    func submit(_ actions: [FastPathAction]) {
-        guard !actions.isEmpty else { return }
+    func submit(_ actions: [FastPathAction], ownership: (add: KernelOwnership.Keys, remove: KernelOwnership.Keys)? = nil) {
+        let owning = ownership.map { !$0.add.isEmpty || !$0.remove.isEmpty } ?? false
+        guard !actions.isEmpty || owning else { return }
         let first = state.withLock { q in
-            defer { q.actions.append(contentsOf: actions) }
-            if q.actions.isEmpty { q.since = dysco_monotonic_ns() }
-            return q.actions.isEmpty
+            defer {
+                q.actions.append(contentsOf: actions)
+                if owning, let ownership { q.ownership.append(ownership) }
+            }
+            if q.isEmpty { q.since = dysco_monotonic_ns() }
+            return q.isEmpty
         }
         guard first else { return }
         if let nudge { nudge() } else {
@@ -75,7 +134,7 @@ final class FastPathWorker: @unchecked Sendable {
     /// the socket empty (the quiet point).
     func commitIfDue(queueEmpty: Bool, now: UInt64) {
         let due = state.withLock { q -> Bool in
-            guard !q.actions.isEmpty else { return false }
+            guard !q.isEmpty else { return false }
             let age = now &- q.since
             return age >= (queueEmpty ? Self.batchDelayNanoseconds : Self.maxDelayNanoseconds)
         }
@@ -85,7 +144,7 @@ final class FastPathWorker: @unchecked Sendable {
     /// Milliseconds the packet thread may sleep in poll before a commit is due (-1: none pending).
     func pollTimeout(now: UInt64) -> Int32 {
         state.withLock { q in
-            guard !q.actions.isEmpty else { return -1 }
+            guard !q.isEmpty else { return -1 }
             let due = q.since &+ Self.batchDelayNanoseconds
             return due <= now ? 0 : Int32((due - now + 999_999) / 1_000_000)
         }
@@ -103,25 +162,54 @@ final class FastPathWorker: @unchecked Sendable {
         queue.sync { drain() }
     }
 
-    /// Deletes the table (agent exit).
-    func shutdown() {
+    /// Agent exit: commits what is queued, then deletes the table unless `keep` (live sessions stay in the kernel
+    /// for the next agent).
+    func shutdown(keep: Bool) {
         queue.sync {
             drain()
+            guard !keep else { return }
             do { try nft.run(FastPathScript.destroy, operation: "delete table") } catch {
                 logger.error("could not delete the fast-path table", metadata: ["error": "\(error)"])
             }
         }
     }
 
+    /// The owned-set changes queued, folded against what the kernel has: only real differences go out.
+    private func ownershipScript(_ changes: [(add: KernelOwnership.Keys, remove: KernelOwnership.Keys)]) -> String {
+        guard !changes.isEmpty else { return "" }
+        var ingress = kernelOwnedIngress, egress = kernelOwnedEgress
+        for change in changes {
+            change.remove.ingress.forEach { ingress.remove($0) }
+            change.remove.egress.forEach { egress.remove($0) }
+            ingress.formUnion(change.add.ingress)
+            egress.formUnion(change.add.egress)
+        }
+        let script = FastPathScript.disown(ingress: Array(kernelOwnedIngress.subtracting(ingress)),
+                                           egress: Array(kernelOwnedEgress.subtracting(egress)))
+            + FastPathScript.own(ingress: Array(ingress.subtracting(kernelOwnedIngress)),
+                                 egress: Array(egress.subtracting(kernelOwnedEgress)))
+        kernelOwnedIngress = ingress
+        kernelOwnedEgress = egress
+        return script
+    }
+
     private func drain(onlyRemovals: Bool = false) {
-        let taken = state.withLock { q in
+        let (taken, ownership) = state.withLock { q in
+            defer { q.ownership.removeAll() }
             guard onlyRemovals else {
                 defer { q.actions.removeAll() }
-                return q.actions
+                return (q.actions, q.ownership)
             }
             let (now, later) = FastPathAction.splitForFlush(q.actions)
             q.actions = later
-            return now
+            return (now, q.ownership)
+        }
+        let owned = ownershipScript(ownership)
+        if !owned.isEmpty {
+            // Its own transaction: an ownership change never keeps a session's install out (or the reverse).
+            do { try nft.run(owned, operation: "update owned keys") } catch {
+                logger.warning("fast path refused an owned-key change", metadata: ["error": "\(error)"])
+            }
         }
         let actions = FastPathAction.coalesce(taken)
         guard !actions.isEmpty else { return }

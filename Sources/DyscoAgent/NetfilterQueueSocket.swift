@@ -17,6 +17,8 @@ public final class NetfilterQueueSocket {
         /// NFQA_SKB_CSUMNOTREADY: CHECKSUM_PARTIAL, the TCP checksum field holds only the pseudo-header sum.
         public var checksumNotReady: Bool
         public var isGSO: Bool
+        /// The packet's mark (NFQA_MARK; 0 when absent): the fast path's bits (``FastPathScript``).
+        public var mark: UInt32
         public var payload: UnsafeMutableRawPointer?
         public var length: Int
     }
@@ -103,7 +105,7 @@ public final class NetfilterQueueSocket {
             if dysco_nfq_parse(nlh, &raw) == 0 {
                 var packet = Packet(id: raw.id, hook: NetfilterHook(rawValue: raw.hook),
                                     checksumNotReady: raw.skb_info & UInt32(NFQA_SKB_CSUMNOTREADY) != 0,
-                                    isGSO: raw.skb_info & UInt32(NFQA_SKB_GSO) != 0,
+                                    isGSO: raw.skb_info & UInt32(NFQA_SKB_GSO) != 0, mark: raw.mark,
                                     payload: raw.payload.map { UnsafeMutableRawPointer($0) },
                                     length: Int(raw.payload_len))
                 try body(&packet)

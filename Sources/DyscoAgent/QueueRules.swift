@@ -13,10 +13,11 @@ import Logging
 /// Each queue rule skips packets carrying its hook's fast-path mark bit (``FastPathScript``): the kernel
 /// already rewrote them, so no packet takes both paths.
 ///
-/// Every rule uses `--queue-bypass`: while no agent listens, packets pass untouched instead of being
-/// dropped. Installed atomically with one `iptables-restore --noflush`; removal deletes our jumps and
-/// chains and nothing else, and is idempotent (the agent runs it at start too, to clear a crashed
-/// predecessor's rules).
+/// The rules use `--queue-bypass` (while no agent listens, packets pass untouched), except the one for packets of
+/// owned sessions (``restoreScript(existingJumps:)``), which fail closed. Installed atomically with one
+/// `iptables-restore --noflush`, replacing a predecessor's rules in place; they stay when an agent stops with live
+/// sessions (docs/ARCHITECTURE.md, "Agent crash and restart"); removal deletes our jumps and chains and nothing
+/// else, and is idempotent.
 public struct QueueRules: Sendable {
     public static let ingressChain = "DYSCO-IN"
     public static let egressChain = "DYSCO-OUT"
@@ -26,44 +27,73 @@ public struct QueueRules: Sendable {
 
     public init(queue: UInt16) { self.queue = queue }
 
-    /// The iptables-restore input that installs the rules.
-    public var restoreScript: String {
-        let target = "-j NFQUEUE --queue-num \(queue) --queue-bypass"
-        let ingressSkip = Self.markMatch(FastPathScript.ingressMark)
-        let egressSkip = Self.markMatch(FastPathScript.egressMark)
+    /// The iptables-restore input that installs the rules: with `--noflush`, declaring a chain of ours empties it
+    /// if it exists, so the rules are replaced in one commit per table, never absent in between (a restarted
+    /// agent's sessions would pass unrewritten). `existingJumps`: the built-in chains that already jump to ours
+    /// (``installedJumps()``), which get no second jump.
+    ///
+    /// Per chain, in order: (1) a FIN/RST the kernel rewrote and marked to be observed, with bypass (no agent:
+    /// it leaves rewritten); (2) a packet of an owned session the kernel did not rewrite, WITHOUT bypass (no
+    /// agent: dropped, TCP retransmits it); (3) every other TCP packet the kernel did not rewrite, with bypass.
+    public func restoreScript(existingJumps: Set<String> = []) -> String {
+        let bypass = "-j NFQUEUE --queue-num \(queue) --queue-bypass"
+        let failClosed = "-j NFQUEUE --queue-num \(queue)"
+        func rules(_ chain: String, _ match: String, hook: UInt32, observe: UInt32, owned: UInt32) -> String {
+            """
+            -A \(chain) \(match) -m mark --mark \(Self.markMatch(observe)) \(bypass)
+            -A \(chain) \(match) -m mark --mark \(Self.hex(owned))/\(Self.hex(owned | hook)) \(failClosed)
+            -A \(chain) \(match) -m mark ! --mark \(Self.markMatch(hook)) \(bypass)
+            """
+        }
+        func jump(_ builtin: String, _ chain: String) -> String {
+            existingJumps.contains(builtin) ? "" : "-I \(builtin) 1 -j \(chain)\n"
+        }
+        let ingress = rules(Self.ingressChain, "-p tcp ! -i lo", hook: FastPathScript.ingressMark,
+                            observe: FastPathScript.observeIngressMark, owned: FastPathScript.ownedIngressMark)
+        let egress = rules(Self.egressChain, "-p tcp ! -o lo", hook: FastPathScript.egressMark,
+                           observe: FastPathScript.observeEgressMark, owned: FastPathScript.ownedEgressMark)
+        let forward = rules(Self.forwardEgressChain, "-p tcp -m addrtype ! --src-type LOCAL", hook: FastPathScript.egressMark,
+                            observe: FastPathScript.observeEgressMark, owned: FastPathScript.ownedEgressMark)
         return """
             *raw
             :\(Self.ingressChain) - [0:0]
-            -A \(Self.ingressChain) -p tcp ! -i lo -m mark ! --mark \(ingressSkip) \(target)
-            -I PREROUTING 1 -j \(Self.ingressChain)
-            COMMIT
+            \(ingress)
+            \(jump("PREROUTING", Self.ingressChain))COMMIT
             *mangle
             :\(Self.egressChain) - [0:0]
             :\(Self.forwardEgressChain) - [0:0]
-            -A \(Self.egressChain) -p tcp ! -o lo -m mark ! --mark \(egressSkip) \(target)
-            -A \(Self.forwardEgressChain) -p tcp -m mark ! --mark \(egressSkip) -m addrtype ! --src-type LOCAL \(target)
-            -I OUTPUT 1 -j \(Self.egressChain)
-            -I POSTROUTING 1 -j \(Self.forwardEgressChain)
-            COMMIT
+            \(egress)
+            \(forward)
+            \(jump("OUTPUT", Self.egressChain))\(jump("POSTROUTING", Self.forwardEgressChain))COMMIT
 
             """
     }
 
-    static func markMatch(_ bit: UInt32) -> String {
-        let hex = "0x" + String(bit, radix: 16)
-        return "\(hex)/\(hex)"
+    static func hex(_ bits: UInt32) -> String { "0x" + String(bits, radix: 16) }
+
+    static func markMatch(_ bit: UInt32) -> String { "\(hex(bit))/\(hex(bit))" }
+
+    static let jumps = [("raw", "PREROUTING", ingressChain), ("mangle", "OUTPUT", egressChain),
+                        ("mangle", "POSTROUTING", forwardEgressChain)]
+
+    /// The built-in chains that already jump to ours (a predecessor's rules).
+    static func installedJumps() -> Set<String> {
+        Set(jumps.compactMap { table, builtin, chain in
+            (try? Command.run(["iptables", "-w", "-t", table, "-C", builtin, "-j", chain])) != nil ? builtin : nil
+        })
     }
 
+    /// Installs the rules, replacing a predecessor's in place (idempotent: no duplicate, no moment without them).
     public func install(logger: Logger) throws {
-        try Self.remove(logger: logger)
-        try Command.run(["iptables-restore", "-w", "--noflush"], input: restoreScript)
-        logger.info("installed NFQUEUE rules", metadata: ["queue.number": "\(queue)"])
+        let existing = Self.installedJumps()
+        try Command.run(["iptables-restore", "-w", "--noflush"], input: restoreScript(existingJumps: existing))
+        logger.info("installed NFQUEUE rules", metadata: ["queue.number": "\(queue)",
+                                                          "queue.replaced": "\(!existing.isEmpty)"])
     }
 
     /// Removes every jump to our chains and the chains themselves, whatever queue they used.
     public static func remove(logger: Logger) throws {
-        for (table, builtin, chain) in [("raw", "PREROUTING", ingressChain), ("mangle", "OUTPUT", egressChain),
-                                        ("mangle", "POSTROUTING", forwardEgressChain)] {
+        for (table, builtin, chain) in jumps {
             while (try? Command.run(["iptables", "-w", "-t", table, "-D", builtin, "-j", chain])) != nil {}
             if (try? Command.run(["iptables", "-w", "-t", table, "-F", chain])) != nil {
                 try Command.run(["iptables", "-w", "-t", table, "-X", chain])

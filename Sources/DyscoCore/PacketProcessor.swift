@@ -56,6 +56,10 @@ public struct DataplaneCounters: Sendable, Codable, Equatable {
     public var droppedAfterLeaving: UInt64 = 0
     /// Window-opening probes an anchor received on a new path and kept from its endpoint.
     public var probesReceived: UInt64 = 0
+    /// FINs and RSTs the kernel rewrote and queued for the agent's teardown bookkeeping (accepted unchanged).
+    public var kernelObserved: UInt64 = 0
+    /// Sessions read back from the state file at start (a restarted agent).
+    public var sessionsRestored: UInt64 = 0
     /// The slow path's verdicts (``count(_:)``, by the NFQUEUE shell under the lock it already holds): accepted as
     /// they came, accepted rewritten, dropped, held by an anchor (a held packet counts again when it is released).
     public var verdictAccept: UInt64 = 0
@@ -402,7 +406,7 @@ public struct PacketProcessor: Sendable {
 
     /// Updates the record for one translated packet: counters, activity, handshake, sequence tracking,
     /// teardown (FIN both ways; an RST as docs/ARCHITECTURE.md "Forged resets" describes) and the fast path.
-    private mutating func track(_ translation: SessionTable.Translation, packet: IPv4TCPPacket, hook: HookPoint,
+    mutating func track(_ translation: SessionTable.Translation, packet: IPv4TCPPacket, hook: HookPoint,
                                 now: UInt64) {
         let settings = settings
         let flags = packet.tcp.flags

@@ -136,6 +136,9 @@ public struct SessionTable: Sendable {
     public private(set) var bySource: [IPv4Address: Int] = [:]
     public var ports: PortAllocator
     private var nextID: SessionID = 1
+    /// Ids whose persisted fields changed since the agent last wrote its state file (nil: not tracked, e.g. in unit
+    /// tests). SessionTable+Persistence.swift has the codec; the agent's journal takes these (``takeChanged()``).
+    public var changed: Set<SessionID>?
 
     public init(portRange: ClosedRange<UInt16>) {
         ports = PortAllocator(range: portRange)
@@ -197,6 +200,7 @@ public struct SessionTable: Sendable {
         records[new.id] = new
         bySession[new.session] = new.id
         byChain[new.identity.chainID] = new.id
+        changed?.insert(new.id)
     }
 
     /// The ingress keys a record owns (both paths).
@@ -318,6 +322,7 @@ public struct SessionTable: Sendable {
     /// Removes a session, its translations and its ports.
     public mutating func remove(_ id: SessionID) {
         guard let record = records.removeValue(forKey: id) else { return }
+        changed?.insert(id)
         try? store(nil, replacing: record)
         if bySession[record.session] == id { bySession.removeValue(forKey: record.session) }
         if byChain[record.identity.chainID] == id { byChain.removeValue(forKey: record.identity.chainID) }
@@ -333,6 +338,7 @@ public struct SessionTable: Sendable {
     public mutating func update(_ id: SessionID, _ body: (inout Record) -> Void) {
         guard var record = records[id] else { return }
         body(&record)  // cannot touch leftLink/rightLink: they are fileprivate(set)
+        if changed != nil, records[id]?.persistedState != record.persistedState { changed?.insert(id) }
         records[id] = record
     }
 
@@ -370,6 +376,32 @@ public struct SessionTable: Sendable {
         byChain = rebuilt(byChain)
         bySource = rebuilt(bySource)
         return true
+    }
+}
+
+extension SessionTable {
+    /// Puts back a record read from the state file (SessionTable+Persistence.swift), with its subsessions and
+    /// their ports (reserved again); later ids follow it. Throws on a key or port another record already has.
+    public mutating func restore(_ p: PersistedRecord, now: UInt64) throws(InsertError) {
+        var record = Record(id: p.id, role: p.role, session: p.session, identity: p.identity, remaining: p.remaining,
+                            createdAt: now, lastActivity: now)
+        record.leftLink = p.left.map { Link(active: $0.active.subsession, other: $0.other?.subsession) }
+        record.rightLink = p.right.map { Link(active: $0.active.subsession, other: $0.other?.subsession) }
+        p.applyFlags(to: &record)
+        if records[p.id] != nil || byChain[p.identity.chainID] != nil { throw .collision(p.session) }
+        var reserved: [UInt16] = []
+        for port in p.ports where ports.range.contains(port) {
+            guard ports.reserve(port) else {
+                reserved.forEach { ports.release($0) }
+                throw .collision(p.session)
+            }
+            reserved.append(port)
+        }
+        do { try store(record, replacing: nil) } catch {
+            reserved.forEach { ports.release($0) }
+            throw error
+        }
+        nextID = max(nextID, p.id &+ 1)
     }
 }
 

@@ -620,6 +620,8 @@ public final class Lab: @unchecked Sendable {
                 failures.append("\(ns): \(result.stderr.trimmingCharacters(in: .whitespacesAndNewlines))")
             }
             unlink(AgentControlPaths.socketPath(netns: ns))
+            // The namespace took the agent's rules and kernel table with it; its state file goes too.
+            unlink(AgentControlPaths.statePath(socketPath: AgentControlPaths.socketPath(netns: ns)))
         }
         if !failures.isEmpty {
             throw LabError.setupFailed("could not delete namespaces of lab '\(name)': \(failures.joined(separator: "; "))")

@@ -27,8 +27,9 @@ struct AgentCommand: AsyncParsableCommand {
         abstract: "Run the Dysco agent of this host (inside its network namespace) until SIGINT/SIGTERM.",
         discussion: """
             The agent binds NFQUEUE --queue and installs its iptables rules (raw PREROUTING → chain DYSCO-IN, \
-            mangle OUTPUT → DYSCO-OUT, mangle POSTROUTING → DYSCO-FWD-OUT, all TCP, --queue-bypass). It removes \
-            them on exit. A local SYN matching a policy of --config starts a chain; Dysco SYNs from other agents \
+            mangle OUTPUT → DYSCO-OUT, mangle POSTROUTING → DYSCO-FWD-OUT, all TCP, --queue-bypass except for \
+            packets of known sessions, which fail closed). It removes them on exit unless sessions live (see \
+            "Restart"). A local SYN matching a policy of --config starts a chain; Dysco SYNs from other agents \
             are relayed (middlebox) or delivered (right end). Non-TCP traffic and TCP outside any session are \
             not touched.
 
@@ -55,6 +56,14 @@ struct AgentCommand: AsyncParsableCommand {
             follow it, existing ones keep their chains; a file that does not load leaves the old policy in force. \
             `dysco-migrate policy cordon ADDR --to ADDR[,...]` makes new sessions avoid a box (what `drain` does \
             first); `policy show` prints both.
+
+            Restart: the agent journals its session table to --state-file. After a crash (kill -9) or a planned \
+            stop (SIGTERM/SIGINT with live sessions: the rules, the kernel table and the state file stay), an agent \
+            started with the same command line reads it back, keeps the kernel's sessions there and carries on: an \
+            upgrade is SIGTERM, new binary, start. While no agent runs, sessions on the kernel fast path keep \
+            flowing (their FIN/RST too); packets of other known sessions are dropped (TCP retransmits them once \
+            the agent is back); TCP of no session passes. To take the agent away for good: --cleanup-on-exit, or \
+            SIGTERM then `dysco-migrate agent --purge` (same --netns/--queue/--control-socket); --fresh starts empty.
 
             Inspect it with `dysco-migrate sessions` (same namespace) or `dysco-migrate sessions --netns NAME`.
 
@@ -115,6 +124,24 @@ struct AgentCommand: AsyncParsableCommand {
     @Flag(help: "Keep every packet in NFQUEUE: no kernel fast path (debugging, comparison).")
     var noFastpath = false
 
+    @Option(help: ArgumentHelp("""
+        The session table's journal, read back at start (default: the control socket's path with .state for \
+        .sock, /run/dysco-migrate/agent-<netns>.state). See "Restart" above.
+        """, valueName: "path"))
+    var stateFile: String?
+
+    @Flag(help: "Start empty: discard the state file and the kernel table a previous agent left (its sessions are lost).")
+    var fresh = false
+
+    @Flag(help: "At exit remove the rules, the kernel table and the state file even with live sessions (they are lost).")
+    var cleanupOnExit = false
+
+    @Flag(help: ArgumentHelp("""
+        Do not run: remove what a stopped agent left for its successor (NFQUEUE rules, kernel table, state file) \
+        and print what was removed as JSON. Refused while an agent runs on --queue in this namespace.
+        """))
+    var purge = false
+
     enum Reroute: String, ExpressibleByArgument, CaseIterable { case auto, always, never }
 
     @Option(help: ArgumentHelp("""
@@ -173,6 +200,7 @@ struct AgentCommand: AsyncParsableCommand {
             throw ValidationError("--netns '\(netns)' is not a valid namespace name")
         }
         _ = try parsedMetrics()
+        if purge { return }
         _ = try loadTrust()  // a missing or bad key is a usage error, reported before anything starts
     }
 
@@ -215,6 +243,15 @@ struct AgentCommand: AsyncParsableCommand {
             try NetworkNamespace.reexec(into: netns, arguments: CommandLine.arguments.removingOption("--netns"))
         }
         let logger = logging.makeLogger("dysco.agent")
+        let socketPath = controlSocket ?? AgentControlPaths.socketPath(netns: NetworkNamespace.currentName())
+        if purge {
+            let report = try DataplaneAgent.purge(queue: queue, logger: logger,
+                                                  stateFile: stateFile ?? AgentControlPaths.statePath(socketPath: socketPath))
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.sortedKeys]
+            print(String(decoding: try encoder.encode(["purged": report]), as: UTF8.self))
+            return
+        }
         let trust = try loadTrust()
         let agentConfig: AgentConfig
         if let config {
@@ -227,6 +264,9 @@ struct AgentCommand: AsyncParsableCommand {
         var options = DataplaneAgent.Options(netns: NetworkNamespace.currentName(), controlSocketPath: controlSocket,
                                              trust: trust)
         options.queue = queue
+        if let stateFile { options.stateFile = stateFile }
+        options.fresh = fresh
+        options.cleanupOnExit = cleanupOnExit
         options.configPath = config.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
         options.controlPort = controlPort
         options.acceptState = acceptState == .yes

@@ -9,8 +9,8 @@ struct BenchCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
         abstract: "Benchmarks that print figures (and assert nothing).",
-        subcommands: [Dataplane.self, Replace.self, DrainBench.self, FloodBench.self, StateValidate.self, Connect.self, Sink.self,
-                      PacedServer.self]
+        subcommands: [Dataplane.self, Replace.self, DrainBench.self, FloodBench.self, Restore.self, StateValidate.self,
+                      Connect.self, Sink.self, PacedServer.self]
     )
 
     /// The benchmarks' logger: progress at info level on stderr.
@@ -210,6 +210,47 @@ struct BenchCommand: AsyncParsableCommand {
         case nil:
             let (found, tried) = ReplaceBenchmark.findReferenceScript()
             return (found, found == nil ? "not found (looked for \(tried.joined(separator: ", ")))" : nil)
+        }
+    }
+
+    struct Restore: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Time for a restarted agent to restore N sessions from its state file and the kernel table.",
+            discussion: """
+                In a scratch network namespace (bench-rs, lo only), writes a state file of N established middlebox \
+                sessions and the nftables table a crashed predecessor would leave (all N on the fast path), then \
+                starts a real agent (`dysco-migrate agent`) on them and prints: read + restore + reconcile, the kernel table rebuilt \
+                (one transaction), the queue rules, the whole start and sessions/s. Needs root; removes the \
+                namespace, the table and the files.
+                """
+        )
+
+        @Option(help: "Sessions in the state file and the kernel (1...40000).") var sessions = 1000
+        @Flag(help: "Print the report as JSON.") var json = false
+        @Flag(help: .hidden) var inside = false
+
+        func validate() throws {
+            guard (1...40000).contains(sessions) else { throw ValidationError("--sessions must be 1...40000") }
+        }
+
+        func run() async throws {
+            var logger = BenchCommand.logger()
+            if inside {
+                logger.logLevel = .warning
+                let report = try RestoreBenchmark.runInside(sessions: sessions, logger: logger)
+                print(String(decoding: try JSONEncoder().encode(report), as: UTF8.self))
+                return
+            }
+            logger.info("restoring", metadata: ["bench.sessions": "\(sessions)", "bench.netns": "\(RestoreBenchmark.namespace)"])
+            let executable = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+            let report = try RestoreBenchmark.run(sessions: sessions, binary: executable, logger: logger)
+            if json {
+                let encoder = JSONEncoder()
+                encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+                print(String(decoding: try encoder.encode(report), as: UTF8.self))
+            } else {
+                print(report.text)
+            }
         }
     }
 

@@ -119,6 +119,15 @@ struct FastPathTests {
         #expect(text.contains("add chain ip dysco s7_0"))
         #expect(text.contains("add rule ip dysco s7_0 tcp flags & (fin | syn | rst) == 0 counter ip daddr set 10.77.0.201 tcp sport set 40000 meta mark set mark | 0x10000000"))
         #expect(!text.contains("ip saddr set"), "source address unchanged: not rewritten")
+        // FIN and RST: rewritten too, marked to be observed (the agent keeps its bookkeeping; none needed to pass).
+        #expect(text.contains("add rule ip dysco s7_0 tcp flags & (fin | rst) != 0 tcp flags & syn == 0 ip daddr set 10.77.0.201 tcp sport set 40000 meta mark set mark | 0x11000000"))
+        let rebuilt = FastPathScript.rebuild(reroute: false, sessions: [(7, [.init(hook: .ingress, key: l, target: session)])],
+                                             ownedIngress: [l], ownedEgress: [])
+        #expect(rebuilt.hasPrefix("add table ip dysco\ndelete table ip dysco\n"), "one transaction replaces the table")
+        #expect(rebuilt.contains("set owned_in") && rebuilt.contains("@owned_in meta mark set mark | 0x4000000"))
+        #expect(rebuilt.contains("add chain ip dysco s7_0"))
+        #expect(rebuilt.hasSuffix("add element ip dysco owned_in { 10.77.0.10 . 10000 . 10.77.0.101 . 80 }\n"))
+        #expect(FastPathScript.disown(ingress: [], egress: []).isEmpty)
         #expect(text.contains("add element ip dysco ingress { 10.77.0.10 . 10000 . 10.77.0.101 . 80 : jump s7_0 }"))
         let removal = FastPathScript.remove(session: 7, [.init(hook: .ingress, key: l, target: session)])
         #expect(removal == "delete element ip dysco ingress { 10.77.0.10 . 10000 . 10.77.0.101 . 80 }\ndelete chain ip dysco s7_0\n")

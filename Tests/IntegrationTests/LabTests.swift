@@ -272,7 +272,11 @@ import Glibc
         let namespaces = lab.hosts.map(\.namespace)
         try lab.down()
         #expect(Self.namespaces(of: "lt4").isEmpty)
-        for ns in namespaces { #expect(!FileManager.default.fileExists(atPath: AgentControlPaths.socketPath(netns: ns))) }
+        for ns in namespaces {
+            #expect(!FileManager.default.fileExists(atPath: AgentControlPaths.socketPath(netns: ns)))
+            #expect(!FileManager.default.fileExists(atPath: AgentControlPaths.statePath(socketPath: AgentControlPaths.socketPath(netns: ns))),
+                    "lab down removes the agents' state files")
+        }
     }
 
     @Test func failedUpRemovesEverything() throws {

@@ -1,0 +1,281 @@
+import Foundation
+
+/// The agent's state file (docs/ARCHITECTURE.md, "Agent crash and restart"): what must survive a crash or an
+/// upgrade of the agent, as a journal of record changes. Pure: the agent's shell writes the lines
+/// (`StateJournal`), this file encodes and folds them, unit-tested without root.
+///
+/// Format: JSON lines. The first is a header, `{"dyscoState":1}`; each further line is one change:
+/// `{"put":{…record…}}` (the record's persisted fields as they are now) or `{"del":ID}`. Replaying the lines in
+/// order gives the table: the last `put` of an id wins, a `del` forgets it. A compacted file holds the header and
+/// one `put` per live record.
+public enum SessionStateFile {
+    public static let version = 1
+    public static let header = #"{"dyscoState":1}"#
+
+    /// One change of the journal.
+    public enum Entry: Equatable, Sendable {
+        case put(PersistedRecord)
+        case del(SessionTable.SessionID)
+    }
+
+    private struct Line: Codable {
+        var dyscoState: Int?
+        var put: PersistedRecord?
+        var del: SessionTable.SessionID?
+    }
+
+    /// One line (with its newline) for `entry`.
+    public static func encode(_ entry: Entry) -> [UInt8] {
+        let line: Line = switch entry {
+        case .put(let record): Line(put: record)
+        case .del(let id): Line(del: id)
+        }
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        var bytes = [UInt8]((try? encoder.encode(line)) ?? Data())
+        bytes.append(0x0A)
+        return bytes
+    }
+
+    /// The journal's changes for the ids in `changed`: a `put` of each one still in the table, a `del` of the others.
+    public static func entries(for changed: Set<SessionTable.SessionID>, in table: SessionTable) -> [Entry] {
+        changed.sorted().map { id in table.records[id].map { .put(PersistedRecord($0)) } ?? .del(id) }
+    }
+
+    /// What reading a state file found.
+    public struct Contents: Sendable, Equatable {
+        /// The live records, by id (the journal folded).
+        public var records: [SessionTable.SessionID: PersistedRecord] = [:]
+        /// Lines read (the header included).
+        public var lines = 0
+        /// Lines that did not decode (a torn last line, a foreign or damaged file): skipped, counted.
+        public var badLines = 0
+        /// The first bad line's number (1-based) and why, for the log.
+        public var firstError: String?
+        public init() {}
+    }
+
+    public enum ReadError: Error, Equatable, CustomStringConvertible {
+        /// The first line is not our header (not a state file, or another version).
+        case notAStateFile(String)
+        public var description: String {
+            switch self {
+            case .notAStateFile(let why): "not a dysco-migrate state file (version \(SessionStateFile.version)): \(why)"
+            }
+        }
+    }
+
+    /// Folds a state file's bytes. A file that does not start with the header is refused; a bad later line is
+    /// skipped and counted (a torn last line after a crash in the middle of a write, in the worst case).
+    public static func decode(_ data: Data) throws(ReadError) -> Contents {
+        var contents = Contents()
+        let decoder = JSONDecoder()
+        var lineNumber = 0
+        var start = data.startIndex
+        while start < data.endIndex {
+            let end = data[start...].firstIndex(of: 0x0A) ?? data.endIndex
+            let slice = data[start..<end]
+            start = end < data.endIndex ? data.index(after: end) : end
+            if slice.isEmpty { continue }
+            lineNumber += 1
+            contents.lines += 1
+            guard let line = try? decoder.decode(Line.self, from: slice) else {
+                if lineNumber == 1 { throw .notAStateFile("line 1 is not JSON") }
+                contents.badLines += 1
+                if contents.firstError == nil { contents.firstError = "line \(lineNumber): not a journal entry" }
+                continue
+            }
+            if lineNumber == 1 {
+                guard line.dyscoState == version else {
+                    throw .notAStateFile("line 1 is not {\"dyscoState\":\(version)}")
+                }
+                continue
+            }
+            if let record = line.put, line.del == nil {
+                if let problem = record.problem {
+                    contents.badLines += 1
+                    if contents.firstError == nil { contents.firstError = "line \(lineNumber): \(problem)" }
+                    continue
+                }
+                contents.records[record.id] = record
+            } else if let id = line.del, line.put == nil {
+                contents.records.removeValue(forKey: id)
+            } else {
+                contents.badLines += 1
+                if contents.firstError == nil { contents.firstError = "line \(lineNumber): neither put nor del" }
+            }
+        }
+        if lineNumber == 0 { throw .notAStateFile("empty") }
+        return contents
+    }
+
+    /// A compacted file: the header and one `put` per record, in id order.
+    public static func snapshot(_ table: SessionTable) -> [UInt8] {
+        var bytes = Array((header + "\n").utf8)
+        for id in table.records.keys.sorted() {
+            bytes += encode(.put(PersistedRecord(table.records[id]!)))
+        }
+        return bytes
+    }
+
+    /// The kernel side of a restart: a restored session whose chains the kernel still has goes back to the kernel
+    /// (path `kernel`, its translations in the current rule format, returned for the rebuilt table) unless it is
+    /// closing or the fast path is off or refused it; every other one stays on the slow path (the usual hand-over
+    /// may take it again). Chains of sessions without a record are not returned: the rebuild drops them.
+    public static func reconcile(_ restored: [SessionTable.SessionID], table: inout SessionTable,
+                                 inKernel: Set<SessionTable.SessionID>, fastPath: Bool)
+        -> [(SessionTable.SessionID, [FastPathScript.Translation])] {
+        var carried: [(SessionTable.SessionID, [FastPathScript.Translation])] = []
+        for id in restored {
+            guard let record = table.records[id] else { continue }
+            if fastPath, inKernel.contains(id), record.closeDeadline == nil, !record.fastPathFailed {
+                table.update(id) { $0.path = .kernel }
+                carried.append((id, record.fastPathTranslations))
+            } else {
+                table.update(id) { $0.path = .slow }
+            }
+        }
+        return carried
+    }
+
+    /// What putting a file's records back into a table did.
+    public struct RestoreResult: Sendable, Equatable {
+        public var restored: [SessionTable.SessionID] = []
+        /// Records refused because a key, port or chain id is another record's (a damaged file): not restored.
+        public var refused: [SessionTable.SessionID] = []
+    }
+
+    /// Puts `contents`' records into `table` (in id order), each with its ports reserved.
+    public static func restore(_ contents: Contents, into table: inout SessionTable, now: UInt64) -> RestoreResult {
+        var result = RestoreResult()
+        for id in contents.records.keys.sorted() {
+            do {
+                try table.restore(contents.records[id]!, now: now)
+                result.restored.append(id)
+            } catch {
+                result.refused.append(id)
+            }
+        }
+        return result
+    }
+}
+
+/// A session record's persisted fields: identity, role, the session and its subsessions (both paths, with the
+/// ports this agent allocated), remaining hops and the flags teardown and the fast path depend on. Counters,
+/// activity times and a reconfiguration's anchor state are not kept (docs/ARCHITECTURE.md, "Agent crash and
+/// restart").
+public struct PersistedRecord: Codable, Equatable, Sendable {
+    public struct Sub: Codable, Equatable, Sendable {
+        public var tuple: FiveTuple
+        public var port: UInt16?
+        public var path: UInt8
+        var subsession: SessionTable.Subsession { .init(tuple: tuple, allocatedPort: port, path: path) }
+        init(_ s: SessionTable.Subsession) {
+            tuple = s.tuple
+            port = s.allocatedPort
+            path = s.path
+        }
+    }
+
+    public struct PersistedLink: Codable, Equatable, Sendable {
+        public var active: Sub
+        public var other: Sub?
+        init(_ link: SessionTable.Link) {
+            active = Sub(link.active)
+            other = link.other.map(Sub.init)
+        }
+    }
+
+    public var id: SessionTable.SessionID
+    public var role: SessionTable.Role
+    public var session: FiveTuple
+    public var chainID: UInt64
+    public var nonce: UInt64
+    public var left: PersistedLink?
+    public var right: PersistedLink?
+    public var remaining: [IPv4Address]
+    public var rightEstablished: Bool
+    public var finForward: Bool
+    public var finReverse: Bool
+    public var reset: Bool
+    /// CLOCK_MONOTONIC (system-wide: it survives the process, not a reboot; /run does not either).
+    public var closeDeadline: UInt64?
+    public var fastPathFailed: Bool
+    /// The session carried its handshake (``SessionTable/Record/established``): its keys are owned in the kernel.
+    public var established: Bool
+    /// An RST crossed and nothing has refuted it yet (docs/ARCHITECTURE.md, "Forged resets").
+    public var resetSeen: Bool?
+
+    public var identity: SessionIdentity { SessionIdentity(chainID: chainID, nonce: nonce) }
+
+    public init(_ record: SessionTable.Record) {
+        id = record.id
+        role = record.role
+        session = record.session
+        chainID = record.identity.chainID
+        nonce = record.identity.nonce
+        left = record.leftLink.map(PersistedLink.init)
+        right = record.rightLink.map(PersistedLink.init)
+        remaining = record.remaining
+        rightEstablished = record.rightEstablished
+        finForward = record.finForward
+        finReverse = record.finReverse
+        reset = record.reset
+        closeDeadline = record.closeDeadline
+        fastPathFailed = record.fastPathFailed
+        established = record.established
+        resetSeen = record.resetSeen ? true : nil
+    }
+
+    /// The ports this agent allocated for the record's subsessions.
+    var ports: [UInt16] {
+        [left?.active, left?.other, right?.active, right?.other].compactMap { $0?.port }
+    }
+
+    /// Why a decoded record cannot be a session (nil: it can).
+    var problem: String? {
+        if id == 0 { return "session id 0" }
+        if chainID == 0 { return "chain id 0" }
+        switch role {
+        case .leftEnd: if left != nil || right == nil { return "a left end has a right subsession only" }
+        case .middlebox: if left == nil { return "a middlebox has a left subsession" }
+        case .rightEnd: if left == nil || right != nil { return "a right end has a left subsession only" }
+        }
+        if remaining.count > 15 { return "more than 15 remaining hops" }
+        return nil
+    }
+
+    func applyFlags(to record: inout SessionTable.Record) {
+        record.rightEstablished = rightEstablished
+        record.finForward = finForward
+        record.finReverse = finReverse
+        record.reset = reset
+        record.closeDeadline = closeDeadline
+        record.fastPathFailed = fastPathFailed
+        record.established = established
+        record.resetSeen = resetSeen ?? false
+        // Sequence tracking starts afresh (it is stale after the gap), as after a fast-path hand-over.
+    }
+}
+
+extension SessionTable.Record {
+    /// The fields whose change must reach the state file (compared on each ``SessionTable/update(_:_:)`` while
+    /// changes are tracked; the subsessions are tracked where the table changes them).
+    public struct PersistedState: Equatable, Sendable {
+        var flags: UInt8
+        var remaining: Int
+        var closeDeadline: UInt64?
+    }
+
+    public var persistedState: PersistedState {
+        var flags: UInt8 = 0
+        if rightEstablished { flags |= 1 }
+        if finForward { flags |= 2 }
+        if finReverse { flags |= 4 }
+        if reset { flags |= 8 }
+        if fastPathFailed { flags |= 16 }
+        if established { flags |= 32 }
+        if resetSeen { flags |= 64 }
+        return PersistedState(flags: flags, remaining: remaining.count, closeDeadline: closeDeadline)
+    }
+}

@@ -1,0 +1,216 @@
+import DyscoCore
+import Foundation
+import Testing
+
+/// The state file's codec, the journal fold, restore into a table, the restart's kernel reconcile, owned keys and
+/// the observed FIN/RST (docs/ARCHITECTURE.md, "Agent crash and restart"). No root, no kernel.
+@Suite("Persistence: state file, restore, reconcile, owned keys")
+struct PersistenceTests {
+    let client = IPv4Address("10.77.0.10")!, fw1 = IPv4Address("10.77.0.101")!, server = IPv4Address("10.77.0.201")!
+    var session: FiveTuple { FiveTuple(srcAddr: client, srcPort: 40000, dstAddr: server, dstPort: 80) }
+
+    func harness() -> ChainHarness {
+        let policy = Policy(name: "web", match: SessionPredicate(dst: IPv4Prefix("10.77.0.201/32"), dport: [PortRange("80")!]),
+                            chain: [fw1])
+        let h = ChainHarness()
+        h.hosts["client"] = PacketProcessor(config: AgentConfig(policies: [policy]), portRange: 10000...10999, trust: TestKeys.group)
+        h.hosts["fw1"] = PacketProcessor(config: AgentConfig(), portRange: 20000...20999, trust: TestKeys.group)
+        h.hosts["server"] = PacketProcessor(config: AgentConfig(), portRange: 40000...40999, trust: TestKeys.group)
+        for host in h.hosts.keys { h.hosts[host]!.table.changed = [] }
+        return h
+    }
+
+    /// A session set up through client → fw1 → server, with a few data packets.
+    func established(_ h: ChainHarness, sessionPort: UInt16 = 40000) throws {
+        let s = FiveTuple(srcAddr: client, srcPort: sessionPort, dstAddr: server, dstPort: 80)
+        _ = try #require(h.send(PacketBuilder(tuple: s, flags: [.syn]).build(), along: ["client", "fw1", "server"]))
+        _ = try #require(h.send(PacketBuilder(tuple: s.reversed, flags: [.syn, .ack]).build(), along: ["server", "fw1", "client"]))
+        _ = try #require(h.send(PacketBuilder(tuple: s, flags: [.ack]).build(), along: ["client", "fw1", "server"]))
+        _ = try #require(h.send(PacketBuilder(tuple: s, flags: [.ack, .psh], payload: [1, 2, 3]).build(), along: ["client", "fw1", "server"]))
+    }
+
+    /// Every change of a host's table as journal lines, from a header on (what the agent writes).
+    func journal(_ processor: inout PacketProcessor, into file: inout [UInt8]) {
+        if file.isEmpty { file = Array((SessionStateFile.header + "\n").utf8) }
+        let changed = processor.table.changed ?? []
+        processor.table.changed = []
+        for entry in SessionStateFile.entries(for: changed, in: processor.table) { file += SessionStateFile.encode(entry) }
+    }
+
+    @Test("a journal replayed into an empty table gives back ids, identities, subsessions, ports, hops and flags")
+    func roundTrip() throws {
+        let h = harness()
+        var files: [String: [UInt8]] = [:]
+        try established(h)
+        for host in ["client", "fw1", "server"] { journal(&h.hosts[host]!, into: &files[host, default: []]) }
+        for host in ["client", "fw1", "server"] {
+            let original = h.hosts[host]!.table
+            let contents = try SessionStateFile.decode(Data(files[host]!))
+            #expect(contents.badLines == 0)
+            var table = SessionTable(portRange: original.ports.range)
+            let result = SessionStateFile.restore(contents, into: &table, now: 5)
+            #expect(result.restored.count == 1 && result.refused.isEmpty)
+            let (a, b) = (try #require(original.records.values.first), try #require(table.records.values.first))
+            #expect(PersistedRecord(a) == PersistedRecord(b), "\(host)")
+            #expect(a.id == b.id && a.identity == b.identity && a.role == b.role && a.left == b.left && a.right == b.right)
+            #expect(table.ingress.keys.sorted(by: { "\($0)" < "\($1)" }) == original.ingress.keys.sorted(by: { "\($0)" < "\($1)" }))
+            #expect(Set(table.egress.keys) == Set(original.egress.keys))
+            #expect(b.established, "\(host): past the handshake before, past it after")
+            // The allocated port is taken again, and a new session gets a fresh id and port.
+            if let port = a.rightLink?.active.allocatedPort {
+                #expect(table.ports.isInUse(port))
+                let id = try table.insertLeftEnd(session: FiveTuple.t("10.77.0.10", 40001, "10.77.0.201", 80), hops: [fw1], now: 6)
+                #expect(id > a.id)
+                #expect(table.records[id]!.right!.srcPort != port)
+            }
+        }
+    }
+
+    @Test("the journal is folded: the last put wins, a del forgets, a torn last line is skipped and counted")
+    func fold() throws {
+        let h = harness()
+        var file: [UInt8] = []
+        try established(h)
+        try established(h, sessionPort: 40001)
+        journal(&h.hosts["fw1"]!, into: &file)
+        // FIN both ways, then the linger ends: flags change, then the record goes.
+        let fin = PacketBuilder(tuple: session, flags: [.fin, .ack]).build()
+        _ = try #require(h.send(fin, along: ["client", "fw1", "server"]))
+        journal(&h.hosts["fw1"]!, into: &file)
+        var contents = try SessionStateFile.decode(Data(file))
+        let first = try #require(h.hosts["fw1"]!.table.bySession[session])
+        #expect(contents.records.count == 2 && contents.records[first]?.finForward == true)
+        _ = try #require(h.send(PacketBuilder(tuple: session.reversed, flags: [.fin, .ack]).build(), along: ["server", "fw1", "client"]))
+        h.now += 20_000_000_000
+        h.hosts["fw1"]!.expire(now: h.now)
+        journal(&h.hosts["fw1"]!, into: &file)
+        contents = try SessionStateFile.decode(Data(file))
+        #expect(contents.records.count == 1 && contents.records[first] == nil)
+        // A torn write at the end, and a line that is JSON but no entry.
+        let torn = file + Array(#"{"put":{"id":7,"ro"#.utf8)
+        let damaged = try SessionStateFile.decode(Data(torn + Array("\n{\"x\":1}\n".utf8)))
+        #expect(damaged.records == contents.records && damaged.badLines == 2 && damaged.firstError != nil)
+        // The compacted form holds the same records.
+        let compacted = try SessionStateFile.decode(Data(SessionStateFile.snapshot(h.hosts["fw1"]!.table)))
+        #expect(compacted.records == contents.records && compacted.lines == 2)
+    }
+
+    @Test("not a state file: refused with the reason; an inconsistent record is skipped, not restored")
+    func refusals() throws {
+        #expect(throws: SessionStateFile.ReadError.self) { try SessionStateFile.decode(Data()) }
+        #expect(throws: SessionStateFile.ReadError.self) { try SessionStateFile.decode(Data("hello\n".utf8)) }
+        #expect(throws: SessionStateFile.ReadError.self) { try SessionStateFile.decode(Data("{\"dyscoState\":2}\n".utf8)) }
+        let h = harness()
+        try established(h)
+        var record = PersistedRecord(h.hosts["fw1"]!.table.records.values.first!)
+        record.left = nil  // a middlebox without its left subsession
+        let file = Array((SessionStateFile.header + "\n").utf8) + SessionStateFile.encode(.put(record))
+        let contents = try SessionStateFile.decode(Data(file))
+        #expect(contents.records.isEmpty && contents.badLines == 1)
+        #expect(contents.firstError?.contains("left subsession") == true, "\(contents.firstError ?? "")")
+    }
+
+    @Test("two records claiming one port: the second is refused, the first keeps it")
+    func portCollision() throws {
+        let h = harness()
+        try established(h)
+        let original = try #require(h.hosts["client"]!.table.records.values.first)
+        var twin = PersistedRecord(original)
+        twin.id += 100
+        twin.chainID ^= 0xff
+        twin.session.srcPort += 1
+        var contents = SessionStateFile.Contents()
+        contents.records = [original.id: PersistedRecord(original), twin.id: twin]
+        var table = SessionTable(portRange: 10000...10999)
+        let result = SessionStateFile.restore(contents, into: &table, now: 1)
+        #expect(result.restored == [original.id] && result.refused == [twin.id])
+        #expect(table.ports.inUse == 1)
+    }
+
+    @Test("reconcile: a session the kernel carried goes back to it; others, closing ones and fast path off stay slow")
+    func reconcile() throws {
+        let h = harness()
+        try established(h)
+        try established(h, sessionPort: 40001)
+        try established(h, sessionPort: 40002)
+        var table = h.hosts["fw1"]!.table
+        let ids = table.records.keys.sorted()
+        table.update(ids[2]) { $0.closeDeadline = 99 }
+        let carried = SessionStateFile.reconcile(ids, table: &table, inKernel: [ids[0], ids[2], 999], fastPath: true)
+        #expect(carried.map(\.0) == [ids[0]])
+        #expect(carried[0].1 == table.records[ids[0]]!.fastPathTranslations && carried[0].1.count == 4)
+        #expect(table.records[ids[0]]!.path == .kernel && table.records[ids[1]]!.path == .slow && table.records[ids[2]]!.path == .slow)
+        var off = h.hosts["fw1"]!.table
+        #expect(SessionStateFile.reconcile(ids, table: &off, inKernel: Set(ids), fastPath: false).isEmpty)
+        // The kernel's listing names sessions by chain (other tables' chains do not count).
+        let chains = #"{"nftables":[{"metainfo":{}},{"chain":{"family":"ip","table":"dysco","name":"pre"}},"#
+            + #"{"chain":{"family":"ip","table":"dysco","name":"s12_0"}},{"chain":{"family":"ip","table":"dysco","name":"s12_1"}},"#
+            + #"{"chain":{"family":"ip","table":"filter","name":"s5_0"}},{"chain":{"family":"ip","table":"dysco","name":"s3_0"}}]}"#
+        let sets = #"{"nftables":[{"set":{"family":"ip","table":"dysco","name":"owned_in"}},{"set":{"family":"ip","table":"dysco","name":"owned_out"}}]}"#
+        let listing = FastPathListing(chainsJSON: Data(chains.utf8), setsJSON: Data(sets.utf8))
+        #expect(listing.sessions == [12, 3])
+        #expect(FastPathListing.hasTable(json: Data(#"{"nftables":[{"table":{"family":"ip","name":"dysco","handle":3}}]}"#.utf8)))
+        #expect(!FastPathListing.hasTable(json: Data(#"{"nftables":[{"table":{"family":"ip","name":"filter"}}]}"#.utf8)))
+        // The table is kept as it is only when it holds exactly the carried sessions' chains, in the current format.
+        let two = [FastPathScript.Translation](carried[0].1.prefix(2))
+        let one: [(SessionTable.SessionID, [FastPathScript.Translation])] = [(12, two)]
+        #expect(FastPathListing(chains: ["pre", "s12_0", "s12_1"], sets: ["owned_in", "owned_out"]).matches(one))
+        #expect(!FastPathListing(chains: ["pre", "s12_0", "s12_1", "s3_0"], sets: ["owned_in", "owned_out"]).matches(one),
+                "a stray chain: rebuilt")
+        #expect(!FastPathListing(chains: ["s12_0"], sets: ["owned_in", "owned_out"]).matches(one), "a chain missing: rebuilt")
+        #expect(!FastPathListing(chains: ["s12_0", "s12_1"], sets: []).matches(one), "an older format: rebuilt")
+    }
+
+    @Test("owned keys: none during the handshake (a SYN costs the kernel nothing), all once it is done, none after removal")
+    func ownership() throws {
+        let h = harness()
+        var owned = KernelOwnership()
+        let syn = PacketBuilder(tuple: session, flags: [.syn]).build()
+        _ = try #require(h.send(syn, along: ["client", "fw1", "server"]))
+        var fw1 = h.hosts["fw1"]!
+        var change = owned.update(fw1.table.changed ?? [], table: fw1.table)
+        #expect(change.add.isEmpty && change.remove.isEmpty, "SYN only: nothing owned")
+        h.hosts["fw1"]!.table.changed = []
+        try established(h)
+        fw1 = h.hosts["fw1"]!
+        change = owned.update(fw1.table.changed ?? [], table: fw1.table)
+        let record = try #require(fw1.table.records.values.first)
+        #expect(Set(change.add.ingress) == Set(fw1.table.ingressKeys(of: record)) && change.add.ingress.count == 2)
+        #expect(Set(change.add.egress) == [session, session.reversed])
+        // Removal takes them out again.
+        h.hosts["fw1"]!.table.changed = []
+        h.hosts["fw1"]!.table.remove(record.id)
+        fw1 = h.hosts["fw1"]!
+        change = owned.update(fw1.table.changed ?? [], table: fw1.table)
+        #expect(Set(change.remove.ingress) == Set(fw1.table.ingressKeys(of: record)) && change.add.isEmpty)
+        #expect(owned.owned.isEmpty)
+    }
+
+    @Test("a FIN the kernel rewrote and marked to be observed does the agent's teardown bookkeeping")
+    func observedFin() throws {
+        let h = harness()
+        try established(h)
+        // fw1's ingress: the kernel rewrote the client's FIN to the session tuple; egress: to the right subsession.
+        var fin = PacketBuilder(tuple: session, flags: [.fin, .ack]).build()
+        let found = fin.withUnsafeMutableBytes { raw in
+            h.hosts["fw1"]!.observe(raw.baseAddress!, count: raw.count, hook: .ingress, now: h.now)
+        }
+        #expect(found)
+        let record = try #require(h.hosts["fw1"]!.table.records.values.first)
+        #expect(record.finForward && !record.finReverse)
+        // The server's FIN as the kernel leaves it at fw1's egress: rev(L).
+        var back = PacketBuilder(tuple: try #require(record.left).reversed, flags: [.fin, .ack]).build()
+        _ = back.withUnsafeMutableBytes { raw in
+            h.hosts["fw1"]!.observe(raw.baseAddress!, count: raw.count, hook: .egress, now: h.now)
+        }
+        let closed = try #require(h.hosts["fw1"]!.table.records.values.first)
+        #expect(closed.finReverse && closed.closeDeadline != nil)
+        #expect(h.hosts["fw1"]!.counters.kernelObserved == 2)
+        // A packet of no session is counted and changes nothing.
+        var stray = PacketBuilder(tuple: FiveTuple.t("10.9.9.9", 1, "10.9.9.8", 2), flags: [.rst]).build()
+        let none = stray.withUnsafeMutableBytes { raw in
+            h.hosts["fw1"]!.observe(raw.baseAddress!, count: raw.count, hook: .ingress, now: h.now)
+        }
+        #expect(!none)
+    }
+}

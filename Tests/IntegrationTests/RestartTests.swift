@@ -1,0 +1,216 @@
+import DyscoAgent
+import DyscoCore
+import DyscoLab
+import DyscoSystem
+import Foundation
+import Testing
+
+/// Agent crash and restart (issue 9, tests (c) and (d); docs/ARCHITECTURE.md, "Agent crash and restart"): kill -9
+/// or SIGTERM of an agent mid-transfer, then a start with the same command line (``Lab/restartAgent(_:extraArguments:)``),
+/// on real namespaces, NFQUEUE, nftables, strict iptables firewalls and curl downloads checked by sha256. Each test
+/// has its own lab (`rsN`, 10.79.6N.0/24) and removes it, also on failure.
+@Suite(.serialized) struct RestartTests {
+    static func record(_ line: String) {
+        FileHandle.standardError.write(Data("[restart-tests] \(line)\n".utf8))
+    }
+
+    /// The longest time the downloads' total size did not grow, sampled every 10 ms while it runs.
+    final class Progress: @unchecked Sendable {
+        private let outputs: [String]
+        private let lock = NSLock()
+        private var longestStall = 0.0
+        private var running = true
+        private let done = DispatchSemaphore(value: 0)
+
+        init(_ outputs: [String]) {
+            self.outputs = outputs
+            let thread = Thread { [self] in
+                var last = -1, lastChange = Date()
+                while lock.withLock({ running }) {
+                    let total = outputs.reduce(0) { sum, path in
+                        sum + ((try? FileManager.default.attributesOfItem(atPath: path)[.size] as? Int) ?? 0)
+                    }
+                    let now = Date()
+                    if total != last {
+                        last = total
+                        lastChange = now
+                    }
+                    let stall = now.timeIntervalSince(lastChange)
+                    lock.withLock { longestStall = max(longestStall, stall) }
+                    usleep(10_000)
+                }
+                done.signal()
+            }
+            thread.start()
+        }
+
+        /// Stops sampling; returns the longest stall in seconds.
+        func stop() -> Double {
+            lock.withLock { running = false }
+            done.wait()
+            return lock.withLock { longestStall }
+        }
+    }
+
+    /// Paced downloads through fw1; for each host in `hosts`, in turn, its agent is stopped with `signal` and
+    /// started again with the same command line while they run. Byte-exact, no reset, every session restored.
+    func restartMidTransfer(name: String, subnet: String, agentArguments: [String], hosts: [String],
+                            signal: Int32) async throws {
+        try await TestSupport.withLab(MigrationLab.spec(name, subnet: subnet, middleboxes: ["fw1"],
+                                                        agentArguments: agentArguments)) { lab in
+            try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 6)
+            try MigrationLab.startPacedServer(lab, megabytesPerSecond: 1)
+            let sessions = 4
+            let downloads = try MigrationLab.Downloads(lab, file: "blob", count: sessions)
+            try await MigrationLab.waitForSessions(lab, on: "fw1", count: sessions)
+            try await Task.sleep(for: .milliseconds(500))
+            let lossBefore = try MigrationLab.lossCounters(lab)
+            for host in hosts {
+                let progress = Progress(downloads.outputs)
+                let before = try await MigrationLab.pacedSessions(lab, host).count
+                #expect(before >= sessions, "\(host) carries \(before) sessions before the stop")
+                let start = Date()
+                try lab.killAgent(host, signal: signal)
+                #expect(!lab.agentIsAlive(host))
+                let rules = try lab.exec(host, ["iptables-save"]).stdout
+                #expect(rules.contains("DYSCO-IN") && rules.contains("--queue-bypass"),
+                        "\(host): the queue rules stay while no agent runs")
+                #expect(try lab.exec(host, ["nft", "list", "table", "ip", FastPathScript.table], check: false).status == 0,
+                        "\(host): the kernel table stays while no agent runs")
+                try await Task.sleep(for: .milliseconds(500))
+                try lab.restartAgent(host)
+                let restart = Date().timeIntervalSince(start)
+                let snapshot = try await TestSupport.snapshot(lab, host)
+                #expect(snapshot.counters.sessionsRestored >= UInt64(sessions), "\(host) restored \(snapshot.counters.sessionsRestored)")
+                let paced = snapshot.sessions.filter { $0.session.dstPort == MigrationLab.pacedPort }
+                #expect(paced.count >= sessions, "\(host) knows \(paced.count) paced sessions after the restart")
+                try await Task.sleep(for: .seconds(1))
+                let stall = progress.stop()
+                Self.record("\(name) \(host) signal \(signal): down+restart \(String(format: "%.3f", restart)) s, "
+                            + "longest stall of the downloads \(String(format: "%.3f", stall)) s")
+            }
+            #expect(downloads.wait(), "curl failed: \((try? String(contentsOfFile: "\(lab.directory)/curl.log", encoding: .utf8)) ?? "")")
+            #expect(try MigrationLab.allIntact(downloads.outputs, original: "\(lab.httpRoot)/blob").isEmpty)
+            let window = try MigrationLab.lossCounters(lab) - lossBefore
+            Self.record("\(name) loss counters over the restarts: \(window)")
+            #expect(window.establishedResets == 0, "resets: \(window)")
+            if !agentArguments.contains("--no-fastpath") {
+                // The kernel carried every data packet throughout: nothing was stranded long enough for an RTO.
+                // (Without the fast path the packets of the stopped agent's sessions are dropped, and TCP
+                // retransmits them after an RTO: recorded above.)
+                #expect(window.timeouts == 0, "RTOs with the fast path: \(window)")
+            }
+            Self.record("\(name) fw1 INVALID drops: \(try TestSupport.invalidDrops(lab, "fw1"))")
+        }
+    }
+
+    @Test("queue rules: observed FIN/RST with bypass, owned packets without, the rest with; a predecessor's jumps kept")
+    func queueRuleScript() {
+        let script = QueueRules(queue: 7).restoreScript()
+        let ingress = script.split(separator: "\n").filter { $0.hasPrefix("-A DYSCO-IN") }
+        #expect(ingress == [
+            "-A DYSCO-IN -p tcp ! -i lo -m mark --mark 0x1000000/0x1000000 -j NFQUEUE --queue-num 7 --queue-bypass",
+            "-A DYSCO-IN -p tcp ! -i lo -m mark --mark 0x4000000/0x14000000 -j NFQUEUE --queue-num 7",
+            "-A DYSCO-IN -p tcp ! -i lo -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 7 --queue-bypass",
+        ])
+        #expect(script.contains("-I PREROUTING 1 -j DYSCO-IN") && script.contains("-I POSTROUTING 1 -j DYSCO-FWD-OUT"))
+        let again = QueueRules(queue: 7).restoreScript(existingJumps: ["PREROUTING", "OUTPUT", "POSTROUTING"])
+        #expect(!again.contains("-I "), "no second jump")
+        #expect(again.contains(":DYSCO-IN - [0:0]"), "declared, so iptables-restore --noflush empties it in the same commit")
+    }
+
+    @Test("(c) kill -9 and restart of fw1's agent, then of the client's, mid-transfer, fast path on: byte-exact, no reset")
+    func killFastPath() async throws {
+        try await restartMidTransfer(name: "rs1", subnet: "10.79.61.0/24", agentArguments: [], hosts: ["fw1", "client1"],
+                                     signal: SIGKILL)
+    }
+
+    @Test("(c) kill -9 and restart of fw1's agent, then of the client's, mid-transfer, fast path off: byte-exact, no reset")
+    func killSlowPath() async throws {
+        try await restartMidTransfer(name: "rs2", subnet: "10.79.62.0/24", agentArguments: ["--no-fastpath"],
+                                     hosts: ["fw1", "client1"], signal: SIGKILL)
+    }
+
+    @Test("(d) SIGTERM and restart (an upgrade) of fw1's, the client's and the server's agents mid-transfer: byte-exact")
+    func upgrade() async throws {
+        try await restartMidTransfer(name: "rs3", subnet: "10.79.63.0/24", agentArguments: [],
+                                     hosts: ["fw1", "client1", "server1"], signal: SIGTERM)
+    }
+
+    @Test("(d) SIGTERM and restart mid-transfer with the fast path off: byte-exact")
+    func upgradeSlowPath() async throws {
+        try await restartMidTransfer(name: "rs4", subnet: "10.79.64.0/24", agentArguments: ["--no-fastpath"],
+                                     hosts: ["fw1"], signal: SIGTERM)
+    }
+
+    @Test("fast path on, fw1's agent killed and not restarted: a transfer finishing meanwhile completes; --purge clears")
+    func noRestart() async throws {
+        try await TestSupport.withLab(MigrationLab.spec("rs5", subnet: "10.79.65.0/24", middleboxes: ["fw1"])) { lab in
+            try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 3)
+            try MigrationLab.startPacedServer(lab, megabytesPerSecond: 1)
+            let downloads = try MigrationLab.Downloads(lab, file: "blob", count: 2)
+            try await MigrationLab.waitForSessions(lab, on: "fw1", count: 2)
+            // Wait until fw1's kernel carries them (4 chains a session at a middlebox).
+            var chains = 0
+            for _ in 0..<50 where chains < 8 {
+                chains = try lab.exec("fw1", ["nft", "list", "table", "ip", FastPathScript.table]).stdout
+                    .components(separatedBy: "chain s").count - 1
+                if chains < 8 { try await Task.sleep(for: .milliseconds(100)) }
+            }
+            #expect(chains >= 8, "fw1's kernel carries \(chains) chains")
+            let lossBefore = try MigrationLab.lossCounters(lab)
+            try lab.killAgent("fw1", signal: SIGKILL)
+            #expect(!lab.agentIsAlive("fw1"))
+            // Their data and their FINs pass fw1 in the kernel: curl ends (with -m 120 it would fail on a hang).
+            #expect(downloads.wait(), "curl failed: \((try? String(contentsOfFile: "\(lab.directory)/curl.log", encoding: .utf8)) ?? "")")
+            #expect(try MigrationLab.allIntact(downloads.outputs, original: "\(lab.httpRoot)/blob").isEmpty)
+            let window = try MigrationLab.lossCounters(lab) - lossBefore
+            #expect(window.establishedResets == 0, "\(window)")
+            // The FINs reached the peers: neither end keeps the connection (no FIN_WAIT/CLOSE_WAIT/LAST_ACK left
+            // for the paced port).
+            try await Task.sleep(for: .milliseconds(500))
+            for host in ["client1", "server1"] {
+                let sockets = try lab.exec(host, ["ss", "-tanH", "( sport = :\(MigrationLab.pacedPort) or dport = :\(MigrationLab.pacedPort) )"]).stdout
+                let stuck = sockets.split(separator: "\n").filter {
+                    $0.hasPrefix("FIN-WAIT") || $0.hasPrefix("CLOSE-WAIT") || $0.hasPrefix("LAST-ACK") || $0.hasPrefix("ESTAB")
+                }
+                #expect(stuck.isEmpty, "\(host): \(stuck)")
+            }
+
+            // The operator takes the agent away for good: --purge removes rules, table and state file.
+            let bin = try TestSupport.dyscoBinary()
+            let purge = try lab.exec("fw1", [bin, "agent", "--purge"], check: false)
+            #expect(purge.status == 0, "\(purge.stderr)")
+            #expect(purge.stdout.contains(#""rules":true"#) && purge.stdout.contains(#""table":true"#)
+                    && purge.stdout.contains(#""stateFile":true"#), "\(purge.stdout)")
+            #expect(!(try lab.exec("fw1", ["iptables-save"]).stdout.contains("DYSCO")))
+            #expect(try lab.exec("fw1", ["nft", "list", "table", "ip", FastPathScript.table], check: false).status != 0)
+            // While an agent runs, --purge is refused.
+            let purgeClient = try lab.exec("client1", [bin, "agent", "--purge"], check: false)
+            #expect(purgeClient.status != 0 && purgeClient.stderr.contains("an agent is running"), "\(purgeClient.stderr)")
+        }
+    }
+
+    @Test("SIGTERM with no live session removes everything; --cleanup-on-exit removes everything with live sessions")
+    func cleanStops() async throws {
+        try await TestSupport.withLab(MigrationLab.spec("rs6", subnet: "10.79.66.0/24", middleboxes: ["fw1"])) { lab in
+            let state = AgentControlPaths.statePath(socketPath: AgentControlPaths.socketPath(netns: lab.namespace(of: "fw1")))
+            #expect(FileManager.default.fileExists(atPath: state))
+            try lab.killAgent("fw1", signal: SIGTERM)
+            #expect(!(try lab.exec("fw1", ["iptables-save"]).stdout.contains("DYSCO")), "no session: rules removed")
+            #expect(try lab.exec("fw1", ["nft", "list", "table", "ip", FastPathScript.table], check: false).status != 0)
+            #expect(!FileManager.default.fileExists(atPath: state))
+
+            try lab.restartAgent("fw1", extraArguments: ["--cleanup-on-exit"])
+            try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 3)
+            try MigrationLab.startPacedServer(lab, megabytesPerSecond: 1)
+            let downloads = try MigrationLab.Downloads(lab, file: "blob", count: 1)
+            try await MigrationLab.waitForSessions(lab, on: "fw1", count: 1)
+            #expect(try String(contentsOfFile: state, encoding: .utf8).contains(#""put""#), "the session is journaled")
+            try lab.killAgent("fw1", signal: SIGTERM)
+            #expect(!(try lab.exec("fw1", ["iptables-save"]).stdout.contains("DYSCO")), "--cleanup-on-exit: rules removed")
+            #expect(!FileManager.default.fileExists(atPath: state))
+            for process in downloads.processes { process.terminate() }
+        }
+    }
+}
