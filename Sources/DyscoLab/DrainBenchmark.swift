@@ -56,18 +56,7 @@ public struct DrainBenchmark: Sendable {
                            subnet: "10.79.92.0/24", policyPorts: [Self.port],
                            agentArguments: ["--port-range", "10000-59999"],
                            agentBinary: try options.agentBinary ?? Lab.defaultAgentBinary())
-        try Lab.down(name: spec.name, force: true, logger: logger)
-        let guardToken = SignalTeardown.arm(lab: spec.name, logger: logger)
-        defer { SignalTeardown.disarm(guardToken) }
-        let lab = try Lab.up(spec, logger: logger)
-        do {
-            let report = try await measure(lab)
-            _ = try lab.down()
-            return report
-        } catch {
-            _ = try? lab.down()
-            throw error
-        }
+        return try await Lab.withBenchmarkLab(spec, logger: logger) { lab in try await measure(lab) }
     }
 
     private func measure(_ lab: Lab) async throws -> Report {

@@ -200,22 +200,12 @@ public struct FloodBenchmark: Sendable {
                 agentBinary: agentBinary, attackers: attackers)
     }
 
-    public func run() throws -> Report {
+    public func run() async throws -> Report {
         let spec = Self.spec(name: "at-bflood", subnet: "10.79.89.0/24", synTimeout: options.synTimeout,
                              agentArguments: options.agentArguments,
                              agentBinary: try options.agentBinary ?? Lab.defaultAgentBinary())
-        try Lab.down(name: spec.name, force: true, logger: logger)
-        let guardToken = SignalTeardown.arm(lab: spec.name, logger: logger)
-        defer { SignalTeardown.disarm(guardToken) }
-        let lab = try Lab.up(spec, logger: logger)
-        do {
-            let report = try Self.flood(lab, syns: options.syns, synTimeout: options.synTimeout, rate: options.rate,
-                                        logger: logger)
-            _ = try lab.down()
-            return report
-        } catch {
-            _ = try? lab.down()
-            throw error
+        return try await Lab.withBenchmarkLab(spec, logger: logger) { lab in
+            try Self.flood(lab, syns: options.syns, synTimeout: options.synTimeout, rate: options.rate, logger: logger)
         }
     }
 

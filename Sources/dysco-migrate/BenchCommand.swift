@@ -13,6 +13,17 @@ struct BenchCommand: AsyncParsableCommand {
                       Connect.self, Sink.self, PacedServer.self]
     )
 
+    /// Prints a benchmark's report: JSON (pretty, sorted keys) with --json, its text otherwise.
+    static func output<Report: Encodable>(_ report: Report, json: Bool, text: @autoclosure () -> String) throws {
+        if json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            print(String(decoding: try encoder.encode(report), as: UTF8.self))
+        } else {
+            print(text())
+        }
+    }
+
     /// The benchmarks' logger: progress at info level on stderr.
     static func logger() -> Logger {
         var logger = Logger(label: "dysco-migrate.bench")
@@ -66,13 +77,7 @@ struct BenchCommand: AsyncParsableCommand {
             case nil: options.referenceScript = FileManager.default.fileExists(atPath: defaultReference) ? defaultReference : nil
             }
             let report = try DataplaneBenchmark(options: options, logger: logger).run()
-            if json {
-                let encoder = JSONEncoder()
-                encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-                print(String(decoding: try encoder.encode(report), as: UTF8.self))
-            } else {
-                print(report.text)
-            }
+            try BenchCommand.output(report, json: json, text: report.text)
         }
     }
 
@@ -192,13 +197,7 @@ struct BenchCommand: AsyncParsableCommand {
             options.agentArguments = agentArg
             (options.referenceScript, options.referenceMissing) = BenchCommand.referenceScript(reference)
             let report = try await ReplaceBenchmark(options: options, logger: logger).run()
-            if json {
-                let encoder = JSONEncoder()
-                encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-                print(String(decoding: try encoder.encode(report), as: UTF8.self))
-            } else {
-                print(report.text)
-            }
+            try BenchCommand.output(report, json: json, text: report.text)
         }
     }
 
@@ -244,13 +243,7 @@ struct BenchCommand: AsyncParsableCommand {
             logger.info("restoring", metadata: ["bench.sessions": "\(sessions)", "bench.netns": "\(RestoreBenchmark.namespace)"])
             let executable = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
             let report = try RestoreBenchmark.run(sessions: sessions, binary: executable, logger: logger)
-            if json {
-                let encoder = JSONEncoder()
-                encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-                print(String(decoding: try encoder.encode(report), as: UTF8.self))
-            } else {
-                print(report.text)
-            }
+            try BenchCommand.output(report, json: json, text: report.text)
         }
     }
 

@@ -36,13 +36,7 @@ extension BenchCommand {
             options.deadlineMilliseconds = deadline
             options.stateful = !stateless
             let report = try await DrainBenchmark(options: options, logger: logger).run()
-            if json {
-                let encoder = JSONEncoder()
-                encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-                FileHandle.standardOutput.write(try encoder.encode(report) + Data("\n".utf8))
-            } else {
-                print(DrainBenchmark.render(report))
-            }
+            try BenchCommand.output(report, json: json, text: DrainBenchmark.render(report))
         }
     }
 }

@@ -40,14 +40,8 @@ extension BenchCommand {
             options.synTimeout = synTimeout
             options.rate = rate
             options.agentArguments = agentArg
-            let report = try FloodBenchmark(options: options, logger: BenchCommand.logger()).run()
-            if json {
-                let encoder = JSONEncoder()
-                encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-                print(String(decoding: try encoder.encode(report), as: UTF8.self))
-            } else {
-                print(report.text)
-            }
+            let report = try await FloodBenchmark(options: options, logger: BenchCommand.logger()).run()
+            try BenchCommand.output(report, json: json, text: report.text)
         }
     }
 }
