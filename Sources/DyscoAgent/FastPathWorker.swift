@@ -102,7 +102,18 @@ final class FastPathWorker: @unchecked Sendable {
         var since: UInt64 = 0
         /// Ownership changes in order (``KernelOwnership/update(_:table:)``): each removes, then adds.
         var ownership: [(add: KernelOwnership.Keys, remove: KernelOwnership.Keys)] = []
-        var isEmpty: Bool { actions.isEmpty && ownership.isEmpty }
+        var ownershipSince: UInt64 = 0
+
+        /// The first pending item's time: actions and owned keys keep their own clocks, so an owned-key change
+        /// never makes an install's wait shorter.
+        var firstDue: UInt64? {
+            switch (actions.isEmpty, ownership.isEmpty) {
+            case (true, true): nil
+            case (false, true): since
+            case (true, false): ownershipSince
+            case (false, false): min(since, ownershipSince)
+            }
+        }
     }
     private let state = Mutex(Queue())
     /// Wakes the packet thread (set by the agent); nil: commits run on the worker's queue after the batch delay.
@@ -116,13 +127,15 @@ final class FastPathWorker: @unchecked Sendable {
     func submit(_ actions: [FastPathAction], ownership: (add: KernelOwnership.Keys, remove: KernelOwnership.Keys)? = nil) {
         let owning = ownership.map { !$0.add.isEmpty || !$0.remove.isEmpty } ?? false
         guard !actions.isEmpty || owning else { return }
+        // Owned-key changes go at a quiet point like installs (never with a hold's flush), on their own clock.
         let first = state.withLock { q in
-            defer {
-                q.actions.append(contentsOf: actions)
-                if owning, let ownership { q.ownership.append(ownership) }
-            }
-            if q.isEmpty { q.since = dysco_monotonic_ns() }
-            return q.isEmpty
+            let wasEmpty = q.actions.isEmpty && q.ownership.isEmpty
+            let now = dysco_monotonic_ns()
+            if !actions.isEmpty, q.actions.isEmpty { q.since = now }
+            if owning, q.ownership.isEmpty { q.ownershipSince = now }
+            q.actions.append(contentsOf: actions)
+            if owning, let ownership { q.ownership.append(ownership) }
+            return wasEmpty
         }
         guard first else { return }
         if let nudge { nudge() } else {
@@ -133,19 +146,21 @@ final class FastPathWorker: @unchecked Sendable {
     /// The packet thread, between reads: commits what is queued if it is due. `queueEmpty`: the last read found
     /// the socket empty (the quiet point).
     func commitIfDue(queueEmpty: Bool, now: UInt64) {
-        let due = state.withLock { q -> Bool in
-            guard !q.isEmpty else { return false }
-            let age = now &- q.since
-            return age >= (queueEmpty ? Self.batchDelayNanoseconds : Self.maxDelayNanoseconds)
+        let due = state.withLock { q -> Drain? in
+            let wait = queueEmpty ? Self.batchDelayNanoseconds : Self.maxDelayNanoseconds
+            let actionsDue = !q.actions.isEmpty && now &- q.since >= wait
+            let ownershipDue = !q.ownership.isEmpty && now &- q.ownershipSince >= wait
+            // Only owned keys due while the queue is busy: installs waiting there keep waiting for their quiet point.
+            return actionsDue ? Drain.all : ownershipDue ? (queueEmpty ? .all : .ownership) : nil
         }
-        if due { queue.sync { drain() } }
+        if let due { queue.sync { drain(due) } }
     }
 
     /// Milliseconds the packet thread may sleep in poll before a commit is due (-1: none pending).
     func pollTimeout(now: UInt64) -> Int32 {
         state.withLock { q in
-            guard !q.isEmpty else { return -1 }
-            let due = q.since &+ Self.batchDelayNanoseconds
+            guard let first = q.firstDue else { return -1 }
+            let due = first &+ Self.batchDelayNanoseconds
             return due <= now ? 0 : Int32((due - now + 999_999) / 1_000_000)
         }
     }
@@ -154,7 +169,7 @@ final class FastPathWorker: @unchecked Sendable {
     /// session with a removal among them are committed at once by the caller; changes that only put sessions
     /// into the kernel stay for the packet thread's quiet point (``FastPathAction/splitForFlush(_:)``).
     func flush() {
-        queue.sync { drain(onlyRemovals: true) }
+        queue.sync { drain(.removals) }
     }
 
     /// Commits everything queued now (`path release`, which promises the kernel has the session on return).
@@ -193,16 +208,29 @@ final class FastPathWorker: @unchecked Sendable {
         return script
     }
 
-    private func drain(onlyRemovals: Bool = false) {
+    /// What a commit takes from the queue.
+    private enum Drain {
+        case all
+        /// A hold's flush: the changes of sessions with a removal; owned keys wait for the next commit.
+        case removals
+        /// Only the owned-key changes.
+        case ownership
+    }
+
+    private func drain(_ what: Drain = .all) {
         let (taken, ownership) = state.withLock { q in
-            defer { q.ownership.removeAll() }
-            guard onlyRemovals else {
-                defer { q.actions.removeAll() }
+            switch what {
+            case .all:
+                defer { q.actions.removeAll(); q.ownership.removeAll() }
                 return (q.actions, q.ownership)
+            case .removals:
+                let (now, later) = FastPathAction.splitForFlush(q.actions)
+                q.actions = later
+                return (now, [])
+            case .ownership:
+                defer { q.ownership.removeAll() }
+                return ([], q.ownership)
             }
-            let (now, later) = FastPathAction.splitForFlush(q.actions)
-            q.actions = later
-            return (now, q.ownership)
         }
         let owned = ownershipScript(ownership)
         if !owned.isEmpty {
