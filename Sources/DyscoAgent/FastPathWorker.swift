@@ -17,6 +17,10 @@ final class FastPathWorker: @unchecked Sendable {
     private let queue = DispatchQueue(label: "dysco-fastpath")
     // Used only on `queue`.
     private let nft: NftablesContext
+    /// A second context for the counter poll, used only there (under `listingLock`): a listing never holds the
+    /// worker's queue, on which the packet thread commits.
+    private let listingNft: NftablesContext
+    private let listingLock = NSLock()
     private let logger: Logger
     private var lastCounters: [SessionTable.SessionID: UInt64] = [:]
     /// Packets the kernel rewrote, summed from the per-session counters at each poll (``activeSessions()``, and
@@ -41,6 +45,7 @@ final class FastPathWorker: @unchecked Sendable {
         self.nudge = nudge
         self.reroute = reroute
         nft = try NftablesContext()
+        listingNft = try NftablesContext()
     }
 
     /// The table's chains and sets (names only), nil when there is no table.
@@ -296,9 +301,11 @@ final class FastPathWorker: @unchecked Sendable {
 
     /// Sessions whose kernel counters moved since the last call.
     func activeSessions() -> [SessionTable.SessionID] {
-        queue.sync {
-            guard let data = try? nft.json("list table ip \(FastPathScript.table)") else { return [] }
-            let totals = FastPathCounters.packetsBySession(json: data)
+        // Terse: the counters are in the per-session chains; the maps' and owned sets' elements are not needed.
+        let listed = listingLock.withLock { try? listingNft.json("list table ip \(FastPathScript.table)", terse: true) }
+        guard let data = listed else { return [] }
+        let totals = FastPathCounters.packetsBySession(json: data)
+        return queue.sync {
             defer { lastCounters = totals }
             accumulate(totals)
             return totals.compactMap { id, packets in packets != lastCounters[id] ? id : nil }

@@ -34,9 +34,9 @@ public final class NftablesContext {
         return nft_ctx_get_output_buffer(ctx).map { String(cString: $0) } ?? ""
     }
 
-    /// Runs a listing command with JSON output.
-    public func json(_ command: String) throws -> Data {
-        nft_ctx_output_set_flags(ctx, dysco_nft_output_json())
+    /// Runs a listing command with JSON output; `terse` leaves out set and map elements (`nft -t`).
+    public func json(_ command: String, terse: Bool = false) throws -> Data {
+        nft_ctx_output_set_flags(ctx, dysco_nft_output_json() | (terse ? dysco_nft_output_terse() : 0))
         defer { nft_ctx_output_set_flags(ctx, 0) }
         return Data(try run(command, operation: command).utf8)
     }

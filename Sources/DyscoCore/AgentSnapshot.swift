@@ -90,7 +90,9 @@ extension PacketProcessor {
     /// What `sessions` shows of one record.
     static func row(_ record: SessionTable.Record, now: UInt64) -> AgentSnapshot.Session {
         let state = record.closeDeadline != nil ? "closing"
-            : record.established ? "established" : "opening"
+            // A new box of a reconfiguration is `established` at once (no handshake crosses it), but opening
+            // until its new path's SYN is answered from the right (`markEstablished`).
+            : record.established && (record.right == nil || record.rightEstablished) ? "established" : "opening"
         return AgentSnapshot.Session(
             id: record.id, role: record.role, session: record.session, left: record.left, right: record.right,
             remaining: record.remaining, state: state, path: record.path, packets: record.packets, bytes: record.bytes,

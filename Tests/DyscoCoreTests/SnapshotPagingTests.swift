@@ -51,6 +51,9 @@ struct SnapshotPagingTests {
         var p = try Self.processor(sessions: 2)
         let ids = p.table.records.keys.sorted()
         p.table.update(ids[1]) { $0.established = true }
+        #expect(p.snapshotSessions(now: 0).sessions.map(\.state) == ["opening", "opening"],
+                "established but its right subsession not answered yet (a new box of a reconfiguration)")
+        p.table.update(ids[1]) { $0.rightEstablished = true }
         let rows = p.snapshotSessions(now: 0).sessions
         #expect(rows.map(\.state) == ["opening", "established"])
         p.table.update(ids[0]) { $0.closeDeadline = 1 }
