@@ -2,7 +2,7 @@
 SWIFT ?= swift
 BIN := $(CURDIR)/.build/release/dysco-migrate
 
-.PHONY: setup release demo test unit verify bench bench-replace bench-drain measure clean-labs
+.PHONY: setup release demo test unit verify bench bench-check bench-replace bench-drain measure clean-labs
 
 setup:            ## install every system package the project needs (idempotent, apt-get)
 	bash scripts/setup.sh
@@ -26,6 +26,9 @@ verify: setup     ## model-check the reconfiguration protocol with Spin (model/,
 
 bench: release    ## data-plane benchmark: kernel forwarding vs the Dysco chain, same invocation
 	$(BIN) bench dataplane
+
+bench-check: release  ## data-plane benchmark that exits 1 when a fast-path figure falls below its floor (connect overhead < 1 ms/box, sessions/s ≥ 0.2, bulk ≥ 0.8 of kernel)
+	$(BIN) bench dataplane --check
 
 bench-replace: release  ## replace benchmark: 100 live paced sessions fw1 → fw2, stateful then stateless, vs the prototype-style state transfer
 	$(BIN) bench replace --both

@@ -101,26 +101,25 @@ final class FastPathWorker: @unchecked Sendable {
     /// measured worse: 250 ms gave more reordering than 20 ms in the drain and replace tests).
     static let maxDelayNanoseconds: UInt64 = 20_000_000
 
-    /// Pending changes and the commit generations (under `pending`'s lock).
+    /// How long owned-key changes gather before they go to the kernel, in one transaction of their own on the
+    /// worker's queue (never on the packet thread). A session's keys are owned at most this long (plus one
+    /// transaction) after its handshake; a session that opens and closes within it never costs the kernel
+    /// anything (issue 21: one owned-key transaction per connection on the packet thread cost milliseconds).
+    static let ownershipDelayNanoseconds: UInt64 = 50_000_000
+
+    /// Pending changes (under `state`'s lock).
     private struct Queue {
         var actions: [FastPathAction] = []
         var since: UInt64 = 0
-        /// Ownership changes in order (``KernelOwnership/update(_:table:)``): each removes, then adds.
-        var ownership: [(add: KernelOwnership.Keys, remove: KernelOwnership.Keys)] = []
-        var ownershipSince: UInt64 = 0
-
-        /// The first pending item's time: actions and owned keys keep their own clocks, so an owned-key change
-        /// never makes an install's wait shorter.
-        var firstDue: UInt64? {
-            switch (actions.isEmpty, ownership.isEmpty) {
-            case (true, true): nil
-            case (false, true): since
-            case (true, false): ownershipSince
-            case (false, false): min(since, ownershipSince)
-            }
-        }
+        /// Owned-key changes folded in order (each change removes, then adds): the membership each changed key
+        /// should have once they are applied.
+        var ownership = OwnershipDelta()
+        var ownershipScheduled = false
     }
     private let state = Mutex(Queue())
+    /// An owned-key transaction is running on the queue: the packet thread does not wait for it (it commits its
+    /// installs at its next turn instead).
+    private let ownershipRunning = Atomic<Bool>(false)
     /// Wakes the packet thread (set by the agent); nil: commits run on the worker's queue after the batch delay.
     private let nudge: (@Sendable () -> Void)?
 
@@ -132,40 +131,46 @@ final class FastPathWorker: @unchecked Sendable {
     func submit(_ actions: [FastPathAction], ownership: (add: KernelOwnership.Keys, remove: KernelOwnership.Keys)? = nil) {
         let owning = ownership.map { !$0.add.isEmpty || !$0.remove.isEmpty } ?? false
         guard !actions.isEmpty || owning else { return }
-        // Owned-key changes go at a quiet point like installs (never with a hold's flush), on their own clock.
-        let first = state.withLock { q in
-            let wasEmpty = q.actions.isEmpty && q.ownership.isEmpty
-            let now = dysco_monotonic_ns()
-            if !actions.isEmpty, q.actions.isEmpty { q.since = now }
-            if owning, q.ownership.isEmpty { q.ownershipSince = now }
+        let (firstAction, scheduleOwnership) = state.withLock { q in
+            let firstAction = !actions.isEmpty && q.actions.isEmpty
+            if firstAction { q.since = dysco_monotonic_ns() }
             q.actions.append(contentsOf: actions)
-            if owning, let ownership { q.ownership.append(ownership) }
-            return wasEmpty
+            guard owning, let ownership else { return (firstAction, false) }
+            q.ownership.apply(ownership)
+            defer { q.ownershipScheduled = true }
+            return (firstAction, !q.ownershipScheduled)
         }
-        guard first else { return }
+        if scheduleOwnership {
+            queue.asyncAfter(deadline: .now() + .nanoseconds(Int(Self.ownershipDelayNanoseconds))) {
+                self.ownershipRunning.store(true, ordering: .releasing)
+                self.drain(.ownership)
+                self.ownershipRunning.store(false, ordering: .releasing)
+            }
+        }
+        guard firstAction else { return }
         if let nudge { nudge() } else {
-            queue.asyncAfter(deadline: .now() + .nanoseconds(Int(Self.batchDelayNanoseconds))) { self.drain() }
+            queue.asyncAfter(deadline: .now() + .nanoseconds(Int(Self.batchDelayNanoseconds))) { self.drain(.actions) }
         }
     }
 
     /// The packet thread, between reads: commits what is queued if it is due. `queueEmpty`: the last read found
     /// the socket empty (the quiet point).
     func commitIfDue(queueEmpty: Bool, now: UInt64) {
-        let due = state.withLock { q -> Drain? in
+        let due = state.withLock { q in
             let wait = queueEmpty ? Self.batchDelayNanoseconds : Self.maxDelayNanoseconds
-            let actionsDue = !q.actions.isEmpty && now &- q.since >= wait
-            let ownershipDue = !q.ownership.isEmpty && now &- q.ownershipSince >= wait
-            // Only owned keys due while the queue is busy: installs waiting there keep waiting for their quiet point.
-            return actionsDue ? Drain.all : ownershipDue ? (queueEmpty ? .all : .ownership) : nil
+            return !q.actions.isEmpty && now &- q.since >= wait
         }
-        if let due { queue.sync { drain(due) } }
+        // Never wait behind an owned-key transaction: the next turn (poll timeout 1 ms) commits.
+        guard due, !ownershipRunning.load(ordering: .acquiring) else { return }
+        queue.sync { drain(.actions) }
     }
 
     /// Milliseconds the packet thread may sleep in poll before a commit is due (-1: none pending).
     func pollTimeout(now: UInt64) -> Int32 {
         state.withLock { q in
-            guard let first = q.firstDue else { return -1 }
-            let due = first &+ Self.batchDelayNanoseconds
+            guard !q.actions.isEmpty else { return -1 }
+            if ownershipRunning.load(ordering: .relaxed) { return 1 }
+            let due = q.since &+ Self.batchDelayNanoseconds
             return due <= now ? 0 : Int32((due - now + 999_999) / 1_000_000)
         }
     }
@@ -194,46 +199,40 @@ final class FastPathWorker: @unchecked Sendable {
         }
     }
 
-    /// The owned-set changes queued, folded against what the kernel has: only real differences go out.
-    private func ownershipScript(_ changes: [(add: KernelOwnership.Keys, remove: KernelOwnership.Keys)]) -> String {
-        guard !changes.isEmpty else { return "" }
-        var ingress = kernelOwnedIngress, egress = kernelOwnedEgress
-        for change in changes {
-            change.remove.ingress.forEach { ingress.remove($0) }
-            change.remove.egress.forEach { egress.remove($0) }
-            ingress.formUnion(change.add.ingress)
-            egress.formUnion(change.add.egress)
-        }
-        let script = FastPathScript.disown(ingress: Array(kernelOwnedIngress.subtracting(ingress)),
-                                           egress: Array(kernelOwnedEgress.subtracting(egress)))
-            + FastPathScript.own(ingress: Array(ingress.subtracting(kernelOwnedIngress)),
-                                 egress: Array(egress.subtracting(kernelOwnedEgress)))
-        kernelOwnedIngress = ingress
-        kernelOwnedEgress = egress
-        return script
+    /// The owned-set changes queued, against what the kernel has: only real differences go out (O(changed keys)).
+    private func ownershipScript(_ delta: OwnershipDelta) -> String {
+        let ingress = delta.ingress.diff(against: &kernelOwnedIngress)
+        let egress = delta.egress.diff(against: &kernelOwnedEgress)
+        return FastPathScript.disown(ingress: ingress.remove, egress: egress.remove)
+            + FastPathScript.own(ingress: ingress.add, egress: egress.add)
     }
 
     /// What a commit takes from the queue.
     private enum Drain {
         case all
-        /// A hold's flush: the changes of sessions with a removal; owned keys wait for the next commit.
+        /// The packet thread's commit (or the batch timer's): the actions; owned keys keep their own clock.
+        case actions
+        /// A hold's flush: the changes of sessions with a removal.
         case removals
-        /// Only the owned-key changes.
+        /// Only the owned-key changes (their timer).
         case ownership
     }
 
     private func drain(_ what: Drain = .all) {
-        let (taken, ownership) = state.withLock { q in
+        let (taken, ownership) = state.withLock { q -> ([FastPathAction], OwnershipDelta) in
             switch what {
             case .all:
-                defer { q.actions.removeAll(); q.ownership.removeAll() }
+                defer { q.actions.removeAll(); q.ownership = OwnershipDelta() }
                 return (q.actions, q.ownership)
+            case .actions:
+                defer { q.actions.removeAll() }
+                return (q.actions, OwnershipDelta())
             case .removals:
                 let (now, later) = FastPathAction.splitForFlush(q.actions)
                 q.actions = later
-                return (now, [])
+                return (now, OwnershipDelta())
             case .ownership:
-                defer { q.ownership.removeAll() }
+                defer { q.ownership = OwnershipDelta(); q.ownershipScheduled = false }
                 return ([], q.ownership)
             }
         }

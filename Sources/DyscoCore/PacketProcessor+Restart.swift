@@ -81,6 +81,44 @@ public struct KernelOwnership: Sendable, Equatable {
     }
 }
 
+/// Owned-key changes (``KernelOwnership/update(_:table:)``) folded in the order they happened, so that a batch
+/// sends the kernel only the net difference: a key added and removed within one batch (a short connection)
+/// costs nothing. O(changed keys), whatever the sets' size.
+public struct OwnershipDelta: Sendable, Equatable {
+    public struct Membership: Sendable, Equatable {
+        /// The membership each changed key should end with (the last change wins).
+        public private(set) var wanted: [FiveTuple: Bool] = [:]
+        public init() {}
+
+        mutating func apply(remove: [FiveTuple], add: [FiveTuple]) {
+            for key in remove { wanted[key] = false }
+            for key in add { wanted[key] = true }
+        }
+
+        /// What to add to and remove from `kernel` (the keys it has) for the wanted membership; `kernel` is updated.
+        public func diff(against kernel: inout Set<FiveTuple>) -> (add: [FiveTuple], remove: [FiveTuple]) {
+            var add: [FiveTuple] = [], remove: [FiveTuple] = []
+            for (key, member) in wanted {
+                if member, kernel.insert(key).inserted { add.append(key) }
+                if !member, kernel.remove(key) != nil { remove.append(key) }
+            }
+            return (add, remove)
+        }
+    }
+
+    public private(set) var ingress = Membership()
+    public private(set) var egress = Membership()
+    public init() {}
+
+    public var isEmpty: Bool { ingress.wanted.isEmpty && egress.wanted.isEmpty }
+
+    /// One change: its removals, then its additions.
+    public mutating func apply(_ change: (add: KernelOwnership.Keys, remove: KernelOwnership.Keys)) {
+        ingress.apply(remove: change.remove.ingress, add: change.add.ingress)
+        egress.apply(remove: change.remove.egress, add: change.add.egress)
+    }
+}
+
 /// What a restarted agent reads of the kernel: which chains and sets the fast-path table has (`nft -j list chains
 /// ip`, `nft -j list sets ip`: names only, cheap however many sessions the table carries).
 public struct FastPathListing: Sendable, Equatable {

@@ -60,11 +60,13 @@ public struct DataplaneBenchmark {
         public var connectOverheadPerMiddleboxMicroseconds: Double {
             (dysco.connect.p50Microseconds - kernel.connect.p50Microseconds) / Double(max(middleboxes, 1))
         }
+        /// New sessions per second through the chain (fast path) over kernel forwarding's.
+        public var sessionsRatio: Double { dysco.sessionsPerSecond / max(kernel.sessionsPerSecond, 1e-9) }
 
         enum CodingKeys: String, CodingKey {
             case seconds, repeats, middleboxes, kernel, dysco, slowPath, referenceKernelGbps, referenceChainGbps
             case ratio1Flow, ratio8Flows, slowRatio1Flow, slowRatio8Flows, referenceRatio, slowVersusCReference
-            case connectOverheadPerMiddleboxMicroseconds, slowConnectOverheadPerMiddleboxMicroseconds
+            case connectOverheadPerMiddleboxMicroseconds, slowConnectOverheadPerMiddleboxMicroseconds, sessionsRatio
         }
 
         public func encode(to encoder: any Encoder) throws {
@@ -84,6 +86,7 @@ public struct DataplaneBenchmark {
             try c.encodeIfPresent(referenceRatio, forKey: .referenceRatio)
             try c.encodeIfPresent(slowVersusCReference, forKey: .slowVersusCReference)
             try c.encode(connectOverheadPerMiddleboxMicroseconds, forKey: .connectOverheadPerMiddleboxMicroseconds)
+            try c.encode(sessionsRatio, forKey: .sessionsRatio)
             try c.encodeIfPresent(slowConnectOverheadPerMiddleboxMicroseconds,
                                   forKey: .slowConnectOverheadPerMiddleboxMicroseconds)
         }
@@ -213,6 +216,39 @@ public struct DataplaneBenchmark {
     }
 }
 
+extension DataplaneBenchmark {
+    /// The floors `bench dataplane --check` (`make bench-check`) holds the fast path to, each against kernel
+    /// forwarding measured in the same invocation. Generous on purpose (2 shared cores vary by ±10 %): they catch a
+    /// regression of the kind issue 21 found (connect overhead ×7, sessions/s ÷5), not noise.
+    public struct Floors: Sendable, Equatable {
+        /// Connect p50 overhead per middlebox, µs: below this.
+        public var maxConnectOverheadMicroseconds = 1000.0
+        /// New sessions per second, over kernel forwarding's: at least this.
+        public var minSessionsRatio = 0.2
+        /// Bulk goodput (1 flow and 8 flows), over kernel forwarding's: at least this.
+        public var minBulkRatio = 0.8
+        public init() {}
+
+        /// One line per figure below its floor (empty: every floor held).
+        public func violations(_ report: Report) -> [String] {
+            var found: [String] = []
+            let overhead = report.connectOverheadPerMiddleboxMicroseconds
+            if !(overhead < maxConnectOverheadMicroseconds) {
+                found.append(String(format: "connect overhead per middlebox %.0f µs (floor: < %.0f µs)", overhead,
+                                    maxConnectOverheadMicroseconds))
+            }
+            if !(report.sessionsRatio >= minSessionsRatio) {
+                found.append(String(format: "new sessions/s %.2f of kernel forwarding (floor: ≥ %.2f)", report.sessionsRatio,
+                                    minSessionsRatio))
+            }
+            for (label, ratio) in [("1 flow", report.ratio1Flow), ("8 flows", report.ratio8Flows)] where !(ratio >= minBulkRatio) {
+                found.append(String(format: "bulk goodput, %@, %.2f of kernel forwarding (floor: ≥ %.2f)", label, ratio, minBulkRatio))
+            }
+            return found
+        }
+    }
+}
+
 extension DataplaneBenchmark.Report {
     public var text: String {
         func f(_ v: Double) -> String { String(format: "%.2f", v) }
@@ -231,6 +267,7 @@ extension DataplaneBenchmark.Report {
         }
         lines.append("fast path / kernel forwarding: 1 flow \(f(ratio1Flow)), 8 flows \(f(ratio8Flows)) (target ≥ 0.90)")
         lines.append("fast path connect overhead per middlebox (p50): \(us(connectOverheadPerMiddleboxMicroseconds)) µs (target < 300)")
+        lines.append("fast path new sessions/s / kernel forwarding: \(f(sessionsRatio))")
         if let s1 = slowRatio1Flow, let s8 = slowRatio8Flows, let o = slowConnectOverheadPerMiddleboxMicroseconds {
             lines.append("NFQUEUE only / kernel forwarding: 1 flow \(f(s1)), 8 flows \(f(s8)); connect overhead per middlebox (p50) \(us(o)) µs (target < 200)")
         }

@@ -53,6 +53,9 @@ struct BenchCommand: AsyncParsableCommand {
         @Option(help: "Extra argument for every agent (repeatable).") var agentArg: [String] = []
         @Flag(help: "Print the report as JSON.") var json = false
         @Flag(help: "Skip the --no-fastpath (NFQUEUE only) run.") var noSlowPath = false
+        @Flag(help: ArgumentHelp("Exit 1 when a fast-path figure falls below its floor (`make bench-check`).",
+                                 discussion: "Floors, each against kernel forwarding in the same run: connect overhead per middlebox < 1 ms (p50), new sessions/s ≥ 0.2, bulk goodput (1 and 8 flows) ≥ 0.8."))
+        var check = false
 
         func validate() throws {
             guard (1...2).contains(middleboxes) else { throw ValidationError("--middleboxes must be 1 or 2") }
@@ -78,6 +81,14 @@ struct BenchCommand: AsyncParsableCommand {
             }
             let report = try DataplaneBenchmark(options: options, logger: logger).run()
             try BenchCommand.output(report, json: json, text: report.text)
+            guard check else { return }
+            let violations = DataplaneBenchmark.Floors().violations(report)
+            if violations.isEmpty {
+                FileHandle.standardError.write(Data("check: every fast-path figure is above its floor\n".utf8))
+                return
+            }
+            FileHandle.standardError.write(Data(("check failed:\n" + violations.map { "  \($0)\n" }.joined()).utf8))
+            throw ExitCode(1)
         }
     }
 

@@ -37,6 +37,58 @@ struct PersistenceTests {
         for entry in SessionStateFile.entries(for: changed, in: processor.table) { file += SessionStateFile.encode(entry) }
     }
 
+    /// A record with every optional field present or absent at random, and extreme numbers.
+    static func randomRecord(_ rng: inout some RandomNumberGenerator) throws -> PersistedRecord {
+        func address() -> String { (0..<4).map { _ in "\(UInt8.random(in: 0...255, using: &rng))" }.joined(separator: ".") }
+        func port() -> UInt16 { [0, 1, 65535, UInt16.random(in: 0...65535, using: &rng)].randomElement(using: &rng)! }
+        func tuple() -> [String: Any] { ["src": address(), "dst": address(), "sport": port(), "dport": port()] }
+        func sub() -> [String: Any] {
+            var s: [String: Any] = ["tuple": tuple(), "path": UInt8.random(in: 0...255, using: &rng)]
+            if Bool.random(using: &rng) { s["port"] = port() }
+            return s
+        }
+        func link() -> [String: Any] {
+            var l: [String: Any] = ["active": sub()]
+            if Bool.random(using: &rng) { l["other"] = sub() }
+            return l
+        }
+        func big() -> UInt64 { [0, 1, UInt64.max, UInt64.random(in: 0...UInt64.max, using: &rng)].randomElement(using: &rng)! }
+        var r: [String: Any] = [
+            "id": big(), "chainID": big(), "nonce": big(), "session": tuple(),
+            "role": ["left-end", "middlebox", "right-end"].randomElement(using: &rng)!,
+            "remaining": (0..<Int.random(in: 0...3, using: &rng)).map { _ in address() },
+        ]
+        for flag in ["rightEstablished", "finForward", "finReverse", "reset", "fastPathFailed", "established"] {
+            r[flag] = Bool.random(using: &rng)
+        }
+        if Bool.random(using: &rng) { r["left"] = link() }
+        if Bool.random(using: &rng) { r["right"] = link() }
+        if Bool.random(using: &rng) { r["closeDeadline"] = big() }
+        if Bool.random(using: &rng) { r["resetSeen"] = Bool.random(using: &rng) }
+        return try JSONDecoder().decode(PersistedRecord.self, from: JSONSerialization.data(withJSONObject: r))
+    }
+
+    @Test("journal lines are byte for byte what JSONEncoder with sorted keys writes, and decode to the same record")
+    func lineEncoderMatchesJSONEncoder() throws {
+        struct Line: Encodable { var put: PersistedRecord?; var del: UInt64? }
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        var rng = SystemRandomNumberGenerator()
+        for _ in 0..<500 {
+            let record = try Self.randomRecord(&rng)
+            let fast = SessionStateFile.encode(.put(record))
+            let reference = Array(try encoder.encode(Line(put: record))) + [0x0A]
+            #expect(fast == reference, "\(String(decoding: fast, as: UTF8.self))")
+            let file = Array((SessionStateFile.header + "\n").utf8) + fast
+            // A record that cannot be a session (random roles and links) is skipped as a bad line; any other comes back.
+            let contents = try SessionStateFile.decode(Data(file))
+            #expect(contents.records.isEmpty ? contents.badLines == 1 : contents.records.values.first == record)
+        }
+        for id: UInt64 in [0, 1, 12345, .max] {
+            #expect(SessionStateFile.encode(.del(id)) == Array(try encoder.encode(Line(del: id))) + [0x0A])
+        }
+    }
+
     @Test("a journal replayed into an empty table gives back ids, identities, subsessions, ports, hops and flags")
     func roundTrip() throws {
         let h = harness()
@@ -184,6 +236,30 @@ struct PersistenceTests {
         change = owned.update(fw1.table.changed ?? [], table: fw1.table)
         #expect(Set(change.remove.ingress) == Set(fw1.table.ingressKeys(of: record)) && change.add.isEmpty)
         #expect(owned.owned.isEmpty)
+    }
+
+    @Test("owned-key batches send only the net difference: a session opened and closed within one batch costs nothing")
+    func ownershipDelta() throws {
+        let a = session, b = FiveTuple(srcAddr: client, srcPort: 40001, dstAddr: server, dstPort: 80)
+        var kernel: Set<FiveTuple> = [b]
+        var delta = OwnershipDelta()
+        // a: added then removed in the same batch; b (in the kernel): removed then added again.
+        delta.apply((add: .init(ingress: [a], egress: [a.reversed]), remove: .init()))
+        delta.apply((add: .init(), remove: .init(ingress: [a], egress: [a.reversed])))
+        delta.apply((add: .init(), remove: .init(ingress: [b])))
+        delta.apply((add: .init(ingress: [b]), remove: .init()))
+        #expect(!delta.isEmpty)
+        let ingress = delta.ingress.diff(against: &kernel)
+        #expect(ingress.add.isEmpty && ingress.remove.isEmpty && kernel == [b])
+        var egressKernel: Set<FiveTuple> = []
+        let egress = delta.egress.diff(against: &egressKernel)
+        #expect(egress.add.isEmpty && egress.remove.isEmpty)
+        // A change's removals come before its additions (KernelOwnership.update's order): the key stays.
+        var moved = OwnershipDelta()
+        moved.apply((add: .init(ingress: [a]), remove: .init(ingress: [a, b])))
+        var k2: Set<FiveTuple> = [b]
+        let d2 = moved.ingress.diff(against: &k2)
+        #expect(d2.add == [a] && d2.remove == [b] && k2 == [a])
     }
 
     @Test("a FIN the kernel rewrote and marked to be observed does the agent's teardown bookkeeping")
