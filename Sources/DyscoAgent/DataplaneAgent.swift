@@ -80,6 +80,10 @@ public final class DataplaneAgent: @unchecked Sendable {
     // Confined to the packet thread.
     private var buffer: AnchorBuffer<HeldPacket>
     private var quietTimer: DispatchSourceTimer?
+    private let quietQueue = DispatchQueue(label: "dysco-quiet")
+    /// The quiet timer ticks (every 5 ms) only while some session is anchored here: an idle agent has no timer
+    /// waking it 200 times a second (issue 21). Set under the processor's lock.
+    private let quietTicking = Atomic<Bool>(false)
     /// Copies of the buffer's totals, written by the packet thread when it appends or releases, read by scrapes.
     private let bufferOccupancy = BufferOccupancy()
     /// The Prometheus metrics and their HTTP endpoint (nil without `--metrics`).
@@ -212,16 +216,20 @@ public final class DataplaneAgent: @unchecked Sendable {
         try processor.withLock { state in
             journal = try StateJournal(path: path, table: state.table)
             state.table.changed = []
+            state.table.ownershipChanged = []
         }
     }
 
     /// Under the processor's lock: writes the records changed since the last call to the state file and returns
     /// the owned-key changes for the fast-path worker (nil when nothing changed).
     private func persist(_ state: inout PacketProcessor) -> (add: KernelOwnership.Keys, remove: KernelOwnership.Keys)? {
-        guard let changed = state.table.changed, !changed.isEmpty else { return nil }
-        state.table.changed = []
-        journal?.record(changed, table: state.table)
-        return ownership.update(changed, table: state.table)
+        if let changed = state.table.changed, !changed.isEmpty {
+            state.table.changed = []
+            journal?.record(changed, table: state.table)
+        }
+        guard let owned = state.table.ownershipChanged, !owned.isEmpty else { return nil }
+        state.table.ownershipChanged = []
+        return ownership.update(owned, table: state.table)
     }
 
     /// Starts the packet thread, the expiry timer, the migration engine, the metrics endpoint (before the control
@@ -277,16 +285,24 @@ public final class DataplaneAgent: @unchecked Sendable {
                                          metrics: metrics, logger: logger)
         try engine.start()
         migration = engine
-        // The drain's quiet rule needs a finer clock than the expiry timer; it costs one compare when no
-        // session is being reconfigured.
-        let quietTimer = DispatchSource.makeTimerSource(queue: DispatchQueue(label: "dysco-quiet"))
-        quietTimer.schedule(deadline: .now() + .milliseconds(5), repeating: .milliseconds(5))
+        // The drain's quiet rule needs a finer clock than the expiry timer. It ticks only while a session is
+        // anchored (``applyFastPath(_:)`` starts it; it stops itself on the first tick with none).
+        let quietTimer = DispatchSource.makeTimerSource(queue: quietQueue)
+        quietTimer.schedule(deadline: .distantFuture)
         quietTimer.setEventHandler { [self] in
             let now = dysco_monotonic_coarse_ns()
-            let events = processor.withLock { state -> [AnchorEvent] in
-                guard state.anchoring > 0 else { return [] }
+            let events = processor.withLock { state -> [AnchorEvent]? in
+                guard state.anchoring > 0 else {
+                    quietTicking.store(false, ordering: .relaxed)
+                    return nil
+                }
                 state.checkQuietAnchors(now: now, quiet: engine.quietNanoseconds)
                 return state.takeAnchorEvents()
+            }
+            guard let events else {
+                // Unless an anchor started since (its start, queued behind this tick, schedules the timer again).
+                if !quietTicking.load(ordering: .relaxed) { self.quietTimer?.schedule(deadline: .distantFuture) }
+                return
             }
             engine.anchorEvents(events)
         }
@@ -436,11 +452,15 @@ public final class DataplaneAgent: @unchecked Sendable {
     /// point; ``flushFastPath()`` commits the removals (a hold) at once. The migration engine flushes once per
     /// batch.
     func applyFastPath(_ body: (inout PacketProcessor) -> Void) {
-        let (actions, owned) = processor.withLock { state in
+        let (actions, owned, startQuiet) = processor.withLock { state in
             body(&state)
-            return (state.takeFastPathActions(), persist(&state))
+            let startQuiet = state.anchoring > 0 && !quietTicking.exchange(true, ordering: .relaxed)
+            return (state.takeFastPathActions(), persist(&state), startQuiet)
         }
         fastPath?.submit(actions, ownership: owned)
+        if startQuiet {
+            quietQueue.async { [self] in quietTimer?.schedule(deadline: .now() + .milliseconds(5), repeating: .milliseconds(5)) }
+        }
     }
 
     /// Commits every queued removal from the kernel (and what else queued for those sessions) and returns once
@@ -522,9 +542,19 @@ public final class DataplaneAgent: @unchecked Sendable {
                 }
             }
             if !packetWork.withLock({ $0.isEmpty }) { runPacketWork(scratch: scratch) }
+            // The turn's table changes go to the state file once, after its verdicts (a record changed by several
+            // packets of the turn is one line), and its owned-key changes to the worker.
+            persistTurn()
             // Fast-path changes go to the kernel here, with no packet of ours left in the queue (FastPathWorker).
             fastPath?.commitIfDue(queueEmpty: queueEmpty, now: dysco_monotonic_ns())
         }
+    }
+
+    /// Writes what the packet thread's turn changed to the state file (docs/ARCHITECTURE.md, "Agent crash and
+    /// restart": after the turn's verdicts, so a crash loses at most the changes of the packets of its last turn).
+    private func persistTurn() {
+        guard let owned = processor.withLock({ persist(&$0) }) else { return }
+        fastPath?.submit([], ownership: owned)
     }
 
     /// Releases the buffers other threads asked for: each held packet goes through the processor again (now
@@ -542,13 +572,12 @@ public final class DataplaneAgent: @unchecked Sendable {
             publishBufferOccupancy()
             for held in released {
                 var bytes = held.bytes
-                let (verdict, events, actions, anchorEvents, owned) = bytes.withUnsafeMutableBytes { raw in
+                let (verdict, events, actions, anchorEvents) = bytes.withUnsafeMutableBytes { raw in
                     processor.withLock { state in
                         let verdict = state.process(raw.baseAddress!, count: raw.count, capacity: raw.count, hook: held.hook,
                                                     checksum: held.checksum, now: dysco_monotonic_coarse_ns())
                         state.counters.count(verdict)
-                        return (verdict, state.takeEvents(), state.takeFastPathActions(), state.takeAnchorEvents(),
-                                persist(&state))
+                        return (verdict, state.takeEvents(), state.takeFastPathActions(), state.takeAnchorEvents())
                     }
                 }
                 do {
@@ -567,7 +596,7 @@ public final class DataplaneAgent: @unchecked Sendable {
                 } catch {
                     logger.error("verdict for a released packet failed", metadata: ["error": "\(error)"])
                 }
-                fastPath?.submit(actions, ownership: owned)
+                fastPath?.submit(actions)
                 if !events.isEmpty { log(events) }
                 migration?.anchorEvents(anchorEvents)
             }
@@ -590,21 +619,21 @@ public final class DataplaneAgent: @unchecked Sendable {
         let now = dysco_monotonic_coarse_ns()
         if packet.mark & (FastPathScript.observeIngressMark | FastPathScript.observeEgressMark) != 0 {
             // A FIN/RST the kernel rewrote: bookkeeping only, accepted as it is (already translated).
-            let (events, actions, owned) = processor.withLock { state in
+            let (events, actions) = processor.withLock { state in
                 state.observe(base, count: count, hook: hook, now: now)
                 state.counters.count(.accept)
-                return (state.takeEvents(), state.takeFastPathActions(), persist(&state))
+                return (state.takeEvents(), state.takeFastPathActions())
             }
             try queueSocket.verdict(id: packet.id, accept: true)
-            fastPath?.submit(actions, ownership: owned)
+            fastPath?.submit(actions)
             if !events.isEmpty { log(events) }
             return
         }
-        // The state file gets this packet's changes (a new session, a FIN) before its verdict.
-        let (verdict, events, actions, anchorEvents, owned) = processor.withLock { state in
+        // The state file gets this packet's changes (a new session, a FIN) at the end of the turn (persistTurn).
+        let (verdict, events, actions, anchorEvents) = processor.withLock { state in
             let verdict = state.process(base, count: count, capacity: capacity, hook: hook, checksum: checksum, now: now)
             state.counters.count(verdict)
-            return (verdict, state.takeEvents(), state.takeFastPathActions(), state.takeAnchorEvents(), persist(&state))
+            return (verdict, state.takeEvents(), state.takeFastPathActions(), state.takeAnchorEvents())
         }
         switch verdict {
         case .accept:
@@ -637,7 +666,7 @@ public final class DataplaneAgent: @unchecked Sendable {
             }
         }
         if !anchorEvents.isEmpty { migration?.anchorEvents(anchorEvents) }
-        fastPath?.submit(actions, ownership: owned)
+        fastPath?.submit(actions)
         if !events.isEmpty { log(events) }
     }
 

@@ -15,6 +15,8 @@ final class StateJournal {
     private var lines = 0
     /// Write errors (the agent keeps running; the next compaction starts a new file).
     private(set) var writeErrors = 0
+    /// The ids whose last line in the file is a `put` (only those get a `del`).
+    private var written = Set<SessionTable.SessionID>()
 
     /// Starts the file anew with a snapshot of `table` (a restart compacts what it read).
     init(path: String, table: SessionTable) throws {
@@ -38,10 +40,11 @@ final class StateJournal {
 
     /// Appends the changes of `ids` and compacts when the journal is more than 4× the table (and 4,096 lines).
     func record(_ ids: Set<SessionTable.SessionID>, table: SessionTable) {
-        guard !ids.isEmpty else { return }
+        let entries = SessionStateFile.entries(for: ids, in: table, written: &written)
+        guard !entries.isEmpty else { return }
         var bytes: [UInt8] = []
-        for entry in SessionStateFile.entries(for: ids, in: table) { bytes += SessionStateFile.encode(entry) }
-        lines += ids.count
+        for entry in entries { bytes += SessionStateFile.encode(entry) }
+        lines += entries.count
         if lines > max(4096, 4 * table.count) {
             do { try compact(table) } catch { writeErrors += 1 }
             return
@@ -57,9 +60,10 @@ final class StateJournal {
         let temp = path + ".tmp"
         let newFD = open(temp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0o600)
         guard newFD >= 0 else { throw SystemCallError(operation: "open(\(temp))", errno: errno) }
-        let bytes = SessionStateFile.snapshot(table)
-        let written = bytes.withUnsafeBytes { Glibc.write(newFD, $0.baseAddress, $0.count) }
-        guard written == bytes.count else {
+        var ids = Set<SessionTable.SessionID>()
+        let bytes = SessionStateFile.snapshot(table, written: &ids)
+        let count = bytes.withUnsafeBytes { Glibc.write(newFD, $0.baseAddress, $0.count) }
+        guard count == bytes.count else {
             let code = errno
             close(newFD)
             unlink(temp)
@@ -76,6 +80,7 @@ final class StateJournal {
         if fd >= 0 { close(fd) }
         fd = newFD
         lines = 0
+        written = ids
     }
 
     private func write(_ bytes: [UInt8]) -> Bool {

@@ -55,9 +55,13 @@ public struct KernelOwnership: Sendable, Equatable {
 
     public init() {}
 
-    /// The keys `record` should own: every ingress key (both paths) and its egress keys, once past its handshake.
+    /// The keys `record` should own: every ingress key (both paths) and its egress keys, once past its handshake,
+    /// while the agent alone translates it. Not while the kernel carries it (its map entries rewrite it with no
+    /// agent: owning it too would cost a set change per hand-over), nor once it is closing (only its last ACKs
+    /// are left). So a short connection, or one the kernel takes within a batch (``OwnershipDelta``), never costs
+    /// the kernel an owned-key change (issue 21).
     public static func desired(_ record: SessionTable.Record, in table: SessionTable) -> Keys {
-        guard record.established else { return Keys() }
+        guard record.ownershipState.owned else { return Keys() }
         return Keys(ingress: table.ingressKeys(of: record),
                     egress: record.fastPathTranslations.filter { $0.hook == .egress }.map(\.key))
     }

@@ -43,9 +43,22 @@ public enum SessionStateFile {
         return line.bytes
     }
 
-    /// The journal's changes for the ids in `changed`: a `put` of each one still in the table, a `del` of the others.
-    public static func entries(for changed: Set<SessionTable.SessionID>, in table: SessionTable) -> [Entry] {
-        changed.sorted().map { id in table.records[id].map { .put(PersistedRecord($0)) } ?? .del(id) }
+    /// Whether a record belongs in the state file: once its handshake is done (``SessionTable/Record/established``,
+    /// the rule owned keys follow too). A session still in its handshake is not kept: after a crash the endpoints'
+    /// retransmitted SYN builds it again, and its SYN costs no write (issue 21).
+    public static func persists(_ record: SessionTable.Record) -> Bool { record.established }
+
+    /// The journal's changes for the ids in `changed`: a `put` of each one still in the table that ``persists(_:)``,
+    /// a `del` of every other one the journal holds (`written`, updated: the ids with a `put` in the file).
+    public static func entries(for changed: Set<SessionTable.SessionID>, in table: SessionTable,
+                               written: inout Set<SessionTable.SessionID>) -> [Entry] {
+        changed.sorted().compactMap { id in
+            if let record = table.records[id], persists(record) {
+                written.insert(id)
+                return .put(PersistedRecord(record))
+            }
+            return written.remove(id) != nil ? .del(id) : nil
+        }
     }
 
     /// What reading a state file found.
@@ -115,11 +128,14 @@ public enum SessionStateFile {
         return contents
     }
 
-    /// A compacted file: the header and one `put` per record, in id order.
-    public static func snapshot(_ table: SessionTable) -> [UInt8] {
+    /// A compacted file: the header and one `put` per record that ``persists(_:)``, in id order; `written` gets
+    /// their ids.
+    public static func snapshot(_ table: SessionTable, written: inout Set<SessionTable.SessionID>) -> [UInt8] {
         var bytes = Array((header + "\n").utf8)
-        for id in table.records.keys.sorted() {
+        written = []
+        for id in table.records.keys.sorted() where persists(table.records[id]!) {
             bytes += encode(.put(PersistedRecord(table.records[id]!)))
+            written.insert(id)
         }
         return bytes
     }
@@ -271,6 +287,18 @@ extension SessionTable.Record {
         var flags: UInt8
         var remaining: Int
         var closeDeadline: UInt64?
+    }
+
+    /// What decides whether a record's keys are owned in the kernel (``KernelOwnership/desired(_:in:)``).
+    public struct OwnershipState: Equatable, Sendable {
+        var established: Bool
+        var closing: Bool
+        var kernel: Bool
+        public var owned: Bool { established && !closing && !kernel }
+    }
+
+    public var ownershipState: OwnershipState {
+        OwnershipState(established: established, closing: closeDeadline != nil, kernel: path == .kernel)
     }
 
     public var persistedState: PersistedState {

@@ -139,6 +139,9 @@ public struct SessionTable: Sendable {
     /// Ids whose persisted fields changed since the agent last wrote its state file (nil: not tracked, e.g. in unit
     /// tests). SessionTable+Persistence.swift has the codec; the agent's journal takes these (``takeChanged()``).
     public var changed: Set<SessionID>?
+    /// Ids whose owned keys may have changed (``KernelOwnership/desired(_:in:)``: subsessions, handshake, closing,
+    /// path) since the agent last took them; nil: not tracked.
+    public var ownershipChanged: Set<SessionID>?
 
     public init(portRange: ClosedRange<UInt16>) {
         ports = PortAllocator(range: portRange)
@@ -201,6 +204,7 @@ public struct SessionTable: Sendable {
         bySession[new.session] = new.id
         byChain[new.identity.chainID] = new.id
         changed?.insert(new.id)
+        ownershipChanged?.insert(new.id)
     }
 
     /// The ingress keys a record owns (both paths).
@@ -323,6 +327,7 @@ public struct SessionTable: Sendable {
     public mutating func remove(_ id: SessionID) {
         guard let record = records.removeValue(forKey: id) else { return }
         changed?.insert(id)
+        ownershipChanged?.insert(id)
         try? store(nil, replacing: record)
         if bySession[record.session] == id { bySession.removeValue(forKey: record.session) }
         if byChain[record.identity.chainID] == id { byChain.removeValue(forKey: record.identity.chainID) }
@@ -338,7 +343,10 @@ public struct SessionTable: Sendable {
     public mutating func update(_ id: SessionID, _ body: (inout Record) -> Void) {
         guard var record = records[id] else { return }
         body(&record)  // cannot touch leftLink/rightLink: they are fileprivate(set)
-        if changed != nil, records[id]?.persistedState != record.persistedState { changed?.insert(id) }
+        if changed != nil || ownershipChanged != nil, let old = records[id] {
+            if old.persistedState != record.persistedState { changed?.insert(id) }
+            if old.ownershipState != record.ownershipState { ownershipChanged?.insert(id) }
+        }
         records[id] = record
     }
 

@@ -74,13 +74,21 @@ public struct TrustKey: Sendable, Equatable {
 public struct TrustGroup: Sendable {
     public static let macLength = 16
 
-    // Kept as bytes (SymmetricKey is not Sendable in swift-crypto 3); a key is built per MAC, which is cheap.
-    private let current: [UInt8]
-    private let previous: [UInt8]?
+    // Each key's HMAC with the key already absorbed (its inner and outer pads hashed once): a MAC copies it and
+    // hashes only the message. A SYN costs each agent a verify and a sign; issue 21 measured key setup as half of it.
+    private let current: KeyedMAC
+    private let previous: KeyedMAC?
 
     public init(current: TrustKey, previous: TrustKey? = nil) {
-        self.current = current.bytes
-        self.previous = previous?.bytes
+        self.current = KeyedMAC(current.bytes)
+        self.previous = previous.map { KeyedMAC($0.bytes) }
+    }
+
+    /// An HMAC-SHA256 keyed once and never mutated (copies are values: each MAC works on its own copy), so sharing
+    /// it between threads is safe although swift-crypto does not declare it Sendable.
+    private final class KeyedMAC: @unchecked Sendable {
+        let keyed: HMAC<SHA256>
+        init(_ key: [UInt8]) { keyed = HMAC<SHA256>(key: SymmetricKey(data: key)) }
     }
 
     /// HMAC-SHA256 under the current key over the concatenation of `parts`, truncated to ``macLength``.
@@ -97,8 +105,8 @@ public struct TrustGroup: Sendable {
         return false
     }
 
-    private static func mac(key: [UInt8], _ parts: [UnsafeRawBufferPointer]) -> [UInt8] {
-        var hmac = HMAC<SHA256>(key: SymmetricKey(data: key))
+    private static func mac(key: KeyedMAC, _ parts: [UnsafeRawBufferPointer]) -> [UInt8] {
+        var hmac = key.keyed
         for part in parts { hmac.update(data: part) }
         return Array(hmac.finalize().prefix(macLength))
     }

@@ -73,10 +73,12 @@ public enum RestoreBenchmark {
             table.update(id) { record in
                 record.remaining = []
                 record.rightEstablished = true
+                record.established = true
                 record.packets = 100
             }
         }
-        let bytes = SessionStateFile.snapshot(table)
+        var written = Set<SessionTable.SessionID>()
+        let bytes = SessionStateFile.snapshot(table, written: &written)
         report.stateFileBytes = bytes.count
         try Data(bytes).write(to: URL(fileURLWithPath: statePath))
 

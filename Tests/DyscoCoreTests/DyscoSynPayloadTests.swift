@@ -42,6 +42,26 @@ struct DyscoSynPayloadTests {
         return copy
     }
 
+    @Test("the group's MAC is HMAC-SHA256 truncated to 16 bytes (RFC 4231 test case 2), the same on every call from one pre-keyed state")
+    func macIsHMACSHA256() throws {
+        // RFC 4231 §4.3: key "Jefe", data "what do ya want for nothing?" (the key padded: a TrustKey has ≥ 16 bytes,
+        // and HMAC pads a short key with zeros, so "Jefe" + 12 zero bytes gives the same MAC).
+        let key = TrustKey(bytes: Array("Jefe".utf8) + [UInt8](repeating: 0, count: 12))
+        let group = TrustGroup(current: key)
+        let expected: [UInt8] = [0x5b, 0xdc, 0xc1, 0x46, 0xbf, 0x60, 0x75, 0x4e, 0x6a, 0x04, 0x24, 0x26, 0x08, 0x95, 0x75, 0xc7]
+        let data = Array("what do ya want for nothing?".utf8)
+        for _ in 0..<3 {
+            #expect(data.withUnsafeBytes { group.mac($0) } == expected)
+            // Split into two parts: the same MAC (the parts are concatenated).
+            #expect(data[..<10].withUnsafeBytes { a in data[10...].withUnsafeBytes { b in group.mac(a, b) } } == expected)
+            #expect(expected.withUnsafeBytes { tag in data.withUnsafeBytes { group.verify(tag, $0) } })
+        }
+        // Under rotation the previous key still verifies, and never signs.
+        let rotated = TrustGroup(current: TestKeys.current, previous: key)
+        #expect(expected.withUnsafeBytes { tag in data.withUnsafeBytes { rotated.verify(tag, $0) } })
+        #expect(data.withUnsafeBytes { rotated.mac($0) } != expected)
+    }
+
     @Test("round trip with 0, 1 and 16 addresses, after arbitrary leading payload (TFO data)", arguments: [0, 1, 16])
     func roundTrip(count: Int) throws {
         let hops = (0..<count).map { IPv4Address(10, 77, 0, UInt8(100 + $0)) }

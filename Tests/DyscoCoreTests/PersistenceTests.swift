@@ -34,7 +34,11 @@ struct PersistenceTests {
         if file.isEmpty { file = Array((SessionStateFile.header + "\n").utf8) }
         let changed = processor.table.changed ?? []
         processor.table.changed = []
-        for entry in SessionStateFile.entries(for: changed, in: processor.table) { file += SessionStateFile.encode(entry) }
+        // The ids the file holds (what the agent's journal remembers as written).
+        var written = Set((try? SessionStateFile.decode(Data(file)))?.records.keys.map { $0 } ?? [])
+        for entry in SessionStateFile.entries(for: changed, in: processor.table, written: &written) {
+            file += SessionStateFile.encode(entry)
+        }
     }
 
     /// A record with every optional field present or absent at random, and extreme numbers.
@@ -118,6 +122,30 @@ struct PersistenceTests {
         }
     }
 
+    @Test("a session in its handshake costs no journal line; it is written once established, and a del only follows a put")
+    func handshakeNotJournaled() throws {
+        let h = harness()
+        let syn = PacketBuilder(tuple: session, flags: [.syn]).build()
+        _ = try #require(h.send(syn, along: ["client", "fw1", "server"]))
+        var written = Set<SessionTable.SessionID>()
+        let changed = try #require(h.hosts["fw1"]!.table.changed)
+        #expect(!changed.isEmpty, "the SYN created a record")
+        #expect(SessionStateFile.entries(for: changed, in: h.hosts["fw1"]!.table, written: &written).isEmpty)
+        // The SYN-only record goes (its SYN timeout): nothing to delete either.
+        let id = try #require(changed.first)
+        h.hosts["fw1"]!.table.remove(id)
+        #expect(SessionStateFile.entries(for: [id], in: h.hosts["fw1"]!.table, written: &written).isEmpty)
+        // An established one: a put, then a del once removed.
+        h.hosts["fw1"]!.table.changed = []
+        try established(h, sessionPort: 40002)
+        let fw1 = h.hosts["fw1"]!.table
+        let live = try #require(fw1.records.values.first { $0.established })
+        #expect(SessionStateFile.entries(for: fw1.changed ?? [], in: fw1, written: &written) == [.put(PersistedRecord(live))])
+        h.hosts["fw1"]!.table.remove(live.id)
+        #expect(SessionStateFile.entries(for: [live.id], in: h.hosts["fw1"]!.table, written: &written) == [.del(live.id)])
+        #expect(written.isEmpty)
+    }
+
     @Test("the journal is folded: the last put wins, a del forgets, a torn last line is skipped and counted")
     func fold() throws {
         let h = harness()
@@ -143,7 +171,9 @@ struct PersistenceTests {
         let damaged = try SessionStateFile.decode(Data(torn + Array("\n{\"x\":1}\n".utf8)))
         #expect(damaged.records == contents.records && damaged.badLines == 2 && damaged.firstError != nil)
         // The compacted form holds the same records.
-        let compacted = try SessionStateFile.decode(Data(SessionStateFile.snapshot(h.hosts["fw1"]!.table)))
+        var written = Set<SessionTable.SessionID>()
+        let compacted = try SessionStateFile.decode(Data(SessionStateFile.snapshot(h.hosts["fw1"]!.table, written: &written)))
+        #expect(Set(compacted.records.keys) == written)
         #expect(compacted.records == contents.records && compacted.lines == 2)
     }
 
@@ -213,29 +243,40 @@ struct PersistenceTests {
         #expect(!FastPathListing(chains: ["s12_0", "s12_1"], sets: []).matches(one), "an older format: rebuilt")
     }
 
-    @Test("owned keys: none during the handshake (a SYN costs the kernel nothing), all once it is done, none after removal")
+    @Test("owned keys: none during the handshake, all once it is done, none while the kernel carries it or once it is closing")
     func ownership() throws {
         let h = harness()
+        for host in h.hosts.keys { h.hosts[host]!.table.ownershipChanged = [] }
         var owned = KernelOwnership()
+        func take() -> (add: KernelOwnership.Keys, remove: KernelOwnership.Keys) {
+            defer { h.hosts["fw1"]!.table.ownershipChanged = [] }
+            return owned.update(h.hosts["fw1"]!.table.ownershipChanged ?? [], table: h.hosts["fw1"]!.table)
+        }
         let syn = PacketBuilder(tuple: session, flags: [.syn]).build()
         _ = try #require(h.send(syn, along: ["client", "fw1", "server"]))
-        var fw1 = h.hosts["fw1"]!
-        var change = owned.update(fw1.table.changed ?? [], table: fw1.table)
+        var change = take()
         #expect(change.add.isEmpty && change.remove.isEmpty, "SYN only: nothing owned")
-        h.hosts["fw1"]!.table.changed = []
         try established(h)
-        fw1 = h.hosts["fw1"]!
-        change = owned.update(fw1.table.changed ?? [], table: fw1.table)
-        let record = try #require(fw1.table.records.values.first)
-        #expect(Set(change.add.ingress) == Set(fw1.table.ingressKeys(of: record)) && change.add.ingress.count == 2)
+        change = take()
+        let record = try #require(h.hosts["fw1"]!.table.records.values.first)
+        let ingressKeys = Set(h.hosts["fw1"]!.table.ingressKeys(of: record))
+        #expect(Set(change.add.ingress) == ingressKeys && change.add.ingress.count == 2)
         #expect(Set(change.add.egress) == [session, session.reversed])
-        // Removal takes them out again.
-        h.hosts["fw1"]!.table.changed = []
+        // The kernel carries it: its map entries rewrite it with no agent, so nothing is owned; held again: owned.
+        h.hosts["fw1"]!.table.update(record.id) { $0.path = .kernel }
+        change = take()
+        #expect(Set(change.remove.ingress) == ingressKeys && change.add.isEmpty && owned.owned.isEmpty)
+        h.hosts["fw1"]!.table.update(record.id) { $0.path = .held }
+        change = take()
+        #expect(Set(change.add.ingress) == ingressKeys && change.remove.isEmpty)
+        // Closing (a FIN each way): no longer owned; the removal after the linger changes nothing more.
+        _ = try #require(h.send(PacketBuilder(tuple: session, flags: [.fin, .ack]).build(), along: ["client", "fw1", "server"]))
+        _ = try #require(h.send(PacketBuilder(tuple: session.reversed, flags: [.fin, .ack]).build(), along: ["server", "fw1", "client"]))
+        change = take()
+        #expect(Set(change.remove.ingress) == ingressKeys && change.add.isEmpty, "closing: disowned")
         h.hosts["fw1"]!.table.remove(record.id)
-        fw1 = h.hosts["fw1"]!
-        change = owned.update(fw1.table.changed ?? [], table: fw1.table)
-        #expect(Set(change.remove.ingress) == Set(fw1.table.ingressKeys(of: record)) && change.add.isEmpty)
-        #expect(owned.owned.isEmpty)
+        change = take()
+        #expect(change.add.isEmpty && change.remove.isEmpty && owned.owned.isEmpty)
     }
 
     @Test("owned-key batches send only the net difference: a session opened and closed within one batch costs nothing")
