@@ -159,7 +159,7 @@ public struct FreshnessChecker: Sendable {
     }
 
     /// Moves the bitmap `n` counters on (bit i becomes bit i + n; bits beyond the window fall off).
-    static func shift(_ bits: inout [UInt64], by n: UInt32) {
+    public static func shift(_ bits: inout [UInt64], by n: UInt32) {
         guard n < windowSize else {
             for i in bits.indices { bits[i] = 0 }
             return

@@ -123,12 +123,12 @@ struct ControlMessageTests {
 
     @Test("the samples cover every type exactly once; raw values and names are the documented ones")
     func typeTable() {
-        #expect(ControlMessageType.allCases.count == 18)
+        #expect(ControlMessageType.allCases.count == 19)
         #expect(Set(ControlMessageType.allCases.map { Self.sampleBody($0).type }) == Set(ControlMessageType.allCases))
-        #expect(ControlMessageType.allCases.map(\.rawValue) == [1, 2, 10, 11, 12, 13, 14, 20, 21, 22, 23, 30, 31, 40, 41, 42, 50, 51])
+        #expect(ControlMessageType.allCases.map(\.rawValue) == [1, 2, 10, 11, 12, 13, 14, 20, 21, 22, 23, 24, 30, 31, 40, 41, 42, 50, 51])
         #expect(ControlMessageType.requestLock.description == "requestLock")
         #expect(ControlMessageType.newPathCancelAck.description == "newPathCancelAck")
-        #expect(Set(ControlMessageType.allCases.map(\.description)).count == 18)
+        #expect(Set(ControlMessageType.allCases.map(\.description)).count == 19)
         #expect(NackReason.contention.rawValue == 1 && NackReason.busy.rawValue == 4)
     }
 
@@ -150,8 +150,8 @@ struct ControlMessageTests {
         #expect(Array(encoded[44..<48]) == [10, 77, 0, 200])
         #expect(Array(encoded[48..<72]) == [UInt8](repeating: 0, count: 24))  // unstamped (the agent stamps at send)
         #expect(Array(encoded[72..<76]) == Self.be32(UInt32(bitPattern: -1234)))
-        let tag = encoded.withUnsafeBytes { Self.trust.mac(UnsafeRawBufferPointer(rebasing: $0[0..<52])) }
-        #expect(Array(encoded[52...]) == tag)
+        let tag = encoded.withUnsafeBytes { Self.trust.mac(UnsafeRawBufferPointer(rebasing: $0[0..<76])) }
+        #expect(Array(encoded[76...]) == tag)
         #expect(ControlMessage.port == 7411)
     }
 

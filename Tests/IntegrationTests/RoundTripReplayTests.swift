@@ -187,7 +187,7 @@ import Testing
             let first = try MigrationLab.replace(lab, old: "fw1", new: "fw2")
             let recorded = try capture.stop()
             let firstReport = try #require(first.report, "\(first.stdout) \(first.stderr)")
-            #expect(first.status == 0 && firstReport.allMoved && firstReport.matched == sessions, Self.describe(firstReport))
+            #expect(first.status == 0 && firstReport.allMoved && firstReport.matched == sessions, "\(Self.describe(firstReport))")
 
             // What the capture holds: datagrams per destination and the messages (frames) in them, by type.
             var framesTo: [String: Int] = [:], types: [String: Int] = [:]
@@ -208,7 +208,7 @@ import Testing
             // 2. Back to fw1: the recorded trigger (fw1 → fw2) is a valid request for the session again.
             let second = try MigrationLab.replace(lab, old: "fw2", new: "fw1")
             let secondReport = try #require(second.report, "\(second.stdout) \(second.stderr)")
-            #expect(second.status == 0 && secondReport.allMoved && secondReport.matched == sessions, Self.describe(secondReport))
+            #expect(second.status == 0 && secondReport.allMoved && secondReport.matched == sessions, "\(Self.describe(secondReport))")
             #expect(try await Self.waitForCarried(lab, "fw1", count: sessions))
 
             // 3. The attacker sends every recorded datagram again, in order, with the recorded addresses.
@@ -250,7 +250,7 @@ import Testing
             // 4. A legitimate replace right after still moves every session, and no agent drops its messages.
             let third = try MigrationLab.replace(lab, old: "fw1", new: "fw2")
             let thirdReport = try #require(third.report, "\(third.stdout) \(third.stderr)")
-            #expect(third.status == 0 && thirdReport.allMoved && thirdReport.matched == sessions, Self.describe(thirdReport))
+            #expect(third.status == 0 && thirdReport.allMoved && thirdReport.matched == sessions, "\(Self.describe(thirdReport))")
             #expect(try await Self.waitForCarried(lab, "fw2", count: sessions))
             for host in Self.agentHosts {
                 let d = ControlHostilityTests.delta(before[host]!, try await TestSupport.snapshot(lab, host).control)
