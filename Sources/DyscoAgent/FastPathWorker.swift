@@ -104,8 +104,10 @@ final class FastPathWorker: @unchecked Sendable {
     /// How long owned-key changes gather before they go to the kernel, in one transaction of their own on the
     /// worker's queue (never on the packet thread). A session's keys are owned at most this long (plus one
     /// transaction) after its handshake; a session that opens and closes within it never costs the kernel
-    /// anything (issue 21: one owned-key transaction per connection on the packet thread cost milliseconds).
-    static let ownershipDelayNanoseconds: UInt64 = 50_000_000
+    /// anything (issue 21: one owned-key transaction per connection on the packet thread cost milliseconds; at
+    /// 50 ms, back-to-back short connections still cost every agent a libnftables transaction, 1–3 ms of CPU,
+    /// 20 times a second, and the connections around each were slow).
+    static let ownershipDelayNanoseconds: UInt64 = 250_000_000
 
     /// Pending changes (under `state`'s lock).
     private struct Queue {

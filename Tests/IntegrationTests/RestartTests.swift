@@ -63,12 +63,13 @@ import Testing
             let sessions = 4
             let downloads = try MigrationLab.Downloads(lab, file: "blob", count: sessions)
             try await MigrationLab.waitForSessions(lab, on: "fw1", count: sessions)
-            try await Task.sleep(for: .milliseconds(500))
             let lossBefore = try MigrationLab.lossCounters(lab)
             for host in hosts {
                 let progress = Progress(downloads.outputs)
                 let before = try await MigrationLab.pacedSessions(lab, host).count
                 #expect(before >= sessions, "\(host) carries \(before) sessions before the stop")
+                // Owned keys follow the table in batches: stop it once every session would survive (kernel or owned).
+                try await MigrationLab.waitUntilRestartSafe(lab, host, count: sessions)
                 let start = Date()
                 try lab.killAgent(host, signal: signal)
                 #expect(!lab.agentIsAlive(host))
