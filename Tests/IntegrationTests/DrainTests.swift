@@ -139,6 +139,8 @@ import Testing
             while try await MigrationLab.pacedSessions(lab, "fw2").count < 4, Date() < deadline {
                 try await Task.sleep(for: .milliseconds(20))
             }
+            // fw2 counts a session once its new path is set up, before the drain sees the move finish: with
+            // one move at a time, four on fw2 means at least three moves finished and the fourth may be cut.
             let agent = try #require(lab.agentRecord("fw2"))
             kill(agent.pid, SIGSTOP)
             let data = out.fileHandleForReading.readDataToEndOfFile()
@@ -147,7 +149,7 @@ import Testing
                                        "drain: \(String(decoding: data, as: UTF8.self))")
             Self.record("dr3 first run: moved \(summary.moved), failed \(summary.failures.count), remaining \(summary.remaining)")
             #expect(process.terminationStatus == 1)
-            #expect(summary.moved >= 4 && summary.moved < sessions)
+            #expect(summary.moved >= 3 && summary.moved < sessions)
             #expect(!summary.failures.isEmpty && summary.failures.count + summary.moved == sessions)
             #expect(summary.remaining == summary.failures.count)
             // The ones not moved are still on fw1, unharmed, and the summary names each of them.
@@ -156,7 +158,11 @@ import Testing
             #expect(summary.failures.allSatisfy { !$0.reason.isEmpty })
 
             kill(agent.pid, SIGCONT)
-            try await Task.sleep(for: .seconds(2))
+            // fw2's agent answers again once it has worked through what queued while it was stopped.
+            let resumed = Date().addingTimeInterval(20)
+            while (try? await MigrationLab.pacedSessions(lab, "fw2")) == nil, Date() < resumed {
+                try await Task.sleep(for: .milliseconds(50))
+            }
             let second = try Self.drain(lab, old: "fw1", to: "fw2")
             Self.record("dr3 second run: \(second.report.map { "moved \($0.moved), failed \($0.failures.count)" } ?? second.stdout)")
             #expect(second.status == 0, "\(second.stdout) \(second.stderr)")
