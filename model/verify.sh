@@ -27,6 +27,7 @@ CONFIGS=(
   "replace-ltl-cancel|replace.pml|-DSTATEFUL=1 -DLOSS=1 -DDUP=1 -DREORDER=0 -DDEADLINE=1 -DFAIL_IMPORT=1|ltl:cancelledStaysOld|LTL: once cancelled, on the old path and unlocked for good"
   "replace-ltl-moved|replace.pml|-DSTATEFUL=0 -DLOSS=1 -DDUP=1 -DREORDER=0 -DDEADLINE=1|ltl:movedStaysNew|LTL: once moved, on the new path and unlocked for good"
   "replace-two-losses|replace.pml|-DSTATEFUL=1 -DLOSS=2 -DDUP=1 -DREORDER=1|safety|two control losses, no fault: it must succeed (no unnecessary failure)"
+  "replay-back-and-forth|replay.pml|-DOPS=3 -DREPLAY=2 -DRESTART_CTRL=1 -DRESTART_LA=1|safety|issue 20: B1→B2→B1→B2 back to back under replayed triggers and restarts: only fresh triggers act, every move succeeds"
 )
 
 # name | model | spin defines | pan mode | the property it must break | what pan must report (extended regex on its first error)
@@ -46,6 +47,10 @@ MUTANTS=(
   "MUT_NO_RETX|replace.pml|-DMUT_NO_RETX -DSTATEFUL=1 -DLOSS=1 -DDUP=0 -DREORDER=0|safety|no deadlock (retransmission)|invalid end state"
   "MUT_GIVEUP|replace.pml|-DMUT_GIVEUP -DSTATEFUL=1 -DLOSS=1 -DDUP=0 -DREORDER=0|safety|no unnecessary failure (loss)|deadlineFired"
   "MUT_NACK_DUPLICATE|replace.pml|-DMUT_NACK_DUPLICATE -DSTATEFUL=0 -DLOSS=0 -DDUP=1 -DREORDER=1|safety|no unnecessary failure (duplicates)|deadlineFired"
+
+  "MUT_NO_FRESHNESS|replay.pml|-DMUT_NO_FRESHNESS -DOPS=3 -DREPLAY=1 -DRESTART_CTRL=0 -DRESTART_LA=0|safety|a trigger is acted on only fresh (issue 20)|requested\[k\]"
+  "MUT_NO_TIME|replay.pml|-DMUT_NO_TIME -DOPS=2 -DREPLAY=1 -DRESTART_CTRL=0 -DRESTART_LA=1|safety|a restarted receiver takes no recorded trigger (issue 20)|requested\[k\]"
+  "IMPL_KEEPS_NEWBOX|replay.pml|-DIMPL_KEEPS_NEWBOX -DOPS=3 -DREPLAY=0 -DRESTART_CTRL=0 -DRESTART_LA=0|safety|back to back: a box takes again a session it left (issue 20)|outcome\[k\]==1"
 
   "MUT_LOCKED_ACKS(ltl)|lock.pml|-DMUT_LOCKED_ACKS -DLTL_ONLY -DLOSS=0 -DDUP=0 -DREORDER=0 -DCANCEL=0|ltl:mutex|exactly one winner (LTL mutex)|result\\[1\\]==6\\)\\)&&"
   "MUT_STAY_NEW(ltl)|replace.pml|-DMUT_STAY_NEW -DSTATEFUL=1 -DLOSS=0 -DDUP=0 -DREORDER=0 -DDEADLINE=1|ltl:cancelledStaysOld|after cancel: on the old path (LTL)|laSt==12\)\)\)&&"

@@ -35,6 +35,13 @@ static inline unsigned long long dysco_monotonic_ns(void) {
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (unsigned long long)ts.tv_sec * 1000000000ull + (unsigned long long)ts.tv_nsec;
 }
+/* Wall-clock time in microseconds since 1970 (CLOCK_REALTIME: one clock for every namespace of a machine): the
+   control messages' freshness stamp (issue 20). */
+static inline unsigned long long dysco_realtime_us(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (unsigned long long)ts.tv_sec * 1000000ull + (unsigned long long)ts.tv_nsec / 1000ull;
+}
 /* The packet thread's wake-up: an eventfd (non-blocking, close-on-exec). */
 static inline int dysco_eventfd(void) { return eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC); }
 

@@ -8,18 +8,19 @@ import Synchronization
 
 /// The agents' UDP control channel (paper §3.3; wire format in docs/CONTROL-PROTOCOL.md): one socket on
 /// ``ControlMessage/port`` in this namespace, SwiftNIO. Received datagrams go to `receive` with the sender's
-/// address; `send` writes one datagram to another agent's control port.
+/// address and the datagram's destination address (IP_PKTINFO; the freshness stamp names it, issue 20);
+/// `send` writes one datagram to another agent's control port.
 final class ControlPlane: Sendable {
     private let group: MultiThreadedEventLoopGroup
     private let channel: Mutex<Channel?>
     private let closing = Atomic<Bool>(false)
-    private let receive: @Sendable ([UInt8], IPv4Address) -> Void
+    private let receive: @Sendable ([UInt8], IPv4Address, IPv4Address?) -> Void
     let port: UInt16
     /// Times the socket was opened again after SwiftNIO closed it (a send error it deems fatal, e.g. EPERM from
     /// a firewall's OUTPUT rule, closes a datagram channel).
     let reopened = Atomic<Int>(0)
 
-    init(port: UInt16, receive: @escaping @Sendable ([UInt8], IPv4Address) -> Void) throws {
+    init(port: UInt16, receive: @escaping @Sendable ([UInt8], IPv4Address, IPv4Address?) -> Void) throws {
         group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         self.port = port
         self.receive = receive
@@ -37,6 +38,7 @@ final class ControlPlane: Sendable {
         let opened = try DatagramBootstrap(group: group)
             .channelOption(.socketOption(.so_reuseaddr), value: 1)
             .channelOption(.socketOption(.so_rcvbuf), value: 4 << 20)
+            .channelOption(.receivePacketInfo, value: true)
             // SwiftNIO reads datagrams into 2,048-byte buffers by default: bundles and state documents are longer.
             .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: ControlMessage.maxLength))
             .channelInitializer { channel in
@@ -72,14 +74,15 @@ final class ControlPlane: Sendable {
 
     private final class Inbound: ChannelInboundHandler, Sendable {
         typealias InboundIn = AddressedEnvelope<ByteBuffer>
-        let receive: @Sendable ([UInt8], IPv4Address) -> Void
-        init(receive: @escaping @Sendable ([UInt8], IPv4Address) -> Void) { self.receive = receive }
+        let receive: @Sendable ([UInt8], IPv4Address, IPv4Address?) -> Void
+        init(receive: @escaping @Sendable ([UInt8], IPv4Address, IPv4Address?) -> Void) { self.receive = receive }
 
         func channelRead(context: ChannelHandlerContext, data: NIOAny) {
             let envelope = unwrapInboundIn(data)
             guard let text = envelope.remoteAddress.ipAddress, let from = IPv4Address(text) else { return }
+            let destination = envelope.metadata?.packetInfo?.destinationAddress.ipAddress.flatMap { IPv4Address($0) }
             var buffer = envelope.data
-            receive(buffer.readBytes(length: buffer.readableBytes) ?? [], from)
+            receive(buffer.readBytes(length: buffer.readableBytes) ?? [], from, destination)
         }
 
         func errorCaught(context: ChannelHandlerContext, error: any Error) {

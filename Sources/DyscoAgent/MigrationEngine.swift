@@ -19,6 +19,8 @@ final class MigrationEngine: @unchecked Sendable {
         var acceptState = true
         /// The firewall's per-session state (nil: this agent cannot take part in stateful migrations as a box).
         var stateStore: (any FirewallStateStore)?
+        /// Freshness windows of received control messages (issue 20).
+        var freshness = FreshnessChecker.Settings()
     }
 
     private let trust: TrustGroup
@@ -39,6 +41,12 @@ final class MigrationEngine: @unchecked Sendable {
     let counters = Mutex<[String: UInt64]>([:])
     /// Migration results and phase latencies for `--metrics` (nil without).
     private let metrics: AgentMetrics?
+    /// Freshness of control messages (issue 20, docs/CONTROL-PROTOCOL.md "Freshness"): the stamp of every message
+    /// this agent sends (a random sender id per run, a counter per receiver, the wall-clock time), and the
+    /// check of every message it receives. Touched only on `loop`.
+    private var stamper = ControlStamper()
+    private var freshness: FreshnessChecker
+    private var freshnessSweptAt: UInt64 = 0
 
     init(agent: DataplaneAgent, trust: TrustGroup, settings: Settings, metrics: AgentMetrics? = nil, logger: Logger) throws {
         self.agent = agent
@@ -47,14 +55,15 @@ final class MigrationEngine: @unchecked Sendable {
         self.settings = settings
         self.logger = logger
         coordinator = Mutex(MigrationCoordinator())
+        freshness = FreshnessChecker(startedAt: dysco_realtime_us(), settings: settings.freshness)
         probes = try RawPacketSender()
     }
 
     func start() throws {
         let loop = loop
-        control = try ControlPlane(port: settings.controlPort) { [weak self] bytes, from in
+        control = try ControlPlane(port: settings.controlPort) { [weak self] bytes, from, destination in
             guard let engine = self else { return }
-            loop.async { engine.receive(bytes, from: from) }
+            loop.async { engine.receive(bytes, from: from, destination: destination) }
         }
     }
 
@@ -75,15 +84,28 @@ final class MigrationEngine: @unchecked Sendable {
 
     /// One datagram: every message it carries (ControlMessage.frames) is checked on its own, and those that
     /// pass are handled in one turn (see ``dispatch(_:)``).
-    private func receive(_ bytes: [UInt8], from: IPv4Address) {
+    private func receive(_ bytes: [UInt8], from: IPv4Address, destination: IPv4Address?) {
         guard !from.isForbiddenHop else { count("dropped.forbidden-address"); return }
         var events: [Event] = []
+        let now = dysco_realtime_us()
+        if now &- freshnessSweptAt > 1_000_000 {
+            freshnessSweptAt = now
+            freshness.forgetSilent(now: now)
+        }
         for decoded in ControlMessage.decodeAll(bytes, trust: trust) {
             switch decoded {
             case .failure(let error):
                 count("dropped.\(error.counterName)")
                 logger.debug("dropped control message", metadata: ["control.from": "\(from)", "control.error": "\(error)"])
             case .success(let message):
+                // Authenticated; now fresh? (issue 20: a recorded message sent again is dropped, whatever it is.)
+                if let refusal = freshness.admit(message.stamp, destination: destination, nowMicros: now) {
+                    count("dropped.replayed")
+                    logger.debug("dropped control message", metadata: [
+                        "control.from": "\(from)", "control.type": "\(message.body.type)",
+                        "control.error": "replayed (\(refusal.rawValue))"])
+                    continue
+                }
                 if let event = accept(message, from: from) { events.append(event) }
             }
         }
@@ -99,7 +121,7 @@ final class MigrationEngine: @unchecked Sendable {
             guard context.session == message.session else { count("dropped.wrong-session"); return nil }
         } else {
             switch message.body {
-            case .newPathSyn, .newPathCancel, .triggerResult, .statePut, .stateInstalled, .newPathCancelAck: break
+            case .newPathSyn, .newPathCancel, .triggerResult, .statePut, .stateInstalled, .newPathCancelAck, .newPathRefused: break
             default:
                 count("dropped.unknown-session")
                 return nil
@@ -232,7 +254,10 @@ final class MigrationEngine: @unchecked Sendable {
             agent.flushFastPath()
             add("turns.flush.micros", (dysco_monotonic_ns() - flushStarted) / 1000)
         }
-        for chainID in done.held { elicit(chainID) }
+        for chainID in done.held {
+            elicit(chainID)
+            elicitAgain(chainID, remaining: Self.elicitRetries)
+        }
         guard !done.outbox.isEmpty else { return }
         var order: [IPv4Address] = []
         var byDestination: [IPv4Address: [[UInt8]]] = [:]
@@ -263,7 +288,9 @@ final class MigrationEngine: @unchecked Sendable {
             if let metrics, case .triggerResult(let result) = message.body {
                 metrics.leftAnchorFinished(chainID: message.identity.chainID, requestID: message.requestID, result)
             }
-            turn.outbox.append((to, message.encode(trust: trust)))
+            var stamped = message
+            stamped.stamp = stamper.stamp(to: to, nowMicros: dysco_realtime_us())
+            turn.outbox.append((to, stamped.encode(trust: trust)))
         case .setTimer(let key, let after):
             let generation = timerGeneration.add(1, ordering: .relaxed).newValue
             timers.withLock { $0[key] = generation }
@@ -368,6 +395,22 @@ final class MigrationEngine: @unchecked Sendable {
     /// window (``PacketProcessor/anchorUnclamp(chainID:into:)``).
     private func unclamp(_ chainID: UInt64) {
         sendBuilt("window-updates", chainID) { $0.anchorUnclamp(chainID: chainID, into: $1) }
+    }
+
+    /// Linux answers the elicit's SYN with a challenge ACK at most once per 500 ms per socket
+    /// (net.ipv4.tcp_invalid_ratelimit): a session moved again within 500 ms of its last move (issue 20: back to
+    /// back) gets no answer, and an anchor whose endpoint is silent then never learns the numbers its probes
+    /// need ("no probe came back on the new path"). So the anchor elicits again every 100 ms while it lacks them,
+    /// at most this many times (the deadline ends the migration first).
+    static let elicitRetries = 40
+
+    private func elicitAgain(_ chainID: UInt64, remaining: Int) {
+        loop.asyncAfter(deadline: .now() + .milliseconds(100)) { [self] in
+            guard remaining > 0, agent.processor.withLock({ $0.anchorLacksProbeNumbers(chainID: chainID) }) else { return }
+            count("elicits.again")
+            elicit(chainID)
+            elicitAgain(chainID, remaining: remaining - 1)
+        }
     }
 
     static let pokes = 50

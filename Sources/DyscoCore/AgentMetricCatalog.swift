@@ -184,7 +184,7 @@ public enum AgentMetricCatalog {
 
     /// The drop reasons the control plane counts (`dropped.<reason>`): the decoder's and the engine's own.
     public static let controlDropReasons = ControlMessageError.counterNames
-        + ["wrong-nonce", "wrong-session", "unknown-session"]
+        + ["replayed", "wrong-nonce", "wrong-session", "unknown-session"]
     /// The packets anchors build (`<kind>.<result>` control counters).
     public static let anchorPacketKinds = ["elicits", "window-updates", "pokes", "probes"]
     public static let anchorPacketResults = ["sent", "failed", "unknown-numbers"]

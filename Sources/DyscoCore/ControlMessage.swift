@@ -3,7 +3,7 @@
 public enum ControlMessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible {
     case trigger = 1, triggerResult = 2
     case requestLock = 10, ackLock = 11, nackLock = 12, cancelLock = 13, ackCancel = 14
-    case newPathSyn = 20, newPathSynAck = 21, newPathCancel = 22, newPathCancelAck = 23
+    case newPathSyn = 20, newPathSynAck = 21, newPathCancel = 22, newPathCancelAck = 23, newPathRefused = 24
     case drainStart = 30, drained = 31
     case stateRequest = 40, statePut = 41, stateInstalled = 42
     case oldPathFin = 50, oldPathFinAck = 51
@@ -21,6 +21,7 @@ public enum ControlMessageType: UInt8, Sendable, CaseIterable, CustomStringConve
         case .newPathSynAck: "newPathSynAck"
         case .newPathCancel: "newPathCancel"
         case .newPathCancelAck: "newPathCancelAck"
+        case .newPathRefused: "newPathRefused"
         case .drainStart: "drainStart"
         case .drained: "drained"
         case .stateRequest: "stateRequest"
@@ -101,6 +102,9 @@ public enum ControlBody: Sendable, Equatable {
     case newPathSynAck(subsession: FiveTuple)
     case newPathCancel
     case newPathCancelAck
+    /// A hop of the new path cannot take the session (issue 20: it answers with the reason instead of staying
+    /// silent); sent to the left anchor. reason: at most 200 bytes.
+    case newPathRefused(reason: String)
     case drainStart(stateful: Bool)
     case drained
     case stateRequest(newBox: IPv4Address)
@@ -132,6 +136,7 @@ public enum ControlBody: Sendable, Equatable {
         case .newPathSynAck: .newPathSynAck
         case .newPathCancel: .newPathCancel
         case .newPathCancelAck: .newPathCancelAck
+        case .newPathRefused: .newPathRefused
         case .drainStart: .drainStart
         case .drained: .drained
         case .stateRequest: .stateRequest
@@ -150,7 +155,7 @@ public enum ControlMessageError: Error, Equatable, Sendable, CustomStringConvert
     case badMagic
     case unsupportedVersion(UInt8)
     case unknownType(UInt8)
-    /// `declared` = 48 + bodyLength + 16, `actual` = the datagram's length.
+    /// `declared` = 72 + bodyLength + 16, `actual` = the datagram's length.
     case lengthMismatch(declared: Int, actual: Int)
     case badMAC
     /// The body does not have the layout of its type (or the header's session has a zero port).
@@ -210,7 +215,7 @@ public enum ControlMessageError: Error, Equatable, Sendable, CustomStringConvert
 /// ```
 ///   offset  size  field
 ///   0       4     magic "DYCM" (0x4459434D)
-///   4       1     version (1)
+///   4       1     version (2; 1 is refused: it carries no freshness)
 ///   5       1     type (ControlMessageType)
 ///   6       2     bodyLength
 ///   8       8     chainID
@@ -222,8 +227,12 @@ public enum ControlMessageError: Error, Equatable, Sendable, CustomStringConvert
 ///   38      2     session destination port
 ///   40      4     left anchor
 ///   44      4     right anchor
-///   48      n     body (bodyLength bytes, layout by type)
-///   48+n    16    MAC: HMAC-SHA256 (TrustGroup, current key) over bytes 0..<48+n, truncated to 16 bytes
+///   48      8     stamp: sender id (random per agent run)          (ControlStamp, issue 20)
+///   56      4     stamp: receiver address
+///   60      4     stamp: counter (per sender and receiver, from 1)
+///   64      8     stamp: sentAt (sender's CLOCK_REALTIME, µs)
+///   72      n     body (bodyLength bytes, layout by type)
+///   72+n    16    MAC: HMAC-SHA256 (TrustGroup, current key) over bytes 0..<72+n, truncated to 16 bytes
 /// ```
 ///
 /// Rule: a message that fails any check is dropped, counted by ``ControlMessageError/counterName`` and changes
@@ -231,8 +240,9 @@ public enum ControlMessageError: Error, Equatable, Sendable, CustomStringConvert
 /// addresses are looked at.
 public struct ControlMessage: Sendable, Equatable {
     public static let magic: UInt32 = 0x4459_434D  // "DYCM"
-    public static let version: UInt8 = 1
-    public static let headerLength = 48
+    /// 2 since issue 20 (the freshness stamp); version 1 is refused (`bad-version`).
+    public static let version: UInt8 = 2
+    public static let headerLength = 72
     /// One UDP datagram (65,535 − 8 UDP − 20 IPv4).
     public static let maxLength = 65_507
     /// The agents' control port (UDP).
@@ -247,9 +257,13 @@ public struct ControlMessage: Sendable, Equatable {
     public var leftAnchor: IPv4Address
     public var rightAnchor: IPv4Address
     public var body: ControlBody
+    /// Freshness (``ControlStamp``): set by the sending agent just before it encodes (the protocol layer never
+    /// looks at it); checked by the receiving agent (``FreshnessChecker``) after the MAC.
+    public var stamp: ControlStamp
 
     public init(identity: SessionIdentity, requestID: UInt32, session: FiveTuple,
-                leftAnchor: IPv4Address, rightAnchor: IPv4Address, body: ControlBody) {
+                leftAnchor: IPv4Address, rightAnchor: IPv4Address, body: ControlBody, stamp: ControlStamp = .unstamped) {
+        self.stamp = stamp
         self.identity = identity
         self.requestID = requestID
         self.session = session
@@ -301,6 +315,10 @@ public struct ControlMessage: Sendable, Equatable {
         out.tupleHeader(session)
         out.u32(leftAnchor.value)
         out.u32(rightAnchor.value)
+        out.u64(stamp.sender)
+        out.u32(stamp.receiver.value)
+        out.u32(stamp.counter)
+        out.u64(stamp.sentAt)
         precondition(out.bytes.count == Self.headerLength)
         encodeBody(into: &out)
         let bodyLength = out.bytes.count - Self.headerLength
@@ -338,6 +356,8 @@ public struct ControlMessage: Sendable, Equatable {
             out.addresses(remaining)
         case .newPathSynAck(let subsession):
             out.tupleHeader(subsession)
+        case .newPathRefused(let reason):
+            out.string(reason, max: ControlBody.maxReasonBytes)
         case .drainStart(let stateful):
             out.bool(stateful)
         case .stateRequest(let newBox):
@@ -354,7 +374,7 @@ public struct ControlMessage: Sendable, Equatable {
     }
 
     /// Validates everything and decodes. Order (the first failing check is the error):
-    /// length ≥ 64 (`truncated`), length ≤ 65,507 (`tooLong`), magic, version, type, 48 + bodyLength + 16 ==
+    /// length ≥ 88 (`truncated`), length ≤ 65,507 (`tooLong`), magic, version, type, 72 + bodyLength + 16 ==
     /// length (`lengthMismatch`), MAC under the current or previous key (`badMAC`), chainID ≠ 0
     /// (`zeroIdentity`), header addresses (`forbiddenAddress`), header session ports ≠ 0 (`badBody`), body
     /// layout (`badBody`), body addresses (`forbiddenAddress`). Nothing past the fixed framing fields is read
@@ -381,6 +401,8 @@ public struct ControlMessage: Sendable, Equatable {
         let session = cmReadTuple(bytes, 28)
         let leftAnchor = IPv4Address(cmReadBE32(bytes, 40))
         let rightAnchor = IPv4Address(cmReadBE32(bytes, 44))
+        let stamp = ControlStamp(sender: cmReadBE64(bytes, 48), receiver: IPv4Address(cmReadBE32(bytes, 56)),
+                                 counter: cmReadBE32(bytes, 60), sentAt: cmReadBE64(bytes, 64))
         for address in [session.srcAddr, session.dstAddr, leftAnchor, rightAnchor] where address.isForbiddenHop {
             throw .forbiddenAddress(address)
         }
@@ -393,7 +415,7 @@ public struct ControlMessage: Sendable, Equatable {
         for address in body.addresses where address.isForbiddenHop { throw .forbiddenAddress(address) }
 
         return ControlMessage(identity: identity, requestID: requestID, session: session,
-                              leftAnchor: leftAnchor, rightAnchor: rightAnchor, body: body)
+                              leftAnchor: leftAnchor, rightAnchor: rightAnchor, body: body, stamp: stamp)
     }
 
     /// Convenience: ``decode(_:trust:)-(UnsafeRawBufferPointer,_)`` over an array.
@@ -445,6 +467,8 @@ public struct ControlMessage: Sendable, Equatable {
             return .newPathSynAck(subsession: try r.tuple("subsession"))
         case .newPathCancel: return .newPathCancel
         case .newPathCancelAck: return .newPathCancelAck
+        case .newPathRefused:
+            return .newPathRefused(reason: try r.string("reason", max: ControlBody.maxReasonBytes))
         case .drainStart:
             return .drainStart(stateful: try r.bool("stateful"))
         case .drained: return .drained
@@ -614,7 +638,7 @@ extension ControlMessage {
 
     /// Splits a datagram into the messages it carries back to back (each then checked on its own by
     /// ``decode(_:trust:)-(UnsafeRawBufferPointer,_)``). Rule: at each offset, if at least 8 bytes remain and
-    /// they start with the magic, the frame is 48 + bodyLength + 16 bytes when that fits in what remains;
+    /// they start with the magic, the frame is 72 + bodyLength + 16 bytes when that fits in what remains;
     /// otherwise the rest of the datagram is one last frame (which decode then refuses: `truncated`,
     /// `bad-magic` or `bad-length`). A datagram of one message is one frame. A forged length can only spoil the
     /// rest of its own datagram: each frame's MAC is still checked.

@@ -206,6 +206,12 @@ extension PacketProcessor {
         return .sent(length: packet.length, to: tuple.dstAddr, drained: m.drainedReported)
     }
 
+    /// Whether the anchor is anchoring the session and cannot build a probe yet (it elicits again, issue 20).
+    public func anchorLacksProbeNumbers(chainID: UInt64) -> Bool {
+        guard let id = id(chainID), let m = table.records[id]?.migration else { return false }
+        return m.probeNumbers == nil
+    }
+
     /// Whether the anchor still lacks the local side's next sequence number (it then elicits it again).
     public func anchorNeedsNumbers(chainID: UInt64) -> Bool {
         guard let id = id(chainID), let m = table.records[id]?.migration else { return false }

@@ -161,6 +161,12 @@ public struct MigrationCoordinator: Sendable {
         case .newPathCancelAck:
             leftAnchors[chainID]?.cancelAcks.insert(from)
             leftAnchorCancelProgress(chainID, now: now, &out)
+        case .newPathRefused(let reason):
+            // A hop of the new path cannot take the session (issue 20): cancel now, with its reason, instead of
+            // retransmitting newPathSyn until the deadline.
+            guard let l = leftAnchors[chainID], l.requestID == m.requestID, l.step == .newPath, l.cancelling == nil else { return }
+            answered(chainID, now: now, &out)
+            cancel(chainID, step: .newPath, reason: "new path refused by \(from): \(reason)", now: now, &out)
         case .drainStart(let stateful):
             receiveDrainStart(m, stateful: stateful, from: from, &out)
         case .drained:
@@ -632,8 +638,14 @@ public struct MigrationCoordinator: Sendable {
         if let l = leftAnchors[chainID], l.step == .newPath {
             cancel(chainID, step: .newPath, reason: "new path: \(reason)", now: now, &out)
         } else if let n = newBoxes.removeValue(forKey: chainID) {
-            _ = n  // the left anchor's retransmissions find nothing; its deadline cancels
+            // Say why (issue 20): the left anchor cancels at once instead of retransmitting until its deadline.
+            out.append(.cancelTimer(TimerKey(chainID: chainID, role: .newBox, kind: .deadline)))
+            out.append(.send(n.message.answer(.newPathRefused(reason: "new box: \(reason)")), to: n.message.leftAnchor))
         } else if var r = rightAnchors[chainID] {
+            if let pending = r.pendingSyn {
+                out.append(.send(pending.message.answer(.newPathRefused(reason: "right anchor: \(reason)")),
+                                 to: pending.message.leftAnchor))
+            }
             r.pendingSyn = nil
             rightAnchors[chainID] = r
         }
@@ -643,9 +655,19 @@ public struct MigrationCoordinator: Sendable {
                                             from: IPv4Address, context: SessionContext?, _ out: inout [Action]) {
         let chainID = m.identity.chainID
         guard subsession.srcAddr == from else { return }  // the sender names its own subsession
+        func refuse(_ reason: String) {
+            // Issue 20: a hop that cannot take the session says why, to the left anchor (which cancels at once).
+            out.append(.send(m.answer(.newPathRefused(reason: reason)), to: m.leftAnchor))
+        }
         if remaining.isEmpty {
             // The right anchor: the new path's last subsession ends here.
-            guard m.rightAnchor == subsession.dstAddr, var r = rightAnchors[chainID], r.requestID == m.requestID else { return }
+            guard m.rightAnchor == subsession.dstAddr else { return }
+            guard var r = rightAnchors[chainID], r.requestID == m.requestID else {
+                if ended[chainID]?.contains(m.requestID) == true { return }  // a late copy of a finished request
+                refuse(context == nil ? "the right anchor does not know the session"
+                                      : "the right anchor is not locked for request \(m.requestID)")
+                return
+            }
             if let installed = r.newLeft {
                 if installed == subsession { out.append(.send(m.answer(.newPathSynAck(subsession: installed)), to: from)) }
                 return
@@ -657,14 +679,28 @@ public struct MigrationCoordinator: Sendable {
         }
         // A new middlebox.
         if let n = newBoxes[chainID] {
-            guard n.requestID == m.requestID, n.left == subsession else { return }
-            if let right = n.right {
-                out.append(.send(m.with(body: .newPathSyn(subsession: right, remaining: Array(remaining.dropFirst()))),
-                                 to: remaining[0]))
+            if n.requestID == m.requestID {
+                guard n.left == subsession else { return }
+                if let right = n.right {
+                    out.append(.send(m.with(body: .newPathSyn(subsession: right, remaining: Array(remaining.dropFirst()))),
+                                     to: remaining[0]))
+                }
+                return
             }
+            if context != nil {
+                refuse("this box is on the session's path already (new box of request \(n.requestID))")
+                return
+            }
+            // This box was the new box of an earlier request and has left the session since (it was replaced in
+            // turn, or that request was cancelled): that role is over. Keeping it silenced every later new path
+            // through this box for the new box's linger (issue 20: fw1 → fw2 → fw1 → fw2 cancelled at new-path).
+            newBoxes[chainID] = nil
+            out.append(.cancelTimer(TimerKey(chainID: chainID, role: .newBox, kind: .deadline)))
+        }
+        guard context == nil else {
+            refuse("this box is on the session's path already")
             return
         }
-        guard context == nil else { return }  // this host is already on the session's path
         newBoxes[chainID] = NewBox(requestID: m.requestID, left: subsession, right: nil, next: remaining[0],
                                    remaining: remaining, message: m)
         out.append(.setTimer(TimerKey(chainID: chainID, role: .newBox, kind: .deadline), afterNanoseconds: settings.newBoxLinger))
@@ -797,6 +833,10 @@ public struct MigrationCoordinator: Sendable {
         guard m.leftAnchor != context.me, let left = context.leftNeighbour else { return }
         locks[chainID] = nil
         oldBoxes[chainID] = nil
+        if newBoxes.removeValue(forKey: chainID) != nil {
+            // It joined the session as a new box of an earlier request: that role ends with the session here.
+            out.append(.cancelTimer(TimerKey(chainID: chainID, role: .newBox, kind: .deadline)))
+        }
         out.append(.removeSession(chainID: chainID, deleteConntrack: true))
         out.append(.send(m, to: left))
     }
@@ -987,11 +1027,9 @@ public struct MigrationCoordinator: Sendable {
         case (.leftAnchor, .retransmit):
             guard let l = leftAnchors[chainID] else { return }
             if l.step == .release, l.cancelling == nil, !l.released {
-                // The probe (or the right anchor's answer to it) was lost: probe again.
-                if l.tries >= settings.maxTries {
-                    cancel(chainID, step: .release, reason: "no probe came back on the new path after \(l.tries) probes", now: now, &out)
-                    return
-                }
+                // The probe (or the right anchor's answer to it) was lost, or could not be built yet (the anchor
+                // is still eliciting its endpoint's numbers: issue 20): probe again until the deadline, which
+                // cancels ("no probe came back on the new path after N probes").
                 out.append(.sendProbe(chainID: chainID))
                 out.append(.setTimer(key, afterNanoseconds: l.delay))
                 leftAnchors[chainID]!.tries += 1

@@ -32,6 +32,7 @@ struct ControlMessageTests {
         case .newPathSynAck: .newPathSynAck(subsession: subsession)
         case .newPathCancel: .newPathCancel
         case .newPathCancelAck: .newPathCancelAck
+        case .newPathRefused: .newPathRefused(reason: "this box is on the session's path already")
         case .drainStart: .drainStart(stateful: true)
         case .drained: .drained
         case .stateRequest: .stateRequest(newBox: IPv4Address(10, 77, 0, 105))
@@ -50,7 +51,7 @@ struct ControlMessageTests {
         case .requestLock: 4
         case .ackLock: 8
         case .nackLock: 1
-        case .cancelLock(let reason): 1 + reason.utf8.count
+        case .cancelLock(let reason), .newPathRefused(let reason): 1 + reason.utf8.count
         case .newPathSyn(_, let remaining): 13 + 4 * remaining.count
         case .newPathSynAck: 12
         case .drainStart: 1
@@ -81,7 +82,7 @@ struct ControlMessageTests {
         }
     }
 
-    /// `bytes`' header (first 48 bytes) with `type` and `body`, bodyLength fixed and signed under `trust`:
+    /// `bytes`' header (first 72 bytes) with `type` and `body`, bodyLength fixed and signed under `trust`:
     /// crafts messages that pass every check up to the MAC.
     static func resigned(_ bytes: [UInt8], type: ControlMessageType? = nil, body: [UInt8], trust: TrustGroup = trust) -> [UInt8] {
         var out = Array(bytes[0..<ControlMessage.headerLength])
@@ -122,12 +123,12 @@ struct ControlMessageTests {
 
     @Test("the samples cover every type exactly once; raw values and names are the documented ones")
     func typeTable() {
-        #expect(ControlMessageType.allCases.count == 18)
+        #expect(ControlMessageType.allCases.count == 19)
         #expect(Set(ControlMessageType.allCases.map { Self.sampleBody($0).type }) == Set(ControlMessageType.allCases))
-        #expect(ControlMessageType.allCases.map(\.rawValue) == [1, 2, 10, 11, 12, 13, 14, 20, 21, 22, 23, 30, 31, 40, 41, 42, 50, 51])
+        #expect(ControlMessageType.allCases.map(\.rawValue) == [1, 2, 10, 11, 12, 13, 14, 20, 21, 22, 23, 24, 30, 31, 40, 41, 42, 50, 51])
         #expect(ControlMessageType.requestLock.description == "requestLock")
         #expect(ControlMessageType.newPathCancelAck.description == "newPathCancelAck")
-        #expect(Set(ControlMessageType.allCases.map(\.description)).count == 18)
+        #expect(Set(ControlMessageType.allCases.map(\.description)).count == 19)
         #expect(NackReason.contention.rawValue == 1 && NackReason.busy.rawValue == 4)
     }
 
@@ -135,7 +136,7 @@ struct ControlMessageTests {
     func headerLayout() {
         let encoded = Self.sample(.requestLock).encode(trust: Self.trust)
         #expect(Array(encoded[0..<4]) == Array("DYCM".utf8))
-        #expect(encoded[4] == 1)
+        #expect(encoded[4] == 2)
         #expect(encoded[5] == 10)
         #expect(Array(encoded[6..<8]) == [0, 4])
         #expect(Array(encoded[8..<16]) == [0x01, 0x23, 0x45, 0x67, 0x89, 0xAB, 0xCD, 0xEF])
@@ -147,9 +148,10 @@ struct ControlMessageTests {
         #expect(Array(encoded[38..<40]) == [0, 80])
         #expect(Array(encoded[40..<44]) == [10, 77, 0, 10])
         #expect(Array(encoded[44..<48]) == [10, 77, 0, 200])
-        #expect(Array(encoded[48..<52]) == Self.be32(UInt32(bitPattern: -1234)))
-        let tag = encoded.withUnsafeBytes { Self.trust.mac(UnsafeRawBufferPointer(rebasing: $0[0..<52])) }
-        #expect(Array(encoded[52...]) == tag)
+        #expect(Array(encoded[48..<72]) == [UInt8](repeating: 0, count: 24))  // unstamped (the agent stamps at send)
+        #expect(Array(encoded[72..<76]) == Self.be32(UInt32(bitPattern: -1234)))
+        let tag = encoded.withUnsafeBytes { Self.trust.mac(UnsafeRawBufferPointer(rebasing: $0[0..<76])) }
+        #expect(Array(encoded[76...]) == tag)
         #expect(ControlMessage.port == 7411)
     }
 
@@ -288,9 +290,12 @@ struct ControlMessageTests {
         bytes[0] = 0x45
         #expect(Self.decodeError(bytes) == .badMagic)
         bytes = good
-        bytes[4] = 2
-        #expect(Self.decodeError(bytes) == .unsupportedVersion(2))
-        for raw: UInt8 in [0, 3, 9, 15, 24, 32, 43, 52, 255] {
+        bytes[4] = 1  // version 1 (no freshness stamp, issue 20) is refused
+        #expect(Self.decodeError(bytes) == .unsupportedVersion(1))
+        bytes = good
+        bytes[4] = 3
+        #expect(Self.decodeError(bytes) == .unsupportedVersion(3))
+        for raw: UInt8 in [0, 3, 9, 15, 25, 32, 43, 52, 255] {
             bytes = good
             bytes[5] = raw
             #expect(Self.decodeError(bytes) == .unknownType(raw))
@@ -301,7 +306,7 @@ struct ControlMessageTests {
         bytes = good
         bytes[6] = 0xFF
         bytes[7] = 0xFF
-        #expect(Self.decodeError(bytes) == .lengthMismatch(declared: 48 + 0xFFFF + 16, actual: good.count))
+        #expect(Self.decodeError(bytes) == .lengthMismatch(declared: 72 + 0xFFFF + 16, actual: good.count))
     }
 
     // MARK: Authenticated content
@@ -470,11 +475,11 @@ struct ControlMessageTests {
             let length = Int.random(in: 0...160, using: &rng)
             var bytes = (0..<length).map { _ in UInt8.random(in: 0...255, using: &rng) }
             // Half of them get plausible framing so they reach the MAC check.
-            if i % 2 == 0, length >= 64 {
+            if i % 2 == 0, length >= 88 {
                 bytes[0...3] = [0x44, 0x59, 0x43, 0x4D]
-                bytes[4] = 1
+                bytes[4] = ControlMessage.version
                 bytes[5] = ControlMessageType.allCases.randomElement(using: &rng)!.rawValue
-                let bodyLength = length - 64
+                let bodyLength = length - 88
                 bytes[6] = UInt8(bodyLength >> 8)
                 bytes[7] = UInt8(bodyLength & 0xFF)
             }

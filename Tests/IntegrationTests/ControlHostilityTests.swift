@@ -54,15 +54,21 @@ import Testing
     /// drop reason they must cause there.
     static func controlForger(keyPath: String) -> String {
         """
-        import hashlib, hmac, json, os, random, socket, struct
+        import hashlib, hmac, json, os, random, socket, struct, time
         LAB_KEY = bytes.fromhex(open("\(keyPath)").read().strip())
         OTHER_KEY = hashlib.sha256(b"not the lab key").digest()
         def a(x): return socket.inet_aton(x)
-        def msg(mtype, chain, nonce, session, anchors, body=b"", key=None, version=1, magic=b"DYCM", request=0x0BADCAFE):
+        # Version 2 (issue 20): a freshness stamp after the anchors — sender id, receiver, counter, sentAt (µs).
+        SENDER = random.getrandbits(63) + 1
+        COUNTER = [0]
+        RECEIVER = ["0.0.0.0"]
+        def msg(mtype, chain, nonce, session, anchors, body=b"", key=None, version=2, magic=b"DYCM", request=0x0BADCAFE):
             src, dst, sport, dport = session
+            COUNTER[0] += 1
             header = (magic + struct.pack(">BBH", version, mtype, len(body)) + struct.pack(">QQI", chain, nonce, request)
-                      + a(src) + a(dst) + struct.pack(">HH", sport, dport) + a(anchors[0]) + a(anchors[1]))
-            assert len(header) == 48
+                      + a(src) + a(dst) + struct.pack(">HH", sport, dport) + a(anchors[0]) + a(anchors[1])
+                      + struct.pack(">Q", SENDER) + a(RECEIVER[0]) + struct.pack(">IQ", COUNTER[0], int(time.time() * 1e6)))
+            assert len(header) == 72
             m = header + body
             return m + hmac.new(LAB_KEY if key is None else key, m, hashlib.sha256).digest()[:16]
         # requestLock (rightDelta), cancelLock (reason), drainStart (stateful), oldPathFin (empty)
@@ -70,25 +76,26 @@ import Testing
         def noise(lo, hi):
             b = os.urandom(random.randint(lo, hi))
             return b"XXXX" + b[4:] if b[:4] == b"DYCM" else b
-        def hostile(chain, session, anchors, known_chains):
+        def hostile(receiver, chain, session, anchors, known_chains):
+            RECEIVER[0] = receiver
             out, counts = [], {}
             def add(kind, payload):
                 out.append(payload)
                 counts["dropped." + kind] = counts.get("dropped." + kind, 0) + 1
             fake = chain
             while fake in known_chains or fake == 0: fake = random.getrandbits(64)
-            good = msg(10, fake, 1, session, anchors, BODY[10])  # a well-formed requestLock, 68 bytes
-            assert len(good) == 68
-            for _ in range(3): add("bad-magic", noise(64, 200))                  # malformed: random bytes
-            for _ in range(2): add("truncated", noise(1, 63))                    # random, shorter than header + MAC
-            add("truncated", good[:47]); add("truncated", good[:63])             # a valid message cut
+            good = msg(10, fake, 1, session, anchors, BODY[10])  # a well-formed requestLock, 92 bytes
+            assert len(good) == 92
+            for _ in range(3): add("bad-magic", noise(88, 200))                  # malformed: random bytes
+            for _ in range(2): add("truncated", noise(1, 87))                    # random, shorter than header + MAC
+            add("truncated", good[:47]); add("truncated", good[:87])             # a valid message cut
             add("bad-length", good[:-1])                                         # cut by one
             # One byte too many: a bundle (docs/CONTROL-PROTOCOL.md) of the valid message, for a session nobody
             # knows, and a 1-byte tail: each dropped for its own reason.
             out.append(good + b"\\0")
             for kind in ("unknown-session", "truncated"): counts["dropped." + kind] = counts.get("dropped." + kind, 0) + 1
-            add("bad-version", msg(10, chain, 1, session, anchors, BODY[10], version=0))
-            add("bad-version", msg(10, chain, 1, session, anchors, BODY[10], version=2))
+            add("bad-version", msg(10, chain, 1, session, anchors, BODY[10], version=1))   # the old, unstamped version
+            add("bad-version", msg(10, chain, 1, session, anchors, BODY[10], version=3))
             add("unknown-type", msg(0, chain, 1, session, anchors))
             add("unknown-type", msg(99, chain, 1, session, anchors))
             add("bad-mac", msg(10, chain, 1, session, anchors, BODY[10], key=OTHER_KEY))
@@ -227,7 +234,7 @@ import Testing
                 let known = snapshot.sessions.compactMap { $0.chainID.flatMap { UInt64($0, radix: 16) } }
                 let s = live.session
                 script += """
-                    plan["\(host)"] = ("\(lab.address(of: host))", hostile(\(chain), ("\(s.srcAddr)", "\(s.dstAddr)", \(s.srcPort), \(s.dstPort)), \
+                    plan["\(host)"] = ("\(lab.address(of: host))", hostile("\(lab.address(of: host))", \(chain), ("\(s.srcAddr)", "\(s.dstAddr)", \(s.srcPort), \(s.dstPort)), \
                     ("\(client)", "\(server)"), {\(known.map(String.init).joined(separator: ", "))}))
 
                     """

@@ -104,6 +104,7 @@ enum Describe {
         case .newPathSynAck(let s): body = "newPathSynAck(\(s))"
         case .newPathCancel: body = "newPathCancel"
         case .newPathCancelAck: body = "newPathCancelAck"
+        case .newPathRefused(let reason): body = "newPathRefused(\"\(reason)\")"
         case .drainStart(let stateful): body = "drainStart(stateful: \(stateful))"
         case .drained: body = "drained"
         case .stateRequest(let newBox): body = "stateRequest(newBox: \(Host.name(newBox)))"
