@@ -152,11 +152,16 @@ public struct AnchorState: Sendable, Equatable {
     }
 
     /// The numbers of a window-opening probe from the local side (after the drain): its next sequence number
-    /// and its acknowledgment number. What the local side sent wins; failing that (a silent endpoint), the far
-    /// side's view, which is the same once the old path is empty: what it acknowledged is our next sequence
-    /// number, its next sequence number is what we acknowledge.
+    /// and its acknowledgment number. The sequence number is what the local side sent, failing that (a silent
+    /// endpoint) what the far side acknowledged of it. The acknowledgment number is only ever one the local
+    /// side itself sent (``lastAck``): a probe can reach the far endpoint (one that arrives after the other
+    /// anchor finished is an ordinary ACK to it), and an acknowledgment the local side did not send — say the
+    /// far side's sequence end, with a segment lost or still in flight before it — would make the far side free
+    /// data the local side never received: it then retransmits only above the forged number and the session
+    /// stalls for good (issue 20: seen after back-to-back moves, the server's `bytes_acked` 62,640 above what
+    /// the client had received). Nil until the local side's acknowledgment is known (the anchor elicits it).
     public var probeNumbers: (seq: UInt32, ack: UInt32)? {
-        guard let seq = sentEnd ?? cutoff ?? peerAcked, let ack = lastAck ?? peerSeqEnd ?? oldRcvd else { return nil }
+        guard let ack = lastAck, let seq = sentEnd ?? cutoff ?? peerAcked else { return nil }
         return (seq, ack)
     }
 

@@ -118,7 +118,16 @@ extension PacketProcessor {
     public mutating func anchorHold(chainID: UInt64, side: SessionTable.Side, stateful: Bool, now: UInt64) {
         guard let id = id(chainID), let record = table.records[id] else { return }
         if record.migration == nil { anchoring += 1 }
-        table.update(id) { $0.migration = AnchorState(side: side, stateful: stateful, now: now) }
+        var m = AnchorState(side: side, stateful: stateful, now: now)
+        // What the slow path last saw the local side acknowledge (fresh only while the agent carries the session,
+        // e.g. right after an earlier move): a number the local side really sent, so the anchor's keep-alives,
+        // pokes and probes can use it before the endpoint speaks again.
+        let local = side == .right ? record.sequence.forward : record.sequence.reverse
+        if local.hasAck {
+            m.lastAck = local.ack
+            m.lastWindow = UInt16(truncatingIfNeeded: local.window)
+        }
+        table.update(id) { $0.migration = m }
         _ = hold([id])
     }
 
@@ -176,11 +185,13 @@ extension PacketProcessor {
             guard let right = record.right else { return nil }
             tuple = right
         }
-        if let peerSeqEnd = m.peerSeqEnd, let peerAcked = m.peerAcked {
-            // Knowing the far side's numbers: a keep-alive (one byte just below what the endpoint has received,
-            // RFC 1122 §4.2.3.6). The endpoint discards the old byte and acknowledges at once, without the
-            // rate limit Linux puts on challenge ACKs.
-            let packet = IPv4TCPPacket.buildPureAck(into: buffer, tuple: tuple, seq: peerSeqEnd &- 1, ack: peerAcked,
+        if let received = m.lastAck, let peerAcked = m.peerAcked {
+            // Knowing what the endpoint acknowledged: a keep-alive (one byte just below it, RFC 1122 §4.2.3.6),
+            // which the endpoint discards as old and acknowledges at once, without the rate limit Linux puts on
+            // challenge ACKs. Never below what merely crossed towards it (the far side's sequence end): with a
+            // segment missing before it, that byte would be new data to the endpoint, and the ack number of a
+            // packet as from the far side is only ever one the far side sent (``AnchorState/probeNumbers``).
+            let packet = IPv4TCPPacket.buildPureAck(into: buffer, tuple: tuple, seq: received &- 1, ack: peerAcked,
                                                     window: m.peerWindow ?? 0xffff, payloadByte: true)
             return (packet.length, tuple.dstAddr)
         }
@@ -199,7 +210,9 @@ extension PacketProcessor {
     public func anchorPoke(chainID: UInt64, into buffer: UnsafeMutableRawPointer) -> PokeResult {
         guard let id = id(chainID), let record = table.records[id], let m = record.migration,
               m.phase == .buffering || (m.phase == .released && !m.stateful), let old = paths(record, m).old else { return .stop }
-        guard let peerAcked = m.peerAcked, let ack = m.lastAck ?? m.peerSeqEnd else { return .unknownNumbers }
+        // The acknowledgment number is the local side's own (never the far side's sequence end: the far endpoint
+        // would free data the local side may not have, ``AnchorState/probeNumbers``); until it is known, none.
+        guard let peerAcked = m.peerAcked, let ack = m.lastAck else { return .unknownNumbers }
         let tuple = egressTuple(old, side: m.side)
         let packet = IPv4TCPPacket.buildPureAck(into: buffer, tuple: tuple, seq: peerAcked &- 1, ack: ack,
                                                 window: m.lastWindow ?? 0xffff, payloadByte: true)

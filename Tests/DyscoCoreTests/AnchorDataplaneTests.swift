@@ -128,6 +128,63 @@ struct AnchorDataplaneTests {
         #expect(again == nil)
     }
 
+    @Test("issue 20's stall: the anchor's keep-alive, poke and probe never acknowledge data the local endpoint did not acknowledge itself, even with a segment missing before the far side's sequence end")
+    func noForgedAcknowledgment() throws {
+        var s = try Self.setup(stateful: true)
+        var buffer = [UInt8](repeating: 0, count: IPv4TCPPacket.maxBuiltLength)
+        // The server's segments 50..<60 are lost on the old path; 60..<70 crosses the anchor: the far side's
+        // sequence end is 70, but the client can acknowledge no more than 50. It has not spoken yet.
+        _ = Self.run(&s.processor, PacketBuilder(tuple: s.old.reversed, seq: 60, ack: 1000, payload: [UInt8](repeating: 3, count: 10),
+                                                 window: 500), hook: .ingress)
+        s.processor.anchorSetPhase(chainID: s.chainID, .buffering, now: 2)
+        let poke = buffer.withUnsafeMutableBytes { s.processor.anchorPoke(chainID: s.chainID, into: $0.baseAddress!) }
+        #expect(poke == .unknownNumbers, "no poke towards the server until the client's own acknowledgment is known")
+        #expect(s.processor.anchorLacksProbeNumbers(chainID: s.chainID), "no probe either: the anchor elicits again")
+        let elicit = buffer.withUnsafeMutableBytes { s.processor.anchorElicit(chainID: s.chainID, into: $0.baseAddress!) }
+        let (length, _) = try #require(elicit)
+        let syn = Array(buffer[0..<length])
+        #expect(syn[33] & 0x02 != 0, "the client's numbers unknown: a SYN (challenge ACK), not a keep-alive at 69 (new data to it)")
+        // The client answers with what it really has: 50.
+        _ = Self.run(&s.processor, PacketBuilder(tuple: Self.session, seq: 1000, ack: 50, window: 40), hook: .egress)
+        let keepAlive = buffer.withUnsafeMutableBytes { s.processor.anchorElicit(chainID: s.chainID, into: $0.baseAddress!) }
+        let (kLength, _) = try #require(keepAlive)
+        let k = Array(buffer[0..<kLength])
+        #expect(Self.seq(k) == 49 && kLength == IPv4TCPPacket.pureAckLength + 1, "a keep-alive one byte below what the client acknowledged")
+        let poked = buffer.withUnsafeMutableBytes { s.processor.anchorPoke(chainID: s.chainID, into: $0.baseAddress!) }
+        guard case .sent(let pLength, let to, _) = poked else { Issue.record("\(poked)"); return }
+        let p = Array(buffer[0..<pLength])
+        #expect(to == Self.fw1 && Self.ack(p) == 50 && Self.seq(p) == 999, "the poke acknowledges 50 (the client's), not 70")
+        #expect(Reference.tcpChecksumValid(p))
+        let probe = buffer.withUnsafeMutableBytes { s.processor.anchorProbe(chainID: s.chainID, into: $0.baseAddress!) }
+        #expect(probe != nil)
+        if probe != nil { #expect(Self.ack(Array(buffer)) == 50) }
+    }
+
+    @Test("a hold seeds the local side's acknowledgment from the slow path's tracking (a number it really sent)")
+    func holdSeedsFromTracking() throws {
+        var p = PacketProcessor(config: AgentConfig(), portRange: 10000...10100, trust: TestKeys.group)
+        let id = try p.table.insertLeftEnd(session: Self.session, hops: [Self.fw1, Self.server], now: 0)
+        p.table.update(id) {
+            $0.rightEstablished = true
+            $0.sequence.observe(.forward, seq: 1000, ack: 4321, window: 77, flags: [.ack], payloadLength: 0, windowScale: nil)
+            $0.sequence.observe(.reverse, seq: 4321, ack: 1000, window: 88, flags: [.ack], payloadLength: 0, windowScale: nil)
+        }
+        let chainID = try #require(p.table.records[id]).identity.chainID
+        p.anchorHold(chainID: chainID, side: .right, stateful: true, now: 0)
+        let m = try #require(p.table.records[id]?.migration)
+        #expect(m.lastAck == 4321 && m.lastWindow == 77, "the client's (forward) acknowledgment, not the server's")
+        // Tracking invalidated (the kernel carried the session): nothing is seeded.
+        var q = PacketProcessor(config: AgentConfig(), portRange: 10000...10100, trust: TestKeys.group)
+        let id2 = try q.table.insertLeftEnd(session: Self.session, hops: [Self.fw1, Self.server], now: 0)
+        q.table.update(id2) {
+            $0.sequence.observe(.forward, seq: 1000, ack: 4321, window: 77, flags: [.ack], payloadLength: 0, windowScale: nil)
+            $0.sequence.invalidate()
+        }
+        let chain2 = try #require(q.table.records[id2]).identity.chainID
+        q.anchorHold(chainID: chain2, side: .right, stateful: true, now: 0)
+        #expect(q.table.records[id2]?.migration?.lastAck == nil)
+    }
+
     @Test("a probe on the new path before the release is kept from the endpoint; the probe we send carries our numbers")
     func probes() throws {
         var s = try Self.setup(stateful: true)

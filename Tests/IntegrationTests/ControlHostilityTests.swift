@@ -155,9 +155,10 @@ import Testing
             let movedTuples = Set(moved.map(\.session)), cancelledTuples = Set(notMoved.map(\.session))
             let teardownUnanswered = Set(moved.filter { $0.reason.contains("teardown unanswered") }.map(\.session))
             var placement = "", leftOnFw1 = 0
+            // In any state: under load a download may end (its session closing) before this looks.
             let settled = try await Self.eventually(timeout: 5) {
-                let onFw1 = Set(try await MigrationLab.pacedSessions(lab, "fw1").map(\.session))
-                let onFw2 = Set(try await MigrationLab.pacedSessions(lab, "fw2").map(\.session))
+                let onFw1 = Set(try await MigrationLab.pacedSessions(lab, "fw1", anyState: true).map(\.session))
+                let onFw2 = Set(try await MigrationLab.pacedSessions(lab, "fw2", anyState: true).map(\.session))
                 var busy: [String] = []
                 for host in ["client1", "server1"] {
                     busy += try await TestSupport.snapshot(lab, host).sessions.filter { $0.migration != nil }

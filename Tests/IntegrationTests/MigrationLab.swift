@@ -34,6 +34,7 @@ enum MigrationLab {
     final class Downloads: @unchecked Sendable {
         let processes: [Process]
         let outputs: [String]
+        let expectedBytes: Int
         init(_ lab: Lab, file: String, count: Int, timeout: Int = 120, clients: [String] = ["client1"]) throws {
             let server = lab.address(of: "server1")
             var outputs: [String] = []
@@ -53,11 +54,31 @@ enum MigrationLab {
             }
             self.outputs = outputs
             self.processes = processes
+            expectedBytes = ((try? FileManager.default.attributesOfItem(atPath: "\(lab.httpRoot)/\(file)"))?[.size] as? Int) ?? 0
         }
 
-        /// Waits for every curl; true if all exited 0.
-        func wait() -> Bool {
-            processes.allSatisfy { process in
+        /// Waits for every curl; true if all exited 0. With `diagnose`, a download that stops growing for
+        /// `stalledAfter` seconds while unfinished gets `MigrationLab.stallReport` printed once (what each agent,
+        /// endpoint socket and firewall holds for it), so a failure explains itself; the verdict is still curl's.
+        func wait(diagnose lab: Lab? = nil, stalledAfter: TimeInterval = 10) -> Bool {
+            if let lab {
+                var sizes = outputs.map { _ in -1 }
+                var since = outputs.map { _ in Date() }
+                var reported = false
+                while processes.contains(where: \.isRunning), !reported {
+                    Thread.sleep(forTimeInterval: 0.5)
+                    for (i, out) in outputs.enumerated() {
+                        let size = ((try? FileManager.default.attributesOfItem(atPath: out))?[.size] as? Int) ?? 0
+                        if size != sizes[i] { sizes[i] = size; since[i] = Date() }
+                        if !reported, size < expectedBytes, processes.contains(where: \.isRunning),
+                           Date().timeIntervalSince(since[i]) > stalledAfter {
+                            reported = true
+                            MigrationLab.stallReport(lab, stalled: out, bytes: size)
+                        }
+                    }
+                }
+            }
+            return processes.allSatisfy { process in
                 process.waitUntilExit()
                 return process.terminationStatus == 0
             }
@@ -65,8 +86,11 @@ enum MigrationLab {
     }
 
     /// Sessions of `host`'s agent whose destination port is the paced server's.
-    static func pacedSessions(_ lab: Lab, _ host: String) async throws -> [AgentSnapshot.Session] {
-        try await TestSupport.snapshot(lab, host).sessions.filter { $0.session.dstPort == pacedPort && $0.state == "established" }
+    /// (`anyState`: closing ones too.)
+    static func pacedSessions(_ lab: Lab, _ host: String, anyState: Bool = false) async throws -> [AgentSnapshot.Session] {
+        try await TestSupport.snapshot(lab, host).sessions.filter {
+            $0.session.dstPort == pacedPort && (anyState || $0.state == "established")
+        }
     }
 
     /// Waits until fw1 carries `count` established paced sessions that have moved data.
@@ -148,6 +172,25 @@ enum MigrationLab {
 
     static func lossCounters(_ lab: Lab) throws -> LossCounters {
         try lab.tcpLossCounters(lab.hosts(.client).map(\.name) + ["server1"])
+    }
+
+    /// Prints (stderr) what the lab holds for the paced sessions when a download stalls: each agent's sessions
+    /// and control counters, the endpoints' sockets (`ss -tin`), the firewalls' conntrack entries and counters.
+    static func stallReport(_ lab: Lab, stalled: String, bytes: Int) {
+        var lines = ["STALL: \(stalled) stopped at \(bytes) bytes"]
+        let binary = (try? TestSupport.dyscoBinary()) ?? "dysco-migrate"
+        for host in ["client1", "server1", "fw1", "fw2"] {
+            let out = (try? Command.run([binary, "sessions", "--netns", lab.namespace(of: host), "--json"], check: false).stdout) ?? "?"
+            lines.append("agent \(host):\n\(out)")
+        }
+        for host in ["client1", "server1"] {
+            lines.append("ss \(host):\n" + ((try? lab.exec(host, ["ss", "-tin", "state", "established"], check: false).stdout) ?? "?"))
+        }
+        for mb in ["fw1", "fw2"] {
+            lines.append("conntrack \(mb):\n" + ((try? lab.exec(mb, ["conntrack", "-L", "-p", "tcp", "--orig-port-dst", "\(pacedPort)"], check: false).stdout) ?? "?"))
+            lines.append("iptables \(mb):\n" + ((try? lab.exec(mb, ["iptables", "-vnL", "FORWARD"], check: false).stdout) ?? "?"))
+        }
+        FileHandle.standardError.write(Data((lines.joined(separator: "\n") + "\n").utf8))
     }
 
     /// Every download equals the served file.

@@ -60,7 +60,7 @@ import Testing
                 let busy = try await TestSupport.snapshot(lab, host).sessions.filter { $0.migration != nil }
                 #expect(busy.isEmpty, "\(host) mid-migration: \(busy.map { "\($0.session) \($0.migration ?? "")" })")
             }
-            #expect(downloads.wait(), "curl failed: \((try? String(contentsOfFile: "\(lab.directory)/curl.log", encoding: .utf8)) ?? "")")
+            #expect(downloads.wait(diagnose: lab), "curl failed: \((try? String(contentsOfFile: "\(lab.directory)/curl.log", encoding: .utf8)) ?? "")")
             #expect(try MigrationLab.allIntact(downloads.outputs, original: "\(lab.httpRoot)/blob").isEmpty, "a download differs")
             let invalidAfter = try ["fw1", "fw2"].map { try TestSupport.invalidDrops(lab, $0) }
             #expect(invalidAfter == invalidBefore, "INVALID drops at fw1, fw2: \(invalidBefore) → \(invalidAfter)")
@@ -270,7 +270,7 @@ import Testing
                         "\(host) dropped the real replace's messages as replayed: \(d)")
             }
 
-            #expect(downloads.wait(), "curl failed: \((try? String(contentsOfFile: "\(lab.directory)/curl.log", encoding: .utf8)) ?? "")")
+            #expect(downloads.wait(diagnose: lab), "curl failed: \((try? String(contentsOfFile: "\(lab.directory)/curl.log", encoding: .utf8)) ?? "")")
             #expect(try MigrationLab.allIntact(downloads.outputs, original: "\(lab.httpRoot)/blob").isEmpty, "a download differs")
             #expect(try TestSupport.invalidDrops(lab, "fw1") == 0 && TestSupport.invalidDrops(lab, "fw2") == 0, "INVALID drops")
             Self.record("replayed \(recorded.count) datagrams: \(expected)")
