@@ -60,12 +60,6 @@ public final class Lab: @unchecked Sendable {
     public static let httpPort: UInt16 = 80
     public static let httpAltPort: UInt16 = 8080
 
-    /// Pass `--trust-key <lab dir>/trust.key` to every agent (the key is written either way). The agent requires
-    /// the option; false only serves an agent binary older than it. Read when a lab is built: the choice is
-    /// recorded in lab.json (``LabState/trustKeyPath``) and restarts follow it. A `--trust-key` among the spec's
-    /// agent arguments replaces the lab's.
-    nonisolated(unsafe) public static var passTrustKey = true
-
     /// Python's threading HTTP file server with a listen backlog of 1024 (`python3 -m http.server` listens
     /// with 5, which drops SYNs, and so adds seconds of retransmission, once 100 clients connect at once).
     static func httpServer(address: IPv4Address, port: UInt16, root: String) -> [String] {
@@ -333,7 +327,7 @@ public final class Lab: @unchecked Sendable {
             agentArguments: spec.agentArguments, routeViaMiddlebox: spec.routeViaMiddlebox,
             httpRoot: spec.httpRoot ?? LabPaths.defaultHTTPRoot(spec.name), processes: [],
             firewallProfiles: spec.effectiveFirewallProfiles,
-            trustKeyPath: spec.agents && passTrustKey ? LabPaths.trustKey(spec.name) : nil)
+            trustKeyPath: spec.agents && spec.passTrustKey ? LabPaths.trustKey(spec.name) : nil)
         let lab = Lab(state: state, logger: logger)
         do {
             try state.save()

@@ -343,7 +343,7 @@ import Glibc
         #expect(Lab.trustKeyArguments("/run/k", overriddenBy: ["--trust-key", "/x"]) == [])
         #expect(Lab.trustKeyArguments("/run/k", overriddenBy: ["--trust-key=/x"]) == [])
         #expect(LabPaths.trustKey("demo") == LabPaths.directory("demo") + "/trust.key")
-        #expect(Lab.passTrustKey)
+        #expect(LabSpec(name: "u7").passTrustKey && !LabSpec(name: "u7", passTrustKey: false).passTrustKey)
     }
 
     @Test func writesTrustKeys() throws {
