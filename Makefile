@@ -1,14 +1,17 @@
 # dysco-migrate — the two commands a fresh machine needs are `make demo` and `make test` (see README.md).
 SWIFT ?= swift
 BIN := $(CURDIR)/.build/release/dysco-migrate
+# The benchmarks' executable (built beside dysco-migrate, whose agents its labs run).
+BENCH := $(CURDIR)/.build/release/dysco-bench
 
 .PHONY: setup release demo test unit verify bench bench-check bench-replace bench-drain measure clean-labs
 
 setup:            ## install every system package the project needs (idempotent, apt-get)
 	bash scripts/setup.sh
 
-release: setup    ## the optimized binary the agents, the demo and the integration tests run
+release: setup    ## the optimized binaries: dysco-migrate (the agents, the demo, the integration tests) and dysco-bench
 	$(SWIFT) build -c release --product dysco-migrate
+	$(SWIFT) build -c release --product dysco-bench
 
 demo: release     ## a 50 MB download through client → fw1 → server; replace fw1 → fw2 halfway; phases, fw2's conntrack entry, sha256; tear down
 	DYSCO_BIN=$(BIN) bash scripts/demo.sh
@@ -25,17 +28,17 @@ verify: setup     ## model-check the reconfiguration protocol with Spin (model/,
 	bash model/verify.sh
 
 bench: release    ## data-plane benchmark: kernel forwarding vs the Dysco chain, same invocation
-	$(BIN) bench dataplane
+	$(BENCH) dataplane
 
 bench-check: release  ## data-plane benchmark that exits 1 when a fast-path figure falls below its floor (connect overhead < 1 ms/box, sessions/s ≥ 0.2, bulk ≥ 0.8 of kernel)
-	$(BIN) bench dataplane --check
+	$(BENCH) dataplane --check
 
 bench-replace: release  ## replace benchmark: 100 live paced sessions fw1 → fw2, stateful then stateless, vs the prototype-style state transfer
-	$(BIN) bench replace --both
+	$(BENCH) replace --both
 
 bench-drain: release  ## drain benchmark: 1,000 then 10,000 live sessions drained fw1 → fw2 (batched), every stream byte checked
-	$(BIN) bench drain --sessions 1000
-	$(BIN) bench drain --sessions 10000
+	$(BENCH) drain --sessions 1000
+	$(BENCH) drain --sessions 10000
 
 measure: release  ## 20 live sessions in 2 bundles, one moved fw1 → fw2 mid-run, stateful and stateless: latency, goodput, plots (MEASURE_ARGS=...)
 	$(BIN) measure --both $(MEASURE_ARGS)

@@ -6,6 +6,8 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "dysco-migrate", targets: ["dysco-migrate"]),
+        // Benchmarks and their load helpers, apart from the product (as swift-nio keeps NIOPerformanceTester).
+        .executable(name: "dysco-bench", targets: ["dysco-bench"]),
         .library(name: "DyscoCore", targets: ["DyscoCore"]),
         .library(name: "DyscoAgent", targets: ["DyscoAgent"]),
         .library(name: "ConntrackState", targets: ["ConntrackState"]),
@@ -79,13 +81,27 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // Test labs of network namespaces and `measure` (used by `dysco-migrate lab`/`measure` and the tests;
+        // never by the agent, `replace` or `drain` code).
         .target(
             name: "DyscoLab",
             dependencies: [
                 "DyscoSystem", "DyscoCore", "DyscoAgent",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
-            ]
+            ],
+            resources: [.copy("Resources/http-server.py"), .copy("Resources/paced-http-server.py")]
+        ),
+        // The benchmarks (data plane, replace, drain, flood, restore, conntrack state) and their load helpers.
+        .target(
+            name: "DyscoBench",
+            dependencies: [
+                "DyscoLab", "DyscoSystem", "DyscoCore", "DyscoAgent", "ConntrackState",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
+            ],
+            resources: [.copy("Resources/syn-flood.py"), .copy("Resources/trickle-server.py"),
+                        .copy("Resources/trickle-client.py")]
         ),
         .executableTarget(
             name: "dysco-migrate",
@@ -95,12 +111,21 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        .executableTarget(
+            name: "dysco-bench",
+            dependencies: [
+                "DyscoBench", "DyscoLab", "ConntrackState", "DyscoSystem",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         .testTarget(name: "DyscoCoreTests", dependencies: ["DyscoCore"]),
         .testTarget(name: "MigrationCoordinatorTests", dependencies: ["MigrationCoordinator", "AnchorBuffer", "DyscoCore"]),
-        .testTarget(name: "ConntrackStateTests", dependencies: ["ConntrackState"]),
+        // DyscoBench: the synthetic conntrack entries and state documents the tests share with the benchmarks.
+        .testTarget(name: "ConntrackStateTests", dependencies: ["ConntrackState", "DyscoBench"]),
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["DyscoLab", "DyscoCore", "DyscoAgent", "ConntrackState", "DyscoSystem"]
+            dependencies: ["DyscoLab", "DyscoBench", "DyscoCore", "DyscoAgent", "ConntrackState", "DyscoSystem"]
         ),
     ],
     swiftLanguageModes: [.v6]

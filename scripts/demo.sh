@@ -66,8 +66,8 @@ head -c "$SIZE" /dev/urandom > "$ROOT/blob.bin"
 WANT=$(sha256sum "$ROOT/blob.bin" | cut -d' ' -f1)
 echo "sha256 $WANT"
 
-step "bench paced-server --lab $LAB --port $PORT --rate $RATE_MB   (server1 sends at most ${RATE_MB} MiB/s per download)"
-"$BIN" bench paced-server --lab "$LAB" --port "$PORT" --rate "$RATE_MB"
+step "lab paced-server --lab $LAB --port $PORT --rate $RATE_MB   (server1 sends at most ${RATE_MB} MiB/s per download)"
+"$BIN" lab paced-server --lab "$LAB" --port "$PORT" --rate "$RATE_MB"
 
 step "client1 downloads http://$SERVER:$PORT/blob.bin through fw1 (in the background)"
 ip netns exec "$LAB-client1" curl -sS --fail -m 300 -o "$OUT" \

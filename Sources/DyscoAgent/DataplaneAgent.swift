@@ -93,7 +93,7 @@ public final class DataplaneAgent: @unchecked Sendable {
     private var journal: StateJournal?
     /// The keys the kernel fails closed for; used under the processor's lock.
     private var ownership = KernelOwnership()
-    /// What the start restored (for the log and `bench restore`).
+    /// What the start restored (its durations are in the "sessions restored" log line only).
     public private(set) var restoreReport = RestoreReport()
 
     /// How a start went: from the state file and the kernel table, or empty.
@@ -102,13 +102,8 @@ public final class DataplaneAgent: @unchecked Sendable {
         public var kernel = 0
         public var refused = 0
         public var badLines = 0
-        public var readSeconds = 0.0
-        /// Of which: the kernel table's JSON listing.
-        public var listSeconds = 0.0
-        public var kernelSeconds = 0.0
         /// The kernel table was kept as it was (only the owned keys set again); false: rebuilt.
         public var tableKept = false
-        public var rulesSeconds = 0.0
         /// Why the start was fresh although a state file existed (nil: restored, or nothing to restore).
         public var freshReason: String?
     }
@@ -154,9 +149,9 @@ public final class DataplaneAgent: @unchecked Sendable {
         try restoreOrReset(worker)
         let rulesStart = dysco_monotonic_ns()
         try rules.install(logger: logger)
-        restoreReport.rulesSeconds = Double(dysco_monotonic_ns() - rulesStart) / 1e9
         if restoreReport.restored > 0 {
-            logger.notice("queue rules in place", metadata: ["state.rules_seconds": "\(restoreReport.rulesSeconds)"])
+            let rulesSeconds = Double(dysco_monotonic_ns() - rulesStart) / 1e9
+            logger.notice("queue rules in place", metadata: ["state.rules_seconds": "\(rulesSeconds)"])
         }
     }
 
@@ -173,7 +168,7 @@ public final class DataplaneAgent: @unchecked Sendable {
         let contents = try StateJournal.read(path: path)
         let listStart = dysco_monotonic_ns()
         let listing = contents == nil ? nil : worker.listing()
-        restoreReport.listSeconds = Double(dysco_monotonic_ns() - listStart) / 1e9
+        let listSeconds = Double(dysco_monotonic_ns() - listStart) / 1e9
         let now = dysco_monotonic_coarse_ns()
         if let contents, let listing {
             let inKernel = listing.sessions
@@ -188,7 +183,7 @@ public final class DataplaneAgent: @unchecked Sendable {
             restoreReport.refused = result.refused.count
             restoreReport.badLines = contents.badLines
             restoreReport.kernel = carried.count
-            restoreReport.readSeconds = Double(dysco_monotonic_ns() - readStart) / 1e9
+            let readSeconds = Double(dysco_monotonic_ns() - readStart) / 1e9
             let kernelStart = dysco_monotonic_ns()
             // The common case (a crash or an upgrade of the same format): the kernel has exactly these sessions and
             // keeps them untouched. Anything else (stray chains, closed sessions, an older format) is rebuilt.
@@ -198,13 +193,13 @@ public final class DataplaneAgent: @unchecked Sendable {
             } else {
                 try worker.rebuild(sessions: carried, owned: owned)
             }
-            restoreReport.kernelSeconds = Double(dysco_monotonic_ns() - kernelStart) / 1e9
+            let kernelSeconds = Double(dysco_monotonic_ns() - kernelStart) / 1e9
             logger.notice("sessions restored", metadata: [
                 "state.file": "\(path)", "state.sessions": "\(result.restored.count)",
                 "state.kernel": "\(carried.count)", "state.refused": "\(result.refused.count)",
                 "state.bad_lines": "\(contents.badLines)", "state.first_error": "\(contents.firstError ?? "-")",
-                "state.read_seconds": "\(restoreReport.readSeconds)", "state.list_seconds": "\(restoreReport.listSeconds)",
-                "state.kernel_seconds": "\(restoreReport.kernelSeconds)", "state.table_kept": "\(restoreReport.tableKept)",
+                "state.read_seconds": "\(readSeconds)", "state.list_seconds": "\(listSeconds)",
+                "state.kernel_seconds": "\(kernelSeconds)", "state.table_kept": "\(restoreReport.tableKept)",
             ])
         } else {
             if contents != nil {

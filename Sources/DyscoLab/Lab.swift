@@ -60,23 +60,11 @@ public final class Lab: @unchecked Sendable {
     public static let httpPort: UInt16 = 80
     public static let httpAltPort: UInt16 = 8080
 
-    /// Pass `--trust-key <lab dir>/trust.key` to every agent (the key is written either way). The agent requires
-    /// the option; false only serves an agent binary older than it. Read when a lab is built: the choice is
-    /// recorded in lab.json (``LabState/trustKeyPath``) and restarts follow it. A `--trust-key` among the spec's
-    /// agent arguments replaces the lab's.
-    nonisolated(unsafe) public static var passTrustKey = true
-
     /// Python's threading HTTP file server with a listen backlog of 1024 (`python3 -m http.server` listens
     /// with 5, which drops SYNs, and so adds seconds of retransmission, once 100 clients connect at once).
-    static func httpServer(address: IPv4Address, port: UInt16, root: String) -> [String] {
-        let script = """
-            import functools, http.server, sys
-            class Server(http.server.ThreadingHTTPServer):
-                request_queue_size = 1024
-            handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[3])
-            Server((sys.argv[1], int(sys.argv[2])), handler).serve_forever()
-            """
-        return ["python3", "-c", script, "\(address)", "\(port)", root]
+    /// (The program: Resources/http-server.py of this module.)
+    static func httpServer(address: IPv4Address, port: UInt16, root: String) throws -> [String] {
+        ["python3", try LabResources.path("http-server.py"), "\(address)", "\(port)", root]
     }
 
     private init(state: LabState, logger: Logger) {
@@ -333,7 +321,7 @@ public final class Lab: @unchecked Sendable {
             agentArguments: spec.agentArguments, routeViaMiddlebox: spec.routeViaMiddlebox,
             httpRoot: spec.httpRoot ?? LabPaths.defaultHTTPRoot(spec.name), processes: [],
             firewallProfiles: spec.effectiveFirewallProfiles,
-            trustKeyPath: spec.agents && passTrustKey ? LabPaths.trustKey(spec.name) : nil)
+            trustKeyPath: spec.agents && spec.passTrustKey ? LabPaths.trustKey(spec.name) : nil)
         let lab = Lab(state: state, logger: logger)
         do {
             try state.save()
@@ -455,8 +443,8 @@ public final class Lab: @unchecked Sendable {
         for h in s.hosts where h.role == .server {
             let services: [(LabProcessRecord.Kind, UInt16, [String])] = [
                 (.iperf3, Self.iperfPort, ["iperf3", "-s", "-B", "\(h.address)", "-p", "\(Self.iperfPort)"]),
-                (.http, Self.httpPort, Self.httpServer(address: h.address, port: Self.httpPort, root: s.httpRoot)),
-                (.httpAlt, Self.httpAltPort, Self.httpServer(address: h.address, port: Self.httpAltPort, root: s.httpRoot)),
+                (.http, Self.httpPort, try Self.httpServer(address: h.address, port: Self.httpPort, root: s.httpRoot)),
+                (.httpAlt, Self.httpAltPort, try Self.httpServer(address: h.address, port: Self.httpAltPort, root: s.httpRoot)),
             ]
             for (kind, port, args) in services {
                 let log = LabPaths.serviceLog(name, host: h.name, service: kind.rawValue)

@@ -103,13 +103,18 @@ public struct LabSpec: Sendable, Codable, Equatable {
     public var firewallProfiles: [String: FirewallProfile]
     /// Number of attacker hosts (`attacker1`... at .51, .52, ...): no agent, no firewall (0...20).
     public var attackers: Int
+    /// Pass `--trust-key <lab dir>/trust.key` to every agent (the key is written either way). The agent requires
+    /// the option; false only serves an agent binary older than it. Recorded in lab.json
+    /// (``LabState/trustKeyPath``) and restarts follow it. A `--trust-key` among `agentArguments` replaces the lab's.
+    public var passTrustKey: Bool
 
     public init(name: String, clients: Int = 1, servers: Int = 1, middleboxes: [String] = LabSpec.defaultMiddleboxes,
                 chain: [String]? = nil, subnet: String = LabSpec.defaultSubnet,
                 policyPorts: [UInt16] = LabSpec.defaultPolicyPorts, agents: Bool = true,
                 agentArguments: [String] = [], agentBinary: String? = nil, httpRoot: String? = nil,
                 routeViaMiddlebox: String? = nil, services: Bool = true,
-                firewallProfiles: [String: FirewallProfile] = [:], attackers: Int = 0) {
+                firewallProfiles: [String: FirewallProfile] = [:], attackers: Int = 0,
+                passTrustKey: Bool = true) {
         self.name = name
         self.clients = clients
         self.servers = servers
@@ -125,6 +130,7 @@ public struct LabSpec: Sendable, Codable, Equatable {
         self.services = services
         self.firewallProfiles = firewallProfiles
         self.attackers = attackers
+        self.passTrustKey = passTrustKey
     }
 
     /// The firewall profile of middlebox `mb` (``FirewallProfile/strict`` unless `firewallProfiles` says otherwise).

@@ -17,7 +17,7 @@ import Synchronization
 /// subnet, one after the other). The prototype-style state transfer reference runs in the same invocation.
 /// Writes report.json, latency.csv, phases.csv and goodput.csv; scripts/plot-measure.py renders the PNGs.
 public struct MeasureBenchmark: Sendable {
-    public typealias Mode = ReplaceBenchmark.Mode
+    public typealias Mode = MigrationMode
 
     public struct Options: Sendable {
         public var sessions = 20
@@ -87,7 +87,7 @@ public struct MeasureBenchmark: Sendable {
         public var replaceExitStatus: Int32
         public var matched: Int
         public var moved: Int
-        public var failures: [ReplaceBenchmark.Failure]
+        public var failures: [MigrationFailure]
         public var latency: MigrationLatency
         public var perSession: [SessionLatency]
         public var batchMicroseconds: UInt64
@@ -134,12 +134,12 @@ public struct MeasureBenchmark: Sendable {
         public var runs: [Run]
         public var reference: StateTransferReference?
         public var referenceNote: String?
-        public var ratios: [ReplaceBenchmark.Ratios]
+        public var ratios: [ReferenceRatios]
         /// Output files by kind (report, latency, phases, goodput, latencyCDF, phasesPlot, goodputPlot).
         public var files: [String: String]
     }
 
-    public static let port = ReplaceBenchmark.pacedPort
+    public static let port = PacedLab.port
     public static let binSeconds = 0.1
     public static let migratedBundle = 0
 
@@ -159,7 +159,7 @@ public struct MeasureBenchmark: Sendable {
                                                            missing: options.referenceMissing, logger: logger)
         let ratios = runs.map { run in
             reference?.ratios(mode: run.mode, latency: run.latency, moved: run.moved, batchMicroseconds: run.batchMicroseconds)
-                ?? ReplaceBenchmark.Ratios(mode: run.mode)
+                ?? ReferenceRatios(mode: run.mode)
         }
         let settings = Settings(sessions: options.sessions, bundles: options.bundles, rateMiBps: options.rateMiBps,
                                 seconds: options.seconds, bytesPerSession: options.bytesPerSession,
@@ -188,7 +188,7 @@ public struct MeasureBenchmark: Sendable {
         let original = "\(lab.httpRoot)/\(file)"
         let size = options.bytesPerSession
         try Command.run(["dd", "if=/dev/urandom", "of=\(original)", "bs=65536", "count=\(size / 65_536)", "status=none"])
-        let expected = try ReplaceBenchmark.sha256(original)
+        let expected = try PacedLab.sha256(original)
         try lab.enableQuickAck()
         try PacedHTTPServer.start(lab, port: Self.port, bytesPerSecond: options.rateMiBps * 1_048_576,
                                   probeFrom: clients[0].name)
@@ -201,7 +201,7 @@ public struct MeasureBenchmark: Sendable {
         sampler.start()
         defer { sampler.stop() }
         logger.info("downloads started; waiting until fw1 carries them", metadata: ["measure.sessions": "\(options.sessions)"])
-        try await ReplaceBenchmark.waitForSessions(lab, on: "fw1", count: options.sessions, downloads: downloads, timeout: 30)
+        try await PacedLab.waitForSessions(lab, on: "fw1", count: options.sessions, downloads: downloads, timeout: 30)
         let steadyFrom = sampler.elapsed() + 0.2
         let migrateAt = max(options.seconds / 2, steadyFrom + 0.5)
         let wait = migrateAt - sampler.elapsed()
@@ -226,8 +226,8 @@ public struct MeasureBenchmark: Sendable {
             throw LabError.setupFailed("`\(arguments.joined(separator: " "))` exited \(result.status) without a report: "
                                        + "\(result.stdout.prefix(500)) \(result.stderr.prefix(500))")
         }
-        let fw1After = try await ReplaceBenchmark.pacedSessions(lab, "fw1").count
-        let fw2After = try await ReplaceBenchmark.pacedSessions(lab, "fw2").count
+        let fw1After = try await PacedLab.pacedSessions(lab, "fw1").count
+        let fw2After = try await PacedLab.pacedSessions(lab, "fw2").count
 
         logger.info("waiting for the downloads to finish", metadata: ["measure.moved": "\(report.sessions.filter { $0.result == "moved" }.count)"])
         let finished = await downloads.wait(timeout: options.seconds + 70)
@@ -240,7 +240,7 @@ public struct MeasureBenchmark: Sendable {
             let log = clients.map { ProcessInspector.tail(of: downloads.logPath($0.name), lines: 5) }.joined(separator: "\n")
             logger.warning("downloads with problems", metadata: ["measure.problems": "\(problems.prefix(10))", "measure.curl": "\(log)"])
         }
-        let agentCounters = await ReplaceBenchmark.agentCounters(lab)
+        let agentCounters = await PacedLab.agentCounters(lab)
 
         let samples = sampler.samples()
         let bins = Goodput.bins(samples, bundleOf: bundleOf, bundles: clients.count)
@@ -271,9 +271,9 @@ public struct MeasureBenchmark: Sendable {
             migratedSessions: options.sessions(inBundle: Self.migratedBundle),
             replaceCommand: (["dysco-migrate"] + arguments.dropFirst()).joined(separator: " "), replaceExitStatus: result.status,
             matched: report.matched, moved: moved.count,
-            failures: report.sessions.filter { $0.result != "moved" }.map(ReplaceBenchmark.Failure.init),
+            failures: report.sessions.filter { $0.result != "moved" }.map(MigrationFailure.init),
             latency: MigrationLatency(moved.compactMap(\.phases)), perSession: perSession,
-            batchMicroseconds: report.elapsedMicroseconds, requestMicroseconds: ReplaceBenchmark.micros(requestTime),
+            batchMicroseconds: report.elapsedMicroseconds, requestMicroseconds: PacedLab.micros(requestTime),
             timeline: timeline, binSeconds: Self.binSeconds, goodput: goodput, bins: bins,
             lossBefore: lossBefore - loss0, lossDuring: lossDuringWindow, lossAfter: lossEnd - lossDuring,
             retransmissionsDuring: lossDuringWindow.retransmitted,

@@ -147,7 +147,7 @@ extension MeasureBenchmark.Report {
                          + "\(run.fw2Profile == "open" ? "n/a" : "\(run.fw2InvalidAfter)"), policy drops after \(run.fw2PolicyDroppedAfter)")
             lines.append("bytes checked: \(run.downloadsIntact)/\(run.sessions) downloads byte-exact (sha256), \(run.bytesChecked) bytes; "
                          + "sessions reset \(run.sessionsReset), downloads failed \(run.downloadsFailed)")
-            lines += PacedDownloads.problemLines(run.downloadProblems) + ReplaceBenchmark.Failure.lines(run.failures)
+            lines += PacedDownloads.problemLines(run.downloadProblems) + MigrationFailure.lines(run.failures)
             lines.append("")
         }
         lines += StateTransferReference.text(reference, note: referenceNote, ratios: ratios)

@@ -1,10 +1,11 @@
 import DyscoAgent
+import DyscoCore
 import DyscoSystem
 import Foundation
 import Histogram
 import Logging
 
-// What `bench replace` and `measure` share: percentiles, per-phase latency statistics of a `replace` report,
+// What `dysco-bench replace` and `measure` share: percentiles, per-phase latency statistics of a `replace` report,
 // the endpoints' TCP loss counters, the prototype-style reference and its ratios, the lookup of files of the
 // repository the binary was built in, and CSV text.
 
@@ -184,10 +185,10 @@ extension Lab {
 extension LabSpec {
     /// The replacement benchmarks' lab: `clients` clients → fw1 → server1 on the paced port, fw2 beside fw1;
     /// fw2 strict for a stateful run, open for a stateless one.
-    static func replacement(name: String, clients: Int, subnet: String, mode: ReplaceBenchmark.Mode,
+    public static func replacement(name: String, clients: Int, subnet: String, mode: MigrationMode,
                             agentArguments: [String], agentBinary: String?) -> LabSpec {
         LabSpec(name: name, clients: clients, middleboxes: ["fw1", "fw2"], chain: ["fw1"], subnet: subnet,
-                policyPorts: [ReplaceBenchmark.pacedPort], agentArguments: agentArguments, agentBinary: agentBinary,
+                policyPorts: [PacedLab.port], agentArguments: agentArguments, agentBinary: agentBinary,
                 firewallProfiles: mode == .stateless ? ["fw2": .open] : [:])
     }
 }
@@ -195,7 +196,7 @@ extension LabSpec {
 extension Lab {
     /// A benchmark's own lab: removes a leftover of the same name, builds `spec`, runs `body` and removes the lab
     /// again, also when `body` fails or on Ctrl-C (SIGINT/SIGTERM).
-    static func withBenchmarkLab<T>(_ spec: LabSpec, logger: Logger, _ body: (Lab) async throws -> T) async throws -> T {
+    public static func withBenchmarkLab<T>(_ spec: LabSpec, logger: Logger, _ body: (Lab) async throws -> T) async throws -> T {
         try Lab.down(name: spec.name, force: true, logger: logger)
         logger.info("building lab", metadata: ["bench.lab": "\(spec.name)", "bench.clients": "\(spec.clients)",
                                                "bench.fw2": "\(spec.firewallProfile(of: "fw2"))"])
@@ -264,19 +265,19 @@ public struct StateTransferReference: Codable, Sendable {
     }
 
     /// The prototype's per-session state move over ours (nil where ours is 0 or nothing moved).
-    public func ratios(mode: ReplaceBenchmark.Mode, latency: MigrationLatency, moved: Int,
-                       batchMicroseconds: UInt64) -> ReplaceBenchmark.Ratios {
+    public func ratios(mode: MigrationMode, latency: MigrationLatency, moved: Int,
+                       batchMicroseconds: UInt64) -> ReferenceRatios {
         let proto = totalMillisecondsPerSession * 1000
         func over(_ ours: Double) -> Double? { ours > 0 ? proto / ours : nil }
         let state = latency.phases["state"]?.p50 ?? 0
-        return ReplaceBenchmark.Ratios(
+        return ReferenceRatios(
             mode: mode, overTotalP50: moved > 0 ? over(Double(latency.total.p50)) : nil,
             overStateP50: mode == .stateful && moved > 0 ? over(Double(state)) : nil,
             overBatchPerSession: moved > 0 ? over(Double(batchMicroseconds) / Double(moved)) : nil)
     }
 
     /// The terminal lines: the reference's cost and the ratios.
-    public static func text(_ reference: Self?, note: String?, ratios: [ReplaceBenchmark.Ratios]) -> [String] {
+    public static func text(_ reference: Self?, note: String?, ratios: [ReferenceRatios]) -> [String] {
         guard let reference else { return ["reference: \(note ?? "not run"); no ratio"] }
         var lines = ["reference (prototype-style: iptables-save + conntrack -L, iptables-restore + conntrack -I, per session; "
                      + "\(reference.sessions) sessions, \(reference.moved) moved): "
@@ -326,5 +327,118 @@ public enum CSV {
 
     public static func render(header: [String], rows: [[String]]) -> String {
         ([header] + rows).map { $0.map(field).joined(separator: ",") }.joined(separator: "\n") + "\n"
+    }
+}
+
+extension StateTransferReference {
+    /// The reference script of a `--reference` option (a path, 'none', or nil: looked up), or why there is none.
+    public static func resolve(_ reference: String?) -> (script: String?, missing: String?) {
+        switch reference {
+        case "none": return (nil, "skipped (--reference none)")
+        case .some(let path): return (path, nil)
+        case nil:
+            let (found, tried) = find()
+            return (found, found == nil ? "not found (looked for \(tried.joined(separator: ", ")))" : nil)
+        }
+    }
+}
+
+/// Stateful or stateless replacement (`measure` and `dysco-bench replace`).
+public enum MigrationMode: String, Codable, Sendable, CaseIterable {
+    /// fw2 strict (conntrack firewall): the firewall state moves with each session.
+    case stateful
+    /// fw2 open (no conntrack): no state moves, no data is held (the two-path rules only).
+    case stateless
+}
+
+/// A session that did not move: its tuple, result, step and reason (as the agent reported).
+public struct MigrationFailure: Codable, Sendable {
+    public var session: String
+    public var result: String
+    public var failedStep: String
+    public var reason: String
+
+    public init(_ session: ReplaceReport.Session) {
+        self.session = session.session.description
+        result = session.result
+        failedStep = session.failedStep
+        reason = session.reason
+    }
+
+    /// The report's lines for the sessions that did not move, grouped by what happened.
+    public static func lines(_ failures: [MigrationFailure]) -> [String] {
+        guard !failures.isEmpty else { return [] }
+        var grouped: [String: Int] = [:]
+        for f in failures { grouped["\(f.result) at \(f.failedStep): \(f.reason)", default: 0] += 1 }
+        return ["sessions not moved:"] + grouped.sorted { $0.value > $1.value }.map { "  \($0.value)× \($0.key)" }
+    }
+}
+
+/// The prototype's per-session state move over ours.
+public struct ReferenceRatios: Codable, Sendable {
+    public var mode: MigrationMode
+    /// ÷ our per-session total (p50).
+    public var overTotalP50: Double?
+    /// ÷ our state phase (p50; stateful only).
+    public var overStateP50: Double?
+    /// ÷ our batch time per moved session (what a batch costs per session).
+    public var overBatchPerSession: Double?
+
+    public init(mode: MigrationMode, overTotalP50: Double? = nil, overStateP50: Double? = nil, overBatchPerSession: Double? = nil) {
+        self.mode = mode
+        self.overTotalP50 = overTotalP50
+        self.overStateP50 = overStateP50
+        self.overBatchPerSession = overBatchPerSession
+    }
+}
+
+/// What `measure` and the replace benchmark read from a lab running paced downloads through fw1.
+public enum PacedLab {
+    /// The sender-paced server's port (one of the replacement lab's policy ports).
+    public static let port: UInt16 = 8090
+
+    /// The agents' `dropped.*` control counters and fw1's `migrations.*` (product diagnostics).
+    public static func agentCounters(_ lab: Lab) async -> [String: [String: UInt64]] {
+        var agentCounters: [String: [String: UInt64]] = [:]
+        for host in ["fw1", "fw2", "client1", "server1"] {
+            guard let snapshot = try? await Self.snapshot(lab, host) else { continue }
+            let picked = snapshot.control.filter { $0.key.hasPrefix("dropped.") || (host == "fw1" && $0.key.hasPrefix("migrations.")) }
+            if !picked.isEmpty { agentCounters[host] = picked }
+        }
+        return agentCounters
+    }
+
+    public static func snapshot(_ lab: Lab, _ host: String) async throws -> AgentSnapshot {
+        try await ControlClient.snapshot(path: AgentControlPaths.socketPath(netns: lab.namespace(of: host)))
+    }
+
+    /// Established middlebox sessions of `host`'s agent to the paced server.
+    public static func pacedSessions(_ lab: Lab, _ host: String) async throws -> [AgentSnapshot.Session] {
+        try await snapshot(lab, host).sessions.filter {
+            $0.role == .middlebox && $0.session.dstPort == Self.port && $0.state == "established"
+        }
+    }
+
+    public static func waitForSessions(_ lab: Lab, on host: String, count: Int, downloads: PacedDownloads, timeout: TimeInterval) async throws {
+        let deadline = Date().addingTimeInterval(timeout)
+        var seen = 0
+        while Date() < deadline {
+            seen = try await Self.pacedSessions(lab, host).count
+            if seen >= count { return }
+            if downloads.finishedCount() > 0 {
+                throw LabError.setupFailed("a download ended before fw1 carried all \(count) sessions (\(seen) so far); "
+                                           + "curl: \(ProcessInspector.tail(of: downloads.logPath(lab.hosts(.client)[0].name), lines: 5))")
+            }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        throw LabError.setupFailed("fw1 carries only \(seen) of \(count) sessions after \(Int(timeout)) s")
+    }
+
+    public static func sha256(_ path: String) throws -> String {
+        String(try Command.run(["sha256sum", path]).stdout.split(separator: " ").first ?? "")
+    }
+
+    public static func micros(_ duration: Duration) -> UInt64 {
+        UInt64(max(0, duration.components.seconds)) * 1_000_000 + UInt64(max(0, duration.components.attoseconds) / 1_000_000_000_000)
     }
 }

@@ -7,8 +7,9 @@ struct DyscoMigrate: AsyncParsableCommand {
         abstract: "Steer live TCP sessions through service chains and replace middleboxes under them (Dysco).",
         discussion: """
             Run `dysco-migrate agent` on every host of a chain (inside its network namespace). The other \
-            commands talk to agents, to the kernel, or build a test lab of network namespaces.
+            commands talk to agents, to the kernel, or build a test lab of network namespaces. The benchmarks \
+            are a separate executable, `dysco-bench`.
             """,
-        subcommands: [AgentCommand.self, ReplaceCommand.self, DrainCommand.self, PolicyCommand.self, MeasureCommand.self, SessionsCommand.self, StateCommand.self, LabCommand.self, BenchCommand.self, PathCommand.self]
+        subcommands: [AgentCommand.self, ReplaceCommand.self, DrainCommand.self, PolicyCommand.self, MeasureCommand.self, SessionsCommand.self, StateCommand.self, LabCommand.self, PathCommand.self]
     )
 }

@@ -3,7 +3,7 @@ import DyscoLab
 import Foundation
 import Logging
 
-/// `dysco-migrate lab up|down|status`: a test lab of network namespaces (see `DyscoLab.Lab`).
+/// `dysco-migrate lab up|down|status` (and the demo's hidden `lab paced-server`): a test lab of network namespaces (see `DyscoLab.Lab`).
 struct LabCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "lab",
@@ -25,8 +25,40 @@ struct LabCommand: AsyncParsableCommand {
             (default 80,5201) through the chain (default: the first middlebox). Files, logs and lab.json live \
             in /run/dysco-migrate/labs/NAME/. Nothing outside the lab's own namespaces is touched.
             """,
-        subcommands: [Up.self, Down.self, Status.self]
+        subcommands: [Up.self, Down.self, Status.self, PacedServer.self]
     )
+}
+
+extension LabCommand {
+    struct PacedServer: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "paced-server",
+            abstract: "Start the sender-paced HTTP server (the one `measure` and `dysco-bench replace` use) on a lab host.",
+            discussion: """
+                Serves the lab's HTTP root on --port, each response written no faster than --rate MiB/s, so a \
+                download stays mid-transfer for size ÷ rate seconds (the demo swaps the firewall under one). \
+                Returns once the server answers; `lab down` stops it. The port must be one of the lab's policy \
+                ports for the chain to carry it (lab up --policy-ports 80,5201,8090). A helper of the demo \
+                (scripts/demo.sh), hidden from `lab --help`.
+                """,
+            shouldDisplay: false
+        )
+
+        @Option(help: "The lab.") var lab: String
+        @Option(help: "The lab host to run it on.") var host = "server1"
+        @Option(help: "TCP port.") var port: UInt16 = 8090
+        @Option(help: "Pace of each response, MiB/s.") var rate = 5.0
+
+        func run() async throws {
+            guard rate > 0 else { throw ValidationError("--rate must be positive") }
+            var logger = Logger(label: "dysco-migrate.lab")
+            logger.logLevel = .warning
+            let lab = try Lab.attach(name: lab, logger: logger)
+            let process = try PacedHTTPServer.start(lab, on: host, port: port, bytesPerSecond: rate * 1_048_576,
+                                                    probeFrom: lab.hosts(.client).first?.name ?? "client1")
+            print("paced HTTP server on \(host) (\(lab.address(of: host)):\(port)), \(rate) MiB/s per response, pid \(process.processIdentifier)")
+        }
+    }
 }
 
 /// Options every lab subcommand shares.

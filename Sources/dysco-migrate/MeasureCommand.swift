@@ -100,7 +100,7 @@ struct MeasureCommand: AsyncParsableCommand {
         options.labName = labName
         options.subnet = subnet
         options.agentArguments = agentArg
-        (options.referenceScript, options.referenceMissing) = BenchCommand.referenceScript(reference)
+        (options.referenceScript, options.referenceMissing) = StateTransferReference.resolve(reference)
         let directory = output ?? Self.defaultOutput()
         let measured = try await MeasureBenchmark(options: options, logger: logger).run()
         let report = try MeasureBenchmark.write(measured, to: directory, plotScript: script)

@@ -1,5 +1,6 @@
 import Dispatch
 import Glibc
+import Synchronization
 
 enum Signals {
     /// Suspends until SIGINT or SIGTERM arrives; returns its number.
@@ -14,7 +15,7 @@ enum Signals {
                     if once.take() { continuation.resume(returning: number) }
                 }
                 source.resume()
-                Retained.sources.append(source)
+                Retained.keep(source)
             }
         }
     }
@@ -25,12 +26,18 @@ enum Signals {
         let source = DispatchSource.makeSignalSource(signal: SIGHUP, queue: DispatchQueue(label: "dysco-sighup"))
         source.setEventHandler(handler: handler)
         source.resume()
-        Retained.sources.append(source)
+        Retained.keep(source)
     }
 
-    /// Keeps signal sources alive for the process lifetime; touched only on the signal queue's setup path.
+    /// Keeps signal sources alive for the process lifetime.
     private enum Retained {
-        nonisolated(unsafe) static var sources: [any DispatchSourceSignal] = []
+        /// A dispatch source (thread-safe), held only so that it is not released.
+        private struct Kept: @unchecked Sendable { let source: any DispatchSourceSignal }
+        private static let sources = Mutex<[Kept]>([])
+
+        static func keep(_ source: any DispatchSourceSignal) {
+            sources.withLock { $0.append(Kept(source: source)) }
+        }
     }
 
     private final class OnceFlag: @unchecked Sendable {

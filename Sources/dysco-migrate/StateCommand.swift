@@ -12,7 +12,7 @@ struct StateCommand: AsyncParsableCommand {
             Works inside a network namespace: run it under `ip netns exec NAME`, or pass --netns NAME. \
             Needs CAP_NET_ADMIN (root).
             """,
-        subcommands: [StateExportCommand.self, StateImportCommand.self, StateValidateCommand.self, StateBenchCommand.self]
+        subcommands: [StateExportCommand.self, StateImportCommand.self, StateValidateCommand.self]
     )
 }
 
@@ -208,25 +208,5 @@ struct StateValidateCommand: ParsableCommand {
             print("valid: \(output.entries ?? 0) entries, \(output.bytes ?? 0) bytes")
         }
         if !output.valid { throw ExitCode(1) }
-    }
-}
-
-struct StateBenchCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        commandName: "bench",
-        abstract: "Measure import/export speed in private network namespaces (prints figures, asserts nothing)."
-    )
-
-    @Option(name: .long, help: "Entries for the bulk import.") var importCount = 10_000
-    @Option(name: .long, help: "Table size for the one-session export.") var tableSize = 100_000
-    @Option(name: .long, help: "Sessions for export → JSON → import.") var sessions = 100
-    @Flag(name: .shortAndLong, help: "Log to stderr.") var verbose = false
-
-    func run() throws {
-        var logger = Logger(label: "dysco-migrate.state.bench", factory: { StreamLogHandler.standardError(label: $0) })
-        logger.logLevel = verbose ? .info : .warning
-        let figures = try ConntrackBenchmark.run(logger: logger, importCount: importCount, tableSize: tableSize,
-                                                 sessionCount: sessions)
-        for figure in figures { print(figure) }
     }
 }

@@ -1,3 +1,4 @@
+import DyscoBench
 @testable import ConntrackState
 import Foundation
 import Logging

@@ -1,3 +1,4 @@
+import DyscoBench
 import DyscoAgent
 import DyscoCore
 import DyscoLab

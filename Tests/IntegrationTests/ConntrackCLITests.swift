@@ -1,3 +1,4 @@
+import DyscoBench
 import ConntrackState
 import DyscoSystem
 import Foundation

@@ -1,3 +1,4 @@
+import DyscoBench
 import DyscoCore
 import DyscoAgent
 import DyscoLab
@@ -120,9 +121,9 @@ import Testing
                            agentArguments: ["--close-linger", "0.5", "--fastpath-after", "0"])
         spec.services = false
         try await TestSupport.withLab(spec) { lab in
-            let bin = try TestSupport.dyscoBinary()
+            let bench = try TestSupport.benchBinary()
             let server = lab.address(of: "server1").description
-            try lab.spawn("server1", [bin, "bench", "sink", "--address", server, "--port", "\(DataplaneBenchmark.sinkPort)"])
+            try lab.spawn("server1", [bench, "sink", "--address", server, "--port", "\(DataplaneBenchmark.sinkPort)"])
             usleep(300_000)
             // 1,000 connections held open until the kernel has every one, then all closed.
             let script = """

@@ -245,7 +245,7 @@ import Glibc
             // The lab's trust key: written for every lab, passed (before the spec's arguments) when enabled.
             #expect(FileManager.default.fileExists(atPath: lab.trustKeyPath))
             let command = try #require(lab.agentRecord("fw1")?.command)
-            #expect(Lab.passTrustKey)
+            #expect(spec.passTrustKey)
             #expect(lab.state.trustKeyPath == lab.trustKeyPath)
             let at = try #require(command.firstIndex(of: "--trust-key"))
             #expect(command[at + 1] == lab.trustKeyPath)

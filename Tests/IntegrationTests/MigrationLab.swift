@@ -19,7 +19,7 @@ enum MigrationLab {
                 firewallProfiles: firewallProfiles, attackers: attackers)
     }
 
-    /// The sender-paced server (``PacedHTTPServer`` in DyscoLab, shared with `bench replace`) on server1, with
+    /// The sender-paced server (``PacedHTTPServer`` in DyscoLab, shared with `measure` and `dysco-bench replace`) on server1, with
     /// immediate ACKs at the endpoints (``Lab/enableQuickAck()``): the baseline is then zero retransmissions,
     /// and any retransmission in a test is the path's.
     static func quickAck(_ lab: Lab) throws { try lab.enableQuickAck() }

@@ -1,3 +1,4 @@
+import DyscoBench
 import ConntrackState
 import DyscoCore
 import DyscoLab

@@ -17,6 +17,16 @@ enum TestSupport {
     /// the lookup the lab itself uses for its agents.
     static func dyscoBinary() throws -> String { try Lab.defaultAgentBinary() }
 
+    /// The benchmarks' executable (its hidden helpers, such as `sink`): `dysco-bench` beside ``dyscoBinary()``
+    /// (the same directory as $DYSCO_BIN; `swift build` puts both products there).
+    static func benchBinary() throws -> String {
+        let path = URL(fileURLWithPath: try dyscoBinary()).deletingLastPathComponent().appendingPathComponent("dysco-bench").path
+        guard FileManager.default.isExecutableFile(atPath: path) else {
+            throw LabError.invalidSpec("no dysco-bench beside \(try dyscoBinary()): build it (swift build -c release, or make release)")
+        }
+        return path
+    }
+
     /// Runs `body` with a fresh lab that is torn down afterwards, also when `body` fails.
     static func withLab(_ spec: LabSpec, _ body: (Lab) async throws -> Void) async throws {
         let lab = try freshLab(spec)

@@ -1,3 +1,4 @@
+import DyscoLab
 import Foundation
 import Glibc
 import Histogram

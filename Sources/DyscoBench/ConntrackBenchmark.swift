@@ -1,8 +1,10 @@
+import ConntrackState
+import DyscoLab
 import Glibc
 import Foundation
 import Logging
 
-/// Figures for `dysco-migrate state bench`. Everything runs in private network namespaces (`unshare`), so the
+/// Figures for `dysco-bench conntrack`. Everything runs in private network namespaces (`unshare`), so the
 /// host's conntrack table is never touched; the namespaces disappear with their handles.
 public enum ConntrackBenchmark {
     public struct Figure: Sendable, CustomStringConvertible {
@@ -130,7 +132,7 @@ public struct BenchmarkError: Error, CustomStringConvertible {
     public var description: String { message }
 }
 
-/// `dysco-migrate bench state-validate`: peak memory and time to validate large documents, streaming
+/// `dysco-bench state-validate`: peak memory and time to validate large documents, streaming
 /// (``StateDocumentReader``) against the whole-document decode (``StateDocument/decode(_:)`` + `validate()`).
 /// Each measurement runs in its own child process so that each peak RSS is its own.
 public enum StateValidateBenchmark {

@@ -1,5 +1,6 @@
 import DyscoAgent
 import DyscoCore
+import DyscoLab
 import DyscoSystem
 import Foundation
 import Logging
@@ -131,59 +132,11 @@ public struct DrainBenchmark: Sendable {
 /// 64 bytes every second, byte k of a stream being k mod 251, for a fixed time, then closes; the client opens
 /// the connections and checks every byte it reads against the pattern, writing a JSON result.
 public enum TrickleTraffic {
-    static let server = """
-        import asyncio, resource, sys
-        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]; resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        addr, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-        PATTERN = bytes(k % 251 for k in range(251 * 64))
-        async def serve(reader, writer):
-            loop = asyncio.get_running_loop(); end = loop.time() + seconds; offset = 0
-            try:
-                while loop.time() < end:
-                    start = offset % 251
-                    writer.write(PATTERN[start:start + 64]); offset += 64
-                    await writer.drain(); await asyncio.sleep(1.0)
-            finally:
-                writer.close()
-        async def main():
-            srv = await asyncio.start_server(serve, addr, port, backlog=4096)
-            async with srv: await srv.serve_forever()
-        asyncio.run(main())
-        """
+    /// The server (Resources/trickle-server.py): `python3 trickle-server.py ADDRESS PORT SECONDS`.
+    static func server() throws -> String { try LabResources.path("trickle-server.py", in: .module) }
 
-    static let client = """
-        import asyncio, json, resource, sys
-        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]; resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        addr, port, n, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-        result = {"intact": 0, "broken": 0, "bytes": 0, "errors": []}
-        async def one(i, gate):
-            async with gate:
-                for attempt in range(20):
-                    try:
-                        reader, writer = await asyncio.open_connection(addr, port); break
-                    except OSError:
-                        await asyncio.sleep(0.2)
-                else:
-                    result["broken"] += 1; result["errors"].append("connect failed"); return
-            offset, ok = 0, True
-            try:
-                while True:
-                    data = await reader.read(65536)
-                    if not data: break
-                    for b in data:
-                        if b != offset % 251: ok = False
-                        offset += 1
-            except OSError as e:
-                ok = False; result["errors"].append(str(e))
-            result["bytes"] += offset
-            result["intact" if ok and offset > 0 else "broken"] += 1
-        async def main():
-            gate = asyncio.Semaphore(200)
-            await asyncio.gather(*(one(i, gate) for i in range(n)))
-        asyncio.run(main())
-        result["errors"] = result["errors"][:10]
-        json.dump(result, open(out, "w"))
-        """
+    /// The client (Resources/trickle-client.py): `python3 trickle-client.py SERVER PORT CONNECTIONS RESULT_PATH`.
+    static func client() throws -> String { try LabResources.path("trickle-client.py", in: .module) }
 
     public struct Result: Codable, Sendable {
         public var intact: Int
@@ -196,7 +149,7 @@ public enum TrickleTraffic {
     }
 
     static func startServer(_ lab: Lab, port: UInt16, seconds: Int) throws -> Process {
-        let process = try lab.spawn("server1", [PacedHTTPServer.python, "-c", server, "\(lab.address(of: "server1"))", "\(port)", "\(seconds)"],
+        let process = try lab.spawn("server1", [PacedHTTPServer.python, try server(), "\(lab.address(of: "server1"))", "\(port)", "\(seconds)"],
                                     logPath: "\(lab.directory)/trickle-server.log")
         usleep(500_000)
         return process
@@ -204,7 +157,7 @@ public enum TrickleTraffic {
 
     static func startClient(_ lab: Lab, on host: String, server: IPv4Address, port: UInt16, connections: Int,
                             resultPath: String) throws -> Process {
-        try lab.spawn(host, [PacedHTTPServer.python, "-c", client, "\(server)", "\(port)", "\(connections)", resultPath],
+        try lab.spawn(host, [PacedHTTPServer.python, try client(), "\(server)", "\(port)", "\(connections)", resultPath],
                       logPath: "\(lab.directory)/trickle-\(host).log")
     }
 }

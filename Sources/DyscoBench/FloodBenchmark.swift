@@ -1,4 +1,5 @@
 import DyscoCore
+import DyscoLab
 import DyscoSystem
 import Foundation
 import Logging
@@ -7,7 +8,7 @@ import Logging
 /// whose agent signs every local SYN (a compromised or misbehaving host of the deployment) sends plain SYNs from
 /// random ports to a server (its agent turns them into Dysco SYNs; its replies are ignored) and Dysco SYNs with
 /// forged trailers straight at fw1 (outside its policy: its agent lets them pass; no key: fw1 refuses them). Shared by
-/// `bench flood` and the integration test. Python with a raw socket (IPPROTO_RAW: the packets traverse the
+/// `dysco-bench flood` and the integration test. Python with a raw socket (IPPROTO_RAW: the packets traverse the
 /// sending host's OUTPUT hooks, so its agent sees them as local SYNs); checksums built once per template.
 public enum SynFlood {
     public enum Kind: String, Sendable {
@@ -17,50 +18,14 @@ public enum SynFlood {
         case dysco
     }
 
-    static let script = """
-        import errno, os, random, socket, struct, sys, time
-        src, dst, dport, count, kind, rate = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], float(sys.argv[6])
-        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
-        sa, da = socket.inet_aton(src), socket.inet_aton(dst)
-        def fold(x):
-            while x >> 16: x = (x & 0xffff) + (x >> 16)
-            return x
-        def sum16(b):
-            if len(b) % 2: b += b"\\0"
-            return sum(struct.unpack("!%dH" % (len(b) // 2), b))
-        payload = b""
-        if kind == "dysco":
-            body = bytes([2, 4, 1, 0]) + os.urandom(16) + sa + da + struct.pack("!HH", 40000, dport) + da
-            payload = body + os.urandom(16) + struct.pack("!H", len(body) + 22) + b"DYSC"
-        tlen = 20 + len(payload)
-        iph = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + tlen, 0, 0x4000, 64, 6, 0, sa, da)
-        pseudo = sum16(sa + da + struct.pack("!BBH", 0, 6, tlen))
-        rnd = random.Random()
-        ports = list(range(1024, 65536)); rnd.shuffle(ports)
-        sent = dropped = 0; t0 = time.time()
-        for i in range(count):
-            if rate > 0 and i % 100 == 0:
-                ahead = t0 + i / rate - time.time()
-                if ahead > 0: time.sleep(ahead)
-            tcp = struct.pack("!HHIIBBHHH", ports[i % len(ports)], dport, rnd.getrandbits(32), 0, 5 << 4, 2, 64240, 0, 0) + payload
-            c = (~fold(pseudo + sum16(tcp))) & 0xffff
-            pkt = iph + tcp[:16] + struct.pack("!H", c) + tcp[18:]
-            while True:
-                try:
-                    s.sendto(pkt, (dst, 0)); sent += 1; break
-                except OSError as e:
-                    if e.errno in (errno.ENOBUFS, errno.EAGAIN): time.sleep(0.0005); continue
-                    if e.errno == errno.EPERM: dropped += 1; break  # a local hook (the agent) dropped it
-                    raise
-        print(sent, dropped, time.time() - t0)
-        """
+    /// The flooder (Resources/syn-flood.py): `python3 syn-flood.py SRC DST DPORT COUNT KIND RATE`.
+    static func script() throws -> String { try LabResources.path("syn-flood.py", in: .module) }
 
     /// Starts `count` SYNs from `host` (source: its address) to `dst:dport` in the background, at most `rate` per
     /// second (0: as fast as Python sends).
     public static func start(_ lab: Lab, from host: String, to dst: IPv4Address, dport: UInt16, count: Int,
                              kind: Kind, rate: Double = 0, output: String) throws -> Process {
-        try lab.spawn(host, ["python3", "-c", script, "\(lab.address(of: host))", "\(dst)", "\(dport)", "\(count)",
+        try lab.spawn(host, ["python3", try script(), "\(lab.address(of: host))", "\(dst)", "\(dport)", "\(count)",
                              kind.rawValue, "\(rate)"], logPath: output)
     }
 
@@ -117,7 +82,7 @@ public enum SynFlood {
     }
 }
 
-/// `bench flood` and the flood test: floods fw1 of a lab (client1 legitimate, client2 the flooding host) and reports fw1's agent RSS before, at its peak during, and after the flood's records expired, the
+/// `dysco-bench flood` and the flood test: floods fw1 of a lab (client1 legitimate, client2 the flooding host) and reports fw1's agent RSS before, at its peak during, and after the flood's records expired, the
 /// flood rate, the records at the peak and whether legitimate connections succeeded during and after.
 public struct FloodBenchmark: Sendable {
     public struct Options: Sendable {

@@ -1,10 +1,11 @@
 import DyscoAgent
 import DyscoCore
+import DyscoLab
 import DyscoSystem
 import Foundation
 import Logging
 
-/// `bench restore`: how long a restarted agent takes to put N sessions back (docs/ARCHITECTURE.md, "Agent crash and
+/// `dysco-bench restore`: how long a restarted agent takes to put N sessions back (docs/ARCHITECTURE.md, "Agent crash and
 /// restart"). In a namespace of its own (`bench-rs`, no interface but lo: nothing else is touched), it builds a
 /// synthetic state file of N established middlebox sessions and the kernel table a predecessor would have left
 /// (every session on the fast path, its keys owned), then starts a real agent on them: read + restore + reconcile,
@@ -102,10 +103,10 @@ public enum RestoreBenchmark {
     }
 
     /// The outer half, in the initial namespace: builds the scratch namespace, prepares the files and the table
-    /// in it (`prepare` runs `bench restore --inside`), starts a real agent there with the state file (the same
-    /// command line a restart uses), waits for its control socket and reads what it restored, then stops it with
+    /// in it (`bench` runs `dysco-bench restore --inside`), starts a real agent there (`agent`, a `dysco-migrate`)
+    /// with the state file (the same command line a restart uses), waits for its control socket and reads what it restored, then stops it with
     /// --cleanup-on-exit and removes the namespace.
-    public static func run(sessions: Int, binary: String, logger: Logger) throws -> Report {
+    public static func run(sessions: Int, bench: String, agent agentBinary: String, logger: Logger) throws -> Report {
         if NetworkNamespace.exists(namespace) { try Command.run(["ip", "netns", "delete", namespace]) }
         try Command.run(["ip", "netns", "add", namespace])
         // Foundation's Process and CFSocket need loopback (a wake-up socket pair over 127.0.0.1): without it a
@@ -117,7 +118,7 @@ public enum RestoreBenchmark {
         defer {
             for path in [socket, key, log, AgentControlPaths.statePath(socketPath: socket)] { unlink(path) }
         }
-        let prepared = try Command.run(["ip", "netns", "exec", namespace, binary, "bench", "restore", "--inside",
+        let prepared = try Command.run(["ip", "netns", "exec", namespace, bench, "restore", "--inside",
                                         "--sessions", "\(sessions)"], check: false)
         guard prepared.succeeded, var report = try? JSONDecoder().decode(Report.self, from: Data(prepared.stdout.utf8)) else {
             throw LabError.setupFailed("preparing the state file and the table failed: \(prepared.stderr)")
@@ -125,7 +126,7 @@ public enum RestoreBenchmark {
         try Data((TrustKey.generateHex() + "\n").utf8).write(to: URL(fileURLWithPath: key))
         unlink(socket)
         let start = Date()
-        let agent = try Command.spawn([binary, "agent", "--trust-key", key, "--control-socket", socket,
+        let agent = try Command.spawn([agentBinary, "agent", "--trust-key", key, "--control-socket", socket,
                                        "--port-range", "10000-60000", "--cleanup-on-exit", "--log-level", "notice"],
                                       netns: namespace, logPath: log)
         defer {

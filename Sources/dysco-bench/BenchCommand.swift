@@ -1,16 +1,24 @@
 import ArgumentParser
 import ConntrackState
+import DyscoBench
 import DyscoLab
 import DyscoSystem
 import Foundation
 import Logging
 
+/// `dysco-bench`: the benchmarks, apart from the product's `dysco-migrate` (which the labs' agents run).
+@main
 struct BenchCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "bench",
-        abstract: "Benchmarks that print figures (and assert nothing).",
+        commandName: "dysco-bench",
+        abstract: "Benchmarks of dysco-migrate that print figures (and assert nothing).",
+        discussion: """
+            Most build their own lab of network namespaces (needs root) whose agents run the `dysco-migrate` \
+            beside this binary (or $DYSCO_BIN). `connect` and `sink` are the data-plane benchmark's own helpers \
+            (hidden from this list).
+            """,
         subcommands: [Dataplane.self, Replace.self, DrainBench.self, FloodBench.self, Restore.self, StateValidate.self,
-                      Connect.self, Sink.self, PacedServer.self]
+                      ConntrackBench.self, Connect.self, Sink.self]
     )
 
     /// Prints a benchmark's report: JSON (pretty, sorted keys) with --json, its text otherwise.
@@ -26,7 +34,7 @@ struct BenchCommand: AsyncParsableCommand {
 
     /// The benchmarks' logger: progress at info level on stderr.
     static func logger() -> Logger {
-        var logger = Logger(label: "dysco-migrate.bench")
+        var logger = Logger(label: "dysco-bench")
         logger.logLevel = .info
         return logger
     }
@@ -138,7 +146,7 @@ struct BenchCommand: AsyncParsableCommand {
                 defer { try? FileManager.default.removeItem(atPath: path) }
                 try StateValidateBenchmark.generate(path: path, count: count)
                 for mode in modes {
-                    let output = try Command.run([binary, "bench", "state-validate", "--child", mode, "--file", path]).stdout
+                    let output = try Command.run([binary, "state-validate", "--child", mode, "--file", path]).stdout
                     let measurement = try JSONDecoder().decode(StateValidateBenchmark.Measurement.self, from: Data(output.utf8))
                     results.append(measurement)
                     if !json {
@@ -206,20 +214,9 @@ struct BenchCommand: AsyncParsableCommand {
             options.deadlineMilliseconds = deadline
             options.sessionsPerClient = sessionsPerClient
             options.agentArguments = agentArg
-            (options.referenceScript, options.referenceMissing) = BenchCommand.referenceScript(reference)
+            (options.referenceScript, options.referenceMissing) = StateTransferReference.resolve(reference)
             let report = try await ReplaceBenchmark(options: options, logger: logger).run()
             try BenchCommand.output(report, json: json, text: report.text)
-        }
-    }
-
-    /// The state transfer reference script of `--reference` (a path, 'none', or nil: looked up), or why there is none.
-    static func referenceScript(_ reference: String?) -> (script: String?, missing: String?) {
-        switch reference {
-        case "none": return (nil, "skipped (--reference none)")
-        case .some(let path): return (path, nil)
-        case nil:
-            let (found, tried) = ReplaceBenchmark.findReferenceScript()
-            return (found, found == nil ? "not found (looked for \(tried.joined(separator: ", ")))" : nil)
         }
     }
 
@@ -229,7 +226,7 @@ struct BenchCommand: AsyncParsableCommand {
             discussion: """
                 In a scratch network namespace (bench-rs, lo only), writes a state file of N established middlebox \
                 sessions and the nftables table a crashed predecessor would leave (all N on the fast path), then \
-                starts a real agent (`dysco-migrate agent`) on them and prints: read + restore + reconcile, the kernel table rebuilt \
+                starts a real agent (`dysco-migrate agent`, the binary beside this one or $DYSCO_BIN) on them and prints: read + restore + reconcile, the kernel table rebuilt \
                 (one transaction), the queue rules, the whole start and sessions/s. Needs root; removes the \
                 namespace, the table and the files.
                 """
@@ -253,7 +250,8 @@ struct BenchCommand: AsyncParsableCommand {
             }
             logger.info("restoring", metadata: ["bench.sessions": "\(sessions)", "bench.netns": "\(RestoreBenchmark.namespace)"])
             let executable = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
-            let report = try RestoreBenchmark.run(sessions: sessions, binary: executable, logger: logger)
+            let report = try RestoreBenchmark.run(sessions: sessions, bench: executable, agent: try Lab.defaultAgentBinary(),
+                                                  logger: logger)
             try BenchCommand.output(report, json: json, text: report.text)
         }
     }
@@ -261,7 +259,8 @@ struct BenchCommand: AsyncParsableCommand {
     struct Connect: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "connect() latency percentiles to ADDRESS:PORT from this namespace (JSON).",
-            discussion: "Used by `bench dataplane` inside the client namespace; handy on its own too."
+            discussion: "Used by `dysco-bench dataplane` inside the client namespace; handy on its own too.",
+            shouldDisplay: false
         )
 
         @Option(help: "Server IPv4 address.") var address: String
@@ -276,40 +275,13 @@ struct BenchCommand: AsyncParsableCommand {
 
     struct Sink: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Accept and close TCP connections on ADDRESS:PORT until killed (the connect() benchmark's server)."
+            abstract: "Accept and close TCP connections on ADDRESS:PORT until killed (the connect() benchmark's server).",
+            shouldDisplay: false
         )
 
         @Option(help: "Local IPv4 address.") var address: String
         @Option(help: "TCP port.") var port: UInt16
 
         func run() async throws { try AcceptSink.run(address: address, port: port) }
-    }
-
-    struct PacedServer: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(
-            commandName: "paced-server",
-            abstract: "Start the sender-paced HTTP server (the one `bench replace` and `measure` use) on a lab host.",
-            discussion: """
-                Serves the lab's HTTP root on --port, each response written no faster than --rate MiB/s, so a \
-                download stays mid-transfer for size ÷ rate seconds (the demo swaps the firewall under one). \
-                Returns once the server answers; `lab down` stops it. The port must be one of the lab's policy \
-                ports for the chain to carry it (lab up --policy-ports 80,5201,8090).
-                """
-        )
-
-        @Option(help: "The lab.") var lab: String
-        @Option(help: "The lab host to run it on.") var host = "server1"
-        @Option(help: "TCP port.") var port: UInt16 = 8090
-        @Option(help: "Pace of each response, MiB/s.") var rate = 5.0
-
-        func run() async throws {
-            guard rate > 0 else { throw ValidationError("--rate must be positive") }
-            var logger = Logger(label: "dysco-migrate.bench")
-            logger.logLevel = .warning
-            let lab = try Lab.attach(name: lab, logger: logger)
-            let process = try PacedHTTPServer.start(lab, on: host, port: port, bytesPerSecond: rate * 1_048_576,
-                                                    probeFrom: lab.hosts(.client).first?.name ?? "client1")
-            print("paced HTTP server on \(host) (\(lab.address(of: host)):\(port)), \(rate) MiB/s per response, pid \(process.processIdentifier)")
-        }
     }
 }

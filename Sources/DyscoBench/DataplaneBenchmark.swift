@@ -1,3 +1,4 @@
+import DyscoLab
 import DyscoSystem
 import Foundation
 import Logging
@@ -12,7 +13,10 @@ public struct DataplaneBenchmark {
         /// iperf3 runs per figure; the median is reported (single runs on 2 shared cores vary by ±5 %).
         public var repeats = 3
         public var connections = 1000
+        /// The `dysco-migrate` the agents run (nil: ``Lab/defaultAgentBinary()``).
         public var agentBinary: String?
+        /// The `dysco-bench` whose `sink` and `connect` run in the lab (nil: the running executable).
+        public var helperBinary: String?
         public var agentArguments: [String] = []
         /// Also measure the chain with --no-fastpath (everything in NFQUEUE).
         public var includeSlowPath = true
@@ -118,7 +122,12 @@ public struct DataplaneBenchmark {
 
     public var options: Options
     public var logger: Logger
-    /// Where `bench sink` listens on server1 for the connect() measurement (in the lab policy's ports).
+    /// The running executable (`dysco-bench`), whose hidden `sink` and `connect` the measurement runs in the lab.
+    public static func runningExecutable() throws -> String {
+        try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")
+    }
+
+    /// Where `dysco-bench sink` listens on server1 for the connect() measurement (in the lab policy's ports).
     public static let sinkPort: UInt16 = 9000
 
     public init(options: Options, logger: Logger) {
@@ -166,11 +175,11 @@ public struct DataplaneBenchmark {
         if !spec.agents, options.chain.count > 1 { try routeThroughChain(lab) }
         let g1 = try median((0..<options.repeats).map { _ in try iperf(lab, server: server, flows: 1) })
         let g8 = try median((0..<options.repeats).map { _ in try iperf(lab, server: server, flows: 8) })
-        let binary = try options.agentBinary ?? Lab.defaultAgentBinary()
-        try lab.spawn("server1", [binary, "bench", "sink", "--address", server, "--port", "\(Self.sinkPort)"])
+        let helper = try options.helperBinary ?? Self.runningExecutable()
+        try lab.spawn("server1", [helper, "sink", "--address", server, "--port", "\(Self.sinkPort)"])
         usleep(300_000)
         let started = Date()
-        let out = try lab.exec("client1", [binary, "bench", "connect", "--address", server, "--port", "\(Self.sinkPort)",
+        let out = try lab.exec("client1", [helper, "connect", "--address", server, "--port", "\(Self.sinkPort)",
                                            "--count", "\(options.connections)"])
         let elapsed = Date().timeIntervalSince(started)
         let connect = try JSONDecoder().decode(ConnectLatencyResult.self, from: Data(out.stdout.utf8))

@@ -1,4 +1,5 @@
 import ArgumentParser
+import DyscoBench
 import DyscoLab
 import Foundation
 import Logging
