@@ -611,6 +611,8 @@ public struct MigrationCoordinator: Sendable {
         var imported: (ok: Bool, reason: String, micros: UInt32)?
         var importing = false
         var oldBox: IPv4Address?
+        /// The new path's answer (newPathSynAck) came back through this box: its session is on a path in use.
+        var answered = false
     }
 
     private mutating func pathOpened(_ chainID: UInt64, subsession: FiveTuple, now: UInt64, _ out: inout [Action]) {
@@ -678,6 +680,7 @@ public struct MigrationCoordinator: Sendable {
             return
         }
         // A new middlebox.
+        var halfMade = false
         if let n = newBoxes[chainID] {
             if n.requestID == m.requestID {
                 guard n.left == subsession else { return }
@@ -688,16 +691,26 @@ public struct MigrationCoordinator: Sendable {
                 return
             }
             if context != nil {
-                refuse("this box is on the session's path already (new box of request \(n.requestID))")
-                return
+                // A left anchor runs one request per session at a time: another request of the same left anchor
+                // means that one is over. If its new path was never answered through this box (the left anchor
+                // gave up at its deadline, e.g. while this box's agent was stopped, and the late SYN made the
+                // session here afterwards), the half-made session carries nothing: it goes, and this request
+                // takes its place (DrainTests (c): it refused the second drain for the new box's linger).
+                guard !n.answered, n.message.leftAnchor == m.leftAnchor else {
+                    refuse("this box is on the session's path already (new box of request \(n.requestID))")
+                    return
+                }
+                halfMade = true
             }
-            // This box was the new box of an earlier request and has left the session since (it was replaced in
-            // turn, or that request was cancelled): that role is over. Keeping it silenced every later new path
-            // through this box for the new box's linger (issue 20: fw1 → fw2 → fw1 → fw2 cancelled at new-path).
+            // Otherwise this box was the new box of an earlier request and has left the session since (it was
+            // replaced in turn, or that request was cancelled): that role is over. Keeping it silenced every later
+            // new path through this box for the new box's linger (issue 20: fw1 → fw2 → fw1 → fw2 cancelled at
+            // new-path).
             newBoxes[chainID] = nil
             out.append(.cancelTimer(TimerKey(chainID: chainID, role: .newBox, kind: .deadline)))
+            if halfMade { out.append(.removeSession(chainID: chainID, deleteConntrack: false)) }
         }
-        guard context == nil else {
+        guard context == nil || halfMade else {
             refuse("this box is on the session's path already")
             return
         }
@@ -728,7 +741,9 @@ public struct MigrationCoordinator: Sendable {
                 out.append(.setPhase(chainID: chainID, .released))
             }
             sendOutstanding(chainID, fresh: true, now: now, &out)
-        } else if let n = newBoxes[chainID], n.requestID == m.requestID, subsession == n.right {
+        } else if var n = newBoxes[chainID], n.requestID == m.requestID, subsession == n.right {
+            n.answered = true
+            newBoxes[chainID] = n
             out.append(.markEstablished(chainID: chainID))
             out.append(.send(m.answer(.newPathSynAck(subsession: n.left)), to: n.left.srcAddr))
         }

@@ -155,10 +155,12 @@ import Testing
             let movedTuples = Set(moved.map(\.session)), cancelledTuples = Set(notMoved.map(\.session))
             let teardownUnanswered = Set(moved.filter { $0.reason.contains("teardown unanswered") }.map(\.session))
             var placement = "", leftOnFw1 = 0
-            // In any state: under load a download may end (its session closing) before this looks.
+            // In any state (under load a download may end, its session closing, before this looks), but only the
+            // report's sessions (the paced server's start-up probe is one too, closing on fw1).
+            let reported = Set(report.sessions.map(\.session))
             let settled = try await Self.eventually(timeout: 5) {
-                let onFw1 = Set(try await MigrationLab.pacedSessions(lab, "fw1", anyState: true).map(\.session))
-                let onFw2 = Set(try await MigrationLab.pacedSessions(lab, "fw2", anyState: true).map(\.session))
+                let onFw1 = Set(try await MigrationLab.pacedSessions(lab, "fw1", anyState: true).map(\.session)).intersection(reported)
+                let onFw2 = Set(try await MigrationLab.pacedSessions(lab, "fw2", anyState: true).map(\.session)).intersection(reported)
                 var busy: [String] = []
                 for host in ["client1", "server1"] {
                     busy += try await TestSupport.snapshot(lab, host).sessions.filter { $0.migration != nil }

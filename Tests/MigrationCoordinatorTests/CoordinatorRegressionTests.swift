@@ -122,6 +122,42 @@ struct CoordinatorRegressionTests {
         #expect(c.isIdle)
     }
 
+    @Test("§3.3, DrainTests (c): a half-made new-box session (its SYN never answered through this box) gives way to the same left anchor's next request; an answered one, or another left anchor's, is refused")
+    func halfMadeNewBoxGivesWay() {
+        let left1 = FiveTuple(srcAddr: Host.client, srcPort: 30001, dstAddr: Host.fw2, dstPort: 80)
+        let left2 = FiveTuple(srcAddr: Host.client, srcPort: 30002, dstAddr: Host.fw2, dstPort: 80)
+        let right1 = FiveTuple(srcAddr: Host.fw2, srcPort: 30001, dstAddr: Host.server, dstPort: 80)
+        let key = TimerKey(chainID: chainID, role: .newBox, kind: .deadline)
+        // The late SYN of request 9 (its left anchor gave up meanwhile) made the session here.
+        func halfMade() -> MigrationCoordinator {
+            var c = MigrationCoordinator()
+            _ = c.handle(.message(message(.newPathSyn(subsession: left1, remaining: [Host.server])), from: Host.client, context: nil), now: 1)
+            _ = c.handle(.pathOpened(chainID: chainID, subsession: right1), now: 2)
+            return c
+        }
+        let here = context(Host.fw2, left: Host.client, right: Host.server)
+        var c = halfMade()
+        let next = c.handle(.message(message(.newPathSyn(subsession: left2, remaining: [Host.server]), requestID: 10),
+                                     from: Host.client, context: here), now: 3)
+        #expect(next == [.cancelTimer(key), .removeSession(chainID: chainID, deleteConntrack: false),
+                         .setTimer(key, afterNanoseconds: MigrationCoordinator.Settings().newBoxLinger),
+                         .createSession(TestSession.identity, session: TestSession.tuple, left: left2, next: Host.server)],
+                "\(next)")
+        // Answered through this box: the session is on a path in use; the next request is refused.
+        var answered = halfMade()
+        _ = answered.handle(.message(message(.newPathSynAck(subsession: right1)), from: Host.server, context: here), now: 3)
+        let refused = answered.handle(.message(message(.newPathSyn(subsession: left2, remaining: [Host.server]), requestID: 10),
+                                               from: Host.client, context: here), now: 4)
+        #expect(sends(refused).count == 1 && !refused.contains(.removeSession(chainID: chainID, deleteConntrack: false)), "\(refused)")
+        if case .newPathRefused = sends(refused).first?.0 {} else { Issue.record("not refused: \(refused)") }
+        // Another left anchor's request does not remove this one's session.
+        var other = halfMade()
+        let fromFw1 = FiveTuple(srcAddr: Host.fw1, srcPort: 30003, dstAddr: Host.fw2, dstPort: 80)
+        let foreign = other.handle(.message(message(.newPathSyn(subsession: fromFw1, remaining: [Host.server]), requestID: 11,
+                                                    left: Host.fw1), from: Host.fw1, context: here), now: 3)
+        #expect(!foreign.contains(.removeSession(chainID: chainID, deleteConntrack: false)), "\(foreign)")
+    }
+
     @Test("a lock refused for another reason than contention says so")
     func refusalReason() {
         var c = MigrationCoordinator()
