@@ -123,7 +123,10 @@ let package = Package(
         // exactly these), plus the root-only IntegrationTests.
         .testTarget(name: "DyscoCoreTests", dependencies: ["DyscoCore"]),
         .testTarget(name: "AnchorBufferTests", dependencies: ["AnchorBuffer"]),
-        .testTarget(name: "MigrationCoordinatorTests", dependencies: ["MigrationCoordinator", "DyscoCore"]),
+        // Test support, not a test target: the in-memory network harness (coordinators, simulated network, virtual
+        // clock, fake data planes) and the model's trace checker, for any test target that drives reconfigurations.
+        .target(name: "MigrationHarness", dependencies: ["MigrationCoordinator", "DyscoCore"], path: "Tests/MigrationHarness"),
+        .testTarget(name: "MigrationCoordinatorTests", dependencies: ["MigrationCoordinator", "MigrationHarness", "DyscoCore"]),
         // DyscoBench: the synthetic conntrack entries and state documents the tests share with the benchmarks.
         .testTarget(name: "ConntrackStateTests", dependencies: ["ConntrackState", "DyscoBench"]),
         .testTarget(
