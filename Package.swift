@@ -119,10 +119,22 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // Tests mirror targets: one unit-test target per source target with pure logic (no root; `make unit` runs
+        // exactly these), plus the root-only IntegrationTests.
         .testTarget(name: "DyscoCoreTests", dependencies: ["DyscoCore"]),
-        .testTarget(name: "MigrationCoordinatorTests", dependencies: ["MigrationCoordinator", "AnchorBuffer", "DyscoCore"]),
+        .testTarget(name: "AnchorBufferTests", dependencies: ["AnchorBuffer"]),
+        // Test support, not a test target: the in-memory network harness (coordinators, simulated network, virtual
+        // clock, fake data planes) and the model's trace checker, for any test target that drives reconfigurations.
+        .target(name: "MigrationHarness", dependencies: ["MigrationCoordinator", "DyscoCore"], path: "Tests/MigrationHarness"),
+        .testTarget(name: "MigrationCoordinatorTests", dependencies: ["MigrationCoordinator", "MigrationHarness", "DyscoCore"]),
         // DyscoBench: the synthetic conntrack entries and state documents the tests share with the benchmarks.
         .testTarget(name: "ConntrackStateTests", dependencies: ["ConntrackState", "DyscoBench"]),
+        .testTarget(
+            name: "DyscoLabTests",
+            dependencies: ["DyscoLab", "DyscoAgent", "DyscoCore", .product(name: "Logging", package: "swift-log")]
+        ),
+        .testTarget(name: "DyscoBenchTests", dependencies: ["DyscoBench"]),
+        // Root only: network namespaces, the built binaries, real agents.
         .testTarget(
             name: "IntegrationTests",
             dependencies: ["DyscoLab", "DyscoBench", "DyscoCore", "DyscoAgent", "ConntrackState", "DyscoSystem"]

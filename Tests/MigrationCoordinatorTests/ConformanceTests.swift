@@ -1,7 +1,11 @@
 import DyscoCore
 import Foundation
 @testable import MigrationCoordinator
+import MigrationHarness
 import Testing
+
+/// The harness's hosts (Foundation, imported here for the model files, has a `Host` class of its own).
+private typealias Host = MigrationHarness.Host
 
 // Holds MigrationCoordinator to the Spin model (docs/VERIFICATION.md, "Conformance"): model/transitions.tsv is the
 // transition relation; the model's TR(...) transitions must be exactly its rows marked tr; every harness run

@@ -1,5 +1,6 @@
 import DyscoCore
 @testable import MigrationCoordinator
+import MigrationHarness
 import Testing
 
 // Single-coordinator checks of the fixes found with the harness (each names the scenario that found it).

@@ -1,5 +1,6 @@
 import DyscoCore
 @testable import MigrationCoordinator
+import MigrationHarness
 import Testing
 
 // Whole reconfigurations across several MigrationCoordinator instances (Harness.swift).

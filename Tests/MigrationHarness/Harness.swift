@@ -1,35 +1,37 @@
 import DyscoCore
-@testable import MigrationCoordinator
+import MigrationCoordinator
 
 // An in-memory harness for whole reconfigurations (paper §3): one MigrationCoordinator per agent, a simulated
 // network (loss, duplication, reordering by random delays) and a virtual clock, and a fake data plane per agent
 // that answers the data-plane actions the way DyscoAgent.MigrationEngine and PacketProcessor+Anchor do.
+// A test-support target (Tests/MigrationHarness, not a test target): its API is `package`, for any test target of
+// this package (MigrationCoordinatorTests today; the engine's tests may drive it too).
 
 // MARK: - Hosts and sessions
 
-enum Host {
-    static let client = IPv4Address(10, 0, 0, 1)
-    static let fw1 = IPv4Address(10, 0, 0, 2)
-    static let fw2 = IPv4Address(10, 0, 0, 3)
-    static let fw3 = IPv4Address(10, 0, 0, 4)
-    static let fw4 = IPv4Address(10, 0, 0, 5)
-    static let server = IPv4Address(10, 0, 0, 9)
+package enum Host {
+    package static let client = IPv4Address(10, 0, 0, 1)
+    package static let fw1 = IPv4Address(10, 0, 0, 2)
+    package static let fw2 = IPv4Address(10, 0, 0, 3)
+    package static let fw3 = IPv4Address(10, 0, 0, 4)
+    package static let fw4 = IPv4Address(10, 0, 0, 5)
+    package static let server = IPv4Address(10, 0, 0, 9)
 
-    static let names: [IPv4Address: String] = [
+    package static let names: [IPv4Address: String] = [
         client: "client", fw1: "fw1", fw2: "fw2", fw3: "fw3", fw4: "fw4", server: "server",
     ]
 
-    static func name(_ address: IPv4Address) -> String { names[address] ?? "\(address)" }
+    package static func name(_ address: IPv4Address) -> String { names[address] ?? "\(address)" }
 }
 
 /// The session of every scenario: client:40000 → server:80, with a fixed identity.
-enum TestSession {
-    static let identity = SessionIdentity(chainID: 0x5EED_D15C_0000_0001, nonce: 0xA11C_E5B0_B000_0042)
-    static let tuple = FiveTuple(srcAddr: Host.client, srcPort: 40000, dstAddr: Host.server, dstPort: 80)
-    static var chainID: UInt64 { identity.chainID }
+package enum TestSession {
+    package static let identity = SessionIdentity(chainID: 0x5EED_D15C_0000_0001, nonce: 0xA11C_E5B0_B000_0042)
+    package static let tuple = FiveTuple(srcAddr: Host.client, srcPort: 40000, dstAddr: Host.server, dstPort: 80)
+    package static var chainID: UInt64 { identity.chainID }
 
     /// The contexts of the agents of a chain (first: left end, last: right end).
-    static func contexts(_ chain: [IPv4Address]) -> [IPv4Address: SessionContext] {
+    package static func contexts(_ chain: [IPv4Address]) -> [IPv4Address: SessionContext] {
         var contexts: [IPv4Address: SessionContext] = [:]
         for (i, host) in chain.enumerated() {
             contexts[host] = SessionContext(identity: identity, session: tuple, me: host,
@@ -41,17 +43,17 @@ enum TestSession {
 }
 
 /// SplitMix64: small, seedable, good enough for schedules.
-struct SeededRNG: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed &* 0x9E37_79B9_7F4A_7C15 &+ 0x1234_5678 }
-    mutating func next() -> UInt64 {
+package struct SeededRNG: RandomNumberGenerator {
+    package var state: UInt64
+    package init(seed: UInt64) { state = seed &* 0x9E37_79B9_7F4A_7C15 &+ 0x1234_5678 }
+    package mutating func next() -> UInt64 {
         state &+= 0x9E37_79B9_7F4A_7C15
         var z = state
         z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
         z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
         return z ^ (z >> 31)
     }
-    mutating func chance(_ p: Double) -> Bool { p > 0 && Double.random(in: 0..<1, using: &self) < p }
+    package mutating func chance(_ p: Double) -> Bool { p > 0 && Double.random(in: 0..<1, using: &self) < p }
 }
 
 // MARK: - Trace
@@ -70,7 +72,7 @@ public struct TraceEntry: Sendable, Equatable, CustomStringConvertible {
         return actions.isEmpty ? head : head + "\n" + actions.map { "        -> \($0)" }.joined(separator: "\n")
     }
 
-    static func format(_ ns: UInt64) -> String {
+    package static func format(_ ns: UInt64) -> String {
         let micros = ns / 1000
         let ms = micros / 1000, frac = micros % 1000
         return "[\(ms).\(String(repeating: "0", count: 3 - String(frac).count))\(frac)ms]"
@@ -86,10 +88,10 @@ public struct Trace: Sendable, Equatable, CustomStringConvertible {
     public func of(_ agent: String) -> [TraceEntry] { entries.filter { $0.agent == agent } }
 }
 
-enum Describe {
-    static func addresses(_ list: [IPv4Address]) -> String { "[" + list.map(Host.name).joined(separator: ",") + "]" }
+package enum Describe {
+    package static func addresses(_ list: [IPv4Address]) -> String { "[" + list.map(Host.name).joined(separator: ",") + "]" }
 
-    static func message(_ m: ControlMessage) -> String {
+    package static func message(_ m: ControlMessage) -> String {
         let body: String
         switch m.body {
         case .trigger(let t):
@@ -116,15 +118,15 @@ enum Describe {
         return "\(body) req=\(m.requestID) L=\(Host.name(m.leftAnchor)) R=\(Host.name(m.rightAnchor))"
     }
 
-    static func result(_ r: TriggerResult) -> String {
+    package static func result(_ r: TriggerResult) -> String {
         r.outcome == .moved && r.reason.isEmpty
             ? "moved, phases: \(r.phaseMicroseconds)"
             : "\(r.outcome), step: \(r.failedStep), reason: \"\(r.reason)\""
     }
 
-    static func key(_ k: TimerKey) -> String { "\(k.role).\(k.kind)" }
+    package static func key(_ k: TimerKey) -> String { "\(k.role).\(k.kind)" }
 
-    static func event(_ e: Event) -> String {
+    package static func event(_ e: Event) -> String {
         switch e {
         case .replaceRequested(_, let t, let leftAnchor, let requestID):
             "replaceRequested(req=\(requestID), leftAnchor: \(Host.name(leftAnchor)), newPath: \(addresses(t.newPath)), oldBox: \(Host.name(t.oldBox)), stateful: \(t.stateful))"
@@ -149,7 +151,7 @@ enum Describe {
         }
     }
 
-    static func action(_ a: Action) -> String {
+    package static func action(_ a: Action) -> String {
         switch a {
         case .send(let m, let to): "send \(message(m)) to \(Host.name(to))"
         case .setTimer(let k, let after): "setTimer \(key(k)) +\(TraceEntry.format(after))"
@@ -174,7 +176,7 @@ enum Describe {
     }
 
     /// The name of an action's case (for "which agent did what" checks).
-    static func kind(_ a: Action) -> String {
+    package static func kind(_ a: Action) -> String {
         switch a {
         case .send: "send"
         case .setTimer: "setTimer"
@@ -201,77 +203,79 @@ enum Describe {
 
 /// One coordinator step as the harness saw it: the event, the actions, and the agent's lock of the session
 /// before and after (SegmentLock is public state) and its left-anchor step after (nil if it leads none).
-struct HarnessStep {
-    var time: UInt64
-    var agent: IPv4Address
-    var event: Event
-    var actions: [Action]
-    var lockBefore: SegmentLock?
-    var lockAfter: SegmentLock?
-    var leftAnchorStep: MigrationStep?
+package struct HarnessStep {
+    package var time: UInt64
+    package var agent: IPv4Address
+    package var event: Event
+    package var actions: [Action]
+    package var lockBefore: SegmentLock?
+    package var lockAfter: SegmentLock?
+    package var leftAnchorStep: MigrationStep?
 }
 
 // MARK: - Harness
 
-final class Harness {
-    struct Config {
-        var seed: UInt64 = 1
+package final class Harness {
+    package struct Config {
+        package var seed: UInt64 = 1
         /// Probability that a control message is lost / delivered twice.
-        var loss = 0.0
-        var duplicate = 0.0
+        package var loss = 0.0
+        package var duplicate = 0.0
         /// One-way delay of a control message or probe hop, uniform in this range (reordering comes from it).
-        var delay: ClosedRange<UInt64> = 100_000...1_000_000
+        package var delay: ClosedRange<UInt64> = 100_000...1_000_000
         /// From setPhase(buffering) (or stateless released) to the data plane's drained.
-        var drainDelay: ClosedRange<UInt64> = 500_000...3_000_000
+        package var drainDelay: ClosedRange<UInt64> = 500_000...3_000_000
         /// Duration of a conntrack export or import.
-        var stateDelay: ClosedRange<UInt64> = 200_000...800_000
+        package var stateDelay: ClosedRange<UInt64> = 200_000...800_000
         /// Hosts that drop everything addressed to them (control messages and probes).
-        var down: Set<IPv4Address> = []
-        var exportFailure: [IPv4Address: String] = [:]
-        var importRefusal: [IPv4Address: String] = [:]
-        var settings = MigrationCoordinator.Settings()
+        package var down: Set<IPv4Address> = []
+        package var exportFailure: [IPv4Address: String] = [:]
+        package var importRefusal: [IPv4Address: String] = [:]
+        package var settings = MigrationCoordinator.Settings()
         /// A run handling more events than this is reported as exhausted (a livelock).
-        var eventLimit = 100_000
+        package var eventLimit = 100_000
         /// Rewrites a control message on its way (from, to): e.g. an old-path middlebox that changes the byte
         /// stream and so adds its delta to requestLock / ackLock (§3.4).
-        var tamper: ((ControlMessage, IPv4Address, IPv4Address) -> ControlMessage)?
+        package var tamper: ((ControlMessage, IPv4Address, IPv4Address) -> ControlMessage)?
+
+        package init() {}
     }
 
     /// What the fake data plane keeps for a session this agent anchors (PacketProcessor+Anchor's AnchorState).
-    struct FakeAnchor {
-        var side: SessionTable.Side
-        var stateful: Bool
-        var phase: AnchorState.Phase = .locked
-        var promoted = false
-        var drainedReported = false
-        var delta: Int32 = 0
+    package struct FakeAnchor {
+        package var side: SessionTable.Side
+        package var stateful: Bool
+        package var phase: AnchorState.Phase = .locked
+        package var promoted = false
+        package var drainedReported = false
+        package var delta: Int32 = 0
         /// The neighbour on the anchor's side on the old path and, once opened, on the new one.
-        var oldNeighbour: IPv4Address?
-        var newNeighbour: IPv4Address?
+        package var oldNeighbour: IPv4Address?
+        package var newNeighbour: IPv4Address?
     }
 
-    final class Agent {
-        let address: IPv4Address
-        var name: String { Host.name(address) }
-        var coordinator: MigrationCoordinator
-        var context: SessionContext?
-        var anchor: FakeAnchor?
-        var timers: [TimerKey: UInt64] = [:]
-        var nextPort: UInt16 = 30000
+    package final class Agent {
+        package let address: IPv4Address
+        package var name: String { Host.name(address) }
+        package var coordinator: MigrationCoordinator
+        package var context: SessionContext?
+        package var anchor: FakeAnchor?
+        package var timers: [TimerKey: UInt64] = [:]
+        package var nextPort: UInt16 = 30000
         /// Every action the coordinator returned here, in order.
-        var actions: [Action] = []
-        var reports: [(requestID: UInt32, result: TriggerResult)] = []
-        var imported: [[UInt8]] = []
-        init(address: IPv4Address, settings: MigrationCoordinator.Settings, context: SessionContext?) {
+        package var actions: [Action] = []
+        package var reports: [(requestID: UInt32, result: TriggerResult)] = []
+        package var imported: [[UInt8]] = []
+        package init(address: IPv4Address, settings: MigrationCoordinator.Settings, context: SessionContext?) {
             self.address = address
             coordinator = MigrationCoordinator(settings: settings)
             self.context = context
         }
-        func did(_ kind: String) -> Bool { actions.contains { Describe.kind($0) == kind } }
-        func count(_ kind: String) -> Int { actions.filter { Describe.kind($0) == kind }.count }
+        package func did(_ kind: String) -> Bool { actions.contains { Describe.kind($0) == kind } }
+        package func count(_ kind: String) -> Int { actions.filter { Describe.kind($0) == kind }.count }
     }
 
-    enum Pending {
+    package enum Pending {
         case deliver(ControlMessage, to: IPv4Address, from: IPv4Address)
         case timer(IPv4Address, TimerKey, generation: UInt64)
         case drainCheck(IPv4Address, chainID: UInt64)
@@ -282,36 +286,36 @@ final class Harness {
         case inject(IPv4Address, Event)
     }
 
-    struct Scheduled { var time: UInt64; var seq: UInt64; var item: Pending }
+    package struct Scheduled { var time: UInt64; var seq: UInt64; var item: Pending }
 
     /// What a run leaves behind.
-    struct RunResult {
-        var trace: Trace
+    package struct RunResult {
+        package var trace: Trace
         /// Reports of the controllers, by request id.
-        var reports: [UInt32: (controller: IPv4Address, result: TriggerResult)]
-        var events: Int
-        var exhausted: Bool
-        var endTime: UInt64
-        var dropped: Int
-        var duplicated: Int
+        package var reports: [UInt32: (controller: IPv4Address, result: TriggerResult)]
+        package var events: Int
+        package var exhausted: Bool
+        package var endTime: UInt64
+        package var dropped: Int
+        package var duplicated: Int
     }
 
-    var config: Config
-    var rng: SeededRNG
-    var agents: [IPv4Address: Agent] = [:]
+    package var config: Config
+    package var rng: SeededRNG
+    package var agents: [IPv4Address: Agent] = [:]
     private var heap: [Scheduled] = []
     private var seq: UInt64 = 0
-    private(set) var now: UInt64 = 0
-    private(set) var trace = Trace()
+    package private(set) var now: UInt64 = 0
+    package private(set) var trace = Trace()
     /// Every coordinator step of the run, structured (ConformanceTests replays them against model/transitions.tsv).
-    private(set) var steps: [HarnessStep] = []
+    package private(set) var steps: [HarnessStep] = []
     private var events = 0
     private var dropped = 0
     private var duplicated = 0
     private var nextRequestID: UInt32 = 100
 
     /// `chain`: the session's path (left end first); `others`: hosts not on it (new boxes).
-    init(chain: [IPv4Address], others: [IPv4Address], config: Config = Config()) {
+    package init(chain: [IPv4Address], others: [IPv4Address], config: Config = Config()) {
         self.config = config
         rng = SeededRNG(seed: config.seed)
         let contexts = TestSession.contexts(chain)
@@ -320,7 +324,7 @@ final class Harness {
         }
     }
 
-    subscript(_ host: IPv4Address) -> Agent { agents[host]! }
+    package subscript(_ host: IPv4Address) -> Agent { agents[host]! }
 
     // MARK: Scheduling
 
@@ -365,7 +369,7 @@ final class Harness {
 
     /// `replace` at `controller` after `after` ns: move the session to `newPath` (new boxes, then the right anchor).
     @discardableResult
-    func replace(at controller: IPv4Address, leftAnchor: IPv4Address, newPath: [IPv4Address], oldBox: IPv4Address,
+    package func replace(at controller: IPv4Address, leftAnchor: IPv4Address, newPath: [IPv4Address], oldBox: IPv4Address,
                  stateful: Bool, deadlineMilliseconds: UInt32 = 2000, after: UInt64 = 0) -> UInt32 {
         nextRequestID += 1
         let trigger = Trigger(newPath: newPath, oldBox: oldBox, stateful: stateful, deadlineMilliseconds: deadlineMilliseconds)
@@ -374,12 +378,12 @@ final class Harness {
     }
 
     /// Hands `event` to `host`'s coordinator after `after` ns (a `.message` gets the host's context then).
-    func inject(_ event: Event, at host: IPv4Address, after: UInt64 = 0) {
+    package func inject(_ event: Event, at host: IPv4Address, after: UInt64 = 0) {
         schedule(.inject(host, event), after: after)
     }
 
     /// Runs until no event is left (or the event limit is hit).
-    func run() -> RunResult {
+    package func run() -> RunResult {
         var exhausted = false
         while let next = pop() {
             now = next.time
@@ -622,10 +626,10 @@ final class Harness {
     // MARK: Inspection
 
     /// Every agent's coordinator has nothing left: no role, no lock.
-    var allIdle: Bool { agents.values.allSatisfy { $0.coordinator.isIdle } }
-    var allUnlocked: Bool { agents.values.allSatisfy { $0.coordinator.locks.isEmpty } }
+    package var allIdle: Bool { agents.values.allSatisfy { $0.coordinator.isIdle } }
+    package var allUnlocked: Bool { agents.values.allSatisfy { $0.coordinator.locks.isEmpty } }
     /// The results the left anchors sent to their controllers, by request id (the last one of each).
-    var leftAnchorResults: [UInt32: TriggerResult] {
+    package var leftAnchorResults: [UInt32: TriggerResult] {
         var results: [UInt32: TriggerResult] = [:]
         for agent in agents.values {
             for case .send(let m, _) in agent.actions {
@@ -635,7 +639,7 @@ final class Harness {
         return results
     }
 
-    var busy: [String] {
+    package var busy: [String] {
         agents.values.filter { !$0.coordinator.isIdle || !$0.coordinator.locks.isEmpty }.map {
             "\($0.name): roles \($0.coordinator.role(of: TestSession.chainID)), locks \($0.coordinator.locks)"
         }.sorted()

@@ -5,31 +5,31 @@ import Foundation
 // verdicts out; ConformanceTests turns harness runs into abstract steps.
 
 /// One row of model/transitions.tsv.
-struct TransitionRow: Sendable, Equatable, CustomStringConvertible {
-    var role: String
-    var from: Set<String>
+package struct TransitionRow: Sendable, Equatable, CustomStringConvertible {
+    package var role: String
+    package var from: Set<String>
     /// Event names; "*" matches any event.
-    var events: Set<String>
+    package var events: Set<String>
     /// The state after; "=" keeps the state.
-    var to: String
-    var actions: [String]
+    package var to: String
+    package var actions: [String]
     /// The model has this row as TR(from, event, to).
-    var inModel: Bool
-    var line: Int
+    package var inModel: Bool
+    package var line: Int
 
-    var description: String {
+    package var description: String {
         "line \(line): \(role) \(from.sorted().joined(separator: "|")) \(events.sorted().joined(separator: "|")) -> \(to) [\(actions.joined(separator: ","))]"
     }
 
-    func target(from state: String) -> String { to == "=" ? state : to }
+    package func target(from state: String) -> String { to == "=" ? state : to }
 }
 
-struct TransitionTable: Sendable {
-    var rows: [TransitionRow]
+package struct TransitionTable: Sendable {
+    package var rows: [TransitionRow]
 
-    struct ParseError: Error, CustomStringConvertible { var description: String }
+    package struct ParseError: Error, CustomStringConvertible { package var description: String }
 
-    static func parse(_ text: String) throws -> TransitionTable {
+    package static func parse(_ text: String) throws -> TransitionTable {
         var rows: [TransitionRow] = []
         for (index, raw) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
             let line = raw.trimmingCharacters(in: .whitespaces)
@@ -50,7 +50,7 @@ struct TransitionTable: Sendable {
     }
 
     /// (role, from, event, to) of every row marked tr, expanded over its state and event lists.
-    var modelEdges: Set<Edge> {
+    package var modelEdges: Set<Edge> {
         var edges: Set<Edge> = []
         for row in rows where row.inModel {
             for from in row.from { for event in row.events { edges.insert(Edge(role: row.role, from: from, event: event, to: row.target(from: from))) } }
@@ -59,23 +59,29 @@ struct TransitionTable: Sendable {
     }
 
     /// The rows that say what `role` does in `state` on `event`, most specific (named event) first.
-    func candidates(role: String, state: String, event: String) -> [TransitionRow] {
+    package func candidates(role: String, state: String, event: String) -> [TransitionRow] {
         let matching = rows.filter { $0.role == role && $0.from.contains(state) && ($0.events.contains(event) || $0.events.contains("*")) }
         return matching.filter { $0.events.contains(event) } + matching.filter { !$0.events.contains(event) }
     }
 }
 
-struct Edge: Hashable, Sendable, Comparable, CustomStringConvertible {
-    var role: String, from: String, event: String, to: String
-    var description: String { "\(role) \(from) --\(event)--> \(to)" }
-    static func < (a: Edge, b: Edge) -> Bool { a.description < b.description }
+package struct Edge: Hashable, Sendable, Comparable, CustomStringConvertible {
+    package var role: String, from: String, event: String, to: String
+    package init(role: String, from: String, event: String, to: String) {
+        self.role = role
+        self.from = from
+        self.event = event
+        self.to = to
+    }
+    package var description: String { "\(role) \(from) --\(event)--> \(to)" }
+    package static func < (a: Edge, b: Edge) -> Bool { a.description < b.description }
 }
 
 /// The TR(ROLE_FROM, event, ROLE_TO) transitions of a Promela file, as Spin verifies it: code under
 /// `#ifdef MUT_…` / `#ifdef IMPL_…` (mutants, known divergences) is left out, `#ifndef MUT_…` code (the real
 /// model) kept, both branches of other `#if`s (STATEFUL, configurations) kept; `CANCEL_FROM(ev)` is expanded.
-enum PromelaTransitions {
-    static func extract(_ source: String) -> Set<Edge> {
+package enum PromelaTransitions {
+    package static func extract(_ source: String) -> Set<Edge> {
         let lines = source.components(separatedBy: "\n")
         let tr = try! NSRegularExpression(pattern: #"TR\(\s*([A-Z]+)_([A-Z_]+)\s*,\s*([A-Za-z.]+)\s*,\s*[A-Z]+_([A-Z_]+)\s*\)"#)
         let use = try! NSRegularExpression(pattern: #"CANCEL_FROM\(\s*([A-Za-z.]+)\s*\)"#)
@@ -125,54 +131,64 @@ enum PromelaTransitions {
 }
 
 /// One step of an implementation run, abstracted: which role of which agent handled which event, and what it did.
-struct AbstractStep: Sendable, Equatable, CustomStringConvertible {
-    var agent: String
-    var role: String
+package struct AbstractStep: Sendable, Equatable, CustomStringConvertible {
+    package var agent: String
+    package var role: String
     /// The request a control message names; nil for timers and data-plane events (the checker gives those to the
     /// role's request that is under way at the agent).
-    var request: UInt32? = nil
-    var event: String
-    var actions: [String]
+    package var request: UInt32? = nil
+    package var event: String
+    package var actions: [String]
     /// The implementation's own view of the left anchor's step after the event (MigrationCoordinator.leftAnchorStep),
     /// "none" if it leads no reconfiguration; nil: not known (not a left-anchor step).
-    var reportedStep: String?
+    package var reportedStep: String?
 
-    var description: String {
+    package init(agent: String, role: String, request: UInt32? = nil, event: String, actions: [String],
+                 reportedStep: String? = nil) {
+        self.agent = agent
+        self.role = role
+        self.request = request
+        self.event = event
+        self.actions = actions
+        self.reportedStep = reportedStep
+    }
+
+    package var description: String {
         "\(agent)/\(role)\(request.map { "#\($0)" } ?? ""): \(event) -> [\(actions.joined(separator: ","))]" + (reportedStep.map { " (step \($0))" } ?? "")
     }
 }
 
 /// Where a trace leaves the model's transition relation.
-struct Divergence: Error, Sendable, Equatable, CustomStringConvertible {
-    var index: Int
-    var step: AbstractStep
-    var state: String
-    var reason: String
-    var description: String { "step \(index): \(step) in state \(state): \(reason)" }
+package struct Divergence: Error, Sendable, Equatable, CustomStringConvertible {
+    package var index: Int
+    package var step: AbstractStep
+    package var state: String
+    package var reason: String
+    package var description: String { "step \(index): \(step) in state \(state): \(reason)" }
 }
 
 /// Replays abstract steps against the table, one state per (agent, role).
-struct TraceChecker: Sendable {
-    let table: TransitionTable
-    static let initial = ["LA": "IDLE", "OB": "UNLOCKED", "NB": "IDLE", "RA": "IDLE"]
+package struct TraceChecker: Sendable {
+    package let table: TransitionTable
+    package static let initial = ["LA": "IDLE", "OB": "UNLOCKED", "NB": "IDLE", "RA": "IDLE"]
     /// The left anchor's states and the step MigrationCoordinator reports in them (CANCEL: any, the step it
     /// cancelled at).
-    static let reportedSteps: [String: String] = [
+    package static let reportedSteps: [String: String] = [
         "IDLE": "none", "LOCK": "lock", "NEWPATH": "new-path", "DRAIN": "drain", "DRAIN_SELF": "drain", "DRAIN_PEER": "drain",
         "STATE": "state", "RELEASE": "release", "TEARDOWN": "teardown", "MOVED": "none", "REFUSED": "none", "CANCELLED": "none",
     ]
     /// States per agent/role#request.
-    private(set) var states: [String: String] = [:]
+    package private(set) var states: [String: String] = [:]
     /// The requests seen per agent/role, in order.
     private var requests: [String: [UInt32]] = [:]
-    static let terminal: Set<String> = ["MOVED", "REFUSED", "CANCELLED", "GONE", "DONE", "LINGERED"]
+    package static let terminal: Set<String> = ["MOVED", "REFUSED", "CANCELLED", "GONE", "DONE", "LINGERED"]
     /// Rows used so far (by line).
-    private(set) var used: Set<Int> = []
+    package private(set) var used: Set<Int> = []
 
-    init(table: TransitionTable) { self.table = table }
+    package init(table: TransitionTable) { self.table = table }
 
     /// The state of `role` at `agent` for `request` (nil: the request under way there, else the last one seen).
-    func state(agent: String, role: String, request: UInt32? = nil) -> String {
+    package func state(agent: String, role: String, request: UInt32? = nil) -> String {
         states[key(agent, role, request ?? resolve(agent, role))] ?? Self.initial[role] ?? "?"
     }
 
@@ -187,7 +203,7 @@ struct TraceChecker: Sendable {
         return active ?? seen.last
     }
 
-    mutating func step(_ s: AbstractStep, index: Int) -> Divergence? {
+    package mutating func step(_ s: AbstractStep, index: Int) -> Divergence? {
         let request = s.request ?? resolve(s.agent, s.role)
         if let r = s.request, !(requests["\(s.agent)/\(s.role)"] ?? []).contains(r) { requests["\(s.agent)/\(s.role)", default: []].append(r) }
         let key = key(s.agent, s.role, request)
@@ -211,13 +227,13 @@ struct TraceChecker: Sendable {
     }
 
     /// Replays `steps`; the first divergence, or nil.
-    mutating func check(_ steps: [AbstractStep]) -> Divergence? {
+    package mutating func check(_ steps: [AbstractStep]) -> Divergence? {
         for (i, s) in steps.enumerated() { if let d = step(s, index: i) { return d } }
         return nil
     }
 
     /// A change of an agent's right-subsession lock (SegmentLock) on `event`: it must be an OP row.
-    func lockChangeAllowed(from: String, event: String, to: String) -> TransitionRow? {
+    package func lockChangeAllowed(from: String, event: String, to: String) -> TransitionRow? {
         table.rows.first { $0.role == "OP" && $0.from.contains(from) && $0.events.contains(event) && $0.target(from: from) == to }
     }
 }
