@@ -276,7 +276,8 @@ final class MigrationEngine: @unchecked Sendable {
         agent.processor.withLock { state in
             guard let (record, me) = state.context(chainID: chainID) else { return nil }
             return SessionContext(identity: record.identity, session: record.session, me: me,
-                                  leftNeighbour: record.leftNeighbour, rightNeighbour: record.rightNeighbour)
+                                  leftNeighbour: record.leftNeighbour, rightNeighbour: record.rightNeighbour,
+                                  carried: record.bytes > record.packets &* UInt64(IPv4TCPPacket.pureAckLength))
         }
     }
 

@@ -11,14 +11,18 @@ public struct SessionContext: Sendable, Equatable {
     public var leftNeighbour: IPv4Address?
     /// Right neighbour on the active path (nil at the right end).
     public var rightNeighbour: IPv4Address?
+    /// This host's record of the session has carried more than the anchors' made-up probes (option-less pure
+    /// ACKs): data, or an endpoint's own packets, which cross a new path only once it is in use.
+    public var carried: Bool
 
     public init(identity: SessionIdentity, session: FiveTuple, me: IPv4Address, leftNeighbour: IPv4Address?,
-                rightNeighbour: IPv4Address?) {
+                rightNeighbour: IPv4Address?, carried: Bool = false) {
         self.identity = identity
         self.session = session
         self.me = me
         self.leftNeighbour = leftNeighbour
         self.rightNeighbour = rightNeighbour
+        self.carried = carried
     }
 }
 

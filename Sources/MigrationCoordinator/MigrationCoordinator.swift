@@ -690,13 +690,15 @@ public struct MigrationCoordinator: Sendable {
                 }
                 return
             }
-            if context != nil {
+            if let context {
                 // A left anchor runs one request per session at a time: another request of the same left anchor
-                // means that one is over. If its new path was never answered through this box (the left anchor
-                // gave up at its deadline, e.g. while this box's agent was stopped, and the late SYN made the
-                // session here afterwards), the half-made session carries nothing: it goes, and this request
-                // takes its place (DrainTests (c): it refused the second drain for the new box's linger).
-                guard !n.answered, n.message.leftAnchor == m.leftAnchor else {
+                // means that one is over. If its new path was never answered through this box, or carried
+                // nothing here but the anchors' probes (the left anchor gave up at its deadline, e.g. while this
+                // box's agent was stopped: the late SYN made the session afterwards, or the cancel came too late
+                // to be fresh), the half-made session carries nothing: it goes, and this request takes its place
+                // (DrainTests (c): it refused the second drain for the new box's linger). A session that carried
+                // data here is on a path in use: refused.
+                guard !n.answered || !context.carried, n.message.leftAnchor == m.leftAnchor else {
                     refuse("this box is on the session's path already (new box of request \(n.requestID))")
                     return
                 }

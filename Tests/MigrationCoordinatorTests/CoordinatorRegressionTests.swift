@@ -123,7 +123,7 @@ struct CoordinatorRegressionTests {
         #expect(c.isIdle)
     }
 
-    @Test("§3.3, DrainTests (c): a half-made new-box session (its SYN never answered through this box) gives way to the same left anchor's next request; an answered one, or another left anchor's, is refused")
+    @Test("§3.3, DrainTests (c): a half-made new-box session (its SYN never answered through this box, or no data carried) gives way to the same left anchor's next request; one carrying data, or another left anchor's request, is refused")
     func halfMadeNewBoxGivesWay() {
         let left1 = FiveTuple(srcAddr: Host.client, srcPort: 30001, dstAddr: Host.fw2, dstPort: 80)
         let left2 = FiveTuple(srcAddr: Host.client, srcPort: 30002, dstAddr: Host.fw2, dstPort: 80)
@@ -144,11 +144,19 @@ struct CoordinatorRegressionTests {
                          .setTimer(key, afterNanoseconds: MigrationCoordinator.Settings().newBoxLinger),
                          .createSession(TestSession.identity, session: TestSession.tuple, left: left2, next: Host.server)],
                 "\(next)")
-        // Answered through this box: the session is on a path in use; the next request is refused.
+        // Answered through this box but abandoned before any data (its cancel went stale): it gives way too.
+        var abandoned = halfMade()
+        _ = abandoned.handle(.message(message(.newPathSynAck(subsession: right1)), from: Host.server, context: here), now: 3)
+        let replaced = abandoned.handle(.message(message(.newPathSyn(subsession: left2, remaining: [Host.server]), requestID: 10),
+                                                 from: Host.client, context: here), now: 4)
+        #expect(replaced.contains(.removeSession(chainID: chainID, deleteConntrack: false)), "\(replaced)")
+        // Answered and carrying data here: the session is on a path in use; the next request is refused.
         var answered = halfMade()
-        _ = answered.handle(.message(message(.newPathSynAck(subsession: right1)), from: Host.server, context: here), now: 3)
+        var carrying = here
+        carrying.carried = true
+        _ = answered.handle(.message(message(.newPathSynAck(subsession: right1)), from: Host.server, context: carrying), now: 3)
         let refused = answered.handle(.message(message(.newPathSyn(subsession: left2, remaining: [Host.server]), requestID: 10),
-                                               from: Host.client, context: here), now: 4)
+                                               from: Host.client, context: carrying), now: 4)
         #expect(sends(refused).count == 1 && !refused.contains(.removeSession(chainID: chainID, deleteConntrack: false)), "\(refused)")
         if case .newPathRefused = sends(refused).first?.0 {} else { Issue.record("not refused: \(refused)") }
         // Another left anchor's request does not remove this one's session.
