@@ -6,10 +6,12 @@ import DyscoSystem
 import Foundation
 import Logging
 
-/// `dysco-bench`: the benchmarks, apart from the product's `dysco-migrate` (which the labs' agents run).
-@main
-struct BenchCommand: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(
+/// `dysco-bench`: the benchmarks, apart from the product's `dysco-migrate` (which the labs' agents run). The
+/// executable is only `@main extension BenchCommand {}`.
+public struct BenchCommand: AsyncParsableCommand {
+    public init() {}
+
+    public static let configuration = CommandConfiguration(
         commandName: "dysco-bench",
         abstract: "Benchmarks of dysco-migrate that print figures (and assert nothing).",
         discussion: """
