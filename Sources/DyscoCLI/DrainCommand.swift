@@ -55,8 +55,7 @@ struct DrainCommand: AsyncParsableCommand {
     @Flag(help: "List what would move where; change nothing (no cordon either).")
     var dryRun = false
 
-    @Flag(help: "Print the summary as JSON (progress lines then go to stderr).")
-    var json = false
+    @OptionGroup var jsonOutput: JSONOutput<JSONHelp.DrainSummary>
 
     @OptionGroup var placement: MiddleboxPlacementOptions
 
@@ -64,12 +63,10 @@ struct DrainCommand: AsyncParsableCommand {
         guard (1...100_000).contains(concurrency) else { throw ValidationError("--concurrency must be 1...100000") }
         guard (1...600_000).contains(deadline) else { throw ValidationError("--deadline must be 1...600000 ms") }
         guard !to.isEmpty else { throw ValidationError("--to names at least one middlebox") }
-        if let netns = placement.netns, !NetworkNamespace.isValidName(netns) {
-            throw ValidationError("--netns '\(netns)' is not a valid namespace name")
-        }
     }
 
     func run() async throws {
+        let json = jsonOutput.json
         let lab = try placement.openLab()
         let oldAddress = try placement.address(old, lab: lab)
         let targets = try to.split(separator: ",").map { try placement.address(String($0), lab: lab) }

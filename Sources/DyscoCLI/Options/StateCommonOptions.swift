@@ -1,0 +1,20 @@
+import ArgumentParser
+import ConntrackState
+import Logging
+
+/// What every `state` subcommand that opens a table shares: the namespace and how much it logs.
+struct StateCommonOptions: ParsableArguments {
+    @Option(name: .long, help: "Work on this network namespace's table (/run/netns/NAME) instead of the current one.")
+    var netns: String?
+
+    @Flag(name: .shortAndLong, help: "Log every entry (to stderr).")
+    var verbose = false
+
+    var namespace: NamespaceSelection { netns.map(NamespaceSelection.named) ?? .current }
+
+    func logger() -> Logger {
+        var logger = Logger(label: "dysco-migrate.state", factory: { StreamLogHandler.standardError(label: $0) })
+        logger.logLevel = verbose ? .debug : .warning
+        return logger
+    }
+}
