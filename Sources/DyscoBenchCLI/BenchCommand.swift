@@ -36,11 +36,7 @@ public struct BenchCommand: AsyncParsableCommand {
     }
 
     /// The benchmarks' logger: progress at info level on stderr.
-    static func logger() -> Logger {
-        var logger = Logger(label: "dysco-bench")
-        logger.logLevel = .info
-        return logger
-    }
+    static func logger() -> Logger { DyscoLog.logger("bench", level: .info) }
 
     struct Dataplane: AsyncParsableCommand {
         static let configuration = CommandConfiguration(

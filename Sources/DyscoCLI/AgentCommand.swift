@@ -227,7 +227,7 @@ struct AgentCommand: AsyncParsableCommand {
             // (and the iptables it runs) into the namespace.
             try NetworkNamespace.reexec(into: netns, arguments: CommandLine.arguments.removingOption("--netns"))
         }
-        let logger = logging.makeLogger("dysco.agent")
+        let logger = logging.logger("agent")
         let socketPath = controlSocket ?? AgentControlPaths.socketPath(netns: NetworkNamespace.currentName())
         if purge {
             let report = try DataplaneAgent.purge(queue: queue, logger: logger,

@@ -67,7 +67,7 @@ struct DrainCommand: AsyncParsableCommand {
 
     func run() async throws {
         let json = jsonOutput.json
-        let lab = try placement.openLab()
+        let lab = try placement.openLab(component: "drain")
         let oldAddress = try placement.address(old, lab: lab)
         let targets = try to.split(separator: ",").map { try placement.address(String($0), lab: lab) }
         guard !targets.contains(oldAddress) else { throw ValidationError("--to must not contain the old box \(oldAddress)") }
@@ -95,7 +95,7 @@ struct DrainCommand: AsyncParsableCommand {
         defer { source.cancel() }
 
         let bar = ProgressLine(terminal: isatty(json ? STDERR_FILENO : STDOUT_FILENO) == 1, toStderr: json)
-        let summary = try await Drain(options: options, logger: Logger(label: "dysco.drain"))
+        let summary = try await Drain(options: options, logger: DyscoLog.logger("drain", level: .info))
             .run(progress: { bar.show($0) }, stop: { interrupted.load(ordering: .relaxed) })
         bar.finish()
         if json {

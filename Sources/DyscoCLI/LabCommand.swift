@@ -54,9 +54,7 @@ extension LabCommand {
         }
 
         func run() async throws {
-            var logger = Logger(label: "dysco-migrate.lab")
-            logger.logLevel = .warning
-            let lab = try Lab.attach(name: lab, logger: logger)
+            let lab = try Lab.attach(name: lab, logger: DyscoLog.logger("lab", level: .warning))
             let process = try PacedHTTPServer.start(lab, on: host, port: port, bytesPerSecond: rate * 1_048_576,
                                                     probeFrom: lab.hosts(.client).first?.name ?? "client1")
             print("paced HTTP server on \(host) (\(lab.address(of: host)):\(port)), \(rate) MiB/s per response, pid \(process.processIdentifier)")

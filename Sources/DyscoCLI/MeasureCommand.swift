@@ -74,8 +74,7 @@ struct MeasureCommand: AsyncParsableCommand {
     }
 
     func run() async throws {
-        var logger = Logger(label: "dysco-migrate.measure")
-        logger.logLevel = .info
+        let logger = DyscoLog.logger("measure", level: .info)
         var script: String?
         if !noPlots {
             if let plotScript {

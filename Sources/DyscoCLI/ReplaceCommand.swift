@@ -56,7 +56,7 @@ struct ReplaceCommand: AsyncParsableCommand {
     }
 
     func run() async throws {
-        let lab = try placement.openLab()
+        let lab = try placement.openLab(component: "replace")
         let oldAddress = try placement.address(old, lab: lab)
         let newBoxes = try new.split(separator: ",").map { try placement.address(String($0), lab: lab) }
         guard !newBoxes.contains(oldAddress) else { throw ValidationError("--new must not contain the old box \(oldAddress)") }

@@ -6,9 +6,5 @@ struct LabLoggingOptions: ParsableArguments {
     @Flag(name: .long, help: "Log every step (debug level).")
     var verbose = false
 
-    func logger() -> Logger {
-        var logger = Logger(label: "dysco-migrate.lab")
-        logger.logLevel = verbose ? .debug : .info
-        return logger
-    }
+    func logger() -> Logger { DyscoLog.logger("lab", level: verbose ? .debug : .info) }
 }

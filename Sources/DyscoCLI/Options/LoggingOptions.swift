@@ -6,12 +6,8 @@ struct LoggingOptions: ParsableArguments {
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: Logger.Level = .info
 
-    func makeLogger(_ label: String) -> Logger {
-        LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
-        var logger = Logger(label: label)
-        logger.logLevel = logLevel
-        return logger
-    }
+    /// `component`'s logger (``DyscoLog``) at --log-level.
+    func logger(_ component: String) -> Logger { DyscoLog.logger(component, level: logLevel) }
 }
 
 extension Logger.Level: @retroactive ExpressibleByArgument {}

@@ -33,12 +33,10 @@ struct MiddleboxPlacementOptions: ParsableArguments {
         return host.address
     }
 
-    /// The lab of --lab (nil without it).
-    func openLab() throws -> Lab? {
+    /// The lab of --lab (nil without it); `component` names the command in the log label (``DyscoLog``).
+    func openLab(component: String) throws -> Lab? {
         guard let lab else { return nil }
-        var logger = Logger(label: "dysco.replace")
-        logger.logLevel = .warning
-        return try Lab.attach(name: lab, logger: logger)
+        return try Lab.attach(name: lab, logger: DyscoLog.logger(component, level: .warning))
     }
 
     /// The control socket of the agent on the box `old`.

@@ -12,9 +12,5 @@ struct StateCommonOptions: ParsableArguments {
 
     var namespace: NamespaceSelection { netns.map(NamespaceSelection.named) ?? .current }
 
-    func logger() -> Logger {
-        var logger = Logger(label: "dysco-migrate.state", factory: { StreamLogHandler.standardError(label: $0) })
-        logger.logLevel = verbose ? .debug : .warning
-        return logger
-    }
+    func logger() -> Logger { DyscoLog.logger("state", level: verbose ? .debug : .warning) }
 }
