@@ -21,8 +21,8 @@ demo: release     ## a 50 MB download through client → fw1 → server; replace
 test: release     ## every test: unit (no root) and integration (root, network namespaces)
 	DYSCO_BIN=$(BIN) $(SWIFT) test --no-parallel
 
-unit:             ## only the tests that need no root
-	$(SWIFT) test --filter 'DyscoCoreTests|MigrationCoordinatorTests|ConntrackStateTests|LabUnitTests|MeasureUnitTests'
+unit:             ## only the tests that need no root (DyscoCLITests: the help snapshot of every command)
+	$(SWIFT) test --filter 'DyscoCoreTests|MigrationCoordinatorTests|ConntrackStateTests|DyscoCLITests|LabUnitTests|MeasureUnitTests'
 
 verify: setup     ## model-check the reconfiguration protocol with Spin (model/, docs/VERIFICATION.md): configurations and mutants
 	bash model/verify.sh

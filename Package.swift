@@ -129,6 +129,15 @@ let package = Package(
         .testTarget(name: "MigrationCoordinatorTests", dependencies: ["MigrationCoordinator", "AnchorBuffer", "DyscoCore"]),
         // DyscoBench: the synthetic conntrack entries and state documents the tests share with the benchmarks.
         .testTarget(name: "ConntrackStateTests", dependencies: ["ConntrackState", "DyscoBench"]),
+        // Pure: the help screen of every command of both executables against Snapshots/*.txt (read through #filePath).
+        .testTarget(
+            name: "DyscoCLITests",
+            dependencies: [
+                "DyscoCLI", "DyscoBenchCLI",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            exclude: ["Snapshots"]
+        ),
         .testTarget(
             name: "IntegrationTests",
             dependencies: ["DyscoLab", "DyscoBench", "DyscoCore", "DyscoAgent", "ConntrackState", "DyscoSystem"]
