@@ -23,7 +23,7 @@ test: release     ## every test: unit (no root) and integration (root, network n
 
 # The unit-test targets, one per source target with pure logic; every other test target (IntegrationTests) needs root.
 # Swift Testing matches --filter against the module-qualified name, Module.Suite/test().
-UNIT_TARGETS := DyscoCoreTests|AnchorBufferTests|MigrationCoordinatorTests|ConntrackStateTests|DyscoLabTests|DyscoBenchTests
+UNIT_TARGETS := DyscoCoreTests|AnchorBufferTests|MigrationCoordinatorTests|ConntrackStateTests|DyscoLabTests|DyscoBenchTests|DyscoCLITests
 
 unit:             ## only the tests that need no root: the unit-test targets
 	$(SWIFT) test --filter '^($(UNIT_TARGETS))\.'

@@ -103,22 +103,28 @@ let package = Package(
             resources: [.copy("Resources/syn-flood.py"), .copy("Resources/trickle-server.py"),
                         .copy("Resources/trickle-client.py")]
         ),
-        .executableTarget(
-            name: "dysco-migrate",
+        // The `dysco-migrate` commands (Sources/DyscoCLI/*Command.swift), the option groups every command shares
+        // (Sources/DyscoCLI/Options/: --json, agent address, placement, logging) and the one logger factory.
+        .target(
+            name: "DyscoCLI",
             dependencies: [
                 "DyscoCore", "DyscoAgent", "ConntrackState", "DyscoLab", "DyscoSystem",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
-        .executableTarget(
-            name: "dysco-bench",
+        // The `dysco-bench` commands, over DyscoBench; the option groups and the logger factory from DyscoCLI.
+        .target(
+            name: "DyscoBenchCLI",
             dependencies: [
-                "DyscoBench", "DyscoLab", "ConntrackState", "DyscoSystem",
+                "DyscoCLI", "DyscoBench", "DyscoLab", "ConntrackState", "DyscoSystem",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // Thin executables (as swift-nio's): one file each, `@main extension DyscoMigrate {}` / `@main extension BenchCommand {}`.
+        .executableTarget(name: "dysco-migrate", dependencies: ["DyscoCLI"]),
+        .executableTarget(name: "dysco-bench", dependencies: ["DyscoBenchCLI"]),
         // Tests mirror targets: one unit-test target per source target with pure logic (no root; `make unit` runs
         // exactly these), plus the root-only IntegrationTests.
         .testTarget(name: "DyscoCoreTests", dependencies: ["DyscoCore"]),
@@ -129,6 +135,15 @@ let package = Package(
         .testTarget(name: "MigrationCoordinatorTests", dependencies: ["MigrationCoordinator", "MigrationHarness", "DyscoCore"]),
         // DyscoBench: the synthetic conntrack entries and state documents the tests share with the benchmarks.
         .testTarget(name: "ConntrackStateTests", dependencies: ["ConntrackState", "DyscoBench"]),
+        // Pure: the help screen of every command of both executables against Snapshots/*.txt (read through #filePath).
+        .testTarget(
+            name: "DyscoCLITests",
+            dependencies: [
+                "DyscoCLI", "DyscoBenchCLI",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            exclude: ["Snapshots"]
+        ),
         .testTarget(
             name: "DyscoLabTests",
             dependencies: ["DyscoLab", "DyscoAgent", "DyscoCore", .product(name: "Logging", package: "swift-log")]

@@ -1,15 +1,18 @@
 import ArgumentParser
 import ConntrackState
 import DyscoBench
+import DyscoCLI
 import DyscoLab
 import DyscoSystem
 import Foundation
 import Logging
 
-/// `dysco-bench`: the benchmarks, apart from the product's `dysco-migrate` (which the labs' agents run).
-@main
-struct BenchCommand: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(
+/// `dysco-bench`: the benchmarks, apart from the product's `dysco-migrate` (which the labs' agents run). The
+/// executable is only `@main extension BenchCommand {}`.
+public struct BenchCommand: AsyncParsableCommand {
+    public init() {}
+
+    public static let configuration = CommandConfiguration(
         commandName: "dysco-bench",
         abstract: "Benchmarks of dysco-migrate that print figures (and assert nothing).",
         discussion: """
@@ -33,11 +36,7 @@ struct BenchCommand: AsyncParsableCommand {
     }
 
     /// The benchmarks' logger: progress at info level on stderr.
-    static func logger() -> Logger {
-        var logger = Logger(label: "dysco-bench")
-        logger.logLevel = .info
-        return logger
-    }
+    static func logger() -> Logger { DyscoLog.logger("bench", level: .info) }
 
     struct Dataplane: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
@@ -59,7 +58,7 @@ struct BenchCommand: AsyncParsableCommand {
         @Option(help: "C reference script (default: ../shared/bench/chain-nfqueue-ref.sh if present; 'none' to skip).")
         var reference: String?
         @Option(help: "Extra argument for every agent (repeatable).") var agentArg: [String] = []
-        @Flag(help: "Print the report as JSON.") var json = false
+        @OptionGroup var jsonOutput: JSONOutput<JSONHelp.Report>
         @Flag(help: "Skip the --no-fastpath (NFQUEUE only) run.") var noSlowPath = false
         @Flag(help: ArgumentHelp("Exit 1 when a fast-path figure falls below its floor (`make bench-check`).",
                                  discussion: "Floors, each against kernel forwarding in the same run: connect overhead per middlebox < 1 ms (p50), new sessions/s ≥ 0.2, bulk goodput (1 and 8 flows) ≥ 0.8."))
@@ -88,7 +87,7 @@ struct BenchCommand: AsyncParsableCommand {
             case nil: options.referenceScript = FileManager.default.fileExists(atPath: defaultReference) ? defaultReference : nil
             }
             let report = try DataplaneBenchmark(options: options, logger: logger).run()
-            try BenchCommand.output(report, json: json, text: report.text)
+            try BenchCommand.output(report, json: jsonOutput.json, text: report.text)
             guard check else { return }
             let violations = DataplaneBenchmark.Floors().violations(report)
             if violations.isEmpty {
@@ -117,7 +116,7 @@ struct BenchCommand: AsyncParsableCommand {
         @Option(parsing: .upToNextOption, help: "Document sizes, in entries.") var entries: [Int] = [10_000, 100_000, 1_000_000]
         @Option(help: "Methods to run (whole, stream, stream-keep).") var modes: [String] = StateValidateBenchmark.Mode.allCases.map(\.rawValue)
         @Option(help: "Directory for the temporary documents.") var directory: String = NSTemporaryDirectory()
-        @Flag(help: "Print the measurements as JSON.") var json = false
+        @OptionGroup var jsonOutput: JSONOutput<JSONHelp.Measurements>
         @Option(help: .hidden) var child: String?
         @Option(help: .hidden) var file: String?
 
@@ -136,6 +135,7 @@ struct BenchCommand: AsyncParsableCommand {
                 print(String(decoding: try JSONEncoder().encode(measurement), as: UTF8.self))
                 return
             }
+            let json = jsonOutput.json
             let binary = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")
             var results: [StateValidateBenchmark.Measurement] = []
             if !json {
@@ -194,7 +194,7 @@ struct BenchCommand: AsyncParsableCommand {
         @Option(help: "Reference script (default: ../shared/bench/state-transfer-prototype-ref.sh if found; 'none' to skip).")
         var reference: String?
         @Option(help: "Extra argument for every agent (repeatable).") var agentArg: [String] = []
-        @Flag(help: "Print the report as JSON.") var json = false
+        @OptionGroup var jsonOutput: JSONOutput<JSONHelp.Report>
 
         func validate() throws {
             guard (1...2000).contains(sessions) else { throw ValidationError("--sessions must be 1...2000") }
@@ -216,7 +216,7 @@ struct BenchCommand: AsyncParsableCommand {
             options.agentArguments = agentArg
             (options.referenceScript, options.referenceMissing) = StateTransferReference.resolve(reference)
             let report = try await ReplaceBenchmark(options: options, logger: logger).run()
-            try BenchCommand.output(report, json: json, text: report.text)
+            try BenchCommand.output(report, json: jsonOutput.json, text: report.text)
         }
     }
 
@@ -233,7 +233,7 @@ struct BenchCommand: AsyncParsableCommand {
         )
 
         @Option(help: "Sessions in the state file and the kernel (1...40000).") var sessions = 1000
-        @Flag(help: "Print the report as JSON.") var json = false
+        @OptionGroup var jsonOutput: JSONOutput<JSONHelp.Report>
         @Flag(help: .hidden) var inside = false
 
         func validate() throws {
@@ -252,7 +252,7 @@ struct BenchCommand: AsyncParsableCommand {
             let executable = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
             let report = try RestoreBenchmark.run(sessions: sessions, bench: executable, agent: try Lab.defaultAgentBinary(),
                                                   logger: logger)
-            try BenchCommand.output(report, json: json, text: report.text)
+            try BenchCommand.output(report, json: jsonOutput.json, text: report.text)
         }
     }
 

@@ -16,58 +16,6 @@ struct StateCommand: AsyncParsableCommand {
     )
 }
 
-struct StateCommonOptions: ParsableArguments {
-    @Option(name: .long, help: "Work on this network namespace's table (/run/netns/NAME) instead of the current one.")
-    var netns: String?
-
-    @Flag(name: .shortAndLong, help: "Log every entry (to stderr).")
-    var verbose = false
-
-    var namespace: NamespaceSelection { netns.map(NamespaceSelection.named) ?? .current }
-
-    func logger() -> Logger {
-        var logger = Logger(label: "dysco-migrate.state", factory: { StreamLogHandler.standardError(label: $0) })
-        logger.logLevel = verbose ? .debug : .warning
-        return logger
-    }
-}
-
-extension EndpointPolicy.Rule: ExpressibleByArgument {}
-
-/// How `import` and `validate` read a document: the size limit and the endpoint rule.
-struct StateReadOptions: ParsableArguments {
-    @Option(name: .long, help: ArgumentHelp("""
-        Refuse documents larger than this many bytes, before parsing (default 128 MiB, about 400,000 compact \
-        entries). 0: no limit.
-        """, valueName: "bytes"))
-    var maxBytes: Int = StateDocumentLimits.defaultMaxBytes
-
-    @Option(name: .long, help: ArgumentHelp("""
-        basic: refuse entries naming a loopback, multicast, broadcast, unspecified or link-local address. \
-        routes: also require one endpoint of each entry to be an address of this host or on one of its routes \
-        (not the default route), read in the namespace of --netns. off (default): the format's checks only.
-        """, valueName: "off|basic|routes"))
-    var onlyLocal: EndpointPolicy.Rule = .off
-
-    func validate() throws {
-        guard maxBytes >= 0 else { throw ValidationError("--max-bytes must be 0 (no limit) or positive") }
-    }
-
-    func reader(namespace: NamespaceSelection) throws -> StateDocumentReader {
-        var policy = EndpointPolicy(rule: onlyLocal, option: "--only-local")
-        if onlyLocal == .routes {
-            do { policy.local = try LocalAddresses.read(in: namespace) } catch {
-                throw ValidationError("--only-local routes: cannot read the addresses and routes of the \(namespace): \(error)")
-            }
-        }
-        return StateDocumentReader(limits: StateDocumentLimits(maxBytes: maxBytes == 0 ? Int.max : maxBytes), endpoints: policy)
-    }
-
-    static func source(_ file: String) -> StateDocumentReader.Source {
-        file == "-" ? .handle(FileHandle.standardInput) : .file(file)
-    }
-}
-
 struct StateExportCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "export",
@@ -173,8 +121,7 @@ struct StateValidateCommand: ParsableCommand {
     @Option(name: .long, help: "Namespace whose addresses and routes --only-local routes uses (default: the current one).")
     var netns: String?
 
-    @Flag(name: .long, help: "Print the result as JSON.")
-    var json = false
+    @OptionGroup var jsonOutput: JSONOutput<JSONHelp.Result>
 
     @Argument(help: "The state document (JSON); - for stdin.")
     var file: String = "-"
@@ -189,6 +136,7 @@ struct StateValidateCommand: ParsableCommand {
     }
 
     func run() throws {
+        let json = jsonOutput.json
         let reader = try read.reader(namespace: netns.map(NamespaceSelection.named) ?? .current)
         let output: Output
         do {

@@ -1,8 +1,10 @@
 import ArgumentParser
 
-@main
-struct DyscoMigrate: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(
+/// The `dysco-migrate` command tree (the executable is only `@main extension DyscoMigrate {}`).
+public struct DyscoMigrate: AsyncParsableCommand {
+    public init() {}
+
+    public static let configuration = CommandConfiguration(
         commandName: "dysco-migrate",
         abstract: "Steer live TCP sessions through service chains and replace middleboxes under them (Dysco).",
         discussion: """

@@ -4,17 +4,6 @@ import DyscoAgent
 import DyscoSystem
 import Foundation
 
-/// Which agent a client command talks to: the one of a named network namespace, or a socket path.
-struct AgentAddressOptions: ParsableArguments {
-    @Option(help: "Ask the agent of this named network namespace (default: the current one).")
-    var netns: String?
-
-    @Option(help: "Control socket path (overrides --netns).")
-    var socket: String?
-
-    var socketPath: String { socket ?? AgentControlPaths.socketPath(netns: netns ?? NetworkNamespace.currentName()) }
-}
-
 struct SessionsCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "sessions",
@@ -27,8 +16,7 @@ struct SessionsCommand: AsyncParsableCommand {
 
     @OptionGroup var agent: AgentAddressOptions
 
-    @Flag(help: "Print JSON (the agent's full snapshot) instead of a table.")
-    var json = false
+    @OptionGroup var jsonOutput: JSONOutput<JSONHelp.Snapshot>
 
     @Option(help: "Show at most this many sessions (the first, by id).")
     var limit: Int?
@@ -43,7 +31,7 @@ struct SessionsCommand: AsyncParsableCommand {
     func run() async throws {
         // The agent answers in pages (AgentSnapshot.pageLimit sessions each); this fetches them in turn.
         let snapshot = try await ControlClient.snapshot(path: agent.socketPath, after: after, limit: limit ?? .max)
-        if json {
+        if jsonOutput.json {
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.sortedKeys]
             FileHandle.standardOutput.write(try encoder.encode(snapshot))

@@ -59,7 +59,7 @@ struct MeasureCommand: AsyncParsableCommand {
     @Option(help: "Plot script (default: scripts/plot-measure.py here or in the binary's repository).") var plotScript: String?
     @Flag(help: "Write report.json and the CSVs only (no matplotlib needed).") var noPlots = false
     @Option(help: "Extra argument for every agent (repeatable).") var agentArg: [String] = []
-    @Flag(help: "Print report.json to stdout instead of the text report.") var json = false
+    @OptionGroup var jsonOutput: JSONOutput<JSONHelp.MeasureReport>
 
     func validate() throws {
         guard (1...2000).contains(sessions) else { throw ValidationError("--sessions must be 1...2000") }
@@ -74,8 +74,7 @@ struct MeasureCommand: AsyncParsableCommand {
     }
 
     func run() async throws {
-        var logger = Logger(label: "dysco-migrate.measure")
-        logger.logLevel = .info
+        let logger = DyscoLog.logger("measure", level: .info)
         var script: String?
         if !noPlots {
             if let plotScript {
@@ -104,7 +103,7 @@ struct MeasureCommand: AsyncParsableCommand {
         let directory = output ?? Self.defaultOutput()
         let measured = try await MeasureBenchmark(options: options, logger: logger).run()
         let report = try MeasureBenchmark.write(measured, to: directory, plotScript: script)
-        if json {
+        if jsonOutput.json {
             FileHandle.standardOutput.write(try Data(contentsOf: URL(fileURLWithPath: report.files["report"]!)))
             print()
         } else {

@@ -6,48 +6,6 @@ import DyscoSystem
 import Foundation
 import Logging
 
-/// Where a command that acts on a middlebox finds it: this host, a named namespace, or a lab host.
-struct MiddleboxPlacementOptions: ParsableArguments {
-    @Option(help: "The old box's agent is in this named network namespace (default: the current one).")
-    var netns: String?
-
-    @Option(help: "A lab built with `dysco-migrate lab up`: --old/--new may then be its host names (fw1, fw2).")
-    var lab: String?
-
-    @Option(help: "Control socket path of the old box's agent (overrides --netns and --lab).")
-    var socket: String?
-
-    /// Resolves a host name (with --lab) or an address.
-    func address(_ text: String, lab: Lab?) throws -> IPv4Address {
-        if let address = IPv4Address(text) { return address }
-        guard let lab else { throw ValidationError("'\(text)' is not an IPv4 address (host names need --lab NAME)") }
-        guard let host = lab.findHost(text) else {
-            throw ValidationError("lab '\(lab.name)' has no host '\(text)' (hosts: \(lab.hosts.map(\.name).joined(separator: ", ")))")
-        }
-        return host.address
-    }
-
-    func openLab() throws -> Lab? {
-        guard let lab else { return nil }
-        var logger = Logger(label: "dysco.replace")
-        logger.logLevel = .warning
-        return try Lab.attach(name: lab, logger: logger)
-    }
-
-    /// The control socket of the agent on the box `old`.
-    func socketPath(old: String, lab: Lab?) throws -> String {
-        if let socket { return socket }
-        if let lab, IPv4Address(old) == nil {
-            guard let host = lab.findHost(old) else { throw ValidationError("lab '\(lab.name)' has no host '\(old)'") }
-            return AgentControlPaths.socketPath(netns: host.namespace)
-        }
-        if let lab, let address = IPv4Address(old), let host = lab.hosts.first(where: { $0.address == address }) {
-            return AgentControlPaths.socketPath(netns: host.namespace)
-        }
-        return AgentControlPaths.socketPath(netns: netns ?? NetworkNamespace.currentName())
-    }
-}
-
 struct ReplaceCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "replace",
@@ -87,8 +45,7 @@ struct ReplaceCommand: AsyncParsableCommand {
     @Option(help: "Milliseconds a session's migration may take before it is cancelled (it then stays on the old box).")
     var deadline: UInt32 = 3000
 
-    @Flag(help: "Print the report as JSON.")
-    var json = false
+    @OptionGroup var jsonOutput: JSONOutput<JSONHelp.Report>
 
     @OptionGroup var placement: MiddleboxPlacementOptions
 
@@ -96,13 +53,10 @@ struct ReplaceCommand: AsyncParsableCommand {
         guard (1...600_000).contains(deadline) else { throw ValidationError("--deadline must be 1...600000 ms") }
         guard !new.isEmpty else { throw ValidationError("--new names at least one middlebox") }
         do { _ = try SessionPredicate(filter: match) } catch { throw ValidationError("\(error)") }
-        if let netns = placement.netns, !NetworkNamespace.isValidName(netns) {
-            throw ValidationError("--netns '\(netns)' is not a valid namespace name")
-        }
     }
 
     func run() async throws {
-        let lab = try placement.openLab()
+        let lab = try placement.openLab(component: "replace")
         let oldAddress = try placement.address(old, lab: lab)
         let newBoxes = try new.split(separator: ",").map { try placement.address(String($0), lab: lab) }
         guard !newBoxes.contains(oldAddress) else { throw ValidationError("--new must not contain the old box \(oldAddress)") }
@@ -119,7 +73,7 @@ struct ReplaceCommand: AsyncParsableCommand {
         guard let report = try? JSONDecoder().decode(ReplaceReport.self, from: data) else {
             throw ValidationError("the agent answered: \(String(decoding: data, as: UTF8.self))")
         }
-        if json {
+        if jsonOutput.json {
             FileHandle.standardOutput.write(data)
         } else {
             print(Self.render(report, old: oldAddress, new: newBoxes, stateful: !stateless))

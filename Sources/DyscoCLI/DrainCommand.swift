@@ -55,8 +55,7 @@ struct DrainCommand: AsyncParsableCommand {
     @Flag(help: "List what would move where; change nothing (no cordon either).")
     var dryRun = false
 
-    @Flag(help: "Print the summary as JSON (progress lines then go to stderr).")
-    var json = false
+    @OptionGroup var jsonOutput: JSONOutput<JSONHelp.DrainSummary>
 
     @OptionGroup var placement: MiddleboxPlacementOptions
 
@@ -64,13 +63,11 @@ struct DrainCommand: AsyncParsableCommand {
         guard (1...100_000).contains(concurrency) else { throw ValidationError("--concurrency must be 1...100000") }
         guard (1...600_000).contains(deadline) else { throw ValidationError("--deadline must be 1...600000 ms") }
         guard !to.isEmpty else { throw ValidationError("--to names at least one middlebox") }
-        if let netns = placement.netns, !NetworkNamespace.isValidName(netns) {
-            throw ValidationError("--netns '\(netns)' is not a valid namespace name")
-        }
     }
 
     func run() async throws {
-        let lab = try placement.openLab()
+        let json = jsonOutput.json
+        let lab = try placement.openLab(component: "drain")
         let oldAddress = try placement.address(old, lab: lab)
         let targets = try to.split(separator: ",").map { try placement.address(String($0), lab: lab) }
         guard !targets.contains(oldAddress) else { throw ValidationError("--to must not contain the old box \(oldAddress)") }
@@ -98,7 +95,7 @@ struct DrainCommand: AsyncParsableCommand {
         defer { source.cancel() }
 
         let bar = ProgressLine(terminal: isatty(json ? STDERR_FILENO : STDOUT_FILENO) == 1, toStderr: json)
-        let summary = try await Drain(options: options, logger: Logger(label: "dysco.drain"))
+        let summary = try await Drain(options: options, logger: DyscoLog.logger("drain", level: .info))
             .run(progress: { bar.show($0) }, stop: { interrupted.load(ordering: .relaxed) })
         bar.finish()
         if json {

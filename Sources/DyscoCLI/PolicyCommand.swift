@@ -17,40 +17,37 @@ struct PolicyCommand: AsyncParsableCommand {
         subcommands: [Show.self, Reload.self, Cordon.self, Uncordon.self]
     )
 
-    struct Output: ParsableArguments {
-        @OptionGroup var agent: AgentAddressOptions
-        @Flag(help: "Print the agent's answer as JSON.")
-        var json = false
-
-        func send(_ request: PolicyRequest) async throws {
-            let data = try await ControlClient.request(ControlRequest(.policy, policy: request), path: agent.socketPath)
-            guard let reply = try? JSONDecoder().decode(PolicyReply.self, from: data) else {
-                throw ValidationError("the agent answered: \(String(decoding: data.prefix(300), as: UTF8.self))")
-            }
-            if json {
-                let encoder = JSONEncoder()
-                encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-                FileHandle.standardOutput.write(try encoder.encode(reply) + Data("\n".utf8))
-            } else {
-                print(PolicyCommand.render(reply))
-            }
-            if let error = reply.error {
-                FileHandle.standardError.write(Data("policy: \(error)\n".utf8))
-                throw ExitCode(1)
-            }
+    /// Sends `request` to the agent of `agent` and prints its reply (JSON with --json), exit 1 if it refused.
+    static func send(_ request: PolicyRequest, agent: AgentAddressOptions, output: JSONOutput<JSONHelp.AgentAnswer>) async throws {
+        let data = try await ControlClient.request(ControlRequest(.policy, policy: request), path: agent.socketPath)
+        guard let reply = try? JSONDecoder().decode(PolicyReply.self, from: data) else {
+            throw ValidationError("the agent answered: \(String(decoding: data.prefix(300), as: UTF8.self))")
+        }
+        if output.json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            FileHandle.standardOutput.write(try encoder.encode(reply) + Data("\n".utf8))
+        } else {
+            print(PolicyCommand.render(reply))
+        }
+        if let error = reply.error {
+            FileHandle.standardError.write(Data("policy: \(error)\n".utf8))
+            throw ExitCode(1)
         }
     }
 
     struct Show: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Print the policies in force and the cordons.")
-        @OptionGroup var output: Output
-        func run() async throws { try await output.send(PolicyRequest(.show)) }
+        @OptionGroup var agent: AgentAddressOptions
+        @OptionGroup var jsonOutput: JSONOutput<JSONHelp.AgentAnswer>
+        func run() async throws { try await PolicyCommand.send(PolicyRequest(.show), agent: agent, output: jsonOutput) }
     }
 
     struct Reload: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Read the agent's --config file again (as SIGHUP does).")
-        @OptionGroup var output: Output
-        func run() async throws { try await output.send(PolicyRequest(.reload)) }
+        @OptionGroup var agent: AgentAddressOptions
+        @OptionGroup var jsonOutput: JSONOutput<JSONHelp.AgentAnswer>
+        func run() async throws { try await PolicyCommand.send(PolicyRequest(.reload), agent: agent, output: jsonOutput) }
     }
 
     struct Cordon: AsyncParsableCommand {
@@ -58,7 +55,8 @@ struct PolicyCommand: AsyncParsableCommand {
         @Argument(help: "The middlebox's address.") var address: String
         @Option(help: ArgumentHelp("Where new sessions go instead, comma-separated.", valueName: "addr[,...]"))
         var to: String
-        @OptionGroup var output: Output
+        @OptionGroup var agent: AgentAddressOptions
+        @OptionGroup var jsonOutput: JSONOutput<JSONHelp.AgentAnswer>
 
         func validate() throws {
             guard IPv4Address(address) != nil else { throw ValidationError("'\(address)' is not an IPv4 address") }
@@ -68,19 +66,23 @@ struct PolicyCommand: AsyncParsableCommand {
         }
 
         func run() async throws {
-            try await output.send(PolicyRequest(.cordon, address: IPv4Address(address),
-                                                replacements: to.split(separator: ",").compactMap { IPv4Address(String($0)) }))
+            try await PolicyCommand.send(PolicyRequest(.cordon, address: IPv4Address(address),
+                                                       replacements: to.split(separator: ",").compactMap { IPv4Address(String($0)) }),
+                                         agent: agent, output: jsonOutput)
         }
     }
 
     struct Uncordon: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "End a cordon: new sessions may choose the box again.")
         @Argument(help: "The middlebox's address.") var address: String
-        @OptionGroup var output: Output
+        @OptionGroup var agent: AgentAddressOptions
+        @OptionGroup var jsonOutput: JSONOutput<JSONHelp.AgentAnswer>
         func validate() throws {
             guard IPv4Address(address) != nil else { throw ValidationError("'\(address)' is not an IPv4 address") }
         }
-        func run() async throws { try await output.send(PolicyRequest(.uncordon, address: IPv4Address(address))) }
+        func run() async throws {
+            try await PolicyCommand.send(PolicyRequest(.uncordon, address: IPv4Address(address)), agent: agent, output: jsonOutput)
+        }
     }
 
     static func render(_ reply: PolicyReply) -> String {

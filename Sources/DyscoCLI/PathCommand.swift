@@ -20,7 +20,7 @@ struct PathCommand: AsyncParsableCommand {
     @Argument(help: "hold or release.") var action: Action
     @Argument(help: "Session ids.") var ids: [UInt64]
     @OptionGroup var agent: AgentAddressOptions
-    @Flag(help: "Print JSON.") var json = false
+    @OptionGroup var jsonOutput: JSONOutput<JSONHelp.Plain>
 
     func validate() throws {
         guard !ids.isEmpty else { throw ValidationError("name at least one session id") }
@@ -30,7 +30,7 @@ struct PathCommand: AsyncParsableCommand {
         let command: ControlRequest.Command = action == .hold ? .hold : .release
         let data = try await ControlClient.request(ControlRequest(command, sessions: ids), path: agent.socketPath)
         let reply = try JSONDecoder().decode(ControlPathReply.self, from: data)
-        if json {
+        if jsonOutput.json {
             FileHandle.standardOutput.write(data)
         } else {
             print("\(action.rawValue): \(reply.sessions.map(String.init).joined(separator: " "))")

@@ -6,21 +6,6 @@ import DyscoSystem
 import Foundation
 import Logging
 
-/// Options every command that logs shares.
-struct LoggingOptions: ParsableArguments {
-    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
-    var logLevel: Logger.Level = .info
-
-    func makeLogger(_ label: String) -> Logger {
-        LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
-        var logger = Logger(label: label)
-        logger.logLevel = logLevel
-        return logger
-    }
-}
-
-extension Logger.Level: @retroactive ExpressibleByArgument {}
-
 struct AgentCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "agent",
@@ -242,7 +227,7 @@ struct AgentCommand: AsyncParsableCommand {
             // (and the iptables it runs) into the namespace.
             try NetworkNamespace.reexec(into: netns, arguments: CommandLine.arguments.removingOption("--netns"))
         }
-        let logger = logging.makeLogger("dysco.agent")
+        let logger = logging.logger("agent")
         let socketPath = controlSocket ?? AgentControlPaths.socketPath(netns: NetworkNamespace.currentName())
         if purge {
             let report = try DataplaneAgent.purge(queue: queue, logger: logger,

@@ -49,27 +49,16 @@ extension LabCommand {
         @Option(help: "TCP port.") var port: UInt16 = 8090
         @Option(help: "Pace of each response, MiB/s.") var rate = 5.0
 
-        func run() async throws {
+        func validate() throws {
             guard rate > 0 else { throw ValidationError("--rate must be positive") }
-            var logger = Logger(label: "dysco-migrate.lab")
-            logger.logLevel = .warning
-            let lab = try Lab.attach(name: lab, logger: logger)
+        }
+
+        func run() async throws {
+            let lab = try Lab.attach(name: lab, logger: DyscoLog.logger("lab", level: .warning))
             let process = try PacedHTTPServer.start(lab, on: host, port: port, bytesPerSecond: rate * 1_048_576,
                                                     probeFrom: lab.hosts(.client).first?.name ?? "client1")
             print("paced HTTP server on \(host) (\(lab.address(of: host)):\(port)), \(rate) MiB/s per response, pid \(process.processIdentifier)")
         }
-    }
-}
-
-/// Options every lab subcommand shares.
-struct LabLoggingOptions: ParsableArguments {
-    @Flag(name: .long, help: "Log every step (debug level).")
-    var verbose = false
-
-    func logger() -> Logger {
-        var logger = Logger(label: "dysco-migrate.lab")
-        logger.logLevel = verbose ? .debug : .info
-        return logger
     }
 }
 
@@ -151,8 +140,7 @@ extension LabCommand {
         @Flag(help: "Start no iperf3/HTTP servers.")
         var noServices = false
 
-        @Flag(help: "Print the lab's state (lab.json) as JSON when it is ready.")
-        var json = false
+        @OptionGroup var jsonOutput: JSONOutput<JSONHelp.LabState>
 
         @OptionGroup var logging: LabLoggingOptions
 
@@ -184,7 +172,7 @@ extension LabCommand {
 
         func run() async throws {
             let lab = try Lab.up(try spec, logger: logging.logger())
-            if json {
+            if jsonOutput.json {
                 try printJSON(lab.state)
                 return
             }
@@ -216,8 +204,7 @@ extension LabCommand {
         @Flag(help: "Without lab.json, also remove NAME-<x> namespaces that may be the lab's middleboxes.")
         var force = false
 
-        @Flag(help: "Print what was removed as JSON.")
-        var json = false
+        @OptionGroup var jsonOutput: JSONOutput<JSONHelp.LabRemoved>
 
         @OptionGroup var logging: LabLoggingOptions
 
@@ -227,7 +214,7 @@ extension LabCommand {
 
         func run() async throws {
             let report = try Lab.down(name: name, force: force, logger: logging.logger())
-            if json { try printJSON(report); return }
+            if jsonOutput.json { try printJSON(report); return }
             if !report.existed {
                 print("lab \(name): nothing to remove")
             } else {
@@ -246,8 +233,7 @@ extension LabCommand {
         @Option(help: "Only this lab (default: every lab under /run/dysco-migrate/labs).")
         var name: String?
 
-        @Flag(help: "Print JSON (an array of labs) for scripts.")
-        var json = false
+        @OptionGroup var jsonOutput: JSONOutput<JSONHelp.Labs>
 
         func validate() throws {
             if let name, !LabSpec.isValidLabName(name) { throw ValidationError("'\(name)' is not a valid lab name") }
@@ -255,7 +241,7 @@ extension LabCommand {
 
         func run() async throws {
             let labs = LabStatus.collect(name: name)
-            if json { try printJSON(labs); return }
+            if jsonOutput.json { try printJSON(labs); return }
             if labs.isEmpty {
                 print(name.map { "no lab '\($0)'" } ?? "no labs")
                 if name != nil { throw ExitCode(1) }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import DyscoBench
+import DyscoCLI
 import Foundation
 import Logging
 
@@ -16,8 +17,7 @@ struct ConntrackBench: ParsableCommand {
     @Flag(name: .shortAndLong, help: "Log to stderr.") var verbose = false
 
     func run() throws {
-        var logger = Logger(label: "dysco-bench.conntrack", factory: { StreamLogHandler.standardError(label: $0) })
-        logger.logLevel = verbose ? .info : .warning
+        let logger = DyscoLog.logger("bench.conntrack", level: verbose ? .info : .warning)
         let figures = try ConntrackBenchmark.run(logger: logger, importCount: importCount, tableSize: tableSize,
                                                  sessionCount: sessions)
         for figure in figures { print(figure) }

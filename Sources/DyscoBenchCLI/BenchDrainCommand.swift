@@ -1,5 +1,6 @@
 import ArgumentParser
 import DyscoBench
+import DyscoCLI
 import DyscoLab
 import Foundation
 import Logging
@@ -21,7 +22,7 @@ extension BenchCommand {
         @Option(help: "Milliseconds per session's migration before it is cancelled.") var deadline: UInt32 = 10_000
         @Flag(help: "Without the state transfer (fw2 strict: those sessions would then be dropped; for comparison only).")
         var stateless = false
-        @Flag(help: "Print the report as JSON.") var json = false
+        @OptionGroup var jsonOutput: JSONOutput<JSONHelp.Report>
 
         func validate() throws {
             guard (1...40_000).contains(sessions) else { throw ValidationError("--sessions must be 1...40000") }
@@ -37,7 +38,7 @@ extension BenchCommand {
             options.deadlineMilliseconds = deadline
             options.stateful = !stateless
             let report = try await DrainBenchmark(options: options, logger: logger).run()
-            try BenchCommand.output(report, json: json, text: DrainBenchmark.render(report))
+            try BenchCommand.output(report, json: jsonOutput.json, text: DrainBenchmark.render(report))
         }
     }
 }

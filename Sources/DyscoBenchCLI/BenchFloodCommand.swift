@@ -1,5 +1,6 @@
 import ArgumentParser
 import DyscoBench
+import DyscoCLI
 import DyscoLab
 import Foundation
 
@@ -27,7 +28,7 @@ extension BenchCommand {
         @Option(help: "SYNs per second of each of the two flood processes (0: as fast as Python sends).") var rate = 0.0
         @Option(help: "Extra argument for every agent (repeatable), e.g. --agent-arg=--max-sessions-per-source=4096.")
         var agentArg: [String] = []
-        @Flag(help: "Print the report as JSON.") var json = false
+        @OptionGroup var jsonOutput: JSONOutput<JSONHelp.Report>
 
         func validate() throws {
             guard (2...1_000_000).contains(syns) else { throw ValidationError("--syns must be 2...1000000") }
@@ -42,7 +43,7 @@ extension BenchCommand {
             options.rate = rate
             options.agentArguments = agentArg
             let report = try await FloodBenchmark(options: options, logger: BenchCommand.logger()).run()
-            try BenchCommand.output(report, json: json, text: report.text)
+            try BenchCommand.output(report, json: jsonOutput.json, text: report.text)
         }
     }
 }

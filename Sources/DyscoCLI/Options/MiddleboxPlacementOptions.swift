@@ -1,0 +1,54 @@
+import ArgumentParser
+import DyscoAgent
+import DyscoCore
+import DyscoLab
+import DyscoSystem
+import Logging
+
+/// Where a command that acts on a middlebox (`replace`, `drain`) finds it: this host, a named namespace, or a lab
+/// host.
+struct MiddleboxPlacementOptions: ParsableArguments {
+    @Option(help: "The old box's agent is in this named network namespace (default: the current one).")
+    var netns: String?
+
+    @Option(help: "A lab built with `dysco-migrate lab up`: --old/--new may then be its host names (fw1, fw2).")
+    var lab: String?
+
+    @Option(help: "Control socket path of the old box's agent (overrides --netns and --lab).")
+    var socket: String?
+
+    func validate() throws {
+        if let netns, !NetworkNamespace.isValidName(netns) {
+            throw ValidationError("--netns '\(netns)' is not a valid namespace name")
+        }
+    }
+
+    /// Resolves a host name (with --lab) or an address.
+    func address(_ text: String, lab: Lab?) throws -> IPv4Address {
+        if let address = IPv4Address(text) { return address }
+        guard let lab else { throw ValidationError("'\(text)' is not an IPv4 address (host names need --lab NAME)") }
+        guard let host = lab.findHost(text) else {
+            throw ValidationError("lab '\(lab.name)' has no host '\(text)' (hosts: \(lab.hosts.map(\.name).joined(separator: ", ")))")
+        }
+        return host.address
+    }
+
+    /// The lab of --lab (nil without it); `component` names the command in the log label (``DyscoLog``).
+    func openLab(component: String) throws -> Lab? {
+        guard let lab else { return nil }
+        return try Lab.attach(name: lab, logger: DyscoLog.logger(component, level: .warning))
+    }
+
+    /// The control socket of the agent on the box `old`.
+    func socketPath(old: String, lab: Lab?) throws -> String {
+        if let socket { return socket }
+        if let lab, IPv4Address(old) == nil {
+            guard let host = lab.findHost(old) else { throw ValidationError("lab '\(lab.name)' has no host '\(old)'") }
+            return AgentControlPaths.socketPath(netns: host.namespace)
+        }
+        if let lab, let address = IPv4Address(old), let host = lab.hosts.first(where: { $0.address == address }) {
+            return AgentControlPaths.socketPath(netns: host.namespace)
+        }
+        return AgentControlPaths.socketPath(netns: netns ?? NetworkNamespace.currentName())
+    }
+}
