@@ -53,8 +53,9 @@ private func expectCompletes(_ lab: ConntrackLab, _ curl: Process, sha: String, 
     let remaining = Double((blobMiB << 20) - migration.bytesAtSwitch) / Double(rate << 20)
     // fwB's tracker learns each direction's window edges from the first packets it sees (ctnetlink cannot carry
     // them): the server's first burst after the resume may be judged INVALID until the client's first ACK has
-    // crossed fwB. That is one round trip; after it, a correct import leaves nothing for fwB to drop.
-    Thread.sleep(forTimeInterval: 2)
+    // crossed fwB. That is one round trip; after it, a correct import leaves nothing for fwB to drop. 16 MiB past
+    // the switch (more than any receive window here) cannot arrive before the client's ACKs have crossed fwB.
+    try lab.waitForDownload(atLeast: migration.bytesAtSwitch + (16 << 20), timeout: 20)
     let settled = try lab.dropCounters(lab.fwB).invalid
     let finished = lab.wait(curl, timeout: remaining + 25)
     let elapsed = Date().timeIntervalSince(migration.switchedAt)
@@ -66,7 +67,7 @@ private func expectCompletes(_ lab: ConntrackLab, _ curl: Process, sha: String, 
     #expect(try lab.sha256(lab.downloadPath) == sha, "downloaded file differs")
     let counters = try lab.dropCounters(lab.fwB)
     // At most one burst (a congestion window of GSO segments) before the first ACK; none once fwB has seen both ways.
-    #expect(settled <= 32, "fwB dropped \(settled) INVALID packets in the first 2 s after the switch")
+    #expect(settled <= 32, "fwB dropped \(settled) INVALID packets in the first 16 MiB after the switch")
     #expect(counters.invalid == settled, "fwB went on dropping INVALID packets: \(settled) -> \(counters.invalid)")
     // fwB really carried the rest of the session (not some leftover path through fwA): count its bytes.
     let established = try Command.run(["iptables", "-w", "-L", "FORWARD", "-v", "-x", "-n"], netns: lab.fwB).stdout
@@ -104,7 +105,8 @@ private func expectCompletes(_ lab: ConntrackLab, _ curl: Process, sha: String, 
         defer { lab.teardown() }
         let (curl, _, migration) = try transferAndSwitch(lab, importState: false)
         defer { if curl.isRunning { curl.terminate() } }
-        // Let curl drain what its socket already holds, then watch: no byte may arrive for 3 s.
+        // Let curl drain what its socket already holds, then watch: no byte may arrive for 3 s. (A negative
+        // proof needs an observation window; these two sleeps are that window, not a wait for an event.)
         Thread.sleep(forTimeInterval: 1.5)
         let before = lab.downloadedBytes()
         Thread.sleep(forTimeInterval: 3)

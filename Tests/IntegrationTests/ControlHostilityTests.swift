@@ -15,16 +15,6 @@ import Testing
 
     // MARK: - Helpers
 
-    /// Polls `condition` every 100 ms until it holds or `timeout` passes; returns its last value.
-    static func eventually(timeout: TimeInterval, _ condition: () async throws -> Bool) async throws -> Bool {
-        let deadline = Date().addingTimeInterval(timeout)
-        while true {
-            if try await condition() { return true }
-            if Date() >= deadline { return false }
-            try await Task.sleep(for: .milliseconds(100))
-        }
-    }
-
     /// `after − before` of two control-counter maps, only the entries that changed.
     static func delta(_ before: [String: UInt64], _ after: [String: UInt64]) -> [String: Int64] {
         var out: [String: Int64] = [:]
@@ -158,7 +148,7 @@ import Testing
             // In any state (under load a download may end, its session closing, before this looks), but only the
             // report's sessions (the paced server's start-up probe is one too, closing on fw1).
             let reported = Set(report.sessions.map(\.session))
-            let settled = try await Self.eventually(timeout: 5) {
+            let settled = try await TestSupport.eventually(timeout: 5) {
                 let onFw1 = Set(try await MigrationLab.pacedSessions(lab, "fw1", anyState: true).map(\.session)).intersection(reported)
                 let onFw2 = Set(try await MigrationLab.pacedSessions(lab, "fw2", anyState: true).map(\.session)).intersection(reported)
                 var busy: [String] = []
@@ -259,7 +249,7 @@ import Testing
             // Each kind was dropped for its reason, as often as sent; nothing else moved (no reply, no receive).
             for host in targets {
                 var seen: [String: Int64] = [:]
-                let exact = try await Self.eventually(timeout: 3) {
+                let exact = try await TestSupport.eventually(timeout: 3) {
                     seen = Self.delta(before[host]!.control, try await TestSupport.snapshot(lab, host).control)
                     return seen == expected[host]
                 }

@@ -33,8 +33,7 @@ import Testing
             let sessions = 100
             let downloads = try MigrationLab.Downloads(lab, file: "blob", count: sessions, timeout: 90,
                                                        clients: (1...clients).map { "client\($0)" })
-            try await MigrationLab.waitForSessions(lab, on: "fw1", count: sessions, timeout: 40)
-            try await Task.sleep(for: .seconds(1))
+            try await MigrationLab.waitForKernelCarried(lab, on: "fw1", count: sessions, timeout: 40)
 
             let lossBefore = try MigrationLab.lossCounters(lab)
             let invalidBefore = try TestSupport.invalidDrops(lab, "fw2")

@@ -127,18 +127,35 @@ import Testing
             let bench = try TestSupport.benchBinary()
             let server = lab.address(of: "server1").description
             try lab.spawn("server1", [bench, "sink", "--address", server, "--port", "\(DataplaneBenchmark.sinkPort)"])
-            usleep(300_000)
-            // 1,000 connections held open until the kernel has every one, then all closed.
+            let listening = try await TestSupport.eventually(timeout: 10) {
+                !(try lab.exec("server1", ["ss", "-ltnH", "sport = :\(DataplaneBenchmark.sinkPort)"]).stdout.isEmpty)
+            }
+            try #require(listening, "the sink does not listen")
+            // 1,000 connections held open until fw1's kernel has every one (the test creates `.close`), then all closed.
+            let out = "\(lab.directory)/thousand"
             let script = """
-                import resource, socket, sys, time
+                import os, resource, socket, sys, time
                 resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
                 socks = [socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10) for _ in range(1000)]
-                time.sleep(2)
+                open(sys.argv[3] + ".ready", "w").close()
+                end = time.time() + 60
+                while not os.path.exists(sys.argv[3] + ".close") and time.time() < end: time.sleep(0.02)
                 for s in socks: s.close()
-                print(len(socks))
+                open(sys.argv[3], "w").write(str(len(socks)))
                 """
-            let out = try lab.exec("client1", ["python3", "-c", script, server, "\(DataplaneBenchmark.sinkPort)"])
-            #expect(out.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "1000")
+            let client = try lab.spawn("client1", ["python3", "-c", script, server, "\(DataplaneBenchmark.sinkPort)", out])
+            var installs: UInt64 = 0
+            let deadline = Date().addingTimeInterval(60)
+            while client.isRunning, Date() < deadline {
+                if FileManager.default.fileExists(atPath: out + ".ready") {
+                    installs = try await TestSupport.snapshot(lab, "fw1").counters.fastPathInstalls
+                    if installs >= 1000 { break }
+                }
+                try await Task.sleep(for: .milliseconds(50))
+            }
+            _ = FileManager.default.createFile(atPath: out + ".close", contents: nil)
+            client.waitUntilExit()
+            #expect((try? String(contentsOfFile: out, encoding: .utf8)) == "1000", "the client did not hold 1,000 connections")
             let fw1 = try await TestSupport.snapshot(lab, "fw1")
             #expect(fw1.counters.sessionsCreated >= 1000)
             #expect(fw1.counters.fastPathInstalls >= 1000, "every session reached the kernel: \(fw1.counters.fastPathInstalls)")

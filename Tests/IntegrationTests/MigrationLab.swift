@@ -103,6 +103,19 @@ enum MigrationLab {
         throw LabError.setupFailed("fewer than \(count) sessions through \(host) after \(timeout) s")
     }
 
+    /// Waits until `host`'s agent carries at least `count` established paced sessions and the kernel carries every
+    /// one of them (the steady state a migration starts from; with --no-fastpath, once they are established).
+    static func waitForKernelCarried(_ lab: Lab, on host: String, count: Int, timeout: TimeInterval = 20) async throws {
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            let snapshot = try await TestSupport.snapshot(lab, host)
+            let sessions = snapshot.sessions.filter { $0.session.dstPort == pacedPort && $0.state == "established" }
+            if sessions.count >= count, !snapshot.fastPath || sessions.allSatisfy({ $0.path == .kernel }) { return }
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        throw LabError.setupFailed("\(host): fewer than \(count) paced sessions carried by the kernel after \(timeout) s")
+    }
+
     /// Waits until each of `host`'s established paced sessions (at least `count`) would survive its agent's crash:
     /// carried by the kernel, or its ingress keys in the owned set (they follow the table in batches:
     /// docs/ARCHITECTURE.md, "Agent crash and restart").

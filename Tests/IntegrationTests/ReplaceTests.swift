@@ -23,8 +23,7 @@ import Testing
             try MigrationLab.startPacedServer(lab, megabytesPerSecond: 1)
             let sessions = 20
             let downloads = try MigrationLab.Downloads(lab, file: "blob", count: sessions)
-            try await MigrationLab.waitForSessions(lab, on: "fw1", count: sessions)
-            try await Task.sleep(for: .seconds(1))
+            try await MigrationLab.waitForKernelCarried(lab, on: "fw1", count: sessions)
 
             let lossBefore = try MigrationLab.lossCounters(lab)
             let invalidBefore = try TestSupport.invalidDrops(lab, "fw2")

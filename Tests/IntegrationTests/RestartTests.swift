@@ -168,15 +168,21 @@ import Testing
             let window = try MigrationLab.lossCounters(lab) - lossBefore
             #expect(window.establishedResets == 0, "\(window)")
             // The FINs reached the peers: neither end keeps the connection (no FIN_WAIT/CLOSE_WAIT/LAST_ACK left
-            // for the paced port).
-            try await Task.sleep(for: .milliseconds(500))
-            for host in ["client1", "server1"] {
-                let sockets = try lab.exec(host, ["ss", "-tanH", "( sport = :\(MigrationLab.pacedPort) or dport = :\(MigrationLab.pacedPort) )"]).stdout
-                let stuck = sockets.split(separator: "\n").filter {
-                    $0.hasPrefix("FIN-WAIT") || $0.hasPrefix("CLOSE-WAIT") || $0.hasPrefix("LAST-ACK") || $0.hasPrefix("ESTAB")
+            // for the paced port). The last ACK may still be on its way when curl exits: wait for it (a stranded FIN
+            // would leave the sockets there for a minute, past the deadline).
+            var stuck: [String: [Substring]] = [:]
+            let deadline = Date().addingTimeInterval(10)
+            repeat {
+                for host in ["client1", "server1"] {
+                    let sockets = try lab.exec(host, ["ss", "-tanH", "( sport = :\(MigrationLab.pacedPort) or dport = :\(MigrationLab.pacedPort) )"]).stdout
+                    stuck[host] = sockets.split(separator: "\n").filter {
+                        $0.hasPrefix("FIN-WAIT") || $0.hasPrefix("CLOSE-WAIT") || $0.hasPrefix("LAST-ACK") || $0.hasPrefix("ESTAB")
+                    }
                 }
-                #expect(stuck.isEmpty, "\(host): \(stuck)")
-            }
+                if stuck.values.allSatisfy(\.isEmpty) { break }
+                try await Task.sleep(for: .milliseconds(50))
+            } while Date() < deadline
+            for (host, sockets) in stuck { #expect(sockets.isEmpty, "\(host): \(sockets)") }
 
             // The operator takes the agent away for good: --purge removes rules, table and state file.
             let bin = try TestSupport.dyscoBinary()

@@ -24,7 +24,7 @@ import Testing
 
     /// Waits until `host` carries exactly `count` established paced sessions (and returns true), or `timeout`.
     static func waitForCarried(_ lab: Lab, _ host: String, count: Int, timeout: TimeInterval = 10) async throws -> Bool {
-        try await ControlHostilityTests.eventually(timeout: timeout) {
+        try await TestSupport.eventually(timeout: timeout) {
             try await MigrationLab.pacedSessions(lab, host).count == count
         }
     }
@@ -243,7 +243,7 @@ import Testing
             var seen: [String: [String: Int64]] = [:]
             let expected = Dictionary(uniqueKeysWithValues: framesTo.compactMap { dst, n in
                 hostOf[dst].map { ($0, ["dropped.replayed": Int64(n)]) } })
-            let exact = try await ControlHostilityTests.eventually(timeout: 10) {
+            let exact = try await TestSupport.eventually(timeout: 10) {
                 for host in Self.agentHosts {
                     seen[host] = ControlHostilityTests.delta(before[host]!, try await TestSupport.snapshot(lab, host).control)
                 }

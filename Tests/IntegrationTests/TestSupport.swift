@@ -40,6 +40,16 @@ enum TestSupport {
     }
 
     /// Writes `megabytes` MiB of random bytes to `path`.
+    /// Polls `condition` every 100 ms until it holds or `timeout` passes; returns its last value.
+    static func eventually(timeout: TimeInterval, _ condition: () async throws -> Bool) async throws -> Bool {
+        let deadline = Date().addingTimeInterval(timeout)
+        while true {
+            if try await condition() { return true }
+            if Date() >= deadline { return false }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+    }
+
     static func makeRandomFile(_ path: String, megabytes: Int) throws {
         try Command.run(["dd", "if=/dev/urandom", "of=\(path)", "bs=1M", "count=\(megabytes)", "status=none"])
     }
