@@ -3,13 +3,25 @@ SWIFT ?= swift
 BIN := $(CURDIR)/.build/release/dysco-migrate
 # The benchmarks' executable (built beside dysco-migrate, whose agents its labs run).
 BENCH := $(CURDIR)/.build/release/dysco-bench
+# The BPF datapath's tc programs (bpf/dysco.bpf.c), compiled from source with the Swift toolchain's clang (it has
+# the bpf target; any clang ≥ 14 does). No object file is committed. DyscoBPF loads it (docs/BPF.md).
+BPF_CLANG ?= $(firstword $(wildcard $(dir $(realpath $(shell command -v $(SWIFT))))clang) clang)
+BPF_OBJ := $(CURDIR)/.build/bpf/dysco.bpf.o
+BPF_ARCH_INCLUDE := /usr/include/$(shell gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)
 
-.PHONY: setup release demo test unit verify bench bench-check bench-replace bench-drain measure clean-labs
+.PHONY: setup bpf release demo test unit verify bench bench-check bench-replace bench-drain measure clean-labs
 
 setup:            ## install every system package the project needs (idempotent, apt-get)
 	bash scripts/setup.sh
 
-release: setup    ## the optimized binaries: dysco-migrate (the agents, the demo, the integration tests) and dysco-bench
+bpf: $(BPF_OBJ)   ## the BPF datapath's tc programs: .build/bpf/dysco.bpf.o from bpf/dysco.bpf.c (clang -target bpf)
+
+$(BPF_OBJ): bpf/dysco.bpf.c Sources/CLibbpf/dysco_bpf.h
+	@test -e /usr/include/bpf/bpf_helpers.h || $(MAKE) setup
+	mkdir -p $(dir $@)
+	$(BPF_CLANG) -O2 -g -target bpf -mcpu=v3 -Wall -Werror -I$(BPF_ARCH_INCLUDE) -c $< -o $@
+
+release: setup bpf ## the optimized binaries: dysco-migrate (the agents, the demo, the integration tests) and dysco-bench
 	$(SWIFT) build -c release --product dysco-migrate
 	$(SWIFT) build -c release --product dysco-bench
 
@@ -18,12 +30,12 @@ demo: release     ## a 50 MB download through client → fw1 → server; replace
 
 # --no-parallel: the integration tests block on child processes; in parallel on a 2-core machine they starve
 # Swift concurrency's cooperative pool (2 threads) and each other's timing. Serially the suite takes about a minute.
-test: release     ## every test: unit (no root) and integration (root, network namespaces)
+test: release bpf ## every test: unit (no root) and integration (root, network namespaces)
 	DYSCO_BIN=$(BIN) $(SWIFT) test --no-parallel
 
 # The unit-test targets, one per source target with pure logic; every other test target (IntegrationTests) needs root.
 # Swift Testing matches --filter against the module-qualified name, Module.Suite/test().
-UNIT_TARGETS := DyscoCoreTests|AnchorBufferTests|MigrationCoordinatorTests|ConntrackStateTests|DyscoLabTests|DyscoBenchTests|DyscoCLITests
+UNIT_TARGETS := DyscoCoreTests|DyscoBPFTests|AnchorBufferTests|MigrationCoordinatorTests|ConntrackStateTests|DyscoLabTests|DyscoBenchTests|DyscoCLITests
 
 unit:             ## only the tests that need no root: the unit-test targets
 	$(SWIFT) test --filter '^($(UNIT_TARGETS))\.'

@@ -1,0 +1,111 @@
+/* The Dysco BPF datapath's map layout, shared by the tc programs (bpf/dysco.bpf.c, built with clang -target bpf)
+ * and user space (the CLibbpf shim, imported by Swift as DyscoBPF): one definition, so both sides see the same
+ * bytes. Fixed-width types only, explicit padding, sizes pinned by _Static_assert; addresses and ports in network
+ * byte order (as they are in the packet), everything else in host order. docs/BPF.md describes the maps. */
+#ifndef DYSCO_BPF_H
+#define DYSCO_BPF_H
+
+#include <linux/types.h>
+
+/* Which tc hook a translation belongs to (part of the key: one map serves both hooks). */
+#define DYSCO_HOOK_INGRESS 0
+#define DYSCO_HOOK_EGRESS 1
+
+/* dysco_value.flags (host order). */
+/* Held or slow: the program passes the packet to the stack untouched (the NFQUEUE rule sees it; the agent
+   handles it). A migration's hold is one map update that sets this bit. */
+#define DYSCO_F_HELD (1u << 0)
+/* Opening: the translation was installed with the SYN; the first packet with ACK and without SYN clears it and
+   reports DYSCO_EV_ESTABLISHED. */
+#define DYSCO_F_OPENING (1u << 1)
+/* Set by the program: a FIN / RST passed this translation (reported once each as an event). */
+#define DYSCO_F_FIN_SEEN (1u << 2)
+#define DYSCO_F_RST_SEEN (1u << 3)
+/* Rewrite SYNs too (without it a SYN without ACK passes untouched, to the agent: trailer, handshake). */
+#define DYSCO_F_REWRITE_SYN (1u << 4)
+/* The flags the program itself sets; user space owns the others. */
+#define DYSCO_F_PROGRAM_OWNED (DYSCO_F_FIN_SEEN | DYSCO_F_RST_SEEN)
+
+/* Key of dysco_sessions: the packet's tuple as it arrives at the hook (network order), protocol, hook. */
+struct dysco_key {
+    __be32 saddr;
+    __be32 daddr;
+    __be16 sport;
+    __be16 dport;
+    __u8 proto; /* IPPROTO_TCP */
+    __u8 hook;  /* DYSCO_HOOK_* */
+    __u8 pad[2]; /* zero: hashed with the rest */
+};
+
+/* The TCP facts of the packets that passed one translation (one direction of a session), host order, from the
+   packet before the rewrite (sequence numbers are not translated). For RFC 5961 checks against the other
+   direction's entry. */
+struct dysco_tcp_facts {
+    __u32 seq_end;  /* seq + payload length (+1 for SYN and FIN) of the last packet */
+    __u32 ack;      /* ack of the last packet with ACK */
+    __u16 window;   /* raw window field of the last packet (unscaled) */
+    __u8 tcp_flags; /* flags byte of the last packet (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10) */
+    __u8 pad;
+};
+
+/* Value of dysco_sessions: the rewrite, flags, TCP facts, counters (64 bytes). */
+struct dysco_value {
+    /* The tuple the packet leaves with (network order). */
+    __be32 new_saddr;
+    __be32 new_daddr;
+    __be16 new_sport;
+    __be16 new_dport;
+    __u32 flags;        /* DYSCO_F_* */
+    __u64 session_id;   /* the agent's session id, echoed in events */
+    struct dysco_tcp_facts tcp;
+    __u32 pad;          /* zero */
+    __u64 packets;      /* rewritten packets (atomic adds) */
+    __u64 bytes;        /* their IP lengths */
+    __u64 last_seen_ns; /* bpf_ktime_get_ns() (CLOCK_MONOTONIC) of the last rewritten packet */
+};
+
+/* Ring-buffer events (dysco_events). */
+#define DYSCO_EV_FIN 1
+#define DYSCO_EV_RST 2
+#define DYSCO_EV_ESTABLISHED 3
+
+struct dysco_event {
+    __u64 ts_ns;      /* bpf_ktime_get_ns() */
+    __u64 session_id;
+    struct dysco_key key; /* the translation's key (the tuple before the rewrite) */
+    __u32 type;       /* DYSCO_EV_* */
+    __u32 seq;        /* the packet's sequence number (host order) */
+    __u32 ack;        /* its ack number (host order) */
+    __u8 tcp_flags;
+    __u8 pad[3];
+    __u64 packets;    /* the translation's counters after this packet */
+    __u64 bytes;
+};
+
+/* Indices of dysco_stats (per-CPU array of __u64). */
+#define DYSCO_STAT_REWRITTEN 0   /* packets rewritten */
+#define DYSCO_STAT_HELD 1        /* packets of held translations passed untouched */
+#define DYSCO_STAT_SYN_PASSED 2  /* SYNs passed untouched (no DYSCO_F_REWRITE_SYN) */
+#define DYSCO_STAT_FIB_REDIRECT 3 /* egress packets redirected after a FIB lookup */
+#define DYSCO_STAT_FIB_NEIGH 4   /* egress packets redirected by bpf_redirect_neigh (no neighbour entry yet) */
+#define DYSCO_STAT_FIB_FAILED 5  /* egress FIB lookups that failed (packet dropped) */
+#define DYSCO_STAT_EVENT_LOST 6  /* events the ring buffer had no room for */
+#define DYSCO_STAT_COUNT 8
+
+/* Configuration (array map dysco_config, one element, index 0). */
+struct dysco_config {
+    __u32 ingress_mark; /* OR-ed into skb->mark of a packet rewritten at ingress (0: none) */
+    __u32 pad;
+};
+
+/* Default sizes (user space may resize dysco_sessions before load: --max-sessions). */
+#define DYSCO_MAX_ENTRIES_DEFAULT 262144
+#define DYSCO_RINGBUF_BYTES_DEFAULT (1u << 20)
+
+_Static_assert(sizeof(struct dysco_key) == 16, "dysco_key is 16 bytes");
+_Static_assert(sizeof(struct dysco_tcp_facts) == 12, "dysco_tcp_facts is 12 bytes");
+_Static_assert(sizeof(struct dysco_value) == 64, "dysco_value is 64 bytes");
+_Static_assert(sizeof(struct dysco_event) == 64, "dysco_event is 64 bytes");
+_Static_assert(sizeof(struct dysco_config) == 8, "dysco_config is 8 bytes");
+
+#endif

@@ -1,0 +1,316 @@
+// SPDX-License-Identifier: GPL-2.0
+/* The Dysco datapath as tc (clsact) programs: per-session translations are data in one hash map.
+ *
+ *   dysco_ingress  (tc ingress, before netfilter PREROUTING and conntrack): subsession tuple -> session tuple
+ *   dysco_egress   (tc egress, after POSTROUTING, the firewall and conntrack confirmation): session tuple ->
+ *                  subsession tuple; where the destination changes, the next hop is chosen here (FIB lookup,
+ *                  then bpf_redirect or bpf_redirect_neigh), since the kernel routed on the session's destination.
+ *
+ * Per packet: parse Ethernet/IPv4/TCP, look the tuple up in dysco_sessions (key: tuple + protocol + hook), and
+ * unless the translation is held, rewrite the changed fields with incremental checksum updates, record the TCP
+ * facts and counters, and report FIN, RST and establishment through the dysco_events ring buffer.
+ * Layouts: Sources/CLibbpf/dysco_bpf.h (shared with user space). Built by `make bpf` (clang -O2 -g -target bpf).
+ * docs/BPF.md describes hooks, maps and events. */
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/in.h>
+#include <linux/tcp.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "../Sources/CLibbpf/dysco_bpf.h"
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+
+char LICENSE[] SEC("license") = "GPL";
+
+/* The translations. Pinned by name: a restarted agent (or a second load) reuses the pinned map. */
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, DYSCO_MAX_ENTRIES_DEFAULT);
+    __type(key, struct dysco_key);
+    __type(value, struct dysco_value);
+    __uint(map_flags, BPF_F_NO_PREALLOC);
+    __uint(pinning, LIBBPF_PIN_BY_NAME);
+} dysco_sessions SEC(".maps");
+
+/* Events to the agent (FIN, RST, established). */
+struct {
+    __uint(type, BPF_MAP_TYPE_RINGBUF);
+    __uint(max_entries, DYSCO_RINGBUF_BYTES_DEFAULT);
+    __uint(pinning, LIBBPF_PIN_BY_NAME);
+} dysco_events SEC(".maps");
+
+/* Global counters (DYSCO_STAT_*). */
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, DYSCO_STAT_COUNT);
+    __type(key, __u32);
+    __type(value, __u64);
+    __uint(pinning, LIBBPF_PIN_BY_NAME);
+} dysco_stats SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct dysco_config);
+    __uint(pinning, LIBBPF_PIN_BY_NAME);
+} dysco_config SEC(".maps");
+
+#define IP_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))
+#define IP_SADDR_OFF (ETH_HLEN + offsetof(struct iphdr, saddr))
+#define IP_DADDR_OFF (ETH_HLEN + offsetof(struct iphdr, daddr))
+#define TCP_FLAG_FIN 0x01
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_RST 0x04
+#define TCP_FLAG_ACK 0x10
+
+static __always_inline void stat_inc(__u32 index)
+{
+    __u64 *counter = bpf_map_lookup_elem(&dysco_stats, &index);
+    if (counter)
+        *counter += 1; /* per-CPU: no atomics needed */
+}
+
+/* What the programs read from one packet before touching it (helpers that write invalidate packet pointers). */
+struct parsed {
+    struct dysco_key key;
+    __u32 l4_off;
+    __u32 seq;
+    __u32 ack;
+    __u16 window;
+    __u16 tot_len;
+    __u16 payload;
+    __u8 tcp_flags;
+    __u8 tos;
+};
+
+/* Ethernet + IPv4 (first fragment or unfragmented) + TCP; 0 if the packet is not one we translate. */
+static __always_inline int parse(struct __sk_buff *skb, __u8 hook, struct parsed *p)
+{
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
+        return 0;
+    struct iphdr *ip = (void *)(eth + 1);
+    if ((void *)(ip + 1) > data_end || ip->protocol != IPPROTO_TCP || ip->ihl < 5)
+        return 0;
+    if (ip->frag_off & bpf_htons(0x1fff)) /* a later fragment: no TCP header */
+        return 0;
+    __u32 ihl = ip->ihl * 4;
+    struct tcphdr *tcp = (void *)ip + ihl;
+    if ((void *)(tcp + 1) > data_end)
+        return 0;
+    p->key.saddr = ip->saddr;
+    p->key.daddr = ip->daddr;
+    p->key.sport = tcp->source;
+    p->key.dport = tcp->dest;
+    p->key.proto = IPPROTO_TCP;
+    p->key.hook = hook;
+    p->key.pad[0] = 0;
+    p->key.pad[1] = 0;
+    p->l4_off = ETH_HLEN + ihl;
+    p->seq = bpf_ntohl(tcp->seq);
+    p->ack = bpf_ntohl(tcp->ack_seq);
+    p->window = bpf_ntohs(tcp->window);
+    p->tot_len = bpf_ntohs(ip->tot_len);
+    __u32 headers = ihl + tcp->doff * 4;
+    p->payload = p->tot_len > headers ? p->tot_len - headers : 0;
+    p->tcp_flags = ((__u8 *)tcp)[13];
+    p->tos = ip->tos;
+    return 1;
+}
+
+static __always_inline void emit(struct dysco_value *v, const struct parsed *p, __u32 type)
+{
+    struct dysco_event *e = bpf_ringbuf_reserve(&dysco_events, sizeof(*e), 0);
+    if (!e) {
+        stat_inc(DYSCO_STAT_EVENT_LOST);
+        return;
+    }
+    e->ts_ns = bpf_ktime_get_ns();
+    e->session_id = v->session_id;
+    e->key = p->key;
+    e->type = type;
+    e->seq = p->seq;
+    e->ack = p->ack;
+    e->tcp_flags = p->tcp_flags;
+    e->pad[0] = 0;
+    e->pad[1] = 0;
+    e->pad[2] = 0;
+    e->packets = v->packets;
+    e->bytes = v->bytes;
+    bpf_ringbuf_submit(e, 0);
+}
+
+/* Facts, counters and events of one packet that passes a translation (before its rewrite). */
+static __always_inline void account(struct dysco_value *v, const struct parsed *p)
+{
+    __u32 seq_end = p->seq + p->payload;
+    if (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN))
+        seq_end += 1;
+    v->tcp.seq_end = seq_end;
+    if (p->tcp_flags & TCP_FLAG_ACK)
+        v->tcp.ack = p->ack;
+    v->tcp.window = p->window;
+    v->tcp.tcp_flags = p->tcp_flags;
+    __sync_fetch_and_add(&v->packets, 1);
+    __sync_fetch_and_add(&v->bytes, p->tot_len);
+    v->last_seen_ns = bpf_ktime_get_ns();
+
+    if ((v->flags & DYSCO_F_OPENING) && (p->tcp_flags & (TCP_FLAG_ACK | TCP_FLAG_SYN)) == TCP_FLAG_ACK) {
+        __u32 old = __sync_fetch_and_and(&v->flags, ~DYSCO_F_OPENING);
+        if (old & DYSCO_F_OPENING)
+            emit(v, p, DYSCO_EV_ESTABLISHED);
+    }
+    if (p->tcp_flags & TCP_FLAG_FIN) {
+        __u32 old = __sync_fetch_and_or(&v->flags, DYSCO_F_FIN_SEEN);
+        if (!(old & DYSCO_F_FIN_SEEN))
+            emit(v, p, DYSCO_EV_FIN);
+    }
+    if (p->tcp_flags & TCP_FLAG_RST) {
+        __u32 old = __sync_fetch_and_or(&v->flags, DYSCO_F_RST_SEEN);
+        if (!(old & DYSCO_F_RST_SEEN))
+            emit(v, p, DYSCO_EV_RST);
+    }
+}
+
+/* Rewrites the fields that differ; addresses change the IP checksum and (pseudo-header) the TCP checksum, ports
+ * only the TCP checksum. Returns 0, or a negative error of a helper. */
+static __always_inline int rewrite(struct __sk_buff *skb, const struct parsed *p, const struct dysco_value *v)
+{
+    __u32 tcp_csum_off = p->l4_off + offsetof(struct tcphdr, check);
+    int err;
+    if (v->new_saddr != p->key.saddr) {
+        __be32 to = v->new_saddr;
+        if ((err = bpf_l4_csum_replace(skb, tcp_csum_off, p->key.saddr, to, BPF_F_PSEUDO_HDR | sizeof(to))))
+            return err;
+        if ((err = bpf_l3_csum_replace(skb, IP_CSUM_OFF, p->key.saddr, to, sizeof(to))))
+            return err;
+        if ((err = bpf_skb_store_bytes(skb, IP_SADDR_OFF, &to, sizeof(to), 0)))
+            return err;
+    }
+    if (v->new_daddr != p->key.daddr) {
+        __be32 to = v->new_daddr;
+        if ((err = bpf_l4_csum_replace(skb, tcp_csum_off, p->key.daddr, to, BPF_F_PSEUDO_HDR | sizeof(to))))
+            return err;
+        if ((err = bpf_l3_csum_replace(skb, IP_CSUM_OFF, p->key.daddr, to, sizeof(to))))
+            return err;
+        if ((err = bpf_skb_store_bytes(skb, IP_DADDR_OFF, &to, sizeof(to), 0)))
+            return err;
+    }
+    if (v->new_sport != p->key.sport) {
+        __be16 to = v->new_sport;
+        if ((err = bpf_l4_csum_replace(skb, tcp_csum_off, p->key.sport, to, sizeof(to))))
+            return err;
+        if ((err = bpf_skb_store_bytes(skb, p->l4_off + offsetof(struct tcphdr, source), &to, sizeof(to), 0)))
+            return err;
+    }
+    if (v->new_dport != p->key.dport) {
+        __be16 to = v->new_dport;
+        if ((err = bpf_l4_csum_replace(skb, tcp_csum_off, p->key.dport, to, sizeof(to))))
+            return err;
+        if ((err = bpf_skb_store_bytes(skb, p->l4_off + offsetof(struct tcphdr, dest), &to, sizeof(to), 0)))
+            return err;
+    }
+    return 0;
+}
+
+/* The translation of a packet at a hook, if it should be rewritten now; NULL to pass it untouched. */
+static __always_inline struct dysco_value *translation(struct parsed *p)
+{
+    struct dysco_value *v = bpf_map_lookup_elem(&dysco_sessions, &p->key);
+    if (!v)
+        return 0;
+    if (v->flags & DYSCO_F_HELD) {
+        stat_inc(DYSCO_STAT_HELD);
+        return 0;
+    }
+    if ((p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN && !(v->flags & DYSCO_F_REWRITE_SYN)) {
+        stat_inc(DYSCO_STAT_SYN_PASSED);
+        return 0;
+    }
+    return v;
+}
+
+SEC("tc")
+int dysco_ingress(struct __sk_buff *skb)
+{
+    struct parsed p;
+    if (!parse(skb, DYSCO_HOOK_INGRESS, &p))
+        return TC_ACT_OK;
+    struct dysco_value *v = translation(&p);
+    if (!v)
+        return TC_ACT_OK;
+    account(v, &p);
+    if (rewrite(skb, &p, v) < 0)
+        return TC_ACT_SHOT;
+    stat_inc(DYSCO_STAT_REWRITTEN);
+    __u32 zero = 0;
+    struct dysco_config *config = bpf_map_lookup_elem(&dysco_config, &zero);
+    if (config && config->ingress_mark)
+        skb->mark |= config->ingress_mark;
+    return TC_ACT_OK;
+}
+
+SEC("tc")
+int dysco_egress(struct __sk_buff *skb)
+{
+    struct parsed p;
+    if (!parse(skb, DYSCO_HOOK_EGRESS, &p))
+        return TC_ACT_OK;
+    struct dysco_value *v = translation(&p);
+    if (!v)
+        return TC_ACT_OK;
+    account(v, &p);
+    __be32 new_saddr = v->new_saddr, new_daddr = v->new_daddr;
+    __be16 new_sport = v->new_sport, new_dport = v->new_dport;
+    int destination_changed = new_daddr != p.key.daddr;
+    if (rewrite(skb, &p, v) < 0)
+        return TC_ACT_SHOT;
+    stat_inc(DYSCO_STAT_REWRITTEN);
+    if (!destination_changed)
+        return TC_ACT_OK;
+
+    /* The kernel chose device and next hop for the session's destination: choose them for the new one. */
+    struct bpf_fib_lookup fib = {};
+    fib.family = AF_INET;
+    fib.l4_protocol = IPPROTO_TCP;
+    fib.sport = new_sport;
+    fib.dport = new_dport;
+    fib.tot_len = p.tot_len;
+    fib.ifindex = skb->ifindex;
+    fib.tos = p.tos;
+    fib.ipv4_src = new_saddr;
+    fib.ipv4_dst = new_daddr;
+    long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+    if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+        void *data = (void *)(long)skb->data;
+        void *data_end = (void *)(long)skb->data_end;
+        struct ethhdr *eth = data;
+        if ((void *)(eth + 1) > data_end)
+            return TC_ACT_SHOT;
+        __builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
+        __builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
+        stat_inc(DYSCO_STAT_FIB_REDIRECT);
+        return bpf_redirect(fib.ifindex, 0);
+    }
+    if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+        /* Route known, neighbour not yet: let the neighbour subsystem resolve it (fib.ipv4_dst is the gateway
+           or the destination itself). */
+        struct bpf_redir_neigh nh = {};
+        nh.nh_family = AF_INET;
+        nh.ipv4_nh = fib.ipv4_dst;
+        stat_inc(DYSCO_STAT_FIB_NEIGH);
+        return bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
+    }
+    /* No route, or forwarding disabled on the device (bpf_fib_lookup requires it): drop, TCP retransmits. */
+    stat_inc(DYSCO_STAT_FIB_FAILED);
+    return TC_ACT_SHOT;
+}
