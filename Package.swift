@@ -38,6 +38,11 @@ let package = Package(
             pkgConfig: "libnftables",
             providers: [.apt(["libnftables-dev"])]
         ),
+        .systemLibrary(
+            name: "CLibbpf",
+            pkgConfig: "libbpf",
+            providers: [.apt(["libbpf-dev"])]
+        ),
         .systemLibrary(name: "CLinux"),
 
         // errno-carrying syscall helper, network-namespace entry, child processes.
@@ -81,6 +86,9 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // The BPF datapath's user-space side (issue 16, not wired into the agent yet): loads bpf/dysco.bpf.o
+        // (`make bpf`), attaches its tc programs, pins its maps, reads and writes translations and events.
+        .target(name: "DyscoBPF", dependencies: ["CLibbpf", "DyscoCore", "DyscoSystem"]),
         // Test labs of network namespaces and `measure` (used by `dysco-migrate lab`/`measure` and the tests;
         // never by the agent, `replace` or `drain` code).
         .target(
@@ -129,6 +137,8 @@ let package = Package(
         // exactly these), plus the root-only IntegrationTests.
         .testTarget(name: "DyscoCoreTests", dependencies: ["DyscoCore"]),
         .testTarget(name: "AnchorBufferTests", dependencies: ["AnchorBuffer"]),
+        // Pure: the BPF maps' key/value/event encoding (byte layout, network order); no root, no kernel.
+        .testTarget(name: "DyscoBPFTests", dependencies: ["DyscoBPF", "DyscoCore"]),
         // Test support, not a test target: the in-memory network harness (coordinators, simulated network, virtual
         // clock, fake data planes) and the model's trace checker, for any test target that drives reconfigurations.
         .target(name: "MigrationHarness", dependencies: ["MigrationCoordinator", "DyscoCore"], path: "Tests/MigrationHarness"),
@@ -152,7 +162,7 @@ let package = Package(
         // Root only: network namespaces, the built binaries, real agents.
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["DyscoLab", "DyscoBench", "DyscoCore", "DyscoAgent", "ConntrackState", "DyscoSystem"]
+            dependencies: ["DyscoLab", "DyscoBench", "DyscoCore", "DyscoAgent", "ConntrackState", "DyscoSystem", "DyscoBPF"]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -1,0 +1,350 @@
+import CLibbpf
+import DyscoCore
+import DyscoSystem
+import Foundation
+
+/// The BPF datapath's user-space side: loads `dysco.bpf.o` (built by `make bpf` from bpf/dysco.bpf.c), pins its
+/// maps, attaches its two tc programs to devices, and reads and writes the session map and the event ring buffer.
+///
+/// Programs attached to a device and pinned maps outlive this object and its process: closing it (deinit) only
+/// closes file descriptors; kernel-carried sessions keep flowing. A new instance opened with the same pin
+/// directory reuses the pinned maps (the same entries) and re-attaches programs with `replace`.
+///
+/// Every C call goes through ``DyscoSystem/sysCall(_:_:)``: libbpf 1.x returns a negative errno and sets `errno`
+/// (NULL and `errno` for pointers), read at once into a ``DyscoSystem/SystemCallError``.
+///
+/// Not thread-safe: one owner (the agent's data-plane thread, later) calls it.
+public final class BPFDatapath {
+    /// The filter's handle and priority on the clsact hooks (replaced on re-attach).
+    public static let tcHandle: UInt32 = 0xD15C
+    public static let tcPriority: UInt32 = 1
+
+    private let object: OpaquePointer
+    private let ingressFD: Int32
+    private let egressFD: Int32
+    public let sessionsFD: Int32
+    private let statsFD: Int32
+    private let configFD: Int32
+    private let eventsFD: Int32
+    private let ringBuffer: OpaquePointer
+    private let sink = EventSink()
+    /// Possible CPUs (per-CPU map values have one slot each).
+    private let cpus: Int
+
+    /// Opens and loads the object file.
+    /// - Parameters:
+    ///   - objectPath: the compiled `dysco.bpf.o`.
+    ///   - pinDirectory: a directory on a bpffs where the maps are pinned by name (and found again after a
+    ///     restart); nil pins nothing. (`ip netns exec` gives a process a fresh /sys without /sys/fs/bpf: the
+    ///     caller provides a bpffs reachable from its mount namespace, see docs/BPF.md.)
+    ///   - maxEntries: capacity of `dysco_sessions` in translations (four per two-sided session); nil keeps the
+    ///     object's default (``BPFLayout/defaultMaxEntries``). Must match an already pinned map.
+    public init(objectPath: String, pinDirectory: String? = nil, maxEntries: UInt32? = nil) throws(SystemCallError) {
+        let object: OpaquePointer = try sysCall("bpf_object__open_file(\(objectPath))") {
+            dysco_bpf_open(objectPath, pinDirectory)
+        }
+        do {
+            if let maxEntries {
+                let map = try sysCall("bpf_object__find_map_by_name(dysco_sessions)") {
+                    bpf_object__find_map_by_name(object, "dysco_sessions")
+                }
+                try sysCall("bpf_map__set_max_entries(dysco_sessions, \(maxEntries))") {
+                    bpf_map__set_max_entries(map, maxEntries)
+                }
+            }
+            try sysCall("bpf_object__load(\(objectPath))") { bpf_object__load(object) }
+            func programFD(_ name: String) throws(SystemCallError) -> Int32 {
+                let program = try sysCall("bpf_object__find_program_by_name(\(name))") {
+                    bpf_object__find_program_by_name(object, name)
+                }
+                return try sysCall("bpf_program__fd(\(name))") { bpf_program__fd(program) }
+            }
+            func mapFD(_ name: String) throws(SystemCallError) -> Int32 {
+                try sysCall("bpf_object__find_map_fd_by_name(\(name))") { bpf_object__find_map_fd_by_name(object, name) }
+            }
+            ingressFD = try programFD("dysco_ingress")
+            egressFD = try programFD("dysco_egress")
+            sessionsFD = try mapFD("dysco_sessions")
+            statsFD = try mapFD("dysco_stats")
+            configFD = try mapFD("dysco_config")
+            eventsFD = try mapFD("dysco_events")
+            cpus = Int(try sysCall("libbpf_num_possible_cpus") { libbpf_num_possible_cpus() })
+            let context = Unmanaged.passUnretained(sink).toOpaque()
+            ringBuffer = try sysCall("ring_buffer__new(dysco_events)") { [eventsFD] in
+                ring_buffer__new(eventsFD, { context, data, size in
+                    guard let context, let data else { return 0 }
+                    let sink = Unmanaged<EventSink>.fromOpaque(context).takeUnretainedValue()
+                    if let event = BPFEvent(bytes: UnsafeRawBufferPointer(start: data, count: size)) {
+                        sink.events.append(event)
+                    }
+                    return 0
+                }, context, nil)
+            }
+        } catch {
+            bpf_object__close(object)
+            throw error
+        }
+        self.object = object
+    }
+
+    deinit {
+        ring_buffer__free(ringBuffer)
+        bpf_object__close(object)
+    }
+
+    // MARK: - Devices
+
+    /// Creates the clsact qdisc on `interface` (if missing) and attaches ingress and egress programs, replacing
+    /// whatever this datapath attached there before. Runs in network namespace `namespace` (`ip netns` name) when
+    /// given, else in the calling thread's. Returns the attached programs' ids.
+    @discardableResult
+    public func attach(interface: String, namespace: String? = nil) throws -> (ingress: UInt32, egress: UInt32) {
+        let ingressFD = ingressFD, egressFD = egressFD
+        return try Self.inNamespace(namespace) { () throws(SystemCallError) -> (UInt32, UInt32) in
+            let index = try sysCall("if_nametoindex(\(interface))") { dysco_ifindex(interface) }
+            do throws(SystemCallError) {
+                try sysCall("bpf_tc_hook_create(\(interface))") { dysco_tc_hook_create(index) }
+            } catch where error.errno == EEXIST {}
+            var ingress: UInt32 = 0, egress: UInt32 = 0
+            try sysCall("bpf_tc_attach(\(interface), ingress)") {
+                dysco_tc_attach(index, dysco_tc_ingress(), ingressFD, Self.tcHandle, Self.tcPriority, &ingress)
+            }
+            try sysCall("bpf_tc_attach(\(interface), egress)") {
+                dysco_tc_attach(index, dysco_tc_egress(), egressFD, Self.tcHandle, Self.tcPriority, &egress)
+            }
+            return (ingress, egress)
+        }
+    }
+
+    /// Detaches this datapath's programs from `interface` (the clsact qdisc stays: other filters may use it).
+    /// A program that is not attached is no error.
+    public static func detach(interface: String, namespace: String? = nil) throws {
+        try inNamespace(namespace) { () throws(SystemCallError) in
+            let index = try sysCall("if_nametoindex(\(interface))") { dysco_ifindex(interface) }
+            for (point, name) in [(dysco_tc_ingress(), "ingress"), (dysco_tc_egress(), "egress")] {
+                do throws(SystemCallError) {
+                    try sysCall("bpf_tc_detach(\(interface), \(name))") {
+                        dysco_tc_detach(index, point, tcHandle, tcPriority)
+                    }
+                } catch where error.errno == ENOENT || error.errno == EINVAL {}
+            }
+        }
+    }
+
+    /// The ids of the programs attached at this datapath's handle on `interface` (nil where none is).
+    public static func attached(interface: String, namespace: String? = nil) throws -> (ingress: UInt32?, egress: UInt32?) {
+        try inNamespace(namespace) { () throws(SystemCallError) -> (UInt32?, UInt32?) in
+            let index = try sysCall("if_nametoindex(\(interface))") { dysco_ifindex(interface) }
+            func query(_ point: Int32, _ name: String) throws(SystemCallError) -> UInt32? {
+                var id: UInt32 = 0
+                do throws(SystemCallError) {
+                    try sysCall("bpf_tc_query(\(interface), \(name))") {
+                        dysco_tc_query(index, point, tcHandle, tcPriority, &id)
+                    }
+                } catch where error.errno == ENOENT || error.errno == EINVAL { return nil }
+                return id
+            }
+            return (try query(dysco_tc_ingress(), "ingress"), try query(dysco_tc_egress(), "egress"))
+        }
+    }
+
+    /// Unpins the maps from the pin directory (they live on while programs or descriptors hold them).
+    public func unpinMaps() throws(SystemCallError) {
+        try sysCall("bpf_object__unpin_maps") { bpf_object__unpin_maps(object, nil) }
+    }
+
+    // MARK: - Sessions
+
+    public enum UpdateMode: Sendable {
+        /// Only if absent (EEXIST otherwise).
+        case insert
+        /// Only if present (ENOENT otherwise).
+        case replace
+        /// Either.
+        case upsert
+
+        var flags: UInt64 {
+            switch self {
+            case .insert: dysco_bpf_noexist()
+            case .replace: dysco_bpf_exist()
+            case .upsert: dysco_bpf_any()
+            }
+        }
+    }
+
+    /// Writes one translation (one `bpf_map_update_elem`: atomic for the programs, which see old or new value).
+    public func write(_ key: BPFSessionKey, _ entry: BPFSessionEntry, mode: UpdateMode = .upsert) throws(SystemCallError) {
+        var rawKey = key.raw, rawValue = entry.raw
+        try sysCall("bpf_map_update_elem(dysco_sessions, \(key))") {
+            bpf_map_update_elem(sessionsFD, &rawKey, &rawValue, mode.flags)
+        }
+    }
+
+    public func insert(_ key: BPFSessionKey, _ entry: BPFSessionEntry) throws(SystemCallError) {
+        try write(key, entry, mode: .insert)
+    }
+
+    public func update(_ key: BPFSessionKey, _ entry: BPFSessionEntry) throws(SystemCallError) {
+        try write(key, entry, mode: .replace)
+    }
+
+    /// Removes one translation; false if it was not there.
+    @discardableResult
+    public func delete(_ key: BPFSessionKey) throws(SystemCallError) -> Bool {
+        var rawKey = key.raw
+        do throws(SystemCallError) {
+            try sysCall("bpf_map_delete_elem(dysco_sessions, \(key))") { bpf_map_delete_elem(sessionsFD, &rawKey) }
+        } catch where error.errno == ENOENT {
+            return false
+        }
+        return true
+    }
+
+    public func lookup(_ key: BPFSessionKey) throws(SystemCallError) -> BPFSessionEntry? {
+        var rawKey = key.raw, rawValue = dysco_value()
+        do {
+            try sysCall("bpf_map_lookup_elem(dysco_sessions, \(key))") {
+                bpf_map_lookup_elem(sessionsFD, &rawKey, &rawValue)
+            }
+        } catch where error.errno == ENOENT {
+            return nil
+        }
+        return BPFSessionEntry(raw: rawValue)
+    }
+
+    /// Sets and clears flags of a present translation (a migration's hold: `setFlags(key, set: .held)`), keeping
+    /// what the program recorded. A lookup and an update: counters the program adds between the two are lost (a
+    /// few packets' worth; spin-locked values would close that gap). Returns the entry as written.
+    @discardableResult
+    public func setFlags(_ key: BPFSessionKey, set: BPFSessionFlags = [], clear: BPFSessionFlags = []) throws(SystemCallError) -> BPFSessionEntry {
+        guard var entry = try lookup(key) else {
+            throw SystemCallError(operation: "setFlags(\(key)): no such translation", errno: ENOENT)
+        }
+        entry.flags.subtract(clear)
+        entry.flags.formUnion(set)
+        try write(key, entry, mode: .replace)
+        return entry
+    }
+
+    /// Every translation in the map (a walk with `bpf_map_get_next_key`: O(entries), for restarts and tests).
+    public func entries() throws(SystemCallError) -> [(BPFSessionKey, BPFSessionEntry)] {
+        var result: [(BPFSessionKey, BPFSessionEntry)] = []
+        var current = dysco_key(), next = dysco_key()
+        var first = true
+        while true {
+            do {
+                try sysCall("bpf_map_get_next_key(dysco_sessions)") {
+                    first ? bpf_map_get_next_key(sessionsFD, nil, &next) : bpf_map_get_next_key(sessionsFD, &current, &next)
+                }
+            } catch where error.errno == ENOENT {
+                return result
+            }
+            first = false
+            current = next
+            var value = dysco_value()
+            do throws(SystemCallError) {
+                try sysCall("bpf_map_lookup_elem(dysco_sessions)") { bpf_map_lookup_elem(sessionsFD, &current, &value) }
+            } catch where error.errno == ENOENT {
+                continue // deleted meanwhile
+            }
+            if let key = BPFSessionKey(raw: current) { result.append((key, BPFSessionEntry(raw: value))) }
+        }
+    }
+
+    // MARK: - Configuration, counters, events
+
+    /// OR-ed into `skb->mark` of every packet rewritten at ingress (so a queue rule can skip it); 0 for none.
+    public func setIngressMark(_ mark: UInt32) throws(SystemCallError) {
+        var key: UInt32 = 0
+        var config = dysco_config()
+        config.ingress_mark = mark
+        try sysCall("bpf_map_update_elem(dysco_config)") { bpf_map_update_elem(configFD, &key, &config, dysco_bpf_any()) }
+    }
+
+    /// The programs' global counters, summed over CPUs.
+    public func statistics() throws(SystemCallError) -> BPFStatistics {
+        var totals = [UInt64](repeating: 0, count: Int(DYSCO_STAT_COUNT))
+        var slots = [UInt64](repeating: 0, count: cpus)
+        for index in 0..<UInt32(DYSCO_STAT_COUNT) {
+            var key = index
+            try sysCall("bpf_map_lookup_elem(dysco_stats, \(index))") {
+                slots.withUnsafeMutableBytes { bpf_map_lookup_elem(statsFD, &key, $0.baseAddress) }
+            }
+            totals[Int(index)] = slots.reduce(0, &+)
+        }
+        return BPFStatistics(totals)
+    }
+
+    /// Waits up to `timeoutMilliseconds` (0: not at all) for events and returns those the ring buffer held.
+    public func pollEvents(timeoutMilliseconds: Int32 = 0) throws(SystemCallError) -> [BPFEvent] {
+        do throws(SystemCallError) {
+            try sysCall("ring_buffer__poll(dysco_events)") { ring_buffer__poll(ringBuffer, timeoutMilliseconds) }
+        } catch where error.errno == EINTR {}
+        defer { sink.events.removeAll(keepingCapacity: true) }
+        return sink.events
+    }
+
+    /// A descriptor that becomes readable when events wait (for an event loop: then ``pollEvents(timeoutMilliseconds:)`` with 0).
+    public var eventsPollFD: Int32 { ring_buffer__epoll_fd(ringBuffer) }
+
+    // MARK: - Namespaces
+
+    /// Runs `body` on a fresh thread that first enters network namespace `name` (setns changes only the calling
+    /// thread; libbpf's tc calls open their netlink socket on it). nil: on the calling thread.
+    static func inNamespace<T>(_ name: String?, _ body: @escaping () throws(SystemCallError) -> T) throws -> T {
+        guard let name else { return try body() }
+        let box = ResultBox<T>()
+        let done = DispatchSemaphore(value: 0)
+        let work = UncheckedSendable(body)
+        let thread = Thread {
+            defer { done.signal() }
+            do {
+                try NetworkNamespace.enter(name)
+                box.result = .success(try work.value())
+            } catch {
+                box.result = .failure(error)
+            }
+        }
+        thread.name = "bpf netns \(name)"
+        thread.start()
+        done.wait()
+        return try box.result!.get()
+    }
+}
+
+/// The programs' global counters (`dysco_stats`, DYSCO_STAT_*).
+public struct BPFStatistics: Hashable, Sendable {
+    public var rewritten: UInt64
+    public var held: UInt64
+    public var synPassed: UInt64
+    public var fibRedirected: UInt64
+    public var neighbourRedirected: UInt64
+    public var fibFailed: UInt64
+    public var eventsLost: UInt64
+
+    init(_ totals: [UInt64]) {
+        rewritten = totals[Int(DYSCO_STAT_REWRITTEN)]
+        held = totals[Int(DYSCO_STAT_HELD)]
+        synPassed = totals[Int(DYSCO_STAT_SYN_PASSED)]
+        fibRedirected = totals[Int(DYSCO_STAT_FIB_REDIRECT)]
+        neighbourRedirected = totals[Int(DYSCO_STAT_FIB_NEIGH)]
+        fibFailed = totals[Int(DYSCO_STAT_FIB_FAILED)]
+        eventsLost = totals[Int(DYSCO_STAT_EVENT_LOST)]
+    }
+}
+
+/// Events the ring-buffer callback collected during one poll (same thread as the poll).
+private final class EventSink {
+    var events: [BPFEvent] = []
+}
+
+/// Written by the namespace thread before it signals, read after the wait: the semaphore orders the accesses.
+private final class ResultBox<T>: @unchecked Sendable {
+    var result: Result<T, any Error>?
+}
+
+/// The caller waits for the thread that runs the closure: no concurrent use.
+private struct UncheckedSendable<T>: @unchecked Sendable {
+    let value: T
+    init(_ value: T) { self.value = value }
+}

@@ -1,0 +1,120 @@
+import CLibbpf
+import DyscoBPF
+import DyscoCore
+import Testing
+
+/// The maps' C layout as Swift writes it: the bytes the tc programs read (Sources/CLibbpf/dysco_bpf.h).
+@Suite struct BPFEncodingTests {
+    static let session = FiveTuple(srcAddr: IPv4Address(10, 1, 2, 3), srcPort: 0x1234,
+                                   dstAddr: IPv4Address(192, 168, 0, 200), dstPort: 80)
+    static let subsession = FiveTuple(srcAddr: IPv4Address(10, 9, 8, 7), srcPort: 40000,
+                                      dstAddr: IPv4Address(172, 16, 5, 6), dstPort: 0xABCD)
+
+    func bytes<T>(_ value: T) -> [UInt8] { withUnsafeBytes(of: value) { Array($0) } }
+
+    @Test("sizes and field offsets are the header's (16-byte key, 64-byte value and event)")
+    func layout() {
+        #expect(MemoryLayout<dysco_key>.size == 16)
+        #expect(MemoryLayout<dysco_value>.size == 64)
+        #expect(MemoryLayout<dysco_event>.size == 64)
+        #expect(BPFLayout.keySize == 16 && BPFLayout.valueSize == 64 && BPFLayout.eventSize == 64)
+        #expect(MemoryLayout<dysco_key>.offset(of: \.saddr) == 0)
+        #expect(MemoryLayout<dysco_key>.offset(of: \.daddr) == 4)
+        #expect(MemoryLayout<dysco_key>.offset(of: \.sport) == 8)
+        #expect(MemoryLayout<dysco_key>.offset(of: \.dport) == 10)
+        #expect(MemoryLayout<dysco_key>.offset(of: \.proto) == 12)
+        #expect(MemoryLayout<dysco_key>.offset(of: \.hook) == 13)
+        #expect(MemoryLayout<dysco_value>.offset(of: \.new_saddr) == 0)
+        #expect(MemoryLayout<dysco_value>.offset(of: \.new_dport) == 10)
+        #expect(MemoryLayout<dysco_value>.offset(of: \.flags) == 12)
+        #expect(MemoryLayout<dysco_value>.offset(of: \.session_id) == 16)
+        #expect(MemoryLayout<dysco_value>.offset(of: \.tcp) == 24)
+        #expect(MemoryLayout<dysco_value>.offset(of: \.packets) == 40)
+        #expect(MemoryLayout<dysco_value>.offset(of: \.bytes) == 48)
+        #expect(MemoryLayout<dysco_value>.offset(of: \.last_seen_ns) == 56)
+        #expect(MemoryLayout<dysco_event>.offset(of: \.key) == 16)
+        #expect(MemoryLayout<dysco_event>.offset(of: \.type) == 32)
+        #expect(MemoryLayout<dysco_event>.offset(of: \.packets) == 48)
+    }
+
+    @Test("a key is the packet's header bytes: addresses and ports in network order, TCP, hook, zero padding")
+    func keyBytes() {
+        let key = BPFSessionKey(Self.session, hook: .egress)
+        #expect(bytes(key.raw) == [10, 1, 2, 3, 192, 168, 0, 200, 0x12, 0x34, 0, 80, 6, 1, 0, 0])
+        #expect(bytes(BPFSessionKey(Self.session, hook: .ingress).raw)[13] == 0)
+        #expect(BPFSessionKey(raw: key.raw) == key)
+    }
+
+    @Test("a key with another protocol or an unknown hook does not decode")
+    func foreignKeys() {
+        var raw = BPFSessionKey(Self.session, hook: .ingress).raw
+        raw.proto = 17
+        #expect(BPFSessionKey(raw: raw) == nil)
+        raw.proto = 6
+        raw.hook = 7
+        #expect(BPFSessionKey(raw: raw) == nil)
+    }
+
+    @Test("a value carries the target tuple in network order, flags and facts in host order; round trip")
+    func valueBytes() {
+        let entry = BPFSessionEntry(target: Self.subsession, flags: [.held, .opening], sessionID: 0x0102_0304_0506_0708,
+                                    tcp: BPFTCPFacts(sequenceEnd: 0xDEAD_BEEF, acknowledgment: 7, window: 512, tcpFlags: 0x11),
+                                    packets: 3, bytes: 4500, lastSeenNanoseconds: 99)
+        let b = bytes(entry.raw)
+        #expect(Array(b[0..<12]) == [10, 9, 8, 7, 172, 16, 5, 6, 0x9C, 0x40, 0xAB, 0xCD])
+        #expect(Array(b[12..<16]) == bytes(UInt32(DYSCO_F_HELD | DYSCO_F_OPENING)))
+        #expect(Array(b[16..<24]) == bytes(UInt64(0x0102_0304_0506_0708)))
+        #expect(Array(b[24..<28]) == bytes(UInt32(0xDEAD_BEEF)))
+        #expect(Array(b[32..<34]) == bytes(UInt16(512)))
+        #expect(b[34] == 0x11)
+        #expect(Array(b[36..<40]) == [0, 0, 0, 0])
+        #expect(Array(b[40..<48]) == bytes(UInt64(3)))
+        #expect(BPFSessionEntry(raw: entry.raw) == entry)
+    }
+
+    @Test("flags are the header's bits")
+    func flags() {
+        #expect(BPFSessionFlags.held.rawValue == 1)
+        #expect(BPFSessionFlags.opening.rawValue == 2)
+        #expect(BPFSessionFlags.finSeen.rawValue == 4)
+        #expect(BPFSessionFlags.rstSeen.rawValue == 8)
+        #expect(BPFSessionFlags.rewriteSyn.rawValue == 16)
+        #expect(BPFSessionFlags.programOwned == [.finSeen, .rstSeen])
+    }
+
+    @Test("an event decodes from ring-buffer bytes; a short record does not")
+    func eventDecoding() {
+        var raw = dysco_event()
+        raw.ts_ns = 5
+        raw.session_id = 42
+        raw.key = BPFSessionKey(Self.subsession, hook: .ingress).raw
+        raw.type = UInt32(DYSCO_EV_FIN)
+        raw.seq = 1000
+        raw.ack = 2000
+        raw.tcp_flags = 0x11
+        raw.packets = 10
+        raw.bytes = 1500
+        let event = withUnsafeBytes(of: raw) { BPFEvent(bytes: $0) }
+        #expect(event?.kind == .fin)
+        #expect(event?.sessionID == 42)
+        #expect(event?.key == BPFSessionKey(Self.subsession, hook: .ingress))
+        #expect(event?.sequence == 1000 && event?.acknowledgment == 2000 && event?.tcpFlags == 0x11)
+        #expect(event?.packets == 10 && event?.bytes == 1500 && event?.timestampNanoseconds == 5)
+        raw.type = UInt32(DYSCO_EV_RST)
+        #expect(withUnsafeBytes(of: raw) { BPFEvent(bytes: $0) }?.kind == .rst)
+        raw.type = UInt32(DYSCO_EV_ESTABLISHED)
+        #expect(withUnsafeBytes(of: raw) { BPFEvent(bytes: $0) }?.kind == .established)
+        raw.type = 77
+        #expect(withUnsafeBytes(of: raw) { BPFEvent(bytes: $0) }?.kind == .unknown(77))
+        #expect(withUnsafeBytes(of: raw) { BPFEvent(bytes: UnsafeRawBufferPointer(rebasing: $0[0..<40])) } == nil)
+    }
+
+    @Test("a fast-path translation becomes its map entry: same hook, key tuple, target tuple")
+    func fromTranslation() {
+        let t = FastPathScript.Translation(hook: .egress, key: Self.session, target: Self.subsession)
+        let (key, entry) = BPFSessionKey.entry(t, sessionID: 9, flags: .opening)
+        #expect(key == BPFSessionKey(Self.session, hook: .egress))
+        #expect(entry.target == Self.subsession && entry.sessionID == 9 && entry.flags == .opening)
+        #expect(entry.packets == 0 && entry.bytes == 0)
+    }
+}
