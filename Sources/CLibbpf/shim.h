@@ -14,10 +14,23 @@
 /* Opts structs carry their own size (LIBBPF_OPTS is a macro): build them here. */
 
 /* Opens an object file; with pin_root (a directory on a bpffs), maps marked LIBBPF_PIN_BY_NAME are pinned there
-   at load, or reused if already pinned (a restarted agent finds its maps). */
+   at load, or reused if already pinned (a restarted agent finds its maps). Without it nothing is pinned (libbpf
+   would otherwise pin to /sys/fs/bpf). */
 static inline struct bpf_object *dysco_bpf_open(const char *path, const char *pin_root) {
     LIBBPF_OPTS(bpf_object_open_opts, opts, .pin_root_path = pin_root);
-    return bpf_object__open_file(path, &opts);
+    struct bpf_object *object = bpf_object__open_file(path, &opts);
+    if (object && !pin_root) {
+        struct bpf_map *map;
+        bpf_object__for_each_map(map, object) {
+            int err = bpf_map__set_pin_path(map, NULL);
+            if (err) {
+                bpf_object__close(object);
+                errno = -err;
+                return NULL;
+            }
+        }
+    }
+    return object;
 }
 
 static inline int dysco_tc_ingress(void) { return BPF_TC_INGRESS; }
@@ -67,6 +80,17 @@ static inline int dysco_tc_query(int ifindex, int attach_point, uint32_t handle,
 static inline int dysco_ifindex(const char *name) {
     unsigned int index = if_nametoindex(name);
     return index == 0 ? -1 : (int)index;
+}
+
+/* Batch updates and deletes (one syscall for many entries; *count: in, how many; out, how many were done). */
+static inline int dysco_map_update_batch(int fd, const void *keys, const void *values, uint32_t *count,
+                                         uint64_t elem_flags) {
+    LIBBPF_OPTS(bpf_map_batch_opts, opts, .elem_flags = elem_flags);
+    return bpf_map_update_batch(fd, keys, values, count, &opts);
+}
+static inline int dysco_map_delete_batch(int fd, const void *keys, uint32_t *count) {
+    LIBBPF_OPTS(bpf_map_batch_opts, opts);
+    return bpf_map_delete_batch(fd, keys, count, &opts);
 }
 
 /* Update modes of bpf_map_update_elem (macros). */

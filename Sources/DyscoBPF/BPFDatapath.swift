@@ -188,6 +188,43 @@ public final class BPFDatapath {
         try write(key, entry, mode: .replace)
     }
 
+    /// Writes (inserts or replaces) many translations in one `bpf_map_update_batch` (a drain's installs or holds).
+    /// Each element is atomic for the programs, the batch is not. The kernel takes no insert/replace mode per
+    /// element in a batch (only BPF_F_LOCK): always an upsert.
+    public func writeBatch(_ entries: [(BPFSessionKey, BPFSessionEntry)]) throws(SystemCallError) {
+        guard !entries.isEmpty else { return }
+        let keys = entries.map { $0.0.raw }, values = entries.map { $0.1.raw }
+        var count = UInt32(entries.count)
+        try sysCall("bpf_map_update_batch(dysco_sessions, \(entries.count))") {
+            keys.withUnsafeBytes { k in
+                values.withUnsafeBytes { v in
+                    dysco_map_update_batch(sessionsFD, k.baseAddress, v.baseAddress, &count, 0)
+                }
+            }
+        }
+    }
+
+    /// Removes many translations in one `bpf_map_delete_batch`; every key must be present (ENOENT otherwise, with
+    /// the keys before it removed).
+    public func deleteBatch(_ keys: [BPFSessionKey]) throws(SystemCallError) {
+        guard !keys.isEmpty else { return }
+        let raw = keys.map(\.raw)
+        var count = UInt32(keys.count)
+        try sysCall("bpf_map_delete_batch(dysco_sessions, \(keys.count))") {
+            raw.withUnsafeBytes { dysco_map_delete_batch(sessionsFD, $0.baseAddress, &count) }
+        }
+    }
+
+    /// The kernel's accounting of the session map's memory (the `memlock` line of its fdinfo: for this
+    /// non-preallocated hash, grows with the entries); nil if unreadable.
+    public var sessionMapMemoryBytes: UInt64? {
+        guard let text = try? String(contentsOfFile: "/proc/self/fdinfo/\(sessionsFD)", encoding: .utf8) else { return nil }
+        for line in text.split(separator: "\n") where line.hasPrefix("memlock:") {
+            return UInt64(line.dropFirst("memlock:".count).trimmingCharacters(in: .whitespaces))
+        }
+        return nil
+    }
+
     /// Removes one translation; false if it was not there.
     @discardableResult
     public func delete(_ key: BPFSessionKey) throws(SystemCallError) -> Bool {
