@@ -179,6 +179,15 @@ import Testing
             try restarted.setFlags(Self.egressKey, clear: .held)
         }
 
+        // Held: the packets pass untouched (to where the queue rule would hand them to the agent; here the kernel
+        // routes them to the router, which drops them), and the entry's counters do not move.
+        try datapath.setFlags(Self.egressKey, set: .held)
+        let held = try curl("\(work)/blob.held", seconds: 2)
+        #expect(!held.succeeded, "held: not rewritten: \(held.stdout)")
+        let heldStats = try datapath.statistics()
+        #expect(heldStats.held >= 1 && heldStats.rewritten == stats.rewritten, "\(heldStats)")
+        #expect(try datapath.lookup(Self.egressKey)?.packets == egress.packets)
+
         // Without the entries the session's packets go where the kernel routes them (the router drops them).
         #expect(try datapath.delete(Self.egressKey))
         #expect(try datapath.delete(Self.ingressKey))
