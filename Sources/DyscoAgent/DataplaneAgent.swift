@@ -86,6 +86,8 @@ public final class DataplaneAgent: @unchecked Sendable {
     private let quietTicking = Atomic<Bool>(false)
     /// Copies of the buffer's totals, written by the packet thread when it appends or releases, read by scrapes.
     private let bufferOccupancy = BufferOccupancy()
+    /// The expiry compacted the table; the timer gives freed memory back to the OS.
+    private let compactedPending = Atomic<Bool>(false)
     /// The Prometheus metrics and their HTTP endpoint (nil without `--metrics`).
     private let metrics: AgentMetrics?
     private var metricsServer: MetricsServer?
@@ -251,13 +253,10 @@ public final class DataplaneAgent: @unchecked Sendable {
                 let active = fastPath.activeSessions()
                 processor.withLock { $0.kernelActivity(active, now: now) }
             }
-            let (events, actions, compacted, owned) = processor.withLock { state in
-                state.expire(now: now)
-                return (state.takeEvents(), state.takeFastPathActions(), state.takeCompacted(), persist(&state))
-            }
-            fastPath?.submit(actions, ownership: owned)
-            log(events)
+            let (effects, owned) = processor.withLock { state in (state.expire(now: now).effects, persist(&state)) }
+            apply(effects, ownership: owned)
             reportSuppressedLogs()
+            let compacted = compactedPending.exchange(false, ordering: .relaxed)
             // The table shrank after a flood: give the freed heap back to the OS (glibc keeps it otherwise), at
             // most every 10 s (malloc_trim walks every arena), outside the packet lock.
             if compacted || (ticks - lastTrimTick >= 10 && trimPending) {
@@ -286,20 +285,19 @@ public final class DataplaneAgent: @unchecked Sendable {
         quietTimer.schedule(deadline: .distantFuture)
         quietTimer.setEventHandler { [self] in
             let now = dysco_monotonic_coarse_ns()
-            let events = processor.withLock { state -> [AnchorEvent]? in
+            let effects = processor.withLock { state -> DataplaneEffects? in
                 guard state.anchoring > 0 else {
                     quietTicking.store(false, ordering: .relaxed)
                     return nil
                 }
-                state.checkQuietAnchors(now: now, quiet: engine.quietNanoseconds)
-                return state.takeAnchorEvents()
+                return state.checkQuietAnchors(now: now, quiet: engine.quietNanoseconds)
             }
-            guard let events else {
+            guard let effects else {
                 // Unless an anchor started since (its start, queued behind this tick, schedules the timer again).
                 if !quietTicking.load(ordering: .relaxed) { self.quietTimer?.schedule(deadline: .distantFuture) }
                 return
             }
-            engine.anchorEvents(events)
+            apply(effects)
         }
         quietTimer.resume()
         self.quietTimer = quietTimer
@@ -426,33 +424,31 @@ public final class DataplaneAgent: @unchecked Sendable {
     /// Takes sessions back to the slow path; returns once the kernel no longer rewrites them, so every later
     /// packet of theirs reaches this agent (atomic per session: one nftables transaction).
     public func hold(_ ids: [SessionTable.SessionID]) -> [SessionTable.SessionID] {
-        let (held, actions, owned) = processor.withLock { state in (state.hold(ids), state.takeFastPathActions(), persist(&state)) }
-        fastPath?.submit(actions, ownership: owned)
+        let (held, owned) = processor.withLock { state in (state.hold(ids), persist(&state)) }
+        apply(held.effects, ownership: owned)
         fastPath?.flush()
-        return held
+        return held.held
     }
 
     /// Returns held sessions to the fast path (`path release`: installed before this returns, whatever the
     /// queue holds at that moment).
     public func release(_ ids: [SessionTable.SessionID]) -> [SessionTable.SessionID] {
-        let (released, actions, owned) = processor.withLock { state in
-            (state.release(ids), state.takeFastPathActions(), persist(&state))
-        }
-        fastPath?.submit(actions, ownership: owned)
+        let (released, owned) = processor.withLock { state in (state.release(ids), persist(&state)) }
+        apply(released.effects, ownership: owned)
         fastPath?.commitAll()
-        return released
+        return released.released
     }
 
     /// Runs a data-plane operation and queues its fast-path work: installs go at the packet thread's quiet
     /// point; ``flushFastPath()`` commits the removals (a hold) at once. The migration engine flushes once per
     /// batch.
-    func applyFastPath(_ body: (inout PacketProcessor) -> Void) {
-        let (actions, owned, startQuiet) = processor.withLock { state in
-            body(&state)
+    func applyFastPath(_ body: (inout PacketProcessor) -> DataplaneEffects) {
+        let (effects, owned, startQuiet) = processor.withLock { state in
+            let effects = body(&state)
             let startQuiet = state.anchoring > 0 && !quietTicking.exchange(true, ordering: .relaxed)
-            return (state.takeFastPathActions(), persist(&state), startQuiet)
+            return (effects, persist(&state), startQuiet)
         }
-        fastPath?.submit(actions, ownership: owned)
+        apply(effects, ownership: owned)
         if startQuiet {
             quietQueue.async { [self] in quietTimer?.schedule(deadline: .now() + .milliseconds(5), repeating: .milliseconds(5)) }
         }
@@ -567,33 +563,16 @@ public final class DataplaneAgent: @unchecked Sendable {
             publishBufferOccupancy()
             for held in released {
                 var bytes = held.bytes
-                let (verdict, events, actions, anchorEvents) = bytes.withUnsafeMutableBytes { raw in
-                    processor.withLock { state in
-                        let verdict = state.process(raw.baseAddress!, count: raw.count, capacity: raw.count, hook: held.hook,
-                                                    checksum: held.checksum, now: dysco_monotonic_coarse_ns())
-                        state.counters.count(verdict)
-                        return (verdict, state.takeEvents(), state.takeFastPathActions(), state.takeAnchorEvents())
-                    }
-                }
                 do {
-                    switch verdict {
-                    case .acceptModified(let length):
-                        try bytes.withUnsafeBytes { raw in
-                            try queueSocket.verdict(id: held.id, accept: true,
-                                                    packet: UnsafeRawBufferPointer(rebasing: raw[0..<length]))
-                        }
-                    case .accept, .hold:
-                        // Not held twice: a session released is no longer buffering.
-                        try queueSocket.verdict(id: held.id, accept: true)
-                    case .drop:
-                        try queueSocket.verdict(id: held.id, accept: false)
+                    // Not held twice: a session released is no longer buffering.
+                    try bytes.withUnsafeMutableBytes { raw in
+                        try handle(QueuedPacket(id: held.id, base: raw.baseAddress!, count: raw.count, capacity: raw.count,
+                                                hook: held.hook, checksum: held.checksum, mayHold: false),
+                                   now: dysco_monotonic_coarse_ns())
                     }
                 } catch {
                     logger.error("verdict for a released packet failed", metadata: ["error": "\(error)"])
                 }
-                fastPath?.submit(actions)
-                if !events.isEmpty { log(events) }
-                migration?.anchorEvents(anchorEvents)
             }
         }
     }
@@ -604,65 +583,84 @@ public final class DataplaneAgent: @unchecked Sendable {
             try queueSocket.verdict(id: packet.id, accept: true)
             return
         }
-        let hook: HookPoint = packet.hook == .preRouting ? .ingress : .egress
-        let checksum: ChecksumState = packet.checksumNotReady ? .partial : .complete
         let small = packet.length <= Self.smallPacketLimit
         let base = small ? scratch : payload
         if small { scratch.copyMemory(from: payload, byteCount: packet.length) }
-        let capacity = small ? Self.scratchCapacity : packet.length
-        let count = packet.length
+        let queued = QueuedPacket(id: packet.id, base: base, count: packet.length,
+                                  capacity: small ? Self.scratchCapacity : packet.length,
+                                  hook: packet.hook == .preRouting ? .ingress : .egress,
+                                  checksum: packet.checksumNotReady ? .partial : .complete, mayHold: true)
         let now = dysco_monotonic_coarse_ns()
         if packet.mark & (FastPathScript.observeIngressMark | FastPathScript.observeEgressMark) != 0 {
             // A FIN/RST the kernel rewrote: bookkeeping only, accepted as it is (already translated).
-            let (events, actions) = processor.withLock { state in
-                state.observe(base, count: count, hook: hook, now: now)
-                state.counters.count(.accept)
-                return (state.takeEvents(), state.takeFastPathActions())
+            let outcome = processor.withLock { state in
+                let outcome = PacketOutcome(verdict: .accept,
+                                            effects: state.observe(base, count: queued.count, hook: queued.hook, now: now).effects)
+                state.counters.count(outcome.verdict)
+                return outcome
             }
-            try queueSocket.verdict(id: packet.id, accept: true)
-            fastPath?.submit(actions)
-            if !events.isEmpty { log(events) }
+            try finish(queued, outcome)
             return
         }
-        // The state file gets this packet's changes (a new session, a FIN) at the end of the turn (persistTurn).
-        let (verdict, events, actions, anchorEvents) = processor.withLock { state in
-            let verdict = state.process(base, count: count, capacity: capacity, hook: hook, checksum: checksum, now: now)
-            state.counters.count(verdict)
-            return (verdict, state.takeEvents(), state.takeFastPathActions(), state.takeAnchorEvents())
+        try handle(queued, now: now)
+    }
+
+    /// A packet through the processor, then its verdict and effects. The state file gets its changes (a new
+    /// session, a FIN) at the end of the turn (``persistTurn()``).
+    @inline(__always)
+    private func handle(_ packet: QueuedPacket, now: UInt64) throws {
+        let outcome = processor.withLock { state in
+            let outcome = state.process(packet.base, count: packet.count, capacity: packet.capacity, hook: packet.hook,
+                                        checksum: packet.checksum, now: now)
+            state.counters.count(outcome.verdict)
+            return outcome
         }
-        switch verdict {
+        try finish(packet, outcome)
+    }
+
+    /// The one place a verdict goes to the kernel, and then the effects to the rest of the agent.
+    @inline(__always)
+    private func finish(_ packet: QueuedPacket, _ outcome: PacketOutcome) throws {
+        defer { apply(outcome.effects) }
+        switch outcome.verdict {
         case .accept:
             try queueSocket.verdict(id: packet.id, accept: true)
         case .acceptModified(let length):
-            try queueSocket.verdict(id: packet.id, accept: true, packet: UnsafeRawBufferPointer(start: base, count: length))
+            try queueSocket.verdict(id: packet.id, accept: true, packet: UnsafeRawBufferPointer(start: packet.base, count: length))
         case .drop:
             try queueSocket.verdict(id: packet.id, accept: false)
         case .hold(let chainID):
-            // A migrating session's new data: keep the kernel's packet (no verdict) and a copy of its bytes.
-            let held = HeldPacket(id: packet.id, bytes: [UInt8](UnsafeRawBufferPointer(start: base, count: count)),
-                                  hook: hook, checksum: checksum)
-            let appended = buffer.append(held, size: count, session: chainID)
-            publishBufferOccupancy()
-            if !appended {
-                // Full (documented bound): this packet and the rest go on the old path; the reconfiguration
-                // is cancelled, which releases the buffer there too.
-                let (again, _) = processor.withLock { state in
-                    state.anchorStopHolding(chainID: chainID)
-                    let verdict = state.process(base, count: count, capacity: capacity, hook: hook, checksum: checksum, now: now)
-                    state.counters.count(verdict)
-                    return (verdict, ())
-                }
-                if case .acceptModified(let length) = again {
-                    try queueSocket.verdict(id: packet.id, accept: true, packet: UnsafeRawBufferPointer(start: base, count: length))
-                } else {
-                    try queueSocket.verdict(id: packet.id, accept: true)
-                }
-                migration?.bufferFull(chainID)
+            // A released packet is not held twice (its session no longer buffers); a full buffer's packet neither.
+            guard packet.mayHold else {
+                try queueSocket.verdict(id: packet.id, accept: true)
+                return
             }
+            // A migrating session's new data: keep the kernel's packet (no verdict) and a copy of its bytes.
+            let held = HeldPacket(id: packet.id, bytes: [UInt8](UnsafeRawBufferPointer(start: packet.base, count: packet.count)),
+                                  hook: packet.hook, checksum: packet.checksum)
+            let appended = buffer.append(held, size: packet.count, session: chainID)
+            publishBufferOccupancy()
+            guard !appended else { return }
+            // Full (documented bound): this packet and the rest go on the old path; the reconfiguration is
+            // cancelled, which releases the buffer there too.
+            var again = packet
+            again.mayHold = false
+            processor.withLock { $0.anchorStopHolding(chainID: chainID) }
+            try handle(again, now: dysco_monotonic_coarse_ns())
+            migration?.bufferFull(chainID)
         }
-        if !anchorEvents.isEmpty { migration?.anchorEvents(anchorEvents) }
-        fastPath?.submit(actions)
-        if !events.isEmpty { log(events) }
+    }
+
+    /// Everything a processor call produced besides its verdict, handled in one place: anchor observations to the
+    /// migration engine, kernel work (and owned-key changes) to the fast-path worker, events to the log, a
+    /// compacted table to the expiry timer (which gives the memory back).
+    private func apply(_ effects: DataplaneEffects,
+                       ownership: (add: KernelOwnership.Keys, remove: KernelOwnership.Keys)? = nil) {
+        if effects.isEmpty, ownership == nil { return }
+        if !effects.anchor.isEmpty { migration?.anchorEvents(effects.anchor) }
+        fastPath?.submit(effects.fastPath, ownership: ownership)
+        if !effects.events.isEmpty { log(effects.events) }
+        if effects.compacted { compactedPending.store(true, ordering: .relaxed) }
     }
 
     /// The anchor buffer's occupancy for the metrics (the buffer is the packet thread's; readers get these copies).
@@ -722,6 +720,19 @@ final class BufferOccupancy: Sendable {
     let packets = Atomic<Int>(0)
     let bytes = Atomic<Int>(0)
     let refused = Atomic<UInt64>(0)
+}
+
+/// A packet on its way through the processor: where its bytes are (the scratch buffer, the receive buffer, a
+/// released copy) and what the processor needs to know.
+struct QueuedPacket {
+    var id: UInt32
+    var base: UnsafeMutableRawPointer
+    var count: Int
+    var capacity: Int
+    var hook: HookPoint
+    var checksum: ChecksumState
+    /// False for a packet released from the anchor buffer, or refused by a full one: it is not held (again).
+    var mayHold: Bool
 }
 
 /// A packet an anchor holds: its NFQUEUE id (no verdict yet) and its bytes as they came (untranslated).

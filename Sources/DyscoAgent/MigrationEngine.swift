@@ -306,11 +306,11 @@ final class MigrationEngine: @unchecked Sendable {
             turn.fastPathDirty = true
             turn.held.append(chainID)
         case .setPhase(let chainID, let phase):
-            let (events, needsNumbers) = agent.processor.withLock { state in
-                state.anchorSetPhase(chainID: chainID, phase, now: dysco_monotonic_coarse_ns())
-                return (state.takeAnchorEvents(), state.anchorNeedsNumbers(chainID: chainID))
+            let (effects, needsNumbers) = agent.processor.withLock { state in
+                (state.anchorSetPhase(chainID: chainID, phase, now: dysco_monotonic_coarse_ns()),
+                 state.anchorNeedsNumbers(chainID: chainID))
             }
-            anchorEvents(events)
+            anchorEvents(effects.anchor)
             if needsNumbers, phase == .buffering || phase == .released { elicit(chainID) }
             if phase == .buffering || phase == .released { poke(chainID, remaining: Self.pokes) }
         case .setDelta(let chainID, let delta):
