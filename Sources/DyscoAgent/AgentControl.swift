@@ -1,11 +1,12 @@
 import DyscoCore
 import Foundation
+import NIOCore
 
 /// The agent's control socket (docs/ARCHITECTURE.md, "Control socket and `sessions`"): each request to the part
 /// that answers it, and the operations it offers (policy at run time, `path hold|release`).
 extension DataplaneAgent {
-    func makeControlServer(engine: MigrationEngine) throws -> ControlServer {
-        try ControlServer(path: options.controlSocketPath) { [self] request in
+    func makeControlServer(engine: MigrationEngine, group: any EventLoopGroup) throws -> ControlServer {
+        try ControlServer(path: options.controlSocketPath, group: group) { [self] request in
             switch request.command {
             case .sessions:
                 return (try? JSONEncoder().encode(snapshot(after: request.after, limit: request.limit))) ?? Data()

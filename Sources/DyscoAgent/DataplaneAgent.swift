@@ -4,6 +4,7 @@ import DyscoCore
 import DyscoSystem
 import Foundation
 import Logging
+import NIOPosix
 import Synchronization
 
 /// One host's agent (one per network namespace), the composition root: it binds the queue, restores the sessions,
@@ -16,7 +17,7 @@ import Synchronization
 /// - ``AgentJournal`` (AgentJournal.swift): restore at start, the state file, the kernel's owned keys
 /// - control requests and the policy at run time (AgentControl.swift); the snapshot and the metrics' readings
 ///   (AgentReadings.swift); `agent --purge` (AgentPurge.swift)
-/// - ``MigrationEngine``, the control socket and the metrics endpoint.
+/// - ``MigrationEngine``, the control socket and the metrics endpoint, on one shared event-loop group.
 public final class DataplaneAgent: @unchecked Sendable {
     public struct Options: Sendable {
         public var queue: UInt16 = 7
@@ -70,6 +71,8 @@ public final class DataplaneAgent: @unchecked Sendable {
     let startedAt = dysco_monotonic_ns()
     private let stopping = Atomic<Bool>(false)
     private let migrationSettings: MigrationEngine.Settings
+    /// The event loops of the control socket, the agents' UDP control plane and the metrics endpoint (one thread).
+    private var eventLoops: MultiThreadedEventLoopGroup?
     private var expiryTimer: ExpiryTimer?
     private var control: ControlServer?
     private(set) var migration: MigrationEngine?
@@ -129,10 +132,12 @@ public final class DataplaneAgent: @unchecked Sendable {
     /// socket, whose appearance tells that the agent is ready: a metrics port in use fails the start) and the
     /// control socket.
     public func start() throws {
+        let eventLoops = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        self.eventLoops = eventLoops
         // The engine exists before the first packet (the data plane reports anchor observations to it); its
         // control port opens below.
         let engine = try MigrationEngine(dataplane: dataplane, trust: options.trust, settings: migrationSettings,
-                                         metrics: metrics, logger: logger)
+                                         metrics: metrics, eventLoopGroup: eventLoops, logger: logger)
         migration = engine
         dataplane.migration = engine
         packetLoop.start()
@@ -140,12 +145,12 @@ public final class DataplaneAgent: @unchecked Sendable {
                                   counterPollSeconds: options.counterPollSeconds, logger: logger)
         try engine.start()
         if let endpoint = options.metrics, let metrics {
-            metricsServer = try MetricsServer(endpoint: endpoint, logger: logger) { [weak self] in
+            metricsServer = try MetricsServer(endpoint: endpoint, group: eventLoops, logger: logger) { [weak self] in
                 guard let self else { return [] }
                 return metrics.render(self.metricsReadings())
             }
         }
-        control = try makeControlServer(engine: engine)
+        control = try makeControlServer(engine: engine, group: eventLoops)
         logger.info("agent ready", metadata: [
             "queue.number": "\(options.queue)", "agent.netns": "\(options.netns ?? "host")",
             "agent.control": "\(options.controlSocketPath)",
@@ -173,6 +178,7 @@ public final class DataplaneAgent: @unchecked Sendable {
         control?.close()
         metricsServer?.close()
         migration?.stop()
+        try? eventLoops?.syncShutdownGracefully()
         packetLoop.join()
         dataplane.persistTurn()
         dataplane.fastPath?.shutdown(keep: keep)

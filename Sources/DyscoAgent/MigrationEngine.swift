@@ -4,6 +4,7 @@ import DyscoSystem
 import Foundation
 import Logging
 import MigrationCoordinator
+import NIOCore
 import Synchronization
 
 /// The thin shell around ``MigrationCoordinator``: decodes and checks control messages, feeds events in, and
@@ -28,6 +29,8 @@ final class MigrationEngine: @unchecked Sendable {
     private let settings: Settings
     /// The data plane whose sessions this engine reconfigures (it does not own the engine).
     private let dataplane: any MigrationDataplane
+    /// The event loops of the UDP control plane (the agent's shared group; nil: one of its own).
+    private let eventLoopGroup: (any EventLoopGroup)?
     private let coordinator: Mutex<MigrationCoordinator>
     /// Serializes event handling (one event and the events its actions produce at a time).
     private let loop = DispatchQueue(label: "dysco-migration")
@@ -50,8 +53,9 @@ final class MigrationEngine: @unchecked Sendable {
     private var freshnessSweptAt: UInt64 = 0
 
     init(dataplane: any MigrationDataplane, trust: TrustGroup, settings: Settings, metrics: AgentMetrics? = nil,
-         logger: Logger) throws {
+         eventLoopGroup: (any EventLoopGroup)? = nil, logger: Logger) throws {
         self.dataplane = dataplane
+        self.eventLoopGroup = eventLoopGroup
         self.metrics = metrics
         self.trust = trust
         self.settings = settings
@@ -63,7 +67,7 @@ final class MigrationEngine: @unchecked Sendable {
 
     func start() throws {
         let loop = loop
-        control = try ControlPlane(port: settings.controlPort) { [weak self] bytes, from, destination in
+        control = try ControlPlane(port: settings.controlPort, group: eventLoopGroup) { [weak self] bytes, from, destination in
             guard let engine = self else { return }
             loop.async { engine.receive(bytes, from: from, destination: destination) }
         }
