@@ -107,6 +107,22 @@ struct PacketProcessorTests {
         return h
     }
 
+    @Test("a session's SYN comes with a sessionCreated event; a data packet of the established session has no effects")
+    func effectsAsValues() throws {
+        let h = harness(chain: [fw1])
+        let path = ["client", "fw1", "server"]
+        _ = try #require(h.send(PacketBuilder(tuple: session, flags: [.syn]).build(), along: path))
+        for host in path {
+            let created = h.effects[host]?.events.filter { if case .sessionCreated = $0 { true } else { false } }
+            #expect(created?.count == 1, "\(host)")
+        }
+        _ = try #require(h.send(PacketBuilder(tuple: session.reversed, flags: [.syn, .ack]).build(), along: path.reversed()))
+        _ = try #require(h.send(PacketBuilder(tuple: session, flags: [.ack]).build(), along: path))
+        h.effects = [:]
+        _ = try #require(h.send(PacketBuilder(tuple: session, flags: [.ack], payload: [1, 2, 3]).build(), along: path))
+        for host in path { #expect(h.effects[host]?.isEmpty ?? true, "\(host): nothing for the shell") }
+    }
+
     @Test("SYN gets the trailer on the wire, each middlebox sees the session tuple, the server a plain SYN")
     func synThroughTwoMiddleboxes() throws {
         let h = harness(chain: [fw1, fw2])
