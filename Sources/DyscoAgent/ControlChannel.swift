@@ -89,16 +89,21 @@ public struct ControlError: Error, CustomStringConvertible {
 public final class ControlServer: Sendable {
     /// A request line longer than this closes the connection (a `drain` batch names up to ~10,000 chain ids).
     public static let maxRequestBytes = 4 << 20
-    private let group: MultiThreadedEventLoopGroup
+    private let group: any EventLoopGroup
+    /// The group was made for this server (nil `group` at init) and goes with it.
+    private let ownsGroup: Bool
     private let channel: Channel
     public let path: String
 
-    /// Binds `path` (replacing a stale socket file) and answers each request with `respond`.
-    public init(path: String, respond: @escaping @Sendable (ControlRequest) async -> Data) throws {
+    /// Binds `path` (replacing a stale socket file) and answers each request with `respond`. `group`: the event
+    /// loops to run on (the agent's shared group); nil: a one-thread group of its own.
+    public init(path: String, group: (any EventLoopGroup)? = nil,
+                respond: @escaping @Sendable (ControlRequest) async -> Data) throws {
         self.path = path
         try FileManager.default.createDirectory(atPath: (path as NSString).deletingLastPathComponent,
                                                 withIntermediateDirectories: true)
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let ownsGroup = group == nil
+        let group = group ?? MultiThreadedEventLoopGroup(numberOfThreads: 1)
         do {
             channel = try ServerBootstrap(group: group)
                 .childChannelInitializer { channel in
@@ -109,15 +114,16 @@ public final class ControlServer: Sendable {
                 .bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true)
                 .wait()
         } catch {
-            try? group.syncShutdownGracefully()
+            if ownsGroup { try? group.syncShutdownGracefully() }
             throw error
         }
         self.group = group
+        self.ownsGroup = ownsGroup
     }
 
     public func close() {
         try? channel.close().wait()
-        try? group.syncShutdownGracefully()
+        if ownsGroup { try? group.syncShutdownGracefully() }
         try? FileManager.default.removeItem(atPath: path)
     }
 

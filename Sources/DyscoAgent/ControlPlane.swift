@@ -11,7 +11,9 @@ import Synchronization
 /// address and the datagram's destination address (IP_PKTINFO; the freshness stamp names it, issue 20);
 /// `send` writes one datagram to another agent's control port.
 final class ControlPlane: Sendable {
-    private let group: MultiThreadedEventLoopGroup
+    private let group: any EventLoopGroup
+    /// The group was made for this socket (nil `group` at init) and goes with it.
+    private let ownsGroup: Bool
     private let channel: Mutex<Channel?>
     private let closing = Atomic<Bool>(false)
     private let receive: @Sendable ([UInt8], IPv4Address, IPv4Address?) -> Void
@@ -20,15 +22,18 @@ final class ControlPlane: Sendable {
     /// a firewall's OUTPUT rule, closes a datagram channel).
     let reopened = Atomic<Int>(0)
 
-    init(port: UInt16, receive: @escaping @Sendable ([UInt8], IPv4Address, IPv4Address?) -> Void) throws {
-        group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    /// `group`: the event loops to run on (the agent's shared group); nil: a one-thread group of its own.
+    init(port: UInt16, group: (any EventLoopGroup)? = nil,
+         receive: @escaping @Sendable ([UInt8], IPv4Address, IPv4Address?) -> Void) throws {
+        ownsGroup = group == nil
+        self.group = group ?? MultiThreadedEventLoopGroup(numberOfThreads: 1)
         self.port = port
         self.receive = receive
         channel = Mutex(nil)
         do {
             try open()
         } catch {
-            try? group.syncShutdownGracefully()
+            if ownsGroup { try? self.group.syncShutdownGracefully() }
             throw ControlError(message: "cannot bind the control port udp/\(port): \(error)")
         }
     }
@@ -69,7 +74,7 @@ final class ControlPlane: Sendable {
     func close() {
         closing.store(true, ordering: .relaxed)
         try? channel.withLock({ $0 })?.close().wait()
-        try? group.syncShutdownGracefully()
+        if ownsGroup { try? group.syncShutdownGracefully() }
     }
 
     private final class Inbound: ChannelInboundHandler, Sendable {

@@ -4,11 +4,12 @@ import DyscoSystem
 import Foundation
 import Logging
 import MigrationCoordinator
+import NIOCore
 import Synchronization
 
 /// The thin shell around ``MigrationCoordinator``: decodes and checks control messages, feeds events in, and
-/// performs the actions that come out (UDP sends, timers, data-plane operations on the ``PacketProcessor``,
-/// buffer release on the packet thread, conntrack export/import). Results of actions go back in as events,
+/// performs the actions that come out (UDP sends, timers, operations of its ``MigrationDataplane``, conntrack
+/// export/import). Results of actions go back in as events,
 /// in order, before the next outside event.
 final class MigrationEngine: @unchecked Sendable {
     struct Settings: Sendable {
@@ -26,7 +27,10 @@ final class MigrationEngine: @unchecked Sendable {
     private let trust: TrustGroup
     private let logger: Logger
     private let settings: Settings
-    private unowned let agent: DataplaneAgent
+    /// The data plane whose sessions this engine reconfigures (it does not own the engine).
+    private let dataplane: any MigrationDataplane
+    /// The event loops of the UDP control plane (the agent's shared group; nil: one of its own).
+    private let eventLoopGroup: (any EventLoopGroup)?
     private let coordinator: Mutex<MigrationCoordinator>
     /// Serializes event handling (one event and the events its actions produce at a time).
     private let loop = DispatchQueue(label: "dysco-migration")
@@ -48,8 +52,10 @@ final class MigrationEngine: @unchecked Sendable {
     private var freshness: FreshnessChecker
     private var freshnessSweptAt: UInt64 = 0
 
-    init(agent: DataplaneAgent, trust: TrustGroup, settings: Settings, metrics: AgentMetrics? = nil, logger: Logger) throws {
-        self.agent = agent
+    init(dataplane: any MigrationDataplane, trust: TrustGroup, settings: Settings, metrics: AgentMetrics? = nil,
+         eventLoopGroup: (any EventLoopGroup)? = nil, logger: Logger) throws {
+        self.dataplane = dataplane
+        self.eventLoopGroup = eventLoopGroup
         self.metrics = metrics
         self.trust = trust
         self.settings = settings
@@ -61,7 +67,7 @@ final class MigrationEngine: @unchecked Sendable {
 
     func start() throws {
         let loop = loop
-        control = try ControlPlane(port: settings.controlPort) { [weak self] bytes, from, destination in
+        control = try ControlPlane(port: settings.controlPort, group: eventLoopGroup) { [weak self] bytes, from, destination in
             guard let engine = self else { return }
             loop.async { engine.receive(bytes, from: from, destination: destination) }
         }
@@ -155,13 +161,11 @@ final class MigrationEngine: @unchecked Sendable {
     /// hops handle them as a batch (see ``dispatch(_:)``).
     func replace(_ request: ReplaceRequest) async -> ReplaceReport {
         let started = ContinuousClock.now
-        let candidates = agent.processor.withLock { state in
-            state.table.records.values.filter { record in
-                record.role == .middlebox && record.closeDeadline == nil && record.migration == nil
-                    && request.predicate.matches(record.session)
-                    && (request.chains.map { $0.contains(record.identity.chainID) } ?? true)
-            }.sorted { $0.id < $1.id }.prefix(request.limit ?? .max)
-        }
+        let candidates = dataplane.sessions { record in
+            record.role == .middlebox && record.closeDeadline == nil && record.migration == nil
+                && request.predicate.matches(record.session)
+                && (request.chains.map { $0.contains(record.identity.chainID) } ?? true)
+        }.sorted { $0.id < $1.id }.prefix(request.limit ?? .max)
         var results: [ReplaceReport.Session] = []
         var triggers: [(SessionTable.Record, Event, ReportKey)] = []
         for record in candidates {
@@ -251,7 +255,7 @@ final class MigrationEngine: @unchecked Sendable {
         turn = Turn()
         if done.fastPathDirty {
             let flushStarted = dysco_monotonic_ns()
-            agent.flushFastPath()
+            dataplane.commitHolds()
             add("turns.flush.micros", (dysco_monotonic_ns() - flushStarted) / 1000)
         }
         for chainID in done.held {
@@ -273,12 +277,10 @@ final class MigrationEngine: @unchecked Sendable {
     }
 
     private func sessionContext(_ chainID: UInt64) -> SessionContext? {
-        agent.processor.withLock { state in
-            guard let (record, me) = state.context(chainID: chainID) else { return nil }
-            return SessionContext(identity: record.identity, session: record.session, me: me,
-                                  leftNeighbour: record.leftNeighbour, rightNeighbour: record.rightNeighbour,
-                                  carried: record.bytes > record.packets &* UInt64(IPv4TCPPacket.pureAckLength))
-        }
+        guard let (record, me) = dataplane.session(chainID: chainID) else { return nil }
+        return SessionContext(identity: record.identity, session: record.session, me: me,
+                              leftNeighbour: record.leftNeighbour, rightNeighbour: record.rightNeighbour,
+                              carried: record.bytes > record.packets &* UInt64(IPv4TCPPacket.pureAckLength))
     }
 
     private func perform(_ action: Action) -> Event? {
@@ -302,49 +304,41 @@ final class MigrationEngine: @unchecked Sendable {
         case .cancelTimer(let key):
             timers.withLock { _ = $0.removeValue(forKey: key) }
         case .hold(let chainID, let side, let stateful):
-            agent.applyFastPath { $0.anchorHold(chainID: chainID, side: side, stateful: stateful, now: now) }
+            dataplane.hold(chainID: chainID, side: side, stateful: stateful, now: now)
             turn.fastPathDirty = true
             turn.held.append(chainID)
         case .setPhase(let chainID, let phase):
-            let (events, needsNumbers) = agent.processor.withLock { state in
-                state.anchorSetPhase(chainID: chainID, phase, now: dysco_monotonic_coarse_ns())
-                return (state.takeAnchorEvents(), state.anchorNeedsNumbers(chainID: chainID))
-            }
-            anchorEvents(events)
+            let needsNumbers = dataplane.setPhase(chainID: chainID, phase)
             if needsNumbers, phase == .buffering || phase == .released { elicit(chainID) }
             if phase == .buffering || phase == .released { poke(chainID, remaining: Self.pokes) }
         case .setDelta(let chainID, let delta):
-            agent.processor.withLock { $0.anchorSetDelta(chainID: chainID, delta) }
+            dataplane.setDelta(chainID: chainID, delta)
         case .openPath(let chainID, let next):
-            return pathEvent(chainID, agent.processor.withLock { $0.openPath(chainID: chainID, next: next) })
+            return pathEvent(chainID, dataplane.openPath(chainID: chainID, next: next))
         case .addPath(let chainID, let subsession):
-            return pathEvent(chainID, agent.processor.withLock { $0.addPath(chainID: chainID, subsession: subsession) })
+            return pathEvent(chainID, dataplane.addPath(chainID: chainID, subsession: subsession))
         case .createSession(let identity, let session, let left, let next):
-            return pathEvent(identity.chainID, agent.processor.withLock {
-                $0.createFromNewPath(identity: identity, session: session, left: left, next: next, now: dysco_monotonic_coarse_ns())
-            })
+            return pathEvent(identity.chainID, dataplane.createSession(identity: identity, session: session, left: left, next: next))
         case .markEstablished(let chainID):
-            agent.processor.withLock { $0.markEstablished(chainID: chainID) }
+            dataplane.markEstablished(chainID: chainID)
         case .promote(let chainID):
-            agent.processor.withLock { $0.anchorPromote(chainID: chainID) }
+            dataplane.promote(chainID: chainID)
         case .sendProbe(let chainID):
             sendProbe(chainID)
         case .releaseBuffer(let chainID):
-            agent.releaseBuffer(chainID)
+            dataplane.releaseHeld(chainID: chainID)
             unclamp(chainID)
         case .finishAnchor(let chainID):
             unclamp(chainID)
             // Back to the kernel on the new path: committed at the packet thread's quiet point (no wait here).
-            agent.applyFastPath { $0.anchorFinish(chainID: chainID) }
+            dataplane.finish(chainID: chainID)
         case .cancelAnchor(let chainID):
             unclamp(chainID)
-            agent.applyFastPath { $0.anchorCancel(chainID: chainID) }
-            agent.releaseBuffer(chainID)
+            dataplane.cancel(chainID: chainID)
+            dataplane.releaseHeld(chainID: chainID)
         case .removeSession(let chainID, let deleteConntrack):
-            let session = agent.processor.withLock { $0.context(chainID: chainID)?.0.session }
-            agent.applyFastPath {
-                $0.leave(chainID: chainID, reason: "left the path (reconfiguration)", now: dysco_monotonic_coarse_ns())
-            }
+            let session = dataplane.session(chainID: chainID)?.record.session
+            dataplane.leave(chainID: chainID, reason: "left the path (reconfiguration)")
             if deleteConntrack, let session { deleteState(session) }
         case .exportState(let chainID, let requestID, let session):
             exportState(chainID: chainID, requestID: requestID, session: session)
@@ -367,13 +361,13 @@ final class MigrationEngine: @unchecked Sendable {
         }
     }
 
-    /// Builds a packet with the processor (under its lock) and sends it through the raw socket, counting
+    /// Builds a packet with the data plane and sends it through the raw socket, counting
     /// `<name>.sent` / `<name>.failed` / `<name>.unknown-numbers`.
     private func sendBuilt(_ name: String, _ chainID: UInt64,
-                           _ build: (inout PacketProcessor, UnsafeMutableRawPointer) -> (Int, IPv4Address)?) {
+                           _ build: (UnsafeMutableRawPointer) -> (Int, IPv4Address)?) {
         withUnsafeTemporaryAllocation(byteCount: IPv4TCPPacket.maxBuiltLength, alignment: 16) { buffer in
             let base = buffer.baseAddress!
-            guard let (length, destination) = agent.processor.withLock({ build(&$0, base) }) else {
+            guard let (length, destination) = build(base) else {
                 count("\(name).unknown-numbers")
                 return
             }
@@ -389,13 +383,13 @@ final class MigrationEngine: @unchecked Sendable {
 
     /// Makes the local endpoint announce its numbers (``PacketProcessor/anchorElicit(chainID:into:)``).
     private func elicit(_ chainID: UInt64) {
-        sendBuilt("elicits", chainID) { $0.anchorElicit(chainID: chainID, into: $1) }
+        sendBuilt("elicits", chainID) { dataplane.buildElicit(chainID: chainID, into: $0) }
     }
 
     /// Ends the anchor's zero-window clamp: the local endpoint gets a window update with the far side's real
     /// window (``PacketProcessor/anchorUnclamp(chainID:into:)``).
     private func unclamp(_ chainID: UInt64) {
-        sendBuilt("window-updates", chainID) { $0.anchorUnclamp(chainID: chainID, into: $1) }
+        sendBuilt("window-updates", chainID) { dataplane.buildWindowUpdate(chainID: chainID, into: $0) }
     }
 
     /// Linux answers the elicit's SYN with a challenge ACK at most once per 500 ms per socket
@@ -407,7 +401,7 @@ final class MigrationEngine: @unchecked Sendable {
 
     private func elicitAgain(_ chainID: UInt64, remaining: Int) {
         loop.asyncAfter(deadline: .now() + .milliseconds(100)) { [self] in
-            guard remaining > 0, agent.processor.withLock({ $0.anchorLacksProbeNumbers(chainID: chainID) }) else { return }
+            guard remaining > 0, dataplane.lacksProbeNumbers(chainID: chainID) else { return }
             count("elicits.again")
             elicit(chainID)
             elicitAgain(chainID, remaining: remaining - 1)
@@ -435,14 +429,14 @@ final class MigrationEngine: @unchecked Sendable {
         guard remaining > 0 else { poking.subtract(1, ordering: .relaxed); return }
         let again = withUnsafeTemporaryAllocation(byteCount: IPv4TCPPacket.maxBuiltLength, alignment: 16) { buffer -> Bool in
             let base = buffer.baseAddress!
-            switch agent.processor.withLock({ $0.anchorPoke(chainID: chainID, into: base) }) {
+            switch dataplane.buildPoke(chainID: chainID, into: base) {
             case .stop: return false
             case .unknownNumbers: return true
             case .sent(let length, let destination, let drained):
                 try? probes.send(UnsafeRawBufferPointer(start: base, count: length), to: destination)
                 count("pokes.sent")
                 if remaining == Self.pokes - 10 {
-                    let state = agent.processor.withLock { $0.context(chainID: chainID)?.0.migration }
+                    let state = dataplane.session(chainID: chainID)?.record.migration
                     logger.debug("anchor still draining after 10 pokes", metadata: ["anchor.state": "\(state.map { "\($0)" } ?? "-")"])
                 }
                 return !drained
@@ -454,8 +448,8 @@ final class MigrationEngine: @unchecked Sendable {
 
     /// A window-opening probe on the new path (``PacketProcessor/anchorProbe(chainID:into:)``).
     private func sendProbe(_ chainID: UInt64) {
-        sendBuilt("probes", chainID) { state, base in
-            state.anchorProbe(chainID: chainID, into: base).map { length in
+        sendBuilt("probes", chainID) { base in
+            dataplane.buildProbe(chainID: chainID, into: base).map { length in
                 (length, IPv4Address(UInt32(bigEndian: base.loadUnaligned(fromByteOffset: 16, as: UInt32.self))))
             }
         }

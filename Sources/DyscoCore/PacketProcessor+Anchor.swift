@@ -70,7 +70,7 @@ extension PacketProcessor {
         }
         if onNewPath {
             if m.phase != .released {
-                anchorEvents.append(.newPathPacket(chainID: record.identity.chainID))
+                pending.anchor.append(.newPathPacket(chainID: record.identity.chainID))
                 if length == 0, flags.isDisjoint(with: [.syn, .rst]) {
                     // A window-opening probe from the other anchor: it taught the new firewall; the endpoint
                     // must not see it (docs/ARCHITECTURE.md, "After the import").
@@ -91,7 +91,7 @@ extension PacketProcessor {
         var m = m
         if !m.drainedReported, m.phase == .buffering || (m.phase == .released && !m.stateful), m.sentDrained {
             m.drainedReported = true
-            anchorEvents.append(.drained(chainID: record.identity.chainID))
+            pending.anchor.append(.drained(chainID: record.identity.chainID))
         }
         table.update(record.id) { $0.migration = m }
     }
@@ -114,9 +114,9 @@ extension PacketProcessor {
 
     private func id(_ chainID: UInt64) -> SessionTable.SessionID? { table.byChain[chainID] }
 
-    /// Starts anchor tracking and takes the session off the kernel fast path (apply ``fastPathActions``).
-    public mutating func anchorHold(chainID: UInt64, side: SessionTable.Side, stateful: Bool, now: UInt64) {
-        guard let id = id(chainID), let record = table.records[id] else { return }
+    /// Starts anchor tracking and takes the session off the kernel fast path (apply the returned effects).
+    public mutating func anchorHold(chainID: UInt64, side: SessionTable.Side, stateful: Bool, now: UInt64) -> DataplaneEffects {
+        guard let id = id(chainID), let record = table.records[id] else { return takeEffects() }
         if record.migration == nil { anchoring += 1 }
         var m = AnchorState(side: side, stateful: stateful, now: now)
         // What the slow path last saw the local side acknowledge (fresh only while the agent carries the session,
@@ -128,17 +128,20 @@ extension PacketProcessor {
             m.lastWindow = UInt16(truncatingIfNeeded: local.window)
         }
         table.update(id) { $0.migration = m }
-        _ = hold([id])
+        _ = holdSessions([id])
+        return takeEffects()
     }
 
-    public mutating func anchorSetPhase(chainID: UInt64, _ phase: AnchorState.Phase, now: UInt64) {
-        guard let id = id(chainID), let record = table.records[id], var m = record.migration else { return }
+    /// Returns what the anchor observed on entering the phase (it may be drained already).
+    public mutating func anchorSetPhase(chainID: UInt64, _ phase: AnchorState.Phase, now: UInt64) -> DataplaneEffects {
+        guard let id = id(chainID), let record = table.records[id], var m = record.migration else { return takeEffects() }
         if phase == .released, m.phase == .buffering || m.phase == .probing { releasing[chainID] = m.side }
         if phase == .released, m.phase == .locked { m.stateful = false }
         if phase == .buffering { m.stateful = true }
         m.enter(phase)
         m.lastPacketAt = now
         store(m, for: record, now: now)
+        return takeEffects()
     }
 
     public mutating func anchorSetDelta(chainID: UInt64, _ delta: Int32) {
@@ -252,26 +255,28 @@ extension PacketProcessor {
     }
 
     /// Success: the old path's subsession goes, tracking ends, the session may return to the fast path.
-    public mutating func anchorFinish(chainID: UInt64) {
-        guard let id = id(chainID), let m = table.records[id]?.migration else { return }
+    public mutating func anchorFinish(chainID: UInt64) -> DataplaneEffects {
+        guard let id = id(chainID), let m = table.records[id]?.migration else { return takeEffects() }
         if m.promoted { table.dropOther(id, m.side) }
         endTracking(id)
+        return takeEffects()
     }
 
     /// Cancel: back on the old path, the new path's subsession goes, tracking ends (the shell then releases
     /// the buffer, which this processor now translates onto the old path).
-    public mutating func anchorCancel(chainID: UInt64) {
-        guard let id = id(chainID), let m = table.records[id]?.migration else { return }
+    public mutating func anchorCancel(chainID: UInt64) -> DataplaneEffects {
+        guard let id = id(chainID), let m = table.records[id]?.migration else { return takeEffects() }
         releasing[chainID] = m.side
         if m.promoted { table.promote(id, m.side) }
         table.dropOther(id, m.side)
         endTracking(id)
+        return takeEffects()
     }
 
     private mutating func endTracking(_ id: SessionTable.SessionID) {
         table.update(id) { $0.migration = nil }
         anchoring = max(0, anchoring - 1)
-        _ = release([id])
+        _ = releaseSessions([id])
     }
 
     /// Left anchor: a new-path subsession from this host to `next`.
@@ -312,26 +317,28 @@ extension PacketProcessor {
     }
 
     /// This host leaves the session (its record, kernel entries and ports).
-    public mutating func leave(chainID: UInt64, reason: String, now: UInt64) {
-        guard let id = id(chainID), let record = table.records[id] else { return }
+    public mutating func leave(chainID: UInt64, reason: String, now: UInt64) -> DataplaneEffects {
+        guard let id = id(chainID), let record = table.records[id] else { return takeEffects() }
         let until = now &+ settings.closeLinger
         for key in table.ingressKeys(of: record) { departed[key] = until }
         if table.records[id]?.migration != nil { anchoring = max(0, anchoring - 1) }
         removeSession(id, reason: reason)
+        return takeEffects()
     }
 
     /// Anchors whose session was quiet for `quiet` nanoseconds while draining: drained (nothing can be in
-    /// flight any more). Called by the shell's timer.
-    public mutating func checkQuietAnchors(now: UInt64, quiet: UInt64) {
-        guard anchoring > 0 else { return }
+    /// flight any more). Called by the shell's timer; returns their ``AnchorEvent/drained(chainID:)``.
+    public mutating func checkQuietAnchors(now: UInt64, quiet: UInt64) -> DataplaneEffects {
+        guard anchoring > 0 else { return takeEffects() }
         for record in table.records.values {
             guard var m = record.migration, !m.drainedReported,
                   m.phase == .buffering || (m.phase == .released && !m.stateful),
                   now >= m.lastPacketAt, now - m.lastPacketAt >= quiet else { continue }
             m.drainedReported = true
-            anchorEvents.append(.drained(chainID: record.identity.chainID))
+            pending.anchor.append(.drained(chainID: record.identity.chainID))
             table.update(record.id) { $0.migration = m }
         }
+        return takeEffects()
     }
 
     /// The shell starts releasing a session's held packets (on the packet thread): later packets are no longer
@@ -340,9 +347,4 @@ extension PacketProcessor {
         releasing.removeValue(forKey: chainID)
     }
 
-    public mutating func takeAnchorEvents() -> [AnchorEvent] {
-        guard !anchorEvents.isEmpty else { return [] }
-        defer { anchorEvents.removeAll(keepingCapacity: true) }
-        return anchorEvents
-    }
 }

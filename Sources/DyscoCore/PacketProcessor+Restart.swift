@@ -6,9 +6,14 @@ extension PacketProcessor {
     /// A FIN or RST the kernel already rewrote (mark ``FastPathScript/observeIngressMark`` or
     /// ``FastPathScript/observeEgressMark``): only the teardown bookkeeping is done; the caller accepts the packet
     /// unchanged. Its tuple is the rewritten one: at ingress the session's (S or rev(S)), at egress a
-    /// subsession's (R or rev(L)). Returns whether a session took it.
-    @discardableResult
-    public mutating func observe(_ base: UnsafeMutableRawPointer, count: Int, hook: HookPoint, now: UInt64) -> Bool {
+    /// subsession's (R or rev(L)). Returns whether a session took it, and the effects.
+    public mutating func observe(_ base: UnsafeMutableRawPointer, count: Int, hook: HookPoint, now: UInt64)
+        -> (taken: Bool, effects: DataplaneEffects) {
+        let taken = observed(base, count: count, hook: hook, now: now)
+        return (taken, takeEffects())
+    }
+
+    private mutating func observed(_ base: UnsafeMutableRawPointer, count: Int, hook: HookPoint, now: UInt64) -> Bool {
         counters.packets &+= 1
         counters.kernelObserved &+= 1
         guard case .success(let packet) = IPv4TCPPacket.parse(base, count: count) else {

@@ -146,9 +146,44 @@ public enum DataplaneEvent: Sendable {
     case rejected(FiveTuple, reason: String)
 }
 
+/// What a call into ``PacketProcessor`` leaves for the shell besides its result: events to log, kernel fast-path
+/// work, what anchors observed for the reconfiguration protocol, and whether the table was compacted (a good
+/// moment to give freed memory back to the OS). Nothing in the common case: empty arrays allocate nothing.
+/// The session table's changes for the state file are not here: they accumulate in the table
+/// (``SessionTable/changed``) over a whole packet-thread turn and are written once.
+public struct DataplaneEffects: Sendable {
+    public var events: [DataplaneEvent] = []
+    public var fastPath: [FastPathAction] = []
+    public var anchor: [AnchorEvent] = []
+    public var compacted = false
+
+    public init() {}
+
+    public var isEmpty: Bool { events.isEmpty && fastPath.isEmpty && anchor.isEmpty && !compacted }
+
+    /// Appends `other`'s effects after these (tests and callers that gather several calls' effects).
+    public mutating func append(_ other: DataplaneEffects) {
+        events += other.events
+        fastPath += other.fastPath
+        anchor += other.anchor
+        compacted = compacted || other.compacted
+    }
+}
+
+/// What ``PacketProcessor/process(_:count:capacity:hook:checksum:now:)`` returns for one packet.
+public struct PacketOutcome: Sendable {
+    public var verdict: Verdict
+    public var effects: DataplaneEffects
+
+    public init(verdict: Verdict, effects: DataplaneEffects = DataplaneEffects()) {
+        self.verdict = verdict
+        self.effects = effects
+    }
+}
+
 /// The per-packet logic of the slow path: a pure state machine over the session table. It is given a
-/// queued packet's bytes, rewrites them in place and returns the verdict. No I/O, no clocks, no locks:
-/// the NFQUEUE shell (``NetfilterQueueAgent``) owns it behind a mutex.
+/// queued packet's bytes, rewrites them in place and returns the verdict with its effects (``PacketOutcome``).
+/// No I/O, no clocks, no locks: the NFQUEUE shell (``DataplaneAgent``) owns it behind a mutex.
 public struct PacketProcessor: Sendable {
     public struct Settings: Sendable {
         public var idleTimeout: UInt64 = 600 * 1_000_000_000
@@ -178,11 +213,9 @@ public struct PacketProcessor: Sendable {
     public var cordons = Cordons()
     public var settings: Settings
     public var counters = DataplaneCounters()
-    public var events: [DataplaneEvent] = []
-    /// Fast-path work produced by the last calls, taken by the shell (``takeFastPathActions()``).
-    public var fastPathActions: [FastPathAction] = []
-    /// What anchors observed for the reconfiguration protocol, taken by the shell (``takeAnchorEvents()``).
-    public var anchorEvents: [AnchorEvent] = []
+    /// What the call in progress produced for the shell; every mutating entry point that can produce something
+    /// hands it over in its return value (``takeEffects()``), so it is empty between calls.
+    var pending = DataplaneEffects()
     /// Ingress keys of sessions this host left in a reconfiguration, until when late packets on them are dropped.
     public internal(set) var departed: [FiveTuple: UInt64] = [:]
     /// Sessions whose held packets the shell is about to release (chain id → the segment's side): until it
@@ -191,10 +224,6 @@ public struct PacketProcessor: Sendable {
     public internal(set) var releasing: [UInt64: SessionTable.Side] = [:]
     /// Sessions with anchor state (``SessionTable/Record/migration``); zero keeps the per-packet cost at one compare.
     public internal(set) var anchoring = 0
-    /// The table's dictionaries were rebuilt smaller since the shell last looked (``takeCompacted()``): a good
-    /// moment to give freed memory back to the OS.
-    public internal(set) var compacted = false
-
     /// The deployment's keys: Dysco SYN trailers are signed with the current one and accepted under either.
     public let trust: TrustGroup
 
@@ -203,13 +232,26 @@ public struct PacketProcessor: Sendable {
         self.trust = trust
         self.settings = settings
         table = SessionTable(portRange: portRange)
-        events.reserveCapacity(16)
-        fastPathActions.reserveCapacity(16)
     }
 
     /// Processes one packet. `capacity` is how many bytes the buffer can hold (a SYN may grow by the
-    /// Dysco trailer); `count` how many it holds.
+    /// Dysco trailer); `count` how many it holds. Returns the verdict and what the shell must do besides
+    /// (usually nothing: the effects are then empty and cost no allocation).
     public mutating func process(_ base: UnsafeMutableRawPointer, count: Int, capacity: Int, hook: HookPoint,
+                                 checksum: ChecksumState, now: UInt64) -> PacketOutcome {
+        let verdict = decide(base, count: count, capacity: capacity, hook: hook, checksum: checksum, now: now)
+        return PacketOutcome(verdict: verdict, effects: takeEffects())
+    }
+
+    /// Hands over what the call produced (``pending``); free when it is empty (the common case per packet).
+    @inline(__always)
+    mutating func takeEffects() -> DataplaneEffects {
+        var effects = DataplaneEffects()
+        if !pending.isEmpty { swap(&effects, &pending) }
+        return effects
+    }
+
+    private mutating func decide(_ base: UnsafeMutableRawPointer, count: Int, capacity: Int, hook: HookPoint,
                                  checksum: ChecksumState, now: UInt64) -> Verdict {
         counters.packets &+= 1
         guard case .success(var packet) = IPv4TCPPacket.parse(base, count: count) else {
@@ -240,7 +282,7 @@ public struct PacketProcessor: Sendable {
                             return ingressNewSyn(&packet, key: key, checksum: checksum, now: now)
                         }
                         counters.collisions &+= 1
-                        events.append(.rejected(key, reason: "retransmitted Dysco SYN names another session"))
+                        pending.events.append(.rejected(key, reason: "retransmitted Dysco SYN names another session"))
                         return .drop
                     }
                     packet.truncate(to: packet.length - decoded.1)
@@ -334,11 +376,11 @@ public struct PacketProcessor: Sendable {
                                           identity: payload.identity, now: now)
         } catch {
             counters.collisions &+= 1
-            events.append(.rejected(key, reason: "\(error)"))
+            pending.events.append(.rejected(key, reason: "\(error)"))
             return .drop
         }
         counters.sessionsCreated &+= 1
-        if let record = table.records[id] { events.append(.sessionCreated(record)) }
+        if let record = table.records[id] { pending.events.append(.sessionCreated(record)) }
         packet.truncate(to: packet.length - trailerLength)
         packet.rewrite(to: payload.session, checksum: .partial)
         counters.fullChecksums &+= 1
@@ -379,7 +421,7 @@ public struct PacketProcessor: Sendable {
         guard let record = table.records[id] else { return .drop }
         observeSyn(id, packet)
         counters.sessionsCreated &+= 1
-        events.append(.sessionCreated(record))
+        pending.events.append(.sessionCreated(record))
         counters.translatedEgress &+= 1
         return sendSyn(&packet, record: record, capacity: capacity)
     }
@@ -489,8 +531,8 @@ public struct PacketProcessor: Sendable {
             else if resetOutcome.confirmed { counters.resetsConfirmed &+= 1 }
             else { counters.resetsProvisional &+= 1 }
         }
-        if let install { fastPathActions.append(.install(translation.id, install)) }
-        if let uninstall { fastPathActions.append(.remove(translation.id, uninstall)) }
+        if let install { pending.fastPath.append(.install(translation.id, install)) }
+        if let uninstall { pending.fastPath.append(.remove(translation.id, uninstall)) }
     }
 
     /// The SYN that created a record: its sequence number and window scale start the tracking.
@@ -536,9 +578,9 @@ public struct PacketProcessor: Sendable {
         return record.closeDeadline != nil
     }
 
-    /// Removes sessions past their close linger or idle timeout; returns how many.
-    @discardableResult
-    public mutating func expire(now: UInt64) -> Int {
+    /// Removes sessions past their close linger or idle timeout; returns how many, and the removals' effects
+    /// (``DataplaneEffects/compacted`` when the table was rebuilt smaller).
+    public mutating func expire(now: UInt64) -> (removed: Int, effects: DataplaneEffects) {
         if !departed.isEmpty { departed = departed.filter { $0.value > now } }
         let due = table.expired(now: now, idleTimeout: settings.idleTimeout, synTimeout: settings.synTimeout)
         for id in due {
@@ -548,8 +590,8 @@ public struct PacketProcessor: Sendable {
             removeSession(id, reason: record.reset ? "reset" : record.closeDeadline != nil ? "closed"
                           : synOnly ? "syn-timeout" : "idle")
         }
-        if !due.isEmpty, table.compactIfSparse() { compacted = true }
-        return due.count
+        if !due.isEmpty, table.compactIfSparse() { pending.compacted = true }
+        return (due.count, takeEffects())
     }
 
     /// Removes a session from the table and, if the kernel has (or is getting) it, from the kernel.
@@ -557,10 +599,10 @@ public struct PacketProcessor: Sendable {
         guard let record = table.records[id] else { return }
         table.remove(id)
         if record.path == .pending || record.path == .kernel {
-            fastPathActions.append(.remove(id, record.fastPathTranslations))
+            pending.fastPath.append(.remove(id, record.fastPathTranslations))
         }
         counters.sessionsRemoved &+= 1
-        events.append(.sessionRemoved(record, reason: reason))
+        pending.events.append(.sessionRemoved(record, reason: reason))
     }
 
     // MARK: - Fast path bookkeeping (the worker reports back; migration holds and releases)
@@ -589,13 +631,18 @@ public struct PacketProcessor: Sendable {
     }
 
     /// Takes sessions back to the slow path (paper §3: a migrating session's packets must reach its agent).
-    /// Returns the ids now held; the caller must apply ``fastPathActions`` before relying on it.
-    public mutating func hold(_ ids: [SessionTable.SessionID]) -> [SessionTable.SessionID] {
+    /// Returns the ids now held and the kernel work, which the caller must apply before relying on it.
+    public mutating func hold(_ ids: [SessionTable.SessionID]) -> (held: [SessionTable.SessionID], effects: DataplaneEffects) {
+        let held = holdSessions(ids)
+        return (held, takeEffects())
+    }
+
+    mutating func holdSessions(_ ids: [SessionTable.SessionID]) -> [SessionTable.SessionID] {
         var held: [SessionTable.SessionID] = []
         for id in ids {
             guard let record = table.records[id] else { continue }
             if record.path == .pending || record.path == .kernel {
-                fastPathActions.append(.remove(id, record.fastPathTranslations))
+                pending.fastPath.append(.remove(id, record.fastPathTranslations))
             }
             table.update(id) { $0.path = .held }
             held.append(id)
@@ -604,30 +651,23 @@ public struct PacketProcessor: Sendable {
     }
 
     /// Returns held sessions to the fast path (their current translations; a migration may have changed them).
-    public mutating func release(_ ids: [SessionTable.SessionID]) -> [SessionTable.SessionID] {
+    /// Returns the ids released and the kernel work.
+    public mutating func release(_ ids: [SessionTable.SessionID]) -> (released: [SessionTable.SessionID], effects: DataplaneEffects) {
+        let released = releaseSessions(ids)
+        return (released, takeEffects())
+    }
+
+    mutating func releaseSessions(_ ids: [SessionTable.SessionID]) -> [SessionTable.SessionID] {
         var released: [SessionTable.SessionID] = []
         for id in ids {
             guard let record = table.records[id], record.path == .held else { continue }
             let eligible = settings.fastPath && !record.fastPathFailed && record.closeDeadline == nil
                 && (record.right == nil || record.rightEstablished)
             table.update(id) { $0.path = eligible ? .pending : .slow }
-            if eligible { fastPathActions.append(.install(id, record.fastPathTranslations)) }
+            if eligible { pending.fastPath.append(.install(id, record.fastPathTranslations)) }
             released.append(id)
         }
         return released
-    }
-
-    /// Hands the pending fast-path work to the caller; free when there is none.
-    public mutating func takeFastPathActions() -> [FastPathAction] {
-        guard !fastPathActions.isEmpty else { return [] }
-        defer { fastPathActions.removeAll(keepingCapacity: fastPathActions.capacity <= 1024) }
-        return fastPathActions
-    }
-
-    /// Whether the table was compacted since the last call.
-    public mutating func takeCompacted() -> Bool {
-        defer { compacted = false }
-        return compacted
     }
 
     // MARK: - Helpers
@@ -642,7 +682,7 @@ public struct PacketProcessor: Sendable {
         case .collision: counters.collisions &+= 1
         case .portsExhausted: counters.portsExhausted &+= 1
         }
-        events.append(.rejected(key, reason: "\(error)"))
+        pending.events.append(.rejected(key, reason: "\(error)"))
     }
 
     private func payload(_ packet: IPv4TCPPacket) -> UnsafeRawBufferPointer {
@@ -670,19 +710,10 @@ public struct PacketProcessor: Sendable {
         case .forbiddenAddress: counters.trailerForbiddenAddress &+= 1
         default:
             counters.malformedDyscoSyn &+= 1
-            events.append(.malformedDyscoSyn(key, error))
+            pending.events.append(.malformedDyscoSyn(key, error))
             return
         }
-        events.append(.untrustedDyscoSyn(key, error))
+        pending.events.append(.untrustedDyscoSyn(key, error))
     }
 }
 
-extension PacketProcessor {
-    /// Hands the pending events to the caller; free when there are none.
-    public mutating func takeEvents() -> [DataplaneEvent] {
-        guard !events.isEmpty else { return [] }
-        // A flood's expiry can queue 100,000 events: do not keep that capacity (memory must come back).
-        defer { events.removeAll(keepingCapacity: events.capacity <= 1024) }
-        return events
-    }
-}

@@ -22,20 +22,28 @@ struct AnchorDataplaneTests {
         p.table.update(id) { $0.rightEstablished = true }
         let chainID = try #require(p.table.records[id]).identity.chainID
         let old = try #require(p.table.records[id]?.right)
-        p.anchorHold(chainID: chainID, side: .right, stateful: stateful, now: 0)
+        _ = p.anchorHold(chainID: chainID, side: .right, stateful: stateful, now: 0)
         let new = try p.openPath(chainID: chainID, next: fw2).get()
         return Setup(processor: p, chainID: chainID, old: old, new: new)
     }
 
     /// Runs one packet through the processor; returns the verdict and the bytes as they leave.
     static func run(_ p: inout PacketProcessor, _ builder: PacketBuilder, hook: HookPoint) -> (Verdict, [UInt8]) {
+        let (verdict, bytes, _) = runCollecting(&p, builder, hook: hook)
+        return (verdict, bytes)
+    }
+
+    /// ``run(_:_:hook:)`` with what the processor produced besides the verdict.
+    static func runCollecting(_ p: inout PacketProcessor, _ builder: PacketBuilder, hook: HookPoint)
+        -> (Verdict, [UInt8], DataplaneEffects) {
         var bytes = builder.build() + [UInt8](repeating: 0, count: 64)
         let count = bytes.count - 64
-        let verdict = bytes.withUnsafeMutableBytes { raw in
+        let outcome = bytes.withUnsafeMutableBytes { raw in
             p.process(raw.baseAddress!, count: count, capacity: raw.count, hook: hook, checksum: .complete, now: 1)
         }
-        if case .acceptModified(let length) = verdict { return (verdict, Array(bytes[0..<length])) }
-        return (verdict, Array(bytes[0..<count]))
+        let verdict = outcome.verdict
+        if case .acceptModified(let length) = verdict { return (verdict, Array(bytes[0..<length]), outcome.effects) }
+        return (verdict, Array(bytes[0..<count]), outcome.effects)
     }
 
     static func tuple(_ bytes: [UInt8]) -> FiveTuple {
@@ -52,7 +60,7 @@ struct AnchorDataplaneTests {
         var s = try Self.setup(stateful: false)
         s.processor.anchorSetDelta(chainID: s.chainID, 100)
         s.processor.anchorPromote(chainID: s.chainID)
-        s.processor.anchorSetPhase(chainID: s.chainID, .released, now: 1)
+        _ = s.processor.anchorSetPhase(chainID: s.chainID, .released, now: 1)
 
         let (outVerdict, out) = Self.run(&s.processor, PacketBuilder(tuple: Self.session, seq: 5000, ack: 9000,
                                                                      payload: [1, 2, 3]), hook: .egress)
@@ -75,7 +83,7 @@ struct AnchorDataplaneTests {
         // The client's packets before the drain fix the cutoff (oldSent).
         _ = Self.run(&s.processor, PacketBuilder(tuple: Self.session, seq: 1000, ack: 50, payload: [UInt8](repeating: 7, count: 100)),
                      hook: .egress)
-        s.processor.anchorSetPhase(chainID: s.chainID, .buffering, now: 2)
+        _ = s.processor.anchorSetPhase(chainID: s.chainID, .buffering, now: 2)
         let (newData, _) = Self.run(&s.processor, PacketBuilder(tuple: Self.session, seq: 1100, ack: 50, payload: [1, 2]),
                                     hook: .egress)
         #expect(newData == .hold(chainID: s.chainID), "new data waits in the anchor buffer")
@@ -88,15 +96,15 @@ struct AnchorDataplaneTests {
         #expect(Self.tuple(a) == s.old)
 
         // The far side acknowledges everything sent on the old path: drained (oldSentAcked = oldSent).
-        _ = s.processor.takeAnchorEvents()
-        let (fromServer, f) = Self.run(&s.processor, PacketBuilder(tuple: s.old.reversed, seq: 60, ack: 1100), hook: .ingress)
+        let (fromServer, f, effects) = Self.runCollecting(&s.processor, PacketBuilder(tuple: s.old.reversed, seq: 60, ack: 1100),
+                                                          hook: .ingress)
         guard case .acceptModified = fromServer else { Issue.record("\(fromServer)"); return }
-        #expect(s.processor.takeAnchorEvents() == [.drained(chainID: s.chainID)])
+        #expect(effects.anchor == [.drained(chainID: s.chainID)])
         #expect(Self.window(f) == 0, "the zero-window clamp keeps the endpoint from sending new data meanwhile")
 
         // After the release (state installed, egress promoted) the held packet goes on the new path.
         s.processor.anchorPromote(chainID: s.chainID)
-        s.processor.anchorSetPhase(chainID: s.chainID, .released, now: 3)
+        _ = s.processor.anchorSetPhase(chainID: s.chainID, .released, now: 3)
         let (held, _) = Self.run(&s.processor, PacketBuilder(tuple: Self.session, seq: 1100, ack: 50, payload: [1, 2]),
                                  hook: .egress)
         #expect(held == .hold(chainID: s.chainID), "until the shell releases the buffer, later packets queue behind it")
@@ -136,7 +144,7 @@ struct AnchorDataplaneTests {
         // sequence end is 70, but the client can acknowledge no more than 50. It has not spoken yet.
         _ = Self.run(&s.processor, PacketBuilder(tuple: s.old.reversed, seq: 60, ack: 1000, payload: [UInt8](repeating: 3, count: 10),
                                                  window: 500), hook: .ingress)
-        s.processor.anchorSetPhase(chainID: s.chainID, .buffering, now: 2)
+        _ = s.processor.anchorSetPhase(chainID: s.chainID, .buffering, now: 2)
         let poke = buffer.withUnsafeMutableBytes { s.processor.anchorPoke(chainID: s.chainID, into: $0.baseAddress!) }
         #expect(poke == .unknownNumbers, "no poke towards the server until the client's own acknowledgment is known")
         #expect(s.processor.anchorLacksProbeNumbers(chainID: s.chainID), "no probe either: the anchor elicits again")
@@ -170,7 +178,7 @@ struct AnchorDataplaneTests {
             $0.sequence.observe(.reverse, seq: 4321, ack: 1000, window: 88, flags: [.ack], payloadLength: 0, windowScale: nil)
         }
         let chainID = try #require(p.table.records[id]).identity.chainID
-        p.anchorHold(chainID: chainID, side: .right, stateful: true, now: 0)
+        _ = p.anchorHold(chainID: chainID, side: .right, stateful: true, now: 0)
         let m = try #require(p.table.records[id]?.migration)
         #expect(m.lastAck == 4321 && m.lastWindow == 77, "the client's (forward) acknowledgment, not the server's")
         // Tracking invalidated (the kernel carried the session): nothing is seeded.
@@ -181,7 +189,7 @@ struct AnchorDataplaneTests {
             $0.sequence.invalidate()
         }
         let chain2 = try #require(q.table.records[id2]).identity.chainID
-        q.anchorHold(chainID: chain2, side: .right, stateful: true, now: 0)
+        _ = q.anchorHold(chainID: chain2, side: .right, stateful: true, now: 0)
         #expect(q.table.records[id2]?.migration?.lastAck == nil)
     }
 
@@ -189,13 +197,13 @@ struct AnchorDataplaneTests {
     func probes() throws {
         var s = try Self.setup(stateful: true)
         _ = Self.run(&s.processor, PacketBuilder(tuple: Self.session, seq: 1000, ack: 50), hook: .egress)
-        s.processor.anchorSetPhase(chainID: s.chainID, .buffering, now: 2)
+        _ = s.processor.anchorSetPhase(chainID: s.chainID, .buffering, now: 2)
         s.processor.anchorPromote(chainID: s.chainID)
-        s.processor.anchorSetPhase(chainID: s.chainID, .probing, now: 3)
-        _ = s.processor.takeAnchorEvents()
-        let (verdict, _) = Self.run(&s.processor, PacketBuilder(tuple: s.new.reversed, seq: 50, ack: 1000), hook: .ingress)
+        _ = s.processor.anchorSetPhase(chainID: s.chainID, .probing, now: 3)
+        let (verdict, _, effects) = Self.runCollecting(&s.processor, PacketBuilder(tuple: s.new.reversed, seq: 50, ack: 1000),
+                                                       hook: .ingress)
         #expect(verdict == .drop)
-        #expect(s.processor.takeAnchorEvents() == [.newPathPacket(chainID: s.chainID)])
+        #expect(effects.anchor == [.newPathPacket(chainID: s.chainID)])
         #expect(s.processor.counters.probesReceived == 1)
 
         var buffer = [UInt8](repeating: 0, count: IPv4TCPPacket.maxBuiltLength)
@@ -211,7 +219,7 @@ struct AnchorDataplaneTests {
         var s = try Self.setup(stateful: true)
         let portsBefore = s.processor.table.ports.inUse
         s.processor.anchorPromote(chainID: s.chainID)
-        s.processor.anchorCancel(chainID: s.chainID)
+        _ = s.processor.anchorCancel(chainID: s.chainID)
         s.processor.endRelease(chainID: s.chainID)
         #expect(s.processor.table.ports.inUse == portsBefore - 1)
         #expect(s.processor.table.ingress[s.new.reversed] == nil)

@@ -5,14 +5,27 @@ import Testing
 final class ChainHarness {
     var hosts: [String: PacketProcessor] = [:]
     var now: UInt64 = 1_000_000_000
+    /// What each host's processor produced besides its verdicts, gathered as its shell would take it.
+    var effects: [String: DataplaneEffects] = [:]
+
+    /// The fast-path work `host` produced since the last ``takeFastPathActions(_:)``.
+    func fastPathActions(_ host: String) -> [FastPathAction] { effects[host]?.fastPath ?? [] }
+
+    /// Hands over the fast-path work `host` produced (as the shell takes it).
+    func takeFastPathActions(_ host: String) -> [FastPathAction] {
+        defer { effects[host]?.fastPath = [] }
+        return fastPathActions(host)
+    }
 
     func run(_ host: String, _ bytes: [UInt8], _ hook: HookPoint, checksum: ChecksumState = .complete)
         -> (Verdict, [UInt8]) {
         var buffer = bytes + [UInt8](repeating: 0, count: 256)
-        let verdict = buffer.withUnsafeMutableBytes { raw in
+        let outcome = buffer.withUnsafeMutableBytes { raw in
             hosts[host]!.process(raw.baseAddress!, count: bytes.count, capacity: raw.count, hook: hook,
                                  checksum: checksum, now: now)
         }
+        effects[host, default: DataplaneEffects()].append(outcome.effects)
+        let verdict = outcome.verdict
         switch verdict {
         case .accept: return (verdict, bytes)
         case .acceptModified(let length): return (verdict, Array(buffer[0..<length]))
@@ -92,6 +105,22 @@ struct PacketProcessorTests {
         h.hosts["fw2"] = PacketProcessor(config: AgentConfig(), portRange: 30000...30999, trust: keys("fw2"))
         h.hosts["server"] = PacketProcessor(config: AgentConfig(), portRange: 40000...40999, trust: keys("server"))
         return h
+    }
+
+    @Test("a session's SYN comes with a sessionCreated event; a data packet of the established session has no effects")
+    func effectsAsValues() throws {
+        let h = harness(chain: [fw1])
+        let path = ["client", "fw1", "server"]
+        _ = try #require(h.send(PacketBuilder(tuple: session, flags: [.syn]).build(), along: path))
+        for host in path {
+            let created = h.effects[host]?.events.filter { if case .sessionCreated = $0 { true } else { false } }
+            #expect(created?.count == 1, "\(host)")
+        }
+        _ = try #require(h.send(PacketBuilder(tuple: session.reversed, flags: [.syn, .ack]).build(), along: path.reversed()))
+        _ = try #require(h.send(PacketBuilder(tuple: session, flags: [.ack]).build(), along: path))
+        h.effects = [:]
+        _ = try #require(h.send(PacketBuilder(tuple: session, flags: [.ack], payload: [1, 2, 3]).build(), along: path))
+        for host in path { #expect(h.effects[host]?.isEmpty ?? true, "\(host): nothing for the shell") }
     }
 
     @Test("SYN gets the trailer on the wire, each middlebox sees the session tuple, the server a plain SYN")
@@ -213,13 +242,13 @@ struct PacketProcessorTests {
         let fresh = harness(chain: [fw1])
         _ = try #require(fresh.send(PacketBuilder(tuple: session, flags: [.syn]).build(), along: ["client", "fw1", "server"]))
         _ = try #require(fresh.send(PacketBuilder(tuple: session, flags: [.fin, .ack]).build(), along: ["client", "fw1", "server"]))
-        #expect(fresh.hosts["fw1"]!.expire(now: fresh.now + 1) == 0, "one FIN is a half-close: keep going")
+        #expect(fresh.hosts["fw1"]!.expire(now: fresh.now + 1).removed == 0, "one FIN is a half-close: keep going")
         _ = try #require(fresh.send(PacketBuilder(tuple: session.reversed, flags: [.fin, .ack]).build(), along: ["server", "fw1", "client"]))
         // The last ACK still needs the translation during the linger.
         #expect(fresh.send(PacketBuilder(tuple: session, flags: [.ack]).build(), along: ["client", "fw1", "server"]) != nil)
         #expect(fresh.hosts["fw1"]!.table.count == 1)
         let linger = fresh.hosts["fw1"]!.settings.closeLinger
-        #expect(fresh.hosts["fw1"]!.expire(now: fresh.now + linger) == 1)
+        #expect(fresh.hosts["fw1"]!.expire(now: fresh.now + linger).removed == 1)
         #expect(fresh.hosts["fw1"]!.table.count == 0)
         #expect(fresh.hosts["fw1"]!.table.ingress.isEmpty && fresh.hosts["fw1"]!.table.egress.isEmpty)
 
@@ -229,8 +258,8 @@ struct PacketProcessorTests {
         _ = try #require(idle.send(PacketBuilder(tuple: session.reversed, flags: [.syn, .ack]).build(), along: ["server", "fw1", "client"]))
         _ = try #require(idle.send(PacketBuilder(tuple: session, flags: [.ack]).build(), along: ["client", "fw1", "server"]))
         let timeout = idle.hosts["client"]!.settings.idleTimeout
-        #expect(idle.hosts["client"]!.expire(now: idle.now + timeout - 1) == 0)
-        #expect(idle.hosts["client"]!.expire(now: idle.now + timeout) == 1)
+        #expect(idle.hosts["client"]!.expire(now: idle.now + timeout - 1).removed == 0)
+        #expect(idle.hosts["client"]!.expire(now: idle.now + timeout).removed == 1)
         #expect(idle.hosts["client"]!.table.ports.inUse == 0)
     }
 
@@ -272,16 +301,24 @@ struct PacketProcessorTrustTests {
 
     /// Runs `bytes` through ingress then (if it survived) egress of `host`; returns both verdicts.
     func relay(_ host: inout PacketProcessor, _ bytes: [UInt8]) -> (Verdict, Verdict?) {
+        var effects = DataplaneEffects()
+        return relay(&host, bytes, effects: &effects)
+    }
+
+    /// ``relay(_:_:)`` gathering what the processor produced besides its verdicts.
+    func relay(_ host: inout PacketProcessor, _ bytes: [UInt8], effects: inout DataplaneEffects) -> (Verdict, Verdict?) {
         var buffer = bytes + [UInt8](repeating: 0, count: 256)
         let capacity = buffer.count
         let ingress = buffer.withUnsafeMutableBytes { raw in
             host.process(raw.baseAddress!, count: bytes.count, capacity: capacity, hook: .ingress, checksum: .complete, now: 1)
         }
-        guard case .acceptModified(let length) = ingress else { return (ingress, nil) }
+        effects.append(ingress.effects)
+        guard case .acceptModified(let length) = ingress.verdict else { return (ingress.verdict, nil) }
         let egress = buffer.withUnsafeMutableBytes { raw in
             host.process(raw.baseAddress!, count: length, capacity: capacity, hook: .egress, checksum: .complete, now: 1)
         }
-        return (ingress, egress)
+        effects.append(egress.effects)
+        return (ingress.verdict, egress.verdict)
     }
 
     func expectNothingCreated(_ p: PacketProcessor, sourceLocation: SourceLocation = #_sourceLocation) {
@@ -295,11 +332,12 @@ struct PacketProcessorTrustTests {
     func forged() {
         var p = fw1()
         let syn = PacketBuilder.dyscoSyn(tuple: attack, session: session, remaining: [server], trust: TestKeys.wrong)
-        #expect(relay(&p, syn).0 == .drop)
+        var effects = DataplaneEffects()
+        #expect(relay(&p, syn, effects: &effects).0 == .drop)
         #expect(p.counters.trailerBadMAC == 1)
         #expect(p.counters.malformedDyscoSyn == 0)
         expectNothingCreated(p)
-        let events = p.takeEvents()
+        let events = effects.events
         #expect(events.count == 1)
         if case .untrustedDyscoSyn(let t, let error) = events.first {
             #expect(t == attack && error == .badMAC)

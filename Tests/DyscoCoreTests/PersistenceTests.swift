@@ -162,7 +162,7 @@ struct PersistenceTests {
         #expect(contents.records.count == 2 && contents.records[first]?.finForward == true)
         _ = try #require(h.send(PacketBuilder(tuple: session.reversed, flags: [.fin, .ack]).build(), along: ["server", "fw1", "client"]))
         h.now += 20_000_000_000
-        h.hosts["fw1"]!.expire(now: h.now)
+        _ = h.hosts["fw1"]!.expire(now: h.now)
         journal(&h.hosts["fw1"]!, into: &file)
         contents = try SessionStateFile.decode(Data(file))
         #expect(contents.records.count == 1 && contents.records[first] == nil)
@@ -310,7 +310,7 @@ struct PersistenceTests {
         // fw1's ingress: the kernel rewrote the client's FIN to the session tuple; egress: to the right subsession.
         var fin = PacketBuilder(tuple: session, flags: [.fin, .ack]).build()
         let found = fin.withUnsafeMutableBytes { raw in
-            h.hosts["fw1"]!.observe(raw.baseAddress!, count: raw.count, hook: .ingress, now: h.now)
+            h.hosts["fw1"]!.observe(raw.baseAddress!, count: raw.count, hook: .ingress, now: h.now).taken
         }
         #expect(found)
         let record = try #require(h.hosts["fw1"]!.table.records.values.first)
@@ -326,7 +326,7 @@ struct PersistenceTests {
         // A packet of no session is counted and changes nothing.
         var stray = PacketBuilder(tuple: FiveTuple.t("10.9.9.9", 1, "10.9.9.8", 2), flags: [.rst]).build()
         let none = stray.withUnsafeMutableBytes { raw in
-            h.hosts["fw1"]!.observe(raw.baseAddress!, count: raw.count, hook: .ingress, now: h.now)
+            h.hosts["fw1"]!.observe(raw.baseAddress!, count: raw.count, hook: .ingress, now: h.now).taken
         }
         #expect(!none)
     }

@@ -146,7 +146,7 @@ struct ResetTests {
         }
         #expect(lab.fw1.counters.resetsOutOfWindow == 5)
         lab.h.now += 2 * lab.fw1.settings.resetLinger
-        #expect(lab.h.hosts["fw1"]!.expire(now: lab.h.now) == 0)
+        #expect(lab.h.hosts["fw1"]!.expire(now: lab.h.now).removed == 0)
         #expect(lab.fw1Record.reset == false && lab.fw1Record.closeDeadline == nil)
         try lab.exchange()
     }
@@ -160,7 +160,7 @@ struct ResetTests {
         #expect(lab.fw1Record.resetSeen && !lab.fw1Record.reset && lab.fw1Record.closeDeadline == nil)
         // An idle session that nobody's packet crosses: still there long after the reset linger.
         lab.h.now += 10 * lab.fw1.settings.resetLinger
-        #expect(lab.h.hosts["fw1"]!.expire(now: lab.h.now) == 0)
+        #expect(lab.h.hosts["fw1"]!.expire(now: lab.h.now).removed == 0)
         // The server's challenge ACK (RFC 5961 §3.2) crosses fw1: the RST was false.
         _ = try #require(lab.h.send(PacketBuilder(tuple: lab.session.reversed, flags: [.ack], seq: lab.serverNext,
                                                   ack: lab.clientNext, window: 1000).build(), along: lab.reverse))
@@ -183,7 +183,7 @@ struct ResetTests {
         try lab.exchange()  // data before the linger ends: the RST was false
         #expect(lab.fw1Record.closeDeadline == nil && !lab.fw1Record.reset)
         lab.h.now += 2 * lab.fw1.settings.resetLinger
-        #expect(lab.h.hosts["fw1"]!.expire(now: lab.h.now) == 0)
+        #expect(lab.h.hosts["fw1"]!.expire(now: lab.h.now).removed == 0)
     }
 
     @Test("a genuine RST (the client's, at RCV.NXT) removes the session everywhere after the reset linger")
@@ -194,7 +194,7 @@ struct ResetTests {
                                     along: lab.forward))
         lab.h.now += lab.fw1.settings.resetLinger
         for host in ["client", "fw1", "server"] {
-            #expect(lab.h.hosts[host]!.expire(now: lab.h.now) == 1, "\(host)")
+            #expect(lab.h.hosts[host]!.expire(now: lab.h.now).removed == 1, "\(host)")
             #expect(lab.h.hosts[host]!.table.count == 0)
         }
         #expect(lab.h.hosts["server"]!.counters.resetsConfirmed == 1, "exact by tracking at the server's ingress")
@@ -210,18 +210,18 @@ struct ResetTests {
         let id = lab.fw1Record.id
         #expect(lab.fw1Record.path == .pending)
         lab.h.hosts["fw1"]!.fastPathInstalled([id])
-        _ = lab.h.hosts["fw1"]!.takeFastPathActions()
+        _ = lab.h.takeFastPathActions("fw1")
         #expect(lab.forgedRST(seq: 0xdead_beef) != .drop, "stale tracking: the firewall and the endpoint judge")
         #expect(lab.fw1Record.path == .slow)
-        let actions = lab.h.hosts["fw1"]!.takeFastPathActions()
+        let actions = lab.h.takeFastPathActions("fw1")
         #expect(actions.contains { if case .remove(id, _) = $0 { true } else { false } })
         lab.h.now += 5 * lab.fw1.settings.resetLinger
-        #expect(lab.h.hosts["fw1"]!.expire(now: lab.h.now) == 0, "an idle session an RST did not prove dead stays")
+        #expect(lab.h.hosts["fw1"]!.expire(now: lab.h.now).removed == 0, "an idle session an RST did not prove dead stays")
         try lab.exchange()
         #expect(lab.fw1.counters.resetsRefuted == 1)
         // Refuted: the session goes back to the kernel as usual.
         #expect(lab.fw1Record.path == .pending)
-        #expect(lab.h.hosts["fw1"]!.takeFastPathActions().contains { if case .install(id, _) = $0 { true } else { false } })
+        #expect(lab.h.takeFastPathActions("fw1").contains { if case .install(id, _) = $0 { true } else { false } })
     }
 }
 
@@ -237,7 +237,7 @@ struct BoundsTests {
         _ = try #require(lab.h.send(PacketBuilder(tuple: other, flags: [.syn]).build(), along: lab.forward))
         #expect(lab.fw1.table.count == 2)
         lab.h.now += settings.synTimeout
-        #expect(lab.h.hosts["fw1"]!.expire(now: lab.h.now) == 1)
+        #expect(lab.h.hosts["fw1"]!.expire(now: lab.h.now).removed == 1)
         #expect(lab.fw1.table.count == 1 && lab.fw1Record.session == lab.session)
         #expect(lab.fw1.counters.synTimeouts == 1)
         #expect(lab.fw1.table.ports.inUse == 1, "the SYN-only record's port is free again")

@@ -1,0 +1,90 @@
+import DyscoCore
+import Foundation
+import NIOCore
+
+/// The agent's control socket (docs/ARCHITECTURE.md, "Control socket and `sessions`"): each request to the part
+/// that answers it, and the operations it offers (policy at run time, `path hold|release`).
+extension DataplaneAgent {
+    func makeControlServer(engine: MigrationEngine, group: any EventLoopGroup) throws -> ControlServer {
+        try ControlServer(path: options.controlSocketPath, group: group) { [self] request in
+            switch request.command {
+            case .sessions:
+                return (try? JSONEncoder().encode(snapshot(after: request.after, limit: request.limit))) ?? Data()
+            case .hold: return (try? JSONEncoder().encode(ControlPathReply(sessions: hold(request.sessions ?? [])))) ?? Data()
+            case .release:
+                return (try? JSONEncoder().encode(ControlPathReply(sessions: release(request.sessions ?? [])))) ?? Data()
+            case .policy:
+                guard let policy = request.policy else { return Data(#"{"error":"policy without its parameters"}"#.utf8) }
+                return (try? JSONEncoder().encode(self.policy(policy))) ?? Data()
+            case .replace:
+                guard let replace = request.replace else { return Data(#"{"error":"replace without its parameters"}"#.utf8) }
+                if let problem = replace.problem {
+                    return (try? JSONEncoder().encode(["error": problem])) ?? Data()
+                }
+                let report = await engine.replace(replace)
+                return (try? JSONEncoder().encode(report)) ?? Data()
+            }
+        }
+    }
+
+    // MARK: - Policy at run time
+
+    /// Shows, reloads or changes the cordons of the policy; an error leaves everything as it was.
+    public func policy(_ request: PolicyRequest) -> PolicyReply {
+        var failure: String?
+        switch request.action {
+        case .show: break
+        case .reload:
+            failure = reloadConfig()
+        case .cordon:
+            if let address = request.address {
+                failure = dataplane.processor.withLock { state -> String? in
+                    do throws(Cordons.CordonError) {
+                        try state.cordons.cordon(address, replacements: request.replacements ?? [])
+                        return nil
+                    } catch { return "\(error)" }
+                }
+                if failure == nil {
+                    logger.notice("cordoned", metadata: ["cordon.address": "\(address)",
+                                                         "cordon.replacements": "\(request.replacements ?? [])"])
+                }
+            } else {
+                failure = "cordon: which box? (address missing)"
+            }
+        case .uncordon:
+            if let address = request.address {
+                if !dataplane.processor.withLock({ $0.cordons.uncordon(address) }) { failure = "\(address) is not cordoned" }
+            } else {
+                failure = "uncordon: which box? (address missing)"
+            }
+        }
+        let (config, cordons) = dataplane.processor.withLock { ($0.config, $0.cordons.cordons) }
+        return PolicyReply(configPath: options.configPath, config: config, cordons: cordons,
+                           loads: configLoads.load(ordering: .relaxed), error: failure)
+    }
+
+    /// Reads the config file again (SIGHUP, `policy reload`): new sessions follow it, existing ones keep their
+    /// chains, cordons stay. Returns the error (the old config stays in force) or nil.
+    @discardableResult
+    public func reloadConfig() -> String? {
+        guard let path = options.configPath else { return "this agent was started without --config: nothing to reload" }
+        do {
+            let config = try AgentConfig.load(path: path)
+            dataplane.processor.withLock { $0.config = config }
+            configLoads.add(1, ordering: .relaxed)
+            logger.notice("config reloaded", metadata: ["config.path": "\(path)", "config.policies": "\(config.policies.count)"])
+            return nil
+        } catch {
+            logger.error("config reload failed; the previous config stays", metadata: ["config.path": "\(path)", "error": "\(error)"])
+            return "cannot reload \(path): \(error) (the previous config stays in force)"
+        }
+    }
+
+    /// Takes sessions back to the slow path; returns once the kernel no longer rewrites them, so every later
+    /// packet of theirs reaches this agent (atomic per session: one nftables transaction).
+    public func hold(_ ids: [SessionTable.SessionID]) -> [SessionTable.SessionID] { dataplane.hold(ids) }
+
+    /// Returns held sessions to the fast path (`path release`: installed before this returns, whatever the
+    /// queue holds at that moment).
+    public func release(_ ids: [SessionTable.SessionID]) -> [SessionTable.SessionID] { dataplane.release(ids) }
+}

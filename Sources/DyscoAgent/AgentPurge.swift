@@ -1,0 +1,33 @@
+import DyscoCore
+import DyscoSystem
+import Foundation
+import Logging
+
+extension DataplaneAgent {
+    /// What ``purge(queue:logger:stateFile:)`` removed.
+    public struct PurgeReport: Sendable, Codable {
+        public var rules = false
+        public var table = false
+        public var stateFile = false
+    }
+
+    /// Removes what a stopped agent left for its successor (`agent --purge`): the NFQUEUE rules, the kernel table
+    /// and the state file; the sessions they carried are then lost. Refused while an agent holds `queue`.
+    public static func purge(queue: UInt16, logger: Logger, stateFile: String) throws -> PurgeReport {
+        // Root gets EPERM (not EBUSY) for a queue another socket has bound.
+        do { _ = try NetfilterQueueSocket(queue: queue) } catch let error as SystemCallError
+            where error.errno == EBUSY || error.errno == EPERM {
+            throw ControlError(message: "an agent is running on queue \(queue) in this namespace (binding it: \(error)); "
+                               + "stop it first (SIGTERM)")
+        }
+        var report = PurgeReport()
+        report.rules = QueueRules.present()
+        try QueueRules.remove(logger: logger)
+        let nft = try NftablesContext()
+        report.table = (try? nft.json("list table ip \(FastPathScript.table)")) != nil
+        try nft.run(FastPathScript.destroy, operation: "delete table")
+        report.stateFile = unlink(stateFile) == 0
+        unlink(stateFile + ".tmp")
+        return report
+    }
+}
