@@ -170,7 +170,7 @@ final class MigrationEngine: @unchecked Sendable {
                 metrics?.controllerRefused()
                 results.append(.init(record.session, chainID: chainID,
                                      TriggerResult(outcome: .refused, reason: "the session has no complete path here",
-                                                   failedStep: "lock", phaseMicroseconds: [])))
+                                                   failedStep: .lock)))
                 continue
             }
             let trigger = Trigger(newPath: request.newBoxes + [right], oldBox: me, stateful: request.stateful,
@@ -193,7 +193,7 @@ final class MigrationEngine: @unchecked Sendable {
                 group.addTask {
                     var iterator = stream.makeAsyncIterator()
                     let result = await iterator.next()
-                        ?? TriggerResult(outcome: .cancelled, reason: "the agent stopped", failedStep: "lock")
+                        ?? TriggerResult(outcome: .cancelled, reason: "the agent stopped", failedStep: .lock)
                     return .init(record.session, chainID: record.identity.chainID, result)
                 }
             }
@@ -585,16 +585,19 @@ public struct ReplaceReport: Codable, Sendable {
         /// The paper's measure (§5.3): new-path SYN sent → new path first used.
         public var paper: UInt32
 
-        init?(_ raw: [UInt32]) {
-            guard raw.count >= 9 else { return nil }
-            func delta(_ i: Int) -> UInt32 { i == 0 ? raw[0] : raw[i] &- min(raw[i], raw[i - 1]) }
-            lock = delta(0); newPath = delta(1); drain = delta(2); state = delta(3)
-            release = raw[4] >= raw[3] ? raw[4] - raw[3] : 0
-            teardown = raw[5] &- min(raw[5], max(raw[4], raw[3]))
-            export = raw[6]; `import` = raw[7]
+        init?(_ times: PhaseTimes?) {
+            guard let t = times else { return nil }
+            func delta(_ end: UInt32, after previous: UInt32) -> UInt32 { end &- min(end, previous) }
+            lock = t.lockEnd
+            newPath = delta(t.newPathEnd, after: t.lockEnd)
+            drain = delta(t.drainEnd, after: t.newPathEnd)
+            state = delta(t.stateEnd, after: t.drainEnd)
+            release = t.releaseEnd >= t.stateEnd ? t.releaseEnd - t.stateEnd : 0
+            teardown = t.teardownEnd &- min(t.teardownEnd, max(t.releaseEnd, t.stateEnd))
+            export = t.exportMicroseconds; `import` = t.importMicroseconds
             transfer = state &- min(state, export &+ `import`)
-            total = raw[4]
-            paper = raw[8]
+            total = t.releaseEnd
+            paper = t.newPathSynToUse
         }
     }
 
@@ -612,8 +615,8 @@ public struct ReplaceReport: Codable, Sendable {
             self.chainID = String(chainID, radix: 16)
             self.result = "\(result.outcome)"
             reason = result.reason
-            failedStep = result.failedStep
-            phases = Phases(result.phaseMicroseconds)
+            failedStep = result.failedStep?.rawValue ?? ""
+            phases = Phases(result.phases)
         }
     }
 

@@ -44,11 +44,6 @@ public struct TimerKey: Hashable, Sendable {
     }
 }
 
-/// Where the reconfiguration of a session stands at its left anchor; the order is the protocol's.
-public enum MigrationStep: String, Sendable, Codable, CaseIterable {
-    case lock, newPath = "new-path", drain, state, release, teardown
-}
-
 /// Inputs to ``MigrationCoordinator/handle(_:now:)``.
 public enum Event: Sendable {
     /// A local request (`replace`, through the control socket of this agent): ask `leftAnchor` to move the

@@ -177,8 +177,8 @@ public struct MigrationCoordinator: Sendable {
             receiveStateRequest(m, newBox: newBox, from: from, context: context, &out)
         case .statePut(let document):
             receiveStatePut(m, document: document, from: from, &out)
-        case .stateInstalled(let ok, let reason):
-            receiveStateInstalled(m, ok: ok, reason: reason, from: from, now: now, &out)
+        case .stateInstalled(let ok, let times, let reason):
+            receiveStateInstalled(m, ok: ok, times: times, reason: reason, from: from, now: now, &out)
         case .oldPathFin:
             guard let context else { return }
             receiveOldPathFin(m, from: from, context: context, &out)
@@ -207,7 +207,7 @@ public struct MigrationCoordinator: Sendable {
             // A reconfiguration this agent already asked for is under way: refuse the second one here.
             out.append(.report(chainID: chainID, requestID: requestID, TriggerResult(
                 outcome: .refused, reason: "a reconfiguration of this session (request \(existing.requestID)) is already under way from this agent",
-                failedStep: MigrationStep.lock.rawValue, phaseMicroseconds: [])))
+                failedStep: .lock)))
             return
         }
         let message = ControlMessage(identity: context.identity, requestID: requestID, session: context.session,
@@ -265,7 +265,7 @@ public struct MigrationCoordinator: Sendable {
                                          context: SessionContext?, now: UInt64, _ out: inout [Action]) {
         let chainID = m.identity.chainID
         func refuse(_ reason: String, step: MigrationStep = .lock) {
-            let result = TriggerResult(outcome: .refused, reason: reason, failedStep: step.rawValue, phaseMicroseconds: [])
+            let result = TriggerResult(outcome: .refused, reason: reason, failedStep: step)
             out.append(.send(m.answer(.triggerResult(result)), to: from))
         }
         if let (requestID, result) = finished[chainID], requestID == m.requestID {
@@ -397,17 +397,20 @@ public struct MigrationCoordinator: Sendable {
         out.append(.send(message, to: l.controller))
     }
 
-    private func result(_ l: LeftAnchor, now: UInt64) -> [UInt32] {
-        // Phase ends (µs since the trigger): lock, new path, drain, state, release, teardown; then the export and
-        // import durations reported by the boxes, and the paper's measure (new-path SYN sent → new path used).
-        var phases = l.phaseEnds
-        while phases.count < MigrationStep.allCases.count { phases.append(phases.last ?? 0) }
-        phases.append(l.exportMicros)
-        phases.append(l.importMicros)
-        let releaseEnd = UInt64(phases[4])
+    private func result(_ l: LeftAnchor, now: UInt64) -> PhaseTimes {
+        // Phase ends (µs since the trigger): lock, new path, drain, state, release, teardown (a step that did not
+        // run ends with the one before it); the export and import durations reported by the boxes, and the
+        // paper's measure (new-path SYN sent → new path used).
+        var times = PhaseTimes(exportMicroseconds: l.exportMicros, importMicroseconds: l.importMicros)
+        var last: UInt32 = 0
+        for (index, step) in MigrationStep.allCases.enumerated() {
+            if index < l.phaseEnds.count { last = l.phaseEnds[index] }
+            times.setEnd(of: step, last)
+        }
+        let releaseEnd = UInt64(times.releaseEnd)
         let synSent = l.newPathSynSentAt.map { ($0 &- l.startedAt) / 1000 } ?? 0
-        phases.append(UInt32(clamping: releaseEnd &- min(synSent, releaseEnd)))
-        return phases
+        times.newPathSynToUse = UInt32(clamping: releaseEnd &- min(synSent, releaseEnd))
+        return times
     }
 
     // MARK: - Cancel (§3.6)
@@ -432,8 +435,8 @@ public struct MigrationCoordinator: Sendable {
         guard let l = leftAnchors[chainID], let (step, reason) = l.cancelling, l.cancelAcked else { return }
         if let request = locks[chainID]?.owner, request == l.requestID { _ = locks[chainID]!.release(request) }
         cleanupLock(chainID)
-        finishLeftAnchor(chainID, result: TriggerResult(outcome: .cancelled, reason: reason, failedStep: step.rawValue,
-                                                        phaseMicroseconds: result(l, now: now)), &out)
+        finishLeftAnchor(chainID, result: TriggerResult(outcome: .cancelled, reason: reason, failedStep: step,
+                                                        phases: result(l, now: now)), &out)
     }
 
     // MARK: - Lock messages along the old path (§3.2)
@@ -525,7 +528,7 @@ public struct MigrationCoordinator: Sendable {
                 outcome: .refused, reason: reason == .contention
                     ? "lock refused (\(reason)): another reconfiguration holds part of the segment (§3.2)"
                     : "lock refused (\(reason)) on the old path (§3.2)",
-                failedStep: MigrationStep.lock.rawValue, phaseMicroseconds: result(l, now: now)), &out)
+                failedStep: MigrationStep.lock, phases: result(l, now: now)), &out)
         } else if let left = context.leftNeighbour {
             out.append(.send(m, to: left))
         }
@@ -841,8 +844,8 @@ public struct MigrationCoordinator: Sendable {
             cleanupLock(chainID)
             out.append(.finishAnchor(chainID: chainID))
             let done = leftAnchors[chainID]!
-            finishLeftAnchor(chainID, result: TriggerResult(outcome: .moved, reason: "", failedStep: "",
-                                                            phaseMicroseconds: result(done, now: now)), &out)
+            finishLeftAnchor(chainID, result: TriggerResult(outcome: .moved, reason: "", failedStep: nil,
+                                                            phases: result(done, now: now)), &out)
             return
         }
         // An agent of the old path between the anchors: it leaves the session (its lock goes with it). Not the
@@ -876,13 +879,13 @@ public struct MigrationCoordinator: Sendable {
                                               context: SessionContext?, _ out: inout [Action]) {
         let chainID = m.identity.chainID
         guard let context, from == m.leftAnchor, locks[chainID]?.owner == m.requestID else {
-            out.append(.send(m.answer(.stateInstalled(ok: false, reason: "stateRequest: this box is not locked for request \(m.requestID)")), to: from))
+            out.append(.send(m.answer(.stateInstalled(ok: false, times: StateTimes(), reason: "stateRequest: this box is not locked for request \(m.requestID)")), to: from))
             return
         }
         _ = context
         if var o = oldBoxes[chainID], o.requestID == m.requestID {
             if let installed = o.installed {
-                out.append(.send(m.answer(.stateInstalled(ok: installed.ok, reason: stateReason(installed.reason, o.exportMicros, nil))), to: from))
+                out.append(.send(m.answer(.stateInstalled(ok: installed.ok, times: StateTimes(exportMicroseconds: o.exportMicros), reason: installed.reason)), to: from))
             } else if let document = o.document {
                 o.tries += 1
                 oldBoxes[chainID] = o
@@ -907,7 +910,7 @@ public struct MigrationCoordinator: Sendable {
         case .failure(let failure):
             o.installed = (false, "export at the old box failed: \(failure)")
             oldBoxes[chainID] = o
-            out.append(.send(o.message.answer(.stateInstalled(ok: false, reason: stateReason(o.installed!.reason, micros, nil))),
+            out.append(.send(o.message.answer(.stateInstalled(ok: false, times: StateTimes(exportMicroseconds: micros), reason: o.installed!.reason)),
                              to: o.leftAnchor))
         }
     }
@@ -915,11 +918,11 @@ public struct MigrationCoordinator: Sendable {
     private mutating func receiveStatePut(_ m: ControlMessage, document: [UInt8], from: IPv4Address, _ out: inout [Action]) {
         let chainID = m.identity.chainID
         guard var n = newBoxes[chainID], n.requestID == m.requestID else {
-            out.append(.send(m.answer(.stateInstalled(ok: false, reason: "statePut: no new path of request \(m.requestID) at this box")), to: from))
+            out.append(.send(m.answer(.stateInstalled(ok: false, times: StateTimes(), reason: "statePut: no new path of request \(m.requestID) at this box")), to: from))
             return
         }
         if let imported = n.imported {
-            out.append(.send(m.answer(.stateInstalled(ok: imported.ok, reason: stateReason(imported.reason, nil, imported.micros))), to: from))
+            out.append(.send(m.answer(.stateInstalled(ok: imported.ok, times: StateTimes(importMicroseconds: imported.micros), reason: imported.reason)), to: from))
             return
         }
         n.oldBox = from
@@ -938,27 +941,27 @@ public struct MigrationCoordinator: Sendable {
         case .failure(let failure): n.imported = (false, "import at the new box refused: \(failure)", micros)
         }
         newBoxes[chainID] = n
-        let reply = n.message.answer(.stateInstalled(ok: n.imported!.ok, reason: stateReason(n.imported!.reason, nil, micros)))
+        let reply = n.message.answer(.stateInstalled(ok: n.imported!.ok, times: StateTimes(importMicroseconds: micros), reason: n.imported!.reason))
         out.append(.send(reply, to: oldBox))
     }
 
-    private mutating func receiveStateInstalled(_ m: ControlMessage, ok: Bool, reason: String, from: IPv4Address,
-                                                now: UInt64, _ out: inout [Action]) {
+    private mutating func receiveStateInstalled(_ m: ControlMessage, ok: Bool, times: StateTimes, reason: String,
+                                                from: IPv4Address, now: UInt64, _ out: inout [Action]) {
         let chainID = m.identity.chainID
         if var o = oldBoxes[chainID], o.requestID == m.requestID, from == o.newBox {
             // The new box answered the old one: pass it to the left anchor, with the export time.
-            let (text, _, importMicros) = Self.parseStateReason(reason)
-            o.installed = (ok, text)
+            o.installed = (ok, reason)
             oldBoxes[chainID] = o
-            out.append(.send(m.answer(.stateInstalled(ok: ok, reason: stateReason(text, o.exportMicros, importMicros))),
+            let relayed = StateTimes(exportMicroseconds: o.exportMicros, importMicroseconds: times.importMicroseconds)
+            out.append(.send(m.answer(.stateInstalled(ok: ok, times: relayed, reason: reason)),
                              to: o.leftAnchor))
             return
         }
         guard var l = leftAnchors[chainID], l.requestID == m.requestID, l.step == .state, l.cancelling == nil,
               from == l.trigger.oldBox else { return }
-        let (text, exportMicros, importMicros) = Self.parseStateReason(reason)
-        l.exportMicros = exportMicros ?? 0
-        l.importMicros = importMicros ?? 0
+        let text = reason
+        l.exportMicros = times.exportMicroseconds
+        l.importMicros = times.importMicroseconds
         leftAnchors[chainID] = l
         answered(chainID, now: now, &out)
         guard ok else {
@@ -982,25 +985,6 @@ public struct MigrationCoordinator: Sendable {
         leftAnchors[chainID]!.delay = clock.backoff(first, settings, active: leftAnchors.count)
     }
 
-    /// The stateInstalled reason carries the boxes' step durations: "export=N import=M;text".
-    private func stateReason(_ text: String, _ exportMicros: UInt32?, _ importMicros: UInt32?) -> String {
-        var head: [String] = []
-        if let exportMicros { head.append("export=\(exportMicros)") }
-        if let importMicros { head.append("import=\(importMicros)") }
-        return String((head.joined(separator: " ") + ";" + text).utf8.prefix(200)) ?? text
-    }
-
-    static func parseStateReason(_ reason: String) -> (String, UInt32?, UInt32?) {
-        guard let semicolon = reason.firstIndex(of: ";") else { return (reason, nil, nil) }
-        var exportMicros: UInt32?, importMicros: UInt32?
-        for field in reason[..<semicolon].split(separator: " ") {
-            let parts = field.split(separator: "=")
-            guard parts.count == 2, let value = UInt32(parts[1]) else { continue }
-            if parts[0] == "export" { exportMicros = value } else if parts[0] == "import" { importMicros = value }
-        }
-        return (String(reason[reason.index(after: semicolon)...]), exportMicros, importMicros)
-    }
-
     // MARK: - Timers
 
     private mutating func timerFired(_ key: TimerKey, now: UInt64, _ out: inout [Action]) {
@@ -1022,7 +1006,7 @@ public struct MigrationCoordinator: Sendable {
                 controllers[chainID] = nil
                 out.append(.report(chainID: chainID, requestID: c.requestID, TriggerResult(
                     outcome: .cancelled, reason: "no result from the left anchor \(c.leftAnchor) within the deadline",
-                    failedStep: MigrationStep.lock.rawValue, phaseMicroseconds: [])))
+                    failedStep: .lock)))
                 return
             }
             c.tries += 1
@@ -1068,7 +1052,7 @@ public struct MigrationCoordinator: Sendable {
                     cleanupLock(chainID)
                     out.append(.finishAnchor(chainID: chainID))
                     finishLeftAnchor(chainID, result: TriggerResult(outcome: .moved, reason: "old path teardown unanswered by \(to)",
-                                                                    failedStep: "", phaseMicroseconds: result(l, now: now)), &out)
+                                                                    failedStep: nil, phases: result(l, now: now)), &out)
                 } else {
                     cancel(chainID, step: l.step, reason: "no answer from \(to) to \(message.body.type) after \(l.tries) tries", now: now, &out)
                 }

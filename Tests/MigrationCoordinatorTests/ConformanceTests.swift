@@ -32,7 +32,7 @@ enum Abstraction {
         case .message(let m, _, _):
             switch m.body {
             case .triggerResult: return nil
-            case .stateInstalled(let ok, _) where role == "LA": return ok ? "stateInstalled.ok" : "stateInstalled.refused"
+            case .stateInstalled(let ok, _, _) where role == "LA": return ok ? "stateInstalled.ok" : "stateInstalled.refused"
             default: return messageType(m.body)
             }
         case .timer(let key):

@@ -111,7 +111,8 @@ package enum Describe {
         case .drained: body = "drained"
         case .stateRequest(let newBox): body = "stateRequest(newBox: \(Host.name(newBox)))"
         case .statePut(let document): body = "statePut(\(document.count) bytes)"
-        case .stateInstalled(let ok, let reason): body = "stateInstalled(ok: \(ok), \"\(reason)\")"
+        case .stateInstalled(let ok, let times, let reason):
+            body = "stateInstalled(ok: \(ok), export: \(times.exportMicroseconds), import: \(times.importMicroseconds), \"\(reason)\")"
         case .oldPathFin: body = "oldPathFin"
         case .oldPathFinAck: body = "oldPathFinAck"
         }
@@ -120,8 +121,8 @@ package enum Describe {
 
     package static func result(_ r: TriggerResult) -> String {
         r.outcome == .moved && r.reason.isEmpty
-            ? "moved, phases: \(r.phaseMicroseconds)"
-            : "\(r.outcome), step: \(r.failedStep), reason: \"\(r.reason)\""
+            ? "moved, phases: \(r.phases.map { "\($0)" } ?? "none")"
+            : "\(r.outcome), step: \(r.failedStep.map(\.rawValue) ?? ""), reason: \"\(r.reason)\""
     }
 
     package static func key(_ k: TimerKey) -> String { "\(k.role).\(k.kind)" }
@@ -448,7 +449,7 @@ package final class Harness {
             guard let context = agents[host]?.context else {
                 // MigrationEngine.replace: the session is not at this agent (any more): nothing is asked.
                 let result = TriggerResult(outcome: .refused, reason: "the session is not at this agent",
-                                           failedStep: MigrationStep.lock.rawValue)
+                                           failedStep: .lock)
                 agents[host]?.reports.append((requestID, result))
                 note(Host.name(host), "replace req=\(requestID): no session here (refused by the shell)")
                 return
