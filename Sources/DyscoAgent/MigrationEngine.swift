@@ -213,8 +213,9 @@ final class MigrationEngine: @unchecked Sendable {
 
     /// What a turn collects to do once at its end (touched only on `loop`).
     private struct Turn {
-        /// Anchors took sessions off the kernel: one nftables commit for the whole batch, before any message
-        /// goes (other fast-path changes wait for the packet thread's quiet point, FastPathWorker).
+        /// A ``Action/commitKernel`` barrier came (anchors took sessions off the kernel): one nftables commit
+        /// for the whole batch, before any message of the turn goes (other fast-path changes wait for the packet
+        /// thread's quiet point, FastPathWorker).
         var fastPathDirty = false
         /// Anchors that took their session off the fast path this turn: they elicit numbers after the flush.
         var held: [UInt64] = []
@@ -223,10 +224,12 @@ final class MigrationEngine: @unchecked Sendable {
     }
     private var turn = Turn()
 
-    /// Handles `events` and the events their actions produce, in order, as one batch: fast-path changes are
-    /// flushed to the kernel once, then every message goes out, those to the same agent bundled in as few
-    /// datagrams as fit (``ControlMessage/bundle(_:limit:)``). Sends wait for the flush, so an ackLock never
-    /// leaves before its hold is in the kernel (the rule of the lock step, §3.2). Runs on `loop` only.
+    /// Handles `events` and the events their actions produce, in order, as one batch: the actions run in the
+    /// coordinator's order, except that sends wait for the end of the turn; there the kernel changes are
+    /// committed once if any ``Action/commitKernel`` barrier came, then every message goes out, those to the same
+    /// agent bundled in as few datagrams as fit (``ControlMessage/bundle(_:limit:)``). Delaying a send is always
+    /// allowed; a send never goes before a barrier that preceded it (so an ackLock never leaves before its hold
+    /// is in the kernel, §3.2). Runs on `loop` only.
     private func dispatch(_ events: [Event]) {
         guard !events.isEmpty else { return }
         let turnStarted = dysco_monotonic_ns()
@@ -303,8 +306,9 @@ final class MigrationEngine: @unchecked Sendable {
             timers.withLock { _ = $0.removeValue(forKey: key) }
         case .hold(let chainID, let side, let stateful):
             agent.applyFastPath { $0.anchorHold(chainID: chainID, side: side, stateful: stateful, now: now) }
-            turn.fastPathDirty = true
             turn.held.append(chainID)
+        case .commitKernel:
+            turn.fastPathDirty = true
         case .setPhase(let chainID, let phase):
             let (events, needsNumbers) = agent.processor.withLock { state in
                 state.anchorSetPhase(chainID: chainID, phase, now: dysco_monotonic_coarse_ns())

@@ -151,6 +151,7 @@ struct LeftAnchor: Sendable {
         self.request = request
         var outstanding = Outstanding(message: request.message(.requestLock(rightDelta: 0)), to: request.oldRight)
         out.append(.hold(chainID: request.context.identity.chainID, side: .right, stateful: request.trigger.stateful))
+        out.append(.commitKernel)  // the hold is in the kernel before requestLock leaves (§3.2, §3.5)
         out.append(.setTimer(Self.timerKey(request, .deadline),
                              afterNanoseconds: UInt64(request.trigger.deadlineMilliseconds) * 1_000_000))
         Self.send(&outstanding, fresh: true, key: Self.timerKey(request, .retransmit), now: now, &env, &out)

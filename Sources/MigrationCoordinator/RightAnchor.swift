@@ -69,6 +69,7 @@ struct RightAnchor: Sendable {
         leftAnchor = m.leftAnchor
         self.me = me
         out.append(.hold(chainID: m.identity.chainID, side: .left, stateful: true))
+        out.append(.commitKernel)  // the hold is in the kernel before ackLock leaves (§3.2, §3.5)
         out.append(.setTimer(TimerKey(chainID: m.identity.chainID, role: .rightAnchor, kind: .deadline),
                              afterNanoseconds: silence))
         if rightDelta != 0 { out.append(.setDelta(chainID: m.identity.chainID, rightDelta)) }

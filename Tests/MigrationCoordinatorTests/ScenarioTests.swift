@@ -23,6 +23,7 @@ private func replaceFW1(_ h: Harness, at controller: IPv4Address = Host.fw1, sta
 private func endStateProblems(_ h: Harness, _ run: Harness.RunResult, _ id: UInt32) -> [String] {
     var problems: [String] = []
     if run.exhausted { problems.append("the run did not end (event limit)") }
+    problems += h.barrierViolations  // §3.2/§3.5: no lock message before its hold is in the kernel
     if !h.allUnlocked || !h.allIdle { problems.append("left busy: \(h.busy)") }
     guard let report = run.reports[id]?.result else { return problems + ["no report for request \(id)"] }
     if let decided = h.leftAnchorResults[id], decided != report {
