@@ -19,8 +19,6 @@ struct NewBox: Sendable {
         case forwarded(right: FiveTuple, Import)
         /// The new path's answer (newPathSynAck) came back through this box: its session is on a path in use.
         case answered(right: FiveTuple, Import)
-        /// Only while a handler changes the state's data in place.
-        case modifying
     }
 
     let requestID: UInt32
@@ -38,7 +36,7 @@ struct NewBox: Sendable {
     var right: FiveTuple? {
         switch state {
         case .forwarded(let r, _), .answered(let r, _): r
-        case .creatingSession, .modifying: nil
+        case .creatingSession: nil
         }
     }
 
@@ -47,7 +45,6 @@ struct NewBox: Sendable {
     private var importState: Import {
         switch state {
         case .creatingSession(let i), .forwarded(_, let i), .answered(_, let i): i
-        case .modifying: .notStarted
         }
     }
 
@@ -56,7 +53,6 @@ struct NewBox: Sendable {
         case .creatingSession: state = .creatingSession(i)
         case .forwarded(let r, _): state = .forwarded(right: r, i)
         case .answered(let r, _): state = .answered(right: r, i)
-        case .modifying: break
         }
     }
 
