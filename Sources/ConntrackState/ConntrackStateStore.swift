@@ -83,7 +83,7 @@ public final class ConntrackStateStore: FirewallStateStore, @unchecked Sendable 
         do { document = try reader.read(.bytes(bytes)) } catch {
             logger.warning("state document refused", metadata: ["conntrack.problems": "\(error.count)",
                                                                  "conntrack.first": "\(error.issues.first.map(String.init(describing:)) ?? "")"])
-            // Short: the reason travels back in stateInstalled (at most 200 bytes with the phase times).
+            // Short: the reason travels back in stateInstalled (at most 200 bytes; the phase times are fields of their own).
             throw FirewallStateError("state document refused, nothing imported: "
                 + (error.issues.first.map(String.init(describing:)) ?? "?") + (error.count > 1 ? " (+\(error.count - 1) more)" : ""))
         }

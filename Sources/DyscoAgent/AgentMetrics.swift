@@ -63,7 +63,7 @@ final class AgentMetrics: Sendable {
     /// latency of each phase.
     func controllerFinished(_ result: TriggerResult) {
         count(.controller, result.outcome)
-        guard result.outcome == .moved, let phases = ReplaceReport.Phases(result.phaseMicroseconds) else { return }
+        guard result.outcome == .moved, let phases = ReplaceReport.Phases(result.phases) else { return }
         let values: [String: UInt32] = [
             "lock": phases.lock, "new_path": phases.newPath, "drain": phases.drain, "state": phases.state,
             "release": phases.release, "teardown": phases.teardown, "export": phases.export, "transfer": phases.transfer,

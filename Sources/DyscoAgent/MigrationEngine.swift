@@ -174,7 +174,7 @@ final class MigrationEngine: @unchecked Sendable {
                 metrics?.controllerRefused()
                 results.append(.init(record.session, chainID: chainID,
                                      TriggerResult(outcome: .refused, reason: "the session has no complete path here",
-                                                   failedStep: "lock", phaseMicroseconds: [])))
+                                                   failedStep: .lock)))
                 continue
             }
             let trigger = Trigger(newPath: request.newBoxes + [right], oldBox: me, stateful: request.stateful,
@@ -197,7 +197,7 @@ final class MigrationEngine: @unchecked Sendable {
                 group.addTask {
                     var iterator = stream.makeAsyncIterator()
                     let result = await iterator.next()
-                        ?? TriggerResult(outcome: .cancelled, reason: "the agent stopped", failedStep: "lock")
+                        ?? TriggerResult(outcome: .cancelled, reason: "the agent stopped", failedStep: .lock)
                     return .init(record.session, chainID: record.identity.chainID, result)
                 }
             }
@@ -217,8 +217,9 @@ final class MigrationEngine: @unchecked Sendable {
 
     /// What a turn collects to do once at its end (touched only on `loop`).
     private struct Turn {
-        /// Anchors took sessions off the kernel: one nftables commit for the whole batch, before any message
-        /// goes (other fast-path changes wait for the packet thread's quiet point, FastPathWorker).
+        /// A ``Action/commitKernel`` barrier came (anchors took sessions off the kernel): one nftables commit
+        /// for the whole batch, before any message of the turn goes (other fast-path changes wait for the packet
+        /// thread's quiet point, FastPathWorker).
         var fastPathDirty = false
         /// Anchors that took their session off the fast path this turn: they elicit numbers after the flush.
         var held: [UInt64] = []
@@ -227,10 +228,12 @@ final class MigrationEngine: @unchecked Sendable {
     }
     private var turn = Turn()
 
-    /// Handles `events` and the events their actions produce, in order, as one batch: fast-path changes are
-    /// flushed to the kernel once, then every message goes out, those to the same agent bundled in as few
-    /// datagrams as fit (``ControlMessage/bundle(_:limit:)``). Sends wait for the flush, so an ackLock never
-    /// leaves before its hold is in the kernel (the rule of the lock step, §3.2). Runs on `loop` only.
+    /// Handles `events` and the events their actions produce, in order, as one batch: the actions run in the
+    /// coordinator's order, except that sends wait for the end of the turn; there the kernel changes are
+    /// committed once if any ``Action/commitKernel`` barrier came, then every message goes out, those to the same
+    /// agent bundled in as few datagrams as fit (``ControlMessage/bundle(_:limit:)``). Delaying a send is always
+    /// allowed; a send never goes before a barrier that preceded it (so an ackLock never leaves before its hold
+    /// is in the kernel, §3.2). Runs on `loop` only.
     private func dispatch(_ events: [Event]) {
         guard !events.isEmpty else { return }
         let turnStarted = dysco_monotonic_ns()
@@ -305,8 +308,9 @@ final class MigrationEngine: @unchecked Sendable {
             timers.withLock { _ = $0.removeValue(forKey: key) }
         case .hold(let chainID, let side, let stateful):
             dataplane.hold(chainID: chainID, side: side, stateful: stateful, now: now)
-            turn.fastPathDirty = true
             turn.held.append(chainID)
+        case .commitKernel:
+            turn.fastPathDirty = true
         case .setPhase(let chainID, let phase):
             let needsNumbers = dataplane.setPhase(chainID: chainID, phase)
             if needsNumbers, phase == .buffering || phase == .released { elicit(chainID) }
@@ -579,16 +583,19 @@ public struct ReplaceReport: Codable, Sendable {
         /// The paper's measure (§5.3): new-path SYN sent → new path first used.
         public var paper: UInt32
 
-        init?(_ raw: [UInt32]) {
-            guard raw.count >= 9 else { return nil }
-            func delta(_ i: Int) -> UInt32 { i == 0 ? raw[0] : raw[i] &- min(raw[i], raw[i - 1]) }
-            lock = delta(0); newPath = delta(1); drain = delta(2); state = delta(3)
-            release = raw[4] >= raw[3] ? raw[4] - raw[3] : 0
-            teardown = raw[5] &- min(raw[5], max(raw[4], raw[3]))
-            export = raw[6]; `import` = raw[7]
+        init?(_ times: PhaseTimes?) {
+            guard let t = times else { return nil }
+            func delta(_ end: UInt32, after previous: UInt32) -> UInt32 { end &- min(end, previous) }
+            lock = t.lockEnd
+            newPath = delta(t.newPathEnd, after: t.lockEnd)
+            drain = delta(t.drainEnd, after: t.newPathEnd)
+            state = delta(t.stateEnd, after: t.drainEnd)
+            release = t.releaseEnd >= t.stateEnd ? t.releaseEnd - t.stateEnd : 0
+            teardown = t.teardownEnd &- min(t.teardownEnd, max(t.releaseEnd, t.stateEnd))
+            export = t.exportMicroseconds; `import` = t.importMicroseconds
             transfer = state &- min(state, export &+ `import`)
-            total = raw[4]
-            paper = raw[8]
+            total = t.releaseEnd
+            paper = t.newPathSynToUse
         }
     }
 
@@ -606,8 +613,8 @@ public struct ReplaceReport: Codable, Sendable {
             self.chainID = String(chainID, radix: 16)
             self.result = "\(result.outcome)"
             reason = result.reason
-            failedStep = result.failedStep
-            phases = Phases(result.phaseMicroseconds)
+            failedStep = result.failedStep?.rawValue ?? ""
+            phases = Phases(result.phases)
         }
     }
 

@@ -75,16 +75,16 @@ public struct TriggerResult: Sendable, Equatable {
     public var outcome: Outcome
     /// At most 200 bytes of UTF-8; "" when moved.
     public var reason: String
-    /// e.g. "lock", "new-path", "drain", "state", "release"; "" when moved; at most 32 bytes of UTF-8.
-    public var failedStep: String
-    /// Microseconds from the trigger's arrival at the left anchor to the end of each phase, in order; at most 16.
-    public var phaseMicroseconds: [UInt32]
+    /// The step the reconfiguration failed at; nil when moved.
+    public var failedStep: MigrationStep?
+    /// The left anchor's phase times (nil when it refused before starting, or the controller gave up).
+    public var phases: PhaseTimes?
 
-    public init(outcome: Outcome, reason: String = "", failedStep: String = "", phaseMicroseconds: [UInt32] = []) {
+    public init(outcome: Outcome, reason: String = "", failedStep: MigrationStep? = nil, phases: PhaseTimes? = nil) {
         self.outcome = outcome
         self.reason = reason
         self.failedStep = failedStep
-        self.phaseMicroseconds = phaseMicroseconds
+        self.phases = phases
     }
 }
 
@@ -110,15 +110,15 @@ public enum ControlBody: Sendable, Equatable {
     case stateRequest(newBox: IPv4Address)
     /// A JSON state document (docs/STATE-FORMAT.md), at most 60,000 bytes, carried opaquely.
     case statePut(document: [UInt8])
-    /// reason: at most 200 bytes.
-    case stateInstalled(ok: Bool, reason: String)
+    /// The state transfer's result, from the new box to the old one and from the old box to the left anchor,
+    /// with the boxes' export/import durations as typed fields (version 3; version 2 carried them inside the
+    /// reason). reason: at most 200 bytes.
+    case stateInstalled(ok: Bool, times: StateTimes, reason: String)
     case oldPathFin
     case oldPathFinAck
 
     /// Limits of the body fields (decode rejects anything beyond them; encode truncates strings to them).
     public static let maxReasonBytes = 200
-    public static let maxFailedStepBytes = 32
-    public static let maxPhases = 16
     /// `Trigger.newPath` holds 1...15 addresses, `newPathSyn`'s `remaining` 0...15.
     public static let maxPathAddresses = 15
     public static let maxDocumentBytes = 60_000
@@ -215,7 +215,7 @@ public enum ControlMessageError: Error, Equatable, Sendable, CustomStringConvert
 /// ```
 ///   offset  size  field
 ///   0       4     magic "DYCM" (0x4459434D)
-///   4       1     version (2; 1 is refused: it carries no freshness)
+///   4       1     version (3; 1 and 2 are refused: 1 carries no freshness, 2 no typed phase times)
 ///   5       1     type (ControlMessageType)
 ///   6       2     bodyLength
 ///   8       8     chainID
@@ -240,8 +240,10 @@ public enum ControlMessageError: Error, Equatable, Sendable, CustomStringConvert
 /// addresses are looked at.
 public struct ControlMessage: Sendable, Equatable {
     public static let magic: UInt32 = 0x4459_434D  // "DYCM"
-    /// 2 since issue 20 (the freshness stamp); version 1 is refused (`bad-version`).
-    public static let version: UInt8 = 2
+    /// 2 since issue 20 (the freshness stamp); 3 since issue 15 (typed failedStep, phase times and the boxes'
+    /// export/import durations in triggerResult and stateInstalled, instead of strings). Any other version is
+    /// refused (`bad-version`): agents of different versions do not reconfigure sessions together.
+    public static let version: UInt8 = 3
     public static let headerLength = 72
     /// One UDP datagram (65,535 − 8 UDP − 20 IPv4).
     public static let maxLength = 65_507
@@ -280,10 +282,6 @@ public struct ControlMessage: Sendable, Equatable {
         case .trigger(let t):
             guard (1...ControlBody.maxPathAddresses).contains(t.newPath.count) else {
                 return "trigger: newPath has \(t.newPath.count) addresses (1...\(ControlBody.maxPathAddresses))"
-            }
-        case .triggerResult(let r):
-            guard r.phaseMicroseconds.count <= ControlBody.maxPhases else {
-                return "triggerResult: \(r.phaseMicroseconds.count) phases (at most \(ControlBody.maxPhases))"
             }
         case .newPathSyn(_, let remaining):
             guard remaining.count <= ControlBody.maxPathAddresses else {
@@ -339,9 +337,13 @@ public struct ControlMessage: Sendable, Equatable {
         case .triggerResult(let r):
             out.u8(r.outcome.rawValue)
             out.string(r.reason, max: ControlBody.maxReasonBytes)
-            out.string(r.failedStep, max: ControlBody.maxFailedStepBytes)
-            out.u8(UInt8(r.phaseMicroseconds.count))
-            for phase in r.phaseMicroseconds { out.u32(phase) }
+            out.u8(r.failedStep?.wireCode ?? 0)
+            if let phases = r.phases {
+                out.u8(1)
+                for value in phases.wireValues { out.u32(value) }
+            } else {
+                out.u8(0)
+            }
         case .requestLock(let rightDelta):
             out.u32(UInt32(bitPattern: rightDelta))
         case .ackLock(let leftDelta, let rightDelta):
@@ -365,8 +367,10 @@ public struct ControlMessage: Sendable, Equatable {
         case .statePut(let document):
             out.u16(UInt16(document.count))
             out.bytes.append(contentsOf: document)
-        case .stateInstalled(let ok, let reason):
+        case .stateInstalled(let ok, let times, let reason):
             out.bool(ok)
+            out.u32(times.exportMicroseconds)
+            out.u32(times.importMicroseconds)
             out.string(reason, max: ControlBody.maxReasonBytes)
         case .ackCancel, .newPathCancel, .newPathCancelAck, .drained, .oldPathFin, .oldPathFinAck:
             break
@@ -438,14 +442,22 @@ public struct ControlMessage: Sendable, Equatable {
             let raw = try r.u8("outcome")
             guard let outcome = TriggerResult.Outcome(rawValue: raw) else { throw r.fail("outcome \(raw) is not 0, 1 or 2") }
             let reason = try r.string("reason", max: ControlBody.maxReasonBytes)
-            let failedStep = try r.string("failedStep", max: ControlBody.maxFailedStepBytes)
-            let count = Int(try r.u8("phase count"))
-            guard count <= ControlBody.maxPhases else { throw r.fail("\(count) phases (at most \(ControlBody.maxPhases))") }
-            var phases: [UInt32] = []
-            phases.reserveCapacity(count)
-            for _ in 0..<count { phases.append(try r.u32("phase")) }
-            return .triggerResult(TriggerResult(outcome: outcome, reason: reason, failedStep: failedStep,
-                                                phaseMicroseconds: phases))
+            let code = try r.u8("failedStep")
+            var failedStep: MigrationStep?
+            if code != 0 {
+                guard let step = MigrationStep(wireCode: code) else { throw r.fail("failedStep \(code) is not 0...6") }
+                failedStep = step
+            }
+            let hasPhases = try r.u8("phases present")
+            guard hasPhases <= 1 else { throw r.fail("phases present \(hasPhases) is not 0 or 1") }
+            var phases: PhaseTimes?
+            if hasPhases == 1 {
+                var values: [UInt32] = []
+                values.reserveCapacity(PhaseTimes.wireFields)
+                for _ in 0..<PhaseTimes.wireFields { values.append(try r.u32("phase time")) }
+                phases = PhaseTimes(wireValues: values)
+            }
+            return .triggerResult(TriggerResult(outcome: outcome, reason: reason, failedStep: failedStep, phases: phases))
         case .requestLock:
             return .requestLock(rightDelta: Int32(bitPattern: try r.u32("rightDelta")))
         case .ackLock:
@@ -482,8 +494,10 @@ public struct ControlMessage: Sendable, Equatable {
             return .statePut(document: try r.raw("document", count))
         case .stateInstalled:
             let ok = try r.bool("ok")
+            let times = StateTimes(exportMicroseconds: try r.u32("exportMicroseconds"),
+                                   importMicroseconds: try r.u32("importMicroseconds"))
             let reason = try r.string("reason", max: ControlBody.maxReasonBytes)
-            return .stateInstalled(ok: ok, reason: reason)
+            return .stateInstalled(ok: ok, times: times, reason: reason)
         case .oldPathFin: return .oldPathFin
         case .oldPathFinAck: return .oldPathFinAck
         }

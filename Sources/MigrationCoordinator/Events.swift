@@ -44,11 +44,6 @@ public struct TimerKey: Hashable, Sendable {
     }
 }
 
-/// Where the reconfiguration of a session stands at its left anchor; the order is the protocol's.
-public enum MigrationStep: String, Sendable, Codable, CaseIterable {
-    case lock, newPath = "new-path", drain, state, release, teardown
-}
-
 /// Inputs to ``MigrationCoordinator/handle(_:now:)``.
 public enum Event: Sendable {
     /// A local request (`replace`, through the control socket of this agent): ask `leftAnchor` to move the
@@ -81,14 +76,22 @@ public struct StepFailure: Error, Sendable, Equatable, CustomStringConvertible {
     public var description: String { message }
 }
 
-/// What the shell must do, in order.
+/// What the shell must do, in order. The order is a rule where ``commitKernel`` says so: the shell may delay a
+/// `send` (e.g. to bundle a turn's messages) but never past a `commitKernel` that comes before it.
 public enum Action: Sendable, Equatable {
     case send(ControlMessage, to: IPv4Address)
     case setTimer(TimerKey, afterNanoseconds: UInt64)
     case cancelTimer(TimerKey)
     /// Take the session off the kernel fast path (its packets reach this agent) and start anchor tracking for
-    /// a segment on `side` (AnchorState).
+    /// a segment on `side` (AnchorState). Always followed by ``commitKernel`` before the next `send`.
     case hold(chainID: UInt64, side: SessionTable.Side, stateful: Bool)
+    /// A barrier: the kernel changes of the actions before it (``hold``: the session off the fast path) must be in
+    /// force before any message after it leaves. An anchor's lock message (requestLock from the left anchor,
+    /// ackLock from the right anchor, paper §3.2) promises that from then on it sees every packet of the session
+    /// on the segment (the two-path rules of §3.5 count them: oldSent, oldRcvd, …); a packet the kernel still
+    /// carried after the peer acted on that message would be missed. The shell commits before its next send
+    /// (MigrationEngine: one nftables commit per turn, before the turn's messages).
+    case commitKernel
     /// Set the anchor's data-plane phase (AnchorState.Phase).
     case setPhase(chainID: UInt64, AnchorState.Phase)
     case setDelta(chainID: UInt64, Int32)

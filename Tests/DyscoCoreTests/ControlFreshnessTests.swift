@@ -112,7 +112,7 @@ import Testing
         #expect(ControlStamper().sender != 0)
     }
 
-    @Test("the stamp travels inside the MAC'd header (version 2): changing it breaks the MAC")
+    @Test("the stamp travels inside the MAC'd header (since version 2): changing it breaks the MAC")
     func onTheWire() throws {
         let trust = TrustGroup(current: TrustKey(bytes: [UInt8](repeating: 3, count: 32)))
         let session = FiveTuple(srcAddr: IPv4Address(10, 0, 0, 1), srcPort: 1000, dstAddr: IPv4Address(10, 0, 0, 2), dstPort: 80)
@@ -120,7 +120,7 @@ import Testing
                                leftAnchor: session.srcAddr, rightAnchor: session.dstAddr, body: .requestLock(rightDelta: 0))
         m.stamp = ControlStamp(sender: 0x0102_0304_0506_0708, receiver: Self.me, counter: 9, sentAt: Self.start)
         let bytes = m.encode(trust: trust)
-        #expect(bytes[4] == 2 && bytes.count == 72 + 4 + 16)
+        #expect(bytes[4] == 3 && bytes.count == 72 + 4 + 16)
         #expect(try ControlMessage.decode(bytes, trust: trust) == m)
         for offset in [48, 56, 60, 64, 71] {
             var tampered = bytes

@@ -22,7 +22,8 @@ struct ControlMessageTests {
                              oldBox: IPv4Address(10, 77, 0, 104), stateful: true, deadlineMilliseconds: 5000))
         case .triggerResult:
             .triggerResult(TriggerResult(outcome: .cancelled, reason: "new path: no answer from 10.77.0.105",
-                                         failedStep: "new-path", phaseMicroseconds: [120, 4_000_000, 0xFFFF_FFFF]))
+                                         failedStep: .newPath,
+                                         phases: PhaseTimes(lockEnd: 120, newPathEnd: 4_000_000, drainEnd: 0xFFFF_FFFF)))
         case .requestLock: .requestLock(rightDelta: -1234)
         case .ackLock: .ackLock(leftDelta: Int32.min, rightDelta: Int32.max)
         case .nackLock: .nackLock(reason: .contention)
@@ -37,7 +38,8 @@ struct ControlMessageTests {
         case .drained: .drained
         case .stateRequest: .stateRequest(newBox: IPv4Address(10, 77, 0, 105))
         case .statePut: .statePut(document: Array(#"{"format":"dysco-conntrack-state","version":1,"entries":[]}"#.utf8))
-        case .stateInstalled: .stateInstalled(ok: false, reason: "conntrack: EEXIST")
+        case .stateInstalled: .stateInstalled(ok: false, times: StateTimes(exportMicroseconds: 1500, importMicroseconds: 2),
+                                              reason: "conntrack: EEXIST")
         case .oldPathFin: .oldPathFin
         case .oldPathFinAck: .oldPathFinAck
         }
@@ -47,7 +49,7 @@ struct ControlMessageTests {
     static func expectedBodyLength(_ body: ControlBody) -> Int {
         switch body {
         case .trigger(let t): 10 + 4 * t.newPath.count
-        case .triggerResult(let r): 4 + r.reason.utf8.count + r.failedStep.utf8.count + 4 * r.phaseMicroseconds.count
+        case .triggerResult(let r): 4 + r.reason.utf8.count + (r.phases == nil ? 0 : 36)
         case .requestLock: 4
         case .ackLock: 8
         case .nackLock: 1
@@ -57,7 +59,7 @@ struct ControlMessageTests {
         case .drainStart: 1
         case .stateRequest: 4
         case .statePut(let document): 2 + document.count
-        case .stateInstalled(_, let reason): 2 + reason.utf8.count
+        case .stateInstalled(_, _, let reason): 10 + reason.utf8.count
         case .ackCancel, .newPathCancel, .newPathCancelAck, .drained, .oldPathFin, .oldPathFinAck: 0
         }
     }
@@ -136,7 +138,7 @@ struct ControlMessageTests {
     func headerLayout() {
         let encoded = Self.sample(.requestLock).encode(trust: Self.trust)
         #expect(Array(encoded[0..<4]) == Array("DYCM".utf8))
-        #expect(encoded[4] == 2)
+        #expect(encoded[4] == 3)
         #expect(encoded[5] == 10)
         #expect(Array(encoded[6..<8]) == [0, 4])
         #expect(Array(encoded[8..<16]) == [0x01, 0x23, 0x45, 0x67, 0x89, 0xAB, 0xCD, 0xEF])
@@ -161,8 +163,13 @@ struct ControlMessageTests {
         #expect(body(.trigger(Trigger(newPath: [IPv4Address(10, 0, 0, 1)], oldBox: IPv4Address(10, 0, 0, 2),
                                       stateful: true, deadlineMilliseconds: 0x0102_0304)))
                 == [1, 2, 3, 4, 10, 0, 0, 2, 1, 1, 10, 0, 0, 1])
-        #expect(body(.triggerResult(TriggerResult(outcome: .refused, reason: "ab", failedStep: "lock", phaseMicroseconds: [7])))
-                == [2, 2, 0x61, 0x62, 4] + Array("lock".utf8) + [1, 0, 0, 0, 7])
+        // Version 3: failedStep is a code (0 none, 1 lock ... 6 teardown), the phase times nine named u32 fields.
+        #expect(body(.triggerResult(TriggerResult(outcome: .refused, reason: "ab", failedStep: .lock,
+                                                  phases: PhaseTimes(lockEnd: 7, exportMicroseconds: 0x0102_0304, newPathSynToUse: 9))))
+                == [2, 2, 0x61, 0x62, 1, 1] + [0, 0, 0, 7] + [UInt8](repeating: 0, count: 20) + [1, 2, 3, 4]
+                + [0, 0, 0, 0] + [0, 0, 0, 9])
+        #expect(body(.triggerResult(TriggerResult(outcome: .moved))) == [0, 0, 0, 0])
+        #expect(body(.triggerResult(TriggerResult(outcome: .cancelled, failedStep: .teardown))) == [1, 0, 6, 0])
         #expect(body(.ackLock(leftDelta: -1, rightDelta: 2)) == [0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 2])
         #expect(body(.nackLock(reason: .notOnPath)) == [3])
         #expect(body(.cancelLock(reason: "x")) == [1, 0x78])
@@ -173,23 +180,28 @@ struct ControlMessageTests {
         #expect(body(.drainStart(stateful: false)) == [0])
         #expect(body(.stateRequest(newBox: IPv4Address(10, 1, 2, 3))) == [10, 1, 2, 3])
         #expect(body(.statePut(document: [0x7B, 0x7D])) == [0, 2, 0x7B, 0x7D])
-        #expect(body(.stateInstalled(ok: true, reason: "")) == [1, 0])
+        #expect(body(.stateInstalled(ok: true, times: StateTimes(), reason: "")) == [1, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+        #expect(body(.stateInstalled(ok: false, times: StateTimes(exportMicroseconds: 0x0102_0304, importMicroseconds: 5),
+                                     reason: "x"))
+                == [0, 1, 2, 3, 4, 0, 0, 0, 5, 1, 0x78])
     }
 
-    @Test("limits round-trip: 15 addresses, 200-byte reasons, 32-byte step, 16 phases, a 60,000-byte document")
+    @Test("limits round-trip: 15 addresses, 200-byte reasons, every step, full phase times, a 60,000-byte document")
     func limits() throws {
         let path15 = (1...15).map { IPv4Address(10, 77, 3, UInt8($0)) }
         let reason200 = String(repeating: "é", count: 100)  // 200 bytes
         let bodies: [ControlBody] = [
             .trigger(Trigger(newPath: path15, oldBox: IPv4Address(10, 77, 0, 104), stateful: false, deadlineMilliseconds: 0)),
-            .triggerResult(TriggerResult(outcome: .moved, reason: "", failedStep: "", phaseMicroseconds: [])),
-            .triggerResult(TriggerResult(outcome: .refused, reason: reason200, failedStep: String(repeating: "s", count: 32),
-                                         phaseMicroseconds: Array(0..<16))),
+            .triggerResult(TriggerResult(outcome: .moved, reason: "", failedStep: nil, phases: nil)),
+            .triggerResult(TriggerResult(outcome: .refused, reason: reason200, failedStep: .teardown,
+                                         phases: PhaseTimes(lockEnd: .max, newPathEnd: 1, drainEnd: 2, stateEnd: 3, releaseEnd: 4,
+                                                            teardownEnd: 5, exportMicroseconds: 6, importMicroseconds: 7,
+                                                            newPathSynToUse: .max))),
             .newPathSyn(subsession: Self.subsession, remaining: []),
             .newPathSyn(subsession: Self.subsession, remaining: path15),
             .cancelLock(reason: reason200),
             .cancelLock(reason: ""),
-            .stateInstalled(ok: true, reason: reason200),
+            .stateInstalled(ok: true, times: StateTimes(exportMicroseconds: .max, importMicroseconds: .max), reason: reason200),
             .statePut(document: (0..<60_000).map { UInt8(truncatingIfNeeded: $0) }),
             .statePut(document: []),
         ]
@@ -207,18 +219,17 @@ struct ControlMessageTests {
         let decoded = try ControlMessage.decode(long.encode(trust: Self.trust), trust: Self.trust)
         guard case .cancelLock(let reason) = decoded.body else { Issue.record("wrong body"); return }
         #expect(reason == "a" + String(repeating: "é", count: 99))  // 199 bytes: the 200th would split an é
-        let step = Self.message(.triggerResult(TriggerResult(outcome: .refused, reason: "r",
-                                                             failedStep: String(repeating: "z", count: 40))))
-        guard case .triggerResult(let r) = try ControlMessage.decode(step.encode(trust: Self.trust), trust: Self.trust).body
-        else { Issue.record("wrong body"); return }
-        #expect(r.failedStep == String(repeating: "z", count: 32))
+        for step in MigrationStep.allCases {
+            let message = Self.message(.triggerResult(TriggerResult(outcome: .refused, reason: "r", failedStep: step)))
+            guard case .triggerResult(let r) = try ControlMessage.decode(message.encode(trust: Self.trust), trust: Self.trust).body
+            else { Issue.record("wrong body"); return }
+            #expect(r.failedStep == step)
+        }
 
         #expect(Self.message(.trigger(Trigger(newPath: [], oldBox: IPv4Address(10, 0, 0, 1), stateful: false,
                                               deadlineMilliseconds: 1))).encodingProblem != nil)
         #expect(Self.message(.newPathSyn(subsession: Self.subsession,
                                          remaining: Array(repeating: IPv4Address(10, 0, 0, 1), count: 16))).encodingProblem != nil)
-        #expect(Self.message(.triggerResult(TriggerResult(outcome: .moved, phaseMicroseconds: Array(repeating: 1, count: 17))))
-                .encodingProblem != nil)
         #expect(Self.message(.statePut(document: Array(repeating: 0x20, count: 60_001))).encodingProblem != nil)
     }
 
@@ -293,8 +304,11 @@ struct ControlMessageTests {
         bytes[4] = 1  // version 1 (no freshness stamp, issue 20) is refused
         #expect(Self.decodeError(bytes) == .unsupportedVersion(1))
         bytes = good
-        bytes[4] = 3
-        #expect(Self.decodeError(bytes) == .unsupportedVersion(3))
+        bytes[4] = 2  // version 2 (phase times inside strings, issue 15) is refused
+        #expect(Self.decodeError(bytes) == .unsupportedVersion(2))
+        bytes = good
+        bytes[4] = 4
+        #expect(Self.decodeError(bytes) == .unsupportedVersion(4))
         for raw: UInt8 in [0, 3, 9, 15, 25, 32, 43, 52, 255] {
             bytes = good
             bytes[5] = raw
@@ -399,10 +413,12 @@ struct ControlMessageTests {
         let cases: [(String, ControlMessageType, [UInt8])] = [
             ("cancelLock reason 201", .cancelLock, [201] + a201),
             ("cancelLock reason 255", .cancelLock, [255] + [UInt8](repeating: 0x61, count: 255)),
-            ("stateInstalled reason 201", .stateInstalled, [1, 201] + a201),
+            ("stateInstalled reason 201", .stateInstalled, [1, 0, 0, 0, 0, 0, 0, 0, 0, 201] + a201),
             ("triggerResult reason 201", .triggerResult, [1, 201] + a201 + [0, 0]),
-            ("triggerResult step 33", .triggerResult, [1, 0, 33] + [UInt8](repeating: 0x62, count: 33) + [0]),
-            ("triggerResult 17 phases", .triggerResult, [1, 0, 0, 17] + [UInt8](repeating: 0, count: 68)),
+            ("triggerResult step 7", .triggerResult, [1, 0, 7, 0]),
+            ("triggerResult phases present 2", .triggerResult, [1, 0, 0, 2] + [UInt8](repeating: 0, count: 36)),
+            ("triggerResult phase times cut short", .triggerResult, [1, 0, 0, 1] + [UInt8](repeating: 0, count: 32)),
+            ("stateInstalled times cut short", .stateInstalled, [1, 0, 0, 0, 0]),
             ("trigger 16 addresses", .trigger, [0, 0, 0, 1, 10, 0, 0, 1, 0, 16] + Array((0..<16).flatMap { [10, 0, 1, UInt8($0 + 1)] })),
             ("trigger 0 addresses", .trigger, [0, 0, 0, 1, 10, 0, 0, 1, 0, 0]),
             ("newPathSyn 16 remaining", .newPathSyn, [10, 0, 0, 1, 10, 0, 0, 2, 0, 1, 0, 2, 16]
@@ -420,8 +436,8 @@ struct ControlMessageTests {
         // The same shapes at their limits are accepted, so the cases above fail for the reason they name.
         let a200 = [UInt8](repeating: 0x61, count: 200)
         #expect(Self.decodeError(Self.crafted(.cancelLock, [200] + a200)) == nil)
-        #expect(Self.decodeError(Self.crafted(.triggerResult, [1, 200] + a200 + [32] + [UInt8](repeating: 0x62, count: 32)
-                                                + [16] + [UInt8](repeating: 0, count: 64))) == nil)
+        #expect(Self.decodeError(Self.crafted(.triggerResult, [1, 200] + a200 + [6, 1] + [UInt8](repeating: 0, count: 36))) == nil)
+        #expect(Self.decodeError(Self.crafted(.stateInstalled, [1, 0, 0, 0, 0, 0, 0, 0, 0, 200] + a200)) == nil)
         #expect(Self.decodeError(Self.crafted(.statePut, Self.be16(60_000) + [UInt8](repeating: 0x20, count: 60_000))) == nil)
     }
 
@@ -431,10 +447,10 @@ struct ControlMessageTests {
             ("lone 0xFF", .cancelLock, [1, 0xFF]),
             ("truncated sequence", .cancelLock, [1, 0xC3]),
             ("overlong NUL", .cancelLock, [2, 0xC0, 0x80]),
-            ("surrogate", .stateInstalled, [0, 3, 0xED, 0xA0, 0x80]),
-            ("bad step UTF-8", .triggerResult, [1, 0, 1, 0x80, 0]),
+            ("surrogate", .stateInstalled, [0, 0, 0, 0, 0, 0, 0, 0, 0, 3, 0xED, 0xA0, 0x80]),
+            ("step code 255", .triggerResult, [1, 0, 255, 0]),
             ("drainStart stateful 2", .drainStart, [2]),
-            ("stateInstalled ok 255", .stateInstalled, [255, 0]),
+            ("stateInstalled ok 255", .stateInstalled, [255, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
             ("trigger stateful 2", .trigger, [0, 0, 0, 1, 10, 0, 0, 1, 2, 1, 10, 0, 0, 2]),
             ("nack reason 0", .nackLock, [0]),
             ("nack reason 5", .nackLock, [5]),

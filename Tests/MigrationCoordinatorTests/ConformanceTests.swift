@@ -32,7 +32,7 @@ enum Abstraction {
         case .message(let m, _, _):
             switch m.body {
             case .triggerResult: return nil
-            case .stateInstalled(let ok, _) where role == "LA": return ok ? "stateInstalled.ok" : "stateInstalled.refused"
+            case .stateInstalled(let ok, _, _) where role == "LA": return ok ? "stateInstalled.ok" : "stateInstalled.refused"
             default: return messageType(m.body)
             }
         case .timer(let key):
@@ -347,7 +347,7 @@ struct TraceCheckerTests {
         let i = try #require(lines.firstIndex { $0.hasPrefix("OB\tLOCKED\tstateRequest\tEXPORTING") })
         let dropped = try TransitionTable.parse((lines[..<i] + lines[(i + 1)...]).joined(separator: "\n"))
         #expect(model.subtracting(dropped.modelEdges) == [Edge(role: "OB", from: "LOCKED", event: "stateRequest", to: "EXPORTING")])
-        let invented = try TransitionTable.parse(text + "RA\tDONE\trequestLock\tLOCKED\thold,send:ackLock\ttr\n")
+        let invented = try TransitionTable.parse(text + "RA\tDONE\trequestLock\tLOCKED\thold,commit,send:ackLock\ttr\n")
         #expect(invented.modelEdges.subtracting(model) == [Edge(role: "RA", from: "DONE", event: "requestLock", to: "LOCKED")])
     }
 

@@ -111,7 +111,8 @@ package enum Describe {
         case .drained: body = "drained"
         case .stateRequest(let newBox): body = "stateRequest(newBox: \(Host.name(newBox)))"
         case .statePut(let document): body = "statePut(\(document.count) bytes)"
-        case .stateInstalled(let ok, let reason): body = "stateInstalled(ok: \(ok), \"\(reason)\")"
+        case .stateInstalled(let ok, let times, let reason):
+            body = "stateInstalled(ok: \(ok), export: \(times.exportMicroseconds), import: \(times.importMicroseconds), \"\(reason)\")"
         case .oldPathFin: body = "oldPathFin"
         case .oldPathFinAck: body = "oldPathFinAck"
         }
@@ -120,8 +121,8 @@ package enum Describe {
 
     package static func result(_ r: TriggerResult) -> String {
         r.outcome == .moved && r.reason.isEmpty
-            ? "moved, phases: \(r.phaseMicroseconds)"
-            : "\(r.outcome), step: \(r.failedStep), reason: \"\(r.reason)\""
+            ? "moved, phases: \(r.phases.map { "\($0)" } ?? "none")"
+            : "\(r.outcome), step: \(r.failedStep.map(\.rawValue) ?? ""), reason: \"\(r.reason)\""
     }
 
     package static func key(_ k: TimerKey) -> String { "\(k.role).\(k.kind)" }
@@ -157,6 +158,7 @@ package enum Describe {
         case .setTimer(let k, let after): "setTimer \(key(k)) +\(TraceEntry.format(after))"
         case .cancelTimer(let k): "cancelTimer \(key(k))"
         case .hold(_, let side, let stateful): "hold(side: \(side), stateful: \(stateful))"
+        case .commitKernel: "commitKernel"
         case .setPhase(_, let phase): "setPhase(\(phase))"
         case .setDelta(_, let d): "setDelta(\(d))"
         case .openPath(_, let next): "openPath(next: \(Host.name(next)))"
@@ -182,6 +184,7 @@ package enum Describe {
         case .setTimer: "setTimer"
         case .cancelTimer: "cancelTimer"
         case .hold: "hold"
+        case .commitKernel: "commit"
         case .setPhase(_, let phase): "setPhase.\(phase)"
         case .setDelta: "setDelta"
         case .openPath: "openPath"
@@ -266,6 +269,8 @@ package final class Harness {
         package var actions: [Action] = []
         package var reports: [(requestID: UInt32, result: TriggerResult)] = []
         package var imported: [[UInt8]] = []
+        /// The fake kernel: a hold not yet committed (``Action/commitKernel``), and sends that went before it.
+        package var kernel = Barrier()
         package init(address: IPv4Address, settings: MigrationCoordinator.Settings, context: SessionContext?) {
             self.address = address
             coordinator = MigrationCoordinator(settings: settings)
@@ -273,6 +278,34 @@ package final class Harness {
         }
         package func did(_ kind: String) -> Bool { actions.contains { Describe.kind($0) == kind } }
         package func count(_ kind: String) -> Int { actions.filter { Describe.kind($0) == kind }.count }
+    }
+
+    /// The ordering rule of ``Action/commitKernel`` (paper §3.2, §3.5): a message never leaves while a kernel
+    /// change before it (a hold) is not committed. The harness runs each agent's actions in order through one
+    /// of these, like the shell does.
+    package struct Barrier: Sendable {
+        /// A hold came and no commitKernel since.
+        package private(set) var uncommitted = false
+        /// Sends that left before the hold before them was committed.
+        package private(set) var violations: [String] = []
+        package init() {}
+
+        package mutating func perform(_ action: Action) {
+            switch action {
+            case .hold: uncommitted = true
+            case .commitKernel: uncommitted = false
+            case .send(let m, let to) where uncommitted:
+                violations.append("\(Describe.message(m)) to \(Host.name(to)) before the hold was committed")
+            default: break
+            }
+        }
+
+        /// The violations of `actions` run in order from a committed kernel.
+        package static func violations(_ actions: [Action]) -> [String] {
+            var barrier = Barrier()
+            for action in actions { barrier.perform(action) }
+            return barrier.violations
+        }
     }
 
     package enum Pending {
@@ -448,7 +481,7 @@ package final class Harness {
             guard let context = agents[host]?.context else {
                 // MigrationEngine.replace: the session is not at this agent (any more): nothing is asked.
                 let result = TriggerResult(outcome: .refused, reason: "the session is not at this agent",
-                                           failedStep: MigrationStep.lock.rawValue)
+                                           failedStep: .lock)
                 agents[host]?.reports.append((requestID, result))
                 note(Host.name(host), "replace req=\(requestID): no session here (refused by the shell)")
                 return
@@ -490,8 +523,16 @@ package final class Harness {
         return agent.nextPort
     }
 
+    /// Every send that left an agent before its hold was committed (empty: the ordering rule held).
+    package var barrierViolations: [String] {
+        agents.values.flatMap { agent in agent.kernel.violations.map { "\(agent.name): \($0)" } }
+    }
+
     private func perform(_ agent: Agent, _ action: Action) -> Event? {
+        agent.kernel.perform(action)
         switch action {
+        case .commitKernel:
+            break  // the fake data plane applies a hold at once; Barrier checks the order
         case .send(let m, let to):
             send(m, from: agent.address, to: to)
         case .setTimer(let key, let after):

@@ -1,0 +1,491 @@
+import DyscoCore
+
+/// The left anchor of one session's reconfiguration (paper §2.3, §3): it drives everything — lock (§3.2), new
+/// path (§3.1, §3.3), drain (§3.5), state transfer (stateful, §3.5 last paragraph), release, teardown, or cancel
+/// (§3.6) — and alone keeps a deadline and retransmits end to end.
+///
+/// A state machine in the style of grpc-swift's handler state machines: ``State`` holds the data of each state,
+/// every event is a `mutating func` that returns what the shell must do (``Output``). The router
+/// (``MigrationCoordinator``) owns the lock of this agent's right subsession (``OldPathHop``) and the shared
+/// ``RetransmitClock``, which it lends to each call.
+struct LeftAnchor: Sendable {
+    /// What stays the same for the whole reconfiguration.
+    struct Request: Sendable {
+        var requestID: UInt32
+        var context: SessionContext
+        var trigger: Trigger
+        var controller: IPv4Address
+        /// The old path's next hop (where lock, cancel and teardown messages go).
+        var oldRight: IPv4Address
+        /// The new path's last hop (trigger.newPath is never empty: checked before the machine is made).
+        var rightAnchor: IPv4Address
+        var startedAt: UInt64
+
+        var newMiddleboxes: ArraySlice<IPv4Address> { trigger.newPath.dropLast() }
+        var firstNewHop: IPv4Address { trigger.newPath.first ?? rightAnchor }
+
+        func message(_ body: ControlBody) -> ControlMessage {
+            ControlMessage(identity: context.identity, requestID: requestID, session: context.session,
+                           leftAnchor: context.me, rightAnchor: rightAnchor, body: body)
+        }
+    }
+
+    /// The phase times so far: the end of each step reached (µs since the trigger), the boxes' durations.
+    struct Timeline: Sendable {
+        var times = PhaseTimes()
+        /// The last step whose end is recorded.
+        var reached: MigrationStep?
+        var newPathSynSentAt: UInt64?
+
+        mutating func mark(_ step: MigrationStep, startedAt: UInt64, now: UInt64) {
+            times.setEnd(of: step, UInt32(clamping: (now &- startedAt) / 1000))
+            reached = step
+        }
+
+        /// The report: a step not reached ends with the last one reached; the paper's measure (§5.3).
+        func result(startedAt: UInt64) -> PhaseTimes {
+            var t = times
+            var last: UInt32 = 0
+            var passed = reached == nil
+            for step in MigrationStep.allCases {
+                if passed { t.setEnd(of: step, last) } else { last = t.end(of: step) }
+                if step == reached { passed = true }
+            }
+            let releaseEnd = UInt64(t.releaseEnd)
+            let synSent = newPathSynSentAt.map { ($0 &- startedAt) / 1000 } ?? 0
+            t.newPathSynToUse = UInt32(clamping: releaseEnd &- min(synSent, releaseEnd))
+            return t
+        }
+    }
+
+    /// A message sent until it is answered: where, how often so far, the next delay, and when it was first
+    /// sent (for the RTT sample of its answer, Karn's rule).
+    struct Outstanding: Sendable {
+        var message: ControlMessage
+        var to: IPv4Address
+        var tries = 0
+        var delay: UInt64 = 0
+        var sentAt: UInt64 = 0
+    }
+
+    /// The drain (§3.5) ends when both directions are drained: ours (the data plane) and the right anchor's.
+    enum Drain: Sendable {
+        case neither, selfDrained, peerDrained
+    }
+
+    /// Window-opening probes on the new path (the release step): how many, and the next delay.
+    struct Probes: Sendable {
+        var tries: Int
+        var delay: UInt64
+    }
+
+    enum State: Sendable {
+        /// requestLock is travelling along the old path (§3.2).
+        case locking(Outstanding)
+        /// Locked; the shell opens the new path's first subsession (openPath).
+        case openingPath
+        /// newPathSyn is travelling along the new path (§3.3).
+        case synSent(subsession: FiveTuple, Outstanding)
+        /// drainStart sent to the right anchor; waiting for both directions to drain (§3.5).
+        case draining(Outstanding, Drain)
+        /// stateRequest sent to the old box (stateful only).
+        case transferringState(Outstanding)
+        /// The release step: egress on the new path, probing until the right anchor's probe comes back.
+        case probing(Probes)
+        /// oldPathFin along the old path; the data already flows on the new one.
+        case tearingDown(Outstanding)
+        /// cancelLock along the old path (§3.6), after a failure at `step`.
+        case cancelling(step: MigrationStep, reason: String, Outstanding)
+        /// Only while a handler changes the state's data in place (no copy-on-write of the associated values).
+        case modifying
+    }
+
+    /// What one event makes this left anchor do; `finished` when its part is over (the router forgets it,
+    /// releases its lock and keeps the result for duplicate triggers).
+    struct Output: Sendable {
+        var actions: [Action] = []
+        var finished: TriggerResult?
+    }
+
+    /// What the router lends each call: the shared RTT estimator and the number of left anchors here.
+    struct Environment {
+        var settings: MigrationCoordinator.Settings
+        var clock: RetransmitClock
+        var active: Int
+    }
+
+    let request: Request
+    private(set) var timeline = Timeline()
+    private(set) var state: State
+
+    var requestID: UInt32 { request.requestID }
+
+    /// The step the reconfiguration is at (while cancelling: the step it failed at).
+    var step: MigrationStep {
+        switch state {
+        case .locking: .lock
+        case .openingPath, .synSent: .newPath
+        case .draining: .drain
+        case .transferringState: .state
+        case .probing: .release
+        case .tearingDown: .teardown
+        case .cancelling(let step, _, _): step
+        case .modifying: preconditionFailure("LeftAnchor.step while modifying")
+        }
+    }
+
+    var isCancelling: Bool { if case .cancelling = state { true } else { false } }
+
+    /// Whether a path result (pathOpened) is for this left anchor: it waits for one.
+    var waitsForPath: Bool {
+        switch state {
+        case .openingPath, .synSent: true
+        default: false
+        }
+    }
+
+    // MARK: - Start (§3.1: the trigger; §3.2: requestLock)
+
+    /// A trigger was accepted (the router checked the session, the new path, and locked the segment here).
+    init(request: Request, now: UInt64, _ env: inout Environment, _ out: inout [Action]) {
+        self.request = request
+        var outstanding = Outstanding(message: request.message(.requestLock(rightDelta: 0)), to: request.oldRight)
+        out.append(.hold(chainID: request.context.identity.chainID, side: .right, stateful: request.trigger.stateful))
+        out.append(.commitKernel)  // the hold is in the kernel before requestLock leaves (§3.2, §3.5)
+        out.append(.setTimer(Self.timerKey(request, .deadline),
+                             afterNanoseconds: UInt64(request.trigger.deadlineMilliseconds) * 1_000_000))
+        Self.send(&outstanding, fresh: true, key: Self.timerKey(request, .retransmit), now: now, &env, &out)
+        state = .locking(outstanding)
+    }
+
+    // MARK: - Events
+
+    /// ackLock for our request came back (§3.2): the segment is locked.
+    mutating func locked(leftDelta: Int32, now: UInt64, _ env: inout Environment) -> Output {
+        var out = Output()
+        guard case .locking(let outstanding) = state else { return out }
+        answered(outstanding, now: now, &env, &out.actions)
+        timeline.mark(.lock, startedAt: request.startedAt, now: now)
+        state = .openingPath
+        if leftDelta != 0 { out.actions.append(.setDelta(chainID: chainID, leftDelta)) }
+        out.actions.append(.openPath(chainID: chainID, next: request.firstNewHop))
+        return out
+    }
+
+    /// nackLock for our request (§3.2): refused, in whatever state.
+    mutating func lockRefused(_ reason: NackReason, now: UInt64) -> Output {
+        var out = Output()
+        out.actions.append(.cancelAnchor(chainID: chainID))
+        finish(TriggerResult(
+            outcome: .refused, reason: reason == .contention
+                ? "lock refused (\(reason)): another reconfiguration holds part of the segment (§3.2)"
+                : "lock refused (\(reason)) on the old path (§3.2)",
+            failedStep: .lock, phases: timeline.result(startedAt: request.startedAt)), &out)
+        return out
+    }
+
+    /// The shell opened the new path's first subsession: newPathSyn (§3.3).
+    mutating func pathOpened(_ subsession: FiveTuple, now: UInt64, _ env: inout Environment) -> Output {
+        var out = Output()
+        switch state {
+        case .openingPath, .synSent: break
+        default: return out
+        }
+        timeline.newPathSynSentAt = timeline.newPathSynSentAt ?? now
+        var outstanding = Outstanding(
+            message: request.message(.newPathSyn(subsession: subsession, remaining: Array(request.trigger.newPath.dropFirst()))),
+            to: request.firstNewHop)
+        Self.send(&outstanding, fresh: true, key: key(.retransmit), now: now, &env, &out.actions)
+        state = .synSent(subsession: subsession, outstanding)
+        return out
+    }
+
+    /// The shell could not open the new path's first subsession.
+    mutating func pathRefused(_ reason: String, now: UInt64, _ env: inout Environment) -> Output {
+        var out = Output()
+        guard step == .newPath else { return out }
+        cancel(step: .newPath, reason: "new path: \(reason)", now: now, &env, &out)
+        return out
+    }
+
+    /// A hop of the new path cannot take the session (issue 20): cancel now, with its reason.
+    mutating func newPathRefused(by hop: IPv4Address, reason: String, now: UInt64, _ env: inout Environment) -> Output {
+        var out = Output()
+        let outstanding: Outstanding?
+        switch state {
+        case .openingPath: outstanding = nil
+        case .synSent(_, let o): outstanding = o
+        default: return out
+        }
+        if let outstanding { answered(outstanding, now: now, &env, &out.actions) }
+        else { out.actions.append(.cancelTimer(key(.retransmit))) }
+        cancel(step: .newPath, reason: "new path refused by \(hop): \(reason)", now: now, &env, &out)
+        return out
+    }
+
+    /// newPathSynAck (§3.3): the new path is up; drain the old one (§3.5).
+    mutating func newPathAnswered(now: UInt64, _ env: inout Environment) -> Output {
+        var out = Output()
+        guard case .synSent(_, let outstanding) = state else { return out }
+        answered(outstanding, now: now, &env, &out.actions)
+        timeline.mark(.newPath, startedAt: request.startedAt, now: now)
+        var drain = Outstanding(message: request.message(.drainStart(stateful: request.trigger.stateful)),
+                                to: request.rightAnchor)
+        if request.trigger.stateful {
+            out.actions.append(.setPhase(chainID: chainID, .buffering))
+        } else {
+            // Stateless (§3.5): new data on the new path from now on; old bytes stay on the old one.
+            out.actions.append(.promote(chainID: chainID))
+            out.actions.append(.setPhase(chainID: chainID, .released))
+        }
+        Self.send(&drain, fresh: true, key: key(.retransmit), now: now, &env, &out.actions)
+        state = .draining(drain, .neither)
+        return out
+    }
+
+    /// The data plane: everything this anchor sent on the old path is acknowledged (§3.5).
+    mutating func selfDrained(now: UInt64, _ env: inout Environment) -> Output {
+        drained(.selfDrained, now: now, &env)
+    }
+
+    /// The right anchor's `drained` (§3.5).
+    mutating func peerDrained(now: UInt64, _ env: inout Environment) -> Output {
+        drained(.peerDrained, now: now, &env)
+    }
+
+    private mutating func drained(_ side: Drain, now: UInt64, _ env: inout Environment) -> Output {
+        var out = Output()
+        guard case .draining(let outstanding, let drain) = state else { return out }
+        switch (drain, side) {
+        case (.neither, _):
+            state = .draining(outstanding, side)
+            return out
+        case (.selfDrained, .selfDrained), (.peerDrained, .peerDrained):
+            return out
+        default:
+            break  // both directions drained
+        }
+        timeline.mark(.drain, startedAt: request.startedAt, now: now)
+        // No RTT sample: the drain's answer waits for the data, not the network.
+        out.actions.append(.cancelTimer(key(.retransmit)))
+        if request.trigger.stateful {
+            var stateRequest = Outstanding(message: request.message(.stateRequest(newBox: request.firstNewHop)),
+                                           to: request.trigger.oldBox)
+            Self.send(&stateRequest, fresh: true, key: key(.retransmit), now: now, &env, &out.actions)
+            state = .transferringState(stateRequest)
+        } else {
+            // Stateless: both directions drained: the old path is no longer needed (§3.5). No state step (it
+            // ends with the drain); new data used the new path once it was up (the release ends with it).
+            timeline.times.stateEnd = timeline.times.drainEnd
+            timeline.times.releaseEnd = timeline.times.newPathEnd
+            timeline.reached = .release
+            startTeardown(now: now, &env, &out.actions)
+        }
+        return out
+    }
+
+    /// stateInstalled from the old box (stateful, §3.5): the state moved, or could not.
+    mutating func stateInstalled(ok: Bool, times: StateTimes, reason: String, now: UInt64,
+                                 _ env: inout Environment) -> Output {
+        var out = Output()
+        guard case .transferringState(let outstanding) = state else { return out }
+        timeline.times.exportMicroseconds = times.exportMicroseconds
+        timeline.times.importMicroseconds = times.importMicroseconds
+        answered(outstanding, now: now, &env, &out.actions)
+        guard ok else {
+            cancel(step: .state, reason: reason.isEmpty ? "state transfer failed" : reason, now: now, &env, &out)
+            return out
+        }
+        timeline.mark(.state, startedAt: request.startedAt, now: now)
+        // Switch egress to the new path and open the new firewall's window tracking with a probe; our data
+        // stays held until the right anchor's probe comes back (docs/ARCHITECTURE.md, "After the import").
+        out.actions.append(.promote(chainID: chainID))
+        out.actions.append(.setPhase(chainID: chainID, .probing))
+        out.actions.append(.sendProbe(chainID: chainID))
+        let first = env.clock.timeout(env.settings, active: env.active)
+        out.actions.append(.setTimer(key(.retransmit), afterNanoseconds: first))
+        state = .probing(Probes(tries: 1, delay: env.clock.backoff(first, env.settings, active: env.active)))
+        return out
+    }
+
+    /// The right anchor's probe came back through the new box: answer with a last probe (so the new firewall
+    /// has seen each side after the other), then release our buffer on the new path.
+    mutating func probeSeen(now: UInt64, _ env: inout Environment) -> Output {
+        var out = Output()
+        guard case .probing = state else { return out }
+        timeline.mark(.release, startedAt: request.startedAt, now: now)
+        out.actions.append(.cancelTimer(key(.retransmit)))
+        out.actions.append(.sendProbe(chainID: chainID))
+        out.actions.append(.setPhase(chainID: chainID, .released))
+        out.actions.append(.releaseBuffer(chainID: chainID))
+        startTeardown(now: now, &env, &out.actions)
+        return out
+    }
+
+    /// oldPathFinAck: the old path is gone; the reconfiguration succeeded.
+    mutating func oldPathGone(now: UInt64) -> Output {
+        var out = Output()
+        guard case .tearingDown = state else { return out }
+        timeline.mark(.teardown, startedAt: request.startedAt, now: now)
+        out.actions.append(.finishAnchor(chainID: chainID))
+        finish(TriggerResult(outcome: .moved, reason: "", failedStep: nil,
+                             phases: timeline.result(startedAt: request.startedAt)), &out)
+        return out
+    }
+
+    /// ackCancel (§3.6): every agent of the old path has the cancel.
+    mutating func cancelAcknowledged() -> Output {
+        var out = Output()
+        guard case .cancelling(let step, let reason, _) = state else { return out }
+        finish(TriggerResult(outcome: .cancelled, reason: reason, failedStep: step,
+                             phases: timeline.result(startedAt: request.startedAt)), &out)
+        return out
+    }
+
+    /// The anchor buffer is full (documented bound): cancel.
+    mutating func bufferFull(now: UInt64, _ env: inout Environment) -> Output {
+        var out = Output()
+        cancel(step: step, reason: "anchor buffer full at the left anchor", now: now, &env, &out)
+        return out
+    }
+
+    // MARK: - Timers
+
+    mutating func deadlinePassed(now: UInt64, _ env: inout Environment) -> Output {
+        var out = Output()
+        var reason = "deadline of \(request.trigger.deadlineMilliseconds) ms passed during step \(step.rawValue)"
+        switch state {
+        case .cancelling, .tearingDown, .modifying:
+            return out
+        case .locking(let o), .synSent(_, let o), .draining(let o, _), .transferringState(let o):
+            reason += ": no answer from \(o.to) to \(o.message.body.type) after \(o.tries) tries"
+        case .probing(let probes):
+            reason += ": no probe came back on the new path after \(probes.tries) probes"
+        case .openingPath:
+            break
+        }
+        cancel(step: step, reason: reason, now: now, &env, &out)
+        return out
+    }
+
+    mutating func retransmitTimerFired(now: UInt64, _ env: inout Environment) -> Output {
+        var out = Output()
+        let key = key(.retransmit)
+        switch state {
+        case .probing(var probes):
+            // The probe (or the right anchor's answer to it) was lost, or could not be built yet (the anchor is
+            // still eliciting its endpoint's numbers: issue 20): probe again until the deadline, which cancels
+            // ("no probe came back on the new path after N probes").
+            out.actions.append(.sendProbe(chainID: chainID))
+            out.actions.append(.setTimer(key, afterNanoseconds: probes.delay))
+            probes.tries += 1
+            probes.delay = env.clock.backoff(probes.delay, env.settings, active: env.active)
+            state = .probing(probes)
+        case .openingPath, .modifying:
+            break
+        case .locking(var o):
+            // Before the release the deadline decides when to give up (it cancels).
+            state = .modifying
+            Self.send(&o, fresh: false, key: key, now: now, &env, &out.actions)
+            state = .locking(o)
+        case .synSent(let subsession, var o):
+            state = .modifying
+            Self.send(&o, fresh: false, key: key, now: now, &env, &out.actions)
+            state = .synSent(subsession: subsession, o)
+        case .draining(var o, let drain):
+            state = .modifying
+            Self.send(&o, fresh: false, key: key, now: now, &env, &out.actions)
+            state = .draining(o, drain)
+        case .transferringState(var o):
+            state = .modifying
+            Self.send(&o, fresh: false, key: key, now: now, &env, &out.actions)
+            state = .transferringState(o)
+        case .tearingDown(var o):
+            // After the release a bounded number of sends decides.
+            if o.tries >= env.settings.maxTries {
+                // Data already flows on the new path; the old path's agents expire the session by idleness.
+                out.actions.append(.finishAnchor(chainID: chainID))
+                finish(TriggerResult(outcome: .moved, reason: "old path teardown unanswered by \(o.to)", failedStep: nil,
+                                     phases: timeline.result(startedAt: request.startedAt)), &out)
+                return out
+            }
+            state = .modifying
+            Self.send(&o, fresh: false, key: key, now: now, &env, &out.actions)
+            state = .tearingDown(o)
+        case .cancelling(let step, let reason, var o):
+            if o.tries >= env.settings.maxTries {
+                // The old path does not answer the cancel: the session is back on it here anyway.
+                finish(TriggerResult(outcome: .cancelled, reason: reason, failedStep: step,
+                                     phases: timeline.result(startedAt: request.startedAt)), &out)
+                return out
+            }
+            state = .modifying
+            Self.send(&o, fresh: false, key: key, now: now, &env, &out.actions)
+            state = .cancelling(step: step, reason: reason, o)
+        }
+        return out
+    }
+
+    // MARK: - Steps
+
+    private var chainID: UInt64 { request.context.identity.chainID }
+
+    private func key(_ kind: TimerKey.Kind) -> TimerKey { Self.timerKey(request, kind) }
+
+    private static func timerKey(_ request: Request, _ kind: TimerKey.Kind) -> TimerKey {
+        TimerKey(chainID: request.context.identity.chainID, role: .leftAnchor, kind: kind)
+    }
+
+    /// Sends (or re-sends) an outstanding message and arms the retransmission timer.
+    private static func send(_ o: inout Outstanding, fresh: Bool, key: TimerKey, now: UInt64, _ env: inout Environment,
+                             _ out: inout [Action]) {
+        if fresh {
+            o.tries = 0
+            o.delay = env.clock.timeout(env.settings, active: env.active)
+            o.sentAt = now
+        }
+        o.tries += 1
+        out.append(.send(o.message, to: o.to))
+        out.append(.setTimer(key, afterNanoseconds: o.delay))
+        o.delay = env.clock.backoff(o.delay, env.settings, active: env.active)
+    }
+
+    /// The answer to the outstanding message arrived: an RTT sample if it was sent once.
+    private func answered(_ o: Outstanding, now: UInt64, _ env: inout Environment, _ out: inout [Action]) {
+        if o.tries == 1, now > o.sentAt { env.clock.sample(now - o.sentAt) }
+        out.append(.cancelTimer(key(.retransmit)))
+    }
+
+    private mutating func startTeardown(now: UInt64, _ env: inout Environment, _ out: inout [Action]) {
+        var fin = Outstanding(message: request.message(.oldPathFin), to: request.oldRight)
+        out.append(.cancelTimer(key(.deadline)))
+        Self.send(&fin, fresh: true, key: key(.retransmit), now: now, &env, &out)
+        state = .tearingDown(fin)
+    }
+
+    /// Cancel (§3.6): back on the old path at once (nothing waits for the cancel handshake); the new path's
+    /// boxes drop the session; cancelLock along the old path until ackCancel.
+    private mutating func cancel(step: MigrationStep, reason: String, now: UInt64, _ env: inout Environment,
+                                 _ out: inout Output) {
+        switch state {
+        case .cancelling, .tearingDown, .modifying: return  // already cancelling, or data already on the new path
+        default: break
+        }
+        var cancelLock = Outstanding(message: request.message(.cancelLock(reason: String(reason.utf8.prefix(200)) ?? "")),
+                                     to: request.oldRight)
+        out.actions.append(.cancelTimer(key(.deadline)))
+        out.actions.append(.cancelAnchor(chainID: chainID))
+        for hop in request.newMiddleboxes where step != .lock {
+            out.actions.append(.send(request.message(.newPathCancel), to: hop))
+        }
+        Self.send(&cancelLock, fresh: true, key: key(.retransmit), now: now, &env, &out.actions)
+        state = .cancelling(step: step, reason: reason, cancelLock)
+    }
+
+    private func finish(_ result: TriggerResult, _ out: inout Output) {
+        out.actions.append(.cancelTimer(key(.retransmit)))
+        out.actions.append(.cancelTimer(key(.deadline)))
+        out.actions.append(.send(request.message(.triggerResult(result)), to: request.controller))
+        out.finished = result
+    }
+}

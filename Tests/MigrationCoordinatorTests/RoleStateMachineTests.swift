@@ -1,0 +1,226 @@
+import DyscoCore
+@testable import MigrationCoordinator
+import MigrationHarness
+import Testing
+
+// Each role's state machine on its own (the router, MigrationCoordinator, is exercised by the scenario and
+// conformance tests). The paper is the Dysco paper (SIGCOMM 2017); each test names the section it checks.
+
+private let chainID = TestSession.chainID
+private let newSub = FiveTuple(srcAddr: Host.client, srcPort: 10001, dstAddr: Host.fw2, dstPort: 80)
+
+private func message(_ body: ControlBody, requestID: UInt32 = 7, left: IPv4Address = Host.client,
+                     right: IPv4Address = Host.server) -> ControlMessage {
+    ControlMessage(identity: TestSession.identity, requestID: requestID, session: TestSession.tuple,
+                   leftAnchor: left, rightAnchor: right, body: body)
+}
+
+private func sent(_ actions: [Action]) -> [(ControlMessageType, IPv4Address)] {
+    actions.compactMap { if case .send(let m, let to) = $0 { return (m.body.type, to) }; return nil }
+}
+
+private func leftAnchor(stateful: Bool, env: inout LeftAnchor.Environment, _ out: inout [Action]) -> LeftAnchor {
+    let context = SessionContext(identity: TestSession.identity, session: TestSession.tuple, me: Host.client,
+                                 leftNeighbour: nil, rightNeighbour: Host.fw1)
+    let trigger = Trigger(newPath: [Host.fw2, Host.server], oldBox: Host.fw1, stateful: stateful, deadlineMilliseconds: 3000)
+    let request = LeftAnchor.Request(requestID: 7, context: context, trigger: trigger, controller: Host.fw1,
+                                     oldRight: Host.fw1, rightAnchor: Host.server, startedAt: 1_000_000)
+    return LeftAnchor(request: request, now: 1_000_000, &env, &out)
+}
+
+@Suite("Role state machines (paper §3)")
+struct RoleStateMachineTests {
+    @Test("left anchor, stateful: lock (§3.2) → new path (§3.3) → drain (§3.5) → state (§3.5) → probes → teardown")
+    func leftAnchorStateful() throws {
+        var env = LeftAnchor.Environment(settings: .init(), clock: RetransmitClock(), active: 1)
+        var start: [Action] = []
+        var l = leftAnchor(stateful: true, env: &env, &start)
+        // §3.2: the left anchor holds its side and sends requestLock along the old path.
+        #expect(start.first == .hold(chainID: chainID, side: .right, stateful: true))
+        #expect(sent(start).map(\.0) == [.requestLock] && sent(start).map(\.1) == [Host.fw1])
+        #expect(l.step == .lock)
+
+        #expect(l.locked(leftDelta: 0, now: 2_000_000, &env).actions.contains(.openPath(chainID: chainID, next: Host.fw2)))
+        #expect(l.step == .newPath && l.waitsForPath)
+        // §3.3: the new path's SYN is a control message along the new path.
+        #expect(sent(l.pathOpened(newSub, now: 2_100_000, &env).actions).map(\.0) == [.newPathSyn])
+        // §3.5: once the new path is up, the anchors drain the old one (stateful: our side is buffered).
+        let drain = l.newPathAnswered(now: 3_000_000, &env).actions
+        #expect(drain.contains(.setPhase(chainID: chainID, .buffering)))
+        #expect(sent(drain).map(\.0) == [.drainStart])
+        #expect(l.step == .drain)
+        // Both directions must drain, in either order; one is not enough.
+        #expect(l.peerDrained(now: 3_500_000, &env).actions.isEmpty && l.step == .drain)
+        #expect(l.peerDrained(now: 3_600_000, &env).actions.isEmpty && l.step == .drain)  // a duplicate
+        let state = l.selfDrained(now: 4_000_000, &env).actions
+        #expect(sent(state).map(\.0) == [.stateRequest] && sent(state).map(\.1) == [Host.fw1])
+        #expect(l.step == .state)
+        // The old box's answer carries the export and import durations as fields (protocol version 3).
+        let probe = l.stateInstalled(ok: true, times: StateTimes(exportMicroseconds: 40, importMicroseconds: 60), reason: "",
+                                     now: 5_000_000, &env).actions
+        #expect(probe.contains(.promote(chainID: chainID)) && probe.contains(.sendProbe(chainID: chainID)))
+        #expect(l.step == .release)
+        let release = l.probeSeen(now: 6_000_000, &env).actions
+        #expect(release.contains(.releaseBuffer(chainID: chainID)))
+        #expect(sent(release).map(\.0) == [.oldPathFin])
+        #expect(l.step == .teardown)
+        // A cancel is no longer possible: the data flows on the new path (§3.5).
+        #expect(l.bufferFull(now: 6_100_000, &env).actions.isEmpty && l.step == .teardown)
+        let done = l.oldPathGone(now: 7_000_000)
+        let result = try #require(done.finished)
+        #expect(result.outcome == .moved && result.failedStep == nil)
+        #expect(done.actions.first == .finishAnchor(chainID: chainID))
+        #expect(sent(done.actions).map(\.0) == [.triggerResult] && sent(done.actions).map(\.1) == [Host.fw1])
+        #expect(result.phases == PhaseTimes(lockEnd: 1000, newPathEnd: 2000, drainEnd: 3000, stateEnd: 4000, releaseEnd: 5000,
+                                            teardownEnd: 6000, exportMicroseconds: 40, importMicroseconds: 60,
+                                            newPathSynToUse: 5000 - 1100))
+    }
+
+    @Test("left anchor, stateless (§3.5): new data on the new path at once, the old path goes once both sides drained")
+    func leftAnchorStateless() throws {
+        var env = LeftAnchor.Environment(settings: .init(), clock: RetransmitClock(), active: 1)
+        var start: [Action] = []
+        var l = leftAnchor(stateful: false, env: &env, &start)
+        _ = l.locked(leftDelta: 5, now: 2_000_000, &env)
+        _ = l.pathOpened(newSub, now: 2_000_000, &env)
+        let drain = l.newPathAnswered(now: 3_000_000, &env).actions
+        #expect(drain.contains(.promote(chainID: chainID)) && drain.contains(.setPhase(chainID: chainID, .released)))
+        _ = l.selfDrained(now: 4_000_000, &env)
+        #expect(sent(l.peerDrained(now: 5_000_000, &env).actions).map(\.0) == [.oldPathFin])
+        let result = try #require(l.oldPathGone(now: 6_000_000).finished)
+        // No state step (it ends with the drain); the release ends when the new path was up.
+        #expect(result.phases?.stateEnd == result.phases?.drainEnd && result.phases?.releaseEnd == result.phases?.newPathEnd)
+    }
+
+    @Test("left anchor, §3.6: no new path by the deadline → back on the old path, newPathCancel, cancelLock until ackCancel")
+    func leftAnchorCancel() throws {
+        var env = LeftAnchor.Environment(settings: .init(), clock: RetransmitClock(), active: 1)
+        var start: [Action] = []
+        var l = leftAnchor(stateful: true, env: &env, &start)
+        _ = l.locked(leftDelta: 0, now: 2_000_000, &env)
+        _ = l.pathOpened(newSub, now: 2_000_000, &env)
+        let cancel = l.deadlinePassed(now: 4_000_000_000, &env).actions
+        #expect(cancel.contains(.cancelAnchor(chainID: chainID)))
+        #expect(sent(cancel).map(\.0) == [.newPathCancel, .cancelLock])
+        #expect(sent(cancel).map(\.1) == [Host.fw2, Host.fw1])
+        #expect(l.isCancelling && l.step == .newPath)
+        #expect(l.deadlinePassed(now: 4_100_000_000, &env).actions.isEmpty)  // cancelling already
+        let result = try #require(l.cancelAcknowledged().finished)
+        #expect(result.outcome == .cancelled && result.failedStep == .newPath)
+        #expect(result.reason.contains("no answer from \(Host.fw2) to newPathSyn"))
+    }
+
+    @Test("left anchor, §3.6: an unanswered cancelLock gives up after maxTries sends (the session is on the old path)")
+    func leftAnchorCancelUnanswered() throws {
+        var settings = MigrationCoordinator.Settings()
+        settings.maxTries = 3
+        var env = LeftAnchor.Environment(settings: settings, clock: RetransmitClock(), active: 1)
+        var start: [Action] = []
+        var l = leftAnchor(stateful: true, env: &env, &start)
+        _ = l.bufferFull(now: 2_000_000, &env)  // cancel at the lock step: no new middlebox to tell
+        #expect(l.step == .lock && l.isCancelling)
+        #expect(sent(l.retransmitTimerFired(now: 3_000_000, &env).actions).map(\.0) == [.cancelLock])
+        #expect(sent(l.retransmitTimerFired(now: 4_000_000, &env).actions).map(\.0) == [.cancelLock])
+        let result = try #require(l.retransmitTimerFired(now: 5_000_000, &env).finished)
+        #expect(result.outcome == .cancelled && result.failedStep == .lock)
+    }
+
+    @Test("old-path hop, §3.2: a request meeting lockPending is held; refused if the pending one is acknowledged")
+    func hopHeldRefused() {
+        var hop = OldPathHop()
+        let x = message(.requestLock(rightDelta: 0), requestID: 1, left: Host.fw1, right: Host.server)
+        let w = message(.requestLock(rightDelta: 0), requestID: 2, left: Host.client, right: Host.fw3)
+        #expect(sent(hop.requestLock(x, rightDelta: 0, left: Host.client, right: Host.fw3).actions).map(\.1) == [Host.fw3])
+        #expect(hop.requestLock(w, rightDelta: 0, left: Host.client, right: Host.fw3).actions.isEmpty)  // held
+        let ack = hop.ackLock(message(.ackLock(leftDelta: 0, rightDelta: 0), requestID: 1, left: Host.fw1), left: Host.client)
+        #expect(ack.matched && ack.refused == [2])
+        #expect(sent(ack.actions).map(\.0) == [.nackLock] && sent(ack.actions).map(\.1) == [Host.client])
+        #expect(hop.owner == 1)
+    }
+
+    @Test("old-path hop, §3.2: if the pending request is refused, the held one is forwarded")
+    func hopHeldForwarded() {
+        var hop = OldPathHop()
+        let x = message(.requestLock(rightDelta: 0), requestID: 1, left: Host.fw1, right: Host.server)
+        let w = message(.requestLock(rightDelta: 3), requestID: 2, left: Host.client, right: Host.fw3)
+        _ = hop.requestLock(x, rightDelta: 0, left: Host.client, right: Host.fw3)
+        _ = hop.requestLock(w, rightDelta: 3, left: Host.client, right: Host.fw3)
+        let nack = hop.nackLock(message(.nackLock(reason: .contention), requestID: 1, left: Host.fw1), right: Host.fw3)
+        #expect(nack.matched && nack.refused == [1])
+        guard case .send(let forwarded, let to) = nack.actions.first else { Issue.record("\(nack.actions)"); return }
+        #expect(forwarded.requestID == 2 && forwarded.body == .requestLock(rightDelta: 3) && to == Host.fw3)
+        #expect(hop.owner == 2)
+        // §3.6: cancelLock of the locked request unlocks and goes on to the right.
+        let cancel = hop.cancelLock(message(.cancelLock(reason: "x"), requestID: 2, left: Host.client), from: Host.client,
+                                    right: Host.fw3)
+        #expect(cancel.released && hop.isUnlocked && sent(cancel.actions).map(\.1) == [Host.fw3])
+    }
+
+    @Test("right anchor, §3.5: drained is answered once both drainStart and its own side's drain happened")
+    func rightAnchorDrain() {
+        var out: [Action] = []
+        let lock = message(.requestLock(rightDelta: 4))
+        var r = RightAnchor(lock, me: Host.server, rightDelta: 4, silence: 10, &out)
+        #expect(out.contains(.hold(chainID: chainID, side: .left, stateful: true)) && out.contains(.setDelta(chainID: chainID, 4)))
+        let last = FiveTuple(srcAddr: Host.fw2, srcPort: 10002, dstAddr: Host.server, dstPort: 80)
+        #expect(r.newPathSyn(message(.newPathSyn(subsession: last, remaining: [])), subsession: last, from: Host.fw2)
+                == [.addPath(chainID: chainID, subsession: last)])
+        #expect(sent(r.pathOpened(last)).map(\.0) == [.newPathSynAck])
+        #expect(r.selfDrained().isEmpty)  // not asked yet
+        let start = r.drainStart(message(.drainStart(stateful: true)), stateful: true, from: Host.client)
+        #expect(start.first == .setPhase(chainID: chainID, .buffering) && sent(start).map(\.0) == [.drained])
+        // The window-opening probes: the first switches egress and answers, the second releases.
+        #expect(r.probeSeen().contains(.sendProbe(chainID: chainID)))
+        #expect(r.probeSeen().contains(.releaseBuffer(chainID: chainID)) && r.isReleased)
+        #expect(r.oldPathFin() == [.cancelTimer(TimerKey(chainID: chainID, role: .rightAnchor, kind: .deadline)),
+                                   .finishAnchor(chainID: chainID)])
+    }
+
+    @Test("old box and new box, §3.5 (state migration): export, statePut, import; the durations travel as fields")
+    func stateTransfer() {
+        var out: [Action] = []
+        let request = message(.stateRequest(newBox: Host.fw2))
+        var old = OldBox(request, newBox: Host.fw2, from: Host.client, &out)
+        #expect(out == [.exportState(chainID: chainID, requestID: 7, session: TestSession.tuple)])
+        #expect(old.stateRequestAgain(request, from: Host.client).isEmpty)  // still exporting
+        let put = old.stateExported(.success([1, 2]), micros: 40)
+        #expect(sent(put).map(\.0) == [.statePut] && sent(put).map(\.1) == [Host.fw2])
+
+        var boxOut: [Action] = []
+        let syn = message(.newPathSyn(subsession: newSub, remaining: [Host.server]))
+        var box = NewBox(syn, left: newSub, remaining: [Host.server], next: Host.server, linger: 1, &boxOut)
+        #expect(box.statePut(message(.statePut(document: [1, 2])), document: [1, 2], from: Host.fw1)
+                == [.importState(chainID: chainID, requestID: 7, document: [1, 2])])
+        let installed = box.stateImported(.success(()), micros: 60)
+        #expect(installed == [.send(syn.answer(.stateInstalled(ok: true, times: StateTimes(importMicroseconds: 60), reason: "")),
+                                    to: Host.fw1)])
+        let relayed = old.newBoxAnswered(request, ok: true, times: StateTimes(importMicroseconds: 60), reason: "")
+        #expect(relayed == [.send(request.answer(.stateInstalled(ok: true, times: StateTimes(exportMicroseconds: 40,
+                                                                                              importMicroseconds: 60),
+                                                                 reason: "")), to: Host.client)])
+        // A failed export goes straight to the left anchor, with its duration.
+        var failing = OldBox(request, newBox: Host.fw2, from: Host.client, &out)
+        guard case .send(let m, let to) = failing.stateExported(.failure(StepFailure("ENOENT")), micros: 5).first,
+              case .stateInstalled(false, let times, let reason) = m.body else { Issue.record("no stateInstalled"); return }
+        #expect(to == Host.client && times.exportMicroseconds == 5 && reason.contains("ENOENT"))
+    }
+
+    @Test("controller, §3.1: the trigger goes to the left anchor until its result, or the deadline and grace pass")
+    func controllerGivesUp() throws {
+        var settings = MigrationCoordinator.Settings()
+        settings.controllerGrace = 1_000
+        let context = SessionContext(identity: TestSession.identity, session: TestSession.tuple, me: Host.fw1,
+                                     leftNeighbour: Host.client, rightNeighbour: Host.server)
+        let trigger = Trigger(newPath: [Host.fw2, Host.server], oldBox: Host.fw1, stateful: true, deadlineMilliseconds: 1)
+        var out: [Action] = []
+        var c = Controller(context: context, trigger: trigger, leftAnchor: Host.client, requestID: 7, now: 0,
+                           firstTimeout: 100, settings: settings, &out)
+        #expect(sent(out).map(\.0) == [.trigger] && sent(out).map(\.1) == [Host.client])
+        #expect(sent(c.timerFired(now: 500, settings: settings).actions).map(\.0) == [.trigger])
+        #expect(c.resultArrived(TriggerResult(outcome: .moved), requestID: 8).actions.isEmpty)  // another request
+        let given = c.timerFired(now: 1_001_000, settings: settings)
+        #expect(given.finished)
+        guard case .report(_, 7, let result) = given.actions.first else { Issue.record("\(given.actions)"); return }
+        #expect(result.outcome == .cancelled && result.failedStep == .lock)
+    }
+}
