@@ -145,13 +145,13 @@ final class FastPathWorker: @unchecked Sendable {
         if scheduleOwnership {
             queue.asyncAfter(deadline: .now() + .nanoseconds(Int(Self.ownershipDelayNanoseconds))) {
                 self.ownershipRunning.store(true, ordering: .releasing)
-                self.drain(.ownership)
+                self.commit(.ownership)
                 self.ownershipRunning.store(false, ordering: .releasing)
             }
         }
         guard firstAction else { return }
         if let nudge { nudge() } else {
-            queue.asyncAfter(deadline: .now() + .nanoseconds(Int(Self.batchDelayNanoseconds))) { self.drain(.actions) }
+            queue.asyncAfter(deadline: .now() + .nanoseconds(Int(Self.batchDelayNanoseconds))) { self.commit(.actions) }
         }
     }
 
@@ -164,7 +164,7 @@ final class FastPathWorker: @unchecked Sendable {
         }
         // Never wait behind an owned-key transaction: the next turn (poll timeout 1 ms) commits.
         guard due, !ownershipRunning.load(ordering: .acquiring) else { return }
-        queue.sync { drain(.actions) }
+        queue.sync { commit(.actions) }
     }
 
     /// Milliseconds the packet thread may sleep in poll before a commit is due (-1: none pending).
@@ -181,19 +181,19 @@ final class FastPathWorker: @unchecked Sendable {
     /// session with a removal among them are committed at once by the caller; changes that only put sessions
     /// into the kernel stay for the packet thread's quiet point (``FastPathAction/splitForFlush(_:)``).
     func flush() {
-        queue.sync { drain(.removals) }
+        queue.sync { commit(.removals) }
     }
 
     /// Commits everything queued now (`path release`, which promises the kernel has the session on return).
     func commitAll() {
-        queue.sync { drain() }
+        queue.sync { commit() }
     }
 
     /// Agent exit: commits what is queued, then deletes the table unless `keep` (live sessions stay in the kernel
     /// for the next agent).
     func shutdown(keep: Bool) {
         queue.sync {
-            drain()
+            commit()
             guard !keep else { return }
             do { try nft.run(FastPathScript.destroy, operation: "delete table") } catch {
                 logger.error("could not delete the fast-path table", metadata: ["error": "\(error)"])
@@ -210,7 +210,7 @@ final class FastPathWorker: @unchecked Sendable {
     }
 
     /// What a commit takes from the queue.
-    private enum Drain {
+    private enum CommitScope {
         case all
         /// The packet thread's commit (or the batch timer's): the actions; owned keys keep their own clock.
         case actions
@@ -220,7 +220,7 @@ final class FastPathWorker: @unchecked Sendable {
         case ownership
     }
 
-    private func drain(_ what: Drain = .all) {
+    private func commit(_ what: CommitScope = .all) {
         let (taken, ownership) = state.withLock { q -> ([FastPathAction], OwnershipDelta) in
             switch what {
             case .all:

@@ -91,13 +91,13 @@ public struct DrainBenchmark: Sendable {
         try await Task.sleep(for: .seconds(1))
 
         let invalidBefore = try lab.firewallCounters("fw2").invalidDropped.packets
-        var drainOptions = Drain.Options(old: lab.address(of: "fw1"), targets: [lab.address(of: "fw2")], oldSocket: socket,
+        var drainOptions = Evacuation.Options(old: lab.address(of: "fw1"), targets: [lab.address(of: "fw2")], oldSocket: socket,
                                          cordonSockets: lab.hosts(.client).map { AgentControlPaths.socketPath(netns: $0.namespace) })
         drainOptions.concurrency = options.concurrency
         drainOptions.stateful = options.stateful
         drainOptions.deadlineMilliseconds = options.deadlineMilliseconds
         logger.info("draining fw1 → fw2", metadata: ["bench.sessions": "\(options.sessions)"])
-        let summary = try await Drain(options: drainOptions, logger: logger).run(progress: { _ in }, stop: { false })
+        let summary = try await Evacuation(options: drainOptions, logger: logger).run(progress: { _ in }, stop: { false })
         let invalidAfter = try lab.firewallCounters("fw2").invalidDropped.packets
 
         var intact = 0, broken = 0

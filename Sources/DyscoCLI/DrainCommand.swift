@@ -72,7 +72,7 @@ struct DrainCommand: AsyncParsableCommand {
         let targets = try to.split(separator: ",").map { try placement.address(String($0), lab: lab) }
         guard !targets.contains(oldAddress) else { throw ValidationError("--to must not contain the old box \(oldAddress)") }
         guard Set(targets).count == targets.count else { throw ValidationError("--to names a box twice") }
-        var options = Drain.Options(old: oldAddress, targets: targets, oldSocket: try placement.socketPath(old: old, lab: lab),
+        var options = Evacuation.Options(old: oldAddress, targets: targets, oldSocket: try placement.socketPath(old: old, lab: lab),
                                     cordonSockets: try cordonSockets(lab: lab))
         options.concurrency = concurrency
         options.deadlineMilliseconds = deadline
@@ -95,7 +95,7 @@ struct DrainCommand: AsyncParsableCommand {
         defer { source.cancel() }
 
         let bar = ProgressLine(terminal: isatty(json ? STDERR_FILENO : STDOUT_FILENO) == 1, toStderr: json)
-        let summary = try await Drain(options: options, logger: DyscoLog.logger("drain", level: .info))
+        let summary = try await Evacuation(options: options, logger: DyscoLog.logger("drain", level: .info))
             .run(progress: { bar.show($0) }, stop: { interrupted.load(ordering: .relaxed) })
         bar.finish()
         if json {
@@ -119,7 +119,7 @@ struct DrainCommand: AsyncParsableCommand {
         return lab.hosts.filter { $0.role == .client || $0.role == .server }.map { AgentControlPaths.socketPath(netns: $0.namespace) }
     }
 
-    static func render(_ s: Drain.Summary) -> String {
+    static func render(_ s: Evacuation.Summary) -> String {
         var lines: [String] = []
         let mode = s.stateful ? "stateful" : "stateless"
         if s.dryRun {
@@ -155,7 +155,7 @@ final class ProgressLine: Sendable {
         self.toStderr = toStderr
     }
 
-    func show(_ p: Drain.Progress) {
+    func show(_ p: Evacuation.Progress) {
         let text = Self.format(p, width: 30)
         if terminal {
             write("\r\u{1B}[K" + text)
@@ -176,7 +176,7 @@ final class ProgressLine: Sendable {
         (toStderr ? FileHandle.standardError : FileHandle.standardOutput).write(Data(s.utf8))
     }
 
-    static func format(_ p: Drain.Progress, width: Int) -> String {
+    static func format(_ p: Evacuation.Progress, width: Int) -> String {
         let fraction = p.total > 0 ? Double(p.done) / Double(p.total) : 1
         let filled = Int((fraction * Double(width)).rounded(.down))
         let bar = String(repeating: "█", count: filled) + String(repeating: "░", count: width - filled)

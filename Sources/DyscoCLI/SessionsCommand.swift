@@ -54,7 +54,7 @@ struct SessionsCommand: AsyncParsableCommand {
                 let left: String = s.left.map { "\($0)" } ?? "-"
                 let right: String = s.right.map { "\($0)" } ?? "-"
                 let migration: String = s.migration.map { "\($0) (\(s.paths ?? "old"))" } ?? "-"
-                return ["\(s.id)", s.role.rawValue, "\(s.session)", left, right, s.state, s.path.rawValue, migration,
+                return ["\(s.id)", s.role.rawValue, "\(s.session)", left, right, s.state, s.carrier.rawValue, migration,
                         "\(s.packets)"]
             }
             let widths = header.indices.map { i in ([header[i]] + rows.map { $0[i] }).map(\.count).max() ?? 0 }

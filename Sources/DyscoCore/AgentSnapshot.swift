@@ -13,8 +13,9 @@ public struct AgentSnapshot: Codable, Sendable {
         public var remaining: [IPv4Address]
         /// "opening" (SYN-only: the handshake has not completed through this agent), "established", "closing"
         public var state: String
-        /// slow (NFQUEUE), pending (being handed to the kernel), kernel (nftables), held (taken back).
-        public var path: SessionTable.DataPath
+        /// The session's carrier: slow (NFQUEUE), pending (being handed to the kernel), kernel (nftables), held
+        /// (taken back). JSON key `path`, as before the rename.
+        public var carrier: SessionTable.Carrier
         public var packets: UInt64
         public var bytes: UInt64
         public var idleSeconds: Double
@@ -25,6 +26,11 @@ public struct AgentSnapshot: Codable, Sendable {
         public var paths: String?
         /// The chain-wide session id (hex) that control messages name (the nonce is not shown).
         public var chainID: String?
+
+        enum CodingKeys: String, CodingKey {
+            case id, role, session, left, right, remaining, state, carrier = "path", packets, bytes, idleSeconds,
+                 ageSeconds, migration, paths, chainID
+        }
     }
 
     public var netns: String?
@@ -95,7 +101,7 @@ extension PacketProcessor {
             : record.established && (record.right == nil || record.rightEstablished) ? "established" : "opening"
         return AgentSnapshot.Session(
             id: record.id, role: record.role, session: record.session, left: record.left, right: record.right,
-            remaining: record.remaining, state: state, path: record.path, packets: record.packets, bytes: record.bytes,
+            remaining: record.remaining, state: state, carrier: record.carrier, packets: record.packets, bytes: record.bytes,
             idleSeconds: Double(now &- record.lastActivity) / 1e9, ageSeconds: Double(now &- record.createdAt) / 1e9,
             migration: record.migration.map { $0.phase.rawValue },
             paths: record.migration.map { m in

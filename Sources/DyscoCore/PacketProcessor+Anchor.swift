@@ -59,7 +59,7 @@ extension PacketProcessor {
         guard let record = table.records[translation.id], var m = record.migration,
               (m.side == .right) == translation.fromRight else { return nil }
         let (old, _) = paths(record, m)
-        let onNewPath = translation.path != old?.path
+        let onNewPath = translation.pathTag != old?.pathTag
         let seq = packet.tcp.sequenceNumber
         let length = UInt32(packet.payloadLength) + (flags.contains(.fin) ? 1 : 0)
         m.noteIngress(seq: seq, length: length, ack: flags.contains(.ack) ? packet.tcp.acknowledgmentNumber : nil,

@@ -35,7 +35,7 @@ extension PacketProcessor {
             counters.passedThrough &+= 1
             return false
         }
-        track(SessionTable.Translation(id: id, target: tuple, direction: direction, fromRight: false, path: 0),
+        track(SessionTable.Translation(id: id, target: tuple, direction: direction, fromRight: false, pathTag: 0),
               packet: packet, hook: hook, now: now)
         return true
     }

@@ -461,18 +461,18 @@ public struct PacketProcessor: Sendable {
                 // A closed session, or one an RST crossed, leaves the kernel at once (its last ACKs and
                 // retransmitted FINs are few and the slow path still translates them during the linger; after an
                 // RST the agent must see the packets that prove it false): the kernel holds live sessions only.
-                if record.closeDeadline != nil || record.resetSeen, record.path == .pending || record.path == .kernel {
-                    record.path = .slow
+                if record.closeDeadline != nil || record.resetSeen, record.carrier == .pending || record.carrier == .kernel {
+                    record.carrier = .slow
                     uninstall = record.fastPathTranslations
                 }
                 // The handshake is complete through this agent once a plain segment goes forward with every
                 // subsession of the record established: from then on the kernel can carry the session (once
                 // it has carried `fastPathAfterPackets` packets).
-                if settings.fastPath, record.path == .slow, !record.fastPathFailed, record.closeDeadline == nil,
+                if settings.fastPath, record.carrier == .slow, !record.fastPathFailed, record.closeDeadline == nil,
                    !record.resetSeen, now >= record.fastPathNotBefore, record.packets >= settings.fastPathAfterPackets,
                    translation.direction == .forward, flags.isDisjoint(with: [.syn, .fin, .rst]),
                    record.right == nil || record.rightEstablished {
-                    record.path = .pending
+                    record.carrier = .pending
                     record.sequence.invalidate()
                     install = record.fastPathTranslations
                 }
@@ -484,7 +484,7 @@ public struct PacketProcessor: Sendable {
             if translation.direction == .forward, flags.contains(.ack), !flags.contains(.syn), record.synAckSeen {
                 record.established = true
             }
-            if record.path != .pending, record.path != .kernel {
+            if record.carrier != .pending, record.carrier != .kernel {
                 let tcp = packet.tcp
                 record.sequence.observe(translation.direction, seq: tcp.sequenceNumber,
                                         ack: flags.contains(.ack) ? tcp.acknowledgmentNumber : nil, window: tcp.window,
@@ -547,7 +547,7 @@ public struct PacketProcessor: Sendable {
     /// An RST arriving on a session's tuple whose sequence number is provably outside the receiver's window by
     /// the agent's fresh tracking (RFC 5961 §3.2: "silently drop the segment"): counted, and true (drop it).
     private mutating func resetOutsideWindow(_ packet: IPv4TCPPacket, translation: SessionTable.Translation) -> Bool {
-        guard let record = table.records[translation.id], record.path != .pending, record.path != .kernel else {
+        guard let record = table.records[translation.id], record.carrier != .pending, record.carrier != .kernel else {
             return false
         }
         let flags = packet.tcp.flags
@@ -598,7 +598,7 @@ public struct PacketProcessor: Sendable {
     mutating func removeSession(_ id: SessionTable.SessionID, reason: String) {
         guard let record = table.records[id] else { return }
         table.remove(id)
-        if record.path == .pending || record.path == .kernel {
+        if record.carrier == .pending || record.carrier == .kernel {
             pending.fastPath.append(.remove(id, record.fastPathTranslations))
         }
         counters.sessionsRemoved &+= 1
@@ -610,7 +610,7 @@ public struct PacketProcessor: Sendable {
     /// The kernel now carries these sessions (unless they were held or removed meanwhile).
     public mutating func fastPathInstalled(_ ids: [SessionTable.SessionID]) {
         for id in ids {
-            table.update(id) { if $0.path == .pending { $0.path = .kernel } }
+            table.update(id) { if $0.carrier == .pending { $0.carrier = .kernel } }
             counters.fastPathInstalls &+= 1
         }
     }
@@ -619,7 +619,7 @@ public struct PacketProcessor: Sendable {
     public mutating func fastPathFailed(_ ids: [SessionTable.SessionID]) {
         for id in ids {
             table.update(id) { record in
-                if record.path == .pending { record.path = .slow }
+                if record.carrier == .pending { record.carrier = .slow }
                 record.fastPathFailed = true
             }
         }
@@ -641,10 +641,10 @@ public struct PacketProcessor: Sendable {
         var held: [SessionTable.SessionID] = []
         for id in ids {
             guard let record = table.records[id] else { continue }
-            if record.path == .pending || record.path == .kernel {
+            if record.carrier == .pending || record.carrier == .kernel {
                 pending.fastPath.append(.remove(id, record.fastPathTranslations))
             }
-            table.update(id) { $0.path = .held }
+            table.update(id) { $0.carrier = .held }
             held.append(id)
         }
         return held
@@ -660,10 +660,10 @@ public struct PacketProcessor: Sendable {
     mutating func releaseSessions(_ ids: [SessionTable.SessionID]) -> [SessionTable.SessionID] {
         var released: [SessionTable.SessionID] = []
         for id in ids {
-            guard let record = table.records[id], record.path == .held else { continue }
+            guard let record = table.records[id], record.carrier == .held else { continue }
             let eligible = settings.fastPath && !record.fastPathFailed && record.closeDeadline == nil
                 && (record.right == nil || record.rightEstablished)
-            table.update(id) { $0.path = eligible ? .pending : .slow }
+            table.update(id) { $0.carrier = eligible ? .pending : .slow }
             if eligible { pending.fastPath.append(.install(id, record.fastPathTranslations)) }
             released.append(id)
         }

@@ -151,10 +151,10 @@ public enum SessionStateFile {
         for id in restored {
             guard let record = table.records[id] else { continue }
             if fastPath, inKernel.contains(id), record.closeDeadline == nil, !record.fastPathFailed {
-                table.update(id) { $0.path = .kernel }
+                table.update(id) { $0.carrier = .kernel }
                 carried.append((id, record.fastPathTranslations))
             } else {
-                table.update(id) { $0.path = .slow }
+                table.update(id) { $0.carrier = .slow }
             }
         }
         return carried
@@ -191,11 +191,11 @@ public struct PersistedRecord: Codable, Equatable, Sendable {
         public var tuple: FiveTuple
         public var port: UInt16?
         public var path: UInt8
-        var subsession: SessionTable.Subsession { .init(tuple: tuple, allocatedPort: port, path: path) }
+        var subsession: SessionTable.Subsession { .init(tuple: tuple, allocatedPort: port, pathTag: path) }
         init(_ s: SessionTable.Subsession) {
             tuple = s.tuple
             port = s.allocatedPort
-            path = s.path
+            path = s.pathTag
         }
     }
 
@@ -298,7 +298,7 @@ extension SessionTable.Record {
     }
 
     public var ownershipState: OwnershipState {
-        OwnershipState(established: established, closing: closeDeadline != nil, kernel: path == .kernel)
+        OwnershipState(established: established, closing: closeDeadline != nil, kernel: carrier == .kernel)
     }
 
     public var persistedState: PersistedState {

@@ -26,8 +26,9 @@ public struct SessionTable: Sendable {
         case rightEnd = "right-end"
     }
 
-    /// Which data path carries a session's established packets (docs/ARCHITECTURE.md, "Kernel fast path").
-    public enum DataPath: String, Sendable, Codable {
+    /// What carries a session's established packets, its carrier: the agent (slow) or the kernel
+    /// (docs/ARCHITECTURE.md, "Kernel fast path"). Not to be confused with a subsession's path tag.
+    public enum Carrier: String, Sendable, Codable {
         /// NFQUEUE, this agent (handshake not complete, fast path off, or it failed).
         case slow
         /// Handed to the fast-path worker; still the slow path until the kernel has it.
@@ -50,7 +51,8 @@ public struct SessionTable: Sendable {
         public var tuple: FiveTuple
         /// Port this agent allocated for it (the subsessions it opened to its right), returned when it goes.
         public var allocatedPort: UInt16?
-        public var path: UInt8
+        /// The path tag (0, 1, 2 …): which path of the session this subsession belongs to.
+        public var pathTag: UInt8
     }
 
     /// A side's subsessions: `active` carries this host's egress; during a reconfiguration `other` is the
@@ -101,7 +103,7 @@ public struct SessionTable: Sendable {
         public var lastActivity: UInt64
         public var packets: UInt64 = 0
         public var bytes: UInt64 = 0
-        public var path: DataPath = .slow
+        public var carrier: Carrier = .slow
         /// The kernel refused this session's translations once: it stays on the slow path.
         public var fastPathFailed = false
         /// Data-plane state of a reconfiguration this host anchors (nil otherwise).
@@ -121,8 +123,8 @@ public struct SessionTable: Sendable {
         public let direction: Direction
         /// True for ingress rev(R): packets from the right neighbour on our right subsession.
         public let fromRight: Bool
-        /// The path of the subsession this key belongs to (``Subsession/path``).
-        public let path: UInt8
+        /// The path tag of the subsession this key belongs to (``Subsession/pathTag``).
+        public let pathTag: UInt8
     }
 
     public private(set) var records: [SessionID: Record] = [:]
@@ -166,18 +168,18 @@ public struct SessionTable: Sendable {
         if let link = record.leftLink {
             for sub in link.all {
                 ingress.append((sub.tuple, Translation(id: record.id, target: s, direction: .forward, fromRight: false,
-                                                       path: sub.path)))
+                                                       pathTag: sub.pathTag)))
             }
             egress.append((s.reversed, Translation(id: record.id, target: link.active.tuple.reversed, direction: .reverse,
-                                                   fromRight: false, path: link.active.path)))
+                                                   fromRight: false, pathTag: link.active.pathTag)))
         }
         if let link = record.rightLink {
             for sub in link.all {
                 ingress.append((sub.tuple.reversed, Translation(id: record.id, target: s.reversed, direction: .reverse,
-                                                                fromRight: true, path: sub.path)))
+                                                                fromRight: true, pathTag: sub.pathTag)))
             }
             egress.append((s, Translation(id: record.id, target: link.active.tuple, direction: .forward, fromRight: false,
-                                          path: link.active.path)))
+                                          pathTag: link.active.pathTag)))
         }
         return (ingress, egress)
     }
@@ -220,7 +222,7 @@ public struct SessionTable: Sendable {
         if byChain[identity.chainID] != nil { throw .collision(session) }
         var record = Record(id: nextID, role: role, session: session, identity: identity, remaining: remaining,
                             createdAt: now, lastActivity: now)
-        record.leftLink = Link(active: Subsession(tuple: left, allocatedPort: nil, path: 0))
+        record.leftLink = Link(active: Subsession(tuple: left, allocatedPort: nil, pathTag: 0))
         try store(record, replacing: nil)
         nextID += 1
         return record.id
@@ -249,7 +251,7 @@ public struct SessionTable: Sendable {
     /// two translations. The remaining list then holds what the next hop must learn.
     public mutating func openRight(_ id: SessionID, local: IPv4Address, next: IPv4Address) throws(InsertError) {
         guard let old = records[id], old.rightLink == nil else { return }
-        let sub = try allocateSubsession(for: old, local: local, next: next, path: 0)
+        let sub = try allocateSubsession(for: old, local: local, next: next, pathTag: 0)
         var new = old
         new.rightLink = Link(active: sub)
         do { try store(new, replacing: old) } catch {
@@ -267,7 +269,7 @@ public struct SessionTable: Sendable {
         -> Subsession {
         guard let old = records[id], let link = old.rightLink else { throw .collision(records[id]?.session ?? .zero) }
         if let existing = link.other, existing.tuple.dstAddr == next { return existing }
-        let sub = try allocateSubsession(for: old, local: local, next: next, path: link.active.path &+ 1)
+        let sub = try allocateSubsession(for: old, local: local, next: next, pathTag: link.active.pathTag &+ 1)
         var new = old
         if let stale = link.other, let port = stale.allocatedPort { ports.release(port) }
         new.rightLink?.other = sub
@@ -284,7 +286,7 @@ public struct SessionTable: Sendable {
     public mutating func addOtherLeft(_ id: SessionID, tuple: FiveTuple) throws(InsertError) -> Subsession {
         guard let old = records[id], let link = old.leftLink else { throw .collision(tuple) }
         if let existing = link.other, existing.tuple == tuple { return existing }
-        let sub = Subsession(tuple: tuple, allocatedPort: nil, path: link.active.path &+ 1)
+        let sub = Subsession(tuple: tuple, allocatedPort: nil, pathTag: link.active.pathTag &+ 1)
         var new = old
         new.leftLink?.other = sub
         try store(new, replacing: old)
@@ -311,14 +313,14 @@ public struct SessionTable: Sendable {
     }
 
     private mutating func allocateSubsession(for record: Record, local: IPv4Address, next: IPv4Address,
-                                             path: UInt8) throws(InsertError) -> Subsession {
+                                             pathTag: UInt8) throws(InsertError) -> Subsession {
         guard let port = ports.allocate() else { throw .portsExhausted }
         let tuple = FiveTuple(srcAddr: local, srcPort: port, dstAddr: next, dstPort: record.session.dstPort)
         if let t = ingress[tuple.reversed], t.id != record.id {
             ports.release(port)
             throw .collision(tuple.reversed)
         }
-        return Subsession(tuple: tuple, allocatedPort: port, path: path)
+        return Subsession(tuple: tuple, allocatedPort: port, pathTag: pathTag)
     }
 
     // MARK: - Removal and other fields

@@ -43,14 +43,14 @@ struct FastPathTests {
         }
         _ = try #require(h.send(PacketBuilder(tuple: session, flags: [.ack]).build(), along: ["client", "fw1", "server"]))
         let fw = try #require(h.hosts["fw1"]!.table.records.values.first)
-        #expect(fw.path == .pending)
+        #expect(fw.carrier == .pending)
         let actions = h.takeFastPathActions("fw1")
         #expect(actions == [.install(fw.id, fw.fastPathTranslations)])
         #expect(fw.fastPathTranslations.count == 4, "a middlebox has both subsessions: 2 ingress + 2 egress")
         #expect(h.takeFastPathActions("client").count == 1)
         #expect(h.takeFastPathActions("server").count == 1)
         h.hosts["fw1"]!.fastPathInstalled([fw.id])
-        #expect(h.hosts["fw1"]!.table.records[fw.id]?.path == .kernel)
+        #expect(h.hosts["fw1"]!.table.records[fw.id]?.carrier == .kernel)
     }
 
     @Test("hold takes a kernel session back (remove action), release installs it again; removal cleans the kernel")
@@ -60,13 +60,13 @@ struct FastPathTests {
         fw.fastPathInstalled([id])
         let hold = fw.hold([id, 999])
         #expect(hold.held == [id])
-        #expect(fw.table.records[id]?.path == .held)
+        #expect(fw.table.records[id]?.carrier == .held)
         #expect(hold.effects.fastPath == [.remove(id, fw.table.records[id]!.fastPathTranslations)])
         fw.fastPathInstalled([id])
-        #expect(fw.table.records[id]?.path == .held, "a late install report does not undo a hold")
+        #expect(fw.table.records[id]?.carrier == .held, "a late install report does not undo a hold")
         let release = fw.release([id])
         #expect(release.released == [id])
-        #expect(fw.table.records[id]?.path == .pending)
+        #expect(fw.table.records[id]?.carrier == .pending)
         #expect(release.effects.fastPath.count == 1)
         fw.fastPathInstalled([id])
         // Teardown: RST, then expiry removes it from the kernel too.
@@ -85,7 +85,7 @@ struct FastPathTests {
         let h = harness()
         var (fw, id) = try pendingAtFirewall(h)
         fw.fastPathFailed([id])
-        #expect(fw.table.records[id]?.path == .slow)
+        #expect(fw.table.records[id]?.carrier == .slow)
         h.hosts["fw1"] = fw
         _ = try #require(h.send(PacketBuilder(tuple: session, flags: [.ack]).build(), along: ["client", "fw1", "server"]))
         #expect(h.fastPathActions("fw1").isEmpty)

@@ -221,7 +221,7 @@ struct PersistenceTests {
         let carried = SessionStateFile.reconcile(ids, table: &table, inKernel: [ids[0], ids[2], 999], fastPath: true)
         #expect(carried.map(\.0) == [ids[0]])
         #expect(carried[0].1 == table.records[ids[0]]!.fastPathTranslations && carried[0].1.count == 4)
-        #expect(table.records[ids[0]]!.path == .kernel && table.records[ids[1]]!.path == .slow && table.records[ids[2]]!.path == .slow)
+        #expect(table.records[ids[0]]!.carrier == .kernel && table.records[ids[1]]!.carrier == .slow && table.records[ids[2]]!.carrier == .slow)
         var off = h.hosts["fw1"]!.table
         #expect(SessionStateFile.reconcile(ids, table: &off, inKernel: Set(ids), fastPath: false).isEmpty)
         // The kernel's listing names sessions by chain (other tables' chains do not count).
@@ -263,10 +263,10 @@ struct PersistenceTests {
         #expect(Set(change.add.ingress) == ingressKeys && change.add.ingress.count == 2)
         #expect(Set(change.add.egress) == [session, session.reversed])
         // The kernel carries it: its map entries rewrite it with no agent, so nothing is owned; held again: owned.
-        h.hosts["fw1"]!.table.update(record.id) { $0.path = .kernel }
+        h.hosts["fw1"]!.table.update(record.id) { $0.carrier = .kernel }
         change = take()
         #expect(Set(change.remove.ingress) == ingressKeys && change.add.isEmpty && owned.owned.isEmpty)
-        h.hosts["fw1"]!.table.update(record.id) { $0.path = .held }
+        h.hosts["fw1"]!.table.update(record.id) { $0.carrier = .held }
         change = take()
         #expect(Set(change.add.ingress) == ingressKeys && change.remove.isEmpty)
         // Closing (a FIN each way): no longer owned; the removal after the linger changes nothing more.

@@ -208,11 +208,11 @@ struct ResetTests {
         var lab = ResetLab(settings: settings)
         try lab.establish()
         let id = lab.fw1Record.id
-        #expect(lab.fw1Record.path == .pending)
+        #expect(lab.fw1Record.carrier == .pending)
         lab.h.hosts["fw1"]!.fastPathInstalled([id])
         _ = lab.h.takeFastPathActions("fw1")
         #expect(lab.forgedRST(seq: 0xdead_beef) != .drop, "stale tracking: the firewall and the endpoint judge")
-        #expect(lab.fw1Record.path == .slow)
+        #expect(lab.fw1Record.carrier == .slow)
         let actions = lab.h.takeFastPathActions("fw1")
         #expect(actions.contains { if case .remove(id, _) = $0 { true } else { false } })
         lab.h.now += 5 * lab.fw1.settings.resetLinger
@@ -220,7 +220,7 @@ struct ResetTests {
         try lab.exchange()
         #expect(lab.fw1.counters.resetsRefuted == 1)
         // Refuted: the session goes back to the kernel as usual.
-        #expect(lab.fw1Record.path == .pending)
+        #expect(lab.fw1Record.carrier == .pending)
         #expect(lab.h.takeFastPathActions("fw1").contains { if case .install(id, _) = $0 { true } else { false } })
     }
 }

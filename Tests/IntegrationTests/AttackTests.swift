@@ -45,10 +45,10 @@ import Testing
             if fastPath {
                 // Let the session reach the kernel first: the agent then sees no sequence numbers.
                 let deadline = Date().addingTimeInterval(10)
-                while try await MigrationLab.pacedSessions(lab, "fw1").first?.path != .kernel, Date() < deadline {
+                while try await MigrationLab.pacedSessions(lab, "fw1").first?.carrier != .kernel, Date() < deadline {
                     try await Task.sleep(for: .milliseconds(100))
                 }
-                #expect(try await MigrationLab.pacedSessions(lab, "fw1").first?.path == .kernel)
+                #expect(try await MigrationLab.pacedSessions(lab, "fw1").first?.carrier == .kernel)
             }
             let fw1 = try #require(try await MigrationLab.pacedSessions(lab, "fw1").first)
             let left = try #require(fw1.left), right = try #require(fw1.right)

@@ -13,7 +13,7 @@ import Testing
     }
 
     /// `dysco-migrate drain --lab … --json` (the CLI, as an operator would).
-    static func drain(_ lab: Lab, old: String, to: String, extra: [String] = []) throws -> MigrationLab.CLIRun<Drain.Summary> {
+    static func drain(_ lab: Lab, old: String, to: String, extra: [String] = []) throws -> MigrationLab.CLIRun<Evacuation.Summary> {
         try MigrationLab.CLIRun(["drain", "--lab", lab.name, "--old", old, "--to", to] + extra)
     }
 
@@ -144,7 +144,7 @@ import Testing
             kill(agent.pid, SIGSTOP)
             let data = out.fileHandleForReading.readDataToEndOfFile()
             process.waitUntilExit()
-            let summary = try #require(try? JSONDecoder().decode(Drain.Summary.self, from: data),
+            let summary = try #require(try? JSONDecoder().decode(Evacuation.Summary.self, from: data),
                                        "drain: \(String(decoding: data, as: UTF8.self))")
             Self.record("dr3 first run: moved \(summary.moved), failed \(summary.failures.count), remaining \(summary.remaining)")
             #expect(process.terminationStatus == 1)

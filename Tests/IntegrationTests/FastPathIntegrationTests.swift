@@ -53,8 +53,8 @@ import Testing
                 #expect(seen < 32 << 20, "\(host): \(seen) bytes in \(snapshot.counters.packets) packets reached the queue")
                 #expect(snapshot.counters.fastPathInstalls == 1, "\(host): the kernel carried the session")
                 // Closed (FIN both ways): out of the kernel at once, still translated by the agent for the linger.
-                #expect(snapshot.sessions.allSatisfy { $0.path == .slow && $0.state == "closing" },
-                        "\(host): \(snapshot.sessions.map { "\($0.path) \($0.state)" })")
+                #expect(snapshot.sessions.allSatisfy { $0.carrier == .slow && $0.state == "closing" },
+                        "\(host): \(snapshot.sessions.map { "\($0.carrier) \($0.state)" })")
             }
             #expect(try kernelState(lab, "fw1") == (0, 0), "a closed session leaves the kernel")
             #expect(try lab.conntrackTCP("fw1").contains("src=\(lab.address(of: "client1")) dst=\(lab.address(of: "server1"))"))
@@ -77,8 +77,8 @@ import Testing
                 usleep(100_000)
                 for host in hosts {
                     let s = try await TestSupport.snapshot(lab, host).sessions.first
-                    paths[host] = (paths[host] ?? "") + " " + (s.map { "\($0.path)@\(String(format: "%.1f", $0.ageSeconds))" } ?? "none")
-                    if let s, s.path == .kernel { ids[host] = s.id }
+                    paths[host] = (paths[host] ?? "") + " " + (s.map { "\($0.carrier)@\(String(format: "%.1f", $0.ageSeconds))" } ?? "none")
+                    if let s, s.carrier == .kernel { ids[host] = s.id }
                 }
             }
             try #require(ids.count == 3, "every host moved the session to the kernel: \(paths)")
@@ -98,7 +98,7 @@ import Testing
                 usleep(100_000)
                 held = try await TestSupport.snapshot(lab, "fw1")
             }
-            #expect(held.sessions.first?.path == .held)
+            #expect(held.sessions.first?.carrier == .held)
             #expect(held.counters.packets >= before + 20,
                     "held: the transfer's packets reach the agent (\(Date().timeIntervalSince(t0)) s after kernel; \(held.sessions.first.map { "\($0.state) age \($0.ageSeconds)" } ?? "-"))")
             // Release through the CLI.
@@ -194,8 +194,8 @@ import Testing
             // and restart").
             #expect(try kernelState(lab, "fw1") == (4, 4), "the restarted agent keeps the session in the kernel")
             let restored = try await TestSupport.snapshot(lab, "fw1")
-            #expect(restored.counters.sessionsRestored == 1 && restored.sessions.first?.path == .kernel,
-                    "\(restored.sessions.map { "\($0.path)" })")
+            #expect(restored.counters.sessionsRestored == 1 && restored.sessions.first?.carrier == .kernel,
+                    "\(restored.sessions.map { "\($0.carrier)" })")
             curl.waitUntilExit()
             #expect(curl.terminationStatus == 0)
             #expect(try TestSupport.sha256(first) == TestSupport.sha256("\(lab.httpRoot)/blob"))

@@ -110,7 +110,7 @@ enum MigrationLab {
         while Date() < deadline {
             let snapshot = try await TestSupport.snapshot(lab, host)
             let sessions = snapshot.sessions.filter { $0.session.dstPort == pacedPort && $0.state == "established" }
-            if sessions.count >= count, !snapshot.fastPath || sessions.allSatisfy({ $0.path == .kernel }) { return }
+            if sessions.count >= count, !snapshot.fastPath || sessions.allSatisfy({ $0.carrier == .kernel }) { return }
             try await Task.sleep(for: .milliseconds(50))
         }
         throw LabError.setupFailed("\(host): fewer than \(count) paced sessions carried by the kernel after \(timeout) s")
@@ -125,7 +125,7 @@ enum MigrationLab {
             let sessions = try await pacedSessions(lab, host)
             let owned = try ownedIngressKeys(lab, host)
             let safe = sessions.filter { s in
-                s.path == .kernel || ([s.left, s.right?.reversed].compactMap { $0 }.allSatisfy { owned.contains($0) })
+                s.carrier == .kernel || ([s.left, s.right?.reversed].compactMap { $0 }.allSatisfy { owned.contains($0) })
             }
             if sessions.count >= count, safe.count == sessions.count { return }
             try await Task.sleep(for: .milliseconds(50))

@@ -1,8 +1,8 @@
-/// How `drain` moves every session off a box (pure; executed by DyscoAgent's ``Drain``): sessions are spread
+/// How `drain` moves every session off a box (pure; executed by DyscoAgent's ``Evacuation``): sessions are spread
 /// over the targets in turn, then grouped into batches of sessions that share the left anchor, the right anchor
 /// and the target, so that each batch is one `replace` request whose messages travel bundled hop by hop (one
 /// lock round, one new-path round, one state job per box: cost grows with batches, not sessions).
-public struct DrainPlan: Sendable, Equatable {
+public struct EvacuationPlan: Sendable, Equatable {
     public struct Candidate: Sendable, Equatable {
         public var chainID: UInt64
         public var session: FiveTuple

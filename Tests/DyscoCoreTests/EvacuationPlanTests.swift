@@ -2,7 +2,7 @@
 import Testing
 
 @Suite("Drain: cordons, batches, bundled control messages")
-struct DrainPlanTests {
+struct EvacuationPlanTests {
     static let fw1 = IPv4Address(10, 77, 0, 101), fw2 = IPv4Address(10, 77, 0, 102), fw3 = IPv4Address(10, 77, 0, 103)
     static let fw4 = IPv4Address(10, 77, 0, 104)
 
@@ -78,11 +78,11 @@ struct DrainPlanTests {
         } catch { return error }
     }
 
-    // MARK: DrainPlan
+    // MARK: EvacuationPlan
 
-    static func candidates(_ n: Int, left: IPv4Address = IPv4Address(10, 77, 0, 11), firstChain: UInt64 = 1000) -> [DrainPlan.Candidate] {
+    static func candidates(_ n: Int, left: IPv4Address = IPv4Address(10, 77, 0, 11), firstChain: UInt64 = 1000) -> [EvacuationPlan.Candidate] {
         (0..<n).map { i in
-            DrainPlan.Candidate(chainID: firstChain + UInt64(i),
+            EvacuationPlan.Candidate(chainID: firstChain + UInt64(i),
                                 session: FiveTuple(srcAddr: left, srcPort: UInt16(40000 + i), dstAddr: IPv4Address(10, 77, 0, 201), dstPort: 80),
                                 leftAnchor: left, rightAnchor: IPv4Address(10, 77, 0, 201))
         }
@@ -91,7 +91,7 @@ struct DrainPlanTests {
     @Test("sessions are spread over the targets in turn and batched by (left anchor, right anchor, target), at most batchSize")
     func planBatches() {
         let a = Self.candidates(10), b = Self.candidates(5, left: IPv4Address(10, 77, 0, 12), firstChain: 2000)
-        let plan = DrainPlan(a + b, targets: [Self.fw2, Self.fw3], batchSize: 4)
+        let plan = EvacuationPlan(a + b, targets: [Self.fw2, Self.fw3], batchSize: 4)
         #expect(plan.sessionCount == 15)
         let all = plan.batches.flatMap(\.sessions).map(\.chainID)
         #expect(Set(all).count == 15)
@@ -105,9 +105,9 @@ struct DrainPlanTests {
         // Targets alternate in the batch order.
         #expect(plan.batches[0].target != plan.batches[1].target)
         // Batch size 1 (--concurrency 1): one batch per session.
-        #expect(DrainPlan(a, targets: [Self.fw2], batchSize: 1).batches.count == 10)
+        #expect(EvacuationPlan(a, targets: [Self.fw2], batchSize: 1).batches.count == 10)
         // Same input, same plan (a second run of drain moves the same session to the same box).
-        #expect(DrainPlan((a + b).reversed(), targets: [Self.fw2, Self.fw3], batchSize: 4) == plan)
+        #expect(EvacuationPlan((a + b).reversed(), targets: [Self.fw2, Self.fw3], batchSize: 4) == plan)
     }
 
     // MARK: Bundles

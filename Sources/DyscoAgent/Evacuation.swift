@@ -3,11 +3,12 @@ import Foundation
 import Logging
 import Synchronization
 
-/// `drain`: cordon a middlebox at the left ends, then move every session through it to the targets, in
-/// batches (``DrainPlan``), at most `concurrency` sessions at once, through the old box's agent (`replace`
-/// requests naming their sessions by chain id). Running it again is safe: it only looks at what is still on
+/// The evacuation of a box (what the `drain` command does; not the old-path drain of §3.5): cordon a middlebox
+/// at the left ends, then move every session through it to the targets, in batches (``EvacuationPlan``), at most
+/// `concurrency` sessions at once, through the old box's agent (`replace` requests naming their sessions by chain
+/// id). Running it again is safe: it only looks at what is still on
 /// the old box.
-public struct Drain: Sendable {
+public struct Evacuation: Sendable {
     public struct Options: Sendable {
         public var old: IPv4Address
         public var targets: [IPv4Address]
@@ -120,18 +121,18 @@ public struct Drain: Sendable {
             guard !fresh.isEmpty else { break }
             fresh.forEach { tried.insert($0.chainID) }
             total += fresh.count
-            let drainPlan = DrainPlan(fresh, targets: options.targets, batchSize: max(1, options.concurrency))
+            let evacuationPlan = EvacuationPlan(fresh, targets: options.targets, batchSize: max(1, options.concurrency))
             if options.dryRun {
-                for (i, batch) in drainPlan.batches.enumerated() {
+                for (i, batch) in evacuationPlan.batches.enumerated() {
                     for s in batch.sessions {
                         plan.append(.init(session: s.session, chainID: String(s.chainID, radix: 16),
                                           target: "\(batch.target)", batch: batchCount + i + 1))
                     }
                 }
-                batchCount += drainPlan.batches.count
+                batchCount += evacuationPlan.batches.count
                 break
             }
-            let outcome = await execute(drainPlan, alreadyDone: total - fresh.count, total: total, failures: failures.count,
+            let outcome = await execute(evacuationPlan, alreadyDone: total - fresh.count, total: total, failures: failures.count,
                                         elapsed: elapsed, progress: progress, stop: stop)
             batchCount += outcome.batches
             failures += outcome.failures
@@ -170,9 +171,9 @@ public struct Drain: Sendable {
     }
 
     /// The old box's sessions: those that can move now, and the live ones that cannot (no complete path yet).
-    private func look() async throws -> ([DrainPlan.Candidate], [FiveTuple]) {
+    private func look() async throws -> ([EvacuationPlan.Candidate], [FiveTuple]) {
         let snapshot = try await ControlClient.snapshot(path: options.oldSocket)
-        var movable: [DrainPlan.Candidate] = []
+        var movable: [EvacuationPlan.Candidate] = []
         var stuck: [FiveTuple] = []
         for s in snapshot.sessions where s.role == .middlebox && s.state != "closing" {
             if s.state == "established", s.migration == nil, let left = s.left, let right = s.right,
@@ -193,14 +194,14 @@ public struct Drain: Sendable {
     }
 
     /// Runs the batches with at most `concurrency` sessions in flight.
-    private func execute(_ plan: DrainPlan, alreadyDone: Int, total: Int, failures previousFailures: Int,
+    private func execute(_ plan: EvacuationPlan, alreadyDone: Int, total: Int, failures previousFailures: Int,
                          elapsed: @escaping @Sendable () -> Double,
                          progress: @escaping @Sendable (Progress) -> Void, stop: @escaping @Sendable () -> Bool) async -> Outcome {
         var outcome = Outcome()
         var done = alreadyDone
         var inFlight = 0
         var pending = plan.batches[...]
-        await withTaskGroup(of: (DrainPlan.Batch, ReplaceReport?, String?).self) { group in
+        await withTaskGroup(of: (EvacuationPlan.Batch, ReplaceReport?, String?).self) { group in
             func startWhatFits() {
                 while let next = pending.first, inFlight == 0 || inFlight + next.sessions.count <= options.concurrency {
                     if stop() { outcome.interrupted = true; pending.removeAll(); return }
@@ -238,7 +239,7 @@ public struct Drain: Sendable {
         return outcome
     }
 
-    private func move(_ batch: DrainPlan.Batch) async -> (DrainPlan.Batch, ReplaceReport?, String?) {
+    private func move(_ batch: EvacuationPlan.Batch) async -> (EvacuationPlan.Batch, ReplaceReport?, String?) {
         let request = ReplaceRequest(predicate: SessionPredicate(), newBoxes: [batch.target], stateful: options.stateful,
                                      deadlineMilliseconds: options.deadlineMilliseconds,
                                      chains: Set(batch.sessions.map(\.chainID)))
