@@ -314,7 +314,7 @@ final class MigrationEngine: @unchecked Sendable {
         case .setPhase(let chainID, let phase):
             let needsNumbers = dataplane.setPhase(chainID: chainID, phase)
             if needsNumbers, phase == .buffering || phase == .released { elicit(chainID) }
-            if phase == .buffering || phase == .released { poke(chainID, remaining: Self.pokes) }
+            if phase == .buffering || phase == .released { poke(chainID, remaining: PokeSchedule.pokes) }
         case .setDelta(let chainID, let delta):
             dataplane.setDelta(chainID: chainID, delta)
         case .openPath(let chainID, let next):
@@ -412,42 +412,33 @@ final class MigrationEngine: @unchecked Sendable {
         }
     }
 
-    static let pokes = 50
-    static let pokeInterval: DispatchTimeInterval = .microseconds(1000)
-    /// All sessions together are poked at most this often per second: a batch of 1,000 draining sessions
-    /// pokes each every 50 ms, not every millisecond (which would swamp the loop that answers their messages).
-    static let pokesPerSecond = 20_000
     /// Sessions with a poke chain running.
     private let poking = Atomic<Int>(0)
 
-    private var pokeInterval: DispatchTimeInterval {
-        let sessions = max(1, poking.load(ordering: .relaxed))
-        return .microseconds(max(1000, sessions * 1_000_000 / Self.pokesPerSecond))
-    }
-
     /// Keeps the far endpoint acknowledging until this anchor's old path is drained
-    /// (``PacketProcessor/anchorPoke(chainID:into:)``): one poke on entering the drain, then one per
-    /// ``pokeInterval`` while not drained, at most `remaining` in all.
+    /// (``PacketProcessor/anchorPoke(chainID:into:)``); when and how often is ``PokeSchedule``'s.
     private func poke(_ chainID: UInt64, remaining: Int) {
-        if remaining == Self.pokes { poking.add(1, ordering: .relaxed) }
-        guard remaining > 0 else { poking.subtract(1, ordering: .relaxed); return }
-        let again = withUnsafeTemporaryAllocation(byteCount: IPv4TCPPacket.maxBuiltLength, alignment: 16) { buffer -> Bool in
+        if remaining == PokeSchedule.pokes { poking.add(1, ordering: .relaxed) }
+        let result = withUnsafeTemporaryAllocation(byteCount: IPv4TCPPacket.maxBuiltLength, alignment: 16) { buffer in
             let base = buffer.baseAddress!
-            switch dataplane.buildPoke(chainID: chainID, into: base) {
-            case .stop: return false
-            case .unknownNumbers: return true
-            case .sent(let length, let destination, let drained):
+            let result = dataplane.buildPoke(chainID: chainID, into: base)
+            if case .sent(let length, let destination, _) = result {
                 try? probes.send(UnsafeRawBufferPointer(start: base, count: length), to: destination)
                 count("pokes.sent")
-                if remaining == Self.pokes - 10 {
+                if PokeSchedule.isSlow(remaining: remaining) {
                     let state = dataplane.session(chainID: chainID)?.record.migration
-                    logger.debug("anchor still draining after 10 pokes", metadata: ["anchor.state": "\(state.map { "\($0)" } ?? "-")"])
+                    logger.debug("anchor still draining after \(PokeSchedule.slowAfter) pokes",
+                                 metadata: ["anchor.state": "\(state.map { "\($0)" } ?? "-")"])
                 }
-                return !drained
             }
+            return result
         }
-        guard again else { poking.subtract(1, ordering: .relaxed); return }
-        loop.asyncAfter(deadline: .now() + pokeInterval) { [self] in poke(chainID, remaining: remaining - 1) }
+        guard case .again(let left) = PokeSchedule.next(after: result, remaining: remaining) else {
+            poking.subtract(1, ordering: .relaxed)
+            return
+        }
+        let wait = PokeSchedule.interval(activeSessions: poking.load(ordering: .relaxed))
+        loop.asyncAfter(deadline: .now() + .microseconds(wait)) { [self] in poke(chainID, remaining: left) }
     }
 
     /// A window-opening probe on the new path (``PacketProcessor/anchorProbe(chainID:into:)``).
