@@ -7,8 +7,8 @@ import re
 import sys
 
 text = open(sys.argv[1], encoding="utf-8").read()
-text = re.sub(r"\bdysco-migrate\.([a-z])", r"dysco-migrate-\1", text)
-text = re.sub(r"\bDYSCO-MIGRATE\.([A-Z])", r"DYSCO-MIGRATE-\1", text)
+text = re.sub(r"\b(dysco-migrate|DYSCO-MIGRATE)((?:\.[A-Za-z][A-Za-z-]*)+)",
+              lambda m: m.group(1) + m.group(2).replace(".", "-"), text)
 lines = text.split("\n")
 out, section, command = [], None, None
 for line in lines:
