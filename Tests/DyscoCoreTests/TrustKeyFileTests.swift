@@ -3,14 +3,16 @@ import Foundation
 import Testing
 
 /// Key files (`dysco-migrate key`): modes, refusals, rotation, fingerprints. Files in a fresh temporary directory;
-/// no root needed.
-@Suite struct TrustKeyFileTests {
+/// no root needed. Each test has its own directory, removed after it (deinit).
+@Suite final class TrustKeyFileTests {
     let directory: String
 
     init() throws {
         directory = NSTemporaryDirectory() + "trust-key-file-\(getpid())-\(UInt32.random(in: 0 ... .max))"
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
     }
+
+    deinit { try? FileManager.default.removeItem(atPath: directory) }
 
     func mode(_ path: String) -> UInt32 {
         var info = stat()
