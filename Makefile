@@ -9,7 +9,7 @@ BPF_CLANG ?= $(firstword $(wildcard $(dir $(realpath $(shell command -v $(SWIFT)
 BPF_OBJ := $(CURDIR)/.build/bpf/dysco.bpf.o
 BPF_ARCH_INCLUDE := /usr/include/$(shell gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)
 
-.PHONY: setup bpf release demo test unit verify bench bench-check bench-replace bench-drain measure clean-labs
+.PHONY: setup bpf release deb demo test unit verify bench bench-check bench-replace bench-drain measure clean-labs
 
 setup:            ## install every system package the project needs (idempotent, apt-get)
 	bash scripts/setup.sh
@@ -21,16 +21,23 @@ $(BPF_OBJ): bpf/dysco.bpf.c Sources/CLibbpf/dysco_bpf.h
 	mkdir -p $(dir $@)
 	$(BPF_CLANG) -O2 -g -target bpf -mcpu=v3 -Wall -Werror -I$(BPF_ARCH_INCLUDE) -c $< -o $@
 
+# --static-swift-stdlib: the Swift runtime and Foundation linked in, as the Debian package needs (`make deb` builds the
+# same binary; with one set of flags neither target rebuilds the other's modules).
 release: setup bpf ## the optimized binaries: dysco-migrate (the agents, the demo, the integration tests) and dysco-bench
-	$(SWIFT) build -c release --product dysco-migrate
-	$(SWIFT) build -c release --product dysco-bench
+	$(SWIFT) build -c release --static-swift-stdlib --product dysco-migrate
+	$(SWIFT) build -c release --static-swift-stdlib --product dysco-bench
+
+# The Debian package (scripts/build-deb.sh): binary with its resource bundles, systemd units, /etc/dysco-migrate,
+# man pages, completions; checked with systemd-analyze verify and lintian. README "Deploying on real hosts".
+deb: setup        ## .build/deb/dysco-migrate_<version>_<arch>.deb (dpkg-deb), verified by systemd-analyze and lintian
+	SWIFT=$(SWIFT) bash scripts/build-deb.sh
 
 demo: release     ## a 50 MB download through client → fw1 → server; replace fw1 → fw2 halfway; phases, fw2's conntrack entry, sha256; tear down
 	DYSCO_BIN=$(BIN) bash scripts/demo.sh
 
 # --no-parallel: the integration tests block on child processes; in parallel on a 2-core machine they starve
 # Swift concurrency's cooperative pool (2 threads) and each other's timing. Serially the suite takes about a minute.
-test: release bpf ## every test: unit (no root) and integration (root, network namespaces)
+test: release bpf deb ## every test: unit (no root) and integration (root, network namespaces)
 	DYSCO_BIN=$(BIN) $(SWIFT) test --no-parallel
 
 # The unit-test targets, one per source target with pure logic; every other test target (IntegrationTests) needs root.

@@ -8,6 +8,7 @@ PACKAGES=(
   libbpf-dev bpftool ethtool
   iptables conntrack iproute2 iperf3 curl python3 python3-scapy python3-matplotlib procps iputils-ping
   spin gcc
+  dpkg-dev lintian systemd binutils debootstrap
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

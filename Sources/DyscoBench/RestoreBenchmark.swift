@@ -123,7 +123,7 @@ public enum RestoreBenchmark {
         guard prepared.succeeded, var report = try? JSONDecoder().decode(Report.self, from: Data(prepared.stdout.utf8)) else {
             throw LabError.setupFailed("preparing the state file and the table failed: \(prepared.stderr)")
         }
-        try Data((TrustKey.generateHex() + "\n").utf8).write(to: URL(fileURLWithPath: key))
+        try TrustKeyFile.save(hex: TrustKey.generateHex(), to: key, replace: true)  // mode 0600: the agent refuses others
         unlink(socket)
         let start = Date()
         let agent = try Command.spawn([agentBinary, "agent", "--trust-key", key, "--control-socket", socket,

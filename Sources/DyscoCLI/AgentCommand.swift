@@ -24,8 +24,9 @@ struct AgentCommand: AsyncParsableCommand {
             (omit --config).
 
             Trust (paper §2.3): every agent of a deployment shares one key, --trust-key FILE (hex text, at \
-            least 32 hex digits; make one with `openssl rand -hex 32 > FILE`, mode 0600; `dysco-migrate lab up` \
-            writes one per lab). Dysco SYN trailers (version 2) carry an HMAC under it over the trailer and the \
+            least 32 hex digits, mode 0600: a key file its group or others may read is refused; make one with \
+            `dysco-migrate key generate --path FILE`; `dysco-migrate lab up` writes one per lab). Dysco SYN \
+            trailers (version 2) carry an HMAC under it over the trailer and the \
             packet's tuple; a SYN whose trailer is version 1, has an invalid MAC or names a loopback, multicast, \
             broadcast, unspecified or link-local address is dropped and counted (trailerVersionOneRefused, \
             trailerBadMAC, trailerForbiddenAddress in `sessions --json`).
@@ -62,7 +63,7 @@ struct AgentCommand: AsyncParsableCommand {
     var config: String?
 
     @Option(help: ArgumentHelp(
-        "The deployment's shared key (required): hex text, e.g. `openssl rand -hex 32 > FILE`. Signs and verifies Dysco SYNs.",
+        "The deployment's shared key (required): hex text, mode 0600 (`dysco-migrate key generate`). Signs and verifies Dysco SYNs.",
         valueName: "file"))
     var trustKey: String?
 
@@ -193,14 +194,17 @@ struct AgentCommand: AsyncParsableCommand {
     func loadTrust() throws -> TrustGroup {
         func load(_ path: String, flag: String) throws -> TrustKey {
             do throws(TrustKey.LoadError) { return try TrustKey.load(path: path) } catch {
-                let hint = if case .notHex = error { "" } else { " (make a key with `openssl rand -hex 32 > FILE`)" }
+                let hint = switch error {
+                case .notHex, .tooOpen: ""
+                default: " (make a key with `dysco-migrate key generate --path FILE`)"
+                }
                 throw ValidationError("\(flag): \(error)\(hint)")
             }
         }
         guard let trustKey else {
             throw ValidationError("""
                 --trust-key FILE is required: every agent of a deployment shares one key (paper §2.3). Make one \
-                with `openssl rand -hex 32 > FILE && chmod 600 FILE` and give the same file to every agent.
+                with `dysco-migrate key generate --path FILE` (mode 0600) and give the same file to every agent.
                 """)
         }
         let current = try load(trustKey, flag: "--trust-key")

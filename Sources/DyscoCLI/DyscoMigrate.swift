@@ -1,4 +1,5 @@
 import ArgumentParser
+import DyscoCore
 
 /// The `dysco-migrate` command tree (the executable is only `@main extension DyscoMigrate {}`).
 public struct DyscoMigrate: AsyncParsableCommand {
@@ -12,6 +13,16 @@ public struct DyscoMigrate: AsyncParsableCommand {
             commands talk to agents, to the kernel, or build a test lab of network namespaces. The benchmarks \
             are a separate executable, `dysco-bench`.
             """,
-        subcommands: [AgentCommand.self, ReplaceCommand.self, DrainCommand.self, PolicyCommand.self, MeasureCommand.self, SessionsCommand.self, StateCommand.self, LabCommand.self, PathCommand.self]
+        subcommands: [AgentCommand.self, ReplaceCommand.self, DrainCommand.self, PolicyCommand.self, MeasureCommand.self, SessionsCommand.self, StateCommand.self, LabCommand.self, PathCommand.self, KeyCommand.self]
     )
+
+    // The root's own flag rather than the configuration's `version:`, which argument-parser would add to the help of
+    // every subcommand.
+    @Flag(help: "Print the version and exit.")
+    var version = false
+
+    public func run() async throws {
+        guard version else { throw CleanExit.helpRequest(self) }
+        print(DyscoVersion.string)
+    }
 }

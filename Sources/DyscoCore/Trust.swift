@@ -6,7 +6,9 @@ import Foundation
 /// to ``TrustGroup/macLength`` bytes.
 ///
 /// Key file format: the key as hexadecimal text (at least 32 hex digits = 16 bytes; whitespace and a trailing
-/// newline ignored), as `dysco-migrate lab up` writes it and as `openssl rand -hex 32` prints it.
+/// newline ignored), as `dysco-migrate key generate` and `dysco-migrate lab up` write it and as
+/// `openssl rand -hex 32` prints it. The file must be accessible by its owner only (mode 0600 or 0400):
+/// ``load(path:)`` refuses one that its group or others may read or write.
 public struct TrustKey: Sendable, Equatable {
     public let bytes: [UInt8]
 
@@ -16,6 +18,8 @@ public struct TrustKey: Sendable, Equatable {
         case unreadable(path: String, reason: String)
         case notHex(path: String)
         case tooShort(path: String, bytes: Int)
+        /// The file's permission bits give its group or others access (`mode`: the permission bits).
+        case tooOpen(path: String, mode: UInt32)
 
         public var description: String {
             switch self {
@@ -23,6 +27,9 @@ public struct TrustKey: Sendable, Equatable {
             case .notHex(let p): "trust key \(p) is not hexadecimal text (expected e.g. the output of `openssl rand -hex 32`)"
             case .tooShort(let p, let n):
                 "trust key \(p) has \(n) bytes; at least \(TrustKey.minimumBytes) (\(2 * TrustKey.minimumBytes) hex digits) are needed"
+            case .tooOpen(let p, let mode):
+                "trust key \(p) is accessible by its group or others (mode \(String(mode & 0o7777, radix: 8, uppercase: false).leftPadded(4))); "
+                    + "it must be readable by its owner only: chmod 600 \(p) (and make a new key if others may have read it)"
             }
         }
     }
@@ -48,11 +55,25 @@ public struct TrustKey: Sendable, Equatable {
         self.bytes = bytes
     }
 
+    /// Whether a key file with these permission bits (`st_mode`) is acceptable: no bit for group or others.
+    public static func isPrivate(mode: UInt32) -> Bool { mode & 0o077 == 0 }
+
+    /// Reads and parses a key file; refuses a file its group or others may access (``isPrivate(mode:)``).
     public static func load(path: String) throws(LoadError) -> TrustKey {
+        var info = stat()
+        guard stat(path, &info) == 0 else {
+            throw .unreadable(path: path, reason: String(cString: strerror(errno)))
+        }
+        guard isPrivate(mode: UInt32(info.st_mode)) else { throw .tooOpen(path: path, mode: UInt32(info.st_mode)) }
         let text: String
         do { text = try String(contentsOfFile: path, encoding: .utf8) } catch {
             throw .unreadable(path: path, reason: "\(error.localizedDescription)")
         }
+        return try parse(text: text, path: path)
+    }
+
+    /// Parses a key file's text (no permission check): hex digits, whitespace ignored.
+    public static func parse(text: String, path: String) throws(LoadError) -> TrustKey {
         let digits = text.filter { !$0.isWhitespace }
         guard !digits.isEmpty, digits.allSatisfy(\.isHexDigit), digits.count % 2 == 0 else { throw .notHex(path: path) }
         guard let key = TrustKey(hex: digits) else { throw .tooShort(path: path, bytes: digits.count / 2) }
@@ -66,6 +87,18 @@ public struct TrustKey: Sendable, Equatable {
     }
 
     public var hex: String { bytes.map { String(format: "%02x", $0) }.joined() }
+
+    /// What `dysco-migrate key show` prints instead of the key: `sha256:` and the first 16 bytes of SHA-256 over
+    /// the key's bytes, in hex (one-way; equal fingerprints mean equal keys, for comparing hosts).
+    public var fingerprint: String {
+        "sha256:" + SHA256.hash(data: bytes).prefix(16).map { String(format: "%02x", $0) }.joined()
+    }
+}
+
+extension String {
+    fileprivate func leftPadded(_ width: Int) -> String {
+        count >= width ? self : String(repeating: "0", count: width - count) + self
+    }
 }
 
 /// The keys an agent accepts: the current one (used to sign) and, during a rotation, the previous one

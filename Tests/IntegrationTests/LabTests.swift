@@ -530,7 +530,7 @@ import Glibc
         try Self.clean("lt10")
         let binary = try Self.fakeAgent()
         let custom = NSTemporaryDirectory() + "lab-lt10-\(getpid()).key"
-        try Data((TrustKey.generateHex() + "\n").utf8).write(to: URL(fileURLWithPath: custom))
+        try TrustKeyFile.save(hex: TrustKey.generateHex(), to: custom, replace: true)
         defer { unlink(custom) }
         let spec = LabSpec(name: "lt10", middleboxes: ["fw1"], subnet: "10.77.10.0/24",
                            agentArguments: ["--trust-key", custom], agentBinary: binary, services: false, attackers: 2)

@@ -190,7 +190,7 @@ import Testing
 
             // fw1 runs another key only: it refuses the client's SYNs (TCP retries them; all are counted).
             let newKey = "\(lab.directory)/trust-new.key"
-            try TrustKey.generateHex().write(toFile: newKey, atomically: true, encoding: .utf8)
+            try TrustKeyFile.generate(path: newKey, force: true)  // mode 0600 (the agent refuses a key others may read)
             let outsider = try await restartAgent(lab, "fw1", trust: ["--trust-key", newKey])
             #expect(try !fetch(lab), "a middlebox outside the trust group relays nothing")
             let refused = try await TestSupport.snapshot(lab, "fw1")

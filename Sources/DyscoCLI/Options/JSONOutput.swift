@@ -45,6 +45,10 @@ public enum JSONHelp {
     public enum MeasureReport: JSONOutputHelp {
         public static let text = "Print report.json to stdout instead of the text report."
     }
+    /// `key generate|show|rotate`: path and fingerprint of each key.
+    public enum Key: JSONOutputHelp {
+        public static let text = "Print the key file's path and fingerprint as JSON (rotate: both keys and the steps)."
+    }
     /// `dysco-bench state-validate`: the measurements.
     public enum Measurements: JSONOutputHelp { public static let text = "Print the measurements as JSON." }
 }
