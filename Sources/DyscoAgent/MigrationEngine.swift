@@ -126,9 +126,7 @@ final class MigrationEngine: @unchecked Sendable {
             guard context.identity.nonce == message.identity.nonce else { count("dropped.wrong-nonce"); return nil }
             guard context.session == message.session else { count("dropped.wrong-session"); return nil }
         } else {
-            switch message.body {
-            case .newPathSyn, .newPathCancel, .triggerResult, .statePut, .stateInstalled, .newPathCancelAck, .newPathRefused: break
-            default:
+            guard MigrationCoordinator.acceptsWithoutSession(message.body) else {
                 count("dropped.unknown-session")
                 return nil
             }
@@ -213,70 +211,27 @@ final class MigrationEngine: @unchecked Sendable {
                                 + UInt64(elapsed.components.attoseconds / 1_000_000_000_000))
     }
 
-    // MARK: - The loop: a turn is a batch of events and the events their actions produce
+    // MARK: - The loop: a turn (MigrationTurn) is a batch of events and the events their actions produce
 
-    /// What a turn collects to do once at its end (touched only on `loop`).
-    private struct Turn {
-        /// A ``Action/commitKernel`` barrier came (anchors took sessions off the kernel): one nftables commit
-        /// for the whole batch, before any message of the turn goes (other fast-path changes wait for the packet
-        /// thread's quiet point, FastPathWorker).
-        var fastPathDirty = false
-        /// Anchors that took their session off the fast path this turn: they elicit numbers after the flush.
-        var held: [UInt64] = []
-        /// Encoded messages by destination, in order: sent after the flush, bundled.
-        var outbox: [(IPv4Address, [UInt8])] = []
-    }
-    private var turn = Turn()
+    /// Anchors that took their session off the fast path in the current turn: they elicit numbers once the
+    /// turn's kernel changes are committed (touched only on `loop`).
+    private var heldThisTurn: [UInt64] = []
 
-    /// Handles `events` and the events their actions produce, in order, as one batch: the actions run in the
-    /// coordinator's order, except that sends wait for the end of the turn; there the kernel changes are
-    /// committed once if any ``Action/commitKernel`` barrier came, then every message goes out, those to the same
-    /// agent bundled in as few datagrams as fit (``ControlMessage/bundle(_:limit:)``). Delaying a send is always
-    /// allowed; a send never goes before a barrier that preceded it (so an ackLock never leaves before its hold
-    /// is in the kernel, §3.2). Runs on `loop` only.
+    /// Handles `events` as one ``MigrationTurn`` (which orders everything: actions at once, the commit, then the
+    /// messages). Runs on `loop` only.
     private func dispatch(_ events: [Event]) {
         guard !events.isEmpty else { return }
         let turnStarted = dysco_monotonic_ns()
         defer { add("turns.micros", (dysco_monotonic_ns() - turnStarted) / 1000); add("turns", 1) }
-        var queue = events[...]
-        while let event = queue.popFirst() {
-            let now = dysco_monotonic_ns()
-            let actions = coordinator.withLock { $0.handle(event, now: now) }
+        MigrationTurn.run(events, performer: self) { event in
+            let actions = coordinator.withLock { $0.handle(event, now: dysco_monotonic_ns()) }
             if logger.logLevel <= .debug {
                 logger.debug("migration event", metadata: ["migration.event": "\(String(describing: event).prefix(300))",
                                                            "migration.actions": "\(actions.map { String(describing: $0).prefix(160) })"])
             }
-            for action in actions {
-                if let followUp = perform(action) { queue.append(followUp) }
-            }
+            return actions
         }
-        endTurn()
-    }
-
-    private func endTurn() {
-        let done = turn
-        turn = Turn()
-        if done.fastPathDirty {
-            let flushStarted = dysco_monotonic_ns()
-            dataplane.commitHolds()
-            add("turns.flush.micros", (dysco_monotonic_ns() - flushStarted) / 1000)
-        }
-        for chainID in done.held {
-            elicit(chainID)
-            elicitAgain(chainID, remaining: Self.elicitRetries)
-        }
-        guard !done.outbox.isEmpty else { return }
-        var order: [IPv4Address] = []
-        var byDestination: [IPv4Address: [[UInt8]]] = [:]
-        for (to, bytes) in done.outbox {
-            if byDestination[to] == nil { order.append(to) }
-            byDestination[to, default: []].append(bytes)
-        }
-        for to in order {
-            let datagrams = ControlMessage.bundle(byDestination[to]!)
-            if datagrams.count < byDestination[to]!.count { count("sent.bundles") }
-            for datagram in datagrams { control?.send(datagram, to: to) }
-        }
+        elicitHeld()
     }
 
     private func sessionContext(_ chainID: UInt64) -> SessionContext? {
@@ -286,17 +241,56 @@ final class MigrationEngine: @unchecked Sendable {
                               carried: record.bytes > record.packets &* UInt64(IPv4TCPPacket.pureAckLength))
     }
 
-    private func perform(_ action: Action) -> Event? {
-        let now = dysco_monotonic_ns()
-        switch action {
-        case .send(let message, let to):
+    private func pathEvent(_ chainID: UInt64, _ result: Result<FiveTuple, SessionTable.InsertError>) -> Event {
+        .path(chainID, result)
+    }
+
+    /// Elicits numbers for the anchors that held their session this turn (after the commit, if one came).
+    private func elicitHeld() {
+        let held = heldThisTurn
+        heldThisTurn.removeAll()
+        for chainID in held {
+            elicit(chainID)
+            elicitAgain(chainID, remaining: Self.elicitRetries)
+        }
+    }
+
+    // MARK: - ActionPerformer: the coordinator's actions, as ``MigrationTurn`` orders them (on `loop` only)
+
+    func commitKernel() {
+        let flushStarted = dysco_monotonic_ns()
+        dataplane.commitHolds()
+        add("turns.flush.micros", (dysco_monotonic_ns() - flushStarted) / 1000)
+    }
+
+    /// Stamps, encodes and sends the turn's messages, those to the same agent bundled in as few datagrams as fit
+    /// (``ControlMessage/bundle(_:limit:)``).
+    func transmit(_ messages: [(to: IPv4Address, message: ControlMessage)]) {
+        var order: [IPv4Address] = []
+        var byDestination: [IPv4Address: [[UInt8]]] = [:]
+        for (to, message) in messages {
             count("sent.\(message.body.type)")
             if let metrics, case .triggerResult(let result) = message.body {
                 metrics.leftAnchorFinished(chainID: message.identity.chainID, requestID: message.requestID, result)
             }
             var stamped = message
             stamped.stamp = stamper.stamp(to: to, nowMicros: dysco_realtime_us())
-            turn.outbox.append((to, stamped.encode(trust: trust)))
+            if byDestination[to] == nil { order.append(to) }
+            byDestination[to, default: []].append(stamped.encode(trust: trust))
+        }
+        for to in order {
+            let encoded = byDestination[to] ?? []
+            let datagrams = ControlMessage.bundle(encoded)
+            if datagrams.count < encoded.count { count("sent.bundles") }
+            for datagram in datagrams { control?.send(datagram, to: to) }
+        }
+    }
+
+    func perform(_ action: Action) -> Event? {
+        let now = dysco_monotonic_ns()
+        switch action {
+        case .send, .commitKernel:
+            preconditionFailure("MigrationTurn keeps sends and barriers")
         case .setTimer(let key, let after):
             let generation = timerGeneration.add(1, ordering: .relaxed).newValue
             timers.withLock { $0[key] = generation }
@@ -308,9 +302,7 @@ final class MigrationEngine: @unchecked Sendable {
             timers.withLock { _ = $0.removeValue(forKey: key) }
         case .hold(let chainID, let side, let stateful):
             dataplane.hold(chainID: chainID, side: side, stateful: stateful, now: now)
-            turn.held.append(chainID)
-        case .commitKernel:
-            turn.fastPathDirty = true
+            heldThisTurn.append(chainID)
         case .setPhase(let chainID, let phase):
             let needsNumbers = dataplane.setPhase(chainID: chainID, phase)
             if needsNumbers, phase == .buffering || phase == .released { elicit(chainID) }
@@ -358,12 +350,6 @@ final class MigrationEngine: @unchecked Sendable {
         return nil
     }
 
-    private func pathEvent(_ chainID: UInt64, _ result: Result<FiveTuple, SessionTable.InsertError>) -> Event {
-        switch result {
-        case .success(let tuple): .pathOpened(chainID: chainID, subsession: tuple)
-        case .failure(let error): .pathRefused(chainID: chainID, reason: "\(error)")
-        }
-    }
 
     /// Builds a packet with the data plane and sends it through the raw socket, counting
     /// `<name>.sent` / `<name>.failed` / `<name>.unknown-numbers`.
@@ -527,6 +513,8 @@ final class MigrationEngine: @unchecked Sendable {
 
     func migrationRoles(_ chainID: UInt64) -> [Role] { coordinator.withLock { $0.role(of: chainID) } }
 }
+
+extension MigrationEngine: ActionPerformer {}
 
 /// What `replace` asks of the old box's agent (control socket).
 public struct ReplaceRequest: Codable, Sendable {

@@ -78,3 +78,71 @@ struct OrderingRuleTests {
         }
     }
 }
+
+/// Records what a ``MigrationTurn`` asks of its shell, in order.
+private final class RecordingPerformer: ActionPerformer {
+    var log: [String] = []
+    var answer: (Action) -> Event? = { _ in nil }
+    func perform(_ action: Action) -> Event? {
+        log.append(Describe.kind(action))
+        return answer(action)
+    }
+    func commitKernel() { log.append("commit") }
+    func transmit(_ messages: [(to: IPv4Address, message: ControlMessage)]) {
+        log.append("transmit " + messages.map { "\($0.message.body.type)" }.joined(separator: ","))
+    }
+}
+
+@Suite("MigrationTurn: the one order of a shell's turn (§3.2, §3.5)")
+struct MigrationTurnTests {
+    private let lock = Action.send(message(.requestLock(rightDelta: 0)), to: Host.fw1)
+    private let ack = Action.send(message(.ackLock(leftDelta: 0, rightDelta: 0)), to: Host.fw1)
+    private let hold = Action.hold(chainID: chainID, side: .left, stateful: true)
+
+    @Test("a send the coordinator put before its barrier still leaves after the commit; sends keep their order")
+    func sendsWaitForTheCommit() {
+        let performer = RecordingPerformer()
+        let summary = MigrationTurn.run([Event.drained(chainID: chainID)], performer: performer) { _ in
+            [lock, hold, .commitKernel, ack]
+        }
+        #expect(performer.log == ["hold", "commit", "transmit requestLock,ackLock"])
+        #expect(summary == MigrationTurn.Summary(events: 1, committed: true, messages: 2))
+    }
+
+    @Test("no barrier, no commit: a turn that only sends commits nothing")
+    func noBarrierNoCommit() {
+        let performer = RecordingPerformer()
+        MigrationTurn.run([Event.drained(chainID: chainID)], performer: performer) { _ in [lock] }
+        #expect(performer.log == ["transmit requestLock"])
+    }
+
+    @Test("an action's answer (a path opened) is handled in the same turn, before the turn's messages leave")
+    func followUpsBeforeMessages() {
+        let performer = RecordingPerformer()
+        let opened = FiveTuple(srcAddr: Host.client, srcPort: 30001, dstAddr: Host.fw2, dstPort: 80)
+        performer.answer = { action in
+            if case .openPath = action { return .pathOpened(chainID: chainID, subsession: opened) }
+            return nil
+        }
+        var seen: [String] = []
+        let summary = MigrationTurn.run([Event.drained(chainID: chainID)], performer: performer) { event in
+            seen.append(Describe.event(event))
+            if case .drained = event { return [hold, .openPath(chainID: chainID, next: Host.fw2), lock] }
+            return [.commitKernel, ack]
+        }
+        #expect(seen == ["drained", "pathOpened(\(opened))"])
+        #expect(performer.log.first == "hold" && performer.log.dropFirst().first == "openPath")
+        #expect(performer.log.suffix(2) == ["commit", "transmit requestLock,ackLock"])
+        #expect(summary.events == 2 && summary.messages == 2)
+    }
+
+    @Test("the harness runs its agents' turns through MigrationTurn: its fake kernel sees each commit before the sends")
+    func harnessUsesTheTurn() {
+        let h = Harness(chain: [Host.client, Host.fw1, Host.server], others: [Host.fw2], config: Harness.Config())
+        h.replace(at: Host.fw1, leftAnchor: Host.client, newPath: [Host.fw2, Host.server], oldBox: Host.fw1,
+                  stateful: true, deadlineMilliseconds: 2000)
+        _ = h.run()
+        #expect(h.barrierViolations.isEmpty)
+        #expect(h[Host.client].kernel.uncommitted == false)
+    }
+}

@@ -293,11 +293,16 @@ package final class Harness {
         package mutating func perform(_ action: Action) {
             switch action {
             case .hold: uncommitted = true
-            case .commitKernel: uncommitted = false
-            case .send(let m, let to) where uncommitted:
-                violations.append("\(Describe.message(m)) to \(Host.name(to)) before the hold was committed")
+            case .commitKernel: commit()
+            case .send(let m, let to): transmit(m, to: to)
             default: break
             }
+        }
+
+        package mutating func commit() { uncommitted = false }
+
+        package mutating func transmit(_ m: ControlMessage, to: IPv4Address) {
+            if uncommitted { violations.append("\(Describe.message(m)) to \(Host.name(to)) before the hold was committed") }
         }
 
         /// The violations of `actions` run in order from a committed kernel.
@@ -449,10 +454,8 @@ package final class Harness {
                     return
                 }
             } else {
-                // MigrationEngine.receive: only these types are taken for a session this host does not know.
-                switch m.body {
-                case .newPathSyn, .newPathCancel, .triggerResult, .statePut, .stateInstalled, .newPathCancelAck: break
-                default:
+                // MigrationEngine.receive: the same rule for a session this host does not know.
+                guard MigrationCoordinator.acceptsWithoutSession(m.body) else {
                     note(Host.name(to), "dropped (unknown session): \(Describe.message(m)) from \(Host.name(from))")
                     return
                 }
@@ -496,12 +499,11 @@ package final class Harness {
         }
     }
 
-    /// MigrationEngine.dispatch: an event, then the events its actions produce, in order.
+    /// One turn of the agent at `host`, run by the shell's own ``MigrationTurn`` (the order of actions, the commit
+    /// and the sends is the engine's, not re-implemented here); the harness only records and performs.
     private func dispatch(_ host: IPv4Address, _ first: Event) {
         let agent = agents[host]!
-        var queue = [first]
-        while !queue.isEmpty {
-            let event = queue.removeFirst()
+        MigrationTurn.run([first], performer: TurnPerformer(harness: self, agent: agent)) { event in
             let lockBefore = agent.coordinator.locks[TestSession.chainID]
             let actions = agent.coordinator.handle(event, now: now)
             steps.append(HarnessStep(time: now, agent: agent.address, event: event, actions: actions, lockBefore: lockBefore,
@@ -510,8 +512,24 @@ package final class Harness {
             trace.entries.append(TraceEntry(time: now, agent: agent.name, event: Describe.event(event),
                                             actions: actions.map(Describe.action)))
             agent.actions.append(contentsOf: actions)
-            for action in actions {
-                if let followUp = perform(agent, action) { queue.append(followUp) }
+            return actions
+        }
+    }
+
+    /// The harness's side of a turn: the fake data plane and network of one agent.
+    private final class TurnPerformer: ActionPerformer {
+        unowned let harness: Harness
+        let agent: Agent
+        init(harness: Harness, agent: Agent) {
+            self.harness = harness
+            self.agent = agent
+        }
+        func perform(_ action: Action) -> Event? { harness.perform(agent, action) }
+        func commitKernel() { agent.kernel.commit() }
+        func transmit(_ messages: [(to: IPv4Address, message: ControlMessage)]) {
+            for (to, message) in messages {
+                agent.kernel.transmit(message, to: to)
+                harness.send(message, from: agent.address, to: to)
             }
         }
     }
@@ -528,13 +546,11 @@ package final class Harness {
         agents.values.flatMap { agent in agent.kernel.violations.map { "\(agent.name): \($0)" } }
     }
 
-    private func perform(_ agent: Agent, _ action: Action) -> Event? {
+    fileprivate func perform(_ agent: Agent, _ action: Action) -> Event? {
         agent.kernel.perform(action)
         switch action {
-        case .commitKernel:
-            break  // the fake data plane applies a hold at once; Barrier checks the order
-        case .send(let m, let to):
-            send(m, from: agent.address, to: to)
+        case .commitKernel, .send:
+            preconditionFailure("MigrationTurn keeps sends and barriers")
         case .setTimer(let key, let after):
             seq += 1
             agent.timers[key] = seq
@@ -619,7 +635,7 @@ package final class Harness {
         return nil
     }
 
-    private func send(_ m: ControlMessage, from: IPv4Address, to: IPv4Address) {
+    fileprivate func send(_ m: ControlMessage, from: IPv4Address, to: IPv4Address) {
         var m = m
         if let tamper = config.tamper {
             let changed = tamper(m, from, to)
