@@ -43,6 +43,7 @@ enum Abstraction {
             case (.rightAnchor, _): return "silence"
             case (.newBox, _): return "linger"
             case (.oldBox, _): return "timer"
+            case (.oldPathHop, _): return "silence"
             }
         case .drained: return "dataDrained"
         case .newPathPacket: return "newPathPacket"
