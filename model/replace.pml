@@ -8,7 +8,9 @@
  * Control   : every hop loses (budget LOSS), duplicates (DUP) and reorders (REORDER) control messages; only
  *             the left anchor retransmits (on a timeout, while a loss is unanswered), as MigrationCoordinator.
  * Faults    : FAIL_PATH (the new path cannot be opened / the new box is down), FAIL_IMPORT (the new box
- *             refuses the state), DEADLINE (the left anchor's deadline may pass at any moment before release).
+ *             refuses the state), DEADLINE (the left anchor's deadline may pass at any moment before release),
+ *             CRASH_LA (the left anchor's host dies at any step from the lock to the teardown: issue 19, the
+ *             agents it locked give their part up after their silence timeouts).
  *
  * Transitions of the roles are written TR(FROM, event, TO): the same rows as model/transitions.tsv (the
  * conformance test extracts them from this file and compares). Mutants: -DMUT_<name> (see model/verify.sh).
@@ -35,6 +37,12 @@
 #ifndef DEADLINE
 #define DEADLINE 0
 #endif
+#ifndef CRASH_LA
+#define CRASH_LA 0
+#endif
+/* sends of the cancel before the left anchor gives up on a new box that does not answer newPathCancel (maxTries;
+   above the loss budgets, so only a box that is down makes the left anchor give up) */
+#define MAXC 3
 #define N 2
 #define D 1
 #define CAP 6
@@ -43,8 +51,21 @@
 
 #define TR(f, e, t) assert(st == f); st = t
 
+/* a silence timeout can fire (the left anchor gave up, or its host died, and nothing else moves) */
+#define LA_GONE ((laSt == LA_MOVED || laSt == LA_CANCELLED || laSt == LA_CRASHED) && (owed == 0 || laSt == LA_CRASHED))
+#define RA_SILENCE (LA_GONE && raSt >= RA_LOCKED && raSt <= RA_RELEASED)
+#ifdef MUT_NO_LOCK_EXPIRY
+#define OB_SILENCE false
+#else
+/* the old box: only the crash leaves it locked in the model (a left anchor that ends waits for the old path's
+   answer, and the model has no give-up on the old path), so only then may it expire: a lock kept after a cancel
+   or a teardown stays a bug the model sees (MUT_CANCEL_KEEPS_LOCK) */
+#define OB_SILENCE (laSt == LA_CRASHED && (obSt == OB_PENDING || obSt == OB_LOCKED || obSt == OB_EXPORTED || obSt == OB_ANSWERED))
+#endif
+
 mtype = { requestLock, ackLock, nackLock, cancelLock, ackCancel, newPathSyn, newPathSynAck, newPathCancel,
-          newPathCancelAck, drainStart, drained, stateRequest, statePut, stateInstalled, oldPathFin, oldPathFinAck };
+          newPathCancelAck, newPathRefused, drainStart, drained, stateRequest, statePut, stateInstalled, oldPathFin,
+          oldPathFinAck };
 
 /* role states (values shared by all roles: names are prefixed by the role) */
 #define LA_IDLE 13
@@ -60,6 +81,7 @@ mtype = { requestLock, ackLock, nackLock, cancelLock, ackCancel, newPathSyn, new
 #define LA_MOVED 10
 #define LA_REFUSED 11
 #define LA_CANCELLED 12
+#define LA_CRASHED 14            /* not a state of the implementation: the host is gone (CRASH_LA) */
 
 #define OB_UNLOCKED 1
 #define OB_PENDING 2
@@ -150,7 +172,12 @@ inline CANCEL() {
   fi;
   egress = E_OLD; cancelledBack = true;
 #endif
-  if :: !cancelAtLock -> SEND(cNB, newPathCancel, 0) :: else fi;   /* new boxes exist from the new-path step on */
+  /* new boxes exist from the new-path step on; newPathCancel is sent until newPathCancelAck (issue 19) */
+  lockAcked = false; nbAcked = cancelAtLock; ctries = 0;
+  if :: !cancelAtLock -> SEND(cNB, newPathCancel, 0) :: else fi;
+#ifdef MUT_CANCEL_ONCE
+  nbAcked = true;                 /* sent once, as before issue 19: not retransmitted, not waited for */
+#endif
   out = cancelLock; SEND(cOB, cancelLock, 0)
 }
 
@@ -173,19 +200,22 @@ proctype LeftAnchor() {
   byte oldSent, oldAcked, held;   /* held: bytes [held, written) wait in the anchor buffer */
   byte out = requestLock;         /* the outstanding message (OUT_PROBE: the probe) */
   byte i;
-  bool cancelAtLock;
+  bool cancelAtLock, lockAcked, nbAcked;   /* the cancel: ackCancel and newPathCancelAck came back */
+  byte ctries;                             /* retransmissions of the cancel */
   atomic { TR(LA_IDLE, trigger, LA_LOCK); SEND(cOB, requestLock, 0) }
 end:
   do
   /* ---- the endpoint writes a byte; egress per phase (§3.5 two-path rules, stateful hold) */
-  :: atomic { written < N ->
+  /* ---- the left anchor's host dies (CRASH_LA): it sends nothing from now on; what reaches it is dropped */
+  :: atomic { CRASH_LA && st >= LA_LOCK && st <= LA_TEARDOWN -> st = LA_CRASHED; laSt = st }
+  :: atomic { written < N && st != LA_CRASHED ->
        if
        :: egress == E_OLD -> dLAOB!written; oldSent = written + 1
        :: egress == E_NEW -> dLANB!written
        :: egress == E_HOLD -> skip
        fi;
        written++ }
-  :: atomic { nempty(rtx) && egress != E_HOLD -> rtx?i; if :: egress == E_OLD -> dLAOB!i :: else -> dLANB!i fi }
+  :: atomic { nempty(rtx) && egress != E_HOLD && st != LA_CRASHED -> rtx?i; if :: egress == E_OLD -> dLAOB!i :: else -> dLANB!i fi }
   :: atomic { aLA?i -> if :: i > oldAcked -> oldAcked = i :: else fi }
   /* ---- data plane: everything sent on the old path is acknowledged (AnchorState.sentDrained) */
 #ifdef MUT_NO_DRAIN
@@ -204,9 +234,20 @@ end:
        fi }
   /* ---- retransmission (20 ms doubling to 100 ms): here when the system is quiet and a loss is unanswered */
 #ifndef MUT_NO_RETX
-  :: atomic { timeout && owed > 0 && st != LA_MOVED && st != LA_REFUSED && st != LA_CANCELLED ->
+  :: atomic { timeout && owed > 0 && st != LA_MOVED && st != LA_REFUSED && st != LA_CANCELLED && st != LA_CRASHED ->
        owed--;
        if
+       :: st == LA_CANCEL ->
+            /* cancelLock until ackCancel, newPathCancel until newPathCancelAck, on one timer (issue 19) */
+            if
+            :: ctries >= MAXC && lockAcked ->
+                 /* maxTries: the new box does not answer (it is down): its session, if any, expires by idleness */
+                 TR(LA_CANCEL, retransmit, LA_CANCELLED); laLocked = false
+            :: else ->
+                 ctries++;
+                 if :: !nbAcked -> SEND(cNB, newPathCancel, 0) :: else fi;
+                 if :: !lockAcked -> SEND(cOB, cancelLock, 0) :: else fi
+            fi
        :: st == LA_TEARDOWN && !obInSession ->
             /* the old box left, its oldPathFinAck was lost: after maxTries sends, moved (teardown unanswered) */
             TR(LA_TEARDOWN, retransmit, LA_MOVED); laLocked = false
@@ -259,7 +300,12 @@ end:
 #ifdef MUT_KEEP_LOCK
             ; laLocked = true
 #endif
-       :: t == ackCancel && st == LA_CANCEL -> TR(LA_CANCEL, ackCancel, LA_CANCELLED); laLocked = false
+       :: t == ackCancel && st == LA_CANCEL && !lockAcked ->
+            lockAcked = true;
+            if :: nbAcked -> TR(LA_CANCEL, ackCancel, LA_CANCELLED); laLocked = false :: else fi
+       :: t == newPathCancelAck && st == LA_CANCEL && !nbAcked ->
+            nbAcked = true;
+            if :: lockAcked -> TR(LA_CANCEL, newPathCancelAck, LA_CANCELLED); laLocked = false :: else fi
        :: else -> skip                 /* a duplicate or a late answer: nothing changes */
        fi;
        laSt = st }
@@ -338,6 +384,18 @@ end:
        :: else -> skip
        fi;
        obSt = st }
+  /* ---- its lock's silence timeout (30 s without a message of the request; issue 19): the left anchor is gone */
+#ifndef MUT_NO_LOCK_EXPIRY
+  :: atomic { timeout && OB_SILENCE ->
+       ended = true;
+       if
+       :: st == OB_PENDING -> TR(OB_PENDING, silence, OB_ENDED)
+       :: st == OB_LOCKED -> TR(OB_LOCKED, silence, OB_ENDED)
+       :: st == OB_EXPORTED -> TR(OB_EXPORTED, silence, OB_ENDED)
+       :: st == OB_ANSWERED -> TR(OB_ANSWERED, silence, OB_ENDED)
+       fi;
+       obSt = st }
+#endif
   /* ---- the export (conntrack) completes */
   :: atomic { st == OB_EXPORTING ->
        if
@@ -384,7 +442,14 @@ end:
             :: st == NB_INSTALLED -> TR(NB_INSTALLED, newPathCancel, NB_GONE)
             :: st == NB_REFUSED -> TR(NB_REFUSED, newPathCancel, NB_GONE)
             fi;
-            nbInSession = false
+            nbInSession = false; SEND(cLA, newPathCancelAck, 0)
+       :: t == newPathCancel && st == NB_GONE -> SEND(cLA, newPathCancelAck, 0)
+       /* a late newPathSyn (duplicated, reordered) after the cancel: refused, the session is not made again */
+#ifdef MUT_SYN_AFTER_CANCEL
+       :: t == newPathSyn && st == NB_GONE -> st = NB_CREATED; nbInSession = true; SEND(cRA, newPathSyn, 0)
+#else
+       :: t == newPathSyn && st == NB_GONE -> SEND(cLA, newPathRefused, 0)
+#endif
        :: else -> skip
        fi;
        nbSt = st }
@@ -444,7 +509,8 @@ end:
   :: atomic { (st == RA_DRAIN || st == RA_PROBING || st == RA_RELEASED) && !drainedHere -> drainedHere = true;
        SEND(cLA, drained, 0) }
   /* ---- 10 s without a word from the left anchor (it gave up): back on the old path, or done if released */
-  :: atomic { timeout && owed == 0 && (laSt == LA_MOVED || laSt == LA_CANCELLED) && st >= RA_LOCKED && st <= RA_RELEASED ->
+  :: atomic { timeout && (owed == 0 || laSt == LA_CRASHED) && (laSt == LA_MOVED || laSt == LA_CANCELLED || laSt == LA_CRASHED) &&
+              st >= RA_LOCKED && st <= RA_RELEASED ->
        if
        :: st == RA_RELEASED -> TR(RA_RELEASED, silence, RA_DONE); raHolding = false
        :: st == RA_LOCKED -> TR(RA_LOCKED, silence, RA_CANCELLED); raHolding = false; raOnNew = false
@@ -503,11 +569,12 @@ init {
     run LeftAnchor(); run OldBox(); run NewBox(); run RightAnchor()
   }
   /* The end of every run: nobody can move, and no loss is left unanswered by the left anchor. */
-  (timeout && (owed == 0 || laSt == LA_MOVED || laSt == LA_REFUSED || laSt == LA_CANCELLED));
+  (timeout && (owed == 0 || laSt == LA_MOVED || laSt == LA_REFUSED || laSt == LA_CANCELLED || laSt == LA_CRASHED)
+   && !OB_SILENCE && !RA_SILENCE);   /* and no silence timeout is still to fire */
   /* no deadlock: the reconfiguration ended */
-  assert(laSt == LA_MOVED || laSt == LA_CANCELLED || laSt == LA_REFUSED);
-  /* every byte written is delivered, once (DELIVER), in order */
-  assert(written == N && rcvNext == N);
+  assert(laSt == LA_MOVED || laSt == LA_CANCELLED || laSt == LA_REFUSED || laSt == LA_CRASHED);
+  /* every byte written is delivered, once (DELIVER), in order (unless the left end's host died) */
+  assert(laSt == LA_CRASHED || (written == N && rcvNext == N));
   if
   :: laSt == LA_MOVED ->
        /* after success: the old path is torn down, every lock released, data on the new path */
@@ -517,13 +584,18 @@ init {
        /* after cancel: the session is on the old path and unlocked */
        assert(egress == E_OLD && !laLocked && obInSession && (obSt == OB_UNLOCKED || obSt == OB_ENDED));
        assert(!raHolding && !raOnNew);
-       /* newPathCancel is sent once (not retransmitted): only its loss leaves the new box an orphan session,
-          which is on no path and expires by idleness */
-       assert(!nbInSession || loss < LOSS)
+       /* newPathCancel is sent until answered and a late newPathSyn is refused (issue 19): no new box keeps the
+          session (a box that is down never made it) */
+       assert(!nbInSession)
+  :: laSt == LA_CRASHED ->
+       /* the left anchor's host died: the old box's lock and the right anchor's hold are given up after their
+          silence timeouts (issue 19), so the segment is free for the next reconfiguration */
+       assert(obSt != OB_PENDING && obSt != OB_LOCKED && obSt != OB_EXPORTING && obSt != OB_EXPORTED && obSt != OB_ANSWERED);
+       assert(!raHolding)
   :: laSt == LA_REFUSED -> skip          /* a single request is never refused: the next assertion says so */
   fi;
   /* no unnecessary failure: with a live new path, an accepted import and no deadline, it succeeds */
-  assert(pathFailed || importRefused || deadlineFired || laSt == LA_MOVED)
+  assert(pathFailed || importRefused || deadlineFired || laSt == LA_MOVED || laSt == LA_CRASHED)
 }
 
 /* LTL (pan -a -N <name>; model/verify.sh runs both in the replace-ltl configuration) */

@@ -26,6 +26,9 @@ CONFIGS=(
   "replace-newpath-fails|replace.pml|-DSTATEFUL=1 -DLOSS=1 -DDUP=1 -DREORDER=1 -DFAIL_PATH=1 -DDEADLINE=1|safety|the new path cannot be opened / the new box is down: cancel"
   "replace-ltl-cancel|replace.pml|-DSTATEFUL=1 -DLOSS=1 -DDUP=1 -DREORDER=0 -DDEADLINE=1 -DFAIL_IMPORT=1|ltl:cancelledStaysOld|LTL: once cancelled, on the old path and unlocked for good"
   "replace-ltl-moved|replace.pml|-DSTATEFUL=0 -DLOSS=1 -DDUP=1 -DREORDER=0 -DDEADLINE=1|ltl:movedStaysNew|LTL: once moved, on the new path and unlocked for good"
+  "replace-cancel-resent|replace.pml|-DSTATEFUL=1 -DLOSS=1 -DDUP=1 -DREORDER=1 -DDEADLINE=1|safety|issue 19: newPathCancel resent until newPathCancelAck, a late newPathSyn refused: after a cancel no new box keeps the session"
+  "replace-la-crash|replace.pml|-DSTATEFUL=1 -DLOSS=1 -DDUP=1 -DREORDER=1 -DCRASH_LA=1|safety|issue 19: the left anchor's host dies at any step: the old box's lock and the right anchor's hold expire by silence"
+  "replace-la-crash-stateless|replace.pml|-DSTATEFUL=0 -DLOSS=1 -DDUP=1 -DREORDER=1 -DCRASH_LA=1|safety|issue 19: as replace-la-crash, stateless"
   "replace-two-losses|replace.pml|-DSTATEFUL=1 -DLOSS=2 -DDUP=1 -DREORDER=1|safety|two control losses, no fault: it must succeed (no unnecessary failure)"
   "replay-back-and-forth|replay.pml|-DOPS=3 -DREPLAY=2 -DRESTART_CTRL=1 -DRESTART_LA=1|safety|issue 20: B1→B2→B1→B2 back to back under replayed triggers and restarts: only fresh triggers act, every move succeeds"
 )
@@ -47,6 +50,9 @@ MUTANTS=(
   "MUT_NO_RETX|replace.pml|-DMUT_NO_RETX -DSTATEFUL=1 -DLOSS=1 -DDUP=0 -DREORDER=0|safety|no deadlock (retransmission)|invalid end state"
   "MUT_GIVEUP|replace.pml|-DMUT_GIVEUP -DSTATEFUL=1 -DLOSS=1 -DDUP=0 -DREORDER=0|safety|no unnecessary failure (loss)|deadlineFired"
   "MUT_NACK_DUPLICATE|replace.pml|-DMUT_NACK_DUPLICATE -DSTATEFUL=0 -DLOSS=0 -DDUP=1 -DREORDER=1|safety|no unnecessary failure (duplicates)|deadlineFired"
+  "MUT_CANCEL_ONCE|replace.pml|-DMUT_CANCEL_ONCE -DSTATEFUL=1 -DLOSS=1 -DDUP=0 -DREORDER=0 -DDEADLINE=1|safety|after cancel: no new box keeps the session (newPathCancel resent until answered, issue 19)|nbInSession"
+  "MUT_SYN_AFTER_CANCEL|replace.pml|-DMUT_SYN_AFTER_CANCEL -DSTATEFUL=1 -DLOSS=0 -DDUP=1 -DREORDER=1 -DDEADLINE=1|safety|after cancel: a late newPathSyn does not make the session again (issue 19)|nbInSession"
+  "MUT_NO_LOCK_EXPIRY|replace.pml|-DMUT_NO_LOCK_EXPIRY -DSTATEFUL=1 -DLOSS=0 -DDUP=0 -DREORDER=0 -DCRASH_LA=1|safety|the left anchor's host died: the old box's lock expires (issue 19)|obSt!="
 
   "MUT_NO_FRESHNESS|replay.pml|-DMUT_NO_FRESHNESS -DOPS=3 -DREPLAY=1 -DRESTART_CTRL=0 -DRESTART_LA=0|safety|a trigger is acted on only fresh (issue 20)|requested\[k\]"
   "MUT_NO_TIME|replay.pml|-DMUT_NO_TIME -DOPS=2 -DREPLAY=1 -DRESTART_CTRL=0 -DRESTART_LA=1|safety|a restarted receiver takes no recorded trigger (issue 20)|requested\[k\]"

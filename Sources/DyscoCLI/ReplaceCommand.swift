@@ -101,6 +101,11 @@ struct ReplaceCommand: AsyncParsableCommand {
                 ? zip(row, widths).map { $0.padding(toLength: $1, withPad: " ", startingAt: 0) }.joined(separator: "  ")
                 : row.joined(separator: "  "))
         }
+        // Moved, with a note: the old path never acknowledged the teardown (issue 19; the reason starts with
+        // "teardown unanswered"): the session is on the new path, the old one expires by idleness.
+        for s in report.sessions where s.result == "moved" && !s.reason.isEmpty {
+            lines.append("\(s.session): moved, \(s.reason)")
+        }
         let moved = report.sessions.filter { $0.result == "moved" }
         let totals = moved.compactMap { $0.phases?.total }.sorted()
         var summary = "\(moved.count)/\(report.sessions.count) moved in \(micros(UInt32(clamping: report.elapsedMicroseconds)))"

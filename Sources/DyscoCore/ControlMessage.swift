@@ -73,7 +73,8 @@ public struct TriggerResult: Sendable, Equatable {
     public enum Outcome: UInt8, Sendable { case moved = 0, cancelled = 1, refused = 2 }
 
     public var outcome: Outcome
-    /// At most 200 bytes of UTF-8; "" when moved.
+    /// At most 200 bytes of UTF-8; "" when moved cleanly, or starting with ``teardownUnanswered`` when moved but
+    /// the old path never acknowledged its teardown (docs/CONTROL-PROTOCOL.md, "triggerResult").
     public var reason: String
     /// The step the reconfiguration failed at; nil when moved.
     public var failedStep: MigrationStep?
@@ -86,6 +87,14 @@ public struct TriggerResult: Sendable, Equatable {
         self.failedStep = failedStep
         self.phases = phases
     }
+
+    /// The prefix of the reason of a move whose teardown (oldPathFin) was never acknowledged after the
+    /// retransmissions (issue 19): the data is on the new path, the old path's agents expire the session by
+    /// idleness (their locks by their silence timeout).
+    public static let teardownUnanswered = "teardown unanswered"
+
+    /// Moved, but the old path did not acknowledge the teardown.
+    public var teardownUnanswered: Bool { outcome == .moved && reason.hasPrefix(Self.teardownUnanswered) }
 }
 
 public enum ControlBody: Sendable, Equatable {

@@ -29,6 +29,8 @@ public struct SessionContext: Sendable, Equatable {
 /// The roles an agent plays in one reconfiguration (each has its own timers).
 public enum Role: String, Sendable, Hashable, Codable {
     case controller, leftAnchor, rightAnchor, oldBox, newBox
+    /// An agent of the old path between the anchors, for the silence timer of its lock (never in `role(of:)`).
+    case oldPathHop
 }
 
 /// A timer of one role of one session's reconfiguration.

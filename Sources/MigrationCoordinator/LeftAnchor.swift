@@ -73,6 +73,21 @@ struct LeftAnchor: Sendable {
         case neither, selfDrained, peerDrained
     }
 
+    /// The cancel (§3.6) under way: cancelLock along the old path until ackCancel, and newPathCancel to each new
+    /// middlebox until its newPathCancelAck, on the one retransmission timer, at most `maxTries` sends (issue 19).
+    struct Cancelling: Sendable {
+        var step: MigrationStep
+        var reason: String
+        /// cancelLock; its tries and delay pace the newPathCancel retransmissions too.
+        var lock: Outstanding
+        /// ackCancel came back: every agent of the old path has the cancel.
+        var lockAcknowledged = false
+        /// New middleboxes whose newPathCancelAck has not come back, in path order.
+        var newBoxes: [IPv4Address]
+
+        var done: Bool { lockAcknowledged && newBoxes.isEmpty }
+    }
+
     /// Window-opening probes on the new path (the release step): how many, and the next delay.
     struct Probes: Sendable {
         var tries: Int
@@ -94,8 +109,8 @@ struct LeftAnchor: Sendable {
         case probing(Probes)
         /// oldPathFin along the old path; the data already flows on the new one.
         case tearingDown(Outstanding)
-        /// cancelLock along the old path (§3.6), after a failure at `step`.
-        case cancelling(step: MigrationStep, reason: String, Outstanding)
+        /// cancelLock along the old path and newPathCancel to the new middleboxes (§3.6), after a failure.
+        case cancelling(Cancelling)
         /// Only while a handler changes the state's data in place (no copy-on-write of the associated values).
         case modifying
     }
@@ -129,7 +144,7 @@ struct LeftAnchor: Sendable {
         case .transferringState: .state
         case .probing: .release
         case .tearingDown: .teardown
-        case .cancelling(let step, _, _): step
+        case .cancelling(let c): c.step
         case .modifying: preconditionFailure("LeftAnchor.step while modifying")
         }
     }
@@ -333,13 +348,36 @@ struct LeftAnchor: Sendable {
         return out
     }
 
-    /// ackCancel (§3.6): every agent of the old path has the cancel.
+    /// ackCancel (§3.6): every agent of the old path has the cancel. The cancel ends when every new middlebox has
+    /// acknowledged its newPathCancel too.
     mutating func cancelAcknowledged() -> Output {
         var out = Output()
-        guard case .cancelling(let step, let reason, _) = state else { return out }
-        finish(TriggerResult(outcome: .cancelled, reason: reason, failedStep: step,
-                             phases: timeline.result(startedAt: request.startedAt)), &out)
+        guard case .cancelling(var c) = state else { return out }
+        c.lockAcknowledged = true
+        state = .cancelling(c)
+        if c.done { cancelFinished(c, &out) }
         return out
+    }
+
+    /// newPathCancelAck from a new middlebox (§3.6): it dropped the session (or never had it), and refuses a late
+    /// newPathSyn of this request from now on.
+    mutating func newPathCancelAcknowledged(by hop: IPv4Address) -> Output {
+        var out = Output()
+        guard case .cancelling(var c) = state, c.newBoxes.contains(hop) else { return out }
+        c.newBoxes.removeAll { $0 == hop }
+        state = .cancelling(c)
+        if c.done { cancelFinished(c, &out) }
+        return out
+    }
+
+    private func cancelFinished(_ c: Cancelling, _ out: inout Output) {
+        var reason = c.reason
+        if !c.newBoxes.isEmpty {
+            // Bounded like every retransmission: the session at those boxes is on no path and expires by idleness.
+            reason += "; newPathCancel unanswered by \(c.newBoxes.map(\.description).joined(separator: ","))"
+        }
+        finish(TriggerResult(outcome: .cancelled, reason: String(reason.utf8.prefix(ControlBody.maxReasonBytes)) ?? c.reason,
+                             failedStep: c.step, phases: timeline.result(startedAt: request.startedAt)), &out)
     }
 
     /// The anchor buffer is full (documented bound): cancel.
@@ -405,23 +443,32 @@ struct LeftAnchor: Sendable {
             if o.tries >= env.settings.maxTries {
                 // Data already flows on the new path; the old path's agents expire the session by idleness.
                 out.actions.append(.finishAnchor(chainID: chainID))
-                finish(TriggerResult(outcome: .moved, reason: "old path teardown unanswered by \(o.to)", failedStep: nil,
+                finish(TriggerResult(outcome: .moved, reason: "\(TriggerResult.teardownUnanswered): no oldPathFinAck from \(o.to) after \(o.tries) sends; the old path expires by idleness",
+                                     failedStep: nil,
                                      phases: timeline.result(startedAt: request.startedAt)), &out)
                 return out
             }
             state = .modifying
             Self.send(&o, fresh: false, key: key, now: now, &env, &out.actions)
             state = .tearingDown(o)
-        case .cancelling(let step, let reason, var o):
-            if o.tries >= env.settings.maxTries {
-                // The old path does not answer the cancel: the session is back on it here anyway.
-                finish(TriggerResult(outcome: .cancelled, reason: reason, failedStep: step,
-                                     phases: timeline.result(startedAt: request.startedAt)), &out)
+        case .cancelling(var c):
+            if c.lock.tries >= env.settings.maxTries {
+                // The old path or a new box does not answer the cancel: the session is back on the old path here
+                // anyway; an unanswered new box's session is on no path and expires by idleness.
+                cancelFinished(c, &out)
                 return out
             }
             state = .modifying
-            Self.send(&o, fresh: false, key: key, now: now, &env, &out.actions)
-            state = .cancelling(step: step, reason: reason, o)
+            for hop in c.newBoxes { out.actions.append(.send(request.message(.newPathCancel), to: hop)) }
+            if c.lockAcknowledged {
+                // Only newPathCancel is outstanding: the same pacing, without cancelLock.
+                c.lock.tries += 1
+                out.actions.append(.setTimer(key, afterNanoseconds: c.lock.delay))
+                c.lock.delay = env.clock.backoff(c.lock.delay, env.settings, active: env.active)
+            } else {
+                Self.send(&c.lock, fresh: false, key: key, now: now, &env, &out.actions)
+            }
+            state = .cancelling(c)
         }
         return out
     }
@@ -475,11 +522,14 @@ struct LeftAnchor: Sendable {
                                      to: request.oldRight)
         out.actions.append(.cancelTimer(key(.deadline)))
         out.actions.append(.cancelAnchor(chainID: chainID))
-        for hop in request.newMiddleboxes where step != .lock {
+        // New boxes exist from the new-path step on; each gets newPathCancel until it answers (issue 19: sent once,
+        // a lost one left an orphan session and a late newPathSyn could make it again).
+        let newBoxes = step == .lock ? [] : Array(request.newMiddleboxes)
+        for hop in newBoxes {
             out.actions.append(.send(request.message(.newPathCancel), to: hop))
         }
         Self.send(&cancelLock, fresh: true, key: key(.retransmit), now: now, &env, &out.actions)
-        state = .cancelling(step: step, reason: reason, cancelLock)
+        state = .cancelling(Cancelling(step: step, reason: reason, lock: cancelLock, newBoxes: newBoxes))
     }
 
     private func finish(_ result: TriggerResult, _ out: inout Output) {

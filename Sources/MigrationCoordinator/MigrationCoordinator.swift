@@ -41,6 +41,13 @@ public struct MigrationCoordinator: Sendable {
         /// A right anchor whose left anchor falls silent (crashed, partitioned) gives up after this long without
         /// a message of the reconfiguration: it goes back to the old path (and reopens its endpoint's window).
         public var rightAnchorSilence: UInt64 = 10_000_000_000
+        /// An agent of the old path between the anchors whose right-subsession lock (§3.2) is pending or locked for
+        /// a request gives it up after this long without a message of that request (the left anchor crashed or
+        /// was partitioned, issue 19): the segment is free for the next reconfiguration. Longer than a
+        /// reconfiguration's silence at such an agent can last: between ackLock and the teardown it hears nothing
+        /// (deadline, 3 s by default, plus the teardown's retransmissions, under 1 s with the defaults).
+        /// docs/CONTROL-PROTOCOL.md, "Timers".
+        public var hopLockSilence: UInt64 = 30_000_000_000
         public init() {}
     }
 
@@ -63,6 +70,11 @@ public struct MigrationCoordinator: Sendable {
     /// refused again instead of locking the segment for a left anchor that has given up (found by the Spin
     /// model, docs/VERIFICATION.md).
     private var refusedRequests: [UInt64: Set<UInt32>] = [:]
+    /// Requests whose newPathCancel this agent handled as a new middlebox, per session (bounded, like the others):
+    /// a late newPathSyn of one is refused (newPathRefused) instead of making the session again (issue 19).
+    private var cancelledNewPaths: [UInt64: Set<UInt32>] = [:]
+    /// Sessions whose lock here is held for another agent's left anchor, with its silence timer armed.
+    private var hopTimers: Set<UInt64> = []
 
     public init(settings: Settings = Settings()) { self.settings = settings }
 
@@ -146,6 +158,10 @@ public struct MigrationCoordinator: Sendable {
             out.append(.setTimer(TimerKey(chainID: chainID, role: .rightAnchor, kind: .deadline),
                                  afterNanoseconds: settings.rightAnchorSilence))
         }
+        if hopTimers.contains(chainID), hops[chainID]?.owner == m.requestID {
+            // A message of the request that holds the lock here: its left anchor is alive.
+            out.append(.setTimer(hopKey(chainID), afterNanoseconds: settings.hopLockSilence))
+        }
         switch m.body {
         case .trigger(let trigger):
             receiveTrigger(m, trigger: trigger, from: from, context: context, now: now, &out)
@@ -159,7 +175,7 @@ public struct MigrationCoordinator: Sendable {
         case .ackLock(let leftDelta, let rightDelta):
             guard let context, var hop = hops[chainID] else { return }
             let result = hop.ackLock(m, left: context.leftNeighbour)
-            store(hop, chainID)
+            store(hop, chainID, &out)
             guard result.matched else { return }
             remember(result.refused, chainID)
             out += result.actions
@@ -171,7 +187,7 @@ public struct MigrationCoordinator: Sendable {
         case .nackLock(let reason):
             guard let context, var hop = hops[chainID] else { return }
             let result = hop.nackLock(m, right: context.rightNeighbour)
-            store(hop, chainID)
+            store(hop, chainID, &out)
             guard result.matched else { return }
             remember(result.refused, chainID)
             out += result.actions
@@ -199,12 +215,20 @@ public struct MigrationCoordinator: Sendable {
                 out += newBoxes[chainID]?.newPathAnswered(m, subsession: subsession) ?? []
             }
         case .newPathCancel:
-            if newBoxes.removeValue(forKey: chainID) != nil || context != nil {
+            // A duplicate or a retransmission (the left anchor sends it until answered) only gets the answer again.
+            if let n = newBoxes[chainID], n.requestID == m.requestID {
+                newBoxes[chainID] = nil
+                out.append(.cancelTimer(TimerKey(chainID: chainID, role: .newBox, kind: .deadline)))
+                out.append(.removeSession(chainID: chainID, deleteConntrack: true))
+            } else if newBoxes[chainID] == nil, context != nil, cancelledNewPaths[chainID]?.contains(m.requestID) != true {
                 out.append(.removeSession(chainID: chainID, deleteConntrack: true))
             }
+            rememberCancelled(m.requestID, chainID)
             out.append(.send(m.answer(.newPathCancelAck), to: from))
         case .newPathCancelAck:
-            break  // the left anchor's cancel ends with ackCancel on the old path (§3.6)
+            // The cancel (§3.6) ends when the old path (ackCancel) and every new middlebox have it.
+            guard leftAnchors[chainID]?.requestID == m.requestID else { return }
+            withLeftAnchor(chainID, &out) { l, _ in l.newPathCancelAcknowledged(by: from) }
         case .newPathRefused(let reason):
             // A hop of the new path cannot take the session (issue 20): cancel now, with its reason, instead of
             // retransmitting newPathSyn until the deadline.
@@ -261,14 +285,36 @@ public struct MigrationCoordinator: Sendable {
         }
         if var hop = hops[chainID] {
             hop.releaseForLeftAnchor(l.requestID)
-            store(hop, chainID)
+            store(hop, chainID, &out)
         }
         if finished.count > 4096 { finished.removeAll(keepingCapacity: true) }
         finished[chainID] = (l.requestID, result)
     }
 
-    private mutating func store(_ hop: OldPathHop, _ chainID: UInt64) {
+    private mutating func store(_ hop: OldPathHop, _ chainID: UInt64, _ out: inout [Action]) {
         hops[chainID] = hop.isUnlocked ? nil : hop
+        guard let owner = hop.owner, leftAnchors[chainID]?.requestID != owner else {
+            // Unlocked, or locked by this agent's own left anchor (which has its deadline): no silence timer.
+            if hopTimers.remove(chainID) != nil { out.append(.cancelTimer(hopKey(chainID))) }
+            return
+        }
+        // Locked (or pending) for another agent's left anchor: given up if it falls silent (issue 19).
+        hopTimers.insert(chainID)
+        out.append(.setTimer(hopKey(chainID), afterNanoseconds: settings.hopLockSilence))
+    }
+
+    private func hopKey(_ chainID: UInt64) -> TimerKey { TimerKey(chainID: chainID, role: .oldPathHop, kind: .deadline) }
+
+    /// The lock here was held for another agent's left anchor, which said nothing for `hopLockSilence`: release it
+    /// (a request held behind it is dropped too: its left anchor retransmits requestLock, which finds the
+    /// subsession unlocked). The request counts as ended here (a late requestLock of it does not lock again).
+    private mutating func hopSilent(_ chainID: UInt64, _ out: inout [Action]) {
+        guard hopTimers.remove(chainID) != nil, var hop = hops[chainID], let owner = hop.owner,
+              leftAnchors[chainID]?.requestID != owner else { return }
+        hop.expire()
+        hops[chainID] = nil
+        endRequest(chainID, owner)
+        if oldBoxes[chainID]?.requestID == owner { oldBoxes[chainID] = nil }
     }
 
     private mutating func remember(_ refused: [UInt32], _ chainID: UInt64) {
@@ -276,6 +322,11 @@ public struct MigrationCoordinator: Sendable {
             if refusedRequests.count > 4096 { refusedRequests.removeAll(keepingCapacity: true) }
             refusedRequests[chainID, default: []].insert(requestID)
         }
+    }
+
+    private mutating func rememberCancelled(_ requestID: UInt32, _ chainID: UInt64) {
+        if cancelledNewPaths.count > 4096 { cancelledNewPaths.removeAll(keepingCapacity: true) }
+        cancelledNewPaths[chainID, default: []].insert(requestID)
     }
 
     private mutating func endRequest(_ chainID: UInt64, _ requestID: UInt32) {
@@ -331,12 +382,12 @@ public struct MigrationCoordinator: Sendable {
             refuse("the segment is locked by another reconfiguration (§3.2)")
             return
         }
-        store(hop, chainID)
         let request = LeftAnchor.Request(requestID: m.requestID, context: context, trigger: trigger, controller: from,
                                          oldRight: oldRight, rightAnchor: rightAnchor, startedAt: now)
         var env = LeftAnchor.Environment(settings: settings, clock: clock, active: leftAnchors.count + 1)
         leftAnchors[chainID] = LeftAnchor(request: request, now: now, &env, &out)
         clock = env.clock
+        store(hop, chainID, &out)  // after the left anchor: its own lock has no silence timer
     }
 
     // MARK: - Lock messages along the old path (§3.2, §3.6)
@@ -370,7 +421,7 @@ public struct MigrationCoordinator: Sendable {
         }
         var hop = hops[chainID] ?? OldPathHop()
         let result = hop.requestLock(m, rightDelta: rightDelta, left: left, right: right)
-        store(hop, chainID)
+        store(hop, chainID, &out)
         remember(result.refused, chainID)
         out += result.actions
     }
@@ -389,7 +440,7 @@ public struct MigrationCoordinator: Sendable {
         }
         var hop = hops[chainID] ?? OldPathHop()
         let result = hop.cancelLock(m, from: from, right: context.rightNeighbour)
-        store(hop, chainID)
+        store(hop, chainID, &out)
         if result.released { oldBoxes[chainID] = nil }
         out += result.actions
     }
@@ -418,6 +469,12 @@ public struct MigrationCoordinator: Sendable {
             return
         }
         // A new middlebox.
+        if cancelledNewPaths[chainID]?.contains(m.requestID) == true {
+            // A late newPathSyn (reordered, duplicated, or a retransmission overtaken by the cancel): the request
+            // was cancelled here; making the session again would leave an orphan on no path (issue 19, §3.6).
+            refuse("request \(m.requestID) was cancelled at this box (newPathCancel)")
+            return
+        }
         var halfMade = false
         if let n = newBoxes[chainID] {
             if n.requestID == m.requestID {
@@ -500,6 +557,7 @@ public struct MigrationCoordinator: Sendable {
         // left anchor itself (a duplicate after it finished): it stays on the session's (new) path.
         guard m.leftAnchor != context.me, let left = context.leftNeighbour else { return }
         hops[chainID] = nil
+        if hopTimers.remove(chainID) != nil { out.append(.cancelTimer(hopKey(chainID))) }
         oldBoxes[chainID] = nil
         if newBoxes.removeValue(forKey: chainID) != nil {
             // It joined the session as a new box of an earlier request: that role ends with the session here.
@@ -527,6 +585,8 @@ public struct MigrationCoordinator: Sendable {
             withLeftAnchor(chainID, &out) { l, env in l.deadlinePassed(now: now, &env) }
         case (.leftAnchor, .retransmit):
             withLeftAnchor(chainID, &out) { l, env in l.retransmitTimerFired(now: now, &env) }
+        case (.oldPathHop, _):
+            hopSilent(chainID, &out)
         default:
             break
         }

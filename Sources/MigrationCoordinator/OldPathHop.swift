@@ -32,6 +32,10 @@ struct OldPathHop: Sendable {
     /// The end of the left anchor's request (teardown done, or cancel): unlock.
     mutating func releaseForLeftAnchor(_ requestID: UInt32) { _ = lock.release(requestID) }
 
+    /// The left anchor of the request locked (or pending) here fell silent (issue 19): unlock, and forget a held
+    /// request too (its left anchor's retransmission finds the subsession unlocked).
+    mutating func expire() { lock = SegmentLock() }
+
     /// requestLock from the left at an agent between the anchors (`right` is its right neighbour).
     mutating func requestLock(_ m: ControlMessage, rightDelta: Int32, left: IPv4Address, right: IPv4Address) -> Output {
         var out = Output()

@@ -43,6 +43,7 @@ enum Abstraction {
             case (.rightAnchor, _): return "silence"
             case (.newBox, _): return "linger"
             case (.oldBox, _): return "timer"
+            case (.oldPathHop, _): return "silence"
             }
         case .drained: return "dataDrained"
         case .newPathPacket: return "newPathPacket"
@@ -143,6 +144,19 @@ private func replaceRuns() -> [(String, Harness)] {
                   stateful: stateful, after: 1_000_000)
         _ = h.run()
         runs.append(("contention at the right anchor stateful=\(stateful)", h))
+    }
+    // Issue 19: a request (998) of the client's session locks fw1 and the server, then its left anchor falls silent
+    // (the client leads no such request: the ackLock is dropped there). fw1 gives its lock up after hopLockSilence
+    // (OB silence), the server after rightAnchorSilence; the real request after them moves.
+    do {
+        let h = Harness(chain: [Host.client, Host.fw1, Host.server], others: [Host.fw2], config: .init())
+        let silent = ControlMessage(identity: TestSession.identity, requestID: 998, session: TestSession.tuple, leftAnchor: Host.client,
+                                    rightAnchor: Host.server, body: .requestLock(rightDelta: 0))
+        h.inject(.message(silent, from: Host.client, context: nil), at: Host.fw1)
+        h.replace(at: Host.fw1, leftAnchor: Host.client, newPath: [Host.fw2, Host.server], oldBox: Host.fw1,
+                  stateful: true, after: 45_000_000_000)
+        _ = h.run()
+        runs.append(("silent left anchor after the lock", h))
     }
     var refused = Harness.Config(); refused.importRefusal = [Host.fw2: "strict tracking refuses"]
     runs.append(("import refused", replaceRun(refused, stateful: true).0))

@@ -105,9 +105,60 @@ struct RoleStateMachineTests {
         #expect(sent(cancel).map(\.1) == [Host.fw2, Host.fw1])
         #expect(l.isCancelling && l.step == .newPath)
         #expect(l.deadlinePassed(now: 4_100_000_000, &env).actions.isEmpty)  // cancelling already
-        let result = try #require(l.cancelAcknowledged().finished)
+        // The cancel ends when the old path (ackCancel) and the new box (newPathCancelAck) both have it (issue 19).
+        #expect(l.cancelAcknowledged().finished == nil)
+        #expect(l.newPathCancelAcknowledged(by: Host.fw3).finished == nil)  // not a new box of this request
+        let result = try #require(l.newPathCancelAcknowledged(by: Host.fw2).finished)
         #expect(result.outcome == .cancelled && result.failedStep == .newPath)
         #expect(result.reason.contains("no answer from \(Host.fw2) to newPathSyn"))
+    }
+
+    @Test("left anchor, §3.6 (issue 19): newPathCancel is retransmitted with cancelLock on the retransmission timer until newPathCancelAck; either answer may come first")
+    func leftAnchorNewPathCancelRetransmitted() throws {
+        var env = LeftAnchor.Environment(settings: .init(), clock: RetransmitClock(), active: 1)
+        var start: [Action] = []
+        var l = leftAnchor(stateful: true, env: &env, &start)
+        _ = l.locked(leftDelta: 0, now: 2_000_000, &env)
+        _ = l.pathOpened(newSub, now: 2_000_000, &env)
+        _ = l.deadlinePassed(now: 4_000_000_000, &env)
+        // Nothing answered: both again, on the left anchor's retransmission timer (the RTO's backoff).
+        let again = l.retransmitTimerFired(now: 4_020_000_000, &env).actions
+        #expect(sent(again).map(\.0) == [.newPathCancel, .cancelLock])
+        #expect(sent(again).map(\.1) == [Host.fw2, Host.fw1])
+        #expect(again.contains { if case .setTimer(let k, _) = $0 { k.kind == .retransmit } else { false } })
+        // The new box answers first: only cancelLock is outstanding now.
+        #expect(l.newPathCancelAcknowledged(by: Host.fw2).finished == nil)
+        #expect(sent(l.retransmitTimerFired(now: 4_060_000_000, &env).actions).map(\.0) == [.cancelLock])
+        #expect(l.newPathCancelAcknowledged(by: Host.fw2).finished == nil)  // a duplicate changes nothing
+        let result = try #require(l.cancelAcknowledged().finished)
+        #expect(result.outcome == .cancelled && !result.reason.contains("newPathCancel unanswered"))
+    }
+
+    @Test("left anchor, §3.6 (issue 19): a new box that never answers newPathCancel is given up after maxTries sends, and the result says so")
+    func leftAnchorNewPathCancelUnanswered() throws {
+        var settings = MigrationCoordinator.Settings()
+        settings.maxTries = 3
+        var env = LeftAnchor.Environment(settings: settings, clock: RetransmitClock(), active: 1)
+        var start: [Action] = []
+        var l = leftAnchor(stateful: true, env: &env, &start)
+        _ = l.locked(leftDelta: 0, now: 2_000_000, &env)
+        _ = l.pathOpened(newSub, now: 2_000_000, &env)
+        _ = l.deadlinePassed(now: 4_000_000_000, &env)  // send 1 of newPathCancel and cancelLock
+        #expect(l.cancelAcknowledged().finished == nil)
+        #expect(sent(l.retransmitTimerFired(now: 4_020_000_000, &env).actions).map(\.0) == [.newPathCancel])  // 2
+        #expect(sent(l.retransmitTimerFired(now: 4_060_000_000, &env).actions).map(\.0) == [.newPathCancel])  // 3
+        let result = try #require(l.retransmitTimerFired(now: 4_140_000_000, &env).finished)
+        #expect(result.outcome == .cancelled && result.failedStep == .newPath)
+        #expect(result.reason.contains("newPathCancel unanswered by \(Host.fw2)"), "\(result.reason)")
+    }
+
+    @Test("left anchor, §3.6: a cancel at the lock step sends no newPathCancel and ends with ackCancel alone")
+    func leftAnchorCancelAtLock() throws {
+        var env = LeftAnchor.Environment(settings: .init(), clock: RetransmitClock(), active: 1)
+        var start: [Action] = []
+        var l = leftAnchor(stateful: true, env: &env, &start)
+        #expect(sent(l.bufferFull(now: 2_000_000, &env).actions).map(\.0) == [.cancelLock])
+        #expect(l.cancelAcknowledged().finished?.outcome == .cancelled)
     }
 
     @Test("left anchor, §3.6: an unanswered cancelLock gives up after maxTries sends (the session is on the old path)")
