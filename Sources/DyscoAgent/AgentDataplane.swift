@@ -5,13 +5,13 @@ import Logging
 import Synchronization
 
 /// The agent's data plane as the rest of the agent uses it: the packet state machine (``PacketProcessor``, behind
-/// the packet lock), the kernel fast path (``FastPathWorker``), the state file (``AgentJournal``) and the packet
+/// the packet lock), the kernel fast path (a ``KernelPath``: ``FastPathWorker`` or ``BPFKernelPath``), the state file (``AgentJournal``) and the packet
 /// thread's mailbox. What a processor call produces besides its result (``DataplaneEffects``) is handled here, in
 /// one place (``apply(_:ownership:)``). The migration engine reaches it as its ``MigrationDataplane``.
 final class AgentDataplane: @unchecked Sendable {
     let processor: Mutex<PacketProcessor>
     /// Set once in `init` (its outcome callback needs `self`).
-    private(set) var fastPath: FastPathWorker?
+    private(set) var fastPath: (any KernelPath)?
     /// The state file and the kernel's owned keys; used under the processor's lock.
     let journal = AgentJournal()
     /// Work for the packet thread (buffer releases) and its wake-up.
@@ -33,7 +33,7 @@ final class AgentDataplane: @unchecked Sendable {
     /// installs back to the processor.
     init(processor: PacketProcessor, quietNanoseconds: UInt64, logger: Logger,
          makeFastPath: (_ nudge: @escaping @Sendable () -> Void,
-                        _ outcome: @escaping @Sendable (FastPathWorker.Outcome) -> Void) throws -> FastPathWorker) throws {
+                        _ outcome: @escaping @Sendable (KernelPathOutcome) -> Void) throws -> any KernelPath) throws {
         self.processor = Mutex(processor)
         self.quietNanoseconds = quietNanoseconds
         self.logger = logger
