@@ -85,6 +85,14 @@ import Testing
         try await liveReplacement(name: "rp1", subnet: "10.78.61.0/24", agentArguments: [])
     }
 
+    @Test("(a) the same over --datapath bpf (lab rpb1, 10.78.69.0/24, bpffs /run/dysco-rpb1-pins)")
+    func replaceLiveSessionsBPF() async throws {
+        let datapath = FastPathIntegrationTests.Datapath(kind: .bpf, lab: "rpb1", subnet: "10.78.69.0/24")
+        try await datapath.withPins {
+            try await liveReplacement(name: datapath.lab, subnet: datapath.subnet, agentArguments: datapath.arguments)
+        }
+    }
+
     @Test("(g) the same with --no-fastpath")
     func replaceLiveSessionsSlowPath() async throws {
         try await liveReplacement(name: "rp2", subnet: "10.78.62.0/24", agentArguments: ["--no-fastpath"])
