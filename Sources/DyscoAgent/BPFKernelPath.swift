@@ -145,7 +145,7 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
             let wait = queueEmpty ? FastPathWorker.batchDelayNanoseconds : FastPathWorker.maxDelayNanoseconds
             return !p.actions.isEmpty && now &- p.since >= wait
         }
-        if due { commit(take { ($0, []) }) }
+        if due { commit { ($0, []) } }
     }
 
     func pollTimeout(now: UInt64) -> Int32 {
@@ -156,46 +156,52 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
         }
     }
 
-    func flush() { commit(take { FastPathAction.splitForFlush($0) }) }
+    func flush() { commit { FastPathAction.splitForFlush($0) } }
 
-    func commitAll() { commit(take { ($0, []) }) }
+    func commitAll() { commit { ($0, []) } }
 
-    /// Takes `split(queued).now` from the queue, leaving `.later`.
-    private func take(_ split: ([FastPathAction]) -> (now: [FastPathAction], later: [FastPathAction])) -> [FastPathAction] {
-        pending.withLock { p in
-            let (now, later) = split(p.actions)
-            p.actions = later
-            return now
+    /// Takes `split(queued).now` from the queue (leaving `.later`) and applies it. Taking and applying happen under
+    /// `lock`, so commits from different threads (the packet thread's, a hold's flush) reach the map in the order
+    /// their actions were queued. The outcome is reported after the lock is released (the report takes the
+    /// packet lock).
+    private func commit(_ split: ([FastPathAction]) -> (now: [FastPathAction], later: [FastPathAction])) {
+        let outcome = lock.withLock { () -> KernelPathOutcome? in
+            let taken = pending.withLock { p in
+                let (now, later) = split(p.actions)
+                p.actions = later
+                return now
+            }
+            let actions = FastPathAction.coalesce(taken)
+            guard !actions.isEmpty else { return nil }
+            return apply(actions)
         }
+        if let outcome { report(outcome) }
     }
 
-    private func commit(_ taken: [FastPathAction]) {
-        let actions = FastPathAction.coalesce(taken)
-        guard !actions.isEmpty else { return }
+    /// Writes the actions to the map (under `lock`).
+    private func apply(_ actions: [FastPathAction]) -> KernelPathOutcome {
         var outcome = KernelPathOutcome()
-        lock.withLock {
-            for action in actions {
-                switch action {
-                case .install(let id, let translations):
-                    let entries = translations.map { BPFSessionKey.entry($0, sessionID: id) }
-                    do {
-                        try datapath.writeBatch(entries.map { ($0.key, $0.entry) })
-                        outcome.installed.append(id)
-                    } catch {
-                        for entry in entries { _ = try? datapath.delete(entry.key) }
-                        outcome.failed.append(id)
-                        logger.warning("BPF map refused a session", metadata: ["session.id": "\(id)", "error": "\(error)"])
-                    }
-                case .remove(let id, let translations):
-                    for translation in translations {
-                        do { try datapath.delete(BPFSessionKey.entry(translation, sessionID: id).key) } catch {
-                            logger.warning("BPF map refused a removal", metadata: ["session.id": "\(id)", "error": "\(error)"])
-                        }
+        for action in actions {
+            switch action {
+            case .install(let id, let translations):
+                let entries = translations.map { BPFSessionKey.entry($0, sessionID: id) }
+                do {
+                    try datapath.writeBatch(entries.map { ($0.key, $0.entry) })
+                    outcome.installed.append(id)
+                } catch {
+                    for entry in entries { _ = try? datapath.delete(entry.key) }
+                    outcome.failed.append(id)
+                    logger.warning("BPF map refused a session", metadata: ["session.id": "\(id)", "error": "\(error)"])
+                }
+            case .remove(let id, let translations):
+                for translation in translations {
+                    do { try datapath.delete(BPFSessionKey.entry(translation, sessionID: id).key) } catch {
+                        logger.warning("BPF map refused a removal", metadata: ["session.id": "\(id)", "error": "\(error)"])
                     }
                 }
             }
         }
-        report(outcome)
+        return outcome
     }
 
     // MARK: - Counters
