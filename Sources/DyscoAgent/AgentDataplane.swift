@@ -29,22 +29,31 @@ final class AgentDataplane: @unchecked Sendable {
 
     typealias OwnershipChange = (add: KernelOwnership.Keys, remove: KernelOwnership.Keys)
 
-    /// `makeFastPath` builds the worker with the nudge that wakes the packet thread and the callback that reports
-    /// installs back to the processor.
+    /// `makeFastPath` builds the worker with the nudge that wakes the packet thread, the callback that reports
+    /// installs back to the processor, and a query of sessions' carriers (nil: no such session; the BPF path tells
+    /// a hold from a teardown with it).
     init(processor: PacketProcessor, quietNanoseconds: UInt64, logger: Logger,
          makeFastPath: (_ nudge: @escaping @Sendable () -> Void,
-                        _ outcome: @escaping @Sendable (KernelPathOutcome) -> Void) throws -> any KernelPath) throws {
+                        _ outcome: @escaping @Sendable (KernelPathOutcome) -> Void,
+                        _ carriers: @escaping @Sendable ([SessionTable.SessionID]) -> [SessionTable.SessionID: SessionTable.Carrier])
+            throws -> any KernelPath) throws {
         self.processor = Mutex(processor)
         self.quietNanoseconds = quietNanoseconds
         self.logger = logger
         let mailbox = try PacketMailbox()
         self.mailbox = mailbox
-        fastPath = try makeFastPath({ mailbox.wakeup.signal() }) { [weak self] outcome in
+        fastPath = try makeFastPath({ mailbox.wakeup.signal() }, { [weak self] outcome in
             self?.processor.withLock { state in
                 state.fastPathInstalled(outcome.installed)
                 state.fastPathFailed(outcome.failed)
             }
-        }
+        }, { [weak self] ids in
+            self?.processor.withLock { state in
+                var carriers: [SessionTable.SessionID: SessionTable.Carrier] = [:]
+                for id in ids { carriers[id] = state.table.records[id]?.carrier }
+                return carriers
+            } ?? [:]
+        })
         quietTimer = QuietTimer { [weak self] in self?.quietTick() }
     }
 

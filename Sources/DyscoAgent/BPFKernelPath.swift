@@ -8,8 +8,10 @@ import Synchronization
 
 /// The BPF ``KernelPath`` (`agent --datapath bpf`, docs/BPF.md): the tc programs of `dysco.bpf.o` on every device of
 /// the namespace but `lo`, one `dysco_sessions` entry per translation. An install writes a session's entries (one
-/// batch), a removal (teardown, or a migration's hold) deletes them; the programs pass packets of no entry untouched
-/// to the NFQUEUE rules. Installs wait for the packet thread's quiet point like the nftables path's (a session must
+/// batch); a removal deletes them, unless it is a migration's hold (the session's carrier is `held` when the removal
+/// is committed): then the entries get the `HELD` flag (the programs pass the packets untouched, to the NFQUEUE
+/// rules) and keep their counters and TCP facts; the release's install clears it (and deletes the keys a migration
+/// changed). Entries of held sessions that are gone are deleted by the counter poll. Installs wait for the packet thread's quiet point like the nftables path's (a session must
 /// not reach the kernel while its packets wait in NFQUEUE); map writes take microseconds, so the commit is cheap.
 ///
 /// Marks: the ingress program ORs ``FastPathScript/ingressMark`` into what it rewrote (the raw-PREROUTING queue rule
@@ -18,7 +20,7 @@ import Synchronization
 /// queue rules run before tc, so they ask the pinned socket filter `dysco_egress_carried` (``QueueRules``).
 ///
 /// Not yet (docs/BPF.md, "What is left to wire"): restart survival (a restarted agent starts empty), owned keys
-/// (fail closed while no agent runs), FIN/RST and idle facts from the ring buffer, holds as the HELD flag.
+/// (fail closed while no agent runs), FIN/RST and idle facts from the ring buffer.
 final class BPFKernelPath: KernelPath, @unchecked Sendable {
     struct Settings: Sendable {
         /// The compiled programs (`make bpf`: .build/bpf/dysco.bpf.o).
@@ -34,6 +36,11 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
     private let settings: Settings
     private let logger: Logger
     private let report: @Sendable (KernelPathOutcome) -> Void
+    /// The processor's carrier of each session (takes the packet lock; never called under it).
+    private let carriers: @Sendable ([SessionTable.SessionID]) -> [SessionTable.SessionID: SessionTable.Carrier]
+    /// The keys each session has in the map, and the sessions whose entries are `HELD` (under `lock`).
+    private var installedKeys: [SessionTable.SessionID: [BPFSessionKey]] = [:]
+    private var heldSessions = Set<SessionTable.SessionID>()
     private let nudge: (@Sendable () -> Void)?
     /// Guards `datapath` (libbpf objects have one user at a time) and the counter baselines.
     private let lock = NSLock()
@@ -58,11 +65,13 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
     /// Mounts the bpffs if needed, loads the object (the verifier's error names a missing kernel feature), pins the
     /// maps and the egress socket filter, sets the marks and attaches both programs to every device but `lo`.
     init(settings: Settings, logger: Logger, nudge: (@Sendable () -> Void)?,
-         report: @escaping @Sendable (KernelPathOutcome) -> Void) throws {
+         report: @escaping @Sendable (KernelPathOutcome) -> Void,
+         carriers: @escaping @Sendable ([SessionTable.SessionID]) -> [SessionTable.SessionID: SessionTable.Carrier]) throws {
         self.settings = settings
         self.logger = logger
         self.nudge = nudge
         self.report = report
+        self.carriers = carriers
         guard FileManager.default.isReadableFile(atPath: settings.objectPath) else {
             throw ControlError(message: "--datapath bpf: no BPF object at \(settings.objectPath) (build it with `make bpf`, or give --bpf-object)")
         }
@@ -173,35 +182,100 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
             }
             let actions = FastPathAction.coalesce(taken)
             guard !actions.isEmpty else { return nil }
-            return apply(actions)
+            // A removal of a session the processor holds is a hold (its carrier is read now: a hold and its release
+            // committed together read `pending` and delete, then install).
+            var removed: [SessionTable.SessionID] = []
+            for case .remove(let id, _) in actions { removed.append(id) }
+            let holding = removed.isEmpty ? [:] : carriers(removed).filter { $0.value == .held }
+            return apply(actions, holding: Set(holding.keys))
         }
         if let outcome { report(outcome) }
     }
 
-    /// Writes the actions to the map (under `lock`).
-    private func apply(_ actions: [FastPathAction]) -> KernelPathOutcome {
+    /// Writes the actions to the map (under `lock`). `holding`: the removals that are holds.
+    private func apply(_ actions: [FastPathAction], holding: Set<SessionTable.SessionID>) -> KernelPathOutcome {
         var outcome = KernelPathOutcome()
         for action in actions {
             switch action {
             case .install(let id, let translations):
                 let entries = translations.map { BPFSessionKey.entry($0, sessionID: id) }
                 do {
-                    try datapath.writeBatch(entries.map { ($0.key, $0.entry) })
+                    try install(id, entries)
                     outcome.installed.append(id)
                 } catch {
                     for entry in entries { _ = try? datapath.delete(entry.key) }
+                    installedKeys[id] = nil
+                    heldSessions.remove(id)
                     outcome.failed.append(id)
                     logger.warning("BPF map refused a session", metadata: ["session.id": "\(id)", "error": "\(error)"])
                 }
             case .remove(let id, let translations):
-                for translation in translations {
-                    do { try datapath.delete(BPFSessionKey.entry(translation, sessionID: id).key) } catch {
-                        logger.warning("BPF map refused a removal", metadata: ["session.id": "\(id)", "error": "\(error)"])
-                    }
+                let keys = translations.map { BPFSessionKey.entry($0, sessionID: id).key }
+                if holding.contains(id) {
+                    hold(id, keys)
+                } else {
+                    delete(id, keys)
                 }
             }
         }
         return outcome
+    }
+
+    /// A release's (or a first) install: keys the session had and no longer has go; a held key with the same
+    /// target keeps its counters and facts and loses `HELD`; anything else is written anew.
+    private func install(_ id: SessionTable.SessionID, _ entries: [(key: BPFSessionKey, entry: BPFSessionEntry)]) throws {
+        let keys = entries.map(\.key)
+        if let old = installedKeys[id] {
+            for key in old where !keys.contains(key) { _ = try datapath.delete(key) }
+        }
+        var fresh: [(BPFSessionKey, BPFSessionEntry)] = []
+        for (key, entry) in entries {
+            if heldSessions.contains(id), var present = try datapath.lookup(key), present.target == entry.target {
+                present.flags.subtract(.held)
+                try datapath.write(key, present, mode: .replace)
+            } else {
+                fresh.append((key, entry))
+            }
+        }
+        try datapath.writeBatch(fresh)
+        installedKeys[id] = keys
+        heldSessions.remove(id)
+    }
+
+    /// A migration's hold: `HELD` on each of the session's entries (one lookup and one update each; counter adds
+    /// between the two are lost, docs/BPF.md).
+    private func hold(_ id: SessionTable.SessionID, _ keys: [BPFSessionKey]) {
+        for key in keys {
+            do { try datapath.setFlags(key, set: .held) } catch where error.errno == ENOENT {} catch {
+                logger.warning("BPF map refused a hold", metadata: ["session.id": "\(id)", "error": "\(error)"])
+            }
+        }
+        heldSessions.insert(id)
+    }
+
+    private func delete(_ id: SessionTable.SessionID, _ keys: [BPFSessionKey]) {
+        for key in Set(keys).union(installedKeys[id] ?? []) {
+            do { try datapath.delete(key) } catch {
+                logger.warning("BPF map refused a removal", metadata: ["session.id": "\(id)", "error": "\(error)"])
+            }
+        }
+        installedKeys[id] = nil
+        heldSessions.remove(id)
+    }
+
+    /// Deletes the entries of held sessions the processor no longer holds without having released them (gone:
+    /// removed while held, e.g. an old box's sessions after a migration; or back on the slow path).
+    private func sweepHeld() {
+        let ids = lock.withLock { Array(heldSessions) }
+        guard !ids.isEmpty else { return }
+        let now = carriers(ids)  // outside `lock`: the query takes the packet lock
+        for id in ids where now[id] != .held {
+            // Re-checked under `lock`: a release committed meanwhile took the session out of `heldSessions`.
+            lock.withLock {
+                guard heldSessions.contains(id) else { return }
+                delete(id, [])
+            }
+        }
     }
 
     // MARK: - Counters
@@ -211,7 +285,8 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
     }
 
     func activeSessions() -> [SessionTable.SessionID] {
-        lock.withLock {
+        sweepHeld()
+        return lock.withLock {
             let totals = totals()
             defer { lastCounters = totals }
             accumulate(totals)
@@ -248,6 +323,8 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
         try lock.withLock {
             let keys = try datapath.entries().map(\.0)
             try datapath.deleteBatch(keys)
+            installedKeys = [:]
+            heldSessions = []
         }
     }
 
@@ -257,6 +334,9 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
             try datapath.writeBatch(sessions.flatMap { id, translations in
                 translations.map { BPFSessionKey.entry($0, sessionID: id) }.map { ($0.key, $0.entry) }
             })
+            for (id, translations) in sessions {
+                installedKeys[id] = translations.map { BPFSessionKey.entry($0, sessionID: id).key }
+            }
         }
     }
 

@@ -129,10 +129,10 @@ public final class DataplaneAgent: @unchecked Sendable {
             maxEntries: options.bpfMaxEntries)
         dataplane = try AgentDataplane(
             processor: PacketProcessor(config: config, portRange: options.portRange, trust: options.trust, settings: settings),
-            quietNanoseconds: migrationSettings.quietNanoseconds, logger: logger) { nudge, report in
+            quietNanoseconds: migrationSettings.quietNanoseconds, logger: logger) { nudge, report, carriers in
             switch datapath {
             case .nftables: try FastPathWorker(reroute: reroute, logger: logger, nudge: nudge, report: report)
-            case .bpf: try BPFKernelPath(settings: bpf, logger: logger, nudge: nudge, report: report)
+            case .bpf: try BPFKernelPath(settings: bpf, logger: logger, nudge: nudge, report: report, carriers: carriers)
             }
         }
         rules = QueueRules(queue: options.queue, egressFilter: (dataplane.fastPath as? BPFKernelPath)?.egressFilterPath)

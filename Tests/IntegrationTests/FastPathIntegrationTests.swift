@@ -35,11 +35,15 @@ import Testing
         }
     }
 
+    /// `host`'s `dysco_sessions` entries (BPF; the agent pins under the lab's bpffs, queue 7).
+    func bpfEntries(_ lab: Lab, _ host: String, _ datapath: Datapath) throws -> [(BPFSessionKey, BPFSessionEntry)] {
+        try BPFDatapath.pinnedEntries(mapPath: "\(datapath.pins)/dysco-\(lab.namespace(of: host))-q7/dysco_sessions")
+    }
+
     /// Elements of the fast-path maps and per-session chains in `host` (BPF: map entries and sessions with one).
     func kernelState(_ lab: Lab, _ host: String, _ datapath: Datapath? = nil) throws -> (elements: Int, sessionChains: Int) {
         if let datapath, datapath.kind == .bpf {
-            let map = "\(datapath.pins)/dysco-\(lab.namespace(of: host))-q7/dysco_sessions"
-            let entries = try BPFDatapath.pinnedEntries(mapPath: map)
+            let entries = try bpfEntries(lab, host, datapath)
             return (entries.count, Set(entries.map(\.1.sessionID)).count)
         }
         let json = try lab.exec(host, ["nft", "-j", "list", "table", "ip", FastPathScript.table]).stdout
@@ -129,7 +133,15 @@ import Testing
                                                             path: AgentControlPaths.socketPath(netns: lab.namespace(of: host)))
                 #expect(try JSONDecoder().decode(ControlPathReply.self, from: reply).sessions == [ids[host] ?? 0])
             }
-            #expect(try kernelState(lab, "fw1", datapath).elements == 0, "held: nothing left in the kernel")
+            if datapath.kind == .bpf {
+                // A hold is the HELD flag: the entries stay, with what the program counted.
+                let entries = try bpfEntries(lab, "fw1", datapath)
+                #expect(entries.count == 4 && entries.allSatisfy { $0.1.flags.contains(.held) },
+                        "held: every entry HELD: \(entries.map { "\($0.0) \($0.1.flags)" })")
+                #expect(entries.reduce(0) { $0 + $1.1.packets } > 0, "the counters stay")
+            } else {
+                #expect(try kernelState(lab, "fw1", datapath).elements == 0, "held: nothing left in the kernel")
+            }
             // While held, the transfer's packets reach the agent (the rate-limited transfer sends in bursts).
             var held = try await TestSupport.snapshot(lab, "fw1")
             let heldDeadline = Date().addingTimeInterval(5)
@@ -148,6 +160,9 @@ import Testing
             let released = try kernelState(lab, "fw1", datapath)
             let after = try await TestSupport.snapshot(lab, "fw1")
             #expect(released.elements == 4, "released: \(released), fw1 session: \(String(describing: after.sessions.first))")
+            if datapath.kind == .bpf {
+                #expect(try bpfEntries(lab, "fw1", datapath).allSatisfy { !$0.1.flags.contains(.held) }, "released: HELD cleared")
+            }
             curl.waitUntilExit()
             #expect(curl.terminationStatus == 0)
             #expect(try TestSupport.sha256(target) == TestSupport.sha256("\(lab.httpRoot)/blob"))
