@@ -9,7 +9,8 @@ extension DatapathKind: ExpressibleByArgument {}
 struct DatapathOptions: ParsableArguments {
     @Option(help: ArgumentHelp("""
         Kernel fast path: nftables (one chain per translation) or bpf (tc programs and BPF maps: one map entry \
-        per translation; docs/BPF.md). bpf needs Linux ≥ 5.12 and the programs built by `make bpf`.
+        per translation; docs/BPF.md). bpf needs Linux ≥ 5.12 and the programs built by `make bpf`; with bpf a \
+        restarted agent does not yet take over the kernel's sessions (see "Restart": it starts empty).
         """, valueName: "nftables|bpf"))
     var datapath: DatapathKind = .nftables
 
