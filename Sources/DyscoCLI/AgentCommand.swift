@@ -236,8 +236,9 @@ struct AgentCommand: AsyncParsableCommand {
         let logger = logging.logger("agent")
         let socketPath = controlSocket ?? AgentControlPaths.socketPath(netns: NetworkNamespace.currentName())
         if purge {
-            let report = try DataplaneAgent.purge(queue: queue, logger: logger,
-                                                  stateFile: stateFile ?? AgentControlPaths.statePath(socketPath: socketPath))
+            let report = try DataplaneAgent.purge(
+                queue: queue, logger: logger, stateFile: stateFile ?? AgentControlPaths.statePath(socketPath: socketPath),
+                bpfPinDirectory: datapath.bpfFs + "/dysco-\(NetworkNamespace.currentName() ?? "host")-q\(queue)")
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.sortedKeys]
             print(String(decoding: try encoder.encode(["purged": report]), as: UTF8.self))
