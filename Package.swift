@@ -65,12 +65,13 @@ let package = Package(
         .target(name: "MigrationCoordinator", dependencies: ["DyscoCore"]),
         // Per-session bounded buffers of the anchors (pure).
         .target(name: "AnchorBuffer", dependencies: ["DyscoCore"]),
-        // The Linux edge: NFQUEUE socket, nftables worker, queue rules, control channels, the agent shell.
+        // The Linux edge: NFQUEUE socket, kernel paths (nftables worker, BPF maps), queue rules, control channels,
+        // the agent shell.
         .target(
             name: "DyscoAgent",
             dependencies: [
                 "DyscoCore", "MigrationCoordinator", "AnchorBuffer",
-                "CNetfilterQueue", "CNftables", "CLinux", "DyscoSystem",
+                "CNetfilterQueue", "CNftables", "CLinux", "DyscoSystem", "DyscoBPF",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),

@@ -254,8 +254,13 @@ int dysco_ingress(struct __sk_buff *skb)
     stat_inc(DYSCO_STAT_REWRITTEN);
     __u32 zero = 0;
     struct dysco_config *config = bpf_map_lookup_elem(&dysco_config, &zero);
-    if (config && config->ingress_mark)
-        skb->mark |= config->ingress_mark;
+    if (config) {
+        __u32 mark = config->ingress_mark;
+        if (p.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
+            mark |= config->observe_mark;
+        if (mark)
+            skb->mark |= mark;
+    }
     return TC_ACT_OK;
 }
 
@@ -310,7 +315,48 @@ int dysco_egress(struct __sk_buff *skb)
         stat_inc(DYSCO_STAT_FIB_NEIGH);
         return bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
     }
-    /* No route, or forwarding disabled on the device (bpf_fib_lookup requires it): drop, TCP retransmits. */
+    if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED) {
+        /* An end host (forwarding off, which bpf_fib_lookup requires): let the kernel route the new destination
+           out of this same device (a route lookup bound to it; dropped if the route leaves by another one). */
+        stat_inc(DYSCO_STAT_FIB_NEIGH);
+        return bpf_redirect_neigh(skb->ifindex, 0, 0, 0);
+    }
+    /* No route: drop, TCP retransmits. */
     stat_inc(DYSCO_STAT_FIB_FAILED);
     return TC_ACT_SHOT;
+}
+
+/* For the agent's egress NFQUEUE rules (iptables `-m bpf --object-pinned`, a socket filter: skb->data is the IP
+ * header there). tc egress runs after the mangle OUTPUT/POSTROUTING queue rules, so those rules ask this program
+ * beforehand whether dysco_egress will rewrite the packet: 1 (the rule skips the queue) for a translation that is
+ * not held, unless the packet is a SYN without ACK (dysco_egress passes it, without DYSCO_F_REWRITE_SYN) or a FIN or
+ * an RST (queued: the agent translates them itself and does its teardown bookkeeping; dysco_egress then finds no
+ * translation for the subsession tuple and passes them); 0 otherwise (queued). */
+SEC("socket")
+int dysco_egress_carried(struct __sk_buff *skb)
+{
+    struct iphdr ip;
+    if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)) < 0)
+        return 0;
+    if (ip.version != 4 || ip.protocol != IPPROTO_TCP || ip.ihl < 5 || (ip.frag_off & bpf_htons(0x1fff)))
+        return 0;
+    __u8 tcp[14];
+    if (bpf_skb_load_bytes(skb, ip.ihl * 4, tcp, sizeof(tcp)) < 0)
+        return 0;
+    struct dysco_key key = {};
+    key.saddr = ip.saddr;
+    key.daddr = ip.daddr;
+    __builtin_memcpy(&key.sport, &tcp[0], 2);
+    __builtin_memcpy(&key.dport, &tcp[2], 2);
+    key.proto = IPPROTO_TCP;
+    key.hook = DYSCO_HOOK_EGRESS;
+    __u8 flags = tcp[13];
+    if (flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
+        return 0;
+    struct dysco_value *v = bpf_map_lookup_elem(&dysco_sessions, &key);
+    if (!v || (v->flags & DYSCO_F_HELD))
+        return 0;
+    if ((flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN && !(v->flags & DYSCO_F_REWRITE_SYN))
+        return 0;
+    return 1;
 }

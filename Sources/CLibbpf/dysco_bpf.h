@@ -95,7 +95,8 @@ struct dysco_event {
 /* Configuration (array map dysco_config, one element, index 0). */
 struct dysco_config {
     __u32 ingress_mark; /* OR-ed into skb->mark of a packet rewritten at ingress (0: none) */
-    __u32 pad;
+    __u32 observe_mark; /* also OR-ed in when that packet is a FIN or an RST (the agent's teardown bookkeeping
+                           queue rule; 0: none) */
 };
 
 /* Default sizes (user space may resize dysco_sessions before load: --max-sessions). */

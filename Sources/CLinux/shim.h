@@ -13,6 +13,8 @@
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <malloc.h>
+#include <sys/mount.h>
+#include <sys/vfs.h>
 
 /* setns(2) is declared only under _GNU_SOURCE, which must not leak into this module (it changes struct
    layouts that other C modules import without it): declare it here. CLONE_NEWNET is 0x40000000. */
@@ -57,4 +59,15 @@ static inline void dysco_malloc_fixed_thresholds(void) {
 }
 /* Gives freed heap memory back to the OS (every arena; glibc). Returns 1 if some was released. */
 static inline int dysco_malloc_trim(void) { return malloc_trim(0); }
+/* Whether `path` is on a bpffs: 1, 0, or -1 with errno (statfs). */
+static inline int dysco_is_bpffs(const char *path) {
+    struct statfs fs;
+    if (statfs(path, &fs) != 0) return -1;
+    return fs.f_type == 0xcafe4a11 ? 1 : 0; /* BPF_FS_MAGIC */
+}
+
+/* Mounts a bpffs at `path`; unmounts (lazily) what is mounted there. */
+static inline int dysco_mount_bpffs(const char *path) { return mount("bpf", path, "bpf", 0, 0); }
+static inline int dysco_umount_lazy(const char *path) { return umount2(path, MNT_DETACH); }
+
 #endif

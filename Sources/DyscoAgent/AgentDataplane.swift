@@ -5,13 +5,13 @@ import Logging
 import Synchronization
 
 /// The agent's data plane as the rest of the agent uses it: the packet state machine (``PacketProcessor``, behind
-/// the packet lock), the kernel fast path (``FastPathWorker``), the state file (``AgentJournal``) and the packet
+/// the packet lock), the kernel fast path (a ``KernelPath``: ``FastPathWorker`` or ``BPFKernelPath``), the state file (``AgentJournal``) and the packet
 /// thread's mailbox. What a processor call produces besides its result (``DataplaneEffects``) is handled here, in
 /// one place (``apply(_:ownership:)``). The migration engine reaches it as its ``MigrationDataplane``.
 final class AgentDataplane: @unchecked Sendable {
     let processor: Mutex<PacketProcessor>
     /// Set once in `init` (its outcome callback needs `self`).
-    private(set) var fastPath: FastPathWorker?
+    private(set) var fastPath: (any KernelPath)?
     /// The state file and the kernel's owned keys; used under the processor's lock.
     let journal = AgentJournal()
     /// Work for the packet thread (buffer releases) and its wake-up.
@@ -29,22 +29,31 @@ final class AgentDataplane: @unchecked Sendable {
 
     typealias OwnershipChange = (add: KernelOwnership.Keys, remove: KernelOwnership.Keys)
 
-    /// `makeFastPath` builds the worker with the nudge that wakes the packet thread and the callback that reports
-    /// installs back to the processor.
+    /// `makeFastPath` builds the worker with the nudge that wakes the packet thread, the callback that reports
+    /// installs back to the processor, and a query of sessions' carriers (nil: no such session; the BPF path tells
+    /// a hold from a teardown with it).
     init(processor: PacketProcessor, quietNanoseconds: UInt64, logger: Logger,
          makeFastPath: (_ nudge: @escaping @Sendable () -> Void,
-                        _ outcome: @escaping @Sendable (FastPathWorker.Outcome) -> Void) throws -> FastPathWorker) throws {
+                        _ outcome: @escaping @Sendable (KernelPathOutcome) -> Void,
+                        _ carriers: @escaping @Sendable ([SessionTable.SessionID]) -> [SessionTable.SessionID: SessionTable.Carrier])
+            throws -> any KernelPath) throws {
         self.processor = Mutex(processor)
         self.quietNanoseconds = quietNanoseconds
         self.logger = logger
         let mailbox = try PacketMailbox()
         self.mailbox = mailbox
-        fastPath = try makeFastPath({ mailbox.wakeup.signal() }) { [weak self] outcome in
+        fastPath = try makeFastPath({ mailbox.wakeup.signal() }, { [weak self] outcome in
             self?.processor.withLock { state in
                 state.fastPathInstalled(outcome.installed)
                 state.fastPathFailed(outcome.failed)
             }
-        }
+        }, { [weak self] ids in
+            self?.processor.withLock { state in
+                var carriers: [SessionTable.SessionID: SessionTable.Carrier] = [:]
+                for id in ids { carriers[id] = state.table.records[id]?.carrier }
+                return carriers
+            } ?? [:]
+        })
         quietTimer = QuietTimer { [weak self] in self?.quietTick() }
     }
 

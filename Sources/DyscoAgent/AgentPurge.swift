@@ -1,3 +1,4 @@
+import DyscoBPF
 import DyscoCore
 import DyscoSystem
 import Foundation
@@ -9,11 +10,16 @@ extension DataplaneAgent {
         public var rules = false
         public var table = false
         public var stateFile = false
+        /// BPF datapath (`--datapath bpf`): its tc programs were attached to a device of the namespace, or its pin
+        /// directory existed (both removed).
+        public var bpf = false
     }
 
-    /// Removes what a stopped agent left for its successor (`agent --purge`): the NFQUEUE rules, the kernel table
-    /// and the state file; the sessions they carried are then lost. Refused while an agent holds `queue`.
-    public static func purge(queue: UInt16, logger: Logger, stateFile: String) throws -> PurgeReport {
+    /// Removes what a stopped agent left for its successor (`agent --purge`): the NFQUEUE rules, the kernel table,
+    /// the BPF datapath's tc programs and pins (`bpfPinDirectory`: where that agent pinned, if known) and the state
+    /// file; the sessions they carried are then lost. Refused while an agent holds `queue`.
+    public static func purge(queue: UInt16, logger: Logger, stateFile: String,
+                             bpfPinDirectory: String? = nil) throws -> PurgeReport {
         // Root gets EPERM (not EBUSY) for a queue another socket has bound.
         do { _ = try NetfilterQueueSocket(queue: queue) } catch let error as SystemCallError
             where error.errno == EBUSY || error.errno == EPERM {
@@ -26,6 +32,18 @@ extension DataplaneAgent {
         let nft = try NftablesContext()
         report.table = (try? nft.json("list table ip \(FastPathScript.table)")) != nil
         try nft.run(FastPathScript.destroy, operation: "delete table")
+        for interface in BPFKernelPath.devices() {
+            guard let attached = try? BPFDatapath.attached(interface: interface),
+                  attached.ingress != nil || attached.egress != nil else { continue }
+            try BPFDatapath.detach(interface: interface)
+            report.bpf = true
+            logger.debug("detached the BPF programs", metadata: ["bpf.interface": "\(interface)"])
+        }
+        if let bpfPinDirectory, let pins = try? FileManager.default.contentsOfDirectory(atPath: bpfPinDirectory) {
+            for pin in pins { unlink(bpfPinDirectory + "/" + pin) }
+            rmdir(bpfPinDirectory)
+            report.bpf = true
+        }
         report.stateFile = unlink(stateFile) == 0
         unlink(stateFile + ".tmp")
         return report

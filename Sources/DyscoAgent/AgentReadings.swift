@@ -29,7 +29,7 @@ extension DataplaneAgent {
         return AgentMetricCatalog.Readings(
             counters: counters, sessions: sessions, anchoring: anchoring,
             control: migration?.counters.withLock { $0 } ?? [:],
-            fastPathPackets: dataplane.fastPath?.kernelPackets.load(ordering: .relaxed) ?? 0,
+            fastPathPackets: dataplane.fastPath?.kernelPacketCount ?? 0,
             bufferPackets: packetLoop.bufferOccupancy.packets.load(ordering: .relaxed),
             bufferBytes: packetLoop.bufferOccupancy.bytes.load(ordering: .relaxed),
             bufferRefused: packetLoop.bufferOccupancy.refused.load(ordering: .relaxed),

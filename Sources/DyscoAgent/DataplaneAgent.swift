@@ -26,8 +26,15 @@ public final class DataplaneAgent: @unchecked Sendable {
         public var queueMaxLength: UInt32 = 8192
         public var controlSocketPath: String
         public var netns: String?
-        /// Mirror established sessions into nftables (``FastPathWorker``); false: NFQUEUE only.
+        /// Mirror established sessions into the kernel (``KernelPath``, see ``datapath``); false: NFQUEUE only.
         public var fastPath = true
+        /// Which kernel fast path carries the sessions (``KernelPath``): nftables chains or BPF maps.
+        public var datapath: DatapathKind = .nftables
+        /// `.bpf`: the compiled tc programs (`make bpf`), the bpffs under which the agent pins them (mounted if it
+        /// is not one), and the capacity of the session map in translations (nil: the object's default).
+        public var bpfObject = ""
+        public var bpffs = "/sys/fs/bpf"
+        public var bpfMaxEntries: UInt32?
         /// Re-route locally sent packets the fast path rewrote: nil = only if this namespace has gateway routes.
         public var fastPathReroute: Bool?
         /// How often kernel counters are read for idle expiry of kernel-carried sessions.
@@ -103,7 +110,6 @@ public final class DataplaneAgent: @unchecked Sendable {
             }
             throw ControlError(message: "cannot bind NFQUEUE \(options.queue): \(error)\(hint)")
         }
-        rules = QueueRules(queue: options.queue)
         metrics = options.metrics.map { _ in AgentMetrics(logger: logger) }
         migrationSettings = MigrationEngine.Settings(controlPort: options.controlPort, acceptState: options.acceptState,
                                                      stateStore: options.stateStore)
@@ -111,12 +117,25 @@ public final class DataplaneAgent: @unchecked Sendable {
         // while no agent runs.
         let reroute = options.fastPathReroute ?? RouteTable.hasGatewayRoutes(
             procNetRoute: (try? String(contentsOfFile: "/proc/net/route", encoding: .utf8)) ?? "")
-        if options.fastPath { logger.info("kernel fast path on", metadata: ["fastpath.reroute": "\(reroute)"]) }
+        // --no-fastpath keeps the nftables worker (its owned sets) whatever --datapath says.
+        let datapath = options.fastPath ? options.datapath : .nftables
+        if options.fastPath {
+            logger.info("kernel fast path on", metadata: ["fastpath.datapath": "\(datapath.rawValue)",
+                                                          "fastpath.reroute": "\(reroute)"])
+        }
+        let bpf = BPFKernelPath.Settings(
+            objectPath: options.bpfObject, bpffs: options.bpffs,
+            pinDirectory: options.bpffs + "/dysco-\(options.netns ?? "host")-q\(options.queue)",
+            maxEntries: options.bpfMaxEntries)
         dataplane = try AgentDataplane(
             processor: PacketProcessor(config: config, portRange: options.portRange, trust: options.trust, settings: settings),
-            quietNanoseconds: migrationSettings.quietNanoseconds, logger: logger) { nudge, report in
-            try FastPathWorker(reroute: reroute, logger: logger, nudge: nudge, report: report)
+            quietNanoseconds: migrationSettings.quietNanoseconds, logger: logger) { nudge, report, carriers in
+            switch datapath {
+            case .nftables: try FastPathWorker(reroute: reroute, logger: logger, nudge: nudge, report: report)
+            case .bpf: try BPFKernelPath(settings: bpf, logger: logger, nudge: nudge, report: report, carriers: carriers)
+            }
         }
+        rules = QueueRules(queue: options.queue, egressFilter: (dataplane.fastPath as? BPFKernelPath)?.egressFilterPath)
         packetLoop = PacketLoop(dataplane: dataplane, queueSocket: queueSocket, bufferLimits: options.bufferLimits,
                                 logger: logger)
         restoreReport = try dataplane.restoreOrReset(stateFile: options.stateFile, fresh: options.fresh, logger: logger)

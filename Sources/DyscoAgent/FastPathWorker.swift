@@ -7,12 +7,9 @@ import Synchronization
 /// Applies ``FastPathAction``s to the kernel: actions queue up and go together in one transaction (batched),
 /// committed by the packet thread when the NFQUEUE socket is empty (see ``submit(_:)``), serialized with
 /// everything else on the worker's queue. Also polls the per-session counters so that idle expiry sees
-/// kernel-carried traffic.
-final class FastPathWorker: @unchecked Sendable {
-    struct Outcome: Sendable {
-        var installed: [SessionTable.SessionID] = []
-        var failed: [SessionTable.SessionID] = []
-    }
+/// kernel-carried traffic. The nftables ``KernelPath`` (`agent --datapath nftables`, the default).
+final class FastPathWorker: KernelPath, @unchecked Sendable {
+    typealias Outcome = KernelPathOutcome
 
     private let queue = DispatchQueue(label: "dysco-fastpath")
     // Used only on `queue`.
@@ -27,6 +24,7 @@ final class FastPathWorker: @unchecked Sendable {
     /// ``sampleKernelPackets()`` at each metrics scrape): what a session carried between the last poll and its
     /// removal from the kernel is not counted.
     let kernelPackets = Atomic<UInt64>(0)
+    var kernelPacketCount: UInt64 { kernelPackets.load(ordering: .relaxed) }
     /// The per-session counters ``kernelPackets`` was last summed from (used only on `queue`).
     private var packetBaseline: [SessionTable.SessionID: UInt64] = [:]
     private let report: @Sendable (Outcome) -> Void
@@ -130,7 +128,7 @@ final class FastPathWorker: @unchecked Sendable {
     /// empty, so that no packet of a session going to the kernel is still waiting in the queue when the kernel
     /// starts carrying the later ones (which would reorder them on the wire: the receiver then reports a gap
     /// and the sender retransmits).
-    func submit(_ actions: [FastPathAction], ownership: (add: KernelOwnership.Keys, remove: KernelOwnership.Keys)? = nil) {
+    func submit(_ actions: [FastPathAction], ownership: (add: KernelOwnership.Keys, remove: KernelOwnership.Keys)?) {
         let owning = ownership.map { !$0.add.isEmpty || !$0.remove.isEmpty } ?? false
         guard !actions.isEmpty || owning else { return }
         let (firstAction, scheduleOwnership) = state.withLock { q in

@@ -167,8 +167,11 @@ final class PacketLoop: @unchecked Sendable {
                                   hook: packet.hook == .preRouting ? .ingress : .egress,
                                   checksum: packet.checksumNotReady ? .partial : .complete, mayHold: true)
         let now = dysco_monotonic_coarse_ns()
-        if packet.mark & (FastPathScript.observeIngressMark | FastPathScript.observeEgressMark) != 0 {
-            // A FIN/RST the kernel rewrote: bookkeeping only, accepted as it is (already translated).
+        // Only this hook's bit: at a middlebox a FIN the BPF ingress program rewrote still carries the ingress bit at
+        // the egress queue rule, where the BPF datapath leaves it untranslated for the agent (tc egress runs later).
+        let observeBit = queued.hook == .ingress ? FastPathScript.observeIngressMark : FastPathScript.observeEgressMark
+        if packet.mark & observeBit != 0 {
+            // A FIN/RST the kernel rewrote at this hook: bookkeeping only, accepted as it is (already translated).
             let outcome = dataplane.processor.withLock { state in
                 let outcome = PacketOutcome(verdict: .accept,
                                             effects: state.observe(base, count: queued.count, hook: queued.hook, now: now).effects)

@@ -11,7 +11,9 @@ import Logging
 /// | mangle | DYSCO-FWD-OUT | POSTROUTING    | TCP with a non-local source: forwarded egress |
 ///
 /// Each queue rule skips packets carrying its hook's fast-path mark bit (``FastPathScript``): the kernel
-/// already rewrote them, so no packet takes both paths.
+/// already rewrote them, so no packet takes both paths. With the BPF datapath (``egressFilter``) the ingress program
+/// sets the same marks; tc egress runs after these rules, so each egress chain first returns, unqueued, the packets
+/// the pinned socket filter says the egress program will rewrite (`-m bpf --object-pinned`, docs/BPF.md).
 ///
 /// The rules use `--queue-bypass` (while no agent listens, packets pass untouched), except the one for packets of
 /// owned sessions (``restoreScript(existingJumps:)``), which fail closed. Installed atomically with one
@@ -24,8 +26,13 @@ public struct QueueRules: Sendable {
     public static let forwardEgressChain = "DYSCO-FWD-OUT"
 
     public var queue: UInt16
+    /// The BPF datapath's pinned `dysco_egress_carried` program (nil: the nftables fast path).
+    public var egressFilter: String?
 
-    public init(queue: UInt16) { self.queue = queue }
+    public init(queue: UInt16, egressFilter: String? = nil) {
+        self.queue = queue
+        self.egressFilter = egressFilter
+    }
 
     /// The iptables-restore input that installs the rules: with `--noflush`, declaring a chain of ours empties it
     /// if it exists, so the rules are replaced in one commit per table, never absent in between (a restarted
@@ -39,7 +46,8 @@ public struct QueueRules: Sendable {
         let bypass = "-j NFQUEUE --queue-num \(queue) --queue-bypass"
         let failClosed = "-j NFQUEUE --queue-num \(queue)"
         func rules(_ chain: String, _ match: String, hook: UInt32, observe: UInt32, owned: UInt32) -> String {
-            """
+            let carried = egressFilter.map { chain == Self.ingressChain ? "" : "-A \(chain) \(match) -m bpf --object-pinned \($0) -j RETURN\n" } ?? ""
+            return carried + """
             -A \(chain) \(match) -m mark --mark \(Self.markMatch(observe)) \(bypass)
             -A \(chain) \(match) -m mark --mark \(Self.hex(owned))/\(Self.hex(owned | hook)) \(failClosed)
             -A \(chain) \(match) -m mark ! --mark \(Self.markMatch(hook)) \(bypass)

@@ -265,6 +265,10 @@ public final class BPFDatapath {
 
     /// Every translation in the map (a walk with `bpf_map_get_next_key`: O(entries), for restarts and tests).
     public func entries() throws(SystemCallError) -> [(BPFSessionKey, BPFSessionEntry)] {
+        try Self.entries(fd: sessionsFD)
+    }
+
+    private static func entries(fd sessionsFD: Int32) throws(SystemCallError) -> [(BPFSessionKey, BPFSessionEntry)] {
         var result: [(BPFSessionKey, BPFSessionEntry)] = []
         var current = dysco_key(), next = dysco_key()
         var first = true
@@ -292,10 +296,39 @@ public final class BPFDatapath {
 
     /// OR-ed into `skb->mark` of every packet rewritten at ingress (so a queue rule can skip it); 0 for none.
     public func setIngressMark(_ mark: UInt32) throws(SystemCallError) {
+        try setMarks(ingress: mark, observe: 0)
+    }
+
+    /// `ingress` is OR-ed into `skb->mark` of every packet rewritten at ingress, `observe` too when it is a FIN or
+    /// an RST (the agent's queue rules: skip the rewritten packets, queue the rewritten FIN/RST for bookkeeping
+    /// only); 0 for none.
+    public func setMarks(ingress: UInt32, observe: UInt32) throws(SystemCallError) {
         var key: UInt32 = 0
         var config = dysco_config()
-        config.ingress_mark = mark
+        config.ingress_mark = ingress
+        config.observe_mark = observe
         try sysCall("bpf_map_update_elem(dysco_config)") { bpf_map_update_elem(configFD, &key, &config, dysco_bpf_any()) }
+    }
+
+    /// The socket-filter program the egress queue rules ask (`iptables -m bpf --object-pinned PATH`): 1 when
+    /// `dysco_egress` will rewrite the packet (docs/BPF.md, "Queue rules").
+    public static let egressCarriedProgram = "dysco_egress_carried"
+
+    /// Pins program `name` of the loaded object at `path` (on a bpffs), replacing what was pinned there.
+    public func pinProgram(_ name: String, path: String) throws(SystemCallError) {
+        let program = try sysCall("bpf_object__find_program_by_name(\(name))") {
+            bpf_object__find_program_by_name(object, name)
+        }
+        unlink(path)
+        try sysCall("bpf_program__pin(\(name), \(path))") { bpf_program__pin(program, path) }
+    }
+
+    /// The entries of a pinned `dysco_sessions` map (`PIN_DIRECTORY/dysco_sessions`), without loading the object
+    /// (tests, inspection).
+    public static func pinnedEntries(mapPath: String) throws(SystemCallError) -> [(BPFSessionKey, BPFSessionEntry)] {
+        let fd = try sysCall("bpf_obj_get(\(mapPath))") { bpf_obj_get(mapPath) }
+        defer { close(fd) }
+        return try entries(fd: fd)
     }
 
     /// The programs' global counters, summed over CPUs.

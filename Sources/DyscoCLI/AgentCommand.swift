@@ -170,6 +170,8 @@ struct AgentCommand: AsyncParsableCommand {
         """, valueName: "addr:port"))
     var metrics: String?
 
+    @OptionGroup var datapath: DatapathOptions
+
     @OptionGroup var logging: LoggingOptions
 
     func validate() throws {
@@ -234,8 +236,9 @@ struct AgentCommand: AsyncParsableCommand {
         let logger = logging.logger("agent")
         let socketPath = controlSocket ?? AgentControlPaths.socketPath(netns: NetworkNamespace.currentName())
         if purge {
-            let report = try DataplaneAgent.purge(queue: queue, logger: logger,
-                                                  stateFile: stateFile ?? AgentControlPaths.statePath(socketPath: socketPath))
+            let report = try DataplaneAgent.purge(
+                queue: queue, logger: logger, stateFile: stateFile ?? AgentControlPaths.statePath(socketPath: socketPath),
+                bpfPinDirectory: datapath.bpfFs + "/dysco-\(NetworkNamespace.currentName() ?? "host")-q\(queue)")
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.sortedKeys]
             print(String(decoding: try encoder.encode(["purged": report]), as: UTF8.self))
@@ -269,6 +272,13 @@ struct AgentCommand: AsyncParsableCommand {
         options.settings.maxSessions = maxSessions
         options.settings.maxSessionsPerSource = maxSessionsPerSource
         options.fastPath = !noFastpath
+        options.datapath = datapath.datapath
+        if datapath.datapath == .bpf, !noFastpath {
+            options.bpfObject = datapath.resolvedObject() ?? ""
+            options.bpffs = datapath.bpfFs
+            // Four translations per two-sided session (a middlebox's).
+            options.bpfMaxEntries = UInt32(min(maxSessions * 4, Int(UInt32.max)))
+        }
         options.settings.fastPathAfterPackets = fastpathAfter
         options.fastPathReroute = switch fastpathReroute {
         case .auto: nil

@@ -1,4 +1,5 @@
 import DyscoBench
+import DyscoBPF
 import DyscoCore
 import DyscoAgent
 import DyscoLab
@@ -6,11 +7,45 @@ import DyscoSystem
 import Foundation
 import Testing
 
-/// The kernel fast path on real namespaces (needs root). Labs `fpN`, subnets 10.78.1N.0/24. The data-plane
+/// The kernel fast path on real namespaces (needs root). Labs `fpN`, subnets 10.78.1N.0/24; the BPF datapath's
+/// variants (`--datapath bpf`) labs `fpbN`, subnets 10.78.3N.0/24, bpffs at `/run/dysco-fpbN-pins`. The data-plane
 /// tests (DataplaneTests) run with the fast path on as well: it is the agent's default.
 @Suite struct FastPathIntegrationTests {
-    /// Elements of the fast-path maps and per-session chains in `host`.
-    func kernelState(_ lab: Lab, _ host: String) throws -> (elements: Int, sessionChains: Int) {
+    /// A lab's agent arguments for `datapath`, and the bpffs the BPF agents pin under (mounted on the host, so the
+    /// test sees the agents' maps; `ip netns exec` copies the mount into each agent's mount namespace).
+    struct Datapath: CustomStringConvertible, Sendable {
+        var kind: DatapathKind
+        var lab: String
+        var subnet: String
+        var description: String { "\(kind.rawValue) (\(lab))" }
+        var pins: String { "/run/dysco-\(lab)-pins" }
+        var arguments: [String] { kind == .bpf ? ["--datapath", "bpf", "--bpf-fs", pins] : [] }
+
+        /// Runs `body` with the bpffs mounted (BPF), unmounting and removing it in every path.
+        func withPins(_ body: () async throws -> Void) async throws {
+            guard kind == .bpf else { return try await body() }
+            try? Command.run(["umount", pins])
+            try FileManager.default.createDirectory(atPath: pins, withIntermediateDirectories: true)
+            try Command.run(["mount", "-t", "bpf", "bpf", pins])
+            defer {
+                _ = try? Command.run(["umount", pins])
+                try? FileManager.default.removeItem(atPath: pins)
+            }
+            try await body()
+        }
+    }
+
+    /// `host`'s `dysco_sessions` entries (BPF; the agent pins under the lab's bpffs, queue 7).
+    func bpfEntries(_ lab: Lab, _ host: String, _ datapath: Datapath) throws -> [(BPFSessionKey, BPFSessionEntry)] {
+        try BPFDatapath.pinnedEntries(mapPath: "\(datapath.pins)/dysco-\(lab.namespace(of: host))-q7/dysco_sessions")
+    }
+
+    /// Elements of the fast-path maps and per-session chains in `host` (BPF: map entries and sessions with one).
+    func kernelState(_ lab: Lab, _ host: String, _ datapath: Datapath? = nil) throws -> (elements: Int, sessionChains: Int) {
+        if let datapath, datapath.kind == .bpf {
+            let entries = try bpfEntries(lab, host, datapath)
+            return (entries.count, Set(entries.map(\.1.sessionID)).count)
+        }
         let json = try lab.exec(host, ["nft", "-j", "list", "table", "ip", FastPathScript.table]).stdout
         let root = try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any]
         var elements = 0, chains = 0
@@ -35,12 +70,15 @@ import Testing
     }
 
     @Test("after the handshake a bulk transfer's packets stay in the kernel; the firewall still sees the session",
-          arguments: [("fp1", "auto"), ("fp5", "always")])
-    func bulkStaysInKernel(lab name: String, reroute: String) async throws {
+          arguments: [(Datapath(kind: .nftables, lab: "fp1", subnet: "10.78.11.0/24"), "auto"),
+                      (Datapath(kind: .nftables, lab: "fp5", subnet: "10.78.15.0/24"), "always"),
+                      (Datapath(kind: .bpf, lab: "fpb1", subnet: "10.78.31.0/24"), "auto")])
+    func bulkStaysInKernel(datapath: Datapath, reroute: String) async throws {
         // auto: the lab is on-link, so local egress runs in a filter chain; always: in a route chain.
-        let subnet = name == "fp1" ? "10.78.11.0/24" : "10.78.15.0/24"
-        try await TestSupport.withLab(LabSpec(name: name, middleboxes: ["fw1"], subnet: subnet,
-                                  agentArguments: DataplaneTests.keepClosedSessions + ["--fastpath-reroute", reroute])) { lab in
+        try await datapath.withPins {
+        try await TestSupport.withLab(LabSpec(name: datapath.lab, middleboxes: ["fw1"], subnet: datapath.subnet,
+                                  agentArguments: DataplaneTests.keepClosedSessions + ["--fastpath-reroute", reroute]
+                                      + datapath.arguments)) { lab in
             let (target, _) = try download(lab, megabytes: 64)
             #expect(try TestSupport.sha256(target) == TestSupport.sha256("\(lab.httpRoot)/blob"))
             for host in ["client1", "fw1", "server1"] {
@@ -50,22 +88,27 @@ import Testing
                 // how many more it sees meanwhile depends on the machine's load: CI saw 386 packets) and the close;
                 // the kernel carried the rest: most of the 64 MiB never reached the queue.
                 let seen = snapshot.sessions.reduce(0) { $0 + $1.bytes }
+                FileHandle.standardError.write(Data("[fastpath-tests] \(datapath) \(host): \(seen) bytes in \(snapshot.counters.packets) packets reached the queue\n".utf8))
                 #expect(seen < 32 << 20, "\(host): \(seen) bytes in \(snapshot.counters.packets) packets reached the queue")
                 #expect(snapshot.counters.fastPathInstalls == 1, "\(host): the kernel carried the session")
                 // Closed (FIN both ways): out of the kernel at once, still translated by the agent for the linger.
                 #expect(snapshot.sessions.allSatisfy { $0.carrier == .slow && $0.state == "closing" },
                         "\(host): \(snapshot.sessions.map { "\($0.carrier) \($0.state)" })")
             }
-            #expect(try kernelState(lab, "fw1") == (0, 0), "a closed session leaves the kernel")
+            #expect(try kernelState(lab, "fw1", datapath) == (0, 0), "a closed session leaves the kernel")
             #expect(try lab.conntrackTCP("fw1").contains("src=\(lab.address(of: "client1")) dst=\(lab.address(of: "server1"))"))
             #expect(try lab.firewallCounters("fw1").establishedAccepted.packets > 500, "GSO: up to 64 KiB per packet")
         }
+        }
     }
 
-    @Test("a live session taken back to the slow path and returned mid-transfer stays byte-exact")
-    func holdAndReleaseMidTransfer() async throws {
-        try await TestSupport.withLab(LabSpec(name: "fp2", middleboxes: ["fw1"], subnet: "10.78.12.0/24",
-                                  agentArguments: DataplaneTests.keepClosedSessions)) { lab in
+    @Test("a live session taken back to the slow path and returned mid-transfer stays byte-exact",
+          arguments: [Datapath(kind: .nftables, lab: "fp2", subnet: "10.78.12.0/24"),
+                      Datapath(kind: .bpf, lab: "fpb2", subnet: "10.78.32.0/24")])
+    func holdAndReleaseMidTransfer(datapath: Datapath) async throws {
+        try await datapath.withPins {
+        try await TestSupport.withLab(LabSpec(name: datapath.lab, middleboxes: ["fw1"], subnet: datapath.subnet,
+                                  agentArguments: DataplaneTests.keepClosedSessions + datapath.arguments)) { lab in
             let (target, process) = try download(lab, megabytes: 96, rate: "4M")
             let curl = try #require(process)
             let hosts = ["client1", "fw1", "server1"]
@@ -90,7 +133,15 @@ import Testing
                                                             path: AgentControlPaths.socketPath(netns: lab.namespace(of: host)))
                 #expect(try JSONDecoder().decode(ControlPathReply.self, from: reply).sessions == [ids[host] ?? 0])
             }
-            #expect(try kernelState(lab, "fw1").elements == 0, "held: nothing left in the kernel")
+            if datapath.kind == .bpf {
+                // A hold is the HELD flag: the entries stay, with what the program counted.
+                let entries = try bpfEntries(lab, "fw1", datapath)
+                #expect(entries.count == 4 && entries.allSatisfy { $0.1.flags.contains(.held) },
+                        "held: every entry HELD: \(entries.map { "\($0.0) \($0.1.flags)" })")
+                #expect(entries.reduce(0) { $0 + $1.1.packets } > 0, "the counters stay")
+            } else {
+                #expect(try kernelState(lab, "fw1", datapath).elements == 0, "held: nothing left in the kernel")
+            }
             // While held, the transfer's packets reach the agent (the rate-limited transfer sends in bursts).
             var held = try await TestSupport.snapshot(lab, "fw1")
             let heldDeadline = Date().addingTimeInterval(5)
@@ -106,23 +157,30 @@ import Testing
             for host in hosts {
                 try Command.run([bin, "path", "release", "\(ids[host] ?? 0)", "--netns", lab.namespace(of: host)])
             }
-            let released = try kernelState(lab, "fw1")
+            let released = try kernelState(lab, "fw1", datapath)
             let after = try await TestSupport.snapshot(lab, "fw1")
             #expect(released.elements == 4, "released: \(released), fw1 session: \(String(describing: after.sessions.first))")
+            if datapath.kind == .bpf {
+                #expect(try bpfEntries(lab, "fw1", datapath).allSatisfy { !$0.1.flags.contains(.held) }, "released: HELD cleared")
+            }
             curl.waitUntilExit()
             #expect(curl.terminationStatus == 0)
             #expect(try TestSupport.sha256(target) == TestSupport.sha256("\(lab.httpRoot)/blob"))
             #expect(try lab.firewallCounters("fw1").invalidDropped.packets == 0)
         }
+        }
     }
 
-    @Test("1,000 sessions set up and torn down leave the maps empty")
-    func thousandSessions() async throws {
-        var spec = LabSpec(name: "fp3", middleboxes: ["fw1"], subnet: "10.78.13.0/24",
+    @Test("1,000 sessions set up and torn down leave the maps empty",
+          arguments: [Datapath(kind: .nftables, lab: "fp3", subnet: "10.78.13.0/24"),
+                      Datapath(kind: .bpf, lab: "fpb3", subnet: "10.78.33.0/24")])
+    func thousandSessions(datapath: Datapath) async throws {
+        var spec = LabSpec(name: datapath.lab, middleboxes: ["fw1"], subnet: datapath.subnet,
                            policyPorts: [80, DataplaneBenchmark.sinkPort],
                            // Every session goes to the kernel at its third ACK (no packet threshold).
-                           agentArguments: ["--close-linger", "0.5", "--fastpath-after", "0"])
+                           agentArguments: ["--close-linger", "0.5", "--fastpath-after", "0"] + datapath.arguments)
         spec.services = false
+        try await datapath.withPins {
         try await TestSupport.withLab(spec) { lab in
             let bench = try TestSupport.benchBinary()
             let server = lab.address(of: "server1").description
@@ -161,15 +219,25 @@ import Testing
             #expect(fw1.counters.fastPathInstalls >= 1000, "every session reached the kernel: \(fw1.counters.fastPathInstalls)")
             // Linger 0.5 s, expiry runs every second: the agents forget the sessions, the kernel has none left.
             var remaining = -1, listed = -1
+            var left: [String: Int] = [:]
             for _ in 0..<40 {
                 usleep(250_000)
-                remaining = try ["client1", "fw1", "server1"].map { try kernelState(lab, $0).elements + kernelState(lab, $0).sessionChains }.reduce(0, +)
+                remaining = try ["client1", "fw1", "server1"].map {
+                    let state = try kernelState(lab, $0, datapath)
+                    return state.elements + state.sessionChains
+                }.reduce(0, +)
                 listed = 0
-                for host in ["client1", "fw1", "server1"] { listed += try await TestSupport.snapshot(lab, host).sessions.count }
+                left = [:]
+                for host in ["client1", "fw1", "server1"] {
+                    let sessions = try await TestSupport.snapshot(lab, host).sessions
+                    listed += sessions.count
+                    for s in sessions { left["\(host) \(s.carrier) \(s.state)", default: 0] += 1 }
+                }
                 if remaining == 0 && listed == 0 { break }
             }
-            #expect(listed == 0, "sessions still listed by the agents")
+            #expect(listed == 0, "sessions still listed by the agents: \(left)")
             #expect(remaining == 0, "map elements and session chains left in the kernel")
+        }
         }
     }
 

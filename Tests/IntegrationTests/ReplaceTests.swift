@@ -1,4 +1,5 @@
 import DyscoAgent
+import DyscoBPF
 import DyscoCore
 import DyscoLab
 import DyscoSystem
@@ -14,7 +15,8 @@ import Testing
     }
 
     /// (a)/(g): 20 sessions of 20 MiB, sender-paced so they are mid-transfer, moved fw1 → fw2 under a strict fw2.
-    func liveReplacement(name: String, subnet: String, agentArguments: [String]) async throws {
+    func liveReplacement(name: String, subnet: String, agentArguments: [String],
+                         bpf: FastPathIntegrationTests.Datapath? = nil) async throws {
         try await TestSupport.withLab(MigrationLab.spec(name, subnet: subnet, agentArguments: agentArguments)) { lab in
             // 20 sessions at 1 MiB/s (20 MiB/s through the chain). At 3 MiB/s each (60 MiB/s) the agents' queues
             // are never empty while the sessions are on the slow path, and the hand-over back to the kernel
@@ -58,6 +60,14 @@ import Testing
 
             #expect(downloads.wait(), "curl failed: \((try? String(contentsOfFile: "\(lab.directory)/curl.log", encoding: .utf8)) ?? "")")
             #expect(try MigrationLab.allIntact(downloads.outputs, original: "\(lab.httpRoot)/blob").isEmpty)
+            if let bpf {
+                // fw1 held the sessions (HELD entries) and then lost them: its counter poll deletes what they left.
+                let fw1Map = "\(bpf.pins)/dysco-\(lab.namespace(of: "fw1"))-q7/dysco_sessions"
+                let emptied = try await TestSupport.eventually(timeout: 15) {
+                    try BPFDatapath.pinnedEntries(mapPath: fw1Map).isEmpty
+                }
+                #expect(emptied, "fw1's map still has \((try? BPFDatapath.pinnedEntries(mapPath: fw1Map).count) ?? -1) entries")
+            }
             #expect(try TestSupport.invalidDrops(lab, "fw2") == invalidBefore, "INVALID drops at fw2")
             // No RTO and no reset in the window, always. With the fast path, the hand-over of sessions back to the
             // kernel can still reorder packets when an agent's queue never empties (a loaded 2-core machine): the
@@ -83,6 +93,15 @@ import Testing
     @Test("(a) 20 live paced sessions move fw1 → fw2 (strict) byte-exact: fw2 tracks them, fw1 stops, no INVALID, no RTO (no retransmission without the fast path)")
     func replaceLiveSessions() async throws {
         try await liveReplacement(name: "rp1", subnet: "10.78.61.0/24", agentArguments: [])
+    }
+
+    @Test("(a) the same over --datapath bpf (lab rpb1, 10.78.69.0/24, bpffs /run/dysco-rpb1-pins)")
+    func replaceLiveSessionsBPF() async throws {
+        let datapath = FastPathIntegrationTests.Datapath(kind: .bpf, lab: "rpb1", subnet: "10.78.69.0/24")
+        try await datapath.withPins {
+            try await liveReplacement(name: datapath.lab, subnet: datapath.subnet, agentArguments: datapath.arguments,
+                                      bpf: datapath)
+        }
     }
 
     @Test("(g) the same with --no-fastpath")

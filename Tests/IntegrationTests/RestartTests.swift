@@ -120,6 +120,20 @@ import Testing
         #expect(again.contains(":DYSCO-IN - [0:0]"), "declared, so iptables-restore --noflush empties it in the same commit")
     }
 
+    @Test("queue rules with the BPF datapath: each egress chain first returns what the pinned socket filter says tc egress rewrites; ingress as before")
+    func queueRuleScriptBPF() {
+        let filter = "/run/pins/dysco-x-q7/dysco_egress_carried"
+        let script = QueueRules(queue: 7, egressFilter: filter).restoreScript()
+        let lines = script.split(separator: "\n")
+        #expect(lines.filter { $0.hasPrefix("-A DYSCO-IN") } == QueueRules(queue: 7).restoreScript().split(separator: "\n")
+            .filter { $0.hasPrefix("-A DYSCO-IN") })
+        #expect(lines.first { $0.hasPrefix("-A DYSCO-OUT") }
+                == "-A DYSCO-OUT -p tcp ! -o lo -m bpf --object-pinned \(filter) -j RETURN")
+        #expect(lines.first { $0.hasPrefix("-A DYSCO-FWD-OUT") }
+                == "-A DYSCO-FWD-OUT -p tcp -m addrtype ! --src-type LOCAL -m bpf --object-pinned \(filter) -j RETURN")
+        #expect(lines.filter { $0.contains("-m bpf") }.count == 2)
+    }
+
     @Test("(c) kill -9 and restart of fw1's agent, then of the client's, mid-transfer, fast path on: byte-exact, no reset")
     func killFastPath() async throws {
         try await restartMidTransfer(name: "rs1", subnet: "10.79.61.0/24", agentArguments: [], hosts: ["fw1", "client1"],

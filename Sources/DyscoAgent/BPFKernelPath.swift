@@ -1,0 +1,362 @@
+import CLinux
+import DyscoBPF
+import DyscoCore
+import DyscoSystem
+import Foundation
+import Logging
+import Synchronization
+
+/// The BPF ``KernelPath`` (`agent --datapath bpf`, docs/BPF.md): the tc programs of `dysco.bpf.o` on every device of
+/// the namespace but `lo`, one `dysco_sessions` entry per translation. An install writes a session's entries (one
+/// batch); a removal deletes them, unless it is a migration's hold (the session's carrier is `held` when the removal
+/// is committed): then the entries get the `HELD` flag (the programs pass the packets untouched, to the NFQUEUE
+/// rules) and keep their counters and TCP facts; the release's install clears it (and deletes the keys a migration
+/// changed). Entries of held sessions that are gone are deleted by the counter poll. Installs wait for the packet thread's quiet point like the nftables path's (a session must
+/// not reach the kernel while its packets wait in NFQUEUE); map writes take microseconds, so the commit is cheap.
+///
+/// Marks: the ingress program ORs ``FastPathScript/ingressMark`` into what it rewrote (the raw-PREROUTING queue rule
+/// skips it, as it skips the nftables path's mark) and ``FastPathScript/observeIngressMark`` too for a FIN or an RST
+/// (queued, with bypass, for the agent's teardown bookkeeping only: the nftables path's mechanism). At egress the
+/// queue rules run before tc, so they ask the pinned socket filter `dysco_egress_carried` (``QueueRules``).
+///
+/// Not yet (docs/BPF.md, "What is left to wire"): restart survival (a restarted agent starts empty), owned keys
+/// (fail closed while no agent runs), FIN/RST and idle facts from the ring buffer.
+final class BPFKernelPath: KernelPath, @unchecked Sendable {
+    struct Settings: Sendable {
+        /// The compiled programs (`make bpf`: .build/bpf/dysco.bpf.o).
+        var objectPath: String
+        /// A bpffs mount point; mounted by the agent if it is not one (and unmounted at exit).
+        var bpffs: String
+        /// The agent's own directory on it (maps and the egress socket filter are pinned there).
+        var pinDirectory: String
+        /// Capacity of `dysco_sessions` in translations (nil: the object's default).
+        var maxEntries: UInt32?
+    }
+
+    private let settings: Settings
+    private let logger: Logger
+    private let report: @Sendable (KernelPathOutcome) -> Void
+    /// The processor's carrier of each session (takes the packet lock; never called under it).
+    private let carriers: @Sendable ([SessionTable.SessionID]) -> [SessionTable.SessionID: SessionTable.Carrier]
+    /// The keys each session has in the map, and the sessions whose entries are `HELD` (under `lock`).
+    private var installedKeys: [SessionTable.SessionID: [BPFSessionKey]] = [:]
+    private var heldSessions = Set<SessionTable.SessionID>()
+    private let nudge: (@Sendable () -> Void)?
+    /// Guards `datapath` (libbpf objects have one user at a time) and the counter baselines.
+    private let lock = NSLock()
+    private let datapath: BPFDatapath
+    private let interfaces: [String]
+    /// The agent mounted the bpffs (so it unmounts it at exit).
+    private let mountedFS: Bool
+    private var lastCounters: [SessionTable.SessionID: UInt64] = [:]
+    private var packetBaseline: [SessionTable.SessionID: UInt64] = [:]
+    private let kernelPackets = Atomic<UInt64>(0)
+    var kernelPacketCount: UInt64 { kernelPackets.load(ordering: .relaxed) }
+
+    private struct Pending {
+        var actions: [FastPathAction] = []
+        var since: UInt64 = 0
+    }
+    private let pending = Mutex(Pending())
+
+    /// Where the egress queue rules find the socket filter (`iptables -m bpf --object-pinned`).
+    var egressFilterPath: String { settings.pinDirectory + "/" + BPFDatapath.egressCarriedProgram }
+
+    /// Mounts the bpffs if needed, loads the object (the verifier's error names a missing kernel feature), pins the
+    /// maps and the egress socket filter, sets the marks and attaches both programs to every device but `lo`.
+    init(settings: Settings, logger: Logger, nudge: (@Sendable () -> Void)?,
+         report: @escaping @Sendable (KernelPathOutcome) -> Void,
+         carriers: @escaping @Sendable ([SessionTable.SessionID]) -> [SessionTable.SessionID: SessionTable.Carrier]) throws {
+        self.settings = settings
+        self.logger = logger
+        self.nudge = nudge
+        self.report = report
+        self.carriers = carriers
+        guard FileManager.default.isReadableFile(atPath: settings.objectPath) else {
+            throw ControlError(message: "--datapath bpf: no BPF object at \(settings.objectPath) (build it with `make bpf`, or give --bpf-object)")
+        }
+        mountedFS = try Self.ensureBPFFS(settings.bpffs, logger: logger)
+        do {
+            try FileManager.default.createDirectory(atPath: settings.pinDirectory, withIntermediateDirectories: true)
+            let datapath: BPFDatapath
+            do {
+                datapath = try BPFDatapath(objectPath: settings.objectPath, pinDirectory: settings.pinDirectory,
+                                           maxEntries: settings.maxEntries)
+            } catch {
+                throw ControlError(message: """
+                    --datapath bpf: cannot load \(settings.objectPath): \(error) (needs BPF syscall, clsact, ring \
+                    buffers, bpf_redirect_neigh, atomic fetch ops: Linux ≥ 5.12; docs/BPF.md "Kernel requirements"; \
+                    --datapath nftables or --no-fastpath work without)
+                    """)
+            }
+            self.datapath = datapath
+            try datapath.setMarks(ingress: FastPathScript.ingressMark, observe: FastPathScript.observeIngressMark)
+            try datapath.pinProgram(BPFDatapath.egressCarriedProgram,
+                                    path: settings.pinDirectory + "/" + BPFDatapath.egressCarriedProgram)
+            interfaces = Self.devices()
+            for interface in interfaces { try datapath.attach(interface: interface) }
+        } catch {
+            if mountedFS { Self.unmount(settings.bpffs, logger: logger) }
+            throw error
+        }
+        logger.info("BPF datapath attached", metadata: [
+            "bpf.object": "\(settings.objectPath)", "bpf.pin_dir": "\(settings.pinDirectory)",
+            "bpf.interfaces": "\(interfaces.joined(separator: ","))", "bpf.mounted": "\(mountedFS)",
+        ])
+    }
+
+    // MARK: - bpffs and devices
+
+    /// Mounts a bpffs at `path` unless one is there; true if this call mounted it.
+    static func ensureBPFFS(_ path: String, logger: Logger) throws -> Bool {
+        try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+        if try sysCall("statfs(\(path))", { dysco_is_bpffs(path) }) == 1 { return false }
+        _ = try sysCall("mount(bpf, \(path))") { dysco_mount_bpffs(path) }
+        logger.debug("mounted a bpffs", metadata: ["bpf.fs": "\(path)"])
+        return true
+    }
+
+    static func unmount(_ path: String, logger: Logger) {
+        do { _ = try sysCall("umount2(\(path))") { dysco_umount_lazy(path) } } catch {
+            logger.warning("could not unmount the bpffs", metadata: ["bpf.fs": "\(path)", "error": "\(error)"])
+        }
+    }
+
+    /// The namespace's devices but `lo`.
+    static func devices() -> [String] {
+        guard let list = if_nameindex() else { return [] }
+        defer { if_freenameindex(list) }
+        var names: [String] = []
+        var entry = list
+        while entry.pointee.if_index != 0 {
+            if let name = entry.pointee.if_name.map({ String(cString: $0) }), name != "lo" { names.append(name) }
+            entry += 1
+        }
+        return names.sorted()
+    }
+
+    // MARK: - Commits
+
+    func submit(_ actions: [FastPathAction], ownership: (add: KernelOwnership.Keys, remove: KernelOwnership.Keys)?) {
+        guard !actions.isEmpty else { return }  // no owned keys on this path (yet)
+        let first = pending.withLock { p in
+            let first = p.actions.isEmpty
+            if first { p.since = dysco_monotonic_ns() }
+            p.actions.append(contentsOf: actions)
+            return first
+        }
+        guard first else { return }
+        if let nudge { nudge() } else { commitAll() }
+    }
+
+    func commitIfDue(queueEmpty: Bool, now: UInt64) {
+        let due = pending.withLock { p in
+            let wait = queueEmpty ? FastPathWorker.batchDelayNanoseconds : FastPathWorker.maxDelayNanoseconds
+            return !p.actions.isEmpty && now &- p.since >= wait
+        }
+        if due { commit { ($0, []) } }
+    }
+
+    func pollTimeout(now: UInt64) -> Int32 {
+        pending.withLock { p in
+            guard !p.actions.isEmpty else { return -1 }
+            let due = p.since &+ FastPathWorker.batchDelayNanoseconds
+            return due <= now ? 0 : Int32((due - now + 999_999) / 1_000_000)
+        }
+    }
+
+    func flush() { commit { FastPathAction.splitForFlush($0) } }
+
+    func commitAll() { commit { ($0, []) } }
+
+    /// Takes `split(queued).now` from the queue (leaving `.later`) and applies it. Taking and applying happen under
+    /// `lock`, so commits from different threads (the packet thread's, a hold's flush) reach the map in the order
+    /// their actions were queued. The outcome is reported after the lock is released (the report takes the
+    /// packet lock).
+    private func commit(_ split: ([FastPathAction]) -> (now: [FastPathAction], later: [FastPathAction])) {
+        let outcome = lock.withLock { () -> KernelPathOutcome? in
+            let taken = pending.withLock { p in
+                let (now, later) = split(p.actions)
+                p.actions = later
+                return now
+            }
+            let actions = FastPathAction.coalesce(taken)
+            guard !actions.isEmpty else { return nil }
+            // A removal of a session the processor holds is a hold (its carrier is read now: a hold and its release
+            // committed together read `pending` and delete, then install).
+            var removed: [SessionTable.SessionID] = []
+            for case .remove(let id, _) in actions { removed.append(id) }
+            let holding = removed.isEmpty ? [:] : carriers(removed).filter { $0.value == .held }
+            return apply(actions, holding: Set(holding.keys))
+        }
+        if let outcome { report(outcome) }
+    }
+
+    /// Writes the actions to the map (under `lock`). `holding`: the removals that are holds.
+    private func apply(_ actions: [FastPathAction], holding: Set<SessionTable.SessionID>) -> KernelPathOutcome {
+        var outcome = KernelPathOutcome()
+        for action in actions {
+            switch action {
+            case .install(let id, let translations):
+                let entries = translations.map { BPFSessionKey.entry($0, sessionID: id) }
+                do {
+                    try install(id, entries)
+                    outcome.installed.append(id)
+                } catch {
+                    for entry in entries { _ = try? datapath.delete(entry.key) }
+                    installedKeys[id] = nil
+                    heldSessions.remove(id)
+                    outcome.failed.append(id)
+                    logger.warning("BPF map refused a session", metadata: ["session.id": "\(id)", "error": "\(error)"])
+                }
+            case .remove(let id, let translations):
+                let keys = translations.map { BPFSessionKey.entry($0, sessionID: id).key }
+                if holding.contains(id) {
+                    hold(id, keys)
+                } else {
+                    delete(id, keys)
+                }
+            }
+        }
+        return outcome
+    }
+
+    /// A release's (or a first) install: keys the session had and no longer has go; a held key with the same
+    /// target keeps its counters and facts and loses `HELD`; anything else is written anew.
+    private func install(_ id: SessionTable.SessionID, _ entries: [(key: BPFSessionKey, entry: BPFSessionEntry)]) throws {
+        let keys = entries.map(\.key)
+        if let old = installedKeys[id] {
+            for key in old where !keys.contains(key) { _ = try datapath.delete(key) }
+        }
+        var fresh: [(BPFSessionKey, BPFSessionEntry)] = []
+        for (key, entry) in entries {
+            if heldSessions.contains(id), var present = try datapath.lookup(key), present.target == entry.target {
+                present.flags.subtract(.held)
+                try datapath.write(key, present, mode: .replace)
+            } else {
+                fresh.append((key, entry))
+            }
+        }
+        try datapath.writeBatch(fresh)
+        installedKeys[id] = keys
+        heldSessions.remove(id)
+    }
+
+    /// A migration's hold: `HELD` on each of the session's entries (one lookup and one update each; counter adds
+    /// between the two are lost, docs/BPF.md).
+    private func hold(_ id: SessionTable.SessionID, _ keys: [BPFSessionKey]) {
+        for key in keys {
+            do { try datapath.setFlags(key, set: .held) } catch where error.errno == ENOENT {} catch {
+                logger.warning("BPF map refused a hold", metadata: ["session.id": "\(id)", "error": "\(error)"])
+            }
+        }
+        heldSessions.insert(id)
+    }
+
+    private func delete(_ id: SessionTable.SessionID, _ keys: [BPFSessionKey]) {
+        for key in Set(keys).union(installedKeys[id] ?? []) {
+            do { try datapath.delete(key) } catch {
+                logger.warning("BPF map refused a removal", metadata: ["session.id": "\(id)", "error": "\(error)"])
+            }
+        }
+        installedKeys[id] = nil
+        heldSessions.remove(id)
+    }
+
+    /// Deletes the entries of held sessions the processor no longer holds without having released them (gone:
+    /// removed while held, e.g. an old box's sessions after a migration; or back on the slow path).
+    private func sweepHeld() {
+        let ids = lock.withLock { Array(heldSessions) }
+        guard !ids.isEmpty else { return }
+        let now = carriers(ids)  // outside `lock`: the query takes the packet lock
+        for id in ids where now[id] != .held {
+            // Re-checked under `lock`: a release committed meanwhile took the session out of `heldSessions`.
+            lock.withLock {
+                guard heldSessions.contains(id) else { return }
+                delete(id, [])
+            }
+        }
+    }
+
+    // MARK: - Counters
+
+    func sampleKernelPackets() {
+        lock.withLock { accumulate(totals()) }
+    }
+
+    func activeSessions() -> [SessionTable.SessionID] {
+        sweepHeld()
+        return lock.withLock {
+            let totals = totals()
+            defer { lastCounters = totals }
+            accumulate(totals)
+            return totals.compactMap { id, packets in packets != lastCounters[id] ? id : nil }
+        }
+    }
+
+    /// Packets per session summed over its entries (under `lock`).
+    private func totals() -> [SessionTable.SessionID: UInt64] {
+        var totals: [SessionTable.SessionID: UInt64] = [:]
+        guard let entries = try? datapath.entries() else { return totals }
+        for (_, entry) in entries { totals[entry.sessionID, default: 0] &+= entry.packets }
+        return totals
+    }
+
+    private func accumulate(_ totals: [SessionTable.SessionID: UInt64]) {
+        var moved: UInt64 = 0
+        for (id, packets) in totals {
+            let last = packetBaseline[id] ?? 0
+            moved &+= packets >= last ? packets - last : packets
+        }
+        packetBaseline = totals
+        kernelPackets.add(moved, ordering: .relaxed)
+    }
+
+    // MARK: - Start and exit
+
+    /// Restart survival is not wired yet: a restarted agent finds nothing and starts empty.
+    func listing() -> FastPathListing? { nil }
+
+    func keep(owned: KernelOwnership.Keys) throws {}
+
+    func reset() throws {
+        try lock.withLock {
+            let keys = try datapath.entries().map(\.0)
+            try datapath.deleteBatch(keys)
+            installedKeys = [:]
+            heldSessions = []
+        }
+    }
+
+    func rebuild(sessions: [(SessionTable.SessionID, [FastPathScript.Translation])], owned: KernelOwnership.Keys) throws {
+        try reset()
+        try lock.withLock {
+            try datapath.writeBatch(sessions.flatMap { id, translations in
+                translations.map { BPFSessionKey.entry($0, sessionID: id) }.map { ($0.key, $0.entry) }
+            })
+            for (id, translations) in sessions {
+                installedKeys[id] = translations.map { BPFSessionKey.entry($0, sessionID: id).key }
+            }
+        }
+    }
+
+    /// `keep`: programs, maps and pins stay (kernel-carried sessions flow on). Otherwise the programs are detached,
+    /// the pins removed, and the bpffs unmounted if the agent mounted it.
+    func shutdown(keep: Bool) {
+        commitAll()
+        guard !keep else { return }
+        lock.withLock {
+            for interface in interfaces {
+                do { try BPFDatapath.detach(interface: interface) } catch {
+                    logger.warning("could not detach the BPF programs", metadata: ["bpf.interface": "\(interface)", "error": "\(error)"])
+                }
+            }
+            do { try datapath.unpinMaps() } catch {
+                logger.warning("could not unpin the BPF maps", metadata: ["error": "\(error)"])
+            }
+            unlink(egressFilterPath)
+            rmdir(settings.pinDirectory)
+        }
+        if mountedFS { Self.unmount(settings.bpffs, logger: logger) }
+    }
+}

@@ -1,0 +1,55 @@
+import DyscoCore
+
+/// What the agent's kernel fast path does for it (`--datapath`): carry steady-state packets of the sessions the
+/// ``PacketProcessor`` hands over (``FastPathAction``s), take them back (holds, teardown), report which sessions it
+/// carried traffic for (idle expiry) and how many packets, and leave or remove its state at exit. Two
+/// implementations: ``FastPathWorker`` (nftables: one chain per translation, libnftables transactions) and
+/// ``BPFKernelPath`` (tc programs, one map entry per translation; docs/BPF.md). The agent talks to this protocol
+/// only, never to one datapath.
+///
+/// Ordering rule, both: installs are committed by the packet thread at a quiet point (``commitIfDue(queueEmpty:now:)``:
+/// no packet of a session going to the kernel still waits in NFQUEUE); a hold's removals at once (``flush()``).
+protocol KernelPath: AnyObject, Sendable {
+    /// Queues actions (and, for the nftables path, owned-key changes) for the next commit.
+    func submit(_ actions: [FastPathAction], ownership: (add: KernelOwnership.Keys, remove: KernelOwnership.Keys)?)
+    /// The packet thread, between reads: commits what is queued if it is due (`queueEmpty`: the quiet point).
+    func commitIfDue(queueEmpty: Bool, now: UInt64)
+    /// Milliseconds the packet thread may sleep before a commit is due (-1: none pending).
+    func pollTimeout(now: UInt64) -> Int32
+    /// Takes held sessions off the kernel now (the queued changes of every session with a removal).
+    func flush()
+    /// Commits everything queued now (`path release`).
+    func commitAll()
+    /// Agent exit: commits what is queued; removes the kernel state unless `keep`.
+    func shutdown(keep: Bool)
+    /// Packets the kernel rewrote so far (as of the last ``sampleKernelPackets()`` or ``activeSessions()``).
+    var kernelPacketCount: UInt64 { get }
+    /// Reads the kernel's counters now (a metrics scrape).
+    func sampleKernelPackets()
+    /// Sessions whose kernel counters moved since the last call (idle expiry).
+    func activeSessions() -> [SessionTable.SessionID]
+
+    // Restart (docs/ARCHITECTURE.md, "Agent crash and restart").
+    /// What the kernel holds of a predecessor's fast path; nil: nothing (the state file is then stale).
+    func listing() -> FastPathListing?
+    /// The kernel state is as the predecessor left it: only the owned keys are set again.
+    func keep(owned: KernelOwnership.Keys) throws
+    /// Starts empty (whatever a predecessor left goes).
+    func reset() throws
+    /// Replaces the kernel state with `sessions` and the owned keys.
+    func rebuild(sessions: [(SessionTable.SessionID, [FastPathScript.Translation])], owned: KernelOwnership.Keys) throws
+}
+
+/// What a commit did with the installs: the sessions the kernel now carries and those it refused.
+struct KernelPathOutcome: Sendable {
+    var installed: [SessionTable.SessionID] = []
+    var failed: [SessionTable.SessionID] = []
+}
+
+/// Which kernel fast path the agent uses (`agent --datapath`).
+public enum DatapathKind: String, Sendable, CaseIterable {
+    /// One nftables chain per translation (``FastPathWorker``); the default.
+    case nftables
+    /// tc programs and BPF maps (``BPFKernelPath``, docs/BPF.md).
+    case bpf
+}

@@ -1,0 +1,53 @@
+import ArgumentParser
+import DyscoAgent
+import Foundation
+
+extension DatapathKind: ExpressibleByArgument {}
+
+/// The agent's kernel fast path: which datapath carries the sessions (`--datapath`) and, for BPF, where its
+/// programs and pins are.
+struct DatapathOptions: ParsableArguments {
+    @Option(help: ArgumentHelp("""
+        Kernel fast path: nftables (one chain per translation) or bpf (tc programs and BPF maps: one map entry \
+        per translation; docs/BPF.md). bpf needs Linux ≥ 5.12 and the programs built by `make bpf`; with bpf a \
+        restarted agent does not yet take over the kernel's sessions (see "Restart": it starts empty).
+        """, valueName: "nftables|bpf"))
+    var datapath: DatapathKind = .nftables
+
+    @Option(help: ArgumentHelp("""
+        With --datapath bpf: the compiled programs (default: $DYSCO_BPF_OBJECT, else dysco.bpf.o beside the \
+        executable, in ../bpf or ../../bpf of it, or /usr/lib/dysco-migrate).
+        """, valueName: "path"))
+    var bpfObject: String?
+
+    @Option(help: ArgumentHelp("""
+        With --datapath bpf: a bpffs under which the agent pins its maps (in dysco-<netns>-q<queue>); mounted \
+        there if it is not one (and unmounted at exit). `ip netns exec` hides /sys/fs/bpf: for pins others can \
+        see, mount one on the host (e.g. under /run) and give it here.
+        """, valueName: "dir"))
+    var bpfFs: String = "/sys/fs/bpf"
+
+    func validate() throws {
+        if datapath != .bpf, bpfObject != nil {
+            throw ValidationError("--bpf-object needs --datapath bpf")
+        }
+        if datapath == .bpf, resolvedObject() == nil {
+            throw ValidationError("--datapath bpf: no dysco.bpf.o found (build it with `make bpf`, or give --bpf-object)")
+        }
+        guard bpfFs.hasPrefix("/") else { throw ValidationError("--bpf-fs must be an absolute path") }
+    }
+
+    /// The object file: --bpf-object, or the first existing default place.
+    func resolvedObject() -> String? {
+        if let bpfObject { return FileManager.default.isReadableFile(atPath: bpfObject) ? bpfObject : nil }
+        var candidates: [String] = []
+        if let env = ProcessInfo.processInfo.environment["DYSCO_BPF_OBJECT"] { candidates.append(env) }
+        let path = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        let executable = URL(fileURLWithPath: path).resolvingSymlinksInPath().deletingLastPathComponent()
+        for relative in ["dysco.bpf.o", "../bpf/dysco.bpf.o", "../../bpf/dysco.bpf.o"] {
+            candidates.append(executable.appendingPathComponent(relative).standardizedFileURL.path)
+        }
+        candidates.append("/usr/lib/dysco-migrate/dysco.bpf.o")
+        return candidates.first { FileManager.default.isReadableFile(atPath: $0) }
+    }
+}
