@@ -24,7 +24,7 @@ import Testing
         /// Runs `body` with the bpffs mounted (BPF), unmounting and removing it in every path.
         func withPins(_ body: () async throws -> Void) async throws {
             guard kind == .bpf else { return try await body() }
-            try? Command.run(["umount", pins])
+            _ = try? Command.run(["umount", pins])
             try FileManager.default.createDirectory(atPath: pins, withIntermediateDirectories: true)
             try Command.run(["mount", "-t", "bpf", "bpf", pins])
             defer {
