@@ -4,6 +4,8 @@
 #   /usr/lib/dysco-migrate/dysco-migrate          the release binary (Swift runtime linked statically), with the
 #   /usr/lib/dysco-migrate/*.resources            resource bundles it opens beside itself (Bundle.main resolves
 #   /usr/bin/dysco-migrate -> ../lib/...          the /usr/bin symlink through /proc/self/exe)
+#   /usr/lib/dysco-migrate/dysco.bpf.o            the BPF datapath's tc programs (`make bpf`; agent --datapath bpf
+#                                                 finds them beside the binary)
 #   /lib/systemd/system/dysco-migrate-agent.service, dysco-migrate-agent@.service
 #   /usr/lib/tmpfiles.d/dysco-migrate.conf        /run/dysco-migrate (sockets, journals), /var/lib/dysco-migrate
 #   /etc/dysco-migrate/agent.conf                 the agent's arguments (conffile)
@@ -53,6 +55,10 @@ for bundle in $(grep -ao 'dysco-migrate_[A-Za-z0-9]*\.resources' "$BIN" | sort -
 done
 find "$ROOT/usr/lib/dysco-migrate" -name '*.resources' -type d -exec chmod 0755 {} + -o -type f -name '*.py' -exec chmod 0644 {} +
 ln -s ../lib/dysco-migrate/dysco-migrate "$ROOT/usr/bin/dysco-migrate"
+# The BPF datapath's programs, compiled from bpf/dysco.bpf.c (BPF bytecode: the same file on every architecture).
+BPF_OBJ=${BPF_OBJ:-.build/bpf/dysco.bpf.o}
+[ -f "$BPF_OBJ" ] || make --no-print-directory bpf
+install -m 0644 "$BPF_OBJ" "$ROOT/usr/lib/dysco-migrate/dysco.bpf.o"
 
 # 3. Units, runtime directories, configuration.
 install -m 0644 "$SRC/dysco-migrate-agent.service" "$SRC/dysco-migrate-agent@.service" "$ROOT/lib/systemd/system/"

@@ -85,6 +85,11 @@ import Testing
         #expect(!ldd.stdout.contains("not found") && !ldd.stdout.contains("libswift"), "\(ldd.stdout)")
         #expect(FileManager.default.fileExists(atPath: "\(root)/usr/lib/dysco-migrate/dysco-migrate_DyscoLab.resources/http-server.py"))
         #expect(try Self.inRoot(root, ["dysco-migrate", "agent", "--help"]).stdout.contains("--trust-key"))
+        // The BPF datapath's programs beside the binary, where `agent --datapath bpf` finds them by default (the
+        // next check in its validation, a relative --bpf-fs, is reached only once the object was found).
+        #expect(FileManager.default.fileExists(atPath: "\(root)/usr/lib/dysco-migrate/dysco.bpf.o"))
+        let bpf = try Self.inRoot(root, ["dysco-migrate", "agent", "--datapath", "bpf", "--bpf-fs", "relative"], check: false)
+        #expect(bpf.stderr.contains("--bpf-fs must be an absolute path"), "\(bpf.stdout) \(bpf.stderr)")
 
         // Units, configuration (a conffile), runtime directories, man pages, completions.
         for path in ["/lib/systemd/system/dysco-migrate-agent.service", "/lib/systemd/system/dysco-migrate-agent@.service",
