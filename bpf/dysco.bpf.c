@@ -329,9 +329,9 @@ int dysco_egress(struct __sk_buff *skb)
 /* For the agent's egress NFQUEUE rules (iptables `-m bpf --object-pinned`, a socket filter: skb->data is the IP
  * header there). tc egress runs after the mangle OUTPUT/POSTROUTING queue rules, so those rules ask this program
  * beforehand whether dysco_egress will rewrite the packet: 1 (the rule skips the queue) for a translation that is
- * not held, unless the packet is a SYN without ACK (dysco_egress passes it, without DYSCO_F_REWRITE_SYN) or a FIN or
- * an RST (queued: the agent translates them itself and does its teardown bookkeeping; dysco_egress then finds no
- * translation for the subsession tuple and passes them); 0 otherwise (queued). */
+ * not held, unless the packet is a SYN without ACK (dysco_egress passes it, without DYSCO_F_REWRITE_SYN); 0
+ * otherwise (queued). FIN and RST are rewritten too: dysco_egress reports them through dysco_events, which the
+ * agent reads for its teardown bookkeeping. */
 SEC("socket")
 int dysco_egress_carried(struct __sk_buff *skb)
 {
@@ -351,8 +351,6 @@ int dysco_egress_carried(struct __sk_buff *skb)
     key.proto = IPPROTO_TCP;
     key.hook = DYSCO_HOOK_EGRESS;
     __u8 flags = tcp[13];
-    if (flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
-        return 0;
     struct dysco_value *v = bpf_map_lookup_elem(&dysco_sessions, &key);
     if (!v || (v->flags & DYSCO_F_HELD))
         return 0;

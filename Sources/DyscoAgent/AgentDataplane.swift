@@ -119,6 +119,21 @@ final class AgentDataplane: @unchecked Sendable {
         apply(effects, ownership: owned)
     }
 
+    /// What the kernel reported about packets it carried (the packet thread, BPF datapath): each event gets the
+    /// processor's bookkeeping of an observed packet (``PacketProcessor/observe(_:now:)``); lost reports are counted
+    /// (``DataplaneCounters/kernelEventsLost``). The state file gets the changes at the end of the turn.
+    func kernelEvents(_ taken: (events: [KernelEvent], lost: UInt64)) {
+        guard !taken.events.isEmpty || taken.lost > 0 else { return }
+        let now = dysco_monotonic_coarse_ns()
+        let effects = processor.withLock { state in
+            state.counters.kernelEventsLost &+= taken.lost
+            var effects = DataplaneEffects()
+            for event in taken.events { effects.append(state.observe(event, now: now).effects) }
+            return effects
+        }
+        apply(effects)
+    }
+
     /// A full anchor buffer: the reconfiguration is cancelled (which releases the buffer there too).
     func bufferFull(_ chainID: UInt64) { migration?.bufferFull(chainID) }
 

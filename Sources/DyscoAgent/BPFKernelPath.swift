@@ -15,12 +15,13 @@ import Synchronization
 /// not reach the kernel while its packets wait in NFQUEUE); map writes take microseconds, so the commit is cheap.
 ///
 /// Marks: the ingress program ORs ``FastPathScript/ingressMark`` into what it rewrote (the raw-PREROUTING queue rule
-/// skips it, as it skips the nftables path's mark) and ``FastPathScript/observeIngressMark`` too for a FIN or an RST
-/// (queued, with bypass, for the agent's teardown bookkeeping only: the nftables path's mechanism). At egress the
-/// queue rules run before tc, so they ask the pinned socket filter `dysco_egress_carried` (``QueueRules``).
+/// skips it, as it skips the nftables path's mark); no observe mark. At egress the queue rules run before tc, so
+/// they ask the pinned socket filter `dysco_egress_carried` (``QueueRules``). A kernel-carried session's FIN and RST
+/// stay in the kernel at both hooks: the programs report them through the `dysco_events` ring buffer, which the
+/// packet thread polls (``eventsFD``, ``takeEvents()``) and hands to the processor's bookkeeping.
 ///
 /// Not yet (docs/BPF.md, "What is left to wire"): restart survival (a restarted agent starts empty), owned keys
-/// (fail closed while no agent runs), FIN/RST and idle facts from the ring buffer.
+/// (fail closed while no agent runs).
 final class BPFKernelPath: KernelPath, @unchecked Sendable {
     struct Settings: Sendable {
         /// The compiled programs (`make bpf`: .build/bpf/dysco.bpf.o).
@@ -52,6 +53,10 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
     private var packetBaseline: [SessionTable.SessionID: UInt64] = [:]
     private let kernelPackets = Atomic<UInt64>(0)
     var kernelPacketCount: UInt64 { kernelPackets.load(ordering: .relaxed) }
+    /// The ring buffer's epoll descriptor (the packet thread's poll set).
+    let eventsFD: Int32?
+    /// `dysco_stats[EVENT_LOST]` as of the last ``takeEvents()`` (under `lock`).
+    private var eventsLostSeen: UInt64 = 0
 
     private struct Pending {
         var actions: [FastPathAction] = []
@@ -90,7 +95,9 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
                     """)
             }
             self.datapath = datapath
-            try datapath.setMarks(ingress: FastPathScript.ingressMark, observe: FastPathScript.observeIngressMark)
+            // No observe mark: FIN/RST are reported through the ring buffer (``takeEvents()``).
+            try datapath.setMarks(ingress: FastPathScript.ingressMark, observe: 0)
+            eventsFD = datapath.eventsPollFD
             try datapath.pinProgram(BPFDatapath.egressCarriedProgram,
                                     path: settings.pinDirectory + "/" + BPFDatapath.egressCarriedProgram)
             interfaces = Self.devices()
@@ -275,6 +282,36 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
                 guard heldSessions.contains(id) else { return }
                 delete(id, [])
             }
+        }
+    }
+
+    // MARK: - Events
+
+    /// Drains the ring buffer (the packet thread, when ``eventsFD`` is readable) and reads the lost-event count.
+    /// After a loss (a full ring) the map is scanned for entries whose flags say the program reported a FIN or an
+    /// RST, and those are handed over again (``KernelEvent/reported(by:_:)``): the bookkeeping is idempotent for
+    /// sessions that already had it (a FIN sets what it set; an RST of a session the kernel still carries had
+    /// not been handled). What the scan cannot restore (an `ESTABLISHED`) is left to idle expiry.
+    func takeEvents() -> (events: [KernelEvent], lost: UInt64) {
+        lock.withLock {
+            var events: [KernelEvent] = []
+            do {
+                for event in try datapath.pollEvents(timeoutMilliseconds: 0) {
+                    if let event = event.kernelEvent { events.append(event) }
+                }
+            } catch {
+                logger.warning("BPF ring buffer poll failed", metadata: ["error": "\(error)"])
+            }
+            let lostTotal = (try? datapath.statistics().eventsLost) ?? eventsLostSeen
+            let lost = lostTotal >= eventsLostSeen ? lostTotal - eventsLostSeen : lostTotal
+            eventsLostSeen = lostTotal
+            if lost > 0 {
+                logger.warning("BPF ring buffer dropped events; rescanning the map", metadata: ["bpf.events_lost": "\(lost)"])
+                for (key, entry) in (try? datapath.entries()) ?? [] where !entry.flags.contains(.held) {
+                    events.append(contentsOf: KernelEvent.reported(by: key, entry))
+                }
+            }
+            return (events, lost)
         }
     }
 

@@ -29,6 +29,14 @@ protocol KernelPath: AnyObject, Sendable {
     /// Sessions whose kernel counters moved since the last call (idle expiry).
     func activeSessions() -> [SessionTable.SessionID]
 
+    // Events (the BPF datapath's ring buffer; docs/BPF.md "The agent's BPF datapath", "Events").
+    /// A descriptor the packet thread adds to its poll set: readable when the kernel reported packets it carried
+    /// (nil: this path reports nothing; its FIN/RST are marked and queued to be observed instead).
+    var eventsFD: Int32? { get }
+    /// The packet thread, when ``eventsFD`` is readable: the reported packets, in the order the kernel reported
+    /// them, and how many reports the kernel had to drop since the last call (a full ring).
+    func takeEvents() -> (events: [KernelEvent], lost: UInt64)
+
     // Restart (docs/ARCHITECTURE.md, "Agent crash and restart").
     /// What the kernel holds of a predecessor's fast path; nil: nothing (the state file is then stale).
     func listing() -> FastPathListing?
@@ -38,6 +46,11 @@ protocol KernelPath: AnyObject, Sendable {
     func reset() throws
     /// Replaces the kernel state with `sessions` and the owned keys.
     func rebuild(sessions: [(SessionTable.SessionID, [FastPathScript.Translation])], owned: KernelOwnership.Keys) throws
+}
+
+extension KernelPath {
+    var eventsFD: Int32? { nil }
+    func takeEvents() -> (events: [KernelEvent], lost: UInt64) { ([], 0) }
 }
 
 /// What a commit did with the installs: the sessions the kernel now carries and those it refused.

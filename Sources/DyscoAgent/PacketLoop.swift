@@ -35,8 +35,9 @@ final class PacketMailbox: Sendable {
     }
 }
 
-/// The packet thread: `poll`s the NFQUEUE socket and the mailbox's eventfd, runs each queued packet through the
-/// processor and gives its verdict (one `sendmsg` with an iovec, so the packet is not copied), keeps the packets
+/// The packet thread: `poll`s the NFQUEUE socket, the mailbox's eventfd and the kernel path's event descriptor
+/// (BPF: the ring buffer, whose FIN/RST/ESTABLISHED reports go to the processor's bookkeeping here, serialized with
+/// the packets and persisted with the turn), runs each queued packet through the processor and gives its verdict (one `sendmsg` with an iovec, so the packet is not copied), keeps the packets
 /// an anchor holds, and ends each turn by persisting its table changes and, at the quiet point, committing the
 /// fast-path batch (FastPathWorker). Packets ≤ 1 KiB are copied to a scratch buffer with room for the Dysco
 /// trailer; larger ones (never a SYN) are rewritten in place in the receive buffer.
@@ -92,14 +93,20 @@ final class PacketLoop: @unchecked Sendable {
         let fastPath = dataplane.fastPath
         var fds = [pollfd(fd: queueSocket.fileDescriptor, events: Int16(POLLIN), revents: 0),
                    pollfd(fd: mailbox.wakeup.fd, events: Int16(POLLIN), revents: 0)]
+        // The kernel path's event descriptor (BPF: the ring buffer's epoll fd), if it reports packets it carried.
+        if let eventsFD = fastPath?.eventsFD { fds.append(pollfd(fd: eventsFD, events: Int16(POLLIN), revents: 0)) }
+        let count = nfds_t(fds.count)
         while !stopping.load(ordering: .relaxed) {
-            // Block until a packet or posted work (eventfd) arrives, or a fast-path commit is due.
-            let ready = poll(&fds, 2, fastPath?.pollTimeout(now: dysco_monotonic_ns()) ?? -1)
+            // Block until a packet, posted work (eventfd) or kernel events arrive, or a fast-path commit is due.
+            let ready = poll(&fds, count, fastPath?.pollTimeout(now: dysco_monotonic_ns()) ?? -1)
             if ready < 0 { continue }
             if fds[1].revents != 0 {
                 mailbox.wakeup.drain()
                 runPosted()
             }
+            // Kernel events before this turn's packets: a FIN the kernel carried precedes whatever of the session
+            // still reaches the queue (its last ACK once the session left the kernel).
+            if fds.count > 2, fds[2].revents != 0, let fastPath { dataplane.kernelEvents(fastPath.takeEvents()) }
             // Read what is waiting (bounded, so posted work is not starved under load).
             var queueEmpty = fds[0].revents == 0
             if !queueEmpty {

@@ -40,15 +40,16 @@ public struct QueueRules: Sendable {
     /// (``installedJumps()``), which get no second jump.
     ///
     /// Per chain, in order: (1) a FIN/RST the kernel rewrote and marked to be observed, with bypass (no agent:
-    /// it leaves rewritten); (2) a packet of an owned session the kernel did not rewrite, WITHOUT bypass (no
+    /// it leaves rewritten; nftables only: the BPF programs report them through their ring buffer); (2) a packet of an owned session the kernel did not rewrite, WITHOUT bypass (no
     /// agent: dropped, TCP retransmits it); (3) every other TCP packet the kernel did not rewrite, with bypass.
     public func restoreScript(existingJumps: Set<String> = []) -> String {
         let bypass = "-j NFQUEUE --queue-num \(queue) --queue-bypass"
         let failClosed = "-j NFQUEUE --queue-num \(queue)"
         func rules(_ chain: String, _ match: String, hook: UInt32, observe: UInt32, owned: UInt32) -> String {
             let carried = egressFilter.map { chain == Self.ingressChain ? "" : "-A \(chain) \(match) -m bpf --object-pinned \($0) -j RETURN\n" } ?? ""
-            return carried + """
-            -A \(chain) \(match) -m mark --mark \(Self.markMatch(observe)) \(bypass)
+            // BPF: no observe rule (the programs report FIN/RST through the ring buffer; nothing is marked).
+            let observed = egressFilter == nil ? "-A \(chain) \(match) -m mark --mark \(Self.markMatch(observe)) \(bypass)\n" : ""
+            return carried + observed + """
             -A \(chain) \(match) -m mark --mark \(Self.hex(owned))/\(Self.hex(owned | hook)) \(failClosed)
             -A \(chain) \(match) -m mark ! --mark \(Self.markMatch(hook)) \(bypass)
             """

@@ -58,6 +58,16 @@ public struct DataplaneCounters: Sendable, Codable, Equatable {
     public var probesReceived: UInt64 = 0
     /// FINs and RSTs the kernel rewrote and queued for the agent's teardown bookkeeping (accepted unchanged).
     public var kernelObserved: UInt64 = 0
+    /// Packets the kernel carried and reported (the BPF datapath's FIN, RST and ESTABLISHED events), and those of
+    /// them no session took (gone, or the key reused meanwhile).
+    public var kernelEvents: UInt64 = 0
+    public var kernelEventsStale: UInt64 = 0
+    /// Reports the kernel had no room for (a full ring buffer): their sessions' FIN/RST are recovered from the
+    /// map's flags, anything else by idle expiry (docs/BPF.md, "Events").
+    public var kernelEventsLost: UInt64 = 0
+    /// FINs and RSTs of known sessions that came through NFQUEUE (slow path or observed): with the BPF datapath a
+    /// kernel-carried session's FIN/RST no longer does.
+    public var queuedTeardown: UInt64 = 0
     /// Sessions read back from the state file at start (a restarted agent).
     public var sessionsRestored: UInt64 = 0
     /// The slow path's verdicts (``count(_:)``, by the NFQUEUE shell under the lock it already holds): accepted as
@@ -449,6 +459,15 @@ public struct PacketProcessor: Sendable {
     /// Updates the record for one translated packet: counters, activity, handshake, sequence tracking,
     /// teardown (FIN both ways; an RST as docs/ARCHITECTURE.md "Forged resets" describes) and the fast path.
     mutating func track(_ translation: SessionTable.Translation, packet: IPv4TCPPacket, hook: HookPoint,
+                                now: UInt64) {
+        let segment = TrackedSegment(packet)
+        if !segment.tcp.flags.isDisjoint(with: [.fin, .rst]) { counters.queuedTeardown &+= 1 }
+        track(translation, segment: segment, hook: hook, now: now)
+    }
+
+    /// The bookkeeping of one segment of a session, whether the agent saw the packet (the slow path, an observed
+    /// FIN/RST) or the kernel reported it (a BPF ring-buffer event, ``observe(_:now:)``).
+    mutating func track(_ translation: SessionTable.Translation, segment packet: TrackedSegment, hook: HookPoint,
                                 now: UInt64) {
         let settings = settings
         let flags = packet.tcp.flags

@@ -117,4 +117,50 @@ import Testing
         #expect(entry.target == Self.subsession && entry.sessionID == 9 && entry.flags == .opening)
         #expect(entry.packets == 0 && entry.bytes == 0)
     }
+
+    @Test("a ring-buffer event becomes the processor's KernelEvent: kind, session, hook, key, TCP facts; unknown types are not")
+    func kernelEvent() {
+        var raw = dysco_event()
+        raw.session_id = 42
+        raw.key = BPFSessionKey(Self.subsession, hook: .egress).raw
+        raw.type = UInt32(DYSCO_EV_FIN)
+        raw.seq = 1000
+        raw.ack = 2000
+        raw.tcp_flags = 0x11
+        let fin = BPFEvent(raw: raw).kernelEvent
+        #expect(fin == KernelEvent(kind: .fin, sessionID: 42, hook: .egress, key: Self.subsession, sequenceNumber: 1000,
+                                   acknowledgmentNumber: 2000, flags: [.fin, .ack]))
+        raw.type = UInt32(DYSCO_EV_RST)
+        raw.key = BPFSessionKey(Self.subsession, hook: .ingress).raw
+        raw.tcp_flags = 0xc4  // RST with CWR/ECE: only the six classic flags are kept
+        #expect(BPFEvent(raw: raw).kernelEvent?.kind == .reset)
+        #expect(BPFEvent(raw: raw).kernelEvent?.hook == .ingress)
+        #expect(BPFEvent(raw: raw).kernelEvent?.flags == [.rst])
+        raw.type = UInt32(DYSCO_EV_ESTABLISHED)
+        #expect(BPFEvent(raw: raw).kernelEvent?.kind == .established)
+        raw.type = 77
+        #expect(BPFEvent(raw: raw).kernelEvent == nil)
+        raw.type = UInt32(DYSCO_EV_FIN)
+        raw.key.proto = 17
+        #expect(BPFEvent(raw: raw).kernelEvent == nil, "a key this build cannot decode")
+    }
+
+    @Test("after lost events, an entry's FIN_SEEN/RST_SEEN flags give the events again, with the last packet's facts")
+    func reportedByFlags() {
+        let key = BPFSessionKey(Self.session, hook: .ingress)
+        var entry = BPFSessionEntry(target: Self.subsession, flags: [.finSeen], sessionID: 7,
+                                    tcp: BPFTCPFacts(sequenceEnd: 501, acknowledgment: 900, window: 10, tcpFlags: 0x11))
+        #expect(KernelEvent.reported(by: key, entry) == [
+            KernelEvent(kind: .fin, sessionID: 7, hook: .ingress, key: Self.session, sequenceNumber: 500,
+                        acknowledgmentNumber: 900, flags: [.fin, .ack]),
+        ])
+        entry.flags = [.finSeen, .rstSeen]
+        entry.tcp.tcpFlags = 0x04
+        entry.tcp.sequenceEnd = 600
+        #expect(KernelEvent.reported(by: key, entry).map(\.kind) == [.fin, .reset])
+        #expect(KernelEvent.reported(by: key, entry).last?.sequenceNumber == 600)
+        #expect(KernelEvent.reported(by: key, entry).first?.flags == [.fin, .ack], "the FIN was not the last packet")
+        entry.flags = [.opening]
+        #expect(KernelEvent.reported(by: key, entry).isEmpty)
+    }
 }

@@ -120,13 +120,16 @@ import Testing
         #expect(again.contains(":DYSCO-IN - [0:0]"), "declared, so iptables-restore --noflush empties it in the same commit")
     }
 
-    @Test("queue rules with the BPF datapath: each egress chain first returns what the pinned socket filter says tc egress rewrites; ingress as before")
+    @Test("queue rules with the BPF datapath: each egress chain first returns what the pinned socket filter says tc egress rewrites; ingress as before, no observe rules")
     func queueRuleScriptBPF() {
         let filter = "/run/pins/dysco-x-q7/dysco_egress_carried"
         let script = QueueRules(queue: 7, egressFilter: filter).restoreScript()
         let lines = script.split(separator: "\n")
+        // Ingress as before but without the observe rule (the programs report FIN/RST through their ring buffer).
         #expect(lines.filter { $0.hasPrefix("-A DYSCO-IN") } == QueueRules(queue: 7).restoreScript().split(separator: "\n")
-            .filter { $0.hasPrefix("-A DYSCO-IN") })
+            .filter { $0.hasPrefix("-A DYSCO-IN") }.dropFirst().map { $0 })
+        #expect(!script.contains("--mark 0x1000000/0x1000000") && !script.contains("--mark 0x2000000/0x2000000"),
+                "no observe rule")
         #expect(lines.first { $0.hasPrefix("-A DYSCO-OUT") }
                 == "-A DYSCO-OUT -p tcp ! -o lo -m bpf --object-pinned \(filter) -j RETURN")
         #expect(lines.first { $0.hasPrefix("-A DYSCO-FWD-OUT") }
