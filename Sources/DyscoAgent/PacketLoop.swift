@@ -174,8 +174,8 @@ final class PacketLoop: @unchecked Sendable {
                                   hook: packet.hook == .preRouting ? .ingress : .egress,
                                   checksum: packet.checksumNotReady ? .partial : .complete, mayHold: true)
         let now = dysco_monotonic_coarse_ns()
-        // Only this hook's bit: at a middlebox a FIN the BPF ingress program rewrote still carries the ingress bit at
-        // the egress queue rule, where the BPF datapath leaves it untranslated for the agent (tc egress runs later).
+        // The nftables fast path's observed FIN/RST (the BPF datapath marks none: its FIN/RST come as ring-buffer
+        // events). Only this hook's bit, so a packet marked at ingress is not taken as observed at egress.
         let observeBit = queued.hook == .ingress ? FastPathScript.observeIngressMark : FastPathScript.observeEgressMark
         if packet.mark & observeBit != 0 {
             // A FIN/RST the kernel rewrote at this hook: bookkeeping only, accepted as it is (already translated).

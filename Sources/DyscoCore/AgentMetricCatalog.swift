@@ -58,6 +58,8 @@ public enum AgentMetricCatalog {
     public static let uptime = "dysco_agent_uptime_seconds"
     public static let resets = "dysco_resets_total"
     public static let synTimeouts = "dysco_sessions_syn_timeout_total"
+    public static let kernelEvents = "dysco_kernel_events_total"
+    public static let queuedTeardown = "dysco_queued_teardown_total"
 
     public static let families: [Family] = [
         Family(name: packets, kind: .counter,
@@ -71,6 +73,12 @@ public enum AgentMetricCatalog {
         Family(name: sessionsCreated, kind: .counter, help: "Sessions created.", labelNames: []),
         Family(name: sessionsRemoved, kind: .counter, help: "Sessions removed.", labelNames: []),
         Family(name: fastPathInstalls, kind: .counter, help: "Sessions handed to the kernel fast path (each hand-over counts).",
+               labelNames: []),
+        Family(name: kernelEvents, kind: .counter,
+               help: "FIN/RST/ESTABLISHED reports of packets the kernel carried (BPF datapath ring buffer), by outcome (taken: a session's bookkeeping; stale: no such session; lost: the ring was full).",
+               labelNames: ["outcome"]),
+        Family(name: queuedTeardown, kind: .counter,
+               help: "FINs and RSTs of known sessions that came through NFQUEUE (the slow path, or marked to be observed).",
                labelNames: []),
         Family(name: migrations, kind: .counter,
                help: "Migrations finished, by this agent's role (controller: where replace ran; left_anchor: where it was carried out) and result.",
@@ -215,6 +223,10 @@ public enum AgentMetricCatalog {
             Sample(sessionsCreated, [], n(c.sessionsCreated)),
             Sample(sessionsRemoved, [], n(c.sessionsRemoved)),
             Sample(fastPathInstalls, [], n(c.fastPathInstalls)),
+            Sample(kernelEvents, [Label("outcome", "taken")], n(c.kernelEvents &- c.kernelEventsStale)),
+            Sample(kernelEvents, [Label("outcome", "stale")], n(c.kernelEventsStale)),
+            Sample(kernelEvents, [Label("outcome", "lost")], n(c.kernelEventsLost)),
+            Sample(queuedTeardown, [], n(c.queuedTeardown)),
             Sample(anchorHeld, [], n(c.anchorHeld)),
             Sample(bufferPackets, [], Double(r.bufferPackets)),
             Sample(bufferBytes, [], Double(r.bufferBytes)),
