@@ -32,6 +32,8 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
         var pinDirectory: String
         /// Capacity of `dysco_sessions` in translations (nil: the object's default).
         var maxEntries: UInt32?
+        /// Size of the `dysco_events` ring in bytes (nil: the object's 1 MiB).
+        var ringBytes: UInt32? = nil
     }
 
     private let settings: Settings
@@ -86,7 +88,7 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
             let datapath: BPFDatapath
             do {
                 datapath = try BPFDatapath(objectPath: settings.objectPath, pinDirectory: settings.pinDirectory,
-                                           maxEntries: settings.maxEntries)
+                                           maxEntries: settings.maxEntries, ringBytes: settings.ringBytes)
             } catch {
                 throw ControlError(message: """
                     --datapath bpf: cannot load \(settings.objectPath): \(error) (needs BPF syscall, clsact, ring \

@@ -35,6 +35,8 @@ public final class DataplaneAgent: @unchecked Sendable {
         public var bpfObject = ""
         public var bpffs = "/sys/fs/bpf"
         public var bpfMaxEntries: UInt32?
+        /// Size of the BPF event ring in bytes (nil: 1 MiB).
+        public var bpfRingBytes: UInt32?
         /// Re-route locally sent packets the fast path rewrote: nil = only if this namespace has gateway routes.
         public var fastPathReroute: Bool?
         /// How often kernel counters are read for idle expiry of kernel-carried sessions.
@@ -126,7 +128,7 @@ public final class DataplaneAgent: @unchecked Sendable {
         let bpf = BPFKernelPath.Settings(
             objectPath: options.bpfObject, bpffs: options.bpffs,
             pinDirectory: options.bpffs + "/dysco-\(options.netns ?? "host")-q\(options.queue)",
-            maxEntries: options.bpfMaxEntries)
+            maxEntries: options.bpfMaxEntries, ringBytes: options.bpfRingBytes)
         dataplane = try AgentDataplane(
             processor: PacketProcessor(config: config, portRange: options.portRange, trust: options.trust, settings: settings),
             quietNanoseconds: migrationSettings.quietNanoseconds, logger: logger) { nudge, report, carriers in

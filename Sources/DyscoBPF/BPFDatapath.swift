@@ -39,7 +39,9 @@ public final class BPFDatapath {
     ///     caller provides a bpffs reachable from its mount namespace, see docs/BPF.md.)
     ///   - maxEntries: capacity of `dysco_sessions` in translations (four per two-sided session); nil keeps the
     ///     object's default (``BPFLayout/defaultMaxEntries``). Must match an already pinned map.
-    public init(objectPath: String, pinDirectory: String? = nil, maxEntries: UInt32? = nil) throws(SystemCallError) {
+    ///   - ringBytes: size of `dysco_events` in bytes (a power of two, at least a page); nil keeps 1 MiB.
+    public init(objectPath: String, pinDirectory: String? = nil, maxEntries: UInt32? = nil,
+                ringBytes: UInt32? = nil) throws(SystemCallError) {
         let object: OpaquePointer = try sysCall("bpf_object__open_file(\(objectPath))") {
             dysco_bpf_open(objectPath, pinDirectory)
         }
@@ -50,6 +52,14 @@ public final class BPFDatapath {
                 }
                 try sysCall("bpf_map__set_max_entries(dysco_sessions, \(maxEntries))") {
                     bpf_map__set_max_entries(map, maxEntries)
+                }
+            }
+            if let ringBytes {
+                let map = try sysCall("bpf_object__find_map_by_name(dysco_events)") {
+                    bpf_object__find_map_by_name(object, "dysco_events")
+                }
+                try sysCall("bpf_map__set_max_entries(dysco_events, \(ringBytes))") {
+                    bpf_map__set_max_entries(map, ringBytes)
                 }
             }
             try sysCall("bpf_object__load(\(objectPath))") { bpf_object__load(object) }

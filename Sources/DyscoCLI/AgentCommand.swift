@@ -278,6 +278,7 @@ struct AgentCommand: AsyncParsableCommand {
             options.bpffs = datapath.bpfFs
             // Four translations per two-sided session (a middlebox's).
             options.bpfMaxEntries = UInt32(min(maxSessions * 4, Int(UInt32.max)))
+            options.bpfRingBytes = datapath.bpfRingBytes
         }
         options.settings.fastPathAfterPackets = fastpathAfter
         options.fastPathReroute = switch fastpathReroute {

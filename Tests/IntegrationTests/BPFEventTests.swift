@@ -127,4 +127,60 @@ import Testing
         }
         }
     }
+
+    @Test("a full ring loses fw1's events while its agent is stopped: counted, and the sessions' FINs recovered from the map's flags")
+    func lostEventsRecovered() async throws {
+        let datapath = FastPathIntegrationTests.Datapath(kind: .bpf, lab: "fpe3", subnet: "10.78.83.0/24")
+        // A one-page ring: 56 events of 64 bytes (+ 8 header); 40 sessions closing at fw1 report 160.
+        try await datapath.withPins {
+        try await TestSupport.withLab(LabSpec(name: datapath.lab, middleboxes: ["fw1"], subnet: datapath.subnet,
+                                              agentArguments: ["--close-linger", "0.5", "--fastpath-after", "0",
+                                                               "--bpf-ring-bytes", "4096"] + datapath.arguments)) { lab in
+            let sessions = 40
+            let out = "\(lab.directory)/lost"
+            let script = """
+                import os, socket, sys, time
+                socks = [socket.create_connection((sys.argv[1], 80), timeout=10) for _ in range(int(sys.argv[3]))]
+                open(sys.argv[2] + ".ready", "w").close()
+                end = time.time() + 60
+                while not os.path.exists(sys.argv[2] + ".close") and time.time() < end: time.sleep(0.02)
+                for s in socks: s.close()
+                open(sys.argv[2], "w").write(str(len(socks)))
+                """
+            let client = try lab.spawn("client1", ["python3", "-c", script, lab.address(of: "server1").description, out, "\(sessions)"])
+            defer { if client.isRunning { client.terminate() } }
+            let carried = try await TestSupport.eventually(timeout: 30) {
+                guard FileManager.default.fileExists(atPath: out + ".ready") else { return false }
+                let fw1 = try await TestSupport.snapshot(lab, "fw1").sessions
+                return fw1.count == sessions && fw1.allSatisfy { $0.carrier == .kernel }
+            }
+            try #require(carried, "fw1's kernel did not take the \(sessions) sessions")
+            let agent = try #require(lab.agentRecord("fw1")).pid
+            // fw1's agent stops reading; the sessions close through its kernel (its entries stay).
+            kill(agent, SIGSTOP)
+            var stopped = true
+            defer { if stopped { kill(agent, SIGCONT) } }
+            _ = FileManager.default.createFile(atPath: out + ".close", contents: nil)
+            // Both ends' agents saw both FINs (their maps are empty): every FIN has passed fw1's programs.
+            let passed = try await TestSupport.eventually(timeout: 30) {
+                try ["client1", "server1"].allSatisfy { try entries(lab, $0, datapath).isEmpty }
+            }
+            #expect(passed && (try? String(contentsOfFile: out, encoding: .utf8)) == "\(sessions)")
+            #expect(try entries(lab, "fw1", datapath).count == 4 * sessions, "fw1's entries wait for its agent")
+            kill(agent, SIGCONT)
+            stopped = false
+            let recovered = try await TestSupport.eventually(timeout: 20) {
+                let fw1 = try await TestSupport.snapshot(lab, "fw1")
+                let empty = try entries(lab, "fw1", datapath).isEmpty
+                return fw1.sessions.isEmpty && fw1.counters.kernelEventsLost > 0 && empty
+            }
+            let fw1 = try await TestSupport.snapshot(lab, "fw1")
+            let c = fw1.counters
+            FileHandle.standardError.write(Data("[bpf-events] fw1 after the stop: events \(c.kernelEvents) (stale \(c.kernelEventsStale), lost \(c.kernelEventsLost)), queued FIN/RST \(c.queuedTeardown), sessions \(fw1.sessions.count)\n".utf8))
+            let left = try entries(lab, "fw1", datapath).count
+            #expect(recovered, "fw1: \(fw1.sessions.map { "\($0.carrier) \($0.state)" }), lost \(c.kernelEventsLost), \(left) entries")
+            #expect(c.queuedTeardown == 0, "the lost FINs were recovered from the map, not from NFQUEUE")
+        }
+        }
+    }
 }

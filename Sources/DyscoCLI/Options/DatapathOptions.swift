@@ -27,6 +27,12 @@ struct DatapathOptions: ParsableArguments {
         """, valueName: "dir"))
     var bpfFs: String = "/sys/fs/bpf"
 
+    @Option(help: ArgumentHelp("""
+        With --datapath bpf: size of the event ring (FIN/RST reports, 64 bytes each) in bytes, a power of two of \
+        at least 4096 (default 1 MiB). A full ring loses events: counted, recovered from the map (docs/BPF.md).
+        """, valueName: "bytes"))
+    var bpfRingBytes: UInt32?
+
     func validate() throws {
         if datapath != .bpf, bpfObject != nil {
             throw ValidationError("--bpf-object needs --datapath bpf")
@@ -34,6 +40,10 @@ struct DatapathOptions: ParsableArguments {
         if datapath == .bpf, resolvedObject() == nil {
             throw ValidationError("--datapath bpf: no dysco.bpf.o found (build it with `make bpf`, or give --bpf-object)")
         }
+        if let bpfRingBytes, bpfRingBytes < 4096 || bpfRingBytes & (bpfRingBytes - 1) != 0 {
+            throw ValidationError("--bpf-ring-bytes must be a power of two of at least 4096")
+        }
+        if datapath != .bpf, bpfRingBytes != nil { throw ValidationError("--bpf-ring-bytes needs --datapath bpf") }
         guard bpfFs.hasPrefix("/") else { throw ValidationError("--bpf-fs must be an absolute path") }
     }
 
