@@ -331,6 +331,16 @@ public final class BPFDatapath {
         return try entries(fd: fd)
     }
 
+    /// The capacity (`max_entries`) of a pinned map (`PIN_DIRECTORY/dysco_sessions`): a restarted agent compares it
+    /// with the size it would load, since libbpf refuses to reuse a pinned map whose parameters differ.
+    public static func pinnedCapacity(mapPath: String) throws(SystemCallError) -> UInt32 {
+        let fd = try sysCall("bpf_obj_get(\(mapPath))") { bpf_obj_get(mapPath) }
+        defer { close(fd) }
+        var capacity: UInt32 = 0
+        try sysCall("bpf_obj_get_info_by_fd(\(mapPath))") { dysco_map_max_entries(fd, &capacity) }
+        return capacity
+    }
+
     /// The programs' global counters, summed over CPUs.
     public func statistics() throws(SystemCallError) -> BPFStatistics {
         var totals = [UInt64](repeating: 0, count: Int(DYSCO_STAT_COUNT))
