@@ -299,10 +299,25 @@ import Testing
                         && text.contains("--fresh"), "\(text)")
             }
             #expect(!lab.agentIsAlive("fw1"))
-            #expect(try Self.bpfEntries(lab, "fw1", datapath).count == 4, "the refused start left the map alone")
+            let left = try Self.bpfEntries(lab, "fw1", datapath)
+            #expect(left.count == 4, "the refused start left the map alone")
+            // A stray entry (a session without a record) makes the restart rebuild the map by difference: the stray
+            // goes, the session's four entries stay with their counters.
+            let stray = BPFSessionKey(FiveTuple(srcAddr: IPv4Address(10, 78, 94, 250), srcPort: 1,
+                                                dstAddr: IPv4Address(10, 78, 94, 251), dstPort: 2), hook: .ingress)
+            do {
+                let pinned = try BPFDatapath(objectPath: try BPFDatapathTests.objectPath(),
+                                             pinDirectory: "\(datapath.pins)/dysco-\(lab.namespace(of: "fw1"))-q7",
+                                             maxEntries: 524_288)
+                try pinned.insert(stray, BPFSessionEntry(target: stray.tuple.reversed, sessionID: 999_999))
+            }
+            let packetsBefore = left.reduce(0) { $0 + $1.1.packets }
             try lab.restartAgent("fw1")
             let text = try String(contentsOfFile: log, encoding: .utf8)
-            #expect(Self.logged(text, "state.kernel") == 1 && text.contains("state.table_kept=true"), "\(text)")
+            #expect(Self.logged(text, "state.kernel") == 1 && text.contains("state.table_kept=false"), "\(text)")
+            let after = try Self.bpfEntries(lab, "fw1", datapath)
+            #expect(Set(after.map(\.0)) == Set(left.map(\.0)), "the stray is gone, the session's entries stay")
+            #expect(after.reduce(0) { $0 + $1.1.packets } >= packetsBefore, "kept with their counters")
             #expect(downloads.wait(), "curl failed: \((try? String(contentsOfFile: "\(lab.directory)/curl.log", encoding: .utf8)) ?? "")")
             #expect(try MigrationLab.allIntact(downloads.outputs, original: "\(lab.httpRoot)/blob").isEmpty)
 
