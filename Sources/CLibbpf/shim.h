@@ -94,14 +94,18 @@ static inline int dysco_map_delete_batch(int fd, const void *keys, uint32_t *cou
     return bpf_map_delete_batch(fd, keys, count, &opts);
 }
 
-/* The capacity (max_entries) of the map behind fd: a restarted agent compares a pinned map's with what it would
- * create (libbpf refuses to reuse a pinned map whose parameters differ). 0 or -errno, like libbpf. */
-static inline int dysco_map_max_entries(int fd, uint32_t *max_entries) {
+/* The layout of the map behind fd (key and value sizes, max_entries): a restarted agent compares a pinned map's with
+ * what it would create (libbpf refuses to reuse a pinned map whose parameters differ). 0 or -errno, like libbpf. */
+static inline int dysco_map_layout(int fd, uint32_t *key_size, uint32_t *value_size, uint32_t *max_entries) {
     struct bpf_map_info info;
     uint32_t length = sizeof(info);
     memset(&info, 0, sizeof(info));
     int result = bpf_obj_get_info_by_fd(fd, &info, &length);
-    if (result == 0) *max_entries = info.max_entries;
+    if (result == 0) {
+        *key_size = info.key_size;
+        *value_size = info.value_size;
+        *max_entries = info.max_entries;
+    }
     return result;
 }
 

@@ -118,26 +118,37 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
     }
 
     /// Whether a predecessor's `dysco_sessions` is pinned in the pin directory (the load re-opens it: its entries
-    /// stay). libbpf refuses to reuse a pinned map of another capacity (`--max-sessions` changed across the
-    /// restart): refused here with a message naming the ways out, or, with `--fresh`, unpinned (its sessions are
-    /// lost; the programs still using it are replaced by the attach) so that the load creates one of the new size.
+    /// stay). libbpf refuses to reuse a pinned map of another capacity (`--max-sessions` changed across the restart)
+    /// or another layout (a build whose key or value differs): refused here with a message naming the ways out, or,
+    /// with `--fresh`, the pin directory's pins removed (its sessions are lost; the programs still using the old maps
+    /// are replaced by the attach) so that the load creates the maps anew.
     static func checkPinnedMap(_ settings: Settings, logger: Logger) throws -> Bool {
         let path = settings.pinDirectory + "/dysco_sessions"
         guard FileManager.default.fileExists(atPath: path) else { return false }
-        let pinned = try BPFDatapath.pinnedCapacity(mapPath: path)
-        let wanted = settings.maxEntries ?? UInt32(BPFLayout.defaultMaxEntries)
+        let pinned = try BPFDatapath.pinnedLayout(mapPath: path)
+        let wanted = BPFDatapath.MapLayout(keySize: UInt32(BPFLayout.keySize), valueSize: UInt32(BPFLayout.valueSize),
+                                           maxEntries: settings.maxEntries ?? UInt32(BPFLayout.defaultMaxEntries))
         guard pinned != wanted else { return true }
+        let sameLayout = pinned.keySize == wanted.keySize && pinned.valueSize == wanted.valueSize
         guard settings.fresh else {
+            let problem = sameLayout
+                ? "holds \(pinned.maxEntries) translations, this agent would size it \(wanted.maxEntries) (4 × " +
+                  "--max-sessions): start it with --max-sessions \(pinned.maxEntries / 4) to take over the kernel's sessions, or"
+                : "has another layout (key \(pinned.keySize) B, value \(pinned.valueSize) B; this build's: " +
+                  "\(wanted.keySize) B, \(wanted.valueSize) B), left by another build: start"
             throw ControlError(message: """
-                --datapath bpf: the pinned session map \(path) holds \(pinned) translations, this agent would size it \
-                \(wanted) (4 × --max-sessions): start it with --max-sessions \(pinned / 4) to take over the kernel's \
-                sessions, or with --fresh to replace the map (its sessions are lost), or run `agent --purge` first
+                --datapath bpf: the pinned session map \(path) \(problem) with --fresh to replace the maps (their \
+                sessions are lost), or run `agent --purge` first
                 """)
         }
-        logger.notice("--fresh: replacing a pinned session map of another size", metadata: [
-            "bpf.map": "\(path)", "bpf.pinned_entries": "\(pinned)", "bpf.max_entries": "\(wanted)",
+        logger.notice("--fresh: replacing pinned maps of another size or layout", metadata: [
+            "bpf.map": "\(path)", "bpf.pinned_entries": "\(pinned.maxEntries)", "bpf.max_entries": "\(wanted.maxEntries)",
+            "bpf.pinned_value_size": "\(pinned.valueSize)",
         ])
-        _ = try sysCall("unlink(\(path))") { unlink(path) }
+        for pin in try FileManager.default.contentsOfDirectory(atPath: settings.pinDirectory) {
+            let pinPath = settings.pinDirectory + "/" + pin
+            _ = try sysCall("unlink(\(pinPath))") { unlink(pinPath) }
+        }
         return false
     }
 

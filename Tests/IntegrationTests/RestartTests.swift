@@ -325,7 +325,7 @@ import Testing
             try lab.killAgent("fw1", signal: SIGKILL)
             try lab.restartAgent("fw1", extraArguments: ["--max-sessions", "1000", "--fresh"])
             let map = "\(datapath.pins)/dysco-\(lab.namespace(of: "fw1"))-q7/dysco_sessions"
-            #expect(try BPFDatapath.pinnedCapacity(mapPath: map) == 4000)
+            #expect(try BPFDatapath.pinnedLayout(mapPath: map).maxEntries == 4000)
             #expect(try BPFDatapath.pinnedEntries(mapPath: map).isEmpty)
         }
         }
