@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 #include <net/if.h>
 #include <bpf/libbpf.h>
 #include <bpf/bpf.h>
@@ -91,6 +92,21 @@ static inline int dysco_map_update_batch(int fd, const void *keys, const void *v
 static inline int dysco_map_delete_batch(int fd, const void *keys, uint32_t *count) {
     LIBBPF_OPTS(bpf_map_batch_opts, opts);
     return bpf_map_delete_batch(fd, keys, count, &opts);
+}
+
+/* The layout of the map behind fd (key and value sizes, max_entries): a restarted agent compares a pinned map's with
+ * what it would create (libbpf refuses to reuse a pinned map whose parameters differ). 0 or -errno, like libbpf. */
+static inline int dysco_map_layout(int fd, uint32_t *key_size, uint32_t *value_size, uint32_t *max_entries) {
+    struct bpf_map_info info;
+    uint32_t length = sizeof(info);
+    memset(&info, 0, sizeof(info));
+    int result = bpf_obj_get_info_by_fd(fd, &info, &length);
+    if (result == 0) {
+        *key_size = info.key_size;
+        *value_size = info.value_size;
+        *max_entries = info.max_entries;
+    }
+    return result;
 }
 
 /* Update modes of bpf_map_update_elem (macros). */

@@ -20,8 +20,11 @@ import Synchronization
 /// stay in the kernel at both hooks: the programs report them through the `dysco_events` ring buffer, which the
 /// packet thread polls (``eventsFD``, ``takeEvents()``) and hands to the processor's bookkeeping.
 ///
-/// Not yet (docs/BPF.md, "What is left to wire"): restart survival (a restarted agent starts empty), owned keys
-/// (fail closed while no agent runs).
+/// Restart (docs/BPF.md, "Restart via pinning"): programs, maps and pins outlive the agent; a restarted agent
+/// re-opens the pinned maps (their entries stay), re-attaches the programs with replace and rebuilds its table from
+/// the state file and the map's entries (``listing()``: each entry is a translation).
+///
+/// Not yet (docs/BPF.md, "What is left to wire"): owned keys (fail closed while no agent runs).
 final class BPFKernelPath: KernelPath, @unchecked Sendable {
     struct Settings: Sendable {
         /// The compiled programs (`make bpf`: .build/bpf/dysco.bpf.o).
@@ -34,6 +37,8 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
         var maxEntries: UInt32?
         /// Size of the `dysco_events` ring in bytes (nil: the object's 1 MiB).
         var ringBytes: UInt32? = nil
+        /// `--fresh`: a pinned map of another capacity is replaced (its sessions are lost) instead of refused.
+        var fresh = false
     }
 
     private let settings: Settings
@@ -54,6 +59,10 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
     private var lastCounters: [SessionTable.SessionID: UInt64] = [:]
     private var packetBaseline: [SessionTable.SessionID: UInt64] = [:]
     private let kernelPackets = Atomic<UInt64>(0)
+    /// A predecessor's pinned session map was there at start (re-opened, entries kept): ``listing()`` reads it.
+    private let inherited: Bool
+    /// The entries ``listing()`` read (the restart's ``keep(owned:)`` takes its sessions' keys from it).
+    private var listed: BPFSessionListing?
     var kernelPacketCount: UInt64 { kernelPackets.load(ordering: .relaxed) }
     /// The ring buffer's epoll descriptor (the packet thread's poll set).
     let eventsFD: Int32?
@@ -85,6 +94,7 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
         mountedFS = try Self.ensureBPFFS(settings.bpffs, logger: logger)
         do {
             try FileManager.default.createDirectory(atPath: settings.pinDirectory, withIntermediateDirectories: true)
+            inherited = try Self.checkPinnedMap(settings, logger: logger)
             let datapath: BPFDatapath
             do {
                 datapath = try BPFDatapath(objectPath: settings.objectPath, pinDirectory: settings.pinDirectory,
@@ -111,7 +121,43 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
         logger.info("BPF datapath attached", metadata: [
             "bpf.object": "\(settings.objectPath)", "bpf.pin_dir": "\(settings.pinDirectory)",
             "bpf.interfaces": "\(interfaces.joined(separator: ","))", "bpf.mounted": "\(mountedFS)",
+            "bpf.inherited": "\(inherited)",
         ])
+    }
+
+    /// Whether a predecessor's `dysco_sessions` is pinned in the pin directory (the load re-opens it: its entries
+    /// stay). libbpf refuses to reuse a pinned map of another capacity (`--max-sessions` changed across the restart)
+    /// or another layout (a build whose key or value differs): refused here with a message naming the ways out, or,
+    /// with `--fresh`, the pin directory's pins removed (its sessions are lost; the programs still using the old maps
+    /// are replaced by the attach) so that the load creates the maps anew.
+    static func checkPinnedMap(_ settings: Settings, logger: Logger) throws -> Bool {
+        let path = settings.pinDirectory + "/dysco_sessions"
+        guard FileManager.default.fileExists(atPath: path) else { return false }
+        let pinned = try BPFDatapath.pinnedLayout(mapPath: path)
+        let wanted = BPFDatapath.MapLayout(keySize: UInt32(BPFLayout.keySize), valueSize: UInt32(BPFLayout.valueSize),
+                                           maxEntries: settings.maxEntries ?? UInt32(BPFLayout.defaultMaxEntries))
+        guard pinned != wanted else { return true }
+        let sameLayout = pinned.keySize == wanted.keySize && pinned.valueSize == wanted.valueSize
+        guard settings.fresh else {
+            let problem = sameLayout
+                ? "holds \(pinned.maxEntries) translations, this agent would size it \(wanted.maxEntries) (4 × " +
+                  "--max-sessions): start it with --max-sessions \(pinned.maxEntries / 4) to take over the kernel's sessions, or"
+                : "has another layout (key \(pinned.keySize) B, value \(pinned.valueSize) B; this build's: " +
+                  "\(wanted.keySize) B, \(wanted.valueSize) B), left by another build: start"
+            throw ControlError(message: """
+                --datapath bpf: the pinned session map \(path) \(problem) with --fresh to replace the maps (their \
+                sessions are lost), or run `agent --purge` first
+                """)
+        }
+        logger.notice("--fresh: replacing pinned maps of another size or layout", metadata: [
+            "bpf.map": "\(path)", "bpf.pinned_entries": "\(pinned.maxEntries)", "bpf.max_entries": "\(wanted.maxEntries)",
+            "bpf.pinned_value_size": "\(pinned.valueSize)",
+        ])
+        for pin in try FileManager.default.contentsOfDirectory(atPath: settings.pinDirectory) {
+            let pinPath = settings.pinDirectory + "/" + pin
+            _ = try sysCall("unlink(\(pinPath))") { unlink(pinPath) }
+        }
+        return false
     }
 
     // MARK: - bpffs and devices
@@ -353,10 +399,29 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
 
     // MARK: - Start and exit
 
-    /// Restart survival is not wired yet: a restarted agent finds nothing and starts empty.
-    func listing() -> FastPathListing? { nil }
+    /// A predecessor's session map (pinned, re-opened at start): each entry is one translation of one session.
+    /// nil when the map was created by this start (no predecessor, or its bpffs died with it): the state file is
+    /// then stale.
+    func listing() -> (any KernelListing)? {
+        guard inherited else { return nil }
+        return lock.withLock { () -> BPFSessionListing? in
+            guard let entries = try? datapath.entries() else { return nil }
+            let listing = BPFSessionListing(entries)
+            listed = listing
+            return listing
+        }
+    }
 
-    func keep(owned: KernelOwnership.Keys) throws {}
+    /// The map is as the predecessor left it (``BPFSessionListing/matches(_:)``): nothing is written; the agent
+    /// learns which keys each session has, and the counters become the baselines (no owned keys on this path).
+    func keep(owned: KernelOwnership.Keys) throws {
+        lock.withLock {
+            guard let listed else { return }
+            installedKeys = listed.keysBySession
+            heldSessions = []
+            adoptCounters(listed)
+        }
+    }
 
     func reset() throws {
         try lock.withLock {
@@ -367,16 +432,31 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
         }
     }
 
+    /// Brings the map to `sessions`' translations with the fewest writes (``BPFSessionListing/rebuildPlan(_:)``):
+    /// stray entries go, entries that already serve a translation stay with their counters, the rest are
+    /// written. Each write is atomic for the programs: a kernel-carried session never stops.
     func rebuild(sessions: [(SessionTable.SessionID, [FastPathScript.Translation])], owned: KernelOwnership.Keys) throws {
-        try reset()
         try lock.withLock {
-            try datapath.writeBatch(sessions.flatMap { id, translations in
-                translations.map { BPFSessionKey.entry($0, sessionID: id) }.map { ($0.key, $0.entry) }
-            })
+            let plan = BPFSessionListing(try datapath.entries()).rebuildPlan(sessions)
+            for key in plan.delete { try datapath.delete(key) }
+            try datapath.writeBatch(plan.write)
+            installedKeys = [:]
             for (id, translations) in sessions {
                 installedKeys[id] = translations.map { BPFSessionKey.entry($0, sessionID: id).key }
             }
+            heldSessions = []
+            adoptCounters(BPFSessionListing(try datapath.entries()))
+            logger.debug("BPF session map rebuilt", metadata: [
+                "bpf.sessions": "\(sessions.count)", "bpf.deleted": "\(plan.delete.count)",
+                "bpf.written": "\(plan.write.count)",
+            ])
         }
+    }
+
+    /// The predecessor's counters are the baselines (under `lock`): its packets are not counted again.
+    private func adoptCounters(_ listing: BPFSessionListing) {
+        packetBaseline = listing.packetsBySession
+        lastCounters = packetBaseline
     }
 
     /// `keep`: programs, maps and pins stay (kernel-carried sessions flow on). Otherwise the programs are detached,

@@ -128,7 +128,7 @@ public final class DataplaneAgent: @unchecked Sendable {
         let bpf = BPFKernelPath.Settings(
             objectPath: options.bpfObject, bpffs: options.bpffs,
             pinDirectory: options.bpffs + "/dysco-\(options.netns ?? "host")-q\(options.queue)",
-            maxEntries: options.bpfMaxEntries, ringBytes: options.bpfRingBytes)
+            maxEntries: options.bpfMaxEntries, ringBytes: options.bpfRingBytes, fresh: options.fresh)
         dataplane = try AgentDataplane(
             processor: PacketProcessor(config: config, portRange: options.portRange, trust: options.trust, settings: settings),
             quietNanoseconds: migrationSettings.quietNanoseconds, logger: logger) { nudge, report, carriers in

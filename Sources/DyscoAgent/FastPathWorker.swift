@@ -47,7 +47,7 @@ final class FastPathWorker: KernelPath, @unchecked Sendable {
     }
 
     /// The table's chains and sets (names only), nil when there is no table.
-    func listing() -> FastPathListing? {
+    func listing() -> (any KernelListing)? {
         queue.sync {
             // `list tables` and `list sets` fill libnftables' whole cache (0.27 s with 1,000 sessions); chain names and
             // one base chain are cheap.

@@ -1,3 +1,4 @@
+import DyscoBPF
 import DyscoCore
 
 /// What the agent's kernel fast path does for it (`--datapath`): carry steady-state packets of the sessions the
@@ -39,7 +40,7 @@ protocol KernelPath: AnyObject, Sendable {
 
     // Restart (docs/ARCHITECTURE.md, "Agent crash and restart").
     /// What the kernel holds of a predecessor's fast path; nil: nothing (the state file is then stale).
-    func listing() -> FastPathListing?
+    func listing() -> (any KernelListing)?
     /// The kernel state is as the predecessor left it: only the owned keys are set again.
     func keep(owned: KernelOwnership.Keys) throws
     /// Starts empty (whatever a predecessor left goes).
@@ -52,6 +53,19 @@ extension KernelPath {
     var eventsFD: Int32? { nil }
     func takeEvents() -> (events: [KernelEvent], lost: UInt64) { ([], 0) }
 }
+
+/// What a restarted agent reads of its predecessor's kernel state: the sessions it carries and whether it carries
+/// exactly a given set (then it is kept untouched). nftables: the table's chains (``FastPathListing``); BPF: the
+/// pinned session map's entries (``BPFSessionListing``).
+protocol KernelListing: Sendable {
+    /// Sessions the kernel carries (a restored session among them goes back to the kernel).
+    var sessions: Set<SessionTable.SessionID> { get }
+    /// The kernel holds exactly `carried`'s translations in the current format.
+    func matches(_ carried: [(SessionTable.SessionID, [FastPathScript.Translation])]) -> Bool
+}
+
+extension FastPathListing: KernelListing {}
+extension BPFSessionListing: KernelListing {}
 
 /// What a commit did with the installs: the sessions the kernel now carries and those it refused.
 struct KernelPathOutcome: Sendable {

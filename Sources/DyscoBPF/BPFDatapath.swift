@@ -341,6 +341,31 @@ public final class BPFDatapath {
         return try entries(fd: fd)
     }
 
+    /// A pinned map's key and value sizes and capacity (`max_entries`): a restarted agent compares them with the
+    /// map it would load, since libbpf refuses to reuse a pinned map whose parameters differ.
+    public struct MapLayout: Hashable, Sendable {
+        public var keySize: UInt32
+        public var valueSize: UInt32
+        public var maxEntries: UInt32
+
+        public init(keySize: UInt32, valueSize: UInt32, maxEntries: UInt32) {
+            self.keySize = keySize
+            self.valueSize = valueSize
+            self.maxEntries = maxEntries
+        }
+    }
+
+    /// The layout of a pinned map (e.g. `PIN_DIRECTORY/dysco_sessions`).
+    public static func pinnedLayout(mapPath: String) throws(SystemCallError) -> MapLayout {
+        let fd = try sysCall("bpf_obj_get(\(mapPath))") { bpf_obj_get(mapPath) }
+        defer { close(fd) }
+        var layout = MapLayout(keySize: 0, valueSize: 0, maxEntries: 0)
+        try sysCall("bpf_obj_get_info_by_fd(\(mapPath))") {
+            dysco_map_layout(fd, &layout.keySize, &layout.valueSize, &layout.maxEntries)
+        }
+        return layout
+    }
+
     /// The programs' global counters, summed over CPUs.
     public func statistics() throws(SystemCallError) -> BPFStatistics {
         var totals = [UInt64](repeating: 0, count: Int(DYSCO_STAT_COUNT))

@@ -48,8 +48,10 @@ struct AgentCommand: AsyncParsableCommand {
             started with the same command line reads it back, keeps the kernel's sessions there and carries on: an \
             upgrade is SIGTERM, new binary, start. While no agent runs, sessions on the kernel fast path keep \
             flowing (their FIN/RST too); packets of other known sessions are dropped (TCP retransmits them once \
-            the agent is back); TCP of no session passes. To take the agent away for good: --cleanup-on-exit, or \
-            SIGTERM then `dysco-migrate agent --purge` (same --netns/--queue/--control-socket); --fresh starts empty.
+            the agent is back); TCP of no session passes. With --datapath bpf the kernel's state is the tc programs \
+            and the maps pinned under --bpf-fs (give the same --bpf-fs to the next agent and to --purge). To take \
+            the agent away for good: --cleanup-on-exit, or SIGTERM then `dysco-migrate agent --purge` (same \
+            --netns/--queue/--control-socket); --fresh starts empty.
 
             Inspect it with `dysco-migrate sessions` (same namespace) or `dysco-migrate sessions --netns NAME`.
 

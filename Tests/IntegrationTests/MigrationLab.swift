@@ -119,11 +119,13 @@ enum MigrationLab {
     /// Waits until each of `host`'s established paced sessions (at least `count`) would survive its agent's crash:
     /// carried by the kernel, or its ingress keys in the owned set (they follow the table in batches:
     /// docs/ARCHITECTURE.md, "Agent crash and restart").
-    static func waitUntilRestartSafe(_ lab: Lab, _ host: String, count: Int, timeout: TimeInterval = 20) async throws {
+    /// `ownedKeys` false (the BPF datapath, which has none): every session must be kernel-carried.
+    static func waitUntilRestartSafe(_ lab: Lab, _ host: String, count: Int, timeout: TimeInterval = 20,
+                                     ownedKeys: Bool = true) async throws {
         let deadline = Date().addingTimeInterval(timeout)
         while Date() < deadline {
             let sessions = try await pacedSessions(lab, host)
-            let owned = try ownedIngressKeys(lab, host)
+            let owned = ownedKeys ? try ownedIngressKeys(lab, host) : []
             let safe = sessions.filter { s in
                 s.carrier == .kernel || ([s.left, s.right?.reversed].compactMap { $0 }.allSatisfy { owned.contains($0) })
             }

@@ -1,4 +1,5 @@
 import DyscoAgent
+import DyscoBPF
 import DyscoCore
 import DyscoLab
 import DyscoSystem
@@ -8,8 +9,12 @@ import Testing
 /// Agent crash and restart (issue 9, tests (c) and (d); docs/ARCHITECTURE.md, "Agent crash and restart"): kill -9
 /// or SIGTERM of an agent mid-transfer, then a start with the same command line (``Lab/restartAgent(_:extraArguments:)``),
 /// on real namespaces, NFQUEUE, nftables, strict iptables firewalls and curl downloads checked by sha256. Each test
-/// has its own lab (`rsN`, 10.79.6N.0/24) and removes it, also on failure.
+/// has its own lab (`rsN`, 10.79.6N.0/24) and removes it, also on failure. The BPF datapath's cases (`--datapath
+/// bpf`, docs/BPF.md "Restart via pinning") have labs `rsbN`, 10.78.9N.0/24, and a bpffs the test mounts on the host
+/// at `/run/dysco-rsbN-pins` (so the pins outlive each agent and the test reads the maps), removed in every path.
 @Suite(.serialized) struct RestartTests {
+    typealias Datapath = FastPathIntegrationTests.Datapath
+
     static func record(_ line: String) {
         FileHandle.standardError.write(Data("[restart-tests] \(line)\n".utf8))
     }
@@ -54,10 +59,14 @@ import Testing
 
     /// Paced downloads through fw1; for each host in `hosts`, in turn, its agent is stopped with `signal` and
     /// started again with the same command line while they run. Byte-exact, no reset, every session restored.
+    /// `datapath` BPF: the sessions must be kernel-carried before each stop (no owned keys on that path); while no
+    /// agent runs the programs stay attached and the pinned map keeps the sessions' entries; the restarted agent
+    /// takes them over from the map (its log: `state.kernel` ≥ the sessions).
     func restartMidTransfer(name: String, subnet: String, agentArguments: [String], hosts: [String],
-                            signal: Int32) async throws {
+                            signal: Int32, datapath: Datapath? = nil) async throws {
+        let bpf = datapath?.kind == .bpf
         try await TestSupport.withLab(MigrationLab.spec(name, subnet: subnet, middleboxes: ["fw1"],
-                                                        agentArguments: agentArguments)) { lab in
+                                                        agentArguments: agentArguments + (datapath?.arguments ?? []))) { lab in
             try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 6)
             try MigrationLab.startPacedServer(lab, megabytesPerSecond: 1)
             let sessions = 4
@@ -69,18 +78,37 @@ import Testing
                 let before = try await MigrationLab.pacedSessions(lab, host).count
                 #expect(before >= sessions, "\(host) carries \(before) sessions before the stop")
                 // Owned keys follow the table in batches: stop it once every session would survive (kernel or owned).
-                try await MigrationLab.waitUntilRestartSafe(lab, host, count: sessions)
+                try await MigrationLab.waitUntilRestartSafe(lab, host, count: sessions, ownedKeys: !bpf)
+                let entriesBefore = bpf ? try Self.bpfEntries(lab, host, datapath!).count : 0
                 let start = Date()
                 try lab.killAgent(host, signal: signal)
                 #expect(!lab.agentIsAlive(host))
                 let rules = try lab.exec(host, ["iptables-save"]).stdout
                 #expect(rules.contains("DYSCO-IN") && rules.contains("--queue-bypass"),
                         "\(host): the queue rules stay while no agent runs")
-                #expect(try lab.exec(host, ["nft", "list", "table", "ip", FastPathScript.table], check: false).status == 0,
-                        "\(host): the kernel table stays while no agent runs")
+                if let datapath, bpf {
+                    // Programs attached, maps pinned with the sessions' entries (two a session at an end, four at fw1).
+                    let net = try lab.exec(host, ["bpftool", "net", "show"]).stdout
+                    #expect(net.contains("dysco_ingress") && net.contains("dysco_egress"),
+                            "\(host): the programs stay attached while no agent runs: \(net)")
+                    let entries = try Self.bpfEntries(lab, host, datapath)
+                    #expect(entries.count == entriesBefore && entries.count >= 2 * sessions,
+                            "\(host): the pinned map keeps \(entries.count) entries (\(entriesBefore) before the stop)")
+                } else {
+                    #expect(try lab.exec(host, ["nft", "list", "table", "ip", FastPathScript.table], check: false).status == 0,
+                            "\(host): the kernel table stays while no agent runs")
+                }
                 try await Task.sleep(for: .milliseconds(500))
                 try lab.restartAgent(host)
                 let restart = Date().timeIntervalSince(start)
+                if bpf {
+                    // The restarted agent took the sessions over from the pinned map (not from scratch).
+                    let log = try String(contentsOfFile: LabPaths.agentLog(lab.name, host: host), encoding: .utf8)
+                    let kernel = Self.logged(log, "state.kernel") ?? 0
+                    #expect(kernel >= sessions, "\(host): \(kernel) sessions back in the kernel")
+                    #expect(log.contains("state.table_kept=true"), "\(host): the map kept as it was")
+                    #expect(log.contains("bpf.inherited=true"))
+                }
                 let snapshot = try await TestSupport.snapshot(lab, host)
                 #expect(snapshot.counters.sessionsRestored >= UInt64(sessions), "\(host) restored \(snapshot.counters.sessionsRestored)")
                 let paced = snapshot.sessions.filter { $0.session.dstPort == MigrationLab.pacedPort }
@@ -103,6 +131,17 @@ import Testing
             }
             Self.record("\(name) fw1 INVALID drops: \(try TestSupport.invalidDrops(lab, "fw1"))")
         }
+    }
+
+    /// A number the agent logged as `key=N` (the last occurrence).
+    static func logged(_ log: String, _ key: String) -> Int? {
+        guard let range = log.range(of: "\(key)=", options: .backwards) else { return nil }
+        return Int(log[range.upperBound...].prefix { $0.isNumber })
+    }
+
+    /// `host`'s `dysco_sessions` entries (the agent pins under the lab's bpffs, queue 7).
+    static func bpfEntries(_ lab: Lab, _ host: String, _ datapath: Datapath) throws -> [(BPFSessionKey, BPFSessionEntry)] {
+        try BPFDatapath.pinnedEntries(mapPath: "\(datapath.pins)/dysco-\(lab.namespace(of: host))-q7/dysco_sessions")
     }
 
     @Test("queue rules: observed FIN/RST with bypass, owned packets without, the rest with; a predecessor's jumps kept")
@@ -137,10 +176,14 @@ import Testing
         #expect(lines.filter { $0.contains("-m bpf") }.count == 2)
     }
 
-    @Test("(c) kill -9 and restart of fw1's agent, then of the client's, mid-transfer, fast path on: byte-exact, no reset")
-    func killFastPath() async throws {
-        try await restartMidTransfer(name: "rs1", subnet: "10.79.61.0/24", agentArguments: [], hosts: ["fw1", "client1"],
-                                     signal: SIGKILL)
+    @Test("(c) kill -9 and restart of fw1's agent, then of the client's, mid-transfer, fast path on: byte-exact, no reset",
+          arguments: [Datapath(kind: .nftables, lab: "rs1", subnet: "10.79.61.0/24"),
+                      Datapath(kind: .bpf, lab: "rsb1", subnet: "10.78.91.0/24")])
+    func killFastPath(datapath: Datapath) async throws {
+        try await datapath.withPins {
+            try await restartMidTransfer(name: datapath.lab, subnet: datapath.subnet, agentArguments: [],
+                                         hosts: ["fw1", "client1"], signal: SIGKILL, datapath: datapath)
+        }
     }
 
     @Test("(c) kill -9 and restart of fw1's agent, then of the client's, mid-transfer, fast path off: byte-exact, no reset")
@@ -149,10 +192,14 @@ import Testing
                                      hosts: ["fw1", "client1"], signal: SIGKILL)
     }
 
-    @Test("(d) SIGTERM and restart (an upgrade) of fw1's, the client's and the server's agents mid-transfer: byte-exact")
-    func upgrade() async throws {
-        try await restartMidTransfer(name: "rs3", subnet: "10.79.63.0/24", agentArguments: [],
-                                     hosts: ["fw1", "client1", "server1"], signal: SIGTERM)
+    @Test("(d) SIGTERM and restart (an upgrade) of fw1's, the client's and the server's agents mid-transfer: byte-exact",
+          arguments: [Datapath(kind: .nftables, lab: "rs3", subnet: "10.79.63.0/24"),
+                      Datapath(kind: .bpf, lab: "rsb2", subnet: "10.78.92.0/24")])
+    func upgrade(datapath: Datapath) async throws {
+        try await datapath.withPins {
+            try await restartMidTransfer(name: datapath.lab, subnet: datapath.subnet, agentArguments: [],
+                                         hosts: ["fw1", "client1", "server1"], signal: SIGTERM, datapath: datapath)
+        }
     }
 
     @Test("(d) SIGTERM and restart mid-transfer with the fast path off: byte-exact")
@@ -161,21 +208,27 @@ import Testing
                                      hosts: ["fw1"], signal: SIGTERM)
     }
 
-    @Test("fast path on, fw1's agent killed and not restarted: a transfer finishing meanwhile completes; --purge clears")
-    func noRestart() async throws {
-        try await TestSupport.withLab(MigrationLab.spec("rs5", subnet: "10.79.65.0/24", middleboxes: ["fw1"])) { lab in
+    @Test("fast path on, fw1's agent killed and not restarted: a transfer finishing meanwhile completes (its FINs too); --purge clears",
+          arguments: [Datapath(kind: .nftables, lab: "rs5", subnet: "10.79.65.0/24"),
+                      Datapath(kind: .bpf, lab: "rsb3", subnet: "10.78.93.0/24")])
+    func noRestart(datapath: Datapath) async throws {
+        let bpf = datapath.kind == .bpf
+        try await datapath.withPins {
+        try await TestSupport.withLab(MigrationLab.spec(datapath.lab, subnet: datapath.subnet, middleboxes: ["fw1"],
+                                                        agentArguments: datapath.arguments)) { lab in
             try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 3)
             try MigrationLab.startPacedServer(lab, megabytesPerSecond: 1)
             let downloads = try MigrationLab.Downloads(lab, file: "blob", count: 2)
             try await MigrationLab.waitForSessions(lab, on: "fw1", count: 2)
-            // Wait until fw1's kernel carries them (4 chains a session at a middlebox).
-            var chains = 0
-            for _ in 0..<50 where chains < 8 {
-                chains = try lab.exec("fw1", ["nft", "list", "table", "ip", FastPathScript.table]).stdout
-                    .components(separatedBy: "chain s").count - 1
-                if chains < 8 { try await Task.sleep(for: .milliseconds(100)) }
+            // Wait until fw1's kernel carries them (4 chains, or map entries, a session at a middlebox).
+            var translations = 0
+            let carried = try await TestSupport.eventually(timeout: 5) {
+                translations = bpf ? try Self.bpfEntries(lab, "fw1", datapath).count
+                    : try lab.exec("fw1", ["nft", "list", "table", "ip", FastPathScript.table]).stdout
+                        .components(separatedBy: "chain s").count - 1
+                return translations >= 8
             }
-            #expect(chains >= 8, "fw1's kernel carries \(chains) chains")
+            #expect(carried, "fw1's kernel carries \(translations) translations")
             let lossBefore = try MigrationLab.lossCounters(lab)
             try lab.killAgent("fw1", signal: SIGKILL)
             #expect(!lab.agentIsAlive("fw1"))
@@ -201,17 +254,83 @@ import Testing
             } while Date() < deadline
             for (host, sockets) in stuck { #expect(sockets.isEmpty, "\(host): \(sockets)") }
 
-            // The operator takes the agent away for good: --purge removes rules, table and state file.
+            // The operator takes the agent away for good: --purge removes rules, table (BPF: programs and pins) and
+            // state file.
             let bin = try TestSupport.dyscoBinary()
-            let purge = try lab.exec("fw1", [bin, "agent", "--purge"], check: false)
+            let pinDirectory = "\(datapath.pins)/dysco-\(lab.namespace(of: "fw1"))-q7"
+            if bpf {
+                #expect(FileManager.default.fileExists(atPath: pinDirectory + "/dysco_sessions"), "pins stay until --purge")
+            }
+            let purgeArguments = bpf ? ["--bpf-fs", datapath.pins] : []
+            let purge = try lab.exec("fw1", [bin, "agent", "--purge"] + purgeArguments, check: false)
             #expect(purge.status == 0, "\(purge.stderr)")
-            #expect(purge.stdout.contains(#""rules":true"#) && purge.stdout.contains(#""table":true"#)
+            #expect(purge.stdout.contains(#""rules":true"#) && purge.stdout.contains(bpf ? #""bpf":true"# : #""table":true"#)
                     && purge.stdout.contains(#""stateFile":true"#), "\(purge.stdout)")
             #expect(!(try lab.exec("fw1", ["iptables-save"]).stdout.contains("DYSCO")))
             #expect(try lab.exec("fw1", ["nft", "list", "table", "ip", FastPathScript.table], check: false).status != 0)
+            if bpf {
+                #expect(!FileManager.default.fileExists(atPath: pinDirectory), "--purge removed the pins")
+                let net = try lab.exec("fw1", ["bpftool", "net", "show"]).stdout
+                #expect(!net.contains("dysco_"), "--purge detached the programs: \(net)")
+            }
             // While an agent runs, --purge is refused.
-            let purgeClient = try lab.exec("client1", [bin, "agent", "--purge"], check: false)
+            let purgeClient = try lab.exec("client1", [bin, "agent", "--purge"] + purgeArguments, check: false)
             #expect(purgeClient.status != 0 && purgeClient.stderr.contains("an agent is running"), "\(purgeClient.stderr)")
+        }
+        }
+    }
+
+    @Test("BPF: a restart with another --max-sessions is refused with a clear message while the kernel carries on; the same command line takes the sessions over; --fresh replaces the map")
+    func bpfMapSizeChange() async throws {
+        let datapath = Datapath(kind: .bpf, lab: "rsb4", subnet: "10.78.94.0/24")
+        try await datapath.withPins {
+        try await TestSupport.withLab(MigrationLab.spec(datapath.lab, subnet: datapath.subnet, middleboxes: ["fw1"],
+                                                        agentArguments: datapath.arguments)) { lab in
+            try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 4)
+            try MigrationLab.startPacedServer(lab, megabytesPerSecond: 1)
+            let downloads = try MigrationLab.Downloads(lab, file: "blob", count: 1)
+            try await MigrationLab.waitForSessions(lab, on: "fw1", count: 1)
+            try await MigrationLab.waitUntilRestartSafe(lab, "fw1", count: 1, ownedKeys: false)
+            try lab.killAgent("fw1", signal: SIGKILL)
+            let log = LabPaths.agentLog(lab.name, host: "fw1")
+            do {
+                try lab.restartAgent("fw1", extraArguments: ["--max-sessions", "1000"])
+                Issue.record("an agent with another --max-sessions started on the pinned map")
+            } catch {
+                let text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+                #expect(text.contains("holds 524288 translations") && text.contains("--max-sessions 131072")
+                        && text.contains("--fresh"), "\(text)")
+            }
+            #expect(!lab.agentIsAlive("fw1"))
+            let left = try Self.bpfEntries(lab, "fw1", datapath)
+            #expect(left.count == 4, "the refused start left the map alone")
+            // A stray entry (a session without a record) makes the restart rebuild the map by difference: the stray
+            // goes, the session's four entries stay with their counters.
+            let stray = BPFSessionKey(FiveTuple(srcAddr: IPv4Address(10, 78, 94, 250), srcPort: 1,
+                                                dstAddr: IPv4Address(10, 78, 94, 251), dstPort: 2), hook: .ingress)
+            do {
+                let pinned = try BPFDatapath(objectPath: try BPFDatapathTests.objectPath(),
+                                             pinDirectory: "\(datapath.pins)/dysco-\(lab.namespace(of: "fw1"))-q7",
+                                             maxEntries: 524_288)
+                try pinned.insert(stray, BPFSessionEntry(target: stray.tuple.reversed, sessionID: 999_999))
+            }
+            let packetsBefore = left.reduce(0) { $0 + $1.1.packets }
+            try lab.restartAgent("fw1")
+            let text = try String(contentsOfFile: log, encoding: .utf8)
+            #expect(Self.logged(text, "state.kernel") == 1 && text.contains("state.table_kept=false"), "\(text)")
+            let after = try Self.bpfEntries(lab, "fw1", datapath)
+            #expect(Set(after.map(\.0)) == Set(left.map(\.0)), "the stray is gone, the session's entries stay")
+            #expect(after.reduce(0) { $0 + $1.1.packets } >= packetsBefore, "kept with their counters")
+            #expect(downloads.wait(), "curl failed: \((try? String(contentsOfFile: "\(lab.directory)/curl.log", encoding: .utf8)) ?? "")")
+            #expect(try MigrationLab.allIntact(downloads.outputs, original: "\(lab.httpRoot)/blob").isEmpty)
+
+            // --fresh with another size: the map is replaced (empty, of the new size), the agent starts.
+            try lab.killAgent("fw1", signal: SIGKILL)
+            try lab.restartAgent("fw1", extraArguments: ["--max-sessions", "1000", "--fresh"])
+            let map = "\(datapath.pins)/dysco-\(lab.namespace(of: "fw1"))-q7/dysco_sessions"
+            #expect(try BPFDatapath.pinnedLayout(mapPath: map).maxEntries == 4000)
+            #expect(try BPFDatapath.pinnedEntries(mapPath: map).isEmpty)
+        }
         }
     }
 

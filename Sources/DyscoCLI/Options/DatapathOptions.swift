@@ -9,8 +9,9 @@ extension DatapathKind: ExpressibleByArgument {}
 struct DatapathOptions: ParsableArguments {
     @Option(help: ArgumentHelp("""
         Kernel fast path: nftables (one chain per translation) or bpf (tc programs and BPF maps: one map entry \
-        per translation; docs/BPF.md). bpf needs Linux ≥ 5.12 and the programs built by `make bpf`; with bpf a \
-        restarted agent does not yet take over the kernel's sessions (see "Restart": it starts empty).
+        per translation; docs/BPF.md). bpf needs Linux ≥ 5.12 and the programs built by `make bpf`; its programs \
+        and pinned maps outlive the agent, and a restarted agent takes their sessions over (see "Restart") when \
+        --bpf-fs is a bpffs that outlives it and --max-sessions is unchanged (else refused; --fresh replaces the map).
         """, valueName: "nftables|bpf"))
     var datapath: DatapathKind = .nftables
 
@@ -22,8 +23,9 @@ struct DatapathOptions: ParsableArguments {
 
     @Option(help: ArgumentHelp("""
         With --datapath bpf: a bpffs under which the agent pins its maps (in dysco-<netns>-q<queue>); mounted \
-        there if it is not one (and unmounted at exit). `ip netns exec` hides /sys/fs/bpf: for pins others can \
-        see, mount one on the host (e.g. under /run) and give it here.
+        there if it is not one (and unmounted at exit). `ip netns exec` hides /sys/fs/bpf: for pins that survive \
+        a restart (and that others can see), mount one on the host (e.g. under /run) and give it here; give it to \
+        --purge too.
         """, valueName: "dir"))
     var bpfFs: String = "/sys/fs/bpf"
 
