@@ -22,6 +22,9 @@ public struct DataplaneBenchmark {
         public var includeSlowPath = true
         public var referenceScript: String?
         public var chain = ["fw1"]
+        /// RPS on the labs' switch ports (``LabSpec/flowSteering``); off by default here: its per-packet IPI is a
+        /// cost of the emulated switch, paid more often by a chain with NFQUEUE verdicts than by kernel forwarding.
+        public var flowSteering = false
         public init() {}
     }
 
@@ -37,6 +40,8 @@ public struct DataplaneBenchmark {
         public var seconds: Int
         public var repeats: Int
         public var middleboxes: Int
+        /// RPS on the switch ports in every lab of the run.
+        public var flowSteering = false
         public var kernel: Run
         /// The chain with the kernel fast path (the agent's default).
         public var dysco: Run
@@ -68,7 +73,7 @@ public struct DataplaneBenchmark {
         public var sessionsRatio: Double { dysco.sessionsPerSecond / max(kernel.sessionsPerSecond, 1e-9) }
 
         enum CodingKeys: String, CodingKey {
-            case seconds, repeats, middleboxes, kernel, dysco, slowPath, referenceKernelGbps, referenceChainGbps
+            case seconds, repeats, middleboxes, flowSteering, kernel, dysco, slowPath, referenceKernelGbps, referenceChainGbps
             case ratio1Flow, ratio8Flows, slowRatio1Flow, slowRatio8Flows, referenceRatio, slowVersusCReference
             case connectOverheadPerMiddleboxMicroseconds, slowConnectOverheadPerMiddleboxMicroseconds, sessionsRatio
         }
@@ -78,6 +83,7 @@ public struct DataplaneBenchmark {
             try c.encode(seconds, forKey: .seconds)
             try c.encode(repeats, forKey: .repeats)
             try c.encode(middleboxes, forKey: .middleboxes)
+            try c.encode(flowSteering, forKey: .flowSteering)
             try c.encode(kernel, forKey: .kernel)
             try c.encode(dysco, forKey: .dysco)
             try c.encodeIfPresent(slowPath, forKey: .slowPath)
@@ -100,6 +106,7 @@ public struct DataplaneBenchmark {
             seconds = try c.decode(Int.self, forKey: .seconds)
             repeats = try c.decode(Int.self, forKey: .repeats)
             middleboxes = try c.decode(Int.self, forKey: .middleboxes)
+            flowSteering = try c.decodeIfPresent(Bool.self, forKey: .flowSteering) ?? false
             kernel = try c.decode(Run.self, forKey: .kernel)
             dysco = try c.decode(Run.self, forKey: .dysco)
             slowPath = try c.decodeIfPresent(Run.self, forKey: .slowPath)
@@ -107,11 +114,12 @@ public struct DataplaneBenchmark {
             referenceChainGbps = try c.decodeIfPresent(Double.self, forKey: .referenceChainGbps)
         }
 
-        init(seconds: Int, repeats: Int, middleboxes: Int, kernel: Run, dysco: Run, slowPath: Run?, referenceKernelGbps: Double?,
-             referenceChainGbps: Double?) {
+        init(seconds: Int, repeats: Int, middleboxes: Int, flowSteering: Bool = false, kernel: Run, dysco: Run, slowPath: Run?,
+             referenceKernelGbps: Double?, referenceChainGbps: Double?) {
             self.seconds = seconds
             self.repeats = repeats
             self.middleboxes = middleboxes
+            self.flowSteering = flowSteering
             self.kernel = kernel
             self.dysco = dysco
             self.slowPath = slowPath
@@ -141,11 +149,13 @@ public struct DataplaneBenchmark {
         var kernelSpec = LabSpec(name: "bench-k", middleboxes: middleboxes, subnet: "10.79.1.0/24", agents: false,
                                  agentBinary: binary, routeViaMiddlebox: middleboxes[0])
         kernelSpec.chain = []
+        kernelSpec.flowSteering = options.flowSteering
         logger.info("measuring kernel forwarding (no agents, routes via fw1)")
         let kernel = try measure(kernelSpec, label: "kernel forwarding")
-        let dyscoSpec = LabSpec(name: "bench-d", middleboxes: middleboxes, chain: options.chain, subnet: "10.79.2.0/24",
+        var dyscoSpec = LabSpec(name: "bench-d", middleboxes: middleboxes, chain: options.chain, subnet: "10.79.2.0/24",
                                 policyPorts: LabSpec.defaultPolicyPorts + [Self.sinkPort],
                                 agentArguments: options.agentArguments, agentBinary: binary)
+        dyscoSpec.flowSteering = options.flowSteering
         logger.info("measuring the Dysco chain (kernel fast path)", metadata: ["bench.chain": "\(options.chain)"])
         let dysco = try measure(dyscoSpec, label: "dysco, fast path")
         var slowPath: Run?
@@ -163,7 +173,8 @@ public struct DataplaneBenchmark {
             (refKernel, refChain) = runReference(script)
         }
         let kernelMiddleboxes = options.chain.count
-        return Report(seconds: options.seconds, repeats: options.repeats, middleboxes: kernelMiddleboxes, kernel: kernel, dysco: dysco,
+        return Report(seconds: options.seconds, repeats: options.repeats, middleboxes: kernelMiddleboxes,
+                      flowSteering: options.flowSteering, kernel: kernel, dysco: dysco,
                       slowPath: slowPath, referenceKernelGbps: refKernel, referenceChainGbps: refChain)
     }
 
@@ -263,7 +274,7 @@ extension DataplaneBenchmark.Report {
         func f(_ v: Double) -> String { String(format: "%.2f", v) }
         func us(_ v: Double) -> String { String(format: "%.0f", v) }
         var lines = [
-            "data plane: client1 → \(middleboxes) middlebox(es) → server1, conntrack firewall on each; goodput = median of \(repeats) iperf3 runs of \(seconds) s",
+            "data plane: client1 → \(middleboxes) middlebox(es) → server1, conntrack firewall on each, switch RPS \(flowSteering ? "on" : "off"); goodput = median of \(repeats) iperf3 runs of \(seconds) s",
             "                         1 flow Gbit/s  8 flows Gbit/s  connect p50 µs  p99 µs  sessions/s",
         ]
         for run in [kernel, dysco] + (slowPath.map { [$0] } ?? []) {

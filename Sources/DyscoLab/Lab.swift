@@ -401,10 +401,12 @@ public final class Lab: @unchecked Sendable {
         // Flow steering on the switch ports: without RPS a veth queues each packet on the sending CPU's backlog,
         // and a sender running on both CPUs has its flow reordered, which TCP takes for loss (spurious fast
         // retransmits; measured: scripts/retrans-probe.sh). With every CPU in rps_cpus, a flow stays on one.
-        let cpus = max(1, min(ProcessInfo.processInfo.activeProcessorCount, 31))
-        let mask = String((1 << cpus) - 1, radix: 16)
-        try Command.run(["sh", "-c", "for f in /sys/class/net/*/queues/rx-*/rps_cpus; do echo \(mask) > $f; done"],
-                        netns: s.switchNamespace)
+        if spec.flowSteering {
+            let cpus = max(1, min(ProcessInfo.processInfo.activeProcessorCount, 31))
+            let mask = String((1 << cpus) - 1, radix: 16)
+            try Command.run(["sh", "-c", "for f in /sys/class/net/*/queues/rx-*/rps_cpus; do echo \(mask) > $f; done"],
+                            netns: s.switchNamespace)
+        }
         // Firewalls.
         for h in s.hosts where h.role == .middlebox {
             for rule in FirewallCounters.installCommands(subnet: s.subnet.description, profile: s.firewallProfile(of: h.name)) {
