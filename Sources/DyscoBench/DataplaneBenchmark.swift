@@ -22,9 +22,9 @@ public struct DataplaneBenchmark {
         public var includeSlowPath = true
         public var referenceScript: String?
         public var chain = ["fw1"]
-        /// RPS on the labs' switch ports (``LabSpec/flowSteering``); off by default here: its per-packet IPI is a
-        /// cost of the emulated switch, paid more often by a chain with NFQUEUE verdicts than by kernel forwarding.
-        public var flowSteering = false
+        /// RPS on the labs' switch ports (``LabSpec/flowSteering``). Its per-packet IPI is a cost of the emulated
+        /// switch, paid more often by a chain with NFQUEUE verdicts than by kernel forwarding.
+        public var flowSteering = true
         public init() {}
     }
 
@@ -41,7 +41,7 @@ public struct DataplaneBenchmark {
         public var repeats: Int
         public var middleboxes: Int
         /// RPS on the switch ports in every lab of the run.
-        public var flowSteering = false
+        public var flowSteering = true
         public var kernel: Run
         /// The chain with the kernel fast path (the agent's default).
         public var dysco: Run
@@ -106,7 +106,7 @@ public struct DataplaneBenchmark {
             seconds = try c.decode(Int.self, forKey: .seconds)
             repeats = try c.decode(Int.self, forKey: .repeats)
             middleboxes = try c.decode(Int.self, forKey: .middleboxes)
-            flowSteering = try c.decodeIfPresent(Bool.self, forKey: .flowSteering) ?? false
+            flowSteering = try c.decodeIfPresent(Bool.self, forKey: .flowSteering) ?? true
             kernel = try c.decode(Run.self, forKey: .kernel)
             dysco = try c.decode(Run.self, forKey: .dysco)
             slowPath = try c.decodeIfPresent(Run.self, forKey: .slowPath)
@@ -114,7 +114,7 @@ public struct DataplaneBenchmark {
             referenceChainGbps = try c.decodeIfPresent(Double.self, forKey: .referenceChainGbps)
         }
 
-        init(seconds: Int, repeats: Int, middleboxes: Int, flowSteering: Bool = false, kernel: Run, dysco: Run, slowPath: Run?,
+        init(seconds: Int, repeats: Int, middleboxes: Int, flowSteering: Bool = true, kernel: Run, dysco: Run, slowPath: Run?,
              referenceKernelGbps: Double?, referenceChainGbps: Double?) {
             self.seconds = seconds
             self.repeats = repeats

@@ -60,9 +60,9 @@ public struct BenchCommand: AsyncParsableCommand {
         @Option(help: "Extra argument for every agent (repeatable).") var agentArg: [String] = []
         @OptionGroup var jsonOutput: JSONOutput<JSONHelp.Report>
         @Flag(help: "Skip the --no-fastpath (NFQUEUE only) run.") var noSlowPath = false
-        @Flag(help: ArgumentHelp("Keep RPS on the labs' switch ports, as the migration tests' labs have it.",
-                                 discussion: "Off by default: RPS costs an inter-processor interrupt per steered packet, which a chain with NFQUEUE verdicts pays at every reinjection and kernel forwarding much less often (docs/ARCHITECTURE.md, \"Data-plane figures\")."))
-        var flowSteering = false
+        @Flag(inversion: .prefixedNo, help: ArgumentHelp("RPS on the labs' switch ports, as every lab has it (--no-flow-steering: off).",
+                                 discussion: "RPS costs an inter-processor interrupt per steered packet (a VM exit here), which a chain with NFQUEUE verdicts pays at every reinjection and kernel forwarding far less often; without it, bulk flows may be reordered on the switch and 8-flow kernel forwarding spreads over the CPUs (docs/ARCHITECTURE.md, bench dataplane). 0d3b31d's benchmark had none."))
+        var flowSteering = true
         @Flag(help: ArgumentHelp("Exit 1 when a fast-path figure falls below its floor (`make bench-check`).",
                                  discussion: "Floors, each against kernel forwarding in the same run: connect overhead per middlebox < 1 ms (p50), new sessions/s ≥ 0.2, bulk goodput (1 and 8 flows) ≥ 0.8."))
         var check = false

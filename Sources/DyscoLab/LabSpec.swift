@@ -110,8 +110,8 @@ public struct LabSpec: Sendable, Codable, Equatable {
     /// RPS on every port of the switch (each flow on one CPU): without it a veth queues each packet on the sending
     /// CPU's backlog and a sender running on both CPUs has its flow reordered, which TCP takes for loss (the
     /// migration tests count retransmissions). It costs an inter-processor interrupt per steered packet (in a VM,
-    /// an exit), which a chain with NFQUEUE verdicts pays at every reinjection: `bench dataplane` turns it off
-    /// (`--flow-steering` keeps it), a lab of separate machines has no such switch.
+    /// an exit), which a chain with NFQUEUE verdicts pays at every reinjection: `bench dataplane --no-flow-steering`
+    /// measures without it (as 0d3b31d's labs were); a lab of separate machines has no such switch.
     public var flowSteering = true
 
     public init(name: String, clients: Int = 1, servers: Int = 1, middleboxes: [String] = LabSpec.defaultMiddleboxes,
