@@ -57,7 +57,7 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
     /// The agent mounted the bpffs (so it unmounts it at exit).
     private let mountedFS: Bool
     private var lastCounters: [SessionTable.SessionID: UInt64] = [:]
-    private var packetBaseline: [SessionTable.SessionID: UInt64] = [:]
+    private var packetTally = KernelPacketTally()
     private let kernelPackets = Atomic<UInt64>(0)
     /// A predecessor's pinned session map was there at start (re-opened, entries kept): ``listing()`` reads it.
     private let inherited: Bool
@@ -388,13 +388,7 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
     }
 
     private func accumulate(_ totals: [SessionTable.SessionID: UInt64]) {
-        var moved: UInt64 = 0
-        for (id, packets) in totals {
-            let last = packetBaseline[id] ?? 0
-            moved &+= packets >= last ? packets - last : packets
-        }
-        packetBaseline = totals
-        kernelPackets.add(moved, ordering: .relaxed)
+        kernelPackets.add(packetTally.moved(totals), ordering: .relaxed)
     }
 
     // MARK: - Start and exit
@@ -455,8 +449,8 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
 
     /// The predecessor's counters are the baselines (under `lock`): its packets are not counted again.
     private func adoptCounters(_ listing: BPFSessionListing) {
-        packetBaseline = listing.packetsBySession
-        lastCounters = packetBaseline
+        packetTally.reset(to: listing.packetsBySession)
+        lastCounters = listing.packetsBySession
     }
 
     /// `keep`: programs, maps and pins stay (kernel-carried sessions flow on). Otherwise the programs are detached,

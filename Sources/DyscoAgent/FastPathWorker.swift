@@ -26,7 +26,7 @@ final class FastPathWorker: KernelPath, @unchecked Sendable {
     let kernelPackets = Atomic<UInt64>(0)
     var kernelPacketCount: UInt64 { kernelPackets.load(ordering: .relaxed) }
     /// The per-session counters ``kernelPackets`` was last summed from (used only on `queue`).
-    private var packetBaseline: [SessionTable.SessionID: UInt64] = [:]
+    private var packetTally = KernelPacketTally()
     private let report: @Sendable (Outcome) -> Void
 
     private let reroute: Bool
@@ -288,14 +288,7 @@ final class FastPathWorker: KernelPath, @unchecked Sendable {
     }
 
     private func accumulate(_ totals: [SessionTable.SessionID: UInt64]) {
-        var moved: UInt64 = 0
-        for (id, packets) in totals {
-            // A session's chain made anew (released after a hold) starts again from zero.
-            let last = packetBaseline[id] ?? 0
-            moved &+= packets >= last ? packets - last : packets
-        }
-        packetBaseline = totals
-        kernelPackets.add(moved, ordering: .relaxed)
+        kernelPackets.add(packetTally.moved(totals), ordering: .relaxed)
     }
 
     /// Sessions whose kernel counters moved since the last call.

@@ -80,3 +80,24 @@ public enum DatapathKind: String, Sendable, CaseIterable {
     /// tc programs and BPF maps (``BPFKernelPath``, docs/BPF.md).
     case bpf
 }
+
+/// The kernel's per-session packet counters summed into one running total (`kernelPacketCount`, the
+/// `dysco_kernel_packets` metric): each reading adds what every session moved since the last one.
+struct KernelPacketTally {
+    private var baseline: [SessionTable.SessionID: UInt64] = [:]
+
+    /// Takes a reading of every session's counter; returns the packets moved since the last reading. A session
+    /// whose counter went back (its translations made anew, e.g. released after a hold) counts from zero.
+    mutating func moved(_ totals: [SessionTable.SessionID: UInt64]) -> UInt64 {
+        var moved: UInt64 = 0
+        for (id, packets) in totals {
+            let last = baseline[id] ?? 0
+            moved &+= packets >= last ? packets - last : packets
+        }
+        baseline = totals
+        return moved
+    }
+
+    /// Starts from `totals` without counting them (a restart takes over counters already in the kernel).
+    mutating func reset(to totals: [SessionTable.SessionID: UInt64]) { baseline = totals }
+}

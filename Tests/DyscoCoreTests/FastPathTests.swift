@@ -7,17 +7,7 @@ struct FastPathTests {
     let client = IPv4Address("10.77.0.10")!, fw1 = IPv4Address("10.77.0.101")!, server = IPv4Address("10.77.0.201")!
     var session: FiveTuple { FiveTuple(srcAddr: client, srcPort: 40000, dstAddr: server, dstPort: 80) }
 
-    func harness() -> ChainHarness {
-        let policy = Policy(name: "web", match: SessionPredicate(dport: [PortRange("80")!]), chain: [fw1])
-        var settings = PacketProcessor.Settings()
-        settings.fastPath = true
-        settings.fastPathAfterPackets = 0
-        let h = ChainHarness()
-        h.hosts["client"] = PacketProcessor(config: AgentConfig(policies: [policy]), portRange: 10000...10999, trust: TestKeys.group, settings: settings)
-        h.hosts["fw1"] = PacketProcessor(config: AgentConfig(), portRange: 20000...20999, trust: TestKeys.group, settings: settings)
-        h.hosts["server"] = PacketProcessor(config: AgentConfig(), portRange: 30000...30999, trust: TestKeys.group, settings: settings)
-        return h
-    }
+    func harness() -> ChainHarness { ChainHarness.fastPathChain(client: client, fw1: fw1) }
 
     func handshake(_ h: ChainHarness) throws {
         _ = try #require(h.send(PacketBuilder(tuple: session, flags: [.syn]).build(), along: ["client", "fw1", "server"]))

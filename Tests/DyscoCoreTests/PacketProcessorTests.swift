@@ -4,6 +4,20 @@ import Testing
 /// Passes packets through PacketProcessors as the hosts of a chain would (no kernel involved).
 final class ChainHarness {
     var hosts: [String: PacketProcessor] = [:]
+
+    /// client (10.77.0.10) → fw1 (10.77.0.101) → server (10.77.0.201) for port 80, every session on the kernel fast
+    /// path from its first packet (`fastPathAfterPackets` 0): the chain of the fast-path and kernel-event tests.
+    static func fastPathChain(client: IPv4Address, fw1: IPv4Address) -> ChainHarness {
+        let policy = Policy(name: "web", match: SessionPredicate(dport: [PortRange("80")!]), chain: [fw1])
+        var settings = PacketProcessor.Settings()
+        settings.fastPath = true
+        settings.fastPathAfterPackets = 0
+        let h = ChainHarness()
+        h.hosts["client"] = PacketProcessor(config: AgentConfig(policies: [policy]), portRange: 10000...10999, trust: TestKeys.group, settings: settings)
+        h.hosts["fw1"] = PacketProcessor(config: AgentConfig(), portRange: 20000...20999, trust: TestKeys.group, settings: settings)
+        h.hosts["server"] = PacketProcessor(config: AgentConfig(), portRange: 30000...30999, trust: TestKeys.group, settings: settings)
+        return h
+    }
     var now: UInt64 = 1_000_000_000
     /// What each host's processor produced besides its verdicts, gathered as its shell would take it.
     var effects: [String: DataplaneEffects] = [:]
