@@ -59,6 +59,9 @@ ln -s ../lib/dysco-migrate/dysco-migrate "$ROOT/usr/bin/dysco-migrate"
 BPF_OBJ=${BPF_OBJ:-.build/bpf/dysco.bpf.o}
 [ -f "$BPF_OBJ" ] || make --no-print-directory bpf
 install -m 0644 "$BPF_OBJ" "$ROOT/usr/lib/dysco-migrate/dysco.bpf.o"
+# lintian takes BPF bytecode for a binary of another architecture: the package says why it is not (its override).
+install -d "$ROOT/usr/share/lintian/overrides"
+install -m 0644 "$SRC/lintian-overrides" "$ROOT/usr/share/lintian/overrides/dysco-migrate"
 
 # 3. Units, runtime directories, configuration.
 install -m 0644 "$SRC/dysco-migrate-agent.service" "$SRC/dysco-migrate-agent@.service" "$ROOT/lib/systemd/system/"
