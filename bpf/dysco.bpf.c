@@ -239,6 +239,35 @@ static __always_inline struct dysco_value *translation(struct parsed *p)
     return v;
 }
 
+/* An ingress SYN-ACK or RST on an OPENING translation (installed with the SYN, issue 16 item 2): the agent no
+ * longer sees it, so the program judges it as the agent's handshake tracking would, against the opposite
+ * direction's entry: the egress translation keyed by the reverse of this one's new tuple (at an end host and at a
+ * middlebox alike, the translation this connection's own SYN, or SYN-ACK, left by). The agent seeds that entry
+ * with its SYN's facts at the install (the SYN itself leaves by the agent: tc egress never sees it with the
+ * session's tuple). RFC 793 "SYN-SENT": a segment is acceptable when it has ACK and acknowledges exactly what
+ * this side sent (ack == opposite seq_end: the SYN's seq + 1 while nothing else was sent); an RST without such an
+ * ACK is acceptable only at the sequence number the other side expects (seq == opposite ack, the SYN-RECEIVED
+ * side's RFC 5961 exact match; needs a recorded ACK). No opposite entry, or no facts in it: refused. */
+static __always_inline int opening_acceptable(const struct dysco_value *v, const struct parsed *p)
+{
+    struct dysco_key opposite = {};
+    opposite.saddr = v->new_daddr;
+    opposite.daddr = v->new_saddr;
+    opposite.sport = v->new_dport;
+    opposite.dport = v->new_sport;
+    opposite.proto = IPPROTO_TCP;
+    opposite.hook = DYSCO_HOOK_EGRESS;
+    struct dysco_value *o = bpf_map_lookup_elem(&dysco_sessions, &opposite);
+    if (!o)
+        return 0;
+    __u8 seen = o->tcp.tcp_flags;
+    if (seen && (p->tcp_flags & TCP_FLAG_ACK) && p->ack == o->tcp.seq_end)
+        return 1;
+    if ((p->tcp_flags & TCP_FLAG_RST) && (seen & TCP_FLAG_ACK) && p->seq == o->tcp.ack)
+        return 1;
+    return 0;
+}
+
 SEC("tc")
 int dysco_ingress(struct __sk_buff *skb)
 {
@@ -248,6 +277,11 @@ int dysco_ingress(struct __sk_buff *skb)
     struct dysco_value *v = translation(&p);
     if (!v)
         return TC_ACT_OK;
+    if ((v->flags & DYSCO_F_OPENING) && (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_RST)) && !opening_acceptable(v, &p)) {
+        /* Forged (or stale): neither recorded nor rewritten nor reported; the real handshake carries on. */
+        stat_inc(DYSCO_STAT_OPENING_REFUSED);
+        return TC_ACT_SHOT;
+    }
     account(v, &p);
     if (rewrite(skb, &p, v) < 0)
         return TC_ACT_SHOT;

@@ -16,7 +16,8 @@
    handles it). A migration's hold is one map update that sets this bit. */
 #define DYSCO_F_HELD (1u << 0)
 /* Opening: the translation was installed with the SYN; the first packet with ACK and without SYN clears it and
-   reports DYSCO_EV_ESTABLISHED. */
+   reports DYSCO_EV_ESTABLISHED. While it is set, the ingress program judges a SYN-ACK or an RST against the opposite
+   direction's entry (see opening_acceptable in bpf/dysco.bpf.c) and drops what it refutes. */
 #define DYSCO_F_OPENING (1u << 1)
 /* Set by the program: a FIN / RST passed this translation (reported once each as an event). */
 #define DYSCO_F_FIN_SEEN (1u << 2)
@@ -90,6 +91,8 @@ struct dysco_event {
 #define DYSCO_STAT_FIB_NEIGH 4   /* egress packets redirected by bpf_redirect_neigh (no neighbour entry yet) */
 #define DYSCO_STAT_FIB_FAILED 5  /* egress FIB lookups that failed (packet dropped) */
 #define DYSCO_STAT_EVENT_LOST 6  /* events the ring buffer had no room for */
+#define DYSCO_STAT_OPENING_REFUSED 7 /* ingress SYN-ACKs and RSTs on an OPENING translation that the opposite
+                                        direction's facts refute (RFC 793 SYN-SENT acceptability): dropped */
 #define DYSCO_STAT_COUNT 8
 
 /* Configuration (array map dysco_config, one element, index 0). */

@@ -368,6 +368,19 @@ public final class BPFDatapath {
 
     /// The programs' global counters, summed over CPUs.
     public func statistics() throws(SystemCallError) -> BPFStatistics {
+        try Self.statistics(statsFD: statsFD, cpus: cpus)
+    }
+
+    /// The global counters of a pinned `dysco_stats` map (`PIN_DIRECTORY/dysco_stats`), without loading the object
+    /// (tests, inspection).
+    public static func pinnedStatistics(mapPath: String) throws(SystemCallError) -> BPFStatistics {
+        let fd = try sysCall("bpf_obj_get(\(mapPath))") { bpf_obj_get(mapPath) }
+        defer { close(fd) }
+        let cpus = try sysCall("libbpf_num_possible_cpus") { libbpf_num_possible_cpus() }
+        return try statistics(statsFD: fd, cpus: Int(cpus))
+    }
+
+    private static func statistics(statsFD: Int32, cpus: Int) throws(SystemCallError) -> BPFStatistics {
         var totals = [UInt64](repeating: 0, count: Int(DYSCO_STAT_COUNT))
         var slots = [UInt64](repeating: 0, count: cpus)
         for index in 0..<UInt32(DYSCO_STAT_COUNT) {
@@ -426,6 +439,8 @@ public struct BPFStatistics: Hashable, Sendable {
     public var neighbourRedirected: UInt64
     public var fibFailed: UInt64
     public var eventsLost: UInt64
+    /// Ingress SYN-ACKs and RSTs on an opening translation that the opposite direction's facts refute (dropped).
+    public var openingRefused: UInt64
 
     init(_ totals: [UInt64]) {
         rewritten = totals[Int(DYSCO_STAT_REWRITTEN)]
@@ -435,6 +450,7 @@ public struct BPFStatistics: Hashable, Sendable {
         neighbourRedirected = totals[Int(DYSCO_STAT_FIB_NEIGH)]
         fibFailed = totals[Int(DYSCO_STAT_FIB_FAILED)]
         eventsLost = totals[Int(DYSCO_STAT_EVENT_LOST)]
+        openingRefused = totals[Int(DYSCO_STAT_OPENING_REFUSED)]
     }
 }
 
