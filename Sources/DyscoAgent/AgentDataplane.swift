@@ -71,6 +71,17 @@ final class AgentDataplane: @unchecked Sendable {
         if effects.compacted { compactedPending.store(true, ordering: .relaxed) }
     }
 
+    /// A packet's effects that open a session in the kernel with its SYN (``FastPathAction/open(_:_:syn:)``) are
+    /// committed now, before the SYN's verdict, so that the answer (the SYN-ACK) finds the translations; a new
+    /// session has no other packet waiting in the queue, so the hand-over reorders nothing. True if it applied
+    /// them (the caller must not apply them again).
+    func applyOpenings(_ effects: DataplaneEffects) -> Bool {
+        guard effects.fastPath.contains(where: { if case .open = $0 { true } else { false } }) else { return false }
+        apply(effects)
+        fastPath?.flush()
+        return true
+    }
+
     /// Runs a table operation off the packet path and handles its effects: the state file gets its changes at
     /// once, installs go at the packet thread's quiet point; ``commitHolds()`` commits removals (a hold) at once.
     /// Starts the quiet timer when the operation left a session anchored. The migration engine flushes once per

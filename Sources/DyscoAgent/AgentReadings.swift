@@ -26,7 +26,7 @@ extension DataplaneAgent {
     func metricsReadings() -> AgentMetricCatalog.Readings {
         if options.fastPath { dataplane.fastPath?.sampleKernelPackets() }
         let (counters, sessions, anchoring) = dataplane.processor.withLock { ($0.counters, $0.table.records.count, $0.anchoring) }
-        return AgentMetricCatalog.Readings(
+        var readings = AgentMetricCatalog.Readings(
             counters: counters, sessions: sessions, anchoring: anchoring,
             control: migration?.counters.withLock { $0 } ?? [:],
             fastPathPackets: dataplane.fastPath?.kernelPacketCount ?? 0,
@@ -34,5 +34,7 @@ extension DataplaneAgent {
             bufferBytes: packetLoop.bufferOccupancy.bytes.load(ordering: .relaxed),
             bufferRefused: packetLoop.bufferOccupancy.refused.load(ordering: .relaxed),
             uptimeSeconds: Double(dysco_monotonic_ns() - startedAt) / 1e9)
+        readings.kernelOpeningRefused = dataplane.fastPath?.openingRefused ?? 0
+        return readings
     }
 }

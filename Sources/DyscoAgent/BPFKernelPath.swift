@@ -64,6 +64,8 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
     /// The entries ``listing()`` read (the restart's ``keep(owned:)`` takes its sessions' keys from it).
     private var listed: BPFSessionListing?
     var kernelPacketCount: UInt64 { kernelPackets.load(ordering: .relaxed) }
+    private let openingRefusedCount = Atomic<UInt64>(0)
+    var openingRefused: UInt64 { openingRefusedCount.load(ordering: .relaxed) }
     /// The ring buffer's epoll descriptor (the packet thread's poll set).
     let eventsFD: Int32?
     /// `dysco_stats[EVENT_LOST]` as of the last ``takeEvents()`` (under `lock`).
@@ -252,8 +254,8 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
         var outcome = KernelPathOutcome()
         for action in actions {
             switch action {
-            case .install(let id, let translations):
-                let entries = translations.map { BPFSessionKey.entry($0, sessionID: id) }
+            case .install(let id, let translations), .open(let id, let translations, _):
+                let entries = Self.entries(action, id, translations)
                 do {
                     try install(id, entries)
                     outcome.installed.append(id)
@@ -274,6 +276,24 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
             }
         }
         return outcome
+    }
+
+    /// The map entries of an install. An opening (a session installed with its SYN, issue 16 item 2) is marked
+    /// `OPENING` (without `REWRITE_SYN`: a retransmitted SYN still reaches the agent), and the egress translation its
+    /// SYN left by gets the SYN's facts, which the ingress program judges a SYN-ACK or an RST against (the SYN
+    /// itself left rewritten by the agent: tc egress never saw it with the session's tuple).
+    static func entries(_ action: FastPathAction, _ id: SessionTable.SessionID,
+                        _ translations: [FastPathScript.Translation]) -> [(key: BPFSessionKey, entry: BPFSessionEntry)] {
+        guard case .open(_, _, let syn) = action else {
+            return translations.map { BPFSessionKey.entry($0, sessionID: id) }
+        }
+        return translations.map { translation in
+            var entry = BPFSessionKey.entry(translation, sessionID: id, flags: .opening)
+            if let syn, translation.hook == .egress, translation.key == syn.tuple {
+                entry.entry.tcp = BPFTCPFacts(sequenceEnd: syn.sequence &+ 1, tcpFlags: UInt8(TCPFlags.syn.rawValue))
+            }
+            return entry
+        }
     }
 
     /// A release's (or a first) install: keys the session had and no longer has go; a held key with the same
@@ -366,7 +386,12 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
     // MARK: - Counters
 
     func sampleKernelPackets() {
-        lock.withLock { accumulate(totals()) }
+        lock.withLock {
+            accumulate(totals())
+            if let statistics = try? datapath.statistics() {
+                openingRefusedCount.store(statistics.openingRefused, ordering: .relaxed)
+            }
+        }
     }
 
     func activeSessions() -> [SessionTable.SessionID] {

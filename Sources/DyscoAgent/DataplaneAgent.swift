@@ -121,6 +121,9 @@ public final class DataplaneAgent: @unchecked Sendable {
             procNetRoute: (try? String(contentsOfFile: "/proc/net/route", encoding: .utf8)) ?? "")
         // --no-fastpath keeps the nftables worker (its owned sets) whatever --datapath says.
         let datapath = options.fastPath ? options.datapath : .nftables
+        // The BPF datapath takes a session with its SYN (a map write costs microseconds; the nftables path's
+        // transactions wait for `--fastpath-after` packets): docs/BPF.md "Connection setup in the kernel".
+        settings.installAtSyn = datapath == .bpf
         if options.fastPath {
             logger.info("kernel fast path on", metadata: ["fastpath.datapath": "\(datapath.rawValue)",
                                                           "fastpath.reroute": "\(reroute)"])

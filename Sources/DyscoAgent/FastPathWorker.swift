@@ -249,15 +249,15 @@ final class FastPathWorker: KernelPath, @unchecked Sendable {
         let script = actions.map(Self.script).joined()
         do {
             try nft.run(script, operation: "apply \(actions.count) change(s)")
-            outcome.installed = actions.compactMap { if case .install(let id, _) = $0 { id } else { nil } }
+            outcome.installed = actions.compactMap { $0.installing != nil ? $0.session : nil }
         } catch {
             // One bad session must not keep the others out: apply them one by one.
             for action in actions {
                 do {
                     try nft.run(Self.script(action), operation: "apply one change")
-                    if case .install(let id, _) = action { outcome.installed.append(id) }
+                    if action.installing != nil { outcome.installed.append(action.session) }
                 } catch {
-                    if case .install(let id, _) = action { outcome.failed.append(id) }
+                    if action.installing != nil { outcome.failed.append(action.session) }
                     logger.warning("fast path refused a change", metadata: ["session.id": "\(Self.id(action))",
                                                                          "error": "\(error)"])
                 }
@@ -268,16 +268,14 @@ final class FastPathWorker: KernelPath, @unchecked Sendable {
 
     private static func script(_ action: FastPathAction) -> String {
         switch action {
-        case .install(let id, let translations): FastPathScript.install(session: id, translations)
+        // `.open` is the BPF datapath's (Settings.installAtSyn is never set for this path): an install here.
+        case .install(let id, let translations), .open(let id, let translations, _):
+            FastPathScript.install(session: id, translations)
         case .remove(let id, let translations): FastPathScript.remove(session: id, translations)
         }
     }
 
-    private static func id(_ action: FastPathAction) -> SessionTable.SessionID {
-        switch action {
-        case .install(let id, _), .remove(let id, _): id
-        }
-    }
+    private static func id(_ action: FastPathAction) -> SessionTable.SessionID { action.session }
 
     /// Reads the kernel's counters now and adds what they moved to ``kernelPackets`` (a metrics scrape).
     func sampleKernelPackets() {

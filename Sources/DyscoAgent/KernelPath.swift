@@ -27,6 +27,9 @@ protocol KernelPath: AnyObject, Sendable {
     var kernelPacketCount: UInt64 { get }
     /// Reads the kernel's counters now (a metrics scrape).
     func sampleKernelPackets()
+    /// SYN-ACKs and RSTs the kernel refused on sessions it opened with their SYN (as of the last
+    /// ``sampleKernelPackets()``; the BPF datapath's `OPENING_REFUSED`).
+    var openingRefused: UInt64 { get }
     /// Sessions whose kernel counters moved since the last call (idle expiry).
     func activeSessions() -> [SessionTable.SessionID]
 
@@ -50,6 +53,7 @@ protocol KernelPath: AnyObject, Sendable {
 }
 
 extension KernelPath {
+    var openingRefused: UInt64 { 0 }
     var eventsFD: Int32? { nil }
     func takeEvents() -> (events: [KernelEvent], lost: UInt64) { ([], 0) }
 }

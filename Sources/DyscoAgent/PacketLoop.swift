@@ -207,7 +207,9 @@ final class PacketLoop: @unchecked Sendable {
     /// The one place a verdict goes to the kernel; then the effects go to the rest of the agent.
     @inline(__always)
     private func finish(_ packet: QueuedPacket, _ outcome: PacketOutcome) throws {
-        defer { dataplane.apply(outcome.effects) }
+        // A session opened in the kernel with this SYN reaches the map before the SYN leaves.
+        let applied = dataplane.applyOpenings(outcome.effects)
+        defer { if !applied { dataplane.apply(outcome.effects) } }
         switch outcome.verdict {
         case .accept:
             try queueSocket.verdict(id: packet.id, accept: true)

@@ -23,8 +23,16 @@ extension KernelEvent {
     /// events (a full ring, docs/BPF.md): rebuilt from the entry's facts of its last packet. The sequence number
     /// is that packet's (`seq_end` less the FIN's 1) only when the last packet was the FIN or RST itself; only
     /// an ingress RST's judging reads it, and the agent's tracking of a kernel-carried session is stale anyway.
+    /// An entry that carried packets and is not `OPENING` (any more) reports `ESTABLISHED` too: a session opened
+    /// with its SYN whose report was lost would otherwise go at the SYN timeout (the processor ignores it for a
+    /// session already established).
     public static func reported(by key: BPFSessionKey, _ entry: BPFSessionEntry) -> [KernelEvent] {
         var events: [KernelEvent] = []
+        if !entry.flags.contains(.opening), entry.packets > 0 {
+            events.append(KernelEvent(kind: .established, sessionID: entry.sessionID,
+                                      hook: key.hook == .ingress ? .ingress : .egress, key: key.tuple, sequenceNumber: 0,
+                                      acknowledgmentNumber: entry.tcp.acknowledgment, flags: [.ack]))
+        }
         let last = TCPFlags(rawValue: entry.tcp.tcpFlags & 0x3f)
         let hook: HookPoint = key.hook == .ingress ? .ingress : .egress
         func event(_ kind: Kind, _ flag: TCPFlags) -> KernelEvent {

@@ -60,6 +60,8 @@ public enum AgentMetricCatalog {
     public static let synTimeouts = "dysco_sessions_syn_timeout_total"
     public static let kernelEvents = "dysco_kernel_events_total"
     public static let queuedTeardown = "dysco_queued_teardown_total"
+    public static let queuedSyns = "dysco_queued_syn_total"
+    public static let kernelOpeningRefused = "dysco_kernel_opening_refused_total"
 
     public static let families: [Family] = [
         Family(name: packets, kind: .counter,
@@ -79,6 +81,12 @@ public enum AgentMetricCatalog {
                labelNames: ["outcome"]),
         Family(name: queuedTeardown, kind: .counter,
                help: "FINs and RSTs of known sessions that came through NFQUEUE (the slow path, or marked to be observed).",
+               labelNames: []),
+        Family(name: queuedSyns, kind: .counter,
+               help: "SYNs (without ACK) that came through NFQUEUE; with the BPF datapath a short connection's only queued packets.",
+               labelNames: []),
+        Family(name: kernelOpeningRefused, kind: .counter,
+               help: "SYN-ACKs and RSTs the BPF datapath dropped on a session opening in the kernel: they did not acknowledge its SYN (forged or stale).",
                labelNames: []),
         Family(name: migrations, kind: .counter,
                help: "Migrations finished, by this agent's role (controller: where replace ran; left_anchor: where it was carried out) and result.",
@@ -170,6 +178,8 @@ public enum AgentMetricCatalog {
         public var control: [String: UInt64]
         /// Packets the kernel fast path rewrote (summed from the per-session nftables counters at each poll).
         public var fastPathPackets: UInt64
+        /// The BPF datapath's refused SYN-ACKs/RSTs on opening sessions (`dysco_stats[OPENING_REFUSED]`).
+        public var kernelOpeningRefused: UInt64 = 0
         public var bufferPackets: Int
         public var bufferBytes: Int
         public var bufferRefused: UInt64
@@ -227,6 +237,8 @@ public enum AgentMetricCatalog {
             Sample(kernelEvents, [Label("outcome", "stale")], n(c.kernelEventsStale)),
             Sample(kernelEvents, [Label("outcome", "lost")], n(c.kernelEventsLost)),
             Sample(queuedTeardown, [], n(c.queuedTeardown)),
+            Sample(queuedSyns, [], n(c.queuedSyns)),
+            Sample(kernelOpeningRefused, [], n(r.kernelOpeningRefused)),
             Sample(anchorHeld, [], n(c.anchorHeld)),
             Sample(bufferPackets, [], Double(r.bufferPackets)),
             Sample(bufferBytes, [], Double(r.bufferBytes)),

@@ -77,6 +77,20 @@ extension PacketProcessor {
             counters.kernelEventsStale &+= 1
             return (false, takeEffects())
         }
+        if event.kind == .established, table.records[translation.id]?.established == true {
+            // Already established (the other forward translation's report, or a rescan after lost events).
+            return (true, takeEffects())
+        }
+        if event.kind == .established, translation.direction == .forward {
+            // A session installed with its SYN (Settings.installAtSyn): the SYN-ACK and the ACK stayed in the
+            // kernel, which reports the first forward segment with ACK and without SYN through an opening
+            // translation. That is the handshake the slow path would have watched: the SYN-ACK came (from the right
+            // subsession, where there is one) and was answered (paper §2.1: the session is established).
+            table.update(translation.id) { record in
+                record.synAckSeen = true
+                if record.right != nil { record.rightEstablished = true }
+            }
+        }
         track(translation, segment: TrackedSegment(event), hook: event.hook, now: now)
         return (true, takeEffects())
     }

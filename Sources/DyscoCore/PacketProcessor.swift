@@ -68,6 +68,9 @@ public struct DataplaneCounters: Sendable, Codable, Equatable {
     /// FINs and RSTs of known sessions that came through NFQUEUE (slow path or observed): with the BPF datapath a
     /// kernel-carried session's FIN/RST no longer does.
     public var queuedTeardown: UInt64 = 0
+    /// Queued packets that are SYNs without ACK (of `packets`): with the BPF datapath's install at SYN
+    /// (``PacketProcessor/Settings/installAtSyn``) the only packets of a short connection the agent sees.
+    public var queuedSyns: UInt64 = 0
     /// Sessions read back from the state file at start (a restarted agent).
     public var sessionsRestored: UInt64 = 0
     /// The slow path's verdicts (``count(_:)``, by the NFQUEUE shell under the lock it already holds): accepted as
@@ -108,6 +111,31 @@ public struct DataplaneCounters: Sendable, Codable, Equatable {
 public enum FastPathAction: Sendable, Equatable {
     case install(SessionTable.SessionID, [FastPathScript.Translation])
     case remove(SessionTable.SessionID, [FastPathScript.Translation])
+    /// An install with the session's SYN (``PacketProcessor/Settings/installAtSyn``, the BPF datapath; issue 16
+    /// item 2): the translations go to the kernel marked opening, before the SYN's verdict (nothing else of a new
+    /// session waits in the queue, so it is committed at once: ``splitForFlush(_:)``), and the kernel reports the
+    /// establishment. `syn`: the SYN this host sends on, when it does (left end, middlebox).
+    case open(SessionTable.SessionID, [FastPathScript.Translation], syn: OpeningSyn?)
+
+    /// The SYN a session was opened with, as it left this host: the facts the kernel judges the answer against
+    /// (a SYN-ACK or an RST must acknowledge exactly `sequence` + 1; docs/BPF.md "Connection setup in the kernel").
+    public struct OpeningSyn: Sendable, Equatable {
+        /// The session tuple the SYN left with, before its rewrite: the key of the egress translation it took.
+        public var tuple: FiveTuple
+        public var sequence: UInt32
+        public init(tuple: FiveTuple, sequence: UInt32) {
+            self.tuple = tuple
+            self.sequence = sequence
+        }
+    }
+
+    /// The translations an install or an opening puts into the kernel (nil for a removal).
+    public var installing: [FastPathScript.Translation]? {
+        switch self {
+        case .install(_, let translations), .open(_, let translations, _): translations
+        case .remove: nil
+        }
+    }
 
     /// Drops an install that a later remove of the same session undoes within one batch (a session that
     /// closed before the kernel got it never reaches the kernel). A remove followed by an install (a hold
@@ -117,7 +145,7 @@ public enum FastPathAction: Sendable, Equatable {
         var openInstall: [SessionTable.SessionID: Int] = [:]
         for (index, action) in actions.enumerated() {
             switch action {
-            case .install(let id, _): openInstall[id] = index
+            case .install(let id, _), .open(let id, _, _): openInstall[id] = index
             case .remove(let id, _):
                 if let install = openInstall.removeValue(forKey: id) { cancelled.formUnion([install, index]) }
             }
@@ -127,17 +155,23 @@ public enum FastPathAction: Sendable, Equatable {
 
     public var session: SessionTable.SessionID {
         switch self {
-        case .install(let id, _), .remove(let id, _): id
+        case .install(let id, _), .remove(let id, _), .open(let id, _, _): id
         }
     }
 
-    /// Splits queued actions for a flush (a hold waiting): every action of a session that has a remove among
-    /// them goes now, in order (taking a session off the kernel reorders nothing, and its earlier install goes
-    /// with it, so each session's order is kept); the sessions that only go *to* the kernel wait for the packet
-    /// thread's quiet point, where the hand-over cannot reorder their packets.
+    /// Splits queued actions for a flush (a hold waiting, a session opened with its SYN): every action of a
+    /// session that has a remove or an opening among them goes now, in order (taking a session off the kernel
+    /// reorders nothing, and its earlier install goes with it, so each session's order is kept; an opening session
+    /// has no packet but its SYN, whose verdict waits for the commit); the sessions that only go *to* the kernel
+    /// wait for the packet thread's quiet point, where the hand-over cannot reorder their packets.
     public static func splitForFlush(_ actions: [FastPathAction]) -> (now: [FastPathAction], later: [FastPathAction]) {
         var removing = Set<SessionTable.SessionID>()
-        for case .remove(let id, _) in actions { removing.insert(id) }
+        for action in actions {
+            switch action {
+            case .remove(let id, _), .open(let id, _, _): removing.insert(id)
+            case .install: break
+            }
+        }
         var now: [FastPathAction] = [], later: [FastPathAction] = []
         for action in actions {
             if removing.contains(action.session) { now.append(action) } else { later.append(action) }
@@ -206,6 +240,14 @@ public struct PacketProcessor: Sendable {
         /// exchanges (connect, a request, close) finish on the slow path instead of costing two nftables
         /// transactions; a bulk transfer reaches the threshold within its first round trips.
         public var fastPathAfterPackets: UInt64 = 8
+        /// Hand a session to the kernel with its SYN (``FastPathAction/open(_:_:syn:)``, marked opening): the
+        /// SYN-ACK, the ACK, the request, the response and the close never reach the agent, whose handshake facts
+        /// then come from the kernel's `established` event (``observe(_:now:)``). Issue 16 item 2; set by the agent
+        /// for the BPF datapath only (the nftables path keeps `fastPathAfterPackets`; each of its installs costs a
+        /// transaction). A session closed by FINs then keeps its entries until its close linger ends (its last
+        /// ACK and retransmitted FINs stay in the kernel too); one an RST crossed leaves the kernel at once, as
+        /// before. Needs ``fastPath``.
+        public var installAtSyn = false
         /// A record whose handshake has not completed (SYN-only) goes this long after it was created
         /// (conntrack's SYN_SENT timeout, 120 s, is the reference).
         public var synTimeout: UInt64 = 120 * 1_000_000_000
@@ -271,6 +313,7 @@ public struct PacketProcessor: Sendable {
         let key = packet.tuple
         let flags = packet.tcp.flags
         let isInitialSyn = flags.contains(.syn) && !flags.contains(.ack)
+        if isInitialSyn { counters.queuedSyns &+= 1 }
         switch hook {
         case .ingress:
             if let translation = table.ingress[key] {
@@ -397,6 +440,8 @@ public struct PacketProcessor: Sendable {
         counters.translatedIngress &+= 1
         table.update(id) { $0.packets += 1; $0.bytes += UInt64(packet.length) }
         observeSyn(id, packet)
+        // The right end has its whole record now (a middlebox opens its right side when the SYN leaves).
+        if table.records[id]?.role == .rightEnd { openInKernel(id, syn: nil) }
         return .acceptModified(length: packet.length)
     }
 
@@ -415,6 +460,7 @@ public struct PacketProcessor: Sendable {
             }
             guard let updated = table.records[id] else { return .drop }
             counters.translatedEgress &+= 1
+            openInKernel(id, syn: .init(tuple: key, sequence: packet.tcp.sequenceNumber))
             return sendSyn(&packet, record: updated, capacity: capacity)
         }
         guard let policy = config.policy(for: key) else { return nil }
@@ -433,7 +479,22 @@ public struct PacketProcessor: Sendable {
         counters.sessionsCreated &+= 1
         pending.events.append(.sessionCreated(record))
         counters.translatedEgress &+= 1
+        openInKernel(id, syn: .init(tuple: key, sequence: packet.tcp.sequenceNumber))
         return sendSyn(&packet, record: record, capacity: capacity)
+    }
+
+    /// A new session's record is complete with its SYN: with ``Settings/installAtSyn`` its translations go to the
+    /// kernel now, marked opening (``FastPathAction/open(_:_:syn:)``; the shell commits them before the SYN's
+    /// verdict), so the rest of the connection stays in the kernel. Its handshake facts then come from the
+    /// kernel's `established` event (``observe(_:now:)``); the fresh tracking ends here, as at any install.
+    private mutating func openInKernel(_ id: SessionTable.SessionID, syn: FastPathAction.OpeningSyn?) {
+        guard settings.fastPath, settings.installAtSyn, let record = table.records[id], record.carrier == .slow,
+              !record.fastPathFailed else { return }
+        table.update(id) {
+            $0.carrier = .pending
+            $0.sequence.invalidate()
+        }
+        pending.fastPath.append(.open(id, record.fastPathTranslations, syn: syn))
     }
 
     /// Rewrites a SYN to the record's right subsession and appends the Dysco trailer (v2: the record's
@@ -480,7 +541,10 @@ public struct PacketProcessor: Sendable {
                 // A closed session, or one an RST crossed, leaves the kernel at once (its last ACKs and
                 // retransmitted FINs are few and the slow path still translates them during the linger; after an
                 // RST the agent must see the packets that prove it false): the kernel holds live sessions only.
-                if record.closeDeadline != nil || record.resetSeen, record.carrier == .pending || record.carrier == .kernel {
+                // With installAtSyn (BPF: the close stays in the kernel) a closed session's entries stay until the
+                // linger ends (``removeSession(_:reason:)``), so its last ACK never reaches the queue.
+                if record.resetSeen || (record.closeDeadline != nil && !settings.installAtSyn),
+                   record.carrier == .pending || record.carrier == .kernel {
                     record.carrier = .slow
                     uninstall = record.fastPathTranslations
                 }

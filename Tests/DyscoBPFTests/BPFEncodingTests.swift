@@ -162,5 +162,11 @@ import Testing
         #expect(KernelEvent.reported(by: key, entry).first?.flags == [.fin, .ack], "the FIN was not the last packet")
         entry.flags = [.opening]
         #expect(KernelEvent.reported(by: key, entry).isEmpty)
+        // An entry that carried packets and is no longer opening: its ESTABLISHED, which may be the lost one
+        // (issue 16 item 2: a session opened with its SYN must not go at the SYN timeout).
+        entry.packets = 3
+        #expect(KernelEvent.reported(by: key, entry).isEmpty, "still opening: nothing established")
+        entry.flags = [.finSeen]
+        #expect(KernelEvent.reported(by: key, entry).map(\.kind) == [.established, .fin])
     }
 }

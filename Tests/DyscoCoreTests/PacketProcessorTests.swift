@@ -7,11 +7,13 @@ final class ChainHarness {
 
     /// client (10.77.0.10) → fw1 (10.77.0.101) → server (10.77.0.201) for port 80, every session on the kernel fast
     /// path from its first packet (`fastPathAfterPackets` 0): the chain of the fast-path and kernel-event tests.
-    static func fastPathChain(client: IPv4Address, fw1: IPv4Address) -> ChainHarness {
+    /// `installAtSyn`: the BPF datapath's setting (sessions go to the kernel with their SYN).
+    static func fastPathChain(client: IPv4Address, fw1: IPv4Address, installAtSyn: Bool = false) -> ChainHarness {
         let policy = Policy(name: "web", match: SessionPredicate(dport: [PortRange("80")!]), chain: [fw1])
         var settings = PacketProcessor.Settings()
         settings.fastPath = true
         settings.fastPathAfterPackets = 0
+        settings.installAtSyn = installAtSyn
         let h = ChainHarness()
         h.hosts["client"] = PacketProcessor(config: AgentConfig(policies: [policy]), portRange: 10000...10999, trust: TestKeys.group, settings: settings)
         h.hosts["fw1"] = PacketProcessor(config: AgentConfig(), portRange: 20000...20999, trust: TestKeys.group, settings: settings)
