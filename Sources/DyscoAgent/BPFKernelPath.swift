@@ -328,8 +328,12 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
         heldSessions.insert(id)
     }
 
+    /// Deletes the session's entries, but not a key another session holds now: a removal from another thread (the
+    /// expiry's) can reach the map after a new session that reuses the freed subsession port wrote the same key
+    /// with its SYN (an install at SYN commits at once), and must not take that session's entry.
     private func delete(_ id: SessionTable.SessionID, _ keys: [BPFSessionKey]) {
         for key in Set(keys).union(installedKeys[id] ?? []) {
+            if let present = try? datapath.lookup(key), present.sessionID != id { continue }
             do { try datapath.delete(key) } catch {
                 logger.warning("BPF map refused a removal", metadata: ["session.id": "\(id)", "error": "\(error)"])
             }
