@@ -79,7 +79,8 @@ extension AgentDataplane {
                 let result = SessionStateFile.restore(contents, into: &state.table, now: now)
                 state.counters.sessionsRestored = UInt64(result.restored.count)
                 let carried = SessionStateFile.reconcile(result.restored, table: &state.table, inKernel: inKernel,
-                                                         fastPath: state.settings.fastPath)
+                                                         fastPath: state.settings.fastPath,
+                                                         keepClosing: state.settings.installAtSyn)
                 return (result, carried, journal.own(result.restored, table: state.table))
             }
             report.restored = result.restored.count

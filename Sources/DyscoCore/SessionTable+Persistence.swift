@@ -144,13 +144,16 @@ public enum SessionStateFile {
     /// (path `kernel`, its translations in the current rule format, returned for the rebuilt table) unless it is
     /// closing or the fast path is off or refused it; every other one stays on the slow path (the usual hand-over
     /// may take it again). Chains of sessions without a record are not returned: the rebuild drops them.
+    /// `keepClosing` (``PacketProcessor/Settings/installAtSyn``, the BPF datapath): a session closed by FINs stays in
+    /// the kernel for its linger, as it did before the restart (one an RST crossed does not).
     public static func reconcile(_ restored: [SessionTable.SessionID], table: inout SessionTable,
-                                 inKernel: Set<SessionTable.SessionID>, fastPath: Bool)
+                                 inKernel: Set<SessionTable.SessionID>, fastPath: Bool, keepClosing: Bool = false)
         -> [(SessionTable.SessionID, [FastPathScript.Translation])] {
         var carried: [(SessionTable.SessionID, [FastPathScript.Translation])] = []
         for id in restored {
             guard let record = table.records[id] else { continue }
-            if fastPath, inKernel.contains(id), record.closeDeadline == nil, !record.fastPathFailed {
+            let open = record.closeDeadline == nil || (keepClosing && !record.reset && !record.resetSeen)
+            if fastPath, inKernel.contains(id), open, !record.fastPathFailed {
                 table.update(id) { $0.carrier = .kernel }
                 carried.append((id, record.fastPathTranslations))
             } else {

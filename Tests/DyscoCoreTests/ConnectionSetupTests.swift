@@ -161,3 +161,19 @@ struct ConnectionSetupTests {
         #expect(now.established && now.carrier == .slow && h.takeFastPathActions("fw1").isEmpty)
     }
 }
+
+@Suite("Connection setup in the kernel: restart")
+struct ConnectionSetupRestartTests {
+    @Test("a restart keeps a closing session in the kernel when sessions are installed at SYN (its entries stayed for the linger); otherwise it goes to the slow path as before")
+    func closingKeptAcrossRestart() throws {
+        let session = FiveTuple(srcAddr: IPv4Address("10.77.0.10")!, srcPort: 40000, dstAddr: IPv4Address("10.77.0.201")!, dstPort: 80)
+        var table = SessionTable(portRange: 10000...10999)
+        let id = try table.insertLeftEnd(session: session, hops: [IPv4Address("10.77.0.201")!], identity: .random(), now: 1)
+        table.update(id) { $0.closeDeadline = 10 }
+        var other = table
+        #expect(SessionStateFile.reconcile([id], table: &table, inKernel: [id], fastPath: true, keepClosing: true).map(\.0) == [id])
+        #expect(table.records[id]?.carrier == .kernel)
+        #expect(SessionStateFile.reconcile([id], table: &other, inKernel: [id], fastPath: true).isEmpty)
+        #expect(other.records[id]?.carrier == .slow)
+    }
+}

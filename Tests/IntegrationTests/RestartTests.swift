@@ -292,6 +292,10 @@ import Testing
             try await MigrationLab.waitForSessions(lab, on: "fw1", count: 1)
             try await MigrationLab.waitUntilRestartSafe(lab, "fw1", count: 1, ownedKeys: false)
             try lab.killAgent("fw1", signal: SIGKILL)
+            // The download's four entries, and those of sessions closed within the linger (the BPF datapath keeps a
+            // closed session's entries until its linger ends: docs/BPF.md "Connection setup in the kernel").
+            let killed = try Self.bpfEntries(lab, "fw1", datapath)
+            let closed = killed.count / 4 - 1
             let log = LabPaths.agentLog(lab.name, host: "fw1")
             do {
                 try lab.restartAgent("fw1", extraArguments: ["--max-sessions", "1000"])
@@ -303,7 +307,7 @@ import Testing
             }
             #expect(!lab.agentIsAlive("fw1"))
             let left = try Self.bpfEntries(lab, "fw1", datapath)
-            #expect(left.count == 4, "the refused start left the map alone")
+            #expect(left.count >= 4 && Set(left.map(\.0)) == Set(killed.map(\.0)), "the refused start left the map alone")
             // A stray entry (a session without a record) makes the restart rebuild the map by difference: the stray
             // goes, the session's four entries stay with their counters.
             let stray = BPFSessionKey(FiveTuple(srcAddr: IPv4Address(10, 78, 94, 250), srcPort: 1,
@@ -317,7 +321,7 @@ import Testing
             let packetsBefore = left.reduce(0) { $0 + $1.1.packets }
             try lab.restartAgent("fw1")
             let text = try String(contentsOfFile: log, encoding: .utf8)
-            #expect(Self.logged(text, "state.kernel") == 1 && text.contains("state.table_kept=false"), "\(text)")
+            #expect(Self.logged(text, "state.kernel") == 1 + closed && text.contains("state.table_kept=false"), "\(text)")
             let after = try Self.bpfEntries(lab, "fw1", datapath)
             #expect(Set(after.map(\.0)) == Set(left.map(\.0)), "the stray is gone, the session's entries stay")
             #expect(after.reduce(0) { $0 + $1.1.packets } >= packetsBefore, "kept with their counters")
