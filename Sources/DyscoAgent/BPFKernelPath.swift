@@ -374,10 +374,12 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
             do { try datapath.writeSeen(key, count) } catch {
                 logger.warning("BPF map refused a hand-over count", metadata: ["bpf.key": "\(key)", "error": "\(error)"])
             }
-        case .forceRelease(let key):
+        case .takeOver(let key):
+            _ = try? datapath.setFlags(key, clear: [.held, .releasing])
+        case .forceRelease(let key, let seen):
             _ = try? datapath.setFlags(key, clear: [.held, .releasing])
             logger.warning("hand-over forced: the program's and the agent's counts did not meet", metadata: [
-                "bpf.key": "\(key)", "bpf.passed": "\(datapath.passed(key))",
+                "bpf.key": "\(key)", "bpf.passed": "\(datapath.passed(key))", "bpf.seen": "\(seen)",
                 "bpf.handover_forced": "\(handOver.forcedReleases)",
             ])
         }
@@ -411,7 +413,7 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
             lastReleaseCheck = now
             for key in handOver.releasing {
                 let held = ((try? datapath.lookup(key)) ?? nil)?.flags.contains(.held) ?? false
-                perform(handOver.observed(key, held: held, now: now))
+                perform(handOver.observed(key, held: held, passed: held ? datapath.passed(key) : 0, now: now))
             }
             publishHandOver()
         }

@@ -15,8 +15,11 @@ public struct BPFHandOver: Sendable {
         case clearCounts(BPFSessionKey)
         /// Write the agent's count to `dysco_seen` (only after the verdicts it counts went out).
         case writeSeen(BPFSessionKey, UInt64)
-        /// Clear `HELD`/`RELEASING` from user space (the counts did not meet within the bound).
-        case forceRelease(BPFSessionKey)
+        /// Clear `HELD`/`RELEASING` from user space: the counts are equal but no packet came to let the program take
+        /// over (an idle direction). Safe: with equal counts the program queues nothing, it would take over itself.
+        case takeOver(BPFSessionKey)
+        /// Clear `HELD`/`RELEASING` from user space (the counts did not meet within the bound; the agent's count).
+        case forceRelease(BPFSessionKey, seen: UInt64)
     }
 
     struct Track: Equatable {
@@ -36,7 +39,7 @@ public struct BPFHandOver: Sendable {
     public var isEmpty: Bool { tracks.isEmpty }
     public func isTracked(_ key: BPFSessionKey) -> Bool { tracks[key] != nil }
     public func seen(_ key: BPFSessionKey) -> UInt64? { tracks[key]?.seen }
-    /// The translations released but not yet known to be taken over by the program (to be ``observed(_:held:now:)``).
+    /// The translations released but not yet known to be taken over (to be ``observed(_:held:passed:now:)``).
     public var releasing: [BPFSessionKey] { tracks.compactMap { $0.value.releasingSince == nil ? nil : $0.key } }
 
     /// A hold of `key`: counting starts from zero (the returned write goes before `HELD` is set). A key held again
@@ -63,19 +66,20 @@ public struct BPFHandOver: Sendable {
         return .writeSeen(key, track.seen)
     }
 
-    /// The entry's flags read back after a release: no longer held means the program took it over; still held past
-    /// the bound, the agent forces it.
-    public mutating func observed(_ key: BPFSessionKey, held: Bool, now: UInt64) -> [Action] {
+    /// The entry's flags and the program's count read back after a release: no longer held means the program took
+    /// it over; still held with the counts equal (no packet came since), the agent takes it over; still held past
+    /// the bound with the counts apart, the agent forces it.
+    public mutating func observed(_ key: BPFSessionKey, held: Bool, passed: UInt64, now: UInt64) -> [Action] {
         guard let track = tracks[key], let since = track.releasingSince else { return [] }
-        if !held {
+        if !held || passed == track.seen {
             tracks[key] = nil
             releasedInOrder += 1
-            return [.clearCounts(key)]
+            return held ? [.takeOver(key), .clearCounts(key)] : [.clearCounts(key)]
         }
         guard now &- since >= Self.releaseBoundNanoseconds else { return [] }
         tracks[key] = nil
         forcedReleases += 1
-        return [.forceRelease(key), .clearCounts(key)]
+        return [.forceRelease(key, seen: track.seen), .clearCounts(key)]
     }
 
     /// The key's entry is gone (session removed, or a key the migration replaced): counting stops.

@@ -66,8 +66,9 @@ import Testing
         let stats = (try? bpfStatistics(lab, host, datapath)) ?? [:]
         let log = (try? String(contentsOfFile: LabPaths.agentLog(lab.name, host: host), encoding: .utf8)) ?? ""
         let forced = log.components(separatedBy: "hand-over forced").count - 1
+        let sample = log.split(separator: "\n").filter { $0.contains("hand-over forced") }.prefix(3)
         return "\(host): rewritten \(stats[Int(DYSCO_STAT_REWRITTEN)] ?? 0), held \(stats[Int(DYSCO_STAT_HELD)] ?? 0), released in order \(stats[Int(DYSCO_STAT_RELEASED_IN_ORDER)] ?? 0), held packets queued " +
-            "\(stats[Int(DYSCO_STAT_HELD_PASSED)] ?? 0), forced \(forced)"
+            "\(stats[Int(DYSCO_STAT_HELD_PASSED)] ?? 0), forced \(forced)" + (sample.isEmpty ? "" : " \(sample)")
     }
 
     /// `host`'s `dysco_sessions` entries (BPF; the agent pins under the lab's bpffs, queue 7).
