@@ -10,8 +10,9 @@ import Synchronization
 /// the namespace but `lo`, one `dysco_sessions` entry per translation. An install writes a session's entries (one
 /// batch); a removal deletes them, unless it is a migration's hold (the session's carrier is `held` when the removal
 /// is committed): then the entries get the `HELD` flag (the programs pass the packets untouched, to the NFQUEUE
-/// rules) and keep their counters and TCP facts; the release's install clears it (and deletes the keys a migration
-/// changed). Entries of held sessions that are gone are deleted by the counter poll. Installs wait for the packet thread's quiet point like the nftables path's (a session must
+/// rules) and keep their counters and TCP facts; the release's install hands them back by the hand-over rule
+/// (``BPFHandOver``: `HELD|RELEASING` with the agent's count of verdicted packets; the program takes over when its
+/// count of queued packets meets it) and deletes the keys a migration changed. Entries of held sessions that are gone are deleted by the counter poll. Installs wait for the packet thread's quiet point like the nftables path's (a session must
 /// not reach the kernel while its packets wait in NFQUEUE); map writes take microseconds, so the commit is cheap.
 ///
 /// Marks: the ingress program ORs ``FastPathScript/ingressMark`` into what it rewrote (the raw-PREROUTING queue rule
