@@ -27,7 +27,7 @@ import Testing
         try await drainHundred(name: "dr1", subnet: "10.79.41.0/24")
     }
 
-    @Test("(a) the same over --datapath bpf, strictly zero retransmissions caused by the drain (lab hob2, 10.78.112.0/24)")
+    @Test("(a) the same over --datapath bpf: no reordering by the hand-over — no retransmission but tail-loss probes, no receiver reordering, window minus the same-length stretch before it ≤ 0 (lab hob2, 10.78.112.0/24)")
     func drainHundredBPF() async throws {
         let datapath = FastPathIntegrationTests.Datapath(kind: .bpf, lab: "hob2", subnet: "10.78.112.0/24")
         try await datapath.withPins {

@@ -199,7 +199,8 @@ enum MigrationLab {
         /// probes are a stall's (a sender whose ACKs come late while a migration holds its session), recorded apart.
         static func reordering(_ c: LossCounters) -> (retransmitted: Int64, signs: Int64) {
             let signs = c.detail.filter { $0.key.hasSuffix(".TcpExtTCPOFOQueue") || $0.key.hasSuffix(".TcpExtTCPSACKReorder") }
-            return (Int64(c.retransmitted) - Int64(c.lossProbes), Int64(signs.values.reduce(0, +)))
+            // A probe may send new data (not a retransmission): never below zero.
+            return (max(0, Int64(c.retransmitted) - Int64(c.lossProbes)), Int64(signs.values.reduce(0, +)))
         }
 
         var samples: [(at: ContinuousClock.Instant, counters: LossCounters)] = []

@@ -107,7 +107,7 @@ import Testing
         try await liveReplacement(name: "rp1", subnet: "10.78.61.0/24", agentArguments: [])
     }
 
-    @Test("(a) the same over --datapath bpf, strictly zero retransmissions caused by the migration (lab rpb1, 10.78.69.0/24, bpffs /run/dysco-rpb1-pins)")
+    @Test("(a) the same over --datapath bpf: no reordering by the hand-over — no retransmission but tail-loss probes, no receiver reordering, window minus the same-length stretch before it ≤ 0 (lab rpb1, 10.78.69.0/24, bpffs /run/dysco-rpb1-pins)")
     func replaceLiveSessionsBPF() async throws {
         let datapath = FastPathIntegrationTests.Datapath(kind: .bpf, lab: "rpb1", subnet: "10.78.69.0/24")
         try await datapath.withPins {
