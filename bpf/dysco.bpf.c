@@ -38,6 +38,29 @@ struct {
     __uint(pinning, LIBBPF_PIN_BY_NAME);
 } dysco_sessions SEC(".maps");
 
+/* Hand-over counts (docs/BPF.md "Hand-over without reordering"), keyed like dysco_sessions, only for held
+ * translations. dysco_passed: packets the program passed to the queue while the translation was HELD (the
+ * program's atomic adds; the agent zeroes it when it sets HELD). dysco_seen: packets of the translation the agent
+ * verdicted since (the agent's; written after the verdicts went out). Two maps, so that neither side's whole-value
+ * update clobbers the other's count. */
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, DYSCO_MAX_ENTRIES_DEFAULT);
+    __type(key, struct dysco_key);
+    __type(value, __u64);
+    __uint(map_flags, BPF_F_NO_PREALLOC);
+    __uint(pinning, LIBBPF_PIN_BY_NAME);
+} dysco_passed SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, DYSCO_MAX_ENTRIES_DEFAULT);
+    __type(key, struct dysco_key);
+    __type(value, __u64);
+    __uint(map_flags, BPF_F_NO_PREALLOC);
+    __uint(pinning, LIBBPF_PIN_BY_NAME);
+} dysco_seen SEC(".maps");
+
 /* Events to the agent (FIN, RST, established). */
 struct {
     __uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -222,15 +245,48 @@ static __always_inline int rewrite(struct __sk_buff *skb, const struct parsed *p
     return 0;
 }
 
-/* The translation of a packet at a hook, if it should be rewritten now; NULL to pass it untouched. */
-static __always_inline struct dysco_value *translation(struct parsed *p)
+/* A held translation's packet (the hand-over rule): 1 if the translation is (now) the kernel's, 0 if the packet
+ * goes to the queue. Releasing and every packet passed while held verdicted by the agent (passed == seen): the
+ * program takes the translation over (clears HELD|RELEASING) and carries this packet. Otherwise the packet is
+ * counted in dysco_passed and passed to the stack (the queue rules), behind the earlier ones. Called where the
+ * packet's queueing is decided: dysco_ingress (before raw PREROUTING) and dysco_egress_carried (the egress queue
+ * rules' filter, before tc egress). */
+static __always_inline int held_take_over(struct dysco_value *v, const struct dysco_key *key)
+{
+    if (v->flags & DYSCO_F_RELEASING) {
+        __u64 *seen = bpf_map_lookup_elem(&dysco_seen, key);
+        __u64 *passed = bpf_map_lookup_elem(&dysco_passed, key);
+        __u64 s = seen ? *seen : 0, n = passed ? *passed : 0;
+        if (s == n) {
+            __u32 old = __sync_fetch_and_and(&v->flags, ~(DYSCO_F_HELD | DYSCO_F_RELEASING));
+            if (old & DYSCO_F_HELD)
+                stat_inc(DYSCO_STAT_RELEASED_IN_ORDER);
+            return 1;
+        }
+    }
+    __u64 *passed = bpf_map_lookup_elem(&dysco_passed, key);
+    if (passed) {
+        __sync_fetch_and_add(passed, 1);
+    } else {
+        __u64 one = 1;
+        bpf_map_update_elem(&dysco_passed, key, &one, BPF_NOEXIST);
+    }
+    stat_inc(DYSCO_STAT_HELD_PASSED);
+    return 0;
+}
+
+/* The translation of a packet at a hook, if it should be rewritten now; NULL to pass it untouched. `decides`:
+ * this hook decides whether a held translation's packet is queued (ingress; at egress the socket filter did). */
+static __always_inline struct dysco_value *translation(struct parsed *p, int decides)
 {
     struct dysco_value *v = bpf_map_lookup_elem(&dysco_sessions, &p->key);
     if (!v)
         return 0;
     if (v->flags & DYSCO_F_HELD) {
-        stat_inc(DYSCO_STAT_HELD);
-        return 0;
+        if (!decides || !held_take_over(v, &p->key)) {
+            stat_inc(DYSCO_STAT_HELD);
+            return 0;
+        }
     }
     if ((p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN && !(v->flags & DYSCO_F_REWRITE_SYN)) {
         stat_inc(DYSCO_STAT_SYN_PASSED);
@@ -274,7 +330,7 @@ int dysco_ingress(struct __sk_buff *skb)
     struct parsed p;
     if (!parse(skb, DYSCO_HOOK_INGRESS, &p))
         return TC_ACT_OK;
-    struct dysco_value *v = translation(&p);
+    struct dysco_value *v = translation(&p, 1);
     if (!v)
         return TC_ACT_OK;
     if ((v->flags & DYSCO_F_OPENING) && (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_RST)) && !opening_acceptable(v, &p)) {
@@ -304,7 +360,7 @@ int dysco_egress(struct __sk_buff *skb)
     struct parsed p;
     if (!parse(skb, DYSCO_HOOK_EGRESS, &p))
         return TC_ACT_OK;
-    struct dysco_value *v = translation(&p);
+    struct dysco_value *v = translation(&p, 0);
     if (!v)
         return TC_ACT_OK;
     account(v, &p);
@@ -365,7 +421,8 @@ int dysco_egress(struct __sk_buff *skb)
  * beforehand whether dysco_egress will rewrite the packet: 1 (the rule skips the queue) for a translation that is
  * not held, unless the packet is a SYN without ACK (dysco_egress passes it, without DYSCO_F_REWRITE_SYN); 0
  * otherwise (queued). FIN and RST are rewritten too: dysco_egress reports them through dysco_events, which the
- * agent reads for its teardown bookkeeping. */
+ * agent reads for its teardown bookkeeping. A held translation's hand-over is decided here (held_take_over): the
+ * egress queue rules run before tc egress. */
 SEC("socket")
 int dysco_egress_carried(struct __sk_buff *skb)
 {
@@ -386,7 +443,11 @@ int dysco_egress_carried(struct __sk_buff *skb)
     key.hook = DYSCO_HOOK_EGRESS;
     __u8 flags = tcp[13];
     struct dysco_value *v = bpf_map_lookup_elem(&dysco_sessions, &key);
-    if (!v || (v->flags & DYSCO_F_HELD))
+    if (!v)
+        return 0;
+    /* Held: queued (and counted), unless the hand-over completes with this packet (then dysco_egress, which runs
+       after these rules, finds the translation no longer held). */
+    if ((v->flags & DYSCO_F_HELD) && !held_take_over(v, &key))
         return 0;
     if ((flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN && !(v->flags & DYSCO_F_REWRITE_SYN))
         return 0;

@@ -24,6 +24,12 @@
 #define DYSCO_F_RST_SEEN (1u << 3)
 /* Rewrite SYNs too (without it a SYN without ACK passes untouched, to the agent: trailer, handshake). */
 #define DYSCO_F_REWRITE_SYN (1u << 4)
+/* Releasing (with HELD): the agent gave the translation back to the kernel, which takes it over only once every
+   packet it passed to the queue while held has been verdicted by the agent: dysco_passed[key] (the program's
+   count) equals dysco_seen[key] (the agent's). Then the program clears HELD|RELEASING (atomically) and carries
+   the packet; until then it keeps passing (and counting) the translation's packets to the queue, in order.
+   docs/BPF.md "Hand-over without reordering". */
+#define DYSCO_F_RELEASING (1u << 5)
 /* The flags the program itself sets; user space owns the others. */
 #define DYSCO_F_PROGRAM_OWNED (DYSCO_F_FIN_SEEN | DYSCO_F_RST_SEEN)
 
@@ -93,7 +99,9 @@ struct dysco_event {
 #define DYSCO_STAT_EVENT_LOST 6  /* events the ring buffer had no room for */
 #define DYSCO_STAT_OPENING_REFUSED 7 /* ingress SYN-ACKs and RSTs on an OPENING translation that the opposite
                                         direction's facts refute (RFC 793 SYN-SENT acceptability): dropped */
-#define DYSCO_STAT_COUNT 8
+#define DYSCO_STAT_RELEASED_IN_ORDER 8 /* HELD|RELEASING translations the program took over (passed == seen) */
+#define DYSCO_STAT_HELD_PASSED 9 /* packets of held translations passed to the queue and counted in dysco_passed */
+#define DYSCO_STAT_COUNT 16
 
 /* Configuration (array map dysco_config, one element, index 0). */
 struct dysco_config {

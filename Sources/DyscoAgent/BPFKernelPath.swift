@@ -10,8 +10,9 @@ import Synchronization
 /// the namespace but `lo`, one `dysco_sessions` entry per translation. An install writes a session's entries (one
 /// batch); a removal deletes them, unless it is a migration's hold (the session's carrier is `held` when the removal
 /// is committed): then the entries get the `HELD` flag (the programs pass the packets untouched, to the NFQUEUE
-/// rules) and keep their counters and TCP facts; the release's install clears it (and deletes the keys a migration
-/// changed). Entries of held sessions that are gone are deleted by the counter poll. Installs wait for the packet thread's quiet point like the nftables path's (a session must
+/// rules) and keep their counters and TCP facts; the release's install hands them back by the hand-over rule
+/// (``BPFHandOver``: `HELD|RELEASING` with the agent's count of verdicted packets; the program takes over when its
+/// count of queued packets meets it) and deletes the keys a migration changed. Entries of held sessions that are gone are deleted by the counter poll. Installs wait for the packet thread's quiet point like the nftables path's (a session must
 /// not reach the kernel while its packets wait in NFQUEUE); map writes take microseconds, so the commit is cheap.
 ///
 /// Marks: the ingress program ORs ``FastPathScript/ingressMark`` into what it rewrote (the raw-PREROUTING queue rule
@@ -49,6 +50,14 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
     /// The keys each session has in the map, and the sessions whose entries are `HELD` (under `lock`).
     private var installedKeys: [SessionTable.SessionID: [BPFSessionKey]] = [:]
     private var heldSessions = Set<SessionTable.SessionID>()
+    /// The hand-over rule's agent side (under `lock`): counts of verdicted packets of held translations, releases
+    /// waiting for the program to take over (docs/BPF.md, "Hand-over without reordering").
+    private var handOver = BPFHandOver()
+    /// `!handOver.isEmpty` and `handOver.releasing.count`, for the packet thread's checks without the lock.
+    private let handingOver = Atomic<Bool>(false)
+    private let releasingCount = Atomic<Int>(0)
+    /// When the packet thread last read the releasing entries' flags (under `lock`).
+    private var lastReleaseCheck: UInt64 = 0
     private let nudge: (@Sendable () -> Void)?
     /// Guards `datapath` (libbpf objects have one user at a time) and the counter baselines.
     private let lock = NSLock()
@@ -207,6 +216,7 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
     }
 
     func commitIfDue(queueEmpty: Bool, now: UInt64) {
+        if releasingCount.load(ordering: .relaxed) > 0 { checkReleases(now: now) }
         let due = pending.withLock { p in
             let wait = queueEmpty ? FastPathWorker.batchDelayNanoseconds : FastPathWorker.maxDelayNanoseconds
             return !p.actions.isEmpty && now &- p.since >= wait
@@ -215,11 +225,14 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
     }
 
     func pollTimeout(now: UInt64) -> Int32 {
-        pending.withLock { p in
+        let commit = pending.withLock { p -> Int32 in
             guard !p.actions.isEmpty else { return -1 }
             let due = p.since &+ FastPathWorker.batchDelayNanoseconds
             return due <= now ? 0 : Int32((due - now + 999_999) / 1_000_000)
         }
+        // A release waiting for the program: the packet thread looks again within `releaseCheckMilliseconds`.
+        guard releasingCount.load(ordering: .relaxed) > 0 else { return commit }
+        return commit < 0 ? Self.releaseCheckMilliseconds : min(commit, Self.releaseCheckMilliseconds)
     }
 
     func flush() { commit { FastPathAction.splitForFlush($0) } }
@@ -296,18 +309,33 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
         }
     }
 
-    /// A release's (or a first) install: keys the session had and no longer has go; a held key with the same
-    /// target keeps its counters and facts and loses `HELD`; anything else is written anew.
+    /// A release's (or a first) install: keys the session had and no longer has go; a held key is released by the
+    /// hand-over rule: the agent's count of its verdicted packets goes to `dysco_seen`, then the entry (the present
+    /// one with its counters and facts when the target is unchanged, else the new one) is written `HELD|RELEASING`,
+    /// and the program takes it over once its own count of packets it queued meets the agent's. Anything else is
+    /// written anew, unheld: a key the session did not have (a migration's new subsession) relies on the quiet
+    /// point (docs/BPF.md, "Hand-over without reordering").
     private func install(_ id: SessionTable.SessionID, _ entries: [(key: BPFSessionKey, entry: BPFSessionEntry)]) throws {
         let keys = entries.map(\.key)
         if let old = installedKeys[id] {
-            for key in old where !keys.contains(key) { _ = try datapath.delete(key) }
+            for key in old where !keys.contains(key) {
+                _ = try datapath.delete(key)
+                perform(handOver.drop(key))
+            }
         }
         var fresh: [(BPFSessionKey, BPFSessionEntry)] = []
+        let now = dysco_monotonic_ns()
         for (key, entry) in entries {
-            if heldSessions.contains(id), var present = try datapath.lookup(key), present.target == entry.target {
-                present.flags.subtract(.held)
-                try datapath.write(key, present, mode: .replace)
+            if heldSessions.contains(id), let seen = handOver.release(key, now: now) {
+                perform(seen)
+                if var present = try datapath.lookup(key), present.target == entry.target {
+                    present.flags.formUnion([.held, .releasing])
+                    try datapath.write(key, present, mode: .replace)
+                } else {
+                    var releasing = entry
+                    releasing.flags.formUnion([.held, .releasing])
+                    try datapath.write(key, releasing)
+                }
             } else {
                 fresh.append((key, entry))
             }
@@ -315,17 +343,24 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
         try datapath.writeBatch(fresh)
         installedKeys[id] = keys
         heldSessions.remove(id)
+        publishHandOver()
     }
 
     /// A migration's hold: `HELD` on each of the session's entries (one lookup and one update each; counter adds
-    /// between the two are lost, docs/BPF.md).
+    /// between the two are lost, docs/BPF.md), after the hand-over counts of each are zeroed.
     private func hold(_ id: SessionTable.SessionID, _ keys: [BPFSessionKey]) {
         for key in keys {
-            do { try datapath.setFlags(key, set: .held) } catch where error.errno == ENOENT {} catch {
+            perform(handOver.hold(key))
+            publishHandOver()
+            do { try datapath.setFlags(key, set: .held) } catch where error.errno == ENOENT {
+                perform(handOver.drop(key))
+            } catch {
+                perform(handOver.drop(key))
                 logger.warning("BPF map refused a hold", metadata: ["session.id": "\(id)", "error": "\(error)"])
             }
         }
         heldSessions.insert(id)
+        publishHandOver()
     }
 
     /// Deletes the session's entries, but not a key another session holds now: a removal from another thread (the
@@ -337,9 +372,76 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
             do { try datapath.delete(key) } catch {
                 logger.warning("BPF map refused a removal", metadata: ["session.id": "\(id)", "error": "\(error)"])
             }
+            perform(handOver.drop(key))
         }
         installedKeys[id] = nil
         heldSessions.remove(id)
+        publishHandOver()
+    }
+
+    // MARK: - Hand-over (docs/BPF.md, "Hand-over without reordering")
+
+    /// How often (at most) the packet thread reads the flags of releasing entries, and the longest it sleeps while
+    /// one is releasing.
+    static let releaseCheckMilliseconds: Int32 = 2
+
+    /// Performs the hand-over's map writes (under `lock`).
+    private func perform(_ actions: [BPFHandOver.Action]) {
+        for action in actions { perform(action) }
+    }
+
+    private func perform(_ action: BPFHandOver.Action?) {
+        guard let action else { return }
+        switch action {
+        case .clearCounts(let key):
+            datapath.clearHandOverCounts(key)
+        case .writeSeen(let key, let count):
+            do { try datapath.writeSeen(key, count) } catch {
+                logger.warning("BPF map refused a hand-over count", metadata: ["bpf.key": "\(key)", "error": "\(error)"])
+            }
+        case .takeOver(let key):
+            _ = try? datapath.setFlags(key, clear: [.held, .releasing])
+        case .forceRelease(let key, let seen):
+            _ = try? datapath.setFlags(key, clear: [.held, .releasing])
+            logger.warning("hand-over forced: the program's and the agent's counts did not meet", metadata: [
+                "bpf.key": "\(key)", "bpf.passed": "\(datapath.passed(key))", "bpf.seen": "\(seen)",
+                "bpf.handover_forced": "\(handOver.forcedReleases)",
+            ])
+        }
+    }
+
+    /// Copies the hand-over's state to the atomics the packet thread reads without the lock (under `lock`).
+    private func publishHandOver() {
+        handingOver.store(!handOver.isEmpty, ordering: .releasing)
+        releasingCount.store(handOver.releasing.count, ordering: .relaxed)
+    }
+
+    /// The key a queued packet counts under, if any translation is being handed over (one atomic load otherwise).
+    /// From the packet's bytes as queued (before the processor translates them): the tuple the program looked up.
+    func handOverKey(_ base: UnsafeMutableRawPointer, count: Int, hook: HookPoint) -> BPFSessionKey? {
+        guard handingOver.load(ordering: .acquiring),
+              case .success(let packet) = IPv4TCPPacket.parse(base, count: count) else { return nil }
+        return BPFSessionKey(packet.tuple, hook: hook == .ingress ? .ingress : .egress)
+    }
+
+    /// The packet thread, after the verdict of a packet of `key` went out: counted; while the translation is
+    /// releasing, the count goes to the map at once (the program may take over now).
+    func verdicted(_ key: BPFSessionKey) {
+        lock.withLock { perform(handOver.verdicted(key)) }
+    }
+
+    /// The packet thread (at most every `releaseCheckMilliseconds`): which releasing entries the program took over,
+    /// and which waited past ``BPFHandOver/releaseBoundNanoseconds`` (forced).
+    private func checkReleases(now: UInt64) {
+        lock.withLock {
+            guard now &- lastReleaseCheck >= UInt64(Self.releaseCheckMilliseconds) * 1_000_000 else { return }
+            lastReleaseCheck = now
+            for key in handOver.releasing {
+                let held = ((try? datapath.lookup(key)) ?? nil)?.flags.contains(.held) ?? false
+                perform(handOver.observed(key, held: held, passed: held ? datapath.passed(key) : 0, now: now))
+            }
+            publishHandOver()
+        }
     }
 
     /// Deletes the entries of held sessions the processor no longer holds without having released them (gone:
@@ -442,6 +544,8 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
             guard let listed else { return }
             installedKeys = listed.keysBySession
             heldSessions = []
+            handOver.reset()
+            publishHandOver()
             adoptCounters(listed)
         }
     }
@@ -452,6 +556,8 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
             try datapath.deleteBatch(keys)
             installedKeys = [:]
             heldSessions = []
+            handOver.reset()
+            publishHandOver()
         }
     }
 
@@ -468,6 +574,8 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
                 installedKeys[id] = translations.map { BPFSessionKey.entry($0, sessionID: id).key }
             }
             heldSessions = []
+            handOver.reset()
+            publishHandOver()
             adoptCounters(BPFSessionListing(try datapath.entries()))
             logger.debug("BPF session map rebuilt", metadata: [
                 "bpf.sessions": "\(sessions.count)", "bpf.deleted": "\(plan.delete.count)",

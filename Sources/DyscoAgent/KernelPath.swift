@@ -10,6 +10,8 @@ import DyscoCore
 ///
 /// Ordering rule, both: installs are committed by the packet thread at a quiet point (``commitIfDue(queueEmpty:now:)``:
 /// no packet of a session going to the kernel still waits in NFQUEUE); a hold's removals at once (``flush()``).
+/// The BPF path adds the hand-over rule for held translations: the program takes one back only when every packet
+/// it queued while held has been verdicted (``handOverKey(_:count:hook:)``, ``verdicted(_:)``).
 protocol KernelPath: AnyObject, Sendable {
     /// Queues actions (and, for the nftables path, owned-key changes) for the next commit.
     func submit(_ actions: [FastPathAction], ownership: (add: KernelOwnership.Keys, remove: KernelOwnership.Keys)?)
@@ -41,6 +43,14 @@ protocol KernelPath: AnyObject, Sendable {
     /// them, and how many reports the kernel had to drop since the last call (a full ring).
     func takeEvents() -> (events: [KernelEvent], lost: UInt64)
 
+    // Hand-over without reordering (the BPF datapath; docs/BPF.md). The packet thread reports each verdict of a
+    // packet whose translation is being handed over between the queue and the kernel.
+    /// The key a queued packet (its bytes as queued, before the processor) counts under; nil when no translation
+    /// is being handed over (the common case: no parsing).
+    func handOverKey(_ base: UnsafeMutableRawPointer, count: Int, hook: HookPoint) -> BPFSessionKey?
+    /// The verdict of a packet of `key` went out (sent to the kernel: a reinjected packet has traversed the stack).
+    func verdicted(_ key: BPFSessionKey)
+
     // Restart (docs/ARCHITECTURE.md, "Agent crash and restart").
     /// What the kernel holds of a predecessor's fast path; nil: nothing (the state file is then stale).
     func listing() -> (any KernelListing)?
@@ -56,6 +66,8 @@ extension KernelPath {
     var openingRefused: UInt64 { 0 }
     var eventsFD: Int32? { nil }
     func takeEvents() -> (events: [KernelEvent], lost: UInt64) { ([], 0) }
+    func handOverKey(_ base: UnsafeMutableRawPointer, count: Int, hook: HookPoint) -> BPFSessionKey? { nil }
+    func verdicted(_ key: BPFSessionKey) {}
 }
 
 /// What a restarted agent reads of its predecessor's kernel state: the sessions it carries and whether it carries

@@ -193,20 +193,26 @@ final class PacketLoop: @unchecked Sendable {
 
     /// A packet through the processor, then its verdict and effects. The state file gets its changes (a new
     /// session, a FIN) at the end of the turn (``AgentDataplane/persistTurn()``).
+    /// A packet of a translation being handed over to the kernel (BPF) is reported once its verdict went out
+    /// (an anchor's held packet when it is released): the key is read from the bytes as queued, before the
+    /// processor rewrites them.
     @inline(__always)
     private func handle(_ packet: QueuedPacket, now: UInt64) throws {
+        let handOverKey = dataplane.fastPath?.handOverKey(packet.base, count: packet.count, hook: packet.hook)
         let outcome = dataplane.processor.withLock { state in
             let outcome = state.process(packet.base, count: packet.count, capacity: packet.capacity, hook: packet.hook,
                                         checksum: packet.checksum, now: now)
             state.counters.count(outcome.verdict)
             return outcome
         }
-        try finish(packet, outcome)
+        let sent = try finish(packet, outcome)
+        if sent, let handOverKey { dataplane.fastPath?.verdicted(handOverKey) }
     }
 
-    /// The one place a verdict goes to the kernel; then the effects go to the rest of the agent.
-    @inline(__always)
-    private func finish(_ packet: QueuedPacket, _ outcome: PacketOutcome) throws {
+    /// The one place a verdict goes to the kernel; then the effects go to the rest of the agent. False when no
+    /// verdict went out for this packet here (an anchor keeps it, or a full buffer's retry gave it).
+    @inline(__always) @discardableResult
+    private func finish(_ packet: QueuedPacket, _ outcome: PacketOutcome) throws -> Bool {
         // A session opened in the kernel with this SYN reaches the map before the SYN leaves.
         let applied = dataplane.applyOpenings(outcome.effects)
         defer { if !applied { dataplane.apply(outcome.effects) } }
@@ -221,14 +227,14 @@ final class PacketLoop: @unchecked Sendable {
             // A released packet is not held twice (its session no longer buffers); a full buffer's packet neither.
             guard packet.mayHold else {
                 try queueSocket.verdict(id: packet.id, accept: true)
-                return
+                return true
             }
             // A migrating session's new data: keep the kernel's packet (no verdict) and a copy of its bytes.
             let held = HeldPacket(id: packet.id, bytes: [UInt8](UnsafeRawBufferPointer(start: packet.base, count: packet.count)),
                                   hook: packet.hook, checksum: packet.checksum)
             let appended = buffer.append(held, size: packet.count, session: chainID)
             publishBufferOccupancy()
-            guard !appended else { return }
+            guard !appended else { return false }
             // Full (documented bound): this packet and the rest go on the old path; the reconfiguration is
             // cancelled, which releases the buffer there too.
             var again = packet
@@ -236,7 +242,9 @@ final class PacketLoop: @unchecked Sendable {
             dataplane.processor.withLock { $0.anchorStopHolding(chainID: chainID) }
             try handle(again, now: dysco_monotonic_coarse_ns())
             dataplane.bufferFull(chainID)
+            return false
         }
+        return true
     }
 
     /// The anchor buffer's occupancy for the metrics (the buffer is the packet thread's; readers get these copies).

@@ -26,6 +26,9 @@ public final class BPFDatapath {
     private let statsFD: Int32
     private let configFD: Int32
     private let eventsFD: Int32
+    /// The hand-over counts (`dysco_passed`: the program's; `dysco_seen`: the agent's), keyed like the sessions.
+    private let passedFD: Int32
+    private let seenFD: Int32
     private let ringBuffer: OpaquePointer
     private let sink = EventSink()
     /// Possible CPUs (per-CPU map values have one slot each).
@@ -46,11 +49,13 @@ public final class BPFDatapath {
             dysco_bpf_open(objectPath, pinDirectory)
         }
         do {
-            if let maxEntries {
-                let map = try sysCall("bpf_object__find_map_by_name(dysco_sessions)") {
-                    bpf_object__find_map_by_name(object, "dysco_sessions")
+            // The hand-over counts hold at most one entry per translation: sized with the sessions.
+            for name in ["dysco_sessions", "dysco_passed", "dysco_seen"] {
+                guard let maxEntries else { break }
+                let map = try sysCall("bpf_object__find_map_by_name(\(name))") {
+                    bpf_object__find_map_by_name(object, name)
                 }
-                try sysCall("bpf_map__set_max_entries(dysco_sessions, \(maxEntries))") {
+                try sysCall("bpf_map__set_max_entries(\(name), \(maxEntries))") {
                     bpf_map__set_max_entries(map, maxEntries)
                 }
             }
@@ -78,6 +83,8 @@ public final class BPFDatapath {
             statsFD = try mapFD("dysco_stats")
             configFD = try mapFD("dysco_config")
             eventsFD = try mapFD("dysco_events")
+            passedFD = try mapFD("dysco_passed")
+            seenFD = try mapFD("dysco_seen")
             cpus = Int(try sysCall("libbpf_num_possible_cpus") { libbpf_num_possible_cpus() })
             let context = Unmanaged.passUnretained(sink).toOpaque()
             ringBuffer = try sysCall("ring_buffer__new(dysco_events)") { [eventsFD] in
@@ -273,6 +280,29 @@ public final class BPFDatapath {
         return entry
     }
 
+    // MARK: - Hand-over counts (docs/BPF.md "Hand-over without reordering")
+
+    /// Writes the agent's count of `key`'s verdicted packets (`dysco_seen`).
+    public func writeSeen(_ key: BPFSessionKey, _ count: UInt64) throws(SystemCallError) {
+        var rawKey = key.raw, value = count
+        try sysCall("bpf_map_update_elem(dysco_seen, \(key))") {
+            bpf_map_update_elem(seenFD, &rawKey, &value, dysco_bpf_any())
+        }
+    }
+
+    /// Deletes both counts of `key` (absent counts read as 0).
+    public func clearHandOverCounts(_ key: BPFSessionKey) {
+        var rawKey = key.raw
+        _ = bpf_map_delete_elem(passedFD, &rawKey)
+        _ = bpf_map_delete_elem(seenFD, &rawKey)
+    }
+
+    /// The program's count of `key`'s packets passed to the queue while held (0 if absent).
+    public func passed(_ key: BPFSessionKey) -> UInt64 {
+        var rawKey = key.raw, value: UInt64 = 0
+        return bpf_map_lookup_elem(passedFD, &rawKey, &value) == 0 ? value : 0
+    }
+
     /// Every translation in the map (a walk with `bpf_map_get_next_key`: O(entries), for restarts and tests).
     public func entries() throws(SystemCallError) -> [(BPFSessionKey, BPFSessionEntry)] {
         try Self.entries(fd: sessionsFD)
@@ -441,8 +471,14 @@ public struct BPFStatistics: Hashable, Sendable {
     public var eventsLost: UInt64
     /// Ingress SYN-ACKs and RSTs on an opening translation that the opposite direction's facts refute (dropped).
     public var openingRefused: UInt64
+    /// Held translations the program took over at a release (the hand-over counts met).
+    public var releasedInOrder: UInt64
+    /// Packets of held translations the program passed to the queue and counted.
+    public var heldPassed: UInt64
 
     init(_ totals: [UInt64]) {
+        releasedInOrder = totals[Int(DYSCO_STAT_RELEASED_IN_ORDER)]
+        heldPassed = totals[Int(DYSCO_STAT_HELD_PASSED)]
         rewritten = totals[Int(DYSCO_STAT_REWRITTEN)]
         held = totals[Int(DYSCO_STAT_HELD)]
         synPassed = totals[Int(DYSCO_STAT_SYN_PASSED)]

@@ -25,6 +25,8 @@ public struct BPFSessionFlags: OptionSet, Hashable, Sendable {
     public static let rstSeen = BPFSessionFlags(rawValue: UInt32(DYSCO_F_RST_SEEN))
     /// Rewrite SYNs too (without it a SYN without ACK reaches the agent untouched).
     public static let rewriteSyn = BPFSessionFlags(rawValue: UInt32(DYSCO_F_REWRITE_SYN))
+    /// With `held`: released by the agent; the program takes the translation over once the hand-over counts meet.
+    public static let releasing = BPFSessionFlags(rawValue: UInt32(DYSCO_F_RELEASING))
     /// The flags the program sets itself; an update from user space keeps them (see ``BPFDatapath/setFlags``).
     public static let programOwned = BPFSessionFlags(rawValue: UInt32(DYSCO_F_PROGRAM_OWNED))
 }

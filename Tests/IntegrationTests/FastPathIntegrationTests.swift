@@ -1,3 +1,4 @@
+import CLibbpf
 import DyscoBench
 import DyscoBPF
 import DyscoCore
@@ -33,6 +34,41 @@ import Testing
             }
             try await body()
         }
+    }
+
+    /// `host`'s `dysco_stats` summed over CPUs, by index (BPF; `bpftool map dump pinned`, JSON).
+    static func bpfStatistics(_ lab: Lab, _ host: String, _ datapath: Datapath) throws -> [Int: UInt64] {
+        let path = "\(datapath.pins)/dysco-\(lab.namespace(of: host))-q7/dysco_stats"
+        let json = try Command.run(["bpftool", "map", "dump", "pinned", path, "-j"]).stdout
+        // A number, or (raw dump) the bytes in hex, little-endian.
+        func number(_ any: Any?) -> UInt64? {
+            if let n = any as? NSNumber { return n.uint64Value }
+            guard let bytes = any as? [String] else { return nil }
+            return bytes.reversed().reduce(0) { $0 << 8 | (UInt64($1.dropFirst(2), radix: 16) ?? 0) }
+        }
+        var totals: [Int: UInt64] = [:]
+        let root = try JSONSerialization.jsonObject(with: Data(json.utf8))
+        // With BTF bpftool wraps the dump as [{"key":…,"values":[{"cpu":…,"value":…}]}] under "formatted" too.
+        let elements = (root as? [[String: Any]]) ?? []
+        for raw in elements {
+            let element = (raw["formatted"] as? [String: Any]) ?? raw
+            guard let key = number(element["key"]).map(Int.init) else { continue }
+            for slot in element["values"] as? [[String: Any]] ?? [] {
+                totals[key, default: 0] &+= number(slot["value"]) ?? 0
+            }
+        }
+        return totals
+    }
+
+    /// Hand-over figures of `host` (BPF): releases the program completed in order (`dysco_stats[8]`), packets of
+    /// held translations it queued (`[9]`), releases the agent forced (its log's warnings).
+    static func handOverFigures(_ lab: Lab, _ host: String, _ datapath: Datapath) -> String {
+        let stats = (try? bpfStatistics(lab, host, datapath)) ?? [:]
+        let log = (try? String(contentsOfFile: LabPaths.agentLog(lab.name, host: host), encoding: .utf8)) ?? ""
+        let forced = log.components(separatedBy: "hand-over forced").count - 1
+        let sample = log.split(separator: "\n").filter { $0.contains("hand-over forced") }.prefix(3)
+        return "\(host): rewritten \(stats[Int(DYSCO_STAT_REWRITTEN)] ?? 0), held \(stats[Int(DYSCO_STAT_HELD)] ?? 0), released in order \(stats[Int(DYSCO_STAT_RELEASED_IN_ORDER)] ?? 0), held packets queued " +
+            "\(stats[Int(DYSCO_STAT_HELD_PASSED)] ?? 0), forced \(forced)" + (sample.isEmpty ? "" : " \(sample)")
     }
 
     /// `host`'s `dysco_sessions` entries (BPF; the agent pins under the lab's bpffs, queue 7).

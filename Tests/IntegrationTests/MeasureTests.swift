@@ -22,15 +22,32 @@ import Testing
 
     @Test("(d) measure --sessions 20 --both writes report.json, the CSVs and three PNG plots; latency counts equal the bundle's sessions; no reset, RTO or INVALID in the window")
     func measureBoth() throws {
-        let output = "/tmp/ms1-measure-\(getpid())"
+        try measureBoth(name: "ms1", subnet: "10.79.20.0/24")
+    }
+
+    @Test("(d) the same over --datapath bpf (lab hob3, 10.78.113.0/24): no retransmission but tail-loss probes and no reordering at the receivers in the window beyond the stretch before it")
+    func measureBothBPF() async throws {
+        let datapath = FastPathIntegrationTests.Datapath(kind: .bpf, lab: "hob3", subnet: "10.78.113.0/24")
+        try await datapath.withPins {
+            try measureBoth(name: datapath.lab, subnet: datapath.subnet,
+                            agentArguments: datapath.arguments.map { "--agent-arg=\($0)" }, bpf: true)
+        }
+    }
+
+    /// `measure --sessions 20 --both` in lab `name`. Over BPF (the hand-over rule, docs/BPF.md) the window's
+    /// retransmissions other than tail-loss probes, and the receivers' reordering signs, must not exceed those of
+    /// the seconds before it (`lossBefore`: longer than the window, the report has no same-length stretch).
+    func measureBoth(name: String, subnet: String, agentArguments: [String] = [], bpf: Bool = false) throws {
+        let output = "/tmp/\(name)-measure-\(getpid())"
         try? FileManager.default.removeItem(atPath: output)
         defer { try? FileManager.default.removeItem(atPath: output) }
         // 20 sessions at 512 KiB/s (10 MiB/s in all): at the default 2 MiB/s each the lab's own baseline (the
         // seconds before the window, no migration) already shows reordering retransmissions on a loaded 2-core
         // machine, and a zero in the window would say nothing.
         let result = try Command.run([try TestSupport.dyscoBinary(), "measure", "--sessions", "20", "--both", "--rate", "0.5",
-                                      "--output", output, "--lab-name", "ms1", "--subnet", "10.79.20.0/24", "--json"], check: false)
-        defer { _ = try? Lab.down(name: "ms1", force: true, logger: TestSupport.logger) }
+                                      "--output", output, "--lab-name", name, "--subnet", subnet, "--json"] + agentArguments,
+                                     check: false)
+        defer { _ = try? Lab.down(name: name, force: true, logger: TestSupport.logger) }
         #expect(result.status == 0, "measure exited \(result.status): \(result.stderr.suffix(2000))")
         let reportData = try Data(contentsOf: URL(fileURLWithPath: "\(output)/report.json"))
         let report = try JSONDecoder().decode(MeasureBenchmark.Report.self, from: reportData)
@@ -79,7 +96,12 @@ import Testing
             // No RTO or reset, asserted; retransmissions are recorded (fast-path hand-over reordering under load,
             // see ReplaceTests (a)).
             #expect(run.lossDuring.timeouts == 0 && run.lossDuring.establishedResets == 0, "\(run.mode) window: \(run.lossDuring)")
-            Self.record("\(run.mode): window \(run.lossDuring); baseline before it \(run.lossBefore.retransmitted) retransmitted")
+            Self.record("\(name) \(run.mode): window \(run.lossDuring); before it \(run.lossBefore)")
+            if bpf {
+                let (w, b) = (MigrationLab.StrictWindow.reordering(run.lossDuring), MigrationLab.StrictWindow.reordering(run.lossBefore))
+                #expect(w.retransmitted - b.retransmitted <= 0 && w.signs - b.signs <= 0,
+                        "\(run.mode): reordering caused by the migration: window \(run.lossDuring), before it \(run.lossBefore)")
+            }
             #expect(run.fw2InvalidDuring == 0 && run.fw2PolicyDroppedDuring == 0,
                     "\(run.mode): fw2 INVALID \(run.fw2InvalidDuring), policy \(run.fw2PolicyDroppedDuring)")
             // Recorded, not asserted: TCP outside the window (fast-path hand-over reordering, see issue 7's note).
@@ -103,7 +125,7 @@ import Testing
         let goodput = try String(contentsOfFile: "\(output)/goodput.csv", encoding: .utf8).split(separator: "\n")
         #expect(goodput.count == 1 + report.runs.map { $0.bins.count * $0.bundles.count }.reduce(0, +))
         #expect(goodput.contains { $0.contains(",during,") })
-        #expect(!LabPaths.existingLabs().contains("ms1"), "measure left its lab behind")
-        #expect(!(try Command.run(["ip", "netns", "list"]).stdout.contains("ms1-")), "measure left namespaces behind")
+        #expect(!LabPaths.existingLabs().contains(name), "measure left its lab behind")
+        #expect(!(try Command.run(["ip", "netns", "list"]).stdout.contains("\(name)-")), "measure left namespaces behind")
     }
 }

@@ -189,6 +189,47 @@ enum MigrationLab {
         try lab.tcpLossCounters(lab.hosts(.client).map(\.name) + ["server1"])
     }
 
+    /// The strict "no retransmission caused by a migration" measure (issue 16 item 3): the endpoints' counters
+    /// sampled every `step` for `seconds` before the window (``sampleBefore(_:seconds:step:)``), then the window
+    /// itself (``measure(_:)``); the baseline is the same-length stretch just before it (its length rounded up to
+    /// the sampling step, so the baseline is never shorter than the window).
+    struct StrictWindow {
+        /// Retransmissions other than tail-loss probes, and the receivers' signs of reordering (out-of-order queue,
+        /// SACK reordering): what a hand-over that lets a later packet overtake an earlier one shows. Tail-loss
+        /// probes are a stall's (a sender whose ACKs come late while a migration holds its session), recorded apart.
+        static func reordering(_ c: LossCounters) -> (retransmitted: Int64, signs: Int64) {
+            let signs = c.detail.filter { $0.key.hasSuffix(".TcpExtTCPOFOQueue") || $0.key.hasSuffix(".TcpExtTCPSACKReorder") }
+            // A probe may send new data (not a retransmission): never below zero.
+            return (max(0, Int64(c.retransmitted) - Int64(c.lossProbes)), Int64(signs.values.reduce(0, +)))
+        }
+
+        var samples: [(at: ContinuousClock.Instant, counters: LossCounters)] = []
+
+        static func sampleBefore(_ lab: Lab, seconds: Double = 2, step: Duration = .milliseconds(100)) throws -> StrictWindow {
+            var window = StrictWindow()
+            let end = ContinuousClock.now + .milliseconds(Int(seconds * 1000))
+            while true {
+                window.samples.append((ContinuousClock.now, try MigrationLab.lossCounters(lab)))
+                if ContinuousClock.now >= end { return window }
+                Thread.sleep(forTimeInterval: Double(step.components.attoseconds) / 1e18 + Double(step.components.seconds))
+            }
+        }
+
+        /// Runs `body` (the migration) and returns the window's counters, the baseline's, and the window's length.
+        func measure<T>(_ lab: Lab, _ body: () throws -> T) throws -> (result: T, window: LossCounters, baseline: LossCounters, length: Duration) {
+            let start = try MigrationLab.lossCounters(lab)
+            let began = ContinuousClock.now
+            let result = try body()
+            let length = ContinuousClock.now - began
+            let window = try MigrationLab.lossCounters(lab) - start
+            let last = samples.last!
+            // The latest sample at least `length` before the last one (the earliest if the window is longer than
+            // the sampled stretch: then the baseline is all of it).
+            let from = samples.last { last.at - $0.at >= length } ?? samples.first!
+            return (result, window, last.counters - from.counters, length)
+        }
+    }
+
     /// Prints (stderr) what the lab holds for the paced sessions when a download stalls: each agent's sessions
     /// and control counters, the endpoints' sockets (`ss -tin`), the firewalls' conntrack entries and counters.
     static func stallReport(_ lab: Lab, stalled: String, bytes: Int) {

@@ -1,0 +1,96 @@
+import CLibbpf
+import DyscoBPF
+import DyscoCore
+import Testing
+
+/// The agent's side of the hand-over rule (docs/BPF.md, "Hand-over without reordering"): what it writes to the
+/// maps at a hold, per verdict, at a release, and when it reads the entry back.
+@Suite struct BPFHandOverTests {
+    static let key = BPFSessionKey(FiveTuple(srcAddr: IPv4Address(10, 0, 0, 1), srcPort: 40000,
+                                             dstAddr: IPv4Address(10, 0, 0, 2), dstPort: 80), hook: .ingress)
+    static let other = BPFSessionKey(key.tuple, hook: .egress)
+    let ms: UInt64 = 1_000_000
+
+    @Test("a hold zeroes both counts before HELD and counts verdicts without writing them")
+    func holdCounts() {
+        var h = BPFHandOver()
+        #expect(h.isEmpty)
+        #expect(h.hold(Self.key) == [.clearCounts(Self.key)])
+        #expect(!h.isEmpty && h.isTracked(Self.key) && !h.isTracked(Self.other))
+        #expect(h.verdicted(Self.key) == nil && h.verdicted(Self.key) == nil)
+        #expect(h.verdicted(Self.other) == nil)  // not held: not counted
+        #expect(h.seen(Self.key) == 2 && h.seen(Self.other) == nil)
+        #expect(h.releasing.isEmpty)
+    }
+
+    @Test("a release writes the agent's count, then every later verdict writes the new count")
+    func releaseWritesSeen() {
+        var h = BPFHandOver()
+        _ = h.hold(Self.key)
+        for _ in 0..<5 { _ = h.verdicted(Self.key) }
+        #expect(h.release(Self.key, now: 10 * ms) == .writeSeen(Self.key, 5))
+        #expect(h.releasing == [Self.key])
+        #expect(h.verdicted(Self.key) == .writeSeen(Self.key, 6))
+        #expect(h.verdicted(Self.key) == .writeSeen(Self.key, 7))
+        // A key that was not held is not released by the rule (the caller writes it unheld).
+        #expect(h.release(Self.other, now: 10 * ms) == nil)
+    }
+
+    @Test("the program took over (entry no longer held): counted in order, counts cleared, nothing forced")
+    func takenOver() {
+        var h = BPFHandOver()
+        _ = h.hold(Self.key)
+        _ = h.release(Self.key, now: 0)
+        #expect(h.observed(Self.key, held: true, passed: 1, now: 50 * ms).isEmpty)
+        #expect(h.observed(Self.key, held: false, passed: 0, now: 60 * ms) == [.clearCounts(Self.key)])
+        #expect(h.isEmpty && h.releasedInOrder == 1 && h.forcedReleases == 0)
+        #expect(h.verdicted(Self.key) == nil)
+    }
+
+    @Test("counts equal but no packet came (an idle direction): the agent takes the translation over itself")
+    func idleTakeOver() {
+        var h = BPFHandOver()
+        _ = h.hold(Self.key)
+        _ = h.verdicted(Self.key)
+        _ = h.verdicted(Self.key)
+        _ = h.release(Self.key, now: 0)
+        #expect(h.observed(Self.key, held: true, passed: 3, now: ms).isEmpty)  // one still in the queue
+        #expect(h.verdicted(Self.key) == .writeSeen(Self.key, 3))
+        #expect(h.observed(Self.key, held: true, passed: 3, now: 2 * ms) == [.takeOver(Self.key), .clearCounts(Self.key)])
+        #expect(h.isEmpty && h.releasedInOrder == 1 && h.forcedReleases == 0)
+    }
+
+    @Test("counts that never meet: after the bound the agent forces the release and counts it")
+    func forced() {
+        var h = BPFHandOver()
+        _ = h.hold(Self.key)
+        _ = h.release(Self.key, now: 5 * ms)
+        _ = h.verdicted(Self.key)
+        #expect(h.observed(Self.key, held: true, passed: 3, now: 5 * ms + BPFHandOver.releaseBoundNanoseconds - 1).isEmpty)
+        #expect(h.observed(Self.key, held: true, passed: 3, now: 5 * ms + BPFHandOver.releaseBoundNanoseconds)
+                == [.forceRelease(Self.key, seen: 1), .clearCounts(Self.key)])
+        #expect(h.isEmpty && h.forcedReleases == 1 && h.releasedInOrder == 0)
+    }
+
+    @Test("a key held only (not releasing) is not read back; a key dropped or held again starts over")
+    func dropAndRehold() {
+        var h = BPFHandOver()
+        _ = h.hold(Self.key)
+        #expect(h.observed(Self.key, held: false, passed: 0, now: 0).isEmpty)  // not releasing: ignored
+        _ = h.verdicted(Self.key)
+        _ = h.release(Self.key, now: 0)
+        #expect(h.hold(Self.key) == [.clearCounts(Self.key)])  // a second migration's hold while releasing
+        #expect(h.seen(Self.key) == 0 && h.releasing.isEmpty)
+        #expect(h.drop(Self.key) == .clearCounts(Self.key))
+        #expect(h.drop(Self.key) == nil && h.isEmpty)
+        _ = h.hold(Self.other)
+        h.reset()
+        #expect(h.isEmpty)
+    }
+
+    @Test("flag and stat indices agree with the header")
+    func header() {
+        #expect(BPFSessionFlags.releasing.rawValue == 1 << 5)
+        #expect(DYSCO_STAT_RELEASED_IN_ORDER == 8 && DYSCO_STAT_HELD_PASSED == 9 && DYSCO_STAT_COUNT == 16)
+    }
+}
