@@ -29,6 +29,14 @@ public struct DrainBenchmark: Sendable {
         public init() {}
     }
 
+    /// The agents' `--port-range`: every box allocates one local port per subsession it carries from one range
+    /// (`PortAllocator`, per agent, not per peer), so no box carries more sessions than the range has ports (the
+    /// agent's default, 10000–29999, has 20,000). The same range for every agent of the lab.
+    public static let portRange = 10_000...59_999
+
+    /// Most sessions the lab can carry through fw1: one port each of ``portRange`` (50,000).
+    public static var maxSessions: Int { portRange.count }
+
     /// Most sessions one client host opens: its ephemeral ports towards the one server address and port
     /// (Linux's default ip_local_port_range 32768–60999 is 28,232 ports), with room to spare.
     public static let maxSessionsPerClient = 28_000
@@ -145,7 +153,7 @@ public struct DrainBenchmark: Sendable {
         let fileLimit = Self.raiseFileLimit(to: Self.fileLimit(sessions: options.sessions), logger: logger)
         let spec = LabSpec(name: "bench-dr", clients: clients, middleboxes: ["fw1", "fw2"], chain: ["fw1"],
                            subnet: "10.79.92.0/24", policyPorts: [Self.port],
-                           agentArguments: ["--port-range", "10000-59999"] + BenchDatapath.agentArguments(options.datapath)
+                           agentArguments: ["--port-range", "\(Self.portRange.lowerBound)-\(Self.portRange.upperBound)"] + BenchDatapath.agentArguments(options.datapath)
                                + Self.sizingArguments(sessions: options.sessions, perClient: perClient) + options.agentArguments,
                            agentBinary: try options.agentBinary ?? Lab.defaultAgentBinary())
         let servers = Self.serverProcesses(sessions: options.sessions, fileLimit: fileLimit)
@@ -173,12 +181,20 @@ public struct DrainBenchmark: Sendable {
         let socket = AgentControlPaths.socketPath(netns: lab.namespace(of: "fw1"))
         let deadline = Date().addingTimeInterval(Double(30 + options.sessions / 40))
         var snapshotSeconds = 0.0
+        var most = 0, progressed = ContinuousClock.now
         while true {
             let looked = ContinuousClock.now
             let snapshot = try await ControlClient.snapshot(path: socket)
             snapshotSeconds = Self.seconds(ContinuousClock.now - looked)
             let established = snapshot.sessions.filter { $0.state == "established" && $0.session.dstPort == Self.port }.count
             if established >= options.sessions { break }
+            if established > most { most = established; progressed = ContinuousClock.now }
+            // No new session for a minute: something caps them (a box's --port-range, a client's ephemeral ports,
+            // the table bounds); say so now rather than at the deadline.
+            guard ContinuousClock.now - progressed < .seconds(60) else {
+                throw LabError.setupFailed("only \(established) of \(options.sessions) sessions through fw1, none more for 60 s "
+                                           + "(each box allocates one port per session from --port-range; the agents' logs are in \(lab.directory))")
+            }
             guard Date() < deadline else {
                 throw LabError.setupFailed("only \(established) of \(options.sessions) sessions through fw1")
             }

@@ -22,7 +22,9 @@ extension BenchCommand {
                 --max-sessions and --max-sessions-per-source beyond their defaults. Needs root; removes its lab.
                 """
         )
-        @Option(help: "Live sessions to drain (1...100000).") var sessions = 1000
+        @Option(help: ArgumentHelp("Live sessions to drain (1...50000).",
+                                   discussion: "At most one per port of the agents' --port-range 10000-59999: each box allocates one local port per session it carries from that range (PortAllocator, one per agent), so 100,000 sessions through one box need a per-peer allocator."))
+        var sessions = 1000
         @Option(help: "Sessions at most per client host (≤ 28000: its ephemeral ports; at most 20 clients).") var sessionsPerClient = 5000
         @Option(help: "drain --concurrency.") var concurrency = 1000
         @Option(help: "Milliseconds per session's migration before it is cancelled.") var deadline: UInt32 = 10_000
@@ -34,7 +36,9 @@ extension BenchCommand {
         @OptionGroup var jsonOutput: JSONOutput<JSONHelp.Report>
 
         func validate() throws {
-            guard (1...100_000).contains(sessions) else { throw ValidationError("--sessions must be 1...100000") }
+            guard (1...DrainBenchmark.maxSessions).contains(sessions) else {
+                throw ValidationError("--sessions must be 1...\(DrainBenchmark.maxSessions) (one port each of the agents' --port-range per box)")
+            }
             guard sessionsPerClient > 0, concurrency > 0 else { throw ValidationError("--sessions-per-client and --concurrency must be positive") }
             let clients = DrainBenchmark.clientCount(sessions: sessions, perClient: sessionsPerClient)
             let most = DrainBenchmark.sessionsPerClient(sessions: sessions, clients: clients).max() ?? 0

@@ -15,6 +15,11 @@ import Testing
         #expect(DrainBenchmark.sessionsPerClient(sessions: 100_000, clients: 20).max()! <= DrainBenchmark.maxSessionsPerClient)
     }
 
+    @Test func portRangeBoundsTheSessions() {
+        #expect(DrainBenchmark.maxSessions == 50_000)
+        #expect(DrainBenchmark.portRange.upperBound < 60_000)
+    }
+
     @Test func agentSizingOnlyBeyondTheDefaults() {
         #expect(DrainBenchmark.sizingArguments(sessions: 10_000, perClient: 5000) == [])
         #expect(DrainBenchmark.sizingArguments(sessions: 100_000, perClient: 5000) == [], "125,000 fit the default 131,072")
