@@ -94,8 +94,18 @@ public struct Evacuation: Sendable {
         self.logger = logger
     }
 
-    /// Runs the drain; `progress` after each batch; `stop()` true: start no further batch.
-    public func run(progress: @escaping @Sendable (Progress) -> Void, stop: @escaping @Sendable () -> Bool) async throws -> Summary {
+    /// One batch's answer, for whoever wants the per-session phases (`dysco-bench drain`): the old box's report
+    /// (nil: no usable answer) and the request's round trip, microseconds.
+    public struct BatchOutcome: Sendable {
+        public var sessions: Int
+        public var report: ReplaceReport?
+        public var roundTripMicroseconds: UInt64
+    }
+
+    /// Runs the drain; `progress` after each batch; `stop()` true: start no further batch; `batchDone` (if
+    /// given) with each batch's answer.
+    public func run(progress: @escaping @Sendable (Progress) -> Void, stop: @escaping @Sendable () -> Bool,
+                    batchDone: (@Sendable (BatchOutcome) -> Void)? = nil) async throws -> Summary {
         let started = ContinuousClock.now
         let elapsed: @Sendable () -> Double = {
             let d = ContinuousClock.now - started
@@ -133,7 +143,7 @@ public struct Evacuation: Sendable {
                 break
             }
             let outcome = await execute(evacuationPlan, alreadyDone: total - fresh.count, total: total, failures: failures.count,
-                                        elapsed: elapsed, progress: progress, stop: stop)
+                                        elapsed: elapsed, progress: progress, stop: stop, batchDone: batchDone)
             batchCount += outcome.batches
             failures += outcome.failures
             for (target, n) in outcome.moved { movedByTarget[target, default: 0] += n }
@@ -196,12 +206,13 @@ public struct Evacuation: Sendable {
     /// Runs the batches with at most `concurrency` sessions in flight.
     private func execute(_ plan: EvacuationPlan, alreadyDone: Int, total: Int, failures previousFailures: Int,
                          elapsed: @escaping @Sendable () -> Double,
-                         progress: @escaping @Sendable (Progress) -> Void, stop: @escaping @Sendable () -> Bool) async -> Outcome {
+                         progress: @escaping @Sendable (Progress) -> Void, stop: @escaping @Sendable () -> Bool,
+                         batchDone: (@Sendable (BatchOutcome) -> Void)?) async -> Outcome {
         var outcome = Outcome()
         var done = alreadyDone
         var inFlight = 0
         var pending = plan.batches[...]
-        await withTaskGroup(of: (EvacuationPlan.Batch, ReplaceReport?, String?).self) { group in
+        await withTaskGroup(of: (EvacuationPlan.Batch, ReplaceReport?, String?, UInt64).self) { group in
             func startWhatFits() {
                 while let next = pending.first, inFlight == 0 || inFlight + next.sessions.count <= options.concurrency {
                     if stop() { outcome.interrupted = true; pending.removeAll(); return }
@@ -212,7 +223,8 @@ public struct Evacuation: Sendable {
                 }
             }
             startWhatFits()
-            while let (batch, report, error) = await group.next() {
+            while let (batch, report, error, roundTrip) = await group.next() {
+                batchDone?(BatchOutcome(sessions: batch.sessions.count, report: report, roundTripMicroseconds: roundTrip))
                 inFlight -= batch.sessions.count
                 done += batch.sessions.count
                 let target = "\(batch.target)"
@@ -239,18 +251,25 @@ public struct Evacuation: Sendable {
         return outcome
     }
 
-    private func move(_ batch: EvacuationPlan.Batch) async -> (EvacuationPlan.Batch, ReplaceReport?, String?) {
+    private func move(_ batch: EvacuationPlan.Batch) async -> (EvacuationPlan.Batch, ReplaceReport?, String?, UInt64) {
+        let started = ContinuousClock.now
+        let (report, error) = await request(batch)
+        let d = ContinuousClock.now - started
+        return (batch, report, error, UInt64(d.components.seconds) * 1_000_000 + UInt64(d.components.attoseconds / 1_000_000_000_000))
+    }
+
+    private func request(_ batch: EvacuationPlan.Batch) async -> (ReplaceReport?, String?) {
         let request = ReplaceRequest(predicate: SessionPredicate(), newBoxes: [batch.target], stateful: options.stateful,
                                      deadlineMilliseconds: options.deadlineMilliseconds,
                                      chains: Set(batch.sessions.map(\.chainID)))
         do {
             let data = try await ControlClient.request(ControlRequest(.replace, replace: request), path: options.oldSocket)
             guard let report = try? JSONDecoder().decode(ReplaceReport.self, from: data) else {
-                return (batch, nil, "the old box's agent answered: \(String(decoding: data.prefix(300), as: UTF8.self))")
+                return (nil, "the old box's agent answered: \(String(decoding: data.prefix(300), as: UTF8.self))")
             }
-            return (batch, report, nil)
+            return (report, nil)
         } catch {
-            return (batch, nil, "\(error)")
+            return (nil, "\(error)")
         }
     }
 }

@@ -33,6 +33,8 @@ public struct ReplaceBenchmark: Sendable {
         public var referenceMissing: String?
         public var agentBinary: String?
         public var agentArguments: [String] = []
+        /// The agents' kernel fast path (`agent --datapath`).
+        public var datapath: DatapathKind = BenchDatapath.agentDefault
         public init() {}
     }
 
@@ -85,6 +87,8 @@ public struct ReplaceBenchmark: Sendable {
     }
 
     public struct Report: Codable, Sendable {
+        /// The agents' `--datapath` (nftables, bpf).
+        public var datapath: String
         public var runs: [Run]
         public var reference: Reference?
         /// Why the reference is missing, if it is.
@@ -115,7 +119,7 @@ public struct ReplaceBenchmark: Sendable {
             reference?.ratios(mode: run.mode, latency: MigrationLatency(total: run.total, paper: run.paper, phases: run.phases),
                               moved: run.moved, batchMicroseconds: run.batchElapsedMicroseconds) ?? Ratios(mode: run.mode)
         }
-        return Report(runs: runs, reference: reference, referenceNote: note, ratios: ratios)
+        return Report(datapath: options.datapath.rawValue, runs: runs, reference: reference, referenceNote: note, ratios: ratios)
     }
 
     // MARK: - One lab
@@ -124,7 +128,8 @@ public struct ReplaceBenchmark: Sendable {
         let clients = min(max(1, (options.sessions + options.sessionsPerClient - 1) / options.sessionsPerClient),
                           LabSpec.hostCountRange.upperBound)
         let (name, subnet) = mode == .stateful ? ("bench-rp", "10.79.90.0/24") : ("bench-rps", "10.79.91.0/24")
-        return .replacement(name: name, clients: clients, subnet: subnet, mode: mode, agentArguments: options.agentArguments,
+        return .replacement(name: name, clients: clients, subnet: subnet, mode: mode,
+                            agentArguments: BenchDatapath.agentArguments(options.datapath) + options.agentArguments,
                             agentBinary: binary)
     }
 
@@ -223,7 +228,7 @@ extension ReplaceBenchmark.Report {
             let perClient = (run.sessions + run.clients - 1) / run.clients
             lines.append("replace benchmark, \(run.mode): \(run.sessions) sessions (\(run.megabytes) MiB each, paced at "
                          + "\(String(format: "%g", run.rateMiBps)) MiB/s) from \(run.clients) client(s) (≤ \(perClient) each) "
-                         + "through fw1 → fw2 (fw2 \(run.fw2Profile)), lab \(run.lab)")
+                         + "through fw1 → fw2 (fw2 \(run.fw2Profile)), lab \(run.lab), agents' datapath \(datapath)")
             lines.append("sessions moved: \(run.moved)/\(run.sessions) (matched \(run.matched)); after the window fw1 carries "
                          + "\(run.fw1SessionsAfter), fw2 \(run.fw2SessionsAfter)")
             lines.append("batch: \(ms(run.batchElapsedMicroseconds)) ms (agent), \(ms(run.requestMicroseconds)) ms (request round trip); "

@@ -58,6 +58,7 @@ public struct BenchCommand: AsyncParsableCommand {
         @Option(help: "C reference script (default: ../shared/bench/chain-nfqueue-ref.sh if present; 'none' to skip).")
         var reference: String?
         @Option(help: "Extra argument for every agent (repeatable).") var agentArg: [String] = []
+        @OptionGroup var datapath: BenchDatapathOptions
         @OptionGroup var jsonOutput: JSONOutput<JSONHelp.Report>
         @Flag(help: "Skip the --no-fastpath (NFQUEUE only) run.") var noSlowPath = false
         @Flag(inversion: .prefixedNo, help: ArgumentHelp("RPS on the labs' switch ports, as every lab has it (--no-flow-steering: off).",
@@ -72,6 +73,7 @@ public struct BenchCommand: AsyncParsableCommand {
             guard seconds > 0, connections > 0, repeats > 0 else {
                 throw ValidationError("--seconds, --repeats and --connections must be positive")
             }
+            try datapath.check(agentArguments: agentArg)
         }
 
         func run() async throws {
@@ -82,6 +84,7 @@ public struct BenchCommand: AsyncParsableCommand {
             options.connections = connections
             options.chain = (1...middleboxes).map { "fw\($0)" }
             options.agentArguments = agentArg
+            options.datapath = datapath.datapath
             options.includeSlowPath = !noSlowPath
             options.flowSteering = flowSteering
             let defaultReference = FileManager.default.currentDirectoryPath + "/../shared/bench/chain-nfqueue-ref.sh"
@@ -198,9 +201,11 @@ public struct BenchCommand: AsyncParsableCommand {
         @Option(help: "Reference script (default: ../shared/bench/state-transfer-prototype-ref.sh if found; 'none' to skip).")
         var reference: String?
         @Option(help: "Extra argument for every agent (repeatable).") var agentArg: [String] = []
+        @OptionGroup var datapath: BenchDatapathOptions
         @OptionGroup var jsonOutput: JSONOutput<JSONHelp.Report>
 
         func validate() throws {
+            try datapath.check(agentArguments: agentArg)
             guard (1...2000).contains(sessions) else { throw ValidationError("--sessions must be 1...2000") }
             guard megabytes > 0, rate > 0 else { throw ValidationError("--megabytes and --rate must be positive") }
             guard !(stateless && both) else { throw ValidationError("--stateless and --both exclude each other") }
@@ -218,6 +223,7 @@ public struct BenchCommand: AsyncParsableCommand {
             options.deadlineMilliseconds = deadline
             options.sessionsPerClient = sessionsPerClient
             options.agentArguments = agentArg
+            options.datapath = datapath.datapath
             (options.referenceScript, options.referenceMissing) = StateTransferReference.resolve(reference)
             let report = try await ReplaceBenchmark(options: options, logger: logger).run()
             try BenchCommand.output(report, json: jsonOutput.json, text: report.text)
