@@ -43,23 +43,18 @@ struct {
  * program's atomic adds; the agent zeroes it when it sets HELD). dysco_seen: packets of the translation the agent
  * verdicted since (the agent's; written after the verdicts went out). Two maps, so that neither side's whole-value
  * update clobbers the other's count. */
-struct {
-    __uint(type, BPF_MAP_TYPE_HASH);
-    __uint(max_entries, DYSCO_MAX_ENTRIES_DEFAULT);
-    __type(key, struct dysco_key);
-    __type(value, __u64);
-    __uint(map_flags, BPF_F_NO_PREALLOC);
-    __uint(pinning, LIBBPF_PIN_BY_NAME);
-} dysco_passed SEC(".maps");
+#define DYSCO_COUNT_MAP(name)                                   \
+    struct {                                                    \
+        __uint(type, BPF_MAP_TYPE_HASH);                        \
+        __uint(max_entries, DYSCO_MAX_ENTRIES_DEFAULT);         \
+        __type(key, struct dysco_key);                          \
+        __type(value, __u64);                                   \
+        __uint(map_flags, BPF_F_NO_PREALLOC);                   \
+        __uint(pinning, LIBBPF_PIN_BY_NAME);                    \
+    } name SEC(".maps")
 
-struct {
-    __uint(type, BPF_MAP_TYPE_HASH);
-    __uint(max_entries, DYSCO_MAX_ENTRIES_DEFAULT);
-    __type(key, struct dysco_key);
-    __type(value, __u64);
-    __uint(map_flags, BPF_F_NO_PREALLOC);
-    __uint(pinning, LIBBPF_PIN_BY_NAME);
-} dysco_seen SEC(".maps");
+DYSCO_COUNT_MAP(dysco_passed);
+DYSCO_COUNT_MAP(dysco_seen);
 
 /* Events to the agent (FIN, RST, established). */
 struct {

@@ -138,7 +138,7 @@ struct AgentCommand: AsyncParsableCommand {
         """, valueName: "auto|always|never"))
     var fastpathReroute: Reroute = .auto
 
-    @Option(help: "Packets a session carries through the agent before the kernel takes it over (short exchanges stay).")
+    @Option(help: "Packets a session carries through the agent before the kernel takes it over (short exchanges stay; nftables only: with --datapath bpf the kernel takes a session with its SYN).")
     var fastpathAfter: UInt64 = 8
 
     @Option(help: "Seconds a closed session's translations linger (last ACK, retransmitted FINs).")

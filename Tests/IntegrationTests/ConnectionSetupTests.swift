@@ -10,6 +10,21 @@ import Testing
 /// the kernel, and the ingress program refuses SYN-ACKs and RSTs that do not acknowledge an opening session's SYN.
 /// Labs `ksa1`, `ksd1` (10.78.101.0/24, 10.78.102.0/24), bpffs at `/run/dysco-<lab>-pins`, removed in every path.
 @Suite(.serialized) struct ConnectionSetupIntegrationTests {
+    /// Python: `fetch(host, timeout)` GETs /small over HTTP/1.0 (one request, the server closes) and returns the body.
+    static let fetchPython = """
+        import socket
+        def fetch(host, timeout):
+            s = socket.create_connection((host, 80), timeout=timeout)
+            s.sendall(b"GET /small HTTP/1.0\\r\\nHost: lab\\r\\n\\r\\n")
+            buf = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk: break
+                buf += chunk
+            s.close()
+            return buf.split(b"\\r\\n\\r\\n", 1)[-1]
+        """
+
     static let hosts = ["client1", "fw1", "server1"]
     /// Hooks at which each host's agent sees a connection's SYN (fw1: arriving and leaving).
     static let synHooks: [String: UInt64] = ["client1": 1, "fw1": 2, "server1": 1]
@@ -53,21 +68,14 @@ import Testing
             for host in Self.hosts { before[host] = try await TestSupport.snapshot(lab, host).counters }
             // HTTP/1.0, one request per connection (the server closes), 4 at a time; every body compared.
             let script = """
-                import socket, sys, threading
+                \(Self.fetchPython)
+                import sys, threading
                 host, path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
                 want = open(path, "rb").read()
                 bad = []
                 def worker(count):
                     for i in range(count):
-                        s = socket.create_connection((host, 80), timeout=30)
-                        s.sendall(b"GET /small HTTP/1.0\\r\\nHost: lab\\r\\n\\r\\n")
-                        buf = b""
-                        while True:
-                            chunk = s.recv(65536)
-                            if not chunk: break
-                            buf += chunk
-                        s.close()
-                        if buf.split(b"\\r\\n\\r\\n", 1)[-1] != want: bad.append(i)
+                        if fetch(host, 30) != want: bad.append(i)
                 threads = [threading.Thread(target=worker, args=(n // 4,)) for _ in range(4)]
                 for t in threads: t.start()
                 for t in threads: t.join()
@@ -115,16 +123,10 @@ import Testing
             defer { if ruleInstalled { _ = try? lab.exec("server1", ["iptables", "-D"] + dropSynAck, check: false) } }
             let out = "\(lab.directory)/forged"
             let script = """
-                import socket, sys
+                \(Self.fetchPython)
+                import sys
                 host, out = sys.argv[1], sys.argv[2]
-                s = socket.create_connection((host, 80), timeout=60)
-                s.sendall(b"GET /small HTTP/1.0\\r\\nHost: lab\\r\\n\\r\\n")
-                buf = b""
-                while True:
-                    chunk = s.recv(65536)
-                    if not chunk: break
-                    buf += chunk
-                open(out, "wb").write(buf.split(b"\\r\\n\\r\\n", 1)[-1])
+                open(out, "wb").write(fetch(host, 60))
                 """
             let client = try lab.spawn("client1", ["python3", "-c", script, lab.address(of: "server1").description, out])
             defer { if client.isRunning { client.terminate() } }
