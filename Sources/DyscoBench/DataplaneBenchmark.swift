@@ -286,10 +286,10 @@ extension DataplaneBenchmark.Report {
         func us(_ v: Double) -> String { String(format: "%.0f", v) }
         var lines = [
             "data plane: client1 → \(middleboxes) middlebox(es) → server1, conntrack firewall on each, switch RPS \(flowSteering ? "on" : "off"), agents' datapath \(datapath); goodput = median of \(repeats) iperf3 runs of \(seconds) s",
-            "                         1 flow Gbit/s  8 flows Gbit/s  connect p50 µs  p99 µs  sessions/s",
+            "                              1 flow Gbit/s  8 flows Gbit/s  connect p50 µs  p99 µs  sessions/s",
         ]
         for run in [kernel, dysco] + (slowPath.map { [$0] } ?? []) {
-            lines.append(run.label.padding(toLength: 25, withPad: " ", startingAt: 0)
+            lines.append(run.label.padding(toLength: 30, withPad: " ", startingAt: 0)
                 + f(run.goodput1FlowGbps).padding(toLength: 15, withPad: " ", startingAt: 0)
                 + f(run.goodput8FlowsGbps).padding(toLength: 16, withPad: " ", startingAt: 0)
                 + us(run.connect.p50Microseconds).padding(toLength: 16, withPad: " ", startingAt: 0)
