@@ -29,7 +29,7 @@ public final class DataplaneAgent: @unchecked Sendable {
         /// Mirror established sessions into the kernel (``KernelPath``, see ``datapath``); false: NFQUEUE only.
         public var fastPath = true
         /// Which kernel fast path carries the sessions (``KernelPath``): nftables chains or BPF maps.
-        public var datapath: DatapathKind = .nftables
+        public var datapath: DatapathKind = .bpf
         /// `.bpf`: the compiled tc programs (`make bpf`), the bpffs under which the agent pins them (mounted if it
         /// is not one), and the capacity of the session map in translations (nil: the object's default).
         public var bpfObject = ""

@@ -5,7 +5,7 @@ import Foundation
 /// `dysco-bench dataplane`, `replace`, `drain` and `flood`, and stated in their reports.
 public enum BenchDatapath {
     /// The agent's default (`agent` without `--datapath`).
-    public static let agentDefault: DatapathKind = .nftables
+    public static let agentDefault: DatapathKind = .bpf
 
     /// The agent arguments for `kind`: `--datapath KIND` (given even for the default, so the lab's command lines
     /// say it). With bpf every agent mounts a bpffs of its own at its default `--bpf-fs` (inside `ip netns exec`

@@ -224,7 +224,8 @@ public final class Lab: @unchecked Sendable {
         // A socket left by a killed agent would look like readiness: remove it first (it is this lab's own).
         unlink(AgentControlPaths.socketPath(netns: h.namespace))
         let args = [binary, "agent", "--config", LabPaths.agentConfig(name, host: h.name)]
-            + Self.trustKeyArguments(state.trustKeyPath, overriddenBy: arguments) + arguments
+            + Self.trustKeyArguments(state.trustKeyPath, overriddenBy: arguments)
+            + (try bpfFsArguments(overriddenBy: arguments)) + arguments
         let log = LabPaths.agentLog(name, host: h.name)
         let process = try Command.spawn(args, netns: h.namespace, logPath: log)
         logger.debug("agent started", metadata: ["lab.host": "\(h.name)", "lab.pid": "\(process.processIdentifier)"])
@@ -240,6 +241,24 @@ public final class Lab: @unchecked Sendable {
         guard let path else { return [] }
         if arguments.contains(where: { $0 == "--trust-key" || $0.hasPrefix("--trust-key=") }) { return [] }
         return ["--trust-key", path]
+    }
+
+    /// `--bpf-fs <lab dir>/bpf` (mounted here first), unless `arguments` carry their own `--bpf-fs`.
+    private func bpfFsArguments(overriddenBy arguments: [String]) throws -> [String] {
+        if arguments.contains(where: { $0 == "--bpf-fs" || $0.hasPrefix("--bpf-fs=") }) { return [] }
+        let path = LabPaths.bpfFs(name)
+        if !Self.isMountPoint(path) {
+            try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+            try Command.run(["mount", "-t", "bpf", "bpf", path])
+        }
+        return ["--bpf-fs", path]
+    }
+
+    /// Whether `path` is a mount point (/proc/self/mounts; paths there escape spaces as \040).
+    static func isMountPoint(_ path: String) -> Bool {
+        guard let mounts = try? String(contentsOfFile: "/proc/self/mounts", encoding: .utf8) else { return false }
+        let escaped = path.replacingOccurrences(of: " ", with: "\\040")
+        return mounts.split(separator: "\n").contains { $0.split(separator: " ").dropFirst().first.map(String.init) == escaped }
     }
 
     /// Writes a fresh key (``TrustKey/generateHex()``) to `path`, mode 0600, refusing to follow or reuse a file.
@@ -621,6 +640,14 @@ public final class Lab: @unchecked Sendable {
                 "lab '\(name)' has no lab.json; removed \(report.removedNamespaces.joined(separator: ", ")), but "
                 + "\(unattributed.joined(separator: ", ")) may belong to it (middleboxes?) or to something else: "
                 + "rerun with --force to remove them too")
+        }
+        // The agents' pinned maps go with the lab's bpffs (the namespaces took their programs).
+        let bpffs = LabPaths.bpfFs(name)
+        if isMountPoint(bpffs) {
+            let result = try Command.run(["umount", bpffs], check: false)
+            if !result.succeeded {
+                throw LabError.setupFailed("could not unmount \(bpffs): \(result.stderr.trimmingCharacters(in: .whitespacesAndNewlines))")
+            }
         }
         if fm.fileExists(atPath: dir) {
             try fm.removeItem(atPath: dir)

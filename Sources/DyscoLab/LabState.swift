@@ -15,6 +15,9 @@ public enum LabPaths {
     public static func defaultHTTPRoot(_ lab: String) -> String { "\(directory(lab))/www" }
     /// The lab's trust key (hex text, mode 0600), which every agent gets with `--trust-key`.
     public static func trustKey(_ lab: String) -> String { "\(directory(lab))/trust.key" }
+    /// The lab's bpffs (mounted while the lab has agents), which every agent gets with `--bpf-fs`: their pinned
+    /// maps outlive them there, so a restarted agent takes its predecessor's sessions over, and tests read them.
+    public static func bpfFs(_ lab: String) -> String { "\(directory(lab))/bpf" }
 
     /// Names of the labs that have a directory (lab.json may be missing after a crash).
     public static func existingLabs() -> [String] {

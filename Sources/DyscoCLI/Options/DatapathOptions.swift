@@ -13,7 +13,7 @@ struct DatapathOptions: ParsableArguments {
         and pinned maps outlive the agent, and a restarted agent takes their sessions over (see "Restart") when \
         --bpf-fs is a bpffs that outlives it and --max-sessions is unchanged (else refused; --fresh replaces the map).
         """, valueName: "nftables|bpf"))
-    var datapath: DatapathKind = .nftables
+    var datapath: DatapathKind = .bpf
 
     @Option(help: ArgumentHelp("""
         With --datapath bpf: the compiled programs (default: $DYSCO_BPF_OBJECT, else dysco.bpf.o beside the \
