@@ -374,7 +374,8 @@ int dysco_egress(struct __sk_buff *skb)
     fib.l4_protocol = IPPROTO_TCP;
     fib.sport = new_sport;
     fib.dport = new_dport;
-    fib.tot_len = p.tot_len;
+    /* tot_len stays 0: with it set, the lookup checks it against the MTU and refuses a GRO/GSO packet (up to
+       64 KiB) as FRAG_NEEDED; without it the kernel asks is_skb_forwardable, which knows GSO. */
     fib.ifindex = skb->ifindex;
     fib.tos = p.tos;
     fib.ipv4_src = new_saddr;
