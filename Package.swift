@@ -34,11 +34,6 @@ let package = Package(
             providers: [.apt(["libnetfilter-conntrack-dev", "libmnl-dev"])]
         ),
         .systemLibrary(
-            name: "CNftables",
-            pkgConfig: "libnftables",
-            providers: [.apt(["libnftables-dev"])]
-        ),
-        .systemLibrary(
             name: "CLibbpf",
             pkgConfig: "libbpf",
             providers: [.apt(["libbpf-dev"])]
@@ -65,13 +60,13 @@ let package = Package(
         .target(name: "MigrationCoordinator", dependencies: ["DyscoCore"]),
         // Per-session bounded buffers of the anchors (pure).
         .target(name: "AnchorBuffer", dependencies: ["DyscoCore"]),
-        // The Linux edge: NFQUEUE socket, kernel paths (nftables worker, BPF maps), queue rules, control channels,
+        // The Linux edge: NFQUEUE socket, the kernel path (BPF programs and maps), queue rules, control channels,
         // the agent shell.
         .target(
             name: "DyscoAgent",
             dependencies: [
                 "DyscoCore", "MigrationCoordinator", "AnchorBuffer",
-                "CNetfilterQueue", "CNftables", "CLinux", "DyscoSystem", "DyscoBPF",
+                "CNetfilterQueue", "CLinux", "DyscoSystem", "DyscoBPF",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -105,7 +100,7 @@ let package = Package(
         .target(
             name: "DyscoBench",
             dependencies: [
-                "DyscoLab", "DyscoSystem", "DyscoCore", "DyscoAgent", "ConntrackState",
+                "DyscoLab", "DyscoSystem", "DyscoCore", "DyscoAgent", "DyscoBPF", "ConntrackState",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ],

@@ -4,7 +4,6 @@ set -euo pipefail
 PACKAGES=(
   pkg-config
   libnetfilter-queue-dev libnetfilter-conntrack-dev libnfnetlink-dev libmnl-dev
-  libnftables-dev libnftnl-dev nftables
   libbpf-dev bpftool ethtool
   iptables conntrack iproute2 iperf3 curl python3 python3-scapy python3-matplotlib procps iputils-ping
   spin gcc

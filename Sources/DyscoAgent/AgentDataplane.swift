@@ -5,7 +5,7 @@ import Logging
 import Synchronization
 
 /// The agent's data plane as the rest of the agent uses it: the packet state machine (``PacketProcessor``, behind
-/// the packet lock), the kernel fast path (a ``KernelPath``: ``FastPathWorker`` or ``BPFKernelPath``), the state file (``AgentJournal``) and the packet
+/// the packet lock), the kernel fast path (a ``KernelPath``: ``BPFKernelPath``), the state file (``AgentJournal``) and the packet
 /// thread's mailbox. What a processor call produces besides its result (``DataplaneEffects``) is handled here, in
 /// one place (``apply(_:ownership:)``). The migration engine reaches it as its ``MigrationDataplane``.
 final class AgentDataplane: @unchecked Sendable {
@@ -29,14 +29,14 @@ final class AgentDataplane: @unchecked Sendable {
 
     typealias OwnershipChange = (add: KernelOwnership.Keys, remove: KernelOwnership.Keys)
 
-    /// `makeFastPath` builds the worker with the nudge that wakes the packet thread, the callback that reports
+    /// `makeFastPath` builds the kernel path (nil: none, `--no-fastpath`) with the nudge that wakes the packet thread, the callback that reports
     /// installs back to the processor, and a query of sessions' carriers (nil: no such session; the BPF path tells
     /// a hold from a teardown with it).
     init(processor: PacketProcessor, quietNanoseconds: UInt64, logger: Logger,
          makeFastPath: (_ nudge: @escaping @Sendable () -> Void,
                         _ outcome: @escaping @Sendable (KernelPathOutcome) -> Void,
                         _ carriers: @escaping @Sendable ([SessionTable.SessionID]) -> [SessionTable.SessionID: SessionTable.Carrier])
-            throws -> any KernelPath) throws {
+            throws -> (any KernelPath)?) throws {
         self.processor = Mutex(processor)
         self.quietNanoseconds = quietNanoseconds
         self.logger = logger

@@ -8,15 +8,14 @@ extension DataplaneAgent {
     /// What ``purge(queue:logger:stateFile:)`` removed.
     public struct PurgeReport: Sendable, Codable {
         public var rules = false
-        public var table = false
         public var stateFile = false
-        /// BPF datapath (`--datapath bpf`): its tc programs were attached to a device of the namespace, or its pin
+        /// The BPF datapath: its tc programs were attached to a device of the namespace, or its pin
         /// directory existed (both removed).
         public var bpf = false
     }
 
-    /// Removes what a stopped agent left for its successor (`agent --purge`): the NFQUEUE rules, the kernel table,
-    /// the BPF datapath's tc programs and pins (`bpfPinDirectory`: where that agent pinned, if known) and the state
+    /// Removes what a stopped agent left for its successor (`agent --purge`): the NFQUEUE rules, the
+    /// BPF datapath's tc programs and pins (`bpfPinDirectory`: where that agent pinned, if known) and the state
     /// file; the sessions they carried are then lost. Refused while an agent holds `queue`.
     public static func purge(queue: UInt16, logger: Logger, stateFile: String,
                              bpfPinDirectory: String? = nil) throws -> PurgeReport {
@@ -29,9 +28,6 @@ extension DataplaneAgent {
         var report = PurgeReport()
         report.rules = QueueRules.present()
         try QueueRules.remove(logger: logger)
-        let nft = try NftablesContext()
-        report.table = (try? nft.json("list table ip \(FastPathScript.table)")) != nil
-        try nft.run(FastPathScript.destroy, operation: "delete table")
         for interface in BPFKernelPath.devices() {
             guard let attached = try? BPFDatapath.attached(interface: interface),
                   attached.ingress != nil || attached.egress != nil else { continue }

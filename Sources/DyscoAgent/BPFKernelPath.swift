@@ -6,17 +6,17 @@ import Foundation
 import Logging
 import Synchronization
 
-/// The BPF ``KernelPath`` (`agent --datapath bpf`, docs/BPF.md): the tc programs of `dysco.bpf.o` on every device of
+/// The agent's ``KernelPath`` (docs/BPF.md): the tc programs of `dysco.bpf.o` on every device of
 /// the namespace but `lo`, one `dysco_sessions` entry per translation. An install writes a session's entries (one
 /// batch); a removal deletes them, unless it is a migration's hold (the session's carrier is `held` when the removal
 /// is committed): then the entries get the `HELD` flag (the programs pass the packets untouched, to the NFQUEUE
 /// rules) and keep their counters and TCP facts; the release's install hands them back by the hand-over rule
 /// (``BPFHandOver``: `HELD|RELEASING` with the agent's count of verdicted packets; the program takes over when its
-/// count of queued packets meets it) and deletes the keys a migration changed. Entries of held sessions that are gone are deleted by the counter poll. Installs wait for the packet thread's quiet point like the nftables path's (a session must
+/// count of queued packets meets it) and deletes the keys a migration changed. Entries of held sessions that are gone are deleted by the counter poll. Installs of sessions the agent carried wait for the packet thread's quiet point (a session must
 /// not reach the kernel while its packets wait in NFQUEUE); map writes take microseconds, so the commit is cheap.
 ///
-/// Marks: the ingress program ORs ``FastPathScript/ingressMark`` into what it rewrote (the raw-PREROUTING queue rule
-/// skips it, as it skips the nftables path's mark); no observe mark. At egress the queue rules run before tc, so
+/// Marks: the ingress program ORs ``FastPath/ingressMark`` into what it rewrote (the raw-PREROUTING queue rule
+/// skips it); no observe mark. At egress the queue rules run before tc, so
 /// they ask the pinned socket filter `dysco_egress_carried` (``QueueRules``). A kernel-carried session's FIN and RST
 /// stay in the kernel at both hooks: the programs report them through the `dysco_events` ring buffer, which the
 /// packet thread polls (``eventsFD``, ``takeEvents()``) and hands to the processor's bookkeeping.
@@ -27,6 +27,12 @@ import Synchronization
 ///
 /// Not yet (docs/BPF.md, "What is left to wire"): owned keys (fail closed while no agent runs).
 final class BPFKernelPath: KernelPath, @unchecked Sendable {
+    /// How long the first queued install waits for others to join its batch.
+    static let batchDelayNanoseconds: UInt64 = 2_000_000
+    /// Under load the queue may never be empty: installs are committed after this long anyway (the hand-over rule
+    /// keeps held translations in order; see docs/BPF.md for what a forced commit may still reorder).
+    static let maxDelayNanoseconds: UInt64 = 20_000_000
+
     struct Settings: Sendable {
         /// The compiled programs (`make bpf`: .build/bpf/dysco.bpf.o).
         var objectPath: String
@@ -100,7 +106,7 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
         self.report = report
         self.carriers = carriers
         guard FileManager.default.isReadableFile(atPath: settings.objectPath) else {
-            throw ControlError(message: "--datapath bpf: no BPF object at \(settings.objectPath) (build it with `make bpf`, or give --bpf-object)")
+            throw ControlError(message: "no BPF object at \(settings.objectPath) (build it with `make bpf`, or give --bpf-object)")
         }
         mountedFS = try Self.ensureBPFFS(settings.bpffs, logger: logger)
         do {
@@ -112,14 +118,14 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
                                            maxEntries: settings.maxEntries, ringBytes: settings.ringBytes)
             } catch {
                 throw ControlError(message: """
-                    --datapath bpf: cannot load \(settings.objectPath): \(error) (needs BPF syscall, clsact, ring \
+                    cannot load the BPF datapath \(settings.objectPath): \(error) (needs BPF syscall, clsact, ring \
                     buffers, bpf_redirect_neigh, atomic fetch ops: Linux ≥ 5.12; docs/BPF.md "Kernel requirements"; \
-                    --datapath nftables or --no-fastpath work without)
+                    --no-fastpath works without)
                     """)
             }
             self.datapath = datapath
             // No observe mark: FIN/RST are reported through the ring buffer (``takeEvents()``).
-            try datapath.setMarks(ingress: FastPathScript.ingressMark, observe: 0)
+            try datapath.setMarks(ingress: FastPath.ingressMark, observe: 0)
             eventsFD = datapath.eventsPollFD
             try datapath.pinProgram(BPFDatapath.egressCarriedProgram,
                                     path: settings.pinDirectory + "/" + BPFDatapath.egressCarriedProgram)
@@ -156,7 +162,7 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
                 : "has another layout (key \(pinned.keySize) B, value \(pinned.valueSize) B; this build's: " +
                   "\(wanted.keySize) B, \(wanted.valueSize) B), left by another build: start"
             throw ControlError(message: """
-                --datapath bpf: the pinned session map \(path) \(problem) with --fresh to replace the maps (their \
+                the pinned session map \(path) \(problem) with --fresh to replace the maps (their \
                 sessions are lost), or run `agent --purge` first
                 """)
         }
@@ -218,7 +224,7 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
     func commitIfDue(queueEmpty: Bool, now: UInt64) {
         if releasingCount.load(ordering: .relaxed) > 0 { checkReleases(now: now) }
         let due = pending.withLock { p in
-            let wait = queueEmpty ? FastPathWorker.batchDelayNanoseconds : FastPathWorker.maxDelayNanoseconds
+            let wait = queueEmpty ? Self.batchDelayNanoseconds : Self.maxDelayNanoseconds
             return !p.actions.isEmpty && now &- p.since >= wait
         }
         if due { commit { ($0, []) } }
@@ -227,7 +233,7 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
     func pollTimeout(now: UInt64) -> Int32 {
         let commit = pending.withLock { p -> Int32 in
             guard !p.actions.isEmpty else { return -1 }
-            let due = p.since &+ FastPathWorker.batchDelayNanoseconds
+            let due = p.since &+ Self.batchDelayNanoseconds
             return due <= now ? 0 : Int32((due - now + 999_999) / 1_000_000)
         }
         // A release waiting for the program: the packet thread looks again within `releaseCheckMilliseconds`.
@@ -296,7 +302,7 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
     /// SYN left by gets the SYN's facts, which the ingress program judges a SYN-ACK or an RST against (the SYN
     /// itself left rewritten by the agent: tc egress never saw it with the session's tuple).
     static func entries(_ action: FastPathAction, _ id: SessionTable.SessionID,
-                        _ translations: [FastPathScript.Translation]) -> [(key: BPFSessionKey, entry: BPFSessionEntry)] {
+                        _ translations: [FastPath.Translation]) -> [(key: BPFSessionKey, entry: BPFSessionEntry)] {
         guard case .open(_, _, let syn) = action else {
             return translations.map { BPFSessionKey.entry($0, sessionID: id) }
         }
@@ -564,7 +570,7 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
     /// Brings the map to `sessions`' translations with the fewest writes (``BPFSessionListing/rebuildPlan(_:)``):
     /// stray entries go, entries that already serve a translation stay with their counters, the rest are
     /// written. Each write is atomic for the programs: a kernel-carried session never stops.
-    func rebuild(sessions: [(SessionTable.SessionID, [FastPathScript.Translation])], owned: KernelOwnership.Keys) throws {
+    func rebuild(sessions: [(SessionTable.SessionID, [FastPath.Translation])], owned: KernelOwnership.Keys) throws {
         try lock.withLock {
             let plan = BPFSessionListing(try datapath.entries()).rebuildPlan(sessions)
             for key in plan.delete { try datapath.delete(key) }

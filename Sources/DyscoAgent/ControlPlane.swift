@@ -119,7 +119,7 @@ final class RawPacketSender: Sendable {
 
     init() throws {
         fd = try sysCall("socket(AF_INET, SOCK_RAW, IPPROTO_RAW)") { dysco_raw_ipv4_socket() }
-        var mark = FastPathScript.egressMark
+        var mark = FastPath.egressMark
         do {
             try sysCall("setsockopt(SO_MARK)") {
                 setsockopt(fd, SOL_SOCKET, dysco_so_mark(), &mark, socklen_t(MemoryLayout<UInt32>.size))

@@ -9,8 +9,8 @@ import Synchronization
 
 /// One host's agent (one per network namespace), the composition root: it binds the queue, restores the sessions,
 /// installs the rules and wires the parts, one concern per file:
-/// - ``AgentDataplane`` (AgentDataplane.swift): the ``PacketProcessor`` behind the packet lock, the fast-path
-///   worker, the one place a processor call's effects are handled; the migration engine's
+/// - ``AgentDataplane`` (AgentDataplane.swift): the ``PacketProcessor`` behind the packet lock, the kernel path
+///   (``BPFKernelPath``), the one place a processor call's effects are handled; the migration engine's
 ///   ``MigrationDataplane`` (MigrationDataplane.swift)
 /// - ``PacketLoop`` (PacketLoop.swift): the packet thread, its verdicts, the anchor buffer
 /// - ``ExpiryTimer``, ``QuietTimer`` (AgentTimers.swift): expiry, memory back to the OS, the drain's quiet rule
@@ -26,19 +26,15 @@ public final class DataplaneAgent: @unchecked Sendable {
         public var queueMaxLength: UInt32 = 8192
         public var controlSocketPath: String
         public var netns: String?
-        /// Mirror established sessions into the kernel (``KernelPath``, see ``datapath``); false: NFQUEUE only.
+        /// Hand sessions to the kernel datapath (``BPFKernelPath``: tc programs, BPF maps); false: NFQUEUE only.
         public var fastPath = true
-        /// Which kernel fast path carries the sessions (``KernelPath``): nftables chains or BPF maps.
-        public var datapath: DatapathKind = .bpf
-        /// `.bpf`: the compiled tc programs (`make bpf`), the bpffs under which the agent pins them (mounted if it
+        /// The compiled tc programs (`make bpf`), the bpffs under which the agent pins them (mounted if it
         /// is not one), and the capacity of the session map in translations (nil: the object's default).
         public var bpfObject = ""
         public var bpffs = "/sys/fs/bpf"
         public var bpfMaxEntries: UInt32?
         /// Size of the BPF event ring in bytes (nil: 1 MiB).
         public var bpfRingBytes: UInt32?
-        /// Re-route locally sent packets the fast path rewrote: nil = only if this namespace has gateway routes.
-        public var fastPathReroute: Bool?
         /// How often kernel counters are read for idle expiry of kernel-carried sessions.
         public var counterPollSeconds = 5
         /// The UDP port of the agents' control protocol (docs/CONTROL-PROTOCOL.md).
@@ -115,19 +111,10 @@ public final class DataplaneAgent: @unchecked Sendable {
         metrics = options.metrics.map { _ in AgentMetrics(logger: logger) }
         migrationSettings = MigrationEngine.Settings(controlPort: options.controlPort, acceptState: options.acceptState,
                                                      stateStore: options.stateStore)
-        // The nftables table exists with the fast path off too: its owned sets make known sessions fail closed
-        // while no agent runs.
-        let reroute = options.fastPathReroute ?? RouteTable.hasGatewayRoutes(
-            procNetRoute: (try? String(contentsOfFile: "/proc/net/route", encoding: .utf8)) ?? "")
-        // --no-fastpath keeps the nftables worker (its owned sets) whatever --datapath says.
-        let datapath = options.fastPath ? options.datapath : .nftables
-        // The BPF datapath takes a session with its SYN (a map write costs microseconds; the nftables path's
-        // transactions wait for `--fastpath-after` packets): docs/BPF.md "Connection setup in the kernel".
-        settings.installAtSyn = datapath == .bpf
-        if options.fastPath {
-            logger.info("kernel fast path on", metadata: ["fastpath.datapath": "\(datapath.rawValue)",
-                                                          "fastpath.reroute": "\(reroute)"])
-        }
+        // The BPF datapath takes a session with its SYN (a map write costs microseconds): docs/BPF.md
+        // "Connection setup in the kernel".
+        settings.installAtSyn = options.fastPath
+        if options.fastPath { logger.info("kernel fast path on", metadata: ["fastpath.datapath": "bpf"]) }
         let bpf = BPFKernelPath.Settings(
             objectPath: options.bpfObject, bpffs: options.bpffs,
             pinDirectory: options.bpffs + "/dysco-\(options.netns ?? "host")-q\(options.queue)",
@@ -135,10 +122,9 @@ public final class DataplaneAgent: @unchecked Sendable {
         dataplane = try AgentDataplane(
             processor: PacketProcessor(config: config, portRange: options.portRange, trust: options.trust, settings: settings),
             quietNanoseconds: migrationSettings.quietNanoseconds, logger: logger) { nudge, report, carriers in
-            switch datapath {
-            case .nftables: try FastPathWorker(reroute: reroute, logger: logger, nudge: nudge, report: report)
-            case .bpf: try BPFKernelPath(settings: bpf, logger: logger, nudge: nudge, report: report, carriers: carriers)
-            }
+            // --no-fastpath: no kernel path (owned keys with it: docs/BPF.md).
+            guard options.fastPath else { return nil }
+            return try BPFKernelPath(settings: bpf, logger: logger, nudge: nudge, report: report, carriers: carriers)
         }
         rules = QueueRules(queue: options.queue, egressFilter: (dataplane.fastPath as? BPFKernelPath)?.egressFilterPath)
         packetLoop = PacketLoop(dataplane: dataplane, queueSocket: queueSocket, bufferLimits: options.bufferLimits,

@@ -1,19 +1,18 @@
 import DyscoBPF
 import DyscoCore
 
-/// What the agent's kernel fast path does for it (`--datapath`): carry steady-state packets of the sessions the
-/// ``PacketProcessor`` hands over (``FastPathAction``s), take them back (holds, teardown), report which sessions it
-/// carried traffic for (idle expiry) and how many packets, and leave or remove its state at exit. Two
-/// implementations: ``FastPathWorker`` (nftables: one chain per translation, libnftables transactions) and
-/// ``BPFKernelPath`` (tc programs, one map entry per translation; docs/BPF.md). The agent talks to this protocol
-/// only, never to one datapath.
+/// What the agent's kernel datapath does for it: carry the packets of the sessions the ``PacketProcessor`` hands
+/// over (``FastPathAction``s), take them back (holds, teardown), report which sessions it carried traffic for
+/// (idle expiry) and how many packets, and leave or remove its state at exit. Implemented by ``BPFKernelPath`` (tc
+/// programs, one map entry per translation; docs/BPF.md); the agent's packet thread, dataplane and journal talk to
+/// this protocol only, which keeps the datapath's surface in one place.
 ///
-/// Ordering rule, both: installs are committed by the packet thread at a quiet point (``commitIfDue(queueEmpty:now:)``:
+/// Ordering rule: installs are committed by the packet thread at a quiet point (``commitIfDue(queueEmpty:now:)``:
 /// no packet of a session going to the kernel still waits in NFQUEUE); a hold's removals at once (``flush()``).
-/// The BPF path adds the hand-over rule for held translations: the program takes one back only when every packet
+/// The hand-over rule for held translations: the program takes one back only when every packet
 /// it queued while held has been verdicted (``handOverKey(_:count:hook:)``, ``verdicted(_:)``).
 protocol KernelPath: AnyObject, Sendable {
-    /// Queues actions (and, for the nftables path, owned-key changes) for the next commit.
+    /// Queues actions and owned-key changes for the next commit.
     func submit(_ actions: [FastPathAction], ownership: (add: KernelOwnership.Keys, remove: KernelOwnership.Keys)?)
     /// The packet thread, between reads: commits what is queued if it is due (`queueEmpty`: the quiet point).
     func commitIfDue(queueEmpty: Bool, now: UInt64)
@@ -37,7 +36,7 @@ protocol KernelPath: AnyObject, Sendable {
 
     // Events (the BPF datapath's ring buffer; docs/BPF.md "The agent's BPF datapath", "Events").
     /// A descriptor the packet thread adds to its poll set: readable when the kernel reported packets it carried
-    /// (nil: this path reports nothing; its FIN/RST are marked and queued to be observed instead).
+    /// (nil: no ring, e.g. after a failed open).
     var eventsFD: Int32? { get }
     /// The packet thread, when ``eventsFD`` is readable: the reported packets, in the order the kernel reported
     /// them, and how many reports the kernel had to drop since the last call (a full ring).
@@ -59,42 +58,24 @@ protocol KernelPath: AnyObject, Sendable {
     /// Starts empty (whatever a predecessor left goes).
     func reset() throws
     /// Replaces the kernel state with `sessions` and the owned keys.
-    func rebuild(sessions: [(SessionTable.SessionID, [FastPathScript.Translation])], owned: KernelOwnership.Keys) throws
-}
-
-extension KernelPath {
-    var openingRefused: UInt64 { 0 }
-    var eventsFD: Int32? { nil }
-    func takeEvents() -> (events: [KernelEvent], lost: UInt64) { ([], 0) }
-    func handOverKey(_ base: UnsafeMutableRawPointer, count: Int, hook: HookPoint) -> BPFSessionKey? { nil }
-    func verdicted(_ key: BPFSessionKey) {}
+    func rebuild(sessions: [(SessionTable.SessionID, [FastPath.Translation])], owned: KernelOwnership.Keys) throws
 }
 
 /// What a restarted agent reads of its predecessor's kernel state: the sessions it carries and whether it carries
-/// exactly a given set (then it is kept untouched). nftables: the table's chains (``FastPathListing``); BPF: the
-/// pinned session map's entries (``BPFSessionListing``).
+/// exactly a given set (then it is kept untouched): the pinned session map's entries (``BPFSessionListing``).
 protocol KernelListing: Sendable {
     /// Sessions the kernel carries (a restored session among them goes back to the kernel).
     var sessions: Set<SessionTable.SessionID> { get }
     /// The kernel holds exactly `carried`'s translations in the current format.
-    func matches(_ carried: [(SessionTable.SessionID, [FastPathScript.Translation])]) -> Bool
+    func matches(_ carried: [(SessionTable.SessionID, [FastPath.Translation])]) -> Bool
 }
 
-extension FastPathListing: KernelListing {}
 extension BPFSessionListing: KernelListing {}
 
 /// What a commit did with the installs: the sessions the kernel now carries and those it refused.
 struct KernelPathOutcome: Sendable {
     var installed: [SessionTable.SessionID] = []
     var failed: [SessionTable.SessionID] = []
-}
-
-/// Which kernel fast path the agent uses (`agent --datapath`).
-public enum DatapathKind: String, Sendable, CaseIterable {
-    /// One nftables chain per translation (``FastPathWorker``); the default.
-    case nftables
-    /// tc programs and BPF maps (``BPFKernelPath``, docs/BPF.md).
-    case bpf
 }
 
 /// The kernel's per-session packet counters summed into one running total (`kernelPacketCount`, the

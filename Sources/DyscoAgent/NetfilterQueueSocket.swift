@@ -17,7 +17,7 @@ public final class NetfilterQueueSocket {
         /// NFQA_SKB_CSUMNOTREADY: CHECKSUM_PARTIAL, the TCP checksum field holds only the pseudo-header sum.
         public var checksumNotReady: Bool
         public var isGSO: Bool
-        /// The packet's mark (NFQA_MARK; 0 when absent): the fast path's bits (``FastPathScript``).
+        /// The packet's mark (NFQA_MARK; 0 when absent): the fast path's bits (``FastPath``).
         public var mark: UInt32
         public var payload: UnsafeMutableRawPointer?
         public var length: Int

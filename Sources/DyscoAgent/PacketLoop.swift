@@ -39,7 +39,7 @@ final class PacketMailbox: Sendable {
 /// (BPF: the ring buffer, whose FIN/RST/ESTABLISHED reports go to the processor's bookkeeping here, serialized with
 /// the packets and persisted with the turn), runs each queued packet through the processor and gives its verdict (one `sendmsg` with an iovec, so the packet is not copied), keeps the packets
 /// an anchor holds, and ends each turn by persisting its table changes and, at the quiet point, committing the
-/// fast-path batch (FastPathWorker). Packets ≤ 1 KiB are copied to a scratch buffer with room for the Dysco
+/// fast-path batch (``KernelPath/commitIfDue(queueEmpty:now:)``). Packets ≤ 1 KiB are copied to a scratch buffer with room for the Dysco
 /// trailer; larger ones (never a SYN) are rewritten in place in the receive buffer.
 final class PacketLoop: @unchecked Sendable {
     static let smallPacketLimit = 1024
@@ -132,7 +132,7 @@ final class PacketLoop: @unchecked Sendable {
             // the worker (docs/ARCHITECTURE.md, "Agent crash and restart": a crash loses at most the changes of the
             // packets of its last turn).
             dataplane.persistTurn()
-            // Fast-path changes go to the kernel here, with no packet of ours left in the queue (FastPathWorker).
+            // Fast-path changes go to the kernel here, with no packet of ours left in the queue (``KernelPath/commitIfDue(queueEmpty:now:)``).
             fastPath?.commitIfDue(queueEmpty: queueEmpty, now: dysco_monotonic_ns())
         }
     }
@@ -174,20 +174,6 @@ final class PacketLoop: @unchecked Sendable {
                                   hook: packet.hook == .preRouting ? .ingress : .egress,
                                   checksum: packet.checksumNotReady ? .partial : .complete, mayHold: true)
         let now = dysco_monotonic_coarse_ns()
-        // The nftables fast path's observed FIN/RST (the BPF datapath marks none: its FIN/RST come as ring-buffer
-        // events). Only this hook's bit, so a packet marked at ingress is not taken as observed at egress.
-        let observeBit = queued.hook == .ingress ? FastPathScript.observeIngressMark : FastPathScript.observeEgressMark
-        if packet.mark & observeBit != 0 {
-            // A FIN/RST the kernel rewrote at this hook: bookkeeping only, accepted as it is (already translated).
-            let outcome = dataplane.processor.withLock { state in
-                let outcome = PacketOutcome(verdict: .accept,
-                                            effects: state.observe(base, count: queued.count, hook: queued.hook, now: now).effects)
-                state.counters.count(outcome.verdict)
-                return outcome
-            }
-            try finish(queued, outcome)
-            return
-        }
         try handle(queued, now: now)
     }
 

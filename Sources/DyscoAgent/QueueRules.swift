@@ -10,10 +10,10 @@ import Logging
 /// | mangle | DYSCO-OUT     | OUTPUT         | TCP not to `lo`: egress of local packets      |
 /// | mangle | DYSCO-FWD-OUT | POSTROUTING    | TCP with a non-local source: forwarded egress |
 ///
-/// Each queue rule skips packets carrying its hook's fast-path mark bit (``FastPathScript``): the kernel
-/// already rewrote them, so no packet takes both paths. With the BPF datapath (``egressFilter``) the ingress program
-/// sets the same marks; tc egress runs after these rules, so each egress chain first returns, unqueued, the packets
-/// the pinned socket filter says the egress program will rewrite (`-m bpf --object-pinned`, docs/BPF.md).
+/// The ingress rule skips packets carrying the ingress mark bit (``FastPath``), which the tc ingress program sets
+/// on what it rewrote, so no packet takes both paths; tc egress runs after these rules, so each egress chain first
+/// returns, unqueued, the packets the pinned socket filter says the egress program will rewrite
+/// (`-m bpf --object-pinned`, docs/BPF.md). The egress rules skip the egress bit (the agent's own sent packets).
 ///
 /// The rules use `--queue-bypass` (while no agent listens, packets pass untouched), except the one for packets of
 /// owned sessions (``restoreScript(existingJumps:)``), which fail closed. Installed atomically with one
@@ -26,7 +26,7 @@ public struct QueueRules: Sendable {
     public static let forwardEgressChain = "DYSCO-FWD-OUT"
 
     public var queue: UInt16
-    /// The BPF datapath's pinned `dysco_egress_carried` program (nil: the nftables fast path).
+    /// The BPF datapath's pinned `dysco_egress_carried` program (nil: no kernel path, `--no-fastpath`).
     public var egressFilter: String?
 
     public init(queue: UInt16, egressFilter: String? = nil) {
@@ -39,17 +39,15 @@ public struct QueueRules: Sendable {
     /// agent's sessions would pass unrewritten). `existingJumps`: the built-in chains that already jump to ours
     /// (``installedJumps()``), which get no second jump.
     ///
-    /// Per chain, in order: (1) a FIN/RST the kernel rewrote and marked to be observed, with bypass (no agent:
-    /// it leaves rewritten; nftables only: the BPF programs report them through their ring buffer); (2) a packet of an owned session the kernel did not rewrite, WITHOUT bypass (no
-    /// agent: dropped, TCP retransmits it); (3) every other TCP packet the kernel did not rewrite, with bypass.
+    /// Per chain, in order: (1) egress only, a packet the egress program will rewrite returns unqueued (the pinned
+    /// filter); (2) a packet of an owned session the kernel did not rewrite, WITHOUT bypass (no agent: dropped,
+    /// TCP retransmits it); (3) every other TCP packet the kernel did not rewrite, with bypass.
     public func restoreScript(existingJumps: Set<String> = []) -> String {
         let bypass = "-j NFQUEUE --queue-num \(queue) --queue-bypass"
         let failClosed = "-j NFQUEUE --queue-num \(queue)"
-        func rules(_ chain: String, _ match: String, hook: UInt32, observe: UInt32, owned: UInt32) -> String {
+        func rules(_ chain: String, _ match: String, hook: UInt32, owned: UInt32) -> String {
             let carried = egressFilter.map { chain == Self.ingressChain ? "" : "-A \(chain) \(match) -m bpf --object-pinned \($0) -j RETURN\n" } ?? ""
-            // BPF: no observe rule (the programs report FIN/RST through the ring buffer; nothing is marked).
-            let observed = egressFilter == nil ? "-A \(chain) \(match) -m mark --mark \(Self.markMatch(observe)) \(bypass)\n" : ""
-            return carried + observed + """
+            return carried + """
             -A \(chain) \(match) -m mark --mark \(Self.hex(owned))/\(Self.hex(owned | hook)) \(failClosed)
             -A \(chain) \(match) -m mark ! --mark \(Self.markMatch(hook)) \(bypass)
             """
@@ -57,12 +55,12 @@ public struct QueueRules: Sendable {
         func jump(_ builtin: String, _ chain: String) -> String {
             existingJumps.contains(builtin) ? "" : "-I \(builtin) 1 -j \(chain)\n"
         }
-        let ingress = rules(Self.ingressChain, "-p tcp ! -i lo", hook: FastPathScript.ingressMark,
-                            observe: FastPathScript.observeIngressMark, owned: FastPathScript.ownedIngressMark)
-        let egress = rules(Self.egressChain, "-p tcp ! -o lo", hook: FastPathScript.egressMark,
-                           observe: FastPathScript.observeEgressMark, owned: FastPathScript.ownedEgressMark)
-        let forward = rules(Self.forwardEgressChain, "-p tcp -m addrtype ! --src-type LOCAL", hook: FastPathScript.egressMark,
-                            observe: FastPathScript.observeEgressMark, owned: FastPathScript.ownedEgressMark)
+        let ingress = rules(Self.ingressChain, "-p tcp ! -i lo", hook: FastPath.ingressMark,
+                            owned: FastPath.ownedIngressMark)
+        let egress = rules(Self.egressChain, "-p tcp ! -o lo", hook: FastPath.egressMark,
+                           owned: FastPath.ownedEgressMark)
+        let forward = rules(Self.forwardEgressChain, "-p tcp -m addrtype ! --src-type LOCAL", hook: FastPath.egressMark,
+                            owned: FastPath.ownedEgressMark)
         return """
             *raw
             :\(Self.ingressChain) - [0:0]

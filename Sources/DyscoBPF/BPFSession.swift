@@ -193,7 +193,7 @@ public struct BPFEvent: Hashable, Sendable, CustomStringConvertible {
 extension BPFSessionKey {
     /// The map entry of one fast-path translation (the same four per two-sided session as the nftables fast path:
     /// ``SessionTable/Record/fastPathTranslations``).
-    public static func entry(_ translation: FastPathScript.Translation, sessionID: UInt64,
+    public static func entry(_ translation: FastPath.Translation, sessionID: UInt64,
                              flags: BPFSessionFlags = []) -> (key: BPFSessionKey, entry: BPFSessionEntry) {
         let hook: BPFHook = translation.hook == .ingress ? .ingress : .egress
         return (BPFSessionKey(translation.key, hook: hook),

@@ -22,7 +22,7 @@ public struct BPFSessionListing: Sendable, Equatable {
     }
 
     /// The map's entries each of `carried` sessions has (``BPFSessionKey/entry(_:sessionID:flags:)``).
-    public static func expected(_ carried: [(SessionTable.SessionID, [FastPathScript.Translation])])
+    public static func expected(_ carried: [(SessionTable.SessionID, [FastPath.Translation])])
         -> [BPFSessionKey: BPFSessionEntry] {
         var expected: [BPFSessionKey: BPFSessionEntry] = [:]
         for (id, translations) in carried {
@@ -42,7 +42,7 @@ public struct BPFSessionListing: Sendable, Equatable {
 
     /// The map holds exactly `carried`'s translations (every key, with its target and session, none held, and no
     /// other entry): it is kept untouched. Otherwise ``rebuildPlan(_:)``.
-    public func matches(_ carried: [(SessionTable.SessionID, [FastPathScript.Translation])]) -> Bool {
+    public func matches(_ carried: [(SessionTable.SessionID, [FastPath.Translation])]) -> Bool {
         let expected = Self.expected(carried)
         guard expected.count == entries.count else { return false }
         return expected.allSatisfy { key, wanted in entries[key].map { Self.serves($0, wanted) } ?? false }
@@ -51,7 +51,7 @@ public struct BPFSessionListing: Sendable, Equatable {
     /// How to bring the map to `carried`'s translations with the fewest writes: entries of no carried session (or
     /// keyed differently) are deleted; entries that already serve their translation stay (with their counters); the
     /// rest are written anew (missing, another target or session, or held).
-    public func rebuildPlan(_ carried: [(SessionTable.SessionID, [FastPathScript.Translation])])
+    public func rebuildPlan(_ carried: [(SessionTable.SessionID, [FastPath.Translation])])
         -> (delete: [BPFSessionKey], write: [(BPFSessionKey, BPFSessionEntry)]) {
         let expected = Self.expected(carried)
         let delete = entries.keys.filter { expected[$0] == nil }

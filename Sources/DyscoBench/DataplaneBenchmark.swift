@@ -19,8 +19,6 @@ public struct DataplaneBenchmark {
         /// The `dysco-bench` whose `sink` and `connect` run in the lab (nil: the running executable).
         public var helperBinary: String?
         public var agentArguments: [String] = []
-        /// The agents' kernel fast path (`agent --datapath`) in the fast-path and NFQUEUE-only labs.
-        public var datapath: DatapathKind = BenchDatapath.agentDefault
         /// Also measure the chain with --no-fastpath (everything in NFQUEUE).
         public var includeSlowPath = true
         public var referenceScript: String?
@@ -45,8 +43,6 @@ public struct DataplaneBenchmark {
         public var middleboxes: Int
         /// RPS on the switch ports in every lab of the run.
         public var flowSteering = true
-        /// The agents' `--datapath` (nftables, bpf).
-        public var datapath = BenchDatapath.agentDefault.rawValue
         public var kernel: Run
         /// The chain with the kernel fast path (the agent's default).
         public var dysco: Run
@@ -78,7 +74,7 @@ public struct DataplaneBenchmark {
         public var sessionsRatio: Double { dysco.sessionsPerSecond / max(kernel.sessionsPerSecond, 1e-9) }
 
         enum CodingKeys: String, CodingKey {
-            case seconds, repeats, middleboxes, flowSteering, datapath, kernel, dysco, slowPath, referenceKernelGbps, referenceChainGbps
+            case seconds, repeats, middleboxes, flowSteering, kernel, dysco, slowPath, referenceKernelGbps, referenceChainGbps
             case ratio1Flow, ratio8Flows, slowRatio1Flow, slowRatio8Flows, referenceRatio, slowVersusCReference
             case connectOverheadPerMiddleboxMicroseconds, slowConnectOverheadPerMiddleboxMicroseconds, sessionsRatio
         }
@@ -89,7 +85,6 @@ public struct DataplaneBenchmark {
             try c.encode(repeats, forKey: .repeats)
             try c.encode(middleboxes, forKey: .middleboxes)
             try c.encode(flowSteering, forKey: .flowSteering)
-            try c.encode(datapath, forKey: .datapath)
             try c.encode(kernel, forKey: .kernel)
             try c.encode(dysco, forKey: .dysco)
             try c.encodeIfPresent(slowPath, forKey: .slowPath)
@@ -113,7 +108,6 @@ public struct DataplaneBenchmark {
             repeats = try c.decode(Int.self, forKey: .repeats)
             middleboxes = try c.decode(Int.self, forKey: .middleboxes)
             flowSteering = try c.decodeIfPresent(Bool.self, forKey: .flowSteering) ?? true
-            datapath = try c.decodeIfPresent(String.self, forKey: .datapath) ?? BenchDatapath.agentDefault.rawValue
             kernel = try c.decode(Run.self, forKey: .kernel)
             dysco = try c.decode(Run.self, forKey: .dysco)
             slowPath = try c.decodeIfPresent(Run.self, forKey: .slowPath)
@@ -122,13 +116,12 @@ public struct DataplaneBenchmark {
         }
 
         init(seconds: Int, repeats: Int, middleboxes: Int, flowSteering: Bool = true,
-             datapath: String = BenchDatapath.agentDefault.rawValue, kernel: Run, dysco: Run, slowPath: Run?,
+             kernel: Run, dysco: Run, slowPath: Run?,
              referenceKernelGbps: Double?, referenceChainGbps: Double?) {
             self.seconds = seconds
             self.repeats = repeats
             self.middleboxes = middleboxes
             self.flowSteering = flowSteering
-            self.datapath = datapath
             self.kernel = kernel
             self.dysco = dysco
             self.slowPath = slowPath
@@ -163,12 +156,11 @@ public struct DataplaneBenchmark {
         let kernel = try measure(kernelSpec, label: "kernel forwarding")
         var dyscoSpec = LabSpec(name: "bench-d", middleboxes: middleboxes, chain: options.chain, subnet: "10.79.2.0/24",
                                 policyPorts: LabSpec.defaultPolicyPorts + [Self.sinkPort],
-                                agentArguments: BenchDatapath.agentArguments(options.datapath) + options.agentArguments,
+                                agentArguments: options.agentArguments,
                                 agentBinary: binary)
         dyscoSpec.flowSteering = options.flowSteering
-        logger.info("measuring the Dysco chain (kernel fast path)", metadata: ["bench.chain": "\(options.chain)",
-                                                                             "bench.datapath": "\(options.datapath.rawValue)"])
-        let dysco = try measure(dyscoSpec, label: "dysco, fast path (\(options.datapath.rawValue))")
+        logger.info("measuring the Dysco chain (kernel fast path)", metadata: ["bench.chain": "\(options.chain)"])
+        let dysco = try measure(dyscoSpec, label: "dysco, BPF datapath")
         var slowPath: Run?
         if options.includeSlowPath {
             var slowSpec = dyscoSpec
@@ -185,7 +177,7 @@ public struct DataplaneBenchmark {
         }
         let kernelMiddleboxes = options.chain.count
         return Report(seconds: options.seconds, repeats: options.repeats, middleboxes: kernelMiddleboxes,
-                      flowSteering: options.flowSteering, datapath: options.datapath.rawValue, kernel: kernel, dysco: dysco,
+                      flowSteering: options.flowSteering, kernel: kernel, dysco: dysco,
                       slowPath: slowPath, referenceKernelGbps: refKernel, referenceChainGbps: refChain)
     }
 
@@ -285,7 +277,7 @@ extension DataplaneBenchmark.Report {
         func f(_ v: Double) -> String { String(format: "%.2f", v) }
         func us(_ v: Double) -> String { String(format: "%.0f", v) }
         var lines = [
-            "data plane: client1 → \(middleboxes) middlebox(es) → server1, conntrack firewall on each, switch RPS \(flowSteering ? "on" : "off"), agents' datapath \(datapath); goodput = median of \(repeats) iperf3 runs of \(seconds) s",
+            "data plane: client1 → \(middleboxes) middlebox(es) → server1, conntrack firewall on each, switch RPS \(flowSteering ? "on" : "off"); goodput = median of \(repeats) iperf3 runs of \(seconds) s",
             "                              1 flow Gbit/s  8 flows Gbit/s  connect p50 µs  p99 µs  sessions/s",
         ]
         for run in [kernel, dysco] + (slowPath.map { [$0] } ?? []) {

@@ -19,8 +19,6 @@ public struct DrainBenchmark: Sendable {
         public var stateful = true
         public var deadlineMilliseconds: UInt32 = 10_000
         public var agentBinary: String?
-        /// The agents' kernel fast path (`agent --datapath`).
-        public var datapath: DatapathKind = BenchDatapath.agentDefault
         /// Extra arguments for every agent (after the benchmark's own).
         public var agentArguments: [String] = []
         /// Seconds the streams go on after the drain before the server closes them all (their last bytes then
@@ -78,8 +76,6 @@ public struct DrainBenchmark: Sendable {
     }
 
     public struct Report: Codable, Sendable {
-        /// The agents' `--datapath` (nftables, bpf).
-        public var datapath: String
         public var sessions: Int
         public var clients: Int
         public var stateful: Bool
@@ -153,7 +149,7 @@ public struct DrainBenchmark: Sendable {
         let fileLimit = Self.raiseFileLimit(to: Self.fileLimit(sessions: options.sessions), logger: logger)
         let spec = LabSpec(name: "bench-dr", clients: clients, middleboxes: ["fw1", "fw2"], chain: ["fw1"],
                            subnet: "10.79.92.0/24", policyPorts: [Self.port],
-                           agentArguments: ["--port-range", "\(Self.portRange.lowerBound)-\(Self.portRange.upperBound)"] + BenchDatapath.agentArguments(options.datapath)
+                           agentArguments: ["--port-range", "\(Self.portRange.lowerBound)-\(Self.portRange.upperBound)"]
                                + Self.sizingArguments(sessions: options.sessions, perClient: perClient) + options.agentArguments,
                            agentBinary: try options.agentBinary ?? Lab.defaultAgentBinary())
         let servers = Self.serverProcesses(sessions: options.sessions, fileLimit: fileLimit)
@@ -236,7 +232,7 @@ public struct DrainBenchmark: Sendable {
             broken += result.broken
             bytes += result.bytes
         }
-        return Report(datapath: options.datapath.rawValue, sessions: options.sessions, clients: clientNames.count, stateful: options.stateful,
+        return Report(sessions: options.sessions, clients: clientNames.count, stateful: options.stateful,
                       concurrency: options.concurrency, moved: summary.moved, failed: summary.failures.count,
                       batches: summary.batches, remainingOnOld: summary.remaining,
                       drainSeconds: Double(summary.elapsedMicroseconds) / 1e6, sessionsPerSecond: summary.sessionsPerSecond,
@@ -281,7 +277,7 @@ public struct DrainBenchmark: Sendable {
     public static func render(_ r: Report) -> String {
         func ms(_ us: UInt64) -> String { String(format: "%.1f", Double(us) / 1000) }
         return """
-        drain benchmark (\(r.stateful ? "stateful" : "stateless"), agents' datapath \(r.datapath)): \(r.sessions) live sessions from \(r.clients) client(s), fw1 → fw2, concurrency \(r.concurrency)
+        drain benchmark (\(r.stateful ? "stateful" : "stateless")): \(r.sessions) live sessions from \(r.clients) client(s), fw1 → fw2, concurrency \(r.concurrency)
         setup: sessions established on fw1 in \(String(format: "%.1f", r.setupSeconds)) s; one snapshot of fw1's sessions \(String(format: "%.3f", r.snapshotSeconds)) s
         moved \(r.moved)/\(r.sessions) in \(String(format: "%.3f", r.drainSeconds)) s (\(String(format: "%.0f", r.sessionsPerSecond)) sessions/s), \(r.batches) batch(es); not moved \(r.failed); left on fw1 \(r.remainingOnOld)
         streams byte-exact at the clients: \(r.streamsIntact)/\(r.sessions) (\(r.streamsBroken) broken, \(r.bytesChecked) bytes checked); fw2 INVALID drops \(r.fw2InvalidDrops)

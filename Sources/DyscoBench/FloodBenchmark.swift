@@ -94,8 +94,6 @@ public struct FloodBenchmark: Sendable {
         /// SYNs per second of each of the two flood processes (0: as fast as they go).
         public var rate = 0.0
         public var agentArguments: [String] = []
-        /// The agents' kernel fast path (`agent --datapath`).
-        public var datapath: DatapathKind = BenchDatapath.agentDefault
         public var agentBinary: String?
         public init() {}
     }
@@ -131,11 +129,9 @@ public struct FloodBenchmark: Sendable {
         public var queueDroppedAtFw1: Int
         /// fw1's agent VmRSS (KiB) once a second from the flood's start to the "after" reading.
         public var rssSeries: [Int]
-        /// The agents' `--datapath` (nftables, bpf); nil where the lab was not built by ``run()``.
-        public var datapath: String?
 
         public var text: String {
-            (datapath.map { "agents' datapath \($0)\n" } ?? "") + """
+            """
             SYN flood on fw1: \(plainSent) plain SYNs from client2 (via its agent; \(droppedAtSender) refused synchronously there) + \
             \(forgedSent) forged Dysco SYNs from client2 in \(String(format: "%.1f", floodSeconds)) s \
             (\(Int(synsPerSecond)) SYN/s)
@@ -172,12 +168,11 @@ public struct FloodBenchmark: Sendable {
 
     public func run() async throws -> Report {
         let spec = Self.spec(name: "at-bflood", subnet: "10.79.89.0/24", synTimeout: options.synTimeout,
-                             agentArguments: BenchDatapath.agentArguments(options.datapath) + options.agentArguments,
+                             agentArguments: options.agentArguments,
                              agentBinary: try options.agentBinary ?? Lab.defaultAgentBinary())
-        var report = try await Lab.withBenchmarkLab(spec, logger: logger) { lab in
+        let report = try await Lab.withBenchmarkLab(spec, logger: logger) { lab in
             try Self.flood(lab, syns: options.syns, synTimeout: options.synTimeout, rate: options.rate, logger: logger)
         }
-        report.datapath = options.datapath.rawValue
         return report
     }
 

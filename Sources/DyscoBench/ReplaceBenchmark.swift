@@ -33,8 +33,6 @@ public struct ReplaceBenchmark: Sendable {
         public var referenceMissing: String?
         public var agentBinary: String?
         public var agentArguments: [String] = []
-        /// The agents' kernel fast path (`agent --datapath`).
-        public var datapath: DatapathKind = BenchDatapath.agentDefault
         public init() {}
     }
 
@@ -87,8 +85,6 @@ public struct ReplaceBenchmark: Sendable {
     }
 
     public struct Report: Codable, Sendable {
-        /// The agents' `--datapath` (nftables, bpf).
-        public var datapath: String
         public var runs: [Run]
         public var reference: Reference?
         /// Why the reference is missing, if it is.
@@ -119,7 +115,7 @@ public struct ReplaceBenchmark: Sendable {
             reference?.ratios(mode: run.mode, latency: MigrationLatency(total: run.total, paper: run.paper, phases: run.phases),
                               moved: run.moved, batchMicroseconds: run.batchElapsedMicroseconds) ?? Ratios(mode: run.mode)
         }
-        return Report(datapath: options.datapath.rawValue, runs: runs, reference: reference, referenceNote: note, ratios: ratios)
+        return Report(runs: runs, reference: reference, referenceNote: note, ratios: ratios)
     }
 
     // MARK: - One lab
@@ -129,7 +125,7 @@ public struct ReplaceBenchmark: Sendable {
                           LabSpec.hostCountRange.upperBound)
         let (name, subnet) = mode == .stateful ? ("bench-rp", "10.79.90.0/24") : ("bench-rps", "10.79.91.0/24")
         return .replacement(name: name, clients: clients, subnet: subnet, mode: mode,
-                            agentArguments: BenchDatapath.agentArguments(options.datapath) + options.agentArguments,
+                            agentArguments: options.agentArguments,
                             agentBinary: binary)
     }
 
@@ -228,7 +224,7 @@ extension ReplaceBenchmark.Report {
             let perClient = (run.sessions + run.clients - 1) / run.clients
             lines.append("replace benchmark, \(run.mode): \(run.sessions) sessions (\(run.megabytes) MiB each, paced at "
                          + "\(String(format: "%g", run.rateMiBps)) MiB/s) from \(run.clients) client(s) (≤ \(perClient) each) "
-                         + "through fw1 → fw2 (fw2 \(run.fw2Profile)), lab \(run.lab), agents' datapath \(datapath)")
+                         + "through fw1 → fw2 (fw2 \(run.fw2Profile)), lab \(run.lab)")
             lines.append("sessions moved: \(run.moved)/\(run.sessions) (matched \(run.matched)); after the window fw1 carries "
                          + "\(run.fw1SessionsAfter), fw2 \(run.fw2SessionsAfter)")
             lines.append("batch: \(ms(run.batchElapsedMicroseconds)) ms (agent), \(ms(run.requestMicroseconds)) ms (request round trip); "

@@ -1,4 +1,5 @@
 import DyscoAgent
+import DyscoBPF
 import DyscoCore
 import DyscoLab
 import DyscoSystem
@@ -7,22 +8,30 @@ import Logging
 
 /// `dysco-bench restore`: how long a restarted agent takes to put N sessions back (docs/ARCHITECTURE.md, "Agent crash and
 /// restart"). In a namespace of its own (`bench-rs`, no interface but lo: nothing else is touched), it builds a
-/// synthetic state file of N established middlebox sessions and the kernel table a predecessor would have left
-/// (every session on the fast path, its keys owned), then starts a real agent on them: read + restore + reconcile,
-/// the table rebuilt in one transaction, the queue rules, and the journal compacted. Figures, no assertions.
+/// synthetic state file of N established middlebox sessions and the pinned session map a predecessor would have
+/// left (every session in the kernel: four entries each, on a bpffs mounted for the benchmark), then starts a real
+/// agent on them: read + restore + reconcile, the map taken over, the queue rules, and the journal compacted.
+/// Figures, no assertions.
 public enum RestoreBenchmark {
     public static let namespace = "bench-rs"
+    /// The bpffs the predecessor's maps are pinned under (mounted on the host by ``run(sessions:bench:agent:logger:)``,
+    /// so the agent, under its own `ip netns exec`, finds them).
+    public static let bpffs = "/run/dysco-migrate/bench-restore-bpf"
+    /// The agent's own directory on it (`dysco-<netns>-q<queue>`, queue 7).
+    static var pinDirectory: String { "\(bpffs)/dysco-\(namespace)-q7" }
+    /// The agent's map size for its default --max-sessions (four translations a session).
+    static var maxEntries: UInt32 { UInt32(PacketProcessor.Settings().maxSessions * 4) }
 
     public struct Report: Codable, Sendable {
         public var sessions = 0
         public var stateFileBytes = 0
-        /// Building the predecessor's kernel table from scratch (for comparison).
+        /// Writing the predecessor's map entries from scratch (batched map updates, for comparison).
         public var predecessorInstallSeconds = 0.0
         /// Reading the state file, restoring the records, reconciling with the kernel's listing.
         public var readSeconds = 0.0
-        /// Of which: reading the kernel's table (libnftables JSON listing).
+        /// Of which: reading the pinned session map.
         public var listSeconds = 0.0
-        /// Rebuilding the table with the kernel-carried sessions (one transaction).
+        /// Taking the map over: kept as it is when it holds exactly the carried sessions, else rebuilt.
         public var kernelSeconds = 0.0
         /// Installing the queue rules (iptables-restore).
         public var rulesSeconds = 0.0
@@ -30,9 +39,9 @@ public enum RestoreBenchmark {
         public var totalSeconds = 0.0
         public var restored = 0
         public var kernelSessions = 0
-        /// Sessions with chains in the kernel after the start.
+        /// Sessions with entries in the map after the start.
         public var kernelChains = 0
-        /// The agent found the table as expected and kept it (only the owned keys set again).
+        /// The agent found the map as expected and kept it (only the owned keys set again).
         public var tableKept = false
         public var sessionsPerSecond: Double { totalSeconds > 0 ? Double(restored) / totalSeconds : 0 }
 
@@ -41,8 +50,8 @@ public enum RestoreBenchmark {
             return """
                 restore of \(sessions) sessions (state file \(stateFileBytes) bytes)
                   read + restore + reconcile  \(f(readSeconds))  (of which the kernel's listing \(f(listSeconds)))
-                  kernel re-attach            \(f(kernelSeconds))  (\(tableKept ? "table kept, owned keys set" : "table rebuilt"); \
-                \(kernelSessions) sessions in the kernel, \(kernelChains) with chains after the start)
+                  kernel re-attach            \(f(kernelSeconds))  (\(tableKept ? "map kept, owned keys set" : "map rebuilt"); \
+                \(kernelSessions) sessions in the kernel, \(kernelChains) with map entries after the start)
                   queue rules                 \(f(rulesSeconds))
                   agent start in all          \(f(totalSeconds))  \(Int(sessionsPerSecond)) sessions/s
                   (a predecessor installing them from scratch: \(f(predecessorInstallSeconds)))
@@ -50,9 +59,9 @@ public enum RestoreBenchmark {
         }
     }
 
-    /// The inner half, in the scratch namespace (``namespace``): writes the state file and builds the predecessor's
-    /// kernel table; the agent started next finds both.
-    public static func runInside(sessions: Int, logger: Logger) throws -> Report {
+    /// The inner half, in the scratch namespace (``namespace``): writes the state file and the predecessor's pinned
+    /// map (programs from `bpfObject`); the agent started next finds both.
+    public static func runInside(sessions: Int, bpfObject: String, logger: Logger) throws -> Report {
         var report = Report()
         report.sessions = sessions
         let dir = "/run/dysco-migrate"
@@ -83,14 +92,15 @@ public enum RestoreBenchmark {
         report.stateFileBytes = bytes.count
         try Data(bytes).write(to: URL(fileURLWithPath: statePath))
 
-        // The table a crashed predecessor leaves: every session in the kernel, its keys owned.
-        var owned = KernelOwnership()
-        let keys = owned.update(table.records.keys, table: table).add
+        // The map a crashed predecessor leaves: every session in the kernel (four entries each).
         let carried = table.records.keys.sorted().map { ($0, table.records[$0]!.fastPathTranslations) }
-        let nft = try NftablesContext()
+        try FileManager.default.createDirectory(atPath: pinDirectory, withIntermediateDirectories: true)
+        let datapath = try BPFDatapath(objectPath: bpfObject, pinDirectory: pinDirectory, maxEntries: maxEntries)
+        let entries = BPFSessionListing.expected(carried).map { ($0.key, $0.value) }
         let installStart = DispatchTime.now().uptimeNanoseconds
-        try nft.run(FastPathScript.rebuild(reroute: false, sessions: carried, ownedIngress: keys.ingress, ownedEgress: keys.egress),
-                    operation: "predecessor's table")
+        for start in stride(from: 0, to: entries.count, by: 4096) {
+            try datapath.writeBatch(Array(entries[start..<min(start + 4096, entries.count)]))
+        }
         report.predecessorInstallSeconds = Double(DispatchTime.now().uptimeNanoseconds - installStart) / 1e9
 
         return report
@@ -102,8 +112,8 @@ public enum RestoreBenchmark {
         return Double(log[range.upperBound...].prefix { $0.isNumber || $0 == "." || $0 == "e" || $0 == "-" })
     }
 
-    /// The outer half, in the initial namespace: builds the scratch namespace, prepares the files and the table
-    /// in it (`bench` runs `dysco-bench restore --inside`), starts a real agent there (`agent`, a `dysco-migrate`)
+    /// The outer half, in the initial namespace: builds the scratch namespace and mounts ``bpffs``, prepares the
+    /// files and the map in it (`bench` runs `dysco-bench restore --inside`), starts a real agent there (`agent`, a `dysco-migrate`)
     /// with the state file (the same command line a restart uses), waits for its control socket and reads what it restored, then stops it with
     /// --cleanup-on-exit and removes the namespace.
     public static func run(sessions: Int, bench: String, agent agentBinary: String, logger: Logger) throws -> Report {
@@ -118,15 +128,25 @@ public enum RestoreBenchmark {
         defer {
             for path in [socket, key, log, AgentControlPaths.statePath(socketPath: socket)] { unlink(path) }
         }
+        guard let object = BenchDatapath.bpfObject(agentBinary: agentBinary) else {
+            throw LabError.setupFailed("no dysco.bpf.o where \(agentBinary) looks for it (build it with `make bpf`)")
+        }
+        try FileManager.default.createDirectory(atPath: bpffs, withIntermediateDirectories: true)
+        _ = try? Command.run(["umount", bpffs])
+        try Command.run(["mount", "-t", "bpf", "bpf", bpffs])
+        defer {
+            _ = try? Command.run(["umount", bpffs])
+            rmdir(bpffs)
+        }
         let prepared = try Command.run(["ip", "netns", "exec", namespace, bench, "restore", "--inside",
-                                        "--sessions", "\(sessions)"], check: false)
+                                        "--sessions", "\(sessions)", "--bpf-object", object], check: false)
         guard prepared.succeeded, var report = try? JSONDecoder().decode(Report.self, from: Data(prepared.stdout.utf8)) else {
-            throw LabError.setupFailed("preparing the state file and the table failed: \(prepared.stderr)")
+            throw LabError.setupFailed("preparing the state file and the map failed: \(prepared.stderr)")
         }
         try TrustKeyFile.save(hex: TrustKey.generateHex(), to: key, replace: true)  // mode 0600: the agent refuses others
         unlink(socket)
         let start = Date()
-        let agent = try Command.spawn([agentBinary, "agent", "--trust-key", key, "--control-socket", socket,
+        let agent = try Command.spawn([agentBinary, "agent", "--trust-key", key, "--control-socket", socket, "--bpf-fs", bpffs,
                                        "--port-range", "10000-60000", "--cleanup-on-exit", "--log-level", "notice"],
                                       netns: namespace, logPath: log)
         defer {
@@ -149,8 +169,8 @@ public enum RestoreBenchmark {
         report.rulesSeconds = loggedSeconds(text, "state.rules_seconds") ?? 0
         report.restored = Int(loggedSeconds(text, "state.sessions") ?? 0)
         report.kernelSessions = Int(loggedSeconds(text, "state.kernel") ?? 0)
-        let chains = try Command.run(["nft", "-j", "list", "chains", "ip"], netns: namespace).stdout
-        report.kernelChains = FastPathListing(chainsJSON: Data(chains.utf8), setsJSON: Data()).sessions.count
+        let entries = try BPFDatapath.pinnedEntries(mapPath: pinDirectory + "/dysco_sessions")
+        report.kernelChains = Set(entries.map(\.1.sessionID)).count
         report.tableKept = text.contains("state.table_kept=true")
         agent.terminate()
         agent.waitUntilExit()

@@ -58,7 +58,7 @@ public struct BenchCommand: AsyncParsableCommand {
         @Option(help: "C reference script (default: ../shared/bench/chain-nfqueue-ref.sh if present; 'none' to skip).")
         var reference: String?
         @Option(help: "Extra argument for every agent (repeatable).") var agentArg: [String] = []
-        @OptionGroup var datapath: BenchDatapathOptions
+        @OptionGroup var bpfCheck: BenchBPFCheck
         @OptionGroup var jsonOutput: JSONOutput<JSONHelp.Report>
         @Flag(help: "Skip the --no-fastpath (NFQUEUE only) run.") var noSlowPath = false
         @Flag(inversion: .prefixedNo, help: ArgumentHelp("RPS on the labs' switch ports, as every lab has it (--no-flow-steering: off).",
@@ -73,7 +73,6 @@ public struct BenchCommand: AsyncParsableCommand {
             guard seconds > 0, connections > 0, repeats > 0 else {
                 throw ValidationError("--seconds, --repeats and --connections must be positive")
             }
-            try datapath.check(agentArguments: agentArg)
         }
 
         func run() async throws {
@@ -84,7 +83,6 @@ public struct BenchCommand: AsyncParsableCommand {
             options.connections = connections
             options.chain = (1...middleboxes).map { "fw\($0)" }
             options.agentArguments = agentArg
-            options.datapath = datapath.datapath
             options.includeSlowPath = !noSlowPath
             options.flowSteering = flowSteering
             let defaultReference = FileManager.default.currentDirectoryPath + "/../shared/bench/chain-nfqueue-ref.sh"
@@ -201,11 +199,10 @@ public struct BenchCommand: AsyncParsableCommand {
         @Option(help: "Reference script (default: ../shared/bench/state-transfer-prototype-ref.sh if found; 'none' to skip).")
         var reference: String?
         @Option(help: "Extra argument for every agent (repeatable).") var agentArg: [String] = []
-        @OptionGroup var datapath: BenchDatapathOptions
+        @OptionGroup var bpfCheck: BenchBPFCheck
         @OptionGroup var jsonOutput: JSONOutput<JSONHelp.Report>
 
         func validate() throws {
-            try datapath.check(agentArguments: agentArg)
             guard (1...2000).contains(sessions) else { throw ValidationError("--sessions must be 1...2000") }
             guard megabytes > 0, rate > 0 else { throw ValidationError("--megabytes and --rate must be positive") }
             guard !(stateless && both) else { throw ValidationError("--stateless and --both exclude each other") }
@@ -223,7 +220,6 @@ public struct BenchCommand: AsyncParsableCommand {
             options.deadlineMilliseconds = deadline
             options.sessionsPerClient = sessionsPerClient
             options.agentArguments = agentArg
-            options.datapath = datapath.datapath
             (options.referenceScript, options.referenceMissing) = StateTransferReference.resolve(reference)
             let report = try await ReplaceBenchmark(options: options, logger: logger).run()
             try BenchCommand.output(report, json: jsonOutput.json, text: report.text)
@@ -232,19 +228,20 @@ public struct BenchCommand: AsyncParsableCommand {
 
     struct Restore: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Time for a restarted agent to restore N sessions from its state file and the kernel table.",
+            abstract: "Time for a restarted agent to restore N sessions from its state file and the kernel's map.",
             discussion: """
                 In a scratch network namespace (bench-rs, lo only), writes a state file of N established middlebox \
-                sessions and the nftables table a crashed predecessor would leave (all N on the fast path), then \
-                starts a real agent (`dysco-migrate agent`, the binary beside this one or $DYSCO_BIN) on them and prints: read + restore + reconcile, the kernel table rebuilt \
-                (one transaction), the queue rules, the whole start and sessions/s. Needs root; removes the \
-                namespace, the table and the files.
+                sessions and the pinned BPF session map a crashed predecessor would leave (all N in the kernel), \
+                then starts a real agent (`dysco-migrate agent`, the binary beside this one or $DYSCO_BIN) on them \
+                and prints: read + restore + reconcile, the map taken over, the queue rules, the whole start and \
+                sessions/s. Needs root; removes the namespace, the bpffs and the files.
                 """
         )
 
         @Option(help: "Sessions in the state file and the kernel (1...40000).") var sessions = 1000
         @OptionGroup var jsonOutput: JSONOutput<JSONHelp.Report>
         @Flag(help: .hidden) var inside = false
+        @Option(help: .hidden) var bpfObject: String?
 
         func validate() throws {
             guard (1...40000).contains(sessions) else { throw ValidationError("--sessions must be 1...40000") }
@@ -254,7 +251,8 @@ public struct BenchCommand: AsyncParsableCommand {
             var logger = BenchCommand.logger()
             if inside {
                 logger.logLevel = .warning
-                let report = try RestoreBenchmark.runInside(sessions: sessions, logger: logger)
+                guard let bpfObject else { throw ValidationError("--inside needs --bpf-object") }
+                let report = try RestoreBenchmark.runInside(sessions: sessions, bpfObject: bpfObject, logger: logger)
                 print(String(decoding: try JSONEncoder().encode(report), as: UTF8.self))
                 return
             }

@@ -32,7 +32,7 @@ extension BenchCommand {
         var stateless = false
         @Option(help: "Seconds the streams go on after the drain before the server closes them.") var afterDrain = 3
         @Option(help: "Extra argument for every agent (repeatable).") var agentArg: [String] = []
-        @OptionGroup var datapath: BenchDatapathOptions
+        @OptionGroup var bpfCheck: BenchBPFCheck
         @OptionGroup var jsonOutput: JSONOutput<JSONHelp.Report>
 
         func validate() throws {
@@ -46,7 +46,6 @@ extension BenchCommand {
                 throw ValidationError("\(most) sessions per client (\(clients) clients at most) exceed its \(DrainBenchmark.maxSessionsPerClient) ephemeral ports: lower --sessions-per-client or --sessions")
             }
             guard afterDrain >= 0 else { throw ValidationError("--after-drain must not be negative") }
-            try datapath.check(agentArguments: agentArg)
         }
 
         func run() async throws {
@@ -59,7 +58,6 @@ extension BenchCommand {
             options.stateful = !stateless
             options.afterDrainSeconds = afterDrain
             options.agentArguments = agentArg
-            options.datapath = datapath.datapath
             let report = try await DrainBenchmark(options: options, logger: logger).run()
             try BenchCommand.output(report, json: jsonOutput.json, text: DrainBenchmark.render(report))
         }

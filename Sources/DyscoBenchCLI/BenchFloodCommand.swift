@@ -28,14 +28,13 @@ extension BenchCommand {
         @Option(help: "SYNs per second of each of the two flood processes (0: as fast as Python sends).") var rate = 0.0
         @Option(help: "Extra argument for every agent (repeatable), e.g. --agent-arg=--max-sessions-per-source=4096.")
         var agentArg: [String] = []
-        @OptionGroup var datapath: BenchDatapathOptions
+        @OptionGroup var bpfCheck: BenchBPFCheck
         @OptionGroup var jsonOutput: JSONOutput<JSONHelp.Report>
 
         func validate() throws {
             guard (2...1_000_000).contains(syns) else { throw ValidationError("--syns must be 2...1000000") }
             guard synTimeout > 0, synTimeout <= 600 else { throw ValidationError("--syn-timeout must be in (0, 600] s") }
             guard rate >= 0 else { throw ValidationError("--rate must be 0 (unlimited) or positive") }
-            try datapath.check(agentArguments: agentArg)
         }
 
         func run() async throws {
@@ -44,7 +43,6 @@ extension BenchCommand {
             options.synTimeout = synTimeout
             options.rate = rate
             options.agentArguments = agentArg
-            options.datapath = datapath.datapath
             let report = try await FloodBenchmark(options: options, logger: BenchCommand.logger()).run()
             try BenchCommand.output(report, json: jsonOutput.json, text: report.text)
         }

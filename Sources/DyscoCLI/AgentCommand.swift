@@ -44,12 +44,12 @@ struct AgentCommand: AsyncParsableCommand {
             first); `policy show` prints both.
 
             Restart: the agent journals its session table to --state-file. After a crash (kill -9) or a planned \
-            stop (SIGTERM/SIGINT with live sessions: the rules, the kernel table and the state file stay), an agent \
+            stop (SIGTERM/SIGINT with live sessions: the rules, the BPF programs and maps and the state file stay), an agent \
             started with the same command line reads it back, keeps the kernel's sessions there and carries on: an \
             upgrade is SIGTERM, new binary, start. While no agent runs, sessions on the kernel fast path keep \
             flowing (their FIN/RST too); packets of other known sessions are dropped (TCP retransmits them once \
-            the agent is back); TCP of no session passes. With --datapath bpf the kernel's state is the tc programs \
-            and the maps pinned under --bpf-fs (give the same --bpf-fs to the next agent and to --purge). To take \
+            the agent is back); TCP of no session passes. The kernel's state is the tc programs and the maps pinned \
+            under --bpf-fs (give the same --bpf-fs to the next agent and to --purge). To take \
             the agent away for good: --cleanup-on-exit, or SIGTERM then `dysco-migrate agent --purge` (same \
             --netns/--queue/--control-socket); --fresh starts empty.
 
@@ -118,27 +118,19 @@ struct AgentCommand: AsyncParsableCommand {
         """, valueName: "path"))
     var stateFile: String?
 
-    @Flag(help: "Start empty: discard the state file and the kernel table a previous agent left (its sessions are lost).")
+    @Flag(help: "Start empty: discard the state file and the kernel maps a previous agent left (its sessions are lost).")
     var fresh = false
 
-    @Flag(help: "At exit remove the rules, the kernel table and the state file even with live sessions (they are lost).")
+    @Flag(help: "At exit remove the rules, the BPF programs and maps and the state file even with live sessions (they are lost).")
     var cleanupOnExit = false
 
     @Flag(help: ArgumentHelp("""
-        Do not run: remove what a stopped agent left for its successor (NFQUEUE rules, kernel table, state file) \
+        Do not run: remove what a stopped agent left for its successor (NFQUEUE rules, BPF programs and pins, state file) \
         and print what was removed as JSON. Refused while an agent runs on --queue in this namespace.
         """))
     var purge = false
 
-    enum Reroute: String, ExpressibleByArgument, CaseIterable { case auto, always, never }
-
-    @Option(help: ArgumentHelp("""
-        Re-route local packets the fast path rewrote (auto: only when this namespace has routes via a gateway; \
-        on-link next hops need no re-routing, which saves a route lookup per packet).
-        """, valueName: "auto|always|never"))
-    var fastpathReroute: Reroute = .auto
-
-    @Option(help: "Packets a session carries through the agent before the kernel takes it over (short exchanges stay; nftables only: with --datapath bpf the kernel takes a session with its SYN).")
+    @Option(help: "Packets a session carries through the agent before the kernel takes it back, for a session the kernel did not take with its SYN (one that went back to the agent after an RST, or restored without its entries).")
     var fastpathAfter: UInt64 = 8
 
     @Option(help: "Seconds a closed session's translations linger (last ACK, retransmitted FINs).")
@@ -181,6 +173,9 @@ struct AgentCommand: AsyncParsableCommand {
             throw ValidationError("--port-range must be LOW-HIGH with 1 <= LOW <= HIGH <= 65535, got '\(portRange)'")
         }
         guard stateMaxBytes > 0 else { throw ValidationError("--state-max-bytes must be positive") }
+        if !noFastpath, !purge, datapath.resolvedObject() == nil {
+            throw ValidationError("no dysco.bpf.o found for the kernel datapath (build it with `make bpf`, give --bpf-object, or run with --no-fastpath)")
+        }
         guard idleTimeout > 0 else { throw ValidationError("--idle-timeout must be positive") }
         guard synTimeout > 0, synTimeout <= 3600 else { throw ValidationError("--syn-timeout must be in (0, 3600] s") }
         guard maxSessions > 0 else { throw ValidationError("--max-sessions must be positive") }
@@ -274,8 +269,7 @@ struct AgentCommand: AsyncParsableCommand {
         options.settings.maxSessions = maxSessions
         options.settings.maxSessionsPerSource = maxSessionsPerSource
         options.fastPath = !noFastpath
-        options.datapath = datapath.datapath
-        if datapath.datapath == .bpf, !noFastpath {
+        if !noFastpath {
             options.bpfObject = datapath.resolvedObject() ?? ""
             options.bpffs = datapath.bpfFs
             // Four translations per two-sided session (a middlebox's).
@@ -283,11 +277,6 @@ struct AgentCommand: AsyncParsableCommand {
             options.bpfRingBytes = datapath.bpfRingBytes
         }
         options.settings.fastPathAfterPackets = fastpathAfter
-        options.fastPathReroute = switch fastpathReroute {
-        case .auto: nil
-        case .always: true
-        case .never: false
-        }
         let agent = try DataplaneAgent(config: agentConfig, options: options, logger: logger)
         do { try agent.start() } catch {
             agent.stop()

@@ -176,7 +176,7 @@ public enum AgentMetricCatalog {
         public var sessions: Int
         public var anchoring: Int
         public var control: [String: UInt64]
-        /// Packets the kernel fast path rewrote (summed from the per-session nftables counters at each poll).
+        /// Packets the kernel fast path rewrote (summed from the per-session map counters at each poll).
         public var fastPathPackets: UInt64
         /// The BPF datapath's refused SYN-ACKs/RSTs on opening sessions (`dysco_stats[OPENING_REFUSED]`).
         public var kernelOpeningRefused: UInt64 = 0

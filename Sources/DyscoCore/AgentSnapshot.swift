@@ -13,7 +13,7 @@ public struct AgentSnapshot: Codable, Sendable {
         public var remaining: [IPv4Address]
         /// "opening" (SYN-only: the handshake has not completed through this agent), "established", "closing"
         public var state: String
-        /// The session's carrier: slow (NFQUEUE), pending (being handed to the kernel), kernel (nftables), held
+        /// The session's carrier: slow (NFQUEUE), pending (being handed to the kernel), kernel (BPF map entries), held
         /// (taken back). JSON key `path`, as before the rename.
         public var carrier: SessionTable.Carrier
         public var packets: UInt64

@@ -56,8 +56,6 @@ public struct DataplaneCounters: Sendable, Codable, Equatable {
     public var droppedAfterLeaving: UInt64 = 0
     /// Window-opening probes an anchor received on a new path and kept from its endpoint.
     public var probesReceived: UInt64 = 0
-    /// FINs and RSTs the kernel rewrote and queued for the agent's teardown bookkeeping (accepted unchanged).
-    public var kernelObserved: UInt64 = 0
     /// Packets the kernel carried and reported (the BPF datapath's FIN, RST and ESTABLISHED events), and those of
     /// them no session took (gone, or the key reused meanwhile).
     public var kernelEvents: UInt64 = 0
@@ -109,13 +107,13 @@ public struct DataplaneCounters: Sendable, Codable, Equatable {
 
 /// Work for the fast-path worker: put a session's translations into the kernel, or take them out.
 public enum FastPathAction: Sendable, Equatable {
-    case install(SessionTable.SessionID, [FastPathScript.Translation])
-    case remove(SessionTable.SessionID, [FastPathScript.Translation])
+    case install(SessionTable.SessionID, [FastPath.Translation])
+    case remove(SessionTable.SessionID, [FastPath.Translation])
     /// An install with the session's SYN (``PacketProcessor/Settings/installAtSyn``, the BPF datapath; issue 16
     /// item 2): the translations go to the kernel marked opening, before the SYN's verdict (nothing else of a new
     /// session waits in the queue, so it is committed at once: ``splitForFlush(_:)``), and the kernel reports the
     /// establishment. `syn`: the SYN this host sends on, when it does (left end, middlebox).
-    case open(SessionTable.SessionID, [FastPathScript.Translation], syn: OpeningSyn?)
+    case open(SessionTable.SessionID, [FastPath.Translation], syn: OpeningSyn?)
 
     /// The SYN a session was opened with, as it left this host: the facts the kernel judges the answer against
     /// (a SYN-ACK or an RST must acknowledge exactly `sequence` + 1; docs/BPF.md "Connection setup in the kernel").
@@ -130,7 +128,7 @@ public enum FastPathAction: Sendable, Equatable {
     }
 
     /// The translations an install or an opening puts into the kernel (nil for a removal).
-    public var installing: [FastPathScript.Translation]? {
+    public var installing: [FastPath.Translation]? {
         switch self {
         case .install(_, let translations), .open(_, let translations, _): translations
         case .remove: nil
@@ -234,17 +232,15 @@ public struct PacketProcessor: Sendable {
         /// How long a session's translations outlive its close (last ACK, retransmitted FINs).
         public var closeLinger: UInt64 = 10 * 1_000_000_000
         public var resetLinger: UInt64 = 1 * 1_000_000_000
-        /// Mirror established sessions into the kernel (nftables); false keeps everything in NFQUEUE.
+        /// Hand sessions to the kernel datapath (BPF maps); false keeps everything in NFQUEUE.
         public var fastPath = false
-        /// Packets a session must have carried through this agent before it is handed to the kernel: short
-        /// exchanges (connect, a request, close) finish on the slow path instead of costing two nftables
-        /// transactions; a bulk transfer reaches the threshold within its first round trips.
+        /// Packets a session must have carried through this agent before it is handed to the kernel: used for a session
+        /// not taken with its SYN (``installAtSyn`` off, or one that went back to the slow path).
         public var fastPathAfterPackets: UInt64 = 8
         /// Hand a session to the kernel with its SYN (``FastPathAction/open(_:_:syn:)``, marked opening): the
         /// SYN-ACK, the ACK, the request, the response and the close never reach the agent, whose handshake facts
         /// then come from the kernel's `established` event (``observe(_:now:)``). Issue 16 item 2; set by the agent
-        /// for the BPF datapath only (the nftables path keeps `fastPathAfterPackets`; each of its installs costs a
-        /// transaction). A session closed by FINs then keeps its entries until its close linger ends (its last
+        /// whenever the fast path is on. A session closed by FINs then keeps its entries until its close linger ends (its last
         /// ACK and retransmitted FINs stay in the kernel too); one an RST crossed leaves the kernel at once, as
         /// before. Needs ``fastPath``.
         public var installAtSyn = false
@@ -533,8 +529,8 @@ public struct PacketProcessor: Sendable {
         let settings = settings
         let flags = packet.tcp.flags
         let length = packet.length
-        var install: [FastPathScript.Translation]?
-        var uninstall: [FastPathScript.Translation]?
+        var install: [FastPath.Translation]?
+        var uninstall: [FastPath.Translation]?
         var resetOutcome: (confirmed: Bool, refuted: Bool)?
         table.update(translation.id) { record in
             defer {

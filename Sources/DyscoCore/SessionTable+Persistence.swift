@@ -148,8 +148,8 @@ public enum SessionStateFile {
     /// the kernel for its linger, as it did before the restart (one an RST crossed does not).
     public static func reconcile(_ restored: [SessionTable.SessionID], table: inout SessionTable,
                                  inKernel: Set<SessionTable.SessionID>, fastPath: Bool, keepClosing: Bool = false)
-        -> [(SessionTable.SessionID, [FastPathScript.Translation])] {
-        var carried: [(SessionTable.SessionID, [FastPathScript.Translation])] = []
+        -> [(SessionTable.SessionID, [FastPath.Translation])] {
+        var carried: [(SessionTable.SessionID, [FastPath.Translation])] = []
         for id in restored {
             guard let record = table.records[id] else { continue }
             let open = record.closeDeadline == nil || (keepClosing && !record.reset && !record.resetSeen)

@@ -31,9 +31,9 @@ public struct SessionTable: Sendable {
     public enum Carrier: String, Sendable, Codable {
         /// NFQUEUE, this agent (handshake not complete, fast path off, or it failed).
         case slow
-        /// Handed to the fast-path worker; still the slow path until the kernel has it.
+        /// Handed to the kernel path; still the slow path until the kernel has it.
         case pending
-        /// nftables rewrites it; only SYN/FIN/RST reach the agent.
+        /// The kernel's map entries rewrite it; its FIN/RST reach the agent as ring-buffer events.
         case kernel
         /// Taken back to the slow path on request (migration) until released.
         case held
@@ -94,8 +94,8 @@ public struct SessionTable: Sendable {
         /// Per-direction sequence numbers the slow path saw (RFC 5961 §3 checks of an RST).
         public var sequence = SequenceTracking()
         /// After an RST the session stays on the slow path until then (one reset linger): its tracking is fresh,
-        /// so an RST spray is judged (and mostly dropped) per packet instead of costing two nftables
-        /// transactions per RST.
+        /// so an RST spray is judged (and mostly dropped) per packet instead of costing two map
+        /// changes per RST.
         public var fastPathNotBefore: UInt64 = 0
         /// Set when the session is over (both FINs or a confirmed RST): removed once this deadline passes.
         public var closeDeadline: UInt64?

@@ -111,7 +111,7 @@ import Testing
 
     @Test("a fast-path translation becomes its map entry: same hook, key tuple, target tuple")
     func fromTranslation() {
-        let t = FastPathScript.Translation(hook: .egress, key: Self.session, target: Self.subsession)
+        let t = FastPath.Translation(hook: .egress, key: Self.session, target: Self.subsession)
         let (key, entry) = BPFSessionKey.entry(t, sessionID: 9, flags: .opening)
         #expect(key == BPFSessionKey(Self.session, hook: .egress))
         #expect(entry.target == Self.subsession && entry.sessionID == 9 && entry.flags == .opening)

@@ -10,7 +10,7 @@ import Testing
     }
 
     /// A two-sided session's four translations (a middlebox's), distinct per `n`.
-    static func translations(_ n: UInt8) -> [FastPathScript.Translation] {
+    static func translations(_ n: UInt8) -> [FastPath.Translation] {
         let session = tuple(n, 1000 + UInt16(n), 80), left = tuple(n, 2000 + UInt16(n), 81)
         let right = tuple(n, 3000 + UInt16(n), 82)
         return [
@@ -21,7 +21,7 @@ import Testing
         ]
     }
 
-    static func entries(_ carried: [(UInt64, [FastPathScript.Translation])], packets: UInt64 = 7)
+    static func entries(_ carried: [(UInt64, [FastPath.Translation])], packets: UInt64 = 7)
         -> [(BPFSessionKey, BPFSessionEntry)] {
         carried.flatMap { id, translations in
             translations.map { t in
@@ -35,7 +35,7 @@ import Testing
 
     @Test("the predecessor's map as it left it: every session carried, kept untouched, nothing to write")
     func unchanged() {
-        let carried: [(UInt64, [FastPathScript.Translation])] = [(1, Self.translations(1)), (2, Self.translations(2))]
+        let carried: [(UInt64, [FastPath.Translation])] = [(1, Self.translations(1)), (2, Self.translations(2))]
         var listing = BPFSessionListing(Self.entries(carried))
         #expect(listing.sessions == [1, 2])
         #expect(listing.matches(carried))
@@ -50,7 +50,7 @@ import Testing
 
     @Test("a held session is not carried; held, stray, missing or retargeted entries make a rebuild that keeps the rest")
     func rebuild() {
-        let all: [(UInt64, [FastPathScript.Translation])] = [(1, Self.translations(1)), (2, Self.translations(2)),
+        let all: [(UInt64, [FastPath.Translation])] = [(1, Self.translations(1)), (2, Self.translations(2)),
                                                              (3, Self.translations(3))]
         var entries = Self.entries(all)
         // Session 2 was held by a migration when its agent stopped.
@@ -61,7 +61,7 @@ import Testing
         let listing = BPFSessionListing(entries)
         #expect(listing.sessions == [1, 3, 9])
         // The restored table: 1 and 3 back in the kernel (2 is on the slow path; 9 has no record).
-        let carried: [(UInt64, [FastPathScript.Translation])] = [(1, Self.translations(1)), (3, Self.translations(3))]
+        let carried: [(UInt64, [FastPath.Translation])] = [(1, Self.translations(1)), (3, Self.translations(3))]
         #expect(!listing.matches(carried))
         let plan = listing.rebuildPlan(carried)
         let session2 = Set(Self.entries([(2, Self.translations(2))]).map(\.0))

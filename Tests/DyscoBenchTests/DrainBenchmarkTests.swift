@@ -1,7 +1,7 @@
 @testable import DyscoBench
 import Testing
 
-/// `dysco-bench drain` and `--datapath`: the pure parts (no root).
+/// `dysco-bench drain` and where the benchmarks' agents find their BPF programs: the pure parts (no root).
 @Suite struct DrainBenchmarkTests {
     @Test func clientsAndTheirSessions() {
         #expect(DrainBenchmark.clientCount(sessions: 1000, perClient: 5000) == 1)
@@ -39,15 +39,6 @@ import Testing
         #expect(TrickleTraffic.interval(sessions: 1000) == 1)
         #expect(TrickleTraffic.interval(sessions: 10_000) == 4)
         #expect(TrickleTraffic.interval(sessions: 100_000) == 40)
-    }
-
-    @Test func datapathArguments() {
-        #expect(BenchDatapath.agentDefault == .nftables)
-        #expect(BenchDatapath.agentArguments(.bpf) == ["--datapath", "bpf"])
-        #expect(BenchDatapath.agentArguments(.nftables) == ["--datapath", "nftables"])
-        #expect(BenchDatapath.choosesDatapath(["--metrics", "x", "--datapath=bpf"]))
-        #expect(BenchDatapath.choosesDatapath(["--datapath", "bpf"]))
-        #expect(!BenchDatapath.choosesDatapath(["--bpf-fs", "/run/x", "--no-fastpath"]))
     }
 
     @Test func bpfObjectPlaces() {

@@ -2,7 +2,7 @@ import DyscoCore
 import Foundation
 import Testing
 
-@Suite("Kernel fast path: when sessions move to nftables, and the script that puts them there")
+@Suite("Kernel fast path: when sessions move to the kernel")
 struct FastPathTests {
     let client = IPv4Address("10.77.0.10")!, fw1 = IPv4Address("10.77.0.101")!, server = IPv4Address("10.77.0.201")!
     var session: FiveTuple { FiveTuple(srcAddr: client, srcPort: 40000, dstAddr: server, dstPort: 80) }
@@ -105,29 +105,6 @@ struct FastPathTests {
         _ = try #require(h.send(PacketBuilder(tuple: session, flags: [.ack]).build(), along: ["client", "fw1", "server"]))
         #expect(h.hosts.keys.allSatisfy { h.fastPathActions($0).isEmpty })
     }
-
-    @Test("the script rewrites only changed fields, lets SYN/FIN/RST through to the agent, and marks the packet")
-    func script() {
-        let l = FiveTuple.t("10.77.0.10", 10000, "10.77.0.101", 80)
-        let text = FastPathScript.install(session: 7, [.init(hook: .ingress, key: l, target: session)])
-        #expect(text.contains("add chain ip dysco s7_0"))
-        #expect(text.contains("add rule ip dysco s7_0 tcp flags & (fin | syn | rst) == 0 counter ip daddr set 10.77.0.201 tcp sport set 40000 meta mark set mark | 0x10000000"))
-        #expect(!text.contains("ip saddr set"), "source address unchanged: not rewritten")
-        // FIN and RST: rewritten too, marked to be observed (the agent keeps its bookkeeping; none needed to pass).
-        #expect(text.contains("add rule ip dysco s7_0 tcp flags & (fin | rst) != 0 tcp flags & syn == 0 ip daddr set 10.77.0.201 tcp sport set 40000 meta mark set mark | 0x11000000"))
-        let rebuilt = FastPathScript.rebuild(reroute: false, sessions: [(7, [.init(hook: .ingress, key: l, target: session)])],
-                                             ownedIngress: [l], ownedEgress: [])
-        #expect(rebuilt.hasPrefix("add table ip dysco\ndelete table ip dysco\n"), "one transaction replaces the table")
-        #expect(rebuilt.contains("set owned_in") && rebuilt.contains("@owned_in meta mark set mark | 0x4000000"))
-        #expect(rebuilt.contains("add chain ip dysco s7_0"))
-        #expect(rebuilt.hasSuffix("add element ip dysco owned_in { 10.77.0.10 . 10000 . 10.77.0.101 . 80 }\n"))
-        #expect(FastPathScript.disown(ingress: [], egress: []).isEmpty)
-        #expect(text.contains("add element ip dysco ingress { 10.77.0.10 . 10000 . 10.77.0.101 . 80 : jump s7_0 }"))
-        let removal = FastPathScript.remove(session: 7, [.init(hook: .ingress, key: l, target: session)])
-        #expect(removal == "delete element ip dysco ingress { 10.77.0.10 . 10000 . 10.77.0.101 . 80 }\ndelete chain ip dysco s7_0\n")
-        #expect(FastPathScript.session(ofChain: "s7_3") == 7)
-        #expect(FastPathScript.session(ofChain: "pre") == nil)
-    }
 }
 
 @Suite("Fast-path batching")
@@ -142,49 +119,9 @@ struct FastPathBatchingTests {
     }
 }
 
-@Suite("Route table inspection for the fast path's local egress")
-struct RouteTableTests {
-    let header = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
-
-    @Test("on-link routes only: no re-routing needed; a gateway route (RTF_GATEWAY) needs it")
-    func gateways() {
-        let onLink = header + "eth0\t00004D0A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"
-        #expect(!RouteTable.hasGatewayRoutes(procNetRoute: onLink))
-        let viaGateway = onLink + "eth0\t00000000\t01004D0A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n"
-        #expect(RouteTable.hasGatewayRoutes(procNetRoute: viaGateway))
-        #expect(!RouteTable.hasGatewayRoutes(procNetRoute: ""))
-    }
-
-    @Test("the reset script picks the output chain type")
-    func resetScript() {
-        #expect(FastPathScript.reset(reroute: true).contains("chain out { type route hook output"))
-        #expect(FastPathScript.reset(reroute: false).contains("chain out { type filter hook output"))
-    }
-}
-
-@Suite("Kernel counters for idle expiry")
-struct FastPathCounterTests {
-    @Test("per-session packet counters are summed from `nft -j list table` output; base chains are ignored")
-    func parse() {
-        let json = """
-            {"nftables": [{"metainfo": {"version": "1.0.6"}},
-              {"rule": {"family": "ip", "table": "dysco", "chain": "pre", "handle": 6, "expr": [{"vmap": {}}]}},
-              {"rule": {"family": "ip", "table": "dysco", "chain": "s7_0", "handle": 10,
-                        "expr": [{"counter": {"packets": 120, "bytes": 9000}}, {"return": null}]}},
-              {"rule": {"family": "ip", "table": "dysco", "chain": "s7_1", "handle": 12,
-                        "expr": [{"counter": {"packets": 3, "bytes": 180}}, {"return": null}]}},
-              {"rule": {"family": "ip", "table": "dysco", "chain": "s9_0", "handle": 14,
-                        "expr": [{"counter": {"packets": 0, "bytes": 0}}]}}]}
-            """
-        let totals = FastPathCounters.packetsBySession(json: Data(json.utf8))
-        #expect(totals == [7: 123, 9: 0])
-        #expect(FastPathCounters.packetsBySession(json: Data("not json".utf8)).isEmpty)
-    }
-}
-
 @Suite("Fast-path flush: removals now, installs at the quiet point")
 struct FastPathFlushSplitTests {
-    static let t = FastPathScript.Translation(hook: .egress, key: .t("10.0.0.1", 1, "10.0.0.2", 2), target: .t("10.0.0.1", 3, "10.0.0.3", 4))
+    static let t = FastPath.Translation(hook: .egress, key: .t("10.0.0.1", 1, "10.0.0.2", 2), target: .t("10.0.0.1", 3, "10.0.0.3", 4))
 
     @Test("a session with a removal goes now with all its queued actions, in order; install-only sessions wait")
     func split() {

@@ -224,23 +224,6 @@ struct PersistenceTests {
         #expect(table.records[ids[0]]!.carrier == .kernel && table.records[ids[1]]!.carrier == .slow && table.records[ids[2]]!.carrier == .slow)
         var off = h.hosts["fw1"]!.table
         #expect(SessionStateFile.reconcile(ids, table: &off, inKernel: Set(ids), fastPath: false).isEmpty)
-        // The kernel's listing names sessions by chain (other tables' chains do not count).
-        let chains = #"{"nftables":[{"metainfo":{}},{"chain":{"family":"ip","table":"dysco","name":"pre"}},"#
-            + #"{"chain":{"family":"ip","table":"dysco","name":"s12_0"}},{"chain":{"family":"ip","table":"dysco","name":"s12_1"}},"#
-            + #"{"chain":{"family":"ip","table":"filter","name":"s5_0"}},{"chain":{"family":"ip","table":"dysco","name":"s3_0"}}]}"#
-        let sets = #"{"nftables":[{"set":{"family":"ip","table":"dysco","name":"owned_in"}},{"set":{"family":"ip","table":"dysco","name":"owned_out"}}]}"#
-        let listing = FastPathListing(chainsJSON: Data(chains.utf8), setsJSON: Data(sets.utf8))
-        #expect(listing.sessions == [12, 3])
-        #expect(FastPathListing.hasTable(json: Data(#"{"nftables":[{"table":{"family":"ip","name":"dysco","handle":3}}]}"#.utf8)))
-        #expect(!FastPathListing.hasTable(json: Data(#"{"nftables":[{"table":{"family":"ip","name":"filter"}}]}"#.utf8)))
-        // The table is kept as it is only when it holds exactly the carried sessions' chains, in the current format.
-        let two = [FastPathScript.Translation](carried[0].1.prefix(2))
-        let one: [(SessionTable.SessionID, [FastPathScript.Translation])] = [(12, two)]
-        #expect(FastPathListing(chains: ["pre", "s12_0", "s12_1"], sets: ["owned_in", "owned_out"]).matches(one))
-        #expect(!FastPathListing(chains: ["pre", "s12_0", "s12_1", "s3_0"], sets: ["owned_in", "owned_out"]).matches(one),
-                "a stray chain: rebuilt")
-        #expect(!FastPathListing(chains: ["s12_0"], sets: ["owned_in", "owned_out"]).matches(one), "a chain missing: rebuilt")
-        #expect(!FastPathListing(chains: ["s12_0", "s12_1"], sets: []).matches(one), "an older format: rebuilt")
     }
 
     @Test("owned keys: none during the handshake, all once it is done, none while the kernel carries it or once it is closing")
@@ -301,33 +284,5 @@ struct PersistenceTests {
         var k2: Set<FiveTuple> = [b]
         let d2 = moved.ingress.diff(against: &k2)
         #expect(d2.add == [a] && d2.remove == [b] && k2 == [a])
-    }
-
-    @Test("a FIN the kernel rewrote and marked to be observed does the agent's teardown bookkeeping")
-    func observedFin() throws {
-        let h = harness()
-        try established(h)
-        // fw1's ingress: the kernel rewrote the client's FIN to the session tuple; egress: to the right subsession.
-        var fin = PacketBuilder(tuple: session, flags: [.fin, .ack]).build()
-        let found = fin.withUnsafeMutableBytes { raw in
-            h.hosts["fw1"]!.observe(raw.baseAddress!, count: raw.count, hook: .ingress, now: h.now).taken
-        }
-        #expect(found)
-        let record = try #require(h.hosts["fw1"]!.table.records.values.first)
-        #expect(record.finForward && !record.finReverse)
-        // The server's FIN as the kernel leaves it at fw1's egress: rev(L).
-        var back = PacketBuilder(tuple: try #require(record.left).reversed, flags: [.fin, .ack]).build()
-        _ = back.withUnsafeMutableBytes { raw in
-            h.hosts["fw1"]!.observe(raw.baseAddress!, count: raw.count, hook: .egress, now: h.now)
-        }
-        let closed = try #require(h.hosts["fw1"]!.table.records.values.first)
-        #expect(closed.finReverse && closed.closeDeadline != nil)
-        #expect(h.hosts["fw1"]!.counters.kernelObserved == 2)
-        // A packet of no session is counted and changes nothing.
-        var stray = PacketBuilder(tuple: FiveTuple.t("10.9.9.9", 1, "10.9.9.8", 2), flags: [.rst]).build()
-        let none = stray.withUnsafeMutableBytes { raw in
-            h.hosts["fw1"]!.observe(raw.baseAddress!, count: raw.count, hook: .ingress, now: h.now).taken
-        }
-        #expect(!none)
     }
 }

@@ -57,7 +57,7 @@ import Testing
 
     @Test("(a) 5,000 short HTTP connections through client → fw1 → server: each agent's queue sees their SYNs and nothing else; every table and map empty after the close")
     func shortConnectionsStayInKernel() async throws {
-        let datapath = FastPathIntegrationTests.Datapath(kind: .bpf, lab: "ksa1", subnet: "10.78.101.0/24")
+        let datapath = FastPathIntegrationTests.Datapath(lab: "ksa1", subnet: "10.78.101.0/24")
         let connections = 5_000
         try await datapath.withPins {
         try await TestSupport.withLab(LabSpec(name: datapath.lab, middleboxes: ["fw1"], subnet: datapath.subnet,
@@ -109,7 +109,7 @@ import Testing
 
     @Test("(d) forged SYN-ACKs and RSTs against an opening session, from the attacker's namespace: refused in the kernel (OPENING_REFUSED), the connection completes byte-exact, nothing reset")
     func forgedAnswersRefused() async throws {
-        let datapath = FastPathIntegrationTests.Datapath(kind: .bpf, lab: "ksd1", subnet: "10.78.102.0/24")
+        let datapath = FastPathIntegrationTests.Datapath(lab: "ksd1", subnet: "10.78.102.0/24")
         try await datapath.withPins {
         try await TestSupport.withLab(LabSpec(name: datapath.lab, middleboxes: ["fw1"], subnet: datapath.subnet,
                                               agentArguments: datapath.arguments, attackers: 1)) { lab in

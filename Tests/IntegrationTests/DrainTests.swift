@@ -29,7 +29,7 @@ import Testing
 
     @Test("(a) the same over --datapath bpf: byte-exact, no RTO, no reset, no INVALID; reordering and tail-loss probes recorded against the same-length stretch before the drain (lab hob2, 10.78.112.0/24)")
     func drainHundredBPF() async throws {
-        let datapath = FastPathIntegrationTests.Datapath(kind: .bpf, lab: "hob2", subnet: "10.78.112.0/24")
+        let datapath = FastPathIntegrationTests.Datapath(lab: "hob2", subnet: "10.78.112.0/24")
         try await datapath.withPins {
             try await drainHundred(name: datapath.lab, subnet: datapath.subnet, bpf: datapath)
         }

@@ -15,16 +15,14 @@ import Testing
     /// A lab's agent arguments for `datapath`, and the bpffs the BPF agents pin under (mounted on the host, so the
     /// test sees the agents' maps; `ip netns exec` copies the mount into each agent's mount namespace).
     struct Datapath: CustomStringConvertible, Sendable {
-        var kind: DatapathKind
         var lab: String
         var subnet: String
-        var description: String { "\(kind.rawValue) (\(lab))" }
+        var description: String { "bpf (\(lab))" }
         var pins: String { "/run/dysco-\(lab)-pins" }
-        var arguments: [String] { kind == .bpf ? ["--datapath", "bpf", "--bpf-fs", pins] : [] }
+        var arguments: [String] { ["--bpf-fs", pins] }
 
-        /// Runs `body` with the bpffs mounted (BPF), unmounting and removing it in every path.
+        /// Runs `body` with the bpffs mounted, unmounting and removing it in every path.
         func withPins(_ body: () async throws -> Void) async throws {
-            guard kind == .bpf else { return try await body() }
             _ = try? Command.run(["umount", pins])
             try FileManager.default.createDirectory(atPath: pins, withIntermediateDirectories: true)
             try Command.run(["mount", "-t", "bpf", "bpf", pins])
@@ -71,26 +69,20 @@ import Testing
             "\(stats[Int(DYSCO_STAT_HELD_PASSED)] ?? 0), forced \(forced)" + (sample.isEmpty ? "" : " \(sample)")
     }
 
-    /// `host`'s `dysco_sessions` entries (BPF; the agent pins under the lab's bpffs, queue 7).
-    func bpfEntries(_ lab: Lab, _ host: String, _ datapath: Datapath) throws -> [(BPFSessionKey, BPFSessionEntry)] {
-        try BPFDatapath.pinnedEntries(mapPath: "\(datapath.pins)/dysco-\(lab.namespace(of: host))-q7/dysco_sessions")
+    /// Where `host`'s agent pins its maps (queue 7): under the test's bpffs, or the lab's own (``LabPaths/bpfFs(_:)``).
+    static func pinDirectory(_ lab: Lab, _ host: String, _ datapath: Datapath? = nil) -> String {
+        "\(datapath?.pins ?? LabPaths.bpfFs(lab.name))/dysco-\(lab.namespace(of: host))-q7"
     }
 
-    /// Elements of the fast-path maps and per-session chains in `host` (BPF: map entries and sessions with one).
+    /// `host`'s `dysco_sessions` entries.
+    func bpfEntries(_ lab: Lab, _ host: String, _ datapath: Datapath? = nil) throws -> [(BPFSessionKey, BPFSessionEntry)] {
+        try BPFDatapath.pinnedEntries(mapPath: Self.pinDirectory(lab, host, datapath) + "/dysco_sessions")
+    }
+
+    /// `host`'s session-map entries and the sessions they belong to.
     func kernelState(_ lab: Lab, _ host: String, _ datapath: Datapath? = nil) throws -> (elements: Int, sessionChains: Int) {
-        if let datapath, datapath.kind == .bpf {
-            let entries = try bpfEntries(lab, host, datapath)
-            return (entries.count, Set(entries.map(\.1.sessionID)).count)
-        }
-        let json = try lab.exec(host, ["nft", "-j", "list", "table", "ip", FastPathScript.table]).stdout
-        let root = try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any]
-        var elements = 0, chains = 0
-        for object in root?["nftables"] as? [[String: Any]] ?? [] {
-            if let map = object["map"] as? [String: Any] { elements += (map["elem"] as? [Any])?.count ?? 0 }
-            if let chain = object["chain"] as? [String: Any], let name = chain["name"] as? String,
-               FastPathScript.session(ofChain: name) != nil { chains += 1 }
-        }
-        return (elements, chains)
+        let entries = try bpfEntries(lab, host, datapath)
+        return (entries.count, Set(entries.map(\.1.sessionID)).count)
     }
 
     func download(_ lab: Lab, megabytes: Int, rate: String? = nil) throws -> (target: String, process: Process?) {
@@ -106,15 +98,11 @@ import Testing
     }
 
     @Test("after the handshake a bulk transfer's packets stay in the kernel; the firewall still sees the session",
-          arguments: [(Datapath(kind: .nftables, lab: "fp1", subnet: "10.78.11.0/24"), "auto"),
-                      (Datapath(kind: .nftables, lab: "fp5", subnet: "10.78.15.0/24"), "always"),
-                      (Datapath(kind: .bpf, lab: "fpb1", subnet: "10.78.31.0/24"), "auto")])
-    func bulkStaysInKernel(datapath: Datapath, reroute: String) async throws {
-        // auto: the lab is on-link, so local egress runs in a filter chain; always: in a route chain.
+          arguments: [Datapath(lab: "fpb1", subnet: "10.78.31.0/24")])
+    func bulkStaysInKernel(datapath: Datapath) async throws {
         try await datapath.withPins {
         try await TestSupport.withLab(LabSpec(name: datapath.lab, middleboxes: ["fw1"], subnet: datapath.subnet,
-                                  agentArguments: DataplaneTests.keepClosedSessions + ["--fastpath-reroute", reroute]
-                                      + datapath.arguments)) { lab in
+                                  agentArguments: DataplaneTests.keepClosedSessions + datapath.arguments)) { lab in
             let (target, _) = try download(lab, megabytes: 64)
             #expect(try TestSupport.sha256(target) == TestSupport.sha256("\(lab.httpRoot)/blob"))
             for host in ["client1", "fw1", "server1"] {
@@ -127,15 +115,12 @@ import Testing
                 FileHandle.standardError.write(Data("[fastpath-tests] \(datapath) \(host): \(seen) bytes in \(snapshot.counters.packets) packets reached the queue\n".utf8))
                 #expect(seen < 32 << 20, "\(host): \(seen) bytes in \(snapshot.counters.packets) packets reached the queue")
                 #expect(snapshot.counters.fastPathInstalls == 1, "\(host): the kernel carried the session")
-                // Closed (FIN both ways): nftables: out of the kernel at once, still translated by the agent for the
-                // linger. BPF (installed with the SYN, docs/BPF.md "Connection setup in the kernel"): the kernel
-                // keeps it for the linger (its last ACK stays there), the removal deletes the entries.
-                let closed: SessionTable.Carrier = datapath.kind == .bpf ? .kernel : .slow
-                #expect(snapshot.sessions.allSatisfy { $0.carrier == closed && $0.state == "closing" },
+                // Closed (FIN both ways; installed with the SYN, docs/BPF.md "Connection setup in the kernel"): the
+                // kernel keeps it for the linger (its last ACK stays there), the removal deletes the entries.
+                #expect(snapshot.sessions.allSatisfy { $0.carrier == .kernel && $0.state == "closing" },
                         "\(host): \(snapshot.sessions.map { "\($0.carrier) \($0.state)" })")
             }
-            #expect(try kernelState(lab, "fw1", datapath) == (datapath.kind == .bpf ? (4, 1) : (0, 0)),
-                    "a closed session leaves the kernel (BPF: at the end of the linger)")
+            #expect(try kernelState(lab, "fw1", datapath) == (4, 1), "a closed session leaves the kernel at the end of the linger")
             #expect(try lab.conntrackTCP("fw1").contains("src=\(lab.address(of: "client1")) dst=\(lab.address(of: "server1"))"))
             #expect(try lab.firewallCounters("fw1").establishedAccepted.packets > 500, "GSO: up to 64 KiB per packet")
         }
@@ -143,8 +128,7 @@ import Testing
     }
 
     @Test("a live session taken back to the slow path and returned mid-transfer stays byte-exact",
-          arguments: [Datapath(kind: .nftables, lab: "fp2", subnet: "10.78.12.0/24"),
-                      Datapath(kind: .bpf, lab: "fpb2", subnet: "10.78.32.0/24")])
+          arguments: [Datapath(lab: "fpb2", subnet: "10.78.32.0/24")])
     func holdAndReleaseMidTransfer(datapath: Datapath) async throws {
         try await datapath.withPins {
         try await TestSupport.withLab(LabSpec(name: datapath.lab, middleboxes: ["fw1"], subnet: datapath.subnet,
@@ -173,15 +157,11 @@ import Testing
                                                             path: AgentControlPaths.socketPath(netns: lab.namespace(of: host)))
                 #expect(try JSONDecoder().decode(ControlPathReply.self, from: reply).sessions == [ids[host] ?? 0])
             }
-            if datapath.kind == .bpf {
-                // A hold is the HELD flag: the entries stay, with what the program counted.
-                let entries = try bpfEntries(lab, "fw1", datapath)
-                #expect(entries.count == 4 && entries.allSatisfy { $0.1.flags.contains(.held) },
-                        "held: every entry HELD: \(entries.map { "\($0.0) \($0.1.flags)" })")
-                #expect(entries.reduce(0) { $0 + $1.1.packets } > 0, "the counters stay")
-            } else {
-                #expect(try kernelState(lab, "fw1", datapath).elements == 0, "held: nothing left in the kernel")
-            }
+            // A hold is the HELD flag: the entries stay, with what the program counted.
+            let heldEntries = try bpfEntries(lab, "fw1", datapath)
+            #expect(heldEntries.count == 4 && heldEntries.allSatisfy { $0.1.flags.contains(.held) },
+                    "held: every entry HELD: \(heldEntries.map { "\($0.0) \($0.1.flags)" })")
+            #expect(heldEntries.reduce(0) { $0 + $1.1.packets } > 0, "the counters stay")
             // While held, the transfer's packets reach the agent (the rate-limited transfer sends in bursts).
             var held = try await TestSupport.snapshot(lab, "fw1")
             let heldDeadline = Date().addingTimeInterval(5)
@@ -200,15 +180,13 @@ import Testing
             let released = try kernelState(lab, "fw1", datapath)
             let after = try await TestSupport.snapshot(lab, "fw1")
             #expect(released.elements == 4, "released: \(released), fw1 session: \(String(describing: after.sessions.first))")
-            if datapath.kind == .bpf {
-                // The release marks the entries RELEASING; HELD goes when the hand-over counts meet (the program at
-                // the next packet, the agent for an idle direction, docs/BPF.md "Hand-over without reordering").
-                let cleared = try await TestSupport.eventually(timeout: 10) {
-                    try bpfEntries(lab, "fw1", datapath).allSatisfy { !$0.1.flags.contains(.held) }
-                }
-                let entries = (try? bpfEntries(lab, "fw1", datapath))?.map { "\($0.0) \($0.1.flags)" } ?? []
-                #expect(cleared, "released: HELD cleared: \(entries)")
+            // The release marks the entries RELEASING; HELD goes when the hand-over counts meet (the program at the
+            // next packet, the agent for an idle direction, docs/BPF.md "Hand-over without reordering").
+            let cleared = try await TestSupport.eventually(timeout: 10) {
+                try bpfEntries(lab, "fw1", datapath).allSatisfy { !$0.1.flags.contains(.held) }
             }
+            let entries = (try? bpfEntries(lab, "fw1", datapath))?.map { "\($0.0) \($0.1.flags)" } ?? []
+            #expect(cleared, "released: HELD cleared: \(entries)")
             curl.waitUntilExit()
             #expect(curl.terminationStatus == 0)
             #expect(try TestSupport.sha256(target) == TestSupport.sha256("\(lab.httpRoot)/blob"))
@@ -218,8 +196,7 @@ import Testing
     }
 
     @Test("1,000 sessions set up and torn down leave the maps empty",
-          arguments: [Datapath(kind: .nftables, lab: "fp3", subnet: "10.78.13.0/24"),
-                      Datapath(kind: .bpf, lab: "fpb3", subnet: "10.78.33.0/24")])
+          arguments: [Datapath(lab: "fpb3", subnet: "10.78.33.0/24")])
     func thousandSessions(datapath: Datapath) async throws {
         var spec = LabSpec(name: datapath.lab, middleboxes: ["fw1"], subnet: datapath.subnet,
                            policyPorts: [80, DataplaneBenchmark.sinkPort],
@@ -304,9 +281,9 @@ import Testing
             #expect(try kernelState(lab, "fw1").elements == 4, "kill -9 leaves the elements behind")
             try lab.restartAgent("fw1")
             // The restarted agent read its state file back: the session is its own again, still in the kernel
-            // (the table rebuilt in one transaction), and the transfer goes on (docs/ARCHITECTURE.md, "Agent crash
+            // (the pinned map taken over), and the transfer goes on (docs/ARCHITECTURE.md, "Agent crash
             // and restart").
-            #expect(try kernelState(lab, "fw1") == (4, 4), "the restarted agent keeps the session in the kernel")
+            #expect(try kernelState(lab, "fw1") == (4, 1), "the restarted agent keeps the session in the kernel")
             let restored = try await TestSupport.snapshot(lab, "fw1")
             #expect(restored.counters.sessionsRestored == 1 && restored.sessions.first?.carrier == .kernel,
                     "\(restored.sessions.map { "\($0.carrier)" })")
@@ -317,9 +294,9 @@ import Testing
             #expect(try TestSupport.sha256(second) == TestSupport.sha256("\(lab.httpRoot)/blob"))
             #expect(try await TestSupport.snapshot(lab, "fw1").counters.fastPathInstalls >= 1,
                     "the restarted agent hands new sessions to the kernel again")
-            // A stop with no live session (both closed) removes the table.
+            // A stop with no live session (both closed) removes the maps and their pins.
             try lab.killAgent("fw1", signal: SIGTERM)
-            #expect(try lab.exec("fw1", ["nft", "list", "table", "ip", FastPathScript.table], check: false).status != 0)
+            #expect(!FileManager.default.fileExists(atPath: Self.pinDirectory(lab, "fw1")), "the pins outlive an agent with no session")
         }
     }
 }

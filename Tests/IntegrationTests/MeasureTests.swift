@@ -27,7 +27,7 @@ import Testing
 
     @Test("(d) the same over --datapath bpf (lab hob3, 10.78.113.0/24): no retransmission but tail-loss probes and no reordering at the receivers in the window beyond the stretch before it")
     func measureBothBPF() async throws {
-        let datapath = FastPathIntegrationTests.Datapath(kind: .bpf, lab: "hob3", subnet: "10.78.113.0/24")
+        let datapath = FastPathIntegrationTests.Datapath(lab: "hob3", subnet: "10.78.113.0/24")
         try await datapath.withPins {
             try measureBoth(name: datapath.lab, subnet: datapath.subnet,
                             agentArguments: datapath.arguments.map { "--agent-arg=\($0)" }, bpf: true)

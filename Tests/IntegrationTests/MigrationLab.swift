@@ -137,7 +137,7 @@ enum MigrationLab {
 
     /// The keys in `host`'s `owned_in` set (read with the nft binary: a test's view of the kernel).
     static func ownedIngressKeys(_ lab: Lab, _ host: String) throws -> Set<FiveTuple> {
-        let out = try lab.exec(host, ["nft", "-j", "list", "set", "ip", FastPathScript.table, "owned_in"]).stdout
+        let out = try lab.exec(host, ["nft", "-j", "list", "set", "ip", "dysco", "owned_in"]).stdout
         guard let root = try JSONSerialization.jsonObject(with: Data(out.utf8)) as? [String: Any],
               let objects = root["nftables"] as? [[String: Any]] else { return [] }
         var keys = Set<FiveTuple>()

@@ -73,7 +73,7 @@ import Testing
         try #require(install.succeeded, "apt-get install: \(install.stdout.suffix(3000)) \(install.stderr.suffix(3000))")
         let installed = Date()
         let after = try Self.inRoot(root, ["dpkg-query", "-W", "-f", "${Package} ${Status}\\n"]).stdout
-        for library in ["libnetfilter-queue1", "libnetfilter-conntrack3", "libnftables1", "libmnl0", "iptables", "iproute2"] {
+        for library in ["libnetfilter-queue1", "libnetfilter-conntrack3", "libbpf1", "libmnl0", "iptables", "iproute2"] {
             #expect(after.contains("\(library) install ok installed"), "\(library) not pulled in: \(after)")
         }
         #expect(after.contains("dysco-migrate install ok installed"))

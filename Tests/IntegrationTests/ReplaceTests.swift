@@ -112,7 +112,7 @@ import Testing
 
     @Test("(a) the same over --datapath bpf: no reordering by the hand-over — no retransmission but tail-loss probes, no receiver reordering, window minus the same-length stretch before it ≤ 0 (lab rpb1, 10.78.69.0/24, bpffs /run/dysco-rpb1-pins)")
     func replaceLiveSessionsBPF() async throws {
-        let datapath = FastPathIntegrationTests.Datapath(kind: .bpf, lab: "rpb1", subnet: "10.78.69.0/24")
+        let datapath = FastPathIntegrationTests.Datapath(lab: "rpb1", subnet: "10.78.69.0/24")
         try await datapath.withPins {
             try await liveReplacement(name: datapath.lab, subnet: datapath.subnet, agentArguments: datapath.arguments,
                                       bpf: datapath)

@@ -2,27 +2,21 @@ import ArgumentParser
 import DyscoAgent
 import Foundation
 
-extension DatapathKind: ExpressibleByArgument {}
-
-/// The agent's kernel fast path: which datapath carries the sessions (`--datapath`) and, for BPF, where its
-/// programs and pins are.
+/// The agent's kernel datapath (docs/BPF.md): where its compiled programs are, where it pins its maps, the size of
+/// its event ring. It needs Linux ≥ 5.12 and the programs built by `make bpf`; its programs and pinned maps
+/// outlive the agent, and a restarted agent takes their sessions over (see "Restart") when --bpf-fs is a bpffs
+/// that outlives it and --max-sessions is unchanged (else refused; --fresh replaces the map).
 struct DatapathOptions: ParsableArguments {
     @Option(help: ArgumentHelp("""
-        Kernel fast path: nftables (one chain per translation) or bpf (tc programs and BPF maps: one map entry \
-        per translation; docs/BPF.md). bpf needs Linux ≥ 5.12 and the programs built by `make bpf`; its programs \
-        and pinned maps outlive the agent, and a restarted agent takes their sessions over (see "Restart") when \
-        --bpf-fs is a bpffs that outlives it and --max-sessions is unchanged (else refused; --fresh replaces the map).
-        """, valueName: "nftables|bpf"))
-    var datapath: DatapathKind = .bpf
-
-    @Option(help: ArgumentHelp("""
-        With --datapath bpf: the compiled programs (default: $DYSCO_BPF_OBJECT, else dysco.bpf.o beside the \
-        executable, in ../bpf or ../../bpf of it, or /usr/lib/dysco-migrate).
+        The kernel datapath's compiled tc programs (default: $DYSCO_BPF_OBJECT, else dysco.bpf.o beside the \
+        executable, in ../bpf or ../../bpf of it, or /usr/lib/dysco-migrate; `make bpf` builds it). Needs Linux \
+        ≥ 5.12 (docs/BPF.md); a restarted agent takes the pinned sessions over only with an unchanged \
+        --max-sessions (else refused; --fresh replaces the map).
         """, valueName: "path"))
     var bpfObject: String?
 
     @Option(help: ArgumentHelp("""
-        With --datapath bpf: a bpffs under which the agent pins its maps (in dysco-<netns>-q<queue>); mounted \
+        A bpffs under which the agent pins its maps (in dysco-<netns>-q<queue>); mounted \
         there if it is not one (and unmounted at exit). `ip netns exec` hides /sys/fs/bpf: for pins that survive \
         a restart (and that others can see), mount one on the host (e.g. under /run) and give it here; give it to \
         --purge too.
@@ -30,22 +24,18 @@ struct DatapathOptions: ParsableArguments {
     var bpfFs: String = "/sys/fs/bpf"
 
     @Option(help: ArgumentHelp("""
-        With --datapath bpf: size of the event ring (FIN/RST reports, 64 bytes each) in bytes, a power of two of \
+        Size of the BPF event ring (FIN/RST reports, 64 bytes each) in bytes, a power of two of \
         at least 4096 (default 1 MiB). A full ring loses events: counted, recovered from the map (docs/BPF.md).
         """, valueName: "bytes"))
     var bpfRingBytes: UInt32?
 
     func validate() throws {
-        if datapath != .bpf, bpfObject != nil {
-            throw ValidationError("--bpf-object needs --datapath bpf")
-        }
-        if datapath == .bpf, resolvedObject() == nil {
-            throw ValidationError("--datapath bpf: no dysco.bpf.o found (build it with `make bpf`, or give --bpf-object)")
+        if bpfObject != nil, resolvedObject() == nil {
+            throw ValidationError("--bpf-object \(bpfObject!): no such readable file")
         }
         if let bpfRingBytes, bpfRingBytes < 4096 || bpfRingBytes & (bpfRingBytes - 1) != 0 {
             throw ValidationError("--bpf-ring-bytes must be a power of two of at least 4096")
         }
-        if datapath != .bpf, bpfRingBytes != nil { throw ValidationError("--bpf-ring-bytes needs --datapath bpf") }
         guard bpfFs.hasPrefix("/") else { throw ValidationError("--bpf-fs must be an absolute path") }
     }
 
