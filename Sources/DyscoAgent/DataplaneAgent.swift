@@ -115,32 +115,43 @@ public final class DataplaneAgent: @unchecked Sendable {
         metrics = options.metrics.map { _ in AgentMetrics(logger: logger) }
         migrationSettings = MigrationEngine.Settings(controlPort: options.controlPort, acceptState: options.acceptState,
                                                      stateStore: options.stateStore)
-        // The nftables table exists with the fast path off too: its owned sets make known sessions fail closed
-        // while no agent runs.
+        // The kernel path exists with the fast path off too: its owned keys make known sessions fail closed while
+        // no agent runs (with --no-fastpath the BPF programs and maps serve only them: docs/BPF.md "Owned keys").
         let reroute = options.fastPathReroute ?? RouteTable.hasGatewayRoutes(
             procNetRoute: (try? String(contentsOfFile: "/proc/net/route", encoding: .utf8)) ?? "")
-        // --no-fastpath keeps the nftables worker (its owned sets) whatever --datapath says.
-        let datapath = options.fastPath ? options.datapath : .nftables
+        // --no-fastpath: the BPF path carrying nothing (its owned keys only), whatever --datapath says.
+        let datapath: DatapathKind? = options.fastPath ? options.datapath : nil
         // The BPF datapath takes a session with its SYN (a map write costs microseconds; the nftables path's
         // transactions wait for `--fastpath-after` packets): docs/BPF.md "Connection setup in the kernel".
         settings.installAtSyn = datapath == .bpf
-        if options.fastPath {
+        if let datapath {
             logger.info("kernel fast path on", metadata: ["fastpath.datapath": "\(datapath.rawValue)",
                                                           "fastpath.reroute": "\(reroute)"])
         }
         let bpf = BPFKernelPath.Settings(
             objectPath: options.bpfObject, bpffs: options.bpffs,
             pinDirectory: options.bpffs + "/dysco-\(options.netns ?? "host")-q\(options.queue)",
-            maxEntries: options.bpfMaxEntries, ringBytes: options.bpfRingBytes, fresh: options.fresh)
+            maxEntries: options.bpfMaxEntries, ringBytes: options.bpfRingBytes, fresh: options.fresh,
+            carries: datapath != nil)
         dataplane = try AgentDataplane(
             processor: PacketProcessor(config: config, portRange: options.portRange, trust: options.trust, settings: settings),
             quietNanoseconds: migrationSettings.quietNanoseconds, logger: logger) { nudge, report, carriers in
             switch datapath {
-            case .nftables: try FastPathWorker(reroute: reroute, logger: logger, nudge: nudge, report: report)
-            case .bpf: try BPFKernelPath(settings: bpf, logger: logger, nudge: nudge, report: report, carriers: carriers)
+            case .nftables: return try FastPathWorker(reroute: reroute, logger: logger, nudge: nudge, report: report)
+            case .bpf: return try BPFKernelPath(settings: bpf, logger: logger, nudge: nudge, report: report, carriers: carriers)
+            case nil:
+                do {
+                    return try BPFKernelPath(settings: bpf, logger: logger, nudge: nudge, report: report, carriers: carriers)
+                } catch {
+                    logger.warning("--no-fastpath without the BPF programs: no owned keys (the sessions of a stopped agent pass untranslated instead of failing closed)",
+                                   metadata: ["error": "\(error)"])
+                    return NoKernelPath()
+                }
             }
         }
-        rules = QueueRules(queue: options.queue, egressFilter: (dataplane.fastPath as? BPFKernelPath)?.egressFilterPath)
+        let bpfPath = dataplane.fastPath as? BPFKernelPath
+        rules = QueueRules(queue: options.queue, egressFilter: bpfPath?.egressFilterPath,
+                           ownedFilter: bpfPath?.ownedFilterPath, failClosed: !(dataplane.fastPath is NoKernelPath))
         packetLoop = PacketLoop(dataplane: dataplane, queueSocket: queueSocket, bufferLimits: options.bufferLimits,
                                 logger: logger)
         restoreReport = try dataplane.restoreOrReset(stateFile: options.stateFile, fresh: options.fresh, logger: logger)

@@ -275,7 +275,8 @@ struct AgentCommand: AsyncParsableCommand {
         options.settings.maxSessionsPerSource = maxSessionsPerSource
         options.fastPath = !noFastpath
         options.datapath = datapath.datapath
-        if datapath.datapath == .bpf, !noFastpath {
+        // --no-fastpath loads the BPF programs too, for the owned keys only (docs/BPF.md "Owned keys").
+        if datapath.datapath == .bpf || noFastpath {
             options.bpfObject = datapath.resolvedObject() ?? ""
             options.bpffs = datapath.bpfFs
             // Four translations per two-sided session (a middlebox's).
