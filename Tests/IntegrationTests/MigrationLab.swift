@@ -1,4 +1,5 @@
 import DyscoAgent
+import DyscoBPF
 import DyscoCore
 import DyscoLab
 import DyscoSystem
@@ -119,13 +120,15 @@ enum MigrationLab {
     /// Waits until each of `host`'s established paced sessions (at least `count`) would survive its agent's crash:
     /// carried by the kernel, or its ingress keys in the owned set (they follow the table in batches:
     /// docs/ARCHITECTURE.md, "Agent crash and restart").
-    /// `ownedKeys` false (the BPF datapath, which has none): every session must be kernel-carried.
+    /// `ownedKeys` false: every session must be kernel-carried. `bpfPins`: the BPF datapath's bpffs (its
+    /// `dysco_owned` map is read instead of the nftables set).
     static func waitUntilRestartSafe(_ lab: Lab, _ host: String, count: Int, timeout: TimeInterval = 20,
-                                     ownedKeys: Bool = true) async throws {
+                                     ownedKeys: Bool = true, bpfPins: String? = nil) async throws {
         let deadline = Date().addingTimeInterval(timeout)
         while Date() < deadline {
             let sessions = try await pacedSessions(lab, host)
-            let owned = ownedKeys ? try ownedIngressKeys(lab, host) : []
+            let owned = !ownedKeys ? [] : try bpfPins.map { try bpfOwnedKeys(lab, host, pins: $0, hook: .ingress) }
+                ?? ownedIngressKeys(lab, host)
             let safe = sessions.filter { s in
                 s.carrier == .kernel || ([s.left, s.right?.reversed].compactMap { $0 }.allSatisfy { owned.contains($0) })
             }
@@ -133,6 +136,12 @@ enum MigrationLab {
             try await Task.sleep(for: .milliseconds(50))
         }
         throw LabError.setupFailed("\(host): fewer than \(count) paced sessions safe across a restart after \(timeout) s")
+    }
+
+    /// The keys of `hook` in `host`'s pinned `dysco_owned` map (the agent pins under `pins`, queue 7).
+    static func bpfOwnedKeys(_ lab: Lab, _ host: String, pins: String, hook: BPFHook) throws -> Set<FiveTuple> {
+        let map = "\(pins)/dysco-\(lab.namespace(of: host))-q7/dysco_owned"
+        return Set(try BPFDatapath.pinnedOwnedKeys(mapPath: map).filter { $0.hook == hook }.map(\.tuple))
     }
 
     /// The keys in `host`'s `owned_in` set (read with the nft binary: a test's view of the kernel).
