@@ -16,13 +16,13 @@ struct DatapathOptions: ParsableArguments {
     var datapath: DatapathKind = .nftables
 
     @Option(help: ArgumentHelp("""
-        With --datapath bpf: the compiled programs (default: $DYSCO_BPF_OBJECT, else dysco.bpf.o beside the \
+        With --datapath bpf (or --no-fastpath: its owned keys): the compiled programs (default: $DYSCO_BPF_OBJECT, else dysco.bpf.o beside the \
         executable, in ../bpf or ../../bpf of it, or /usr/lib/dysco-migrate).
         """, valueName: "path"))
     var bpfObject: String?
 
     @Option(help: ArgumentHelp("""
-        With --datapath bpf: a bpffs under which the agent pins its maps (in dysco-<netns>-q<queue>); mounted \
+        With --datapath bpf (or --no-fastpath): a bpffs under which the agent pins its maps (in dysco-<netns>-q<queue>); mounted \
         there if it is not one (and unmounted at exit). `ip netns exec` hides /sys/fs/bpf: for pins that survive \
         a restart (and that others can see), mount one on the host (e.g. under /run) and give it here; give it to \
         --purge too.
@@ -36,9 +36,6 @@ struct DatapathOptions: ParsableArguments {
     var bpfRingBytes: UInt32?
 
     func validate() throws {
-        if datapath != .bpf, bpfObject != nil {
-            throw ValidationError("--bpf-object needs --datapath bpf")
-        }
         if datapath == .bpf, resolvedObject() == nil {
             throw ValidationError("--datapath bpf: no dysco.bpf.o found (build it with `make bpf`, or give --bpf-object)")
         }
