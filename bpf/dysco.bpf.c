@@ -56,6 +56,17 @@ struct {
 DYSCO_COUNT_MAP(dysco_passed);
 DYSCO_COUNT_MAP(dysco_seen);
 
+/* Owned keys (fail closed while no agent runs; docs/BPF.md "Owned keys"): the keys of the sessions the agent
+ * alone translates, written by the agent only. Sized like dysco_sessions (at most four keys a session). */
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, DYSCO_MAX_ENTRIES_DEFAULT);
+    __type(key, struct dysco_key);
+    __type(value, __u8);
+    __uint(map_flags, BPF_F_NO_PREALLOC);
+    __uint(pinning, LIBBPF_PIN_BY_NAME);
+} dysco_owned SEC(".maps");
+
 /* Events to the agent (FIN, RST, established). */
 struct {
     __uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -319,6 +330,19 @@ static __always_inline int opening_acceptable(const struct dysco_value *v, const
     return 0;
 }
 
+/* A packet dysco_ingress passes untouched: if its key is owned, the owned mark goes on it, so that the raw
+ * PREROUTING queue rule without --queue-bypass queues it (no agent: dropped, TCP retransmits it). */
+static __always_inline int pass_untouched(struct __sk_buff *skb, const struct parsed *p)
+{
+    if (!bpf_map_lookup_elem(&dysco_owned, &p->key))
+        return TC_ACT_OK;
+    __u32 zero = 0;
+    struct dysco_config *config = bpf_map_lookup_elem(&dysco_config, &zero);
+    if (config && config->owned_mark)
+        skb->mark |= config->owned_mark;
+    return TC_ACT_OK;
+}
+
 SEC("tc")
 int dysco_ingress(struct __sk_buff *skb)
 {
@@ -327,7 +351,7 @@ int dysco_ingress(struct __sk_buff *skb)
         return TC_ACT_OK;
     struct dysco_value *v = translation(&p, 1);
     if (!v)
-        return TC_ACT_OK;
+        return pass_untouched(skb, &p);
     if ((v->flags & DYSCO_F_OPENING) && (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_RST)) && !opening_acceptable(v, &p)) {
         /* Forged (or stale): neither recorded nor rewritten nor reported; the real handshake carries on. */
         stat_inc(DYSCO_STAT_OPENING_REFUSED);
@@ -448,4 +472,28 @@ int dysco_egress_carried(struct __sk_buff *skb)
     if ((flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN && !(v->flags & DYSCO_F_REWRITE_SYN))
         return 0;
     return 1;
+}
+
+/* For the agent's fail-closed egress queue rule (iptables `-m bpf --object-pinned`, a socket filter like
+ * dysco_egress_carried, after its RETURN rule): 1 when the packet's egress key is owned (in dysco_owned), so the
+ * rule queues it WITHOUT --queue-bypass (no agent: dropped, TCP retransmits it); 0 otherwise. */
+SEC("socket")
+int dysco_egress_owned(struct __sk_buff *skb)
+{
+    struct iphdr ip;
+    if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)) < 0)
+        return 0;
+    if (ip.version != 4 || ip.protocol != IPPROTO_TCP || ip.ihl < 5 || (ip.frag_off & bpf_htons(0x1fff)))
+        return 0;
+    __be16 ports[2];
+    if (bpf_skb_load_bytes(skb, ip.ihl * 4, ports, sizeof(ports)) < 0)
+        return 0;
+    struct dysco_key key = {};
+    key.saddr = ip.saddr;
+    key.daddr = ip.daddr;
+    key.sport = ports[0];
+    key.dport = ports[1];
+    key.proto = IPPROTO_TCP;
+    key.hook = DYSCO_HOOK_EGRESS;
+    return bpf_map_lookup_elem(&dysco_owned, &key) ? 1 : 0;
 }

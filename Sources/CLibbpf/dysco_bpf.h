@@ -71,6 +71,11 @@ struct dysco_value {
     __u64 last_seen_ns; /* bpf_ktime_get_ns() (CLOCK_MONOTONIC) of the last rewritten packet */
 };
 
+/* Value of dysco_owned (key: struct dysco_key, the packet's tuple at the hook, as in dysco_sessions): the keys of
+   sessions the agent alone translates (established, not kernel-carried). While no agent runs their packets are
+   dropped by the queue rules (fail closed) instead of leaking untranslated. Presence is all that counts. */
+#define DYSCO_OWNED 1
+
 /* Ring-buffer events (dysco_events). */
 #define DYSCO_EV_FIN 1
 #define DYSCO_EV_RST 2
@@ -108,6 +113,8 @@ struct dysco_config {
     __u32 ingress_mark; /* OR-ed into skb->mark of a packet rewritten at ingress (0: none) */
     __u32 observe_mark; /* also OR-ed in when that packet is a FIN or an RST (the agent's teardown bookkeeping
                            queue rule; 0: none) */
+    __u32 owned_mark;   /* OR-ed into skb->mark of a packet NOT rewritten at ingress whose key is in dysco_owned
+                           (the fail-closed queue rule matches it; 0: none) */
 };
 
 /* Default sizes (user space may resize dysco_sessions before load: --max-sessions). */
@@ -118,6 +125,6 @@ _Static_assert(sizeof(struct dysco_key) == 16, "dysco_key is 16 bytes");
 _Static_assert(sizeof(struct dysco_tcp_facts) == 12, "dysco_tcp_facts is 12 bytes");
 _Static_assert(sizeof(struct dysco_value) == 64, "dysco_value is 64 bytes");
 _Static_assert(sizeof(struct dysco_event) == 64, "dysco_event is 64 bytes");
-_Static_assert(sizeof(struct dysco_config) == 8, "dysco_config is 8 bytes");
+_Static_assert(sizeof(struct dysco_config) == 12, "dysco_config is 12 bytes");
 
 #endif

@@ -25,7 +25,13 @@ import Synchronization
 /// re-opens the pinned maps (their entries stay), re-attaches the programs with replace and rebuilds its table from
 /// the state file and the map's entries (``listing()``: each entry is a translation).
 ///
-/// Not yet (docs/BPF.md, "What is left to wire"): owned keys (fail closed while no agent runs).
+/// Owned keys (docs/BPF.md, "Owned keys"): the keys of the sessions the agent alone translates
+/// (``KernelOwnership``) are entries of `dysco_owned`, written as the changes come (``submit(_:ownership:)``: a map
+/// write takes microseconds, so no batching delay); the ingress program marks an owned packet it does not rewrite
+/// with ``FastPath/ownedIngressMark``, and the egress queue rules ask the pinned socket filter
+/// `dysco_egress_owned`; both feed a queue rule without `--queue-bypass` (``QueueRules``): while no agent runs those
+/// packets are dropped, not leaked untranslated. With ``Settings/carries`` false (`--no-fastpath`) the path
+/// carries nothing (installs are ignored, every packet goes through NFQUEUE) and serves the owned keys only.
 final class BPFKernelPath: KernelPath, @unchecked Sendable {
     /// How long the first queued install waits for others to join its batch.
     static let batchDelayNanoseconds: UInt64 = 2_000_000
@@ -46,6 +52,8 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
         var ringBytes: UInt32? = nil
         /// `--fresh`: a pinned map of another capacity is replaced (its sessions are lost) instead of refused.
         var fresh = false
+        /// Carry sessions (false: `--no-fastpath`, the owned keys only; installs are ignored).
+        var carries = true
     }
 
     private let settings: Settings
@@ -85,6 +93,9 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
     let eventsFD: Int32?
     /// `dysco_stats[EVENT_LOST]` as of the last ``takeEvents()`` (under `lock`).
     private var eventsLostSeen: UInt64 = 0
+    /// The owned keys `dysco_owned` holds (under `lock`): changes are written against them.
+    private var ownedIngress = Set<FiveTuple>()
+    private var ownedEgress = Set<FiveTuple>()
 
     private struct Pending {
         var actions: [FastPathAction] = []
@@ -94,6 +105,8 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
 
     /// Where the egress queue rules find the socket filter (`iptables -m bpf --object-pinned`).
     var egressFilterPath: String { settings.pinDirectory + "/" + BPFDatapath.egressCarriedProgram }
+    /// Where the fail-closed egress queue rule finds the owned-key filter.
+    var ownedFilterPath: String { settings.pinDirectory + "/" + BPFDatapath.egressOwnedProgram }
 
     /// Mounts the bpffs if needed, loads the object (the verifier's error names a missing kernel feature), pins the
     /// maps and the egress socket filter, sets the marks and attaches both programs to every device but `lo`.
@@ -111,7 +124,11 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
         mountedFS = try Self.ensureBPFFS(settings.bpffs, logger: logger)
         do {
             try FileManager.default.createDirectory(atPath: settings.pinDirectory, withIntermediateDirectories: true)
-            inherited = try Self.checkPinnedMap(settings, logger: logger)
+            // Carrying nothing, the path may replace pinned maps of another size (the owned keys are set again from
+            // the state file).
+            var checked = settings
+            checked.fresh = settings.fresh || !settings.carries
+            inherited = try Self.checkPinnedMap(checked, logger: logger)
             let datapath: BPFDatapath
             do {
                 datapath = try BPFDatapath(objectPath: settings.objectPath, pinDirectory: settings.pinDirectory,
@@ -125,10 +142,12 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
             }
             self.datapath = datapath
             // No observe mark: FIN/RST are reported through the ring buffer (``takeEvents()``).
-            try datapath.setMarks(ingress: FastPath.ingressMark, observe: 0)
+            try datapath.setMarks(ingress: FastPath.ingressMark, observe: 0, owned: FastPath.ownedIngressMark)
             eventsFD = datapath.eventsPollFD
             try datapath.pinProgram(BPFDatapath.egressCarriedProgram,
                                     path: settings.pinDirectory + "/" + BPFDatapath.egressCarriedProgram)
+            try datapath.pinProgram(BPFDatapath.egressOwnedProgram,
+                                    path: settings.pinDirectory + "/" + BPFDatapath.egressOwnedProgram)
             interfaces = Self.devices()
             for interface in interfaces { try datapath.attach(interface: interface) }
         } catch {
@@ -138,7 +157,7 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
         logger.info("BPF datapath attached", metadata: [
             "bpf.object": "\(settings.objectPath)", "bpf.pin_dir": "\(settings.pinDirectory)",
             "bpf.interfaces": "\(interfaces.joined(separator: ","))", "bpf.mounted": "\(mountedFS)",
-            "bpf.inherited": "\(inherited)",
+            "bpf.inherited": "\(inherited)", "bpf.carries": "\(settings.carries)",
         ])
     }
 
@@ -209,8 +228,11 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
 
     // MARK: - Commits
 
+    /// Owned-key changes go to `dysco_owned` at once (one batch each way, microseconds: no delay to fold them in);
+    /// actions queue for the next commit (none when the path carries nothing).
     func submit(_ actions: [FastPathAction], ownership: (add: KernelOwnership.Keys, remove: KernelOwnership.Keys)?) {
-        guard !actions.isEmpty else { return }  // no owned keys on this path (yet)
+        if let ownership, !ownership.add.isEmpty || !ownership.remove.isEmpty { own(ownership) }
+        guard settings.carries, !actions.isEmpty else { return }
         let first = pending.withLock { p in
             let first = p.actions.isEmpty
             if first { p.since = dysco_monotonic_ns() }
@@ -385,6 +407,34 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
         publishHandOver()
     }
 
+    // MARK: - Owned keys (docs/BPF.md, "Owned keys")
+
+    /// Writes one owned-key change (its removals, then its additions; only keys whose membership changes).
+    private func own(_ change: (add: KernelOwnership.Keys, remove: KernelOwnership.Keys)) {
+        var delta = OwnershipDelta()
+        delta.apply(change)
+        lock.withLock {
+            let (add, remove) = BPFOwnedKeys.changes(delta, ingress: &ownedIngress, egress: &ownedEgress)
+            do {
+                try datapath.removeOwned(remove)
+                try datapath.addOwned(add)
+            } catch {
+                logger.warning("BPF map refused owned keys", metadata: [
+                    "bpf.owned_add": "\(add.count)", "bpf.owned_remove": "\(remove.count)", "error": "\(error)",
+                ])
+            }
+        }
+    }
+
+    /// `dysco_owned` holds exactly `owned` afterwards (under `lock`): a restart's keys, written by difference.
+    private func setOwned(_ owned: KernelOwnership.Keys) throws {
+        let plan = BPFOwnedKeys.plan(present: try datapath.ownedKeys(), wanted: owned)
+        try datapath.removeOwned(plan.remove)
+        try datapath.addOwned(plan.add)
+        ownedIngress = Set(owned.ingress)
+        ownedEgress = Set(owned.egress)
+    }
+
     // MARK: - Hand-over (docs/BPF.md, "Hand-over without reordering")
 
     /// How often (at most) the packet thread reads the flags of releasing entries, and the longest it sleeps while
@@ -533,7 +583,11 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
     /// A predecessor's session map (pinned, re-opened at start): each entry is one translation of one session.
     /// nil when the map was created by this start (no predecessor, or its bpffs died with it): the state file is
     /// then stale.
+    /// Carrying nothing (`--no-fastpath`), the kernel holds no session: an empty listing, whether or not the maps
+    /// were inherited (a bpffs private to the predecessor died with it; its programs, still attached, kept failing
+    /// closed).
     func listing() -> (any KernelListing)? {
+        guard settings.carries else { return BPFSessionListing([]) }
         guard inherited else { return nil }
         return lock.withLock { () -> BPFSessionListing? in
             guard let entries = try? datapath.entries() else { return nil }
@@ -544,9 +598,11 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
     }
 
     /// The map is as the predecessor left it (``BPFSessionListing/matches(_:)``): nothing is written; the agent
-    /// learns which keys each session has, and the counters become the baselines (no owned keys on this path).
+    /// learns which keys each session has, and the counters become the baselines. `dysco_owned` is set to exactly
+    /// `owned`.
     func keep(owned: KernelOwnership.Keys) throws {
-        lock.withLock {
+        try lock.withLock {
+            try setOwned(owned)
             guard let listed else { return }
             installedKeys = listed.keysBySession
             heldSessions = []
@@ -560,6 +616,7 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
         try lock.withLock {
             let keys = try datapath.entries().map(\.0)
             try datapath.deleteBatch(keys)
+            try setOwned(KernelOwnership.Keys())
             installedKeys = [:]
             heldSessions = []
             handOver.reset()
@@ -575,6 +632,7 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
             let plan = BPFSessionListing(try datapath.entries()).rebuildPlan(sessions)
             for key in plan.delete { try datapath.delete(key) }
             try datapath.writeBatch(plan.write)
+            try setOwned(owned)
             installedKeys = [:]
             for (id, translations) in sessions {
                 installedKeys[id] = translations.map { BPFSessionKey.entry($0, sessionID: id).key }
@@ -611,6 +669,7 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
                 logger.warning("could not unpin the BPF maps", metadata: ["error": "\(error)"])
             }
             unlink(egressFilterPath)
+            unlink(ownedFilterPath)
             rmdir(settings.pinDirectory)
         }
         if mountedFS { Self.unmount(settings.bpffs, logger: logger) }

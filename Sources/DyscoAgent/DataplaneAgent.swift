@@ -118,15 +118,24 @@ public final class DataplaneAgent: @unchecked Sendable {
         let bpf = BPFKernelPath.Settings(
             objectPath: options.bpfObject, bpffs: options.bpffs,
             pinDirectory: options.bpffs + "/dysco-\(options.netns ?? "host")-q\(options.queue)",
-            maxEntries: options.bpfMaxEntries, ringBytes: options.bpfRingBytes, fresh: options.fresh)
+            maxEntries: options.bpfMaxEntries, ringBytes: options.bpfRingBytes, fresh: options.fresh,
+            carries: options.fastPath)
         dataplane = try AgentDataplane(
             processor: PacketProcessor(config: config, portRange: options.portRange, trust: options.trust, settings: settings),
             quietNanoseconds: migrationSettings.quietNanoseconds, logger: logger) { nudge, report, carriers in
-            // --no-fastpath: no kernel path (owned keys with it: docs/BPF.md).
-            guard options.fastPath else { return nil }
-            return try BPFKernelPath(settings: bpf, logger: logger, nudge: nudge, report: report, carriers: carriers)
+            // --no-fastpath: the BPF path carrying nothing, for its owned keys only (docs/BPF.md "Owned keys");
+            // without the BPF programs there, no kernel state at all (warned once).
+            do {
+                return try BPFKernelPath(settings: bpf, logger: logger, nudge: nudge, report: report, carriers: carriers)
+            } catch where !options.fastPath {
+                logger.warning("--no-fastpath without the BPF programs: no owned keys (the sessions of a stopped agent pass untranslated instead of failing closed)",
+                               metadata: ["error": "\(error)"])
+                return NoKernelPath()
+            }
         }
-        rules = QueueRules(queue: options.queue, egressFilter: (dataplane.fastPath as? BPFKernelPath)?.egressFilterPath)
+        let bpfPath = dataplane.fastPath as? BPFKernelPath
+        rules = QueueRules(queue: options.queue, egressFilter: bpfPath?.egressFilterPath,
+                           ownedFilter: bpfPath?.ownedFilterPath, failClosed: !(dataplane.fastPath is NoKernelPath))
         packetLoop = PacketLoop(dataplane: dataplane, queueSocket: queueSocket, bufferLimits: options.bufferLimits,
                                 logger: logger)
         restoreReport = try dataplane.restoreOrReset(stateFile: options.stateFile, fresh: options.fresh, logger: logger)

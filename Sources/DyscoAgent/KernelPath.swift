@@ -12,7 +12,7 @@ import DyscoCore
 /// The hand-over rule for held translations: the program takes one back only when every packet
 /// it queued while held has been verdicted (``handOverKey(_:count:hook:)``, ``verdicted(_:)``).
 protocol KernelPath: AnyObject, Sendable {
-    /// Queues actions and owned-key changes for the next commit.
+    /// Queues actions for the next commit, and owned-key changes (written at once).
     func submit(_ actions: [FastPathAction], ownership: (add: KernelOwnership.Keys, remove: KernelOwnership.Keys)?)
     /// The packet thread, between reads: commits what is queued if it is due (`queueEmpty`: the quiet point).
     func commitIfDue(queueEmpty: Bool, now: UInt64)
@@ -68,6 +68,24 @@ protocol KernelListing: Sendable {
     var sessions: Set<SessionTable.SessionID> { get }
     /// The kernel holds exactly `carried`'s translations in the current format.
     func matches(_ carried: [(SessionTable.SessionID, [FastPath.Translation])]) -> Bool
+}
+
+/// `--no-fastpath` without the BPF programs (no object, or no kernel support): no kernel state at all, so no owned
+/// keys either (the agent warns once); a restart restores the state file's sessions onto the slow path.
+final class NoKernelPath: KernelPath {
+    func submit(_ actions: [FastPathAction], ownership: (add: KernelOwnership.Keys, remove: KernelOwnership.Keys)?) {}
+    func commitIfDue(queueEmpty: Bool, now: UInt64) {}
+    func pollTimeout(now: UInt64) -> Int32 { -1 }
+    func flush() {}
+    func commitAll() {}
+    func shutdown(keep: Bool) {}
+    var kernelPacketCount: UInt64 { 0 }
+    func sampleKernelPackets() {}
+    func activeSessions() -> [SessionTable.SessionID] { [] }
+    func listing() -> (any KernelListing)? { BPFSessionListing([]) }
+    func keep(owned: KernelOwnership.Keys) throws {}
+    func reset() throws {}
+    func rebuild(sessions: [(SessionTable.SessionID, [FastPath.Translation])], owned: KernelOwnership.Keys) throws {}
 }
 
 extension BPFSessionListing: KernelListing {}

@@ -16,7 +16,10 @@ import Logging
 /// (`-m bpf --object-pinned`, docs/BPF.md). The egress rules skip the egress bit (the agent's own sent packets).
 ///
 /// The rules use `--queue-bypass` (while no agent listens, packets pass untouched), except the one for packets of
-/// owned sessions (``restoreScript(existingJumps:)``), which fail closed. Installed atomically with one
+/// owned sessions (``restoreScript(existingJumps:)``), which fail closed. Owned packets are told by a mark at
+/// ingress (the BPF ingress program sets ``FastPath/ownedIngressMark``) and at egress by the pinned socket filter
+/// `dysco_egress_owned` (``ownedFilter``: tc egress runs after these rules, so no program could have marked the
+/// packet yet). Installed atomically with one
 /// `iptables-restore --noflush`, replacing a predecessor's rules in place; they stay when an agent stops with live
 /// sessions (docs/ARCHITECTURE.md, "Agent crash and restart"); removal deletes our jumps and chains and nothing
 /// else, and is idempotent.
@@ -28,10 +31,17 @@ public struct QueueRules: Sendable {
     public var queue: UInt16
     /// The BPF datapath's pinned `dysco_egress_carried` program (nil: no kernel path, `--no-fastpath`).
     public var egressFilter: String?
+    /// The BPF datapath's pinned `dysco_egress_owned` program: the egress fail-closed rule asks it (nil: no egress
+    /// fail-closed rule).
+    public var ownedFilter: String?
+    /// Whether owned packets fail closed at all (false: no kernel path could load; every rule has bypass).
+    public var failClosed: Bool
 
-    public init(queue: UInt16, egressFilter: String? = nil) {
+    public init(queue: UInt16, egressFilter: String? = nil, ownedFilter: String? = nil, failClosed: Bool = true) {
         self.queue = queue
         self.egressFilter = egressFilter
+        self.ownedFilter = ownedFilter
+        self.failClosed = failClosed
     }
 
     /// The iptables-restore input that installs the rules: with `--noflush`, declaring a chain of ours empties it
@@ -39,18 +49,25 @@ public struct QueueRules: Sendable {
     /// agent's sessions would pass unrewritten). `existingJumps`: the built-in chains that already jump to ours
     /// (``installedJumps()``), which get no second jump.
     ///
-    /// Per chain, in order: (1) egress only, a packet the egress program will rewrite returns unqueued (the pinned
-    /// filter); (2) a packet of an owned session the kernel did not rewrite, WITHOUT bypass (no agent: dropped,
-    /// TCP retransmits it); (3) every other TCP packet the kernel did not rewrite, with bypass.
+    /// Per chain, in order: (1) egress chains: a packet `dysco_egress_carried` says tc egress rewrites returns
+    /// unqueued; (2) a packet of an owned session the kernel did not rewrite, WITHOUT bypass (no agent: dropped,
+    /// TCP retransmits it): by the owned mark at ingress, by `-m bpf --object-pinned` ``ownedFilter`` at egress;
+    /// (3) every other TCP packet the kernel did not rewrite, with bypass.
     public func restoreScript(existingJumps: Set<String> = []) -> String {
         let bypass = "-j NFQUEUE --queue-num \(queue) --queue-bypass"
         let failClosed = "-j NFQUEUE --queue-num \(queue)"
         func rules(_ chain: String, _ match: String, hook: UInt32, owned: UInt32) -> String {
-            let carried = egressFilter.map { chain == Self.ingressChain ? "" : "-A \(chain) \(match) -m bpf --object-pinned \($0) -j RETURN\n" } ?? ""
-            return carried + """
-            -A \(chain) \(match) -m mark --mark \(Self.hex(owned))/\(Self.hex(owned | hook)) \(failClosed)
-            -A \(chain) \(match) -m mark ! --mark \(Self.markMatch(hook)) \(bypass)
-            """
+            let egress = chain != Self.ingressChain
+            let carried = egressFilter.map { egress ? "-A \(chain) \(match) -m bpf --object-pinned \($0) -j RETURN\n" : "" } ?? ""
+            let ownedRule: String
+            if !self.failClosed {
+                ownedRule = ""
+            } else if egress {
+                ownedRule = ownedFilter.map { "-A \(chain) \(match) -m bpf --object-pinned \($0) \(failClosed)\n" } ?? ""
+            } else {
+                ownedRule = "-A \(chain) \(match) -m mark --mark \(Self.hex(owned))/\(Self.hex(owned | hook)) \(failClosed)\n"
+            }
+            return carried + ownedRule + "-A \(chain) \(match) -m mark ! --mark \(Self.markMatch(hook)) \(bypass)"
         }
         func jump(_ builtin: String, _ chain: String) -> String {
             existingJumps.contains(builtin) ? "" : "-I \(builtin) 1 -j \(chain)\n"

@@ -29,6 +29,8 @@ public final class BPFDatapath {
     /// The hand-over counts (`dysco_passed`: the program's; `dysco_seen`: the agent's), keyed like the sessions.
     private let passedFD: Int32
     private let seenFD: Int32
+    /// The owned keys (`dysco_owned`: fail closed while no agent runs), written by the agent only.
+    private let ownedFD: Int32
     private let ringBuffer: OpaquePointer
     private let sink = EventSink()
     /// Possible CPUs (per-CPU map values have one slot each).
@@ -49,8 +51,9 @@ public final class BPFDatapath {
             dysco_bpf_open(objectPath, pinDirectory)
         }
         do {
-            // The hand-over counts hold at most one entry per translation: sized with the sessions.
-            for name in ["dysco_sessions", "dysco_passed", "dysco_seen"] {
+            // The hand-over counts hold at most one entry per translation, the owned keys at most four a session:
+            // sized with the sessions.
+            for name in ["dysco_sessions", "dysco_passed", "dysco_seen", "dysco_owned"] {
                 guard let maxEntries else { break }
                 let map = try sysCall("bpf_object__find_map_by_name(\(name))") {
                     bpf_object__find_map_by_name(object, name)
@@ -85,6 +88,7 @@ public final class BPFDatapath {
             eventsFD = try mapFD("dysco_events")
             passedFD = try mapFD("dysco_passed")
             seenFD = try mapFD("dysco_seen")
+            ownedFD = try mapFD("dysco_owned")
             cpus = Int(try sysCall("libbpf_num_possible_cpus") { libbpf_num_possible_cpus() })
             let context = Unmanaged.passUnretained(sink).toOpaque()
             ringBuffer = try sysCall("ring_buffer__new(dysco_events)") { [eventsFD] in
@@ -303,6 +307,65 @@ public final class BPFDatapath {
         return bpf_map_lookup_elem(passedFD, &rawKey, &value) == 0 ? value : 0
     }
 
+    // MARK: - Owned keys (docs/BPF.md "Owned keys")
+
+    /// Adds owned keys (one `bpf_map_update_batch`; present ones stay).
+    public func addOwned(_ keys: [BPFSessionKey]) throws(SystemCallError) {
+        guard !keys.isEmpty else { return }
+        let raw = keys.map(\.raw), values = [UInt8](repeating: UInt8(DYSCO_OWNED), count: keys.count)
+        var count = UInt32(keys.count)
+        try sysCall("bpf_map_update_batch(dysco_owned, \(keys.count))") {
+            raw.withUnsafeBytes { k in
+                values.withUnsafeBytes { v in dysco_map_update_batch(ownedFD, k.baseAddress, v.baseAddress, &count, 0) }
+            }
+        }
+    }
+
+    /// Removes owned keys: one `bpf_map_delete_batch`; if a key is absent (the batch stops there), one delete each
+    /// (absent keys are no error).
+    public func removeOwned(_ keys: [BPFSessionKey]) throws(SystemCallError) {
+        guard !keys.isEmpty else { return }
+        let raw = keys.map(\.raw)
+        var count = UInt32(keys.count)
+        let batch = raw.withUnsafeBytes { dysco_map_delete_batch(ownedFD, $0.baseAddress, &count) }
+        guard batch != 0 else { return }
+        for var key in raw {
+            do throws(SystemCallError) {
+                try sysCall("bpf_map_delete_elem(dysco_owned)") { bpf_map_delete_elem(ownedFD, &key) }
+            } catch where error.errno == ENOENT {}
+        }
+    }
+
+    /// Every owned key (a walk: restarts and tests).
+    public func ownedKeys() throws(SystemCallError) -> [BPFSessionKey] {
+        try Self.keys(fd: ownedFD, name: "dysco_owned")
+    }
+
+    /// The keys of a pinned `dysco_owned` map (`PIN_DIRECTORY/dysco_owned`), without loading the object (tests).
+    public static func pinnedOwnedKeys(mapPath: String) throws(SystemCallError) -> [BPFSessionKey] {
+        let fd = try sysCall("bpf_obj_get(\(mapPath))") { bpf_obj_get(mapPath) }
+        defer { close(fd) }
+        return try keys(fd: fd, name: "dysco_owned")
+    }
+
+    private static func keys(fd: Int32, name: String) throws(SystemCallError) -> [BPFSessionKey] {
+        var result: [BPFSessionKey] = []
+        var current = dysco_key(), next = dysco_key()
+        var first = true
+        while true {
+            do {
+                try sysCall("bpf_map_get_next_key(\(name))") {
+                    first ? bpf_map_get_next_key(fd, nil, &next) : bpf_map_get_next_key(fd, &current, &next)
+                }
+            } catch where error.errno == ENOENT {
+                return result
+            }
+            first = false
+            current = next
+            if let key = BPFSessionKey(raw: current) { result.append(key) }
+        }
+    }
+
     /// Every translation in the map (a walk with `bpf_map_get_next_key`: O(entries), for restarts and tests).
     public func entries() throws(SystemCallError) -> [(BPFSessionKey, BPFSessionEntry)] {
         try Self.entries(fd: sessionsFD)
@@ -341,18 +404,24 @@ public final class BPFDatapath {
 
     /// `ingress` is OR-ed into `skb->mark` of every packet rewritten at ingress, `observe` too when it is a FIN or
     /// an RST (the agent's queue rules: skip the rewritten packets, queue the rewritten FIN/RST for bookkeeping
-    /// only); 0 for none.
-    public func setMarks(ingress: UInt32, observe: UInt32) throws(SystemCallError) {
+    /// only), `owned` into a packet not rewritten at ingress whose key is owned (the fail-closed queue rule); 0 for
+    /// none.
+    public func setMarks(ingress: UInt32, observe: UInt32, owned: UInt32 = 0) throws(SystemCallError) {
         var key: UInt32 = 0
         var config = dysco_config()
         config.ingress_mark = ingress
         config.observe_mark = observe
+        config.owned_mark = owned
         try sysCall("bpf_map_update_elem(dysco_config)") { bpf_map_update_elem(configFD, &key, &config, dysco_bpf_any()) }
     }
 
     /// The socket-filter program the egress queue rules ask (`iptables -m bpf --object-pinned PATH`): 1 when
     /// `dysco_egress` will rewrite the packet (docs/BPF.md, "Queue rules").
     public static let egressCarriedProgram = "dysco_egress_carried"
+
+    /// The socket-filter program the fail-closed egress queue rule asks: 1 when the packet's egress key is owned
+    /// (docs/BPF.md, "Owned keys").
+    public static let egressOwnedProgram = "dysco_egress_owned"
 
     /// Pins program `name` of the loaded object at `path` (on a bpffs), replacing what was pinned there.
     public func pinProgram(_ name: String, path: String) throws(SystemCallError) {

@@ -109,7 +109,7 @@ struct AgentCommand: AsyncParsableCommand {
     @Option(help: "Control socket path (default /run/dysco-migrate/agent-<netns>.sock).")
     var controlSocket: String?
 
-    @Flag(help: "Keep every packet in NFQUEUE: no kernel fast path (debugging, comparison).")
+    @Flag(help: "Keep every packet in NFQUEUE: no kernel fast path (debugging, comparison); the BPF programs are still loaded, for the owned keys only (fail closed while no agent runs; without them: a warning, no owned keys).")
     var noFastpath = false
 
     @Option(help: ArgumentHelp("""
@@ -185,6 +185,10 @@ struct AgentCommand: AsyncParsableCommand {
             throw ValidationError("--netns '\(netns)' is not a valid namespace name")
         }
         _ = try parsedMetrics()
+        // --no-fastpath loads the BPF programs too (for the owned keys only: docs/BPF.md "Owned keys").
+        if datapath.datapath != .bpf, !noFastpath, datapath.bpfObject != nil {
+            throw ValidationError("--bpf-object needs --datapath bpf or --no-fastpath")
+        }
         if purge { return }
         _ = try loadTrust()  // a missing or bad key is a usage error, reported before anything starts
     }
@@ -269,13 +273,12 @@ struct AgentCommand: AsyncParsableCommand {
         options.settings.maxSessions = maxSessions
         options.settings.maxSessionsPerSource = maxSessionsPerSource
         options.fastPath = !noFastpath
-        if !noFastpath {
-            options.bpfObject = datapath.resolvedObject() ?? ""
-            options.bpffs = datapath.bpfFs
-            // Four translations per two-sided session (a middlebox's).
-            options.bpfMaxEntries = UInt32(min(maxSessions * 4, Int(UInt32.max)))
-            options.bpfRingBytes = datapath.bpfRingBytes
-        }
+        // --no-fastpath loads the BPF programs too, for the owned keys only (docs/BPF.md "Owned keys").
+        options.bpfObject = datapath.resolvedObject() ?? ""
+        options.bpffs = datapath.bpfFs
+        // Four translations per two-sided session (a middlebox's).
+        options.bpfMaxEntries = UInt32(min(maxSessions * 4, Int(UInt32.max)))
+        options.bpfRingBytes = datapath.bpfRingBytes
         options.settings.fastPathAfterPackets = fastpathAfter
         let agent = try DataplaneAgent(config: agentConfig, options: options, logger: logger)
         do { try agent.start() } catch {

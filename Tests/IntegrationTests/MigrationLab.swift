@@ -1,4 +1,5 @@
 import DyscoAgent
+import DyscoBPF
 import DyscoCore
 import DyscoLab
 import DyscoSystem
@@ -117,15 +118,14 @@ enum MigrationLab {
     }
 
     /// Waits until each of `host`'s established paced sessions (at least `count`) would survive its agent's crash:
-    /// carried by the kernel, or its ingress keys in the owned set (they follow the table in batches:
-    /// docs/ARCHITECTURE.md, "Agent crash and restart").
-    /// `ownedKeys` false (the BPF datapath, which has none): every session must be kernel-carried.
+    /// carried by the kernel, or its ingress keys in the pinned `dysco_owned` (docs/BPF.md "Owned keys"). `bpfPins`:
+    /// the bpffs the agents pin under (nil: the lab's own, ``LabPaths/bpfFs(_:)``).
     static func waitUntilRestartSafe(_ lab: Lab, _ host: String, count: Int, timeout: TimeInterval = 20,
-                                     ownedKeys: Bool = true) async throws {
+                                     bpfPins: String? = nil) async throws {
         let deadline = Date().addingTimeInterval(timeout)
         while Date() < deadline {
             let sessions = try await pacedSessions(lab, host)
-            let owned = ownedKeys ? try ownedIngressKeys(lab, host) : []
+            let owned = try bpfOwnedKeys(lab, host, pins: bpfPins ?? LabPaths.bpfFs(lab.name), hook: .ingress)
             let safe = sessions.filter { s in
                 s.carrier == .kernel || ([s.left, s.right?.reversed].compactMap { $0 }.allSatisfy { owned.contains($0) })
             }
@@ -135,24 +135,10 @@ enum MigrationLab {
         throw LabError.setupFailed("\(host): fewer than \(count) paced sessions safe across a restart after \(timeout) s")
     }
 
-    /// The keys in `host`'s `owned_in` set (read with the nft binary: a test's view of the kernel).
-    static func ownedIngressKeys(_ lab: Lab, _ host: String) throws -> Set<FiveTuple> {
-        let out = try lab.exec(host, ["nft", "-j", "list", "set", "ip", "dysco", "owned_in"]).stdout
-        guard let root = try JSONSerialization.jsonObject(with: Data(out.utf8)) as? [String: Any],
-              let objects = root["nftables"] as? [[String: Any]] else { return [] }
-        var keys = Set<FiveTuple>()
-        for object in objects {
-            guard let set = object["set"] as? [String: Any], let elements = set["elem"] as? [Any] else { continue }
-            for element in elements {
-                guard let concat = (element as? [String: Any])?["concat"] as? [Any], concat.count == 4,
-                      let src = (concat[0] as? String).flatMap(IPv4Address.init(parsing:)),
-                      let sport = concat[1] as? Int,
-                      let dst = (concat[2] as? String).flatMap(IPv4Address.init(parsing:)),
-                      let dport = concat[3] as? Int else { continue }
-                keys.insert(FiveTuple(srcAddr: src, srcPort: UInt16(sport), dstAddr: dst, dstPort: UInt16(dport)))
-            }
-        }
-        return keys
+    /// The keys of `hook` in `host`'s pinned `dysco_owned` map (the agent pins under `pins`, queue 7).
+    static func bpfOwnedKeys(_ lab: Lab, _ host: String, pins: String, hook: BPFHook) throws -> Set<FiveTuple> {
+        let map = "\(pins)/dysco-\(lab.namespace(of: host))-q7/dysco_owned"
+        return Set(try BPFDatapath.pinnedOwnedKeys(mapPath: map).filter { $0.hook == hook }.map(\.tuple))
     }
 
     /// A CLI command run as an operator would, with its `--json` report decoded (nil if it printed none).

@@ -59,12 +59,14 @@ import Testing
 
     /// Paced downloads through fw1; for each host in `hosts`, in turn, its agent is stopped with `signal` and
     /// started again with the same command line while they run. Byte-exact, no reset, every session restored.
-    /// `datapath` BPF: the sessions must be kernel-carried before each stop (no owned keys on that path); while no
-    /// agent runs the programs stay attached and the pinned map keeps the sessions' entries; the restarted agent
-    /// takes them over from the map (its log: `state.kernel` ≥ the sessions).
+    /// `datapath` BPF: each session must be kernel-carried or its keys in the pinned `dysco_owned` before each stop;
+    /// while no agent runs the programs stay attached and the pinned maps keep the sessions' entries and owned keys;
+    /// the restarted agent takes them over from the map (its log: `state.kernel` ≥ the sessions). With
+    /// `--no-fastpath` (the BPF path carrying nothing, its owned keys only) the owned keys stay instead.
     func restartMidTransfer(name: String, subnet: String, agentArguments: [String], hosts: [String],
                             signal: Int32, datapath: Datapath? = nil) async throws {
         let bpf = datapath != nil
+        let carries = !agentArguments.contains("--no-fastpath")
         try await TestSupport.withLab(MigrationLab.spec(name, subnet: subnet, middleboxes: ["fw1"],
                                                         agentArguments: agentArguments + (datapath?.arguments ?? []))) { lab in
             try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 6)
@@ -78,8 +80,9 @@ import Testing
                 let before = try await MigrationLab.pacedSessions(lab, host).count
                 #expect(before >= sessions, "\(host) carries \(before) sessions before the stop")
                 // Owned keys follow the table in batches: stop it once every session would survive (kernel or owned).
-                try await MigrationLab.waitUntilRestartSafe(lab, host, count: sessions, ownedKeys: !bpf)
+                try await MigrationLab.waitUntilRestartSafe(lab, host, count: sessions, bpfPins: bpf ? datapath!.pins : nil)
                 let entriesBefore = bpf ? try Self.bpfEntries(lab, host, datapath!).count : 0
+                let ownedBefore = bpf ? try Self.bpfOwned(lab, host, datapath!).count : 0
                 let start = Date()
                 try lab.killAgent(host, signal: signal)
                 #expect(!lab.agentIsAlive(host))
@@ -92,13 +95,21 @@ import Testing
                     #expect(net.contains("dysco_ingress") && net.contains("dysco_egress"),
                             "\(host): the programs stay attached while no agent runs: \(net)")
                     let entries = try Self.bpfEntries(lab, host, datapath)
-                    #expect(entries.count == entriesBefore && entries.count >= 2 * sessions,
-                            "\(host): the pinned map keeps \(entries.count) entries (\(entriesBefore) before the stop)")
+                    let owned = try Self.bpfOwned(lab, host, datapath)
+                    #expect(owned.count == ownedBefore, "\(host): the owned keys stay: \(owned.count) (\(ownedBefore) before)")
+                    if carries {
+                        #expect(entries.count == entriesBefore && entries.count >= 2 * sessions,
+                                "\(host): the pinned map keeps \(entries.count) entries (\(entriesBefore) before the stop)")
+                    } else {
+                        #expect(entries.isEmpty && owned.count >= 2 * sessions,
+                                "\(host): no session entry (\(entries.count)), the sessions' owned keys (\(owned.count))")
+                        #expect(rules.contains("dysco_egress_owned"), "the egress fail-closed rule")
+                    }
                 }
                 try await Task.sleep(for: .milliseconds(500))
                 try lab.restartAgent(host)
                 let restart = Date().timeIntervalSince(start)
-                if bpf {
+                if bpf, carries {
                     // The restarted agent took the sessions over from the pinned map (not from scratch).
                     let log = try String(contentsOfFile: LabPaths.agentLog(lab.name, host: host), encoding: .utf8)
                     let kernel = Self.logged(log, "state.kernel") ?? 0
@@ -136,6 +147,11 @@ import Testing
         return Int(log[range.upperBound...].prefix { $0.isNumber })
     }
 
+    /// `host`'s `dysco_owned` keys (the agent pins under the lab's bpffs, queue 7).
+    static func bpfOwned(_ lab: Lab, _ host: String, _ datapath: Datapath) throws -> [BPFSessionKey] {
+        try BPFDatapath.pinnedOwnedKeys(mapPath: "\(datapath.pins)/dysco-\(lab.namespace(of: host))-q7/dysco_owned")
+    }
+
     /// `host`'s `dysco_sessions` entries (the agent pins under the lab's bpffs, queue 7).
     static func bpfEntries(_ lab: Lab, _ host: String, _ datapath: Datapath) throws -> [(BPFSessionKey, BPFSessionEntry)] {
         try BPFDatapath.pinnedEntries(mapPath: "\(datapath.pins)/dysco-\(lab.namespace(of: host))-q7/dysco_sessions")
@@ -156,21 +172,34 @@ import Testing
         #expect(again.contains(":DYSCO-IN - [0:0]"), "declared, so iptables-restore --noflush empties it in the same commit")
     }
 
-    @Test("queue rules with the BPF datapath: each egress chain first returns what the pinned socket filter says tc egress rewrites; ingress as before, no observe rules")
+    @Test("queue rules with the BPF datapath: each egress chain first returns what the pinned socket filter says tc egress rewrites, then queues what the owned filter claims without bypass; ingress as before, no observe rules")
     func queueRuleScriptBPF() {
         let filter = "/run/pins/dysco-x-q7/dysco_egress_carried"
-        let script = QueueRules(queue: 7, egressFilter: filter).restoreScript()
+        let owned = "/run/pins/dysco-x-q7/dysco_egress_owned"
+        let script = QueueRules(queue: 7, egressFilter: filter, ownedFilter: owned).restoreScript()
         let lines = script.split(separator: "\n")
         // Ingress as before but without the observe rule (the programs report FIN/RST through their ring buffer).
         #expect(lines.filter { $0.hasPrefix("-A DYSCO-IN") } == QueueRules(queue: 7).restoreScript().split(separator: "\n")
             .filter { $0.hasPrefix("-A DYSCO-IN") }.dropFirst().map { $0 })
         #expect(!script.contains("--mark 0x1000000/0x1000000") && !script.contains("--mark 0x2000000/0x2000000"),
                 "no observe rule")
-        #expect(lines.first { $0.hasPrefix("-A DYSCO-OUT") }
-                == "-A DYSCO-OUT -p tcp ! -o lo -m bpf --object-pinned \(filter) -j RETURN")
-        #expect(lines.first { $0.hasPrefix("-A DYSCO-FWD-OUT") }
-                == "-A DYSCO-FWD-OUT -p tcp -m addrtype ! --src-type LOCAL -m bpf --object-pinned \(filter) -j RETURN")
-        #expect(lines.filter { $0.contains("-m bpf") }.count == 2)
+        // Egress: carried RETURN, the owned filter without bypass (no mark rule: nothing marks egress packets
+        // owned before tc egress), the rest with bypass.
+        #expect(lines.filter { $0.hasPrefix("-A DYSCO-OUT") } == [
+            "-A DYSCO-OUT -p tcp ! -o lo -m bpf --object-pinned \(filter) -j RETURN",
+            "-A DYSCO-OUT -p tcp ! -o lo -m bpf --object-pinned \(owned) -j NFQUEUE --queue-num 7",
+            "-A DYSCO-OUT -p tcp ! -o lo -m mark ! --mark 0x20000000/0x20000000 -j NFQUEUE --queue-num 7 --queue-bypass",
+        ])
+        #expect(lines.filter { $0.hasPrefix("-A DYSCO-FWD-OUT") } == [
+            "-A DYSCO-FWD-OUT -p tcp -m addrtype ! --src-type LOCAL -m bpf --object-pinned \(filter) -j RETURN",
+            "-A DYSCO-FWD-OUT -p tcp -m addrtype ! --src-type LOCAL -m bpf --object-pinned \(owned) -j NFQUEUE --queue-num 7",
+            "-A DYSCO-FWD-OUT -p tcp -m addrtype ! --src-type LOCAL -m mark ! --mark 0x20000000/0x20000000 -j NFQUEUE --queue-num 7 --queue-bypass",
+        ])
+        #expect(lines.filter { $0.contains("-m bpf") }.count == 4)
+        #expect(!script.contains("--mark 0x8000000/"), "no egress owned-mark rule")
+        // No kernel path (--no-fastpath without the BPF programs): every rule has bypass.
+        let open = QueueRules(queue: 7, failClosed: false).restoreScript()
+        #expect(open.split(separator: "\n").filter { $0.contains("NFQUEUE") }.allSatisfy { $0.hasSuffix("--queue-bypass") })
     }
 
     @Test("(c) kill -9 and restart of fw1's agent, then of the client's, mid-transfer, fast path on: byte-exact, no reset",
@@ -182,10 +211,15 @@ import Testing
         }
     }
 
+    /// With `--no-fastpath` the agents load the BPF programs for the owned keys only (docs/BPF.md "Owned keys"): a
+    /// bpffs the test reads.
     @Test("(c) kill -9 and restart of fw1's agent, then of the client's, mid-transfer, fast path off: byte-exact, no reset")
     func killSlowPath() async throws {
-        try await restartMidTransfer(name: "rs2", subnet: "10.79.62.0/24", agentArguments: ["--no-fastpath"],
-                                     hosts: ["fw1", "client1"], signal: SIGKILL)
+        let datapath = Datapath(lab: "rs2", subnet: "10.79.62.0/24")
+        try await datapath.withPins {
+            try await restartMidTransfer(name: "rs2", subnet: "10.79.62.0/24", agentArguments: ["--no-fastpath"],
+                                         hosts: ["fw1", "client1"], signal: SIGKILL, datapath: datapath)
+        }
     }
 
     @Test("(d) SIGTERM and restart (an upgrade) of fw1's, the client's and the server's agents mid-transfer: byte-exact",
@@ -199,8 +233,11 @@ import Testing
 
     @Test("(d) SIGTERM and restart mid-transfer with the fast path off: byte-exact")
     func upgradeSlowPath() async throws {
-        try await restartMidTransfer(name: "rs4", subnet: "10.79.64.0/24", agentArguments: ["--no-fastpath"],
-                                     hosts: ["fw1"], signal: SIGTERM)
+        let datapath = Datapath(lab: "rs4", subnet: "10.79.64.0/24")
+        try await datapath.withPins {
+            try await restartMidTransfer(name: "rs4", subnet: "10.79.64.0/24", agentArguments: ["--no-fastpath"],
+                                         hosts: ["fw1"], signal: SIGTERM, datapath: datapath)
+        }
     }
 
     @Test("fast path on, fw1's agent killed and not restarted: a transfer finishing meanwhile completes (its FINs too); --purge clears",
@@ -275,7 +312,7 @@ import Testing
             try MigrationLab.startPacedServer(lab, megabytesPerSecond: 1)
             let downloads = try MigrationLab.Downloads(lab, file: "blob", count: 1)
             try await MigrationLab.waitForSessions(lab, on: "fw1", count: 1)
-            try await MigrationLab.waitUntilRestartSafe(lab, "fw1", count: 1, ownedKeys: false)
+            try await MigrationLab.waitUntilRestartSafe(lab, "fw1", count: 1, bpfPins: datapath.pins)
             try lab.killAgent("fw1", signal: SIGKILL)
             // The download's four entries, and those of sessions closed within the linger (the BPF datapath keeps a
             // closed session's entries until its linger ends: docs/BPF.md "Connection setup in the kernel").

@@ -8,9 +8,9 @@ import Foundation
 /// that outlives it and --max-sessions is unchanged (else refused; --fresh replaces the map).
 struct DatapathOptions: ParsableArguments {
     @Option(help: ArgumentHelp("""
-        The kernel datapath's compiled tc programs (default: $DYSCO_BPF_OBJECT, else dysco.bpf.o beside the \
-        executable, in ../bpf or ../../bpf of it, or /usr/lib/dysco-migrate; `make bpf` builds it). Needs Linux \
-        ≥ 5.12 (docs/BPF.md); a restarted agent takes the pinned sessions over only with an unchanged \
+        The kernel datapath's compiled tc programs (also loaded with --no-fastpath, for its owned keys; default: \
+        $DYSCO_BPF_OBJECT, else dysco.bpf.o beside the executable, in ../bpf or ../../bpf of it, or \
+        /usr/lib/dysco-migrate; `make bpf` builds it). Needs Linux ≥ 5.12 (docs/BPF.md); a restarted agent takes the pinned sessions over only with an unchanged \
         --max-sessions (else refused; --fresh replaces the map).
         """, valueName: "path"))
     var bpfObject: String?
