@@ -82,6 +82,11 @@ final class NoKernelPath: KernelPath {
     var kernelPacketCount: UInt64 { 0 }
     func sampleKernelPackets() {}
     func activeSessions() -> [SessionTable.SessionID] { [] }
+    var openingRefused: UInt64 { 0 }
+    var eventsFD: Int32? { nil }
+    func takeEvents() -> (events: [KernelEvent], lost: UInt64) { ([], 0) }
+    func handOverKey(_ base: UnsafeMutableRawPointer, count: Int, hook: HookPoint) -> BPFSessionKey? { nil }
+    func verdicted(_ key: BPFSessionKey) {}
     func listing() -> (any KernelListing)? { BPFSessionListing([]) }
     func keep(owned: KernelOwnership.Keys) throws {}
     func reset() throws {}

@@ -185,10 +185,6 @@ struct AgentCommand: AsyncParsableCommand {
             throw ValidationError("--netns '\(netns)' is not a valid namespace name")
         }
         _ = try parsedMetrics()
-        // --no-fastpath loads the BPF programs too (for the owned keys only: docs/BPF.md "Owned keys").
-        if datapath.datapath != .bpf, !noFastpath, datapath.bpfObject != nil {
-            throw ValidationError("--bpf-object needs --datapath bpf or --no-fastpath")
-        }
         if purge { return }
         _ = try loadTrust()  // a missing or bad key is a usage error, reported before anything starts
     }
