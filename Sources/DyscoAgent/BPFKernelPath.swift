@@ -42,6 +42,9 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
         var ringBytes: UInt32? = nil
         /// `--fresh`: a pinned map of another capacity is replaced (its sessions are lost) instead of refused.
         var fresh = false
+        /// The agent's NFQUEUE number: after a barrier its last packet id is read from
+        /// /proc/net/netfilter/nfnetlink_queue (docs/BPF.md "New keys"; nil: only an empty queue releases new keys).
+        var queue: UInt16? = nil
     }
 
     private let settings: Settings
@@ -63,6 +66,8 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
     /// RCU barriers (docs/BPF.md "New keys"): the last one requested (under `lock`) and the last one that returned.
     private var barrierRequested: UInt64 = 0
     private let barrierDone = Atomic<UInt64>(0)
+    /// The last returned barrier with the queue's last packet id at its return: (number << 32) | id; 0: none.
+    private let barrierMark = Atomic<UInt64>(0)
     private let barrierQueue = DispatchQueue(label: "dysco-bpf-barrier", qos: .userInitiated)
     /// When the packet thread last read the releasing entries' flags (under `lock`).
     private var lastReleaseCheck: UInt64 = 0
@@ -383,6 +388,10 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
                                metadata: ["errno": "\(dysco_errno())"])
                 Thread.sleep(forTimeInterval: 0.05)
             }
+            // Every packet that missed a new entry is now in the queue, with an id at most the queue's last one.
+            if let queue = settings.queue, let last = Self.lastPacketID(queue: queue) {
+                barrierMark.store((target << 32) | UInt64(last), ordering: .releasing)
+            }
             barrierDone.store(target, ordering: .releasing)
             nudge?()
         }
@@ -463,6 +472,31 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
         awaitingDrain.store(handOver.awaitingDrain, ordering: .relaxed)
     }
 
+    /// The last packet id NFQUEUE `queue` gave (`id_sequence`, the 8th column of /proc/net/netfilter/nfnetlink_queue
+    /// in this network namespace); ids are given in the order packets enter the agent's socket.
+    static func lastPacketID(queue: UInt16) -> UInt32? {
+        guard let text = try? String(contentsOfFile: "/proc/net/netfilter/nfnetlink_queue", encoding: .utf8) else { return nil }
+        return lastPacketID(queue: queue, in: text)
+    }
+
+    static func lastPacketID(queue: UInt16, in text: String) -> UInt32? {
+        for line in text.split(separator: "\n") {
+            let fields = line.split(separator: " ", omittingEmptySubsequences: true)
+            if fields.count >= 8, UInt16(fields[0]) == queue { return UInt32(fields[7]) }
+        }
+        return nil
+    }
+
+    /// The packet thread verdicted the packet with NFQUEUE id `id`: if it is at or past the last id at a barrier's
+    /// return, every packet before it (FIFO), among them all that missed new entries written before that barrier,
+    /// has been verdicted: as good as an empty queue, and under load sooner.
+    func queueRead(packetID id: UInt32) {
+        guard awaitingDrain.load(ordering: .relaxed) > 0 else { return }
+        let mark = barrierMark.load(ordering: .acquiring)
+        guard mark != 0, Int32(bitPattern: id &- UInt32(truncatingIfNeeded: mark)) >= 0 else { return }
+        drained(through: mark >> 32, queueEmpty: false, now: dysco_monotonic_ns())
+    }
+
     /// The last RCU barrier that returned: the packet thread reads it before each read of the queue.
     var queueBarrier: UInt64 { barrierDone.load(ordering: .acquiring) }
 
@@ -470,8 +504,12 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
     /// written before that barrier are released by the hand-over rule (``BPFHandOver/drained(through:now:passed:)``).
     func queueDrained(through barrier: UInt64, now: UInt64) {
         guard awaitingDrain.load(ordering: .relaxed) > 0, barrier > 0 else { return }
+        drained(through: barrier, queueEmpty: true, now: now)
+    }
+
+    private func drained(through barrier: UInt64, queueEmpty: Bool, now: UInt64) {
         lock.withLock {
-            perform(handOver.drained(through: barrier, now: now, passed: { datapath.passed($0) }))
+            perform(handOver.drained(through: barrier, queueEmpty: queueEmpty, now: now, passed: { datapath.passed($0) }))
             publishHandOver()
         }
     }

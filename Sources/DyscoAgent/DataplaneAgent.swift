@@ -131,7 +131,8 @@ public final class DataplaneAgent: @unchecked Sendable {
         let bpf = BPFKernelPath.Settings(
             objectPath: options.bpfObject, bpffs: options.bpffs,
             pinDirectory: options.bpffs + "/dysco-\(options.netns ?? "host")-q\(options.queue)",
-            maxEntries: options.bpfMaxEntries, ringBytes: options.bpfRingBytes, fresh: options.fresh)
+            maxEntries: options.bpfMaxEntries, ringBytes: options.bpfRingBytes, fresh: options.fresh,
+            queue: options.queue)
         dataplane = try AgentDataplane(
             processor: PacketProcessor(config: config, portRange: options.portRange, trust: options.trust, settings: settings),
             quietNanoseconds: migrationSettings.quietNanoseconds, logger: logger) { nudge, report, carriers in

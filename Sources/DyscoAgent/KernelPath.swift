@@ -56,6 +56,8 @@ protocol KernelPath: AnyObject, Sendable {
     var queueBarrier: UInt64 { get }
     /// The packet thread found the queue empty with a read that began after barrier `barrier` had returned.
     func queueDrained(through barrier: UInt64, now: UInt64)
+    /// The packet thread verdicted the queued packet with this NFQUEUE id (only needed while new keys wait).
+    func queueRead(packetID: UInt32)
 
     // Restart (docs/ARCHITECTURE.md, "Agent crash and restart").
     /// What the kernel holds of a predecessor's fast path; nil: nothing (the state file is then stale).
@@ -76,6 +78,7 @@ extension KernelPath {
     func verdicted(_ key: BPFSessionKey, counted: Bool) {}
     var queueBarrier: UInt64 { 0 }
     func queueDrained(through barrier: UInt64, now: UInt64) {}
+    func queueRead(packetID: UInt32) {}
 }
 
 /// What a restarted agent reads of its predecessor's kernel state: the sessions it carries and whether it carries

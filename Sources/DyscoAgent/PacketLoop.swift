@@ -121,6 +121,8 @@ final class PacketLoop: @unchecked Sendable {
                             // Posted releases first: a released session's held packets go before its later ones.
                             if mailbox.hasPosted { runPosted() }
                             try handle(&packet, scratch: scratch)
+                            // New keys wait until every packet queued before their barrier is verdicted (BPF).
+                            fastPath?.queueRead(packetID: packet.id)
                         }) {
                             queueEmpty = true
                             break

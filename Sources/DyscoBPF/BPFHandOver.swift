@@ -80,10 +80,18 @@ public struct BPFHandOver: Sendable {
     /// because the egress key's paired ingress key is new too and still `HELD`, so every egress packet of the key
     /// is one of this agent's reinjected verdicts: with the queue empty and the packet thread here, none is on its
     /// way. After this the agent counts each verdict of the key.
-    public mutating func drained(through barrier: UInt64, now: UInt64, passed: (BPFSessionKey) -> UInt64) -> [Action] {
+    ///
+    /// `queueEmpty` false: the packet thread has verdicted every packet the queue had taken when the barrier
+    /// returned (its last packet id), but later ones may wait. That suffices for ingress keys (their count is
+    /// of marked packets); an install with an egress key (a middlebox's) waits for an empty queue, all its keys
+    /// together (the egress argument needs the ingress keys still `HELD` and nothing queued). Each install has
+    /// its own barrier number, so its keys share it.
+    public mutating func drained(through barrier: UInt64, queueEmpty: Bool = true, now: UInt64,
+                                 passed: (BPFSessionKey) -> UInt64) -> [Action] {
         var actions: [Action] = []
+        let waitForEmpty: Set<UInt64> = queueEmpty ? [] : Set(tracks.compactMap { $0.key.hook == .egress ? $0.value.barrier : nil })
         for (key, var track) in tracks {
-            guard let wanted = track.barrier, wanted <= barrier else { continue }
+            guard let wanted = track.barrier, wanted <= barrier, !waitForEmpty.contains(wanted) else { continue }
             track.barrier = nil
             if key.hook == .egress { track.seen = passed(key) }
             track.releasingSince = now

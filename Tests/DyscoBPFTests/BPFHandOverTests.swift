@@ -124,6 +124,22 @@ import Testing
         #expect(h.observed(Self.other, held: true, passed: 8, now: ms) == [.takeOver(Self.other), .clearCounts(Self.other)])
     }
 
+    @Test("the queue read past the barrier's last packet id (not empty): ingress-only installs released, an install with an egress key waits for an empty queue")
+    func drainedByPacketID() {
+        var h = BPFHandOver()
+        let anchor = BPFSessionKey(FiveTuple(srcAddr: IPv4Address(10, 0, 0, 9), srcPort: 40001,
+                                             dstAddr: IPv4Address(10, 0, 0, 2), dstPort: 80), hook: .ingress)
+        _ = h.fresh(anchor, barrier: 1)                       // an anchor's install: its new ingress key
+        _ = h.fresh(Self.key, barrier: 2)                     // a middlebox's install: ingress and egress
+        _ = h.fresh(Self.other, barrier: 2)
+        #expect(h.drained(through: 2, queueEmpty: false, now: 0, passed: { _ in 5 }) == [.writeSeen(anchor, 0), .setReleasing(anchor)])
+        #expect(h.awaitingDrain == 2)
+        let empty = h.drained(through: 2, queueEmpty: true, now: 0, passed: { _ in 5 })
+        #expect(Set(empty.map { "\($0)" }) == Set([BPFHandOver.Action.writeSeen(Self.key, 0), .setReleasing(Self.key),
+                                                      .writeSeen(Self.other, 5), .setReleasing(Self.other)].map { "\($0)" }))
+        #expect(h.awaitingDrain == 0)
+    }
+
     @Test("a key already held or releasing is not made new; a new key held again by a migration starts the plain rule")
     func newKeyAgainstHeld() {
         var h = BPFHandOver()
