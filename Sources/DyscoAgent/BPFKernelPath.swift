@@ -289,7 +289,11 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
                     try install(id, entries, newKeysHeld: !opening)
                     outcome.installed.append(id)
                 } catch {
-                    for entry in entries { _ = try? datapath.delete(entry.key) }
+                    for entry in entries {
+                        _ = try? datapath.delete(entry.key)
+                        perform(handOver.drop(entry.key))
+                    }
+                    publishHandOver()
                     installedKeys[id] = nil
                     heldSessions.remove(id)
                     outcome.failed.append(id)
