@@ -282,14 +282,20 @@ static __always_inline int held_take_over(struct dysco_value *v, const struct dy
 }
 
 /* The translation of a packet at a hook, if it should be rewritten now; NULL to pass it untouched. `decides`:
- * this hook decides whether a held translation's packet is queued (ingress; at egress the socket filter did). */
-static __always_inline struct dysco_value *translation(struct parsed *p, int decides)
+ * this hook decides whether a held translation's packet is queued (ingress; at egress the socket filter did).
+ * `*counted`: set to 1 when the packet was counted in dysco_passed (queued behind the translation's earlier ones). */
+static __always_inline struct dysco_value *translation(struct parsed *p, int decides, int *counted)
 {
     struct dysco_value *v = bpf_map_lookup_elem(&dysco_sessions, &p->key);
     if (!v)
         return 0;
     if (v->flags & DYSCO_F_HELD) {
-        if (!decides || !held_take_over(v, &p->key)) {
+        if (!decides) {
+            stat_inc(DYSCO_STAT_HELD);
+            return 0;
+        }
+        if (!held_take_over(v, &p->key)) {
+            *counted = 1;
             stat_inc(DYSCO_STAT_HELD);
             return 0;
         }
@@ -349,9 +355,15 @@ int dysco_ingress(struct __sk_buff *skb)
     struct parsed p;
     if (!parse(skb, DYSCO_HOOK_INGRESS, &p))
         return TC_ACT_OK;
-    struct dysco_value *v = translation(&p, 1);
-    if (!v)
+    int counted = 0;
+    struct dysco_value *v = translation(&p, 1, &counted);
+    if (!v) {
+        /* A held translation's packet, counted: the agent counts its verdict only with this mark (a packet of the
+           same key queued before the entry existed has none), so both counts cover the same packets. */
+        if (counted)
+            skb->mark |= DYSCO_COUNTED_MARK;
         return pass_untouched(skb, &p);
+    }
     if ((v->flags & DYSCO_F_OPENING) && (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_RST)) && !opening_acceptable(v, &p)) {
         /* Forged (or stale): neither recorded nor rewritten nor reported; the real handshake carries on. */
         stat_inc(DYSCO_STAT_OPENING_REFUSED);
@@ -379,7 +391,8 @@ int dysco_egress(struct __sk_buff *skb)
     struct parsed p;
     if (!parse(skb, DYSCO_HOOK_EGRESS, &p))
         return TC_ACT_OK;
-    struct dysco_value *v = translation(&p, 0);
+    int counted = 0;
+    struct dysco_value *v = translation(&p, 0, &counted);
     if (!v)
         return TC_ACT_OK;
     account(v, &p);

@@ -30,6 +30,11 @@
    the packet; until then it keeps passing (and counting) the translation's packets to the queue, in order.
    docs/BPF.md "Hand-over without reordering". */
 #define DYSCO_F_RELEASING (1u << 5)
+/* OR-ed into skb->mark by dysco_ingress for a HELD translation's packet it counted in dysco_passed and passed to
+   the queue: the agent counts (dysco_seen) only the ingress packets that carry it, so the two counts cover the same
+   packets even for a key new at a release, whose earlier packets reached the queue before its entry existed
+   (docs/BPF.md "Hand-over without reordering", "New keys"). A bit no queue rule matches on. */
+#define DYSCO_COUNTED_MARK 0x00800000u
 /* The flags the program itself sets; user space owns the others. */
 #define DYSCO_F_PROGRAM_OWNED (DYSCO_F_FIN_SEEN | DYSCO_F_RST_SEEN)
 

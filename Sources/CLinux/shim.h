@@ -15,6 +15,7 @@
 #include <malloc.h>
 #include <sys/mount.h>
 #include <sys/vfs.h>
+#include <sys/syscall.h>
 
 /* setns(2) is declared only under _GNU_SOURCE, which must not leak into this module (it changes struct
    layouts that other C modules import without it): declare it here. CLONE_NEWNET is 0x40000000. */
@@ -44,6 +45,12 @@ static inline unsigned long long dysco_realtime_us(void) {
     clock_gettime(CLOCK_REALTIME, &ts);
     return (unsigned long long)ts.tv_sec * 1000000ull + (unsigned long long)ts.tv_nsec / 1000ull;
 }
+/* An RCU grace period (membarrier MEMBARRIER_CMD_GLOBAL = 1: synchronize_rcu() on a multi-CPU machine): when it
+   returns, every BPF program run and every netfilter hook traversal that began before the call has ended, so a
+   packet whose tc ingress lookup missed a map entry written before the call has reached NFQUEUE (the tc hook and
+   the queue's enqueue run in one RCU read-side section; the egress queue rule's socket filter and its enqueue too).
+   docs/BPF.md "New keys". 0 or -1 with errno (EINVAL with nohz_full: no such barrier there). */
+static inline int dysco_rcu_barrier(void) { return (int)syscall(__NR_membarrier, 1 /* MEMBARRIER_CMD_GLOBAL */, 0, 0); }
 /* The packet thread's wake-up: an eventfd (non-blocking, close-on-exec). */
 static inline int dysco_eventfd(void) { return eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC); }
 

@@ -12,8 +12,10 @@ import Synchronization
 /// is committed): then the entries get the `HELD` flag (the programs pass the packets untouched, to the NFQUEUE
 /// rules) and keep their counters and TCP facts; the release's install hands them back by the hand-over rule
 /// (``BPFHandOver``: `HELD|RELEASING` with the agent's count of verdicted packets; the program takes over when its
-/// count of queued packets meets it) and deletes the keys a migration changed. Entries of held sessions that are gone are deleted by the counter poll. Installs of sessions the agent carried wait for the packet thread's quiet point (a session must
-/// not reach the kernel while its packets wait in NFQUEUE); map writes take microseconds, so the commit is cheap.
+/// count of queued packets meets it) and deletes the keys a migration changed. Entries of held sessions that are gone are deleted by the counter poll. Installs of sessions the agent carried wait for the packet thread's quiet point; map writes
+/// take microseconds, so the commit is cheap. A key new at an install (but an opening's) is written `HELD` and
+/// released by the same rule once the queue was seen empty after an RCU barrier (docs/BPF.md, "New keys"), so its
+/// first kernel-carried packet overtakes none still queued.
 ///
 /// Marks: the ingress program ORs ``FastPath/ingressMark`` into what it rewrote (the raw-PREROUTING queue rule
 /// skips it); no observe mark. At egress the queue rules run before tc, so
@@ -54,6 +56,9 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
         var fresh = false
         /// Carry sessions (false: `--no-fastpath`, the owned keys only; installs are ignored).
         var carries = true
+        /// The agent's NFQUEUE number: after a barrier its last packet id is read from
+        /// /proc/net/netfilter/nfnetlink_queue (docs/BPF.md "New keys"; nil: only an empty queue releases new keys).
+        var queue: UInt16? = nil
     }
 
     private let settings: Settings
@@ -70,6 +75,14 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
     /// `!handOver.isEmpty` and `handOver.releasing.count`, for the packet thread's checks without the lock.
     private let handingOver = Atomic<Bool>(false)
     private let releasingCount = Atomic<Int>(0)
+    /// New keys waiting for the queue to be seen empty after their barrier (``BPFHandOver/awaitingDrain``).
+    private let awaitingDrain = Atomic<Int>(0)
+    /// RCU barriers (docs/BPF.md "New keys"): the last one requested (under `lock`) and the last one that returned.
+    private var barrierRequested: UInt64 = 0
+    private let barrierDone = Atomic<UInt64>(0)
+    /// The last returned barrier with the queue's last packet id at its return: (number << 32) | id; 0: none.
+    private let barrierMark = Atomic<UInt64>(0)
+    private let barrierQueue = DispatchQueue(label: "dysco-bpf-barrier", qos: .userInitiated)
     /// When the packet thread last read the releasing entries' flags (under `lock`).
     private var lastReleaseCheck: UInt64 = 0
     private let nudge: (@Sendable () -> Void)?
@@ -258,8 +271,9 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
             let due = p.since &+ Self.batchDelayNanoseconds
             return due <= now ? 0 : Int32((due - now + 999_999) / 1_000_000)
         }
-        // A release waiting for the program: the packet thread looks again within `releaseCheckMilliseconds`.
-        guard releasingCount.load(ordering: .relaxed) > 0 else { return commit }
+        // A release waiting for the program, or new keys for an empty queue: the packet thread looks again within
+        // `releaseCheckMilliseconds`.
+        guard releasingCount.load(ordering: .relaxed) > 0 || awaitingDrain.load(ordering: .relaxed) > 0 else { return commit }
         return commit < 0 ? Self.releaseCheckMilliseconds : min(commit, Self.releaseCheckMilliseconds)
     }
 
@@ -297,11 +311,17 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
             switch action {
             case .install(let id, let translations), .open(let id, let translations, _):
                 let entries = Self.entries(action, id, translations)
+                var opening = false
+                if case .open = action { opening = true }
                 do {
-                    try install(id, entries)
+                    try install(id, entries, newKeysHeld: !opening)
                     outcome.installed.append(id)
                 } catch {
-                    for entry in entries { _ = try? datapath.delete(entry.key) }
+                    for entry in entries {
+                        _ = try? datapath.delete(entry.key)
+                        perform(handOver.drop(entry.key))
+                    }
+                    publishHandOver()
                     installedKeys[id] = nil
                     heldSessions.remove(id)
                     outcome.failed.append(id)
@@ -341,16 +361,20 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
     /// hand-over rule: the agent's count of its verdicted packets goes to `dysco_seen`, then the entry (the present
     /// one with its counters and facts when the target is unchanged, else the new one) is written `HELD|RELEASING`,
     /// and the program takes it over once its own count of packets it queued meets the agent's. Anything else is
-    /// written anew, unheld: a key the session did not have (a migration's new subsession) relies on the quiet
-    /// point (docs/BPF.md, "Hand-over without reordering").
-    private func install(_ id: SessionTable.SessionID, _ entries: [(key: BPFSessionKey, entry: BPFSessionEntry)]) throws {
+    /// written anew. With `newKeysHeld` (any install but an opening's) a key the session did not have (a
+    /// migration's new subsession, the new box's keys) is written `HELD` with its counts zeroed, and an RCU
+    /// barrier is requested; the packet thread releases it by the hand-over rule once it has seen the queue empty
+    /// after the barrier (``queueDrained(through:now:)``; docs/BPF.md, "New keys"). An opening's keys are written
+    /// unheld: its SYN is still in the agent's hands, no packet of the session waits in the queue.
+    private func install(_ id: SessionTable.SessionID, _ entries: [(key: BPFSessionKey, entry: BPFSessionEntry)],
+                         newKeysHeld: Bool) throws {
         let keys = entries.map(\.key)
-        if let old = installedKeys[id] {
-            for key in old where !keys.contains(key) {
-                _ = try datapath.delete(key)
-                perform(handOver.drop(key))
-            }
+        let had = installedKeys[id] ?? []
+        for key in had where !keys.contains(key) {
+            _ = try datapath.delete(key)
+            perform(handOver.drop(key))
         }
+        var newKeys = 0
         var fresh: [(BPFSessionKey, BPFSessionEntry)] = []
         let now = dysco_monotonic_ns()
         for (key, entry) in entries {
@@ -364,6 +388,12 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
                     releasing.flags.formUnion([.held, .releasing])
                     try datapath.write(key, releasing)
                 }
+            } else if newKeysHeld, !had.contains(key), let clear = handOver.fresh(key, barrier: barrierRequested + 1) {
+                perform(clear)
+                var held = entry
+                held.flags.insert(.held)
+                fresh.append((key, held))
+                newKeys += 1
             } else {
                 fresh.append((key, entry))
             }
@@ -372,6 +402,31 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
         installedKeys[id] = keys
         heldSessions.remove(id)
         publishHandOver()
+        if newKeys > 0 { requestBarrier() }
+    }
+
+    /// Asks for an RCU barrier after the entries just written (under `lock`): on `barrierQueue` (a grace period
+    /// takes 10–20 ms here; the packet thread must not wait for it). One barrier covers every request made before
+    /// it began. When it returns, the packet thread is woken to look for an empty queue.
+    private func requestBarrier() {
+        barrierRequested += 1
+        barrierQueue.async { [self] in
+            let target = lock.withLock { barrierRequested }
+            guard barrierDone.load(ordering: .acquiring) < target else { return }
+            if dysco_rcu_barrier() != 0 {
+                // No RCU barrier (membarrier refused, e.g. nohz_full): a grace period is a few ms; wait well past
+                // one. Not exact; logged.
+                logger.warning("membarrier(MEMBARRIER_CMD_GLOBAL) failed; new keys wait 50 ms instead",
+                               metadata: ["errno": "\(dysco_errno())"])
+                Thread.sleep(forTimeInterval: 0.05)
+            }
+            // Every packet that missed a new entry is now in the queue, with an id at most the queue's last one.
+            if let queue = settings.queue, let last = Self.lastPacketID(queue: queue) {
+                barrierMark.store((target << 32) | UInt64(last), ordering: .releasing)
+            }
+            barrierDone.store(target, ordering: .releasing)
+            nudge?()
+        }
     }
 
     /// A migration's hold: `HELD` on each of the session's entries (one lookup and one update each; counter adds
@@ -457,6 +512,10 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
             }
         case .takeOver(let key):
             _ = try? datapath.setFlags(key, clear: [.held, .releasing])
+        case .setReleasing(let key):
+            do { _ = try datapath.setFlags(key, set: .releasing) } catch {
+                perform(handOver.drop(key))
+            }
         case .forceRelease(let key, let seen):
             _ = try? datapath.setFlags(key, clear: [.held, .releasing])
             logger.warning("hand-over forced: the program's and the agent's counts did not meet", metadata: [
@@ -470,6 +529,49 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
     private func publishHandOver() {
         handingOver.store(!handOver.isEmpty, ordering: .releasing)
         releasingCount.store(handOver.releasing.count, ordering: .relaxed)
+        awaitingDrain.store(handOver.awaitingDrain, ordering: .relaxed)
+    }
+
+    /// The last packet id NFQUEUE `queue` gave (`id_sequence`, the 8th column of /proc/net/netfilter/nfnetlink_queue
+    /// in this network namespace); ids are given in the order packets enter the agent's socket.
+    static func lastPacketID(queue: UInt16) -> UInt32? {
+        guard let text = try? String(contentsOfFile: "/proc/net/netfilter/nfnetlink_queue", encoding: .utf8) else { return nil }
+        return lastPacketID(queue: queue, in: text)
+    }
+
+    static func lastPacketID(queue: UInt16, in text: String) -> UInt32? {
+        for line in text.split(separator: "\n") {
+            let fields = line.split(separator: " ", omittingEmptySubsequences: true)
+            if fields.count >= 8, UInt16(fields[0]) == queue { return UInt32(fields[7]) }
+        }
+        return nil
+    }
+
+    /// The packet thread verdicted the packet with NFQUEUE id `id`: if it is at or past the last id at a barrier's
+    /// return, every packet before it (FIFO), among them all that missed new entries written before that barrier,
+    /// has been verdicted: as good as an empty queue, and under load sooner.
+    func queueRead(packetID id: UInt32) {
+        guard awaitingDrain.load(ordering: .relaxed) > 0 else { return }
+        let mark = barrierMark.load(ordering: .acquiring)
+        guard mark != 0, Int32(bitPattern: id &- UInt32(truncatingIfNeeded: mark)) >= 0 else { return }
+        drained(through: mark >> 32, queueEmpty: false, now: dysco_monotonic_ns())
+    }
+
+    /// The last RCU barrier that returned: the packet thread reads it before each read of the queue.
+    var queueBarrier: UInt64 { barrierDone.load(ordering: .acquiring) }
+
+    /// The packet thread found the queue empty with a read that began after barrier `barrier` returned: new keys
+    /// written before that barrier are released by the hand-over rule (``BPFHandOver/drained(through:now:passed:)``).
+    func queueDrained(through barrier: UInt64, now: UInt64) {
+        guard awaitingDrain.load(ordering: .relaxed) > 0, barrier > 0 else { return }
+        drained(through: barrier, queueEmpty: true, now: now)
+    }
+
+    private func drained(through barrier: UInt64, queueEmpty: Bool, now: UInt64) {
+        lock.withLock {
+            perform(handOver.drained(through: barrier, queueEmpty: queueEmpty, now: now, passed: { datapath.passed($0) }))
+            publishHandOver()
+        }
     }
 
     /// The key a queued packet counts under, if any translation is being handed over (one atomic load otherwise).
@@ -482,8 +584,8 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
 
     /// The packet thread, after the verdict of a packet of `key` went out: counted; while the translation is
     /// releasing, the count goes to the map at once (the program may take over now).
-    func verdicted(_ key: BPFSessionKey) {
-        lock.withLock { perform(handOver.verdicted(key)) }
+    func verdicted(_ key: BPFSessionKey, counted: Bool) {
+        lock.withLock { perform(handOver.verdicted(key, counted: counted)) }
     }
 
     /// The packet thread (at most every `releaseCheckMilliseconds`): which releasing entries the program took over,

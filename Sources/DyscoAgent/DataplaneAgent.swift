@@ -119,7 +119,7 @@ public final class DataplaneAgent: @unchecked Sendable {
             objectPath: options.bpfObject, bpffs: options.bpffs,
             pinDirectory: options.bpffs + "/dysco-\(options.netns ?? "host")-q\(options.queue)",
             maxEntries: options.bpfMaxEntries, ringBytes: options.bpfRingBytes, fresh: options.fresh,
-            carries: options.fastPath)
+            carries: options.fastPath, queue: options.queue)
         dataplane = try AgentDataplane(
             processor: PacketProcessor(config: config, portRange: options.portRange, trust: options.trust, settings: settings),
             quietNanoseconds: migrationSettings.quietNanoseconds, logger: logger) { nudge, report, carriers in

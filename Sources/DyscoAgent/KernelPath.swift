@@ -48,7 +48,15 @@ protocol KernelPath: AnyObject, Sendable {
     /// is being handed over (the common case: no parsing).
     func handOverKey(_ base: UnsafeMutableRawPointer, count: Int, hook: HookPoint) -> BPFSessionKey?
     /// The verdict of a packet of `key` went out (sent to the kernel: a reinjected packet has traversed the stack).
-    func verdicted(_ key: BPFSessionKey)
+    /// `counted`: the program counted it (ingress: it carries ``BPFHandOver/countedMark``; egress: always true).
+    func verdicted(_ key: BPFSessionKey, counted: Bool)
+    /// The last barrier after which packets that missed a new key's entry are all in the queue (BPF: RCU grace
+    /// periods; 0: none). The packet thread reads it before each read of the queue.
+    var queueBarrier: UInt64 { get }
+    /// The packet thread found the queue empty with a read that began after barrier `barrier` had returned.
+    func queueDrained(through barrier: UInt64, now: UInt64)
+    /// The packet thread verdicted the queued packet with this NFQUEUE id (only needed while new keys wait).
+    func queueRead(packetID: UInt32)
 
     // Restart (docs/ARCHITECTURE.md, "Agent crash and restart").
     /// What the kernel holds of a predecessor's fast path; nil: nothing (the state file is then stale).
@@ -86,7 +94,10 @@ final class NoKernelPath: KernelPath {
     var eventsFD: Int32? { nil }
     func takeEvents() -> (events: [KernelEvent], lost: UInt64) { ([], 0) }
     func handOverKey(_ base: UnsafeMutableRawPointer, count: Int, hook: HookPoint) -> BPFSessionKey? { nil }
-    func verdicted(_ key: BPFSessionKey) {}
+    func verdicted(_ key: BPFSessionKey, counted: Bool) {}
+    var queueBarrier: UInt64 { 0 }
+    func queueDrained(through barrier: UInt64, now: UInt64) {}
+    func queueRead(packetID: UInt32) {}
     func listing() -> (any KernelListing)? { BPFSessionListing([]) }
     func keep(owned: KernelOwnership.Keys) throws {}
     func reset() throws {}

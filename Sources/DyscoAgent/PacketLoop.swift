@@ -1,5 +1,6 @@
 import AnchorBuffer
 import CLinux
+import DyscoBPF
 import DyscoCore
 import Foundation
 import Logging
@@ -98,6 +99,9 @@ final class PacketLoop: @unchecked Sendable {
         let count = nfds_t(fds.count)
         while !stopping.load(ordering: .relaxed) {
             // Block until a packet, posted work (eventfd) or kernel events arrive, or a fast-path commit is due.
+            // The barrier is read before each look at the queue: an empty queue then proves that every packet which
+            // missed a new key's entry written before that barrier has been verdicted (docs/BPF.md "New keys").
+            var barrier = fastPath?.queueBarrier ?? 0
             let ready = poll(&fds, count, fastPath?.pollTimeout(now: dysco_monotonic_ns()) ?? -1)
             if ready < 0 { continue }
             if fds[1].revents != 0 {
@@ -111,11 +115,14 @@ final class PacketLoop: @unchecked Sendable {
             var queueEmpty = fds[0].revents == 0
             if !queueEmpty {
                 for _ in 0..<64 {
+                    barrier = fastPath?.queueBarrier ?? 0
                     do {
                         if try !queueSocket.receive({ packet in
                             // Posted releases first: a released session's held packets go before its later ones.
                             if mailbox.hasPosted { runPosted() }
                             try handle(&packet, scratch: scratch)
+                            // New keys wait until every packet queued before their barrier is verdicted (BPF).
+                            fastPath?.queueRead(packetID: packet.id)
                         }) {
                             queueEmpty = true
                             break
@@ -132,6 +139,8 @@ final class PacketLoop: @unchecked Sendable {
             // the worker (docs/ARCHITECTURE.md, "Agent crash and restart": a crash loses at most the changes of the
             // packets of its last turn).
             dataplane.persistTurn()
+            // New keys written HELD before `barrier` go back to the kernel by the hand-over rule.
+            if queueEmpty, let fastPath { fastPath.queueDrained(through: barrier, now: dysco_monotonic_ns()) }
             // Fast-path changes go to the kernel here, with no packet of ours left in the queue (``KernelPath/commitIfDue(queueEmpty:now:)``).
             fastPath?.commitIfDue(queueEmpty: queueEmpty, now: dysco_monotonic_ns())
         }
@@ -150,7 +159,8 @@ final class PacketLoop: @unchecked Sendable {
                 do {
                     try bytes.withUnsafeMutableBytes { raw in
                         try handle(QueuedPacket(id: held.id, base: raw.baseAddress!, count: raw.count, capacity: raw.count,
-                                                hook: held.hook, checksum: held.checksum, mayHold: false),
+                                                hook: held.hook, checksum: held.checksum, mayHold: false,
+                                                counted: held.counted),
                                    now: dysco_monotonic_coarse_ns())
                     }
                 } catch {
@@ -172,7 +182,8 @@ final class PacketLoop: @unchecked Sendable {
         let queued = QueuedPacket(id: packet.id, base: base, count: packet.length,
                                   capacity: small ? Self.scratchCapacity : packet.length,
                                   hook: packet.hook == .preRouting ? .ingress : .egress,
-                                  checksum: packet.checksumNotReady ? .partial : .complete, mayHold: true)
+                                  checksum: packet.checksumNotReady ? .partial : .complete, mayHold: true,
+                                  counted: packet.hook != .preRouting || packet.mark & BPFHandOver.countedMark != 0)
         let now = dysco_monotonic_coarse_ns()
         try handle(queued, now: now)
     }
@@ -192,7 +203,7 @@ final class PacketLoop: @unchecked Sendable {
             return outcome
         }
         let sent = try finish(packet, outcome)
-        if sent, let handOverKey { dataplane.fastPath?.verdicted(handOverKey) }
+        if sent, let handOverKey { dataplane.fastPath?.verdicted(handOverKey, counted: packet.counted) }
     }
 
     /// The one place a verdict goes to the kernel; then the effects go to the rest of the agent. False when no
@@ -217,7 +228,7 @@ final class PacketLoop: @unchecked Sendable {
             }
             // A migrating session's new data: keep the kernel's packet (no verdict) and a copy of its bytes.
             let held = HeldPacket(id: packet.id, bytes: [UInt8](UnsafeRawBufferPointer(start: packet.base, count: packet.count)),
-                                  hook: packet.hook, checksum: packet.checksum)
+                                  hook: packet.hook, checksum: packet.checksum, counted: packet.counted)
             let appended = buffer.append(held, size: packet.count, session: chainID)
             publishBufferOccupancy()
             guard !appended else { return false }
@@ -259,6 +270,8 @@ struct QueuedPacket {
     var checksum: ChecksumState
     /// False for a packet released from the anchor buffer, or refused by a full one: it is not held (again).
     var mayHold: Bool
+    /// The BPF program counted it for the hand-over rule (ingress: its mark; egress: always).
+    var counted: Bool = true
 }
 
 /// A packet an anchor holds: its NFQUEUE id (no verdict yet) and its bytes as they came (untranslated).
@@ -267,4 +280,6 @@ public struct HeldPacket: Sendable {
     var bytes: [UInt8]
     var hook: HookPoint
     var checksum: ChecksumState
+    /// As ``QueuedPacket/counted``.
+    var counted: Bool = true
 }

@@ -1,3 +1,5 @@
+import CLibbpf
+
 /// The agent's side of the hand-over rule (docs/BPF.md, "Hand-over without reordering"): per held translation, the
 /// count of its packets the agent verdicted (`dysco_seen`), against the program's count of those it passed to the
 /// queue while the translation was `HELD` (`dysco_passed`). A release does not clear `HELD`: it writes the agent's
@@ -9,6 +11,8 @@ public struct BPFHandOver: Sendable {
     /// How long a release may wait for the counts to meet before the agent clears `HELD` itself: a packet the
     /// program counted never reached the queue (dropped on the way), so the counts would never meet.
     public static let releaseBoundNanoseconds: UInt64 = 100_000_000
+    /// The mark the ingress program ORs into a held translation's packet it counted (``DYSCO_COUNTED_MARK``).
+    public static let countedMark: UInt32 = DYSCO_COUNTED_MARK
 
     public enum Action: Equatable, Sendable {
         /// Delete both counts of the key (= 0): before its `HELD` is written, and once the hand-over is over.
@@ -20,11 +24,17 @@ public struct BPFHandOver: Sendable {
         case takeOver(BPFSessionKey)
         /// Clear `HELD`/`RELEASING` from user space (the counts did not meet within the bound; the agent's count).
         case forceRelease(BPFSessionKey, seen: UInt64)
+        /// Set `RELEASING` on the (`HELD`) entry of a new key, after its ``writeSeen(_:_:)``: from now on the
+        /// program takes it over when the counts meet.
+        case setReleasing(BPFSessionKey)
     }
 
     struct Track: Equatable {
         var seen: UInt64 = 0
         var releasingSince: UInt64?
+        /// A key new at its install (written `HELD`, counts zeroed): the barrier after which every packet that
+        /// missed the entry has reached the queue; released once the queue was seen empty after that barrier.
+        var barrier: UInt64?
     }
 
     private var tracks: [BPFSessionKey: Track] = [:]
@@ -49,9 +59,53 @@ public struct BPFHandOver: Sendable {
         return [.clearCounts(key)]
     }
 
-    /// A packet of `key` got its verdict (sent). While releasing, the new count goes to the map.
-    public mutating func verdicted(_ key: BPFSessionKey) -> Action? {
-        guard var track = tracks[key] else { return nil }
+    /// A key new at its install (docs/BPF.md "New keys"): the caller writes its entry `HELD` after the returned
+    /// write and then requests RCU barrier number `barrier`. Packets of the key that reached the tc hook before the
+    /// entry existed go to the queue uncounted; from the entry on, the program counts what it queues (and at
+    /// ingress marks it, ``DYSCO_COUNTED_MARK``). A key already tracked (held, releasing) is left alone (nil).
+    public mutating func fresh(_ key: BPFSessionKey, barrier: UInt64) -> Action? {
+        guard tracks[key] == nil else { return nil }
+        tracks[key] = Track(barrier: barrier)
+        return .clearCounts(key)
+    }
+
+    /// New keys waiting for the queue to be seen empty after their barrier.
+    public var awaitingDrain: Int { tracks.values.reduce(0) { $0 + ($1.barrier == nil ? 0 : 1) } }
+
+    /// The packet thread found the queue empty with a read that began after barrier `barrier` had returned: every
+    /// packet that missed a new key's entry before that barrier was in the queue then, so it has been verdicted.
+    /// Each new key with an earlier or equal barrier is released by the hand-over rule. Ingress: the agent's count
+    /// of verdicted packets that carried the program's mark (the program counted exactly those). Egress (a
+    /// middlebox's new keys; the socket filter cannot mark): the program's count read now (`passed`); exact
+    /// because the egress key's paired ingress key is new too and still `HELD`, so every egress packet of the key
+    /// is one of this agent's reinjected verdicts: with the queue empty and the packet thread here, none is on its
+    /// way. After this the agent counts each verdict of the key.
+    ///
+    /// `queueEmpty` false: the packet thread has verdicted every packet the queue had taken when the barrier
+    /// returned (its last packet id), but later ones may wait. That suffices for ingress keys (their count is
+    /// of marked packets); an install with an egress key (a middlebox's) waits for an empty queue, all its keys
+    /// together (the egress argument needs the ingress keys still `HELD` and nothing queued). Each install has
+    /// its own barrier number, so its keys share it.
+    public mutating func drained(through barrier: UInt64, queueEmpty: Bool = true, now: UInt64,
+                                 passed: (BPFSessionKey) -> UInt64) -> [Action] {
+        var actions: [Action] = []
+        let waitForEmpty: Set<UInt64> = queueEmpty ? [] : Set(tracks.compactMap { $0.key.hook == .egress ? $0.value.barrier : nil })
+        for (key, var track) in tracks {
+            guard let wanted = track.barrier, wanted <= barrier, !waitForEmpty.contains(wanted) else { continue }
+            track.barrier = nil
+            if key.hook == .egress { track.seen = passed(key) }
+            track.releasingSince = now
+            tracks[key] = track
+            actions.append(contentsOf: [.writeSeen(key, track.seen), .setReleasing(key)])
+        }
+        return actions
+    }
+
+    /// A packet of `key` got its verdict (sent). While releasing, the new count goes to the map. `counted`: at
+    /// ingress, whether the packet carried the program's mark (it was counted in `dysco_passed`); at egress true.
+    /// An uncounted packet does not count (a new key's packet queued before its entry existed).
+    public mutating func verdicted(_ key: BPFSessionKey, counted: Bool = true) -> Action? {
+        guard counted, var track = tracks[key] else { return nil }
         track.seen += 1
         tracks[key] = track
         return track.releasingSince == nil ? nil : .writeSeen(key, track.seen)

@@ -88,9 +88,78 @@ import Testing
         #expect(h.isEmpty)
     }
 
+    @Test("a new key: counts zeroed before its HELD entry, only marked ingress verdicts count, released after its barrier's drain")
+    func newIngressKey() {
+        var h = BPFHandOver()
+        #expect(h.fresh(Self.key, barrier: 3) == .clearCounts(Self.key))
+        #expect(h.awaitingDrain == 1 && h.releasing.isEmpty && !h.isEmpty)
+        // Packets queued before the entry existed carry no mark: not counted; the program's marked ones are.
+        #expect(h.verdicted(Self.key, counted: false) == nil)
+        #expect(h.verdicted(Self.key, counted: true) == nil)
+        #expect(h.verdicted(Self.key, counted: true) == nil)
+        #expect(h.seen(Self.key) == 2)
+        // An empty queue seen before the key's barrier returned proves nothing.
+        #expect(h.drained(through: 2, now: 0, passed: { _ in 99 }).isEmpty)
+        #expect(h.awaitingDrain == 1)
+        // After it: the agent's count of marked verdicts, then RELEASING; the program's count is not read.
+        #expect(h.drained(through: 3, now: 5 * ms, passed: { _ in 99 }) == [.writeSeen(Self.key, 2), .setReleasing(Self.key)])
+        #expect(h.awaitingDrain == 0 && h.releasing == [Self.key])
+        #expect(h.drained(through: 4, now: 6 * ms, passed: { _ in 99 }).isEmpty)
+        #expect(h.verdicted(Self.key, counted: false) == nil)
+        #expect(h.verdicted(Self.key, counted: true) == .writeSeen(Self.key, 3))
+        // From here the ordinary rule: the program took it over (or the counts meet, or the bound forces it).
+        #expect(h.observed(Self.key, held: true, passed: 4, now: 7 * ms).isEmpty)
+        #expect(h.observed(Self.key, held: false, passed: 0, now: 8 * ms) == [.clearCounts(Self.key)])
+        #expect(h.isEmpty && h.releasedInOrder == 1)
+    }
+
+    @Test("a new egress key is released at the program's count read at the drain; later verdicts count from there")
+    func newEgressKey() {
+        var h = BPFHandOver()
+        #expect(h.fresh(Self.other, barrier: 1) == .clearCounts(Self.other))
+        _ = h.verdicted(Self.other)  // before the drain: replaced by the program's count
+        #expect(h.drained(through: 1, now: 0, passed: { $0 == Self.other ? 7 : 0 })
+                == [.writeSeen(Self.other, 7), .setReleasing(Self.other)])
+        #expect(h.verdicted(Self.other) == .writeSeen(Self.other, 8))
+        #expect(h.observed(Self.other, held: true, passed: 8, now: ms) == [.takeOver(Self.other), .clearCounts(Self.other)])
+    }
+
+    @Test("the queue read past the barrier's last packet id (not empty): ingress-only installs released, an install with an egress key waits for an empty queue")
+    func drainedByPacketID() {
+        var h = BPFHandOver()
+        let anchor = BPFSessionKey(FiveTuple(srcAddr: IPv4Address(10, 0, 0, 9), srcPort: 40001,
+                                             dstAddr: IPv4Address(10, 0, 0, 2), dstPort: 80), hook: .ingress)
+        _ = h.fresh(anchor, barrier: 1)                       // an anchor's install: its new ingress key
+        _ = h.fresh(Self.key, barrier: 2)                     // a middlebox's install: ingress and egress
+        _ = h.fresh(Self.other, barrier: 2)
+        #expect(h.drained(through: 2, queueEmpty: false, now: 0, passed: { _ in 5 }) == [.writeSeen(anchor, 0), .setReleasing(anchor)])
+        #expect(h.awaitingDrain == 2)
+        let empty = h.drained(through: 2, queueEmpty: true, now: 0, passed: { _ in 5 })
+        #expect(Set(empty.map { "\($0)" }) == Set([BPFHandOver.Action.writeSeen(Self.key, 0), .setReleasing(Self.key),
+                                                      .writeSeen(Self.other, 5), .setReleasing(Self.other)].map { "\($0)" }))
+        #expect(h.awaitingDrain == 0)
+    }
+
+    @Test("a key already held or releasing is not made new; a new key held again by a migration starts the plain rule")
+    func newKeyAgainstHeld() {
+        var h = BPFHandOver()
+        _ = h.hold(Self.key)
+        #expect(h.fresh(Self.key, barrier: 1) == nil)
+        #expect(h.awaitingDrain == 0)
+        #expect(h.fresh(Self.other, barrier: 1) == .clearCounts(Self.other))
+        #expect(h.hold(Self.other) == [.clearCounts(Self.other)])
+        #expect(h.awaitingDrain == 0)
+        #expect(h.drained(through: 9, now: 0, passed: { _ in 0 }).isEmpty)
+        #expect(h.drop(Self.other) == .clearCounts(Self.other))
+    }
+
     @Test("flag and stat indices agree with the header")
     func header() {
         #expect(BPFSessionFlags.releasing.rawValue == 1 << 5)
         #expect(DYSCO_STAT_RELEASED_IN_ORDER == 8 && DYSCO_STAT_HELD_PASSED == 9 && DYSCO_STAT_COUNT == 16)
+        // The counted mark is a bit no queue rule matches on (FastPath's marks).
+        #expect(BPFHandOver.countedMark == 0x0080_0000)
+        #expect(BPFHandOver.countedMark & (FastPath.ingressMark | FastPath.egressMark | FastPath.ownedIngressMark
+                                           | FastPath.ownedEgressMark) == 0)
     }
 }
