@@ -449,6 +449,28 @@ int dysco_egress(struct __sk_buff *skb)
     return TC_ACT_SHOT;
 }
 
+/* The egress key and TCP flags of a packet as a socket filter sees it at the mangle OUTPUT/POSTROUTING queue rules
+ * (skb->data is the IP header there); 0 for anything but an unfragmented IPv4 TCP packet. */
+static __always_inline int socket_egress_key(struct __sk_buff *skb, struct dysco_key *key, __u8 *tcp_flags)
+{
+    struct iphdr ip;
+    if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)) < 0)
+        return 0;
+    if (ip.version != 4 || ip.protocol != IPPROTO_TCP || ip.ihl < 5 || (ip.frag_off & bpf_htons(0x1fff)))
+        return 0;
+    __u8 tcp[14];
+    if (bpf_skb_load_bytes(skb, ip.ihl * 4, tcp, sizeof(tcp)) < 0)
+        return 0;
+    key->saddr = ip.saddr;
+    key->daddr = ip.daddr;
+    __builtin_memcpy(&key->sport, &tcp[0], 2);
+    __builtin_memcpy(&key->dport, &tcp[2], 2);
+    key->proto = IPPROTO_TCP;
+    key->hook = DYSCO_HOOK_EGRESS;
+    *tcp_flags = tcp[13];
+    return 1;
+}
+
 /* For the agent's egress NFQUEUE rules (iptables `-m bpf --object-pinned`, a socket filter: skb->data is the IP
  * header there). tc egress runs after the mangle OUTPUT/POSTROUTING queue rules, so those rules ask this program
  * beforehand whether dysco_egress will rewrite the packet: 1 (the rule skips the queue) for a translation that is
@@ -459,22 +481,10 @@ int dysco_egress(struct __sk_buff *skb)
 SEC("socket")
 int dysco_egress_carried(struct __sk_buff *skb)
 {
-    struct iphdr ip;
-    if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)) < 0)
-        return 0;
-    if (ip.version != 4 || ip.protocol != IPPROTO_TCP || ip.ihl < 5 || (ip.frag_off & bpf_htons(0x1fff)))
-        return 0;
-    __u8 tcp[14];
-    if (bpf_skb_load_bytes(skb, ip.ihl * 4, tcp, sizeof(tcp)) < 0)
-        return 0;
     struct dysco_key key = {};
-    key.saddr = ip.saddr;
-    key.daddr = ip.daddr;
-    __builtin_memcpy(&key.sport, &tcp[0], 2);
-    __builtin_memcpy(&key.dport, &tcp[2], 2);
-    key.proto = IPPROTO_TCP;
-    key.hook = DYSCO_HOOK_EGRESS;
-    __u8 flags = tcp[13];
+    __u8 flags;
+    if (!socket_egress_key(skb, &key, &flags))
+        return 0;
     struct dysco_value *v = bpf_map_lookup_elem(&dysco_sessions, &key);
     if (!v)
         return 0;
@@ -493,20 +503,9 @@ int dysco_egress_carried(struct __sk_buff *skb)
 SEC("socket")
 int dysco_egress_owned(struct __sk_buff *skb)
 {
-    struct iphdr ip;
-    if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)) < 0)
-        return 0;
-    if (ip.version != 4 || ip.protocol != IPPROTO_TCP || ip.ihl < 5 || (ip.frag_off & bpf_htons(0x1fff)))
-        return 0;
-    __be16 ports[2];
-    if (bpf_skb_load_bytes(skb, ip.ihl * 4, ports, sizeof(ports)) < 0)
-        return 0;
     struct dysco_key key = {};
-    key.saddr = ip.saddr;
-    key.daddr = ip.daddr;
-    key.sport = ports[0];
-    key.dport = ports[1];
-    key.proto = IPPROTO_TCP;
-    key.hook = DYSCO_HOOK_EGRESS;
+    __u8 flags;
+    if (!socket_egress_key(skb, &key, &flags))
+        return 0;
     return bpf_map_lookup_elem(&dysco_owned, &key) ? 1 : 0;
 }

@@ -348,8 +348,9 @@ public final class BPFDatapath {
         return try keys(fd: fd, name: "dysco_owned")
     }
 
-    private static func keys(fd: Int32, name: String) throws(SystemCallError) -> [BPFSessionKey] {
-        var result: [BPFSessionKey] = []
+    /// Walks a map's keys with `bpf_map_get_next_key` (O(entries)); `body` sees each raw key.
+    private static func walk(fd: Int32, name: String,
+                             _ body: (inout dysco_key) throws(SystemCallError) -> Void) throws(SystemCallError) {
         var current = dysco_key(), next = dysco_key()
         var first = true
         while true {
@@ -358,12 +359,20 @@ public final class BPFDatapath {
                     first ? bpf_map_get_next_key(fd, nil, &next) : bpf_map_get_next_key(fd, &current, &next)
                 }
             } catch where error.errno == ENOENT {
-                return result
+                return
             }
             first = false
             current = next
-            if let key = BPFSessionKey(raw: current) { result.append(key) }
+            try body(&current)
         }
+    }
+
+    private static func keys(fd: Int32, name: String) throws(SystemCallError) -> [BPFSessionKey] {
+        var result: [BPFSessionKey] = []
+        try walk(fd: fd, name: name) { (raw: inout dysco_key) throws(SystemCallError) in
+            if let key = BPFSessionKey(raw: raw) { result.append(key) }
+        }
+        return result
     }
 
     /// Every translation in the map (a walk with `bpf_map_get_next_key`: O(entries), for restarts and tests).
@@ -373,26 +382,16 @@ public final class BPFDatapath {
 
     private static func entries(fd sessionsFD: Int32) throws(SystemCallError) -> [(BPFSessionKey, BPFSessionEntry)] {
         var result: [(BPFSessionKey, BPFSessionEntry)] = []
-        var current = dysco_key(), next = dysco_key()
-        var first = true
-        while true {
-            do {
-                try sysCall("bpf_map_get_next_key(dysco_sessions)") {
-                    first ? bpf_map_get_next_key(sessionsFD, nil, &next) : bpf_map_get_next_key(sessionsFD, &current, &next)
-                }
-            } catch where error.errno == ENOENT {
-                return result
-            }
-            first = false
-            current = next
+        try walk(fd: sessionsFD, name: "dysco_sessions") { (raw: inout dysco_key) throws(SystemCallError) in
             var value = dysco_value()
             do throws(SystemCallError) {
-                try sysCall("bpf_map_lookup_elem(dysco_sessions)") { bpf_map_lookup_elem(sessionsFD, &current, &value) }
+                try sysCall("bpf_map_lookup_elem(dysco_sessions)") { bpf_map_lookup_elem(sessionsFD, &raw, &value) }
             } catch where error.errno == ENOENT {
-                continue // deleted meanwhile
+                return // deleted meanwhile
             }
-            if let key = BPFSessionKey(raw: current) { result.append((key, BPFSessionEntry(raw: value))) }
+            if let key = BPFSessionKey(raw: raw) { result.append((key, BPFSessionEntry(raw: value))) }
         }
+        return result
     }
 
     // MARK: - Configuration, counters, events

@@ -157,12 +157,11 @@ import Testing
         try BPFDatapath.pinnedEntries(mapPath: "\(datapath.pins)/dysco-\(lab.namespace(of: host))-q7/dysco_sessions")
     }
 
-    @Test("queue rules: observed FIN/RST with bypass, owned packets without, the rest with; a predecessor's jumps kept")
+    @Test("queue rules: owned packets without bypass, the rest with; a predecessor's jumps kept")
     func queueRuleScript() {
         let script = QueueRules(queue: 7).restoreScript()
         let ingress = script.split(separator: "\n").filter { $0.hasPrefix("-A DYSCO-IN") }
         #expect(ingress == [
-            "-A DYSCO-IN -p tcp ! -i lo -m mark --mark 0x1000000/0x1000000 -j NFQUEUE --queue-num 7 --queue-bypass",
             "-A DYSCO-IN -p tcp ! -i lo -m mark --mark 0x4000000/0x14000000 -j NFQUEUE --queue-num 7",
             "-A DYSCO-IN -p tcp ! -i lo -m mark ! --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 7 --queue-bypass",
         ])
@@ -172,15 +171,16 @@ import Testing
         #expect(again.contains(":DYSCO-IN - [0:0]"), "declared, so iptables-restore --noflush empties it in the same commit")
     }
 
-    @Test("queue rules with the BPF datapath: each egress chain first returns what the pinned socket filter says tc egress rewrites, then queues what the owned filter claims without bypass; ingress as before, no observe rules")
+    @Test("queue rules with the BPF filters: each egress chain first returns what the pinned socket filter says tc egress rewrites, then queues what the owned filter claims without bypass; ingress by marks, no observe rules")
     func queueRuleScriptBPF() {
         let filter = "/run/pins/dysco-x-q7/dysco_egress_carried"
         let owned = "/run/pins/dysco-x-q7/dysco_egress_owned"
         let script = QueueRules(queue: 7, egressFilter: filter, ownedFilter: owned).restoreScript()
         let lines = script.split(separator: "\n")
-        // Ingress as before but without the observe rule (the programs report FIN/RST through their ring buffer).
+        // Ingress as without the filters (the ingress program marks what it rewrote and what is owned); no observe
+        // rule (the programs report FIN/RST through their ring buffer).
         #expect(lines.filter { $0.hasPrefix("-A DYSCO-IN") } == QueueRules(queue: 7).restoreScript().split(separator: "\n")
-            .filter { $0.hasPrefix("-A DYSCO-IN") }.dropFirst().map { $0 })
+            .filter { $0.hasPrefix("-A DYSCO-IN") })
         #expect(!script.contains("--mark 0x1000000/0x1000000") && !script.contains("--mark 0x2000000/0x2000000"),
                 "no observe rule")
         // Egress: carried RETURN, the owned filter without bypass (no mark rule: nothing marks egress packets
