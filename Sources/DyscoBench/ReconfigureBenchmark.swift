@@ -177,16 +177,16 @@ extension ReconfigureBenchmark.Report {
                      + "\(String(format: "%g", rateMiBps)) MiB/s) from \(clients) client(s), one bundle per client; "
                      + "client → fw1 → server, fw2 (open, forwarding) inserted after fw1, then removed; lab \(lab)"]
         func pad(_ cells: [String]) -> String {
-            zip(cells, [18, 9, 9, 9, 9, 9, 9, 8, 8]).enumerated().map { i, pair in
+            zip(cells, [18, 9, 9, 9, 9, 9, 9, 9, 8, 8]).enumerated().map { i, pair in
                 i == 0 ? pair.0.padding(toLength: pair.1, withPad: " ", startingAt: 0)
                        : String(repeating: " ", count: max(0, pair.1 - pair.0.count)) + pair.0
             }.joined(separator: " ")
         }
-        lines.append(pad(["operation", "moved", "p50 ms", "p90 ms", "p99 ms", "max ms", "mean ms", "< 2 ms", "< 4 ms"]))
+        lines.append(pad(["operation", "moved", "p50 ms", "p80 ms", "p90 ms", "p99 ms", "max ms", "mean ms", "< 2 ms", "< 4 ms"]))
         for op in [insertion, removal] {
             for (label, p) in [("total", op.total), ("paper", op.paper)] {
                 let f = { (v: Double) in String(format: "%.2f", v / 1000) }
-                lines.append(pad(["\(op.name) \(label)", "\(op.moved)/\(op.matched)", f(Double(p.p50)), f(Double(p.p90)),
+                lines.append(pad(["\(op.name) \(label)", "\(op.moved)/\(op.matched)", f(Double(p.p50)), f(Double(p.p80)), f(Double(p.p90)),
                                   f(Double(p.p99)), f(Double(p.max)), f(p.mean),
                                   label == "paper" ? String(format: "%.1f%%", op.under2ms * 100) : "",
                                   label == "paper" ? String(format: "%.1f%%", op.under4ms * 100) : ""]))

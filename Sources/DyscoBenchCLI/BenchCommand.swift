@@ -304,7 +304,7 @@ extension BenchCommand {
                 MiB/s). Per bundle (the sessions of one client, the paper's client–server pairs) it asks fw1's agent to \
                 insert fw2 after fw1, then per bundle asks fw2's agent to remove itself, --interval ms apart. Prints \
                 per operation: sessions moved, trigger → release and the paper's measure (new-path SYN → new path \
-                used) as p50/p90/p99/max/mean with the share under 2 ms and 4 ms next to the paper's middlebox-deletion \
+                used) as p50/p80/p90/p99/max/mean with the share under 2 ms and 4 ms next to the paper's middlebox-deletion \
                 figures (80 % < 2 ms, 98.7 % < 4 ms for 600 sessions in bundles of 150), the phases' medians, the \
                 endpoints' TCP retransmissions during the requests and whether every download arrived byte-exact \
                 (sha256). Needs root; removes its lab (also on error or Ctrl-C).

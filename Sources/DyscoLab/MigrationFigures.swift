@@ -13,6 +13,8 @@ import Logging
 public struct Percentiles: Codable, Sendable, Equatable {
     public var count: Int
     public var p50: UInt64
+    /// The paper's deletion figure is read at 80 % (§5, Fig. 13); issue 17 asks for it.
+    public var p80: UInt64
     public var p90: UInt64
     public var p99: UInt64
     public var max: UInt64
@@ -24,6 +26,7 @@ public struct Percentiles: Codable, Sendable, Equatable {
         count = values.count
         let empty = values.isEmpty
         p50 = empty ? 0 : histogram.valueAtPercentile(50)
+        p80 = empty ? 0 : histogram.valueAtPercentile(80)
         p90 = empty ? 0 : histogram.valueAtPercentile(90)
         p99 = empty ? 0 : histogram.valueAtPercentile(99)
         max = empty ? 0 : histogram.maxRecorded
