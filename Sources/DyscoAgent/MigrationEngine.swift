@@ -578,7 +578,6 @@ final class MigrationEngine: @unchecked Sendable {
 
 extension MigrationEngine: ActionPerformer {}
 
-/// What `replace` asks of the old box's agent (control socket).
 /// A chain id as `sessions --json` and ``ReplaceRequest/rightAnchors`` write it (hex).
 public func chainKey(_ chainID: UInt64) -> String { String(chainID, radix: 16) }
 
