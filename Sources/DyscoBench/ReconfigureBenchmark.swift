@@ -65,9 +65,6 @@ public struct ReconfigureBenchmark: Sendable {
         public var finishedBeforeEnd: Int
     }
 
-    public static let paperUnder2ms = 0.80
-    public static let paperUnder4ms = 0.987
-
     public var options: Options
     public var logger: Logger
 
@@ -156,9 +153,7 @@ public struct ReconfigureBenchmark: Sendable {
         let moved = sessions.filter { $0.result == "moved" }
         let latency = MigrationLatency(moved.compactMap(\.phases))
         let paper = moved.compactMap { $0.phases?.paper }
-        func share(under micros: UInt32) -> Double {
-            paper.isEmpty ? 0 : Double(paper.filter { $0 < micros }.count) / Double(paper.count)
-        }
+        func share(under micros: UInt32) -> Double { LatencyCDF.share(paper, under: micros) }
         return Operation(name: name, bundles: bundles.count, matched: matched, moved: moved.count,
                          failures: sessions.filter { $0.result != "moved" }.map(MigrationFailure.init),
                          total: latency.total, paper: latency.paper, under2ms: share(under: 2000), under4ms: share(under: 4000),
@@ -193,7 +188,7 @@ extension ReconfigureBenchmark.Report {
             }
         }
         lines.append(String(format: "the paper (§5, middlebox deletion, 600 sessions in bundles of 150): %.0f%% under 2 ms, %.1f%% under 4 ms",
-                            ReconfigureBenchmark.paperUnder2ms * 100, ReconfigureBenchmark.paperUnder4ms * 100))
+                            PaperDeletion.under2ms * 100, PaperDeletion.under4ms * 100))
         for op in [insertion, removal] {
             lines.append("\(op.name): \(op.bundles) bundle(s), per bundle " + op.bundleMicroseconds.map { "\(ms($0)) ms" }.joined(separator: ", ")
                          + "; phases p50 " + MigrationLatency.phaseOrder.compactMap { name in
