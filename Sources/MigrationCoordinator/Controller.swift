@@ -74,9 +74,11 @@ struct Controller: Sendable {
         waiting.tries += 1
         out.actions.append(.send(message, to: leftAnchor))
         out.actions.append(.setTimer(retransmitKey, afterNanoseconds: waiting.delay))
-        // The left anchor answers only with the result: while it works, the trigger goes again at most about
-        // four times per deadline.
-        waiting.delay = min(waiting.delay * 2, max(settings.retransmitMax, deadline / 4))
+        // The left anchor answers only with the result (its own triggerResult goes once; a repeated trigger gets
+        // it again): while it works, the trigger goes again about four times per deadline, but at least every
+        // `controllerRetransmitCap`, so that a result lost after the left anchor finished is asked for again often
+        // enough before the controller gives up (ReconfigureTests (g), ControlHostilityTests (d): 30 % loss).
+        waiting.delay = min(waiting.delay * 2, max(settings.retransmitMax, min(deadline / 4, settings.controllerRetransmitCap)))
         state = .waiting(waiting)
         return out
     }

@@ -35,6 +35,9 @@ public struct MigrationCoordinator: Sendable {
         public var maxTries = 7
         /// How long the controller waits for the left anchor's result beyond the deadline.
         public var controllerGrace: UInt64 = 2_000_000_000
+        /// The controller sends the trigger again at least this often while it waits (a quarter of the deadline
+        /// otherwise): the left anchor's result of a finished reconfiguration is its answer to a repeated trigger.
+        public var controllerRetransmitCap: UInt64 = 500_000_000
         /// How long a new box keeps its part of a reconfiguration (for retransmitted newPathSyn / statePut)
         /// before forgetting it: nothing tells a new box that the reconfiguration ended well.
         public var newBoxLinger: UInt64 = 60_000_000_000

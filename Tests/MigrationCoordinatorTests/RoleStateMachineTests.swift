@@ -274,4 +274,29 @@ struct RoleStateMachineTests {
         guard case .report(_, 7, let result) = given.actions.first else { Issue.record("\(given.actions)"); return }
         #expect(result.outcome == .cancelled && result.failedStep == .lock)
     }
+
+    @Test("controller, §3.1/§3.6: with a long deadline the trigger still goes again at least every controllerRetransmitCap (a lost result is asked for again)")
+    func controllerRetransmitsOftenEnough() throws {
+        let settings = MigrationCoordinator.Settings()
+        let context = SessionContext(identity: TestSession.identity, session: TestSession.tuple, me: Host.fw1,
+                                     leftNeighbour: Host.client, rightNeighbour: Host.server)
+        let trigger = Trigger(newPath: [Host.server], oldBox: Host.fw1, mode: .held, deadlineMilliseconds: 10_000)
+        var out: [Action] = []
+        var c = Controller(context: context, trigger: trigger, leftAnchor: Host.client, requestID: 7, now: 0,
+                           firstTimeout: 20_000_000, settings: settings, &out)
+        var now: UInt64 = 20_000_000
+        var sends = 1
+        while true {
+            let fired = c.timerFired(now: now, settings: settings)
+            if fired.finished { break }
+            sends += sent(fired.actions).count
+            guard let delay = fired.actions.compactMap({ action -> UInt64? in
+                if case .setTimer(_, let after) = action { return after } else { return nil }
+            }).first else { Issue.record("no timer: \(fired.actions)"); return }
+            #expect(delay <= settings.controllerRetransmitCap, "delay \(delay)")
+            now += delay
+        }
+        // 12 s (deadline + grace) at most 0.5 s apart after the first doublings: more than 20 sends.
+        #expect(sends > 20, "\(sends) sends")
+    }
 }
