@@ -111,9 +111,46 @@ private func replaceRun(_ config: Harness.Config, stateful: Bool, deadlineMillis
     return (h, h.run())
 }
 
-/// The single-reconfiguration runs the conformance check replays: clean, faulty, lossy, short deadlines.
-private func replaceRuns() -> [(String, Harness)] {
+/// Issue 17, insertion (paper §3: the old path has no middlebox): client → server, fw2 inserted; the server
+/// controls. The left anchor's right neighbour is the right anchor: requestLock goes straight to it.
+private func insertRun(_ config: Harness.Config, stateful: Bool, deadlineMilliseconds: UInt32 = 2000) -> Harness {
+    let h = Harness(chain: [Host.client, Host.server], others: [Host.fw2], config: config)
+    h.replace(at: Host.server, leftAnchor: Host.client, newPath: [Host.fw2, Host.server], oldBox: Host.server,
+              stateful: stateful, deadlineMilliseconds: deadlineMilliseconds)
+    _ = h.run()
+    return h
+}
+
+/// Issue 17, deletion (the new path has no middlebox): client → fw1 → server, fw1 removed; fw1 controls.
+/// newPathSyn goes from the client straight to the server (remaining list empty); oldPathFin tears fw1 down.
+private func deleteRun(_ config: Harness.Config, stateful: Bool, deadlineMilliseconds: UInt32 = 2000) -> Harness {
+    let h = Harness(chain: [Host.client, Host.fw1, Host.server], others: [], config: config)
+    h.replace(at: Host.fw1, leftAnchor: Host.client, newPath: [Host.server], oldBox: Host.fw1,
+              stateful: stateful, deadlineMilliseconds: deadlineMilliseconds)
+    _ = h.run()
+    return h
+}
+
+/// The insertion and deletion runs (issue 17): clean, lossy, short deadlines, the inserted box down; stateless
+/// (the held mode's runs are added where `Trigger.mode` exists).
+func insertDeleteRuns() -> [(String, Harness)] {
     var runs: [(String, Harness)] = []
+    for (shape, run) in [("insert", insertRun), ("delete", deleteRun)] {
+        runs.append(("\(shape) clean stateless", run(.init(), false, 2000)))
+        for seed in UInt64(1)...40 {
+            runs.append(("\(shape) lossy seed \(seed) stateless", run(LossyScenarioTests.lossy(seed: 3000 + seed), false, 10_000)))
+            runs.append(("\(shape) short deadline seed \(seed) stateless", run(LossyScenarioTests.lossy(seed: 4000 + seed), false, 60)))
+        }
+    }
+    var down = Harness.Config(); down.down = [Host.fw2]
+    runs.append(("insert, inserted box down", insertRun(down, stateful: false, deadlineMilliseconds: 5000)))
+    return runs
+}
+
+/// The single-reconfiguration runs the conformance check replays: clean, faulty, lossy, short deadlines; and
+/// the insertion and deletion runs.
+private func replaceRuns() -> [(String, Harness)] {
+    var runs: [(String, Harness)] = insertDeleteRuns()
     for stateful in [true, false] {
         runs.append(("clean stateful=\(stateful)", replaceRun(.init(), stateful: stateful).0))
         var down = Harness.Config(); down.down = [Host.fw2]
@@ -399,5 +436,52 @@ struct ModelFindingTests {
         let late = from(Host.client, message(2, .requestLock(rightDelta: 0)))
         #expect(late == ["send:nackLock"])
         #expect(fw1.locks[TestSession.chainID]?.isUnlocked ?? true)
+    }
+}
+
+@Suite("Issue 17: insertion and deletion in the harness (the shapes of model/replace.pml OLDBOXES=0 / NEWBOXES=0)")
+struct InsertDeleteTests {
+    /// fw1 changes the byte stream (§3.4): it adds its delta to requestLock's rightDelta on its way to the server
+    /// and its reverse delta to ackLock's leftDelta on its way to the client.
+    static func deltaBox(_ seed: UInt64?) -> Harness.Config {
+        var config = seed.map { LossyScenarioTests.lossy(seed: $0) } ?? Harness.Config()
+        config.tamper = { m, from, to in
+            switch m.body {
+            case .requestLock(let d) where from == Host.fw1 && to == Host.server: m.with(body: .requestLock(rightDelta: d + 5))
+            case .ackLock(let l, let r) where from == Host.fw1 && to == Host.client: m.with(body: .ackLock(leftDelta: l - 3, rightDelta: r))
+            default: m
+            }
+        }
+        return config
+    }
+
+    static func deltas(_ agent: Harness.Agent) -> [Int32] {
+        agent.actions.compactMap { if case .setDelta(_, let d) = $0 { d } else { nil } }
+    }
+
+    @Test("insertion and deletion move the session (clean runs): the old box leaves, the inserted box joins")
+    func cleanRunsMove() throws {
+        for (name, h) in insertDeleteRuns() where name.contains("clean") {
+            let reports = h.agents.values.flatMap(\.reports)
+            #expect(reports.count == 1 && reports.first?.result.outcome == .moved, "\(name): \(reports.map(\.result))")
+            #expect(h.agents.values.allSatisfy { $0.coordinator.isIdle }, "\(name): \(h.agents.values.map { "\($0.name): \($0.coordinator.role(of: TestSession.chainID))" })")
+        }
+    }
+
+    @Test("deletion of a box with a nonzero delta: each anchor sets the removed box's delta exactly once (§3.4), clean and lossy",
+          arguments: [nil] + (UInt64(1)...30).map { Optional(5000 + $0) })
+    func deletionDelta(seed: UInt64?) throws {
+        let h = Harness(chain: [Host.client, Host.fw1, Host.server], others: [], config: Self.deltaBox(seed))
+        h.replace(at: Host.fw1, leftAnchor: Host.client, newPath: [Host.server], oldBox: Host.fw1, stateful: false,
+                  deadlineMilliseconds: 10_000)
+        let result = h.run()
+        let outcome = result.reports.values.first?.result.outcome
+        #expect(outcome == .moved || (seed != nil && outcome == .cancelled), "\(String(describing: outcome))")
+        guard outcome == .moved, let client = h.agents[Host.client], let server = h.agents[Host.server] else { return }
+        #expect(Self.deltas(server) == [5], "right anchor: \(Self.deltas(server))")
+        #expect(Self.deltas(client) == [-3], "left anchor: \(Self.deltas(client))")
+        // and the run conforms to the table
+        var checker = TraceChecker(table: try ModelFiles.table())
+        #expect(checker.check(Abstraction.steps(h.steps)) == nil)
     }
 }
