@@ -135,6 +135,13 @@ mtype = { requestLock, ackLock, nackLock, cancelLock, ackCancel, newPathSyn, new
 #define OB_ANSWERED 7
 #define OB_ENDED 8
 
+/* the donor of a stateful insertion (same values as the old box's: obSt shows either) */
+#define DO_LOCKED 3
+#define DO_EXPORTING 4
+#define DO_EXPORTED 5
+#define DO_ANSWERED 7
+#define DO_ENDED 8
+
 #define NB_IDLE 1
 #define NB_CREATED 2
 #define NB_ESTABLISHED 3
@@ -501,13 +508,13 @@ end:
 }
 
 /* The donor of a stateful insertion (OLDBOXES=0): the old-box role at the right anchor's agent (MigrationCoordinator:
-   an OldBox made by a stateRequest the right anchor of the request receives). It answers while the right anchor is
-   locked for the request; it is dropped with the right anchor (cancel, teardown, silence), after which a
-   stateRequest is refused and the import's answer is ignored (the role is gone: no TR). */
+   an OldBox made by a stateRequest the right anchor of the request receives), role DO in model/transitions.tsv.
+   It answers while the right anchor is locked for the request; it is dropped with the right anchor (cancel,
+   teardown, silence), after which a stateRequest is refused and the export's or the import's answer is ignored. */
 #define DONOR_GONE (raSt == RA_CANCELLED || raSt == RA_DONE || raSt == RA_IDLE)
 proctype Donor() {
   mtype t; byte a;
-  byte st = OB_LOCKED;            /* the right anchor's lock stands for the donor's */
+  byte st = DO_LOCKED;            /* the right anchor's lock stands for the donor's */
   bool installedOk;
 end:
   do
@@ -515,21 +522,21 @@ end:
   :: atomic { cOB?t, a ->
        if
        :: t == stateRequest && DONOR_GONE -> SEND(cLA, stateInstalled, 0)   /* not locked for it: refused */
-       :: t == stateRequest && !DONOR_GONE && st == OB_LOCKED -> TR(OB_LOCKED, stateRequest, OB_EXPORTING)
-       :: t == stateRequest && !DONOR_GONE && st == OB_EXPORTED -> SEND(cNB, statePut, 0)
-       :: t == stateRequest && !DONOR_GONE && st == OB_ANSWERED -> SEND(cLA, stateInstalled, installedOk)
-       :: t == stateInstalled && !DONOR_GONE && st == OB_EXPORTED ->
-            TR(OB_EXPORTED, stateInstalled, OB_ANSWERED); installedOk = a; SEND(cLA, stateInstalled, a)
-       :: t == stateInstalled && !DONOR_GONE && st == OB_ANSWERED -> installedOk = a; SEND(cLA, stateInstalled, a)
+       :: t == stateRequest && !DONOR_GONE && st == DO_LOCKED -> TR(DO_LOCKED, stateRequest, DO_EXPORTING)
+       :: t == stateRequest && !DONOR_GONE && st == DO_EXPORTED -> SEND(cNB, statePut, 0)
+       :: t == stateRequest && !DONOR_GONE && st == DO_ANSWERED -> SEND(cLA, stateInstalled, installedOk)
+       :: t == stateInstalled && !DONOR_GONE && st == DO_EXPORTED ->
+            TR(DO_EXPORTED, stateInstalled, DO_ANSWERED); installedOk = a; SEND(cLA, stateInstalled, a)
+       :: t == stateInstalled && !DONOR_GONE && st == DO_ANSWERED -> installedOk = a; SEND(cLA, stateInstalled, a)
        :: else -> skip
        fi;
        obSt = st }
-  :: atomic { st == OB_EXPORTING ->
+  :: atomic { st == DO_EXPORTING ->
        if
-       :: DONOR_GONE -> st = OB_ENDED     /* dropped with the right anchor while exporting: the result is ignored */
-       :: !DONOR_GONE -> TR(OB_EXPORTING, stateExported.ok, OB_EXPORTED); stateExported = true; SEND(cNB, statePut, 0)
+       :: DONOR_GONE -> st = DO_ENDED     /* dropped with the right anchor while exporting: the result is ignored */
+       :: !DONOR_GONE -> TR(DO_EXPORTING, stateExported.ok, DO_EXPORTED); stateExported = true; SEND(cNB, statePut, 0)
        :: !DONOR_GONE && FAIL_IMPORT -> importRefused = true;
-            TR(OB_EXPORTING, stateExported.failed, OB_ANSWERED); installedOk = false; SEND(cLA, stateInstalled, 0)
+            TR(DO_EXPORTING, stateExported.failed, DO_ANSWERED); installedOk = false; SEND(cLA, stateInstalled, 0)
        fi;
        obSt = st }
   od

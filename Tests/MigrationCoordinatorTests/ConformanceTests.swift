@@ -23,6 +23,9 @@ enum Abstraction {
     /// The roles of the single-reconfiguration scenario (replace fw1 by fw2 between client and server).
     static let roles: [IPv4Address: String] = [Host.client: "LA", Host.fw1: "OB", Host.fw2: "NB", Host.server: "RA"]
 
+    /// The events of the state transfer, which reach the right anchor's agent only as a donor.
+    static let donorEvents: Set<String> = ["stateRequest", "stateExported.ok", "stateExported.failed", "stateInstalled"]
+
     static func messageType(_ body: ControlBody) -> String { "\(ControlMessage.typeName(body))" }
 
     /// The model's name of an event at `role`; nil: the controller's (not modelled).
@@ -71,7 +74,9 @@ enum Abstraction {
 
     static func steps(_ run: [HarnessStep]) -> [AbstractStep] {
         run.compactMap { s in
-            guard let role = roles[s.agent], let event = event(s.event, role: role) else { return nil }
+            guard var role = roles[s.agent], let event = event(s.event, role: role) else { return nil }
+            // The donor of a stateful insertion (issue 17): the old-box role at the right anchor's agent.
+            if role == "RA", Self.donorEvents.contains(event) { role = "DO" }
             var request: UInt32?
             if case .message(let m, _, _) = s.event { request = m.requestID }
             return AbstractStep(agent: Host.name(s.agent), role: role, request: request, event: event, actions: actions(s.actions),
