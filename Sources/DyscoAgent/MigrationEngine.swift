@@ -154,13 +154,15 @@ final class MigrationEngine: @unchecked Sendable {
 
     var quietNanoseconds: UInt64 { settings.quietNanoseconds }
 
-    /// `replace` at this agent (the old box): asks each session's left anchor to move it, waits for all.
-    /// The triggers go out in one turn, so sessions that share a left anchor travel in one datagram and the
-    /// hops handle them as a batch (see ``dispatch(_:)``).
+    /// `replace`, `remove` and `insert` at this agent (the controller, §3.1): the first old box (replace, remove) or
+    /// the box after which new ones go (insert). Asks each session's left anchor to move it, waits for all. The
+    /// triggers go out in one turn, so sessions that share a left anchor travel in one datagram and the hops handle
+    /// them as a batch (see ``dispatch(_:)``).
     func replace(_ request: ReplaceRequest) async -> ReplaceReport {
         let started = ContinuousClock.now
         let candidates = dataplane.sessions { record in
-            record.role == .middlebox && record.closeDeadline == nil && record.migration == nil
+            (record.role == .middlebox || (request.insertHere && record.role == .leftEnd))
+                && record.closeDeadline == nil && record.migration == nil
                 && request.predicate.matches(record.session)
                 && (request.chains.map { $0.contains(record.identity.chainID) } ?? true)
         }.sorted { $0.id < $1.id }.prefix(request.limit ?? .max)
@@ -168,20 +170,16 @@ final class MigrationEngine: @unchecked Sendable {
         var triggers: [(SessionTable.Record, Event, ReportKey)] = []
         for record in candidates {
             let chainID = record.identity.chainID
-            guard let left = record.leftNeighbour, let right = record.rightNeighbour, let me = record.left?.dstAddr else {
+            switch Self.segment(of: record, request) {
+            case .failure(let reason):
                 metrics?.controllerRefused()
                 results.append(.init(record.session, chainID: chainID,
-                                     TriggerResult(outcome: .refused, reason: "the session has no complete path here",
-                                                   failedStep: .lock)))
-                continue
+                                     TriggerResult(outcome: .refused, reason: reason.reason, failedStep: .lock)))
+            case .success(let (context, trigger, leftAnchor)):
+                let requestID = UInt32.random(in: 1 ... .max)
+                triggers.append((record, .replaceRequested(context, trigger: trigger, leftAnchor: leftAnchor, requestID: requestID),
+                                 ReportKey(chainID: chainID, requestID: requestID)))
             }
-            let trigger = Trigger(newPath: request.newBoxes + [right], oldBox: me, stateful: request.stateful,
-                                  deadlineMilliseconds: request.deadlineMilliseconds)
-            let context = SessionContext(identity: record.identity, session: record.session, me: me,
-                                         leftNeighbour: left, rightNeighbour: right)
-            let requestID = UInt32.random(in: 1 ... .max)
-            triggers.append((record, .replaceRequested(context, trigger: trigger, leftAnchor: left, requestID: requestID),
-                             ReportKey(chainID: chainID, requestID: requestID)))
         }
         let moved = await withTaskGroup(of: ReplaceReport.Session.self) { group in
             let registered = triggers.map { (record, _, key) in
@@ -209,6 +207,68 @@ final class MigrationEngine: @unchecked Sendable {
                              matched: candidates.count,
                              elapsedMicroseconds: UInt64(elapsed.components.seconds) * 1_000_000
                                 + UInt64(elapsed.components.attoseconds / 1_000_000_000_000))
+    }
+
+    /// The segment a request reconfigures for one session at this agent (the controller), paper §3: its left
+    /// anchor, the trigger (new path ending at the right anchor, the state's source, the mode), and this agent's
+    /// context. The right anchor of a k → m replacement (several old boxes) is the last old box's right neighbour,
+    /// which the command read from that box's agent (`rightAnchors`); this box's right neighbour must be the
+    /// second old box.
+    static func segment(of record: SessionTable.Record, _ request: ReplaceRequest)
+        -> Result<(SessionContext, Trigger, IPv4Address), ReconfigureRefusal> {
+        guard let right = record.rightNeighbour,
+              let me = record.right?.srcAddr ?? record.left?.dstAddr else {
+            return .failure(ReconfigureRefusal("the session has no complete path here"))
+        }
+        let context = SessionContext(identity: record.identity, session: record.session, me: me,
+                                     leftNeighbour: record.leftNeighbour, rightNeighbour: right)
+        let leftAnchor: IPv4Address
+        let rightAnchor: IPv4Address
+        if request.insertHere {
+            // Insertion (§3: the old path is one subsession): this agent is the left anchor.
+            leftAnchor = me
+            rightAnchor = right
+        } else {
+            guard let left = record.leftNeighbour else {
+                return .failure(ReconfigureRefusal("the session has no complete path here"))
+            }
+            leftAnchor = left
+            if request.alsoOld.isEmpty {
+                rightAnchor = right
+            } else if right != request.alsoOld[0] {
+                return .failure(ReconfigureRefusal(
+                    "the old boxes \(([me] + request.alsoOld).map(\.description).joined(separator: ",")) are not this session's path (after \(me) it goes to \(right))"))
+            } else if let known = request.rightAnchors?[chainKey(record.identity.chainID)] {
+                rightAnchor = known
+            } else {
+                return .failure(ReconfigureRefusal(
+                    "the right anchor is unknown: the last old box \(request.alsoOld.last!) did not list the session"))
+            }
+        }
+        let newPath = request.newBoxes + [rightAnchor]
+        if let clash = request.newBoxes.first(where: { $0 == leftAnchor || $0 == rightAnchor || $0 == me || request.alsoOld.contains($0) }) {
+            return .failure(ReconfigureRefusal("\(clash) is on the session's path already"))
+        }
+        var source = me
+        if request.mode == .stateful {
+            if request.insertHere {
+                // An inserted box that needs state gets it from a donor, one of the anchors (which keeps its own).
+                guard let donor = request.donor, donor == leftAnchor || donor == rightAnchor else {
+                    return .failure(ReconfigureRefusal(request.donor == nil
+                        ? "a stateful insertion needs a donor (--state-from): an inserted box has no state of a live session"
+                        : "the donor must be an anchor of the segment (\(leftAnchor) or \(rightAnchor))"))
+                }
+                source = donor
+            } else if let donor = request.donor {
+                guard donor == me || request.alsoOld.contains(donor) else {
+                    return .failure(ReconfigureRefusal("the donor \(donor) is not one of the old boxes"))
+                }
+                source = donor
+            }
+        }
+        let trigger = Trigger(newPath: newPath, oldBox: source, mode: request.mode,
+                              deadlineMilliseconds: request.deadlineMilliseconds)
+        return .success((context, trigger, leftAnchor))
     }
 
     // MARK: - The loop: a turn (MigrationTurn) is a batch of events and the events their actions produce
@@ -517,36 +577,80 @@ final class MigrationEngine: @unchecked Sendable {
 extension MigrationEngine: ActionPerformer {}
 
 /// What `replace` asks of the old box's agent (control socket).
+/// A chain id as `sessions --json` and ``ReplaceRequest/rightAnchors`` write it (hex).
+public func chainKey(_ chainID: UInt64) -> String { String(chainID, radix: 16) }
+
+/// Why the controller refuses to reconfigure one session (it reports it, nothing is sent).
+struct ReconfigureRefusal: Error {
+    var reason: String
+    init(_ reason: String) { self.reason = reason }
+}
+
+/// A reconfiguration asked of this agent as controller (§3.1): `replace` (this box and `alsoOld` by `newBoxes`),
+/// `remove` (this box and `alsoOld` by none) or `insert` (`newBoxes` after this host: `insertHere`).
 public struct ReplaceRequest: Codable, Sendable {
     /// Which of this box's sessions: a predicate on the session tuple (empty: all).
     public var predicate: SessionPredicate
-    /// The new middleboxes, in order (the right anchor is each session's right neighbour).
+    /// The new middleboxes, in order (empty: a deletion). The right anchor is each session's right neighbour (after
+    /// `alsoOld`, for k → m).
     public var newBoxes: [IPv4Address]
-    public var stateful: Bool
+    public var mode: TransferMode
     public var deadlineMilliseconds: UInt32
     /// At most this many sessions (nil: all that match).
     public var limit: Int?
     /// Only these sessions, by chain id (nil: every session the predicate matches). `drain` names its batches so.
     public var chains: Set<UInt64>?
+    /// Insertion: this host is the left anchor, the old path is its right subsession (no old box).
+    public var insertHere: Bool
+    /// The old boxes after this one, in path order (k → m; empty: this box alone).
+    public var alsoOld: [IPv4Address]
+    /// Where the state comes from (stateful): for an insertion, an anchor (required); otherwise one of the old boxes
+    /// (nil: this box).
+    public var donor: IPv4Address?
+    /// With several old boxes: each session's right anchor (the last old box's right neighbour), by chain id in hex
+    /// (``chainKey(_:)``), as that box's agent listed them.
+    public var rightAnchors: [String: IPv4Address]?
 
-    /// Why an agent refuses this request before doing anything (nil: it is fine): no new box, or a new box
-    /// that no packet may be sent through (``IPv4Address/isForbiddenHop``).
+    /// Whether both anchors hold new data (stateful or held).
+    public var stateful: Bool { mode != .stateless }
+
+    /// Why an agent refuses this request before doing anything (nil: it is fine): nothing to do, or a box that no
+    /// packet may be sent through (``IPv4Address/isForbiddenHop``).
     public var problem: String? {
-        if newBoxes.isEmpty { return "replace: name at least one new box" }
-        if let bad = newBoxes.first(where: \.isForbiddenHop) {
-            return "replace: \(bad) cannot be a box (loopback, multicast, broadcast, unspecified or link-local)"
+        if insertHere && newBoxes.isEmpty { return "insert: name at least one box to insert" }
+        if insertHere && !alsoOld.isEmpty { return "insert: an insertion has no old box" }
+        if newBoxes.count + 1 > ControlBody.maxPathAddresses {
+            return "at most \(ControlBody.maxPathAddresses - 1) new boxes"
         }
+        if let bad = (newBoxes + alsoOld + (donor.map { [$0] } ?? [])).first(where: \.isForbiddenHop) {
+            return "\(bad) cannot be a box (loopback, multicast, broadcast, unspecified or link-local)"
+        }
+        if !insertHere && newBoxes.isEmpty && mode == .stateful {
+            return "remove: no box is left to take the state (use held or stateless)"
+        }
+        if Set(newBoxes).count != newBoxes.count { return "a new box is named twice" }
         return nil
+    }
+
+    public init(predicate: SessionPredicate, newBoxes: [IPv4Address], mode: TransferMode, deadlineMilliseconds: UInt32,
+                limit: Int? = nil, chains: Set<UInt64>? = nil, insertHere: Bool = false, alsoOld: [IPv4Address] = [],
+                donor: IPv4Address? = nil, rightAnchors: [String: IPv4Address]? = nil) {
+        self.rightAnchors = rightAnchors
+        self.chains = chains
+        self.predicate = predicate
+        self.newBoxes = newBoxes
+        self.mode = mode
+        self.deadlineMilliseconds = deadlineMilliseconds
+        self.limit = limit
+        self.insertHere = insertHere
+        self.alsoOld = alsoOld
+        self.donor = donor
     }
 
     public init(predicate: SessionPredicate, newBoxes: [IPv4Address], stateful: Bool, deadlineMilliseconds: UInt32,
                 limit: Int? = nil, chains: Set<UInt64>? = nil) {
-        self.chains = chains
-        self.predicate = predicate
-        self.newBoxes = newBoxes
-        self.stateful = stateful
-        self.deadlineMilliseconds = deadlineMilliseconds
-        self.limit = limit
+        self.init(predicate: predicate, newBoxes: newBoxes, mode: stateful ? .stateful : .stateless,
+                  deadlineMilliseconds: deadlineMilliseconds, limit: limit, chains: chains)
     }
 }
 

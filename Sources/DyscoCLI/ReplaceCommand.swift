@@ -30,7 +30,8 @@ struct ReplaceCommand: AsyncParsableCommand {
             """
     )
 
-    @Option(help: "The middlebox to replace (its address, or a lab host name with --lab).")
+    @Option(help: ArgumentHelp("The middlebox(es) to replace, in path order, comma-separated (k → m: consecutive boxes of each session's path).",
+                               valueName: "addr|host[,...]"))
     var old: String
 
     @Option(help: ArgumentHelp("The new middlebox(es), in path order, comma-separated.", valueName: "addr|host[,...]"))
@@ -42,6 +43,10 @@ struct ReplaceCommand: AsyncParsableCommand {
     @Flag(help: "No state transfer, no buffering: the two-path rules only (boxes without per-session state).")
     var stateless = false
 
+    @Option(help: ArgumentHelp("With several old boxes: the one whose state moves to the first new box (default: the first).",
+                               valueName: "addr|host"))
+    var stateFrom: String?
+
     @Option(help: "Milliseconds a session's migration may take before it is cancelled (it then stays on the old box).")
     var deadline: UInt32 = 3000
 
@@ -50,40 +55,33 @@ struct ReplaceCommand: AsyncParsableCommand {
     @OptionGroup var placement: MiddleboxPlacementOptions
 
     func validate() throws {
-        guard (1...600_000).contains(deadline) else { throw ValidationError("--deadline must be 1...600000 ms") }
+        try Reconfiguration.validate(deadline: deadline, match: match)
         guard !new.isEmpty else { throw ValidationError("--new names at least one middlebox") }
-        do { _ = try SessionPredicate(filter: match) } catch { throw ValidationError("\(error)") }
+        guard !old.isEmpty else { throw ValidationError("--old names at least one middlebox") }
+        if stateless && stateFrom != nil { throw ValidationError("--state-from moves state: not with --stateless") }
     }
 
     func run() async throws {
         let lab = try placement.openLab(component: "replace")
-        let oldAddress = try placement.address(old, lab: lab)
-        let newBoxes = try new.split(separator: ",").map { try placement.address(String($0), lab: lab) }
-        guard !newBoxes.contains(oldAddress) else { throw ValidationError("--new must not contain the old box \(oldAddress)") }
-        let path = try placement.socketPath(old: old, lab: lab)
-        // The agent at that socket must be the old box (one page is enough to see which box answers).
-        let snapshot = try await ControlClient.snapshot(path: path, limit: 200)
-        if let other = snapshot.sessions.first(where: { $0.role == .middlebox && $0.left?.dstAddr != oldAddress }) {
-            throw ValidationError("the agent at \(path) is \(other.left?.dstAddr.description ?? "?"), not the old box \(oldAddress)")
-        }
-        let request = ReplaceRequest(predicate: try SessionPredicate(filter: match), newBoxes: newBoxes, stateful: !stateless,
-                                     deadlineMilliseconds: deadline)
-        if let problem = request.problem { throw ValidationError(problem) }
-        let data = try await ControlClient.request(ControlRequest(.replace, replace: request), path: path)
-        guard let report = try? JSONDecoder().decode(ReplaceReport.self, from: data) else {
-            throw ValidationError("the agent answered: \(String(decoding: data, as: UTF8.self))")
-        }
-        if jsonOutput.json {
-            FileHandle.standardOutput.write(data)
-        } else {
-            print(Self.render(report, old: oldAddress, new: newBoxes, stateful: !stateless))
-        }
-        if !report.allMoved { throw ExitCode(1) }
+        let oldBoxes = try Reconfiguration.addresses(old, placement: placement, lab: lab)
+        let newBoxes = try Reconfiguration.addresses(new, placement: placement, lab: lab)
+        if let clash = newBoxes.first(where: oldBoxes.contains) { throw ValidationError("--new must not contain an old box (\(clash))") }
+        let donor = try stateFrom.map { try placement.address($0, lab: lab) }
+        if let donor, !oldBoxes.contains(donor) { throw ValidationError("--state-from \(donor) is not one of --old") }
+        let names = old.split(separator: ",").map(String.init)
+        let request = ReplaceRequest(predicate: try SessionPredicate(filter: match), newBoxes: newBoxes,
+                                     mode: stateless ? .stateless : .stateful, deadlineMilliseconds: deadline,
+                                     alsoOld: Array(oldBoxes.dropFirst()), donor: donor,
+                                     rightAnchors: try await Reconfiguration.rightAnchors(oldBoxes: oldBoxes, names: names,
+                                                                                          placement: placement, lab: lab))
+        try await Reconfiguration.run(
+            request, at: oldBoxes[0], name: names[0], placement: placement,
+            lab: lab, json: jsonOutput.json,
+            title: "replace \(Reconfiguration.list(oldBoxes)) → \(Reconfiguration.list(newBoxes)) (\(request.mode))")
     }
 
-    static func render(_ report: ReplaceReport, old: IPv4Address, new: [IPv4Address], stateful: Bool) -> String {
-        var lines = ["replace \(old) → \(new.map(\.description).joined(separator: ",")) (\(stateful ? "stateful" : "stateless")): "
-                     + "\(report.matched) session(s) matched"]
+    static func render(_ report: ReplaceReport, title: String) -> String {
+        var lines = ["\(title): \(report.matched) session(s) matched"]
         guard !report.sessions.isEmpty else { return (lines + ["no session of this box matched; nothing to do"]).joined(separator: "\n") }
         let header = ["session", "result", "lock", "new-path", "drain", "export", "transfer", "import", "release", "teardown", "total", "paper"]
         var rows = [header]

@@ -51,20 +51,53 @@ public enum NackReason: UInt8, Sendable, Equatable, CustomStringConvertible {
     }
 }
 
-/// Asks a left anchor to replace the segment between it and the right anchor by a new path.
+/// What moves with a reconfigured session besides its packets (paper §3.5; issue 17).
+public enum TransferMode: UInt8, Sendable, CaseIterable, Codable, CustomStringConvertible {
+    /// No state, no holding: new data takes the new path at once, the old path carries what it still must
+    /// (the two-path rules of §3.5). For boxes without per-session state.
+    case stateless = 0
+    /// Both anchors hold new data while the old path drains; the old box's (or a donor's) state is exported and
+    /// imported at the first new box; then the held data is released on the new path (§3.5, last paragraph).
+    case stateful = 1
+    /// Held like ``stateful``, but no state moves: the release follows the drain. Insertion of a box that needs no
+    /// state, and removal (no box is left to take state): no byte on both paths at once, so no reordering.
+    case held = 2
+
+    public var description: String {
+        switch self {
+        case .stateless: "stateless"
+        case .stateful: "stateful"
+        case .held: "held"
+        }
+    }
+}
+
+/// Asks a left anchor to replace the segment between it and the right anchor by a new path. The old path is
+/// whatever the session's path between the anchors is (zero or more middleboxes); the new path has zero or more
+/// middleboxes (§3: zero old ones is an insertion, zero new ones a deletion).
 public struct Trigger: Sendable, Equatable {
-    /// [new middleboxes..., right anchor], 1...15 addresses.
+    /// [new middleboxes..., right anchor], 1...15 addresses (one: the new path has no middlebox, a deletion).
     public var newPath: [IPv4Address]
-    /// The middlebox being replaced (whose state moves when `stateful`).
+    /// The box whose state moves to the first new middlebox (``TransferMode/stateful``): the box being replaced,
+    /// or a donor that keeps its own copy (an anchor, for an insertion). Unused otherwise (the controller's
+    /// address by convention).
     public var oldBox: IPv4Address
-    public var stateful: Bool
+    public var mode: TransferMode
     public var deadlineMilliseconds: UInt32
 
-    public init(newPath: [IPv4Address], oldBox: IPv4Address, stateful: Bool, deadlineMilliseconds: UInt32) {
+    /// Both anchors hold new data until the old path is drained (stateful and held).
+    public var stateful: Bool { mode != .stateless }
+
+    public init(newPath: [IPv4Address], oldBox: IPv4Address, mode: TransferMode, deadlineMilliseconds: UInt32) {
         self.newPath = newPath
         self.oldBox = oldBox
-        self.stateful = stateful
+        self.mode = mode
         self.deadlineMilliseconds = deadlineMilliseconds
+    }
+
+    public init(newPath: [IPv4Address], oldBox: IPv4Address, stateful: Bool, deadlineMilliseconds: UInt32) {
+        self.init(newPath: newPath, oldBox: oldBox, mode: stateful ? .stateful : .stateless,
+                  deadlineMilliseconds: deadlineMilliseconds)
     }
 }
 
@@ -224,7 +257,7 @@ public enum ControlMessageError: Error, Equatable, Sendable, CustomStringConvert
 /// ```
 ///   offset  size  field
 ///   0       4     magic "DYCM" (0x4459434D)
-///   4       1     version (3; 1 and 2 are refused: 1 carries no freshness, 2 no typed phase times)
+///   4       1     version (4; 1, 2 and 3 are refused: 1 carries no freshness, 2 no typed phase times, 3 no trigger mode)
 ///   5       1     type (ControlMessageType)
 ///   6       2     bodyLength
 ///   8       8     chainID
@@ -252,7 +285,8 @@ public struct ControlMessage: Sendable, Equatable {
     /// 2 since issue 20 (the freshness stamp); 3 since issue 15 (typed failedStep, phase times and the boxes'
     /// export/import durations in triggerResult and stateInstalled, instead of strings). Any other version is
     /// refused (`bad-version`): agents of different versions do not reconfigure sessions together.
-    public static let version: UInt8 = 3
+    /// 4 since issue 17 (the trigger's mode byte: stateless, stateful or held, was a 0/1 `stateful`).
+    public static let version: UInt8 = 4
     public static let headerLength = 72
     /// One UDP datagram (65,535 − 8 UDP − 20 IPv4).
     public static let maxLength = 65_507
@@ -341,7 +375,7 @@ public struct ControlMessage: Sendable, Equatable {
         case .trigger(let t):
             out.u32(t.deadlineMilliseconds)
             out.u32(t.oldBox.value)
-            out.bool(t.stateful)
+            out.u8(t.mode.rawValue)
             out.addresses(t.newPath)
         case .triggerResult(let r):
             out.u8(r.outcome.rawValue)
@@ -444,9 +478,10 @@ public struct ControlMessage: Sendable, Equatable {
         case .trigger:
             let deadline = try r.u32("deadline")
             let oldBox = IPv4Address(try r.u32("oldBox"))
-            let stateful = try r.bool("stateful")
+            let modeByte = try r.u8("mode")
+            guard let mode = TransferMode(rawValue: modeByte) else { throw r.fail("mode is \(modeByte), not 0, 1 or 2") }
             let newPath = try r.addresses("newPath", 1...ControlBody.maxPathAddresses)
-            return .trigger(Trigger(newPath: newPath, oldBox: oldBox, stateful: stateful, deadlineMilliseconds: deadline))
+            return .trigger(Trigger(newPath: newPath, oldBox: oldBox, mode: mode, deadlineMilliseconds: deadline))
         case .triggerResult:
             let raw = try r.u8("outcome")
             guard let outcome = TriggerResult.Outcome(rawValue: raw) else { throw r.fail("outcome \(raw) is not 0, 1 or 2") }

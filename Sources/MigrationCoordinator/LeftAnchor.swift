@@ -283,12 +283,18 @@ struct LeftAnchor: Sendable {
         timeline.mark(.drain, startedAt: request.startedAt, now: now)
         // No RTT sample: the drain's answer waits for the data, not the network.
         out.actions.append(.cancelTimer(key(.retransmit)))
-        if request.trigger.stateful {
+        switch request.trigger.mode {
+        case .stateful:
             var stateRequest = Outstanding(message: request.message(.stateRequest(newBox: request.firstNewHop)),
                                            to: request.trigger.oldBox)
             Self.send(&stateRequest, fresh: true, key: key(.retransmit), now: now, &env, &out.actions)
             state = .transferringState(stateRequest)
-        } else {
+        case .held:
+            // Held, no state to move (an insertion of a box that needs none, a deletion): the release follows the
+            // drain (the state step ends with it).
+            timeline.mark(.state, startedAt: request.startedAt, now: now)
+            startRelease(now: now, &env, &out.actions)
+        case .stateless:
             // Stateless: both directions drained: the old path is no longer needed (§3.5). No state step (it
             // ends with the drain); new data used the new path once it was up (the release ends with it).
             timeline.times.stateEnd = timeline.times.drainEnd
@@ -312,15 +318,20 @@ struct LeftAnchor: Sendable {
             return out
         }
         timeline.mark(.state, startedAt: request.startedAt, now: now)
-        // Switch egress to the new path and open the new firewall's window tracking with a probe; our data
-        // stays held until the right anchor's probe comes back (docs/ARCHITECTURE.md, "After the import").
-        out.actions.append(.promote(chainID: chainID))
-        out.actions.append(.setPhase(chainID: chainID, .probing))
-        out.actions.append(.sendProbe(chainID: chainID))
-        let first = env.clock.timeout(env.settings, active: env.active)
-        out.actions.append(.setTimer(key(.retransmit), afterNanoseconds: first))
-        state = .probing(Probes(tries: 1, delay: env.clock.backoff(first, env.settings, active: env.active)))
+        startRelease(now: now, &env, &out.actions)
         return out
+    }
+
+    /// The release step begins (after the state step, or after the drain when held): switch egress to the new path
+    /// and open the new firewall's window tracking with a probe; our data stays held until the right anchor's probe
+    /// comes back (docs/ARCHITECTURE.md, "After the import").
+    private mutating func startRelease(now: UInt64, _ env: inout Environment, _ out: inout [Action]) {
+        out.append(.promote(chainID: chainID))
+        out.append(.setPhase(chainID: chainID, .probing))
+        out.append(.sendProbe(chainID: chainID))
+        let first = env.clock.timeout(env.settings, active: env.active)
+        out.append(.setTimer(key(.retransmit), afterNanoseconds: first))
+        state = .probing(Probes(tries: 1, delay: env.clock.backoff(first, env.settings, active: env.active)))
     }
 
     /// The right anchor's probe came back through the new box: answer with a last probe (so the new firewall

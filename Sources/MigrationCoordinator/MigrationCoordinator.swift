@@ -287,6 +287,7 @@ public struct MigrationCoordinator: Sendable {
             hop.releaseForLeftAnchor(l.requestID)
             store(hop, chainID, &out)
         }
+        if oldBoxes[chainID]?.requestID == l.requestID { oldBoxes[chainID] = nil }  // the left anchor was the donor
         if finished.count > 4096 { finished.removeAll(keepingCapacity: true) }
         finished[chainID] = (l.requestID, result)
     }
@@ -435,6 +436,7 @@ public struct MigrationCoordinator: Sendable {
                 rightAnchors[chainID] = nil
                 out += r.cancelled()
             }
+            if oldBoxes[chainID]?.requestID == m.requestID { oldBoxes[chainID] = nil }  // it was the donor
             out.append(.send(m.answer(.ackCancel), to: from))
             return
         }
@@ -516,7 +518,11 @@ public struct MigrationCoordinator: Sendable {
     private mutating func receiveStateRequest(_ m: ControlMessage, newBox: IPv4Address, from: IPv4Address,
                                               context: SessionContext?, _ out: inout [Action]) {
         let chainID = m.identity.chainID
-        guard context != nil, from == m.leftAnchor, hops[chainID]?.owner == m.requestID else {
+        // The box being replaced is locked for the request (§3.2); a donor of an insertion (issue 17) is one of the
+        // anchors: the left anchor (its own lock) or the right anchor of the request.
+        let lockedHere = hops[chainID]?.owner == m.requestID
+        let rightAnchorHere = rightAnchors[chainID]?.requestID == m.requestID
+        guard context != nil, from == m.leftAnchor, lockedHere || rightAnchorHere else {
             out.append(.send(m.answer(.stateInstalled(ok: false, times: StateTimes(),
                                                       reason: "stateRequest: this box is not locked for request \(m.requestID)")),
                              to: from))
@@ -540,6 +546,7 @@ public struct MigrationCoordinator: Sendable {
                 rightAnchors[chainID] = nil
                 out += r.oldPathFin()
             }
+            if oldBoxes[chainID]?.requestID == m.requestID { oldBoxes[chainID] = nil }  // it was the donor
             out.append(.send(m.answer(.oldPathFinAck), to: from))
             return
         }
@@ -576,6 +583,7 @@ public struct MigrationCoordinator: Sendable {
             newBoxes[chainID] = nil  // the session itself stays (it is on the new path, or expires by idleness)
         case (.rightAnchor, _):
             guard let r = rightAnchors.removeValue(forKey: chainID) else { return }
+            if oldBoxes[chainID]?.requestID == r.requestID { oldBoxes[chainID] = nil }
             out += r.silenceTimerFired()
         case (.controller, _):
             guard let output = controllers[chainID]?.timerFired(now: now, settings: settings) else { return }

@@ -48,12 +48,12 @@ import Testing
         LAB_KEY = bytes.fromhex(open("\(keyPath)").read().strip())
         OTHER_KEY = hashlib.sha256(b"not the lab key").digest()
         def a(x): return socket.inet_aton(x)
-        # Version 3 (issue 15; the header as in version 2, issue 20): a freshness stamp after the anchors — sender
+        # Version 4 (issue 17; the header as in versions 2 and 3, issue 20): a freshness stamp after the anchors — sender
         # id, receiver, counter, sentAt (µs).
         SENDER = random.getrandbits(63) + 1
         COUNTER = [0]
         RECEIVER = ["0.0.0.0"]
-        def msg(mtype, chain, nonce, session, anchors, body=b"", key=None, version=3, magic=b"DYCM", request=0x0BADCAFE):
+        def msg(mtype, chain, nonce, session, anchors, body=b"", key=None, version=4, magic=b"DYCM", request=0x0BADCAFE):
             src, dst, sport, dport = session
             COUNTER[0] += 1
             header = (magic + struct.pack(">BBH", version, mtype, len(body)) + struct.pack(">QQI", chain, nonce, request)
@@ -86,7 +86,8 @@ import Testing
             out.append(good + b"\\0")
             for kind in ("unknown-session", "truncated"): counts["dropped." + kind] = counts.get("dropped." + kind, 0) + 1
             add("bad-version", msg(10, chain, 1, session, anchors, BODY[10], version=1))   # the old, unstamped version
-            add("bad-version", msg(10, chain, 1, session, anchors, BODY[10], version=2))   # the previous version (issue 15)
+            add("bad-version", msg(10, chain, 1, session, anchors, BODY[10], version=2))   # issue 15's version
+            add("bad-version", msg(10, chain, 1, session, anchors, BODY[10], version=3))   # the previous version (issue 17)
             add("unknown-type", msg(0, chain, 1, session, anchors))
             add("unknown-type", msg(99, chain, 1, session, anchors))
             add("bad-mac", msg(10, chain, 1, session, anchors, BODY[10], key=OTHER_KEY))

@@ -8,13 +8,13 @@ import Logging
 /// Where a command that acts on a middlebox (`replace`, `drain`) finds it: this host, a named namespace, or a lab
 /// host.
 struct MiddleboxPlacementOptions: ParsableArguments {
-    @Option(help: "The old box's agent is in this named network namespace (default: the current one).")
+    @Option(help: "The controlling agent (of the old box, the box to remove, the --after host, the box to drain) is in this named network namespace (default: the current one).")
     var netns: String?
 
-    @Option(help: "A lab built with `dysco-migrate lab up`: --old/--new may then be its host names (fw1, fw2).")
+    @Option(help: "A lab built with `dysco-migrate lab up`: boxes and hosts may then be its host names (fw1, fw2).")
     var lab: String?
 
-    @Option(help: "Control socket path of the old box's agent (overrides --netns and --lab).")
+    @Option(help: "Control socket path of the controlling agent (overrides --netns and --lab).")
     var socket: String?
 
     func validate() throws {

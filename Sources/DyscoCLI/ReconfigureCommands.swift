@@ -1,0 +1,190 @@
+import ArgumentParser
+import DyscoAgent
+import DyscoCore
+import DyscoLab
+import Foundation
+
+/// `insert` and `remove` (issue 17; paper §3: an old path of zero middleboxes is an insertion, a new path of zero
+/// middleboxes a deletion), and what they share with `replace`: the request goes to one agent, the controller,
+/// which triggers each session's left anchor and reports per session.
+enum Reconfiguration {
+    static func validate(deadline: UInt32, match: String) throws {
+        guard (1...600_000).contains(deadline) else { throw ValidationError("--deadline must be 1...600000 ms") }
+        do { _ = try SessionPredicate(filter: match) } catch { throw ValidationError("\(error)") }
+    }
+
+    /// A comma-separated list of addresses or lab host names, each named once.
+    static func addresses(_ text: String, placement: MiddleboxPlacementOptions, lab: Lab?) throws -> [IPv4Address] {
+        let list = try text.split(separator: ",").map { try placement.address(String($0), lab: lab) }
+        guard !list.isEmpty else { throw ValidationError("name at least one box") }
+        guard Set(list).count == list.count else { throw ValidationError("'\(text)' names a box twice") }
+        return list
+    }
+
+    static func list(_ boxes: [IPv4Address]) -> String {
+        boxes.isEmpty ? "(none)" : boxes.map(\.description).joined(separator: ",")
+    }
+
+    /// Several old boxes (k → m): each session's right anchor is the last old box's right neighbour, read from that
+    /// box's agent, for the sessions whose left neighbour there is the previous old box (the old boxes are consecutive).
+    static func rightAnchors(oldBoxes: [IPv4Address], names: [String], placement: MiddleboxPlacementOptions,
+                             lab: Lab?) async throws -> [String: IPv4Address]? {
+        guard oldBoxes.count > 1, let last = oldBoxes.last, let lastName = names.last else { return nil }
+        guard lab != nil, placement.socket == nil else {
+            throw ValidationError("several old boxes need --lab (without --socket): the last box's agent names each session's right anchor")
+        }
+        let path = try placement.socketPath(old: lastName, lab: lab)
+        let snapshot = try await ControlClient.snapshot(path: path)
+        let previous = oldBoxes[oldBoxes.count - 2]
+        var anchors: [String: IPv4Address] = [:]
+        for s in snapshot.sessions where s.left?.dstAddr == last && s.left?.srcAddr == previous {
+            if let chain = s.chainID, let right = s.right?.dstAddr { anchors[chain] = right }
+        }
+        return anchors
+    }
+
+    /// Sends `request` to the agent of `host` (checked to be that host), prints the report, exits 1 unless every
+    /// matched session moved.
+    static func run(_ request: ReplaceRequest, at host: IPv4Address, name: String, placement: MiddleboxPlacementOptions,
+                    lab: Lab?, json: Bool, title: String) async throws {
+        if let problem = request.problem { throw ValidationError(problem) }
+        let path = try placement.socketPath(old: name, lab: lab)
+        // The agent at that socket must be `host` (one page is enough to see which host answers).
+        let snapshot = try await ControlClient.snapshot(path: path, limit: 200)
+        if let other = snapshot.sessions.compactMap({ $0.left?.dstAddr ?? $0.right?.srcAddr }).first(where: { $0 != host }) {
+            throw ValidationError("the agent at \(path) is \(other), not \(host)")
+        }
+        let data = try await ControlClient.request(ControlRequest(.replace, replace: request), path: path)
+        guard let report = try? JSONDecoder().decode(ReplaceReport.self, from: data) else {
+            throw ValidationError("the agent answered: \(String(decoding: data, as: UTF8.self))")
+        }
+        if json {
+            FileHandle.standardOutput.write(data)
+        } else {
+            print(ReplaceCommand.render(report, title: title))
+        }
+        if !report.allMoved { throw ExitCode(1) }
+    }
+}
+
+struct InsertCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "insert",
+        abstract: "Insert middleboxes into live sessions, after a host of their path (paper §3).",
+        discussion: """
+            Asks the agent of the --after host (a client or a middlebox of the sessions' path) to insert --box \
+            between it and its right neighbour in every session matching --match. Per session the --after host, \
+            as left anchor, locks the one subsession to its right neighbour (the right anchor), opens the new path \
+            through --box, holds new data at both ends while the old subsession drains, then releases it on the \
+            new path: no byte on two paths at once, so no reordering.
+
+            A box that needs per-session state it cannot have (a strict conntrack firewall inserted mid-session \
+            drops the session's packets as INVALID) gets it from a donor with --state-from: one of the two anchors \
+            (the --after host or its right neighbour), whose conntrack entry is copied (the donor keeps its own). \
+            With --stateless new data takes the new path at once (the two-path rules of §3.5).
+
+            Run it on the --after host, or name its agent with --netns, --lab (host names allowed) or --socket.
+            Exit status: 0 when every matched session took the new box; 1 when any did not (it stays as it was).
+            Examples:
+              dysco-migrate insert --lab demo --after fw1 --box fw2 --state-from fw1
+              dysco-migrate insert --lab demo --after client1 --box scrubber --match dport=80 --json
+            """
+    )
+
+    @Option(help: ArgumentHelp("The host after which the boxes go (a client or a middlebox of the path).", valueName: "addr|host"))
+    var after: String
+
+    @Option(help: ArgumentHelp("The middlebox(es) to insert, in path order, comma-separated.", valueName: "addr|host[,...]"))
+    var box: String
+
+    @Option(help: "Only sessions matching this filter: src=, dst= (address or prefix), sport=, dport= (port or range).")
+    var match: String = ""
+
+    @Option(help: ArgumentHelp("Copy the session's firewall state to the first inserted box from this anchor (the --after host or its right neighbour).",
+                               valueName: "addr|host"))
+    var stateFrom: String?
+
+    @Flag(help: "No holding: new data takes the new path at once (boxes that keep no per-session state).")
+    var stateless = false
+
+    @Option(help: "Milliseconds a session's insertion may take before it is cancelled (it then stays as it was).")
+    var deadline: UInt32 = 3000
+
+    @OptionGroup var jsonOutput: JSONOutput<JSONHelp.Report>
+
+    @OptionGroup var placement: MiddleboxPlacementOptions
+
+    func validate() throws {
+        try Reconfiguration.validate(deadline: deadline, match: match)
+        if stateless && stateFrom != nil { throw ValidationError("--state-from moves state: not with --stateless") }
+    }
+
+    func run() async throws {
+        let lab = try placement.openLab(component: "insert")
+        let host = try placement.address(after, lab: lab)
+        let boxes = try Reconfiguration.addresses(box, placement: placement, lab: lab)
+        guard !boxes.contains(host) else { throw ValidationError("--box must not contain the --after host \(host)") }
+        let donor = try stateFrom.map { try placement.address($0, lab: lab) }
+        let mode: TransferMode = donor != nil ? .stateful : stateless ? .stateless : .held
+        let request = ReplaceRequest(predicate: try SessionPredicate(filter: match), newBoxes: boxes, mode: mode,
+                                     deadlineMilliseconds: deadline, insertHere: true, donor: donor)
+        try await Reconfiguration.run(request, at: host, name: after, placement: placement, lab: lab, json: jsonOutput.json,
+                                      title: "insert \(Reconfiguration.list(boxes)) after \(host) (\(mode))")
+    }
+}
+
+struct RemoveCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "remove",
+        abstract: "Remove middleboxes from live sessions: their neighbours then talk directly (paper §3).",
+        discussion: """
+            Asks the agent of --box (the first box, with several: consecutive boxes of each session's path) to \
+            take itself out of every session matching --match: it triggers each session's left anchor (its left \
+            neighbour), which locks the segment up to the box's right neighbour (the right anchor), opens a \
+            subsession straight to it, holds new data at both ends while the old path drains, releases it on the \
+            new path and tears the old path down. Nothing else is needed of the boxes that stay: each already \
+            carries the session. This is the paper's self-removal: the trigger goes from the box to its left \
+            neighbour. With --stateless new data takes the new path at once (the two-path rules of §3.5).
+
+            Run it on the box's host, or name its agent with --netns, --lab (host names allowed) or --socket.
+            Exit status: 0 when every matched session left the box; 1 when any did not (it stays on it).
+            Examples:
+              dysco-migrate remove --lab demo --box fw1
+              dysco-migrate remove --lab demo --box fw1,fw3 --match dport=5201 --json
+            """
+    )
+
+    @Option(help: ArgumentHelp("The middlebox(es) to remove, in path order, comma-separated.", valueName: "addr|host[,...]"))
+    var box: String
+
+    @Option(help: "Only sessions matching this filter: src=, dst= (address or prefix), sport=, dport= (port or range).")
+    var match: String = ""
+
+    @Flag(help: "No holding: new data takes the new path at once; the old path carries what it must until drained.")
+    var stateless = false
+
+    @Option(help: "Milliseconds a session's removal may take before it is cancelled (it then stays on the box).")
+    var deadline: UInt32 = 3000
+
+    @OptionGroup var jsonOutput: JSONOutput<JSONHelp.Report>
+
+    @OptionGroup var placement: MiddleboxPlacementOptions
+
+    func validate() throws {
+        try Reconfiguration.validate(deadline: deadline, match: match)
+    }
+
+    func run() async throws {
+        let lab = try placement.openLab(component: "remove")
+        let boxes = try Reconfiguration.addresses(box, placement: placement, lab: lab)
+        let mode: TransferMode = stateless ? .stateless : .held
+        let names = box.split(separator: ",").map(String.init)
+        let request = ReplaceRequest(predicate: try SessionPredicate(filter: match), newBoxes: [], mode: mode,
+                                     deadlineMilliseconds: deadline, alsoOld: Array(boxes.dropFirst()),
+                                     rightAnchors: try await Reconfiguration.rightAnchors(oldBoxes: boxes, names: names,
+                                                                                          placement: placement, lab: lab))
+        try await Reconfiguration.run(
+            request, at: boxes[0], name: names[0], placement: placement,
+            lab: lab, json: jsonOutput.json, title: "remove \(Reconfiguration.list(boxes)) (\(mode))")
+    }
+}
