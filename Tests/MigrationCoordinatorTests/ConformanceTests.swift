@@ -118,37 +118,59 @@ private func replaceRun(_ config: Harness.Config, stateful: Bool, deadlineMillis
 
 /// Issue 17, insertion (paper §3: the old path has no middlebox): client → server, fw2 inserted; the server
 /// controls. The left anchor's right neighbour is the right anchor: requestLock goes straight to it.
-private func insertRun(_ config: Harness.Config, stateful: Bool, deadlineMilliseconds: UInt32 = 2000) -> Harness {
+/// A stateful insertion takes the state from a donor at the right anchor (trigger.oldBox = the server).
+private func insertRun(_ config: Harness.Config, mode: TransferMode, deadlineMilliseconds: UInt32 = 2000) -> Harness {
     let h = Harness(chain: [Host.client, Host.server], others: [Host.fw2], config: config)
     h.replace(at: Host.server, leftAnchor: Host.client, newPath: [Host.fw2, Host.server], oldBox: Host.server,
-              stateful: stateful, deadlineMilliseconds: deadlineMilliseconds)
+              mode: mode, deadlineMilliseconds: deadlineMilliseconds)
     _ = h.run()
     return h
 }
 
 /// Issue 17, deletion (the new path has no middlebox): client → fw1 → server, fw1 removed; fw1 controls.
 /// newPathSyn goes from the client straight to the server (remaining list empty); oldPathFin tears fw1 down.
-private func deleteRun(_ config: Harness.Config, stateful: Bool, deadlineMilliseconds: UInt32 = 2000) -> Harness {
+private func deleteRun(_ config: Harness.Config, mode: TransferMode, deadlineMilliseconds: UInt32 = 2000) -> Harness {
     let h = Harness(chain: [Host.client, Host.fw1, Host.server], others: [], config: config)
     h.replace(at: Host.fw1, leftAnchor: Host.client, newPath: [Host.server], oldBox: Host.fw1,
-              stateful: stateful, deadlineMilliseconds: deadlineMilliseconds)
+              mode: mode, deadlineMilliseconds: deadlineMilliseconds)
     _ = h.run()
     return h
 }
 
-/// The insertion and deletion runs (issue 17): clean, lossy, short deadlines, the inserted box down; stateless
-/// (the held mode's runs are added where `Trigger.mode` exists).
+/// The insertion and deletion runs (issue 17): clean, lossy, short deadlines, the inserted box down; held and
+/// stateless, and a stateful insertion (the right anchor's state to the inserted box: the donor).
 func insertDeleteRuns() -> [(String, Harness)] {
     var runs: [(String, Harness)] = []
-    for (shape, run) in [("insert", insertRun), ("delete", deleteRun)] {
-        runs.append(("\(shape) clean stateless", run(.init(), false, 2000)))
-        for seed in UInt64(1)...40 {
-            runs.append(("\(shape) lossy seed \(seed) stateless", run(LossyScenarioTests.lossy(seed: 3000 + seed), false, 10_000)))
-            runs.append(("\(shape) short deadline seed \(seed) stateless", run(LossyScenarioTests.lossy(seed: 4000 + seed), false, 60)))
+    let shapes: [(String, (Harness.Config, TransferMode, UInt32) -> Harness, [TransferMode])] = [
+        ("insert", { insertRun($0, mode: $1, deadlineMilliseconds: $2) }, [.held, .stateless, .stateful]),
+        ("delete", { deleteRun($0, mode: $1, deadlineMilliseconds: $2) }, [.held, .stateless]),
+    ]
+    for (shape, run, modes) in shapes {
+        for (m, mode) in modes.enumerated() {
+            let base = 3000 + UInt64(m) * 200
+            runs.append(("\(shape) clean \(mode)", run(.init(), mode, 2000)))
+            for seed in UInt64(1)...40 {
+                runs.append(("\(shape) lossy seed \(seed) \(mode)", run(LossyScenarioTests.lossy(seed: base + seed), mode, 10_000)))
+                runs.append(("\(shape) short deadline seed \(seed) \(mode)", run(LossyScenarioTests.lossy(seed: base + 100 + seed), mode, 60)))
+            }
         }
     }
-    var down = Harness.Config(); down.down = [Host.fw2]
-    runs.append(("insert, inserted box down", insertRun(down, stateful: false, deadlineMilliseconds: 5000)))
+    // Uneven drains: the right anchor's drained overtakes the left anchor's own (held: DRAIN_PEER → RELEASE).
+    for seed in UInt64(1)...20 {
+        var slow = Harness.Config()
+        slow.seed = 8000 + seed
+        slow.drainDelay = 100_000...40_000_000
+        runs.append(("insert uneven drains seed \(seed) held", insertRun(slow, mode: .held)))
+        runs.append(("delete uneven drains seed \(seed) held", deleteRun(slow, mode: .held)))
+    }
+    for mode in [TransferMode.held, .stateful] {
+        var down = Harness.Config(); down.down = [Host.fw2]
+        runs.append(("insert, inserted box down \(mode)", insertRun(down, mode: mode, deadlineMilliseconds: 5000)))
+    }
+    var refused = Harness.Config(); refused.importRefusal = [Host.fw2: "strict tracking refuses"]
+    runs.append(("insert stateful, import refused", insertRun(refused, mode: .stateful)))
+    var exportFails = Harness.Config(); exportFails.exportFailure = [Host.server: "no conntrack entry"]
+    runs.append(("insert stateful, the donor's export fails", insertRun(exportFails, mode: .stateful)))
     return runs
 }
 
@@ -477,7 +499,7 @@ struct InsertDeleteTests {
           arguments: [nil] + (UInt64(1)...30).map { Optional(5000 + $0) })
     func deletionDelta(seed: UInt64?) throws {
         let h = Harness(chain: [Host.client, Host.fw1, Host.server], others: [], config: Self.deltaBox(seed))
-        h.replace(at: Host.fw1, leftAnchor: Host.client, newPath: [Host.server], oldBox: Host.fw1, stateful: false,
+        h.replace(at: Host.fw1, leftAnchor: Host.client, newPath: [Host.server], oldBox: Host.fw1, mode: .held,
                   deadlineMilliseconds: 10_000)
         let result = h.run()
         let outcome = result.reports.values.first?.result.outcome
