@@ -362,6 +362,25 @@ struct TraceCheckerTests {
         #expect(d.index == i && d.reason.contains("actions differ"), "\(d)")
     }
 
+    @Test("held (issue 17): a release on the first drain, before both directions are drained, is a divergence")
+    func heldEarlyRelease() throws {
+        var trace = Abstraction.steps(insertRun(.init(), mode: .held).steps)
+        // the clean held run replays, and its release follows the join of both drains
+        var clean = TraceChecker(table: try ModelFiles.table())
+        let cleanDivergence = clean.check(trace)
+        #expect(cleanDivergence == nil)
+        let release = try #require(trace.firstIndex { $0.role == "LA" && $0.actions == ["promote", "setPhase:probing", "sendProbe"] })
+        #expect(trace[release].event == "drained" || trace[release].event == "dataDrained")
+        // the first of the two drains now releases (MUT_HELD_EARLY_RELEASE in the model)
+        let first = try #require(trace.firstIndex { $0.role == "LA" && ($0.event == "drained" || $0.event == "dataDrained") })
+        #expect(first < release)
+        trace[first].actions = ["promote", "setPhase:probing", "sendProbe"]
+        var checker = TraceChecker(table: try ModelFiles.table())
+        let divergence = checker.check(trace)
+        let d = try #require(divergence)
+        #expect(d.index == first && d.reason.contains("actions differ"), "\(d)")
+    }
+
     @Test("data released before the state is installed (releaseBuffer on newPathSynAck) is a divergence")
     func earlyRelease() throws {
         var trace = cleanTrace()
