@@ -161,8 +161,10 @@ final class MigrationEngine: @unchecked Sendable {
     func replace(_ request: ReplaceRequest) async -> ReplaceReport {
         let started = ContinuousClock.now
         let candidates = dataplane.sessions { record in
+            // A session this agent anchors for another reconfiguration is a candidate too: its left anchor or a
+            // lock on the segment refuses the second request (§3.2), and the report says so.
             (record.role == .middlebox || (request.insertHere && record.role == .leftEnd))
-                && record.closeDeadline == nil && record.migration == nil
+                && record.closeDeadline == nil
                 && request.predicate.matches(record.session)
                 && (request.chains.map { $0.contains(record.identity.chainID) } ?? true)
         }.sorted { $0.id < $1.id }.prefix(request.limit ?? .max)
@@ -576,7 +578,6 @@ final class MigrationEngine: @unchecked Sendable {
 
 extension MigrationEngine: ActionPerformer {}
 
-/// What `replace` asks of the old box's agent (control socket).
 /// A chain id as `sessions --json` and ``ReplaceRequest/rightAnchors`` write it (hex).
 public func chainKey(_ chainID: UInt64) -> String { String(chainID, radix: 16) }
 

@@ -20,7 +20,7 @@ public struct BenchCommand: AsyncParsableCommand {
             beside this binary (or $DYSCO_BIN). `connect` and `sink` are the data-plane benchmark's own helpers \
             (hidden from this list).
             """,
-        subcommands: [Dataplane.self, Replace.self, DrainBench.self, FloodBench.self, Restore.self, StateValidate.self,
+        subcommands: [Dataplane.self, Replace.self, Reconfigure.self, DrainBench.self, FloodBench.self, Restore.self, StateValidate.self,
                       ConntrackBench.self, Connect.self, Sink.self]
     )
 
@@ -291,5 +291,57 @@ public struct BenchCommand: AsyncParsableCommand {
         @Option(help: "TCP port.") var port: UInt16
 
         func run() async throws { try AcceptSink.run(address: address, port: port) }
+    }
+}
+
+extension BenchCommand {
+    struct Reconfigure: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Inserts a box into N live sessions and removes it again; prints insertion and removal latency percentiles.",
+            discussion: """
+                Builds lab bench-rc (10.79.95.0/24: --bundles clients → fw1 → server1, fw2 an open forwarding box) \
+                and starts --sessions sender-paced downloads split evenly over the clients (--megabytes each at --rate \
+                MiB/s). Per bundle (the sessions of one client, the paper's client–server pairs) it asks fw1's agent to \
+                insert fw2 after fw1, then per bundle asks fw2's agent to remove itself, --interval ms apart. Prints \
+                per operation: sessions moved, trigger → release and the paper's measure (new-path SYN → new path \
+                used) as p50/p80/p90/p99/max/mean with the share under 2 ms and 4 ms next to the paper's middlebox-deletion \
+                figures (80 % < 2 ms, 98.7 % < 4 ms for 600 sessions in bundles of 150), the phases' medians, the \
+                endpoints' TCP retransmissions during the requests and whether every download arrived byte-exact \
+                (sha256). Needs root; removes its lab (also on error or Ctrl-C).
+                """
+        )
+
+        @Option(help: "Live sessions (the paper: 600).") var sessions = 100
+        @Option(help: "Bundles = client hosts, the sessions split evenly (the paper: 4 client–server pairs; 1...20).") var bundles = 4
+        @Flag(help: "Stateless: new data takes the new path at once (default: held, no byte on two paths).") var stateless = false
+        @Option(help: "MiB per download (default: enough to outlive both operations at --rate).") var megabytes: Int?
+        @Option(help: "Pace of each download, MiB/s.") var rate = 0.5
+        @Option(help: "Milliseconds between two bundles' requests.") var interval = 250
+        @Option(help: "Per-session deadline, ms (as `remove --deadline`).") var deadline: UInt32 = 3000
+        @Option(help: "Extra argument for every agent (repeatable).") var agentArg: [String] = []
+        @OptionGroup var bpfCheck: BenchBPFCheck
+        @OptionGroup var jsonOutput: JSONOutput<JSONHelp.Report>
+
+        func validate() throws {
+            guard (1...2000).contains(sessions) else { throw ValidationError("--sessions must be 1...2000") }
+            guard (megabytes ?? 1) > 0, rate > 0 else { throw ValidationError("--megabytes and --rate must be positive") }
+            guard (1...20).contains(bundles), bundles <= sessions else { throw ValidationError("--bundles must be 1...20 and at most --sessions") }
+            guard (0...60_000).contains(interval) else { throw ValidationError("--interval must be 0...60000 ms") }
+            guard (1...600_000).contains(deadline) else { throw ValidationError("--deadline must be 1...600000 ms") }
+        }
+
+        func run() async throws {
+            var options = ReconfigureBenchmark.Options()
+            options.sessions = sessions
+            options.bundles = bundles
+            options.megabytes = megabytes
+            options.rateMiBps = rate
+            options.mode = stateless ? .stateless : .held
+            options.intervalMilliseconds = interval
+            options.deadlineMilliseconds = deadline
+            options.agentArguments = agentArg
+            let report = try await ReconfigureBenchmark(options: options, logger: BenchCommand.logger()).run()
+            try BenchCommand.output(report, json: jsonOutput.json, text: report.text)
+        }
     }
 }

@@ -36,18 +36,33 @@ struct MeasureCommand: AsyncParsableCommand {
             error or Ctrl-C. Exit status 1 (after writing every file) when a session of the bundle did not move, \
             a download is not byte-exact or a session was reset.
 
+            --experiment removal reproduces the paper's middlebox deletion (§5, Figs. 12 and 13) instead: clients \
+            client1…clientK → fw1 → server1 (no fw2), the same downloads and bundles, and at k/(K+1) of --seconds \
+            (k = 1…K) it removes fw1 from bundle k with `dysco-migrate remove --lab NAME --box fw1 --match \
+            src=CLIENTk`, so each bundle in turn goes client → server directly. fw1 is a plain forwarding box \
+            (firewall profile open), not the paper's session-terminating proxy (proxies are future work): a removal \
+            moves no state. Prints the shares of removals under 2 ms and 4 ms (the paper's measure, new-path SYN → \
+            new path used) next to the paper's (80 %, 98.7 %), p50/p90/p99/max, each bundle's goodput before / \
+            during / after its own removal, the retransmissions, RTOs and resets in the removal windows, and the \
+            sha256 check of every download; also writes cdf.csv (measure, latency_us, fraction), and latency-cdf.png \
+            becomes the removal-latency CDF with the paper's two points marked, goodput.png marks every removal. \
+            --stateless, --both and --reference apply to the replacement only.
+
             Examples:
               dysco-migrate measure --both
               dysco-migrate measure --sessions 100 --bundles 4 --rate 1 --both --output /tmp/m100
             """
     )
 
+    @Option(help: "replacement: bundle 1 moves fw1 → fw2 halfway; removal: fw1 is removed from each bundle in turn (paper §5, middlebox deletion).")
+    var experiment: MeasureBenchmark.Experiment = .replacement
     @Option(help: "Live sessions in all bundles.") var sessions = 20
-    @Option(help: "Bundles (one client host each, 1...20); bundle 1 is the one migrated.") var bundles = 2
+    @Option(help: "Bundles (one client host each, 1...20; default 2, with --experiment removal 4); bundle 1 is the one migrated (removal: each in turn).")
+    var bundles: Int?
     @Flag(help: "Stateless replacement only (fw2 open, no state moves).") var stateless = false
     @Flag(help: "Stateful, then stateless, in one invocation.") var both = false
     @Option(help: ArgumentHelp("Pace of each session, MiB/s.", valueName: "MiBps")) var rate = 2.0
-    @Option(help: "Seconds each session transfers (size = rate × seconds); the migration starts halfway.") var seconds = 8.0
+    @Option(help: "Seconds each session transfers (size = rate × seconds); the migration starts halfway (removal: bundle k's at k/(K+1)).") var seconds = 8.0
     @Option(help: "Per-session migration deadline, ms (as `replace --deadline`).") var deadline: UInt32 = 3000
     @Option(help: ArgumentHelp("Directory for the report, the CSVs and the plots (default: ./measure-YYYYmmdd-HHMMSS).",
                                valueName: "dir")) var output: String?
@@ -61,13 +76,19 @@ struct MeasureCommand: AsyncParsableCommand {
     @Option(help: "Extra argument for every agent (repeatable).") var agentArg: [String] = []
     @OptionGroup var jsonOutput: JSONOutput<JSONHelp.MeasureReport>
 
+    /// --bundles, or the experiment's default (the paper's deletion experiment has four client–server pairs).
+    var bundleCount: Int { bundles ?? (experiment == .removal ? 4 : 2) }
+
     func validate() throws {
         guard (1...2000).contains(sessions) else { throw ValidationError("--sessions must be 1...2000") }
-        guard LabSpec.hostCountRange.contains(bundles), bundles <= sessions else {
+        guard LabSpec.hostCountRange.contains(bundleCount), bundleCount <= sessions else {
             throw ValidationError("--bundles must be 1...20 and at most --sessions")
         }
         guard rate > 0, seconds >= 2 else { throw ValidationError("--rate must be positive and --seconds at least 2") }
         guard !(stateless && both) else { throw ValidationError("--stateless and --both exclude each other") }
+        guard experiment == .replacement || !(stateless || both) else {
+            throw ValidationError("--stateless and --both apply to --experiment replacement only")
+        }
         guard (1...600_000).contains(deadline) else { throw ValidationError("--deadline must be 1...600000 ms") }
         guard LabSpec.isValidLabName(labName) else { throw ValidationError("--lab-name '\(labName)' is not a valid lab name") }
         do { _ = try LabSpec.parseSubnet(subnet) } catch { throw ValidationError("\(error)") }
@@ -91,7 +112,7 @@ struct MeasureCommand: AsyncParsableCommand {
         }
         var options = MeasureBenchmark.Options()
         options.sessions = sessions
-        options.bundles = bundles
+        options.bundles = bundleCount
         options.rateMiBps = rate
         options.seconds = seconds
         options.modes = both ? [.stateful, .stateless] : stateless ? [.stateless] : [.stateful]
@@ -99,6 +120,7 @@ struct MeasureCommand: AsyncParsableCommand {
         options.labName = labName
         options.subnet = subnet
         options.agentArguments = agentArg
+        options.experiment = experiment
         (options.referenceScript, options.referenceMissing) = StateTransferReference.resolve(reference)
         let directory = output ?? Self.defaultOutput()
         let measured = try await MeasureBenchmark(options: options, logger: logger).run()
@@ -122,3 +144,5 @@ struct MeasureCommand: AsyncParsableCommand {
         return "./measure-\(formatter.string(from: Date()))"
     }
 }
+
+extension MeasureBenchmark.Experiment: ExpressibleByArgument {}

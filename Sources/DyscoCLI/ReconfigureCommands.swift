@@ -84,10 +84,14 @@ struct InsertCommand: AsyncParsableCommand {
             With --stateless new data takes the new path at once (the two-path rules of §3.5).
 
             Run it on the --after host, or name its agent with --netns, --lab (host names allowed) or --socket.
-            Exit status: 0 when every matched session took the new box; 1 when any did not (it stays as it was).
+            A strict firewall inserted without --state-from drops the release probes: each session is then \
+            cancelled at the release step when --deadline passes and stays on its old path.
+
+            Exit status: 0 when every matched session took the new box (also when none matched); 1 when any did \
+            not (it stays as it was).
             Examples:
               dysco-migrate insert --lab demo --after fw1 --box fw2 --state-from fw1
-              dysco-migrate insert --lab demo --after client1 --box scrubber --match dport=80 --json
+              dysco-migrate insert --lab demo --after client1 --box fw2 --state-from fw1 --match dport=80 --json
             """
     )
 
@@ -140,14 +144,16 @@ struct RemoveCommand: AsyncParsableCommand {
         discussion: """
             Asks the agent of --box (the first box, with several: consecutive boxes of each session's path) to \
             take itself out of every session matching --match: it triggers each session's left anchor (its left \
-            neighbour), which locks the segment up to the box's right neighbour (the right anchor), opens a \
+            neighbour), which locks the segment up to the box's right neighbour (with several boxes: the last \
+            one's, read from that box's agent, so several boxes need --lab), the right anchor, opens a \
             subsession straight to it, holds new data at both ends while the old path drains, releases it on the \
             new path and tears the old path down. Nothing else is needed of the boxes that stay: each already \
             carries the session. This is the paper's self-removal: the trigger goes from the box to its left \
             neighbour. With --stateless new data takes the new path at once (the two-path rules of §3.5).
 
             Run it on the box's host, or name its agent with --netns, --lab (host names allowed) or --socket.
-            Exit status: 0 when every matched session left the box; 1 when any did not (it stays on it).
+            Exit status: 0 when every matched session left the box (also when none matched); 1 when any did not \
+            (it stays on it).
             Examples:
               dysco-migrate remove --lab demo --box fw1
               dysco-migrate remove --lab demo --box fw1,fw3 --match dport=5201 --json

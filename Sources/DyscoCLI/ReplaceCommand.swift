@@ -18,14 +18,20 @@ struct ReplaceCommand: AsyncParsableCommand {
             old path down. A step that fails or runs past --deadline cancels that session's migration: it \
             stays on the old box, unharmed, and the report says which step failed and why.
 
+            Several old boxes (--old fw1,fw3: consecutive boxes of each session's path) are replaced together \
+            (k → m): the segment then ends at the last old box's right neighbour, read from that box's agent (so \
+            several old boxes need --lab); the first old box's state moves (or --state-from's).
+
             With --stateless no state moves and no data is held: new data takes the new path at once and the \
             old path carries retransmissions until it is drained (the two-path rules of §3.5); only for boxes \
             that keep no per-session state.
 
             Run it on the old box's host, or name its agent with --netns, --lab (host names allowed) or --socket.
-            Exit status: 0 when every matched session moved; 1 when any did not (they stay on the old box).
+            Exit status: 0 when every matched session moved (also when none matched); 1 when any did not (they stay \
+            on the old box).
             Examples:
               dysco-migrate replace --lab demo --old fw1 --new fw2
+              dysco-migrate replace --lab demo --old fw1,fw3 --new fw2
               dysco-migrate replace --netns demo-fw1 --old 10.77.0.101 --new 10.77.0.102 --match dport=80 --json
             """
     )

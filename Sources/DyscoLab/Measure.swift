@@ -34,6 +34,9 @@ public struct MeasureBenchmark: Sendable {
         public var referenceMissing: String?
         public var agentBinary: String?
         public var agentArguments: [String] = []
+        /// Replacement (bundle 1 fw1 → fw2, the paper's Fig. 15) or removal (fw1 taken out of every bundle in turn,
+        /// the paper's §5 middlebox deletion, Figs. 12 and 13).
+        public var experiment: Experiment = .replacement
         public init() {}
 
         /// Sessions of bundle `b` (session i belongs to bundle i mod K).
@@ -130,8 +133,12 @@ public struct MeasureBenchmark: Sendable {
     }
 
     public struct Report: Codable, Sendable {
+        public var experiment: Experiment
         public var settings: Settings
+        /// The replacement runs (empty in a removal experiment).
         public var runs: [Run]
+        /// The removal experiment (nil in a replacement one).
+        public var removal: RemovalRun?
         public var reference: StateTransferReference?
         public var referenceNote: String?
         public var ratios: [ReferenceRatios]
@@ -153,6 +160,14 @@ public struct MeasureBenchmark: Sendable {
 
     public func run() async throws -> Report {
         let binary = try options.agentBinary ?? Lab.defaultAgentBinary()
+        let settings = Settings(sessions: options.sessions, bundles: options.bundles, rateMiBps: options.rateMiBps,
+                                seconds: options.seconds, bytesPerSession: options.bytesPerSession,
+                                deadlineMilliseconds: options.deadlineMilliseconds)
+        if options.experiment == .removal {
+            let removal = try await measureRemoval(binary: binary)
+            return Report(experiment: .removal, settings: settings, runs: [], removal: removal, reference: nil,
+                          referenceNote: "not run (a removal moves no state)", ratios: [], files: [:])
+        }
         var runs: [Run] = []
         for mode in options.modes { runs.append(try await measure(mode, binary: binary)) }
         let (reference, note) = StateTransferReference.run(options.referenceScript, sessions: options.sessions(inBundle: Self.migratedBundle),
@@ -161,10 +176,7 @@ public struct MeasureBenchmark: Sendable {
             reference?.ratios(mode: run.mode, latency: run.latency, moved: run.moved, batchMicroseconds: run.batchMicroseconds)
                 ?? ReferenceRatios(mode: run.mode)
         }
-        let settings = Settings(sessions: options.sessions, bundles: options.bundles, rateMiBps: options.rateMiBps,
-                                seconds: options.seconds, bytesPerSession: options.bytesPerSession,
-                                deadlineMilliseconds: options.deadlineMilliseconds)
-        return Report(settings: settings, runs: runs, reference: reference,
+        return Report(experiment: .replacement, settings: settings, runs: runs, removal: nil, reference: reference,
                       referenceNote: note, ratios: ratios, files: [:])
     }
 
@@ -182,28 +194,10 @@ public struct MeasureBenchmark: Sendable {
     }
 
     private func measure(_ mode: Mode, lab: Lab, binary: String) async throws -> Run {
-        let clients = lab.hosts(.client)
-        let endpoints = clients.map(\.name) + ["server1"]
-        let file = "blob"
-        let original = "\(lab.httpRoot)/\(file)"
-        let size = options.bytesPerSession
-        try Command.run(["dd", "if=/dev/urandom", "of=\(original)", "bs=65536", "count=\(size / 65_536)", "status=none"])
-        let expected = try PacedLab.sha256(original)
-        try lab.enableQuickAck()
-        try PacedHTTPServer.start(lab, port: Self.port, bytesPerSecond: options.rateMiBps * 1_048_576,
-                                  probeFrom: clients[0].name)
-
-        let bundleOf = (0..<options.sessions).map { $0 % clients.count }
-        let loss0 = try lab.tcpLossCounters(endpoints)
-        let downloads = try PacedDownloads(lab, clients: clients.map(\.name), port: Self.port, file: file,
-                                           count: options.sessions, timeout: Int(options.seconds) + 60, toFiles: true)
-        let sampler = FileSizeSampler(paths: (0..<options.sessions).map(downloads.outputPath), interval: Self.binSeconds)
-        sampler.start()
-        defer { sampler.stop() }
-        logger.info("downloads started; waiting until fw1 carries them", metadata: ["measure.sessions": "\(options.sessions)"])
-        try await PacedLab.waitForSessions(lab, on: "fw1", count: options.sessions, downloads: downloads, timeout: 30)
-        let steadyFrom = sampler.elapsed() + 0.2
-        let migrateAt = max(options.seconds / 2, steadyFrom + 0.5)
+        let live = try await startDownloads(lab)
+        defer { live.sampler.stop() }
+        let sampler = live.sampler, clients = live.clients, endpoints = live.endpoints
+        let migrateAt = max(options.seconds / 2, live.steadyFrom + 0.5)
         let wait = migrateAt - sampler.elapsed()
         if wait > 0 { try await Task.sleep(for: .milliseconds(Int(wait * 1000))) }
 
@@ -215,37 +209,19 @@ public struct MeasureBenchmark: Sendable {
         let lossBefore = try lab.tcpLossCounters(endpoints)
         let fw2Before = try lab.firewallCounters("fw2")
         logger.info("replacing fw1 with fw2 for one bundle", metadata: ["measure.mode": "\(mode)", "measure.bundle": "\(migrated.name)"])
-        let windowStart = sampler.elapsed()
-        let started = ContinuousClock.now
-        let result = try Command.run(arguments, check: false)
-        let requestTime = ContinuousClock.now - started
-        let windowEnd = sampler.elapsed()
+        let (windowStart, result, report, requestTime, windowEnd) = try reconfigure(arguments, sampler: sampler)
         let fw2During = try lab.firewallCounters("fw2")
         let lossDuring = try lab.tcpLossCounters(endpoints)
-        guard let report = try? JSONDecoder().decode(ReplaceReport.self, from: Data(result.stdout.utf8)) else {
-            throw LabError.setupFailed("`\(arguments.joined(separator: " "))` exited \(result.status) without a report: "
-                                       + "\(result.stdout.prefix(500)) \(result.stderr.prefix(500))")
-        }
         let fw1After = try await PacedLab.pacedSessions(lab, "fw1").count
         let fw2After = try await PacedLab.pacedSessions(lab, "fw2").count
 
         logger.info("waiting for the downloads to finish", metadata: ["measure.moved": "\(report.sessions.filter { $0.result == "moved" }.count)"])
-        let finished = await downloads.wait(timeout: options.seconds + 70)
-        sampler.stop()
-        let lossEnd = try lab.tcpLossCounters(endpoints)
+        let end = try await finishDownloads(live, lab: lab)
         let fw2End = try lab.firewallCounters("fw2")
-        let (intact, problems) = downloads.check(expected: expected, finished: finished)
-        let failed = downloads.results().filter { $0.0.map { $0 != 0 } ?? true }.count
-        if !problems.isEmpty {
-            let log = clients.map { ProcessInspector.tail(of: downloads.logPath($0.name), lines: 5) }.joined(separator: "\n")
-            logger.warning("downloads with problems", metadata: ["measure.problems": "\(problems.prefix(10))", "measure.curl": "\(log)"])
-        }
-        let agentCounters = await PacedLab.agentCounters(lab)
-
-        let samples = sampler.samples()
-        let bins = Goodput.bins(samples, bundleOf: bundleOf, bundles: clients.count)
-        let timeline = Goodput.Timeline(steadyFrom: steadyFrom, windowStart: windowStart, windowEnd: windowEnd,
-                                        steadyUntil: Goodput.firstCompletion(samples, complete: size) ?? samples.last?.seconds ?? windowEnd)
+        let lossEnd = end.loss, loss0 = live.loss0, bins = end.bins
+        let (intact, problems, failed, intactBytes, agentCounters) = (end.intact, end.problems, end.failed, end.bytesChecked, end.agentCounters)
+        let timeline = Goodput.Timeline(steadyFrom: live.steadyFrom, windowStart: windowStart, windowEnd: windowEnd,
+                                        steadyUntil: end.steadyUntil ?? windowEnd)
         let bundles = clients.enumerated().map { b, host in
             Bundle(index: b, host: host.name, address: host.address.description,
                    sessions: options.sessions(inBundle: b), migrated: b == Self.migratedBundle)
@@ -260,9 +236,6 @@ public struct MeasureBenchmark: Sendable {
             SessionLatency(session: s.session.description,
                            bundle: clients.firstIndex { $0.address == s.session.srcAddr } ?? -1,
                            result: s.result, failedStep: s.failedStep, reason: s.reason, phases: s.phases)
-        }
-        let intactBytes = downloads.results().enumerated().reduce(Int64(0)) { sum, item in
-            item.element.0 == 0 && item.element.1 == expected ? sum + size : sum
         }
         let lossDuringWindow = lossDuring - lossBefore
         return Run(
@@ -284,6 +257,104 @@ public struct MeasureBenchmark: Sendable {
             fw1SessionsAfter: fw1After, fw2SessionsAfter: fw2After,
             sessionsReset: (lossEnd - loss0).establishedResets, downloadsIntact: intact, downloadsFailed: failed,
             bytesChecked: intactBytes, downloadProblems: problems, agentCounters: agentCounters)
+    }
+
+    // MARK: - What both experiments share
+
+    /// Downloads running through fw1 with the sampler measuring them.
+    struct LiveDownloads {
+        var downloads: PacedDownloads
+        var sampler: FileSizeSampler
+        var clients: [LabHost]
+        /// Every client and server1 (the TCP counters' hosts).
+        var endpoints: [String]
+        /// sha256 of the served file.
+        var expected: String
+        var loss0: TCPLossCounters
+        /// Every session is established from here on (seconds on the sampler's clock).
+        var steadyFrom: Double
+        /// Session i's bundle.
+        var bundleOf: [Int]
+    }
+
+    /// Serves a random file at the paced rate, starts the downloads (session i from client (i mod K) + 1) into
+    /// files sampled every ``binSeconds``, and waits until fw1 carries them all.
+    func startDownloads(_ lab: Lab) async throws -> LiveDownloads {
+        let clients = lab.hosts(.client)
+        let endpoints = clients.map(\.name) + ["server1"]
+        let file = "blob"
+        let original = "\(lab.httpRoot)/\(file)"
+        let size = options.bytesPerSession
+        try Command.run(["dd", "if=/dev/urandom", "of=\(original)", "bs=65536", "count=\(size / 65_536)", "status=none"])
+        let expected = try PacedLab.sha256(original)
+        try lab.enableQuickAck()
+        try PacedHTTPServer.start(lab, port: Self.port, bytesPerSecond: options.rateMiBps * 1_048_576,
+                                  probeFrom: clients[0].name)
+        let loss0 = try lab.tcpLossCounters(endpoints)
+        let downloads = try PacedDownloads(lab, clients: clients.map(\.name), port: Self.port, file: file,
+                                           count: options.sessions, timeout: Int(options.seconds) + 60, toFiles: true)
+        let sampler = FileSizeSampler(paths: (0..<options.sessions).map(downloads.outputPath), interval: Self.binSeconds)
+        sampler.start()
+        logger.info("downloads started; waiting until fw1 carries them", metadata: ["measure.sessions": "\(options.sessions)"])
+        do {
+            try await PacedLab.waitForSessions(lab, on: "fw1", count: options.sessions, downloads: downloads, timeout: 30)
+        } catch {
+            sampler.stop()
+            throw error
+        }
+        return LiveDownloads(downloads: downloads, sampler: sampler, clients: clients, endpoints: endpoints, expected: expected,
+                             loss0: loss0, steadyFrom: sampler.elapsed() + 0.2,
+                             bundleOf: (0..<options.sessions).map { $0 % clients.count })
+    }
+
+    /// Runs a `replace` or `remove` command with `--json`: when it started and ended on the sampler's clock, its
+    /// result, its report and how long the command took.
+    func reconfigure(_ arguments: [String], sampler: FileSizeSampler) throws
+        -> (start: Double, result: CommandResult, report: ReplaceReport, duration: Duration, end: Double) {
+        let windowStart = sampler.elapsed()
+        let started = ContinuousClock.now
+        let result = try Command.run(arguments, check: false)
+        let duration = ContinuousClock.now - started
+        let windowEnd = sampler.elapsed()
+        guard let report = try? JSONDecoder().decode(ReplaceReport.self, from: Data(result.stdout.utf8)) else {
+            throw LabError.setupFailed("`\(arguments.joined(separator: " "))` exited \(result.status) without a report: "
+                                       + "\(result.stdout.prefix(500)) \(result.stderr.prefix(500))")
+        }
+        return (windowStart, result, report, duration, windowEnd)
+    }
+
+    /// What the downloads left: their check against the served file, the goodput bins, the loss counters at the end.
+    struct FinishedDownloads {
+        var loss: TCPLossCounters
+        var intact: Int
+        var problems: [String]
+        var failed: Int
+        var bytesChecked: Int64
+        var bins: [Goodput.Bin]
+        /// When the first session completed (nil: none did).
+        var steadyUntil: Double?
+        var agentCounters: [String: [String: UInt64]]
+    }
+
+    /// Waits for every download, stops the sampler and checks each download's sha256.
+    func finishDownloads(_ live: LiveDownloads, lab: Lab) async throws -> FinishedDownloads {
+        let downloads = live.downloads
+        let finished = await downloads.wait(timeout: options.seconds + 70)
+        live.sampler.stop()
+        let loss = try lab.tcpLossCounters(live.endpoints)
+        let (intact, problems) = downloads.check(expected: live.expected, finished: finished)
+        let failed = downloads.results().filter { $0.0.map { $0 != 0 } ?? true }.count
+        if !problems.isEmpty {
+            let log = live.clients.map { ProcessInspector.tail(of: downloads.logPath($0.name), lines: 5) }.joined(separator: "\n")
+            logger.warning("downloads with problems", metadata: ["measure.problems": "\(problems.prefix(10))", "measure.curl": "\(log)"])
+        }
+        let size = options.bytesPerSession
+        let bytesChecked = downloads.results().reduce(Int64(0)) { sum, r in r.0 == 0 && r.1 == live.expected ? sum + size : sum }
+        let samples = live.sampler.samples()
+        return FinishedDownloads(loss: loss, intact: intact, problems: problems, failed: failed, bytesChecked: bytesChecked,
+                                 bins: Goodput.bins(samples, bundleOf: live.bundleOf, bundles: live.clients.count),
+                                 steadyUntil: Goodput.firstCompletion(samples, complete: size) ?? samples.last?.seconds,
+                                 agentCounters: await PacedLab.agentCounters(lab))
     }
 }
 

@@ -7,47 +7,71 @@ extension MeasureBenchmark {
     public static let plotScript = "scripts/plot-measure.py"
     public static let plotFiles = ["latencyCDF": "latency-cdf.png", "phasesPlot": "phases.png", "goodputPlot": "goodput.png"]
     public static let dataFiles = ["report": "report.json", "latency": "latency.csv", "phases": "phases.csv", "goodput": "goodput.csv"]
+    /// The removal experiment's extra file.
+    public static let removalFiles = ["cdf": "cdf.csv"]
 
-    /// Per moved or failed session of the migrated bundle: result and every phase, µs.
-    public static func latencyCSV(_ runs: [Run]) -> String {
-        let phases = ["total", "paper"] + MigrationLatency.phaseOrder
-        let rows = runs.flatMap { run in
-            run.perSession.map { s -> [String] in
-                let host = run.bundles.first { $0.index == s.bundle }?.host ?? "?"
-                let values = phases.map { name in s.phases.flatMap { MigrationLatency.value($0, name) }.map(String.init) ?? "" }
-                return [run.mode.rawValue, s.session, "\(s.bundle)", host, s.result] + values
+    static let latencyMeasures = ["total", "paper"] + MigrationLatency.phaseOrder
+
+    /// Per moved or failed session (of the migrated bundle; in a removal of every bundle, with mode `removal`):
+    /// result and every phase, µs.
+    public static func latencyCSV(_ runs: [Run], removal: RemovalRun? = nil) -> String {
+        func rows(_ label: String, _ sessions: [SessionLatency], _ bundles: [Bundle]) -> [[String]] {
+            sessions.map { s -> [String] in
+                let host = bundles.first { $0.index == s.bundle }?.host ?? "?"
+                let values = latencyMeasures.map { name in s.phases.flatMap { MigrationLatency.value($0, name) }.map(String.init) ?? "" }
+                return [label, s.session, "\(s.bundle)", host, s.result] + values
             }
         }
-        return CSV.render(header: ["mode", "session", "bundle", "host", "result"] + phases.map { "\($0)_us" }, rows: rows)
+        let all = runs.flatMap { rows($0.mode.rawValue, $0.perSession, $0.bundles) }
+            + (removal.map { rows("removal", $0.perSession, $0.bundles) } ?? [])
+        return CSV.render(header: ["mode", "session", "bundle", "host", "result"] + latencyMeasures.map { "\($0)_us" }, rows: all)
     }
 
     /// Per mode and measure (total, paper, each phase): count and percentiles, µs.
-    public static func phasesCSV(_ runs: [Run]) -> String {
-        let rows = runs.flatMap { run in
-            (["total", "paper"] + MigrationLatency.phaseOrder).compactMap { name -> [String]? in
-                guard let p = name == "total" ? run.latency.total : name == "paper" ? run.latency.paper : run.latency.phases[name] else {
+    public static func phasesCSV(_ runs: [Run], removal: RemovalRun? = nil) -> String {
+        func rows(_ label: String, _ latency: MigrationLatency) -> [[String]] {
+            latencyMeasures.compactMap { name -> [String]? in
+                guard let p = name == "total" ? latency.total : name == "paper" ? latency.paper : latency.phases[name] else {
                     return nil
                 }
-                return [run.mode.rawValue, name, "\(p.count)", "\(p.p50)", "\(p.p90)", "\(p.p99)", "\(p.max)", String(format: "%.1f", p.mean)]
+                return [label, name, "\(p.count)", "\(p.p50)", "\(p.p90)", "\(p.p99)", "\(p.max)", String(format: "%.1f", p.mean)]
             }
         }
-        return CSV.render(header: ["mode", "phase", "count", "p50_us", "p90_us", "p99_us", "max_us", "mean_us"], rows: rows)
+        let all = runs.flatMap { rows($0.mode.rawValue, $0.latency) } + (removal.map { rows("removal", $0.latency) } ?? [])
+        return CSV.render(header: ["mode", "phase", "count", "p50_us", "p90_us", "p99_us", "max_us", "mean_us"], rows: all)
     }
 
-    /// Per mode, 100 ms bin and bundle: bytes received and goodput, the bin's phase and the migration window.
-    public static func goodputCSV(_ runs: [Run]) -> String {
-        let rows = runs.flatMap { run in
-            run.bins.flatMap { bin in
-                run.bundles.map { bundle in
-                    [run.mode.rawValue, String(format: "%.3f", bin.start), String(format: "%.3f", bin.end), "\(bundle.index)",
-                     bundle.host, bundle.migrated ? "1" : "0", run.timeline.phase(of: bin).rawValue, "\(bin.bytes[bundle.index])",
-                     String(format: "%.3f", bin.mibps(bundle.index)), String(format: "%.3f", run.timeline.windowStart),
-                     String(format: "%.3f", run.timeline.windowEnd)]
+    /// Per mode, 100 ms bin and bundle: bytes received and goodput, the bin's phase and the bundle's migration
+    /// window (in a removal, each bundle's own removal).
+    public static func goodputCSV(_ runs: [Run], removal: RemovalRun? = nil) -> String {
+        func rows(_ label: String, _ bins: [Goodput.Bin], _ bundles: [Bundle], _ timeline: (Int) -> Goodput.Timeline) -> [[String]] {
+            bins.flatMap { bin in
+                bundles.map { bundle in
+                    let t = timeline(bundle.index)
+                    return [label, String(format: "%.3f", bin.start), String(format: "%.3f", bin.end), "\(bundle.index)",
+                            bundle.host, bundle.migrated ? "1" : "0", t.phase(of: bin).rawValue, "\(bin.bytes[bundle.index])",
+                            String(format: "%.3f", bin.mibps(bundle.index)), String(format: "%.3f", t.windowStart),
+                            String(format: "%.3f", t.windowEnd)]
                 }
+            }
+        }
+        var all = runs.flatMap { run in rows(run.mode.rawValue, run.bins, run.bundles) { _ in run.timeline } }
+        if let removal {
+            all += rows("removal", removal.bins, removal.bundles) { b in
+                removal.removals[b].timeline(steadyFrom: removal.steadyFrom, steadyUntil: removal.steadyUntil)
             }
         }
         return CSV.render(header: ["mode", "bin_start_s", "bin_end_s", "bundle", "host", "migrated", "phase", "bytes", "mib_per_s",
-                                   "window_start_s", "window_end_s"], rows: rows)
+                                   "window_start_s", "window_end_s"], rows: all)
+    }
+
+    /// The removal-latency CDFs: per measure (paper: new-path SYN → new path used; total: trigger → release) one
+    /// row per distinct latency with the fraction of moved sessions at or below it.
+    public static func cdfCSV(_ removal: RemovalRun) -> String {
+        let rows = [("paper", removal.paperCDF), ("total", removal.totalCDF)].flatMap { name, cdf in
+            cdf.points.map { [name, "\($0.latencyMicroseconds)", String(format: "%.6f", $0.fraction)] }
+        }
+        return CSV.render(header: ["measure", "latency_us", "fraction"], rows: rows)
     }
 
     /// `python3 -c 'import matplotlib'` works (the plots need it): nil, or what is wrong and how to fix it.
@@ -73,10 +97,12 @@ extension MeasureBenchmark {
         var report = report
         var files = dataFiles.mapValues { "\(dir)/\($0)" }
         if plotScript != nil { files.merge(plotFiles.mapValues { "\(dir)/\($0)" }) { a, _ in a } }
+        if report.removal != nil { files.merge(removalFiles.mapValues { "\(dir)/\($0)" }) { a, _ in a } }
         report.files = files
-        try latencyCSV(report.runs).write(toFile: files["latency"]!, atomically: true, encoding: .utf8)
-        try phasesCSV(report.runs).write(toFile: files["phases"]!, atomically: true, encoding: .utf8)
-        try goodputCSV(report.runs).write(toFile: files["goodput"]!, atomically: true, encoding: .utf8)
+        try latencyCSV(report.runs, removal: report.removal).write(toFile: files["latency"]!, atomically: true, encoding: .utf8)
+        try phasesCSV(report.runs, removal: report.removal).write(toFile: files["phases"]!, atomically: true, encoding: .utf8)
+        try goodputCSV(report.runs, removal: report.removal).write(toFile: files["goodput"]!, atomically: true, encoding: .utf8)
+        if let removal = report.removal { try cdfCSV(removal).write(toFile: files["cdf"]!, atomically: true, encoding: .utf8) }
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
         try encoder.encode(report).write(to: URL(fileURLWithPath: files["report"]!))
@@ -94,7 +120,7 @@ extension MeasureBenchmark.Report {
     /// What went wrong in the runs (a session of the bundle that did not move, a download that is not
     /// byte-exact or failed, a reset): empty when nothing did.
     public var problems: [String] {
-        runs.flatMap { run -> [String] in
+        (removal?.problems ?? []) + runs.flatMap { run -> [String] in
             var found: [String] = []
             if run.moved < run.migratedSessions { found.append("\(run.mode): \(run.migratedSessions - run.moved) of \(run.migratedSessions) sessions did not move") }
             if run.downloadsIntact < run.sessions { found.append("\(run.mode): \(run.sessions - run.downloadsIntact) downloads not byte-exact") }
@@ -110,6 +136,7 @@ extension MeasureBenchmark.Report {
             s.count >= width ? s + " " : String(repeating: " ", count: width - s.count) + s
         }
         var lines: [String] = []
+        if let removal { lines += removal.lines(settings: settings) }
         for run in runs {
             let mib = Double(settings.bytesPerSession) / 1_048_576
             let bundles = run.bundles.map { "\($0.host) \($0.sessions)\($0.migrated ? " (migrated)" : "")" }.joined(separator: ", ")
@@ -150,11 +177,11 @@ extension MeasureBenchmark.Report {
             lines += PacedDownloads.problemLines(run.downloadProblems) + MigrationFailure.lines(run.failures)
             lines.append("")
         }
-        lines += StateTransferReference.text(reference, note: referenceNote, ratios: ratios)
+        if experiment == .replacement { lines += StateTransferReference.text(reference, note: referenceNote, ratios: ratios) }
         if !files.isEmpty {
             lines.append("")
             lines.append("files:")
-            for key in ["report", "latency", "phases", "goodput", "latencyCDF", "phasesPlot", "goodputPlot"] {
+            for key in ["report", "latency", "phases", "goodput", "cdf", "latencyCDF", "phasesPlot", "goodputPlot"] {
                 if let path = files[key] { lines.append("  \(path)") }
             }
         }

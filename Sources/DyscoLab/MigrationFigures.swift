@@ -13,6 +13,8 @@ import Logging
 public struct Percentiles: Codable, Sendable, Equatable {
     public var count: Int
     public var p50: UInt64
+    /// The paper's deletion figure is read at 80 % (§5, Fig. 13); issue 17 asks for it.
+    public var p80: UInt64
     public var p90: UInt64
     public var p99: UInt64
     public var max: UInt64
@@ -24,10 +26,54 @@ public struct Percentiles: Codable, Sendable, Equatable {
         count = values.count
         let empty = values.isEmpty
         p50 = empty ? 0 : histogram.valueAtPercentile(50)
+        p80 = empty ? 0 : histogram.valueAtPercentile(80)
         p90 = empty ? 0 : histogram.valueAtPercentile(90)
         p99 = empty ? 0 : histogram.valueAtPercentile(99)
         max = empty ? 0 : histogram.maxRecorded
         mean = empty ? 0 : histogram.mean
+    }
+}
+
+/// The paper's removal-latency figures (§5 "Middlebox deletion", Fig. 13: 600 sessions in bundles of 150, one
+/// removal per bundle): "almost 80% of reconfigurations took less than 2ms and 98.7% less than 4ms".
+public enum PaperDeletion {
+    public static let under2ms = 0.80
+    public static let under4ms = 0.987
+}
+
+/// The empirical CDF of per-session latencies, µs: one point per distinct value, with the fraction of the values
+/// at or below it.
+public struct LatencyCDF: Codable, Sendable, Equatable {
+    public struct Point: Codable, Sendable, Equatable {
+        public var latencyMicroseconds: UInt32
+        public var fraction: Double
+        public init(latencyMicroseconds: UInt32, fraction: Double) {
+            self.latencyMicroseconds = latencyMicroseconds
+            self.fraction = fraction
+        }
+    }
+
+    public var count: Int
+    public var points: [Point]
+    /// Share of the values strictly under 2 ms and 4 ms (the paper's two figures).
+    public var under2ms: Double
+    public var under4ms: Double
+
+    public init(_ values: [UInt32]) {
+        let sorted = values.sorted()
+        count = sorted.count
+        var points: [Point] = []
+        for (i, value) in sorted.enumerated() where i + 1 == sorted.count || sorted[i + 1] != value {
+            points.append(Point(latencyMicroseconds: value, fraction: Double(i + 1) / Double(sorted.count)))
+        }
+        self.points = points
+        under2ms = Self.share(values, under: 2000)
+        under4ms = Self.share(values, under: 4000)
+    }
+
+    /// Share of `values` strictly under `micros` (0 without values).
+    public static func share(_ values: [UInt32], under micros: UInt32) -> Double {
+        values.isEmpty ? 0 : Double(values.filter { $0 < micros }.count) / Double(values.count)
     }
 }
 
@@ -77,9 +123,9 @@ public struct MigrationLatency: Codable, Sendable, Equatable {
         phases = Dictionary(uniqueKeysWithValues: Self.phaseOrder.map { ($0, column($0)) })
     }
 
-    /// The terminal table (ms): total, paper, then each phase; stateless runs leave out the phases that are 0
-    /// by construction and say so.
-    public func table(stateless: Bool) -> [String] {
+    /// The terminal table (ms): total, paper, then each phase; stateless runs (and removals: `why` says so) leave
+    /// out the stateful-only phases that are 0 and say why.
+    public func table(stateless: Bool, why: String = "stateless: no state moves and nothing is held") -> [String] {
         func ms(_ us: UInt64) -> String { String(format: "%.2f", Double(us) / 1000) }
         func cell(_ s: String, _ width: Int) -> String {
             s.count >= width ? s + " " : String(repeating: " ", count: width - s.count) + s
@@ -101,7 +147,7 @@ public struct MigrationLatency: Codable, Sendable, Equatable {
                          + cell(ms(p.p50), 9) + cell(ms(p.p90), 9) + cell(ms(p.p99), 9) + cell(ms(p.max), 9)
                          + cell(String(format: "%.2f", p.mean / 1000), 9))
         }
-        if !skipped.isEmpty { lines.append("(stateless: no state moves and nothing is held; 0 for \(skipped.joined(separator: ", ")))") }
+        if !skipped.isEmpty { lines.append("(\(why); 0 for \(skipped.joined(separator: ", ")))") }
         return lines
     }
 }
@@ -137,6 +183,16 @@ public struct TCPLossCounters: Codable, Sendable, Equatable, CustomStringConvert
     /// a hole gets it SACKed, and the sender then fast-retransmits what is missing (or times out).
     public var noByteLost: Bool {
         timeouts == 0 && establishedResets == 0 && needed <= Int64(lossProbes)
+    }
+
+    public static func + (a: Self, b: Self) -> Self {
+        var s = Self()
+        s.retransmitted = a.retransmitted &+ b.retransmitted
+        s.spurious = a.spurious &+ b.spurious
+        s.timeouts = a.timeouts &+ b.timeouts
+        s.establishedResets = a.establishedResets &+ b.establishedResets
+        s.detail = a.detail.merging(b.detail) { x, y in x &+ y }.filter { $0.value != 0 }
+        return s
     }
 
     public static func - (a: Self, b: Self) -> Self {
@@ -397,10 +453,11 @@ public enum PacedLab {
     /// The sender-paced server's port (one of the replacement lab's policy ports).
     public static let port: UInt16 = 8090
 
-    /// The agents' `dropped.*` control counters and fw1's `migrations.*` (product diagnostics).
+    /// The agents' `dropped.*` control counters and fw1's `migrations.*` (product diagnostics), of those of the
+    /// hosts the lab has (a removal lab has no fw2).
     public static func agentCounters(_ lab: Lab) async -> [String: [String: UInt64]] {
         var agentCounters: [String: [String: UInt64]] = [:]
-        for host in ["fw1", "fw2", "client1", "server1"] {
+        for host in ["fw1", "fw2", "client1", "server1"] where lab.hosts.contains(where: { $0.name == host }) {
             guard let snapshot = try? await Self.snapshot(lab, host) else { continue }
             let picked = snapshot.control.filter { $0.key.hasPrefix("dropped.") || (host == "fw1" && $0.key.hasPrefix("migrations.")) }
             if !picked.isEmpty { agentCounters[host] = picked }

@@ -138,7 +138,7 @@ struct ControlMessageTests {
     func headerLayout() {
         let encoded = Self.sample(.requestLock).encode(trust: Self.trust)
         #expect(Array(encoded[0..<4]) == Array("DYCM".utf8))
-        #expect(encoded[4] == 3)
+        #expect(encoded[4] == 4)
         #expect(encoded[5] == 10)
         #expect(Array(encoded[6..<8]) == [0, 4])
         #expect(Array(encoded[8..<16]) == [0x01, 0x23, 0x45, 0x67, 0x89, 0xAB, 0xCD, 0xEF])
@@ -158,11 +158,20 @@ struct ControlMessageTests {
     }
 
     @Test("body layouts, byte for byte")
-    func bodyLayouts() {
+    func bodyLayouts() throws {
         func body(_ b: ControlBody) -> [UInt8] { Self.bodyBytes(Self.message(b).encode(trust: Self.trust)) }
         #expect(body(.trigger(Trigger(newPath: [IPv4Address(10, 0, 0, 1)], oldBox: IPv4Address(10, 0, 0, 2),
                                       stateful: true, deadlineMilliseconds: 0x0102_0304)))
                 == [1, 2, 3, 4, 10, 0, 0, 2, 1, 1, 10, 0, 0, 1])
+        // Version 4 (issue 17): byte 8 is the mode; held (2) is a deletion's or an insertion's default.
+        #expect(body(.trigger(Trigger(newPath: [IPv4Address(10, 0, 0, 1)], oldBox: IPv4Address(10, 0, 0, 2),
+                                      mode: .held, deadlineMilliseconds: 0x0102_0304)))
+                == [1, 2, 3, 4, 10, 0, 0, 2, 2, 1, 10, 0, 0, 1])
+        for mode in TransferMode.allCases {
+            let m = Self.message(.trigger(Trigger(newPath: [IPv4Address(10, 0, 0, 1)], oldBox: IPv4Address(10, 0, 0, 2),
+                                                  mode: mode, deadlineMilliseconds: 5)))
+            #expect(try ControlMessage.decode(m.encode(trust: Self.trust), trust: Self.trust) == m, "\(mode)")
+        }
         // Version 3: failedStep is a code (0 none, 1 lock ... 6 teardown), the phase times nine named u32 fields.
         #expect(body(.triggerResult(TriggerResult(outcome: .refused, reason: "ab", failedStep: .lock,
                                                   phases: PhaseTimes(lockEnd: 7, exportMicroseconds: 0x0102_0304, newPathSynToUse: 9))))
@@ -307,8 +316,11 @@ struct ControlMessageTests {
         bytes[4] = 2  // version 2 (phase times inside strings, issue 15) is refused
         #expect(Self.decodeError(bytes) == .unsupportedVersion(2))
         bytes = good
-        bytes[4] = 4
-        #expect(Self.decodeError(bytes) == .unsupportedVersion(4))
+        bytes[4] = 3  // version 3 (the trigger's boolean stateful, issue 17) is refused
+        #expect(Self.decodeError(bytes) == .unsupportedVersion(3))
+        bytes = good
+        bytes[4] = 5
+        #expect(Self.decodeError(bytes) == .unsupportedVersion(5))
         for raw: UInt8 in [0, 3, 9, 15, 25, 32, 43, 52, 255] {
             bytes = good
             bytes[5] = raw
@@ -451,7 +463,7 @@ struct ControlMessageTests {
             ("step code 255", .triggerResult, [1, 0, 255, 0]),
             ("drainStart stateful 2", .drainStart, [2]),
             ("stateInstalled ok 255", .stateInstalled, [255, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
-            ("trigger stateful 2", .trigger, [0, 0, 0, 1, 10, 0, 0, 1, 2, 1, 10, 0, 0, 2]),
+            ("trigger mode 3", .trigger, [0, 0, 0, 1, 10, 0, 0, 1, 3, 1, 10, 0, 0, 2]),
             ("nack reason 0", .nackLock, [0]),
             ("nack reason 5", .nackLock, [5]),
             ("outcome 3", .triggerResult, [3, 0, 0, 0]),

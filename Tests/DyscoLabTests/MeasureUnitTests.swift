@@ -105,6 +105,45 @@ import Testing
         #expect(latency.table(stateless: false).count == 12)
     }
 
+    @Test func removalLatencyCDFAndSharesUnderTheirPaperThresholds() {
+        let cdf = LatencyCDF([2500, 1500, 500, 5000, 1500, 2000, 3999, 4000, 1999, 100])
+        #expect(cdf.count == 10)
+        #expect(cdf.points.map(\.latencyMicroseconds) == [100, 500, 1500, 1999, 2000, 2500, 3999, 4000, 5000])
+        #expect(cdf.points.map(\.fraction) == [0.1, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+        // Strictly under: 2000 µs is not under 2 ms, 4000 µs not under 4 ms.
+        #expect(cdf.under2ms == 0.5 && cdf.under4ms == 0.8)
+        #expect(LatencyCDF.share([1000, 3000], under: 2000) == 0.5)
+        let empty = LatencyCDF([])
+        #expect(empty.count == 0 && empty.points.isEmpty && empty.under2ms == 0 && empty.under4ms == 0)
+        // The paper's figures (§5, Fig. 13), one definition for `measure` and `dysco-bench reconfigure`.
+        #expect(PaperDeletion.under2ms == 0.80 && PaperDeletion.under4ms == 0.987)
+    }
+
+    @Test func removalScheduleSpreadsTheBundlesEvenly() {
+        #expect(MeasureBenchmark.removalSchedule(bundles: 4, seconds: 10) == [2, 4, 6, 8])
+        #expect(MeasureBenchmark.removalSchedule(bundles: 2, seconds: 6) == [2, 4])
+        #expect(MeasureBenchmark.removalSchedule(bundles: 1, seconds: 8) == [4])
+        // None before every session is steady: an early removal waits, the later ones keep their times.
+        #expect(MeasureBenchmark.removalSchedule(bundles: 2, seconds: 6, notBefore: 2.5) == [2.5, 4])
+        #expect(MeasureBenchmark.removalSchedule(bundles: 0, seconds: 6).isEmpty)
+        var o = MeasureBenchmark.Options()
+        o.bundles = 3
+        o.labName = "mrmx"
+        o.experiment = .removal
+        let spec = MeasureBenchmark(options: o, logger: Logger(label: "measure-unit")).removalSpec(binary: nil)
+        #expect(spec.clients == 3 && spec.chain == ["fw1"] && spec.middleboxes == ["fw1"] && spec.firewallProfile(of: "fw1") == .open)
+    }
+
+    @Test func aRemovalsGoodputTimelineIsItsOwnWindow() {
+        // Bundle 1's removal at 2.0–2.1 s: its bins before count as before, those after as after.
+        let t = Goodput.Timeline(steadyFrom: 0.5, windowStart: 2.0, windowEnd: 2.1, steadyUntil: 5)
+        let bins = [Goodput.Bin(start: 1.8, end: 1.9, bytes: [104_858, 0]), Goodput.Bin(start: 1.9, end: 2.0, bytes: [104_858, 0]),
+                    Goodput.Bin(start: 2.0, end: 2.1, bytes: [0, 0]), Goodput.Bin(start: 2.1, end: 2.2, bytes: [209_716, 0])]
+        let means = Goodput.means(bins, bundle: 0, timeline: t)
+        #expect(means.binsBefore == 2 && means.binsDuring == 1 && means.binsAfter == 1)
+        #expect(abs(means.before - 1) < 0.01 && means.during == 0 && abs(means.after - 2) < 0.01)
+    }
+
     @Test func plottingProblemsNameTheFix() throws {
         let missing = try #require(MeasureBenchmark.plottingProblem(python: "/nonexistent/python3"))
         #expect(missing.contains("python3 is missing") && missing.contains("python3-matplotlib") && missing.contains("--no-plots"))

@@ -116,4 +116,50 @@ import Testing
         #expect(!LabPaths.existingLabs().contains(name), "measure left its lab behind")
         #expect(!(try Command.run(["ip", "netns", "list"]).stdout.contains("\(name)-")), "measure left namespaces behind")
     }
+
+    @Test("(e) measure --experiment removal: every bundle removed, byte-exact")
+    func measureRemoval() throws {
+        let name = "mrm1", subnet = "10.78.130.0/24"
+        let output = "/tmp/\(name)-measure-\(getpid())"
+        try? FileManager.default.removeItem(atPath: output)
+        defer { try? FileManager.default.removeItem(atPath: output) }
+        let result = try Command.run([try TestSupport.dyscoBinary(), "measure", "--experiment", "removal", "--sessions", "8",
+                                      "--bundles", "2", "--rate", "1", "--seconds", "6", "--no-plots", "--output", output,
+                                      "--lab-name", name, "--subnet", subnet], check: false)
+        defer { _ = try? Lab.down(name: name, force: true, logger: TestSupport.logger) }
+        Self.record("removal: \(result.stdout)")
+        #expect(result.status == 0, "measure exited \(result.status): \(result.stderr.suffix(2000))")
+        #expect(result.stdout.contains("removals under 2 ms: ") && result.stdout.contains("(paper 80 %)")
+                && result.stdout.contains("(paper 98.7 %)") && result.stdout.contains("forwarding box"))
+        let report = try JSONDecoder().decode(MeasureBenchmark.Report.self,
+                                              from: Data(contentsOf: URL(fileURLWithPath: "\(output)/report.json")))
+        #expect(report.experiment == .removal && report.runs.isEmpty)
+        let run = try #require(report.removal)
+        // Every bundle removed in turn, in schedule order, each of its sessions off fw1.
+        #expect(run.removals.count == 2 && run.removals.map(\.sessions) == [4, 4])
+        for r in run.removals {
+            #expect(r.exitStatus == 0 && r.matched == r.sessions && r.moved == r.sessions,
+                    "\(r.host): matched \(r.matched), moved \(r.moved): \(r.failures.map { "\($0.failedStep): \($0.reason)" })")
+            #expect(r.lossDuring.timeouts == 0 && r.lossDuring.establishedResets == 0, "\(r.host): \(r.lossDuring)")
+            #expect(r.goodput.binsBefore >= 3 && r.goodput.binsAfter >= 5, "\(r.host): \(r.goodput)")
+            #expect(r.goodput.after > 0.5 * r.pacedMiBps, "\(r.host): goodput after its removal \(r.goodput)")
+        }
+        #expect(run.removals[0].windowEnd <= run.removals[1].windowStart)
+        #expect(run.moved == 8 && run.fw1SessionsAfter == 0)
+        #expect(run.latency.paper.count == 8 && run.paperCDF.count == 8 && run.totalCDF.count == 8)
+        #expect(run.paperCDF.points.last?.fraction == 1 && run.latency.total.max >= run.latency.total.p50)
+        // Byte-exact, nothing reset.
+        #expect(run.downloadsIntact == 8 && run.downloadsFailed == 0, "\(run.downloadProblems)")
+        #expect(run.bytesChecked == 8 * report.settings.bytesPerSession && run.sessionsReset == 0)
+        // cdf.csv: a header and a row per distinct latency of each measure, the last of each at fraction 1.
+        let cdf = try String(contentsOfFile: "\(output)/cdf.csv", encoding: .utf8).split(separator: "\n")
+        #expect(cdf.first == "measure,latency_us,fraction")
+        #expect(cdf.count == 1 + run.paperCDF.points.count + run.totalCDF.points.count && cdf.count >= 3)
+        #expect(cdf.filter { $0.hasSuffix(",1.000000") }.count == 2)
+        let latency = try String(contentsOfFile: "\(output)/latency.csv", encoding: .utf8).split(separator: "\n")
+        #expect(latency.count == 1 + 8 && latency.dropFirst().allSatisfy { $0.hasPrefix("removal,") })
+        let goodput = try String(contentsOfFile: "\(output)/goodput.csv", encoding: .utf8).split(separator: "\n")
+        #expect(goodput.count == 1 + run.bins.count * 2)
+        #expect(!LabPaths.existingLabs().contains(name), "measure left its lab behind")
+    }
 }

@@ -5,8 +5,8 @@ import DyscoLab
 import DyscoSystem
 import Logging
 
-/// Where a command that acts on a middlebox (`replace`, `drain`) finds it: this host, a named namespace, or a lab
-/// host.
+/// Where a command that asks one agent to act (`replace`, `insert`, `remove`, `drain`) finds it: this host, a named
+/// namespace, or a lab host (a middlebox, or for `insert` also a client).
 struct MiddleboxPlacementOptions: ParsableArguments {
     @Option(help: "The controlling agent (of the old box, the box to remove, the --after host, the box to drain) is in this named network namespace (default: the current one).")
     var netns: String?
@@ -39,7 +39,8 @@ struct MiddleboxPlacementOptions: ParsableArguments {
         return try Lab.attach(name: lab, logger: DyscoLog.logger(component, level: .warning))
     }
 
-    /// The control socket of the agent on the box `old`.
+    /// The control socket of the agent on host `old` (an address or, with --lab, a lab host name): the old box, the
+    /// box to remove, the --after host or the last old box of k → m.
     func socketPath(old: String, lab: Lab?) throws -> String {
         if let socket { return socket }
         if let lab, IPv4Address(old) == nil {
