@@ -1,10 +1,20 @@
 /*
  * dysco-migrate: one reconfiguration of one session (paper §3.1, §3.4-§3.6), written for Spin.
  *
- * Old path  : LA -> OB -> RA          (left anchor, old box, right anchor)
- * New path  : LA -> NB -> RA          (NB: the new middlebox)
+ * Old path  : LA -> OB -> RA          (left anchor, old box, right anchor); OLDBOXES=0: LA -> RA
+ * New path  : LA -> NB -> RA          (NB: the new middlebox); NEWBOXES=0: LA -> RA
+ *             Paper §3: OLDBOXES=0 is an insertion (the left anchor's right neighbour is the right anchor),
+ *             NEWBOXES=0 a deletion (newPathSyn goes straight to the right anchor, the old box is torn down).
+ * Modes     : STATEFUL=1 (hold new data, move the old box's state, release), HELD=1 (hold new data and release
+ *             after both drains, no state step: insertion and removal), neither: stateless (§3.5 two-path rules).
+ *             A stateful insertion (OLDBOXES=0 STATEFUL=1) takes the state from a donor at the right anchor: the
+ *             old-box role (Donor) at the right anchor's agent, which answers stateRequest while the right anchor
+ *             is locked for the request.
  * Data      : the left endpoint writes N bytes (abstract sequence numbers 0..N-1); the old box adds a delta
- *             of D bytes (§3.4), so the right endpoint expects wire numbers D..N+D-1.
+ *             of D bytes (§3.4), so the right endpoint expects wire numbers DW..N+DW-1 (DW = D with an old box,
+ *             0 without). requestLock carries the sum of the old path's deltas to the right anchor (rightDelta),
+ *             ackLock carries it back to the left anchor (leftDelta); the right anchor applies its sum to what
+ *             comes in on the new path, exactly once.
  * Control   : every hop loses (budget LOSS), duplicates (DUP) and reorders (REORDER) control messages; only
  *             the left anchor retransmits (on a timeout, while a loss is unanswered), as MigrationCoordinator.
  * Faults    : FAIL_PATH (the new path cannot be opened / the new box is down), FAIL_IMPORT (the new box
@@ -40,16 +50,49 @@
 #ifndef CRASH_LA
 #define CRASH_LA 0
 #endif
+#ifndef OLDBOXES
+#define OLDBOXES 1
+#endif
+#ifndef NEWBOXES
+#define NEWBOXES 1
+#endif
+#ifndef HELD
+#define HELD 0
+#endif
+/* the anchors hold new data (stateful or held) */
+#define HOLDS (STATEFUL || HELD)
+#if STATEFUL && HELD
+#error "STATEFUL and HELD are two modes: set one"
+#endif
+#if STATEFUL && !NEWBOXES
+#error "a stateful deletion has no box to take the state: a deletion is HELD or stateless"
+#endif
+#if !OLDBOXES && !NEWBOXES
+#error "an old or a new box is needed"
+#endif
 /* sends of the cancel before the left anchor gives up on a new box that does not answer newPathCancel (maxTries;
    above the loss budgets, so only a box that is down makes the left anchor give up) */
 #define MAXC 3
 #define N 2
 #define D 1
+#if OLDBOXES
+#define DW D                      /* the sum of the old path's deltas: what the right endpoint expects */
+#else
+#define DW 0
+#endif
 #define CAP 6
 #define PROBE 255
 #define OUT_PROBE 99
 
 #define TR(f, e, t) assert(st == f); st = t
+
+/* a data byte the left anchor sends on the new path; MUT_DELTA_TWICE: the left anchor applies the delta ackLock
+   carried to it as well, so the right anchor's addition is a second one */
+#ifdef MUT_DELTA_TWICE
+#define NEWSEQ(x) (x + laDelta)
+#else
+#define NEWSEQ(x) (x)
+#endif
 
 /* a silence timeout can fire (the left anchor gave up, or its host died, and nothing else moves) */
 #define LA_GONE ((laSt == LA_MOVED || laSt == LA_CANCELLED || laSt == LA_CRASHED) && (owed == 0 || laSt == LA_CRASHED))
@@ -60,7 +103,7 @@
 /* the old box: only the crash leaves it locked in the model (a left anchor that ends waits for the old path's
    answer, and the model has no give-up on the old path), so only then may it expire: a lock kept after a cancel
    or a teardown stays a bug the model sees (MUT_CANCEL_KEEPS_LOCK) */
-#define OB_SILENCE (laSt == LA_CRASHED && (obSt == OB_PENDING || obSt == OB_LOCKED || obSt == OB_EXPORTED || obSt == OB_ANSWERED))
+#define OB_SILENCE (OLDBOXES && laSt == LA_CRASHED && (obSt == OB_PENDING || obSt == OB_LOCKED || obSt == OB_EXPORTED || obSt == OB_ANSWERED))
 #endif
 
 mtype = { requestLock, ackLock, nackLock, cancelLock, ackCancel, newPathSyn, newPathSynAck, newPathCancel,
@@ -91,6 +134,13 @@ mtype = { requestLock, ackLock, nackLock, cancelLock, ackCancel, newPathSyn, new
 #define OB_GONE 6
 #define OB_ANSWERED 7
 #define OB_ENDED 8
+
+/* the donor of a stateful insertion (same values as the old box's: obSt shows either) */
+#define DO_LOCKED 3
+#define DO_EXPORTING 4
+#define DO_EXPORTED 5
+#define DO_ANSWERED 7
+#define DO_ENDED 8
 
 #define NB_IDLE 1
 #define NB_CREATED 2
@@ -128,6 +178,29 @@ chan dNBLA = [2] of { byte };
 chan aLA = [N] of { byte };       /* cumulative ACKs of the old path, right endpoint -> left anchor */
 chan rtx = [N] of { byte };       /* bytes TCP must retransmit (dropped by a new path that a cancel removed) */
 
+/* the neighbours on each path: with no old box the anchors are neighbours on the old path, with no new box on
+   the new path */
+#if OLDBOXES
+#define cOLDR cOB                 /* the left anchor's old right neighbour */
+#define cOLDL cOB                 /* the right anchor's old left neighbour */
+#define dOLD dLAOB                /* the left anchor's old-path data */
+#else
+#define cOLDR cRA
+#define cOLDL cLA
+#define dOLD dOBRA
+#endif
+#if NEWBOXES
+#define cNEWR cNB
+#define cNEWL cNB
+#define dNEW dLANB
+#define dNEWBACK dRANB
+#else
+#define cNEWR cRA
+#define cNEWL cLA
+#define dNEW dNBRA
+#define dNEWBACK dNBLA
+#endif
+
 byte loss = LOSS, dup = DUP, reord = REORDER;
 byte owed;                        /* control losses not yet answered by a retransmission */
 bool deadlineFired, pathFailed, importRefused;
@@ -135,7 +208,8 @@ bool deadlineFired, pathFailed, importRefused;
 byte laSt = LA_LOCK, obSt = OB_UNLOCKED, nbSt = NB_IDLE, raSt = RA_IDLE;
 byte egress = E_OLD;
 bool laLocked = true;             /* the left anchor's own right lock, taken at the trigger */
-bool raOnNew, raHolding, obInSession = true, nbInSession;
+bool raOnNew, raHolding, obInSession = OLDBOXES, nbInSession;
+byte raDelta, laDelta;            /* the deltas the anchors took from requestLock / ackLock (§3.4) */
 byte written;
 bool got[N];
 byte rcvNext;
@@ -156,10 +230,11 @@ inline REORDERING(ch) {
 
 inline RESEND() {
   if
-  :: out == OUT_PROBE -> dLANB!PROBE
-  :: out == newPathSyn -> SEND(cNB, newPathSyn, 0)
-  :: out == drainStart -> SEND(cRA, drainStart, STATEFUL)
-  :: else -> SEND(cOB, out, 0)
+  :: out == OUT_PROBE -> dNEW!PROBE
+  :: out == newPathSyn -> SEND(cNEWR, newPathSyn, 0)
+  :: out == drainStart -> SEND(cRA, drainStart, HOLDS)
+  :: out == stateRequest -> SEND(cOB, stateRequest, 0)      /* to the old box, or to the donor */
+  :: else -> SEND(cOLDR, out, 0)
   fi
 }
 
@@ -167,18 +242,18 @@ inline RESEND() {
 inline CANCEL() {
 #ifndef MUT_STAY_NEW
   if
-  :: egress == E_HOLD -> do :: held < written -> dLAOB!held; held++; oldSent = held :: else -> break od
+  :: egress == E_HOLD -> do :: held < written -> dOLD!held; held++; oldSent = held :: else -> break od
   :: else
   fi;
   egress = E_OLD; cancelledBack = true;
 #endif
   /* new boxes exist from the new-path step on; newPathCancel is sent until newPathCancelAck (issue 19) */
-  lockAcked = false; nbAcked = cancelAtLock; ctries = 0;
-  if :: !cancelAtLock -> SEND(cNB, newPathCancel, 0) :: else fi;
+  lockAcked = false; nbAcked = cancelAtLock || !NEWBOXES; ctries = 0;
+  if :: !nbAcked -> SEND(cNB, newPathCancel, 0) :: else fi;
 #ifdef MUT_CANCEL_ONCE
   nbAcked = true;                 /* sent once, as before issue 19: not retransmitted, not waited for */
 #endif
-  out = cancelLock; SEND(cOB, cancelLock, 0)
+  out = cancelLock; SEND(cOLDR, cancelLock, 0)
 }
 
 #define CANCEL_FROM(ev) \
@@ -202,7 +277,7 @@ proctype LeftAnchor() {
   byte i;
   bool cancelAtLock, lockAcked, nbAcked;   /* the cancel: ackCancel and newPathCancelAck came back */
   byte ctries;                             /* retransmissions of the cancel */
-  atomic { TR(LA_IDLE, trigger, LA_LOCK); SEND(cOB, requestLock, 0) }
+  atomic { TR(LA_IDLE, trigger, LA_LOCK); SEND(cOLDR, requestLock, 0) }
 end:
   do
   /* ---- the endpoint writes a byte; egress per phase (§3.5 two-path rules, stateful hold) */
@@ -210,12 +285,12 @@ end:
   :: atomic { CRASH_LA && st >= LA_LOCK && st <= LA_TEARDOWN -> st = LA_CRASHED; laSt = st }
   :: atomic { written < N && st != LA_CRASHED ->
        if
-       :: egress == E_OLD -> dLAOB!written; oldSent = written + 1
-       :: egress == E_NEW -> dLANB!written
+       :: egress == E_OLD -> dOLD!written; oldSent = written + 1
+       :: egress == E_NEW -> dNEW!NEWSEQ(written)
        :: egress == E_HOLD -> skip
        fi;
        written++ }
-  :: atomic { nempty(rtx) && egress != E_HOLD && st != LA_CRASHED -> rtx?i; if :: egress == E_OLD -> dLAOB!i :: else -> dLANB!i fi }
+  :: atomic { nempty(rtx) && egress != E_HOLD && st != LA_CRASHED -> rtx?i; if :: egress == E_OLD -> dOLD!i :: else -> dNEW!NEWSEQ(i) fi }
   :: atomic { aLA?i -> if :: i > oldAcked -> oldAcked = i :: else fi }
   /* ---- data plane: everything sent on the old path is acknowledged (AnchorState.sentDrained) */
 #ifdef MUT_NO_DRAIN
@@ -229,7 +304,12 @@ end:
 #if STATEFUL
             TR(LA_DRAIN_PEER, dataDrained, LA_STATE); out = stateRequest; SEND(cOB, stateRequest, 0)
 #else
-            TR(LA_DRAIN_PEER, dataDrained, LA_TEARDOWN); out = oldPathFin; SEND(cOB, oldPathFin, 0)
+#if HELD
+            /* held: both directions drained, no state moves: promote, setPhase(probing), sendProbe */
+            TR(LA_DRAIN_PEER, dataDrained, LA_RELEASE); out = OUT_PROBE; dNEW!PROBE
+#else
+            TR(LA_DRAIN_PEER, dataDrained, LA_TEARDOWN); out = oldPathFin; SEND(cOLDR, oldPathFin, 0)
+#endif
 #endif
        fi }
   /* ---- retransmission (20 ms doubling to 100 ms): here when the system is quiet and a loss is unanswered */
@@ -246,9 +326,9 @@ end:
             :: else ->
                  ctries++;
                  if :: !nbAcked -> SEND(cNB, newPathCancel, 0) :: else fi;
-                 if :: !lockAcked -> SEND(cOB, cancelLock, 0) :: else fi
+                 if :: !lockAcked -> SEND(cOLDR, cancelLock, 0) :: else fi
             fi
-       :: st == LA_TEARDOWN && !obInSession ->
+       :: st == LA_TEARDOWN && OLDBOXES && !obInSession ->
             /* the old box left, its oldPathFinAck was lost: after maxTries sends, moved (teardown unanswered) */
             TR(LA_TEARDOWN, retransmit, LA_MOVED); laLocked = false
        :: else ->
@@ -270,12 +350,12 @@ end:
        :: t == ackLock && st == LA_LOCK ->
             if
             :: FAIL_PATH -> pathFailed = true; TR(LA_LOCK, ackLock, LA_NEWPATH); TR(LA_NEWPATH, pathRefused, LA_CANCEL); CANCEL()
-            :: else -> TR(LA_LOCK, ackLock, LA_NEWPATH); out = newPathSyn; SEND(cNB, newPathSyn, 0)
+            :: else -> TR(LA_LOCK, ackLock, LA_NEWPATH); laDelta = a; out = newPathSyn; SEND(cNEWR, newPathSyn, 0)
             fi
        :: t == nackLock && st == LA_LOCK -> TR(LA_LOCK, nackLock, LA_REFUSED); laLocked = false
        :: t == newPathSynAck && st == LA_NEWPATH ->
             TR(LA_NEWPATH, newPathSynAck, LA_DRAIN);
-#if STATEFUL
+#if HOLDS
             egress = E_HOLD; held = written;
 #ifdef MUT_EARLY_DATA
             egress = E_NEW;
@@ -283,17 +363,25 @@ end:
 #else
             egress = E_NEW;               /* promote: new bytes on the new path, old ones stay on the old */
 #endif
-            out = drainStart; SEND(cRA, drainStart, STATEFUL)
+            out = drainStart; SEND(cRA, drainStart, HOLDS)
+#ifdef MUT_HELD_EARLY_RELEASE
+       /* held: the release follows the right anchor's drained without waiting for our own drain */
+       :: t == drained && st == LA_DRAIN && HELD -> st = LA_RELEASE; out = OUT_PROBE; dNEW!PROBE
+#endif
        :: t == drained && st == LA_DRAIN -> TR(LA_DRAIN, drained, LA_DRAIN_PEER)
        :: t == drained && st == LA_DRAIN_SELF ->
 #if STATEFUL
             TR(LA_DRAIN_SELF, drained, LA_STATE); out = stateRequest; SEND(cOB, stateRequest, 0)
 #else
-            TR(LA_DRAIN_SELF, drained, LA_TEARDOWN); out = oldPathFin; SEND(cOB, oldPathFin, 0)
+#if HELD
+            TR(LA_DRAIN_SELF, drained, LA_RELEASE); out = OUT_PROBE; dNEW!PROBE
+#else
+            TR(LA_DRAIN_SELF, drained, LA_TEARDOWN); out = oldPathFin; SEND(cOLDR, oldPathFin, 0)
+#endif
 #endif
        :: t == stateInstalled && st == LA_STATE && a ->
             TR(LA_STATE, stateInstalled.ok, LA_RELEASE);
-            out = OUT_PROBE; dLANB!PROBE          /* promote, setPhase(probing), sendProbe */
+            out = OUT_PROBE; dNEW!PROBE           /* promote, setPhase(probing), sendProbe */
        :: t == stateInstalled && st == LA_STATE && !a -> TR(LA_STATE, stateInstalled.refused, LA_CANCEL); CANCEL()
        :: t == oldPathFinAck && st == LA_TEARDOWN ->
             TR(LA_TEARDOWN, oldPathFinAck, LA_MOVED); laLocked = false
@@ -314,14 +402,14 @@ end:
        if
        :: st == LA_RELEASE ->
             TR(LA_RELEASE, newPathPacket, LA_TEARDOWN);
-            dLANB!PROBE;
+            dNEW!PROBE;
             egress = E_NEW;
 #ifdef MUT_RELEASE_REVERSED
-            i = written; do :: i > held -> i--; dLANB!i :: else -> break od; held = written;
+            i = written; do :: i > held -> i--; dNEW!i :: else -> break od; held = written;
 #else
-            do :: held < written -> dLANB!held; held++ :: else -> break od;
+            do :: held < written -> dNEW!NEWSEQ(held); held++ :: else -> break od;
 #endif
-            out = oldPathFin; SEND(cOB, oldPathFin, 0)
+            out = oldPathFin; SEND(cOLDR, oldPathFin, 0)
        :: else -> skip
        fi;
        laSt = st }
@@ -332,6 +420,7 @@ proctype OldBox() {
   mtype t; byte a; byte i;
   byte st = OB_UNLOCKED;
   bool ended, installedOk;
+  byte ackDelta;                  /* leftDelta of the ackLock passed on: an ackAgain answers with it too */
 end:
   do
   :: atomic { dLAOB?i ->
@@ -343,9 +432,20 @@ end:
   :: atomic { cOB?t, a ->
        if
        /* ---- from the left */
-       :: t == requestLock && st == OB_UNLOCKED && !ended -> TR(OB_UNLOCKED, requestLock, OB_PENDING); SEND(cRA, requestLock, 0)
-       :: t == requestLock && st == OB_PENDING -> SEND(cRA, requestLock, 0)      /* forwardDuplicate */
-       :: t == requestLock && st != OB_UNLOCKED && st != OB_PENDING && st != OB_ENDED && st != OB_GONE -> SEND(cLA, ackLock, 0) /* ackAgain */
+       /* §3.4: this box adds its delta to requestLock's rightDelta (MUT_DELTA_UNSUMMED: passed on unchanged) */
+#ifdef MUT_DELTA_UNSUMMED
+       :: t == requestLock && st == OB_UNLOCKED && !ended -> st = OB_PENDING; SEND(cRA, requestLock, a)
+       :: t == requestLock && st == OB_PENDING -> SEND(cRA, requestLock, a)
+#else
+       :: t == requestLock && st == OB_UNLOCKED && !ended -> TR(OB_UNLOCKED, requestLock, OB_PENDING); SEND(cRA, requestLock, a + D)
+       :: t == requestLock && st == OB_PENDING -> SEND(cRA, requestLock, a + D)      /* forwardDuplicate */
+#endif
+#ifdef IMPL_ACKAGAIN_NO_DELTA
+       /* MigrationCoordinator (OldPathHop.requestLock, .ackAgain) answers a duplicate with leftDelta 0 */
+       :: t == requestLock && st != OB_UNLOCKED && st != OB_PENDING && st != OB_ENDED && st != OB_GONE -> SEND(cLA, ackLock, 0)
+#else
+       :: t == requestLock && st != OB_UNLOCKED && st != OB_PENDING && st != OB_ENDED && st != OB_GONE -> SEND(cLA, ackLock, ackDelta) /* ackAgain */
+#endif
        :: t == cancelLock && st != OB_UNLOCKED && st != OB_ENDED && st != OB_GONE ->
             ended = true;
 #ifndef MUT_CANCEL_KEEPS_LOCK
@@ -367,7 +467,7 @@ end:
        :: t == oldPathFin && st != OB_GONE -> SEND(cRA, oldPathFin, 0)
        :: t == oldPathFin && st == OB_GONE -> owed++      /* the box left: dropped (unknown session) */
        /* ---- from the right (answers travel back along the old path) */
-       :: t == ackLock && st == OB_PENDING -> TR(OB_PENDING, ackLock, OB_LOCKED); SEND(cLA, ackLock, 0)
+       :: t == ackLock && st == OB_PENDING -> TR(OB_PENDING, ackLock, OB_LOCKED); ackDelta = a + D; SEND(cLA, ackLock, ackDelta)
        :: t == nackLock && st == OB_PENDING -> TR(OB_PENDING, nackLock, OB_UNLOCKED); SEND(cLA, nackLock, 0)
        :: t == ackCancel -> SEND(cLA, ackCancel, 0)
        :: t == oldPathFinAck && st != OB_GONE ->
@@ -407,6 +507,41 @@ end:
   od
 }
 
+/* The donor of a stateful insertion (OLDBOXES=0): the old-box role at the right anchor's agent (MigrationCoordinator:
+   an OldBox made by a stateRequest the right anchor of the request receives), role DO in model/transitions.tsv.
+   It answers while the right anchor is locked for the request; it is dropped with the right anchor (cancel,
+   teardown, silence), after which a stateRequest is refused and the export's or the import's answer is ignored. */
+#define DONOR_GONE (raSt == RA_CANCELLED || raSt == RA_DONE || raSt == RA_IDLE)
+proctype Donor() {
+  mtype t; byte a;
+  byte st = DO_LOCKED;            /* the right anchor's lock stands for the donor's */
+  bool installedOk;
+end:
+  do
+  :: atomic { REORDERING(cOB) }
+  :: atomic { cOB?t, a ->
+       if
+       :: t == stateRequest && DONOR_GONE -> SEND(cLA, stateInstalled, 0)   /* not locked for it: refused */
+       :: t == stateRequest && !DONOR_GONE && st == DO_LOCKED -> TR(DO_LOCKED, stateRequest, DO_EXPORTING)
+       :: t == stateRequest && !DONOR_GONE && st == DO_EXPORTED -> SEND(cNB, statePut, 0)
+       :: t == stateRequest && !DONOR_GONE && st == DO_ANSWERED -> SEND(cLA, stateInstalled, installedOk)
+       :: t == stateInstalled && !DONOR_GONE && st == DO_EXPORTED ->
+            TR(DO_EXPORTED, stateInstalled, DO_ANSWERED); installedOk = a; SEND(cLA, stateInstalled, a)
+       :: t == stateInstalled && !DONOR_GONE && st == DO_ANSWERED -> installedOk = a; SEND(cLA, stateInstalled, a)
+       :: else -> skip
+       fi;
+       obSt = st }
+  :: atomic { st == DO_EXPORTING ->
+       if
+       :: DONOR_GONE -> st = DO_ENDED     /* dropped with the right anchor while exporting: the result is ignored */
+       :: !DONOR_GONE -> TR(DO_EXPORTING, stateExported.ok, DO_EXPORTED); stateExported = true; SEND(cNB, statePut, 0)
+       :: !DONOR_GONE && FAIL_IMPORT -> importRefused = true;
+            TR(DO_EXPORTING, stateExported.failed, DO_ANSWERED); installedOk = false; SEND(cLA, stateInstalled, 0)
+       fi;
+       obSt = st }
+  od
+}
+
 proctype NewBox() {
   mtype t; byte a; byte i;
   byte st = NB_IDLE;
@@ -419,6 +554,7 @@ end:
        :: st == NB_GONE || st == NB_IDLE || st == NB_REFUSED -> if :: i != PROBE -> rtx!i :: else fi  /* TCP resends it */
        :: else ->
             assert(i == PROBE || !STATEFUL || st == NB_INSTALLED);  /* no data before the state is installed */
+            assert(i == PROBE || !HELD || egress == E_NEW);          /* held: no data before the release */
             dNBRA!i
        fi }
   :: atomic { dRANB?i -> if :: st != NB_GONE -> dNBLA!i :: else fi }
@@ -465,12 +601,12 @@ end:
 
 /* The right endpoint's TCP: takes wire numbers, checks them, reassembles. */
 inline DELIVER(seq) {
-  assert(seq >= D && seq < N + D);       /* the sequence numbers the endpoint sees are right (§3.4) */
-  assert(!got[seq - D]);                 /* each byte once */
-#if STATEFUL
-  assert(seq - D == rcvNext);            /* stateful: in order on the wire too (drain, hold, release) */
+  assert(seq >= DW && seq < N + DW);     /* the sequence numbers the endpoint sees are right (§3.4) */
+  assert(!got[seq - DW]);                /* each byte once */
+#if HOLDS
+  assert(seq - DW == rcvNext);           /* stateful / held: in order on the wire too (drain, hold, release) */
 #endif
-  got[seq - D] = true;
+  got[seq - DW] = true;
   do :: rcvNext < N && got[rcvNext] -> rcvNext++ :: else -> break od
 }
 
@@ -489,7 +625,7 @@ end:
        if
        :: i == PROBE ->
             if
-            :: st == RA_DRAIN && STATEFUL -> TR(RA_DRAIN, newPathPacket, RA_PROBING); raOnNew = true; dRANB!PROBE
+            :: st == RA_DRAIN && HOLDS -> TR(RA_DRAIN, newPathPacket, RA_PROBING); raOnNew = true; dNEWBACK!PROBE
             :: st == RA_PROBING -> TR(RA_PROBING, newPathPacket, RA_RELEASED)
             :: else -> skip
             fi
@@ -502,7 +638,7 @@ end:
 #ifdef MUT_NO_DELTA
             DELIVER(i)
 #else
-            DELIVER(i + D)                /* §3.4: in from the new path: add the delta to the sequence number */
+            DELIVER(i + raDelta)          /* §3.4: in from the new path: add the delta requestLock carried */
 #endif
        fi;
        raSt = st }
@@ -523,18 +659,18 @@ end:
   :: atomic { cRA?t, a ->
        if
        :: t == requestLock && st == RA_IDLE && !ended ->
-            TR(RA_IDLE, requestLock, RA_LOCKED); raHolding = true; SEND(cOB, ackLock, 0)
+            TR(RA_IDLE, requestLock, RA_LOCKED); raHolding = true; raDelta = a; SEND(cOLDL, ackLock, 0)
        :: t == requestLock && st != RA_IDLE && st != RA_CANCELLED && st != RA_DONE ->
 #ifdef MUT_NACK_DUPLICATE
-            SEND(cOB, nackLock, 0)
+            SEND(cOLDL, nackLock, 0)
 #else
-            SEND(cOB, ackLock, 0)
+            SEND(cOLDL, ackLock, 0)
 #endif
-       :: t == newPathSyn && st == RA_LOCKED -> TR(RA_LOCKED, newPathSyn, RA_PATH); SEND(cNB, newPathSynAck, 0)
-       :: t == newPathSyn && st == RA_PATH -> SEND(cNB, newPathSynAck, 0)
+       :: t == newPathSyn && st == RA_LOCKED -> TR(RA_LOCKED, newPathSyn, RA_PATH); SEND(cNEWL, newPathSynAck, 0)
+       :: t == newPathSyn && st == RA_PATH -> SEND(cNEWL, newPathSynAck, 0)
        :: t == drainStart && st == RA_PATH ->
             TR(RA_PATH, drainStart, RA_DRAIN);
-            if :: !STATEFUL -> raOnNew = true :: else fi
+            if :: !HOLDS -> raOnNew = true :: else fi
        :: t == drainStart && (st == RA_DRAIN || st == RA_PROBING || st == RA_RELEASED) && drainedHere -> SEND(cLA, drained, 0)
        :: t == cancelLock ->
             ended = true;
@@ -547,7 +683,7 @@ end:
             :: else -> skip
             fi;
             if :: st == RA_CANCELLED -> raHolding = false; raOnNew = false :: else fi;
-            SEND(cOB, ackCancel, 0)
+            SEND(cOLDL, ackCancel, 0)
        :: t == oldPathFin ->
             ended = true;
             if
@@ -557,7 +693,7 @@ end:
             :: else -> skip
             fi;
             if :: st == RA_DONE -> raHolding = false; raOnNew = true :: else fi;
-            SEND(cOB, oldPathFinAck, 0)
+            SEND(cOLDL, oldPathFinAck, 0)
        :: else -> skip
        fi;
        raSt = st }
@@ -566,7 +702,10 @@ end:
 
 init {
   atomic {
-    run LeftAnchor(); run OldBox(); run NewBox(); run RightAnchor()
+    run LeftAnchor();
+    if :: OLDBOXES -> run OldBox() :: !OLDBOXES && STATEFUL -> run Donor() :: else fi;
+    if :: NEWBOXES -> run NewBox() :: else fi;
+    run RightAnchor()
   }
   /* The end of every run: nobody can move, and no loss is left unanswered by the left anchor. */
   (timeout && (owed == 0 || laSt == LA_MOVED || laSt == LA_REFUSED || laSt == LA_CANCELLED || laSt == LA_CRASHED)
@@ -578,11 +717,16 @@ init {
   if
   :: laSt == LA_MOVED ->
        /* after success: the old path is torn down, every lock released, data on the new path */
-       assert(obSt == OB_GONE && !obInSession && raSt == RA_DONE && raOnNew && !raHolding);
-       assert(!laLocked && egress == E_NEW && nbInSession)
+       assert(!OLDBOXES || (obSt == OB_GONE && !obInSession));
+       assert(raSt == RA_DONE && raOnNew && !raHolding);
+       assert(!laLocked && egress == E_NEW && (nbInSession || !NEWBOXES));
+       /* §3.4: both anchors took the sum of the removed boxes' deltas (the right anchor applied it to every byte
+          in from the new path: DELIVER) */
+       assert(raDelta == DW && laDelta == DW)
   :: laSt == LA_CANCELLED ->
        /* after cancel: the session is on the old path and unlocked */
-       assert(egress == E_OLD && !laLocked && obInSession && (obSt == OB_UNLOCKED || obSt == OB_ENDED));
+       assert(egress == E_OLD && !laLocked);
+       assert(!OLDBOXES || (obInSession && (obSt == OB_UNLOCKED || obSt == OB_ENDED)));
        assert(!raHolding && !raOnNew);
        /* newPathCancel is sent until answered and a late newPathSyn is refused (issue 19): no new box keeps the
           session (a box that is down never made it) */

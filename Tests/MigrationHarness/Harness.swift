@@ -409,8 +409,16 @@ package final class Harness {
     @discardableResult
     package func replace(at controller: IPv4Address, leftAnchor: IPv4Address, newPath: [IPv4Address], oldBox: IPv4Address,
                  stateful: Bool, deadlineMilliseconds: UInt32 = 2000, after: UInt64 = 0) -> UInt32 {
+        replace(at: controller, leftAnchor: leftAnchor, newPath: newPath, oldBox: oldBox, mode: stateful ? .stateful : .stateless,
+                deadlineMilliseconds: deadlineMilliseconds, after: after)
+    }
+
+    /// `replace` with a transfer mode (issue 17: stateless, stateful, held).
+    @discardableResult
+    package func replace(at controller: IPv4Address, leftAnchor: IPv4Address, newPath: [IPv4Address], oldBox: IPv4Address,
+                 mode: TransferMode, deadlineMilliseconds: UInt32 = 2000, after: UInt64 = 0) -> UInt32 {
         nextRequestID += 1
-        let trigger = Trigger(newPath: newPath, oldBox: oldBox, stateful: stateful, deadlineMilliseconds: deadlineMilliseconds)
+        let trigger = Trigger(newPath: newPath, oldBox: oldBox, mode: mode, deadlineMilliseconds: deadlineMilliseconds)
         schedule(.replace(controller, trigger, leftAnchor: leftAnchor, requestID: nextRequestID), after: after)
         return nextRequestID
     }

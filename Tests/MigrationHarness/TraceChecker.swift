@@ -170,7 +170,9 @@ package struct Divergence: Error, Sendable, Equatable, CustomStringConvertible {
 /// Replays abstract steps against the table, one state per (agent, role).
 package struct TraceChecker: Sendable {
     package let table: TransitionTable
-    package static let initial = ["LA": "IDLE", "OB": "UNLOCKED", "NB": "IDLE", "RA": "IDLE"]
+    /// DO, the donor of a stateful insertion (the old-box role at the right anchor's agent), begins locked: the
+    /// right anchor's lock stands for its own (model/replace.pml Donor).
+    package static let initial = ["LA": "IDLE", "OB": "UNLOCKED", "NB": "IDLE", "RA": "IDLE", "DO": "LOCKED"]
     /// The left anchor's states and the step MigrationCoordinator reports in them (CANCEL: any, the step it
     /// cancelled at).
     package static let reportedSteps: [String: String] = [
