@@ -441,7 +441,7 @@ end:
        :: t == requestLock && st == OB_PENDING -> SEND(cRA, requestLock, a + D)      /* forwardDuplicate */
 #endif
 #ifdef IMPL_ACKAGAIN_NO_DELTA
-       /* MigrationCoordinator (OldPathHop.requestLock, .ackAgain) answers a duplicate with leftDelta 0 */
+       /* MigrationCoordinator before the fix (OldPathHop.requestLock, .ackAgain) answered a duplicate with leftDelta 0 */
        :: t == requestLock && st != OB_UNLOCKED && st != OB_PENDING && st != OB_ENDED && st != OB_GONE -> SEND(cLA, ackLock, 0)
 #else
        :: t == requestLock && st != OB_UNLOCKED && st != OB_PENDING && st != OB_ENDED && st != OB_GONE -> SEND(cLA, ackLock, ackDelta) /* ackAgain */

@@ -45,8 +45,11 @@ struct OldPathHop: Sendable {
         case .forward, .forwardDuplicate:
             // This agent's middlebox adds its delta (zero: the agent knows of no byte-stream change).
             out.actions.append(.send(m.with(body: .requestLock(rightDelta: rightDelta)), to: right))
-        case .ackAgain:
-            out.actions.append(.send(m.answer(.ackLock(leftDelta: 0, rightDelta: rightDelta)), to: left))
+        case .ackAgain(let locked):
+            // The same answer as the ackLock passed on when it locked (§3.4: the leftDelta sum of the boxes to the
+            // right; 0 there loses a removed box's delta at the left anchor — found by the Spin model, issue 17).
+            let answer = locked.answer ?? (leftDelta: 0, rightDelta: rightDelta)
+            out.actions.append(.send(m.answer(.ackLock(leftDelta: answer.leftDelta, rightDelta: answer.rightDelta)), to: left))
         case .held:
             break
         case .refuse:
@@ -60,7 +63,9 @@ struct OldPathHop: Sendable {
     /// ackLock on to the left, or to its own left anchor, when `matched`.
     mutating func ackLock(_ m: ControlMessage, left: IPv4Address?) -> Output {
         var out = Output()
-        let outcome = lock.acknowledged(m.requestID)
+        var deltas: (Int32, Int32) = (0, 0)
+        if case .ackLock(let l, let r) = m.body { deltas = (l, r) }
+        let outcome = lock.acknowledged(m.requestID, leftDelta: deltas.0, rightDelta: deltas.1)
         guard outcome.matched else { return out }
         out.matched = true
         if let refused = outcome.refuse, let left {

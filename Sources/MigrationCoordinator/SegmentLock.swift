@@ -7,11 +7,20 @@ public struct LockRequest: Sendable, Equatable {
     public var rightAnchor: IPv4Address
     /// Sum of the deltas of the middleboxes passed so far (§3.4), carried as rightDelta.
     public var rightDelta: Int32
+    /// The ackLock that locked it here, as it was passed on to the left (§3.4: its leftDelta sum): a repeated
+    /// requestLock of the same request is answered with exactly these (found by the Spin model, issue 17).
+    public var answer: (leftDelta: Int32, rightDelta: Int32)?
     public init(requestID: UInt32, leftAnchor: IPv4Address, rightAnchor: IPv4Address, rightDelta: Int32 = 0) {
         self.requestID = requestID
         self.leftAnchor = leftAnchor
         self.rightAnchor = rightAnchor
         self.rightDelta = rightDelta
+    }
+
+    /// The same request (its fields as the requestLock carried them); the answer it got here is not part of it.
+    public static func == (a: LockRequest, b: LockRequest) -> Bool {
+        a.requestID == b.requestID && a.leftAnchor == b.leftAnchor && a.rightAnchor == b.rightAnchor
+            && a.rightDelta == b.rightDelta
     }
 }
 
@@ -78,10 +87,11 @@ public struct SegmentLock: Sendable, Equatable {
         public var forward: LockRequest?
     }
 
-    /// ackLock for `requestID` from the right.
-    public mutating func acknowledged(_ requestID: UInt32) -> Outcome {
+    /// ackLock for `requestID` from the right, with the deltas it carries (kept for an ackAgain).
+    public mutating func acknowledged(_ requestID: UInt32, leftDelta: Int32 = 0, rightDelta: Int32 = 0) -> Outcome {
         switch state {
-        case .lockPending(let pending, let held) where pending.requestID == requestID:
+        case .lockPending(var pending, let held) where pending.requestID == requestID:
+            pending.answer = (leftDelta, rightDelta)
             state = .locked(pending)
             return Outcome(matched: true, refuse: held, forward: nil)
         case .locked(let locked) where locked.requestID == requestID:

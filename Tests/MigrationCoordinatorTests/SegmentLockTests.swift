@@ -41,6 +41,19 @@ struct SegmentLockTests {
         #expect(lock.state == .locked(a))
     }
 
+    @Test("§3.4: an ackAgain carries the deltas of the ackLock that locked (found by the Spin model, issue 17)")
+    func ackAgainKeepsTheAnswer() {
+        var lock = SegmentLock()
+        _ = lock.request(a)
+        _ = lock.acknowledged(1, leftDelta: -3, rightDelta: 5)
+        guard case .ackAgain(let locked) = lock.request(a) else { Issue.record("no ackAgain"); return }
+        #expect(locked.answer?.leftDelta == -3 && locked.answer?.rightDelta == 5)
+        // A duplicate ackLock changes nothing: the first answer stays.
+        _ = lock.acknowledged(1, leftDelta: 0, rightDelta: 0)
+        guard case .ackAgain(let again) = lock.request(a) else { Issue.record("no ackAgain"); return }
+        #expect(again.answer?.leftDelta == -3)
+    }
+
     @Test("a request meeting lockPending is held, and refused when the pending one is acknowledged")
     func heldThenRefused() {
         var lock = SegmentLock()
