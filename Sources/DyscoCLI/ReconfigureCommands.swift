@@ -8,11 +8,6 @@ import Foundation
 /// middleboxes a deletion), and what they share with `replace`: the request goes to one agent, the controller,
 /// which triggers each session's left anchor and reports per session.
 enum Reconfiguration {
-    static func validate(deadline: UInt32, match: String) throws {
-        guard (1...600_000).contains(deadline) else { throw ValidationError("--deadline must be 1...600000 ms") }
-        do { _ = try SessionPredicate(filter: match) } catch { throw ValidationError("\(error)") }
-    }
-
     /// A comma-separated list of addresses or lab host names, each named once.
     static func addresses(_ text: String, placement: MiddleboxPlacementOptions, lab: Lab?) throws -> [IPv4Address] {
         let list = try text.split(separator: ",").map { try placement.address(String($0), lab: lab) }
@@ -101,9 +96,6 @@ struct InsertCommand: AsyncParsableCommand {
     @Option(help: ArgumentHelp("The middlebox(es) to insert, in path order, comma-separated.", valueName: "addr|host[,...]"))
     var box: String
 
-    @Option(help: "Only sessions matching this filter: src=, dst= (address or prefix), sport=, dport= (port or range).")
-    var match: String = ""
-
     @Option(help: ArgumentHelp("Copy the session's firewall state to the first inserted box from this anchor (the --after host or its right neighbour).",
                                valueName: "addr|host"))
     var stateFrom: String?
@@ -111,15 +103,13 @@ struct InsertCommand: AsyncParsableCommand {
     @Flag(help: "No holding: new data takes the new path at once (boxes that keep no per-session state).")
     var stateless = false
 
-    @Option(help: "Milliseconds a session's insertion may take before it is cancelled (it then stays as it was).")
-    var deadline: UInt32 = 3000
+    @OptionGroup var reconfiguration: ReconfigurationOptions
 
     @OptionGroup var jsonOutput: JSONOutput<JSONHelp.Report>
 
     @OptionGroup var placement: MiddleboxPlacementOptions
 
     func validate() throws {
-        try Reconfiguration.validate(deadline: deadline, match: match)
         if stateless && stateFrom != nil { throw ValidationError("--state-from moves state: not with --stateless") }
     }
 
@@ -130,8 +120,8 @@ struct InsertCommand: AsyncParsableCommand {
         guard !boxes.contains(host) else { throw ValidationError("--box must not contain the --after host \(host)") }
         let donor = try stateFrom.map { try placement.address($0, lab: lab) }
         let mode: TransferMode = donor != nil ? .stateful : stateless ? .stateless : .held
-        let request = ReplaceRequest(predicate: try SessionPredicate(filter: match), newBoxes: boxes, mode: mode,
-                                     deadlineMilliseconds: deadline, insertHere: true, donor: donor)
+        let request = ReplaceRequest(predicate: try reconfiguration.predicate(), newBoxes: boxes, mode: mode,
+                                     deadlineMilliseconds: reconfiguration.deadline, insertHere: true, donor: donor)
         try await Reconfiguration.run(request, at: host, name: after, placement: placement, lab: lab, json: jsonOutput.json,
                                       title: "insert \(Reconfiguration.list(boxes)) after \(host) (\(mode))")
     }
@@ -163,30 +153,23 @@ struct RemoveCommand: AsyncParsableCommand {
     @Option(help: ArgumentHelp("The middlebox(es) to remove, in path order, comma-separated.", valueName: "addr|host[,...]"))
     var box: String
 
-    @Option(help: "Only sessions matching this filter: src=, dst= (address or prefix), sport=, dport= (port or range).")
-    var match: String = ""
-
     @Flag(help: "No holding: new data takes the new path at once; the old path carries what it must until drained.")
     var stateless = false
 
-    @Option(help: "Milliseconds a session's removal may take before it is cancelled (it then stays on the box).")
-    var deadline: UInt32 = 3000
+    @OptionGroup var reconfiguration: ReconfigurationOptions
 
     @OptionGroup var jsonOutput: JSONOutput<JSONHelp.Report>
 
     @OptionGroup var placement: MiddleboxPlacementOptions
 
-    func validate() throws {
-        try Reconfiguration.validate(deadline: deadline, match: match)
-    }
 
     func run() async throws {
         let lab = try placement.openLab(component: "remove")
         let boxes = try Reconfiguration.addresses(box, placement: placement, lab: lab)
         let mode: TransferMode = stateless ? .stateless : .held
         let names = box.split(separator: ",").map(String.init)
-        let request = ReplaceRequest(predicate: try SessionPredicate(filter: match), newBoxes: [], mode: mode,
-                                     deadlineMilliseconds: deadline, alsoOld: Array(boxes.dropFirst()),
+        let request = ReplaceRequest(predicate: try reconfiguration.predicate(), newBoxes: [], mode: mode,
+                                     deadlineMilliseconds: reconfiguration.deadline, alsoOld: Array(boxes.dropFirst()),
                                      rightAnchors: try await Reconfiguration.rightAnchors(oldBoxes: boxes, names: names,
                                                                                           placement: placement, lab: lab))
         try await Reconfiguration.run(

@@ -43,9 +43,6 @@ struct ReplaceCommand: AsyncParsableCommand {
     @Option(help: ArgumentHelp("The new middlebox(es), in path order, comma-separated.", valueName: "addr|host[,...]"))
     var new: String
 
-    @Option(help: "Only sessions matching this filter: src=, dst= (address or prefix), sport=, dport= (port or range).")
-    var match: String = ""
-
     @Flag(help: "No state transfer, no buffering: the two-path rules only (boxes without per-session state).")
     var stateless = false
 
@@ -53,15 +50,13 @@ struct ReplaceCommand: AsyncParsableCommand {
                                valueName: "addr|host"))
     var stateFrom: String?
 
-    @Option(help: "Milliseconds a session's migration may take before it is cancelled (it then stays on the old box).")
-    var deadline: UInt32 = 3000
+    @OptionGroup var reconfiguration: ReconfigurationOptions
 
     @OptionGroup var jsonOutput: JSONOutput<JSONHelp.Report>
 
     @OptionGroup var placement: MiddleboxPlacementOptions
 
     func validate() throws {
-        try Reconfiguration.validate(deadline: deadline, match: match)
         guard !new.isEmpty else { throw ValidationError("--new names at least one middlebox") }
         guard !old.isEmpty else { throw ValidationError("--old names at least one middlebox") }
         if stateless && stateFrom != nil { throw ValidationError("--state-from moves state: not with --stateless") }
@@ -75,8 +70,8 @@ struct ReplaceCommand: AsyncParsableCommand {
         let donor = try stateFrom.map { try placement.address($0, lab: lab) }
         if let donor, !oldBoxes.contains(donor) { throw ValidationError("--state-from \(donor) is not one of --old") }
         let names = old.split(separator: ",").map(String.init)
-        let request = ReplaceRequest(predicate: try SessionPredicate(filter: match), newBoxes: newBoxes,
-                                     mode: stateless ? .stateless : .stateful, deadlineMilliseconds: deadline,
+        let request = ReplaceRequest(predicate: try reconfiguration.predicate(), newBoxes: newBoxes,
+                                     mode: stateless ? .stateless : .stateful, deadlineMilliseconds: reconfiguration.deadline,
                                      alsoOld: Array(oldBoxes.dropFirst()), donor: donor,
                                      rightAnchors: try await Reconfiguration.rightAnchors(oldBoxes: oldBoxes, names: names,
                                                                                           placement: placement, lab: lab))
