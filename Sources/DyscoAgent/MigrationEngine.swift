@@ -223,7 +223,7 @@ final class MigrationEngine: @unchecked Sendable {
             return .failure(ReconfigureRefusal("the session has no complete path here"))
         }
         let context = SessionContext(identity: record.identity, session: record.session, me: me,
-                                     leftNeighbour: record.leftNeighbour, rightNeighbour: right)
+                                     leftNeighbour: record.leftNeighbour, rightNeighbour: right, hopDelta: record.hopDelta)
         let leftAnchor: IPv4Address
         let rightAnchor: IPv4Address
         if request.insertHere {
@@ -300,7 +300,8 @@ final class MigrationEngine: @unchecked Sendable {
         guard let (record, me) = dataplane.session(chainID: chainID) else { return nil }
         return SessionContext(identity: record.identity, session: record.session, me: me,
                               leftNeighbour: record.leftNeighbour, rightNeighbour: record.rightNeighbour,
-                              carried: record.bytes > record.packets &* UInt64(IPv4TCPPacket.pureAckLength))
+                              carried: record.bytes > record.packets &* UInt64(IPv4TCPPacket.pureAckLength),
+                              hopDelta: record.hopDelta)
     }
 
     private func pathEvent(_ chainID: UInt64, _ result: Result<FiveTuple, SessionTable.InsertError>) -> Event {

@@ -10,7 +10,9 @@ public enum AnchorEvent: Sendable, Equatable {
 /// The anchor's per-packet rules during a reconfiguration (paper §3.5) and the table operations the
 /// reconfiguration protocol asks for. The rules themselves are ``AnchorState``'s.
 extension PacketProcessor {
-    public enum AnchorDecision: Equatable { case hold, target(FiveTuple) }
+    /// Hold the packet, or send it to `target` with the acknowledgment delta of that subsession
+    /// (``SessionTable/Subsession/seqDelta``).
+    public enum AnchorDecision: Equatable { case hold, target(FiveTuple, seqDelta: Int32) }
 
     /// The subsession of the anchor's side that is the old path and the one that is the new path.
     private func paths(_ record: SessionTable.Record, _ m: AnchorState) -> (old: SessionTable.Subsession?, new: SessionTable.Subsession?) {
@@ -27,26 +29,24 @@ extension PacketProcessor {
     mutating func anchorEgress(_ packet: inout IPv4TCPPacket, translation: SessionTable.Translation, flags: TCPFlags,
                                now: UInt64) -> AnchorDecision {
         guard let record = table.records[translation.id], var m = record.migration,
-              (m.side == .right) == (translation.direction == .forward) else { return .target(translation.target) }
-        if flags.contains(.syn) || flags.contains(.rst) { return .target(translation.target) }
+              (m.side == .right) == (translation.direction == .forward) else {
+            return .target(translation.target, seqDelta: translation.seqDelta)
+        }
+        if flags.contains(.syn) || flags.contains(.rst) { return .target(translation.target, seqDelta: translation.seqDelta) }
         let seq = packet.tcp.sequenceNumber
         let length = UInt32(packet.payloadLength) + (flags.contains(.fin) ? 1 : 0)
         let choice = m.egressPath(seq: seq, length: length)
         m.noteEgress(seq: seq, length: length, ack: flags.contains(.ack) ? packet.tcp.acknowledgmentNumber : nil,
                      window: packet.tcp.window, choice: choice, now: now)
         let (old, new) = paths(record, m)
-        var decision = AnchorDecision.target(translation.target)
+        var decision = AnchorDecision.target(translation.target, seqDelta: translation.seqDelta)
         switch choice {
         case .hold: decision = .hold
-        case .old: if let old { decision = .target(egressTuple(old, side: m.side)) }
+        case .old: if let old { decision = .target(egressTuple(old, side: m.side), seqDelta: old.seqDelta) }
         case .new:
-            if let new {
-                decision = .target(egressTuple(new, side: m.side))
-                // §3.4: going out on the new path, the delta is subtracted from the acknowledgment number.
-                if m.delta != 0, flags.contains(.ack) {
-                    packet.tcp.setAcknowledgmentNumber(packet.tcp.acknowledgmentNumber &- UInt32(bitPattern: m.delta))
-                }
-            }
+            // §3.4: going out on the new path, its delta (the old path's plus the removed boxes') is subtracted
+            // from the acknowledgment number (the caller applies it).
+            if let new { decision = .target(egressTuple(new, side: m.side), seqDelta: new.seqDelta) }
         }
         store(m, for: record, now: now)
         return decision
@@ -77,10 +77,6 @@ extension PacketProcessor {
                     counters.probesReceived &+= 1
                     verdict = .drop
                 }
-            }
-            // §3.4: coming in from the new path, the delta is added to the sequence number.
-            if verdict == nil, m.delta != 0 {
-                packet.tcp.setSequenceNumber(seq &+ UInt32(bitPattern: m.delta))
             }
         }
         store(m, for: record, now: now)
@@ -144,9 +140,12 @@ extension PacketProcessor {
         return takeEffects()
     }
 
+    /// The reconfiguration's delta sum over the removed boxes (§3.4, from the lock messages): the new-path
+    /// subsession on the anchor's side adds it to the old path's (now, or when it is created).
     public mutating func anchorSetDelta(chainID: UInt64, _ delta: Int32) {
-        guard let id = id(chainID) else { return }
+        guard let id = id(chainID), let side = table.records[id]?.migration?.side else { return }
         table.update(id) { $0.migration?.delta = delta }
+        table.updateNewPathDelta(id, side)
     }
 
     /// Egress switches to the new path.
@@ -165,7 +164,7 @@ extension PacketProcessor {
               let new = paths(record, m).new else { return nil }
         guard let (seq, ack) = m.probeNumbers else { return nil }
         let packet = IPv4TCPPacket.buildPureAck(into: buffer, tuple: egressTuple(new, side: m.side), seq: seq,
-                                                ack: ack &- UInt32(bitPattern: m.delta), window: m.lastWindow ?? 0xffff)
+                                                ack: ack &- UInt32(bitPattern: new.seqDelta), window: m.lastWindow ?? 0xffff)
         return packet.length
     }
 
@@ -217,7 +216,8 @@ extension PacketProcessor {
         // would free data the local side may not have, ``AnchorState/probeNumbers``); until it is known, none.
         guard let peerAcked = m.peerAcked, let ack = m.lastAck else { return .unknownNumbers }
         let tuple = egressTuple(old, side: m.side)
-        let packet = IPv4TCPPacket.buildPureAck(into: buffer, tuple: tuple, seq: peerAcked &- 1, ack: ack,
+        let packet = IPv4TCPPacket.buildPureAck(into: buffer, tuple: tuple, seq: peerAcked &- 1,
+                                                ack: ack &- UInt32(bitPattern: old.seqDelta),
                                                 window: m.lastWindow ?? 0xffff, payloadByte: true)
         return .sent(length: packet.length, to: tuple.dstAddr, drained: m.drainedReported)
     }

@@ -337,6 +337,8 @@ public struct PacketProcessor: Sendable {
                     packet.truncate(to: packet.length - decoded.1)
                     mode = .partial
                 }
+                // §3.4: from here on the packet is in the local endpoint's numbering (anchor rules, tracking).
+                packet.applyIngressDelta(translation.seqDelta)
                 if flags.contains(.rst), resetOutsideWindow(packet, translation: translation) { return .drop }
                 if anchoring > 0, table.records[translation.id]?.migration != nil,
                    anchorIngress(&packet, translation: translation, flags: flags, now: now) == .drop {
@@ -365,6 +367,7 @@ public struct PacketProcessor: Sendable {
                     return egressNewSyn(&packet, key: key, capacity: capacity, now: now) ?? pass()
                 }
                 var target = translation.target
+                var seqDelta = translation.seqDelta
                 if !releasing.isEmpty, let record = table.records[translation.id],
                    let side = releasing[record.identity.chainID], (side == .right) == (translation.direction == .forward),
                    flags.isDisjoint(with: [.syn, .rst]) {
@@ -377,7 +380,9 @@ public struct PacketProcessor: Sendable {
                     case .hold:
                         counters.anchorHeld &+= 1
                         return .hold(chainID: table.records[translation.id]!.identity.chainID)
-                    case .target(let t): target = t
+                    case .target(let t, let d):
+                        target = t
+                        seqDelta = d
                     }
                 }
                 track(translation, packet: packet, hook: .egress, now: now)
@@ -387,6 +392,7 @@ public struct PacketProcessor: Sendable {
                     // SYN retransmission before the SYN-ACK: the trailer must travel again.
                     return sendSyn(&packet, record: record, capacity: capacity)
                 }
+                packet.applyEgressDelta(seqDelta)
                 packet.rewrite(to: target, checksum: checksum)
                 if checksum == .partial { counters.fullChecksums &+= 1 }
                 return .acceptModified(length: packet.length)
@@ -485,7 +491,7 @@ public struct PacketProcessor: Sendable {
     /// kernel's `established` event (``observe(_:now:)``); the fresh tracking ends here, as at any install.
     private mutating func openInKernel(_ id: SessionTable.SessionID, syn: FastPathAction.OpeningSyn?) {
         guard settings.fastPath, settings.installAtSyn, let record = table.records[id], record.carrier == .slow,
-              !record.fastPathFailed else { return }
+              !record.fastPathFailed, !record.rewritesSequence else { return }
         table.update(id) {
             $0.carrier = .pending
             $0.sequence.invalidate()
@@ -550,7 +556,7 @@ public struct PacketProcessor: Sendable {
                 if settings.fastPath, record.carrier == .slow, !record.fastPathFailed, record.closeDeadline == nil,
                    !record.resetSeen, now >= record.fastPathNotBefore, record.packets >= settings.fastPathAfterPackets,
                    translation.direction == .forward, flags.isDisjoint(with: [.syn, .fin, .rst]),
-                   record.right == nil || record.rightEstablished {
+                   record.right == nil || record.rightEstablished, !record.rewritesSequence {
                     record.carrier = .pending
                     record.sequence.invalidate()
                     install = record.fastPathTranslations
@@ -741,6 +747,7 @@ public struct PacketProcessor: Sendable {
         for id in ids {
             guard let record = table.records[id], record.carrier == .held else { continue }
             let eligible = settings.fastPath && !record.fastPathFailed && record.closeDeadline == nil
+                && !record.rewritesSequence
                 && (record.right == nil || record.rightEstablished)
             table.update(id) { $0.carrier = eligible ? .pending : .slow }
             if eligible { pending.fastPath.append(.install(id, record.fastPathTranslations)) }

@@ -106,18 +106,12 @@ public struct SequenceTracking: Sendable, Equatable {
 extension TCPHeaderView {
     /// The window scale option's shift count (RFC 7323 §2.2) if the header carries one (SYNs only, by the RFC).
     public var windowScaleOption: UInt8? {
-        let end = headerLength
-        var offset = TCPHeaderView.minimumLength
-        while offset < end {
-            let kind = base.load(fromByteOffset: offset, as: UInt8.self)
-            if kind == 0 { return nil }
-            if kind == 1 { offset += 1; continue }
-            guard offset + 1 < end else { return nil }
-            let length = Int(base.load(fromByteOffset: offset + 1, as: UInt8.self))
-            guard length >= 2, offset + length <= end else { return nil }
-            if kind == 3, length == 3 { return base.load(fromByteOffset: offset + 2, as: UInt8.self) }
-            offset += length
+        var shift: UInt8?
+        forEachOption { kind, offset, length in
+            guard kind == 3, length == 3 else { return true }
+            shift = base.load(fromByteOffset: offset + 2, as: UInt8.self)
+            return false
         }
-        return nil
+        return shift
     }
 }

@@ -153,7 +153,7 @@ public enum SessionStateFile {
         for id in restored {
             guard let record = table.records[id] else { continue }
             let open = record.closeDeadline == nil || (keepClosing && !record.reset && !record.resetSeen)
-            if fastPath, inKernel.contains(id), open, !record.fastPathFailed {
+            if fastPath, inKernel.contains(id), open, !record.fastPathFailed, !record.rewritesSequence {
                 table.update(id) { $0.carrier = .kernel }
                 carried.append((id, record.fastPathTranslations))
             } else {
@@ -194,11 +194,16 @@ public struct PersistedRecord: Codable, Equatable, Sendable {
         public var tuple: FiveTuple
         public var port: UInt16?
         public var path: UInt8
-        var subsession: SessionTable.Subsession { .init(tuple: tuple, allocatedPort: port, pathTag: path) }
+        /// ``SessionTable/Subsession/seqDelta`` (absent: 0).
+        public var delta: Int32?
+        var subsession: SessionTable.Subsession {
+            .init(tuple: tuple, allocatedPort: port, pathTag: path, seqDelta: delta ?? 0)
+        }
         init(_ s: SessionTable.Subsession) {
             tuple = s.tuple
             port = s.allocatedPort
             path = s.pathTag
+            delta = s.seqDelta == 0 ? nil : s.seqDelta
         }
     }
 
@@ -230,6 +235,8 @@ public struct PersistedRecord: Codable, Equatable, Sendable {
     public var established: Bool
     /// An RST crossed and nothing has refuted it yet (docs/ARCHITECTURE.md, "Forged resets").
     public var resetSeen: Bool?
+    /// What the box on this host does to the byte streams (``SessionTable/Record/boxDelta``; absent: nothing).
+    public var boxDelta: SessionTable.BoxDelta?
 
     public var identity: SessionIdentity { SessionIdentity(chainID: chainID, nonce: nonce) }
 
@@ -250,6 +257,7 @@ public struct PersistedRecord: Codable, Equatable, Sendable {
         fastPathFailed = record.fastPathFailed
         established = record.established
         resetSeen = record.resetSeen ? true : nil
+        boxDelta = record.boxDelta == .zero ? nil : record.boxDelta
     }
 
     /// The ports this agent allocated for the record's subsessions.
@@ -279,6 +287,7 @@ public struct PersistedRecord: Codable, Equatable, Sendable {
         record.fastPathFailed = fastPathFailed
         record.established = established
         record.resetSeen = resetSeen ?? false
+        record.boxDelta = boxDelta ?? .zero
         // Sequence tracking starts afresh (it is stale after the gap), as after a fast-path hand-over.
     }
 }
@@ -290,6 +299,7 @@ extension SessionTable.Record {
         var flags: UInt8
         var remaining: Int
         var closeDeadline: UInt64?
+        var boxDelta: SessionTable.BoxDelta
     }
 
     /// What decides whether a record's keys are owned in the kernel (``KernelOwnership/desired(_:in:)``).
@@ -313,7 +323,7 @@ extension SessionTable.Record {
         if fastPathFailed { flags |= 16 }
         if established { flags |= 32 }
         if resetSeen { flags |= 64 }
-        return PersistedState(flags: flags, remaining: remaining.count, closeDeadline: closeDeadline)
+        return PersistedState(flags: flags, remaining: remaining.count, closeDeadline: closeDeadline, boxDelta: boxDelta)
     }
 }
 
@@ -346,6 +356,11 @@ struct JournalLine {
 
     mutating func append(_ flag: Bool) { append(flag ? "true" : "false") }
 
+    mutating func append(signed value: Int32) {
+        if value < 0 { bytes.append(0x2D) }
+        append(value.magnitude)
+    }
+
     mutating func append(_ address: IPv4Address) {
         bytes.append(0x22)
         let v = address.value
@@ -372,7 +387,13 @@ struct JournalLine {
     }
 
     mutating func append(_ sub: PersistedRecord.Sub) {
-        append("{\"path\":")
+        append("{")
+        if let delta = sub.delta {
+            append("\"delta\":")
+            append(signed: delta)
+            append(",")
+        }
+        append("\"path\":")
         append(sub.path)
         if let port = sub.port {
             append(",\"port\":")
@@ -394,7 +415,15 @@ struct JournalLine {
     }
 
     mutating func append(_ record: PersistedRecord) {
-        append("{\"chainID\":")
+        append("{")
+        if let box = record.boxDelta {
+            append("\"boxDelta\":{\"forward\":")
+            append(signed: box.forward)
+            append(",\"reverse\":")
+            append(signed: box.reverse)
+            append("},")
+        }
+        append("\"chainID\":")
         append(record.chainID)
         if let deadline = record.closeDeadline {
             append(",\"closeDeadline\":")

@@ -53,6 +53,18 @@ public struct SessionTable: Sendable {
         public var allocatedPort: UInt16?
         /// The path tag (0, 1, 2 …): which path of the session this subsession belongs to.
         public var pathTag: UInt8
+        /// Sequence-number delta (paper §3.4) of the stream arriving on this subsession: added to the sequence
+        /// number of every packet that arrives on it, subtracted from the acknowledgment number and the SACK
+        /// blocks of every packet that leaves on it. Nonzero once a reconfiguration removed (or replaced) boxes
+        /// that changed the byte stream; it lives as long as the subsession (docs/ARCHITECTURE.md, "Sequence deltas").
+        public var seqDelta: Int32 = 0
+
+        public init(tuple: FiveTuple, allocatedPort: UInt16?, pathTag: UInt8, seqDelta: Int32 = 0) {
+            self.tuple = tuple
+            self.allocatedPort = allocatedPort
+            self.pathTag = pathTag
+            self.seqDelta = seqDelta
+        }
     }
 
     /// A side's subsessions: `active` carries this host's egress; during a reconfiguration `other` is the
@@ -108,6 +120,23 @@ public struct SessionTable: Sendable {
         public var fastPathFailed = false
         /// Data-plane state of a reconfiguration this host anchors (nil otherwise).
         public var migration: AnchorState?
+        /// What the middlebox on this host does to the session's byte streams (§3.4, reported by the box:
+        /// ``PacketProcessor/setBoxDelta(session:_:)``): an old-path hop adds it to the lock messages' sums.
+        public var boxDelta = BoxDelta.zero
+
+        /// What this host adds to each byte stream between its left and right subsessions (§3.4): the box's delta
+        /// plus the delta its active subsession on the stream's incoming side applies. An old-path hop adds it to
+        /// the lock messages' sums.
+        public var hopDelta: BoxDelta {
+            BoxDelta(forward: (leftLink?.active.seqDelta ?? 0) &+ boxDelta.forward,
+                     reverse: (rightLink?.active.seqDelta ?? 0) &+ boxDelta.reverse)
+        }
+
+        /// True when a subsession rewrites sequence numbers (``Subsession/seqDelta``): the kernel fast path
+        /// cannot, so such a session stays on the slow path.
+        public var rewritesSequence: Bool {
+            [leftLink, rightLink].contains { link in link.map { $0.all.contains { $0.seqDelta != 0 } } ?? false }
+        }
 
         public func link(_ side: Side) -> Link? { side == .left ? leftLink : rightLink }
         /// The left neighbour's address (nil at the left end).
@@ -125,6 +154,21 @@ public struct SessionTable: Sendable {
         public let fromRight: Bool
         /// The path tag of the subsession this key belongs to (``Subsession/pathTag``).
         public let pathTag: UInt8
+        /// That subsession's ``Subsession/seqDelta``: ingress adds it to the sequence number, egress subtracts
+        /// it from the acknowledgment number and SACK blocks.
+        public var seqDelta: Int32 = 0
+    }
+
+    /// A middlebox's change to a session's two byte streams (§3.4): bytes it added (negative: removed) to the
+    /// client→server stream and to the server→client stream, as sequence-number offsets.
+    public struct BoxDelta: Sendable, Equatable, Codable {
+        public var forward: Int32
+        public var reverse: Int32
+        public init(forward: Int32, reverse: Int32) {
+            self.forward = forward
+            self.reverse = reverse
+        }
+        public static let zero = BoxDelta(forward: 0, reverse: 0)
     }
 
     public private(set) var records: [SessionID: Record] = [:]
@@ -168,18 +212,20 @@ public struct SessionTable: Sendable {
         if let link = record.leftLink {
             for sub in link.all {
                 ingress.append((sub.tuple, Translation(id: record.id, target: s, direction: .forward, fromRight: false,
-                                                       pathTag: sub.pathTag)))
+                                                       pathTag: sub.pathTag, seqDelta: sub.seqDelta)))
             }
             egress.append((s.reversed, Translation(id: record.id, target: link.active.tuple.reversed, direction: .reverse,
-                                                   fromRight: false, pathTag: link.active.pathTag)))
+                                                   fromRight: false, pathTag: link.active.pathTag,
+                                                   seqDelta: link.active.seqDelta)))
         }
         if let link = record.rightLink {
             for sub in link.all {
                 ingress.append((sub.tuple.reversed, Translation(id: record.id, target: s.reversed, direction: .reverse,
-                                                                fromRight: true, pathTag: sub.pathTag)))
+                                                                fromRight: true, pathTag: sub.pathTag,
+                                                                seqDelta: sub.seqDelta)))
             }
             egress.append((s, Translation(id: record.id, target: link.active.tuple, direction: .forward, fromRight: false,
-                                          pathTag: link.active.pathTag)))
+                                          pathTag: link.active.pathTag, seqDelta: link.active.seqDelta)))
         }
         return (ingress, egress)
     }
@@ -269,7 +315,8 @@ public struct SessionTable: Sendable {
         -> Subsession {
         guard let old = records[id], let link = old.rightLink else { throw .collision(records[id]?.session ?? .zero) }
         if let existing = link.other, existing.tuple.dstAddr == next { return existing }
-        let sub = try allocateSubsession(for: old, local: local, next: next, pathTag: link.active.pathTag &+ 1)
+        var sub = try allocateSubsession(for: old, local: local, next: next, pathTag: link.active.pathTag &+ 1)
+        sub.seqDelta = Self.newPathDelta(old, .right)
         var new = old
         if let stale = link.other, let port = stale.allocatedPort { ports.release(port) }
         new.rightLink?.other = sub
@@ -286,11 +333,33 @@ public struct SessionTable: Sendable {
     public mutating func addOtherLeft(_ id: SessionID, tuple: FiveTuple) throws(InsertError) -> Subsession {
         guard let old = records[id], let link = old.leftLink else { throw .collision(tuple) }
         if let existing = link.other, existing.tuple == tuple { return existing }
-        let sub = Subsession(tuple: tuple, allocatedPort: nil, pathTag: link.active.pathTag &+ 1)
+        let sub = Subsession(tuple: tuple, allocatedPort: nil, pathTag: link.active.pathTag &+ 1,
+                             seqDelta: Self.newPathDelta(old, .left))
         var new = old
         new.leftLink?.other = sub
         try store(new, replacing: old)
         return sub
+    }
+
+    /// The delta a new-path subsession on `side` gets (§3.4): the old path's own (what this host already applies
+    /// there) plus the reconfiguration's sum over the boxes it removes (``AnchorState/delta``).
+    static func newPathDelta(_ record: Record, _ side: Side) -> Int32 {
+        guard let link = record.link(side) else { return 0 }
+        let old = record.migration?.promoted == true ? (link.other ?? link.active) : link.active
+        let extra = record.migration.map { $0.side == side ? $0.delta : 0 } ?? 0
+        return old.seqDelta &+ extra
+    }
+
+    /// Sets the delta of `side`'s new-path subsession once the reconfiguration learns its sum (the lock messages
+    /// carry it, §3.4); a no-op before that subsession exists (it gets the delta when it is created).
+    public mutating func updateNewPathDelta(_ id: SessionID, _ side: Side) {
+        guard let old = records[id], let link = old.link(side), link.other != nil, let m = old.migration else { return }
+        let delta = Self.newPathDelta(old, side)
+        var new = old
+        var updated = link
+        if m.promoted { updated.active.seqDelta = delta } else { updated.other!.seqDelta = delta }
+        if side == .left { new.leftLink = updated } else { new.rightLink = updated }
+        try? store(new, replacing: old)  // same keys: cannot collide
     }
 
     /// Swaps a side's paths: egress now uses the other subsession (the old one still takes ingress).

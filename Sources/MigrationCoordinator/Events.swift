@@ -14,9 +14,15 @@ public struct SessionContext: Sendable, Equatable {
     /// This host's record of the session has carried more than the anchors' made-up probes (option-less pure
     /// ACKs): data, or an endpoint's own packets, which cross a new path only once it is in use.
     public var carried: Bool
+    /// What this host adds to the session's two byte streams between its subsessions (§3.4,
+    /// ``SessionTable/Record/hopDelta``): an old-path hop adds it to the lock messages' sums.
+    public var hopDelta: SessionTable.BoxDelta
+
+    var hop: OldPathHop.Hop { OldPathHop.Hop(me: me, delta: hopDelta) }
 
     public init(identity: SessionIdentity, session: FiveTuple, me: IPv4Address, leftNeighbour: IPv4Address?,
-                rightNeighbour: IPv4Address?, carried: Bool = false) {
+                rightNeighbour: IPv4Address?, carried: Bool = false, hopDelta: SessionTable.BoxDelta = .zero) {
+        self.hopDelta = hopDelta
         self.identity = identity
         self.session = session
         self.me = me

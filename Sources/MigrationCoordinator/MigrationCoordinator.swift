@@ -177,7 +177,7 @@ public struct MigrationCoordinator: Sendable {
             receiveRequestLock(m, rightDelta: rightDelta, context: context, &out)
         case .ackLock(let leftDelta, let rightDelta):
             guard let context, var hop = hops[chainID] else { return }
-            let result = hop.ackLock(m, left: context.leftNeighbour)
+            let result = hop.ackLock(m, hop: context.hop, left: context.leftNeighbour)
             store(hop, chainID, &out)
             guard result.matched else { return }
             remember(result.refused, chainID)
@@ -185,11 +185,12 @@ public struct MigrationCoordinator: Sendable {
             if m.leftAnchor == context.me, leftAnchors[chainID]?.requestID == m.requestID {
                 withLeftAnchor(chainID, &out) { l, env in l.locked(leftDelta: leftDelta, now: now, &env) }
             } else if let left = context.leftNeighbour {
-                out.append(.send(m.with(body: .ackLock(leftDelta: leftDelta, rightDelta: rightDelta)), to: left))
+                let (l, r) = result.passOn
+                out.append(.send(m.with(body: .ackLock(leftDelta: l, rightDelta: r)), to: left))
             }
         case .nackLock(let reason):
             guard let context, var hop = hops[chainID] else { return }
-            let result = hop.nackLock(m, right: context.rightNeighbour)
+            let result = hop.nackLock(m, hop: context.hop, right: context.rightNeighbour)
             store(hop, chainID, &out)
             guard result.matched else { return }
             remember(result.refused, chainID)
@@ -424,7 +425,7 @@ public struct MigrationCoordinator: Sendable {
             return
         }
         var hop = hops[chainID] ?? OldPathHop()
-        let result = hop.requestLock(m, rightDelta: rightDelta, left: left, right: right)
+        let result = hop.requestLock(m, rightDelta: rightDelta, hop: context.hop, left: left, right: right)
         store(hop, chainID, &out)
         remember(result.refused, chainID)
         out += result.actions
@@ -444,7 +445,7 @@ public struct MigrationCoordinator: Sendable {
             return
         }
         var hop = hops[chainID] ?? OldPathHop()
-        let result = hop.cancelLock(m, from: from, right: context.rightNeighbour)
+        let result = hop.cancelLock(m, hop: context.hop, from: from, right: context.rightNeighbour)
         store(hop, chainID, &out)
         if result.released { oldBoxes[chainID] = nil }
         out += result.actions

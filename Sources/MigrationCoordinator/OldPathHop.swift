@@ -16,9 +16,26 @@ struct OldPathHop: Sendable {
         var refused: [UInt32] = []
         /// The lock of the request was released here (cancelLock).
         var released = false
+        /// ackLock: the deltas to pass on to the left.
+        var passOn: (leftDelta: Int32, rightDelta: Int32) = (0, 0)
     }
 
     private(set) var lock = SegmentLock()
+
+    /// What this agent adds to the two byte streams between its subsessions (§3.4: its box's delta plus the deltas
+    /// its own subsessions apply, ``SessionTable/Record/hopDelta``), and its address: the requests of another left
+    /// anchor get the sums with this hop's delta added; the left anchor's own request does not (its own
+    /// subsessions' deltas carry over to the new path, ``SessionTable/Subsession/seqDelta``).
+    struct Hop: Sendable {
+        var me: IPv4Address
+        var delta: SessionTable.BoxDelta
+        func forward(_ request: LockRequest) -> Int32 {
+            request.leftAnchor == me ? request.rightDelta : request.rightDelta &+ delta.forward
+        }
+        func reverse(_ leftDelta: Int32, leftAnchor: IPv4Address) -> Int32 {
+            leftAnchor == me ? leftDelta : leftDelta &+ delta.reverse
+        }
+    }
 
     var isUnlocked: Bool { lock.isUnlocked }
     var owner: UInt32? { lock.owner }
@@ -37,14 +54,15 @@ struct OldPathHop: Sendable {
     mutating func expire() { lock = SegmentLock() }
 
     /// requestLock from the left at an agent between the anchors (`right` is its right neighbour).
-    mutating func requestLock(_ m: ControlMessage, rightDelta: Int32, left: IPv4Address, right: IPv4Address) -> Output {
+    mutating func requestLock(_ m: ControlMessage, rightDelta: Int32, hop: Hop, left: IPv4Address,
+                              right: IPv4Address) -> Output {
         var out = Output()
-        let decision = lock.request(LockRequest(requestID: m.requestID, leftAnchor: m.leftAnchor,
-                                                rightAnchor: m.rightAnchor, rightDelta: rightDelta))
-        switch decision {
+        let request = LockRequest(requestID: m.requestID, leftAnchor: m.leftAnchor, rightAnchor: m.rightAnchor,
+                                  rightDelta: rightDelta)
+        switch lock.request(request) {
         case .forward, .forwardDuplicate:
-            // This agent's middlebox adds its delta (zero: the agent knows of no byte-stream change).
-            out.actions.append(.send(m.with(body: .requestLock(rightDelta: rightDelta)), to: right))
+            // §3.4: this hop adds its delta to the sum for the boxes to the right.
+            out.actions.append(.send(m.with(body: .requestLock(rightDelta: hop.forward(request))), to: right))
         case .ackAgain(let locked):
             // The same answer as the ackLock passed on when it locked (§3.4: the leftDelta sum of the boxes to the
             // right; 0 there loses a removed box's delta at the left anchor — found by the Spin model, issue 17).
@@ -60,14 +78,16 @@ struct OldPathHop: Sendable {
     }
 
     /// ackLock from the right: locked; a request held here is refused now (§3.2). The caller passes the
-    /// ackLock on to the left, or to its own left anchor, when `matched`.
-    mutating func ackLock(_ m: ControlMessage, left: IPv4Address?) -> Output {
+    /// ackLock on to the left (with `passOn`'s deltas: this hop's added to the leftDelta sum, §3.4), or to its own
+    /// left anchor, when `matched`.
+    mutating func ackLock(_ m: ControlMessage, hop: Hop, left: IPv4Address?) -> Output {
         var out = Output()
         var deltas: (Int32, Int32) = (0, 0)
-        if case .ackLock(let l, let r) = m.body { deltas = (l, r) }
+        if case .ackLock(let l, let r) = m.body { deltas = (hop.reverse(l, leftAnchor: m.leftAnchor), r) }
         let outcome = lock.acknowledged(m.requestID, leftDelta: deltas.0, rightDelta: deltas.1)
         guard outcome.matched else { return out }
         out.matched = true
+        out.passOn = deltas
         if let refused = outcome.refuse, let left {
             out.refused.append(refused.requestID)
             out.actions.append(.send(Self.lockMessage(m, refused, body: .nackLock(reason: .contention)), to: left))
@@ -77,21 +97,21 @@ struct OldPathHop: Sendable {
 
     /// nackLock from the right: unlocked, or the request held here goes on to the right now (§3.2). The caller
     /// passes the nackLock on to the left, or to its own left anchor, when `matched`.
-    mutating func nackLock(_ m: ControlMessage, right: IPv4Address?) -> Output {
+    mutating func nackLock(_ m: ControlMessage, hop: Hop, right: IPv4Address?) -> Output {
         var out = Output()
         let outcome = lock.refused(m.requestID)
         guard outcome.matched else { return out }
         out.matched = true
         out.refused.append(m.requestID)
         if let forward = outcome.forward, let right {
-            out.actions.append(.send(Self.lockMessage(m, forward, body: .requestLock(rightDelta: forward.rightDelta)),
+            out.actions.append(.send(Self.lockMessage(m, forward, body: .requestLock(rightDelta: hop.forward(forward))),
                                      to: right))
         }
         return out
     }
 
     /// cancelLock from the left at an agent between the anchors (§3.6).
-    mutating func cancelLock(_ m: ControlMessage, from: IPv4Address, right: IPv4Address?) -> Output {
+    mutating func cancelLock(_ m: ControlMessage, hop: Hop, from: IPv4Address, right: IPv4Address?) -> Output {
         var out = Output()
         if lock.withdraw(m.requestID) {
             // The request waited here (§3.2) and went no further: the cancel ends here too.
@@ -108,7 +128,7 @@ struct OldPathHop: Sendable {
         let outcome = lock.release(m.requestID)
         out.released = true
         if let forward = outcome.forward, let right {
-            out.actions.append(.send(Self.lockMessage(m, forward, body: .requestLock(rightDelta: forward.rightDelta)),
+            out.actions.append(.send(Self.lockMessage(m, forward, body: .requestLock(rightDelta: hop.forward(forward))),
                                      to: right))
         }
         if let right { out.actions.append(.send(m, to: right)) }

@@ -49,6 +49,7 @@ struct PersistenceTests {
         func sub() -> [String: Any] {
             var s: [String: Any] = ["tuple": tuple(), "path": UInt8.random(in: 0...255, using: &rng)]
             if Bool.random(using: &rng) { s["port"] = port() }
+            if Bool.random(using: &rng) { s["delta"] = delta() }
             return s
         }
         func link() -> [String: Any] {
@@ -56,6 +57,7 @@ struct PersistenceTests {
             if Bool.random(using: &rng) { l["other"] = sub() }
             return l
         }
+        func delta() -> Int32 { [Int32.min, -1, 1, Int32.max, Int32.random(in: .min ... .max, using: &rng)].randomElement(using: &rng)! }
         func big() -> UInt64 { [0, 1, UInt64.max, UInt64.random(in: 0...UInt64.max, using: &rng)].randomElement(using: &rng)! }
         var r: [String: Any] = [
             "id": big(), "chainID": big(), "nonce": big(), "session": tuple(),
@@ -69,6 +71,7 @@ struct PersistenceTests {
         if Bool.random(using: &rng) { r["right"] = link() }
         if Bool.random(using: &rng) { r["closeDeadline"] = big() }
         if Bool.random(using: &rng) { r["resetSeen"] = Bool.random(using: &rng) }
+        if Bool.random(using: &rng) { r["boxDelta"] = ["forward": delta(), "reverse": delta()] }
         return try JSONDecoder().decode(PersistedRecord.self, from: JSONSerialization.data(withJSONObject: r))
     }
 

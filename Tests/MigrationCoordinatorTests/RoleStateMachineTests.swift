@@ -15,6 +15,9 @@ private func message(_ body: ControlBody, requestID: UInt32 = 7, left: IPv4Addre
                    leftAnchor: left, rightAnchor: right, body: body)
 }
 
+/// fw2 between client and fw3, its box changing no byte.
+private let plainHop = OldPathHop.Hop(me: Host.fw2, delta: .zero)
+
 private func sent(_ actions: [Action]) -> [(ControlMessageType, IPv4Address)] {
     actions.compactMap { if case .send(let m, let to) = $0 { return (m.body.type, to) }; return nil }
 }
@@ -181,12 +184,35 @@ struct RoleStateMachineTests {
         var hop = OldPathHop()
         let x = message(.requestLock(rightDelta: 0), requestID: 1, left: Host.fw1, right: Host.server)
         let w = message(.requestLock(rightDelta: 0), requestID: 2, left: Host.client, right: Host.fw3)
-        #expect(sent(hop.requestLock(x, rightDelta: 0, left: Host.client, right: Host.fw3).actions).map(\.1) == [Host.fw3])
-        #expect(hop.requestLock(w, rightDelta: 0, left: Host.client, right: Host.fw3).actions.isEmpty)  // held
-        let ack = hop.ackLock(message(.ackLock(leftDelta: 0, rightDelta: 0), requestID: 1, left: Host.fw1), left: Host.client)
+        #expect(sent(hop.requestLock(x, rightDelta: 0, hop: plainHop, left: Host.client, right: Host.fw3).actions).map(\.1) == [Host.fw3])
+        #expect(hop.requestLock(w, rightDelta: 0, hop: plainHop, left: Host.client, right: Host.fw3).actions.isEmpty)  // held
+        let ack = hop.ackLock(message(.ackLock(leftDelta: 0, rightDelta: 0), requestID: 1, left: Host.fw1), hop: plainHop, left: Host.client)
         #expect(ack.matched && ack.refused == [2])
         #expect(sent(ack.actions).map(\.0) == [.nackLock] && sent(ack.actions).map(\.1) == [Host.client])
         #expect(hop.owner == 1)
+    }
+
+    @Test("old-path hop, §3.4: the box's deltas join the sums (forward in requestLock, reverse in ackLock), an ackAgain repeats the sum passed on, the hop's own left-anchor request gets none")
+    func hopAddsBoxDelta() throws {
+        var hop = OldPathHop()
+        let box = OldPathHop.Hop(me: Host.fw2, delta: .init(forward: 5, reverse: -7))
+        let x = message(.requestLock(rightDelta: 2), requestID: 1, left: Host.client, right: Host.server)
+        let forwarded = hop.requestLock(x, rightDelta: 2, hop: box, left: Host.client, right: Host.fw3).actions
+        guard case .send(let out, let to) = forwarded.first else { Issue.record("\(forwarded)"); return }
+        #expect(out.body == .requestLock(rightDelta: 7) && to == Host.fw3)
+        let ack = hop.ackLock(message(.ackLock(leftDelta: 3, rightDelta: 7), requestID: 1), hop: box, left: Host.client)
+        #expect(ack.matched && ack.passOn.leftDelta == -4 && ack.passOn.rightDelta == 7)
+        // A duplicate requestLock (the ackLock was lost on its way left): the same sums again.
+        let again = hop.requestLock(x, rightDelta: 2, hop: box, left: Host.client, right: Host.fw3).actions
+        guard case .send(let answer, _) = again.first else { Issue.record("\(again)"); return }
+        #expect(answer.body == .ackLock(leftDelta: -4, rightDelta: 7))
+        // fw2 as the left anchor of its own request: its subsessions' deltas carry over (no box sum).
+        var own = OldPathHop()
+        let locked = own.lockForLeftAnchor(LockRequest(requestID: 2, leftAnchor: Host.fw2, rightAnchor: Host.server))
+        #expect(locked)
+        let ownAck = own.ackLock(message(.ackLock(leftDelta: 3, rightDelta: 0), requestID: 2, left: Host.fw2),
+                                 hop: box, left: Host.client)
+        #expect(ownAck.matched && ownAck.passOn.leftDelta == 3)
     }
 
     @Test("old-path hop, §3.2: if the pending request is refused, the held one is forwarded")
@@ -194,15 +220,16 @@ struct RoleStateMachineTests {
         var hop = OldPathHop()
         let x = message(.requestLock(rightDelta: 0), requestID: 1, left: Host.fw1, right: Host.server)
         let w = message(.requestLock(rightDelta: 3), requestID: 2, left: Host.client, right: Host.fw3)
-        _ = hop.requestLock(x, rightDelta: 0, left: Host.client, right: Host.fw3)
-        _ = hop.requestLock(w, rightDelta: 3, left: Host.client, right: Host.fw3)
-        let nack = hop.nackLock(message(.nackLock(reason: .contention), requestID: 1, left: Host.fw1), right: Host.fw3)
+        _ = hop.requestLock(x, rightDelta: 0, hop: plainHop, left: Host.client, right: Host.fw3)
+        _ = hop.requestLock(w, rightDelta: 3, hop: plainHop, left: Host.client, right: Host.fw3)
+        let nack = hop.nackLock(message(.nackLock(reason: .contention), requestID: 1, left: Host.fw1), hop: plainHop, right: Host.fw3)
         #expect(nack.matched && nack.refused == [1])
         guard case .send(let forwarded, let to) = nack.actions.first else { Issue.record("\(nack.actions)"); return }
         #expect(forwarded.requestID == 2 && forwarded.body == .requestLock(rightDelta: 3) && to == Host.fw3)
         #expect(hop.owner == 2)
         // §3.6: cancelLock of the locked request unlocks and goes on to the right.
-        let cancel = hop.cancelLock(message(.cancelLock(reason: "x"), requestID: 2, left: Host.client), from: Host.client,
+        let cancel = hop.cancelLock(message(.cancelLock(reason: "x"), requestID: 2, left: Host.client), hop: plainHop,
+                                    from: Host.client,
                                     right: Host.fw3)
         #expect(cancel.released && hop.isUnlocked && sent(cancel.actions).map(\.1) == [Host.fw3])
     }

@@ -1,0 +1,71 @@
+/// Sequence-number deltas on the wire (paper §3.4): a reconfiguration that takes out a box which changed a byte
+/// stream (a proxy's two sessions, a box inserting or deleting bytes) leaves the anchors translating that
+/// stream's numbers for the rest of the session. The delta belongs to a subsession
+/// (``SessionTable/Subsession/seqDelta``); these are the per-packet operations.
+extension TCPHeaderView {
+    /// Calls `body(kind, offset, length)` for each option up to the end-of-options (kind 0); stops early when it
+    /// returns false. A malformed option list (a length below 2 or past the header) ends the walk.
+    public func forEachOption(_ body: (_ kind: UInt8, _ offset: Int, _ length: Int) -> Bool) {
+        let end = headerLength
+        var offset = TCPHeaderView.minimumLength
+        while offset < end {
+            let kind = base.load(fromByteOffset: offset, as: UInt8.self)
+            if kind == 0 { return }
+            if kind == 1 { offset += 1; continue }
+            guard offset + 1 < end else { return }
+            let length = Int(base.load(fromByteOffset: offset + 1, as: UInt8.self))
+            guard length >= 2, offset + length <= end else { return }
+            guard body(kind, offset, length) else { return }
+            offset += length
+        }
+    }
+
+    static let sackKind: UInt8 = 5
+}
+
+extension IPv4TCPPacket {
+    /// A packet arriving on a subsession with delta `delta`: its sequence number moves into the local endpoint's
+    /// numbering. SYNs carry the subsession's own initial number and are left alone.
+    public func applyIngressDelta(_ delta: Int32) {
+        guard delta != 0, !tcp.flags.contains(.syn) else { return }
+        tcp.setSequenceNumber(tcp.sequenceNumber &+ UInt32(bitPattern: delta))
+    }
+
+    /// A packet leaving on a subsession with delta `delta`: its acknowledgment number and SACK blocks (RFC 2018,
+    /// both edges) move back into the far side's numbering. The TCP checksum is updated incrementally; a SACK block
+    /// at an odd offset (no NOP padding) gets the checksum recomputed over the segment.
+    public func applyEgressDelta(_ delta: Int32) {
+        guard delta != 0, tcp.flags.contains(.ack), !tcp.flags.contains(.syn) else { return }
+        let shift = UInt32(bitPattern: delta)
+        tcp.setAcknowledgmentNumber(tcp.acknowledgmentNumber &- shift)
+        var recompute = false
+        let header = tcp.base
+        tcp.forEachOption { kind, offset, length in
+            guard kind == TCPHeaderView.sackKind else { return true }
+            var edge = offset + 2
+            while edge + 4 <= offset + length {
+                let old = header.loadUnaligned(fromByteOffset: edge, as: UInt32.self)
+                let new = (UInt32(bigEndian: old) &- shift).bigEndian
+                header.storeBytes(of: new, toByteOffset: edge, as: UInt32.self)
+                if edge % 2 == 0 { tcp.updateChecksumForAddress(oldRaw: old, newRaw: new) } else { recompute = true }
+                edge += 4
+            }
+            return false
+        }
+        if recompute { recomputeTCPChecksum() }
+    }
+}
+
+extension PacketProcessor {
+    /// The middlebox on this host reports what it does to a session's byte streams (§3.4; the box's side of the
+    /// paper's `dysco_splice`): `session` as the box sees it (either direction). An old-path hop adds the delta to
+    /// the lock messages when a reconfiguration takes the box out. False if no session here has that tuple.
+    public mutating func setBoxDelta(session: FiveTuple, _ delta: SessionTable.BoxDelta) -> Bool {
+        let forward = table.bySession[session] != nil
+        guard let id = table.bySession[session] ?? table.bySession[session.reversed] else { return false }
+        // Reported from the server's side: its forward stream is the session's reverse one.
+        let box = forward ? delta : SessionTable.BoxDelta(forward: delta.reverse, reverse: delta.forward)
+        table.update(id) { $0.boxDelta = box }
+        return true
+    }
+}
