@@ -16,6 +16,9 @@ extension DataplaneAgent {
             case .policy:
                 guard let policy = request.policy else { return Data(#"{"error":"policy without its parameters"}"#.utf8) }
                 return (try? JSONEncoder().encode(self.policy(policy))) ?? Data()
+            case .delta:
+                guard let delta = request.delta else { return Data(#"{"error":"delta without its parameters"}"#.utf8) }
+                return (try? JSONEncoder().encode(self.boxDelta(delta))) ?? Data()
             case .replace:
                 guard let replace = request.replace else { return Data(#"{"error":"replace without its parameters"}"#.utf8) }
                 if let problem = replace.problem {
@@ -25,6 +28,21 @@ extension DataplaneAgent {
                 return (try? JSONEncoder().encode(report)) ?? Data()
             }
         }
+    }
+
+    // MARK: - A box's sequence deltas (§3.4)
+
+    /// Records what the box on this host does to a session's byte streams.
+    public func boxDelta(_ request: DeltaRequest) -> DeltaReply {
+        let id = dataplane.processor.withLock { state -> UInt64? in
+            let delta = SessionTable.BoxDelta(forward: request.forward, reverse: request.reverse)
+            guard state.setBoxDelta(session: request.session, delta) else { return nil }
+            return state.table.bySession[request.session] ?? state.table.bySession[request.session.reversed]
+        }
+        guard let id else { return DeltaReply(error: "no session \(request.session) crosses this host") }
+        logger.info("box delta", metadata: ["session.id": "\(id)", "delta.forward": "\(request.forward)",
+                                            "delta.reverse": "\(request.reverse)"])
+        return DeltaReply(session: id)
     }
 
     // MARK: - Policy at run time

@@ -17,26 +17,52 @@ public struct ControlRequest: Codable, Sendable {
         case replace
         /// Show, reload (the config file) or change the cordons of the agent's policy (``PolicyRequest``).
         case policy
+        /// The middlebox on this host reports what it does to a session's byte streams (``DeltaRequest``, §3.4).
+        case delta
     }
 
     public var command: Command
     public var sessions: [UInt64]?
     public var replace: ReplaceRequest?
     public var policy: PolicyRequest?
+    public var delta: DeltaRequest?
     /// `sessions`: the page after this session id (nil: from the first), at most `limit` sessions (the agent
     /// caps it at ``AgentSnapshot/pageLimit``).
     public var after: UInt64?
     public var limit: Int?
 
     public init(_ command: Command, sessions: [UInt64]? = nil, replace: ReplaceRequest? = nil, policy: PolicyRequest? = nil,
-                after: UInt64? = nil, limit: Int? = nil) {
+                delta: DeltaRequest? = nil, after: UInt64? = nil, limit: Int? = nil) {
         self.command = command
+        self.delta = delta
         self.sessions = sessions
         self.replace = replace
         self.policy = policy
         self.after = after
         self.limit = limit
     }
+}
+
+/// `dysco-migrate delta`: the box on the agent's host changes a session's byte streams (paper §3.4; the box's side
+/// of `dysco_splice`). `session` as the box sees it, either direction; the deltas in that direction's terms.
+public struct DeltaRequest: Codable, Sendable, Equatable {
+    public var session: FiveTuple
+    /// Bytes the box added (negative: removed) to the stream from `session`'s source to its destination.
+    public var forward: Int32
+    /// Bytes it added to the other stream.
+    public var reverse: Int32
+    public init(session: FiveTuple, forward: Int32, reverse: Int32) {
+        self.session = session
+        self.forward = forward
+        self.reverse = reverse
+    }
+}
+
+/// The agent's answer to a ``DeltaRequest``.
+public struct DeltaReply: Codable, Sendable, Equatable {
+    /// The agent's session id (nil: no session with that tuple crosses this host).
+    public var session: UInt64?
+    public var error: String?
 }
 
 /// `dysco-migrate policy …` and `drain`'s cordon, at one agent.

@@ -13,7 +13,7 @@ public struct DyscoMigrate: AsyncParsableCommand {
             commands talk to agents, to the kernel, or build a test lab of network namespaces. The benchmarks \
             are a separate executable, `dysco-bench`.
             """,
-        subcommands: [AgentCommand.self, ReplaceCommand.self, InsertCommand.self, RemoveCommand.self, DrainCommand.self, PolicyCommand.self, MeasureCommand.self, SessionsCommand.self, StateCommand.self, LabCommand.self, PathCommand.self, KeyCommand.self]
+        subcommands: [AgentCommand.self, ReplaceCommand.self, InsertCommand.self, RemoveCommand.self, DeltaCommand.self, DrainCommand.self, PolicyCommand.self, MeasureCommand.self, SessionsCommand.self, StateCommand.self, LabCommand.self, PathCommand.self, KeyCommand.self]
     )
 
     // The root's own flag rather than the configuration's `version:`, which argument-parser would add to the help of

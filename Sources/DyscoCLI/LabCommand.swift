@@ -25,7 +25,7 @@ struct LabCommand: AsyncParsableCommand {
             (default 80,5201) through the chain (default: the first middlebox). Files, logs and lab.json live \
             in /run/dysco-migrate/labs/NAME/. Nothing outside the lab's own namespaces is touched.
             """,
-        subcommands: [Up.self, Down.self, Status.self, PacedServer.self]
+        subcommands: [Up.self, Down.self, Status.self, PacedServer.self, Inserter.self]
     )
 }
 

@@ -19,6 +19,19 @@ public struct FiveTuple: Hashable, Sendable, CustomStringConvertible, Codable {
 
     public var description: String { "\(srcAddr):\(srcPort)->\(dstAddr):\(dstPort)" }
 
+    /// Parses ``description``'s form, `10.0.0.1:40000->10.0.0.9:80` (nil for anything else).
+    public init?(parsing text: some StringProtocol) {
+        let ends = text.split(separator: "->", omittingEmptySubsequences: false)
+        guard ends.count == 2 else { return nil }
+        func endpoint(_ e: Substring) -> (IPv4Address, UInt16)? {
+            let parts = e.split(separator: ":", omittingEmptySubsequences: false)
+            guard parts.count == 2, let address = IPv4Address(String(parts[0])), let port = UInt16(parts[1]) else { return nil }
+            return (address, port)
+        }
+        guard let src = endpoint(Substring(ends[0])), let dst = endpoint(Substring(ends[1])) else { return nil }
+        self.init(srcAddr: src.0, srcPort: src.1, dstAddr: dst.0, dstPort: dst.1)
+    }
+
     enum CodingKeys: String, CodingKey {
         case src, sport, dst, dport
     }

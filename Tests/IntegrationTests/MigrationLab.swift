@@ -36,7 +36,9 @@ enum MigrationLab {
         let processes: [Process]
         let outputs: [String]
         let expectedBytes: Int
-        init(_ lab: Lab, file: String, count: Int, timeout: Int = 120, clients: [String] = ["client1"]) throws {
+        /// `curlOptions` go before the URLs (e.g. `-i`: the response headers are kept in each output).
+        init(_ lab: Lab, file: String, count: Int, timeout: Int = 120, clients: [String] = ["client1"],
+             curlOptions: [String] = []) throws {
             let server = lab.address(of: "server1")
             var outputs: [String] = []
             var processes: [Process] = []
@@ -44,7 +46,7 @@ enum MigrationLab {
                 let mine = Array(stride(from: c, to: count, by: clients.count))
                 guard !mine.isEmpty else { continue }
                 var args = ["curl", "-sS", "--fail", "-m", "\(timeout)", "--parallel", "--parallel-immediate",
-                            "--parallel-max", "\(mine.count)"]
+                            "--parallel-max", "\(mine.count)"] + curlOptions
                 for i in mine {
                     let out = "\(lab.directory)/dl\(i).out"
                     outputs.append(out)

@@ -132,6 +132,54 @@ import Testing
         }
     }
 
+    @Test("(e) a byte-inserting box removed: fw1 inserts a header line into each response (its delta reported to its agent); after `remove --box fw1` the client's anchor translates sequence numbers, acks and SACK blocks; every response has the line once and a byte-exact body, no INVALID at fw3, no retransmission caused (lab ri6, 10.78.128.0/24)")
+    func removeByteInsertingBox() async throws {
+        try await TestSupport.withLab(MigrationLab.spec("ri6", subnet: "10.78.128.0/24", middleboxes: ["fw1", "fw3"],
+                                                        chain: ["fw1", "fw3"], firewallProfiles: ["fw1": .open])) { lab in
+            try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 12)
+            try MigrationLab.startPacedServer(lab, megabytesPerSecond: 2)
+            let line = "X-Dysco-Inserted: by-fw1"
+            let log = "\(lab.directory)/inserter.log"
+            let inserter = try lab.spawn("fw1", [try TestSupport.dyscoBinary(), "lab", "inserter", "--port",
+                                                 "\(MigrationLab.pacedPort)", "--text", line], logPath: log)
+            defer { inserter.terminate() }
+            func logged() -> String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
+            #expect(try await TestSupport.eventually(timeout: 10) { logged().contains("ready") }, "inserter: \(logged())")
+            let sessions = 4
+            let downloads = try MigrationLab.Downloads(lab, file: "blob", count: sessions, curlOptions: ["-i"])
+            // Each session's delta reached fw1's agent (the box reports it when the line goes in).
+            let reported = try await TestSupport.eventually(timeout: 15) {
+                logged().split(separator: "\n").filter { $0.hasPrefix("inserted ") && !$0.contains("session none") }.count == sessions
+            }
+            #expect(reported, "inserter: \(logged())")
+            try await MigrationLab.waitForKernelCarried(lab, on: "fw3", count: sessions)
+            let strict = try MigrationLab.StrictWindow.sampleBefore(lab)
+            let (run, window, baseline, length) = try strict.measure(lab) {
+                try Self.run(lab, "remove", ["--box", "fw1", "--json"])
+            }
+            try Self.expectAllMoved(run, sessions: sessions, "remove")
+            Self.record("ri6 window \(length): \(window); baseline \(baseline)")
+            Self.expectNoLoss(window, baseline: baseline, "remove")
+            #expect(try await Self.left(lab, "fw1", run), "fw1 still has the sessions")
+            let client = try await MigrationLab.pacedSessions(lab, "client1")
+            #expect(client.count == sessions && client.allSatisfy { $0.right?.dstAddr == lab.address(of: "fw3") })
+            #expect(downloads.wait(diagnose: lab), "curl failed: \((try? String(contentsOfFile: "\(lab.directory)/curl.log", encoding: .utf8)) ?? "")")
+            let original = try Data(contentsOf: URL(fileURLWithPath: "\(lab.httpRoot)/blob"))
+            for out in downloads.outputs {
+                let data = try Data(contentsOf: URL(fileURLWithPath: out))
+                let end = try #require(data.range(of: Data("\r\n\r\n".utf8)), "\(out): no header block")
+                let headers = String(decoding: data[..<end.lowerBound], as: UTF8.self).components(separatedBy: "\r\n")
+                #expect(headers.count > 2 && headers[1] == line && headers.filter { $0 == line }.count == 1,
+                        "\(out): the inserted line once, right after the status line: \(headers)")
+                #expect(data[end.upperBound...] == original, "\(out): the body is not the file (\(data.count - end.upperBound) of \(original.count) bytes)")
+            }
+            #expect(try TestSupport.invalidDrops(lab, "fw3") == 0)
+            inserter.terminate()
+            inserter.waitUntilExit()
+            #expect(logged().contains("stopped:"), "the inserter removes its rules and stops: \(logged())")
+        }
+    }
+
     @Test("(c) fw1,fw3 replaced by fw2 (k → m): fw1's state moves to fw2, both old boxes leave, byte-exact (lab ri3, 10.78.124.0/24)")
     func replaceTwoByOne() async throws {
         try await TestSupport.withLab(MigrationLab.spec("ri3", subnet: "10.78.124.0/24", middleboxes: ["fw1", "fw2", "fw3"],
