@@ -20,8 +20,9 @@ extension LabCommand {
                 the sequence numbers of both ends translated from then on. Each session's delta is reported to the \
                 host's agent (`dysco-migrate delta`) when the line goes in, so that removing this box from the \
                 session (`dysco-migrate remove`) leaves the anchors translating. Prints `ready` once the rules are in, \
-                one `inserted SESSION` line per session. Stops at SIGINT/SIGTERM. A test and demo helper, hidden \
-                from `lab --help`.
+                one `inserted SESSION` line per session. Stops at SIGINT/SIGTERM. Give the box an open firewall \
+                (`lab up --firewall fwN=open`): a conntrack firewall on the same host sees the two ends' numbers \
+                disagree. A test and demo helper, hidden from `lab --help`.
                 """,
             shouldDisplay: false
         )

@@ -26,10 +26,15 @@ public struct AgentSnapshot: Codable, Sendable {
         public var paths: String?
         /// The chain-wide session id (hex) that control messages name (the nonce is not shown).
         public var chainID: String?
+        /// Sequence deltas (§3.4) the active left / right subsession applies (absent: none), and what the box on
+        /// this host reported it does to the two streams (`dysco-migrate delta`; absent: nothing).
+        public var leftDelta: Int32?
+        public var rightDelta: Int32?
+        public var boxDelta: SessionTable.BoxDelta?
 
         enum CodingKeys: String, CodingKey {
             case id, role, session, left, right, remaining, state, carrier = "path", packets, bytes, idleSeconds,
-                 ageSeconds, migration, paths, chainID
+                 ageSeconds, migration, paths, chainID, leftDelta, rightDelta, boxDelta
         }
     }
 
@@ -106,6 +111,9 @@ extension PacketProcessor {
             migration: record.migration.map { $0.phase.rawValue },
             paths: record.migration.map { m in
                 m.phase == .released && !m.stateful ? "both" : m.promoted ? "new" : "old"
-            }, chainID: String(record.identity.chainID, radix: 16))
+            }, chainID: String(record.identity.chainID, radix: 16),
+            leftDelta: record.leftLink.flatMap { $0.active.seqDelta == 0 ? nil : $0.active.seqDelta },
+            rightDelta: record.rightLink.flatMap { $0.active.seqDelta == 0 ? nil : $0.active.seqDelta },
+            boxDelta: record.boxDelta == .zero ? nil : record.boxDelta)
     }
 }

@@ -32,7 +32,7 @@ struct HelpSnapshotTests {
     static let screens: [Screen] = tree(DyscoMigrate.self) + tree(BenchCommand.self)
 
     /// The internal helpers (commands kept out of their parent's `--help`); a new one belongs in this list.
-    static let internalHelpers = ["dysco-bench connect", "dysco-bench sink", "dysco-migrate lab paced-server"]
+    static let internalHelpers = ["dysco-bench connect", "dysco-bench sink", "dysco-migrate lab inserter", "dysco-migrate lab paced-server"]
 
     static func tree<Root: ParsableCommand>(_ root: Root.Type) -> [Screen] {
         var screens: [Screen] = []

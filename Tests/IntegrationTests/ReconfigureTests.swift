@@ -152,6 +152,10 @@ import Testing
                 logged().split(separator: "\n").filter { $0.hasPrefix("inserted ") && !$0.contains("session none") }.count == sessions
             }
             #expect(reported, "inserter: \(logged())")
+            let n = Int32(line.utf8.count + 2)
+            let atBox = try await MigrationLab.pacedSessions(lab, "fw1")
+            #expect(atBox.count == sessions && atBox.allSatisfy { $0.boxDelta == .init(forward: 0, reverse: n) },
+                    "fw1's agent knows the box's delta: \(atBox.map { "\($0.boxDelta.map { "\($0)" } ?? "-")" })")
             try await MigrationLab.waitForKernelCarried(lab, on: "fw3", count: sessions)
             let strict = try MigrationLab.StrictWindow.sampleBefore(lab)
             let (run, window, baseline, length) = try strict.measure(lab) {
@@ -163,6 +167,8 @@ import Testing
             #expect(try await Self.left(lab, "fw1", run), "fw1 still has the sessions")
             let client = try await MigrationLab.pacedSessions(lab, "client1")
             #expect(client.count == sessions && client.allSatisfy { $0.right?.dstAddr == lab.address(of: "fw3") })
+            #expect(client.allSatisfy { $0.rightDelta == n && $0.carrier == .slow },
+                    "the client's anchor translates the server's stream, on the slow path: \(client.map { "\($0.rightDelta ?? 0) \($0.carrier)" })")
             #expect(downloads.wait(diagnose: lab), "curl failed: \((try? String(contentsOfFile: "\(lab.directory)/curl.log", encoding: .utf8)) ?? "")")
             let original = try Data(contentsOf: URL(fileURLWithPath: "\(lab.httpRoot)/blob"))
             for out in downloads.outputs {
