@@ -117,6 +117,7 @@ struct parsed {
     __u16 payload;
     __u8 tcp_flags;
     __u8 tos;
+    __u8 options; /* bytes of TCP options (doff * 4 - 20) */
 };
 
 /* Ethernet + IPv4 (first fragment or unfragmented) + TCP; 0 if the packet is not one we translate. */
@@ -153,6 +154,7 @@ static __always_inline int parse(struct __sk_buff *skb, __u8 hook, struct parsed
     p->payload = p->tot_len > headers ? p->tot_len - headers : 0;
     p->tcp_flags = ((__u8 *)tcp)[13];
     p->tos = ip->tos;
+    p->options = tcp->doff > 5 ? (tcp->doff - 5) * 4 : 0;
     return 1;
 }
 
@@ -249,6 +251,91 @@ static __always_inline int rewrite(struct __sk_buff *skb, const struct parsed *p
             return err;
     }
     return 0;
+}
+
+#define TCP_SEQ_OFF 4
+#define TCP_ACK_OFF 8
+#define TCP_OPTIONS_MAX 40
+#define TCPOPT_EOL 0
+#define TCPOPT_NOP 1
+#define TCPOPT_SACK 5
+
+/* §3.4: an ingress translation with a delta moves the sequence number into the local endpoint's numbering (SYNs keep
+ * their own). The field is 4-aligned in the header: an RFC 1624 replace. */
+static __always_inline int shift_seq(struct __sk_buff *skb, const struct parsed *p, __s32 delta)
+{
+    if (p->tcp_flags & TCP_FLAG_SYN)
+        return 0;
+    __be32 from = bpf_htonl(p->seq), to = bpf_htonl(p->seq + (__u32)delta);
+    int err = bpf_l4_csum_replace(skb, p->l4_off + offsetof(struct tcphdr, check), from, to, sizeof(to));
+    if (err)
+        return err;
+    return bpf_skb_store_bytes(skb, p->l4_off + TCP_SEQ_OFF, &to, sizeof(to), 0);
+}
+
+/* §3.4: an egress translation with a delta moves the acknowledgment number and both edges of every SACK block
+ * (RFC 2018) back into the far side's numbering. The options are copied out, shifted, and the checksum is fixed by
+ * the difference over the whole options area (4-aligned in the header, whatever the blocks' own alignment). */
+static __always_inline int shift_ack(struct __sk_buff *skb, const struct parsed *p, __s32 delta)
+{
+    if ((p->tcp_flags & (TCP_FLAG_ACK | TCP_FLAG_SYN)) != TCP_FLAG_ACK)
+        return 0;
+    __u32 csum_off = p->l4_off + offsetof(struct tcphdr, check);
+    __be32 from = bpf_htonl(p->ack), to = bpf_htonl(p->ack - (__u32)delta);
+    int err = bpf_l4_csum_replace(skb, csum_off, from, to, sizeof(to));
+    if (err)
+        return err;
+    if ((err = bpf_skb_store_bytes(skb, p->l4_off + TCP_ACK_OFF, &to, sizeof(to), 0)))
+        return err;
+    __u32 length = p->options;
+    if (length == 0 || length > TCP_OPTIONS_MAX)
+        return 0;
+    __u8 old[TCP_OPTIONS_MAX] = {}, opt[TCP_OPTIONS_MAX] = {};
+    if (bpf_skb_load_bytes(skb, p->l4_off + sizeof(struct tcphdr), opt, length & 0x3f))
+        return 0;
+    __builtin_memcpy(old, opt, TCP_OPTIONS_MAX);
+    int changed = 0;
+    __u32 i = 0;
+    for (int guard = 0; guard < TCP_OPTIONS_MAX && i + 1 < length && i + 1 < TCP_OPTIONS_MAX; guard++) {
+        __u8 kind = opt[i & 0x3f];
+        if (kind == TCPOPT_EOL)
+            break;
+        if (kind == TCPOPT_NOP) {
+            i++;
+            continue;
+        }
+        __u8 len = opt[(i + 1) & 0x3f];
+        if (len < 2 || i + len > length)
+            break;
+        if (kind == TCPOPT_SACK) {
+            for (__u32 e = i + 2; e + 4 <= i + len && e + 4 <= TCP_OPTIONS_MAX; e += 4) {
+                __u32 j = e & 0x3f;
+                if (j + 3 >= TCP_OPTIONS_MAX)
+                    break;
+                __u32 edge = ((__u32)opt[j] << 24) | ((__u32)opt[j + 1] << 16) | ((__u32)opt[j + 2] << 8) | opt[j + 3];
+                edge -= (__u32)delta;
+                opt[j] = edge >> 24;
+                opt[j + 1] = edge >> 16;
+                opt[j + 2] = edge >> 8;
+                opt[j + 3] = edge;
+                changed = 1;
+            }
+            break;
+        }
+        i += len;
+    }
+    if (!changed)
+        return 0;
+    /* bpf_csum_diff wants a multiple of 4 (the options area is one) and a constant-bounded size. */
+    __u32 size = length & 0x3c;
+    if (size == 0 || size > TCP_OPTIONS_MAX)
+        return 0;
+    __s64 diff = bpf_csum_diff((__be32 *)old, size, (__be32 *)opt, size, 0);
+    if (diff < 0)
+        return (int)diff;
+    if ((err = bpf_skb_store_bytes(skb, p->l4_off + sizeof(struct tcphdr), opt, size, 0)))
+        return err;
+    return bpf_l4_csum_replace(skb, csum_off, 0, (__u32)diff, 0);
 }
 
 /* A held translation's packet (the hand-over rule): 1 if the translation is (now) the kernel's, 0 if the packet
@@ -370,7 +457,10 @@ int dysco_ingress(struct __sk_buff *skb)
         return TC_ACT_SHOT;
     }
     account(v, &p);
+    __s32 delta = v->seq_delta;
     if (rewrite(skb, &p, v) < 0)
+        return TC_ACT_SHOT;
+    if (delta && shift_seq(skb, &p, delta) < 0)
         return TC_ACT_SHOT;
     stat_inc(DYSCO_STAT_REWRITTEN);
     __u32 zero = 0;
@@ -399,7 +489,10 @@ int dysco_egress(struct __sk_buff *skb)
     __be32 new_saddr = v->new_saddr, new_daddr = v->new_daddr;
     __be16 new_sport = v->new_sport, new_dport = v->new_dport;
     int destination_changed = new_daddr != p.key.daddr;
+    __s32 delta = v->seq_delta;
     if (rewrite(skb, &p, v) < 0)
+        return TC_ACT_SHOT;
+    if (delta && shift_ack(skb, &p, delta) < 0)
         return TC_ACT_SHOT;
     stat_inc(DYSCO_STAT_REWRITTEN);
     if (!destination_changed)

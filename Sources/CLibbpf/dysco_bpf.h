@@ -70,7 +70,10 @@ struct dysco_value {
     __u32 flags;        /* DYSCO_F_* */
     __u64 session_id;   /* the agent's session id, echoed in events */
     struct dysco_tcp_facts tcp;
-    __u32 pad;          /* zero */
+    /* Sequence delta (paper §3.4, docs/ARCHITECTURE.md "Sequence deltas"), host order: an ingress translation adds it
+       to the sequence number, an egress one subtracts it from the acknowledgment number and both edges of each SACK
+       block. 0 for almost every session. */
+    __s32 seq_delta;
     __u64 packets;      /* rewritten packets (atomic adds) */
     __u64 bytes;        /* their IP lengths */
     __u64 last_seen_ns; /* bpf_ktime_get_ns() (CLOCK_MONOTONIC) of the last rewritten packet */

@@ -380,7 +380,8 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
         for (key, entry) in entries {
             if heldSessions.contains(id), let seen = handOver.release(key, now: now) {
                 perform(seen)
-                if var present = try datapath.lookup(key), present.target == entry.target {
+                if var present = try datapath.lookup(key), present.target == entry.target,
+                   present.seqDelta == entry.seqDelta {
                     present.flags.formUnion([.held, .releasing])
                     try datapath.write(key, present, mode: .replace)
                 } else {

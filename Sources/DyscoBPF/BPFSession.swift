@@ -94,9 +94,12 @@ public struct BPFSessionEntry: Hashable, Sendable {
     public var bytes: UInt64
     /// CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns) of the last packet rewritten; 0 if none.
     public var lastSeenNanoseconds: UInt64
+    /// The translation's sequence delta (§3.4, ``FastPath/Translation/seqDelta``).
+    public var seqDelta: Int32
 
     public init(target: FiveTuple, flags: BPFSessionFlags = [], sessionID: UInt64, tcp: BPFTCPFacts = BPFTCPFacts(),
-                packets: UInt64 = 0, bytes: UInt64 = 0, lastSeenNanoseconds: UInt64 = 0) {
+                packets: UInt64 = 0, bytes: UInt64 = 0, lastSeenNanoseconds: UInt64 = 0, seqDelta: Int32 = 0) {
+        self.seqDelta = seqDelta
         self.target = target
         self.flags = flags
         self.sessionID = sessionID
@@ -121,6 +124,7 @@ public struct BPFSessionEntry: Hashable, Sendable {
         value.packets = packets
         value.bytes = bytes
         value.last_seen_ns = lastSeenNanoseconds
+        value.seq_delta = seqDelta
         return value
     }
 
@@ -136,6 +140,7 @@ public struct BPFSessionEntry: Hashable, Sendable {
         packets = raw.packets
         bytes = raw.bytes
         lastSeenNanoseconds = raw.last_seen_ns
+        seqDelta = raw.seq_delta
     }
 }
 
@@ -197,7 +202,8 @@ extension BPFSessionKey {
                              flags: BPFSessionFlags = []) -> (key: BPFSessionKey, entry: BPFSessionEntry) {
         let hook: BPFHook = translation.hook == .ingress ? .ingress : .egress
         return (BPFSessionKey(translation.key, hook: hook),
-                BPFSessionEntry(target: translation.target, flags: flags, sessionID: sessionID))
+                BPFSessionEntry(target: translation.target, flags: flags, sessionID: sessionID,
+                                seqDelta: translation.seqDelta))
     }
 }
 

@@ -34,10 +34,11 @@ public struct BPFSessionListing: Sendable, Equatable {
         return expected
     }
 
-    /// Whether `present` (an entry in the map) already does what `wanted` asks: same target, same session, not held.
-    /// Its counters, TCP facts and the FIN/RST flags the program set are the kernel's and stay.
+    /// Whether `present` (an entry in the map) already does what `wanted` asks: same target, delta and session, not
+    /// held. Its counters, TCP facts and the FIN/RST flags the program set are the kernel's and stay.
     static func serves(_ present: BPFSessionEntry, _ wanted: BPFSessionEntry) -> Bool {
-        present.target == wanted.target && present.sessionID == wanted.sessionID && !present.flags.contains(.held)
+        present.target == wanted.target && present.seqDelta == wanted.seqDelta && present.sessionID == wanted.sessionID
+            && !present.flags.contains(.held)
     }
 
     /// The map holds exactly `carried`'s translations (every key, with its target and session, none held, and no

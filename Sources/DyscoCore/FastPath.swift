@@ -21,10 +21,14 @@ public enum FastPath {
         public var hook: Hook
         public var key: FiveTuple
         public var target: FiveTuple
-        public init(hook: Hook, key: FiveTuple, target: FiveTuple) {
+        /// The subsession's sequence delta (§3.4, ``SessionTable/Subsession/seqDelta``): the kernel adds it to the
+        /// sequence number at ingress, subtracts it from the acknowledgment number and SACK blocks at egress.
+        public var seqDelta: Int32
+        public init(hook: Hook, key: FiveTuple, target: FiveTuple, seqDelta: Int32 = 0) {
             self.hook = hook
             self.key = key
             self.target = target
+            self.seqDelta = seqDelta
         }
     }
 }
@@ -33,13 +37,15 @@ extension SessionTable.Record {
     /// The record's translations for the fast path, in a fixed order (the restart compares them with the map).
     public var fastPathTranslations: [FastPath.Translation] {
         var result: [FastPath.Translation] = []
-        if let left {
-            result.append(.init(hook: .ingress, key: left, target: session))
-            result.append(.init(hook: .egress, key: session.reversed, target: left.reversed))
+        if let link = leftLink {
+            let (left, delta) = (link.active.tuple, link.active.seqDelta)
+            result.append(.init(hook: .ingress, key: left, target: session, seqDelta: delta))
+            result.append(.init(hook: .egress, key: session.reversed, target: left.reversed, seqDelta: delta))
         }
-        if let right {
-            result.append(.init(hook: .egress, key: session, target: right))
-            result.append(.init(hook: .ingress, key: right.reversed, target: session.reversed))
+        if let link = rightLink {
+            let (right, delta) = (link.active.tuple, link.active.seqDelta)
+            result.append(.init(hook: .egress, key: session, target: right, seqDelta: delta))
+            result.append(.init(hook: .ingress, key: right.reversed, target: session.reversed, seqDelta: delta))
         }
         return result
     }

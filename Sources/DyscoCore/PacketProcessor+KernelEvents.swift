@@ -91,7 +91,12 @@ extension PacketProcessor {
                 if record.right != nil { record.rightEstablished = true }
             }
         }
-        track(translation, segment: TrackedSegment(event), hook: event.hook, now: now)
+        var segment = TrackedSegment(event)
+        // The program reports the ingress sequence number as it arrived: into the endpoint's numbering (§3.4).
+        if event.hook == .ingress, !event.flags.contains(.syn) {
+            segment.tcp.sequenceNumber &+= UInt32(bitPattern: translation.seqDelta)
+        }
+        track(translation, segment: segment, hook: event.hook, now: now)
         return (true, takeEffects())
     }
 }

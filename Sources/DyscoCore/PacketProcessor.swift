@@ -491,7 +491,7 @@ public struct PacketProcessor: Sendable {
     /// kernel's `established` event (``observe(_:now:)``); the fresh tracking ends here, as at any install.
     private mutating func openInKernel(_ id: SessionTable.SessionID, syn: FastPathAction.OpeningSyn?) {
         guard settings.fastPath, settings.installAtSyn, let record = table.records[id], record.carrier == .slow,
-              !record.fastPathFailed, !record.rewritesSequence else { return }
+              !record.fastPathFailed else { return }
         table.update(id) {
             $0.carrier = .pending
             $0.sequence.invalidate()
@@ -556,7 +556,7 @@ public struct PacketProcessor: Sendable {
                 if settings.fastPath, record.carrier == .slow, !record.fastPathFailed, record.closeDeadline == nil,
                    !record.resetSeen, now >= record.fastPathNotBefore, record.packets >= settings.fastPathAfterPackets,
                    translation.direction == .forward, flags.isDisjoint(with: [.syn, .fin, .rst]),
-                   record.right == nil || record.rightEstablished, !record.rewritesSequence {
+                   record.right == nil || record.rightEstablished {
                     record.carrier = .pending
                     record.sequence.invalidate()
                     install = record.fastPathTranslations
@@ -747,7 +747,6 @@ public struct PacketProcessor: Sendable {
         for id in ids {
             guard let record = table.records[id], record.carrier == .held else { continue }
             let eligible = settings.fastPath && !record.fastPathFailed && record.closeDeadline == nil
-                && !record.rewritesSequence
                 && (record.right == nil || record.rightEstablished)
             table.update(id) { $0.carrier = eligible ? .pending : .slow }
             if eligible { pending.fastPath.append(.install(id, record.fastPathTranslations)) }

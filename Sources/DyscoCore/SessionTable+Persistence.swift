@@ -153,7 +153,7 @@ public enum SessionStateFile {
         for id in restored {
             guard let record = table.records[id] else { continue }
             let open = record.closeDeadline == nil || (keepClosing && !record.reset && !record.resetSeen)
-            if fastPath, inKernel.contains(id), open, !record.fastPathFailed, !record.rewritesSequence {
+            if fastPath, inKernel.contains(id), open, !record.fastPathFailed {
                 table.update(id) { $0.carrier = .kernel }
                 carried.append((id, record.fastPathTranslations))
             } else {

@@ -132,12 +132,6 @@ public struct SessionTable: Sendable {
                      reverse: (rightLink?.active.seqDelta ?? 0) &+ boxDelta.reverse)
         }
 
-        /// True when a subsession rewrites sequence numbers (``Subsession/seqDelta``): the kernel fast path
-        /// cannot, so such a session stays on the slow path.
-        public var rewritesSequence: Bool {
-            [leftLink, rightLink].contains { link in link.map { $0.all.contains { $0.seqDelta != 0 } } ?? false }
-        }
-
         public func link(_ side: Side) -> Link? { side == .left ? leftLink : rightLink }
         /// The left neighbour's address (nil at the left end).
         public var leftNeighbour: IPv4Address? { left?.srcAddr }
