@@ -237,4 +237,77 @@ import Testing
         try datapath.unpinMaps()
         #expect(!FileManager.default.fileExists(atPath: "\(Self.pinDirectory)/dysco_sessions"))
     }
+
+    /// A scapy sniffer in the server's namespace: the TCP packets eth0 receives from 10.216.3.1 (`count` of them),
+    /// printed as `flags seq ack sack-edges checksum-ok` lines once captured. Returns once it listens.
+    func startSniffer(count: Int, output: String) async throws -> Process {
+        let script = """
+            from scapy.all import *
+            import sys
+            conf.verb = 0
+            def show(p):
+                t = p[TCP]
+                sack = [e for k, v in t.options if k == 'SAck' for e in v]
+                raw = bytes(p[IP])
+                q = IP(raw); c = q[TCP].chksum; del q[TCP].chksum; ok = IP(bytes(q))[TCP].chksum == c
+                return '%s %d %d %s %s' % (t.flags, t.seq, t.ack, ','.join(map(str, sack)), ok)
+            s = AsyncSniffer(iface='eth0', count=\(count), timeout=20,
+                             lfilter=lambda p: IP in p and TCP in p and p[IP].src == '10.216.3.1')
+            s.start()
+            time.sleep(0.5)
+            print('listening', flush=True)
+            s.join()
+            print('\\n'.join(show(p) for p in (s.results or [])), flush=True)
+            """
+        let process = try Command.spawn([TestSupport.scapyPython, "-c", script], netns: Self.server, logPath: output)
+        let listening = try await TestSupport.eventually(timeout: 15) {
+            ((try? String(contentsOfFile: output, encoding: .utf8)) ?? "").contains("listening")
+        }
+        try #require(listening, "sniffer: \((try? String(contentsOfFile: output, encoding: .utf8)) ?? "")")
+        return process
+    }
+
+    @Test("§3.4 in the kernel: an egress translation with a delta lowers the ack and every SACK edge (aligned and odd-offset blocks), an ingress one raises the sequence number; checksums stay valid")
+    func sequenceDeltas() async throws {
+        try Self.setUp()
+        defer { Self.tearDown() }
+        let work = FileManager.default.temporaryDirectory.appendingPathComponent("dysco-bpf1d-\(getpid())").path
+        try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: work) }
+        let datapath = try BPFDatapath(objectPath: try Self.objectPath(), pinDirectory: Self.pinDirectory)
+        for device in ["eth0", "eth1"] { _ = try datapath.attach(interface: device, namespace: Self.client) }
+        try datapath.insert(Self.egressKey, BPFSessionEntry(target: Self.subsession, sessionID: 9, seqDelta: 100))
+        try datapath.insert(Self.ingressKey, BPFSessionEntry(target: Self.session.reversed, sessionID: 9, seqDelta: 100))
+        #expect(try datapath.lookup(Self.egressKey)?.seqDelta == 100)
+
+        // Egress: two ACKs of the session from the client, NOP NOP SACK (Linux's layout) and NOP SACK (odd offset).
+        let sniffed = "\(work)/egress.log"
+        let sniffer = try await startSniffer(count: 2, output: sniffed)
+        let s = Self.session
+        let egress = "from scapy.all import *; conf.verb = 0; p = IP(src='\(s.srcAddr)', dst='\(s.dstAddr)')/TCP(sport=\(s.srcPort), dport=\(s.dstPort), flags='A', seq=1000, ack=5000, options=%s); send(p)"
+        for options in ["[('NOP', None), ('NOP', None), ('SAck', (6000, 7000, 8050, 9000))]",
+                        "[('NOP', None), ('SAck', (6000, 7000)), ('EOL', None)]"] {
+            try Command.run([TestSupport.scapyPython, "-c", egress.replacingOccurrences(of: "%s", with: options)],
+                            netns: Self.client)
+        }
+        sniffer.waitUntilExit()
+        let lines = try String(contentsOfFile: sniffed, encoding: .utf8).split(separator: "\n").filter { $0.hasPrefix("A ") }
+        #expect(lines == ["A 1000 4900 5900,6900,7950,8900 True", "A 1000 4900 5900,6900 True"], "\(lines)")
+
+        // Ingress: a segment without ACK from the server on the subsession; the client's stack (no socket) answers
+        // with an RST acknowledging seq + 1, in the client's numbering (the egress entry now without a delta, so the
+        // answer shows what the ingress program made of the sequence number).
+        try datapath.write(Self.egressKey, BPFSessionEntry(target: Self.subsession, sessionID: 9), mode: .replace)
+        let answers = "\(work)/ingress.log"
+        let sniffer2 = try await startSniffer(count: 1, output: answers)
+        let ingress = "from scapy.all import *; conf.verb = 0; send(IP(src='10.216.3.2', dst='10.216.3.1')/TCP(sport=8080, dport=52001, flags='P', seq=70000)/Raw(b'x'))"
+        try Command.run([TestSupport.scapyPython, "-c", ingress], netns: Self.server)
+        sniffer2.waitUntilExit()
+        let reply = try String(contentsOfFile: answers, encoding: .utf8).split(separator: "\n").filter { $0.hasPrefix("RA ") }
+        #expect(reply == ["RA 0 70101  True"], "the client acknowledged 70000 + 100 + 1: \(reply)")
+        #expect(try Self.tcpChecksumErrors(Self.client) == 0)
+        #expect(try Self.tcpChecksumErrors(Self.server) == 0)
+        for device in ["eth0", "eth1"] { try BPFDatapath.detach(interface: device, namespace: Self.client) }
+        try datapath.unpinMaps()
+    }
 }
