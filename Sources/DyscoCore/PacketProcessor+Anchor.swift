@@ -177,17 +177,22 @@ extension PacketProcessor {
     public func anchorElicit(chainID: UInt64, into buffer: UnsafeMutableRawPointer) -> (Int, IPv4Address)? {
         guard let id = id(chainID), let record = table.records[id], let m = record.migration else { return nil }
         let tuple: FiveTuple
+        // At a middlebox anchor the packet leaves on the local side's subsession: its acknowledgment number (the
+        // local side's stream) goes out in that subsession's numbering (§3.4).
+        var localDelta: Int32 = 0
         switch (m.side, record.role) {
         case (.right, .leftEnd): tuple = record.session.reversed
         case (.right, _):
-            guard let left = record.left else { return nil }
-            tuple = left.reversed
+            guard let left = record.leftLink?.active else { return nil }
+            tuple = left.tuple.reversed
+            localDelta = left.seqDelta
         case (.left, .rightEnd): tuple = record.session
         case (.left, _):
-            guard let right = record.right else { return nil }
-            tuple = right
+            guard let right = record.rightLink?.active else { return nil }
+            tuple = right.tuple
+            localDelta = right.seqDelta
         }
-        if let received = m.lastAck, let peerAcked = m.peerAcked {
+        if let received = m.lastAck, let peerAcked = m.peerAcked.map({ $0 &- UInt32(bitPattern: localDelta) }) {
             // Knowing what the endpoint acknowledged: a keep-alive (one byte just below it, RFC 1122 §4.2.3.6),
             // which the endpoint discards as old and acknowledges at once, without the rate limit Linux puts on
             // challenge ACKs. Never below what merely crossed towards it (the far side's sequence end): with a
@@ -245,11 +250,16 @@ extension PacketProcessor {
         // than a pure ACK: parse it with its own length).
         guard let (built, destination) = anchorElicit(chainID: chainID, into: buffer) else { return nil }
         let seq = AnchorState.seqMax(m.latestPeerSeqEnd, m.peerSeqEnd ?? 0)
-        let ack = AnchorState.seqMax(m.latestPeerAcked, m.peerAcked ?? 0)
+        var ack = AnchorState.seqMax(m.latestPeerAcked, m.peerAcked ?? 0)
         guard m.peerSeqEnd != nil || m.latestPeerSeqEnd != nil, m.peerAcked != nil || m.latestPeerAcked != nil,
               let window = m.peerWindow else { return nil }
         guard case .success(let elicit) = IPv4TCPPacket.parse(buffer, count: built) else { return nil }
         let tuple = elicit.tuple
+        // A middlebox anchor's local side is a subsession: its numbering for the local stream (§3.4).
+        if let record = table.records[id], record.role == .middlebox,
+           let local = record.link(m.side == .right ? .left : .right)?.active {
+            ack &-= UInt32(bitPattern: local.seqDelta)
+        }
         let packet = IPv4TCPPacket.buildPureAck(into: buffer, tuple: tuple, seq: seq, ack: ack, window: window)
         return (packet.length, destination)
     }

@@ -126,4 +126,38 @@ struct SequenceDeltaTests {
         let unknown = p.setBoxDelta(session: .t("10.9.9.9", 1, "10.9.9.8", 2), .zero)
         #expect(!unknown)
     }
+
+    @Test("§3.4 at a middlebox anchor whose local subsession has a delta (it was a right anchor before): the keep-alive it sends its endpoint acknowledges in that subsession's numbering")
+    func middleboxAnchorElicitUsesLocalDelta() throws {
+        var p = PacketProcessor(config: AgentConfig(), portRange: 20000...20100, trust: TestKeys.group)
+        let left = FiveTuple.t("10.0.0.1", 10001, "10.0.0.2", 80)
+        let id = try p.table.insertFromLeft(session: Self.session, left: left, remaining: [A.server], now: 0)
+        try p.table.openRight(id, local: A.fw1, next: A.server)
+        p.table.update(id) { $0.rightEstablished = true; $0.established = true }
+        let chainID = try #require(p.table.records[id]).identity.chainID
+        // First reconfiguration: this box is the right anchor of a segment on its left whose boxes added 40 bytes
+        // to the forward stream; the new left subsession keeps the delta.
+        _ = p.anchorHold(chainID: chainID, side: .left, stateful: false, now: 0)
+        p.anchorSetDelta(chainID: chainID, 40)
+        let newLeft = FiveTuple.t("10.0.0.1", 10002, "10.0.0.2", 80)
+        try p.table.addOtherLeft(id, tuple: newLeft)
+        p.anchorPromote(chainID: chainID)
+        _ = p.anchorSetPhase(chainID: chainID, .released, now: 1)
+        _ = p.anchorFinish(chainID: chainID)
+        #expect(p.table.records[id]?.leftLink?.active.seqDelta == 40)
+        // Second: it is the left anchor of the segment on its right. Its local side (the client) sends data and
+        // acks; the far side acknowledges the client's bytes.
+        _ = p.anchorHold(chainID: chainID, side: .right, stateful: false, now: 2)
+        let right = try #require(p.table.records[id]?.right)
+        _ = A.run(&p, PacketBuilder(tuple: newLeft, seq: 1000, ack: 7000, payload: [1, 2]), hook: .ingress)
+        _ = A.run(&p, PacketBuilder(tuple: Self.session, seq: 1040, ack: 7000, payload: [1, 2]), hook: .egress)
+        _ = A.run(&p, PacketBuilder(tuple: right.reversed, seq: 7000, ack: 1042), hook: .ingress)
+        var buffer = [UInt8](repeating: 0, count: 64)
+        let built = buffer.withUnsafeMutableBytes { p.anchorElicit(chainID: chainID, into: $0.baseAddress!) }
+        let (length, destination) = try #require(built)
+        let packet = Array(buffer[0..<length])
+        #expect(destination == IPv4Address("10.0.0.1")! && A.tuple(packet) == newLeft.reversed)
+        #expect(A.ack(packet) == 1002, "the client's numbering: 1042 − 40")
+        #expect(A.seq(packet) == 6999)
+    }
 }
