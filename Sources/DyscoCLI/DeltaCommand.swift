@@ -13,8 +13,8 @@ struct DeltaCommand: AsyncParsableCommand {
             the sequence numbers the two ends see. When a reconfiguration later takes the box out of the session \
             (`remove`, or a `replace` of it), the anchors must go on translating by the same amount: the agent adds \
             what the box reported here to the lock messages' sums, and the anchors apply the sums to sequence \
-            numbers, acknowledgments and SACK blocks for the rest of the session (the session then stays on the \
-            slow path). Report the delta once the box has made its change, and before the box is taken out.
+            numbers, acknowledgments and SACK blocks for the rest of the session (in the kernel too: the BPF \
+            datapath shifts them). Report the delta once the box has made its change, and before the box is taken out.
 
             SESSION is the tuple as the box sees it, `SRC:PORT->DST:PORT` (either direction); --forward is what \
             the box added to the bytes from SRC to DST, --reverse to the bytes from DST to SRC (negative: removed). \
@@ -24,9 +24,9 @@ struct DeltaCommand: AsyncParsableCommand {
 
     @Argument(help: ArgumentHelp("The session as the box sees it.", valueName: "SRC:PORT->DST:PORT"))
     var session: String
-    @Option(help: "Bytes the box added to the stream from SRC to DST (negative: removed).")
+    @Option(parsing: .unconditional, help: "Bytes the box added to the stream from SRC to DST (negative: removed).")
     var forward: Int32 = 0
-    @Option(help: "Bytes the box added to the stream from DST to SRC (negative: removed).")
+    @Option(parsing: .unconditional, help: "Bytes the box added to the stream from DST to SRC (negative: removed).")
     var reverse: Int32 = 0
     @OptionGroup var agent: AgentAddressOptions
     @OptionGroup var jsonOutput: JSONOutput<JSONHelp.Plain>

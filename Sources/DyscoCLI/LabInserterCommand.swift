@@ -91,13 +91,15 @@ private final class InserterLoop: Sendable {
                 var pfd = pollfd(fd: s.socket.fileDescriptor, events: Int16(POLLIN), revents: 0)
                 guard poll(&pfd, 1, 50) > 0 else { return }
                 _ = try? s.socket.receive { packet in
-                    guard let payload = packet.payload, packet.length + s.box.text.count <= 70_000 else {
+                    guard let payload = packet.payload, packet.length + s.box.text.count <= 65_535 else {
                         try s.socket.verdict(id: packet.id, accept: true)
                         return
                     }
                     switch s.box.process(UnsafeRawBufferPointer(start: payload, count: packet.length), into: output) {
                     case .unchanged:
                         try s.socket.verdict(id: packet.id, accept: true)
+                    case .drop:
+                        try s.socket.verdict(id: packet.id, accept: false)
                     case .modified(let length, let inserted):
                         try s.socket.verdict(id: packet.id, accept: true,
                                              packet: UnsafeRawBufferPointer(start: output, count: length))

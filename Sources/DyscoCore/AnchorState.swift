@@ -55,8 +55,8 @@ public struct AnchorState: Sendable, Equatable {
     /// would wait in the buffer (long enough, a sender's tail-loss probe would retransmit it). The real
     /// window is restored by a window update at the end. The paper clamps to 64 KiB (§5.3).
     public var clampWindow = true
-    /// Sequence-number delta (§3.4) this anchor applies to new-path packets: added to the sequence number of
-    /// packets coming in from the new path, subtracted from the acknowledgment number of packets going out on it.
+    /// The sum of the removed boxes' deltas (§3.4) the lock messages brought: the new path's subsession applies the
+    /// old path's delta plus this one (``SessionTable/Subsession/seqDelta``, docs/ARCHITECTURE.md "Sequence deltas").
     public var delta: Int32 = 0
 
     public init(side: SessionTable.Side, stateful: Bool, now: UInt64) {

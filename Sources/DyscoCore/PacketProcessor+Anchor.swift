@@ -176,23 +176,8 @@ extension PacketProcessor {
     /// adjacent subsession to the endpoint's side. Returns the packet's length and destination.
     public func anchorElicit(chainID: UInt64, into buffer: UnsafeMutableRawPointer) -> (Int, IPv4Address)? {
         guard let id = id(chainID), let record = table.records[id], let m = record.migration else { return nil }
-        let tuple: FiveTuple
-        // At a middlebox anchor the packet leaves on the local side's subsession: its acknowledgment number (the
-        // local side's stream) goes out in that subsession's numbering (§3.4).
-        var localDelta: Int32 = 0
-        switch (m.side, record.role) {
-        case (.right, .leftEnd): tuple = record.session.reversed
-        case (.right, _):
-            guard let left = record.leftLink?.active else { return nil }
-            tuple = left.tuple.reversed
-            localDelta = left.seqDelta
-        case (.left, .rightEnd): tuple = record.session
-        case (.left, _):
-            guard let right = record.rightLink?.active else { return nil }
-            tuple = right.tuple
-            localDelta = right.seqDelta
-        }
-        if let received = m.lastAck, let peerAcked = m.peerAcked.map({ $0 &- UInt32(bitPattern: localDelta) }) {
+        guard let (tuple, shift) = localSide(record, m) else { return nil }
+        if let received = m.lastAck.map({ $0 &+ shift.seq }), let peerAcked = m.peerAcked.map({ $0 &- shift.ack }) {
             // Knowing what the endpoint acknowledged: a keep-alive (one byte just below it, RFC 1122 §4.2.3.6),
             // which the endpoint discards as old and acknowledges at once, without the rate limit Linux puts on
             // challenge ACKs. Never below what merely crossed towards it (the far side's sequence end): with a
@@ -204,6 +189,26 @@ extension PacketProcessor {
         }
         let packet = IPv4TCPPacket.buildPureAck(into: buffer, tuple: tuple, seq: 0, ack: 0, window: 0, flags: .syn)
         return (packet.length, tuple.dstAddr)
+    }
+
+    /// Where a packet as from the far side goes to reach the anchor's local endpoint, and how its numbers move from
+    /// the segment side's into that endpoint's (§3.4): at a middlebox anchor the packet leaves on the local side's
+    /// subsession (its delta applies to the local stream, the acknowledgment number) and does not cross the host's
+    /// own box (its reported ``SessionTable/Record/boxDelta``: the far stream it changes gains it, the local stream
+    /// it changes loses it). `seq` is added to the sequence number, `ack` subtracted from the acknowledgment number.
+    private func localSide(_ record: SessionTable.Record, _ m: AnchorState) -> (FiveTuple, shift: (seq: UInt32, ack: UInt32))? {
+        switch (m.side, record.role) {
+        case (.right, .leftEnd): return (record.session.reversed, (0, 0))
+        case (.left, .rightEnd): return (record.session, (0, 0))
+        case (.right, _):
+            guard let left = record.leftLink?.active else { return nil }
+            let box = record.boxDelta
+            return (left.tuple.reversed, (UInt32(bitPattern: box.reverse), UInt32(bitPattern: left.seqDelta &+ box.forward)))
+        case (.left, _):
+            guard let right = record.rightLink?.active else { return nil }
+            let box = record.boxDelta
+            return (right.tuple, (UInt32(bitPattern: box.forward), UInt32(bitPattern: right.seqDelta &+ box.reverse)))
+        }
     }
 
     public enum PokeResult: Equatable, Sendable { case stop, unknownNumbers, sent(length: Int, to: IPv4Address, drained: Bool) }
@@ -246,22 +251,14 @@ extension PacketProcessor {
         guard let id = id(chainID), var m = table.records[id]?.migration, m.clampWindow else { return nil }
         m.clampWindow = false
         table.update(id) { $0.migration = m }
-        // The elicit's packet gives the tuple towards the local endpoint (a keep-alive carries one byte more
-        // than a pure ACK: parse it with its own length).
-        guard let (built, destination) = anchorElicit(chainID: chainID, into: buffer) else { return nil }
         let seq = AnchorState.seqMax(m.latestPeerSeqEnd, m.peerSeqEnd ?? 0)
-        var ack = AnchorState.seqMax(m.latestPeerAcked, m.peerAcked ?? 0)
+        let ack = AnchorState.seqMax(m.latestPeerAcked, m.peerAcked ?? 0)
         guard m.peerSeqEnd != nil || m.latestPeerSeqEnd != nil, m.peerAcked != nil || m.latestPeerAcked != nil,
               let window = m.peerWindow else { return nil }
-        guard case .success(let elicit) = IPv4TCPPacket.parse(buffer, count: built) else { return nil }
-        let tuple = elicit.tuple
-        // A middlebox anchor's local side is a subsession: its numbering for the local stream (§3.4).
-        if let record = table.records[id], record.role == .middlebox,
-           let local = record.link(m.side == .right ? .left : .right)?.active {
-            ack &-= UInt32(bitPattern: local.seqDelta)
-        }
-        let packet = IPv4TCPPacket.buildPureAck(into: buffer, tuple: tuple, seq: seq, ack: ack, window: window)
-        return (packet.length, destination)
+        guard let record = table.records[id], let (tuple, shift) = localSide(record, m) else { return nil }
+        let packet = IPv4TCPPacket.buildPureAck(into: buffer, tuple: tuple, seq: seq &+ shift.seq, ack: ack &- shift.ack,
+                                                window: window)
+        return (packet.length, tuple.dstAddr)
     }
 
     /// Success: the old path's subsession goes, tracking ends, the session may return to the fast path.

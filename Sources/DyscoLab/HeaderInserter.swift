@@ -38,6 +38,9 @@ public struct HeaderInserter: Sendable {
         /// Accept the `length` bytes written to the output buffer. `inserted`: the text went into this session for
         /// the first time (its client→server tuple): report the delta.
         case modified(length: Int, inserted: FiveTuple?)
+        /// A server segment after the first one arrived before it (reordering, loss): its numbers depend on where
+        /// the text goes, which the first segment decides; dropped (the server sends it again).
+        case drop
     }
 
     /// Rewrites the packet at `input` (`count` bytes) into `output` (room for `count` + ``text``'s length).
@@ -70,7 +73,9 @@ public struct HeaderInserter: Sendable {
                 }
                 flows[key] = flow
             }
-            guard let at = flow.at else { return .unchanged }
+            guard let at = flow.at else {
+                return packet.payloadLength > 0 && !flow.passThrough && Self.before(isn &+ 1, seq) ? .drop : .unchanged
+            }
             let end = seq &+ UInt32(packet.payloadLength)
             if Self.before(seq, at), !Self.before(end, at) {
                 // The segment holds the insertion point (the first one, or its retransmission): put the text in.
@@ -82,13 +87,20 @@ public struct HeaderInserter: Sendable {
                 packet.tcp.setSequenceNumber(seq &+ n, updateChecksum: false)
             }
         } else if let at = flow.at, flags.contains(.ack) {
-            let ack = packet.tcp.acknowledgmentNumber
-            if !Self.before(ack, at &+ n) {
-                packet.applyEgressDelta(Int32(n))
-            } else if Self.before(at, ack) {
-                packet.tcp.setAcknowledgmentNumber(at, updateChecksum: false)  // part of the text acknowledged
-            } else {
-                return .unchanged
+            // The client's numbers back into the server's: above the text down by its length, inside it (part of
+            // the text acknowledged or SACKed) to where it starts. Every SACK edge too, whatever the ack.
+            func back(_ e: UInt32) -> UInt32 { !Self.before(e, at &+ n) ? e &- n : Self.before(at, e) ? at : e }
+            packet.tcp.setAcknowledgmentNumber(back(packet.tcp.acknowledgmentNumber), updateChecksum: false)
+            let header = packet.tcp.base
+            packet.tcp.forEachOption { kind, offset, length in
+                guard kind == 5 else { return true }
+                var edge = offset + 2
+                while edge + 4 <= offset + length {
+                    let value = UInt32(bigEndian: header.loadUnaligned(fromByteOffset: edge, as: UInt32.self))
+                    header.storeBytes(of: back(value).bigEndian, toByteOffset: edge, as: UInt32.self)
+                    edge += 4
+                }
+                return false
             }
         } else {
             return .unchanged

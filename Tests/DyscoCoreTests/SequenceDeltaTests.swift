@@ -159,5 +159,12 @@ struct SequenceDeltaTests {
         #expect(destination == IPv4Address("10.0.0.1")! && A.tuple(packet) == newLeft.reversed)
         #expect(A.ack(packet) == 1002, "the client's numbering: 1042 − 40")
         #expect(A.seq(packet) == 6999)
+        // The host's own box changes the streams too (it reported +3 forward, +5 reverse): the packet does not cross
+        // it, so it carries the client's side of the box's numbers.
+        let reported = p.setBoxDelta(session: Self.session, .init(forward: 3, reverse: 5))
+        #expect(reported)
+        let again = buffer.withUnsafeMutableBytes { p.anchorElicit(chainID: chainID, into: $0.baseAddress!) }
+        let (length2, _) = try #require(again)
+        #expect(A.ack(Array(buffer[0..<length2])) == 999 && A.seq(Array(buffer[0..<length2])) == 7004)
     }
 }

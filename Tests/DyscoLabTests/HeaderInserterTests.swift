@@ -45,6 +45,7 @@ struct HeaderInserterTests {
         switch result {
         case .unchanged: return Out(bytes: bytes)
         case .modified(let length, let inserted): return Out(bytes: Array(output[0..<length]), inserted: inserted)
+        case .drop: return Out(bytes: [])
         }
     }
 
@@ -89,12 +90,34 @@ struct HeaderInserterTests {
             #expect(p.bytes(at: p.tcpOffset + 24, count: 4) == [0, 0, 0x0f, UInt8(256 - Int(n))], "SACK edge down by n")
             #expect(p.isTCPChecksumValid)
         }
+        // SACK blocks below the ack's mapping point too (the first response segment lost, later ones SACKed), and an
+        // edge inside the text maps to where it starts.
+        let low: [UInt8] = [1, 1, 5, 10, 0, 0, 0x03, 0xfd, 0, 0, 0x11, 0]  // 1021 (inside the text 1018..<1035), 4352
+        let early = Self.run(&box, Self.packet(Self.forward, flags: [.ack], seq: 101, ack: 1001, options: low + [1, 1]))
+        Self.view(early.bytes) { p in
+            #expect(p.tcp.acknowledgmentNumber == 1001)
+            let expected: [UInt8] = [0, 0, 0x03, 0xfa, 0, 0, 0x10, 0xef]  // 1018 (the text's start), 4352 − 17
+            #expect(p.bytes(at: p.tcpOffset + 24, count: 8) == expected, "an edge inside the text → its start; above it → down by n")
+            #expect(p.isTCPChecksumValid)
+        }
         // An ack inside the inserted text acknowledges up to the insertion point.
         let partial = Self.run(&box, Self.packet(Self.forward, flags: [.ack], seq: 101, ack: 1001 + 17 + 3))
         Self.view(partial.bytes) { p in #expect(p.tcp.acknowledgmentNumber == 1001 + 17) }
         // Other ports pass untouched.
         let other = Self.packet(FiveTuple(srcAddr: Self.client, srcPort: 1, dstAddr: Self.server, dstPort: 22), flags: [.ack], seq: 5)
         #expect(Self.run(&box, other).bytes == other)
+    }
+
+    @Test("a later response segment before the first one (reordered): dropped until the first decides where the text goes")
+    func laterSegmentFirstIsDropped() {
+        var box = HeaderInserter(text: Self.text, port: 80)
+        _ = Self.run(&box, Self.packet(Self.forward, flags: [.syn], seq: 100))
+        _ = Self.run(&box, Self.packet(Self.forward.reversed, flags: [.syn, .ack], seq: 1000, ack: 101))
+        let later = Self.packet(Self.forward.reversed, flags: [.ack], seq: 1501, ack: 101, payload: [1, 2, 3])
+        #expect(Self.run(&box, later).bytes.isEmpty, "dropped")
+        _ = Self.run(&box, Self.packet(Self.forward.reversed, flags: [.ack], seq: 1001, ack: 101, payload: Array("HTTP/1.1 200 OK\r\n".utf8)))
+        let again = Self.run(&box, later)
+        Self.view(again.bytes) { p in #expect(p.tcp.sequenceNumber == 1501 + UInt32(Self.text.count)) }
     }
 
     @Test("a first response segment without a line end: the session passes unchanged")
