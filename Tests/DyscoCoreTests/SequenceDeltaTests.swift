@@ -74,7 +74,7 @@ struct SequenceDeltaTests {
         s.processor.anchorSetDelta(chainID: s.chainID, 100)
         s.processor.anchorPromote(chainID: s.chainID)
         _ = s.processor.anchorSetPhase(chainID: s.chainID, .released, now: 1)
-        _ = s.processor.anchorFinish(chainID: s.chainID)
+        _ = s.processor.anchorFinish(chainID: s.chainID, now: 1)
         let id = try #require(s.processor.table.byChain[s.chainID])
         #expect(s.processor.table.records[id]?.migration == nil)
         #expect(s.processor.table.records[id]?.rightLink?.active.seqDelta == 100)
@@ -95,7 +95,7 @@ struct SequenceDeltaTests {
         s.processor.anchorSetDelta(chainID: s.chainID, 100)
         s.processor.anchorPromote(chainID: s.chainID)
         _ = s.processor.anchorSetPhase(chainID: s.chainID, .released, now: 1)
-        _ = s.processor.anchorFinish(chainID: s.chainID)
+        _ = s.processor.anchorFinish(chainID: s.chainID, now: 1)
         // Again: the fw2 path (delta 100) is now the old one, a path through fw1 the new one.
         _ = s.processor.anchorHold(chainID: s.chainID, side: .right, stateful: false, now: 2)
         s.processor.anchorSetDelta(chainID: s.chainID, -30)
