@@ -100,11 +100,11 @@ extension AgentDataplane: MigrationDataplane {
 
     func finish(chainID: UInt64) {
         // Back to the kernel on the new path: committed at the packet thread's quiet point (no wait here).
-        change { $0.anchorFinish(chainID: chainID) }
+        change { $0.anchorFinish(chainID: chainID, now: dysco_monotonic_coarse_ns()) }
     }
 
     func cancel(chainID: UInt64) {
-        change { $0.anchorCancel(chainID: chainID) }
+        change { $0.anchorCancel(chainID: chainID, now: dysco_monotonic_coarse_ns()) }
     }
 
     func lacksProbeNumbers(chainID: UInt64) -> Bool {

@@ -262,22 +262,36 @@ extension PacketProcessor {
     }
 
     /// Success: the old path's subsession goes, tracking ends, the session may return to the fast path.
-    public mutating func anchorFinish(chainID: UInt64) -> DataplaneEffects {
+    public mutating func anchorFinish(chainID: UInt64, now: UInt64) -> DataplaneEffects {
         guard let id = id(chainID), let m = table.records[id]?.migration else { return takeEffects() }
-        if m.promoted { table.dropOther(id, m.side) }
+        if m.promoted { dropOtherDeparting(id, m.side, now: now) }
         endTracking(id)
         return takeEffects()
     }
 
     /// Cancel: back on the old path, the new path's subsession goes, tracking ends (the shell then releases
     /// the buffer, which this processor now translates onto the old path).
-    public mutating func anchorCancel(chainID: UInt64) -> DataplaneEffects {
+    public mutating func anchorCancel(chainID: UInt64, now: UInt64) -> DataplaneEffects {
         guard let id = id(chainID), let m = table.records[id]?.migration else { return takeEffects() }
         releasing[chainID] = m.side
         if m.promoted { table.promote(id, m.side) }
-        table.dropOther(id, m.side)
+        dropOtherDeparting(id, m.side, now: now)
         endTracking(id)
         return takeEffects()
+    }
+
+    /// Drops the side's other subsession and keeps its ingress tuple as departed for the close linger (as
+    /// ``leave(chainID:reason:now:)`` does for a whole session): the other anchor may still send on it until it
+    /// hears of the cancel or teardown (its probe, released data, a retransmission), and a packet that reached
+    /// this host's stack on a tuple no agent knows would be answered with a reset whose sequence number is
+    /// exactly the sender's rcv_nxt; the other anchor, still holding that subsession, translates it into the
+    /// session and its endpoint drops the connection ("Connection reset by peer" after cancelled insertions).
+    private mutating func dropOtherDeparting(_ id: SessionTable.SessionID, _ side: SessionTable.Side, now: UInt64) {
+        if let other = table.records[id]?.link(side)?.other {
+            let key = side == .right ? other.tuple.reversed : other.tuple
+            departed[key] = now &+ settings.closeLinger
+        }
+        table.dropOther(id, side)
     }
 
     private mutating func endTracking(_ id: SessionTable.SessionID) {

@@ -219,7 +219,7 @@ struct AnchorDataplaneTests {
         var s = try Self.setup(stateful: true)
         let portsBefore = s.processor.table.ports.inUse
         s.processor.anchorPromote(chainID: s.chainID)
-        _ = s.processor.anchorCancel(chainID: s.chainID)
+        _ = s.processor.anchorCancel(chainID: s.chainID, now: 1)
         s.processor.endRelease(chainID: s.chainID)
         #expect(s.processor.table.ports.inUse == portsBefore - 1)
         #expect(s.processor.table.ingress[s.new.reversed] == nil)
@@ -227,5 +227,23 @@ struct AnchorDataplaneTests {
         guard case .acceptModified = verdict else { Issue.record("\(verdict)"); return }
         #expect(Self.tuple(out) == s.old)
         #expect(s.processor.anchoring == 0)
+    }
+
+    @Test("cancel (§3.6): a late packet on the dropped new subsession is dropped, never handed to the stack (which would reset the session)")
+    func cancelKeepsTheNewTupleDeparted() throws {
+        var s = try Self.setup(stateful: true)
+        _ = Self.run(&s.processor, PacketBuilder(tuple: Self.session, seq: 1000, ack: 50), hook: .egress)
+        _ = s.processor.anchorSetPhase(chainID: s.chainID, .buffering, now: 2)
+        s.processor.anchorPromote(chainID: s.chainID)
+        _ = s.processor.anchorSetPhase(chainID: s.chainID, .probing, now: 3)
+        _ = s.processor.anchorCancel(chainID: s.chainID, now: 4)
+        s.processor.endRelease(chainID: s.chainID)
+        // The other anchor's probe (or released data) still on the new path: not the local stack's to answer.
+        let (verdict, _) = Self.run(&s.processor, PacketBuilder(tuple: s.new.reversed, seq: 50, ack: 1000), hook: .ingress)
+        #expect(verdict == .drop)
+        #expect(s.processor.counters.droppedAfterLeaving == 1)
+        // The old path is untouched.
+        let (old, _) = Self.run(&s.processor, PacketBuilder(tuple: s.old.reversed, seq: 50, ack: 1000), hook: .ingress)
+        guard case .acceptModified = old else { Issue.record("\(old)"); return }
     }
 }

@@ -74,7 +74,7 @@ struct SequenceDeltaTests {
         s.processor.anchorSetDelta(chainID: s.chainID, 100)
         s.processor.anchorPromote(chainID: s.chainID)
         _ = s.processor.anchorSetPhase(chainID: s.chainID, .released, now: 1)
-        let finished = s.processor.anchorFinish(chainID: s.chainID)
+        let finished = s.processor.anchorFinish(chainID: s.chainID, now: 1)
         let id = try #require(s.processor.table.byChain[s.chainID])
         #expect(s.processor.table.records[id]?.migration == nil)
         #expect(s.processor.table.records[id]?.rightLink?.active.seqDelta == 100)
@@ -99,7 +99,7 @@ struct SequenceDeltaTests {
         s.processor.anchorSetDelta(chainID: s.chainID, 100)
         s.processor.anchorPromote(chainID: s.chainID)
         _ = s.processor.anchorSetPhase(chainID: s.chainID, .released, now: 1)
-        _ = s.processor.anchorFinish(chainID: s.chainID)
+        _ = s.processor.anchorFinish(chainID: s.chainID, now: 1)
         // Again: the fw2 path (delta 100) is now the old one, a path through fw1 the new one.
         _ = s.processor.anchorHold(chainID: s.chainID, side: .right, stateful: false, now: 2)
         s.processor.anchorSetDelta(chainID: s.chainID, -30)
@@ -143,7 +143,7 @@ struct SequenceDeltaTests {
         try p.table.addOtherLeft(id, tuple: newLeft)
         p.anchorPromote(chainID: chainID)
         _ = p.anchorSetPhase(chainID: chainID, .released, now: 1)
-        _ = p.anchorFinish(chainID: chainID)
+        _ = p.anchorFinish(chainID: chainID, now: 1)
         #expect(p.table.records[id]?.leftLink?.active.seqDelta == 40)
         // Second: it is the left anchor of the segment on its right. Its local side (the client) sends data and
         // acks; the far side acknowledges the client's bytes.
