@@ -19,6 +19,9 @@ extension DataplaneAgent {
             case .delta:
                 guard let delta = request.delta else { return Data(#"{"error":"delta without its parameters"}"#.utf8) }
                 return (try? JSONEncoder().encode(self.boxDelta(delta))) ?? Data()
+            case .splice:
+                guard let splice = request.splice else { return Data(#"{"error":"splice without its parameters"}"#.utf8) }
+                return (try? JSONEncoder().encode(self.splice(splice))) ?? Data()
             case .replace:
                 guard let replace = request.replace else { return Data(#"{"error":"replace without its parameters"}"#.utf8) }
                 if let problem = replace.problem {
@@ -43,6 +46,30 @@ extension DataplaneAgent {
         logger.info("box delta", metadata: ["session.id": "\(id)", "delta.forward": "\(request.forward)",
                                             "delta.reverse": "\(request.reverse)"])
         return DeltaReply(session: id)
+    }
+
+    // MARK: - A session-terminating proxy's splice (§2.2, §4)
+
+    /// Joins the proxy's two sessions into one middlebox record with the proxy's deltas (``PacketProcessor/splice(from:to:delta:)``).
+    public func splice(_ request: SpliceRequest) -> SpliceReply {
+        var result: Result<PacketProcessor.SpliceOutcome, SessionTable.JoinError> = .failure(.notProxySessions("not run"))
+        dataplane.change { state in
+            result = state.splice(from: request.from, to: request.to, delta: request.delta ?? 0)
+            return state.takeEffects()
+        }
+        switch result {
+        case .success(let outcome):
+            if !outcome.alreadyJoined {
+                logger.info("proxy sessions joined", metadata: [
+                    "session.id": "\(outcome.id)", "splice.from": "\(request.from)", "splice.to": "\(request.to)",
+                    "delta.forward": "\(outcome.boxDelta.forward)", "delta.reverse": "\(outcome.boxDelta.reverse)"])
+            }
+            return SpliceReply(session: outcome.id, boxDelta: outcome.boxDelta, alreadyJoined: outcome.alreadyJoined)
+        case .failure(let error):
+            logger.notice("splice not joined", metadata: ["splice.from": "\(request.from)", "splice.to": "\(request.to)",
+                                                          "error": "\(error)"])
+            return SpliceReply(error: error.description)
+        }
     }
 
     // MARK: - Policy at run time

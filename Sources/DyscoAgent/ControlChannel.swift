@@ -19,6 +19,9 @@ public struct ControlRequest: Codable, Sendable {
         case policy
         /// The middlebox on this host reports what it does to a session's byte streams (``DeltaRequest``, §3.4).
         case delta
+        /// A session-terminating proxy on this host spliced two sockets (``SpliceRequest``; the `LD_PRELOAD`
+        /// interposer, libdysco-splice.so, sends it).
+        case splice
     }
 
     public var command: Command
@@ -26,6 +29,7 @@ public struct ControlRequest: Codable, Sendable {
     public var replace: ReplaceRequest?
     public var policy: PolicyRequest?
     public var delta: DeltaRequest?
+    public var splice: SpliceRequest?
     /// `sessions`: the page after this session id (nil: from the first), at most `limit` sessions (the agent
     /// caps it at ``AgentSnapshot/pageLimit``).
     public var after: UInt64?
@@ -56,6 +60,29 @@ public struct DeltaRequest: Codable, Sendable, Equatable {
         self.forward = forward
         self.reverse = reverse
     }
+}
+
+/// A proxy on the agent's host splices two TCP sockets (paper §4, `dysco_splice(fd_in, fd_out, delta)`): each
+/// socket as it sees itself, local address → peer; `from` is read, `to` written; `delta` bytes the proxy added to
+/// the stream from `from` before it went to `to` (negative: removed; 0 for a TCP-mode proxy).
+public struct SpliceRequest: Codable, Sendable, Equatable {
+    public var from: FiveTuple
+    public var to: FiveTuple
+    public var delta: Int32?
+    public init(from: FiveTuple, to: FiveTuple, delta: Int32 = 0) {
+        self.from = from
+        self.to = to
+        self.delta = delta
+    }
+}
+
+/// The agent's answer to a ``SpliceRequest``: the joined record and the proxy's deltas, or why not.
+public struct SpliceReply: Codable, Sendable, Equatable {
+    public var session: UInt64?
+    public var boxDelta: SessionTable.BoxDelta?
+    /// The two sockets were joined before (the other direction's splice).
+    public var alreadyJoined: Bool?
+    public var error: String?
 }
 
 /// The agent's answer to a ``DeltaRequest``.

@@ -31,10 +31,14 @@ public struct AgentSnapshot: Codable, Sendable {
         public var leftDelta: Int32?
         public var rightDelta: Int32?
         public var boxDelta: SessionTable.BoxDelta?
+        /// At a session-terminating proxy: its session with the server, joined to this one (`session`, the
+        /// client's) when the proxy spliced their sockets (``SessionTable/Record/spliced``); its chain id.
+        public var splicedTo: FiveTuple?
+        public var splicedChainID: String?
 
         enum CodingKeys: String, CodingKey {
             case id, role, session, left, right, remaining, state, carrier = "path", packets, bytes, idleSeconds,
-                 ageSeconds, migration, paths, chainID, leftDelta, rightDelta, boxDelta
+                 ageSeconds, migration, paths, chainID, leftDelta, rightDelta, boxDelta, splicedTo, splicedChainID
         }
     }
 
@@ -114,6 +118,7 @@ extension PacketProcessor {
             }, chainID: String(record.identity.chainID, radix: 16),
             leftDelta: record.leftLink.flatMap { $0.active.seqDelta == 0 ? nil : $0.active.seqDelta },
             rightDelta: record.rightLink.flatMap { $0.active.seqDelta == 0 ? nil : $0.active.seqDelta },
-            boxDelta: record.boxDelta == .zero ? nil : record.boxDelta)
+            boxDelta: record.boxDelta == .zero ? nil : record.boxDelta,
+            splicedTo: record.spliced?.session, splicedChainID: record.spliced.map { String($0.identity.chainID, radix: 16) })
     }
 }

@@ -89,6 +89,11 @@ extension PacketProcessor {
             table.update(translation.id) { record in
                 record.synAckSeen = true
                 if record.right != nil { record.rightEstablished = true }
+                // The SYN-ACK stayed in the kernel: its sequence number is what this segment acknowledges, less one
+                // (a proxy's deltas need it, ``splice(from:to:delta:)``).
+                if record.sequence.reverse.isn == nil, event.flags.contains(.ack) {
+                    record.sequence.reverse.isn = event.acknowledgmentNumber &- 1
+                }
             }
         }
         var segment = TrackedSegment(event)

@@ -293,7 +293,7 @@ public struct PacketProcessor: Sendable {
 
     /// Hands over what the call produced (``pending``); free when it is empty (the common case per packet).
     @inline(__always)
-    mutating func takeEffects() -> DataplaneEffects {
+    public mutating func takeEffects() -> DataplaneEffects {
         var effects = DataplaneEffects()
         if !pending.isEmpty { swap(&effects, &pending) }
         return effects

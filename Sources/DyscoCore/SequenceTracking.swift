@@ -16,6 +16,10 @@ public struct SequenceTracking: Sendable, Equatable {
         /// This direction's SYN was seen, and the window scale it offered (RFC 7323 §2.2; nil: none).
         public var synSeen = false
         public var windowScale: UInt8?
+        /// This direction's initial sequence number (its SYN's; from the kernel's `established` event when the
+        /// SYN-ACK stayed in the kernel): a proxy's deltas between its two sessions come from them
+        /// (``PacketProcessor/splice(from:to:delta:)``). Not reset by ``invalidate()``.
+        public var isn: UInt32?
     }
 
     public var forward = Direction()
@@ -44,6 +48,7 @@ public struct SequenceTracking: Sendable, Equatable {
         if flags.contains(.syn) {
             d.synSeen = true
             d.windowScale = windowScale
+            if d.isn == nil { d.isn = seq }
         }
         if !flags.contains(.rst) {
             let end = seq &+ UInt32(payloadLength) &+ (flags.contains(.syn) ? 1 : 0) &+ (flags.contains(.fin) ? 1 : 0)

@@ -237,8 +237,19 @@ public struct PersistedRecord: Codable, Equatable, Sendable {
     public var resetSeen: Bool?
     /// What the box on this host does to the byte streams (``SessionTable/Record/boxDelta``; absent: nothing).
     public var boxDelta: SessionTable.BoxDelta?
+    /// A joined proxy's session with the server and its chain identity (``SessionTable/Record/spliced``; absent
+    /// for every other record).
+    public var rightSession: FiveTuple?
+    public var rightChainID: UInt64?
+    public var rightNonce: UInt64?
 
     public var identity: SessionIdentity { SessionIdentity(chainID: chainID, nonce: nonce) }
+
+    /// The record's ``SessionTable/Splice`` (nil unless all three fields are there).
+    public var splice: SessionTable.Splice? {
+        guard let rightSession, let rightChainID, let rightNonce else { return nil }
+        return SessionTable.Splice(session: rightSession, identity: SessionIdentity(chainID: rightChainID, nonce: rightNonce))
+    }
 
     public init(_ record: SessionTable.Record) {
         id = record.id
@@ -258,6 +269,9 @@ public struct PersistedRecord: Codable, Equatable, Sendable {
         established = record.established
         resetSeen = record.resetSeen ? true : nil
         boxDelta = record.boxDelta == .zero ? nil : record.boxDelta
+        rightSession = record.spliced?.session
+        rightChainID = record.spliced?.identity.chainID
+        rightNonce = record.spliced?.identity.nonce
     }
 
     /// The ports this agent allocated for the record's subsessions.
@@ -460,8 +474,20 @@ struct JournalLine {
             append(",\"right\":")
             append(right)
         }
+        if let chain = record.rightChainID {
+            append(",\"rightChainID\":")
+            append(chain)
+        }
         append(",\"rightEstablished\":")
         append(record.rightEstablished)
+        if let nonce = record.rightNonce {
+            append(",\"rightNonce\":")
+            append(nonce)
+        }
+        if let session = record.rightSession {
+            append(",\"rightSession\":")
+            append(session)
+        }
         append(",\"role\":\"")
         bytes.append(contentsOf: record.role.rawValue.utf8)
         append("\",\"session\":")

@@ -123,6 +123,12 @@ public struct SessionTable: Sendable {
         /// What the middlebox on this host does to the session's byte streams (§3.4, reported by the box:
         /// ``PacketProcessor/setBoxDelta(session:_:)``): an old-path hop adds it to the lock messages' sums.
         public var boxDelta = BoxDelta.zero
+        /// A session-terminating proxy's second session (§2.2, §4; ``SessionTable/join(_:_:boxDelta:)``): the
+        /// record joins the proxy's session with its client (`session`, `identity`, the left subsessions) and its
+        /// session with the server (this, the right subsessions). Nil for every other record.
+        public fileprivate(set) var spliced: Splice?
+        /// The session tuple the right subsessions carry (`session` but at a joined proxy).
+        public var rightSession: FiveTuple { spliced?.session ?? session }
 
         /// What this host adds to each byte stream between its left and right subsessions (§3.4): the box's delta
         /// plus the delta its active subsession on the stream's incoming side applies. An old-path hop adds it to
@@ -137,6 +143,18 @@ public struct SessionTable: Sendable {
         public var leftNeighbour: IPv4Address? { left?.srcAddr }
         /// The right neighbour's address (nil at the right end, or before the right subsession exists).
         public var rightNeighbour: IPv4Address? { right?.dstAddr }
+    }
+
+    /// The proxy's session towards the server, joined to its session with the client (``Record/spliced``).
+    public struct Splice: Sendable, Equatable {
+        /// The session as the proxy's socket towards the server sees it (proxy → server).
+        public var session: FiveTuple
+        /// That session's chain identity (its own chain, from the proxy to the server).
+        public var identity: SessionIdentity
+        public init(session: FiveTuple, identity: SessionIdentity) {
+            self.session = session
+            self.identity = identity
+        }
     }
 
     /// A map entry: which session, where to rewrite to, and which way the packet goes.
@@ -213,6 +231,7 @@ public struct SessionTable: Sendable {
                                                    seqDelta: link.active.seqDelta)))
         }
         if let link = record.rightLink {
+            let s = record.rightSession
             for sub in link.all {
                 ingress.append((sub.tuple.reversed, Translation(id: record.id, target: s.reversed, direction: .reverse,
                                                                 fromRight: true, pathTag: sub.pathTag,
@@ -232,6 +251,7 @@ public struct SessionTable: Sendable {
             for (key, _) in newKeys.ingress where ingress[key].map({ $0.id != new.id }) ?? false { throw .collision(key) }
             for (key, _) in newKeys.egress where egress[key].map({ $0.id != new.id }) ?? false { throw .collision(key) }
             if let other = bySession[new.session], other != new.id { throw .collision(new.session) }
+            if let splice = new.spliced, let other = bySession[splice.session], other != new.id { throw .collision(splice.session) }
         }
         if let old {
             let oldKeys = Self.keys(of: old)
@@ -245,6 +265,10 @@ public struct SessionTable: Sendable {
         records[new.id] = new
         bySession[new.session] = new.id
         byChain[new.identity.chainID] = new.id
+        if let splice = new.spliced {
+            bySession[splice.session] = new.id
+            byChain[splice.identity.chainID] = new.id
+        }
         changed?.insert(new.id)
         ownershipChanged?.insert(new.id)
     }
@@ -386,6 +410,62 @@ public struct SessionTable: Sendable {
         return Subsession(tuple: tuple, allocatedPort: port, pathTag: pathTag)
     }
 
+    // MARK: - A session-terminating proxy (paper §2.2, §3.4, §4)
+
+    public enum JoinError: Error, Equatable, Sendable, CustomStringConvertible {
+        /// `client` is not a session delivered here (a right end), or `server` not one started here (a left end).
+        case notProxySessions(String)
+        public var description: String {
+            switch self { case .notProxySessions(let why): why }
+        }
+    }
+
+    /// Joins a proxy's two sessions into one middlebox record, as the paper's agent presents them (§2.2: "a
+    /// service chain that includes a session-terminating proxy would encompass two TCP sessions"): `client`, the
+    /// right end of the client's chain (delivered to the proxy), keeps its id, session and identity and gets the
+    /// right subsession of `server`, the left end of the proxy's own chain to the server, whose record goes (its
+    /// port moves along). `boxDelta`: the proxy's sequence-number deltas between the two sessions (§3.4). From
+    /// then on the host is an ordinary old-path hop whose box has a delta, so the reconfiguration protocol can
+    /// take it out: the left neighbour of the client's chain and the right neighbour of the server's chain
+    /// become the anchors.
+    public mutating func join(_ client: SessionID, _ server: SessionID, boxDelta: BoxDelta) throws(JoinError) {
+        guard let c = records[client], c.role == .rightEnd, c.leftLink != nil, c.spliced == nil else {
+            throw .notProxySessions("the client's session is not delivered to this host")
+        }
+        guard let s = records[server], s.role == .leftEnd, let rightLink = s.rightLink, s.spliced == nil else {
+            throw .notProxySessions("the server's session does not start at this host")
+        }
+        guard c.migration == nil, s.migration == nil else {
+            throw .notProxySessions("a reconfiguration of one of the sessions is under way")
+        }
+        var joined = Record(id: c.id, role: .middlebox, session: c.session, identity: c.identity, remaining: [],
+                            createdAt: c.createdAt, lastActivity: max(c.lastActivity, s.lastActivity))
+        joined.leftLink = c.leftLink
+        joined.rightLink = rightLink
+        joined.spliced = Splice(session: s.session, identity: s.identity)
+        joined.rightEstablished = s.rightEstablished
+        joined.established = c.established && s.established
+        joined.synAckSeen = c.synAckSeen
+        joined.finForward = c.finForward || s.finForward
+        joined.finReverse = c.finReverse || s.finReverse
+        joined.packets = c.packets &+ s.packets
+        joined.bytes = c.bytes &+ s.bytes
+        joined.sequence = c.sequence
+        joined.boxDelta = boxDelta
+        joined.fastPathNotBefore = max(c.fastPathNotBefore, s.fastPathNotBefore)
+        // The server's record goes without giving back its port (the joined record owns it now).
+        try? store(nil, replacing: s)
+        records.removeValue(forKey: s.id)
+        if bySession[s.session] == s.id { bySession.removeValue(forKey: s.session) }
+        if byChain[s.identity.chainID] == s.id { byChain.removeValue(forKey: s.identity.chainID) }
+        if let n = bySource[s.session.srcAddr] {
+            if n <= 1 { bySource.removeValue(forKey: s.session.srcAddr) } else { bySource[s.session.srcAddr] = n - 1 }
+        }
+        changed?.insert(s.id)
+        ownershipChanged?.insert(s.id)
+        try? store(joined, replacing: c)  // the union of the two records' keys: they were distinct
+    }
+
     // MARK: - Removal and other fields
 
     /// Removes a session, its translations and its ports.
@@ -396,6 +476,10 @@ public struct SessionTable: Sendable {
         try? store(nil, replacing: record)
         if bySession[record.session] == id { bySession.removeValue(forKey: record.session) }
         if byChain[record.identity.chainID] == id { byChain.removeValue(forKey: record.identity.chainID) }
+        if let splice = record.spliced {
+            if bySession[splice.session] == id { bySession.removeValue(forKey: splice.session) }
+            if byChain[splice.identity.chainID] == id { byChain.removeValue(forKey: splice.identity.chainID) }
+        }
         if let n = bySource[record.session.srcAddr] {
             if n <= 1 { bySource.removeValue(forKey: record.session.srcAddr) } else { bySource[record.session.srcAddr] = n - 1 }
         }
@@ -461,7 +545,9 @@ extension SessionTable {
         record.leftLink = p.left.map { Link(active: $0.active.subsession, other: $0.other?.subsession) }
         record.rightLink = p.right.map { Link(active: $0.active.subsession, other: $0.other?.subsession) }
         p.applyFlags(to: &record)
+        record.spliced = p.splice
         if records[p.id] != nil || byChain[p.identity.chainID] != nil { throw .collision(p.session) }
+        if let splice = p.splice, byChain[splice.identity.chainID] != nil { throw .collision(splice.session) }
         var reserved: [UInt16] = []
         for port in p.ports where ports.range.contains(port) {
             guard ports.reserve(port) else {

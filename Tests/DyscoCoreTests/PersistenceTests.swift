@@ -72,6 +72,11 @@ struct PersistenceTests {
         if Bool.random(using: &rng) { r["closeDeadline"] = big() }
         if Bool.random(using: &rng) { r["resetSeen"] = Bool.random(using: &rng) }
         if Bool.random(using: &rng) { r["boxDelta"] = ["forward": delta(), "reverse": delta()] }
+        if Bool.random(using: &rng) {  // a joined proxy (ProxySpliceTests)
+            r["rightSession"] = tuple()
+            r["rightChainID"] = big()
+            r["rightNonce"] = big()
+        }
         return try JSONDecoder().decode(PersistedRecord.self, from: JSONSerialization.data(withJSONObject: r))
     }
 

@@ -1,0 +1,123 @@
+import DyscoCore
+import Foundation
+import Testing
+
+/// A session-terminating proxy's two sessions joined into one middlebox record (paper §2.2, §3.4, §4):
+/// client 10.0.1.1 → proxy 10.0.2.1:8080 (the client's chain ends at the proxy) and proxy 10.0.2.1 → server
+/// 10.0.3.1:80 (the proxy's own chain).
+@Suite("Proxy splice (paper §2.2, §3.4, §4): two sessions joined into one middlebox record")
+struct ProxySpliceTests {
+    typealias A = AnchorDataplaneTests
+    static let client = FiveTuple.t("10.0.1.1", 40000, "10.0.2.1", 8080)     // S1, as the proxy's stack sees it
+    static let clientLeft = FiveTuple.t("10.0.1.1", 30001, "10.0.2.1", 8080)  // its subsession from the client's agent
+    static let server = FiveTuple.t("10.0.2.1", 33000, "10.0.3.1", 80)       // S2
+    static let proxy = IPv4Address("10.0.2.1")!, serverHost = IPv4Address("10.0.3.1")!
+
+    struct Setup {
+        var p: PacketProcessor
+        var s1: SessionTable.SessionID
+        var s2: SessionTable.SessionID
+        var right: FiveTuple
+    }
+
+    /// Both sessions established, with initial numbers client 1000, proxy (to the client) 5000, proxy (to the
+    /// server) 90000, server 70000.
+    static func setup(isns: Bool = true) throws -> Setup {
+        var p = PacketProcessor(config: AgentConfig(), portRange: 20000...20003, trust: TestKeys.group)
+        let s1 = try p.table.insertFromLeft(session: client, left: clientLeft, remaining: [], now: 0)
+        let s2 = try p.table.insertLeftEnd(session: server, hops: [serverHost], now: 0)
+        for (id, forward, reverse) in [(s1, UInt32(1000), UInt32(5000)), (s2, 90000, 70000)] {
+            p.table.update(id) {
+                $0.established = true
+                $0.rightEstablished = $0.right != nil
+                if isns {
+                    $0.sequence.forward.isn = forward
+                    $0.sequence.reverse.isn = reverse
+                }
+            }
+        }
+        return Setup(p: p, s1: s1, s2: s2, right: try #require(p.table.records[s2]?.right))
+    }
+
+    @Test("§3.4: the joined record's deltas are the initial numbers' differences; its subsessions and keys are the two sessions'")
+    func joins() throws {
+        var s = try Self.setup()
+        let portsBefore = s.p.table.ports.inUse
+        // The interposer's report: the server's socket read, the client's written (a download's first splice).
+        let outcome = try s.p.splice(from: Self.server, to: Self.client.reversed, delta: 0).get()
+        #expect(outcome.id == s.s1 && !outcome.alreadyJoined)
+        #expect(outcome.boxDelta == .init(forward: 90000 - 1000, reverse: 5000 - 70000))
+        let record = try #require(s.p.table.records[s.s1])
+        #expect(s.p.table.count == 1 && record.role == .middlebox)
+        #expect(record.left == Self.clientLeft && record.right == s.right && record.rightSession == Self.server)
+        #expect(record.boxDelta == outcome.boxDelta && record.hopDelta == outcome.boxDelta)
+        #expect(s.p.table.byChain.count == 2 && Set(s.p.table.byChain.values) == [s.s1])
+        #expect(s.p.table.bySession[Self.client] == s.s1 && s.p.table.bySession[Self.server] == s.s1)
+        #expect(s.p.table.ports.inUse == portsBefore, "the right subsession's port stays taken")
+        // The maps: the client's subsession in, the proxy's socket to the server out, and back.
+        #expect(s.p.table.ingress[Self.clientLeft]?.target == Self.client)
+        #expect(s.p.table.egress[Self.client.reversed]?.target == Self.clientLeft.reversed)
+        #expect(s.p.table.egress[Self.server]?.target == s.right)
+        #expect(s.p.table.ingress[s.right.reversed]?.target == Self.server.reversed)
+        // Packets: the proxy's segment to the server leaves on the right subsession, the server's answer reaches its socket.
+        let (_, out) = A.run(&s.p, PacketBuilder(tuple: Self.server, seq: 90001, ack: 70001, payload: [1]), hook: .egress)
+        #expect(A.tuple(out) == s.right && A.seq(out) == 90001, "no delta on the proxy's own sessions")
+        let (_, back) = A.run(&s.p, PacketBuilder(tuple: s.right.reversed, seq: 70001, ack: 90002), hook: .ingress)
+        #expect(A.tuple(back) == Self.server.reversed)
+        // The other direction's splice names the same pair: nothing changes.
+        let again = try s.p.splice(from: Self.client.reversed, to: Self.server, delta: 0).get()
+        #expect(again.alreadyJoined && again.id == s.s1 && again.boxDelta == outcome.boxDelta)
+        // Removal frees everything, the moved port too.
+        s.p.table.remove(s.s1)
+        #expect(s.p.table.count == 0 && s.p.table.byChain.isEmpty && s.p.table.bySession.isEmpty)
+        #expect(s.p.table.ingress.isEmpty && s.p.table.egress.isEmpty)
+        #expect(s.p.table.ports.inUse == portsBefore - 1)
+    }
+
+    @Test("dysco_splice's delta (bytes the proxy added) counts in the direction of the stream it read")
+    func reportedDelta() throws {
+        var s = try Self.setup()
+        let forward = try s.p.splice(from: Self.client.reversed, to: Self.server, delta: 25).get()
+        #expect(forward.boxDelta == .init(forward: 89000 + 25, reverse: -65000))
+        var t = try Self.setup()
+        let reverse = try t.p.splice(from: Self.server, to: Self.client.reversed, delta: -7).get()
+        #expect(reverse.boxDelta == .init(forward: 89000, reverse: -65000 - 7))
+    }
+
+    @Test("refused, changing nothing: unknown sockets, two of one role, handshakes the agent did not see")
+    func refusals() throws {
+        var s = try Self.setup()
+        let stranger = FiveTuple.t("10.0.2.1", 1, "10.0.9.9", 2)
+        for (from, to) in [(stranger, Self.server), (Self.server, Self.server), (Self.client.reversed, Self.client.reversed),
+                           (Self.client, Self.server)] {
+            guard case .failure = s.p.splice(from: from, to: to, delta: 0) else {
+                Issue.record("\(from) → \(to) was joined")
+                continue
+            }
+        }
+        #expect(s.p.table.count == 2 && s.p.table.records[s.s1]?.role == .rightEnd)
+        var t = try Self.setup(isns: false)
+        guard case .failure(let error) = t.p.splice(from: Self.server, to: Self.client.reversed, delta: 0) else {
+            Issue.record("joined without initial numbers")
+            return
+        }
+        #expect(error.description.contains("handshakes"))
+        #expect(t.p.table.count == 2)
+    }
+
+    @Test("a joined record survives the state file: both sessions' keys and identities come back")
+    func persists() throws {
+        var s = try Self.setup()
+        _ = try s.p.splice(from: Self.server, to: Self.client.reversed, delta: 0).get()
+        let record = try #require(s.p.table.records[s.s1])
+        let line = SessionStateFile.encode(.put(PersistedRecord(record)))
+        let contents = try SessionStateFile.decode(Data(Array((SessionStateFile.header + "\n").utf8) + line))
+        let persisted = try #require(contents.records[s.s1])
+        var restored = SessionTable(portRange: 20000...20003)
+        try restored.restore(persisted, now: 5)
+        let back = try #require(restored.records[s.s1])
+        #expect(back.spliced == record.spliced && back.boxDelta == record.boxDelta && back.role == .middlebox)
+        #expect(Set(restored.ingress.keys) == Set(s.p.table.ingress.keys) && Set(restored.egress.keys) == Set(s.p.table.egress.keys))
+        #expect(restored.byChain.count == 2)
+    }
+}
