@@ -22,10 +22,12 @@ $(BPF_OBJ): bpf/dysco.bpf.c Sources/CLibbpf/dysco_bpf.h
 	$(BPF_CLANG) -O2 -g -target bpf -mcpu=v3 -Wall -Werror -I$(BPF_ARCH_INCLUDE) -c $< -o $@
 
 # --static-swift-stdlib: the Swift runtime and Foundation linked in, as the Debian package needs (`make deb` builds the
-# same binary; with one set of flags neither target rebuilds the other's modules).
-release: setup bpf ## the optimized binaries: dysco-migrate (the agents, the demo, the integration tests) and dysco-bench
+# same binary; with one set of flags neither target rebuilds the other's modules). libdysco-splice.so is C only, the
+# LD_PRELOAD interposer for splicing proxies (Sources/DyscoSplice); it needs no Swift runtime.
+release: setup bpf ## the optimized binaries: dysco-migrate (the agents, the demo, the integration tests), dysco-bench and libdysco-splice.so
 	$(SWIFT) build -c release --static-swift-stdlib --product dysco-migrate
 	$(SWIFT) build -c release --static-swift-stdlib --product dysco-bench
+	$(SWIFT) build -c release --static-swift-stdlib --product dysco-splice
 
 # The Debian package (scripts/build-deb.sh): binary with its resource bundles, systemd units, /etc/dysco-migrate,
 # man pages, completions; checked with systemd-analyze verify and lintian. README "Deploying on real hosts".

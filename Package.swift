@@ -11,6 +11,8 @@ let package = Package(
         .library(name: "DyscoCore", targets: ["DyscoCore"]),
         .library(name: "DyscoAgent", targets: ["DyscoAgent"]),
         .library(name: "ConntrackState", targets: ["ConntrackState"]),
+        // The LD_PRELOAD interposer for splicing proxies (HAProxy in TCP mode): .build/release/libdysco-splice.so.
+        .library(name: "dysco-splice", type: .dynamic, targets: ["DyscoSplice"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -39,6 +41,20 @@ let package = Package(
             providers: [.apt(["libbpf-dev"])]
         ),
         .systemLibrary(name: "CLinux"),
+        // C, no Swift: the LD_PRELOAD library for an unmodified splicing proxy (pipe, pipe2, splice, close
+        // interposed) and the paper's `dysco_splice` call; it reports each spliced socket pair to the local agent's
+        // control socket (Sources/DyscoSplice/include/dysco_splice.h). No Swift target depends on it.
+        .target(
+            name: "DyscoSplice",
+            cSettings: [.define("_GNU_SOURCE")],
+            linkerSettings: [
+                .linkedLibrary("dl", .when(platforms: [.linux])),
+                .linkedLibrary("pthread", .when(platforms: [.linux])),
+                // Preloaded into C programs: no Swift start-up object, so no libswiftCore.so and no rpath to the
+                // toolchain (SwiftPM links every product with the Swift driver).
+                .unsafeFlags(["-nostartfiles", "-no-toolchain-stdlib-rpath", "-static-stdlib"], .when(platforms: [.linux])),
+            ]
+        ),
 
         // errno-carrying syscall helper, network-namespace entry, child processes.
         .target(
