@@ -16,6 +16,10 @@
 #include <sys/mount.h>
 #include <sys/vfs.h>
 #include <sys/syscall.h>
+#include <string.h>
+#include <linux/netlink.h>
+#include <linux/sock_diag.h>
+#include <linux/inet_diag.h>
 
 /* setns(2) is declared only under _GNU_SOURCE, which must not leak into this module (it changes struct
    layouts that other C modules import without it): declare it here. CLONE_NEWNET is 0x40000000. */
@@ -76,5 +80,142 @@ static inline int dysco_is_bpffs(const char *path) {
 /* Mounts a bpffs at `path`; unmounts (lazily) what is mounted there. */
 static inline int dysco_mount_bpffs(const char *path) { return mount("bpf", path, "bpf", 0, 0); }
 static inline int dysco_umount_lazy(const char *path) { return umount2(path, MNT_DETACH); }
+
+/* ---- One local TCP socket by its 4-tuple (NETLINK_SOCK_DIAG, inet_diag), in the calling thread's namespace ---- */
+
+/* What dysco_tcp_diag reports. has_tcp_info is 0 when the kernel sent no INET_DIAG_INFO (a TIME_WAIT or SYN_RECV
+   socket: only state and the queues are meaningful then; the tcp_info fields stay 0). */
+struct dysco_tcp_diag_info {
+    uint8_t state;            /* idiag_state: TCP_ESTABLISHED = 1 ... TCP_CLOSING = 11 */
+    uint8_t has_tcp_info;
+    uint8_t snd_wscale;       /* tcpi_snd_wscale */
+    uint8_t rcv_wscale;       /* tcpi_rcv_wscale */
+    uint8_t options;          /* tcpi_options: TCPI_OPT_TIMESTAMPS 1, SACK 2, WSCALE 4, ECN 8, ... */
+    uint32_t rqueue;          /* idiag_rqueue: received, not read by the application (rcv_nxt - copied_seq) */
+    uint32_t wqueue;          /* idiag_wqueue: written, not acknowledged by the peer (write_seq - snd_una) */
+    uint32_t unacked;         /* tcpi_unacked (segments) */
+    uint32_t notsent_bytes;   /* tcpi_notsent_bytes */
+    uint64_t bytes_acked;     /* tcpi_bytes_acked */
+    uint64_t bytes_received;  /* tcpi_bytes_received */
+};
+
+/* The head of the kernel's struct tcp_info (linux/tcp.h, append-only UAPI) up to tcpi_notsent_bytes. linux/tcp.h
+   itself cannot be included here: glibc's <netinet/tcp.h> (in the Glibc module this one imports) defines another
+   struct tcp_info without these fields. */
+struct dysco_kernel_tcp_info_head {
+    uint8_t tcpi_state, tcpi_ca_state, tcpi_retransmits, tcpi_probes, tcpi_backoff, tcpi_options;
+    uint8_t tcpi_snd_wscale : 4, tcpi_rcv_wscale : 4;
+    uint8_t tcpi_delivery_rate_app_limited : 1, tcpi_fastopen_client_fail : 2;
+    uint32_t tcpi_rto, tcpi_ato, tcpi_snd_mss, tcpi_rcv_mss;
+    uint32_t tcpi_unacked, tcpi_sacked, tcpi_lost, tcpi_retrans, tcpi_fackets;
+    uint32_t tcpi_last_data_sent, tcpi_last_ack_sent, tcpi_last_data_recv, tcpi_last_ack_recv;
+    uint32_t tcpi_pmtu, tcpi_rcv_ssthresh, tcpi_rtt, tcpi_rttvar, tcpi_snd_ssthresh, tcpi_snd_cwnd, tcpi_advmss,
+             tcpi_reordering;
+    uint32_t tcpi_rcv_rtt, tcpi_rcv_space;
+    uint32_t tcpi_total_retrans;
+    uint64_t tcpi_pacing_rate, tcpi_max_pacing_rate;
+    uint64_t tcpi_bytes_acked, tcpi_bytes_received;
+    uint32_t tcpi_segs_out, tcpi_segs_in;
+    uint32_t tcpi_notsent_bytes;
+};
+_Static_assert(__builtin_offsetof(struct dysco_kernel_tcp_info_head, tcpi_bytes_acked) == 120, "tcp_info layout");
+_Static_assert(__builtin_offsetof(struct dysco_kernel_tcp_info_head, tcpi_notsent_bytes) == 144, "tcp_info layout");
+
+/* Asks the kernel about the IPv4 TCP socket whose local end is src:sport and whose peer is dst:dport (all in
+   network byte order): one SOCK_DIAG_BY_FAMILY request without NLM_F_DUMP (the exact lookup), with
+   INET_DIAG_INFO. 0 with *out filled; -1 with errno: ENOENT when there is no such socket (also when the kernel's
+   lookup falls back to a listener on sport, or answers for another tuple: the reply's tuple must be the one asked
+   for), EPROTO for a malformed answer, else the socket call's errno. */
+static inline int dysco_tcp_diag(uint32_t src_be, uint16_t sport_be, uint32_t dst_be, uint16_t dport_be,
+                                 struct dysco_tcp_diag_info *out) {
+    struct {
+        struct nlmsghdr nlh;
+        struct inet_diag_req_v2 req;
+    } request;
+    memset(&request, 0, sizeof request);
+    request.nlh.nlmsg_len = sizeof request;
+    request.nlh.nlmsg_type = SOCK_DIAG_BY_FAMILY;
+    request.nlh.nlmsg_flags = NLM_F_REQUEST;
+    request.nlh.nlmsg_seq = 1;
+    request.req.sdiag_family = AF_INET;
+    request.req.sdiag_protocol = IPPROTO_TCP;
+    request.req.idiag_ext = 1 << (INET_DIAG_INFO - 1);
+    request.req.idiag_states = ~0u;
+    request.req.id.idiag_src[0] = src_be;
+    request.req.id.idiag_sport = sport_be;
+    request.req.id.idiag_dst[0] = dst_be;
+    request.req.id.idiag_dport = dport_be;
+    request.req.id.idiag_cookie[0] = INET_DIAG_NOCOOKIE;
+    request.req.id.idiag_cookie[1] = INET_DIAG_NOCOOKIE;
+
+    int fd = socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
+    if (fd < 0) return -1;
+    struct sockaddr_nl kernel;
+    memset(&kernel, 0, sizeof kernel);
+    kernel.nl_family = AF_NETLINK;
+    ssize_t sent;
+    do {
+        sent = sendto(fd, &request, sizeof request, 0, (struct sockaddr *)&kernel, sizeof kernel);
+    } while (sent < 0 && errno == EINTR);
+    if (sent < 0) { int e = errno; close(fd); errno = e; return -1; }
+
+    /* The kernel answers inside sendto: the reply (or the NLMSG_ERROR) is queued already. */
+    long buffer[2048]; /* 16 KiB, aligned for nlmsghdr */
+    ssize_t got;
+    do {
+        got = recv(fd, buffer, sizeof buffer, MSG_DONTWAIT);
+    } while (got < 0 && errno == EINTR);
+    int saved = errno;
+    close(fd);
+    if (got < 0) { errno = saved; return -1; }
+
+    memset(out, 0, sizeof *out);
+    int len = (int)got;
+    for (struct nlmsghdr *h = (struct nlmsghdr *)buffer; NLMSG_OK(h, len); h = NLMSG_NEXT(h, len)) {
+        if (h->nlmsg_seq != request.nlh.nlmsg_seq) continue;
+        if (h->nlmsg_type == NLMSG_ERROR) {
+            if (h->nlmsg_len < NLMSG_LENGTH(sizeof(struct nlmsgerr))) { errno = EPROTO; return -1; }
+            const struct nlmsgerr *e = (const struct nlmsgerr *)NLMSG_DATA(h);
+            if (e->error == 0) continue; /* an ACK */
+            errno = -e->error;
+            return -1;
+        }
+        if (h->nlmsg_type != SOCK_DIAG_BY_FAMILY) continue;
+        if (h->nlmsg_len < NLMSG_LENGTH(sizeof(struct inet_diag_msg))) { errno = EPROTO; return -1; }
+        const struct inet_diag_msg *m = (const struct inet_diag_msg *)NLMSG_DATA(h);
+        if (m->idiag_family != AF_INET || m->id.idiag_src[0] != src_be || m->id.idiag_sport != sport_be
+            || m->id.idiag_dst[0] != dst_be || m->id.idiag_dport != dport_be) {
+            errno = ENOENT; /* a listener on sport (inet_lookup's fallback), not the connection asked for */
+            return -1;
+        }
+        out->state = m->idiag_state;
+        out->rqueue = m->idiag_rqueue;
+        out->wqueue = m->idiag_wqueue;
+        int attributes = (int)(h->nlmsg_len - NLMSG_LENGTH(sizeof *m));
+        const struct nlattr *a = (const struct nlattr *)((const char *)m + NLMSG_ALIGN(sizeof *m));
+        while (attributes >= (int)sizeof *a && a->nla_len >= sizeof *a && (int)a->nla_len <= attributes) {
+            if ((a->nla_type & NLA_TYPE_MASK) == INET_DIAG_INFO) {
+                struct dysco_kernel_tcp_info_head info;
+                size_t n = a->nla_len - NLA_HDRLEN;
+                memset(&info, 0, sizeof info);
+                memcpy(&info, (const char *)a + NLA_HDRLEN, n < sizeof info ? n : sizeof info);
+                out->has_tcp_info = 1;
+                out->snd_wscale = info.tcpi_snd_wscale;
+                out->rcv_wscale = info.tcpi_rcv_wscale;
+                out->options = info.tcpi_options;
+                out->unacked = info.tcpi_unacked;
+                out->notsent_bytes = info.tcpi_notsent_bytes;
+                out->bytes_acked = info.tcpi_bytes_acked;
+                out->bytes_received = info.tcpi_bytes_received;
+            }
+            int step = (int)NLA_ALIGN(a->nla_len);
+            attributes -= step;
+            a = (const struct nlattr *)((const char *)a + step);
+        }
+        return 0;
+    }
+    errno = EPROTO; /* no answer for our request */
+    return -1;
+}
 
 #endif

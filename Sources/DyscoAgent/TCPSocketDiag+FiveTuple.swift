@@ -1,0 +1,11 @@
+import DyscoCore
+import DyscoSystem
+
+extension TCPSocketDiag {
+    /// The local socket of `tuple` as its outgoing packets carry it (src = the local end, dst = the peer), in the
+    /// calling thread's network namespace; nil when there is none. For an incoming packet's tuple, pass `.reversed`.
+    public static func query(local tuple: FiveTuple) throws(SystemCallError) -> TCPSocketInfo? {
+        try query(localAddress: tuple.srcAddr.value, localPort: tuple.srcPort,
+                  peerAddress: tuple.dstAddr.value, peerPort: tuple.dstPort)
+    }
+}
