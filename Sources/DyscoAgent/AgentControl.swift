@@ -21,7 +21,14 @@ extension DataplaneAgent {
                 return (try? JSONEncoder().encode(self.boxDelta(delta))) ?? Data()
             case .splice:
                 guard let splice = request.splice else { return Data(#"{"error":"splice without its parameters"}"#.utf8) }
-                return (try? JSONEncoder().encode(self.splice(splice))) ?? Data()
+                var reply = self.splice(splice, engine: engine)
+                // The kernel reports a handshake it carried through its event ring: a splice right after the
+                // connection may come first. Asked again for up to a second.
+                for _ in 0..<Self.spliceRetries where reply.handshakeUnseen {
+                    try? await Task.sleep(for: .milliseconds(10))
+                    reply = self.splice(splice, engine: engine)
+                }
+                return (try? JSONEncoder().encode(reply)) ?? Data()
             case .replace:
                 guard let replace = request.replace else { return Data(#"{"error":"replace without its parameters"}"#.utf8) }
                 if let problem = replace.problem {
@@ -50,27 +57,56 @@ extension DataplaneAgent {
 
     // MARK: - A session-terminating proxy's splice (§2.2, §4)
 
-    /// Joins the proxy's two sessions into one middlebox record with the proxy's deltas (``PacketProcessor/splice(from:to:delta:)``).
-    public func splice(_ request: SpliceRequest) -> SpliceReply {
+    /// Joins the proxy's two sessions into one middlebox record with the proxy's deltas
+    /// (``PacketProcessor/splice(from:to:delta:)``) and, as the paper's agent does on a splice, takes the proxy out
+    /// of the session: a removal of this box from the joined session, the trigger going to its left neighbour
+    /// (MigrationEngine+Splice.swift has the proxy's part). Answered at once; the removal's outcome is logged.
+    func splice(_ request: SpliceRequest, engine: MigrationEngine? = nil) -> SpliceReply {
         var result: Result<PacketProcessor.SpliceOutcome, SessionTable.JoinError> = .failure(.notProxySessions("not run"))
+        var sessions: (client: FiveTuple, server: FiveTuple, chain: UInt64)?
         dataplane.change { state in
             result = state.splice(from: request.from, to: request.to, delta: request.delta ?? 0)
+            if case .success(let outcome) = result, let record = state.table.records[outcome.id], let splice = record.spliced {
+                sessions = (record.session, splice.session, record.identity.chainID)
+            }
             return state.takeEffects()
         }
         switch result {
         case .success(let outcome):
-            if !outcome.alreadyJoined {
-                logger.info("proxy sessions joined", metadata: [
-                    "session.id": "\(outcome.id)", "splice.from": "\(request.from)", "splice.to": "\(request.to)",
-                    "delta.forward": "\(outcome.boxDelta.forward)", "delta.reverse": "\(outcome.boxDelta.reverse)"])
+            var reply = SpliceReply(session: outcome.id, boxDelta: outcome.boxDelta, alreadyJoined: outcome.alreadyJoined)
+            guard !outcome.alreadyJoined, let sessions else { return reply }
+            logger.info("proxy sessions joined", metadata: [
+                "session.id": "\(outcome.id)", "splice.from": "\(request.from)", "splice.to": "\(request.to)",
+                "delta.forward": "\(outcome.boxDelta.forward)", "delta.reverse": "\(outcome.boxDelta.reverse)"])
+            if let problem = ProxySockets.mismatch(client: sessions.client, server: sessions.server) {
+                reply.removal = "not removed: \(problem)"
+                logger.notice("proxy stays in the session", metadata: ["session.id": "\(outcome.id)", "reason": "\(problem)"])
+            } else if let engine {
+                reply.removal = "started"
+                let removal = ReplaceRequest(predicate: SessionPredicate(), newBoxes: [], mode: .held,
+                                             deadlineMilliseconds: Self.spliceRemovalDeadline, chains: [sessions.chain])
+                let logger = logger
+                Task {
+                    let report = await engine.replace(removal)
+                    for s in report.sessions {
+                        logger.info("proxy removal", metadata: ["session.tuple": "\(s.session)", "result": "\(s.result)"])
+                    }
+                }
             }
-            return SpliceReply(session: outcome.id, boxDelta: outcome.boxDelta, alreadyJoined: outcome.alreadyJoined)
+            return reply
+        case .failure(.handshakeUnseen):
+            return SpliceReply(error: SessionTable.JoinError.handshakeUnseen.description)
         case .failure(let error):
             logger.notice("splice not joined", metadata: ["splice.from": "\(request.from)", "splice.to": "\(request.to)",
                                                           "error": "\(error)"])
             return SpliceReply(error: error.description)
         }
     }
+
+    /// The deadline of a proxy's removal after its splice (ms): longer than `remove`'s default, as the proxy first
+    /// empties its sockets (MigrationEngine+Splice.swift).
+    static let spliceRemovalDeadline: UInt32 = 10_000
+    static let spliceRetries = 100
 
     // MARK: - Policy at run time
 

@@ -82,7 +82,10 @@ public struct SpliceReply: Codable, Sendable, Equatable {
     public var boxDelta: SessionTable.BoxDelta?
     /// The two sockets were joined before (the other direction's splice).
     public var alreadyJoined: Bool?
+    /// The proxy's removal from the session: "started", or why not ("not removed: …").
+    public var removal: String?
     public var error: String?
+    var handshakeUnseen: Bool { error == SessionTable.JoinError.handshakeUnseen.description }
 }
 
 /// The agent's answer to a ``DeltaRequest``.

@@ -49,6 +49,12 @@ protocol MigrationDataplane: AnyObject, Sendable {
     func markEstablished(chainID: UInt64)
     /// This host leaves the session (its record, kernel entries and ports).
     func leave(chainID: UInt64, reason: String)
+    /// A spliced-out proxy's notice: alias and timestamp delta (``PacketProcessor/spliceNotice(chainID:alias:tsDelta:)``).
+    func spliceNotice(chainID: UInt64, alias: SessionTable.ChainAlias?, tsDelta: Int32) -> Bool
+    /// A spliced-out proxy's sockets (``PacketProcessor/splicedOut``), and the bookkeeping of closing them.
+    func splicedOut(_ sockets: [FiveTuple]) -> [FiveTuple: SplicedOutSocket]
+    func splicedOutFinSent(_ socket: FiveTuple, next: UInt32)
+    func forgetSplicedOut(_ sockets: [FiveTuple])
 
     // MARK: Packets an anchor sends
 
@@ -132,6 +138,31 @@ extension AgentDataplane: MigrationDataplane {
 
     func leave(chainID: UInt64, reason: String) {
         change { $0.leave(chainID: chainID, reason: reason, now: dysco_monotonic_coarse_ns()) }
+    }
+
+    func splicedOut(_ sockets: [FiveTuple]) -> [FiveTuple: SplicedOutSocket] {
+        processor.withLock { state in
+            var found: [FiveTuple: SplicedOutSocket] = [:]
+            for socket in sockets { if let s = state.splicedOut[socket] { found[socket] = s } }
+            return found
+        }
+    }
+
+    func splicedOutFinSent(_ socket: FiveTuple, next: UInt32) {
+        processor.withLock { $0.splicedOutFinSent(socket, next: next) }
+    }
+
+    func forgetSplicedOut(_ sockets: [FiveTuple]) {
+        processor.withLock { $0.forgetSplicedOut(sockets) }
+    }
+
+    func spliceNotice(chainID: UInt64, alias: SessionTable.ChainAlias?, tsDelta: Int32) -> Bool {
+        var known = false
+        change { state in
+            known = state.spliceNotice(chainID: chainID, alias: alias, tsDelta: tsDelta)
+            return state.takeEffects()
+        }
+        return known
     }
 
     func buildElicit(chainID: UInt64, into buffer: UnsafeMutableRawPointer) -> (Int, IPv4Address)? {

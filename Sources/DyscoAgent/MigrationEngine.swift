@@ -25,18 +25,18 @@ final class MigrationEngine: @unchecked Sendable {
     }
 
     private let trust: TrustGroup
-    private let logger: Logger
+    let logger: Logger
     private let settings: Settings
     /// The data plane whose sessions this engine reconfigures (it does not own the engine).
-    private let dataplane: any MigrationDataplane
+    let dataplane: any MigrationDataplane
     /// The event loops of the UDP control plane (the agent's shared group; nil: one of its own).
     private let eventLoopGroup: (any EventLoopGroup)?
     private let coordinator: Mutex<MigrationCoordinator>
     /// Serializes event handling (one event and the events its actions produce at a time).
-    private let loop = DispatchQueue(label: "dysco-migration")
+    let loop = DispatchQueue(label: "dysco-migration")
     private let conntrackQueue = DispatchQueue(label: "dysco-conntrack")
     private var control: ControlPlane?
-    private let probes: RawPacketSender
+    let probes: RawPacketSender
     private let timers = Mutex<[TimerKey: UInt64]>([:])
     private let timerGeneration = Atomic<UInt64>(0)
     /// The `replace` callers waiting, by (chain id, request id).
@@ -51,6 +51,9 @@ final class MigrationEngine: @unchecked Sendable {
     private var stamper = ControlStamper()
     private var freshness: FreshnessChecker
     private var freshnessSweptAt: UInt64 = 0
+    /// ackLocks a spliced-out proxy holds back until its sockets are empty (MigrationEngine+Splice.swift), by chain.
+    /// Touched only on `loop`.
+    var spliceGates: [UInt64: SpliceGate] = [:]
 
     init(dataplane: any MigrationDataplane, trust: TrustGroup, settings: Settings, metrics: AgentMetrics? = nil,
          eventLoopGroup: (any EventLoopGroup)? = nil, logger: Logger) throws {
@@ -78,7 +81,7 @@ final class MigrationEngine: @unchecked Sendable {
         loop.sync {}
     }
 
-    private func count(_ name: String) {
+    func count(_ name: String) {
         counters.withLock { $0[name, default: 0] += 1 }
     }
 
@@ -121,6 +124,12 @@ final class MigrationEngine: @unchecked Sendable {
 
     /// The engine's checks of a decoded message against its record of the session (nonce, tuple).
     private func accept(_ message: ControlMessage, from: IPv4Address) -> Event? {
+        // A session known by two chains' names (a joined proxy, a right anchor after the proxy left): in its own.
+        guard let message = ownName(message) else { return nil }
+        if case .splice(let notice) = message.body {
+            receiveSpliceNotice(message, notice, from: from)
+            return nil
+        }
         let context = sessionContext(message.identity.chainID)
         if let context {
             guard context.identity.nonce == message.identity.nonce else { count("dropped.wrong-nonce"); return nil }
@@ -328,10 +337,13 @@ final class MigrationEngine: @unchecked Sendable {
 
     /// Stamps, encodes and sends the turn's messages, those to the same agent bundled in as few datagrams as fit
     /// (``ControlMessage/bundle(_:limit:)``).
-    func transmit(_ messages: [(to: IPv4Address, message: ControlMessage)]) {
+    func transmit(_ messages: [(to: IPv4Address, message: ControlMessage)]) { transmit(messages, renamed: false) }
+
+    /// `renamed`: ``spliceOutgoing(_:releasing:)`` has been applied already.
+    func transmit(_ messages: [(to: IPv4Address, message: ControlMessage)], renamed: Bool) {
         var order: [IPv4Address] = []
         var byDestination: [IPv4Address: [[UInt8]]] = [:]
-        for (to, message) in messages {
+        for (to, message) in renamed ? messages : spliceOutgoing(messages) {
             count("sent.\(message.body.type)")
             if let metrics, case .triggerResult(let result) = message.body {
                 metrics.leftAnchorFinished(chainID: message.identity.chainID, requestID: message.requestID, result)
@@ -396,9 +408,15 @@ final class MigrationEngine: @unchecked Sendable {
             dataplane.cancel(chainID: chainID)
             dataplane.releaseHeld(chainID: chainID)
         case .removeSession(let chainID, let deleteConntrack):
-            let session = dataplane.session(chainID: chainID)?.record.session
+            let record = dataplane.session(chainID: chainID)?.record
             dataplane.leave(chainID: chainID, reason: "left the path (reconfiguration)")
-            if deleteConntrack, let session { deleteState(session) }
+            if deleteConntrack, let session = record?.session { deleteState(session) }
+            if let record, let splice = record.spliced {
+                // Not before the anchors have dropped the old path and the kernel here has forgotten the session's
+                // translations: the proxy's answer to the FINs must not reach an endpoint.
+                let sockets = [record.session.reversed, splice.session]
+                loop.asyncAfter(deadline: .now() + .milliseconds(Self.spliceCloseDelay)) { [self] in closeProxySockets(sockets) }
+            }
         case .exportState(let chainID, let requestID, let session):
             exportState(chainID: chainID, requestID: requestID, session: session)
         case .importState(let chainID, let requestID, let document):

@@ -58,6 +58,8 @@ public struct AnchorState: Sendable, Equatable {
     /// The sum of the removed boxes' deltas (§3.4) the lock messages brought: the new path's subsession applies the
     /// old path's delta plus this one (``SessionTable/Subsession/seqDelta``, docs/ARCHITECTURE.md "Sequence deltas").
     public var delta: Int32 = 0
+    /// The removed proxy's timestamp delta for this anchor's new path (``SessionTable/Subsession/tsDelta``).
+    public var tsDelta: Int32 = 0
 
     public init(side: SessionTable.Side, stateful: Bool, now: UInt64) {
         self.side = side

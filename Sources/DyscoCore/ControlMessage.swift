@@ -7,6 +7,7 @@ public enum ControlMessageType: UInt8, Sendable, CaseIterable, CustomStringConve
     case drainStart = 30, drained = 31
     case stateRequest = 40, statePut = 41, stateInstalled = 42
     case oldPathFin = 50, oldPathFinAck = 51
+    case splice = 60
 
     public var description: String {
         switch self {
@@ -29,6 +30,7 @@ public enum ControlMessageType: UInt8, Sendable, CaseIterable, CustomStringConve
         case .stateInstalled: "stateInstalled"
         case .oldPathFin: "oldPathFin"
         case .oldPathFinAck: "oldPathFinAck"
+        case .splice: "splice"
         }
     }
 }
@@ -158,6 +160,10 @@ public enum ControlBody: Sendable, Equatable {
     case stateInstalled(ok: Bool, times: StateTimes, reason: String)
     case oldPathFin
     case oldPathFinAck
+    /// From a session-terminating proxy spliced out of the session (§4) to an anchor of its removal, with its
+    /// ackLock: the timestamp delta for the anchor's new path and, to the right anchor, the identity the client's
+    /// chain has for the session (``SpliceNotice``). Handled by the agent's engine, not the protocol.
+    case splice(SpliceNotice)
 
     /// Limits of the body fields (decode rejects anything beyond them; encode truncates strings to them).
     public static let maxReasonBytes = 200
@@ -186,6 +192,7 @@ public enum ControlBody: Sendable, Equatable {
         case .stateInstalled: .stateInstalled
         case .oldPathFin: .oldPathFin
         case .oldPathFinAck: .oldPathFinAck
+        case .splice: .splice
         }
     }
 }
@@ -241,6 +248,21 @@ public enum ControlMessageError: Error, Equatable, Sendable, CustomStringConvert
         case .forbiddenAddress(let a): "control message: forbidden address \(a)"
         case .zeroIdentity: "control message: chain ID is zero"
         }
+    }
+}
+
+/// The body of a ``ControlBody/splice(_:)`` message.
+public struct SpliceNotice: Sendable, Equatable {
+    /// Added to the TSval of the stream the anchor receives from the segment on its new path.
+    public var tsDelta: Int32
+    /// To the right anchor: the client chain's identity and session for this session (the left anchor uses them).
+    public var alias: (identity: SessionIdentity, session: FiveTuple)?
+    public init(tsDelta: Int32, alias: (identity: SessionIdentity, session: FiveTuple)? = nil) {
+        self.tsDelta = tsDelta
+        self.alias = alias
+    }
+    public static func == (a: SpliceNotice, b: SpliceNotice) -> Bool {
+        a.tsDelta == b.tsDelta && a.alias?.identity == b.alias?.identity && a.alias?.session == b.alias?.session
     }
 }
 
@@ -415,6 +437,16 @@ public struct ControlMessage: Sendable, Equatable {
             out.u32(times.exportMicroseconds)
             out.u32(times.importMicroseconds)
             out.string(reason, max: ControlBody.maxReasonBytes)
+        case .splice(let notice):
+            out.u32(UInt32(bitPattern: notice.tsDelta))
+            if let alias = notice.alias {
+                out.u8(1)
+                out.u64(alias.identity.chainID)
+                out.u64(alias.identity.nonce)
+                out.tupleHeader(alias.session)
+            } else {
+                out.u8(0)
+            }
         case .ackCancel, .newPathCancel, .newPathCancelAck, .drained, .oldPathFin, .oldPathFinAck:
             break
         }
@@ -544,6 +576,17 @@ public struct ControlMessage: Sendable, Equatable {
             return .stateInstalled(ok: ok, times: times, reason: reason)
         case .oldPathFin: return .oldPathFin
         case .oldPathFinAck: return .oldPathFinAck
+        case .splice:
+            let ts = Int32(bitPattern: try r.u32("tsDelta"))
+            let hasAlias = try r.u8("alias present")
+            guard hasAlias <= 1 else { throw r.fail("alias present \(hasAlias) is not 0 or 1") }
+            guard hasAlias == 1 else { return .splice(SpliceNotice(tsDelta: ts)) }
+            let chain = UInt64(try r.u32("alias chainID")) << 32 | UInt64(try r.u32("alias chainID"))
+            let nonce = UInt64(try r.u32("alias nonce")) << 32 | UInt64(try r.u32("alias nonce"))
+            guard chain != 0 else { throw r.fail("alias chain ID is zero") }
+            let session = try r.tuple("alias session")
+            guard session.srcPort != 0, session.dstPort != 0 else { throw r.fail("alias session has port 0") }
+            return .splice(SpliceNotice(tsDelta: ts, alias: (SessionIdentity(chainID: chain, nonce: nonce), session)))
         }
     }
 }
@@ -556,6 +599,7 @@ extension ControlBody {
         case .newPathSyn(let s, let remaining): [s.srcAddr, s.dstAddr] + remaining
         case .newPathSynAck(let s): [s.srcAddr, s.dstAddr]
         case .stateRequest(let box): [box]
+        case .splice(let n): n.alias.map { [$0.session.srcAddr, $0.session.dstAddr] } ?? []
         default: []
         }
     }

@@ -43,7 +43,7 @@ extension SessionTable.Record {
             result.append(.init(hook: .egress, key: session.reversed, target: left.reversed, seqDelta: delta))
         }
         if let link = rightLink {
-            let (right, delta) = (link.active.tuple, link.active.seqDelta)
+            let (right, delta, session) = (link.active.tuple, link.active.seqDelta, rightSession)
             result.append(.init(hook: .egress, key: session, target: right, seqDelta: delta))
             result.append(.init(hook: .ingress, key: right.reversed, target: session.reversed, seqDelta: delta))
         }

@@ -12,7 +12,7 @@ public enum AnchorEvent: Sendable, Equatable {
 extension PacketProcessor {
     /// Hold the packet, or send it to `target` with the acknowledgment delta of that subsession
     /// (``SessionTable/Subsession/seqDelta``).
-    public enum AnchorDecision: Equatable { case hold, target(FiveTuple, seqDelta: Int32) }
+    public enum AnchorDecision: Equatable { case hold, target(FiveTuple, seqDelta: Int32, tsDelta: Int32) }
 
     /// The subsession of the anchor's side that is the old path and the one that is the new path.
     private func paths(_ record: SessionTable.Record, _ m: AnchorState) -> (old: SessionTable.Subsession?, new: SessionTable.Subsession?) {
@@ -30,23 +30,25 @@ extension PacketProcessor {
                                now: UInt64) -> AnchorDecision {
         guard let record = table.records[translation.id], var m = record.migration,
               (m.side == .right) == (translation.direction == .forward) else {
-            return .target(translation.target, seqDelta: translation.seqDelta)
+            return .target(translation.target, seqDelta: translation.seqDelta, tsDelta: translation.tsDelta)
         }
-        if flags.contains(.syn) || flags.contains(.rst) { return .target(translation.target, seqDelta: translation.seqDelta) }
+        if flags.contains(.syn) || flags.contains(.rst) {
+            return .target(translation.target, seqDelta: translation.seqDelta, tsDelta: translation.tsDelta)
+        }
         let seq = packet.tcp.sequenceNumber
         let length = UInt32(packet.payloadLength) + (flags.contains(.fin) ? 1 : 0)
         let choice = m.egressPath(seq: seq, length: length)
         m.noteEgress(seq: seq, length: length, ack: flags.contains(.ack) ? packet.tcp.acknowledgmentNumber : nil,
                      window: packet.tcp.window, choice: choice, now: now)
         let (old, new) = paths(record, m)
-        var decision = AnchorDecision.target(translation.target, seqDelta: translation.seqDelta)
+        var decision = AnchorDecision.target(translation.target, seqDelta: translation.seqDelta, tsDelta: translation.tsDelta)
         switch choice {
         case .hold: decision = .hold
-        case .old: if let old { decision = .target(egressTuple(old, side: m.side), seqDelta: old.seqDelta) }
+        case .old: if let old { decision = .target(egressTuple(old, side: m.side), seqDelta: old.seqDelta, tsDelta: old.tsDelta) }
         case .new:
             // §3.4: going out on the new path, its delta (the old path's plus the removed boxes') is subtracted
             // from the acknowledgment number (the caller applies it).
-            if let new { decision = .target(egressTuple(new, side: m.side), seqDelta: new.seqDelta) }
+            if let new { decision = .target(egressTuple(new, side: m.side), seqDelta: new.seqDelta, tsDelta: new.tsDelta) }
         }
         store(m, for: record, now: now)
         return decision
@@ -67,6 +69,13 @@ extension PacketProcessor {
         var verdict: Verdict?
         if m.clampWindow, flags.isDisjoint(with: [.syn, .rst]), packet.tcp.window != 0 {
             packet.tcp.setWindow(0)
+        }
+        if !onNewPath, m.tsDelta != 0, m.phase == .released, length == 0, flags.isDisjoint(with: [.syn, .rst]) {
+            // A spliced-out proxy's old path after the release: it emptied before the lock completed, so only its
+            // socket's answers to the anchors' pokes come this way, stamped by its own clock, which the new path's
+            // shifted timestamps have overtaken (RFC 7323 PAWS would drop them at the endpoint, and count it).
+            counters.droppedAfterLeaving &+= 1
+            verdict = .drop
         }
         if onNewPath {
             if m.phase != .released {
@@ -115,6 +124,10 @@ extension PacketProcessor {
         guard let id = id(chainID), let record = table.records[id] else { return takeEffects() }
         if record.migration == nil { anchoring += 1 }
         var m = AnchorState(side: side, stateful: stateful, now: now)
+        if record.pendingTSDelta != 0 {
+            m.tsDelta = record.pendingTSDelta
+            table.update(id) { $0.pendingTSDelta = 0 }
+        }
         // What the slow path last saw the local side acknowledge (fresh only while the agent carries the session,
         // e.g. right after an earlier move): a number the local side really sent, so the anchor's keep-alives,
         // pokes and probes can use it before the endpoint speaks again.
@@ -342,6 +355,7 @@ extension PacketProcessor {
         guard let id = id(chainID), let record = table.records[id] else { return takeEffects() }
         let until = now &+ settings.closeLinger
         for key in table.ingressKeys(of: record) { departed[key] = until }
+        if record.spliced != nil { spliceOut(record, until: until) }
         if table.records[id]?.migration != nil { anchoring = max(0, anchoring - 1) }
         removeSession(id, reason: reason)
         return takeEffects()

@@ -54,7 +54,7 @@ extension PacketProcessor {
         }
         guard let c1 = client.sequence.forward.isn, let p1 = client.sequence.reverse.isn,
               let p2 = server.sequence.forward.isn, let s2 = server.sequence.reverse.isn else {
-            return .failure(.notProxySessions("the agent did not see both handshakes (a session from before its restart?)"))
+            return .failure(.handshakeUnseen)
         }
         var box = SessionTable.BoxDelta(forward: Int32(bitPattern: p2 &- c1), reverse: Int32(bitPattern: p1 &- s2))
         if fromClient { box.forward = box.forward &+ delta } else { box.reverse = box.reverse &+ delta }
@@ -71,5 +71,77 @@ extension PacketProcessor {
         counters.sessionsRemoved &+= 1
         pending.events.append(.sessionRemoved(server, reason: "spliced"))
         return .success(SpliceOutcome(id: client.id, boxDelta: box, alreadyJoined: false))
+    }
+}
+
+extension PacketProcessor {
+    /// A spliced-out proxy's notice to an anchor of its removal (``SpliceNotice``): the client chain's identity for
+    /// the session (right anchor) and the timestamp delta of the anchor's new path. Before the anchor holds the
+    /// session the delta waits in the record (``SessionTable/Record/pendingTSDelta``); after, it goes into the
+    /// anchor's state and onto a new-path subsession that exists already. False if the chain is unknown here.
+    public mutating func spliceNotice(chainID: UInt64, alias: SessionTable.ChainAlias?, tsDelta: Int32) -> Bool {
+        guard let id = table.byChain[chainID], table.records[id] != nil else { return false }
+        if let alias, !table.setAlias(id, alias) { return false }
+        guard var m = table.records[id]?.migration else {
+            table.update(id) { $0.pendingTSDelta = tsDelta }
+            return true
+        }
+        m.tsDelta = tsDelta
+        table.update(id) { $0.migration = m }
+        table.updateNewPathDelta(id, m.side)
+        return true
+    }
+}
+
+/// One of a spliced-out proxy's sockets (paper §4): the proxy still holds it, but its session now runs between the
+/// anchors. Whatever it sends is dropped here (it would reach an endpoint whose socket has the same tuple); the
+/// agent closes it: a FIN as from its peer at the socket's next expected number, and an ACK of the FIN the socket
+/// then sends (MigrationEngine+Splice.swift), so the proxy sees an ordinary end of both connections.
+public struct SplicedOutSocket: Sendable, Equatable {
+    /// Packets as from the peer carry this tuple (peer → the proxy's socket).
+    public var fromPeer: FiveTuple
+    /// The peer's and the socket's own initial sequence numbers.
+    public var peerISN: UInt32
+    public var ownISN: UInt32
+    /// Sequence number after the FIN the agent sent as the peer (nil: not sent yet).
+    public var peerNext: UInt32?
+    /// The socket's FIN: its sequence number + 1 (what acknowledges it), once seen.
+    public var finEnd: UInt32?
+    /// Dropped packets from the socket.
+    public var dropped: UInt64 = 0
+    public var until: UInt64
+}
+
+extension PacketProcessor {
+    /// The proxy's sockets of a joined record that leaves the session (``leave(chainID:reason:now:)``).
+    mutating func spliceOut(_ record: SessionTable.Record, until: UInt64) {
+        guard let splice = record.spliced, let isns = splice.initialNumbers, isns.count == 4 else { return }
+        // The client's socket: the proxy's end of the client's session (proxy → client); the server's: proxy → server.
+        splicedOut[record.session.reversed] = SplicedOutSocket(fromPeer: record.session, peerISN: isns[0], ownISN: isns[1],
+                                                               until: until)
+        splicedOut[splice.session] = SplicedOutSocket(fromPeer: splice.session.reversed, peerISN: isns[3], ownISN: isns[2],
+                                                      until: until)
+    }
+
+    /// A packet a spliced-out socket sent: dropped; a FIN is remembered (the agent acknowledges it).
+    mutating func absorbSplicedOut(_ packet: IPv4TCPPacket, key: FiveTuple) {
+        guard var socket = splicedOut[key] else { return }
+        socket.dropped &+= 1
+        let tcp = packet.tcp
+        if tcp.flags.contains(.fin) {
+            socket.finEnd = tcp.sequenceNumber &+ UInt32(packet.payloadLength) &+ 1
+        }
+        splicedOut[key] = socket
+        counters.droppedAfterLeaving &+= 1
+    }
+
+    /// The agent sent the FIN as the peer of `socket` (its egress tuple).
+    public mutating func splicedOutFinSent(_ socket: FiveTuple, next: UInt32) {
+        splicedOut[socket]?.peerNext = next
+    }
+
+    /// Forgets the spliced-out sockets (closed).
+    public mutating func forgetSplicedOut(_ sockets: [FiveTuple]) {
+        for socket in sockets { splicedOut.removeValue(forKey: socket) }
     }
 }

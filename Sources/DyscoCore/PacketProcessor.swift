@@ -266,6 +266,8 @@ public struct PacketProcessor: Sendable {
     var pending = DataplaneEffects()
     /// Ingress keys of sessions this host left in a reconfiguration, until when late packets on them are dropped.
     public internal(set) var departed: [FiveTuple: UInt64] = [:]
+    /// A spliced-out proxy's sockets, by the tuple of what they send (``SplicedOutSocket``).
+    public internal(set) var splicedOut: [FiveTuple: SplicedOutSocket] = [:]
     /// Sessions whose held packets the shell is about to release (chain id → the segment's side): until it
     /// has (``endRelease(chainID:)``, on the packet thread), their later packets towards the segment are held
     /// too, so that none overtakes a held one.
@@ -338,7 +340,7 @@ public struct PacketProcessor: Sendable {
                     mode = .partial
                 }
                 // §3.4: from here on the packet is in the local endpoint's numbering (anchor rules, tracking).
-                packet.applyIngressDelta(translation.seqDelta)
+                packet.applyIngressDelta(translation.seqDelta, timestamps: translation.tsDelta)
                 if flags.contains(.rst), resetOutsideWindow(packet, translation: translation) { return .drop }
                 if anchoring > 0, table.records[translation.id]?.migration != nil,
                    anchorIngress(&packet, translation: translation, flags: flags, now: now) == .drop {
@@ -368,6 +370,7 @@ public struct PacketProcessor: Sendable {
                 }
                 var target = translation.target
                 var seqDelta = translation.seqDelta
+                var tsDelta = translation.tsDelta
                 if !releasing.isEmpty, let record = table.records[translation.id],
                    let side = releasing[record.identity.chainID], (side == .right) == (translation.direction == .forward),
                    flags.isDisjoint(with: [.syn, .rst]) {
@@ -380,9 +383,10 @@ public struct PacketProcessor: Sendable {
                     case .hold:
                         counters.anchorHeld &+= 1
                         return .hold(chainID: table.records[translation.id]!.identity.chainID)
-                    case .target(let t, let d):
+                    case .target(let t, let d, let ts):
                         target = t
                         seqDelta = d
+                        tsDelta = ts
                     }
                 }
                 track(translation, packet: packet, hook: .egress, now: now)
@@ -392,13 +396,17 @@ public struct PacketProcessor: Sendable {
                     // SYN retransmission before the SYN-ACK: the trailer must travel again.
                     return sendSyn(&packet, record: record, capacity: capacity)
                 }
-                packet.applyEgressDelta(seqDelta)
+                packet.applyEgressDelta(seqDelta, timestamps: tsDelta)
                 packet.rewrite(to: target, checksum: checksum)
                 if checksum == .partial { counters.fullChecksums &+= 1 }
                 return .acceptModified(length: packet.length)
             }
             if isInitialSyn, let verdict = egressNewSyn(&packet, key: key, capacity: capacity, now: now) {
                 return verdict
+            }
+            if !splicedOut.isEmpty, splicedOut[key] != nil {
+                absorbSplicedOut(packet, key: key)
+                return .drop
             }
         }
         return pass()
@@ -525,6 +533,12 @@ public struct PacketProcessor: Sendable {
                                 now: UInt64) {
         let segment = TrackedSegment(packet)
         if !segment.tcp.flags.isDisjoint(with: [.fin, .rst]) { counters.queuedTeardown &+= 1 }
+        if let record = table.records[translation.id], record.spliced != nil, !record.clocks.complete {
+            // A joined proxy learns its four timestamp clocks (``SessionTable/TimestampClocks``).
+            let clock = SessionTable.TimestampClocks.Clock(direction: translation.direction, hook: hook)
+            let value = packet.tcp.timestampValue
+            table.update(translation.id) { $0.clocks.observe(clock, value: value, nowMillis: UInt32(truncatingIfNeeded: now / 1_000_000)) }
+        }
         track(translation, segment: segment, hook: hook, now: now)
     }
 
@@ -553,7 +567,8 @@ public struct PacketProcessor: Sendable {
                 // The handshake is complete through this agent once a plain segment goes forward with every
                 // subsession of the record established: from then on the kernel can carry the session (once
                 // it has carried `fastPathAfterPackets` packets).
-                if settings.fastPath, record.carrier == .slow, !record.fastPathFailed, record.closeDeadline == nil,
+                if settings.fastPath, record.carrier == .slow, !record.fastPathFailed, !record.needsSlowPath,
+                   record.closeDeadline == nil,
                    !record.resetSeen, now >= record.fastPathNotBefore, record.packets >= settings.fastPathAfterPackets,
                    translation.direction == .forward, flags.isDisjoint(with: [.syn, .fin, .rst]),
                    record.right == nil || record.rightEstablished {
@@ -667,6 +682,7 @@ public struct PacketProcessor: Sendable {
     /// (``DataplaneEffects/compacted`` when the table was rebuilt smaller).
     public mutating func expire(now: UInt64) -> (removed: Int, effects: DataplaneEffects) {
         if !departed.isEmpty { departed = departed.filter { $0.value > now } }
+        if !splicedOut.isEmpty { splicedOut = splicedOut.filter { $0.value.until > now } }
         let due = table.expired(now: now, idleTimeout: settings.idleTimeout, synTimeout: settings.synTimeout)
         for id in due {
             guard let record = table.records[id] else { continue }
@@ -746,7 +762,7 @@ public struct PacketProcessor: Sendable {
         var released: [SessionTable.SessionID] = []
         for id in ids {
             guard let record = table.records[id], record.carrier == .held else { continue }
-            let eligible = settings.fastPath && !record.fastPathFailed && record.closeDeadline == nil
+            let eligible = settings.fastPath && !record.fastPathFailed && !record.needsSlowPath && record.closeDeadline == nil
                 && (record.right == nil || record.rightEstablished)
             table.update(id) { $0.carrier = eligible ? .pending : .slow }
             if eligible { pending.fastPath.append(.install(id, record.fastPathTranslations)) }

@@ -69,7 +69,8 @@ public struct SessionPredicate: Hashable, Sendable, Codable {
     }
 }
 
-/// A service-chaining policy (paper §2.2): predicate → ordered list of middlebox addresses.
+/// A service-chaining policy (paper §2.2): predicate → ordered list of middlebox addresses. An empty list: the agents
+/// carry the session straight to its right end (a session-terminating proxy there can take itself out later, §4).
 public struct Policy: Hashable, Sendable, Codable {
     public var name: String
     public var match: SessionPredicate
@@ -97,7 +98,6 @@ public struct AgentConfig: Sendable, Codable, Equatable {
 
     public enum ValidationError: Error, CustomStringConvertible {
         case unsupportedVersion(Int)
-        case emptyChain(policy: String)
         case chainTooLong(policy: String, length: Int)
         case duplicateHop(policy: String, address: IPv4Address)
         case forbiddenHop(policy: String, address: IPv4Address)
@@ -106,7 +106,6 @@ public struct AgentConfig: Sendable, Codable, Equatable {
             switch self {
             case .unsupportedVersion(let v):
                 "config version \(v) is not supported (this agent reads version \(AgentConfig.currentVersion))"
-            case .emptyChain(let p): "policy '\(p)': chain is empty (list at least one middlebox address)"
             case .chainTooLong(let p, let n):
                 "policy '\(p)': chain has \(n) middleboxes, at most \(DyscoSynPayload.maxAddresses - 1) are allowed"
             case .duplicateHop(let p, let a): "policy '\(p)': middlebox \(a) appears twice in the chain"
@@ -119,7 +118,6 @@ public struct AgentConfig: Sendable, Codable, Equatable {
     public func validate() throws {
         guard version == Self.currentVersion else { throw ValidationError.unsupportedVersion(version) }
         for policy in policies {
-            guard !policy.chain.isEmpty else { throw ValidationError.emptyChain(policy: policy.name) }
             guard policy.chain.count < DyscoSynPayload.maxAddresses else {
                 throw ValidationError.chainTooLong(policy: policy.name, length: policy.chain.count)
             }

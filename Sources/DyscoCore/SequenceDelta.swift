@@ -21,21 +21,54 @@ extension TCPHeaderView {
     }
 
     static let sackKind: UInt8 = 5
+
+    /// The timestamps option's TSval (RFC 7323 §3), if the header carries the option.
+    public var timestampValue: UInt32? {
+        var value: UInt32?
+        forEachOption { kind, offset, length in
+            guard kind == 8, length == 10 else { return true }
+            value = UInt32(bigEndian: base.loadUnaligned(fromByteOffset: offset + 2, as: UInt32.self))
+            return false
+        }
+        return value
+    }
 }
 
 extension IPv4TCPPacket {
     /// A packet arriving on a subsession with delta `delta`: its sequence number moves into the local endpoint's
     /// numbering. SYNs carry the subsession's own initial number and are left alone.
-    public func applyIngressDelta(_ delta: Int32) {
-        guard delta != 0, !tcp.flags.contains(.syn) else { return }
-        tcp.setSequenceNumber(tcp.sequenceNumber &+ UInt32(bitPattern: delta))
+    /// `timestamps`: the subsession's timestamp delta, added to the TSval (RFC 7323; ``SessionTable/Subsession/tsDelta``).
+    public func applyIngressDelta(_ delta: Int32, timestamps: Int32 = 0) {
+        guard !tcp.flags.contains(.syn) else { return }
+        if delta != 0 { tcp.setSequenceNumber(tcp.sequenceNumber &+ UInt32(bitPattern: delta)) }
+        if timestamps != 0 { shiftTimestamp(at: 2, by: timestamps) }
+    }
+
+    /// Adds `shift` to one of the timestamps option's fields (offset 2 in the option: TSval; 6: TSecr), with the
+    /// checksum updated (RFC 1624), or recomputed when the field is at an odd offset (no NOP padding).
+    func shiftTimestamp(at field: Int, by shift: Int32) {
+        let header = tcp.base
+        var recompute = false
+        tcp.forEachOption { kind, offset, length in
+            guard kind == 8, length == 10 else { return true }
+            let at = offset + field
+            let old = header.loadUnaligned(fromByteOffset: at, as: UInt32.self)
+            let new = (UInt32(bigEndian: old) &+ UInt32(bitPattern: shift)).bigEndian
+            header.storeBytes(of: new, toByteOffset: at, as: UInt32.self)
+            if at % 2 == 0 { tcp.updateChecksumForAddress(oldRaw: old, newRaw: new) } else { recompute = true }
+            return false
+        }
+        if recompute { recomputeTCPChecksum() }
     }
 
     /// A packet leaving on a subsession with delta `delta`: its acknowledgment number and SACK blocks (RFC 2018,
     /// both edges) move back into the far side's numbering. The TCP checksum is updated incrementally; a SACK block
     /// at an odd offset (no NOP padding) gets the checksum recomputed over the segment.
-    public func applyEgressDelta(_ delta: Int32) {
-        guard delta != 0, tcp.flags.contains(.ack), !tcp.flags.contains(.syn) else { return }
+    /// `timestamps`: the subsession's timestamp delta, subtracted from the TSecr.
+    public func applyEgressDelta(_ delta: Int32, timestamps: Int32 = 0) {
+        guard tcp.flags.contains(.ack), !tcp.flags.contains(.syn) else { return }
+        if timestamps != 0 { shiftTimestamp(at: 6, by: 0 &- timestamps) }
+        guard delta != 0 else { return }
         let shift = UInt32(bitPattern: delta)
         tcp.setAcknowledgmentNumber(tcp.acknowledgmentNumber &- shift)
         var recompute = false

@@ -196,14 +196,17 @@ public struct PersistedRecord: Codable, Equatable, Sendable {
         public var path: UInt8
         /// ``SessionTable/Subsession/seqDelta`` (absent: 0).
         public var delta: Int32?
+        /// ``SessionTable/Subsession/tsDelta`` (absent: 0).
+        public var ts: Int32?
         var subsession: SessionTable.Subsession {
-            .init(tuple: tuple, allocatedPort: port, pathTag: path, seqDelta: delta ?? 0)
+            .init(tuple: tuple, allocatedPort: port, pathTag: path, seqDelta: delta ?? 0, tsDelta: ts ?? 0)
         }
         init(_ s: SessionTable.Subsession) {
             tuple = s.tuple
             port = s.allocatedPort
             path = s.pathTag
             delta = s.seqDelta == 0 ? nil : s.seqDelta
+            ts = s.tsDelta == 0 ? nil : s.tsDelta
         }
     }
 
@@ -412,6 +415,10 @@ struct JournalLine {
         if let port = sub.port {
             append(",\"port\":")
             append(port)
+        }
+        if let ts = sub.ts {
+            append(",\"ts\":")
+            append(signed: ts)
         }
         append(",\"tuple\":")
         append(sub.tuple)

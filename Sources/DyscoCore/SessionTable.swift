@@ -58,12 +58,17 @@ public struct SessionTable: Sendable {
         /// blocks of every packet that leaves on it. Nonzero once a reconfiguration removed (or replaced) boxes
         /// that changed the byte stream; it lives as long as the subsession (docs/ARCHITECTURE.md, "Sequence deltas").
         public var seqDelta: Int32 = 0
+        /// Timestamp delta (§4, "Differences in TCP options for two spliced TCP sessions"): added to the TSval of
+        /// every packet that arrives on it, subtracted from the TSecr of every packet that leaves on it. Nonzero
+        /// once a reconfiguration removed a session-terminating proxy (its two sessions' timestamp clocks differ).
+        public var tsDelta: Int32 = 0
 
-        public init(tuple: FiveTuple, allocatedPort: UInt16?, pathTag: UInt8, seqDelta: Int32 = 0) {
+        public init(tuple: FiveTuple, allocatedPort: UInt16?, pathTag: UInt8, seqDelta: Int32 = 0, tsDelta: Int32 = 0) {
             self.tuple = tuple
             self.allocatedPort = allocatedPort
             self.pathTag = pathTag
             self.seqDelta = seqDelta
+            self.tsDelta = tsDelta
         }
     }
 
@@ -127,6 +132,25 @@ public struct SessionTable: Sendable {
         /// record joins the proxy's session with its client (`session`, `identity`, the left subsessions) and its
         /// session with the server (this, the right subsessions). Nil for every other record.
         public fileprivate(set) var spliced: Splice?
+        /// The name the other half of a spliced-out proxy's chain has for this session (``ChainAlias``): control
+        /// messages with that identity are this session's, and those to `alias.peer` carry it. Set at a right
+        /// anchor by the proxy's `splice` message (the new path's left anchor knows the session by the client's
+        /// chain). Not in the state file.
+        public fileprivate(set) var alias: ChainAlias?
+        /// A timestamp delta for the next reconfiguration's new path that arrived before this anchor held the
+        /// session (the proxy's `splice` message comes with the requestLock): ``PacketProcessor/anchorHold``
+        /// moves it into ``AnchorState/tsDelta``.
+        public var pendingTSDelta: Int32 = 0
+        /// A joined proxy's four timestamp clocks, learnt from the packets the agent sees after the join.
+        public var clocks = TimestampClocks()
+
+        /// The kernel datapath translates sequence numbers, not timestamps: a session whose subsessions shift
+        /// timestamps, or a joined proxy still learning its clocks, stays with the agent.
+        public var needsSlowPath: Bool {
+            if spliced != nil, !clocks.complete { return true }
+            for link in [leftLink, rightLink] { if let link, link.all.contains(where: { $0.tsDelta != 0 }) { return true } }
+            return false
+        }
         /// The session tuple the right subsessions carry (`session` but at a joined proxy).
         public var rightSession: FiveTuple { spliced?.session ?? session }
 
@@ -151,10 +175,90 @@ public struct SessionTable: Sendable {
         public var session: FiveTuple
         /// That session's chain identity (its own chain, from the proxy to the server).
         public var identity: SessionIdentity
-        public init(session: FiveTuple, identity: SessionIdentity) {
+        /// The four initial sequence numbers: the client's, the proxy's to the client, the proxy's to the server, the
+        /// server's (nil after a restart: the state file does not keep them). The proxy's sockets are closed with them
+        /// once it is out of the session (``PacketProcessor/SplicedOutSocket``).
+        public var initialNumbers: [UInt32]?
+        public init(session: FiveTuple, identity: SessionIdentity, initialNumbers: [UInt32]? = nil) {
             self.session = session
             self.identity = identity
+            self.initialNumbers = initialNumbers
         }
+    }
+
+    /// A session-terminating proxy's two sessions run four timestamp clocks (RFC 7323; Linux: milliseconds plus a
+    /// random offset per connection): the client's and the proxy's towards the server (forward), the server's and
+    /// the proxy's towards the client (reverse). Once the proxy is spliced out, the anchors shift each stream's
+    /// TSval onto the clock its receiver knows, and each TSecr back (paper §4, ``Subsession/tsDelta``). Each clock's
+    /// offset from the agent's own millisecond clock is estimated as TSval − now; the largest estimate is the
+    /// nearest (a packet is seen after it was stamped). A few packets without the option mean no timestamps.
+    public struct TimestampClocks: Sendable, Equatable {
+        public enum Clock: Int, Sendable {
+            case client, proxyToServer, server, proxyToClient
+            /// The clock that stamped a packet of a joined record, by its direction and where the agent saw it.
+            public init(direction: Direction, hook: HookPoint) {
+                switch (direction, hook) {
+                case (.forward, .ingress): self = .client
+                case (.forward, .egress): self = .proxyToServer
+                case (.reverse, .ingress): self = .server
+                case (.reverse, .egress): self = .proxyToClient
+                }
+            }
+        }
+        /// TSval − now (ms, modulo 2³²) per clock, the largest seen.
+        public private(set) var offsets: [UInt32?] = [nil, nil, nil, nil]
+        /// Packets seen without the option.
+        public private(set) var without = 0
+        public init() {}
+
+        public var complete: Bool { !offsets.contains(where: { $0 == nil }) || (without >= Self.noTimestampsAfter && offsets.allSatisfy { $0 == nil }) }
+        static let noTimestampsAfter = 16
+        /// Added to each delta: a shifted TSval must not fall behind the one its receiver saw last (PAWS accepts one
+        /// tick behind, RFC 7323 §5), and each estimate is off by up to the agent's coarse clock tick (4 ms at HZ 250)
+        /// plus the time a packet waits for the agent. Ahead is harmless: the echo is shifted back exactly, and a
+        /// receiver only compares TSvals with each other.
+        public static let margin: Int32 = 64
+
+        public mutating func observe(_ clock: Clock, value: UInt32?, nowMillis: UInt32) {
+            guard let value else { without += 1; return }
+            let offset = value &- nowMillis
+            if let old = offsets[clock.rawValue], Int32(bitPattern: offset &- old) <= 0 { return }
+            offsets[clock.rawValue] = offset
+        }
+
+        /// The timestamp deltas once complete: forward (the client's TSval onto the proxy's clock towards the
+        /// server), reverse (the server's onto the proxy's towards the client); zero without timestamps.
+        public var deltas: BoxDelta? {
+            guard complete else { return nil }
+            guard let c = offsets[0], let p2 = offsets[1], let s = offsets[2], let p1 = offsets[3] else { return .zero }
+            return BoxDelta(forward: Int32(bitPattern: p2 &- c) &+ Self.margin, reverse: Int32(bitPattern: p1 &- s) &+ Self.margin)
+        }
+    }
+
+    /// Another identity of this session: the client's chain's, at the server's agent after the proxy between them
+    /// is spliced out (``Record/alias``).
+    public struct ChainAlias: Sendable, Equatable {
+        public var identity: SessionIdentity
+        public var session: FiveTuple
+        /// The agent that uses this identity (the left anchor of the proxy's removal).
+        public var peer: IPv4Address
+        public init(identity: SessionIdentity, session: FiveTuple, peer: IPv4Address) {
+            self.identity = identity
+            self.session = session
+            self.peer = peer
+        }
+    }
+
+    /// Gives `id` an alias (replacing an earlier one); false if the alias's chain id is another session's.
+    @discardableResult
+    public mutating func setAlias(_ id: SessionID, _ alias: ChainAlias) -> Bool {
+        guard let old = records[id] else { return false }
+        if let other = byChain[alias.identity.chainID], other != id { return false }
+        if let previous = old.alias, byChain[previous.identity.chainID] == id { byChain.removeValue(forKey: previous.identity.chainID) }
+        var new = old
+        new.alias = alias
+        try? store(new, replacing: old)  // same keys
+        return true
     }
 
     /// A map entry: which session, where to rewrite to, and which way the packet goes.
@@ -169,6 +273,8 @@ public struct SessionTable: Sendable {
         /// That subsession's ``Subsession/seqDelta``: ingress adds it to the sequence number, egress subtracts
         /// it from the acknowledgment number and SACK blocks.
         public var seqDelta: Int32 = 0
+        /// That subsession's ``Subsession/tsDelta`` (TSval in, TSecr out).
+        public var tsDelta: Int32 = 0
     }
 
     /// A middlebox's change to a session's two byte streams (§3.4): bytes it added (negative: removed) to the
@@ -224,21 +330,22 @@ public struct SessionTable: Sendable {
         if let link = record.leftLink {
             for sub in link.all {
                 ingress.append((sub.tuple, Translation(id: record.id, target: s, direction: .forward, fromRight: false,
-                                                       pathTag: sub.pathTag, seqDelta: sub.seqDelta)))
+                                                       pathTag: sub.pathTag, seqDelta: sub.seqDelta, tsDelta: sub.tsDelta)))
             }
             egress.append((s.reversed, Translation(id: record.id, target: link.active.tuple.reversed, direction: .reverse,
                                                    fromRight: false, pathTag: link.active.pathTag,
-                                                   seqDelta: link.active.seqDelta)))
+                                                   seqDelta: link.active.seqDelta, tsDelta: link.active.tsDelta)))
         }
         if let link = record.rightLink {
             let s = record.rightSession
             for sub in link.all {
                 ingress.append((sub.tuple.reversed, Translation(id: record.id, target: s.reversed, direction: .reverse,
                                                                 fromRight: true, pathTag: sub.pathTag,
-                                                                seqDelta: sub.seqDelta)))
+                                                                seqDelta: sub.seqDelta, tsDelta: sub.tsDelta)))
             }
             egress.append((s, Translation(id: record.id, target: link.active.tuple, direction: .forward, fromRight: false,
-                                          pathTag: link.active.pathTag, seqDelta: link.active.seqDelta)))
+                                          pathTag: link.active.pathTag, seqDelta: link.active.seqDelta,
+                                          tsDelta: link.active.tsDelta)))
         }
         return (ingress, egress)
     }
@@ -269,6 +376,7 @@ public struct SessionTable: Sendable {
             bySession[splice.session] = new.id
             byChain[splice.identity.chainID] = new.id
         }
+        if let alias = new.alias { byChain[alias.identity.chainID] = new.id }
         changed?.insert(new.id)
         ownershipChanged?.insert(new.id)
     }
@@ -334,7 +442,7 @@ public struct SessionTable: Sendable {
         guard let old = records[id], let link = old.rightLink else { throw .collision(records[id]?.session ?? .zero) }
         if let existing = link.other, existing.tuple.dstAddr == next { return existing }
         var sub = try allocateSubsession(for: old, local: local, next: next, pathTag: link.active.pathTag &+ 1)
-        sub.seqDelta = Self.newPathDelta(old, .right)
+        (sub.seqDelta, sub.tsDelta) = Self.newPathDeltas(old, .right)
         var new = old
         if let stale = link.other, let port = stale.allocatedPort { ports.release(port) }
         new.rightLink?.other = sub
@@ -351,8 +459,9 @@ public struct SessionTable: Sendable {
     public mutating func addOtherLeft(_ id: SessionID, tuple: FiveTuple) throws(InsertError) -> Subsession {
         guard let old = records[id], let link = old.leftLink else { throw .collision(tuple) }
         if let existing = link.other, existing.tuple == tuple { return existing }
+        let deltas = Self.newPathDeltas(old, .left)
         let sub = Subsession(tuple: tuple, allocatedPort: nil, pathTag: link.active.pathTag &+ 1,
-                             seqDelta: Self.newPathDelta(old, .left))
+                             seqDelta: deltas.seq, tsDelta: deltas.ts)
         var new = old
         new.leftLink?.other = sub
         try store(new, replacing: old)
@@ -361,21 +470,22 @@ public struct SessionTable: Sendable {
 
     /// The delta a new-path subsession on `side` gets (§3.4): the old path's own (what this host already applies
     /// there) plus the reconfiguration's sum over the boxes it removes (``AnchorState/delta``).
-    static func newPathDelta(_ record: Record, _ side: Side) -> Int32 {
-        guard let link = record.link(side) else { return 0 }
+    /// The timestamp delta likewise: the old path's plus the removed proxy's (``AnchorState/tsDelta``).
+    static func newPathDeltas(_ record: Record, _ side: Side) -> (seq: Int32, ts: Int32) {
+        guard let link = record.link(side) else { return (0, 0) }
         let old = record.migration?.promoted == true ? (link.other ?? link.active) : link.active
-        let extra = record.migration.map { $0.side == side ? $0.delta : 0 } ?? 0
-        return old.seqDelta &+ extra
+        guard let m = record.migration, m.side == side else { return (old.seqDelta, old.tsDelta) }
+        return (old.seqDelta &+ m.delta, old.tsDelta &+ m.tsDelta)
     }
 
     /// Sets the delta of `side`'s new-path subsession once the reconfiguration learns its sum (the lock messages
     /// carry it, §3.4); a no-op before that subsession exists (it gets the delta when it is created).
     public mutating func updateNewPathDelta(_ id: SessionID, _ side: Side) {
         guard let old = records[id], let link = old.link(side), link.other != nil, let m = old.migration else { return }
-        let delta = Self.newPathDelta(old, side)
+        let delta = Self.newPathDeltas(old, side)
         var new = old
         var updated = link
-        if m.promoted { updated.active.seqDelta = delta } else { updated.other!.seqDelta = delta }
+        if m.promoted { (updated.active.seqDelta, updated.active.tsDelta) = delta } else { (updated.other!.seqDelta, updated.other!.tsDelta) = delta }
         if side == .left { new.leftLink = updated } else { new.rightLink = updated }
         try? store(new, replacing: old)  // same keys: cannot collide
     }
@@ -415,8 +525,14 @@ public struct SessionTable: Sendable {
     public enum JoinError: Error, Equatable, Sendable, CustomStringConvertible {
         /// `client` is not a session delivered here (a right end), or `server` not one started here (a left end).
         case notProxySessions(String)
+        /// A handshake's initial numbers are not known (yet: the kernel's report of the handshake may still be on its
+        /// way; or never: a session from before the agent's restart).
+        case handshakeUnseen
         public var description: String {
-            switch self { case .notProxySessions(let why): why }
+            switch self {
+            case .notProxySessions(let why): why
+            case .handshakeUnseen: "the agent did not see both handshakes (a session from before its restart?)"
+            }
         }
     }
 
@@ -442,7 +558,9 @@ public struct SessionTable: Sendable {
                             createdAt: c.createdAt, lastActivity: max(c.lastActivity, s.lastActivity))
         joined.leftLink = c.leftLink
         joined.rightLink = rightLink
-        joined.spliced = Splice(session: s.session, identity: s.identity)
+        let isns = [c.sequence.forward.isn, c.sequence.reverse.isn, s.sequence.forward.isn, s.sequence.reverse.isn]
+        joined.spliced = Splice(session: s.session, identity: s.identity,
+                                initialNumbers: isns.contains(nil) ? nil : isns.compactMap { $0 })
         joined.rightEstablished = s.rightEstablished
         joined.established = c.established && s.established
         joined.synAckSeen = c.synAckSeen
@@ -480,6 +598,7 @@ public struct SessionTable: Sendable {
             if bySession[splice.session] == id { bySession.removeValue(forKey: splice.session) }
             if byChain[splice.identity.chainID] == id { byChain.removeValue(forKey: splice.identity.chainID) }
         }
+        if let alias = record.alias, byChain[alias.identity.chainID] == id { byChain.removeValue(forKey: alias.identity.chainID) }
         if let n = bySource[record.session.srcAddr] {
             if n <= 1 { bySource.removeValue(forKey: record.session.srcAddr) } else { bySource[record.session.srcAddr] = n - 1 }
         }

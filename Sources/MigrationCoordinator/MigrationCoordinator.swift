@@ -268,6 +268,8 @@ public struct MigrationCoordinator: Sendable {
         case .oldPathFinAck:
             guard let context else { return }
             receiveOldPathFinAck(m, context: context, now: now, &out)
+        case .splice:
+            break  // the agent's engine takes it (a spliced-out proxy's timestamps and alias), never the protocol
         }
     }
 

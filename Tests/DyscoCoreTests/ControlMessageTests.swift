@@ -42,6 +42,7 @@ struct ControlMessageTests {
                                               reason: "conntrack: EEXIST")
         case .oldPathFin: .oldPathFin
         case .oldPathFinAck: .oldPathFinAck
+        case .splice: .splice(SpliceNotice(tsDelta: -77, alias: (identity, subsession)))
         }
     }
 
@@ -61,6 +62,7 @@ struct ControlMessageTests {
         case .statePut(let document): 2 + document.count
         case .stateInstalled(_, _, let reason): 10 + reason.utf8.count
         case .ackCancel, .newPathCancel, .newPathCancelAck, .drained, .oldPathFin, .oldPathFinAck: 0
+        case .splice(let n): 5 + (n.alias == nil ? 0 : 28)
         }
     }
 
@@ -125,12 +127,12 @@ struct ControlMessageTests {
 
     @Test("the samples cover every type exactly once; raw values and names are the documented ones")
     func typeTable() {
-        #expect(ControlMessageType.allCases.count == 19)
+        #expect(ControlMessageType.allCases.count == 20)
         #expect(Set(ControlMessageType.allCases.map { Self.sampleBody($0).type }) == Set(ControlMessageType.allCases))
-        #expect(ControlMessageType.allCases.map(\.rawValue) == [1, 2, 10, 11, 12, 13, 14, 20, 21, 22, 23, 24, 30, 31, 40, 41, 42, 50, 51])
+        #expect(ControlMessageType.allCases.map(\.rawValue) == [1, 2, 10, 11, 12, 13, 14, 20, 21, 22, 23, 24, 30, 31, 40, 41, 42, 50, 51, 60])
         #expect(ControlMessageType.requestLock.description == "requestLock")
         #expect(ControlMessageType.newPathCancelAck.description == "newPathCancelAck")
-        #expect(Set(ControlMessageType.allCases.map(\.description)).count == 19)
+        #expect(Set(ControlMessageType.allCases.map(\.description)).count == 20)
         #expect(NackReason.contention.rawValue == 1 && NackReason.busy.rawValue == 4)
     }
 

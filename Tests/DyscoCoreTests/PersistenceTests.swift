@@ -50,6 +50,7 @@ struct PersistenceTests {
             var s: [String: Any] = ["tuple": tuple(), "path": UInt8.random(in: 0...255, using: &rng)]
             if Bool.random(using: &rng) { s["port"] = port() }
             if Bool.random(using: &rng) { s["delta"] = delta() }
+            if Bool.random(using: &rng) { s["ts"] = delta() }
             return s
         }
         func link() -> [String: Any] {

@@ -26,9 +26,18 @@ struct PolicyTests {
         #expect(again == config)
     }
 
+    @Test("an empty chain is a session the agents carry straight to its right end (a proxy there can splice itself out, §4)")
+    func emptyChain() throws {
+        let config = try JSONDecoder().decode(AgentConfig.self, from: Data(#"{"version": 1, "policies": [{"name": "p", "match": {}, "chain": []}]}"#.utf8))
+        try config.validate()
+        var p = PacketProcessor(config: config, portRange: 20000...20010, trust: TestKeys.group)
+        let session = FiveTuple.t("10.0.0.1", 40000, "10.0.0.9", 8080)
+        let id = try p.table.insertLeftEnd(session: session, hops: [session.dstAddr], now: 0)
+        #expect(p.table.records[id]?.right?.dstAddr == session.dstAddr && p.table.records[id]?.remaining == [])
+    }
+
     @Test("bad configs are refused with the reason", arguments: [
         (#"{"version": 2, "policies": []}"#, "version 2"),
-        (#"{"version": 1, "policies": [{"name": "p", "match": {}, "chain": []}]}"#, "chain is empty"),
         (#"{"version": 1, "policies": [{"name": "p", "match": {}, "chain": ["10.0.0.1", "10.0.0.1"]}]}"#, "appears twice"),
         (#"{"version": 1, "policies": [{"name": "p", "match": {}, "chain": ["10.0.0.1", "127.0.0.1"]}]}"#, "127.0.0.1 cannot be a middlebox"),
         (#"{"version": 1, "policies": [{"name": "p", "match": {}, "chain": ["224.0.0.1"]}]}"#, "224.0.0.1 cannot be a middlebox"),

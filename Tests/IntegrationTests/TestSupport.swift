@@ -17,6 +17,16 @@ enum TestSupport {
     /// the lookup the lab itself uses for its agents.
     static func dyscoBinary() throws -> String { try Lab.defaultAgentBinary() }
 
+    /// The LD_PRELOAD interposer for splicing proxies: `libdysco-splice.so` beside ``dyscoBinary()`` (`make release`
+    /// builds it with the binaries).
+    static func spliceLibrary() throws -> String {
+        let path = URL(fileURLWithPath: try dyscoBinary()).deletingLastPathComponent().appendingPathComponent("libdysco-splice.so").path
+        guard FileManager.default.fileExists(atPath: path) else {
+            throw LabError.invalidSpec("no \(path): build it with `make release` (swift build --product dysco-splice)")
+        }
+        return path
+    }
+
     /// The benchmarks' executable (its hidden helpers, such as `sink`): `dysco-bench` beside ``dyscoBinary()``
     /// (the same directory as $DYSCO_BIN; `swift build` puts both products there).
     static func benchBinary() throws -> String {

@@ -115,6 +115,7 @@ package enum Describe {
             body = "stateInstalled(ok: \(ok), export: \(times.exportMicroseconds), import: \(times.importMicroseconds), \"\(reason)\")"
         case .oldPathFin: body = "oldPathFin"
         case .oldPathFinAck: body = "oldPathFinAck"
+        case .splice(let n): body = "splice(tsDelta: \(n.tsDelta), alias: \(n.alias.map { "\($0.session)" } ?? "none"))"
         }
         return "\(body) req=\(m.requestID) L=\(Host.name(m.leftAnchor)) R=\(Host.name(m.rightAnchor))"
     }
