@@ -124,3 +124,95 @@ struct ProxySpliceTests {
         #expect(restored.byChain.count == 2)
     }
 }
+
+/// The timestamps of a spliced-out proxy's two sessions (paper §4, "Differences in TCP options"): the clocks,
+/// the notices that carry the deltas to the anchors, and the per-packet shift.
+@Suite("Proxy splice: timestamps (paper §4)")
+struct ProxyTimestampTests {
+    typealias A = AnchorDataplaneTests
+
+    /// TCP options: NOP, NOP, timestamps (TSval, TSecr).
+    static func timestamps(_ value: UInt32, _ echo: UInt32) -> [UInt8] {
+        [1, 1, 8, 10] + withUnsafeBytes(of: value.bigEndian) { Array($0) } + withUnsafeBytes(of: echo.bigEndian) { Array($0) }
+    }
+
+    static func option(_ bytes: [UInt8]) -> (UInt32, UInt32) {
+        func u32(_ at: Int) -> UInt32 { bytes[at..<(at + 4)].reduce(0) { $0 << 8 | UInt32($1) } }
+        return (u32(44), u32(48))  // 20 IP + 20 TCP + NOP NOP kind len
+    }
+
+    @Test("each clock's offset is its largest TSval − now; the deltas map the client's clock onto the proxy's towards the server and the server's onto the proxy's towards the client, plus the margin")
+    func clocks() {
+        var c = SessionTable.TimestampClocks()
+        c.observe(.client, value: 1_000_100, nowMillis: 100)           // offset 1,000,000
+        c.observe(.client, value: 1_000_150, nowMillis: 160)           // 999,990: a packet seen late, not kept
+        c.observe(.proxyToServer, value: 5_000_100, nowMillis: 100)    // 5,000,000
+        c.observe(.server, value: 200, nowMillis: 100)                 // 100
+        #expect(c.deltas == nil, "three clocks known")
+        c.observe(.proxyToClient, value: 7_000_100, nowMillis: 100)    // 7,000,000
+        let m = SessionTable.TimestampClocks.margin
+        #expect(c.deltas == .init(forward: 4_000_000 + m, reverse: 7_000_000 - 100 + m))
+        var none = SessionTable.TimestampClocks()
+        for _ in 0..<16 { none.observe(.client, value: nil, nowMillis: 0) }
+        #expect(none.deltas == .zero, "sixteen packets without the option: no timestamps")
+    }
+
+    @Test("the shift keeps the checksum valid with the option at an odd offset (no NOP padding), and leaves packets without it alone")
+    func oddOffset() throws {
+        let odd: [UInt8] = [1] + Array(Self.timestamps(0xFFFF_FFFF, 9).dropFirst(2)) + [1]
+        let shifted = try SequenceDeltaTests.apply(PacketBuilder(tuple: ProxySpliceTests.client, seq: 1, ack: 1, options: odd)) {
+            $0.applyIngressDelta(0, timestamps: 2)
+            $0.applyEgressDelta(0, timestamps: 9)
+        }
+        func u32(_ at: Int) -> UInt32 { shifted[at..<(at + 4)].reduce(0) { $0 << 8 | UInt32($1) } }
+        #expect(u32(43) == 1 && u32(47) == 0, "TSval + 2 across the wrap, TSecr − 9")
+        #expect(Reference.tcpChecksumValid(shifted))
+        let plain = PacketBuilder(tuple: ProxySpliceTests.client, seq: 1, ack: 1)
+        #expect(try SequenceDeltaTests.apply(plain) { $0.applyIngressDelta(0, timestamps: 5); $0.applyEgressDelta(0, timestamps: 5) } == plain.build())
+    }
+
+    @Test("a joined proxy stays on the slow path until its clocks are known; a subsession that shifts timestamps stays there")
+    func slowPath() throws {
+        var s = try ProxySpliceTests.setup()
+        _ = try s.p.splice(from: ProxySpliceTests.server, to: ProxySpliceTests.client.reversed, delta: 0).get()
+        #expect(s.p.table.records[s.s1]?.needsSlowPath == true)
+        for (tuple, hook) in [(ProxySpliceTests.clientLeft, HookPoint.ingress), (ProxySpliceTests.server, .egress),
+                              (s.right.reversed, .ingress), (ProxySpliceTests.client.reversed, .egress)] {
+            _ = A.run(&s.p, PacketBuilder(tuple: tuple, seq: 1, ack: 1, options: Self.timestamps(500, 0)), hook: hook)
+        }
+        #expect(s.p.table.records[s.s1]?.needsSlowPath == false && s.p.table.records[s.s1]?.clocks.deltas != nil)
+    }
+
+    @Test("a splice notice before the hold waits in the record; after it, it reaches the new path's subsession, which shifts TSval in and TSecr out")
+    func notices() throws {
+        var a = try A.setup(stateful: false)  // a left end, held, new path to fw2 open
+        let known = a.processor.spliceNotice(chainID: a.chainID, alias: nil, tsDelta: 1000)
+        #expect(known)
+        let id = try #require(a.processor.table.byChain[a.chainID])
+        #expect(a.processor.table.records[id]?.rightLink?.other?.tsDelta == 1000)
+        // From the new path: TSval + 1000; towards it, after the promotion: TSecr − 1000.
+        let (_, incoming) = A.run(&a.processor, PacketBuilder(tuple: a.new.reversed, seq: 7000, ack: 5001,
+                                                              options: Self.timestamps(50, 60)), hook: .ingress)
+        #expect(Self.option(incoming) == (1050, 60))
+        #expect(Reference.tcpChecksumValid(incoming), "checksum updated")
+        a.processor.anchorPromote(chainID: a.chainID)
+        _ = a.processor.anchorSetPhase(chainID: a.chainID, .released, now: 1)
+        let (_, outgoing) = A.run(&a.processor, PacketBuilder(tuple: A.session, seq: 5001, ack: 7001,
+                                                              options: Self.timestamps(70, 1050)), hook: .egress)
+        #expect(Self.option(outgoing) == (70, 50))
+        #expect(a.processor.table.records[id]?.needsSlowPath == true, "the active subsession shifts timestamps")
+        // Before the hold: the delta waits, and the hold takes it.
+        var p = PacketProcessor(config: AgentConfig(), portRange: 10000...10100, trust: TestKeys.group)
+        let other = try p.table.insertLeftEnd(session: A.session, hops: [A.fw1, A.server], now: 0)
+        let chain = try #require(p.table.records[other]).identity.chainID
+        let alias = SessionTable.ChainAlias(identity: SessionIdentity(chainID: 99, nonce: 7),
+                                            session: .t("10.0.0.50", 1, "10.0.0.51", 2), peer: A.fw2)
+        let taken = p.spliceNotice(chainID: chain, alias: alias, tsDelta: -5)
+        #expect(taken)
+        #expect(p.table.records[other]?.pendingTSDelta == -5 && p.table.byChain[99] == other)
+        _ = p.anchorHold(chainID: chain, side: .right, stateful: false, now: 0)
+        #expect(p.table.records[other]?.migration?.tsDelta == -5 && p.table.records[other]?.pendingTSDelta == 0)
+        let unknown = p.spliceNotice(chainID: 12345, alias: nil, tsDelta: 1)
+        #expect(!unknown, "unknown chain")
+    }
+}
