@@ -5,7 +5,7 @@ PACKAGES=(
   pkg-config
   libnetfilter-queue-dev libnetfilter-conntrack-dev libnfnetlink-dev libmnl-dev
   libbpf-dev bpftool ethtool
-  iptables conntrack iproute2 iperf3 curl python3 python3-scapy python3-matplotlib procps iputils-ping
+  iptables conntrack iproute2 iperf3 curl python3 python3-scapy python3-matplotlib procps iputils-ping haproxy
   spin gcc
   dpkg-dev lintian systemd binutils debootstrap
 )

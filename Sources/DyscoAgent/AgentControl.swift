@@ -81,6 +81,8 @@ extension DataplaneAgent {
             if let problem = ProxySockets.mismatch(client: sessions.client, server: sessions.server) {
                 reply.removal = "not removed: \(problem)"
                 logger.notice("proxy stays in the session", metadata: ["session.id": "\(outcome.id)", "reason": "\(problem)"])
+            } else if !options.spliceRemoves {
+                reply.removal = "joined (the agent runs with --splice join: `remove --box` takes the proxy out)"
             } else if let engine {
                 reply.removal = "started"
                 let removal = ReplaceRequest(predicate: SessionPredicate(), newBoxes: [], mode: .held,

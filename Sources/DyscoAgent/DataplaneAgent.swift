@@ -43,6 +43,9 @@ public final class DataplaneAgent: @unchecked Sendable {
         public var bufferLimits = AnchorBuffer<HeldPacket>.Limits()
         /// Accept migrated firewall state (a new box of a stateful replacement); false refuses every import.
         public var acceptState = true
+        /// A proxy's reported splice takes the proxy out of the session at once (false: it only joins the two
+        /// sessions; `remove` takes the proxy out later).
+        public var spliceRemoves = true
         /// The firewall's per-session state for stateful migrations (the CLI gives ConntrackStateStore).
         public var stateStore: (any FirewallStateStore)?
         /// Serve Prometheus metrics at http://ENDPOINT/metrics in this namespace (nil: no metrics, no listener).

@@ -145,6 +145,15 @@ struct AgentCommand: AsyncParsableCommand {
                                valueName: "yes|no"))
     var acceptState: YesNo = .yes
 
+    enum SpliceAction: String, ExpressibleByArgument, CaseIterable { case remove, join }
+
+    @Option(help: ArgumentHelp("""
+        What a splice reported by a proxy on this host (libdysco-splice.so) does: remove (default) joins the proxy's \
+        two sessions and takes the proxy out of the session at once; join only joins them, and `dysco-migrate remove \
+        --box THIS-HOST` takes it out later.
+        """, valueName: "remove|join"))
+    var splice: SpliceAction = .remove
+
     @Option(help: ArgumentHelp("""
         Refuse a migrated state document larger than this many bytes, before parsing (default and most useful \
         maximum: 60000, the largest document a statePut carries).
@@ -259,6 +268,7 @@ struct AgentCommand: AsyncParsableCommand {
         options.configPath = config.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
         options.controlPort = controlPort
         options.acceptState = acceptState == .yes
+        options.spliceRemoves = splice == .remove
         options.metrics = try parsedMetrics()
         options.stateStore = ConntrackStateStore(logger: logger, limits: StateDocumentLimits(maxBytes: stateMaxBytes),
                                                  endpoints: stateOnlyLocal)

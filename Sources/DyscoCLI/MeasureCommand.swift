@@ -59,6 +59,8 @@ struct MeasureCommand: AsyncParsableCommand {
     @Option(help: "Live sessions in all bundles.") var sessions = 20
     @Option(help: "Bundles (one client host each, 1...20; default 2, with --experiment removal 4); bundle 1 is the one migrated (removal: each in turn).")
     var bundles: Int?
+    @Flag(help: "Removal only: fw1 runs HAProxy in TCP mode with libdysco-splice.so (the paper's TCP proxy); the clients download through it and each removal takes the proxy out.")
+    var proxy = false
     @Flag(help: "Stateless replacement only (fw2 open, no state moves).") var stateless = false
     @Flag(help: "Stateful, then stateless, in one invocation.") var both = false
     @Option(help: ArgumentHelp("Pace of each session, MiB/s.", valueName: "MiBps")) var rate = 2.0
@@ -89,6 +91,7 @@ struct MeasureCommand: AsyncParsableCommand {
         guard experiment == .replacement || !(stateless || both) else {
             throw ValidationError("--stateless and --both apply to --experiment replacement only")
         }
+        guard experiment == .removal || !proxy else { throw ValidationError("--proxy applies to --experiment removal only") }
         guard (1...600_000).contains(deadline) else { throw ValidationError("--deadline must be 1...600000 ms") }
         guard LabSpec.isValidLabName(labName) else { throw ValidationError("--lab-name '\(labName)' is not a valid lab name") }
         do { _ = try LabSpec.parseSubnet(subnet) } catch { throw ValidationError("\(error)") }
@@ -121,6 +124,7 @@ struct MeasureCommand: AsyncParsableCommand {
         options.subnet = subnet
         options.agentArguments = agentArg
         options.experiment = experiment
+        options.proxy = proxy
         (options.referenceScript, options.referenceMissing) = StateTransferReference.resolve(reference)
         let directory = output ?? Self.defaultOutput()
         let measured = try await MeasureBenchmark(options: options, logger: logger).run()

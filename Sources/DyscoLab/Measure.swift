@@ -37,6 +37,9 @@ public struct MeasureBenchmark: Sendable {
         /// Replacement (bundle 1 fw1 → fw2, the paper's Fig. 15) or removal (fw1 taken out of every bundle in turn,
         /// the paper's §5 middlebox deletion, Figs. 12 and 13).
         public var experiment: Experiment = .replacement
+        /// Removal only: fw1 runs HAProxy (TCP mode, splicing, libdysco-splice.so preloaded) and the clients download
+        /// through it; each bundle's removal takes the proxy out (the paper's §5 deletion of a TCP proxy).
+        public var proxy = false
         public init() {}
 
         /// Sessions of bundle `b` (session i belongs to bundle i mod K).
@@ -279,7 +282,7 @@ public struct MeasureBenchmark: Sendable {
 
     /// Serves a random file at the paced rate, starts the downloads (session i from client (i mod K) + 1) into
     /// files sampled every ``binSeconds``, and waits until fw1 carries them all.
-    func startDownloads(_ lab: Lab) async throws -> LiveDownloads {
+    func startDownloads(_ lab: Lab, via proxy: (address: IPv4Address, port: UInt16)? = nil) async throws -> LiveDownloads {
         let clients = lab.hosts(.client)
         let endpoints = clients.map(\.name) + ["server1"]
         let file = "blob"
@@ -291,13 +294,15 @@ public struct MeasureBenchmark: Sendable {
         try PacedHTTPServer.start(lab, port: Self.port, bytesPerSecond: options.rateMiBps * 1_048_576,
                                   probeFrom: clients[0].name)
         let loss0 = try lab.tcpLossCounters(endpoints)
-        let downloads = try PacedDownloads(lab, clients: clients.map(\.name), port: Self.port, file: file,
-                                           count: options.sessions, timeout: Int(options.seconds) + 60, toFiles: true)
+        let downloads = try PacedDownloads(lab, clients: clients.map(\.name), port: proxy?.port ?? Self.port, file: file,
+                                           count: options.sessions, timeout: Int(options.seconds) + 60, toFiles: true,
+                                           host: proxy?.address)
         let sampler = FileSizeSampler(paths: (0..<options.sessions).map(downloads.outputPath), interval: Self.binSeconds)
         sampler.start()
         logger.info("downloads started; waiting until fw1 carries them", metadata: ["measure.sessions": "\(options.sessions)"])
         do {
-            try await PacedLab.waitForSessions(lab, on: "fw1", count: options.sessions, downloads: downloads, timeout: 30)
+            try await PacedLab.waitForSessions(lab, on: "fw1", count: options.sessions, downloads: downloads, timeout: 30,
+                                               joinedProxy: proxy != nil)
         } catch {
             sampler.stop()
             throw error

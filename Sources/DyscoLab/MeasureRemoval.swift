@@ -9,7 +9,10 @@ import Logging
 /// client–server pairs), and at evenly spaced times (``removalSchedule(bundles:seconds:notBefore:)``) fw1 is
 /// removed from one bundle after the other with the `remove` CLI (`--box fw1 --match src=CLIENTk`), so every
 /// bundle ends up going client → server directly. The paper removes a session-terminating proxy; those are future
-/// work here, so fw1 is a plain forwarding box (firewall profile open: a removal moves no state).
+/// work here, so fw1 is a plain forwarding box (firewall profile open: a removal moves no state), unless `--proxy`:
+/// fw1 then runs HAProxy in TCP mode with libdysco-splice.so preloaded, the clients download through it (their
+/// chains end at fw1, fw1's own sessions go to server1), its agent joins each pair of sessions it splices
+/// (`agent --splice join`) and each bundle's `remove --box fw1` takes the proxy out.
 extension MeasureBenchmark {
     public enum Experiment: String, Codable, Sendable, CaseIterable {
         /// Bundle 1 moves fw1 → fw2 halfway (the paper's Fig. 15), stateful and/or stateless.
@@ -52,6 +55,8 @@ extension MeasureBenchmark {
         public var subnet: String
         /// fw1's firewall profile (open: a forwarding box).
         public var fw1Profile: String
+        /// fw1 was a splicing proxy (HAProxy, TCP mode) rather than a forwarding box.
+        public var proxy: Bool?
         public var sessions: Int
         public var bundles: [Bundle]
         public var removals: [BundleRemoval]
@@ -90,8 +95,61 @@ extension MeasureBenchmark {
     /// The removal experiment's lab: `bundles` clients → fw1 (open, forwarding) → server1 on the paced port.
     public func removalSpec(binary: String?) -> LabSpec {
         LabSpec(name: options.labName, clients: options.bundles, middleboxes: ["fw1"], chain: ["fw1"], subnet: options.subnet,
-                policyPorts: [PacedLab.port], agentArguments: options.agentArguments, agentBinary: binary,
-                firewallProfiles: ["fw1": .open])
+                policyPorts: [PacedLab.port], agentArguments: options.agentArguments + (options.proxy ? ["--splice", "join"] : []),
+                agentBinary: binary, firewallProfiles: ["fw1": .open])
+    }
+
+    /// HAProxy's port on fw1.
+    public static let proxyPort: UInt16 = 8080
+
+    /// The proxy variant's setup: policies with empty chains (clients → fw1:8080, fw1 → server1), HAProxy on fw1 with
+    /// the interposer beside `binary`.
+    func startProxy(_ lab: Lab, binary: String) async throws {
+        let library = URL(fileURLWithPath: binary).deletingLastPathComponent().appendingPathComponent("libdysco-splice.so").path
+        guard FileManager.default.fileExists(atPath: library) else {
+            throw LabError.setupFailed("no \(library): build it with `make release`")
+        }
+        let proxy = lab.address(of: "fw1"), server = lab.address(of: "server1")
+        let toProxy = Policy(name: "to-proxy", match: SessionPredicate(dst: IPv4Prefix("\(proxy)/32"),
+                                                                         dport: [PortRange(lower: Self.proxyPort, upper: Self.proxyPort)]), chain: [])
+        let toServer = Policy(name: "to-server", match: SessionPredicate(dst: IPv4Prefix("\(server)/32"),
+                                                                         dport: [PortRange(lower: PacedLab.port, upper: PacedLab.port)]), chain: [])
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+        for (host, policy) in lab.hosts(.client).map({ ($0.name, toProxy) }) + [("fw1", toServer)] {
+            try encoder.encode(AgentConfig(policies: [policy])).write(to: URL(fileURLWithPath: LabPaths.agentConfig(lab.name, host: host)))
+            _ = try await ControlClient.request(ControlRequest(.policy, policy: PolicyRequest(.reload)),
+                                                path: AgentControlPaths.socketPath(netns: lab.namespace(of: host)))
+        }
+        let config = """
+            global
+                maxconn 20000
+            defaults
+                mode tcp
+                option splice-request
+                option splice-response
+                timeout connect 5s
+                timeout client 300s
+                timeout server 300s
+            frontend downloads
+                bind \(proxy):\(Self.proxyPort)
+                default_backend paced
+            backend paced
+                server server1 \(server):\(PacedLab.port)
+
+            """
+        let path = "\(lab.directory)/haproxy.cfg"
+        try config.write(toFile: path, atomically: true, encoding: .utf8)
+        _ = try lab.spawn("fw1", ["env", "LD_PRELOAD=\(library)",
+                                  "DYSCO_CONTROL_SOCKET=\(AgentControlPaths.socketPath(netns: lab.namespace(of: "fw1")))",
+                                  "DYSCO_SPLICE_LOG=\(lab.directory)/splice.log", "haproxy", "-f", path, "-db"],
+                          logPath: "\(lab.directory)/haproxy.log")
+        let deadline = Date().addingTimeInterval(10)
+        while Date() < deadline {
+            if (try? lab.exec("fw1", ["ss", "-Hltn", "sport = :\(Self.proxyPort)"]).stdout.contains("LISTEN")) == true { return }
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        throw LabError.setupFailed("haproxy does not listen on fw1:\(Self.proxyPort): \(ProcessInspector.tail(of: "\(lab.directory)/haproxy.log", lines: 5))")
     }
 
     func measureRemoval(binary: String) async throws -> RemovalRun {
@@ -101,7 +159,8 @@ extension MeasureBenchmark {
     }
 
     private func measureRemoval(lab: Lab, binary: String) async throws -> RemovalRun {
-        let live = try await startDownloads(lab)
+        if options.proxy { try await startProxy(lab, binary: binary) }
+        let live = try await startDownloads(lab, via: options.proxy ? (lab.address(of: "fw1"), Self.proxyPort) : nil)
         defer { live.sampler.stop() }
         let sampler = live.sampler, clients = live.clients, endpoints = live.endpoints
         let schedule = Self.removalSchedule(bundles: clients.count, seconds: options.seconds, notBefore: live.steadyFrom + 0.5)
@@ -122,7 +181,7 @@ extension MeasureBenchmark {
             windows.append(Window(scheduledAt: schedule[b], start: start, end: end, command: arguments, status: result.status,
                                   report: report, loss: loss))
         }
-        let fw1After = try await PacedLab.pacedSessions(lab, "fw1").count
+        let fw1After = options.proxy ? try await PacedLab.proxySessions(lab, "fw1").count : try await PacedLab.pacedSessions(lab, "fw1").count
 
         logger.info("waiting for the downloads to finish", metadata: ["measure.fw1After": "\(fw1After)"])
         let end = try await finishDownloads(live, lab: lab)
@@ -152,6 +211,7 @@ extension MeasureBenchmark {
         let lossDuring = windows.map(\.loss).reduce(TCPLossCounters(), +)
         return RemovalRun(
             lab: lab.name, subnet: lab.subnet.description, fw1Profile: lab.firewallProfile(of: "fw1").rawValue,
+            proxy: options.proxy ? true : nil,
             sessions: options.sessions, bundles: bundles, removals: removals,
             matched: removals.map(\.matched).reduce(0, +), moved: removals.map(\.moved).reduce(0, +),
             latency: MigrationLatency(moved), perSession: perSession,
@@ -187,8 +247,13 @@ extension MeasureBenchmark.RemovalRun {
                      + bundles.map { "\($0.host) \($0.sessions)" }.joined(separator: ", ") + "), "
                      + String(format: "%.1f MiB each paced at %g MiB/s", mib, settings.rateMiBps)
                      + "; lab \(lab) \(subnet); clients → fw1 → server1, fw1 removed from one bundle after the other"]
-        lines.append("note: fw1 is a plain forwarding box (firewall \(fw1Profile)), not the paper's session-terminating proxy "
-                     + "(proxies are future work); a removal moves no state")
+        if proxy == true {
+            lines.append("note: fw1 runs HAProxy (TCP mode, splice, libdysco-splice.so): the paper's session-terminating proxy; "
+                         + "its agent joined each download's two sessions, a removal takes the proxy out (no state moves)")
+        } else {
+            lines.append("note: fw1 is a plain forwarding box (firewall \(fw1Profile)), not the paper's session-terminating proxy "
+                         + "(`--proxy` for HAProxy); a removal moves no state")
+        }
         for r in removals {
             lines.append("  \(r.host): `\(r.command)` (exit \(r.exitStatus)) at "
                          + String(format: "%.2f–%.2f s (scheduled %.2f s)", r.windowStart, r.windowEnd, r.scheduledAt)

@@ -470,17 +470,24 @@ public enum PacedLab {
     }
 
     /// Established middlebox sessions of `host`'s agent to the paced server.
+    /// A splicing proxy's joined records (its client's session and its own to the paced server) on `host`.
+    public static func proxySessions(_ lab: Lab, _ host: String) async throws -> [AgentSnapshot.Session] {
+        try await snapshot(lab, host).sessions.filter { $0.splicedTo?.dstPort == Self.port && $0.state != "closing" }
+    }
+
     public static func pacedSessions(_ lab: Lab, _ host: String) async throws -> [AgentSnapshot.Session] {
         try await snapshot(lab, host).sessions.filter {
             $0.role == .middlebox && $0.session.dstPort == Self.port && $0.state == "established"
         }
     }
 
-    public static func waitForSessions(_ lab: Lab, on host: String, count: Int, downloads: PacedDownloads, timeout: TimeInterval) async throws {
+    /// `joinedProxy`: count the proxy's joined records instead (``proxySessions(_:_:)``).
+    public static func waitForSessions(_ lab: Lab, on host: String, count: Int, downloads: PacedDownloads, timeout: TimeInterval,
+                                       joinedProxy: Bool = false) async throws {
         let deadline = Date().addingTimeInterval(timeout)
         var seen = 0
         while Date() < deadline {
-            seen = try await Self.pacedSessions(lab, host).count
+            seen = joinedProxy ? try await Self.proxySessions(lab, host).count : try await Self.pacedSessions(lab, host).count
             if seen >= count { return }
             if downloads.finishedCount() > 0 {
                 throw LabError.setupFailed("a download ended before fw1 carried all \(count) sessions (\(seen) so far); "

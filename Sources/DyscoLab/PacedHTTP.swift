@@ -87,12 +87,14 @@ public final class PacedDownloads: @unchecked Sendable {
     /// Where session `i` writes what it receives (with `toFiles`).
     public func outputPath(_ i: Int) -> String { "\(directory)/s\(i).out" }
 
-    public init(_ lab: Lab, clients: [String], port: UInt16, file: String, count: Int, timeout: Int, toFiles: Bool = false) throws {
+    /// `host`: where the downloads go (default server1; a proxy in front of it).
+    public init(_ lab: Lab, clients: [String], port: UInt16, file: String, count: Int, timeout: Int, toFiles: Bool = false,
+                host: IPv4Address? = nil) throws {
         labDirectory = lab.directory
         directory = "\(lab.directory)/downloads"
         self.count = count
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
-        let url = "http://\(lab.address(of: "server1")):\(port)/\(file)"
+        let url = "http://\(host ?? lab.address(of: "server1")):\(port)/\(file)"
         var processes: [Process] = []
         for (k, client) in clients.enumerated() {
             let mine = stride(from: k, to: count, by: clients.count).map(String.init)
