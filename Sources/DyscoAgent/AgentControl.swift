@@ -88,10 +88,26 @@ extension DataplaneAgent {
                 let removal = ReplaceRequest(predicate: SessionPredicate(), newBoxes: [], mode: .held,
                                              deadlineMilliseconds: Self.spliceRemovalDeadline, chains: [sessions.chain])
                 let logger = logger
+                let dataplane = dataplane
                 Task {
+                    // The anchors need the proxy's timestamp clocks, learnt from the packets after the join; once the
+                    // lock clamps the endpoints' windows few packets come, so the removal starts when they are known.
+                    var known = false
+                    for _ in 0..<Self.spliceClockPolls {
+                        known = dataplane.processor.withLock { $0.table.records[outcome.id]?.clocks.complete ?? true }
+                        if known { break }
+                        try? await Task.sleep(for: .milliseconds(10))
+                    }
+                    guard known else {
+                        logger.notice("proxy stays in the session: no traffic to learn its timestamp clocks from",
+                                      metadata: ["session.id": "\(outcome.id)"])
+                        return
+                    }
                     let report = await engine.replace(removal)
                     for s in report.sessions {
-                        logger.info("proxy removal", metadata: ["session.tuple": "\(s.session)", "result": "\(s.result)"])
+                        logger.info("proxy removal", metadata: [
+                            "session.tuple": "\(s.session)", "result": "\(s.result)", "reason": "\(s.reason)",
+                            "step": "\(s.failedStep)", "latency.total.us": "\(s.phases?.total ?? 0)"])
                     }
                 }
             }
@@ -109,6 +125,8 @@ extension DataplaneAgent {
     /// empties its sockets (MigrationEngine+Splice.swift).
     static let spliceRemovalDeadline: UInt32 = 10_000
     static let spliceRetries = 100
+    /// Polls (10 ms apart) for the joined proxy's timestamp clocks before its removal starts.
+    static let spliceClockPolls = 500
 
     // MARK: - Policy at run time
 

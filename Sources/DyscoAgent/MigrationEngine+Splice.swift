@@ -32,9 +32,9 @@ struct SpliceGate {
 /// 3. **Timestamps.** With that ackLock go `splice` notices with each anchor's timestamp delta
 ///    (``SessionTable/TimestampClocks``) and, to the right anchor, the client chain's name.
 extension MigrationEngine {
-    /// How long a proxy holds an ackLock at most: its left anchor cancels long before (deadline), and a proxy whose
-    /// client stopped reading never empties.
-    static let spliceGateLimit: UInt64 = 60_000_000_000
+    /// How long a proxy holds an ackLock at most: the removal's deadline (its left anchor cancels then; a proxy whose
+    /// client stopped reading never empties).
+    static let spliceGateLimit = UInt64(DataplaneAgent.spliceRemovalDeadline) * 1_000_000
     static let spliceGatePoll: Int = 1  // ms
 
     /// A message in a session's other name (``SessionTable/Record/spliced``, ``SessionTable/Record/alias``),
@@ -104,7 +104,10 @@ extension MigrationEngine {
     /// to both neighbours go out with the held ackLock. Runs on `loop`.
     func pollGate(_ chain: UInt64) {
         guard var gate = spliceGates[chain] else { return }
-        guard let (record, _) = dataplane.session(chainID: chain), let splice = record.spliced else {
+        // The request must still hold this hop's lock (a cancel or the end of the request drops the gate).
+        guard let (record, _) = dataplane.session(chainID: chain), let splice = record.spliced,
+              let requestID = gate.pending.last?.message.requestID,
+              coordinator.withLock({ $0.hopLockOwner(of: chain) }) == requestID else {
             spliceGates[chain] = nil
             return
         }
@@ -117,7 +120,8 @@ extension MigrationEngine {
         }
         var empty = false
         if let clocks = record.clocks.deltas {
-            empty = ProxySockets.empty(client: record.session, server: splice.session, logger: logger)
+            empty = ProxySockets.empty(client: record.session, server: splice.session, bytesDelta: splice.bytesDelta,
+                                       logger: logger)
             if empty, gate.emptyOnce, let (to, ackLock) = gate.pending.last {
                 spliceGates[chain] = nil
                 let right = record.rightNeighbour ?? ackLock.rightAnchor
@@ -159,13 +163,16 @@ extension MigrationEngine {
             }
             guard let info, info.hasTCPInfo, info.state != .timeWait, info.state != .close else { continue }
             open.append(socket)
-            // The socket's acknowledged bytes count its SYN: its initial number plus them is its oldest unacknowledged.
-            let ack = s.finEnd ?? (s.ownISN &+ UInt32(truncatingIfNeeded: info.bytesAcked))
+            // Everything the socket has sent is acknowledged (its FIN once seen), with an open window: bytes the proxy
+            // still forwards after it left (a late copy of what the endpoints now exchange directly) drain, and its
+            // FIN goes out.
+            let unacknowledged = ProxySockets.acknowledged(info, initialNumber: s.ownISN, connected: socket == sockets.last)
+            let ack = s.finEnd ?? (unacknowledged &+ (info.sendQueue &- min(info.sendQueue, info.notSentBytes)))
             if s.peerNext == nil {
                 let seq = s.peerISN &+ 1 &+ UInt32(truncatingIfNeeded: info.bytesReceived)
                 injectToProxy(s.fromPeer, seq: seq, ack: ack, flags: [.fin, .ack])
                 dataplane.splicedOutFinSent(socket, next: seq &+ 1)
-            } else if let next = s.peerNext, s.finEnd != nil {
+            } else if let next = s.peerNext, s.finEnd != nil || info.sendQueue > 0 {
                 injectToProxy(s.fromPeer, seq: next, ack: ack, flags: .ack)
             }
         }
@@ -196,8 +203,14 @@ extension MigrationEngine {
             count("dropped.unknown-session")
             return
         }
-        guard from == record.leftNeighbour || from == record.rightNeighbour else {
+        // Only during a reconfiguration this agent anchors, from its neighbour on the segment's side (the proxy), and
+        // an alias only at the right anchor, once.
+        guard let m = record.migration, from == (m.side == .right ? record.rightNeighbour : record.leftNeighbour) else {
             count("dropped.splice-not-neighbour")
+            return
+        }
+        guard notice.alias == nil || (m.side == .left && record.alias == nil) else {
+            count("dropped.splice-refused")
             return
         }
         let alias = notice.alias.map {
@@ -216,17 +229,32 @@ enum ProxySockets {
     /// Nothing queued in either socket either way: every byte the proxy took in was read and every byte it wrote
     /// was acknowledged. A socket that is gone counts as empty (the proxy closed it). `client`: the client's session
     /// (client → proxy); `server`: the proxy's session to the server.
-    static func empty(client: FiveTuple, server: FiveTuple, logger: Logger) -> Bool {
-        for local in [client.reversed, server] {
-            do {
-                guard let info = try TCPSocketDiag.query(local: local) else { continue }
-                if info.receiveQueue != 0 || info.sendQueue != 0 { return false }
-            } catch {
-                logger.warning("sock_diag failed", metadata: ["socket.local": "\(local)", "error": "\(error)"])
-                return false
-            }
+    /// Also: every byte one socket received went out of the other and was acknowledged (`tcpi_bytes_received` of one
+    /// against `tcpi_bytes_acked` of the other, which counts the SYN of the socket that connected, the server's),
+    /// `bytesDelta` being what the proxy reported adding to each stream: a proxy holding bytes in its pipe or its own
+    /// buffer is not empty, whatever its queues say.
+    static func empty(client: FiveTuple, server: FiveTuple, bytesDelta: SessionTable.BoxDelta, logger: Logger) -> Bool {
+        let c: TCPSocketInfo?, s: TCPSocketInfo?
+        do {
+            c = try TCPSocketDiag.query(local: client.reversed)
+            s = try TCPSocketDiag.query(local: server)
+        } catch {
+            logger.warning("sock_diag failed", metadata: ["socket.client": "\(client)", "socket.server": "\(server)",
+                                                         "error": "\(error)"])
+            return false
         }
-        return true
+        guard let c, let s else { return c == nil && s == nil }  // one gone: the proxy is closing, wait for the other
+        guard c.receiveQueue == 0, c.sendQueue == 0, s.receiveQueue == 0, s.sendQueue == 0 else { return false }
+        guard c.hasTCPInfo, s.hasTCPInfo else { return true }
+        let forward = Int64(c.bytesReceived) + Int64(bytesDelta.forward) == Int64(s.bytesAcked) - 1
+        let reverse = Int64(s.bytesReceived) + Int64(bytesDelta.reverse) == Int64(c.bytesAcked)
+        return forward && reverse
+    }
+
+    /// The number a socket's peer acknowledges next of what it sent: its initial number + 1 + the payload acknowledged
+    /// (`tcpi_bytes_acked` counts the SYN of a socket that connected).
+    static func acknowledged(_ info: TCPSocketInfo, initialNumber: UInt32, connected: Bool) -> UInt32 {
+        initialNumber &+ 1 &+ UInt32(truncatingIfNeeded: info.bytesAcked &- (connected ? 1 : 0))
     }
 
     /// Why the two sessions cannot become one by translating sequence numbers and timestamps (nil: they can): after

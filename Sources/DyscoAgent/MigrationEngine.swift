@@ -31,7 +31,7 @@ final class MigrationEngine: @unchecked Sendable {
     let dataplane: any MigrationDataplane
     /// The event loops of the UDP control plane (the agent's shared group; nil: one of its own).
     private let eventLoopGroup: (any EventLoopGroup)?
-    private let coordinator: Mutex<MigrationCoordinator>
+    let coordinator: Mutex<MigrationCoordinator>
     /// Serializes event handling (one event and the events its actions produce at a time).
     let loop = DispatchQueue(label: "dysco-migration")
     private let conntrackQueue = DispatchQueue(label: "dysco-conntrack")
@@ -126,14 +126,15 @@ final class MigrationEngine: @unchecked Sendable {
     private func accept(_ message: ControlMessage, from: IPv4Address) -> Event? {
         // A session known by two chains' names (a joined proxy, a right anchor after the proxy left): in its own.
         guard let message = ownName(message) else { return nil }
-        if case .splice(let notice) = message.body {
-            receiveSpliceNotice(message, notice, from: from)
-            return nil
-        }
         let context = sessionContext(message.identity.chainID)
         if let context {
             guard context.identity.nonce == message.identity.nonce else { count("dropped.wrong-nonce"); return nil }
             guard context.session == message.session else { count("dropped.wrong-session"); return nil }
+            if case .splice(let notice) = message.body {
+                receiveSpliceNotice(message, notice, from: from)
+                return nil
+            }
+            if case .cancelLock = message.body { spliceGates[message.identity.chainID] = nil }
         } else {
             guard MigrationCoordinator.acceptsWithoutSession(message.body) else {
                 count("dropped.unknown-session")

@@ -124,10 +124,6 @@ extension PacketProcessor {
         guard let id = id(chainID), let record = table.records[id] else { return takeEffects() }
         if record.migration == nil { anchoring += 1 }
         var m = AnchorState(side: side, stateful: stateful, now: now)
-        if record.pendingTSDelta != 0 {
-            m.tsDelta = record.pendingTSDelta
-            table.update(id) { $0.pendingTSDelta = 0 }
-        }
         // What the slow path last saw the local side acknowledge (fresh only while the agent carries the session,
         // e.g. right after an earlier move): a number the local side really sent, so the anchor's keep-alives,
         // pokes and probes can use it before the endpoint speaks again.

@@ -32,7 +32,12 @@ extension PacketProcessor {
             return id
         }
         if let a = joined(from), let b = joined(to), a == b, let record = table.records[a] {
-            return .success(SpliceOutcome(id: a, boxDelta: record.boxDelta, alreadyJoined: true))
+            // The other direction's report (a modified proxy calls dysco_splice per direction): its bytes count too.
+            if delta != 0 {
+                let fromClient = table.bySession[from.reversed] == a && record.session == from.reversed
+                table.addSpliceBytes(a, forward: fromClient ? delta : 0, reverse: fromClient ? 0 : delta)
+            }
+            return .success(SpliceOutcome(id: a, boxDelta: table.records[a]?.boxDelta ?? record.boxDelta, alreadyJoined: true))
         }
         // The client's socket: local = this host's listening address, peer = the client (the session reversed).
         func clientSession(_ socket: FiveTuple) -> SessionTable.Record? {
@@ -64,7 +69,8 @@ extension PacketProcessor {
             table.update(record.id) { $0.carrier = .slow }
         }
         do throws(SessionTable.JoinError) {
-            try table.join(client.id, server.id, boxDelta: box)
+            try table.join(client.id, server.id, boxDelta: box,
+                           bytesDelta: .init(forward: fromClient ? delta : 0, reverse: fromClient ? 0 : delta))
         } catch {
             return .failure(error)
         }
@@ -76,19 +82,17 @@ extension PacketProcessor {
 
 extension PacketProcessor {
     /// A spliced-out proxy's notice to an anchor of its removal (``SpliceNotice``): the client chain's identity for
-    /// the session (right anchor) and the timestamp delta of the anchor's new path. Before the anchor holds the
-    /// session the delta waits in the record (``SessionTable/Record/pendingTSDelta``); after, it goes into the
-    /// anchor's state and onto a new-path subsession that exists already. False if the chain is unknown here.
+    /// the session (right anchor) and the timestamp delta of the anchor's new path, into the anchor's state and onto a
+    /// new-path subsession that exists already. False (nothing changes) if the chain is unknown here or no
+    /// reconfiguration of it is under way.
     public mutating func spliceNotice(chainID: UInt64, alias: SessionTable.ChainAlias?, tsDelta: Int32) -> Bool {
-        guard let id = table.byChain[chainID], table.records[id] != nil else { return false }
+        guard let id = table.byChain[chainID], var m = table.records[id]?.migration else { return false }
         if let alias, !table.setAlias(id, alias) { return false }
-        guard var m = table.records[id]?.migration else {
-            table.update(id) { $0.pendingTSDelta = tsDelta }
-            return true
-        }
         m.tsDelta = tsDelta
         table.update(id) { $0.migration = m }
         table.updateNewPathDelta(id, m.side)
+        // The old path (the proxy's own clock) moves by the margin the new path's delta carries: both stay together.
+        if tsDelta != 0 { table.setOldPathTimestampDelta(id, m.side, SessionTable.TimestampClocks.margin) }
         return true
     }
 }

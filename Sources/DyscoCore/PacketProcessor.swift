@@ -595,7 +595,8 @@ public struct PacketProcessor: Sendable {
                 // RFC 5961 §3: an RST that passed the window check (resetOutsideWindow) is only provisional. It is
                 // genuine when it leaves this host (the local stack sent it, or the firewall let it through) or
                 // is exact by fresh tracking; only then can it remove the session, and a later packet still wins.
-                let exact = hook == .ingress && record.sequence.judge(
+                // A joined proxy's tracking mixes its two sessions' numbers: it judges no RST exact.
+                let exact = hook == .ingress && record.spliced == nil && record.sequence.judge(
                     translation.direction, seq: packet.tcp.sequenceNumber,
                     ack: flags.contains(.ack) ? packet.tcp.acknowledgmentNumber : nil) == .exact
                 let confirmed = hook == .egress || exact
@@ -647,7 +648,8 @@ public struct PacketProcessor: Sendable {
     /// An RST arriving on a session's tuple whose sequence number is provably outside the receiver's window by
     /// the agent's fresh tracking (RFC 5961 §3.2: "silently drop the segment"): counted, and true (drop it).
     private mutating func resetOutsideWindow(_ packet: IPv4TCPPacket, translation: SessionTable.Translation) -> Bool {
-        guard let record = table.records[translation.id], record.carrier != .pending, record.carrier != .kernel else {
+        guard let record = table.records[translation.id], record.carrier != .pending, record.carrier != .kernel,
+              record.spliced == nil else {
             return false
         }
         let flags = packet.tcp.flags

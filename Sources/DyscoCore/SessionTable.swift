@@ -137,10 +137,6 @@ public struct SessionTable: Sendable {
         /// anchor by the proxy's `splice` message (the new path's left anchor knows the session by the client's
         /// chain). Not in the state file.
         public fileprivate(set) var alias: ChainAlias?
-        /// A timestamp delta for the next reconfiguration's new path that arrived before this anchor held the
-        /// session (the proxy's `splice` message comes with the requestLock): ``PacketProcessor/anchorHold``
-        /// moves it into ``AnchorState/tsDelta``.
-        public var pendingTSDelta: Int32 = 0
         /// A joined proxy's four timestamp clocks, learnt from the packets the agent sees after the join.
         public var clocks = TimestampClocks()
 
@@ -179,6 +175,9 @@ public struct SessionTable: Sendable {
         /// server's (nil after a restart: the state file does not keep them). The proxy's sockets are closed with them
         /// once it is out of the session (``PacketProcessor/SplicedOutSocket``).
         public var initialNumbers: [UInt32]?
+        /// The bytes the proxy reported adding to each stream (`dysco_splice`'s delta; 0 for a TCP-mode proxy): part of
+        /// the box delta, and of the proxy's emptiness test (``Record/boxDelta``). Not in the state file either.
+        public var bytesDelta = BoxDelta.zero
         public init(session: FiveTuple, identity: SessionIdentity, initialNumbers: [UInt32]? = nil) {
             self.session = session
             self.identity = identity
@@ -214,10 +213,12 @@ public struct SessionTable: Sendable {
         public var complete: Bool { !offsets.contains(where: { $0 == nil }) || (without >= Self.noTimestampsAfter && offsets.allSatisfy { $0 == nil }) }
         static let noTimestampsAfter = 16
         /// Added to each delta: a shifted TSval must not fall behind the one its receiver saw last (PAWS accepts one
-        /// tick behind, RFC 7323 §5), and each estimate is off by up to the agent's coarse clock tick (4 ms at HZ 250)
-        /// plus the time a packet waits for the agent. Ahead is harmless: the echo is shifted back exactly, and a
-        /// receiver only compares TSvals with each other.
-        public static let margin: Int32 = 64
+        /// tick behind, RFC 7323 §5), and each estimate is off by up to the agent's coarse clock tick plus the time a
+        /// packet waited for the agent (tens of milliseconds when many sessions join at once). Ahead is harmless:
+        /// the echo is shifted back exactly, and a receiver only compares TSvals with each other. The old path's
+        /// TSvals are shifted by the margin too from the anchor's notice on (``PacketProcessor/spliceNotice``), so a
+        /// late packet on it does not fall behind the new path's.
+        public static let margin: Int32 = 1000
 
         public mutating func observe(_ clock: Clock, value: UInt32?, nowMillis: UInt32) {
             guard let value else { without += 1; return }
@@ -247,6 +248,21 @@ public struct SessionTable: Sendable {
             self.session = session
             self.peer = peer
         }
+    }
+
+    /// A spliced proxy's second report of the same pair, with the bytes it added to the other stream (the paper's
+    /// `dysco_splice` is called per direction): added to the box delta while no reconfiguration has started.
+    @discardableResult
+    public mutating func addSpliceBytes(_ id: SessionID, forward: Int32, reverse: Int32) -> Bool {
+        guard let old = records[id], var splice = old.spliced, old.migration == nil else { return false }
+        splice.bytesDelta.forward &+= forward
+        splice.bytesDelta.reverse &+= reverse
+        var new = old
+        new.spliced = splice
+        new.boxDelta.forward &+= forward
+        new.boxDelta.reverse &+= reverse
+        try? store(new, replacing: old)  // same keys
+        return true
     }
 
     /// Gives `id` an alias (replacing an earlier one); false if the alias's chain id is another session's.
@@ -490,6 +506,16 @@ public struct SessionTable: Sendable {
         try? store(new, replacing: old)  // same keys: cannot collide
     }
 
+    /// Sets the timestamp delta of `side`'s old-path subsession (a spliced-out proxy's margin, ``TimestampClocks/margin``).
+    public mutating func setOldPathTimestampDelta(_ id: SessionID, _ side: Side, _ delta: Int32) {
+        guard let old = records[id], let link = old.link(side), let m = old.migration else { return }
+        var updated = link
+        if m.promoted { updated.other?.tsDelta = delta } else { updated.active.tsDelta = delta }
+        var new = old
+        if side == .left { new.leftLink = updated } else { new.rightLink = updated }
+        try? store(new, replacing: old)  // same keys
+    }
+
     /// Swaps a side's paths: egress now uses the other subsession (the old one still takes ingress).
     public mutating func promote(_ id: SessionID, _ side: Side) {
         guard let old = records[id], let link = old.link(side), let other = link.other else { return }
@@ -544,7 +570,8 @@ public struct SessionTable: Sendable {
     /// then on the host is an ordinary old-path hop whose box has a delta, so the reconfiguration protocol can
     /// take it out: the left neighbour of the client's chain and the right neighbour of the server's chain
     /// become the anchors.
-    public mutating func join(_ client: SessionID, _ server: SessionID, boxDelta: BoxDelta) throws(JoinError) {
+    public mutating func join(_ client: SessionID, _ server: SessionID, boxDelta: BoxDelta,
+                              bytesDelta: BoxDelta = .zero) throws(JoinError) {
         guard let c = records[client], c.role == .rightEnd, c.leftLink != nil, c.spliced == nil else {
             throw .notProxySessions("the client's session is not delivered to this host")
         }
@@ -561,6 +588,7 @@ public struct SessionTable: Sendable {
         let isns = [c.sequence.forward.isn, c.sequence.reverse.isn, s.sequence.forward.isn, s.sequence.reverse.isn]
         joined.spliced = Splice(session: s.session, identity: s.identity,
                                 initialNumbers: isns.contains(nil) ? nil : isns.compactMap { $0 })
+        joined.spliced?.bytesDelta = bytesDelta
         joined.rightEstablished = s.rightEstablished
         joined.established = c.established && s.established
         joined.synAckSeen = c.synAckSeen

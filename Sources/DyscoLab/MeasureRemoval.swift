@@ -123,7 +123,7 @@ extension MeasureBenchmark {
         }
         let config = """
             global
-                maxconn 20000
+                maxconn 4000
             defaults
                 mode tcp
                 option splice-request

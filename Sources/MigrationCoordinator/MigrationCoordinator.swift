@@ -85,6 +85,9 @@ public struct MigrationCoordinator: Sendable {
     public var locks: [UInt64: SegmentLock] { hops.mapValues(\.lock) }
 
     /// The roles this agent plays in the reconfiguration of a session (the shell shows them in `sessions`).
+    /// The request that holds this agent's old-path lock of the session (nil: unlocked, or not an old-path hop here).
+    public func hopLockOwner(of chainID: UInt64) -> UInt32? { hops[chainID]?.owner }
+
     public func role(of chainID: UInt64) -> [Role] {
         var roles: [Role] = []
         if controllers[chainID] != nil { roles.append(.controller) }

@@ -183,7 +183,7 @@ struct ProxyTimestampTests {
         #expect(s.p.table.records[s.s1]?.needsSlowPath == false && s.p.table.records[s.s1]?.clocks.deltas != nil)
     }
 
-    @Test("a splice notice before the hold waits in the record; after it, it reaches the new path's subsession, which shifts TSval in and TSecr out")
+    @Test("a splice notice reaches the new path's subsession of a reconfiguration under way, which shifts TSval in and TSecr out; without one it is refused")
     func notices() throws {
         var a = try A.setup(stateful: false)  // a left end, held, new path to fw2 open
         let known = a.processor.spliceNotice(chainID: a.chainID, alias: nil, tsDelta: 1000)
@@ -201,18 +201,29 @@ struct ProxyTimestampTests {
                                                               options: Self.timestamps(70, 1050)), hook: .egress)
         #expect(Self.option(outgoing) == (70, 50))
         #expect(a.processor.table.records[id]?.needsSlowPath == true, "the active subsession shifts timestamps")
-        // Before the hold: the delta waits, and the hold takes it.
+        // Before the hold (no reconfiguration under way): refused, nothing changes (a late or forged notice).
         var p = PacketProcessor(config: AgentConfig(), portRange: 10000...10100, trust: TestKeys.group)
         let other = try p.table.insertLeftEnd(session: A.session, hops: [A.fw1, A.server], now: 0)
         let chain = try #require(p.table.records[other]).identity.chainID
         let alias = SessionTable.ChainAlias(identity: SessionIdentity(chainID: 99, nonce: 7),
                                             session: .t("10.0.0.50", 1, "10.0.0.51", 2), peer: A.fw2)
-        let taken = p.spliceNotice(chainID: chain, alias: alias, tsDelta: -5)
-        #expect(taken)
-        #expect(p.table.records[other]?.pendingTSDelta == -5 && p.table.byChain[99] == other)
+        let early = p.spliceNotice(chainID: chain, alias: alias, tsDelta: -5)
+        #expect(!early && p.table.byChain[99] == nil)
         _ = p.anchorHold(chainID: chain, side: .right, stateful: false, now: 0)
-        #expect(p.table.records[other]?.migration?.tsDelta == -5 && p.table.records[other]?.pendingTSDelta == 0)
+        let taken = p.spliceNotice(chainID: chain, alias: alias, tsDelta: -5)
+        #expect(taken && p.table.records[other]?.migration?.tsDelta == -5 && p.table.byChain[99] == other)
         let unknown = p.spliceNotice(chainID: 12345, alias: nil, tsDelta: 1)
         #expect(!unknown, "unknown chain")
+    }
+}
+
+extension ProxySpliceTests {
+    @Test("dysco_splice per direction: the second report's bytes join the box delta (until a reconfiguration starts)")
+    func secondDirection() throws {
+        var s = try Self.setup()
+        _ = try s.p.splice(from: Self.client.reversed, to: Self.server, delta: 10).get()
+        let second = try s.p.splice(from: Self.server, to: Self.client.reversed, delta: -3).get()
+        #expect(second.alreadyJoined && second.boxDelta == .init(forward: 89000 + 10, reverse: -65000 - 3))
+        #expect(s.p.table.records[s.s1]?.spliced?.bytesDelta == .init(forward: 10, reverse: -3))
     }
 }
