@@ -24,11 +24,12 @@ struct SpliceGate {
 ///    speaks to its right neighbour in the server chain's name and answers to both. After the removal the left
 ///    anchor (the client's side) and the right anchor (the server's side) talk directly: the right anchor learns
 ///    the client chain's name from the proxy (``SessionTable/ChainAlias``) and uses it with the left anchor.
-/// 2. **The proxy drains before the lock completes.** Its sockets hold bytes the endpoints consider delivered (the
-///    proxy acknowledged them). The proxy's agent passes the ackLock on to the left only once both sockets have
-///    nothing queued either way (`ss`'s Recv-Q and Send-Q, read with sock_diag), twice in a row: from the lock on,
-///    the anchors clamp their endpoints' windows, so nothing new comes in while the proxy empties; after it, the
-///    old path carries nothing and the removal is that of an empty box.
+/// 2. **The proxy empties before the lock completes and before the release.** Its sockets hold bytes the endpoints
+///    consider delivered (the proxy acknowledged them). The proxy's agent passes the ackLock on to the left only
+///    once it is empty (``ProxySockets/empty(client:server:bytesDelta:logger:)``, twice in a row). An endpoint that
+///    has not yet seen the anchors' clamped window still sends up to its old one, so the proxy may fill again: the
+///    left anchor asks it for `drained` (drainStart) once both anchors hold and have drained, and releases only
+///    after its answer (``receiveProxyDrain(_:from:)``).
 /// 3. **Timestamps.** With that ackLock go `splice` notices with each anchor's timestamp delta
 ///    (``SessionTable/TimestampClocks``) and, to the right anchor, the client chain's name.
 extension MigrationEngine {
@@ -142,6 +143,53 @@ extension MigrationEngine {
         loop.asyncAfter(deadline: .now() + .milliseconds(Self.spliceGatePoll)) { [self] in pollGate(chain) }
     }
 
+    /// drainStart from the left anchor of this proxy's removal (held, after both anchors drained): the anchors hold
+    /// their endpoints' new data, so nothing enters the proxy any more; what it acknowledged but still holds (in a
+    /// pipe, in its own buffer) goes out on the old path. Answered `drained` once both sockets are empty
+    /// (``ProxySockets/empty(client:server:bytesDelta:logger:)``, twice in a row); a retransmission while polling
+    /// changes nothing. Given up with the request's lock, or after the removal's deadline (the left anchor cancels).
+    func receiveProxyDrain(_ message: ControlMessage, from: IPv4Address) {
+        let chain = message.identity.chainID
+        guard from == message.leftAnchor else {
+            count("dropped.splice-not-neighbour")
+            return
+        }
+        guard proxyDrains[chain] != message.requestID else { return }
+        proxyDrains[chain] = message.requestID
+        count("splice.drain-started")
+        pollProxyDrain(message, from: from, since: dysco_monotonic_ns(), emptyOnce: false)
+    }
+
+    private func pollProxyDrain(_ message: ControlMessage, from: IPv4Address, since: UInt64, emptyOnce: Bool) {
+        let chain = message.identity.chainID
+        guard proxyDrains[chain] == message.requestID, let (record, _) = dataplane.session(chainID: chain),
+              let splice = record.spliced,
+              coordinator.withLock({ $0.hopLockOwner(of: chain) }) == message.requestID else {
+            if proxyDrains[chain] == message.requestID { proxyDrains[chain] = nil }
+            return
+        }
+        let now = dysco_monotonic_ns()
+        if now &- since > Self.spliceGateLimit {
+            proxyDrains[chain] = nil
+            count("splice.drain-gave-up")
+            logger.warning("proxy did not empty: drain not answered", metadata: ["session.chain": "\(chainKey(chain))"])
+            return
+        }
+        let empty = ProxySockets.empty(client: record.session, server: splice.session, bytesDelta: splice.bytesDelta,
+                                       logger: logger)
+        if empty, emptyOnce {
+            proxyDrains[chain] = nil
+            count("splice.drained")
+            logger.info("proxy empty: drained", metadata: [
+                "session.chain": "\(chainKey(chain))", "splice.waited.ms": "\((now &- since) / 1_000_000)"])
+            transmit([(from, message.answer(.drained))])
+            return
+        }
+        loop.asyncAfter(deadline: .now() + .milliseconds(Self.spliceGatePoll)) { [self] in
+            pollProxyDrain(message, from: from, since: since, emptyOnce: empty)
+        }
+    }
+
     /// How long the agent tends a spliced-out proxy's sockets at most (its FIN, their FINs' acknowledgments).
     static let spliceCloseLimit = 5_000  // ms
     /// How long after the proxy leaves the session its sockets are closed (ms).
@@ -218,6 +266,10 @@ extension MigrationEngine {
         }
         if dataplane.spliceNotice(chainID: message.identity.chainID, alias: alias, tsDelta: notice.tsDelta) {
             count("received.splice")
+            if m.side == .right {
+                // The left anchor: its held release waits for this proxy to empty.
+                dispatch([.proxyOnSegment(chainID: message.identity.chainID, requestID: message.requestID, proxy: from)])
+            }
         } else {
             count("dropped.splice-refused")
         }

@@ -54,6 +54,8 @@ final class MigrationEngine: @unchecked Sendable {
     /// ackLocks a spliced-out proxy holds back until its sockets are empty (MigrationEngine+Splice.swift), by chain.
     /// Touched only on `loop`.
     var spliceGates: [UInt64: SpliceGate] = [:]
+    /// A joined proxy's drains under way (``receiveProxyDrain(_:from:)``): the request each one answers.
+    var proxyDrains: [UInt64: UInt32] = [:]
 
     init(dataplane: any MigrationDataplane, trust: TrustGroup, settings: Settings, metrics: AgentMetrics? = nil,
          eventLoopGroup: (any EventLoopGroup)? = nil, logger: Logger) throws {
@@ -132,6 +134,11 @@ final class MigrationEngine: @unchecked Sendable {
             guard context.session == message.session else { count("dropped.wrong-session"); return nil }
             if case .splice(let notice) = message.body {
                 receiveSpliceNotice(message, notice, from: from)
+                return nil
+            }
+            if case .drainStart = message.body, message.rightAnchor != context.me,
+               dataplane.session(chainID: message.identity.chainID)?.record.spliced != nil {
+                receiveProxyDrain(message, from: from)
                 return nil
             }
             if case .cancelLock = message.body { spliceGates[message.identity.chainID] = nil }
@@ -257,6 +264,12 @@ final class MigrationEngine: @unchecked Sendable {
                     "the right anchor is unknown: the last old box \(request.alsoOld.last!) did not list the session"))
             }
         }
+        if record.spliced != nil, request.mode != .held || !request.newBoxes.isEmpty || !request.alsoOld.isEmpty {
+            // A joined proxy leaves only held, alone and without a replacement: its release waits for it to empty
+            // (docs/ARCHITECTURE.md, "Session-terminating proxies").
+            return .failure(ReconfigureRefusal(
+                "this box is a session-terminating proxy (its two sessions joined): it is removed alone and held (remove --box without --stateless)"))
+        }
         let newPath = request.newBoxes + [rightAnchor]
         if let clash = request.newBoxes.first(where: { $0 == leftAnchor || $0 == rightAnchor || $0 == me || request.alsoOld.contains($0) }) {
             return .failure(ReconfigureRefusal("\(clash) is on the session's path already"))
@@ -291,7 +304,7 @@ final class MigrationEngine: @unchecked Sendable {
 
     /// Handles `events` as one ``MigrationTurn`` (which orders everything: actions at once, the commit, then the
     /// messages). Runs on `loop` only.
-    private func dispatch(_ events: [Event]) {
+    func dispatch(_ events: [Event]) {
         guard !events.isEmpty else { return }
         let turnStarted = dysco_monotonic_ns()
         defer { add("turns.micros", (dysco_monotonic_ns() - turnStarted) / 1000); add("turns", 1) }

@@ -64,6 +64,9 @@ public enum Event: Sendable {
     /// The data plane: everything this anchor sent on the old path is acknowledged (or nothing moved in the
     /// quiet interval), see AnchorState.
     case drained(chainID: UInt64)
+    /// The shell: a session-terminating proxy on the segment of the left anchor's request sent its `splice` notice
+    /// (with the ackLock); a held release waits for its `drained` (docs/ARCHITECTURE.md, "Session-terminating proxies").
+    case proxyOnSegment(chainID: UInt64, requestID: UInt32, proxy: IPv4Address)
     /// The data plane: a packet of the session arrived on the new path before this anchor released.
     case newPathPacket(chainID: UInt64)
     /// The data plane: a session's anchor buffer is full (documented bound): the reconfiguration is cancelled.

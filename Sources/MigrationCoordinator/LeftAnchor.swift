@@ -105,6 +105,9 @@ struct LeftAnchor: Sendable {
         case draining(Outstanding, Drain)
         /// stateRequest sent to the old box (stateful only).
         case transferringState(Outstanding)
+        /// Held, with a session-terminating proxy on the segment: drainStart sent to the proxy, which answers
+        /// `drained` once its sockets and buffers hold nothing (docs/ARCHITECTURE.md, "Session-terminating proxies").
+        case emptyingProxy(Outstanding)
         /// The release step: egress on the new path, probing until the right anchor's probe comes back.
         case probing(Probes)
         /// oldPathFin along the old path; the data already flows on the new one.
@@ -130,6 +133,8 @@ struct LeftAnchor: Sendable {
     }
 
     let request: Request
+    /// A session-terminating proxy on the segment (its `splice` notice came): the release waits for it to empty.
+    private(set) var proxy: IPv4Address?
     private(set) var timeline = Timeline()
     private(set) var state: State
 
@@ -141,7 +146,7 @@ struct LeftAnchor: Sendable {
         case .locking: .lock
         case .openingPath, .synSent: .newPath
         case .draining: .drain
-        case .transferringState: .state
+        case .transferringState, .emptyingProxy: .state
         case .probing: .release
         case .tearingDown: .teardown
         case .cancelling(let c): c.step
@@ -290,6 +295,14 @@ struct LeftAnchor: Sendable {
             Self.send(&stateRequest, fresh: true, key: key(.retransmit), now: now, &env, &out.actions)
             state = .transferringState(stateRequest)
         case .held:
+            if let proxy {
+                // A proxy acknowledged what the anchors counted as drained, and may still hold it (a pipe, its own
+                // buffer): with both sides held nothing new enters it, so it empties; the release waits for that.
+                var empty = Outstanding(message: request.message(.drainStart(stateful: true)), to: proxy)
+                Self.send(&empty, fresh: true, key: key(.retransmit), now: now, &env, &out.actions)
+                state = .emptyingProxy(empty)
+                return out
+            }
             // Held, no state to move (an insertion of a box that needs none, a deletion): the release follows the
             // drain (the state step ends with it).
             timeline.mark(.state, startedAt: request.startedAt, now: now)
@@ -302,6 +315,31 @@ struct LeftAnchor: Sendable {
             timeline.reached = .release
             startTeardown(now: now, &env, &out.actions)
         }
+        return out
+    }
+
+    /// A session-terminating proxy of the segment announced itself (its `splice` notice, with the ackLock): a held
+    /// release waits for it to empty. Only before the drain ends.
+    mutating func proxyOnSegment(_ address: IPv4Address) {
+        switch state {
+        case .locking, .openingPath, .synSent, .draining: proxy = address
+        default: break
+        }
+    }
+
+    /// Whether `from`'s `drained` answers this anchor's drainStart to the proxy (not the right anchor's).
+    func awaitsProxy(_ from: IPv4Address) -> Bool {
+        if case .emptyingProxy(let o) = state { o.to == from } else { false }
+    }
+
+    /// The proxy's `drained`: it holds nothing of the session; the release follows (the state step ends).
+    mutating func proxyEmptied(now: UInt64, _ env: inout Environment) -> Output {
+        var out = Output()
+        guard case .emptyingProxy = state else { return out }
+        // No RTT sample: the answer waits for the proxy's data, not the network.
+        out.actions.append(.cancelTimer(key(.retransmit)))
+        timeline.mark(.state, startedAt: request.startedAt, now: now)
+        startRelease(now: now, &env, &out.actions)
         return out
     }
 
@@ -406,7 +444,7 @@ struct LeftAnchor: Sendable {
         switch state {
         case .cancelling, .tearingDown, .modifying:
             return out
-        case .locking(let o), .synSent(_, let o), .draining(let o, _), .transferringState(let o):
+        case .locking(let o), .synSent(_, let o), .draining(let o, _), .transferringState(let o), .emptyingProxy(let o):
             reason += ": no answer from \(o.to) to \(o.message.body.type) after \(o.tries) tries"
         case .probing(let probes):
             reason += ": no probe came back on the new path after \(probes.tries) probes"
@@ -449,6 +487,10 @@ struct LeftAnchor: Sendable {
             state = .modifying
             Self.send(&o, fresh: false, key: key, now: now, &env, &out.actions)
             state = .transferringState(o)
+        case .emptyingProxy(var o):
+            state = .modifying
+            Self.send(&o, fresh: false, key: key, now: now, &env, &out.actions)
+            state = .emptyingProxy(o)
         case .tearingDown(var o):
             // After the release a bounded number of sends decides.
             if o.tries >= env.settings.maxTries {

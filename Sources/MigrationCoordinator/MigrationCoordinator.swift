@@ -122,6 +122,8 @@ public struct MigrationCoordinator: Sendable {
             } else if rightAnchors[chainID] != nil {
                 out += rightAnchors[chainID]?.selfDrained() ?? []
             }
+        case .proxyOnSegment(let chainID, let requestID, let proxy):
+            if leftAnchors[chainID]?.requestID == requestID { leftAnchors[chainID]?.proxyOnSegment(proxy) }
         case .newPathPacket(let chainID):
             if leftAnchors[chainID] != nil {
                 withLeftAnchor(chainID, &out) { l, env in l.probeSeen(now: now, &env) }
@@ -245,8 +247,12 @@ public struct MigrationCoordinator: Sendable {
             guard rightAnchors[chainID]?.requestID == m.requestID else { return }
             out += rightAnchors[chainID]?.drainStart(m, stateful: stateful, from: from) ?? []
         case .drained:
-            guard leftAnchors[chainID]?.requestID == m.requestID else { return }
-            withLeftAnchor(chainID, &out) { l, env in l.peerDrained(now: now, &env) }
+            guard let l = leftAnchors[chainID], l.requestID == m.requestID else { return }
+            if l.awaitsProxy(from) {
+                withLeftAnchor(chainID, &out) { l, env in l.proxyEmptied(now: now, &env) }
+            } else if from != l.proxy {
+                withLeftAnchor(chainID, &out) { l, env in l.peerDrained(now: now, &env) }
+            }
         case .stateRequest(let newBox):
             receiveStateRequest(m, newBox: newBox, from: from, context: context, &out)
         case .statePut(let document):

@@ -49,6 +49,7 @@ enum Abstraction {
             case (.oldPathHop, _): return "silence"
             }
         case .drained: return "dataDrained"
+        case .proxyOnSegment: return nil  // a spliced proxy's removal (issue 17): not in the model's scenario
         case .newPathPacket: return "newPathPacket"
         case .bufferFull: return "bufferFull"
         case .pathOpened: return "pathOpened"

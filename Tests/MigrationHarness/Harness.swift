@@ -136,6 +136,7 @@ package enum Describe {
             "recv \(message(m)) from \(Host.name(from))\(context == nil ? " (no session here)" : "")"
         case .timer(let k): "timer \(key(k))"
         case .drained: "drained"
+        case .proxyOnSegment(_, let requestID, let proxy): "proxyOnSegment(req=\(requestID), proxy: \(Host.name(proxy)))"
         case .newPathPacket: "newPathPacket"
         case .bufferFull: "bufferFull"
         case .pathOpened(_, let s): "pathOpened(\(s))"
