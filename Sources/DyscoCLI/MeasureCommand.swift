@@ -40,8 +40,8 @@ struct MeasureCommand: AsyncParsableCommand {
             client1…clientK → fw1 → server1 (no fw2), the same downloads and bundles, and at k/(K+1) of --seconds \
             (k = 1…K) it removes fw1 from bundle k with `dysco-migrate remove --lab NAME --box fw1 --match \
             src=CLIENTk`, so each bundle in turn goes client → server directly. fw1 is a plain forwarding box \
-            (firewall profile open), not the paper's session-terminating proxy (proxies are future work): a removal \
-            moves no state. Prints the shares of removals under 2 ms and 4 ms (the paper's measure, new-path SYN → \
+            (firewall profile open) or, with --proxy, the paper's session-terminating proxy (HAProxy in TCP mode); \
+            a removal moves no state. Prints the shares of removals under 2 ms and 4 ms (the paper's measure, new-path SYN → \
             new path used) next to the paper's (80 %, 98.7 %), p50/p90/p99/max, each bundle's goodput before / \
             during / after its own removal, the retransmissions, RTOs and resets in the removal windows, and the \
             sha256 check of every download; also writes cdf.csv (measure, latency_us, fraction), and latency-cdf.png \

@@ -60,6 +60,9 @@ public struct AnchorState: Sendable, Equatable {
     public var delta: Int32 = 0
     /// The removed proxy's timestamp delta for this anchor's new path (``SessionTable/Subsession/tsDelta``).
     public var tsDelta: Int32 = 0
+    /// A session-terminating proxy on the segment announced itself (its `splice` notice): once released, the old
+    /// path brings only duplicates from it (it was empty at the release), which the anchor drops.
+    public var proxyOnSegment = false
 
     public init(side: SessionTable.Side, stateful: Bool, now: UInt64) {
         self.side = side

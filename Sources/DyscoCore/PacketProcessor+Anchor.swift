@@ -70,10 +70,12 @@ extension PacketProcessor {
         if m.clampWindow, flags.isDisjoint(with: [.syn, .rst]), packet.tcp.window != 0 {
             packet.tcp.setWindow(0)
         }
-        if !onNewPath, m.tsDelta != 0, m.phase == .released, length == 0, flags.isDisjoint(with: [.syn, .rst]) {
-            // A spliced-out proxy's old path after the release: it emptied before the lock completed, so only its
-            // socket's answers to the anchors' pokes come this way, stamped by its own clock, which the new path's
-            // shifted timestamps have overtaken (RFC 7323 PAWS would drop them at the endpoint, and count it).
+        if !onNewPath, m.proxyOnSegment, m.phase == .released, !flags.contains(.syn) {
+            // A spliced-out proxy's old path after the release: the proxy was empty (its `drained`), everything it
+            // sent is acknowledged, so only duplicates come this way — its answers to the anchors' pokes, a tail-loss
+            // probe that left before the acknowledgment reached it — stamped by its own clock, which the new path's
+            // shifted timestamps have overtaken (RFC 7323 PAWS would drop them at the endpoint, and count it). Its
+            // FIN or RST must not reach the endpoint either: the proxy is out of the session.
             counters.droppedAfterLeaving &+= 1
             verdict = .drop
         }

@@ -89,6 +89,7 @@ extension PacketProcessor {
         guard let id = table.byChain[chainID], var m = table.records[id]?.migration else { return false }
         if let alias, !table.setAlias(id, alias) { return false }
         m.tsDelta = tsDelta
+        m.proxyOnSegment = true
         table.update(id) { $0.migration = m }
         table.updateNewPathDelta(id, m.side)
         // The old path (the proxy's own clock) moves by the margin the new path's delta carries: both stay together.

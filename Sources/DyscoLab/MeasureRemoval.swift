@@ -8,8 +8,8 @@ import Logging
 /// fw1 → server1, N paced downloads in K bundles (bundle k = the sessions of client k + 1, as the paper's
 /// client–server pairs), and at evenly spaced times (``removalSchedule(bundles:seconds:notBefore:)``) fw1 is
 /// removed from one bundle after the other with the `remove` CLI (`--box fw1 --match src=CLIENTk`), so every
-/// bundle ends up going client → server directly. The paper removes a session-terminating proxy; those are future
-/// work here, so fw1 is a plain forwarding box (firewall profile open: a removal moves no state), unless `--proxy`:
+/// bundle ends up going client → server directly. The paper removes a session-terminating proxy: fw1 is a plain
+/// forwarding box (firewall profile open: a removal moves no state), unless `--proxy`:
 /// fw1 then runs HAProxy in TCP mode with libdysco-splice.so preloaded, the clients download through it (their
 /// chains end at fw1, fw1's own sessions go to server1), its agent joins each pair of sessions it splices
 /// (`agent --splice join`) and each bundle's `remove --box fw1` takes the proxy out.

@@ -183,6 +183,28 @@ struct ProxyTimestampTests {
         #expect(s.p.table.records[s.s1]?.needsSlowPath == false && s.p.table.records[s.s1]?.clocks.deltas != nil)
     }
 
+    @Test("after the release, a spliced-out proxy's old path brings only duplicates: data, FIN and RST from it are dropped; before the release its data passes")
+    func oldPathAfterRelease() throws {
+        var a = try A.setup(stateful: true)  // a left end, held, new path to fw2 open; the old path is to fw1
+        _ = a.processor.anchorSetPhase(chainID: a.chainID, .buffering, now: 1)
+        let noticed = a.processor.spliceNotice(chainID: a.chainID, alias: nil, tsDelta: 1000)
+        #expect(noticed)
+        // While the anchors hold, the proxy still delivers what it holds: its data passes (translated).
+        let (held, _) = A.run(&a.processor, PacketBuilder(tuple: a.old.reversed, seq: 7000, ack: 5001, payload: [1, 2, 3]),
+                              hook: .ingress)
+        #expect(held != .drop)
+        a.processor.anchorPromote(chainID: a.chainID)
+        _ = a.processor.anchorSetPhase(chainID: a.chainID, .released, now: 2)
+        for (flags, payload) in [(TCPFlags.ack, [UInt8]([1, 2, 3])), ([.ack, .fin], []), ([.rst], []), ([.ack], [])] {
+            let (verdict, _) = A.run(&a.processor, PacketBuilder(tuple: a.old.reversed, flags: flags, seq: 7000, ack: 5001,
+                                                                 payload: payload), hook: .ingress)
+            #expect(verdict == .drop, "\(flags) with \(payload.count) bytes from the old path after the release")
+        }
+        // The new path's packets still pass.
+        let (fresh, _) = A.run(&a.processor, PacketBuilder(tuple: a.new.reversed, seq: 7003, ack: 5001, payload: [4]), hook: .ingress)
+        #expect(fresh != .drop)
+    }
+
     @Test("a splice notice reaches the new path's subsession of a reconfiguration under way, which shifts TSval in and TSecr out; without one it is refused")
     func notices() throws {
         var a = try A.setup(stateful: false)  // a left end, held, new path to fw2 open
