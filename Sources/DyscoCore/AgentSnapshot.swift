@@ -35,10 +35,13 @@ public struct AgentSnapshot: Codable, Sendable {
         /// client's) when the proxy spliced their sockets (``SessionTable/Record/spliced``); its chain id.
         public var splicedTo: FiveTuple?
         public var splicedChainID: String?
+        /// At a joined proxy: whether its four timestamp clocks are known (``SessionTable/TimestampClocks``); its
+        /// removal waits for them.
+        public var spliceClocksKnown: Bool? = nil
 
         enum CodingKeys: String, CodingKey {
             case id, role, session, left, right, remaining, state, carrier = "path", packets, bytes, idleSeconds,
-                 ageSeconds, migration, paths, chainID, leftDelta, rightDelta, boxDelta, splicedTo, splicedChainID
+                 ageSeconds, migration, paths, chainID, leftDelta, rightDelta, boxDelta, splicedTo, splicedChainID, spliceClocksKnown
         }
     }
 
@@ -119,6 +122,7 @@ extension PacketProcessor {
             leftDelta: record.leftLink.flatMap { $0.active.seqDelta == 0 ? nil : $0.active.seqDelta },
             rightDelta: record.rightLink.flatMap { $0.active.seqDelta == 0 ? nil : $0.active.seqDelta },
             boxDelta: record.boxDelta == .zero ? nil : record.boxDelta,
-            splicedTo: record.spliced?.session, splicedChainID: record.spliced.map { String($0.identity.chainID, radix: 16) })
+            splicedTo: record.spliced?.session, splicedChainID: record.spliced.map { String($0.identity.chainID, radix: 16) },
+            spliceClocksKnown: record.spliced.map { _ in record.clocks.deltas != nil })
     }
 }

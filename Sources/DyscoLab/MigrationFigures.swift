@@ -481,13 +481,15 @@ public enum PacedLab {
         }
     }
 
-    /// `joinedProxy`: count the proxy's joined records instead (``proxySessions(_:_:)``).
+    /// `joinedProxy`: count the proxy's joined records instead (``proxySessions(_:_:)``) whose timestamp clocks are known
+    /// (a removal before that waits for them at the gate, within its deadline).
     public static func waitForSessions(_ lab: Lab, on host: String, count: Int, downloads: PacedDownloads, timeout: TimeInterval,
                                        joinedProxy: Bool = false) async throws {
         let deadline = Date().addingTimeInterval(timeout)
         var seen = 0
         while Date() < deadline {
-            seen = joinedProxy ? try await Self.proxySessions(lab, host).count : try await Self.pacedSessions(lab, host).count
+            seen = joinedProxy ? try await Self.proxySessions(lab, host).filter { $0.spliceClocksKnown == true }.count
+                : try await Self.pacedSessions(lab, host).count
             if seen >= count { return }
             if downloads.finishedCount() > 0 {
                 throw LabError.setupFailed("a download ended before fw1 carried all \(count) sessions (\(seen) so far); "
