@@ -146,8 +146,9 @@ extension MigrationEngine {
     /// drainStart from the left anchor of this proxy's removal (held, after both anchors drained): the anchors hold
     /// their endpoints' new data, so nothing enters the proxy any more; what it acknowledged but still holds (in a
     /// pipe, in its own buffer) goes out on the old path. Answered `drained` once both sockets are empty
-    /// (``ProxySockets/empty(client:server:bytesDelta:logger:)``, twice in a row); a retransmission while polling
-    /// changes nothing. Given up with the request's lock, or after the removal's deadline (the left anchor cancels).
+    /// (``ProxySockets/empty(client:server:bytesDelta:logger:)``: with both anchors holding, the proxy only empties,
+    /// and the byte counts see what sits in a pipe, so one look is enough); a retransmission while polling changes
+    /// nothing. Given up with the request's lock, or after the removal's deadline (the left anchor cancels).
     func receiveProxyDrain(_ message: ControlMessage, from: IPv4Address) {
         let chain = message.identity.chainID
         guard from == message.leftAnchor else {
@@ -157,10 +158,10 @@ extension MigrationEngine {
         guard proxyDrains[chain] != message.requestID else { return }
         proxyDrains[chain] = message.requestID
         count("splice.drain-started")
-        pollProxyDrain(message, from: from, since: dysco_monotonic_ns(), emptyOnce: false)
+        pollProxyDrain(message, from: from, since: dysco_monotonic_ns())
     }
 
-    private func pollProxyDrain(_ message: ControlMessage, from: IPv4Address, since: UInt64, emptyOnce: Bool) {
+    private func pollProxyDrain(_ message: ControlMessage, from: IPv4Address, since: UInt64) {
         let chain = message.identity.chainID
         guard proxyDrains[chain] == message.requestID, let (record, _) = dataplane.session(chainID: chain),
               let splice = record.spliced,
@@ -175,9 +176,7 @@ extension MigrationEngine {
             logger.warning("proxy did not empty: drain not answered", metadata: ["session.chain": "\(chainKey(chain))"])
             return
         }
-        let empty = ProxySockets.empty(client: record.session, server: splice.session, bytesDelta: splice.bytesDelta,
-                                       logger: logger)
-        if empty, emptyOnce {
+        if ProxySockets.empty(client: record.session, server: splice.session, bytesDelta: splice.bytesDelta, logger: logger) {
             proxyDrains[chain] = nil
             count("splice.drained")
             logger.info("proxy empty: drained", metadata: [
@@ -186,7 +185,7 @@ extension MigrationEngine {
             return
         }
         loop.asyncAfter(deadline: .now() + .milliseconds(Self.spliceGatePoll)) { [self] in
-            pollProxyDrain(message, from: from, since: since, emptyOnce: empty)
+            pollProxyDrain(message, from: from, since: since)
         }
     }
 
