@@ -18,6 +18,7 @@ extension DataplaneAgent {
             return snapshot
         }
         snapshot.control = migration?.counters.withLock { $0 } ?? [:]
+        snapshot.wireVersions = Array(options.wireVersions)
         return snapshot
     }
 

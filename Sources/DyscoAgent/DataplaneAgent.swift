@@ -39,6 +39,9 @@ public final class DataplaneAgent: @unchecked Sendable {
         public var counterPollSeconds = 5
         /// The UDP port of the agents' control protocol (docs/CONTROL-PROTOCOL.md).
         public var controlPort: UInt16 = ControlMessage.port
+        /// Control-protocol versions this agent takes; it sends each message as the oldest of them that carries it
+        /// (issue 19, rolling upgrade; `--wire-version`).
+        public var wireVersions: ClosedRange<UInt8> = ControlMessage.versions
         /// Bounds of the anchor buffer (docs/ARCHITECTURE.md, "Anchor buffering").
         public var bufferLimits = AnchorBuffer<HeldPacket>.Limits()
         /// Accept migrated firewall state (a new box of a stateful replacement); false refuses every import.
@@ -113,7 +116,7 @@ public final class DataplaneAgent: @unchecked Sendable {
         }
         metrics = options.metrics.map { _ in AgentMetrics(logger: logger) }
         migrationSettings = MigrationEngine.Settings(controlPort: options.controlPort, acceptState: options.acceptState,
-                                                     stateStore: options.stateStore)
+                                                     stateStore: options.stateStore, wireVersions: options.wireVersions)
         // The BPF datapath takes a session with its SYN (a map write costs microseconds): docs/BPF.md
         // "Connection setup in the kernel".
         settings.installAtSyn = options.fastPath

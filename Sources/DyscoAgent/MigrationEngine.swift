@@ -22,6 +22,9 @@ final class MigrationEngine: @unchecked Sendable {
         var stateStore: (any FirewallStateStore)?
         /// Freshness windows of received control messages (issue 20).
         var freshness = FreshnessChecker.Settings()
+        /// Control-protocol versions taken (issue 19, rolling upgrade; `--wire-version N` makes it N...N); a message
+        /// goes out as the oldest of them that carries it.
+        var wireVersions: ClosedRange<UInt8> = ControlMessage.versions
     }
 
     private let trust: TrustGroup
@@ -103,7 +106,7 @@ final class MigrationEngine: @unchecked Sendable {
             freshnessSweptAt = now
             freshness.forgetSilent(now: now)
         }
-        for decoded in ControlMessage.decodeAll(bytes, trust: trust) {
+        for decoded in ControlMessage.decodeAll(bytes, trust: trust, accepting: settings.wireVersions) {
             switch decoded {
             case .failure(let error):
                 count("dropped.\(error.counterName)")
@@ -358,6 +361,14 @@ final class MigrationEngine: @unchecked Sendable {
         var order: [IPv4Address] = []
         var byDestination: [IPv4Address: [[UInt8]]] = [:]
         for (to, message) in renamed ? messages : spliceOutgoing(messages) {
+            // The emit rule (ControlMessage.minimumVersion): the oldest version this agent speaks that carries it.
+            let version = max(message.minimumVersion, settings.wireVersions.lowerBound)
+            guard settings.wireVersions.contains(version) else {
+                count("unsent.version")
+                logger.debug("control message not sent: its version is not spoken here", metadata: [
+                    "control.to": "\(to)", "control.type": "\(message.body.type)", "control.version": "\(version)"])
+                continue
+            }
             count("sent.\(message.body.type)")
             if let metrics, case .triggerResult(let result) = message.body {
                 metrics.leftAnchorFinished(chainID: message.identity.chainID, requestID: message.requestID, result)
@@ -365,7 +376,7 @@ final class MigrationEngine: @unchecked Sendable {
             var stamped = message
             stamped.stamp = stamper.stamp(to: to, nowMicros: dysco_realtime_us())
             if byDestination[to] == nil { order.append(to) }
-            byDestination[to, default: []].append(stamped.encode(trust: trust))
+            byDestination[to, default: []].append(stamped.encode(trust: trust, version: version))
         }
         for to in order {
             let encoded = byDestination[to] ?? []

@@ -42,7 +42,10 @@ struct SessionsCommand: AsyncParsableCommand {
     }
 
     static func render(_ snapshot: AgentSnapshot) -> String {
-        var lines = ["agent pid \(snapshot.pid) netns \(snapshot.netns ?? "host") queue \(snapshot.queue), "
+        // An agent older than 0.20 does not say its release (read all the same: rolling upgrade).
+        let release = snapshot.agentVersion.map { " \($0)" } ?? ""
+        let wire = snapshot.wireVersions.map { ", control protocol " + $0.map(String.init).joined(separator: "+") } ?? ""
+        var lines = ["agent\(release)\(wire), pid \(snapshot.pid) netns \(snapshot.netns ?? "host") queue \(snapshot.queue), "
             + "fast path \(snapshot.fastPath ? "on" : "off"), "
             + "up \(Int(snapshot.uptimeSeconds)) s, \(snapshot.sessions.count) session(s)"
             + (snapshot.total.map { $0 != snapshot.sessions.count ? " shown of \($0)" : "" } ?? "")

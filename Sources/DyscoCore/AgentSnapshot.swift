@@ -1,4 +1,8 @@
 /// What `dysco-migrate sessions` shows: the agent, its counters and every session it knows.
+///
+/// Read across releases (issue 19, rolling upgrade): a reader ignores fields it does not know (Foundation's
+/// decoder does), a data-plane counter an older agent does not send reads as 0 (``DataplaneCounters``), and every
+/// field added since 0.19 is optional.
 public struct AgentSnapshot: Codable, Sendable {
     public struct Session: Codable, Sendable {
         public var id: UInt64
@@ -45,6 +49,10 @@ public struct AgentSnapshot: Codable, Sendable {
         }
     }
 
+    /// The agent's release (``DyscoVersion``) and the control-protocol versions it takes (issue 19, rolling
+    /// upgrade). Absent from an agent older than 0.20, whose reply is read all the same.
+    public var agentVersion: String?
+    public var wireVersions: [UInt8]?
     public var netns: String?
     public var pid: Int32
     public var queue: UInt16
@@ -68,6 +76,7 @@ public struct AgentSnapshot: Codable, Sendable {
 
     public init(netns: String?, pid: Int32, queue: UInt16, fastPath: Bool, uptimeSeconds: Double,
                 counters: DataplaneCounters, sessions: [Session]) {
+        self.agentVersion = DyscoVersion.string
         self.netns = netns
         self.pid = pid
         self.queue = queue

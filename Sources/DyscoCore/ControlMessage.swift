@@ -9,6 +9,9 @@ public enum ControlMessageType: UInt8, Sendable, CaseIterable, CustomStringConve
     case oldPathFin = 50, oldPathFinAck = 51
     case splice = 60
 
+    /// The version that added the type: 4 for `splice`, 3 (the oldest taken) for the others.
+    public var since: UInt8 { self == .splice ? 4 : 3 }
+
     public var description: String {
         switch self {
         case .trigger: "trigger"
@@ -279,7 +282,7 @@ public struct SpliceNotice: Sendable, Equatable {
 /// ```
 ///   offset  size  field
 ///   0       4     magic "DYCM" (0x4459434D)
-///   4       1     version (4; 1, 2 and 3 are refused: 1 carries no freshness, 2 no typed phase times, 3 no trigger mode)
+///   4       1     version (3 or 4, ``versions``; 1 and 2 are refused: 1 carries no freshness, 2 no typed phase times)
 ///   5       1     type (ControlMessageType)
 ///   6       2     bodyLength
 ///   8       8     chainID
@@ -305,10 +308,25 @@ public struct SpliceNotice: Sendable, Equatable {
 public struct ControlMessage: Sendable, Equatable {
     public static let magic: UInt32 = 0x4459_434D  // "DYCM"
     /// 2 since issue 20 (the freshness stamp); 3 since issue 15 (typed failedStep, phase times and the boxes'
-    /// export/import durations in triggerResult and stateInstalled, instead of strings). Any other version is
-    /// refused (`bad-version`): agents of different versions do not reconfigure sessions together.
-    /// 4 since issue 17 (the trigger's mode byte: stateless, stateful or held, was a 0/1 `stateful`).
+    /// export/import durations in triggerResult and stateInstalled, instead of strings). Versions outside
+    /// ``versions`` are refused (`bad-version`).
+    /// 4 since issue 17 (the trigger's mode byte: stateless, stateful or held, was a 0/1 `stateful`; the splice
+    /// notice).
     public static let version: UInt8 = 4
+    /// The oldest version this release takes and sends (issue 19, rolling upgrade): the previous release's.
+    public static let oldestVersion: UInt8 = 3
+    /// The versions an agent of this release takes by default: its own and the previous release's, so that agents
+    /// of adjacent releases reconfigure sessions together while a deployment is upgraded host by host
+    /// (docs/CONTROL-PROTOCOL.md "Versions"). Version 3 is version 4 without the held mode and the splice notice.
+    public static let versions: ClosedRange<UInt8> = oldestVersion...version
+
+    /// The oldest version that carries this message: 4 for what version 4 added (a held trigger, a splice
+    /// notice), 3 for everything else. The emit rule (``encode(trust:version:)``): a message goes out as the oldest
+    /// version that carries it, so that an agent of the previous release takes every message it understands.
+    public var minimumVersion: UInt8 {
+        if case .trigger(let t) = body, t.mode == .held { return 4 }
+        return body.type.since
+    }
     public static let headerLength = 72
     /// One UDP datagram (65,535 − 8 UDP − 20 IPv4).
     public static let maxLength = 65_507
@@ -364,12 +382,20 @@ public struct ControlMessage: Sendable, Equatable {
     /// Encodes and signs (HMAC under trust.current, appended). Strings longer than their limit are truncated at a
     /// UTF-8 scalar boundary; a list or document beyond its limit is a programmer error (check
     /// ``encodingProblem`` first when the size is not known to fit).
-    public func encode(trust: TrustGroup) -> [UInt8] {
+    ///
+    /// `version`: the version byte; nil sends the oldest version that carries the message (``minimumVersion``).
+    /// The body's layout is the same in versions 3 and 4 for every message version 3 has (its trigger's boolean
+    /// `stateful` is the mode byte 0 or 1); asking for a version that cannot carry the message is a programmer
+    /// error.
+    public func encode(trust: TrustGroup, version: UInt8? = nil) -> [UInt8] {
         if let problem = encodingProblem { preconditionFailure("ControlMessage.encode: \(problem)") }
+        let version = version ?? minimumVersion
+        precondition(Self.versions.contains(version) && version >= minimumVersion,
+                     "ControlMessage.encode: \(body.type) cannot go out as version \(version)")
         var out = ControlWriter()
         out.reserve(Self.headerLength + 64 + TrustGroup.macLength)
         out.u32(Self.magic)
-        out.u8(Self.version)
+        out.u8(version)
         out.u8(body.type.rawValue)
         out.u16(0)  // bodyLength, patched below
         out.u64(identity.chainID)
@@ -458,13 +484,19 @@ public struct ControlMessage: Sendable, Equatable {
     /// (`zeroIdentity`), header addresses (`forbiddenAddress`), header session ports ≠ 0 (`badBody`), body
     /// layout (`badBody`), body addresses (`forbiddenAddress`). Nothing past the fixed framing fields is read
     /// before the MAC verifies.
-    public static func decode(_ bytes: UnsafeRawBufferPointer, trust: TrustGroup) throws(ControlMessageError) -> ControlMessage {
+    ///
+    /// `accepting`: the versions taken (default ``versions``; an agent's `--wire-version N` takes only N). A
+    /// version-3 message is read as version 3 defined it: no splice type (`unknown-type`), a trigger's byte 8 a
+    /// boolean (`bad-body` otherwise).
+    public static func decode(_ bytes: UnsafeRawBufferPointer, trust: TrustGroup,
+                              accepting: ClosedRange<UInt8> = versions) throws(ControlMessageError) -> ControlMessage {
         let length = bytes.count
         guard length >= headerLength + TrustGroup.macLength else { throw .truncated(length: length) }
         guard length <= maxLength else { throw .tooLong(length: length) }
         guard cmReadBE32(bytes, 0) == magic else { throw .badMagic }
-        guard bytes[4] == version else { throw .unsupportedVersion(bytes[4]) }
-        guard let type = ControlMessageType(rawValue: bytes[5]) else { throw .unknownType(bytes[5]) }
+        let version = bytes[4]
+        guard accepting.contains(version), versions.contains(version) else { throw .unsupportedVersion(version) }
+        guard let type = ControlMessageType(rawValue: bytes[5]), version >= type.since else { throw .unknownType(bytes[5]) }
         let bodyLength = Int(cmReadBE16(bytes, 6))
         let declared = headerLength + bodyLength + TrustGroup.macLength
         guard declared == length else { throw .lengthMismatch(declared: declared, actual: length) }
@@ -491,6 +523,7 @@ public struct ControlMessage: Sendable, Equatable {
                                    type: type)
         let body = try decodeBody(type, &reader)
         guard reader.atEnd else { throw .badBody(type, "\(reader.remaining) trailing bytes") }
+        if case .trigger(let t) = body, t.mode == .held, version < 4 { throw .badBody(type, "mode is 2, not 0 or 1 (version \(version))") }
         for address in body.addresses where address.isForbiddenHop { throw .forbiddenAddress(address) }
 
         return ControlMessage(identity: identity, requestID: requestID, session: session,
@@ -498,9 +531,10 @@ public struct ControlMessage: Sendable, Equatable {
     }
 
     /// Convenience: ``decode(_:trust:)-(UnsafeRawBufferPointer,_)`` over an array.
-    public static func decode(_ bytes: [UInt8], trust: TrustGroup) throws(ControlMessageError) -> ControlMessage {
+    public static func decode(_ bytes: [UInt8], trust: TrustGroup,
+                              accepting: ClosedRange<UInt8> = versions) throws(ControlMessageError) -> ControlMessage {
         let result = bytes.withUnsafeBytes { raw in
-            Result { () throws(ControlMessageError) in try decode(raw, trust: trust) }
+            Result { () throws(ControlMessageError) in try decode(raw, trust: trust, accepting: accepting) }
         }
         return try result.get()
     }
@@ -771,11 +805,12 @@ extension ControlMessage {
     }
 
     /// Decodes every message of a datagram: each frame's result, in order.
-    public static func decodeAll(_ bytes: [UInt8], trust: TrustGroup) -> [Result<ControlMessage, ControlMessageError>] {
+    public static func decodeAll(_ bytes: [UInt8], trust: TrustGroup,
+                                 accepting: ClosedRange<UInt8> = versions) -> [Result<ControlMessage, ControlMessageError>] {
         bytes.withUnsafeBytes { raw in
             frames(in: raw).map { range in
                 Result { () throws(ControlMessageError) in
-                    try decode(UnsafeRawBufferPointer(rebasing: raw[range]), trust: trust)
+                    try decode(UnsafeRawBufferPointer(rebasing: raw[range]), trust: trust, accepting: accepting)
                 }
             }
         }

@@ -105,6 +105,52 @@ public struct DataplaneCounters: Sendable, Codable, Equatable {
     }
 }
 
+extension DataplaneCounters {
+    /// Read across releases (issue 19, rolling upgrade): a counter the sending agent does not have (an older
+    /// release) reads as 0, and one this release does not know is ignored; a counter of the wrong type is still an
+    /// error.
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        func read(_ key: CodingKeys) throws -> UInt64 { try c.decodeIfPresent(UInt64.self, forKey: key) ?? 0 }
+        packets = try read(.packets)
+        translatedIngress = try read(.translatedIngress)
+        translatedEgress = try read(.translatedEgress)
+        passedThrough = try read(.passedThrough)
+        malformedPackets = try read(.malformedPackets)
+        malformedDyscoSyn = try read(.malformedDyscoSyn)
+        trailerVersionOneRefused = try read(.trailerVersionOneRefused)
+        trailerBadMAC = try read(.trailerBadMAC)
+        trailerForbiddenAddress = try read(.trailerForbiddenAddress)
+        collisions = try read(.collisions)
+        portsExhausted = try read(.portsExhausted)
+        oversizedSyn = try read(.oversizedSyn)
+        sessionsCreated = try read(.sessionsCreated)
+        sessionsRemoved = try read(.sessionsRemoved)
+        fullChecksums = try read(.fullChecksums)
+        fastPathInstalls = try read(.fastPathInstalls)
+        anchorHeld = try read(.anchorHeld)
+        droppedAfterLeaving = try read(.droppedAfterLeaving)
+        probesReceived = try read(.probesReceived)
+        kernelEvents = try read(.kernelEvents)
+        kernelEventsStale = try read(.kernelEventsStale)
+        kernelEventsLost = try read(.kernelEventsLost)
+        queuedTeardown = try read(.queuedTeardown)
+        queuedSyns = try read(.queuedSyns)
+        sessionsRestored = try read(.sessionsRestored)
+        verdictAccept = try read(.verdictAccept)
+        verdictAcceptModified = try read(.verdictAcceptModified)
+        verdictDrop = try read(.verdictDrop)
+        verdictHold = try read(.verdictHold)
+        resetsOutOfWindow = try read(.resetsOutOfWindow)
+        resetsProvisional = try read(.resetsProvisional)
+        resetsConfirmed = try read(.resetsConfirmed)
+        resetsRefuted = try read(.resetsRefuted)
+        sessionCapRefused = try read(.sessionCapRefused)
+        sourceCapRefused = try read(.sourceCapRefused)
+        synTimeouts = try read(.synTimeouts)
+    }
+}
+
 /// Work for the fast-path worker: put a session's translations into the kernel, or take them out.
 public enum FastPathAction: Sendable, Equatable {
     case install(SessionTable.SessionID, [FastPath.Translation])

@@ -1,0 +1,139 @@
+@testable import DyscoCore
+import Foundation
+import Testing
+
+/// Rolling upgrade (issue 19 item 3; docs/CONTROL-PROTOCOL.md "Versions"): an agent of this release takes the
+/// previous release's control messages (version 3) beside its own (4) and sends each message as the oldest version
+/// that carries it, so agents of adjacent releases reconfigure sessions together; the agents' JSON replies are read
+/// across releases.
+@Suite("Control protocol versions and JSON replies across releases (rolling upgrade)")
+struct WireVersionTests {
+    typealias T = ControlMessageTests
+
+    /// A version-3 trigger assembled byte by byte from the version-3 layout (docs/CONTROL-PROTOCOL.md, the
+    /// previous release's codec): header as in every version since 2, body deadline u32, oldBox u32, `stateful`
+    /// as a boolean byte, newPath as a count byte and addresses; HMAC-SHA256 truncated to 16 bytes appended.
+    static func versionThreeTrigger(stamp: ControlStamp) -> [UInt8] {
+        var b: [UInt8] = []
+        func u8(_ v: UInt8) { b.append(v) }
+        func u16(_ v: UInt16) { b += [UInt8(v >> 8), UInt8(truncatingIfNeeded: v)] }
+        func u32(_ v: UInt32) { for shift in stride(from: 24, through: 0, by: -8) { b.append(UInt8(truncatingIfNeeded: v >> UInt32(shift))) } }
+        func u64(_ v: UInt64) { u32(UInt32(v >> 32)); u32(UInt32(truncatingIfNeeded: v)) }
+        u32(0x4459_434D); u8(3); u8(1); u16(18)
+        u64(T.identity.chainID); u64(T.identity.nonce); u32(0xDEAD_BEEF)
+        u32(T.session.srcAddr.value); u32(T.session.dstAddr.value); u16(T.session.srcPort); u16(T.session.dstPort)
+        u32(IPv4Address(10, 77, 0, 10).value); u32(IPv4Address(10, 77, 0, 200).value)
+        u64(stamp.sender); u32(stamp.receiver.value); u32(stamp.counter); u64(stamp.sentAt)
+        u32(5000); u32(IPv4Address(10, 77, 0, 104).value); u8(1)
+        u8(2); u32(IPv4Address(10, 77, 0, 105).value); u32(IPv4Address(10, 77, 0, 200).value)
+        let tag = b.withUnsafeBytes { T.trust.mac($0) }
+        return b + tag
+    }
+
+    static let stamp = ControlStamp(sender: 0x1122_3344_5566_7788, receiver: IPv4Address(10, 77, 0, 10), counter: 7,
+                                    sentAt: 1_780_000_000_000_000)
+
+    @Test("the previous release's trigger (version 3, boolean stateful) is what this release sends for a stateful trigger, and it decodes")
+    func versionThreeBytes() throws {
+        var message = T.sample(.trigger)
+        message.stamp = Self.stamp
+        let golden = Self.versionThreeTrigger(stamp: Self.stamp)
+        #expect(message.encode(trust: T.trust) == golden, "the emit rule sends a stateful trigger as version 3")
+        #expect(message.encode(trust: T.trust, version: 3) == golden)
+        #expect(try ControlMessage.decode(golden, trust: T.trust) == message)
+        #expect(try ControlMessage.decode(golden, trust: T.trust, accepting: 3...3) == message, "an agent of the previous release")
+        var four = golden
+        four[4] = 4
+        #expect(T.decodeError(four) == .badMAC, "the version byte is signed")
+    }
+
+    @Test("emit rule: every message goes out as version 3 but a held trigger and a splice notice (new in 4)")
+    func emitRule() throws {
+        for type in ControlMessageType.allCases {
+            let message = T.sample(type)
+            let expected: UInt8 = type == .splice ? 4 : 3
+            #expect(message.minimumVersion == expected, "\(type)")
+            let encoded = message.encode(trust: T.trust)
+            #expect(encoded[4] == expected, "\(type)")
+            #expect(try ControlMessage.decode(encoded, trust: T.trust) == message, "\(type)")
+            // Each version it can go as decodes to the same message, at an agent that takes only that version.
+            for version in expected...ControlMessage.version {
+                let bytes = message.encode(trust: T.trust, version: version)
+                #expect(try ControlMessage.decode(bytes, trust: T.trust, accepting: version...version) == message, "\(type) v\(version)")
+            }
+        }
+        let held = T.message(.trigger(Trigger(newPath: [IPv4Address(10, 77, 0, 200)], oldBox: IPv4Address(10, 77, 0, 104),
+                                              mode: .held, deadlineMilliseconds: 3000)))
+        #expect(held.minimumVersion == 4)
+        #expect(held.encode(trust: T.trust)[4] == 4)
+        let stateless = T.message(.trigger(Trigger(newPath: [IPv4Address(10, 77, 0, 200)], oldBox: IPv4Address(10, 77, 0, 104),
+                                                   mode: .stateless, deadlineMilliseconds: 3000)))
+        #expect(stateless.encode(trust: T.trust)[4] == 3)
+    }
+
+    @Test("an agent that speaks only one version refuses the other as bad-version; version 3 has no splice type and no held mode")
+    func refusals() throws {
+        let drained = T.sample(.drained)
+        let three = drained.encode(trust: T.trust, version: 3)
+        let four = drained.encode(trust: T.trust, version: 4)
+        func error(_ bytes: [UInt8], _ accepting: ClosedRange<UInt8>) -> ControlMessageError? {
+            do { _ = try ControlMessage.decode(bytes, trust: T.trust, accepting: accepting); return nil } catch { return error }
+        }
+        #expect(error(four, 3...3) == .unsupportedVersion(4), "the previous release drops what only 4 says")
+        #expect(error(three, 4...4) == .unsupportedVersion(3), "an agent pinned to 4 drops the previous release")
+        #expect(error(three, 3...4) == nil && error(four, 3...4) == nil)
+        // A splice notice or a held trigger with the version byte 3, validly signed: what version 3 did not have.
+        func resigned(_ message: ControlMessage) -> [UInt8] {
+            var bytes = message.encode(trust: T.trust)
+            bytes.removeLast(TrustGroup.macLength)
+            bytes[4] = 3
+            return bytes + bytes.withUnsafeBytes { T.trust.mac($0) }
+        }
+        #expect(error(resigned(T.sample(.splice)), 3...4) == .unknownType(ControlMessageType.splice.rawValue))
+        let held = T.message(.trigger(Trigger(newPath: [IPv4Address(10, 77, 0, 200)], oldBox: IPv4Address(10, 77, 0, 104),
+                                              mode: .held, deadlineMilliseconds: 3000)))
+        #expect(error(resigned(held), 3...4)?.counterName == "bad-body")
+    }
+
+    // MARK: - JSON replies
+
+    @Test("a snapshot of an older agent (no agentVersion, counters it did not have) reads; unknown fields are ignored")
+    func olderSnapshot() throws {
+        let older = #"""
+            {"netns":"fw1","pid":42,"queue":0,"fastPath":true,"uptimeSeconds":1.5,
+             "counters":{"packets":10,"sessionsCreated":2,"aCounterOfAnotherRelease":9},
+             "control":{"sent.requestLock":3},"sessions":[],"total":0,"aFieldOfAnotherRelease":{"x":1}}
+            """#
+        let snapshot = try JSONDecoder().decode(AgentSnapshot.self, from: Data(older.utf8))
+        #expect(snapshot.agentVersion == nil && snapshot.wireVersions == nil)
+        #expect(snapshot.counters.packets == 10 && snapshot.counters.sessionsCreated == 2)
+        #expect(snapshot.counters.resetsRefuted == 0 && snapshot.counters.synTimeouts == 0, "missing counters read as 0")
+        #expect(snapshot.control["sent.requestLock"] == 3)
+        let wrongType = #"{"packets":"ten"}"#
+        #expect(throws: DecodingError.self) { try JSONDecoder().decode(DataplaneCounters.self, from: Data(wrongType.utf8)) }
+    }
+
+    @Test("every data-plane counter survives encode → decode (the lenient decoder reads each one)")
+    func countersRoundTrip() throws {
+        var counters = DataplaneCounters()
+        // Distinct values through the encoded form: a counter the decoder forgot would come back as 0.
+        let encoded = try JSONEncoder().encode(counters)
+        var dictionary = try #require(try JSONSerialization.jsonObject(with: encoded) as? [String: Any])
+        for (i, key) in dictionary.keys.sorted().enumerated() { dictionary[key] = i + 1 }
+        counters = try JSONDecoder().decode(DataplaneCounters.self, from: JSONSerialization.data(withJSONObject: dictionary))
+        let again = try #require(try JSONSerialization.jsonObject(with: JSONEncoder().encode(counters)) as? [String: Int])
+        #expect(again.count == dictionary.count)
+        #expect(again.values.allSatisfy { $0 > 0 }, "\(again.filter { $0.value == 0 }.keys.sorted())")
+        #expect(Set(again.values).count == again.count)
+    }
+
+    @Test("this release's snapshot names its release and the versions it takes")
+    func currentSnapshot() throws {
+        var snapshot = AgentSnapshot(netns: nil, pid: 1, queue: 0, fastPath: true, uptimeSeconds: 0,
+                                     counters: DataplaneCounters(), sessions: [])
+        snapshot.wireVersions = Array(ControlMessage.versions)
+        let read = try JSONDecoder().decode(AgentSnapshot.self, from: JSONEncoder().encode(snapshot))
+        #expect(read.agentVersion == DyscoVersion.string)
+        #expect(read.wireVersions == [3, 4])
+    }
+}
