@@ -1,5 +1,6 @@
 import CLinux
 import DyscoCore
+import DyscoSystem
 import Foundation
 import Logging
 import Synchronization
@@ -122,6 +123,29 @@ final class AgentDataplane: @unchecked Sendable {
         apply(released.effects, ownership: owned)
         fastPath?.commitAll()
         return released.released
+    }
+
+    /// The expiry timer's turn, first: an RST still provisional at this end host is settled by the local stack's own
+    /// judgement (``PacketProcessor/resetProbes(limit:)``): the session's socket gone or closed means the stack took
+    /// the RST. The queries run outside the packet lock (one sock_diag lookup each, at most 256 a turn).
+    func probeResets(now: UInt64) {
+        let probes = processor.withLock { $0.resetProbes(limit: 256) }
+        guard !probes.isEmpty else { return }
+        let taken = probes.filter { probe in
+            // Only a definite answer settles it: a failed lookup leaves the RST provisional.
+            let info: TCPSocketInfo?
+            do { info = try TCPSocketDiag.query(local: probe.local) } catch { return false }
+            guard info == nil || info?.state == .close else { return false }
+            logger.info("RST confirmed by the local stack: the session's socket is gone", metadata: [
+                "session.id": "\(probe.id)", "session.socket": "\(probe.local)", "socket.state": "\(info.map { "\($0.state)" } ?? "none")"])
+            return true
+        }
+        guard !taken.isEmpty else { return }
+        let owned = processor.withLock { state in
+            for probe in taken { state.confirmProbedReset(probe.id, now: now) }
+            return journal.persist(&state)
+        }
+        apply(DataplaneEffects(), ownership: owned)
     }
 
     /// The expiry timer's turn: sessions past their linger or timeouts go.

@@ -22,6 +22,7 @@ final class ExpiryTimer: @unchecked Sendable {
                 let active = fastPath.activeSessions()
                 dataplane.processor.withLock { $0.kernelActivity(active, now: now) }
             }
+            dataplane.probeResets(now: now)
             dataplane.expire(now: now)
             dataplane.reportSuppressedLogs()
             trim.tick(ticks, compacted: dataplane.takeCompacted(), logger: logger)

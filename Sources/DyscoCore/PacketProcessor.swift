@@ -86,6 +86,9 @@ public struct DataplaneCounters: Sendable, Codable, Equatable {
     public var resetsProvisional: UInt64 = 0
     public var resetsConfirmed: UInt64 = 0
     public var resetsRefuted: UInt64 = 0
+    /// Of the confirmed: provisional RSTs at an end host that the local stack took (its socket is gone), found by
+    /// the shell's probe (``PacketProcessor/confirmProbedReset(_:now:)``).
+    public var resetsConfirmedByProbe: UInt64 = 0
     /// SYNs refused because the table holds `--max-sessions` records, or the session's source address
     /// `--max-sessions-per-source` (dropped; TCP retries).
     public var sessionCapRefused: UInt64 = 0
@@ -145,6 +148,7 @@ extension DataplaneCounters {
         resetsProvisional = try read(.resetsProvisional)
         resetsConfirmed = try read(.resetsConfirmed)
         resetsRefuted = try read(.resetsRefuted)
+        resetsConfirmedByProbe = try read(.resetsConfirmedByProbe)
         sessionCapRefused = try read(.sessionCapRefused)
         sourceCapRefused = try read(.sourceCapRefused)
         synTimeouts = try read(.synTimeouts)
@@ -314,6 +318,9 @@ public struct PacketProcessor: Sendable {
     public internal(set) var departed: [FiveTuple: UInt64] = [:]
     /// A spliced-out proxy's sockets, by the tuple of what they send (``SplicedOutSocket``).
     public internal(set) var splicedOut: [FiveTuple: SplicedOutSocket] = [:]
+    /// End-host sessions an RST reached provisionally: the shell asks the local stack whether it took the RST
+    /// (``resetProbes(limit:)``, PacketProcessor+ResetProbe.swift). Stale ids are dropped at the next look.
+    public internal(set) var resetProbeIDs: Set<SessionTable.SessionID> = []
     /// Sessions whose held packets the shell is about to release (chain id → the segment's side): until it
     /// has (``endRelease(chainID:)``, on the packet thread), their later packets towards the segment are held
     /// too, so that none overtakes a held one.
@@ -676,7 +683,10 @@ public struct PacketProcessor: Sendable {
         if let resetOutcome {
             if resetOutcome.refuted { counters.resetsRefuted &+= 1 }
             else if resetOutcome.confirmed { counters.resetsConfirmed &+= 1 }
-            else { counters.resetsProvisional &+= 1 }
+            else {
+                counters.resetsProvisional &+= 1
+                if hook == .ingress { noteProvisionalReset(translation.id) }
+            }
         }
         if let install { pending.fastPath.append(.install(translation.id, install)) }
         if let uninstall { pending.fastPath.append(.remove(translation.id, uninstall)) }

@@ -323,3 +323,61 @@ struct BoundsTests {
         #expect(table.sessions(from: IPv4Address(0x0a4d_0000)) == 10)
     }
 }
+
+/// Issue 19 item 4.4: an RST provisional at the end host that receives it is settled by the local stack's own
+/// judgement (the shell's sock_diag probe, `AgentDataplane.probeResets`): docs/ARCHITECTURE.md "Forged resets".
+@Suite("Resets at the receiving end host: the local stack's judgement settles a provisional RST")
+struct ResetProbeTests {
+    /// An in-window RST that is not exact (RFC 5961 §3.2: the receiver would answer with a challenge ACK, or take it
+    /// only if genuine): provisional at every ingress, confirmed only where it leaves a host.
+    static func inexactRST(_ lab: ResetLab) -> [UInt8] {
+        PacketBuilder(tuple: lab.session, flags: [.rst], seq: lab.clientNext &+ 50, ack: 0).build()
+    }
+
+    @Test("the server's provisional RST is offered for a probe of the server's socket; confirmed, the session goes after the reset linger")
+    func confirmedByProbe() throws {
+        var lab = ResetLab()
+        try lab.establish()
+        _ = try #require(lab.h.send(Self.inexactRST(lab), along: lab.forward))
+        var server = lab.h.hosts["server"]!
+        #expect(server.counters.resetsProvisional == 1 && server.counters.resetsConfirmed == 0)
+        let probes = server.resetProbes(limit: 10)
+        let id = try #require(server.table.records.keys.first)
+        #expect(probes == [PacketProcessor.ResetProbe(id: id, local: lab.session.reversed)], "server:80 → client")
+        let fw1Probes = lab.h.hosts["fw1"]!.resetProbes(limit: 10)
+        #expect(fw1Probes.isEmpty, "a middlebox has no socket of the session")
+        // Without the probe's answer the session stays (idle expiry only).
+        lab.h.now += 5 * lab.fw1.settings.resetLinger
+        let early = server.expire(now: lab.h.now).removed
+        #expect(early == 0)
+        let first = server.confirmProbedReset(id, now: lab.h.now), second = server.confirmProbedReset(id, now: lab.h.now)
+        #expect(first && !second, "confirmed once")
+        #expect(server.counters.resetsConfirmed == 1 && server.counters.resetsConfirmedByProbe == 1)
+        let after = server.resetProbes(limit: 10)
+        #expect(after.isEmpty)
+        let removed = server.expire(now: lab.h.now + server.settings.resetLinger).removed
+        #expect(removed == 1)
+    }
+
+    @Test("a packet after the RST refutes it: nothing left to probe; the client end probes the client's socket")
+    func refutedAndClientSide() throws {
+        var lab = ResetLab()
+        try lab.establish()
+        _ = try #require(lab.h.send(Self.inexactRST(lab), along: lab.forward))
+        #expect(lab.h.hosts["server"]!.resetProbeIDs.count == 1)
+        try lab.exchange()
+        #expect(lab.h.hosts["server"]!.counters.resetsRefuted == 1)
+        let refutedProbes = lab.h.hosts["server"]!.resetProbes(limit: 10)
+        #expect(refutedProbes.isEmpty)
+        #expect(lab.h.hosts["server"]!.resetProbeIDs.isEmpty, "the stale id is forgotten at the look")
+        // The server's RST towards the client, in window but not exact: the client end probes its own socket.
+        let rst = PacketBuilder(tuple: lab.session.reversed, flags: [.rst], seq: lab.serverNext &+ 50, ack: 0).build()
+        _ = try #require(lab.h.send(rst, along: lab.reverse))
+        var client = lab.h.hosts["client"]!
+        let id = try #require(client.table.records.keys.first)
+        let none = client.resetProbes(limit: 0)
+        #expect(none.isEmpty, "the limit bounds a turn")
+        let probes = client.resetProbes(limit: 10)
+        #expect(probes == [PacketProcessor.ResetProbe(id: id, local: lab.session)])
+    }
+}

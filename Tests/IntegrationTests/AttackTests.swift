@@ -51,6 +51,7 @@ import Testing
                 #expect(try await MigrationLab.pacedSessions(lab, "fw1").first?.carrier == .kernel)
             }
             let fw1 = try #require(try await MigrationLab.pacedSessions(lab, "fw1").first)
+            let download = try #require(try await MigrationLab.pacedSessions(lab, "client1").first)
             let left = try #require(fw1.left), right = try #require(fw1.right)
             let before = (fw1: try await TestSupport.snapshot(lab, "fw1"), server: try await TestSupport.snapshot(lab, "server1"),
                           client: try await TestSupport.snapshot(lab, "client1"))
@@ -90,6 +91,13 @@ import Testing
             }
             #expect(after.fw1.counters.resetsConfirmed == before.fw1.counters.resetsConfirmed
                     || f.refuted > 0, "an RST the firewall let through was refuted")
+            // The end hosts' probes (issue 19 item 4.4) found the download's sockets alive: no forged RST was confirmed
+            // by them (a genuine one, e.g. of the lab's readiness check, is confirmed and logged with its socket).
+            for (host, socket) in [("client1", download.session), ("server1", download.session.reversed)] {
+                let log = (try? String(contentsOfFile: LabPaths.agentLog(lab.name, host: host), encoding: .utf8)) ?? ""
+                let confirmed = log.split(separator: "\n").filter { $0.contains("RST confirmed by the local stack") && $0.contains("session.socket=\(socket) ") }
+                #expect(confirmed.isEmpty, "\(host): \(confirmed)")
+            }
             // No session removed as reset anywhere during the download.
             for (host, b, a) in [("fw1", before.fw1, after.fw1), ("server1", before.server, after.server)] {
                 #expect(a.counters.resetsConfirmed - b.counters.resetsConfirmed <= a.counters.resetsRefuted - b.counters.resetsRefuted,

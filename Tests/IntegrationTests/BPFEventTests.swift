@@ -59,7 +59,7 @@ import Testing
         }
     }
 
-    @Test("a kernel-carried session reset by the client leaves the client's and fw1's tables (confirmed RST) and every kernel; its RST never reaches NFQUEUE")
+    @Test("a kernel-carried session reset by the client leaves every agent's table (confirmed leaving the client and fw1; at the server by the probe of its socket) and every kernel; its RST never reaches NFQUEUE")
     func resetRemoves() async throws {
         let datapath = FastPathIntegrationTests.Datapath(lab: "fpe2", subnet: "10.78.82.0/24")
         try await datapath.withPins {
@@ -109,12 +109,13 @@ import Testing
             #expect(closed && (try? String(contentsOfFile: out, encoding: .utf8)) == "reset")
             // The client's RST left the client (egress: confirmed) and fw1 (its egress report confirms it): both
             // agents forget the session after the 1 s reset linger. The server's agent saw it arrive only
-            // (ingress: provisional, RFC 5961): off its kernel, kept until idle expiry or a packet proves it.
+            // (ingress: provisional, RFC 5961), but the server's stack took it: the agent's probe finds the socket
+            // gone and confirms it (issue 19 item 4.4), so the server forgets the session too.
             let gone = try await TestSupport.eventually(timeout: 15) {
-                for host in ["client1", "fw1"] where !(try await TestSupport.snapshot(lab, host).sessions.isEmpty) { return false }
+                for host in Self.hosts where !(try await TestSupport.snapshot(lab, host).sessions.isEmpty) { return false }
                 for host in Self.hosts where !(try entries(lab, host, datapath).isEmpty) { return false }
-                let server = try await TestSupport.snapshot(lab, "server1")
-                return server.sessions.allSatisfy { $0.carrier == .slow } && server.counters.resetsProvisional >= 1
+                let server = try await TestSupport.snapshot(lab, "server1").counters
+                return server.resetsProvisional >= 1 && server.resetsConfirmedByProbe >= 1
             }
             for host in Self.hosts where !gone {
                 let s = try await TestSupport.snapshot(lab, host)
