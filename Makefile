@@ -9,7 +9,7 @@ BPF_CLANG ?= $(firstword $(wildcard $(dir $(realpath $(shell command -v $(SWIFT)
 BPF_OBJ := $(CURDIR)/.build/bpf/dysco.bpf.o
 BPF_ARCH_INCLUDE := /usr/include/$(shell gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)
 
-.PHONY: setup bpf release deb demo test unit verify bench bench-check bench-replace bench-drain measure clean-labs
+.PHONY: setup bpf release deb previous demo test unit verify bench bench-check bench-replace bench-drain measure clean-labs
 
 setup:            ## install every system package the project needs (idempotent, apt-get)
 	bash scripts/setup.sh
@@ -37,10 +37,16 @@ deb: setup        ## .build/deb/dysco-migrate_<version>_<arch>.deb (dpkg-deb), v
 demo: release     ## a 50 MB download through client → fw1 → server; replace fw1 → fw2 halfway; phases, fw2's conntrack entry, sha256; tear down
 	DYSCO_BIN=$(BIN) bash scripts/demo.sh
 
+# The previous release's agent, built from its tag, for the rolling-upgrade test (docs/CONTROL-PROTOCOL.md "Versions").
+PREVIOUS_TAG ?= v0.19.0
+PREVIOUS_BIN := $(CURDIR)/.build/previous/bin/dysco-migrate
+previous: setup   ## the previous release's agent (tag $(PREVIOUS_TAG)) in .build/previous/bin, for the rolling-upgrade test
+	SWIFT=$(SWIFT) bash scripts/build-previous.sh $(PREVIOUS_TAG)
+
 # --no-parallel: the integration tests block on child processes; in parallel on a 2-core machine they starve
 # Swift concurrency's cooperative pool (2 threads) and each other's timing. Serially the suite takes about a minute.
-test: release bpf deb ## every test: unit (no root) and integration (root, network namespaces)
-	DYSCO_BIN=$(BIN) $(SWIFT) test --no-parallel
+test: release bpf deb previous ## every test: unit (no root) and integration (root, network namespaces; the previous release for the rolling-upgrade test)
+	DYSCO_BIN=$(BIN) DYSCO_PREVIOUS_BIN=$(PREVIOUS_BIN) $(SWIFT) test --no-parallel
 
 # The unit-test targets, one per source target with pure logic; every other test target (IntegrationTests) needs root.
 # Swift Testing matches --filter against the module-qualified name, Module.Suite/test().

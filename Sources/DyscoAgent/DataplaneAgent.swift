@@ -40,7 +40,7 @@ public final class DataplaneAgent: @unchecked Sendable {
         /// The UDP port of the agents' control protocol (docs/CONTROL-PROTOCOL.md).
         public var controlPort: UInt16 = ControlMessage.port
         /// Control-protocol versions this agent takes; it sends each message as the oldest of them that carries it
-        /// (issue 19, rolling upgrade; `--wire-version`).
+        /// (issue 19, rolling upgrade; docs/CONTROL-PROTOCOL.md "Versions").
         public var wireVersions: ClosedRange<UInt8> = ControlMessage.versions
         /// Bounds of the anchor buffer (docs/ARCHITECTURE.md, "Anchor buffering").
         public var bufferLimits = AnchorBuffer<HeldPacket>.Limits()

@@ -22,8 +22,8 @@ final class MigrationEngine: @unchecked Sendable {
         var stateStore: (any FirewallStateStore)?
         /// Freshness windows of received control messages (issue 20).
         var freshness = FreshnessChecker.Settings()
-        /// Control-protocol versions taken (issue 19, rolling upgrade; `--wire-version N` makes it N...N); a message
-        /// goes out as the oldest of them that carries it.
+        /// Control-protocol versions taken (issue 19, rolling upgrade); a message goes out as the oldest of them that
+        /// carries it (``ControlMessage/minimumVersion``).
         var wireVersions: ClosedRange<UInt8> = ControlMessage.versions
     }
 

@@ -139,14 +139,6 @@ struct AgentCommand: AsyncParsableCommand {
     @Option(help: "UDP port of the agents' control protocol (the same on every agent; docs/CONTROL-PROTOCOL.md).")
     var controlPort: UInt16 = ControlMessage.port
 
-    @Option(help: ArgumentHelp("""
-        Speak only this version of the control protocol (\(ControlMessage.versions.lowerBound) or \(ControlMessage.version)): \
-        take only it and send only it (a message it cannot carry is not sent: `unsent.version`). Default: take \
-        both, send each message as the oldest that carries it, so agents of this and the previous release \
-        reconfigure sessions together during a rolling upgrade (README "Rolling upgrade").
-        """, valueName: "N"))
-    var wireVersion: UInt8?
-
     enum YesNo: String, ExpressibleByArgument, CaseIterable { case yes, no }
 
     @Option(help: ArgumentHelp("Accept firewall state migrated to this box by `replace` (no: every import is refused and such migrations are cancelled).",
@@ -190,9 +182,6 @@ struct AgentCommand: AsyncParsableCommand {
             throw ValidationError("--port-range must be LOW-HIGH with 1 <= LOW <= HIGH <= 65535, got '\(portRange)'")
         }
         guard stateMaxBytes > 0 else { throw ValidationError("--state-max-bytes must be positive") }
-        if let wireVersion, !ControlMessage.versions.contains(wireVersion) {
-            throw ValidationError("--wire-version \(wireVersion): this release speaks versions \(ControlMessage.versions.lowerBound) and \(ControlMessage.version)")
-        }
         if !noFastpath, !purge, datapath.resolvedObject() == nil {
             throw ValidationError("no dysco.bpf.o found for the kernel datapath (build it with `make bpf`, give --bpf-object, or run with --no-fastpath)")
         }
@@ -278,7 +267,6 @@ struct AgentCommand: AsyncParsableCommand {
         options.cleanupOnExit = cleanupOnExit
         options.configPath = config.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
         options.controlPort = controlPort
-        if let wireVersion { options.wireVersions = wireVersion...wireVersion }
         options.acceptState = acceptState == .yes
         options.spliceRemoves = splice == .remove
         options.metrics = try parsedMetrics()

@@ -9,7 +9,7 @@ public enum ControlMessageType: UInt8, Sendable, CaseIterable, CustomStringConve
     case oldPathFin = 50, oldPathFinAck = 51
     case splice = 60
 
-    /// The version that added the type: 4 for `splice`, 3 (the oldest taken) for the others.
+    /// The version that added the type: 4 for `splice`, 3 (the oldest the codec knows) for the others.
     public var since: UInt8 { self == .splice ? 4 : 3 }
 
     public var description: String {
@@ -282,7 +282,7 @@ public struct SpliceNotice: Sendable, Equatable {
 /// ```
 ///   offset  size  field
 ///   0       4     magic "DYCM" (0x4459434D)
-///   4       1     version (3 or 4, ``versions``; 1 and 2 are refused: 1 carries no freshness, 2 no typed phase times)
+///   4       1     version (4, ``versions``; 1, 2 and 3 are refused: 1 carries no freshness, 2 no typed phase times, 3 no trigger mode)
 ///   5       1     type (ControlMessageType)
 ///   6       2     bodyLength
 ///   8       8     chainID
@@ -313,20 +313,28 @@ public struct ControlMessage: Sendable, Equatable {
     /// 4 since issue 17 (the trigger's mode byte: stateless, stateful or held, was a 0/1 `stateful`; the splice
     /// notice).
     public static let version: UInt8 = 4
-    /// The oldest version this release takes and sends (issue 19, rolling upgrade): the previous release's.
-    public static let oldestVersion: UInt8 = 3
-    /// The versions an agent of this release takes by default: its own and the previous release's, so that agents
-    /// of adjacent releases reconfigure sessions together while a deployment is upgraded host by host
-    /// (docs/CONTROL-PROTOCOL.md "Versions"). Version 3 is version 4 without the held mode and the splice notice.
-    public static let versions: ClosedRange<UInt8> = oldestVersion...version
+    /// The version the previous release (0.19.0) speaks: 4, like this one (0.20 changed nothing on the wire).
+    public static let previousReleaseVersion: UInt8 = 4
+    /// What an agent of this release takes, and the lowest it sends (issue 19, rolling upgrade): the previous
+    /// release's version and its own, so that agents of adjacent releases reconfigure sessions together while a
+    /// deployment is upgraded host by host (docs/CONTROL-PROTOCOL.md "Versions"). 4...4 in this release.
+    public static let versions: ClosedRange<UInt8> = previousReleaseVersion...version
+    /// The layouts the codec reads and writes (``encode(trust:version:)``, ``decode(_:trust:accepting:)``): version
+    /// 3 is version 4 without the held mode and the splice notice (``ControlMessageType/since``).
+    public static let knownVersions: ClosedRange<UInt8> = 3...version
 
     /// The oldest version that carries this message: 4 for what version 4 added (a held trigger, a splice
-    /// notice), 3 for everything else. The emit rule (``encode(trust:version:)``): a message goes out as the oldest
-    /// version that carries it, so that an agent of the previous release takes every message it understands.
+    /// notice), 3 for everything else. The emit rule: a message goes out as the oldest version that carries it, but
+    /// never below what the previous release takes (``versions``), so that an agent of the previous release takes
+    /// every message it understands. When a release changes the wire (version 5), it takes 4 and 5 and sends 4
+    /// wherever 4 carries the message.
     public var minimumVersion: UInt8 {
         if case .trigger(let t) = body, t.mode == .held { return 4 }
         return body.type.since
     }
+
+    /// The version ``encode(trust:version:)`` sends by default: ``minimumVersion``, at least the lowest of ``versions``.
+    public var emitVersion: UInt8 { max(minimumVersion, Self.versions.lowerBound) }
     public static let headerLength = 72
     /// One UDP datagram (65,535 − 8 UDP − 20 IPv4).
     public static let maxLength = 65_507
@@ -383,14 +391,14 @@ public struct ControlMessage: Sendable, Equatable {
     /// UTF-8 scalar boundary; a list or document beyond its limit is a programmer error (check
     /// ``encodingProblem`` first when the size is not known to fit).
     ///
-    /// `version`: the version byte; nil sends the oldest version that carries the message (``minimumVersion``).
+    /// `version`: the version byte; nil sends ``emitVersion``.
     /// The body's layout is the same in versions 3 and 4 for every message version 3 has (its trigger's boolean
     /// `stateful` is the mode byte 0 or 1); asking for a version that cannot carry the message is a programmer
     /// error.
     public func encode(trust: TrustGroup, version: UInt8? = nil) -> [UInt8] {
         if let problem = encodingProblem { preconditionFailure("ControlMessage.encode: \(problem)") }
-        let version = version ?? minimumVersion
-        precondition(Self.versions.contains(version) && version >= minimumVersion,
+        let version = version ?? emitVersion
+        precondition(Self.knownVersions.contains(version) && version >= minimumVersion,
                      "ControlMessage.encode: \(body.type) cannot go out as version \(version)")
         var out = ControlWriter()
         out.reserve(Self.headerLength + 64 + TrustGroup.macLength)
@@ -485,9 +493,8 @@ public struct ControlMessage: Sendable, Equatable {
     /// layout (`badBody`), body addresses (`forbiddenAddress`). Nothing past the fixed framing fields is read
     /// before the MAC verifies.
     ///
-    /// `accepting`: the versions taken (default ``versions``; an agent's `--wire-version N` takes only N). A
-    /// version-3 message is read as version 3 defined it: no splice type (`unknown-type`), a trigger's byte 8 a
-    /// boolean (`bad-body` otherwise).
+    /// `accepting`: the versions taken (default ``versions``). A version-3 message is read as version 3 defined it:
+    /// no splice type (`unknown-type`), a trigger's byte 8 a boolean (`bad-body` otherwise).
     public static func decode(_ bytes: UnsafeRawBufferPointer, trust: TrustGroup,
                               accepting: ClosedRange<UInt8> = versions) throws(ControlMessageError) -> ControlMessage {
         let length = bytes.count
@@ -495,7 +502,7 @@ public struct ControlMessage: Sendable, Equatable {
         guard length <= maxLength else { throw .tooLong(length: length) }
         guard cmReadBE32(bytes, 0) == magic else { throw .badMagic }
         let version = bytes[4]
-        guard accepting.contains(version), versions.contains(version) else { throw .unsupportedVersion(version) }
+        guard accepting.contains(version), knownVersions.contains(version) else { throw .unsupportedVersion(version) }
         guard let type = ControlMessageType(rawValue: bytes[5]), version >= type.since else { throw .unknownType(bytes[5]) }
         let bodyLength = Int(cmReadBE16(bytes, 6))
         let declared = headerLength + bodyLength + TrustGroup.macLength

@@ -203,8 +203,9 @@ public final class Lab: @unchecked Sendable {
 
     /// Stops `host`'s agent (SIGTERM, then SIGKILL after 3 s) if it runs, and starts a new one with the same
     /// configuration; returns once the new one is ready.
-    /// `extraArguments` are added to this start only (e.g. `--accept-state no`).
-    public func restartAgent(_ host: String, extraArguments: [String] = []) throws {
+    /// `extraArguments` are added to this start only (e.g. `--accept-state no`); `binary` replaces the lab's agent
+    /// binary for this start only (another release's, for a rolling upgrade).
+    public func restartAgent(_ host: String, extraArguments: [String] = [], binary: String? = nil) throws {
         let h = try requireHost(host)
         if let record = agentRecord(host), ProcessInspector.isAlive(pid: record.pid, namespace: h.namespace) {
             kill(record.pid, SIGTERM)
@@ -214,7 +215,7 @@ public final class Lab: @unchecked Sendable {
             }
         }
         let s = state
-        guard let binary = s.agentBinary else { throw LabError.notFound("lab '\(name)' was built without agents") }
+        guard let binary = binary ?? s.agentBinary else { throw LabError.notFound("lab '\(name)' was built without agents") }
         guard h.role != .attacker else { throw LabError.notFound("attacker \(host) runs no agent") }
         let process = try startAgent(h, binary: binary, arguments: s.agentArguments + extraArguments)
         try waitAgentReady(h, process: process, pid: process.processIdentifier)

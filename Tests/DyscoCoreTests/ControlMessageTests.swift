@@ -140,7 +140,7 @@ struct ControlMessageTests {
     func headerLayout() {
         let encoded = Self.sample(.requestLock).encode(trust: Self.trust)
         #expect(Array(encoded[0..<4]) == Array("DYCM".utf8))
-        #expect(encoded[4] == 3, "a requestLock goes out as the oldest version that carries it")
+        #expect(encoded[4] == 4)
         #expect(encoded[5] == 10)
         #expect(Array(encoded[6..<8]) == [0, 4])
         #expect(Array(encoded[8..<16]) == [0x01, 0x23, 0x45, 0x67, 0x89, 0xAB, 0xCD, 0xEF])
@@ -318,8 +318,8 @@ struct ControlMessageTests {
         bytes[4] = 2  // version 2 (phase times inside strings, issue 15) is refused
         #expect(Self.decodeError(bytes) == .unsupportedVersion(2))
         bytes = good
-        bytes[4] = 3  // version 3 is taken (the previous release's, issue 19), but the MAC covers the version byte
-        #expect(Self.decodeError(bytes) == .badMAC)
+        bytes[4] = 3  // version 3 (the trigger's boolean stateful, issue 17) is refused: 0.19 and 0.20 speak 4
+        #expect(Self.decodeError(bytes) == .unsupportedVersion(3))
         bytes = good
         bytes[4] = 5
         #expect(Self.decodeError(bytes) == .unsupportedVersion(5))

@@ -2,10 +2,11 @@
 import Foundation
 import Testing
 
-/// Rolling upgrade (issue 19 item 3; docs/CONTROL-PROTOCOL.md "Versions"): an agent of this release takes the
-/// previous release's control messages (version 3) beside its own (4) and sends each message as the oldest version
-/// that carries it, so agents of adjacent releases reconfigure sessions together; the agents' JSON replies are read
-/// across releases.
+/// Rolling upgrade (issue 19 item 3; docs/CONTROL-PROTOCOL.md "Versions"): an agent takes the previous release's
+/// control-protocol version beside its own and sends each message as the oldest version that carries it, never below
+/// what the previous release takes; the agents' JSON replies are read across releases. 0.19 and 0.20 both speak 4;
+/// the codec also knows version 3's layout (4 without the held mode and the splice notice), the pair these tests use
+/// to check the rule that the next wire change relies on. The real previous release: RollingUpgradeTests.
 @Suite("Control protocol versions and JSON replies across releases (rolling upgrade)")
 struct WireVersionTests {
     typealias T = ControlMessageTests
@@ -33,31 +34,35 @@ struct WireVersionTests {
     static let stamp = ControlStamp(sender: 0x1122_3344_5566_7788, receiver: IPv4Address(10, 77, 0, 10), counter: 7,
                                     sentAt: 1_780_000_000_000_000)
 
-    @Test("the previous release's trigger (version 3, boolean stateful) is what this release sends for a stateful trigger, and it decodes")
+    @Test("version 3's trigger (boolean stateful) is what the codec writes for a stateful trigger at version 3, and reads back")
     func versionThreeBytes() throws {
         var message = T.sample(.trigger)
         message.stamp = Self.stamp
         let golden = Self.versionThreeTrigger(stamp: Self.stamp)
-        #expect(message.encode(trust: T.trust) == golden, "the emit rule sends a stateful trigger as version 3")
         #expect(message.encode(trust: T.trust, version: 3) == golden)
-        #expect(try ControlMessage.decode(golden, trust: T.trust) == message)
-        #expect(try ControlMessage.decode(golden, trust: T.trust, accepting: 3...3) == message, "an agent of the previous release")
+        #expect(try ControlMessage.decode(golden, trust: T.trust, accepting: 3...3) == message, "an agent that takes 3")
+        #expect(T.decodeError(golden) == .unsupportedVersion(3), "0.20 takes what 0.19 takes: 4 only")
         var four = golden
         four[4] = 4
         #expect(T.decodeError(four) == .badMAC, "the version byte is signed")
+        // Version 4's trigger differs from version 3's in the version byte only (mode 1 = true).
+        let current = message.encode(trust: T.trust)
+        #expect(current[4] == 4 && Array(current[5..<(current.count - TrustGroup.macLength)]) == Array(golden[5..<(golden.count - TrustGroup.macLength)]))
     }
 
-    @Test("emit rule: every message goes out as version 3 but a held trigger and a splice notice (new in 4)")
+    @Test("emit rule: the oldest version that carries the message, never below what the previous release takes (4 now)")
     func emitRule() throws {
+        #expect(ControlMessage.versions == 4...4 && ControlMessage.previousReleaseVersion == 4)
         for type in ControlMessageType.allCases {
             let message = T.sample(type)
-            let expected: UInt8 = type == .splice ? 4 : 3
-            #expect(message.minimumVersion == expected, "\(type)")
+            let minimum: UInt8 = type == .splice ? 4 : 3
+            #expect(message.minimumVersion == minimum, "\(type)")
+            #expect(message.emitVersion == 4, "\(type)")
             let encoded = message.encode(trust: T.trust)
-            #expect(encoded[4] == expected, "\(type)")
+            #expect(encoded[4] == 4, "\(type)")
             #expect(try ControlMessage.decode(encoded, trust: T.trust) == message, "\(type)")
             // Each version it can go as decodes to the same message, at an agent that takes only that version.
-            for version in expected...ControlMessage.version {
+            for version in minimum...ControlMessage.version {
                 let bytes = message.encode(trust: T.trust, version: version)
                 #expect(try ControlMessage.decode(bytes, trust: T.trust, accepting: version...version) == message, "\(type) v\(version)")
             }
@@ -65,13 +70,12 @@ struct WireVersionTests {
         let held = T.message(.trigger(Trigger(newPath: [IPv4Address(10, 77, 0, 200)], oldBox: IPv4Address(10, 77, 0, 104),
                                               mode: .held, deadlineMilliseconds: 3000)))
         #expect(held.minimumVersion == 4)
-        #expect(held.encode(trust: T.trust)[4] == 4)
         let stateless = T.message(.trigger(Trigger(newPath: [IPv4Address(10, 77, 0, 200)], oldBox: IPv4Address(10, 77, 0, 104),
                                                    mode: .stateless, deadlineMilliseconds: 3000)))
-        #expect(stateless.encode(trust: T.trust)[4] == 3)
+        #expect(stateless.minimumVersion == 3 && stateless.encode(trust: T.trust, version: 3)[4] == 3)
     }
 
-    @Test("an agent that speaks only one version refuses the other as bad-version; version 3 has no splice type and no held mode")
+    @Test("an agent that takes one version refuses the other as bad-version; version 3 has no splice type and no held mode")
     func refusals() throws {
         let drained = T.sample(.drained)
         let three = drained.encode(trust: T.trust, version: 3)
@@ -79,9 +83,10 @@ struct WireVersionTests {
         func error(_ bytes: [UInt8], _ accepting: ClosedRange<UInt8>) -> ControlMessageError? {
             do { _ = try ControlMessage.decode(bytes, trust: T.trust, accepting: accepting); return nil } catch { return error }
         }
-        #expect(error(four, 3...3) == .unsupportedVersion(4), "the previous release drops what only 4 says")
-        #expect(error(three, 4...4) == .unsupportedVersion(3), "an agent pinned to 4 drops the previous release")
+        #expect(error(four, 3...3) == .unsupportedVersion(4), "an agent that takes only 3 drops 4")
+        #expect(error(three, 4...4) == .unsupportedVersion(3))
         #expect(error(three, 3...4) == nil && error(four, 3...4) == nil)
+        #expect(error(four, 4...5) == nil && error(four, 5...5) == .unsupportedVersion(4), "a version the codec does not know")
         // A splice notice or a held trigger with the version byte 3, validly signed: what version 3 did not have.
         func resigned(_ message: ControlMessage) -> [UInt8] {
             var bytes = message.encode(trust: T.trust)
@@ -134,6 +139,6 @@ struct WireVersionTests {
         snapshot.wireVersions = Array(ControlMessage.versions)
         let read = try JSONDecoder().decode(AgentSnapshot.self, from: JSONEncoder().encode(snapshot))
         #expect(read.agentVersion == DyscoVersion.string)
-        #expect(read.wireVersions == [3, 4])
+        #expect(read.wireVersions == [4])
     }
 }
