@@ -493,7 +493,7 @@ struct LeftAnchor: Sendable {
             state = .emptyingProxy(o)
         case .tearingDown(var o):
             // After the release a bounded number of sends decides.
-            if o.tries >= env.settings.maxTries {
+            if o.tries >= env.settings.endTries {
                 // Data already flows on the new path; the old path's agents expire the session by idleness.
                 out.actions.append(.finishAnchor(chainID: chainID))
                 finish(TriggerResult(outcome: .moved, reason: "\(TriggerResult.teardownUnanswered): no oldPathFinAck from \(o.to) after \(o.tries) sends; the old path expires by idleness",
@@ -505,7 +505,10 @@ struct LeftAnchor: Sendable {
             Self.send(&o, fresh: false, key: key, now: now, &env, &out.actions)
             state = .tearingDown(o)
         case .cancelling(var c):
-            if c.lock.tries >= env.settings.maxTries {
+            // An unanswered cancelLock leaves the segment locked (until hopLockSilence): endTries sends. Once it is
+            // answered only a new box's newPathCancel is outstanding, and a box that does not answer is usually down
+            // (its session, if any, expires by idleness): maxTries.
+            if c.lock.tries >= (c.lockAcknowledged ? env.settings.maxTries : env.settings.endTries) {
                 // The old path or a new box does not answer the cancel: the session is back on the old path here
                 // anyway; an unanswered new box's session is on no path and expires by idleness.
                 cancelFinished(c, &out)

@@ -187,10 +187,10 @@ struct LockExpiryTests {
 
 @Suite("Issue 19: an unanswered teardown is reported as such")
 struct TeardownUnansweredTests {
-    @Test("§3.5 teardown: oldPathFin unanswered after maxTries: moved, with the reason \"teardown unanswered\" naming the hop")
+    @Test("§3.5 teardown: oldPathFin unanswered after endTries: moved, with the reason \"teardown unanswered\" naming the hop")
     func teardownUnansweredReported() throws {
         var settings = MigrationCoordinator.Settings()
-        settings.maxTries = 3
+        settings.endTries = 3
         var env = LeftAnchor.Environment(settings: settings, clock: RetransmitClock(), active: 1)
         var out: [Action] = []
         let context = SessionContext(identity: TestSession.identity, session: TestSession.tuple, me: Host.client,

@@ -164,10 +164,10 @@ struct RoleStateMachineTests {
         #expect(l.cancelAcknowledged().finished?.outcome == .cancelled)
     }
 
-    @Test("left anchor, §3.6: an unanswered cancelLock gives up after maxTries sends (the session is on the old path)")
+    @Test("left anchor, §3.6: an unanswered cancelLock gives up after endTries sends (the session is on the old path)")
     func leftAnchorCancelUnanswered() throws {
         var settings = MigrationCoordinator.Settings()
-        settings.maxTries = 3
+        settings.endTries = 3
         var env = LeftAnchor.Environment(settings: settings, clock: RetransmitClock(), active: 1)
         var start: [Action] = []
         var l = leftAnchor(stateful: true, env: &env, &start)
