@@ -9,7 +9,7 @@ BPF_CLANG ?= $(firstword $(wildcard $(dir $(realpath $(shell command -v $(SWIFT)
 BPF_OBJ := $(CURDIR)/.build/bpf/dysco.bpf.o
 BPF_ARCH_INCLUDE := /usr/include/$(shell gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)
 
-.PHONY: setup bpf release deb previous demo test unit verify bench bench-check bench-replace bench-drain measure clean-labs
+.PHONY: setup bpf release deb previous demo test unit verify bench bench-check bench-replace bench-drain bench-soak measure clean-labs
 
 setup:            ## install every system package the project needs (idempotent, apt-get)
 	bash scripts/setup.sh
@@ -70,6 +70,9 @@ bench-replace: release  ## replace benchmark: 100 live paced sessions fw1 → fw
 bench-drain: release  ## drain benchmark: 1,000 then 10,000 live sessions drained fw1 → fw2 (batched), every stream byte checked
 	$(BENCH) drain --sessions 1000
 	$(BENCH) drain --sessions 10000
+
+bench-soak: release  ## soak: live sessions moved fw1 ⇄ fw2 1,000 times under 30 % control-message loss; every stream checked, agents' RSS and tables sampled (RSS slope)
+	$(BENCH) soak
 
 measure: release  ## 20 live sessions in 2 bundles, one moved fw1 → fw2 mid-run, stateful and stateless: latency, goodput, plots (MEASURE_ARGS=...)
 	$(BIN) measure --both $(MEASURE_ARGS)

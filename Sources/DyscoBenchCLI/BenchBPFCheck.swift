@@ -2,7 +2,7 @@ import ArgumentParser
 import DyscoBench
 import DyscoLab
 
-/// The check of the benchmarks that build labs with agents (dataplane, replace, drain, flood): the agents' BPF
+/// The check of the benchmarks that build labs with agents (dataplane, replace, drain, soak, flood): the agents' BPF
 /// programs (dysco.bpf.o) are where the agent looks for them.
 struct BenchBPFCheck: ParsableArguments {
     func validate() throws {

@@ -20,8 +20,8 @@ public struct BenchCommand: AsyncParsableCommand {
             beside this binary (or $DYSCO_BIN). `connect` and `sink` are the data-plane benchmark's own helpers \
             (hidden from this list).
             """,
-        subcommands: [Dataplane.self, Replace.self, Reconfigure.self, DrainBench.self, FloodBench.self, Restore.self, StateValidate.self,
-                      ConntrackBench.self, Connect.self, Sink.self]
+        subcommands: [Dataplane.self, Replace.self, Reconfigure.self, DrainBench.self, SoakBench.self, FloodBench.self, Restore.self,
+                      StateValidate.self, ConntrackBench.self, Connect.self, Sink.self]
     )
 
     /// Prints a benchmark's report: JSON (pretty, sorted keys) with --json, its text otherwise.
