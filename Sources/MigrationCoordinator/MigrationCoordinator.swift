@@ -37,12 +37,13 @@ public struct MigrationCoordinator: Sendable {
         /// ``maxTries``: nothing waits on them (the session has moved, or the reconfiguration has failed), but a
         /// give-up leaves the old path's records (teardown) or the segment's locks (cancel) behind, and those go only
         /// by idleness (`--idle-timeout`) or silence (``hopLockSilence``), refusing the session's next moves until
-        /// then. 25 sends at the retransmission cap (100 ms) take about 2.5 s; under 30 % loss of every datagram a
-        /// one-box teardown (four datagrams a round) then fails once in 1,000 (7 sends: one in 7; issue 19's soak).
-        public var endTries = 25
+        /// then. 40 sends at the retransmission cap (100 ms) take about 4 s; under 30 % loss of every datagram a
+        /// one-box teardown (four datagrams a round, 0.24 of them answered) then fails about twice in 100,000 moves
+        /// (7 sends: one in 7, 25 sends: one in 1,000; issue 19's soak).
+        public var endTries = 40
         /// How long the controller waits for the left anchor's result beyond the deadline: longer than a teardown
-        /// or a cancel can take after it (``endTries`` sends at the retransmission cap, about 2.5 s).
-        public var controllerGrace: UInt64 = 4_000_000_000
+        /// or a cancel can take after it (``endTries`` sends at the retransmission cap, about 4 s).
+        public var controllerGrace: UInt64 = 5_000_000_000
         /// The controller sends the trigger again at least this often while it waits (a quarter of the deadline
         /// otherwise): the left anchor's result of a finished reconfiguration is its answer to a repeated trigger.
         public var controllerRetransmitCap: UInt64 = 500_000_000
@@ -56,7 +57,7 @@ public struct MigrationCoordinator: Sendable {
         /// a request gives it up after this long without a message of that request (the left anchor crashed or
         /// was partitioned, issue 19): the segment is free for the next reconfiguration. Longer than a
         /// reconfiguration's silence at such an agent can last: between ackLock and the teardown it hears nothing
-        /// (deadline, 3 s by default, plus the teardown's retransmissions, under 3 s with the defaults).
+        /// (deadline, 3 s by default, plus the teardown's retransmissions, about 4 s with the defaults).
         /// docs/CONTROL-PROTOCOL.md, "Timers".
         public var hopLockSilence: UInt64 = 30_000_000_000
         public init() {}
