@@ -142,6 +142,12 @@ public struct SoakBenchmark: Sendable {
         public var vanished: [String]
         /// Sessions of a move their client sent elsewhere than the move's result says.
         public var misplaced: [String]
+        /// Waves whose sessions fw1 did not all carry at their start: their numbers, and what their clients listed of
+        /// the others.
+        public var partialWaves: [Int]
+        public var waveProblems: [String]
+        /// The waves of `downloadProblems` (one entry each).
+        public var downloadProblemWaves: [Int]
         /// Control datagrams the loss rule dropped, per host.
         public var controlDropped: [String: UInt64]
         /// The firewalls' INVALID drops and the endpoints' TCP retransmissions over the whole run.
@@ -249,7 +255,8 @@ public struct SoakBenchmark: Sendable {
             moveTime: Percentiles(moves.map { UInt32(clamping: $0.requestMicroseconds) }),
             sessionTotal: Percentiles(soak.phases.map(\.total)), sessionPaper: Percentiles(soak.phases.map(\.paper)),
             downloads: soak.downloads, downloadsIntact: soak.intact, downloadProblems: soak.problems,
-            vanished: soak.vanished, misplaced: soak.misplaced, controlDropped: controlDropped,
+            vanished: soak.vanished, misplaced: soak.misplaced, partialWaves: soak.partialWaves,
+            waveProblems: soak.waveProblems, downloadProblemWaves: soak.problemWaves, controlDropped: controlDropped,
             invalidDropped: invalid, retransmissions: retransEnd &- retransStart,
             samples: soak.samples, memory: Self.trends(soak.samples),
             baselineSessions: before.values.reduce(0) { $0 + $1.count },
@@ -286,8 +293,13 @@ public struct SoakBenchmark: Sendable {
         var downloads = 0
         var intact = 0
         var problems: [String] = []
+        var problemWaves: [Int] = []
+        var partialWaves: [Int] = []
         var vanished: [String] = []
         var misplaced: [String] = []
+        var waveProblems: [String] = []
+        /// Waves in a row that started with no session carried.
+        var emptyWaves = 0
         /// The previous move: each session's result, and where it should be now.
         var lastMove: [String: (result: String, expected: String)] = [:]
         var lastSource: String?
@@ -337,23 +349,56 @@ public struct SoakBenchmark: Sendable {
                                                timeout: downloadTimeout)
             var wave = Wave(number: waveCount, downloads: downloads)
             lastMove = [:]
-            // Its sessions: new chains the clients send through fw1, once fw1 lists them all established.
+            // Its sessions: new chains the clients send through fw1, once fw1 lists them all established; or, when
+            // a download ends first (or after 30 s), those that are (the others are a finding: `waveProblems`).
             let deadline = Date().addingTimeInterval(30)
             while true {
                 let fresh = try await located().box.filter { !earlier.contains($0.key) && $0.value == "fw1" }
                 let atFw1 = Set(try await PacedLab.pacedSessions(lab, "fw1").compactMap(\.chainID))
-                if fresh.count >= options.sessions, fresh.keys.allSatisfy(atFw1.contains) {
-                    wave.chains = Set(fresh.keys)
+                let carried = Set(fresh.keys.filter(atFw1.contains))
+                if carried.count >= options.sessions {
+                    wave.chains = carried
                     break
                 }
                 if downloads.finishedCount() > 0 || Date() > deadline {
-                    throw LabError.setupFailed("wave \(waveCount): fw1 carries \(fresh.count) of \(options.sessions) new sessions "
-                                               + "(\(downloads.finishedCount()) downloads ended); curl: "
-                                               + ProcessInspector.tail(of: downloads.logPath(clients[0]), lines: 5))
+                    wave.chains = carried
+                    partialWaves.append(waveCount)
+                    waveProblems.append("wave \(waveCount): fw1 carried \(carried.count) of \(options.sessions) new sessions when "
+                                        + (downloads.finishedCount() > 0 ? "the first download ended" : "30 s had passed")
+                                        + "; the others: " + (await stragglers(besides: carried)).joined(separator: "; "))
+                    logger.warning("wave not carried in full", metadata: ["bench.problem": "\(waveProblems.last ?? "")"])
+                    break
                 }
                 try await Task.sleep(for: .milliseconds(100))
             }
+            emptyWaves = wave.chains.isEmpty ? emptyWaves + 1 : 0
+            if emptyWaves >= 5 {
+                throw LabError.setupFailed("five waves in a row with no session carried by fw1: \(waveProblems.suffix(5))")
+            }
             self.wave = wave
+        }
+
+        /// The clients' new paced sessions (of no earlier wave) but `carried`, as their client lists them, with the
+        /// records each box has of the same subsession (its left tuple).
+        func stragglers(besides carried: Set<String>) async -> [String] {
+            var lines: [String] = []
+            var boxRecords: [(String, AgentSnapshot.Session)] = []
+            for box in ["fw1", "fw2"] {
+                boxRecords += ((try? await PacedLab.snapshot(lab, box))?.sessions ?? []).map { (box, $0) }
+            }
+            for client in clients {
+                for s in (try? await PacedLab.snapshot(lab, client))?.sessions ?? []
+                where s.role == .leftEnd && s.session.dstPort == PacedLab.port {
+                    guard let chain = s.chainID, !earlier.contains(chain), !carried.contains(chain) else { continue }
+                    let same = boxRecords.filter { $0.1.left == s.right && s.right != nil }.map { box, r in
+                        "\(box) has \(r.session) chain \(r.chainID ?? "-") \(r.state) packets \(r.packets) age "
+                            + String(format: "%.0f s", r.ageSeconds)
+                    }
+                    lines.append("\(client) \(s.session) chain \(chain) \(s.state) \(s.carrier.rawValue) right \(s.right?.description ?? "-") "
+                                 + "packets \(s.packets)" + (same.isEmpty ? "" : " (" + same.joined(separator: ", ") + ")"))
+                }
+            }
+            return lines.isEmpty ? ["not listed by their client"] : lines
         }
 
         mutating func finishWave() async {
@@ -363,6 +408,7 @@ public struct SoakBenchmark: Sendable {
             downloads += wave.downloads.count
             self.intact += intact
             self.problems += problems.map { "wave \(wave.number) \($0)" }
+            problemWaves += problems.map { _ in wave.number }
             if !problems.isEmpty {
                 logger.warning("downloads with problems", metadata: ["bench.wave": "\(wave.number)", "bench.problems": "\(problems.prefix(10))"])
             }
@@ -527,6 +573,17 @@ public struct SoakBenchmark: Sendable {
         }
     }
 
+    /// The report's lines for the sessions that did not move, grouped by what happened (request ids and tuples in the
+    /// reasons left out, so that the same cause is one line).
+    public static func failureLines(_ failures: [MigrationFailure]) -> [String] {
+        MigrationFailure.lines(failures.map { f in
+            var f = f
+            f.reason = f.reason.replacingOccurrences(of: #" \(new box of request [0-9]+\)"#, with: "", options: .regularExpression)
+                .replacingOccurrences(of: #"collision\([^)]*\)"#, with: "collision(…)", options: .regularExpression)
+            return f
+        })
+    }
+
     static func seconds(_ duration: Duration) -> Double {
         Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18
     }
@@ -593,7 +650,7 @@ extension SoakBenchmark.Report {
             lines.append("slowest phase (largest median) per move: " + slowest.sorted { $0.value > $1.value }.map { "\($0.key) \($0.value)" }
                 .joined(separator: ", "))
         }
-        lines += MigrationFailure.lines(moves.flatMap(\.failures))
+        lines += SoakBenchmark.failureLines(moves.flatMap(\.failures))
         let partial = moves.filter { $0.moved != $0.matched || $0.matched != $0.asked }
         if !partial.isEmpty {
             lines.append("moves not complete (moved/matched/asked): "
@@ -605,6 +662,10 @@ extension SoakBenchmark.Report {
         lines.append("sessions after each move, at their client: \(vanished.count) no longer listed, \(misplaced.count) not where "
                      + "the move's result says")
         lines += (vanished + misplaced).prefix(10).map { "  \($0)" }
+        if !waveProblems.isEmpty {
+            lines.append("waves not carried in full at their start: \(waveProblems.count)")
+            lines += waveProblems.prefix(10).map { "  \($0)" }
+        }
         let dropped = controlDropped.values.reduce(0, +)
         lines.append("control datagrams dropped by the loss rule: \(dropped)"
                      + (controlDropped.isEmpty ? "" : " (" + controlDropped.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }

@@ -1,4 +1,6 @@
 @testable import DyscoBench
+import DyscoLab
+import Foundation
 import Testing
 
 /// `dysco-bench soak`: the pure parts (no root): the RSS slope, /proc/PID/status, the trends over the samples.
@@ -41,5 +43,22 @@ import Testing
     @Test func lossRule() {
         let rule = ControlLoss(probability: 0.3, hosts: ["fw1"]).rule
         #expect(rule.contains("statistic") && rule.contains("0.3000") && rule.last == "DROP")
+    }
+}
+
+extension SoakBenchmarkTests {
+    @Test func failuresGroupedWithoutRequestIDs() throws {
+        func failure(_ reason: String) throws -> MigrationFailure {
+            let json = #"{"session": "s", "result": "cancelled", "failedStep": "new-path", "reason": "\#(reason)"}"#
+            return try JSONDecoder().decode(MigrationFailure.self, from: Data(json.utf8))
+        }
+        let lines = SoakBenchmark.failureLines([
+            try failure("new path refused by 10.0.0.2: this box is on the session's path already (new box of request 42)"),
+            try failure("new path refused by 10.0.0.2: this box is on the session's path already (new box of request 7)"),
+            try failure("new path refused by 10.0.0.2: new box: collision(10.0.0.1:1->10.0.0.2:80)"),
+        ])
+        #expect(lines == ["sessions not moved:",
+                          "  2× cancelled at new-path: new path refused by 10.0.0.2: this box is on the session's path already",
+                          "  1× cancelled at new-path: new path refused by 10.0.0.2: new box: collision(…)"])
     }
 }
