@@ -37,11 +37,13 @@ deb: setup        ## .build/deb/dysco-migrate_<version>_<arch>.deb (dpkg-deb), v
 demo: release     ## a 50 MB download through client → fw1 → server; replace fw1 → fw2 halfway; phases, fw2's conntrack entry, sha256; tear down
 	DYSCO_BIN=$(BIN) bash scripts/demo.sh
 
-# The previous release's agent, built from its tag, for the rolling-upgrade test (docs/CONTROL-PROTOCOL.md "Versions").
-PREVIOUS_TAG ?= v0.19.0
+# The previous release's agent, built from its commit on main (tags do not travel with every clone), for the
+# rolling-upgrade test (docs/CONTROL-PROTOCOL.md "Versions"). A new release sets both lines to the one before it.
+PREVIOUS_RELEASE ?= 0.19.0
+PREVIOUS_COMMIT ?= 89086c596ecbe9b1b240d7c10501370847633837
 PREVIOUS_BIN := $(CURDIR)/.build/previous/bin/dysco-migrate
-previous: setup   ## the previous release's agent (tag $(PREVIOUS_TAG)) in .build/previous/bin, for the rolling-upgrade test
-	SWIFT=$(SWIFT) bash scripts/build-previous.sh $(PREVIOUS_TAG)
+previous: setup   ## the previous release's agent ($(PREVIOUS_RELEASE), commit $(PREVIOUS_COMMIT)) in .build/previous/bin, for the rolling-upgrade test
+	SWIFT=$(SWIFT) bash scripts/build-previous.sh $(PREVIOUS_RELEASE) $(PREVIOUS_COMMIT)
 
 # --no-parallel: the integration tests block on child processes; in parallel on a 2-core machine they starve
 # Swift concurrency's cooperative pool (2 threads) and each other's timing. Serially the suite takes about a minute.

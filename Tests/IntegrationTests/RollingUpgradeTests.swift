@@ -7,7 +7,7 @@ import Testing
 
 /// Rolling upgrade (issue 19 item 3, docs/CONTROL-PROTOCOL.md "Versions"): agents of the previous release and of
 /// this one reconfigure sessions together, and each release's CLI reads the other's agents. The previous release is
-/// the real one: `make test` builds it from its tag (`make previous`, scripts/build-previous.sh, tag v0.19.0) and
+/// the real one: `make test` builds it from its commit on main (`make previous`, scripts/build-previous.sh, release 0.19.0) and
 /// passes it as $DYSCO_PREVIOUS_BIN. Lab `ru1`, 10.78.132.0/24. Needs root.
 @Suite(.serialized) struct RollingUpgradeTests {
     static func record(_ line: String) {
