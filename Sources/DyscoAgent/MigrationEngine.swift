@@ -120,7 +120,7 @@ final class MigrationEngine: @unchecked Sendable {
                         "control.error": "replayed (\(refusal.rawValue))"])
                     continue
                 }
-                if let event = accept(message, from: from) { events.append(event) }
+                if let event = accept(message, from: from, to: destination) { events.append(event) }
             }
         }
         if events.count > 1 { count("received.bundles") }
@@ -128,7 +128,7 @@ final class MigrationEngine: @unchecked Sendable {
     }
 
     /// The engine's checks of a decoded message against its record of the session (nonce, tuple).
-    private func accept(_ message: ControlMessage, from: IPv4Address) -> Event? {
+    private func accept(_ message: ControlMessage, from: IPv4Address, to destination: IPv4Address?) -> Event? {
         // A session known by two chains' names (a joined proxy, a right anchor after the proxy left): in its own.
         guard let message = ownName(message) else { return nil }
         let context = sessionContext(message.identity.chainID)
@@ -146,13 +146,13 @@ final class MigrationEngine: @unchecked Sendable {
             }
             if case .cancelLock = message.body { spliceGates[message.identity.chainID] = nil }
         } else {
-            guard MigrationCoordinator.acceptsWithoutSession(message.body) else {
+            guard coordinator.withLock({ $0.acceptsWithoutSession(message, to: destination) }) else {
                 count("dropped.unknown-session")
                 return nil
             }
         }
         count("received.\(message.body.type)")
-        return .message(message, from: from, context: context)
+        return .message(message, from: from, context: context, to: destination)
     }
 
     /// The data plane's observations (from the packet thread and the timer).
@@ -327,7 +327,7 @@ final class MigrationEngine: @unchecked Sendable {
         return SessionContext(identity: record.identity, session: record.session, me: me,
                               leftNeighbour: record.leftNeighbour, rightNeighbour: record.rightNeighbour,
                               carried: record.bytes > record.packets &* UInt64(IPv4TCPPacket.pureAckLength),
-                              hopDelta: record.hopDelta)
+                              hopDelta: record.hopDelta, closed: record.closeDeadline != nil)
     }
 
     private func pathEvent(_ chainID: UInt64, _ result: Result<FiveTuple, SessionTable.InsertError>) -> Event {

@@ -17,12 +17,16 @@ public struct SessionContext: Sendable, Equatable {
     /// What this host adds to the session's two byte streams between its subsessions (§3.4,
     /// ``SessionTable/Record/hopDelta``): an old-path hop adds it to the lock messages' sums.
     public var hopDelta: SessionTable.BoxDelta
+    /// This host's record of the session saw it end (both FINs, or an RST): it lingers for late packets only.
+    public var closed: Bool
 
     var hop: OldPathHop.Hop { OldPathHop.Hop(me: me, delta: hopDelta) }
 
     public init(identity: SessionIdentity, session: FiveTuple, me: IPv4Address, leftNeighbour: IPv4Address?,
-                rightNeighbour: IPv4Address?, carried: Bool = false, hopDelta: SessionTable.BoxDelta = .zero) {
+                rightNeighbour: IPv4Address?, carried: Bool = false, hopDelta: SessionTable.BoxDelta = .zero,
+                closed: Bool = false) {
         self.hopDelta = hopDelta
+        self.closed = closed
         self.identity = identity
         self.session = session
         self.me = me
@@ -58,8 +62,10 @@ public enum Event: Sendable {
     /// session to `trigger.newPath`. This agent becomes the controller of that reconfiguration.
     case replaceRequested(SessionContext, trigger: Trigger, leftAnchor: IPv4Address, requestID: UInt32)
     /// A control message that passed every wire check (ControlMessage.decode), from `from`. `context` is the
-    /// session it names at this host, if this host knows it.
-    case message(ControlMessage, from: IPv4Address, context: SessionContext?)
+    /// session it names at this host, if this host knows it; `to`, the address it was sent to (this host's), when
+    /// the shell knows it: what lets an agent whose session has ended still answer as the request's anchor (a
+    /// teardown that arrives after the session closed on the new path, §3.5).
+    case message(ControlMessage, from: IPv4Address, context: SessionContext?, to: IPv4Address? = nil)
     case timer(TimerKey)
     /// The data plane: everything this anchor sent on the old path is acknowledged (or nothing moved in the
     /// quiet interval), see AnchorState.

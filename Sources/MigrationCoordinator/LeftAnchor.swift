@@ -438,6 +438,27 @@ struct LeftAnchor: Sendable {
 
     // MARK: - Timers
 
+    /// The session ended (both FINs, or an RST, at this anchor) before anything of it went on the new path: the
+    /// close crossed the old path only, so the new path's boxes would keep records that no FIN ever reaches (issue
+    /// 19's soak: established records at the new box until idle expiry, and a new session with the same tuple
+    /// refused there). Cancel (§3.6): the new boxes drop the session; the old path, which saw the close, keeps it
+    /// for its linger. Once data may have gone on the new path (released; stateless from newPathSynAck on) the
+    /// move goes on: the close may have crossed either path.
+    mutating func sessionClosed(now: UInt64, _ env: inout Environment) -> Output {
+        var out = Output()
+        switch state {
+        case .locking, .openingPath, .synSent:
+            break
+        case .draining, .transferringState, .emptyingProxy, .probing:
+            guard request.trigger.mode != .stateless else { return out }
+        case .tearingDown, .cancelling, .modifying:
+            return out
+        }
+        cancel(step: step, reason: "the session closed during step \(step.rawValue), before anything went on the new path",
+               now: now, &env, &out)
+        return out
+    }
+
     mutating func deadlinePassed(now: UInt64, _ env: inout Environment) -> Output {
         var out = Output()
         var reason = "deadline of \(request.trigger.deadlineMilliseconds) ms passed during step \(step.rawValue)"

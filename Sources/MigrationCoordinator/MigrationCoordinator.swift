@@ -87,6 +87,11 @@ public struct MigrationCoordinator: Sendable {
     private var cancelledNewPaths: [UInt64: Set<UInt32>] = [:]
     /// Sessions whose lock here is held for another agent's left anchor, with its silence timer armed.
     private var hopTimers: Set<UInt64> = []
+    /// Sessions this agent left as an old-path agent between the anchors at their teardown (§3.5), with the request
+    /// and its neighbours there (bounded, like the others): a retransmitted oldPathFin, or the answer to it, still
+    /// passes once the record is gone. The answer this agent passed on can be lost on its way left; without this the
+    /// left anchor's next oldPathFin stopped here and the teardown went unanswered (issue 19's soak).
+    private var leftSessions: [UInt64: (requestID: UInt32, left: IPv4Address, right: IPv4Address?)] = [:]
 
     public init(settings: Settings = Settings()) { self.settings = settings }
 
@@ -107,6 +112,22 @@ public struct MigrationCoordinator: Sendable {
         return roles
     }
 
+    /// Whether this agent takes `m`, sent to its address `to`, though it has no record of the session: the kinds
+    /// that make or end a role without one (``acceptsWithoutSession(_:)``), and the teardown it can still act on
+    /// (§3.5, issue 19's soak): an oldPathFin to its right anchor (the session closed on the new path and its
+    /// record lingered out), the oldPathFinAck of its own left anchor's request, and either of a request whose old
+    /// path it left at an earlier copy's answer. Anything else for an unknown session is dropped (`unknown-session`).
+    public func acceptsWithoutSession(_ m: ControlMessage, to: IPv4Address?) -> Bool {
+        if Self.acceptsWithoutSession(m.body) { return true }
+        let chainID = m.identity.chainID
+        if leftSessions[chainID]?.requestID == m.requestID { return true }
+        switch m.body {
+        case .oldPathFin: return to != nil && m.rightAnchor == to
+        case .oldPathFinAck: return to != nil && m.leftAnchor == to && leftAnchors[chainID]?.requestID == m.requestID
+        default: return false
+        }
+    }
+
     /// The step a left anchor is at (nil if this agent is not one for the session).
     public func leftAnchorStep(_ chainID: UInt64) -> MigrationStep? { leftAnchors[chainID]?.step }
 
@@ -121,8 +142,13 @@ public struct MigrationCoordinator: Sendable {
         switch event {
         case .replaceRequested(let context, let trigger, let leftAnchor, let requestID):
             startController(context, trigger: trigger, leftAnchor: leftAnchor, requestID: requestID, now: now, &out)
-        case .message(let message, let from, let context):
-            receive(message, from: from, context: context, now: now, &out)
+        case .message(let message, let from, let context, let to):
+            receive(message, from: from, context: context, to: to, now: now, &out)
+            if let context, context.closed, context.me == message.leftAnchor,
+               leftAnchors[message.identity.chainID]?.requestID == message.requestID {
+                // The left anchor's session ended meanwhile (its record, as this message found it).
+                withLeftAnchor(message.identity.chainID, &out) { l, env in l.sessionClosed(now: now, &env) }
+            }
         case .timer(let key):
             timerFired(key, now: now, &out)
         case .drained(let chainID):
@@ -167,8 +193,8 @@ public struct MigrationCoordinator: Sendable {
         return out
     }
 
-    private mutating func receive(_ m: ControlMessage, from: IPv4Address, context: SessionContext?, now: UInt64,
-                                  _ out: inout [Action]) {
+    private mutating func receive(_ m: ControlMessage, from: IPv4Address, context: SessionContext?, to: IPv4Address?,
+                                  now: UInt64, _ out: inout [Action]) {
         let chainID = m.identity.chainID
         if let r = rightAnchors[chainID], r.requestID == m.requestID {
             // The left anchor is alive: the right anchor's silence timer starts again.
@@ -281,11 +307,22 @@ public struct MigrationCoordinator: Sendable {
             guard let l = leftAnchors[chainID], l.requestID == m.requestID, from == l.request.trigger.oldBox else { return }
             withLeftAnchor(chainID, &out) { l, env in l.stateInstalled(ok: ok, times: times, reason: reason, now: now, &env) }
         case .oldPathFin:
-            guard let context else { return }
-            receiveOldPathFin(m, from: from, context: context, &out)
+            if context == nil, let gone = leftSessions[chainID], gone.requestID == m.requestID {
+                // This agent left the session at an earlier copy's answer: the copy still goes on to the right anchor.
+                if let right = gone.right { out.append(.send(m, to: right)) }
+                return
+            }
+            // Without a session here only the right anchor answers (its session ended first).
+            guard let me = context?.me ?? to else { return }
+            receiveOldPathFin(m, from: from, me: me, rightNeighbour: context?.rightNeighbour, &out)
         case .oldPathFinAck:
-            guard let context else { return }
-            receiveOldPathFinAck(m, context: context, now: now, &out)
+            if context == nil, let gone = leftSessions[chainID], gone.requestID == m.requestID {
+                out.append(.send(m, to: gone.left))  // a later answer, after this agent left: passed on as the first
+                return
+            }
+            guard let me = context?.me ?? to else { return }
+            receiveOldPathFinAck(m, me: me, leftNeighbour: context?.leftNeighbour,
+                                 rightNeighbour: context?.rightNeighbour, now: now, &out)
         case .splice:
             break  // the agent's engine takes it (a spliced-out proxy's timestamps and alias), never the protocol
         }
@@ -561,10 +598,14 @@ public struct MigrationCoordinator: Sendable {
 
     // MARK: - Teardown (§3.3, §3.5)
 
-    private mutating func receiveOldPathFin(_ m: ControlMessage, from: IPv4Address, context: SessionContext,
-                                            _ out: inout [Action]) {
+    /// oldPathFin (§3.5): the right anchor ends its request and answers; an agent between the anchors passes it on.
+    /// The right anchor answers even when its session has ended (it closed on the new path and its record lingered
+    /// out before the teardown, delayed by lost datagrams, came): the old path's agents leave the session only at
+    /// the answer, so an unanswered one would leave their records behind (issue 19's soak).
+    private mutating func receiveOldPathFin(_ m: ControlMessage, from: IPv4Address, me: IPv4Address,
+                                            rightNeighbour: IPv4Address?, _ out: inout [Action]) {
         let chainID = m.identity.chainID
-        if m.rightAnchor == context.me {
+        if m.rightAnchor == me {
             endRequest(chainID, m.requestID)
             if let r = rightAnchors[chainID], r.requestID == m.requestID {
                 rightAnchors[chainID] = nil
@@ -574,19 +615,21 @@ public struct MigrationCoordinator: Sendable {
             out.append(.send(m.answer(.oldPathFinAck), to: from))
             return
         }
-        if let right = context.rightNeighbour { out.append(.send(m, to: right)) }
+        if let rightNeighbour { out.append(.send(m, to: rightNeighbour)) }
     }
 
-    private mutating func receiveOldPathFinAck(_ m: ControlMessage, context: SessionContext, now: UInt64,
-                                               _ out: inout [Action]) {
+    /// oldPathFinAck (§3.5): the left anchor's teardown is done (also when its own session has ended meanwhile);
+    /// an agent of the old path between the anchors leaves the session and passes it on.
+    private mutating func receiveOldPathFinAck(_ m: ControlMessage, me: IPv4Address, leftNeighbour: IPv4Address?,
+                                               rightNeighbour: IPv4Address?, now: UInt64, _ out: inout [Action]) {
         let chainID = m.identity.chainID
-        if m.leftAnchor == context.me, let l = leftAnchors[chainID], l.requestID == m.requestID {
+        if m.leftAnchor == me, let l = leftAnchors[chainID], l.requestID == m.requestID {
             withLeftAnchor(chainID, &out) { l, _ in l.oldPathGone(now: now) }
             return
         }
         // An agent of the old path between the anchors: it leaves the session (its lock goes with it). Not the
         // left anchor itself (a duplicate after it finished): it stays on the session's (new) path.
-        guard m.leftAnchor != context.me, let left = context.leftNeighbour else { return }
+        guard m.leftAnchor != me, let left = leftNeighbour else { return }
         hops[chainID] = nil
         if hopTimers.remove(chainID) != nil { out.append(.cancelTimer(hopKey(chainID))) }
         oldBoxes[chainID] = nil
@@ -596,6 +639,8 @@ public struct MigrationCoordinator: Sendable {
         }
         out.append(.removeSession(chainID: chainID, deleteConntrack: true))
         out.append(.send(m, to: left))
+        if leftSessions.count > 4096 { leftSessions.removeAll(keepingCapacity: true) }
+        leftSessions[chainID] = (m.requestID, left, rightNeighbour)
     }
 
     // MARK: - Timers

@@ -12,16 +12,18 @@ import Testing
     }
 
     /// Asserted: the loss rule bites; no session is lost (after each move its client still lists it and sends it where
-    /// the move's result says: the new box if it moved, the old one if not); every download of a wave fw1 carried in
-    /// full at its start is byte-exact; most sessions of the moves move. Recorded, not asserted — open defects of
-    /// issue 19 that this soak found, printed as `open defect:` lines so that each run shows them: under this loss a
-    /// box can keep an established record of a session that left it (a teardown or a new box's cancel that gave up;
-    /// since endTries the teardown rarely does), which refuses the session's next move to it ("this box is on the
-    /// session's path already"), stays until --idle-timeout (so the tables do not drain), and black-holes a new
-    /// session with the same tuple (its wave is then not carried in full, its download times out); a cancel can
-    /// leave the segment locked ("lock refused (contention)"); a few INVALID drops on a firewall. When they are
-    /// fixed these become expectations.
-    @Test("(a) 6 live sessions moved fw1 ⇄ fw2 36 times (stateful, both strict) while every host drops 30 % of its control datagrams: no session lost or misplaced, the downloads of waves carried in full byte-exact, most sessions moved; open defects recorded (lab sk1, 10.78.140.0/24)")
+    /// the move's result says: the new box if it moved, the old one if not); every wave is carried in full and every
+    /// download is byte-exact; most sessions of the moves move. Fixed in issue 19 and asserted since: a teardown that
+    /// arrives after the session closed on the new path is answered, and a retransmitted one passes a hop that had
+    /// already left; a session that closes on the old path before anything of it went on the new one is not moved.
+    /// Before, the old box kept an established record of a session that left it, which refused the session's next
+    /// move there and black-holed a new session with the same tuple. Recorded, not asserted (`open defect:` lines,
+    /// so that each run shows them): moves not complete (a cancel under this loss is legitimate; its reason is
+    /// printed); tables not drained — a session whose two FINs straddle its move (one crossed the old path before
+    /// the anchors held, the other the new path after the release) leaves the new box a record that never sees both
+    /// and waits for --idle-timeout (docs/CONTROL-PROTOCOL.md, "A session that closes during its move"); and a few
+    /// INVALID drops at a firewall (cause open).
+    @Test("(a) 6 live sessions moved fw1 ⇄ fw2 36 times (stateful, both strict) while every host drops 30 % of its control datagrams: no session lost or misplaced, every wave carried in full and byte-exact, most sessions moved; open defects recorded (lab sk1, 10.78.140.0/24)")
     func shortSoak() async throws {
         var options = SoakBenchmark.Options()
         options.moves = 36
@@ -51,13 +53,16 @@ import Testing
             #expect(problems.filter { !partial.contains($0.wave) }.isEmpty, "in waves carried in full: \(problems)")
             #expect(lost.isEmpty, "\(lost)")
             #expect(matched > 0 && moved * 2 > matched, "most sessions move: \(moved) of \(matched)")
+            // Fixed in issue 19 (a teardown after the session closed is answered, and passes a hop that already left):
+            // no box keeps a record of a session that left it, so every wave is carried in full and the tables drain.
+            #expect(partial.isEmpty && intact == downloads, "waves not carried in full \(waveProblems); downloads \(intact)/\(downloads): \(problems)")
+
             let incomplete = report.moves.filter { $0.moved != $0.matched || $0.matched != $0.asked }.map { m in
                 "move \(m.index) \(m.from)→\(m.to) \(m.moved)/\(m.matched)/\(m.asked): "
                     + m.failures.map { "\($0.session) \($0.result) at \($0.failedStep): \($0.reason)" }.joined(separator: "; ")
             }
             let invalid = report.invalidDropped.filter { $0.value > 0 }
             var defects: [String] = []
-            if !partial.isEmpty || intact != downloads { defects.append("waves not carried in full \(waveProblems); downloads \(intact)/\(downloads): \(problems)") }
             if !incomplete.isEmpty { defects.append("moves not complete: \(incomplete)") }
             if !report.drained { defects.append("tables not drained: \(report.leftovers.prefix(10))") }
             if !invalid.isEmpty { defects.append("INVALID drops: \(invalid)") }

@@ -32,7 +32,7 @@ enum Abstraction {
     static func event(_ e: Event, role: String) -> String? {
         switch e {
         case .replaceRequested: return nil
-        case .message(let m, _, _):
+        case .message(let m, _, _, _):
             switch m.body {
             case .triggerResult: return nil
             case .stateInstalled(let ok, _, _) where role == "LA": return ok ? "stateInstalled.ok" : "stateInstalled.refused"
@@ -79,7 +79,7 @@ enum Abstraction {
             // The donor of a stateful insertion (issue 17): the old-box role at the right anchor's agent.
             if role == "RA", Self.donorEvents.contains(event) { role = "DO" }
             var request: UInt32?
-            if case .message(let m, _, _) = s.event { request = m.requestID }
+            if case .message(let m, _, _, _) = s.event { request = m.requestID }
             return AbstractStep(agent: Host.name(s.agent), role: role, request: request, event: event, actions: actions(s.actions),
                                 reportedStep: role == "LA" ? (s.leftAnchorStep?.rawValue ?? "none") : nil)
         }

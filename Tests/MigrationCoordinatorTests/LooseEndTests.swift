@@ -226,3 +226,86 @@ struct TeardownUnansweredTests {
         else { Issue.record("decoded \(decoded.body)") }
     }
 }
+
+@Suite("Issue 19 (soak): a teardown that comes after the session ended is still answered (paper §3.5)")
+struct TeardownAfterCloseTests {
+    @Test("§3.5: the right anchor with no session left answers an oldPathFin addressed to it; an agent that is not its right anchor, or does not know its own address, does not")
+    func rightAnchorAnswersWithoutSession() {
+        var server = MigrationCoordinator()
+        // Taken without a session only where it can be acted on: at its right anchor (by the address it was sent to).
+        #expect(server.acceptsWithoutSession(message(.oldPathFin), to: Host.server))
+        #expect(!server.acceptsWithoutSession(message(.oldPathFin), to: nil))
+        #expect(!MigrationCoordinator().acceptsWithoutSession(message(.oldPathFin), to: Host.fw1))
+        #expect(!MigrationCoordinator().acceptsWithoutSession(message(.oldPathFinAck), to: Host.client))  // no left anchor
+        #expect(!MigrationCoordinator().acceptsWithoutSession(message(.requestLock(rightDelta: 0)), to: Host.server))
+        let answered = server.handle(.message(message(.oldPathFin), from: Host.fw1, context: nil, to: Host.server), now: 1)
+        #expect(sends(answered).map(\.0) == [.oldPathFinAck] && sends(answered).map(\.1) == [Host.fw1])
+        #expect(!kinds(answered).contains("removeSession"))
+        #expect(server.handle(.message(message(.oldPathFin), from: Host.fw1, context: nil), now: 2).isEmpty)
+        var fw1 = MigrationCoordinator()
+        #expect(fw1.handle(.message(message(.oldPathFin), from: Host.client, context: nil, to: Host.fw1), now: 1).isEmpty)
+        #expect(fw1.handle(.message(message(.oldPathFinAck), from: Host.server, context: nil, to: Host.fw1), now: 2).isEmpty)
+    }
+
+    /// The soak's stale records: both ends close the session on the new path (their records linger out) while the
+    /// teardown is still retransmitted; the old box must still leave the session.
+    @Test("§3.5: both ends' sessions end before the teardown arrives: the old box still leaves the session and the result is a plain moved (no \"teardown unanswered\")")
+    func teardownAfterBothEndsClosed() throws {
+        for seed in UInt64(1)...20 {
+            var config = Harness.Config()
+            config.seed = seed
+            config.loss = 0.3
+            let h = Harness(chain: [Host.client, Host.fw1, Host.server], others: [Host.fw2], config: config)
+            h.config.tamper = { [unowned h] m, _, _ in
+                if case .oldPathFin = m.body {
+                    h.agents[Host.client]?.context = nil
+                    h.agents[Host.server]?.context = nil
+                }
+                return m
+            }
+            let request = h.replace(at: Host.fw1, leftAnchor: Host.client, newPath: [Host.fw2, Host.server],
+                                    oldBox: Host.fw1, stateful: false, deadlineMilliseconds: 10_000)
+            let run = h.run()
+            let result = try #require(run.reports[request]?.result, "seed \(seed): \(run.trace)")
+            guard result.outcome == .moved else { continue }  // a cancel under loss: no teardown to check
+            #expect(!result.teardownUnanswered, "seed \(seed): \(result.reason)")
+            #expect(h[Host.fw1].did("removeSession"), "seed \(seed): \(run.trace)")
+        }
+    }
+}
+
+@Suite("Issue 19 (soak): a session that closes on the old path during its move is not moved (paper §3.6)")
+struct ClosedDuringMoveTests {
+    /// Replaces fw1 by fw2; the client's record sees both FINs once `closeAt` is sent (the close crosses the old path).
+    private func run(stateful: Bool, closeAt: ControlMessageType, seed: UInt64) -> (Harness, Harness.RunResult, UInt32) {
+        var config = Harness.Config()
+        config.seed = seed
+        let h = Harness(chain: [Host.client, Host.fw1, Host.server], others: [Host.fw2], config: config)
+        h.config.tamper = { [unowned h] m, _, _ in
+            if m.body.type == closeAt { h.agents[Host.client]?.context?.closed = true }
+            return m
+        }
+        let request = h.replace(at: Host.fw1, leftAnchor: Host.client, newPath: [Host.fw2, Host.server],
+                                oldBox: Host.fw1, stateful: stateful, deadlineMilliseconds: 10_000)
+        return (h, h.run(), request)
+    }
+
+    @Test("§3.6: stateful, the close crosses the old path before the release: cancelled with the reason, the new box drops its record, the old box keeps its own, nothing stays locked", arguments: [ControlMessageType.requestLock, .newPathSyn, .drainStart, .stateRequest])
+    func statefulCancelled(closeAt: ControlMessageType) throws {
+        for seed in UInt64(1)...5 {
+            let (h, run, request) = run(stateful: true, closeAt: closeAt, seed: seed)
+            let result = try #require(run.reports[request]?.result, "\(run.trace)")
+            #expect(result.outcome == .cancelled && result.reason.contains("the session closed"), "\(result)")
+            #expect(h[Host.fw2].count("removeSession") >= 1 || !h[Host.fw2].did("createSession"), "\(run.trace)")
+            #expect(!h[Host.fw1].did("removeSession"), "the old path saw the close and keeps its record for the linger")
+            #expect(h.allUnlocked && h.allIdle, "\(h.busy)")
+        }
+    }
+
+    @Test("§3.5: stateless, the close comes after newPathSynAck (data may already be on the new path): the move goes on")
+    func statelessAfterPromotionMoves() throws {
+        let (_, run, request) = run(stateful: false, closeAt: .drainStart, seed: 3)
+        let result = try #require(run.reports[request]?.result, "\(run.trace)")
+        #expect(result.outcome == .moved, "\(result)")
+    }
+}

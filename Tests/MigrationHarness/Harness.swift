@@ -132,7 +132,7 @@ package enum Describe {
         switch e {
         case .replaceRequested(_, let t, let leftAnchor, let requestID):
             "replaceRequested(req=\(requestID), leftAnchor: \(Host.name(leftAnchor)), newPath: \(addresses(t.newPath)), oldBox: \(Host.name(t.oldBox)), stateful: \(t.stateful))"
-        case .message(let m, let from, let context):
+        case .message(let m, let from, let context, _):
             "recv \(message(m)) from \(Host.name(from))\(context == nil ? " (no session here)" : "")"
         case .timer(let k): "timer \(key(k))"
         case .drained: "drained"
@@ -465,12 +465,12 @@ package final class Harness {
                 }
             } else {
                 // MigrationEngine.receive: the same rule for a session this host does not know.
-                guard MigrationCoordinator.acceptsWithoutSession(m.body) else {
+                guard agents[to]?.coordinator.acceptsWithoutSession(m, to: to) == true else {
                     note(Host.name(to), "dropped (unknown session): \(Describe.message(m)) from \(Host.name(from))")
                     return
                 }
             }
-            dispatch(to, .message(m, from: from, context: context))
+            dispatch(to, .message(m, from: from, context: context, to: to))
         case .timer(let host, let key, let generation):
             guard let agent = agents[host], agent.timers[key] == generation else { return }  // cancelled or re-armed
             agent.timers[key] = nil
@@ -501,8 +501,8 @@ package final class Harness {
             }
             dispatch(host, .replaceRequested(context, trigger: trigger, leftAnchor: leftAnchor, requestID: requestID))
         case .inject(let host, let event):
-            if case .message(let m, let from, _) = event {
-                dispatch(host, .message(m, from: from, context: contextFor(host, m.identity.chainID)))
+            if case .message(let m, let from, _, _) = event {
+                dispatch(host, .message(m, from: from, context: contextFor(host, m.identity.chainID), to: host))
             } else {
                 dispatch(host, event)
             }
