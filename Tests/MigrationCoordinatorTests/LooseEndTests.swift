@@ -252,10 +252,8 @@ struct TeardownAfterCloseTests {
     @Test("§3.5: both ends' sessions end before the teardown arrives: the old box still leaves the session and the result is a plain moved (no \"teardown unanswered\")")
     func teardownAfterBothEndsClosed() throws {
         for seed in UInt64(1)...20 {
-            var config = Harness.Config()
-            config.seed = seed
-            config.loss = 0.3
-            let h = Harness(chain: [Host.client, Host.fw1, Host.server], others: [Host.fw2], config: config)
+            let h = Harness(chain: [Host.client, Host.fw1, Host.server], others: [Host.fw2],
+                            config: LossyScenarioTests.lossy(seed: 70_000 + seed))
             h.config.tamper = { [unowned h] m, _, _ in
                 if case .oldPathFin = m.body {
                     h.agents[Host.client]?.context = nil
