@@ -162,7 +162,7 @@ final class MigrationEngine: @unchecked Sendable {
             dispatch(events.map { event in
                 switch event {
                 case .drained(let chainID): .drained(chainID: chainID)
-                case .newPathPacket(let chainID): .newPathPacket(chainID: chainID)
+                case .newPathPacket(let chainID): .newPathPacket(chainID: chainID, context: sessionContext(chainID))
                 }
             })
         }
@@ -327,7 +327,8 @@ final class MigrationEngine: @unchecked Sendable {
         return SessionContext(identity: record.identity, session: record.session, me: me,
                               leftNeighbour: record.leftNeighbour, rightNeighbour: record.rightNeighbour,
                               carried: record.bytes > record.packets &* UInt64(IPv4TCPPacket.pureAckLength),
-                              hopDelta: record.hopDelta, closed: record.closeDeadline != nil)
+                              hopDelta: record.hopDelta,
+                              ending: record.finForward || record.finReverse || record.closeDeadline != nil)
     }
 
     private func pathEvent(_ chainID: UInt64, _ result: Result<FiveTuple, SessionTable.InsertError>) -> Event {

@@ -77,7 +77,12 @@ public struct AnchorState: Sendable, Equatable {
     /// Where an outgoing segment with `seq`, payload `length` (FIN counted) goes. Rules:
     /// - `locked`: old path.
     /// - `buffering` / `probing` (stateful): bytes below the cutoff (retransmissions) on the old path; a segment
-    ///   carrying any byte at or above it is held; pure ACKs on the old path.
+    ///   carrying any byte at or above it is held; pure ACKs on the old path until a segment came in on the new one.
+    /// - Pure ACKs once a segment with data or a FIN came in on the new path (`firstNewRcvd`), in any phase: the new
+    ///   path. The far anchor released, so the new box holds the state; its segments reach this anchor's endpoint
+    ///   before the `newPathPacket` event changes the phase, and the endpoint's acknowledgment of them on the old
+    ///   path acknowledged bytes the old box never saw: its conntrack drops it as INVALID ("ACK is over the upper
+    ///   bound"; issue 19's soak and RoundTripReplayTests, the server's ACK of the client's FIN).
     /// - `released`, stateful: everything on the new path (the old path is empty, §3.5 last paragraph).
     /// - `released`, stateless (§3.5 table): a byte below oldSent goes on the old path, at or above on the new
     ///   one. A segment straddling the cutoff (a retransmission repacketized with new bytes) is sent whole on the
@@ -86,6 +91,7 @@ public struct AnchorState: Sendable, Equatable {
     /// - Pure ACKs after release: the new path (stateless boxes need not see them; the paper's "also ack
     ///   oldRcvd on the old path" is not needed by a conntrack firewall, which accepts old ACKs).
     public func egressPath(seq: UInt32, length: UInt32) -> PathChoice {
+        if length == 0, firstNewRcvd != nil { return .new }
         switch phase {
         case .locked: return .old
         case .buffering, .probing:

@@ -17,16 +17,16 @@ public struct SessionContext: Sendable, Equatable {
     /// What this host adds to the session's two byte streams between its subsessions (§3.4,
     /// ``SessionTable/Record/hopDelta``): an old-path hop adds it to the lock messages' sums.
     public var hopDelta: SessionTable.BoxDelta
-    /// This host's record of the session saw it end (both FINs, or an RST): it lingers for late packets only.
-    public var closed: Bool
+    /// This host's record of the session saw a FIN (either way) or an RST: the session is closing, or half-closed.
+    public var ending: Bool
 
     var hop: OldPathHop.Hop { OldPathHop.Hop(me: me, delta: hopDelta) }
 
     public init(identity: SessionIdentity, session: FiveTuple, me: IPv4Address, leftNeighbour: IPv4Address?,
                 rightNeighbour: IPv4Address?, carried: Bool = false, hopDelta: SessionTable.BoxDelta = .zero,
-                closed: Bool = false) {
+                ending: Bool = false) {
         self.hopDelta = hopDelta
-        self.closed = closed
+        self.ending = ending
         self.identity = identity
         self.session = session
         self.me = me
@@ -74,7 +74,9 @@ public enum Event: Sendable {
     /// (with the ackLock); a held release waits for its `drained` (docs/ARCHITECTURE.md, "Session-terminating proxies").
     case proxyOnSegment(chainID: UInt64, requestID: UInt32, proxy: IPv4Address)
     /// The data plane: a packet of the session arrived on the new path before this anchor released.
-    case newPathPacket(chainID: UInt64)
+    /// `context`: the session as this host knows it then (a left anchor whose session began to close cancels
+    /// instead of releasing, ``LeftAnchor/sessionEnding(now:_:)``).
+    case newPathPacket(chainID: UInt64, context: SessionContext? = nil)
     /// The data plane: a session's anchor buffer is full (documented bound): the reconfiguration is cancelled.
     case bufferFull(chainID: UInt64)
     /// Result of ``Action/openPath``, ``Action/addPath`` or ``Action/createSession``: the new-path subsession

@@ -438,13 +438,13 @@ struct LeftAnchor: Sendable {
 
     // MARK: - Timers
 
-    /// The session ended (both FINs, or an RST, at this anchor) before anything of it went on the new path: the
-    /// close crossed the old path only, so the new path's boxes would keep records that no FIN ever reaches (issue
-    /// 19's soak: established records at the new box until idle expiry, and a new session with the same tuple
-    /// refused there). Cancel (§3.6): the new boxes drop the session; the old path, which saw the close, keeps it
-    /// for its linger. Once data may have gone on the new path (released; stateless from newPathSynAck on) the
-    /// move goes on: the close may have crossed either path.
-    mutating func sessionClosed(now: UInt64, _ env: inout Environment) -> Output {
+    /// The session began to close (a FIN either way, or an RST, at this anchor) before anything of it went on the
+    /// new path. A new box learns that a session ended only from FINs it sees: if one crossed the old path, the new
+    /// box would never see both and would keep its record until idle expiry (issue 19's soak: established records
+    /// at the new box, and a new session with the same tuple refused there). Cancel (§3.6): the new boxes drop the
+    /// session; the old path, which saw the first FIN, carries the rest of the close. Once data may have gone on the
+    /// new path (released; stateless from newPathSynAck on) the move goes on.
+    mutating func sessionEnding(now: UInt64, _ env: inout Environment) -> Output {
         var out = Output()
         switch state {
         case .locking, .openingPath, .synSent:
@@ -454,7 +454,7 @@ struct LeftAnchor: Sendable {
         case .tearingDown, .cancelling, .modifying:
             return out
         }
-        cancel(step: step, reason: "the session closed during step \(step.rawValue), before anything went on the new path",
+        cancel(step: step, reason: "the session is closing (a FIN or an RST seen at step \(step.rawValue)): not moved",
                now: now, &env, &out)
         return out
     }

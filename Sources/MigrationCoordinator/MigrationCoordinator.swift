@@ -143,12 +143,11 @@ public struct MigrationCoordinator: Sendable {
         case .replaceRequested(let context, let trigger, let leftAnchor, let requestID):
             startController(context, trigger: trigger, leftAnchor: leftAnchor, requestID: requestID, now: now, &out)
         case .message(let message, let from, let context, let to):
+            // Before (a newPathSynAck would put a stateless session on the new path) and after (a stateInstalled
+            // starts the release) the message: a left anchor whose session began to close does not move it.
+            checkEnding(message.identity.chainID, context, requestID: message.requestID, now: now, &out)
             receive(message, from: from, context: context, to: to, now: now, &out)
-            if let context, context.closed, context.me == message.leftAnchor,
-               leftAnchors[message.identity.chainID]?.requestID == message.requestID {
-                // The left anchor's session ended meanwhile (its record, as this message found it).
-                withLeftAnchor(message.identity.chainID, &out) { l, env in l.sessionClosed(now: now, &env) }
-            }
+            checkEnding(message.identity.chainID, context, requestID: message.requestID, now: now, &out)
         case .timer(let key):
             timerFired(key, now: now, &out)
         case .drained(let chainID):
@@ -159,7 +158,8 @@ public struct MigrationCoordinator: Sendable {
             }
         case .proxyOnSegment(let chainID, let requestID, let proxy):
             if leftAnchors[chainID]?.requestID == requestID { leftAnchors[chainID]?.proxyOnSegment(proxy) }
-        case .newPathPacket(let chainID):
+        case .newPathPacket(let chainID, let context):
+            checkEnding(chainID, context, requestID: nil, now: now, &out)
             if leftAnchors[chainID] != nil {
                 withLeftAnchor(chainID, &out) { l, env in l.probeSeen(now: now, &env) }
             } else if rightAnchors[chainID] != nil {
@@ -326,6 +326,16 @@ public struct MigrationCoordinator: Sendable {
         case .splice:
             break  // the agent's engine takes it (a spliced-out proxy's timestamps and alias), never the protocol
         }
+    }
+
+    /// A left anchor whose session saw a FIN or an RST (`context.ending`, its record as the event found it) while
+    /// nothing of it is on the new path cancels (issue 19's soak, docs/CONTROL-PROTOCOL.md "A session that closes
+    /// during its move"); `requestID`: the event's request, when it names one.
+    private mutating func checkEnding(_ chainID: UInt64, _ context: SessionContext?, requestID: UInt32?, now: UInt64,
+                                      _ out: inout [Action]) {
+        guard let context, context.ending, let l = leftAnchors[chainID], context.me == l.request.context.me,
+              requestID == nil || requestID == l.requestID else { return }
+        withLeftAnchor(chainID, &out) { l, env in l.sessionEnding(now: now, &env) }
     }
 
     // MARK: - Roles' lifetimes

@@ -33,6 +33,20 @@ struct AnchorStateTests {
         #expect(m.egressPath(seq: 2000, length: 0) == .old)  // pure ACK
     }
 
+    @Test("§3.5: once a segment came in on the new path (the far anchor released), pure ACKs leave on the new path in every phase; data keeps its rule (issue 19: an ACK of the new path's FIN on the old path was INVALID at the old box)",
+          arguments: [AnchorState.Phase.locked, .buffering, .probing, .released])
+    func pureAckAfterNewPathSegment(phase: AnchorState.Phase) {
+        var m = anchor(phase, stateful: true)
+        let before = m.egressPath(seq: 2000, length: 0)
+        #expect(before == (phase == .released ? .new : .old))
+        m.noteIngress(seq: 7000, length: 0, ack: 1000, onNewPath: true, now: 1)  // a probe: no data
+        #expect(m.egressPath(seq: 2000, length: 0) == before)
+        m.noteIngress(seq: 7000, length: 1, ack: 1000, onNewPath: true, now: 2)  // the far side's FIN
+        #expect(m.egressPath(seq: 2000, length: 0) == .new)
+        #expect(m.egressPath(seq: 900, length: 100) == .old || phase == .released)  // a retransmission keeps its path
+        #expect(m.egressPath(seq: 2000, length: 100) == (phase == .locked ? .old : phase == .released ? .new : .hold))
+    }
+
     @Test("buffering without a known cutoff holds any data")
     func holdingUnknownCutoff() {
         let m = anchor(.buffering, stateful: true, cutoff: nil)

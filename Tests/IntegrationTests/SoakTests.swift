@@ -15,14 +15,13 @@ import Testing
     /// the move's result says: the new box if it moved, the old one if not); every wave is carried in full and every
     /// download is byte-exact; most sessions of the moves move. Fixed in issue 19 and asserted since: a teardown that
     /// arrives after the session closed on the new path is answered, and a retransmitted one passes a hop that had
-    /// already left; a session that closes on the old path before anything of it went on the new one is not moved.
+    /// already left; a session that begins to close before anything of it went on the new path is not moved.
     /// Before, the old box kept an established record of a session that left it, which refused the session's next
     /// move there and black-holed a new session with the same tuple. Recorded, not asserted (`open defect:` lines,
     /// so that each run shows them): moves not complete (a cancel under this loss is legitimate; its reason is
-    /// printed); tables not drained — a session whose two FINs straddle its move (one crossed the old path before
-    /// the anchors held, the other the new path after the release) leaves the new box a record that never sees both
-    /// and waits for --idle-timeout (docs/CONTROL-PROTOCOL.md, "A session that closes during its move"); and a few
-    /// INVALID drops at a firewall (cause open).
+    /// printed; `the session is closing` is one); tables not drained (a record a close did not reach,
+    /// docs/CONTROL-PROTOCOL.md "A session that closes during its move"); and a few INVALID drops at a firewall
+    /// (cause open).
     @Test("(a) 6 live sessions moved fw1 ⇄ fw2 36 times (stateful, both strict) while every host drops 30 % of its control datagrams: no session lost or misplaced, every wave carried in full and byte-exact, most sessions moved; open defects recorded (lab sk1, 10.78.140.0/24)")
     func shortSoak() async throws {
         var options = SoakBenchmark.Options()

@@ -272,15 +272,15 @@ struct TeardownAfterCloseTests {
     }
 }
 
-@Suite("Issue 19 (soak): a session that closes on the old path during its move is not moved (paper §3.6)")
+@Suite("Issue 19 (soak): a session that begins to close before anything of it went on the new path is not moved (paper §3.6)")
 struct ClosedDuringMoveTests {
-    /// Replaces fw1 by fw2; the client's record sees both FINs once `closeAt` is sent (the close crosses the old path).
+    /// Replaces fw1 by fw2; the client's record sees a FIN once `closeAt` is sent (it crosses the old path).
     private func run(stateful: Bool, closeAt: ControlMessageType, seed: UInt64) -> (Harness, Harness.RunResult, UInt32) {
         var config = Harness.Config()
         config.seed = seed
         let h = Harness(chain: [Host.client, Host.fw1, Host.server], others: [Host.fw2], config: config)
         h.config.tamper = { [unowned h] m, _, _ in
-            if m.body.type == closeAt { h.agents[Host.client]?.context?.closed = true }
+            if m.body.type == closeAt { h.agents[Host.client]?.context?.ending = true }
             return m
         }
         let request = h.replace(at: Host.fw1, leftAnchor: Host.client, newPath: [Host.fw2, Host.server],
@@ -288,22 +288,57 @@ struct ClosedDuringMoveTests {
         return (h, h.run(), request)
     }
 
-    @Test("§3.6: stateful, the close crosses the old path before the release: cancelled with the reason, the new box drops its record, the old box keeps its own, nothing stays locked", arguments: [ControlMessageType.requestLock, .newPathSyn, .drainStart, .stateRequest])
+    @Test("§3.6: stateful, a FIN crosses the old path before the release: cancelled with the reason, the new box drops its record, the old box keeps its own, nothing stays locked", arguments: [ControlMessageType.requestLock, .newPathSyn, .drainStart, .stateRequest, .stateInstalled])
     func statefulCancelled(closeAt: ControlMessageType) throws {
         for seed in UInt64(1)...5 {
             let (h, run, request) = run(stateful: true, closeAt: closeAt, seed: seed)
             let result = try #require(run.reports[request]?.result, "\(run.trace)")
-            #expect(result.outcome == .cancelled && result.reason.contains("the session closed"), "\(result)")
+            #expect(result.outcome == .cancelled && result.reason.contains("the session is closing"), "\(result)")
             #expect(h[Host.fw2].count("removeSession") >= 1 || !h[Host.fw2].did("createSession"), "\(run.trace)")
             #expect(!h[Host.fw1].did("removeSession"), "the old path saw the close and keeps its record for the linger")
             #expect(h.allUnlocked && h.allIdle, "\(h.busy)")
         }
     }
 
-    @Test("§3.5: stateless, the close comes after newPathSynAck (data may already be on the new path): the move goes on")
+    @Test("§3.5: stateless, the FIN comes after newPathSynAck (data may already be on the new path): the move goes on; before it, the move is cancelled")
     func statelessAfterPromotionMoves() throws {
         let (_, run, request) = run(stateful: false, closeAt: .drainStart, seed: 3)
         let result = try #require(run.reports[request]?.result, "\(run.trace)")
         #expect(result.outcome == .moved, "\(result)")
+        let (_, early, earlyRequest) = self.run(stateful: false, closeAt: .newPathSyn, seed: 3)
+        let cancelled = try #require(early.reports[earlyRequest]?.result, "\(early.trace)")
+        #expect(cancelled.outcome == .cancelled && cancelled.reason.contains("the session is closing"), "\(cancelled)")
+    }
+
+    @Test("§3.6: stateful, a FIN seen while the release's probe is out (newPathPacket finds the record ending): cancelled, the held data goes back to the old path, the new box gets newPathCancel")
+    func endingAtRelease() throws {
+        var env = LeftAnchor.Environment(settings: MigrationCoordinator.Settings(), clock: RetransmitClock(), active: 1)
+        var out: [Action] = []
+        let context = SessionContext(identity: TestSession.identity, session: TestSession.tuple, me: Host.client,
+                                     leftNeighbour: nil, rightNeighbour: Host.fw1)
+        let trigger = Trigger(newPath: [Host.fw2, Host.server], oldBox: Host.fw1, stateful: true, deadlineMilliseconds: 3000)
+        let request = LeftAnchor.Request(requestID: 7, context: context, trigger: trigger, controller: Host.fw1,
+                                         oldRight: Host.fw1, rightAnchor: Host.server, startedAt: 1_000_000)
+        var l = LeftAnchor(request: request, now: 1_000_000, &env, &out)
+        _ = l.locked(leftDelta: 0, now: 2_000_000, &env)
+        _ = l.pathOpened(newSub, now: 2_000_000, &env)
+        _ = l.newPathAnswered(now: 3_000_000, &env)
+        _ = l.selfDrained(now: 4_000_000, &env)
+        #expect(sends(l.peerDrained(now: 5_000_000, &env).actions).map(\.0) == [.stateRequest])
+        #expect(kinds(l.stateInstalled(ok: true, times: StateTimes(), reason: "", now: 6_000_000, &env).actions).contains("sendProbe"))
+        let ending = l.sessionEnding(now: 7_000_000, &env)
+        #expect(kinds(ending.actions).contains("cancelAnchor"))
+        #expect(sends(ending.actions).map(\.0) == [.newPathCancel, .cancelLock] && sends(ending.actions).map(\.1) == [Host.fw2, Host.fw1])
+        // Once released, the move goes on: a FIN then crosses the new path too.
+        _ = l.cancelAcknowledged()
+        var released = LeftAnchor(request: request, now: 1_000_000, &env, &out)
+        _ = released.locked(leftDelta: 0, now: 2_000_000, &env)
+        _ = released.pathOpened(newSub, now: 2_000_000, &env)
+        _ = released.newPathAnswered(now: 3_000_000, &env)
+        _ = released.selfDrained(now: 4_000_000, &env)
+        _ = released.peerDrained(now: 5_000_000, &env)
+        _ = released.stateInstalled(ok: true, times: StateTimes(), reason: "", now: 6_000_000, &env)
+        #expect(sends(released.probeSeen(now: 7_000_000, &env).actions).map(\.0) == [.oldPathFin])
+        #expect(released.sessionEnding(now: 8_000_000, &env).actions.isEmpty)
     }
 }

@@ -487,7 +487,7 @@ package final class Harness {
                 note("dataplane", "probe at \(Host.name(to)) not reported (not anchoring, or released)")
                 return
             }
-            dispatch(to, .newPathPacket(chainID: chainID))
+            dispatch(to, .newPathPacket(chainID: chainID, context: contextFor(to, chainID)))
         case .result(let host, let event):
             dispatch(host, event)
         case .replace(let host, let trigger, let leftAnchor, let requestID):
