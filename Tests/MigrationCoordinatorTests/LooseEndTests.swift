@@ -185,25 +185,34 @@ struct LockExpiryTests {
     }
 }
 
+/// A left anchor at client1 replacing fw1 by fw2 (request 7), driven up to both drains (the last answer pending:
+/// peerDrained's output is returned): the teardown next (stateless), or the state request (stateful).
+private func drainedLeftAnchor(stateful: Bool, settings: MigrationCoordinator.Settings = MigrationCoordinator.Settings())
+    -> (LeftAnchor, LeftAnchor.Environment, LeftAnchor.Output) {
+    var env = LeftAnchor.Environment(settings: settings, clock: RetransmitClock(), active: 1)
+    var out: [Action] = []
+    let context = SessionContext(identity: TestSession.identity, session: TestSession.tuple, me: Host.client,
+                                 leftNeighbour: nil, rightNeighbour: Host.fw1)
+    let trigger = Trigger(newPath: [Host.fw2, Host.server], oldBox: Host.fw1, stateful: stateful, deadlineMilliseconds: 3000)
+    let request = LeftAnchor.Request(requestID: 7, context: context, trigger: trigger, controller: Host.fw1,
+                                     oldRight: Host.fw1, rightAnchor: Host.server, startedAt: 1_000_000)
+    var l = LeftAnchor(request: request, now: 1_000_000, &env, &out)
+    _ = l.locked(leftDelta: 0, now: 2_000_000, &env)
+    _ = l.pathOpened(newSub, now: 2_000_000, &env)
+    _ = l.newPathAnswered(now: 3_000_000, &env)
+    _ = l.selfDrained(now: 4_000_000, &env)
+    let drained = l.peerDrained(now: 5_000_000, &env)
+    return (l, env, drained)
+}
+
 @Suite("Issue 19: an unanswered teardown is reported as such")
 struct TeardownUnansweredTests {
     @Test("§3.5 teardown: oldPathFin unanswered after endTries: moved, with the reason \"teardown unanswered\" naming the hop")
     func teardownUnansweredReported() throws {
         var settings = MigrationCoordinator.Settings()
         settings.endTries = 3
-        var env = LeftAnchor.Environment(settings: settings, clock: RetransmitClock(), active: 1)
-        var out: [Action] = []
-        let context = SessionContext(identity: TestSession.identity, session: TestSession.tuple, me: Host.client,
-                                     leftNeighbour: nil, rightNeighbour: Host.fw1)
-        let trigger = Trigger(newPath: [Host.fw2, Host.server], oldBox: Host.fw1, stateful: false, deadlineMilliseconds: 3000)
-        let request = LeftAnchor.Request(requestID: 7, context: context, trigger: trigger, controller: Host.fw1,
-                                         oldRight: Host.fw1, rightAnchor: Host.server, startedAt: 1_000_000)
-        var l = LeftAnchor(request: request, now: 1_000_000, &env, &out)
-        _ = l.locked(leftDelta: 0, now: 2_000_000, &env)
-        _ = l.pathOpened(newSub, now: 2_000_000, &env)
-        _ = l.newPathAnswered(now: 3_000_000, &env)
-        _ = l.selfDrained(now: 4_000_000, &env)
-        #expect(sends(l.peerDrained(now: 5_000_000, &env).actions).map(\.0) == [.oldPathFin])  // send 1
+        var (l, env, drained) = drainedLeftAnchor(stateful: false, settings: settings)
+        #expect(sends(drained.actions).map(\.0) == [.oldPathFin])  // send 1
         #expect(sends(l.retransmitTimerFired(now: 6_000_000, &env).actions).map(\.0) == [.oldPathFin])  // 2
         #expect(sends(l.retransmitTimerFired(now: 7_000_000, &env).actions).map(\.0) == [.oldPathFin])  // 3
         let end = l.retransmitTimerFired(now: 8_000_000, &env)
@@ -312,31 +321,14 @@ struct ClosedDuringMoveTests {
 
     @Test("§3.6: stateful, a FIN seen while the release's probe is out (newPathPacket finds the record ending): cancelled, the held data goes back to the old path, the new box gets newPathCancel")
     func endingAtRelease() throws {
-        var env = LeftAnchor.Environment(settings: MigrationCoordinator.Settings(), clock: RetransmitClock(), active: 1)
-        var out: [Action] = []
-        let context = SessionContext(identity: TestSession.identity, session: TestSession.tuple, me: Host.client,
-                                     leftNeighbour: nil, rightNeighbour: Host.fw1)
-        let trigger = Trigger(newPath: [Host.fw2, Host.server], oldBox: Host.fw1, stateful: true, deadlineMilliseconds: 3000)
-        let request = LeftAnchor.Request(requestID: 7, context: context, trigger: trigger, controller: Host.fw1,
-                                         oldRight: Host.fw1, rightAnchor: Host.server, startedAt: 1_000_000)
-        var l = LeftAnchor(request: request, now: 1_000_000, &env, &out)
-        _ = l.locked(leftDelta: 0, now: 2_000_000, &env)
-        _ = l.pathOpened(newSub, now: 2_000_000, &env)
-        _ = l.newPathAnswered(now: 3_000_000, &env)
-        _ = l.selfDrained(now: 4_000_000, &env)
-        #expect(sends(l.peerDrained(now: 5_000_000, &env).actions).map(\.0) == [.stateRequest])
+        var (l, env, drained) = drainedLeftAnchor(stateful: true)
+        #expect(sends(drained.actions).map(\.0) == [.stateRequest])
         #expect(kinds(l.stateInstalled(ok: true, times: StateTimes(), reason: "", now: 6_000_000, &env).actions).contains("sendProbe"))
         let ending = l.sessionEnding(now: 7_000_000, &env)
         #expect(kinds(ending.actions).contains("cancelAnchor"))
         #expect(sends(ending.actions).map(\.0) == [.newPathCancel, .cancelLock] && sends(ending.actions).map(\.1) == [Host.fw2, Host.fw1])
         // Once released, the move goes on: a FIN then crosses the new path too.
-        _ = l.cancelAcknowledged()
-        var released = LeftAnchor(request: request, now: 1_000_000, &env, &out)
-        _ = released.locked(leftDelta: 0, now: 2_000_000, &env)
-        _ = released.pathOpened(newSub, now: 2_000_000, &env)
-        _ = released.newPathAnswered(now: 3_000_000, &env)
-        _ = released.selfDrained(now: 4_000_000, &env)
-        _ = released.peerDrained(now: 5_000_000, &env)
+        var (released, _, _) = drainedLeftAnchor(stateful: true)
         _ = released.stateInstalled(ok: true, times: StateTimes(), reason: "", now: 6_000_000, &env)
         #expect(sends(released.probeSeen(now: 7_000_000, &env).actions).map(\.0) == [.oldPathFin])
         #expect(released.sessionEnding(now: 8_000_000, &env).actions.isEmpty)
