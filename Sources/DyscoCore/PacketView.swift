@@ -138,6 +138,15 @@ public struct TCPHeaderView {
         if updateChecksum { rawChecksum = InternetChecksum.update(rawChecksum, old: old, new: new) }
     }
 
+    /// The full checksum of the `segmentLength` bytes of header and payload at `base` with a pseudo-header's sum, as
+    /// it should be stored (raw); the checksum field counts as zero and is left as it was.
+    func computeChecksum(segmentLength: Int, pseudoHeaderSum: UInt64) -> UInt16 {
+        let saved = rawChecksum
+        rawChecksum = 0
+        defer { rawChecksum = saved }
+        return InternetChecksum.checksum(UnsafeRawPointer(base), count: segmentLength, initial: pseudoHeaderSum)
+    }
+
     /// Folds a changed IPv4 address of the pseudo-header into the TCP checksum (raw values).
     func updateChecksumForAddress(oldRaw: UInt32, newRaw: UInt32) {
         rawChecksum = InternetChecksum.update(rawChecksum, old: oldRaw, new: newRaw)
@@ -227,13 +236,9 @@ public struct IPv4TCPPacket {
     /// The full TCP checksum over pseudo-header, header and payload, as it should be stored (raw).
     public func computeTCPChecksum() -> UInt16 {
         let segmentLength = length - tcpOffset
-        let saved = tcp.rawChecksum
-        tcp.rawChecksum = 0
-        defer { tcp.rawChecksum = saved }
-        let pseudo = InternetChecksum.pseudoHeaderSum(sourceRaw: ip.rawSource, destinationRaw: ip.rawDestination,
-                                                      protocolNumber: IPv4HeaderView.protocolTCP,
-                                                      length: segmentLength)
-        return InternetChecksum.checksum(UnsafeRawPointer(tcp.base), count: segmentLength, initial: pseudo)
+        return tcp.computeChecksum(segmentLength: segmentLength, pseudoHeaderSum: InternetChecksum.pseudoHeaderSum(
+            sourceRaw: ip.rawSource, destinationRaw: ip.rawDestination, protocolNumber: IPv4HeaderView.protocolTCP,
+            length: segmentLength))
     }
 
     public func recomputeTCPChecksum() { tcp.rawChecksum = computeTCPChecksum() }

@@ -1,0 +1,180 @@
+import DyscoCore
+import Foundation
+import Testing
+
+/// IPv6 views (issue 18, item 3). The byte vectors were written by scapy 2.5 (an independent implementation of the
+/// headers and of the RFC 8200 §8.1 checksum), so a checksum or offset error here cannot hide behind our own code.
+@Suite("IPv6 packet views (RFC 8200)")
+struct IPv6PacketViewTests {
+    /// fd00:78::1.40000 → fd00:78:1::2.80, PSH|ACK seq 1000 ack 2000 window 512, payload "hello, dysco".
+    static let plain = "6000000000200640fd000078000000000000000000000001fd0000780001000000000000000000029c400050000003e8000007d050180200c93d000068656c6c6f2c20647973636f"
+    /// The same after the rewrite to fd00:78::3.41000 → fd00:78:1::2.8080.
+    static let rewritten = "6000000000200640fd000078000000000000000000000003fd000078000100000000000000000002a0281f90000003e8000007d050180200a613000068656c6c6f2c20647973636f"
+    /// A SYN behind a Hop-by-Hop Options and a Destination Options header (8 bytes each, PadN).
+    static let withExtensions = "6000000000240040fd000078000000000000000000000001fd0000780001000000000000000000023c0001040000000006000104000000009c400050000000070000000050022000f8550000"
+
+    static func bytes(_ hex: String) -> [UInt8] {
+        var out: [UInt8] = []
+        var index = hex.startIndex
+        while index < hex.endIndex {
+            let next = hex.index(index, offsetBy: 2)
+            out.append(UInt8(hex[index..<next], radix: 16)!)
+            index = next
+        }
+        return out
+    }
+
+    static func parse(_ bytes: inout [UInt8]) -> Result<IPv6TCPPacket, IPv6TCPPacket.ParseError> {
+        let count = bytes.count
+        return bytes.withUnsafeMutableBytes { IPv6TCPPacket.parse($0.baseAddress!, count: count) }
+    }
+
+    @Test("addresses: inet_pton's text forms in, RFC 5952 out; JSON as text; garbage refused")
+    func addressText() throws {
+        let a = try #require(IPv6Address("FD00:0078:0000:0000:0000:0000:0000:0001"))
+        #expect(a.description == "fd00:78::1")
+        #expect(a.high == 0xfd00_0078_0000_0000 && a.low == 1)
+        #expect(IPv6Address("::ffff:10.1.2.3")?.description == "::ffff:10.1.2.3")
+        #expect(IPv6Address("2001:db8:0:0:1:0:0:1")?.description == "2001:db8::1:0:0:1")
+        for bad in ["", "10.1.2.3", "fd00::1::2", "fd00::1%eth0", "fd00:78::1/64", "gggg::1", "1:2:3:4:5:6:7:8:9"] {
+            #expect(IPv6Address(bad) == nil, "\(bad)")
+        }
+        #expect(IPv6Address("fd00::1")! < IPv6Address("fd00::2")!)
+        #expect(IPv6Address("fd00::ffff")! < IPv6Address("fd01::")!)
+        let json = try JSONEncoder().encode([a])
+        #expect(String(decoding: json, as: UTF8.self) == #"["fd00:78::1"]"#)
+        #expect(try JSONDecoder().decode([IPv6Address].self, from: json) == [a])
+        #expect(throws: DecodingError.self) { try JSONDecoder().decode([IPv6Address].self, from: Data(#"["10.1.2.3"]"#.utf8)) }
+    }
+
+    @Test("a plain segment: fixed header and TCP header read, its checksum verifies")
+    func plainSegment() throws {
+        var bytes = Self.bytes(Self.plain)
+        let packet = try Self.parse(&bytes).get()
+        #expect(packet.ip.version == 6 && packet.ip.hopLimit == 64 && packet.ip.payloadLength == 32)
+        #expect(packet.ip.sourceAddress == IPv6Address("fd00:78::1"))
+        #expect(packet.ip.destinationAddress == IPv6Address("fd00:78:1::2"))
+        #expect(packet.tcpOffset == 40 && packet.payloadOffset == 60 && packet.payloadLength == 12)
+        #expect(packet.tcp.sourcePort == 40000 && packet.tcp.destinationPort == 80)
+        #expect(packet.tcp.sequenceNumber == 1000 && packet.tcp.acknowledgmentNumber == 2000)
+        #expect(packet.isTCPChecksumValid)
+        bytes[70] ^= 1  // one payload bit
+        #expect(!(try Self.parse(&bytes).get()).isTCPChecksumValid)
+    }
+
+    @Test("rewrite of both address and port, incremental (RFC 1624) and full, gives scapy's bytes")
+    func rewrite() throws {
+        for mode in [ChecksumState.complete, .partial] {
+            var bytes = Self.bytes(Self.plain)
+            let packet = try Self.parse(&bytes).get()
+            packet.rewrite(source: IPv6Address("fd00:78::3")!, sourcePort: 41000,
+                           destination: IPv6Address("fd00:78:1::2")!, destinationPort: 8080, checksum: mode)
+            #expect(bytes == Self.bytes(Self.rewritten), "\(mode)")
+        }
+    }
+
+    @Test("the incremental update of a changed address equals recomputation, on random addresses")
+    func incrementalAddress() throws {
+        var rng = SplitMix64(state: 6)
+        for _ in 0..<500 {
+            var bytes = Self.bytes(Self.plain)
+            let packet = try Self.parse(&bytes).get()
+            let source = IPv6Address(high: rng.next(), low: rng.next())
+            let destination = IPv6Address(high: rng.next(), low: rng.next())
+            packet.rewrite(source: source, sourcePort: packet.tcp.sourcePort, destination: destination,
+                           destinationPort: packet.tcp.destinationPort, checksum: .complete)
+            #expect(packet.ip.sourceAddress == source && packet.ip.destinationAddress == destination)
+            #expect(packet.isTCPChecksumValid)
+        }
+    }
+
+    @Test("extension headers (RFC 8200 §4): Hop-by-Hop and Destination Options are walked to the TCP header")
+    func extensionChain() throws {
+        var bytes = Self.bytes(Self.withExtensions)
+        let packet = try Self.parse(&bytes).get()
+        #expect(packet.tcpOffset == 56 && packet.tcp.flags == [.syn] && packet.tcp.sequenceNumber == 7)
+        #expect(packet.isTCPChecksumValid)
+        let upper = try bytes.withUnsafeBytes {
+            try IPv6ExtensionHeaders.walk($0.baseAddress!, length: bytes.count, first: 0).get()
+        }
+        #expect(upper.protocolNumber == 6 && upper.offset == 56 && upper.extensionHeaders == 2)
+    }
+
+    /// A packet: fixed header (payload length from the chain), then `chain` as (next header, body length in 8-byte
+    /// units) pairs, then 20 bytes of TCP header.
+    static func chained(first: UInt8, _ chain: [(UInt8, UInt8)], tcp: Bool = true) -> [UInt8] {
+        var body: [UInt8] = []
+        for (next, units) in chain {
+            body += [next, units] + [UInt8](repeating: 0, count: 8 * (Int(units) + 1) - 2)
+        }
+        body += tcp ? [0x9c, 0x40, 0, 80, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0x20, 0, 0, 0, 0, 0]
+            : [UInt8](repeating: 0, count: 8)  // an ESP SPI and sequence number, or anything
+        var header = Self.bytes(Self.plain).prefix(40).map { $0 }
+        header[4] = UInt8(body.count >> 8)
+        header[5] = UInt8(body.count & 0xff)
+        header[6] = first
+        return header + body
+    }
+
+    @Test("the documented rule: fragments, ESP/AH, No Next Header, other upper layers and long chains are not sessions' segments")
+    func refusedChains() {
+        let cases: [([UInt8], IPv6TCPPacket.ParseError)] = [
+            (Self.chained(first: 44, [(6, 0)]), .extensionHeaders(.fragment)),
+            (Self.chained(first: 0, [(44, 0), (6, 0)]), .extensionHeaders(.fragment)),
+            (Self.chained(first: 50, [], tcp: false), .extensionHeaders(.encrypted)),
+            (Self.chained(first: 60, [(51, 0)], tcp: false), .extensionHeaders(.encrypted)),
+            (Self.chained(first: 59, [], tcp: false), .extensionHeaders(.noNextHeader)),
+            (Self.chained(first: 17, [], tcp: true), .notTCP),
+            (Self.chained(first: 58, [], tcp: true), .notTCP),
+            (Self.chained(first: 60, Array(repeating: (60, 0), count: 8) + [(6, 0)]), .extensionHeaders(.chainTooLong)),
+            (Self.chained(first: 0, [(43, 40), (6, 40)]), .extensionHeaders(.chainTooLong)),
+        ]
+        for (bytes, expected) in cases {
+            var copy = bytes
+            #expect(Self.parse(&copy).failureValue == expected, "\(expected)")
+        }
+        var eight = Self.chained(first: 60, Array(repeating: (60, 0), count: 7) + [(6, 0)])
+        #expect((try? Self.parse(&eight).get())?.tcpOffset == 40 + 64, "eight headers are within the limit")
+    }
+
+    @Test("malformed: truncated anywhere, a header past the payload length, a jumbogram, not version 6 — refused, never read past the bytes")
+    func malformed() {
+        let good = Self.bytes(Self.withExtensions)
+        for cut in 0..<good.count {
+            var short = Array(good.prefix(cut))
+            #expect(Self.parse(&short).failureValue != nil, "cut at \(cut)")
+        }
+        var overlong = good
+        overlong[5] = 0x40  // payload length 64 > the 36 bytes there
+        #expect(Self.parse(&overlong).failureValue == .truncated)
+        var lying = good
+        lying[5] = 12  // payload length ends inside the Destination Options header
+        #expect(Self.parse(&lying).failureValue == .extensionHeaders(.truncated))
+        var jumbo = good
+        jumbo[4] = 0; jumbo[5] = 0
+        #expect(Self.parse(&jumbo).failureValue == .jumbogram)
+        var four = good
+        four[0] = 0x45
+        #expect(Self.parse(&four).failureValue == .notIPv6)
+        var badOffset = Self.bytes(Self.plain)
+        badOffset[52] = 0x40  // TCP data offset 16 bytes
+        #expect(Self.parse(&badOffset).failureValue == .badTCPHeaderLength)
+    }
+
+    @Test("random bytes behind a valid fixed header never crash the walk and never yield a header past the packet")
+    func fuzz() {
+        var rng = SplitMix64(state: 18)
+        for _ in 0..<20_000 {
+            let count = Int.random(in: 40...200, using: &rng)
+            var bytes = (0..<count).map { _ in UInt8.random(in: 0...255, using: &rng) }
+            bytes[0] = 0x60
+            let payload = Int.random(in: 0...(count - 40 + 8), using: &rng)
+            bytes[4] = UInt8(payload >> 8)
+            bytes[5] = UInt8(payload & 0xff)
+            bytes[6] = [0, 43, 60, 6, 44, 50, 59, UInt8.random(in: 0...255, using: &rng)].randomElement(using: &rng)!
+            if case .success(let packet) = Self.parse(&bytes) {
+                #expect(packet.length <= count && packet.payloadOffset <= packet.length)
+            }
+        }
+    }
+}
