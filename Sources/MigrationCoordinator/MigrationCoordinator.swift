@@ -215,7 +215,7 @@ public struct MigrationCoordinator: Sendable {
         case .requestLock(let rightDelta):
             guard let context else { return }
             receiveRequestLock(m, rightDelta: rightDelta, context: context, &out)
-        case .ackLock(let leftDelta, let rightDelta):
+        case .ackLock(let leftDelta, _):
             guard let context, var hop = hops[chainID] else { return }
             let result = hop.ackLock(m, hop: context.hop, left: context.leftNeighbour)
             store(hop, chainID, &out)
