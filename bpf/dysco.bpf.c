@@ -180,6 +180,23 @@ static __always_inline void emit(struct dysco_value *v, const struct parsed *p, 
     bpf_ringbuf_submit(e, 0);
 }
 
+/* A tagged SYN after the box's NAT (DYSCO_NAT_SYN_MARK): its translated tuple goes to the agent, which sends it on. */
+static __always_inline void emit_nat_syn(const struct parsed *p)
+{
+    struct dysco_event *e = bpf_ringbuf_reserve(&dysco_events, sizeof(*e), 0);
+    if (!e) {
+        stat_inc(DYSCO_STAT_EVENT_LOST);
+        return;
+    }
+    __builtin_memset(e, 0, sizeof(*e));
+    e->ts_ns = bpf_ktime_get_ns();
+    e->key = p->key;
+    e->type = DYSCO_EV_NAT_SYN;
+    e->seq = p->seq;
+    e->tcp_flags = p->tcp_flags;
+    bpf_ringbuf_submit(e, 0);
+}
+
 /* Facts, counters and events of one packet that passes a translation (before its rewrite). */
 static __always_inline void account(struct dysco_value *v, const struct parsed *p)
 {
@@ -481,6 +498,12 @@ int dysco_egress(struct __sk_buff *skb)
     struct parsed p;
     if (!parse(skb, DYSCO_HOOK_EGRESS, &p))
         return TC_ACT_OK;
+    if ((skb->mark & DYSCO_NAT_SYN_MARK) && (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN) {
+        /* The SYN the agent tagged at ingress, now in the tuple the box's NAT gave it: the agent sends it on. */
+        emit_nat_syn(&p);
+        stat_inc(DYSCO_STAT_NAT_SYN);
+        return TC_ACT_SHOT;
+    }
     int counted = 0;
     struct dysco_value *v = translation(&p, 0, &counted);
     if (!v)

@@ -35,6 +35,11 @@
    packets even for a key new at a release, whose earlier packets reached the queue before its entry existed
    (docs/BPF.md "Hand-over without reordering", "New keys"). A bit no queue rule matches on. */
 #define DYSCO_COUNTED_MARK 0x00800000u
+/* The paper's SYN tag (§2.1, "Middleboxes that modify the five-tuple"), set by the agent of a box that translates
+   tuples (`agent --nat`) in its verdict on a Dysco SYN it took in: dysco_egress, after the box's NAT, drops the
+   tagged SYN and reports its translated tuple (DYSCO_EV_NAT_SYN); the agent sends the SYN on itself, on the
+   subsession it opens for that tuple. A bit no queue rule matches on. docs/ARCHITECTURE.md "Boxes that translate". */
+#define DYSCO_NAT_SYN_MARK 0x00400000u
 /* The flags the program itself sets; user space owns the others. */
 #define DYSCO_F_PROGRAM_OWNED (DYSCO_F_FIN_SEEN | DYSCO_F_RST_SEEN)
 
@@ -88,6 +93,9 @@ struct dysco_value {
 #define DYSCO_EV_FIN 1
 #define DYSCO_EV_RST 2
 #define DYSCO_EV_ESTABLISHED 3
+/* A tagged SYN (DYSCO_NAT_SYN_MARK) reached tc egress and was dropped: key = its tuple after the box's NAT (hook
+   egress), seq = its sequence number, session_id 0 (no translation exists yet). */
+#define DYSCO_EV_NAT_SYN 4
 
 struct dysco_event {
     __u64 ts_ns;      /* bpf_ktime_get_ns() */
@@ -114,6 +122,7 @@ struct dysco_event {
                                         direction's facts refute (RFC 793 SYN-SENT acceptability): dropped */
 #define DYSCO_STAT_RELEASED_IN_ORDER 8 /* HELD|RELEASING translations the program took over (passed == seen) */
 #define DYSCO_STAT_HELD_PASSED 9 /* packets of held translations passed to the queue and counted in dysco_passed */
+#define DYSCO_STAT_NAT_SYN 10    /* tagged SYNs dropped at egress and reported (DYSCO_EV_NAT_SYN) */
 #define DYSCO_STAT_COUNT 16
 
 /* Configuration (array map dysco_config, one element, index 0). */

@@ -49,13 +49,15 @@ static inline int dysco_nfq_parse(const struct nlmsghdr *nlh, struct dysco_nfq_p
     return 0;
 }
 
-/* Writes a verdict message's headers into buf (>= 64 bytes): nlmsghdr, nfgenmsg, NFQA_VERDICT_HDR and,
+/* Writes a verdict message's headers into buf (>= 64 bytes): nlmsghdr, nfgenmsg, NFQA_VERDICT_HDR, NFQA_MARK when
+   set_mark (the packet's new mark) and,
    when payload_len > 0, the NFQA_PAYLOAD attribute header. Returns the header bytes; the caller sends the
    payload and dysco_nfq_padding(payload_len) zero bytes after them (one sendmsg, no copy of the packet). */
 static inline size_t dysco_nfq_verdict_header(char *buf, uint16_t queue, uint32_t id, uint32_t verdict,
-                                              uint32_t payload_len) {
+                                              uint32_t payload_len, int set_mark, uint32_t mark) {
     struct nlmsghdr *nlh = nfq_nlmsg_put(buf, NFQNL_MSG_VERDICT, queue);
     nfq_nlmsg_verdict_put(nlh, id, verdict);
+    if (set_mark) nfq_nlmsg_verdict_put_mark(nlh, mark);
     if (payload_len == 0) return nlh->nlmsg_len;
     struct nlattr *attr = (struct nlattr *)mnl_nlmsg_get_payload_tail(nlh);
     attr->nla_type = NFQA_PAYLOAD;

@@ -27,6 +27,9 @@ final class AgentDataplane: @unchecked Sendable {
     private let compactedPending = Atomic<Bool>(false)
     private let logger: Logger
     private let logLimiter = Mutex(LogRateLimiter())
+    /// Sends the SYNs of a box that translates tuples on, after its NAT (``PacketProcessor/natSynLeft(_:sequence:now:)``);
+    /// nil unless `--nat`.
+    private let natSender: RawPacketSender?
 
     typealias OwnershipChange = (add: KernelOwnership.Keys, remove: KernelOwnership.Keys)
 
@@ -38,6 +41,7 @@ final class AgentDataplane: @unchecked Sendable {
                         _ outcome: @escaping @Sendable (KernelPathOutcome) -> Void,
                         _ carriers: @escaping @Sendable ([SessionTable.SessionID]) -> [SessionTable.SessionID: SessionTable.Carrier])
             throws -> (any KernelPath)?) throws {
+        natSender = processor.settings.natBox ? try RawPacketSender() : nil
         self.processor = Mutex(processor)
         self.quietNanoseconds = quietNanoseconds
         self.logger = logger
@@ -160,13 +164,39 @@ final class AgentDataplane: @unchecked Sendable {
     func kernelEvents(_ taken: (events: [KernelEvent], lost: UInt64)) {
         guard !taken.events.isEmpty || taken.lost > 0 else { return }
         let now = dysco_monotonic_coarse_ns()
+        var syns: [[UInt8]] = []
         let effects = processor.withLock { state in
             state.counters.kernelEventsLost &+= taken.lost
             var effects = DataplaneEffects()
-            for event in taken.events { effects.append(state.observe(event, now: now).effects) }
+            for event in taken.events {
+                if event.kind == .natSyn {
+                    let (packet, more) = state.natSynLeft(event.key, sequence: event.sequenceNumber, now: now)
+                    if let packet { syns.append(packet) }
+                    effects.append(more)
+                } else {
+                    effects.append(state.observe(event, now: now).effects)
+                }
+            }
             return effects
         }
-        apply(effects)
+        // A session opened in the kernel with a SYN the agent sends itself reaches the map before the SYN leaves.
+        if !applyOpenings(effects) { apply(effects) }
+        sendNATSyns(syns)
+    }
+
+    /// The SYNs of a box that translates, in the tuples its NAT gave them, with their trailers (the raw socket's
+    /// packets carry the egress mark: the queue rules let them pass).
+    private func sendNATSyns(_ syns: [[UInt8]]) {
+        guard let natSender else { return }
+        for syn in syns {
+            syn.withUnsafeBytes { bytes in
+                guard bytes.count >= 20 else { return }
+                let destination = IPv4Address(UInt32(bigEndian: bytes.loadUnaligned(fromByteOffset: 16, as: UInt32.self)))
+                do { try natSender.send(bytes, to: destination) } catch {
+                    logger.warning("sending a SYN after the box's NAT failed", metadata: ["error": "\(error)"])
+                }
+            }
+        }
     }
 
     /// A full anchor buffer: the reconfiguration is cancelled (which releases the buffer there too).

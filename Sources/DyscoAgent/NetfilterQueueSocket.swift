@@ -115,12 +115,13 @@ public final class NetfilterQueueSocket {
         return true
     }
 
-    /// Issues a verdict; with `packet`, the packet is replaced by those bytes (one sendmsg, no copy).
-    public func verdict(id: UInt32, accept: Bool, packet: UnsafeRawBufferPointer? = nil) throws {
+    /// Issues a verdict; with `packet`, the packet is replaced by those bytes (one sendmsg, no copy); with `mark`,
+    /// the packet's mark becomes that.
+    public func verdict(id: UInt32, accept: Bool, packet: UnsafeRawBufferPointer? = nil, mark: UInt32? = nil) throws {
         let buffer = headerBuffer.assumingMemoryBound(to: CChar.self)
         let payloadLength = UInt32(packet?.count ?? 0)
         let headerLength = dysco_nfq_verdict_header(buffer, queue, id, accept ? UInt32(NF_ACCEPT) : UInt32(NF_DROP),
-                                                    payloadLength)
+                                                    payloadLength, mark == nil ? 0 : 1, mark ?? 0)
         var address = sockaddr_nl()
         address.nl_family = sa_family_t(AF_NETLINK)
         var iov = (

@@ -183,7 +183,8 @@ final class PacketLoop: @unchecked Sendable {
                                   capacity: small ? Self.scratchCapacity : packet.length,
                                   hook: packet.hook == .preRouting ? .ingress : .egress,
                                   checksum: packet.checksumNotReady ? .partial : .complete, mayHold: true,
-                                  counted: packet.hook != .preRouting || packet.mark & BPFHandOver.countedMark != 0)
+                                  counted: packet.hook != .preRouting || packet.mark & BPFHandOver.countedMark != 0,
+                                  mark: packet.mark)
         let now = dysco_monotonic_coarse_ns()
         try handle(queued, now: now)
     }
@@ -213,11 +214,13 @@ final class PacketLoop: @unchecked Sendable {
         // A session opened in the kernel with this SYN reaches the map before the SYN leaves.
         let applied = dataplane.applyOpenings(outcome.effects)
         defer { if !applied { dataplane.apply(outcome.effects) } }
+        let mark = outcome.markBits == 0 ? nil : packet.mark | outcome.markBits
         switch outcome.verdict {
         case .accept:
-            try queueSocket.verdict(id: packet.id, accept: true)
+            try queueSocket.verdict(id: packet.id, accept: true, mark: mark)
         case .acceptModified(let length):
-            try queueSocket.verdict(id: packet.id, accept: true, packet: UnsafeRawBufferPointer(start: packet.base, count: length))
+            try queueSocket.verdict(id: packet.id, accept: true, packet: UnsafeRawBufferPointer(start: packet.base, count: length),
+                                    mark: mark)
         case .drop:
             try queueSocket.verdict(id: packet.id, accept: false)
         case .hold(let chainID):
@@ -272,6 +275,8 @@ struct QueuedPacket {
     var mayHold: Bool
     /// The BPF program counted it for the hand-over rule (ingress: its mark; egress: always).
     var counted: Bool = true
+    /// Its mark as queued (a verdict that tags it ORs bits into it, ``PacketOutcome/markBits``).
+    var mark: UInt32 = 0
 }
 
 /// A packet an anchor holds: its NFQUEUE id (no verdict yet) and its bytes as they came (untranslated).

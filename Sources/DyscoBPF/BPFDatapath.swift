@@ -543,8 +543,11 @@ public struct BPFStatistics: Hashable, Sendable {
     public var releasedInOrder: UInt64
     /// Packets of held translations the program passed to the queue and counted.
     public var heldPassed: UInt64
+    /// Tagged SYNs the egress program dropped and reported after the box's NAT (`agent --nat`).
+    public var natSyns: UInt64
 
     init(_ totals: [UInt64]) {
+        natSyns = totals[Int(DYSCO_STAT_NAT_SYN)]
         releasedInOrder = totals[Int(DYSCO_STAT_RELEASED_IN_ORDER)]
         heldPassed = totals[Int(DYSCO_STAT_HELD_PASSED)]
         rewritten = totals[Int(DYSCO_STAT_REWRITTEN)]

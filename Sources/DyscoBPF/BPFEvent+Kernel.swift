@@ -10,6 +10,7 @@ extension BPFEvent {
         case .fin: kind = .fin
         case .rst: kind = .reset
         case .established: kind = .established
+        case .natSyn: kind = .natSyn
         case .unknown: return nil
         }
         return KernelEvent(kind: kind, sessionID: sessionID, hook: key.hook == .ingress ? .ingress : .egress,

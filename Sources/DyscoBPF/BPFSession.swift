@@ -148,13 +148,16 @@ public struct BPFSessionEntry: Hashable, Sendable {
 public struct BPFEvent: Hashable, Sendable, CustomStringConvertible {
     public enum Kind: Hashable, Sendable {
         case fin, rst, established
+        /// A tagged SYN after the box's NAT (`DYSCO_EV_NAT_SYN`): the key is its translated tuple.
+        case natSyn
         case unknown(UInt32)
 
-        init(_ raw: UInt32) {
+        public init(_ raw: UInt32) {
             switch raw {
             case UInt32(DYSCO_EV_FIN): self = .fin
             case UInt32(DYSCO_EV_RST): self = .rst
             case UInt32(DYSCO_EV_ESTABLISHED): self = .established
+            case UInt32(DYSCO_EV_NAT_SYN): self = .natSyn
             default: self = .unknown(raw)
             }
         }

@@ -112,6 +112,13 @@ struct AgentCommand: AsyncParsableCommand {
     @Flag(help: "Keep every packet in NFQUEUE: no kernel fast path (debugging, comparison); the BPF programs are still loaded, for the owned keys only (fail closed while no agent runs; without them: a warning, no owned keys).")
     var noFastpath = false
 
+    @Flag(help: ArgumentHelp("""
+        This host's middlebox translates tuples (SNAT, masquerade, DNAT): each Dysco SYN is tagged at ingress and sent \
+        on after the box's NAT, in the tuple the NAT gave it; the next hops and the right end see that tuple \
+        (docs/ARCHITECTURE.md, "Boxes that translate"). Needs the kernel fast path.
+        """))
+    var nat = false
+
     @Option(help: ArgumentHelp("""
         The session table's journal, read back at start (default: the control socket's path with .state for \
         .sock, /run/dysco-migrate/agent-<netns>.state). See "Restart" above.
@@ -184,6 +191,9 @@ struct AgentCommand: AsyncParsableCommand {
         guard stateMaxBytes > 0 else { throw ValidationError("--state-max-bytes must be positive") }
         if !noFastpath, !purge, datapath.resolvedObject() == nil {
             throw ValidationError("no dysco.bpf.o found for the kernel datapath (build it with `make bpf`, give --bpf-object, or run with --no-fastpath)")
+        }
+        if nat, noFastpath {
+            throw ValidationError("--nat needs the kernel fast path: its egress program, after the box's NAT, reports the translated SYNs (drop --no-fastpath)")
         }
         guard idleTimeout > 0 else { throw ValidationError("--idle-timeout must be positive") }
         guard synTimeout > 0, synTimeout <= 3600 else { throw ValidationError("--syn-timeout must be in (0, 3600] s") }
@@ -279,6 +289,7 @@ struct AgentCommand: AsyncParsableCommand {
         options.settings.maxSessions = maxSessions
         options.settings.maxSessionsPerSource = maxSessionsPerSource
         options.fastPath = !noFastpath
+        options.settings.natBox = nat
         // --no-fastpath loads the BPF programs too, for the owned keys only (docs/BPF.md "Owned keys").
         options.bpfObject = datapath.resolvedObject() ?? ""
         options.bpffs = datapath.bpfFs

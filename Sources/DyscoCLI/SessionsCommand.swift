@@ -57,7 +57,9 @@ struct SessionsCommand: AsyncParsableCommand {
                 let left: String = s.left.map { "\($0)" } ?? "-"
                 let right: String = s.right.map { "\($0)" } ?? "-"
                 let migration: String = s.migration.map { "\($0) (\(s.paths ?? "old"))" } ?? "-"
-                return ["\(s.id)", s.role.rawValue, "\(s.session)", left, right, s.state, s.carrier.rawValue, migration,
+                // A box that translates: the session as it came in, then as its NAT sent it on.
+                let session = s.translated.map { "\(s.session) ⇒ \($0)" } ?? "\(s.session)"
+                return ["\(s.id)", s.role.rawValue, session, left, right, s.state, s.carrier.rawValue, migration,
                         "\(s.packets)"]
             }
             let widths = header.indices.map { i in ([header[i]] + rows.map { $0[i] }).map(\.count).max() ?? 0 }

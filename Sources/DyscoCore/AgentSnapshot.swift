@@ -42,10 +42,14 @@ public struct AgentSnapshot: Codable, Sendable {
         /// At a joined proxy: whether its four timestamp clocks are known (``SessionTable/TimestampClocks``); its
         /// removal waits for them.
         public var spliceClocksKnown: Bool? = nil
+        /// At a box that translates tuples: the session as it leaves the box, after its NAT (the right subsession's
+        /// session; ``SessionTable/Record/translated``). Absent when the box left the tuple as it was.
+        public var translated: FiveTuple? = nil
 
         enum CodingKeys: String, CodingKey {
             case id, role, session, left, right, remaining, state, carrier = "path", packets, bytes, idleSeconds,
-                 ageSeconds, migration, paths, chainID, leftDelta, rightDelta, boxDelta, splicedTo, splicedChainID, spliceClocksKnown
+                 ageSeconds, migration, paths, chainID, leftDelta, rightDelta, boxDelta, splicedTo, splicedChainID, spliceClocksKnown,
+                 translated
         }
     }
 
@@ -132,6 +136,6 @@ extension PacketProcessor {
             rightDelta: record.rightLink.flatMap { $0.active.seqDelta == 0 ? nil : $0.active.seqDelta },
             boxDelta: record.boxDelta == .zero ? nil : record.boxDelta,
             splicedTo: record.spliced?.session, splicedChainID: record.spliced.map { String($0.identity.chainID, radix: 16) },
-            spliceClocksKnown: record.spliced.map { _ in record.clocks.deltas != nil })
+            spliceClocksKnown: record.spliced.map { _ in record.clocks.deltas != nil }, translated: record.translated)
     }
 }

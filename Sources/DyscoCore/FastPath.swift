@@ -14,6 +14,11 @@ public enum FastPath {
     /// bypass: while no agent runs, it is dropped (TCP retransmits it), never passed unrewritten.
     public static let ownedIngressMark: UInt32 = 0x0400_0000
     public static let ownedEgressMark: UInt32 = 0x0800_0000
+    /// The paper's SYN tag (§2.1): the agent of a box that translates tuples (``PacketProcessor/Settings/natBox``)
+    /// sets it in its verdict on a Dysco SYN it took in; the tc egress program drops the tagged SYN after the box's
+    /// NAT and reports its translated tuple (`DYSCO_NAT_SYN_MARK`, the same bit; docs/ARCHITECTURE.md "Boxes that
+    /// translate"). No queue rule matches on it.
+    public static let natSynMark: UInt32 = 0x0040_0000
 
     /// One translation of one session: key tuple → target tuple at a hook.
     public struct Translation: Equatable, Sendable {
@@ -46,6 +51,18 @@ extension SessionTable.Record {
             let (right, delta, session) = (link.active.tuple, link.active.seqDelta, rightSession)
             result.append(.init(hook: .egress, key: session, target: right, seqDelta: delta))
             result.append(.init(hook: .ingress, key: right.reversed, target: session.reversed, seqDelta: delta))
+        }
+        if let translated, leftLink != nil, rightLink != nil {
+            // A box that translates (docs/ARCHITECTURE.md, "Boxes that translate"): the egress queue rules run before
+            // its NAT is complete (source NAT comes after them, the reply's destination NAT is undone after them),
+            // where the packets carry a tuple between the two. An identity entry for it tells the rules that the
+            // kernel carries them (tc egress, after the NAT, sees the translated tuples above).
+            let between = FiveTuple(srcAddr: session.srcAddr, srcPort: session.srcPort,
+                                    dstAddr: translated.dstAddr, dstPort: translated.dstPort)
+            if between != translated { result.append(.init(hook: .egress, key: between, target: between, seqDelta: 0)) }
+            if between.reversed != session.reversed {
+                result.append(.init(hook: .egress, key: between.reversed, target: between.reversed, seqDelta: 0))
+            }
         }
         return result
     }

@@ -43,6 +43,10 @@ public struct KernelEvent: Sendable, Hashable {
         case reset
         /// The first packet with ACK and without SYN through a translation installed as opening.
         case established
+        /// A SYN this agent tagged at ingress (a box that translates tuples, ``PacketProcessor/Settings/natBox``)
+        /// reached the kernel's egress after the box's NAT and was dropped there: `key` is its tuple after the NAT,
+        /// `sessionID` 0. The agent sends it on (``PacketProcessor/natSynLeft(_:now:)``).
+        case natSyn
     }
     public var kind: Kind
     public var sessionID: SessionTable.SessionID

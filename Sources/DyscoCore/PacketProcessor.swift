@@ -95,6 +95,11 @@ public struct DataplaneCounters: Sendable, Codable, Equatable {
     public var sourceCapRefused: UInt64 = 0
     /// SYN-only records (handshake never completed) removed after `--syn-timeout`.
     public var synTimeouts: UInt64 = 0
+    /// A box that translates tuples (`agent --nat`, docs/ARCHITECTURE.md "Boxes that translate"): SYNs it sent on
+    /// after the box's NAT (the kernel's report of the tagged SYN), and reports no waiting SYN took (its session
+    /// gone or established meanwhile, or a report for a SYN this agent did not tag).
+    public var natSyns: UInt64 = 0
+    public var natSynsStale: UInt64 = 0
 
     public init() {}
 
@@ -152,6 +157,8 @@ extension DataplaneCounters {
         sessionCapRefused = try read(.sessionCapRefused)
         sourceCapRefused = try read(.sourceCapRefused)
         synTimeouts = try read(.synTimeouts)
+        natSyns = try read(.natSyns)
+        natSynsStale = try read(.natSynsStale)
     }
 }
 
@@ -266,10 +273,14 @@ public struct DataplaneEffects: Sendable {
 public struct PacketOutcome: Sendable {
     public var verdict: Verdict
     public var effects: DataplaneEffects
+    /// Mark bits the verdict ORs into the packet's mark (0: the mark stays): the SYN tag of a box that translates
+    /// tuples (``FastPath/natSynMark``).
+    public var markBits: UInt32
 
-    public init(verdict: Verdict, effects: DataplaneEffects = DataplaneEffects()) {
+    public init(verdict: Verdict, effects: DataplaneEffects = DataplaneEffects(), markBits: UInt32 = 0) {
         self.verdict = verdict
         self.effects = effects
+        self.markBits = markBits
     }
 }
 
@@ -302,6 +313,10 @@ public struct PacketProcessor: Sendable {
         /// At most this many records per session source address (the client), for sessions that arrive from
         /// the left (middlebox, right end): one flooding host cannot take every subsession port.
         public var maxSessionsPerSource = 8_192
+        /// This host's box translates tuples (a NAT'ing firewall; `agent --nat`): the Dysco SYNs it takes in are
+        /// tagged and sent on after the box's NAT, in the tuple the NAT gave them (docs/ARCHITECTURE.md, "Boxes that
+        /// translate"). Needs the BPF datapath (its egress program reports the tagged SYNs).
+        public var natBox = false
         public init() {}
     }
 
@@ -329,6 +344,11 @@ public struct PacketProcessor: Sendable {
     public internal(set) var anchoring = 0
     /// The deployment's keys: Dysco SYN trailers are signed with the current one and accepted under either.
     public let trust: TrustGroup
+    /// A box that translates tuples (``Settings/natBox``): the SYNs it tagged, by sequence number, until their
+    /// session's right subsession is established (PacketProcessor+NAT.swift).
+    public internal(set) var natSyns: [UInt32: NATSyn] = [:]
+    /// Mark bits for the verdict of the packet in progress (``PacketOutcome/markBits``).
+    var verdictMark: UInt32 = 0
 
     public init(config: AgentConfig, portRange: ClosedRange<UInt16>, trust: TrustGroup, settings: Settings = Settings()) {
         self.config = config
@@ -343,6 +363,10 @@ public struct PacketProcessor: Sendable {
     public mutating func process(_ base: UnsafeMutableRawPointer, count: Int, capacity: Int, hook: HookPoint,
                                  checksum: ChecksumState, now: UInt64) -> PacketOutcome {
         let verdict = decide(base, count: count, capacity: capacity, hook: hook, checksum: checksum, now: now)
+        guard verdictMark == 0 else {
+            defer { verdictMark = 0 }
+            return PacketOutcome(verdict: verdict, effects: takeEffects(), markBits: verdictMark)
+        }
         return PacketOutcome(verdict: verdict, effects: takeEffects())
     }
 
@@ -391,6 +415,7 @@ public struct PacketProcessor: Sendable {
                     }
                     packet.truncate(to: packet.length - decoded.1)
                     mode = .partial
+                    if settings.natBox { tagNATSyn(record, sequence: packet.tcp.sequenceNumber) }
                 }
                 // §3.4: from here on the packet is in the local endpoint's numbering (anchor rules, tracking).
                 packet.applyIngressDelta(translation.seqDelta, timestamps: translation.tsDelta)
@@ -415,6 +440,9 @@ public struct PacketProcessor: Sendable {
                 return .drop
             }
         case .egress:
+            if isInitialSyn, !natSyns.isEmpty, let waiting = natSyns[packet.tcp.sequenceNumber] {
+                return natSynLeaving(packet, waiting)
+            }
             if let translation = table.egress[key] {
                 // A local (or already verified) SYN on the tuple of a closing session, or of one an RST crossed.
                 if isInitialSyn, isClosing(translation.id) || table.records[translation.id]?.resetSeen == true {
@@ -505,6 +533,7 @@ public struct PacketProcessor: Sendable {
         observeSyn(id, packet)
         // The right end has its whole record now (a middlebox opens its right side when the SYN leaves).
         if table.records[id]?.role == .rightEnd { openInKernel(id, syn: nil) }
+        if settings.natBox, let record = table.records[id] { tagNATSyn(record, sequence: packet.tcp.sequenceNumber) }
         return .acceptModified(length: packet.length)
     }
 
@@ -550,7 +579,7 @@ public struct PacketProcessor: Sendable {
     /// kernel now, marked opening (``FastPathAction/open(_:_:syn:)``; the shell commits them before the SYN's
     /// verdict), so the rest of the connection stays in the kernel. Its handshake facts then come from the
     /// kernel's `established` event (``observe(_:now:)``); the fresh tracking ends here, as at any install.
-    private mutating func openInKernel(_ id: SessionTable.SessionID, syn: FastPathAction.OpeningSyn?) {
+    mutating func openInKernel(_ id: SessionTable.SessionID, syn: FastPathAction.OpeningSyn?) {
         guard settings.fastPath, settings.installAtSyn, let record = table.records[id], record.carrier == .slow,
               !record.fastPathFailed else { return }
         table.update(id) {
@@ -562,9 +591,9 @@ public struct PacketProcessor: Sendable {
 
     /// Rewrites a SYN to the record's right subsession and appends the Dysco trailer (v2: the record's
     /// identity, signed for the right subsession's tuple).
-    private mutating func sendSyn(_ packet: inout IPv4TCPPacket, record: SessionTable.Record, capacity: Int) -> Verdict {
+    mutating func sendSyn(_ packet: inout IPv4TCPPacket, record: SessionTable.Record, capacity: Int) -> Verdict {
         guard let right = record.right else { return .drop }
-        let trailer = DyscoSynPayload(identity: record.identity, session: record.session, remaining: record.remaining)
+        let trailer = DyscoSynPayload(identity: record.identity, session: record.rightSession, remaining: record.remaining)
         guard packet.length + trailer.encodedLength <= capacity, packet.length + trailer.encodedLength <= 0xffff else {
             counters.oversizedSyn &+= 1
             return .drop
@@ -741,6 +770,7 @@ public struct PacketProcessor: Sendable {
     public mutating func expire(now: UInt64) -> (removed: Int, effects: DataplaneEffects) {
         if !departed.isEmpty { departed = departed.filter { $0.value > now } }
         if !splicedOut.isEmpty { splicedOut = splicedOut.filter { $0.value.until > now } }
+        if !natSyns.isEmpty { expireNATSyns() }
         let due = table.expired(now: now, idleTimeout: settings.idleTimeout, synTimeout: settings.synTimeout)
         for id in due {
             guard let record = table.records[id] else { continue }
@@ -831,12 +861,12 @@ public struct PacketProcessor: Sendable {
 
     // MARK: - Helpers
 
-    private mutating func pass() -> Verdict {
+    mutating func pass() -> Verdict {
         counters.passedThrough &+= 1
         return .accept
     }
 
-    private mutating func countInsertError(_ error: SessionTable.InsertError, key: FiveTuple) {
+    mutating func countInsertError(_ error: SessionTable.InsertError, key: FiveTuple) {
         switch error {
         case .collision: counters.collisions &+= 1
         case .portsExhausted: counters.portsExhausted &+= 1

@@ -244,6 +244,8 @@ public struct PersistedRecord: Codable, Equatable, Sendable {
     /// for every other record).
     public var rightSession: FiveTuple?
     public var rightChainID: UInt64?
+    /// The tuple the box's NAT gave the session (``SessionTable/Record/translated``; absent when it kept it).
+    public var translated: FiveTuple?
     public var rightNonce: UInt64?
 
     public var identity: SessionIdentity { SessionIdentity(chainID: chainID, nonce: nonce) }
@@ -275,6 +277,7 @@ public struct PersistedRecord: Codable, Equatable, Sendable {
         rightSession = record.spliced?.session
         rightChainID = record.spliced?.identity.chainID
         rightNonce = record.spliced?.identity.nonce
+        translated = record.translated
     }
 
     /// The ports this agent allocated for the record's subsessions.
@@ -499,6 +502,10 @@ struct JournalLine {
         bytes.append(contentsOf: record.role.rawValue.utf8)
         append("\",\"session\":")
         append(record.session)
+        if let translated = record.translated {
+            append(",\"translated\":")
+            append(translated)
+        }
         append("}")
     }
 }

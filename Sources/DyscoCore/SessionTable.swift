@@ -147,8 +147,13 @@ public struct SessionTable: Sendable {
             for link in [leftLink, rightLink] { if let link, link.all.contains(where: { $0.tsDelta != 0 }) { return true } }
             return false
         }
-        /// The session tuple the right subsessions carry (`session` but at a joined proxy).
-        public var rightSession: FiveTuple { spliced?.session ?? session }
+        /// The session as it leaves a box that translates tuples (a NAT'ing firewall, paper §2.1 "Middleboxes that
+        /// modify the five-tuple"): learnt from the box's own SYN after its NAT (``SessionTable/setTranslated(_:_:)``).
+        /// Nil when the box left the tuple as it was.
+        public fileprivate(set) var translated: FiveTuple?
+        /// The session tuple the right subsessions carry: `session`, but the proxy's second session at a joined proxy
+        /// and the translated tuple at a box that changed it.
+        public var rightSession: FiveTuple { spliced?.session ?? translated ?? session }
 
         /// What this host adds to each byte stream between its left and right subsessions (§3.4): the box's delta
         /// plus the delta its active subsession on the stream's incoming side applies. An old-path hop adds it to
@@ -375,6 +380,7 @@ public struct SessionTable: Sendable {
             for (key, _) in newKeys.egress where egress[key].map({ $0.id != new.id }) ?? false { throw .collision(key) }
             if let other = bySession[new.session], other != new.id { throw .collision(new.session) }
             if let splice = new.spliced, let other = bySession[splice.session], other != new.id { throw .collision(splice.session) }
+            if let translated = new.translated, let other = bySession[translated], other != new.id { throw .collision(translated) }
         }
         if let old {
             let oldKeys = Self.keys(of: old)
@@ -392,6 +398,7 @@ public struct SessionTable: Sendable {
             bySession[splice.session] = new.id
             byChain[splice.identity.chainID] = new.id
         }
+        if let translated = new.translated { bySession[translated] = new.id }
         if let alias = new.alias { byChain[alias.identity.chainID] = new.id }
         changed?.insert(new.id)
         ownershipChanged?.insert(new.id)
@@ -433,6 +440,16 @@ public struct SessionTable: Sendable {
             throw error
         }
         return record.id
+    }
+
+    /// Records the tuple a box's NAT gave the session (``Record/translated``), before its right subsession exists:
+    /// the right side's translations then carry it (docs/ARCHITECTURE.md, "Boxes that translate"). The same tuple
+    /// as the session clears it.
+    public mutating func setTranslated(_ id: SessionID, _ tuple: FiveTuple) throws(InsertError) {
+        guard let old = records[id], old.rightLink == nil, old.spliced == nil else { return }
+        var new = old
+        new.translated = tuple == old.session ? nil : tuple
+        try store(new, replacing: old)
     }
 
     /// Creates the right subsession of `id` from `local` to `next` with a freshly allocated port, and its
@@ -538,7 +555,9 @@ public struct SessionTable: Sendable {
     private mutating func allocateSubsession(for record: Record, local: IPv4Address, next: IPv4Address,
                                              pathTag: UInt8) throws(InsertError) -> Subsession {
         guard let port = ports.allocate() else { throw .portsExhausted }
-        let tuple = FiveTuple(srcAddr: local, srcPort: port, dstAddr: next, dstPort: record.session.dstPort)
+        // The destination port of the session as it leaves this host (a box's destination NAT may change it).
+        let tuple = FiveTuple(srcAddr: local, srcPort: port, dstAddr: next,
+                              dstPort: (record.translated ?? record.session).dstPort)
         if let t = ingress[tuple.reversed], t.id != record.id {
             ports.release(port)
             throw .collision(tuple.reversed)
@@ -627,6 +646,7 @@ public struct SessionTable: Sendable {
             if byChain[splice.identity.chainID] == id { byChain.removeValue(forKey: splice.identity.chainID) }
         }
         if let alias = record.alias, byChain[alias.identity.chainID] == id { byChain.removeValue(forKey: alias.identity.chainID) }
+        if let translated = record.translated, bySession[translated] == id { bySession.removeValue(forKey: translated) }
         if let n = bySource[record.session.srcAddr] {
             if n <= 1 { bySource.removeValue(forKey: record.session.srcAddr) } else { bySource[record.session.srcAddr] = n - 1 }
         }
@@ -693,6 +713,7 @@ extension SessionTable {
         record.rightLink = p.right.map { Link(active: $0.active.subsession, other: $0.other?.subsession) }
         p.applyFlags(to: &record)
         record.spliced = p.splice
+        record.translated = p.translated
         if records[p.id] != nil || byChain[p.identity.chainID] != nil { throw .collision(p.session) }
         if let splice = p.splice, byChain[splice.identity.chainID] != nil { throw .collision(splice.session) }
         var reserved: [UInt16] = []

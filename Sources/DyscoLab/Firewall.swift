@@ -106,6 +106,7 @@ public struct FirewallCounters: Codable, Sendable, Hashable {
     static let establishedComment = "dysco-lab:established"
     static let newComment = "dysco-lab:new-syn"
     static let openComment = "dysco-lab:open"
+    static let masqueradeComment = "dysco-lab:masquerade"
 
     /// Parses `iptables -w -L FORWARD -v -x -n` for either profile. Rules are recognized by the lab's comments,
     /// or failing that by their conntrack match (`ctstate INVALID`, `ctstate RELATED,ESTABLISHED`, `ctstate NEW`);
@@ -163,6 +164,12 @@ public struct FirewallCounters: Codable, Sendable, Hashable {
     public static func installCommands(subnet: String, profile: FirewallProfile) -> [[String]] {
         switch profile {
         case .strict: installCommands(subnet: subnet)
+        case .snat:
+            // Masquerade what the box forwards (a source outside this host), not what the host sends itself.
+            installCommands(subnet: subnet) + [
+                ["-t", "nat", "-A", "POSTROUTING", "-p", "tcp", "-m", "addrtype", "!", "--src-type", "LOCAL",
+                 "-m", "comment", "--comment", masqueradeComment, "-j", "MASQUERADE"],
+            ]
         case .open:
             [
                 ["-t", "filter", "-P", "FORWARD", "ACCEPT"],

@@ -224,7 +224,9 @@ public final class Lab: @unchecked Sendable {
     private func startAgent(_ h: LabHost, binary: String, arguments: [String]) throws -> Process {
         // A socket left by a killed agent would look like readiness: remove it first (it is this lab's own).
         unlink(AgentControlPaths.socketPath(netns: h.namespace))
-        let args = [binary, "agent", "--config", LabPaths.agentConfig(name, host: h.name)]
+        // A box that translates tuples tags its Dysco SYNs (docs/ARCHITECTURE.md, "Boxes that translate").
+        let nat = h.role == .middlebox && state.firewallProfile(of: h.name).translates && !arguments.contains("--nat")
+        let args = [binary, "agent", "--config", LabPaths.agentConfig(name, host: h.name)] + (nat ? ["--nat"] : [])
             + Self.trustKeyArguments(state.trustKeyPath, overriddenBy: arguments)
             + (try bpfFsArguments(overriddenBy: arguments)) + arguments
         let log = LabPaths.agentLog(name, host: h.name)

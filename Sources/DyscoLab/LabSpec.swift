@@ -15,8 +15,14 @@ public enum FirewallProfile: String, Codable, Sendable, CaseIterable, CustomStri
     /// A stateless box: FORWARD policy ACCEPT with one counting rule and no conntrack match, so conntrack is
     /// not used at all in that namespace.
     case open
+    /// The strict firewall that also masquerades what it forwards (a NAT'ing firewall: the server sees the box's
+    /// address and a port the NAT chose). Its agent runs with `--nat` (docs/ARCHITECTURE.md, "Boxes that translate").
+    case snat
 
     public var description: String { rawValue }
+
+    /// Whether the box changes the session's tuple (its agent needs `--nat`).
+    public var translates: Bool { self == .snat }
 
     /// Parses `fw2=strict,fw3=open` (the `lab up --firewall` syntax). Empty text: no profiles.
     public static func parseAssignments(_ text: String) throws(LabError) -> [String: FirewallProfile] {

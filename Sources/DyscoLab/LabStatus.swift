@@ -102,8 +102,8 @@ public struct LabStatus: Codable, Sendable {
             lines.append(line)
             if let fw = h.firewall {
                 switch h.firewallProfile ?? fw.profile ?? .strict {
-                case .strict:
-                    lines.append("      firewall strict: NEW SYN accepted \(fw.newAccepted), ESTABLISHED accepted "
+                case .strict, .snat:
+                    lines.append("      firewall \(h.firewallProfile ?? .strict): NEW SYN accepted \(fw.newAccepted), ESTABLISHED accepted "
                                  + "\(fw.establishedAccepted), INVALID dropped \(fw.invalidDropped), "
                                  + "policy \(fw.policy) \(fw.policyDropped)")
                 case .open:

@@ -161,5 +161,10 @@ import Testing
         #expect(BPFHandOver.countedMark == 0x0080_0000)
         #expect(BPFHandOver.countedMark & (FastPath.ingressMark | FastPath.egressMark | FastPath.ownedIngressMark
                                            | FastPath.ownedEgressMark) == 0)
+        // The SYN tag of a box that translates (§2.1): the program's bit, distinct from every other mark.
+        #expect(FastPath.natSynMark == DYSCO_NAT_SYN_MARK)
+        #expect(FastPath.natSynMark & (FastPath.ingressMark | FastPath.egressMark | FastPath.ownedIngressMark
+                                       | FastPath.ownedEgressMark | BPFHandOver.countedMark) == 0)
+        #expect(BPFEvent.Kind(UInt32(DYSCO_EV_NAT_SYN)) == .natSyn && DYSCO_STAT_NAT_SYN == 10)
     }
 }

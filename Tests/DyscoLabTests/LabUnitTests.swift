@@ -223,7 +223,13 @@ import Glibc
         let json = String(decoding: try JSONEncoder().encode(["fw3": FirewallProfile.open]), as: UTF8.self)
         #expect(json == #"{"fw3":"open"}"#)
         #expect(try JSONDecoder().decode(FirewallProfile.self, from: Data(#""strict""#.utf8)) == .strict)
-        #expect(FirewallProfile.allCases.map(\.rawValue) == ["strict", "open"])
+        #expect(FirewallProfile.allCases.map(\.rawValue) == ["strict", "open", "snat"])
+        #expect(try FirewallProfile.parseAssignments("fw1=snat") == ["fw1": .snat])
+        #expect(FirewallProfile.allCases.filter(\.translates) == [.snat], "only the NAT'ing box runs its agent with --nat")
+        // The masquerading box: the strict rules, then MASQUERADE for what it forwards (not what it sends itself).
+        let snat = FirewallCounters.installCommands(subnet: "10.77.0.0/24", profile: .snat)
+        #expect(Array(snat.prefix(4)) == FirewallCounters.installCommands(subnet: "10.77.0.0/24"))
+        #expect(snat.last?.contains("MASQUERADE") == true && snat.last?.contains("--src-type") == true)
     }
 
     @Test func firewallProfilesInTheSpec() throws {
