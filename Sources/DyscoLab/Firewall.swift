@@ -1,3 +1,4 @@
+import DyscoCore
 import Foundation
 
 /// Packets and bytes counted by one iptables rule or chain policy.
@@ -107,6 +108,7 @@ public struct FirewallCounters: Codable, Sendable, Hashable {
     static let newComment = "dysco-lab:new-syn"
     static let openComment = "dysco-lab:open"
     static let masqueradeComment = "dysco-lab:masquerade"
+    static let publishComment = "dysco-lab:publish"
 
     /// Parses `iptables -w -L FORWARD -v -x -n` for either profile. Rules are recognized by the lab's comments,
     /// or failing that by their conntrack match (`ctstate INVALID`, `ctstate RELATED,ESTABLISHED`, `ctstate NEW`);
@@ -161,8 +163,17 @@ public struct FirewallCounters: Codable, Sendable, Hashable {
     }
 
     /// The iptables commands (arguments after `iptables -w`) that install the lab firewall of `profile` for `subnet`.
-    public static func installCommands(subnet: String, profile: FirewallProfile) -> [[String]] {
+    /// `published`: for the `dnat` profile, the box's address, the server it publishes there and the ports.
+    public static func installCommands(subnet: String, profile: FirewallProfile,
+                                       published: (box: IPv4Address, server: IPv4Address, ports: [UInt16])? = nil) -> [[String]] {
         switch profile {
+        case .dnat:
+            installCommands(subnet: subnet) + (published.map { p in
+                p.ports.map { port in
+                    ["-t", "nat", "-A", "PREROUTING", "-p", "tcp", "-d", "\(p.box)", "--dport", "\(port)",
+                     "-m", "comment", "--comment", publishComment, "-j", "DNAT", "--to-destination", "\(p.server):\(port)"]
+                }
+            } ?? [])
         case .strict: installCommands(subnet: subnet)
         case .snat:
             // Masquerade what the box forwards (a source outside this host), not what the host sends itself.

@@ -431,7 +431,9 @@ public final class Lab: @unchecked Sendable {
         }
         // Firewalls.
         for h in s.hosts where h.role == .middlebox {
-            for rule in FirewallCounters.installCommands(subnet: s.subnet.description, profile: s.firewallProfile(of: h.name)) {
+            let published = s.hosts.first { $0.role == .server }.map { (box: h.address, server: $0.address, ports: s.policyPorts) }
+            for rule in FirewallCounters.installCommands(subnet: s.subnet.description, profile: s.firewallProfile(of: h.name),
+                                                         published: published) {
                 try Command.run(["iptables", "-w"] + rule, netns: h.namespace)
             }
         }
@@ -503,10 +505,16 @@ public final class Lab: @unchecked Sendable {
         guard host.role == .client, !s.chain.isEmpty else { return AgentConfig(policies: []) }
         let chain = s.chain.compactMap { s.host($0)?.address }
         let ports = s.policyPorts.map { PortRange(lower: $0, upper: $0) }
-        let policies = s.hosts.filter { $0.role == .server }.map { server in
+        var policies = s.hosts.filter { $0.role == .server }.map { server in
             Policy(name: "lab-default-\(server.name)",
                    match: SessionPredicate(src: s.subnet, dst: IPv4Prefix("\(server.address)/32"), dport: ports),
                    chain: chain)
+        }
+        // A box of the chain that publishes a server on its own address (`dnat`): sessions to it take the chain too.
+        for box in s.chain.compactMap({ s.host($0) }) where s.firewallProfile(of: box.name) == .dnat {
+            policies.append(Policy(name: "lab-published-\(box.name)",
+                                   match: SessionPredicate(src: s.subnet, dst: IPv4Prefix("\(box.address)/32"), dport: ports),
+                                   chain: chain))
         }
         return AgentConfig(policies: policies)
     }

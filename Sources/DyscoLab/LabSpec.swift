@@ -18,11 +18,15 @@ public enum FirewallProfile: String, Codable, Sendable, CaseIterable, CustomStri
     /// The strict firewall that also masquerades what it forwards (a NAT'ing firewall: the server sees the box's
     /// address and a port the NAT chose). Its agent runs with `--nat` (docs/ARCHITECTURE.md, "Boxes that translate").
     case snat
+    /// The strict firewall that also publishes the lab's first server on the box's own address (destination NAT of
+    /// the policy ports): clients reach it through the box's address, the server sees the client's. Its agent runs
+    /// with `--nat`, and the clients' policies steer sessions to the box's address through the chain.
+    case dnat
 
     public var description: String { rawValue }
 
     /// Whether the box changes the session's tuple (its agent needs `--nat`).
-    public var translates: Bool { self == .snat }
+    public var translates: Bool { self == .snat || self == .dnat }
 
     /// Parses `fw2=strict,fw3=open` (the `lab up --firewall` syntax). Empty text: no profiles.
     public static func parseAssignments(_ text: String) throws(LabError) -> [String: FirewallProfile] {

@@ -112,6 +112,13 @@ import Glibc
         #expect(client.policy(for: FiveTuple(srcAddr: tuple.srcAddr, srcPort: 1, dstAddr: tuple.dstAddr, dstPort: 8080)) == nil)
         #expect(Lab.agentConfig(for: plan.host("fw1")!, in: state).policies.isEmpty)
         #expect(Lab.agentConfig(for: plan.host("server1")!, in: state).policies.isEmpty)
+        // A box of the chain that publishes a server (dnat): sessions to its own address take the chain too.
+        var published = state
+        published.firewallProfiles = ["fw1": .dnat]
+        let toBox = Lab.agentConfig(for: plan.host("client1")!, in: published)
+        #expect(toBox.policies.count == 3)
+        #expect(toBox.policies[2].match.dst?.description == "10.5.5.101/32")
+        #expect(toBox.policies[2].chain == client.policies[0].chain)
         var noChain = state
         noChain.chain = []
         #expect(Lab.agentConfig(for: plan.host("client1")!, in: noChain).policies.isEmpty)
@@ -223,9 +230,15 @@ import Glibc
         let json = String(decoding: try JSONEncoder().encode(["fw3": FirewallProfile.open]), as: UTF8.self)
         #expect(json == #"{"fw3":"open"}"#)
         #expect(try JSONDecoder().decode(FirewallProfile.self, from: Data(#""strict""#.utf8)) == .strict)
-        #expect(FirewallProfile.allCases.map(\.rawValue) == ["strict", "open", "snat"])
+        #expect(FirewallProfile.allCases.map(\.rawValue) == ["strict", "open", "snat", "dnat"])
         #expect(try FirewallProfile.parseAssignments("fw1=snat") == ["fw1": .snat])
-        #expect(FirewallProfile.allCases.filter(\.translates) == [.snat], "only the NAT'ing box runs its agent with --nat")
+        #expect(FirewallProfile.allCases.filter(\.translates) == [.snat, .dnat], "only the NAT'ing boxes run their agent with --nat")
+        // The publishing box: the strict rules, then one DNAT per policy port from its address to the server's.
+        let dnat = FirewallCounters.installCommands(subnet: "10.77.0.0/24", profile: .dnat,
+                                                    published: (IPv4Address("10.77.0.101")!, IPv4Address("10.77.0.201")!, [80, 5201]))
+        #expect(dnat.count == 6)
+        #expect(dnat[4].joined(separator: " ").contains("-d 10.77.0.101 --dport 80") && dnat[4].last == "10.77.0.201:80")
+        #expect(dnat[5].last == "10.77.0.201:5201")
         // The masquerading box: the strict rules, then MASQUERADE for what it forwards (not what it sends itself).
         let snat = FirewallCounters.installCommands(subnet: "10.77.0.0/24", profile: .snat)
         #expect(Array(snat.prefix(4)) == FirewallCounters.installCommands(subnet: "10.77.0.0/24"))

@@ -6,7 +6,8 @@ import Testing
 
 /// Boxes that translate tuples (issue 18; paper §2.1 "Middleboxes that modify the five-tuple"; docs/ARCHITECTURE.md
 /// "Boxes that translate"): a chain through a masquerading strict firewall (`--firewall fw1=snat`, its agent with
-/// `--nat`), on real namespaces, iptables NAT, conntrack and the BPF datapath. Lab `nat1`, subnet 10.78.141.0/24.
+/// `--nat`) and through a box that publishes a server on its own address (`fw1=dnat`), on real namespaces,
+/// iptables NAT, conntrack and the BPF datapath. Labs `nat1`, `nat2`: subnets 10.78.141.0/24, 10.78.142.0/24.
 @Suite struct NATTests {
     @Test("(a) a chain through a masquerading fw1: byte-exact, the server sees fw1's address, fw1's conntrack holds the binding, no INVALID drop, no retransmission")
     func masqueradingBox() async throws {
@@ -52,6 +53,49 @@ import Testing
                 $0.contains("src=\(client) dst=\(server)") && $0.contains("src=\(server) dst=\(fw1)")
             }
             #expect(bound.count == 21, "conntrack at fw1:\n\(table)")
+
+            let firewall = try lab.firewallCounters("fw1")
+            #expect(firewall.invalidDropped.packets == 0)
+            let retransmits = try TestSupport.tcpRetransmissions(lab, "client1")
+                + TestSupport.tcpRetransmissions(lab, "server1") - retransmitsBefore
+            #expect(retransmits == 0)
+        }
+    }
+
+    @Test("(b) a DNAT'ing fw1 publishing the server on its own address: byte-exact, the server sees the client, the chain ends at the real server, no INVALID drop, no retransmission")
+    func publishingBox() async throws {
+        try await TestSupport.withLab(LabSpec(name: "nat2", middleboxes: ["fw1"], subnet: "10.78.142.0/24",
+                                              agentArguments: ["--close-linger", "120"],
+                                              firewallProfiles: ["fw1": .dnat])) { lab in
+            try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 16)
+            let client = lab.address(of: "client1"), fw1 = lab.address(of: "fw1"), server = lab.address(of: "server1")
+            let retransmitsBefore = try TestSupport.tcpRetransmissions(lab, "client1")
+                + TestSupport.tcpRetransmissions(lab, "server1")
+            let target = "\(lab.directory)/blob.client"
+            // The client asks the box's address; the box's NAT sends the session on to the server.
+            try lab.exec("client1", ["curl", "-sS", "--fail", "-m", "60", "-o", target, "http://\(fw1)/blob"])
+            #expect(try TestSupport.sha256(target) == TestSupport.sha256("\(lab.httpRoot)/blob"))
+            for i in 0..<10 {
+                let page = try lab.exec("client1", ["curl", "-sS", "--fail", "-m", "10", "http://\(fw1)/index.html?\(i)"]).stdout
+                #expect(page.hasPrefix("dysco lab"), "request \(i)")
+            }
+
+            // Destination NAT keeps the client's address: the server's log names the client.
+            let log = try String(contentsOfFile: LabPaths.serviceLog(lab.name, host: "server1", service: "http"), encoding: .utf8)
+            let peers = log.split(separator: "\n").filter { $0.contains("GET /") }.map { String($0.split(separator: " ")[0]) }
+            #expect(peers.count == 11)
+            #expect(Set(peers) == ["\(client)"], "the server sees the client: \(Set(peers))")
+
+            let box = try await TestSupport.snapshot(lab, "fw1")
+            #expect(box.sessions.count == 11)
+            for s in box.sessions {
+                #expect(s.session.dstAddr == fw1)
+                let translated = try #require(s.translated, "session \(s.session)")
+                #expect(translated.srcAddr == client && translated.dstAddr == server, "the chain ends at the real server")
+                #expect(s.right?.dstAddr == server && s.remaining.isEmpty)
+            }
+            let end = try await TestSupport.snapshot(lab, "server1")
+            #expect(Set(end.sessions.map(\.session)) == Set(box.sessions.compactMap(\.translated)))
 
             let firewall = try lab.firewallCounters("fw1")
             #expect(firewall.invalidDropped.packets == 0)
