@@ -242,6 +242,7 @@ final class MigrationEngine: @unchecked Sendable {
               let me = record.right?.srcAddr ?? record.left?.dstAddr else {
             return .failure(ReconfigureRefusal("the session has no complete path here"))
         }
+        if record.translated != nil { return .failure(ReconfigureRefusal(SessionContext.translatingBoxRefusal)) }
         let context = SessionContext(identity: record.identity, session: record.session, me: me,
                                      leftNeighbour: record.leftNeighbour, rightNeighbour: right, hopDelta: record.hopDelta)
         let leftAnchor: IPv4Address
@@ -324,11 +325,13 @@ final class MigrationEngine: @unchecked Sendable {
 
     private func sessionContext(_ chainID: UInt64) -> SessionContext? {
         guard let (record, me) = dataplane.session(chainID: chainID) else { return nil }
-        return SessionContext(identity: record.identity, session: record.session, me: me,
-                              leftNeighbour: record.leftNeighbour, rightNeighbour: record.rightNeighbour,
-                              carried: record.bytes > record.packets &* UInt64(IPv4TCPPacket.pureAckLength),
-                              hopDelta: record.hopDelta,
-                              ending: record.finForward || record.finReverse || record.closeDeadline != nil)
+        var context = SessionContext(identity: record.identity, session: record.session, me: me,
+                                     leftNeighbour: record.leftNeighbour, rightNeighbour: record.rightNeighbour,
+                                     carried: record.bytes > record.packets &* UInt64(IPv4TCPPacket.pureAckLength),
+                                     hopDelta: record.hopDelta,
+                                     ending: record.finForward || record.finReverse || record.closeDeadline != nil)
+        context.translates = record.translated != nil
+        return context
     }
 
     private func pathEvent(_ chainID: UInt64, _ result: Result<FiveTuple, SessionTable.InsertError>) -> Event {

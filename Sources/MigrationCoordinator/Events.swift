@@ -19,6 +19,13 @@ public struct SessionContext: Sendable, Equatable {
     public var hopDelta: SessionTable.BoxDelta
     /// This host's record of the session saw a FIN (either way) or an RST: the session is closing, or half-closed.
     public var ending: Bool
+    /// This host's box translates the session's tuple (``SessionTable/Record/translated``): the session leaves it in
+    /// another tuple than it came in. It cannot anchor a reconfiguration yet (docs/ARCHITECTURE.md, "Boxes that
+    /// translate").
+    public var translates = false
+    /// Why a box that translates refuses to be an old box or the left anchor of a reconfiguration (for now).
+    public static let translatingBoxRefusal = "the box on this host translates the session's tuple (NAT): moving a "
+        + "session whose tuple a box changes is not supported yet (its NAT binding would have to move with it); it stays"
 
     var hop: OldPathHop.Hop { OldPathHop.Hop(me: me, delta: hopDelta) }
 

@@ -443,6 +443,7 @@ public struct MigrationCoordinator: Sendable {
             return  // a retransmitted trigger of the running reconfiguration
         }
         guard let context else { refuse("this agent does not know the session"); return }
+        guard !context.translates else { refuse(SessionContext.translatingBoxRefusal); return }
         guard let oldRight = context.rightNeighbour else { refuse("this agent has no right subsession to reconfigure"); return }
         guard let rightAnchor = trigger.newPath.last, !trigger.newPath.contains(context.me),
               !trigger.newPath.dropLast().contains(oldRight) else {

@@ -9,9 +9,9 @@ import Testing
 /// `--nat`) and through a box that publishes a server on its own address (`fw1=dnat`), on real namespaces,
 /// iptables NAT, conntrack and the BPF datapath. Labs `nat1`, `nat2`: subnets 10.78.141.0/24, 10.78.142.0/24.
 @Suite struct NATTests {
-    @Test("(a) a chain through a masquerading fw1: byte-exact, the server sees fw1's address, fw1's conntrack holds the binding, no INVALID drop, no retransmission")
+    @Test("(a) a chain through a masquerading fw1: byte-exact, the server sees fw1's address, fw1's conntrack holds the binding, no INVALID drop, no retransmission; replacing fw1 is refused with the reason, its session unharmed")
     func masqueradingBox() async throws {
-        try await TestSupport.withLab(LabSpec(name: "nat1", middleboxes: ["fw1"], subnet: "10.78.141.0/24",
+        try await TestSupport.withLab(LabSpec(name: "nat1", middleboxes: ["fw1", "fw2"], chain: ["fw1"], subnet: "10.78.141.0/24",
                                               agentArguments: ["--close-linger", "120"],
                                               firewallProfiles: ["fw1": .snat])) { lab in
             try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 16)
@@ -58,7 +58,27 @@ import Testing
             #expect(firewall.invalidDropped.packets == 0)
             let retransmits = try TestSupport.tcpRetransmissions(lab, "client1")
                 + TestSupport.tcpRetransmissions(lab, "server1") - retransmitsBefore
-            #expect(retransmits == 0)
+            let byHost = try ["client1", "server1"].map { "\($0) \(try TestSupport.tcpRetransmissions(lab, $0))" }
+            #expect(retransmits == 0, "\(byHost)")
+
+            // Replacing the NAT'ing box is refused for now, with the reason; the session it carries is unharmed.
+            // (A rate-limited download retransmits now and then through any box, NAT'ing or not: not counted.)
+            let slow = "\(lab.directory)/blob.slow"
+            let curl = try lab.spawn("client1", ["curl", "-sS", "--fail", "-m", "60", "--limit-rate", "4M", "-o", slow,
+                                                 "http://\(server)/blob"])
+            let live = try await TestSupport.eventually(timeout: 20) {
+                try await TestSupport.snapshot(lab, "fw1").sessions.contains { $0.state == "established" && $0.translated != nil }
+            }
+            #expect(live)
+            let replace = try MigrationLab.replace(lab, old: "fw1", new: "fw2")
+            #expect(replace.status == 1, "\(replace.stderr)")
+            let refused = replace.report?.sessions ?? []
+            #expect(!refused.isEmpty && refused.allSatisfy { $0.result == "refused" && $0.reason.contains("translates the session's tuple (NAT)") },
+                    "\(replace.stdout)")
+            curl.waitUntilExit()
+            #expect(curl.terminationStatus == 0)
+            #expect(try TestSupport.sha256(slow) == TestSupport.sha256("\(lab.httpRoot)/blob"))
+            #expect(try lab.firewallCounters("fw1").invalidDropped.packets == 0)
         }
     }
 

@@ -183,4 +183,20 @@ struct CoordinatorRegressionTests {
         #expect(result?.reason.contains("another reconfiguration") == false)
         #expect(actions.contains(.cancelAnchor(chainID: chainID)) && c.isIdle && c.locks.isEmpty)
     }
+
+    @Test("a left anchor whose box translates the session's tuple (NAT, §2.1) refuses the trigger with the reason, and locks nothing")
+    func translatingLeftAnchor() {
+        var c = MigrationCoordinator()
+        var fw1 = context(Host.fw1, left: Host.client, right: Host.fw2)
+        fw1.translates = true
+        let trigger = Trigger(newPath: [Host.fw2, Host.server], oldBox: Host.fw2, stateful: true, deadlineMilliseconds: 1000)
+        let actions = c.handle(.message(message(.trigger(trigger)), from: Host.fw2, context: fw1), now: 1)
+        let result = actions.compactMap { a -> TriggerResult? in
+            if case .send(let m, _) = a, case .triggerResult(let r) = m.body { return r }
+            return nil
+        }.first
+        #expect(result?.outcome == .refused && result?.failedStep == .lock)
+        #expect(result?.reason == SessionContext.translatingBoxRefusal)
+        #expect(c.isIdle && c.locks.isEmpty)
+    }
 }
