@@ -68,7 +68,8 @@ public final class ConntrackStateStore: FirewallStateStore, @unchecked Sendable 
         }
     }
 
-    public func importState(_ bytes: [UInt8]) throws(FirewallStateError) {
+    @discardableResult
+    public func importState(_ bytes: [UInt8]) throws(FirewallStateError) -> [FiveTuple: FiveTuple] {
         if reader.endpoints.rule == .routes {
             let clock = ContinuousClock()
             if local == nil || clock.now - local!.readAt > .seconds(1) {
@@ -92,6 +93,22 @@ public final class ConntrackStateStore: FirewallStateStore, @unchecked Sendable 
         guard report.succeeded, report.created + report.replaced == document.entryCount else {
             throw FirewallStateError(report.summary)
         }
+        return Self.translations(document.entries)
+    }
+
+    /// Each IPv4 TCP entry's original tuple → the tuple the flow leaves the box with (``FirewallStateStore``).
+    static func translations(_ entries: [ConntrackEntry]) -> [FiveTuple: FiveTuple] {
+        func tuple(_ t: ConntrackTuple) -> FiveTuple? {
+            guard case .v4(let a, let b, let c, let d) = t.src, case .v4(let e, let f, let g, let h) = t.dst,
+                  let sport = t.sport, let dport = t.dport else { return nil }
+            return FiveTuple(srcAddr: IPv4Address(a, b, c, d), srcPort: sport, dstAddr: IPv4Address(e, f, g, h), dstPort: dport)
+        }
+        var result: [FiveTuple: FiveTuple] = [:]
+        for entry in entries where entry.proto.number == 6 {
+            guard let original = tuple(entry.orig), let leaves = tuple(entry.reply.inverted) else { continue }
+            result[original] = leaves
+        }
+        return result
     }
 
     public func deleteState(session: FiveTuple) {

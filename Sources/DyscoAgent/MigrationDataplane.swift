@@ -47,6 +47,8 @@ protocol MigrationDataplane: AnyObject, Sendable {
     func createSession(identity: SessionIdentity, session: FiveTuple, left: FiveTuple,
                        next: IPv4Address) -> Result<FiveTuple, SessionTable.InsertError>
     func markEstablished(chainID: UInt64)
+    /// New box: the imported NAT binding's tuple becomes the right side's (``PacketProcessor/adoptTranslation(chainID:_:)``).
+    func translate(chainID: UInt64, _ tuple: FiveTuple)
     /// This host leaves the session (its record, kernel entries and ports).
     func leave(chainID: UInt64, reason: String)
     /// A spliced-out proxy's notice: alias and timestamp delta (``PacketProcessor/spliceNotice(chainID:alias:tsDelta:)``).
@@ -134,6 +136,10 @@ extension AgentDataplane: MigrationDataplane {
 
     func markEstablished(chainID: UInt64) {
         processor.withLock { $0.markEstablished(chainID: chainID) }
+    }
+
+    func translate(chainID: UInt64, _ tuple: FiveTuple) {
+        change { $0.adoptTranslation(chainID: chainID, tuple) }
     }
 
     func leave(chainID: UInt64, reason: String) {

@@ -134,7 +134,11 @@ final class MigrationEngine: @unchecked Sendable {
         let context = sessionContext(message.identity.chainID)
         if let context {
             guard context.identity.nonce == message.identity.nonce else { count("dropped.wrong-nonce"); return nil }
-            guard context.session == message.session else { count("dropped.wrong-session"); return nil }
+            // A box before this host renamed the session (NAT): the left end's name for it is unknown here.
+            guard context.session == message.session || context.renamedUpstream else {
+                count("dropped.wrong-session")
+                return nil
+            }
             if case .splice(let notice) = message.body {
                 receiveSpliceNotice(message, notice, from: from)
                 return nil
@@ -242,7 +246,10 @@ final class MigrationEngine: @unchecked Sendable {
               let me = record.right?.srcAddr ?? record.left?.dstAddr else {
             return .failure(ReconfigureRefusal("the session has no complete path here"))
         }
-        if record.translated != nil { return .failure(ReconfigureRefusal(SessionContext.translatingBoxRefusal)) }
+        // A box that translates moves with its NAT binding (the stateful import re-keys the new box's right side).
+        if record.translated != nil, request.mode != .stateful {
+            return .failure(ReconfigureRefusal(SessionContext.translatingBoxStatelessRefusal))
+        }
         let context = SessionContext(identity: record.identity, session: record.session, me: me,
                                      leftNeighbour: record.leftNeighbour, rightNeighbour: right, hopDelta: record.hopDelta)
         let leftAnchor: IPv4Address
@@ -331,6 +338,7 @@ final class MigrationEngine: @unchecked Sendable {
                                      hopDelta: record.hopDelta,
                                      ending: record.finForward || record.finReverse || record.closeDeadline != nil)
         context.translates = record.translated != nil
+        context.renamedUpstream = record.renamedUpstream
         return context
     }
 
@@ -421,6 +429,8 @@ final class MigrationEngine: @unchecked Sendable {
             return pathEvent(identity.chainID, dataplane.createSession(identity: identity, session: session, left: left, next: next))
         case .markEstablished(let chainID):
             dataplane.markEstablished(chainID: chainID)
+        case .translate(let chainID, let tuple):
+            dataplane.translate(chainID: chainID, tuple)
         case .promote(let chainID):
             dataplane.promote(chainID: chainID)
         case .sendProbe(let chainID):
@@ -600,11 +610,17 @@ final class MigrationEngine: @unchecked Sendable {
             }
             return .stateExported(chainID: chainID, requestID: requestID, result, micros: micros())
         case .import(let chainID, let requestID, let bytes):
-            let result: Result<Void, StepFailure>
+            let result: Result<FiveTuple?, StepFailure>
             if !settings.acceptState {
                 result = .failure(StepFailure("this box does not accept migrated state (agent --accept-state no)"))
             } else if let store = settings.stateStore {
-                do { try store.importState(bytes); result = .success(()) } catch {
+                // The session's tuple as the imported binding makes it (NAT), for the re-key before the answer.
+                do {
+                    let translations = try store.importState(bytes)
+                    let session = dataplane.session(chainID: chainID)?.record.session
+                    let leaves = session.flatMap { translations[$0] }
+                    result = .success(leaves == session ? nil : leaves)
+                } catch {
                     result = .failure(StepFailure("\(error)"))
                 }
             } else {

@@ -22,7 +22,9 @@ struct LabCommand: AsyncParsableCommand {
             accepted; NEW TCP SYNs inside the subnet accepted), or the open one (a stateless box: policy ACCEPT, \
             one counting rule, no conntrack), or the snat one (strict, and it masquerades what it forwards: \
             the server sees the box's address; its agent runs with --nat), or the dnat one (strict, and it \
-            publishes the first server on the box's own address for the policy ports; --nat too); each server runs iperf3 \
+            publishes the first server on the box's own address for the policy ports; --nat too), or the \
+            snat-shared one (strict, and it translates sources to the lab's shared service address, .254: \
+            boxes of this profile are an HA pair whose replace keeps the server's view; --nat too); each server runs iperf3 \
             (5201) and HTTP servers on 80 and 8080. Clients steer sessions to the servers' policy ports \
             (default 80,5201) through the chain (default: the first middlebox). Files, logs and lab.json live \
             in /run/dysco-migrate/labs/NAME/. Nothing outside the lab's own namespaces is touched.
@@ -110,7 +112,7 @@ extension LabCommand {
         var chain: String?
 
         @Option(name: .customLong("firewall"),
-                help: "Firewall profiles, MIDDLEBOX=PROFILE comma-separated, e.g. fw2=strict,fw3=open (strict: stateful, the default; open: stateless, no conntrack; snat: strict and masquerading; dnat: strict and publishing the first server on the box's address; both run the agent with --nat).")
+                help: "Firewall profiles, MIDDLEBOX=PROFILE comma-separated, e.g. fw2=strict,fw3=open (strict: stateful, the default; open: stateless, no conntrack; snat: strict and masquerading; dnat: strict and publishing the first server on the box's address; snat-shared: strict and translating sources to the lab's shared address .254, an HA pair; these three run the agent with --nat).")
         var firewall: String?
 
         @Option(help: "Number of attacker hosts (0...20), addresses .51, .52, ...: no agent, no firewall.")

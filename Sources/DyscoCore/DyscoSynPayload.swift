@@ -7,7 +7,8 @@
 ///   0       1     version (2)
 ///   1       1     address family (4 = IPv4)
 ///   2       1     n: number of remaining addresses (0...16)
-///   3       1     reserved, 0
+///   3       1     flags: bit 0 = renamed upstream (a box before this hop translated the session's tuple,
+///                 ``renamedUpstream``); the other bits reserved, 0
 ///   4       8     chain id   (SessionIdentity.chainID, fixed by the left end; never 0)
 ///   12      8     nonce      (SessionIdentity.nonce, fixed by the left end)
 ///   20      4     session source address
@@ -46,14 +47,23 @@ public struct DyscoSynPayload: Equatable, Sendable {
     /// Offset of the first hop address (the end of the fixed signed part).
     static let addressesOffset = 32
 
+    /// Flag bit of byte 3: ``renamedUpstream``.
+    static let renamedUpstreamFlag: UInt8 = 0x01
+
     public var identity: SessionIdentity
     public var session: FiveTuple
     public var remaining: [IPv4Address]
+    /// A box before this hop translated the session's tuple (paper §2.1, "Middleboxes that modify the five-tuple"):
+    /// `session` is the tuple as that box made it, and the chain's left end knows the session by another tuple. The
+    /// hops from here on accept the reconfiguration messages that name it so (docs/CONTROL-PROTOCOL.md, "Sessions
+    /// a box renamed").
+    public var renamedUpstream: Bool
 
-    public init(identity: SessionIdentity, session: FiveTuple, remaining: [IPv4Address]) {
+    public init(identity: SessionIdentity, session: FiveTuple, remaining: [IPv4Address], renamedUpstream: Bool = false) {
         self.identity = identity
         self.session = session
         self.remaining = remaining
+        self.renamedUpstream = renamedUpstream
     }
 
     public var encodedLength: Int { Self.fixedLength + 4 * remaining.count }
@@ -87,7 +97,7 @@ public struct DyscoSynPayload: Equatable, Sendable {
             case .badMAC: "Dysco trailer: MAC invalid (wrong trust key, altered, or replayed on another tuple)"
             case .unsupportedFamily(let f): "Dysco trailer: unsupported address family \(f)"
             case .tooManyAddresses(let n): "Dysco trailer: \(n) addresses (at most \(DyscoSynPayload.maxAddresses))"
-            case .reservedNotZero: "Dysco trailer: reserved byte is not zero"
+            case .reservedNotZero: "Dysco trailer: a reserved flag bit is set"
             case .zeroAddress: "Dysco trailer: a session port is zero"
             case .zeroIdentity: "Dysco trailer: chain id is zero"
             case .forbiddenAddress(let a): "Dysco trailer: forbidden address \(a) (loopback, multicast, broadcast, unspecified or link-local)"
@@ -128,7 +138,8 @@ public struct DyscoSynPayload: Equatable, Sendable {
         guard family == familyIPv4 else { throw .unsupportedFamily(family) }
         guard declaredCount <= maxAddresses else { throw .tooManyAddresses(declaredCount) }
         guard declaredCount == count else { throw .badLength(declared: declared, addresses: declaredCount) }
-        guard payload[start + 3] == 0 else { throw .reservedNotZero }
+        guard payload[start + 3] & ~Self.renamedUpstreamFlag == 0 else { throw .reservedNotZero }
+        let renamed = payload[start + 3] & Self.renamedUpstreamFlag != 0
         let identity = SessionIdentity(chainID: readBE64(payload, start + 4), nonce: readBE64(payload, start + 12))
         guard identity.chainID != 0 else { throw .zeroIdentity }
         let session = FiveTuple(srcAddr: IPv4Address(readBE32(payload, start + 20)), srcPort: readBE16(payload, start + 28),
@@ -144,7 +155,7 @@ public struct DyscoSynPayload: Equatable, Sendable {
             guard !address.isForbiddenHop else { throw .forbiddenAddress(address) }
             remaining.append(address)
         }
-        return (DyscoSynPayload(identity: identity, session: session, remaining: remaining), declared)
+        return (DyscoSynPayload(identity: identity, session: session, remaining: remaining, renamedUpstream: renamed), declared)
     }
 
     /// Writes the encoded trailer, signed for a packet with `tuple` under the current key of `trust`, into
@@ -155,7 +166,7 @@ public struct DyscoSynPayload: Equatable, Sendable {
         buffer[0] = Self.version
         buffer[1] = Self.familyIPv4
         buffer[2] = UInt8(remaining.count)
-        buffer[3] = 0
+        buffer[3] = renamedUpstream ? Self.renamedUpstreamFlag : 0
         writeBE64(buffer, 4, identity.chainID)
         writeBE64(buffer, 12, identity.nonce)
         writeBE32(buffer, 20, session.srcAddr.value)

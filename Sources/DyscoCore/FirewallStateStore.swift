@@ -5,8 +5,12 @@
 public protocol FirewallStateStore: AnyObject, Sendable {
     /// The session's state as a JSON state document (docs/STATE-FORMAT.md).
     func exportState(session: FiveTuple) throws(FirewallStateError) -> [UInt8]
-    /// Validates the whole document, then imports it (strict tracking); throws if anything was refused.
-    func importState(_ document: [UInt8]) throws(FirewallStateError)
+    /// Validates the whole document, then imports it (strict tracking); throws if anything was refused. Returns what
+    /// the imported bindings do to the sessions (paper §2.1, a box that translates): for each IPv4 TCP entry, its
+    /// original tuple → the tuple the flow leaves with (the reply tuple reversed; the same tuple when the entry
+    /// translates nothing).
+    @discardableResult
+    func importState(_ document: [UInt8]) throws(FirewallStateError) -> [FiveTuple: FiveTuple]
     /// Deletes the session's state (the old box after the teardown).
     func deleteState(session: FiveTuple)
 }

@@ -88,6 +88,39 @@ extension PacketProcessor {
         return (Array(buffer.prefix(length)), takeEffects())
     }
 
+    /// A new box of a reconfiguration whose imported conntrack entry translates the session (the old box's NAT
+    /// binding, §3.5 state transfer): its right side now carries `tuple` (``SessionTable/Record/translated``), as it
+    /// would had the box's own NAT translated the SYN. The right subsession stays (the right anchor knows the
+    /// session by that tuple already); the translations re-key, and the kernel carries the session from here (the
+    /// egress queue rules run before the NAT: the slow path cannot rewrite a translated session, docs/ARCHITECTURE.md
+    /// "Boxes that translate"). Committed before the import's answer leaves (``Action/translate``).
+    public mutating func adoptTranslation(chainID: UInt64, _ tuple: FiveTuple) -> DataplaneEffects {
+        guard let id = table.byChain[chainID], let old = table.records[id], old.role == .middlebox, old.rightSession != tuple else {
+            return takeEffects()
+        }
+        do throws(SessionTable.InsertError) { try table.setTranslated(id, tuple) } catch {
+            countInsertError(error, key: tuple)
+            return takeEffects()
+        }
+        guard let record = table.records[id] else { return takeEffects() }
+        counters.translationsAdopted &+= 1
+        switch old.carrier {
+        case .held:
+            break  // released later with the translations then in force
+        case .pending, .kernel:
+            pending.fastPath.append(.remove(id, old.fastPathTranslations))
+            pending.fastPath.append(.install(id, record.fastPathTranslations))
+        case .slow:
+            guard settings.fastPath, !record.fastPathFailed, !record.needsSlowPath else { break }
+            table.update(id) {
+                $0.carrier = .pending
+                $0.sequence.invalidate()
+            }
+            pending.fastPath.append(.install(id, record.fastPathTranslations))
+        }
+        return takeEffects()
+    }
+
     /// Forgets the tagged SYNs whose session is gone or established on the right (the expiry timer's turn).
     mutating func expireNATSyns() {
         natSyns = natSyns.filter { table.records[$0.value.id].map { !$0.rightEstablished } ?? false }

@@ -100,6 +100,9 @@ public struct DataplaneCounters: Sendable, Codable, Equatable {
     /// gone or established meanwhile, or a report for a SYN this agent did not tag).
     public var natSyns: UInt64 = 0
     public var natSynsStale: UInt64 = 0
+    /// New boxes whose imported conntrack entry translated the session: their right side took its tuple
+    /// (``PacketProcessor/adoptTranslation(chainID:_:)``).
+    public var translationsAdopted: UInt64 = 0
 
     public init() {}
 
@@ -159,6 +162,7 @@ extension DataplaneCounters {
         synTimeouts = try read(.synTimeouts)
         natSyns = try read(.natSyns)
         natSynsStale = try read(.natSynsStale)
+        translationsAdopted = try read(.translationsAdopted)
     }
 }
 
@@ -517,7 +521,7 @@ public struct PacketProcessor: Sendable {
         let id: SessionTable.SessionID
         do {
             id = try table.insertFromLeft(session: payload.session, left: key, remaining: payload.remaining,
-                                          identity: payload.identity, now: now)
+                                          identity: payload.identity, renamedUpstream: payload.renamedUpstream, now: now)
         } catch {
             counters.collisions &+= 1
             pending.events.append(.rejected(key, reason: "\(error)"))
@@ -593,7 +597,8 @@ public struct PacketProcessor: Sendable {
     /// identity, signed for the right subsession's tuple).
     mutating func sendSyn(_ packet: inout IPv4TCPPacket, record: SessionTable.Record, capacity: Int) -> Verdict {
         guard let right = record.right else { return .drop }
-        let trailer = DyscoSynPayload(identity: record.identity, session: record.rightSession, remaining: record.remaining)
+        let trailer = DyscoSynPayload(identity: record.identity, session: record.rightSession, remaining: record.remaining,
+                                      renamedUpstream: record.renamedUpstream || record.translated != nil)
         guard packet.length + trailer.encodedLength <= capacity, packet.length + trailer.encodedLength <= 0xffff else {
             counters.oversizedSyn &+= 1
             return .drop

@@ -246,6 +246,8 @@ public struct PersistedRecord: Codable, Equatable, Sendable {
     public var rightChainID: UInt64?
     /// The tuple the box's NAT gave the session (``SessionTable/Record/translated``; absent when it kept it).
     public var translated: FiveTuple?
+    /// ``SessionTable/Record/renamedUpstream`` (absent: false).
+    public var renamedUpstream: Bool?
     public var rightNonce: UInt64?
 
     public var identity: SessionIdentity { SessionIdentity(chainID: chainID, nonce: nonce) }
@@ -278,6 +280,7 @@ public struct PersistedRecord: Codable, Equatable, Sendable {
         rightChainID = record.spliced?.identity.chainID
         rightNonce = record.spliced?.identity.nonce
         translated = record.translated
+        renamedUpstream = record.renamedUpstream ? true : nil
     }
 
     /// The ports this agent allocated for the record's subsessions.
@@ -308,6 +311,7 @@ public struct PersistedRecord: Codable, Equatable, Sendable {
         record.established = established
         record.resetSeen = resetSeen ?? false
         record.boxDelta = boxDelta ?? .zero
+        record.renamedUpstream = renamedUpstream ?? false
         // Sequence tracking starts afresh (it is stale after the gap), as after a fast-path hand-over.
     }
 }
@@ -474,7 +478,12 @@ struct JournalLine {
             if i > 0 { bytes.append(0x2C) }
             append(hop)
         }
-        append("],\"reset\":")
+        append("]")
+        if let renamed = record.renamedUpstream {
+            append(",\"renamedUpstream\":")
+            append(renamed)
+        }
+        append(",\"reset\":")
         append(record.reset)
         if let resetSeen = record.resetSeen {
             append(",\"resetSeen\":")

@@ -151,6 +151,11 @@ public struct SessionTable: Sendable {
         /// modify the five-tuple"): learnt from the box's own SYN after its NAT (``SessionTable/setTranslated(_:_:)``).
         /// Nil when the box left the tuple as it was.
         public fileprivate(set) var translated: FiveTuple?
+        /// A box before this host translated the session's tuple (the SYN's trailer said so,
+        /// ``DyscoSynPayload/renamedUpstream``): `session` is the tuple as that box made it, and the chain's left end
+        /// knows the session by another. Its reconfiguration messages name it the left end's way; they are accepted
+        /// on the chain's identity (docs/CONTROL-PROTOCOL.md, "Sessions a box renamed").
+        public var renamedUpstream = false
         /// The session tuple the right subsessions carry: `session`, but the proxy's second session at a joined proxy
         /// and the translated tuple at a box that changed it.
         public var rightSession: FiveTuple { spliced?.session ?? translated ?? session }
@@ -411,13 +416,15 @@ public struct SessionTable: Sendable {
 
     /// Inserts a session whose left subsession arrived in a Dysco SYN (middlebox or right end).
     public mutating func insertFromLeft(session: FiveTuple, left: FiveTuple, remaining: [IPv4Address],
-                                        identity: SessionIdentity = .random(), now: UInt64) throws(InsertError) -> SessionID {
+                                        identity: SessionIdentity = .random(), renamedUpstream: Bool = false,
+                                        now: UInt64) throws(InsertError) -> SessionID {
         let role: Role = remaining.isEmpty ? .rightEnd : .middlebox
         if bySession[session] != nil { throw .collision(session) }
         if byChain[identity.chainID] != nil { throw .collision(session) }
         var record = Record(id: nextID, role: role, session: session, identity: identity, remaining: remaining,
                             createdAt: now, lastActivity: now)
         record.leftLink = Link(active: Subsession(tuple: left, allocatedPort: nil, pathTag: 0))
+        record.renamedUpstream = renamedUpstream
         try store(record, replacing: nil)
         nextID += 1
         return record.id
@@ -442,11 +449,12 @@ public struct SessionTable: Sendable {
         return record.id
     }
 
-    /// Records the tuple a box's NAT gave the session (``Record/translated``), before its right subsession exists:
-    /// the right side's translations then carry it (docs/ARCHITECTURE.md, "Boxes that translate"). The same tuple
-    /// as the session clears it.
+    /// Records the tuple a box's NAT gave the session (``Record/translated``): the right side's translations then
+    /// carry it (docs/ARCHITECTURE.md, "Boxes that translate"). The same tuple as the session clears it. Before the
+    /// right subsession exists (the box's own SYN), or with it (a new box whose imported conntrack entry carries a
+    /// NAT binding: its right subsession stays, its translations re-key).
     public mutating func setTranslated(_ id: SessionID, _ tuple: FiveTuple) throws(InsertError) {
-        guard let old = records[id], old.rightLink == nil, old.spliced == nil else { return }
+        guard let old = records[id], old.spliced == nil else { return }
         var new = old
         new.translated = tuple == old.session ? nil : tuple
         try store(new, replacing: old)

@@ -164,9 +164,16 @@ public struct FirewallCounters: Codable, Sendable, Hashable {
 
     /// The iptables commands (arguments after `iptables -w`) that install the lab firewall of `profile` for `subnet`.
     /// `published`: for the `dnat` profile, the box's address, the server it publishes there and the ports.
+    /// `shared`: for `snat-shared`, the address it translates sources to.
     public static func installCommands(subnet: String, profile: FirewallProfile,
-                                       published: (box: IPv4Address, server: IPv4Address, ports: [UInt16])? = nil) -> [[String]] {
+                                       published: (box: IPv4Address, server: IPv4Address, ports: [UInt16])? = nil,
+                                       shared: IPv4Address? = nil) -> [[String]] {
         switch profile {
+        case .snatShared:
+            installCommands(subnet: subnet) + (shared.map { address in
+                [["-t", "nat", "-A", "POSTROUTING", "-p", "tcp", "-m", "addrtype", "!", "--src-type", "LOCAL",
+                  "-m", "comment", "--comment", masqueradeComment, "-j", "SNAT", "--to-source", "\(address)"]]
+            } ?? [])
         case .dnat:
             installCommands(subnet: subnet) + (published.map { p in
                 p.ports.map { port in

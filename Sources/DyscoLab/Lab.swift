@@ -402,6 +402,9 @@ public final class Lab: @unchecked Sendable {
             "link set br0 up",
         ])
         let prefixLength = s.subnet.length
+        if s.hosts.contains(where: { s.firewallProfile(of: $0.name) == .snatShared && $0.role == .middlebox }) {
+            try ipBatch(s.switchNamespace, ["addr add \(s.sharedServiceAddress)/\(prefixLength) dev br0"])
+        }
         for h in s.hosts {
             try Command.run(["ip", "link", "add", h.interface, "netns", h.namespace, "type", "veth",
                              "peer", "name", h.switchPort, "netns", s.switchNamespace])
@@ -433,7 +436,7 @@ public final class Lab: @unchecked Sendable {
         for h in s.hosts where h.role == .middlebox {
             let published = s.hosts.first { $0.role == .server }.map { (box: h.address, server: $0.address, ports: s.policyPorts) }
             for rule in FirewallCounters.installCommands(subnet: s.subnet.description, profile: s.firewallProfile(of: h.name),
-                                                         published: published) {
+                                                         published: published, shared: s.sharedServiceAddress) {
                 try Command.run(["iptables", "-w"] + rule, netns: h.namespace)
             }
         }

@@ -22,11 +22,15 @@ public enum FirewallProfile: String, Codable, Sendable, CaseIterable, CustomStri
     /// the policy ports): clients reach it through the box's address, the server sees the client's. Its agent runs
     /// with `--nat`, and the clients' policies steer sessions to the box's address through the chain.
     case dnat
+    /// The strict firewall that translates the source of what it forwards to the lab's shared service address
+    /// (``LabState/sharedServiceAddress``, .254): boxes of this profile are an HA pair, and the server sees the same
+    /// client address whichever of them forwards. Its agent runs with `--nat`.
+    case snatShared = "snat-shared"
 
     public var description: String { rawValue }
 
     /// Whether the box changes the session's tuple (its agent needs `--nat`).
-    public var translates: Bool { self == .snat || self == .dnat }
+    public var translates: Bool { self == .snat || self == .dnat || self == .snatShared }
 
     /// Parses `fw2=strict,fw3=open` (the `lab up --firewall` syntax). Empty text: no profiles.
     public static func parseAssignments(_ text: String) throws(LabError) -> [String: FirewallProfile] {

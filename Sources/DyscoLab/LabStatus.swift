@@ -102,7 +102,7 @@ public struct LabStatus: Codable, Sendable {
             lines.append(line)
             if let fw = h.firewall {
                 switch h.firewallProfile ?? fw.profile ?? .strict {
-                case .strict, .snat, .dnat:
+                case .strict, .snat, .dnat, .snatShared:
                     lines.append("      firewall \(h.firewallProfile ?? .strict): NEW SYN accepted \(fw.newAccepted), ESTABLISHED accepted "
                                  + "\(fw.establishedAccepted), INVALID dropped \(fw.invalidDropped), "
                                  + "policy \(fw.policy) \(fw.policyDropped)")

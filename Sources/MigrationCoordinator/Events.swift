@@ -23,9 +23,16 @@ public struct SessionContext: Sendable, Equatable {
     /// another tuple than it came in. It cannot anchor a reconfiguration yet (docs/ARCHITECTURE.md, "Boxes that
     /// translate").
     public var translates = false
-    /// Why a box that translates refuses to be an old box or the left anchor of a reconfiguration (for now).
-    public static let translatingBoxRefusal = "the box on this host translates the session's tuple (NAT): moving a "
-        + "session whose tuple a box changes is not supported yet (its NAT binding would have to move with it); it stays"
+    /// A box before this host translated the session's tuple (``SessionTable/Record/renamedUpstream``): the
+    /// reconfiguration's messages name the session as the chain's left end knows it, not as this host does; they
+    /// are accepted on the chain's identity (chain id and nonce).
+    public var renamedUpstream = false
+    /// Why a box that translates refuses to be the left anchor of a reconfiguration (for now).
+    public static let translatingBoxRefusal = "the box on this host translates the session's tuple (NAT): it cannot "
+        + "anchor a reconfiguration of the session yet (its new path would carry the untranslated tuple); it stays"
+    /// Why the controller refuses a stateless or held move of a box that translates.
+    public static let translatingBoxStatelessRefusal = "the box translates the session's tuple (NAT): only a stateful "
+        + "move (replace without --stateless) takes its NAT binding to the new box; it stays"
 
     var hop: OldPathHop.Hop { OldPathHop.Hop(me: me, delta: hopDelta) }
 
@@ -90,9 +97,10 @@ public enum Event: Sendable {
     /// (from this host to the right, or from the left to this host), or why it could not be made.
     case pathOpened(chainID: UInt64, subsession: FiveTuple)
     case pathRefused(chainID: UInt64, reason: String)
-    /// Result of ``Action/exportState`` (the conntrack document, JSON) / ``Action/importState``.
+    /// Result of ``Action/exportState`` (the conntrack document, JSON) / ``Action/importState``; an import's success
+    /// carries the session's tuple as the imported NAT binding makes it (nil: the entry translates nothing).
     case stateExported(chainID: UInt64, requestID: UInt32, Result<[UInt8], StepFailure>, micros: UInt32)
-    case stateImported(chainID: UInt64, requestID: UInt32, Result<Void, StepFailure>, micros: UInt32)
+    case stateImported(chainID: UInt64, requestID: UInt32, Result<FiveTuple?, StepFailure>, micros: UInt32)
 }
 
 /// Why a step failed, in words an operator reads.
@@ -118,6 +126,11 @@ public enum Action: Sendable, Equatable {
     /// carried after the peer acted on that message would be missed. The shell commits before its next send
     /// (MigrationEngine: one nftables commit per turn, before the turn's messages).
     case commitKernel
+    /// A new box whose imported conntrack entry translates the session (a NAT binding, paper §2.1): its right side
+    /// carries the translated tuple from now on (``SessionTable/Record/translated``: the right subsession stays, its
+    /// translations re-key). Followed by ``commitKernel`` before the import's answer leaves: the release that
+    /// follows the answer (§3.5) finds the translations in force.
+    case translate(chainID: UInt64, FiveTuple)
     /// Set the anchor's data-plane phase (AnchorState.Phase).
     case setPhase(chainID: UInt64, AnchorState.Phase)
     case setDelta(chainID: UInt64, Int32)

@@ -109,16 +109,21 @@ struct NewBox: Sendable {
         }
     }
 
-    /// The shell's import result: answer the old box with it and the import's duration.
-    mutating func stateImported(_ result: Result<Void, StepFailure>, micros: UInt32) -> [Action] {
+    /// The shell's import result: answer the old box with it and the import's duration. An entry whose NAT binding
+    /// translates the session re-keys this box's right side first (paper §2.1; docs/ARCHITECTURE.md, "Boxes that
+    /// translate"), in force before the answer leaves.
+    mutating func stateImported(_ result: Result<FiveTuple?, StepFailure>, micros: UInt32) -> [Action] {
         guard case .importing(let oldBox) = importState else { return [] }
         let ok: Bool, reason: String
+        var out: [Action] = []
         switch result {
-        case .success: (ok, reason) = (true, "")
+        case .success(let translated):
+            (ok, reason) = (true, "")
+            if let translated { out += [.translate(chainID: chainID, translated), .commitKernel] }
         case .failure(let failure): (ok, reason) = (false, "import at the new box refused: \(failure)")
         }
         setImport(.done(ok: ok, reason: reason, micros: micros, oldBox: oldBox))
-        return [.send(message.answer(.stateInstalled(ok: ok, times: StateTimes(importMicroseconds: micros), reason: reason)),
+        return out + [.send(message.answer(.stateInstalled(ok: ok, times: StateTimes(importMicroseconds: micros), reason: reason)),
                       to: oldBox)]
     }
 }

@@ -90,6 +90,22 @@ struct DyscoSynPayloadTests {
         #expect(hex == goldenTrailerHex, "MAC as computed by Python (interoperability with the lab's forger)")
     }
 
+    @Test("§2.1 renamed upstream: flag bit 0 of byte 3, under the MAC; absent by default; flipping it breaks the MAC")
+    func renamedUpstream() throws {
+        let plain = trailer([fw2])
+        var flagged = DyscoSynPayload(identity: identity, session: session, remaining: [fw2], renamedUpstream: true)
+        let bytes = flagged.encoded(tuple: wire, trust: TestKeys.group)
+        #expect(plain[3] == 0 && bytes[3] == 1)
+        #expect(try decode(plain).0.renamedUpstream == false)
+        let (decoded, length) = try decode(bytes)
+        #expect(decoded == flagged && length == bytes.count)
+        var forged = plain
+        forged[3] = 1  // an on-path rewrite of the flag without the key
+        #expect(decodeError(forged) == .badMAC)
+        flagged.renamedUpstream = false
+        #expect(try decode(plain).0 == flagged)
+    }
+
     @Test("no magic: not a Dysco SYN, and decode says so")
     func noMagic() {
         var bytes = trailer([])
@@ -188,7 +204,8 @@ struct DyscoSynPayloadTests {
         #expect(decodeError(mutated { $0[1] = 6 }) == .unsupportedFamily(6))
         #expect(decodeError(mutated { $0[2] = 2 }) == .badLength(declared: 58, addresses: 2))
         #expect(decodeError(mutated { $0[2] = 17 }) == .tooManyAddresses(17))
-        #expect(decodeError(mutated { $0[3] = 1 }) == .reservedNotZero)
+        #expect(decodeError(mutated { $0[3] = 2 }) == .reservedNotZero)
+        #expect(decodeError(mutated { $0[3] = 0x81 }) == .reservedNotZero)
         #expect(decodeError(mutated { $0.replaceSubrange(4..<12, with: [UInt8](repeating: 0, count: 8)) }) == .zeroIdentity)
         #expect(decodeError(mutated { $0[28] = 0; $0[29] = 0 }) == .zeroAddress)
         #expect(decodeError(mutated { $0[30] = 0; $0[31] = 0 }) == .zeroAddress)

@@ -180,4 +180,55 @@ struct NATBoxTests {
         #expect(table.egress[masqueraded]?.id == record.id)
         #expect(table.bySession[masqueraded] == record.id)
     }
+
+    @Test("§2.1: the SYN the box sends on says the session was renamed upstream; the right end keeps that (and persists it)")
+    func renamedUpstream() throws {
+        let h = harness()
+        let syn = try synThrough(h, egressSees: session, nat: masqueraded)
+        let right = try #require(h.hosts["fw1"]!.table.records.values.first?.right)
+        let trailer = try #require(decodedTrailer(syn, tuple: right))
+        #expect(trailer.renamedUpstream && trailer.session == masqueraded)
+        _ = run(h, "server", syn, .ingress)
+        let atServer = try #require(h.hosts["server"]!.table.records.values.first)
+        #expect(atServer.renamedUpstream && atServer.session == masqueraded)
+        #expect(h.hosts["fw1"]!.table.records.values.first?.renamedUpstream == false, "the box itself knows both names")
+        let persisted = PersistedRecord(atServer)
+        #expect(persisted.renamedUpstream == true)
+        var table = SessionTable(portRange: 20000...20999)
+        try table.restore(persisted, now: 0)
+        #expect(table.records[atServer.id]?.renamedUpstream == true)
+        // A plain chain's right end is not renamed.
+        let plain = harness(natBox: false)
+        let (_, out1, _) = run(plain, "client", PacketBuilder(tuple: session, flags: [.syn], seq: 7000).build(), .egress)
+        let (_, inside, _) = run(plain, "fw1", out1, .ingress)
+        let (_, leaving, _) = run(plain, "fw1", inside, .egress)
+        _ = run(plain, "server", leaving, .ingress)
+        #expect(plain.hosts["server"]!.table.records.values.first?.renamedUpstream == false)
+    }
+
+    @Test("§3.5 with §2.1: a new box whose imported entry carries the NAT binding re-keys its right side to the translated tuple")
+    func newBoxAdoptsImportedTranslation() throws {
+        let h = harness()
+        let fw2 = IPv4Address("10.77.0.102")!
+        let identity = SessionIdentity(chainID: 0xfeed, nonce: 7)
+        // newPathSyn made the session at fw2 with the untranslated tuple (the left anchor's name for it).
+        let left = FiveTuple(srcAddr: client, srcPort: 30001, dstAddr: fw2, dstPort: 80)
+        var box = h.hosts["fw1"]!
+        let right = try box.createFromNewPath(identity: identity, session: session, left: left, next: server, now: h.now).get()
+        let id = try #require(box.table.byChain[identity.chainID])
+        #expect(box.table.records[id]?.carrier == .slow)
+        let effects = box.adoptTranslation(chainID: identity.chainID, masqueraded)
+        let record = try #require(box.table.records[id])
+        #expect(record.translated == masqueraded && record.right == right, "the right subsession stays; its tuple re-keys")
+        #expect(record.fastPathTranslations.contains(.init(hook: .egress, key: masqueraded, target: right)))
+        #expect(record.fastPathTranslations.contains(.init(hook: .ingress, key: right.reversed, target: masqueraded.reversed)))
+        #expect(record.fastPathTranslations.contains(.init(hook: .ingress, key: left, target: session)))
+        #expect(!record.fastPathTranslations.contains(where: { $0.hook == .egress && $0.key == session && $0.target == right }))
+        #expect(effects.fastPath == [.install(id, record.fastPathTranslations)], "the kernel carries it: the egress rule runs before the NAT")
+        #expect(record.carrier == .pending)
+        #expect(box.counters.translationsAdopted == 1)
+        // Again, or the same tuple: nothing more.
+        #expect(box.adoptTranslation(chainID: identity.chainID, masqueraded).fastPath.isEmpty)
+        #expect(box.counters.translationsAdopted == 1)
+    }
 }

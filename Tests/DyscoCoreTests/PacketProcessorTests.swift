@@ -104,6 +104,11 @@ func trailerError(_ bytes: [UInt8], tuple: FiveTuple, trust: TrustGroup = TestKe
     }
 }
 
+/// The trailer of the SYN `bytes`, decoded for `tuple` (nil: it does not decode).
+func decodedTrailer(_ bytes: [UInt8], tuple: FiveTuple, trust: TrustGroup = TestKeys.group) -> DyscoSynPayload? {
+    payload(of: bytes).withUnsafeBytes { raw in try? DyscoSynPayload.decode(trailerOf: raw, tuple: tuple, trust: trust).0 }
+}
+
 @Suite("Packet processor: a chain of agents in memory (paper §2.1)")
 struct PacketProcessorTests {
     let client = IPv4Address("10.77.0.10")!, fw1 = IPv4Address("10.77.0.101")!

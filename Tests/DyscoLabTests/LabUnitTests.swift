@@ -230,9 +230,9 @@ import Glibc
         let json = String(decoding: try JSONEncoder().encode(["fw3": FirewallProfile.open]), as: UTF8.self)
         #expect(json == #"{"fw3":"open"}"#)
         #expect(try JSONDecoder().decode(FirewallProfile.self, from: Data(#""strict""#.utf8)) == .strict)
-        #expect(FirewallProfile.allCases.map(\.rawValue) == ["strict", "open", "snat", "dnat"])
-        #expect(try FirewallProfile.parseAssignments("fw1=snat") == ["fw1": .snat])
-        #expect(FirewallProfile.allCases.filter(\.translates) == [.snat, .dnat], "only the NAT'ing boxes run their agent with --nat")
+        #expect(FirewallProfile.allCases.map(\.rawValue) == ["strict", "open", "snat", "dnat", "snat-shared"])
+        #expect(try FirewallProfile.parseAssignments("fw1=snat,fw2=snat-shared") == ["fw1": .snat, "fw2": .snatShared])
+        #expect(FirewallProfile.allCases.filter(\.translates) == [.snat, .dnat, .snatShared], "only the NAT'ing boxes run their agent with --nat")
         // The publishing box: the strict rules, then one DNAT per policy port from its address to the server's.
         let dnat = FirewallCounters.installCommands(subnet: "10.77.0.0/24", profile: .dnat,
                                                     published: (IPv4Address("10.77.0.101")!, IPv4Address("10.77.0.201")!, [80, 5201]))
@@ -243,6 +243,11 @@ import Glibc
         let snat = FirewallCounters.installCommands(subnet: "10.77.0.0/24", profile: .snat)
         #expect(Array(snat.prefix(4)) == FirewallCounters.installCommands(subnet: "10.77.0.0/24"))
         #expect(snat.last?.contains("MASQUERADE") == true && snat.last?.contains("--src-type") == true)
+        // The HA pair's box: the strict rules, then SNAT of what it forwards to the shared service address.
+        let shared = FirewallCounters.installCommands(subnet: "10.77.0.0/24", profile: .snatShared, shared: IPv4Address("10.77.0.254")!)
+        #expect(Array(shared.prefix(4)) == FirewallCounters.installCommands(subnet: "10.77.0.0/24"))
+        #expect(shared.count == 5 && shared.last?.suffix(3) == ["SNAT", "--to-source", "10.77.0.254"])
+        #expect(shared.last?.contains("--src-type") == true)
     }
 
     @Test func firewallProfilesInTheSpec() throws {

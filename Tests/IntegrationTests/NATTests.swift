@@ -30,7 +30,7 @@ import Testing
         return (peers, try retransmissions() - before)
     }
 
-    @Test("(a) a chain through a masquerading fw1: byte-exact, the server sees fw1's address, fw1's conntrack holds the binding, no INVALID drop, no retransmission; replacing fw1 is refused with the reason, its session unharmed")
+    @Test("(a) a chain through a masquerading fw1: byte-exact, the server sees fw1's address, fw1's conntrack holds the binding, no INVALID drop, no retransmission; a stateless replace of fw1 is refused with the reason, its session unharmed")
     func masqueradingBox() async throws {
         try await TestSupport.withLab(LabSpec(name: "nat1", middleboxes: ["fw1", "fw2"], chain: ["fw1"], subnet: "10.78.141.0/24",
                                               agentArguments: ["--close-linger", "120"],
@@ -66,7 +66,8 @@ import Testing
             #expect(try lab.firewallCounters("fw1").invalidDropped.packets == 0)
             #expect(retransmits == 0)
 
-            // Replacing the NAT'ing box is refused for now, with the reason; the session it carries is unharmed.
+            // A stateless move of the NAT'ing box is refused, with the reason (no binding would move); the session it
+            // carries is unharmed.
             // (A rate-limited download retransmits now and then through any box, NAT'ing or not: not counted.)
             let slow = "\(lab.directory)/blob.slow"
             let curl = try lab.spawn("client1", ["curl", "-sS", "--fail", "-m", "60", "--limit-rate", "4M", "-o", slow,
@@ -75,7 +76,7 @@ import Testing
                 try await TestSupport.snapshot(lab, "fw1").sessions.contains { $0.state == "established" && $0.translated != nil }
             }
             #expect(live)
-            let replace = try MigrationLab.replace(lab, old: "fw1", new: "fw2")
+            let replace = try MigrationLab.replace(lab, old: "fw1", new: "fw2", extra: ["--stateless"])
             #expect(replace.status == 1, "\(replace.stderr)")
             let refused = replace.report?.sessions ?? []
             #expect(!refused.isEmpty && refused.allSatisfy { $0.result == "refused" && $0.reason.contains("translates the session's tuple (NAT)") },
@@ -112,6 +113,63 @@ import Testing
 
             #expect(try lab.firewallCounters("fw1").invalidDropped.packets == 0)
             #expect(retransmits == 0)
+        }
+    }
+
+    @Test("(a) replace fw1 → fw2 of an HA pair translating to a shared service address, mid-download: moved, byte-exact, the server sees the shared address throughout, fw2's conntrack holds the binding, no INVALID drop")
+    func haPairReplace() async throws {
+        try await TestSupport.withLab(LabSpec(name: "nat3", middleboxes: ["fw1", "fw2"], chain: ["fw1"], subnet: "10.78.143.0/24",
+                                              agentArguments: ["--close-linger", "120"],
+                                              firewallProfiles: ["fw1": .snatShared, "fw2": .snatShared])) { lab in
+            let client = lab.address(of: "client1"), server = lab.address(of: "server1")
+            let shared = lab.state.sharedServiceAddress
+            try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 16)
+            let download = "\(lab.directory)/blob.client"
+            let curl = try lab.spawn("client1", ["curl", "-sS", "--fail", "-m", "60", "--limit-rate", "4M", "-o", download,
+                                                 "http://\(server)/blob"])
+            let live = try await TestSupport.eventually(timeout: 20) {
+                try await TestSupport.snapshot(lab, "fw1").sessions.contains { $0.state == "established" && $0.translated != nil }
+            }
+            #expect(live)
+            let before = try await TestSupport.snapshot(lab, "fw1").sessions.compactMap(\.translated)
+            #expect(before.count == 1 && before.first?.srcAddr == shared, "fw1 translates to the shared address: \(before)")
+
+            let lossBefore = try MigrationLab.lossCounters(lab)
+            let replace = try MigrationLab.replace(lab, old: "fw1", new: "fw2")
+            #expect(replace.status == 0, "\(replace.stdout)\n\(replace.stderr)")
+            let moved = replace.report?.sessions ?? []
+            #expect(moved.count == 1 && moved.allSatisfy { $0.result == "moved" }, "\(replace.stdout)")
+
+            // fw2 holds the session with the binding it imported: its right side carries the translated tuple.
+            let box = try await TestSupport.snapshot(lab, "fw2")
+            let taken = try #require(box.sessions.first { $0.session.srcAddr == client }, "fw2: \(box.sessions)")
+            #expect(taken.translated == before.first)
+            #expect(taken.right?.srcAddr == lab.address(of: "fw2") && taken.right?.dstAddr == server)
+            #expect(box.counters.translationsAdopted == 1)
+            let table = try lab.conntrackTCP("fw2")
+            let bound = table.split(separator: "\n").filter {
+                $0.contains("src=\(client) dst=\(server)") && $0.contains("src=\(server) dst=\(shared)")
+            }
+            #expect(bound.count == 1, "conntrack at fw2:\n\(table)")
+            // The right end still knows the session by the tuple the NAT made (nothing changed for the server).
+            let end = try await TestSupport.snapshot(lab, "server1")
+            #expect(end.sessions.map(\.session).contains(try #require(before.first)))
+
+            curl.waitUntilExit()
+            let loss = try MigrationLab.lossCounters(lab) - lossBefore
+            print("NATTests.haPairReplace: \(replace.stdout.split(separator: "\n").last ?? ""); endpoints' loss counters over the move: \(loss)")
+            #expect(curl.terminationStatus == 0)
+            #expect(try TestSupport.sha256(download) == TestSupport.sha256("\(lab.httpRoot)/blob"))
+            #expect(loss.noByteLost, "the migration rule: no RTO, no reset, no retransmission but DSACK'd or probes: \(loss)")
+            // fw2 carried the rest: its ESTABLISHED rule counted it, and it dropped nothing as INVALID.
+            let fw2 = try lab.firewallCounters("fw2")
+            #expect(fw2.invalidDropped.packets == 0)
+            #expect(fw2.establishedAccepted.packets > 100, "fw2 forwarded \(fw2.establishedAccepted.packets) packets")
+            #expect(try lab.firewallCounters("fw1").invalidDropped.packets == 0)
+            // The server saw one client address for the whole download: the shared one.
+            let log = try String(contentsOfFile: LabPaths.serviceLog(lab.name, host: "server1", service: "http"), encoding: .utf8)
+            let peers = log.split(separator: "\n").filter { $0.contains("GET /") }.map { String($0.split(separator: " ")[0]) }
+            #expect(peers == ["\(shared)"], "server log peers: \(peers)")
         }
     }
 }

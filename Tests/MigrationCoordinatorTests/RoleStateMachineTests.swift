@@ -269,7 +269,7 @@ struct RoleStateMachineTests {
         var box = NewBox(syn, left: newSub, remaining: [Host.server], next: Host.server, linger: 1, &boxOut)
         #expect(box.statePut(message(.statePut(document: [1, 2])), document: [1, 2], from: Host.fw1)
                 == [.importState(chainID: chainID, requestID: 7, document: [1, 2])])
-        let installed = box.stateImported(.success(()), micros: 60)
+        let installed = box.stateImported(.success(nil), micros: 60)
         #expect(installed == [.send(syn.answer(.stateInstalled(ok: true, times: StateTimes(importMicroseconds: 60), reason: "")),
                                     to: Host.fw1)])
         let relayed = old.newBoxAnswered(request, ok: true, times: StateTimes(importMicroseconds: 60), reason: "")
@@ -281,6 +281,20 @@ struct RoleStateMachineTests {
         guard case .send(let m, let to) = failing.stateExported(.failure(StepFailure("ENOENT")), micros: 5).first,
               case .stateInstalled(false, let times, let reason) = m.body else { Issue.record("no stateInstalled"); return }
         #expect(to == Host.client && times.exportMicroseconds == 5 && reason.contains("ENOENT"))
+    }
+
+    @Test("new box, §3.5 with §2.1: an imported NAT binding re-keys the box's right side, committed before the answer leaves")
+    func importedTranslation() {
+        var boxOut: [Action] = []
+        let syn = message(.newPathSyn(subsession: newSub, remaining: [Host.server]))
+        var box = NewBox(syn, left: newSub, remaining: [Host.server], next: Host.server, linger: 1, &boxOut)
+        _ = box.statePut(message(.statePut(document: [1])), document: [1], from: Host.fw1)
+        let translated = FiveTuple(srcAddr: IPv4Address("10.0.0.250")!, srcPort: 61000, dstAddr: TestSession.tuple.dstAddr,
+                                   dstPort: TestSession.tuple.dstPort)
+        let installed = box.stateImported(.success(translated), micros: 60)
+        #expect(installed == [.translate(chainID: chainID, translated), .commitKernel,
+                              .send(syn.answer(.stateInstalled(ok: true, times: StateTimes(importMicroseconds: 60), reason: "")),
+                                    to: Host.fw1)])
     }
 
     @Test("controller, §3.1: the trigger goes to the left anchor until its result, or the deadline and grace pass")

@@ -161,6 +161,7 @@ package enum Describe {
         case .cancelTimer(let k): "cancelTimer \(key(k))"
         case .hold(_, let side, let stateful): "hold(side: \(side), stateful: \(stateful))"
         case .commitKernel: "commitKernel"
+        case .translate(_, let t): "translate(\(t))"
         case .setPhase(_, let phase): "setPhase(\(phase))"
         case .setDelta(_, let d): "setDelta(\(d))"
         case .openPath(_, let next): "openPath(next: \(Host.name(next)))"
@@ -187,6 +188,7 @@ package enum Describe {
         case .cancelTimer: "cancelTimer"
         case .hold: "hold"
         case .commitKernel: "commit"
+        case .translate: "translate"
         case .setPhase(_, let phase): "setPhase.\(phase)"
         case .setDelta: "setDelta"
         case .openPath: "openPath"
@@ -623,6 +625,8 @@ package final class Harness {
                 else { agent.context?.leftNeighbour = anchor.oldNeighbour }
             }
             agent.anchor = nil
+        case .translate:
+            break  // the data plane's re-key; the protocol model has no NAT
         case .removeSession:
             agent.context = nil
             agent.anchor = nil
@@ -634,8 +638,8 @@ package final class Harness {
                                                            micros: UInt32(duration / 1000))), after: duration)
         case .importState(let chainID, let requestID, let document):
             agent.imported.append(document)
-            let result: Result<Void, StepFailure> = config.importRefusal[agent.address].map { .failure(StepFailure($0)) }
-                ?? .success(())
+            let result: Result<FiveTuple?, StepFailure> = config.importRefusal[agent.address].map { .failure(StepFailure($0)) }
+                ?? .success(nil)
             let duration = randomDelay(config.stateDelay)
             schedule(.result(agent.address, .stateImported(chainID: chainID, requestID: requestID, result,
                                                            micros: UInt32(duration / 1000))), after: duration)
