@@ -24,6 +24,8 @@ public struct ReplaceBenchmark: Sendable {
         /// Pace of each download, MiB/s.
         public var rateMiBps = 1.0
         public var modes: [Mode] = [.stateful]
+        /// After the modes: a stateful run between an HA pair of NAT'ing firewalls (fw1 and fw2 `snat-shared`).
+        public var natPair = false
         /// Per-session deadline of the migration (the `replace` default).
         public var deadlineMilliseconds: UInt32 = 3000
         /// Sessions per client host (the lab has ceil(sessions ÷ this) clients, at most 20).
@@ -107,8 +109,9 @@ public struct ReplaceBenchmark: Sendable {
         let binary = try options.agentBinary ?? Lab.defaultAgentBinary()
         var runs: [Run] = []
         for mode in options.modes {
-            runs.append(try await measure(mode, binary: binary))
+            runs.append(try await measure(mode, natPair: false, binary: binary))
         }
+        if options.natPair { runs.append(try await measure(.stateful, natPair: true, binary: binary)) }
         let (reference, note) = StateTransferReference.run(options.referenceScript, sessions: options.sessions,
                                                            missing: options.referenceMissing, logger: logger)
         let ratios = runs.map { run in
@@ -120,17 +123,18 @@ public struct ReplaceBenchmark: Sendable {
 
     // MARK: - One lab
 
-    private func spec(_ mode: Mode, binary: String) -> LabSpec {
+    private func spec(_ mode: Mode, natPair: Bool, binary: String) -> LabSpec {
         let clients = min(max(1, (options.sessions + options.sessionsPerClient - 1) / options.sessionsPerClient),
                           LabSpec.hostCountRange.upperBound)
-        let (name, subnet) = mode == .stateful ? ("bench-rp", "10.79.90.0/24") : ("bench-rps", "10.79.91.0/24")
-        return .replacement(name: name, clients: clients, subnet: subnet, mode: mode,
+        let (name, subnet) = natPair ? ("bench-rpn", "10.79.97.0/24")
+            : mode == .stateful ? ("bench-rp", "10.79.90.0/24") : ("bench-rps", "10.79.91.0/24")
+        return .replacement(name: name, clients: clients, subnet: subnet, mode: mode, natPair: natPair,
                             agentArguments: options.agentArguments,
                             agentBinary: binary)
     }
 
-    private func measure(_ mode: Mode, binary: String) async throws -> Run {
-        try await Lab.withBenchmarkLab(spec(mode, binary: binary), logger: logger) { lab in
+    private func measure(_ mode: Mode, natPair: Bool, binary: String) async throws -> Run {
+        try await Lab.withBenchmarkLab(spec(mode, natPair: natPair, binary: binary), logger: logger) { lab in
             try await measure(mode, lab: lab)
         }
     }
@@ -224,7 +228,8 @@ extension ReplaceBenchmark.Report {
             let perClient = (run.sessions + run.clients - 1) / run.clients
             lines.append("replace benchmark, \(run.mode): \(run.sessions) sessions (\(run.megabytes) MiB each, paced at "
                          + "\(String(format: "%g", run.rateMiBps)) MiB/s) from \(run.clients) client(s) (≤ \(perClient) each) "
-                         + "through fw1 → fw2 (fw2 \(run.fw2Profile)), lab \(run.lab)")
+                         + "through fw1 → fw2 (\(run.fw2Profile == FirewallProfile.snatShared.rawValue ? "an HA pair, both" : "fw2") "
+                         + "\(run.fw2Profile)), lab \(run.lab)")
             lines.append("sessions moved: \(run.moved)/\(run.sessions) (matched \(run.matched)); after the window fw1 carries "
                          + "\(run.fw1SessionsAfter), fw2 \(run.fw2SessionsAfter)")
             lines.append("batch: \(ms(run.batchElapsedMicroseconds)) ms (agent), \(ms(run.requestMicroseconds)) ms (request round trip); "

@@ -183,14 +183,18 @@ public struct BenchCommand: AsyncParsableCommand {
                 retransmissions and fw2's INVALID drops during the window, and whether every download arrived \
                 byte-exact (sha256). Then runs the prototype-style state transfer reference \
                 (../shared/bench/state-transfer-prototype-ref.sh, looked up relative to the current directory and \
-                to the binary's repository) and prints the ratios. --both runs stateful, then stateless. Needs \
-                root; removes its labs (also on error or Ctrl-C).
+                to the binary's repository) and prints the ratios. --both runs stateful, then stateless. --nat \
+                adds a stateful run between an HA pair of NAT'ing firewalls (lab bench-rpn, 10.79.97.0/24: fw1 and \
+                fw2 translating sources to a shared address, `--firewall fwN=snat-shared`), beside the plain one. \
+                Needs root; removes its labs (also on error or Ctrl-C).
                 """
         )
 
         @Option(help: "Live sessions to move.") var sessions = 100
         @Flag(help: "Stateless replacement only (fw2 open, no state moves).") var stateless = false
         @Flag(help: "Stateful, then stateless, in one invocation (two labs one after the other).") var both = false
+        @Flag(help: "Also a stateful run between an HA pair of NAT'ing firewalls (fw1, fw2 snat-shared), same invocation.")
+        var nat = false
         @Option(help: "MiB per download (with --rate: how long each session stays mid-transfer).") var megabytes = 12
         @Option(help: "Pace of each download, MiB/s.") var rate = 1.0
         @Option(help: "Per-session migration deadline, ms (as `replace --deadline`).") var deadline: UInt32 = 3000
@@ -217,6 +221,7 @@ public struct BenchCommand: AsyncParsableCommand {
             options.megabytes = megabytes
             options.rateMiBps = rate
             options.modes = both ? [.stateful, .stateless] : stateless ? [.stateless] : [.stateful]
+            options.natPair = nat
             options.deadlineMilliseconds = deadline
             options.sessionsPerClient = sessionsPerClient
             options.agentArguments = agentArg

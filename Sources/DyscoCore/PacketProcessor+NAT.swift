@@ -104,19 +104,20 @@ extension PacketProcessor {
         }
         guard let record = table.records[id] else { return takeEffects() }
         counters.translationsAdopted &+= 1
+        // The removal (of nothing, from the slow path) makes the flush before the answer commit the install at once
+        // (``FastPathAction/splitForFlush(_:)``) rather than at the packet thread's quiet point.
         switch old.carrier {
         case .held:
             break  // released later with the translations then in force
         case .pending, .kernel:
-            pending.fastPath.append(.remove(id, old.fastPathTranslations))
-            pending.fastPath.append(.install(id, record.fastPathTranslations))
+            pending.fastPath += [.remove(id, old.fastPathTranslations), .install(id, record.fastPathTranslations)]
         case .slow:
             guard settings.fastPath, !record.fastPathFailed, !record.needsSlowPath else { break }
             table.update(id) {
                 $0.carrier = .pending
                 $0.sequence.invalidate()
             }
-            pending.fastPath.append(.install(id, record.fastPathTranslations))
+            pending.fastPath += [.remove(id, []), .install(id, record.fastPathTranslations)]
         }
         return takeEffects()
     }

@@ -241,11 +241,12 @@ extension Lab {
 extension LabSpec {
     /// The replacement benchmarks' lab: `clients` clients → fw1 → server1 on the paced port, fw2 beside fw1;
     /// fw2 strict for a stateful run, open for a stateless one.
-    public static func replacement(name: String, clients: Int, subnet: String, mode: MigrationMode,
+    /// `natPair`: fw1 and fw2 an HA pair of NAT'ing firewalls (``FirewallProfile/snatShared``).
+    public static func replacement(name: String, clients: Int, subnet: String, mode: MigrationMode, natPair: Bool = false,
                             agentArguments: [String], agentBinary: String?) -> LabSpec {
         LabSpec(name: name, clients: clients, middleboxes: ["fw1", "fw2"], chain: ["fw1"], subnet: subnet,
                 policyPorts: [PacedLab.port], agentArguments: agentArguments, agentBinary: agentBinary,
-                firewallProfiles: mode == .stateless ? ["fw2": .open] : [:])
+                firewallProfiles: natPair ? ["fw1": .snatShared, "fw2": .snatShared] : mode == .stateless ? ["fw2": .open] : [:])
     }
 }
 

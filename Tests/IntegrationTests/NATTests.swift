@@ -30,6 +30,59 @@ import Testing
         return (peers, try retransmissions() - before)
     }
 
+    /// A rate-limited 16 MiB download from `target` through `old` (whose NAT translates it), moved to `new` by
+    /// `replace` mid-transfer: moved, byte-exact, the new box's right side carries the tuple the old box's NAT made
+    /// (taken from the imported binding), the right end's session unchanged, the new box carried the rest with no
+    /// INVALID drop, and the migration rule for the endpoints' loss counters. `check` gets the translated tuple
+    /// while the download still runs. Returns whether the session was moved.
+    @discardableResult
+    func moveMidDownload(_ lab: Lab, from old: String, to new: String, target: IPv4Address,
+                         check: (FiveTuple) async throws -> Void) async throws -> Bool {
+        let client = lab.address(of: "client1"), server = lab.address(of: "server1")
+        try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 16)
+        let download = "\(lab.directory)/blob.moved"
+        let curl = try lab.spawn("client1", ["curl", "-sS", "--fail", "-m", "60", "--limit-rate", "4M", "-o", download,
+                                             "http://\(target)/blob"])
+        let live = try await TestSupport.eventually(timeout: 20) {
+            try await TestSupport.snapshot(lab, old).sessions.contains { $0.state == "established" && $0.translated != nil }
+        }
+        #expect(live)
+        let before = try await TestSupport.snapshot(lab, old).sessions.filter { $0.state == "established" }.compactMap(\.translated)
+        let translated = try #require(before.first, "\(old) translates the download")
+        #expect(before.count == 1)
+        let oldInvalid = try lab.firewallCounters(old).invalidDropped.packets
+
+        let lossBefore = try MigrationLab.lossCounters(lab)
+        let replace = try MigrationLab.replace(lab, old: old, new: new)
+        #expect(replace.status == 0, "\(replace.stdout)\n\(replace.stderr)")
+        let sessions = replace.report?.sessions ?? []
+        #expect(sessions.count == 1 && sessions.allSatisfy { $0.result == "moved" }, "\(replace.stdout)")
+
+        // The new box holds the session with the binding it imported: its right side carries the translated tuple.
+        let box = try await TestSupport.snapshot(lab, new)
+        let taken = try #require(box.sessions.first { $0.session.srcAddr == client }, "\(new): \(box.sessions)")
+        #expect(taken.translated == translated)
+        #expect(taken.right?.srcAddr == lab.address(of: new) && taken.right?.dstAddr == server)
+        #expect(box.counters.translationsAdopted == 1)
+        // The right end still knows the session by the tuple the NAT made (nothing changed for the server).
+        let end = try await TestSupport.snapshot(lab, "server1")
+        #expect(end.sessions.map(\.session).contains(translated))
+        try await check(translated)
+
+        curl.waitUntilExit()
+        let loss = try MigrationLab.lossCounters(lab) - lossBefore
+        print("NATTests \(old) → \(new): \(replace.stdout.split(separator: "\n").last ?? ""); endpoints' loss counters over the move: \(loss)")
+        #expect(curl.terminationStatus == 0)
+        #expect(try TestSupport.sha256(download) == TestSupport.sha256("\(lab.httpRoot)/blob"))
+        #expect(loss.noByteLost, "the migration rule: no RTO, no reset, no retransmission but DSACK'd or probes: \(loss)")
+        // The new box carried the rest: its ESTABLISHED rule counted it, and it dropped nothing as INVALID.
+        let counters = try lab.firewallCounters(new)
+        #expect(counters.invalidDropped.packets == 0)
+        #expect(counters.establishedAccepted.packets > 100, "\(new) forwarded \(counters.establishedAccepted.packets) packets")
+        #expect(try lab.firewallCounters(old).invalidDropped.packets == oldInvalid)
+        return sessions.first?.result == "moved"
+    }
+
     @Test("(a) a chain through a masquerading fw1: byte-exact, the server sees fw1's address, fw1's conntrack holds the binding, no INVALID drop, no retransmission; a stateless replace of fw1 is refused with the reason, its session unharmed")
     func masqueradingBox() async throws {
         try await TestSupport.withLab(LabSpec(name: "nat1", middleboxes: ["fw1", "fw2"], chain: ["fw1"], subnet: "10.78.141.0/24",
@@ -88,11 +141,11 @@ import Testing
         }
     }
 
-    @Test("(b) a DNAT'ing fw1 publishing the server on its own address: byte-exact, the server sees the client, the chain ends at the real server, no INVALID drop, no retransmission")
+    @Test("(b) a DNAT'ing fw1 publishing the server on its own address: byte-exact, the server sees the client, the chain ends at the real server, no INVALID drop, no retransmission; replaced by fw2 mid-download: moved, byte-exact, fw2's conntrack holds the binding")
     func publishingBox() async throws {
-        try await TestSupport.withLab(LabSpec(name: "nat2", middleboxes: ["fw1"], subnet: "10.78.142.0/24",
+        try await TestSupport.withLab(LabSpec(name: "nat2", middleboxes: ["fw1", "fw2"], chain: ["fw1"], subnet: "10.78.142.0/24",
                                               agentArguments: ["--close-linger", "120"],
-                                              firewallProfiles: ["fw1": .dnat])) { lab in
+                                              firewallProfiles: ["fw1": .dnat, "fw2": .dnat])) { lab in
             let client = lab.address(of: "client1"), fw1 = lab.address(of: "fw1"), server = lab.address(of: "server1")
             // The client asks the box's address; the box's NAT sends the session on to the server.
             let (peers, retransmits) = try traffic(lab, to: fw1, pages: 10)
@@ -113,6 +166,16 @@ import Testing
 
             #expect(try lab.firewallCounters("fw1").invalidDropped.packets == 0)
             #expect(retransmits == 0)
+
+            // The published session moves to fw2 with its binding: the client still talks to fw1's address, fw2's
+            // conntrack sends it on to the server.
+            try await moveMidDownload(lab, from: "fw1", to: "fw2", target: fw1) { _ in
+                let table = try lab.conntrackTCP("fw2")
+                let bound = table.split(separator: "\n").filter {
+                    $0.contains("src=\(client) dst=\(fw1)") && $0.contains("src=\(server) dst=\(client)")
+                }
+                #expect(bound.count == 1, "conntrack at fw2:\n\(table)")
+            }
         }
     }
 
@@ -123,49 +186,15 @@ import Testing
                                               firewallProfiles: ["fw1": .snatShared, "fw2": .snatShared])) { lab in
             let client = lab.address(of: "client1"), server = lab.address(of: "server1")
             let shared = lab.state.sharedServiceAddress
-            try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 16)
-            let download = "\(lab.directory)/blob.client"
-            let curl = try lab.spawn("client1", ["curl", "-sS", "--fail", "-m", "60", "--limit-rate", "4M", "-o", download,
-                                                 "http://\(server)/blob"])
-            let live = try await TestSupport.eventually(timeout: 20) {
-                try await TestSupport.snapshot(lab, "fw1").sessions.contains { $0.state == "established" && $0.translated != nil }
+            let moved = try await moveMidDownload(lab, from: "fw1", to: "fw2", target: server) { translated in
+                #expect(translated.srcAddr == shared, "fw1 translates to the shared address: \(translated)")
+                let table = try lab.conntrackTCP("fw2")
+                let bound = table.split(separator: "\n").filter {
+                    $0.contains("src=\(client) dst=\(server)") && $0.contains("src=\(server) dst=\(shared)")
+                }
+                #expect(bound.count == 1, "conntrack at fw2:\n\(table)")
             }
-            #expect(live)
-            let before = try await TestSupport.snapshot(lab, "fw1").sessions.compactMap(\.translated)
-            #expect(before.count == 1 && before.first?.srcAddr == shared, "fw1 translates to the shared address: \(before)")
-
-            let lossBefore = try MigrationLab.lossCounters(lab)
-            let replace = try MigrationLab.replace(lab, old: "fw1", new: "fw2")
-            #expect(replace.status == 0, "\(replace.stdout)\n\(replace.stderr)")
-            let moved = replace.report?.sessions ?? []
-            #expect(moved.count == 1 && moved.allSatisfy { $0.result == "moved" }, "\(replace.stdout)")
-
-            // fw2 holds the session with the binding it imported: its right side carries the translated tuple.
-            let box = try await TestSupport.snapshot(lab, "fw2")
-            let taken = try #require(box.sessions.first { $0.session.srcAddr == client }, "fw2: \(box.sessions)")
-            #expect(taken.translated == before.first)
-            #expect(taken.right?.srcAddr == lab.address(of: "fw2") && taken.right?.dstAddr == server)
-            #expect(box.counters.translationsAdopted == 1)
-            let table = try lab.conntrackTCP("fw2")
-            let bound = table.split(separator: "\n").filter {
-                $0.contains("src=\(client) dst=\(server)") && $0.contains("src=\(server) dst=\(shared)")
-            }
-            #expect(bound.count == 1, "conntrack at fw2:\n\(table)")
-            // The right end still knows the session by the tuple the NAT made (nothing changed for the server).
-            let end = try await TestSupport.snapshot(lab, "server1")
-            #expect(end.sessions.map(\.session).contains(try #require(before.first)))
-
-            curl.waitUntilExit()
-            let loss = try MigrationLab.lossCounters(lab) - lossBefore
-            print("NATTests.haPairReplace: \(replace.stdout.split(separator: "\n").last ?? ""); endpoints' loss counters over the move: \(loss)")
-            #expect(curl.terminationStatus == 0)
-            #expect(try TestSupport.sha256(download) == TestSupport.sha256("\(lab.httpRoot)/blob"))
-            #expect(loss.noByteLost, "the migration rule: no RTO, no reset, no retransmission but DSACK'd or probes: \(loss)")
-            // fw2 carried the rest: its ESTABLISHED rule counted it, and it dropped nothing as INVALID.
-            let fw2 = try lab.firewallCounters("fw2")
-            #expect(fw2.invalidDropped.packets == 0)
-            #expect(fw2.establishedAccepted.packets > 100, "fw2 forwarded \(fw2.establishedAccepted.packets) packets")
-            #expect(try lab.firewallCounters("fw1").invalidDropped.packets == 0)
+            #expect(moved)
             // The server saw one client address for the whole download: the shared one.
             let log = try String(contentsOfFile: LabPaths.serviceLog(lab.name, host: "server1", service: "http"), encoding: .utf8)
             let peers = log.split(separator: "\n").filter { $0.contains("GET /") }.map { String($0.split(separator: " ")[0]) }
