@@ -75,10 +75,11 @@ import Testing
         #expect(curl.terminationStatus == 0)
         #expect(try TestSupport.sha256(download) == TestSupport.sha256("\(lab.httpRoot)/blob"))
         #expect(loss.noByteLost, "the migration rule: no RTO, no reset, no retransmission but DSACK'd or probes: \(loss)")
-        // The new box carried the rest: its ESTABLISHED rule counted it, and it dropped nothing as INVALID.
+        // The new box carried the rest (whatever the receive buffer had not taken before the move, and the close at
+        // least): its ESTABLISHED rule counted it, and it dropped nothing as INVALID.
         let counters = try lab.firewallCounters(new)
         #expect(counters.invalidDropped.packets == 0)
-        #expect(counters.establishedAccepted.packets > 100, "\(new) forwarded \(counters.establishedAccepted.packets) packets")
+        #expect(counters.establishedAccepted.packets > 0, "\(new) forwarded nothing")
         #expect(try lab.firewallCounters(old).invalidDropped.packets == oldInvalid)
         return sessions.first?.result == "moved"
     }
