@@ -135,8 +135,12 @@ import Testing
                     "every legitimate connection during the flood succeeded")
             #expect(report.legitAfterSucceeded == report.legitAfterAttempts, "and after it")
             #expect(report.sourceCapRefused > 0, "the per-source cap refused part of the flood")
-            #expect(report.peakRecords > cap / 2 && report.peakRecords <= cap + report.recordsBefore + 50,
-                    "the flood made records, bounded by the per-source cap: \(report.peakRecords)")
+            // fw1's records: the flood's (client2: at most the per-source cap), the legitimate connections' (client1:
+            // one each, lingering after their close) and those from before. How many legitimate connections fit in
+            // the flood depends on the machine's speed: the bound counts them, it does not guess them.
+            let legit = report.legitDuringAttempts + report.legitAfterAttempts
+            #expect(report.peakRecords > cap / 2 && report.peakRecords <= cap + report.recordsBefore + legit,
+                    "the flood made records, bounded by the per-source cap: \(report.peakRecords) (legitimate connections \(legit))")
             #expect(report.trailerBadMAC > 0, "forged trailers refused by the MAC")
             #expect(report.synTimeouts >= cap / 2, "SYN-only records expired after --syn-timeout")
             #expect(report.recordsAfter <= report.recordsBefore + 2)
