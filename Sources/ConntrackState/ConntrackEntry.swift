@@ -1,94 +1,11 @@
 import CConntrack
+import DyscoCore
 
 // The JSON model of one conntrack entry. Field names follow conntrack's own vocabulary (orig/reply, src, dst,
 // sport, dport, mark, zone, labels, status bits and TCP flag names as the kernel headers spell them).
 // docs/STATE-FORMAT.md documents the format with an example.
 
-/// An IPv4 or IPv6 address, written in JSON as its usual text form ("10.0.0.1", "fd00::1").
-public enum IPAddress: Hashable, Sendable, Codable, CustomStringConvertible, LosslessStringConvertible {
-    case v4(UInt8, UInt8, UInt8, UInt8)
-    case v6([UInt8])  // exactly 16 bytes
-
-    public var family: AddressFamily {
-        switch self {
-        case .v4: .ipv4
-        case .v6: .ipv6
-        }
-    }
-
-    /// The address in network byte order (4 or 16 bytes).
-    public var bytes: [UInt8] {
-        switch self {
-        case let .v4(a, b, c, d): [a, b, c, d]
-        case let .v6(bytes): bytes
-        }
-    }
-
-    public init?(bytes: [UInt8]) {
-        switch bytes.count {
-        case 4: self = .v4(bytes[0], bytes[1], bytes[2], bytes[3])
-        case 16: self = .v6(bytes)
-        default: return nil
-        }
-    }
-
-    /// Parses dotted-quad IPv4 or any RFC 4291 IPv6 text form.
-    public init?(_ text: String) {
-        if text.contains(":") {
-            var out = [UInt8](repeating: 0, count: 16)
-            guard text.withCString({ dysco_ct_pton6($0, &out) }) == 1 else { return nil }
-            self = .v6(out)
-        } else {
-            var out = [UInt8](repeating: 0, count: 4)
-            guard text.withCString({ dysco_ct_pton4($0, &out) }) == 1 else { return nil }
-            self = .v4(out[0], out[1], out[2], out[3])
-        }
-    }
-
-    public var description: String {
-        switch self {
-        case let .v4(a, b, c, d):
-            return "\(a).\(b).\(c).\(d)"
-        case let .v6(bytes):
-            var buffer = [CChar](repeating: 0, count: 64)
-            let ok = bytes.withUnsafeBufferPointer { input in
-                dysco_ct_ntop6(input.baseAddress, &buffer, UInt32(buffer.count)) != nil
-            }
-            // inet_ntop cannot fail for a 16-byte input and a 64-byte buffer; fall back to hex just in case.
-            guard ok else { return bytes.map { String($0, radix: 16) }.joined(separator: ":") }
-            return String(decoding: buffer.prefix(while: { $0 != 0 }).map { UInt8(bitPattern: $0) }, as: UTF8.self)
-        }
-    }
-
-    /// 0.0.0.0 / ::, multicast and (IPv4) limited broadcast: never an endpoint of a TCP connection.
-    public var isUnusableTCPEndpoint: Bool {
-        switch self {
-        case let .v4(a, b, c, d):
-            return (a == 0 && b == 0 && c == 0 && d == 0) || (a >= 224 && a <= 239)
-                || (a == 255 && b == 255 && c == 255 && d == 255)
-        case let .v6(bytes):
-            return bytes.allSatisfy { $0 == 0 } || bytes[0] == 0xff
-        }
-    }
-
-    public init(from decoder: any Decoder) throws {
-        let container = try decoder.singleValueContainer()
-        let text = try container.decode(String.self)
-        guard let address = IPAddress(text) else {
-            throw DecodingError.dataCorruptedError(in: container, debugDescription: "not an IP address: \"\(text)\"")
-        }
-        self = address
-    }
-
-    public func encode(to encoder: any Encoder) throws {
-        var container = encoder.singleValueContainer()
-        try container.encode(description)
-    }
-}
-
-public enum AddressFamily: String, Codable, Sendable, Hashable {
-    case ipv4, ipv6
-
+extension AddressFamily {
     var afValue: UInt8 { self == .ipv4 ? UInt8(AF_INET) : UInt8(AF_INET6) }
 }
 

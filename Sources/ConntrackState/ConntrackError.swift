@@ -1,3 +1,4 @@
+import DyscoCore
 import CConntrack
 import Glibc
 import DyscoSystem

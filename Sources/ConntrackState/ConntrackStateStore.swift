@@ -46,11 +46,7 @@ public final class ConntrackStateStore: FirewallStateStore, @unchecked Sendable 
     }
 
     static func flowKey(_ session: FiveTuple) -> FlowKey {
-        func address(_ a: IPv4Address) -> IPAddress {
-            .v4(UInt8(a.value >> 24), UInt8(a.value >> 16 & 0xff), UInt8(a.value >> 8 & 0xff), UInt8(a.value & 0xff))
-        }
-        return FlowKey(src: address(session.srcAddr), sport: session.srcPort, dst: address(session.dstAddr),
-                       dport: session.dstPort)
+        FlowKey(src: session.srcAddr, sport: session.srcPort, dst: session.dstAddr, dport: session.dstPort)
     }
 
     public func exportState(session: FiveTuple) throws(FirewallStateError) -> [UInt8] {
@@ -99,9 +95,8 @@ public final class ConntrackStateStore: FirewallStateStore, @unchecked Sendable 
     /// Each IPv4 TCP entry's original tuple → the tuple the flow leaves the box with (``FirewallStateStore``).
     static func translations(_ entries: [ConntrackEntry]) -> [FiveTuple: FiveTuple] {
         func tuple(_ t: ConntrackTuple) -> FiveTuple? {
-            guard case .v4(let a, let b, let c, let d) = t.src, case .v4(let e, let f, let g, let h) = t.dst,
-                  let sport = t.sport, let dport = t.dport else { return nil }
-            return FiveTuple(srcAddr: IPv4Address(a, b, c, d), srcPort: sport, dstAddr: IPv4Address(e, f, g, h), dstPort: dport)
+            guard t.src.isIPv4, t.dst.isIPv4, let sport = t.sport, let dport = t.dport else { return nil }
+            return FiveTuple(srcAddr: t.src, srcPort: sport, dstAddr: t.dst, dstPort: dport)
         }
         var result: [FiveTuple: FiveTuple] = [:]
         for entry in entries where entry.proto.number == 6 {

@@ -1,3 +1,4 @@
+import DyscoCore
 import CConntrack
 import DyscoSystem
 import Logging
@@ -134,8 +135,8 @@ public final class ConntrackTable {
                           orig: ConntrackTuple, reply: ConntrackTuple?) {
         nfct_set_attr_u8(ct, ATTR_L3PROTO, family.afValue)
         nfct_set_attr_u8(ct, ATTR_L4PROTO, proto.number)
-        setAddress(ct, orig.src, v4: ATTR_ORIG_IPV4_SRC, v6: ATTR_ORIG_IPV6_SRC)
-        setAddress(ct, orig.dst, v4: ATTR_ORIG_IPV4_DST, v6: ATTR_ORIG_IPV6_DST)
+        setAddress(ct, orig.src, family: family, v4: ATTR_ORIG_IPV4_SRC, v6: ATTR_ORIG_IPV6_SRC)
+        setAddress(ct, orig.dst, family: family, v4: ATTR_ORIG_IPV4_DST, v6: ATTR_ORIG_IPV6_DST)
         if let sport = orig.sport { nfct_set_attr_u16(ct, ATTR_ORIG_PORT_SRC, sport.bigEndian) }
         if let dport = orig.dport { nfct_set_attr_u16(ct, ATTR_ORIG_PORT_DST, dport.bigEndian) }
         if let type = orig.type { nfct_set_attr_u8(ct, ATTR_ICMP_TYPE, type) }
@@ -144,19 +145,19 @@ public final class ConntrackTable {
         guard let reply else { return }
         nfct_set_attr_u8(ct, ATTR_REPL_L3PROTO, family.afValue)
         nfct_set_attr_u8(ct, ATTR_REPL_L4PROTO, proto.number)
-        setAddress(ct, reply.src, v4: ATTR_REPL_IPV4_SRC, v6: ATTR_REPL_IPV6_SRC)
-        setAddress(ct, reply.dst, v4: ATTR_REPL_IPV4_DST, v6: ATTR_REPL_IPV6_DST)
+        setAddress(ct, reply.src, family: family, v4: ATTR_REPL_IPV4_SRC, v6: ATTR_REPL_IPV6_SRC)
+        setAddress(ct, reply.dst, family: family, v4: ATTR_REPL_IPV4_DST, v6: ATTR_REPL_IPV6_DST)
         if let sport = reply.sport { nfct_set_attr_u16(ct, ATTR_REPL_PORT_SRC, sport.bigEndian) }
         if let dport = reply.dport { nfct_set_attr_u16(ct, ATTR_REPL_PORT_DST, dport.bigEndian) }
     }
 
-    private func setAddress(_ ct: OpaquePointer, _ address: IPAddress, v4: nf_conntrack_attr, v6: nf_conntrack_attr) {
-        let bytes = address.bytes
-        switch address {
-        case .v4:
-            nfct_set_attr_u32(ct, v4, bytes.withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) })
-        case .v6:
-            bytes.withUnsafeBytes { nfct_set_attr(ct, v6, $0.baseAddress) }  // copied by the library
+    private func setAddress(_ ct: OpaquePointer, _ address: IPAddress, family: AddressFamily, v4: nf_conntrack_attr,
+                            v6: nf_conntrack_attr) {
+        switch family {
+        case .ipv4:
+            nfct_set_attr_u32(ct, v4, address.value.bigEndian)
+        case .ipv6:
+            address.ipv6Bytes.withUnsafeBytes { nfct_set_attr(ct, v6, $0.baseAddress) }  // copied by the library
         }
     }
 
@@ -193,11 +194,11 @@ public final class ConntrackTable {
         }
 
         if let snat = entry.nat?.snat {
-            setAddress(ct, snat.ip, v4: ATTR_SNAT_IPV4, v6: ATTR_SNAT_IPV6)
+            setAddress(ct, snat.ip, family: entry.family, v4: ATTR_SNAT_IPV4, v6: ATTR_SNAT_IPV6)
             if let port = snat.port { nfct_set_attr_u16(ct, ATTR_SNAT_PORT, port.bigEndian) }
         }
         if let dnat = entry.nat?.dnat {
-            setAddress(ct, dnat.ip, v4: ATTR_DNAT_IPV4, v6: ATTR_DNAT_IPV6)
+            setAddress(ct, dnat.ip, family: entry.family, v4: ATTR_DNAT_IPV4, v6: ATTR_DNAT_IPV6)
             if let port = dnat.port { nfct_set_attr_u16(ct, ATTR_DNAT_PORT, port.bigEndian) }
         }
 
@@ -270,11 +271,10 @@ extension ConntrackEntry {
         }
         func address(v4: nf_conntrack_attr, v6: nf_conntrack_attr) -> IPAddress {
             if family == .ipv4 {
-                let raw = u32(v4)
-                return withUnsafeBytes(of: raw) { IPAddress(bytes: Array($0))! }
+                return IPAddress(UInt32(bigEndian: u32(v4)))
             }
-            guard let pointer = nfct_get_attr(ct, v6) else { return .v6(Array(repeating: 0, count: 16)) }
-            return .v6(Array(UnsafeRawBufferPointer(start: pointer, count: 16)))
+            guard let pointer = nfct_get_attr(ct, v6) else { return IPAddress(high: 0, low: 0) }
+            return IPAddress(networkBytes: UnsafeRawBufferPointer(start: pointer, count: 16))
         }
 
         let proto = L4Protocol(number: u8(ATTR_L4PROTO))

@@ -1,3 +1,4 @@
+import DyscoCore
 import DyscoSystem
 import Foundation
 import Glibc
@@ -57,25 +58,21 @@ extension IPAddress {
     /// "unspecified", "link-local", "in 0.0.0.0/8"; nil for an ordinary address. IPv4-mapped IPv6 addresses are
     /// judged by their IPv4 address.
     public var specialUse: String? {
-        switch self {
-        case let .v4(a, b, c, d):
-            if a == 0 && b == 0 && c == 0 && d == 0 { return "unspecified" }
+        if isIPv4 {
+            let a = value >> 24, b = value >> 16 & 0xff
+            if value == 0 { return "unspecified" }
             if a == 0 { return "in 0.0.0.0/8 (this network)" }
             if a == 127 { return "loopback" }
             if a >= 224 && a <= 239 { return "multicast" }
-            if a == 255 && b == 255 && c == 255 && d == 255 { return "broadcast" }
+            if value == 0xffff_ffff { return "broadcast" }
             if a == 169 && b == 254 { return "link-local" }
             return nil
-        case let .v6(bytes):
-            if bytes.allSatisfy({ $0 == 0 }) { return "unspecified" }
-            if bytes[0..<15].allSatisfy({ $0 == 0 }) && bytes[15] == 1 { return "loopback" }
-            if bytes[0] == 0xff { return "multicast" }
-            if bytes[0] == 0xfe && bytes[1] & 0xc0 == 0x80 { return "link-local" }
-            if bytes[0..<10].allSatisfy({ $0 == 0 }) && bytes[10] == 0xff && bytes[11] == 0xff {
-                return IPAddress.v4(bytes[12], bytes[13], bytes[14], bytes[15]).specialUse.map { "\($0) (IPv4-mapped)" }
-            }
-            return nil
         }
+        if high == 0 && low == 0 { return "unspecified" }
+        if high == 0 && low == 1 { return "loopback" }
+        if high >> 56 == 0xff { return "multicast" }
+        if high >> 54 == 0xfe80 >> 6 { return "link-local" }
+        return nil
     }
 }
 

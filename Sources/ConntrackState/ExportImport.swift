@@ -1,3 +1,4 @@
+import DyscoCore
 import DyscoSystem
 import Foundation
 import Logging

@@ -1,3 +1,4 @@
+import DyscoCore
 import Foundation
 
 // A small strict JSON scanner for state documents (docs/STATE-FORMAT.md, "Hostile documents"). It walks the bytes

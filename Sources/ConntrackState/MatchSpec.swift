@@ -1,3 +1,4 @@
+import DyscoCore
 import Foundation
 
 /// Parses the `--match` arguments of `dysco-migrate state export`:

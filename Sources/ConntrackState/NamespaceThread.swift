@@ -1,3 +1,4 @@
+import DyscoCore
 import CConntrack
 import DyscoSystem
 import Foundation

@@ -1,3 +1,4 @@
+import DyscoCore
 import Foundation
 
 /// The exported state of one firewall: a versioned list of conntrack entries.

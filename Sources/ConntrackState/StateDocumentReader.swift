@@ -1,3 +1,4 @@
+import DyscoCore
 import Foundation
 
 /// A document that passed every check of ``StateDocumentReader``: only the reader makes one, so an import of a
@@ -353,13 +354,13 @@ struct PackedFlowKey: Hashable {
 
     init?(_ key: FlowKey) {
         let tuple = key.tuple
-        guard case let .v4(a, b, c, d) = tuple.src, case let .v4(e, f, g, h) = tuple.dst else { return nil }
+        guard tuple.src.isIPv4, tuple.dst.isIPv4 else { return nil }
         let ports = UInt64(tuple.sport ?? 0) << 16 | UInt64(tuple.dport ?? 0)
         let icmp = UInt64(tuple.type ?? 0) << 24 | UInt64(tuple.code ?? 0) << 16 | UInt64(tuple.id ?? 0)
         let presence = UInt64(tuple.sport == nil ? 0 : 1) | UInt64(tuple.dport == nil ? 0 : 2)
             | UInt64(tuple.type == nil ? 0 : 4) | UInt64(tuple.code == nil ? 0 : 8) | UInt64(tuple.id == nil ? 0 : 16)
         high = UInt64(key.proto.number) << 56 | UInt64(key.zone) << 40 | presence << 32 | (key.proto.hasPorts ? ports : icmp)
-        low = [a, b, c, d, e, f, g, h].reduce(0) { $0 << 8 | UInt64($1) }
+        low = UInt64(tuple.src.value) << 32 | UInt64(tuple.dst.value)
     }
 }
 

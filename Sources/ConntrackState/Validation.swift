@@ -1,3 +1,5 @@
+import DyscoCore
+
 /// One problem found in a document before anything is written to the kernel.
 public struct ValidationIssue: Hashable, Sendable, CustomStringConvertible {
     /// Index of the entry in the document's `entries` (nil: the document as a whole).

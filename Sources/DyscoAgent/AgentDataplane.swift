@@ -191,7 +191,7 @@ final class AgentDataplane: @unchecked Sendable {
         for syn in syns {
             syn.withUnsafeBytes { bytes in
                 guard bytes.count >= 20 else { return }
-                let destination = IPv4Address(UInt32(bigEndian: bytes.loadUnaligned(fromByteOffset: 16, as: UInt32.self)))
+                let destination = IPAddress(UInt32(bigEndian: bytes.loadUnaligned(fromByteOffset: 16, as: UInt32.self)))
                 do { try natSender.send(bytes, to: destination) } catch {
                     logger.warning("sending a SYN after the box's NAT failed", metadata: ["error": "\(error)"])
                 }

@@ -100,11 +100,11 @@ public struct PolicyRequest: Codable, Sendable {
     public enum Action: String, Codable, Sendable { case show, reload, cordon, uncordon }
     public var action: Action
     /// The box to cordon or uncordon.
-    public var address: IPv4Address?
+    public var address: IPAddress?
     /// cordon: where new sessions go instead.
-    public var replacements: [IPv4Address]?
+    public var replacements: [IPAddress]?
 
-    public init(_ action: Action, address: IPv4Address? = nil, replacements: [IPv4Address]? = nil) {
+    public init(_ action: Action, address: IPAddress? = nil, replacements: [IPAddress]? = nil) {
         self.action = action
         self.address = address
         self.replacements = replacements

@@ -16,7 +16,7 @@ final class ControlPlane: Sendable {
     private let ownsGroup: Bool
     private let channel: Mutex<Channel?>
     private let closing = Atomic<Bool>(false)
-    private let receive: @Sendable ([UInt8], IPv4Address, IPv4Address?) -> Void
+    private let receive: @Sendable ([UInt8], IPAddress, IPAddress?) -> Void
     let port: UInt16
     /// Times the socket was opened again after SwiftNIO closed it (a send error it deems fatal, e.g. EPERM from
     /// a firewall's OUTPUT rule, closes a datagram channel).
@@ -24,7 +24,7 @@ final class ControlPlane: Sendable {
 
     /// `group`: the event loops to run on (the agent's shared group); nil: a one-thread group of its own.
     init(port: UInt16, group: (any EventLoopGroup)? = nil,
-         receive: @escaping @Sendable ([UInt8], IPv4Address, IPv4Address?) -> Void) throws {
+         receive: @escaping @Sendable ([UInt8], IPAddress, IPAddress?) -> Void) throws {
         ownsGroup = group == nil
         self.group = group ?? MultiThreadedEventLoopGroup(numberOfThreads: 1)
         self.port = port
@@ -64,7 +64,7 @@ final class ControlPlane: Sendable {
         }
     }
 
-    func send(_ bytes: [UInt8], to address: IPv4Address) {
+    func send(_ bytes: [UInt8], to address: IPAddress) {
         guard let remote = try? SocketAddress(ipAddress: address.description, port: Int(port)),
               let channel = channel.withLock({ $0 }) else { return }
         let buffer = channel.allocator.buffer(bytes: bytes)
@@ -79,15 +79,15 @@ final class ControlPlane: Sendable {
 
     private final class Inbound: ChannelInboundHandler, Sendable {
         typealias InboundIn = AddressedEnvelope<ByteBuffer>
-        let receive: @Sendable ([UInt8], IPv4Address, IPv4Address?) -> Void
-        init(receive: @escaping @Sendable ([UInt8], IPv4Address, IPv4Address?) -> Void) { self.receive = receive }
+        let receive: @Sendable ([UInt8], IPAddress, IPAddress?) -> Void
+        init(receive: @escaping @Sendable ([UInt8], IPAddress, IPAddress?) -> Void) { self.receive = receive }
 
         func channelRead(context: ChannelHandlerContext, data: NIOAny) {
             let envelope = unwrapInboundIn(data)
             // From the sockaddr_in, not through text: inet_ntop and parsing twice per datagram were a fifth of a
             // right anchor's CPU in a drain of 10,000 sessions (`dysco-bench drain`, perf).
-            guard let from = IPv4Address(envelope.remoteAddress) else { return }
-            let destination = envelope.metadata?.packetInfo.flatMap { IPv4Address($0.destinationAddress) }
+            guard let from = IPAddress(envelope.remoteAddress) else { return }
+            let destination = envelope.metadata?.packetInfo.flatMap { IPAddress($0.destinationAddress) }
             var buffer = envelope.data
             receive(buffer.readBytes(length: buffer.readableBytes) ?? [], from, destination)
         }
@@ -99,7 +99,7 @@ final class ControlPlane: Sendable {
     }
 }
 
-extension IPv4Address {
+extension IPAddress {
     /// The address of an IPv4 socket address, read from its `sockaddr_in` (network byte order); nil for any other family.
     init?(_ address: SocketAddress) {
         guard case .v4(let v4) = address else { return nil }
@@ -133,7 +133,7 @@ final class RawPacketSender: Sendable {
     deinit { close(fd) }
 
     /// Sends a whole IPv4 packet (header included) to its destination address.
-    func send(_ packet: UnsafeRawBufferPointer, to destination: IPv4Address) throws {
+    func send(_ packet: UnsafeRawBufferPointer, to destination: IPAddress) throws {
         var address = sockaddr_in()
         address.sin_family = sa_family_t(AF_INET)
         address.sin_addr.s_addr = destination.value.bigEndian

@@ -10,8 +10,8 @@ import Synchronization
 /// the old box.
 public struct Evacuation: Sendable {
     public struct Options: Sendable {
-        public var old: IPv4Address
-        public var targets: [IPv4Address]
+        public var old: IPAddress
+        public var targets: [IPAddress]
         /// Control socket of the old box's agent.
         public var oldSocket: String
         /// Control sockets of the agents that start chains (left ends) where the old box is cordoned first.
@@ -23,7 +23,7 @@ public struct Evacuation: Sendable {
         /// Passes over the old box: a session still opening at the first look is taken at a later one.
         public var passes = 3
 
-        public init(old: IPv4Address, targets: [IPv4Address], oldSocket: String, cordonSockets: [String]) {
+        public init(old: IPAddress, targets: [IPAddress], oldSocket: String, cordonSockets: [String]) {
             self.old = old
             self.targets = targets
             self.oldSocket = oldSocket

@@ -12,7 +12,7 @@ protocol MigrationDataplane: AnyObject, Sendable {
     // MARK: Lookup
 
     /// The session of `chainID` and this host's address on its path (nil: unknown here).
-    func session(chainID: UInt64) -> (record: SessionTable.Record, me: IPv4Address)?
+    func session(chainID: UInt64) -> (record: SessionTable.Record, me: IPAddress)?
     /// The sessions `include` selects (one pass over the table, under the data plane's lock: keep it cheap).
     func sessions(where include: (SessionTable.Record) -> Bool) -> [SessionTable.Record]
 
@@ -40,12 +40,12 @@ protocol MigrationDataplane: AnyObject, Sendable {
     // MARK: Paths (paper §3.3)
 
     /// Left anchor: a new-path subsession from this host to `next`.
-    func openPath(chainID: UInt64, next: IPv4Address) -> Result<FiveTuple, SessionTable.InsertError>
+    func openPath(chainID: UInt64, next: IPAddress) -> Result<FiveTuple, SessionTable.InsertError>
     /// Right anchor: the new path's last subsession, from the left.
     func addPath(chainID: UInt64, subsession: FiveTuple) -> Result<FiveTuple, SessionTable.InsertError>
     /// New box: the session from a new-path SYN, with its right subsession to `next`.
     func createSession(identity: SessionIdentity, session: FiveTuple, left: FiveTuple,
-                       next: IPv4Address) -> Result<FiveTuple, SessionTable.InsertError>
+                       next: IPAddress) -> Result<FiveTuple, SessionTable.InsertError>
     func markEstablished(chainID: UInt64)
     /// New box: the imported NAT binding's tuple becomes the right side's (``PacketProcessor/adoptTranslation(chainID:_:)``).
     func translate(chainID: UInt64, _ tuple: FiveTuple)
@@ -61,9 +61,9 @@ protocol MigrationDataplane: AnyObject, Sendable {
     // MARK: Packets an anchor sends
 
     /// Makes the local endpoint announce its numbers (``PacketProcessor/anchorElicit(chainID:into:)``).
-    func buildElicit(chainID: UInt64, into buffer: UnsafeMutableRawPointer) -> (Int, IPv4Address)?
+    func buildElicit(chainID: UInt64, into buffer: UnsafeMutableRawPointer) -> (Int, IPAddress)?
     /// Ends the zero-window clamp (``PacketProcessor/anchorUnclamp(chainID:into:)``).
-    func buildWindowUpdate(chainID: UInt64, into buffer: UnsafeMutableRawPointer) -> (Int, IPv4Address)?
+    func buildWindowUpdate(chainID: UInt64, into buffer: UnsafeMutableRawPointer) -> (Int, IPAddress)?
     /// A window-opening probe on the new path (``PacketProcessor/anchorProbe(chainID:into:)``).
     func buildProbe(chainID: UInt64, into buffer: UnsafeMutableRawPointer) -> Int?
     /// A keep-alive along the old path while draining (``PacketProcessor/anchorPoke(chainID:into:)``).
@@ -73,7 +73,7 @@ protocol MigrationDataplane: AnyObject, Sendable {
 /// The NFQUEUE + nftables data plane serves the migration engine: table operations under the packet lock, kernel
 /// work through the fast-path worker, held packets released on the packet thread.
 extension AgentDataplane: MigrationDataplane {
-    func session(chainID: UInt64) -> (record: SessionTable.Record, me: IPv4Address)? {
+    func session(chainID: UInt64) -> (record: SessionTable.Record, me: IPAddress)? {
         processor.withLock { $0.context(chainID: chainID) }.map { (record: $0.0, me: $0.me) }
     }
 
@@ -119,7 +119,7 @@ extension AgentDataplane: MigrationDataplane {
         processor.withLock { $0.anchorLacksProbeNumbers(chainID: chainID) }
     }
 
-    func openPath(chainID: UInt64, next: IPv4Address) -> Result<FiveTuple, SessionTable.InsertError> {
+    func openPath(chainID: UInt64, next: IPAddress) -> Result<FiveTuple, SessionTable.InsertError> {
         processor.withLock { $0.openPath(chainID: chainID, next: next) }
     }
 
@@ -128,7 +128,7 @@ extension AgentDataplane: MigrationDataplane {
     }
 
     func createSession(identity: SessionIdentity, session: FiveTuple, left: FiveTuple,
-                       next: IPv4Address) -> Result<FiveTuple, SessionTable.InsertError> {
+                       next: IPAddress) -> Result<FiveTuple, SessionTable.InsertError> {
         processor.withLock {
             $0.createFromNewPath(identity: identity, session: session, left: left, next: next, now: dysco_monotonic_coarse_ns())
         }
@@ -171,11 +171,11 @@ extension AgentDataplane: MigrationDataplane {
         return known
     }
 
-    func buildElicit(chainID: UInt64, into buffer: UnsafeMutableRawPointer) -> (Int, IPv4Address)? {
+    func buildElicit(chainID: UInt64, into buffer: UnsafeMutableRawPointer) -> (Int, IPAddress)? {
         processor.withLock { $0.anchorElicit(chainID: chainID, into: buffer) }
     }
 
-    func buildWindowUpdate(chainID: UInt64, into buffer: UnsafeMutableRawPointer) -> (Int, IPv4Address)? {
+    func buildWindowUpdate(chainID: UInt64, into buffer: UnsafeMutableRawPointer) -> (Int, IPAddress)? {
         processor.withLock { $0.anchorUnclamp(chainID: chainID, into: buffer) }
     }
 

@@ -7,7 +7,7 @@ import MigrationCoordinator
 
 /// An ackLock a spliced-out proxy holds back (``MigrationEngine/spliceOutgoing(_:releasing:)``).
 struct SpliceGate {
-    var pending: [(to: IPv4Address, message: ControlMessage)] = []
+    var pending: [(to: IPAddress, message: ControlMessage)] = []
     /// When the first ackLock was held (monotonic ns).
     var since: UInt64
     /// The last check found the proxy empty: one more, a couple of milliseconds later, opens the gate (a splice
@@ -62,9 +62,9 @@ extension MigrationEngine {
 
     /// Outgoing: a joined proxy's messages to its right neighbour, and a right anchor's to the peer of its alias, in
     /// the other name; a joined proxy's ackLocks to its left wait for the proxy to empty (unless `releasing`).
-    func spliceOutgoing(_ messages: [(to: IPv4Address, message: ControlMessage)], releasing: Bool = false)
-        -> [(to: IPv4Address, message: ControlMessage)] {
-        var out: [(to: IPv4Address, message: ControlMessage)] = []
+    func spliceOutgoing(_ messages: [(to: IPAddress, message: ControlMessage)], releasing: Bool = false)
+        -> [(to: IPAddress, message: ControlMessage)] {
+        var out: [(to: IPAddress, message: ControlMessage)] = []
         for (to, message) in messages {
             guard let (record, _) = dataplane.session(chainID: message.identity.chainID),
                   record.spliced != nil || record.alias != nil else {
@@ -90,7 +90,7 @@ extension MigrationEngine {
         return out
     }
 
-    private func holdAckLock(_ record: SessionTable.Record, to: IPv4Address, _ message: ControlMessage) {
+    private func holdAckLock(_ record: SessionTable.Record, to: IPAddress, _ message: ControlMessage) {
         let chain = record.identity.chainID
         let first = spliceGates[chain] == nil
         var gate = spliceGates[chain] ?? SpliceGate(since: dysco_monotonic_ns())
@@ -126,7 +126,7 @@ extension MigrationEngine {
             if empty, gate.emptyOnce, let (to, ackLock) = gate.pending.last {
                 spliceGates[chain] = nil
                 let right = record.rightNeighbour ?? ackLock.rightAnchor
-                var notices: [(to: IPv4Address, message: ControlMessage)] = []
+                var notices: [(to: IPAddress, message: ControlMessage)] = []
                 notices.append((right, ackLock.with(body: .splice(SpliceNotice(
                     tsDelta: clocks.forward, alias: (record.identity, record.session))))))
                 notices.append((to, ackLock.with(body: .splice(SpliceNotice(tsDelta: clocks.reverse)))))
@@ -149,7 +149,7 @@ extension MigrationEngine {
     /// (``ProxySockets/empty(client:server:bytesDelta:logger:)``: with both anchors holding, the proxy only empties,
     /// and the byte counts see what sits in a pipe, so one look is enough); a retransmission while polling changes
     /// nothing. Given up with the request's lock, or after the removal's deadline (the left anchor cancels).
-    func receiveProxyDrain(_ message: ControlMessage, from: IPv4Address) {
+    func receiveProxyDrain(_ message: ControlMessage, from: IPAddress) {
         let chain = message.identity.chainID
         guard from == message.leftAnchor else {
             count("dropped.splice-not-neighbour")
@@ -161,7 +161,7 @@ extension MigrationEngine {
         pollProxyDrain(message, from: from, since: dysco_monotonic_ns())
     }
 
-    private func pollProxyDrain(_ message: ControlMessage, from: IPv4Address, since: UInt64) {
+    private func pollProxyDrain(_ message: ControlMessage, from: IPAddress, since: UInt64) {
         let chain = message.identity.chainID
         guard proxyDrains[chain] == message.requestID, let (record, _) = dataplane.session(chainID: chain),
               let splice = record.spliced,
@@ -245,7 +245,7 @@ extension MigrationEngine {
 
     /// A `splice` notice from the proxy that is leaving this session: taken from a neighbour only (the proxy is the
     /// left neighbour of the right anchor and the right neighbour of the left anchor until the old path goes).
-    func receiveSpliceNotice(_ message: ControlMessage, _ notice: SpliceNotice, from: IPv4Address) {
+    func receiveSpliceNotice(_ message: ControlMessage, _ notice: SpliceNotice, from: IPAddress) {
         guard let (record, _) = dataplane.session(chainID: message.identity.chainID) else {
             count("dropped.unknown-session")
             return

@@ -98,7 +98,7 @@ final class MigrationEngine: @unchecked Sendable {
 
     /// One datagram: every message it carries (ControlMessage.frames) is checked on its own, and those that
     /// pass are handled in one turn (see ``dispatch(_:)``).
-    private func receive(_ bytes: [UInt8], from: IPv4Address, destination: IPv4Address?) {
+    private func receive(_ bytes: [UInt8], from: IPAddress, destination: IPAddress?) {
         guard !from.isForbiddenHop else { count("dropped.forbidden-address"); return }
         var events: [Event] = []
         let now = dysco_realtime_us()
@@ -128,7 +128,7 @@ final class MigrationEngine: @unchecked Sendable {
     }
 
     /// The engine's checks of a decoded message against its record of the session (nonce, tuple).
-    private func accept(_ message: ControlMessage, from: IPv4Address, to destination: IPv4Address?) -> Event? {
+    private func accept(_ message: ControlMessage, from: IPAddress, to destination: IPAddress?) -> Event? {
         // A session known by two chains' names (a joined proxy, a right anchor after the proxy left): in its own.
         guard let message = ownName(message) else { return nil }
         let context = sessionContext(message.identity.chainID)
@@ -241,7 +241,7 @@ final class MigrationEngine: @unchecked Sendable {
     /// which the command read from that box's agent (`rightAnchors`); this box's right neighbour must be the
     /// second old box.
     static func segment(of record: SessionTable.Record, _ request: ReplaceRequest)
-        -> Result<(SessionContext, Trigger, IPv4Address), ReconfigureRefusal> {
+        -> Result<(SessionContext, Trigger, IPAddress), ReconfigureRefusal> {
         guard let right = record.rightNeighbour,
               let me = record.right?.srcAddr ?? record.left?.dstAddr else {
             return .failure(ReconfigureRefusal("the session has no complete path here"))
@@ -252,8 +252,8 @@ final class MigrationEngine: @unchecked Sendable {
         }
         let context = SessionContext(identity: record.identity, session: record.session, me: me,
                                      leftNeighbour: record.leftNeighbour, rightNeighbour: right, hopDelta: record.hopDelta)
-        let leftAnchor: IPv4Address
-        let rightAnchor: IPv4Address
+        let leftAnchor: IPAddress
+        let rightAnchor: IPAddress
         if request.insertHere {
             // Insertion (§3: the old path is one subsession): this agent is the left anchor.
             leftAnchor = me
@@ -366,12 +366,12 @@ final class MigrationEngine: @unchecked Sendable {
 
     /// Stamps, encodes and sends the turn's messages, those to the same agent bundled in as few datagrams as fit
     /// (``ControlMessage/bundle(_:limit:)``).
-    func transmit(_ messages: [(to: IPv4Address, message: ControlMessage)]) { transmit(messages, renamed: false) }
+    func transmit(_ messages: [(to: IPAddress, message: ControlMessage)]) { transmit(messages, renamed: false) }
 
     /// `renamed`: ``spliceOutgoing(_:releasing:)`` has been applied already.
-    func transmit(_ messages: [(to: IPv4Address, message: ControlMessage)], renamed: Bool) {
-        var order: [IPv4Address] = []
-        var byDestination: [IPv4Address: [[UInt8]]] = [:]
+    func transmit(_ messages: [(to: IPAddress, message: ControlMessage)], renamed: Bool) {
+        var order: [IPAddress] = []
+        var byDestination: [IPAddress: [[UInt8]]] = [:]
         for (to, message) in renamed ? messages : spliceOutgoing(messages) {
             // The emit rule (ControlMessage.minimumVersion): the oldest version this agent speaks that carries it.
             let version = max(message.minimumVersion, settings.wireVersions.lowerBound)
@@ -474,7 +474,7 @@ final class MigrationEngine: @unchecked Sendable {
     /// Builds a packet with the data plane and sends it through the raw socket, counting
     /// `<name>.sent` / `<name>.failed` / `<name>.unknown-numbers`.
     private func sendBuilt(_ name: String, _ chainID: UInt64,
-                           _ build: (UnsafeMutableRawPointer) -> (Int, IPv4Address)?) {
+                           _ build: (UnsafeMutableRawPointer) -> (Int, IPAddress)?) {
         withUnsafeTemporaryAllocation(byteCount: IPv4TCPPacket.maxBuiltLength, alignment: 16) { buffer in
             let base = buffer.baseAddress!
             guard let (length, destination) = build(base) else {
@@ -551,7 +551,7 @@ final class MigrationEngine: @unchecked Sendable {
     private func sendProbe(_ chainID: UInt64) {
         sendBuilt("probes", chainID) { base in
             dataplane.buildProbe(chainID: chainID, into: base).map { length in
-                (length, IPv4Address(UInt32(bigEndian: base.loadUnaligned(fromByteOffset: 16, as: UInt32.self))))
+                (length, IPAddress(UInt32(bigEndian: base.loadUnaligned(fromByteOffset: 16, as: UInt32.self))))
             }
         }
     }
@@ -658,7 +658,7 @@ public struct ReplaceRequest: Codable, Sendable {
     public var predicate: SessionPredicate
     /// The new middleboxes, in order (empty: a deletion). The right anchor is each session's right neighbour (after
     /// `alsoOld`, for k → m).
-    public var newBoxes: [IPv4Address]
+    public var newBoxes: [IPAddress]
     public var mode: TransferMode
     public var deadlineMilliseconds: UInt32
     /// At most this many sessions (nil: all that match).
@@ -668,19 +668,19 @@ public struct ReplaceRequest: Codable, Sendable {
     /// Insertion: this host is the left anchor, the old path is its right subsession (no old box).
     public var insertHere: Bool
     /// The old boxes after this one, in path order (k → m; empty: this box alone).
-    public var alsoOld: [IPv4Address]
+    public var alsoOld: [IPAddress]
     /// Where the state comes from (stateful): for an insertion, an anchor (required); otherwise one of the old boxes
     /// (nil: this box).
-    public var donor: IPv4Address?
+    public var donor: IPAddress?
     /// With several old boxes: each session's right anchor (the last old box's right neighbour), by chain id in hex
     /// (``chainKey(_:)``), as that box's agent listed them.
-    public var rightAnchors: [String: IPv4Address]?
+    public var rightAnchors: [String: IPAddress]?
 
     /// Whether both anchors hold new data (stateful or held).
     public var stateful: Bool { mode != .stateless }
 
     /// Why an agent refuses this request before doing anything (nil: it is fine): nothing to do, or a box that no
-    /// packet may be sent through (``IPv4Address/isForbiddenHop``).
+    /// packet may be sent through (``IPAddress/isForbiddenHop``).
     public var problem: String? {
         if insertHere && newBoxes.isEmpty { return "insert: name at least one box to insert" }
         if insertHere && !alsoOld.isEmpty { return "insert: an insertion has no old box" }
@@ -697,9 +697,9 @@ public struct ReplaceRequest: Codable, Sendable {
         return nil
     }
 
-    public init(predicate: SessionPredicate, newBoxes: [IPv4Address], mode: TransferMode, deadlineMilliseconds: UInt32,
-                limit: Int? = nil, chains: Set<UInt64>? = nil, insertHere: Bool = false, alsoOld: [IPv4Address] = [],
-                donor: IPv4Address? = nil, rightAnchors: [String: IPv4Address]? = nil) {
+    public init(predicate: SessionPredicate, newBoxes: [IPAddress], mode: TransferMode, deadlineMilliseconds: UInt32,
+                limit: Int? = nil, chains: Set<UInt64>? = nil, insertHere: Bool = false, alsoOld: [IPAddress] = [],
+                donor: IPAddress? = nil, rightAnchors: [String: IPAddress]? = nil) {
         self.rightAnchors = rightAnchors
         self.chains = chains
         self.predicate = predicate
@@ -712,7 +712,7 @@ public struct ReplaceRequest: Codable, Sendable {
         self.donor = donor
     }
 
-    public init(predicate: SessionPredicate, newBoxes: [IPv4Address], stateful: Bool, deadlineMilliseconds: UInt32,
+    public init(predicate: SessionPredicate, newBoxes: [IPAddress], stateful: Bool, deadlineMilliseconds: UInt32,
                 limit: Int? = nil, chains: Set<UInt64>? = nil) {
         self.init(predicate: predicate, newBoxes: newBoxes, mode: stateful ? .stateful : .stateless,
                   deadlineMilliseconds: deadlineMilliseconds, limit: limit, chains: chains)

@@ -57,8 +57,8 @@ public struct BPFSessionKey: Hashable, Sendable, CustomStringConvertible {
     public init?(raw: dysco_key) {
         guard raw.proto == 6, let hook = BPFHook(rawValue: raw.hook) else { return nil }
         self.hook = hook
-        tuple = FiveTuple(srcAddr: IPv4Address(UInt32(bigEndian: raw.saddr)), srcPort: UInt16(bigEndian: raw.sport),
-                          dstAddr: IPv4Address(UInt32(bigEndian: raw.daddr)), dstPort: UInt16(bigEndian: raw.dport))
+        tuple = FiveTuple(srcAddr: IPAddress(UInt32(bigEndian: raw.saddr)), srcPort: UInt16(bigEndian: raw.sport),
+                          dstAddr: IPAddress(UInt32(bigEndian: raw.daddr)), dstPort: UInt16(bigEndian: raw.dport))
     }
 
     public var description: String { "\(hook) \(tuple)" }
@@ -129,9 +129,9 @@ public struct BPFSessionEntry: Hashable, Sendable {
     }
 
     public init(raw: dysco_value) {
-        target = FiveTuple(srcAddr: IPv4Address(UInt32(bigEndian: raw.new_saddr)),
+        target = FiveTuple(srcAddr: IPAddress(UInt32(bigEndian: raw.new_saddr)),
                            srcPort: UInt16(bigEndian: raw.new_sport),
-                           dstAddr: IPv4Address(UInt32(bigEndian: raw.new_daddr)),
+                           dstAddr: IPAddress(UInt32(bigEndian: raw.new_daddr)),
                            dstPort: UInt16(bigEndian: raw.new_dport))
         flags = BPFSessionFlags(rawValue: raw.flags)
         sessionID = raw.session_id

@@ -1,3 +1,4 @@
+import DyscoCore
 import ConntrackState
 import DyscoLab
 import Glibc

@@ -323,7 +323,7 @@ public enum TrickleTraffic {
         return process
     }
 
-    static func startClient(_ lab: Lab, on host: String, server: IPv4Address, port: UInt16, connections: Int,
+    static func startClient(_ lab: Lab, on host: String, server: IPAddress, port: UInt16, connections: Int,
                             resultPath: String) throws -> Process {
         try lab.spawn(host, [PacedHTTPServer.python, try client(), "\(server)", "\(port)", "\(connections)", resultPath],
                       logPath: "\(lab.directory)/trickle-\(host).log")

@@ -24,7 +24,7 @@ public enum SynFlood {
 
     /// Starts `count` SYNs from `host` (source: its address) to `dst:dport` in the background, at most `rate` per
     /// second (0: as fast as Python sends).
-    public static func start(_ lab: Lab, from host: String, to dst: IPv4Address, dport: UInt16, count: Int,
+    public static func start(_ lab: Lab, from host: String, to dst: IPAddress, dport: UInt16, count: Int,
                              kind: Kind, rate: Double = 0, output: String) throws -> Process {
         try lab.spawn(host, ["python3", try script(), "\(lab.address(of: host))", "\(dst)", "\(dport)", "\(count)",
                              kind.rawValue, "\(rate)"], logPath: output)

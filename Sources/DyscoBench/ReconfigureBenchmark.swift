@@ -104,7 +104,7 @@ public struct ReconfigureBenchmark: Sendable {
         try await Task.sleep(for: .milliseconds(500))
 
         // Bundles: the sessions of one client (the paper's client–server pairs), by chain id.
-        var bundles: [IPv4Address: Set<UInt64>] = [:]
+        var bundles: [IPAddress: Set<UInt64>] = [:]
         for s in try await PacedLab.pacedSessions(lab, "fw1") {
             if let chain = s.chainID.flatMap({ UInt64($0, radix: 16) }) { bundles[s.session.srcAddr, default: []].insert(chain) }
         }

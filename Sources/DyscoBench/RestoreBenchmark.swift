@@ -72,9 +72,9 @@ public enum RestoreBenchmark {
         // N middlebox sessions: client i → fw → server, left from the client's port, right from ours.
         let range: ClosedRange<UInt16> = 10000...60000
         var table = SessionTable(portRange: range)
-        let fw = IPv4Address(10, 79, 69, 101), server = IPv4Address(10, 79, 69, 201)
+        let fw = IPAddress(10, 79, 69, 101), server = IPAddress(10, 79, 69, 201)
         for i in 0..<sessions {
-            let client = IPv4Address(10, 79, 69, UInt8(10 + i % 40))
+            let client = IPAddress(10, 79, 69, UInt8(10 + i % 40))
             let port = UInt16(1024 + i / 40)
             let session = FiveTuple(srcAddr: client, srcPort: port, dstAddr: server, dstPort: 80)
             let left = FiveTuple(srcAddr: client, srcPort: port, dstAddr: fw, dstPort: 80)

@@ -320,7 +320,7 @@ public struct SoakBenchmark: Sendable {
         var downloadTimeout: Int { Int(transferSeconds * 3) + 60 }
 
         /// The boxes by address.
-        var boxes: [IPv4Address: String] {
+        var boxes: [IPAddress: String] {
             Dictionary(uniqueKeysWithValues: ["fw1", "fw2"].map { (lab.address(of: $0), $0) })
         }
 

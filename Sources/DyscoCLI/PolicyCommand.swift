@@ -59,15 +59,15 @@ struct PolicyCommand: AsyncParsableCommand {
         @OptionGroup var jsonOutput: JSONOutput<JSONHelp.AgentAnswer>
 
         func validate() throws {
-            guard IPv4Address(address) != nil else { throw ValidationError("'\(address)' is not an IPv4 address") }
-            for item in to.split(separator: ",") where IPv4Address(String(item)) == nil {
+            guard IPAddress(address)?.isIPv4 == true else { throw ValidationError("'\(address)' is not an IPv4 address") }
+            for item in to.split(separator: ",") where IPAddress(String(item))?.isIPv4 != true {
                 throw ValidationError("--to: '\(item)' is not an IPv4 address")
             }
         }
 
         func run() async throws {
-            try await PolicyCommand.send(PolicyRequest(.cordon, address: IPv4Address(address),
-                                                       replacements: to.split(separator: ",").compactMap { IPv4Address(String($0)) }),
+            try await PolicyCommand.send(PolicyRequest(.cordon, address: IPAddress(address),
+                                                       replacements: to.split(separator: ",").compactMap { IPAddress(String($0)) }),
                                          agent: agent, output: jsonOutput)
         }
     }
@@ -78,10 +78,10 @@ struct PolicyCommand: AsyncParsableCommand {
         @OptionGroup var agent: AgentAddressOptions
         @OptionGroup var jsonOutput: JSONOutput<JSONHelp.AgentAnswer>
         func validate() throws {
-            guard IPv4Address(address) != nil else { throw ValidationError("'\(address)' is not an IPv4 address") }
+            guard IPAddress(address)?.isIPv4 == true else { throw ValidationError("'\(address)' is not an IPv4 address") }
         }
         func run() async throws {
-            try await PolicyCommand.send(PolicyRequest(.uncordon, address: IPv4Address(address)), agent: agent, output: jsonOutput)
+            try await PolicyCommand.send(PolicyRequest(.uncordon, address: IPAddress(address)), agent: agent, output: jsonOutput)
         }
     }
 

@@ -9,21 +9,21 @@ import Foundation
 /// which triggers each session's left anchor and reports per session.
 enum Reconfiguration {
     /// A comma-separated list of addresses or lab host names, each named once.
-    static func addresses(_ text: String, placement: MiddleboxPlacementOptions, lab: Lab?) throws -> [IPv4Address] {
+    static func addresses(_ text: String, placement: MiddleboxPlacementOptions, lab: Lab?) throws -> [IPAddress] {
         let list = try text.split(separator: ",").map { try placement.address(String($0), lab: lab) }
         guard !list.isEmpty else { throw ValidationError("name at least one box") }
         guard Set(list).count == list.count else { throw ValidationError("'\(text)' names a box twice") }
         return list
     }
 
-    static func list(_ boxes: [IPv4Address]) -> String {
+    static func list(_ boxes: [IPAddress]) -> String {
         boxes.isEmpty ? "(none)" : boxes.map(\.description).joined(separator: ",")
     }
 
     /// Several old boxes (k → m): each session's right anchor is the last old box's right neighbour, read from that
     /// box's agent, for the sessions whose left neighbour there is the previous old box (the old boxes are consecutive).
-    static func rightAnchors(oldBoxes: [IPv4Address], names: [String], placement: MiddleboxPlacementOptions,
-                             lab: Lab?) async throws -> [String: IPv4Address]? {
+    static func rightAnchors(oldBoxes: [IPAddress], names: [String], placement: MiddleboxPlacementOptions,
+                             lab: Lab?) async throws -> [String: IPAddress]? {
         guard oldBoxes.count > 1, let last = oldBoxes.last, let lastName = names.last else { return nil }
         guard lab != nil, placement.socket == nil else {
             throw ValidationError("several old boxes need --lab (without --socket): the last box's agent names each session's right anchor")
@@ -31,7 +31,7 @@ enum Reconfiguration {
         let path = try placement.socketPath(old: lastName, lab: lab)
         let snapshot = try await ControlClient.snapshot(path: path)
         let previous = oldBoxes[oldBoxes.count - 2]
-        var anchors: [String: IPv4Address] = [:]
+        var anchors: [String: IPAddress] = [:]
         for s in snapshot.sessions where s.left?.dstAddr == last && s.left?.srcAddr == previous {
             if let chain = s.chainID, let right = s.right?.dstAddr { anchors[chain] = right }
         }
@@ -40,7 +40,7 @@ enum Reconfiguration {
 
     /// Sends `request` to the agent of `host` (checked to be that host), prints the report, exits 1 unless every
     /// matched session moved.
-    static func run(_ request: ReplaceRequest, at host: IPv4Address, name: String, placement: MiddleboxPlacementOptions,
+    static func run(_ request: ReplaceRequest, at host: IPAddress, name: String, placement: MiddleboxPlacementOptions,
                     lab: Lab?, json: Bool, title: String) async throws {
         if let problem = request.problem { throw ValidationError(problem) }
         let path = try placement.socketPath(old: name, lab: lab)

@@ -290,10 +290,10 @@ public enum AgentMetricCatalog {
 
 /// Where `agent --metrics` serves `/metrics`: an IPv4 address of the agent's namespace (0.0.0.0: all) and a TCP port.
 public struct MetricsEndpoint: Sendable, Equatable, CustomStringConvertible {
-    public var address: IPv4Address
+    public var address: IPAddress
     public var port: UInt16
 
-    public init(address: IPv4Address, port: UInt16) {
+    public init(address: IPAddress, port: UInt16) {
         self.address = address
         self.port = port
     }
@@ -318,11 +318,11 @@ public struct MetricsEndpoint: Sendable, Equatable, CustomStringConvertible {
         let host = String(text[..<colon])
         let portText = String(text[text.index(after: colon)...])
         guard !portText.isEmpty else { throw .missingPort(text) }
-        let address: IPv4Address
+        let address: IPAddress
         if host == "localhost" {
-            address = IPv4Address(127, 0, 0, 1)
+            address = IPAddress(127, 0, 0, 1)
         } else {
-            guard host.split(separator: ".", omittingEmptySubsequences: false).count == 4, let parsed = IPv4Address(host) else {
+            guard host.split(separator: ".", omittingEmptySubsequences: false).count == 4, let parsed = IPAddress(host) else {
                 throw .badAddress(host)
             }
             address = parsed

@@ -14,7 +14,7 @@ public struct AgentSnapshot: Codable, Sendable {
         /// Subsession from this host to the right neighbour (nil at the right end, or not yet sent).
         public var right: FiveTuple?
         /// Hops still to be told to the right neighbour (middlebox before its SYN leaves).
-        public var remaining: [IPv4Address]
+        public var remaining: [IPAddress]
         /// "opening" (SYN-only: the handshake has not completed through this agent), "established", "closing"
         public var state: String
         /// The session's carrier: slow (NFQUEUE), pending (being handed to the kernel), kernel (BPF map entries), held

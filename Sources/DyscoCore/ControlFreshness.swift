@@ -19,12 +19,12 @@
 ///   accept, and lets windows of silent senders be forgotten (anything they could still catch is stale by time).
 public struct ControlStamp: Sendable, Equatable, Hashable {
     public var sender: UInt64
-    public var receiver: IPv4Address
+    public var receiver: IPAddress
     public var counter: UInt32
     /// Microseconds since 1970 (CLOCK_REALTIME) when the sender encoded the message.
     public var sentAt: UInt64
 
-    public init(sender: UInt64, receiver: IPv4Address, counter: UInt32, sentAt: UInt64) {
+    public init(sender: UInt64, receiver: IPAddress, counter: UInt32, sentAt: UInt64) {
         self.sender = sender
         self.receiver = receiver
         self.counter = counter
@@ -33,13 +33,13 @@ public struct ControlStamp: Sendable, Equatable, Hashable {
 
     /// What a message carries before the sending agent stamps it (its encode refuses nothing; a receiver
     /// refuses sender 0 / counter 0 as `replayed`).
-    public static let unstamped = ControlStamp(sender: 0, receiver: IPv4Address(0), counter: 0, sentAt: 0)
+    public static let unstamped = ControlStamp(sender: 0, receiver: IPAddress(0), counter: 0, sentAt: 0)
 }
 
 /// The sending side: one random sender id per agent run and one counter per receiver.
 public struct ControlStamper: Sendable {
     public private(set) var sender: UInt64
-    private var counters: [IPv4Address: UInt32] = [:]
+    private var counters: [IPAddress: UInt32] = [:]
 
     /// `sender` is drawn at random when nil (0 is never used).
     public init(sender: UInt64? = nil) {
@@ -50,7 +50,7 @@ public struct ControlStamper: Sendable {
 
     /// The stamp of the next message to `receiver`, sent now (`nowMicros`: CLOCK_REALTIME µs). When a counter
     /// would wrap, the stamper takes a new sender id and every counter starts over (receivers see a new sender).
-    public mutating func stamp(to receiver: IPv4Address, nowMicros: UInt64) -> ControlStamp {
+    public mutating func stamp(to receiver: IPAddress, nowMicros: UInt64) -> ControlStamp {
         var next = (counters[receiver] ?? 0) &+ 1
         if next == 0 {
             sender = Self.randomSender()
@@ -118,7 +118,7 @@ public struct FreshnessChecker: Sendable {
 
     /// Checks `stamp` of a message that arrived (already authenticated) for `destination` at `nowMicros`, and
     /// records it when fresh. Returns nil when fresh, else why it is refused (nothing is recorded then).
-    public mutating func admit(_ stamp: ControlStamp, destination: IPv4Address?, nowMicros now: UInt64) -> Refusal? {
+    public mutating func admit(_ stamp: ControlStamp, destination: IPAddress?, nowMicros now: UInt64) -> Refusal? {
         guard stamp.sender != 0, stamp.counter != 0 else { return .unstamped }
         if let destination, stamp.receiver != destination { return .wrongReceiver }
         if stamp.sentAt > now, stamp.sentAt - now > settings.maxSkew { return .future }

@@ -82,25 +82,25 @@ public enum TransferMode: UInt8, Sendable, CaseIterable, Codable, CustomStringCo
 /// middleboxes (§3: zero old ones is an insertion, zero new ones a deletion).
 public struct Trigger: Sendable, Equatable {
     /// [new middleboxes..., right anchor], 1...15 addresses (one: the new path has no middlebox, a deletion).
-    public var newPath: [IPv4Address]
+    public var newPath: [IPAddress]
     /// The box whose state moves to the first new middlebox (``TransferMode/stateful``): the box being replaced,
     /// or a donor that keeps its own copy (an anchor, for an insertion). Unused otherwise (the controller's
     /// address by convention).
-    public var oldBox: IPv4Address
+    public var oldBox: IPAddress
     public var mode: TransferMode
     public var deadlineMilliseconds: UInt32
 
     /// Both anchors hold new data until the old path is drained (stateful and held).
     public var stateful: Bool { mode != .stateless }
 
-    public init(newPath: [IPv4Address], oldBox: IPv4Address, mode: TransferMode, deadlineMilliseconds: UInt32) {
+    public init(newPath: [IPAddress], oldBox: IPAddress, mode: TransferMode, deadlineMilliseconds: UInt32) {
         self.newPath = newPath
         self.oldBox = oldBox
         self.mode = mode
         self.deadlineMilliseconds = deadlineMilliseconds
     }
 
-    public init(newPath: [IPv4Address], oldBox: IPv4Address, stateful: Bool, deadlineMilliseconds: UInt32) {
+    public init(newPath: [IPAddress], oldBox: IPAddress, stateful: Bool, deadlineMilliseconds: UInt32) {
         self.init(newPath: newPath, oldBox: oldBox, mode: stateful ? .stateful : .stateless,
                   deadlineMilliseconds: deadlineMilliseconds)
     }
@@ -145,7 +145,7 @@ public enum ControlBody: Sendable, Equatable {
     case cancelLock(reason: String)
     case ackCancel
     /// remaining: 0...15 addresses.
-    case newPathSyn(subsession: FiveTuple, remaining: [IPv4Address])
+    case newPathSyn(subsession: FiveTuple, remaining: [IPAddress])
     case newPathSynAck(subsession: FiveTuple)
     case newPathCancel
     case newPathCancelAck
@@ -154,7 +154,7 @@ public enum ControlBody: Sendable, Equatable {
     case newPathRefused(reason: String)
     case drainStart(stateful: Bool)
     case drained
-    case stateRequest(newBox: IPv4Address)
+    case stateRequest(newBox: IPAddress)
     /// A JSON state document (docs/STATE-FORMAT.md), at most 60,000 bytes, carried opaquely.
     case statePut(document: [UInt8])
     /// The state transfer's result, from the new box to the old one and from the old box to the left anchor,
@@ -213,7 +213,7 @@ public enum ControlMessageError: Error, Equatable, Sendable, CustomStringConvert
     /// The body does not have the layout of its type (or the header's session has a zero port).
     case badBody(ControlMessageType, String)
     /// Loopback, multicast, broadcast, unspecified or link-local anywhere in the message.
-    case forbiddenAddress(IPv4Address)
+    case forbiddenAddress(IPAddress)
     /// chainID == 0.
     case zeroIdentity
 
@@ -347,15 +347,15 @@ public struct ControlMessage: Sendable, Equatable {
     public var requestID: UInt32
     /// The session as the endpoints see it.
     public var session: FiveTuple
-    public var leftAnchor: IPv4Address
-    public var rightAnchor: IPv4Address
+    public var leftAnchor: IPAddress
+    public var rightAnchor: IPAddress
     public var body: ControlBody
     /// Freshness (``ControlStamp``): set by the sending agent just before it encodes (the protocol layer never
     /// looks at it); checked by the receiving agent (``FreshnessChecker``) after the MAC.
     public var stamp: ControlStamp
 
     public init(identity: SessionIdentity, requestID: UInt32, session: FiveTuple,
-                leftAnchor: IPv4Address, rightAnchor: IPv4Address, body: ControlBody, stamp: ControlStamp = .unstamped) {
+                leftAnchor: IPAddress, rightAnchor: IPAddress, body: ControlBody, stamp: ControlStamp = .unstamped) {
         self.stamp = stamp
         self.identity = identity
         self.requestID = requestID
@@ -517,9 +517,9 @@ public struct ControlMessage: Sendable, Equatable {
         guard identity.chainID != 0 else { throw .zeroIdentity }
         let requestID = cmReadBE32(bytes, 24)
         let session = cmReadTuple(bytes, 28)
-        let leftAnchor = IPv4Address(cmReadBE32(bytes, 40))
-        let rightAnchor = IPv4Address(cmReadBE32(bytes, 44))
-        let stamp = ControlStamp(sender: cmReadBE64(bytes, 48), receiver: IPv4Address(cmReadBE32(bytes, 56)),
+        let leftAnchor = IPAddress(cmReadBE32(bytes, 40))
+        let rightAnchor = IPAddress(cmReadBE32(bytes, 44))
+        let stamp = ControlStamp(sender: cmReadBE64(bytes, 48), receiver: IPAddress(cmReadBE32(bytes, 56)),
                                  counter: cmReadBE32(bytes, 60), sentAt: cmReadBE64(bytes, 64))
         for address in [session.srcAddr, session.dstAddr, leftAnchor, rightAnchor] where address.isForbiddenHop {
             throw .forbiddenAddress(address)
@@ -550,7 +550,7 @@ public struct ControlMessage: Sendable, Equatable {
         switch type {
         case .trigger:
             let deadline = try r.u32("deadline")
-            let oldBox = IPv4Address(try r.u32("oldBox"))
+            let oldBox = IPAddress(try r.u32("oldBox"))
             let modeByte = try r.u8("mode")
             guard let mode = TransferMode(rawValue: modeByte) else { throw r.fail("mode is \(modeByte), not 0, 1 or 2") }
             let newPath = try r.addresses("newPath", 1...ControlBody.maxPathAddresses)
@@ -602,7 +602,7 @@ public struct ControlMessage: Sendable, Equatable {
             return .drainStart(stateful: try r.bool("stateful"))
         case .drained: return .drained
         case .stateRequest:
-            return .stateRequest(newBox: IPv4Address(try r.u32("newBox")))
+            return .stateRequest(newBox: IPAddress(try r.u32("newBox")))
         case .statePut:
             let count = Int(try r.u16("document length"))
             guard count <= ControlBody.maxDocumentBytes else {
@@ -633,8 +633,8 @@ public struct ControlMessage: Sendable, Equatable {
 }
 
 extension ControlBody {
-    /// Every address the body names (checked against ``IPv4Address/isForbiddenHop`` on decode).
-    fileprivate var addresses: [IPv4Address] {
+    /// Every address the body names (checked against ``IPAddress/isForbiddenHop`` on decode).
+    fileprivate var addresses: [IPAddress] {
         switch self {
         case .trigger(let t): [t.oldBox] + t.newPath
         case .newPathSyn(let s, let remaining): [s.srcAddr, s.dstAddr] + remaining
@@ -674,7 +674,7 @@ private struct ControlWriter {
         u16(t.dstPort)
     }
     /// u8 count, then the addresses.
-    mutating func addresses(_ list: [IPv4Address]) {
+    mutating func addresses(_ list: [IPAddress]) {
         u8(UInt8(list.count))
         for a in list { u32(a.value) }
     }
@@ -746,12 +746,12 @@ private struct ControlReader {
         guard t.srcPort != 0, t.dstPort != 0 else { throw fail("\(field) has port 0") }
         return t
     }
-    mutating func addresses(_ field: String, _ allowed: ClosedRange<Int>) throws(ControlMessageError) -> [IPv4Address] {
+    mutating func addresses(_ field: String, _ allowed: ClosedRange<Int>) throws(ControlMessageError) -> [IPAddress] {
         let n = Int(try u8("\(field) count"))
         guard allowed.contains(n) else { throw fail("\(field) has \(n) addresses (\(allowed.lowerBound)...\(allowed.upperBound))") }
-        var list: [IPv4Address] = []
+        var list: [IPAddress] = []
         list.reserveCapacity(n)
-        for _ in 0..<n { list.append(IPv4Address(try u32(field))) }
+        for _ in 0..<n { list.append(IPAddress(try u32(field))) }
         return list
     }
 }
@@ -767,8 +767,8 @@ private struct ControlReader {
 }
 /// srcAddr(4) dstAddr(4) srcPort(2) dstPort(2).
 @inline(__always) private func cmReadTuple(_ b: UnsafeRawBufferPointer, _ at: Int) -> FiveTuple {
-    FiveTuple(srcAddr: IPv4Address(cmReadBE32(b, at)), srcPort: cmReadBE16(b, at + 8),
-              dstAddr: IPv4Address(cmReadBE32(b, at + 4)), dstPort: cmReadBE16(b, at + 10))
+    FiveTuple(srcAddr: IPAddress(cmReadBE32(b, at)), srcPort: cmReadBE16(b, at + 8),
+              dstAddr: IPAddress(cmReadBE32(b, at + 4)), dstPort: cmReadBE16(b, at + 10))
 }
 
 // MARK: - Bundles: several messages in one datagram

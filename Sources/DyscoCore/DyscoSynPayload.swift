@@ -33,7 +33,7 @@
 /// and the version byte are read before the MAC is verified; version 1 (the unauthenticated format:
 /// `version(1)=1 family n reserved | session(12) | n × address | length = 22+4n | magic`) is refused with
 /// ``DecodeError/versionOneRefused``. After a valid MAC: family, count, reserved byte, chain id ≠ 0, ports ≠ 0,
-/// and no session address or remaining hop for which ``IPv4Address/isForbiddenHop`` (loopback, multicast,
+/// and no session address or remaining hop for which ``IPAddress/isForbiddenHop`` (loopback, multicast,
 /// broadcast, 0/8, link-local). Any ``DecodeError`` → the agent counts and drops the packet
 /// (docs/ARCHITECTURE.md, "Malformed input").
 public struct DyscoSynPayload: Equatable, Sendable {
@@ -52,14 +52,14 @@ public struct DyscoSynPayload: Equatable, Sendable {
 
     public var identity: SessionIdentity
     public var session: FiveTuple
-    public var remaining: [IPv4Address]
+    public var remaining: [IPAddress]
     /// A box before this hop translated the session's tuple (paper §2.1, "Middleboxes that modify the five-tuple"):
     /// `session` is the tuple as that box made it, and the chain's left end knows the session by another tuple. The
     /// hops from here on accept the reconfiguration messages that name it so (docs/CONTROL-PROTOCOL.md, "Sessions
     /// a box renamed").
     public var renamedUpstream: Bool
 
-    public init(identity: SessionIdentity, session: FiveTuple, remaining: [IPv4Address], renamedUpstream: Bool = false) {
+    public init(identity: SessionIdentity, session: FiveTuple, remaining: [IPAddress], renamedUpstream: Bool = false) {
         self.identity = identity
         self.session = session
         self.remaining = remaining
@@ -85,7 +85,7 @@ public struct DyscoSynPayload: Equatable, Sendable {
         /// The chain id is zero.
         case zeroIdentity
         /// A session address or remaining hop is loopback, multicast, broadcast, 0/8 or link-local.
-        case forbiddenAddress(IPv4Address)
+        case forbiddenAddress(IPAddress)
 
         public var description: String {
             switch self {
@@ -142,16 +142,16 @@ public struct DyscoSynPayload: Equatable, Sendable {
         let renamed = payload[start + 3] & Self.renamedUpstreamFlag != 0
         let identity = SessionIdentity(chainID: readBE64(payload, start + 4), nonce: readBE64(payload, start + 12))
         guard identity.chainID != 0 else { throw .zeroIdentity }
-        let session = FiveTuple(srcAddr: IPv4Address(readBE32(payload, start + 20)), srcPort: readBE16(payload, start + 28),
-                                dstAddr: IPv4Address(readBE32(payload, start + 24)), dstPort: readBE16(payload, start + 30))
+        let session = FiveTuple(srcAddr: IPAddress(readBE32(payload, start + 20)), srcPort: readBE16(payload, start + 28),
+                                dstAddr: IPAddress(readBE32(payload, start + 24)), dstPort: readBE16(payload, start + 30))
         guard session.srcPort != 0, session.dstPort != 0 else { throw .zeroAddress }
         for address in [session.srcAddr, session.dstAddr] where address.isForbiddenHop {
             throw .forbiddenAddress(address)
         }
-        var remaining: [IPv4Address] = []
+        var remaining: [IPAddress] = []
         remaining.reserveCapacity(count)
         for i in 0..<count {
-            let address = IPv4Address(readBE32(payload, start + addressesOffset + 4 * i))
+            let address = IPAddress(readBE32(payload, start + addressesOffset + 4 * i))
             guard !address.isForbiddenHop else { throw .forbiddenAddress(address) }
             remaining.append(address)
         }

@@ -6,9 +6,9 @@ public struct EvacuationPlan: Sendable, Equatable {
     public struct Candidate: Sendable, Equatable {
         public var chainID: UInt64
         public var session: FiveTuple
-        public var leftAnchor: IPv4Address
-        public var rightAnchor: IPv4Address
-        public init(chainID: UInt64, session: FiveTuple, leftAnchor: IPv4Address, rightAnchor: IPv4Address) {
+        public var leftAnchor: IPAddress
+        public var rightAnchor: IPAddress
+        public init(chainID: UInt64, session: FiveTuple, leftAnchor: IPAddress, rightAnchor: IPAddress) {
             self.chainID = chainID
             self.session = session
             self.leftAnchor = leftAnchor
@@ -17,9 +17,9 @@ public struct EvacuationPlan: Sendable, Equatable {
     }
 
     public struct Batch: Sendable, Equatable {
-        public var target: IPv4Address
-        public var leftAnchor: IPv4Address
-        public var rightAnchor: IPv4Address
+        public var target: IPAddress
+        public var leftAnchor: IPAddress
+        public var rightAnchor: IPAddress
         public var sessions: [Candidate]
     }
 
@@ -29,9 +29,9 @@ public struct EvacuationPlan: Sendable, Equatable {
     /// Sessions in chain-id order go to `targets[i % targets.count]` (ties of a session to a target are stable
     /// across runs of the same set); each (left anchor, right anchor, target) group is cut into batches of at
     /// most `batchSize` sessions. Batches are ordered so that the targets alternate.
-    public init(_ candidates: [Candidate], targets: [IPv4Address], batchSize: Int) {
+    public init(_ candidates: [Candidate], targets: [IPAddress], batchSize: Int) {
         precondition(!targets.isEmpty && batchSize > 0)
-        struct Key: Hashable { var target, left, right: IPv4Address }
+        struct Key: Hashable { var target, left, right: IPAddress }
         var groups: [Key: [Candidate]] = [:]
         var order: [Key] = []
         for (i, candidate) in candidates.sorted(by: { $0.chainID < $1.chainID }).enumerated() {

@@ -1,11 +1,11 @@
 /// A TCP/IPv4 connection identifier as it appears in one packet's header (protocol is always TCP here).
 public struct FiveTuple: Hashable, Sendable, CustomStringConvertible, Codable {
-    public var srcAddr: IPv4Address
-    public var dstAddr: IPv4Address
+    public var srcAddr: IPAddress
+    public var dstAddr: IPAddress
     public var srcPort: UInt16
     public var dstPort: UInt16
 
-    public init(srcAddr: IPv4Address, srcPort: UInt16, dstAddr: IPv4Address, dstPort: UInt16) {
+    public init(srcAddr: IPAddress, srcPort: UInt16, dstAddr: IPAddress, dstPort: UInt16) {
         self.srcAddr = srcAddr
         self.dstAddr = dstAddr
         self.srcPort = srcPort
@@ -23,9 +23,9 @@ public struct FiveTuple: Hashable, Sendable, CustomStringConvertible, Codable {
     public init?(parsing text: some StringProtocol) {
         let ends = text.split(separator: "->", omittingEmptySubsequences: false)
         guard ends.count == 2 else { return nil }
-        func endpoint(_ e: Substring) -> (IPv4Address, UInt16)? {
+        func endpoint(_ e: Substring) -> (IPAddress, UInt16)? {
             let parts = e.split(separator: ":", omittingEmptySubsequences: false)
-            guard parts.count == 2, let address = IPv4Address(String(parts[0])), let port = UInt16(parts[1]) else { return nil }
+            guard parts.count == 2, let address = IPAddress(String(parts[0])), let port = UInt16(parts[1]) else { return nil }
             return (address, port)
         }
         guard let src = endpoint(Substring(ends[0])), let dst = endpoint(Substring(ends[1])) else { return nil }
@@ -38,9 +38,9 @@ public struct FiveTuple: Hashable, Sendable, CustomStringConvertible, Codable {
 
     public init(from decoder: any Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
-        srcAddr = try c.decode(IPv4Address.self, forKey: .src)
+        srcAddr = try c.decode(IPAddress.self, forKey: .src)
         srcPort = try c.decode(UInt16.self, forKey: .sport)
-        dstAddr = try c.decode(IPv4Address.self, forKey: .dst)
+        dstAddr = try c.decode(IPAddress.self, forKey: .dst)
         dstPort = try c.decode(UInt16.self, forKey: .dport)
     }
 

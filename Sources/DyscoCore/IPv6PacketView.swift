@@ -1,66 +1,8 @@
 import Foundation
 
-// IPv6 beside IPv4 (issue 18, item 3): the address, the fixed header as a view over bytes, the extension-header walk
+// IPv6 beside IPv4 (issue 18, item 3): the fixed header as a view over bytes, the extension-header walk
 // and its documented rule, the TCP pseudo-header. Not yet wired into the session table, the queue or the BPF
 // datapath: IPv6 still passes untouched (docs/ARCHITECTURE.md, "Limits today").
-
-/// An IPv6 address, held as two host-order halves (`high` is the first 8 bytes on the wire).
-public struct IPv6Address: Hashable, Comparable, Sendable, TextCodable {
-    public var high: UInt64
-    public var low: UInt64
-
-    public init(high: UInt64, low: UInt64) {
-        self.high = high
-        self.low = low
-    }
-
-    /// Parses any text form inet_pton(3) takes ("fd00::1", "::ffff:10.1.2.3"); nil for anything else (zone indices
-    /// such as "%eth0" included: an address in a packet has none).
-    public init?(_ text: some StringProtocol) {
-        var raw = in6_addr()
-        let parsed = String(text).withCString { inet_pton(AF_INET6, $0, &raw) }
-        guard parsed == 1 else { return nil }
-        self = withUnsafeBytes(of: raw) { Self(networkBytes: $0) }
-    }
-
-    /// The address from its 16 wire bytes.
-    public init(networkBytes bytes: UnsafeRawBufferPointer) {
-        precondition(bytes.count >= 16)
-        high = UInt64(bigEndian: bytes.loadUnaligned(fromByteOffset: 0, as: UInt64.self))
-        low = UInt64(bigEndian: bytes.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
-    }
-
-    /// Writes the 16 wire bytes at `base`.
-    public func store(to base: UnsafeMutableRawPointer) {
-        base.storeBytes(of: high.bigEndian, as: UInt64.self)
-        base.storeBytes(of: low.bigEndian, toByteOffset: 8, as: UInt64.self)
-    }
-
-    /// RFC 5952 text (inet_ntop's canonical form: lower case, the longest run of zero groups as "::").
-    public var description: String {
-        var raw = in6_addr()
-        withUnsafeMutableBytes(of: &raw) { store(to: $0.baseAddress!) }
-        var text = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN))
-        guard inet_ntop(AF_INET6, &raw, &text, socklen_t(text.count)) != nil else { return "?" }
-        return String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-    }
-
-    /// The one's-complement sum of the address as it lies on the wire (for pseudo-headers).
-    @usableFromInline var wireSum: UInt64 {
-        var sum: UInt64 = 0
-        for half in [high, low] {
-            let raw = half.bigEndian
-            sum &+= raw & 0xffff_ffff
-            sum &+= raw >> 32
-        }
-        return sum
-    }
-
-    public static func < (lhs: Self, rhs: Self) -> Bool { (lhs.high, lhs.low) < (rhs.high, rhs.low) }
-
-    public init?(parsing text: String) { self.init(text) }
-    public static let textKind = "an IPv6 address"
-}
 
 /// The 40-byte IPv6 fixed header at the start of a buffer (RFC 8200 §3). Getters return host-order values; IPv6 has
 /// no header checksum, so a changed address is folded into the upper layer's checksum by the caller.
@@ -83,19 +25,19 @@ public struct IPv6HeaderView {
     public var nextHeader: UInt8 { base.load(fromByteOffset: Offset.nextHeader, as: UInt8.self) }
     public var hopLimit: UInt8 { base.load(fromByteOffset: Offset.hopLimit, as: UInt8.self) }
 
-    public var sourceAddress: IPv6Address { address(at: Offset.source) }
-    public var destinationAddress: IPv6Address { address(at: Offset.destination) }
+    public var sourceAddress: IPAddress { address(at: Offset.source) }
+    public var destinationAddress: IPAddress { address(at: Offset.destination) }
 
-    public func setSourceAddress(_ address: IPv6Address) { address.store(to: base + Offset.source) }
-    public func setDestinationAddress(_ address: IPv6Address) { address.store(to: base + Offset.destination) }
+    public func setSourceAddress(_ address: IPAddress) { address.store(to: base + Offset.source) }
+    public func setDestinationAddress(_ address: IPAddress) { address.store(to: base + Offset.destination) }
 
     public func setPayloadLength(_ length: Int) {
         base.storeBytes(of: UInt16(truncatingIfNeeded: length).bigEndian, toByteOffset: Offset.payloadLength,
                         as: UInt16.self)
     }
 
-    private func address(at offset: Int) -> IPv6Address {
-        IPv6Address(networkBytes: UnsafeRawBufferPointer(start: base + offset, count: 16))
+    private func address(at offset: Int) -> IPAddress {
+        IPAddress(networkBytes: UnsafeRawBufferPointer(start: base + offset, count: 16))
     }
 }
 
@@ -165,14 +107,14 @@ public enum IPv6ExtensionHeaders {
 extension InternetChecksum {
     /// The unfolded sum of the TCP/UDP IPv6 pseudo-header (RFC 8200 §8.1: addresses, upper-layer length, next header).
     @inlinable
-    public static func pseudoHeaderSum(source: IPv6Address, destination: IPv6Address, protocolNumber: UInt8,
+    public static func pseudoHeaderSum(source: IPAddress, destination: IPAddress, protocolNumber: UInt8,
                                        length: Int) -> UInt64 {
         source.wireSum &+ destination.wireSum &+ UInt64(UInt32(truncatingIfNeeded: length).bigEndian)
             &+ UInt64(UInt32(protocolNumber).bigEndian)
     }
 
     /// RFC 1624 for a changed IPv6 address in a pseudo-header: the eight 16-bit words out, the new eight in.
-    public static func update(_ checksum: UInt16, old: IPv6Address, new: IPv6Address) -> UInt16 {
+    public static func update(_ checksum: UInt16, old: IPAddress, new: IPAddress) -> UInt16 {
         var sum = UInt64(~checksum)
         for (o, n) in [(old.high, new.high), (old.low, new.low)] {
             for shift in stride(from: 48, through: 0, by: -16) {
@@ -226,7 +168,7 @@ public struct IPv6TCPPacket {
 
     /// Rewrites addresses and ports, touching only the fields that change, with the TCP checksum updated
     /// incrementally (`.complete`) or recomputed over the whole segment (`.partial`).
-    public func rewrite(source: IPv6Address, sourcePort: UInt16, destination: IPv6Address, destinationPort: UInt16,
+    public func rewrite(source: IPAddress, sourcePort: UInt16, destination: IPAddress, destinationPort: UInt16,
                         checksum: ChecksumState) {
         let incremental = checksum == .complete
         let oldSource = ip.sourceAddress, oldDestination = ip.destinationAddress

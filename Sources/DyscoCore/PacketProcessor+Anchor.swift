@@ -113,7 +113,7 @@ extension PacketProcessor {
         table.update(id) { $0.migration?.phase = .locked }
     }
 
-    public func context(chainID: UInt64) -> (SessionTable.Record, me: IPv4Address)? {
+    public func context(chainID: UInt64) -> (SessionTable.Record, me: IPAddress)? {
         guard let id = table.byChain[chainID], let record = table.records[id] else { return nil }
         let me = record.left?.dstAddr ?? record.right?.srcAddr ?? record.session.srcAddr
         return (record, me)
@@ -185,7 +185,7 @@ extension PacketProcessor {
     /// the numbers the drain and the probes need without waiting for the endpoint to send (an idle or
     /// window-limited session). At an end host it is delivered locally; at a middlebox anchor it travels the
     /// adjacent subsession to the endpoint's side. Returns the packet's length and destination.
-    public func anchorElicit(chainID: UInt64, into buffer: UnsafeMutableRawPointer) -> (Int, IPv4Address)? {
+    public func anchorElicit(chainID: UInt64, into buffer: UnsafeMutableRawPointer) -> (Int, IPAddress)? {
         guard let id = id(chainID), let record = table.records[id], let m = record.migration else { return nil }
         guard let (tuple, shift) = localSide(record, m) else { return nil }
         if let received = m.lastAck.map({ $0 &+ shift.seq }), let peerAcked = m.peerAcked.map({ $0 &- shift.ack }) {
@@ -222,7 +222,7 @@ extension PacketProcessor {
         }
     }
 
-    public enum PokeResult: Equatable, Sendable { case stop, unknownNumbers, sent(length: Int, to: IPv4Address, drained: Bool) }
+    public enum PokeResult: Equatable, Sendable { case stop, unknownNumbers, sent(length: Int, to: IPAddress, drained: Bool) }
 
     /// While draining: a keep-alive towards the far endpoint along the old path (one byte just below what it
     /// acknowledged; RFC 1122 §4.2.3.6). It makes the far endpoint acknowledge at once everything it has
@@ -258,7 +258,7 @@ extension PacketProcessor {
     /// Ends the zero-window clamp and builds the window update that reopens the local endpoint's send window:
     /// a pure ACK as from the far side with its latest numbers and real window, towards the local endpoint
     /// (like ``anchorElicit(chainID:into:)``'s packet). Nil if there is nothing to reopen or nothing known.
-    public mutating func anchorUnclamp(chainID: UInt64, into buffer: UnsafeMutableRawPointer) -> (Int, IPv4Address)? {
+    public mutating func anchorUnclamp(chainID: UInt64, into buffer: UnsafeMutableRawPointer) -> (Int, IPAddress)? {
         guard let id = id(chainID), var m = table.records[id]?.migration, m.clampWindow else { return nil }
         m.clampWindow = false
         table.update(id) { $0.migration = m }
@@ -312,7 +312,7 @@ extension PacketProcessor {
     }
 
     /// Left anchor: a new-path subsession from this host to `next`.
-    public mutating func openPath(chainID: UInt64, next: IPv4Address) -> Result<FiveTuple, SessionTable.InsertError> {
+    public mutating func openPath(chainID: UInt64, next: IPAddress) -> Result<FiveTuple, SessionTable.InsertError> {
         guard let (record, me) = context(chainID: chainID) else { return .failure(.collision(.zero)) }
         return Result { () throws(SessionTable.InsertError) in try table.openOtherRight(record.id, local: me, next: next).tuple }
     }
@@ -326,7 +326,7 @@ extension PacketProcessor {
     /// New box: the session from a new-path SYN (no TCP SYN crosses this host: paper §3.3), with its right
     /// subsession to `next`. Returns the right subsession.
     public mutating func createFromNewPath(identity: SessionIdentity, session: FiveTuple, left: FiveTuple,
-                                           next: IPv4Address, now: UInt64) -> Result<FiveTuple, SessionTable.InsertError> {
+                                           next: IPAddress, now: UInt64) -> Result<FiveTuple, SessionTable.InsertError> {
         Result { () throws(SessionTable.InsertError) in
             let id = try table.insertFromLeft(session: session, left: left, remaining: [next], identity: identity, now: now)
             do throws(SessionTable.InsertError) {

@@ -752,7 +752,7 @@ public struct PacketProcessor: Sendable {
 
     /// Whether the table may take one more session (from `source`, for a session that arrived from the left);
     /// counted when not.
-    private mutating func admits(source: IPv4Address?) -> Bool {
+    private mutating func admits(source: IPAddress?) -> Bool {
         if table.count >= settings.maxSessions {
             counters.sessionCapRefused &+= 1
             return false

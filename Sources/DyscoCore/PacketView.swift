@@ -24,13 +24,13 @@ public struct IPv4HeaderView {
     public var isFragment: Bool { loadBE16(Offset.fragment) & 0x3fff != 0 }
     public var checksum: UInt16 { loadBE16(Offset.checksum) }
 
-    public var sourceAddress: IPv4Address { IPv4Address(UInt32(bigEndian: rawSource)) }
-    public var destinationAddress: IPv4Address { IPv4Address(UInt32(bigEndian: rawDestination)) }
+    public var sourceAddress: IPAddress { IPAddress(UInt32(bigEndian: rawSource)) }
+    public var destinationAddress: IPAddress { IPAddress(UInt32(bigEndian: rawDestination)) }
     var rawSource: UInt32 { base.loadUnaligned(fromByteOffset: Offset.source, as: UInt32.self) }
     var rawDestination: UInt32 { base.loadUnaligned(fromByteOffset: Offset.destination, as: UInt32.self) }
 
-    public func setSourceAddress(_ address: IPv4Address) { setAddress(address, at: Offset.source) }
-    public func setDestinationAddress(_ address: IPv4Address) { setAddress(address, at: Offset.destination) }
+    public func setSourceAddress(_ address: IPAddress) { setAddress(address, at: Offset.source) }
+    public func setDestinationAddress(_ address: IPAddress) { setAddress(address, at: Offset.destination) }
 
     public func setTotalLength(_ length: Int) {
         let old = base.loadUnaligned(fromByteOffset: Offset.totalLength, as: UInt16.self)
@@ -51,7 +51,7 @@ public struct IPv4HeaderView {
         InternetChecksum.fold(InternetChecksum.accumulate(UnsafeRawPointer(base), count: headerLength)) == 0xffff
     }
 
-    private func setAddress(_ address: IPv4Address, at offset: Int) {
+    private func setAddress(_ address: IPAddress, at offset: Int) {
         let old = base.loadUnaligned(fromByteOffset: offset, as: UInt32.self)
         let new = address.value.bigEndian
         base.storeBytes(of: new, toByteOffset: offset, as: UInt32.self)

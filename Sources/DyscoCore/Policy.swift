@@ -74,9 +74,9 @@ public struct SessionPredicate: Hashable, Sendable, Codable {
 public struct Policy: Hashable, Sendable, Codable {
     public var name: String
     public var match: SessionPredicate
-    public var chain: [IPv4Address]
+    public var chain: [IPAddress]
 
-    public init(name: String, match: SessionPredicate, chain: [IPv4Address]) {
+    public init(name: String, match: SessionPredicate, chain: [IPAddress]) {
         self.name = name
         self.match = match
         self.chain = chain
@@ -99,8 +99,9 @@ public struct AgentConfig: Sendable, Codable, Equatable {
     public enum ValidationError: Error, CustomStringConvertible {
         case unsupportedVersion(Int)
         case chainTooLong(policy: String, length: Int)
-        case duplicateHop(policy: String, address: IPv4Address)
-        case forbiddenHop(policy: String, address: IPv4Address)
+        case duplicateHop(policy: String, address: IPAddress)
+        case forbiddenHop(policy: String, address: IPAddress)
+        case ipv6Hop(policy: String, address: IPAddress)
 
         public var description: String {
             switch self {
@@ -111,6 +112,8 @@ public struct AgentConfig: Sendable, Codable, Equatable {
             case .duplicateHop(let p, let a): "policy '\(p)': middlebox \(a) appears twice in the chain"
             case .forbiddenHop(let p, let a):
                 "policy '\(p)': \(a) cannot be a middlebox (loopback, multicast, broadcast, unspecified or link-local)"
+            case .ipv6Hop(let p, let a):
+                "policy '\(p)': \(a) is an IPv6 address; chains are IPv4 only for now (docs/ARCHITECTURE.md, Limits)"
             }
         }
     }
@@ -124,7 +127,10 @@ public struct AgentConfig: Sendable, Codable, Equatable {
             if let hop = policy.chain.first(where: \.isForbiddenHop) {
                 throw ValidationError.forbiddenHop(policy: policy.name, address: hop)
             }
-            var seen = Set<IPv4Address>()
+            if let hop = policy.chain.first(where: { !$0.isIPv4 }) {
+                throw ValidationError.ipv6Hop(policy: policy.name, address: hop)
+            }
+            var seen = Set<IPAddress>()
             for hop in policy.chain where !seen.insert(hop).inserted {
                 throw ValidationError.duplicateHop(policy: policy.name, address: hop)
             }
@@ -187,10 +193,10 @@ public struct PolicyFilterError: Error, CustomStringConvertible, Equatable {
 /// touched. Runtime state of the agent: a config reload keeps it; `policy uncordon` ends it.
 public struct Cordons: Sendable, Codable, Equatable {
     public struct Cordon: Sendable, Codable, Equatable {
-        public var address: IPv4Address
+        public var address: IPAddress
         /// At least one; new chains use them in turn.
-        public var replacements: [IPv4Address]
-        public init(address: IPv4Address, replacements: [IPv4Address]) {
+        public var replacements: [IPAddress]
+        public init(address: IPAddress, replacements: [IPAddress]) {
             self.address = address
             self.replacements = replacements
         }
@@ -203,25 +209,28 @@ public struct Cordons: Sendable, Codable, Equatable {
     public init() {}
 
     public enum CordonError: Error, Equatable, CustomStringConvertible {
-        case noReplacement(IPv4Address)
-        case replacementIsCordoned(IPv4Address)
-        case replacesItself(IPv4Address)
-        case forbiddenAddress(IPv4Address)
+        case noReplacement(IPAddress)
+        case replacementIsCordoned(IPAddress)
+        case replacesItself(IPAddress)
+        case forbiddenAddress(IPAddress)
 
         public var description: String {
             switch self {
             case .noReplacement(let a): "cordon \(a): name at least one replacement (new sessions need a box to go through)"
             case .replacementIsCordoned(let a): "replacement \(a) is cordoned itself"
             case .replacesItself(let a): "cordon \(a): a box cannot replace itself"
+            case .forbiddenAddress(let a) where !a.isIPv4: "\(a) cannot be a box: boxes are IPv4 only for now"
             case .forbiddenAddress(let a): "\(a) cannot be a box (loopback, multicast, broadcast, unspecified or link-local)"
             }
         }
     }
 
     /// Cordons `address` (again: its replacements are updated).
-    public mutating func cordon(_ address: IPv4Address, replacements: [IPv4Address]) throws(CordonError) {
+    public mutating func cordon(_ address: IPAddress, replacements: [IPAddress]) throws(CordonError) {
         guard !replacements.isEmpty else { throw .noReplacement(address) }
-        if let bad = ([address] + replacements).first(where: \.isForbiddenHop) { throw .forbiddenAddress(bad) }
+        if let bad = ([address] + replacements).first(where: { $0.isForbiddenHop || !$0.isIPv4 }) {
+            throw .forbiddenAddress(bad)
+        }
         guard !replacements.contains(address) else { throw .replacesItself(address) }
         if let cordoned = replacements.first(where: { isCordoned($0) }) { throw .replacementIsCordoned(cordoned) }
         if cordons.contains(where: { $0.replacements.contains(address) }) { throw .replacementIsCordoned(address) }
@@ -231,16 +240,16 @@ public struct Cordons: Sendable, Codable, Equatable {
 
     /// Ends a cordon; false if `address` was not cordoned.
     @discardableResult
-    public mutating func uncordon(_ address: IPv4Address) -> Bool {
+    public mutating func uncordon(_ address: IPAddress) -> Bool {
         let before = cordons.count
         cordons.removeAll { $0.address == address }
         return cordons.count != before
     }
 
-    public func isCordoned(_ address: IPv4Address) -> Bool { cordons.contains { $0.address == address } }
+    public func isCordoned(_ address: IPAddress) -> Bool { cordons.contains { $0.address == address } }
 
     /// The chain a new session takes: `chain` with each cordoned hop replaced (see the type's rule).
-    public mutating func apply(_ chain: [IPv4Address]) -> [IPv4Address] {
+    public mutating func apply(_ chain: [IPAddress]) -> [IPAddress] {
         guard !cordons.isEmpty else { return chain }
         var result = chain
         for (i, hop) in chain.enumerated() {

@@ -226,7 +226,7 @@ public struct PersistedRecord: Codable, Equatable, Sendable {
     public var nonce: UInt64
     public var left: PersistedLink?
     public var right: PersistedLink?
-    public var remaining: [IPv4Address]
+    public var remaining: [IPAddress]
     public var rightEstablished: Bool
     public var finForward: Bool
     public var finReverse: Bool
@@ -385,7 +385,7 @@ struct JournalLine {
         append(value.magnitude)
     }
 
-    mutating func append(_ address: IPv4Address) {
+    mutating func append(_ address: IPAddress) {
         bytes.append(0x22)
         let v = address.value
         append(v >> 24)

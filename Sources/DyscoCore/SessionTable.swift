@@ -94,7 +94,7 @@ public struct SessionTable: Sendable {
         /// Subsession from this host to the right neighbour on the active path (nil at the right end).
         public var right: FiveTuple? { rightLink?.active.tuple }
         /// Hops after the right neighbour, carried in the SYN we send (middlebox: until it is sent).
-        public var remaining: [IPv4Address]
+        public var remaining: [IPAddress]
         /// The right subsession saw its SYN-ACK: stop appending the Dysco trailer to SYNs.
         public var rightEstablished = false
         public var finForward = false
@@ -170,9 +170,9 @@ public struct SessionTable: Sendable {
 
         public func link(_ side: Side) -> Link? { side == .left ? leftLink : rightLink }
         /// The left neighbour's address (nil at the left end).
-        public var leftNeighbour: IPv4Address? { left?.srcAddr }
+        public var leftNeighbour: IPAddress? { left?.srcAddr }
         /// The right neighbour's address (nil at the right end, or before the right subsession exists).
-        public var rightNeighbour: IPv4Address? { right?.dstAddr }
+        public var rightNeighbour: IPAddress? { right?.dstAddr }
     }
 
     /// The proxy's session towards the server, joined to its session with the client (``Record/spliced``).
@@ -252,8 +252,8 @@ public struct SessionTable: Sendable {
         public var identity: SessionIdentity
         public var session: FiveTuple
         /// The agent that uses this identity (the left anchor of the proxy's removal).
-        public var peer: IPv4Address
-        public init(identity: SessionIdentity, session: FiveTuple, peer: IPv4Address) {
+        public var peer: IPAddress
+        public init(identity: SessionIdentity, session: FiveTuple, peer: IPAddress) {
             self.identity = identity
             self.session = session
             self.peer = peer
@@ -323,7 +323,7 @@ public struct SessionTable: Sendable {
     /// Chain id (``SessionIdentity/chainID``) → id, for control messages.
     public private(set) var byChain: [UInt64: SessionID] = [:]
     /// Sessions per session source address (the client), for the per-source cap.
-    public private(set) var bySource: [IPv4Address: Int] = [:]
+    public private(set) var bySource: [IPAddress: Int] = [:]
     public var ports: PortAllocator
     private var nextID: SessionID = 1
     /// Ids whose persisted fields changed since the agent last wrote its state file (nil: not tracked, e.g. in unit
@@ -415,7 +415,7 @@ public struct SessionTable: Sendable {
     // MARK: - Inserting sessions (paper §2.1)
 
     /// Inserts a session whose left subsession arrived in a Dysco SYN (middlebox or right end).
-    public mutating func insertFromLeft(session: FiveTuple, left: FiveTuple, remaining: [IPv4Address],
+    public mutating func insertFromLeft(session: FiveTuple, left: FiveTuple, remaining: [IPAddress],
                                         identity: SessionIdentity = .random(), renamedUpstream: Bool = false,
                                         now: UInt64) throws(InsertError) -> SessionID {
         let role: Role = remaining.isEmpty ? .rightEnd : .middlebox
@@ -431,7 +431,7 @@ public struct SessionTable: Sendable {
     }
 
     /// Starts a chain here: a local SYN matched a policy; `hops` = middleboxes then the session's right end.
-    public mutating func insertLeftEnd(session: FiveTuple, hops: [IPv4Address], identity: SessionIdentity = .random(),
+    public mutating func insertLeftEnd(session: FiveTuple, hops: [IPAddress], identity: SessionIdentity = .random(),
                                        now: UInt64) throws(InsertError) -> SessionID {
         precondition(!hops.isEmpty)
         if bySession[session] != nil || egress[session] != nil { throw .collision(session) }
@@ -462,7 +462,7 @@ public struct SessionTable: Sendable {
 
     /// Creates the right subsession of `id` from `local` to `next` with a freshly allocated port, and its
     /// two translations. The remaining list then holds what the next hop must learn.
-    public mutating func openRight(_ id: SessionID, local: IPv4Address, next: IPv4Address) throws(InsertError) {
+    public mutating func openRight(_ id: SessionID, local: IPAddress, next: IPAddress) throws(InsertError) {
         guard let old = records[id], old.rightLink == nil else { return }
         let sub = try allocateSubsession(for: old, local: local, next: next, pathTag: 0)
         var new = old
@@ -478,7 +478,7 @@ public struct SessionTable: Sendable {
     /// Opens a new-path subsession to the right (this host is the left anchor of a reconfiguration): a
     /// fresh port from this host to `next`. Returns it; the active path is unchanged until ``promote(_:_:)``.
     @discardableResult
-    public mutating func openOtherRight(_ id: SessionID, local: IPv4Address, next: IPv4Address) throws(InsertError)
+    public mutating func openOtherRight(_ id: SessionID, local: IPAddress, next: IPAddress) throws(InsertError)
         -> Subsession {
         guard let old = records[id], let link = old.rightLink else { throw .collision(records[id]?.session ?? .zero) }
         if let existing = link.other, existing.tuple.dstAddr == next { return existing }
@@ -560,7 +560,7 @@ public struct SessionTable: Sendable {
         if let port = other.allocatedPort { ports.release(port) }
     }
 
-    private mutating func allocateSubsession(for record: Record, local: IPv4Address, next: IPv4Address,
+    private mutating func allocateSubsession(for record: Record, local: IPAddress, next: IPAddress,
                                              pathTag: UInt8) throws(InsertError) -> Subsession {
         guard let port = ports.allocate() else { throw .portsExhausted }
         // The destination port of the session as it leaves this host (a box's destination NAT may change it).
@@ -689,7 +689,7 @@ public struct SessionTable: Sendable {
     }
 
     /// Sessions whose source (client) address is `source`.
-    public func sessions(from source: IPv4Address) -> Int { bySource[source] ?? 0 }
+    public func sessions(from source: IPAddress) -> Int { bySource[source] ?? 0 }
 
     /// Rebuilds the dictionaries when they are mostly empty (a flood's records expired): a Swift dictionary
     /// keeps its capacity after removals. True if it did (the shell may then give memory back to the OS).
@@ -741,5 +741,5 @@ extension SessionTable {
 }
 
 extension FiveTuple {
-    static let zero = FiveTuple(srcAddr: IPv4Address(0), srcPort: 0, dstAddr: IPv4Address(0), dstPort: 0)
+    static let zero = FiveTuple(srcAddr: IPAddress(0), srcPort: 0, dstAddr: IPAddress(0), dstPort: 0)
 }

@@ -153,10 +153,15 @@ public struct TrustGroup: Sendable {
 }
 
 /// Addresses a session, a trailer or a control message may never name as a hop (paper §2.3; DESIGN §9):
-/// unspecified (0.0.0.0/8), loopback (127/8), link-local (169.254/16), multicast (224/4), reserved and the
-/// limited broadcast (240/4, 255.255.255.255).
-extension IPv4Address {
+/// IPv4 unspecified (0.0.0.0/8), loopback (127/8), link-local (169.254/16), multicast (224/4), reserved and the
+/// limited broadcast (240/4, 255.255.255.255); IPv6 unspecified and loopback (::, ::1), link-local (fe80::/10),
+/// multicast (ff00::/8) and every other address of the reserved ::/8 (IPv4-compatible and the rest).
+extension IPAddress {
     public var isForbiddenHop: Bool {
+        guard isIPv4 else {
+            let first16 = high >> 48
+            return high >> 56 == 0 || first16 & 0xffc0 == 0xfe80 || first16 >> 8 == 0xff
+        }
         let first = value >> 24
         if first == 0 || first == 127 || first >= 224 { return true }
         if value >> 16 == 0xA9FE { return true }

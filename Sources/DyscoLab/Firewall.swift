@@ -166,8 +166,8 @@ public struct FirewallCounters: Codable, Sendable, Hashable {
     /// `published`: for the `dnat` profile, the box's address, the server it publishes there and the ports.
     /// `shared`: for `snat-shared`, the address it translates sources to.
     public static func installCommands(subnet: String, profile: FirewallProfile,
-                                       published: (box: IPv4Address, server: IPv4Address, ports: [UInt16])? = nil,
-                                       shared: IPv4Address? = nil) -> [[String]] {
+                                       published: (box: IPAddress, server: IPAddress, ports: [UInt16])? = nil,
+                                       shared: IPAddress? = nil) -> [[String]] {
         switch profile {
         case .snatShared:
             installCommands(subnet: subnet) + (shared.map { address in

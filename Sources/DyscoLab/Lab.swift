@@ -63,7 +63,7 @@ public final class Lab: @unchecked Sendable {
     /// Python's threading HTTP file server with a listen backlog of 1024 (`python3 -m http.server` listens
     /// with 5, which drops SYNs, and so adds seconds of retransmission, once 100 clients connect at once).
     /// (The program: Resources/http-server.py of this module.)
-    static func httpServer(address: IPv4Address, port: UInt16, root: String) throws -> [String] {
+    static func httpServer(address: IPAddress, port: UInt16, root: String) throws -> [String] {
         ["python3", try LabResources.path("http-server.py"), "\(address)", "\(port)", root]
     }
 
@@ -102,7 +102,7 @@ public final class Lab: @unchecked Sendable {
 
     public func findHost(_ name: String) -> LabHost? { state.host(name) }
 
-    public func address(of host: String) -> IPv4Address { self.host(host).address }
+    public func address(of host: String) -> IPAddress { self.host(host).address }
 
     public func namespace(of host: String) -> String { self.host(host).namespace }
 

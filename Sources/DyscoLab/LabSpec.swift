@@ -60,13 +60,13 @@ public struct LabHost: Codable, Sendable, Hashable {
     /// The network namespace: `LAB-NAME`, e.g. `demo-client1`.
     public var namespace: String
     public var role: LabRole
-    public var address: IPv4Address
+    public var address: IPAddress
     /// The host's interface (always `eth0`).
     public var interface: String
     /// The veth peer in the switch namespace (named after the host).
     public var switchPort: String
 
-    public init(name: String, namespace: String, role: LabRole, address: IPv4Address,
+    public init(name: String, namespace: String, role: LabRole, address: IPAddress,
                 interface: String = "eth0", switchPort: String? = nil) {
         self.name = name
         self.namespace = namespace
@@ -191,7 +191,7 @@ public struct LabSpec: Sendable, Codable, Equatable {
     /// Parses a lab subnet: exactly `10.A.B.0/24`.
     public static func parseSubnet(_ text: String) throws(LabError) -> IPv4Prefix {
         guard let prefix = IPv4Prefix(text), text.contains("/"), prefix.length == 24,
-              prefix.address.value >> 24 == 10, IPv4Address(text.split(separator: "/")[0]) == prefix.address else {
+              prefix.address.value >> 24 == 10, IPAddress(text.split(separator: "/")[0]) == prefix.address else {
             throw .invalidSpec("subnet '\(text)' is not allowed: a lab uses a 10.A.B.0/24 prefix (e.g. 10.77.0.0/24); "
                                + "other ranges could clash with the machine's own networks")
         }
@@ -272,7 +272,7 @@ public struct LabPlan: Sendable, Equatable {
         switchNamespace = "\(spec.name)-sw"
         func host(_ hostName: String, _ role: LabRole, _ octet: Int) -> LabHost {
             LabHost(name: hostName, namespace: "\(spec.name)-\(hostName)", role: role,
-                    address: IPv4Address(subnet.address.value | UInt32(octet)))
+                    address: IPAddress(subnet.address.value | UInt32(octet)))
         }
         var hosts: [LabHost] = []
         for i in 1...max(1, spec.clients) { hosts.append(host("client\(i)", .client, 10 + i)) }

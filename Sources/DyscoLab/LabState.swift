@@ -52,7 +52,7 @@ public struct LabState: Codable, Sendable {
     /// The address `snat-shared` boxes translate sources to (the subnet's .254; no host has it). It is on the
     /// switch's bridge so that the servers resolve it: their replies reach their own agent's tc egress, which
     /// sends them to the box.
-    public var sharedServiceAddress: IPv4Address { IPv4Address(subnet.address.value | 254) }
+    public var sharedServiceAddress: IPAddress { IPAddress(subnet.address.value | 254) }
     /// Middlebox names of the default policy's chain (empty: no policy).
     public var chain: [String]
     public var policyPorts: [UInt16]

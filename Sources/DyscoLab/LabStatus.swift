@@ -9,7 +9,7 @@ public struct LabStatus: Codable, Sendable {
         public var name: String
         public var namespace: String
         public var role: LabRole
-        public var address: IPv4Address
+        public var address: IPAddress
         public var namespaceExists: Bool
         public var agentPid: Int32?
         public var agentAlive: Bool?

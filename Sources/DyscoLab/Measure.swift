@@ -282,7 +282,7 @@ public struct MeasureBenchmark: Sendable {
 
     /// Serves a random file at the paced rate, starts the downloads (session i from client (i mod K) + 1) into
     /// files sampled every ``binSeconds``, and waits until fw1 carries them all.
-    func startDownloads(_ lab: Lab, via proxy: (address: IPv4Address, port: UInt16)? = nil) async throws -> LiveDownloads {
+    func startDownloads(_ lab: Lab, via proxy: (address: IPAddress, port: UInt16)? = nil) async throws -> LiveDownloads {
         let clients = lab.hosts(.client)
         let endpoints = clients.map(\.name) + ["server1"]
         let file = "blob"

@@ -89,7 +89,7 @@ public final class PacedDownloads: @unchecked Sendable {
 
     /// `host`: where the downloads go (default server1; a proxy in front of it).
     public init(_ lab: Lab, clients: [String], port: UInt16, file: String, count: Int, timeout: Int, toFiles: Bool = false,
-                host: IPv4Address? = nil) throws {
+                host: IPAddress? = nil) throws {
         labDirectory = lab.directory
         directory = "\(lab.directory)/downloads"
         self.count = count

@@ -24,7 +24,7 @@ struct Controller: Sendable {
 
     let requestID: UInt32
     let message: ControlMessage
-    let leftAnchor: IPv4Address
+    let leftAnchor: IPAddress
     let giveUpAt: UInt64
     let deadline: UInt64
     private(set) var state: State
@@ -33,7 +33,7 @@ struct Controller: Sendable {
     private var retransmitKey: TimerKey { TimerKey(chainID: chainID, role: .controller, kind: .retransmit) }
 
     /// Sends the trigger. `firstTimeout` comes from the shared ``RetransmitClock`` (the router's).
-    init(context: SessionContext, trigger: Trigger, leftAnchor: IPv4Address, requestID: UInt32, now: UInt64,
+    init(context: SessionContext, trigger: Trigger, leftAnchor: IPAddress, requestID: UInt32, now: UInt64,
          firstTimeout: UInt64, settings: MigrationCoordinator.Settings, _ out: inout [Action]) {
         self.requestID = requestID
         self.leftAnchor = leftAnchor

@@ -6,11 +6,11 @@ public struct SessionContext: Sendable, Equatable {
     public var identity: SessionIdentity
     public var session: FiveTuple
     /// This host's address on the session's subsessions.
-    public var me: IPv4Address
+    public var me: IPAddress
     /// Left neighbour on the active path (nil at the left end).
-    public var leftNeighbour: IPv4Address?
+    public var leftNeighbour: IPAddress?
     /// Right neighbour on the active path (nil at the right end).
-    public var rightNeighbour: IPv4Address?
+    public var rightNeighbour: IPAddress?
     /// This host's record of the session has carried more than the anchors' made-up probes (option-less pure
     /// ACKs): data, or an endpoint's own packets, which cross a new path only once it is in use.
     public var carried: Bool
@@ -36,8 +36,8 @@ public struct SessionContext: Sendable, Equatable {
 
     var hop: OldPathHop.Hop { OldPathHop.Hop(me: me, delta: hopDelta) }
 
-    public init(identity: SessionIdentity, session: FiveTuple, me: IPv4Address, leftNeighbour: IPv4Address?,
-                rightNeighbour: IPv4Address?, carried: Bool = false, hopDelta: SessionTable.BoxDelta = .zero,
+    public init(identity: SessionIdentity, session: FiveTuple, me: IPAddress, leftNeighbour: IPAddress?,
+                rightNeighbour: IPAddress?, carried: Bool = false, hopDelta: SessionTable.BoxDelta = .zero,
                 ending: Bool = false) {
         self.hopDelta = hopDelta
         self.ending = ending
@@ -74,19 +74,19 @@ public struct TimerKey: Hashable, Sendable {
 public enum Event: Sendable {
     /// A local request (`replace`, through the control socket of this agent): ask `leftAnchor` to move the
     /// session to `trigger.newPath`. This agent becomes the controller of that reconfiguration.
-    case replaceRequested(SessionContext, trigger: Trigger, leftAnchor: IPv4Address, requestID: UInt32)
+    case replaceRequested(SessionContext, trigger: Trigger, leftAnchor: IPAddress, requestID: UInt32)
     /// A control message that passed every wire check (ControlMessage.decode), from `from`. `context` is the
     /// session it names at this host, if this host knows it; `to`, the address it was sent to (this host's), when
     /// the shell knows it: what lets an agent whose session has ended still answer as the request's anchor (a
     /// teardown that arrives after the session closed on the new path, §3.5).
-    case message(ControlMessage, from: IPv4Address, context: SessionContext?, to: IPv4Address? = nil)
+    case message(ControlMessage, from: IPAddress, context: SessionContext?, to: IPAddress? = nil)
     case timer(TimerKey)
     /// The data plane: everything this anchor sent on the old path is acknowledged (or nothing moved in the
     /// quiet interval), see AnchorState.
     case drained(chainID: UInt64)
     /// The shell: a session-terminating proxy on the segment of the left anchor's request sent its `splice` notice
     /// (with the ackLock); a held release waits for its `drained` (docs/ARCHITECTURE.md, "Session-terminating proxies").
-    case proxyOnSegment(chainID: UInt64, requestID: UInt32, proxy: IPv4Address)
+    case proxyOnSegment(chainID: UInt64, requestID: UInt32, proxy: IPAddress)
     /// The data plane: a packet of the session arrived on the new path before this anchor released.
     /// `context`: the session as this host knows it then (a left anchor whose session began to close cancels
     /// instead of releasing, ``LeftAnchor/sessionEnding(now:_:)``).
@@ -113,7 +113,7 @@ public struct StepFailure: Error, Sendable, Equatable, CustomStringConvertible {
 /// What the shell must do, in order. The order is a rule where ``commitKernel`` says so: the shell may delay a
 /// `send` (e.g. to bundle a turn's messages) but never past a `commitKernel` that comes before it.
 public enum Action: Sendable, Equatable {
-    case send(ControlMessage, to: IPv4Address)
+    case send(ControlMessage, to: IPAddress)
     case setTimer(TimerKey, afterNanoseconds: UInt64)
     case cancelTimer(TimerKey)
     /// Take the session off the kernel fast path (its packets reach this agent) and start anchor tracking for
@@ -135,12 +135,12 @@ public enum Action: Sendable, Equatable {
     case setPhase(chainID: UInt64, AnchorState.Phase)
     case setDelta(chainID: UInt64, Int32)
     /// Left anchor: open a new-path subsession from this host to `next` (answer: pathOpened / pathRefused).
-    case openPath(chainID: UInt64, next: IPv4Address)
+    case openPath(chainID: UInt64, next: IPAddress)
     /// Right anchor: accept `subsession` from the left as the new path (answer: pathOpened / pathRefused).
     case addPath(chainID: UInt64, subsession: FiveTuple)
     /// New middlebox: create the session with `left` from the new path, and its right subsession to `next`
     /// (answer: pathOpened with the right subsession / pathRefused).
-    case createSession(SessionIdentity, session: FiveTuple, left: FiveTuple, next: IPv4Address)
+    case createSession(SessionIdentity, session: FiveTuple, left: FiveTuple, next: IPAddress)
     /// The right subsession of a session this host created from a new-path SYN saw its SYN-ACK.
     case markEstablished(chainID: UInt64)
     /// Egress of `side` switches to the new path.

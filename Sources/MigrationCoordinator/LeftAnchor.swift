@@ -14,15 +14,15 @@ struct LeftAnchor: Sendable {
         var requestID: UInt32
         var context: SessionContext
         var trigger: Trigger
-        var controller: IPv4Address
+        var controller: IPAddress
         /// The old path's next hop (where lock, cancel and teardown messages go).
-        var oldRight: IPv4Address
+        var oldRight: IPAddress
         /// The new path's last hop (trigger.newPath is never empty: checked before the machine is made).
-        var rightAnchor: IPv4Address
+        var rightAnchor: IPAddress
         var startedAt: UInt64
 
-        var newMiddleboxes: ArraySlice<IPv4Address> { trigger.newPath.dropLast() }
-        var firstNewHop: IPv4Address { trigger.newPath.first ?? rightAnchor }
+        var newMiddleboxes: ArraySlice<IPAddress> { trigger.newPath.dropLast() }
+        var firstNewHop: IPAddress { trigger.newPath.first ?? rightAnchor }
 
         func message(_ body: ControlBody) -> ControlMessage {
             ControlMessage(identity: context.identity, requestID: requestID, session: context.session,
@@ -62,7 +62,7 @@ struct LeftAnchor: Sendable {
     /// sent (for the RTT sample of its answer, Karn's rule).
     struct Outstanding: Sendable {
         var message: ControlMessage
-        var to: IPv4Address
+        var to: IPAddress
         var tries = 0
         var delay: UInt64 = 0
         var sentAt: UInt64 = 0
@@ -83,7 +83,7 @@ struct LeftAnchor: Sendable {
         /// ackCancel came back: every agent of the old path has the cancel.
         var lockAcknowledged = false
         /// New middleboxes whose newPathCancelAck has not come back, in path order.
-        var newBoxes: [IPv4Address]
+        var newBoxes: [IPAddress]
 
         var done: Bool { lockAcknowledged && newBoxes.isEmpty }
     }
@@ -134,7 +134,7 @@ struct LeftAnchor: Sendable {
 
     let request: Request
     /// A session-terminating proxy on the segment (its `splice` notice came): the release waits for it to empty.
-    private(set) var proxy: IPv4Address?
+    private(set) var proxy: IPAddress?
     private(set) var timeline = Timeline()
     private(set) var state: State
 
@@ -229,7 +229,7 @@ struct LeftAnchor: Sendable {
     }
 
     /// A hop of the new path cannot take the session (issue 20): cancel now, with its reason.
-    mutating func newPathRefused(by hop: IPv4Address, reason: String, now: UInt64, _ env: inout Environment) -> Output {
+    mutating func newPathRefused(by hop: IPAddress, reason: String, now: UInt64, _ env: inout Environment) -> Output {
         var out = Output()
         let outstanding: Outstanding?
         switch state {
@@ -320,7 +320,7 @@ struct LeftAnchor: Sendable {
 
     /// A session-terminating proxy of the segment announced itself (its `splice` notice, with the ackLock): a held
     /// release waits for it to empty. Only before the drain ends.
-    mutating func proxyOnSegment(_ address: IPv4Address) {
+    mutating func proxyOnSegment(_ address: IPAddress) {
         switch state {
         case .locking, .openingPath, .synSent, .draining: proxy = address
         default: break
@@ -328,7 +328,7 @@ struct LeftAnchor: Sendable {
     }
 
     /// Whether `from`'s `drained` answers this anchor's drainStart to the proxy (not the right anchor's).
-    func awaitsProxy(_ from: IPv4Address) -> Bool {
+    func awaitsProxy(_ from: IPAddress) -> Bool {
         if case .emptyingProxy(let o) = state { o.to == from } else { false }
     }
 
@@ -410,7 +410,7 @@ struct LeftAnchor: Sendable {
 
     /// newPathCancelAck from a new middlebox (§3.6): it dropped the session (or never had it), and refuses a late
     /// newPathSyn of this request from now on.
-    mutating func newPathCancelAcknowledged(by hop: IPv4Address) -> Output {
+    mutating func newPathCancelAcknowledged(by hop: IPAddress) -> Output {
         var out = Output()
         guard case .cancelling(var c) = state, c.newBoxes.contains(hop) else { return out }
         c.newBoxes.removeAll { $0 == hop }

@@ -91,7 +91,7 @@ public struct MigrationCoordinator: Sendable {
     /// and its neighbours there (bounded, like the others): a retransmitted oldPathFin, or the answer to it, still
     /// passes once the record is gone. The answer this agent passed on can be lost on its way left; without this the
     /// left anchor's next oldPathFin stopped here and the teardown went unanswered (issue 19's soak).
-    private var leftSessions: [UInt64: (requestID: UInt32, left: IPv4Address, right: IPv4Address?)] = [:]
+    private var leftSessions: [UInt64: (requestID: UInt32, left: IPAddress, right: IPAddress?)] = [:]
 
     public init(settings: Settings = Settings()) { self.settings = settings }
 
@@ -117,7 +117,7 @@ public struct MigrationCoordinator: Sendable {
     /// (§3.5, issue 19's soak): an oldPathFin to its right anchor (the session closed on the new path and its
     /// record lingered out), the oldPathFinAck of its own left anchor's request, and either of a request whose old
     /// path it left at an earlier copy's answer. Anything else for an unknown session is dropped (`unknown-session`).
-    public func acceptsWithoutSession(_ m: ControlMessage, to: IPv4Address?) -> Bool {
+    public func acceptsWithoutSession(_ m: ControlMessage, to: IPAddress?) -> Bool {
         if Self.acceptsWithoutSession(m.body) { return true }
         let chainID = m.identity.chainID
         if leftSessions[chainID]?.requestID == m.requestID { return true }
@@ -193,7 +193,7 @@ public struct MigrationCoordinator: Sendable {
         return out
     }
 
-    private mutating func receive(_ m: ControlMessage, from: IPv4Address, context: SessionContext?, to: IPv4Address?,
+    private mutating func receive(_ m: ControlMessage, from: IPAddress, context: SessionContext?, to: IPAddress?,
                                   now: UInt64, _ out: inout [Action]) {
         let chainID = m.identity.chainID
         if let r = rightAnchors[chainID], r.requestID == m.requestID {
@@ -408,7 +408,7 @@ public struct MigrationCoordinator: Sendable {
 
     // MARK: - Controller (§3.1: the trigger)
 
-    private mutating func startController(_ context: SessionContext, trigger: Trigger, leftAnchor: IPv4Address,
+    private mutating func startController(_ context: SessionContext, trigger: Trigger, leftAnchor: IPAddress,
                                           requestID: UInt32, now: UInt64, _ out: inout [Action]) {
         let chainID = context.identity.chainID
         if let existing = controllers[chainID] {
@@ -425,7 +425,7 @@ public struct MigrationCoordinator: Sendable {
 
     // MARK: - Left anchor (§3.1: the trigger arrives)
 
-    private mutating func receiveTrigger(_ m: ControlMessage, trigger: Trigger, from: IPv4Address,
+    private mutating func receiveTrigger(_ m: ControlMessage, trigger: Trigger, from: IPAddress,
                                          context: SessionContext?, now: UInt64, _ out: inout [Action]) {
         let chainID = m.identity.chainID
         func refuse(_ reason: String, step: MigrationStep = .lock) {
@@ -499,7 +499,7 @@ public struct MigrationCoordinator: Sendable {
         out += result.actions
     }
 
-    private mutating func receiveCancelLock(_ m: ControlMessage, from: IPv4Address, context: SessionContext,
+    private mutating func receiveCancelLock(_ m: ControlMessage, from: IPAddress, context: SessionContext,
                                             _ out: inout [Action]) {
         let chainID = m.identity.chainID
         endRequest(chainID, m.requestID)
@@ -521,8 +521,8 @@ public struct MigrationCoordinator: Sendable {
 
     // MARK: - New path (§3.1, §3.3)
 
-    private mutating func receiveNewPathSyn(_ m: ControlMessage, subsession: FiveTuple, remaining: [IPv4Address],
-                                            from: IPv4Address, context: SessionContext?, _ out: inout [Action]) {
+    private mutating func receiveNewPathSyn(_ m: ControlMessage, subsession: FiveTuple, remaining: [IPAddress],
+                                            from: IPAddress, context: SessionContext?, _ out: inout [Action]) {
         let chainID = m.identity.chainID
         guard subsession.srcAddr == from else { return }  // the sender names its own subsession
         func refuse(_ reason: String) {
@@ -587,7 +587,7 @@ public struct MigrationCoordinator: Sendable {
 
     // MARK: - State transfer (stateful, §3.5 last paragraph; §5.3)
 
-    private mutating func receiveStateRequest(_ m: ControlMessage, newBox: IPv4Address, from: IPv4Address,
+    private mutating func receiveStateRequest(_ m: ControlMessage, newBox: IPAddress, from: IPAddress,
                                               context: SessionContext?, _ out: inout [Action]) {
         let chainID = m.identity.chainID
         // The box being replaced is locked for the request (§3.2); a donor of an insertion (issue 17) is one of the
@@ -613,8 +613,8 @@ public struct MigrationCoordinator: Sendable {
     /// The right anchor answers even when its session has ended (it closed on the new path and its record lingered
     /// out before the teardown, delayed by lost datagrams, came): the old path's agents leave the session only at
     /// the answer, so an unanswered one would leave their records behind (issue 19's soak).
-    private mutating func receiveOldPathFin(_ m: ControlMessage, from: IPv4Address, me: IPv4Address,
-                                            rightNeighbour: IPv4Address?, _ out: inout [Action]) {
+    private mutating func receiveOldPathFin(_ m: ControlMessage, from: IPAddress, me: IPAddress,
+                                            rightNeighbour: IPAddress?, _ out: inout [Action]) {
         let chainID = m.identity.chainID
         if m.rightAnchor == me {
             endRequest(chainID, m.requestID)
@@ -631,8 +631,8 @@ public struct MigrationCoordinator: Sendable {
 
     /// oldPathFinAck (§3.5): the left anchor's teardown is done (also when its own session has ended meanwhile);
     /// an agent of the old path between the anchors leaves the session and passes it on.
-    private mutating func receiveOldPathFinAck(_ m: ControlMessage, me: IPv4Address, leftNeighbour: IPv4Address?,
-                                               rightNeighbour: IPv4Address?, now: UInt64, _ out: inout [Action]) {
+    private mutating func receiveOldPathFinAck(_ m: ControlMessage, me: IPAddress, leftNeighbour: IPAddress?,
+                                               rightNeighbour: IPAddress?, now: UInt64, _ out: inout [Action]) {
         let chainID = m.identity.chainID
         if m.leftAnchor == me, let l = leftAnchors[chainID], l.requestID == m.requestID {
             withLeftAnchor(chainID, &out) { l, _ in l.oldPathGone(now: now) }

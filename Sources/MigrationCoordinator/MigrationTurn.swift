@@ -12,7 +12,7 @@ public protocol ActionPerformer: AnyObject {
     /// Puts the kernel changes made so far in force (the engine: one nftables commit for the whole turn).
     func commitKernel()
     /// Sends the turn's messages, in the coordinator's order (the engine bundles those to the same agent).
-    func transmit(_ messages: [(to: IPv4Address, message: ControlMessage)])
+    func transmit(_ messages: [(to: IPAddress, message: ControlMessage)])
 }
 
 /// One turn of an agent's shell: the one place that orders what a shell does with the coordinator's output.
@@ -40,7 +40,7 @@ public enum MigrationTurn {
                            handle: (Event) -> [Action]) -> Summary {
         var summary = Summary()
         var queue = Array(events)[...]
-        var outbox: [(to: IPv4Address, message: ControlMessage)] = []
+        var outbox: [(to: IPAddress, message: ControlMessage)] = []
         while let event = queue.popFirst() {
             summary.events += 1
             for action in handle(event) {

@@ -8,8 +8,8 @@ struct NewBox: Sendable {
     /// The import of the state document (§3.5), orthogonal to the path's progress.
     enum Import: Sendable {
         case notStarted
-        case importing(oldBox: IPv4Address)
-        case done(ok: Bool, reason: String, micros: UInt32, oldBox: IPv4Address)
+        case importing(oldBox: IPAddress)
+        case done(ok: Bool, reason: String, micros: UInt32, oldBox: IPAddress)
     }
 
     enum State: Sendable {
@@ -24,8 +24,8 @@ struct NewBox: Sendable {
     let requestID: UInt32
     /// The new path's subsession from the left to this box.
     let left: FiveTuple
-    let next: IPv4Address
-    let remaining: [IPv4Address]
+    let next: IPAddress
+    let remaining: [IPAddress]
     /// The newPathSyn that made this box (answers reuse its header).
     let message: ControlMessage
     private(set) var state: State = .creatingSession(.notStarted)
@@ -57,7 +57,7 @@ struct NewBox: Sendable {
     }
 
     /// A newPathSyn naming this box as a middlebox of the new path: create the session.
-    init(_ m: ControlMessage, left: FiveTuple, remaining: [IPv4Address], next: IPv4Address, linger: UInt64,
+    init(_ m: ControlMessage, left: FiveTuple, remaining: [IPAddress], next: IPAddress, linger: UInt64,
          _ out: inout [Action]) {
         requestID = m.requestID
         self.left = left
@@ -69,7 +69,7 @@ struct NewBox: Sendable {
     }
 
     /// A retransmitted newPathSyn of our request: forward it again once our right subsession is open.
-    func newPathSynAgain(_ m: ControlMessage, subsession: FiveTuple, remaining: [IPv4Address]) -> [Action] {
+    func newPathSynAgain(_ m: ControlMessage, subsession: FiveTuple, remaining: [IPAddress]) -> [Action] {
         guard subsession == left, let right, let next = remaining.first else { return [] }
         return [.send(m.with(body: .newPathSyn(subsession: right, remaining: Array(remaining.dropFirst()))), to: next)]
     }
@@ -96,7 +96,7 @@ struct NewBox: Sendable {
     }
 
     /// statePut from the old box (§3.5): import the document (once), or answer again with the import's result.
-    mutating func statePut(_ m: ControlMessage, document: [UInt8], from: IPv4Address) -> [Action] {
+    mutating func statePut(_ m: ControlMessage, document: [UInt8], from: IPAddress) -> [Action] {
         switch importState {
         case .done(let ok, let reason, let micros, _):
             return [.send(m.answer(.stateInstalled(ok: ok, times: StateTimes(importMicroseconds: micros), reason: reason)),

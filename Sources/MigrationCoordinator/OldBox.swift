@@ -14,8 +14,8 @@ struct OldBox: Sendable {
     }
 
     let requestID: UInt32
-    let leftAnchor: IPv4Address
-    let newBox: IPv4Address
+    let leftAnchor: IPAddress
+    let newBox: IPAddress
     /// The stateRequest (answers and statePut reuse its header).
     let message: ControlMessage
     private(set) var state: State = .exporting
@@ -23,7 +23,7 @@ struct OldBox: Sendable {
     private var chainID: UInt64 { message.identity.chainID }
 
     /// A stateRequest of the request that locked this box: export.
-    init(_ m: ControlMessage, newBox: IPv4Address, from: IPv4Address, _ out: inout [Action]) {
+    init(_ m: ControlMessage, newBox: IPAddress, from: IPAddress, _ out: inout [Action]) {
         requestID = m.requestID
         leftAnchor = from
         self.newBox = newBox
@@ -32,7 +32,7 @@ struct OldBox: Sendable {
     }
 
     /// A retransmitted stateRequest: answer again if the result is known, send the document again if it went.
-    func stateRequestAgain(_ m: ControlMessage, from: IPv4Address) -> [Action] {
+    func stateRequestAgain(_ m: ControlMessage, from: IPAddress) -> [Action] {
         switch state {
         case .exporting:
             return []

@@ -27,12 +27,12 @@ struct OldPathHop: Sendable {
     /// anchor get the sums with this hop's delta added; the left anchor's own request does not (its own
     /// subsessions' deltas carry over to the new path, ``SessionTable/Subsession/seqDelta``).
     struct Hop: Sendable {
-        var me: IPv4Address
+        var me: IPAddress
         var delta: SessionTable.BoxDelta
         func forward(_ request: LockRequest) -> Int32 {
             request.leftAnchor == me ? request.rightDelta : request.rightDelta &+ delta.forward
         }
-        func reverse(_ leftDelta: Int32, leftAnchor: IPv4Address) -> Int32 {
+        func reverse(_ leftDelta: Int32, leftAnchor: IPAddress) -> Int32 {
             leftAnchor == me ? leftDelta : leftDelta &+ delta.reverse
         }
     }
@@ -54,8 +54,8 @@ struct OldPathHop: Sendable {
     mutating func expire() { lock = SegmentLock() }
 
     /// requestLock from the left at an agent between the anchors (`right` is its right neighbour).
-    mutating func requestLock(_ m: ControlMessage, rightDelta: Int32, hop: Hop, left: IPv4Address,
-                              right: IPv4Address) -> Output {
+    mutating func requestLock(_ m: ControlMessage, rightDelta: Int32, hop: Hop, left: IPAddress,
+                              right: IPAddress) -> Output {
         var out = Output()
         let request = LockRequest(requestID: m.requestID, leftAnchor: m.leftAnchor, rightAnchor: m.rightAnchor,
                                   rightDelta: rightDelta)
@@ -80,7 +80,7 @@ struct OldPathHop: Sendable {
     /// ackLock from the right: locked; a request held here is refused now (§3.2). The caller passes the
     /// ackLock on to the left (with `passOn`'s deltas: this hop's added to the leftDelta sum, §3.4), or to its own
     /// left anchor, when `matched`.
-    mutating func ackLock(_ m: ControlMessage, hop: Hop, left: IPv4Address?) -> Output {
+    mutating func ackLock(_ m: ControlMessage, hop: Hop, left: IPAddress?) -> Output {
         var out = Output()
         var deltas: (Int32, Int32) = (0, 0)
         if case .ackLock(let l, let r) = m.body { deltas = (hop.reverse(l, leftAnchor: m.leftAnchor), r) }
@@ -97,7 +97,7 @@ struct OldPathHop: Sendable {
 
     /// nackLock from the right: unlocked, or the request held here goes on to the right now (§3.2). The caller
     /// passes the nackLock on to the left, or to its own left anchor, when `matched`.
-    mutating func nackLock(_ m: ControlMessage, hop: Hop, right: IPv4Address?) -> Output {
+    mutating func nackLock(_ m: ControlMessage, hop: Hop, right: IPAddress?) -> Output {
         var out = Output()
         let outcome = lock.refused(m.requestID)
         guard outcome.matched else { return out }
@@ -111,7 +111,7 @@ struct OldPathHop: Sendable {
     }
 
     /// cancelLock from the left at an agent between the anchors (§3.6).
-    mutating func cancelLock(_ m: ControlMessage, hop: Hop, from: IPv4Address, right: IPv4Address?) -> Output {
+    mutating func cancelLock(_ m: ControlMessage, hop: Hop, from: IPAddress, right: IPAddress?) -> Output {
         var out = Output()
         if lock.withdraw(m.requestID) {
             // The request waited here (§3.2) and went no further: the cancel ends here too.

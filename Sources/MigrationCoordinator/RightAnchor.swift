@@ -14,7 +14,7 @@ struct RightAnchor: Sendable {
     /// A newPathSyn waiting for the shell's addPath.
     struct PendingSyn: Sendable {
         var message: ControlMessage
-        var from: IPv4Address
+        var from: IPAddress
     }
 
     enum State: Sendable {
@@ -33,8 +33,8 @@ struct RightAnchor: Sendable {
     let requestID: UInt32
     let identity: SessionIdentity
     let session: FiveTuple
-    let leftAnchor: IPv4Address
-    let me: IPv4Address
+    let leftAnchor: IPAddress
+    let me: IPAddress
     private(set) var state: State = .awaitingPath(nil, .pending)
 
     private var chainID: UInt64 { identity.chainID }
@@ -62,7 +62,7 @@ struct RightAnchor: Sendable {
     }
 
     /// requestLock reached the right anchor (§3.1, §3.2): nothing to lock to its right; it takes part from now.
-    init(_ m: ControlMessage, me: IPv4Address, rightDelta: Int32, silence: UInt64, _ out: inout [Action]) {
+    init(_ m: ControlMessage, me: IPAddress, rightDelta: Int32, silence: UInt64, _ out: inout [Action]) {
         requestID = m.requestID
         identity = m.identity
         session = m.session
@@ -76,7 +76,7 @@ struct RightAnchor: Sendable {
     }
 
     /// newPathSyn of our request whose remaining hops are none (§3.3): install the new path's last subsession.
-    mutating func newPathSyn(_ m: ControlMessage, subsession: FiveTuple, from: IPv4Address) -> [Action] {
+    mutating func newPathSyn(_ m: ControlMessage, subsession: FiveTuple, from: IPAddress) -> [Action] {
         switch state {
         case .awaitingPath(_, let drain):
             state = .awaitingPath(PendingSyn(message: m, from: from), drain)
@@ -109,7 +109,7 @@ struct RightAnchor: Sendable {
     }
 
     /// drainStart (§3.5): stateful, buffer our side; stateless, switch to the new path at once.
-    mutating func drainStart(_ m: ControlMessage, stateful: Bool, from: IPv4Address) -> [Action] {
+    mutating func drainStart(_ m: ControlMessage, stateful: Bool, from: IPAddress) -> [Action] {
         var out: [Action] = []
         switch state {
         case .awaitingPath:

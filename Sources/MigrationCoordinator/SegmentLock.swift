@@ -3,14 +3,14 @@ import DyscoCore
 /// One lock request travelling along the old path (paper §3.2: requestLock(leftAnchor, rightAnchor)).
 public struct LockRequest: Sendable, Equatable {
     public var requestID: UInt32
-    public var leftAnchor: IPv4Address
-    public var rightAnchor: IPv4Address
+    public var leftAnchor: IPAddress
+    public var rightAnchor: IPAddress
     /// Sum of the deltas of the middleboxes passed so far (§3.4), carried as rightDelta.
     public var rightDelta: Int32
     /// The ackLock that locked it here, as it was passed on to the left (§3.4: its leftDelta sum): a repeated
     /// requestLock of the same request is answered with exactly these (found by the Spin model, issue 17).
     public var answer: (leftDelta: Int32, rightDelta: Int32)?
-    public init(requestID: UInt32, leftAnchor: IPv4Address, rightAnchor: IPv4Address, rightDelta: Int32 = 0) {
+    public init(requestID: UInt32, leftAnchor: IPAddress, rightAnchor: IPAddress, rightDelta: Int32 = 0) {
         self.requestID = requestID
         self.leftAnchor = leftAnchor
         self.rightAnchor = rightAnchor

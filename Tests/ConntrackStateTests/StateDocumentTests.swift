@@ -1,3 +1,4 @@
+import DyscoCore
 import ConntrackState
 import Foundation
 import Testing
@@ -235,7 +236,12 @@ private func json(_ document: StateDocument) throws -> String {
     @Test func parseAndFormat() {
         #expect(IPAddress("10.201.1.10")?.bytes == [10, 201, 1, 10])
         #expect(IPAddress("fd00:0:0::1")?.description == "fd00::1")
-        #expect(IPAddress("::ffff:10.0.0.1")?.family == .ipv6)
+        #expect(IPAddress("fd00::1")?.family == .ipv6)
+        // An IPv4-mapped address is the IPv4 address (one type for both families, DyscoCore's IPAddress).
+        #expect(IPAddress("::ffff:10.0.0.1") == IPAddress("10.0.0.1"))
+        #expect(IPAddress("fd00::1")?.bytes.count == 16)
+        #expect(IPAddress(bytes: [10, 0, 0, 1]) == IPAddress("10.0.0.1"))
+        #expect(IPAddress(bytes: [1, 2, 3]) == nil)
         #expect(IPAddress("10.1.1") == nil)
         #expect(IPAddress("fd00:::1") == nil)
         #expect(IPAddress("") == nil)

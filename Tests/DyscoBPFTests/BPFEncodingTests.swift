@@ -5,10 +5,10 @@ import Testing
 
 /// The maps' C layout as Swift writes it: the bytes the tc programs read (Sources/CLibbpf/dysco_bpf.h).
 @Suite struct BPFEncodingTests {
-    static let session = FiveTuple(srcAddr: IPv4Address(10, 1, 2, 3), srcPort: 0x1234,
-                                   dstAddr: IPv4Address(192, 168, 0, 200), dstPort: 80)
-    static let subsession = FiveTuple(srcAddr: IPv4Address(10, 9, 8, 7), srcPort: 40000,
-                                      dstAddr: IPv4Address(172, 16, 5, 6), dstPort: 0xABCD)
+    static let session = FiveTuple(srcAddr: IPAddress(10, 1, 2, 3), srcPort: 0x1234,
+                                   dstAddr: IPAddress(192, 168, 0, 200), dstPort: 80)
+    static let subsession = FiveTuple(srcAddr: IPAddress(10, 9, 8, 7), srcPort: 40000,
+                                      dstAddr: IPAddress(172, 16, 5, 6), dstPort: 0xABCD)
 
     func bytes<T>(_ value: T) -> [UInt8] { withUnsafeBytes(of: value) { Array($0) } }
 

@@ -6,8 +6,8 @@ import Testing
 /// The agent's side of the hand-over rule (docs/BPF.md, "Hand-over without reordering"): what it writes to the
 /// maps at a hold, per verdict, at a release, and when it reads the entry back.
 @Suite struct BPFHandOverTests {
-    static let key = BPFSessionKey(FiveTuple(srcAddr: IPv4Address(10, 0, 0, 1), srcPort: 40000,
-                                             dstAddr: IPv4Address(10, 0, 0, 2), dstPort: 80), hook: .ingress)
+    static let key = BPFSessionKey(FiveTuple(srcAddr: IPAddress(10, 0, 0, 1), srcPort: 40000,
+                                             dstAddr: IPAddress(10, 0, 0, 2), dstPort: 80), hook: .ingress)
     static let other = BPFSessionKey(key.tuple, hook: .egress)
     let ms: UInt64 = 1_000_000
 
@@ -127,8 +127,8 @@ import Testing
     @Test("the queue read past the barrier's last packet id (not empty): ingress-only installs released, an install with an egress key waits for an empty queue")
     func drainedByPacketID() {
         var h = BPFHandOver()
-        let anchor = BPFSessionKey(FiveTuple(srcAddr: IPv4Address(10, 0, 0, 9), srcPort: 40001,
-                                             dstAddr: IPv4Address(10, 0, 0, 2), dstPort: 80), hook: .ingress)
+        let anchor = BPFSessionKey(FiveTuple(srcAddr: IPAddress(10, 0, 0, 9), srcPort: 40001,
+                                             dstAddr: IPAddress(10, 0, 0, 2), dstPort: 80), hook: .ingress)
         _ = h.fresh(anchor, barrier: 1)                       // an anchor's install: its new ingress key
         _ = h.fresh(Self.key, barrier: 2)                     // a middlebox's install: ingress and egress
         _ = h.fresh(Self.other, barrier: 2)

@@ -7,7 +7,7 @@ import Testing
 /// change of folded changes.
 @Suite struct BPFOwnedKeysTests {
     static func tuple(_ last: UInt8, _ sport: UInt16) -> FiveTuple {
-        FiveTuple(srcAddr: IPv4Address(10, 0, 0, last), srcPort: sport, dstAddr: IPv4Address(10, 0, 1, last), dstPort: 80)
+        FiveTuple(srcAddr: IPAddress(10, 0, 0, last), srcPort: sport, dstAddr: IPAddress(10, 0, 1, last), dstPort: 80)
     }
 
     @Test("ingress keys get hook ingress, egress keys hook egress (the same tuple under both hooks is two keys)")

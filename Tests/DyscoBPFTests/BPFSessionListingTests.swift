@@ -6,7 +6,7 @@ import Testing
 /// sessions the kernel carries, whether the map is kept untouched, and the rebuild's writes.
 @Suite struct BPFSessionListingTests {
     static func tuple(_ last: UInt8, _ sport: UInt16, _ dport: UInt16) -> FiveTuple {
-        FiveTuple(srcAddr: IPv4Address(10, 0, 0, last), srcPort: sport, dstAddr: IPv4Address(10, 0, 1, last), dstPort: dport)
+        FiveTuple(srcAddr: IPAddress(10, 0, 0, last), srcPort: sport, dstAddr: IPAddress(10, 0, 1, last), dstPort: dport)
     }
 
     /// A two-sided session's four translations (a middlebox's), distinct per `n`.

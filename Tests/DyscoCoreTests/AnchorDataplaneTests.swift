@@ -6,7 +6,7 @@ import Testing
 @Suite("Anchor data plane (paper §3.4 deltas, §3.5 two paths, stateful holding)")
 struct AnchorDataplaneTests {
     static let session = FiveTuple.t("10.0.0.1", 40000, "10.0.0.9", 80)
-    static let fw1 = IPv4Address("10.0.0.2")!, fw2 = IPv4Address("10.0.0.3")!, server = IPv4Address("10.0.0.9")!
+    static let fw1 = IPAddress("10.0.0.2")!, fw2 = IPAddress("10.0.0.3")!, server = IPAddress("10.0.0.9")!
 
     struct Setup {
         var processor: PacketProcessor
@@ -47,8 +47,8 @@ struct AnchorDataplaneTests {
     }
 
     static func tuple(_ bytes: [UInt8]) -> FiveTuple {
-        FiveTuple(srcAddr: IPv4Address(UInt32(get16(bytes, 12)) << 16 | UInt32(get16(bytes, 14))), srcPort: get16(bytes, 20),
-                  dstAddr: IPv4Address(UInt32(get16(bytes, 16)) << 16 | UInt32(get16(bytes, 18))), dstPort: get16(bytes, 22))
+        FiveTuple(srcAddr: IPAddress(UInt32(get16(bytes, 12)) << 16 | UInt32(get16(bytes, 14))), srcPort: get16(bytes, 20),
+                  dstAddr: IPAddress(UInt32(get16(bytes, 16)) << 16 | UInt32(get16(bytes, 18))), dstPort: get16(bytes, 22))
     }
 
     static func seq(_ b: [UInt8]) -> UInt32 { UInt32(get16(b, 24)) << 16 | UInt32(get16(b, 26)) }

@@ -60,11 +60,11 @@ struct PacketViewTests {
         var rng = SplitMix64(state: 3)
         for _ in 0..<500 {
             let payload = (0..<Int.random(in: 0...1500, using: &rng)).map { _ in UInt8.random(in: 0...255, using: &rng) }
-            let from = FiveTuple(srcAddr: IPv4Address(UInt32.random(in: 1...UInt32.max, using: &rng)), srcPort: .random(in: 1...65535, using: &rng),
-                                 dstAddr: IPv4Address(UInt32.random(in: 1...UInt32.max, using: &rng)), dstPort: .random(in: 1...65535, using: &rng))
+            let from = FiveTuple(srcAddr: IPAddress(UInt32.random(in: 1...UInt32.max, using: &rng)), srcPort: .random(in: 1...65535, using: &rng),
+                                 dstAddr: IPAddress(UInt32.random(in: 1...UInt32.max, using: &rng)), dstPort: .random(in: 1...65535, using: &rng))
             var to = from
-            if Bool.random(using: &rng) { to.srcAddr = IPv4Address(UInt32.random(in: 1...UInt32.max, using: &rng)) }
-            if Bool.random(using: &rng) { to.dstAddr = IPv4Address(UInt32.random(in: 1...UInt32.max, using: &rng)) }
+            if Bool.random(using: &rng) { to.srcAddr = IPAddress(UInt32.random(in: 1...UInt32.max, using: &rng)) }
+            if Bool.random(using: &rng) { to.dstAddr = IPAddress(UInt32.random(in: 1...UInt32.max, using: &rng)) }
             if Bool.random(using: &rng) { to.srcPort = .random(in: 1...65535, using: &rng) }
             if Bool.random(using: &rng) { to.dstPort = .random(in: 1...65535, using: &rng) }
             var bytes = PacketBuilder(tuple: from, options: [1, 1, 1, 0], payload: payload).build()

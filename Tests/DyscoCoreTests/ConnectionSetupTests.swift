@@ -9,7 +9,7 @@ import Testing
 /// never establishes still goes at the SYN timeout, its entries with it.
 @Suite("Connection setup in the kernel: install at SYN, establishment from kernel events")
 struct ConnectionSetupTests {
-    let client = IPv4Address("10.77.0.10")!, fw1 = IPv4Address("10.77.0.101")!, server = IPv4Address("10.77.0.201")!
+    let client = IPAddress("10.77.0.10")!, fw1 = IPAddress("10.77.0.101")!, server = IPAddress("10.77.0.201")!
     var session: FiveTuple { FiveTuple(srcAddr: client, srcPort: 40000, dstAddr: server, dstPort: 80) }
     let hosts = ["client", "fw1", "server"]
 
@@ -166,9 +166,9 @@ struct ConnectionSetupTests {
 struct ConnectionSetupRestartTests {
     @Test("a restart keeps a closing session in the kernel when sessions are installed at SYN (its entries stayed for the linger); otherwise it goes to the slow path as before")
     func closingKeptAcrossRestart() throws {
-        let session = FiveTuple(srcAddr: IPv4Address("10.77.0.10")!, srcPort: 40000, dstAddr: IPv4Address("10.77.0.201")!, dstPort: 80)
+        let session = FiveTuple(srcAddr: IPAddress("10.77.0.10")!, srcPort: 40000, dstAddr: IPAddress("10.77.0.201")!, dstPort: 80)
         var table = SessionTable(portRange: 10000...10999)
-        let id = try table.insertLeftEnd(session: session, hops: [IPv4Address("10.77.0.201")!], identity: .random(), now: 1)
+        let id = try table.insertLeftEnd(session: session, hops: [IPAddress("10.77.0.201")!], identity: .random(), now: 1)
         table.update(id) { $0.closeDeadline = 10 }
         var other = table
         #expect(SessionStateFile.reconcile([id], table: &table, inKernel: [id], fastPath: true, keepClosing: true).map(\.0) == [id])

@@ -5,11 +5,11 @@ import Testing
 /// session; docs/CONTROL-PROTOCOL.md "Freshness"). The Dysco paper (SIGCOMM 2017, §2.3) authenticates agents but
 /// says nothing about replay; the window is RFC 4303 §3.4.3's anti-replay window over a per-receiver counter.
 @Suite struct ControlFreshnessTests {
-    static let me = IPv4Address(10, 77, 0, 101)
-    static let other = IPv4Address(10, 77, 0, 102)
+    static let me = IPAddress(10, 77, 0, 101)
+    static let other = IPAddress(10, 77, 0, 102)
     static let start: UInt64 = 1_800_000_000_000_000  // µs since 1970
 
-    static func stamp(_ counter: UInt32, sender: UInt64 = 7, to receiver: IPv4Address = me, at: UInt64 = start + 1_000) -> ControlStamp {
+    static func stamp(_ counter: UInt32, sender: UInt64 = 7, to receiver: IPAddress = me, at: UInt64 = start + 1_000) -> ControlStamp {
         ControlStamp(sender: sender, receiver: receiver, counter: counter, sentAt: at)
     }
 
@@ -115,7 +115,7 @@ import Testing
     @Test("the stamp travels inside the MAC'd header (since version 2): changing it breaks the MAC")
     func onTheWire() throws {
         let trust = TrustGroup(current: TrustKey(bytes: [UInt8](repeating: 3, count: 32)))
-        let session = FiveTuple(srcAddr: IPv4Address(10, 0, 0, 1), srcPort: 1000, dstAddr: IPv4Address(10, 0, 0, 2), dstPort: 80)
+        let session = FiveTuple(srcAddr: IPAddress(10, 0, 0, 1), srcPort: 1000, dstAddr: IPAddress(10, 0, 0, 2), dstPort: 80)
         var m = ControlMessage(identity: SessionIdentity(chainID: 1, nonce: 2), requestID: 3, session: session,
                                leftAnchor: session.srcAddr, rightAnchor: session.dstAddr, body: .requestLock(rightDelta: 0))
         m.stamp = ControlStamp(sender: 0x0102_0304_0506_0708, receiver: Self.me, counter: 9, sentAt: Self.start)

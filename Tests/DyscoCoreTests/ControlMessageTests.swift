@@ -8,18 +8,18 @@ struct ControlMessageTests {
     static let keyC = TrustKey(bytes: Array(repeating: 0x5C, count: 16))
     static let trust = TrustGroup(current: keyA)
 
-    static let session = FiveTuple(srcAddr: IPv4Address(10, 77, 0, 10), srcPort: 43210,
-                                   dstAddr: IPv4Address(10, 77, 0, 201), dstPort: 80)
-    static let subsession = FiveTuple(srcAddr: IPv4Address(10, 77, 1, 1), srcPort: 40001,
-                                      dstAddr: IPv4Address(10, 77, 2, 2), dstPort: 40002)
+    static let session = FiveTuple(srcAddr: IPAddress(10, 77, 0, 10), srcPort: 43210,
+                                   dstAddr: IPAddress(10, 77, 0, 201), dstPort: 80)
+    static let subsession = FiveTuple(srcAddr: IPAddress(10, 77, 1, 1), srcPort: 40001,
+                                      dstAddr: IPAddress(10, 77, 2, 2), dstPort: 40002)
     static let identity = SessionIdentity(chainID: 0x0123_4567_89AB_CDEF, nonce: 0xFEDC_BA98_7654_3210)
 
     /// A typical body of each type. The switch is exhaustive, so a new type does not compile without a sample.
     static func sampleBody(_ type: ControlMessageType) -> ControlBody {
         switch type {
         case .trigger:
-            .trigger(Trigger(newPath: [IPv4Address(10, 77, 0, 105), IPv4Address(10, 77, 0, 200)],
-                             oldBox: IPv4Address(10, 77, 0, 104), stateful: true, deadlineMilliseconds: 5000))
+            .trigger(Trigger(newPath: [IPAddress(10, 77, 0, 105), IPAddress(10, 77, 0, 200)],
+                             oldBox: IPAddress(10, 77, 0, 104), stateful: true, deadlineMilliseconds: 5000))
         case .triggerResult:
             .triggerResult(TriggerResult(outcome: .cancelled, reason: "new path: no answer from 10.77.0.105",
                                          failedStep: .newPath,
@@ -29,14 +29,14 @@ struct ControlMessageTests {
         case .nackLock: .nackLock(reason: .contention)
         case .cancelLock: .cancelLock(reason: "deadline passed — année")
         case .ackCancel: .ackCancel
-        case .newPathSyn: .newPathSyn(subsession: subsession, remaining: [IPv4Address(10, 77, 0, 200)])
+        case .newPathSyn: .newPathSyn(subsession: subsession, remaining: [IPAddress(10, 77, 0, 200)])
         case .newPathSynAck: .newPathSynAck(subsession: subsession)
         case .newPathCancel: .newPathCancel
         case .newPathCancelAck: .newPathCancelAck
         case .newPathRefused: .newPathRefused(reason: "this box is on the session's path already")
         case .drainStart: .drainStart(stateful: true)
         case .drained: .drained
-        case .stateRequest: .stateRequest(newBox: IPv4Address(10, 77, 0, 105))
+        case .stateRequest: .stateRequest(newBox: IPAddress(10, 77, 0, 105))
         case .statePut: .statePut(document: Array(#"{"format":"dysco-conntrack-state","version":1,"entries":[]}"#.utf8))
         case .stateInstalled: .stateInstalled(ok: false, times: StateTimes(exportMicroseconds: 1500, importMicroseconds: 2),
                                               reason: "conntrack: EEXIST")
@@ -67,8 +67,8 @@ struct ControlMessageTests {
     }
 
     static func message(_ body: ControlBody, session: FiveTuple = session,
-                        left: IPv4Address = IPv4Address(10, 77, 0, 10),
-                        right: IPv4Address = IPv4Address(10, 77, 0, 200),
+                        left: IPAddress = IPAddress(10, 77, 0, 10),
+                        right: IPAddress = IPAddress(10, 77, 0, 200),
                         identity: SessionIdentity = identity) -> ControlMessage {
         ControlMessage(identity: identity, requestID: 0xDEAD_BEEF, session: session,
                        leftAnchor: left, rightAnchor: right, body: body)
@@ -162,15 +162,15 @@ struct ControlMessageTests {
     @Test("body layouts, byte for byte")
     func bodyLayouts() throws {
         func body(_ b: ControlBody) -> [UInt8] { Self.bodyBytes(Self.message(b).encode(trust: Self.trust)) }
-        #expect(body(.trigger(Trigger(newPath: [IPv4Address(10, 0, 0, 1)], oldBox: IPv4Address(10, 0, 0, 2),
+        #expect(body(.trigger(Trigger(newPath: [IPAddress(10, 0, 0, 1)], oldBox: IPAddress(10, 0, 0, 2),
                                       stateful: true, deadlineMilliseconds: 0x0102_0304)))
                 == [1, 2, 3, 4, 10, 0, 0, 2, 1, 1, 10, 0, 0, 1])
         // Version 4 (issue 17): byte 8 is the mode; held (2) is a deletion's or an insertion's default.
-        #expect(body(.trigger(Trigger(newPath: [IPv4Address(10, 0, 0, 1)], oldBox: IPv4Address(10, 0, 0, 2),
+        #expect(body(.trigger(Trigger(newPath: [IPAddress(10, 0, 0, 1)], oldBox: IPAddress(10, 0, 0, 2),
                                       mode: .held, deadlineMilliseconds: 0x0102_0304)))
                 == [1, 2, 3, 4, 10, 0, 0, 2, 2, 1, 10, 0, 0, 1])
         for mode in TransferMode.allCases {
-            let m = Self.message(.trigger(Trigger(newPath: [IPv4Address(10, 0, 0, 1)], oldBox: IPv4Address(10, 0, 0, 2),
+            let m = Self.message(.trigger(Trigger(newPath: [IPAddress(10, 0, 0, 1)], oldBox: IPAddress(10, 0, 0, 2),
                                                   mode: mode, deadlineMilliseconds: 5)))
             #expect(try ControlMessage.decode(m.encode(trust: Self.trust), trust: Self.trust) == m, "\(mode)")
         }
@@ -184,12 +184,12 @@ struct ControlMessageTests {
         #expect(body(.ackLock(leftDelta: -1, rightDelta: 2)) == [0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 2])
         #expect(body(.nackLock(reason: .notOnPath)) == [3])
         #expect(body(.cancelLock(reason: "x")) == [1, 0x78])
-        #expect(body(.newPathSyn(subsession: Self.subsession, remaining: [IPv4Address(10, 0, 0, 9)]))
+        #expect(body(.newPathSyn(subsession: Self.subsession, remaining: [IPAddress(10, 0, 0, 9)]))
                 == [10, 77, 1, 1, 10, 77, 2, 2] + Self.be16(40001) + Self.be16(40002) + [1, 10, 0, 0, 9])
         #expect(body(.newPathSynAck(subsession: Self.subsession))
                 == [10, 77, 1, 1, 10, 77, 2, 2] + Self.be16(40001) + Self.be16(40002))
         #expect(body(.drainStart(stateful: false)) == [0])
-        #expect(body(.stateRequest(newBox: IPv4Address(10, 1, 2, 3))) == [10, 1, 2, 3])
+        #expect(body(.stateRequest(newBox: IPAddress(10, 1, 2, 3))) == [10, 1, 2, 3])
         #expect(body(.statePut(document: [0x7B, 0x7D])) == [0, 2, 0x7B, 0x7D])
         #expect(body(.stateInstalled(ok: true, times: StateTimes(), reason: "")) == [1, 0, 0, 0, 0, 0, 0, 0, 0, 0])
         #expect(body(.stateInstalled(ok: false, times: StateTimes(exportMicroseconds: 0x0102_0304, importMicroseconds: 5),
@@ -199,10 +199,10 @@ struct ControlMessageTests {
 
     @Test("limits round-trip: 15 addresses, 200-byte reasons, every step, full phase times, a 60,000-byte document")
     func limits() throws {
-        let path15 = (1...15).map { IPv4Address(10, 77, 3, UInt8($0)) }
+        let path15 = (1...15).map { IPAddress(10, 77, 3, UInt8($0)) }
         let reason200 = String(repeating: "é", count: 100)  // 200 bytes
         let bodies: [ControlBody] = [
-            .trigger(Trigger(newPath: path15, oldBox: IPv4Address(10, 77, 0, 104), stateful: false, deadlineMilliseconds: 0)),
+            .trigger(Trigger(newPath: path15, oldBox: IPAddress(10, 77, 0, 104), stateful: false, deadlineMilliseconds: 0)),
             .triggerResult(TriggerResult(outcome: .moved, reason: "", failedStep: nil, phases: nil)),
             .triggerResult(TriggerResult(outcome: .refused, reason: reason200, failedStep: .teardown,
                                          phases: PhaseTimes(lockEnd: .max, newPathEnd: 1, drainEnd: 2, stateEnd: 3, releaseEnd: 4,
@@ -237,10 +237,10 @@ struct ControlMessageTests {
             #expect(r.failedStep == step)
         }
 
-        #expect(Self.message(.trigger(Trigger(newPath: [], oldBox: IPv4Address(10, 0, 0, 1), stateful: false,
+        #expect(Self.message(.trigger(Trigger(newPath: [], oldBox: IPAddress(10, 0, 0, 1), stateful: false,
                                               deadlineMilliseconds: 1))).encodingProblem != nil)
         #expect(Self.message(.newPathSyn(subsession: Self.subsession,
-                                         remaining: Array(repeating: IPv4Address(10, 0, 0, 1), count: 16))).encodingProblem != nil)
+                                         remaining: Array(repeating: IPAddress(10, 0, 0, 1), count: 16))).encodingProblem != nil)
         #expect(Self.message(.statePut(document: Array(repeating: 0x20, count: 60_001))).encodingProblem != nil)
     }
 
@@ -348,13 +348,13 @@ struct ControlMessageTests {
         #expect(Self.decodeError(nonceZero.encode(trust: Self.trust)) == nil)
     }
 
-    static let forbidden = [IPv4Address(127, 0, 0, 1), IPv4Address(224, 0, 0, 1), IPv4Address(255, 255, 255, 255),
-                            IPv4Address(0, 0, 0, 0), IPv4Address(169, 254, 1, 1), IPv4Address(240, 0, 0, 1)]
+    static let forbidden = [IPAddress(127, 0, 0, 1), IPAddress(224, 0, 0, 1), IPAddress(255, 255, 255, 255),
+                            IPAddress(0, 0, 0, 0), IPAddress(169, 254, 1, 1), IPAddress(240, 0, 0, 1)]
 
     @Test("forbidden addresses in the header, the tuples and the lists are rejected even when signed", arguments: ControlMessageTests.forbidden)
-    func forbiddenAddresses(bad: IPv4Address) {
-        let ok = IPv4Address(10, 77, 0, 105)
-        func tuple(src: IPv4Address = IPv4Address(10, 77, 1, 1), dst: IPv4Address = IPv4Address(10, 77, 2, 2)) -> FiveTuple {
+    func forbiddenAddresses(bad: IPAddress) {
+        let ok = IPAddress(10, 77, 0, 105)
+        func tuple(src: IPAddress = IPAddress(10, 77, 1, 1), dst: IPAddress = IPAddress(10, 77, 2, 2)) -> FiveTuple {
             FiveTuple(srcAddr: src, srcPort: 1000, dstAddr: dst, dstPort: 2000)
         }
         let messages: [(String, ControlMessage)] = [
@@ -381,8 +381,8 @@ struct ControlMessageTests {
 
     @Test("zero ports in the header session and in tuples are rejected")
     func zeroPorts() {
-        let noPort = FiveTuple(srcAddr: IPv4Address(10, 0, 0, 1), srcPort: 0, dstAddr: IPv4Address(10, 0, 0, 2), dstPort: 80)
-        let noDstPort = FiveTuple(srcAddr: IPv4Address(10, 0, 0, 1), srcPort: 80, dstAddr: IPv4Address(10, 0, 0, 2), dstPort: 0)
+        let noPort = FiveTuple(srcAddr: IPAddress(10, 0, 0, 1), srcPort: 0, dstAddr: IPAddress(10, 0, 0, 2), dstPort: 80)
+        let noDstPort = FiveTuple(srcAddr: IPAddress(10, 0, 0, 1), srcPort: 80, dstAddr: IPAddress(10, 0, 0, 2), dstPort: 0)
         #expect(Self.decodeError(Self.message(.drained, session: noPort).encode(trust: Self.trust))?.counterName == "bad-body")
         for t in [noPort, noDstPort] {
             guard case .badBody(let type, _)? = Self.decodeError(Self.message(.newPathSyn(subsession: t, remaining: []))
@@ -484,7 +484,7 @@ struct ControlMessageTests {
             (.truncated(length: 3), "truncated"), (.tooLong(length: 70_000), "too-long"), (.badMagic, "bad-magic"),
             (.unsupportedVersion(9), "bad-version"), (.unknownType(99), "unknown-type"),
             (.lengthMismatch(declared: 1, actual: 2), "bad-length"), (.badMAC, "bad-mac"),
-            (.badBody(.ackLock, "x"), "bad-body"), (.forbiddenAddress(IPv4Address(127, 0, 0, 1)), "forbidden-address"),
+            (.badBody(.ackLock, "x"), "bad-body"), (.forbiddenAddress(IPAddress(127, 0, 0, 1)), "forbidden-address"),
             (.zeroIdentity, "zero-identity"),
         ]
         for (error, name) in errors {

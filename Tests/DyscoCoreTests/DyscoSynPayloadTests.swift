@@ -7,9 +7,9 @@ struct DyscoSynPayloadTests {
     /// The subsession the SYN carrying the trailer travels on.
     let wire = FiveTuple.t("10.77.0.10", 10001, "10.77.0.101", 80)
     let identity = SessionIdentity(chainID: 0x0123_4567_89ab_cdef, nonce: 0xfedc_ba98_7654_3210)
-    let fw2 = IPv4Address(10, 77, 0, 102)
+    let fw2 = IPAddress(10, 77, 0, 102)
 
-    func trailer(_ remaining: [IPv4Address], session: FiveTuple? = nil, identity: SessionIdentity? = nil,
+    func trailer(_ remaining: [IPAddress], session: FiveTuple? = nil, identity: SessionIdentity? = nil,
                  tuple: FiveTuple? = nil, trust: TrustGroup = TestKeys.group) -> [UInt8] {
         DyscoSynPayload(identity: identity ?? self.identity, session: session ?? self.session, remaining: remaining)
             .encoded(tuple: tuple ?? wire, trust: trust)
@@ -64,7 +64,7 @@ struct DyscoSynPayloadTests {
 
     @Test("round trip with 0, 1 and 16 addresses, after arbitrary leading payload (TFO data)", arguments: [0, 1, 16])
     func roundTrip(count: Int) throws {
-        let hops = (0..<count).map { IPv4Address(10, 77, 0, UInt8(100 + $0)) }
+        let hops = (0..<count).map { IPAddress(10, 77, 0, UInt8(100 + $0)) }
         let encoded = trailer(hops)
         #expect(encoded.count == 54 + 4 * count)
         let leading: [UInt8] = [9, 8, 7]
@@ -139,7 +139,7 @@ struct DyscoSynPayloadTests {
         var others = [wire.reversed]
         others.append(FiveTuple(srcAddr: wire.srcAddr, srcPort: wire.srcPort + 1, dstAddr: wire.dstAddr, dstPort: wire.dstPort))
         others.append(FiveTuple(srcAddr: wire.srcAddr, srcPort: wire.srcPort, dstAddr: wire.dstAddr, dstPort: 81))
-        others.append(FiveTuple(srcAddr: IPv4Address(10, 77, 0, 66), srcPort: wire.srcPort, dstAddr: wire.dstAddr, dstPort: 80))
+        others.append(FiveTuple(srcAddr: IPAddress(10, 77, 0, 66), srcPort: wire.srcPort, dstAddr: wire.dstAddr, dstPort: 80))
         others.append(FiveTuple(srcAddr: wire.srcAddr, srcPort: wire.srcPort, dstAddr: fw2, dstPort: 80))
         for other in others { #expect(decodeError(bytes, tuple: other) == .badMAC, "\(other)") }
         #expect(decodeError(bytes, tuple: wire) == nil)
@@ -180,7 +180,7 @@ struct DyscoSynPayloadTests {
     @Test("forbidden addresses (loopback, multicast, broadcast, unspecified, link-local) are refused after the MAC",
           arguments: ["127.0.0.1", "224.0.0.1", "255.255.255.255", "0.0.0.0", "169.254.1.1", "240.0.0.1"])
     func forbidden(text: String) {
-        let bad = IPv4Address(text)!
+        let bad = IPAddress(text)!
         let dst = FiveTuple(srcAddr: session.srcAddr, srcPort: session.srcPort, dstAddr: bad, dstPort: 80)
         let src = FiveTuple(srcAddr: bad, srcPort: session.srcPort, dstAddr: session.dstAddr, dstPort: 80)
         #expect(decodeError(trailer([], session: dst)) == .forbiddenAddress(bad), "session destination")
@@ -238,7 +238,7 @@ struct DyscoSynPayloadTests {
                 Issue.record("random bytes decoded: \(decoded), \(length)")
             }
         }
-        let hops = [fw2, IPv4Address(10, 77, 0, 103), session.dstAddr]
+        let hops = [fw2, IPAddress(10, 77, 0, 103), session.dstAddr]
         let good = [UInt8](repeating: 7, count: 20) + trailer(hops)
         for _ in 0..<20000 {
             var bytes = good

@@ -3,8 +3,8 @@ import Testing
 
 @Suite("Drain: cordons, batches, bundled control messages")
 struct EvacuationPlanTests {
-    static let fw1 = IPv4Address(10, 77, 0, 101), fw2 = IPv4Address(10, 77, 0, 102), fw3 = IPv4Address(10, 77, 0, 103)
-    static let fw4 = IPv4Address(10, 77, 0, 104)
+    static let fw1 = IPAddress(10, 77, 0, 101), fw2 = IPAddress(10, 77, 0, 102), fw3 = IPAddress(10, 77, 0, 103)
+    static let fw4 = IPAddress(10, 77, 0, 104)
 
     // MARK: Cordons
 
@@ -54,7 +54,7 @@ struct EvacuationPlanTests {
 
     @Test("a processor with a cordon sends a new session's SYN to the replacement (existing sessions keep theirs)")
     func processorUsesCordon() throws {
-        let client = IPv4Address(10, 77, 0, 10), server = IPv4Address(10, 77, 0, 201)
+        let client = IPAddress(10, 77, 0, 10), server = IPAddress(10, 77, 0, 201)
         let policy = Policy(name: "web", match: SessionPredicate(dport: [PortRange("80")!]), chain: [Self.fw1])
         let h = ChainHarness()
         h.hosts["client"] = PacketProcessor(config: AgentConfig(policies: [policy]), portRange: 10000...10999, trust: TestKeys.group)
@@ -71,7 +71,7 @@ struct EvacuationPlanTests {
         #expect(tuple(of: again).dstAddr == Self.fw1)
     }
 
-    static func refusal(_ cordons: inout Cordons, _ address: IPv4Address, _ replacements: [IPv4Address]) -> Cordons.CordonError? {
+    static func refusal(_ cordons: inout Cordons, _ address: IPAddress, _ replacements: [IPAddress]) -> Cordons.CordonError? {
         do throws(Cordons.CordonError) {
             try cordons.cordon(address, replacements: replacements)
             return nil
@@ -80,17 +80,17 @@ struct EvacuationPlanTests {
 
     // MARK: EvacuationPlan
 
-    static func candidates(_ n: Int, left: IPv4Address = IPv4Address(10, 77, 0, 11), firstChain: UInt64 = 1000) -> [EvacuationPlan.Candidate] {
+    static func candidates(_ n: Int, left: IPAddress = IPAddress(10, 77, 0, 11), firstChain: UInt64 = 1000) -> [EvacuationPlan.Candidate] {
         (0..<n).map { i in
             EvacuationPlan.Candidate(chainID: firstChain + UInt64(i),
-                                session: FiveTuple(srcAddr: left, srcPort: UInt16(40000 + i), dstAddr: IPv4Address(10, 77, 0, 201), dstPort: 80),
-                                leftAnchor: left, rightAnchor: IPv4Address(10, 77, 0, 201))
+                                session: FiveTuple(srcAddr: left, srcPort: UInt16(40000 + i), dstAddr: IPAddress(10, 77, 0, 201), dstPort: 80),
+                                leftAnchor: left, rightAnchor: IPAddress(10, 77, 0, 201))
         }
     }
 
     @Test("sessions are spread over the targets in turn and batched by (left anchor, right anchor, target), at most batchSize")
     func planBatches() {
-        let a = Self.candidates(10), b = Self.candidates(5, left: IPv4Address(10, 77, 0, 12), firstChain: 2000)
+        let a = Self.candidates(10), b = Self.candidates(5, left: IPAddress(10, 77, 0, 12), firstChain: 2000)
         let plan = EvacuationPlan(a + b, targets: [Self.fw2, Self.fw3], batchSize: 4)
         #expect(plan.sessionCount == 15)
         let all = plan.batches.flatMap(\.sessions).map(\.chainID)
@@ -114,7 +114,7 @@ struct EvacuationPlanTests {
 
     static func message(_ chain: UInt64, _ body: ControlBody) -> ControlMessage {
         ControlMessage(identity: SessionIdentity(chainID: chain, nonce: 7), requestID: 1, session: ControlMessageTests.session,
-                       leftAnchor: IPv4Address(10, 77, 0, 11), rightAnchor: IPv4Address(10, 77, 0, 201), body: body)
+                       leftAnchor: IPAddress(10, 77, 0, 11), rightAnchor: IPAddress(10, 77, 0, 201), body: body)
     }
 
     @Test("several messages in one datagram decode one by one; a bad MAC spoils only its own message")

@@ -4,7 +4,7 @@ import Testing
 
 @Suite("Kernel fast path: when sessions move to the kernel")
 struct FastPathTests {
-    let client = IPv4Address("10.77.0.10")!, fw1 = IPv4Address("10.77.0.101")!, server = IPv4Address("10.77.0.201")!
+    let client = IPAddress("10.77.0.10")!, fw1 = IPAddress("10.77.0.101")!, server = IPAddress("10.77.0.201")!
     var session: FiveTuple { FiveTuple(srcAddr: client, srcPort: 40000, dstAddr: server, dstPort: 80) }
 
     func harness() -> ChainHarness { ChainHarness.fastPathChain(client: client, fw1: fw1) }

@@ -31,20 +31,25 @@ struct IPv6PacketViewTests {
 
     @Test("addresses: inet_pton's text forms in, RFC 5952 out; JSON as text; garbage refused")
     func addressText() throws {
-        let a = try #require(IPv6Address("FD00:0078:0000:0000:0000:0000:0000:0001"))
+        let a = try #require(IPAddress("FD00:0078:0000:0000:0000:0000:0000:0001"))
         #expect(a.description == "fd00:78::1")
         #expect(a.high == 0xfd00_0078_0000_0000 && a.low == 1)
-        #expect(IPv6Address("::ffff:10.1.2.3")?.description == "::ffff:10.1.2.3")
-        #expect(IPv6Address("2001:db8:0:0:1:0:0:1")?.description == "2001:db8::1:0:0:1")
-        for bad in ["", "10.1.2.3", "fd00::1::2", "fd00::1%eth0", "fd00:78::1/64", "gggg::1", "1:2:3:4:5:6:7:8:9"] {
-            #expect(IPv6Address(bad) == nil, "\(bad)")
+        // IPv4-mapped text is the IPv4 address: one type for both families.
+        #expect(IPAddress("::ffff:10.1.2.3") == IPAddress(10, 1, 2, 3))
+        #expect(IPAddress("::ffff:10.1.2.3")?.description == "10.1.2.3")
+        #expect(IPAddress(10, 1, 2, 3).isIPv4 && !a.isIPv4 && a.family == .ipv6)
+        #expect(IPAddress(10, 1, 2, 3) != IPAddress("::10.1.2.3"), "IPv4-compatible (deprecated) is not IPv4-mapped")
+        #expect(IPAddress("2001:db8:0:0:1:0:0:1")?.description == "2001:db8::1:0:0:1")
+        for bad in ["", "10.1.2", "10.1.2.256", "fd00::1::2", "fd00::1%eth0", "fd00:78::1/64", "gggg::1", "1:2:3:4:5:6:7:8:9"] {
+            #expect(IPAddress(bad) == nil, "\(bad)")
         }
-        #expect(IPv6Address("fd00::1")! < IPv6Address("fd00::2")!)
-        #expect(IPv6Address("fd00::ffff")! < IPv6Address("fd01::")!)
+        #expect(IPAddress("fd00::1")! < IPAddress("fd00::2")!)
+        #expect(IPAddress("fd00::ffff")! < IPAddress("fd01::")!)
         let json = try JSONEncoder().encode([a])
         #expect(String(decoding: json, as: UTF8.self) == #"["fd00:78::1"]"#)
-        #expect(try JSONDecoder().decode([IPv6Address].self, from: json) == [a])
-        #expect(throws: DecodingError.self) { try JSONDecoder().decode([IPv6Address].self, from: Data(#"["10.1.2.3"]"#.utf8)) }
+        #expect(try JSONDecoder().decode([IPAddress].self, from: json) == [a])
+        #expect(try JSONDecoder().decode([IPAddress].self, from: Data(#"["10.1.2.3"]"#.utf8)) == [IPAddress(10, 1, 2, 3)])
+        #expect(throws: DecodingError.self) { try JSONDecoder().decode([IPAddress].self, from: Data(#"["10.1.2.300"]"#.utf8)) }
     }
 
     @Test("a plain segment: fixed header and TCP header read, its checksum verifies")
@@ -52,8 +57,8 @@ struct IPv6PacketViewTests {
         var bytes = Self.bytes(Self.plain)
         let packet = try Self.parse(&bytes).get()
         #expect(packet.ip.version == 6 && packet.ip.hopLimit == 64 && packet.ip.payloadLength == 32)
-        #expect(packet.ip.sourceAddress == IPv6Address("fd00:78::1"))
-        #expect(packet.ip.destinationAddress == IPv6Address("fd00:78:1::2"))
+        #expect(packet.ip.sourceAddress == IPAddress("fd00:78::1"))
+        #expect(packet.ip.destinationAddress == IPAddress("fd00:78:1::2"))
         #expect(packet.tcpOffset == 40 && packet.payloadOffset == 60 && packet.payloadLength == 12)
         #expect(packet.tcp.sourcePort == 40000 && packet.tcp.destinationPort == 80)
         #expect(packet.tcp.sequenceNumber == 1000 && packet.tcp.acknowledgmentNumber == 2000)
@@ -67,8 +72,8 @@ struct IPv6PacketViewTests {
         for mode in [ChecksumState.complete, .partial] {
             var bytes = Self.bytes(Self.plain)
             let packet = try Self.parse(&bytes).get()
-            packet.rewrite(source: IPv6Address("fd00:78::3")!, sourcePort: 41000,
-                           destination: IPv6Address("fd00:78:1::2")!, destinationPort: 8080, checksum: mode)
+            packet.rewrite(source: IPAddress("fd00:78::3")!, sourcePort: 41000,
+                           destination: IPAddress("fd00:78:1::2")!, destinationPort: 8080, checksum: mode)
             #expect(bytes == Self.bytes(Self.rewritten), "\(mode)")
         }
     }
@@ -79,8 +84,8 @@ struct IPv6PacketViewTests {
         for _ in 0..<500 {
             var bytes = Self.bytes(Self.plain)
             let packet = try Self.parse(&bytes).get()
-            let source = IPv6Address(high: rng.next(), low: rng.next())
-            let destination = IPv6Address(high: rng.next(), low: rng.next())
+            let source = IPAddress(high: rng.next(), low: rng.next())
+            let destination = IPAddress(high: rng.next(), low: rng.next())
             packet.rewrite(source: source, sourcePort: packet.tcp.sourcePort, destination: destination,
                            destinationPort: packet.tcp.destinationPort, checksum: .complete)
             #expect(packet.ip.sourceAddress == source && packet.ip.destinationAddress == destination)

@@ -5,7 +5,7 @@ import Testing
 /// The BPF datapath's ring-buffer reports (``KernelEvent``) get the same bookkeeping as an observed FIN/RST.
 @Suite("Kernel events: FIN, RST and ESTABLISHED reported by the kernel fast path")
 struct KernelEventTests {
-    let client = IPv4Address("10.77.0.10")!, fw1 = IPv4Address("10.77.0.101")!, server = IPv4Address("10.77.0.201")!
+    let client = IPAddress("10.77.0.10")!, fw1 = IPAddress("10.77.0.101")!, server = IPAddress("10.77.0.201")!
     var session: FiveTuple { FiveTuple(srcAddr: client, srcPort: 40000, dstAddr: server, dstPort: 80) }
 
     func harness() -> ChainHarness { ChainHarness.fastPathChain(client: client, fw1: fw1) }

@@ -7,8 +7,8 @@ import Testing
 /// right-hand tuple and sends the SYN on in it (docs/ARCHITECTURE.md, "Boxes that translate").
 @Suite("A box that translates: the SYN tag, the translated tuple, its translations (§2.1)")
 struct NATBoxTests {
-    let client = IPv4Address("10.77.0.10")!, fw1 = IPv4Address("10.77.0.101")!, server = IPv4Address("10.77.0.201")!
-    let vip = IPv4Address("10.77.0.150")!
+    let client = IPAddress("10.77.0.10")!, fw1 = IPAddress("10.77.0.101")!, server = IPAddress("10.77.0.201")!
+    let vip = IPAddress("10.77.0.150")!
     var session: FiveTuple { FiveTuple(srcAddr: client, srcPort: 40000, dstAddr: server, dstPort: 80) }
     /// What fw1's masquerade makes of the session.
     var masqueraded: FiveTuple { FiveTuple(srcAddr: fw1, srcPort: 61000, dstAddr: server, dstPort: 80) }
@@ -209,7 +209,7 @@ struct NATBoxTests {
     @Test("§3.5 with §2.1: a new box whose imported entry carries the NAT binding re-keys its right side to the translated tuple")
     func newBoxAdoptsImportedTranslation() throws {
         let h = harness()
-        let fw2 = IPv4Address("10.77.0.102")!
+        let fw2 = IPAddress("10.77.0.102")!
         let identity = SessionIdentity(chainID: 0xfeed, nonce: 7)
         // newPathSyn made the session at fw2 with the untranslated tuple (the left anchor's name for it).
         let left = FiveTuple(srcAddr: client, srcPort: 30001, dstAddr: fw2, dstPort: 80)

@@ -90,7 +90,7 @@ enum Reference {
 
 extension FiveTuple {
     static func t(_ src: String, _ sport: UInt16, _ dst: String, _ dport: UInt16) -> FiveTuple {
-        FiveTuple(srcAddr: IPv4Address(src)!, srcPort: sport, dstAddr: IPv4Address(dst)!, dstPort: dport)
+        FiveTuple(srcAddr: IPAddress(src)!, srcPort: sport, dstAddr: IPAddress(dst)!, dstPort: dport)
     }
 }
 
@@ -119,7 +119,7 @@ enum TestKeys {
 extension PacketBuilder {
     /// A SYN on `tuple` whose payload is `leading` followed by a v2 Dysco trailer signed with `trust` for
     /// `signedFor` (default: the packet's own tuple).
-    static func dyscoSyn(tuple: FiveTuple, session: FiveTuple, remaining: [IPv4Address],
+    static func dyscoSyn(tuple: FiveTuple, session: FiveTuple, remaining: [IPAddress],
                          identity: SessionIdentity = SessionIdentity(chainID: 0x1234_5678_9abc_def1, nonce: 42),
                          trust: TrustGroup = TestKeys.group, signedFor: FiveTuple? = nil,
                          leading: [UInt8] = []) -> [UInt8] {
@@ -130,7 +130,7 @@ extension PacketBuilder {
 }
 
 /// The version-1 trailer (unauthenticated, no longer sent), built by hand as an old agent or a forger would.
-func versionOneTrailer(session: FiveTuple, remaining: [IPv4Address]) -> [UInt8] {
+func versionOneTrailer(session: FiveTuple, remaining: [IPAddress]) -> [UInt8] {
     var b: [UInt8] = [1, 4, UInt8(remaining.count), 0]
     b += be32(session.srcAddr.value) + be32(session.dstAddr.value) + be16(session.srcPort) + be16(session.dstPort)
     for address in remaining { b += be32(address.value) }

@@ -8,7 +8,7 @@ final class ChainHarness {
     /// client (10.77.0.10) → fw1 (10.77.0.101) → server (10.77.0.201) for port 80, every session on the kernel fast
     /// path from its first packet (`fastPathAfterPackets` 0): the chain of the fast-path and kernel-event tests.
     /// `installAtSyn`: the BPF datapath's setting (sessions go to the kernel with their SYN).
-    static func fastPathChain(client: IPv4Address, fw1: IPv4Address, installAtSyn: Bool = false) -> ChainHarness {
+    static func fastPathChain(client: IPAddress, fw1: IPAddress, installAtSyn: Bool = false) -> ChainHarness {
         let policy = Policy(name: "web", match: SessionPredicate(dport: [PortRange("80")!]), chain: [fw1])
         var settings = PacketProcessor.Settings()
         settings.fastPath = true
@@ -111,12 +111,12 @@ func decodedTrailer(_ bytes: [UInt8], tuple: FiveTuple, trust: TrustGroup = Test
 
 @Suite("Packet processor: a chain of agents in memory (paper §2.1)")
 struct PacketProcessorTests {
-    let client = IPv4Address("10.77.0.10")!, fw1 = IPv4Address("10.77.0.101")!
-    let fw2 = IPv4Address("10.77.0.102")!, server = IPv4Address("10.77.0.201")!
+    let client = IPAddress("10.77.0.10")!, fw1 = IPAddress("10.77.0.101")!
+    let fw2 = IPAddress("10.77.0.102")!, server = IPAddress("10.77.0.201")!
     var session: FiveTuple { FiveTuple(srcAddr: client, srcPort: 40000, dstAddr: server, dstPort: 80) }
 
     /// Every host shares ``TestKeys/group`` unless `trust` names another group for it.
-    func harness(chain: [IPv4Address], trust: [String: TrustGroup] = [:]) -> ChainHarness {
+    func harness(chain: [IPAddress], trust: [String: TrustGroup] = [:]) -> ChainHarness {
         let policy = Policy(name: "web", match: SessionPredicate(dst: IPv4Prefix("10.77.0.201/32"), dport: [PortRange("80")!]),
                             chain: chain)
         let h = ChainHarness()
@@ -310,8 +310,8 @@ struct PacketProcessorTests {
 
 @Suite("Packet processor: trust (paper §2.3) — forged, replayed, old and hostile trailers create nothing")
 struct PacketProcessorTrustTests {
-    let client = IPv4Address("10.77.0.10")!, fw1 = IPv4Address("10.77.0.101")!
-    let server = IPv4Address("10.77.0.201")!
+    let client = IPAddress("10.77.0.10")!, fw1 = IPAddress("10.77.0.101")!
+    let server = IPAddress("10.77.0.201")!
     var session: FiveTuple { FiveTuple(srcAddr: client, srcPort: 40000, dstAddr: server, dstPort: 80) }
     /// What a host on the segment sends to fw1 (its own port; any tuple would do).
     let attack = FiveTuple.t("10.77.0.51", 10000, "10.77.0.101", 80)
@@ -390,7 +390,7 @@ struct PacketProcessorTrustTests {
     @Test("a correctly signed trailer naming a forbidden next hop or session address is dropped",
           arguments: ["127.0.0.1", "224.0.0.1", "255.255.255.255", "0.0.0.0"])
     func forbiddenHop(text: String) {
-        let bad = IPv4Address(text)!
+        let bad = IPAddress(text)!
         var p = fw1()
         #expect(relay(&p, PacketBuilder.dyscoSyn(tuple: attack, session: session, remaining: [bad])).0 == .drop)
         #expect(relay(&p, PacketBuilder.dyscoSyn(tuple: attack, session: session, remaining: [bad, server])).0 == .drop)
@@ -427,7 +427,7 @@ struct PacketProcessorTrustTests {
         let v1 = PacketBuilder(tuple: attack, flags: [.syn], payload: versionOneTrailer(session: session, remaining: [server])).build()
         #expect(relay(&p, v1).0 == .drop)
         #expect(p.counters.trailerVersionOneRefused == 1)
-        let hostile = PacketBuilder.dyscoSyn(tuple: attack, session: session, remaining: [IPv4Address("127.0.0.1")!],
+        let hostile = PacketBuilder.dyscoSyn(tuple: attack, session: session, remaining: [IPAddress("127.0.0.1")!],
                                              identity: identity)
         #expect(relay(&p, hostile).0 == .drop)
         #expect(p.counters.trailerForbiddenAddress == 1)

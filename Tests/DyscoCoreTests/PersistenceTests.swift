@@ -6,7 +6,7 @@ import Testing
 /// the observed FIN/RST (docs/ARCHITECTURE.md, "Agent crash and restart"). No root, no kernel.
 @Suite("Persistence: state file, restore, reconcile, owned keys")
 struct PersistenceTests {
-    let client = IPv4Address("10.77.0.10")!, fw1 = IPv4Address("10.77.0.101")!, server = IPv4Address("10.77.0.201")!
+    let client = IPAddress("10.77.0.10")!, fw1 = IPAddress("10.77.0.101")!, server = IPAddress("10.77.0.201")!
     var session: FiveTuple { FiveTuple(srcAddr: client, srcPort: 40000, dstAddr: server, dstPort: 80) }
 
     func harness() -> ChainHarness {

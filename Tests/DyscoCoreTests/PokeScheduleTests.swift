@@ -3,7 +3,7 @@ import Testing
 
 @Suite("Pokes while the old path drains (paper §3.5: the old path goes once every byte sent on it is acknowledged)")
 struct PokeScheduleTests {
-    let peer = IPv4Address(10, 0, 0, 1)
+    let peer = IPAddress(10, 0, 0, 1)
 
     @Test("a poke that finds the old path drained, or no session, ends the chain")
     func stopsWhenDrained() {

@@ -11,7 +11,7 @@ struct ProxySpliceTests {
     static let client = FiveTuple.t("10.0.1.1", 40000, "10.0.2.1", 8080)     // S1, as the proxy's stack sees it
     static let clientLeft = FiveTuple.t("10.0.1.1", 30001, "10.0.2.1", 8080)  // its subsession from the client's agent
     static let server = FiveTuple.t("10.0.2.1", 33000, "10.0.3.1", 80)       // S2
-    static let proxy = IPv4Address("10.0.2.1")!, serverHost = IPv4Address("10.0.3.1")!
+    static let proxy = IPAddress("10.0.2.1")!, serverHost = IPAddress("10.0.3.1")!
 
     struct Setup {
         var p: PacketProcessor

@@ -4,15 +4,15 @@ import Testing
 /// A client → fw1 → server chain in memory with a completed handshake and some data, for the RST and bounds
 /// tests. Client ISN 1000, server ISN 5000, no window scaling; the server acknowledges everything.
 struct ResetLab {
-    static let client = IPv4Address("10.77.0.10")!, fw1 = IPv4Address("10.77.0.101")!
-    static let server = IPv4Address("10.77.0.201")!
+    static let client = IPAddress("10.77.0.10")!, fw1 = IPAddress("10.77.0.101")!
+    static let server = IPAddress("10.77.0.201")!
     let h = ChainHarness()
     let session = FiveTuple(srcAddr: client, srcPort: 40000, dstAddr: server, dstPort: 80)
     /// Next sequence numbers of each side (what the other side acknowledged last).
     var clientNext: UInt32 = 1001
     var serverNext: UInt32 = 5001
 
-    init(settings: PacketProcessor.Settings = PacketProcessor.Settings(), clients: [IPv4Address] = [client]) {
+    init(settings: PacketProcessor.Settings = PacketProcessor.Settings(), clients: [IPAddress] = [client]) {
         let policy = Policy(name: "web", match: SessionPredicate(dst: IPv4Prefix("10.77.0.201/32"), dport: [PortRange("80")!]),
                             chain: [Self.fw1])
         for (i, address) in clients.enumerated() {
@@ -248,7 +248,7 @@ struct BoundsTests {
         var settings = PacketProcessor.Settings()
         settings.maxSessionsPerSource = 3
         settings.maxSessions = 5
-        let other = IPv4Address("10.77.0.11")!
+        let other = IPAddress("10.77.0.11")!
         let lab = ResetLab(settings: settings, clients: [ResetLab.client, other])
         for port in 0..<5 {
             let t = FiveTuple(srcAddr: ResetLab.client, srcPort: 41000 + UInt16(port), dstAddr: ResetLab.server, dstPort: 80)
@@ -305,9 +305,9 @@ struct BoundsTests {
         var table = SessionTable(portRange: 10000...29999)
         var ids: [SessionTable.SessionID] = []
         for i in 0..<10_000 {
-            let s = FiveTuple(srcAddr: IPv4Address(UInt32(0x0a4d_0000) + UInt32(i / 60_000)), srcPort: UInt16(1024 + i % 60_000),
-                              dstAddr: IPv4Address("10.77.0.201")!, dstPort: 80)
-            let left = FiveTuple(srcAddr: IPv4Address("10.77.0.10")!, srcPort: UInt16(1024 + i), dstAddr: IPv4Address("10.77.0.101")!,
+            let s = FiveTuple(srcAddr: IPAddress(UInt32(0x0a4d_0000) + UInt32(i / 60_000)), srcPort: UInt16(1024 + i % 60_000),
+                              dstAddr: IPAddress("10.77.0.201")!, dstPort: 80)
+            let left = FiveTuple(srcAddr: IPAddress("10.77.0.10")!, srcPort: UInt16(1024 + i), dstAddr: IPAddress("10.77.0.101")!,
                                  dstPort: 80)
             ids.append(try table.insertFromLeft(session: s, left: left, remaining: [], now: 0))
         }
@@ -320,7 +320,7 @@ struct BoundsTests {
         #expect(table.records.capacity < big / 8 && table.ingress.capacity < big / 8)
         #expect(table.count == 10 && table.ingress.count == 10 && table.bySession.count == 10)
         for id in ids.prefix(10) { #expect(table.records[id] != nil) }
-        #expect(table.sessions(from: IPv4Address(0x0a4d_0000)) == 10)
+        #expect(table.sessions(from: IPAddress(0x0a4d_0000)) == 10)
     }
 }
 

@@ -156,7 +156,7 @@ struct SequenceDeltaTests {
         let built = buffer.withUnsafeMutableBytes { p.anchorElicit(chainID: chainID, into: $0.baseAddress!) }
         let (length, destination) = try #require(built)
         let packet = Array(buffer[0..<length])
-        #expect(destination == IPv4Address("10.0.0.1")! && A.tuple(packet) == newLeft.reversed)
+        #expect(destination == IPAddress("10.0.0.1")! && A.tuple(packet) == newLeft.reversed)
         #expect(A.ack(packet) == 1002, "the client's numbering: 1042 − 40")
         #expect(A.seq(packet) == 6999)
         // The host's own box changes the streams too (it reported +3 forward, +5 reverse): the packet does not cross

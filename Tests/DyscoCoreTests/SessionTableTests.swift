@@ -47,10 +47,10 @@ struct SessionTableTests {
     @Test("left end: egress S→R and ingress rev(R)→rev(S)")
     func leftEnd() throws {
         var table = SessionTable(portRange: 10000...10010)
-        let id = try table.insertLeftEnd(session: s, hops: [IPv4Address("10.77.0.101")!, s.dstAddr], now: 0)
+        let id = try table.insertLeftEnd(session: s, hops: [IPAddress("10.77.0.101")!, s.dstAddr], now: 0)
         let record = try #require(table.records[id])
         let r = try #require(record.right)
-        #expect(r.srcAddr == s.srcAddr && r.dstAddr == IPv4Address("10.77.0.101")! && r.dstPort == 80)
+        #expect(r.srcAddr == s.srcAddr && r.dstAddr == IPAddress("10.77.0.101")! && r.dstPort == 80)
         #expect((10000...10010).contains(r.srcPort), "a port of the range (random: docs/ARCHITECTURE.md)")
         #expect(record.remaining == [s.dstAddr])
         #expect(table.egress[s]?.target == r)

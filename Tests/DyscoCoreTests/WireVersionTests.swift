@@ -23,15 +23,15 @@ struct WireVersionTests {
         u32(0x4459_434D); u8(3); u8(1); u16(18)
         u64(T.identity.chainID); u64(T.identity.nonce); u32(0xDEAD_BEEF)
         u32(T.session.srcAddr.value); u32(T.session.dstAddr.value); u16(T.session.srcPort); u16(T.session.dstPort)
-        u32(IPv4Address(10, 77, 0, 10).value); u32(IPv4Address(10, 77, 0, 200).value)
+        u32(IPAddress(10, 77, 0, 10).value); u32(IPAddress(10, 77, 0, 200).value)
         u64(stamp.sender); u32(stamp.receiver.value); u32(stamp.counter); u64(stamp.sentAt)
-        u32(5000); u32(IPv4Address(10, 77, 0, 104).value); u8(1)
-        u8(2); u32(IPv4Address(10, 77, 0, 105).value); u32(IPv4Address(10, 77, 0, 200).value)
+        u32(5000); u32(IPAddress(10, 77, 0, 104).value); u8(1)
+        u8(2); u32(IPAddress(10, 77, 0, 105).value); u32(IPAddress(10, 77, 0, 200).value)
         let tag = b.withUnsafeBytes { T.trust.mac($0) }
         return b + tag
     }
 
-    static let stamp = ControlStamp(sender: 0x1122_3344_5566_7788, receiver: IPv4Address(10, 77, 0, 10), counter: 7,
+    static let stamp = ControlStamp(sender: 0x1122_3344_5566_7788, receiver: IPAddress(10, 77, 0, 10), counter: 7,
                                     sentAt: 1_780_000_000_000_000)
 
     @Test("version 3's trigger (boolean stateful) is what the codec writes for a stateful trigger at version 3, and reads back")
@@ -67,10 +67,10 @@ struct WireVersionTests {
                 #expect(try ControlMessage.decode(bytes, trust: T.trust, accepting: version...version) == message, "\(type) v\(version)")
             }
         }
-        let held = T.message(.trigger(Trigger(newPath: [IPv4Address(10, 77, 0, 200)], oldBox: IPv4Address(10, 77, 0, 104),
+        let held = T.message(.trigger(Trigger(newPath: [IPAddress(10, 77, 0, 200)], oldBox: IPAddress(10, 77, 0, 104),
                                               mode: .held, deadlineMilliseconds: 3000)))
         #expect(held.minimumVersion == 4)
-        let stateless = T.message(.trigger(Trigger(newPath: [IPv4Address(10, 77, 0, 200)], oldBox: IPv4Address(10, 77, 0, 104),
+        let stateless = T.message(.trigger(Trigger(newPath: [IPAddress(10, 77, 0, 200)], oldBox: IPAddress(10, 77, 0, 104),
                                                    mode: .stateless, deadlineMilliseconds: 3000)))
         #expect(stateless.minimumVersion == 3 && stateless.encode(trust: T.trust, version: 3)[4] == 3)
     }
@@ -95,7 +95,7 @@ struct WireVersionTests {
             return bytes + bytes.withUnsafeBytes { T.trust.mac($0) }
         }
         #expect(error(resigned(T.sample(.splice)), 3...4) == .unknownType(ControlMessageType.splice.rawValue))
-        let held = T.message(.trigger(Trigger(newPath: [IPv4Address(10, 77, 0, 200)], oldBox: IPv4Address(10, 77, 0, 104),
+        let held = T.message(.trigger(Trigger(newPath: [IPAddress(10, 77, 0, 200)], oldBox: IPAddress(10, 77, 0, 104),
                                               mode: .held, deadlineMilliseconds: 3000)))
         #expect(error(resigned(held), 3...4)?.counterName == "bad-body")
     }

@@ -5,7 +5,7 @@ import Testing
 /// The lab's byte-inserting middlebox (paper §3.4's case): what it does to each packet of a session.
 @Suite("HeaderInserter: the lab box that adds a line to each response (paper §3.4, issue 17 test (e))")
 struct HeaderInserterTests {
-    static let client = IPv4Address(10, 0, 0, 1), server = IPv4Address(10, 0, 0, 9)
+    static let client = IPAddress(10, 0, 0, 1), server = IPAddress(10, 0, 0, 9)
     static let forward = FiveTuple(srcAddr: client, srcPort: 40000, dstAddr: server, dstPort: 80)
     static let text = Array("X-Inserted: yes\r\n".utf8)
 

@@ -106,8 +106,8 @@ import Glibc
         #expect(client.policies[1].match.dst?.description == "10.5.5.202/32")
         #expect(client.policies[0].match.src?.description == "10.5.5.0/24")
         #expect(client.policies[0].match.dport == [PortRange(lower: 80, upper: 80), PortRange(lower: 443, upper: 443)])
-        let tuple = FiveTuple(srcAddr: IPv4Address("10.5.5.11")!, srcPort: 40000,
-                              dstAddr: IPv4Address("10.5.5.202")!, dstPort: 443)
+        let tuple = FiveTuple(srcAddr: IPAddress("10.5.5.11")!, srcPort: 40000,
+                              dstAddr: IPAddress("10.5.5.202")!, dstPort: 443)
         #expect(client.policy(for: tuple)?.name == "lab-default-server2")
         #expect(client.policy(for: FiveTuple(srcAddr: tuple.srcAddr, srcPort: 1, dstAddr: tuple.dstAddr, dstPort: 8080)) == nil)
         #expect(Lab.agentConfig(for: plan.host("fw1")!, in: state).policies.isEmpty)
@@ -235,7 +235,7 @@ import Glibc
         #expect(FirewallProfile.allCases.filter(\.translates) == [.snat, .dnat, .snatShared], "only the NAT'ing boxes run their agent with --nat")
         // The publishing box: the strict rules, then one DNAT per policy port from its address to the server's.
         let dnat = FirewallCounters.installCommands(subnet: "10.77.0.0/24", profile: .dnat,
-                                                    published: (IPv4Address("10.77.0.101")!, IPv4Address("10.77.0.201")!, [80, 5201]))
+                                                    published: (IPAddress("10.77.0.101")!, IPAddress("10.77.0.201")!, [80, 5201]))
         #expect(dnat.count == 6)
         #expect(dnat[4].joined(separator: " ").contains("-d 10.77.0.101 --dport 80") && dnat[4].last == "10.77.0.201:80")
         #expect(dnat[5].last == "10.77.0.201:5201")
@@ -244,7 +244,7 @@ import Glibc
         #expect(Array(snat.prefix(4)) == FirewallCounters.installCommands(subnet: "10.77.0.0/24"))
         #expect(snat.last?.contains("MASQUERADE") == true && snat.last?.contains("--src-type") == true)
         // The HA pair's box: the strict rules, then SNAT of what it forwards to the shared service address.
-        let shared = FirewallCounters.installCommands(subnet: "10.77.0.0/24", profile: .snatShared, shared: IPv4Address("10.77.0.254")!)
+        let shared = FirewallCounters.installCommands(subnet: "10.77.0.0/24", profile: .snatShared, shared: IPAddress("10.77.0.254")!)
         #expect(Array(shared.prefix(4)) == FirewallCounters.installCommands(subnet: "10.77.0.0/24"))
         #expect(shared.count == 5 && shared.last?.suffix(3) == ["SNAT", "--to-source", "10.77.0.254"])
         #expect(shared.last?.contains("--src-type") == true)

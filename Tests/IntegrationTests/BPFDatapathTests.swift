@@ -27,10 +27,10 @@ import Testing
     static let client = "bpf1-c", router = "bpf1-r", server = "bpf1-s"
     static let pinDirectory = "/run/dysco-bpf1-pins"
 
-    static let session = FiveTuple(srcAddr: IPv4Address(10, 216, 1, 1), srcPort: 41001,
-                                   dstAddr: IPv4Address(10, 216, 9, 9), dstPort: 80)
-    static let subsession = FiveTuple(srcAddr: IPv4Address(10, 216, 3, 1), srcPort: 52001,
-                                      dstAddr: IPv4Address(10, 216, 3, 2), dstPort: 8080)
+    static let session = FiveTuple(srcAddr: IPAddress(10, 216, 1, 1), srcPort: 41001,
+                                   dstAddr: IPAddress(10, 216, 9, 9), dstPort: 80)
+    static let subsession = FiveTuple(srcAddr: IPAddress(10, 216, 3, 1), srcPort: 52001,
+                                      dstAddr: IPAddress(10, 216, 3, 2), dstPort: 8080)
     static let egressKey = BPFSessionKey(session, hook: .egress)
     static let ingressKey = BPFSessionKey(subsession.reversed, hook: .ingress)
 

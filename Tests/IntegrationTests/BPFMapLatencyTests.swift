@@ -14,14 +14,14 @@ import Testing
 
     /// A distinct translation per index (addresses in 10.217.0.0/16 of no namespace: the map is never attached).
     static func key(_ i: Int) -> BPFSessionKey {
-        BPFSessionKey(FiveTuple(srcAddr: IPv4Address(10, 217, UInt8((i >> 8) & 0xFF), UInt8(i & 0xFF)),
-                                srcPort: UInt16(1024 + (i >> 16)), dstAddr: IPv4Address(10, 218, 0, 1), dstPort: 80),
+        BPFSessionKey(FiveTuple(srcAddr: IPAddress(10, 217, UInt8((i >> 8) & 0xFF), UInt8(i & 0xFF)),
+                                srcPort: UInt16(1024 + (i >> 16)), dstAddr: IPAddress(10, 218, 0, 1), dstPort: 80),
                       hook: i & 1 == 0 ? .egress : .ingress)
     }
 
     static func entry(_ i: Int) -> BPFSessionEntry {
-        BPFSessionEntry(target: FiveTuple(srcAddr: IPv4Address(10, 219, 0, 1), srcPort: UInt16(truncatingIfNeeded: i),
-                                          dstAddr: IPv4Address(10, 219, 0, 2), dstPort: 8080),
+        BPFSessionEntry(target: FiveTuple(srcAddr: IPAddress(10, 219, 0, 1), srcPort: UInt16(truncatingIfNeeded: i),
+                                          dstAddr: IPAddress(10, 219, 0, 2), dstPort: 8080),
                         sessionID: UInt64(i))
     }
 

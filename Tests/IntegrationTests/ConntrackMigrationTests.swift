@@ -1,3 +1,4 @@
+import DyscoCore
 import DyscoBench
 import ConntrackState
 import DyscoSystem

@@ -30,7 +30,7 @@ import Glibc
     }
 
     /// "open", "refused" or "timeout": a TCP connect from `host` to addr:port.
-    static func tcpProbe(_ lab: Lab, from host: String, to address: IPv4Address, port: UInt16) throws -> String {
+    static func tcpProbe(_ lab: Lab, from host: String, to address: IPAddress, port: UInt16) throws -> String {
         let script = """
             import socket
             s = socket.socket()
@@ -47,7 +47,7 @@ import Glibc
     }
 
     /// Sends one bare TCP ACK (no connection behind it) from `host` to addr:port through a raw socket.
-    static func sendStrayAck(_ lab: Lab, from host: String, source: IPv4Address, to address: IPv4Address,
+    static func sendStrayAck(_ lab: Lab, from host: String, source: IPAddress, to address: IPAddress,
                              port: UInt16) throws {
         let script = """
             import socket, struct

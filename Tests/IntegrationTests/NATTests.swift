@@ -12,7 +12,7 @@ import Testing
     /// What went through the chain: a 16 MiB download from `target` (checked byte-exact) and `pages` short requests
     /// after it, each a SYN of its own through the box. Returns the peer address of each request in the server's HTTP
     /// log, and the endpoints' retransmissions meanwhile.
-    func traffic(_ lab: Lab, to target: IPv4Address, pages: Int) throws -> (peers: [String], retransmissions: UInt64) {
+    func traffic(_ lab: Lab, to target: IPAddress, pages: Int) throws -> (peers: [String], retransmissions: UInt64) {
         try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 16)
         func retransmissions() throws -> UInt64 {
             try TestSupport.tcpRetransmissions(lab, "client1") + TestSupport.tcpRetransmissions(lab, "server1")
@@ -36,7 +36,7 @@ import Testing
     /// INVALID drop, and the migration rule for the endpoints' loss counters. `check` gets the translated tuple
     /// while the download still runs. Returns whether the session was moved.
     @discardableResult
-    func moveMidDownload(_ lab: Lab, from old: String, to new: String, target: IPv4Address,
+    func moveMidDownload(_ lab: Lab, from old: String, to new: String, target: IPAddress,
                          check: (FiveTuple) async throws -> Void) async throws -> Bool {
         let client = lab.address(of: "client1"), server = lab.address(of: "server1")
         try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 16)

@@ -15,7 +15,7 @@ import Testing
 struct ProxyRemovalTests {
     static let proxyPort: UInt16 = 8080
 
-    static func haproxyConfig(proxy: IPv4Address, server: IPv4Address, log: String) -> String {
+    static func haproxyConfig(proxy: IPAddress, server: IPAddress, log: String) -> String {
         """
         global
             maxconn 1000

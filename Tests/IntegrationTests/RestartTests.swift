@@ -332,8 +332,8 @@ import Testing
             #expect(left.count >= 4 && Set(left.map(\.0)) == Set(killed.map(\.0)), "the refused start left the map alone")
             // A stray entry (a session without a record) makes the restart rebuild the map by difference: the stray
             // goes, the session's four entries stay with their counters.
-            let stray = BPFSessionKey(FiveTuple(srcAddr: IPv4Address(10, 78, 94, 250), srcPort: 1,
-                                                dstAddr: IPv4Address(10, 78, 94, 251), dstPort: 2), hook: .ingress)
+            let stray = BPFSessionKey(FiveTuple(srcAddr: IPAddress(10, 78, 94, 250), srcPort: 1,
+                                                dstAddr: IPAddress(10, 78, 94, 251), dstPort: 2), hook: .ingress)
             do {
                 let pinned = try BPFDatapath(objectPath: try BPFDatapathTests.objectPath(),
                                              pinDirectory: "\(datapath.pins)/dysco-\(lab.namespace(of: "fw1"))-q7",

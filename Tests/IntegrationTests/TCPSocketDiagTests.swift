@@ -8,7 +8,7 @@ import Testing
 
 /// ``TCPSocketDiag``: one loopback connection in a fresh namespace, asked about by its tuple from inside it.
 @Suite(.serialized) struct TCPSocketDiagTests {
-    static let loopback = IPv4Address(127, 0, 0, 1)
+    static let loopback = IPAddress(127, 0, 0, 1)
 
     @Test func reportsOneConnectionByItsTuple() async throws {
         let ns = "tdiag-\(String(UInt32.random(in: .min ... .max), radix: 16))"
@@ -68,7 +68,7 @@ import Testing
         unusedPort.srcPort = pair.serverPort == 1 ? 2 : 1
         #expect(try query(unusedPort) == nil)
         // The listener itself is the tuple with no peer.
-        let listener = FiveTuple(srcAddr: Self.loopback, srcPort: pair.serverPort, dstAddr: IPv4Address(0), dstPort: 0)
+        let listener = FiveTuple(srcAddr: Self.loopback, srcPort: pair.serverPort, dstAddr: IPAddress(0), dstPort: 0)
         #expect(try query(listener)?.state == .listen)
         // Only the caller's namespace: the test process's own one has no such connection.
         #expect(try TCPSocketDiag.query(local: client) == nil)

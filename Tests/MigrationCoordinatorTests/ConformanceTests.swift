@@ -21,7 +21,7 @@ enum ModelFiles {
 /// Harness steps → abstract steps of the model's roles.
 enum Abstraction {
     /// The roles of the single-reconfiguration scenario (replace fw1 by fw2 between client and server).
-    static let roles: [IPv4Address: String] = [Host.client: "LA", Host.fw1: "OB", Host.fw2: "NB", Host.server: "RA"]
+    static let roles: [IPAddress: String] = [Host.client: "LA", Host.fw1: "OB", Host.fw2: "NB", Host.server: "RA"]
 
     /// The events of the state transfer, which reach the right anchor's agent only as a donor.
     static let donorEvents: Set<String> = ["stateRequest", "stateExported.ok", "stateExported.failed", "stateInstalled"]
@@ -469,7 +469,7 @@ struct ModelFindingTests {
             ControlMessage(identity: TestSession.identity, requestID: request, session: TestSession.tuple,
                            leftAnchor: Host.client, rightAnchor: Host.server, body: body)
         }
-        func from(_ host: IPv4Address, _ m: ControlMessage) -> [String] {
+        func from(_ host: IPAddress, _ m: ControlMessage) -> [String] {
             Abstraction.actions(fw1.handle(.message(m, from: host, context: context), now: 0))
         }
         #expect(from(Host.client, message(1, .requestLock(rightDelta: 0))) == ["send:requestLock"])

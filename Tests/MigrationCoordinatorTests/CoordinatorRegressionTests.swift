@@ -7,18 +7,18 @@ import Testing
 
 private let chainID = TestSession.chainID
 
-private func message(_ body: ControlBody, requestID: UInt32 = 9, left: IPv4Address = Host.client,
-                     right: IPv4Address = Host.server) -> ControlMessage {
+private func message(_ body: ControlBody, requestID: UInt32 = 9, left: IPAddress = Host.client,
+                     right: IPAddress = Host.server) -> ControlMessage {
     ControlMessage(identity: TestSession.identity, requestID: requestID, session: TestSession.tuple,
                    leftAnchor: left, rightAnchor: right, body: body)
 }
 
-private func context(_ me: IPv4Address, left: IPv4Address?, right: IPv4Address?) -> SessionContext {
+private func context(_ me: IPAddress, left: IPAddress?, right: IPAddress?) -> SessionContext {
     SessionContext(identity: TestSession.identity, session: TestSession.tuple, me: me, leftNeighbour: left,
                    rightNeighbour: right)
 }
 
-private func sends(_ actions: [Action]) -> [(ControlBody, IPv4Address)] {
+private func sends(_ actions: [Action]) -> [(ControlBody, IPAddress)] {
     actions.compactMap { if case .send(let m, let to) = $0 { return (m.body, to) }; return nil }
 }
 

@@ -9,8 +9,8 @@ import Testing
 
 /// Asks `controller` for a reconfiguration as `MigrationEngine.replace` does (its context, a fresh request id).
 @discardableResult
-private func reconfigure(_ h: Harness, at controller: IPv4Address, leftAnchor: IPv4Address, newPath: [IPv4Address],
-                         stateFrom: IPv4Address, mode: TransferMode, requestID: UInt32 = 41) -> UInt32 {
+private func reconfigure(_ h: Harness, at controller: IPAddress, leftAnchor: IPAddress, newPath: [IPAddress],
+                         stateFrom: IPAddress, mode: TransferMode, requestID: UInt32 = 41) -> UInt32 {
     let trigger = Trigger(newPath: newPath, oldBox: stateFrom, mode: mode, deadlineMilliseconds: 2000)
     h.inject(.replaceRequested(h[controller].context!, trigger: trigger, leftAnchor: leftAnchor, requestID: requestID),
              at: controller)
@@ -19,7 +19,7 @@ private func reconfigure(_ h: Harness, at controller: IPv4Address, leftAnchor: I
 
 /// Common end checks: the run ended, nothing is locked or under way, the report is `moved`, no kernel barrier was
 /// crossed, no anchor still tracks the session.
-private func expectMovedCleanly(_ h: Harness, _ run: Harness.RunResult, _ id: UInt32, anchors: [IPv4Address]) {
+private func expectMovedCleanly(_ h: Harness, _ run: Harness.RunResult, _ id: UInt32, anchors: [IPAddress]) {
     #expect(!run.exhausted)
     #expect(run.reports[id]?.result.outcome == .moved, "\(run.trace)")
     #expect(h.barrierViolations.isEmpty, "\(h.barrierViolations)")

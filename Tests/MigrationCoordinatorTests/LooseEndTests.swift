@@ -16,7 +16,7 @@ private func message(_ body: ControlBody, requestID: UInt32 = 9) -> ControlMessa
                    leftAnchor: Host.client, rightAnchor: Host.server, body: body)
 }
 
-private func sends(_ actions: [Action]) -> [(ControlMessageType, IPv4Address)] {
+private func sends(_ actions: [Action]) -> [(ControlMessageType, IPAddress)] {
     actions.compactMap { if case .send(let m, let to) = $0 { return (m.body.type, to) }; return nil }
 }
 

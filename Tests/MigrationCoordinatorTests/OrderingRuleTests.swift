@@ -88,7 +88,7 @@ private final class RecordingPerformer: ActionPerformer {
         return answer(action)
     }
     func commitKernel() { log.append("commit") }
-    func transmit(_ messages: [(to: IPv4Address, message: ControlMessage)]) {
+    func transmit(_ messages: [(to: IPAddress, message: ControlMessage)]) {
         log.append("transmit " + messages.map { "\($0.message.body.type)" }.joined(separator: ","))
     }
 }

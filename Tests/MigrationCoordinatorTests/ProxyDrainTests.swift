@@ -9,7 +9,7 @@ import Testing
 
 private let chainID = TestSession.chainID
 
-private func sent(_ actions: [Action]) -> [(ControlMessageType, IPv4Address)] {
+private func sent(_ actions: [Action]) -> [(ControlMessageType, IPAddress)] {
     actions.compactMap { if case .send(let m, let to) = $0 { return (m.body.type, to) }; return nil }
 }
 
@@ -92,7 +92,7 @@ struct ProxyDrainTests {
         }
         #expect(c.leftAnchorStep(chainID) == .lock)
         _ = c.handle(.proxyOnSegment(chainID: chainID, requestID: 9, proxy: Host.fw1), now: 1_100_000)
-        func from(_ host: IPv4Address, _ body: ControlBody, at now: UInt64) -> [Action] {
+        func from(_ host: IPAddress, _ body: ControlBody, at now: UInt64) -> [Action] {
             let m = ControlMessage(identity: TestSession.identity, requestID: 9, session: TestSession.tuple,
                                    leftAnchor: Host.client, rightAnchor: Host.server, body: body)
             return c.handle(.message(m, from: host, context: context), now: now)

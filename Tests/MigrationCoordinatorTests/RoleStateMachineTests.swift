@@ -9,8 +9,8 @@ import Testing
 private let chainID = TestSession.chainID
 private let newSub = FiveTuple(srcAddr: Host.client, srcPort: 10001, dstAddr: Host.fw2, dstPort: 80)
 
-private func message(_ body: ControlBody, requestID: UInt32 = 7, left: IPv4Address = Host.client,
-                     right: IPv4Address = Host.server) -> ControlMessage {
+private func message(_ body: ControlBody, requestID: UInt32 = 7, left: IPAddress = Host.client,
+                     right: IPAddress = Host.server) -> ControlMessage {
     ControlMessage(identity: TestSession.identity, requestID: requestID, session: TestSession.tuple,
                    leftAnchor: left, rightAnchor: right, body: body)
 }
@@ -18,7 +18,7 @@ private func message(_ body: ControlBody, requestID: UInt32 = 7, left: IPv4Addre
 /// fw2 between client and fw3, its box changing no byte.
 private let plainHop = OldPathHop.Hop(me: Host.fw2, delta: .zero)
 
-private func sent(_ actions: [Action]) -> [(ControlMessageType, IPv4Address)] {
+private func sent(_ actions: [Action]) -> [(ControlMessageType, IPAddress)] {
     actions.compactMap { if case .send(let m, let to) = $0 { return (m.body.type, to) }; return nil }
 }
 
@@ -289,7 +289,7 @@ struct RoleStateMachineTests {
         let syn = message(.newPathSyn(subsession: newSub, remaining: [Host.server]))
         var box = NewBox(syn, left: newSub, remaining: [Host.server], next: Host.server, linger: 1, &boxOut)
         _ = box.statePut(message(.statePut(document: [1])), document: [1], from: Host.fw1)
-        let translated = FiveTuple(srcAddr: IPv4Address("10.0.0.250")!, srcPort: 61000, dstAddr: TestSession.tuple.dstAddr,
+        let translated = FiveTuple(srcAddr: IPAddress("10.0.0.250")!, srcPort: 61000, dstAddr: TestSession.tuple.dstAddr,
                                    dstPort: TestSession.tuple.dstPort)
         let installed = box.stateImported(.success(translated), micros: 60)
         #expect(installed == [.translate(chainID: chainID, translated), .commitKernel,

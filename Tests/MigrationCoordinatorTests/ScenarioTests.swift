@@ -11,7 +11,7 @@ private func replacementHarness(_ config: Harness.Config = .init()) -> Harness {
 }
 
 @discardableResult
-private func replaceFW1(_ h: Harness, at controller: IPv4Address = Host.fw1, stateful: Bool,
+private func replaceFW1(_ h: Harness, at controller: IPAddress = Host.fw1, stateful: Bool,
                         deadlineMilliseconds: UInt32 = 2000, after: UInt64 = 0) -> UInt32 {
     h.replace(at: controller, leftAnchor: Host.client, newPath: [Host.fw2, Host.server], oldBox: Host.fw1,
               stateful: stateful, deadlineMilliseconds: deadlineMilliseconds, after: after)

@@ -2,10 +2,10 @@ import DyscoCore
 @testable import MigrationCoordinator
 import Testing
 
-private let w = IPv4Address(10, 0, 0, 1)
-private let x = IPv4Address(10, 0, 0, 2)
-private let y = IPv4Address(10, 0, 0, 4)
-private let z = IPv4Address(10, 0, 0, 9)
+private let w = IPAddress(10, 0, 0, 1)
+private let x = IPAddress(10, 0, 0, 2)
+private let y = IPAddress(10, 0, 0, 4)
+private let z = IPAddress(10, 0, 0, 9)
 
 @Suite("SegmentLock (paper §3.2: contention over segments)")
 struct SegmentLockTests {

@@ -10,18 +10,18 @@ import MigrationCoordinator
 // MARK: - Hosts and sessions
 
 package enum Host {
-    package static let client = IPv4Address(10, 0, 0, 1)
-    package static let fw1 = IPv4Address(10, 0, 0, 2)
-    package static let fw2 = IPv4Address(10, 0, 0, 3)
-    package static let fw3 = IPv4Address(10, 0, 0, 4)
-    package static let fw4 = IPv4Address(10, 0, 0, 5)
-    package static let server = IPv4Address(10, 0, 0, 9)
+    package static let client = IPAddress(10, 0, 0, 1)
+    package static let fw1 = IPAddress(10, 0, 0, 2)
+    package static let fw2 = IPAddress(10, 0, 0, 3)
+    package static let fw3 = IPAddress(10, 0, 0, 4)
+    package static let fw4 = IPAddress(10, 0, 0, 5)
+    package static let server = IPAddress(10, 0, 0, 9)
 
-    package static let names: [IPv4Address: String] = [
+    package static let names: [IPAddress: String] = [
         client: "client", fw1: "fw1", fw2: "fw2", fw3: "fw3", fw4: "fw4", server: "server",
     ]
 
-    package static func name(_ address: IPv4Address) -> String { names[address] ?? "\(address)" }
+    package static func name(_ address: IPAddress) -> String { names[address] ?? "\(address)" }
 }
 
 /// The session of every scenario: client:40000 → server:80, with a fixed identity.
@@ -31,8 +31,8 @@ package enum TestSession {
     package static var chainID: UInt64 { identity.chainID }
 
     /// The contexts of the agents of a chain (first: left end, last: right end).
-    package static func contexts(_ chain: [IPv4Address]) -> [IPv4Address: SessionContext] {
-        var contexts: [IPv4Address: SessionContext] = [:]
+    package static func contexts(_ chain: [IPAddress]) -> [IPAddress: SessionContext] {
+        var contexts: [IPAddress: SessionContext] = [:]
         for (i, host) in chain.enumerated() {
             contexts[host] = SessionContext(identity: identity, session: tuple, me: host,
                                             leftNeighbour: i > 0 ? chain[i - 1] : nil,
@@ -89,7 +89,7 @@ public struct Trace: Sendable, Equatable, CustomStringConvertible {
 }
 
 package enum Describe {
-    package static func addresses(_ list: [IPv4Address]) -> String { "[" + list.map(Host.name).joined(separator: ",") + "]" }
+    package static func addresses(_ list: [IPAddress]) -> String { "[" + list.map(Host.name).joined(separator: ",") + "]" }
 
     package static func message(_ m: ControlMessage) -> String {
         let body: String
@@ -212,7 +212,7 @@ package enum Describe {
 /// before and after (SegmentLock is public state) and its left-anchor step after (nil if it leads none).
 package struct HarnessStep {
     package var time: UInt64
-    package var agent: IPv4Address
+    package var agent: IPAddress
     package var event: Event
     package var actions: [Action]
     package var lockBefore: SegmentLock?
@@ -235,15 +235,15 @@ package final class Harness {
         /// Duration of a conntrack export or import.
         package var stateDelay: ClosedRange<UInt64> = 200_000...800_000
         /// Hosts that drop everything addressed to them (control messages and probes).
-        package var down: Set<IPv4Address> = []
-        package var exportFailure: [IPv4Address: String] = [:]
-        package var importRefusal: [IPv4Address: String] = [:]
+        package var down: Set<IPAddress> = []
+        package var exportFailure: [IPAddress: String] = [:]
+        package var importRefusal: [IPAddress: String] = [:]
         package var settings = MigrationCoordinator.Settings()
         /// A run handling more events than this is reported as exhausted (a livelock).
         package var eventLimit = 100_000
         /// Rewrites a control message on its way (from, to): e.g. an old-path middlebox that changes the byte
         /// stream and so adds its delta to requestLock / ackLock (§3.4).
-        package var tamper: ((ControlMessage, IPv4Address, IPv4Address) -> ControlMessage)?
+        package var tamper: ((ControlMessage, IPAddress, IPAddress) -> ControlMessage)?
 
         package init() {}
     }
@@ -257,12 +257,12 @@ package final class Harness {
         package var drainedReported = false
         package var delta: Int32 = 0
         /// The neighbour on the anchor's side on the old path and, once opened, on the new one.
-        package var oldNeighbour: IPv4Address?
-        package var newNeighbour: IPv4Address?
+        package var oldNeighbour: IPAddress?
+        package var newNeighbour: IPAddress?
     }
 
     package final class Agent {
-        package let address: IPv4Address
+        package let address: IPAddress
         package var name: String { Host.name(address) }
         package var coordinator: MigrationCoordinator
         package var context: SessionContext?
@@ -275,7 +275,7 @@ package final class Harness {
         package var imported: [[UInt8]] = []
         /// The fake kernel: a hold not yet committed (``Action/commitKernel``), and sends that went before it.
         package var kernel = Barrier()
-        package init(address: IPv4Address, settings: MigrationCoordinator.Settings, context: SessionContext?) {
+        package init(address: IPAddress, settings: MigrationCoordinator.Settings, context: SessionContext?) {
             self.address = address
             coordinator = MigrationCoordinator(settings: settings)
             self.context = context
@@ -305,7 +305,7 @@ package final class Harness {
 
         package mutating func commit() { uncommitted = false }
 
-        package mutating func transmit(_ m: ControlMessage, to: IPv4Address) {
+        package mutating func transmit(_ m: ControlMessage, to: IPAddress) {
             if uncommitted { violations.append("\(Describe.message(m)) to \(Host.name(to)) before the hold was committed") }
         }
 
@@ -318,14 +318,14 @@ package final class Harness {
     }
 
     package enum Pending {
-        case deliver(ControlMessage, to: IPv4Address, from: IPv4Address)
-        case timer(IPv4Address, TimerKey, generation: UInt64)
-        case drainCheck(IPv4Address, chainID: UInt64)
-        case probe(to: IPv4Address, chainID: UInt64)
-        case result(IPv4Address, Event)
-        case replace(IPv4Address, Trigger, leftAnchor: IPv4Address, requestID: UInt32)
+        case deliver(ControlMessage, to: IPAddress, from: IPAddress)
+        case timer(IPAddress, TimerKey, generation: UInt64)
+        case drainCheck(IPAddress, chainID: UInt64)
+        case probe(to: IPAddress, chainID: UInt64)
+        case result(IPAddress, Event)
+        case replace(IPAddress, Trigger, leftAnchor: IPAddress, requestID: UInt32)
         /// An event handed to an agent's coordinator as it is (messages get the agent's current context).
-        case inject(IPv4Address, Event)
+        case inject(IPAddress, Event)
     }
 
     package struct Scheduled { var time: UInt64; var seq: UInt64; var item: Pending }
@@ -334,7 +334,7 @@ package final class Harness {
     package struct RunResult {
         package var trace: Trace
         /// Reports of the controllers, by request id.
-        package var reports: [UInt32: (controller: IPv4Address, result: TriggerResult)]
+        package var reports: [UInt32: (controller: IPAddress, result: TriggerResult)]
         package var events: Int
         package var exhausted: Bool
         package var endTime: UInt64
@@ -344,7 +344,7 @@ package final class Harness {
 
     package var config: Config
     package var rng: SeededRNG
-    package var agents: [IPv4Address: Agent] = [:]
+    package var agents: [IPAddress: Agent] = [:]
     private var heap: [Scheduled] = []
     private var seq: UInt64 = 0
     package private(set) var now: UInt64 = 0
@@ -357,7 +357,7 @@ package final class Harness {
     private var nextRequestID: UInt32 = 100
 
     /// `chain`: the session's path (left end first); `others`: hosts not on it (new boxes).
-    package init(chain: [IPv4Address], others: [IPv4Address], config: Config = Config()) {
+    package init(chain: [IPAddress], others: [IPAddress], config: Config = Config()) {
         self.config = config
         rng = SeededRNG(seed: config.seed)
         let contexts = TestSession.contexts(chain)
@@ -366,7 +366,7 @@ package final class Harness {
         }
     }
 
-    package subscript(_ host: IPv4Address) -> Agent { agents[host]! }
+    package subscript(_ host: IPAddress) -> Agent { agents[host]! }
 
     // MARK: Scheduling
 
@@ -411,7 +411,7 @@ package final class Harness {
 
     /// `replace` at `controller` after `after` ns: move the session to `newPath` (new boxes, then the right anchor).
     @discardableResult
-    package func replace(at controller: IPv4Address, leftAnchor: IPv4Address, newPath: [IPv4Address], oldBox: IPv4Address,
+    package func replace(at controller: IPAddress, leftAnchor: IPAddress, newPath: [IPAddress], oldBox: IPAddress,
                  stateful: Bool, deadlineMilliseconds: UInt32 = 2000, after: UInt64 = 0) -> UInt32 {
         replace(at: controller, leftAnchor: leftAnchor, newPath: newPath, oldBox: oldBox, mode: stateful ? .stateful : .stateless,
                 deadlineMilliseconds: deadlineMilliseconds, after: after)
@@ -419,7 +419,7 @@ package final class Harness {
 
     /// `replace` with a transfer mode (issue 17: stateless, stateful, held).
     @discardableResult
-    package func replace(at controller: IPv4Address, leftAnchor: IPv4Address, newPath: [IPv4Address], oldBox: IPv4Address,
+    package func replace(at controller: IPAddress, leftAnchor: IPAddress, newPath: [IPAddress], oldBox: IPAddress,
                  mode: TransferMode, deadlineMilliseconds: UInt32 = 2000, after: UInt64 = 0) -> UInt32 {
         nextRequestID += 1
         let trigger = Trigger(newPath: newPath, oldBox: oldBox, mode: mode, deadlineMilliseconds: deadlineMilliseconds)
@@ -428,7 +428,7 @@ package final class Harness {
     }
 
     /// Hands `event` to `host`'s coordinator after `after` ns (a `.message` gets the host's context then).
-    package func inject(_ event: Event, at host: IPv4Address, after: UInt64 = 0) {
+    package func inject(_ event: Event, at host: IPAddress, after: UInt64 = 0) {
         schedule(.inject(host, event), after: after)
     }
 
@@ -441,13 +441,13 @@ package final class Harness {
             if events > config.eventLimit { exhausted = true; break }
             process(next.item)
         }
-        var reports: [UInt32: (IPv4Address, TriggerResult)] = [:]
+        var reports: [UInt32: (IPAddress, TriggerResult)] = [:]
         for agent in agents.values { for r in agent.reports { reports[r.requestID] = (agent.address, r.result) } }
         return RunResult(trace: trace, reports: reports, events: events, exhausted: exhausted, endTime: now,
                          dropped: dropped, duplicated: duplicated)
     }
 
-    private func contextFor(_ host: IPv4Address, _ chainID: UInt64) -> SessionContext? {
+    private func contextFor(_ host: IPAddress, _ chainID: UInt64) -> SessionContext? {
         guard let c = agents[host]?.context, c.identity.chainID == chainID else { return nil }
         return c
     }
@@ -513,7 +513,7 @@ package final class Harness {
 
     /// One turn of the agent at `host`, run by the shell's own ``MigrationTurn`` (the order of actions, the commit
     /// and the sends is the engine's, not re-implemented here); the harness only records and performs.
-    private func dispatch(_ host: IPv4Address, _ first: Event) {
+    private func dispatch(_ host: IPAddress, _ first: Event) {
         let agent = agents[host]!
         MigrationTurn.run([first], performer: TurnPerformer(harness: self, agent: agent)) { event in
             let lockBefore = agent.coordinator.locks[TestSession.chainID]
@@ -538,7 +538,7 @@ package final class Harness {
         }
         func perform(_ action: Action) -> Event? { harness.perform(agent, action) }
         func commitKernel() { agent.kernel.commit() }
-        func transmit(_ messages: [(to: IPv4Address, message: ControlMessage)]) {
+        func transmit(_ messages: [(to: IPAddress, message: ControlMessage)]) {
             for (to, message) in messages {
                 agent.kernel.transmit(message, to: to)
                 harness.send(message, from: agent.address, to: to)
@@ -649,7 +649,7 @@ package final class Harness {
         return nil
     }
 
-    fileprivate func send(_ m: ControlMessage, from: IPv4Address, to: IPv4Address) {
+    fileprivate func send(_ m: ControlMessage, from: IPAddress, to: IPAddress) {
         var m = m
         if let tamper = config.tamper {
             let changed = tamper(m, from, to)

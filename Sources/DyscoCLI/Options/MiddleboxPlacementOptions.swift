@@ -24,8 +24,11 @@ struct MiddleboxPlacementOptions: ParsableArguments {
     }
 
     /// Resolves a host name (with --lab) or an address.
-    func address(_ text: String, lab: Lab?) throws -> IPv4Address {
-        if let address = IPv4Address(text) { return address }
+    func address(_ text: String, lab: Lab?) throws -> IPAddress {
+        if let address = IPAddress(text) {
+            guard address.isIPv4 else { throw ValidationError("'\(text)': boxes are IPv4 only for now (IPv6 is not wired yet)") }
+            return address
+        }
         guard let lab else { throw ValidationError("'\(text)' is not an IPv4 address (host names need --lab NAME)") }
         guard let host = lab.findHost(text) else {
             throw ValidationError("lab '\(lab.name)' has no host '\(text)' (hosts: \(lab.hosts.map(\.name).joined(separator: ", ")))")
@@ -43,11 +46,11 @@ struct MiddleboxPlacementOptions: ParsableArguments {
     /// box to remove, the --after host or the last old box of k → m.
     func socketPath(old: String, lab: Lab?) throws -> String {
         if let socket { return socket }
-        if let lab, IPv4Address(old) == nil {
+        if let lab, IPAddress(old) == nil {
             guard let host = lab.findHost(old) else { throw ValidationError("lab '\(lab.name)' has no host '\(old)'") }
             return AgentControlPaths.socketPath(netns: host.namespace)
         }
-        if let lab, let address = IPv4Address(old), let host = lab.hosts.first(where: { $0.address == address }) {
+        if let lab, let address = IPAddress(old), let host = lab.hosts.first(where: { $0.address == address }) {
             return AgentControlPaths.socketPath(netns: host.namespace)
         }
         return AgentControlPaths.socketPath(netns: netns ?? NetworkNamespace.currentName())
