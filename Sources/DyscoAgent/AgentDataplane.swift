@@ -190,8 +190,8 @@ final class AgentDataplane: @unchecked Sendable {
         guard let natSender else { return }
         for syn in syns {
             syn.withUnsafeBytes { bytes in
-                guard bytes.count >= 20 else { return }
-                let destination = IPAddress(UInt32(bigEndian: bytes.loadUnaligned(fromByteOffset: 16, as: UInt32.self)))
+                guard bytes.count >= IPv6HeaderView.length else { return }
+                let destination = PureAck.destination(of: bytes.baseAddress!)
                 do { try natSender.send(bytes, to: destination) } catch {
                     logger.warning("sending a SYN after the box's NAT failed", metadata: ["error": "\(error)"])
                 }

@@ -134,6 +134,9 @@ final class RawPacketSender: Sendable {
 
     /// Sends a whole IPv4 packet (header included) to its destination address.
     func send(_ packet: UnsafeRawBufferPointer, to destination: IPAddress) throws {
+        // The agent's IPv6 sessions are not wired yet (docs/ARCHITECTURE.md, Limits): never an IPv4 send to the
+        // last 32 bits of an IPv6 address.
+        guard destination.isIPv4 else { throw SystemCallError(operation: "sendto(raw probe to \(destination))", errno: EAFNOSUPPORT) }
         var address = sockaddr_in()
         address.sin_family = sa_family_t(AF_INET)
         address.sin_addr.s_addr = destination.value.bigEndian

@@ -4,7 +4,7 @@ import DyscoCore
 /// What the migration engine needs of the data plane whose sessions it reconfigures (paper §3): look sessions up,
 /// take a session off the kernel and hold its new data, open and switch its paths, hand it back, leave it, and
 /// build the packets an anchor sends (elicits, window updates, probes, pokes) into a caller's buffer of
-/// ``IPv4TCPPacket/maxBuiltLength`` bytes. ``AgentDataplane`` (NFQUEUE + nftables) implements it; another datapath
+/// ``PureAck/maxLength`` bytes. ``AgentDataplane`` (NFQUEUE + nftables) implements it; another datapath
 /// (BPF) would implement the same operations. The engine holds its data plane; the data plane reports back
 /// (anchor observations, a full buffer) through ``MigrationEngine/anchorEvents(_:)`` and
 /// ``MigrationEngine/bufferFull(_:)`` without owning the engine.

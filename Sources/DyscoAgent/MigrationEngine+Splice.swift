@@ -231,7 +231,7 @@ extension MigrationEngine {
     }
 
     private func injectToProxy(_ tuple: FiveTuple, seq: UInt32, ack: UInt32, flags: TCPFlags) {
-        withUnsafeTemporaryAllocation(byteCount: IPv4TCPPacket.maxBuiltLength, alignment: 16) { buffer in
+        withUnsafeTemporaryAllocation(byteCount: PureAck.maxLength, alignment: 16) { buffer in
             let packet = IPv4TCPPacket.buildPureAck(into: buffer.baseAddress!, tuple: tuple, seq: seq, ack: ack,
                                                     window: 0xffff, flags: flags)
             do {

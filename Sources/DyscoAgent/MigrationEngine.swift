@@ -475,7 +475,7 @@ final class MigrationEngine: @unchecked Sendable {
     /// `<name>.sent` / `<name>.failed` / `<name>.unknown-numbers`.
     private func sendBuilt(_ name: String, _ chainID: UInt64,
                            _ build: (UnsafeMutableRawPointer) -> (Int, IPAddress)?) {
-        withUnsafeTemporaryAllocation(byteCount: IPv4TCPPacket.maxBuiltLength, alignment: 16) { buffer in
+        withUnsafeTemporaryAllocation(byteCount: PureAck.maxLength, alignment: 16) { buffer in
             let base = buffer.baseAddress!
             guard let (length, destination) = build(base) else {
                 count("\(name).unknown-numbers")
@@ -525,7 +525,7 @@ final class MigrationEngine: @unchecked Sendable {
     /// (``PacketProcessor/anchorPoke(chainID:into:)``); when and how often is ``PokeSchedule``'s.
     private func poke(_ chainID: UInt64, remaining: Int) {
         if remaining == PokeSchedule.pokes { poking.add(1, ordering: .relaxed) }
-        let result = withUnsafeTemporaryAllocation(byteCount: IPv4TCPPacket.maxBuiltLength, alignment: 16) { buffer in
+        let result = withUnsafeTemporaryAllocation(byteCount: PureAck.maxLength, alignment: 16) { buffer in
             let base = buffer.baseAddress!
             let result = dataplane.buildPoke(chainID: chainID, into: base)
             if case .sent(let length, let destination, _) = result {
@@ -551,7 +551,7 @@ final class MigrationEngine: @unchecked Sendable {
     private func sendProbe(_ chainID: UInt64) {
         sendBuilt("probes", chainID) { base in
             dataplane.buildProbe(chainID: chainID, into: base).map { length in
-                (length, IPAddress(UInt32(bigEndian: base.loadUnaligned(fromByteOffset: 16, as: UInt32.self))))
+                (length, PureAck.destination(of: base))
             }
         }
     }

@@ -41,6 +41,7 @@ public enum AgentMetricCatalog {
     public static let packets = "dysco_packets_total"
     public static let synDropped = "dysco_syn_dropped_total"
     public static let malformedPackets = "dysco_malformed_packets_total"
+    public static let ipv6Passed = "dysco_ipv6_passed_total"
     public static let sessions = "dysco_sessions"
     public static let sessionsAnchoring = "dysco_sessions_anchoring"
     public static let sessionsCreated = "dysco_sessions_created_total"
@@ -68,8 +69,11 @@ public enum AgentMetricCatalog {
                help: "Packets by path (slow: NFQUEUE, the agent's verdict; fast: rewritten by the kernel, from its per-session counters) and verdict; a forwarded packet counts at ingress and at egress.",
                labelNames: ["path", "verdict"]),
         Family(name: synDropped, kind: .counter, help: "SYNs the slow path dropped, by reason.", labelNames: ["reason"]),
-        Family(name: malformedPackets, kind: .counter, help: "Queued packets whose IPv4/TCP headers do not parse (accepted untouched).",
+        Family(name: malformedPackets, kind: .counter, help: "Queued packets whose IPv4/TCP or IPv6/TCP headers do not parse (accepted untouched).",
                labelNames: []),
+        Family(name: ipv6Passed, kind: .counter,
+               help: "Queued IPv6 packets that are not a session's segment by the extension-header rule (passed untouched), by reason.",
+               labelNames: ["reason"]),
         Family(name: sessions, kind: .gauge, help: "Sessions in the agent's table.", labelNames: []),
         Family(name: sessionsAnchoring, kind: .gauge, help: "Sessions this agent anchors in a reconfiguration now.", labelNames: []),
         Family(name: sessionsCreated, kind: .counter, help: "Sessions created.", labelNames: []),
@@ -228,6 +232,11 @@ public enum AgentMetricCatalog {
             Sample(synDropped, [Label("reason", "session_cap")], n(c.sessionCapRefused)),
             Sample(synDropped, [Label("reason", "source_cap")], n(c.sourceCapRefused)),
             Sample(malformedPackets, [], n(c.malformedPackets)),
+            Sample(ipv6Passed, [Label("reason", "fragment")], n(c.ipv6Fragment)),
+            Sample(ipv6Passed, [Label("reason", "esp_ah")], n(c.ipv6Encrypted)),
+            Sample(ipv6Passed, [Label("reason", "not_tcp")], n(c.ipv6NotTCP)),
+            Sample(ipv6Passed, [Label("reason", "extension_chain")], n(c.ipv6LongChain)),
+            Sample(ipv6Passed, [Label("reason", "jumbogram")], n(c.ipv6Jumbogram)),
             Sample(sessions, [], Double(r.sessions)),
             Sample(sessionsAnchoring, [], Double(r.anchoring)),
             Sample(sessionsCreated, [], n(c.sessionsCreated)),

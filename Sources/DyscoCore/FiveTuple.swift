@@ -1,4 +1,5 @@
-/// A TCP/IPv4 connection identifier as it appears in one packet's header (protocol is always TCP here).
+/// A TCP connection identifier as it appears in one packet's header (protocol is always TCP here; IPv4 or IPv6, both
+/// ends of one family).
 public struct FiveTuple: Hashable, Sendable, CustomStringConvertible, Codable {
     public var srcAddr: IPAddress
     public var dstAddr: IPAddress
@@ -17,18 +18,32 @@ public struct FiveTuple: Hashable, Sendable, CustomStringConvertible, Codable {
         FiveTuple(srcAddr: dstAddr, srcPort: dstPort, dstAddr: srcAddr, dstPort: srcPort)
     }
 
-    public var description: String { "\(srcAddr):\(srcPort)->\(dstAddr):\(dstPort)" }
+    public var description: String { "\(Self.endpoint(srcAddr, srcPort))->\(Self.endpoint(dstAddr, dstPort))" }
 
-    /// Parses ``description``'s form, `10.0.0.1:40000->10.0.0.9:80` (nil for anything else).
+    /// `10.0.0.1:80`, or `[fd00::1]:80` for IPv6 (RFC 3986's brackets).
+    static func endpoint(_ address: IPAddress, _ port: UInt16) -> String {
+        address.isIPv4 ? "\(address):\(port)" : "[\(address)]:\(port)"
+    }
+
+    /// Parses ``description``'s form, `10.0.0.1:40000->10.0.0.9:80` or `[fd00::1]:40000->[fd00::9]:80` (nil for
+    /// anything else, a tuple mixing the families included).
     public init?(parsing text: some StringProtocol) {
         let ends = text.split(separator: "->", omittingEmptySubsequences: false)
         guard ends.count == 2 else { return nil }
         func endpoint(_ e: Substring) -> (IPAddress, UInt16)? {
-            let parts = e.split(separator: ":", omittingEmptySubsequences: false)
-            guard parts.count == 2, let address = IPAddress(String(parts[0])), let port = UInt16(parts[1]) else { return nil }
+            guard let colon = e.lastIndex(of: ":"), let port = UInt16(e[e.index(after: colon)...]) else { return nil }
+            var host = e[..<colon]
+            if host.hasPrefix("[") && host.hasSuffix("]") {
+                host = host.dropFirst().dropLast()
+                guard host.contains(":") else { return nil }
+            } else if host.contains(":") {
+                return nil
+            }
+            guard let address = IPAddress(String(host)) else { return nil }
             return (address, port)
         }
-        guard let src = endpoint(Substring(ends[0])), let dst = endpoint(Substring(ends[1])) else { return nil }
+        guard let src = endpoint(Substring(ends[0])), let dst = endpoint(Substring(ends[1])),
+              src.0.isIPv4 == dst.0.isIPv4 else { return nil }
         self.init(srcAddr: src.0, srcPort: src.1, dstAddr: dst.0, dstPort: dst.1)
     }
 

@@ -133,7 +133,7 @@ public struct IPv6TCPPacket {
     public let tcp: TCPHeaderView
     /// Offset of the TCP header (40 plus the extension headers) and the packet's bytes (40 + payload length).
     public let tcpOffset: Int
-    public let length: Int
+    public internal(set) var length: Int
 
     public enum ParseError: Error, Equatable, Sendable {
         case truncated, notIPv6, jumbogram, notTCP, badTCPHeaderLength
@@ -163,9 +163,6 @@ public struct IPv6TCPPacket {
         return .success(IPv6TCPPacket(ip: ip, tcp: tcp, tcpOffset: upper.offset, length: length))
     }
 
-    public var payloadOffset: Int { tcpOffset + tcp.headerLength }
-    public var payloadLength: Int { length - payloadOffset }
-
     /// Rewrites addresses and ports, touching only the fields that change, with the TCP checksum updated
     /// incrementally (`.complete`) or recomputed over the whole segment (`.partial`).
     public func rewrite(source: IPAddress, sourcePort: UInt16, destination: IPAddress, destinationPort: UInt16,
@@ -184,16 +181,15 @@ public struct IPv6TCPPacket {
         }
         if tcp.sourcePort != sourcePort { tcp.setSourcePort(sourcePort, updateChecksum: incremental) }
         if tcp.destinationPort != destinationPort { tcp.setDestinationPort(destinationPort, updateChecksum: incremental) }
-        if !incremental { tcp.rawChecksum = computeTCPChecksum() }
+        if !incremental { recomputeTCPChecksum() }
     }
 
     /// The full TCP checksum over the IPv6 pseudo-header, header and payload, as it should be stored (raw).
+    /// (Extension headers lie between the fixed header and the TCP header; the pseudo-header is the same.)
     public func computeTCPChecksum() -> UInt16 {
         let segmentLength = length - tcpOffset
         return tcp.computeChecksum(segmentLength: segmentLength, pseudoHeaderSum: InternetChecksum.pseudoHeaderSum(
             source: ip.sourceAddress, destination: ip.destinationAddress, protocolNumber: IPv6ExtensionHeaders.tcp,
             length: segmentLength))
     }
-
-    public var isTCPChecksumValid: Bool { computeTCPChecksum() == tcp.rawChecksum }
 }

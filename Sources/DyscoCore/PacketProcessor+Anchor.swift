@@ -26,7 +26,7 @@ extension PacketProcessor {
     }
 
     /// A packet leaving towards the segment (left anchor: forward; right anchor: reverse).
-    mutating func anchorEgress(_ packet: inout IPv4TCPPacket, translation: SessionTable.Translation, flags: TCPFlags,
+    mutating func anchorEgress(_ packet: inout some TCPPacketView, translation: SessionTable.Translation, flags: TCPFlags,
                                now: UInt64) -> AnchorDecision {
         guard let record = table.records[translation.id], var m = record.migration,
               (m.side == .right) == (translation.direction == .forward) else {
@@ -56,7 +56,7 @@ extension PacketProcessor {
 
     /// A packet arriving from the segment (left anchor: from the right; right anchor: from the left). Returns
     /// `.drop` for a probe this anchor keeps from its endpoint.
-    mutating func anchorIngress(_ packet: inout IPv4TCPPacket, translation: SessionTable.Translation, flags: TCPFlags,
+    mutating func anchorIngress(_ packet: inout some TCPPacketView, translation: SessionTable.Translation, flags: TCPFlags,
                                 now: UInt64) -> Verdict? {
         guard let record = table.records[translation.id], var m = record.migration,
               (m.side == .right) == translation.fromRight else { return nil }
@@ -167,16 +167,16 @@ extension PacketProcessor {
     }
 
     /// A window-opening probe for the new path: a pure ACK with the local side's numbers, towards the segment
-    /// on the new subsession (at most ``IPv4TCPPacket/pureAckLength`` bytes written). Nil when this anchor has
+    /// on the new subsession (at most ``PureAck/maxLength`` bytes written). Nil when this anchor has
     /// not seen enough of the session to know them (documented: such a session's migration falls back on
     /// the deadline).
     public func anchorProbe(chainID: UInt64, into buffer: UnsafeMutableRawPointer) -> Int? {
         guard let id = id(chainID), let record = table.records[id], let m = record.migration,
               let new = paths(record, m).new else { return nil }
         guard let (seq, ack) = m.probeNumbers else { return nil }
-        let packet = IPv4TCPPacket.buildPureAck(into: buffer, tuple: egressTuple(new, side: m.side), seq: seq,
+        let length = PureAck.build(into: buffer, tuple: egressTuple(new, side: m.side), seq: seq,
                                                 ack: ack &- UInt32(bitPattern: new.seqDelta), window: m.lastWindow ?? 0xffff)
-        return packet.length
+        return length
     }
 
     /// A SYN towards the anchor's own endpoint side, as if from the far end of the session, which makes that
@@ -194,12 +194,12 @@ extension PacketProcessor {
             // challenge ACKs. Never below what merely crossed towards it (the far side's sequence end): with a
             // segment missing before it, that byte would be new data to the endpoint, and the ack number of a
             // packet as from the far side is only ever one the far side sent (``AnchorState/probeNumbers``).
-            let packet = IPv4TCPPacket.buildPureAck(into: buffer, tuple: tuple, seq: received &- 1, ack: peerAcked,
+            let length = PureAck.build(into: buffer, tuple: tuple, seq: received &- 1, ack: peerAcked,
                                                     window: m.peerWindow ?? 0xffff, payloadByte: true)
-            return (packet.length, tuple.dstAddr)
+            return (length, tuple.dstAddr)
         }
-        let packet = IPv4TCPPacket.buildPureAck(into: buffer, tuple: tuple, seq: 0, ack: 0, window: 0, flags: .syn)
-        return (packet.length, tuple.dstAddr)
+        let length = PureAck.build(into: buffer, tuple: tuple, seq: 0, ack: 0, window: 0, flags: .syn)
+        return (length, tuple.dstAddr)
     }
 
     /// Where a packet as from the far side goes to reach the anchor's local endpoint, and how its numbers move from
@@ -237,10 +237,10 @@ extension PacketProcessor {
         // would free data the local side may not have, ``AnchorState/probeNumbers``); until it is known, none.
         guard let peerAcked = m.peerAcked, let ack = m.lastAck else { return .unknownNumbers }
         let tuple = egressTuple(old, side: m.side)
-        let packet = IPv4TCPPacket.buildPureAck(into: buffer, tuple: tuple, seq: peerAcked &- 1,
+        let length = PureAck.build(into: buffer, tuple: tuple, seq: peerAcked &- 1,
                                                 ack: ack &- UInt32(bitPattern: old.seqDelta),
                                                 window: m.lastWindow ?? 0xffff, payloadByte: true)
-        return .sent(length: packet.length, to: tuple.dstAddr, drained: m.drainedReported)
+        return .sent(length: length, to: tuple.dstAddr, drained: m.drainedReported)
     }
 
     /// Whether the anchor is anchoring the session and cannot build a probe yet (it elicits again, issue 20).
@@ -267,9 +267,9 @@ extension PacketProcessor {
         guard m.peerSeqEnd != nil || m.latestPeerSeqEnd != nil, m.peerAcked != nil || m.latestPeerAcked != nil,
               let window = m.peerWindow else { return nil }
         guard let record = table.records[id], let (tuple, shift) = localSide(record, m) else { return nil }
-        let packet = IPv4TCPPacket.buildPureAck(into: buffer, tuple: tuple, seq: seq &+ shift.seq, ack: ack &- shift.ack,
+        let length = PureAck.build(into: buffer, tuple: tuple, seq: seq &+ shift.seq, ack: ack &- shift.ack,
                                                 window: window)
-        return (packet.length, tuple.dstAddr)
+        return (length, tuple.dstAddr)
     }
 
     /// Success: the old path's subsession goes, tracking ends, the session may return to the fast path.

@@ -15,7 +15,7 @@ struct TrackedSegment {
     var payloadLength: Int
 
     @inline(__always)
-    init(_ packet: IPv4TCPPacket) {
+    init(_ packet: some TCPPacketView) {
         let header = packet.tcp
         let flags = header.flags
         tcp = TCP(flags: flags, sequenceNumber: header.sequenceNumber, acknowledgmentNumber: header.acknowledgmentNumber,

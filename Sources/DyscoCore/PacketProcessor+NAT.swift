@@ -24,13 +24,13 @@ extension PacketProcessor {
 
     /// A tagged SYN at the egress queue rule, before the box's NAT: its bytes are kept, and it goes on untouched
     /// (the tc egress program drops it after the NAT and reports its tuple, ``natSynLeft(_:sequence:now:)``).
-    mutating func natSynLeaving(_ packet: IPv4TCPPacket, _ waiting: NATSyn) -> Verdict {
+    mutating func natSynLeaving(_ packet: some TCPPacketView, _ waiting: NATSyn) -> Verdict {
         let sequence = packet.tcp.sequenceNumber
         guard let record = table.records[waiting.id], record.role == .middlebox, !record.rightEstablished else {
             natSyns.removeValue(forKey: sequence)
             return pass()
         }
-        natSyns[sequence]?.bytes = [UInt8](UnsafeRawBufferPointer(start: packet.ip.base, count: packet.length))
+        natSyns[sequence]?.bytes = [UInt8](UnsafeRawBufferPointer(start: packet.base, count: packet.length))
         return .accept
     }
 
@@ -79,9 +79,16 @@ extension PacketProcessor {
         var buffer = [UInt8](repeating: 0, count: capacity)
         buffer.replaceSubrange(0..<bytes.count, with: bytes)
         let length = buffer.withUnsafeMutableBytes { raw -> Int? in
-            guard case .success(var packet) = IPv4TCPPacket.parse(raw.baseAddress!, count: bytes.count),
-                  case .acceptModified(let length) = sendSyn(&packet, record: record, capacity: capacity) else { return nil }
-            return length
+            func send(_ packet: inout some TCPPacketView) -> Int? {
+                guard case .acceptModified(let length) = sendSyn(&packet, record: record, capacity: capacity) else { return nil }
+                return length
+            }
+            if record.session.srcAddr.isIPv4 {
+                guard case .success(var packet) = IPv4TCPPacket.parse(raw.baseAddress!, count: bytes.count) else { return nil }
+                return send(&packet)
+            }
+            guard case .success(var packet) = IPv6TCPPacket.parse(raw.baseAddress!, count: bytes.count) else { return nil }
+            return send(&packet)
         }
         guard let length else { return (nil, takeEffects()) }
         counters.natSyns &+= 1

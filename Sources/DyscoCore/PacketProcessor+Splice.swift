@@ -129,7 +129,7 @@ extension PacketProcessor {
     }
 
     /// A packet a spliced-out socket sent: dropped; a FIN is remembered (the agent acknowledges it).
-    mutating func absorbSplicedOut(_ packet: IPv4TCPPacket, key: FiveTuple) {
+    mutating func absorbSplicedOut(_ packet: some TCPPacketView, key: FiveTuple) {
         guard var socket = splicedOut[key] else { return }
         socket.dropped &+= 1
         let tcp = packet.tcp

@@ -19,6 +19,20 @@ public enum Verdict: Equatable, Sendable {
     case hold(chainID: UInt64)
 }
 
+extension DataplaneCounters {
+    /// Counts an IPv6 packet the processor passes untouched, by the reason its parse gave.
+    mutating func countIPv6Passed(_ error: IPv6TCPPacket.ParseError) {
+        switch error {
+        case .extensionHeaders(.fragment): ipv6Fragment &+= 1
+        case .extensionHeaders(.encrypted): ipv6Encrypted &+= 1
+        case .extensionHeaders(.noNextHeader), .notTCP: ipv6NotTCP &+= 1
+        case .extensionHeaders(.chainTooLong): ipv6LongChain &+= 1
+        case .jumbogram: ipv6Jumbogram &+= 1
+        case .truncated, .notIPv6, .badTCPHeaderLength, .extensionHeaders(.truncated): malformedPackets &+= 1
+        }
+    }
+}
+
 /// Counters an operator reads with `sessions --json` (and tests assert on).
 public struct DataplaneCounters: Sendable, Codable, Equatable {
     public var packets: UInt64 = 0
@@ -26,8 +40,16 @@ public struct DataplaneCounters: Sendable, Codable, Equatable {
     public var translatedEgress: UInt64 = 0
     /// Packets that belong to no session and were accepted untouched (non-TCP is not even queued).
     public var passedThrough: UInt64 = 0
-    /// Packets whose IPv4/TCP headers do not parse (accepted untouched: the kernel judges them).
+    /// Packets whose IPv4/TCP or IPv6/TCP headers do not parse (accepted untouched: the kernel judges them).
     public var malformedPackets: UInt64 = 0
+    /// IPv6 packets that are not a session's segment by the extension-header rule (``IPv6ExtensionHeaders``), passed
+    /// untouched: a Fragment header, ESP or AH, No Next Header or another upper layer, a chain past the walk's
+    /// limits, a jumbogram.
+    public var ipv6Fragment: UInt64 = 0
+    public var ipv6Encrypted: UInt64 = 0
+    public var ipv6NotTCP: UInt64 = 0
+    public var ipv6LongChain: UInt64 = 0
+    public var ipv6Jumbogram: UInt64 = 0
     /// SYNs whose Dysco trailer has the magic but does not decode for another reason than the three below
     /// (dropped).
     public var malformedDyscoSyn: UInt64 = 0
@@ -128,6 +150,11 @@ extension DataplaneCounters {
         translatedEgress = try read(.translatedEgress)
         passedThrough = try read(.passedThrough)
         malformedPackets = try read(.malformedPackets)
+        ipv6Fragment = try read(.ipv6Fragment)
+        ipv6Encrypted = try read(.ipv6Encrypted)
+        ipv6NotTCP = try read(.ipv6NotTCP)
+        ipv6LongChain = try read(.ipv6LongChain)
+        ipv6Jumbogram = try read(.ipv6Jumbogram)
         malformedDyscoSyn = try read(.malformedDyscoSyn)
         trailerVersionOneRefused = try read(.trailerVersionOneRefused)
         trailerBadMAC = try read(.trailerBadMAC)
@@ -382,13 +409,30 @@ public struct PacketProcessor: Sendable {
         return effects
     }
 
+    /// Parses the packet as its version nibble says and runs the rules on it. An IPv6 packet that is not a session's
+    /// segment by the extension-header rule (``IPv6ExtensionHeaders``) passes untouched, counted by its reason; one
+    /// whose headers do not parse counts as malformed and passes like a malformed IPv4 packet (the kernel judges it).
     private mutating func decide(_ base: UnsafeMutableRawPointer, count: Int, capacity: Int, hook: HookPoint,
                                  checksum: ChecksumState, now: UInt64) -> Verdict {
         counters.packets &+= 1
+        if count > 0, base.load(as: UInt8.self) >> 4 == 6 {
+            switch IPv6TCPPacket.parse(base, count: count) {
+            case .success(var packet):
+                return decide(&packet, capacity: capacity, hook: hook, checksum: checksum, now: now)
+            case .failure(let error):
+                counters.countIPv6Passed(error)
+                return .accept
+            }
+        }
         guard case .success(var packet) = IPv4TCPPacket.parse(base, count: count) else {
             counters.malformedPackets &+= 1
             return .accept
         }
+        return decide(&packet, capacity: capacity, hook: hook, checksum: checksum, now: now)
+    }
+
+    private mutating func decide(_ packet: inout some TCPPacketView, capacity: Int, hook: HookPoint,
+                                 checksum: ChecksumState, now: UInt64) -> Verdict {
         let key = packet.tuple
         let flags = packet.tcp.flags
         let isInitialSyn = flags.contains(.syn) && !flags.contains(.ack)
@@ -500,7 +544,7 @@ public struct PacketProcessor: Sendable {
     // MARK: - SYN handling (paper §2.1)
 
     /// The packet's trailer if it decodes and authenticates; otherwise counted (by reason) and nil (drop it).
-    private mutating func verifiedTrailer(_ packet: IPv4TCPPacket, key: FiveTuple) -> (DyscoSynPayload, Int)? {
+    private mutating func verifiedTrailer(_ packet: some TCPPacketView, key: FiveTuple) -> (DyscoSynPayload, Int)? {
         switch decodeTrailer(packet, tuple: key) {
         case .success(let value): return value
         case .failure(let error):
@@ -510,7 +554,7 @@ public struct PacketProcessor: Sendable {
     }
 
     /// A Dysco SYN from the left: record the session, strip the trailer, deliver the session header.
-    private mutating func ingressNewSyn(_ packet: inout IPv4TCPPacket, key: FiveTuple, checksum: ChecksumState,
+    private mutating func ingressNewSyn(_ packet: inout some TCPPacketView, key: FiveTuple, checksum: ChecksumState,
                                         now: UInt64) -> Verdict {
         guard let (payload, trailerLength) = verifiedTrailer(packet, key: key) else { return .drop }
         // The session tuple of a closing session, or of one an RST crossed, reused by an authenticated SYN.
@@ -543,7 +587,7 @@ public struct PacketProcessor: Sendable {
 
     /// A SYN leaving with no translation: either a middlebox's pending session (its Dysco SYN came in
     /// earlier) or a local SYN that matches a policy. Nil: not ours.
-    private mutating func egressNewSyn(_ packet: inout IPv4TCPPacket, key: FiveTuple, capacity: Int,
+    private mutating func egressNewSyn(_ packet: inout some TCPPacketView, key: FiveTuple, capacity: Int,
                                        now: UInt64) -> Verdict? {
         if let id = table.bySession[key], let record = table.records[id], record.role == .middlebox,
            record.right == nil, let next = record.remaining.first, let local = record.left?.dstAddr {
@@ -595,7 +639,7 @@ public struct PacketProcessor: Sendable {
 
     /// Rewrites a SYN to the record's right subsession and appends the Dysco trailer (v2: the record's
     /// identity, signed for the right subsession's tuple).
-    mutating func sendSyn(_ packet: inout IPv4TCPPacket, record: SessionTable.Record, capacity: Int) -> Verdict {
+    mutating func sendSyn(_ packet: inout some TCPPacketView, record: SessionTable.Record, capacity: Int) -> Verdict {
         guard let right = record.right else { return .drop }
         let trailer = DyscoSynPayload(identity: record.identity, session: record.rightSession, remaining: record.remaining,
                                       renamedUpstream: record.renamedUpstream || record.translated != nil)
@@ -616,7 +660,7 @@ public struct PacketProcessor: Sendable {
 
     /// Updates the record for one translated packet: counters, activity, handshake, sequence tracking,
     /// teardown (FIN both ways; an RST as docs/ARCHITECTURE.md "Forged resets" describes) and the fast path.
-    mutating func track(_ translation: SessionTable.Translation, packet: IPv4TCPPacket, hook: HookPoint,
+    mutating func track(_ translation: SessionTable.Translation, packet: some TCPPacketView, hook: HookPoint,
                                 now: UInt64) {
         let segment = TrackedSegment(packet)
         if !segment.tcp.flags.isDisjoint(with: [.fin, .rst]) { counters.queuedTeardown &+= 1 }
@@ -727,7 +771,7 @@ public struct PacketProcessor: Sendable {
     }
 
     /// The SYN that created a record: its sequence number and window scale start the tracking.
-    private mutating func observeSyn(_ id: SessionTable.SessionID, _ packet: IPv4TCPPacket) {
+    private mutating func observeSyn(_ id: SessionTable.SessionID, _ packet: some TCPPacketView) {
         let tcp = packet.tcp
         table.update(id) {
             $0.sequence.observe(.forward, seq: tcp.sequenceNumber, ack: nil, window: tcp.window, flags: tcp.flags,
@@ -737,7 +781,7 @@ public struct PacketProcessor: Sendable {
 
     /// An RST arriving on a session's tuple whose sequence number is provably outside the receiver's window by
     /// the agent's fresh tracking (RFC 5961 §3.2: "silently drop the segment"): counted, and true (drop it).
-    private mutating func resetOutsideWindow(_ packet: IPv4TCPPacket, translation: SessionTable.Translation) -> Bool {
+    private mutating func resetOutsideWindow(_ packet: some TCPPacketView, translation: SessionTable.Translation) -> Bool {
         guard let record = table.records[translation.id], record.carrier != .pending, record.carrier != .kernel,
               record.spliced == nil else {
             return false
@@ -879,16 +923,16 @@ public struct PacketProcessor: Sendable {
         pending.events.append(.rejected(key, reason: "\(error)"))
     }
 
-    private func payload(_ packet: IPv4TCPPacket) -> UnsafeRawBufferPointer {
-        UnsafeRawBufferPointer(start: packet.ip.base + packet.payloadOffset, count: packet.payloadLength)
+    private func payload(_ packet: some TCPPacketView) -> UnsafeRawBufferPointer {
+        UnsafeRawBufferPointer(start: packet.base + packet.payloadOffset, count: packet.payloadLength)
     }
 
-    private func hasTrailer(_ packet: IPv4TCPPacket) -> Bool {
+    private func hasTrailer(_ packet: some TCPPacketView) -> Bool {
         DyscoSynPayload.hasTrailer(payload(packet))
     }
 
     /// Decodes and authenticates the packet's trailer; `tuple` is the packet's tuple as it arrived.
-    private func decodeTrailer(_ packet: IPv4TCPPacket, tuple: FiveTuple)
+    private func decodeTrailer(_ packet: some TCPPacketView, tuple: FiveTuple)
         -> Result<(DyscoSynPayload, Int), DyscoSynPayload.DecodeError> {
         Result { () throws(DyscoSynPayload.DecodeError) in
             try DyscoSynPayload.decode(trailerOf: payload(packet), tuple: tuple, trust: trust)

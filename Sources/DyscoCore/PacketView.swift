@@ -206,8 +206,6 @@ public struct IPv4TCPPacket {
     }
 
     public var tcpOffset: Int { ip.headerLength }
-    public var payloadOffset: Int { ip.headerLength + tcp.headerLength }
-    public var payloadLength: Int { length - payloadOffset }
 
     public var tuple: FiveTuple {
         FiveTuple(srcAddr: ip.sourceAddress, srcPort: tcp.sourcePort,
@@ -241,10 +239,6 @@ public struct IPv4TCPPacket {
             length: segmentLength))
     }
 
-    public func recomputeTCPChecksum() { tcp.rawChecksum = computeTCPChecksum() }
-
-    public var isTCPChecksumValid: Bool { computeTCPChecksum() == tcp.rawChecksum }
-
     /// Cuts the packet to `newLength` bytes (removing payload from the end), fixing the IP total length and
     /// header checksum. The TCP checksum must be recomputed afterwards by the caller.
     public mutating func truncate(to newLength: Int) {
@@ -264,7 +258,6 @@ public struct IPv4TCPPacket {
 
 extension IPv4TCPPacket {
     public static let pureAckLength = 40
-    public static let maxBuiltLength = 41
 
     /// Writes a pure ACK (20-byte IPv4 header with DF, TTL 64; 20-byte TCP header, no options) with full
     /// checksums into `buffer` (at least ``pureAckLength`` bytes). Anchors send these as window-opening probes.
@@ -281,13 +274,7 @@ extension IPv4TCPPacket {
         buffer.storeBytes(of: IPv4HeaderView.protocolTCP, toByteOffset: 9, as: UInt8.self)
         put32(12, tuple.srcAddr.value)
         put32(16, tuple.dstAddr.value)
-        put16(20, tuple.srcPort)
-        put16(22, tuple.dstPort)
-        put32(24, seq)
-        put32(28, ack)
-        buffer.storeBytes(of: 0x50, toByteOffset: 32, as: UInt8.self)
-        buffer.storeBytes(of: flags.rawValue, toByteOffset: 33, as: UInt8.self)
-        put16(34, window)
+        TCPHeaderView.writePureAck(at: buffer + 20, tuple: tuple, seq: seq, ack: ack, window: window, flags: flags)
         guard case .success(let packet) = IPv4TCPPacket.parse(buffer, count: length) else {
             preconditionFailure("a pure ACK we built does not parse")
         }

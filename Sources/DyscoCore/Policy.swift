@@ -145,8 +145,10 @@ public struct AgentConfig: Sendable, Codable, Equatable {
         return config
     }
 
+    /// The first policy whose predicate matches and whose chain is of the session's family (a session is carried by
+    /// hops of its own family; an empty chain serves both).
     public func policy(for tuple: FiveTuple) -> Policy? {
-        policies.first { $0.match.matches(tuple) }
+        policies.first { $0.match.matches(tuple) && $0.chain.allSatisfy { $0.isIPv4 == tuple.srcAddr.isIPv4 } }
     }
 }
 

@@ -34,7 +34,7 @@ extension TCPHeaderView {
     }
 }
 
-extension IPv4TCPPacket {
+extension TCPPacketView {
     /// A packet arriving on a subsession with delta `delta`: its sequence number moves into the local endpoint's
     /// numbering. SYNs carry the subsession's own initial number and are left alone.
     /// `timestamps`: the subsession's timestamp delta, added to the TSval (RFC 7323; ``SessionTable/Subsession/tsDelta``).

@@ -122,7 +122,7 @@ struct AnchorDataplaneTests {
         // (one byte longer than a pure ACK) — the update must still be built from it.
         _ = Self.run(&s.processor, PacketBuilder(tuple: Self.session, seq: 1000, ack: 50, payload: [1]), hook: .egress)
         _ = Self.run(&s.processor, PacketBuilder(tuple: s.old.reversed, seq: 50, ack: 1001, payload: [2], window: 777), hook: .ingress)
-        var buffer = [UInt8](repeating: 0, count: IPv4TCPPacket.maxBuiltLength)
+        var buffer = [UInt8](repeating: 0, count: PureAck.maxLength)
         let built = buffer.withUnsafeMutableBytes { s.processor.anchorUnclamp(chainID: s.chainID, into: $0.baseAddress!) }
         let (length, destination) = try #require(built, "no window update built")
         let update = Array(buffer[0..<length])
@@ -139,7 +139,7 @@ struct AnchorDataplaneTests {
     @Test("issue 20's stall: the anchor's keep-alive, poke and probe never acknowledge data the local endpoint did not acknowledge itself, even with a segment missing before the far side's sequence end")
     func noForgedAcknowledgment() throws {
         var s = try Self.setup(stateful: true)
-        var buffer = [UInt8](repeating: 0, count: IPv4TCPPacket.maxBuiltLength)
+        var buffer = [UInt8](repeating: 0, count: PureAck.maxLength)
         // The server's segments 50..<60 are lost on the old path; 60..<70 crosses the anchor: the far side's
         // sequence end is 70, but the client can acknowledge no more than 50. It has not spoken yet.
         _ = Self.run(&s.processor, PacketBuilder(tuple: s.old.reversed, seq: 60, ack: 1000, payload: [UInt8](repeating: 3, count: 10),
@@ -206,7 +206,7 @@ struct AnchorDataplaneTests {
         #expect(effects.anchor == [.newPathPacket(chainID: s.chainID)])
         #expect(s.processor.counters.probesReceived == 1)
 
-        var buffer = [UInt8](repeating: 0, count: IPv4TCPPacket.maxBuiltLength)
+        var buffer = [UInt8](repeating: 0, count: PureAck.maxLength)
         let length = try #require(buffer.withUnsafeMutableBytes { s.processor.anchorProbe(chainID: s.chainID, into: $0.baseAddress!) })
         let probe = Array(buffer[0..<length])
         #expect(Self.tuple(probe) == s.new)

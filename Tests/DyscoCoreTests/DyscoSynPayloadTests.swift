@@ -106,6 +106,60 @@ struct DyscoSynPayloadTests {
         #expect(try decode(plain).0 == flagged)
     }
 
+    @Test("IPv6 (family 6): 16-byte addresses, fixed length 78, the MAC over the 36-byte tuple; round trip with 0, 1 and 16 hops",
+          arguments: [0, 1, 16])
+    func ipv6RoundTrip(count: Int) throws {
+        let session6 = FiveTuple.t("fd00:77::10", 43210, "fd00:77::c9", 80)
+        let wire6 = FiveTuple.t("fd00:77::10", 10001, "fd00:77::65", 80)
+        let hops = (0..<count).map { IPAddress(high: 0xfd00_0077_0000_0000, low: UInt64(0x100 + $0)) }
+        let payload = DyscoSynPayload(identity: identity, session: session6, remaining: hops)
+        let encoded = payload.encoded(tuple: wire6, trust: TestKeys.group)
+        #expect(encoded.count == 78 + 16 * count && encoded.count <= DyscoSynPayload.maxLength)
+        #expect(encoded[1] == 6)
+        #expect(Array(encoded[20..<36]) == session6.srcAddr.ipv6Bytes && Array(encoded[52..<54]) == [0xa8, 0xca])
+        if count > 0 { #expect(Array(encoded[56..<72]) == hops[0].ipv6Bytes) }
+        let (decoded, length) = try decode([1, 2] + encoded, tuple: wire6)
+        #expect(decoded == payload && length == encoded.count)
+        // Replayed on another IPv6 tuple, or under the IPv4 packet's tuple: refused.
+        #expect(decodeError(encoded, tuple: FiveTuple.t("fd00:77::11", 10001, "fd00:77::65", 80)) == .badMAC)
+        #expect(decodeError(encoded, tuple: wire) == .unsupportedFamily(6))
+        #expect(decodeError(trailer([fw2]), tuple: wire6) == .unsupportedFamily(4))
+        // Every single-byte change is refused.
+        for index in encoded.indices {
+            var bytes = encoded
+            bytes[index] ^= 0x41
+            #expect(decodeError(bytes, tuple: wire6) != nil, "byte \(index) accepted")
+        }
+    }
+
+    @Test("IPv6 forbidden hops (::1, fe80::/10, ff00::/8, ::) and an IPv4 hop in an IPv6 trailer are refused after the MAC")
+    func ipv6ForbiddenHops() throws {
+        let session6 = FiveTuple.t("fd00:77::10", 43210, "fd00:77::c9", 80)
+        let wire6 = FiveTuple.t("fd00:77::10", 10001, "fd00:77::65", 80)
+        for bad in ["::1", "fe80::1", "ff02::1", "::", "::5"] {
+            let hop = try #require(IPAddress(bad))
+            let bytes = DyscoSynPayload(identity: identity, session: session6, remaining: [hop])
+                .encoded(tuple: wire6, trust: TestKeys.group)
+            #expect(decodeError(bytes, tuple: wire6) == .forbiddenAddress(hop), "\(bad)")
+        }
+        // An IPv4-mapped hop written by a (buggy) peer into a family-6 trailer: its 16 bytes decode to the IPv4
+        // address, which is not of the trailer's family.
+        var bytes = DyscoSynPayload(identity: identity, session: session6, remaining: [session6.dstAddr])
+            .encoded(tuple: wire6, trust: TestKeys.group)
+        bytes.replaceSubrange(56..<72, with: IPAddress(10, 77, 0, 1).ipv6Bytes)
+        bytes = resigned6(bytes, tuple: wire6)
+        #expect(decodeError(bytes, tuple: wire6) == .forbiddenAddress(IPAddress(10, 77, 0, 1)))
+    }
+
+    func resigned6(_ bytes: [UInt8], tuple: FiveTuple) -> [UInt8] {
+        var copy = bytes
+        let n = bytes.count, declared = Int(get16(bytes, n - 6)), start = n - declared, signed = declared - 22
+        let tupleBytes = tuple.srcAddr.ipv6Bytes + tuple.dstAddr.ipv6Bytes + be16(tuple.srcPort) + be16(tuple.dstPort)
+        let mac = Array(bytes[start..<start + signed]).withUnsafeBytes { a in tupleBytes.withUnsafeBytes { b in TestKeys.group.mac(a, b) } }
+        copy.replaceSubrange(start + signed..<start + signed + 16, with: mac)
+        return copy
+    }
+
     @Test("no magic: not a Dysco SYN, and decode says so")
     func noMagic() {
         var bytes = trailer([])
@@ -213,9 +267,11 @@ struct DyscoSynPayloadTests {
         var long = good
         long[n - 6] = 1
         #expect(decodeError(long) == .badLength(declared: 256 + Int(good[n - 5]), addresses: -1))
-        var odd = good  // declared 67: its start falls on a leading 2 (version 2), but 67 is not 54 + 4n
+        var odd = good  // declared 67: its start falls on leading bytes (version 2, family 4), but 67 is not 54 + 4n
         odd[n - 5] = UInt8(n + 5)
-        #expect(decodeError([UInt8](repeating: 2, count: 10) + odd) == .badLength(declared: n + 5, addresses: -1))
+        #expect(decodeError([2, 2, 2, 2, 2, 2, 4, 2, 2, 2] + odd) == .badLength(declared: n + 5, addresses: -1))
+        // The family byte fixes the layout: anything but 4 or 6 is refused before the length is judged.
+        #expect(decodeError([UInt8](repeating: 2, count: 10) + odd) == .unsupportedFamily(2))
         // Unchanged bytes re-signed still decode (the helper is right).
         #expect(decodeError(mutated { _ in }) == nil)
     }

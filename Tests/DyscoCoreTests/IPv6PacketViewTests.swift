@@ -29,6 +29,32 @@ struct IPv6PacketViewTests {
         return bytes.withUnsafeMutableBytes { IPv6TCPPacket.parse($0.baseAddress!, count: count) }
     }
 
+    @Test("five-tuple text: IPv6 ends in brackets (RFC 3986); parse inverts description; mixed families and bare IPv6 refused")
+    func tupleText() throws {
+        let v6 = FiveTuple(srcAddr: IPAddress("fd00:78::1")!, srcPort: 40000, dstAddr: IPAddress("fd00:78::9")!, dstPort: 80)
+        #expect(v6.description == "[fd00:78::1]:40000->[fd00:78::9]:80")
+        #expect(FiveTuple(parsing: v6.description) == v6)
+        let v4 = FiveTuple(srcAddr: IPAddress(10, 0, 0, 1), srcPort: 40000, dstAddr: IPAddress(10, 0, 0, 9), dstPort: 80)
+        #expect(v4.description == "10.0.0.1:40000->10.0.0.9:80" && FiveTuple(parsing: v4.description) == v4)
+        for bad in ["fd00::1:40000->[fd00::9]:80", "[10.0.0.1]:1->10.0.0.9:80", "[fd00::1]:1->10.0.0.9:80", "[fd00::1]->[fd00::9]:80",
+                    "[fd00::1]:70000->[fd00::9]:80"] {
+            #expect(FiveTuple(parsing: bad) == nil, "\(bad)")
+        }
+    }
+
+    @Test("forbidden hops of both families (paper §2.3): IPv6 ::, ::1, fe80::/10, ff00::/8, ::/8; an IPv4 prefix never holds IPv6")
+    func forbiddenHops() {
+        for bad in ["::", "::1", "fe80::1", "febf::1", "ff02::1", "::10.0.0.1", "127.0.0.1", "169.254.0.1", "224.0.0.1", "0.1.2.3"] {
+            #expect(IPAddress(bad)!.isForbiddenHop, "\(bad)")
+        }
+        for good in ["fd00::1", "2001:db8::1", "fec0::1", "10.0.0.1", "::ffff:10.0.0.1"] {
+            #expect(!IPAddress(good)!.isForbiddenHop, "\(good)")
+        }
+        let prefix = IPv4Prefix("10.0.0.0/8")!
+        #expect(prefix.contains(IPAddress(10, 1, 2, 3)) && !prefix.contains(IPAddress(high: 0, low: 0x0a01_0203)))
+        #expect(IPv4Prefix("fd00::/8") == nil)
+    }
+
     @Test("addresses: inet_pton's text forms in, RFC 5952 out; JSON as text; garbage refused")
     func addressText() throws {
         let a = try #require(IPAddress("FD00:0078:0000:0000:0000:0000:0000:0001"))

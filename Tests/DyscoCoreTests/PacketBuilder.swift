@@ -1,6 +1,7 @@
 import DyscoCore
 
-/// Builds IPv4/TCP packets for tests, with checksums from the naive reference below.
+/// Builds IPv4/TCP or IPv6/TCP packets (by the tuple's family) for tests, with checksums from the naive reference
+/// below.
 struct PacketBuilder {
     var tuple: FiveTuple
     var flags: TCPFlags = [.ack]
@@ -13,6 +14,7 @@ struct PacketBuilder {
 
     func build() -> [UInt8] {
         precondition(options.count % 4 == 0)
+        guard tuple.srcAddr.isIPv4 else { return build6() }
         let tcpLength = 20 + options.count
         let total = 20 + tcpLength + payload.count
         var b = [UInt8](repeating: 0, count: total)
@@ -35,6 +37,39 @@ struct PacketBuilder {
         b.replaceSubrange(40..<40 + options.count, with: options)
         b.replaceSubrange(20 + tcpLength..<total, with: payload)
         put16(&b, 36, Reference.tcpChecksum(b))
+        return b
+    }
+
+    /// The IPv6 packet: fixed header (hop limit `ttl`), `extensionHeaders` (each a whole header, its next-header byte
+    /// filled in here), then TCP.
+    func build6(extensionHeaders: [[UInt8]] = []) -> [UInt8] {
+        let tcpLength = 20 + options.count
+        var ext: [UInt8] = []
+        for (i, header) in extensionHeaders.enumerated() {
+            var h = header
+            h[0] = i + 1 < extensionHeaders.count ? extensionHeaders[i + 1][0] : 6
+            ext += h
+        }
+        let payloadLength = ext.count + tcpLength + payload.count
+        var b = [UInt8](repeating: 0, count: 40 + payloadLength)
+        b[0] = 0x60
+        put16(&b, 4, UInt16(payloadLength))
+        b[6] = extensionHeaders.first?[0] ?? 6
+        b[7] = ttl
+        b.replaceSubrange(8..<24, with: tuple.srcAddr.ipv6Bytes)
+        b.replaceSubrange(24..<40, with: tuple.dstAddr.ipv6Bytes)
+        b.replaceSubrange(40..<40 + ext.count, with: ext)
+        let t = 40 + ext.count
+        put16(&b, t, tuple.srcPort)
+        put16(&b, t + 2, tuple.dstPort)
+        put32(&b, t + 4, seq)
+        put32(&b, t + 8, ack)
+        b[t + 12] = UInt8(tcpLength / 4) << 4
+        b[t + 13] = flags.rawValue
+        put16(&b, t + 14, window)
+        b.replaceSubrange(t + 20..<t + 20 + options.count, with: options)
+        b.replaceSubrange(t + tcpLength..<b.count, with: payload)
+        put16(&b, t + 16, Reference.tcpChecksum6(b, tcpOffset: t))
         return b
     }
 }
@@ -75,6 +110,16 @@ enum Reference {
         segment[16] = 0
         segment[17] = 0
         let pseudo = Array(packet[12..<20]) + [0, 6, UInt8((total - ihl) >> 8), UInt8((total - ihl) & 0xff)]
+        return checksum(pseudo + segment)
+    }
+
+    /// The TCP checksum of an IPv6 packet whose TCP header is at `tcpOffset` (RFC 8200 §8.1 pseudo-header).
+    static func tcpChecksum6(_ packet: [UInt8], tcpOffset: Int) -> UInt16 {
+        var segment = Array(packet[tcpOffset...])
+        segment[16] = 0
+        segment[17] = 0
+        let n = segment.count
+        let pseudo = Array(packet[8..<40]) + [UInt8(n >> 24 & 0xff), UInt8(n >> 16 & 0xff), UInt8(n >> 8 & 0xff), UInt8(n & 0xff), 0, 0, 0, 6]
         return checksum(pseudo + segment)
     }
 

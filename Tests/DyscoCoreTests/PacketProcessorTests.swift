@@ -78,21 +78,25 @@ extension Verdict {
     }
 }
 
-func tuple(of bytes: [UInt8]) -> FiveTuple {
+/// Runs `body` on the packet `bytes` parsed as its version says (IPv4 or IPv6).
+func withParsed<R>(_ bytes: [UInt8], _ body: (any TCPPacketView, UnsafeMutableRawBufferPointer) -> R) -> R {
     var copy = bytes
     return copy.withUnsafeMutableBytes { raw in
+        if raw[0] >> 4 == 6 {
+            guard case .success(let p) = IPv6TCPPacket.parse(raw.baseAddress!, count: raw.count) else { fatalError() }
+            return body(p, raw)
+        }
         guard case .success(let p) = IPv4TCPPacket.parse(raw.baseAddress!, count: raw.count) else { fatalError() }
-        return p.tuple
+        return body(p, raw)
     }
 }
 
-func payload(of bytes: [UInt8]) -> [UInt8] {
-    var copy = bytes
-    return copy.withUnsafeMutableBytes { raw in
-        guard case .success(let p) = IPv4TCPPacket.parse(raw.baseAddress!, count: raw.count) else { fatalError() }
-        return Array(raw[p.payloadOffset..<p.length])
-    }
-}
+func tuple(of bytes: [UInt8]) -> FiveTuple { withParsed(bytes) { p, _ in p.tuple } }
+
+func payload(of bytes: [UInt8]) -> [UInt8] { withParsed(bytes) { p, raw in Array(raw[p.payloadOffset..<p.length]) } }
+
+/// Whether the TCP checksum of the packet `bytes` (either family) verifies.
+func tcpChecksumValid(_ bytes: [UInt8]) -> Bool { withParsed(bytes) { p, _ in p.isTCPChecksumValid } }
 
 /// Why the trailer of the SYN `bytes` does not decode for `tuple` under `trust` (nil: it decodes).
 func trailerError(_ bytes: [UInt8], tuple: FiveTuple, trust: TrustGroup = TestKeys.group) -> DyscoSynPayload.DecodeError? {
