@@ -28,6 +28,8 @@ public final class DataplaneAgent: @unchecked Sendable {
         public var netns: String?
         /// Hand sessions to the kernel datapath (``BPFKernelPath``: tc programs, BPF maps); false: NFQUEUE only.
         public var fastPath = true
+        /// Queue IPv6 TCP as well (``QueueRules/ipv6``): IPv6 sessions of the policies' IPv6 chains, on the slow path.
+        public var ipv6 = false
         /// The compiled tc programs (`make bpf`), the bpffs under which the agent pins them (mounted if it
         /// is not one), and the capacity of the session map in translations (nil: the object's default).
         public var bpfObject = ""
@@ -141,7 +143,8 @@ public final class DataplaneAgent: @unchecked Sendable {
         }
         let bpfPath = dataplane.fastPath as? BPFKernelPath
         rules = QueueRules(queue: options.queue, egressFilter: bpfPath?.egressFilterPath,
-                           ownedFilter: bpfPath?.ownedFilterPath, failClosed: !(dataplane.fastPath is NoKernelPath))
+                           ownedFilter: bpfPath?.ownedFilterPath, failClosed: !(dataplane.fastPath is NoKernelPath),
+                           ipv6: options.ipv6)
         packetLoop = PacketLoop(dataplane: dataplane, queueSocket: queueSocket, bufferLimits: options.bufferLimits,
                                 logger: logger)
         restoreReport = try dataplane.restoreOrReset(stateFile: options.stateFile, fresh: options.fresh, logger: logger)

@@ -36,12 +36,41 @@ public struct QueueRules: Sendable {
     public var ownedFilter: String?
     /// Whether owned packets fail closed at all (false: no kernel path could load; every rule has bypass).
     public var failClosed: Bool
+    /// Queue IPv6 TCP too (``ipv6RestoreScript(existingJumps:)``; agent `--ipv6`): IPv6 sessions are the agent's,
+    /// on the slow path (the BPF datapath carries IPv4 only). False: IPv6 passes untouched, outside every chain.
+    public var ipv6: Bool
 
-    public init(queue: UInt16, egressFilter: String? = nil, ownedFilter: String? = nil, failClosed: Bool = true) {
+    public init(queue: UInt16, egressFilter: String? = nil, ownedFilter: String? = nil, failClosed: Bool = true,
+                ipv6: Bool = false) {
         self.queue = queue
         self.egressFilter = egressFilter
         self.ownedFilter = ownedFilter
         self.failClosed = failClosed
+        self.ipv6 = ipv6
+    }
+
+    /// The ip6tables-restore input for IPv6: the same chains and hooks as IPv4, each with one rule, with bypass:
+    /// every TCP packet not to or from `lo` that the agent did not send itself (the egress mark) goes to the queue.
+    /// Nothing of the kernel datapath applies (its programs pass IPv6 untouched), so there is no carried or owned
+    /// rule: an IPv6 session lives on the slow path and, with no agent listening, its packets pass unrewritten.
+    public func ipv6RestoreScript(existingJumps: Set<String> = []) -> String {
+        let queued = "-m mark ! --mark \(Self.markMatch(FastPath.egressMark)) -j NFQUEUE --queue-num \(queue) --queue-bypass"
+        func jump(_ builtin: String, _ chain: String) -> String {
+            existingJumps.contains(builtin) ? "" : "-I \(builtin) 1 -j \(chain)\n"
+        }
+        return """
+            *raw
+            :\(Self.ingressChain) - [0:0]
+            -A \(Self.ingressChain) -p tcp ! -i lo -j NFQUEUE --queue-num \(queue) --queue-bypass
+            \(jump("PREROUTING", Self.ingressChain))COMMIT
+            *mangle
+            :\(Self.egressChain) - [0:0]
+            :\(Self.forwardEgressChain) - [0:0]
+            -A \(Self.egressChain) -p tcp ! -o lo \(queued)
+            -A \(Self.forwardEgressChain) -p tcp -m addrtype ! --src-type LOCAL \(queued)
+            \(jump("OUTPUT", Self.egressChain))\(jump("POSTROUTING", Self.forwardEgressChain))COMMIT
+
+            """
     }
 
     /// The iptables-restore input that installs the rules: with `--noflush`, declaring a chain of ours empties it
@@ -100,36 +129,51 @@ public struct QueueRules: Sendable {
     static let jumps = [("raw", "PREROUTING", ingressChain), ("mangle", "OUTPUT", egressChain),
                         ("mangle", "POSTROUTING", forwardEgressChain)]
 
-    /// The built-in chains that already jump to ours (a predecessor's rules).
-    static func installedJumps() -> Set<String> {
+    /// The built-in chains that already jump to ours (a predecessor's rules), in iptables or ip6tables.
+    static func installedJumps(_ tool: String = "iptables") -> Set<String> {
         Set(jumps.compactMap { table, builtin, chain in
-            (try? Command.run(["iptables", "-w", "-t", table, "-C", builtin, "-j", chain])) != nil ? builtin : nil
+            (try? Command.run([tool, "-w", "-t", table, "-C", builtin, "-j", chain])) != nil ? builtin : nil
         })
     }
 
-    /// Installs the rules, replacing a predecessor's in place (idempotent: no duplicate, no moment without them).
+    /// Installs the rules, replacing a predecessor's in place (idempotent: no duplicate, no moment without them);
+    /// with ``ipv6`` the IPv6 rules too, else any IPv6 rules a predecessor left are removed.
     public func install(logger: Logger) throws {
         let existing = Self.installedJumps()
         try Command.run(["iptables-restore", "-w", "--noflush"], input: restoreScript(existingJumps: existing))
+        if ipv6 {
+            try Command.run(["ip6tables-restore", "-w", "--noflush"],
+                            input: ipv6RestoreScript(existingJumps: Self.installedJumps("ip6tables")))
+        } else if Self.present(tool: "ip6tables") {
+            try Self.remove(tool: "ip6tables", logger: logger)
+        }
         logger.info("installed NFQUEUE rules", metadata: ["queue.number": "\(queue)",
-                                                          "queue.replaced": "\(!existing.isEmpty)"])
+                                                          "queue.replaced": "\(!existing.isEmpty)", "queue.ipv6": "\(ipv6)"])
     }
 
-    /// Removes every jump to our chains and the chains themselves, whatever queue they used.
+    /// Removes every jump to our chains and the chains themselves, whatever queue they used, for both families.
     public static func remove(logger: Logger) throws {
+        try remove(tool: "iptables", logger: logger)
+        try remove(tool: "ip6tables", logger: logger)
+    }
+
+    static func remove(tool: String, logger: Logger) throws {
         for (table, builtin, chain) in jumps {
-            while (try? Command.run(["iptables", "-w", "-t", table, "-D", builtin, "-j", chain])) != nil {}
-            if (try? Command.run(["iptables", "-w", "-t", table, "-F", chain])) != nil {
-                try Command.run(["iptables", "-w", "-t", table, "-X", chain])
-                logger.debug("removed chain", metadata: ["iptables.table": "\(table)", "iptables.chain": "\(chain)"])
+            while (try? Command.run([tool, "-w", "-t", table, "-D", builtin, "-j", chain])) != nil {}
+            if (try? Command.run([tool, "-w", "-t", table, "-F", chain])) != nil {
+                try Command.run([tool, "-w", "-t", table, "-X", chain])
+                logger.debug("removed chain", metadata: ["iptables.table": "\(table)", "iptables.chain": "\(chain)",
+                                                         "iptables.tool": "\(tool)"])
             }
         }
     }
 
-    /// True when any of our chains exists (tests check that nothing is left after an agent exits).
-    public static func present() -> Bool {
-        [("raw", ingressChain), ("mangle", egressChain), ("mangle", forwardEgressChain)].contains { table, chain in
-            (try? Command.run(["iptables", "-w", "-t", table, "-S", chain])) != nil
-        }
+    /// True when any of our chains exists, in either family (tests check that nothing is left after an agent exits).
+    public static func present() -> Bool { present(tool: "iptables") || present(tool: "ip6tables") }
+
+    /// Whether `tool`'s tables hold any of our chains (one `*-save` run).
+    static func present(tool: String) -> Bool {
+        guard let saved = try? Command.run(["\(tool)-save"]).stdout else { return false }
+        return [ingressChain, egressChain, forwardEgressChain].contains { saved.contains(":\($0) ") }
     }
 }

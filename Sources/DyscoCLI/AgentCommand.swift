@@ -113,6 +113,13 @@ struct AgentCommand: AsyncParsableCommand {
     var noFastpath = false
 
     @Flag(help: ArgumentHelp("""
+        Carry IPv6 sessions too: IPv6 TCP is queued (ip6tables NFQUEUE rules beside the IPv4 ones) and the policies' \
+        IPv6 chains apply to it. IPv6 sessions stay on the slow path (the BPF datapath carries IPv4 only) and cannot \
+        be migrated yet (docs/ARCHITECTURE.md, Limits). Without it IPv6 passes untouched, outside every chain.
+        """))
+    var ipv6 = false
+
+    @Flag(help: ArgumentHelp("""
         This host's middlebox translates tuples (SNAT, masquerade, DNAT): each Dysco SYN is tagged at ingress and sent \
         on after the box's NAT, in the tuple the NAT gave it; the next hops and the right end see that tuple \
         (docs/ARCHITECTURE.md, "Boxes that translate"). Needs the kernel fast path.
@@ -289,6 +296,7 @@ struct AgentCommand: AsyncParsableCommand {
         options.settings.maxSessions = maxSessions
         options.settings.maxSessionsPerSource = maxSessionsPerSource
         options.fastPath = !noFastpath
+        options.ipv6 = ipv6
         options.settings.natBox = nat
         // --no-fastpath loads the BPF programs too, for the owned keys only (docs/BPF.md "Owned keys").
         options.bpfObject = datapath.resolvedObject() ?? ""

@@ -144,6 +144,13 @@ extension LabCommand {
         @Flag(help: "Start no iperf3/HTTP servers.")
         var noServices = false
 
+        @Flag(help: ArgumentHelp("""
+            Dual stack: every host also gets fd00:0:A:B::C for 10.A.B.C, the boxes forward and filter IPv6 with the same \
+            profile (ip6tables), the agents run with --ipv6 and the clients' policies get an IPv6 chain; servers also \
+            serve HTTP on their IPv6 address. The NAT profiles stay IPv4 only.
+            """))
+        var ipv6 = false
+
         @OptionGroup var jsonOutput: JSONOutput<JSONHelp.LabState>
 
         @OptionGroup var logging: LabLoggingOptions
@@ -166,7 +173,7 @@ extension LabCommand {
                                chain: chainList, subnet: subnet, policyPorts: ports, agents: !noAgents,
                                agentArguments: agentArguments, agentBinary: agentBinary, httpRoot: httpRoot,
                                routeViaMiddlebox: routeVia, services: !noServices, firewallProfiles: profiles,
-                               attackers: attackers)
+                               attackers: attackers, ipv6: ipv6)
             }
         }
 
@@ -184,7 +191,8 @@ extension LabCommand {
             for h in lab.hosts {
                 let note = h.role == .middlebox ? "   firewall \(lab.firewallProfile(of: h.name))"
                     : h.role == .attacker ? "   attacker (no agent)" : ""
-                print("  \(h.name.padding(toLength: 10, withPad: " ", startingAt: 0))\(h.address.description.padding(toLength: 16, withPad: " ", startingAt: 0))ip netns exec \(h.namespace) ...\(note)")
+                print("  \(h.name.padding(toLength: 10, withPad: " ", startingAt: 0))\(h.address.description.padding(toLength: 16, withPad: " ", startingAt: 0))ip netns exec \(h.namespace) ...\(note)"
+                      + (lab.state.ipv6Address(of: h).map { "   \($0)" } ?? ""))
             }
             if let key = lab.state.trustKeyPath { print("trust key: \(key)") }
             print("files: \(lab.directory)   remove with: dysco-migrate lab down --name \(lab.name)")

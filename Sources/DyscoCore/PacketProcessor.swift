@@ -629,7 +629,7 @@ public struct PacketProcessor: Sendable {
     /// kernel's `established` event (``observe(_:now:)``); the fresh tracking ends here, as at any install.
     mutating func openInKernel(_ id: SessionTable.SessionID, syn: FastPathAction.OpeningSyn?) {
         guard settings.fastPath, settings.installAtSyn, let record = table.records[id], record.carrier == .slow,
-              !record.fastPathFailed else { return }
+              !record.fastPathFailed, !record.needsSlowPath else { return }
         table.update(id) {
             $0.carrier = .pending
             $0.sequence.invalidate()

@@ -101,7 +101,7 @@ public struct AgentConfig: Sendable, Codable, Equatable {
         case chainTooLong(policy: String, length: Int)
         case duplicateHop(policy: String, address: IPAddress)
         case forbiddenHop(policy: String, address: IPAddress)
-        case ipv6Hop(policy: String, address: IPAddress)
+        case mixedFamilies(policy: String, address: IPAddress)
 
         public var description: String {
             switch self {
@@ -112,8 +112,8 @@ public struct AgentConfig: Sendable, Codable, Equatable {
             case .duplicateHop(let p, let a): "policy '\(p)': middlebox \(a) appears twice in the chain"
             case .forbiddenHop(let p, let a):
                 "policy '\(p)': \(a) cannot be a middlebox (loopback, multicast, broadcast, unspecified or link-local)"
-            case .ipv6Hop(let p, let a):
-                "policy '\(p)': \(a) is an IPv6 address; chains are IPv4 only for now (docs/ARCHITECTURE.md, Limits)"
+            case .mixedFamilies(let p, let a):
+                "policy '\(p)': \(a) is not of the chain's first hop's family (a chain is all IPv4 or all IPv6; it applies to sessions of its family)"
             }
         }
     }
@@ -127,8 +127,8 @@ public struct AgentConfig: Sendable, Codable, Equatable {
             if let hop = policy.chain.first(where: \.isForbiddenHop) {
                 throw ValidationError.forbiddenHop(policy: policy.name, address: hop)
             }
-            if let hop = policy.chain.first(where: { !$0.isIPv4 }) {
-                throw ValidationError.ipv6Hop(policy: policy.name, address: hop)
+            if let first = policy.chain.first, let hop = policy.chain.first(where: { $0.isIPv4 != first.isIPv4 }) {
+                throw ValidationError.mixedFamilies(policy: policy.name, address: hop)
             }
             var seen = Set<IPAddress>()
             for hop in policy.chain where !seen.insert(hop).inserted {

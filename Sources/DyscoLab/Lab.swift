@@ -130,11 +130,15 @@ public final class Lab: @unchecked Sendable {
         return process
     }
 
-    /// Counters of the firewall on middlebox `mb`.
-    public func firewallCounters(_ mb: String) throws -> FirewallCounters {
-        let out = try exec(mb, ["iptables", "-w", "-t", "filter", "-L", "FORWARD", "-v", "-x", "-n"])
+    /// Counters of the firewall on middlebox `mb` (its IPv6 filter with `.ipv6`, in a dual-stack lab).
+    public func firewallCounters(_ mb: String, family: AddressFamily = .ipv4) throws -> FirewallCounters {
+        let tool = family == .ipv4 ? "iptables" : "ip6tables"
+        let out = try exec(mb, [tool, "-w", "-t", "filter", "-L", "FORWARD", "-v", "-x", "-n"])
         return try FirewallCounters.parse(out.stdout)
     }
+
+    /// `host`'s IPv6 address in a dual-stack lab (``LabState/ipv6Address(of:)``); nil in an IPv4-only lab.
+    public func ipv6Address(of host: String) -> IPAddress? { state.ipv6Address(of: self.host(host)) }
 
     /// Zeroes the firewall counters of middlebox `mb` (rules and policy).
     public func resetFirewallCounters(_ mb: String) throws {
@@ -226,7 +230,9 @@ public final class Lab: @unchecked Sendable {
         unlink(AgentControlPaths.socketPath(netns: h.namespace))
         // A box that translates tuples tags its Dysco SYNs (docs/ARCHITECTURE.md, "Boxes that translate").
         let nat = h.role == .middlebox && state.firewallProfile(of: h.name).translates && !arguments.contains("--nat")
+        let ipv6 = state.ipv6 && !arguments.contains("--ipv6")
         let args = [binary, "agent", "--config", LabPaths.agentConfig(name, host: h.name)] + (nat ? ["--nat"] : [])
+            + (ipv6 ? ["--ipv6"] : [])
             + Self.trustKeyArguments(state.trustKeyPath, overriddenBy: arguments)
             + (try bpfFsArguments(overriddenBy: arguments)) + arguments
         let log = LabPaths.agentLog(name, host: h.name)
@@ -343,7 +349,7 @@ public final class Lab: @unchecked Sendable {
             agentArguments: spec.agentArguments, routeViaMiddlebox: spec.routeViaMiddlebox,
             httpRoot: spec.httpRoot ?? LabPaths.defaultHTTPRoot(spec.name), processes: [],
             firewallProfiles: spec.effectiveFirewallProfiles,
-            trustKeyPath: spec.agents && spec.passTrustKey ? LabPaths.trustKey(spec.name) : nil)
+            trustKeyPath: spec.agents && spec.passTrustKey ? LabPaths.trustKey(spec.name) : nil, ipv6: spec.ipv6)
         let lab = Lab(state: state, logger: logger)
         do {
             try state.save()
@@ -409,7 +415,14 @@ public final class Lab: @unchecked Sendable {
             try Command.run(["ip", "link", "add", h.interface, "netns", h.namespace, "type", "veth",
                              "peer", "name", h.switchPort, "netns", s.switchNamespace])
             try ipBatch(s.switchNamespace, ["link set \(h.switchPort) master br0", "link set \(h.switchPort) up"])
-            var sysctls = ["net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"]
+            // IPv6 off unless dual stack; then without duplicate address detection (the addresses are usable at once)
+            // and without redirects, as for IPv4.
+            var sysctls = s.ipv6
+                ? ["net.ipv6.conf.all.disable_ipv6=0", "net.ipv6.conf.default.disable_ipv6=0", "net.ipv6.conf.all.accept_dad=0",
+                   "net.ipv6.conf.default.accept_dad=0", "net.ipv6.conf.all.accept_redirects=0",
+                   "net.ipv6.conf.default.accept_redirects=0"]
+                : ["net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"]
+            if s.ipv6, h.role == .middlebox { sysctls.append("net.ipv6.conf.all.forwarding=1") }
             for scope in ["all", "default", h.interface] {
                 sysctls += ["net.ipv4.conf.\(scope).send_redirects=0", "net.ipv4.conf.\(scope).accept_redirects=0",
                             "net.ipv4.conf.\(scope).rp_filter=0"]
@@ -421,7 +434,7 @@ public final class Lab: @unchecked Sendable {
                 "link set lo up",
                 "addr add \(h.address)/\(prefixLength) dev \(h.interface)",
                 "link set \(h.interface) up",
-            ])
+            ] + (s.ipv6Address(of: h).map { ["addr add \($0)/64 dev \(h.interface) nodad"] } ?? []))
         }
         // Flow steering on the switch ports: without RPS a veth queues each packet on the sending CPU's backlog,
         // and a sender running on both CPUs has its flow reordered, which TCP takes for loss (spurious fast
@@ -438,6 +451,12 @@ public final class Lab: @unchecked Sendable {
             for rule in FirewallCounters.installCommands(subnet: s.subnet.description, profile: s.firewallProfile(of: h.name),
                                                          published: published, shared: s.sharedServiceAddress) {
                 try Command.run(["iptables", "-w"] + rule, netns: h.namespace)
+            }
+            // The same filter for IPv6 (the NAT profiles are refused with --ipv6).
+            if s.ipv6 {
+                for rule in FirewallCounters.installCommands(subnet: "\(s.ipv6Prefix)/64", profile: s.firewallProfile(of: h.name)) {
+                    try Command.run(["ip6tables", "-w"] + rule, netns: h.namespace)
+                }
             }
         }
         // Baseline routes through a middlebox.
@@ -474,7 +493,7 @@ public final class Lab: @unchecked Sendable {
                 (.iperf3, Self.iperfPort, ["iperf3", "-s", "-B", "\(h.address)", "-p", "\(Self.iperfPort)"]),
                 (.http, Self.httpPort, try Self.httpServer(address: h.address, port: Self.httpPort, root: s.httpRoot)),
                 (.httpAlt, Self.httpAltPort, try Self.httpServer(address: h.address, port: Self.httpAltPort, root: s.httpRoot)),
-            ]
+            ] + (try s.ipv6Address(of: h).map { [(.http6, Self.httpPort, try Self.httpServer(address: $0, port: Self.httpPort, root: s.httpRoot))] } ?? [])
             for (kind, port, args) in services {
                 let log = LabPaths.serviceLog(name, host: h.name, service: kind.rawValue)
                 let process = try Command.spawn(args, netns: h.namespace, logPath: log)
@@ -518,6 +537,12 @@ public final class Lab: @unchecked Sendable {
             policies.append(Policy(name: "lab-published-\(box.name)",
                                    match: SessionPredicate(src: s.subnet, dst: IPv4Prefix("\(box.address)/32"), dport: ports),
                                    chain: chain))
+        }
+        // Dual stack: one policy for IPv6 sessions to the policy ports, through the chain's IPv6 addresses (an IPv6
+        // chain applies to IPv6 sessions only; PacketProcessor's policy lookup).
+        if s.ipv6 {
+            policies.append(Policy(name: "lab-default-ipv6", match: SessionPredicate(dport: ports),
+                                   chain: s.chain.compactMap { s.host($0).flatMap(s.ipv6Address(of:)) }))
         }
         return AgentConfig(policies: policies)
     }

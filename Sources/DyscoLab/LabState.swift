@@ -28,7 +28,7 @@ public enum LabPaths {
 
 /// A process the lab started (agent, iperf3, HTTP server, or one started through ``Lab/spawn(_:_:logPath:)``).
 public struct LabProcessRecord: Codable, Sendable, Hashable {
-    public enum Kind: String, Codable, Sendable { case agent, iperf3, http, httpAlt = "http-alt", custom }
+    public enum Kind: String, Codable, Sendable { case agent, iperf3, http, httpAlt = "http-alt", http6, custom }
     public var host: String
     public var kind: Kind
     public var pid: Int32
@@ -66,6 +66,21 @@ public struct LabState: Codable, Sendable {
     public var firewallProfiles: [String: FirewallProfile] = [:]
     /// The trust key file passed to the agents with `--trust-key` (nil: none was passed).
     public var trustKeyPath: String? = nil
+    /// Dual stack (``LabSpec/ipv6``; absent in older lab.json files: IPv4 only).
+    public var ipv6 = false
+
+    /// The lab's IPv6 prefix: fd00:0:A:B::/64 for the subnet 10.A.B.0/24 (unique local, RFC 4193).
+    public var ipv6Prefix: IPAddress {
+        IPAddress(high: 0xfd00 << 48 | UInt64(subnet.address.value >> 16 & 0xff) << 16 | UInt64(subnet.address.value >> 8 & 0xff),
+                  low: 0)
+    }
+
+    /// A host's IPv6 address in a dual-stack lab: the prefix and the host's last IPv4 octet (fd00:0:A:B::C for
+    /// 10.A.B.C); nil in an IPv4-only lab.
+    public func ipv6Address(of host: LabHost) -> IPAddress? {
+        guard ipv6 else { return nil }
+        return IPAddress(high: ipv6Prefix.high, low: UInt64(host.address.value & 0xff))
+    }
 
     /// The firewall profile of middlebox `mb`.
     public func firewallProfile(of mb: String) -> FirewallProfile { firewallProfiles[mb] ?? .strict }
@@ -94,7 +109,7 @@ public struct LabState: Codable, Sendable {
 
     private enum CodingKeys: String, CodingKey {
         case version, name, phase, createdAt, subnet, switchNamespace, hosts, chain, policyPorts, agents, agentBinary,
-             agentArguments, routeViaMiddlebox, httpRoot, processes, firewallProfiles, trustKeyPath
+             agentArguments, routeViaMiddlebox, httpRoot, processes, firewallProfiles, trustKeyPath, ipv6
     }
 
     static var decoder: JSONDecoder {
@@ -124,6 +139,7 @@ extension LabState {
                   httpRoot: try c.decode(String.self, forKey: .httpRoot),
                   processes: try c.decode([LabProcessRecord].self, forKey: .processes),
                   firewallProfiles: try c.decodeIfPresent([String: FirewallProfile].self, forKey: .firewallProfiles) ?? [:],
-                  trustKeyPath: try c.decodeIfPresent(String.self, forKey: .trustKeyPath))
+                  trustKeyPath: try c.decodeIfPresent(String.self, forKey: .trustKeyPath),
+                  ipv6: try c.decodeIfPresent(Bool.self, forKey: .ipv6) ?? false)
     }
 }

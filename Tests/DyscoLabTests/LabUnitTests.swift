@@ -397,3 +397,40 @@ import Glibc
         #expect(old.trustKeyPath == nil)
     }
 }
+
+@Suite("dual-stack lab (--ipv6, issue 18)") struct DualStackLabTests {
+    @Test("IPv6 addresses follow the IPv4 plan (fd00:0:A:B::C for 10.A.B.C); the client's config gets an IPv6 policy through the chain's IPv6 addresses; NAT profiles refused")
+    func plan() throws {
+        let spec = LabSpec(name: "ds", middleboxes: ["fw1", "fw2"], chain: ["fw1", "fw2"], subnet: "10.78.151.0/24", ipv6: true)
+        let plan = try spec.plan()
+        var state = LabState(version: 1, name: "ds", phase: .ready, createdAt: Date(), subnet: plan.subnet,
+                             switchNamespace: plan.switchNamespace, hosts: plan.hosts, chain: plan.chain, policyPorts: [80],
+                             agents: true, agentBinary: nil, agentArguments: [], routeViaMiddlebox: nil, httpRoot: "/x",
+                             processes: [], ipv6: true)
+        #expect(state.ipv6Address(of: plan.host("server1")!) == IPAddress("fd00:0:4e:97::c9"))
+        #expect(state.ipv6Address(of: plan.host("fw2")!)?.description == "fd00:0:4e:97::66")
+        let config = Lab.agentConfig(for: plan.host("client1")!, in: state)
+        let v6 = try #require(config.policies.first { $0.name == "lab-default-ipv6" })
+        #expect(v6.chain == [IPAddress("fd00:0:4e:97::65")!, IPAddress("fd00:0:4e:97::66")!])
+        try config.validate()
+        let session6 = FiveTuple(parsing: "[fd00:0:4e:97::b]:40000->[fd00:0:4e:97::c9]:80")!
+        #expect(config.policy(for: session6)?.name == "lab-default-ipv6")
+        #expect(config.policy(for: FiveTuple(parsing: "10.78.151.11:40000->10.78.151.201:80")!)?.name == "lab-default-server1")
+        // lab.json of an older version (no "ipv6"): IPv4 only.
+        let data = try JSONEncoder().encode(state)
+        var object = try #require(JSONSerialization.jsonObject(with: data) as? [String: Any])
+        object["ipv6"] = nil
+        state = try JSONDecoder().decode(LabState.self, from: JSONSerialization.data(withJSONObject: object))
+        #expect(!state.ipv6 && state.ipv6Address(of: plan.host("server1")!) == nil)
+        #expect(throws: LabError.self) {
+            try LabSpec(name: "ds", middleboxes: ["fw1"], firewallProfiles: ["fw1": .snat], ipv6: true).validate()
+        }
+    }
+
+    @Test("a policy chain mixing families is refused with the reason")
+    func mixedChain() {
+        let config = AgentConfig(policies: [Policy(name: "p", match: SessionPredicate(), chain: [IPAddress("fd00::1")!, IPAddress(10, 0, 0, 1)])])
+        let error = #expect(throws: AgentConfig.ValidationError.self) { try config.validate() }
+        #expect(error.map { "\($0)" }?.contains("10.0.0.1 is not of the chain's first hop's family") == true)
+    }
+}
