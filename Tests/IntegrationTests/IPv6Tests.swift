@@ -1,3 +1,4 @@
+import ConntrackState
 import DyscoCore
 import DyscoLab
 import DyscoSystem
@@ -7,7 +8,7 @@ import Testing
 /// IPv6 sessions (issue 18, item 3) on a dual-stack lab (`lab up --ipv6`): the agents queue IPv6 TCP
 /// (`agent --ipv6`, ip6tables NFQUEUE rules), carry IPv6 sessions through the policies' IPv6 chains on the slow path,
 /// and take hostile IPv6 by the extension-header rule. Real namespaces, ip6tables strict firewalls (default DROP,
-/// ESTABLISHED-only), conntrack, curl and Python's HTTP server. Labs `v6a`, `v6b`: 10.78.151.0/24, 10.78.152.0/24.
+/// ESTABLISHED-only), conntrack, curl and Python's HTTP server. Labs `v6a`–`v6c`: 10.78.151.0/24–10.78.153.0/24.
 @Suite struct IPv6Tests {
     @Test("(c) an IPv6 chain beside IPv4 in a dual-stack lab: both downloads byte-exact at once through a strict fw1, 20 short IPv6 sessions; fw1's agent carries the IPv6 sessions (the session tuple, its subsessions); fw1's IPv6 firewall passed them as NEW and ESTABLISHED, no INVALID drop in either family")
     func dualStackChain() async throws {
@@ -131,6 +132,42 @@ import Testing
             try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 4)
             let file = "\(lab.directory)/blob.v6"
             try lab.exec("client1", ["curl", "-sS", "--fail", "-g", "-m", "60", "-o", file, "http://[\(server6)]/blob"])
+            #expect(try TestSupport.sha256(file) == TestSupport.sha256("\(lab.httpRoot)/blob"))
+        }
+    }
+
+    @Test("(c) a live IPv6 session's conntrack entry moves between boxes with the CLI: exported from fw1 by its tuple (AF_INET6), validated, imported into fw2, which then holds it ESTABLISHED with the window data; the download stays byte-exact")
+    func ipv6StateTransfer() async throws {
+        try await TestSupport.withLab(LabSpec(name: "v6c", middleboxes: ["fw1", "fw2"], subnet: "10.78.153.0/24", ipv6: true)) { lab in
+            let bin = try TestSupport.dyscoBinary()
+            let server6 = try #require(lab.ipv6Address(of: "server1"))
+            try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 8)
+            let file = "\(lab.directory)/blob.v6"
+            let curl = try lab.spawn("client1", ["curl", "-sS", "--fail", "-g", "-m", "60", "--limit-rate", "2M", "-o", file,
+                                                 "http://[\(server6)]/blob"])
+            var session: FiveTuple?
+            let live = try await TestSupport.eventually(timeout: 20) {
+                session = try await TestSupport.snapshot(lab, "fw1").sessions.first { $0.state == "established" && !$0.session.srcAddr.isIPv4 }?.session
+                return session != nil
+            }
+            #expect(live)
+            let s = try #require(session)
+            let match = "src=\(s.srcAddr),dst=\(s.dstAddr),sport=\(s.srcPort),dport=\(s.dstPort)"
+            let exported = try Command.run([bin, "state", "export", "--netns", lab.namespace(of: "fw1"), "--match", match]).stdout
+            let document = try StateDocument.decode(Data(exported.utf8))
+            let entry = try #require(document.entries.first)
+            #expect(document.entries.count == 1 && entry.family == .ipv6 && entry.orig.src == s.srcAddr && entry.orig.dst == s.dstAddr)
+            #expect(entry.tcp?.state == .established)
+            #expect(try Command.run([bin, "state", "validate", "-"], input: exported).succeeded)
+            let imported = try Command.run([bin, "state", "import", "--netns", lab.namespace(of: "fw2"), "-"], input: exported)
+            #expect(imported.stdout.contains("1 created"), "\(imported.stdout)")
+            let atFw2 = try StateDocument.decode(Data(try Command.run([bin, "state", "export", "--netns", lab.namespace(of: "fw2"),
+                                                                       "--match", match]).stdout.utf8))
+            #expect(atFw2.entries.map(\.key) == [entry.key])
+            #expect(atFw2.entries.first?.tcp?.state == .established)
+            #expect(atFw2.entries.first?.tcp?.orig.wscale == entry.tcp?.orig.wscale)
+            curl.waitUntilExit()
+            #expect(curl.terminationStatus == 0)
             #expect(try TestSupport.sha256(file) == TestSupport.sha256("\(lab.httpRoot)/blob"))
         }
     }
