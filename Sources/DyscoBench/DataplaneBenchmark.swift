@@ -21,6 +21,9 @@ public struct DataplaneBenchmark {
         public var agentArguments: [String] = []
         /// Also measure the chain with --no-fastpath (everything in NFQUEUE).
         public var includeSlowPath = true
+        /// Also measure IPv6 (dual-stack labs): kernel forwarding and the chain, whose IPv6 sessions the agents carry
+        /// on the slow path (docs/ARCHITECTURE.md, "IPv6 sessions").
+        public var includeIPv6 = true
         public var referenceScript: String?
         public var chain = ["fw1"]
         /// RPS on the labs' switch ports (``LabSpec/flowSteering``). Its per-packet IPI is a cost of the emulated
@@ -48,6 +51,19 @@ public struct DataplaneBenchmark {
         public var dysco: Run
         /// The chain with --no-fastpath: every packet through NFQUEUE.
         public var slowPath: Run?
+        /// IPv6 in dual-stack labs: kernel forwarding via fw1, and the chain (its IPv6 sessions on the slow path).
+        public var kernelIPv6: Run?
+        public var dyscoIPv6: Run?
+        public var ipv6Ratio1Flow: Double? { ratio(dyscoIPv6, kernelIPv6, \.goodput1FlowGbps) }
+        public var ipv6Ratio8Flows: Double? { ratio(dyscoIPv6, kernelIPv6, \.goodput8FlowsGbps) }
+        public var ipv6ConnectOverheadPerMiddleboxMicroseconds: Double? {
+            guard let d = dyscoIPv6, let k = kernelIPv6 else { return nil }
+            return (d.connect.p50Microseconds - k.connect.p50Microseconds) / Double(max(middleboxes, 1))
+        }
+        private func ratio(_ a: Run?, _ b: Run?, _ figure: KeyPath<Run, Double>) -> Double? {
+            guard let a, let b else { return nil }
+            return a[keyPath: figure] / max(b[keyPath: figure], 1e-9)
+        }
         /// The C NFQUEUE chain reference: its own kernel baseline and chain goodput (nil if not run).
         public var referenceKernelGbps: Double?
         public var referenceChainGbps: Double?
@@ -77,6 +93,7 @@ public struct DataplaneBenchmark {
             case seconds, repeats, middleboxes, flowSteering, kernel, dysco, slowPath, referenceKernelGbps, referenceChainGbps
             case ratio1Flow, ratio8Flows, slowRatio1Flow, slowRatio8Flows, referenceRatio, slowVersusCReference
             case connectOverheadPerMiddleboxMicroseconds, slowConnectOverheadPerMiddleboxMicroseconds, sessionsRatio
+            case kernelIPv6, dyscoIPv6, ipv6Ratio1Flow, ipv6Ratio8Flows, ipv6ConnectOverheadPerMiddleboxMicroseconds
         }
 
         public func encode(to encoder: any Encoder) throws {
@@ -100,6 +117,11 @@ public struct DataplaneBenchmark {
             try c.encode(sessionsRatio, forKey: .sessionsRatio)
             try c.encodeIfPresent(slowConnectOverheadPerMiddleboxMicroseconds,
                                   forKey: .slowConnectOverheadPerMiddleboxMicroseconds)
+            try c.encodeIfPresent(kernelIPv6, forKey: .kernelIPv6)
+            try c.encodeIfPresent(dyscoIPv6, forKey: .dyscoIPv6)
+            try c.encodeIfPresent(ipv6Ratio1Flow, forKey: .ipv6Ratio1Flow)
+            try c.encodeIfPresent(ipv6Ratio8Flows, forKey: .ipv6Ratio8Flows)
+            try c.encodeIfPresent(ipv6ConnectOverheadPerMiddleboxMicroseconds, forKey: .ipv6ConnectOverheadPerMiddleboxMicroseconds)
         }
 
         public init(from decoder: any Decoder) throws {
@@ -113,6 +135,8 @@ public struct DataplaneBenchmark {
             slowPath = try c.decodeIfPresent(Run.self, forKey: .slowPath)
             referenceKernelGbps = try c.decodeIfPresent(Double.self, forKey: .referenceKernelGbps)
             referenceChainGbps = try c.decodeIfPresent(Double.self, forKey: .referenceChainGbps)
+            kernelIPv6 = try c.decodeIfPresent(Run.self, forKey: .kernelIPv6)
+            dyscoIPv6 = try c.decodeIfPresent(Run.self, forKey: .dyscoIPv6)
         }
 
         init(seconds: Int, repeats: Int, middleboxes: Int, flowSteering: Bool = true,
@@ -176,17 +200,34 @@ public struct DataplaneBenchmark {
             (refKernel, refChain) = runReference(script)
         }
         let kernelMiddleboxes = options.chain.count
-        return Report(seconds: options.seconds, repeats: options.repeats, middleboxes: kernelMiddleboxes,
-                      flowSteering: options.flowSteering, kernel: kernel, dysco: dysco,
-                      slowPath: slowPath, referenceKernelGbps: refKernel, referenceChainGbps: refChain)
+        var report = Report(seconds: options.seconds, repeats: options.repeats, middleboxes: kernelMiddleboxes,
+                            flowSteering: options.flowSteering, kernel: kernel, dysco: dysco,
+                            slowPath: slowPath, referenceKernelGbps: refKernel, referenceChainGbps: refChain)
+        if options.includeIPv6 {
+            var kernel6 = kernelSpec
+            kernel6.name = "bench-k6"
+            kernel6.subnet = "10.79.4.0/24"
+            kernel6.ipv6 = true
+            logger.info("measuring kernel forwarding over IPv6 (no agents, routes via fw1)")
+            report.kernelIPv6 = try measure(kernel6, label: "kernel forwarding, IPv6", ipv6: true)
+            var dysco6 = dyscoSpec
+            dysco6.name = "bench-6"
+            dysco6.subnet = "10.79.5.0/24"
+            dysco6.ipv6 = true
+            logger.info("measuring the Dysco chain over IPv6 (its IPv6 sessions on the slow path)")
+            report.dyscoIPv6 = try measure(dysco6, label: "dysco, IPv6 (slow path)", ipv6: true)
+        }
+        return report
     }
 
-    private func measure(_ spec: LabSpec, label: String) throws -> Run {
+    private func measure(_ spec: LabSpec, label: String, ipv6: Bool = false) throws -> Run {
         try Lab.down(name: spec.name, force: true, logger: logger)
         let lab = try Lab.up(spec, logger: logger)
         defer { _ = try? lab.down() }
-        let server = lab.address(of: "server1").description
-        if !spec.agents, options.chain.count > 1 { try routeThroughChain(lab) }
+        let server = ipv6 ? try lab.ipv6Address(of: "server1").map(\.description)
+            ?? { throw LabError.setupFailed("lab \(spec.name) has no IPv6 addresses") }()
+            : lab.address(of: "server1").description
+        if !spec.agents, options.chain.count > 1, !ipv6 { try routeThroughChain(lab) }
         let g1 = try median((0..<options.repeats).map { _ in try iperf(lab, server: server, flows: 1) })
         let g8 = try median((0..<options.repeats).map { _ in try iperf(lab, server: server, flows: 8) })
         let helper = try options.helperBinary ?? Self.runningExecutable()
@@ -291,6 +332,19 @@ extension DataplaneBenchmark.Report {
         lines.append("fast path / kernel forwarding: 1 flow \(f(ratio1Flow)), 8 flows \(f(ratio8Flows)) (target ≥ 0.90)")
         lines.append("fast path connect overhead per middlebox (p50): \(us(connectOverheadPerMiddleboxMicroseconds)) µs (target < 300)")
         lines.append("fast path new sessions/s / kernel forwarding: \(f(sessionsRatio))")
+        if let k6 = kernelIPv6, let d6 = dyscoIPv6 {
+            for run in [k6, d6] {
+                lines.insert(run.label.padding(toLength: 30, withPad: " ", startingAt: 0)
+                    + f(run.goodput1FlowGbps).padding(toLength: 15, withPad: " ", startingAt: 0)
+                    + f(run.goodput8FlowsGbps).padding(toLength: 16, withPad: " ", startingAt: 0)
+                    + us(run.connect.p50Microseconds).padding(toLength: 16, withPad: " ", startingAt: 0)
+                    + us(run.connect.p99Microseconds).padding(toLength: 8, withPad: " ", startingAt: 0)
+                    + String(format: "%.0f", run.sessionsPerSecond), at: lines.count - 3)
+            }
+        }
+        if let r1 = ipv6Ratio1Flow, let r8 = ipv6Ratio8Flows, let o = ipv6ConnectOverheadPerMiddleboxMicroseconds {
+            lines.append("IPv6 chain (slow path) / IPv6 kernel forwarding: 1 flow \(f(r1)), 8 flows \(f(r8)); connect overhead per middlebox (p50) \(us(o)) µs")
+        }
         if let s1 = slowRatio1Flow, let s8 = slowRatio8Flows, let o = slowConnectOverheadPerMiddleboxMicroseconds {
             lines.append("NFQUEUE only / kernel forwarding: 1 flow \(f(s1)), 8 flows \(f(s8)); connect overhead per middlebox (p50) \(us(o)) µs (target < 200)")
         }

@@ -61,6 +61,7 @@ public struct BenchCommand: AsyncParsableCommand {
         @OptionGroup var bpfCheck: BenchBPFCheck
         @OptionGroup var jsonOutput: JSONOutput<JSONHelp.Report>
         @Flag(help: "Skip the --no-fastpath (NFQUEUE only) run.") var noSlowPath = false
+        @Flag(help: "Skip the IPv6 runs (kernel forwarding and the chain over IPv6, in dual-stack labs).") var noIpv6 = false
         @Flag(inversion: .prefixedNo, help: ArgumentHelp("RPS on the labs' switch ports, as every lab has it (--no-flow-steering: off).",
                                  discussion: "RPS costs an inter-processor interrupt per steered packet (a VM exit here), which a chain with NFQUEUE verdicts pays at every reinjection and kernel forwarding far less often; without it, bulk flows may be reordered on the switch and 8-flow kernel forwarding spreads over the CPUs (docs/ARCHITECTURE.md, bench dataplane). 0d3b31d's benchmark had none."))
         var flowSteering = true
@@ -84,6 +85,7 @@ public struct BenchCommand: AsyncParsableCommand {
             options.chain = (1...middleboxes).map { "fw\($0)" }
             options.agentArguments = agentArg
             options.includeSlowPath = !noSlowPath
+            options.includeIPv6 = !noIpv6
             options.flowSteering = flowSteering
             let defaultReference = FileManager.default.currentDirectoryPath + "/../shared/bench/chain-nfqueue-ref.sh"
             switch reference {

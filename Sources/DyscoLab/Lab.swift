@@ -467,6 +467,12 @@ public final class Lab: @unchecked Sendable {
                                      "dev", client.interface], netns: client.namespace)
                     try Command.run(["ip", "route", "replace", "\(client.address)/32", "via", "\(mb.address)",
                                      "dev", server.interface], netns: server.namespace)
+                    if let mb6 = s.ipv6Address(of: mb), let client6 = s.ipv6Address(of: client), let server6 = s.ipv6Address(of: server) {
+                        try Command.run(["ip", "-6", "route", "replace", "\(server6)/128", "via", "\(mb6)", "dev", client.interface],
+                                        netns: client.namespace)
+                        try Command.run(["ip", "-6", "route", "replace", "\(client6)/128", "via", "\(mb6)", "dev", server.interface],
+                                        netns: server.namespace)
+                    }
                 }
             }
         }
@@ -490,7 +496,8 @@ public final class Lab: @unchecked Sendable {
         var pending: [(LabHost, String, UInt16, Process)] = []
         for h in s.hosts where h.role == .server {
             let services: [(LabProcessRecord.Kind, UInt16, [String])] = [
-                (.iperf3, Self.iperfPort, ["iperf3", "-s", "-B", "\(h.address)", "-p", "\(Self.iperfPort)"]),
+                // Dual stack: iperf3 on every address (it binds one address or all).
+                (.iperf3, Self.iperfPort, ["iperf3", "-s", "-p", "\(Self.iperfPort)"] + (s.ipv6 ? [] : ["-B", "\(h.address)"])),
                 (.http, Self.httpPort, try Self.httpServer(address: h.address, port: Self.httpPort, root: s.httpRoot)),
                 (.httpAlt, Self.httpAltPort, try Self.httpServer(address: h.address, port: Self.httpAltPort, root: s.httpRoot)),
             ] + (try s.ipv6Address(of: h).map { [(.http6, Self.httpPort, try Self.httpServer(address: $0, port: Self.httpPort, root: s.httpRoot))] } ?? [])

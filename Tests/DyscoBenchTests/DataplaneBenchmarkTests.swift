@@ -25,4 +25,28 @@ import Testing
         #expect(slowBulk.count == 1 && slowBulk[0].contains("1 flow"))
         #expect(floors.violations(report(run("nan", .nan, 13, p50: .nan, sessions: 2000))).count == 2, "NaN never passes")
     }
+
+    /// The IPv6 rows (issue 18): printed after the IPv4 ones, their ratio against IPv6 kernel forwarding, and carried
+    /// through the JSON; a report without them (an older one, or `--no-ipv6`) reads back without them.
+    @Test func ipv6Rows() throws {
+        func run(_ label: String, _ g: Double, p50: Double) -> DataplaneBenchmark.Run {
+            .init(label: label, goodput1FlowGbps: g, goodput8FlowsGbps: g, connect: .init(count: 10, failures: 0,
+                  p50Microseconds: p50, p99Microseconds: p50, meanMicroseconds: p50), sessionsPerSecond: 100)
+        }
+        var report = DataplaneBenchmark.Report(seconds: 4, repeats: 3, middleboxes: 1, kernel: run("kernel forwarding", 20, p50: 40),
+                                               dysco: run("dysco, BPF datapath", 18, p50: 300), slowPath: nil,
+                                               referenceKernelGbps: nil, referenceChainGbps: nil)
+        #expect(report.ipv6Ratio1Flow == nil && !report.text.contains("IPv6"))
+        let plain = try JSONDecoder().decode(DataplaneBenchmark.Report.self, from: JSONEncoder().encode(report))
+        #expect(plain.dyscoIPv6 == nil)
+        report.kernelIPv6 = run("kernel forwarding, IPv6", 16, p50: 30)
+        report.dyscoIPv6 = run("dysco, IPv6 (slow path)", 4, p50: 430)
+        #expect(report.ipv6Ratio1Flow == 0.25 && report.ipv6ConnectOverheadPerMiddleboxMicroseconds == 400)
+        let lines = report.text.split(separator: "\n").map(String.init)
+        #expect(lines[2].hasPrefix("kernel forwarding ") && lines[3].hasPrefix("dysco, BPF datapath"))
+        #expect(lines[4].hasPrefix("kernel forwarding, IPv6") && lines[5].hasPrefix("dysco, IPv6 (slow path)"))
+        #expect(lines.contains { $0.hasPrefix("IPv6 chain (slow path) / IPv6 kernel forwarding: 1 flow 0.25") })
+        let back = try JSONDecoder().decode(DataplaneBenchmark.Report.self, from: JSONEncoder().encode(report))
+        #expect(back.dyscoIPv6?.goodput1FlowGbps == 4 && back.ipv6Ratio8Flows == 0.25)
+    }
 }
