@@ -302,6 +302,11 @@ public struct SpliceNotice: Sendable, Equatable {
 ///   72+n    16    MAC: HMAC-SHA256 (TrustGroup, current key) over bytes 0..<72+n, truncated to 16 bytes
 /// ```
 ///
+/// Version 5 is the same with every address 16 bytes (IPv6; an IPv4 address in its mapped form): the header is 132
+/// bytes (session addresses at 28 and 44, ports at 60, anchors at 64 and 80, stamp sender at 96, receiver at 104,
+/// counter at 120, sentAt at 124), and every body address and tuple is wide too. A message goes out as version 5 only
+/// when it names an IPv6 address (``minimumVersion``), so an IPv4 session's messages keep version 4's layout.
+///
 /// Rule: a message that fails any check is dropped, counted by ``ControlMessageError/counterName`` and changes
 /// nothing. The MAC is checked before anything of the body is read, and before the header's identity and
 /// addresses are looked at.
@@ -312,16 +317,28 @@ public struct ControlMessage: Sendable, Equatable {
     /// ``versions`` are refused (`bad-version`).
     /// 4 since issue 17 (the trigger's mode byte: stateless, stateful or held, was a 0/1 `stateful`; the splice
     /// notice).
-    public static let version: UInt8 = 4
-    /// The version the previous release (0.19.0) speaks: 4, like this one (0.20 changed nothing on the wire).
+    /// 5 since issue 18 (IPv6: 16-byte addresses, for the messages that name an IPv6 address).
+    public static let version: UInt8 = 5
+    /// The version the previous release (0.19.0) speaks: 4. This one adds 5 for IPv6 sessions only and sends every
+    /// IPv4 session's messages as 4.
     public static let previousReleaseVersion: UInt8 = 4
+    /// The first version with 16-byte addresses (``wideAddresses(_:)``), and the newest with 4-byte ones.
+    public static let ipv6Version: UInt8 = 5
+    public static let ipv4Version: UInt8 = 4
     /// What an agent of this release takes, and the lowest it sends (issue 19, rolling upgrade): the previous
     /// release's version and its own, so that agents of adjacent releases reconfigure sessions together while a
-    /// deployment is upgraded host by host (docs/CONTROL-PROTOCOL.md "Versions"). 4...4 in this release.
+    /// deployment is upgraded host by host (docs/CONTROL-PROTOCOL.md "Versions"). 4...5 in this release.
     public static let versions: ClosedRange<UInt8> = previousReleaseVersion...version
     /// The layouts the codec reads and writes (``encode(trust:version:)``, ``decode(_:trust:accepting:)``): version
-    /// 3 is version 4 without the held mode and the splice notice (``ControlMessageType/since``).
+    /// 3 is version 4 without the held mode and the splice notice (``ControlMessageType/since``); version 5 is
+    /// version 4 with 16-byte addresses.
     public static let knownVersions: ClosedRange<UInt8> = 3...version
+
+    /// Whether `version` writes addresses in 16 bytes.
+    public static func wideAddresses(_ version: UInt8) -> Bool { version >= ipv6Version }
+
+    /// Bytes of the header in `version`: 72, or 132 with 16-byte addresses.
+    public static func headerLength(version: UInt8) -> Int { wideAddresses(version) ? 132 : headerLength }
 
     /// The oldest version that carries this message: 4 for what version 4 added (a held trigger, a splice
     /// notice), 3 for everything else. The emit rule: a message goes out as the oldest version that carries it, but
@@ -329,6 +346,8 @@ public struct ControlMessage: Sendable, Equatable {
     /// every message it understands. When a release changes the wire (version 5), it takes 4 and 5 and sends 4
     /// wherever 4 carries the message.
     public var minimumVersion: UInt8 {
+        let addresses = [session.srcAddr, session.dstAddr, leftAnchor, rightAnchor, stamp.receiver] + body.addresses
+        if addresses.contains(where: { !$0.isIPv4 }) { return Self.ipv6Version }
         if case .trigger(let t) = body, t.mode == .held { return 4 }
         return body.type.since
     }
@@ -400,8 +419,9 @@ public struct ControlMessage: Sendable, Equatable {
         let version = version ?? emitVersion
         precondition(Self.knownVersions.contains(version) && version >= minimumVersion,
                      "ControlMessage.encode: \(body.type) cannot go out as version \(version)")
-        var out = ControlWriter()
-        out.reserve(Self.headerLength + 64 + TrustGroup.macLength)
+        var out = ControlWriter(wide: Self.wideAddresses(version))
+        let headerLength = Self.headerLength(version: version)
+        out.reserve(headerLength + 64 + TrustGroup.macLength)
         out.u32(Self.magic)
         out.u8(version)
         out.u8(body.type.rawValue)
@@ -410,15 +430,15 @@ public struct ControlMessage: Sendable, Equatable {
         out.u64(identity.nonce)
         out.u32(requestID)
         out.tupleHeader(session)
-        out.u32(leftAnchor.value)
-        out.u32(rightAnchor.value)
+        out.address(leftAnchor)
+        out.address(rightAnchor)
         out.u64(stamp.sender)
-        out.u32(stamp.receiver.value)
+        out.address(stamp.receiver)
         out.u32(stamp.counter)
         out.u64(stamp.sentAt)
-        precondition(out.bytes.count == Self.headerLength)
+        precondition(out.bytes.count == headerLength)
         encodeBody(into: &out)
-        let bodyLength = out.bytes.count - Self.headerLength
+        let bodyLength = out.bytes.count - headerLength
         out.bytes[6] = UInt8(bodyLength >> 8)
         out.bytes[7] = UInt8(truncatingIfNeeded: bodyLength)
         let tag = out.bytes.withUnsafeBytes { trust.mac($0) }
@@ -430,7 +450,7 @@ public struct ControlMessage: Sendable, Equatable {
         switch body {
         case .trigger(let t):
             out.u32(t.deadlineMilliseconds)
-            out.u32(t.oldBox.value)
+            out.address(t.oldBox)
             out.u8(t.mode.rawValue)
             out.addresses(t.newPath)
         case .triggerResult(let r):
@@ -462,7 +482,7 @@ public struct ControlMessage: Sendable, Equatable {
         case .drainStart(let stateful):
             out.bool(stateful)
         case .stateRequest(let newBox):
-            out.u32(newBox.value)
+            out.address(newBox)
         case .statePut(let document):
             out.u16(UInt16(document.count))
             out.bytes.append(contentsOf: document)
@@ -505,6 +525,8 @@ public struct ControlMessage: Sendable, Equatable {
         guard accepting.contains(version), knownVersions.contains(version) else { throw .unsupportedVersion(version) }
         guard let type = ControlMessageType(rawValue: bytes[5]), version >= type.since else { throw .unknownType(bytes[5]) }
         let bodyLength = Int(cmReadBE16(bytes, 6))
+        let wide = wideAddresses(version)
+        let headerLength = headerLength(version: version)
         let declared = headerLength + bodyLength + TrustGroup.macLength
         guard declared == length else { throw .lengthMismatch(declared: declared, actual: length) }
 
@@ -512,22 +534,23 @@ public struct ControlMessage: Sendable, Equatable {
         let tag = UnsafeRawBufferPointer(rebasing: bytes[(headerLength + bodyLength)...])
         guard trust.verify(tag, signed) else { throw .badMAC }
 
-        // Authenticated from here on.
-        let identity = SessionIdentity(chainID: cmReadBE64(bytes, 8), nonce: cmReadBE64(bytes, 16))
+        // Authenticated from here on. The header is read in order, like the body (its lengths are fixed per version).
+        var header = ControlReader(bytes: UnsafeRawBufferPointer(rebasing: bytes[8..<headerLength]), type: type, wide: wide)
+        let identity = SessionIdentity(chainID: try header.u64("chainID"), nonce: try header.u64("nonce"))
         guard identity.chainID != 0 else { throw .zeroIdentity }
-        let requestID = cmReadBE32(bytes, 24)
-        let session = cmReadTuple(bytes, 28)
-        let leftAnchor = IPAddress(cmReadBE32(bytes, 40))
-        let rightAnchor = IPAddress(cmReadBE32(bytes, 44))
-        let stamp = ControlStamp(sender: cmReadBE64(bytes, 48), receiver: IPAddress(cmReadBE32(bytes, 56)),
-                                 counter: cmReadBE32(bytes, 60), sentAt: cmReadBE64(bytes, 64))
+        let requestID = try header.u32("requestID")
+        let session = try header.rawTuple("session")
+        let leftAnchor = try header.address("leftAnchor")
+        let rightAnchor = try header.address("rightAnchor")
+        let stamp = ControlStamp(sender: try header.u64("stamp sender"), receiver: try header.address("stamp receiver"),
+                                 counter: try header.u32("stamp counter"), sentAt: try header.u64("stamp sentAt"))
         for address in [session.srcAddr, session.dstAddr, leftAnchor, rightAnchor] where address.isForbiddenHop {
             throw .forbiddenAddress(address)
         }
         guard session.srcPort != 0, session.dstPort != 0 else { throw .badBody(type, "header session has port 0") }
 
         var reader = ControlReader(bytes: UnsafeRawBufferPointer(rebasing: bytes[headerLength..<(headerLength + bodyLength)]),
-                                   type: type)
+                                   type: type, wide: wide)
         let body = try decodeBody(type, &reader)
         guard reader.atEnd else { throw .badBody(type, "\(reader.remaining) trailing bytes") }
         if case .trigger(let t) = body, t.mode == .held, version < 4 { throw .badBody(type, "mode is 2, not 0 or 1 (version \(version))") }
@@ -550,7 +573,7 @@ public struct ControlMessage: Sendable, Equatable {
         switch type {
         case .trigger:
             let deadline = try r.u32("deadline")
-            let oldBox = IPAddress(try r.u32("oldBox"))
+            let oldBox = try r.address("oldBox")
             let modeByte = try r.u8("mode")
             guard let mode = TransferMode(rawValue: modeByte) else { throw r.fail("mode is \(modeByte), not 0, 1 or 2") }
             let newPath = try r.addresses("newPath", 1...ControlBody.maxPathAddresses)
@@ -602,7 +625,7 @@ public struct ControlMessage: Sendable, Equatable {
             return .drainStart(stateful: try r.bool("stateful"))
         case .drained: return .drained
         case .stateRequest:
-            return .stateRequest(newBox: IPAddress(try r.u32("newBox")))
+            return .stateRequest(newBox: try r.address("newBox"))
         case .statePut:
             let count = Int(try r.u16("document length"))
             guard count <= ControlBody.maxDocumentBytes else {
@@ -634,7 +657,7 @@ public struct ControlMessage: Sendable, Equatable {
 
 extension ControlBody {
     /// Every address the body names (checked against ``IPAddress/isForbiddenHop`` on decode).
-    fileprivate var addresses: [IPAddress] {
+    var addresses: [IPAddress] {
         switch self {
         case .trigger(let t): [t.oldBox] + t.newPath
         case .newPathSyn(let s, let remaining): [s.srcAddr, s.dstAddr] + remaining
@@ -650,6 +673,11 @@ extension ControlBody {
 
 private struct ControlWriter {
     var bytes: [UInt8] = []
+    /// Version 5's 16-byte addresses (else 4 bytes: the encoder only asks for a narrow layout when every address is
+    /// IPv4, ``ControlMessage/minimumVersion``).
+    let wide: Bool
+
+    init(wide: Bool) { self.wide = wide }
 
     mutating func reserve(_ n: Int) { bytes.reserveCapacity(n) }
     mutating func u8(_ v: UInt8) { bytes.append(v) }
@@ -666,17 +694,20 @@ private struct ControlWriter {
         u32(UInt32(truncatingIfNeeded: v))
     }
     mutating func bool(_ v: Bool) { bytes.append(v ? 1 : 0) }
+    mutating func address(_ a: IPAddress) {
+        if wide { bytes.append(contentsOf: a.ipv6Bytes) } else { u32(a.value) }
+    }
     /// srcAddr, dstAddr, srcPort, dstPort (the header's order).
     mutating func tupleHeader(_ t: FiveTuple) {
-        u32(t.srcAddr.value)
-        u32(t.dstAddr.value)
+        address(t.srcAddr)
+        address(t.dstAddr)
         u16(t.srcPort)
         u16(t.dstPort)
     }
     /// u8 count, then the addresses.
     mutating func addresses(_ list: [IPAddress]) {
         u8(UInt8(list.count))
-        for a in list { u32(a.value) }
+        for a in list { address(a) }
     }
     /// u8 length, then the UTF-8 bytes, truncated to `max` at a scalar boundary.
     mutating func string(_ s: String, max: Int) {
@@ -694,11 +725,14 @@ private struct ControlWriter {
 private struct ControlReader {
     let bytes: UnsafeRawBufferPointer
     let type: ControlMessageType
+    /// 16-byte addresses (version 5).
+    let wide: Bool
     var offset = 0
 
-    init(bytes: UnsafeRawBufferPointer, type: ControlMessageType) {
+    init(bytes: UnsafeRawBufferPointer, type: ControlMessageType, wide: Bool) {
         self.bytes = bytes
         self.type = type
+        self.wide = wide
     }
 
     var remaining: Int { bytes.count - offset }
@@ -741,8 +775,21 @@ private struct ControlReader {
         }
         return s
     }
+    mutating func u64(_ field: String) throws(ControlMessageError) -> UInt64 {
+        cmReadBE64(bytes, try need(8, field))
+    }
+    mutating func address(_ field: String) throws(ControlMessageError) -> IPAddress {
+        guard wide else { return IPAddress(try u32(field)) }
+        let at = try need(16, field)
+        return IPAddress(networkBytes: UnsafeRawBufferPointer(rebasing: bytes[at..<(at + 16)]))
+    }
+    /// srcAddr, dstAddr, srcPort, dstPort, ports not checked.
+    mutating func rawTuple(_ field: String) throws(ControlMessageError) -> FiveTuple {
+        let src = try address(field), dst = try address(field)
+        return FiveTuple(srcAddr: src, srcPort: try u16(field), dstAddr: dst, dstPort: try u16(field))
+    }
     mutating func tuple(_ field: String) throws(ControlMessageError) -> FiveTuple {
-        let t = cmReadTuple(bytes, try need(12, field))
+        let t = try rawTuple(field)
         guard t.srcPort != 0, t.dstPort != 0 else { throw fail("\(field) has port 0") }
         return t
     }
@@ -751,7 +798,7 @@ private struct ControlReader {
         guard allowed.contains(n) else { throw fail("\(field) has \(n) addresses (\(allowed.lowerBound)...\(allowed.upperBound))") }
         var list: [IPAddress] = []
         list.reserveCapacity(n)
-        for _ in 0..<n { list.append(IPAddress(try u32(field))) }
+        for _ in 0..<n { list.append(try address(field)) }
         return list
     }
 }
@@ -765,12 +812,6 @@ private struct ControlReader {
 @inline(__always) private func cmReadBE64(_ b: UnsafeRawBufferPointer, _ at: Int) -> UInt64 {
     UInt64(cmReadBE32(b, at)) << 32 | UInt64(cmReadBE32(b, at + 4))
 }
-/// srcAddr(4) dstAddr(4) srcPort(2) dstPort(2).
-@inline(__always) private func cmReadTuple(_ b: UnsafeRawBufferPointer, _ at: Int) -> FiveTuple {
-    FiveTuple(srcAddr: IPAddress(cmReadBE32(b, at)), srcPort: cmReadBE16(b, at + 8),
-              dstAddr: IPAddress(cmReadBE32(b, at + 4)), dstPort: cmReadBE16(b, at + 10))
-}
-
 // MARK: - Bundles: several messages in one datagram
 
 extension ControlMessage {
@@ -784,14 +825,16 @@ extension ControlMessage {
     /// they start with the magic, the frame is 72 + bodyLength + 16 bytes when that fits in what remains;
     /// otherwise the rest of the datagram is one last frame (which decode then refuses: `truncated`,
     /// `bad-magic` or `bad-length`). A datagram of one message is one frame. A forged length can only spoil the
-    /// rest of its own datagram: each frame's MAC is still checked.
-    public static func frames(in count: Int, readingHeader header: (Int) -> (magic: UInt32, bodyLength: Int)?) -> [Range<Int>] {
+    /// rest of its own datagram: each frame's MAC is still checked. The header's length is its version's (72, or 132 for
+    /// version 5).
+    public static func frames(in count: Int, readingHeader header: (Int) -> (magic: UInt32, version: UInt8, bodyLength: Int)?)
+        -> [Range<Int>] {
         var frames: [Range<Int>] = []
         var offset = 0
         while offset < count {
             let remaining = count - offset
             if remaining >= 8, let h = header(offset), h.magic == magic {
-                let length = headerLength + h.bodyLength + TrustGroup.macLength
+                let length = headerLength(version: h.version) + h.bodyLength + TrustGroup.macLength
                 if length <= remaining {
                     frames.append(offset..<(offset + length))
                     offset += length
@@ -807,7 +850,7 @@ extension ControlMessage {
     /// ``frames(in:readingHeader:)`` over bytes.
     public static func frames(in bytes: UnsafeRawBufferPointer) -> [Range<Int>] {
         frames(in: bytes.count) { offset in
-            (cmReadBE32(bytes, offset), Int(cmReadBE16(bytes, offset + 6)))
+            (cmReadBE32(bytes, offset), bytes[offset + 4], Int(cmReadBE16(bytes, offset + 6)))
         }
     }
 

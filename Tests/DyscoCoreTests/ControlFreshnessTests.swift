@@ -120,7 +120,7 @@ import Testing
                                leftAnchor: session.srcAddr, rightAnchor: session.dstAddr, body: .requestLock(rightDelta: 0))
         m.stamp = ControlStamp(sender: 0x0102_0304_0506_0708, receiver: Self.me, counter: 9, sentAt: Self.start)
         let bytes = m.encode(trust: trust)
-        #expect(bytes[4] == ControlMessage.version && bytes.count == 72 + 4 + 16)
+        #expect(bytes[4] == ControlMessage.ipv4Version && bytes.count == 72 + 4 + 16)
         #expect(try ControlMessage.decode(bytes, trust: trust) == m)
         for offset in [48, 56, 60, 64, 71] {
             var tampered = bytes

@@ -103,7 +103,7 @@ struct ControlMessageTests {
     }
 
     static func crafted(_ type: ControlMessageType, _ body: [UInt8]) -> [UInt8] {
-        resigned(sample(.ackCancel).encode(trust: trust, version: ControlMessage.version), type: type, body: body)
+        resigned(sample(.ackCancel).encode(trust: trust, version: ControlMessage.ipv4Version), type: type, body: body)
     }
 
     static func be16(_ v: Int) -> [UInt8] { [UInt8(v >> 8 & 0xFF), UInt8(v & 0xFF)] }
@@ -307,7 +307,7 @@ struct ControlMessageTests {
 
     @Test("framing errors: magic, version, type, too long")
     func framing() {
-        let good = Self.sample(.drained).encode(trust: Self.trust, version: ControlMessage.version)
+        let good = Self.sample(.drained).encode(trust: Self.trust, version: ControlMessage.ipv4Version)
         var bytes = good
         bytes[0] = 0x45
         #expect(Self.decodeError(bytes) == .badMagic)
@@ -321,8 +321,11 @@ struct ControlMessageTests {
         bytes[4] = 3  // version 3 (the trigger's boolean stateful, issue 17) is refused: 0.19 and 0.20 speak 4
         #expect(Self.decodeError(bytes) == .unsupportedVersion(3))
         bytes = good
-        bytes[4] = 5
-        #expect(Self.decodeError(bytes) == .unsupportedVersion(5))
+        bytes[4] = 5  // a version-4 message relabelled 5: its 16-byte-address header would be longer than the datagram
+        #expect(Self.decodeError(bytes) == .lengthMismatch(declared: bytes.count + 60, actual: bytes.count))
+        bytes = good
+        bytes[4] = 6
+        #expect(Self.decodeError(bytes) == .unsupportedVersion(6))
         for raw: UInt8 in [0, 3, 9, 15, 25, 32, 43, 52, 255] {
             bytes = good
             bytes[5] = raw
@@ -507,7 +510,7 @@ struct ControlMessageTests {
             // Half of them get plausible framing so they reach the MAC check.
             if i % 2 == 0, length >= 88 {
                 bytes[0...3] = [0x44, 0x59, 0x43, 0x4D]
-                bytes[4] = ControlMessage.version
+                bytes[4] = ControlMessage.ipv4Version
                 bytes[5] = ControlMessageType.allCases.randomElement(using: &rng)!.rawValue
                 let bodyLength = length - 88
                 bytes[6] = UInt8(bodyLength >> 8)
@@ -544,7 +547,7 @@ struct ControlMessageTests {
     @Test("10,000 random correctly signed bodies never crash; whatever decodes re-encodes to the same bytes")
     func randomSignedBodies() throws {
         var rng = ControlTestRandom(seed: 7)
-        let template = Self.sample(.ackCancel).encode(trust: Self.trust, version: ControlMessage.version)
+        let template = Self.sample(.ackCancel).encode(trust: Self.trust, version: ControlMessage.ipv4Version)
         var decoded = 0
         for _ in 0..<10_000 {
             let type = ControlMessageType.allCases.randomElement(using: &rng)!
@@ -563,7 +566,7 @@ struct ControlMessageTests {
                 let message = try ControlMessage.decode(bytes, trust: Self.trust)
                 decoded += 1
                 #expect(message.body.type == type)
-                #expect(message.encode(trust: Self.trust, version: ControlMessage.version) == bytes)
+                #expect(message.encode(trust: Self.trust, version: ControlMessage.ipv4Version) == bytes)
             } catch {
                 switch error {
                 case .badBody(let t, _): #expect(t == type)

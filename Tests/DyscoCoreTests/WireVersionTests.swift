@@ -50,9 +50,9 @@ struct WireVersionTests {
         #expect(current[4] == 4 && Array(current[5..<(current.count - TrustGroup.macLength)]) == Array(golden[5..<(golden.count - TrustGroup.macLength)]))
     }
 
-    @Test("emit rule: the oldest version that carries the message, never below what the previous release takes (4 now)")
+    @Test("emit rule: the oldest version that carries the message, never below what the previous release takes (4 now); an IPv4 session's messages go as 4 though the agent takes 5")
     func emitRule() throws {
-        #expect(ControlMessage.versions == 4...4 && ControlMessage.previousReleaseVersion == 4)
+        #expect(ControlMessage.versions == 4...5 && ControlMessage.previousReleaseVersion == 4)
         for type in ControlMessageType.allCases {
             let message = T.sample(type)
             let minimum: UInt8 = type == .splice ? 4 : 3
@@ -139,6 +139,58 @@ struct WireVersionTests {
         snapshot.wireVersions = Array(ControlMessage.versions)
         let read = try JSONDecoder().decode(AgentSnapshot.self, from: JSONEncoder().encode(snapshot))
         #expect(read.agentVersion == DyscoVersion.string)
-        #expect(read.wireVersions == [4])
+        #expect(read.wireVersions == [4, 5])
+    }
+
+    /// An IPv6 session's messages: every sample body with IPv6 addresses in the header and body.
+    static func ipv6Message(_ type: ControlMessageType) -> ControlMessage {
+        func v6(_ low: UInt64) -> IPAddress { IPAddress(high: 0xfd00_0077_0000_0000, low: low) }
+        let session = FiveTuple(srcAddr: v6(0x10), srcPort: 43210, dstAddr: v6(0xc9), dstPort: 80)
+        let subsession = FiveTuple(srcAddr: v6(0x101), srcPort: 40001, dstAddr: v6(0x202), dstPort: 40002)
+        var body = T.sampleBody(type)
+        switch body {
+        case .trigger(var t):
+            t.newPath = [v6(0x69), v6(0xc9)]
+            t.oldBox = v6(0x68)
+            body = .trigger(t)
+        case .newPathSyn: body = .newPathSyn(subsession: subsession, remaining: [v6(0xc8)])
+        case .newPathSynAck: body = .newPathSynAck(subsession: subsession)
+        case .stateRequest: body = .stateRequest(newBox: v6(0x69))
+        case .splice: body = .splice(SpliceNotice(tsDelta: -77, alias: (T.identity, subsession)))
+        default: break
+        }
+        var message = T.message(body, session: session, left: v6(0x10), right: v6(0xc8))
+        message.stamp = ControlStamp(sender: 7, receiver: v6(0x65), counter: 3, sentAt: 1_700_000_000_000_000)
+        return message
+    }
+
+    @Test("version 5 (issue 18): a message naming an IPv6 address goes as 5, with 16-byte addresses (132-byte header); every type round-trips; an agent taking only 4 refuses it as bad-version; every byte flip is refused", arguments: ControlMessageType.allCases)
+    func ipv6Layout(type: ControlMessageType) throws {
+        let message = Self.ipv6Message(type)
+        #expect(message.minimumVersion == 5 && message.emitVersion == 5)
+        let bytes = message.encode(trust: T.trust)
+        #expect(bytes[4] == 5)
+        #expect(Int(bytes[6]) << 8 | Int(bytes[7]) == bytes.count - 132 - TrustGroup.macLength, "a 132-byte header")
+        #expect(Array(bytes[28..<44]) == message.session.srcAddr.ipv6Bytes && Array(bytes[64..<80]) == message.leftAnchor.ipv6Bytes)
+        #expect(try ControlMessage.decode(bytes, trust: T.trust) == message)
+        #expect(throws: ControlMessageError.unsupportedVersion(5)) { try ControlMessage.decode(bytes, trust: T.trust, accepting: 4...4) }
+        for index in stride(from: 0, to: bytes.count, by: 3) {
+            var flipped = bytes
+            flipped[index] ^= 0x24
+            #expect(T.decodeError(flipped) != nil, "byte \(index)")
+        }
+    }
+
+    @Test("version 5: IPv6 addresses a hop may never be (::1, fe80::/10, ff00::/8) are refused after the MAC; a bundle of a version-4 and a version-5 message splits into both")
+    func ipv6Refusals() throws {
+        var message = Self.ipv6Message(.drained)
+        message.rightAnchor = IPAddress("fe80::1")!
+        #expect(T.decodeError(message.encode(trust: T.trust)) == .forbiddenAddress(IPAddress("fe80::1")!))
+        message.rightAnchor = IPAddress("::1")!
+        #expect(T.decodeError(message.encode(trust: T.trust)) == .forbiddenAddress(IPAddress("::1")!))
+        let v4 = T.sample(.ackLock).encode(trust: T.trust), v6 = Self.ipv6Message(.newPathSyn).encode(trust: T.trust)
+        let results = ControlMessage.decodeAll(v4 + v6 + v4, trust: T.trust)
+        #expect(results.count == 3 && results.allSatisfy { (try? $0.get()) != nil })
+        #expect((try? results[1].get()) == Self.ipv6Message(.newPathSyn))
     }
 }
