@@ -60,6 +60,7 @@ static inline int dysco_eventfd(void) { return eventfd(0, EFD_NONBLOCK | EFD_CLO
 
 /* A raw IPv4 socket that sends whole packets we built (IP_HDRINCL implied by IPPROTO_RAW). */
 static inline int dysco_raw_ipv4_socket(void) { return socket(AF_INET, SOCK_RAW | SOCK_CLOEXEC, IPPROTO_RAW); }
+static inline int dysco_raw_ipv6_socket(void) { return socket(AF_INET6, SOCK_RAW | SOCK_CLOEXEC, IPPROTO_RAW); }
 static inline int dysco_so_mark(void) { return SO_MARK; }
 /* Fixed malloc thresholds (glibc): without them, freeing one large block (a big dictionary's storage, mmapped)
    raises the mmap threshold to its size and the trim threshold to twice that, after which the tops of the

@@ -15,6 +15,10 @@ final class ControlPlane: Sendable {
     /// The group was made for this socket (nil `group` at init) and goes with it.
     private let ownsGroup: Bool
     private let channel: Mutex<Channel?>
+    /// The IPv6 socket (`agent --ipv6`: IPv6 sessions' control messages, version 5), beside the IPv4 one; nil
+    /// without IPv6.
+    private let channel6: Mutex<Channel?>
+    private let ipv6: Bool
     private let closing = Atomic<Bool>(false)
     private let receive: @Sendable ([UInt8], IPAddress, IPAddress?) -> Void
     let port: UInt16
@@ -23,25 +27,31 @@ final class ControlPlane: Sendable {
     let reopened = Atomic<Int>(0)
 
     /// `group`: the event loops to run on (the agent's shared group); nil: a one-thread group of its own.
-    init(port: UInt16, group: (any EventLoopGroup)? = nil,
+    init(port: UInt16, group: (any EventLoopGroup)? = nil, ipv6: Bool = false,
          receive: @escaping @Sendable ([UInt8], IPAddress, IPAddress?) -> Void) throws {
         ownsGroup = group == nil
         self.group = group ?? MultiThreadedEventLoopGroup(numberOfThreads: 1)
         self.port = port
         self.receive = receive
+        self.ipv6 = ipv6
         channel = Mutex(nil)
+        channel6 = Mutex(nil)
         do {
-            try open()
+            try open(ipv6: false)
+            if ipv6 { try open(ipv6: true) }
         } catch {
             if ownsGroup { try? self.group.syncShutdownGracefully() }
             throw ControlError(message: "cannot bind the control port udp/\(port): \(error)")
         }
     }
 
-    private func open() throws {
+    /// Binds the IPv4 socket (0.0.0.0) or the IPv6 one ([::], IPv6 only: the IPv4 socket keeps IPv4).
+    private func open(ipv6: Bool) throws {
         let receive = receive
-        let opened = try DatagramBootstrap(group: group)
+        var bootstrap = DatagramBootstrap(group: group)
             .channelOption(.socketOption(.so_reuseaddr), value: 1)
+        if ipv6 { bootstrap = bootstrap.channelOption(ChannelOptions.Types.SocketOption(level: .ipv6, name: .ipv6_v6only), value: 1) }
+        let opened = try bootstrap
             .channelOption(.socketOption(.so_rcvbuf), value: 4 << 20)
             .channelOption(.receivePacketInfo, value: true)
             // SwiftNIO reads datagrams into 2,048-byte buffers by default: bundles and state documents are longer.
@@ -51,22 +61,22 @@ final class ControlPlane: Sendable {
                     try channel.pipeline.syncOperations.addHandler(Inbound(receive: receive))
                 }
             }
-            .bind(host: "0.0.0.0", port: Int(port))
+            .bind(host: ipv6 ? "::" : "0.0.0.0", port: Int(port))
             .wait()
-        channel.withLock { $0 = opened }
+        if ipv6 { channel6.withLock { $0 = opened } } else { channel.withLock { $0 = opened } }
         opened.closeFuture.whenComplete { [weak self] _ in
             guard let self, !self.closing.load(ordering: .relaxed) else { return }
             // Reopen on the event loop's thread pool, not inside the close callback.
             DispatchQueue.global().async {
                 guard !self.closing.load(ordering: .relaxed) else { return }
-                if (try? self.open()) != nil { self.reopened.add(1, ordering: .relaxed) }
+                if (try? self.open(ipv6: ipv6)) != nil { self.reopened.add(1, ordering: .relaxed) }
             }
         }
     }
 
     func send(_ bytes: [UInt8], to address: IPAddress) {
         guard let remote = try? SocketAddress(ipAddress: address.description, port: Int(port)),
-              let channel = channel.withLock({ $0 }) else { return }
+              let channel = address.isIPv4 ? channel.withLock({ $0 }) : channel6.withLock({ $0 }) else { return }
         let buffer = channel.allocator.buffer(bytes: bytes)
         channel.writeAndFlush(AddressedEnvelope(remoteAddress: remote, data: buffer), promise: nil)
     }
@@ -74,6 +84,7 @@ final class ControlPlane: Sendable {
     func close() {
         closing.store(true, ordering: .relaxed)
         try? channel.withLock({ $0 })?.close().wait()
+        try? channel6.withLock({ $0 })?.close().wait()
         if ownsGroup { try? group.syncShutdownGracefully() }
     }
 
@@ -100,10 +111,16 @@ final class ControlPlane: Sendable {
 }
 
 extension IPAddress {
-    /// The address of an IPv4 socket address, read from its `sockaddr_in` (network byte order); nil for any other family.
+    /// The address of an IPv4 or IPv6 socket address, read from its `sockaddr_in`/`sockaddr_in6` (network byte order;
+    /// an IPv4-mapped IPv6 address is the IPv4 address); nil for any other family.
     init?(_ address: SocketAddress) {
-        guard case .v4(let v4) = address else { return nil }
-        self.init(sockaddrIn: v4.address)
+        switch address {
+        case .v4(let v4): self.init(sockaddrIn: v4.address)
+        case .v6(let v6):
+            var raw = v6.address.sin6_addr
+            self = withUnsafeBytes(of: &raw) { IPAddress(networkBytes: $0) }
+        default: return nil
+        }
     }
 
     init?(sockaddrIn address: sockaddr_in) {
@@ -116,9 +133,16 @@ extension IPAddress {
 /// packets carry the egress fast-path mark, so this host's NFQUEUE egress rules let them pass untouched.
 final class RawPacketSender: Sendable {
     private let fd: Int32
+    /// The IPv6 raw socket (IPPROTO_RAW: the header is the packet's own, IPV6_HDRINCL); nil where IPv6 is off.
+    private let fd6: Int32?
 
     init() throws {
-        fd = try sysCall("socket(AF_INET, SOCK_RAW, IPPROTO_RAW)") { dysco_raw_ipv4_socket() }
+        fd = try Self.markedSocket("socket(AF_INET, SOCK_RAW, IPPROTO_RAW)") { dysco_raw_ipv4_socket() }
+        fd6 = try? Self.markedSocket("socket(AF_INET6, SOCK_RAW, IPPROTO_RAW)") { dysco_raw_ipv6_socket() }
+    }
+
+    private static func markedSocket(_ call: String, _ open: () -> Int32) throws -> Int32 {
+        let fd = try sysCall(call) { open() }
         var mark = FastPath.egressMark
         do {
             try sysCall("setsockopt(SO_MARK)") {
@@ -128,15 +152,29 @@ final class RawPacketSender: Sendable {
             close(fd)
             throw error
         }
+        return fd
     }
 
-    deinit { close(fd) }
+    deinit {
+        close(fd)
+        if let fd6 { close(fd6) }
+    }
 
-    /// Sends a whole IPv4 packet (header included) to its destination address.
+    /// Sends a whole IPv4 or IPv6 packet (header included) to its destination address.
     func send(_ packet: UnsafeRawBufferPointer, to destination: IPAddress) throws {
-        // The agent's IPv6 sessions are not wired yet (docs/ARCHITECTURE.md, Limits): never an IPv4 send to the
-        // last 32 bits of an IPv6 address.
-        guard destination.isIPv4 else { throw SystemCallError(operation: "sendto(raw probe to \(destination))", errno: EAFNOSUPPORT) }
+        guard destination.isIPv4 else {
+            guard let fd6 else { throw SystemCallError(operation: "sendto(raw probe to \(destination))", errno: EAFNOSUPPORT) }
+            var address = sockaddr_in6()
+            address.sin6_family = sa_family_t(AF_INET6)
+            withUnsafeMutableBytes(of: &address.sin6_addr) { destination.store(to: $0.baseAddress!) }
+            let sent = withUnsafePointer(to: &address) { pointer in
+                pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    sendto(fd6, packet.baseAddress, packet.count, 0, $0, socklen_t(MemoryLayout<sockaddr_in6>.size))
+                }
+            }
+            if sent < 0 { throw SystemCallError(operation: "sendto(raw probe to \(destination))", errno: errno) }
+            return
+        }
         var address = sockaddr_in()
         address.sin_family = sa_family_t(AF_INET)
         address.sin_addr.s_addr = destination.value.bigEndian

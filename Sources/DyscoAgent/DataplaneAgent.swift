@@ -118,7 +118,8 @@ public final class DataplaneAgent: @unchecked Sendable {
         }
         metrics = options.metrics.map { _ in AgentMetrics(logger: logger) }
         migrationSettings = MigrationEngine.Settings(controlPort: options.controlPort, acceptState: options.acceptState,
-                                                     stateStore: options.stateStore, wireVersions: options.wireVersions)
+                                                     stateStore: options.stateStore, wireVersions: options.wireVersions,
+                                                     ipv6: options.ipv6)
         // The BPF datapath takes a session with its SYN (a map write costs microseconds): docs/BPF.md
         // "Connection setup in the kernel".
         settings.installAtSyn = options.fastPath

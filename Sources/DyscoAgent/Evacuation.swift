@@ -22,6 +22,12 @@ public struct Evacuation: Sendable {
         public var dryRun = false
         /// Passes over the old box: a session still opening at the first look is taken at a later one.
         public var passes = 3
+        /// Dual-stack boxes (issue 18): the old box's IPv6 address, and each target's (by its IPv4 address). A batch
+        /// names its target in both families and each session takes its own (``ReplaceRequest/forFamily(ipv4:)``);
+        /// the left ends cordon the old box's IPv6 address too. Empty: IPv4 only (an IPv6 session is then refused
+        /// with the reason).
+        public var oldIPv6: IPAddress?
+        public var targetsIPv6: [IPAddress: IPAddress] = [:]
 
         public init(old: IPAddress, targets: [IPAddress], oldSocket: String, cordonSockets: [String]) {
             self.old = old
@@ -169,12 +175,17 @@ public struct Evacuation: Sendable {
     }
 
     private func cordon(_ socket: String) async -> String? {
+        var cordons = [PolicyRequest(.cordon, address: options.old, replacements: options.targets)]
+        let targets6 = options.targets.compactMap { options.targetsIPv6[$0] }
+        if let old6 = options.oldIPv6, !targets6.isEmpty {
+            cordons.append(PolicyRequest(.cordon, address: old6, replacements: targets6))
+        }
         do {
-            let data = try await ControlClient.request(
-                ControlRequest(.policy, policy: PolicyRequest(.cordon, address: options.old, replacements: options.targets)),
-                path: socket)
-            let reply = try JSONDecoder().decode(PolicyReply.self, from: data)
-            return reply.error
+            for cordon in cordons {
+                let data = try await ControlClient.request(ControlRequest(.policy, policy: cordon), path: socket)
+                if let error = try JSONDecoder().decode(PolicyReply.self, from: data).error { return error }
+            }
+            return nil
         } catch {
             return "\(error)"
         }
@@ -259,7 +270,9 @@ public struct Evacuation: Sendable {
     }
 
     private func request(_ batch: EvacuationPlan.Batch) async -> (ReplaceReport?, String?) {
-        let request = ReplaceRequest(predicate: SessionPredicate(), newBoxes: [batch.target], stateful: options.stateful,
+        let request = ReplaceRequest(predicate: SessionPredicate(),
+                                     newBoxes: [batch.target] + (options.targetsIPv6[batch.target].map { [$0] } ?? []),
+                                     stateful: options.stateful,
                                      deadlineMilliseconds: options.deadlineMilliseconds,
                                      chains: Set(batch.sessions.map(\.chainID)))
         do {

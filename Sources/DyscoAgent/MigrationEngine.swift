@@ -25,6 +25,8 @@ final class MigrationEngine: @unchecked Sendable {
         /// Control-protocol versions taken (issue 19, rolling upgrade); a message goes out as the oldest of them that
         /// carries it (``ControlMessage/minimumVersion``).
         var wireVersions: ClosedRange<UInt8> = ControlMessage.versions
+        /// IPv6 sessions' control messages too (`agent --ipv6`): an IPv6 control socket beside the IPv4 one.
+        var ipv6 = false
     }
 
     private let trust: TrustGroup
@@ -75,7 +77,7 @@ final class MigrationEngine: @unchecked Sendable {
 
     func start() throws {
         let loop = loop
-        control = try ControlPlane(port: settings.controlPort, group: eventLoopGroup) { [weak self] bytes, from, destination in
+        control = try ControlPlane(port: settings.controlPort, group: eventLoopGroup, ipv6: settings.ipv6) { [weak self] bytes, from, destination in
             guard let engine = self else { return }
             loop.async { engine.receive(bytes, from: from, destination: destination) }
         }
@@ -242,6 +244,12 @@ final class MigrationEngine: @unchecked Sendable {
     /// second old box.
     static func segment(of record: SessionTable.Record, _ request: ReplaceRequest)
         -> Result<(SessionContext, Trigger, IPAddress), ReconfigureRefusal> {
+        // Each session takes the boxes of its own family (a request may name every box once per family).
+        let ipv4 = record.session.srcAddr.isIPv4
+        guard let request = request.forFamily(ipv4: ipv4) else {
+            return .failure(ReconfigureRefusal(
+                "the request names no \(ipv4 ? "IPv4" : "IPv6") address for a box, and the session is \(ipv4 ? "IPv4" : "IPv6") (name each box's \(ipv4 ? "IPv4" : "IPv6") address too)"))
+        }
         guard let right = record.rightNeighbour,
               let me = record.right?.srcAddr ?? record.left?.dstAddr else {
             return .failure(ReconfigureRefusal("the session has no complete path here"))
@@ -678,6 +686,21 @@ public struct ReplaceRequest: Codable, Sendable {
 
     /// Whether both anchors hold new data (stateful or held).
     public var stateful: Bool { mode != .stateless }
+
+    /// The request for a session of one family: the boxes of that family, in order (a request may list each box
+    /// once per family, e.g. a dual-stack box's IPv4 and IPv6 addresses). Nil when it names boxes but none of this
+    /// family: the session would otherwise lose its old box with no replacement.
+    public func forFamily(ipv4: Bool) -> ReplaceRequest? {
+        var request = self
+        func keep(_ list: [IPAddress]) -> [IPAddress] { list.filter { $0.isIPv4 == ipv4 } }
+        request.newBoxes = keep(newBoxes)
+        request.alsoOld = keep(alsoOld)
+        request.donor = donor.flatMap { $0.isIPv4 == ipv4 ? $0 : nil }
+        if request.newBoxes.isEmpty, !newBoxes.isEmpty { return nil }
+        if request.alsoOld.isEmpty, !alsoOld.isEmpty { return nil }
+        if donor != nil, request.donor == nil { return nil }
+        return request
+    }
 
     /// Why an agent refuses this request before doing anything (nil: it is fine): nothing to do, or a box that no
     /// packet may be sent through (``IPAddress/isForbiddenHop``).

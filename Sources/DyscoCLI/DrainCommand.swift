@@ -74,6 +74,13 @@ struct DrainCommand: AsyncParsableCommand {
         guard Set(targets).count == targets.count else { throw ValidationError("--to names a box twice") }
         var options = Evacuation.Options(old: oldAddress, targets: targets, oldSocket: try placement.socketPath(old: old, lab: lab),
                                     cordonSockets: try cordonSockets(lab: lab))
+        // A dual-stack lab: the boxes' IPv6 addresses, so that IPv6 sessions move and are cordoned too.
+        if let lab, let old6 = lab.findHost(old).flatMap(lab.state.ipv6Address(of:)) {
+            options.oldIPv6 = old6
+            for (name, address) in zip(to.split(separator: ",").map(String.init), targets) {
+                if let v6 = lab.findHost(name).flatMap(lab.state.ipv6Address(of:)) { options.targetsIPv6[address] = v6 }
+            }
+        }
         options.concurrency = concurrency
         options.deadlineMilliseconds = deadline
         options.stateful = !stateless

@@ -9,11 +9,18 @@ import Foundation
 /// which triggers each session's left anchor and reports per session.
 enum Reconfiguration {
     /// A comma-separated list of addresses or lab host names, each named once.
-    static func addresses(_ text: String, placement: MiddleboxPlacementOptions, lab: Lab?) throws -> [IPAddress] {
-        let list = try text.split(separator: ",").map { try placement.address(String($0), lab: lab) }
+    /// The boxes `text` names (comma-separated addresses, or lab host names with --lab), in order. `bothFamilies` (the
+    /// new boxes of replace and insert): a lab host of a dual-stack lab is named in both families, its IPv4 addresses
+    /// first, then its IPv6 ones; each session takes the boxes of its own family (``ReplaceRequest/forFamily(ipv4:)``).
+    static func addresses(_ text: String, placement: MiddleboxPlacementOptions, lab: Lab?,
+                          bothFamilies: Bool = false) throws -> [IPAddress] {
+        let names = text.split(separator: ",").map(String.init)
+        let list = try names.map { try placement.address($0, lab: lab) }
         guard !list.isEmpty else { throw ValidationError("name at least one box") }
         guard Set(list).count == list.count else { throw ValidationError("'\(text)' names a box twice") }
-        return list
+        guard bothFamilies else { return list }
+        let ipv6 = names.compactMap { name in lab?.findHost(name).flatMap { lab?.state.ipv6Address(of: $0) } }
+        return list + (ipv6.count == names.count ? ipv6 : [])
     }
 
     static func list(_ boxes: [IPAddress]) -> String {
@@ -46,7 +53,9 @@ enum Reconfiguration {
         let path = try placement.socketPath(old: name, lab: lab)
         // The agent at that socket must be `host` (one page is enough to see which host answers).
         let snapshot = try await ControlClient.snapshot(path: path, limit: 200)
-        if let other = snapshot.sessions.compactMap({ $0.left?.dstAddr ?? $0.right?.srcAddr }).first(where: { $0 != host }) {
+        // (A dual-stack host has an address of each family: sessions of the other family name its other one.)
+        if let other = snapshot.sessions.compactMap({ $0.left?.dstAddr ?? $0.right?.srcAddr })
+            .first(where: { $0.isIPv4 == host.isIPv4 && $0 != host }) {
             throw ValidationError("the agent at \(path) is \(other), not \(host)")
         }
         let data = try await ControlClient.request(ControlRequest(.replace, replace: request), path: path)
@@ -116,7 +125,7 @@ struct InsertCommand: AsyncParsableCommand {
     func run() async throws {
         let lab = try placement.openLab(component: "insert")
         let host = try placement.address(after, lab: lab)
-        let boxes = try Reconfiguration.addresses(box, placement: placement, lab: lab)
+        let boxes = try Reconfiguration.addresses(box, placement: placement, lab: lab, bothFamilies: true)
         guard !boxes.contains(host) else { throw ValidationError("--box must not contain the --after host \(host)") }
         let donor = try stateFrom.map { try placement.address($0, lab: lab) }
         let mode: TransferMode = donor != nil ? .stateful : stateless ? .stateless : .held

@@ -65,7 +65,7 @@ struct ReplaceCommand: AsyncParsableCommand {
     func run() async throws {
         let lab = try placement.openLab(component: "replace")
         let oldBoxes = try Reconfiguration.addresses(old, placement: placement, lab: lab)
-        let newBoxes = try Reconfiguration.addresses(new, placement: placement, lab: lab)
+        let newBoxes = try Reconfiguration.addresses(new, placement: placement, lab: lab, bothFamilies: true)
         if let clash = newBoxes.first(where: oldBoxes.contains) { throw ValidationError("--new must not contain an old box (\(clash))") }
         let donor = try stateFrom.map { try placement.address($0, lab: lab) }
         if let donor, !oldBoxes.contains(donor) { throw ValidationError("--state-from \(donor) is not one of --old") }

@@ -221,7 +221,7 @@ public struct Cordons: Sendable, Codable, Equatable {
             case .noReplacement(let a): "cordon \(a): name at least one replacement (new sessions need a box to go through)"
             case .replacementIsCordoned(let a): "replacement \(a) is cordoned itself"
             case .replacesItself(let a): "cordon \(a): a box cannot replace itself"
-            case .forbiddenAddress(let a) where !a.isIPv4: "\(a) cannot be a box: boxes are IPv4 only for now"
+            case .forbiddenAddress(let a) where !a.isForbiddenHop: "cordon: \(a) is not of the cordoned box's family (a cordon and its replacements are all IPv4 or all IPv6)"
             case .forbiddenAddress(let a): "\(a) cannot be a box (loopback, multicast, broadcast, unspecified or link-local)"
             }
         }
@@ -230,7 +230,7 @@ public struct Cordons: Sendable, Codable, Equatable {
     /// Cordons `address` (again: its replacements are updated).
     public mutating func cordon(_ address: IPAddress, replacements: [IPAddress]) throws(CordonError) {
         guard !replacements.isEmpty else { throw .noReplacement(address) }
-        if let bad = ([address] + replacements).first(where: { $0.isForbiddenHop || !$0.isIPv4 }) {
+        if let bad = ([address] + replacements).first(where: { $0.isForbiddenHop || $0.isIPv4 != address.isIPv4 }) {
             throw .forbiddenAddress(bad)
         }
         guard !replacements.contains(address) else { throw .replacesItself(address) }

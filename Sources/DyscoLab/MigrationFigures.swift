@@ -234,6 +234,11 @@ extension Lab {
         for host in hosts where host.role == .client || host.role == .server {
             try exec(host.name, ["ip", "route", "change", subnet.description, "dev", host.interface,
                                  "proto", "kernel", "scope", "link", "src", host.address.description, "quickack", "1"])
+            // Dual stack: the IPv6 prefix's route too.
+            if state.ipv6Address(of: host) != nil {
+                try exec(host.name, ["ip", "-6", "route", "change", "\(state.ipv6Prefix)/64", "dev", host.interface,
+                                     "proto", "kernel", "metric", "256", "quickack", "1"])
+            }
         }
     }
 }

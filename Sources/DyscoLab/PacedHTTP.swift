@@ -17,20 +17,24 @@ public enum PacedHTTPServer {
     /// Starts the server on `host` (serving the lab's HTTP root on `port`) and returns once `probeFrom` can
     /// fetch `index.html` from it (at most 10 s).
     @discardableResult
+    /// `ipv6`: on the host's IPv6 address (a dual-stack lab).
     public static func start(_ lab: Lab, on host: String = "server1", port: UInt16, bytesPerSecond: Double,
-                             probeFrom: String = "client1") throws -> Process {
-        let address = lab.address(of: host)
+                             probeFrom: String = "client1", ipv6: Bool = false) throws -> Process {
+        let v6 = ipv6 ? lab.ipv6Address(of: host) : nil
+        if ipv6, v6 == nil { throw LabError.setupFailed("lab \(lab.name) has no IPv6 addresses") }
+        let address = v6 ?? lab.address(of: host)
+        let url = v6.map { "[\($0)]" } ?? "\(address)"
         let process = try lab.spawn(host, [python, try script(), lab.httpRoot, "\(address)", "\(port)", "\(bytesPerSecond)"],
-                                    logPath: "\(lab.directory)/paced-\(host)-\(port).log")
+                                    logPath: "\(lab.directory)/paced-\(host)-\(port)\(ipv6 ? "-v6" : "").log")
         let deadline = Date().addingTimeInterval(10)
         while Date() < deadline {
-            if (try? lab.exec(probeFrom, ["curl", "-sS", "-o", "/dev/null", "--max-time", "2",
-                                          "http://\(address):\(port)/index.html"], check: true)) != nil { return process }
+            if (try? lab.exec(probeFrom, ["curl", "-sS", "-g", "-o", "/dev/null", "--max-time", "2",
+                                          "http://\(url):\(port)/index.html"], check: true)) != nil { return process }
             if !process.isRunning { break }
             usleep(100_000)
         }
         throw LabError.serviceFailed(host: host, service: "paced HTTP server", reason: "did not answer on port \(port)",
-                                     logTail: ProcessInspector.tail(of: "\(lab.directory)/paced-\(host)-\(port).log"))
+                                     logTail: ProcessInspector.tail(of: "\(lab.directory)/paced-\(host)-\(port)\(ipv6 ? "-v6" : "").log"))
     }
 
     /// Debian's python3 (the one the setup installs), else whatever `python3` is on PATH.

@@ -433,4 +433,19 @@ import Glibc
         let error = #expect(throws: AgentConfig.ValidationError.self) { try config.validate() }
         #expect(error.map { "\($0)" }?.contains("10.0.0.1 is not of the chain's first hop's family") == true)
     }
+
+    @Test("a request naming the boxes in both families: each session takes its own family's boxes; one naming none of a session's family refuses it rather than delete its old box")
+    func requestPerFamily() throws {
+        let fw2 = IPAddress(10, 0, 0, 102), fw26 = IPAddress("fd00::66")!
+        let both = ReplaceRequest(predicate: SessionPredicate(), newBoxes: [fw2, fw26], mode: .stateful, deadlineMilliseconds: 3000)
+        #expect(both.forFamily(ipv4: true)?.newBoxes == [fw2] && both.forFamily(ipv4: false)?.newBoxes == [fw26])
+        let v4only = ReplaceRequest(predicate: SessionPredicate(), newBoxes: [fw2], mode: .stateful, deadlineMilliseconds: 3000)
+        #expect(v4only.forFamily(ipv4: true)?.newBoxes == [fw2])
+        #expect(v4only.forFamily(ipv4: false) == nil, "an IPv6 session would lose its box with no replacement")
+        let removal = ReplaceRequest(predicate: SessionPredicate(), newBoxes: [], mode: .held, deadlineMilliseconds: 3000)
+        #expect(removal.forFamily(ipv4: false)?.newBoxes == [], "a removal applies to both")
+        let donor = ReplaceRequest(predicate: SessionPredicate(), newBoxes: [fw2, fw26], mode: .stateful, deadlineMilliseconds: 3000,
+                                   donor: IPAddress(10, 0, 0, 101))
+        #expect(donor.forFamily(ipv4: false) == nil && donor.forFamily(ipv4: true)?.donor == IPAddress(10, 0, 0, 101))
+    }
 }

@@ -1,4 +1,5 @@
 import ConntrackState
+import DyscoAgent
 import DyscoCore
 import DyscoLab
 import DyscoSystem
@@ -8,7 +9,7 @@ import Testing
 /// IPv6 sessions (issue 18, item 3) on a dual-stack lab (`lab up --ipv6`): the agents queue IPv6 TCP
 /// (`agent --ipv6`, ip6tables NFQUEUE rules), carry IPv6 sessions through the policies' IPv6 chains on the slow path,
 /// and take hostile IPv6 by the extension-header rule. Real namespaces, ip6tables strict firewalls (default DROP,
-/// ESTABLISHED-only), conntrack, curl and Python's HTTP server. Labs `v6a`–`v6c`: 10.78.151.0/24–10.78.153.0/24.
+/// ESTABLISHED-only), conntrack, curl and Python's HTTP server. Labs `v6a`–`v6e`: 10.78.151.0/24–10.78.155.0/24.
 @Suite struct IPv6Tests {
     @Test("(c) an IPv6 chain beside IPv4 in a dual-stack lab: both downloads byte-exact at once through a strict fw1, 20 short IPv6 sessions; fw1's agent carries the IPv6 sessions (the session tuple, its subsessions); fw1's IPv6 firewall passed them as NEW and ESTABLISHED, no INVALID drop in either family")
     func dualStackChain() async throws {
@@ -169,6 +170,111 @@ import Testing
             curl.waitUntilExit()
             #expect(curl.terminationStatus == 0)
             #expect(try TestSupport.sha256(file) == TestSupport.sha256("\(lab.httpRoot)/blob"))
+        }
+    }
+
+    @Test("(c) replace over IPv6: an IPv6 download moved from fw1 to fw2 of a dual-stack lab (stateful: fw1's AF_INET6 conntrack entry imported at fw2; control messages version 5 over IPv6): moved, byte-exact, fw2 carried the rest as ESTABLISHED with no NEW and no INVALID, the migration rule for the endpoints' loss counters; an IPv4 download beside it moves in the same replace")
+    func ipv6Replace() async throws {
+        try await TestSupport.withLab(LabSpec(name: "v6d", middleboxes: ["fw1", "fw2"], subnet: "10.78.154.0/24",
+                                              policyPorts: [80, MigrationLab.pacedPort], ipv6: true)) { lab in
+            let client6 = try #require(lab.ipv6Address(of: "client1")), server6 = try #require(lab.ipv6Address(of: "server1"))
+            let fw26 = try #require(lab.ipv6Address(of: "fw2"))
+            // Sender-paced servers (16 MiB at 2 MiB/s each): the downloads are mid-transfer at the move, not in the
+            // client's receive buffer already.
+            try MigrationLab.startPacedServer(lab, megabytesPerSecond: 2)
+            try PacedHTTPServer.start(lab, port: MigrationLab.pacedPort, bytesPerSecond: 2 * 1_048_576, ipv6: true)
+            try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 16)
+            let v6File = "\(lab.directory)/blob.v6", v4File = "\(lab.directory)/blob.v4"
+            let v6 = try lab.spawn("client1", ["curl", "-sS", "--fail", "-g", "-m", "60", "-o", v6File,
+                                               "http://[\(server6)]:\(MigrationLab.pacedPort)/blob"])
+            let v4 = try lab.spawn("client1", ["curl", "-sS", "--fail", "-m", "60", "-o", v4File,
+                                               "http://\(lab.address(of: "server1")):\(MigrationLab.pacedPort)/blob"])
+            let live = try await TestSupport.eventually(timeout: 20) {
+                let sessions = try await TestSupport.snapshot(lab, "fw1").sessions.filter { $0.state == "established" }
+                return sessions.contains { !$0.session.srcAddr.isIPv4 } && sessions.contains { $0.session.srcAddr.isIPv4 }
+            }
+            #expect(live)
+            let lossBefore = try MigrationLab.lossCounters(lab)
+            let replace = try MigrationLab.replace(lab, old: "fw1", new: "fw2")
+            #expect(replace.status == 0, "\(replace.stdout)\n\(replace.stderr)")
+            let sessions = replace.report?.sessions ?? []
+            #expect(sessions.count == 2 && sessions.allSatisfy { $0.result == "moved" }, "\(replace.stdout)")
+            #expect(sessions.contains { !$0.session.srcAddr.isIPv4 })
+
+            // fw2 holds the IPv6 session on its IPv6 address, both subsessions.
+            let box = try await TestSupport.snapshot(lab, "fw2")
+            let taken = try #require(box.sessions.first { $0.session.srcAddr == client6 }, "\(box.sessions)")
+            #expect(taken.left?.dstAddr == fw26 && taken.right?.srcAddr == fw26 && taken.right?.dstAddr == server6)
+
+            v6.waitUntilExit()
+            v4.waitUntilExit()
+            let loss = try MigrationLab.lossCounters(lab) - lossBefore
+            print("IPv6Tests replace: \(replace.stdout.split(separator: "\n").last ?? ""); endpoints' loss counters over the move: \(loss)")
+            #expect(v6.terminationStatus == 0 && v4.terminationStatus == 0)
+            #expect(try TestSupport.sha256(v6File) == TestSupport.sha256("\(lab.httpRoot)/blob"))
+            #expect(try TestSupport.sha256(v4File) == TestSupport.sha256("\(lab.httpRoot)/blob"))
+            #expect(loss.noByteLost, "the migration rule: no RTO, no reset, no retransmission but DSACK'd or probes: \(loss)")
+            // fw2's IPv6 filter: the imported state carried the session (no NEW), nothing INVALID.
+            let filter6 = try lab.firewallCounters("fw2", family: .ipv6)
+            #expect(filter6.invalidDropped.packets == 0 && filter6.newAccepted.packets == 0)
+            #expect(filter6.establishedAccepted.packets > 0, "fw2 forwarded nothing of the IPv6 session")
+            #expect(try lab.firewallCounters("fw2").invalidDropped.packets == 0)
+        }
+    }
+
+    @Test("(d) a dual-stack drain: 6 IPv4 and 6 IPv6 paced downloads drained together from fw1 to fw2 (one drain, each session to fw2's address of its family): all moved, byte-exact, fw1 left with nothing, the left ends cordon fw1 in both families (a new IPv6 session takes fw2), the migration rule, no INVALID at fw2 in either family")
+    func dualStackDrain() async throws {
+        try await TestSupport.withLab(LabSpec(name: "v6e", middleboxes: ["fw1", "fw2"], subnet: "10.78.155.0/24",
+                                              policyPorts: [80, MigrationLab.pacedPort], ipv6: true)) { lab in
+            let server6 = try #require(lab.ipv6Address(of: "server1")), fw16 = try #require(lab.ipv6Address(of: "fw1"))
+            let fw26 = try #require(lab.ipv6Address(of: "fw2"))
+            try MigrationLab.startPacedServer(lab, megabytesPerSecond: 0.5)
+            try PacedHTTPServer.start(lab, port: MigrationLab.pacedPort, bytesPerSecond: 0.5 * 1_048_576, ipv6: true)
+            try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 4)
+            let expected = try TestSupport.sha256("\(lab.httpRoot)/blob")
+            var args = ["curl", "-sS", "--fail", "-g", "-m", "60", "--parallel", "--parallel-immediate", "--parallel-max", "12"]
+            var outputs: [String] = []
+            for i in 0..<12 {
+                let host = i % 2 == 0 ? "\(lab.address(of: "server1"))" : "[\(server6)]"
+                outputs.append("\(lab.directory)/dl\(i).out")
+                args += ["-o", outputs[i], "http://\(host):\(MigrationLab.pacedPort)/blob"]
+            }
+            let curl = try lab.spawn("client1", args)
+            let live = try await TestSupport.eventually(timeout: 20) {
+                let sessions = try await TestSupport.snapshot(lab, "fw1").sessions.filter { $0.state == "established" }
+                return sessions.filter { $0.session.srcAddr.isIPv4 }.count == 6 && sessions.filter { !$0.session.srcAddr.isIPv4 }.count == 6
+            }
+            #expect(live)
+            let lossBefore = try MigrationLab.lossCounters(lab)
+            let run = try MigrationLab.CLIRun<Evacuation.Summary>(["drain", "--lab", lab.name, "--old", "fw1", "--to", "fw2"])
+            let summary = try #require(run.report, "drain printed no summary: \(run.stdout) \(run.stderr)")
+            #expect(run.status == 0, "\(run.stdout) \(run.stderr)")
+            #expect(summary.total == 12 && summary.moved == 12 && summary.failures.isEmpty,
+                    "\(summary.failures.map { "\($0.session) \($0.failedStep): \($0.reason)" })")
+            #expect(summary.remaining == 0 && summary.succeeded)
+            #expect(summary.cordons.allSatisfy { $0.error == nil }, "\(summary.cordons)")
+            let fw1 = try await TestSupport.snapshot(lab, "fw1")
+            #expect(fw1.sessions.filter { $0.state != "closing" }.isEmpty, "fw1 still has \(fw1.sessions.map(\.session))")
+            let fw2 = try await TestSupport.snapshot(lab, "fw2").sessions.filter { $0.state == "established" }
+            #expect(fw2.filter { !$0.session.srcAddr.isIPv4 }.allSatisfy { $0.left?.dstAddr == fw26 })
+            #expect(fw2.filter { !$0.session.srcAddr.isIPv4 }.count == 6 && fw2.filter { $0.session.srcAddr.isIPv4 }.count == 6)
+
+            // The client cordons fw1 in both families: a new IPv6 session takes fw2.
+            let policy = try JSONDecoder().decode(PolicyReply.self, from: Data(try Command.run([try TestSupport.dyscoBinary(), "policy",
+                "show", "--netns", lab.namespace(of: "client1"), "--json"]).stdout.utf8))
+            #expect(policy.cordons.contains(Cordons.Cordon(address: fw16, replacements: [fw26])), "\(policy.cordons)")
+            let fw2NewBefore = try lab.firewallCounters("fw2", family: .ipv6).newAccepted.packets
+            try lab.exec("client1", ["curl", "-sS", "--fail", "-g", "-m", "10", "-o", "/dev/null", "http://[\(server6)]/index.html"])
+            #expect(try lab.firewallCounters("fw2", family: .ipv6).newAccepted.packets == fw2NewBefore + 1)
+
+            curl.waitUntilExit()
+            #expect(curl.terminationStatus == 0)
+            for output in outputs { #expect(try TestSupport.sha256(output) == expected, "\(output)") }
+            let loss = try MigrationLab.lossCounters(lab) - lossBefore
+            print("IPv6Tests drain: \(summary.moved) moved in \(summary.elapsedMicroseconds) µs; loss counters over the drain: \(loss)")
+            #expect(loss.noByteLost, "the migration rule: no RTO, no reset, no retransmission but DSACK'd or probes: \(loss)")
+            #expect(try lab.firewallCounters("fw2", family: .ipv6).invalidDropped.packets == 0)
+            #expect(try lab.firewallCounters("fw2").invalidDropped.packets == 0)
         }
     }
 }

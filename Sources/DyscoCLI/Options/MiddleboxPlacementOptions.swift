@@ -25,11 +25,8 @@ struct MiddleboxPlacementOptions: ParsableArguments {
 
     /// Resolves a host name (with --lab) or an address.
     func address(_ text: String, lab: Lab?) throws -> IPAddress {
-        if let address = IPAddress(text) {
-            guard address.isIPv4 else { throw ValidationError("'\(text)': boxes are IPv4 only for now (IPv6 is not wired yet)") }
-            return address
-        }
-        guard let lab else { throw ValidationError("'\(text)' is not an IPv4 address (host names need --lab NAME)") }
+        if let address = IPAddress(text) { return address }
+        guard let lab else { throw ValidationError("'\(text)' is not an IP address (host names need --lab NAME)") }
         guard let host = lab.findHost(text) else {
             throw ValidationError("lab '\(lab.name)' has no host '\(text)' (hosts: \(lab.hosts.map(\.name).joined(separator: ", ")))")
         }
