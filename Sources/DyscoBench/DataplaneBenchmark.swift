@@ -204,18 +204,19 @@ public struct DataplaneBenchmark {
                             flowSteering: options.flowSteering, kernel: kernel, dysco: dysco,
                             slowPath: slowPath, referenceKernelGbps: refKernel, referenceChainGbps: refChain)
         if options.includeIPv6 {
-            var kernel6 = kernelSpec
-            kernel6.name = "bench-k6"
-            kernel6.subnet = "10.79.4.0/24"
-            kernel6.ipv6 = true
+            func dualStack(_ spec: LabSpec, _ name: String, _ subnet: String) -> LabSpec {
+                var spec = spec
+                spec.name = name
+                spec.subnet = subnet
+                spec.ipv6 = true
+                return spec
+            }
             logger.info("measuring kernel forwarding over IPv6 (no agents, routes via fw1)")
-            report.kernelIPv6 = try measure(kernel6, label: "kernel forwarding, IPv6", ipv6: true)
-            var dysco6 = dyscoSpec
-            dysco6.name = "bench-6"
-            dysco6.subnet = "10.79.5.0/24"
-            dysco6.ipv6 = true
+            report.kernelIPv6 = try measure(dualStack(kernelSpec, "bench-k6", "10.79.4.0/24"), label: "kernel forwarding, IPv6",
+                                            ipv6: true)
             logger.info("measuring the Dysco chain over IPv6 (its IPv6 sessions on the slow path)")
-            report.dyscoIPv6 = try measure(dysco6, label: "dysco, IPv6 (slow path)", ipv6: true)
+            report.dyscoIPv6 = try measure(dualStack(dyscoSpec, "bench-6", "10.79.5.0/24"), label: "dysco, IPv6 (slow path)",
+                                           ipv6: true)
         }
         return report
     }
@@ -321,27 +322,21 @@ extension DataplaneBenchmark.Report {
             "data plane: client1 → \(middleboxes) middlebox(es) → server1, conntrack firewall on each, switch RPS \(flowSteering ? "on" : "off"); goodput = median of \(repeats) iperf3 runs of \(seconds) s",
             "                              1 flow Gbit/s  8 flows Gbit/s  connect p50 µs  p99 µs  sessions/s",
         ]
-        for run in [kernel, dysco] + (slowPath.map { [$0] } ?? []) {
-            lines.append(run.label.padding(toLength: 30, withPad: " ", startingAt: 0)
+        func row(_ run: DataplaneBenchmark.Run) -> String {
+            run.label.padding(toLength: 30, withPad: " ", startingAt: 0)
                 + f(run.goodput1FlowGbps).padding(toLength: 15, withPad: " ", startingAt: 0)
                 + f(run.goodput8FlowsGbps).padding(toLength: 16, withPad: " ", startingAt: 0)
                 + us(run.connect.p50Microseconds).padding(toLength: 16, withPad: " ", startingAt: 0)
                 + us(run.connect.p99Microseconds).padding(toLength: 8, withPad: " ", startingAt: 0)
-                + String(format: "%.0f", run.sessionsPerSecond))
+                + String(format: "%.0f", run.sessionsPerSecond)
+        }
+        // IPv4's rows, then IPv6's (kernel forwarding and the chain), then the ratios.
+        for run in [kernel, dysco] + (slowPath.map { [$0] } ?? []) + [kernelIPv6, dyscoIPv6].compactMap({ $0 }) {
+            lines.append(row(run))
         }
         lines.append("fast path / kernel forwarding: 1 flow \(f(ratio1Flow)), 8 flows \(f(ratio8Flows)) (target ≥ 0.90)")
         lines.append("fast path connect overhead per middlebox (p50): \(us(connectOverheadPerMiddleboxMicroseconds)) µs (target < 300)")
         lines.append("fast path new sessions/s / kernel forwarding: \(f(sessionsRatio))")
-        if let k6 = kernelIPv6, let d6 = dyscoIPv6 {
-            for run in [k6, d6] {
-                lines.insert(run.label.padding(toLength: 30, withPad: " ", startingAt: 0)
-                    + f(run.goodput1FlowGbps).padding(toLength: 15, withPad: " ", startingAt: 0)
-                    + f(run.goodput8FlowsGbps).padding(toLength: 16, withPad: " ", startingAt: 0)
-                    + us(run.connect.p50Microseconds).padding(toLength: 16, withPad: " ", startingAt: 0)
-                    + us(run.connect.p99Microseconds).padding(toLength: 8, withPad: " ", startingAt: 0)
-                    + String(format: "%.0f", run.sessionsPerSecond), at: lines.count - 3)
-            }
-        }
         if let r1 = ipv6Ratio1Flow, let r8 = ipv6Ratio8Flows, let o = ipv6ConnectOverheadPerMiddleboxMicroseconds {
             lines.append("IPv6 chain (slow path) / IPv6 kernel forwarding: 1 flow \(f(r1)), 8 flows \(f(r8)); connect overhead per middlebox (p50) \(us(o)) µs")
         }
