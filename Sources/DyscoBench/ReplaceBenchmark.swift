@@ -26,6 +26,8 @@ public struct ReplaceBenchmark: Sendable {
         public var modes: [Mode] = [.stateful]
         /// After the modes: a stateful run between an HA pair of NAT'ing firewalls (fw1 and fw2 `snat-shared`).
         public var natPair = false
+        /// Also a stateful run over IPv6 (a dual-stack lab; its sessions on the slow path), beside IPv4's.
+        public var ipv6 = false
         /// Per-session deadline of the migration (the `replace` default).
         public var deadlineMilliseconds: UInt32 = 3000
         /// Sessions per client host (the lab has ceil(sessions ÷ this) clients, at most 20).
@@ -84,6 +86,8 @@ public struct ReplaceBenchmark: Sendable {
         public var downloadProblems: [String]
         /// The agents' `dropped.*` control counters and fw1's `migrations.*` (product diagnostics).
         public var agentCounters: [String: [String: UInt64]]
+        /// The sessions were IPv6 (absent in older reports: IPv4).
+        public var ipv6: Bool? = nil
     }
 
     public struct Report: Codable, Sendable {
@@ -112,6 +116,7 @@ public struct ReplaceBenchmark: Sendable {
             runs.append(try await measure(mode, natPair: false, binary: binary))
         }
         if options.natPair { runs.append(try await measure(.stateful, natPair: true, binary: binary)) }
+        if options.ipv6 { runs.append(try await measure(.stateful, natPair: false, ipv6: true, binary: binary)) }
         let (reference, note) = StateTransferReference.run(options.referenceScript, sessions: options.sessions,
                                                            missing: options.referenceMissing, logger: logger)
         let ratios = runs.map { run in
@@ -123,35 +128,37 @@ public struct ReplaceBenchmark: Sendable {
 
     // MARK: - One lab
 
-    private func spec(_ mode: Mode, natPair: Bool, binary: String) -> LabSpec {
+    private func spec(_ mode: Mode, natPair: Bool, ipv6: Bool = false, binary: String) -> LabSpec {
         let clients = min(max(1, (options.sessions + options.sessionsPerClient - 1) / options.sessionsPerClient),
                           LabSpec.hostCountRange.upperBound)
-        let (name, subnet) = natPair ? ("bench-rpn", "10.79.97.0/24")
+        let (name, subnet) = natPair ? ("bench-rpn", "10.79.97.0/24") : ipv6 ? ("bench-rp6", "10.79.98.0/24")
             : mode == .stateful ? ("bench-rp", "10.79.90.0/24") : ("bench-rps", "10.79.91.0/24")
-        return .replacement(name: name, clients: clients, subnet: subnet, mode: mode, natPair: natPair,
-                            agentArguments: options.agentArguments,
-                            agentBinary: binary)
+        var spec = LabSpec.replacement(name: name, clients: clients, subnet: subnet, mode: mode, natPair: natPair,
+                                       agentArguments: options.agentArguments, agentBinary: binary)
+        spec.ipv6 = ipv6
+        return spec
     }
 
-    private func measure(_ mode: Mode, natPair: Bool, binary: String) async throws -> Run {
-        try await Lab.withBenchmarkLab(spec(mode, natPair: natPair, binary: binary), logger: logger) { lab in
-            try await measure(mode, lab: lab)
+    private func measure(_ mode: Mode, natPair: Bool, ipv6: Bool = false, binary: String) async throws -> Run {
+        try await Lab.withBenchmarkLab(spec(mode, natPair: natPair, ipv6: ipv6, binary: binary), logger: logger) { lab in
+            try await measure(mode, lab: lab, ipv6: ipv6)
         }
     }
 
-    private func measure(_ mode: Mode, lab: Lab) async throws -> Run {
+    private func measure(_ mode: Mode, lab: Lab, ipv6: Bool) async throws -> Run {
+        let family: AddressFamily = ipv6 ? .ipv6 : .ipv4
         let clients = lab.hosts(.client).map(\.name)
         let endpoints = clients + ["server1"]
         let file = "blob"
         let original = "\(lab.httpRoot)/\(file)"
         try Command.run(["dd", "if=/dev/urandom", "of=\(original)", "bs=1M", "count=\(options.megabytes)", "status=none"])
         let expected = try PacedLab.sha256(original)
-        try PacedHTTPServer.start(lab, port: Self.pacedPort, bytesPerSecond: options.rateMiBps * 1_048_576)
+        try PacedHTTPServer.start(lab, port: Self.pacedPort, bytesPerSecond: options.rateMiBps * 1_048_576, ipv6: ipv6)
 
         let transferSeconds = Double(options.megabytes) / max(options.rateMiBps, 0.001)
         let retransStart = try retransmissions(lab, endpoints)
         let downloads = try PacedDownloads(lab, clients: clients, port: Self.pacedPort, file: file, count: options.sessions,
-                                      timeout: Int(transferSeconds) + 60)
+                                      timeout: Int(transferSeconds) + 60, host: ipv6 ? lab.ipv6Address(of: "server1") : nil)
         logger.info("downloads started; waiting until fw1 carries them", metadata: ["bench.sessions": "\(options.sessions)"])
         try await PacedLab.waitForSessions(lab, on: "fw1", count: options.sessions, downloads: downloads, timeout: 30)
         try await Task.sleep(for: .milliseconds(500))
@@ -159,16 +166,17 @@ public struct ReplaceBenchmark: Sendable {
         // The window: the replace request of all sessions, with the counters read right before and after.
         let fw2Address = lab.address(of: "fw2")
         let request = ReplaceRequest(predicate: SessionPredicate(dport: [PortRange(lower: Self.pacedPort, upper: Self.pacedPort)]),
-                                     newBoxes: [fw2Address], stateful: mode == .stateful,
+                                     newBoxes: [fw2Address] + (lab.ipv6Address(of: "fw2").map { [$0] } ?? []),
+                                     stateful: mode == .stateful,
                                      deadlineMilliseconds: options.deadlineMilliseconds)
         let socket = AgentControlPaths.socketPath(netns: lab.namespace(of: "fw1"))
         let retransBefore = try retransmissions(lab, endpoints)
-        let fw2Before = try lab.firewallCounters("fw2")
+        let fw2Before = try lab.firewallCounters("fw2", family: family)
         logger.info("replacing fw1 with fw2", metadata: ["bench.mode": "\(mode)"])
         let started = ContinuousClock.now
         let data = try await ControlClient.request(ControlRequest(.replace, replace: request), path: socket)
         let requestTime = ContinuousClock.now - started
-        let fw2During = try lab.firewallCounters("fw2")
+        let fw2During = try lab.firewallCounters("fw2", family: family)
         let retransDuring = try retransmissions(lab, endpoints)
         let finishedEarly = downloads.finishedCount()
         guard let report = try? JSONDecoder().decode(ReplaceReport.self, from: data) else {
@@ -180,7 +188,7 @@ public struct ReplaceBenchmark: Sendable {
         logger.info("waiting for the downloads to finish", metadata: ["bench.moved": "\(report.sessions.filter { $0.result == "moved" }.count)"])
         let finished = await downloads.wait(timeout: transferSeconds + 70)
         let retransEnd = try retransmissions(lab, endpoints)
-        let fw2End = try lab.firewallCounters("fw2")
+        let fw2End = try lab.firewallCounters("fw2", family: family)
         let (intact, problems) = downloads.check(expected: expected, finished: finished)
         if !problems.isEmpty {
             let log = clients.map { ProcessInspector.tail(of: downloads.logPath($0), lines: 5) }.joined(separator: "\n")
@@ -206,7 +214,7 @@ public struct ReplaceBenchmark: Sendable {
             fw2PolicyDroppedDuring: fw2During.policyDropped.packets &- fw2Before.policyDropped.packets,
             fw2PolicyDroppedAfter: fw2End.policyDropped.packets &- fw2During.policyDropped.packets,
             fw1SessionsAfter: fw1After, fw2SessionsAfter: fw2After, finishedBeforeWindowEnd: finishedEarly,
-            downloadsIntact: intact, downloadProblems: problems, agentCounters: agentCounters)
+            downloadsIntact: intact, downloadProblems: problems, agentCounters: agentCounters, ipv6: ipv6 ? true : nil)
     }
 
     private func retransmissions(_ lab: Lab, _ hosts: [String]) throws -> UInt64 {
@@ -226,7 +234,7 @@ extension ReplaceBenchmark.Report {
         var lines: [String] = []
         for run in runs {
             let perClient = (run.sessions + run.clients - 1) / run.clients
-            lines.append("replace benchmark, \(run.mode): \(run.sessions) sessions (\(run.megabytes) MiB each, paced at "
+            lines.append("replace benchmark, \(run.mode)\(run.ipv6 == true ? ", IPv6 (slow path)" : ""): \(run.sessions) sessions (\(run.megabytes) MiB each, paced at "
                          + "\(String(format: "%g", run.rateMiBps)) MiB/s) from \(run.clients) client(s) (≤ \(perClient) each) "
                          + "through fw1 → fw2 (\(run.fw2Profile == FirewallProfile.snatShared.rawValue ? "an HA pair, both" : "fw2") "
                          + "\(run.fw2Profile)), lab \(run.lab)")

@@ -197,6 +197,9 @@ public struct BenchCommand: AsyncParsableCommand {
         @Flag(help: "Stateful, then stateless, in one invocation (two labs one after the other).") var both = false
         @Flag(help: "Also a stateful run between an HA pair of NAT'ing firewalls (fw1, fw2 snat-shared), same invocation.")
         var nat = false
+
+        @Flag(help: "Also a stateful run over IPv6 (a dual-stack lab; IPv6 sessions on the slow path), same invocation.")
+        var ipv6 = false
         @Option(help: "MiB per download (with --rate: how long each session stays mid-transfer).") var megabytes = 12
         @Option(help: "Pace of each download, MiB/s.") var rate = 1.0
         @Option(help: "Per-session migration deadline, ms (as `replace --deadline`).") var deadline: UInt32 = 3000
@@ -224,6 +227,7 @@ public struct BenchCommand: AsyncParsableCommand {
             options.rateMiBps = rate
             options.modes = both ? [.stateful, .stateless] : stateless ? [.stateless] : [.stateful]
             options.natPair = nat
+            options.ipv6 = ipv6
             options.deadlineMilliseconds = deadline
             options.sessionsPerClient = sessionsPerClient
             options.agentArguments = agentArg

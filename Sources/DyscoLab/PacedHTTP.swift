@@ -72,7 +72,7 @@ public final class PacedDownloads: @unchecked Sendable {
     static let script = """
         url=$1; dir=$2; timeout=$3; shift 3
         for i in "$@"; do
-          ( curl -sS --fail -m "$timeout" "$url" | sha256sum | cut -d' ' -f1 > "$dir/s$i.sha"
+          ( curl -sS -g --fail -m "$timeout" "$url" | sha256sum | cut -d' ' -f1 > "$dir/s$i.sha"
             echo "${PIPESTATUS[0]}" > "$dir/s$i.rc.tmp" && mv "$dir/s$i.rc.tmp" "$dir/s$i.rc" ) &
         done
         wait
@@ -81,7 +81,7 @@ public final class PacedDownloads: @unchecked Sendable {
     static let fileScript = """
         url=$1; dir=$2; timeout=$3; shift 3
         for i in "$@"; do
-          ( curl -sS --fail -m "$timeout" -o "$dir/s$i.out" "$url"; rc=$?
+          ( curl -sS -g --fail -m "$timeout" -o "$dir/s$i.out" "$url"; rc=$?
             sha256sum "$dir/s$i.out" | cut -d' ' -f1 > "$dir/s$i.sha"
             echo "$rc" > "$dir/s$i.rc.tmp" && mv "$dir/s$i.rc.tmp" "$dir/s$i.rc" ) &
         done
@@ -98,7 +98,8 @@ public final class PacedDownloads: @unchecked Sendable {
         directory = "\(lab.directory)/downloads"
         self.count = count
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
-        let url = "http://\(host ?? lab.address(of: "server1")):\(port)/\(file)"
+        let target = host ?? lab.address(of: "server1")
+        let url = "http://\(target.isIPv4 ? "\(target)" : "[\(target)]"):\(port)/\(file)"
         var processes: [Process] = []
         for (k, client) in clients.enumerated() {
             let mine = stride(from: k, to: count, by: clients.count).map(String.init)
