@@ -59,9 +59,12 @@ struct PolicyCommand: AsyncParsableCommand {
         @OptionGroup var jsonOutput: JSONOutput<JSONHelp.AgentAnswer>
 
         func validate() throws {
-            guard IPAddress(address)?.isIPv4 == true else { throw ValidationError("'\(address)' is not an IPv4 address") }
-            for item in to.split(separator: ",") where IPAddress(String(item))?.isIPv4 != true {
-                throw ValidationError("--to: '\(item)' is not an IPv4 address")
+            guard let box = IPAddress(address) else { throw ValidationError("'\(address)' is not an IP address") }
+            for item in to.split(separator: ",") {
+                guard let replacement = IPAddress(String(item)) else { throw ValidationError("--to: '\(item)' is not an IP address") }
+                guard replacement.isIPv4 == box.isIPv4 else {
+                    throw ValidationError("--to: '\(item)' is not of \(address)'s family (cordon each family of a dual-stack box on its own)")
+                }
             }
         }
 
@@ -78,7 +81,7 @@ struct PolicyCommand: AsyncParsableCommand {
         @OptionGroup var agent: AgentAddressOptions
         @OptionGroup var jsonOutput: JSONOutput<JSONHelp.AgentAnswer>
         func validate() throws {
-            guard IPAddress(address)?.isIPv4 == true else { throw ValidationError("'\(address)' is not an IPv4 address") }
+            guard IPAddress(address) != nil else { throw ValidationError("'\(address)' is not an IP address") }
         }
         func run() async throws {
             try await PolicyCommand.send(PolicyRequest(.uncordon, address: IPAddress(address)), agent: agent, output: jsonOutput)
