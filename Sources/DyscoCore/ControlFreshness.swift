@@ -11,8 +11,9 @@
 /// - **receiver**: the address the datagram is sent to (the receiver checks it is the datagram's destination:
 ///   a message recorded on its way to one agent is no good at another);
 /// - **counter**: per (sender, receiver), 1, 2, 3, …: the receiver keeps a sliding window of the last
-///   ``FreshnessChecker/windowSize`` counters per sender (RFC 4303 §3.4.3's anti-replay window) and drops any
-///   counter it has seen or that is below the window;
+///   ``FreshnessChecker/windowSize`` counters per sender and receiver address (RFC 4303 §3.4.3's anti-replay
+///   window; a dual-stack receiver gets one sequence per address) and drops any counter it has seen or that is
+///   below the window;
 /// - **sentAt**: the sender's CLOCK_REALTIME in microseconds: a message older than ``FreshnessChecker/Settings/maxAge``,
 ///   more than ``FreshnessChecker/Settings/maxSkew`` in the future, or sent before the receiver itself started
 ///   (less the skew) is stale. That bounds what a receiver that lost its windows (a restart) can be made to
@@ -106,14 +107,21 @@ public struct FreshnessChecker: Sendable {
     public var settings: Settings
     /// When this receiver started (CLOCK_REALTIME µs): messages sent before it (less the skew) are stale.
     public let startedAt: UInt64
-    private var windows: [UInt64: Window] = [:]
+    /// One window per sender and receiver address: a sender counts per receiver address (``ControlStamper``), and a
+    /// dual-stack receiver has an address of each family, so one sender's IPv4 and IPv6 messages to it are two
+    /// sequences (one window per sender made the second look replayed).
+    struct WindowKey: Hashable {
+        var sender: UInt64
+        var receiver: IPAddress
+    }
+    private var windows: [WindowKey: Window] = [:]
 
     public init(startedAt: UInt64, settings: Settings = Settings()) {
         self.startedAt = startedAt
         self.settings = settings
     }
 
-    /// Senders remembered.
+    /// Windows remembered (one per sender and receiver address).
     public var senders: Int { windows.count }
 
     /// Checks `stamp` of a message that arrived (already authenticated) for `destination` at `nowMicros`, and
@@ -124,11 +132,12 @@ public struct FreshnessChecker: Sendable {
         if stamp.sentAt > now, stamp.sentAt - now > settings.maxSkew { return .future }
         if now > stamp.sentAt, now - stamp.sentAt > settings.maxAge { return .stale }
         if startedAt > stamp.sentAt, startedAt - stamp.sentAt > settings.maxSkew { return .stale }
-        guard var w = windows[stamp.sender] else {
+        let key = WindowKey(sender: stamp.sender, receiver: stamp.receiver)
+        guard var w = windows[key] else {
             if windows.count >= settings.maxSenders { forgetSilent(now: now, force: true) }
             var bits = [UInt64](repeating: 0, count: Self.words)
             bits[0] = 1
-            windows[stamp.sender] = Window(highest: stamp.counter, bits: bits, lastHeard: now)
+            windows[key] = Window(highest: stamp.counter, bits: bits, lastHeard: now)
             return nil
         }
         if stamp.counter > w.highest {
@@ -143,7 +152,7 @@ public struct FreshnessChecker: Sendable {
             w.bits[word] |= bit
         }
         w.lastHeard = max(w.lastHeard, now)
-        windows[stamp.sender] = w
+        windows[key] = w
         return nil
     }
 

@@ -22,6 +22,22 @@ import Testing
         #expect(checker.admit(Self.stamp(2), destination: Self.me, nowMicros: Self.start + 3_000) == .duplicate)
     }
 
+    @Test("a dual-stack receiver: one sender counts per receiver address (IPv4 and IPv6), and each sequence has its own window; a copy is still a duplicate (issue 18)")
+    func windowPerReceiverAddress() {
+        var checker = FreshnessChecker(startedAt: Self.start)
+        let me6 = IPAddress("fd00:77::65")!
+        let now = Self.start + 2_000
+        for c: UInt32 in 1...2000 {
+            #expect(checker.admit(Self.stamp(c), destination: Self.me, nowMicros: now) == nil, "IPv4 \(c)")
+        }
+        // The sender's first messages to the receiver's IPv6 address: far below the IPv4 sequence, yet fresh.
+        for c: UInt32 in 1...3 { #expect(checker.admit(Self.stamp(c, to: me6), destination: me6, nowMicros: now) == nil, "IPv6 \(c)") }
+        #expect(checker.admit(Self.stamp(2, to: me6), destination: me6, nowMicros: now) == .duplicate)
+        #expect(checker.admit(Self.stamp(2, to: me6), destination: nil, nowMicros: now) == .duplicate)
+        #expect(checker.admit(Self.stamp(2000), destination: Self.me, nowMicros: now) == .duplicate)
+        #expect(checker.senders == 2)
+    }
+
     @Test("reordering inside the window is accepted, each counter once; below the window is refused (RFC 4303 §3.4.3)")
     func window() {
         var checker = FreshnessChecker(startedAt: Self.start)
