@@ -54,6 +54,19 @@ struct dysco_key {
     __u8 pad[2]; /* zero: hashed with the rest */
 };
 
+/* Key of dysco_sessions6 (and of dysco_passed6, dysco_seen6, dysco_owned6): an IPv6 packet's tuple at the hook.
+   IPv6 lives in maps of its own, as in Cilium's datapath: IPv4's key and value keep their layout (16 and 64
+   bytes; a restart across releases reuses the pinned IPv4 maps) and IPv4's hash covers 16 bytes, not 40. */
+struct dysco_key6 {
+    __u8 saddr[16];
+    __u8 daddr[16];
+    __be16 sport;
+    __be16 dport;
+    __u8 proto; /* IPPROTO_TCP */
+    __u8 hook;  /* DYSCO_HOOK_* */
+    __u8 pad[2]; /* zero */
+};
+
 /* The TCP facts of the packets that passed one translation (one direction of a session), host order, from the
    packet before the rewrite (sequence numbers are not translated). For RFC 5961 checks against the other
    direction's entry. */
@@ -84,6 +97,15 @@ struct dysco_value {
     __u64 last_seen_ns; /* bpf_ktime_get_ns() (CLOCK_MONOTONIC) of the last rewritten packet */
 };
 
+/* Value of dysco_sessions6: an IPv4 value whose new_saddr/new_daddr are zero, followed by the IPv6 addresses the
+   packet leaves with. The programs share every rule (flags, facts, counters, hand-over) through the leading
+   struct dysco_value. */
+struct dysco_value6 {
+    struct dysco_value v;
+    __u8 new_saddr[16];
+    __u8 new_daddr[16];
+};
+
 /* Value of dysco_owned (key: struct dysco_key, the packet's tuple at the hook, as in dysco_sessions): the keys of
    sessions the agent alone translates (established, not kernel-carried). While no agent runs their packets are
    dropped by the queue rules (fail closed) instead of leaking untranslated. Presence is all that counts. */
@@ -108,6 +130,15 @@ struct dysco_event {
     __u8 pad[3];
     __u64 packets;    /* the translation's counters after this packet */
     __u64 bytes;
+};
+
+/* An IPv6 packet's event: the same 64 bytes as struct dysco_event (its key zero), then the IPv6 key. Its type has
+   DYSCO_EV_IPV6 set, which a build that knows only struct dysco_event reads as an unknown type and ignores. */
+#define DYSCO_EV_IPV6 0x100u
+
+struct dysco_event6 {
+    struct dysco_event e;
+    struct dysco_key6 key;
 };
 
 /* Indices of dysco_stats (per-CPU array of __u64). */
@@ -142,6 +173,9 @@ _Static_assert(sizeof(struct dysco_key) == 16, "dysco_key is 16 bytes");
 _Static_assert(sizeof(struct dysco_tcp_facts) == 12, "dysco_tcp_facts is 12 bytes");
 _Static_assert(sizeof(struct dysco_value) == 64, "dysco_value is 64 bytes");
 _Static_assert(sizeof(struct dysco_event) == 64, "dysco_event is 64 bytes");
+_Static_assert(sizeof(struct dysco_key6) == 40, "dysco_key6 is 40 bytes");
+_Static_assert(sizeof(struct dysco_value6) == 96, "dysco_value6 is 96 bytes");
+_Static_assert(sizeof(struct dysco_event6) == 104, "dysco_event6 is 104 bytes");
 _Static_assert(sizeof(struct dysco_config) == 12, "dysco_config is 12 bytes");
 
 #endif

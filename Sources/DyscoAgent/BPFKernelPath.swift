@@ -578,9 +578,8 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
     /// The key a queued packet counts under, if any translation is being handed over (one atomic load otherwise).
     /// From the packet's bytes as queued (before the processor translates them): the tuple the program looked up.
     func handOverKey(_ base: UnsafeMutableRawPointer, count: Int, hook: HookPoint) -> BPFSessionKey? {
-        guard handingOver.load(ordering: .acquiring),
-              case .success(let packet) = IPv4TCPPacket.parse(base, count: count) else { return nil }
-        return BPFSessionKey(packet.tuple, hook: hook == .ingress ? .ingress : .egress)
+        guard handingOver.load(ordering: .acquiring), let tuple = TCPPacketTuple.parse(base, count: count) else { return nil }
+        return BPFSessionKey(tuple, hook: hook == .ingress ? .ingress : .egress)
     }
 
     /// The packet thread, after the verdict of a packet of `key` went out: counted; while the translation is

@@ -36,8 +36,8 @@ public struct QueueRules: Sendable {
     public var ownedFilter: String?
     /// Whether owned packets fail closed at all (false: no kernel path could load; every rule has bypass).
     public var failClosed: Bool
-    /// Queue IPv6 TCP too (``ipv6RestoreScript(existingJumps:)``; agent `--ipv6`): IPv6 sessions are the agent's,
-    /// on the slow path (the BPF datapath carries IPv4 only). False: IPv6 passes untouched, outside every chain.
+    /// Install the same rules in ip6tables too (agent `--ipv6`): IPv6 sessions are the agent's, carried by the same BPF
+    /// programs (their IPv6 maps) and failing closed the same way. False: IPv6 passes untouched, outside every chain.
     public var ipv6: Bool
 
     public init(queue: UInt16, egressFilter: String? = nil, ownedFilter: String? = nil, failClosed: Bool = true,
@@ -49,31 +49,8 @@ public struct QueueRules: Sendable {
         self.ipv6 = ipv6
     }
 
-    /// The ip6tables-restore input for IPv6: the same chains and hooks as IPv4, each with one rule, with bypass:
-    /// every TCP packet not to or from `lo` that the agent did not send itself (the egress mark) goes to the queue.
-    /// Nothing of the kernel datapath applies (its programs pass IPv6 untouched), so there is no carried or owned
-    /// rule: an IPv6 session lives on the slow path and, with no agent listening, its packets pass unrewritten.
-    public func ipv6RestoreScript(existingJumps: Set<String> = []) -> String {
-        let queued = "-m mark ! --mark \(Self.markMatch(FastPath.egressMark)) -j NFQUEUE --queue-num \(queue) --queue-bypass"
-        func jump(_ builtin: String, _ chain: String) -> String {
-            existingJumps.contains(builtin) ? "" : "-I \(builtin) 1 -j \(chain)\n"
-        }
-        return """
-            *raw
-            :\(Self.ingressChain) - [0:0]
-            -A \(Self.ingressChain) -p tcp ! -i lo -j NFQUEUE --queue-num \(queue) --queue-bypass
-            \(jump("PREROUTING", Self.ingressChain))COMMIT
-            *mangle
-            :\(Self.egressChain) - [0:0]
-            :\(Self.forwardEgressChain) - [0:0]
-            -A \(Self.egressChain) -p tcp ! -o lo \(queued)
-            -A \(Self.forwardEgressChain) -p tcp -m addrtype ! --src-type LOCAL \(queued)
-            \(jump("OUTPUT", Self.egressChain))\(jump("POSTROUTING", Self.forwardEgressChain))COMMIT
-
-            """
-    }
-
-    /// The iptables-restore input that installs the rules: with `--noflush`, declaring a chain of ours empties it
+    /// The iptables-restore (and, with ``ipv6``, ip6tables-restore: the same rules, the BPF filters judge both
+    /// families) input that installs the rules: with `--noflush`, declaring a chain of ours empties it
     /// if it exists, so the rules are replaced in one commit per table, never absent in between (a restarted
     /// agent's sessions would pass unrewritten). `existingJumps`: the built-in chains that already jump to ours
     /// (``installedJumps()``), which get no second jump.
@@ -143,7 +120,7 @@ public struct QueueRules: Sendable {
         try Command.run(["iptables-restore", "-w", "--noflush"], input: restoreScript(existingJumps: existing))
         if ipv6 {
             try Command.run(["ip6tables-restore", "-w", "--noflush"],
-                            input: ipv6RestoreScript(existingJumps: Self.installedJumps("ip6tables")))
+                            input: restoreScript(existingJumps: Self.installedJumps("ip6tables")))
         } else if Self.present(tool: "ip6tables") {
             try Self.remove(tool: "ip6tables", logger: logger)
         }

@@ -23,14 +23,14 @@ public final class BPFDatapath {
     private let ingressFD: Int32
     private let egressFD: Int32
     public let sessionsFD: Int32
+    /// Per family: the sessions, the hand-over counts (`dysco_passed`: the program's; `dysco_seen`: the agent's),
+    /// keyed like the sessions, and the owned keys (`dysco_owned`: fail closed while no agent runs), written by
+    /// the agent only. IPv6's (`dysco_sessions6`, … `dysco_owned6`) are keyed by `struct dysco_key6`.
+    private let maps4: FamilyMaps
+    private let maps6: FamilyMaps
     private let statsFD: Int32
     private let configFD: Int32
     private let eventsFD: Int32
-    /// The hand-over counts (`dysco_passed`: the program's; `dysco_seen`: the agent's), keyed like the sessions.
-    private let passedFD: Int32
-    private let seenFD: Int32
-    /// The owned keys (`dysco_owned`: fail closed while no agent runs), written by the agent only.
-    private let ownedFD: Int32
     private let ringBuffer: OpaquePointer
     private let sink = EventSink()
     /// Possible CPUs (per-CPU map values have one slot each).
@@ -53,7 +53,7 @@ public final class BPFDatapath {
         do {
             // The hand-over counts hold at most one entry per translation, the owned keys at most four a session:
             // sized with the sessions.
-            for name in ["dysco_sessions", "dysco_passed", "dysco_seen", "dysco_owned"] {
+            for name in FamilyMaps.names(ipv6: false) + FamilyMaps.names(ipv6: true) {
                 guard let maxEntries else { break }
                 let map = try sysCall("bpf_object__find_map_by_name(\(name))") {
                     bpf_object__find_map_by_name(object, name)
@@ -86,9 +86,12 @@ public final class BPFDatapath {
             statsFD = try mapFD("dysco_stats")
             configFD = try mapFD("dysco_config")
             eventsFD = try mapFD("dysco_events")
-            passedFD = try mapFD("dysco_passed")
-            seenFD = try mapFD("dysco_seen")
-            ownedFD = try mapFD("dysco_owned")
+            maps4 = FamilyMaps(sessions: sessionsFD, passed: try mapFD("dysco_passed"), seen: try mapFD("dysco_seen"),
+                               owned: try mapFD("dysco_owned"))
+            var maps6 = FamilyMaps(sessions: try mapFD("dysco_sessions6"), passed: try mapFD("dysco_passed6"),
+                                   seen: try mapFD("dysco_seen6"), owned: try mapFD("dysco_owned6"))
+            maps6.ipv6 = true
+            self.maps6 = maps6
             cpus = Int(try sysCall("libbpf_num_possible_cpus") { libbpf_num_possible_cpus() })
             let context = Unmanaged.passUnretained(sink).toOpaque()
             ringBuffer = try sysCall("ring_buffer__new(dysco_events)") { [eventsFD] in
@@ -195,11 +198,14 @@ public final class BPFDatapath {
 
     /// Writes one translation (one `bpf_map_update_elem`: atomic for the programs, which see old or new value).
     public func write(_ key: BPFSessionKey, _ entry: BPFSessionEntry, mode: UpdateMode = .upsert) throws(SystemCallError) {
-        var rawKey = key.raw, rawValue = entry.raw
-        try sysCall("bpf_map_update_elem(dysco_sessions, \(key))") {
-            bpf_map_update_elem(sessionsFD, &rawKey, &rawValue, mode.flags)
+        let fd = maps(key).sessions
+        try sysCall("bpf_map_update_elem(\(maps(key).name("dysco_sessions")), \(key))") {
+            key.withRawKey { rawKey in entry.withRawValue { bpf_map_update_elem(fd, rawKey, $0, mode.flags) } }
         }
     }
+
+    /// The maps of `key`'s family.
+    private func maps(_ key: BPFSessionKey) -> FamilyMaps { key.isIPv6 ? maps6 : maps4 }
 
     public func insert(_ key: BPFSessionKey, _ entry: BPFSessionEntry) throws(SystemCallError) {
         try write(key, entry, mode: .insert)
@@ -213,27 +219,35 @@ public final class BPFDatapath {
     /// Each element is atomic for the programs, the batch is not. The kernel takes no insert/replace mode per
     /// element in a batch (only BPF_F_LOCK): always an upsert.
     public func writeBatch(_ entries: [(BPFSessionKey, BPFSessionEntry)]) throws(SystemCallError) {
-        guard !entries.isEmpty else { return }
-        let keys = entries.map { $0.0.raw }, values = entries.map { $0.1.raw }
-        var count = UInt32(entries.count)
-        try sysCall("bpf_map_update_batch(dysco_sessions, \(entries.count))") {
+        let (entries4, entries6) = (entries.filter { !$0.0.isIPv6 }, entries.filter { $0.0.isIPv6 })
+        try Self.updateBatch(maps4.sessions, "dysco_sessions", entries4.map { $0.0.raw }, entries4.map { $0.1.raw })
+        try Self.updateBatch(maps6.sessions, "dysco_sessions6", entries6.map { $0.0.raw6 }, entries6.map { $0.1.raw6 })
+    }
+
+    /// One `bpf_map_update_batch` (nothing for no keys).
+    private static func updateBatch<K, V>(_ fd: Int32, _ name: String, _ keys: [K], _ values: [V]) throws(SystemCallError) {
+        guard !keys.isEmpty else { return }
+        var count = UInt32(keys.count)
+        try sysCall("bpf_map_update_batch(\(name), \(keys.count))") {
             keys.withUnsafeBytes { k in
-                values.withUnsafeBytes { v in
-                    dysco_map_update_batch(sessionsFD, k.baseAddress, v.baseAddress, &count, 0)
-                }
+                values.withUnsafeBytes { v in dysco_map_update_batch(fd, k.baseAddress, v.baseAddress, &count, 0) }
             }
         }
+    }
+
+    /// One `bpf_map_delete_batch` (nothing for no keys); the kernel's result (-1 and errno) unchecked.
+    private static func deleteBatch<K>(_ fd: Int32, _ keys: [K]) -> Int32 {
+        guard !keys.isEmpty else { return 0 }
+        var count = UInt32(keys.count)
+        return keys.withUnsafeBytes { dysco_map_delete_batch(fd, $0.baseAddress, &count) }
     }
 
     /// Removes many translations in one `bpf_map_delete_batch`; every key must be present (ENOENT otherwise, with
     /// the keys before it removed).
     public func deleteBatch(_ keys: [BPFSessionKey]) throws(SystemCallError) {
-        guard !keys.isEmpty else { return }
-        let raw = keys.map(\.raw)
-        var count = UInt32(keys.count)
-        try sysCall("bpf_map_delete_batch(dysco_sessions, \(keys.count))") {
-            raw.withUnsafeBytes { dysco_map_delete_batch(sessionsFD, $0.baseAddress, &count) }
-        }
+        let (keys4, keys6) = (keys.filter { !$0.isIPv6 }, keys.filter(\.isIPv6))
+        try sysCall("bpf_map_delete_batch(dysco_sessions, \(keys4.count))") { Self.deleteBatch(maps4.sessions, keys4.map(\.raw)) }
+        try sysCall("bpf_map_delete_batch(dysco_sessions6, \(keys6.count))") { Self.deleteBatch(maps6.sessions, keys6.map(\.raw6)) }
     }
 
     /// The kernel's accounting of the session map's memory (the `memlock` line of its fdinfo: for this
@@ -249,9 +263,11 @@ public final class BPFDatapath {
     /// Removes one translation; false if it was not there.
     @discardableResult
     public func delete(_ key: BPFSessionKey) throws(SystemCallError) -> Bool {
-        var rawKey = key.raw
+        let fd = maps(key).sessions
         do throws(SystemCallError) {
-            try sysCall("bpf_map_delete_elem(dysco_sessions, \(key))") { bpf_map_delete_elem(sessionsFD, &rawKey) }
+            try sysCall("bpf_map_delete_elem(\(maps(key).name("dysco_sessions")), \(key))") {
+                key.withRawKey { bpf_map_delete_elem(fd, $0) }
+            }
         } catch where error.errno == ENOENT {
             return false
         }
@@ -259,15 +275,21 @@ public final class BPFDatapath {
     }
 
     public func lookup(_ key: BPFSessionKey) throws(SystemCallError) -> BPFSessionEntry? {
-        var rawKey = key.raw, rawValue = dysco_value()
+        let fd = maps(key).sessions
         do {
-            try sysCall("bpf_map_lookup_elem(dysco_sessions, \(key))") {
-                bpf_map_lookup_elem(sessionsFD, &rawKey, &rawValue)
+            if key.isIPv6 {
+                var value = dysco_value6()
+                try sysCall("bpf_map_lookup_elem(dysco_sessions6, \(key))") {
+                    key.withRawKey { bpf_map_lookup_elem(fd, $0, &value) }
+                }
+                return BPFSessionEntry(raw6: value)
             }
+            var value = dysco_value()
+            try sysCall("bpf_map_lookup_elem(dysco_sessions, \(key))") { key.withRawKey { bpf_map_lookup_elem(fd, $0, &value) } }
+            return BPFSessionEntry(raw: value)
         } catch where error.errno == ENOENT {
             return nil
         }
-        return BPFSessionEntry(raw: rawValue)
     }
 
     /// Sets and clears flags of a present translation (a migration's hold: `setFlags(key, set: .held)`), keeping
@@ -288,108 +310,147 @@ public final class BPFDatapath {
 
     /// Writes the agent's count of `key`'s verdicted packets (`dysco_seen`).
     public func writeSeen(_ key: BPFSessionKey, _ count: UInt64) throws(SystemCallError) {
-        var rawKey = key.raw, value = count
-        try sysCall("bpf_map_update_elem(dysco_seen, \(key))") {
-            bpf_map_update_elem(seenFD, &rawKey, &value, dysco_bpf_any())
+        var value = count
+        let fd = maps(key).seen
+        try sysCall("bpf_map_update_elem(\(maps(key).name("dysco_seen")), \(key))") {
+            key.withRawKey { bpf_map_update_elem(fd, $0, &value, dysco_bpf_any()) }
         }
     }
 
     /// Deletes both counts of `key` (absent counts read as 0).
     public func clearHandOverCounts(_ key: BPFSessionKey) {
-        var rawKey = key.raw
-        _ = bpf_map_delete_elem(passedFD, &rawKey)
-        _ = bpf_map_delete_elem(seenFD, &rawKey)
+        let maps = maps(key)
+        key.withRawKey { rawKey in
+            _ = bpf_map_delete_elem(maps.passed, rawKey)
+            _ = bpf_map_delete_elem(maps.seen, rawKey)
+        }
     }
 
     /// The program's count of `key`'s packets passed to the queue while held (0 if absent).
     public func passed(_ key: BPFSessionKey) -> UInt64 {
-        var rawKey = key.raw, value: UInt64 = 0
-        return bpf_map_lookup_elem(passedFD, &rawKey, &value) == 0 ? value : 0
+        var value: UInt64 = 0
+        let fd = maps(key).passed
+        return key.withRawKey { bpf_map_lookup_elem(fd, $0, &value) } == 0 ? value : 0
     }
 
     // MARK: - Owned keys (docs/BPF.md "Owned keys")
 
     /// Adds owned keys (one `bpf_map_update_batch`; present ones stay).
     public func addOwned(_ keys: [BPFSessionKey]) throws(SystemCallError) {
-        guard !keys.isEmpty else { return }
-        let raw = keys.map(\.raw), values = [UInt8](repeating: UInt8(DYSCO_OWNED), count: keys.count)
-        var count = UInt32(keys.count)
-        try sysCall("bpf_map_update_batch(dysco_owned, \(keys.count))") {
-            raw.withUnsafeBytes { k in
-                values.withUnsafeBytes { v in dysco_map_update_batch(ownedFD, k.baseAddress, v.baseAddress, &count, 0) }
-            }
-        }
+        let (keys4, keys6) = (keys.filter { !$0.isIPv6 }, keys.filter(\.isIPv6))
+        func owned(_ count: Int) -> [UInt8] { [UInt8](repeating: UInt8(DYSCO_OWNED), count: count) }
+        try Self.updateBatch(maps4.owned, "dysco_owned", keys4.map(\.raw), owned(keys4.count))
+        try Self.updateBatch(maps6.owned, "dysco_owned6", keys6.map(\.raw6), owned(keys6.count))
     }
 
     /// Removes owned keys: one `bpf_map_delete_batch`; if a key is absent (the batch stops there), one delete each
     /// (absent keys are no error).
     public func removeOwned(_ keys: [BPFSessionKey]) throws(SystemCallError) {
-        guard !keys.isEmpty else { return }
-        let raw = keys.map(\.raw)
-        var count = UInt32(keys.count)
-        let batch = raw.withUnsafeBytes { dysco_map_delete_batch(ownedFD, $0.baseAddress, &count) }
-        guard batch != 0 else { return }
-        for var key in raw {
-            do throws(SystemCallError) {
-                try sysCall("bpf_map_delete_elem(dysco_owned)") { bpf_map_delete_elem(ownedFD, &key) }
-            } catch where error.errno == ENOENT {}
+        for (ipv6, maps) in [(false, maps4), (true, maps6)] {
+            let family = keys.filter { $0.isIPv6 == ipv6 }
+            let batch = ipv6 ? Self.deleteBatch(maps.owned, family.map(\.raw6)) : Self.deleteBatch(maps.owned, family.map(\.raw))
+            guard batch != 0 else { continue }
+            for key in family {
+                do throws(SystemCallError) {
+                    try sysCall("bpf_map_delete_elem(\(maps.name("dysco_owned")))") {
+                        key.withRawKey { bpf_map_delete_elem(maps.owned, $0) }
+                    }
+                } catch where error.errno == ENOENT {}
+            }
         }
     }
 
-    /// Every owned key (a walk: restarts and tests).
+    /// Every owned key of both families (a walk: restarts and tests).
     public func ownedKeys() throws(SystemCallError) -> [BPFSessionKey] {
-        try Self.keys(fd: ownedFD, name: "dysco_owned")
+        try Self.keys(fd: maps4.owned, name: "dysco_owned", ipv6: false)
+            + Self.keys(fd: maps6.owned, name: "dysco_owned6", ipv6: true)
     }
 
-    /// The keys of a pinned `dysco_owned` map (`PIN_DIRECTORY/dysco_owned`), without loading the object (tests).
+    /// The keys of a pinned `dysco_owned` map (`PIN_DIRECTORY/dysco_owned`) and of its IPv6 sibling
+    /// (`dysco_owned6`, if pinned), without loading the object (tests).
     public static func pinnedOwnedKeys(mapPath: String) throws(SystemCallError) -> [BPFSessionKey] {
-        let fd = try sysCall("bpf_obj_get(\(mapPath))") { bpf_obj_get(mapPath) }
-        defer { close(fd) }
-        return try keys(fd: fd, name: "dysco_owned")
+        try pinned(mapPath) { fd, ipv6 throws(SystemCallError) in try keys(fd: fd, name: mapPath, ipv6: ipv6) }
     }
 
-    /// Walks a map's keys with `bpf_map_get_next_key` (O(entries)); `body` sees each raw key.
-    private static func walk(fd: Int32, name: String,
-                             _ body: (inout dysco_key) throws(SystemCallError) -> Void) throws(SystemCallError) {
-        var current = dysco_key(), next = dysco_key()
+    /// `body` on the pinned map at `mapPath` (IPv4's) and on its IPv6 sibling (the same path with "6" appended)
+    /// when one is pinned; the results concatenated.
+    private static func pinned<T>(_ mapPath: String,
+                                  _ body: (Int32, Bool) throws(SystemCallError) -> [T]) throws(SystemCallError) -> [T] {
+        var result: [T] = []
+        for (path, ipv6) in [(mapPath, false), (mapPath + "6", true)] {
+            if ipv6, !FileManager.default.fileExists(atPath: path) { continue }
+            let fd = try sysCall("bpf_obj_get(\(path))") { bpf_obj_get(path) }
+            defer { close(fd) }
+            result += try body(fd, ipv6)
+        }
+        return result
+    }
+
+    /// Walks a map's keys with `bpf_map_get_next_key` (O(entries)); `body` sees each raw key (`dysco_key`, or
+    /// `dysco_key6` with `ipv6`).
+    private static func walk(fd: Int32, name: String, ipv6: Bool,
+                             _ body: (UnsafeMutableRawPointer) throws(SystemCallError) -> Void) throws(SystemCallError) {
+        let size = ipv6 ? BPFLayout.key6Size : BPFLayout.keySize
+        let current = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 8)
+        let next = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 8)
+        defer {
+            current.deallocate()
+            next.deallocate()
+        }
         var first = true
         while true {
             do {
                 try sysCall("bpf_map_get_next_key(\(name))") {
-                    first ? bpf_map_get_next_key(fd, nil, &next) : bpf_map_get_next_key(fd, &current, &next)
+                    bpf_map_get_next_key(fd, first ? nil : current, next)
                 }
             } catch where error.errno == ENOENT {
                 return
             }
             first = false
-            current = next
-            try body(&current)
+            current.copyMemory(from: next, byteCount: size)
+            try body(current)
         }
     }
 
-    private static func keys(fd: Int32, name: String) throws(SystemCallError) -> [BPFSessionKey] {
+    /// The key at `raw` in its family's layout.
+    private static func key(_ raw: UnsafeMutableRawPointer, ipv6: Bool) -> BPFSessionKey? {
+        ipv6 ? BPFSessionKey(raw6: raw.loadUnaligned(as: dysco_key6.self))
+            : BPFSessionKey(raw: raw.loadUnaligned(as: dysco_key.self))
+    }
+
+    private static func keys(fd: Int32, name: String, ipv6: Bool) throws(SystemCallError) -> [BPFSessionKey] {
         var result: [BPFSessionKey] = []
-        try walk(fd: fd, name: name) { (raw: inout dysco_key) throws(SystemCallError) in
-            if let key = BPFSessionKey(raw: raw) { result.append(key) }
+        try walk(fd: fd, name: name, ipv6: ipv6) { raw throws(SystemCallError) in
+            if let key = key(raw, ipv6: ipv6) { result.append(key) }
         }
         return result
     }
 
-    /// Every translation in the map (a walk with `bpf_map_get_next_key`: O(entries), for restarts and tests).
+    /// Every translation in both families' maps (a walk with `bpf_map_get_next_key`: O(entries), for restarts
+    /// and tests).
     public func entries() throws(SystemCallError) -> [(BPFSessionKey, BPFSessionEntry)] {
-        try Self.entries(fd: sessionsFD)
+        try Self.entries(fd: maps4.sessions, ipv6: false) + Self.entries(fd: maps6.sessions, ipv6: true)
     }
 
-    private static func entries(fd sessionsFD: Int32) throws(SystemCallError) -> [(BPFSessionKey, BPFSessionEntry)] {
+    private static func entries(fd sessionsFD: Int32, ipv6: Bool) throws(SystemCallError) -> [(BPFSessionKey, BPFSessionEntry)] {
         var result: [(BPFSessionKey, BPFSessionEntry)] = []
-        try walk(fd: sessionsFD, name: "dysco_sessions") { (raw: inout dysco_key) throws(SystemCallError) in
-            var value = dysco_value()
+        let name = ipv6 ? "dysco_sessions6" : "dysco_sessions"
+        try walk(fd: sessionsFD, name: name, ipv6: ipv6) { raw throws(SystemCallError) in
+            let entry: BPFSessionEntry
             do throws(SystemCallError) {
-                try sysCall("bpf_map_lookup_elem(dysco_sessions)") { bpf_map_lookup_elem(sessionsFD, &raw, &value) }
+                if ipv6 {
+                    var value = dysco_value6()
+                    try sysCall("bpf_map_lookup_elem(\(name))") { bpf_map_lookup_elem(sessionsFD, raw, &value) }
+                    entry = BPFSessionEntry(raw6: value)
+                } else {
+                    var value = dysco_value()
+                    try sysCall("bpf_map_lookup_elem(\(name))") { bpf_map_lookup_elem(sessionsFD, raw, &value) }
+                    entry = BPFSessionEntry(raw: value)
+                }
             } catch where error.errno == ENOENT {
                 return // deleted meanwhile
             }
-            if let key = BPFSessionKey(raw: raw) { result.append((key, BPFSessionEntry(raw: value))) }
+            if let key = key(raw, ipv6: ipv6) { result.append((key, entry)) }
         }
         return result
     }
@@ -431,12 +492,11 @@ public final class BPFDatapath {
         try sysCall("bpf_program__pin(\(name), \(path))") { bpf_program__pin(program, path) }
     }
 
-    /// The entries of a pinned `dysco_sessions` map (`PIN_DIRECTORY/dysco_sessions`), without loading the object
+    /// The entries of a pinned `dysco_sessions` map (`PIN_DIRECTORY/dysco_sessions`) and of its IPv6 sibling
+    /// (`dysco_sessions6`, if pinned), without loading the object
     /// (tests, inspection).
     public static func pinnedEntries(mapPath: String) throws(SystemCallError) -> [(BPFSessionKey, BPFSessionEntry)] {
-        let fd = try sysCall("bpf_obj_get(\(mapPath))") { bpf_obj_get(mapPath) }
-        defer { close(fd) }
-        return try entries(fd: fd)
+        try pinned(mapPath) { fd, ipv6 throws(SystemCallError) in try entries(fd: fd, ipv6: ipv6) }
     }
 
     /// A pinned map's key and value sizes and capacity (`max_entries`): a restarted agent compares them with the
@@ -526,6 +586,31 @@ public final class BPFDatapath {
         done.wait()
         return try box.result!.get()
     }
+}
+
+/// One family's session, hand-over and owned maps (descriptors of the loaded object).
+private struct FamilyMaps {
+    var sessions: Int32
+    var passed: Int32
+    var seen: Int32
+    var owned: Int32
+
+    var ipv6: Bool = false
+
+    init(sessions: Int32, passed: Int32, seen: Int32, owned: Int32) {
+        self.sessions = sessions
+        self.passed = passed
+        self.seen = seen
+        self.owned = owned
+    }
+
+    /// The maps sized with the sessions (`--max-sessions`), by family.
+    static func names(ipv6: Bool) -> [String] {
+        ["dysco_sessions", "dysco_passed", "dysco_seen", "dysco_owned"].map { ipv6 ? $0 + "6" : $0 }
+    }
+
+    /// An IPv4 map's name as this family's (for messages).
+    func name(_ ipv4: String) -> String { ipv6 ? ipv4 + "6" : ipv4 }
 }
 
 /// The programs' global counters (`dysco_stats`, DYSCO_STAT_*).

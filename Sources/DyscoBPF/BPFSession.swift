@@ -41,8 +41,12 @@ public struct BPFSessionKey: Hashable, Sendable, CustomStringConvertible {
         self.hook = hook
     }
 
-    /// The C layout: addresses and ports in network byte order, protocol TCP, padding zero.
+    /// Whether the key lives in the IPv6 maps (`dysco_sessions6`, `struct dysco_key6`).
+    public var isIPv6: Bool { !tuple.srcAddr.isIPv4 }
+
+    /// The C layout of an IPv4 key: addresses and ports in network byte order, protocol TCP, padding zero.
     public var raw: dysco_key {
+        precondition(!isIPv6, "an IPv6 key has the layout raw6")
         var key = dysco_key()
         key.saddr = tuple.srcAddr.value.bigEndian
         key.daddr = tuple.dstAddr.value.bigEndian
@@ -53,12 +57,47 @@ public struct BPFSessionKey: Hashable, Sendable, CustomStringConvertible {
         return key
     }
 
+    /// The C layout of an IPv6 key (`struct dysco_key6`): the 16 address bytes, ports in network byte order.
+    public var raw6: dysco_key6 {
+        precondition(isIPv6, "an IPv4 key has the layout raw")
+        var key = dysco_key6()
+        withUnsafeMutableBytes(of: &key.saddr) { tuple.srcAddr.store(to: $0.baseAddress!) }
+        withUnsafeMutableBytes(of: &key.daddr) { tuple.dstAddr.store(to: $0.baseAddress!) }
+        key.sport = tuple.srcPort.bigEndian
+        key.dport = tuple.dstPort.bigEndian
+        key.proto = 6
+        key.hook = hook.rawValue
+        return key
+    }
+
+    /// The key's bytes in its family's layout (16 or 40), for calls that take the key by pointer.
+    public func withRawKey<R>(_ body: (UnsafeMutableRawPointer) throws -> R) rethrows -> R {
+        if isIPv6 {
+            var key = raw6
+            return try withUnsafeMutableBytes(of: &key) { try body($0.baseAddress!) }
+        }
+        var key = raw
+        return try withUnsafeMutableBytes(of: &key) { try body($0.baseAddress!) }
+    }
+
     /// Decodes a key; nil for a protocol other than TCP or an unknown hook.
     public init?(raw: dysco_key) {
         guard raw.proto == 6, let hook = BPFHook(rawValue: raw.hook) else { return nil }
         self.hook = hook
         tuple = FiveTuple(srcAddr: IPAddress(UInt32(bigEndian: raw.saddr)), srcPort: UInt16(bigEndian: raw.sport),
                           dstAddr: IPAddress(UInt32(bigEndian: raw.daddr)), dstPort: UInt16(bigEndian: raw.dport))
+    }
+
+    /// Decodes an IPv6 key; nil for a protocol other than TCP, an unknown hook, or an IPv4-mapped address (which
+    /// the IPv6 maps never hold: the programs key IPv4 packets in `dysco_sessions`).
+    public init?(raw6 raw: dysco_key6) {
+        guard raw.proto == 6, let hook = BPFHook(rawValue: raw.hook) else { return nil }
+        let source = withUnsafeBytes(of: raw.saddr) { IPAddress(networkBytes: $0) }
+        let destination = withUnsafeBytes(of: raw.daddr) { IPAddress(networkBytes: $0) }
+        guard !source.isIPv4, !destination.isIPv4 else { return nil }
+        self.hook = hook
+        tuple = FiveTuple(srcAddr: source, srcPort: UInt16(bigEndian: raw.sport),
+                          dstAddr: destination, dstPort: UInt16(bigEndian: raw.dport))
     }
 
     public var description: String { "\(hook) \(tuple)" }
@@ -109,10 +148,38 @@ public struct BPFSessionEntry: Hashable, Sendable {
         self.lastSeenNanoseconds = lastSeenNanoseconds
     }
 
+    /// The C layout of an IPv4 translation's value.
     public var raw: dysco_value {
-        var value = dysco_value()
+        precondition(target.srcAddr.isIPv4, "an IPv6 translation has the layout raw6")
+        var value = shared
         value.new_saddr = target.srcAddr.value.bigEndian
         value.new_daddr = target.dstAddr.value.bigEndian
+        return value
+    }
+
+    /// The C layout of an IPv6 translation's value (`struct dysco_value6`: the shared part, then the addresses).
+    public var raw6: dysco_value6 {
+        precondition(!target.srcAddr.isIPv4, "an IPv4 translation has the layout raw")
+        var value = dysco_value6()
+        value.v = shared
+        withUnsafeMutableBytes(of: &value.new_saddr) { target.srcAddr.store(to: $0.baseAddress!) }
+        withUnsafeMutableBytes(of: &value.new_daddr) { target.dstAddr.store(to: $0.baseAddress!) }
+        return value
+    }
+
+    /// The value's bytes in its family's layout, for calls that take the value by pointer.
+    public func withRawValue<R>(_ body: (UnsafeMutableRawPointer) throws -> R) rethrows -> R {
+        if target.srcAddr.isIPv4 {
+            var value = raw
+            return try withUnsafeMutableBytes(of: &value) { try body($0.baseAddress!) }
+        }
+        var value = raw6
+        return try withUnsafeMutableBytes(of: &value) { try body($0.baseAddress!) }
+    }
+
+    /// Everything but the IPv4 addresses (zero), which both layouts share.
+    private var shared: dysco_value {
+        var value = dysco_value()
         value.new_sport = target.srcPort.bigEndian
         value.new_dport = target.dstPort.bigEndian
         value.flags = flags.rawValue
@@ -129,10 +196,18 @@ public struct BPFSessionEntry: Hashable, Sendable {
     }
 
     public init(raw: dysco_value) {
-        target = FiveTuple(srcAddr: IPAddress(UInt32(bigEndian: raw.new_saddr)),
-                           srcPort: UInt16(bigEndian: raw.new_sport),
-                           dstAddr: IPAddress(UInt32(bigEndian: raw.new_daddr)),
-                           dstPort: UInt16(bigEndian: raw.new_dport))
+        self.init(shared: raw, source: IPAddress(UInt32(bigEndian: raw.new_saddr)),
+                  destination: IPAddress(UInt32(bigEndian: raw.new_daddr)))
+    }
+
+    public init(raw6 raw: dysco_value6) {
+        self.init(shared: raw.v, source: withUnsafeBytes(of: raw.new_saddr) { IPAddress(networkBytes: $0) },
+                  destination: withUnsafeBytes(of: raw.new_daddr) { IPAddress(networkBytes: $0) })
+    }
+
+    private init(shared raw: dysco_value, source: IPAddress, destination: IPAddress) {
+        target = FiveTuple(srcAddr: source, srcPort: UInt16(bigEndian: raw.new_sport),
+                           dstAddr: destination, dstPort: UInt16(bigEndian: raw.new_dport))
         flags = BPFSessionFlags(rawValue: raw.flags)
         sessionID = raw.session_id
         tcp = BPFTCPFacts(sequenceEnd: raw.tcp.seq_end, acknowledgment: raw.tcp.ack, window: raw.tcp.window,
@@ -176,9 +251,20 @@ public struct BPFEvent: Hashable, Sendable, CustomStringConvertible {
     public var bytes: UInt64
 
     public init(raw: dysco_event) {
+        self.init(shared: raw, key: BPFSessionKey(raw: raw.key))
+    }
+
+    /// An IPv6 packet's event (`struct dysco_event6`; its type carries `DYSCO_EV_IPV6`).
+    public init(raw6: dysco_event6) {
+        var shared = raw6.e
+        shared.type &= ~UInt32(DYSCO_EV_IPV6)
+        self.init(shared: shared, key: BPFSessionKey(raw6: raw6.key))
+    }
+
+    private init(shared raw: dysco_event, key: BPFSessionKey?) {
         kind = Kind(raw.type)
         sessionID = raw.session_id
-        key = BPFSessionKey(raw: raw.key)
+        self.key = key
         timestampNanoseconds = raw.ts_ns
         sequence = raw.seq
         acknowledgment = raw.ack
@@ -187,10 +273,17 @@ public struct BPFEvent: Hashable, Sendable, CustomStringConvertible {
         bytes = raw.bytes
     }
 
-    /// Decodes a ring-buffer record; nil if it is shorter than `struct dysco_event`.
+    /// Decodes a ring-buffer record: `struct dysco_event6` when its type has `DYSCO_EV_IPV6`, else `struct
+    /// dysco_event`; nil if it is shorter than its layout.
     public init?(bytes: UnsafeRawBufferPointer) {
         guard bytes.count >= MemoryLayout<dysco_event>.size, let base = bytes.baseAddress else { return nil }
-        self.init(raw: base.loadUnaligned(as: dysco_event.self))
+        let event = base.loadUnaligned(as: dysco_event.self)
+        guard event.type & UInt32(DYSCO_EV_IPV6) != 0 else {
+            self.init(raw: event)
+            return
+        }
+        guard bytes.count >= MemoryLayout<dysco_event6>.size else { return nil }
+        self.init(raw6: base.loadUnaligned(as: dysco_event6.self))
     }
 
     public var description: String {
@@ -215,6 +308,10 @@ public enum BPFLayout {
     public static let keySize = MemoryLayout<dysco_key>.size
     public static let valueSize = MemoryLayout<dysco_value>.size
     public static let eventSize = MemoryLayout<dysco_event>.size
+    /// IPv6's maps (`dysco_sessions6`) and events.
+    public static let key6Size = MemoryLayout<dysco_key6>.size
+    public static let value6Size = MemoryLayout<dysco_value6>.size
+    public static let event6Size = MemoryLayout<dysco_event6>.size
     /// The default capacity of `dysco_sessions` (translations, four per two-sided session).
     public static let defaultMaxEntries = Int(DYSCO_MAX_ENTRIES_DEFAULT)
 }

@@ -142,9 +142,7 @@ public struct SessionTable: Sendable {
 
         /// The kernel datapath translates sequence numbers, not timestamps: a session whose subsessions shift
         /// timestamps, or a joined proxy still learning its clocks, stays with the agent.
-        /// An IPv6 session too: the BPF datapath's keys are IPv4 (docs/ARCHITECTURE.md, Limits).
         public var needsSlowPath: Bool {
-            if !session.srcAddr.isIPv4 { return true }
             if spliced != nil, !clocks.complete { return true }
             for link in [leftLink, rightLink] { if let link, link.all.contains(where: { $0.tsDelta != 0 }) { return true } }
             return false

@@ -125,3 +125,17 @@ public enum PureAck {
         return IPAddress(UInt32(bigEndian: base.loadUnaligned(fromByteOffset: 16, as: UInt32.self)))
     }
 }
+
+/// A TCP packet of either family, by its version nibble.
+public enum TCPPacketTuple {
+    /// The tuple of the IPv4 or IPv6 TCP packet at `base`; nil for anything the views refuse (an IPv6 extension
+    /// header included).
+    public static func parse(_ base: UnsafeMutableRawPointer, count: Int) -> FiveTuple? {
+        if count > 0, base.load(as: UInt8.self) >> 4 == 6 {
+            guard case .success(let packet) = IPv6TCPPacket.parse(base, count: count) else { return nil }
+            return packet.tuple
+        }
+        guard case .success(let packet) = IPv4TCPPacket.parse(base, count: count) else { return nil }
+        return packet.tuple
+    }
+}

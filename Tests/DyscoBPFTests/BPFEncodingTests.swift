@@ -45,6 +45,70 @@ import Testing
         #expect(BPFSessionKey(raw: key.raw) == key)
     }
 
+    static let session6 = FiveTuple(srcAddr: IPAddress("fd00:0:1:2::3")!, srcPort: 0x1234,
+                                    dstAddr: IPAddress("fd00:0:1:3::c8")!, dstPort: 80)
+    static let subsession6 = FiveTuple(srcAddr: IPAddress("fd00:0:9:8::7")!, srcPort: 40000,
+                                       dstAddr: IPAddress("2001:db8::5:6")!, dstPort: 0xABCD)
+
+    @Test("IPv6 layouts (issue 18 item 3): a 40-byte key, the IPv4 value followed by 16-byte addresses, the IPv4 event followed by the key; IPv4's unchanged")
+    func layout6() {
+        #expect(BPFLayout.key6Size == 40 && BPFLayout.value6Size == 96 && BPFLayout.event6Size == 104)
+        #expect(MemoryLayout<dysco_key6>.offset(of: \.daddr) == 16)
+        #expect(MemoryLayout<dysco_key6>.offset(of: \.sport) == 32)
+        #expect(MemoryLayout<dysco_key6>.offset(of: \.hook) == 37)
+        #expect(MemoryLayout<dysco_value6>.offset(of: \.v) == 0)
+        #expect(MemoryLayout<dysco_value6>.offset(of: \.new_saddr) == 64)
+        #expect(MemoryLayout<dysco_value6>.offset(of: \.new_daddr) == 80)
+        #expect(MemoryLayout<dysco_event6>.offset(of: \.key) == 64)
+    }
+
+    @Test("an IPv6 key is the packet's 16-byte addresses and ports in network order; an IPv4 tuple keeps the 16-byte IPv4 key; round trips; a mapped address does not decode from an IPv6 key")
+    func keyBytes6() {
+        let key = BPFSessionKey(Self.session6, hook: .egress)
+        #expect(key.isIPv6 && !BPFSessionKey(Self.session, hook: .egress).isIPv6)
+        let b = bytes(key.raw6)
+        #expect(Array(b[0..<16]) == [0xfd, 0, 0, 0, 0, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 3])
+        #expect(Array(b[16..<32]) == [0xfd, 0, 0, 0, 0, 1, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0xc8])
+        #expect(Array(b[32..<40]) == [0x12, 0x34, 0, 80, 6, 1, 0, 0])
+        #expect(BPFSessionKey(raw6: key.raw6) == key)
+        #expect(key.withRawKey { Array(UnsafeRawBufferPointer(start: $0, count: 40)) } == b)
+        var mapped = key.raw6
+        withUnsafeMutableBytes(of: &mapped.saddr) { IPAddress(10, 1, 2, 3).store(to: $0.baseAddress!) }
+        #expect(BPFSessionKey(raw6: mapped) == nil)
+        var udp = key.raw6
+        udp.proto = 17
+        #expect(BPFSessionKey(raw6: udp) == nil)
+    }
+
+    @Test("an IPv6 value: the shared part with zero IPv4 addresses, then the target's 16-byte addresses; round trip")
+    func valueBytes6() {
+        let entry = BPFSessionEntry(target: Self.subsession6, flags: [.held], sessionID: 7,
+                                    tcp: BPFTCPFacts(sequenceEnd: 9, acknowledgment: 8, window: 100, tcpFlags: 0x10),
+                                    packets: 2, bytes: 120, lastSeenNanoseconds: 5, seqDelta: -3)
+        let b = bytes(entry.raw6)
+        #expect(Array(b[0..<8]) == [0, 0, 0, 0, 0, 0, 0, 0])
+        #expect(Array(b[8..<12]) == [0x9C, 0x40, 0xAB, 0xCD])
+        #expect(Array(b[64..<80]) == Self.subsession6.srcAddr.ipv6Bytes)
+        #expect(Array(b[80..<96]) == Self.subsession6.dstAddr.ipv6Bytes)
+        #expect(BPFSessionEntry(raw6: entry.raw6) == entry)
+    }
+
+    @Test("an IPv6 event (type with DYSCO_EV_IPV6) decodes with its key; a record cut to the IPv4 size does not; an IPv4 decoder would read it as an unknown type")
+    func eventDecoding6() {
+        var raw = dysco_event6()
+        raw.e.session_id = 42
+        raw.e.type = UInt32(DYSCO_EV_FIN) | UInt32(DYSCO_EV_IPV6)
+        raw.e.seq = 1000
+        raw.e.tcp_flags = 0x11
+        raw.key = BPFSessionKey(Self.subsession6, hook: .ingress).raw6
+        let event = withUnsafeBytes(of: raw) { BPFEvent(bytes: $0) }
+        #expect(event?.kind == .fin && event?.sessionID == 42 && event?.sequence == 1000)
+        #expect(event?.key == BPFSessionKey(Self.subsession6, hook: .ingress))
+        #expect(event?.kernelEvent?.key == Self.subsession6)
+        #expect(withUnsafeBytes(of: raw) { BPFEvent(bytes: UnsafeRawBufferPointer(rebasing: $0[0..<64])) } == nil)
+        #expect(BPFEvent(raw: raw.e).kind == .unknown(raw.e.type), "the IPv4 layout alone: an unknown type")
+    }
+
     @Test("a key with another protocol or an unknown hook does not decode")
     func foreignKeys() {
         var raw = BPFSessionKey(Self.session, hook: .ingress).raw

@@ -1,5 +1,6 @@
 import ConntrackState
 import DyscoAgent
+import DyscoBPF
 import DyscoCore
 import DyscoLab
 import DyscoSystem
@@ -7,11 +8,16 @@ import Foundation
 import Testing
 
 /// IPv6 sessions (issue 18, item 3) on a dual-stack lab (`lab up --ipv6`): the agents queue IPv6 TCP
-/// (`agent --ipv6`, ip6tables NFQUEUE rules), carry IPv6 sessions through the policies' IPv6 chains on the slow path,
+/// (`agent --ipv6`, ip6tables NFQUEUE rules), carry IPv6 sessions through the policies' IPv6 chains on the BPF datapath,
 /// and take hostile IPv6 by the extension-header rule. Real namespaces, ip6tables strict firewalls (default DROP,
 /// ESTABLISHED-only), conntrack, curl and Python's HTTP server. Labs `v6a`–`v6e`: 10.78.151.0/24–10.78.155.0/24.
 @Suite struct IPv6Tests {
-    @Test("(c) an IPv6 chain beside IPv4 in a dual-stack lab: both downloads byte-exact at once through a strict fw1, 20 short IPv6 sessions; fw1's agent carries the IPv6 sessions (the session tuple, its subsessions); fw1's IPv6 firewall passed them as NEW and ESTABLISHED, no INVALID drop in either family")
+    /// `host`'s translations in its pinned maps, both families (the lab's agents pin under the lab's bpffs, queue 7).
+    static func kernelEntries(_ lab: Lab, _ host: String) throws -> [(BPFSessionKey, BPFSessionEntry)] {
+        try BPFDatapath.pinnedEntries(mapPath: "\(LabPaths.bpfFs(lab.name))/dysco-\(lab.namespace(of: host))-q7/dysco_sessions")
+    }
+
+    @Test("(c) an IPv6 chain beside IPv4 in a dual-stack lab: both downloads byte-exact at once through a strict fw1, 20 short IPv6 sessions; fw1's agent carries the IPv6 sessions (the session tuple, its subsessions) in its BPF datapath's IPv6 maps; fw1's IPv6 firewall passed them as NEW and ESTABLISHED, no INVALID drop in either family")
     func dualStackChain() async throws {
         try await TestSupport.withLab(LabSpec(name: "v6a", middleboxes: ["fw1"], subnet: "10.78.151.0/24",
                                               agentArguments: ["--close-linger", "120"], ipv6: true)) { lab in
@@ -37,18 +43,24 @@ import Testing
             let peers = Set(log.split(separator: "\n").filter { $0.contains("GET /") }.map { String($0.split(separator: " ")[0]) })
             #expect(peers == ["\(client6)"], "\(peers)")
 
-            // fw1's agent: 21 IPv6 sessions with the session tuple and both subsessions in IPv6, on the slow path;
-            // the IPv4 download's session beside them.
+            // fw1's agent: 21 IPv6 sessions with the session tuple and both subsessions in IPv6, carried by the BPF
+            // datapath (its IPv6 maps); the IPv4 download's session beside them.
             let box = try await TestSupport.snapshot(lab, "fw1")
             let sessions6 = box.sessions.filter { !$0.session.srcAddr.isIPv4 }
             #expect(sessions6.count == 21)
             for s in sessions6 {
                 #expect(s.session.srcAddr == client6 && s.session.dstAddr == server6 && s.session.dstPort == 80)
                 #expect(s.left?.dstAddr == fw16 && s.right?.srcAddr == fw16 && s.right?.dstAddr == server6)
-                #expect(s.carrier == .slow, "the kernel datapath carries IPv4 only")
+                #expect(s.carrier == .kernel, "the BPF datapath carries IPv6 sessions too")
             }
             #expect(box.sessions.contains { $0.session.srcAddr.isIPv4 && $0.session.dstAddr == server4 })
             #expect(box.counters.malformedPackets == 0)
+            // The kernel rewrote them: fw1's pinned dysco_sessions6 holds the IPv6 sessions' translations (four a
+            // session: each direction in and out), keyed and targeted in IPv6, which carried the 16 MiB download.
+            let entries6 = try Self.kernelEntries(lab, "fw1").filter(\.0.isIPv6)
+            #expect(Set(entries6.map(\.1.sessionID)).count == 21 && entries6.count == 4 * 21, "\(entries6.count)")
+            #expect(entries6.allSatisfy { !$0.1.target.srcAddr.isIPv4 && !$0.1.target.dstAddr.isIPv4 })
+            #expect(entries6.reduce(0) { $0 + $1.1.bytes } > 16 << 20)
 
             // fw1's IPv6 filter saw every session's SYN as NEW and the rest as ESTABLISHED; nothing INVALID.
             let filter6 = try lab.firewallCounters("fw1", family: .ipv6)
@@ -139,13 +151,18 @@ import Testing
 
     @Test("(c) a live IPv6 session's conntrack entry moves between boxes with the CLI: exported from fw1 by its tuple (AF_INET6), validated, imported into fw2, which then holds it ESTABLISHED with the window data; the download stays byte-exact")
     func ipv6StateTransfer() async throws {
-        try await TestSupport.withLab(LabSpec(name: "v6c", middleboxes: ["fw1", "fw2"], subnet: "10.78.153.0/24", ipv6: true)) { lab in
+        try await TestSupport.withLab(LabSpec(name: "v6c", middleboxes: ["fw1", "fw2"], subnet: "10.78.153.0/24",
+                                              policyPorts: [80, MigrationLab.pacedPort], ipv6: true)) { lab in
             let bin = try TestSupport.dyscoBinary()
             let server6 = try #require(lab.ipv6Address(of: "server1"))
             try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 8)
             let file = "\(lab.directory)/blob.v6"
-            let curl = try lab.spawn("client1", ["curl", "-sS", "--fail", "-g", "-m", "60", "--limit-rate", "2M", "-o", file,
-                                                 "http://[\(server6)]/blob"])
+            // A sender-paced server (2 MiB/s): the session is mid-transfer, ESTABLISHED at fw1, while its entry
+            // moves (an unpaced server has sent everything and its FIN into the client's buffers at once).
+            try MigrationLab.quickAck(lab)
+            try PacedHTTPServer.start(lab, port: MigrationLab.pacedPort, bytesPerSecond: 2 * 1_048_576, ipv6: true)
+            let curl = try lab.spawn("client1", ["curl", "-sS", "--fail", "-g", "-m", "60", "-o", file,
+                                                 "http://[\(server6)]:\(MigrationLab.pacedPort)/blob"])
             var session: FiveTuple?
             let live = try await TestSupport.eventually(timeout: 20) {
                 session = try await TestSupport.snapshot(lab, "fw1").sessions.first { $0.state == "established" && !$0.session.srcAddr.isIPv4 }?.session
@@ -173,7 +190,7 @@ import Testing
         }
     }
 
-    @Test("(c) replace over IPv6: an IPv6 download moved from fw1 to fw2 of a dual-stack lab (stateful: fw1's AF_INET6 conntrack entry imported at fw2; control messages version 5 over IPv6): moved, byte-exact, fw2 carried the rest as ESTABLISHED with no NEW and no INVALID, the migration rule for the endpoints' loss counters; an IPv4 download beside it moves in the same replace")
+    @Test("(c) replace over IPv6: an IPv6 download moved from fw1 to fw2 of a dual-stack lab (stateful: fw1's AF_INET6 conntrack entry imported at fw2; control messages version 5 over IPv6): moved from fw1's kernel to fw2's (BPF IPv6 maps), byte-exact, fw2 carried the rest as ESTABLISHED with no NEW and no INVALID, the migration rule for the endpoints' loss counters; an IPv4 download beside it moves in the same replace")
     func ipv6Replace() async throws {
         try await TestSupport.withLab(LabSpec(name: "v6d", middleboxes: ["fw1", "fw2"], subnet: "10.78.154.0/24",
                                               policyPorts: [80, MigrationLab.pacedPort], ipv6: true)) { lab in
@@ -194,6 +211,11 @@ import Testing
                 return sessions.contains { !$0.session.srcAddr.isIPv4 } && sessions.contains { $0.session.srcAddr.isIPv4 }
             }
             #expect(live)
+            // fw1's kernel carries the IPv6 session (its dysco_sessions6 entries rewrite packets): the move holds,
+            // hands over and releases kernel translations of both families.
+            #expect(try await TestSupport.eventually(timeout: 20) {
+                try Self.kernelEntries(lab, "fw1").contains { $0.0.isIPv6 && $0.1.packets > 0 }
+            })
             let lossBefore = try MigrationLab.lossCounters(lab)
             let replace = try MigrationLab.replace(lab, old: "fw1", new: "fw2")
             #expect(replace.status == 0, "\(replace.stdout)\n\(replace.stderr)")
@@ -205,6 +227,10 @@ import Testing
             let box = try await TestSupport.snapshot(lab, "fw2")
             let taken = try #require(box.sessions.first { $0.session.srcAddr == client6 }, "\(box.sessions)")
             #expect(taken.left?.dstAddr == fw26 && taken.right?.srcAddr == fw26 && taken.right?.dstAddr == server6)
+            // …and hands the rest of it to its kernel: its IPv6 translations rewrite packets.
+            #expect(try await TestSupport.eventually(timeout: 20) {
+                try Self.kernelEntries(lab, "fw2").contains { $0.0.isIPv6 && $0.1.sessionID == taken.id && $0.1.packets > 0 }
+            }, "fw2's kernel carries none of the IPv6 session")
 
             v6.waitUntilExit()
             v4.waitUntilExit()
@@ -245,6 +271,11 @@ import Testing
                 return sessions.filter { $0.session.srcAddr.isIPv4 }.count == 6 && sessions.filter { !$0.session.srcAddr.isIPv4 }.count == 6
             }
             #expect(live)
+            // fw1's kernel carries the IPv6 session (its dysco_sessions6 entries rewrite packets): the move holds,
+            // hands over and releases kernel translations of both families.
+            #expect(try await TestSupport.eventually(timeout: 20) {
+                try Self.kernelEntries(lab, "fw1").contains { $0.0.isIPv6 && $0.1.packets > 0 }
+            })
             let lossBefore = try MigrationLab.lossCounters(lab)
             let run = try MigrationLab.CLIRun<Evacuation.Summary>(["drain", "--lab", lab.name, "--old", "fw1", "--to", "fw2"])
             let summary = try #require(run.report, "drain printed no summary: \(run.stdout) \(run.stderr)")

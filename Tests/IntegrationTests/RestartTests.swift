@@ -171,19 +171,6 @@ import Testing
         #expect(again.contains(":DYSCO-IN - [0:0]"), "declared, so iptables-restore --noflush empties it in the same commit")
     }
 
-    @Test("IPv6 queue rules (agent --ipv6): the same chains, one rule each, all with bypass; no BPF filter, no owned rule; the agent's own packets unqueued")
-    func queueRuleScriptIPv6() {
-        let script = QueueRules(queue: 7, egressFilter: "/x/carried", ownedFilter: "/x/owned", ipv6: true).ipv6RestoreScript()
-        let rules = script.split(separator: "\n").filter { $0.hasPrefix("-A ") }
-        #expect(rules == [
-            "-A DYSCO-IN -p tcp ! -i lo -j NFQUEUE --queue-num 7 --queue-bypass",
-            "-A DYSCO-OUT -p tcp ! -o lo -m mark ! --mark 0x20000000/0x20000000 -j NFQUEUE --queue-num 7 --queue-bypass",
-            "-A DYSCO-FWD-OUT -p tcp -m addrtype ! --src-type LOCAL -m mark ! --mark 0x20000000/0x20000000 -j NFQUEUE --queue-num 7 --queue-bypass",
-        ])
-        #expect(script.contains("-I PREROUTING 1 -j DYSCO-IN") && script.contains("-I OUTPUT 1 -j DYSCO-OUT"))
-        #expect(!QueueRules(queue: 7).ipv6RestoreScript(existingJumps: ["PREROUTING", "OUTPUT", "POSTROUTING"]).contains("-I "))
-    }
-
     @Test("queue rules with the BPF filters: each egress chain first returns what the pinned socket filter says tc egress rewrites, then queues what the owned filter claims without bypass; ingress by marks, no observe rules")
     func queueRuleScriptBPF() {
         let filter = "/run/pins/dysco-x-q7/dysco_egress_carried"
