@@ -21,8 +21,8 @@ public struct DataplaneBenchmark {
         public var agentArguments: [String] = []
         /// Also measure the chain with --no-fastpath (everything in NFQUEUE).
         public var includeSlowPath = true
-        /// Also measure IPv6 (dual-stack labs): kernel forwarding and the chain, whose IPv6 sessions the agents carry
-        /// on the slow path (docs/ARCHITECTURE.md, "IPv6 sessions").
+        /// Also measure IPv6 (dual-stack labs): kernel forwarding and the chain, whose IPv6 sessions the BPF datapath
+        /// carries (its IPv6 maps; docs/ARCHITECTURE.md, "IPv6 sessions").
         public var includeIPv6 = true
         public var referenceScript: String?
         public var chain = ["fw1"]
@@ -51,7 +51,7 @@ public struct DataplaneBenchmark {
         public var dysco: Run
         /// The chain with --no-fastpath: every packet through NFQUEUE.
         public var slowPath: Run?
-        /// IPv6 in dual-stack labs: kernel forwarding via fw1, and the chain (its IPv6 sessions on the slow path).
+        /// IPv6 in dual-stack labs: kernel forwarding via fw1, and the chain (its IPv6 sessions in the BPF datapath).
         public var kernelIPv6: Run?
         public var dyscoIPv6: Run?
         public var ipv6Ratio1Flow: Double? { ratio(dyscoIPv6, kernelIPv6, \.goodput1FlowGbps) }
@@ -214,8 +214,8 @@ public struct DataplaneBenchmark {
             logger.info("measuring kernel forwarding over IPv6 (no agents, routes via fw1)")
             report.kernelIPv6 = try measure(dualStack(kernelSpec, "bench-k6", "10.79.4.0/24"), label: "kernel forwarding, IPv6",
                                             ipv6: true)
-            logger.info("measuring the Dysco chain over IPv6 (its IPv6 sessions on the slow path)")
-            report.dyscoIPv6 = try measure(dualStack(dyscoSpec, "bench-6", "10.79.5.0/24"), label: "dysco, IPv6 (slow path)",
+            logger.info("measuring the Dysco chain over IPv6 (BPF datapath)")
+            report.dyscoIPv6 = try measure(dualStack(dyscoSpec, "bench-6", "10.79.5.0/24"), label: "dysco, BPF datapath, IPv6",
                                            ipv6: true)
         }
         return report
@@ -338,7 +338,7 @@ extension DataplaneBenchmark.Report {
         lines.append("fast path connect overhead per middlebox (p50): \(us(connectOverheadPerMiddleboxMicroseconds)) µs (target < 300)")
         lines.append("fast path new sessions/s / kernel forwarding: \(f(sessionsRatio))")
         if let r1 = ipv6Ratio1Flow, let r8 = ipv6Ratio8Flows, let o = ipv6ConnectOverheadPerMiddleboxMicroseconds {
-            lines.append("IPv6 chain (slow path) / IPv6 kernel forwarding: 1 flow \(f(r1)), 8 flows \(f(r8)); connect overhead per middlebox (p50) \(us(o)) µs")
+            lines.append("IPv6 chain (BPF) / IPv6 kernel forwarding: 1 flow \(f(r1)), 8 flows \(f(r8)); connect overhead per middlebox (p50) \(us(o)) µs")
         }
         if let s1 = slowRatio1Flow, let s8 = slowRatio8Flows, let o = slowConnectOverheadPerMiddleboxMicroseconds {
             lines.append("NFQUEUE only / kernel forwarding: 1 flow \(f(s1)), 8 flows \(f(s8)); connect overhead per middlebox (p50) \(us(o)) µs (target < 200)")

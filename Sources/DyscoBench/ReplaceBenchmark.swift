@@ -26,7 +26,7 @@ public struct ReplaceBenchmark: Sendable {
         public var modes: [Mode] = [.stateful]
         /// After the modes: a stateful run between an HA pair of NAT'ing firewalls (fw1 and fw2 `snat-shared`).
         public var natPair = false
-        /// Also a stateful run over IPv6 (a dual-stack lab; its sessions on the slow path), beside IPv4's.
+        /// Also a stateful run over IPv6 (a dual-stack lab; its sessions in the BPF datapath's IPv6 maps), beside IPv4's.
         public var ipv6 = false
         /// Per-session deadline of the migration (the `replace` default).
         public var deadlineMilliseconds: UInt32 = 3000
@@ -234,7 +234,7 @@ extension ReplaceBenchmark.Report {
         var lines: [String] = []
         for run in runs {
             let perClient = (run.sessions + run.clients - 1) / run.clients
-            lines.append("replace benchmark, \(run.mode)\(run.ipv6 == true ? ", IPv6 (slow path)" : ""): \(run.sessions) sessions (\(run.megabytes) MiB each, paced at "
+            lines.append("replace benchmark, \(run.mode)\(run.ipv6 == true ? ", IPv6" : ""): \(run.sessions) sessions (\(run.megabytes) MiB each, paced at "
                          + "\(String(format: "%g", run.rateMiBps)) MiB/s) from \(run.clients) client(s) (≤ \(perClient) each) "
                          + "through fw1 → fw2 (\(run.fw2Profile == FirewallProfile.snatShared.rawValue ? "an HA pair, both" : "fw2") "
                          + "\(run.fw2Profile)), lab \(run.lab)")

@@ -113,9 +113,9 @@ struct AgentCommand: AsyncParsableCommand {
     var noFastpath = false
 
     @Flag(help: ArgumentHelp("""
-        Carry IPv6 sessions too: IPv6 TCP is queued (ip6tables NFQUEUE rules beside the IPv4 ones) and the policies' \
-        IPv6 chains apply to it. IPv6 sessions stay on the slow path (the BPF datapath carries IPv4 only) and cannot \
-        be migrated yet (docs/ARCHITECTURE.md, Limits). Without it IPv6 passes untouched, outside every chain.
+        Carry IPv6 sessions too: the same queue rules in ip6tables, the policies' IPv6 chains, the BPF datapath's \
+        IPv6 maps, control messages over IPv6 (port 7411 on [::]); replace and drain move IPv6 sessions \
+        (docs/ARCHITECTURE.md, "IPv6 sessions"). Without it IPv6 passes untouched, outside every chain.
         """))
     var ipv6 = false
 
