@@ -122,6 +122,9 @@ public enum AddressFamily: String, Codable, Sendable, Hashable, CustomStringConv
 extension IPAddress {
     public var family: AddressFamily { isIPv4 ? .ipv4 : .ipv6 }
 
+    /// The address as a URL's host (RFC 3986: an IPv6 address in brackets).
+    public var urlHost: String { isIPv4 ? description : "[\(description)]" }
+
     public static func v4(_ a: UInt8, _ b: UInt8, _ c: UInt8, _ d: UInt8) -> IPAddress { IPAddress(a, b, c, d) }
 
     /// The IPv6 address with these 16 wire bytes (an IPv4-mapped one is the IPv4 address).

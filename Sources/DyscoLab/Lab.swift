@@ -140,6 +140,13 @@ public final class Lab: @unchecked Sendable {
     /// `host`'s IPv6 address in a dual-stack lab (``LabState/ipv6Address(of:)``); nil in an IPv4-only lab.
     public func ipv6Address(of host: String) -> IPAddress? { state.ipv6Address(of: self.host(host)) }
 
+    /// `host`'s address of `family`; for IPv6 the lab must be dual stack (``LabSpec/ipv6``).
+    public func address(of host: String, family: AddressFamily) throws -> IPAddress {
+        guard family == .ipv6 else { return address(of: host) }
+        guard let address = ipv6Address(of: host) else { throw LabError.setupFailed("lab \(name) has no IPv6 addresses") }
+        return address
+    }
+
     /// Zeroes the firewall counters of middlebox `mb` (rules and policy).
     public func resetFirewallCounters(_ mb: String) throws {
         try exec(mb, ["iptables", "-w", "-t", "filter", "-Z", "FORWARD"])
@@ -175,8 +182,8 @@ public final class Lab: @unchecked Sendable {
     }
 
     /// `conntrack -L -p tcp` in `host` (its tracked TCP connections, as text).
-    public func conntrackTCP(_ host: String) throws -> String {
-        try exec(host, ["conntrack", "-L", "-p", "tcp"], check: false).stdout
+    public func conntrackTCP(_ host: String, family: AddressFamily = .ipv4) throws -> String {
+        try exec(host, ["conntrack", "-L", "-f", family == .ipv4 ? "ipv4" : "ipv6", "-p", "tcp"], check: false).stdout
     }
 
     // MARK: - Agents

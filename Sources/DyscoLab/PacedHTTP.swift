@@ -23,7 +23,7 @@ public enum PacedHTTPServer {
         let v6 = ipv6 ? lab.ipv6Address(of: host) : nil
         if ipv6, v6 == nil { throw LabError.setupFailed("lab \(lab.name) has no IPv6 addresses") }
         let address = v6 ?? lab.address(of: host)
-        let url = v6.map { "[\($0)]" } ?? "\(address)"
+        let url = address.urlHost
         let process = try lab.spawn(host, [python, try script(), lab.httpRoot, "\(address)", "\(port)", "\(bytesPerSecond)"],
                                     logPath: "\(lab.directory)/paced-\(host)-\(port)\(ipv6 ? "-v6" : "").log")
         let deadline = Date().addingTimeInterval(10)
@@ -99,7 +99,7 @@ public final class PacedDownloads: @unchecked Sendable {
         self.count = count
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         let target = host ?? lab.address(of: "server1")
-        let url = "http://\(target.isIPv4 ? "\(target)" : "[\(target)]"):\(port)/\(file)"
+        let url = "http://\(target.urlHost):\(port)/\(file)"
         var processes: [Process] = []
         for (k, client) in clients.enumerated() {
             let mine = stride(from: k, to: count, by: clients.count).map(String.init)

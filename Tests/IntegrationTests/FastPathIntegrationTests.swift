@@ -17,7 +17,9 @@ import Testing
     struct Datapath: CustomStringConvertible, Sendable {
         var lab: String
         var subnet: String
-        var description: String { "bpf (\(lab))" }
+        /// The sessions' family: .ipv6 runs the test in a dual-stack lab over its IPv6 addresses (issue 18 (c)).
+        var family: AddressFamily = .ipv4
+        var description: String { "bpf (\(lab)\(family == .ipv6 ? ", IPv6" : ""))" }
         var pins: String { "/run/dysco-\(lab)-pins" }
         var arguments: [String] { ["--bpf-fs", pins] }
 
@@ -85,25 +87,29 @@ import Testing
         return (entries.count, Set(entries.map(\.1.sessionID)).count)
     }
 
-    func download(_ lab: Lab, megabytes: Int, rate: String? = nil) throws -> (target: String, process: Process?) {
+    func download(_ lab: Lab, megabytes: Int, rate: String? = nil,
+                  family: AddressFamily = .ipv4) throws -> (target: String, process: Process?) {
         let source = "\(lab.httpRoot)/blob"
         if !FileManager.default.fileExists(atPath: source) { try TestSupport.makeRandomFile(source, megabytes: megabytes) }
         let target = "\(lab.directory)/blob.\(UUID().uuidString.prefix(6))"
-        var args = ["curl", "-sS", "--fail", "-m", "60", "-o", target]
+        var args = ["curl", "-sS", "--fail", "-g", "-m", "60", "-o", target]
         if let rate { args += ["--limit-rate", rate] }
-        args.append("http://\(lab.address(of: "server1"))/blob")
+        args.append("http://\(try lab.address(of: "server1", family: family).urlHost)/blob")
         if rate != nil { return (target, try lab.spawn("client1", args)) }
         try lab.exec("client1", args)
         return (target, nil)
     }
 
     @Test("after the handshake a bulk transfer's packets stay in the kernel; the firewall still sees the session",
-          arguments: [Datapath(lab: "fpb1", subnet: "10.78.31.0/24")])
+          arguments: [Datapath(lab: "fpb1", subnet: "10.78.31.0/24"),
+                      Datapath(lab: "fpb6", subnet: "10.78.156.0/24", family: .ipv6)])
     func bulkStaysInKernel(datapath: Datapath) async throws {
+        let family = datapath.family
         try await datapath.withPins {
         try await TestSupport.withLab(LabSpec(name: datapath.lab, middleboxes: ["fw1"], subnet: datapath.subnet,
-                                  agentArguments: DataplaneTests.keepClosedSessions + datapath.arguments)) { lab in
-            let (target, _) = try download(lab, megabytes: 64)
+                                  agentArguments: DataplaneTests.keepClosedSessions + datapath.arguments,
+                                  ipv6: family == .ipv6)) { lab in
+            let (target, _) = try download(lab, megabytes: 64, family: family)
             #expect(try TestSupport.sha256(target) == TestSupport.sha256("\(lab.httpRoot)/blob"))
             for host in ["client1", "fw1", "server1"] {
                 let snapshot = try await TestSupport.snapshot(lab, host)
@@ -121,8 +127,10 @@ import Testing
                         "\(host): \(snapshot.sessions.map { "\($0.carrier) \($0.state)" })")
             }
             #expect(try kernelState(lab, "fw1", datapath) == (4, 1), "a closed session leaves the kernel at the end of the linger")
-            #expect(try lab.conntrackTCP("fw1").contains("src=\(lab.address(of: "client1")) dst=\(lab.address(of: "server1"))"))
-            #expect(try lab.firewallCounters("fw1").establishedAccepted.packets > 500, "GSO: up to 64 KiB per packet")
+            #expect(try bpfEntries(lab, "fw1", datapath).allSatisfy { $0.0.tuple.srcAddr.family == family })
+            let (client, server) = (try lab.address(of: "client1", family: family), try lab.address(of: "server1", family: family))
+            #expect(try lab.conntrackTCP("fw1", family: family).contains("src=\(client) dst=\(server)"))
+            #expect(try lab.firewallCounters("fw1", family: family).establishedAccepted.packets > 500, "GSO: up to 64 KiB per packet")
         }
         }
     }

@@ -12,12 +12,14 @@ enum MigrationLab {
     /// The paced server's port (added to the lab's policy ports, so the chain carries it).
     static let pacedPort: UInt16 = 8090
 
+    /// `family` .ipv6: a dual-stack lab (``LabSpec/ipv6``), whose tests run their sessions over IPv6 (issue 18 (c):
+    /// the chain, migration, drain, restart and attack tests parameterised by family).
     static func spec(_ name: String, subnet: String, middleboxes: [String] = ["fw1", "fw2"], chain: [String]? = nil,
                      agentArguments: [String] = [], firewallProfiles: [String: FirewallProfile] = [:],
-                     attackers: Int = 0, clients: Int = 1) -> LabSpec {
+                     attackers: Int = 0, clients: Int = 1, family: AddressFamily = .ipv4) -> LabSpec {
         LabSpec(name: name, clients: clients, middleboxes: middleboxes, chain: chain, subnet: subnet,
                 policyPorts: [80, pacedPort], agentArguments: ["--close-linger", "60"] + agentArguments,
-                firewallProfiles: firewallProfiles, attackers: attackers)
+                firewallProfiles: firewallProfiles, attackers: attackers, ipv6: family == .ipv6)
     }
 
     /// The sender-paced server (``PacedHTTPServer`` in DyscoLab, shared with `measure` and `dysco-bench replace`) on server1, with
@@ -25,9 +27,11 @@ enum MigrationLab {
     /// and any retransmission in a test is the path's.
     static func quickAck(_ lab: Lab) throws { try lab.enableQuickAck() }
 
-    static func startPacedServer(_ lab: Lab, megabytesPerSecond: Double) throws {
+    /// On server1's address of `family`.
+    static func startPacedServer(_ lab: Lab, megabytesPerSecond: Double, family: AddressFamily = .ipv4) throws {
         try quickAck(lab)
-        try PacedHTTPServer.start(lab, port: pacedPort, bytesPerSecond: megabytesPerSecond * 1_048_576)
+        try PacedHTTPServer.start(lab, port: pacedPort, bytesPerSecond: megabytesPerSecond * 1_048_576,
+                                  ipv6: family == .ipv6)
     }
 
     /// `count` parallel downloads of `file` from the paced server, running in the background.
@@ -36,16 +40,17 @@ enum MigrationLab {
         let processes: [Process]
         let outputs: [String]
         let expectedBytes: Int
-        /// `curlOptions` go before the URLs (e.g. `-i`: the response headers are kept in each output).
+        /// `curlOptions` go before the URLs (e.g. `-i`: the response headers are kept in each output). `family`:
+        /// server1's address of that family (the paced server started with the same family).
         init(_ lab: Lab, file: String, count: Int, timeout: Int = 120, clients: [String] = ["client1"],
-             curlOptions: [String] = []) throws {
-            let server = lab.address(of: "server1")
+             curlOptions: [String] = [], family: AddressFamily = .ipv4) throws {
+            let server = try lab.address(of: "server1", family: family).urlHost
             var outputs: [String] = []
             var processes: [Process] = []
             for (c, client) in clients.enumerated() {
                 let mine = Array(stride(from: c, to: count, by: clients.count))
                 guard !mine.isEmpty else { continue }
-                var args = ["curl", "-sS", "--fail", "-m", "\(timeout)", "--parallel", "--parallel-immediate",
+                var args = ["curl", "-sS", "--fail", "-g", "-m", "\(timeout)", "--parallel", "--parallel-immediate",
                             "--parallel-max", "\(mine.count)"] + curlOptions
                 for i in mine {
                     let out = "\(lab.directory)/dl\(i).out"

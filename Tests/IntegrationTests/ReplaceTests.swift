@@ -16,21 +16,24 @@ import Testing
 
     /// (a)/(g): 20 sessions of 20 MiB, sender-paced so they are mid-transfer, moved fw1 → fw2 under a strict fw2.
     /// Over the BPF datapath (issue 16 (c)): zero retransmissions caused by the migration, strictly.
+    /// `family`: the sessions' (.ipv6: a dual-stack lab, the downloads over its IPv6 addresses, each box named in both
+    /// families by `replace --lab`).
     func liveReplacement(name: String, subnet: String, agentArguments: [String],
-                         bpf: FastPathIntegrationTests.Datapath? = nil) async throws {
-        try await TestSupport.withLab(MigrationLab.spec(name, subnet: subnet, agentArguments: agentArguments)) { lab in
+                         bpf: FastPathIntegrationTests.Datapath? = nil, family: AddressFamily = .ipv4) async throws {
+        try await TestSupport.withLab(MigrationLab.spec(name, subnet: subnet, agentArguments: agentArguments,
+                                                        family: family)) { lab in
             // 20 sessions at 1 MiB/s (20 MiB/s through the chain). At 3 MiB/s each (60 MiB/s) the agents' queues
             // are never empty while the sessions are on the slow path, and the hand-over back to the kernel
             // reorders packets: ~130 fast retransmissions per migration (issue 8's closing note).
             try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 10)
-            try MigrationLab.startPacedServer(lab, megabytesPerSecond: 1)
+            try MigrationLab.startPacedServer(lab, megabytesPerSecond: 1, family: family)
             let sessions = 20
-            let downloads = try MigrationLab.Downloads(lab, file: "blob", count: sessions)
+            let downloads = try MigrationLab.Downloads(lab, file: "blob", count: sessions, family: family)
             try await MigrationLab.waitForKernelCarried(lab, on: "fw1", count: sessions)
 
             let strict = try MigrationLab.StrictWindow.sampleBefore(lab)
             let lossBefore = try MigrationLab.lossCounters(lab)
-            let invalidBefore = try TestSupport.invalidDrops(lab, "fw2")
+            let invalidBefore = try TestSupport.invalidDrops(lab, "fw2", family: family)
             let (run, window, baseline, length) = try strict.measure(lab) { try MigrationLab.replace(lab, old: "fw1", new: "fw2") }
             let report = try #require(run.report, "replace printed no report: \(run.stdout) \(run.stderr)")
             #expect(run.status == 0, "replace exit status \(run.status): \(run.stdout)")
@@ -43,21 +46,21 @@ import Testing
             }
 
             // fw2 tracks them now (state moved), fw1 carries nothing any more.
-            let conntrack = try lab.conntrackTCP("fw2")
+            let conntrack = try lab.conntrackTCP("fw2", family: family)
             #expect(conntrack.components(separatedBy: "dport=\(MigrationLab.pacedPort)").count - 1 >= sessions,
                     "fw2 conntrack: \(conntrack)")
             let fw2Sessions = try await MigrationLab.pacedSessions(lab, "fw2")
-            #expect(fw2Sessions.count == sessions)
+            #expect(fw2Sessions.count == sessions && fw2Sessions.allSatisfy { $0.session.srcAddr.family == family })
             #expect(try await MigrationLab.pacedSessions(lab, "fw1").isEmpty)
-            let fw1Before = try lab.firewallCounters("fw1").establishedAccepted.packets
+            let fw1Before = try lab.firewallCounters("fw1", family: family).establishedAccepted.packets
             try await Task.sleep(for: .seconds(1))
-            let fw1After = try lab.firewallCounters("fw1").establishedAccepted.packets
+            let fw1After = try lab.firewallCounters("fw1", family: family).establishedAccepted.packets
             // After the window the sessions are back on the kernel fast path (on the new path); what TCP counts
             // then is recorded, not asserted (see the closing note of issue 7: hand-over reordering, tail-loss probes).
             let later = try MigrationLab.lossCounters(lab) - lossBefore
             Self.record("\(name) second after the migration: \(later)")
             #expect(fw1After == fw1Before, "fw1's FORWARD counters still grow: \(fw1Before) → \(fw1After)")
-            #expect(try lab.firewallCounters("fw2").establishedAccepted.packets > 100)
+            #expect(try lab.firewallCounters("fw2", family: family).establishedAccepted.packets > 100)
 
             #expect(downloads.wait(), "curl failed: \((try? String(contentsOfFile: "\(lab.directory)/curl.log", encoding: .utf8)) ?? "")")
             #expect(try MigrationLab.allIntact(downloads.outputs, original: "\(lab.httpRoot)/blob").isEmpty)
@@ -72,7 +75,7 @@ import Testing
                 }
                 #expect(emptied, "fw1's map still has \((try? BPFDatapath.pinnedEntries(mapPath: fw1Map).count) ?? -1) entries")
             }
-            #expect(try TestSupport.invalidDrops(lab, "fw2") == invalidBefore, "INVALID drops at fw2")
+            #expect(try TestSupport.invalidDrops(lab, "fw2", family: family) == invalidBefore, "INVALID drops at fw2")
             // No RTO and no reset in the window, always. With the fast path, the hand-over of sessions back to the
             // kernel can still reorder packets when an agent's queue never empties (a loaded 2-core machine): the
             // sender then fast-retransmits segments the receiver gets twice. That is recorded, and asserted only
@@ -95,7 +98,7 @@ import Testing
                             + ["client1", "fw1", "fw2", "server1"].map { FastPathIntegrationTests.handOverFigures(lab, $0, bpf!) }.joined(separator: "; "))
             }
 
-            let policyDropped = try lab.firewallCounters("fw2").policyDropped.packets
+            let policyDropped = try lab.firewallCounters("fw2", family: family).policyDropped.packets
             #expect(policyDropped == 0, "fw2 dropped \(policyDropped) packets by policy")
             // The client's and the server's agents saw every step (anchors), and reset nothing.
             let client = try await TestSupport.snapshot(lab, "client1")
@@ -105,12 +108,13 @@ import Testing
         }
     }
 
-    @Test("(a) 20 live paced sessions move fw1 → fw2 (strict) byte-exact: fw2 tracks them, fw1 stops, no INVALID, no RTO; no reordering by the hand-over — no retransmission but tail-loss probes, no receiver reordering, window minus the same-length stretch before it ≤ 0 (lab rpb1, 10.78.69.0/24, bpffs /run/dysco-rpb1-pins)")
-    func replaceLiveSessions() async throws {
-        let datapath = FastPathIntegrationTests.Datapath(lab: "rpb1", subnet: "10.78.69.0/24")
+    @Test("(a) 20 live paced sessions move fw1 → fw2 (strict) byte-exact: fw2 tracks them, fw1 stops, no INVALID, no RTO; no reordering by the hand-over — no retransmission but tail-loss probes, no receiver reordering, window minus the same-length stretch before it ≤ 0 (labs rpb1, 10.78.69.0/24, and rpb6 over IPv6, 10.78.157.0/24; bpffs /run/dysco-LAB-pins)",
+          arguments: [FastPathIntegrationTests.Datapath(lab: "rpb1", subnet: "10.78.69.0/24"),
+                      FastPathIntegrationTests.Datapath(lab: "rpb6", subnet: "10.78.157.0/24", family: .ipv6)])
+    func replaceLiveSessions(datapath: FastPathIntegrationTests.Datapath) async throws {
         try await datapath.withPins {
             try await liveReplacement(name: datapath.lab, subnet: datapath.subnet, agentArguments: datapath.arguments,
-                                      bpf: datapath)
+                                      bpf: datapath, family: datapath.family)
         }
     }
 

@@ -99,8 +99,8 @@ enum TestSupport {
     }
 
     /// Packets middlebox `mb`'s firewall dropped as conntrack INVALID (0 on an open, stateless box).
-    static func invalidDrops(_ lab: Lab, _ mb: String) throws -> UInt64 {
-        try lab.firewallCounters(mb).invalidDropped.packets
+    static func invalidDrops(_ lab: Lab, _ mb: String, family: AddressFamily = .ipv4) throws -> UInt64 {
+        try lab.firewallCounters(mb, family: family).invalidDropped.packets
     }
 
     /// Removes a lab an interrupted earlier run may have left.
