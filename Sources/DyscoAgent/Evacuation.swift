@@ -74,6 +74,7 @@ public struct Evacuation: Sendable {
         /// Sessions found on the old box that could be moved.
         public var total: Int
         public var moved: Int
+        /// Moved sessions by the target address they went to (a dual-stack target: its address of the session's family).
         public var movedByTarget: [String: Int]
         public var batches: Int
         public var failures: [Failure]
@@ -238,10 +239,14 @@ public struct Evacuation: Sendable {
                 batchDone?(BatchOutcome(sessions: batch.sessions.count, report: report, roundTripMicroseconds: roundTrip))
                 inFlight -= batch.sessions.count
                 done += batch.sessions.count
-                let target = "\(batch.target)"
+                // Each session under the target's address of its own family (the batch names both; issue 18).
+                func target(_ session: FiveTuple) -> String {
+                    "\(session.srcAddr.isIPv4 ? batch.target : options.targetsIPv6[batch.target] ?? batch.target)"
+                }
                 var reported = Set<String>()
                 for s in report?.sessions ?? [] {
                     reported.insert(s.chainID)
+                    let target = target(s.session)
                     if s.result == "moved" {
                         outcome.moved[target, default: 0] += 1
                     } else {
@@ -250,7 +255,7 @@ public struct Evacuation: Sendable {
                     }
                 }
                 for s in batch.sessions where !reported.contains(String(s.chainID, radix: 16)) {
-                    outcome.failures.append(.init(session: s.session, chainID: String(s.chainID, radix: 16), target: target,
+                    outcome.failures.append(.init(session: s.session, chainID: String(s.chainID, radix: 16), target: target(s.session),
                                                   result: "not-moved", failedStep: "",
                                                   reason: error ?? "no longer on the old box, or already migrating"))
                 }

@@ -22,31 +22,36 @@ import Testing
         return try JSONDecoder().decode(PolicyReply.self, from: Data(result.stdout.utf8))
     }
 
-    @Test("(a) drain fw1 --to fw2 with 100 live sessions from 4 clients: fw1 ends empty and silent, all byte-exact, new sessions take fw2; no RTO, no reset, no INVALID; no retransmission but tail-loss probes and no reordering beyond the same-length stretch before the drain (lab hob2, 10.78.112.0/24)")
-    func drainHundred() async throws {
-        let datapath = FastPathIntegrationTests.Datapath(lab: "hob2", subnet: "10.78.112.0/24")
+    @Test("(a) drain fw1 --to fw2 with 100 live sessions from 4 clients: fw1 ends empty and silent, all byte-exact, new sessions take fw2; no RTO, no reset, no INVALID; no retransmission but tail-loss probes and no reordering beyond the same-length stretch before the drain (labs hob2, 10.78.112.0/24, and hob6 over IPv6, 10.78.158.0/24)",
+          arguments: [FastPathIntegrationTests.Datapath(lab: "hob2", subnet: "10.78.112.0/24"),
+                      FastPathIntegrationTests.Datapath(lab: "hob6", subnet: "10.78.158.0/24", family: .ipv6)])
+    func drainHundred(datapath: FastPathIntegrationTests.Datapath) async throws {
         try await datapath.withPins {
-            try await drainHundred(name: datapath.lab, subnet: datapath.subnet, bpf: datapath)
+            try await drainHundred(name: datapath.lab, subnet: datapath.subnet, bpf: datapath, family: datapath.family)
         }
     }
 
     /// (a): 100 paced sessions from 4 clients drained fw1 → fw2. Over the BPF datapath (hand-over rule, docs/BPF.md)
     /// the retransmissions are asserted strictly: the window's minus the same-length stretch's before it ≤ 0.
-    func drainHundred(name: String, subnet: String, bpf: FastPathIntegrationTests.Datapath? = nil) async throws {
+    /// `family` .ipv6: the sessions over a dual-stack lab's IPv6 addresses (the drain names fw2 in both families and
+    /// cordons fw1 in both).
+    func drainHundred(name: String, subnet: String, bpf: FastPathIntegrationTests.Datapath? = nil,
+                      family: AddressFamily = .ipv4) async throws {
         let clients = 4
         try await TestSupport.withLab(MigrationLab.spec(name, subnet: subnet, agentArguments: bpf?.arguments ?? [],
-                                                        clients: clients)) { lab in
+                                                        clients: clients, family: family)) { lab in
+            let (fw1Address, fw2Address) = (try lab.address(of: "fw1", family: family), try lab.address(of: "fw2", family: family))
             // 100 sessions at 128 KiB/s each (12.5 MiB/s through fw1). At 1 MiB/s each the agents' queues are
             // never empty, so fast-path hand-overs reorder packets (the closing note of issue 8 has the figures).
             try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 2)
-            try MigrationLab.startPacedServer(lab, megabytesPerSecond: 0.125)
+            try MigrationLab.startPacedServer(lab, megabytesPerSecond: 0.125, family: family)
             let sessions = 100
             let downloads = try MigrationLab.Downloads(lab, file: "blob", count: sessions, timeout: 90,
-                                                       clients: (1...clients).map { "client\($0)" })
+                                                       clients: (1...clients).map { "client\($0)" }, family: family)
             try await MigrationLab.waitForKernelCarried(lab, on: "fw1", count: sessions, timeout: 40)
 
             let strict = try MigrationLab.StrictWindow.sampleBefore(lab)
-            let invalidBefore = try TestSupport.invalidDrops(lab, "fw2")
+            let invalidBefore = try TestSupport.invalidDrops(lab, "fw2", family: family)
             let (run, window, baseline, length) = try strict.measure(lab) { try Self.drain(lab, old: "fw1", to: "fw2") }
             Self.record("\(name) loss during the drain (\(length)): \(window); same-length baseline before it: \(baseline)")
             let summary = try #require(run.report, "drain printed no summary: \(run.stdout) \(run.stderr)")
@@ -54,7 +59,7 @@ import Testing
             #expect(run.status == 0, "drain exit status \(run.status): \(run.stdout) \(run.stderr)")
             #expect(summary.total == sessions && summary.moved == sessions && summary.failures.isEmpty,
                     "\(summary.failures.map { "\($0.session) \($0.failedStep): \($0.reason)" })")
-            #expect(summary.movedByTarget == ["\(lab.address(of: "fw2"))": sessions])
+            #expect(summary.movedByTarget == ["\(fw2Address)": sessions])
             #expect(summary.remaining == 0 && summary.succeeded)
             // Cordoned at the left ends (the clients) and the right end's agent (server1): 5 agents.
             #expect(summary.cordons.count == clients + 1 && summary.cordons.allSatisfy { $0.error == nil }, "\(summary.cordons)")
@@ -63,23 +68,32 @@ import Testing
             let fw1 = try await TestSupport.snapshot(lab, "fw1")
             #expect(fw1.sessions.filter { $0.state != "closing" }.isEmpty, "fw1 still has \(fw1.sessions.map(\.session))")
             #expect(try await MigrationLab.pacedSessions(lab, "fw2").count == sessions)
-            let fw1Before = try lab.firewallCounters("fw1").establishedAccepted.packets
+            let fw1Before = try lab.firewallCounters("fw1", family: family).establishedAccepted.packets
             try await Task.sleep(for: .seconds(1))
-            #expect(try lab.firewallCounters("fw1").establishedAccepted.packets == fw1Before, "fw1's FORWARD counters still grow")
+            #expect(try lab.firewallCounters("fw1", family: family).establishedAccepted.packets == fw1Before,
+                    "fw1's FORWARD counters still grow")
 
             // A new session, started after the drain, goes through fw2 (the cordon): fw1's counters stay still.
+            // (A dual-stack lab's drain cordons fw1 in both families, each to fw2's address of that family.)
             let policy = try Self.policy(lab, "client2")
-            #expect(policy.cordons == [Cordons.Cordon(address: lab.address(of: "fw1"), replacements: [lab.address(of: "fw2")])])
-            let fw1NewBefore = try lab.firewallCounters("fw1").newAccepted.packets
-            let fw2NewBefore = try lab.firewallCounters("fw2").newAccepted.packets
-            try lab.exec("client2", ["curl", "-sS", "--fail", "-m", "10", "-o", "/dev/null",
-                                     "http://\(lab.address(of: "server1"))/index.html"])
-            #expect(try lab.firewallCounters("fw1").newAccepted.packets == fw1NewBefore, "a new session went through fw1")
-            #expect(try lab.firewallCounters("fw2").newAccepted.packets > fw2NewBefore, "the new session did not go through fw2")
+            let families: [AddressFamily] = family == .ipv6 ? [.ipv4, .ipv6] : [.ipv4]
+            let cordons = try families.map { f in
+                Cordons.Cordon(address: try lab.address(of: "fw1", family: f), replacements: [try lab.address(of: "fw2", family: f)])
+            }
+            #expect(policy.cordons.sorted { $0.address < $1.address } == cordons.sorted { $0.address < $1.address },
+                    "\(policy.cordons)")
+            #expect(policy.cordons.contains(Cordons.Cordon(address: fw1Address, replacements: [fw2Address])))
+            let fw1NewBefore = try lab.firewallCounters("fw1", family: family).newAccepted.packets
+            let fw2NewBefore = try lab.firewallCounters("fw2", family: family).newAccepted.packets
+            try lab.exec("client2", ["curl", "-sS", "--fail", "-g", "-m", "10", "-o", "/dev/null",
+                                     "http://\(try lab.address(of: "server1", family: family).urlHost)/index.html"])
+            #expect(try lab.firewallCounters("fw1", family: family).newAccepted.packets == fw1NewBefore, "a new session went through fw1")
+            #expect(try lab.firewallCounters("fw2", family: family).newAccepted.packets > fw2NewBefore,
+                    "the new session did not go through fw2")
 
             #expect(downloads.wait(), "curl failed")
             #expect(try MigrationLab.allIntact(downloads.outputs, original: "\(lab.httpRoot)/blob").isEmpty)
-            #expect(try TestSupport.invalidDrops(lab, "fw2") == invalidBefore, "INVALID drops at fw2")
+            #expect(try TestSupport.invalidDrops(lab, "fw2", family: family) == invalidBefore, "INVALID drops at fw2")
             // No RTO, no reset; the fast-path hand-over's reordering under load is recorded above, not asserted
             // (see ReplaceTests (a); issue 8's closing note).
             #expect(window.timeouts == 0 && window.establishedResets == 0, "loss during the drain: \(window)")
