@@ -386,6 +386,13 @@ struct JournalLine {
     }
 
     mutating func append(_ address: IPAddress) {
+        guard address.isIPv4 else {
+            // IPv6 (issue 18): the address's text (RFC 5952), which the decoder's IPAddress(text) reads back.
+            bytes.append(0x22)
+            bytes.append(contentsOf: address.description.utf8)
+            bytes.append(0x22)
+            return
+        }
         bytes.append(0x22)
         let v = address.value
         append(v >> 24)

@@ -67,12 +67,14 @@ import Testing
                             signal: Int32, datapath: Datapath? = nil) async throws {
         let bpf = datapath != nil
         let carries = !agentArguments.contains("--no-fastpath")
+        let family = datapath?.family ?? .ipv4
         try await TestSupport.withLab(MigrationLab.spec(name, subnet: subnet, middleboxes: ["fw1"],
-                                                        agentArguments: agentArguments + (datapath?.arguments ?? []))) { lab in
+                                                        agentArguments: agentArguments + (datapath?.arguments ?? []),
+                                                        family: family)) { lab in
             try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 6)
-            try MigrationLab.startPacedServer(lab, megabytesPerSecond: 1)
+            try MigrationLab.startPacedServer(lab, megabytesPerSecond: 1, family: family)
             let sessions = 4
-            let downloads = try MigrationLab.Downloads(lab, file: "blob", count: sessions)
+            let downloads = try MigrationLab.Downloads(lab, file: "blob", count: sessions, family: family)
             try await MigrationLab.waitForSessions(lab, on: "fw1", count: sessions)
             let lossBefore = try MigrationLab.lossCounters(lab)
             for host in hosts {
@@ -86,7 +88,7 @@ import Testing
                 let start = Date()
                 try lab.killAgent(host, signal: signal)
                 #expect(!lab.agentIsAlive(host))
-                let rules = try lab.exec(host, ["iptables-save"]).stdout
+                let rules = try lab.exec(host, [family == .ipv4 ? "iptables-save" : "ip6tables-save"]).stdout
                 #expect(rules.contains("DYSCO-IN") && rules.contains("--queue-bypass"),
                         "\(host): the queue rules stay while no agent runs")
                 if let datapath, bpf {
@@ -137,7 +139,7 @@ import Testing
                 // retransmits them after an RTO: recorded above.)
                 #expect(window.timeouts == 0, "RTOs with the fast path: \(window)")
             }
-            Self.record("\(name) fw1 INVALID drops: \(try TestSupport.invalidDrops(lab, "fw1"))")
+            Self.record("\(name) fw1 INVALID drops: \(try TestSupport.invalidDrops(lab, "fw1", family: family))")
         }
     }
 
@@ -203,7 +205,7 @@ import Testing
     }
 
     @Test("(c) kill -9 and restart of fw1's agent, then of the client's, mid-transfer, fast path on: byte-exact, no reset",
-          arguments: [Datapath(lab: "rsb1", subnet: "10.78.91.0/24")])
+          arguments: [Datapath(lab: "rsb1", subnet: "10.78.91.0/24"), Datapath(lab: "rsb6", subnet: "10.78.159.0/24", family: .ipv6)])
     func killFastPath(datapath: Datapath) async throws {
         try await datapath.withPins {
             try await restartMidTransfer(name: datapath.lab, subnet: datapath.subnet, agentArguments: [],
