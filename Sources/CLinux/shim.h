@@ -122,13 +122,22 @@ struct dysco_kernel_tcp_info_head {
 _Static_assert(__builtin_offsetof(struct dysco_kernel_tcp_info_head, tcpi_bytes_acked) == 120, "tcp_info layout");
 _Static_assert(__builtin_offsetof(struct dysco_kernel_tcp_info_head, tcpi_notsent_bytes) == 144, "tcp_info layout");
 
-/* Asks the kernel about the IPv4 TCP socket whose local end is src:sport and whose peer is dst:dport (all in
-   network byte order): one SOCK_DIAG_BY_FAMILY request without NLM_F_DUMP (the exact lookup), with
-   INET_DIAG_INFO. 0 with *out filled; -1 with errno: ENOENT when there is no such socket (also when the kernel's
-   lookup falls back to a listener on sport, or answers for another tuple: the reply's tuple must be the one asked
-   for), EPROTO for a malformed answer, else the socket call's errno. */
-static inline int dysco_tcp_diag(uint32_t src_be, uint16_t sport_be, uint32_t dst_be, uint16_t dport_be,
-                                 struct dysco_tcp_diag_info *out) {
+/* Asks the kernel about the TCP socket of `family` (AF_INET or AF_INET6) whose local end is src:sport and whose
+   peer is dst:dport (network byte order; an IPv4 address in word 0, the rest ignored): one SOCK_DIAG_BY_FAMILY
+   request without NLM_F_DUMP (the exact lookup), with INET_DIAG_INFO. 0 with *out filled; -1 with errno: ENOENT
+   when there is no such socket (also when the kernel's lookup falls back to a listener on sport, or answers for
+   another tuple: the reply's tuple must be the one asked for; an IPv4 connection of a dual-stack IPv6 socket
+   answers as AF_INET6 with IPv4-mapped addresses, which match), EPROTO for a malformed answer, else the socket
+   call's errno. */
+static inline int dysco_tcp_diag_matches(int family, const uint32_t *asked, const uint32_t *answered, int answered_family) {
+    if (family == AF_INET6) return answered_family == AF_INET6 && memcmp(asked, answered, 16) == 0;
+    if (answered_family == AF_INET) return answered[0] == asked[0];
+    return answered_family == AF_INET6 && answered[0] == 0 && answered[1] == 0 && answered[2] == htonl(0xffff)
+        && answered[3] == asked[0];
+}
+
+static inline int dysco_tcp_diag(int family, const uint32_t *src_be, uint16_t sport_be, const uint32_t *dst_be,
+                                 uint16_t dport_be, struct dysco_tcp_diag_info *out) {
     struct {
         struct nlmsghdr nlh;
         struct inet_diag_req_v2 req;
@@ -138,13 +147,13 @@ static inline int dysco_tcp_diag(uint32_t src_be, uint16_t sport_be, uint32_t ds
     request.nlh.nlmsg_type = SOCK_DIAG_BY_FAMILY;
     request.nlh.nlmsg_flags = NLM_F_REQUEST;
     request.nlh.nlmsg_seq = 1;
-    request.req.sdiag_family = AF_INET;
+    request.req.sdiag_family = (uint8_t)family;
     request.req.sdiag_protocol = IPPROTO_TCP;
     request.req.idiag_ext = 1 << (INET_DIAG_INFO - 1);
     request.req.idiag_states = ~0u;
-    request.req.id.idiag_src[0] = src_be;
+    memcpy(request.req.id.idiag_src, src_be, family == AF_INET6 ? 16 : 4);
     request.req.id.idiag_sport = sport_be;
-    request.req.id.idiag_dst[0] = dst_be;
+    memcpy(request.req.id.idiag_dst, dst_be, family == AF_INET6 ? 16 : 4);
     request.req.id.idiag_dport = dport_be;
     request.req.id.idiag_cookie[0] = INET_DIAG_NOCOOKIE;
     request.req.id.idiag_cookie[1] = INET_DIAG_NOCOOKIE;
@@ -184,8 +193,9 @@ static inline int dysco_tcp_diag(uint32_t src_be, uint16_t sport_be, uint32_t ds
         if (h->nlmsg_type != SOCK_DIAG_BY_FAMILY) continue;
         if (h->nlmsg_len < NLMSG_LENGTH(sizeof(struct inet_diag_msg))) { errno = EPROTO; return -1; }
         const struct inet_diag_msg *m = (const struct inet_diag_msg *)NLMSG_DATA(h);
-        if (m->idiag_family != AF_INET || m->id.idiag_src[0] != src_be || m->id.idiag_sport != sport_be
-            || m->id.idiag_dst[0] != dst_be || m->id.idiag_dport != dport_be) {
+        if (!dysco_tcp_diag_matches(family, src_be, m->id.idiag_src, m->idiag_family)
+            || !dysco_tcp_diag_matches(family, dst_be, m->id.idiag_dst, m->idiag_family)
+            || m->id.idiag_sport != sport_be || m->id.idiag_dport != dport_be) {
             errno = ENOENT; /* a listener on sport (inet_lookup's fallback), not the connection asked for */
             return -1;
         }

@@ -75,18 +75,37 @@ public struct TCPSocketInfo: Hashable, Sendable {
     }
 }
 
-/// Asks the kernel about one local IPv4 TCP socket by its 4-tuple (NETLINK_SOCK_DIAG, inet_diag's exact lookup),
-/// in the calling thread's network namespace (the netlink socket is opened and closed within the call).
+/// Asks the kernel about one local TCP socket by its 4-tuple (NETLINK_SOCK_DIAG, inet_diag's exact lookup), IPv4
+/// or IPv6, in the calling thread's network namespace (the netlink socket is opened and closed within the call).
 public enum TCPSocketDiag {
-    /// The socket whose local end is `localAddress:localPort` and whose peer is `peerAddress:peerPort` (addresses
-    /// and ports in host byte order); nil when there is no such socket (ENOENT; a listener on `localPort` is not
-    /// the connection asked for). Throws the netlink call's errno otherwise.
+    /// The IPv4 socket whose local end is `localAddress:localPort` and whose peer is `peerAddress:peerPort`
+    /// (addresses and ports in host byte order); nil when there is no such socket (ENOENT; a listener on
+    /// `localPort` is not the connection asked for). Throws the netlink call's errno otherwise.
     public static func query(localAddress: UInt32, localPort: UInt16,
                              peerAddress: UInt32, peerPort: UInt16) throws(SystemCallError) -> TCPSocketInfo? {
+        try query(family: AF_INET, local: withUnsafeBytes(of: localAddress.bigEndian, Array.init), localPort: localPort,
+                  peer: withUnsafeBytes(of: peerAddress.bigEndian, Array.init), peerPort: peerPort,
+                  name: "\(dottedQuad(localAddress)):\(localPort)->\(dottedQuad(peerAddress)):\(peerPort)")
+    }
+
+    /// The IPv6 socket of that 4-tuple: the addresses' 16 bytes in network order, ports in host byte order.
+    public static func query(ipv6LocalAddress local: [UInt8], localPort: UInt16,
+                             peerAddress peer: [UInt8], peerPort: UInt16) throws(SystemCallError) -> TCPSocketInfo? {
+        precondition(local.count == 16 && peer.count == 16, "IPv6 addresses are 16 bytes")
+        return try query(family: AF_INET6, local: local, localPort: localPort, peer: peer, peerPort: peerPort,
+                         name: "[\(hex(local))]:\(localPort)->[\(hex(peer))]:\(peerPort)")
+    }
+
+    private static func query(family: Int32, local: [UInt8], localPort: UInt16, peer: [UInt8], peerPort: UInt16,
+                              name: @autoclosure () -> String) throws(SystemCallError) -> TCPSocketInfo? {
         var raw = dysco_tcp_diag_info()
+        // Four words each, network order (an IPv4 address in the first).
+        var source = [UInt32](repeating: 0, count: 4), destination = [UInt32](repeating: 0, count: 4)
+        source.withUnsafeMutableBytes { $0.copyBytes(from: local) }
+        destination.withUnsafeMutableBytes { $0.copyBytes(from: peer) }
         do {
-            try sysCall("sock_diag(\(dottedQuad(localAddress)):\(localPort)->\(dottedQuad(peerAddress)):\(peerPort))") {
-                dysco_tcp_diag(localAddress.bigEndian, localPort.bigEndian, peerAddress.bigEndian, peerPort.bigEndian, &raw)
+            try sysCall("sock_diag(\(name()))") {
+                dysco_tcp_diag(family, source, localPort.bigEndian, destination, peerPort.bigEndian, &raw)
             }
         } catch where error.errno == ENOENT {
             return nil
@@ -97,6 +116,11 @@ public enum TCPSocketDiag {
                              notSentBytes: raw.notsent_bytes, unackedSegments: raw.unacked,
                              sendWindowScale: raw.snd_wscale, receiveWindowScale: raw.rcv_wscale,
                              options: raw.options)
+    }
+
+    private static func hex(_ bytes: [UInt8]) -> String {
+        stride(from: 0, to: bytes.count, by: 2).map { String(UInt16(bytes[$0]) << 8 | UInt16(bytes[$0 + 1]), radix: 16) }
+            .joined(separator: ":")
     }
 
     private static func dottedQuad(_ a: UInt32) -> String { "\(a >> 24).\(a >> 16 & 0xff).\(a >> 8 & 0xff).\(a & 0xff)" }
