@@ -6,15 +6,21 @@ import Testing
 struct ResetLab {
     static let client = IPAddress("10.77.0.10")!, fw1 = IPAddress("10.77.0.101")!
     static let server = IPAddress("10.77.0.201")!
+    /// The same hosts over IPv6 (`family` .ipv6; issue 18 (c)).
+    static let client6 = IPAddress("fd00:77::10")!, fw16 = IPAddress("fd00:77::101")!, server6 = IPAddress("fd00:77::201")!
     let h = ChainHarness()
-    let session = FiveTuple(srcAddr: client, srcPort: 40000, dstAddr: server, dstPort: 80)
+    let session: FiveTuple
     /// Next sequence numbers of each side (what the other side acknowledged last).
     var clientNext: UInt32 = 1001
     var serverNext: UInt32 = 5001
 
-    init(settings: PacketProcessor.Settings = PacketProcessor.Settings(), clients: [IPAddress] = [client]) {
-        let policy = Policy(name: "web", match: SessionPredicate(dst: IPv4Prefix("10.77.0.201/32"), dport: [PortRange("80")!]),
-                            chain: [Self.fw1])
+    init(settings: PacketProcessor.Settings = PacketProcessor.Settings(), clients: [IPAddress] = [client],
+         family: AddressFamily = .ipv4) {
+        let v6 = family == .ipv6
+        session = FiveTuple(srcAddr: v6 ? Self.client6 : Self.client, srcPort: 40000, dstAddr: v6 ? Self.server6 : Self.server,
+                            dstPort: 80)
+        let policy = Policy(name: "web", match: SessionPredicate(dst: v6 ? nil : IPv4Prefix("10.77.0.201/32"), dport: [PortRange("80")!]),
+                            chain: [v6 ? Self.fw16 : Self.fw1])
         for (i, address) in clients.enumerated() {
             h.hosts[i == 0 ? "client" : "client\(i)"] = PacketProcessor(
                 config: AgentConfig(policies: [policy]), portRange: 10000...10999, trust: TestKeys.group, settings: settings)
@@ -137,9 +143,9 @@ struct ResetTests {
         #expect(scale == 9)
     }
 
-    @Test("a forged RST outside the window is dropped at fw1 and changes nothing (slow path)")
-    func outsideDropped() throws {
-        var lab = ResetLab()
+    @Test("a forged RST outside the window is dropped at fw1 and changes nothing (slow path)", arguments: [AddressFamily.ipv4, .ipv6])
+    func outsideDropped(family: AddressFamily) throws {
+        var lab = ResetLab(family: family)
         try lab.establish()
         for seq: UInt32 in [0, 77, 0x8000_0000, lab.clientNext &- 1, lab.clientNext &+ 5000] {
             #expect(lab.forgedRST(seq: seq) == .drop, "seq \(seq), tracking \(lab.fw1Record.sequence)")
@@ -151,9 +157,9 @@ struct ResetTests {
         try lab.exchange()
     }
 
-    @Test("an in-window RST that the firewall drops is provisional: the session is not removed, a later packet refutes it")
-    func provisionalRefuted() throws {
-        var lab = ResetLab()
+    @Test("an in-window RST that the firewall drops is provisional: the session is not removed, a later packet refutes it", arguments: [AddressFamily.ipv4, .ipv6])
+    func provisionalRefuted(family: AddressFamily) throws {
+        var lab = ResetLab(family: family)
         try lab.establish()
         #expect(lab.forgedRST(seq: lab.clientNext &+ 500) != .drop, "passed on: the firewall and the server judge")
         #expect(lab.fw1.counters.resetsProvisional == 1)
@@ -200,12 +206,12 @@ struct ResetTests {
         #expect(lab.h.hosts["server"]!.counters.resetsConfirmed == 1, "exact by tracking at the server's ingress")
     }
 
-    @Test("on the kernel fast path (no sequence numbers seen) an RST is provisional and takes the session off the kernel")
-    func fastPathProvisional() throws {
+    @Test("on the kernel fast path (no sequence numbers seen) an RST is provisional and takes the session off the kernel", arguments: [AddressFamily.ipv4, .ipv6])
+    func fastPathProvisional(family: AddressFamily) throws {
         var settings = PacketProcessor.Settings()
         settings.fastPath = true
         settings.fastPathAfterPackets = 2
-        var lab = ResetLab(settings: settings)
+        var lab = ResetLab(settings: settings, family: family)
         try lab.establish()
         let id = lab.fw1Record.id
         #expect(lab.fw1Record.carrier == .pending)
