@@ -313,8 +313,10 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
                 let entries = Self.entries(action, id, translations)
                 var opening = false
                 if case .open = action { opening = true }
+                // Entries whose packets no queue rule sees are never held (a box's NAT'd tuples at tc egress).
+                let unheld = Set(translations.filter(\.afterQueueRules).map { BPFSessionKey.entry($0, sessionID: id).key })
                 do {
-                    try install(id, entries, newKeysHeld: !opening)
+                    try install(id, entries, newKeysHeld: !opening, except: unheld)
                     outcome.installed.append(id)
                 } catch {
                     for entry in entries {
@@ -367,7 +369,7 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
     /// after the barrier (``queueDrained(through:now:)``; docs/BPF.md, "New keys"). An opening's keys are written
     /// unheld: its SYN is still in the agent's hands, no packet of the session waits in the queue.
     private func install(_ id: SessionTable.SessionID, _ entries: [(key: BPFSessionKey, entry: BPFSessionEntry)],
-                         newKeysHeld: Bool) throws {
+                         newKeysHeld: Bool, except unheld: Set<BPFSessionKey> = []) throws {
         let keys = entries.map(\.key)
         let had = installedKeys[id] ?? []
         for key in had where !keys.contains(key) {
@@ -389,7 +391,8 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
                     releasing.flags.formUnion([.held, .releasing])
                     try datapath.write(key, releasing)
                 }
-            } else if newKeysHeld, !had.contains(key), let clear = handOver.fresh(key, barrier: barrierRequested + 1) {
+            } else if newKeysHeld, !had.contains(key), !unheld.contains(key),
+                      let clear = handOver.fresh(key, barrier: barrierRequested + 1) {
                 perform(clear)
                 var held = entry
                 held.flags.insert(.held)

@@ -29,11 +29,17 @@ public enum FastPath {
         /// The subsession's sequence delta (§3.4, ``SessionTable/Subsession/seqDelta``): the kernel adds it to the
         /// sequence number at ingress, subtracts it from the acknowledgment number and SACK blocks at egress.
         public var seqDelta: Int32
-        public init(hook: Hook, key: FiveTuple, target: FiveTuple, seqDelta: Int32 = 0) {
+        /// The key's packets meet the kernel only after every queue rule: tc egress sees them as a box's NAT made
+        /// them (docs/ARCHITECTURE.md, "Boxes that translate"). Such an entry is never written held: no queue rule
+        /// can take a held packet of it to the agent, so tc egress would pass it untranslated (the NAT'd tuple on
+        /// the wire, at no subsession).
+        public var afterQueueRules: Bool
+        public init(hook: Hook, key: FiveTuple, target: FiveTuple, seqDelta: Int32 = 0, afterQueueRules: Bool = false) {
             self.hook = hook
             self.key = key
             self.target = target
             self.seqDelta = seqDelta
+            self.afterQueueRules = afterQueueRules
         }
     }
 }
@@ -59,6 +65,13 @@ extension SessionTable.Record {
             // kernel carries them (tc egress, after the NAT, sees the translated tuples above).
             let between = FiveTuple(srcAddr: session.srcAddr, srcPort: session.srcPort,
                                     dstAddr: translated.dstAddr, dstPort: translated.dstPort)
+            // The tuples tc egress sees after the NAT and the rules never do (source NAT forward, the reply's
+            // destination NAT undone backward): their entries are never held (``FastPath/Translation/afterQueueRules``).
+            for i in result.indices where result[i].hook == .egress
+                && (result[i].key == translated && between != translated
+                    || result[i].key == session.reversed && between.reversed != session.reversed) {
+                result[i].afterQueueRules = true
+            }
             if between != translated { result.append(.init(hook: .egress, key: between, target: between, seqDelta: 0)) }
             if between.reversed != session.reversed {
                 result.append(.init(hook: .egress, key: between.reversed, target: between.reversed, seqDelta: 0))

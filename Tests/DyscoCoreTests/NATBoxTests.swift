@@ -79,8 +79,11 @@ struct NATBoxTests {
         #expect(h.hosts["fw1"]!.counters.natSyns == 1)
         // The kernel gets the translated tuples, and an identity entry for the tuple the egress rule sees before the NAT.
         let translations = record.fastPathTranslations
-        #expect(translations.contains(.init(hook: .egress, key: masqueraded, target: right)))
+        #expect(translations.contains(.init(hook: .egress, key: masqueraded, target: right, afterQueueRules: true)))
         #expect(translations.contains(.init(hook: .ingress, key: right.reversed, target: masqueraded.reversed)))
+        // Only the masqueraded tuple meets the kernel after every queue rule (tc egress, after the NAT): its entry is
+        // never written held (a held packet of it would leave untranslated: NATTests (a), the release's first probe).
+        #expect(translations.filter(\.afterQueueRules).map(\.key) == [masqueraded])
         #expect(translations.contains(.init(hook: .egress, key: session.reversed, target: try #require(record.left).reversed)))
         #expect(translations.contains(.init(hook: .egress, key: session, target: session)))
         #expect(translations.count == 5)
@@ -130,6 +133,9 @@ struct NATBoxTests {
         #expect(record.remaining.isEmpty)
         // Replies reach the egress rule before the NAT gives them the published source back: an identity entry for them.
         #expect(record.fastPathTranslations.contains(.init(hook: .egress, key: real.reversed, target: real.reversed)))
+        // After the NAT gave them the published source back, tc egress sees the replies as the client knows them: that
+        // entry is never written held; the forward one (the real server's tuple) is seen by the rules too.
+        #expect(record.fastPathTranslations.filter(\.afterQueueRules).map(\.key) == [published.reversed])
         let (_, delivered, _) = run(h, "server", syn, .ingress)
         #expect(tuple(of: delivered) == real)
     }
@@ -220,7 +226,7 @@ struct NATBoxTests {
         let effects = box.adoptTranslation(chainID: identity.chainID, masqueraded)
         let record = try #require(box.table.records[id])
         #expect(record.translated == masqueraded && record.right == right, "the right subsession stays; its tuple re-keys")
-        #expect(record.fastPathTranslations.contains(.init(hook: .egress, key: masqueraded, target: right)))
+        #expect(record.fastPathTranslations.contains(.init(hook: .egress, key: masqueraded, target: right, afterQueueRules: true)))
         #expect(record.fastPathTranslations.contains(.init(hook: .ingress, key: right.reversed, target: masqueraded.reversed)))
         #expect(record.fastPathTranslations.contains(.init(hook: .ingress, key: left, target: session)))
         #expect(!record.fastPathTranslations.contains(where: { $0.hook == .egress && $0.key == session && $0.target == right }))

@@ -57,6 +57,13 @@ import Testing
         #expect(replace.status == 0, "\(replace.stdout)\n\(replace.stderr)")
         let sessions = replace.report?.sessions ?? []
         #expect(sessions.count == 1 && sessions.allSatisfy { $0.result == "moved" }, "\(replace.stdout)")
+        if replace.status != 0 {
+            // What the anchors sent and received of their own packets (elicits, probes), to tell a failed move's cause.
+            for host in ["client1", new, "server1"] {
+                let control = try await TestSupport.snapshot(lab, host).control.filter { !$0.key.hasPrefix("sent.") && $0.value > 0 }
+                print("NATTests \(host): \(control.sorted { $0.key < $1.key })")
+            }
+        }
 
         // The new box holds the session with the binding it imported: its right side carries the translated tuple.
         let box = try await TestSupport.snapshot(lab, new)
