@@ -198,7 +198,7 @@ public struct BenchCommand: AsyncParsableCommand {
         @Flag(help: "Also a stateful run between an HA pair of NAT'ing firewalls (fw1, fw2 snat-shared), same invocation.")
         var nat = false
 
-        @Flag(help: "Also a stateful run over IPv6 (a dual-stack lab; IPv6 sessions on the slow path), same invocation.")
+        @Flag(help: "Also a stateful run over IPv6 (a dual-stack lab; the kernel carries the IPv6 sessions as it does IPv4's), same invocation.")
         var ipv6 = false
         @Option(help: "MiB per download (with --rate: how long each session stays mid-transfer).") var megabytes = 12
         @Option(help: "Pace of each download, MiB/s.") var rate = 1.0
