@@ -367,7 +367,8 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
     /// migration's new subsession, the new box's keys) is written `HELD` with its counts zeroed, and an RCU
     /// barrier is requested; the packet thread releases it by the hand-over rule once it has seen the queue empty
     /// after the barrier (``queueDrained(through:now:)``; docs/BPF.md, "New keys"). An opening's keys are written
-    /// unheld: its SYN is still in the agent's hands, no packet of the session waits in the queue.
+    /// unheld: its SYN is still in the agent's hands, no packet of the session waits in the queue. So are the keys in
+    /// `unheld` (``FastPath/Translation/afterQueueRules``: no queue rule sees their packets).
     private func install(_ id: SessionTable.SessionID, _ entries: [(key: BPFSessionKey, entry: BPFSessionEntry)],
                          newKeysHeld: Bool, except unheld: Set<BPFSessionKey> = []) throws {
         let keys = entries.map(\.key)
