@@ -22,12 +22,13 @@ public enum SynFlood {
     /// The flooder (Resources/syn-flood.py): `python3 syn-flood.py SRC DST DPORT COUNT KIND RATE`.
     static func script() throws -> String { try LabResources.path("syn-flood.py", in: .module) }
 
-    /// Starts `count` SYNs from `host` (source: its address) to `dst:dport` in the background, at most `rate` per
-    /// second (0: as fast as Python sends).
+    /// Starts `count` SYNs from `host` (source: its address of `dst`'s family) to `dst:dport` in the background, at
+    /// most `rate` per second (0: as fast as Python sends).
     public static func start(_ lab: Lab, from host: String, to dst: IPAddress, dport: UInt16, count: Int,
                              kind: Kind, rate: Double = 0, output: String) throws -> Process {
-        try lab.spawn(host, ["python3", try script(), "\(lab.address(of: host))", "\(dst)", "\(dport)", "\(count)",
-                             kind.rawValue, "\(rate)"], logPath: output)
+        let source = try lab.address(of: host, family: dst.isIPv4 ? .ipv4 : .ipv6)
+        return try lab.spawn(host, ["python3", try script(), "\(source)", "\(dst)", "\(dport)", "\(count)",
+                                    kind.rawValue, "\(rate)"], logPath: output)
     }
 
     /// What a finished flood process printed: SYNs handed to the kernel, SYNs a local hook dropped, seconds.
@@ -42,7 +43,9 @@ public enum SynFlood {
     /// Makes `host` ignore the replies to its flood, as a SYN flooder does: its stack's RSTs are dropped in raw
     /// OUTPUT, before its agent sees them (the SYN-ACKs then leave half-open records everywhere).
     public static func silenceResets(_ lab: Lab, _ host: String) throws {
-        try lab.exec(host, ["iptables", "-t", "raw", "-A", "OUTPUT", "-p", "tcp", "--tcp-flags", "RST", "RST", "-j", "DROP"])
+        for tool in lab.state.ipv6 ? ["iptables", "ip6tables"] : ["iptables"] {
+            try lab.exec(host, [tool, "-t", "raw", "-A", "OUTPUT", "-p", "tcp", "--tcp-flags", "RST", "RST", "-j", "DROP"])
+        }
     }
 
     /// VmRSS of a process in KiB (nil if it is gone).
@@ -76,10 +79,11 @@ public enum SynFlood {
         }
     }
 
-    /// One HTTP request from `client` to server1:80 (true if it got a response).
-    public static func connects(_ lab: Lab, from client: String, timeout: Int = 20) -> Bool {
-        let url = "http://\(lab.address(of: "server1")):80/"
-        return (try? lab.exec(client, ["curl", "-sS", "-o", "/dev/null", "-m", "\(timeout)", url], check: false).status) == 0
+    /// One HTTP request from `client` to server1:80 over `family` (true if it got a response).
+    public static func connects(_ lab: Lab, from client: String, family: AddressFamily = .ipv4, timeout: Int = 20) -> Bool {
+        guard let server = try? lab.address(of: "server1", family: family) else { return false }
+        let url = "http://\(server.urlHost):80/"
+        return (try? lab.exec(client, ["curl", "-sS", "-g", "-o", "/dev/null", "-m", "\(timeout)", url], check: false).status) == 0
     }
 }
 
@@ -158,12 +162,13 @@ public struct FloodBenchmark: Sendable {
         self.logger = logger
     }
 
-    /// The lab the benchmark (and the test, under its own name and subnet) floods.
+    /// The lab the benchmark (and the test, under its own name and subnet) floods; `ipv6`: dual stack, for a flood
+    /// over IPv6.
     public static func spec(name: String, subnet: String, synTimeout: Double, agentArguments: [String] = [],
-                            agentBinary: String? = nil, attackers: Int = 0) -> LabSpec {
+                            agentBinary: String? = nil, attackers: Int = 0, ipv6: Bool = false) -> LabSpec {
         LabSpec(name: name, clients: 2, middleboxes: ["fw1"], subnet: subnet, policyPorts: [80],
                 agentArguments: ["--syn-timeout", "\(synTimeout)", "--metrics", "127.0.0.1:\(metricsPort)"] + agentArguments,
-                agentBinary: agentBinary, attackers: attackers)
+                agentBinary: agentBinary, attackers: attackers, ipv6: ipv6)
     }
 
     public func run() async throws -> Report {
@@ -176,13 +181,15 @@ public struct FloodBenchmark: Sendable {
         return report
     }
 
-    /// Floods `lab` (built from ``spec(name:subnet:synTimeout:agentArguments:agentBinary:)``) and measures.
-    public static func flood(_ lab: Lab, syns: Int, synTimeout: Double, rate: Double = 0, logger: Logger) throws -> Report {
+    /// Floods `lab` (built from ``spec(name:subnet:synTimeout:agentArguments:agentBinary:attackers:ipv6:)``) over
+    /// `family` (the flood and the legitimate connections) and measures.
+    public static func flood(_ lab: Lab, syns: Int, synTimeout: Double, rate: Double = 0, family: AddressFamily = .ipv4,
+                             logger: Logger) throws -> Report {
         guard let pid = lab.agentRecord("fw1")?.pid else { throw LabError.notFound("fw1's agent") }
         try SynFlood.silenceResets(lab, "client2")
         // Warm-up: legitimate connections, metrics scrapes and a fast-path counter poll (every 5 s), so that the
         // baseline includes what the agent allocates once (libnftables, the HTTP server, the registry).
-        for _ in 0..<10 { _ = SynFlood.connects(lab, from: "client1") }
+        for _ in 0..<10 { _ = SynFlood.connects(lab, from: "client1", family: family) }
         _ = SynFlood.metrics(lab, "fw1", port: metricsPort)
         Thread.sleep(forTimeInterval: 11)  // past the warm-up's close linger (10 s) and a counter poll (5 s)
         let baseRecords = Int(SynFlood.metrics(lab, "fw1", port: metricsPort)[AgentMetricCatalog.sessions] ?? 0)
@@ -205,15 +212,15 @@ public struct FloodBenchmark: Sendable {
         }
         sampler.start()
         let plainOut = "\(lab.directory)/flood-plain.out", forgedOut = "\(lab.directory)/flood-forged.out"
-        let plain = try SynFlood.start(lab, from: "client2", to: lab.address(of: "server1"), dport: 80, count: syns - syns / 2,
+        let plain = try SynFlood.start(lab, from: "client2", to: try lab.address(of: "server1", family: family), dport: 80, count: syns - syns / 2,
                                        kind: .plain, rate: rate, output: plainOut)
-        let forged = try SynFlood.start(lab, from: "client2", to: lab.address(of: "fw1"), dport: 80, count: syns / 2,
+        let forged = try SynFlood.start(lab, from: "client2", to: try lab.address(of: "fw1", family: family), dport: 80, count: syns / 2,
                                         kind: .dysco, rate: rate, output: forgedOut)
         // Legitimate connections while the flood runs (each with TCP's own SYN retries).
         var during = (attempts: 0, ok: 0)
         repeat {
             during.attempts += 1
-            if SynFlood.connects(lab, from: "client1") { during.ok += 1 }
+            if SynFlood.connects(lab, from: "client1", family: family) { during.ok += 1 }
         } while plain.isRunning || forged.isRunning || during.attempts < 3
         plain.waitUntilExit()
         forged.waitUntilExit()
@@ -238,7 +245,7 @@ public struct FloodBenchmark: Sendable {
         var legitAfter = (attempts: 0, ok: 0)
         for _ in 0..<5 {
             legitAfter.attempts += 1
-            if SynFlood.connects(lab, from: "client1") { legitAfter.ok += 1 }
+            if SynFlood.connects(lab, from: "client1", family: family) { legitAfter.ok += 1 }
         }
         let m = SynFlood.metrics(lab, "fw1", port: metricsPort)
         func counter(_ series: String) -> Int { Int(m[series] ?? 0) }

@@ -159,28 +159,40 @@ extension IPAddress {
     }
 }
 
-/// An IPv4 prefix such as 10.1.0.0/24.
-public struct IPv4Prefix: Hashable, Sendable, TextCodable {
+/// An address prefix of either family: `10.1.0.0/24`, `fd00:0:4f:73::/64`; a bare address is its own /32 (/128).
+/// `length` counts the family's own bits (0...32 for IPv4, 0...128 for IPv6). A prefix holds addresses of its own
+/// family only: an IPv4 prefix (even /0) never contains an IPv6 address, nor the reverse (an IPv4 address is kept
+/// in its mapped form, ``IPAddress``, and the mapped /96 is not an IPv6 prefix anyone writes for it).
+public struct IPPrefix: Hashable, Sendable, TextCodable {
+    /// The first address of the prefix (the host bits cleared).
     public var address: IPAddress
     public var length: Int
 
     public init?(_ text: some StringProtocol) {
         let parts = text.split(separator: "/", omittingEmptySubsequences: false)
-        guard parts.count <= 2, let address = IPAddress(parts[0]), address.isIPv4 else { return nil }
-        let length = parts.count == 2 ? Int(parts[1]) : 32
-        guard let length, (0...32).contains(length) else { return nil }
-        self.address = IPAddress(address.value & Self.mask(length))
+        guard parts.count <= 2, let address = IPAddress(parts[0]) else { return nil }
+        let bits = address.isIPv4 ? 32 : 128
+        let length = parts.count == 2 ? Int(parts[1]) : bits
+        guard let length, (0...bits).contains(length) else { return nil }
+        self.address = Self.masked(address, length)
         self.length = length
     }
 
-    static func mask(_ length: Int) -> UInt32 { length == 0 ? 0 : ~UInt32(0) << (32 - length) }
+    /// `address` with all but its first `length` bits (of its own family) cleared.
+    static func masked(_ address: IPAddress, _ length: Int) -> IPAddress {
+        let bits = address.isIPv4 ? 96 + length : length  // an IPv4 address is the low 32 bits of its mapped form
+        func mask(_ n: Int) -> UInt64 { n <= 0 ? 0 : n >= 64 ? ~0 : ~UInt64(0) << (64 - n) }
+        return IPAddress(high: address.high & mask(bits), low: address.low & mask(bits - 64))
+    }
+
+    public var isIPv4: Bool { address.isIPv4 }
 
     public func contains(_ candidate: IPAddress) -> Bool {
-        candidate.isIPv4 && candidate.value & Self.mask(length) == address.value
+        candidate.isIPv4 == address.isIPv4 && Self.masked(candidate, length) == address
     }
 
     public var description: String { "\(address)/\(length)" }
 
     public init?(parsing text: String) { self.init(text) }
-    public static let textKind = "an IPv4 prefix"
+    public static let textKind = "an IPv4 or IPv6 prefix"
 }

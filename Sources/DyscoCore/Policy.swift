@@ -48,12 +48,12 @@ public struct PortRange: Hashable, Sendable, TextCodable {
 /// A predicate on a session's 5-tuple (TCP only). Absent fields match anything; a list of port ranges
 /// matches if any range does.
 public struct SessionPredicate: Hashable, Sendable, Codable {
-    public var src: IPv4Prefix?
-    public var dst: IPv4Prefix?
+    public var src: IPPrefix?
+    public var dst: IPPrefix?
     public var sport: [PortRange]?
     public var dport: [PortRange]?
 
-    public init(src: IPv4Prefix? = nil, dst: IPv4Prefix? = nil, sport: [PortRange]? = nil, dport: [PortRange]? = nil) {
+    public init(src: IPPrefix? = nil, dst: IPPrefix? = nil, sport: [PortRange]? = nil, dport: [PortRange]? = nil) {
         self.src = src
         self.dst = dst
         self.sport = sport
@@ -164,9 +164,9 @@ extension SessionPredicate {
             guard pair.count == 2, !pair[1].isEmpty else { throw PolicyFilterError(filter: text, reason: "\"\(item)\" is not key=value") }
             switch pair[0] {
             case "src", "dst":
-                let value = IPv4Prefix(pair[1])
+                let value = IPPrefix(pair[1])
                 guard let prefix = value else {
-                    throw PolicyFilterError(filter: text, reason: "\(pair[0])=\(pair[1]) is not an IPv4 address or prefix")
+                    throw PolicyFilterError(filter: text, reason: "\(pair[0])=\(pair[1]) is not an IPv4 or IPv6 address or prefix")
                 }
                 if pair[0] == "src" { src = prefix } else { dst = prefix }
             case "sport", "dport":

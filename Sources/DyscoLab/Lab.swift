@@ -30,7 +30,8 @@ import Glibc
 /// Agents (`spec.agents`): every host but the attackers gets `dysco-migrate agent --config NAME/<host>.agent.json
 /// --trust-key NAME/trust.key` (a fresh key per lab, see ``trustKeyPath``); clients carry
 /// one policy per server (`lab-default-serverN`: src = subnet, dst = server/32, dport = policy ports, chain =
-/// the chain's middlebox addresses), other hosts an empty policy list. An agent is ready when its control socket
+/// the chain's middlebox addresses; in a dual-stack lab also `lab-default-serverN-ipv6`: src = the lab's /64, dst =
+/// server/128, chain = the middleboxes' IPv6 addresses), other hosts an empty policy list. An agent is ready when its control socket
 /// (``AgentControlPaths/socketPath(netns:)``) appears. Without agents, `routeViaMiddlebox` adds static /32 routes
 /// so that a kernel-forwarding baseline crosses the same middlebox and firewall.
 ///
@@ -80,7 +81,7 @@ public final class Lab: @unchecked Sendable {
     /// A snapshot of lab.json's contents.
     public var state: LabState { lock.withLock { _state } }
     public var hosts: [LabHost] { state.hosts }
-    public var subnet: IPv4Prefix { state.subnet }
+    public var subnet: IPPrefix { state.subnet }
     public var directory: String { LabPaths.directory(name) }
     public var httpRoot: String { state.httpRoot }
     /// Middlebox names of the default chain, in order.
@@ -543,20 +544,26 @@ public final class Lab: @unchecked Sendable {
         let ports = s.policyPorts.map { PortRange(lower: $0, upper: $0) }
         var policies = s.hosts.filter { $0.role == .server }.map { server in
             Policy(name: "lab-default-\(server.name)",
-                   match: SessionPredicate(src: s.subnet, dst: IPv4Prefix("\(server.address)/32"), dport: ports),
+                   match: SessionPredicate(src: s.subnet, dst: IPPrefix("\(server.address)/32"), dport: ports),
                    chain: chain)
         }
         // A box of the chain that publishes a server on its own address (`dnat`): sessions to it take the chain too.
         for box in s.chain.compactMap({ s.host($0) }) where s.firewallProfile(of: box.name) == .dnat {
             policies.append(Policy(name: "lab-published-\(box.name)",
-                                   match: SessionPredicate(src: s.subnet, dst: IPv4Prefix("\(box.address)/32"), dport: ports),
+                                   match: SessionPredicate(src: s.subnet, dst: IPPrefix("\(box.address)/32"), dport: ports),
                                    chain: chain))
         }
-        // Dual stack: one policy for IPv6 sessions to the policy ports, through the chain's IPv6 addresses (an IPv6
-        // chain applies to IPv6 sessions only; PacketProcessor's policy lookup).
+        // Dual stack: the same per server for IPv6 sessions (src = the lab's /64, dst = the server's /128), through the
+        // chain's IPv6 addresses (an IPv6 chain applies to IPv6 sessions only; PacketProcessor's policy lookup).
         if s.ipv6 {
-            policies.append(Policy(name: "lab-default-ipv6", match: SessionPredicate(dport: ports),
-                                   chain: s.chain.compactMap { s.host($0).flatMap(s.ipv6Address(of:)) }))
+            let chain6 = s.chain.compactMap { s.host($0).flatMap(s.ipv6Address(of:)) }
+            let lab6 = IPPrefix("\(s.ipv6Prefix)/64")
+            for server in s.hosts.filter({ $0.role == .server }) {
+                guard let address = s.ipv6Address(of: server) else { continue }
+                policies.append(Policy(name: "lab-default-\(server.name)-ipv6",
+                                       match: SessionPredicate(src: lab6, dst: IPPrefix("\(address)/128"), dport: ports),
+                                       chain: chain6))
+            }
         }
         return AgentConfig(policies: policies)
     }

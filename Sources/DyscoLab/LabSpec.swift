@@ -194,8 +194,8 @@ public struct LabSpec: Sendable, Codable, Equatable {
     }
 
     /// Parses a lab subnet: exactly `10.A.B.0/24`.
-    public static func parseSubnet(_ text: String) throws(LabError) -> IPv4Prefix {
-        guard let prefix = IPv4Prefix(text), text.contains("/"), prefix.length == 24,
+    public static func parseSubnet(_ text: String) throws(LabError) -> IPPrefix {
+        guard let prefix = IPPrefix(text), prefix.isIPv4, text.contains("/"), prefix.length == 24,
               prefix.address.value >> 24 == 10, IPAddress(text.split(separator: "/")[0]) == prefix.address else {
             throw .invalidSpec("subnet '\(text)' is not allowed: a lab uses a 10.A.B.0/24 prefix (e.g. 10.77.0.0/24); "
                                + "other ranges could clash with the machine's own networks")
@@ -268,13 +268,13 @@ public struct LabSpec: Sendable, Codable, Equatable {
 /// servers .200+i.
 public struct LabPlan: Sendable, Equatable {
     public var name: String
-    public var subnet: IPv4Prefix
+    public var subnet: IPPrefix
     public var switchNamespace: String
     public var hosts: [LabHost]
     /// Middlebox names of the default chain.
     public var chain: [String]
 
-    public init(spec: LabSpec, subnet: IPv4Prefix) {
+    public init(spec: LabSpec, subnet: IPPrefix) {
         name = spec.name
         self.subnet = subnet
         switchNamespace = "\(spec.name)-sw"

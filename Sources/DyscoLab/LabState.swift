@@ -46,7 +46,7 @@ public struct LabState: Codable, Sendable {
     public var name: String
     public var phase: Phase
     public var createdAt: Date
-    public var subnet: IPv4Prefix
+    public var subnet: IPPrefix
     public var switchNamespace: String
     public var hosts: [LabHost]
     /// The address `snat-shared` boxes translate sources to (the subnet's .254; no host has it). It is on the
@@ -127,7 +127,7 @@ extension LabState {
                   name: try c.decode(String.self, forKey: .name),
                   phase: try c.decode(Phase.self, forKey: .phase),
                   createdAt: try c.decode(Date.self, forKey: .createdAt),
-                  subnet: try c.decode(IPv4Prefix.self, forKey: .subnet),
+                  subnet: try c.decode(IPPrefix.self, forKey: .subnet),
                   switchNamespace: try c.decode(String.self, forKey: .switchNamespace),
                   hosts: try c.decode([LabHost].self, forKey: .hosts),
                   chain: try c.decode([String].self, forKey: .chain),

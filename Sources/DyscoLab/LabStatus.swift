@@ -30,7 +30,7 @@ public struct LabStatus: Codable, Sendable {
     /// creating / ready / failed, or "broken" when lab.json is missing or unreadable.
     public var phase: String
     public var directory: String
-    public var subnet: IPv4Prefix?
+    public var subnet: IPPrefix?
     public var chain: [String]
     public var agents: Bool?
     /// The trust key file the agents were started with (nil: none, or unknown).

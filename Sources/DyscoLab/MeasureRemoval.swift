@@ -110,9 +110,9 @@ extension MeasureBenchmark {
             throw LabError.setupFailed("no \(library): build it with `make release`")
         }
         let proxy = lab.address(of: "fw1"), server = lab.address(of: "server1")
-        let toProxy = Policy(name: "to-proxy", match: SessionPredicate(dst: IPv4Prefix("\(proxy)/32"),
+        let toProxy = Policy(name: "to-proxy", match: SessionPredicate(dst: IPPrefix("\(proxy)/32"),
                                                                          dport: [PortRange(lower: Self.proxyPort, upper: Self.proxyPort)]), chain: [])
-        let toServer = Policy(name: "to-server", match: SessionPredicate(dst: IPv4Prefix("\(server)/32"),
+        let toServer = Policy(name: "to-server", match: SessionPredicate(dst: IPPrefix("\(server)/32"),
                                                                          dport: [PortRange(lower: PacedLab.port, upper: PacedLab.port)]), chain: [])
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]

@@ -50,9 +50,30 @@ struct IPv6PacketViewTests {
         for good in ["fd00::1", "2001:db8::1", "fec0::1", "10.0.0.1", "::ffff:10.0.0.1"] {
             #expect(!IPAddress(good)!.isForbiddenHop, "\(good)")
         }
-        let prefix = IPv4Prefix("10.0.0.0/8")!
+        let prefix = IPPrefix("10.0.0.0/8")!
         #expect(prefix.contains(IPAddress(10, 1, 2, 3)) && !prefix.contains(IPAddress(high: 0, low: 0x0a01_0203)))
-        #expect(IPv4Prefix("fd00::/8") == nil)
+    }
+
+    @Test("prefixes of both families (policies, filters): an IPv6 prefix masks 128 bits, a bare address is its own /128; neither family's prefix holds the other's addresses, not even /0")
+    func prefixesOfBothFamilies() throws {
+        let lab = try #require(IPPrefix("fd00:0:4f:73::1/64"))
+        #expect(lab.description == "fd00:0:4f:73::/64" && !lab.isIPv4)
+        #expect(lab.contains(IPAddress("fd00:0:4f:73::c9")!) && !lab.contains(IPAddress("fd00:0:4f:74::c9")!))
+        let host = try #require(IPPrefix("fd00:0:4f:73::c9"))
+        #expect(host.length == 128 && host.contains(IPAddress("fd00:0:4f:73::c9")!) && !host.contains(IPAddress("fd00:0:4f:73::c8")!))
+        #expect(IPPrefix("fd00:0:4f:73::/65")!.contains(IPAddress("fd00:0:4f:73:7fff::1")!))
+        #expect(!IPPrefix("fd00:0:4f:73::/65")!.contains(IPAddress("fd00:0:4f:73:8000::1")!))
+        #expect(IPPrefix("fd00::/8")!.contains(IPAddress("fdff::1")!))
+        #expect(!IPPrefix("::/0")!.contains(IPAddress(10, 1, 2, 3)) && IPPrefix("::/0")!.contains(IPAddress("2001:db8::1")!))
+        #expect(!IPPrefix("0.0.0.0/0")!.contains(IPAddress("2001:db8::1")!) && IPPrefix("0.0.0.0/0")!.contains(IPAddress(10, 1, 2, 3)))
+        for bad in ["fd00::/129", "10.0.0.0/33", "fd00::/-1", "fd00::/", "fd00::/64/1", "fd00:::/64"] {
+            #expect(IPPrefix(bad) == nil, "\(bad)")
+        }
+        // A filter (`state export --match`, policies) takes them.
+        let filter = try SessionPredicate(filter: "src=fd00:0:4f:73::/64,dst=fd00:0:4f:73::c9,dport=80")
+        #expect(filter.matches(FiveTuple(parsing: "[fd00:0:4f:73::b]:40000->[fd00:0:4f:73::c9]:80")!))
+        #expect(!filter.matches(FiveTuple(parsing: "[fd00:0:4f:73::b]:40000->[fd00:0:4f:73::65]:80")!))
+        #expect(!filter.matches(FiveTuple(parsing: "10.79.115.11:40000->10.79.115.201:80")!))
     }
 
     @Test("addresses: inet_pton's text forms in, RFC 5952 out; JSON as text; garbage refused")

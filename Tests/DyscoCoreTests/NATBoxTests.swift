@@ -38,7 +38,7 @@ struct NATBoxTests {
     func translated(_ bytes: [UInt8], to tuple: FiveTuple) -> [UInt8] {
         var copy = bytes
         copy.withUnsafeMutableBytes { raw in
-            guard case .success(var packet) = IPv4TCPPacket.parse(raw.baseAddress!, count: raw.count) else { return }
+            guard case .success(let packet) = IPv4TCPPacket.parse(raw.baseAddress!, count: raw.count) else { return }
             packet.rewrite(to: tuple, checksum: .complete)
         }
         return copy

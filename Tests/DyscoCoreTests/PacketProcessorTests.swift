@@ -121,7 +121,7 @@ struct PacketProcessorTests {
 
     /// Every host shares ``TestKeys/group`` unless `trust` names another group for it.
     func harness(chain: [IPAddress], trust: [String: TrustGroup] = [:]) -> ChainHarness {
-        let policy = Policy(name: "web", match: SessionPredicate(dst: IPv4Prefix("10.77.0.201/32"), dport: [PortRange("80")!]),
+        let policy = Policy(name: "web", match: SessionPredicate(dst: IPPrefix("10.77.0.201/32"), dport: [PortRange("80")!]),
                             chain: chain)
         let h = ChainHarness()
         func keys(_ host: String) -> TrustGroup { trust[host] ?? TestKeys.group }

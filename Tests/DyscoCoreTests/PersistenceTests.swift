@@ -10,7 +10,7 @@ struct PersistenceTests {
     var session: FiveTuple { FiveTuple(srcAddr: client, srcPort: 40000, dstAddr: server, dstPort: 80) }
 
     func harness() -> ChainHarness {
-        let policy = Policy(name: "web", match: SessionPredicate(dst: IPv4Prefix("10.77.0.201/32"), dport: [PortRange("80")!]),
+        let policy = Policy(name: "web", match: SessionPredicate(dst: IPPrefix("10.77.0.201/32"), dport: [PortRange("80")!]),
                             chain: [fw1])
         let h = ChainHarness()
         h.hosts["client"] = PacketProcessor(config: AgentConfig(policies: [policy]), portRange: 10000...10999, trust: TestKeys.group)

@@ -67,7 +67,7 @@ struct PolicyTests {
                      #"{"version":1,"policies":[{"name":"p","match":{},"chain":["fw1"]}]}"#] {
             #expect(throws: DecodingError.self) { try decode(json) }
         }
-        #expect(IPv4Prefix("10.1.2.3/24")?.description == "10.1.2.0/24")
+        #expect(IPPrefix("10.1.2.3/24")?.description == "10.1.2.0/24")
         #expect(IPAddress("1.2.3") == nil && IPAddress("01.2.3.4444") == nil)
         #expect(PortRange("any") == .any && PortRange("5-4") == nil)
     }

@@ -19,7 +19,7 @@ struct ResetLab {
         let v6 = family == .ipv6
         session = FiveTuple(srcAddr: v6 ? Self.client6 : Self.client, srcPort: 40000, dstAddr: v6 ? Self.server6 : Self.server,
                             dstPort: 80)
-        let policy = Policy(name: "web", match: SessionPredicate(dst: v6 ? nil : IPv4Prefix("10.77.0.201/32"), dport: [PortRange("80")!]),
+        let policy = Policy(name: "web", match: SessionPredicate(dst: v6 ? nil : IPPrefix("10.77.0.201/32"), dport: [PortRange("80")!]),
                             chain: [v6 ? Self.fw16 : Self.fw1])
         for (i, address) in clients.enumerated() {
             h.hosts[i == 0 ? "client" : "client\(i)"] = PacketProcessor(

@@ -399,7 +399,7 @@ import Glibc
 }
 
 @Suite("dual-stack lab (--ipv6, issue 18)") struct DualStackLabTests {
-    @Test("IPv6 addresses follow the IPv4 plan (fd00:0:A:B::C for 10.A.B.C); the client's config gets an IPv6 policy through the chain's IPv6 addresses; NAT profiles refused")
+    @Test("IPv6 addresses follow the IPv4 plan (fd00:0:A:B::C for 10.A.B.C); the client's config gets an IPv6 policy per server through the chain's IPv6 addresses; NAT profiles refused")
     func plan() throws {
         let spec = LabSpec(name: "ds", middleboxes: ["fw1", "fw2"], chain: ["fw1", "fw2"], subnet: "10.78.151.0/24", ipv6: true)
         let plan = try spec.plan()
@@ -410,11 +410,14 @@ import Glibc
         #expect(state.ipv6Address(of: plan.host("server1")!) == IPAddress("fd00:0:4e:97::c9"))
         #expect(state.ipv6Address(of: plan.host("fw2")!)?.description == "fd00:0:4e:97::66")
         let config = Lab.agentConfig(for: plan.host("client1")!, in: state)
-        let v6 = try #require(config.policies.first { $0.name == "lab-default-ipv6" })
+        let v6 = try #require(config.policies.first { $0.name == "lab-default-server1-ipv6" })
         #expect(v6.chain == [IPAddress("fd00:0:4e:97::65")!, IPAddress("fd00:0:4e:97::66")!])
         try config.validate()
         let session6 = FiveTuple(parsing: "[fd00:0:4e:97::b]:40000->[fd00:0:4e:97::c9]:80")!
-        #expect(config.policy(for: session6)?.name == "lab-default-ipv6")
+        #expect(config.policy(for: session6)?.name == "lab-default-server1-ipv6")
+        // Only to the server: an IPv6 session to another lab host's port 80 (a box's address) takes no policy, as in IPv4.
+        #expect(config.policy(for: FiveTuple(parsing: "[fd00:0:4e:97::b]:40000->[fd00:0:4e:97::65]:80")!) == nil)
+        #expect(config.policy(for: FiveTuple(parsing: "10.78.151.11:40000->10.78.151.101:80")!) == nil)
         #expect(config.policy(for: FiveTuple(parsing: "10.78.151.11:40000->10.78.151.201:80")!)?.name == "lab-default-server1")
         // lab.json of an older version (no "ipv6"): IPv4 only.
         let data = try JSONEncoder().encode(state)

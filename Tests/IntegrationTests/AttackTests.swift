@@ -153,14 +153,19 @@ import Testing
     /// subsession ports and a per-source cap of 2,000: without the cap the flood would take every port. client1
     /// keeps connecting during and after; the caps hold; the records expire after --syn-timeout; fw1's agent's RSS
     /// comes back within 20 % of its start.
-    @Test("(b) SYN flood (plain and forged Dysco SYNs) from one host: others connect, caps hold, memory returns")
-    func synFlood() async throws {
+    ///
+    /// By family (issue 18 (c)): the IPv6 case floods IPv6 SYNs (family-6 forged trailers) in a dual-stack lab, and its
+    /// legitimate client connects over IPv6.
+    @Test("(b) SYN flood (plain and forged Dysco SYNs) from one host: others connect, caps hold, memory returns",
+          arguments: [Case(lab: "at-flood", subnet: "10.79.82.0/24"), Case(lab: "at-flood6", subnet: "10.78.162.0/24", family: .ipv6)])
+    func synFlood(_ c: Case) async throws {
         let cap = 2000
-        let spec = FloodBenchmark.spec(name: "at-flood", subnet: "10.79.82.0/24", synTimeout: 5,
+        let spec = FloodBenchmark.spec(name: c.lab, subnet: c.subnet, synTimeout: 5,
                                        agentArguments: ["--port-range", "10000-12999", "--max-sessions-per-source", "\(cap)"],
-                                       attackers: 1)
+                                       attackers: 1, ipv6: c.family == .ipv6)
         try await TestSupport.withLab(spec) { lab in
-            let report = try FloodBenchmark.flood(lab, syns: 30_000, synTimeout: 5, rate: 20_000, logger: TestSupport.logger)
+            let report = try FloodBenchmark.flood(lab, syns: 30_000, synTimeout: 5, rate: 20_000, family: c.family,
+                                                  logger: TestSupport.logger)
             print(report.text)
             #expect(report.plainSent + report.forgedSent >= 30_000)
             #expect(report.legitDuringAttempts >= 1 && report.legitDuringSucceeded == report.legitDuringAttempts,
@@ -186,7 +191,7 @@ import Testing
             let createdBefore = (fw1: created("fw1"), server: created("server1"))
             #expect(createdBefore.fw1 > 0 && createdBefore.server > 0, "the metrics answered")
             for target in ["fw1", "server1"] {
-                let p = try SynFlood.start(lab, from: "attacker1", to: lab.address(of: target), dport: 80, count: 2000, kind: .plain,
+                let p = try SynFlood.start(lab, from: "attacker1", to: lab.address(of: target, family: c.family), dport: 80, count: 2000, kind: .plain,
                                            rate: 5000, output: "\(lab.directory)/offpath-\(target).out")
                 p.waitUntilExit()
                 #expect(SynFlood.result("\(lab.directory)/offpath-\(target).out")?.sent == 2000)

@@ -43,10 +43,10 @@ struct ProxyRemovalTests {
     static func configurePolicies(_ lab: Lab) throws {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
-        let subnet = IPv4Prefix("\(lab.address(of: "client1"))/24")
-        let toProxy = Policy(name: "to-proxy", match: SessionPredicate(src: subnet, dst: IPv4Prefix("\(lab.address(of: "proxy"))/32"),
+        let subnet = IPPrefix("\(lab.address(of: "client1"))/24")
+        let toProxy = Policy(name: "to-proxy", match: SessionPredicate(src: subnet, dst: IPPrefix("\(lab.address(of: "proxy"))/32"),
                                                                          dport: [PortRange(lower: proxyPort, upper: proxyPort)]), chain: [])
-        let toServer = Policy(name: "to-server", match: SessionPredicate(dst: IPv4Prefix("\(lab.address(of: "server1"))/32"),
+        let toServer = Policy(name: "to-server", match: SessionPredicate(dst: IPPrefix("\(lab.address(of: "server1"))/32"),
                                                                          dport: [PortRange(lower: MigrationLab.pacedPort, upper: MigrationLab.pacedPort)]),
                               chain: [])
         for (host, policy) in [("client1", toProxy), ("proxy", toServer)] {
