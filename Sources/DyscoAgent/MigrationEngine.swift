@@ -346,6 +346,9 @@ final class MigrationEngine: @unchecked Sendable {
                                      hopDelta: record.hopDelta,
                                      ending: record.finForward || record.finReverse || record.closeDeadline != nil)
         context.translates = record.translated != nil
+        context.translatesDestination = record.translated.map {
+            $0.dstAddr != record.session.dstAddr || $0.dstPort != record.session.dstPort
+        } ?? false
         context.renamedUpstream = record.renamedUpstream
         return context
     }

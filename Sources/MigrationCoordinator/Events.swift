@@ -23,6 +23,9 @@ public struct SessionContext: Sendable, Equatable {
     /// another tuple than it came in. It cannot anchor a reconfiguration yet (docs/ARCHITECTURE.md, "Boxes that
     /// translate").
     public var translates = false
+    /// This host's box translates the session's *destination* (DNAT: ``SessionTable/Record/translated`` names
+    /// another destination address or port than the session).
+    public var translatesDestination = false
     /// A box before this host translated the session's tuple (``SessionTable/Record/renamedUpstream``): the
     /// reconfiguration's messages name the session as the chain's left end knows it, not as this host does; they
     /// are accepted on the chain's identity (chain id and nonce).
@@ -30,6 +33,13 @@ public struct SessionContext: Sendable, Equatable {
     /// Why a box that translates refuses to be the left anchor of a reconfiguration (for now).
     public static let translatingBoxRefusal = "the box on this host translates the session's tuple (NAT): it cannot "
         + "anchor a reconfiguration of the session yet (its new path would carry the untranslated tuple); it stays"
+    /// Why the right anchor refuses a new path when its box translates the session's destination (DNAT): the NAT
+    /// undoes the translation on the replies in nat POSTROUTING, after the egress queue rule, so the right anchor's
+    /// hold would not see the segment's replies as the session (docs/ARCHITECTURE.md, "Moving a box that
+    /// translates"). Sent in newPathRefused (§3.3), so the left anchor cancels at once; the old path is untouched.
+    public static let translatingRightAnchorRefusal = "the box on this host translates the session's destination "
+        + "(DNAT): it cannot anchor a reconfiguration of the session yet (its hold would not see the replies before "
+        + "the NAT undoes the translation); it stays"
     /// Why the controller refuses a stateless or held move of a box that translates.
     public static let translatingBoxStatelessRefusal = "the box translates the session's tuple (NAT): only a stateful "
         + "move (replace without --stateless) takes its NAT binding to the new box; it stays"

@@ -539,6 +539,10 @@ public struct MigrationCoordinator: Sendable {
                 return
             }
             _ = r
+            if context?.translatesDestination == true {
+                refuse(SessionContext.translatingRightAnchorRefusal)  // the left anchor cancels, releasing this lock
+                return
+            }
             out += rightAnchors[chainID]?.newPathSyn(m, subsession: subsession, from: from) ?? []
             return
         }

@@ -7,7 +7,7 @@ import Testing
 /// Boxes that translate tuples (issue 18; paper §2.1 "Middleboxes that modify the five-tuple"; docs/ARCHITECTURE.md
 /// "Boxes that translate"): a chain through a masquerading strict firewall (`--firewall fw1=snat`, its agent with
 /// `--nat`) and through a box that publishes a server on its own address (`fw1=dnat`), on real namespaces,
-/// iptables NAT, conntrack and the BPF datapath. Labs `nat1`–`nat5`: subnets 10.78.141.0/24–10.78.145.0/24.
+/// iptables NAT, conntrack and the BPF datapath. Labs `nat1`–`nat6`: subnets 10.78.141.0/24–10.78.146.0/24.
 @Suite struct NATTests {
     /// What went through the chain: a 16 MiB download from `target` (checked byte-exact) and `pages` short requests
     /// after it, each a SYN of its own through the box. Returns the peer address of each request in the server's HTTP
@@ -201,6 +201,40 @@ import Testing
                 #expect(bound.count == 1, "conntrack at fw2:\n\(table)")
             }
             #expect(moved)
+        }
+    }
+
+    @Test("a DNAT'ing box as the right anchor (client → fw1 → fw2 DNAT → server, fw1 replaced by fw3): refused with the reason, the download unharmed and byte-exact, no INVALID drop")
+    func publishingRightAnchorRefused() async throws {
+        let spec = MigrationLab.spec("nat6", subnet: "10.78.146.0/24", middleboxes: ["fw1", "fw2", "fw3"], chain: ["fw1", "fw2"],
+                                     firewallProfiles: ["fw2": .dnat])
+        try await TestSupport.withLab(spec) { lab in
+            let fw2 = lab.address(of: "fw2")
+            try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 4)
+            try MigrationLab.startPacedServer(lab, megabytesPerSecond: 1)
+            let download = "\(lab.directory)/blob.kept"
+            let curl = try lab.spawn("client1", ["curl", "-sS", "--fail", "-m", "60", "-o", download,
+                                                 "http://\(fw2):\(MigrationLab.pacedPort)/blob"])
+            let live = try await TestSupport.eventually(timeout: 20) {
+                try await TestSupport.snapshot(lab, "fw2").sessions.contains { $0.state == "established" && $0.translated != nil }
+            }
+            #expect(live, "fw2 translates the download")
+            let boxes = ["fw1", "fw2"]
+            let invalidBefore = try boxes.map { try lab.firewallCounters($0).invalidDropped.packets }
+            #expect(invalidBefore == [0, 0], "INVALID drops before the move: \(invalidBefore)")
+            let replace = try MigrationLab.replace(lab, old: "fw1", new: "fw3")
+            #expect(replace.status != 0, "\(replace.stdout)")
+            let sessions = replace.report?.sessions ?? []
+            #expect(sessions.count == 1 && sessions.allSatisfy {
+                $0.result != "moved" && $0.reason.contains("translates the session's destination (DNAT)")
+            }, "\(replace.stdout)")
+            curl.waitUntilExit()
+            #expect(curl.terminationStatus == 0)
+            #expect(try TestSupport.sha256(download) == TestSupport.sha256("\(lab.httpRoot)/blob"))
+            #expect(try await TestSupport.snapshot(lab, "fw3").sessions.isEmpty, "fw3 kept nothing of the refused move")
+            // The refused move caused no INVALID drop at the boxes that kept the session.
+            let invalidAfter = try boxes.map { try lab.firewallCounters($0).invalidDropped.packets }
+            #expect(invalidAfter == invalidBefore, "INVALID drops at fw1, fw2 over the refused move: \(invalidBefore) → \(invalidAfter); \(replace.stdout)")
         }
     }
 

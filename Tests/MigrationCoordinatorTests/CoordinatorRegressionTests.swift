@@ -199,4 +199,31 @@ struct CoordinatorRegressionTests {
         #expect(result?.reason == SessionContext.translatingBoxRefusal)
         #expect(c.isIdle && c.locks.isEmpty)
     }
+
+    @Test("§2.1, §3.3: a right anchor whose box translates the session's destination (DNAT) refuses the new path with the reason (newPathRefused to the left anchor, which cancels at once); its lock goes with the cancel; a box translating only the source takes the new path")
+    func destinationTranslatingRightAnchor() {
+        let newPath = FiveTuple(srcAddr: Host.fw2, srcPort: 30002, dstAddr: Host.server, dstPort: 80)
+        for dnat in [true, false] {
+            var c = MigrationCoordinator()
+            var end = server
+            end.translates = true
+            end.translatesDestination = dnat
+            let locked = c.handle(.message(message(.requestLock(rightDelta: 0)), from: Host.fw1, context: end), now: 1)
+            #expect(sends(locked).map(\.0) == [.ackLock(leftDelta: 0, rightDelta: 0)], "the lock itself is granted: \(locked)")
+            let answer = c.handle(.message(message(.newPathSyn(subsession: newPath, remaining: [])), from: Host.fw2, context: end), now: 2)
+            if dnat {
+                #expect(sends(answer).map(\.1) == [Host.client], "to the left anchor: \(answer)")
+                guard case .newPathRefused(let reason) = sends(answer).first?.0 else {
+                    Issue.record("not refused: \(answer)")
+                    continue
+                }
+                #expect(reason == SessionContext.translatingRightAnchorRefusal)
+                // The left anchor's cancel ends the right anchor's part.
+                _ = c.handle(.message(message(.cancelLock(reason: "new path refused")), from: Host.fw1, context: end), now: 3)
+                #expect(c.isIdle, "\(c)")
+            } else {
+                #expect(!sends(answer).contains { if case .newPathRefused = $0.0 { true } else { false } }, "\(answer)")
+            }
+        }
+    }
 }
