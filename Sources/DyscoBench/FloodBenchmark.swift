@@ -99,6 +99,8 @@ public struct FloodBenchmark: Sendable {
         public var rate = 0.0
         public var agentArguments: [String] = []
         public var agentBinary: String?
+        /// The flood's and the legitimate connections' family (IPv6: a dual-stack lab).
+        public var family: AddressFamily = .ipv4
         public init() {}
     }
 
@@ -133,10 +135,12 @@ public struct FloodBenchmark: Sendable {
         public var queueDroppedAtFw1: Int
         /// fw1's agent VmRSS (KiB) once a second from the flood's start to the "after" reading.
         public var rssSeries: [Int]
+        /// The flood's family: "ipv4" or "ipv6".
+        public var family: String
 
         public var text: String {
             """
-            SYN flood on fw1: \(plainSent) plain SYNs from client2 (via its agent; \(droppedAtSender) refused synchronously there) + \
+            SYN flood on fw1 (\(family == "ipv6" ? "IPv6" : "IPv4")): \(plainSent) plain SYNs from client2 (via its agent; \(droppedAtSender) refused synchronously there) + \
             \(forgedSent) forged Dysco SYNs from client2 in \(String(format: "%.1f", floodSeconds)) s \
             (\(Int(synsPerSecond)) SYN/s)
             fw1 agent RSS: before \(rssBeforeKiB / 1024) MiB (\(rssBeforeKiB) KiB), peak \(rssPeakKiB / 1024) MiB \
@@ -174,9 +178,10 @@ public struct FloodBenchmark: Sendable {
     public func run() async throws -> Report {
         let spec = Self.spec(name: "at-bflood", subnet: "10.79.89.0/24", synTimeout: options.synTimeout,
                              agentArguments: options.agentArguments,
-                             agentBinary: try options.agentBinary ?? Lab.defaultAgentBinary())
+                             agentBinary: try options.agentBinary ?? Lab.defaultAgentBinary(), ipv6: options.family == .ipv6)
         let report = try await Lab.withBenchmarkLab(spec, logger: logger) { lab in
-            try Self.flood(lab, syns: options.syns, synTimeout: options.synTimeout, rate: options.rate, logger: logger)
+            try Self.flood(lab, syns: options.syns, synTimeout: options.synTimeout, rate: options.rate,
+                           family: options.family, logger: logger)
         }
         return report
     }
@@ -265,7 +270,7 @@ public struct FloodBenchmark: Sendable {
                 + counter("\(syn){reason=\"source_cap\"}") + counter("\(syn){reason=\"session_cap\"}")
                 + counter("\(syn){reason=\"trailer_bad_mac\"}"),
             queueDroppedAtFw1: SynFlood.queueDropped(lab, "fw1") - queueDroppedBefore,
-            rssSeries: samples.series)
+            rssSeries: samples.series, family: family == .ipv6 ? "ipv6" : "ipv4")
     }
 
     /// The sampler's readings (another thread writes them).

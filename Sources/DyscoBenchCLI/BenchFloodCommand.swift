@@ -18,7 +18,8 @@ extension BenchCommand {
                 server1:80. Prints the flood rate, fw1's agent VmRSS before, at the peak during, and after the \
                 flood's records expired (plus 12 s for the agent to give memory back), fw1's records at the peak, \
                 what its caps refused, and how many legitimate connections succeeded during and after. Needs root \
-                and python3; removes its lab (also on error or Ctrl-C). Asserts nothing.
+                and python3; removes its lab (also on error or Ctrl-C). Asserts nothing. With --ipv6 the lab is dual stack and \
+                the flood, the forged trailers (family 6) and the legitimate connections are IPv6.
                 """
         )
 
@@ -28,6 +29,7 @@ extension BenchCommand {
         @Option(help: "SYNs per second of each of the two flood processes (0: as fast as Python sends).") var rate = 0.0
         @Option(help: "Extra argument for every agent (repeatable), e.g. --agent-arg=--max-sessions-per-source=4096.")
         var agentArg: [String] = []
+        @Flag(help: "Flood over IPv6 (a dual-stack lab; IPv6 SYNs and family-6 forged trailers).") var ipv6 = false
         @OptionGroup var bpfCheck: BenchBPFCheck
         @OptionGroup var jsonOutput: JSONOutput<JSONHelp.Report>
 
@@ -43,6 +45,7 @@ extension BenchCommand {
             options.synTimeout = synTimeout
             options.rate = rate
             options.agentArguments = agentArg
+            options.family = ipv6 ? .ipv6 : .ipv4
             let report = try await FloodBenchmark(options: options, logger: BenchCommand.logger()).run()
             try BenchCommand.output(report, json: jsonOutput.json, text: report.text)
         }
