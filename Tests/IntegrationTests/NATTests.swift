@@ -30,6 +30,17 @@ import Testing
         return (peers, try retransmissions() - before)
     }
 
+    /// `box`'s conntrack holds `count` entries with this NAT binding: original direction `original` (source,
+    /// destination), reply direction `reply`.
+    func expectBindings(_ lab: Lab, on box: String, original: (IPAddress, IPAddress), reply: (IPAddress, IPAddress),
+                        count: Int = 1) throws {
+        let table = try lab.conntrackTCP(box)
+        let bound = table.split(separator: "\n").filter {
+            $0.contains("src=\(original.0) dst=\(original.1)") && $0.contains("src=\(reply.0) dst=\(reply.1)")
+        }
+        #expect(bound.count == count, "conntrack at \(box):\n\(table)")
+    }
+
     /// An 8 MiB download from the sender-paced server (1 MiB/s, `MigrationLab.startPacedServer`) at `target` through
     /// `old` (whose NAT translates it), moved to `new` by `replace` mid-transfer: moved, byte-exact, the new box's
     /// right side carries the tuple the old box's NAT made (taken from the imported binding), the right end's session
@@ -127,11 +138,7 @@ import Testing
             #expect(Set(end.sessions.map(\.session)) == Set(box.sessions.compactMap(\.translated)))
 
             // fw1's conntrack: the binding (original from the client, reply to fw1).
-            let table = try lab.conntrackTCP("fw1")
-            let bound = table.split(separator: "\n").filter {
-                $0.contains("src=\(client) dst=\(server)") && $0.contains("src=\(server) dst=\(fw1)")
-            }
-            #expect(bound.count == 21, "conntrack at fw1:\n\(table)")
+            try expectBindings(lab, on: "fw1", original: (client, server), reply: (server, fw1), count: 21)
 
             #expect(try lab.firewallCounters("fw1").invalidDropped.packets == 0)
             #expect(retransmits == 0)
@@ -194,11 +201,7 @@ import Testing
             let moved = try await moveMidDownload(lab, from: "fw1", to: "fw2", target: fw1) { translated in
                 #expect(translated.srcAddr == client && translated.dstAddr == server, "fw1 sends the session on to the server: \(translated)")
                 // fw2 took fw1's binding as it was: the client's tuple names fw1's address, the reply comes from the server.
-                let table = try lab.conntrackTCP("fw2")
-                let bound = table.split(separator: "\n").filter {
-                    $0.contains("src=\(client) dst=\(fw1)") && $0.contains("src=\(server) dst=\(client)")
-                }
-                #expect(bound.count == 1, "conntrack at fw2:\n\(table)")
+                try expectBindings(lab, on: "fw2", original: (client, fw1), reply: (server, client))
             }
             #expect(moved)
         }
@@ -247,11 +250,7 @@ import Testing
             let shared = lab.state.sharedServiceAddress
             let moved = try await moveMidDownload(lab, from: "fw1", to: "fw2", target: server) { translated in
                 #expect(translated.srcAddr == shared, "fw1 translates to the shared address: \(translated)")
-                let table = try lab.conntrackTCP("fw2")
-                let bound = table.split(separator: "\n").filter {
-                    $0.contains("src=\(client) dst=\(server)") && $0.contains("src=\(server) dst=\(shared)")
-                }
-                #expect(bound.count == 1, "conntrack at fw2:\n\(table)")
+                try expectBindings(lab, on: "fw2", original: (client, server), reply: (server, shared))
             }
             #expect(moved)
         }
