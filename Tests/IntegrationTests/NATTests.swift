@@ -41,6 +41,21 @@ import Testing
         #expect(bound.count == count, "conntrack at \(box):\n\(table)")
     }
 
+    /// Starts a download of a `megabytes` random file from the sender-paced server (1 MiB/s) at `target` into
+    /// `output` and returns once `box` translates it (an established session with a translated tuple).
+    func translatedDownload(_ lab: Lab, from target: IPAddress, megabytes: Int, to output: String,
+                            translatedAt box: String) async throws -> Process {
+        try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: megabytes)
+        try MigrationLab.startPacedServer(lab, megabytesPerSecond: 1)
+        let curl = try lab.spawn("client1", ["curl", "-sS", "--fail", "-m", "60", "-o", output,
+                                             "http://\(target):\(MigrationLab.pacedPort)/blob"])
+        let live = try await TestSupport.eventually(timeout: 20) {
+            try await TestSupport.snapshot(lab, box).sessions.contains { $0.state == "established" && $0.translated != nil }
+        }
+        #expect(live, "\(box) translates the download")
+        return curl
+    }
+
     /// An 8 MiB download from the sender-paced server (1 MiB/s, `MigrationLab.startPacedServer`) at `target` through
     /// `old` (whose NAT translates it), moved to `new` by `replace` mid-transfer: moved, byte-exact, the new box's
     /// right side carries the tuple the old box's NAT made (taken from the imported binding), the right end's session
@@ -55,15 +70,8 @@ import Testing
     func moveMidDownload(_ lab: Lab, from old: String, to new: String, target: IPAddress,
                          check: (FiveTuple) async throws -> Void) async throws -> Bool {
         let client = lab.address(of: "client1"), server = lab.address(of: "server1")
-        try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 8)
-        try MigrationLab.startPacedServer(lab, megabytesPerSecond: 1)
         let download = "\(lab.directory)/blob.moved"
-        let curl = try lab.spawn("client1", ["curl", "-sS", "--fail", "-m", "60", "-o", download,
-                                             "http://\(target):\(MigrationLab.pacedPort)/blob"])
-        let live = try await TestSupport.eventually(timeout: 20) {
-            try await TestSupport.snapshot(lab, old).sessions.contains { $0.state == "established" && $0.translated != nil }
-        }
-        #expect(live)
+        let curl = try await translatedDownload(lab, from: target, megabytes: 8, to: download, translatedAt: old)
         let before = try await TestSupport.snapshot(lab, old).sessions.filter { $0.state == "established" }.compactMap(\.translated)
         let translated = try #require(before.first, "\(old) translates the download")
         #expect(before.count == 1)
@@ -212,16 +220,8 @@ import Testing
         let spec = MigrationLab.spec("nat6", subnet: "10.78.146.0/24", middleboxes: ["fw1", "fw2", "fw3"], chain: ["fw1", "fw2"],
                                      firewallProfiles: ["fw2": .dnat])
         try await TestSupport.withLab(spec) { lab in
-            let fw2 = lab.address(of: "fw2")
-            try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 4)
-            try MigrationLab.startPacedServer(lab, megabytesPerSecond: 1)
             let download = "\(lab.directory)/blob.kept"
-            let curl = try lab.spawn("client1", ["curl", "-sS", "--fail", "-m", "60", "-o", download,
-                                                 "http://\(fw2):\(MigrationLab.pacedPort)/blob"])
-            let live = try await TestSupport.eventually(timeout: 20) {
-                try await TestSupport.snapshot(lab, "fw2").sessions.contains { $0.state == "established" && $0.translated != nil }
-            }
-            #expect(live, "fw2 translates the download")
+            let curl = try await translatedDownload(lab, from: lab.address(of: "fw2"), megabytes: 4, to: download, translatedAt: "fw2")
             let boxes = ["fw1", "fw2"]
             let invalidBefore = try boxes.map { try lab.firewallCounters($0).invalidDropped.packets }
             #expect(invalidBefore == [0, 0], "INVALID drops before the move: \(invalidBefore)")
