@@ -430,6 +430,12 @@ public final class Lab: @unchecked Sendable {
                    "net.ipv6.conf.default.accept_dad=0", "net.ipv6.conf.all.accept_redirects=0",
                    "net.ipv6.conf.default.accept_redirects=0"]
                 : ["net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"]
+            // The interface exists already (created in the namespace): `default` no longer reaches it, and DAD runs
+            // when any of `all` and the interface's own setting asks for it. Without this its link-local address stays
+            // tentative for a second after `link set up`, and a neighbour solicitation that needs it (one for a packet
+            // whose source is not the host's own, e.g. an attacker's forged one) waits for the retransmit timer (1 s)
+            // while the packets queue behind it.
+            if s.ipv6 { sysctls.append("net.ipv6.conf.\(h.interface).accept_dad=0") }
             if s.ipv6, h.role == .middlebox { sysctls.append("net.ipv6.conf.all.forwarding=1") }
             for scope in ["all", "default", h.interface] {
                 sysctls += ["net.ipv4.conf.\(scope).send_redirects=0", "net.ipv4.conf.\(scope).accept_redirects=0",

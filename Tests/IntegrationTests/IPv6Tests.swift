@@ -24,6 +24,14 @@ import Testing
             let client6 = try #require(lab.ipv6Address(of: "client1")), fw16 = try #require(lab.ipv6Address(of: "fw1"))
             let server6 = try #require(lab.ipv6Address(of: "server1")), server4 = lab.address(of: "server1")
             #expect(!client6.isIPv4 && server6.description.hasPrefix("fd00:0:4e:97::"))
+            // Every host's addresses are usable at once, the link-local one too (no duplicate address detection): a
+            // neighbour solicitation for a packet with a foreign source (an attacker's forged one) needs it.
+            for host in lab.hosts {
+                let dad = try lab.exec(host.name, ["sysctl", "-n", "net.ipv6.conf.\(host.interface).accept_dad"]).stdout
+                #expect(dad.trimmingCharacters(in: .whitespacesAndNewlines) == "0", "\(host.name): accept_dad \(dad)")
+                let addresses = try lab.exec(host.name, ["ip", "-6", "addr", "show", "dev", host.interface]).stdout
+                #expect(addresses.contains("scope link") && !addresses.contains("tentative"), "\(host.name): \(addresses)")
+            }
             try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 16)
             let expected = try TestSupport.sha256("\(lab.httpRoot)/blob")
             let v6File = "\(lab.directory)/blob.v6", v4File = "\(lab.directory)/blob.v4"
