@@ -683,6 +683,9 @@ public struct ReplaceRequest: Codable, Sendable {
     /// Where the state comes from (stateful): for an insertion, an anchor (required); otherwise one of the old boxes
     /// (nil: this box).
     public var donor: IPAddress?
+    /// The donor's address of the other family (a dual-stack donor named in both; ``forFamily(ipv4:)`` keeps the one of
+    /// the session's family).
+    public var alsoDonor: IPAddress?
     /// With several old boxes: each session's right anchor (the last old box's right neighbour), by chain id in hex
     /// (``chainKey(_:)``), as that box's agent listed them.
     public var rightAnchors: [String: IPAddress]?
@@ -698,10 +701,12 @@ public struct ReplaceRequest: Codable, Sendable {
         func keep(_ list: [IPAddress]) -> [IPAddress] { list.filter { $0.isIPv4 == ipv4 } }
         request.newBoxes = keep(newBoxes)
         request.alsoOld = keep(alsoOld)
-        request.donor = donor.flatMap { $0.isIPv4 == ipv4 ? $0 : nil }
+        let donors = [donor, alsoDonor].compactMap { $0 }
+        request.donor = donors.first { $0.isIPv4 == ipv4 }
+        request.alsoDonor = nil
         if request.newBoxes.isEmpty, !newBoxes.isEmpty { return nil }
         if request.alsoOld.isEmpty, !alsoOld.isEmpty { return nil }
-        if donor != nil, request.donor == nil { return nil }
+        if !donors.isEmpty, request.donor == nil { return nil }
         return request
     }
 
@@ -725,7 +730,7 @@ public struct ReplaceRequest: Codable, Sendable {
 
     public init(predicate: SessionPredicate, newBoxes: [IPAddress], mode: TransferMode, deadlineMilliseconds: UInt32,
                 limit: Int? = nil, chains: Set<UInt64>? = nil, insertHere: Bool = false, alsoOld: [IPAddress] = [],
-                donor: IPAddress? = nil, rightAnchors: [String: IPAddress]? = nil) {
+                donor: IPAddress? = nil, alsoDonor: IPAddress? = nil, rightAnchors: [String: IPAddress]? = nil) {
         self.rightAnchors = rightAnchors
         self.chains = chains
         self.predicate = predicate
@@ -736,6 +741,7 @@ public struct ReplaceRequest: Codable, Sendable {
         self.insertHere = insertHere
         self.alsoOld = alsoOld
         self.donor = donor
+        self.alsoDonor = alsoDonor
     }
 
     public init(predicate: SessionPredicate, newBoxes: [IPAddress], stateful: Bool, deadlineMilliseconds: UInt32,

@@ -19,8 +19,16 @@ enum Reconfiguration {
         guard !list.isEmpty else { throw ValidationError("name at least one box") }
         guard Set(list).count == list.count else { throw ValidationError("'\(text)' names a box twice") }
         guard bothFamilies else { return list }
-        let ipv6 = names.compactMap { name in lab?.findHost(name).flatMap { lab?.state.ipv6Address(of: $0) } }
-        return list + (ipv6.count == names.count ? ipv6 : [])
+        return list + ipv6Addresses(text, lab: lab)
+    }
+
+    /// The IPv6 addresses of the lab hosts `text` names (comma-separated), in order: none unless every one has one (a
+    /// dual-stack lab), or without --lab.
+    static func ipv6Addresses(_ text: String, lab: Lab?) -> [IPAddress] {
+        guard let lab else { return [] }
+        let names = text.split(separator: ",").map(String.init)
+        let ipv6 = names.compactMap { lab.findHost($0).flatMap(lab.state.ipv6Address(of:)) }
+        return ipv6.count == names.count ? ipv6 : []
     }
 
     static func list(_ boxes: [IPAddress]) -> String {
@@ -29,17 +37,19 @@ enum Reconfiguration {
 
     /// Several old boxes (k → m): each session's right anchor is the last old box's right neighbour, read from that
     /// box's agent, for the sessions whose left neighbour there is the previous old box (the old boxes are consecutive).
-    static func rightAnchors(oldBoxes: [IPAddress], names: [String], placement: MiddleboxPlacementOptions,
-                             lab: Lab?) async throws -> [String: IPAddress]? {
-        guard oldBoxes.count > 1, let last = oldBoxes.last, let lastName = names.last else { return nil }
+    /// `oldBoxesIPv6`: the same boxes' IPv6 addresses (a dual-stack lab; empty otherwise), for the IPv6 sessions.
+    static func rightAnchors(oldBoxes: [IPAddress], oldBoxesIPv6: [IPAddress] = [], names: [String],
+                             placement: MiddleboxPlacementOptions, lab: Lab?) async throws -> [String: IPAddress]? {
+        guard oldBoxes.count > 1, let lastName = names.last else { return nil }
         guard lab != nil, placement.socket == nil else {
             throw ValidationError("several old boxes need --lab (without --socket): the last box's agent names each session's right anchor")
         }
         let path = try placement.socketPath(old: lastName, lab: lab)
         let snapshot = try await ControlClient.snapshot(path: path)
-        let previous = oldBoxes[oldBoxes.count - 2]
+        // (previous, last) old box in each family the boxes are named in.
+        let pairs = [oldBoxes, oldBoxesIPv6].filter { $0.count > 1 }.map { ($0[$0.count - 2], $0[$0.count - 1]) }
         var anchors: [String: IPAddress] = [:]
-        for s in snapshot.sessions where s.left?.dstAddr == last && s.left?.srcAddr == previous {
+        for s in snapshot.sessions where pairs.contains(where: { s.left?.srcAddr == $0.0 && s.left?.dstAddr == $0.1 }) {
             if let chain = s.chainID, let right = s.right?.dstAddr { anchors[chain] = right }
         }
         return anchors
@@ -130,7 +140,8 @@ struct InsertCommand: AsyncParsableCommand {
         let donor = try stateFrom.map { try placement.address($0, lab: lab) }
         let mode: TransferMode = donor != nil ? .stateful : stateless ? .stateless : .held
         let request = ReplaceRequest(predicate: try reconfiguration.predicate(), newBoxes: boxes, mode: mode,
-                                     deadlineMilliseconds: reconfiguration.deadline, insertHere: true, donor: donor)
+                                     deadlineMilliseconds: reconfiguration.deadline, insertHere: true, donor: donor,
+                                     alsoDonor: stateFrom.flatMap { Reconfiguration.ipv6Addresses($0, lab: lab).first })
         try await Reconfiguration.run(request, at: host, name: after, placement: placement, lab: lab, json: jsonOutput.json,
                                       title: "insert \(Reconfiguration.list(boxes)) after \(host) (\(mode))")
     }
@@ -177,10 +188,13 @@ struct RemoveCommand: AsyncParsableCommand {
         let boxes = try Reconfiguration.addresses(box, placement: placement, lab: lab)
         let mode: TransferMode = stateless ? .stateless : .held
         let names = box.split(separator: ",").map(String.init)
+        // A dual-stack lab's boxes are named in both families: each session takes those of its own.
+        let boxes6 = Reconfiguration.ipv6Addresses(box, lab: lab)
         let request = ReplaceRequest(predicate: try reconfiguration.predicate(), newBoxes: [], mode: mode,
-                                     deadlineMilliseconds: reconfiguration.deadline, alsoOld: Array(boxes.dropFirst()),
-                                     rightAnchors: try await Reconfiguration.rightAnchors(oldBoxes: boxes, names: names,
-                                                                                          placement: placement, lab: lab))
+                                     deadlineMilliseconds: reconfiguration.deadline,
+                                     alsoOld: Array(boxes.dropFirst()) + Array(boxes6.dropFirst()),
+                                     rightAnchors: try await Reconfiguration.rightAnchors(oldBoxes: boxes, oldBoxesIPv6: boxes6,
+                                                                                          names: names, placement: placement, lab: lab))
         try await Reconfiguration.run(
             request, at: boxes[0], name: names[0], placement: placement,
             lab: lab, json: jsonOutput.json, title: "remove \(Reconfiguration.list(boxes)) (\(mode))")

@@ -70,11 +70,14 @@ struct ReplaceCommand: AsyncParsableCommand {
         let donor = try stateFrom.map { try placement.address($0, lab: lab) }
         if let donor, !oldBoxes.contains(donor) { throw ValidationError("--state-from \(donor) is not one of --old") }
         let names = old.split(separator: ",").map(String.init)
+        // A dual-stack lab's old boxes (and donor) are named in both families: each session takes those of its own.
+        let oldBoxes6 = Reconfiguration.ipv6Addresses(old, lab: lab)
         let request = ReplaceRequest(predicate: try reconfiguration.predicate(), newBoxes: newBoxes,
                                      mode: stateless ? .stateless : .stateful, deadlineMilliseconds: reconfiguration.deadline,
-                                     alsoOld: Array(oldBoxes.dropFirst()), donor: donor,
-                                     rightAnchors: try await Reconfiguration.rightAnchors(oldBoxes: oldBoxes, names: names,
-                                                                                          placement: placement, lab: lab))
+                                     alsoOld: Array(oldBoxes.dropFirst()) + Array(oldBoxes6.dropFirst()), donor: donor,
+                                     alsoDonor: stateFrom.flatMap { Reconfiguration.ipv6Addresses($0, lab: lab).first },
+                                     rightAnchors: try await Reconfiguration.rightAnchors(oldBoxes: oldBoxes, oldBoxesIPv6: oldBoxes6,
+                                                                                          names: names, placement: placement, lab: lab))
         try await Reconfiguration.run(
             request, at: oldBoxes[0], name: names[0], placement: placement,
             lab: lab, json: jsonOutput.json,

@@ -450,5 +450,12 @@ import Glibc
         let donor = ReplaceRequest(predicate: SessionPredicate(), newBoxes: [fw2, fw26], mode: .stateful, deadlineMilliseconds: 3000,
                                    donor: IPAddress(10, 0, 0, 101))
         #expect(donor.forFamily(ipv4: false) == nil && donor.forFamily(ipv4: true)?.donor == IPAddress(10, 0, 0, 101))
+        // A dual-stack donor and old boxes named in both families (insert --state-from, k → m, with --lab).
+        let fw1 = IPAddress(10, 0, 0, 101), fw16 = IPAddress("fd00::65")!, fw3 = IPAddress(10, 0, 0, 103), fw36 = IPAddress("fd00::67")!
+        let dual = ReplaceRequest(predicate: SessionPredicate(), newBoxes: [fw2, fw26], mode: .stateful, deadlineMilliseconds: 3000,
+                                  alsoOld: [fw3, fw36], donor: fw1, alsoDonor: fw16)
+        let v4 = try #require(dual.forFamily(ipv4: true)), v6 = try #require(dual.forFamily(ipv4: false))
+        #expect(v4.donor == fw1 && v4.alsoOld == [fw3] && v4.newBoxes == [fw2] && v4.alsoDonor == nil)
+        #expect(v6.donor == fw16 && v6.alsoOld == [fw36] && v6.newBoxes == [fw26] && v6.alsoDonor == nil)
     }
 }

@@ -122,10 +122,7 @@ import Testing
         }
     }
 
-    struct Case: CustomStringConvertible, Sendable {
-        var lab: String, subnet: String, family: AddressFamily = .ipv4
-        var description: String { "\(lab)\(family == .ipv6 ? ", IPv6" : "")" }
-    }
+    typealias Case = MigrationLab.Case
 
     @Test("(a) forged RSTs into a live download, kernel fast path on: byte-exact, no reset, every RST counted",
           arguments: [Case(lab: "at-rst", subnet: "10.79.80.0/24"), Case(lab: "at-rst6", subnet: "10.78.160.0/24", family: .ipv6)])

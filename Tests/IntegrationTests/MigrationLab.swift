@@ -12,6 +12,12 @@ enum MigrationLab {
     /// The paced server's port (added to the lab's policy ports, so the chain carries it).
     static let pacedPort: UInt16 = 8090
 
+    /// One case of a test parameterised by family (issue 18 (c)): its lab's name and subnet, and the sessions' family.
+    struct Case: CustomStringConvertible, Sendable {
+        var lab: String, subnet: String, family: AddressFamily = .ipv4
+        var description: String { "\(lab)\(family == .ipv6 ? ", IPv6" : "")" }
+    }
+
     /// `family` .ipv6: a dual-stack lab (``LabSpec/ipv6``), whose tests run their sessions over IPv6 (issue 18 (c):
     /// the chain, migration, drain, restart and attack tests parameterised by family).
     static func spec(_ name: String, subnet: String, middleboxes: [String] = ["fw1", "fw2"], chain: [String]? = nil,

@@ -50,15 +50,20 @@ import Testing
                 "\(what): reordering caused by the reconfiguration: window \(window), baseline \(baseline)")
     }
 
-    @Test("(a) a second strict firewall inserted into 20 live sessions (state from fw1) and removed again: byte-exact, fw2 carries them only in between, no INVALID, no retransmission caused (lab ri1, 10.78.122.0/24)")
-    func insertThenRemove() async throws {
-        try await TestSupport.withLab(MigrationLab.spec("ri1", subnet: "10.78.122.0/24")) { lab in
+    /// By family (issue 18 (c)): the IPv6 case inserts and removes fw2 under IPv6 downloads of a dual-stack lab
+    /// (`insert --lab`/`remove --lab` name each box in both families; fw1's AF_INET6 entries go to fw2).
+    @Test("(a) a second strict firewall inserted into 20 live sessions (state from fw1) and removed again: byte-exact, fw2 carries them only in between, no INVALID, no retransmission caused",
+          arguments: [MigrationLab.Case(lab: "ri1", subnet: "10.78.122.0/24"),
+                      MigrationLab.Case(lab: "ri1v6", subnet: "10.78.163.0/24", family: .ipv6)])
+    func insertThenRemove(_ c: MigrationLab.Case) async throws {
+        let family = c.family
+        try await TestSupport.withLab(MigrationLab.spec(c.lab, subnet: c.subnet, family: family)) { lab in
             try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 10)
-            try MigrationLab.startPacedServer(lab, megabytesPerSecond: 1)
+            try MigrationLab.startPacedServer(lab, megabytesPerSecond: 1, family: family)
             let sessions = 20
-            let downloads = try MigrationLab.Downloads(lab, file: "blob", count: sessions)
+            let downloads = try MigrationLab.Downloads(lab, file: "blob", count: sessions, family: family)
             try await MigrationLab.waitForKernelCarried(lab, on: "fw1", count: sessions)
-            let fw2Before = try lab.firewallCounters("fw2").establishedAccepted.packets
+            let fw2Before = try lab.firewallCounters("fw2", family: family).establishedAccepted.packets
 
             // Insert fw2 after fw1: fw1 is the left anchor and the donor of the conntrack entries.
             let strict = try MigrationLab.StrictWindow.sampleBefore(lab)
@@ -70,15 +75,15 @@ import Testing
                 let phases = try #require(s.phases)
                 #expect(phases.export > 0 && phases.import > 0, "the state moved: \(phases)")
             }
-            Self.record("ri1 insert window \(length): \(window); baseline \(baseline)")
+            Self.record("\(c.lab) insert window \(length): \(window); baseline \(baseline)")
             Self.expectNoLoss(window, baseline: baseline, "insert")
-            let fw2 = lab.address(of: "fw2")
+            let fw2 = try lab.address(of: "fw2", family: family)
             #expect(try await MigrationLab.pacedSessions(lab, "fw2").count == sessions)
             let fw1Sessions = try await MigrationLab.pacedSessions(lab, "fw1")
             #expect(fw1Sessions.count == sessions && fw1Sessions.allSatisfy { $0.right?.dstAddr == fw2 },
                     "fw1 stays, its right neighbour is fw2: \(fw1Sessions.map { $0.right?.description ?? "-" })")
             let carried = try await TestSupport.eventually(timeout: 10) {
-                try lab.firewallCounters("fw2").establishedAccepted.packets > fw2Before + 100
+                try lab.firewallCounters("fw2", family: family).establishedAccepted.packets > fw2Before + 100
             }
             #expect(carried, "fw2's firewall accepted no traffic of the inserted sessions")
 
@@ -88,47 +93,51 @@ import Testing
                 try Self.run(lab, "remove", ["--box", "fw2", "--json"])
             }
             try Self.expectAllMoved(remove, sessions: sessions, "remove")
-            Self.record("ri1 remove window \(length2): \(window2); baseline \(baseline2)")
+            Self.record("\(c.lab) remove window \(length2): \(window2); baseline \(baseline2)")
             Self.expectNoLoss(window2, baseline: baseline2, "remove")
             #expect(try await Self.left(lab, "fw2", remove), "fw2 still has the sessions")
-            let server = lab.address(of: "server1")
+            let server = try lab.address(of: "server1", family: family)
             #expect(try await MigrationLab.pacedSessions(lab, "fw1").allSatisfy { $0.right?.dstAddr == server })
-            let fw2After = try lab.firewallCounters("fw2").establishedAccepted.packets
+            let fw2After = try lab.firewallCounters("fw2", family: family).establishedAccepted.packets
             try await Task.sleep(for: .seconds(1))
-            #expect(try lab.firewallCounters("fw2").establishedAccepted.packets == fw2After, "fw2 still carries traffic")
+            #expect(try lab.firewallCounters("fw2", family: family).establishedAccepted.packets == fw2After, "fw2 still carries traffic")
 
             #expect(downloads.wait(), "curl failed: \((try? String(contentsOfFile: "\(lab.directory)/curl.log", encoding: .utf8)) ?? "")")
             #expect(try MigrationLab.allIntact(downloads.outputs, original: "\(lab.httpRoot)/blob").isEmpty)
-            #expect(try TestSupport.invalidDrops(lab, "fw1") == 0)
-            #expect(try TestSupport.invalidDrops(lab, "fw2") == 0)
-            #expect(try lab.firewallCounters("fw2").policyDropped.packets == 0)
+            #expect(try TestSupport.invalidDrops(lab, "fw1", family: family) == 0)
+            #expect(try TestSupport.invalidDrops(lab, "fw2", family: family) == 0)
+            #expect(try lab.firewallCounters("fw2", family: family).policyDropped.packets == 0)
         }
     }
 
-    @Test("(b) fw1 removed from client → fw1 → fw3 → server: the client talks to fw3 directly, byte-exact, no retransmission caused (lab ri2, 10.78.123.0/24)")
-    func removeFromLongerChain() async throws {
-        try await TestSupport.withLab(MigrationLab.spec("ri2", subnet: "10.78.123.0/24", middleboxes: ["fw1", "fw3"],
-                                                        chain: ["fw1", "fw3"])) { lab in
+    @Test("(b) fw1 removed from client → fw1 → fw3 → server: the client talks to fw3 directly, byte-exact, no retransmission caused",
+          arguments: [MigrationLab.Case(lab: "ri2", subnet: "10.78.123.0/24"),
+                      MigrationLab.Case(lab: "ri2v6", subnet: "10.78.165.0/24", family: .ipv6)])
+    func removeFromLongerChain(_ c: MigrationLab.Case) async throws {
+        let family = c.family
+        try await TestSupport.withLab(MigrationLab.spec(c.lab, subnet: c.subnet, middleboxes: ["fw1", "fw3"],
+                                                        chain: ["fw1", "fw3"], family: family)) { lab in
             try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 12)
-            try MigrationLab.startPacedServer(lab, megabytesPerSecond: 3)
+            try MigrationLab.startPacedServer(lab, megabytesPerSecond: 3, family: family)
             let sessions = 4
-            let downloads = try MigrationLab.Downloads(lab, file: "blob", count: sessions)
+            let downloads = try MigrationLab.Downloads(lab, file: "blob", count: sessions, family: family)
             try await MigrationLab.waitForKernelCarried(lab, on: "fw1", count: sessions)
             let strict = try MigrationLab.StrictWindow.sampleBefore(lab)
             let (run, window, baseline, length) = try strict.measure(lab) {
                 try Self.run(lab, "remove", ["--box", "fw1", "--json"])
             }
             try Self.expectAllMoved(run, sessions: sessions, "remove")
-            Self.record("ri2 window \(length): \(window); baseline \(baseline)")
+            Self.record("\(c.lab) window \(length): \(window); baseline \(baseline)")
             Self.expectNoLoss(window, baseline: baseline, "remove")
             #expect(try await Self.left(lab, "fw1", run), "fw1 still has the sessions")
             let fw3 = try await MigrationLab.pacedSessions(lab, "fw3")
-            Self.record("ri2 fw3: \(fw3.map { "\($0.session) \($0.state) left \($0.left?.description ?? "-")" })")
-            #expect(fw3.count == sessions && fw3.allSatisfy { $0.left?.srcAddr == lab.address(of: "client1") },
+            Self.record("\(c.lab) fw3: \(fw3.map { "\($0.session) \($0.state) left \($0.left?.description ?? "-")" })")
+            let client = try lab.address(of: "client1", family: family)
+            #expect(fw3.count == sessions && fw3.allSatisfy { $0.left?.srcAddr == client },
                     "fw3's left neighbour is the client now")
             #expect(downloads.wait())
             #expect(try MigrationLab.allIntact(downloads.outputs, original: "\(lab.httpRoot)/blob").isEmpty)
-            #expect(try TestSupport.invalidDrops(lab, "fw3") == 0)
+            #expect(try TestSupport.invalidDrops(lab, "fw3", family: family) == 0)
         }
     }
 
@@ -190,32 +199,36 @@ import Testing
         }
     }
 
-    @Test("(c) fw1,fw3 replaced by fw2 (k → m): fw1's state moves to fw2, both old boxes leave, byte-exact (lab ri3, 10.78.124.0/24)")
-    func replaceTwoByOne() async throws {
-        try await TestSupport.withLab(MigrationLab.spec("ri3", subnet: "10.78.124.0/24", middleboxes: ["fw1", "fw2", "fw3"],
-                                                        chain: ["fw1", "fw3"])) { lab in
+    @Test("(c) fw1,fw3 replaced by fw2 (k → m): fw1's state moves to fw2, both old boxes leave, byte-exact",
+          arguments: [MigrationLab.Case(lab: "ri3", subnet: "10.78.124.0/24"),
+                      MigrationLab.Case(lab: "ri3v6", subnet: "10.78.164.0/24", family: .ipv6)])
+    func replaceTwoByOne(_ c: MigrationLab.Case) async throws {
+        let family = c.family
+        try await TestSupport.withLab(MigrationLab.spec(c.lab, subnet: c.subnet, middleboxes: ["fw1", "fw2", "fw3"],
+                                                        chain: ["fw1", "fw3"], family: family)) { lab in
             try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 12)
-            try MigrationLab.startPacedServer(lab, megabytesPerSecond: 3)
+            try MigrationLab.startPacedServer(lab, megabytesPerSecond: 3, family: family)
             let sessions = 4
-            let downloads = try MigrationLab.Downloads(lab, file: "blob", count: sessions)
+            let downloads = try MigrationLab.Downloads(lab, file: "blob", count: sessions, family: family)
             try await MigrationLab.waitForKernelCarried(lab, on: "fw1", count: sessions)
             let strict = try MigrationLab.StrictWindow.sampleBefore(lab)
             let (run, window, baseline, length) = try strict.measure(lab) {
                 try MigrationLab.replace(lab, old: "fw1,fw3", new: "fw2")
             }
             try Self.expectAllMoved(run, sessions: sessions, "replace fw1,fw3 → fw2")
-            Self.record("ri3 window \(length): \(window); baseline \(baseline)")
+            Self.record("\(c.lab) window \(length): \(window); baseline \(baseline)")
             Self.expectNoLoss(window, baseline: baseline, "replace fw1,fw3 → fw2")
             let fw2 = try await MigrationLab.pacedSessions(lab, "fw2")
             #expect(fw2.count == sessions)
-            #expect(fw2.allSatisfy { $0.left?.srcAddr == lab.address(of: "client1") && $0.right?.dstAddr == lab.address(of: "server1") },
+            let client = try lab.address(of: "client1", family: family), server = try lab.address(of: "server1", family: family)
+            #expect(fw2.allSatisfy { $0.left?.srcAddr == client && $0.right?.dstAddr == server },
                     "client → fw2 → server")
             #expect(try await Self.left(lab, "fw1", run), "fw1 still has the sessions")
             #expect(try await Self.left(lab, "fw3", run), "fw3 still has the sessions")
             #expect(downloads.wait())
             #expect(try MigrationLab.allIntact(downloads.outputs, original: "\(lab.httpRoot)/blob").isEmpty)
-            #expect(try TestSupport.invalidDrops(lab, "fw2") == 0)
-            #expect(try lab.firewallCounters("fw2").policyDropped.packets == 0)
+            #expect(try TestSupport.invalidDrops(lab, "fw2", family: family) == 0)
+            #expect(try lab.firewallCounters("fw2", family: family).policyDropped.packets == 0)
         }
     }
 
