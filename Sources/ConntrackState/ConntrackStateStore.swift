@@ -92,10 +92,11 @@ public final class ConntrackStateStore: FirewallStateStore, @unchecked Sendable 
         return Self.translations(document.entries)
     }
 
-    /// Each IPv4 TCP entry's original tuple → the tuple the flow leaves the box with (``FirewallStateStore``).
+    /// Each TCP entry's original tuple → the tuple the flow leaves the box with (``FirewallStateStore``), in either
+    /// family (a tuple's two addresses are of one family).
     static func translations(_ entries: [ConntrackEntry]) -> [FiveTuple: FiveTuple] {
         func tuple(_ t: ConntrackTuple) -> FiveTuple? {
-            guard t.src.isIPv4, t.dst.isIPv4, let sport = t.sport, let dport = t.dport else { return nil }
+            guard t.src.isIPv4 == t.dst.isIPv4, let sport = t.sport, let dport = t.dport else { return nil }
             return FiveTuple(srcAddr: t.src, srcPort: sport, dstAddr: t.dst, dstPort: dport)
         }
         var result: [FiveTuple: FiveTuple] = [:]

@@ -308,6 +308,23 @@ private func text(_ error: StateValidationError?) -> String {
         #expect(seen.insert(a.key, at: 5) == 0 && seen.insert(v6a, at: 6) == 1 && seen.insert(zoned.key, at: 7) == 4)
     }
 
+    /// A NAT binding re-keys the new box's right side (docs/ARCHITECTURE.md, "Boxes that translate"): the tuple the
+    /// flow leaves the box with is the reply tuple inverted, in either family; an untranslated entry maps to itself.
+    @Test func importedEntriesGiveTheTupleTheFlowLeavesWith() throws {
+        func tcp(_ orig: ConntrackTuple, _ reply: ConntrackTuple) -> ConntrackEntry {
+            ConntrackEntry(family: orig.src.family, proto: .tcp, orig: orig, reply: reply, timeout: 100)
+        }
+        let masq4 = tcp(ConntrackTuple(src: IPAddress("10.1.0.11")!, dst: IPAddress("10.1.0.201")!, sport: 40000, dport: 80),
+                        ConntrackTuple(src: IPAddress("10.1.0.201")!, dst: IPAddress("10.1.0.101")!, sport: 80, dport: 61000))
+        let masq6 = tcp(ConntrackTuple(src: IPAddress("fd00::b")!, dst: IPAddress("fd00::c9")!, sport: 40000, dport: 80),
+                        ConntrackTuple(src: IPAddress("fd00::c9")!, dst: IPAddress("fd00::65")!, sport: 80, dport: 61000))
+        let plain6 = ConntrackTuple(src: IPAddress("fd00::b")!, dst: IPAddress("fd00::c9")!, sport: 40001, dport: 80)
+        let translations = ConntrackStateStore.translations([masq4, masq6, tcp(plain6, plain6.inverted)])
+        #expect(translations[FiveTuple(parsing: "10.1.0.11:40000->10.1.0.201:80")!] == FiveTuple(parsing: "10.1.0.101:61000->10.1.0.201:80")!)
+        #expect(translations[FiveTuple(parsing: "[fd00::b]:40000->[fd00::c9]:80")!] == FiveTuple(parsing: "[fd00::65]:61000->[fd00::c9]:80")!)
+        #expect(translations[FiveTuple(parsing: "[fd00::b]:40001->[fd00::c9]:80")!] == FiveTuple(parsing: "[fd00::b]:40001->[fd00::c9]:80")!)
+    }
+
     /// The agent's store refuses before it opens a conntrack handle: these run without root and without a table.
     @Test func theAgentsStoreRefusesBeforeTouchingTheKernel() throws {
         let store = ConntrackStateStore(logger: Logger(label: "sd.unit"))
