@@ -332,7 +332,11 @@ final class BPFKernelPath: KernelPath, @unchecked Sendable {
             case .remove(let id, let translations):
                 let keys = translations.map { BPFSessionKey.entry($0, sessionID: id).key }
                 if holding.contains(id) {
-                    hold(id, keys)
+                    // As at an install: an entry whose packets no queue rule sees (a box's NAT'd tuples at tc egress)
+                    // is never held. Held, the program would pass its packets on untranslated, after the last rule
+                    // that could queue them: a DNAT'ing right anchor's replies left for the client with the
+                    // published tuple, past the old path (NATTests, the refused right anchor).
+                    hold(id, zip(translations, keys).filter { !$0.0.afterQueueRules }.map(\.1))
                 } else {
                     delete(id, keys)
                 }

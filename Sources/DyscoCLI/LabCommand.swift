@@ -147,7 +147,7 @@ extension LabCommand {
         @Flag(help: ArgumentHelp("""
             Dual stack: every host also gets fd00:0:A:B::C for 10.A.B.C, the boxes forward and filter IPv6 with the same \
             profile (ip6tables), the agents run with --ipv6 and the clients' policies get an IPv6 chain; servers also \
-            serve HTTP on their IPv6 address. The NAT profiles stay IPv4 only.
+            serve HTTP on their IPv6 address. The NAT profiles translate IPv6 too (ip6tables NAT).
             """))
         var ipv6 = false
 

@@ -178,7 +178,8 @@ public struct FirewallCounters: Codable, Sendable, Hashable {
             installCommands(subnet: subnet) + (published.map { p in
                 p.ports.map { port in
                     ["-t", "nat", "-A", "PREROUTING", "-p", "tcp", "-d", "\(p.box)", "--dport", "\(port)",
-                     "-m", "comment", "--comment", publishComment, "-j", "DNAT", "--to-destination", "\(p.server):\(port)"]
+                     "-m", "comment", "--comment", publishComment, "-j", "DNAT",
+                     "--to-destination", p.server.isIPv4 ? "\(p.server):\(port)" : "[\(p.server)]:\(port)"]
                 }
             } ?? [])
         case .strict: installCommands(subnet: subnet)

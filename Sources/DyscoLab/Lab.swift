@@ -417,7 +417,8 @@ public final class Lab: @unchecked Sendable {
         ])
         let prefixLength = s.subnet.length
         if s.hosts.contains(where: { s.firewallProfile(of: $0.name) == .snatShared && $0.role == .middlebox }) {
-            try ipBatch(s.switchNamespace, ["addr add \(s.sharedServiceAddress)/\(prefixLength) dev br0"])
+            try ipBatch(s.switchNamespace, ["addr add \(s.sharedServiceAddress)/\(prefixLength) dev br0"]
+                        + (s.sharedServiceAddressIPv6.map { ["addr add \($0)/64 dev br0 nodad"] } ?? []))
         }
         for h in s.hosts {
             try Command.run(["ip", "link", "add", h.interface, "netns", h.namespace, "type", "veth",
@@ -466,9 +467,12 @@ public final class Lab: @unchecked Sendable {
                                                          published: published, shared: s.sharedServiceAddress) {
                 try Command.run(["iptables", "-w"] + rule, netns: h.namespace)
             }
-            // The same filter for IPv6 (the NAT profiles are refused with --ipv6).
+            // The same filter and NAT for IPv6 (ip6tables: the box's, the server's and the shared IPv6 addresses).
             if s.ipv6 {
-                for rule in FirewallCounters.installCommands(subnet: "\(s.ipv6Prefix)/64", profile: s.firewallProfile(of: h.name)) {
+                let server6 = s.hosts.first { $0.role == .server }.flatMap(s.ipv6Address(of:))
+                let published6 = s.ipv6Address(of: h).flatMap { box in server6.map { (box: box, server: $0, ports: s.policyPorts) } }
+                for rule in FirewallCounters.installCommands(subnet: "\(s.ipv6Prefix)/64", profile: s.firewallProfile(of: h.name),
+                                                             published: published6, shared: s.sharedServiceAddressIPv6) {
                     try Command.run(["ip6tables", "-w"] + rule, netns: h.namespace)
                 }
             }
@@ -567,6 +571,12 @@ public final class Lab: @unchecked Sendable {
             for server in s.hosts.filter({ $0.role == .server }) {
                 guard let address = s.ipv6Address(of: server) else { continue }
                 policies.append(Policy(name: "lab-default-\(server.name)-ipv6",
+                                       match: SessionPredicate(src: lab6, dst: IPPrefix("\(address)/128"), dport: ports),
+                                       chain: chain6))
+            }
+            for box in s.chain.compactMap({ s.host($0) }) where s.firewallProfile(of: box.name) == .dnat {
+                guard let address = s.ipv6Address(of: box) else { continue }
+                policies.append(Policy(name: "lab-published-\(box.name)-ipv6",
                                        match: SessionPredicate(src: lab6, dst: IPPrefix("\(address)/128"), dport: ports),
                                        chain: chain6))
             }

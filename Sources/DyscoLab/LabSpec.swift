@@ -129,7 +129,7 @@ public struct LabSpec: Sendable, Codable, Equatable {
     public var flowSteering = true
     /// Dual stack: every host gets an IPv6 address beside its IPv4 one (``LabState/ipv6Address(of:)``), the boxes
     /// forward and filter IPv6 with the same firewall profile (ip6tables), the agents run with `--ipv6`, the clients'
-    /// policies get an IPv6 chain, and the servers an HTTP server on their IPv6 address. The NAT profiles are IPv4 only.
+    /// policies get an IPv6 chain, and the servers an HTTP server on their IPv6 address. The NAT profiles translate IPv6 too (ip6tables).
     public var ipv6 = false
 
     public init(name: String, clients: Int = 1, servers: Int = 1, middleboxes: [String] = LabSpec.defaultMiddleboxes,
@@ -252,9 +252,6 @@ public struct LabSpec: Sendable, Codable, Equatable {
             guard seen.contains(via) else { throw .invalidSpec("route-via middlebox '\(via)' is not one of the middleboxes") }
         }
         if let agentBinary, agents, agentBinary.isEmpty { throw .invalidSpec("agent binary path is empty") }
-        if ipv6, let (mb, profile) = effectiveFirewallProfiles.sorted(by: { $0.key < $1.key }).first(where: { $0.value.translates }) {
-            throw .invalidSpec("--ipv6: \(mb)'s firewall profile \(profile) translates addresses, which the lab does for IPv4 only")
-        }
     }
 
     /// The address plan (validates first).

@@ -53,6 +53,8 @@ public struct LabState: Codable, Sendable {
     /// switch's bridge so that the servers resolve it: their replies reach their own agent's tc egress, which
     /// sends them to the box.
     public var sharedServiceAddress: IPAddress { IPAddress(subnet.address.value | 254) }
+    /// The shared service address's IPv6 counterpart (`::fe` in the lab's /64), in a dual-stack lab.
+    public var sharedServiceAddressIPv6: IPAddress? { ipv6 ? IPAddress(high: ipv6Prefix.high, low: 254) : nil }
     /// Middlebox names of the default policy's chain (empty: no policy).
     public var chain: [String]
     public var policyPorts: [UInt16]

@@ -399,7 +399,7 @@ import Glibc
 }
 
 @Suite("dual-stack lab (--ipv6, issue 18)") struct DualStackLabTests {
-    @Test("IPv6 addresses follow the IPv4 plan (fd00:0:A:B::C for 10.A.B.C); the client's config gets an IPv6 policy per server through the chain's IPv6 addresses; NAT profiles refused")
+    @Test("IPv6 addresses follow the IPv4 plan (fd00:0:A:B::C for 10.A.B.C); the client's config gets an IPv6 policy per server through the chain's IPv6 addresses; the NAT profiles translate IPv6 (ip6tables)")
     func plan() throws {
         let spec = LabSpec(name: "ds", middleboxes: ["fw1", "fw2"], chain: ["fw1", "fw2"], subnet: "10.78.151.0/24", ipv6: true)
         let plan = try spec.plan()
@@ -425,9 +425,17 @@ import Glibc
         object["ipv6"] = nil
         state = try JSONDecoder().decode(LabState.self, from: JSONSerialization.data(withJSONObject: object))
         #expect(!state.ipv6 && state.ipv6Address(of: plan.host("server1")!) == nil)
-        #expect(throws: LabError.self) {
-            try LabSpec(name: "ds", middleboxes: ["fw1"], firewallProfiles: ["fw1": .snat], ipv6: true).validate()
-        }
+        // The NAT profiles translate IPv6 too: ip6tables NAT with the IPv6 addresses (a DNAT target in brackets), and a
+        // box that publishes the server gets an IPv6 client policy to its address.
+        try LabSpec(name: "ds", middleboxes: ["fw1"], firewallProfiles: ["fw1": .snat], ipv6: true).validate()
+        let dnat6 = FirewallCounters.installCommands(subnet: "fd00:0:4e:97::/64", profile: .dnat,
+                                                     published: (box: IPAddress("fd00:0:4e:97::65")!, server: IPAddress("fd00:0:4e:97::c9")!, ports: [80]))
+        #expect(dnat6.contains { $0.contains("[fd00:0:4e:97::c9]:80") && $0.contains("fd00:0:4e:97::65") }, "\(dnat6)")
+        state.ipv6 = true
+        state.firewallProfiles = ["fw1": .dnat]
+        let published = Lab.agentConfig(for: plan.host("client1")!, in: state)
+        #expect(published.policy(for: FiveTuple(parsing: "[fd00:0:4e:97::b]:40000->[fd00:0:4e:97::65]:80")!)?.name == "lab-published-fw1-ipv6")
+        #expect(state.sharedServiceAddressIPv6 == IPAddress("fd00:0:4e:97::fe"))
     }
 
     @Test("a policy chain mixing families is refused with the reason")

@@ -13,19 +13,21 @@ import Testing
     /// after it, each a SYN of its own through the box. Returns the peer address of each request in the server's HTTP
     /// log, and the endpoints' retransmissions meanwhile.
     func traffic(_ lab: Lab, to target: IPAddress, pages: Int) throws -> (peers: [String], retransmissions: UInt64) {
+        let host = target.isIPv4 ? "\(target)" : "[\(target)]"
         try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: 16)
         func retransmissions() throws -> UInt64 {
             try TestSupport.tcpRetransmissions(lab, "client1") + TestSupport.tcpRetransmissions(lab, "server1")
         }
         let before = try retransmissions()
         let download = "\(lab.directory)/blob.client"
-        try lab.exec("client1", ["curl", "-sS", "--fail", "-m", "60", "-o", download, "http://\(target)/blob"])
+        try lab.exec("client1", ["curl", "-sS", "--fail", "-g", "-m", "60", "-o", download, "http://\(host)/blob"])
         #expect(try TestSupport.sha256(download) == TestSupport.sha256("\(lab.httpRoot)/blob"))
         for i in 0..<pages {
-            let page = try lab.exec("client1", ["curl", "-sS", "--fail", "-m", "10", "http://\(target)/index.html?\(i)"]).stdout
+            let page = try lab.exec("client1", ["curl", "-sS", "--fail", "-g", "-m", "10", "http://\(host)/index.html?\(i)"]).stdout
             #expect(page.hasPrefix("dysco lab"), "request \(i)")
         }
-        let log = try String(contentsOfFile: LabPaths.serviceLog(lab.name, host: "server1", service: "http"), encoding: .utf8)
+        let log = try String(contentsOfFile: LabPaths.serviceLog(lab.name, host: "server1", service: target.isIPv4 ? "http" : "http6"),
+                             encoding: .utf8)
         let peers = log.split(separator: "\n").filter { $0.contains("GET /") }.map { String($0.split(separator: " ")[0]) }
         return (peers, try retransmissions() - before)
     }
@@ -34,7 +36,7 @@ import Testing
     /// destination), reply direction `reply`.
     func expectBindings(_ lab: Lab, on box: String, original: (IPAddress, IPAddress), reply: (IPAddress, IPAddress),
                         count: Int = 1) throws {
-        let table = try lab.conntrackTCP(box)
+        let table = try lab.conntrackTCP(box, family: original.0.family)
         let bound = table.split(separator: "\n").filter {
             $0.contains("src=\(original.0) dst=\(original.1)") && $0.contains("src=\(reply.0) dst=\(reply.1)")
         }
@@ -46,9 +48,10 @@ import Testing
     func translatedDownload(_ lab: Lab, from target: IPAddress, megabytes: Int, to output: String,
                             translatedAt box: String) async throws -> Process {
         try TestSupport.makeRandomFile("\(lab.httpRoot)/blob", megabytes: megabytes)
-        try MigrationLab.startPacedServer(lab, megabytesPerSecond: 1)
-        let curl = try lab.spawn("client1", ["curl", "-sS", "--fail", "-m", "60", "-o", output,
-                                             "http://\(target):\(MigrationLab.pacedPort)/blob"])
+        try MigrationLab.startPacedServer(lab, megabytesPerSecond: 1, family: target.family)
+        let host = target.isIPv4 ? "\(target)" : "[\(target)]"
+        let curl = try lab.spawn("client1", ["curl", "-sS", "--fail", "-g", "-m", "60", "-o", output,
+                                             "http://\(host):\(MigrationLab.pacedPort)/blob"])
         let live = try await TestSupport.eventually(timeout: 20) {
             try await TestSupport.snapshot(lab, box).sessions.contains { $0.state == "established" && $0.translated != nil }
         }
@@ -69,13 +72,14 @@ import Testing
     @discardableResult
     func moveMidDownload(_ lab: Lab, from old: String, to new: String, target: IPAddress,
                          check: (FiveTuple) async throws -> Void) async throws -> Bool {
-        let client = lab.address(of: "client1"), server = lab.address(of: "server1")
+        let family = target.family
+        let client = try lab.address(of: "client1", family: family), server = try lab.address(of: "server1", family: family)
         let download = "\(lab.directory)/blob.moved"
         let curl = try await translatedDownload(lab, from: target, megabytes: 8, to: download, translatedAt: old)
         let before = try await TestSupport.snapshot(lab, old).sessions.filter { $0.state == "established" }.compactMap(\.translated)
         let translated = try #require(before.first, "\(old) translates the download")
         #expect(before.count == 1)
-        let oldInvalid = try lab.firewallCounters(old).invalidDropped.packets
+        let oldInvalid = try lab.firewallCounters(old, family: family).invalidDropped.packets
 
         let lossBefore = try MigrationLab.lossCounters(lab)
         let replace = try MigrationLab.replace(lab, old: old, new: new)
@@ -94,14 +98,15 @@ import Testing
         let box = try await TestSupport.snapshot(lab, new)
         let taken = try #require(box.sessions.first { $0.session.srcAddr == client }, "\(new): \(box.sessions)")
         #expect(taken.translated == translated)
-        #expect(taken.right?.srcAddr == lab.address(of: new) && taken.right?.dstAddr == server)
+        #expect(try taken.right?.srcAddr == lab.address(of: new, family: family) && taken.right?.dstAddr == server)
         #expect(box.counters.translationsAdopted == 1)
         // The right end still knows the session by the tuple the NAT made (nothing changed for the server).
         let end = try await TestSupport.snapshot(lab, "server1")
         #expect(end.sessions.map(\.session).contains(translated))
         // And the server's socket, after the move, still has the translated tuple's source as its peer.
         let sockets = try lab.exec("server1", ["ss", "-Htn", "state", "established", "( sport = :\(MigrationLab.pacedPort) )"]).stdout
-        #expect(sockets.contains(" \(translated.srcAddr):\(translated.srcPort)"), "server1's sockets: \(sockets)")
+        let peer = translated.srcAddr.isIPv4 ? "\(translated.srcAddr):\(translated.srcPort)" : "[\(translated.srcAddr)]:\(translated.srcPort)"
+        #expect(sockets.contains(" \(peer)"), "server1's sockets: \(sockets)")
         try await check(translated)
 
         curl.waitUntilExit()
@@ -112,19 +117,24 @@ import Testing
         #expect(loss.noByteLost, "the migration rule: no RTO, no reset, no retransmission but DSACK'd or probes: \(loss)")
         // The new box carried the rest (whatever the receive buffer had not taken before the move, and the close at
         // least): its ESTABLISHED rule counted it, and it dropped nothing as INVALID.
-        let counters = try lab.firewallCounters(new)
+        let counters = try lab.firewallCounters(new, family: family)
         #expect(counters.invalidDropped.packets == 0)
         #expect(counters.establishedAccepted.packets > 0, "\(new) forwarded nothing")
-        #expect(try lab.firewallCounters(old).invalidDropped.packets == oldInvalid)
+        #expect(try lab.firewallCounters(old, family: family).invalidDropped.packets == oldInvalid)
         return sessions.first?.result == "moved"
     }
 
-    @Test("(a) a chain through a masquerading fw1: byte-exact, the server sees fw1's address, fw1's conntrack holds the binding, no INVALID drop, no retransmission; a stateless replace of fw1 is refused with the reason, its session unharmed")
-    func masqueradingBox() async throws {
-        try await TestSupport.withLab(LabSpec(name: "nat1", middleboxes: ["fw1", "fw2"], chain: ["fw1"], subnet: "10.78.141.0/24",
+    @Test("(a) a chain through a masquerading fw1: byte-exact, the server sees fw1's address, fw1's conntrack holds the binding, no INVALID drop, no retransmission; a stateless replace of fw1 is refused with the reason, its session unharmed",
+          arguments: [MigrationLab.Case(lab: "nat1", subnet: "10.78.141.0/24"),
+                      MigrationLab.Case(lab: "nat1v6", subnet: "10.78.168.0/24", family: .ipv6)])
+    func masqueradingBox(_ c: MigrationLab.Case) async throws {
+        let family = c.family
+        try await TestSupport.withLab(LabSpec(name: c.lab, middleboxes: ["fw1", "fw2"], chain: ["fw1"], subnet: c.subnet,
                                               agentArguments: ["--close-linger", "120"],
-                                              firewallProfiles: ["fw1": .snat])) { lab in
-            let client = lab.address(of: "client1"), fw1 = lab.address(of: "fw1"), server = lab.address(of: "server1")
+                                              firewallProfiles: ["fw1": .snat], ipv6: family == .ipv6)) { lab in
+            let client = try lab.address(of: "client1", family: family), fw1 = try lab.address(of: "fw1", family: family)
+            let server = try lab.address(of: "server1", family: family)
+            let serverHost = family == .ipv4 ? "\(server)" : "[\(server)]"
             // Twenty short connections after the download: each SYN takes the tag-and-report way through fw1.
             let (peers, retransmits) = try traffic(lab, to: server, pages: 20)
             // The server's HTTP log: every request came from fw1 (the masquerade), none from the client.
@@ -148,15 +158,15 @@ import Testing
             // fw1's conntrack: the binding (original from the client, reply to fw1).
             try expectBindings(lab, on: "fw1", original: (client, server), reply: (server, fw1), count: 21)
 
-            #expect(try lab.firewallCounters("fw1").invalidDropped.packets == 0)
+            #expect(try lab.firewallCounters("fw1", family: family).invalidDropped.packets == 0)
             #expect(retransmits == 0)
 
             // A stateless move of the NAT'ing box is refused, with the reason (no binding would move); the session it
             // carries is unharmed.
             // (A rate-limited download retransmits now and then through any box, NAT'ing or not: not counted.)
             let slow = "\(lab.directory)/blob.slow"
-            let curl = try lab.spawn("client1", ["curl", "-sS", "--fail", "-m", "60", "--limit-rate", "4M", "-o", slow,
-                                                 "http://\(server)/blob"])
+            let curl = try lab.spawn("client1", ["curl", "-sS", "--fail", "-g", "-m", "60", "--limit-rate", "4M", "-o", slow,
+                                                 "http://\(serverHost)/blob"])
             let live = try await TestSupport.eventually(timeout: 20) {
                 try await TestSupport.snapshot(lab, "fw1").sessions.contains { $0.state == "established" && $0.translated != nil }
             }
@@ -169,16 +179,20 @@ import Testing
             curl.waitUntilExit()
             #expect(curl.terminationStatus == 0)
             #expect(try TestSupport.sha256(slow) == TestSupport.sha256("\(lab.httpRoot)/blob"))
-            #expect(try lab.firewallCounters("fw1").invalidDropped.packets == 0)
+            #expect(try lab.firewallCounters("fw1", family: family).invalidDropped.packets == 0)
         }
     }
 
-    @Test("(b) a DNAT'ing fw1 publishing the server on its own address: byte-exact, the server sees the client, the chain ends at the real server, no INVALID drop, no retransmission")
-    func publishingBox() async throws {
-        try await TestSupport.withLab(LabSpec(name: "nat2", middleboxes: ["fw1"], subnet: "10.78.142.0/24",
+    @Test("(b) a DNAT'ing fw1 publishing the server on its own address: byte-exact, the server sees the client, the chain ends at the real server, no INVALID drop, no retransmission",
+          arguments: [MigrationLab.Case(lab: "nat2", subnet: "10.78.142.0/24"),
+                      MigrationLab.Case(lab: "nat2v6", subnet: "10.78.169.0/24", family: .ipv6)])
+    func publishingBox(_ c: MigrationLab.Case) async throws {
+        let family = c.family
+        try await TestSupport.withLab(LabSpec(name: c.lab, middleboxes: ["fw1"], subnet: c.subnet,
                                               agentArguments: ["--close-linger", "120"],
-                                              firewallProfiles: ["fw1": .dnat])) { lab in
-            let client = lab.address(of: "client1"), fw1 = lab.address(of: "fw1"), server = lab.address(of: "server1")
+                                              firewallProfiles: ["fw1": .dnat], ipv6: family == .ipv6)) { lab in
+            let client = try lab.address(of: "client1", family: family), fw1 = try lab.address(of: "fw1", family: family)
+            let server = try lab.address(of: "server1", family: family)
             // The client asks the box's address; the box's NAT sends the session on to the server.
             let (peers, retransmits) = try traffic(lab, to: fw1, pages: 10)
             // Destination NAT keeps the client's address: the server's log names the client.
@@ -196,16 +210,20 @@ import Testing
             let end = try await TestSupport.snapshot(lab, "server1")
             #expect(Set(end.sessions.map(\.session)) == Set(box.sessions.compactMap(\.translated)))
 
-            #expect(try lab.firewallCounters("fw1").invalidDropped.packets == 0)
+            #expect(try lab.firewallCounters("fw1", family: family).invalidDropped.packets == 0)
             #expect(retransmits == 0)
         }
     }
 
-    @Test("(b) replace a DNAT'ing fw1 by fw2 publishing the server too, mid-download: moved, byte-exact, the client keeps fw1's address, the server's socket keeps the client as its peer, fw2's conntrack holds fw1's binding, no INVALID drop")
-    func publishingBoxReplace() async throws {
-        let spec = MigrationLab.spec("nat5", subnet: "10.78.145.0/24", chain: ["fw1"], firewallProfiles: ["fw1": .dnat, "fw2": .dnat])
+    @Test("(b) replace a DNAT'ing fw1 by fw2 publishing the server too, mid-download: moved, byte-exact, the client keeps fw1's address, the server's socket keeps the client as its peer, fw2's conntrack holds fw1's binding, no INVALID drop",
+          arguments: [MigrationLab.Case(lab: "nat5", subnet: "10.78.145.0/24"),
+                      MigrationLab.Case(lab: "nat5v6", subnet: "10.78.167.0/24", family: .ipv6)])
+    func publishingBoxReplace(_ c: MigrationLab.Case) async throws {
+        let spec = MigrationLab.spec(c.lab, subnet: c.subnet, chain: ["fw1"], firewallProfiles: ["fw1": .dnat, "fw2": .dnat],
+                                     family: c.family)
         try await TestSupport.withLab(spec) { lab in
-            let client = lab.address(of: "client1"), fw1 = lab.address(of: "fw1"), server = lab.address(of: "server1")
+            let client = try lab.address(of: "client1", family: c.family), fw1 = try lab.address(of: "fw1", family: c.family)
+            let server = try lab.address(of: "server1", family: c.family)
             let moved = try await moveMidDownload(lab, from: "fw1", to: "fw2", target: fw1) { translated in
                 #expect(translated.srcAddr == client && translated.dstAddr == server, "fw1 sends the session on to the server: \(translated)")
                 // fw2 took fw1's binding as it was: the client's tuple names fw1's address, the reply comes from the server.
@@ -241,13 +259,17 @@ import Testing
         }
     }
 
-    @Test("(a) replace fw1 → fw2 of an HA pair translating to a shared service address, mid-download: moved, byte-exact, the server's socket keeps the shared address as its peer, fw2's conntrack holds the binding, no INVALID drop")
-    func haPairReplace() async throws {
-        let spec = MigrationLab.spec("nat3", subnet: "10.78.143.0/24", chain: ["fw1"],
-                                     firewallProfiles: ["fw1": .snatShared, "fw2": .snatShared])
+    /// By family (issue 18 (c)): the IPv6 case's boxes translate IPv6 sources to the shared address's IPv6
+    /// counterpart (ip6tables SNAT, NAT66), and fw1's AF_INET6 entry carries the binding to fw2.
+    @Test("(a) replace fw1 → fw2 of an HA pair translating to a shared service address, mid-download: moved, byte-exact, the server's socket keeps the shared address as its peer, fw2's conntrack holds the binding, no INVALID drop",
+          arguments: [MigrationLab.Case(lab: "nat3", subnet: "10.78.143.0/24"),
+                      MigrationLab.Case(lab: "nat3v6", subnet: "10.78.166.0/24", family: .ipv6)])
+    func haPairReplace(_ c: MigrationLab.Case) async throws {
+        let spec = MigrationLab.spec(c.lab, subnet: c.subnet, chain: ["fw1"],
+                                     firewallProfiles: ["fw1": .snatShared, "fw2": .snatShared], family: c.family)
         try await TestSupport.withLab(spec) { lab in
-            let client = lab.address(of: "client1"), server = lab.address(of: "server1")
-            let shared = lab.state.sharedServiceAddress
+            let client = try lab.address(of: "client1", family: c.family), server = try lab.address(of: "server1", family: c.family)
+            let shared = try #require(c.family == .ipv4 ? lab.state.sharedServiceAddress : lab.state.sharedServiceAddressIPv6)
             let moved = try await moveMidDownload(lab, from: "fw1", to: "fw2", target: server) { translated in
                 #expect(translated.srcAddr == shared, "fw1 translates to the shared address: \(translated)")
                 try expectBindings(lab, on: "fw2", original: (client, server), reply: (server, shared))
